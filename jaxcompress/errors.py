@@ -1,0 +1,57 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad config value, a missing file, an unknown name) raises
+:class:`ConfigError` with one line that names the field, the value it got, what is valid and,
+where there is one, the likely fix. Entry points in ``experiments/`` catch it, print that line and
+exit non-zero, so a user never sees a traceback for their own mistake.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+class ConfigError(ValueError):
+  """A user mistake: bad config value, unknown name, missing or malformed input file."""
+
+
+def invalid(field: str, value: Any, valid: str, fix: str | None = None) -> ConfigError:
+  """Builds the standard one-line error: ``field must be VALID, got VALUE[; FIX]``.
+
+  Args:
+    field: dotted name of the offending field, e.g. ``prune.sparsity``.
+    value: the value that was given.
+    valid: what would have been accepted, e.g. ``in [0, 1)``.
+    fix: optional hint appended after a semicolon.
+
+  Returns:
+    A :class:`ConfigError` ready to raise.
+  """
+  msg = f"{field} must be {valid}, got {value!r}"
+  if fix:
+    msg += f"; {fix}"
+  return ConfigError(msg)
+
+
+def unknown(field: str, value: Any, choices: Iterable[str]) -> ConfigError:
+  """Error for a name that is not one of ``choices``."""
+  return invalid(field, value, "one of " + ", ".join(sorted(choices)))
+
+
+def check_range(field: str, value: float, lo: float, hi: float, *,
+                lo_closed: bool = True, hi_closed: bool = False) -> None:
+  """Raises :class:`ConfigError` unless ``value`` lies in the interval ``lo..hi``.
+
+  Args:
+    field: dotted field name for the message.
+    value: value to check.
+    lo: lower bound.
+    hi: upper bound.
+    lo_closed: whether ``lo`` itself is allowed.
+    hi_closed: whether ``hi`` itself is allowed.
+  """
+  ok_lo = value >= lo if lo_closed else value > lo
+  ok_hi = value <= hi if hi_closed else value < hi
+  if not (ok_lo and ok_hi):
+    interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
+    raise invalid(field, value, f"in {interval}")

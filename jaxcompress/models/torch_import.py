@@ -1,0 +1,129 @@
+"""Import a PyTorch-layout ``state_dict`` (saved as ``.npz``) into Flax variables.
+
+PyTorch names map onto Flax paths by replacing ``.`` with ``/`` and joining the block index
+(``layer1.0.conv1.weight`` -> ``layer1_0/conv1/kernel``). Conv kernels go from ``OIHW`` to
+``HWIO``, linear weights from ``[out, in]`` to ``[in, out]``; BatchNorm ``weight``/``bias`` become
+``scale``/``bias`` params and ``running_mean``/``running_var`` become ``batch_stats``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from typing import Any, Mapping
+
+import flax
+import jax
+import numpy as np
+
+from jaxcompress.errors import ConfigError
+
+_IGNORED = ("num_batches_tracked",)
+_BN_STATS = {"running_mean": "mean", "running_var": "var"}
+_BN_PARAMS = {"weight": "scale", "bias": "bias"}
+
+
+def _flax_path(torch_name: str, ndim: int, is_bn: bool) -> tuple[str, tuple[str, ...]]:
+  """Returns ``(collection, path)`` for one PyTorch tensor name."""
+  parts = torch_name.split(".")
+  joined = []
+  for p in parts[:-1]:
+    if p.isdigit() and joined:
+      joined[-1] = f"{joined[-1]}_{p}"
+    else:
+      joined.append(p)
+  leaf = parts[-1]
+  if leaf in _BN_STATS:
+    return "batch_stats", (*joined, _BN_STATS[leaf])
+  if is_bn:
+    return "params", (*joined, _BN_PARAMS[leaf])
+  if leaf == "weight":
+    return "params", (*joined, "kernel")
+  if leaf == "bias":
+    return "params", (*joined, "bias")
+  raise ConfigError(f"weights: tensor {torch_name!r} has no Flax counterpart "
+                    "(expected .weight, .bias, .running_mean or .running_var)")
+
+
+def _to_flax_layout(x: np.ndarray) -> np.ndarray:
+  if x.ndim == 4:  # conv OIHW -> HWIO
+    return np.transpose(x, (2, 3, 1, 0))
+  if x.ndim == 2:  # linear [out, in] -> [in, out]
+    return x.T
+  return x
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], reference: Mapping[str, Any], *,
+                  source: str = "weights") -> dict[str, Any]:
+  """Converts a PyTorch ``state_dict`` into Flax variables shaped like ``reference``.
+
+  Args:
+    state_dict: PyTorch names -> numpy arrays.
+    reference: Flax variables of the target model (e.g. from ``model.init``); used for the
+      expected shapes and to check that nothing is missing or left over.
+    source: name of the file, for messages.
+
+  Returns:
+    Variables ``{'params': ..., 'batch_stats': ...}`` (only the collections ``reference`` has)
+    holding float32 numpy arrays.
+
+  Raises:
+    ConfigError: naming the offending path on any missing, unexpected or wrong-shaped tensor.
+  """
+  ref_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(reference))
+  bn_prefixes = {"/".join(k[1:-1]) for k in ref_flat if k[0] == "batch_stats"}
+  out = {}
+  for name, value in state_dict.items():
+    if name.split(".")[-1] in _IGNORED:
+      continue
+    value = np.asarray(value)
+    prefix = re.sub(r"\.(\d+)\.", r"_\1.", name).rsplit(".", 1)[0].replace(".", "/")
+    prefix = re.sub(r"\.(\d+)$", r"_\1", prefix)
+    collection, path = _flax_path(name, value.ndim, prefix in bn_prefixes)
+    key = (collection, *path)
+    if key not in ref_flat:
+      raise ConfigError(f"{source}: tensor {name!r} maps to {'/'.join(key)!r}, which the model "
+                        "does not have; is this file for another architecture or depth?")
+    converted = _to_flax_layout(value).astype(np.float32)
+    expected = tuple(ref_flat[key].shape)
+    if converted.shape != expected:
+      raise ConfigError(f"{source}: {'/'.join(key)} (from {name!r}) has shape {converted.shape} "
+                        f"after layout conversion, the model expects {expected}; is this file for "
+                        "another architecture, depth or number of classes?")
+    out[key] = converted
+  missing = sorted("/".join(k) for k in ref_flat if k not in out)
+  if missing:
+    raise ConfigError(f"{source}: missing {len(missing)} tensors the model needs, first "
+                      f"{missing[0]!r}; is this file for another architecture or depth?")
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def load_npz(path: str, *, field: str = "model.weights") -> dict[str, np.ndarray]:
+  """Reads an ``.npz`` state dict with a one-line error for a missing or unreadable file."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}: no such file {path!r}; pretrained CIFAR ResNets are in "
+                      "../shared/pretrained/ (resnet20_cifar10.npz, resnet56_cifar10.npz)")
+  try:
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ConfigError(f"{field}: {path!r} is not a readable .npz file ({e})") from None
+
+
+def load_pytorch_npz(model, path: str, *, input_shape=(1, 32, 32, 3),
+                     field: str = "model.weights") -> dict[str, Any]:
+  """Loads a PyTorch ``.npz`` state dict into variables for ``model``.
+
+  Args:
+    model: the Flax module the weights are for.
+    path: the ``.npz`` file.
+    input_shape: a shape to trace ``model.init`` with (only shapes are computed).
+    field: config field name for messages.
+
+  Returns:
+    Flax variables (``params`` and, where the model has BatchNorm, ``batch_stats``).
+  """
+  reference = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(input_shape,
+                                                                             np.float32)))
+  return torch_to_flax(load_npz(path, field=field), reference, source=path)
