@@ -1,0 +1,173 @@
+"""Masks from scores: array math, jit-safe, with traced or Python sparsities.
+
+All masks here are boolean (``True`` = kept). The count of pruned entries is
+``round(sparsity * n)`` with Python's round-half-to-even, as ``torch.nn.utils.prune`` computes it.
+
+Ties: entries are ranked by a *stable* ascending sort of their scores, and the lowest ranks are
+pruned; among equal scores the entry with the lower flat (row-major) index is pruned first. This is
+``np.argsort(scores.ravel(), kind="stable")[:k]``, a documented rule; ``torch.topk``'s order among
+ties is unspecified, so where scores tie the choice of entries may differ from PyTorch's, never the
+count.
+
+A *masker* turns the scores of the selected leaves into their masks:
+``masker(paths, scores, sparsity) -> list of bool arrays``. :func:`unstructured`,
+:func:`channels` and :func:`n_of_m` build one; the paths only serve error messages.
+
+References:
+  Mishra, Latorre, Pool, Stosic, Stosic, Venkatesh, Yu, Micikevicius. Accelerating Sparse Deep
+  Neural Networks. arXiv:2104.08378, 2021 (N:M, NVIDIA 2:4 sparse tensor cores).
+  Li, Kadav, Durdanovic, Samet, Graf. Pruning Filters for Efficient ConvNets. ICLR 2017
+  (filters ranked by L1 norm).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.errors import check_range, invalid, unknown
+
+Sparsity = Union[float, jax.Array]
+Masker = Callable[[Sequence[str], Sequence[jax.Array], Sparsity], list[jax.Array]]
+SCOPES = ("layer", "global")
+NORMS = ("l1", "l2")
+
+
+def check_sparsity(sparsity: Sparsity, field: str = "sparsity") -> None:
+  """Raises ConfigError unless a Python (not traced) ``sparsity`` lies in [0, 1)."""
+  if isinstance(sparsity, numbers.Real):
+    check_range(field, sparsity, 0.0, 1.0)
+
+
+def num_pruned(sparsity: Sparsity, n: int) -> int | jax.Array:
+  """``round(sparsity * n)``: exact in Python for Python numbers, float32 when traced."""
+  if isinstance(sparsity, numbers.Real):
+    return round(float(sparsity) * n)
+  return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
+
+
+def ranks(scores: jax.Array, axis: int = -1) -> jax.Array:
+  """Position of every entry in the stable ascending sort of ``scores`` along ``axis``."""
+  order = jnp.argsort(scores, axis=axis, stable=True)
+  return jnp.argsort(order, axis=axis)
+
+
+def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
+  """Keeps the ``k`` highest scores of the whole array (ties: higher flat index kept).
+
+  Args:
+    scores: any shape.
+    k: how many entries to keep, a Python int or a traced integer.
+
+  Returns:
+    A bool array of ``scores``' shape with exactly ``k`` ``True`` entries.
+  """
+  flat = scores.reshape(-1)
+  return (ranks(flat) >= flat.size - k).reshape(scores.shape)
+
+
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
+  """In every group of ``m`` consecutive entries along ``axis``, keeps the ``n`` highest scores.
+
+  Ties within a group: the entry nearer the end of the group is kept (see the module docstring).
+  ``scores.shape[axis]`` must be a multiple of ``m`` (checked by :func:`n_of_m`).
+  """
+  moved = jnp.moveaxis(scores, axis, -1)
+  groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+  keep = ranks(groups) >= m - n
+  return jnp.moveaxis(keep.reshape(moved.shape), -1, axis)
+
+
+def channel_scores(scores: jax.Array, norm: str = "l1") -> jax.Array:
+  """One score per output channel (last axis) from the scores of its entries.
+
+  ``"l1"`` sums them, ``"l2"`` takes the root of their sum of squares: with the magnitude score
+  ``|w|`` these are the L1 and L2 norms of each output channel's weights.
+  """
+  rows = scores.reshape(-1, scores.shape[-1])
+  return jnp.sum(rows, 0) if norm == "l1" else jnp.sqrt(jnp.sum(rows * rows, 0))
+
+
+def unstructured(scope: str = "layer") -> Masker:
+  """Masker pruning single entries: ``round(sparsity * n)`` per leaf or across all leaves.
+
+  Args:
+    scope: ``"layer"`` ranks each leaf on its own; ``"global"`` ranks all selected leaves together
+      (``torch.nn.utils.prune.global_unstructured``), so layers end up with different sparsities.
+
+  Raises:
+    ConfigError: for an unknown scope.
+  """
+  if scope not in SCOPES:
+    raise unknown("prune.scope", scope, SCOPES)
+
+  def masker(paths, scores, sparsity):
+    del paths
+    if scope == "layer":
+      return [topk_mask(s, s.size - num_pruned(sparsity, s.size)) for s in scores]
+    if not scores:
+      return []
+    flat = jnp.concatenate([s.reshape(-1) for s in scores])
+    keep = topk_mask(flat, flat.size - num_pruned(sparsity, flat.size))
+    parts = jnp.split(keep, np.cumsum([s.size for s in scores])[:-1])
+    return [p.reshape(s.shape) for p, s in zip(parts, scores)]
+
+  return masker
+
+
+def channels(norm: str = "l1") -> Masker:
+  """Masker zeroing whole output channels (the last axis of a Flax kernel) of each leaf.
+
+  ``round(sparsity * channels)`` channels per leaf with the lowest L1 or L2 norm of their scores
+  are pruned; with the magnitude score that is the L1/L2 norm of the weights (Li et al. 2017).
+
+  Raises:
+    ConfigError: for an unknown norm.
+  """
+  if norm not in NORMS:
+    raise unknown("prune.norm", norm, NORMS)
+
+  def masker(paths, scores, sparsity):
+    del paths
+    out = []
+    for s in scores:
+      c = channel_scores(s, norm)
+      out.append(jnp.broadcast_to(topk_mask(c, c.size - num_pruned(sparsity, c.size)), s.shape))
+    return out
+
+  return masker
+
+
+def n_of_m(n: int, m: int, axis: int = -1) -> Masker:
+  """Masker keeping the ``n`` highest of every ``m`` consecutive entries along ``axis``.
+
+  N:M sparsity is fixed at ``1 - n / m``; the ``sparsity`` the masker receives only switches it
+  on (any value > 0) or off (0), so a schedule decides *when* it starts. For NVIDIA sparse tensor
+  cores use 2:4 along the reduction axis (``axis=-2`` for a Flax ``Dense`` or ``Conv`` kernel).
+
+  Raises:
+    ConfigError: if ``n``/``m`` are not integers with ``1 <= n <= m``; when masking, if ``axis``
+      is out of range or ``m`` does not divide the axis length of a leaf.
+  """
+  if not isinstance(m, int) or m < 1:
+    raise invalid("prune.m", m, "an integer >= 1")
+  if not isinstance(n, int) or not 1 <= n <= m:
+    raise invalid("prune.n", n, f"an integer in [1, m={m}]", "N:M keeps n of every m entries")
+
+  def masker(paths, scores, sparsity):
+    out = []
+    for path, s in zip(paths, scores):
+      if not -s.ndim <= axis < s.ndim:
+        raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})", axis,
+                      f"in [{-s.ndim}, {s.ndim})")
+      if s.shape[axis] % m:
+        raise invalid(f"prune.m (leaf {path!r}, axis {axis} of length {s.shape[axis]})", m,
+                      f"a divisor of {s.shape[axis]}", "exclude this leaf with a rule")
+      out.append(nm_mask(s, n, m, axis) | (jnp.asarray(sparsity) <= 0))
+    return out
+
+  return masker

@@ -1,0 +1,116 @@
+"""Pruning scores: how much each weight matters. Low scores are pruned first.
+
+Every score is an array function with one signature, ``fn(w, g, key) -> scores``: the weights of
+one leaf, their gradient (``None`` where the caller has none) and a PRNG key (``None`` where the
+score needs none), returning an array of ``w``'s shape. A :class:`Score` wraps the function with
+what it needs, so adding a criterion is one line:
+
+  >>> taylor2 = Score(lambda w, g, key: (w * g) ** 2, needs_grads=True)
+  >>> masks = compute_masks(params, 0.5, score=taylor2, grads=grads)
+
+References:
+  Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural Networks.
+  NeurIPS 2015 (magnitude).
+  Molchanov, Tyree, Karras, Aila, Kautz. Pruning Convolutional Neural Networks for Resource
+  Efficient Inference. ICLR 2017 (first-order Taylor saliency ``|w * g|``).
+  Sanh, Wolf, Rush. Movement Pruning: Adaptive Sparsity by Fine-Tuning. NeurIPS 2020
+  (movement ``-sum_t w_t * g_t``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import ConfigError, unknown
+
+ScoreFn = Callable[[jax.Array, "jax.Array | None", "jax.Array | None"], jax.Array]
+
+
+def magnitude(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
+  """``|w|``: small weights are pruned first."""
+  del g, key
+  return jnp.abs(w)
+
+
+def random(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
+  """Uniform noise: a random mask with the requested sparsity (a baseline)."""
+  del g
+  return jax.random.uniform(key, w.shape)
+
+
+def saliency(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
+  """``|w * g|``: first-order Taylor estimate of the loss change when ``w`` is removed."""
+  del key
+  return jnp.abs(w * g)
+
+
+def movement(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
+  """``-w * g``: positive when gradient descent moves ``w`` away from zero (one step of it)."""
+  del key
+  return -w * g
+
+
+class Score(NamedTuple):
+  """A pruning criterion.
+
+  Attributes:
+    fn: ``fn(w, g, key) -> scores`` for one leaf.
+    needs_grads: ``fn`` reads ``g`` (so callers must pass gradients).
+    needs_key: ``fn`` reads ``key``.
+    accumulate: inside :func:`~jaxcompress.pruning.prune` the optimizer state keeps the running
+      sum of ``fn`` over every step, and masks are computed from that sum.
+  """
+  fn: ScoreFn
+  needs_grads: bool = False
+  needs_key: bool = False
+  accumulate: bool = False
+
+
+SCORES: dict[str, Score] = {
+    "magnitude": Score(magnitude),
+    "random": Score(random, needs_key=True),
+    "saliency": Score(saliency, needs_grads=True),
+    "movement": Score(movement, needs_grads=True, accumulate=True),
+}
+
+
+def get_score(score: str | Score) -> Score:
+  """Looks up a score by name (one of :data:`SCORES`) or passes a :class:`Score` through.
+
+  Raises:
+    ConfigError: for an unknown name or a value that is neither a name nor a :class:`Score`.
+  """
+  if isinstance(score, Score):
+    return score
+  if isinstance(score, str) and score in SCORES:
+    return SCORES[score]
+  raise unknown("prune.score", score, SCORES)
+
+
+def leaf_scores(score: Score, weights: Sequence[jax.Array],
+                grads: Sequence[jax.Array] | None, key: jax.Array | None) -> list[jax.Array]:
+  """Evaluates ``score.fn`` on every leaf, with its own key.
+
+  Args:
+    score: the criterion.
+    weights: the leaves to score.
+    grads: their gradients, aligned with ``weights``, or ``None``.
+    key: a PRNG key, split into one per leaf, or ``None``.
+
+  Returns:
+    One score array per leaf.
+
+  Raises:
+    ConfigError: if the score needs gradients or a key and none was given.
+  """
+  if score.needs_grads and grads is None:
+    raise ConfigError("grads must be given for a gradient-based score (saliency, movement), "
+                      "got None; pass grads=jax.grad(loss)(params)")
+  if score.needs_key and key is None:
+    raise ConfigError("key must be a jax.random key for a random score, got None")
+  keys = [None] * len(weights) if key is None else list(jax.random.split(key, len(weights)))
+  grads = [None] * len(weights) if grads is None else grads
+  return [score.fn(w, g, k) for w, g, k in zip(weights, grads, keys)]

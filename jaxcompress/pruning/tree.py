@@ -1,0 +1,123 @@
+"""Masks over whole parameter pytrees: select leaves, score them, mask them, apply the masks.
+
+A mask tree has the structure of the parameter tree (a Linen ``params`` dict gives a dict, an
+``nnx.State`` gives an ``nnx.State``). Mask leaves have the dtype of their parameter and hold
+exactly ``0`` (pruned) or ``1`` (kept); leaves the rules do not select are all ones. Everything
+here is jnp and runs under ``jax.jit`` (a traced ``sparsity`` included).
+
+Example:
+  >>> masks = magnitude_masks(variables["params"], 0.7, scope="global")
+  >>> pruned = apply_masks(variables["params"], masks)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.pruning.masks import (Masker, Sparsity, channels, check_sparsity, n_of_m,
+                                       unstructured)
+from jaxcompress.pruning.scores import Score, get_score, leaf_scores
+from jaxcompress.pruning.select import select
+from jaxcompress.rules import Rule
+
+
+def compute_masks(params: Any, sparsity: Sparsity, *, score: str | Score = "magnitude",
+                  structure: Masker | None = None, rules: Sequence[Rule] | None = None,
+                  grads: Any = None, key: jax.Array | None = None) -> Any:
+  """Masks for ``params``: score the selected leaves, then prune the lowest scores.
+
+  Args:
+    params: a pytree of arrays.
+    sparsity: fraction pruned, in [0, 1); a Python number or a traced scalar.
+    score: a name in :data:`~jaxcompress.pruning.scores.SCORES` or a
+      :class:`~jaxcompress.pruning.scores.Score`.
+    structure: a masker from :mod:`jaxcompress.pruning.masks`; default ``unstructured("layer")``.
+    rules: ordered ``(regex, prune)`` rules choosing the leaves; default
+      :data:`~jaxcompress.pruning.select.DEFAULT_RULES`.
+    grads: gradients with the structure of ``params``, for gradient-based scores.
+    key: PRNG key, for the random score.
+
+  Returns:
+    The mask tree.
+
+  Raises:
+    ConfigError: for a sparsity outside [0, 1), an unknown score, a bad rule, missing grads or key.
+  """
+  check_sparsity(sparsity)
+  score = get_score(score)
+  sel = select(params, rules)
+  grad_leaves = None if grads is None else sel.pick(sel.flat(grads))
+  scores = leaf_scores(score, sel.pick(sel.leaves), grad_leaves, key)
+  keep = (structure or unstructured())(sel.pick(sel.paths), scores, sparsity)
+  return sel.masks_tree(keep)
+
+
+def magnitude_masks(params: Any, sparsity: Sparsity, *, scope: str = "layer",
+                    rules: Sequence[Rule] | None = None) -> Any:
+  """Unstructured magnitude masks, the entries ``torch.nn.utils.prune`` would remove.
+
+  In each selected leaf (``scope="layer"``, like ``l1_unstructured``) or across all selected
+  leaves together (``scope="global"``, like ``global_unstructured`` with ``L1Unstructured``),
+  exactly ``round(sparsity * n)`` entries with the smallest ``|w|`` are 0 and the rest 1. Among
+  equal ``|w|`` the lower flat index is pruned first.
+
+  Args:
+    params: a pytree of arrays.
+    sparsity: fraction pruned, in [0, 1).
+    scope: ``"layer"`` or ``"global"``.
+    rules: leaf selection, as in :func:`compute_masks`.
+
+  Returns:
+    The mask tree (param dtypes, values 0 and 1).
+
+  Raises:
+    ConfigError: for a sparsity outside [0, 1), an unknown scope or a bad rule.
+  """
+  return compute_masks(params, sparsity, structure=unstructured(scope), rules=rules)
+
+
+def nm_masks(params: Any, n: int, m: int, *, axis: int = -1,
+             rules: Sequence[Rule] | None = None) -> Any:
+  """N:M masks: in every group of ``m`` consecutive entries along ``axis``, the ``n`` largest
+  ``|w|`` are kept (ties: the later entry of the group is kept).
+
+  Raises:
+    ConfigError: if not ``1 <= n <= m``, ``axis`` is out of range for a selected leaf, or ``m``
+      does not divide its length along ``axis``.
+  """
+  return compute_masks(params, 1 - n / m, structure=n_of_m(n, m, axis), rules=rules)
+
+
+def channel_masks(params: Any, sparsity: Sparsity, *, norm: str = "l1",
+                  rules: Sequence[Rule] | None = None) -> Any:
+  """Masks zeroing ``round(sparsity * c)`` whole output channels (last axis) of each selected
+  kernel, those with the smallest L1 or L2 weight norm.
+
+  Raises:
+    ConfigError: for a sparsity outside [0, 1), an unknown norm or a bad rule.
+  """
+  return compute_masks(params, sparsity, structure=channels(norm), rules=rules)
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+  """Zeroes the pruned entries: ``params`` where ``masks != 0``, exactly ``0`` elsewhere.
+
+  Works with float (0/1) or boolean masks and any matching pytree (dict, ``nnx.State``).
+  """
+  return jax.tree.map(lambda p, m: jnp.where(m != 0, p, jnp.zeros_like(p)), params, masks)
+
+
+def apply_masks_ste(params: Any, masks: Any) -> Any:
+  """Masked weights in the forward pass, identity gradient to the dense weights (straight-through).
+
+  The value equals :func:`apply_masks` exactly; ``jax.grad`` through it reaches pruned weights as
+  if no mask were there, so they keep training and can come back when masks are recomputed.
+
+  References:
+    Lin, Stich, Barba, Dmitriev, Jaggi. Dynamic Model Pruning with Feedback. ICLR 2020.
+  """
+  masked = apply_masks(params, masks)
+  return jax.tree.map(lambda p, q: p + jax.lax.stop_gradient(q - p), params, masked)

@@ -1,0 +1,146 @@
+"""Pruning inside an optax optimizer: masks, step count and score sums live in its state.
+
+``prune(inner, schedule)`` wraps any ``optax.GradientTransformation``. Every ``update_every``
+steps (under ``jax.lax.cond``, so one compiled step serves all) it recomputes the masks at the
+sparsity ``schedule(count)``, from the raw gradients it receives and the current parameters.
+
+* Hard masking (default): gradients are masked before ``inner``, and the emitted updates are
+  ``u`` where kept and ``-params`` where pruned, so after every ``optax.apply_updates`` pruned
+  weights are exactly ``0`` (``p + (-p) == 0`` in floating point). Keep the wrapper last in an
+  ``optax.chain`` so nothing rescales its output.
+* Straight-through (``straight_through=True``): the dense weights are kept and updated with the
+  unmasked ``inner`` updates; the forward pass uses ``apply_masks_ste(params, current_masks(s))``.
+
+Example:
+  >>> opt = prune(optax.sgd(0.1, momentum=0.9), polynomial_schedule(0.9, 0, 1000),
+  ...             update_every=100)
+  >>> opt_state = opt.init(params)
+  >>> grads = jax.grad(loss)(params, batch)
+  >>> updates, opt_state = opt.update(grads, opt_state, params)
+  >>> params = optax.apply_updates(params, updates)   # pruned entries exactly 0
+
+References:
+  Zhu, Gupta. To prune, or not to prune. arXiv:1710.01878, 2017 (gradual pruning in training).
+  Lin, Stich, Barba, Dmitriev, Jaggi. Dynamic Model Pruning with Feedback. ICLR 2020
+  (straight-through dense weights).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.pruning.masks import Masker, unstructured
+from jaxcompress.pruning.schedules import Schedule
+from jaxcompress.pruning.scores import Score, get_score, leaf_scores
+from jaxcompress.pruning.select import compile_rules, select
+from jaxcompress.pruning.tree import apply_masks
+from jaxcompress.rules import Rule
+
+
+class PruneState(NamedTuple):
+  """Optimizer state of :func:`prune`; a plain pytree, checkpointed like any optax state.
+
+  Invariants: ``masks`` has the structure and dtypes of the parameters, values 0/1, all ones on
+  leaves the rules do not select; ``count`` is the number of ``update`` calls so far;
+  ``score_sums`` holds one running sum per selected leaf for accumulating scores (movement) and
+  is ``()`` otherwise.
+  """
+  count: jax.Array
+  masks: Any
+  score_sums: tuple
+  inner_state: optax.OptState
+
+
+def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
+          score: str | Score = "magnitude", structure: Masker | None = None,
+          rules: Sequence[Rule] | None = None, update_every: int = 1,
+          straight_through: bool = False, seed: int = 0) -> optax.GradientTransformation:
+  """Wraps ``inner`` so that training follows a sparsity schedule.
+
+  Args:
+    inner: the optimizer to wrap (e.g. ``optax.sgd(0.1, momentum=0.9)``).
+    schedule: ``step -> sparsity`` (see :mod:`jaxcompress.pruning.schedules`).
+    score: a name in :data:`~jaxcompress.pruning.scores.SCORES` or a ``Score``; gradient scores
+      read the raw gradients passed to ``update`` (before ``inner``).
+    structure: masker (``unstructured("layer")`` by default, ``unstructured("global")``,
+      ``channels("l1")``, ``n_of_m(2, 4)``).
+    rules: leaf selection; default :data:`~jaxcompress.pruning.select.DEFAULT_RULES`.
+    update_every: masks are recomputed on steps ``0, update_every, 2 * update_every, ...``.
+    straight_through: keep dense weights (see the module docstring).
+    seed: seed of the random score, folded with the step count.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose state is a :class:`PruneState`; ``update`` needs
+    ``params``.
+
+  Raises:
+    ConfigError: for a bad argument (at construction), or ``update`` without ``params``.
+  """
+  score = get_score(score)
+  compile_rules(rules)
+  structure = structure or unstructured()
+  if not callable(schedule):
+    raise invalid("prune.schedule", schedule, "a step -> sparsity function",
+                  "e.g. polynomial_schedule(0.9, 0, 1000)")
+  if not isinstance(update_every, numbers.Integral) or update_every < 1:
+    raise invalid("prune.update_every", update_every, "an integer >= 1")
+
+  def init_fn(params):
+    sel = select(params, rules)
+    weights = sel.pick(sel.leaves)
+    sums = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights) if score.accumulate else ()
+    masks = jax.tree.map(jnp.ones_like, params)
+    return PruneState(jnp.zeros([], jnp.int32), masks, sums, inner.init(params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ConfigError("prune: update needs params, got None; call "
+                        "opt.update(grads, opt_state, params)")
+    sel = select(params, rules, warn_unused=False)
+    weights = sel.pick(sel.leaves)
+    grads = sel.pick(sel.flat(updates))
+    sums = state.score_sums
+    if score.accumulate:
+      sums = tuple(a + score.fn(w, g, None) for a, w, g in zip(sums, weights, grads))
+
+    def refresh(_):
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+      scores = list(sums) if score.accumulate else leaf_scores(score, weights, grads, key)
+      keep = structure(sel.pick(sel.paths), scores, schedule(state.count))
+      return sel.masks_tree(keep)
+
+    masks = jax.lax.cond(state.count % update_every == 0, refresh, lambda _: state.masks, None)
+    if straight_through:
+      out, inner_state = inner.update(updates, state.inner_state, params)
+    else:
+      inner_updates, inner_state = inner.update(apply_masks(updates, masks), state.inner_state,
+                                                params)
+      out = jax.tree.map(lambda u, p, m: jnp.where(m != 0, u, -p), inner_updates, params, masks)
+    count = optax.safe_increment(state.count)
+    return out, PruneState(count, masks, sums, inner_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def current_masks(opt_state: Any) -> Any:
+  """The masks held by the one :class:`PruneState` inside ``opt_state`` (chained or not).
+
+  Use them in the forward pass of a straight-through run:
+  ``model.apply({"params": apply_masks_ste(params, current_masks(opt_state))}, x)``.
+
+  Raises:
+    ConfigError: if ``opt_state`` holds no ``PruneState`` or more than one.
+  """
+  found = [s for s in jax.tree_util.tree_leaves(opt_state,
+                                                is_leaf=lambda s: isinstance(s, PruneState))
+           if isinstance(s, PruneState)]
+  if len(found) != 1:
+    raise invalid("opt_state", f"<{len(found)} PruneState>", "a state holding exactly one "
+                  "PruneState", "build the optimizer with jaxcompress.pruning.prune")
+  return found[0].masks
