@@ -1,0 +1,94 @@
+"""Array-level masks: top-k ranks, N:M groups, channel scores, maskers; NumPy oracles."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.pruning import channels, n_of_m, nm_mask, num_pruned, topk_mask, unstructured
+from jaxcompress.pruning.masks import channel_scores
+
+
+def keep_oracle(scores: np.ndarray, k: int) -> np.ndarray:
+  """NumPy: keep the last k entries of the stable ascending order."""
+  keep = np.zeros(scores.size, bool)
+  keep[np.argsort(scores.ravel(), kind="stable")[scores.size - k:]] = True
+  return keep.reshape(scores.shape)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 24])
+def test_topk_mask_matches_numpy_with_many_ties(k):
+  scores = np.random.default_rng(0).integers(0, 4, size=(4, 6)).astype(np.float32)
+  np.testing.assert_array_equal(topk_mask(jnp.asarray(scores), k), keep_oracle(scores, k))
+
+
+def test_topk_mask_traced_k_under_jit():
+  scores = np.random.default_rng(1).normal(size=(5, 7)).astype(np.float32)
+  fn = jax.jit(topk_mask)
+  for k in (3, 30):
+    np.testing.assert_array_equal(fn(scores, jnp.int32(k)), keep_oracle(scores, k))
+
+
+def test_num_pruned_python_and_traced():
+  assert [num_pruned(s, 16) for s in (0.0, 0.40625, 0.46875, 0.999)] == [0, 6, 8, 16]
+  traced = jax.jit(lambda s: num_pruned(s, 16))
+  assert [int(traced(jnp.float32(s))) for s in (0.40625, 0.46875, 0.5)] == [6, 8, 8]
+
+
+@pytest.mark.parametrize("n, m, axis", [(2, 4, -1), (1, 4, 0), (4, 8, 1)])
+def test_nm_mask_matches_numpy_groups(n, m, axis):
+  scores = np.random.default_rng(2).integers(0, 3, size=(8, 16, 8)).astype(np.float32)
+  keep = np.asarray(nm_mask(jnp.asarray(scores), n, m, axis))
+  groups = np.moveaxis(scores, axis, -1).reshape(-1, m)
+  kept = np.moveaxis(keep, axis, -1).reshape(-1, m)
+  expected = np.stack([keep_oracle(g, n) for g in groups])
+  np.testing.assert_array_equal(kept, expected)
+  assert np.all(kept.sum(-1) == n)
+
+
+def test_channel_scores_l1_l2():
+  s = np.array([[1.0, 3.0], [2.0, 4.0], [2.0, 0.0]], np.float32)
+  np.testing.assert_allclose(channel_scores(jnp.asarray(s), "l1"), [5, 7])
+  np.testing.assert_allclose(channel_scores(jnp.asarray(s), "l2"), [3, 5])
+
+
+def test_maskers():
+  a = jnp.arange(8.0).reshape(2, 4)
+  b = jnp.arange(8.0, 16.0).reshape(4, 2)
+  layer = unstructured("layer")(["a", "b"], [a, b], 0.5)
+  assert [int(x.sum()) for x in layer] == [4, 4]
+  glob = unstructured("global")(["a", "b"], [a, b], 0.5)
+  assert [int(x.sum()) for x in glob] == [0, 8]  # every entry of b beats every entry of a
+  chan = channels("l1")(["a"], [a], 0.5)[0]
+  np.testing.assert_array_equal(chan, [[False, False, True, True]] * 2)
+  nm = n_of_m(1, 2)(["a"], [a], 1.0)[0]
+  np.testing.assert_array_equal(nm, [[False, True, False, True]] * 2)
+
+
+def test_nm_is_switched_off_by_zero_sparsity():
+  a = jnp.arange(8.0).reshape(2, 4)
+  np.testing.assert_array_equal(n_of_m(2, 4)(["a"], [a], jnp.float32(0.0))[0], np.ones((2, 4)))
+
+
+def test_global_masker_with_nothing_selected():
+  assert unstructured("global")([], [], 0.5) == []
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: n_of_m(3, 2), "prune.n must be an integer in [1, m=2], got 3"),
+    (lambda: n_of_m(0, 4), "prune.n must be an integer in [1, m=4], got 0"),
+    (lambda: n_of_m(1, 0), "prune.m must be an integer >= 1, got 0"),
+    (lambda: unstructured("net"), "prune.scope must be one of global, layer, got 'net'"),
+    (lambda: channels("max"), "prune.norm must be one of l1, l2, got 'max'"),
+    (lambda: n_of_m(2, 4, axis=3)(["x/kernel"], [jnp.zeros((4, 4))], 0.5),
+     "prune.axis (leaf 'x/kernel', shape (4, 4)) must be in [-2, 2), got 3"),
+    (lambda: n_of_m(2, 4)(["x/kernel"], [jnp.zeros((4, 6))], 0.5),
+     "prune.m (leaf 'x/kernel', axis -1 of length 6) must be a divisor of 6, got 4"),
+])
+def test_bad_input(call, needle):
+  with pytest.raises(ConfigError) as err:
+    call()
+  assert needle in str(err.value) and "\n" not in str(err.value)

@@ -1,0 +1,63 @@
+"""Scores: hand-computed values, one signature for all, and their requirements."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.pruning import SCORES, Score, get_score
+from jaxcompress.pruning.scores import leaf_scores
+
+W = jnp.array([[1.0, -2.0], [0.5, -0.25]])
+G = jnp.array([[-3.0, -1.0], [2.0, 4.0]])
+
+
+def test_hand_computed_values():
+  key = jax.random.PRNGKey(0)
+  np.testing.assert_array_equal(SCORES["magnitude"].fn(W, None, None), [[1, 2], [0.5, 0.25]])
+  np.testing.assert_array_equal(SCORES["saliency"].fn(W, G, None), [[3, 2], [1, 1]])
+  # -w*g > 0 when the update -g pushes w away from zero.
+  np.testing.assert_array_equal(SCORES["movement"].fn(W, G, None), [[3, -2], [-1, 1]])
+  r = SCORES["random"].fn(W, None, key)
+  assert r.shape == W.shape and float(r.min()) >= 0 and float(r.max()) < 1
+
+
+def test_every_score_shares_one_signature():
+  key = jax.random.PRNGKey(0)
+  for name, score in SCORES.items():
+    out = score.fn(W, G, key)
+    assert out.shape == W.shape, name
+
+
+def test_requirements():
+  assert SCORES["saliency"].needs_grads and SCORES["movement"].needs_grads
+  assert SCORES["movement"].accumulate and not SCORES["saliency"].accumulate
+  assert SCORES["random"].needs_key and not SCORES["magnitude"].needs_grads
+
+
+def test_leaf_scores_splits_the_key_per_leaf():
+  a, b = leaf_scores(SCORES["random"], [W, W], None, jax.random.PRNGKey(1))
+  assert not np.array_equal(a, b)
+  again, _ = leaf_scores(SCORES["random"], [W, W], None, jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a, again)
+
+
+def test_custom_score_passes_through():
+  custom = Score(lambda w, g, key: w * w)
+  assert get_score(custom) is custom
+  np.testing.assert_array_equal(leaf_scores(custom, [W], None, None)[0], [[1, 4], [0.25, 0.0625]])
+
+
+@pytest.mark.parametrize("call, needle", [
+    (lambda: get_score("taylor"), "prune.score must be one of magnitude, movement, random, "
+                                  "saliency, got 'taylor'"),
+    (lambda: leaf_scores(SCORES["saliency"], [W], None, None), "grads must be given"),
+    (lambda: leaf_scores(SCORES["random"], [W], None, None), "key must be a jax.random key"),
+])
+def test_bad_input(call, needle):
+  with pytest.raises(ConfigError) as err:
+    call()
+  assert needle in str(err.value)

@@ -1,0 +1,211 @@
+"""The optax pruning wrapper: exact zeros after updates, no recompiles, state layout, variants."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.pruning import (PruneState, Score, apply_masks_ste, constant_schedule,
+                                 current_masks, n_of_m, one_shot_schedule, polynomial_schedule,
+                                 prune, unstructured)
+
+X = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+Y = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(16)(x))
+    x = nn.relu(nn.Dense(16)(x))
+    return nn.Dense(4)(x)
+
+
+MODEL = MLP()
+PARAMS = MODEL.init(jax.random.PRNGKey(2), X)["params"]
+KERNELS = ("Dense_0", "Dense_1", "Dense_2")
+
+
+def loss(params):
+  return jnp.mean((MODEL.apply({"params": params}, X) - Y) ** 2)
+
+
+def make_step(opt, loss_fn=lambda params, opt_state: loss(params)):
+  """A jitted train step; ``traces`` counts how often JAX traced it."""
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    grads = jax.grad(loss_fn)(params, state)
+    updates, state = opt.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return step, traces
+
+
+def run(opt, steps, params=PARAMS, **kw):
+  step, traces = make_step(opt, **kw)
+  state = opt.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state, traces
+
+
+def zeros(tree):
+  return {k: int(np.sum(np.asarray(tree[k]["kernel"]) == 0)) for k in KERNELS}
+
+
+def test_pruned_weights_stay_exactly_zero_for_100_steps_and_no_recompile():
+  inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.05, momentum=0.9))
+  opt = prune(inner, polynomial_schedule(0.75, 0, 40), update_every=10)
+  step, traces = make_step(opt)
+  params, state = PARAMS, opt.init(PARAMS)
+  for i in range(100):
+    params, state = step(params, state)
+    masks = state.masks
+    for k in KERNELS:  # pruned entries are exactly 0 after every apply_updates
+      assert np.all(np.asarray(params[k]["kernel"])[np.asarray(masks[k]["kernel"]) == 0] == 0.0)
+  assert len(traces) == 1  # the second and later jitted steps reuse the first compilation
+  assert int(state.count) == 100
+  sizes = {k: PARAMS[k]["kernel"].size for k in KERNELS}
+  assert zeros(params) == {k: round(0.75 * n) for k, n in sizes.items()}  # exact target
+  assert float(loss(params)) < float(loss(PARAMS))  # it still trains
+
+
+def test_masks_refresh_only_every_update_every_steps():
+  # Sparsity rises every step, but masks follow it only on steps 0, 5, 10, ...
+  opt = prune(optax.sgd(0.01), polynomial_schedule(0.5, 0, 10, power=1), update_every=5)
+  step, _ = make_step(opt)
+  params, state = PARAMS, opt.init(PARAMS)
+  n = PARAMS["Dense_1"]["kernel"].size
+  seen = []
+  for _ in range(11):
+    params, state = step(params, state)
+    seen.append(zeros(state.masks)["Dense_1"])
+  # schedule(t) = 0.05 t: steps 0-4 use s(0) = 0, steps 5-9 use s(5) = 0.25, step 10 s(10) = 0.5.
+  assert seen == [0] * 5 + [round(0.25 * n)] * 5 + [round(0.5 * n)]
+
+
+def test_one_shot_keeps_dense_until_its_step():
+  opt = prune(optax.sgd(0.01), one_shot_schedule(0.5, 3))
+  params, state, _ = run(opt, 3)
+  assert zeros(params)["Dense_1"] == 0
+  params, state, _ = run(opt, 4)
+  assert zeros(params)["Dense_1"] == 128
+
+
+def test_composes_with_chain_and_checkpoints():
+  opt = optax.chain(optax.clip_by_global_norm(1.0),
+                    prune(optax.adam(1e-2), constant_schedule(0.6),
+                          structure=unstructured("global")))
+  params, state, _ = run(opt, 3)
+  restored = flax.serialization.from_bytes(opt.init(PARAMS), flax.serialization.to_bytes(state))
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  step, _ = make_step(opt)
+  for _ in range(3):
+    params, restored = step(params, restored)
+  masks = current_masks(restored)
+  total = sum(PARAMS[k]["kernel"].size for k in KERNELS)
+  assert sum(zeros(masks).values()) == round(0.6 * total)
+  assert sum(zeros(params).values()) == round(0.6 * total)
+
+
+def test_state_layout():
+  opt = prune(optax.sgd(0.1, momentum=0.9), constant_schedule(0.5), score="movement")
+  state = opt.init(PARAMS)
+  assert isinstance(state, PruneState)
+  assert state.count.dtype == jnp.int32 and int(state.count) == 0
+  assert jax.tree.structure(state.masks) == jax.tree.structure(PARAMS)
+  assert len(state.score_sums) == 3  # one running sum per selected kernel
+  assert isinstance(state.inner_state, tuple)  # sgd's own state, untouched
+
+
+def test_movement_sums_raw_gradients_before_inner():
+  # inner scales updates by 0.5; the score must use the raw gradients: sum_t -w_t * g_t.
+  opt = prune(optax.chain(optax.scale(0.5), optax.sgd(0.1)), constant_schedule(0.5),
+              score="movement", update_every=1000)
+  params, state = PARAMS, opt.init(PARAMS)
+  expected = np.zeros(PARAMS["Dense_1"]["kernel"].shape)
+  update = jax.jit(opt.update)
+  for _ in range(3):
+    grads = jax.grad(loss)(params)
+    expected += -np.asarray(params["Dense_1"]["kernel"]) * np.asarray(grads["Dense_1"]["kernel"])
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(state.score_sums[1], expected, rtol=1e-5, atol=1e-7)
+
+
+def test_saliency_masks_from_raw_gradients():
+  opt = prune(optax.scale(0.0), constant_schedule(0.5), score="saliency")
+  grads = jax.grad(loss)(PARAMS)
+  _, state = opt.update(grads, opt.init(PARAMS), PARAMS)
+  w, g = np.asarray(PARAMS["Dense_1"]["kernel"]), np.asarray(grads["Dense_1"]["kernel"])
+  expected = np.ones(w.size)
+  expected[np.argsort(np.abs(w * g).ravel(), kind="stable")[:128]] = 0
+  np.testing.assert_array_equal(state.masks["Dense_1"]["kernel"], expected.reshape(w.shape))
+
+
+def test_straight_through_keeps_dense_weights():
+  opt = prune(optax.sgd(0.05), constant_schedule(0.5), straight_through=True)
+  ste_loss = lambda p, s: loss(apply_masks_ste(p, current_masks(s)))
+  params, state, traces = run(opt, 5, loss_fn=ste_loss)
+  assert len(traces) == 1
+  masks = current_masks(state)
+  assert zeros(masks)["Dense_1"] == 128
+  assert zeros(params)["Dense_1"] == 0  # dense weights are kept and keep training
+  pruned = np.asarray(masks["Dense_1"]["kernel"]) == 0
+  moved = np.asarray(params["Dense_1"]["kernel"]) != np.asarray(PARAMS["Dense_1"]["kernel"])
+  assert np.any(moved[pruned])  # straight-through gradient reached the pruned entries
+
+
+def test_nm_structure_and_random_score():
+  opt = prune(optax.sgd(0.01), constant_schedule(0.5), structure=n_of_m(2, 4), score="random")
+  params, state, _ = run(opt, 2)
+  mask = np.asarray(state.masks["Dense_1"]["kernel"]).reshape(-1, 4)
+  assert np.all(mask.sum(-1) == 2)
+  assert np.all(np.asarray(params["Dense_1"]["kernel"]).reshape(-1, 4)[mask == 0] == 0)
+
+
+def test_custom_score():
+  # Keep the smallest weights instead: a user-defined score, one line.
+  opt = prune(optax.sgd(0.0), constant_schedule(0.5), score=Score(lambda w, g, k: -jnp.abs(w)))
+  _, state = opt.update(jax.grad(loss)(PARAMS), opt.init(PARAMS), PARAMS)
+  w, mask = np.abs(np.asarray(PARAMS["Dense_1"]["kernel"])), state.masks["Dense_1"]["kernel"]
+  assert w[np.asarray(mask) == 1].max() <= w[np.asarray(mask) == 0].min()
+
+
+def test_nnx_state_params():
+  graphdef, params = nnx.split(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), nnx.Param)
+  nnx_loss = lambda p, s: jnp.mean((nnx.merge(graphdef, p)(X) - 1.0) ** 2)
+  opt = prune(optax.sgd(0.1, momentum=0.9), constant_schedule(0.25))
+  params, state, _ = run(opt, 3, params=params, loss_fn=nnx_loss)
+  assert isinstance(params, nnx.State) and isinstance(state.masks, nnx.State)
+  assert int(np.sum(np.asarray(params["kernel"].value) == 0)) == 16
+  assert np.all(np.asarray(params["bias"].value) != 0)  # biases are not pruned
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(schedule=0.5), "prune.schedule must be a step -> sparsity function, got 0.5"),
+    (dict(update_every=0), "prune.update_every must be an integer >= 1, got 0"),
+    (dict(score="l0"), "prune.score must be one of magnitude, movement, random, saliency"),
+    (dict(rules=[("[", True)]), "prune.rules[0] regex '[' does not compile"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, needle):
+  kwargs = {"schedule": constant_schedule(0.5), **kwargs}
+  with pytest.raises(ConfigError) as err:
+    prune(optax.sgd(0.1), **kwargs)
+  assert needle in str(err.value)
+
+
+def test_update_without_params():
+  opt = prune(optax.sgd(0.1), constant_schedule(0.5))
+  with pytest.raises(ConfigError, match="update needs params"):
+    opt.update(PARAMS, opt.init(PARAMS))
