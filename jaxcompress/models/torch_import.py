@@ -9,7 +9,6 @@ PyTorch names map onto Flax paths by replacing ``.`` with ``/`` and joining the 
 from __future__ import annotations
 
 import os
-import re
 import zipfile
 from typing import Any, Mapping
 
@@ -24,24 +23,29 @@ _BN_STATS = {"running_mean": "mean", "running_var": "var"}
 _BN_PARAMS = {"weight": "scale", "bias": "bias"}
 
 
-def _flax_path(torch_name: str, ndim: int, is_bn: bool) -> tuple[str, tuple[str, ...]]:
-  """Returns ``(collection, path)`` for one PyTorch tensor name."""
-  parts = torch_name.split(".")
-  joined = []
-  for p in parts[:-1]:
-    if p.isdigit() and joined:
-      joined[-1] = f"{joined[-1]}_{p}"
+def _module_path(torch_name: str) -> tuple[tuple[str, ...], str]:
+  """``layer1.0.bn1.running_var`` -> ``(('layer1_0', 'bn1'), 'running_var')``."""
+  *modules, leaf = torch_name.split(".")
+  joined: list[str] = []
+  for part in modules:
+    if part.isdigit() and joined:
+      joined[-1] = f"{joined[-1]}_{part}"
     else:
-      joined.append(p)
-  leaf = parts[-1]
+      joined.append(part)
+  return tuple(joined), leaf
+
+
+def _flax_key(torch_name: str, bn_modules: set[tuple[str, ...]]) -> tuple[str, ...]:
+  """Returns ``(collection, *path)`` of the Flax variable a PyTorch tensor becomes."""
+  module, leaf = _module_path(torch_name)
   if leaf in _BN_STATS:
-    return "batch_stats", (*joined, _BN_STATS[leaf])
-  if is_bn:
-    return "params", (*joined, _BN_PARAMS[leaf])
+    return ("batch_stats", *module, _BN_STATS[leaf])
+  if module in bn_modules and leaf in _BN_PARAMS:
+    return ("params", *module, _BN_PARAMS[leaf])
   if leaf == "weight":
-    return "params", (*joined, "kernel")
+    return ("params", *module, "kernel")
   if leaf == "bias":
-    return "params", (*joined, "bias")
+    return ("params", *module, "bias")
   raise ConfigError(f"weights: tensor {torch_name!r} has no Flax counterpart "
                     "(expected .weight, .bias, .running_mean or .running_var)")
 
@@ -72,16 +76,13 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], reference: Mapping[str, 
     ConfigError: naming the offending path on any missing, unexpected or wrong-shaped tensor.
   """
   ref_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(reference))
-  bn_prefixes = {"/".join(k[1:-1]) for k in ref_flat if k[0] == "batch_stats"}
+  bn_modules = {k[1:-1] for k in ref_flat if k[0] == "batch_stats"}
   out = {}
   for name, value in state_dict.items():
     if name.split(".")[-1] in _IGNORED:
       continue
     value = np.asarray(value)
-    prefix = re.sub(r"\.(\d+)\.", r"_\1.", name).rsplit(".", 1)[0].replace(".", "/")
-    prefix = re.sub(r"\.(\d+)$", r"_\1", prefix)
-    collection, path = _flax_path(name, value.ndim, prefix in bn_prefixes)
-    key = (collection, *path)
+    key = _flax_key(name, bn_modules)
     if key not in ref_flat:
       raise ConfigError(f"{source}: tensor {name!r} maps to {'/'.join(key)!r}, which the model "
                         "does not have; is this file for another architecture or depth?")

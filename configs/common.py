@@ -1,0 +1,53 @@
+"""Config sections shared by every job: data, model and training.
+
+Not a config file itself: ``train.py``, ``evaluate.py``, ``cifar_distill.py`` build on these.
+"""
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the pretrained CIFAR ResNets were trained with
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:
+  """The ``data`` section."""
+  c = ml_collections.ConfigDict()
+  c.name = name  # TFDS name: cifar10, cifar100, mnist, fashion_mnist
+  c.data_dir = ""  # prepared TFDS folder; "" -> $TFDS_DATA_DIR, else ~/tensorflow_datasets
+  c.train_split = "train"  # TFDS split to train on
+  c.eval_split = "test"  # TFDS split to report accuracy on
+  c.val_examples = 0  # hold out this many training examples as a validation set (0: none)
+  c.train_examples = 0  # cap on training examples, for quick runs (0: all)
+  c.batch_size = 128  # global training batch, split over all devices
+  c.eval_batch_size = 500  # global eval batch; the last batch is padded, never dropped
+  c.augment = True  # 4-pixel zero-pad random crop + horizontal flip
+  c.mean = IMAGENET_MEAN  # per-channel mean of pixel/255
+  c.std = IMAGENET_STD  # per-channel std of pixel/255
+  return c
+
+
+def model_config(name: str = "resnet20", weights: str = "") -> ml_collections.ConfigDict:
+  """A model section: registry name and optional PyTorch-layout ``.npz`` weights."""
+  c = ml_collections.ConfigDict()
+  c.name = name  # resnet20/32/44/56/110, cnn_mnist, cnn_cifar, mlp
+  c.weights = weights  # PyTorch state_dict as .npz ("" -> random init)
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The ``train`` section (the CIFAR ResNet recipe: SGD momentum 0.9, lr 0.1, wd 1e-4)."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 200.0  # may be fractional
+  c.optimizer = "sgd"  # sgd (PyTorch-style, decay added to the gradient) or adamw
+  c.learning_rate = 0.1  # peak learning rate
+  c.momentum = 0.9  # sgd momentum
+  c.nesterov = False  # sgd Nesterov momentum
+  c.weight_decay = 1e-4  # L2 (sgd) or decoupled (adamw) weight decay
+  c.schedule = "cosine"  # cosine, step or constant
+  c.warmup_epochs = 0.0  # linear warmup from 0
+  c.decay_at = (0.5, 0.75)  # "step" schedule: fractions of training where lr is multiplied...
+  c.decay_factor = 0.1  # ...by this factor
+  c.log_every_steps = 50  # metrics.jsonl and progress-bar interval
+  c.checkpoint_every_steps = 500  # orbax checkpoint interval (and always at the end)
+  c.eval_every_epochs = 1  # evaluate on data.eval_split every this many epochs
+  return c

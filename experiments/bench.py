@@ -1,0 +1,83 @@
+"""Throughput benchmark: the ResNet-20 train step and the input pipeline, in one process.
+
+  python -m experiments.bench                 # all variants, CIFAR-10 shaped random data
+  python -m experiments.bench --rounds=5 --steps=10 --variants=plain
+
+Variants are timed interleaved (round-robin, ``--rounds`` times ``--steps`` steps each, after a
+compile-and-warm-up call) so machine noise hits them alike; the table reports the median
+images/s with process CPU time beside wall time. The last line is one JSON object:
+``{"images_per_s": {variant: ...}, "ratio_to_plain": {variant: ...}, ...}`` where the ratio is
+the step-time ratio to ``plain`` (>1 is slower).
+"""
+
+import itertools
+import time
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+
+_VARIANTS = flags.DEFINE_list("variants", None, "Variants to time (default: all).")
+_STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per variant per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size.")
+
+
+def time_pipeline(images, labels, batch_size, steps):
+  """images/s of the host input pipeline (shuffle, crop, flip, normalise) alone."""
+  from configs.common import IMAGENET_MEAN, IMAGENET_STD
+  from jaxcompress import data
+  it = itertools.chain.from_iterable(
+      data.train_batches(images, labels, batch_size, seed=0, epoch=e, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD) for e in itertools.count())
+  t0, c0 = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    next(it)
+  return batch_size * steps / (time.perf_counter() - t0), time.process_time() - c0
+
+
+def main(argv):
+  del argv
+  import jax
+  from jaxcompress import bench as bench_lib
+  from jaxcompress.data import train_batches
+  from configs.common import IMAGENET_MEAN, IMAGENET_STD
+
+  rng = np.random.default_rng(0)
+  n = 50_000  # a CIFAR-10-sized training set of random pixels
+  images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  batches = list(itertools.islice(train_batches(images, labels, _BATCH.value, seed=0, epoch=0,
+                                                mean=IMAGENET_MEAN, std=IMAGENET_STD), 4))
+  variants = bench_lib.build_variants(_VARIANTS.value)
+  for v in variants.values():  # compile and warm up outside the timed rounds
+    v.run(batches, 2)
+  samples = {name: [] for name in variants}
+  cpu = {name: 0.0 for name in variants}
+  pipe = []
+  for _ in range(_ROUNDS.value):
+    pipe.append(time_pipeline(images, labels, _BATCH.value, 4 * _STEPS.value)[0])
+    for name, v in variants.items():
+      ips, cpu_s = v.run(batches, _STEPS.value)
+      samples[name].append(ips)
+      cpu[name] += cpu_s
+  med = {k: float(np.median(s)) for k, s in samples.items()}
+  base = med.get("plain")
+  ratio = {k: (base / v if base else None) for k, v in med.items()}
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, batch {_BATCH.value}, "
+        f"{_ROUNDS.value} rounds x {_STEPS.value} steps, median")
+  print(f"| variant | images/s | step-time ratio to plain | CPU s / wall s |")
+  print(f"|---|---:|---:|---:|")
+  for k in med:
+    wall = _ROUNDS.value * _STEPS.value * _BATCH.value / med[k]
+    r = f"{ratio[k]:.3f}" if ratio[k] else "-"
+    print(f"| {k} | {med[k]:.1f} | {r} | {cpu[k] / wall:.2f} |")
+  print(f"| input pipeline (host) | {np.median(pipe):.0f} | | |")
+  cli.print_json({"images_per_s": {k: round(v, 2) for k, v in med.items()},
+                  "ratio_to_plain": {k: (round(v, 4) if v else None) for k, v in ratio.items()},
+                  "pipeline_images_per_s": round(float(np.median(pipe)), 1)})
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,70 @@
+"""What every entry point shares: ``--config``/``--workdir`` flags and one-line user errors."""
+
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from typing import Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxcompress.errors import ConfigError
+
+
+def define_flags(default_config: str, *, workdir: bool = True) -> config_flags.ConfigFlag:
+  """Defines ``--config`` (with ``--config.a.b=v`` overrides) and optionally ``--workdir``."""
+  if workdir:
+    flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results; a rerun "
+                        "with the same folder resumes.", required=True)
+  return config_flags.DEFINE_config_file("config", default_config, "Config file (path[:variant]).",
+                                         lock_config=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+  """Prints ``error: message`` on one line to stderr and exits with ``code``."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """``absl.app.run`` with user mistakes reported as one line and exit code 2, no traceback."""
+
+  def guarded(argv):
+    logging.set_verbosity(logging.WARNING)
+    if "config" in flags.FLAGS:
+      try:
+        flags.FLAGS["config"].value.keys()
+      except (OSError, ValueError) as e:  # config_flags loads the file lazily
+        fail(f"--config={flags.FLAGS['config'].config_filename}: " + " ".join(str(e).split()))
+    try:
+      main(argv)
+    except ConfigError as e:
+      fail(str(e))
+    except FileNotFoundError as e:
+      fail(f"{e.strerror}: {e.filename}")
+
+  try:
+    app.run(guarded, flags_parser=_parse_flags)
+  except KeyboardInterrupt:
+    fail("interrupted; rerun the same command to resume", 130)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports a misspelled ``--config.a.b`` as a KeyError/AttributeError whose text
+    # is a quoted, multi-line "'x' Did you mean 'y'?"; fold it into one line.
+    text = str(e)
+    if len(text) > 1 and text[0] == text[-1] == "'":
+      text = ast.literal_eval(text)
+    if "Traceback" in text:  # an exception raised inside get_config(): keep its last line
+      text = text.strip().splitlines()[-1]
+    fail("bad flag: " + " ".join(text.split()))
+
+
+def print_json(result: dict) -> None:
+  """Prints ``result`` as one JSON line (the last line of a job's output, read by tools)."""
+  print(json.dumps(result), flush=True)

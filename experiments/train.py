@@ -1,0 +1,19 @@
+"""Supervised training; prints the final evaluation as one JSON line.
+
+  python -m experiments.train --config=configs/train.py:quick --workdir=runs/train_quick
+"""
+
+from experiments import cli
+
+CONFIG = cli.define_flags("configs/train.py")
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from jaxcompress.train import train_and_evaluate
+  cli.print_json(train_and_evaluate(CONFIG.value, flags.FLAGS.workdir))
+
+
+if __name__ == "__main__":
+  cli.run(main)

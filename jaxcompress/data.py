@@ -1,0 +1,187 @@
+"""TF-free image-classification input pipeline over TFDS ``data_source``.
+
+A split is decoded once into uint8 arrays held in memory; batches are then cut from those arrays
+with NumPy: a permutation drawn from ``(seed, epoch)`` for training (so a resumed run sees exactly
+the batches it would have seen), 4-pixel zero-pad random crops and horizontal flips, and
+normalisation by the configured mean/std. Evaluation batches cover every example exactly once: the
+last batch is padded to full size and carries a 0/1 ``weight`` so padded rows count for nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcompress.errors import ConfigError, unknown
+
+_DATA_HELP = (
+    "set TFDS_DATA_DIR (or data.data_dir) to a folder holding the prepared dataset, e.g. "
+    "TFDS_DATA_DIR=../shared/tensorflow_datasets; on a machine with internet prepare it once with "
+    "`pip install -e '.[prepare]'` then `tfds build {name} --file_format=array_record`")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Static facts about a supported dataset."""
+  image_shape: tuple[int, int, int]
+  num_classes: int
+
+
+DATASETS = {
+    "cifar10": DatasetSpec((32, 32, 3), 10),
+    "cifar100": DatasetSpec((32, 32, 3), 100),
+    "mnist": DatasetSpec((28, 28, 1), 10),
+    "fashion_mnist": DatasetSpec((28, 28, 1), 10),
+}
+
+
+class Batch(NamedTuple):
+  """One batch. ``weight`` is 1 for real examples and 0 for eval padding."""
+  image: np.ndarray  # float32 [B, H, W, C], normalised
+  label: np.ndarray  # int32 [B]
+  weight: np.ndarray  # float32 [B]
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+  """Returns the :class:`DatasetSpec` of ``name`` or raises a one-line :class:`ConfigError`."""
+  if name not in DATASETS:
+    raise unknown("data.name", name, DATASETS)
+  return DATASETS[name]
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+  """The folder TFDS reads: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
+                            or "~/tensorflow_datasets")
+
+
+def _check_prepared(name: str, data_dir: str) -> None:
+  infos = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
+  infos += glob.glob(os.path.join(data_dir, name, "*", "*", "dataset_info.json"))
+  if not infos:
+    raise ConfigError(f"data.name: dataset {name!r} is not prepared under {data_dir!r} "
+                      f"(looked for {name}/<version>/dataset_info.json); "
+                      + _DATA_HELP.format(name=name))
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None,
+               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a whole TFDS split into memory, without TensorFlow.
+
+  Args:
+    name: a key of :data:`DATASETS`.
+    split: a TFDS split, e.g. ``"train"``, ``"test"``, ``"train[:1000]"``.
+    data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
+    progress: show a progress bar while decoding.
+
+  Returns:
+    ``(images, labels)``: uint8 ``[N, H, W, C]`` and int32 ``[N]``, in the split's record order.
+
+  Raises:
+    ConfigError: unknown dataset name, data not prepared, or unknown split.
+  """
+  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+
+  spec = dataset_spec(name)
+  root = resolve_data_dir(data_dir)
+  try:
+    source = tfds.data_source(name, split=split, data_dir=root, download=False)
+  except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
+    _check_prepared(name, root)
+    raise ConfigError(f"data.split: cannot read split {split!r} of {name!r} from {root!r} "
+                      f"({str(e).splitlines()[0]})") from None
+  n = len(source)
+  images = np.empty((n, *spec.image_shape), np.uint8)
+  labels = np.empty((n,), np.int32)
+  chunk = 1000
+  with tqdm(total=n, desc=f"decode {name}/{split}", unit="img", disable=not progress,
+            leave=False) as bar:
+    for start in range(0, n, chunk):
+      records = _read(source, range(start, min(start + chunk, n)))
+      for i, rec in enumerate(records, start):
+        images[i] = np.asarray(rec["image"]).reshape(spec.image_shape)
+        labels[i] = rec["label"]
+      bar.update(len(records))
+  return images, labels
+
+
+def _read(source, keys: range) -> list[dict]:
+  """Reads records in one batched call; one by one where the source has no batched read (the
+  mock source of ``tfds.testing.mock_data``)."""
+  try:
+    return source.__getitems__(keys)
+  except TypeError:
+    return [source[k] for k in keys]
+
+
+def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """uint8 pixels -> float32 ``(pixel / 255 - mean) / std`` per channel."""
+  scale = 1.0 / (255.0 * np.asarray(std, np.float32))
+  shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
+  return images.astype(np.float32) * scale - shift
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4) -> np.ndarray:
+  """Random ``pad``-pixel zero-pad crop and random horizontal flip, per image.
+
+  Args:
+    images: uint8 ``[B, H, W, C]``.
+    rng: NumPy generator; decides the crop offsets and flips.
+    pad: zero padding on each side before cropping back to ``H x W``.
+
+  Returns:
+    Augmented uint8 images of the same shape.
+  """
+  b, h, w, _ = images.shape
+  padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dy = rng.integers(0, 2 * pad + 1, size=b)
+  dx = rng.integers(0, 2 * pad + 1, size=b)
+  flip = rng.random(b) < 0.5
+  rows = dy[:, None] + np.arange(h)[None, :]  # [B, H]
+  cols = dx[:, None] + np.arange(w)[None, :]  # [B, W]
+  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Training steps in one epoch (the remainder that does not fill a batch is dropped)."""
+  return num_examples // batch_size
+
+
+def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
+                  epoch: int, mean: Sequence[float], std: Sequence[float],
+                  augment_images: bool = True, start: int = 0) -> Iterator[Batch]:
+  """Yields one epoch of shuffled, augmented, normalised training batches.
+
+  The order depends only on ``(seed, epoch)`` and each batch's augmentation only on
+  ``(seed, epoch, step)``; ``start`` skips the first batches, so a run resumed mid-epoch continues
+  exactly where it stopped. The remainder is dropped.
+  """
+  order = np.random.default_rng([seed, epoch]).permutation(len(images))
+  ones = np.ones((batch_size,), np.float32)
+  for step in range(start, steps_per_epoch(len(images), batch_size)):
+    idx = order[step * batch_size:(step + 1) * batch_size]
+    x = images[idx]
+    if augment_images:
+      x = augment(x, np.random.default_rng([seed, epoch, step]))
+    yield Batch(normalize(x, mean, std), labels[idx], ones)
+
+
+def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                 mean: Sequence[float], std: Sequence[float]) -> Iterator[Batch]:
+  """Yields every example exactly once, in order; the last batch is zero-padded with weight 0."""
+  n = len(images)
+  for start in range(0, n, batch_size):
+    x, y = images[start:start + batch_size], labels[start:start + batch_size]
+    weight = np.ones((batch_size,), np.float32)
+    if len(x) < batch_size:
+      fill = batch_size - len(x)
+      weight[len(x):] = 0.0
+      x = np.concatenate([x, np.zeros((fill, *x.shape[1:]), x.dtype)])
+      y = np.concatenate([y, np.zeros((fill,), y.dtype)])
+    yield Batch(normalize(x, mean, std), y, weight)

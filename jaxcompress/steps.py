@@ -1,0 +1,142 @@
+"""Pure, jitted train and eval steps, and the evaluation loop.
+
+A loss function has the signature ``loss_fn(params, model_state, batch, rng) ->
+(loss, (new_model_state, metrics))`` where ``model_state`` holds the non-trainable collections
+(``batch_stats``, calibration ranges, ...). :func:`make_train_step` turns any such function and
+any optax optimizer into one jitted step, sharded over a data-parallel mesh. Compression methods
+plug in by building a different ``loss_fn`` (masked or fake-quantized forward, distillation terms)
+or by wrapping the optimizer; the step itself stays the same.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxcompress import parallel
+from jaxcompress.data import Batch
+from jaxcompress.metrics import classification_report, confusion_matrix
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a train step changes. A plain pytree: checkpoints and shards like any other.
+
+  Attributes:
+    step: number of optimizer steps taken.
+    params: trainable parameters.
+    model_state: non-trainable model collections, e.g. ``{'batch_stats': ...}``.
+    opt_state: optimizer state (pruning masks live here when the optimizer is wrapped).
+  """
+  step: jax.Array
+  params: Any
+  model_state: Any
+  opt_state: Any
+
+  @classmethod
+  def create(cls, params, model_state, optimizer: optax.GradientTransformation) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+               opt_state=optimizer.init(params))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy with integer labels."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
+  """Mean of per-example ``values`` over examples with non-zero ``weight``."""
+  return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def apply_model(apply_fn: Callable, params, model_state, x, *, train: bool):
+  """Calls a Flax ``apply`` with ``model_state`` mutable in training; returns (logits, state)."""
+  variables = {"params": params, **model_state}
+  if train and model_state:
+    return apply_fn(variables, x, train=True, mutable=list(model_state))
+  return apply_fn(variables, x, train=train), model_state
+
+
+def supervised_loss(apply_fn: Callable) -> Callable:
+  """The plain task loss: cross-entropy of the model's logits against the labels."""
+
+  def loss_fn(params, model_state, batch: Batch, rng):
+    del rng
+    logits, new_state = apply_model(apply_fn, params, model_state, batch.image, train=True)
+    loss = weighted_mean(cross_entropy(logits, batch.label), batch.weight)
+    acc = weighted_mean((jnp.argmax(logits, -1) == batch.label).astype(jnp.float32),
+                        batch.weight)
+    return loss, (new_state, {"task_loss": loss, "accuracy": acc})
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                    mesh=None, seed: int = 0) -> Callable:
+  """Builds ``step(state, batch) -> (state, metrics)``, jitted once.
+
+  The step's random key is ``fold_in(key(seed), state.step)``, so a resumed run draws the same
+  keys as an uninterrupted one. With a ``mesh`` the batch is split over its devices and the state
+  replicated; the result is the same as on one device.
+  """
+  base_key = jax.random.key(seed)
+
+  def step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(base_key, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                              opt_state=opt_state)
+    return new_state, {"loss": loss, **metrics}
+
+  if mesh is None:
+    return jax.jit(step, donate_argnums=0)
+  rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=0)
+
+
+def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
+  """Builds ``eval_step(variables, batch) -> (per-example loss, predictions)``, jitted once.
+
+  ``logits_fn(variables, images)`` is any inference function: a Flax ``apply`` in eval mode, a
+  quantized model, or an exported one.
+  """
+
+  def eval_step(variables, batch: Batch):
+    logits = logits_fn(variables, batch.image)
+    return cross_entropy(logits, batch.label), jnp.argmax(logits, -1)
+
+  if mesh is None:
+    return jax.jit(eval_step)
+  rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(eval_step, in_shardings=(rep, dat), out_shardings=(dat, dat))
+
+
+def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_classes: int,
+             mesh=None, total: int | None = None, desc: str = "eval") -> dict:
+  """Runs ``eval_step`` over every batch; returns loss, accuracy and per-class precision/recall.
+
+  Returns:
+    ``{'accuracy': percent, 'loss': mean cross-entropy, 'examples': n, 'precision': [...],
+    'recall': [...]}`` over the examples with non-zero weight.
+  """
+  labels, preds, losses = [], [], []
+  for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
+    keep = batch.weight > 0
+    if mesh is not None:
+      batch = parallel.shard_batch(mesh, batch)
+    loss, pred = eval_step(variables, batch)
+    labels.append(np.asarray(batch.label)[keep])
+    preds.append(np.asarray(pred)[keep])
+    losses.append(np.asarray(loss)[keep])
+  report = classification_report(
+      confusion_matrix(np.concatenate(labels), np.concatenate(preds), num_classes))
+  return {"accuracy": report["accuracy"], "loss": float(np.mean(np.concatenate(losses))),
+          **{k: v for k, v in report.items() if k != "accuracy"}}

@@ -1,0 +1,181 @@
+"""Supervised training: a resumable, data-parallel loop around any jitted train step.
+
+:func:`fit` runs epochs of a train step with a progress bar (step, loss, images/s), appends metrics
+to ``workdir/metrics.jsonl``, saves orbax checkpoints every N steps and resumes from the latest one
+when started again with the same ``workdir``. :func:`train_and_evaluate` builds a plain supervised
+run from a config (``configs/train.py``); compression jobs call :func:`fit` with their own step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxcompress import data as data_lib
+from jaxcompress import parallel
+from jaxcompress.checkpoint import Checkpointer, MetricsLog
+from jaxcompress.errors import invalid
+from jaxcompress.models import create_model
+from jaxcompress.optim import make_optimizer
+from jaxcompress.steps import (TrainState, evaluate, make_eval_step, make_train_step,
+                               supervised_loss)
+
+
+def load_data(data_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Decodes the train and eval splits of a ``data`` config section.
+
+  With ``data.val_examples > 0`` the last that many training examples are held out as ``val``
+  (TFDS record order is already shuffled), and ``data.train_examples > 0`` caps the training set
+  (for quick runs).
+
+  Returns:
+    ``{'train': (x, y), 'eval': (x, y)}`` and, when held out, ``'val': (x, y)``.
+  """
+  data_lib.dataset_spec(data_cfg.name)
+  for field in ("batch_size", "eval_batch_size"):
+    if data_cfg[field] <= 0:
+      raise invalid(f"data.{field}", data_cfg[field], "> 0")
+  out = {}
+  train = data_lib.load_split(data_cfg.name, data_cfg.train_split, data_dir=data_cfg.data_dir)
+  if data_cfg.val_examples:
+    if not 0 < data_cfg.val_examples < len(train[0]):
+      raise invalid("data.val_examples", data_cfg.val_examples,
+                    f"in [0, {len(train[0])}) for {data_cfg.name}/{data_cfg.train_split}")
+    cut = len(train[0]) - data_cfg.val_examples
+    out["val"] = (train[0][cut:], train[1][cut:])
+    train = (train[0][:cut], train[1][:cut])
+  if data_cfg.train_examples:
+    train = (train[0][:data_cfg.train_examples], train[1][:data_cfg.train_examples])
+  if len(train[0]) < data_cfg.batch_size:
+    raise invalid("data.batch_size", data_cfg.batch_size,
+                  f"at most the {len(train[0])} training examples")
+  out["train"] = train
+  out["eval"] = data_lib.load_split(data_cfg.name, data_cfg.eval_split, data_dir=data_cfg.data_dir)
+  return out
+
+
+def evaluate_split(eval_step: Callable, variables, split: tuple[np.ndarray, np.ndarray],
+                   data_cfg, *, mesh=None, desc: str = "eval") -> dict:
+  """Evaluates on every example of ``split`` (loss, accuracy, per-class precision/recall)."""
+  x, y = split
+  bs = data_cfg.eval_batch_size
+  batches = data_lib.eval_batches(x, y, bs, mean=data_cfg.mean, std=data_cfg.std)
+  return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc,
+                  num_classes=data_lib.dataset_spec(data_cfg.name).num_classes,
+                  total=-(-len(x) // bs))
+
+
+def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.ndarray], data_cfg,
+        train_cfg, workdir: str, *, seed: int = 0, mesh=None,
+        eval_fn: Callable[[TrainState], dict] | None = None, desc: str = "train") -> tuple[
+            TrainState, dict]:
+  """Trains ``state`` for ``train_cfg.epochs`` epochs, resuming from ``workdir`` if possible.
+
+  Args:
+    state: the initial train state (ignored in favour of the latest checkpoint when one exists).
+    train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
+    train: training arrays ``(uint8 images, int labels)``.
+    data_cfg: ``data`` config section (batch size, mean/std, augmentation).
+    train_cfg: ``train`` config section (epochs, logging and checkpoint intervals).
+    workdir: folder for ``checkpoints/`` and ``metrics.jsonl``.
+    seed: data order and augmentation seed.
+    mesh: data-parallel mesh; batches are sharded over it.
+    eval_fn: optional ``state -> metrics`` run every ``train_cfg.eval_every_epochs`` epochs.
+    desc: progress-bar label.
+
+  Returns:
+    ``(state, info)`` with ``info = {'seconds': training wall time summed over resumes,
+    'epochs': epochs trained, 'steps': steps taken}``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  images, labels = train
+  per_epoch = data_lib.steps_per_epoch(len(images), data_cfg.batch_size)
+  total = int(round(train_cfg.epochs * per_epoch))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+  seconds = 0.0
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(state)
+    seconds = float(meta.get("seconds", 0.0))
+    log.truncate_after(int(state.step))
+  if mesh is not None:
+    state = parallel.replicate(mesh, state)
+  step = int(state.step)
+  bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+  pending, t_log, n_log = [], time.perf_counter(), 0
+  t_start = time.perf_counter()
+  while step < total:
+    epoch, start = divmod(step, per_epoch)
+    batches = data_lib.train_batches(images, labels, data_cfg.batch_size, seed=seed, epoch=epoch,
+                                     mean=data_cfg.mean, std=data_cfg.std,
+                                     augment_images=data_cfg.augment, start=start)
+    for batch in batches:
+      if step >= total:
+        break
+      if mesh is not None:
+        batch = parallel.shard_batch(mesh, batch)
+      state, metrics = train_step(state, batch)
+      step += 1
+      pending.append(metrics)
+      n_log += data_cfg.batch_size
+      if step % train_cfg.log_every_steps == 0 or step == total:
+        host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+        now = time.perf_counter()
+        host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
+        log.write(host)
+        bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
+        pending, t_log, n_log = [], now, 0
+      bar.update(1)
+      if step % train_cfg.checkpoint_every_steps == 0 or step == total:
+        jax.block_until_ready(state)
+        ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start})
+    if eval_fn is not None and step % per_epoch == 0 and step < total and (
+        (step // per_epoch) % train_cfg.eval_every_epochs == 0):
+      log.write({"step": step, "epoch": step / per_epoch,
+                 **{f"eval_{k}": v for k, v in eval_fn(state).items()
+                    if isinstance(v, (int, float))}})
+  bar.close()
+  jax.block_until_ready(state)
+  seconds += time.perf_counter() - t_start
+  ckpt.close()
+  return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Supervised training from a ``configs/train.py`` config; returns the final eval metrics.
+
+  Starts from ``config.model.weights`` (a PyTorch ``.npz``) or from scratch, trains, evaluates on
+  ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples', 'precision',
+  'recall', 'train_seconds', 'epochs'}``.
+  """
+  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  mesh = parallel.make_mesh()
+  for field in ("batch_size", "eval_batch_size"):
+    parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
+  spec = data_lib.dataset_spec(config.data.name)
+  model, variables = create_model(config.model.name, num_classes=spec.num_classes,
+                                  image_shape=spec.image_shape, weights=config.model.weights,
+                                  seed=config.seed)
+  splits = load_data(config.data)
+  optimizer = make_optimizer(config.train, data_lib.steps_per_epoch(len(splits["train"][0]),
+                                                                     config.data.batch_size))
+  params = variables.pop("params")
+  state = TrainState.create(params, variables, optimizer)
+  train_step = make_train_step(supervised_loss(model.apply), optimizer, mesh=mesh,
+                               seed=config.seed)
+  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
+  as_vars = lambda s: {"params": s.params, **s.model_state}
+  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], config.data,
+                                     mesh=mesh)
+  state, info = fit(state, train_step, splits["train"], config.data, config.train, workdir,
+                    seed=config.seed, mesh=mesh, eval_fn=eval_fn)
+  result = eval_fn(state)
+  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
+      {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
+                                                  if isinstance(v, (int, float))}})
+  return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"]}

@@ -1,0 +1,61 @@
+"""Entry points as a user runs them: the JSON contract, and one-line errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, pretrained, requires_cifar10
+
+
+def _run(*args, env=None):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.name=resnet21", "error: model.name must be one of cnn_cifar, cnn_mnist, mlp, "
+                                     "resnet110, resnet20, resnet32, resnet44, resnet56, got "
+                                     "'resnet21'"),
+    ("--config.model.nme=resnet20", "error: bad flag: 'nme' Did you mean \"name\""),
+    ("--config.model.weights=/absent.npz", "error: model.weights: no such file '/absent.npz'"),
+    ("--config.data.name=svhn", "error: data.name must be one of"),
+])
+def test_bad_input_is_one_line_and_nonzero(override, message):
+  proc = _run("experiments.evaluate", "--config=configs/evaluate.py", override)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith(message), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_wrong_depth_weights_name_the_problem():
+  proc = _run("experiments.evaluate", "--config=configs/evaluate.py",
+              "--config.model.name=resnet32",
+              f"--config.model.weights={pretrained('resnet20')}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "missing 60 tensors" in proc.stderr.splitlines()[-1]
+
+
+def test_missing_data_says_how_to_get_it(tmp_path):
+  proc = _run("experiments.evaluate", "--config=configs/evaluate.py",
+              env={"TFDS_DATA_DIR": str(tmp_path)})
+  assert proc.returncode == 2
+  last = proc.stderr.splitlines()[-1]
+  assert f"not prepared under '{tmp_path}'" in last and "tfds build cifar10" in last
+
+
+@requires_cifar10
+@pytest.mark.realdata
+def test_pretrained_resnet20_reproduces_published_accuracy():
+  proc = _run("experiments.evaluate", "--config=configs/evaluate.py",
+              "--config.model.name=resnet20",
+              f"--config.model.weights={pretrained('resnet20')}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert abs(result["accuracy"] - 91.73) <= 0.02
+  assert result["examples"] == 10000
+  assert len(result["precision"]) == len(result["recall"]) == 10
+  assert result["loss"] < 0.5

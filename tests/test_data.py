@@ -1,0 +1,102 @@
+"""The input pipeline on mock TFDS data: coverage, determinism, augmentation, normalisation."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from jaxcompress import data
+from jaxcompress.errors import ConfigError
+
+MEAN, STD = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "fashion_mnist"])
+def test_load_split_decodes_every_supported_dataset(name):
+  with tfds.testing.mock_data(num_examples=12):
+    x, y = data.load_split(name, "train", progress=False)
+  spec = data.dataset_spec(name)
+  assert x.shape == (12, *spec.image_shape) and x.dtype == np.uint8
+  assert y.shape == (12,) and y.dtype == np.int32
+  assert np.all((0 <= y) & (y < spec.num_classes))
+
+
+def test_eval_batches_cover_every_example_exactly_once():
+  x = np.arange(23, dtype=np.uint8)[:, None, None, None].repeat(3, -1)
+  y = np.arange(23, dtype=np.int32)
+  seen, weights = [], []
+  for b in data.eval_batches(x, y, 5, mean=(0, 0, 0), std=(1 / 255,) * 3):
+    assert b.image.shape == (5, 1, 1, 3)
+    seen.extend(b.label[b.weight > 0].tolist())
+    weights.append(b.weight)
+  assert seen == list(range(23))
+  assert np.concatenate(weights).sum() == 23 and len(weights) == 5
+
+
+def test_train_batches_are_deterministic_per_seed_and_epoch():
+  x = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
+  y = np.arange(40, dtype=np.int32)
+  run = lambda seed, epoch, start=0: list(data.train_batches(
+      x, y, 8, seed=seed, epoch=epoch, mean=MEAN, std=STD, start=start))
+  a, b, c, d = run(0, 0), run(0, 0), run(0, 1), run(1, 0)
+  assert len(a) == 5
+  for u, v in zip(a, b):
+    np.testing.assert_array_equal(u.image, v.image)
+  assert sorted(np.concatenate([u.label for u in a]).tolist()) == list(range(40))
+  assert not np.array_equal(a[0].label, c[0].label)
+  assert not np.array_equal(a[0].label, d[0].label)
+  resumed = run(0, 0, start=3)  # a run resumed at step 3 sees the same batches 3 and 4
+  for u, v in zip(a[3:], resumed):
+    np.testing.assert_array_equal(u.image, v.image)
+
+
+def test_train_batches_drop_the_remainder():
+  x = np.zeros((21, 4, 4, 3), np.uint8)
+  batches = list(data.train_batches(x, np.zeros(21, np.int32), 8, seed=0, epoch=0,
+                                    mean=MEAN, std=STD))
+  assert len(batches) == 2 and all(b.image.shape[0] == 8 for b in batches)
+
+
+def _crops(img, pad):
+  """All pad-crops of the zero-padded image, and their mirror images (the oracle)."""
+  h, w, _ = img.shape
+  p = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+  out = []
+  for dy in range(2 * pad + 1):
+    for dx in range(2 * pad + 1):
+      crop = p[dy:dy + h, dx:dx + w]
+      out += [crop, crop[:, ::-1]]
+  return out
+
+
+def test_augmentation_is_a_padded_crop_or_its_flip():
+  rng = np.random.default_rng(0)
+  x = rng.integers(1, 255, (64, 6, 6, 3), dtype=np.uint8)
+  out = data.augment(x, np.random.default_rng(1), pad=2)
+  assert out.shape == x.shape and out.dtype == np.uint8
+  flipped = shifted = 0
+  for src, aug in zip(x, out):
+    candidates = _crops(src, 2)
+    match = [i for i, c in enumerate(candidates) if np.array_equal(c, aug)]
+    assert match, "augmented image is not a crop of the padded original"
+    flipped += match[0] % 2
+    shifted += match[0] // 2 != 2 * 2 + 2  # not the centre crop
+  assert 10 < flipped < 54 and shifted > 40  # both kinds of augmentation actually happen
+
+
+def test_normalize_matches_hand_computation():
+  x = np.array([[[[0, 128, 255]]]], np.uint8)
+  out = data.normalize(x, MEAN, STD)
+  expected = [(0 / 255 - 0.5) / 0.5, (128 / 255 - 0.25) / 0.5, (255 / 255 - 0.125) / 0.25]
+  np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
+  assert out.dtype == np.float32
+
+
+def test_missing_dataset_says_where_it_looked(tmp_path):
+  with pytest.raises(ConfigError, match=f"not prepared under '{tmp_path}'.*TFDS_DATA_DIR"):
+    data.load_split("cifar10", "test", data_dir=str(tmp_path), progress=False)
+
+
+def test_unknown_dataset_name():
+  with pytest.raises(ConfigError, match="data.name must be one of cifar10, cifar100, "
+                                        "fashion_mnist, mnist, got 'imagenet'"):
+    data.load_split("imagenet", "test")

@@ -1,0 +1,114 @@
+"""Train/eval steps and the optimizer, against hand computations."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import create_model
+from jaxcompress.optim import learning_rate_schedule, make_optimizer
+from jaxcompress.steps import (TrainState, cross_entropy, evaluate, make_eval_step,
+                               make_train_step, supervised_loss)
+
+
+def _train_cfg(**kw):
+  c = common.train_config()
+  c.update(kw)
+  return c
+
+
+def _batch(n=16, shape=(8, 8, 3), classes=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return Batch(rng.normal(size=(n, *shape)).astype(np.float32),
+               rng.integers(0, classes, n).astype(np.int32), np.ones(n, np.float32))
+
+
+def test_cross_entropy_matches_numpy():
+  logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]], np.float32)
+  labels = np.array([0, 1])
+  p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  np.testing.assert_allclose(cross_entropy(logits, labels), -np.log(p[[0, 1], labels]),
+                             rtol=1e-6)
+
+
+def test_train_step_lowers_loss_and_compiles_once():
+  model, variables = create_model("resnet20", num_classes=4, image_shape=(8, 8, 3))
+  traces = []
+  loss_fn = supervised_loss(model.apply)
+
+  def counting_loss(*args):
+    traces.append(1)
+    return loss_fn(*args)
+
+  opt = make_optimizer(_train_cfg(epochs=1, learning_rate=0.05, schedule="constant"), 10)
+  params = variables.pop("params")
+  state = TrainState.create(params, variables, opt)
+  step = make_train_step(counting_loss, opt)
+  batch = _batch()
+  losses = []
+  for _ in range(8):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert len(traces) == 1, "the second call of the jitted step retraced"
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 8
+  # BatchNorm running statistics moved away from their initial values.
+  assert not np.allclose(state.model_state["batch_stats"]["bn1"]["mean"], 0.0)
+
+
+def test_sgd_matches_pytorch_update_rule():
+  # PyTorch SGD: g' = g + wd * p; buf = m * buf + g'; p -= lr * buf.
+  cfg = _train_cfg(learning_rate=0.1, momentum=0.9, weight_decay=0.01, schedule="constant")
+  opt = make_optimizer(cfg, 10)
+  p = {"w": jnp.array([1.0, -2.0])}
+  g = {"w": jnp.array([0.5, 0.25])}
+  state = opt.init(p)
+  buf, pn = np.zeros(2), np.array([1.0, -2.0])
+  for _ in range(3):
+    upd, state = opt.update(g, state, p)
+    p = optax.apply_updates(p, upd)
+    buf = 0.9 * buf + (np.array([0.5, 0.25]) + 0.01 * pn)
+    pn = pn - 0.1 * buf
+  np.testing.assert_allclose(p["w"], pn, rtol=1e-6)
+
+
+def test_step_schedule_and_warmup_by_hand():
+  sched = learning_rate_schedule(_train_cfg(epochs=10, schedule="step", learning_rate=1.0,
+                                            decay_at=(0.5, 0.8), decay_factor=0.1), 10)
+  assert [float(sched(s)) for s in (0, 49, 50, 79, 80, 99)] == pytest.approx(
+      [1, 1, 0.1, 0.1, 0.01, 0.01])
+  warm = learning_rate_schedule(_train_cfg(epochs=10, schedule="cosine", learning_rate=1.0,
+                                           warmup_epochs=1), 10)
+  assert float(warm(5)) == pytest.approx(0.5)
+  assert float(warm(10)) == pytest.approx(1.0)
+  assert float(warm(55)) == pytest.approx(0.5, abs=1e-6)  # half-way through the cosine
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("optimizer", "adam", "train.optimizer must be one of adamw, sgd, got 'adam'"),
+    ("epochs", -1, r"train.epochs must be >= 0, got -1"),
+    ("schedule", "linear", "train.schedule must be one of"),
+    ("momentum", 1.5, r"train.momentum must be in \[0.0, 1.0\)"),
+])
+def test_bad_train_config(field, value, match):
+  with pytest.raises(ConfigError, match=match):
+    make_optimizer(_train_cfg(**{field: value}), 10)
+
+
+def test_evaluate_counts_per_class_precision_and_recall():
+  # A fixed "model" that predicts argmax of its input: the report is known by hand.
+  x = np.eye(3, dtype=np.float32)[[0, 1, 2, 2, 1]]
+  y = np.array([0, 1, 2, 1, 0], np.int32)
+  step = make_eval_step(lambda v, img: img * v)
+  batches = [Batch(x[:3], y[:3], np.ones(3, np.float32)),
+             Batch(np.concatenate([x[3:], x[:1]]), np.concatenate([y[3:], y[:1]]),
+                   np.array([1, 1, 0], np.float32))]
+  out = evaluate(step, 1.0, batches, num_classes=3)
+  assert out["examples"] == 5 and out["accuracy"] == pytest.approx(60.0)
+  assert out["precision"] == pytest.approx([1.0, 0.5, 0.5])
+  assert out["recall"] == pytest.approx([0.5, 0.5, 1.0])
