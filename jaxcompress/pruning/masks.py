@@ -70,6 +70,11 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
   return (ranks(flat) >= flat.size - k).reshape(scores.shape)
 
 
+def sparsity_mask(scores: jax.Array, sparsity: Sparsity) -> jax.Array:
+  """Prunes the ``round(sparsity * n)`` lowest of the ``n`` scores (see :func:`topk_mask`)."""
+  return topk_mask(scores, scores.size - num_pruned(sparsity, scores.size))
+
+
 def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
   """In every group of ``m`` consecutive entries along ``axis``, keeps the ``n`` highest scores.
 
@@ -108,11 +113,11 @@ def unstructured(scope: str = "layer") -> Masker:
   def masker(paths, scores, sparsity):
     del paths
     if scope == "layer":
-      return [topk_mask(s, s.size - num_pruned(sparsity, s.size)) for s in scores]
+      return [sparsity_mask(s, sparsity) for s in scores]
     if not scores:
       return []
     flat = jnp.concatenate([s.reshape(-1) for s in scores])
-    keep = topk_mask(flat, flat.size - num_pruned(sparsity, flat.size))
+    keep = sparsity_mask(flat, sparsity)
     parts = jnp.split(keep, np.cumsum([s.size for s in scores])[:-1])
     return [p.reshape(s.shape) for p, s in zip(parts, scores)]
 
@@ -133,11 +138,8 @@ def channels(norm: str = "l1") -> Masker:
 
   def masker(paths, scores, sparsity):
     del paths
-    out = []
-    for s in scores:
-      c = channel_scores(s, norm)
-      out.append(jnp.broadcast_to(topk_mask(c, c.size - num_pruned(sparsity, c.size)), s.shape))
-    return out
+    return [jnp.broadcast_to(sparsity_mask(channel_scores(s, norm), sparsity), s.shape)
+            for s in scores]
 
   return masker
 

@@ -1,11 +1,14 @@
 """How sparse a parameter tree is: per leaf and in total, counted on the host.
 
 Example:
-  >>> print(summary(pruned_params).table())
-  path                     shape            size   nonzero  sparsity
-  conv1/kernel             (3, 3, 3, 16)     432       432    0.0000
+  >>> params = load_pytorch_npz(get_model("resnet20"), path)["params"]
+  >>> print(summary(apply_masks(params, magnitude_masks(params, 0.7, scope="global"))).table())
+  path                   shape                 size   nonzero  sparsity
+  bn1/bias               (16,)                   16        16    0.0000
+  bn1/scale              (16,)                   16        16    0.0000
+  conv1/kernel           (3, 3, 3, 16)          432       432    0.0000
   ...
-  total                                   269722     81234    0.6988
+  total                                      269722     82637    0.6936
 """
 
 from __future__ import annotations

@@ -81,8 +81,21 @@ def magnitude_masks(params: Any, sparsity: Sparsity, *, scope: str = "layer",
 
 def nm_masks(params: Any, n: int, m: int, *, axis: int = -1,
              rules: Sequence[Rule] | None = None) -> Any:
-  """N:M masks: in every group of ``m`` consecutive entries along ``axis``, the ``n`` largest
-  ``|w|`` are kept (ties: the later entry of the group is kept).
+  """N:M masks: the ``n`` largest ``|w|`` of every ``m`` consecutive entries along ``axis``.
+
+  Ties within a group: the later entry is kept. The sparsity is ``1 - n / m`` on every selected
+  leaf; for NVIDIA 2:4 sparse tensor cores group along the reduction axis (``axis=-2`` for a Flax
+  ``Dense`` or ``Conv`` kernel).
+
+  Args:
+    params: a pytree of arrays.
+    n: entries kept per group, ``1 <= n <= m``.
+    m: group size; must divide every selected leaf's length along ``axis``.
+    axis: the axis the groups run along.
+    rules: leaf selection, as in :func:`compute_masks`.
+
+  Returns:
+    The mask tree.
 
   Raises:
     ConfigError: if not ``1 <= n <= m``, ``axis`` is out of range for a selected leaf, or ``m``
@@ -93,11 +106,25 @@ def nm_masks(params: Any, n: int, m: int, *, axis: int = -1,
 
 def channel_masks(params: Any, sparsity: Sparsity, *, norm: str = "l1",
                   rules: Sequence[Rule] | None = None) -> Any:
-  """Masks zeroing ``round(sparsity * c)`` whole output channels (last axis) of each selected
-  kernel, those with the smallest L1 or L2 weight norm.
+  """Masks zeroing whole output channels (last axis) of each selected kernel.
+
+  In each selected leaf with ``c`` output channels, the ``round(sparsity * c)`` channels with the
+  smallest L1 or L2 weight norm are zeroed (Li et al. 2017); ties prune the lower channel index.
+
+  Args:
+    params: a pytree of arrays.
+    sparsity: fraction of channels pruned, in [0, 1).
+    norm: ``"l1"`` or ``"l2"``.
+    rules: leaf selection, as in :func:`compute_masks`.
+
+  Returns:
+    The mask tree.
 
   Raises:
     ConfigError: for a sparsity outside [0, 1), an unknown norm or a bad rule.
+
+  References:
+    Li, Kadav, Durdanovic, Samet, Graf. Pruning Filters for Efficient ConvNets. ICLR 2017.
   """
   return compute_masks(params, sparsity, structure=channels(norm), rules=rules)
 

@@ -105,12 +105,12 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
     sel = select(params, rules, warn_unused=False)
     weights = sel.pick(sel.leaves)
     grads = sel.pick(sel.flat(updates))
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
     sums = state.score_sums
     if score.accumulate:
-      sums = tuple(a + score.fn(w, g, None) for a, w, g in zip(sums, weights, grads))
+      sums = tuple(a + s for a, s in zip(sums, leaf_scores(score, weights, grads, key)))
 
     def refresh(_):
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
       scores = list(sums) if score.accumulate else leaf_scores(score, weights, grads, key)
       keep = structure(sel.pick(sel.paths), scores, schedule(state.count))
       return sel.masks_tree(keep)
