@@ -1,5 +1,6 @@
 """Model shapes, parameter counts, the option-A shortcut and the registry."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +80,25 @@ def test_inner_widths_shrink_only_the_first_conv_of_each_block():
   assert small["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 8, 16)
   assert small["layer3_2"]["conv1"]["kernel"].shape == (3, 3, 64, 32)
   assert _count(small) < _count(v["params"])
+
+
+def test_folded_resnet_matches_batchnorm_resnet_by_hand_folding():
+  model, v = create_model("resnet20", num_classes=10, image_shape=(32, 32, 3))
+  rng = np.random.default_rng(0)
+  v = jax.tree.map(lambda a: np.asarray(a) + rng.uniform(0.1, 1, a.shape).astype(np.float32), v)
+  params = flax.traverse_util.flatten_dict(v["params"])
+  stats = flax.traverse_util.flatten_dict(v["batch_stats"])
+  folded = {}
+  for key, value in params.items():
+    module = key[-2]
+    if key[0] == "linear":
+      folded[key] = value
+    elif module.startswith("conv"):  # fold bnK into convK by hand: w * g, beta - mean * g
+      bn = (*key[:-2], module.replace("conv", "bn"))
+      g = params[(*bn, "scale")] / np.sqrt(stats[(*bn, "var")] + 1e-5)
+      folded[key] = value * g
+      folded[(*key[:-1], "bias")] = params[(*bn, "bias")] - stats[(*bn, "mean")] * g
+  x = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+  out = get_model("resnet20", folded=True).apply(
+      {"params": flax.traverse_util.unflatten_dict(folded)}, x)
+  np.testing.assert_allclose(out, model.apply(v, x), rtol=1e-4, atol=1e-3)

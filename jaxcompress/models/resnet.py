@@ -38,26 +38,35 @@ def shortcut_a(x: jnp.ndarray, planes: int) -> jnp.ndarray:
   return jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (pad, pad)))
 
 
+def conv_bn(x, features: int, stride: int, conv_name: str, bn_name: str, train: bool,
+            folded: bool):
+  """3x3 conv (PyTorch padding 1) then BatchNorm; with ``folded``, a biased conv alone."""
+  x = nn.Conv(features, (3, 3), (stride, stride), padding=PAD1, use_bias=folded,
+              name=conv_name)(x)
+  if folded:
+    return x
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      name=bn_name)(x)
+
+
 class BasicBlock(nn.Module):
   """conv3x3(stride) - BN - ReLU - conv3x3 - BN, plus shortcut, then ReLU.
 
   ``inner`` is the width of the first conv (equal to ``planes`` in the original model; smaller after
-  structured channel pruning). The block's output width is always ``planes``.
+  structured channel pruning). The block's output width is always ``planes``. With ``folded``
+  every BatchNorm has been folded into the conv before it (export): convs carry a bias, no BN.
   """
   planes: int
   stride: int = 1
   inner: int | None = None
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     inner = self.inner or self.planes
-    bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                   epsilon=BN_EPSILON, name=name)
-    out = nn.Conv(inner, (3, 3), (self.stride, self.stride), padding=PAD1, use_bias=False,
-                  name="conv1")(x)
-    out = nn.relu(bn("bn1")(out))
-    out = nn.Conv(self.planes, (3, 3), padding=PAD1, use_bias=False, name="conv2")(out)
-    out = bn("bn2")(out)
+    out = conv_bn(x, inner, self.stride, "conv1", "bn1", train, self.folded)
+    out = nn.relu(out)
+    out = conv_bn(out, self.planes, 1, "conv2", "bn2", train, self.folded)
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = shortcut_a(x, self.planes)
     return nn.relu(out + x)
@@ -71,10 +80,12 @@ class CifarResNet(nn.Module):
     num_classes: size of the final linear layer.
     inner_widths: optional width of every block's first conv, in block order (``3n`` entries);
       used by structured channel pruning to build the physically smaller model.
+    folded: BatchNorm folded into the preceding convs (biased convs, no BN), as exported.
   """
   depth: int = 20
   num_classes: int = 10
   inner_widths: Sequence[int] | None = None
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -84,16 +95,14 @@ class CifarResNet(nn.Module):
     if self.inner_widths is not None and len(self.inner_widths) != 3 * n:
       raise ConfigError(f"inner_widths must have {3 * n} entries for depth {self.depth}, "
                         f"got {len(self.inner_widths)}")
-    x = nn.Conv(STAGE_WIDTHS[0], (3, 3), padding=PAD1, use_bias=False, name="conv1")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                     name="bn1")(x)
-    x = nn.relu(x)
+    x = nn.relu(conv_bn(x, STAGE_WIDTHS[0], 1, "conv1", "bn1", train, self.folded))
     k = 0
     for stage, planes in enumerate(STAGE_WIDTHS):
       for block in range(n):
         stride = 2 if stage > 0 and block == 0 else 1
         inner = self.inner_widths[k] if self.inner_widths is not None else None
-        x = BasicBlock(planes, stride, inner, name=f"layer{stage + 1}_{block}")(x, train)
+        x = BasicBlock(planes, stride, inner, self.folded,
+                       name=f"layer{stage + 1}_{block}")(x, train)
         k += 1
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="linear")(x)
