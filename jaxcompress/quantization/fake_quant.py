@@ -1,0 +1,109 @@
+"""Fake quantization (quantize, then dequantize) with a straight-through gradient.
+
+``fake_quant`` keeps values in floating point but restricts them to the grid a ``bits``-bit integer
+can represent, so a model trains (or is evaluated) as it will run in integer arithmetic. Rounding
+has zero gradient almost everywhere; the straight-through estimator (Bengio et al. 2013) passes the
+gradient through unchanged where the value is representable and stops it where it was clipped,
+exactly as ``torch.fake_quantize_per_tensor_affine`` / ``..._per_channel_affine`` do.
+
+References:
+  Bengio, Leonard, Courville. Estimating or Propagating Gradients Through Stochastic Neurons for
+  Conditional Computation. arXiv:1308.3432, 2013.
+  Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+  Inference. CVPR 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.quantization.qparams import concrete
+
+
+def check_qparams(scale: Any, qmin: Any, qmax: Any, field: str = "scale") -> None:
+  """Raises :class:`ConfigError` for a non-positive or non-finite scale or ``qmin >= qmax``.
+
+  Only values known outside a trace are checked; under ``jit`` the arguments are trusted.
+  """
+  lo, hi = concrete(qmin), concrete(qmax)
+  if lo is not None and hi is not None and np.any(lo >= hi):
+    raise ConfigError(f"qmin must be < qmax, got qmin={qmin!r}, qmax={qmax!r}; "
+                      "use qparams.qrange(bits, symmetric) to get a valid pair")
+  s = concrete(scale)
+  if s is not None and not np.all(np.isfinite(s) & (s > 0)):
+    bad = s[~(np.isfinite(s) & (s > 0))] if s.ndim else s
+    raise invalid(field, bad.tolist(), "finite and > 0 everywhere",
+                  "compute it with minmax_qparams or qparams_from_range, which guard against 0")
+
+
+@jax.custom_jvp
+def _fake_quant(x, scale, zero_point, qmin, qmax):
+  q = jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax)
+  return ((q - zero_point) * scale).astype(x.dtype)
+
+
+@_fake_quant.defjvp
+def _fake_quant_jvp(primals, tangents):
+  x, scale, zero_point, qmin, qmax = primals
+  q = jnp.round(x / scale) + zero_point
+  out = ((jnp.clip(q, qmin, qmax) - zero_point) * scale).astype(x.dtype)
+  inside = (q >= qmin) & (q <= qmax)
+  # Straight-through: d out / d x = 1 where representable, 0 where clipped; no gradient flows
+  # to scale or zero_point (PyTorch's observers compute them outside autograd as well).
+  return out, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
+
+
+def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> jax.Array:
+  """Quantize-dequantize ``x`` onto the grid ``(q - zero_point) * scale``, ``q`` in ``[qmin, qmax]``.
+
+  Forward: ``(clip(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` with round
+  half to even. Backward w.r.t. ``x``: the mask ``qmin <= round(x / scale) + zero_point <= qmax``
+  (straight-through estimator); ``scale`` and ``zero_point`` get no gradient (use
+  :func:`~jaxcompress.quantization.lsq_fake_quant` to learn the scale).
+
+  Args:
+    x: values to quantize, any shape and float dtype (the output keeps it).
+    scale: positive step, a scalar (per-tensor) or an array broadcastable against ``x``
+      (per-channel, e.g. shape ``(1, 1, 1, C)`` for an HWIO kernel).
+    zero_point: integer code of the real value 0, broadcastable like ``scale``.
+    qmin: smallest code (e.g. 0 or -128); a Python int or a traced integer.
+    qmax: largest code (e.g. 255 or 127).
+
+  Returns:
+    An array of ``x``'s shape and dtype whose every value is ``(k - zero_point) * scale`` for an
+    integer ``k`` in ``[qmin, qmax]``.
+
+  Raises:
+    ConfigError: (outside ``jit`` only) if ``scale`` is zero, negative or not finite, or if
+      ``qmin >= qmax``.
+
+  Example:
+    >>> fake_quant(jnp.array([0.26, -3.0]), 0.1, 0, qmin=-8, qmax=7)
+    Array([ 0.3, -0.8], dtype=float32)
+  """
+  check_qparams(scale, qmin, qmax)
+  return _fake_quant(jnp.asarray(x), scale, zero_point, qmin, qmax)
+
+
+def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> jax.Array:
+  """The integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)`` as int32 (no gradient).
+
+  ``dequantize(quantize_int(x, ...), scale, zero_point)`` equals ``fake_quant(x, ...)``; an
+  exporter stores these codes.
+
+  Raises:
+    ConfigError: (outside ``jit`` only) for a bad ``scale`` or ``qmin >= qmax``.
+  """
+  check_qparams(scale, qmin, qmax)
+  q = jnp.clip(jnp.round(jnp.asarray(x) / scale) + zero_point, qmin, qmax)
+  return q.astype(jnp.int32)
+
+
+def dequantize(q: Any, scale: Any, zero_point: Any) -> jax.Array:
+  """Real values ``(q - zero_point) * scale`` of integer codes ``q`` (float32)."""
+  return (jnp.asarray(q, jnp.float32) - zero_point) * scale

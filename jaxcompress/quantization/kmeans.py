@@ -1,0 +1,170 @@
+"""Non-uniform quantization by weight sharing (Han et al. 2016, "Deep Compression", section 3).
+
+Each layer's weights are clustered with 1-d k-means into ``2^bits`` centroids (the codebook); a
+weight is stored as the index of its centroid. Centroids start evenly spaced over
+``[min(w), max(w)]`` ("linear initialization", which the paper found best because it keeps the
+rare large weights), then Lloyd iterations move them to the mean of their members. Fine-tuning
+trains the codebook: the gradient of a centroid is the sum of the gradients of the weights that
+share it (paper, eq. 3), which :func:`codebook_grad` computes with ``segment_sum`` and which
+``jax.grad`` of :func:`decode` produces as well.
+
+Weights outside ``mask`` (pruned ones) are not clustered: they get the index ``2^bits`` and decode
+to exactly 0, so pruning and weight sharing compose as in the paper's pipeline.
+
+References:
+  Han, Mao, Dally. Deep Compression: Compressing Deep Neural Networks with Pruning, Trained
+  Quantization and Huffman Coding. ICLR 2016.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.quantization.qparams import check_bits
+from jaxcompress.rules import Rule, Rules, path_str
+
+
+class Codebook(NamedTuple):
+  """A weight-shared tensor: ``weights == decode(codebook, indices)``.
+
+  Attributes:
+    codebook: float32 ``[2^bits]`` centroids, sorted ascending (trainable).
+    indices: int32 array of the weight's shape; ``2^bits`` marks a masked-out (zero) weight.
+  """
+  codebook: jax.Array
+  indices: jax.Array
+
+
+def _assign(flat: jax.Array, centroids: jax.Array) -> jax.Array:
+  """Index of the nearest of the sorted ``centroids`` for every value (``O(n log k)`` memory ``n``)."""
+  midpoints = (centroids[1:] + centroids[:-1]) / 2
+  return jnp.searchsorted(midpoints, flat).astype(jnp.int32)
+
+
+def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Codebook:
+  """Clusters the values of ``w`` into ``2^bits`` shared values with linear-init Lloyd k-means.
+
+  Deterministic and ``jit``-able (``bits`` and ``iters`` static).
+
+  Args:
+    w: the weights, any shape.
+    bits: index width; the codebook has ``2^bits`` entries (2..8).
+    iters: Lloyd iterations (assign to nearest, move to the mean); empty clusters stay put.
+    mask: optional boolean array of ``w``'s shape; ``False`` entries (pruned weights) are left out
+      and decode to 0.
+
+  Returns:
+    The :class:`Codebook`.
+
+  Raises:
+    ConfigError: for ``bits`` outside 2..8 or a negative ``iters``.
+  """
+  check_bits(bits)
+  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+    raise ConfigError(f"iters must be a non-negative integer, got {iters!r}")
+  k = 1 << bits
+  flat = jnp.ravel(jnp.asarray(w, jnp.float32))
+  keep = jnp.ones(flat.shape, bool) if mask is None else jnp.ravel(jnp.asarray(mask, bool))
+  lo = jnp.min(jnp.where(keep, flat, jnp.inf))
+  hi = jnp.max(jnp.where(keep, flat, -jnp.inf))
+  lo, hi = jnp.where(jnp.any(keep), lo, 0.0), jnp.where(jnp.any(keep), hi, 0.0)
+
+  def lloyd_step(_, centroids):
+    idx = jnp.where(keep, _assign(flat, centroids), k)
+    sums = jax.ops.segment_sum(flat, idx, num_segments=k)
+    counts = jax.ops.segment_sum(jnp.ones_like(flat), idx, num_segments=k)
+    return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centroids))
+
+  centroids = jax.lax.fori_loop(0, iters, lloyd_step, jnp.linspace(lo, hi, k))
+  indices = jnp.where(keep, _assign(flat, centroids), k).reshape(jnp.shape(w))
+  return Codebook(centroids, indices)
+
+
+def decode(codebook: Any, indices: Any) -> jax.Array:
+  """Rebuilds the weights ``codebook[indices]`` (out-of-range indices, i.e. masked, give 0).
+
+  Differentiable in ``codebook``: its gradient is the per-centroid sum of the weight gradients.
+  """
+  return jnp.take(jnp.asarray(codebook), indices, mode="fill", fill_value=0)
+
+
+def codebook_grad(grad: Any, indices: Any, num_centroids: int) -> jax.Array:
+  """Maps a dense weight gradient to the codebook gradient: ``sum`` of each centroid's members.
+
+  Args:
+    grad: gradient of the loss w.r.t. the decoded weights (shape of ``indices``).
+    indices: the :class:`Codebook` indices.
+    num_centroids: codebook size ``2^bits``.
+
+  Returns:
+    ``[num_centroids]`` gradient; masked-out weights (index ``num_centroids``) contribute nothing.
+  """
+  return jax.ops.segment_sum(jnp.ravel(grad), jnp.ravel(indices), num_segments=num_centroids)
+
+
+def cluster_params(params: Any, rules: Sequence[Rule] | Rules, *, iters: int = 30,
+                   masks: Any | None = None) -> dict[str, Codebook]:
+  """Clusters the parameter leaves that ``rules`` select.
+
+  Args:
+    params: a parameter pytree (e.g. ``variables['params']``).
+    rules: ordered ``(regex, bits)`` rules over ``/``-joined leaf paths, e.g.
+      ``[("conv1/kernel", 8), (".*/kernel", 4), (".*", None)]``; first full match wins, ``None``
+      leaves a leaf alone; rules that matched nothing are reported with a warning.
+    iters: Lloyd iterations per leaf.
+    masks: optional pytree like ``params`` of boolean keep-masks (pruning), or ``None``.
+
+  Returns:
+    ``{leaf path: Codebook}`` for every selected leaf.
+
+  Raises:
+    ConfigError: for a malformed rule or bits outside 2..8.
+  """
+  compiled = rules if isinstance(rules, Rules) else Rules(rules, field="kmeans.rules")
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  mask_leaves = [None] * len(leaves) if masks is None else jax.tree_util.tree_leaves(masks)
+  out = {}
+  for (keypath, leaf), mask in zip(leaves, mask_leaves):
+    path = path_str(keypath)
+    bits = compiled.lookup(path)
+    if bits is not None:
+      check_bits(bits, f"kmeans bits for {path}")
+      out[path] = kmeans(leaf, bits=bits, iters=iters, mask=mask)
+  compiled.report_unused()
+  return out
+
+
+def decode_params(params: Any, codebooks: dict[str, Codebook | jax.Array],
+                  indices: dict[str, jax.Array] | None = None) -> Any:
+  """``params`` with every clustered leaf replaced by its decoded weights.
+
+  Args:
+    params: the parameter pytree the codebooks were made from.
+    codebooks: ``{path: Codebook}`` from :func:`cluster_params`; or, for fine-tuning, ``{path:
+      codebook array}`` (the trainable part) together with ``indices``.
+    indices: ``{path: indices}`` when ``codebooks`` holds bare arrays.
+
+  Returns:
+    A pytree like ``params``; differentiable w.r.t. the codebook arrays.
+
+  Example:
+    >>> cbs = cluster_params(params, [(".*/kernel", 4), (".*", None)])
+    >>> idx = {p: c.indices for p, c in cbs.items()}
+    >>> loss = lambda books: loss_fn(decode_params(params, books, idx))
+    >>> grads = jax.grad(loss)({p: c.codebook for p, c in cbs.items()})
+  """
+
+  def replace(keypath, leaf):
+    path = path_str(keypath)
+    if path not in codebooks:
+      return leaf
+    entry = codebooks[path]
+    if isinstance(entry, Codebook):
+      return decode(entry.codebook, entry.indices).astype(leaf.dtype)
+    return decode(entry, indices[path]).astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(replace, params)

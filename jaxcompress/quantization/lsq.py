@@ -1,0 +1,105 @@
+"""Learned Step Size Quantization (LSQ, Esser et al. 2019).
+
+The quantizer is ``v_hat = round(clip(v / s, -Q_N, Q_P)) * s`` with a trainable step ``s``. Its
+gradients, with the straight-through estimator for ``round`` (paper, eq. 3), are
+
+- w.r.t. ``v``: 1 where ``-Q_N <= v / s <= Q_P``, else 0;
+- w.r.t. ``s``: ``-v / s + round(v / s)`` inside the range, ``-Q_N`` below it, ``Q_P`` above it,
+
+and the step's gradient is multiplied by ``g = 1 / sqrt(N * Q_P)`` (paper, section 2.2), where
+``N`` is the number of values sharing the step (weights of the layer or channel, or features of the
+layer per example). In this module's notation ``qmin = -Q_N`` and ``qmax = Q_P``.
+
+References:
+  Esser, McKinstry, Bablani, Appuswamy, Modha. Learned Step Size Quantization. ICLR 2020
+  (arXiv:1902.08153, 2019).
+  Bengio, Leonard, Courville. Estimating or Propagating Gradients Through Stochastic Neurons for
+  Conditional Computation. arXiv:1308.3432, 2013.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.quantization.fake_quant import check_qparams
+from jaxcompress.quantization.qparams import EPS, reduce_axes
+
+
+def lsq_init_step(x: Any, *, qmax: Any, axis: int | None = None) -> jax.Array:
+  """The paper's initial step ``2 * mean(|x|) / sqrt(Q_P)``, per tensor or per channel.
+
+  Args:
+    x: the weights (or a first batch of activations) the step will quantize.
+    qmax: largest code ``Q_P`` (e.g. 7 for signed 4-bit).
+    axis: channel axis kept for per-channel steps (shape broadcastable against ``x``).
+
+  Returns:
+    A float32 step, at least :data:`~jaxcompress.quantization.qparams.EPS`.
+
+  Raises:
+    ConfigError: if ``axis`` is out of range.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  axes = reduce_axes(x.ndim, axis)
+  mean_abs = jnp.mean(jnp.abs(x), axis=axes, keepdims=axes is not None)
+  return jnp.maximum(2.0 * mean_abs / jnp.sqrt(qmax), EPS)
+
+
+def lsq_grad_scale(n: Any, qmax: Any) -> jax.Array:
+  """The paper's step-gradient scale ``g = 1 / sqrt(n * Q_P)``."""
+  return 1.0 / jnp.sqrt(jnp.asarray(n, jnp.float32) * qmax)
+
+
+@jax.custom_jvp
+def _lsq(x, step, qmin, qmax, grad_scale):
+  return (jnp.clip(jnp.round(x / step), qmin, qmax) * step).astype(x.dtype)
+
+
+@_lsq.defjvp
+def _lsq_jvp(primals, tangents):
+  x, step, qmin, qmax, grad_scale = primals
+  dx, dstep = tangents[0], tangents[1]
+  v = x / step
+  out = (jnp.clip(jnp.round(v), qmin, qmax) * step).astype(x.dtype)
+  inside = (v >= qmin) & (v <= qmax)
+  dout_dstep = jnp.where(inside, jnp.round(v) - v, jnp.where(v < qmin, qmin, qmax)) * grad_scale
+  tangent = jnp.where(inside, dx, jnp.zeros_like(dx)) + (dout_dstep * dstep).astype(x.dtype)
+  return out, tangent
+
+
+def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
+                   grad_scale: Any | None = None) -> jax.Array:
+  """LSQ quantize-dequantize ``round(clip(x / step, qmin, qmax)) * step`` with a learnable step.
+
+  The forward equals :func:`~jaxcompress.quantization.fake_quant` with ``zero_point = 0``; the
+  backward also differentiates ``step`` with the paper's formula (see the module docstring), scaled
+  by ``grad_scale``.
+
+  Args:
+    x: values to quantize.
+    step: positive step size ``s``, a scalar or per-channel array broadcastable against ``x``.
+    qmin: ``-Q_N`` (e.g. -8 for signed 4-bit, 0 for unsigned activations).
+    qmax: ``Q_P`` (e.g. 7, or 15 for unsigned 4-bit).
+    grad_scale: ``g``; defaults to ``1 / sqrt(N * Q_P)`` with ``N = x.size / step.size``, the
+      number of values sharing each step. Pass the per-example feature count for activations
+      (``lsq_grad_scale(x[0].size, qmax)``), as the paper does.
+
+  Returns:
+    Quantized values with ``x``'s shape and dtype.
+
+  Raises:
+    ConfigError: (outside ``jit`` only) if ``step`` is not positive and finite or
+      ``qmin >= qmax``.
+
+  Example:
+    >>> g = jax.grad(lambda s: lsq_fake_quant(jnp.array(0.7), s, qmin=-8, qmax=7).sum())(0.5)
+  """
+  check_qparams(step, qmin, qmax, field="step")
+  x = jnp.asarray(x)
+  step = jnp.asarray(step, jnp.float32)
+  if grad_scale is None:
+    grad_scale = lsq_grad_scale(x.size // max(step.size, 1), qmax)
+  return _lsq(x, step, qmin, qmax, grad_scale)

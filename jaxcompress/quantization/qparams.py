@@ -1,0 +1,156 @@
+"""Quantization parameters: integer ranges, and (scale, zero_point) from a real range.
+
+The affine map follows Jacob et al. (2018) and the PyTorch/ONNX convention: a real value ``r`` is
+stored as the integer ``q = clip(round(r / scale) + zero_point, qmin, qmax)`` and read back as
+``(q - zero_point) * scale``. The representable range always includes 0, so zero (padding, ReLU
+outputs, pruned weights) is exact.
+
+- asymmetric (unsigned): ``qmin = 0``, ``qmax = 2^bits - 1``,
+  ``scale = (max - min) / (qmax - qmin)``, ``zero_point = clip(round(qmin - min / scale))``;
+- symmetric (signed): ``qmin = -2^(bits-1)``, ``qmax = 2^(bits-1) - 1``, ``zero_point = 0``,
+  ``scale = max|x| / ((qmax - qmin) / 2)``.
+
+On the symmetric grid the most negative value of a tensor lands exactly on a rounding tie
+(``-max|x| / scale = qmin + 0.5``): either neighbouring code is correct, and which one a backend
+picks depends on the last bit of its division (XLA may divide by a broadcast scale through its
+reciprocal). Compare implementations there with a tolerance of one step, as for PyTorch.
+
+``bits`` may be a Python int (validated, static ranges) or a traced integer array (a progressive
+bit schedule), in which case ``qmin``/``qmax`` are computed with ``jnp`` and nothing recompiles.
+
+References:
+  Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+  Inference. CVPR 2018.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.errors import invalid
+
+MIN_BITS, MAX_BITS = 2, 8
+# PyTorch's observers clamp the scale to float32 eps so an all-zero tensor does not divide by 0.
+EPS = float(np.finfo(np.float32).eps)
+BITS_VALID = f"an integer in [{MIN_BITS}, {MAX_BITS}]"
+
+
+def concrete(x: Any) -> np.ndarray | None:
+  """Returns ``x`` as a NumPy array when its value is known now, ``None`` under a JAX trace."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  return np.asarray(x)
+
+
+def check_bits(bits: Any, field: str = "bits") -> None:
+  """Raises :class:`ConfigError` unless ``bits`` is an integer in 2..8 (traced values pass)."""
+  if isinstance(bits, jax.core.Tracer):
+    return
+  value = np.asarray(bits)
+  if (isinstance(bits, bool) or value.ndim or not np.issubdtype(value.dtype, np.integer)
+      or not MIN_BITS <= int(value) <= MAX_BITS):
+    raise invalid(field, bits, BITS_VALID, "4 or 8 bits are the usual choices")
+
+
+def qrange(bits: Any, symmetric: bool) -> tuple[Any, Any]:
+  """Integer range ``(qmin, qmax)`` of a ``bits``-bit code.
+
+  Args:
+    bits: a Python int in 2..8, or a traced integer array.
+    symmetric: signed range ``[-2^(b-1), 2^(b-1) - 1]`` if true, else unsigned ``[0, 2^b - 1]``.
+
+  Returns:
+    ``(qmin, qmax)``: Python ints for an int ``bits``, int32 arrays for a traced one.
+
+  Raises:
+    ConfigError: for an int ``bits`` outside 2..8.
+  """
+  check_bits(bits)
+  if isinstance(bits, jax.core.Tracer) or isinstance(bits, jax.Array):
+    one = jnp.ones((), jnp.int32)
+    bits = jnp.asarray(bits, jnp.int32)
+    if symmetric:
+      half = jnp.left_shift(one, bits - 1)
+      return -half, half - 1
+    return 0 * one, jnp.left_shift(one, bits) - 1
+  bits = int(bits)
+  if symmetric:
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+  return 0, (1 << bits) - 1
+
+
+def reduce_axes(ndim: int, axis: int | None, field: str = "axis") -> tuple[int, ...] | None:
+  """The axes to reduce over so that only the channel ``axis`` is kept (``None``: all of them).
+
+  Raises:
+    ConfigError: if ``axis`` is not an integer in ``[-ndim, ndim)``.
+  """
+  if axis is None:
+    return None
+  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+    raise invalid(field, axis, f"None or an integer in [{-ndim}, {ndim}) for a {ndim}-d array")
+  axis = int(axis) % ndim
+  return tuple(i for i in range(ndim) if i != axis)
+
+
+def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
+                       symmetric: bool) -> tuple[jax.Array, jax.Array]:
+  """``(scale, zero_point)`` that map the real range ``[lo, hi]`` onto ``[qmin, qmax]``.
+
+  The range is first widened to include 0. Arrays broadcast, so per-channel ranges give
+  per-channel parameters.
+
+  Args:
+    lo: range minimum (scalar or per-channel array).
+    hi: range maximum, same shape as ``lo``.
+    qmin: smallest integer code.
+    qmax: largest integer code.
+    symmetric: ``zero_point = 0`` and the scale covers ``max(|lo|, |hi|)``.
+
+  Returns:
+    ``(scale, zero_point)``: float32 scale (at least :data:`EPS`) and int32 zero point.
+  """
+  lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
+  hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  if symmetric:
+    scale = jnp.maximum(-lo, hi) / ((qmax - qmin) / 2)
+    return jnp.maximum(scale, EPS), jnp.zeros(scale.shape, jnp.int32)
+  scale = jnp.maximum((hi - lo) / (qmax - qmin), EPS)
+  zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(jnp.int32)
+  return scale, zero_point
+
+
+def minmax_qparams(x: Any, *, bits: Any, axis: int | None = None,
+                   symmetric: bool = False) -> tuple[jax.Array, jax.Array, Any, Any]:
+  """Min-max quantization parameters of ``x``, as PyTorch's ``MinMaxObserver`` computes them.
+
+  Args:
+    x: the tensor to quantize.
+    bits: code width, 2..8 (or a traced integer).
+    axis: channel axis kept for per-channel parameters; ``None`` for one per-tensor pair.
+    symmetric: signed range with ``zero_point = 0`` (weights) or unsigned asymmetric (activations).
+
+  Returns:
+    ``(scale, zero_point, qmin, qmax)``. Per-tensor: scalars. Per-channel: arrays with
+    ``x.ndim`` dims, size 1 everywhere but ``axis``, so they broadcast against ``x``.
+
+  Raises:
+    ConfigError: for ``bits`` outside 2..8 or ``axis`` out of range.
+
+  Example:
+    >>> scale, zp, qmin, qmax = minmax_qparams(jnp.array([-1.0, 3.0]), bits=8)
+    >>> (qmin, qmax, int(zp))
+    (0, 255, 64)
+  """
+  x = jnp.asarray(x)
+  qmin, qmax = qrange(bits, symmetric)
+  axes = reduce_axes(x.ndim, axis)
+  keep = axes is not None
+  lo = jnp.min(x, axis=axes, keepdims=keep)
+  hi = jnp.max(x, axis=axes, keepdims=keep)
+  scale, zero_point = qparams_from_range(lo, hi, qmin=qmin, qmax=qmax, symmetric=symmetric)
+  return scale, zero_point, qmin, qmax

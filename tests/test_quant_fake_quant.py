@@ -1,0 +1,114 @@
+"""fake_quant: forward and STE backward against a NumPy oracle, grid membership, idempotence."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.quantization import dequantize, fake_quant, quantize_int
+
+
+def np_fake_quant(x, scale, zero_point, qmin, qmax):
+  """Oracle: the contract formula in NumPy (np.round is half to even) and the STE mask."""
+  q = np.round(x / scale) + zero_point
+  out = (np.clip(q, qmin, qmax) - zero_point) * scale
+  return out.astype(np.float32), ((q >= qmin) & (q <= qmax)).astype(np.float32)
+
+
+def grid(bits, symmetric):
+  return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+
+
+def make_case(bits, symmetric, axis, seed=0):
+  """Random x (some values clipped) and per-tensor or per-channel (scale, zero_point)."""
+  rng = np.random.default_rng(seed)
+  x = (3 * rng.standard_normal((3, 4, 5))).astype(np.float32)
+  qmin, qmax = grid(bits, symmetric)
+  shape = () if axis is None else tuple(n if i == axis % 3 else 1 for i, n in enumerate(x.shape))
+  scale = rng.uniform(2.0, 6.0, shape).astype(np.float32) / (qmax - qmin)
+  zero_point = np.zeros(shape, np.int32) if symmetric else rng.integers(qmin, qmax + 1, shape)
+  return x, scale, zero_point.astype(np.int32), qmin, qmax
+
+
+CASES = [(b, s, a) for b in (2, 4, 8) for s in (True, False) for a in (None, 0, 1, -1)]
+
+
+@pytest.mark.parametrize("bits,symmetric,axis", CASES)
+def test_forward_and_backward_match_numpy_oracle(bits, symmetric, axis):
+  x, scale, zp, qmin, qmax = make_case(bits, symmetric, axis)
+  want, mask = np_fake_quant(x, scale, zp, qmin, qmax)
+  got = fake_quant(x, scale, zp, qmin=qmin, qmax=qmax)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  upstream = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(fake_quant(v, scale, zp, qmin=qmin, qmax=qmax) * upstream))(x)
+  np.testing.assert_array_equal(grad, upstream * mask)
+  assert 0 < mask.mean() < 1  # the case exercises both clipped and representable values
+
+
+@pytest.mark.parametrize("bits,symmetric,axis", CASES[::3])
+def test_outputs_lie_on_the_grid_and_are_idempotent(bits, symmetric, axis):
+  x, scale, zp, qmin, qmax = make_case(bits, symmetric, axis, seed=2)
+  out = np.asarray(fake_quant(x, scale, zp, qmin=qmin, qmax=qmax))
+  codes = out / scale + zp
+  np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+  assert codes.min() >= qmin - 1e-3 and codes.max() <= qmax + 1e-3
+  again = fake_quant(out, scale, zp, qmin=qmin, qmax=qmax)
+  np.testing.assert_array_equal(again, out)
+
+
+def test_hand_computed_values_round_half_to_even():
+  # 0.25 / 0.5 = 0.5 -> 0; 0.75 / 0.5 = 1.5 -> 2; -1.25 / 0.5 = -2.5 -> -2; 9 clips to 7.
+  got = fake_quant(jnp.array([0.25, 0.75, -1.25, 9.0]), 0.5, 0, qmin=-8, qmax=7)
+  np.testing.assert_array_equal(got, [0.0, 1.0, -1.0, 3.5])
+  # Asymmetric: zero point 3 shifts the representable range to [-1.5, 6.0].
+  got = fake_quant(jnp.array([-5.0, 0.0, 2.2]), 0.5, 3, qmin=0, qmax=15)
+  np.testing.assert_array_equal(got, [-1.5, 0.0, 2.0])
+
+
+def test_gradient_is_one_inside_zero_outside_the_range():
+  x = jnp.array([-4.4, -4.0, 0.3, 3.5, 3.76, 100.0])
+  grad = jax.grad(lambda v: fake_quant(v, 0.5, 0, qmin=-8, qmax=7).sum())(x)
+  # round(x / 0.5) = -9 (out), -8, 1, 7, 8 (out: 7.52 rounds to 8), 200 (out)
+  np.testing.assert_array_equal(grad, [0, 1, 1, 1, 0, 0])
+
+
+def test_int_codes_dequantize_to_fake_quant():
+  x, scale, zp, qmin, qmax = make_case(4, False, 1, seed=3)
+  codes = quantize_int(x, scale, zp, qmin=qmin, qmax=qmax)
+  assert codes.dtype == jnp.int32 and int(codes.min()) >= qmin and int(codes.max()) <= qmax
+  np.testing.assert_allclose(dequantize(codes, scale, zp),
+                             fake_quant(x, scale, zp, qmin=qmin, qmax=qmax), rtol=1e-6, atol=1e-7)
+
+
+def test_traced_qmin_qmax_under_jit():
+  x, scale, zp, _, _ = make_case(4, True, None, seed=4)
+  f = jax.jit(lambda v, lo, hi: fake_quant(v, scale, zp, qmin=lo, qmax=hi))
+  for bits in (2, 4, 8):
+    qmin, qmax = grid(bits, True)
+    np.testing.assert_allclose(f(x, qmin, qmax), np_fake_quant(x, scale, zp, qmin, qmax)[0],
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_keeps_input_dtype():
+  x = jnp.linspace(-1, 1, 7, dtype=jnp.bfloat16)
+  assert fake_quant(x, 0.25, 0, qmin=-4, qmax=3).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("scale,match", [
+    (0.0, r"scale must be finite and > 0 everywhere, got 0\.0"),
+    (-0.1, r"scale must be finite and > 0 everywhere, got -0\.1"),
+    (np.array([0.1, 0.0]), r"scale must be finite and > 0 everywhere, got \[0\.0\]"),
+    (np.nan, r"scale must be finite and > 0 everywhere, got nan"),
+])
+def test_bad_scale_raises(scale, match):
+  with pytest.raises(ConfigError, match=match):
+    fake_quant(jnp.ones(2), scale, 0, qmin=0, qmax=15)
+
+
+@pytest.mark.parametrize("qmin,qmax", [(0, 0), (7, -8)])
+def test_qmin_not_below_qmax_raises(qmin, qmax):
+  with pytest.raises(ConfigError, match=rf"qmin must be < qmax, got qmin={qmin}, qmax={qmax}"):
+    fake_quant(jnp.ones(2), 0.1, 0, qmin=qmin, qmax=qmax)

@@ -1,0 +1,97 @@
+"""k-means weight sharing: reconstruction, linear init, codebook gradients, masks, rules."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.quantization import (cluster_params, codebook_grad, decode, decode_params,
+                                      kmeans)
+
+W = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+
+
+def test_reconstruction_error_falls_as_bits_rise():
+  errs = [float(jnp.mean((decode(*kmeans(W, bits=b)) - W) ** 2)) for b in (2, 3, 4, 6)]
+  assert all(a > b for a, b in zip(errs, errs[1:])), errs
+  assert errs[-1] < 1e-3
+
+
+def test_codebook_shape_sorted_and_indices_nearest():
+  codebook, indices = kmeans(W, bits=3)
+  assert codebook.shape == (8,) and indices.shape == W.shape and indices.dtype == jnp.int32
+  assert np.all(np.diff(codebook) >= 0)
+  nearest = np.argmin(np.abs(W[..., None] - np.asarray(codebook)), axis=-1)
+  np.testing.assert_array_equal(indices, nearest)
+  # Lloyd fixed point: each used centroid is the mean of its members.
+  for k in np.unique(indices):
+    np.testing.assert_allclose(codebook[k], W[np.asarray(indices) == k].mean(), rtol=1e-4)
+
+
+def test_linear_initialization_over_min_max():
+  codebook, _ = kmeans(W, bits=2, iters=0)
+  np.testing.assert_allclose(codebook, np.linspace(W.min(), W.max(), 4), rtol=1e-6)
+
+
+def test_two_obvious_clusters():
+  w = jnp.array([0.0, 0.1, 0.2, 5.0, 5.1, 5.2])
+  codebook, indices = kmeans(w, bits=2, iters=10)
+  decoded = decode(codebook, indices)
+  np.testing.assert_allclose(decoded[:3].mean(), 0.1, rtol=1e-5)
+  np.testing.assert_allclose(decoded[3:].mean(), 5.1, rtol=1e-5)
+
+
+def test_deterministic_and_jittable():
+  a = kmeans(W, bits=4)
+  b = jax.jit(lambda w: kmeans(w, bits=4))(W)
+  np.testing.assert_allclose(a.codebook, b.codebook, rtol=1e-6)
+  np.testing.assert_array_equal(a.indices, b.indices)
+
+
+def test_codebook_gradient_is_sum_of_member_gradients():
+  codebook, indices = kmeans(W, bits=3)
+  grad = np.random.default_rng(1).standard_normal(W.shape).astype(np.float32)
+  want = np.zeros(8, np.float32)
+  np.add.at(want, np.asarray(indices).ravel(), grad.ravel())  # oracle
+  np.testing.assert_allclose(codebook_grad(grad, indices, 8), want, rtol=1e-5, atol=1e-6)
+  # jax.grad through decode gives the same (Han et al. 2016, eq. 3).
+  auto = jax.grad(lambda c: jnp.sum(decode(c, indices) * grad))(codebook)
+  np.testing.assert_allclose(auto, want, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_weights_stay_zero_and_are_not_clustered():
+  mask = np.abs(W) > 0.5
+  w = np.where(mask, W, 0.0)
+  codebook, indices = kmeans(w, bits=2, mask=mask)
+  decoded = np.asarray(decode(codebook, indices))
+  assert np.all(decoded[~mask] == 0) and np.all(np.asarray(indices)[~mask] == 4)
+  assert np.all(np.abs(codebook) > 0.5)  # zeros did not pull a centroid to 0
+  grad = codebook_grad(np.ones_like(w), indices, 4)
+  assert float(grad.sum()) == mask.sum()  # masked weights contribute nothing
+
+
+def test_cluster_params_by_rules_and_decode_params():
+  params = {"conv1": {"kernel": W, "bias": np.zeros(8, np.float32)},
+            "fc": {"kernel": W[:4]}}
+  with pytest.warns(UserWarning, match=r"matched no path: \['typo/kernel'\]"):
+    books = cluster_params(params, [("typo/kernel", 8), ("conv1/kernel", 2), (".*/kernel", 4),
+                                    (".*", None)])
+  assert sorted(books) == ["conv1/kernel", "fc/kernel"]
+  assert books["conv1/kernel"].codebook.shape == (4,) and books["fc/kernel"].codebook.shape == (16,)
+  rebuilt = decode_params(params, books)
+  np.testing.assert_array_equal(rebuilt["conv1"]["bias"], params["conv1"]["bias"])
+  assert len(np.unique(rebuilt["conv1"]["kernel"])) <= 4
+  # Fine-tuning form: codebooks as trainable arrays, indices fixed.
+  idx = {p: b.indices for p, b in books.items()}
+  grads = jax.grad(lambda c: sum(jnp.sum(l) for l in jax.tree.leaves(decode_params(params, c, idx))))(
+      {p: b.codebook for p, b in books.items()})
+  assert float(grads["conv1/kernel"].sum()) == W.size
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bad_bits_raise(bits):
+  with pytest.raises(ConfigError, match=rf"bits must be an integer in \[2, 8\], got {bits}"):
+    kmeans(W, bits=bits)

@@ -1,0 +1,82 @@
+"""LSQ: forward, and gradients w.r.t. input and step against the paper's formula in NumPy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.quantization import fake_quant, lsq_fake_quant, lsq_grad_scale, lsq_init_step
+
+
+def np_lsq(x, step, qmin, qmax, g, upstream, axes):
+  """Oracle, Esser et al. 2019 eq. 1-3: forward, dL/dx, dL/ds (summed over the step's values)."""
+  v = x / step
+  out = np.round(np.clip(v, qmin, qmax)) * step
+  inside = (v >= qmin) & (v <= qmax)
+  ds = np.where(inside, -v + np.round(v), np.where(v < qmin, qmin, qmax)) * g
+  dstep = np.sum(upstream * ds, axis=axes, keepdims=axes is not None)
+  return out, upstream * inside, dstep
+
+
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, True), (8, True), (4, False)])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_forward_and_gradients_match_paper(bits, signed, per_channel):
+  rng = np.random.default_rng(bits)
+  x = rng.standard_normal((6, 4)).astype(np.float32)
+  qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2 ** bits - 1)
+  step = (rng.uniform(0.5, 1.5, (1, 4)) if per_channel else np.array(0.9)) * 2.5 / qmax
+  step = step.astype(np.float32)
+  upstream = rng.standard_normal(x.shape).astype(np.float32)
+  n = 6 if per_channel else 24
+  g = 1 / np.sqrt(n * qmax)  # paper's gradient scale, the function's default
+  axes = (0,) if per_channel else None
+  want_out, want_dx, want_ds = np_lsq(x, step, qmin, qmax, g, upstream, axes)
+
+  loss = lambda v, s: jnp.sum(lsq_fake_quant(v, s, qmin=qmin, qmax=qmax) * upstream)
+  dx, ds = jax.grad(loss, argnums=(0, 1))(x, step)
+  np.testing.assert_allclose(lsq_fake_quant(x, step, qmin=qmin, qmax=qmax), want_out, rtol=1e-6,
+                             atol=1e-7)
+  np.testing.assert_array_equal(dx, want_dx)
+  np.testing.assert_allclose(ds, want_ds, rtol=1e-5, atol=1e-6)
+  assert ds.shape == step.shape
+
+
+def test_hand_computed_step_gradient():
+  # s = 0.5, Q_N = 8, Q_P = 7, g = 1: x = 0.7 -> v = 1.4 -> -1.4 + 1 = -0.4;
+  # x = 10 -> above: Q_P = 7; x = -10 -> below: -Q_N = -8.
+  x = jnp.array([0.7, 10.0, -10.0])
+  ds = jax.grad(lambda s: lsq_fake_quant(x, s, qmin=-8, qmax=7, grad_scale=1.0).sum())(0.5)
+  np.testing.assert_allclose(ds, -0.4 + 7 - 8, rtol=1e-6)
+
+
+def test_forward_equals_fake_quant_with_zero_point_zero():
+  x = jnp.linspace(-3, 3, 41)
+  np.testing.assert_array_equal(lsq_fake_quant(x, 0.3, qmin=-4, qmax=3),
+                                fake_quant(x, 0.3, 0, qmin=-4, qmax=3))
+
+
+def test_paper_init_and_grad_scale():
+  w = jnp.array([[1.0, -2.0], [3.0, 0.0]])
+  np.testing.assert_allclose(lsq_init_step(w, qmax=7), 2 * 1.5 / np.sqrt(7), rtol=1e-6)
+  np.testing.assert_allclose(lsq_init_step(w, qmax=7, axis=1),
+                             [[2 * 2 / np.sqrt(7), 2 * 1 / np.sqrt(7)]], rtol=1e-6)
+  np.testing.assert_allclose(lsq_grad_scale(100, 7), 1 / np.sqrt(700), rtol=1e-6)
+
+
+def test_learning_the_step_reduces_quantization_error():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(512), jnp.float32)
+  err = jax.jit(lambda s: jnp.mean((lsq_fake_quant(x, s, qmin=-2, qmax=1) - x) ** 2))
+  step = jnp.float32(0.05)  # far too small: most values clip
+  first = err(step)
+  for _ in range(50):
+    step = step - 0.5 * jax.grad(err)(step) * 512  # undo the 1/N of the mean
+  assert err(step) < 0.5 * first
+
+
+@pytest.mark.parametrize("step", [0.0, -1.0])
+def test_non_positive_step_raises(step):
+  with pytest.raises(ConfigError, match=r"step must be finite and > 0 everywhere, got -?[01]\.0"):
+    lsq_fake_quant(jnp.ones(3), step, qmin=-8, qmax=7)

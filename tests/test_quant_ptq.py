@@ -1,0 +1,101 @@
+"""calibrate(): post-training input ranges against NumPy statistics of the layers' inputs."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.quantization import calibrate, quantize
+
+
+class MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="fc2")(nn.relu(nn.Dense(6, name="fc1")(x)))
+
+
+RNG = np.random.default_rng(0)
+BATCHES = [RNG.standard_normal((16, 4)).astype(np.float32) * (1 + i) for i in range(3)]
+MODEL = MLP()
+VARS = MODEL.init(jax.random.key(0), BATCHES[0])
+QZ = quantize(MODEL, [(".*", dict(weight_bits=8, act_bits=8))], train_kwarg=None)
+QSTATE = QZ.init(VARS, BATCHES[0][:2])
+
+
+def hidden(x):
+  """Oracle: the float input of fc2."""
+  p = jax.tree.map(np.asarray, VARS["params"])
+  return np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+
+
+def test_minmax_is_the_overall_range_of_each_layer_input():
+  qstate = calibrate(QZ, VARS, QSTATE, BATCHES, method="minmax")
+  xs = np.concatenate(BATCHES)
+  np.testing.assert_allclose(qstate.ranges["fc1"], [xs.min(), xs.max()], rtol=1e-6)
+  np.testing.assert_allclose(qstate.ranges["fc2"], [hidden(xs).min(), hidden(xs).max()], rtol=1e-5)
+  assert qstate.layers == QSTATE.layers
+
+
+def test_percentile_is_the_mean_of_batch_percentiles():
+  qstate = calibrate(QZ, VARS, QSTATE, iter(BATCHES), method="percentile", percentile=90)
+  want = np.mean([[np.percentile(b, 10), np.percentile(b, 90)] for b in BATCHES], axis=0)
+  np.testing.assert_allclose(qstate.ranges["fc1"], want, rtol=1e-5)
+
+
+def test_ema_is_a_moving_average_from_the_first_batch():
+  qstate = calibrate(QZ, VARS, QSTATE, BATCHES, method="ema", momentum=0.5)
+  want = np.array([BATCHES[0].min(), BATCHES[0].max()])
+  for b in BATCHES[1:]:
+    want = 0.5 * want + 0.5 * np.array([b.min(), b.max()])
+  np.testing.assert_allclose(qstate.ranges["fc1"], want, rtol=1e-5)
+
+
+def test_mse_clips_inside_the_minmax_range():
+  qstate = calibrate(QZ, VARS, QSTATE, BATCHES, method="mse")
+  mm = calibrate(QZ, VARS, QSTATE, BATCHES, method="minmax")
+  for path in ("fc1", "fc2"):
+    lo, hi = np.asarray(qstate.ranges[path])
+    assert mm.ranges[path][0] <= lo <= 0 <= hi <= mm.ranges[path][1]
+
+
+def test_calibrated_int8_model_is_close_to_float_and_beats_int4():
+  x = jnp.asarray(BATCHES[1])
+  want = MODEL.apply(VARS, x)
+  errors = {}
+  for bits in (8, 4):
+    qz = quantize(MODEL, [(".*", dict(weight_bits=bits, act_bits=bits))], train_kwarg=None)
+    qstate = calibrate(qz, VARS, qz.init(VARS, x), BATCHES)
+    errors[bits] = float(jnp.max(jnp.abs(qz.apply(VARS, qstate, x)[0] - want)))
+  assert errors[8] < 0.05 * float(jnp.max(jnp.abs(want)))
+  assert errors[8] < errors[4] / 4, errors
+
+
+def test_unknown_method_raises():
+  with pytest.raises(ConfigError, match=r"calibration.method must be one of ema, minmax, mse, "
+                                        r"percentile, got 'entropy'"):
+    calibrate(QZ, VARS, QSTATE, BATCHES, method="entropy")
+
+
+def test_no_batches_raises():
+  with pytest.raises(ConfigError, match="calibration batches must hold at least one batch"):
+    calibrate(QZ, VARS, QSTATE, [])
+
+
+def test_nan_in_batches_raises_naming_the_layer():
+  bad = BATCHES[0].copy()
+  bad[3, 1] = np.nan
+  with pytest.raises(ConfigError, match=r"calibrated activation range of fc1 must be finite"):
+    calibrate(QZ, VARS, QSTATE, [BATCHES[1], bad])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(method="percentile", percentile=40), r"calibration.percentile must be in \(50, 100\]"),
+    (dict(method="ema", momentum=1.5), r"calibration.momentum must be in \[0.0, 1.0\), got 1.5"),
+])
+def test_bad_parameters_raise(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    calibrate(QZ, VARS, QSTATE, BATCHES, **kwargs)

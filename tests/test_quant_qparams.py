@@ -1,0 +1,93 @@
+"""minmax_qparams / qrange / qparams_from_range against PyTorch's MinMaxObserver formulas."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.quantization import minmax_qparams, qparams_from_range, qrange
+
+EPS = np.finfo(np.float32).eps
+
+
+def np_observer(x, bits, axis, symmetric):
+  """Oracle: torch.ao.quantization.MinMaxObserver._calculate_qparams, re-derived in NumPy."""
+  axes = None if axis is None else tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+  keep = axis is not None
+  lo = np.minimum(x.min(axis=axes, keepdims=keep), 0)
+  hi = np.maximum(x.max(axis=axes, keepdims=keep), 0)
+  if symmetric:
+    qmin, qmax = -2 ** (bits - 1), 2 ** (bits - 1) - 1
+    scale = np.maximum(np.maximum(-lo, hi) / ((qmax - qmin) / 2), EPS)
+    return scale, np.zeros_like(scale, np.int64), qmin, qmax
+  qmin, qmax = 0, 2 ** bits - 1
+  scale = np.maximum((hi - lo) / (qmax - qmin), EPS)
+  return scale, np.clip(qmin - np.round(lo / scale), qmin, qmax), qmin, qmax
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("axis", [None, 0, 2, -1])
+def test_matches_minmax_observer(bits, symmetric, axis):
+  x = (np.random.default_rng(bits).standard_normal((4, 3, 5)) * 2 + 0.5).astype(np.float32)
+  scale, zp, qmin, qmax = minmax_qparams(x, bits=bits, axis=axis, symmetric=symmetric)
+  want = np_observer(x, bits, axis, symmetric)
+  np.testing.assert_allclose(scale, want[0], rtol=1e-6)
+  np.testing.assert_array_equal(zp, want[1])
+  assert (qmin, qmax) == want[2:]
+  assert scale.shape == want[0].shape  # keepdims: broadcastable against x per channel
+  assert zp.dtype == jnp.int32
+
+
+def test_hand_computed_asymmetric_and_symmetric():
+  x = jnp.array([-1.0, 3.0])
+  scale, zp, qmin, qmax = minmax_qparams(x, bits=8)
+  assert (qmin, qmax, int(zp)) == (0, 255, 64)  # round(0 - (-1) / (4 / 255)) = round(63.75)
+  np.testing.assert_allclose(scale, 4 / 255, rtol=1e-6)
+  scale, zp, qmin, qmax = minmax_qparams(x, bits=4, symmetric=True)
+  assert (qmin, qmax, int(zp)) == (-8, 7, 0)
+  np.testing.assert_allclose(scale, 3 / 7.5, rtol=1e-6)
+
+
+def test_range_always_includes_zero():
+  scale, zp, _, _ = minmax_qparams(jnp.array([2.0, 5.0]), bits=8)
+  assert int(zp) == 0  # min is widened to 0
+  np.testing.assert_allclose(scale, 5 / 255, rtol=1e-6)
+  scale, zp, _, qmax = minmax_qparams(jnp.array([-5.0, -2.0]), bits=8)
+  assert int(zp) == qmax  # max is widened to 0
+
+
+def test_all_zero_tensor_gets_epsilon_scale():
+  scale, zp, _, _ = minmax_qparams(jnp.zeros((3, 2)), bits=4, axis=1)
+  np.testing.assert_array_equal(scale, np.full((1, 2), EPS, np.float32))
+  np.testing.assert_array_equal(zp, np.zeros((1, 2)))
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True, "8"])
+def test_bits_outside_2_to_8_raise(bits):
+  with pytest.raises(ConfigError, match=r"bits must be an integer in \[2, 8\], got "):
+    minmax_qparams(jnp.ones(3), bits=bits)
+
+
+@pytest.mark.parametrize("axis", [3, -4, 1.0])
+def test_axis_out_of_range_raises(axis):
+  with pytest.raises(ConfigError, match=r"axis must be None or an integer in \[-3, 3\) for a 3-d "
+                                        r"array, got "):
+    minmax_qparams(jnp.ones((2, 2, 2)), bits=8, axis=axis)
+
+
+def test_qrange_traced_bits_equal_static():
+  traced = jax.jit(lambda b: jnp.stack([*qrange(b, True), *qrange(b, False)]))
+  for bits in range(2, 9):
+    np.testing.assert_array_equal(traced(bits), [*qrange(bits, True), *qrange(bits, False)])
+  assert qrange(8, True) == (-128, 127) and qrange(2, False) == (0, 3)
+
+
+def test_qparams_from_range_per_channel_broadcasts():
+  lo, hi = jnp.array([[-1.0, 0.0]]), jnp.array([[3.0, 2.0]])
+  scale, zp = qparams_from_range(lo, hi, qmin=0, qmax=255, symmetric=False)
+  np.testing.assert_allclose(scale, [[4 / 255, 2 / 255]], rtol=1e-6)
+  np.testing.assert_array_equal(zp, [[64, 0]])
