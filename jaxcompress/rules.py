@@ -33,7 +33,14 @@ def key_name(key: Any) -> str:
 
 
 def path_str(keypath: Sequence[Any]) -> str:
-  """Joins a ``jax.tree_util`` key path into the ``/``-separated form rules match against."""
+  """Joins a ``jax.tree_util`` key path into the ``/``-separated form rules match against.
+
+  The trailing ``value`` attribute of an ``nnx.Variable`` leaf is dropped, so a Linen params dict
+  and an ``nnx.State`` give the same paths (``.../kernel``).
+  """
+  if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and (
+      keypath[-1].name == "value"):
+    keypath = keypath[:-1]
   return "/".join(key_name(k) for k in keypath)
 
 

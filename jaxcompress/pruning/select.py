@@ -35,13 +35,6 @@ DEFAULT_RULES: tuple[Rule, ...] = (
 )
 
 
-def leaf_path(keypath: Sequence[Any]) -> str:
-  """``/``-joined path of a leaf, without the trailing ``value`` attribute of an ``nnx.Variable``."""
-  if keypath and getattr(keypath[-1], "name", None) == "value":
-    keypath = keypath[:-1]
-  return path_str(keypath)
-
-
 class Selection(NamedTuple):
   """A flattened parameter tree and which of its leaves are pruned.
 
@@ -101,7 +94,7 @@ def select(params: Any, rules: Sequence[Rule] | None = None, *, warn_unused: boo
   """
   compiled = compile_rules(rules)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = tuple(leaf_path(kp) for kp, _ in flat)
+  paths = tuple(path_str(kp) for kp, _ in flat)
   leaves = tuple(leaf for _, leaf in flat)
   selected = tuple(bool(compiled.lookup(p)) and (rules is not None or jnp.ndim(leaf) > 1)
                    for p, leaf in zip(paths, leaves))

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxcompress.pruning.select import leaf_path
+from jaxcompress.rules import path_str
 
 
 class LeafSummary(NamedTuple):
@@ -74,5 +74,5 @@ def summary(tree: Any) -> Summary:
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
   return Summary(tuple(
-      LeafSummary(leaf_path(kp), tuple(np.shape(x)), int(np.size(x)),
+      LeafSummary(path_str(kp), tuple(np.shape(x)), int(np.size(x)),
                   int(np.count_nonzero(np.asarray(x)))) for kp, x in flat))
