@@ -86,8 +86,8 @@ def test_cluster_params_by_rules_and_decode_params():
   assert len(np.unique(rebuilt["conv1"]["kernel"])) <= 4
   # Fine-tuning form: codebooks as trainable arrays, indices fixed.
   idx = {p: b.indices for p, b in books.items()}
-  grads = jax.grad(lambda c: sum(jnp.sum(l) for l in jax.tree.leaves(decode_params(params, c, idx))))(
-      {p: b.codebook for p, b in books.items()})
+  total = lambda c: sum(jnp.sum(leaf) for leaf in jax.tree.leaves(decode_params(params, c, idx)))
+  grads = jax.grad(total)({p: b.codebook for p, b in books.items()})
   assert float(grads["conv1/kernel"].sum()) == W.size
 
 

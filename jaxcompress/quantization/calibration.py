@@ -100,7 +100,8 @@ def _mse_ratio(x, lo, hi, axes, q, symmetric, num_candidates):
     return (jnp.where(better, err, best_err), jnp.where(better, ratio, best_ratio)), None
 
   init = (jnp.full(lo.shape, jnp.inf), jnp.ones(lo.shape))
-  (_, ratio), _ = jax.lax.scan(try_ratio, init, jnp.arange(1, num_candidates + 1, dtype=jnp.float32))
+  candidates = jnp.arange(1, num_candidates + 1, dtype=jnp.float32)
+  (_, ratio), _ = jax.lax.scan(try_ratio, init, candidates)
   return ratio
 
 

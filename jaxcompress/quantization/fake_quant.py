@@ -25,12 +25,14 @@ from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.quantization.qparams import concrete
 
 
-def check_qparams(scale: Any, qmin: Any, qmax: Any, field: str = "scale") -> None:
+def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "scale") -> None:
   """Raises :class:`ConfigError` for a non-positive or non-finite scale or ``qmin >= qmax``.
 
-  Only values known outside a trace are checked; under ``jit`` the arguments are trusted.
+  Only values known outside a trace are checked (``None`` skips one); under ``jit`` the arguments
+  are trusted.
   """
-  lo, hi = concrete(qmin), concrete(qmax)
+  lo = None if qmin is None else concrete(qmin)
+  hi = None if qmax is None else concrete(qmax)
   if lo is not None and hi is not None and np.any(lo >= hi):
     raise ConfigError(f"qmin must be < qmax, got qmin={qmin!r}, qmax={qmax!r}; "
                       "use qparams.qrange(bits, symmetric) to get a valid pair")
@@ -59,7 +61,7 @@ def _fake_quant_jvp(primals, tangents):
 
 
 def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> jax.Array:
-  """Quantize-dequantize ``x`` onto the grid ``(q - zero_point) * scale``, ``q`` in ``[qmin, qmax]``.
+  """Quantize-dequantize ``x`` onto the grid ``(q - zero_point) * scale``, ``qmin <= q <= qmax``.
 
   Forward: ``(clip(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` with round
   half to even. Backward w.r.t. ``x``: the mask ``qmin <= round(x / scale) + zero_point <= qmax``

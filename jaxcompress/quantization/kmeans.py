@@ -40,7 +40,7 @@ class Codebook(NamedTuple):
 
 
 def _assign(flat: jax.Array, centroids: jax.Array) -> jax.Array:
-  """Index of the nearest of the sorted ``centroids`` for every value (``O(n log k)`` memory ``n``)."""
+  """Index of the nearest of the sorted ``centroids`` for each value (``O(n)`` memory)."""
   midpoints = (centroids[1:] + centroids[:-1]) / 2
   return jnp.searchsorted(midpoints, flat).astype(jnp.int32)
 

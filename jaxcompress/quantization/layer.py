@@ -51,7 +51,7 @@ class QuantLayer(NamedTuple):
 
 
 def bits_at(target: int | None, schedule: Any, step: Any) -> Any:
-  """Bits a layer uses at ``step``: ``max(target, schedule(step))``; ``target`` without a schedule."""
+  """Bits a layer uses at ``step``: ``max(target, schedule(step))``; without schedule ``target``."""
   if target is None or schedule is None or step is None:
     return target
   return jnp.maximum(target, schedule(step))
@@ -141,6 +141,6 @@ def init_layer_state(layer: QuantLayer, kernel: Any,
     if cfg.act_bits is not None:
       steps["act"] = lsq_init_step(x, qmax=act_grid(layer, cfg.act_bits)[1])
     for name, s in steps.items():
-      check_qparams(s, 0, 1, field=f"initial LSQ {name} step of {layer.path}")
+      check_qparams(s, field=f"initial LSQ {name} step of {layer.path}")
   act_range = batch_range(x) if cfg.method == "minmax" and cfg.act_bits is not None else None
   return steps, act_range

@@ -78,7 +78,7 @@ class QuantState:
 
   def layer(self, path: str) -> QuantLayer | None:
     """The :class:`QuantLayer` at ``path``, or ``None`` if that layer is not quantized."""
-    return next((l for l in self.layers if l.path == path), None)
+    return next((layer for layer in self.layers if layer.path == path), None)
 
 
 class Quantizer(NamedTuple):
@@ -155,7 +155,7 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
       return model.apply(variables, *args, mutable=list(mutable), rngs=rngs, **kwargs)
 
   def float_inputs(variables, args, kwargs, fn):
-    """``{path: fn(path, module, x, params)}`` at each layer's first call, float model, eval mode."""
+    """``{path: fn(path, module, x, params)}`` at each layer's first call; float model, eval."""
     out = {}
 
     def record(path, module, x, params):
@@ -182,8 +182,8 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
     Raises:
       ConfigError: for NaN/Inf in a selected kernel or in the sample's layer inputs.
     """
-    seen = float_inputs(variables, args, kwargs,
-                        lambda path, module, x, params: (type(module).__name__, params["kernel"], x))
+    seen = float_inputs(variables, args, kwargs, lambda path, module, x, params: (
+        type(module).__name__, params["kernel"], x))
     paths = list(seen)
     compiled = compile_rules(rules, paths[0] if paths else None, paths[-1] if paths else None)
     layers, steps, ranges = [], {}, {}

@@ -95,7 +95,8 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
     fields = dict(path=layer.path, kind=layer.kind, method=cfg.method)
     if cfg.weight_bits is not None:
       bits = int(bits_at(cfg.weight_bits, bit_schedule, step))
-      scale, zero_point, qmin, qmax = weight_qparams(layer, _kernel(params, layer.path), steps, bits)
+      kernel = _kernel(params, layer.path)
+      scale, zero_point, qmin, qmax = weight_qparams(layer, kernel, steps, bits)
       check_qparams(scale, qmin, qmax, field=f"weight scale of {layer.path}")
       fields.update(weight_bits=bits, weight_axis=layer.weight_axis, weight_scale=np.asarray(scale),
                     weight_zero_point=np.asarray(zero_point), weight_qmin=int(qmin),
@@ -109,8 +110,8 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
       check_qparams(scale, qmin, qmax, field=f"activation scale of {layer.path}")
       if act_range is None:
         act_range = (qmin * scale, qmax * scale)
-      fields.update(act_bits=bits, act_scale=np.asarray(scale), act_zero_point=np.asarray(zero_point),
-                    act_qmin=int(qmin), act_qmax=int(qmax),
+      fields.update(act_bits=bits, act_scale=np.asarray(scale),
+                    act_zero_point=np.asarray(zero_point), act_qmin=int(qmin), act_qmax=int(qmax),
                     act_range=(float(act_range[0]), float(act_range[1])))
     specs[layer.path] = LayerSpec(**fields)
   return specs
