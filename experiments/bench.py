@@ -1,4 +1,4 @@
-"""Throughput benchmark: the ResNet-20 train step and the input pipeline, in one process.
+"""Throughput benchmark: the ResNet-20 train step per compression method, in one process.
 
   python -m experiments.bench                 # all variants, CIFAR-10 shaped random data
   python -m experiments.bench --rounds=5 --steps=10 --variants=plain
@@ -50,19 +50,26 @@ def main(argv):
   labels = rng.integers(0, 10, n).astype(np.int32)
   batches = list(itertools.islice(train_batches(images, labels, _BATCH.value, seed=0, epoch=0,
                                                 mean=IMAGENET_MEAN, std=IMAGENET_STD), 4))
-  variants = bench_lib.build_variants(_VARIANTS.value)
+  variants, teacher_fwd = bench_lib.build_variants(_VARIANTS.value, batches[0].image)
   for v in variants.values():  # compile and warm up outside the timed rounds
     v.run(batches, 2)
+  jax.block_until_ready(teacher_fwd(batches[0]))
   samples = {name: [] for name in variants}
   cpu = {name: 0.0 for name in variants}
-  pipe = []
+  pipe, fwd = [], []
   for _ in range(_ROUNDS.value):
     pipe.append(time_pipeline(images, labels, _BATCH.value, 4 * _STEPS.value)[0])
+    t0 = time.perf_counter()
+    for i in range(_STEPS.value):
+      out = teacher_fwd(batches[i % len(batches)])
+    jax.block_until_ready(out)
+    fwd.append(_STEPS.value * _BATCH.value / (time.perf_counter() - t0))
     for name, v in variants.items():
       ips, cpu_s = v.run(batches, _STEPS.value)
       samples[name].append(ips)
       cpu[name] += cpu_s
   med = {k: float(np.median(s)) for k, s in samples.items()}
+  fwd_ips = float(np.median(fwd))
   base = med.get("plain")
   ratio = {k: (base / v if base else None) for k, v in med.items()}
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, batch {_BATCH.value}, "
@@ -73,9 +80,16 @@ def main(argv):
     wall = _ROUNDS.value * _STEPS.value * _BATCH.value / med[k]
     r = f"{ratio[k]:.3f}" if ratio[k] else "-"
     print(f"| {k} | {med[k]:.1f} | {r} | {cpu[k] / wall:.2f} |")
+  kd_target = 1 + base / fwd_ips + 0.05 if base else None
+  print(f"| teacher forward alone (ResNet-56, eval) | {fwd_ips:.1f} | "
+        f"{(base / fwd_ips if base else 0):.3f} | |")
   print(f"| input pipeline (host) | {np.median(pipe):.0f} | | |")
+  print(f"targets: prune <= 1.03, wquant <= 1.05, waquant <= 1.15, kd <= "
+        f"{kd_target or float('nan'):.3f} (1 + teacher forward / plain step + 0.05)")
   cli.print_json({"images_per_s": {k: round(v, 2) for k, v in med.items()},
                   "ratio_to_plain": {k: (round(v, 4) if v else None) for k, v in ratio.items()},
+                  "teacher_forward_images_per_s": round(fwd_ips, 2),
+                  "kd_target_ratio": round(kd_target, 4) if kd_target else None,
                   "pipeline_images_per_s": round(float(np.median(pipe)), 1)})
 
 

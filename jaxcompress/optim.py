@@ -48,17 +48,23 @@ def learning_rate_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(cfg, steps_per_epoch: int, *, decay_mask=None) -> optax.GradientTransformation:
   """The base optimizer of a ``train`` section.
 
   ``sgd`` follows PyTorch's ``SGD(momentum, weight_decay)``: the decay is added to the gradient
   before momentum, on every parameter (BatchNorm included, as in the recipe of the pretrained
   CIFAR ResNets). ``adamw`` uses decoupled weight decay.
+
+  Args:
+    cfg: the ``train`` section.
+    steps_per_epoch: for the learning-rate schedule.
+    decay_mask: optional pytree (or ``params -> pytree``) of booleans: decay only where True
+      (e.g. not on learned quantization step sizes).
   """
   validate_train_config(cfg)
   schedule = learning_rate_schedule(cfg, steps_per_epoch)
   if cfg.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
                        optax.sgd(schedule, momentum=cfg.momentum or None,
                                  nesterov=bool(cfg.nesterov)))
-  return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)

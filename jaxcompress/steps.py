@@ -1,8 +1,9 @@
 """Pure, jitted train and eval steps, and the evaluation loop.
 
-A loss function has the signature ``loss_fn(params, model_state, batch, rng) ->
+A loss function has the signature ``loss_fn(params, model_state, batch, rng, *aux) ->
 (loss, (new_model_state, metrics))`` where ``model_state`` holds the non-trainable collections
-(``batch_stats``, calibration ranges, ...). :func:`make_train_step` turns any such function and
+(``batch_stats``, calibration ranges, ...) and ``aux`` are extra step inputs that are not
+trained (a distillation teacher's variables). :func:`make_train_step` turns any such function and
 any optax optimizer into one jitted step, sharded over a data-parallel mesh. Compression methods
 plug in by building a different ``loss_fn`` (masked or fake-quantized forward, distillation terms)
 or by wrapping the optimizer; the step itself stays the same.
@@ -77,19 +78,21 @@ def supervised_loss(apply_fn: Callable) -> Callable:
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    mesh=None, seed: int = 0) -> Callable:
-  """Builds ``step(state, batch) -> (state, metrics)``, jitted once.
+                    mesh=None, seed: int = 0, num_aux: int = 0) -> Callable:
+  """Builds ``step(state, batch, *aux) -> (state, metrics)``, jitted once.
 
   The step's random key is ``fold_in(key(seed), state.step)``, so a resumed run draws the same
   keys as an uninterrupted one. With a ``mesh`` the batch is split over its devices and the state
-  replicated; the result is the same as on one device.
+  (and the ``num_aux`` extra inputs) replicated; the result is the same as on one device. The
+  extra inputs are passed to ``loss_fn`` and never differentiated.
   """
   base_key = jax.random.key(seed)
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, *aux):
     rng = jax.random.fold_in(base_key, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng)
+    (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng,
+                                                    *aux)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
@@ -99,7 +102,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=0)
+  return jax.jit(step, in_shardings=(rep, dat) + (rep,) * num_aux, out_shardings=(rep, rep),
+                 donate_argnums=0)
 
 
 def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:

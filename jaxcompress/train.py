@@ -72,8 +72,8 @@ def evaluate_split(eval_step: Callable, variables, split: tuple[np.ndarray, np.n
 
 def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.ndarray], data_cfg,
         train_cfg, workdir: str, *, seed: int = 0, mesh=None,
-        eval_fn: Callable[[TrainState], dict] | None = None, desc: str = "train") -> tuple[
-            TrainState, dict]:
+        eval_fn: Callable[[TrainState], dict] | None = None, desc: str = "train",
+        step_args: tuple = ()) -> tuple[TrainState, dict]:
   """Trains ``state`` for ``train_cfg.epochs`` epochs, resuming from ``workdir`` if possible.
 
   Args:
@@ -87,6 +87,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     mesh: data-parallel mesh; batches are sharded over it.
     eval_fn: optional ``state -> metrics`` run every ``train_cfg.eval_every_epochs`` epochs.
     desc: progress-bar label.
+    step_args: extra inputs passed to every ``train_step`` call (e.g. teacher variables).
 
   Returns:
     ``(state, info)`` with ``info = {'seconds': training wall time summed over resumes,
@@ -119,7 +120,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
         break
       if mesh is not None:
         batch = parallel.shard_batch(mesh, batch)
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, *step_args)
       step += 1
       pending.append(metrics)
       n_log += data_cfg.batch_size

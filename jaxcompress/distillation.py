@@ -1,0 +1,115 @@
+"""Knowledge-distillation losses: pure, per-example functions of arrays.
+
+The train step reduces and weights them; the teacher's outputs come in already computed (under
+``stop_gradient``) on the same augmented batch as the student's ("consistent teaching").
+
+References:
+  Hinton, Vinyals, Dean. Distilling the Knowledge in a Neural Network. arXiv:1503.02531, 2015.
+  Romero et al. FitNets: Hints for Thin Deep Nets. ICLR 2015.
+  Beyer et al. Knowledge distillation: A good teacher is patient and consistent. CVPR 2022.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import check_range, invalid
+
+
+def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
+  """Hinton's distillation loss per example: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
+
+  The ``T^2`` factor keeps the gradient scale independent of ``T``. Zero when the student's
+  logits equal the teacher's.
+
+  Args:
+    student_logits: ``[B, C]``.
+    teacher_logits: ``[B, C]`` (treated as constants: wrap in ``stop_gradient`` upstream or not).
+    temperature: ``T > 0``.
+
+  Returns:
+    ``[B]`` float32 losses.
+  """
+  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
+  s = student_logits.astype(jnp.float32) / temperature
+  log_p_t = jax.nn.log_softmax(t, axis=-1)
+  log_p_s = jax.nn.log_softmax(s, axis=-1)
+  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  return temperature ** 2 * kl
+
+
+def feature_loss(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
+  """Hint loss per example: mean squared error between (adapted) student and teacher features.
+
+  Args:
+    student_feat: ``[B, ...]`` student activations, already mapped to the teacher's width.
+    teacher_feat: ``[B, ...]`` teacher activations of the same shape (constants).
+
+  Returns:
+    ``[B]`` float32 losses (mean over all non-batch axes).
+  """
+  if student_feat.shape != teacher_feat.shape:
+    raise ValueError(f"feature shapes differ: student {student_feat.shape}, teacher "
+                     f"{teacher_feat.shape}; add an adapter or pick matching layers")
+  diff = student_feat.astype(jnp.float32) - jax.lax.stop_gradient(teacher_feat.astype(jnp.float32))
+  return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
+
+
+def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """Per example, 1.0 where the student's top-1 class equals the teacher's."""
+  return (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
+
+
+class Adapter(nn.Module):
+  """A learned 1x1 conv (or dense, for ``[B, C]`` inputs) from student width to teacher width."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    if x.ndim == 2:
+      return nn.Dense(self.features, use_bias=False)(x)
+    return nn.Conv(self.features, (1, 1), use_bias=False)(x)
+
+
+def init_adapters(pairs: Sequence[tuple[str, str]], student_feats: dict[str, jax.Array],
+                  teacher_feats: dict[str, jax.Array], key: jax.Array) -> dict[str, Any]:
+  """Parameters of one :class:`Adapter` per feature pair whose widths differ.
+
+  Args:
+    pairs: ``(student_path, teacher_path)`` module paths.
+    student_feats: student activations by path (shapes only matter).
+    teacher_feats: teacher activations by path.
+    key: PRNG key.
+
+  Returns:
+    ``{student_path: adapter params}`` for the pairs that need one (others map 1:1).
+  """
+  out = {}
+  for i, (s, t) in enumerate(pairs):
+    fs, ft = student_feats[s], teacher_feats[t]
+    if fs.shape[:-1] != ft.shape[:-1]:
+      raise invalid("distill.feature_pairs", (s, t), "layers whose outputs share batch and "
+                    f"spatial shape (got {fs.shape} vs {ft.shape})")
+    if fs.shape[-1] != ft.shape[-1]:
+      out[s] = Adapter(ft.shape[-1]).init(jax.random.fold_in(key, i), fs)["params"]
+  return out
+
+
+def adapt(adapters: dict[str, Any], path: str, feat: jax.Array, width: int) -> jax.Array:
+  """Maps a student feature to the teacher's width with its adapter (identity if it has none)."""
+  if path not in adapters:
+    return feat
+  return Adapter(width).apply({"params": adapters[path]}, feat)
+
+
+def validate_distill_config(cfg) -> None:
+  """Checks a ``distill`` section: ``temperature > 0``, ``alpha`` and weights in range."""
+  if not cfg.temperature > 0:
+    raise invalid("distill.temperature", cfg.temperature, "> 0")
+  check_range("distill.alpha", cfg.alpha, 0.0, 1.0, hi_closed=True)
+  if cfg.feature_weight < 0:
+    raise invalid("distill.feature_weight", cfg.feature_weight, ">= 0")

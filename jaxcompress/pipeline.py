@@ -1,0 +1,198 @@
+"""The main job: compress a model, fine-tune it (with a teacher), evaluate, export, report.
+
+``train_and_evaluate(config, workdir)`` runs the stages below; each stage's result is kept in
+``WORKDIR/stages.json`` and training checkpoints in ``WORKDIR/checkpoints``, so a rerun with the
+same command resumes where it stopped. Stages: evaluate the teacher and the original student;
+compress the student one-shot (final-sparsity masks + calibrated fake quantization) and evaluate
+it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; export; write
+``results.json``, ``report.md`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxcompress import compose, parallel, pruning
+from jaxcompress import data as data_lib
+from jaxcompress import report as report_lib
+from jaxcompress.checkpoint import MetricsLog
+from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.models import create_model, get_model
+from jaxcompress.optim import validate_train_config
+from jaxcompress.steps import make_eval_step
+from jaxcompress.train import evaluate_split, fit, load_data
+
+FLOAT32_BYTES = 4
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def validate_config(config) -> None:
+  """Every check that needs no data or weights, before anything is written."""
+  data_lib.dataset_spec(config.data.name)
+  get_model(config.student.name, field="student.name")
+  if config.teacher.name:
+    get_model(config.teacher.name, field="teacher.name")
+  for section in ("teacher", "student"):
+    path = config[section].weights
+    if path and not os.path.isfile(path):
+      raise ConfigError(f"{section}.weights: no such file {path!r}; pretrained CIFAR ResNets are "
+                        "in ../shared/pretrained/")
+  if not config.student.weights:
+    raise invalid("student.weights", "", "the .npz of the model to compress")
+  validate_train_config(config.train)
+  compose.validate(config)
+
+
+def _check_workdir(config, workdir: str) -> None:
+  """Refuses to resume a workdir that holds a run of a different config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  saved = _read_json(path)
+  if saved and saved != current:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    raise ConfigError(f"--workdir={workdir} holds a run with a different config (sections "
+                      f"{', '.join(diff)} differ); use a new --workdir or delete that one")
+  if not saved:
+    _write_json(path, current)
+
+
+def _param_count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs the whole compression job; returns the ``results.json`` dict."""
+  validate_config(config)
+  _check_workdir(config, workdir)
+  stages_path = os.path.join(workdir, "stages.json")
+  stages = _read_json(stages_path)
+  mesh = parallel.make_mesh()
+  for field in ("batch_size", "eval_batch_size"):
+    parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
+  spec = data_lib.dataset_spec(config.data.name)
+  splits = load_data(config.data)
+  evaluate_vars = lambda fn, v, desc: evaluate_split(make_eval_step(fn, mesh=mesh),
+                                                     parallel.replicate(mesh, v), splits["eval"],
+                                                     config.data, mesh=mesh, desc=desc)
+
+  def stage(name: str, fn):
+    if name not in stages:
+      stages[name] = fn()
+      _write_json(stages_path, stages)
+    return stages[name]
+
+  # Models.
+  student, student_vars = create_model(config.student.name, num_classes=spec.num_classes,
+                                       image_shape=spec.image_shape,
+                                       weights=config.student.weights, field="student")
+  teacher, teacher_vars = None, None
+  uses_teacher = config.distill.alpha > 0 or config.distill.feature_weight > 0
+  if config.teacher.name and (uses_teacher or config.eval.teacher):
+    teacher, teacher_vars = create_model(config.teacher.name, num_classes=spec.num_classes,
+                                         image_shape=spec.image_shape,
+                                         weights=config.teacher.weights, field="teacher")
+    probe = np.zeros((1, *spec.image_shape), np.float32)
+    t_classes = teacher.apply(teacher_vars, probe).shape[-1]
+    s_classes = student.apply(student_vars, probe).shape[-1]
+    if t_classes != s_classes:
+      raise ConfigError(f"teacher.name: teacher has {t_classes} classes, student {s_classes}; "
+                        "distillation needs the same classes")
+  elif uses_teacher:
+    raise invalid("teacher.name", config.teacher.name, "a model name when distill.alpha > 0 or "
+                  "distill.feature_weight > 0")
+  eval_apply = lambda model: (lambda v, x: model.apply(v, x, train=False))
+
+  if teacher is not None and config.eval.teacher:
+    stage("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
+  stage("original", lambda: evaluate_vars(eval_apply(student), student_vars, "eval original"))
+
+  # Compression.
+  per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
+  total = int(round(config.train.epochs * per_epoch))
+  comp = compose.build(config, student, teacher if uses_teacher else None,
+                       steps_per_epoch=per_epoch, total_steps=total)
+  calib_x = splits["train"][0][:config.quant.calibration_examples]
+  calib = [b.image for b in data_lib.eval_batches(calib_x, np.zeros(len(calib_x), np.int32),
+                                                   min(256, len(calib_x)), mean=config.data.mean,
+                                                   std=config.data.std)]
+  state = comp.init_state(student_vars, calib[0][:8], teacher_vars=teacher_vars,
+                          calibration=calib, calibration_method=config.quant.calibration)
+
+  def before():
+    params = state.params
+    if comp.prune_enabled:
+      masks = pruning.compute_masks(params, config.prune.sparsity,
+                                    structure=compose._structure(config.prune),
+                                    rules=comp.prune_rules)
+      params = pruning.apply_masks(params, masks)
+    return evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
+                         "eval compressed (before fine-tuning)")
+  stage("before", before)
+
+  # Fine-tuning.
+  train_step = comp.make_train_step(mesh=mesh, seed=config.seed)
+  step_args = (parallel.replicate(mesh, teacher_vars),) if comp.teacher is not None else ()
+  state, info = fit(state, train_step, splits["train"], config.data, config.train, workdir,
+                    seed=config.seed, mesh=mesh, step_args=step_args, desc="fine-tune",
+                    eval_fn=lambda s: evaluate_vars(comp.logits_fn, comp.eval_variables(s),
+                                                    "eval"))
+  after = stage("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),
+                                                  "eval compressed"), **info})
+  final_params = jax.device_get(state.params["model"])
+  sel = pruning.select({"model": final_params}, comp.prune_rules, warn_unused=False)
+  selected = sel.pick(sel.leaves)
+  sparsity = float(sum(np.sum(np.asarray(x) == 0) for x in selected) /
+                   max(1, sum(np.size(x) for x in selected)))
+  original_bytes = _param_count(student_vars["params"]) * FLOAT32_BYTES
+  compressed = {"accuracy": after["accuracy"], "loss": after["loss"],
+                "precision": after["precision"], "recall": after["recall"],
+                "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
+                "act_bits": config.quant.act_bits or 32}
+  if config.export.enabled:
+    compressed.update(stage("export", lambda: _export(config, workdir, comp, state,
+                                                      original_bytes)))
+  results = {
+      "teacher": _row(stages.get("teacher"), config.teacher.name),
+      "original": {**_row(stages["original"], config.student.name),
+                   "size_bytes": original_bytes, "sparsity": 0.0, "weight_bits": 32,
+                   "act_bits": 32},
+      "before_finetune": _row(stages["before"], config.student.name),
+      "compressed": compressed,
+      "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
+  }
+  _write_json(os.path.join(workdir, "results.json"), results)
+  report_lib.write_report(workdir, config, results,
+                          MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
+  return results
+
+
+def _export(config, workdir: str, comp, state, original_bytes: int) -> dict:
+  """Writes the artifact and returns its size and measured accuracy."""
+  raise NotImplementedError("export lands with the export package")
+
+
+def _row(result: dict | None, name: str) -> dict:
+  if result is None:
+    return {"model": name, "accuracy": None}
+  return {"model": name, **{k: result[k] for k in ("accuracy", "loss", "precision", "recall")}}

@@ -1,0 +1,116 @@
+"""The composed train step: every subset of prune / quantize / distill, on a tiny MLP."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import cifar_distill
+from jaxcompress import compose
+from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import create_model
+
+SHAPE = (6, 6, 3)
+
+
+def _config(prune=False, quant=False, distill=False, **overrides):
+  c = cifar_distill.get_config()
+  c.prune.method = "magnitude" if prune else "none"
+  c.prune.sparsity = 0.75
+  c.prune.rules = (("fc1/kernel", False), ("fc3/kernel", False), (".*/kernel", True))
+  c.quant.weight_bits = 4 if quant else 0
+  c.quant.act_bits = 8 if quant else 0
+  c.quant.first_last_bits = 8 if quant else 0
+  c.distill.alpha = 0.5 if distill else 0.0
+  c.train.learning_rate = 0.05
+  c.train.schedule = "constant"
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    c[section][field] = value
+  return c
+
+
+def _batches(n=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return [Batch(rng.normal(size=(8, *SHAPE)).astype(np.float32),
+                rng.integers(0, 4, 8).astype(np.int32), np.ones(8, np.float32))
+          for _ in range(n)]
+
+
+def _setup(config, total_steps=12):
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  teacher, tvars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
+  comp = compose.build(config, student, teacher, steps_per_epoch=6, total_steps=total_steps)
+  x = _batches(1)[0].image
+  state = comp.init_state(svars, x, teacher_vars=tvars, calibration=[x])
+  return comp, state, tvars
+
+
+@pytest.mark.parametrize("prune,quant,distill", [
+    (False, False, False), (True, False, False), (False, True, False), (False, False, True),
+    (True, True, True)])
+def test_every_subset_trains_in_one_jitted_step(prune, quant, distill):
+  comp, state, tvars = _setup(_config(prune, quant, distill))
+  step = comp.make_train_step()
+  args = (tvars,) if distill else ()
+  losses = []
+  for i in range(12):
+    state, metrics = step(state, _batches(3)[i % 3], *args)
+    losses.append(float(metrics["loss"]))
+  assert step._cache_size() == 1, "the composed step recompiled"
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert ("kd_loss" in metrics) == distill and ("teacher_agreement" in metrics) == distill
+  assert ("sparsity" in metrics) == prune
+  assert (comp.quantizer is not None) == quant and (comp.teacher is not None) == distill
+  if prune:  # final sparsity reached inside the run, pruned weights exactly zero
+    kernels = [state.params["model"][f"fc{i}"]["kernel"] for i in (2,)]
+    for k in kernels:
+      assert np.sum(np.asarray(k) == 0) == round(0.75 * k.size)
+    assert np.all(np.asarray(state.params["model"]["fc1"]["kernel"]) != 0)  # first layer dense
+    assert np.all(np.asarray(state.params["model"]["fc3"]["kernel"]) != 0)  # last layer dense
+
+
+def test_self_distillation_has_zero_kd_loss_and_full_agreement():
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  comp = compose.build(_config(distill=True), student, student, steps_per_epoch=6,
+                       total_steps=6)
+  state = comp.init_state(svars, _batches(1)[0].image)
+  _, (_, metrics) = comp.loss_fn(state.params, state.model_state, _batches(1)[0], None, svars)
+  assert float(metrics["kd_loss"]) == pytest.approx(0.0, abs=1e-6)
+  assert float(metrics["teacher_agreement"]) == 1.0
+
+
+def test_lsq_steps_are_trained_and_pruning_leaves_them_alone():
+  comp, state, _ = _setup(_config(prune=True, quant=True, quant__method="lsq"))
+  before = jax.tree.map(np.asarray, state.params["qsteps"])
+  step = comp.make_train_step()
+  for b in _batches(3):
+    state, _ = step(state, b)
+  after = state.params["qsteps"]
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after))
+  assert any(changed)
+  assert all(np.all(np.asarray(x) > 0) for x in jax.tree.leaves(after))
+
+
+@pytest.mark.parametrize("total", [3, 10, 100, 1000, 11700])
+def test_prune_schedule_reaches_the_target_inside_the_run(total):
+  p = _config(prune=True).prune
+  every, begin, end = compose.prune_steps(p, total)
+  assert end % every == 0 and begin % every == 0 and begin < end
+  assert end <= max(total - 1, every), (every, begin, end)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("prune__method", "taylor", "prune.method must be one of"),
+    ("prune__structure", "block", "prune.structure must be one of"),
+    ("prune__sparsity", 1.0, r"prune.sparsity must be in \[0.0, 1.0\), got 1.0"),
+    ("quant__method", "apot", "quant.method must be one of lsq, minmax, got 'apot'"),
+    ("quant__weight_bits", 9, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\]"),
+    ("distill__temperature", -1.0, "distill.temperature must be > 0"),
+    ("train__epochs", -2.0, "train.epochs must be >= 0"),
+])
+def test_bad_config_fails_before_anything_runs(key, value, match):
+  student, _ = create_model("mlp", num_classes=4, image_shape=SHAPE)
+  with pytest.raises(ConfigError, match=match):
+    compose.build(_config(prune=True, quant=True, distill=True, **{key: value}), student, None,
+                  steps_per_epoch=6, total_steps=12)

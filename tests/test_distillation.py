@@ -1,0 +1,82 @@
+"""Distillation losses against NumPy oracles, and the teacher getting no gradient."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from jaxcompress import distillation as kd
+from jaxcompress.errors import ConfigError
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 0.5])
+def test_kd_loss_matches_numpy_kl_times_t_squared(temperature):
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(5, 7)) * 3, rng.normal(size=(5, 7)) * 3
+  p_t, p_s = _softmax(t / temperature), _softmax(s / temperature)
+  expected = temperature ** 2 * np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)
+  got = kd.kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), temperature)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_distilled_from_itself_has_zero_kd_loss():
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 10)) * 5, jnp.float32)
+  np.testing.assert_allclose(kd.kd_loss(logits, logits, 4.0), 0.0, atol=1e-6)
+
+
+def test_teacher_receives_no_gradient_and_student_does():
+  s = jnp.array([[1.0, 2.0, 0.5]])
+  t = jnp.array([[0.0, 3.0, 1.0]])
+  g_s, g_t = jax.grad(lambda a, b: kd.kd_loss(a, b, 2.0).sum(), argnums=(0, 1))(s, t)
+  assert np.all(g_t == 0)
+  # d/ds [T^2 KL] = T * (softmax(s/T) - softmax(t/T)).
+  expected = 2.0 * (_softmax(np.asarray(s) / 2) - _softmax(np.asarray(t) / 2))
+  np.testing.assert_allclose(g_s, expected, rtol=1e-5)
+  g_f = jax.grad(lambda b: kd.feature_loss(jnp.ones((2, 3)), b).sum())(jnp.zeros((2, 3)))
+  assert np.all(g_f == 0)
+
+
+def test_feature_loss_is_per_example_mse():
+  a = np.arange(12, dtype=np.float32).reshape(2, 2, 3)
+  b = np.zeros_like(a)
+  np.testing.assert_allclose(kd.feature_loss(a, b), [np.mean(a[0] ** 2), np.mean(a[1] ** 2)],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="feature shapes differ"):
+    kd.feature_loss(jnp.zeros((2, 4)), jnp.zeros((2, 5)))
+
+
+def test_adapters_only_where_widths_differ():
+  key = jax.random.key(0)
+  s = {"a": jnp.zeros((2, 4, 4, 16)), "b": jnp.zeros((2, 4, 4, 32))}
+  t = {"x": jnp.zeros((2, 4, 4, 64)), "y": jnp.zeros((2, 4, 4, 32))}
+  adapters = kd.init_adapters([("a", "x"), ("b", "y")], s, t, key)
+  assert set(adapters) == {"a"}
+  out = kd.adapt(adapters, "a", s["a"] + 1, 64)
+  assert out.shape == (2, 4, 4, 64)
+  assert kd.adapt(adapters, "b", s["b"], 32) is s["b"]
+  with pytest.raises(ConfigError, match="share batch and spatial shape"):
+    kd.init_adapters([("a", "z")], s, {"z": jnp.zeros((2, 8, 8, 16))}, key)
+
+
+def test_agreement():
+  s = jnp.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+  t = jnp.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+  np.testing.assert_array_equal(kd.agreement(s, t), [1.0, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("temperature", 0.0, "distill.temperature must be > 0, got 0.0"),
+    ("alpha", 1.5, r"distill.alpha must be in \[0.0, 1.0\], got 1.5"),
+    ("alpha", -0.1, "distill.alpha must be in"),
+])
+def test_bad_distill_config(field, value, match):
+  cfg = ml_collections.ConfigDict(dict(temperature=4.0, alpha=0.5, feature_weight=0.0))
+  cfg[field] = value
+  with pytest.raises(ConfigError, match=match):
+    kd.validate_distill_config(cfg)
