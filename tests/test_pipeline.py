@@ -1,0 +1,100 @@
+"""The main job end to end on mock data with tiny models: contract, resume, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import cifar_distill, cifar_sft
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import create_model
+from jaxcompress.pipeline import train_and_evaluate
+
+
+@pytest.fixture(scope="module")
+def mlp_weights(tmp_path_factory):
+  """A random MLP saved as a PyTorch-layout state dict (``fcN.weight`` is ``[out, in]``)."""
+  _, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=3)
+  sd = {}
+  for name, layer in v["params"].items():
+    sd[f"{name}.weight"] = np.asarray(layer["kernel"]).T
+    sd[f"{name}.bias"] = np.asarray(layer["bias"])
+  path = tmp_path_factory.mktemp("weights") / "mlp.npz"
+  np.savez(path, **sd)
+  return str(path)
+
+
+def _config(weights, module=cifar_distill):
+  c = module.get_config("quick")
+  c.data.name = "mnist"
+  c.data.mean, c.data.std = (0.5,), (0.5,)
+  c.data.batch_size, c.data.eval_batch_size = 16, 32
+  c.student.name, c.student.weights = "mlp", weights
+  c.teacher.name, c.teacher.weights = "mlp", weights
+  c.prune.rules = (("fc1/kernel", False), ("fc3/kernel", False), (".*/kernel", True))
+  c.quant.calibration_examples = 32
+  c.train.epochs = 2.0
+  c.train.log_every_steps = 2
+  c.export.enabled = False
+  return c
+
+
+def _run(config, workdir):
+  with tfds.testing.mock_data(num_examples=64):
+    return train_and_evaluate(config, str(workdir))
+
+
+def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path):
+  config = _config(mlp_weights)
+  results = _run(config, tmp_path)
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk == json.loads(json.dumps(results))
+  for key in ("teacher.accuracy", "original.accuracy", "original.size_bytes",
+              "compressed.accuracy", "compressed.sparsity", "compressed.weight_bits",
+              "compressed.act_bits", "train.seconds", "train.epochs"):
+    section, field = key.split(".")
+    assert on_disk[section][field] is not None, key
+  n_params = (784 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10)
+  assert on_disk["original"]["size_bytes"] == 4 * n_params
+  assert on_disk["train"]["epochs"] == 2.0
+  assert on_disk["compressed"]["weight_bits"] == 4 and on_disk["compressed"]["act_bits"] == 8
+  # 80 % of fc2 (the only pruned kernel) is zero.
+  assert on_disk["compressed"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+  for name in ("report.md", "curves.png", "accuracy_vs_size.png", "metrics.jsonl"):
+    assert os.path.getsize(tmp_path / name) > 0
+  report = open(tmp_path / "report.md").read()
+  assert "compressed, fine-tuned" in report and "recall 9" in report
+  # A rerun of the same command finds every stage done and returns the same results.
+  assert json.loads(json.dumps(_run(config, tmp_path))) == on_disk
+
+
+def test_sft_ablation_runs_without_a_teacher(mlp_weights, tmp_path):
+  results = _run(_config(mlp_weights, cifar_sft), tmp_path)
+  assert results["teacher"]["accuracy"] is None
+  metrics = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert metrics and "kd_loss" not in metrics[0]
+
+
+def test_a_different_config_in_the_same_workdir_is_refused(mlp_weights, tmp_path):
+  _run(_config(mlp_weights), tmp_path)
+  other = _config(mlp_weights)
+  other.prune.sparsity = 0.5
+  with pytest.raises(ConfigError, match="holds a run with a different config .*prune"):
+    _run(other, tmp_path)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("distill.alpha", 1.5, r"distill.alpha must be in \[0.0, 1.0\]"),
+    ("prune.method", "obd", "prune.method must be one of"),
+    ("student.weights", "/absent.npz", "student.weights: no such file"),
+    ("teacher.name", "resnet19", "teacher.name must be one of"),
+])
+def test_bad_config_writes_nothing(mlp_weights, tmp_path, key, value, match):
+  config = _config(mlp_weights)
+  section, field = key.split(".")
+  config[section][field] = value
+  with pytest.raises(ConfigError, match=match):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
