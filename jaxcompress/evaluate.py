@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from jaxcompress import data as data_lib
 from jaxcompress import parallel
+from jaxcompress.errors import invalid
+from jaxcompress.export import load as load_artifact
 from jaxcompress.models import create_model
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split
@@ -12,18 +14,34 @@ from jaxcompress.train import evaluate_split
 def evaluate_config(config) -> dict:
   """Builds the model of ``config.model``, evaluates it on ``config.data.eval_split``.
 
+  With ``config.model.exported`` set, the artifact in that folder is loaded (and must hold a
+  ``config.model.name``) and evaluated instead of ``config.model.weights``.
+
   Returns:
     ``{'accuracy', 'loss', 'examples', 'precision', 'recall', 'model', 'dataset', 'split'}``.
   """
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   spec = data_lib.dataset_spec(config.data.name)
-  model, variables = create_model(config.model.name, num_classes=spec.num_classes,
-                                  image_shape=spec.image_shape, weights=config.model.weights)
+  exported = config.model.get("exported", "")
+  if exported:  # an artifact from jaxcompress.export: packed weights, folded BN, input fake-quant
+    loaded = load_artifact(exported, expect_model=config.model.name,
+                           expect_num_classes=spec.num_classes)
+    if tuple(loaded.spec["input_shape"]) != tuple(spec.image_shape):
+      raise invalid("model.exported input_shape", loaded.spec["input_shape"],
+                    f"{list(spec.image_shape)} for {config.data.name}")
+    variables, logits_fn = loaded.variables, loaded.apply_fn
+  else:
+    model, variables = create_model(config.model.name, num_classes=spec.num_classes,
+                                    image_shape=spec.image_shape, weights=config.model.weights)
+    logits_fn = lambda v, x: model.apply(v, x, train=False)
   split = data_lib.load_split(config.data.name, config.data.eval_split,
                               data_dir=config.data.data_dir)
-  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
+  eval_step = make_eval_step(logits_fn, mesh=mesh)
   result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split, config.data,
                           mesh=mesh)
-  return {**result, "model": config.model.name, "dataset": config.data.name,
-          "split": config.data.eval_split}
+  out = {**result, "model": config.model.name, "dataset": config.data.name,
+         "split": config.data.eval_split}
+  if exported:
+    out["exported"] = exported
+  return out

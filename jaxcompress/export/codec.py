@@ -1,0 +1,189 @@
+"""One finalized layer: its integer (or k-means, or float) kernel, folded scale and bias, and its
+byte encoding in the artifact.
+
+A :class:`LayerTensor` is what the exported model stores for one Conv/Dense layer, after masks are
+baked in, BatchNorm is folded and weights are quantized. Its real kernel is
+
+- ``int``:    ``(q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``;
+- ``kmeans``: ``codebook[i] * scale[c]`` (``scale`` omitted: 1), index ``2^bits`` = pruned (0);
+- ``float``:  the float32 kernel itself (BatchNorm already folded in),
+
+with ``c`` the output channel (last axis), plus ``bias[c]`` when present. :func:`encode_layer`
+turns it into named byte segments and a small JSON-able dict; :func:`decode_layer` inverts it and
+checks every byte count against the dict.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxcompress.errors import ConfigError, unknown
+from jaxcompress.export import sparse
+from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
+
+KINDS = ("int", "kmeans", "float")
+ACT_KEYS = ("bits", "scale", "zero_point", "qmin", "qmax")
+
+
+class LayerTensor(NamedTuple):
+  """A finalized Conv/Dense layer (NumPy arrays; see the module docstring for the formulas).
+
+  Attributes:
+    path: ``/``-joined module path, e.g. ``layer1_0/conv1``.
+    kind: ``int``, ``kmeans`` or ``float``.
+    codes: kernel-shaped: int32 codes ``q`` (``int``), int32 indices (``kmeans``), or the float32
+      folded kernel (``float``).
+    bits: code width (2..8), or 32 for ``float``.
+    qmin: smallest code (``int``; 0 otherwise).
+    zero_point: int32 ``[C]`` (``int`` only; ``None`` means all zero).
+    scale: float32 ``[C]`` per-output-channel multiplier, or ``None``.
+    bias: float32 ``[C]``, or ``None``.
+    codebook: float32 ``[2^bits]`` (``kmeans`` only).
+    act: input fake-quantization ``{'bits', 'scale', 'zero_point', 'qmin', 'qmax'}``, or ``None``.
+  """
+  path: str
+  kind: str
+  codes: np.ndarray
+  bits: int
+  qmin: int = 0
+  zero_point: np.ndarray | None = None
+  scale: np.ndarray | None = None
+  bias: np.ndarray | None = None
+  codebook: np.ndarray | None = None
+  act: dict | None = None
+
+  @property
+  def channels(self) -> int:
+    return int(self.codes.shape[-1])
+
+  def nonzero(self) -> np.ndarray:
+    """Entries whose real kernel value is not exactly zero by construction."""
+    if self.kind == "int":
+      zp = 0 if self.zero_point is None else self.zero_point
+      return self.codes != zp
+    if self.kind == "kmeans":
+      return self.codes != (1 << self.bits)
+    return self.codes != 0
+
+  def kernel(self) -> np.ndarray:
+    """The real float32 kernel the exported model runs with."""
+    if self.kind == "int":
+      zp = 0 if self.zero_point is None else self.zero_point
+      return ((self.codes - zp).astype(np.float32) * self.scale).astype(np.float32)
+    if self.kind == "kmeans":
+      padded = np.append(np.asarray(self.codebook, np.float32), np.float32(0))
+      w = padded[self.codes]
+      return (w if self.scale is None else w * self.scale).astype(np.float32)
+    return np.asarray(self.codes, np.float32)
+
+  def slice_out(self, keep: np.ndarray) -> "LayerTensor":
+    """The layer with only the output channels ``keep``."""
+    pick = lambda a: None if a is None else a[keep]
+    return self._replace(codes=self.codes[..., keep], zero_point=pick(self.zero_point),
+                         scale=pick(self.scale), bias=pick(self.bias))
+
+  def slice_in(self, keep: np.ndarray) -> "LayerTensor":
+    """The layer with only the input channels ``keep`` (second-to-last kernel axis)."""
+    return self._replace(codes=self.codes[..., keep, :])
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+  return np.frombuffer(np.asarray(a, "<f4").tobytes(), np.uint8).copy()
+
+
+def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
+  """Encodes a layer: ``(meta, segments)``.
+
+  ``meta`` is JSON-able (shape, kind, bits, the chosen :mod:`.sparse` encoding and its counts, the
+  input quantization); ``segments`` maps ``positions``, ``values`` and, where present,
+  ``zero_point``, ``scale``, ``bias``, ``codebook`` to ``uint8`` arrays.
+  """
+  nonzero = t.nonzero()
+  if t.kind == "int":
+    values = t.codes - t.qmin
+  elif t.kind == "kmeans":
+    values = t.codes
+  else:
+    values = t.codes.astype(np.float32)
+  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans")
+  meta = {"path": t.path, "kind": t.kind, "shape": list(t.codes.shape), "bits": t.bits,
+          "encoding": enc.encoding, "nnz": enc.nnz}
+  if t.kind == "int":
+    meta["qmin"] = t.qmin
+  if enc.encoding == "gaps":
+    meta.update(gap_bits=enc.gap_bits, codes=enc.codes)
+  if t.act is not None:
+    meta["act"] = {k: t.act[k] for k in ACT_KEYS}
+  segments = {"positions": enc.positions, "values": enc.values}
+  if t.zero_point is not None and np.any(t.zero_point != 0):
+    segments["zero_point"] = pack_bits(t.zero_point - t.qmin, t.bits)
+  if t.scale is not None:
+    segments["scale"] = _f32(t.scale)
+  if t.bias is not None:
+    segments["bias"] = _f32(t.bias)
+  if t.codebook is not None:
+    segments["codebook"] = _f32(t.codebook)
+  return meta, segments
+
+
+def _expected_segments(meta: dict, channels: int) -> dict[str, int | None]:
+  """Byte count of every segment a layer may have (``None``: any count, checked elsewhere)."""
+  bits = meta["bits"]
+  out = {"positions": None, "values": None, "scale": 4 * channels, "bias": 4 * channels}
+  if meta["kind"] == "int":
+    out["zero_point"] = packed_size(channels, bits)
+  if meta["kind"] == "kmeans":
+    out["codebook"] = 4 * (1 << bits)
+  return out
+
+
+def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
+  """Inverse of :func:`encode_layer`.
+
+  Raises:
+    ConfigError: for an unknown kind, a missing or wrongly sized segment, or sparse data that
+      disagrees with the shape (a corrupted artifact or a spec that does not match its arrays).
+  """
+  path = meta["path"]
+  where = f"artifact layer {path!r}"
+  if meta["kind"] not in KINDS:
+    raise unknown(f"{where} kind", meta["kind"], KINDS)
+  shape = tuple(int(d) for d in meta["shape"])
+  n, channels, bits = int(np.prod(shape)), shape[-1], int(meta["bits"])
+  expected = _expected_segments(meta, channels)
+  for name, data in segments.items():
+    if name not in expected:
+      raise ConfigError(f"{where}: unexpected segment {name!r} for a {meta['kind']} layer; the "
+                        "spec is corrupted")
+    if expected[name] is not None and data.size != expected[name]:
+      raise ConfigError(f"{where}: segment {name!r} has {data.size} bytes, a layer of shape "
+                        f"{list(shape)} needs {expected[name]}; the spec does not match the arrays")
+  required = {"int": ("scale",), "kmeans": ("codebook",), "float": ()}[meta["kind"]]
+  for name in ("positions", "values") + required:
+    if name not in segments:
+      raise ConfigError(f"{where}: segment {name!r} is missing; the spec is corrupted")
+  enc = sparse.Sparse(meta["encoding"], int(meta.get("gap_bits", 0)), int(meta.get("codes", 0)),
+                      int(meta["nnz"]), segments["positions"], segments["values"])
+  nonzero, values = sparse.decode(enc, n, bits, where=where)
+  f32 = lambda name: (np.frombuffer(segments[name].tobytes(), "<f4").astype(np.float32)
+                      if name in segments else None)
+  qmin = int(meta.get("qmin", 0))
+  zero_point = None
+  if "zero_point" in segments:
+    zero_point = unpack_bits(segments["zero_point"], bits, channels).astype(np.int32) + qmin
+  if meta["kind"] == "int":
+    fill = np.broadcast_to(0 if zero_point is None else zero_point, shape).reshape(-1)
+    codes = fill.astype(np.int32)
+    codes[nonzero] = values.astype(np.int32) + qmin
+  elif meta["kind"] == "kmeans":
+    codes = np.full(n, 1 << bits, np.int32)
+    codes[nonzero] = values
+  else:
+    codes = np.zeros(n, np.float32)
+    codes[nonzero] = values
+  act = meta.get("act")
+  return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
+                     f32("scale"), f32("bias"), f32("codebook"),
+                     None if act is None else dict(act))

@@ -1,0 +1,117 @@
+"""BatchNorm folding: a conv followed by BatchNorm (eval mode) becomes one biased conv.
+
+BatchNorm in eval mode computes ``(y - mean) * g + beta`` per output channel with
+``g = gamma / sqrt(var + eps)``. For ``y = conv(x, W) + b`` that is
+``conv(x, W * g) + (b - mean) * g + beta``: the kernel's output channels (its last axis) are
+multiplied by ``g`` and the bias becomes ``(b - mean) * g + beta``.
+
+A quantized kernel ``W = (q - zp) * s`` folds without touching the integers ``q``: the folded
+layer is ``conv(x, (q - zp)) * (s * g) + bias``, so the per-channel float multiplier ``s * g`` is
+stored beside the unchanged codes and the exported model uses exactly the integers fake
+quantization used (:func:`folded_scale`).
+
+Which BatchNorm follows which conv is read from the module names, the convention of the CIFAR
+ResNets and the PyTorch models they mirror: ``.../convK`` is followed by ``.../bnK`` in the same
+parent module (``conv1`` -> ``bn1``, ``layer1_0/conv2`` -> ``layer1_0/bn2``).
+
+References:
+  Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+  Inference. CVPR 2018 (section 3.2, batch normalization folding).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.models.resnet import BN_EPSILON
+
+_CONV_NAME = re.compile(r"(.*?)conv(\d*)$")
+
+
+def bn_path(conv_path: str) -> str | None:
+  """The BatchNorm that follows a conv by naming convention: ``a/conv2`` -> ``a/bn2``."""
+  parent, _, name = conv_path.rpartition("/")
+  m = _CONV_NAME.fullmatch(name)
+  if not m:
+    return None
+  return f"{parent}/{m.group(1)}bn{m.group(2)}" if parent else f"{m.group(1)}bn{m.group(2)}"
+
+
+def subtree(tree: Mapping[str, Any], path: str) -> Any:
+  """The node at a ``/``-joined path of a nested dict, or ``None``."""
+  node = tree
+  for name in path.split("/"):
+    if not isinstance(node, Mapping) or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+def bn_multiplier(scale: Any, var: Any, eps: float = BN_EPSILON) -> np.ndarray:
+  """``g = scale / sqrt(var + eps)`` in float32, per channel."""
+  return (np.asarray(scale, np.float32) / np.sqrt(np.asarray(var, np.float32) + np.float32(eps))
+          ).astype(np.float32)
+
+
+def fold_bias(bias: Any, g: np.ndarray, bn_bias: Any, mean: Any) -> np.ndarray:
+  """Folded bias ``(b - mean) * g + beta`` (``b`` may be ``None``: a bias-free conv)."""
+  b = np.zeros_like(g) if bias is None else np.asarray(bias, np.float32)
+  return ((b - np.asarray(mean, np.float32)) * g + np.asarray(bn_bias, np.float32)).astype(
+      np.float32)
+
+
+def fold_bn(kernel: Any, bias: Any, bn_params: Mapping[str, Any], bn_stats: Mapping[str, Any],
+            eps: float = BN_EPSILON) -> tuple[np.ndarray, np.ndarray]:
+  """Folds a BatchNorm into the float conv or dense layer before it.
+
+  Args:
+    kernel: the layer's kernel; output channels on the last axis (HWIO, or ``[in, out]``).
+    bias: the layer's bias or ``None``.
+    bn_params: ``{'scale': gamma, 'bias': beta}``.
+    bn_stats: ``{'mean': ..., 'var': ...}`` running statistics.
+    eps: BatchNorm epsilon.
+
+  Returns:
+    ``(kernel * g, (bias - mean) * g + beta)``, float32.
+  """
+  g = bn_multiplier(bn_params["scale"], bn_stats["var"], eps)
+  return ((np.asarray(kernel, np.float32) * g).astype(np.float32),
+          fold_bias(bias, g, bn_params["bias"], bn_stats["mean"]))
+
+
+def folded_scale(weight_scale: Any, g: np.ndarray | None, channels: int) -> np.ndarray:
+  """Per-output-channel multiplier ``s * g`` of a quantized kernel (``s`` per tensor or channel).
+
+  Args:
+    weight_scale: the quantization scale, a scalar or any shape holding ``channels`` values.
+    g: the BatchNorm multiplier, or ``None`` when no BatchNorm follows.
+    channels: number of output channels.
+
+  Returns:
+    ``float32[channels]``.
+  """
+  s = np.broadcast_to(np.asarray(weight_scale, np.float32).reshape(-1), (channels,))
+  return (s * g if g is not None else s).astype(np.float32)
+
+
+def find_bn(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None,
+            layer_path: str) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+  """``(bn params, bn stats)`` of the BatchNorm after ``layer_path``, or ``None`` if there is none.
+
+  Raises:
+    ConfigError: if the BatchNorm has parameters but no running statistics.
+  """
+  path = bn_path(layer_path)
+  bn = subtree(params, path) if path else None
+  if bn is None:
+    return None
+  stats = subtree(batch_stats or {}, path)
+  if stats is None or "mean" not in stats or "var" not in stats:
+    raise ConfigError(f"variables['batch_stats'] has no {path}/mean and {path}/var to fold "
+                      f"BatchNorm {path!r} into {layer_path!r}; pass the full model variables "
+                      "(params and batch_stats)")
+  return bn, stats

@@ -1,0 +1,98 @@
+"""A ``jax.export`` (StableHLO) inference function that runs without jaxcompress.
+
+:func:`save_serving` serializes ``images -> logits`` of a loaded artifact, weights embedded as
+constants, with a symbolic batch size, into ``DIR/serving/model.jaxexport``, and describes its
+signature in ``DIR/serving/signature.json``. It lives beside the artifact (``DIR/export``), not in
+it, so the artifact's bytes stay the model's bytes. Running it needs only JAX:
+
+  >>> import jax, numpy as np
+  >>> with open("DIR/serving/model.jaxexport", "rb") as f:
+  ...   exported = jax.export.deserialize(bytearray(f.read()))
+  >>> logits = exported.call(np.zeros((8, 32, 32, 3), np.uint8))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress.errors import ConfigError
+
+SERVING_FILE, SIGNATURE_FILE = "model.jaxexport", "signature.json"
+
+
+def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None,
+                 platforms: Sequence[str] = ("cpu",)) -> dict:
+  """Serializes the inference function of a loaded artifact with ``jax.export``.
+
+  Args:
+    out_dir: the serving folder, by convention ``WORKDIR/serving`` (created).
+    loaded: a :class:`~jaxcompress.export.runtime.LoadedModel` (from :func:`load`).
+    mean: per-channel mean of pixel/255; with ``std`` the function takes ``uint8`` images and
+      normalises them itself. Without them it takes normalised ``float32`` images.
+    std: per-channel std of pixel/255.
+    platforms: platforms to lower for (``"cpu"``, ``"cuda"``, ``"tpu"``).
+
+  Returns:
+    The signature written to ``signature.json``.
+
+  Raises:
+    ConfigError: if only one of ``mean``/``std`` is given, or ``flatbuffers`` is not installed.
+  """
+  try:
+    import flatbuffers  # noqa: F401  (jax.export serialization imports it lazily)
+  except ImportError:
+    raise ConfigError("save_serving needs the flatbuffers package, which jax.export uses to "
+                      "serialize; pip install flatbuffers") from None
+  if (mean is None) != (std is None):
+    raise ConfigError("save_serving: give both mean and std (uint8 input) or neither "
+                      f"(normalised float32 input), got mean={mean!r}, std={std!r}")
+  spec = loaded.spec
+  shape = tuple(spec["input_shape"])
+  variables, apply_fn = loaded.variables, loaded.apply_fn
+
+  if mean is not None:
+    m = np.asarray(mean, np.float32) * 255
+    s = np.asarray(std, np.float32) * 255
+
+    def serve(images):
+      return apply_fn(variables, (images.astype(jnp.float32) - m) / s)
+
+    dtype = jnp.uint8
+  else:
+
+    def serve(images):
+      return apply_fn(variables, images)
+
+    dtype = jnp.float32
+  (batch,) = jax.export.symbolic_shape("batch")
+  exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
+      jax.ShapeDtypeStruct((batch, *shape), dtype))
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, SERVING_FILE), "wb") as f:
+    f.write(exported.serialize())
+  signature = {"file": SERVING_FILE, "input": {"shape": ["batch", *shape],
+                                                "dtype": np.dtype(dtype).name,
+                                                "normalised_inside": mean is not None},
+               "output": {"shape": ["batch", spec["num_classes"]], "dtype": "float32"},
+               "platforms": list(platforms), "model": spec["model"],
+               "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"}
+  with open(os.path.join(out_dir, SIGNATURE_FILE), "w") as f:
+    json.dump(signature, f, indent=1)
+  return signature
+
+
+def load_serving(out_dir: str) -> Callable:
+  """``images -> logits`` from a serving folder; the plain-JAX code of the module docstring."""
+  path = os.path.join(out_dir, SERVING_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"serving: no {SERVING_FILE} in {out_dir!r}; write it with save_serving")
+  with open(path, "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  return exported.call

@@ -1,0 +1,89 @@
+"""Size accounting of an artifact: bytes on disk per layer and in total, against float32.
+
+The float32 reference of a model is 4 bytes per entry of its ``params`` (kernels, biases,
+BatchNorm scale and bias; running statistics are not parameters): 1,078,888 bytes for ResNet-20.
+A layer's reference counts its kernel, bias and the BatchNorm folded into it, at full width (before
+channel surgery). A layer's bytes are its segments in the raw arrays; the total is what the
+artifact's files take on disk (``os.path.getsize``), compression and the JSON spec included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from jaxcompress.export.fold import bn_path
+from jaxcompress.models import get_model
+
+
+def float32_reference(model_name: str, num_classes: int,
+                      input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+  """``(total, {layer path: bytes})`` of the full-width float32 model's parameters."""
+  model = get_model(model_name, num_classes)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                             np.zeros((1, *input_shape), np.float32)))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["params"]), sep="/")
+  sizes = {k: 4 * int(np.prod(v.shape)) for k, v in flat.items()}
+  per_layer = {}
+  for key in sizes:
+    if key.endswith("/kernel"):
+      path = key[: -len("/kernel")]
+      owned = [f"{path}/kernel", f"{path}/bias"]
+      if bn_path(path):
+        owned += [f"{bn_path(path)}/scale", f"{bn_path(path)}/bias"]
+      per_layer[path] = sum(sizes.get(k, 0) for k in owned)
+  return sum(sizes.values()), per_layer
+
+
+def size_report(out_dir: str) -> dict[str, Any]:
+  """Per-layer and total bytes of the artifact in ``out_dir``, against float32.
+
+  Returns:
+    ``{'layers': [{'path', 'kind', 'bits', 'encoding', 'shape', 'density', 'bytes',
+    'float32_bytes'}], 'arrays_raw_bytes', 'arrays_bytes', 'spec_bytes', 'total_bytes',
+    'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of the artifact's file
+    sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
+  """
+  spec_file = os.path.join(out_dir, "spec.json")
+  with open(spec_file) as f:
+    spec = json.load(f)
+  total_ref, ref = float32_reference(spec["model"], spec["num_classes"],
+                                     tuple(spec["input_shape"]))
+  layers = []
+  for meta in spec["layers"]:
+    n = int(np.prod(meta["shape"]))
+    layers.append({
+        "path": meta["path"], "kind": meta["kind"], "bits": meta["bits"],
+        "encoding": meta["encoding"] + (str(meta["gap_bits"]) if meta["encoding"] == "gaps"
+                                        else ""),
+        "shape": meta["shape"], "density": round(meta["nnz"] / n, 4),
+        "bytes": sum(size for _, size in meta["segments"].values()),
+        "float32_bytes": ref.get(meta["path"], 0)})
+  files = [os.path.join(out_dir, f) for f in sorted(os.listdir(out_dir))]
+  total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
+  return {"layers": layers, "arrays_raw_bytes": spec["arrays"]["raw_bytes"],
+          "arrays_bytes": os.path.getsize(os.path.join(out_dir, spec["arrays"]["file"])),
+          "spec_bytes": os.path.getsize(spec_file), "total_bytes": total,
+          "float32_bytes": total_ref, "ratio": round(total_ref / total, 3),
+          "compression": spec["arrays"]["compression"]}
+
+
+def format_report(report: dict[str, Any]) -> str:
+  """A Markdown table of :func:`size_report` (one row per layer, then the totals)."""
+  rows = ["| layer | kind | bits | encoding | density | bytes | float32 bytes |",
+          "|---|---|---:|---|---:|---:|---:|"]
+  for l in report["layers"]:
+    bits = "32" if l["kind"] == "float" else str(l["bits"])
+    rows.append(f"| {l['path']} | {l['kind']} | {bits} | {l['encoding']} | {l['density']:.3f} "
+                f"| {l['bytes']:,} | {l['float32_bytes']:,} |")
+  rows.append(f"| arrays (raw / on disk, {report['compression']}) | | | | | "
+              f"{report['arrays_raw_bytes']:,} / {report['arrays_bytes']:,} | |")
+  rows.append(f"| spec.json | | | | | {report['spec_bytes']:,} | |")
+  rows.append(f"| **total on disk** | | | | | **{report['total_bytes']:,}** | "
+              f"**{report['float32_bytes']:,}** ({report['ratio']:.1f}x smaller) |")
+  return "\n".join(rows)

@@ -1,0 +1,43 @@
+"""The evaluate entry point on an exported artifact: same JSON fields, the artifact's accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import evaluate as evaluate_config_file
+from jaxcompress.data import load_split
+from jaxcompress.errors import ConfigError
+from jaxcompress.evaluate import evaluate_config
+from test_export_runtime import mlp_artifact
+
+
+def _config(exported, name="mlp"):
+  c = evaluate_config_file.get_config()
+  c.model.name, c.model.exported = name, exported
+  c.data.eval_batch_size = 16
+  return c
+
+
+def test_evaluate_reports_the_artifacts_accuracy(tmp_path):
+  loaded = mlp_artifact(str(tmp_path / "export"), input_shape=(32, 32, 3))
+  with tfds.testing.mock_data(num_examples=40):
+    result = evaluate_config(_config(str(tmp_path / "export")))
+    images, labels = load_split("cifar10", "test", progress=False)
+  mean, std = np.array((0.485, 0.456, 0.406)), np.array((0.229, 0.224, 0.225))
+  preds = np.argmax(loaded.logits(((images / 255.0 - mean) / std).astype(np.float32)), -1)
+  assert result["examples"] == 40 == len(labels)
+  assert result["accuracy"] == pytest.approx(100 * np.mean(preds == labels))
+  assert {"loss", "precision", "recall", "model", "dataset", "split"} <= set(result)
+  assert result["model"] == "mlp" and result["exported"] == str(tmp_path / "export")
+
+
+def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):
+  mlp_artifact(str(tmp_path / "small"), input_shape=(8, 8, 3))
+  with pytest.raises(ConfigError, match="the artifact in .* is a mlp, but 'resnet20' was asked "
+                                        "for; set model.name=mlp"):
+    evaluate_config(_config(str(tmp_path / "small"), name="resnet20"))
+  with pytest.raises(ConfigError, match=r"model.exported input_shape must be \[32, 32, 3\] for "
+                                        r"cifar10, got \[8, 8, 3\]"):
+    evaluate_config(_config(str(tmp_path / "small")))

@@ -1,0 +1,88 @@
+"""The rebuilt model's input fake-quantization and shape checks; ``random_variables`` for the
+other export tests (``model.init`` compiles a random-number program that takes seconds on CPU)."""
+
+from __future__ import annotations
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.export.runtime import build_model, make_apply_fn
+
+
+def random_variables(model: nn.Module, input_shape, seed: int = 0) -> dict:
+  """He-normal kernels, BatchNorm scale/var in [0.5, 1.5], small biases and means (NumPy)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, *input_shape), np.float32))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, s):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
+    if name == "kernel":
+      return (rng.standard_normal(s.shape) * np.sqrt(2 / np.prod(s.shape[:-1]))).astype(np.float32)
+    return (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, flax.core.unfreeze(shapes))
+
+
+class TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="fc2")(nn.relu(nn.Dense(4, name="fc1")(x)))
+
+
+def test_only_the_named_layers_get_fake_quantized_inputs():
+  model = TwoDense()
+  v = random_variables(model, (5,))
+  x = np.random.default_rng(1).standard_normal((6, 5)).astype(np.float32)
+  act = {"bits": 4, "scale": 0.25, "zero_point": 8, "qmin": 0, "qmax": 15}
+  got = make_apply_fn(model, {"fc1": act})(v, x)
+  xq = (np.clip(np.round(x / 0.25) + 8, 0, 15) - 8) * 0.25  # NumPy oracle of the input grid
+  p = v["params"]
+  h = np.maximum(xq @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  np.testing.assert_allclose(got, h @ p["fc2"]["kernel"] + p["fc2"]["bias"], rtol=1e-5,
+                             atol=1e-5)
+  plain = make_apply_fn(model, {})(v, x)
+  np.testing.assert_allclose(plain, model.apply(v, x), rtol=1e-6)
+  assert not np.allclose(plain, got)
+
+
+def test_build_model_names_the_first_shape_mismatch():
+  v = random_variables(TwoDense(), (5,))
+  v["params"]["linear"] = v["params"].pop("fc2")
+  with pytest.raises(ConfigError, match="model.exported: the artifact has no 'params/fc2/bias', "
+                                        "which mlp needs; the spec does not match this model"):
+    build_model("mlp", 3, {"hidden": [4]}, (5,), v)
+  good = random_variables(TwoDense(), (5,))
+  good["params"] = {"fc1": good["params"]["fc1"], "fc2": good["params"]["fc2"]}
+  assert build_model("mlp", 3, {"hidden": [4]}, (5,), good) is not None
+  good["params"]["fc2"]["kernel"] = np.zeros((4, 2), np.float32)
+  with pytest.raises(ConfigError, match=r"params/fc2/kernel has shape \[4, 2\] in the artifact, "
+                                        r"mlp with .* needs \[4, 3\]"):
+    build_model("mlp", 3, {"hidden": [4]}, (5,), good)
+
+
+def mlp_artifact(out_dir: str, input_shape=(8, 8, 3), seed: int = 0):
+  """Exports an ``mlp`` with 8-bit inputs to fc1 and 4-bit per-channel weights in fc2 (specs
+  written by hand, as the quantization package would); returns ``load(out_dir)``."""
+  from jaxcompress.export import export_model, load
+  from jaxcompress.models import get_model
+  from jaxcompress.quantization import LayerSpec
+
+  variables = random_variables(get_model("mlp"), input_shape, seed)
+  w = variables["params"]["fc2"]["kernel"]
+  scale = (np.abs(w).max(0, keepdims=True) / 7.5).astype(np.float32)
+  specs = {
+      "fc1": LayerSpec(path="fc1", kind="Dense", method="minmax", act_bits=8,
+                       act_scale=np.float32(0.05), act_zero_point=np.int32(128), act_qmin=0,
+                       act_qmax=255, act_range=(-6.4, 6.35)),
+      "fc2": LayerSpec(path="fc2", kind="Dense", method="minmax", weight_bits=4, weight_axis=1,
+                       weight_scale=scale, weight_zero_point=np.zeros_like(scale, np.int32),
+                       weight_qmin=-8, weight_qmax=7)}
+  export_model(out_dir, model_name="mlp", variables=variables, specs=specs,
+               input_shape=input_shape)
+  return load(out_dir, expect_model="mlp")
