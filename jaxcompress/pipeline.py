@@ -92,9 +92,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
   spec = data_lib.dataset_spec(config.data.name)
   splits = load_data(config.data)
-  evaluate_vars = lambda fn, v, desc: evaluate_split(make_eval_step(fn, mesh=mesh),
-                                                     parallel.replicate(mesh, v), splits["eval"],
-                                                     config.data, mesh=mesh, desc=desc)
+  evaluate_vars = lambda fn, v, desc, preds=False: evaluate_split(
+      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], config.data,
+      mesh=mesh, desc=desc, predictions=preds)
 
   def stage(name: str, fn):
     if name not in stages:
@@ -158,7 +158,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     eval_fn=lambda s: evaluate_vars(comp.logits_fn, comp.eval_variables(s),
                                                     "eval"))
   after = stage("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),
-                                                  "eval compressed"), **info})
+                                                  "eval compressed", True), **info})
   final_params = jax.device_get(state.params["model"])
   sel = pruning.select({"model": final_params}, comp.prune_rules, warn_unused=False)
   selected = sel.pick(sel.leaves)
@@ -170,8 +170,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
                 "act_bits": config.quant.act_bits or 32}
   if config.export.enabled:
-    compressed.update(stage("export", lambda: _export(config, workdir, comp, state,
-                                                      original_bytes)))
+    compressed.update(stage("export", lambda: _export(
+        config, workdir, comp, state, original_bytes, after["predictions"], evaluate_vars)))
   results = {
       "teacher": _row(stages.get("teacher"), config.teacher.name),
       "original": {**_row(stages["original"], config.student.name),
@@ -187,9 +187,38 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _export(config, workdir: str, comp, state, original_bytes: int) -> dict:
-  """Writes the artifact and returns its size and measured accuracy."""
-  raise NotImplementedError("export lands with the export package")
+def _export(config, workdir: str, comp, state, original_bytes: int, predictions: list,
+            evaluate_vars) -> dict:
+  """Writes ``WORKDIR/export`` (and ``WORKDIR/serving``), reloads the artifact, evaluates it.
+
+  Returns:
+    ``size_bytes`` (artifact bytes on disk), ``compression_ratio``, the artifact's ``accuracy``
+    as ``exported_accuracy`` and its prediction agreement with the fake-quant model.
+  """
+  from jaxcompress import export  # heavy; only the export stage needs it
+  spec = data_lib.dataset_spec(config.data.name)
+  model_state = jax.device_get(state.model_state)
+  variables = {"params": jax.device_get(state.params["model"]),
+               **{k: v for k, v in model_state.items() if k != "quant"}}
+  specs = None
+  if comp.quantizer is not None:
+    qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
+    specs = comp.quantizer.specs(variables, qstate)
+  out_dir = os.path.join(workdir, "export")
+  report = export.export_model(out_dir, model_name=config.student.name, variables=variables,
+                               num_classes=spec.num_classes, specs=specs,
+                               input_shape=spec.image_shape)
+  loaded = export.load(out_dir, expect_model=config.student.name)
+  if config.export.serving:
+    export.save_serving(os.path.join(workdir, "serving"), loaded, mean=config.data.mean,
+                        std=config.data.std)
+  result = evaluate_vars(loaded.apply_fn, loaded.variables, "eval exported artifact", True)
+  agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
+  with open(os.path.join(workdir, "export_size.md"), "w") as f:
+    f.write(export.format_report(report) + "\n")
+  return {"size_bytes": int(report["total_bytes"]),
+          "compression_ratio": round(original_bytes / report["total_bytes"], 3),
+          "exported_accuracy": result["accuracy"], "export_agreement": agree}
 
 
 def _row(result: dict | None, name: str) -> dict:

@@ -124,12 +124,14 @@ def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
 
 
 def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_classes: int,
-             mesh=None, total: int | None = None, desc: str = "eval") -> dict:
+             mesh=None, total: int | None = None, desc: str = "eval",
+             predictions: bool = False) -> dict:
   """Runs ``eval_step`` over every batch; returns loss, accuracy and per-class precision/recall.
 
   Returns:
     ``{'accuracy': percent, 'loss': mean cross-entropy, 'examples': n, 'precision': [...],
-    'recall': [...]}`` over the examples with non-zero weight.
+    'recall': [...]}`` over the examples with non-zero weight, plus ``'predictions'`` (a list of
+    class ids, in example order) when ``predictions`` is set.
   """
   labels, preds, losses = [], [], []
   for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
@@ -140,7 +142,10 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
     labels.append(np.asarray(batch.label)[keep])
     preds.append(np.asarray(pred)[keep])
     losses.append(np.asarray(loss)[keep])
-  report = classification_report(
-      confusion_matrix(np.concatenate(labels), np.concatenate(preds), num_classes))
-  return {"accuracy": report["accuracy"], "loss": float(np.mean(np.concatenate(losses))),
-          **{k: v for k, v in report.items() if k != "accuracy"}}
+  preds = np.concatenate(preds)
+  report = classification_report(confusion_matrix(np.concatenate(labels), preds, num_classes))
+  out = {"accuracy": report["accuracy"], "loss": float(np.mean(np.concatenate(losses))),
+         **{k: v for k, v in report.items() if k != "accuracy"}}
+  if predictions:
+    out["predictions"] = preds.tolist()
+  return out

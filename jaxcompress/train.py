@@ -60,12 +60,12 @@ def load_data(data_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def evaluate_split(eval_step: Callable, variables, split: tuple[np.ndarray, np.ndarray],
-                   data_cfg, *, mesh=None, desc: str = "eval") -> dict:
+                   data_cfg, *, mesh=None, desc: str = "eval", predictions: bool = False) -> dict:
   """Evaluates on every example of ``split`` (loss, accuracy, per-class precision/recall)."""
   x, y = split
   bs = data_cfg.eval_batch_size
   batches = data_lib.eval_batches(x, y, bs, mean=data_cfg.mean, std=data_cfg.std)
-  return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc,
+  return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc, predictions=predictions,
                   num_classes=data_lib.dataset_spec(data_cfg.name).num_classes,
                   total=-(-len(x) // bs))
 

@@ -48,6 +48,7 @@ def _run(config, workdir):
 
 def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path):
   config = _config(mlp_weights)
+  config.export.enabled = True
   results = _run(config, tmp_path)
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk == json.loads(json.dumps(results))
@@ -64,6 +65,20 @@ def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path)
   assert on_disk["compressed"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
   for name in ("report.md", "curves.png", "accuracy_vs_size.png", "metrics.jsonl"):
     assert os.path.getsize(tmp_path / name) > 0
+  # The artifact: its bytes on disk are what the results report, and it predicts like the
+  # fake-quant model it came from.
+  c = on_disk["compressed"]
+  disk = sum(os.path.getsize(tmp_path / "export" / f) for f in os.listdir(tmp_path / "export"))
+  assert c["size_bytes"] == disk
+  assert c["compression_ratio"] == pytest.approx(on_disk["original"]["size_bytes"] / disk,
+                                                 rel=1e-3)
+  # By hand: fc1 and fc3 8-bit dense; fc2 4-bit values of the 20 % kept plus a 1-bit map;
+  # per-channel scales and biases in float32; a few KiB of JSON spec.
+  budget = 784 * 256 + 128 * 10 + 256 * 128 * (0.2 * 0.5 + 1 / 8) + 8 * (256 + 128 + 10) + 8192
+  assert disk < budget
+  assert c["export_agreement"] >= 0.999
+  assert abs(c["exported_accuracy"] - c["accuracy"]) <= 100 / 64 + 1e-9
+  assert os.listdir(tmp_path / "serving")
   report = open(tmp_path / "report.md").read()
   assert "compressed, fine-tuned" in report and "recall 9" in report
   # A rerun of the same command finds every stage done and returns the same results.
