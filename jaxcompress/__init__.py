@@ -1,0 +1,27 @@
+"""jaxcompress: model compression as pure JAX/Flax transforms composed into jitted optax steps.
+
+Data flow, one module each (``import jaxcompress.<name>``):
+
+  config        configs/*.py (ml_collections), validated by the modules below
+  data          TF-free TFDS input pipeline: decode once, crop/flip, deterministic batches
+  models        CIFAR ResNets, CNNs, MLP; registry; PyTorch weight import
+  pruning       scores, masks (unstructured, N:M, channel), schedules, optax wrapper, iterative
+  quantization  fake-quant (STE), calibration, LSQ, k-means, rules over unmodified Flax models
+  distillation  per-example KD and hint losses
+  compose       one jitted train step for any subset of prune / quantize / distill
+  steps, optim, parallel, train, checkpoint
+                train/eval steps, optimizers, data parallelism, the resumable loop
+  metrics, evaluate
+                accuracy, per-class precision/recall
+  export        finalize, pack, save/load the artifact, channel surgery, jax.export serving
+  pipeline, report
+                the main job (experiments/cifar_distill.py) and its report
+"""
+
+from jaxcompress import compose, data, distillation, models, pruning, quantization, rules
+from jaxcompress.errors import ConfigError
+
+__version__ = "0.1.0"
+
+__all__ = ["ConfigError", "compose", "data", "distillation", "models", "pruning",
+           "quantization", "rules"]
