@@ -9,7 +9,8 @@ three methods — prune only, quantize only, distill only, all, or none (plain f
 
 Train-state layout (a :class:`~jaxcompress.steps.TrainState`):
   ``params = {'model': student params, 'qsteps': LSQ step sizes, 'adapters': hint adapters}``
-  ``model_state = {'batch_stats': ..., 'quant': QuantState (ranges; steps live in params)}``
+  ``model_state = {'batch_stats': ..., 'quant': QuantState (ranges; steps live in params),
+  'kmeans': {layer path: codebook}}`` (the codebooks of ``quant.method = 'kmeans'``)
   ``opt_state``: the pruning wrapper's state (masks, step count) around the base optimizer.
 The teacher's variables are an input of the step (never trained, never checkpointed).
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weight
 PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement")
 PRUNE_STRUCTURES = ("unstructured", "nm", "channel")
 PRUNE_SCHEDULES = ("gradual", "one_shot", "constant")
-QUANT_METHODS = ("minmax", "lsq")
+QUANT_METHODS = ("minmax", "lsq", "kmeans")
 
 
 def _model_rules(rules) -> list[tuple[str, bool]]:
@@ -110,12 +112,17 @@ class Compression:
   alpha: float
   feature_weight: float
   feature_pairs: tuple
+  kmeans_bits: int = 0
+  quantizer_edges: bool = True
 
   # -- forward -------------------------------------------------------------------------------
   def student_apply(self, params, model_state, x, *, train: bool, capture=None):
     """Student logits (and new model state, and captured features if ``capture``)."""
-    collections = {k: v for k, v in model_state.items() if k != "quant"}
-    variables = {"params": params["model"], **collections}
+    collections = {k: v for k, v in model_state.items() if k not in ("quant", "kmeans")}
+    model_params, books = params["model"], model_state.get("kmeans")
+    if books is not None:
+      model_params, books = _share_weights(model_params, books, update=train)
+    variables = {"params": model_params, **collections}
     kwargs = {} if capture is None else {"capture_intermediates": capture}
     if self.quantizer is None:
       out = self.student.apply(variables, x, train=train, mutable=list(collections) if train
@@ -126,7 +133,9 @@ class Compression:
       qstate = model_state["quant"].replace(steps=params.get("qsteps", {}))
       logits, updated, new_q = self.quantizer.apply(
           variables, qstate, x, train=train, mutable=list(collections) if train else [], **kwargs)
-      new_state = {**updated, "quant": new_q.replace(steps={})}
+      new_state = {**model_state, **updated, "quant": new_q.replace(steps={})}
+    if books is not None:
+      new_state["kmeans"] = books
     feats = new_state.pop("intermediates", {})
     return logits, new_state, feats
 
@@ -210,6 +219,13 @@ class Compression:
       if qstate.steps:
         params["qsteps"] = qstate.steps
       model_state["quant"] = qstate.replace(steps={})
+    if self.kmeans_bits:
+      skip = set()
+      if self.quantizer is not None and self.quantizer_edges:
+        skip = {qstate.layers[0].path, qstate.layers[-1].path}
+      model_state["kmeans"] = {
+          path: quantization.kmeans(kernel, bits=self.kmeans_bits, mask=kernel != 0).codebook
+          for path, kernel in _kernels(params["model"]).items() if path not in skip}
     if self.teacher is not None and self.feature_weight:
       _, _, s_feats = self.student_apply(params, model_state, sample_x, train=False,
                                          capture=self._capture(0))
@@ -221,6 +237,23 @@ class Compression:
       params["adapters"] = kd.init_adapters(self.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
+
+
+def _kernels(params) -> dict[str, jax.Array]:
+  """``{module path: kernel}`` of every Conv/Dense-like layer (a ``kernel`` leaf, ndim >= 2)."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  return {k[:-len("/kernel")]: v for k, v in flat.items()
+          if k.endswith("/kernel") and v.ndim >= 2}
+
+
+def _share_weights(params, books: dict, *, update: bool):
+  """Replaces each clustered kernel by its k-means-shared version (straight-through)."""
+  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  new_books = {}
+  for path, book in books.items():
+    flat[f"{path}/kernel"], new_books[path] = quantization.kmeans_fake_quant(
+        flat[f"{path}/kernel"], book, update=update)
+  return flax.traverse_util.unflatten_dict(flat, sep="/"), new_books
 
 
 def _feature(intermediates, path: str):
@@ -266,17 +299,22 @@ def build(config, student: nn.Module, teacher: nn.Module | None, *, steps_per_ep
     optimizer = pruning.prune(base, schedule, score=p.method, structure=_structure(p),
                               rules=rules, update_every=every, seed=config.seed)
   quantizer = None
+  kmeans_bits = q.weight_bits if q.method == "kmeans" else 0
   if q.weight_bits or q.act_bits:
-    common = dict(per_channel=bool(q.per_channel), method=q.method)
+    # k-means layers are weight-shared in compose (below); the quantizer only does their inputs,
+    # and the first/last layers stay uniform.
+    common = dict(per_channel=bool(q.per_channel),
+                  method="minmax" if q.method == "kmeans" else q.method)
     edge = q.first_last_bits or None
+    inner_bits = None if kmeans_bits else q.weight_bits or None
     rules_q = [(quantization.FIRST, dict(weight_bits=edge, act_bits=edge, **common)),
                (quantization.LAST, dict(weight_bits=edge, act_bits=edge, **common)),
-               (".*", dict(weight_bits=q.weight_bits or None, act_bits=q.act_bits or None,
-                           **common))]
+               (".*", dict(weight_bits=inner_bits, act_bits=q.act_bits or None, **common))]
     quantizer = quantization.quantize(student, rules_q)
   use_teacher = teacher is not None and (d.alpha > 0 or d.feature_weight > 0)
   return Compression(student=student, teacher=teacher if use_teacher else None,
                      quantizer=quantizer, optimizer=optimizer, prune_enabled=prune_enabled,
                      prune_rules=rules, temperature=float(d.temperature), alpha=float(d.alpha),
                      feature_weight=float(d.feature_weight),
-                     feature_pairs=tuple(tuple(x) for x in d.feature_pairs))
+                     feature_pairs=tuple(tuple(x) for x in d.feature_pairs),
+                     kmeans_bits=int(kmeans_bits), quantizer_edges=bool(q.first_last_bits))

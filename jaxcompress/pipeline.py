@@ -15,10 +15,11 @@ import os
 import time
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 
-from jaxcompress import compose, parallel, pruning
+from jaxcompress import compose, parallel, pruning, quantization
 from jaxcompress import data as data_lib
 from jaxcompress import report as report_lib
 from jaxcompress.checkpoint import MetricsLog
@@ -199,7 +200,10 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   spec = data_lib.dataset_spec(config.data.name)
   model_state = jax.device_get(state.model_state)
   variables = {"params": jax.device_get(state.params["model"]),
-               **{k: v for k, v in model_state.items() if k != "quant"}}
+               **{k: v for k, v in model_state.items() if k not in ("quant", "kmeans")}}
+  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  codebooks = {path: quantization.assign(flat[f"{path}/kernel"], book)
+               for path, book in model_state.get("kmeans", {}).items()}
   specs = None
   if comp.quantizer is not None:
     qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
@@ -207,7 +211,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   out_dir = os.path.join(workdir, "export")
   report = export.export_model(out_dir, model_name=config.student.name, variables=variables,
                                num_classes=spec.num_classes, specs=specs,
-                               input_shape=spec.image_shape)
+                               codebooks=codebooks or None, input_shape=spec.image_shape)
   loaded = export.load(out_dir, expect_model=config.student.name)
   if config.export.serving:
     export.save_serving(os.path.join(workdir, "serving"), loaded, mean=config.data.mean,

@@ -92,6 +92,23 @@ def test_lsq_steps_are_trained_and_pruning_leaves_them_alone():
   assert all(np.all(np.asarray(x) > 0) for x in jax.tree.leaves(after))
 
 
+def test_kmeans_method_shares_weights_over_the_codebook():
+  comp, state, _ = _setup(_config(prune=True, quant=True, quant__method="kmeans",
+                                  quant__weight_bits=3))
+  step = comp.make_train_step()
+  for i in range(12):
+    state, _ = step(state, _batches(3)[i % 3])
+  books = state.model_state["kmeans"]
+  assert set(books) == {"fc2"}  # first and last layers stay uniform 8-bit
+  assert books["fc2"].shape == (8,)
+  shared, _ = compose._share_weights(state.params["model"], books, update=False)
+  values = set(np.unique(np.asarray(shared["fc2"]["kernel"])).tolist())
+  assert values <= set(np.asarray(books["fc2"]).tolist()) | {0.0}
+  zeros = np.asarray(state.params["model"]["fc2"]["kernel"]) == 0
+  assert zeros.sum() == round(0.75 * zeros.size)
+  assert np.all(np.asarray(shared["fc2"]["kernel"])[zeros] == 0)
+
+
 @pytest.mark.parametrize("total", [3, 10, 100, 1000, 11700])
 def test_prune_schedule_reaches_the_target_inside_the_run(total):
   p = _config(prune=True).prune

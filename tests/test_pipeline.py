@@ -113,3 +113,15 @@ def test_bad_config_writes_nothing(mlp_weights, tmp_path, key, value, match):
   with pytest.raises(ConfigError, match=match):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_kmeans_weights_export_as_a_codebook_and_predict_alike(mlp_weights, tmp_path):
+  config = _config(mlp_weights)
+  config.quant.method, config.quant.weight_bits = "kmeans", 3
+  config.distill.alpha = 0.0
+  config.export.enabled, config.export.serving = True, False
+  results = _run(config, tmp_path)
+  spec = json.load(open(tmp_path / "export" / "spec.json"))
+  kinds = {layer["path"]: layer["kind"] for layer in spec["layers"]}
+  assert kinds["fc2"] == "kmeans" and kinds["fc1"] != "kmeans"
+  assert results["compressed"]["export_agreement"] >= 0.999

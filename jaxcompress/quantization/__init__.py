@@ -19,8 +19,8 @@ Model plumbing:
 from jaxcompress.quantization.calibration import RANGE_METHODS, ema_range, tensor_range
 from jaxcompress.quantization.config import FIRST, LAST, LayerConfig, default_rules
 from jaxcompress.quantization.fake_quant import dequantize, fake_quant, quantize_int
-from jaxcompress.quantization.kmeans import (Codebook, cluster_params, codebook_grad, decode,
-                                             decode_params, kmeans)
+from jaxcompress.quantization.kmeans import (Codebook, assign, cluster_params, codebook_grad,
+                                             decode, decode_params, kmeans, kmeans_fake_quant)
 from jaxcompress.quantization.layer import QuantLayer
 from jaxcompress.quantization.lsq import lsq_fake_quant, lsq_grad_scale, lsq_init_step
 from jaxcompress.quantization.model import QuantState, Quantizer, quantize
@@ -30,10 +30,10 @@ from jaxcompress.quantization.schedule import bit_schedule, progressive_bits
 from jaxcompress.quantization.spec import LayerSpec, layer_specs
 
 __all__ = [
-    "CALIBRATION_METHODS", "FIRST", "LAST", "RANGE_METHODS", "Codebook", "LayerConfig",
-    "LayerSpec", "QuantLayer", "QuantState", "Quantizer", "bit_schedule", "calibrate",
+    "CALIBRATION_METHODS", "Codebook", "FIRST", "LAST", "LayerConfig", "LayerSpec", "QuantLayer",
+    "QuantState", "Quantizer", "RANGE_METHODS", "assign", "bit_schedule", "calibrate",
     "cluster_params", "codebook_grad", "decode", "decode_params", "default_rules", "dequantize",
-    "ema_range", "fake_quant", "kmeans", "layer_specs", "lsq_fake_quant", "lsq_grad_scale",
-    "lsq_init_step", "minmax_qparams", "progressive_bits", "qparams_from_range", "qrange",
-    "quantize", "quantize_int", "tensor_range",
+    "ema_range", "fake_quant", "kmeans", "kmeans_fake_quant", "layer_specs", "lsq_fake_quant",
+    "lsq_grad_scale", "lsq_init_step", "minmax_qparams", "progressive_bits", "qparams_from_range",
+    "qrange", "quantize", "quantize_int", "tensor_range",
 ]

@@ -72,16 +72,52 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
   lo = jnp.min(jnp.where(keep, flat, jnp.inf))
   hi = jnp.max(jnp.where(keep, flat, -jnp.inf))
   lo, hi = jnp.where(jnp.any(keep), lo, 0.0), jnp.where(jnp.any(keep), hi, 0.0)
-
-  def lloyd_step(_, centroids):
-    idx = jnp.where(keep, _assign(flat, centroids), k)
-    sums = jax.ops.segment_sum(flat, idx, num_segments=k)
-    counts = jax.ops.segment_sum(jnp.ones_like(flat), idx, num_segments=k)
-    return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centroids))
-
-  centroids = jax.lax.fori_loop(0, iters, lloyd_step, jnp.linspace(lo, hi, k))
+  centroids = jax.lax.fori_loop(0, iters, lambda _, c: _lloyd_step(flat, keep, c),
+                                jnp.linspace(lo, hi, k))
   indices = jnp.where(keep, _assign(flat, centroids), k).reshape(jnp.shape(w))
   return Codebook(centroids, indices)
+
+
+def _lloyd_step(flat: jax.Array, keep: jax.Array, centroids: jax.Array) -> jax.Array:
+  """One Lloyd iteration: assign to the nearest centroid, move each to its members' mean."""
+  k = centroids.shape[0]
+  idx = jnp.where(keep, _assign(flat, centroids), k)
+  sums = jax.ops.segment_sum(flat, idx, num_segments=k)
+  counts = jax.ops.segment_sum(jnp.ones_like(flat), idx, num_segments=k)
+  return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centroids))
+
+
+def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
+                      update: bool) -> tuple[jax.Array, jax.Array]:
+  """Weight sharing inside a train step: snap ``w`` to its nearest centroid, straight-through.
+
+  Exact zeros (pruned weights) are left out and stay 0. With ``update`` the centroids first take
+  one warm-started Lloyd step on the current weights, so the codebook follows the weights as they
+  train: a centroid moves by the mean of its members' updates (Han et al. move it by their summed
+  gradients; :func:`codebook_grad` gives that form for fixed assignments).
+
+  Args:
+    w: the dense weights (trainable; their gradient passes straight through).
+    codebook: ``[2^bits]`` sorted centroids (not trainable; carried in the model state).
+    update: re-estimate the centroids before snapping (training) or not (evaluation).
+
+  Returns:
+    ``(weights shared over the codebook, codebook)``.
+  """
+  flat = jnp.ravel(w).astype(jnp.float32)
+  keep = flat != 0
+  if update:
+    codebook = _lloyd_step(flat, keep, codebook)
+  shared = decode(codebook, jnp.where(keep, _assign(flat, codebook), codebook.shape[0]))
+  shared = shared.reshape(w.shape).astype(w.dtype)
+  return w + jax.lax.stop_gradient(shared - w), codebook
+
+
+def assign(w: jax.Array, codebook: jax.Array) -> Codebook:
+  """The :class:`Codebook` of ``w`` over a given ``codebook`` (exact zeros masked out)."""
+  flat = jnp.ravel(w)
+  idx = jnp.where(flat != 0, _assign(flat, codebook), codebook.shape[0])
+  return Codebook(codebook, idx.reshape(w.shape))
 
 
 def decode(codebook: Any, indices: Any) -> jax.Array:
