@@ -9,7 +9,7 @@ import pytest
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.quantization import (cluster_params, codebook_grad, decode, decode_params,
-                                      kmeans)
+                                      kmeans, kmeans_fake_quant)
 
 W = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
 
@@ -95,3 +95,20 @@ def test_cluster_params_by_rules_and_decode_params():
 def test_bad_bits_raise(bits):
   with pytest.raises(ConfigError, match=rf"bits must be an integer in \[2, 8\], got {bits}"):
     kmeans(W, bits=bits)
+
+
+def test_kmeans_fake_quant_by_hand():
+  w = jnp.array([0.1, 0.2, 0.9, 1.0, 0.0, -0.5])
+  book = jnp.array([-0.4, 0.0, 0.5, 1.0])
+  # No update: snap to the nearest given centroid; the exact zero (pruned) stays 0.
+  snapped, same = kmeans_fake_quant(w, book, update=False)
+  np.testing.assert_allclose(snapped, [0.0, 0.0, 1.0, 1.0, 0.0, -0.4], atol=1e-7)
+  np.testing.assert_array_equal(same, book)
+  # One Lloyd step first: members {-0.5}, {0.1, 0.2}, {}, {0.9, 1.0} -> -0.5, 0.15, 0.5, 0.95.
+  snapped, new = kmeans_fake_quant(w, book, update=True)
+  np.testing.assert_allclose(new, [-0.5, 0.15, 0.5, 0.95], atol=1e-6)
+  np.testing.assert_allclose(snapped, [0.15, 0.15, 0.95, 0.95, 0.0, -0.5], atol=1e-6)
+  # Straight-through: d/dw sum(c * snapped) = c.
+  c = jnp.arange(6.0)
+  g = jax.grad(lambda v: jnp.sum(c * kmeans_fake_quant(v, book, update=True)[0]))(w)
+  np.testing.assert_allclose(g, c)
