@@ -1,0 +1,347 @@
+"""Pruning sensitivity: how much accuracy each sparsity costs, without and with fine-tuning.
+
+Two studies of a trained model, each driven by a config and returning a JSON-ready dict:
+
+* :func:`one_shot_sensitivity` (``configs/prune_sensitivity.py``): magnitude masks at every
+  sparsity and scope, evaluated with no fine-tuning. :func:`sweep` is its config-free core; one
+  compiled eval step serves the dense model and every pruned one (only values change).
+* :func:`iterative_search` (``configs/iterative_prune.py``): rounds of prune -> fine-tune ->
+  validate (:func:`jaxcompress.pruning.iterative_prune`) with validation on a held-out slice of the
+  *training* split; the sparsest model within the tolerance is then evaluated once on the test
+  split. Each round fine-tunes with :func:`jaxcompress.pruning.prune` holding the round's zeros
+  at exactly zero (:func:`keep_nonzero`), so one compiled train step serves every round; each
+  round's checkpoints go to ``WORKDIR/round_<r>``, so a rerun with the same command resumes.
+
+Example:
+  >>> rows = sweep(params, lambda p: evaluate(p), [0.5, 0.9], ["layer", "global"])
+  >>> [(r["scope"], r["sparsity"], r["accuracy"]) for r in rows]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import data as data_lib
+from jaxcompress import parallel, pruning
+from jaxcompress.errors import ConfigError, invalid, unknown
+from jaxcompress.models import create_model, get_model
+from jaxcompress.optim import make_optimizer, validate_train_config
+from jaxcompress.pruning.masks import SCOPES, check_sparsity
+from jaxcompress.pruning.select import compile_rules
+from jaxcompress.rules import Rule
+from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
+from jaxcompress.train import evaluate_split, fit, load_data
+
+
+def zero_count(tree: Any, rules: Sequence[Rule] | None = None) -> tuple[int, int]:
+  """``(zeros, size)`` over the leaves of ``tree`` that ``rules`` select (the prunable ones).
+
+  Counted on the host. ``tree`` is a parameter or mask tree; with masks, zeros are pruned entries.
+  """
+  sel = pruning.select(tree, rules, warn_unused=False)
+  leaves = [np.asarray(x) for x in sel.pick(sel.leaves)]
+  return sum(int(x.size - np.count_nonzero(x)) for x in leaves), sum(x.size for x in leaves)
+
+
+def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[float],
+          scopes: Sequence[str], *, rules: Sequence[Rule] | None = None) -> list[dict]:
+  """Evaluates ``params`` magnitude-pruned at every ``(scope, sparsity)``, with no fine-tuning.
+
+  Args:
+    params: trained parameters.
+    evaluate: ``params -> {'accuracy': ..., 'loss': ..., ...}``.
+    sparsities: targets in [0, 1).
+    scopes: ``"layer"`` and/or ``"global"`` (see :func:`jaxcompress.pruning.magnitude_masks`).
+    rules: leaf selection; ``None`` for :data:`jaxcompress.pruning.DEFAULT_RULES`.
+
+  Returns:
+    One row per scope and sparsity, in that order: ``{'scope', 'sparsity', 'pruned',
+    'prunable', 'achieved', 'model_sparsity', 'accuracy', 'loss'}``; ``pruned`` counts zeroed
+    entries among the ``prunable`` (selected) ones, ``model_sparsity`` is over all parameters.
+  """
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  rows = []
+  for scope in scopes:
+    for sparsity in sparsities:
+      masks = pruning.magnitude_masks(params, sparsity, scope=scope, rules=rules)
+      pruned, prunable = zero_count(masks, rules)
+      metrics = evaluate(pruning.apply_masks(params, masks))
+      rows.append({"scope": scope, "sparsity": float(sparsity), "pruned": pruned,
+                   "prunable": prunable, "achieved": pruned / prunable,
+                   "model_sparsity": pruned / total, "accuracy": metrics["accuracy"],
+                   "loss": metrics["loss"]})
+  return rows
+
+
+def _rules(prune_cfg) -> list | None:
+  """The config's rule list (``()`` means the default rules), compiled once to validate it."""
+  rules = [tuple(r) for r in prune_cfg.rules] or None
+  compile_rules(rules)
+  return rules
+
+
+def _check_sparsities(field: str, values: Sequence[float]) -> None:
+  if not len(values):
+    raise invalid(field, values, "a non-empty list of sparsities in [0, 1)")
+  for i, s in enumerate(values):
+    check_sparsity(s, f"{field}[{i}]")
+
+
+def _check_scope(field: str, scope: str) -> None:
+  if scope not in SCOPES:
+    raise unknown(field, scope, SCOPES)
+
+
+def _build(config, mesh):
+  """The model, its variables and one compiled eval step."""
+  spec = data_lib.dataset_spec(config.data.name)
+  model, variables = create_model(config.model.name, num_classes=spec.num_classes,
+                                  image_shape=spec.image_shape, weights=config.model.weights,
+                                  seed=config.get("seed", 0))
+  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
+  return model, variables, eval_step
+
+
+def one_shot_sensitivity(config) -> dict:
+  """One-shot magnitude pruning of a trained model, no fine-tuning (``configs/prune_sensitivity``).
+
+  Returns:
+    ``{'model', 'weights', 'dataset', 'split', 'examples', 'dense': {'accuracy', 'loss'},
+    'results': [row of :func:`sweep`, ...], 'eval_compiles', 'seconds'}``. ``eval_compiles``
+    counts the compilations of the eval step (1: every evaluation reused the first one).
+
+  Raises:
+    ConfigError: for a bad sparsity, scope, rule, model, dataset, weights file or missing data,
+      all checked before any data is decoded.
+  """
+  t0 = time.perf_counter()
+  _check_sparsities("prune.sparsities", config.prune.sparsities)
+  if not len(config.prune.scopes):
+    raise invalid("prune.scopes", config.prune.scopes, "a non-empty list of layer, global")
+  for i, scope in enumerate(config.prune.scopes):
+    _check_scope(f"prune.scopes[{i}]", scope)
+  rules = _rules(config.prune)
+  data_lib.dataset_spec(config.data.name)
+  get_model(config.model.name)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
+  _, variables, eval_step = _build(config, mesh)
+  params = variables.pop("params")
+  split = data_lib.load_split(config.data.name, config.data.eval_split,
+                              data_dir=config.data.data_dir)
+  model_state = parallel.replicate(mesh, variables)
+
+  def evaluate(p, desc="eval"):
+    return evaluate_split(eval_step, {"params": parallel.replicate(mesh, p), **model_state},
+                          split, config.data, mesh=mesh, desc=desc)
+
+  dense = evaluate(params, "dense")
+  rows = sweep(params, evaluate, config.prune.sparsities, config.prune.scopes, rules=rules)
+  return {"model": config.model.name, "weights": config.model.weights,
+          "dataset": config.data.name, "split": config.data.eval_split,
+          "examples": dense["examples"],
+          "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"]}, "results": rows,
+          "eval_compiles": eval_step._cache_size(),  # pylint: disable=protected-access
+          "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _markdown(header: Sequence[str], align: str, rows: Sequence[Sequence[Any]]) -> list[str]:
+  """Lines of a markdown table; ``align`` has one of ``l``, ``r``, ``c`` per column."""
+  rule = {"l": "---", "r": "---:", "c": ":---:"}
+  out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule[a] for a in align) + "|"]
+  return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def one_shot_table(result: dict) -> str:
+  """A markdown table of :func:`one_shot_sensitivity`'s result: dense row, then each point."""
+  dense = result["dense"]["accuracy"]
+  rows = [("dense", 0, 0, 0, f"{dense:.2f}", "")]
+  rows += [(r["scope"], f"{r['sparsity']:.2f}", f"{r['achieved']:.4f}",
+            f"{r['model_sparsity']:.4f}", f"{r['accuracy']:.2f}", f"{r['accuracy'] - dense:+.2f}")
+           for r in result["results"]]
+  return "\n".join(_markdown(("scope", "target sparsity", "achieved (pruned layers)",
+                               "whole model", "test accuracy", "change"), "lrrrrr", rows))
+
+
+def _check_workdir(config, workdir: str) -> None:
+  """Refuses to resume a workdir that holds a run of another config."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != current:
+      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise ConfigError(f"--workdir={workdir} holds a run of a different config (sections "
+                        f"{', '.join(diff)} differ); use a new --workdir or delete that one")
+  else:
+    _write_json(path, current)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def keep_nonzero(paths: Sequence[str], scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
+  """Masker that keeps exactly the entries with a non-zero score, whatever the sparsity.
+
+  With the magnitude score it freezes the zeros a parameter tree already has: a round of
+  :func:`iterative_search` hands the optimizer weights pruned by ``iterative_prune``'s masks, and
+  this masker makes :func:`jaxcompress.pruning.prune` keep precisely those entries at zero. The
+  target sparsity is thus data (the zeros), not a constant of the optimizer, so one compiled
+  train step serves every round.
+  """
+  del paths, sparsity
+  return [s != 0 for s in scores]
+
+
+def iterative_search(config, workdir: str) -> dict:
+  """Iterative prune -> fine-tune -> validate; the sparsest model within tolerance, tested once.
+
+  Round ``r`` prunes the previous round's weights to ``prune.sparsities[r]`` (magnitude,
+  ``prune.scope``), fine-tunes them ``train.epochs`` epochs with :func:`jaxcompress.pruning.prune`
+  holding the pruned entries at zero (fresh optimizer state each round, so the learning-rate
+  schedule restarts), and validates; the first round more than ``prune.tolerance`` points below
+  the dense model ends the search. Validation reads the last ``data.val_examples`` training
+  examples (held out from fine-tuning), or, when ``prune.val_split`` names a split, that split,
+  which must then be disjoint from ``data.eval_split``: a model pretrained on the *whole* training
+  split has memorised its last examples (ResNet-20: 99.8 % on them), so they measure how much
+  memorisation survives, not generalisation; ``val_split="test[:5000]"`` with
+  ``eval_split="test[5000:]"`` validates and reports on disjoint halves of the test split.
+  Writes ``WORKDIR/results.json``; ``WORKDIR/round_<r>`` holds each round's checkpoints and
+  ``metrics.jsonl``, so a rerun with the same command resumes.
+
+  Returns:
+    ``{'model', 'dataset', 'scope', 'tolerance', 'val_split', 'val_examples', 'eval_split',
+    'dense_val_accuracy',
+    'history': [{'round', 'sparsity', 'val_accuracy', 'within_tolerance', 'pruned',
+    'prunable', 'achieved', 'steps', 'seconds'}, ...], 'sparsity', 'pruned', 'prunable',
+    'val_accuracy', 'test_accuracy', 'test_loss', 'dense_test_accuracy', 'test_examples',
+    'train_compiles', 'seconds'}``. ``sparsity`` is the chosen round's target (0 when even the
+    first round fails); ``pruned``/``prunable`` count its zeroed entries among the selected ones.
+
+  Raises:
+    ConfigError: for a bad config (checked before any data is decoded) or a workdir holding
+      another config's run.
+  """
+  t0 = time.perf_counter()
+  _check_sparsities("prune.sparsities", config.prune.sparsities)
+  _check_scope("prune.scope", config.prune.scope)
+  if config.prune.tolerance < 0:
+    raise invalid("prune.tolerance", config.prune.tolerance, ">= 0 (accuracy points)")
+  if config.prune.val_split:
+    if config.data.val_examples:
+      raise invalid("data.val_examples", config.data.val_examples,
+                    f"0 when prune.val_split={config.prune.val_split!r} is set",
+                    "validate on one of them")
+    if config.prune.val_split == config.data.eval_split:
+      raise invalid("prune.val_split", config.prune.val_split,
+                    f"a split disjoint from data.eval_split={config.data.eval_split!r}",
+                    "e.g. val_split='test[:5000]' with eval_split='test[5000:]'")
+  elif config.data.val_examples <= 0:
+    raise invalid("data.val_examples", config.data.val_examples, "> 0 (or set prune.val_split)",
+                  "rounds are validated on held-out examples, never on the reported split")
+  rules = _rules(config.prune)
+  validate_train_config(config.train)
+  data_lib.dataset_spec(config.data.name)
+  get_model(config.model.name)
+  _check_workdir(config, workdir)
+  mesh = parallel.make_mesh()
+  for field in ("batch_size", "eval_batch_size"):
+    parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
+
+  model, variables, eval_step = _build(config, mesh)
+  dense_params = variables.pop("params")
+  splits = load_data(config.data)
+  if config.prune.val_split:
+    splits["val"] = data_lib.load_split(config.data.name, config.prune.val_split,
+                                        data_dir=config.data.data_dir)
+  per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
+  steps = int(round(config.train.epochs * per_epoch))
+  if steps < 1:
+    raise invalid("train.epochs", config.train.epochs,
+                  f"at least one step per round (>= 1/{per_epoch} epoch)")
+  optimizer = pruning.prune(make_optimizer(config.train, per_epoch),
+                            pruning.constant_schedule(0.0), structure=keep_nonzero,
+                            rules=rules, update_every=steps)
+  train_step = make_train_step(supervised_loss(model.apply), optimizer, mesh=mesh,
+                               seed=config.seed)
+  # Non-trainable state (BatchNorm statistics) after each round, on the host; -1 is dense.
+  model_states = {-1: jax.device_get(variables)}
+  current = [-1]  # the round whose model state goes with the parameters being evaluated
+  rounds, counts = [], []
+
+  def finetune(params, masks, r):
+    del masks  # ``params`` arrive pruned; keep_nonzero keeps exactly their zeros at zero
+    state = TrainState.create(params, jax.tree.map(jnp.asarray, model_states[current[0]]),
+                              optimizer)
+    state, info = fit(state, train_step, splits["train"], config.data, config.train,
+                      os.path.join(workdir, f"round_{r}"), seed=config.seed + r, mesh=mesh,
+                      desc=f"round {r}: {config.prune.sparsities[r]:.0%}")
+    model_states[r] = jax.device_get(state.model_state)
+    current[0] = r
+    rounds.append({"steps": info["steps"], "seconds": round(info["seconds"], 2)})
+    return state.params
+
+  def evaluate(params, split, desc):
+    variables = {"params": params, **model_states[current[0]]}
+    return evaluate_split(eval_step, parallel.replicate(mesh, variables), splits[split],
+                          config.data, mesh=mesh, desc=desc)
+
+  def validate(params):
+    counts.append(zero_count(params, rules))
+    return evaluate(params, "val", "validate")["accuracy"]
+
+  result = pruning.iterative_prune(
+      dense_params, config.prune.sparsities, finetune, validate, tolerance=config.prune.tolerance,
+      mask_fn=lambda p, s: pruning.magnitude_masks(p, s, scope=config.prune.scope, rules=rules))
+
+  history = []
+  for rnd, extra, (pruned, prunable) in zip(result.history, rounds, counts[1:]):
+    history.append({"round": rnd.index, "sparsity": rnd.sparsity, "val_accuracy": rnd.accuracy,
+                    "within_tolerance": rnd.within_tolerance, "pruned": pruned,
+                    "prunable": prunable, "achieved": pruned / prunable, **extra})
+  current[0] = max([h["round"] for h in history if h["within_tolerance"]], default=-1)
+  test = evaluate(result.params, "eval", "test")
+  current[0] = -1
+  dense_test = evaluate(dense_params, "eval", "test (dense)")
+  pruned, prunable = zero_count(result.params, rules)
+  val_split = config.prune.val_split or f"{config.data.train_split}[-{len(splits['val'][0])}:]"
+  out = {"model": config.model.name, "dataset": config.data.name, "scope": config.prune.scope,
+         "tolerance": config.prune.tolerance, "val_split": val_split,
+         "val_examples": len(splits["val"][0]), "eval_split": config.data.eval_split,
+         "dense_val_accuracy": result.dense_accuracy, "history": history,
+         "sparsity": result.sparsity, "pruned": pruned, "prunable": prunable,
+         "val_accuracy": result.accuracy, "test_accuracy": test["accuracy"],
+         "test_loss": test["loss"], "dense_test_accuracy": dense_test["accuracy"],
+         "test_examples": test["examples"],
+         "train_compiles": train_step._cache_size(),  # pylint: disable=protected-access
+         "seconds": round(time.perf_counter() - t0, 2)}
+  _write_json(os.path.join(workdir, "results.json"), out)
+  return out
+
+
+def iterative_table(result: dict) -> str:
+  """A markdown table of :func:`iterative_search`'s rounds, then the chosen model's test line."""
+  dense = result["dense_val_accuracy"]
+  rows = [("dense", "0.00", f"{dense:.2f}", "", "", "", "")]
+  rows += [(h["round"], f"{h['sparsity']:.2f}", f"{h['val_accuracy']:.2f}",
+            f"{h['val_accuracy'] - dense:+.2f}", "yes" if h["within_tolerance"] else "no",
+            h["steps"], f"{h['seconds']:.0f}") for h in result["history"]]
+  lines = _markdown(("round", "sparsity", "val accuracy", "change", "within tolerance",
+                     "fine-tune steps", "seconds"), "lrrrcrr", rows)
+  lines += ["", f"chosen sparsity {result['sparsity']:.2f} (tolerance {result['tolerance']} "
+            f"points): test accuracy {result['test_accuracy']:.2f} (dense "
+            f"{result['dense_test_accuracy']:.2f}) on {result['test_examples']} test examples"]
+  return "\n".join(lines)
