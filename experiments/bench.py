@@ -74,8 +74,8 @@ def main(argv):
   ratio = {k: (base / v if base else None) for k, v in med.items()}
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, batch {_BATCH.value}, "
         f"{_ROUNDS.value} rounds x {_STEPS.value} steps, median")
-  print(f"| variant | images/s | step-time ratio to plain | CPU s / wall s |")
-  print(f"|---|---:|---:|---:|")
+  print("| variant | images/s | step-time ratio to plain | CPU s / wall s |")
+  print("|---|---:|---:|---:|")
   for k in med:
     wall = _ROUNDS.value * _STEPS.value * _BATCH.value / med[k]
     r = f"{ratio[k]:.3f}" if ratio[k] else "-"

@@ -1,4 +1,5 @@
-"""Resumable runs: orbax checkpoints of the train state and an append-only metrics log."""
+"""Resumable runs: orbax checkpoints of the train state, an append-only metrics log, and the
+workdir bookkeeping (atomic JSON files, refusing a workdir that holds another config's run)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,42 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from jaxcompress.errors import ConfigError
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in ``path``, or ``{}`` when there is no such file."""
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Creates ``workdir`` and records ``config`` there; refuses one that holds another config.
+
+  Raises:
+    ConfigError: naming the config sections that differ from the run already in ``workdir``.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  saved = read_json(path)
+  if saved and saved != current:
+    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    raise ConfigError(f"--workdir={workdir} holds a run with a different config (sections "
+                      f"{', '.join(diff)} differ); use a new --workdir or delete that one")
+  if not saved:
+    write_json(path, current)
 
 
 class Checkpointer:

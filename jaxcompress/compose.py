@@ -18,7 +18,7 @@ The teacher's variables are an input of the step (never trained, never checkpoin
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import flax
 import flax.linen as nn

@@ -10,10 +10,7 @@ it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; exp
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from typing import Any
 
 import flax
 import jax
@@ -22,7 +19,7 @@ import numpy as np
 from jaxcompress import compose, parallel, pruning, quantization
 from jaxcompress import data as data_lib
 from jaxcompress import report as report_lib
-from jaxcompress.checkpoint import MetricsLog
+from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
 from jaxcompress.optim import validate_train_config
@@ -32,19 +29,8 @@ from jaxcompress.train import evaluate_split, fit, load_data
 FLOAT32_BYTES = 4
 
 
-def _write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
-def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
 
 
 def validate_config(config) -> None:
@@ -64,18 +50,6 @@ def validate_config(config) -> None:
   compose.validate(config)
 
 
-def _check_workdir(config, workdir: str) -> None:
-  """Refuses to resume a workdir that holds a run of a different config."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  saved = _read_json(path)
-  if saved and saved != current:
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    raise ConfigError(f"--workdir={workdir} holds a run with a different config (sections "
-                      f"{', '.join(diff)} differ); use a new --workdir or delete that one")
-  if not saved:
-    _write_json(path, current)
 
 
 def _param_count(tree) -> int:
@@ -85,24 +59,12 @@ def _param_count(tree) -> int:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the whole compression job; returns the ``results.json`` dict."""
   validate_config(config)
-  _check_workdir(config, workdir)
   stages_path = os.path.join(workdir, "stages.json")
-  stages = _read_json(stages_path)
+  stages = read_json(stages_path)  # empty when the workdir does not exist yet
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
   spec = data_lib.dataset_spec(config.data.name)
-  splits = load_data(config.data)
-  evaluate_vars = lambda fn, v, desc, preds=False: evaluate_split(
-      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], config.data,
-      mesh=mesh, desc=desc, predictions=preds)
-
-  def stage(name: str, fn):
-    if name not in stages:
-      stages[name] = fn()
-      _write_json(stages_path, stages)
-    return stages[name]
-
   # Models.
   student, student_vars = create_model(config.student.name, num_classes=spec.num_classes,
                                        image_shape=spec.image_shape,
@@ -122,11 +84,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   elif uses_teacher:
     raise invalid("teacher.name", config.teacher.name, "a model name when distill.alpha > 0 or "
                   "distill.feature_weight > 0")
-  eval_apply = lambda model: (lambda v, x: model.apply(v, x, train=False))
+  splits = load_data(config.data)
+  evaluate_vars = lambda fn, v, desc, preds=False: evaluate_split(
+      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], config.data,
+      mesh=mesh, desc=desc, predictions=preds)
 
-  if teacher is not None and config.eval.teacher:
-    stage("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
-  stage("original", lambda: evaluate_vars(eval_apply(student), student_vars, "eval original"))
+  def stage(name: str, fn):
+    if name not in stages:
+      stages[name] = fn()
+      write_json(stages_path, stages)
+    return stages[name]
 
   # Compression.
   per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
@@ -139,6 +106,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                    std=config.data.std)]
   state = comp.init_state(student_vars, calib[0][:8], teacher_vars=teacher_vars,
                           calibration=calib, calibration_method=config.quant.calibration)
+
+  eval_apply = lambda model: (lambda v, x: model.apply(v, x, train=False))
+  # Every user mistake (config, weights, data) has surfaced by now: only now touch the workdir.
+  check_workdir(config, workdir)
+
+  if teacher is not None and config.eval.teacher:
+    stage("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
+  stage("original", lambda: evaluate_vars(eval_apply(student), student_vars, "eval original"))
 
   def before():
     params = state.params
@@ -182,7 +157,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "compressed": compressed,
       "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
   }
-  _write_json(os.path.join(workdir, "results.json"), results)
+  write_json(os.path.join(workdir, "results.json"), results)
   report_lib.write_report(workdir, config, results,
                           MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
   return results

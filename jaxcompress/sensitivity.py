@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -30,7 +29,8 @@ import numpy as np
 
 from jaxcompress import data as data_lib
 from jaxcompress import parallel, pruning
-from jaxcompress.errors import ConfigError, invalid, unknown
+from jaxcompress.checkpoint import check_workdir, write_json
+from jaxcompress.errors import invalid, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.optim import make_optimizer, validate_train_config
 from jaxcompress.pruning.masks import SCOPES, check_sparsity
@@ -170,27 +170,8 @@ def one_shot_table(result: dict) -> str:
                                "whole model", "test accuracy", "change"), "lrrrrr", rows))
 
 
-def _check_workdir(config, workdir: str) -> None:
-  """Refuses to resume a workdir that holds a run of another config."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    if saved != current:
-      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-      raise ConfigError(f"--workdir={workdir} holds a run of a different config (sections "
-                        f"{', '.join(diff)} differ); use a new --workdir or delete that one")
-  else:
-    _write_json(path, current)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
 
 
 def keep_nonzero(paths: Sequence[str], scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
@@ -256,7 +237,7 @@ def iterative_search(config, workdir: str) -> dict:
   validate_train_config(config.train)
   data_lib.dataset_spec(config.data.name)
   get_model(config.model.name)
-  _check_workdir(config, workdir)
+  check_workdir(config, workdir)
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
@@ -328,7 +309,7 @@ def iterative_search(config, workdir: str) -> dict:
          "test_examples": test["examples"],
          "train_compiles": train_step._cache_size(),  # pylint: disable=protected-access
          "seconds": round(time.perf_counter() - t0, 2)}
-  _write_json(os.path.join(workdir, "results.json"), out)
+  write_json(os.path.join(workdir, "results.json"), out)
   return out
 
 

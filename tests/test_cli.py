@@ -59,3 +59,27 @@ def test_pretrained_resnet20_reproduces_published_accuracy():
   assert result["examples"] == 10000
   assert len(result["precision"]) == len(result["recall"]) == 10
   assert result["loss"] < 0.5
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.prune.sparsty=0.5", "error: bad flag: 'sparsty' Did you mean \"sparsity\""),
+    ("--config.train.epochs=-1", "error: train.epochs must be >= 0, got -1"),
+    ("--config.quant.method=apot", "error: quant.method must be one of kmeans, lsq, minmax"),
+])
+def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
+  workdir = tmp_path / "run"
+  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+              f"--workdir={workdir}", override)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def test_main_job_wrong_depth_teacher_weights(tmp_path):
+  workdir = tmp_path / "run"
+  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+              f"--workdir={workdir}", f"--config.teacher.weights={pretrained('resnet20')}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1].startswith("error: teacher.weights=")
+  assert "missing 180 tensors" in proc.stderr.splitlines()[-1]
+  assert not workdir.exists()

@@ -1,8 +1,6 @@
 """Train/eval steps and the optimizer, against hand computations."""
 
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 
 class MnistCNN(nn.Module):

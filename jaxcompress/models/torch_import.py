@@ -127,4 +127,4 @@ def load_pytorch_npz(model, path: str, *, input_shape=(1, 32, 32, 3),
   """
   reference = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros(input_shape,
                                                                              np.float32)))
-  return torch_to_flax(load_npz(path, field=field), reference, source=path)
+  return torch_to_flax(load_npz(path, field=field), reference, source=f"{field}={path}")
