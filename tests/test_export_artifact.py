@@ -171,11 +171,18 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(resne
   bad_shape["layers"][index]["shape"] = [3, 3, 32, 48]  # it is [3, 3, 32, 32]
   _one_line_error(write("shape", spec_obj=bad_shape),
                   r"artifact layer 'layer2_1/conv2': segment 'scale' has 128 bytes, a layer of "
-                  r"shape \[3, 3, 32, 48\] needs 192; the spec does not match the arrays")
+                  r"shape \[3, 3, 32, 48\] needs 4 or 192; the spec does not match the arrays")
   bad_shape["layers"][index]["shape"] = [3, 3, 64, 16]  # same size, wrong shape
-  bad_shape["layers"][index]["segments"]["scale"][1] = 64
-  bad_shape["layers"][index]["segments"]["bias"][1] = 64
   _one_line_error(write("shape2", spec_obj=bad_shape), "layer2_1/conv2")
+  moved = json.loads(json.dumps(spec))
+  moved["layers"][index]["segments"]["bias"] += 4
+  moved["layers"][index + 1]["segments"]["bias"] -= 4
+  _one_line_error(write("moved", spec_obj=moved), "segment 'bias' has 132 bytes, a layer of shape "
+                                                  r"\[3, 3, 32, 32\] needs 128")
+  grown = json.loads(json.dumps(spec))
+  grown["layers"][index]["segments"]["bias"] += 4
+  _one_line_error(write("grown", spec_obj=grown), f"the spec's segments add up to "
+                                                  f"{spec['arrays']['raw_bytes'] + 4} bytes")
   widths = json.loads(json.dumps(spec))
   widths["model_kwargs"]["inner_widths"] = [8] * 9
   _one_line_error(write("widths", spec_obj=widths), r"has shape \[3, 3, 3, 16\]|needs")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import finalize, fold_bn, folded_scale
+from jaxcompress.export import bn_multiplier, finalize, fold_bn
 from jaxcompress.export.fold import bn_path
 from jaxcompress.export.runtime import layer_variables
 from jaxcompress.models import CifarResNet
@@ -36,17 +36,26 @@ def test_fold_bn_equals_numpy_batchnorm_after_a_dense_layer():
                              * bn["scale"], rtol=1e-5, atol=1e-5)
 
 
-def test_quantized_kernel_folds_into_a_per_channel_scale_on_unchanged_integers():
-  q = RNG.integers(-8, 8, (6, 4))
-  zp, s = np.array([0, 1, -2, 3]), RNG.uniform(0.01, 0.1, 4)
-  x = RNG.standard_normal((5, 6))
+def test_quantized_layer_keeps_its_kernel_and_gets_a_gain_and_bias():
+  """finalize's int layer: kernel (q - zp) * s untouched, y * gain + bias equals BN (NumPy)."""
+  w = RNG.standard_normal((6, 4)).astype(np.float32)
+  s = (np.abs(w).max(0, keepdims=True) / 7.5).astype(np.float32)
   bn, stats = _bn(4)
+  spec = LayerSpec(path="conv", kind="Dense", method="minmax", weight_bits=4, weight_axis=1,
+                   weight_scale=s, weight_zero_point=np.zeros((1, 4), np.int32), weight_qmin=-8,
+                   weight_qmax=7)
+  variables = {"params": {"conv": {"kernel": w}, "bn": bn}, "batch_stats": {"bn": stats}}
+  t = finalize(variables, specs={"conv": spec})["conv"]
+  q = np.clip(np.round(w / s), -8, 7)
+  np.testing.assert_array_equal(t.codes, q)
+  np.testing.assert_array_equal(t.kernel(), (q * s).astype(np.float32))
   g = bn["scale"] / np.sqrt(stats["var"] + EPS)
-  expected = (x @ ((q - zp) * s) - stats["mean"]) * g + bn["bias"]
-  scale = folded_scale(s.reshape(1, 4), g, 4)
-  got = (x @ (q - zp)) * scale + (bn["bias"] - stats["mean"] * g)
-  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(folded_scale(0.5, None, 3), [0.5, 0.5, 0.5])
+  np.testing.assert_allclose(t.gain, g, rtol=1e-6)
+  np.testing.assert_allclose(bn_multiplier(bn["scale"], stats["var"]), g, rtol=1e-6)
+  x = RNG.standard_normal((5, 6))
+  expected = (x @ (q * s) - stats["mean"]) * g + bn["bias"]
+  np.testing.assert_allclose((x @ t.kernel()) * t.gain + t.bias, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(x @ t.folded_kernel() + t.bias, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bn_names_follow_convs():

@@ -16,7 +16,7 @@ Example:
 from jaxcompress.export.artifact import export_model, load, read_spec
 from jaxcompress.export.codec import LayerTensor, decode_layer, encode_layer
 from jaxcompress.export.finalize import finalize
-from jaxcompress.export.fold import bn_multiplier, fold_bn, folded_scale
+from jaxcompress.export.fold import bn_multiplier, fold_bn
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 from jaxcompress.export.runtime import LoadedModel
 from jaxcompress.export.serving import load_serving, save_serving
@@ -33,5 +33,5 @@ __all__ = [
     "inner_channel_masks", "shrink_channels", "shrink_layers",
     # building blocks
     "finalize", "LayerTensor", "encode_layer", "decode_layer", "fold_bn", "bn_multiplier",
-    "folded_scale", "pack_bits", "unpack_bits", "packed_size", "Sparse",
+    "pack_bits", "unpack_bits", "packed_size", "Sparse",
 ]

@@ -7,7 +7,8 @@ Layout of ``DIR/export/``:
 - ``spec.json``: format and version, model name, ``num_classes``, ``input_shape``,
   ``model_kwargs`` (``folded``, ``inner_widths``), the arrays file's size, raw size, compression
   and SHA-256, and one line per layer: kind, shape, bits, sparse encoding, input quantization and
-  ``segments: {name: [offset, bytes]}`` into the raw arrays.
+  ``segments: {name: bytes}``: the layer's byte segments, which follow each other in the raw
+  arrays in the order the layers and their segments are listed (offsets are implied).
 
 :func:`load` checks the checksum and every size and shape before it builds anything, so a
 truncated or edited file, or a spec that does not match its arrays or the model asked for, ends
@@ -92,14 +93,11 @@ def export_model(out_dir: str, *, model_name: str, variables: Mapping[str, Any],
   # Rebuild now: an artifact that cannot be loaded is never written.
   build_model(model_name, num_classes, kwargs, input_shape, layer_variables(layers),
               field="export")
-  metas, chunks, offset = [], [], 0
+  metas, chunks = [], []
   for t in layers.values():
     meta, segments = encode_layer(t)
-    meta["segments"] = {}
-    for name, data in segments.items():
-      meta["segments"][name] = [offset, int(data.size)]
-      chunks.append(data.tobytes())
-      offset += data.size
+    meta["segments"] = {name: int(data.size) for name, data in segments.items()}
+    chunks += [data.tobytes() for data in segments.values()]
     metas.append(meta)
   raw = b"".join(chunks)
   packed = zlib.compress(raw, 9) if compress else raw
@@ -197,15 +195,19 @@ def _load(path: str, spec: dict, expect_model: str | None, expect_num_classes: i
     raise ConfigError(f"{field}: the artifact in {path!r} has {spec['num_classes']} classes, the "
                       f"dataset has {expect_num_classes}")
   raw = np.frombuffer(read_arrays(path, spec, field), np.uint8)
-  layers = {}
+  total = sum(int(size) for meta in spec["layers"] for size in meta["segments"].values())
+  if total != raw.size:
+    raise ConfigError(f"{field}: the spec's segments add up to {total} bytes, the arrays hold "
+                      f"{raw.size}; the spec does not match the arrays")
+  layers, offset = {}, 0
   for meta in spec["layers"]:
     segments = {}
-    for name, (offset, size) in meta["segments"].items():
-      if offset < 0 or size < 0 or offset + size > raw.size:
-        raise ConfigError(f"{field}: segment {name!r} of layer {meta['path']!r} "
-                          f"([{offset}, {offset + size})) lies outside the {raw.size} bytes of "
-                          "arrays; the spec does not match the arrays")
+    for name, size in meta["segments"].items():
+      if not isinstance(size, int) or size < 0:
+        raise ConfigError(f"{field}: segment {name!r} of layer {meta['path']!r} has size "
+                          f"{size!r}; the spec is corrupted")
       segments[name] = raw[offset:offset + size]
+      offset += size
     layers[meta["path"]] = decode_layer(meta, segments)
   variables = layer_variables(layers)
   model = build_model(spec["model"], spec["num_classes"], spec["model_kwargs"],

@@ -1,16 +1,18 @@
-"""One finalized layer: its integer (or k-means, or float) kernel, folded scale and bias, and its
-byte encoding in the artifact.
+"""One finalized layer: its integer (or k-means, or float) kernel, folded BatchNorm gain and bias,
+and its byte encoding in the artifact.
 
 A :class:`LayerTensor` is what the exported model stores for one Conv/Dense layer, after masks are
-baked in, BatchNorm is folded and weights are quantized. Its real kernel is
+baked in, weights are quantized and BatchNorm is folded. The layer computes
+``y = layer(x, kernel) * gain[c] + bias[c]`` with ``c`` the output channel (last axis), where
 
-- ``int``:    ``(q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``;
-- ``kmeans``: ``codebook[i] * scale[c]`` (``scale`` omitted: 1), index ``2^bits`` = pruned (0);
-- ``float``:  the float32 kernel itself (BatchNorm already folded in),
+- ``int``:    ``kernel = (q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``;
+- ``kmeans``: ``kernel = codebook[i]``, index ``2^bits`` marks a pruned weight (0);
+- ``float``:  the float32 kernel with BatchNorm already multiplied in (no ``gain``),
 
-with ``c`` the output channel (last axis), plus ``bias[c]`` when present. :func:`encode_layer`
-turns it into named byte segments and a small JSON-able dict; :func:`decode_layer` inverts it and
-checks every byte count against the dict.
+and ``gain`` is ``None`` (1) where no BatchNorm was folded. Keeping the BatchNorm gain out of a
+quantized kernel leaves that kernel bit-identical to the one the fake-quant model ran with.
+:func:`encode_layer` turns a layer into named byte segments and a small JSON-able dict;
+:func:`decode_layer` inverts it and checks every byte count against the dict.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class LayerTensor(NamedTuple):
     bits: code width (2..8), or 32 for ``float``.
     qmin: smallest code (``int``; 0 otherwise).
     zero_point: int32 ``[C]`` (``int`` only; ``None`` means all zero).
-    scale: float32 ``[C]`` per-output-channel multiplier, or ``None``.
+    scale: float32 weight scale, ``[C]`` per channel or ``[1]`` per tensor (``int`` only).
+    gain: float32 ``[C]`` folded BatchNorm multiplier applied to the output, or ``None``.
     bias: float32 ``[C]``, or ``None``.
     codebook: float32 ``[2^bits]`` (``kmeans`` only).
     act: input fake-quantization ``{'bits', 'scale', 'zero_point', 'qmin', 'qmax'}``, or ``None``.
@@ -50,6 +53,7 @@ class LayerTensor(NamedTuple):
   qmin: int = 0
   zero_point: np.ndarray | None = None
   scale: np.ndarray | None = None
+  gain: np.ndarray | None = None
   bias: np.ndarray | None = None
   codebook: np.ndarray | None = None
   act: dict | None = None
@@ -68,21 +72,25 @@ class LayerTensor(NamedTuple):
     return self.codes != 0
 
   def kernel(self) -> np.ndarray:
-    """The real float32 kernel the exported model runs with."""
+    """The real float32 kernel the layer runs with (before ``gain``), as fake quantization has it:
+    ``(q - zp)`` in float32 times the scale, or the codebook entries."""
     if self.kind == "int":
-      zp = 0 if self.zero_point is None else self.zero_point
-      return ((self.codes - zp).astype(np.float32) * self.scale).astype(np.float32)
+      zp = np.float32(0) if self.zero_point is None else self.zero_point.astype(np.float32)
+      return (self.codes.astype(np.float32) - zp) * self.scale.astype(np.float32)
     if self.kind == "kmeans":
-      padded = np.append(np.asarray(self.codebook, np.float32), np.float32(0))
-      w = padded[self.codes]
-      return (w if self.scale is None else w * self.scale).astype(np.float32)
+      return np.append(np.asarray(self.codebook, np.float32), np.float32(0))[self.codes]
     return np.asarray(self.codes, np.float32)
+
+  def folded_kernel(self) -> np.ndarray:
+    """``kernel() * gain``: the kernel of a plain biased layer (equal up to float rounding)."""
+    return self.kernel() if self.gain is None else (self.kernel() * self.gain).astype(np.float32)
 
   def slice_out(self, keep: np.ndarray) -> "LayerTensor":
     """The layer with only the output channels ``keep``."""
     pick = lambda a: None if a is None else a[keep]
+    scale = self.scale if self.scale is None or self.scale.size == 1 else self.scale[keep]
     return self._replace(codes=self.codes[..., keep], zero_point=pick(self.zero_point),
-                         scale=pick(self.scale), bias=pick(self.bias))
+                         scale=scale, gain=pick(self.gain), bias=pick(self.bias))
 
   def slice_in(self, keep: np.ndarray) -> "LayerTensor":
     """The layer with only the input channels ``keep`` (second-to-last kernel axis)."""
@@ -98,7 +106,7 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
 
   ``meta`` is JSON-able (shape, kind, bits, the chosen :mod:`.sparse` encoding and its counts, the
   input quantization); ``segments`` maps ``positions``, ``values`` and, where present,
-  ``zero_point``, ``scale``, ``bias``, ``codebook`` to ``uint8`` arrays.
+  ``zero_point``, ``scale``, ``gain``, ``bias``, ``codebook`` to ``uint8`` arrays.
   """
   nonzero = t.nonzero()
   if t.kind == "int":
@@ -119,8 +127,9 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
   segments = {"positions": enc.positions, "values": enc.values}
   if t.zero_point is not None and np.any(t.zero_point != 0):
     segments["zero_point"] = pack_bits(t.zero_point - t.qmin, t.bits)
-  if t.scale is not None:
-    segments["scale"] = _f32(t.scale)
+  for name in ("scale", "gain"):
+    if getattr(t, name) is not None:
+      segments[name] = _f32(getattr(t, name))
   if t.bias is not None:
     segments["bias"] = _f32(t.bias)
   if t.codebook is not None:
@@ -128,14 +137,15 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
   return meta, segments
 
 
-def _expected_segments(meta: dict, channels: int) -> dict[str, int | None]:
-  """Byte count of every segment a layer may have (``None``: any count, checked elsewhere)."""
+def _expected_segments(meta: dict, channels: int) -> dict[str, tuple[int, ...] | None]:
+  """Allowed byte counts of every segment a layer may have (``None``: checked by the decoder)."""
   bits = meta["bits"]
-  out = {"positions": None, "values": None, "scale": 4 * channels, "bias": 4 * channels}
+  out = {"positions": None, "values": None, "gain": (4 * channels,), "bias": (4 * channels,)}
   if meta["kind"] == "int":
-    out["zero_point"] = packed_size(channels, bits)
+    out["zero_point"] = (packed_size(channels, bits),)
+    out["scale"] = (4, 4 * channels)
   if meta["kind"] == "kmeans":
-    out["codebook"] = 4 * (1 << bits)
+    out["codebook"] = (4 * (1 << bits),)
   return out
 
 
@@ -157,9 +167,10 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     if name not in expected:
       raise ConfigError(f"{where}: unexpected segment {name!r} for a {meta['kind']} layer; the "
                         "spec is corrupted")
-    if expected[name] is not None and data.size != expected[name]:
+    if expected[name] is not None and data.size not in expected[name]:
+      need = " or ".join(str(n) for n in expected[name])
       raise ConfigError(f"{where}: segment {name!r} has {data.size} bytes, a layer of shape "
-                        f"{list(shape)} needs {expected[name]}; the spec does not match the arrays")
+                        f"{list(shape)} needs {need}; the spec does not match the arrays")
   required = {"int": ("scale",), "kmeans": ("codebook",), "float": ()}[meta["kind"]]
   for name in ("positions", "values") + required:
     if name not in segments:
@@ -185,5 +196,5 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     codes[nonzero] = values
   act = meta.get("act")
   return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
-                     f32("scale"), f32("bias"), f32("codebook"),
+                     f32("scale"), f32("gain"), f32("bias"), f32("codebook"),
                      None if act is None else dict(act))

@@ -3,8 +3,8 @@
 The order keeps the exported model faithful to the fake-quantized one it came from: masks are
 applied first (the fake-quant model ran on masked weights), then each quantized kernel becomes the
 very integers fake quantization used, ``q = quantize_int(W, s, zp)`` with the scale and zero point
-of the quantization spec, and only then is BatchNorm folded, into the per-channel float multiplier
-``s * g`` and the bias (see :mod:`.fold`). Layers without a spec or codebook stay float32, with
+of the quantization spec, and only then is BatchNorm folded, into a per-channel gain ``g`` applied
+to the layer's output and the bias (see :mod:`.fold`). Layers without a spec or codebook stay float32, with
 BatchNorm folded into the kernel itself.
 """
 
@@ -19,8 +19,7 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import LayerTensor
-from jaxcompress.export.fold import (bn_multiplier, bn_path, find_bn, fold_bias, fold_bn,
-                                     folded_scale, subtree)
+from jaxcompress.export.fold import bn_multiplier, bn_path, find_bn, fold_bias, fold_bn, subtree
 from jaxcompress.quantization import quantize_int
 
 
@@ -51,8 +50,8 @@ def _act(spec: Any) -> dict | None:
           "qmax": int(spec.act_qmax)}
 
 
-def _int_layer(path: str, kernel: np.ndarray, spec: Any, g: np.ndarray | None) -> dict:
-  """Codes ``q``, zero points and folded scale of a spec-quantized kernel."""
+def _int_layer(path: str, kernel: np.ndarray, spec: Any) -> dict:
+  """Codes ``q``, zero points and scale of a spec-quantized kernel."""
   if spec.weight_axis is not None and spec.weight_axis % kernel.ndim != kernel.ndim - 1:
     raise ConfigError(f"quantization spec of {path!r}: weight_axis must be None or the last "
                       f"kernel axis ({kernel.ndim - 1}), got {spec.weight_axis}; export folds "
@@ -64,10 +63,11 @@ def _int_layer(path: str, kernel: np.ndarray, spec: Any, g: np.ndarray | None) -
   width = int(spec.weight_qmax) - int(spec.weight_qmin) + 1
   bits = max(2, math.ceil(math.log2(width)))
   return dict(kind="int", codes=q, bits=bits, qmin=int(spec.weight_qmin),
-              zero_point=np.array(zp, np.int32), scale=folded_scale(spec.weight_scale, g, channels))
+              zero_point=np.array(zp, np.int32),
+              scale=np.asarray(spec.weight_scale, np.float32).reshape(-1))
 
 
-def _kmeans_layer(path: str, codebook: Any, mask: np.ndarray | None, g: np.ndarray | None) -> dict:
+def _kmeans_layer(path: str, codebook: Any, mask: np.ndarray | None) -> dict:
   book = np.asarray(codebook.codebook, np.float32)
   bits = int(round(math.log2(book.size)))
   if book.ndim != 1 or book.size != 1 << bits:
@@ -75,7 +75,7 @@ def _kmeans_layer(path: str, codebook: Any, mask: np.ndarray | None, g: np.ndarr
   idx = np.asarray(codebook.indices, np.int32)
   if mask is not None:
     idx = np.where(mask != 0, idx, 1 << bits)
-  return dict(kind="kmeans", codes=idx, bits=bits, codebook=book, scale=g)
+  return dict(kind="kmeans", codes=idx, bits=bits, codebook=book)
 
 
 def finalize(variables: Mapping[str, Any], *, masks: Any = None,
@@ -132,13 +132,14 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
                         "and a k-means codebook; give it one of the two")
     if path in books:
       fields = _kmeans_layer(path, books[path], None if mask_tree is None else
-                             np.asarray(mask_tree.get(f"{path}/kernel")), g)
+                             np.asarray(mask_tree.get(f"{path}/kernel")))
     elif has_weights:
-      fields = _int_layer(path, kernel, spec, g)
+      fields = _int_layer(path, kernel, spec)
     else:  # float: BatchNorm goes into the kernel itself
       kernel, bias = fold_bn(kernel, bias, *bn) if bn is not None else (kernel, bias)
       fields = dict(kind="float", codes=np.asarray(kernel, np.float32), bits=32)
-    if bn is not None and fields["kind"] != "float":
+    if bn is not None and fields["kind"] != "float":  # gain on the output, kernel untouched
+      fields["gain"] = g
       bias = fold_bias(bias, g, bn[0]["bias"], bn[1]["mean"])
     out[path] = LayerTensor(path=path, bias=None if bias is None else np.asarray(bias, np.float32),
                             act=_act(spec), **fields)

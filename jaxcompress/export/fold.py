@@ -5,10 +5,12 @@ BatchNorm in eval mode computes ``(y - mean) * g + beta`` per output channel wit
 ``conv(x, W * g) + (b - mean) * g + beta``: the kernel's output channels (its last axis) are
 multiplied by ``g`` and the bias becomes ``(b - mean) * g + beta``.
 
-A quantized kernel ``W = (q - zp) * s`` folds without touching the integers ``q``: the folded
-layer is ``conv(x, (q - zp)) * (s * g) + bias``, so the per-channel float multiplier ``s * g`` is
-stored beside the unchanged codes and the exported model uses exactly the integers fake
-quantization used (:func:`folded_scale`).
+A quantized kernel ``W = (q - zp) * s`` folds without touching it: the folded layer is
+``conv(x, (q - zp) * s) * g + (b - mean) * g + beta``, i.e. the integers ``q`` and scale ``s``
+fake quantization used, then a per-channel gain ``g`` and bias. Multiplying ``g`` into the kernel
+instead would be the same real number but not the same float32 conv: on a one-shot pruned
+ResNet-20 that cost 0.08 % of the predictions against the fake-quant model, this form 0.04 %.
+``g`` is computed as Flax's BatchNorm computes it, ``rsqrt(var + eps) * gamma`` in float32.
 
 Which BatchNorm follows which conv is read from the module names, the convention of the CIFAR
 ResNets and the PyTorch models they mirror: ``.../convK`` is followed by ``.../bnK`` in the same
@@ -24,6 +26,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
@@ -52,9 +56,9 @@ def subtree(tree: Mapping[str, Any], path: str) -> Any:
 
 
 def bn_multiplier(scale: Any, var: Any, eps: float = BN_EPSILON) -> np.ndarray:
-  """``g = scale / sqrt(var + eps)`` in float32, per channel."""
-  return (np.asarray(scale, np.float32) / np.sqrt(np.asarray(var, np.float32) + np.float32(eps))
-          ).astype(np.float32)
+  """``g = rsqrt(var + eps) * scale`` in float32, per channel, the way Flax's BatchNorm has it."""
+  var = jnp.asarray(var, jnp.float32)
+  return np.asarray(jax.lax.rsqrt(var + eps) * jnp.asarray(scale, jnp.float32), np.float32)
 
 
 def fold_bias(bias: Any, g: np.ndarray, bn_bias: Any, mean: Any) -> np.ndarray:
@@ -81,21 +85,6 @@ def fold_bn(kernel: Any, bias: Any, bn_params: Mapping[str, Any], bn_stats: Mapp
   g = bn_multiplier(bn_params["scale"], bn_stats["var"], eps)
   return ((np.asarray(kernel, np.float32) * g).astype(np.float32),
           fold_bias(bias, g, bn_params["bias"], bn_stats["mean"]))
-
-
-def folded_scale(weight_scale: Any, g: np.ndarray | None, channels: int) -> np.ndarray:
-  """Per-output-channel multiplier ``s * g`` of a quantized kernel (``s`` per tensor or channel).
-
-  Args:
-    weight_scale: the quantization scale, a scalar or any shape holding ``channels`` values.
-    g: the BatchNorm multiplier, or ``None`` when no BatchNorm follows.
-    channels: number of output channels.
-
-  Returns:
-    ``float32[channels]``.
-  """
-  s = np.broadcast_to(np.asarray(weight_scale, np.float32).reshape(-1), (channels,))
-  return (s * g if g is not None else s).astype(np.float32)
 
 
 def find_bn(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | None,

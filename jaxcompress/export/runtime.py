@@ -1,11 +1,17 @@
-"""The model an artifact rebuilds: a folded Flax model of the same family plus input fake-quant.
+"""The model an artifact rebuilds: a folded Flax model of the same family, run by ``apply_fn``.
 
-The finalized layers become ordinary float32 variables of ``get_model(name, **model_kwargs)``
-(for the CIFAR ResNets ``folded=True`` and, after surgery, ``inner_widths``): each kernel is its
-dequantized, BatchNorm-folded value. Layers whose input the fake-quant model quantized get the
-same input quantization here, by intercepting their ``__call__`` (``flax.linen.intercept_methods``)
-with the stored ``(scale, zero_point, qmin, qmax)``, so the rebuilt model computes what the
-fake-quant model computed, up to float rounding of the fold.
+The finalized layers become float32 variables of ``get_model(name, **model_kwargs)`` (for the CIFAR
+ResNets ``folded=True`` and, after surgery, ``inner_widths``): ``params`` holds each dequantized
+kernel and folded bias, and the extra collection ``fold`` holds the BatchNorm gain of quantized
+layers. ``apply_fn`` intercepts every Conv/Dense call (``flax.linen.intercept_methods``):
+
+- its input is fake-quantized with the stored ``(scale, zero_point, qmin, qmax)``, as the
+  fake-quant model quantized it;
+- with a gain, the layer runs without bias and returns ``y * gain + bias``, so its kernel stays
+  the very kernel fake quantization used (see :mod:`.fold`).
+
+The rebuilt model thus computes what the fake-quant model computed, up to float rounding of the
+BatchNorm. ``model.apply`` alone (without ``apply_fn``) ignores both and is not the exported model.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any, Callable, Mapping
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
@@ -25,28 +32,39 @@ from jaxcompress.quantization import fake_quant
 LAYER_TYPES = (nn.Conv, nn.Dense)
 
 
-def input_quantizer(acts: Mapping[str, dict]) -> Callable:
-  """An interceptor that fake-quantizes the input of every layer named in ``acts``."""
+def exported_layers(acts: Mapping[str, dict]) -> Callable:
+  """An interceptor: fake-quantized inputs of the layers in ``acts``; output gains from ``fold``."""
   acts = {p: (np.float32(a["scale"]), int(a["zero_point"]), int(a["qmin"]), int(a["qmax"]))
           for p, a in acts.items()}
+  inside = [False]  # the gain path runs a clone of the layer, which must not be intercepted
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not args or not isinstance(module, LAYER_TYPES):
+    if (inside[0] or context.method_name != "__call__" or not args
+        or not isinstance(module, LAYER_TYPES)):
       return next_fun(*args, **kwargs)
-    act = acts.get("/".join(module.path))
-    if act is None:
-      return next_fun(*args, **kwargs)
-    scale, zero_point, qmin, qmax = act
-    x = fake_quant(args[0], scale, zero_point, qmin=qmin, qmax=qmax)
-    return next_fun(x, *args[1:], **kwargs)
+    x, act = args[0], acts.get("/".join(module.path))
+    if act is not None:
+      scale, zero_point, qmin, qmax = act
+      x = fake_quant(x, scale, zero_point, qmin=qmin, qmax=qmax)
+    if not module.has_variable("fold", "gain"):
+      return next_fun(x, *args[1:], **kwargs)
+    params = module.variables["params"]
+    bias = params["bias"]
+    inside[0] = True
+    try:
+      y = module.clone(parent=None).apply(
+          {"params": {**params, "bias": jnp.zeros_like(bias)}}, x, *args[1:], **kwargs)
+    finally:
+      inside[0] = False
+    return y * module.get_variable("fold", "gain") + bias
 
   return interceptor
 
 
 def make_apply_fn(model: nn.Module, acts: Mapping[str, dict]) -> Callable:
-  """``apply_fn(variables, x) -> logits``: the model in eval mode with quantized layer inputs."""
-  interceptor = input_quantizer(acts)
+  """``apply_fn(variables, x) -> logits``: the exported model (see the module docstring)."""
+  interceptor = exported_layers(acts)
 
   def apply_fn(variables, x):
     with nn.intercept_methods(interceptor):
@@ -55,14 +73,30 @@ def make_apply_fn(model: nn.Module, acts: Mapping[str, dict]) -> Callable:
   return apply_fn
 
 
-def layer_variables(layers: Mapping[str, LayerTensor]) -> dict:
-  """``{'params': ...}`` with each layer's real kernel and bias (float32 NumPy)."""
-  flat = {}
+def layer_variables(layers: Mapping[str, LayerTensor], *, fold_gain: bool = False) -> dict:
+  """Variables of the exported model (float32 NumPy).
+
+  Args:
+    layers: the finalized layers.
+    fold_gain: multiply gains into the kernels (``LayerTensor.folded_kernel``) for a plain
+      ``model.apply``; by default they go to the ``fold`` collection that ``apply_fn`` applies.
+
+  Returns:
+    ``{'params': {path: {'kernel', 'bias'}}}`` and, unless ``fold_gain``, ``{'fold': {path:
+    {'gain'}}}`` for the layers with a gain.
+  """
+  params, fold = {}, {}
   for path, t in layers.items():
-    flat[(*path.split("/"), "kernel")] = t.kernel()
+    key = tuple(path.split("/"))
+    params[(*key, "kernel")] = t.folded_kernel() if fold_gain else t.kernel()
     if t.bias is not None:
-      flat[(*path.split("/"), "bias")] = np.asarray(t.bias, np.float32)
-  return {"params": flax.traverse_util.unflatten_dict(flat)}
+      params[(*key, "bias")] = np.asarray(t.bias, np.float32)
+    if t.gain is not None and not fold_gain:
+      fold[(*key, "gain")] = np.asarray(t.gain, np.float32)
+  out = {"params": flax.traverse_util.unflatten_dict(params)}
+  if fold:
+    out["fold"] = flax.traverse_util.unflatten_dict(fold)
+  return out
 
 
 def build_model(name: str, num_classes: int, model_kwargs: Mapping[str, Any],
@@ -80,6 +114,10 @@ def build_model(name: str, num_classes: int, model_kwargs: Mapping[str, Any],
                                           np.zeros((1, *input_shape), np.float32)))
   want = flax.traverse_util.flatten_dict(flax.core.unfreeze(ref), sep="/")
   have = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+  for key in [k for k in have if k.startswith("fold/")]:  # gains: one per output channel
+    bias = f"params/{key[len('fold/'):-len('/gain')]}/bias"
+    if bias in want:
+      want[key] = want[bias]
   for key in sorted(set(want) | set(have)):
     if key not in have:
       raise ConfigError(f"{field}: the artifact has no {key!r}, which {name} needs; the spec "
@@ -99,8 +137,9 @@ class LoadedModel:
 
   Attributes:
     model: the Flax module (e.g. a folded ``CifarResNet`` with ``inner_widths``).
-    variables: its float32 variables (``{'params': ...}``, BatchNorm folded in).
-    apply_fn: ``apply_fn(variables, x) -> logits`` with the input fake-quantization.
+    variables: its float32 variables (``params`` and the ``fold`` gains, see the module
+      docstring).
+    apply_fn: ``apply_fn(variables, x) -> logits``: the exported model.
     spec: the artifact's JSON spec.
     layers: ``{path: LayerTensor}`` as stored (integer codes, scales, codebooks).
   """

@@ -62,7 +62,7 @@ def size_report(out_dir: str) -> dict[str, Any]:
         "encoding": meta["encoding"] + (str(meta["gap_bits"]) if meta["encoding"] == "gaps"
                                         else ""),
         "shape": meta["shape"], "density": round(meta["nnz"] / n, 4),
-        "bytes": sum(size for _, size in meta["segments"].values()),
+        "bytes": sum(meta["segments"].values()),
         "float32_bytes": ref.get(meta["path"], 0)})
   files = [os.path.join(out_dir, f) for f in sorted(os.listdir(out_dir))]
   total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))

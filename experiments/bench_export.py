@@ -1,0 +1,114 @@
+"""Inference speed of channel surgery: dense ResNet vs the physically shrunk one, in one process.
+
+  python -m experiments.bench_export                       # pretrained ResNet-20, 50 % inner channels
+  python -m experiments.bench_export --eval                # also accuracy on the CIFAR-10 test split
+  python -m experiments.bench_export --fraction=0.5 --norm=l1 --rounds=7 --steps=5 --batch_size=128
+
+The inner channels of every basic block (``conv1`` outputs, ``conv2`` inputs) with the lowest
+L1 norm are pruned one-shot (no fine-tuning), then removed physically
+(:func:`jaxcompress.export.shrink_channels`). Variants, each a jitted eval-mode forward pass:
+
+- ``dense``: the original model;
+- ``shrunk``: ``get_model(name, inner_widths=...)`` with the surviving channels;
+- ``dense_folded``, ``shrunk_folded``: both with BatchNorm folded into the convs, as exported.
+
+They are timed interleaved (round-robin, ``--rounds`` times ``--steps`` batches each, after a
+compile-and-warm-up call) so machine noise hits them alike; the table gives median images/s. With
+``--eval`` the test-split accuracy of the dense, masked (full width) and shrunk models and the
+prediction agreement of shrunk vs masked are added. The last line printed is one JSON object.
+"""
+
+import time
+
+import numpy as np
+from absl import flags
+
+from experiments import cli
+
+_WEIGHTS = flags.DEFINE_string("weights", "../shared/pretrained/resnet20_cifar10.npz",
+                               "PyTorch-layout .npz of the model ('' = random init).")
+_MODEL = flags.DEFINE_string("model", "resnet20", "CIFAR ResNet name.")
+_FRACTION = flags.DEFINE_float("fraction", 0.5, "Fraction of each block's inner channels pruned.")
+_NORM = flags.DEFINE_enum("norm", "l1", ["l1", "l2"], "Channel norm ranked for pruning.")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Images per forward pass.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed batches per variant per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the median is reported.")
+_EVAL = flags.DEFINE_bool("eval", False, "Also evaluate accuracy on the CIFAR-10 test split.")
+
+
+def timed(fn, variables, batches, steps: int) -> float:
+  """images/s of ``steps`` calls of ``fn(variables, batch)``."""
+  t0 = time.perf_counter()
+  for i in range(steps):
+    out = fn(variables, batches[i % len(batches)])
+  out.block_until_ready()
+  return steps * batches[0].shape[0] / (time.perf_counter() - t0)
+
+
+def main(argv):
+  del argv
+  import jax
+  from configs import common
+  from jaxcompress import data as data_lib
+  from jaxcompress import export
+  from jaxcompress.export.runtime import layer_variables
+  from jaxcompress.models import create_model, get_model
+  from jaxcompress.pruning import apply_masks
+
+  model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
+                                  weights=_WEIGHTS.value or None)
+  masks = export.inner_channel_masks(variables["params"], _FRACTION.value, norm=_NORM.value)
+  small, small_vars = export.shrink_channels(_MODEL.value, variables, masks)
+  dense_folded = get_model(_MODEL.value, folded=True)
+  folded = get_model(_MODEL.value, folded=True, inner_widths=small.inner_widths)
+  folded_vars = layer_variables(export.finalize(small_vars))
+  masked_vars = {**variables, "params": apply_masks(variables["params"], masks)}
+  forward = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))
+  variants = {"dense": (forward(model), variables), "shrunk": (forward(small), small_vars),
+              "dense_folded": (forward(dense_folded), layer_variables(export.finalize(variables))),
+              "shrunk_folded": (forward(folded), folded_vars)}
+  count = lambda v: sum(int(np.size(a)) for a in jax.tree.leaves(v["params"]))
+
+  rng = np.random.default_rng(0)
+  batches = [rng.standard_normal((_BATCH.value, 32, 32, 3)).astype(np.float32) for _ in range(2)]
+  for fn, v in variants.values():  # compile and warm up outside the timed rounds
+    timed(fn, v, batches, 2)
+  samples = {k: [] for k in variants}
+  for _ in range(_ROUNDS.value):
+    for name, (fn, v) in variants.items():
+      samples[name].append(timed(fn, v, batches, _STEPS.value))
+  med = {k: float(np.median(s)) for k, s in samples.items()}
+  result = {"model": _MODEL.value, "fraction": _FRACTION.value, "norm": _NORM.value,
+            "inner_widths": list(small.inner_widths),
+            "params": {"dense": count(variables), "shrunk": count(small_vars)},
+            "images_per_s": {k: round(v, 1) for k, v in med.items()},
+            "speedup": {k: round(v / med["dense"], 3) for k, v in med.items()}}
+
+  if _EVAL.value:
+    x, y = data_lib.load_split("cifar10", "test")
+    acc, preds = {}, {}
+    for name, (fn, v) in {**variants, "masked": (forward(model), masked_vars)}.items():
+      p = []
+      for b in data_lib.eval_batches(x, y, 500, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
+        p.append(np.asarray(jax.numpy.argmax(fn(v, b.image), -1))[b.weight > 0])
+      preds[name] = np.concatenate(p)
+      acc[name] = round(100 * float(np.mean(preds[name] == y)), 2)
+    result["accuracy"] = acc
+    result["agreement_shrunk_vs_masked"] = float(np.mean(preds["shrunk"] == preds["masked"]))
+
+  print(f"{jax.devices()[0].device_kind}, batch {_BATCH.value}, {_ROUNDS.value} rounds x "
+        f"{_STEPS.value} batches, median; {_MODEL.value} with {_FRACTION.value:.0%} of inner "
+        f"channels removed ({_NORM.value}), params {result['params']['dense']:,} -> "
+        f"{result['params']['shrunk']:,}")
+  print("| variant | images/s | speed-up vs dense |" + (" accuracy |" if _EVAL.value else ""))
+  print("|---|---:|---:|" + ("---:|" if _EVAL.value else ""))
+  for k in med:
+    a = f" {result['accuracy'][k]:.2f} |" if _EVAL.value else ""
+    print(f"| {k} | {med[k]:.1f} | {med[k] / med['dense']:.2f}x |{a}")
+  if _EVAL.value:
+    print(f"| masked (full width) | | | {result['accuracy']['masked']:.2f} |")
+  cli.print_json(result)
+
+
+if __name__ == "__main__":
+  cli.run(main)
