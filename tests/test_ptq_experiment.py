@@ -1,0 +1,151 @@
+"""The post-training quantization study: its wiring, its table/JSON contract, its errors."""
+
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import evaluate as evaluate_config_file
+from configs import ptq as ptq_config
+from conftest import pretrained, requires_cifar10
+from jaxcompress.errors import ConfigError
+from jaxcompress.evaluate import evaluate_config
+from jaxcompress.ptq_eval import parse_scheme, post_training_quantization, ptq_sweep, ptq_table
+from test_cli import _run
+
+SCHEMES = ("w8a8/minmax", "w4", "k4")
+
+
+def _mock_config(**ptq):
+  c = ptq_config.get_config()
+  c.model.name, c.model.weights = "mlp", ""
+  c.data.name = "mnist"
+  c.data.mean, c.data.std = (0.5,), (0.5,)
+  c.data.eval_batch_size = 40
+  c.ptq.schemes = SCHEMES
+  c.ptq.calibration_examples = 48
+  c.ptq.calibration_batch_size = 16
+  for k, v in ptq.items():
+    c.ptq[k] = v
+  return c
+
+
+def test_study_end_to_end_on_mock_data():
+  c = _mock_config()
+  with tfds.testing.mock_data(num_examples=100):
+    result = post_training_quantization(c)
+    ec = evaluate_config_file.get_config()
+    ec.model, ec.data = c.model, c.data
+    oracle = evaluate_config(ec)  # the plain evaluate entry point, not the study's code
+  rows = result["rows"]
+  assert [r["scheme"] for r in rows] == ["float", *SCHEMES]
+  assert rows[0]["accuracy"] == oracle["accuracy"] and rows[0]["loss"] == pytest.approx(
+      oracle["loss"], rel=1e-6)
+  assert result["examples"] == 100 and result["calibration_examples"] == 48
+  for r in rows:
+    assert r["delta"] == pytest.approx(r["accuracy"] - oracle["accuracy"])
+    assert 0 <= r["agreement"] <= 100
+  assert rows[0]["agreement"] == 100 and rows[0]["weight_bits"] == rows[0]["act_bits"] == 32
+  w8a8 = rows[1]
+  assert (w8a8["weight_bits"], w8a8["act_bits"], w8a8["first_last_bits"]) == (8, 8, 8)
+  assert w8a8["agreement"] >= 95, w8a8  # 8-bit PTQ changes few predictions of the float model
+  assert (rows[2]["weight_bits"], rows[2]["act_bits"], rows[2]["kmeans"]) == (4, 32, False)
+  assert (rows[3]["weight_bits"], rows[3]["kmeans"], rows[3]["calibration"]) == (4, True, None)
+
+  assert json.loads(json.dumps(result)) == result  # one JSON line, plain types only
+  lines = ptq_table(result).splitlines()
+  assert len(lines) == 2 + len(rows)
+  assert lines[0].startswith("| scheme | accuracy % | Δ vs float")
+  for line, r in zip(lines[2:], rows):
+    cells = [x.strip() for x in line.strip("|").split("|")]
+    assert cells[0] == r["scheme"] and float(cells[1]) == pytest.approx(r["accuracy"], abs=0.005)
+    assert float(cells[2]) == pytest.approx(r["delta"], abs=0.005)
+
+
+class Tiny(nn.Module):
+  """Three dense layers: the middle one is the only one k-means touches."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    x = nn.relu(nn.Dense(16, name="first")(x))
+    x = nn.relu(nn.Dense(16, name="middle")(x))
+    return nn.Dense(5, name="last")(x)
+
+
+def test_sweep_compiles_once_per_quantizer_and_quantizes_what_it_says():
+  model = Tiny()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((64, 8)).astype(np.float32)
+  y = rng.integers(0, 5, 64)
+  variables = model.init(jax.random.key(0), x)
+  seen, jitted = [], {}
+
+  def evaluate(logits_fn, v, desc):
+    fn = jitted.setdefault(logits_fn, jax.jit(logits_fn))
+    logits = np.asarray(fn(v, x))
+    seen.append((desc, logits_fn, v))
+    pred = logits.argmax(-1)
+    return {"accuracy": float(np.mean(pred == y) * 100), "loss": 0.0, "predictions": pred}
+
+  rows = ptq_sweep(model, variables, ["w8a8/minmax", "w8a8/percentile", "w4", "k2"],
+                   [x[:32], x[32:]], evaluate, first_last_bits=0, percentile=90)
+  fns = {desc: fn for desc, fn, _ in seen}
+  assert fns["w8a8/minmax"] is fns["w8a8/percentile"]  # one compiled step, two calibrations
+  assert fns["w4"] is not fns["w8a8/minmax"] and fns["k2"] is fns["float"]
+
+  states = {desc: v for desc, _, v in seen}
+  mm, pct = states["w8a8/minmax"]["quant"], states["w8a8/percentile"]["quant"]
+  assert [l.path for l in mm.layers] == ["middle"]  # first_last_bits=0: first/last stay float
+  hidden = np.maximum(x @ np.asarray(variables["params"]["first"]["kernel"])
+                      + np.asarray(variables["params"]["first"]["bias"]), 0)
+  np.testing.assert_allclose(mm.ranges["middle"], [hidden.min(), hidden.max()], rtol=1e-5)
+  assert pct.ranges["middle"][1] < mm.ranges["middle"][1]  # the 90th percentile clips the top
+
+  k2 = jax.tree.map(np.asarray, states["k2"]["params"])
+  original = jax.tree.map(np.asarray, variables["params"])
+  assert len(np.unique(k2["middle"]["kernel"])) <= 4
+  np.testing.assert_array_equal(k2["first"]["kernel"], original["first"]["kernel"])
+  np.testing.assert_array_equal(k2["last"]["kernel"], original["last"]["kernel"])
+  assert rows[-1]["kmeans"] and rows[-1]["first_last_bits"] == 32
+  assert "first/last float" in rows[-1]["method"]
+
+
+@pytest.mark.parametrize("text", ["w9a8", "w4/percentile", "w8a8/median", "x4", "k1", "w8a1", 8])
+def test_bad_scheme_is_one_clear_error(text):
+  with pytest.raises(ConfigError, match=r"^ptq.schemes must be "):
+    parse_scheme(text)
+
+
+def test_schemes_parse_to_their_bits():
+  assert parse_scheme("w4a8")[1:] == (4, 8, False, "minmax")
+  assert parse_scheme("w8a8/mse")[1:] == (8, 8, False, "mse")
+  assert parse_scheme("w3")[1:] == (3, None, False, None)
+  assert parse_scheme("k4")[1:] == (4, None, True, None)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.ptq.schemes=('w8a8', 'w4a9')", "error: ptq.schemes must be a scheme whose bits"),
+    ("--config.ptq.first_last_bits=1", "error: ptq.first_last_bits must be 0 (float) or"),
+])
+def test_cli_bad_input_is_one_line_before_any_data(override, message, tmp_path):
+  proc = _run("experiments.ptq", "--config=configs/ptq.py", override,
+              env={"TFDS_DATA_DIR": str(tmp_path)})  # no data there: the error must come first
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
+
+
+@requires_cifar10
+@pytest.mark.realdata
+def test_pretrained_resnet20_w8a8_ptq_within_0_3_points():
+  proc = _run("experiments.ptq", "--config=configs/ptq.py",
+              f"--config.model.weights={pretrained('resnet20')}",
+              "--config.ptq.schemes=('w8a8/minmax',)")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  float_row, w8a8 = result["rows"]
+  assert abs(float_row["accuracy"] - 91.73) <= 0.02
+  assert abs(w8a8["delta"]) <= 0.3 and result["examples"] == 10000
