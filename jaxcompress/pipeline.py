@@ -141,19 +141,25 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sparsity = float(sum(np.sum(np.asarray(x) == 0) for x in selected) /
                    max(1, sum(np.size(x) for x in selected)))
   original_bytes = _param_count(student_vars["params"]) * FLOAT32_BYTES
-  compressed = {"accuracy": after["accuracy"], "loss": after["loss"],
+  compressed = {"model": config.student.name, "accuracy": after["accuracy"], "loss": after["loss"],
                 "precision": after["precision"], "recall": after["recall"],
                 "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
                 "act_bits": config.quant.act_bits or 32}
   if config.export.enabled:
     compressed.update(stage("export", lambda: _export(
         config, workdir, comp, state, original_bytes, after["predictions"], evaluate_vars)))
+  dense = {"sparsity": 0.0, "weight_bits": 32, "act_bits": 32}
+  teacher_row = _row(stages.get("teacher"), config.teacher.name)
+  if teacher_vars is not None and teacher_row["accuracy"] is not None:
+    teacher_row.update(size_bytes=_param_count(teacher_vars["params"]) * FLOAT32_BYTES, **dense)
   results = {
-      "teacher": _row(stages.get("teacher"), config.teacher.name),
+      "teacher": teacher_row,
       "original": {**_row(stages["original"], config.student.name),
-                   "size_bytes": original_bytes, "sparsity": 0.0, "weight_bits": 32,
-                   "act_bits": 32},
-      "before_finetune": _row(stages["before"], config.student.name),
+                   "size_bytes": original_bytes, **dense},
+      "before_finetune": {**_row(stages["before"], config.student.name),
+                          "sparsity": config.prune.sparsity if comp.prune_enabled else 0.0,
+                          "weight_bits": compressed["weight_bits"],
+                          "act_bits": compressed["act_bits"]},
       "compressed": compressed,
       "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
   }

@@ -91,21 +91,27 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
   """Writes ``report.md``, ``curves.png`` and ``accuracy_vs_size.png`` into ``workdir``."""
   plot_curves(metrics, os.path.join(workdir, "curves.png"))
   plot_accuracy_vs_size(results, os.path.join(workdir, "accuracy_vs_size.png"))
-  c = results["compressed"]
+  c, p, q, d = results["compressed"], config.prune, config.quant, config.distill
+  pruned = (f"{p.method} {p.structure} pruning to {p.sparsity:.0%} ({p.schedule}, "
+            f"{p.scope})" if p.method != "none" and p.sparsity > 0 else "no pruning")
+  quant = (f"weights {q.weight_bits or 32}-bit, activations {q.act_bits or 32}-bit ({q.method})"
+           if q.weight_bits or q.act_bits else "no quantization")
+  teach = (f"KD from {config.teacher.name} (T={d.temperature}, alpha={d.alpha})"
+           if d.alpha > 0 else "no teacher")
+  size = (f"Compression ratio (float32 params / artifact bytes on disk): "
+          f"{c['compression_ratio']:.1f}x; the exported artifact scores "
+          f"{c['exported_accuracy']:.2f} % and agrees with the fake-quant model on "
+          f"{100 * c['export_agreement']:.2f} % of the test images."
+          if c.get("compression_ratio") else "Not exported (export.enabled is False).")
   lines = [
       f"# Compression report: {config.student.name} on {config.data.name}",
       "",
-      f"Pruning {config.prune.method} {config.prune.structure} to {config.prune.sparsity:.0%} "
-      f"({config.prune.schedule}); weights {config.quant.weight_bits or 32}-bit, activations "
-      f"{config.quant.act_bits or 32}-bit ({config.quant.method}); "
-      + (f"KD from {config.teacher.name} (T={config.distill.temperature}, "
-         f"alpha={config.distill.alpha})" if config.distill.alpha > 0 else "no teacher")
-      + f"; {results['train']['epochs']:.2f} epochs in {results['train']['seconds'] / 60:.1f} min.",
+      f"{pruned.capitalize()}; {quant}; {teach}; {results['train']['epochs']:.2f} epochs in "
+      f"{results['train']['seconds'] / 60:.1f} min of training.",
       "",
       markdown_table(results),
       "",
-      f"Compression ratio (float32 params / artifact bytes on disk): "
-      f"{_fmt(c.get('compression_ratio'), '.1f')}x.",
+      size,
       "",
       "![training curves](curves.png)",
       "",
