@@ -5,9 +5,16 @@ activations (first conv and last dense at 8 bits), Hinton KD at T=4 from ResNet-
 
   python -m experiments.cifar_distill --config=configs/cifar_distill.py --workdir=runs/distill
 
-Quick (2 CPU cores, under 25 minutes end to end; see README.md for the measured result):
+Quick (2 CPU cores; 1.5 epochs, global magnitude pruning):
 
   python -m experiments.cifar_distill --config=configs/cifar_distill.py:quick --workdir=runs/quick
+
+Measured here: 89.50 % after fine-tuning (original 91.73 %, teacher 93.39 %, one-shot compressed
+before fine-tuning 40.72 %); artifact 63,694 bytes on disk, 16.9x smaller than float32; the
+artifact agrees with the fake-quant model on 99.93 % of the test images. The same compression
+without a teacher (cifar_sft.py:quick) reaches 88.87 %. Training ran 26.8 min on a machine shared
+with another run; alone, the composed step does ~100 images/s here, about 13 min of training and
+17 min end to end.
 
 Override any field from the command line, e.g. ``--config.prune.sparsity=0.9``.
 """
@@ -74,10 +81,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.serving = True  # also a jax.export StableHLO inference function
 
   if arg == "quick":
-    c.train.epochs = 1.0
+    c.train.epochs = 1.5
     c.train.eval_every_epochs = 1000  # no mid-run evaluation on CPU
     c.train.log_every_steps = 20
     c.train.checkpoint_every_steps = 100
+    c.prune.scope = "global"  # at 70-80 % one-shot, global loses far less than layer-wise
     c.prune.end = 0.4
   elif arg:
     raise ValueError(f"configs/cifar_distill.py: unknown variant {arg!r}; valid: quick")
