@@ -12,9 +12,8 @@ Quick (2 CPU cores; 1.5 epochs, global magnitude pruning):
 Measured here: 89.50 % after fine-tuning (original 91.73 %, teacher 93.39 %, one-shot compressed
 before fine-tuning 40.72 %); artifact 63,694 bytes on disk, 16.9x smaller than float32; the
 artifact agrees with the fake-quant model on 99.93 % of the test images. The same compression
-without a teacher (cifar_sft.py:quick) reaches 88.87 %. Training ran 26.8 min on a machine shared
-with another run; alone, the composed step does ~100 images/s here, about 13 min of training and
-17 min end to end.
+without a teacher (cifar_sft.py:quick) reaches 88.87 %. Training took 26.8 min there, on a
+machine shared with another run; see README.md for the time of a run alone.
 
 Override any field from the command line, e.g. ``--config.prune.sparsity=0.9``.
 """
