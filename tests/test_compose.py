@@ -121,7 +121,7 @@ def test_prune_schedule_reaches_the_target_inside_the_run(total):
     ("prune__method", "taylor", "prune.method must be one of"),
     ("prune__structure", "block", "prune.structure must be one of"),
     ("prune__sparsity", 1.0, r"prune.sparsity must be in \[0.0, 1.0\), got 1.0"),
-    ("quant__method", "apot", "quant.method must be one of lsq, minmax, got 'apot'"),
+    ("quant__method", "apot", "quant.method must be one of kmeans, lsq, minmax, got 'apot'"),
     ("quant__weight_bits", 9, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\]"),
     ("distill__temperature", -1.0, "distill.temperature must be > 0"),
     ("train__epochs", -2.0, "train.epochs must be >= 0"),
