@@ -86,7 +86,8 @@ def prune_steps(p, total_steps: int) -> tuple[int, int, int]:
   return every, begin, max(end, begin + every)
 
 
-def _structure(p):
+def structure(p) -> pruning.Masker:
+  """The masker of a ``prune`` section: N:M, whole channels, or unstructured at its scope."""
   if p.structure == "nm":
     return pruning.n_of_m(p.n, p.m)
   if p.structure == "channel":
@@ -296,7 +297,7 @@ def build(config, student: nn.Module, teacher: nn.Module | None, *, steps_per_ep
       schedule = pruning.one_shot_schedule(p.sparsity, begin)
     else:
       schedule = pruning.constant_schedule(p.sparsity)
-    optimizer = pruning.prune(base, schedule, score=p.method, structure=_structure(p),
+    optimizer = pruning.prune(base, schedule, score=p.method, structure=structure(p),
                               rules=rules, update_every=every, seed=config.seed)
   quantizer = None
   kmeans_bits = q.weight_bits if q.method == "kmeans" else 0

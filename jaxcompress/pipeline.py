@@ -119,7 +119,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params = state.params
     if comp.prune_enabled:
       masks = pruning.compute_masks(params, config.prune.sparsity,
-                                    structure=compose._structure(config.prune),
+                                    structure=compose.structure(config.prune),
                                     rules=comp.prune_rules)
       params = pruning.apply_masks(params, masks)
     return evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
@@ -136,10 +136,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   after = stage("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),
                                                   "eval compressed", True), **info})
   final_params = jax.device_get(state.params["model"])
-  sel = pruning.select({"model": final_params}, comp.prune_rules, warn_unused=False)
-  selected = sel.pick(sel.leaves)
-  sparsity = float(sum(np.sum(np.asarray(x) == 0) for x in selected) /
-                   max(1, sum(np.size(x) for x in selected)))
+  sparsity = float(comp.sparsity({"model": final_params}))
   original_bytes = _param_count(student_vars["params"]) * FLOAT32_BYTES
   compressed = {"model": config.student.name, "accuracy": after["accuracy"], "loss": after["loss"],
                 "precision": after["precision"], "recall": after["recall"],
