@@ -41,6 +41,7 @@ def test_wrong_depth_weights_name_the_problem():
 
 def test_missing_data_says_how_to_get_it(tmp_path):
   proc = _run("experiments.evaluate", "--config=configs/evaluate.py",
+              f"--config.model.weights={pretrained('resnet20')}",
               env={"TFDS_DATA_DIR": str(tmp_path)})
   assert proc.returncode == 2
   last = proc.stderr.splitlines()[-1]
@@ -69,7 +70,8 @@ def test_pretrained_resnet20_reproduces_published_accuracy():
 def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
   proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
-              f"--workdir={workdir}", override)
+              f"--workdir={workdir}", f"--config.student.weights={pretrained('resnet20')}",
+              f"--config.teacher.weights={pretrained('resnet56')}", override)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
   assert not workdir.exists()
