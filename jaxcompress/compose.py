@@ -29,6 +29,7 @@ import optax
 from jaxcompress import distillation as kd
 from jaxcompress import pruning, quantization
 from jaxcompress.errors import check_range, invalid, unknown
+from jaxcompress.models.batchnorm import FOLD, fold_collection
 from jaxcompress.optim import make_optimizer
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
 
@@ -146,7 +147,15 @@ class Compression:
 
   @staticmethod
   def eval_variables(state: TrainState) -> dict:
-    return {"params": state.params, "model_state": state.model_state}
+    """:meth:`logits_fn`'s variables; BatchNorms run in the folded form the export stores.
+
+    With the ``fold`` collection (:mod:`jaxcompress.models.batchnorm`) the fake-quant model and its
+    exported artifact compute the same float32 operations, so their predictions agree exactly.
+    """
+    model_state = dict(state.model_state)
+    if "batch_stats" in model_state:
+      model_state[FOLD] = fold_collection(state.params["model"], model_state["batch_stats"])
+    return {"params": state.params, "model_state": model_state}
 
   # -- loss ----------------------------------------------------------------------------------
   def _capture(self, which: int):

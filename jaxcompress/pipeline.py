@@ -187,9 +187,14 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
     specs = comp.quantizer.specs(variables, qstate)
   out_dir = os.path.join(workdir, "export")
+  # Channel surgery only after channel pruning: on an unstructured run it would drop a handful of
+  # silent channels (bytes) but change the convs' reduction lengths, so the artifact's float32
+  # rounding, and hence some 8-bit activation codes, would no longer be the fake-quant model's.
+  shrink = comp.prune_enabled and config.prune.structure == "channel"
   report = export.export_model(out_dir, model_name=config.student.name, variables=variables,
                                num_classes=spec.num_classes, specs=specs,
-                               codebooks=codebooks or None, input_shape=spec.image_shape)
+                               codebooks=codebooks or None, input_shape=spec.image_shape,
+                               shrink=shrink)
   loaded = export.load(out_dir, expect_model=config.student.name)
   if config.export.serving:
     export.save_serving(os.path.join(workdir, "serving"), loaded, mean=config.data.mean,

@@ -12,6 +12,7 @@ import pytest
 from jaxcompress.errors import ConfigError
 from jaxcompress.export import export_model, inner_channel_masks, load
 from jaxcompress.models import get_model
+from jaxcompress.models.batchnorm import fold_collection
 from jaxcompress.quantization import cluster_params, decode_params, default_rules, quantize
 from test_export_runtime import random_variables
 
@@ -68,6 +69,17 @@ def test_loaded_artifact_predicts_what_the_fake_quant_model_predicts(resnet):
   model, variables, apply_fn = loaded  # the tuple form
   np.testing.assert_allclose(jax.jit(apply_fn)(variables, X8), got, rtol=1e-6)
   assert model.folded and model.inner_widths is None
+
+
+def test_with_folded_batchnorm_the_artifact_reproduces_the_fake_quant_logits_exactly(resnet):
+  # 64 32x32 images: enough activations that, without the fold collection, some sit on an 8-bit
+  # boundary and the BatchNorm's rounding flips them (the logits then differ by ~0.04).
+  x = np.random.default_rng(1).standard_normal((64, 32, 32, 3)).astype(np.float32)
+  vm = resnet["vm"]
+  got = np.asarray(load(resnet["out"], expect_model="resnet20").logits(x))
+  assert not np.array_equal(got, np.asarray(resnet["fq"](vm, x)))
+  fold = fold_collection(vm["params"], vm["batch_stats"])
+  np.testing.assert_array_equal(got, np.asarray(resnet["fq"]({**vm, "fold": fold}, x)))
 
 
 def test_stored_integers_are_the_fake_quant_grid(resnet):

@@ -10,7 +10,10 @@ A quantized kernel ``W = (q - zp) * s`` folds without touching it: the folded la
 fake quantization used, then a per-channel gain ``g`` and bias. Multiplying ``g`` into the kernel
 instead would be the same real number but not the same float32 conv: on a one-shot pruned
 ResNet-20 that cost 0.08 % of the predictions against the fake-quant model, this form 0.04 %.
-``g`` is computed as Flax's BatchNorm computes it, ``rsqrt(var + eps) * gamma`` in float32.
+The remaining 0.04 % was BatchNorm's own rounding, ``(y - mean) * g + beta`` against
+``y * g + bias``; evaluated with the ``fold`` collection of
+:func:`jaxcompress.models.batchnorm.fold_collection` (the gains and biases computed here), the
+fake-quant model runs the folded form too and the artifact reproduces its logits exactly.
 
 Which BatchNorm follows which conv is read from the module names, the convention of the CIFAR
 ResNets and the PyTorch models they mirror: ``.../convK`` is followed by ``.../bnK`` in the same
@@ -26,11 +29,10 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
 from jaxcompress.models.resnet import BN_EPSILON
 
 _CONV_NAME = re.compile(r"(.*?)conv(\d*)$")
@@ -53,19 +55,6 @@ def subtree(tree: Mapping[str, Any], path: str) -> Any:
       return None
     node = node[name]
   return node
-
-
-def bn_multiplier(scale: Any, var: Any, eps: float = BN_EPSILON) -> np.ndarray:
-  """``g = rsqrt(var + eps) * scale`` in float32, per channel, the way Flax's BatchNorm has it."""
-  var = jnp.asarray(var, jnp.float32)
-  return np.asarray(jax.lax.rsqrt(var + eps) * jnp.asarray(scale, jnp.float32), np.float32)
-
-
-def fold_bias(bias: Any, g: np.ndarray, bn_bias: Any, mean: Any) -> np.ndarray:
-  """Folded bias ``(b - mean) * g + beta`` (``b`` may be ``None``: a bias-free conv)."""
-  b = np.zeros_like(g) if bias is None else np.asarray(bias, np.float32)
-  return ((b - np.asarray(mean, np.float32)) * g + np.asarray(bn_bias, np.float32)).astype(
-      np.float32)
 
 
 def fold_bn(kernel: Any, bias: Any, bn_params: Mapping[str, Any], bn_stats: Mapping[str, Any],
