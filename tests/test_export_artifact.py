@@ -55,7 +55,9 @@ def resnet(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("run") / "export")
   report = export_model(out, model_name="resnet20", variables=variables, masks=masks,
                         specs=qz.specs(vm, qstate), input_shape=(8, 8, 3), shrink=False)
-  fq = jax.jit(lambda v, x: qz.apply(v, qstate, x)[0])
+  # The quantization state is an input of the compiled function, as in a train/eval step.
+  fq_jit = jax.jit(lambda v, q, x: qz.apply(v, q, x)[0])
+  fq = lambda v, x: fq_jit(v, qstate, x)  # noqa: E731
   return dict(model=model, variables=variables, vm=vm, qz=qz, qstate=qstate, out=out,
               report=report, fq=fq)
 

@@ -6,12 +6,18 @@ kernel and folded bias, and the extra collection ``fold`` holds the BatchNorm ga
 layers. ``apply_fn`` intercepts every Conv/Dense call (``flax.linen.intercept_methods``):
 
 - its input is fake-quantized with the stored ``(scale, zero_point, qmin, qmax)``, as the
-  fake-quant model quantized it;
+  fake-quant model quantized it; scale and zero point are read from the variables' ``act``
+  collection, so they are inputs of the compiled function as they are in the fake-quant model
+  (XLA turns a division by a compile-time constant into a multiplication by its reciprocal, which
+  rounds differently now and then);
 - with a gain, the layer runs without bias and returns ``y * gain + bias``, so its kernel stays
   the very kernel fake quantization used (see :mod:`.fold`).
 
-The rebuilt model thus computes what the fake-quant model computed, up to float rounding of the
-BatchNorm. ``model.apply`` alone (without ``apply_fn``) ignores both and is not the exported model.
+The rebuilt model thus computes what the fake-quant model computed; evaluated with its ``fold``
+collection (:mod:`jaxcompress.models.batchnorm`) and its quantization state as an input of the
+compiled function (as in a train or eval step), the fake-quant model runs the same float32
+operations, and the logits agree bit for bit. ``model.apply`` alone (without ``apply_fn``)
+ignores all this and is not the exported model.
 """
 
 from __future__ import annotations
@@ -30,10 +36,15 @@ from jaxcompress.models import get_model
 from jaxcompress.quantization import fake_quant
 
 LAYER_TYPES = (nn.Conv, nn.Dense)
+ACT = "act"  # collection of the input scales and zero points
 
 
 def exported_layers(acts: Mapping[str, dict]) -> Callable:
-  """An interceptor: fake-quantized inputs of the layers in ``acts``; output gains from ``fold``."""
+  """An interceptor: fake-quantized inputs of the layers in ``acts``; output gains from ``fold``.
+
+  A layer's input scale and zero point come from its ``act`` variables when the variables hold
+  them (:func:`layer_variables` puts them there), else from ``acts``.
+  """
   acts = {p: (np.float32(a["scale"]), int(a["zero_point"]), int(a["qmin"]), int(a["qmax"]))
           for p, a in acts.items()}
   inside = [False]  # the gain path runs a clone of the layer, which must not be intercepted
@@ -46,6 +57,9 @@ def exported_layers(acts: Mapping[str, dict]) -> Callable:
     x, act = args[0], acts.get("/".join(module.path))
     if act is not None:
       scale, zero_point, qmin, qmax = act
+      if module.has_variable(ACT, "scale"):
+        scale = module.get_variable(ACT, "scale")
+        zero_point = module.get_variable(ACT, "zero_point")
       x = fake_quant(x, scale, zero_point, qmin=qmin, qmax=qmax)
     if not module.has_variable("fold", "gain"):
       return next_fun(x, *args[1:], **kwargs)
@@ -82,10 +96,11 @@ def layer_variables(layers: Mapping[str, LayerTensor], *, fold_gain: bool = Fals
       ``model.apply``; by default they go to the ``fold`` collection that ``apply_fn`` applies.
 
   Returns:
-    ``{'params': {path: {'kernel', 'bias'}}}`` and, unless ``fold_gain``, ``{'fold': {path:
-    {'gain'}}}`` for the layers with a gain.
+    ``{'params': {path: {'kernel', 'bias'}}}``; unless ``fold_gain``, ``{'fold': {path:
+    {'gain'}}}`` for the layers with a gain; ``{'act': {path: {'scale', 'zero_point'}}}`` for the
+    layers with quantized inputs.
   """
-  params, fold = {}, {}
+  params, fold, act = {}, {}, {}
   for path, t in layers.items():
     key = tuple(path.split("/"))
     params[(*key, "kernel")] = t.folded_kernel() if fold_gain else t.kernel()
@@ -93,9 +108,13 @@ def layer_variables(layers: Mapping[str, LayerTensor], *, fold_gain: bool = Fals
       params[(*key, "bias")] = np.asarray(t.bias, np.float32)
     if t.gain is not None and not fold_gain:
       fold[(*key, "gain")] = np.asarray(t.gain, np.float32)
+    if t.act is not None:
+      act[(*key, "scale")] = np.float32(t.act["scale"])
+      act[(*key, "zero_point")] = np.int32(t.act["zero_point"])
   out = {"params": flax.traverse_util.unflatten_dict(params)}
-  if fold:
-    out["fold"] = flax.traverse_util.unflatten_dict(fold)
+  for name, tree in (("fold", fold), (ACT, act)):
+    if tree:
+      out[name] = flax.traverse_util.unflatten_dict(tree)
   return out
 
 
@@ -118,6 +137,9 @@ def build_model(name: str, num_classes: int, model_kwargs: Mapping[str, Any],
     bias = f"params/{key[len('fold/'):-len('/gain')]}/bias"
     if bias in want:
       want[key] = want[bias]
+  for key in [k for k in have if k.startswith(f"{ACT}/")]:  # input scale, zero point: scalars
+    if f"params/{key[len(ACT) + 1:].rpartition('/')[0]}/kernel" in want:
+      want[key] = jax.ShapeDtypeStruct((), np.float32)
   for key in sorted(set(want) | set(have)):
     if key not in have:
       raise ConfigError(f"{field}: the artifact has no {key!r}, which {name} needs; the spec "
