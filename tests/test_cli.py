@@ -71,7 +71,7 @@ def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
   proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
               f"--workdir={workdir}", f"--config.student.weights={pretrained('resnet20')}",
-              f"--config.teacher.weights={pretrained('resnet56')}", override)
+              f"--config.teacher.weights={pretrained('resnet20')}", override)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
   assert not workdir.exists()
@@ -80,7 +80,8 @@ def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
 def test_main_job_wrong_depth_teacher_weights(tmp_path):
   workdir = tmp_path / "run"
   proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
-              f"--workdir={workdir}", f"--config.teacher.weights={pretrained('resnet20')}")
+              f"--workdir={workdir}", "--config.teacher.name=resnet56",
+              f"--config.teacher.weights={pretrained('resnet20')}")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1].startswith("error: teacher.weights=")
   assert "missing 180 tensors" in proc.stderr.splitlines()[-1]

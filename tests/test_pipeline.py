@@ -33,6 +33,7 @@ def _config(weights, module=cifar_distill):
   c.data.batch_size, c.data.eval_batch_size = 16, 32
   c.student.name, c.student.weights = "mlp", weights
   c.teacher.name, c.teacher.weights = "mlp", weights
+  c.distill.feature_pairs = (("fc1", "fc1"),)  # quick's hints at every block, for an MLP
   c.prune.rules = (("fc1/kernel", False), ("fc3/kernel", False), (".*/kernel", True))
   c.quant.calibration_examples = 32
   c.train.epochs = 2.0
