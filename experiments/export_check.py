@@ -41,6 +41,7 @@ def main(argv):
   from jaxcompress import data as data_lib
   from jaxcompress import export
   from jaxcompress.models import create_model
+  from jaxcompress.models.batchnorm import fold_collection
   from jaxcompress.pruning import apply_masks, magnitude_masks
   from jaxcompress.quantization import calibrate, default_rules, quantize
 
@@ -58,23 +59,26 @@ def main(argv):
   t0 = time.perf_counter()
   out = os.path.join(_WORKDIR.value, "export")
   report = export.export_model(out, model_name=_MODEL.value, variables=variables, masks=masks,
-                               specs=specs)
+                               specs=specs, shrink=False)  # full widths: the same float32 convs
   loaded = export.load(out, expect_model=_MODEL.value)
   export.save_serving(os.path.join(_WORKDIR.value, "serving"), loaded, mean=mean, std=std)
   serve = export.load_serving(os.path.join(_WORKDIR.value, "serving"))
   export_s = time.perf_counter() - t0
 
   test_x, test_y = data_lib.load_split("cifar10", "test")
+  # Variables and quantization state are inputs of the compiled functions, as in an eval step;
+  # the fake-quant model runs its BatchNorms in the folded form the artifact stores.
+  fold = fold_collection(pruned["params"], pruned["batch_stats"])
   fns = {
-      "pruned_float": lambda x: model.apply(pruned, x, train=False),
-      "fake_quant": lambda x: qz.apply(pruned, qstate, x)[0],
-      "artifact": lambda x: loaded.apply_fn(loaded.variables, x),
+      "pruned_float": (lambda v, x: model.apply(v, x, train=False), pruned),
+      "fake_quant": (lambda v, x: qz.apply(v[0], v[1], x)[0], ({**pruned, "fold": fold}, qstate)),
+      "artifact": (loaded.apply_fn, loaded.variables),
   }
   preds = {}
-  for name, fn in fns.items():
+  for name, (fn, v) in fns.items():
     fn = jax.jit(fn)
     preds[name] = np.concatenate([
-        np.asarray(jnp.argmax(fn(b.image), -1))[b.weight > 0]
+        np.asarray(jnp.argmax(fn(v, b.image), -1))[b.weight > 0]
         for b in data_lib.eval_batches(test_x, test_y, 500, mean=mean, std=std)])
   preds["serving"] = np.concatenate([np.asarray(jnp.argmax(serve(test_x[i:i + 500]), -1))
                                      for i in range(0, len(test_x), 500)])
