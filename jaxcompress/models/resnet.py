@@ -51,7 +51,7 @@ def conv_bn(x, features: int, stride: int, conv_name: str, bn_name: str, train: 
   if folded:
     return x
   return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                      name=bn_name)(x)
+                   name=bn_name)(x)
 
 
 class BasicBlock(nn.Module):

@@ -21,6 +21,14 @@ from jaxcompress.quantization.layer import act_qparams, bits_at, weight_qparams
 from jaxcompress.quantization.schedule import BitSchedule
 
 
+# The quantization parameters compiled, as the model computes them inside its jitted step: XLA
+# rewrites some float arithmetic (a division by a constant becomes a multiplication by its
+# reciprocal), so op-by-op evaluation can give a scale one ulp away from the model's, and that ulp
+# moves inputs that sit on a rounding boundary to the neighbouring integer code.
+_weight_qparams = jax.jit(weight_qparams, static_argnums=(0, 3))
+_act_qparams = jax.jit(act_qparams, static_argnums=(0, 3))
+
+
 class LayerSpec(NamedTuple):
   """The integer-arithmetic description of one quantized layer (NumPy values).
 
@@ -97,7 +105,7 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
     if cfg.weight_bits is not None:
       bits = int(bits_at(cfg.weight_bits, bit_schedule, step))
       kernel = _kernel(params, layer.path)
-      scale, zero_point, qmin, qmax = _as_traced(weight_qparams, layer, kernel, steps, bits)
+      scale, zero_point, qmin, qmax = _weight_qparams(layer, kernel, steps, bits)
       check_qparams(scale, qmin, qmax, field=f"weight scale of {layer.path}")
       fields.update(weight_bits=bits, weight_axis=layer.weight_axis, weight_scale=np.asarray(scale),
                     weight_zero_point=np.asarray(zero_point), weight_qmin=int(qmin),
@@ -107,7 +115,7 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
       act_range = qstate.ranges.get(layer.path)
       if act_range is not None:
         check_finite_range(f"activation range of {layer.path}", act_range[0], act_range[1])
-      scale, zero_point, qmin, qmax = _as_traced(act_qparams, layer, act_range, steps, bits)
+      scale, zero_point, qmin, qmax = _act_qparams(layer, act_range, steps, bits)
       check_qparams(scale, qmin, qmax, field=f"activation scale of {layer.path}")
       if act_range is None:
         act_range = (qmin * scale, qmax * scale)
@@ -116,13 +124,3 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
                     act_range=(float(act_range[0]), float(act_range[1])))
     specs[layer.path] = LayerSpec(**fields)
   return specs
-
-
-def _as_traced(fn, layer, array, steps, bits):
-  """``fn(layer, array, steps, bits)`` compiled, as the model computes it inside its jitted step.
-
-  XLA rewrites some float arithmetic (a division by a constant becomes a multiplication by its
-  reciprocal), so op-by-op evaluation can give a scale one ulp away from the model's, and that ulp
-  moves inputs that sit on a rounding boundary to the neighbouring integer code.
-  """
-  return jax.jit(fn, static_argnums=(0, 3))(layer, array, steps, bits)
