@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import flax.serialization
 import jax
@@ -209,3 +211,47 @@ def test_update_without_params():
   opt = prune(optax.sgd(0.1), constant_schedule(0.5))
   with pytest.raises(ConfigError, match="update needs params"):
     opt.update(PARAMS, opt.init(PARAMS))
+
+
+def _updates_warnings(opt, steps=3):
+  """Runs ``steps`` jitted updates; returns the params and the pruning-order warnings raised."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    params, state, _ = run(opt, steps)
+    jax.effects_barrier()  # host callbacks of the jitted steps have run
+  return params, state, [w for w in caught if "prune:" in str(w.message)]
+
+
+def test_transform_after_prune_in_a_chain_warns_one_line():
+  # scale(0.5) halves the wrapper's "-p" for pruned weights: they end at p / 2, not 0.
+  opt = optax.chain(prune(optax.adam(1e-3), constant_schedule(0.5)), optax.scale(0.5))
+  params, _, caught = _updates_warnings(opt)
+  assert zeros(params)["Dense_1"] == 0  # the guarantee is broken here ...
+  assert caught, "a transform after prune() went unnoticed"  # ... and the user is told so
+  msg = str(caught[0].message)
+  assert "\n" not in msg and "last" in msg and "optax.chain" in msg
+
+
+@pytest.mark.parametrize("make", [
+    # prune last in a chain: the transform before it only changes the gradients it receives
+    lambda s: optax.chain(optax.scale(0.5), prune(optax.adam(1e-2), s)),
+    # chain / masked / multi_transform inside the wrapper
+    lambda s: prune(optax.chain(
+        optax.masked(optax.add_decayed_weights(1e-2),
+                     lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+        optax.sgd(0.05, momentum=0.9)), s),
+    lambda s: prune(optax.multi_transform(
+        {"a": optax.adam(1e-2), "b": optax.sgd(0.05)},
+        lambda p: {k: jax.tree.map(lambda _: "a" if k == "Dense_0" else "b", v)
+                   for k, v in p.items()}), s),
+    # the wrapper inside optax.masked (outermost for the leaves it sees)
+    lambda s: optax.masked(prune(optax.adam(1e-2), s),
+                           lambda p: jax.tree.map(lambda _: True, p)),
+])
+def test_outermost_wrapper_composes_with_chain_masked_multi_transform(make):
+  params, _, caught = _updates_warnings(make(constant_schedule(0.5)), steps=4)
+  assert not caught
+  sizes = {k: PARAMS[k]["kernel"].size for k in KERNELS}
+  assert zeros(params) == {k: n // 2 for k, n in sizes.items()}  # exactly 0, exact count
+  moved = np.asarray(params["Dense_1"]["kernel"]) != np.asarray(PARAMS["Dense_1"]["kernel"])
+  assert moved.sum() == sizes["Dense_1"]  # kept weights trained, pruned ones set to 0

@@ -6,8 +6,7 @@ sparsity ``schedule(count)``, from the raw gradients it receives and the current
 
 * Hard masking (default): gradients are masked before ``inner``, and the emitted updates are
   ``u`` where kept and ``-params`` where pruned, so after every ``optax.apply_updates`` pruned
-  weights are exactly ``0`` (``p + (-p) == 0`` in floating point). Keep the wrapper last in an
-  ``optax.chain`` so nothing rescales its output.
+  weights are exactly ``0`` (``p + (-p) == 0`` in floating point).
 * Straight-through (``straight_through=True``): the dense weights are kept and updated with the
   unmasked ``inner`` updates; the forward pass uses ``apply_masks_ste(params, current_masks(s))``.
 
@@ -19,6 +18,19 @@ Example:
   >>> updates, opt_state = opt.update(grads, opt_state, params)
   >>> params = optax.apply_updates(params, updates)   # pruned entries exactly 0
 
+Contract (hard masking): the guarantee is about the *final* update. Pruned weights are exactly 0
+only if the updates the wrapper emits reach ``optax.apply_updates`` unchanged, so the wrapper must
+be the outermost transform: the last one in an ``optax.chain`` (``chain(clip, prune(adam, s))``),
+with every other transform (clipping, weight decay, ``optax.chain``, ``optax.masked``,
+``optax.multi_transform``) inside ``inner`` or before it. A transform after it breaks the guarantee
+and cannot be repaired from inside: ``chain(prune(adam, s), scale(0.5))`` turns the ``-p`` of a
+pruned weight into ``-p / 2`` and leaves ``p / 2``. Wrapping the whole wrapper in ``optax.masked``,
+``optax.multi_transform`` or ``optax.MultiSteps`` is fine, as these pass its updates through
+unchanged. Misuse is detected at the first update after pruned weights were due to be 0: if any of
+them is not, a one-line ``UserWarning`` starting ``prune:`` is issued (from a host callback, so
+also under ``jit``; Python shows it once). It also fires when the parameters were changed outside
+the optimizer.
+
 References:
   Zhu, Gupta. To prune, or not to prune. arXiv:1710.01878, 2017 (gradual pruning in training).
   Lin, Stich, Barba, Dmitriev, Jaggi. Dynamic Model Pruning with Feedback. ICLR 2020
@@ -28,6 +40,7 @@ References:
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -41,6 +54,17 @@ from jaxcompress.pruning.scores import Score, get_score, leaf_scores
 from jaxcompress.pruning.select import compile_rules, select
 from jaxcompress.pruning.tree import apply_masks
 from jaxcompress.rules import Rule
+
+
+MOVED_WARNING = (
+    "prune: weights pruned by the previous update are not exactly 0; a transform after prune() "
+    "changed its updates (e.g. optax.chain(prune(...), optax.scale(0.5))) or the parameters were "
+    "changed outside the optimizer; make prune the last transform: optax.chain(..., "
+    "prune(inner, schedule)), with other transforms inside inner")
+
+
+def _warn_moved() -> None:
+  warnings.warn(MOVED_WARNING, UserWarning)
 
 
 class PruneState(NamedTuple):
@@ -72,12 +96,15 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
       ``channels("l1")``, ``n_of_m(2, 4)``).
     rules: leaf selection; default :data:`~jaxcompress.pruning.select.DEFAULT_RULES`.
     update_every: masks are recomputed on steps ``0, update_every, 2 * update_every, ...``.
-    straight_through: keep dense weights (see the module docstring).
+    straight_through: keep dense weights (see the module docstring); off, the wrapper must be
+      the outermost transform (last in an ``optax.chain``; see the module docstring's contract).
     seed: seed of the random score, folded with the step count.
 
   Returns:
     An ``optax.GradientTransformation`` whose state is a :class:`PruneState`; ``update`` needs
-    ``params``.
+    ``params``. With hard masking, ``update`` warns (one ``prune:`` line) when weights that its
+    previous update pruned are not exactly 0 in ``params``, e.g. because a transform after it in
+    an ``optax.chain`` rescaled its updates.
 
   Raises:
     ConfigError: for a bad argument (at construction), or ``update`` without ``params``.
@@ -116,6 +143,13 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
       return sel.masks_tree(keep)
 
     masks = jax.lax.cond(state.count % update_every == 0, refresh, lambda _: state.masks, None)
+    if not straight_through and weights:
+      # The previous update emitted -p where state.masks is 0: applied unchanged, those weights
+      # are exactly 0 now. Any that is not means the contract is broken (see the docstring).
+      moved = [jnp.any((m == 0) & (w != 0)) for m, w in zip(sel.pick(sel.flat(state.masks)),
+                                                            weights)]
+      jax.lax.cond(jnp.any(jnp.stack(moved)), lambda: jax.debug.callback(_warn_moved),
+                   lambda: None)
     if straight_through:
       out, inner_state = inner.update(updates, state.inner_state, params)
     else:
