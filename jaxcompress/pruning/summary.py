@@ -1,32 +1,38 @@
 """How sparse a parameter tree is: per leaf and in total, counted on the host.
 
+The totals count only the leaves that pruning with the same rules would prune (see
+:func:`~jaxcompress.pruning.select.select`): a zero bias, or any zero in a leaf that is never
+pruned, shows in its own row but is not counted as pruned.
+
 Example:
   >>> params = load_pytorch_npz(get_model("resnet20"), path)["params"]
   >>> print(summary(apply_masks(params, magnitude_masks(params, 0.7, scope="global"))).table())
-  path                   shape                 size   nonzero  sparsity
-  bn1/bias               (16,)                   16        16    0.0000
-  bn1/scale              (16,)                   16        16    0.0000
-  conv1/kernel           (3, 3, 3, 16)          432       432    0.0000
+  path                   shape                 size   nonzero  sparsity  selected
+  bn1/bias               (16,)                   16        16    0.0000  no
+  bn1/scale              (16,)                   16        16    0.0000  no
+  conv1/kernel           (3, 3, 3, 16)          432       432    0.0000  no
   ...
-  total                                      269722     82637    0.6936
+  total (selected)                           267264     80179    0.7000
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from jaxcompress.rules import path_str
+from jaxcompress.pruning.select import select
+from jaxcompress.rules import Rule
 
 
 class LeafSummary(NamedTuple):
-  """One leaf: its path, shape, entry count and count of non-zero entries."""
+  """One leaf: its path, shape, entry count, count of non-zero entries, whether it is pruned."""
   path: str
   shape: tuple[int, ...]
   size: int
   nonzero: int
+  selected: bool = True
 
   @property
   def sparsity(self) -> float:
@@ -35,44 +41,54 @@ class LeafSummary(NamedTuple):
 
 
 class Summary(NamedTuple):
-  """Every leaf of a tree, in tree order, and the totals over all of them."""
+  """Every leaf of a tree, in tree order; totals over the selected (pruned) leaves only."""
   leaves: tuple[LeafSummary, ...]
 
   @property
   def size(self) -> int:
-    return sum(leaf.size for leaf in self.leaves)
+    """Entries in the selected leaves."""
+    return sum(leaf.size for leaf in self.leaves if leaf.selected)
 
   @property
   def nonzero(self) -> int:
-    return sum(leaf.nonzero for leaf in self.leaves)
+    """Non-zero entries in the selected leaves."""
+    return sum(leaf.nonzero for leaf in self.leaves if leaf.selected)
 
   @property
   def sparsity(self) -> float:
-    """Fraction of all entries that are exactly zero."""
+    """Fraction of the selected leaves' entries that are exactly zero (0 if none selected)."""
     return 1.0 - self.nonzero / self.size if self.size else 0.0
 
   def table(self) -> str:
-    """A fixed-width table: one row per leaf, then the total."""
-    width = max([len("total")] + [len(leaf.path) for leaf in self.leaves])
-    row = lambda path, shape, size, nonzero, sparsity: (
-        f"{path:<{width}}  {shape:<16} {size:>9} {nonzero:>9}  {sparsity:>8}")
-    lines = [row("path", "shape", "size", "nonzero", "sparsity")]
-    lines += [row(leaf.path, str(leaf.shape), leaf.size, leaf.nonzero, f"{leaf.sparsity:.4f}")
-              for leaf in self.leaves]
-    lines.append(row("total", "", self.size, self.nonzero, f"{self.sparsity:.4f}"))
+    """A fixed-width table: one row per leaf (all leaves), then the total over selected ones."""
+    total = "total (selected)"
+    width = max([len(total)] + [len(leaf.path) for leaf in self.leaves])
+    row = lambda path, shape, size, nonzero, sparsity, selected: (
+        f"{path:<{width}}  {shape:<16} {size:>9} {nonzero:>9}  {sparsity:>8}  {selected}"
+    ).rstrip()
+    lines = [row("path", "shape", "size", "nonzero", "sparsity", "selected")]
+    lines += [row(leaf.path, str(leaf.shape), leaf.size, leaf.nonzero, f"{leaf.sparsity:.4f}",
+                  "yes" if leaf.selected else "no") for leaf in self.leaves]
+    lines.append(row(total, "", self.size, self.nonzero, f"{self.sparsity:.4f}", ""))
     return "\n".join(lines)
 
 
-def summary(tree: Any) -> Summary:
+def summary(tree: Any, rules: Sequence[Rule] | None = None) -> Summary:
   """Counts the non-zero entries of every leaf of ``tree`` (parameters or masks).
 
   Args:
     tree: any pytree of arrays (a Linen ``params`` dict, an ``nnx.State``, a mask tree).
+    rules: the leaf selection the tree was pruned with; ``None`` uses
+      :data:`~jaxcompress.pruning.select.DEFAULT_RULES`. Only selected leaves enter the totals.
 
   Returns:
     A :class:`Summary`; its ``table()`` is a readable report.
+
+  Raises:
+    ConfigError: for a bad rule.
   """
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  sel = select(tree, rules, warn_unused=False)
   return Summary(tuple(
-      LeafSummary(path_str(kp), tuple(np.shape(x)), int(np.size(x)),
-                  int(np.count_nonzero(np.asarray(x)))) for kp, x in flat))
+      LeafSummary(path, tuple(np.shape(x)), int(np.size(x)),
+                  int(np.count_nonzero(np.asarray(x))), bool(s))
+      for path, x, s in zip(sel.paths, sel.leaves, sel.selected)))
