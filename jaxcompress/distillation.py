@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,11 +30,18 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
   Args:
     student_logits: ``[B, C]``.
     teacher_logits: ``[B, C]`` (treated as constants: wrap in ``stop_gradient`` upstream or not).
-    temperature: ``T > 0``.
+    temperature: ``T > 0``. A Python or NumPy number is checked here, at call (or trace) time;
+      a traced ``T`` (a jitted argument) has no value to check, and ``T <= 0`` then gives NaN
+      (``T = 0``) or a meaningless number, so validate it before tracing.
 
   Returns:
     ``[B]`` float32 losses.
+
+  Raises:
+    ConfigError: if ``temperature`` is a number that is not ``> 0`` (NaN included).
   """
+  if isinstance(temperature, numbers.Real) and not temperature > 0:
+    raise invalid("distill.temperature", float(temperature), "> 0")
   t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
   s = student_logits.astype(jnp.float32) / temperature
   log_p_t = jax.nn.log_softmax(t, axis=-1)

@@ -80,3 +80,24 @@ def test_bad_distill_config(field, value, match):
   cfg[field] = value
   with pytest.raises(ConfigError, match=match):
     kd.validate_distill_config(cfg)
+
+
+@pytest.mark.parametrize("temperature, shown", [
+    (0.0, "0.0"), (0, "0.0"), (-2.0, "-2.0"), (float("nan"), "nan"), (np.float32(0.0), "0.0")])
+def test_kd_loss_rejects_non_positive_temperature(temperature, shown):
+  # T = 0 used to give NaN and T < 0 a plausible-looking number.
+  logits = jnp.zeros((2, 3))
+  with pytest.raises(ConfigError) as err:
+    kd.kd_loss(logits, logits, temperature)
+  assert str(err.value).startswith(f"distill.temperature must be > 0, got {shown}")
+  assert "\n" not in str(err.value)
+
+
+def test_kd_loss_traced_temperature_is_not_checked():
+  # A traced T has no value at trace time; a positive one gives the same loss as a Python T.
+  s = jnp.array([[1.0, 2.0, 0.5]])
+  t = jnp.array([[0.0, 3.0, 1.0]])
+  traced = jax.jit(kd.kd_loss)(s, t, jnp.float32(2.0))
+  p_t, p_s = _softmax(np.asarray(t) / 2), _softmax(np.asarray(s) / 2)
+  expected = 4.0 * np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)
+  np.testing.assert_allclose(traced, expected, rtol=1e-5)
