@@ -49,6 +49,48 @@ def test_nm_mask_matches_numpy_groups(n, m, axis):
   assert np.all(kept.sum(-1) == n)
 
 
+def nm_input_axis_oracle(w: np.ndarray, n: int, m: int) -> np.ndarray:
+  """Hand loop: per output channel and spatial position, n largest |w| of m consecutive inputs."""
+  keep = np.zeros(w.shape, bool)
+  *spatial, c_in, c_out = w.shape
+  for pos in np.ndindex(*spatial):
+    for o in range(c_out):
+      for start in range(0, c_in, m):
+        group = [abs(float(w[pos + (i, o)])) for i in range(start, start + m)]
+        for j in sorted(range(m), key=lambda j: group[j])[m - n:]:
+          keep[pos + (start + j, o)] = True
+  return keep
+
+
+def distinct_weights(shape, seed):
+  """Weights with distinct magnitudes (no ties) and random signs."""
+  rng = np.random.default_rng(seed)
+  size = int(np.prod(shape))
+  mags = rng.permutation(np.arange(1, size + 1)).astype(np.float32) / size
+  return (mags * rng.choice([-1.0, 1.0], size)).reshape(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(8, 2), (2, 3, 8, 2)])  # Dense [in, out]; Conv HWIO
+def test_nm_default_groups_along_the_input_channel_axis(shape):
+  w = distinct_weights(shape, seed=5)
+  expected = nm_input_axis_oracle(w, 2, 4)
+  got = np.asarray(n_of_m(2, 4)(["k/kernel"], [jnp.abs(jnp.asarray(w))], 0.5)[0])
+  np.testing.assert_array_equal(got, expected)
+  np.testing.assert_array_equal(np.asarray(nm_mask(jnp.abs(jnp.asarray(w)), 2, 4)), expected)
+  # Every group of 4 consecutive input channels, per output channel and position, keeps 2.
+  groups = np.moveaxis(got, -2, -1).reshape(-1, 4)
+  assert np.all(groups.sum(-1) == 2)
+
+
+def test_nm_dense_kernel_hand_built():
+  # [in=8, out=2]; |w| of column 0: 1 5 2 8 | 7 3 6 4, column 1: 9 10 11 12 | 16 15 14 13.
+  w = np.array([[1, 9], [-5, 10], [2, -11], [8, 12], [7, -16], [-3, 15], [6, 14], [4, 13]],
+               np.float32)
+  got = np.asarray(n_of_m(2, 4)(["k/kernel"], [jnp.abs(jnp.asarray(w))], 0.5)[0])
+  np.testing.assert_array_equal(got.T.astype(int), [[0, 1, 0, 1, 1, 0, 1, 0],
+                                                    [0, 0, 1, 1, 1, 1, 0, 0]])
+
+
 def test_channel_scores_l1_l2():
   s = np.array([[1.0, 3.0], [2.0, 4.0], [2.0, 0.0]], np.float32)
   np.testing.assert_allclose(channel_scores(jnp.asarray(s), "l1"), [5, 7])
@@ -64,13 +106,15 @@ def test_maskers():
   assert [int(x.sum()) for x in glob] == [0, 8]  # every entry of b beats every entry of a
   chan = channels("l1")(["a"], [a], 0.5)[0]
   np.testing.assert_array_equal(chan, [[False, False, True, True]] * 2)
-  nm = n_of_m(1, 2)(["a"], [a], 1.0)[0]
+  nm = n_of_m(1, 2)(["a"], [a], 1.0)[0]  # groups of 2 down each column (input axis)
+  np.testing.assert_array_equal(nm, [[False] * 4, [True] * 4])
+  nm = n_of_m(1, 2, axis=-1)(["a"], [a], 1.0)[0]  # groups of 2 along each row
   np.testing.assert_array_equal(nm, [[False, True, False, True]] * 2)
 
 
 def test_nm_is_switched_off_by_zero_sparsity():
-  a = jnp.arange(8.0).reshape(2, 4)
-  np.testing.assert_array_equal(n_of_m(2, 4)(["a"], [a], jnp.float32(0.0))[0], np.ones((2, 4)))
+  a = jnp.arange(8.0).reshape(4, 2)
+  np.testing.assert_array_equal(n_of_m(2, 4)(["a"], [a], jnp.float32(0.0))[0], np.ones((4, 2)))
 
 
 def test_global_masker_with_nothing_selected():
@@ -85,7 +129,9 @@ def test_global_masker_with_nothing_selected():
     (lambda: channels("max"), "prune.norm must be one of l1, l2, got 'max'"),
     (lambda: n_of_m(2, 4, axis=3)(["x/kernel"], [jnp.zeros((4, 4))], 0.5),
      "prune.axis (leaf 'x/kernel', shape (4, 4)) must be in [-2, 2), got 3"),
-    (lambda: n_of_m(2, 4)(["x/kernel"], [jnp.zeros((4, 6))], 0.5),
+    (lambda: n_of_m(2, 4)(["x/kernel"], [jnp.zeros((6, 4))], 0.5),
+     "prune.m (leaf 'x/kernel', axis -2 of length 6) must be a divisor of 6, got 4"),
+    (lambda: n_of_m(2, 4, axis=-1)(["x/kernel"], [jnp.zeros((4, 6))], 0.5),
      "prune.m (leaf 'x/kernel', axis -1 of length 6) must be a divisor of 6, got 4"),
 ])
 def test_bad_input(call, needle):

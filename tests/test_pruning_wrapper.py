@@ -171,9 +171,10 @@ def test_straight_through_keeps_dense_weights():
 def test_nm_structure_and_random_score():
   opt = prune(optax.sgd(0.01), constant_schedule(0.5), structure=n_of_m(2, 4), score="random")
   params, state, _ = run(opt, 2)
-  mask = np.asarray(state.masks["Dense_1"]["kernel"]).reshape(-1, 4)
+  # Groups of 4 consecutive input rows of the [in, out] kernel, per output column.
+  mask = np.asarray(state.masks["Dense_1"]["kernel"]).T.reshape(-1, 4)
   assert np.all(mask.sum(-1) == 2)
-  assert np.all(np.asarray(params["Dense_1"]["kernel"]).reshape(-1, 4)[mask == 0] == 0)
+  assert np.all(np.asarray(params["Dense_1"]["kernel"]).T.reshape(-1, 4)[mask == 0] == 0)
 
 
 def test_custom_score():

@@ -75,12 +75,27 @@ def sparsity_mask(scores: jax.Array, sparsity: Sparsity) -> jax.Array:
   return topk_mask(scores, scores.size - num_pruned(sparsity, scores.size))
 
 
-def nm_mask(scores: jax.Array, n: int, m: int, axis: int = -1) -> jax.Array:
+def reduction_axis(ndim: int) -> int:
+  """The input (reduction) axis of a Flax kernel: ``-2`` for ``ndim >= 2``, else ``-1``.
+
+  A ``Dense`` kernel is ``[in, out]`` and a ``Conv`` kernel ``[H, W, in, out]`` (HWIO); their
+  products sum over the input channels (and, for a conv, over H and W), so the input-channel
+  axis ``-2`` is where NVIDIA sparse tensor cores expect the N:M groups. A 1-D leaf has one axis.
+  """
+  return -2 if ndim >= 2 else -1
+
+
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int | None = None) -> jax.Array:
   """In every group of ``m`` consecutive entries along ``axis``, keeps the ``n`` highest scores.
 
-  Ties within a group: the entry nearer the end of the group is kept (see the module docstring).
-  ``scores.shape[axis]`` must be a multiple of ``m`` (checked by :func:`n_of_m`).
+  ``axis=None`` (default) groups along the input-channel axis, :func:`reduction_axis`: for a
+  Dense ``[in, out]`` or Conv HWIO kernel, every output channel (and spatial position) keeps ``n``
+  of every ``m`` consecutive input channels. Ties within a group: the entry nearer the end of the
+  group is kept (see the module docstring). ``scores.shape[axis]`` must be a multiple of ``m``
+  (checked by :func:`n_of_m`).
   """
+  if axis is None:
+    axis = reduction_axis(scores.ndim)
   moved = jnp.moveaxis(scores, axis, -1)
   groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
   keep = ranks(groups) >= m - n
@@ -144,12 +159,20 @@ def channels(norm: str = "l1") -> Masker:
   return masker
 
 
-def n_of_m(n: int, m: int, axis: int = -1) -> Masker:
+def n_of_m(n: int, m: int, axis: int | None = None) -> Masker:
   """Masker keeping the ``n`` highest of every ``m`` consecutive entries along ``axis``.
 
   N:M sparsity is fixed at ``1 - n / m``; the ``sparsity`` the masker receives only switches it
-  on (any value > 0) or off (0), so a schedule decides *when* it starts. For NVIDIA sparse tensor
-  cores use 2:4 along the reduction axis (``axis=-2`` for a Flax ``Dense`` or ``Conv`` kernel).
+  on (any value > 0) or off (0), so a schedule decides *when* it starts.
+
+  Args:
+    n: entries kept per group, ``1 <= n <= m``.
+    m: group size; must divide every masked leaf's length along the group axis.
+    axis: the axis the groups run along. ``None`` (default): the input-channel (reduction) axis
+      of each leaf, ``-2`` for ``ndim >= 2`` (Dense ``[in, out]``, Conv HWIO), ``-1`` for 1-D
+      leaves (see :func:`reduction_axis`): the layout NVIDIA 2:4 sparse tensor cores need, with
+      each output channel keeping ``n`` of every ``m`` consecutive input weights. Pass ``-1`` to
+      group along the output channels instead.
 
   Raises:
     ConfigError: if ``n``/``m`` are not integers with ``1 <= n <= m``; when masking, if ``axis``
@@ -163,13 +186,14 @@ def n_of_m(n: int, m: int, axis: int = -1) -> Masker:
   def masker(paths, scores, sparsity):
     out = []
     for path, s in zip(paths, scores):
-      if not -s.ndim <= axis < s.ndim:
-        raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})", axis,
+      ax = reduction_axis(s.ndim) if axis is None else axis
+      if not -s.ndim <= ax < s.ndim:
+        raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})", ax,
                       f"in [{-s.ndim}, {s.ndim})")
-      if s.shape[axis] % m:
-        raise invalid(f"prune.m (leaf {path!r}, axis {axis} of length {s.shape[axis]})", m,
-                      f"a divisor of {s.shape[axis]}", "exclude this leaf with a rule")
-      out.append(nm_mask(s, n, m, axis) | (jnp.asarray(sparsity) <= 0))
+      if s.shape[ax] % m:
+        raise invalid(f"prune.m (leaf {path!r}, axis {ax} of length {s.shape[ax]})", m,
+                      f"a divisor of {s.shape[ax]}", "exclude this leaf with a rule")
+      out.append(nm_mask(s, n, m, ax) | (jnp.asarray(sparsity) <= 0))
     return out
 
   return masker
