@@ -5,14 +5,12 @@ The totals count only the leaves that pruning with the same rules would prune (s
 pruned, shows in its own row but is not counted as pruned.
 
 Example:
-  >>> params = load_pytorch_npz(get_model("resnet20"), path)["params"]
-  >>> print(summary(apply_masks(params, magnitude_masks(params, 0.7, scope="global"))).table())
-  path                   shape                 size   nonzero  sparsity  selected
-  bn1/bias               (16,)                   16        16    0.0000  no
-  bn1/scale              (16,)                   16        16    0.0000  no
-  conv1/kernel           (3, 3, 3, 16)          432       432    0.0000  no
-  ...
-  total (selected)                           267264     80179    0.7000
+  >>> params = {"dense": {"kernel": np.array([[1.0, 0.0], [0.0, 2.0]]), "bias": np.zeros(2)}}
+  >>> print(summary(params).table())
+  path              shape                 size   nonzero  sparsity  selected
+  dense/bias        (2,)                     2         0    1.0000  no
+  dense/kernel      (2, 2)                   4         2    0.5000  yes
+  total (selected)                           4         2    0.5000
 """
 
 from __future__ import annotations
