@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Sequence
 
-import jax
 import numpy as np
 
 from jaxcompress.pruning.select import select
