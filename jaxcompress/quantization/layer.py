@@ -35,12 +35,13 @@ class QuantLayer(NamedTuple):
 
   Attributes:
     path: ``/``-joined module path, e.g. ``layer1_0/conv1``.
-    kind: the module class name (``Conv``, ``Dense``).
+    kind: the module class name (``Conv``, ``Dense``, ``Linear``, ``Embed``, ...).
     config: the :class:`LayerConfig` its rule gave it.
-    weight_axis: kernel axis with one scale per channel (the output axis, ``kernel.ndim - 1``), or
-      ``None`` for per-tensor.
+    weight_axis: weight axis with one scale per channel (the output axis ``kernel.ndim - 1``; the
+      vocabulary axis 0 of an embedding), or ``None`` for per-tensor.
     act_signed: the input held negative values at ``init`` (decides the LSQ input grid).
     act_features: input values per example (``N_F`` of the LSQ gradient scale).
+    weight: the parameter that holds the weight (``kernel``; ``embedding`` for Embed).
   """
   path: str
   kind: str
@@ -48,6 +49,7 @@ class QuantLayer(NamedTuple):
   weight_axis: int | None
   act_signed: bool
   act_features: int
+  weight: str = "kernel"
 
 
 def bits_at(target: int | None, schedule: Any, step: Any) -> Any:

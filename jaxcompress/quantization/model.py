@@ -1,8 +1,11 @@
-"""Weight and activation quantization of an unmodified Flax Linen model, as pure functions.
+"""Weight and activation quantization of an unmodified Flax Linen or NNX model, as pure functions.
 
-``quantize(model, rules)`` intercepts the ``__call__`` of every ``nn.Conv``/``nn.Dense`` with
-``flax.linen.intercept_methods``: a selected layer runs on its fake-quantized input and kernel,
-and the model's code stays untouched. State is explicit (a :class:`QuantState` threaded through
+``quantize(model, rules)`` sees the model through :mod:`jaxcompress.models.functional`: selected
+weights (the ``kernel`` of Conv/Dense/DenseGeneral/Einsum layers, Linen or NNX, and the
+``embedding`` of Embed layers) are fake-quantized on the parameter tree before the forward, and the
+inputs of selected layers at each of their calls; the model's code stays untouched. Layers are
+found, and ``"<first>"``/``"<last>"`` resolved, by running the model once (``init``): the order is
+the forward's call order, whatever the names. State is explicit (a :class:`QuantState` threaded through
 the step, never globals):
 
 - ``steps[path]['weight' | 'act']``: LSQ step sizes, the only **trainable** leaves;
@@ -31,7 +34,7 @@ Example (one jitted QAT step; gradients reach params through the STE and the LSQ
   ...           new_q.replace(steps=trainable["qsteps"]), opt_state)
 
 Limitation: a layer must be called directly by the traced model, not inside a lifted transform
-(``nn.scan``, ``nn.remat``, ``nn.jit``), since range updates leave through the interceptor.
+(``nn.scan``, ``nn.remat``, ``nn.jit``, ``nnx.scan``), since range updates leave through the hook.
 
 References:
   Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
@@ -44,12 +47,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from jaxcompress.errors import check_range
+from jaxcompress.models.functional import Hook, chain_hooks, functional, weight_name
 from jaxcompress.quantization.calibration import ema_range
 from jaxcompress.quantization.config import compile_rules, default_rules
 from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, init_layer_state,
@@ -57,8 +60,6 @@ from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, in
 from jaxcompress.quantization.schedule import BitSchedule
 from jaxcompress.quantization.spec import layer_specs
 from jaxcompress.rules import Rule
-
-LayerFn = Callable[[str, nn.Module, jax.Array, dict], Any]
 
 
 @struct.dataclass
@@ -89,54 +90,40 @@ class Quantizer(NamedTuple):
   observe: Callable[..., dict]
 
 
-class _Interceptor:
-  """Calls ``fn(path, module, x, params)`` for each quantizable layer call.
-
-  ``fn`` returns ``None`` (run the layer as is) or ``(x, params)`` to run it on instead. The
-  replacement runs as an unbound clone of the module, so any Conv/Dense variant works unchanged.
-  """
-
-  def __init__(self, layer_types: tuple[type, ...], fn: LayerFn):
-    self.layer_types, self.fn, self.inside = layer_types, fn, False
-
-  def __call__(self, next_fun, args, kwargs, context):
-    module = context.module
-    if (self.inside or context.method_name != "__call__" or not args
-        or not isinstance(module, self.layer_types)):
-      return next_fun(*args, **kwargs)
-    params = module.variables.get("params", {})
-    if "kernel" not in params:
-      return next_fun(*args, **kwargs)
-    replaced = self.fn("/".join(module.path), module, args[0], params)
-    if replaced is None:
-      return next_fun(*args, **kwargs)
-    x, params = replaced
-    self.inside = True  # the clone's own __call__ must not be intercepted again
-    try:
-      return module.clone(parent=None).apply({"params": params}, x, *args[1:], **kwargs)
-    finally:
-      self.inside = False
+def tree_get(tree: Any, path: str) -> Any:
+  """The node at a ``/``-joined path of nested dicts, or ``None``."""
+  node = tree
+  for name in path.split("/"):
+    if not isinstance(node, dict) or name not in node:
+      return None
+    node = node[name]
+  return node
 
 
-def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
-             layer_types: tuple[type, ...] = (nn.Conv, nn.Dense),
+def tree_set(tree: dict, path: str, value: Any) -> dict:
+  """A copy of nested dicts ``tree`` with ``value`` at ``path`` (only the path is copied)."""
+  head, _, rest = path.partition("/")
+  return {**tree, head: tree_set(tree[head], rest, value) if rest else value}
+
+
+def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
              bit_schedule: BitSchedule | None = None, act_momentum: float = 0.99,
-             train_kwarg: str | None = "train") -> Quantizer:
-  """Builds the quantization transform of a Flax Linen model.
+             train_kwarg: str | None = "auto") -> Quantizer:
+  """Builds the quantization transform of a Flax Linen or NNX model.
 
   Args:
-    model: any Linen module; its code is not modified.
+    model: any Linen module, NNX module, or :class:`~jaxcompress.models.functional.Functional`;
+      its code is not modified.
     rules: ordered ``(regex, settings)`` over module paths, settings a dict of
       :class:`~jaxcompress.quantization.config.LayerConfig` fields or ``None`` (float); first full
-      match wins; ``"<first>"``/``"<last>"`` match the first/last layer called. Default:
-      :func:`~jaxcompress.quantization.config.default_rules` (first and last layer 8/8 bits, the
-      rest 4-bit weights and 8-bit inputs).
-    layer_types: the module classes that are quantized (they must hold a ``kernel`` param).
+      match wins; ``"<first>"``/``"<last>"`` match the first/last linear-like layer called in the
+      forward. Default: :func:`~jaxcompress.quantization.config.default_rules` (first and last
+      layer 8/8 bits, the rest 4-bit weights and 8-bit inputs).
     bit_schedule: optional ``step -> bits``; a layer then uses ``max(its bits, schedule(step))``
       bits when ``apply`` gets a ``step`` (traced: no recompiles across phases).
     act_momentum: moving-average momentum of input ranges in training (PyTorch: 0.99).
-    train_kwarg: name of the model's train/eval flag, passed through by ``apply``; ``None`` if
-      the model takes none.
+    train_kwarg: Linen only: the model's train flag keyword; ``"auto"`` finds it from the
+      signature, ``None``: the model takes none (see :func:`~jaxcompress.models.functional`).
 
   Returns:
     A :class:`Quantizer` of pure functions ``init``, ``apply``, ``specs``, ``observe``.
@@ -147,22 +134,24 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
   rules = default_rules() if rules is None else rules
   compile_rules(rules, None, None)  # validate now, not at the first call
   check_range("act_momentum", act_momentum, 0.0, 1.0)
+  fm = functional(model, train_kwarg=train_kwarg)
 
-  def run(variables, args, kwargs, fn, *, train=False, mutable=(), rngs=None):
-    if train_kwarg is not None:
-      kwargs = {**kwargs, train_kwarg: train}
-    with nn.intercept_methods(_Interceptor(layer_types, fn)):
-      return model.apply(variables, *args, mutable=list(mutable), rngs=rngs, **kwargs)
+  def float_inputs(variables, args, kwargs, fn, order=None):
+    """``{path: fn(call)}`` at each weighted layer's first call; float model, eval.
 
-  def float_inputs(variables, args, kwargs, fn):
-    """``{path: fn(path, module, x, params)}`` at each layer's first call; float model, eval."""
+    ``order``, if given, receives the path of every weighted layer call, in call order.
+    """
     out = {}
 
-    def record(path, module, x, params):
-      if path not in out:
-        out[path] = fn(path, module, x, params)
+    def record(call, run):
+      if call.kind in ("linear", "embed"):
+        if call.path not in out:
+          out[call.path] = fn(call)
+        if order is not None:
+          order.append(call.path)
+      return run(call.x)
 
-    run(variables, args, kwargs, record)
+    fm.apply(variables, *args, hook=record, **kwargs)
     return out
 
   def init(variables: Any, *args: Any, **kwargs: Any) -> QuantState:
@@ -182,18 +171,31 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
     Raises:
       ConfigError: for NaN/Inf in a selected kernel or in the sample's layer inputs.
     """
-    seen = float_inputs(variables, args, kwargs, lambda path, module, x, params: (
-        type(module).__name__, params["kernel"], x))
+    params = variables["params"]
+
+    def describe(call):
+      weight = weight_name(call.kind)
+      kernel = tree_get(params, f"{call.path}/{weight}")
+      return call.kind, call.type_name, weight, kernel, call.x
+
+    order = []
+    seen = {p: v for p, v in float_inputs(variables, args, kwargs, describe, order).items()
+            if v[3] is not None and jnp.ndim(v[3]) >= 2
+            and jnp.issubdtype(jnp.asarray(v[3]).dtype, jnp.floating)}
     paths = list(seen)
-    compiled = compile_rules(rules, paths[0] if paths else None, paths[-1] if paths else None)
+    last = next((p for p in reversed(order) if p in seen), None)  # the layer called last
+    compiled = compile_rules(rules, paths[0] if paths else None, last)
     layers, steps, ranges = [], {}, {}
     for path in paths:
       cfg = compiled.lookup(path)
+      kind, type_name, weight, kernel, x = seen[path]
+      if cfg is not None and (kind == "embed" or not jnp.issubdtype(x.dtype, jnp.floating)):
+        cfg = cfg._replace(act_bits=None)  # token ids are not quantized
       if cfg is None or (cfg.weight_bits is None and cfg.act_bits is None):
         continue
-      kind, kernel, x = seen[path]
-      layer = QuantLayer(path, kind, cfg, kernel.ndim - 1 if cfg.per_channel else None,
-                         bool(jnp.min(x) < 0), int(x[0].size))
+      axis = None if not cfg.per_channel else (0 if kind == "embed" else kernel.ndim - 1)
+      layer = QuantLayer(path, type_name, cfg, axis, bool(jnp.min(x) < 0), int(x[0].size),
+                         weight)
       layer_steps, act_range = init_layer_state(layer, kernel, x)
       layers.append(layer)
       if layer_steps:
@@ -204,20 +206,25 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
     return QuantState(steps=steps, ranges=ranges, layers=tuple(layers))
 
   def apply(variables: Any, qstate: QuantState, *args: Any, train: bool = False,
-            step: Any = None, mutable: Sequence[str] | None = None, rngs: Any = None,
-            **kwargs: Any) -> tuple[Any, dict, QuantState]:
+            step: Any = None, rngs: Any = None, hook: Hook | None = None,
+            hook_paths: Sequence[str] = (), **kwargs: Any) -> tuple[Any, dict, QuantState]:
     """Runs the model with the quantized layers fake-quantized; ``jit``-able.
+
+    Kernels are fake-quantized on the parameter tree before the forward; inputs at each call of
+    a quantized layer.
 
     Args:
       variables: the model's variables.
       qstate: from ``init``; pass ``qstate.replace(steps=...)`` to differentiate the LSQ steps.
       *args: the model's inputs.
-      train: training mode: forwarded as ``train_kwarg``, makes the non-``params`` collections
-        mutable and updates the input ranges (moving average of each batch's min/max) before
-        quantizing; ``False`` freezes them.
+      train: training mode: the model's own train flag, its non-``params`` collections updated,
+        and the input ranges updated (moving average of each batch's min/max) before quantizing;
+        ``False`` freezes them.
       step: the train step for ``bit_schedule`` (may be traced); ``None``: the target bits.
-      mutable: collections the model may update (default: all but ``params`` when training).
-      rngs: forwarded to ``model.apply`` (e.g. dropout).
+      rngs: a PRNG key for dropout in training.
+      hook: a further layer hook (see :mod:`jaxcompress.models.functional`), run outside the
+        quantization: it sees the float input and its ``run`` quantizes.
+      hook_paths: further module paths whose calls reach ``hook``.
       **kwargs: extra model keyword arguments.
 
     Returns:
@@ -226,27 +233,27 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
     """
     layers = {layer.path: layer for layer in qstate.layers}
     ranges = dict(qstate.ranges)
+    params = variables["params"]
+    for layer in qstate.layers:
+      if layer.config.weight_bits is not None:
+        wpath = f"{layer.path}/{layer.weight}"
+        kernel = quantize_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
+                                 bits_at(layer.config.weight_bits, bit_schedule, step))
+        params = tree_set(params, wpath, kernel)
 
-    def quantize_layer(path, module, x, params):
-      layer = layers.get(path)
-      if layer is None:
-        return None
-      cfg, steps = layer.config, qstate.steps.get(path)
-      if cfg.act_bits is not None:
-        if train and path in ranges:
-          ranges[path] = ema_range(ranges[path], batch_range(x), act_momentum)
-        x = quantize_input(layer, x, ranges.get(path), steps,
-                           bits_at(cfg.act_bits, bit_schedule, step))
-      if cfg.weight_bits is not None:
-        kernel = quantize_kernel(layer, params["kernel"], steps,
-                                 bits_at(cfg.weight_bits, bit_schedule, step))
-        params = {**params, "kernel": kernel}
-      return x, params
+    def quantize_inputs(call, run):
+      layer = layers.get(call.path)
+      if layer is None or layer.config.act_bits is None or call.kind != "linear":
+        return run(call.x)
+      x = call.x
+      if train and call.path in ranges:
+        ranges[call.path] = ema_range(ranges[call.path], batch_range(x), act_momentum)
+      return run(quantize_input(layer, x, ranges.get(call.path), qstate.steps.get(call.path),
+                                bits_at(layer.config.act_bits, bit_schedule, step)))
 
-    if mutable is None:
-      mutable = [c for c in variables if c != "params"] if train else []
-    out, updated = run(variables, args, kwargs, quantize_layer, train=train, mutable=mutable,
-                       rngs=rngs)
+    out, updated = fm.apply({**variables, "params": params}, *args, train=train, rngs=rngs,
+                            hook=chain_hooks(hook, quantize_inputs), hook_paths=hook_paths,
+                            **kwargs)
     model_state = {c: v for c, v in variables.items() if c != "params"}
     model_state.update(updated)
     return out, model_state, qstate.replace(ranges=ranges)
@@ -258,8 +265,8 @@ def quantize(model: nn.Module, rules: Sequence[Rule] | None = None, *,
     Used by :func:`~jaxcompress.quantization.ptq.calibrate`; ``jit``-able.
     """
     with_range = {layer.path: layer for layer in qstate.layers if layer.path in qstate.ranges}
-    stats = float_inputs(variables, args, kwargs, lambda path, module, x, params: (
-        stat(with_range[path], x) if path in with_range else None))
+    stats = float_inputs(variables, args, kwargs, lambda call: (
+        stat(with_range[call.path], call.x) if call.path in with_range else None))
     return {path: s for path, s in stats.items() if s is not None}
 
   return Quantizer(init=init, apply=apply, observe=observe,

@@ -70,11 +70,11 @@ class LayerSpec(NamedTuple):
   act_range: tuple[float, float] | None = None
 
 
-def _kernel(params: Any, path: str) -> Any:
+def _kernel(params: Any, path: str, weight: str = "kernel") -> Any:
   node = params
-  for name in path.split("/") + ["kernel"]:
-    if name not in node:
-      raise ConfigError(f"variables['params'] has no {path}/kernel for the quantized layer "
+  for name in path.split("/") + [weight]:
+    if not isinstance(node, dict) or name not in node:
+      raise ConfigError(f"variables['params'] has no {path}/{weight} for the quantized layer "
                         f"{path!r}; pass the variables of the model qz.init saw")
     node = node[name]
   return node
@@ -104,7 +104,7 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
     fields = dict(path=layer.path, kind=layer.kind, method=cfg.method)
     if cfg.weight_bits is not None:
       bits = int(bits_at(cfg.weight_bits, bit_schedule, step))
-      kernel = _kernel(params, layer.path)
+      kernel = _kernel(params, layer.path, layer.weight)
       scale, zero_point, qmin, qmax = _weight_qparams(layer, kernel, steps, bits)
       check_qparams(scale, qmin, qmax, field=f"weight scale of {layer.path}")
       fields.update(weight_bits=bits, weight_axis=layer.weight_axis, weight_scale=np.asarray(scale),

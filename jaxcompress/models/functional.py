@@ -1,0 +1,339 @@
+"""Any Flax module, Linen or NNX, as pure functions over a variables dict, with layer hooks.
+
+Compression code never calls a user's model directly: it wraps it with :func:`functional` and
+gets one interface for both Flax APIs:
+
+- ``variables``: a dict of collections (``params``, ``batch_stats``, ...) of nested dicts of
+  arrays with string keys, for Linen as ``model.init`` returns it, for NNX the module's
+  ``nnx.Param`` and ``nnx.BatchStat`` state as pure dicts (list indices become ``"0"``, ``"1"``).
+  A parameter's path is its keys joined by ``/`` (``Dense_0/kernel``, ``blocks/0/mlp/kernel``),
+  the same strings the selection rules match.
+- ``apply(variables, *args, train=..., rngs=..., hook=...) -> (output, new_state)``: a pure
+  function (``jit``-able, differentiable in ``variables``). The model's train/eval flag is found
+  from its signature (``train``, ``training``, ``is_training``, or the inverted
+  ``deterministic``/``use_running_average``) for Linen and set with ``set_attributes`` for NNX.
+  ``new_state`` holds the non-``params`` collections the model updated in training.
+- ``hook(call, run)``: called at every call of a linear-like layer (Conv, Dense/Linear,
+  DenseGeneral/LinearGeneral, Einsum, Embed) and of a normalization layer (BatchNorm, LayerNorm,
+  GroupNorm, RMSNorm), and of any module whose path is in ``hook_paths``; it returns the call's
+  output, usually ``run(x)`` for a transformed input ``x``. Linen calls are intercepted with
+  ``flax.linen.intercept_methods``; NNX calls by giving each hooked module instance, for the
+  duration of the call only, a subclass of its own class whose methods call the hook. The model's
+  code is never modified and no global state changes.
+
+Weights are transformed on the ``variables`` tree itself, before ``apply``: pruning masks,
+fake-quantized kernels and shared weights are pure functions of parameter pytrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from jaxcompress.errors import ConfigError
+
+LINEN_LINEAR = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
+LINEN_NORM = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+NNX_LINEAR = (nnx.Conv, nnx.ConvTranspose, nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Embed)
+NNX_NORM = (nnx.BatchNorm, nnx.LayerNorm, nnx.GroupNorm, nnx.RMSNorm)
+TRAIN_FLAGS = ("train", "training", "is_training")
+EVAL_FLAGS = ("deterministic", "use_running_average")
+
+
+class Call(NamedTuple):
+  """One intercepted call of a layer.
+
+  Attributes:
+    path: the module's ``/``-joined path (``layer1_0/conv1``, ``blocks/0/attn/query``).
+    kind: ``linear`` (Conv/Dense-like, holds a ``kernel``), ``embed`` (holds an ``embedding``),
+      ``norm``, or ``module`` (a module hooked by its path).
+    type_name: the module's class name (``Conv``, ``Linear``, ``BatchNorm``, ...).
+    method: ``__call__``, or ``attend`` for an Embed used as the output head.
+    x: the call's first positional argument.
+    module: the module object (its attributes, e.g. ``epsilon``, can be read).
+  """
+  path: str
+  kind: str
+  type_name: str
+  method: str
+  x: Any
+  module: Any
+
+
+Hook = Callable[[Call, Callable[[Any], Any]], Any]
+
+
+def chain_hooks(*hooks: Hook | None) -> Hook | None:
+  """One hook running ``hooks`` outermost first: each one's ``run`` calls the next one."""
+  hooks = [h for h in hooks if h is not None]
+  if not hooks:
+    return None
+
+  def chained(call: Call, run: Callable[[Any], Any], i: int = 0) -> Any:
+    if i == len(hooks):
+      return run(call.x)
+    return hooks[i](call, lambda x: chained(call._replace(x=x), run, i + 1))
+
+  return chained
+
+
+def fold_hook(fold: dict[str, tuple[Any, Any]]) -> Hook:
+  """Runs each normalization layer at a path of ``fold`` as ``x * gain + bias`` (eval mode).
+
+  ``fold`` maps a norm's path to its per-channel ``(gain, bias)``: a BatchNorm folded with the
+  very arrays the export stores, so a model evaluated with this hook and its exported artifact
+  compute the same float32 operations.
+  """
+  def hook(call, run):
+    if call.kind == "norm" and call.path in fold:
+      gain, bias = fold[call.path]
+      return call.x * gain + bias
+    return run(call.x)
+
+  return hook
+
+
+def capture_hook(store: dict[str, Any], paths: Sequence[str]) -> Hook:
+  """Records into ``store[path]`` the output of the first call of each module in ``paths``."""
+  paths = set(paths)
+
+  def hook(call, run):
+    out = run(call.x)
+    if call.path in paths and call.path not in store:
+      store[call.path] = out
+    return out
+
+  return hook
+
+
+def weight_name(kind: str) -> str | None:
+  """The parameter that holds a layer's weight: ``kernel``, ``embedding`` or none."""
+  return {"linear": "kernel", "embed": "embedding"}.get(kind)
+
+
+def _kind(module: Any, linear: tuple, norm: tuple) -> str | None:
+  if isinstance(module, linear):
+    return "embed" if isinstance(module, (nn.Embed, nnx.Embed)) else "linear"
+  if isinstance(module, norm):
+    return "norm"
+  return None
+
+
+def _str_keys(tree: Any) -> Any:
+  """Nested dicts with every key as a string (NNX list indices become ``"0"``, ...)."""
+  if isinstance(tree, dict):
+    return {str(k): _str_keys(v) for k, v in tree.items()}
+  return tree
+
+
+def _like(tree: Any, ref: Any) -> Any:
+  """``tree`` (string keys) with the key types of ``ref`` (an NNX pure dict)."""
+  if not isinstance(ref, dict):
+    return tree
+  return {k: _like(tree[str(k)], v) for k, v in ref.items()}
+
+
+def _flag_names(module: nn.Module) -> tuple[str | None, bool]:
+  """``(name, inverted)`` of a Linen module's train/eval keyword argument."""
+  try:
+    names = inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return None, False
+  for name in TRAIN_FLAGS:
+    if name in names:
+      return name, False
+  for name in EVAL_FLAGS:
+    if name in names:
+      return name, True
+  return None, False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Functional:
+  """A Flax module as pure functions; build it with :func:`functional`.
+
+  Invariants: ``kind`` is ``linen`` or ``nnx``; for NNX ``graphdef`` and ``rest`` (the state
+  that is neither a parameter nor a batch statistic, e.g. RNG counters) are fixed at wrapping
+  time and ``reference`` keeps the key types of the module's own state.
+  """
+  module: Any
+  kind: str
+  flag: str | None = None
+  flag_inverted: bool = False
+  graphdef: Any = None
+  rest: Any = None
+  reference: Any = None
+
+  @property
+  def name(self) -> str:
+    return type(self.module).__name__
+
+  def init(self, key: jax.Array, *args: Any, **kwargs: Any) -> dict:
+    """Fresh variables: ``module.init`` for Linen (eval mode); the module's own state for NNX."""
+    if self.kind == "nnx":
+      return variables_of(self.module)
+    kwargs = self._flag_kwargs(kwargs, False)
+    return dict(self.module.init(key, *args, **kwargs))
+
+  def _flag_kwargs(self, kwargs: dict, train: bool) -> dict:
+    if self.flag is None:
+      return kwargs
+    return {**kwargs, self.flag: (not train) if self.flag_inverted else train}
+
+  def apply(self, variables: dict, *args: Any, train: bool = False, rngs: Any = None,
+            hook: Hook | None = None, hook_paths: Sequence[str] = (),
+            **kwargs: Any) -> tuple[Any, dict]:
+    """Runs the model; see the module docstring.
+
+    Args:
+      variables: the model's variables (``params`` and e.g. ``batch_stats``).
+      *args: the model's inputs.
+      train: training mode (batch statistics updated, dropout on).
+      rngs: a PRNG key for dropout and other stochastic layers in training.
+      hook: ``hook(call, run) -> output`` at layer calls, or ``None``.
+      hook_paths: paths of further modules whose calls reach ``hook`` (kind ``module``).
+      **kwargs: further keyword arguments of the model.
+
+    Returns:
+      ``(output, new_state)``: ``new_state`` holds the non-``params`` collections as the model
+      left them (empty in eval mode).
+    """
+    if self.kind == "nnx":
+      return self._apply_nnx(variables, args, kwargs, train, rngs, hook, set(hook_paths))
+    kwargs = self._flag_kwargs(kwargs, train)
+    mutable = [c for c in variables if c != "params"] if train else False
+    rng_dict = {"dropout": rngs} if (train and rngs is not None) else None
+    fn = lambda: self.module.apply(variables, *args, mutable=mutable, rngs=rng_dict, **kwargs)
+    if hook is not None:
+      with nn.intercept_methods(_linen_interceptor(hook, set(hook_paths))):
+        out = fn()
+    else:
+      out = fn()
+    if train:
+      out, new_state = out
+      return out, dict(new_state)
+    return out, {}
+
+  def _apply_nnx(self, variables, args, kwargs, train, rngs, hook, hook_paths):
+    states = [nnx.State(_like(variables["params"], self.reference["params"]))]
+    if "batch_stats" in self.reference:
+      states.append(nnx.State(_like(variables["batch_stats"], self.reference["batch_stats"])))
+    model = nnx.merge(self.graphdef, *states, self.rest)
+    model.set_attributes(deterministic=not train, use_running_average=not train,
+                         raise_if_not_found=False)
+    if train and rngs is not None:
+      streams = sorted({node.tag for _, node in nnx.iter_graph(model)
+                        if isinstance(node, nnx.RngStream)})
+      if streams:
+        nnx.reseed(model, **{s: jax.random.fold_in(rngs, i) for i, s in enumerate(streams)})
+    swapped = []
+    if hook is not None:
+      for path, module in nnx.iter_modules(model):
+        path = "/".join(str(p) for p in path)
+        kind = _kind(module, NNX_LINEAR, NNX_NORM) or ("module" if path in hook_paths else None)
+        if kind is not None:
+          swapped.append((module, type(module)))
+          object.__setattr__(module, _CALL, (path, kind, hook))
+          object.__setattr__(module, "__class__", _hooked_class(type(module)))
+    try:
+      out = model(*args, **kwargs)
+    finally:
+      for module, cls in swapped:
+        object.__setattr__(module, "__class__", cls)
+        object.__delattr__(module, _CALL)
+    new_state = {}
+    if train and "batch_stats" in variables:
+      new_state["batch_stats"] = _str_keys(nnx.state(model, nnx.BatchStat).to_pure_dict())
+    return out, new_state
+
+
+def _linen_interceptor(hook: Hook, hook_paths: set[str]):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    path = "/".join(module.path)
+    kind = _kind(module, LINEN_LINEAR, LINEN_NORM)
+    method = context.method_name
+    if kind is not None:
+      wanted = method == "__call__" or (kind == "embed" and method == "attend")
+    else:
+      kind, wanted = "module", method == "__call__" and path in hook_paths
+    if not wanted or not args:
+      return next_fun(*args, **kwargs)
+    run = lambda x: next_fun(x, *args[1:], **kwargs)
+    return hook(Call(path, kind, type(module).__name__, method, args[0], module), run)
+
+  return interceptor
+
+
+_HOOKED: dict[type, type] = {}
+_CALL = "_jaxcompress_call"  # instance attribute: (path, kind, hook) while a call is hooked
+
+
+def _hooked_class(cls: type) -> type:
+  """A subclass of ``cls`` whose ``__call__`` (and ``attend``) go through the instance's hook.
+
+  The hook, path and kind are read from the instance (set only for the duration of one
+  :meth:`Functional.apply`); the subclass is cached per class.
+  """
+  sub = _HOOKED.get(cls)
+  if sub is None:
+    def make(method):
+      def wrapped(self, x, *args, **kwargs):
+        path, kind, hook = getattr(self, _CALL)
+        run = lambda y: getattr(super(sub, self), method)(y, *args, **kwargs)
+        return hook(Call(path, kind, cls.__name__, method, x, self), run)
+      return wrapped
+
+    body = {"__call__": make("__call__")}
+    if issubclass(cls, nnx.Embed):
+      body["attend"] = make("attend")
+    sub = _HOOKED[cls] = type(cls.__name__, (cls,), body)
+  return sub
+
+
+def variables_of(module: nnx.Module) -> dict:
+  """The variables dict of an NNX module: ``params`` and, if it has any, ``batch_stats``."""
+  out = {"params": _str_keys(nnx.state(module, nnx.Param).to_pure_dict())}
+  stats = nnx.state(module, nnx.BatchStat).to_pure_dict()
+  if stats:
+    out["batch_stats"] = _str_keys(stats)
+  return out
+
+
+def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
+  """Wraps a Flax Linen or NNX module (see the module docstring).
+
+  Args:
+    model: an ``nn.Module`` (unbound) or an ``nnx.Module``; a :class:`Functional` is returned
+      as is.
+    train_kwarg: Linen only: the keyword of the model's train flag; ``"auto"`` finds it from
+      the signature (``train``, ``training``, ``is_training``, inverted ``deterministic`` or
+      ``use_running_average``); ``None``: the model takes none.
+
+  Returns:
+    The :class:`Functional`.
+
+  Raises:
+    ConfigError: if ``model`` is not a Flax module.
+  """
+  if isinstance(model, Functional):
+    return model
+  if isinstance(model, nnx.Module):
+    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    reference = {"params": params.to_pure_dict()}
+    if stats.to_pure_dict():
+      reference["batch_stats"] = stats.to_pure_dict()
+    return Functional(model, "nnx", graphdef=graphdef, rest=rest, reference=reference)
+  if isinstance(model, nn.Module):
+    if train_kwarg == "auto":
+      flag, inverted = _flag_names(model)
+    else:
+      flag, inverted = train_kwarg, train_kwarg in EVAL_FLAGS
+    return Functional(model, "linen", flag=flag, flag_inverted=inverted)
+  raise ConfigError(f"model must be a Flax Linen module (flax.linen.Module) or an NNX module "
+                    f"(flax.nnx.Module), got {type(model).__name__}")

@@ -1,0 +1,182 @@
+"""Which layers of a model are compressed: one policy for pruning and quantization.
+
+:func:`trace_layers` runs the model once, abstractly (``jax.eval_shape``: no FLOPs), through
+:mod:`jaxcompress.models.functional`, and records every call of a linear-like layer (Conv,
+Dense/Linear, DenseGeneral/LinearGeneral, Einsum, Embed; Linen or NNX) in forward order, and each
+normalization layer whose input is directly the output of such a layer. From that trace:
+
+- **compressible**: every floating-point weight of rank >= 2 held by a linear-like layer;
+- **first and last** compressible layers in forward order (found from the model, never from
+  names) stay dense and at 8 bits by default, as they cost the most accuracy per byte;
+- **not compressed**: floating-point parameters of rank >= 2 outside such layers (a custom
+  ``self.param``); they stay float and are listed, so nothing is silently skipped.
+
+Explicit regex rules override the defaults (see :mod:`jaxcompress.rules`).
+
+Example:
+  >>> layers = trace_layers(model, variables, x)
+  >>> layers.first, layers.last          # module paths
+  >>> pruning_rules = layers.prune_rules()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.models.functional import functional, weight_name
+from jaxcompress.rules import Rule, path_str
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One linear-like layer, as the forward called it first.
+
+  Attributes:
+    path: module path (``Dense_0``, ``blocks/0/attn/query``).
+    kind: ``linear`` or ``embed``.
+    type_name: module class name.
+    weight: path of its weight parameter in ``variables['params']`` (``.../kernel`` or
+      ``.../embedding``).
+    shape: the weight's shape.
+    input_shape: the shape of its input at that call.
+    norm: path of the normalization layer applied directly to its output, if any.
+  """
+  path: str
+  kind: str
+  type_name: str
+  weight: str
+  shape: tuple[int, ...]
+  input_shape: tuple[int, ...]
+  norm: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLayers:
+  """The traced layers of a model.
+
+  Invariants: ``layers`` are the compressible layers in order of their first call (each once);
+  ``last`` is the layer called last (an Embed reused as the output head is both first and last);
+  ``norms`` maps a normalization layer's path to the layer it directly follows; ``uncovered``
+  lists parameter paths of floating-point weights of rank >= 2 that no layer holds.
+  """
+  layers: tuple[Layer, ...]
+  norms: dict[str, str]
+  uncovered: tuple[str, ...]
+  last: str | None = None
+
+  @property
+  def first(self) -> str | None:
+    return self.layers[0].path if self.layers else None
+
+  def layer(self, path: str) -> Layer:
+    return next(l for l in self.layers if l.path == path)
+
+  def edge_weights(self) -> tuple[str, ...]:
+    """Weight paths of the first and last layer (one path when they are the same layer)."""
+    if not self.layers:
+      return ()
+    return tuple(dict.fromkeys((self.layers[0].weight, self.layer(self.last).weight)))
+
+  def prune_rules(self, *, keep_edges: bool = True) -> list[Rule]:
+    """Explicit pruning rules over parameter paths: every compressible weight, edges dense."""
+    edges = set(self.edge_weights()) if keep_edges else set()
+    rules: list[Rule] = [(re.escape(w), False) for w in sorted(edges)]
+    rules += [(re.escape(l.weight), True) for l in self.layers if l.weight not in edges]
+    return rules + [(".*", False)]
+
+
+def _floating(x: Any) -> bool:
+  return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
+                        jnp.floating)
+
+
+def trace_layers(model: Any, variables: dict, *args: Any, **kwargs: Any) -> ModelLayers:
+  """Finds the model's compressible layers, in forward order, by one abstract forward.
+
+  Args:
+    model: a Flax Linen or NNX module, or a ``Functional``.
+    variables: its variables.
+    *args: sample inputs (only shapes and dtypes matter).
+    **kwargs: further keyword arguments of the model.
+
+  Returns:
+    The :class:`ModelLayers`.
+
+  Raises:
+    ConfigError: if the forward fails on these inputs (the message names the model, the input
+      shapes and the error).
+  """
+  fm = functional(model)
+  params = variables["params"]
+  flat = {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  calls: dict[str, Layer] = {}
+  outputs: list[tuple[Any, str]] = []  # (output object, layer path): to find norms that follow
+  norms: dict[str, str] = {}
+  seen: list[str] = []  # every layer called, in call order
+
+  def record(call, run):
+    out = run(call.x)
+    seen.append(call.path)
+    name = weight_name(call.kind)
+    if name is not None:
+      wpath = f"{call.path}/{name}" if call.path else name
+      w = flat.get(wpath)
+      if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
+        calls[call.path] = Layer(call.path, call.kind, call.type_name, wpath,
+                                 tuple(jnp.shape(w)), tuple(jnp.shape(call.x)))
+      if call.kind == "linear":
+        outputs.append((out, call.path))
+    elif call.kind == "norm":
+      for obj, path in outputs:
+        if obj is call.x:
+          norms.setdefault(call.path, path)
+    return out
+
+  try:
+    jax.eval_shape(lambda v, a: fm.apply(v, *a, hook=record, **kwargs), variables, args)
+  except ConfigError:
+    raise
+  except Exception as e:  # a user model failing on the data's shape is a user mistake
+    shapes = [tuple(jnp.shape(a)) for a in args]
+    raise ConfigError(f"model {fm.name}: the forward fails on inputs of shape {shapes} "
+                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
+                      "model must accept the dataset's input batch") from None
+  outputs.clear()
+  owners = set(seen)
+  layers = tuple(dataclasses.replace(l, norm=next((n for n, p in norms.items() if p == l.path),
+                                                  None)) for l in calls.values())
+  uncovered = tuple(p for p, w in flat.items()
+                    if p.rpartition("/")[0] not in owners and jnp.ndim(w) >= 2 and _floating(w))
+  last = next((p for p in reversed(seen) if p in calls), None)
+  return ModelLayers(layers, norms, uncovered, last)
+
+
+def require_layers(layers: ModelLayers, field: str = "student.name") -> None:
+  """Raises one line if the model has no layer to compress."""
+  if not layers.layers:
+    raise ConfigError(f"{field}: the model has no layer to compress (no Conv, Dense/Linear, "
+                      "DenseGeneral/LinearGeneral, Einsum or Embed with a floating-point weight "
+                      "of rank >= 2)")
+
+
+def table(layers: ModelLayers, decisions: dict[str, str] | None = None) -> str:
+  """A Markdown table of the layers (and of the uncovered weights, marked as not compressed)."""
+  decisions = decisions or {}
+  rows = ["| # | layer | type | weight shape | input shape | decision |", "|---|---|---|---|---|---|"]
+  for i, l in enumerate(layers.layers):
+    rows.append(f"| {i} | `{l.path}` | {l.type_name} | {list(l.shape)} | {list(l.input_shape)} "
+                f"| {decisions.get(l.path, '')} |")
+  for p in layers.uncovered:
+    rows.append(f"| | `{p}` | (not a layer) | | | not compressed |")
+  return "\n".join(rows)
+
+
+def paths(layers: ModelLayers) -> Sequence[str]:
+  """Module paths of the compressible layers in forward order."""
+  return [l.path for l in layers.layers]
