@@ -27,13 +27,27 @@ def chosen(sel):
   return {p for p, s in zip(sel.paths, sel.selected) if s}
 
 
-def test_default_rules_on_a_cifar_resnet():
-  assert chosen(select(resnet_like())) == {"layer1_0/conv1/kernel", "layer1_0/conv2/kernel"}
+KERNELS = {"conv1/kernel", "layer1_0/conv1/kernel", "layer1_0/conv2/kernel", "linear/kernel"}
+
+
+def test_default_rules_take_every_float_weight_whatever_its_name():
+  # No name is special: the first and last layers are found from a model's forward, not here.
+  assert chosen(select(resnet_like())) == KERNELS
 
 
 def test_default_rules_on_a_whole_variables_dict():
   sel = select({"params": resnet_like(), "batch_stats": {"bn1": {"mean": np.zeros(16)}}})
-  assert chosen(sel) == {"params/layer1_0/conv1/kernel", "params/layer1_0/conv2/kernel"}
+  assert chosen(sel) == {f"params/{k}" for k in KERNELS}
+
+
+def test_default_rules_take_a_leaf_not_named_kernel_and_skip_integers():
+  sel = select({"w": np.ones((3, 3), np.float32), "ids": np.ones((3, 3), np.int32)})
+  assert chosen(sel) == {"w"}
+
+
+def test_a_selection_of_nothing_warns():
+  with pytest.warns(UserWarning, match="no leaf"):
+    select({"b": np.ones(3, np.float32)})
 
 
 def test_default_rules_need_ndim_above_1():
@@ -67,7 +81,7 @@ def test_masks_tree_keeps_structure_and_dtype():
   assert jax.tree.structure(masks) == jax.tree.structure(params)
   assert masks["layer1_0"]["conv2"]["kernel"].dtype == np.float32
   assert float(masks["layer1_0"]["conv2"]["kernel"].sum()) == 0.0
-  assert float(masks["conv1"]["kernel"].min()) == 1.0
+  assert float(masks["bn1"]["scale"].min()) == 1.0  # unselected leaves: all ones
 
 
 @pytest.mark.parametrize("rules, needle", [

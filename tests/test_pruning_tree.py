@@ -34,6 +34,10 @@ def oracle_mask(w: np.ndarray, sparsity: float) -> np.ndarray:
   return mask.reshape(w.shape)
 
 
+# A model's policy keeps its first and last layer dense; here they are named in rules.
+EDGES = [("conv1/kernel", False), ("linear/kernel", False), (".*/kernel", True), (".*", False)]
+
+
 def tree(rng: np.random.Generator) -> dict:
   """A Linen-style params dict: two prunable kernels, a bias, a BatchNorm and a first conv."""
   return {"conv1": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
@@ -61,7 +65,7 @@ def test_count_rounds_half_to_even_like_torch():
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.999])
 def test_layer_scope_matches_numpy(sparsity):
   params = tree(np.random.default_rng(0))
-  masks = magnitude_masks(params, sparsity)
+  masks = magnitude_masks(params, sparsity, rules=EDGES)
   np.testing.assert_array_equal(masks["block"]["conv"]["kernel"],
                                 oracle_mask(params["block"]["conv"]["kernel"], sparsity))
   np.testing.assert_array_equal(masks["dense"]["kernel"],
@@ -74,7 +78,7 @@ def test_layer_scope_matches_numpy(sparsity):
 def test_global_scope_matches_numpy(sparsity):
   params = tree(np.random.default_rng(1))
   params["dense"]["kernel"] *= 3  # different scales: global sparsity differs per layer
-  masks = magnitude_masks(params, sparsity, scope="global")
+  masks = magnitude_masks(params, sparsity, scope="global", rules=EDGES)
   a, b = params["block"]["conv"]["kernel"], params["dense"]["kernel"]
   both = oracle_mask(np.concatenate([a.ravel(), b.ravel()]), sparsity)
   np.testing.assert_array_equal(masks["block"]["conv"]["kernel"], both[:a.size].reshape(a.shape))
@@ -95,9 +99,9 @@ def test_pretrained_resnet20_exact_counts():
   from jaxcompress.models import get_model, load_pytorch_npz
   params = load_pytorch_npz(get_model("resnet20"), PRETRAINED)["params"]
   kernel = params["layer2_1"]["conv2"]["kernel"]
-  layer = magnitude_masks(params, 0.7)
+  layer = magnitude_masks(params, 0.7, rules=EDGES)
   np.testing.assert_array_equal(layer["layer2_1"]["conv2"]["kernel"], oracle_mask(kernel, 0.7))
-  glob = magnitude_masks(params, 0.7, scope="global")
+  glob = magnitude_masks(params, 0.7, scope="global", rules=EDGES)
   pruned = [(k, b) for k, b in params.items() if k.startswith("layer")]
   total = sum(b[c]["kernel"].size for _, b in pruned for c in ("conv1", "conv2"))
   zeros = sum(int(np.sum(glob[k][c]["kernel"] == 0)) for k, _ in pruned for c in ("conv1", "conv2"))

@@ -2,20 +2,24 @@
 
 A rule list is ``[(regex, prune), ...]`` with ``prune`` one of ``True``, ``False`` or ``None``
 (``None`` reads as ``False``); the first rule whose regex fully matches a leaf's path decides
-(see :mod:`jaxcompress.rules`). A leaf matched by no rule is left dense.
+(see :mod:`jaxcompress.rules`). A leaf matched by no rule is left dense. Without rules, every
+floating-point leaf of rank >= 2 is pruned: a bare tree has no layers to tell weights from; with a
+model, :meth:`jaxcompress.selection.ModelLayers.prune_rules` gives the library's policy (the
+weights of linear-like layers, first and last layer in forward order kept dense).
 
 Paths are the tree's keys joined by ``/``: ``layer1_0/conv1/kernel`` for a Flax Linen
 ``variables['params']`` dict, ``kernel`` for ``nnx.state(nnx.Linear(...), nnx.Param)`` (the
 trailing ``value`` attribute of an ``nnx.Variable`` is not part of the path).
 
 Example:
-  >>> sel = select({"conv1": {"kernel": w0}, "layer1_0": {"conv1": {"kernel": w1}}})
+  >>> sel = select({"conv1": {"kernel": w0, "bias": b0}, "head": {"w": w1}})
   >>> sel.paths, sel.selected
-  (('conv1/kernel', 'layer1_0/conv1/kernel'), (False, True))
+  (('conv1/bias', 'conv1/kernel', 'head/w'), (False, True, True))
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -24,15 +28,9 @@ import jax.numpy as jnp
 from jaxcompress.errors import invalid
 from jaxcompress.rules import Rule, Rules, path_str
 
-# Kernels (ndim > 1) are pruned, except the first conv and the final classifier of a CIFAR
-# ResNet, which hold few weights and cost the most accuracy when pruned; biases and BatchNorm
-# parameters stay dense. The optional ``params/`` prefix covers a whole Linen ``variables`` dict.
-DEFAULT_RULES: tuple[Rule, ...] = (
-    ("(params/)?conv1/kernel", False),
-    ("(params/)?linear/kernel", False),
-    ("(.*/)?kernel", True),
-    (".*", False),
-)
+# Every leaf, restricted by ``select`` to floating-point leaves of rank >= 2 (weights, not
+# biases or normalization scales).
+DEFAULT_RULES: tuple[Rule, ...] = ((".*", True),)
 
 
 class Selection(NamedTuple):
@@ -81,8 +79,7 @@ def select(params: Any, rules: Sequence[Rule] | None = None, *, warn_unused: boo
 
   Args:
     params: any pytree of arrays (a Linen ``variables['params']`` dict, an ``nnx.State``, ...).
-    rules: ordered ``(regex, prune)`` rules; ``None`` uses :data:`DEFAULT_RULES`, which also
-      requires ``ndim > 1``.
+    rules: ordered ``(regex, prune)`` rules; ``None``: every floating-point leaf of rank >= 2.
     warn_unused: warn about user rules that matched no path (never about the default rules,
       which name layers a model may not have).
 
@@ -96,8 +93,14 @@ def select(params: Any, rules: Sequence[Rule] | None = None, *, warn_unused: boo
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = tuple(path_str(kp) for kp, _ in flat)
   leaves = tuple(leaf for _, leaf in flat)
-  selected = tuple(bool(compiled.lookup(p)) and (rules is not None or jnp.ndim(leaf) > 1)
+  selected = tuple(bool(compiled.lookup(p)) and (rules is not None or (
+      jnp.ndim(leaf) > 1 and jnp.issubdtype(jnp.result_type(leaf), jnp.floating)))
                    for p, leaf in zip(paths, leaves))
-  if rules is not None and warn_unused:
-    compiled.report_unused()
+  if warn_unused:
+    if rules is not None:
+      compiled.report_unused()
+    if leaves and not any(selected):
+      warnings.warn(f"prune.rules: no leaf of the tree is selected for pruning (paths: "
+                    f"{list(paths)[:6]}{' ...' if len(paths) > 6 else ''}); nothing will be "
+                    "pruned", stacklevel=2)
   return Selection(treedef, paths, leaves, selected)
