@@ -85,6 +85,12 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   keys as an uninterrupted one. With a ``mesh`` the batch is split over its devices and the state
   (and the ``num_aux`` extra inputs) replicated; the result is the same as on one device. The
   extra inputs are passed to ``loss_fn`` and never differentiated.
+
+  The input state is not donated: a state built from the caller's own arrays (``params`` they
+  still hold, an earlier state kept for comparison) stays readable after the step. Donation would
+  delete those arrays (``RuntimeError: Array has been deleted``); dropping it is the simplest
+  rule that is always correct, at the cost of holding the old and the new state at once during a
+  step (twice the parameter and optimizer-state memory, small for the models here).
   """
   base_key = jax.random.key(seed)
 
@@ -100,10 +106,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     return new_state, {"loss": loss, **metrics}
 
   if mesh is None:
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step)
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(rep, dat) + (rep,) * num_aux, out_shardings=(rep, rep),
-                 donate_argnums=0)
+  return jax.jit(step, in_shardings=(rep, dat) + (rep,) * num_aux, out_shardings=(rep, rep))
 
 
 def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
