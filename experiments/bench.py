@@ -40,7 +40,7 @@ def time_pipeline(images, labels, batch_size, steps):
 def main(argv):
   del argv
   import jax
-  from jaxcompress import bench as bench_lib
+  from experiments import bench_lib
   from jaxcompress.data import train_batches
   from configs.common import IMAGENET_MEAN, IMAGENET_STD
 

@@ -14,7 +14,7 @@ CONFIG = cli.define_flags("configs/cifar_distill.py")
 def main(argv):
   del argv
   from absl import flags
-  from jaxcompress.pipeline import train_and_evaluate
+  from experiments.pipeline import train_and_evaluate
   cli.print_json(train_and_evaluate(CONFIG.value, flags.FLAGS.workdir))
 
 

@@ -13,7 +13,7 @@ CONFIG = cli.define_flags("configs/evaluate.py", workdir=False)
 
 def main(argv):
   del argv
-  from jaxcompress.evaluate import evaluate_config  # after flag parsing: keeps --help fast
+  from experiments.evaluate_job import evaluate_config  # after flag parsing: keeps --help fast
   t0 = time.perf_counter()
   result = evaluate_config(CONFIG.value)
   result["seconds"] = round(time.perf_counter() - t0, 2)

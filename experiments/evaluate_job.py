@@ -1,4 +1,5 @@
-"""Evaluate a model described by a config (``configs/evaluate.py``) on a dataset split."""
+"""Evaluates a model described by a config (``configs/evaluate.py``) on a dataset split; run by
+``experiments/evaluate.py``."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ CONFIG = cli.define_flags("configs/iterative_prune.py")
 def main(argv):
   del argv
   from absl import flags
-  from jaxcompress.sensitivity import iterative_search, iterative_table
+  from experiments.sensitivity import iterative_search, iterative_table
   result = iterative_search(CONFIG.value, flags.FLAGS.workdir)
   print(iterative_table(result), flush=True)
   cli.print_json(result)

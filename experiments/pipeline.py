@@ -16,9 +16,9 @@ import flax
 import jax
 import numpy as np
 
+from experiments import report as report_lib
 from jaxcompress import compose, parallel, pruning, quantization
 from jaxcompress import data as data_lib
-from jaxcompress import report as report_lib
 from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model

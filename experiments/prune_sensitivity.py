@@ -14,7 +14,7 @@ CONFIG = cli.define_flags("configs/prune_sensitivity.py", workdir=False)
 
 def main(argv):
   del argv
-  from jaxcompress.sensitivity import one_shot_sensitivity, one_shot_table
+  from experiments.sensitivity import one_shot_sensitivity, one_shot_table
   result = one_shot_sensitivity(CONFIG.value)
   print(one_shot_table(result), flush=True)
   cli.print_json(result)

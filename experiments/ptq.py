@@ -13,7 +13,7 @@ CONFIG = cli.define_flags("configs/ptq.py", workdir=False)
 
 def main(argv):
   del argv
-  from jaxcompress.ptq_eval import post_training_quantization, ptq_table
+  from experiments.ptq_eval import post_training_quantization, ptq_table
   result = post_training_quantization(CONFIG.value)
   print(ptq_table(result), flush=True)
   cli.print_json(result)

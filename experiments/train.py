@@ -11,7 +11,7 @@ CONFIG = cli.define_flags("configs/train.py")
 def main(argv):
   del argv
   from absl import flags
-  from jaxcompress.train import train_and_evaluate
+  from experiments.train_job import train_and_evaluate
   cli.print_json(train_and_evaluate(CONFIG.value, flags.FLAGS.workdir))
 
 

@@ -11,11 +11,13 @@ Data flow, one module each (``import jaxcompress.<name>``):
   compose       one jitted train step for any subset of prune / quantize / distill
   steps, optim, parallel, train, checkpoint
                 train/eval steps, optimizers, data parallelism, the resumable loop
-  metrics, evaluate
-                accuracy, per-class precision/recall
+                (fit, evaluate_split, load_data)
+  metrics       accuracy, per-class precision/recall
   export        finalize, pack, save/load the artifact, channel surgery, jax.export serving
-  pipeline, report
-                the main job (experiments/cifar_distill.py) and its report
+
+Jobs that wire these together and write files live in ``experiments/``, not here: the main job
+(``pipeline``, ``report``), supervised training (``train_job``), evaluation (``evaluate_job``),
+the pruning and PTQ studies (``sensitivity``, ``ptq_eval``) and the benchmarks (``bench_lib``).
 """
 
 from jaxcompress import compose, data, distillation, models, pruning, quantization, rules

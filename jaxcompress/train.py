@@ -2,8 +2,9 @@
 
 :func:`fit` runs epochs of a train step with a progress bar (step, loss, images/s), appends metrics
 to ``workdir/metrics.jsonl``, saves orbax checkpoints every N steps and resumes from the latest one
-when started again with the same ``workdir``. :func:`train_and_evaluate` builds a plain supervised
-run from a config (``configs/train.py``); compression jobs call :func:`fit` with their own step.
+when started again with the same ``workdir``. Jobs (``experiments/train_job.py`` for plain
+supervised training, ``experiments/pipeline.py`` for compression) call :func:`fit` with their own
+step.
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.errors import invalid
-from jaxcompress.models import create_model
-from jaxcompress.optim import make_optimizer
-from jaxcompress.steps import (TrainState, evaluate, make_eval_step, make_train_step,
-                               supervised_loss)
+from jaxcompress.steps import TrainState, evaluate
 
 
 def load_data(data_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -145,38 +143,3 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   seconds += time.perf_counter() - t_start
   ckpt.close()
   return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step}
-
-
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Supervised training from a ``configs/train.py`` config; returns the final eval metrics.
-
-  Starts from ``config.model.weights`` (a PyTorch ``.npz``) or from scratch, trains, evaluates on
-  ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples', 'precision',
-  'recall', 'train_seconds', 'epochs'}``.
-  """
-  parallel.maybe_initialize_distributed(config.parallel.distributed)
-  mesh = parallel.make_mesh()
-  for field in ("batch_size", "eval_batch_size"):
-    parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
-  spec = data_lib.dataset_spec(config.data.name)
-  model, variables = create_model(config.model.name, num_classes=spec.num_classes,
-                                  image_shape=spec.image_shape, weights=config.model.weights,
-                                  seed=config.seed)
-  splits = load_data(config.data)
-  optimizer = make_optimizer(config.train, data_lib.steps_per_epoch(len(splits["train"][0]),
-                                                                     config.data.batch_size))
-  params = variables.pop("params")
-  state = TrainState.create(params, variables, optimizer)
-  train_step = make_train_step(supervised_loss(model.apply), optimizer, mesh=mesh,
-                               seed=config.seed)
-  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
-  as_vars = lambda s: {"params": s.params, **s.model_state}
-  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], config.data,
-                                     mesh=mesh)
-  state, info = fit(state, train_step, splits["train"], config.data, config.train, workdir,
-                    seed=config.seed, mesh=mesh, eval_fn=eval_fn)
-  result = eval_fn(state)
-  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
-      {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
-                                                  if isinstance(v, (int, float))}})
-  return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"]}

@@ -7,9 +7,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import evaluate as evaluate_config_file
+from experiments.evaluate_job import evaluate_config
 from jaxcompress.data import load_split
 from jaxcompress.errors import ConfigError
-from jaxcompress.evaluate import evaluate_config
 from test_export_runtime import mlp_artifact
 
 

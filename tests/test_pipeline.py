@@ -8,9 +8,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar_distill, cifar_sft
+from experiments.pipeline import train_and_evaluate
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
-from jaxcompress.pipeline import train_and_evaluate
 
 
 @pytest.fixture(scope="module")

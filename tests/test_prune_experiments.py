@@ -16,12 +16,12 @@ import tensorflow_datasets as tfds
 
 from configs import iterative_prune as iterative_config
 from configs import prune_sensitivity as sensitivity_config
+from experiments.sensitivity import (iterative_search, iterative_table, keep_nonzero,
+                                     one_shot_sensitivity, one_shot_table)
 from jaxcompress import pruning
 from jaxcompress.data import load_split
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
-from jaxcompress.sensitivity import (iterative_search, iterative_table, keep_nonzero,
-                                     one_shot_sensitivity, one_shot_table)
 
 N = 64  # mock examples per split
 

@@ -11,9 +11,9 @@ import tensorflow_datasets as tfds
 from configs import evaluate as evaluate_config_file
 from configs import ptq as ptq_config
 from conftest import pretrained, requires_cifar10
+from experiments.evaluate_job import evaluate_config
+from experiments.ptq_eval import parse_scheme, post_training_quantization, ptq_sweep, ptq_table
 from jaxcompress.errors import ConfigError
-from jaxcompress.evaluate import evaluate_config
-from jaxcompress.ptq_eval import parse_scheme, post_training_quantization, ptq_sweep, ptq_table
 from test_cli import _run
 
 SCHEMES = ("w8a8/minmax", "w4", "k4")

@@ -7,8 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import train as train_config
+from experiments.train_job import train_and_evaluate
 from jaxcompress.errors import ConfigError
-from jaxcompress.train import train_and_evaluate
 
 
 def _config(epochs):

@@ -1,0 +1,48 @@
+"""Plain supervised training from a config (``configs/train.py``), run by ``experiments/train.py``."""
+
+from __future__ import annotations
+
+import os
+
+from jaxcompress import data as data_lib
+from jaxcompress import parallel
+from jaxcompress.checkpoint import MetricsLog
+from jaxcompress.models import create_model
+from jaxcompress.optim import make_optimizer
+from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
+from jaxcompress.train import evaluate_split, fit, load_data
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Supervised training from a ``configs/train.py`` config; returns the final eval metrics.
+
+  Starts from ``config.model.weights`` (a PyTorch ``.npz``) or from scratch, trains, evaluates on
+  ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples', 'precision',
+  'recall', 'train_seconds', 'epochs'}``.
+  """
+  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  mesh = parallel.make_mesh()
+  for field in ("batch_size", "eval_batch_size"):
+    parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
+  spec = data_lib.dataset_spec(config.data.name)
+  model, variables = create_model(config.model.name, num_classes=spec.num_classes,
+                                  image_shape=spec.image_shape, weights=config.model.weights,
+                                  seed=config.seed)
+  splits = load_data(config.data)
+  optimizer = make_optimizer(config.train, data_lib.steps_per_epoch(len(splits["train"][0]),
+                                                                     config.data.batch_size))
+  params = variables.pop("params")
+  state = TrainState.create(params, variables, optimizer)
+  train_step = make_train_step(supervised_loss(model.apply), optimizer, mesh=mesh,
+                               seed=config.seed)
+  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
+  as_vars = lambda s: {"params": s.params, **s.model_state}
+  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], config.data,
+                                     mesh=mesh)
+  state, info = fit(state, train_step, splits["train"], config.data, config.train, workdir,
+                    seed=config.seed, mesh=mesh, eval_fn=eval_fn)
+  result = eval_fn(state)
+  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
+      {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
+                                                  if isinstance(v, (int, float))}})
+  return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"]}
