@@ -124,9 +124,10 @@ def test_mask_dtype_is_param_dtype():
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
 def test_nm_masks_every_group_valid(n, m):
-  w = np.random.default_rng(3).normal(size=(3, 2, 16)).astype(np.float32)
-  mask = np.asarray(nm_masks({"k": {"kernel": w}}, n, m)["k"]["kernel"])
-  groups_w, groups_m = np.abs(w).reshape(-1, m), mask.reshape(-1, m)
+  w = np.random.default_rng(3).normal(size=(3, 16, 2)).astype(np.float32)
+  mask = np.asarray(nm_masks({"k": {"kernel": w}}, n, m)["k"]["kernel"])  # groups along axis -2
+  to_groups = lambda a: np.moveaxis(a, -2, -1).reshape(-1, m)
+  groups_w, groups_m = to_groups(np.abs(w)), to_groups(mask)
   assert np.all(groups_m.sum(-1) == n)
   for gw, gm in zip(groups_w, groups_m):  # each kept entry beats each pruned one
     assert gw[gm == 1].min() >= gw[gm == 0].max()

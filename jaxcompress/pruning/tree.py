@@ -79,19 +79,19 @@ def magnitude_masks(params: Any, sparsity: Sparsity, *, scope: str = "layer",
   return compute_masks(params, sparsity, structure=unstructured(scope), rules=rules)
 
 
-def nm_masks(params: Any, n: int, m: int, *, axis: int = -1,
+def nm_masks(params: Any, n: int, m: int, *, axis: int | None = None,
              rules: Sequence[Rule] | None = None) -> Any:
   """N:M masks: the ``n`` largest ``|w|`` of every ``m`` consecutive entries along ``axis``.
 
   Ties within a group: the later entry is kept. The sparsity is ``1 - n / m`` on every selected
-  leaf; for NVIDIA 2:4 sparse tensor cores group along the reduction axis (``axis=-2`` for a Flax
-  ``Dense`` or ``Conv`` kernel).
+  leaf. By default groups run along the reduction (input-channel) axis, ``-2`` of a Flax ``Dense``
+  or ``Conv`` kernel, as NVIDIA 2:4 sparse tensor cores need.
 
   Args:
     params: a pytree of arrays.
     n: entries kept per group, ``1 <= n <= m``.
     m: group size; must divide every selected leaf's length along ``axis``.
-    axis: the axis the groups run along.
+    axis: the axis the groups run along; ``None``: the reduction axis (``-2``; ``-1`` for 1-D).
     rules: leaf selection, as in :func:`compute_masks`.
 
   Returns:
