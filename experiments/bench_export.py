@@ -87,22 +87,21 @@ def main(argv):
   import jax
   from configs import common
   from jaxcompress import data as data_lib
-  from jaxcompress import export
-  from jaxcompress.export.runtime import layer_variables
+  from experiments import resnet_surgery as surgery
   from jaxcompress.models import create_model, get_model
   from jaxcompress.pruning import apply_masks
 
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
                                   weights=_WEIGHTS.value or None)
-  masks = export.inner_channel_masks(variables["params"], _FRACTION.value, norm=_NORM.value)
-  small, small_vars = export.shrink_channels(_MODEL.value, variables, masks)
+  masks = surgery.inner_channel_masks(variables["params"], _FRACTION.value, norm=_NORM.value)
+  small, small_vars = surgery.shrink_channels(_MODEL.value, variables, masks)
   dense_folded = get_model(_MODEL.value, folded=True)
   folded = get_model(_MODEL.value, folded=True, inner_widths=small.inner_widths)
-  folded_vars = layer_variables(export.finalize(small_vars))
+  folded_vars = surgery.fold_resnet(small_vars)
   masked_vars = {**variables, "params": apply_masks(variables["params"], masks)}
   forward = lambda m: jax.jit(lambda v, x: m.apply(v, x, train=False))
   variants = {"dense": (forward(model), variables), "shrunk": (forward(small), small_vars),
-              "dense_folded": (forward(dense_folded), layer_variables(export.finalize(variables))),
+              "dense_folded": (forward(dense_folded), surgery.fold_resnet(variables)),
               "shrunk_folded": (forward(folded), folded_vars)}
   count = lambda v: sum(int(np.size(a)) for a in jax.tree.leaves(v["params"]))
 

@@ -1,16 +1,22 @@
-"""One object that knows how to train a compressed model, built from a config.
+"""One object that knows how to train a compressed model: any Flax model, any subset of methods.
 
-:func:`build` reads the ``prune``, ``quant`` and ``distill`` sections and returns a
-:class:`Compression`: the student's forward (hard-masked weights, fake-quantized weights and
-inputs), the optimizer (the pruning wrapper around the base optimizer), the loss terms (task,
-Hinton KD, feature hints) and the per-step metrics (task loss, KD loss, sparsity, teacher
-agreement). :meth:`Compression.make_train_step` returns ONE jitted step for any subset of the
-three methods — prune only, quantize only, distill only, all, or none (plain fine-tuning).
+:func:`build` takes the student (a Flax Linen or NNX module), its variables, a sample input, the
+base optimizer and three small typed specs (:class:`PruneSpec`, :class:`QuantSpec`,
+:class:`DistillSpec`) and returns a :class:`Compression`: the student's forward (hard-masked
+weights, fake-quantized weights and inputs), the optimizer (the pruning wrapper around the base
+optimizer), the loss terms (task, Hinton KD, feature hints) and the per-step metrics (task loss, KD
+loss, sparsity, teacher agreement). :meth:`Compression.make_train_step` returns ONE jitted step for
+any subset of the three methods: prune only, quantize only, distill only, all, or none.
+
+Which weights are compressed is decided once, from the model's forward
+(:func:`jaxcompress.selection.trace_layers`): every floating-point weight of rank >= 2 of a
+linear-like layer, the first and last layer in forward order kept dense and at
+``QuantSpec.first_last_bits``; explicit rules override.
 
 Train-state layout (a :class:`~jaxcompress.steps.TrainState`):
   ``params = {'model': student params, 'qsteps': LSQ step sizes, 'adapters': hint adapters}``
   ``model_state = {'batch_stats': ..., 'quant': QuantState (ranges; steps live in params),
-  'kmeans': {layer path: codebook}}`` (the codebooks of ``quant.method = 'kmeans'``)
+  'kmeans': {layer path: codebook}}`` (the codebooks of ``QuantSpec.method = 'kmeans'``)
   ``opt_state``: the pruning wrapper's state (masks, step count) around the base optimizer.
 The teacher's variables are an input of the step (never trained, never checkpointed).
 """
@@ -18,19 +24,20 @@ The teacher's variables are an input of the step (never trained, never checkpoin
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, Mapping
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxcompress import distillation as kd
 from jaxcompress import pruning, quantization
-from jaxcompress.errors import check_range, invalid, unknown
-from jaxcompress.models.batchnorm import FOLD, fold_collection
-from jaxcompress.optim import make_optimizer
+from jaxcompress.errors import ConfigError, check_range, invalid, unknown
+from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
+from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
+                                           functional)
+from jaxcompress.quantization.model import tree_get, tree_set
+from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
 
 PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement")
@@ -39,155 +46,268 @@ PRUNE_SCHEDULES = ("gradual", "one_shot", "constant")
 QUANT_METHODS = ("minmax", "lsq", "kmeans")
 
 
-def _model_rules(rules) -> list[tuple[str, bool]]:
-  """Pruning rules over the student's params, rewritten for the ``model/`` subtree.
-
-  Leaves outside it (LSQ steps, adapters) match no rule and so are never pruned.
-  """
-  base = pruning.DEFAULT_RULES if not rules else [tuple(r) for r in rules]
-  return [(f"model/(?:{regex})", value) for regex, value in base]
-
-
-def validate(config) -> None:
-  """Checks the ``prune``, ``quant`` and ``distill`` sections; one-line ConfigError otherwise."""
-  p, q = config.prune, config.quant
-  if p.method not in PRUNE_METHODS:
-    raise unknown("prune.method", p.method, PRUNE_METHODS)
-  if p.structure not in PRUNE_STRUCTURES:
-    raise unknown("prune.structure", p.structure, PRUNE_STRUCTURES)
-  if p.schedule not in PRUNE_SCHEDULES:
-    raise unknown("prune.schedule", p.schedule, PRUNE_SCHEDULES)
-  if p.scope not in ("layer", "global"):
-    raise unknown("prune.scope", p.scope, ("layer", "global"))
-  check_range("prune.sparsity", p.sparsity, 0.0, 1.0)
-  check_range("prune.begin", p.begin, 0.0, 1.0, hi_closed=True)
-  check_range("prune.end", p.end, p.begin, 1.0, hi_closed=True)
-  if p.structure == "nm" and not 0 < p.n < p.m:
-    raise invalid("prune.n", p.n, f"in [1, prune.m={p.m})")
-  if q.method not in QUANT_METHODS:
-    raise unknown("quant.method", q.method, QUANT_METHODS)
-  for field in ("weight_bits", "act_bits", "first_last_bits"):
-    bits = q[field]
-    if bits and not 2 <= bits <= 8:
-      raise invalid(f"quant.{field}", bits, "0 (float) or an integer in [2, 8]")
-  kd.validate_distill_config(config.distill)
-
-
-def prune_steps(p, total_steps: int) -> tuple[int, int, int]:
-  """``(update_every, begin_step, end_step)`` of a ``prune`` section for a run of ``total_steps``.
-
-  Masks are refreshed only on multiples of ``update_every``; it shrinks for short ramps (at least
-  about four refreshes from begin to end) and ``end_step`` is rounded down to a refresh step
-  inside the run, so the final sparsity is always reached.
-  """
-  begin = int(p.begin * total_steps)
-  end = min(max(int(p.end * total_steps), begin + 1), max(total_steps - 1, begin + 1))
-  every = max(1, min(p.update_every, (end - begin) // 4))
-  begin, end = begin // every * every, end // every * every
-  return every, begin, max(end, begin + every)
-
-
-def structure(p) -> pruning.Masker:
-  """The masker of a ``prune`` section: N:M, whole channels, or unstructured at its scope."""
-  if p.structure == "nm":
-    return pruning.n_of_m(p.n, p.m)
-  if p.structure == "channel":
-    return pruning.channels(p.norm)
-  return pruning.unstructured(p.scope)
+def _spec_from(cls, values: Mapping[str, Any], section: str):
+  """``cls(**values)`` with one-line errors for unknown or mistyped fields."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  extra = sorted(set(values) - names)
+  if extra:
+    raise unknown(f"{section} field", extra[0], names)
+  return cls(**{k: (tuple(tuple(x) if isinstance(x, (list, tuple)) else x for x in v)
+                    if isinstance(v, (list, tuple)) else v) for k, v in values.items()})
 
 
 @dataclasses.dataclass(frozen=True)
+class PruneSpec:
+  """What to prune and when. Fractions of training refer to ``total_steps`` of :func:`build`.
+
+  Attributes:
+    method: ``none``, ``magnitude``, ``random``, ``saliency`` (|w g|), ``movement`` (-sum w g).
+    structure: ``unstructured``, ``nm`` (N:M along the reduction axis), ``channel``.
+    sparsity: final fraction of pruned weights in the selected weights, in ``[0, 1)``.
+    scope: unstructured only: ``layer`` (per weight) or ``global`` (across weights).
+    schedule: ``gradual`` (Zhu & Gupta cubic), ``one_shot``, ``constant``.
+    begin: fraction of training where pruning starts.
+    end: fraction of training where the final sparsity is reached (``gradual``).
+    update_every: steps between mask refreshes.
+    n: N:M: keep ``n`` ...
+    m: ... of every ``m`` consecutive weights.
+    norm: channel pruning: ``l1`` or ``l2`` norm of each output channel.
+    rules: ``((regex, True/False), ...)`` over the student's parameter paths; empty: the policy
+      of :mod:`jaxcompress.selection`.
+    seed: seed of random scores.
+  """
+  method: str = "magnitude"
+  structure: str = "unstructured"
+  sparsity: float = 0.0
+  scope: str = "layer"
+  schedule: str = "gradual"
+  begin: float = 0.0
+  end: float = 0.5
+  update_every: int = 25
+  n: int = 2
+  m: int = 4
+  norm: str = "l1"
+  rules: tuple = ()
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.method not in PRUNE_METHODS:
+      raise unknown("prune.method", self.method, PRUNE_METHODS)
+    if self.structure not in PRUNE_STRUCTURES:
+      raise unknown("prune.structure", self.structure, PRUNE_STRUCTURES)
+    if self.schedule not in PRUNE_SCHEDULES:
+      raise unknown("prune.schedule", self.schedule, PRUNE_SCHEDULES)
+    if self.scope not in ("layer", "global"):
+      raise unknown("prune.scope", self.scope, ("layer", "global"))
+    check_range("prune.sparsity", self.sparsity, 0.0, 1.0)
+    check_range("prune.begin", self.begin, 0.0, 1.0, hi_closed=True)
+    check_range("prune.end", self.end, self.begin, 1.0, hi_closed=True)
+    if self.structure == "nm" and not 0 < self.n < self.m:
+      raise invalid("prune.n", self.n, f"in [1, prune.m={self.m})")
+    if self.update_every < 1:
+      raise invalid("prune.update_every", self.update_every, ">= 1")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "PruneSpec":
+    return _spec_from(cls, values, "prune")
+
+  @property
+  def enabled(self) -> bool:
+    return self.method != "none" and self.sparsity > 0
+
+  def masker(self) -> pruning.Masker:
+    """N:M, whole channels, or unstructured at the spec's scope."""
+    if self.structure == "nm":
+      return pruning.n_of_m(self.n, self.m)
+    if self.structure == "channel":
+      return pruning.channels(self.norm)
+    return pruning.unstructured(self.scope)
+
+  def steps(self, total_steps: int) -> tuple[int, int, int]:
+    """``(update_every, begin_step, end_step)`` for a run of ``total_steps``.
+
+    Masks are refreshed only on multiples of ``update_every``; it shrinks for short ramps (at
+    least about four refreshes from begin to end) and ``end_step`` is rounded down to a refresh
+    step inside the run, so the final sparsity is always reached.
+    """
+    begin = int(self.begin * total_steps)
+    end = min(max(int(self.end * total_steps), begin + 1), max(total_steps - 1, begin + 1))
+    every = max(1, min(self.update_every, (end - begin) // 4))
+    begin, end = begin // every * every, end // every * every
+    return every, begin, max(end, begin + every)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """Fake quantization of weights and layer inputs (0 bits: that part stays float).
+
+  Attributes:
+    weight_bits: bits of the selected weights.
+    act_bits: bits of each quantized layer's input.
+    first_last_bits: bits of the first and last layer in forward order (0: leave them float).
+    per_channel: one weight scale per output channel.
+    method: ``minmax`` (ranges from data), ``lsq`` (learned step sizes) or ``kmeans`` (weight
+      sharing; inputs stay ``minmax``).
+  """
+  weight_bits: int = 0
+  act_bits: int = 0
+  first_last_bits: int = 8
+  per_channel: bool = True
+  method: str = "minmax"
+
+  def __post_init__(self):
+    if self.method not in QUANT_METHODS:
+      raise unknown("quant.method", self.method, QUANT_METHODS)
+    for field in ("weight_bits", "act_bits", "first_last_bits"):
+      bits = getattr(self, field)
+      if bits and not 2 <= bits <= 8:
+        raise invalid(f"quant.{field}", bits, "0 (float) or an integer in [2, 8]")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "QuantSpec":
+    return _spec_from(cls, values, "quant")
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.weight_bits or self.act_bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSpec:
+  """Distillation: ``loss = (1 - alpha) CE + alpha T^2 KL + feature_weight * hints``.
+
+  Attributes:
+    temperature: Hinton KD temperature ``T`` (> 0).
+    alpha: weight of the KD term (0: no logits KD).
+    feature_weight: weight of the hint (feature MSE) terms.
+    feature_pairs: ``((student module path, teacher module path), ...)``.
+  """
+  temperature: float = 4.0
+  alpha: float = 0.0
+  feature_weight: float = 0.0
+  feature_pairs: tuple = ()
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise invalid("distill.temperature", self.temperature, "> 0")
+    check_range("distill.alpha", self.alpha, 0.0, 1.0, hi_closed=True)
+    if self.feature_weight < 0:
+      raise invalid("distill.feature_weight", self.feature_weight, ">= 0")
+    for pair in self.feature_pairs:
+      if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+        raise invalid("distill.feature_pairs", pair, "(student path, teacher path) pairs")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "DistillSpec":
+    return _spec_from(cls, values, "distill")
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.alpha > 0 or self.feature_weight > 0
+
+
+def decay_mask(params: dict) -> dict:
+  """Weight decay only on the student's own parameters (``params['model']``)."""
+  return {k: jax.tree.map(lambda _: k == "model", v) for k, v in params.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Compression:
   """The compressed student's forward, loss and optimizer.
 
   Invariants: ``quantizer`` is None when neither weights nor inputs are quantized; ``teacher`` is
-  None when ``distill.alpha == 0`` and ``distill.feature_weight == 0``; the pruning wrapper is the
-  outermost optimizer transform, so pruned weights are exactly 0 after every step.
+  None unless the distill spec uses one; the pruning wrapper is the outermost optimizer
+  transform, so pruned weights are exactly 0 after every step; ``layers`` is the student's traced
+  forward and ``fold_norms`` the BatchNorms it folds (``{path: epsilon}``).
   """
-  student: nn.Module
-  teacher: nn.Module | None
+  student: Functional
+  teacher: Functional | None
+  layers: ModelLayers
   quantizer: quantization.Quantizer | None
   optimizer: optax.GradientTransformation
-  prune_enabled: bool
+  prune: PruneSpec
+  distill: DistillSpec
   prune_rules: list
-  temperature: float
-  alpha: float
-  feature_weight: float
-  feature_pairs: tuple
+  fold_norms: dict
+  kmeans_paths: tuple = ()
   kmeans_bits: int = 0
-  quantizer_edges: bool = True
+
+  @property
+  def prune_enabled(self) -> bool:
+    return self.prune.enabled
 
   # -- forward -------------------------------------------------------------------------------
-  def student_apply(self, params, model_state, x, *, train: bool, capture=None):
-    """Student logits (and new model state, and captured features if ``capture``)."""
-    collections = {k: v for k, v in model_state.items() if k not in ("quant", "kmeans")}
+  def student_apply(self, params, model_state, x, *, train: bool, rng=None, capture=False):
+    """``(logits, new model state, captured features)`` of the student."""
+    collections = {k: v for k, v in model_state.items() if k not in ("quant", "kmeans", "fold")}
     model_params, books = params["model"], model_state.get("kmeans")
     if books is not None:
       model_params, books = _share_weights(model_params, books, update=train)
     variables = {"params": model_params, **collections}
-    kwargs = {} if capture is None else {"capture_intermediates": capture}
+    feats: dict = {}
+    paths = [p for p, _ in self.distill.feature_pairs] if capture else []
+    hook = capture_hook(feats, paths) if capture else None
+    if not train and "fold" in model_state:
+      hook = chain_hooks(hook, fold_hook(model_state["fold"]))
     if self.quantizer is None:
-      out = self.student.apply(variables, x, train=train, mutable=list(collections) if train
-                               else [], **kwargs)
-      logits, updated = out
+      logits, updated = self.student.apply(variables, x, train=train, rngs=rng, hook=hook,
+                                           hook_paths=paths)
       new_state = {**model_state, **updated}
     else:
       qstate = model_state["quant"].replace(steps=params.get("qsteps", {}))
-      logits, updated, new_q = self.quantizer.apply(
-          variables, qstate, x, train=train, mutable=list(collections) if train else [], **kwargs)
+      logits, updated, new_q = self.quantizer.apply(variables, qstate, x, train=train, rngs=rng,
+                                                    hook=hook, hook_paths=paths)
       new_state = {**model_state, **updated, "quant": new_q.replace(steps={})}
     if books is not None:
       new_state["kmeans"] = books
-    feats = new_state.pop("intermediates", {})
     return logits, new_state, feats
 
   def logits_fn(self, variables, x):
     """Eval-mode logits; ``variables = {'params': state.params, 'model_state': ...}``."""
     return self.student_apply(variables["params"], variables["model_state"], x, train=False)[0]
 
-  @staticmethod
-  def eval_variables(state: TrainState) -> dict:
-    """:meth:`logits_fn`'s variables; BatchNorms run in the folded form the export stores.
+  def eval_variables(self, state: TrainState) -> dict:
+    """:meth:`logits_fn`'s variables; folded BatchNorms run as ``x * gain + bias``.
 
-    With the ``fold`` collection (:mod:`jaxcompress.models.batchnorm`) the fake-quant model and its
-    exported artifact compute the same float32 operations, so their predictions agree exactly.
+    The ``fold`` entry holds the very gains and biases the export stores, so the fake-quant model
+    and its exported artifact compute the same float32 operations and agree exactly.
     """
     model_state = dict(state.model_state)
-    if "batch_stats" in model_state:
-      model_state[FOLD] = fold_collection(state.params["model"], model_state["batch_stats"])
+    fold = fold_arrays(state.params["model"], model_state.get("batch_stats", {}), self.fold_norms)
+    if fold:
+      model_state["fold"] = fold
     return {"params": state.params, "model_state": model_state}
 
   # -- loss ----------------------------------------------------------------------------------
-  def _capture(self, which: int):
-    if not self.feature_weight:
-      return None
-    wanted = {pair[which] for pair in self.feature_pairs}
-    return lambda mdl, method: method == "__call__" and "/".join(mdl.path) in wanted
+  def teacher_apply(self, teacher_vars, x):
+    """``(teacher logits, captured teacher features)``, eval mode, no gradient."""
+    feats: dict = {}
+    paths = [p for _, p in self.distill.feature_pairs] if self.distill.feature_weight else []
+    logits, _ = self.teacher.apply(teacher_vars, x, train=False,
+                                   hook=capture_hook(feats, paths) if paths else None,
+                                   hook_paths=paths)
+    return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(feats)
 
   def loss_fn(self, params, model_state, batch, rng, teacher_vars=None):
     """Per-step loss: ``(1 - alpha) * CE + alpha * KD + feature_weight * hints``."""
-    del rng
-    logits, new_state, s_feats = self.student_apply(params, model_state, batch.image, train=True,
-                                                    capture=self._capture(0))
+    d = self.distill
+    logits, new_state, s_feats = self.student_apply(
+        params, model_state, batch.image, train=True, rng=rng,
+        capture=bool(d.feature_weight and self.teacher is not None))
     task = cross_entropy(logits, batch.label)
     w = batch.weight
     metrics = {"task_loss": weighted_mean(task, w),
                "accuracy": weighted_mean((jnp.argmax(logits, -1) == batch.label) * 1.0, w)}
     per_example = task
     if self.teacher is not None:
-      t_out = self.teacher.apply(teacher_vars, batch.image, train=False,
-                                 capture_intermediates=self._capture(1) or False,
-                                 mutable=["intermediates"] if self.feature_weight else False)
-      t_logits, t_feats = (t_out[0], t_out[1].get("intermediates", {})) if self.feature_weight \
-          else (t_out, {})
-      t_logits = jax.lax.stop_gradient(t_logits)
-      kd_term = kd.kd_loss(logits, t_logits, self.temperature)
-      per_example = (1 - self.alpha) * task + self.alpha * kd_term
+      t_logits, t_feats = self.teacher_apply(teacher_vars, batch.image)
+      kd_term = kd.kd_loss(logits, t_logits, d.temperature)
+      per_example = (1 - d.alpha) * task + d.alpha * kd_term
       metrics["kd_loss"] = weighted_mean(kd_term, w)
       metrics["teacher_agreement"] = weighted_mean(kd.agreement(logits, t_logits), w)
-      if self.feature_weight:
+      if d.feature_weight:
         hint = self._hint_loss(params.get("adapters", {}), s_feats, t_feats)
-        per_example = per_example + self.feature_weight * hint
+        per_example = per_example + d.feature_weight * hint
         metrics["feature_loss"] = weighted_mean(hint, w)
     if self.prune_enabled:
       metrics["sparsity"] = self.sparsity(params)
@@ -195,14 +315,13 @@ class Compression:
 
   def _hint_loss(self, adapters, s_feats, t_feats):
     total = 0.0
-    for s_path, t_path in self.feature_pairs:
-      s = _feature(s_feats, s_path)
-      t = jax.lax.stop_gradient(_feature(t_feats, t_path))
+    for s_path, t_path in self.distill.feature_pairs:
+      s, t = _feature(s_feats, s_path, 0), _feature(t_feats, t_path, 1)
       total = total + kd.feature_loss(kd.adapt(adapters, s_path, s, t.shape[-1]), t)
     return total
 
   def sparsity(self, params) -> jax.Array:
-    """Fraction of zeros over the pruned leaves of ``params``."""
+    """Fraction of zeros over the pruned leaves of ``params`` (``{'model': ...}``)."""
     sel = pruning.select(params, self.prune_rules, warn_unused=False)
     leaves = sel.pick(sel.leaves)
     zeros = sum(jnp.sum(x == 0) for x in leaves)
@@ -216,8 +335,11 @@ class Compression:
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),
                  calibration_method: str = "minmax", key=None) -> TrainState:
-    """The initial train state: student weights, calibrated quantizer, adapters, optimizer."""
-    student_vars = dict(student_vars)
+    """The initial train state: student weights, calibrated quantizer, adapters, optimizer.
+
+    The caller's arrays are copied, so a train step never deletes arrays the caller still holds.
+    """
+    student_vars = jax.tree.map(jnp.array, dict(student_vars))
     params = {"model": student_vars.pop("params")}
     model_state = dict(student_vars)
     if self.quantizer is not None:
@@ -230,101 +352,122 @@ class Compression:
         params["qsteps"] = qstate.steps
       model_state["quant"] = qstate.replace(steps={})
     if self.kmeans_bits:
-      skip = set()
-      if self.quantizer is not None and self.quantizer_edges:
-        skip = {qstate.layers[0].path, qstate.layers[-1].path}
       model_state["kmeans"] = {
-          path: quantization.kmeans(kernel, bits=self.kmeans_bits, mask=kernel != 0).codebook
-          for path, kernel in _kernels(params["model"]).items() if path not in skip}
-    if self.teacher is not None and self.feature_weight:
+          path: quantization.kmeans(tree_get(params["model"], path), bits=self.kmeans_bits,
+                                    mask=tree_get(params["model"], path) != 0).codebook
+          for path in self.kmeans_paths}
+    if self.teacher is not None and self.distill.feature_weight:
       _, _, s_feats = self.student_apply(params, model_state, sample_x, train=False,
-                                         capture=self._capture(0))
-      _, t_out = self.teacher.apply(teacher_vars, sample_x, train=False,
-                                    capture_intermediates=self._capture(1),
-                                    mutable=["intermediates"])
-      s_feats = {p: _feature(s_feats, p) for p, _ in self.feature_pairs}
-      t_feats = {p: _feature(t_out["intermediates"], p) for _, p in self.feature_pairs}
-      params["adapters"] = kd.init_adapters(self.feature_pairs, s_feats, t_feats,
+                                         capture=True)
+      _, t_feats = self.teacher_apply(teacher_vars, sample_x)
+      s_feats = {p: _feature(s_feats, p, 0) for p, _ in self.distill.feature_pairs}
+      t_feats = {p: _feature(t_feats, p, 1) for _, p in self.distill.feature_pairs}
+      params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
 
 
-def _kernels(params) -> dict[str, jax.Array]:
-  """``{module path: kernel}`` of every Conv/Dense-like layer (a ``kernel`` leaf, ndim >= 2)."""
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
-  return {k[:-len("/kernel")]: v for k, v in flat.items()
-          if k.endswith("/kernel") and v.ndim >= 2}
+def fold_arrays(params, batch_stats, norms: Mapping[str, float]) -> dict:
+  """``{norm path: (gain, bias)}`` of the BatchNorms ``norms`` (``{path: epsilon}``).
+
+  ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain`` in float32, the arrays
+  the export stores (:mod:`jaxcompress.models.batchnorm`).
+  """
+  params, batch_stats = jax.device_get(params), jax.device_get(batch_stats)
+  out = {}
+  for path, eps in norms.items():
+    stats, p = tree_get(batch_stats, path), tree_get(params, path) or {}
+    mean, var = stats["mean"], stats["var"]
+    scale = p.get("scale", jnp.ones_like(var))
+    gain = bn_multiplier(scale, var, eps)
+    out[path] = (gain, fold_bias(None, gain, p.get("bias", jnp.zeros_like(mean)), mean))
+  return out
 
 
 def _share_weights(params, books: dict, *, update: bool):
-  """Replaces each clustered kernel by its k-means-shared version (straight-through)."""
-  flat = flax.traverse_util.flatten_dict(params, sep="/")
+  """Replaces each clustered weight by its k-means-shared version (straight-through)."""
   new_books = {}
   for path, book in books.items():
-    flat[f"{path}/kernel"], new_books[path] = quantization.kmeans_fake_quant(
-        flat[f"{path}/kernel"], book, update=update)
-  return flax.traverse_util.unflatten_dict(flat, sep="/"), new_books
+    shared, new_books[path] = quantization.kmeans_fake_quant(tree_get(params, path), book,
+                                                             update=update)
+    params = tree_set(params, path, shared)
+  return params, new_books
 
 
-def _feature(intermediates, path: str):
-  node = intermediates
-  for part in path.split("/"):
-    if part not in node:
-      raise invalid("distill.feature_pairs", path, "a module path of the model, e.g. "
-                    "'layer3_2'")
-    node = node[part]
-  return node["__call__"][0]
+def _feature(feats: dict, path: str, which: int):
+  if path not in feats:
+    model = ("student", "teacher")[which]
+    raise invalid("distill.feature_pairs", path, f"a module path of the {model} that its forward "
+                  f"calls (captured: {sorted(feats)[:8]})")
+  return feats[path]
 
 
-def build(config, student: nn.Module, teacher: nn.Module | None, *, steps_per_epoch: int,
-          total_steps: int) -> Compression:
-  """Builds the :class:`Compression` of a ``cifar_distill``-style config.
+def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
+          optimizer: optax.GradientTransformation, total_steps: int,
+          prune: PruneSpec = PruneSpec(method="none"), quant: QuantSpec = QuantSpec(),
+          distill: DistillSpec = DistillSpec(), teacher: Any = None) -> Compression:
+  """Builds the :class:`Compression` of a student.
 
   Args:
-    config: with sections ``prune``, ``quant``, ``distill``, ``train``.
-    student: the model being compressed.
-    teacher: the distillation teacher, or None.
-    steps_per_epoch: training steps per epoch (learning-rate schedule).
+    student: the model being compressed: a Flax Linen or NNX module (or a ``Functional``).
+    variables: its variables (``params`` and e.g. ``batch_stats``).
+    sample_input: one batch of inputs; the forward is traced on it to find the layers.
+    optimizer: the base optimizer of the ``{'model', 'qsteps', 'adapters'}`` parameter tree
+      (see :func:`decay_mask` for weight decay on the model's parameters only).
     total_steps: training steps in the run (pruning schedule fractions refer to it).
+    prune: the :class:`PruneSpec`.
+    quant: the :class:`QuantSpec`.
+    distill: the :class:`DistillSpec`.
+    teacher: the distillation teacher (Linen or NNX), or None.
 
   Raises:
-    ConfigError: for any invalid field, before anything runs.
+    ConfigError: for a model with no layer to compress when compressing, a forward that fails on
+      ``sample_input``, a teacher missing while the distill spec needs one, or bad rules.
   """
-  validate(config)
-  p, q, d = config.prune, config.quant, config.distill
-  base = make_optimizer(config.train, steps_per_epoch,
-                        decay_mask=lambda params: {k: jax.tree.map(lambda _: k == "model", v)
-                                                   for k, v in params.items()})
-  prune_enabled = p.method != "none" and p.sparsity > 0
-  rules = _model_rules(p.rules)
-  optimizer = base
-  if prune_enabled:
-    every, begin, end = prune_steps(p, total_steps)
-    if p.schedule == "gradual":
-      schedule = pruning.polynomial_schedule(p.sparsity, begin, end)
-    elif p.schedule == "one_shot":
-      schedule = pruning.one_shot_schedule(p.sparsity, begin)
+  s = functional(student)
+  layers = trace_layers(s, dict(variables), sample_input)
+  if prune.enabled or quant.enabled:
+    require_layers(layers)
+  if prune.rules:
+    rules = [tuple(r) for r in prune.rules]
+  else:
+    rules = layers.prune_rules()
+  rules = [(f"model/(?:{regex})", value) for regex, value in rules]
+  opt = optimizer
+  if prune.enabled:
+    every, begin, end = prune.steps(total_steps)
+    if prune.schedule == "gradual":
+      schedule = pruning.polynomial_schedule(prune.sparsity, begin, end)
+    elif prune.schedule == "one_shot":
+      schedule = pruning.one_shot_schedule(prune.sparsity, begin)
     else:
-      schedule = pruning.constant_schedule(p.sparsity)
-    optimizer = pruning.prune(base, schedule, score=p.method, structure=structure(p),
-                              rules=rules, update_every=every, seed=config.seed)
+      schedule = pruning.constant_schedule(prune.sparsity)
+    pruning.select({"model": variables["params"]}, rules)  # rules that match nothing warn now
+    opt = pruning.prune(optimizer, schedule, score=prune.method, structure=prune.masker(),
+                        rules=rules, update_every=every, seed=prune.seed)
   quantizer = None
-  kmeans_bits = q.weight_bits if q.method == "kmeans" else 0
-  if q.weight_bits or q.act_bits:
-    # k-means layers are weight-shared in compose (below); the quantizer only does their inputs,
-    # and the first/last layers stay uniform.
-    common = dict(per_channel=bool(q.per_channel),
-                  method="minmax" if q.method == "kmeans" else q.method)
-    edge = q.first_last_bits or None
-    inner_bits = None if kmeans_bits else q.weight_bits or None
+  kmeans_bits = quant.weight_bits if quant.method == "kmeans" else 0
+  edges = set(layers.edge_weights()) if quant.first_last_bits else set()
+  if quant.enabled:
+    # k-means layers are weight-shared here; the quantizer only does their inputs, and the
+    # first/last layers stay uniform.
+    common = dict(per_channel=bool(quant.per_channel),
+                  method="minmax" if quant.method == "kmeans" else quant.method)
+    edge = quant.first_last_bits or None
+    inner_bits = None if kmeans_bits else quant.weight_bits or None
     rules_q = [(quantization.FIRST, dict(weight_bits=edge, act_bits=edge, **common)),
                (quantization.LAST, dict(weight_bits=edge, act_bits=edge, **common)),
-               (".*", dict(weight_bits=inner_bits, act_bits=q.act_bits or None, **common))]
-    quantizer = quantization.quantize(student, rules_q)
-  use_teacher = teacher is not None and (d.alpha > 0 or d.feature_weight > 0)
-  return Compression(student=student, teacher=teacher if use_teacher else None,
-                     quantizer=quantizer, optimizer=optimizer, prune_enabled=prune_enabled,
-                     prune_rules=rules, temperature=float(d.temperature), alpha=float(d.alpha),
-                     feature_weight=float(d.feature_weight),
-                     feature_pairs=tuple(tuple(x) for x in d.feature_pairs),
-                     kmeans_bits=int(kmeans_bits), quantizer_edges=bool(q.first_last_bits))
+               (".*", dict(weight_bits=inner_bits, act_bits=quant.act_bits or None, **common))]
+    quantizer = quantization.quantize(s, rules_q)
+  if distill.uses_teacher and teacher is None:
+    raise ConfigError("teacher: distillation (distill.alpha > 0 or distill.feature_weight > 0) "
+                      "needs a teacher model; give one or set distill.alpha=0 and "
+                      "distill.feature_weight=0")
+  stats = variables.get("batch_stats", {})
+  fold_norms = {path: eps for path, eps in layers.batchnorms.items()
+                if isinstance(tree_get(stats, path), dict)}
+  return Compression(
+      student=s, teacher=functional(teacher) if distill.uses_teacher else None, layers=layers,
+      quantizer=quantizer, optimizer=opt, prune=prune, distill=distill, prune_rules=rules,
+      fold_norms=fold_norms, kmeans_bits=int(kmeans_bits),
+      kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges))

@@ -62,13 +62,15 @@ class ModelLayers:
 
   Invariants: ``layers`` are the compressible layers in order of their first call (each once);
   ``last`` is the layer called last (an Embed reused as the output head is both first and last);
-  ``norms`` maps a normalization layer's path to the layer it directly follows; ``uncovered``
-  lists parameter paths of floating-point weights of rank >= 2 that no layer holds.
+  ``norms`` maps a normalization layer's path to the layer it directly follows and
+  ``batchnorms`` each such BatchNorm's path to its epsilon (the norms an export folds);
+  ``uncovered`` lists parameter paths of floating-point weights of rank >= 2 that no layer holds.
   """
   layers: tuple[Layer, ...]
   norms: dict[str, str]
   uncovered: tuple[str, ...]
   last: str | None = None
+  batchnorms: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def first(self) -> str | None:
@@ -118,6 +120,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, **kwargs: Any) -> Mode
   calls: dict[str, Layer] = {}
   outputs: list[tuple[Any, str]] = []  # (output object, layer path): to find norms that follow
   norms: dict[str, str] = {}
+  batchnorms: dict[str, float] = {}
   seen: list[str] = []  # every layer called, in call order
 
   def record(call, run):
@@ -136,6 +139,8 @@ def trace_layers(model: Any, variables: dict, *args: Any, **kwargs: Any) -> Mode
       for obj, path in outputs:
         if obj is call.x:
           norms.setdefault(call.path, path)
+          if "BatchNorm" in call.type_name:
+            batchnorms.setdefault(call.path, float(call.module.epsilon))
     return out
 
   try:
@@ -154,7 +159,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, **kwargs: Any) -> Mode
   uncovered = tuple(p for p, w in flat.items()
                     if p.rpartition("/")[0] not in owners and jnp.ndim(w) >= 2 and _floating(w))
   last = next((p for p in reversed(seen) if p in calls), None)
-  return ModelLayers(layers, norms, uncovered, last)
+  return ModelLayers(layers, norms, uncovered, last, batchnorms)
 
 
 def require_layers(layers: ModelLayers, field: str = "student.name") -> None:

@@ -2,9 +2,9 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
-from configs import cifar_distill
 from jaxcompress import compose
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
@@ -13,21 +13,21 @@ from jaxcompress.models import create_model
 SHAPE = (6, 6, 3)
 
 
-def _config(prune=False, quant=False, distill=False, **overrides):
-  c = cifar_distill.get_config()
-  c.prune.method = "magnitude" if prune else "none"
-  c.prune.sparsity = 0.75
-  c.prune.rules = (("fc1/kernel", False), ("fc3/kernel", False), (".*/kernel", True))
-  c.quant.weight_bits = 4 if quant else 0
-  c.quant.act_bits = 8 if quant else 0
-  c.quant.first_last_bits = 8 if quant else 0
-  c.distill.alpha = 0.5 if distill else 0.0
-  c.train.learning_rate = 0.05
-  c.train.schedule = "constant"
+def _specs(prune=False, quant=False, distill=False, **overrides):
+  specs = {
+      "prune": dict(method="magnitude" if prune else "none", sparsity=0.75),
+      "quant": dict(weight_bits=4 if quant else 0, act_bits=8 if quant else 0,
+                    first_last_bits=8 if quant else 0),
+      "distill": dict(alpha=0.5 if distill else 0.0)}
   for key, value in overrides.items():
     section, field = key.split("__")
-    c[section][field] = value
-  return c
+    specs[section][field] = value
+  return dict(prune=compose.PruneSpec.from_dict(specs["prune"]),
+              quant=compose.QuantSpec.from_dict(specs["quant"]),
+              distill=compose.DistillSpec.from_dict(specs["distill"]))
+
+
+OPT = optax.sgd(0.05)
 
 
 def _batches(n=3, seed=0):
@@ -37,11 +37,12 @@ def _batches(n=3, seed=0):
           for _ in range(n)]
 
 
-def _setup(config, total_steps=12):
+def _setup(specs, total_steps=12):
   student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
   teacher, tvars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
-  comp = compose.build(config, student, teacher, steps_per_epoch=6, total_steps=total_steps)
   x = _batches(1)[0].image
+  comp = compose.build(student, svars, x, optimizer=OPT, total_steps=total_steps,
+                       teacher=teacher, **specs)
   state = comp.init_state(svars, x, teacher_vars=tvars, calibration=[x])
   return comp, state, tvars
 
@@ -50,7 +51,7 @@ def _setup(config, total_steps=12):
     (False, False, False), (True, False, False), (False, True, False), (False, False, True),
     (True, True, True)])
 def test_every_subset_trains_in_one_jitted_step(prune, quant, distill):
-  comp, state, tvars = _setup(_config(prune, quant, distill))
+  comp, state, tvars = _setup(_specs(prune, quant, distill))
   step = comp.make_train_step()
   args = (tvars,) if distill else ()
   losses = []
@@ -72,8 +73,8 @@ def test_every_subset_trains_in_one_jitted_step(prune, quant, distill):
 
 def test_self_distillation_has_zero_kd_loss_and_full_agreement():
   student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
-  comp = compose.build(_config(distill=True), student, student, steps_per_epoch=6,
-                       total_steps=6)
+  comp = compose.build(student, svars, _batches(1)[0].image, optimizer=OPT, total_steps=6,
+                       teacher=student, **_specs(distill=True))
   state = comp.init_state(svars, _batches(1)[0].image)
   _, (_, metrics) = comp.loss_fn(state.params, state.model_state, _batches(1)[0], None, svars)
   assert float(metrics["kd_loss"]) == pytest.approx(0.0, abs=1e-6)
@@ -81,7 +82,7 @@ def test_self_distillation_has_zero_kd_loss_and_full_agreement():
 
 
 def test_lsq_steps_are_trained_and_pruning_leaves_them_alone():
-  comp, state, _ = _setup(_config(prune=True, quant=True, quant__method="lsq"))
+  comp, state, _ = _setup(_specs(prune=True, quant=True, quant__method="lsq"))
   before = jax.tree.map(np.asarray, state.params["qsteps"])
   step = comp.make_train_step()
   for b in _batches(3):
@@ -93,17 +94,17 @@ def test_lsq_steps_are_trained_and_pruning_leaves_them_alone():
 
 
 def test_kmeans_method_shares_weights_over_the_codebook():
-  comp, state, _ = _setup(_config(prune=True, quant=True, quant__method="kmeans",
-                                  quant__weight_bits=3))
+  comp, state, _ = _setup(_specs(prune=True, quant=True, quant__method="kmeans",
+                                 quant__weight_bits=3))
   step = comp.make_train_step()
   for i in range(12):
     state, _ = step(state, _batches(3)[i % 3])
   books = state.model_state["kmeans"]
-  assert set(books) == {"fc2"}  # first and last layers stay uniform 8-bit
-  assert books["fc2"].shape == (8,)
+  assert set(books) == {"fc2/kernel"}  # first and last layers stay uniform 8-bit
+  assert books["fc2/kernel"].shape == (8,)
   shared, _ = compose._share_weights(state.params["model"], books, update=False)
   values = set(np.unique(np.asarray(shared["fc2"]["kernel"])).tolist())
-  assert values <= set(np.asarray(books["fc2"]).tolist()) | {0.0}
+  assert values <= set(np.asarray(books["fc2/kernel"]).tolist()) | {0.0}
   zeros = np.asarray(state.params["model"]["fc2"]["kernel"]) == 0
   assert zeros.sum() == round(0.75 * zeros.size)
   assert np.all(np.asarray(shared["fc2"]["kernel"])[zeros] == 0)
@@ -111,8 +112,7 @@ def test_kmeans_method_shares_weights_over_the_codebook():
 
 @pytest.mark.parametrize("total", [3, 10, 100, 1000, 11700])
 def test_prune_schedule_reaches_the_target_inside_the_run(total):
-  p = _config(prune=True).prune
-  every, begin, end = compose.prune_steps(p, total)
+  every, begin, end = _specs(prune=True)["prune"].steps(total)
   assert end % every == 0 and begin % every == 0 and begin < end
   assert end <= max(total - 1, every), (every, begin, end)
 
@@ -124,10 +124,15 @@ def test_prune_schedule_reaches_the_target_inside_the_run(total):
     ("quant__method", "apot", "quant.method must be one of kmeans, lsq, minmax, got 'apot'"),
     ("quant__weight_bits", 9, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\]"),
     ("distill__temperature", -1.0, "distill.temperature must be > 0"),
-    ("train__epochs", -2.0, "train.epochs must be >= 0"),
+    ("prune__sparsity_", 0.5, "prune field must be one of"),
 ])
-def test_bad_config_fails_before_anything_runs(key, value, match):
-  student, _ = create_model("mlp", num_classes=4, image_shape=SHAPE)
+def test_bad_specs_fail_when_built(key, value, match):
   with pytest.raises(ConfigError, match=match):
-    compose.build(_config(prune=True, quant=True, distill=True, **{key: value}), student, None,
-                  steps_per_epoch=6, total_steps=12)
+    _specs(prune=True, quant=True, distill=True, **{key: value})
+
+
+def test_distillation_without_teacher_is_refused():
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE)
+  with pytest.raises(ConfigError, match="needs a teacher"):
+    compose.build(student, svars, _batches(1)[0].image, optimizer=OPT, total_steps=4,
+                  **_specs(distill=True))

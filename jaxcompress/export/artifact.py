@@ -4,15 +4,18 @@ Layout of ``DIR/export/``:
 
 - ``arrays.bin``: the byte segments of every layer (:mod:`.codec`) back to back, optionally
   zlib-compressed as a whole (kept only when that is smaller);
-- ``spec.json``: format and version, model name, ``num_classes``, ``input_shape``,
-  ``model_kwargs`` (``folded``, ``inner_widths``), the arrays file's size, raw size, compression
-  and SHA-256, and one line per layer: kind, shape, bits, sparse encoding, input quantization and
-  ``segments: {name: bytes}``: the layer's byte segments, which follow each other in the raw
-  arrays in the order the layers and their segments are listed (offsets are implied).
+- ``spec.json``: format and version, the input's shape and dtype, ``tree`` (every variable's
+  path, shape and dtype), the folded BatchNorms, each quantized layer's input quantization, the
+  arrays file's size, raw size, compression and SHA-256, and one line per stored tensor: kind,
+  shape, bits, sparse encoding and ``segments: {name: bytes}``: its byte segments, which follow
+  each other in the raw arrays in the order the tensors and their segments are listed (offsets
+  are implied).
 
-:func:`load` checks the checksum and every size and shape before it builds anything, so a
-truncated or edited file, or a spec that does not match its arrays or the model asked for, ends
-in one :class:`~jaxcompress.errors.ConfigError` line instead of a silently wrong model.
+The artifact holds variables, not code: :func:`load` takes the user's own module, checks the
+checksum, every size and shape, and that the variables fit that module, before it builds anything;
+a truncated or edited file, or a spec that does not match its arrays or the module, ends in one
+:class:`~jaxcompress.errors.ConfigError` line instead of a silently wrong model. Files are written
+to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ import os
 import zlib
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import decode_layer, encode_layer
-from jaxcompress.export.finalize import finalize
-from jaxcompress.export.runtime import LoadedModel, build_model, layer_variables, make_apply_fn
+from jaxcompress.export.finalize import Finalized, finalize, flat_leaves
+from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
-from jaxcompress.export.surgery import shrink_layers
-from jaxcompress.models import CifarResNet, get_model
+from jaxcompress.models.functional import functional
 
-FORMAT, VERSION = "jaxcompress-export", 1
+FORMAT, VERSION = "jaxcompress-export", 2
 SPEC_FILE, ARRAYS_FILE = "spec.json", "arrays.bin"
 
 
@@ -44,58 +47,44 @@ def _spec_text(header: dict, layers: list[dict]) -> str:
   return head + "[\n" + ",\n".join(compact(l) for l in layers) + "\n]}\n"
 
 
-def export_model(out_dir: str, *, model_name: str, variables: Mapping[str, Any],
-                 num_classes: int | None = None, masks: Any = None,
+def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tuple[int, ...],
+                 input_dtype: str = "float32", masks: Any = None,
                  specs: Mapping[str, Any] | None = None,
                  codebooks: Mapping[str, Any] | None = None,
-                 input_shape: tuple[int, ...] = (32, 32, 3), shrink: bool = True,
+                 fold: Mapping[str, float] | None = None, model_name: str = "",
                  compress: bool = True) -> dict:
   """Finalizes a trained (pruned, quantized) model and writes the artifact to ``out_dir``.
 
+  Works for any Flax model: the artifact stores its variables, not its code; :func:`load` takes
+  the user's module back as an argument.
+
   Args:
     out_dir: the artifact folder, by convention ``WORKDIR/export`` (created; files replaced).
-    model_name: registry name (``resnet20``, ``cnn_cifar``, ...); ``load`` rebuilds this model.
-    variables: ``{'params': ..., 'batch_stats': ...}`` of the unfolded model, the variables the
-      fake-quant model runs with.
-    num_classes: classifier width (default: read from the last layer's bias).
-    masks: pruning masks, a tree like ``variables['params']`` with 0/1 leaves (the pruning
-      package's ``magnitude_masks``, ``channel_masks``, ``current_masks(opt_state)``), or
-      ``None``. Masked weights are exactly 0 in the artifact.
-    specs: ``{module path: LayerSpec}`` from the quantization package,
-      ``Quantizer.specs(variables_with_masks_applied, qstate)``: per-layer weight bits, scale and
-      zero point (the weights become those integers) and the calibrated input ranges
-      (``act_scale``, ``act_zero_point``, ``act_qmin``, ``act_qmax``; the loaded model
-      fake-quantizes layer inputs with them). Layers not in ``specs`` stay float32.
-    codebooks: ``{path: Codebook}`` from the quantization package's ``cluster_params`` for
-      k-means layers (codebook plus packed indices are stored).
-    input_shape: ``(H, W, C)`` of one input image.
-    shrink: for CIFAR ResNets, physically remove the inner channels that are exactly silent
-      (zero kernel, non-positive folded bias), e.g. after :func:`inner_channel_masks`.
+    variables: the variables the fake-quant model runs with (``params``, ``batch_stats``, ...).
+    input_shape: the shape of one input example (no batch axis), e.g. ``(32, 32, 3)``.
+    input_dtype: the input's dtype (``float32`` images, ``int32`` token ids).
+    masks: pruning masks, a tree like ``variables['params']`` with 0/1 leaves, or ``None``.
+      Masked weights are exactly 0 in the artifact.
+    specs: ``{layer path: LayerSpec}`` from ``Quantizer.specs(variables_with_masks_applied,
+      qstate)``: weight bits, scales and zero points (the weights become those integers) and
+      input quantization. Layers not in ``specs`` stay float32.
+    codebooks: ``{weight path: Codebook}`` for k-means layers (codebook plus packed indices).
+    fold: ``{BatchNorm path: epsilon}`` to fold (``Compression.fold_norms``).
+    model_name: a name recorded in the spec (informational).
     compress: zlib the arrays file when that makes it smaller.
 
   Returns:
     The :func:`~jaxcompress.export.size.size_report` of the written artifact.
 
   Raises:
-    ConfigError: for inputs that do not fit the model (see :func:`.finalize.finalize`), or a model
-      whose folded form this package cannot rebuild.
+    ConfigError: for inputs that do not fit the variables (see :func:`.finalize.finalize`).
   """
-  layers = finalize(variables, masks=masks, specs=specs, codebooks=codebooks)
-  last = list(layers.values())[-1]
-  num_classes = int(num_classes if num_classes is not None else last.channels)
-  kwargs: dict[str, Any] = {}
-  if isinstance(get_model(model_name, num_classes), CifarResNet):
-    kwargs["folded"] = True
-    if shrink:
-      layers, widths = shrink_layers(layers)
-      if widths != [t.channels for p, t in layers.items() if p.endswith("/conv2")]:
-        kwargs["inner_widths"] = widths
-  # Rebuild now: an artifact that cannot be loaded is never written.
-  build_model(model_name, num_classes, kwargs, input_shape, layer_variables(layers),
-              field="export")
+  fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold)
   metas, chunks = [], []
-  for t in layers.values():
+  for t in fin.tensors.values():
     meta, segments = encode_layer(t)
+    if t.path in fin.axes:
+      meta["axis"] = fin.axes[t.path]
     meta["segments"] = {name: int(data.size) for name, data in segments.items()}
     chunks += [data.tobytes() for data in segments.values()]
     metas.append(meta)
@@ -103,16 +92,23 @@ def export_model(out_dir: str, *, model_name: str, variables: Mapping[str, Any],
   packed = zlib.compress(raw, 9) if compress else raw
   compression = "zlib" if compress and len(packed) < len(raw) else "none"
   data = packed if compression == "zlib" else raw
-  header = {"format": FORMAT, "version": VERSION, "model": model_name, "num_classes": num_classes,
-            "input_shape": list(input_shape), "model_kwargs": kwargs,
+  header = {"format": FORMAT, "version": VERSION, "model": model_name,
+            "input": {"shape": list(input_shape), "dtype": str(np.dtype(input_dtype))},
+            "tree": fin.tree, "folded": fin.folded, "acts": fin.acts,
             "arrays": {"file": ARRAYS_FILE, "bytes": len(data), "raw_bytes": len(raw),
                        "compression": compression, "sha256": hashlib.sha256(data).hexdigest()}}
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, ARRAYS_FILE), "wb") as f:
-    f.write(data)
-  with open(os.path.join(out_dir, SPEC_FILE), "w") as f:
-    f.write(_spec_text(header, metas))
+  _write(os.path.join(out_dir, ARRAYS_FILE), data)
+  _write(os.path.join(out_dir, SPEC_FILE), _spec_text(header, metas).encode())
   return size_report(out_dir)
+
+
+def _write(path: str, data: bytes) -> None:
+  """Writes to a temporary name and renames: a reader never sees a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
 
 
 def read_spec(path: str, field: str = "model.exported") -> dict:
@@ -159,58 +155,83 @@ def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
   return data
 
 
-def load(path: str, *, expect_model: str | None = None, expect_num_classes: int | None = None,
-         field: str = "model.exported") -> LoadedModel:
-  """Loads an artifact written by :func:`export_model` as a callable model.
+def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel:
+  """Loads an artifact written by :func:`export_model` for the user's own module.
 
   Args:
     path: the artifact folder (``WORKDIR/export``) or its ``spec.json``.
-    expect_model: the model name the caller asks for; a different one raises.
-    expect_num_classes: the classifier width the caller needs; a different one raises.
+    model: the Flax Linen or NNX module the artifact was exported from (same architecture).
     field: config field name for messages.
 
   Returns:
-    A :class:`~jaxcompress.export.runtime.LoadedModel`: ``.logits(x)``, or unpack it as
-    ``model, variables, apply_fn = load(path)``.
+    A :class:`~jaxcompress.export.runtime.LoadedModel`: ``.logits(x)``, ``.variables`` for
+    ``model.apply``, or unpack it as ``model, arrays, apply_fn = load(path, model)``.
 
   Raises:
     ConfigError: one line for a missing or unreadable file, a checksum or size mismatch, a spec
-      whose shapes disagree with its arrays or its model, or a model other than the one expected.
+      whose shapes disagree with its arrays, or variables that do not fit ``model`` (naming the
+      first mismatching path and both shapes).
   """
   spec = read_spec(path, field)
   try:
-    return _load(path, spec, expect_model, expect_num_classes, field)
-  except (KeyError, TypeError, IndexError) as e:
+    fin = _decode(path, spec, field)
+  except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
+    if isinstance(e, ConfigError):
+      raise
     raise ConfigError(f"{field}: {path!r} has a malformed spec ({type(e).__name__}: {e}); the "
                       "artifact is corrupted, export it again") from None
+  fm = functional(model)
+  _check_fits(fm, spec, fin, field)
+  arrays = rebuild(fin)
+  return LoadedModel(model, arrays, make_apply_fn(fm, fin.acts), spec, fin)
 
 
-def _load(path: str, spec: dict, expect_model: str | None, expect_num_classes: int | None,
-          field: str) -> LoadedModel:
-  if expect_model is not None and spec["model"] != expect_model:
-    raise ConfigError(f"{field}: the artifact in {path!r} is a {spec['model']}, but "
-                      f"{expect_model!r} was asked for; set model.name={spec['model']} or point "
-                      "at the right artifact")
-  if expect_num_classes is not None and spec["num_classes"] != expect_num_classes:
-    raise ConfigError(f"{field}: the artifact in {path!r} has {spec['num_classes']} classes, the "
-                      f"dataset has {expect_num_classes}")
+def _decode(path: str, spec: dict, field: str) -> Finalized:
   raw = np.frombuffer(read_arrays(path, spec, field), np.uint8)
   total = sum(int(size) for meta in spec["layers"] for size in meta["segments"].values())
   if total != raw.size:
     raise ConfigError(f"{field}: the spec's segments add up to {total} bytes, the arrays hold "
                       f"{raw.size}; the spec does not match the arrays")
-  layers, offset = {}, 0
+  tensors, axes, offset = {}, {}, 0
   for meta in spec["layers"]:
     segments = {}
     for name, size in meta["segments"].items():
       if not isinstance(size, int) or size < 0:
-        raise ConfigError(f"{field}: segment {name!r} of layer {meta['path']!r} has size "
-                          f"{size!r}; the spec is corrupted")
+        raise ConfigError(f"{field}: segment {name!r} of {meta['path']!r} has size {size!r}; the "
+                          "spec is corrupted")
       segments[name] = raw[offset:offset + size]
       offset += size
-    layers[meta["path"]] = decode_layer(meta, segments)
-  variables = layer_variables(layers)
-  model = build_model(spec["model"], spec["num_classes"], spec["model_kwargs"],
-                      tuple(spec["input_shape"]), variables, field=field)
-  acts = {p: t.act for p, t in layers.items() if t.act is not None}
-  return LoadedModel(model, variables, make_apply_fn(model, acts), spec, layers)
+    tensors[meta["path"]] = decode_layer(meta, segments)
+    if "axis" in meta:
+      axes[meta["path"]] = int(meta["axis"])
+  tree = {k: [list(v[0]), str(v[1])] for k, v in spec["tree"].items()}
+  for key, (shape, _) in tree.items():
+    t = tensors.get(key)
+    if t is not None:
+      stored = list(t.codes.shape)
+      if key in axes:
+        stored.insert(axes[key], stored.pop())
+      if int(np.prod(stored)) != int(np.prod(shape)) or (shape and stored != shape):
+        raise ConfigError(f"{field}: {key} is stored with shape {stored}, the spec's tree says "
+                          f"{shape}; the spec does not match the arrays")
+  return Finalized(tensors, axes, {k: dict(v) for k, v in spec["acts"].items()},
+                   {k: float(v) for k, v in spec["folded"].items()}, tree)
+
+
+def _check_fits(fm, spec: dict, fin: Finalized, field: str) -> None:
+  """The artifact's variables have exactly the paths and shapes ``fm``'s module needs."""
+  sample = np.zeros((1, *spec["input"]["shape"]), spec["input"]["dtype"])
+  want = jax.eval_shape(lambda: fm.init(jax.random.key(0), sample))
+  want = {f"{c}/{p}": list(v.shape) for c, tree in want.items()
+          for p, v in flat_leaves(tree).items()}
+  have = {k: v[0] for k, v in fin.tree.items()}
+  for key in sorted(set(want) | set(have)):
+    if key not in have:
+      raise ConfigError(f"{field}: the artifact has no {key!r}, which {fm.name} needs; it was "
+                        "exported from another model")
+    if key not in want:
+      raise ConfigError(f"{field}: the artifact holds {key!r}, which {fm.name} does not have; it "
+                        "was exported from another model")
+    if want[key] != have[key]:
+      raise ConfigError(f"{field}: {key} has shape {have[key]} in the artifact, {fm.name} needs "
+                        f"{want[key]}; it was exported from another model")

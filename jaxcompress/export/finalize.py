@@ -1,32 +1,66 @@
-"""Finalize a trained model: bake masks, quantize to integers, fold BatchNorm, layer by layer.
+"""Finalize a trained model's variables: bake masks, quantize weights to integers, fold BatchNorm.
 
-The order keeps the exported model faithful to the fake-quantized one it came from: masks are
-applied first (the fake-quant model ran on masked weights), then each quantized kernel becomes the
-very integers fake quantization used, ``q = quantize_int(W, s, zp)`` with the scale and zero point
-of the quantization spec, and only then is BatchNorm folded, into a per-channel gain ``g`` applied
-to the layer's output and the bias (see :mod:`.fold`). Layers without a spec or codebook stay float32, with
-BatchNorm folded into the kernel itself.
+Works on the variables dict of any Flax model (see :mod:`jaxcompress.models.functional`); nothing
+here knows a model's names. Every leaf of every collection becomes one stored tensor, keyed by its
+``collection/path`` (``params/blocks/0/mlp/kernel``):
+
+- a weight with a quantization spec (``LayerSpec`` of its layer, from ``Quantizer.specs``) becomes
+  its integer codes ``q = quantize_int(W, s, zp)``, the very integers fake quantization used, with
+  one scale per channel along the spec's axis (stored last);
+- a weight with a k-means codebook becomes the codebook plus indices;
+- every other floating-point leaf stays float32 (stored sparse when that is smaller);
+- a BatchNorm that directly follows a linear layer in the forward (``fold``: found by
+  :func:`jaxcompress.selection.trace_layers`, never by names) is stored as its per-channel
+  ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain``: two vectors instead of
+  four, and the exported model runs it as ``x * gain + bias``, the same float32 operations as the
+  fake-quant model evaluated with :meth:`jaxcompress.compose.Compression.eval_variables`.
+
+Masks are applied first (the fake-quant model ran on masked weights), then weights are quantized.
+
+References:
+  Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+  Inference. CVPR 2018 (section 3.2, batch normalization folding).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
-import flax
 import jax
 import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import LayerTensor
-from jaxcompress.export.fold import bn_multiplier, bn_path, find_bn, fold_bias, fold_bn, subtree
+from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
 from jaxcompress.quantization import quantize_int
+from jaxcompress.rules import path_str
+
+FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path>/{gain, bias}
 
 
-def layer_paths(params: Mapping[str, Any]) -> list[str]:
-  """Module paths holding a ``kernel`` (Conv/Dense layers), in parameter-tree order."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  return [k[: -len("/kernel")] for k in flat if k.endswith("/kernel")]
+class Finalized(NamedTuple):
+  """A finalized model.
+
+  Attributes:
+    tensors: ``{collection/leaf path: LayerTensor}`` in tree order; folded BatchNorms appear as
+      ``fold/<path>/gain`` and ``fold/<path>/bias``.
+    axes: ``{tensor path: axis}`` of integer weights whose channel axis was not the last (it is
+      stored last and moved back on load).
+    acts: ``{layer path: {'bits', 'scale', 'zero_point', 'qmin', 'qmax'}}`` input quantization.
+    folded: ``{norm path: epsilon}`` of the folded BatchNorms.
+    tree: ``{collection/leaf path: [shape, dtype]}`` of the original variables.
+  """
+  tensors: dict[str, LayerTensor]
+  axes: dict[str, int]
+  acts: dict[str, dict]
+  folded: dict[str, float]
+  tree: dict[str, list]
+
+
+def flat_leaves(tree: Any) -> dict[str, Any]:
+  """``{path: leaf}`` of a nested dict, paths ``/``-joined."""
+  return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def bake_masks(params: Any, masks: Any | None) -> Any:
@@ -41,7 +75,8 @@ def bake_masks(params: Any, masks: Any | None) -> Any:
                       f"from jaxcompress.pruning), got a different tree: {e}") from None
 
 
-def _act(spec: Any) -> dict | None:
+def act_fields(spec: Any) -> dict | None:
+  """The input quantization of a ``LayerSpec`` as JSON-able numbers (exact float32 text)."""
   if spec is None or getattr(spec, "act_bits", None) is None:
     return None
   # str(float32) is the shortest text that reads back as the same float32.
@@ -50,24 +85,34 @@ def _act(spec: Any) -> dict | None:
           "qmax": int(spec.act_qmax)}
 
 
-def _int_layer(path: str, kernel: np.ndarray, spec: Any) -> dict:
-  """Codes ``q``, zero points and scale of a spec-quantized kernel."""
-  if spec.weight_axis is not None and spec.weight_axis % kernel.ndim != kernel.ndim - 1:
-    raise ConfigError(f"quantization spec of {path!r}: weight_axis must be None or the last "
-                      f"kernel axis ({kernel.ndim - 1}), got {spec.weight_axis}; export folds "
-                      "per output channel")
-  channels = kernel.shape[-1]
-  q = np.asarray(quantize_int(kernel, spec.weight_scale, spec.weight_zero_point,
+def _int_tensor(path: str, weight: np.ndarray, spec: Any) -> tuple[LayerTensor, int | None]:
+  """Codes ``q`` (channel axis moved last), zero points and scale of a spec-quantized weight."""
+  q = np.asarray(quantize_int(weight, spec.weight_scale, spec.weight_zero_point,
                               qmin=spec.weight_qmin, qmax=spec.weight_qmax), np.int32)
-  zp = np.broadcast_to(np.asarray(spec.weight_zero_point, np.int32).reshape(-1), (channels,))
+  axis = spec.weight_axis
+  scale = np.asarray(spec.weight_scale, np.float32)
+  zp = np.asarray(spec.weight_zero_point, np.int32)
+  moved = None
+  if axis is not None:
+    axis %= weight.ndim
+    if axis != weight.ndim - 1:
+      moved = axis
+      q = np.moveaxis(q, axis, -1)
+      scale, zp = np.moveaxis(np.broadcast_to(scale, weight.shape), axis, -1), \
+          np.moveaxis(np.broadcast_to(zp, weight.shape), axis, -1)
+    channels = q.shape[-1]
+    scale = scale.reshape(-1, channels)[0] if scale.size > 1 else scale.reshape(-1)
+    zp = np.broadcast_to(zp.reshape(-1, channels)[0] if zp.size > 1 else zp.reshape(-1),
+                         (channels,))
+  else:
+    scale, zp = scale.reshape(-1), np.broadcast_to(zp.reshape(-1), (q.shape[-1],))
   width = int(spec.weight_qmax) - int(spec.weight_qmin) + 1
   bits = max(2, math.ceil(math.log2(width)))
-  return dict(kind="int", codes=q, bits=bits, qmin=int(spec.weight_qmin),
-              zero_point=np.array(zp, np.int32),
-              scale=np.asarray(spec.weight_scale, np.float32).reshape(-1))
+  return LayerTensor(path=path, kind="int", codes=q, bits=bits, qmin=int(spec.weight_qmin),
+                     zero_point=np.array(zp, np.int32), scale=scale), moved
 
 
-def _kmeans_layer(path: str, codebook: Any, mask: np.ndarray | None) -> dict:
+def _kmeans_tensor(path: str, codebook: Any, mask: np.ndarray | None) -> LayerTensor:
   book = np.asarray(codebook.codebook, np.float32)
   bits = int(round(math.log2(book.size)))
   if book.ndim != 1 or book.size != 1 << bits:
@@ -75,78 +120,91 @@ def _kmeans_layer(path: str, codebook: Any, mask: np.ndarray | None) -> dict:
   idx = np.asarray(codebook.indices, np.int32)
   if mask is not None:
     idx = np.where(mask != 0, idx, 1 << bits)
-  return dict(kind="kmeans", codes=idx, bits=bits, codebook=book)
+  return LayerTensor(path=path, kind="kmeans", codes=idx, bits=bits, codebook=book)
+
+
+def _float_tensor(path: str, leaf: Any) -> LayerTensor:
+  a = np.asarray(leaf)
+  if not np.issubdtype(a.dtype, np.floating):
+    raise ConfigError(f"export: variable {path!r} has dtype {a.dtype}; only floating-point "
+                      "variables can be exported")
+  return LayerTensor(path=path, kind="float", codes=np.asarray(a, np.float32).reshape(
+      a.shape or (1,)), bits=32)
 
 
 def finalize(variables: Mapping[str, Any], *, masks: Any = None,
              specs: Mapping[str, Any] | None = None,
-             codebooks: Mapping[str, Any] | None = None) -> dict[str, LayerTensor]:
-  """Turns trained variables into finalized layers.
+             codebooks: Mapping[str, Any] | None = None,
+             fold: Mapping[str, float] | None = None) -> Finalized:
+  """Turns trained variables into finalized tensors (see the module docstring).
 
   Args:
-    variables: ``{'params': ..., 'batch_stats': ...}`` of the unfolded model (the ones the
-      fake-quant model runs with).
+    variables: the model's variables (the ones the fake-quant model runs with).
     masks: pruning masks, a tree like ``variables['params']`` of 0/1 leaves, or ``None``.
-    specs: ``{module path: LayerSpec}`` from ``Quantizer.specs(masked_variables, qstate)`` (the
-      quantization package). A layer with ``weight_bits`` becomes an integer layer; ``act_*``
-      fields make its input fake-quantized in the exported model. Compute the specs from the
-      masked weights: min-max weight scales depend on the kernel the fake-quant model saw.
-    codebooks: ``{path: Codebook}`` from ``cluster_params`` (k-means); keys may be leaf paths
-      (``layer1_0/conv1/kernel``) or module paths.
+    specs: ``{layer path: LayerSpec}`` from ``Quantizer.specs(masked_variables, qstate)``.
+      Compute them from the masked weights: min-max scales depend on the weights the fake-quant
+      model saw.
+    codebooks: ``{weight path: Codebook}`` (k-means), e.g. ``{'fc2/kernel': ...}``.
+    fold: ``{BatchNorm path: epsilon}`` of the BatchNorms to fold (those that directly follow a
+      linear layer in the forward, ``ModelLayers.batchnorms``).
 
   Returns:
-    ``{module path: LayerTensor}`` in parameter-tree order.
+    The :class:`Finalized` model.
 
   Raises:
-    ConfigError: for a spec or codebook naming no layer, a layer with both, a parameter that is
-      neither a layer nor a BatchNorm after a conv, or missing BatchNorm statistics.
+    ConfigError: for a spec or codebook naming no weight, a weight with both, a BatchNorm to fold
+      without running statistics, or a non-floating-point variable.
   """
+  variables = dict(variables)
   params = bake_masks(variables["params"], masks)
-  stats = variables.get("batch_stats")
-  mask_tree = None if masks is None else flax.traverse_util.flatten_dict(
-      flax.core.unfreeze(masks), sep="/")
-  specs = dict(specs or {})
-  books = {k[: -len("/kernel")] if k.endswith("/kernel") else k: v
-           for k, v in (codebooks or {}).items()}
-  paths = layer_paths(params)
-  for name, given in (("specs", specs), ("codebooks", books)):
-    extra = sorted(set(given) - set(paths))
-    if extra:
-      raise ConfigError(f"export {name}: {extra[0]!r} is not a Conv/Dense layer of the model; "
-                        f"layers are {paths}")
-  used = set()
-  out = {}
-  for path in paths:
-    module = subtree(params, path)
-    kernel, bias = module["kernel"], module.get("bias")
-    used.update({f"{path}/kernel"} | ({f"{path}/bias"} if bias is not None else set()))
-    bn = find_bn(params, stats, path)
-    g = None
-    if bn is not None:
-      used.update(f"{bn_path(path)}/{k}" for k in bn[0])
-      g = bn_multiplier(bn[0]["scale"], bn[1]["var"])
-    spec = specs.get(path)
-    has_weights = spec is not None and getattr(spec, "weight_bits", None) is not None
-    if has_weights and path in books:
-      raise ConfigError(f"export: layer {path!r} has both a quantization spec with weight_bits "
-                        "and a k-means codebook; give it one of the two")
-    if path in books:
-      fields = _kmeans_layer(path, books[path], None if mask_tree is None else
-                             np.asarray(mask_tree.get(f"{path}/kernel")))
-    elif has_weights:
-      fields = _int_layer(path, kernel, spec)
-    else:  # float: BatchNorm goes into the kernel itself
-      kernel, bias = fold_bn(kernel, bias, *bn) if bn is not None else (kernel, bias)
-      fields = dict(kind="float", codes=np.asarray(kernel, np.float32), bits=32)
-    if bn is not None and fields["kind"] != "float":  # gain on the output, kernel untouched
-      fields["gain"] = g
-      bias = fold_bias(bias, g, bn[0]["bias"], bn[1]["mean"])
-    out[path] = LayerTensor(path=path, bias=None if bias is None else np.asarray(bias, np.float32),
-                            act=_act(spec), **fields)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  left = sorted(set(flat) - used)
-  if left:
-    raise ConfigError(f"export: parameter {left[0]!r} belongs to no Conv/Dense layer nor to a "
-                      "BatchNorm that follows a conv (named convK -> bnK); this model cannot be "
-                      "exported")
-  return out
+  flat_params = flat_leaves(params)
+  mask_flat = None if masks is None else flat_leaves(masks)
+  specs, books, fold = dict(specs or {}), dict(codebooks or {}), dict(fold or {})
+  weights = {f"{p}/{getattr(s, 'weight', 'kernel')}": s for p, s in specs.items()}
+  weights = {w: s for w, s in weights.items() if getattr(s, "weight_bits", None) is not None}
+  for name, given in (("specs", {w.rpartition("/")[0] for w in weights}), ("codebooks", books)):
+    missing = sorted(p for p in given if p not in flat_params and
+                     not any(k.startswith(f"{p}/") for k in flat_params))
+    if missing:
+      raise ConfigError(f"export {name}: {missing[0]!r} names no weight of the model")
+  both = sorted(set(weights) & set(books))
+  if both:
+    raise ConfigError(f"export: weight {both[0]!r} has both a quantization spec with weight_bits "
+                      "and a k-means codebook; give it one of the two")
+  folded_leaves: set[str] = set()
+  tensors: dict[str, LayerTensor] = {}
+  stats = variables.get("batch_stats", {})
+  for path, eps in fold.items():
+    st = flat_leaves({"s": stats}) if stats else {}
+    mean, var = st.get(f"s/{path}/mean"), st.get(f"s/{path}/var")
+    if mean is None or var is None:
+      raise ConfigError(f"export: BatchNorm {path!r} has no running statistics in "
+                        "variables['batch_stats']; pass the full model variables")
+    scale = flat_params.get(f"{path}/scale", np.ones_like(np.asarray(var, np.float32)))
+    beta = flat_params.get(f"{path}/bias", np.zeros_like(np.asarray(mean, np.float32)))
+    gain = bn_multiplier(scale, var, eps)
+    tensors[f"{FOLD}/{path}/gain"] = _float_tensor(f"{FOLD}/{path}/gain", gain)
+    tensors[f"{FOLD}/{path}/bias"] = _float_tensor(f"{FOLD}/{path}/bias",
+                                                   fold_bias(None, gain, beta, mean))
+    folded_leaves |= {f"params/{path}/scale", f"params/{path}/bias",
+                      f"batch_stats/{path}/mean", f"batch_stats/{path}/var"}
+  axes: dict[str, int] = {}
+  tree: dict[str, list] = {}
+  for collection, value in variables.items():
+    leaves = flat_params if collection == "params" else flat_leaves(value)
+    for leaf_path, leaf in leaves.items():
+      key = f"{collection}/{leaf_path}"
+      tree[key] = [list(np.shape(leaf)), str(np.asarray(leaf).dtype)]
+      if key in folded_leaves:
+        continue
+      if collection == "params" and leaf_path in books:
+        mask = None if mask_flat is None else np.asarray(mask_flat[leaf_path])
+        tensors[key] = _kmeans_tensor(key, books[leaf_path], mask)
+      elif collection == "params" and leaf_path in weights:
+        tensors[key], moved = _int_tensor(key, np.asarray(leaf, np.float32), weights[leaf_path])
+        if moved is not None:
+          axes[key] = moved
+      else:
+        tensors[key] = _float_tensor(key, leaf)
+  acts = {p: a for p, a in ((p, act_fields(s)) for p, s in specs.items()) if a is not None}
+  return Finalized(tensors, axes, acts, fold, tree)

@@ -1,6 +1,6 @@
 """A ``jax.export`` (StableHLO) inference function that runs without jaxcompress.
 
-:func:`save_serving` serializes ``images -> logits`` of a loaded artifact, weights embedded as
+:func:`save_serving` serializes ``inputs -> outputs`` of a loaded artifact, weights embedded as
 constants, with a symbolic batch size, into ``DIR/serving/model.jaxexport``, and describes its
 signature in ``DIR/serving/signature.json``. It lives beside the artifact (``DIR/export``), not in
 it, so the artifact's bytes stay the model's bytes. Running it needs only JAX:
@@ -35,7 +35,8 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     out_dir: the serving folder, by convention ``WORKDIR/serving`` (created).
     loaded: a :class:`~jaxcompress.export.runtime.LoadedModel` (from :func:`load`).
     mean: per-channel mean of pixel/255; with ``std`` the function takes ``uint8`` images and
-      normalises them itself. Without them it takes normalised ``float32`` images.
+      normalises them itself. Without them it takes the model's own input (normalised float32
+      images, int32 token ids: the artifact's input dtype).
     std: per-channel std of pixel/255.
     platforms: platforms to lower for (``"cpu"``, ``"cuda"``, ``"tpu"``).
 
@@ -54,33 +55,34 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     raise ConfigError("save_serving: give both mean and std (uint8 input) or neither "
                       f"(normalised float32 input), got mean={mean!r}, std={std!r}")
   spec = loaded.spec
-  shape = tuple(spec["input_shape"])
-  variables, apply_fn = loaded.variables, loaded.apply_fn
+  shape = tuple(spec["input"]["shape"])
+  arrays, apply_fn = loaded.arrays, loaded.apply_fn
 
   if mean is not None:
     m = np.asarray(mean, np.float32) * 255
     s = np.asarray(std, np.float32) * 255
 
     def serve(images):
-      return apply_fn(variables, (images.astype(jnp.float32) - m) / s)
+      return apply_fn(arrays, (images.astype(jnp.float32) - m) / s)
 
     dtype = jnp.uint8
   else:
 
-    def serve(images):
-      return apply_fn(variables, images)
+    def serve(inputs):
+      return apply_fn(arrays, inputs)
 
-    dtype = jnp.float32
+    dtype = np.dtype(spec["input"]["dtype"])
   (batch,) = jax.export.symbolic_shape("batch")
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
       jax.ShapeDtypeStruct((batch, *shape), dtype))
+  out_shape = jax.eval_shape(serve, jax.ShapeDtypeStruct((1, *shape), dtype)).shape[1:]
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, SERVING_FILE), "wb") as f:
     f.write(exported.serialize())
   signature = {"file": SERVING_FILE, "input": {"shape": ["batch", *shape],
                                                 "dtype": np.dtype(dtype).name,
                                                 "normalised_inside": mean is not None},
-               "output": {"shape": ["batch", spec["num_classes"]], "dtype": "float32"},
+               "output": {"shape": ["batch", *out_shape], "dtype": "float32"},
                "platforms": list(platforms), "model": spec["model"],
                "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"}
   with open(os.path.join(out_dir, SIGNATURE_FILE), "w") as f:

@@ -1,10 +1,9 @@
-"""Size accounting of an artifact: bytes on disk per layer and in total, against float32.
+"""Size accounting of an artifact: bytes on disk per stored tensor and in total, against float32.
 
-The float32 reference of a model is 4 bytes per entry of its ``params`` (kernels, biases,
-BatchNorm scale and bias; running statistics are not parameters): 1,078,888 bytes for ResNet-20.
-A layer's reference counts its kernel, bias and the BatchNorm folded into it, at full width (before
-channel surgery). A layer's bytes are its segments in the raw arrays; the total is what the
-artifact's files take on disk (``os.path.getsize``), compression and the JSON spec included.
+The float32 reference of a model is 4 bytes per entry of its ``params`` (weights, biases,
+normalization scales and biases; running statistics are not parameters): 1,078,888 bytes for
+ResNet-20. A tensor's bytes are its segments in the raw arrays; the total is what the artifact's
+files take on disk (``os.path.getsize``), compression and the JSON spec included.
 """
 
 from __future__ import annotations
@@ -13,47 +12,23 @@ import json
 import os
 from typing import Any
 
-import flax
-import jax
 import numpy as np
-
-from jaxcompress.export.fold import bn_path
-from jaxcompress.models import get_model
-
-
-def float32_reference(model_name: str, num_classes: int,
-                      input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
-  """``(total, {layer path: bytes})`` of the full-width float32 model's parameters."""
-  model = get_model(model_name, num_classes)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                             np.zeros((1, *input_shape), np.float32)))
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes["params"]), sep="/")
-  sizes = {k: 4 * int(np.prod(v.shape)) for k, v in flat.items()}
-  per_layer = {}
-  for key in sizes:
-    if key.endswith("/kernel"):
-      path = key[: -len("/kernel")]
-      owned = [f"{path}/kernel", f"{path}/bias"]
-      if bn_path(path):
-        owned += [f"{bn_path(path)}/scale", f"{bn_path(path)}/bias"]
-      per_layer[path] = sum(sizes.get(k, 0) for k in owned)
-  return sum(sizes.values()), per_layer
 
 
 def size_report(out_dir: str) -> dict[str, Any]:
-  """Per-layer and total bytes of the artifact in ``out_dir``, against float32.
+  """Per-tensor and total bytes of the artifact in ``out_dir``, against float32.
 
   Returns:
     ``{'layers': [{'path', 'kind', 'bits', 'encoding', 'shape', 'density', 'bytes',
-    'float32_bytes'}], 'arrays_raw_bytes', 'arrays_bytes', 'spec_bytes', 'total_bytes',
-    'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of the artifact's file
+    'float32_bytes'}] (one per stored tensor), 'arrays_raw_bytes', 'arrays_bytes', 'spec_bytes',
+    'total_bytes', 'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of the artifact's file
     sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
   """
   spec_file = os.path.join(out_dir, "spec.json")
   with open(spec_file) as f:
     spec = json.load(f)
-  total_ref, ref = float32_reference(spec["model"], spec["num_classes"],
-                                     tuple(spec["input_shape"]))
+  ref = {k: 4 * int(np.prod(v[0])) for k, v in spec["tree"].items() if k.startswith("params/")}
+  total_ref = sum(ref.values())
   layers = []
   for meta in spec["layers"]:
     n = int(np.prod(meta["shape"]))
@@ -64,7 +39,7 @@ def size_report(out_dir: str) -> dict[str, Any]:
         "shape": meta["shape"], "density": round(meta["nnz"] / n, 4),
         "bytes": sum(meta["segments"].values()),
         "float32_bytes": ref.get(meta["path"], 0)})
-  files = [os.path.join(out_dir, f) for f in sorted(os.listdir(out_dir))]
+  files = [spec_file, os.path.join(out_dir, spec["arrays"]["file"])]
   total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
   return {"layers": layers, "arrays_raw_bytes": spec["arrays"]["raw_bytes"],
           "arrays_bytes": os.path.getsize(os.path.join(out_dir, spec["arrays"]["file"])),

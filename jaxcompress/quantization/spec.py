@@ -52,6 +52,7 @@ class LayerSpec(NamedTuple):
     act_qmax: largest input code.
     act_range: ``(lo, hi)`` calibrated real input range (``minmax``) or ``(qmin * s, qmax * s)``
       (``lsq``).
+    weight: the layer's weight parameter (``kernel``, or ``embedding`` for Embed).
   """
   path: str
   kind: str
@@ -68,6 +69,7 @@ class LayerSpec(NamedTuple):
   act_qmin: int | None = None
   act_qmax: int | None = None
   act_range: tuple[float, float] | None = None
+  weight: str = "kernel"
 
 
 def _kernel(params: Any, path: str, weight: str = "kernel") -> Any:
@@ -101,7 +103,7 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
   specs = {}
   for layer in qstate.layers:
     cfg, steps = layer.config, qstate.steps.get(layer.path)
-    fields = dict(path=layer.path, kind=layer.kind, method=cfg.method)
+    fields = dict(path=layer.path, kind=layer.kind, method=cfg.method, weight=layer.weight)
     if cfg.weight_bits is not None:
       bits = int(bits_at(cfg.weight_bits, bit_schedule, step))
       kernel = _kernel(params, layer.path, layer.weight)

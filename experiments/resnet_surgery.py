@@ -25,9 +25,8 @@ import jax
 import numpy as np
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.export.codec import LayerTensor
 from jaxcompress.export.finalize import bake_masks
-from jaxcompress.export.fold import bn_multiplier
+from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
 from jaxcompress.models import CifarResNet, get_model
 from jaxcompress.pruning import channel_masks
 
@@ -147,29 +146,27 @@ def shrink_channels(model_name: str, variables: Mapping[str, Any], masks: Any, *
   return model, {"params": params, "batch_stats": stats}
 
 
-def shrink_layers(layers: Mapping[str, LayerTensor]) -> tuple[dict[str, LayerTensor], list[int]]:
-  """Channel surgery on finalized (folded, quantized) ResNet layers, where it is exact.
+def fold_resnet(variables: Mapping[str, Any]) -> dict:
+  """Variables of the ``folded=True`` CIFAR ResNet: each BatchNorm multiplied into its conv.
 
-  In each block, an output channel of ``conv1`` is removed when its stored kernel is exactly zero
-  and its folded bias is ``<= 0`` (so ReLU outputs exactly 0 for every input); the matching input
-  channels of ``conv2`` go too. Since the integer codes and scales are sliced, not recomputed,
-  the result is exactly the model before surgery.
-
-  Returns:
-    ``(layers, inner_widths)``.
+  ``convK -> bnK`` in the same block (this model's naming); the conv gets the bias
+  ``beta - mean * g`` and its kernel is multiplied by ``g = rsqrt(var + eps) * gamma``.
   """
-  out = dict(layers)
-  blocks = sorted({p.split("/")[0] for p in layers if BLOCK.fullmatch(p.split("/")[0])},
-                  key=lambda k: tuple(int(i) for i in BLOCK.fullmatch(k).groups()))
-  widths = []
-  for block in blocks:
-    conv1, conv2 = out[f"{block}/conv1"], out[f"{block}/conv2"]
-    zero = ~conv1.nonzero().reshape(-1, conv1.channels).any(0)
-    silent = zero & (conv1.bias <= 0 if conv1.bias is not None else True)
-    keep = np.flatnonzero(~silent)
-    if keep.size == 0:
-      keep = np.arange(1)
-    out[f"{block}/conv1"] = conv1.slice_out(keep)
-    out[f"{block}/conv2"] = conv2.slice_in(keep)
-    widths.append(int(keep.size))
-  return out, widths
+  flat = flax.traverse_util.flatten_dict(jax.device_get(variables["params"]), sep="/")
+  stats = flax.traverse_util.flatten_dict(jax.device_get(variables["batch_stats"]), sep="/")
+  out = {}
+  for key, kernel in flat.items():
+    if not key.endswith("/kernel"):
+      continue
+    path = key[:-len("/kernel")]
+    parent, _, name = path.rpartition("/")
+    bn = f"{parent}/{name.replace('conv', 'bn')}" if parent else name.replace("conv", "bn")
+    if name.startswith("conv") and f"{bn}/mean" in stats:
+      g = bn_multiplier(flat[f"{bn}/scale"], stats[f"{bn}/var"])
+      out[key] = (np.asarray(kernel, np.float32) * g).astype(np.float32)
+      out[f"{path}/bias"] = fold_bias(None, g, flat[f"{bn}/bias"], stats[f"{bn}/mean"])
+    else:
+      out[key] = np.asarray(kernel, np.float32)
+      if f"{path}/bias" in flat:
+        out[f"{path}/bias"] = np.asarray(flat[f"{path}/bias"], np.float32)
+  return {"params": flax.traverse_util.unflatten_dict(out, sep="/")}
