@@ -22,7 +22,9 @@ from jaxcompress import data as data_lib
 from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
-from jaxcompress.optim import validate_train_config
+from jaxcompress.models.functional import functional
+from jaxcompress.quantization.model import tree_get
+from jaxcompress.optim import make_optimizer, validate_train_config
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split, fit, load_data
 
@@ -47,9 +49,18 @@ def validate_config(config) -> None:
   if not config.student.weights:
     raise invalid("student.weights", "", "the .npz of the model to compress")
   validate_train_config(config.train)
-  compose.validate(config)
+  compression_specs(config)
 
 
+
+
+def compression_specs(config) -> dict:
+  """The ``prune``, ``quant`` and ``distill`` sections as the library's typed specs (validated)."""
+  quant = {k: v for k, v in config.quant.items()
+           if k not in ("calibration", "calibration_examples")}
+  return dict(prune=compose.PruneSpec.from_dict({**config.prune, "seed": config.seed}),
+              quant=compose.QuantSpec.from_dict(quant),
+              distill=compose.DistillSpec.from_dict(dict(config.distill)))
 
 
 def _param_count(tree) -> int:
@@ -76,8 +87,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                          image_shape=spec.image_shape,
                                          weights=config.teacher.weights, field="teacher")
     probe = np.zeros((1, *spec.image_shape), np.float32)
-    t_classes = teacher.apply(teacher_vars, probe).shape[-1]
-    s_classes = student.apply(student_vars, probe).shape[-1]
+    t_classes = functional(teacher).apply(teacher_vars, probe)[0].shape[-1]
+    s_classes = functional(student).apply(student_vars, probe)[0].shape[-1]
     if t_classes != s_classes:
       raise ConfigError(f"teacher.name: teacher has {t_classes} classes, student {s_classes}; "
                         "distillation needs the same classes")
@@ -98,16 +109,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Compression.
   per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
   total = int(round(config.train.epochs * per_epoch))
-  comp = compose.build(config, student, teacher if uses_teacher else None,
-                       steps_per_epoch=per_epoch, total_steps=total)
   calib_x = splits["train"][0][:config.quant.calibration_examples]
   calib = [b.image for b in data_lib.eval_batches(calib_x, np.zeros(len(calib_x), np.int32),
                                                    min(256, len(calib_x)), mean=config.data.mean,
                                                    std=config.data.std)]
+  optimizer = make_optimizer(config.train, per_epoch, decay_mask=compose.decay_mask)
+  comp = compose.build(student, student_vars, calib[0][:8], optimizer=optimizer,
+                       total_steps=total, teacher=teacher if uses_teacher else None,
+                       **compression_specs(config))
   state = comp.init_state(student_vars, calib[0][:8], teacher_vars=teacher_vars,
                           calibration=calib, calibration_method=config.quant.calibration)
 
-  eval_apply = lambda model: (lambda v, x: model.apply(v, x, train=False))
+  eval_apply = lambda model: (lambda v, x, fm=functional(model): fm.apply(v, x)[0])
   # Every user mistake (config, weights, data) has surfaced by now: only now touch the workdir.
   check_workdir(config, workdir)
 
@@ -119,7 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params = state.params
     if comp.prune_enabled:
       masks = pruning.compute_masks(params, config.prune.sparsity,
-                                    structure=compose.structure(config.prune),
+                                    structure=comp.prune.masker(),
                                     rules=comp.prune_rules)
       params = pruning.apply_masks(params, masks)
     return evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
@@ -179,27 +192,21 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   model_state = jax.device_get(state.model_state)
   variables = {"params": jax.device_get(state.params["model"]),
                **{k: v for k, v in model_state.items() if k not in ("quant", "kmeans")}}
-  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
-  codebooks = {path: quantization.assign(flat[f"{path}/kernel"], book)
+  codebooks = {path: quantization.assign(tree_get(variables["params"], path), book)
                for path, book in model_state.get("kmeans", {}).items()}
   specs = None
   if comp.quantizer is not None:
     qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
     specs = comp.quantizer.specs(variables, qstate)
   out_dir = os.path.join(workdir, "export")
-  # Channel surgery only after channel pruning: on an unstructured run it would drop a handful of
-  # silent channels (bytes) but change the convs' reduction lengths, so the artifact's float32
-  # rounding, and hence some 8-bit activation codes, would no longer be the fake-quant model's.
-  shrink = comp.prune_enabled and config.prune.structure == "channel"
-  report = export.export_model(out_dir, model_name=config.student.name, variables=variables,
-                               num_classes=spec.num_classes, specs=specs,
-                               codebooks=codebooks or None, input_shape=spec.image_shape,
-                               shrink=shrink)
-  loaded = export.load(out_dir, expect_model=config.student.name)
+  report = export.export_model(out_dir, variables=variables, input_shape=spec.image_shape,
+                               specs=specs, codebooks=codebooks or None, fold=comp.fold_norms,
+                               model_name=config.student.name)
+  loaded = export.load(out_dir, comp.student)
   if config.export.serving:
     export.save_serving(os.path.join(workdir, "serving"), loaded, mean=config.data.mean,
                         std=config.data.std)
-  result = evaluate_vars(loaded.apply_fn, loaded.variables, "eval exported artifact", True)
+  result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
   agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
   with open(os.path.join(workdir, "export_size.md"), "w") as f:
     f.write(export.format_report(report) + "\n")

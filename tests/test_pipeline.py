@@ -124,5 +124,5 @@ def test_kmeans_weights_export_as_a_codebook_and_predict_alike(mlp_weights, tmp_
   results = _run(config, tmp_path)
   spec = json.load(open(tmp_path / "export" / "spec.json"))
   kinds = {layer["path"]: layer["kind"] for layer in spec["layers"]}
-  assert kinds["fc2"] == "kmeans" and kinds["fc1"] != "kmeans"
+  assert kinds["params/fc2/kernel"] == "kmeans" and kinds["params/fc1/kernel"] != "kmeans"
   assert results["compressed"]["export_agreement"] == 1.0
