@@ -27,10 +27,10 @@ def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:
 
 
 def model_config(name: str = "resnet20", weights: str = "") -> ml_collections.ConfigDict:
-  """A model section: registry name and optional PyTorch-layout ``.npz`` weights."""
+  """A model section: registry name or ``MODULE:FACTORY``, and optional weights."""
   c = ml_collections.ConfigDict()
-  c.name = name  # resnet20/32/44/56/110, cnn_mnist, cnn_cifar, mlp
-  c.weights = weights  # PyTorch state_dict as .npz ("" -> random init)
+  c.name = name  # resnet20/32/44/56/110, cnn_mnist, cnn_cifar, mlp, or MODULE:FACTORY (own model)
+  c.weights = weights  # PyTorch .npz, flax .msgpack or orbax checkpoint dir ("" -> random init)
   return c
 
 

@@ -23,6 +23,7 @@ from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_j
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
+from jaxcompress.models.weights import weights_format
 from jaxcompress.quantization.model import tree_get
 from jaxcompress.optim import make_optimizer, validate_train_config
 from jaxcompress.steps import make_eval_step
@@ -41,13 +42,9 @@ def validate_config(config) -> None:
   get_model(config.student.name, field="student.name")
   if config.teacher.name:
     get_model(config.teacher.name, field="teacher.name")
-  for section in ("teacher", "student"):
-    path = config[section].weights
-    if path and not os.path.isfile(path):
-      raise ConfigError(f"{section}.weights: no such file {path!r}; pretrained CIFAR ResNets are "
-                        "in ../shared/pretrained/")
-  if not config.student.weights:
-    raise invalid("student.weights", "", "the .npz of the model to compress")
+  for section in ("teacher", "student"):  # .npz, .msgpack or orbax folder; empty: random init
+    if config[section].weights:
+      weights_format(config[section].weights, field=f"{section}.weights")
   validate_train_config(config.train)
   compression_specs(config)
 

@@ -32,6 +32,7 @@ from jaxcompress import parallel, pruning
 from jaxcompress.checkpoint import check_workdir, write_json
 from jaxcompress.errors import invalid, unknown
 from jaxcompress.models import create_model, get_model
+from jaxcompress.models.weights import weights_format
 from jaxcompress.optim import make_optimizer, validate_train_config
 from jaxcompress.pruning.masks import SCOPES, check_sparsity
 from jaxcompress.pruning.select import compile_rules
@@ -130,6 +131,8 @@ def one_shot_sensitivity(config) -> dict:
   rules = _rules(config.prune)
   data_lib.dataset_spec(config.data.name)
   get_model(config.model.name)
+  if config.model.weights:
+    weights_format(config.model.weights, field="model.weights")
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   _, variables, eval_step = _build(config, mesh)
@@ -237,6 +240,8 @@ def iterative_search(config, workdir: str) -> dict:
   validate_train_config(config.train)
   data_lib.dataset_spec(config.data.name)
   get_model(config.model.name)
+  if config.model.weights:
+    weights_format(config.model.weights, field="model.weights")
   check_workdir(config, workdir)
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):

@@ -16,9 +16,9 @@ from jaxcompress.train import evaluate_split, fit, load_data
 def train_and_evaluate(config, workdir: str) -> dict:
   """Supervised training from a ``configs/train.py`` config; returns the final eval metrics.
 
-  Starts from ``config.model.weights`` (a PyTorch ``.npz``) or from scratch, trains, evaluates on
-  ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples', 'precision',
-  'recall', 'train_seconds', 'epochs'}``.
+  Starts from ``config.model.weights`` (``.npz``, ``.msgpack`` or orbax folder) or from scratch,
+  trains, evaluates on ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples',
+  'precision', 'recall', 'train_seconds', 'epochs'}``.
   """
   parallel.maybe_initialize_distributed(config.parallel.distributed)
   mesh = parallel.make_mesh()

@@ -126,3 +126,33 @@ def test_kmeans_weights_export_as_a_codebook_and_predict_alike(mlp_weights, tmp_
   kinds = {layer["path"]: layer["kind"] for layer in spec["layers"]}
   assert kinds["params/fc2/kernel"] == "kmeans" and kinds["params/fc1/kernel"] != "kmeans"
   assert results["compressed"]["export_agreement"] == 1.0
+
+
+def test_validation_accepts_own_models_msgpack_and_orbax_weights_and_random_init(tmp_path,
+                                                                                monkeypatch):
+  import flax
+  import orbax.checkpoint as ocp
+
+  from experiments.pipeline import validate_config
+  (tmp_path / "own_models_pipeline.py").write_text(
+      "from jaxcompress.models import MLP\n"
+      "def net(num_classes):\n  return MLP(num_classes=num_classes)\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  _, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+  msgpack = tmp_path / "w.msgpack"
+  msgpack.write_bytes(flax.serialization.to_bytes(v))
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(str(tmp_path / "ckpt"), v)
+  config = _config("")
+  config.student.name = config.teacher.name = "own_models_pipeline:net"
+  validate_config(config)  # empty student weights: a random initialisation
+  config.student.weights, config.teacher.weights = str(msgpack), str(tmp_path / "ckpt")
+  validate_config(config)
+  config.teacher.name = "own_models_pipeline:absent"
+  with pytest.raises(ConfigError, match="teacher.name: module 'own_models_pipeline' has no "
+                                        "attribute 'absent'"):
+    validate_config(config)
+  config.teacher.name, config.student.weights = "mlp", str(tmp_path / "w.txt")
+  (tmp_path / "w.txt").write_text("x")
+  with pytest.raises(ConfigError, match=r"student.weights: '.*w.txt' must be a PyTorch-layout"):
+    validate_config(config)

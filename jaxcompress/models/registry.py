@@ -1,76 +1,222 @@
-"""Model registry by name, and building a model with its initial variables from a config."""
+"""Models by name: a registry, ``MODULE:FACTORY`` for a user's own model, and initial variables.
+
+A model name is either a registry name (the built-in ``resnet20`` ... ``resnet110``,
+``cnn_mnist``, ``cnn_cifar``, ``mlp``, or one added with :func:`register`), or
+``MODULE:FACTORY``: ``MODULE`` is imported from the working directory or ``PYTHONPATH`` and
+``FACTORY(num_classes=N)`` must return a Flax Linen module, or, when ``FACTORY`` has an ``rngs``
+parameter, ``FACTORY(num_classes=N, rngs=nnx.Rngs(seed))`` an NNX module. Every factory, built-in
+or not, goes through the same path.
+
+Example:
+  >>> # my_models.py, in the working directory:
+  >>> # def small_cnn(num_classes): return nn.Sequential([...])
+  >>> model, variables = create_model("my_models:small_cnn", num_classes=10,
+  ...                                 image_shape=(32, 32, 3))
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import os
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jaxcompress.errors import unknown
+from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
+from jaxcompress.models.functional import functional, variables_of
 from jaxcompress.models.resnet import CifarResNet
-from jaxcompress.models.torch_import import load_pytorch_npz
+from jaxcompress.models.weights import load_weights
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+Model = Any  # a flax.linen.Module or a flax.nnx.Module
+
+_REGISTRY: dict[str, Callable[..., Model]] = {
     **{f"resnet{d}": (lambda d=d, **kw: CifarResNet(depth=d, **kw)) for d in (20, 32, 44, 56, 110)},
     "cnn_mnist": MnistCNN,
     "cnn_cifar": CifarCNN,
     "mlp": MLP,
 }
+_OWN_MODEL = "for your own model use MODULE:FACTORY, e.g. my_models:make_model"
 
 
 def model_names() -> list[str]:
-  """Names accepted by :func:`get_model`."""
+  """Registry names accepted by :func:`get_model` (besides ``MODULE:FACTORY``)."""
   return sorted(_REGISTRY)
 
 
-def get_model(name: str, num_classes: int = 10, *, field: str = "model.name",
-              **kwargs: Any) -> nn.Module:
-  """Builds a model by registry name.
+def register(name: str, factory: Callable[..., Model], *, overwrite: bool = False) -> None:
+  """Adds ``name`` to the registry, so configs can say ``model.name=NAME``.
 
   Args:
-    name: one of :func:`model_names` (``resnet20`` ... ``resnet110``, ``cnn_mnist``,
-      ``cnn_cifar``, ``mlp``).
-    num_classes: size of the classifier output.
-    field: config field name used in the error message.
-    **kwargs: extra module attributes (e.g. ``inner_widths`` for a channel-pruned ResNet).
-
-  Returns:
-    An (unbound) Flax Linen module.
+    name: a non-empty name without ``:`` (a ``:`` means ``MODULE:FACTORY``).
+    factory: ``factory(num_classes=N, **kwargs)`` returning a Linen module, or, when it has an
+      ``rngs`` parameter, ``factory(num_classes=N, rngs=nnx.Rngs(seed))`` returning an NNX module.
+    overwrite: replace a name that is already registered.
 
   Raises:
-    ConfigError: for an unknown name.
+    ConfigError: for a bad name, a factory that is not callable, or a name already taken
+      (unless ``overwrite``).
   """
-  if name not in _REGISTRY:
-    raise unknown(field, name, _REGISTRY)
-  return _REGISTRY[name](num_classes=num_classes, **kwargs)
+  if not isinstance(name, str) or not name or ":" in name:
+    raise invalid("register name", name, "a non-empty string without ':'",
+                  "':' is reserved for MODULE:FACTORY")
+  if not callable(factory):
+    raise invalid(f"register({name!r}) factory", factory, "callable",
+                  "pass the function or class that builds the model")
+  if name in _REGISTRY and not overwrite:
+    raise ConfigError(f"register name {name!r} is already taken; pass overwrite=True to "
+                      "replace it, or choose another name")
+  _REGISTRY[name] = factory
+
+
+@contextlib.contextmanager
+def _cwd_on_path():
+  """The working directory on ``sys.path`` for the duration of an import (as ``python -m``)."""
+  cwd = os.getcwd()
+  added = cwd not in sys.path and "" not in sys.path
+  if added:
+    sys.path.insert(0, cwd)
+  try:
+    yield
+  finally:
+    if added and cwd in sys.path:
+      sys.path.remove(cwd)
+
+
+def _import_factory(name: str, field: str) -> Callable[..., Model]:
+  """The callable named by ``MODULE:FACTORY`` (``FACTORY`` may be dotted: ``Class.create``)."""
+  module_name, _, attr = name.partition(":")
+  if not module_name or not attr or ":" in attr:
+    raise invalid(field, name, "a registry name or MODULE:FACTORY with one ':'")
+  with _cwd_on_path():
+    try:
+      module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001  any failure while importing the user's module
+      detail = " ".join(str(e).split()) or type(e).__name__
+      raise ConfigError(f"{field}: cannot import module {module_name!r} of {name!r} "
+                        f"({type(e).__name__}: {detail}); MODULE must be importable from the "
+                        "working directory or PYTHONPATH") from None
+  obj = module
+  for part in attr.split("."):
+    if not hasattr(obj, part):
+      raise ConfigError(f"{field}: module {module_name!r} has no attribute {attr!r} (got "
+                        f"{name!r}); FACTORY must name a function or class of that module")
+    obj = getattr(obj, part)
+  if not callable(obj):
+    raise ConfigError(f"{field}: {name!r} is not callable (type {type(obj).__name__}); FACTORY "
+                      "must be a function or class that returns a Flax module")
+  return obj
+
+
+def _takes_rngs(factory: Callable[..., Any]) -> bool:
+  try:
+    return "rngs" in inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", seed: int = 0,
+              **kwargs: Any) -> Model:
+  """Builds a model by registry name or ``MODULE:FACTORY``.
+
+  Args:
+    name: one of :func:`model_names`, or ``MODULE:FACTORY`` (see the module docstring).
+    num_classes: size of the classifier output.
+    field: config field name used in error messages (``student.name``, ...).
+    seed: the seed of ``nnx.Rngs`` for an NNX factory (one with an ``rngs`` parameter).
+    **kwargs: extra factory arguments (e.g. ``inner_widths`` for a channel-pruned ResNet).
+
+  Returns:
+    An unbound Linen module, or an NNX module with freshly initialised parameters.
+
+  Raises:
+    ConfigError: for an unknown name, a module that cannot be imported, a missing or
+      non-callable attribute, a factory that does not take ``num_classes``, or one that returns
+      something other than a Flax module.
+  """
+  if not isinstance(name, str) or not name:
+    raise invalid(field, name, "a registry name (one of " + ", ".join(model_names())
+                  + ") or MODULE:FACTORY")
+  if ":" in name:
+    factory = _import_factory(name, field)
+  elif name in _REGISTRY:
+    factory = _REGISTRY[name]
+  else:
+    raise invalid(field, name, "one of " + ", ".join(model_names()), _OWN_MODEL)
+  if _takes_rngs(factory):
+    kwargs["rngs"] = nnx.Rngs(seed)
+  try:
+    inspect.signature(factory).bind(num_classes=num_classes, **kwargs)
+  except TypeError as e:
+    raise ConfigError(f"{field}: the factory of {name!r} cannot be called with "
+                      f"num_classes={num_classes}{''.join(f', {k}=...' for k in kwargs)} ({e}); "
+                      "it must accept num_classes (and rngs, for an NNX model)") from None
+  except ValueError:  # no signature (some builtins): just call it
+    pass
+  model = factory(num_classes=num_classes, **kwargs)
+  if not isinstance(model, (nn.Module, nnx.Module)):
+    raise ConfigError(f"{field}: {name!r} returned type {type(model).__name__}, not a "
+                      "flax.linen.Module or flax.nnx.Module; FACTORY must return the model")
+  return model
 
 
 def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
                  weights: str | None = None, seed: int = 0,
-                 field: str = "model") -> tuple[nn.Module, dict]:
-  """Builds a registered model and its variables: imported from ``weights`` or freshly initialised.
+                 field: str = "model") -> tuple[Model, dict]:
+  """Builds a model and its variables: read from ``weights`` or freshly initialised.
 
   Args:
-    name: registry name.
+    name: registry name or ``MODULE:FACTORY``.
     num_classes: classifier width.
     image_shape: ``(H, W, C)`` of one input.
-    weights: optional PyTorch-layout ``.npz`` state dict to import.
-    seed: initialisation seed when ``weights`` is empty.
+    weights: empty for a random initialisation from ``seed``; a PyTorch-layout ``.npz`` state
+      dict, a ``flax.serialization`` ``.msgpack`` file of the variables dict, or an orbax
+      checkpoint directory (:func:`jaxcompress.models.weights.load_weights`).
+    seed: initialisation seed.
     field: config section name, for messages (``model``, ``teacher``, ``student``).
 
   Returns:
-    ``(model, variables)`` with ``variables['params']`` and, for BatchNorm models,
-    ``variables['batch_stats']``, as float32 arrays.
+    ``(model, variables)``: the Linen or NNX module, and its variables dict with
+    ``variables['params']`` and, for BatchNorm models, ``variables['batch_stats']`` (Linen: as
+    ``model.init`` returns them in eval mode; NNX: ``variables_of(model)``). An NNX module also
+    holds the loaded weights itself.
+
+  Raises:
+    ConfigError: for a bad name (see :func:`get_model`), or weights that are missing, unreadable
+      or do not fit the model (naming the first mismatching path and both shapes).
   """
-  model = get_model(name, num_classes, field=f"{field}.name")
-  sample = np.zeros((1, *image_shape), np.float32)
-  if weights:
-    variables = load_pytorch_npz(model, weights, input_shape=sample.shape,
-                                 field=f"{field}.weights")
-    variables = jax.tree.map(jax.numpy.asarray, variables)
+  model = get_model(name, num_classes, field=f"{field}.name", seed=seed)
+  fn = functional(model)
+  if fn.kind == "nnx":
+    reference = variables_of(model)
   else:
-    variables = jax.jit(lambda: model.init(jax.random.key(seed), sample))()
-  return model, dict(variables)
+    sample = np.zeros((1, *image_shape), np.float32)
+    init = lambda: fn.init(jax.random.key(seed), sample)
+    reference = jax.eval_shape(init) if weights else jax.jit(init)()
+  if not weights:
+    return model, dict(reference)
+  variables = jax.tree.map(jnp.asarray, load_weights(weights, reference,
+                                                     field=f"{field}.weights"))
+  if fn.kind == "nnx":
+    _set_nnx(model, variables)
+  return model, variables
+
+
+def _set_nnx(model: nnx.Module, variables: dict) -> None:
+  """Writes ``variables`` (string keys) into the NNX module's own state."""
+  for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+    if collection in variables:
+      state = nnx.state(model, kind)
+      replace = getattr(nnx, "replace_by_pure_dict", None)
+      if replace is not None:
+        replace(state, variables[collection])
+      else:  # older flax
+        state.replace_by_pure_dict(variables[collection])
+      nnx.update(model, state)

@@ -1,0 +1,195 @@
+"""Reading a model's variables from disk: PyTorch ``.npz``, flax ``.msgpack``, orbax checkpoint.
+
+Three formats, told apart by the path:
+
+- ``*.npz``: a PyTorch-layout ``state_dict`` (:mod:`jaxcompress.models.torch_import`);
+- ``*.msgpack``: the variables dict ``{'params': ..., 'batch_stats': ...}`` written with
+  ``flax.serialization.to_bytes`` (or ``msgpack_serialize``);
+- a directory: an orbax checkpoint (``StandardCheckpointer``/``PyTreeCheckpointer``) holding
+  the variables dict, a bare ``params`` tree (for a model without other collections), or a larger
+  dict with a ``params`` key, such as a train state, whose other collections are read from the
+  top level or from ``model_state``; other entries (optimizer state, step) are ignored.
+
+Whatever the format, the tree read must have the model's paths and shapes exactly; a mismatch
+raises one line naming the first mismatching path and both shapes. Arrays come back as NumPy
+arrays in the model's dtypes.
+
+Example:
+  >>> with open("w.msgpack", "wb") as f:
+  ...   f.write(flax.serialization.to_bytes(variables))
+  >>> model, variables = create_model("my_models:net", num_classes=10, image_shape=(32, 32, 3),
+  ...                                 weights="w.msgpack")
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.models.torch_import import load_npz, torch_to_flax
+
+FORMATS = ("a PyTorch-layout .npz, a flax.serialization .msgpack file of the variables dict or an "
+           "orbax checkpoint directory")
+
+
+def weights_format(path: str, *, field: str = "model.weights") -> str:
+  """Which format ``path`` holds (``npz``, ``msgpack`` or ``orbax``), without reading it.
+
+  Raises:
+    ConfigError: the path does not exist, or is a file of another kind.
+  """
+  if os.path.isdir(path):
+    return "orbax"
+  if not os.path.isfile(path):
+    raise ConfigError(f"{field}: no such file {path!r}; give {FORMATS} (pretrained CIFAR ResNets "
+                      "are in ../shared/pretrained/)")
+  ext = os.path.splitext(path)[1].lower()
+  if ext in (".npz", ".msgpack"):
+    return ext[1:]
+  raise ConfigError(f"{field}: {path!r} must be {FORMATS}, got a {ext or 'extension-less'} "
+                    "file; rename it or save the variables with flax.serialization.to_bytes")
+
+
+def read_tree(path: str, *, field: str = "model.weights") -> Any:
+  """Reads the raw tree of a ``.msgpack`` file or an orbax checkpoint directory.
+
+  Returns:
+    Nested dicts of NumPy arrays, as stored.
+
+  Raises:
+    ConfigError: a missing path, or a file or folder that cannot be parsed.
+  """
+  kind = weights_format(path, field=field)
+  if kind == "msgpack":
+    from flax import serialization
+    try:
+      with open(path, "rb") as f:
+        return serialization.msgpack_restore(f.read())
+    except Exception as e:  # noqa: BLE001  msgpack raises many types for a bad file
+      raise ConfigError(f"{field}: {path!r} is not a readable flax msgpack file "
+                        f"({type(e).__name__}: {_one_line(e)})") from None
+  if kind == "orbax":
+    import orbax.checkpoint as ocp
+    try:
+      with warnings.catch_warnings():  # "sharding info not provided": we want host arrays
+        warnings.simplefilter("ignore")
+        with ocp.PyTreeCheckpointer() as ckpt:
+          tree = ckpt.restore(os.path.abspath(path))
+    except Exception as e:  # noqa: BLE001  orbax raises many types for a bad folder
+      hint = ("; for a jaxcompress training checkpoint give its state folder, e.g. "
+              f"{os.path.join(path, 'state')}" if os.path.isdir(os.path.join(path, "state"))
+              else "")
+      raise ConfigError(f"{field}: {path!r} is not a readable orbax checkpoint "
+                        f"({type(e).__name__}: {_one_line(e)}){hint}") from None
+    return _to_numpy(tree)
+  raise ConfigError(f"{field}: {path!r} is a PyTorch .npz; read it with load_weights")
+
+
+def _one_line(e: Exception) -> str:
+  text = str(e).strip()
+  return " ".join(text.splitlines()[0].split()) if text else type(e).__name__
+
+
+def _to_numpy(tree: Any) -> Any:
+  if isinstance(tree, dict):
+    return {k: _to_numpy(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return type(tree)(_to_numpy(v) for v in tree)
+  return np.asarray(tree)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{'a/b/c': leaf}`` over nested dicts (keys as strings); empty dicts vanish."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
+  return out
+
+
+def _shape(x: Any) -> list[int] | None:
+  shape = getattr(x, "shape", None)
+  return None if shape is None else [int(d) for d in shape]
+
+
+def _select(tree: Any, reference: dict, field: str, path: str) -> dict:
+  """The model's collections out of what the file holds (see the module docstring)."""
+  if not isinstance(tree, dict):
+    raise ConfigError(f"{field}: {path!r} holds a {type(tree).__name__}, not a dict of "
+                      "variables {'params': ..., 'batch_stats': ...}")
+  collections = list(reference)
+  if "params" not in tree:
+    if collections == ["params"]:
+      return {"params": tree}  # a bare params tree
+    keys = ", ".join(map(str, list(tree)[:5])) or "none"
+    raise ConfigError(f"{field}: {path!r} has no 'params' entry (top-level keys: {keys}); the "
+                      f"model needs {', '.join(collections)}: save its whole variables dict")
+  if set(tree) <= set(collections):
+    return tree
+  state = tree.get("model_state") if isinstance(tree.get("model_state"), dict) else {}
+  return {c: tree[c] if c in tree else state[c] for c in collections if c in tree or c in state}
+
+
+def fit_to(tree: Any, reference: dict, *, field: str = "model.weights",
+           path: str = "weights") -> dict:
+  """Checks a tree read from a file against the model's variables and casts it to their dtypes.
+
+  Args:
+    tree: what the file holds (see the module docstring for the layouts accepted).
+    reference: the model's variables, or their ``jax.ShapeDtypeStruct`` s.
+    field: config field, for messages.
+    path: the file, for messages.
+
+  Returns:
+    The variables dict, NumPy arrays with the reference's paths, shapes and dtypes.
+
+  Raises:
+    ConfigError: naming the first path that is missing, extra or of another shape.
+  """
+  got = _flatten(_select(tree, reference, field, path))
+  order = sorted(reference, key=lambda c: c != "params")  # params first: the telling mismatch
+  want = _flatten({c: reference[c] for c in order})
+  prefix = f"{field}: {path!r} does not fit the model:"
+  hint = "; is it for another model or number of classes?"
+  for key, ref in want.items():
+    if key not in got:
+      raise ConfigError(f"{prefix} {key} (shape {_shape(ref)}) is missing from the file{hint}")
+    if _shape(got[key]) != _shape(ref):
+      raise ConfigError(f"{prefix} {key} has shape {_shape(got[key])} in the file, the model "
+                        f"needs {_shape(ref)}{hint}")
+  for key, value in got.items():
+    if key not in want:
+      raise ConfigError(f"{prefix} the file has {key} (shape {_shape(value)}), which the model "
+                        f"does not have{hint}")
+  out: dict = {}
+  for key, ref in want.items():
+    *parents, leaf = key.split("/")
+    node = out
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = np.asarray(got[key], dtype=ref.dtype)
+  return out
+
+
+def load_weights(path: str, reference: dict, *, field: str = "model.weights") -> dict:
+  """Reads ``path`` (any format above) as variables that fit ``reference``.
+
+  Args:
+    path: a ``.npz``, a ``.msgpack`` file or an orbax checkpoint directory.
+    reference: the model's variables or their shapes (``jax.eval_shape`` of its init).
+    field: config field, for messages (``student.weights``).
+
+  Returns:
+    The variables dict of NumPy arrays.
+
+  Raises:
+    ConfigError: one line for a missing, unreadable or mismatching file.
+  """
+  if weights_format(path, field=field) == "npz":
+    return torch_to_flax(load_npz(path, field=field), reference, source=f"{field}={path}")
+  return fit_to(read_tree(path, field=field), reference, field=field, path=path)
