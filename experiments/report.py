@@ -3,39 +3,75 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
+
+from jaxcompress import data as data_lib  # noqa: E402
 
 ROWS = (("teacher", "teacher"), ("original", "original student"),
         ("before_finetune", "compressed, before fine-tuning"),
         ("compressed", "compressed, fine-tuned"))
+MARKERS = {"teacher": "s", "original": "o", "before_finetune": "v", "compressed": "*"}
 
 
 def _fmt(value: Any, spec: str = "") -> str:
   return "-" if value is None else format(value, spec)
 
 
+def _rows(results: dict) -> list[tuple[str, str, dict]]:
+  """``(key, label, row)`` for every row of ``results`` that has an accuracy, in report order."""
+  return [(key, label, results[key]) for key, label in ROWS
+          if (results.get(key) or {}).get("accuracy") is not None]
+
+
 def markdown_table(results: dict) -> str:
-  """One row per model: accuracy, per-class recall, size, sparsity, bits."""
-  classes = len(results["original"]["recall"])
-  head = ("| model | accuracy % | size (bytes) | ratio | sparsity | weight bits | act bits | "
-          + " | ".join(f"recall {i}" for i in range(classes)) + " |")
-  lines = [head, "|" + "---|" * (7 + classes)]
+  """One row per model: accuracy, size (:func:`model_sizes`), ratio to the original, sparsity,
+  bits."""
+  lines = ["| model | accuracy % | size (bytes) | ratio | sparsity | weight bits | act bits |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
   size0 = results["original"].get("size_bytes")
-  for key, label in ROWS:
-    row = results.get(key) or {}
-    if row.get("accuracy") is None:
-      continue
-    size = row.get("size_bytes")
+  sizes = model_sizes(results)
+  for key, label, row in _rows(results):
+    size = sizes.get(key)
     ratio = f"{size0 / size:.1f}x" if size and size0 else "-"
-    recall = " | ".join(f"{r:.3f}" for r in row.get("recall", [None] * classes))
     lines.append(f"| {label} ({row.get('model', '')}) | {row['accuracy']:.2f} | "
                  f"{_fmt(size, ',')} | {ratio} | {_fmt(row.get('sparsity'), '.3f')} | "
-                 f"{_fmt(row.get('weight_bits'))} | {_fmt(row.get('act_bits'))} | {recall} |")
+                 f"{_fmt(row.get('weight_bits'))} | {_fmt(row.get('act_bits'))} |")
+  return "\n".join(lines)
+
+
+def per_class_table(results: dict, label_names: Sequence[str] | None = None) -> str:
+  """Per-class precision / recall: one line per class, named by ``label_names``, one column per
+  model.
+
+  Args:
+    results: the ``results.json`` dict; each row holds ``precision`` and ``recall`` lists.
+    label_names: the dataset's label names (``DatasetSpec.label_names``); class ``i`` is shown
+      as ``label_names[i]``, or as ``i`` where there are no names.
+
+  Returns:
+    A markdown table whose cells read ``precision / recall``.
+  """
+  rows = [(label, row) for _, label, row in _rows(results) if row.get("recall") is not None]
+  if not rows:
+    return ""
+  classes = len(rows[0][1]["recall"])
+  names = list(label_names or [])
+  if len(names) != classes:
+    names = [str(i) for i in range(classes)]
+  lines = ["| class | " + " | ".join(label for label, _ in rows) + " |",
+           "|---|" + "---:|" * len(rows)]
+  for i, name in enumerate(names):
+    cells = []
+    for _, row in rows:
+      p = (row.get("precision") or [None] * classes)[i]
+      cells.append(f"{_fmt(p, '.3f')} / {_fmt(row['recall'][i], '.3f')}")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -68,22 +104,55 @@ def plot_curves(metrics: list[dict], path: str) -> None:
   plt.close(fig)
 
 
+def model_sizes(results: dict) -> dict[str, float]:
+  """Bytes of each row that has a known size, for the accuracy-vs-size plot.
+
+  Teacher and original student: their float32 parameters. The fine-tuned model: its exported
+  artifact. The one-shot compressed model (before fine-tuning) has the same final sparsity and bit
+  widths as the fine-tuned one, so it takes the artifact's size too; without an export neither
+  compressed model has a known size and both are left out.
+  """
+  sizes = {key: row["size_bytes"] for key, _, row in _rows(results) if row.get("size_bytes")}
+  if "compressed" in sizes and "before_finetune" not in sizes and results.get("before_finetune"):
+    sizes["before_finetune"] = sizes["compressed"]
+  return sizes
+
+
 def plot_accuracy_vs_size(results: dict, path: str) -> None:
-  """Accuracy against model bytes, one point per row that has both."""
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for key, label in ROWS:
-    row = results.get(key) or {}
-    size = row.get("size_bytes") or (results["original"]["size_bytes"]
-                                     if key == "before_finetune" else None)
-    if row.get("accuracy") is None or not size:
+  """Accuracy against model bytes (log scale), one marker per model, named in a legend."""
+  sizes = model_sizes(results)
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  points = {}
+  for i, (key, label, row) in enumerate(_rows(results)):
+    if key not in sizes:
       continue
-    ax.scatter(size / 1024, row["accuracy"], s=40)
-    ax.annotate(label, (size / 1024, row["accuracy"]), textcoords="offset points",
-                xytext=(5, 5), fontsize=8)
+    x, y = sizes[key] / 1024, row["accuracy"]
+    points[key] = (x, y)
+    ax.scatter(x, y, s=90 if key == "compressed" else 55, marker=MARKERS.get(key, "o"),
+               color=f"C{i}", zorder=3,
+               label=f"{label} ({row.get('model', '')}): {x:,.1f} KiB, {y:.2f} %")
+  if "before_finetune" in points and "compressed" in points:
+    ax.annotate("", xy=points["compressed"], xytext=points["before_finetune"],
+                arrowprops=dict(arrowstyle="->", color="0.5", shrinkA=6, shrinkB=8), zorder=2)
+  missing = [label for key, label, _ in _rows(results) if key not in sizes]
+  if missing:
+    ax.text(0.01, 0.01, "no size (not exported): " + ", ".join(missing), fontsize=7,
+            color="0.4", transform=ax.transAxes)
+  if points:
+    xs = [x for x, _ in points.values()]
+    ys = [y for _, y in points.values()]
+    ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+    pad = max(1.0, 0.15 * (max(ys) - min(ys)))
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, frameon=False)
   ax.set(xscale="log", xlabel="model size (KiB, log scale)", ylabel="test accuracy (%)",
          title="accuracy vs size")
+  ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -112,6 +181,10 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
       markdown_table(results),
       "",
       size,
+      "",
+      f"Per-class precision / recall on {config.data.name} {config.data.eval_split}:",
+      "",
+      per_class_table(results, data_lib.dataset_spec(config.data.name).label_names),
       "",
       "![training curves](curves.png)",
       "",

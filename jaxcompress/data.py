@@ -27,16 +27,43 @@ _DATA_HELP = (
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """Static facts about a supported dataset."""
+  """Static facts about a supported dataset.
+
+  Attributes:
+    image_shape: ``(H, W, C)`` of one image.
+    num_classes: number of labels.
+    label_names: the TFDS label names, ``label_names[i]`` for label ``i`` (``num_classes`` of
+      them).
+  """
   image_shape: tuple[int, int, int]
   num_classes: int
+  label_names: tuple[str, ...] = ()
 
+
+CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                  "truck")
+CIFAR100_LABELS = (  # the fine labels, as in the dataset's fine_label_names.txt
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab",
+    "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl",
+    "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard",
+    "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree",
+    "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain",
+    "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose",
+    "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow_tree", "wolf", "woman", "worm")
+MNIST_LABELS = tuple(str(i) for i in range(10))
+FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                        "Sneaker", "Bag", "Ankle boot")
 
 DATASETS = {
-    "cifar10": DatasetSpec((32, 32, 3), 10),
-    "cifar100": DatasetSpec((32, 32, 3), 100),
-    "mnist": DatasetSpec((28, 28, 1), 10),
-    "fashion_mnist": DatasetSpec((28, 28, 1), 10),
+    "cifar10": DatasetSpec((32, 32, 3), 10, CIFAR10_LABELS),
+    "cifar100": DatasetSpec((32, 32, 3), 100, CIFAR100_LABELS),
+    "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS),
+    "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS),
 }
 
 

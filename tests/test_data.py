@@ -1,9 +1,12 @@
 """The input pipeline on mock TFDS data: coverage, determinism, augmentation, normalisation."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import requires_cifar10
 from jaxcompress import data
 from jaxcompress.errors import ConfigError
 
@@ -100,3 +103,25 @@ def test_unknown_dataset_name():
   with pytest.raises(ConfigError, match="data.name must be one of cifar10, cifar100, "
                                         "fashion_mnist, mnist, got 'imagenet'"):
     data.load_split("imagenet", "test")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_label_names_are_the_tfds_names(name):
+  # These two builders declare their names in code: TFDS itself is the oracle.
+  assert list(data.dataset_spec(name).label_names) == tfds.builder(name).info.features[
+      "label"].names
+
+
+def test_label_names_count_and_order():
+  for name, spec in data.DATASETS.items():
+    assert len(spec.label_names) == len(set(spec.label_names)) == spec.num_classes, name
+  assert data.dataset_spec("cifar10").label_names[:3] == ("airplane", "automobile", "bird")
+  assert data.dataset_spec("cifar10").label_names[-1] == "truck"
+  names = data.dataset_spec("cifar100").label_names  # fine_label_names.txt is alphabetical
+  assert list(names) == sorted(names) and names[0] == "apple" and names[-1] == "worm"
+
+
+@requires_cifar10
+def test_cifar10_label_names_match_the_prepared_dataset():
+  info = tfds.builder("cifar10", data_dir=os.environ["TFDS_DATA_DIR"]).info
+  assert list(data.dataset_spec("cifar10").label_names) == info.features["label"].names

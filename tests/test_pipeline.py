@@ -81,7 +81,8 @@ def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path)
   assert abs(c["exported_accuracy"] - c["accuracy"]) <= 100 / 64 + 1e-9
   assert os.listdir(tmp_path / "serving")
   report = open(tmp_path / "report.md").read()
-  assert "compressed, fine-tuned" in report and "recall 9" in report
+  assert "compressed, fine-tuned" in report and "Per-class precision / recall" in report
+  assert "\n| 9 | " in report  # MNIST's label names are the digits
   # A rerun of the same command finds every stage done and returns the same results.
   assert json.loads(json.dumps(_run(config, tmp_path))) == on_disk
 
