@@ -223,7 +223,8 @@ class Functional:
     states = [nnx.State(_like(variables["params"], self.reference["params"]))]
     if "batch_stats" in self.reference:
       states.append(nnx.State(_like(variables["batch_stats"], self.reference["batch_stats"])))
-    model = nnx.merge(self.graphdef, *states, self.rest)
+    rest = jax.tree.map(lambda a: a, self.rest)  # fresh Variables, owned by the current trace
+    model = nnx.merge(self.graphdef, *states, rest)
     model.set_attributes(deterministic=not train, use_running_average=not train,
                          raise_if_not_found=False)
     if train and rngs is not None:

@@ -1,0 +1,270 @@
+"""Conformance: models the library has never seen, Linen and NNX, compressed end to end.
+
+Each model below is defined only here. It goes through a few composed steps with pruning, 4-bit
+weights, 8-bit inputs and KD from a teacher of the same architecture, is exported, loaded back into
+the user's own module and served with ``jax.export``. The oracles are independent of the
+compression code: exact zero counts (``round(s * n)`` per selected weight, first and last layer in
+forward order dense), bytes on disk read with ``os.path.getsize``, and the three forwards (fake
+quant, artifact, serving) compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxcompress import compose, export
+from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
+from jaxcompress.models.functional import functional, variables_of
+from jaxcompress.selection import trace_layers
+
+CLASSES = 4
+
+
+class LinenMLP(nn.Module):
+  """No train flag at all."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in (32, 32, 16):
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(CLASSES)(x)
+
+
+class LinenRenamedNorms(nn.Module):
+  """BatchNorms under arbitrary names, one after a conv, one after a dense; ``training`` flag."""
+
+  @nn.compact
+  def __call__(self, x, training: bool = False):
+    x = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not training, name="after_stem")(x))
+    x = nn.Conv(16, (3, 3), strides=2, name="body")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not training, name="n2")(x))
+    x = nn.Conv(16, (3, 3), name="mid")(x)
+    x = nn.relu(nn.GroupNorm(num_groups=4, name="gn")(x))
+    x = x.mean((1, 2))
+    x = nn.relu(nn.BatchNorm(use_running_average=not training, name="zzz")(nn.Dense(16)(x)))
+    return nn.Dense(CLASSES, name="classifier")(x)
+
+
+class LinenAttention(nn.Module):
+  """Self-attention (rank-3 DenseGeneral kernels) + LayerNorm + MLP; ``deterministic`` flag."""
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool = True):
+    h = nn.Dense(16, name="proj_in")(x)
+    h = nn.LayerNorm()(h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)(h))
+    h = nn.LayerNorm()(h + nn.Dense(16)(nn.gelu(nn.Dense(32)(h))))
+    h = nn.Dropout(0.1, deterministic=deterministic)(h)
+    return nn.Dense(CLASSES, name="head")(h.mean(1))
+
+
+class LinenEmbed(nn.Module):
+  """Token ids -> Embed -> Dense, with the embedding reused as the output head (tied)."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(CLASSES * 2, 16)
+    h = nn.relu(nn.Dense(16)(embed(tokens)))
+    h = nn.Dense(16)(h).mean(1)
+    return embed.attend(h)[:, :CLASSES]
+
+
+class NNXCnn(nnx.Module):
+  """An NNX CNN with BatchNorm."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(3, 8, (3, 3), use_bias=False, rngs=rngs)
+    self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+    self.conv2 = nnx.Conv(8, 16, (3, 3), strides=2, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(16, rngs=rngs)
+    self.conv3 = nnx.Conv(16, 16, (3, 3), rngs=rngs)
+    self.out = nnx.Linear(16, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn1(self.conv1(x)))
+    x = nnx.relu(self.bn2(self.conv2(x)))
+    x = nnx.relu(self.conv3(x))
+    return self.out(x.mean((1, 2)))
+
+
+class NNXTransformer(nnx.Module):
+  """NNX attention + MLP blocks in a list, LayerNorm, dropout."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(6, 16, rngs=rngs)
+    self.blocks = nnx.List([nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16,
+                                                   decode=False, rngs=rngs) for _ in range(2)])
+    self.norms = nnx.List([nnx.LayerNorm(16, rngs=rngs) for _ in range(2)])
+    self.mlp = nnx.LinearGeneral(16, (2, 8), rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.head = nnx.Linear(16, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.inp(x)
+    for attn, norm in zip(self.blocks, self.norms):
+      h = norm(h + attn(h))
+    h = self.drop(nnx.gelu(self.mlp(h)).reshape(*h.shape[:-1], 16))
+    return self.head(h.mean(1))
+
+
+def _image(rng):
+  return rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
+
+
+def _tokens(rng):
+  return rng.integers(0, CLASSES * 2, (8, 5)).astype(np.int32)
+
+
+def _sequence(rng):
+  return rng.normal(size=(8, 5, 6)).astype(np.float32)
+
+
+def _linen(cls):
+  def make(seed, x):
+    model = cls()
+    return model, functional(model).init(jax.random.key(seed), x)
+  return make
+
+
+def _nnx(cls):
+  def make(seed, x):
+    del x
+    model = cls(rngs=nnx.Rngs(seed))
+    return model, variables_of(model)
+  return make
+
+
+MODELS = {
+    "linen_no_flag": (_linen(LinenMLP), _image),
+    "linen_renamed_norms": (_linen(LinenRenamedNorms), _image),
+    "linen_attention": (_linen(LinenAttention), _sequence),
+    "linen_embed": (_linen(LinenEmbed), _tokens),
+    "nnx_cnn": (_nnx(NNXCnn), _image),
+    "nnx_transformer": (_nnx(NNXTransformer), _sequence),
+}
+SPARSITY = 0.5
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compress_export_load_serve(name, tmp_path):
+  make, data = MODELS[name]
+  rng = np.random.default_rng(0)
+  x = data(rng)
+  student, svars = make(1, x)
+  teacher, tvars = make(2, x)
+  comp = compose.build(
+      student, svars, x, optimizer=optax.sgd(0.01), total_steps=4, teacher=teacher,
+      prune=compose.PruneSpec(sparsity=SPARSITY, schedule="constant", update_every=1),
+      quant=compose.QuantSpec(weight_bits=4, act_bits=8),
+      distill=compose.DistillSpec(alpha=0.5))
+  state = comp.init_state(svars, x, teacher_vars=tvars, calibration=[x])
+  step = comp.make_train_step()
+  labels = rng.integers(0, CLASSES, 8).astype(np.int32)
+  for _ in range(3):
+    state, metrics = step(state, Batch(x, labels, np.ones(8, np.float32)), tvars)
+  assert np.isfinite(float(metrics["loss"]))
+  assert step._cache_size() == 1
+
+  # Exact sparsity: every selected weight has round(s * n) zeros; first and last layer dense.
+  params = jax.device_get(state.params["model"])
+  flat = {"/".join(str(getattr(k, "key", k)) for k in kp): np.asarray(v)
+          for kp, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  layers = comp.layers.layers
+  assert len(layers) >= 3
+  edges = {layers[0].weight, comp.layers.layer(comp.layers.last).weight}
+  for layer in layers:
+    zeros = int(np.sum(flat[layer.weight] == 0))
+    expected = 0 if layer.weight in edges else round(SPARSITY * flat[layer.weight].size)
+    assert zeros == expected, (layer.weight, zeros, expected)
+
+  # Export, load into the user's own module, serve; three forwards bit-identical.
+  variables = {"params": params, **{k: v for k, v in jax.device_get(state.model_state).items()
+                                    if k not in ("quant", "kmeans")}}
+  specs = comp.quantizer.specs(variables, state.model_state["quant"])
+  out = str(tmp_path / "export")
+  report = export.export_model(out, variables=variables, input_shape=x.shape[1:],
+                               input_dtype=str(x.dtype), specs=specs, fold=comp.fold_norms)
+  on_disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  assert report["total_bytes"] == on_disk
+  assert report["float32_bytes"] == 4 * sum(v.size for v in jax.tree.leaves(svars["params"]))
+  assert report["total_bytes"] < report["float32_bytes"]
+  fake_quant = np.asarray(jax.jit(comp.logits_fn)(comp.eval_variables(state), x))
+  loaded = export.load(out, student)
+  artifact = np.asarray(loaded.logits(x))
+  export.save_serving(str(tmp_path / "serving"), loaded)
+  served = np.asarray(export.load_serving(str(tmp_path / "serving"))(x))
+  np.testing.assert_array_equal(artifact, fake_quant)
+  np.testing.assert_array_equal(served, fake_quant)
+  # The loaded variables fit the user's module as is (no input quantization there).
+  plain = np.asarray(functional(student).apply(loaded.variables, x)[0])
+  assert plain.shape == fake_quant.shape and np.all(np.isfinite(plain))
+
+
+def test_trace_finds_norms_by_forward_not_by_name():
+  x = _image(np.random.default_rng(0))
+  model, variables = _linen(LinenRenamedNorms)(0, x)
+  layers = trace_layers(model, variables, x)
+  assert layers.norms == {"after_stem": "stem", "n2": "body", "gn": "mid", "zzz": "Dense_0"}
+  assert set(layers.batchnorms) == {"after_stem", "n2", "zzz"}  # GroupNorm is not folded
+  assert layers.first == "stem" and layers.last == "classifier"
+
+
+def test_tied_embedding_is_both_first_and_last():
+  x = _tokens(np.random.default_rng(0))
+  model, variables = _linen(LinenEmbed)(0, x)
+  layers = trace_layers(model, variables, x)
+  assert layers.first == layers.last == "Embed_0"
+  assert layers.prune_rules()[0] == ("Embed_0/embedding", False)
+
+
+def test_weights_outside_layers_are_listed_not_compressed():
+  class Custom(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      w = self.param("w", nn.initializers.ones, (x.shape[-1], 4))
+      return nn.Dense(4)(nn.Dense(8)(x @ w))
+
+  x = np.ones((2, 3), np.float32)
+  model = Custom()
+  layers = trace_layers(model, model.init(jax.random.key(0), x), x)
+  assert layers.uncovered == ("w",)
+  # Forward order, not name order: Dense(4) is constructed (named) first but called last.
+  assert [l.path for l in layers.layers] == ["Dense_1", "Dense_0"]
+
+
+def test_model_with_no_layer_and_failing_forward_are_one_line_errors():
+  class NoLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return x * self.param("s", nn.initializers.ones, (1,))
+
+  x = np.ones((2, 3), np.float32)
+  model = NoLayer()
+  with pytest.raises(ConfigError, match="no layer to compress"):
+    compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
+                  total_steps=2, quant=compose.QuantSpec(weight_bits=4))
+  mlp = LinenMLP()
+  variables = mlp.init(jax.random.key(0), np.ones((2, 12), np.float32))
+  with pytest.raises(ConfigError, match=r"forward fails on inputs of shape \[\(2, 5\)\]"):
+    trace_layers(mlp, variables, np.ones((2, 5), np.float32))
+
+
+def test_a_model_that_does_not_fit_the_artifact_is_refused(tmp_path):
+  x = _image(np.random.default_rng(0))
+  model, variables = _nnx(NNXCnn)(0, x)
+  export.export_model(str(tmp_path), variables=variables, input_shape=x.shape[1:])
+  other = LinenMLP()
+  with pytest.raises(ConfigError, match="exported from another model"):
+    export.load(str(tmp_path), other)
+  np.testing.assert_array_equal(np.asarray(export.load(str(tmp_path), model).logits(x)),
+                                np.asarray(functional(model).apply(variables, x)[0]))
