@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import os
 
-import flax
 import jax
 import numpy as np
 
 from experiments import report as report_lib
-from jaxcompress import compose, parallel, pruning, quantization
+from jaxcompress import compose, parallel, pruning
 from jaxcompress import data as data_lib
 from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import weights_format
-from jaxcompress.quantization.model import tree_get
 from jaxcompress.optim import make_optimizer, validate_train_config
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split, fit, load_data
@@ -186,19 +184,9 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   """
   from jaxcompress import export  # heavy; only the export stage needs it
   spec = data_lib.dataset_spec(config.data.name)
-  model_state = jax.device_get(state.model_state)
-  variables = {"params": jax.device_get(state.params["model"]),
-               **{k: v for k, v in model_state.items() if k not in ("quant", "kmeans")}}
-  codebooks = {path: quantization.assign(tree_get(variables["params"], path), book)
-               for path, book in model_state.get("kmeans", {}).items()}
-  specs = None
-  if comp.quantizer is not None:
-    qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
-    specs = comp.quantizer.specs(variables, qstate)
   out_dir = os.path.join(workdir, "export")
-  report = export.export_model(out_dir, variables=variables, input_shape=spec.image_shape,
-                               specs=specs, codebooks=codebooks or None, fold=comp.fold_norms,
-                               model_name=config.student.name)
+  report = comp.export(out_dir, state, input_shape=spec.image_shape,
+                       model_name=config.student.name)
   loaded = export.load(out_dir, comp.student)
   if config.export.serving:
     export.save_serving(os.path.join(workdir, "serving"), loaded, mean=config.data.mean,

@@ -332,6 +332,39 @@ class Compression:
     return make_train_step(self.loss_fn, self.optimizer, mesh=mesh, seed=seed,
                            num_aux=int(self.teacher is not None))
 
+  # -- export --------------------------------------------------------------------------------
+  def variables(self, state: TrainState) -> dict:
+    """The student's trained variables (``params`` and its own collections), on the host."""
+    model_state = jax.device_get(state.model_state)
+    return {"params": jax.device_get(state.params["model"]),
+            **{k: v for k, v in model_state.items() if k not in ("quant", "kmeans", "fold")}}
+
+  def export(self, out_dir: str, state: TrainState, *, input_shape: tuple[int, ...],
+             input_dtype: str = "float32", model_name: str = "") -> dict:
+    """Writes the compressed student as an artifact (:func:`jaxcompress.export.export_model`).
+
+    Integer weights and input quantization from the quantizer's specs, k-means codebooks, pruned
+    weights exactly 0, and the BatchNorms that directly follow a linear layer folded. Load it with
+    ``jaxcompress.export.load(out_dir, student_module)``; its outputs equal
+    ``logits_fn(eval_variables(state), x)`` bit for bit on CPU.
+
+    Returns:
+      The artifact's size report.
+    """
+    from jaxcompress import export  # heavy; only exporting needs it
+    variables = self.variables(state)
+    model_state = jax.device_get(state.model_state)
+    codebooks = {path: quantization.assign(tree_get(variables["params"], path), book)
+                 for path, book in model_state.get("kmeans", {}).items()}
+    specs = None
+    if self.quantizer is not None:
+      qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
+      specs = self.quantizer.specs(variables, qstate)
+    return export.export_model(out_dir, variables=variables, input_shape=input_shape,
+                               input_dtype=input_dtype, specs=specs,
+                               codebooks=codebooks or None, fold=self.fold_norms,
+                               model_name=model_name)
+
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),
                  calibration_method: str = "minmax", key=None) -> TrainState:

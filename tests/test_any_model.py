@@ -188,12 +188,8 @@ def test_compress_export_load_serve(name, tmp_path):
     assert zeros == expected, (layer.weight, zeros, expected)
 
   # Export, load into the user's own module, serve; three forwards bit-identical.
-  variables = {"params": params, **{k: v for k, v in jax.device_get(state.model_state).items()
-                                    if k not in ("quant", "kmeans")}}
-  specs = comp.quantizer.specs(variables, state.model_state["quant"])
   out = str(tmp_path / "export")
-  report = export.export_model(out, variables=variables, input_shape=x.shape[1:],
-                               input_dtype=str(x.dtype), specs=specs, fold=comp.fold_norms)
+  report = comp.export(out, state, input_shape=x.shape[1:], input_dtype=str(x.dtype))
   on_disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
   assert report["total_bytes"] == on_disk
   assert report["float32_bytes"] == 4 * sum(v.size for v in jax.tree.leaves(svars["params"]))
