@@ -7,7 +7,8 @@ from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.errors import invalid
 from jaxcompress.export import load as load_artifact
-from jaxcompress.models import create_model
+from jaxcompress.export import read_spec
+from jaxcompress.models import create_model, get_model
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split
 
@@ -15,8 +16,10 @@ from jaxcompress.train import evaluate_split
 def evaluate_config(config) -> dict:
   """Builds the model of ``config.model``, evaluates it on ``config.data.eval_split``.
 
-  With ``config.model.exported`` set, the artifact in that folder is loaded (and must hold a
-  ``config.model.name``) and evaluated instead of ``config.model.weights``.
+  With ``config.model.exported`` set, the artifact in that folder is evaluated instead of
+  ``config.model.weights``: its module is the model named in the artifact's spec (the
+  ``model_name`` it was exported with; ``config.model.name`` when that is empty), and the
+  artifact's variables must fit it.
 
   Returns:
     ``{'accuracy', 'loss', 'examples', 'precision', 'recall', 'model', 'dataset', 'split'}``.
@@ -25,13 +28,15 @@ def evaluate_config(config) -> dict:
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   spec = data_lib.dataset_spec(config.data.name)
   exported = config.model.get("exported", "")
+  name = config.model.name
   if exported:  # an artifact from jaxcompress.export: packed weights, folded BN, input fake-quant
-    loaded = load_artifact(exported, expect_model=config.model.name,
-                           expect_num_classes=spec.num_classes)
-    if tuple(loaded.spec["input_shape"]) != tuple(spec.image_shape):
-      raise invalid("model.exported input_shape", loaded.spec["input_shape"],
+    name = read_spec(exported)["model"] or name
+    model = get_model(name, spec.num_classes, field="model.exported model")
+    loaded = load_artifact(exported, model)
+    if tuple(loaded.spec["input"]["shape"]) != tuple(spec.image_shape):
+      raise invalid("model.exported input_shape", loaded.spec["input"]["shape"],
                     f"{list(spec.image_shape)} for {config.data.name}")
-    variables, logits_fn = loaded.variables, loaded.apply_fn
+    variables, logits_fn = loaded.arrays, loaded.apply_fn
   else:
     model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                     image_shape=spec.image_shape, weights=config.model.weights)
@@ -41,7 +46,7 @@ def evaluate_config(config) -> dict:
   eval_step = make_eval_step(logits_fn, mesh=mesh)
   result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split, config.data,
                           mesh=mesh)
-  out = {**result, "model": config.model.name, "dataset": config.data.name,
+  out = {**result, "model": name, "dataset": config.data.name,
          "split": config.data.eval_split}
   if exported:
     out["exported"] = exported

@@ -9,7 +9,8 @@ Steps: layer-wise magnitude pruning of every kernel but the first conv and the c
 (``jaxcompress.pruning.magnitude_masks``); post-training quantization with the quantization
 package's default rules (first and last layer 8/8 bits, the rest ``--weight_bits`` per-channel
 symmetric weights and ``--act_bits`` inputs), input ranges calibrated (min-max) on training images;
-``export_model`` to ``WORKDIR/export`` and ``save_serving`` to ``WORKDIR/serving``; then the float
+``export_model`` to ``WORKDIR/export`` (BatchNorms that follow a conv, found by tracing the forward,
+folded) and ``save_serving`` to ``WORKDIR/serving``; then the float
 pruned model, the fake-quant model, the loaded artifact and the serving function are evaluated on
 the test split. Prints the per-layer size table and, last, one JSON line with bytes on disk, the
 ratio to float32, accuracies and the prediction agreement of artifact vs fake-quant model.
@@ -40,10 +41,12 @@ def main(argv):
   from configs import common
   from jaxcompress import data as data_lib
   from jaxcompress import export
+  from jaxcompress.compose import fold_arrays
   from jaxcompress.models import create_model
-  from jaxcompress.models.batchnorm import fold_collection
+  from jaxcompress.models.functional import fold_hook
   from jaxcompress.pruning import apply_masks, magnitude_masks
   from jaxcompress.quantization import calibrate, default_rules, quantize
+  from jaxcompress.selection import trace_layers
 
   mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
@@ -55,12 +58,13 @@ def main(argv):
   qz = quantize(model, default_rules(_WBITS.value, _ABITS.value))
   qstate = calibrate(qz, pruned, qz.init(pruned, calib[0]), calib, method="minmax")
   specs = qz.specs(pruned, qstate)
+  fold = trace_layers(model, pruned, calib[0]).batchnorms
 
   t0 = time.perf_counter()
   out = os.path.join(_WORKDIR.value, "export")
-  report = export.export_model(out, model_name=_MODEL.value, variables=variables, masks=masks,
-                               specs=specs, shrink=False)  # full widths: the same float32 convs
-  loaded = export.load(out, expect_model=_MODEL.value)
+  report = export.export_model(out, model_name=_MODEL.value, variables=pruned, masks=masks,
+                               specs=specs, fold=fold, input_shape=(32, 32, 3))
+  loaded = export.load(out, model)
   export.save_serving(os.path.join(_WORKDIR.value, "serving"), loaded, mean=mean, std=std)
   serve = export.load_serving(os.path.join(_WORKDIR.value, "serving"))
   export_s = time.perf_counter() - t0
@@ -68,11 +72,12 @@ def main(argv):
   test_x, test_y = data_lib.load_split("cifar10", "test")
   # Variables and quantization state are inputs of the compiled functions, as in an eval step;
   # the fake-quant model runs its BatchNorms in the folded form the artifact stores.
-  fold = fold_collection(pruned["params"], pruned["batch_stats"])
+  gains = fold_arrays(pruned["params"], pruned["batch_stats"], fold)
   fns = {
       "pruned_float": (lambda v, x: model.apply(v, x, train=False), pruned),
-      "fake_quant": (lambda v, x: qz.apply(v[0], v[1], x)[0], ({**pruned, "fold": fold}, qstate)),
-      "artifact": (loaded.apply_fn, loaded.variables),
+      "fake_quant": (lambda v, x: qz.apply(v[0], v[1], x, hook=fold_hook(v[2]))[0],
+                     (pruned, qstate, gains)),
+      "artifact": (loaded.apply_fn, loaded.arrays),
   }
   preds = {}
   for name, (fn, v) in fns.items():

@@ -1,42 +1,51 @@
-"""Save -> load round trips against the fake-quant model, bytes on disk, and bad artifacts."""
+"""Save -> load round trips against the fake-quant model, bytes on disk, finalize's fold and bad
+input, and bad artifacts."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
+import optax
 import pytest
 
+from jaxcompress import compose
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import export_model, inner_channel_masks, load
+from jaxcompress.export import export_model, finalize, load
 from jaxcompress.models import get_model
-from jaxcompress.models.batchnorm import fold_collection
-from jaxcompress.quantization import cluster_params, decode_params, default_rules, quantize
+from jaxcompress.quantization import Codebook, LayerSpec, cluster_params, decode_params, quantize
 from test_export_runtime import random_variables
 
 RNG = np.random.default_rng(0)
-X8 = RNG.standard_normal((32, 8, 8, 3)).astype(np.float32)
+X8 = RNG.standard_normal((64, 8, 8, 3)).astype(np.float32)
+EPS = 1e-5
 
 
-def magnitude_masks_np(params, sparsity, skip=("conv1", "linear")):
-  """NumPy oracle of layer-wise magnitude pruning: the round(s * n) smallest |w| of each kernel."""
+class ConvBN(nn.Module):
+  """Two bias-free convs and a Dense classifier, each followed by a BatchNorm whose name is not
+  derived from the layer's (folding is found by tracing the forward). The last BatchNorm's output
+  is the logits, so a BatchNorm that rounds differently changes them (hidden ones are mostly
+  absorbed by the next layer's 8-bit input grid)."""
 
-  def mask(path, w):
-    w = np.asarray(w)
-    if path[-1].key != "kernel" or path[0].key in skip:
-      return np.ones_like(w)
-    m = np.ones(w.size, np.float32)
-    m[np.argsort(np.abs(w).ravel(), kind="stable")[:round(sparsity * w.size)]] = 0
-    return m.reshape(w.shape)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="norm_a")(x))
+    x = nn.Conv(16, (3, 3), use_bias=False, name="body")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="norm_b")(x))
+    x = nn.Dense(10, name="head")(x.mean((1, 2)))
+    return nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="norm_c")(x)
 
-  return jax.tree_util.tree_map_with_path(mask, params)
 
-
-def masked(variables, masks):
-  return {**variables, "params": jax.tree.map(lambda p, m: np.where(m != 0, p, 0).astype(
-      np.float32), variables["params"], masks)}
+def magnitude_mask_np(w, sparsity):
+  """NumPy oracle of magnitude pruning: the round(s * n) smallest |w| of a kernel are 0."""
+  w = np.asarray(w)
+  m = np.ones(w.size, np.float32)
+  m[np.argsort(np.abs(w).ravel(), kind="stable")[:round(sparsity * w.size)]] = 0
+  return m.reshape(w.shape)
 
 
 def agreement(a, b):
@@ -44,127 +53,172 @@ def agreement(a, b):
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-  """ResNet-20 (8x8 inputs), 80 % magnitude-pruned, 4-bit weights / 8-bit inputs, exported."""
-  model = get_model("resnet20")
+def convbn(tmp_path_factory):
+  """ConvBN, ``body`` 60 % magnitude-pruned, 4-bit inner / 8-bit first-last weights, 8-bit
+  inputs, BatchNorms folded; exported as the main job does (experiments/pipeline.py)."""
+  model = ConvBN()
   variables = random_variables(model, (8, 8, 3))
-  masks = magnitude_masks_np(variables["params"], 0.8)
-  vm = masked(variables, masks)
-  qz = quantize(model, default_rules(4, 8))
-  qstate = qz.init(vm, X8[:16])
+  masks = jax.tree.map(np.ones_like, variables["params"])
+  masks["body"]["kernel"] = magnitude_mask_np(variables["params"]["body"]["kernel"], 0.6)
+  variables["params"]["body"]["kernel"] = np.where(
+      masks["body"]["kernel"] != 0, variables["params"]["body"]["kernel"], np.float32(0))
+  comp = compose.build(model, variables, X8[:8], optimizer=optax.sgd(0.1), total_steps=1,
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  assert comp.fold_norms == {"norm_a": EPS, "norm_b": EPS, "norm_c": EPS}
+  state = comp.init_state(variables, X8[:8], calibration=[X8[:32]])
+  qstate = state.model_state["quant"].replace(steps=state.params.get("qsteps", {}))
+  vs = {"params": jax.device_get(state.params["model"]),
+        "batch_stats": jax.device_get(state.model_state["batch_stats"])}
+  specs = comp.quantizer.specs(vs, qstate)
   out = str(tmp_path_factory.mktemp("run") / "export")
-  report = export_model(out, model_name="resnet20", variables=variables, masks=masks,
-                        specs=qz.specs(vm, qstate), input_shape=(8, 8, 3), shrink=False)
-  # The quantization state is an input of the compiled function, as in a train/eval step.
-  fq_jit = jax.jit(lambda v, q, x: qz.apply(v, q, x)[0])
-  fq = lambda v, x: fq_jit(v, qstate, x)  # noqa: E731
-  return dict(model=model, variables=variables, vm=vm, qz=qz, qstate=qstate, out=out,
-              report=report, fq=fq)
+  report = export_model(out, variables=vs, input_shape=(8, 8, 3), masks=masks, specs=specs,
+                        fold=comp.fold_norms, model_name="convbn")
+  return dict(model=model, comp=comp, state=state, variables=vs, masks=masks, specs=specs,
+              out=out, report=report, loaded=load(out, model))
 
 
-def test_loaded_artifact_predicts_what_the_fake_quant_model_predicts(resnet):
-  loaded = load(resnet["out"], expect_model="resnet20")
-  want = np.asarray(resnet["fq"](resnet["vm"], X8))
+def test_the_artifact_reproduces_the_folded_fake_quant_logits_exactly(convbn):
+  comp, state, loaded = convbn["comp"], convbn["state"], convbn["loaded"]
+  logits = jax.jit(comp.logits_fn)
+  want = np.asarray(logits(comp.eval_variables(state), X8))
   got = np.asarray(loaded.logits(X8))
-  assert agreement(got, want) == 1.0
-  assert np.median(np.abs(got - want)) < 1e-3 * np.abs(want).max()
-  model, variables, apply_fn = loaded  # the tuple form
-  np.testing.assert_allclose(jax.jit(apply_fn)(variables, X8), got, rtol=1e-6)
-  assert model.folded and model.inner_widths is None
+  np.testing.assert_array_equal(got, want)
+  # The unfolded BatchNorm rounds differently: the fold is what makes the logits identical.
+  unfolded = np.asarray(logits({"params": state.params, "model_state": state.model_state}, X8))
+  assert not np.array_equal(got, unfolded)
+  assert agreement(got, unfolded) >= 0.9
+  model, arrays, apply_fn = loaded  # the tuple form
+  assert model is convbn["model"]
+  np.testing.assert_array_equal(jax.jit(apply_fn)(arrays, X8), got)
+  assert loaded.spec["folded"] == {"norm_a": EPS, "norm_b": EPS, "norm_c": EPS}
+  assert loaded.spec["model"] == "convbn"
 
 
-def test_with_folded_batchnorm_the_artifact_reproduces_the_fake_quant_logits_exactly(resnet):
-  # 64 32x32 images: enough activations that, without the fold collection, some sit on an 8-bit
-  # boundary and the BatchNorm's rounding flips them (the logits then differ by ~0.04).
-  x = np.random.default_rng(1).standard_normal((64, 32, 32, 3)).astype(np.float32)
-  vm = resnet["vm"]
-  got = np.asarray(load(resnet["out"], expect_model="resnet20").logits(x))
-  assert not np.array_equal(got, np.asarray(resnet["fq"](vm, x)))
-  fold = fold_collection(vm["params"], vm["batch_stats"])
-  np.testing.assert_array_equal(got, np.asarray(resnet["fq"]({**vm, "fold": fold}, x)))
+def test_folded_batchnorm_is_stored_as_numpy_gain_and_bias(convbn):
+  v, loaded = convbn["variables"], convbn["loaded"]
+  tensors = loaded.finalized.tensors
+  assert "params/norm_b/scale" not in tensors and "batch_stats/norm_b/mean" not in tensors
+  bn, st = v["params"]["norm_b"], v["batch_stats"]["norm_b"]
+  gain = bn["scale"] / np.sqrt(st["var"].astype(np.float64) + EPS)
+  bias = bn["bias"] - st["mean"] * gain
+  np.testing.assert_allclose(tensors["fold/norm_b/gain"].kernel(), gain, rtol=1e-6)
+  np.testing.assert_allclose(tensors["fold/norm_b/bias"].kernel(), bias, rtol=1e-5, atol=1e-6)
+  # A plain module.apply on loaded.variables runs the BatchNorm as x * gain + bias.
+  lv = loaded.variables
+  np.testing.assert_array_equal(lv["batch_stats"]["norm_b"]["mean"], 0)
+  np.testing.assert_allclose(lv["batch_stats"]["norm_b"]["var"], 1 - EPS)
+  y = RNG.standard_normal((5, 16)).astype(np.float32)
+  bn_layer = nn.BatchNorm(use_running_average=True, epsilon=EPS)
+  out = bn_layer.apply({"params": lv["params"]["norm_b"], "batch_stats":
+                        lv["batch_stats"]["norm_b"]}, y)
+  np.testing.assert_allclose(out, (y - st["mean"]) / np.sqrt(st["var"] + EPS) * bn["scale"]
+                             + bn["bias"], rtol=1e-5, atol=1e-5)
 
 
-def test_stored_integers_are_the_fake_quant_grid(resnet):
-  """NumPy oracle of symmetric per-channel min-max 4/8-bit codes of the masked kernels."""
-  layers = load(resnet["out"]).layers
-  for path, bits in (("conv1", 8), ("layer2_1/conv2", 4), ("linear", 8)):
-    node = resnet["vm"]["params"]
-    for name in path.split("/"):
-      node = node[name]
-    w = node["kernel"]
+def test_stored_integers_are_the_fake_quant_grid(convbn):
+  """NumPy oracle of symmetric per-channel min-max codes of the (masked) kernels."""
+  v, loaded = convbn["variables"], convbn["loaded"]
+  for path, bits in (("stem", 8), ("body", 4), ("head", 8)):
+    w = np.asarray(v["params"][path]["kernel"])
     qmax = 2 ** (bits - 1) - 1
     scale = np.abs(w).reshape(-1, w.shape[-1]).max(0) / (qmax + 0.5)
     q = np.clip(np.round(w / scale), -qmax - 1, qmax)
-    t = layers[path]
+    t = loaded.finalized.tensors[f"params/{path}/kernel"]
     assert t.kind == "int" and t.bits == bits and t.zero_point is None  # symmetric: none stored
     # Exact, but at -max|w| (-(qmax + 0.5) steps, a rounding tie) float noise picks either code.
     tie = np.abs(np.abs(w / scale) - (qmax + 0.5)) < 1e-3
     np.testing.assert_array_equal(t.codes[~tie], q[~tie])
     assert np.all(np.isin(t.codes[tie], [-qmax - 1, -qmax, qmax]))
     assert np.all(t.codes[w == 0] == 0)
+    # The loaded kernel is codes * scale in float32: the fake-quant kernel.
+    np.testing.assert_array_equal(loaded.variables["params"][path]["kernel"],
+                                  t.codes.astype(np.float32) * t.scale)
+  body = loaded.variables["params"]["body"]["kernel"]
+  np.testing.assert_array_equal(body == 0, convbn["masks"]["body"]["kernel"] == 0)
 
 
-def test_bytes_on_disk_are_counted_and_reach_16x(resnet):
-  out, report = resnet["out"], resnet["report"]
+def test_bytes_on_disk_are_counted(convbn):
+  out, report, v = convbn["out"], convbn["report"], convbn["variables"]
   files = sorted(os.listdir(out))
   assert files == ["arrays.bin", "spec.json"]
   on_disk = sum(os.path.getsize(os.path.join(out, f)) for f in files)
   assert report["total_bytes"] == on_disk
   assert report["spec_bytes"] == os.path.getsize(os.path.join(out, "spec.json"))
-  assert report["float32_bytes"] == 1_078_888  # ResNet-20's 269,722 parameters in float32
-  assert report["ratio"] == round(1_078_888 / on_disk, 3) and report["ratio"] >= 16
+  assert report["arrays_bytes"] == os.path.getsize(os.path.join(out, "arrays.bin"))
+  n_params = sum(np.size(a) for a in jax.tree.leaves(v["params"]))
+  assert n_params == 3 * 3 * 3 * 8 + 2 * 8 + 3 * 3 * 8 * 16 + 2 * 16 + 16 * 10 + 10 + 2 * 10
+  assert report["float32_bytes"] == 4 * n_params
+  assert report["ratio"] == round(4 * n_params / on_disk, 3)
   by_path = {l["path"]: l for l in report["layers"]}
-  assert by_path["conv1"]["float32_bytes"] == 4 * (3 * 3 * 3 * 16 + 2 * 16)
-  assert by_path["layer3_2/conv1"]["encoding"].startswith(("gaps", "bitmap"))
-  assert by_path["linear"]["encoding"] == "dense" and by_path["linear"]["bits"] == 8
+  assert by_path["params/stem/kernel"]["float32_bytes"] == 4 * 3 * 3 * 3 * 8
+  assert by_path["params/body/kernel"]["density"] == pytest.approx(0.4, abs=0.01)
+  assert by_path["params/head/kernel"]["bits"] == 8 and by_path["params/head/bias"]["bits"] == 32
   assert sum(l["bytes"] for l in report["layers"]) == report["arrays_raw_bytes"]
-
-
-def test_channel_pruned_export_is_physically_smaller_and_still_faithful(resnet, tmp_path):
-  masks = inner_channel_masks(resnet["variables"]["params"], 0.5)
-  vm = masked(resnet["variables"], masks)
-  qz, qstate = resnet["qz"], resnet["qstate"]
-  export_model(str(tmp_path), model_name="resnet20", variables=resnet["variables"], masks=masks,
-               specs=qz.specs(vm, qstate), input_shape=(8, 8, 3))
-  loaded = load(str(tmp_path))
-  assert tuple(loaded.model.inner_widths) == (8, 8, 8, 16, 16, 16, 32, 32, 32)
-  assert loaded.spec["model_kwargs"]["inner_widths"] == [8, 8, 8, 16, 16, 16, 32, 32, 32]
-  assert agreement(loaded.logits(X8), resnet["fq"](vm, X8)) == 1.0
+  # 4-bit codes of a 40 %-dense kernel take well under a byte an entry.
+  assert by_path["params/body/kernel"]["bytes"] < 0.5 * 3 * 3 * 8 * 16
 
 
 def test_kmeans_float_and_asymmetric_layers_of_a_model_without_batchnorm(tmp_path):
   model = get_model("cnn_cifar")
   x = RNG.standard_normal((16, 8, 8, 3)).astype(np.float32)
   variables = random_variables(model, (8, 8, 3))
-  masks = magnitude_masks_np(variables["params"], 0.5, skip=("fc",))
-  books = cluster_params(masked(variables, masks)["params"], [("conv1/kernel", 3), (".*", None)],
-                         masks=masks)
-  shared = {"params": decode_params(masked(variables, masks)["params"], books)}
+  w2 = variables["params"]["conv2"]["kernel"]
+  masks = jax.tree.map(np.ones_like, variables["params"])
+  masks["conv1"]["kernel"] = magnitude_mask_np(variables["params"]["conv1"]["kernel"], 0.5)
+  masks["conv2"]["kernel"] = magnitude_mask_np(w2, 0.5)
+  masked = jax.tree.map(lambda p, m: np.where(m != 0, p, np.float32(0)), variables["params"],
+                        masks)
+  books = cluster_params(masked, [("conv1/kernel", 3), (".*", None)], masks=masks)
+  shared = {"params": jax.device_get(decode_params(masked, books))}
   rules = [("conv1", dict(weight_bits=None, act_bits=8)), ("conv2", None),
            ("fc", dict(weight_bits=5, act_bits=6, per_channel=False, symmetric=False))]
   qz = quantize(model, rules)
   qstate = qz.init(shared, x)
-  report = export_model(str(tmp_path), model_name="cnn_cifar", variables=shared, masks=masks,
-                        specs=qz.specs(shared, qstate), codebooks=books, input_shape=(8, 8, 3))
+  report = export_model(str(tmp_path), variables=shared, masks=masks, specs=qz.specs(shared, qstate),
+                        codebooks=books, input_shape=(8, 8, 3))
   kinds = {l["path"]: (l["kind"], l["bits"]) for l in report["layers"]}
-  assert kinds == {"conv1": ("kmeans", 3), "conv2": ("float", 32), "fc": ("int", 5)}
-  loaded = load(str(tmp_path), expect_model="cnn_cifar")
-  assert loaded.layers["fc"].zero_point is not None and np.any(loaded.layers["fc"].zero_point)
-  np.testing.assert_array_equal(loaded.variables["params"]["conv2"]["kernel"] == 0,
-                                np.asarray(masks["conv2"]["kernel"]) == 0)
-  want = qz.apply(shared, qstate, x)[0]
+  assert kinds == {"params/conv1/kernel": ("kmeans", 3), "params/conv1/bias": ("float", 32),
+                   "params/conv2/kernel": ("float", 32), "params/conv2/bias": ("float", 32),
+                   "params/fc/kernel": ("int", 5), "params/fc/bias": ("float", 32)}
+  loaded = load(str(tmp_path), model)
+  fc = loaded.finalized.tensors["params/fc/kernel"]
+  assert fc.zero_point is not None and np.any(fc.zero_point)
+  conv1 = loaded.finalized.tensors["params/conv1/kernel"]
+  book = np.asarray(books["conv1/kernel"].codebook)
+  np.testing.assert_array_equal(conv1.codebook, book)
+  kept = masks["conv1"]["kernel"] != 0
+  np.testing.assert_array_equal(conv1.codes[kept], np.asarray(books["conv1/kernel"].indices)[kept])
+  lv = loaded.variables["params"]
+  np.testing.assert_array_equal(lv["conv1"]["kernel"], np.where(kept, book[conv1.codes % 8], 0))
+  np.testing.assert_array_equal(lv["conv2"]["kernel"], masked["conv2"]["kernel"])
+  want = np.asarray(jax.jit(lambda v, q, x: qz.apply(v, q, x)[0])(shared, qstate, x))
   assert agreement(loaded.logits(x), want) == 1.0
   np.testing.assert_allclose(loaded.logits(x), want, rtol=1e-4, atol=1e-4)
 
 
-def _one_line_error(path, match, **kwargs):
+def test_finalize_rejects_inputs_that_do_not_fit(convbn):
+  v = convbn["variables"]
+  spec = LayerSpec(path="nowhere", kind="Conv", method="minmax", weight_bits=4)
+  with pytest.raises(ConfigError, match="export specs: 'nowhere' names no weight of the model"):
+    finalize(v, specs={"nowhere": spec})
+  both = convbn["specs"]["head"]
+  book = Codebook(np.linspace(-1, 1, 4, dtype=np.float32), np.zeros((16, 10), np.int32))
+  with pytest.raises(ConfigError, match="'head/kernel' has both a quantization spec"):
+    finalize(v, specs={"head": both}, codebooks={"head/kernel": book})
+  with pytest.raises(ConfigError, match="BatchNorm 'norm_a' has no running statistics"):
+    finalize({"params": v["params"]}, fold={"norm_a": EPS})
+  with pytest.raises(ConfigError, match="masks must have the structure"):
+    finalize(v, masks={"stem": {"kernel": 1}})
+
+
+def _one_line_error(path, match, model=None):
   with pytest.raises(ConfigError, match=match) as info:
-    load(path, **kwargs)
+    load(path, model if model is not None else ConvBN())
   assert "\n" not in str(info.value)
 
 
-def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(resnet, tmp_path):
-  src = resnet["out"]
+def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convbn, tmp_path):
+  src = convbn["out"]
   spec = json.load(open(os.path.join(src, "spec.json")))
   data = open(os.path.join(src, "arrays.bin"), "rb").read()
 
@@ -175,38 +229,56 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(resne
     (d / "spec.json").write_text(json.dumps(spec_obj))
     return str(d)
 
+  copy = lambda: json.loads(json.dumps(spec))  # noqa: E731
   flipped = bytearray(data)
   flipped[len(data) // 2] ^= 0x40
   _one_line_error(write("tampered", bytes(flipped)), "does not match the SHA-256 in its spec")
-  _one_line_error(write("truncated", data[:-100]),
-                  f"has {len(data) - 100} bytes, the spec says {len(data)}; the file is truncated")
-  bad_shape = json.loads(json.dumps(spec))
-  index = [l["path"] for l in spec["layers"]].index("layer2_1/conv2")
-  bad_shape["layers"][index]["shape"] = [3, 3, 32, 48]  # it is [3, 3, 32, 32]
+  _one_line_error(write("truncated", data[:-10]),
+                  f"has {len(data) - 10} bytes, the spec says {len(data)}; the file is truncated")
+  index = [l["path"] for l in spec["layers"]].index("params/body/kernel")
+  bad_shape = copy()
+  bad_shape["layers"][index]["shape"] = [3, 3, 8, 24]  # it is [3, 3, 8, 16]
   _one_line_error(write("shape", spec_obj=bad_shape),
-                  r"artifact layer 'layer2_1/conv2': segment 'scale' has 128 bytes, a layer of "
-                  r"shape \[3, 3, 32, 48\] needs 4 or 192; the spec does not match the arrays")
-  bad_shape["layers"][index]["shape"] = [3, 3, 64, 16]  # same size, wrong shape
-  _one_line_error(write("shape2", spec_obj=bad_shape), "layer2_1/conv2")
-  moved = json.loads(json.dumps(spec))
-  moved["layers"][index]["segments"]["bias"] += 4
-  moved["layers"][index + 1]["segments"]["bias"] -= 4
-  _one_line_error(write("moved", spec_obj=moved), "segment 'bias' has 132 bytes, a layer of shape "
-                                                  r"\[3, 3, 32, 32\] needs 128")
-  grown = json.loads(json.dumps(spec))
-  grown["layers"][index]["segments"]["bias"] += 4
+                  r"artifact layer 'params/body/kernel': segment 'scale' has 64 bytes, a layer of "
+                  r"shape \[3, 3, 8, 24\] needs 4 or 96; the spec does not match the arrays")
+  bad_shape["layers"][index]["shape"] = [3, 3, 16, 16]
+  _one_line_error(write("shape2", spec_obj=bad_shape), "params/body/kernel")
+  tree = copy()
+  tree["tree"]["params/body/kernel"][0] = [3, 3, 16, 8]  # same size, another shape
+  _one_line_error(write("tree", spec_obj=tree),
+                  r"params/body/kernel is stored with shape \[3, 3, 8, 16\], the spec's tree says "
+                  r"\[3, 3, 16, 8\]")
+  moved = copy()
+  moved["layers"][index]["segments"]["scale"] += 4
+  moved["layers"][index + 1]["segments"]["positions"] -= 4
+  _one_line_error(write("moved", spec_obj=moved), "segment 'scale' has 68 bytes, a layer of shape "
+                                                  r"\[3, 3, 8, 16\] needs 4 or 64")
+  grown = copy()
+  grown["layers"][index]["segments"]["scale"] += 4
   _one_line_error(write("grown", spec_obj=grown), f"the spec's segments add up to "
                                                   f"{spec['arrays']['raw_bytes'] + 4} bytes")
-  widths = json.loads(json.dumps(spec))
-  widths["model_kwargs"]["inner_widths"] = [8] * 9
-  _one_line_error(write("widths", spec_obj=widths), r"has shape \[3, 3, 3, 16\]|needs")
-  _one_line_error(src, "the artifact in .* is a resnet20, but 'resnet56' was asked for",
-                  expect_model="resnet56")
-  _one_line_error(src, "has 10 classes, the dataset has 100", expect_num_classes=100)
+  _one_line_error(src, r"model.exported: params/body/kernel has shape \[3, 3, 8, 16\] in the "
+                       r"artifact, .* needs \[3, 3, 3, 16\]", model=BodyOnRGB())
   _one_line_error(str(tmp_path / "absent"), "model.exported: no spec.json in")
   broken = write("json", spec_obj={})
   (tmp_path / "json" / "spec.json").write_text("{not json")
   _one_line_error(broken, "is not valid JSON")
-  no_layers = json.loads(json.dumps(spec))
-  del no_layers["layers"][3]["segments"]
-  _one_line_error(write("malformed", spec_obj=no_layers), "has a malformed spec")
+  version = copy()
+  version["version"] = 1
+  _one_line_error(write("version", spec_obj=version), "has format version 1")
+  no_segments = copy()
+  del no_segments["layers"][3]["segments"]
+  _one_line_error(write("malformed", spec_obj=no_segments), "has a malformed spec")
+
+
+class BodyOnRGB(nn.Module):
+  """ConvBN's variable tree with ``body`` reading 3 channels: the first mismatch is body's kernel."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    y = nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)
+    y = nn.BatchNorm(use_running_average=True, name="norm_a")(y)
+    z = nn.BatchNorm(use_running_average=True, name="norm_b")(
+        nn.Conv(16, (3, 3), use_bias=False, name="body")(x))
+    out = nn.Dense(10, name="head")((y.mean((1, 2)).sum(-1, keepdims=True) + z).mean((1, 2)))
+    return nn.BatchNorm(use_running_average=True, name="norm_c")(out)

@@ -10,10 +10,12 @@ from configs import evaluate as evaluate_config_file
 from experiments.evaluate_job import evaluate_config
 from jaxcompress.data import load_split
 from jaxcompress.errors import ConfigError
-from test_export_runtime import mlp_artifact
+from jaxcompress.export import export_model
+from jaxcompress.models import get_model
+from test_export_runtime import mlp_artifact, random_variables
 
 
-def _config(exported, name="mlp"):
+def _config(exported, name="resnet20"):
   c = evaluate_config_file.get_config()
   c.model.name, c.model.exported = name, exported
   c.data.eval_batch_size = 16
@@ -21,6 +23,7 @@ def _config(exported, name="mlp"):
 
 
 def test_evaluate_reports_the_artifacts_accuracy(tmp_path):
+  # model.name is the config's default (resnet20): the artifact's spec names its model (mlp).
   loaded = mlp_artifact(str(tmp_path / "export"), input_shape=(32, 32, 3))
   with tfds.testing.mock_data(num_examples=40):
     result = evaluate_config(_config(str(tmp_path / "export")))
@@ -35,9 +38,12 @@ def test_evaluate_reports_the_artifacts_accuracy(tmp_path):
 
 def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):
   mlp_artifact(str(tmp_path / "small"), input_shape=(8, 8, 3))
-  with pytest.raises(ConfigError, match="the artifact in .* is a mlp, but 'resnet20' was asked "
-                                        "for; set model.name=mlp"):
-    evaluate_config(_config(str(tmp_path / "small"), name="resnet20"))
   with pytest.raises(ConfigError, match=r"model.exported input_shape must be \[32, 32, 3\] for "
                                         r"cifar10, got \[8, 8, 3\]"):
     evaluate_config(_config(str(tmp_path / "small")))
+  # No model name in the spec: config.model.name's module, which the variables do not fit.
+  variables = random_variables(get_model("mlp"), (32, 32, 3))
+  export_model(str(tmp_path / "unnamed"), variables=variables, input_shape=(32, 32, 3))
+  with pytest.raises(ConfigError, match="model.exported: the artifact has no "
+                                        "'batch_stats/bn1/mean', which CifarResNet needs"):
+    evaluate_config(_config(str(tmp_path / "unnamed")))

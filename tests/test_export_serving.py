@@ -1,4 +1,5 @@
-"""The jax.export inference function: runs with plain JAX (no jaxcompress) and equals the model."""
+"""The jax.export inference function: runs with plain JAX (no jaxcompress) and equals the
+artifact bit for bit."""
 
 from __future__ import annotations
 
@@ -6,12 +7,11 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import save_serving
+from jaxcompress.export import load_serving, save_serving
 from test_export_runtime import mlp_artifact
 
 pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
@@ -22,39 +22,47 @@ PLAIN_JAX = """
 import sys
 sys.modules["jaxcompress"] = None  # importing jaxcompress now fails: prove we do not need it
 import jax, numpy as np
-with open(sys.argv[1], "rb") as f:
-  exported = jax.export.deserialize(bytearray(f.read()))
-images = np.load(sys.argv[2])
-np.save(sys.argv[3], np.asarray(exported.call(images)))
+for model, inputs, out in zip(*[iter(sys.argv[1:])] * 3):
+  with open(model, "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  np.save(out, np.asarray(exported.call(np.load(inputs))))
 """
 
 
-def test_serving_function_runs_without_jaxcompress_and_matches_the_artifact(tmp_path):
+def test_serving_functions_run_without_jaxcompress_and_equal_the_artifact(tmp_path):
   loaded = mlp_artifact(str(tmp_path / "export"))
-  signature = save_serving(str(tmp_path / "serving"), loaded, mean=MEAN, std=STD)
+  signature = save_serving(str(tmp_path / "uint8"), loaded, mean=MEAN, std=STD)
   assert signature["input"] == {"shape": ["batch", 8, 8, 3], "dtype": "uint8",
                                 "normalised_inside": True}
-  assert sorted(os.listdir(tmp_path / "serving")) == ["model.jaxexport", "signature.json"]
+  assert signature["output"] == {"shape": ["batch", 10], "dtype": "float32"}
+  assert signature["model"] == "mlp"
+  assert sorted(os.listdir(tmp_path / "uint8")) == ["model.jaxexport", "signature.json"]
   assert sorted(os.listdir(tmp_path / "export")) == ["arrays.bin", "spec.json"]  # kept apart
-  images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  float_sig = save_serving(str(tmp_path / "float"), loaded)
+  assert float_sig["input"]["dtype"] == "float32" and not float_sig["input"]["normalised_inside"]
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+  x = rng.standard_normal((3, 8, 8, 3)).astype(np.float32)  # another batch size
   np.save(tmp_path / "images.npy", images)
-  proc = subprocess.run([sys.executable, "-c", PLAIN_JAX, str(tmp_path / "serving" /
-                                                              "model.jaxexport"),
-                         str(tmp_path / "images.npy"), str(tmp_path / "logits.npy")],
-                        capture_output=True, text=True, timeout=300)
+  np.save(tmp_path / "x.npy", x)
+  args = [str(tmp_path / p) for p in ("uint8/model.jaxexport", "images.npy", "u.npy",
+                                      "float/model.jaxexport", "x.npy", "f.npy")]
+  proc = subprocess.run([sys.executable, "-c", PLAIN_JAX, *args], capture_output=True, text=True,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
-  normalised = (images / 255.0 - np.array(MEAN)) / np.array(STD)
-  want = np.asarray(loaded.logits(normalised.astype(np.float32)))
-  np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), np.asarray(loaded.logits(x)))
+  m = np.asarray(MEAN, np.float32) * 255
+  s = np.asarray(STD, np.float32) * 255
+  normalised = (images.astype(np.float32) - m) / s  # float32, as the function normalises
+  want = np.asarray(loaded.logits(normalised))
+  np.testing.assert_array_equal(np.load(tmp_path / "u.npy"), want)
+  np.testing.assert_array_equal(np.asarray(load_serving(str(tmp_path / "float"))(x)),
+                                np.load(tmp_path / "f.npy"))
 
 
-def test_float_input_variant_takes_any_batch_size(tmp_path):
+def test_bad_serving_arguments_raise_one_line(tmp_path):
   loaded = mlp_artifact(str(tmp_path / "export"), seed=1)
-  save_serving(str(tmp_path / "serving"), loaded)
-  with open(tmp_path / "serving" / "model.jaxexport", "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-  for batch in (1, 3):
-    x = np.random.default_rng(batch).standard_normal((batch, 8, 8, 3)).astype(np.float32)
-    np.testing.assert_allclose(exported.call(x), loaded.logits(x), rtol=1e-5, atol=1e-5)
   with pytest.raises(ConfigError, match="give both mean and std"):
     save_serving(str(tmp_path / "other"), loaded, mean=MEAN)
+  with pytest.raises(ConfigError, match="serving: no model.jaxexport in"):
+    load_serving(str(tmp_path / "absent"))
