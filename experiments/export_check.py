@@ -51,7 +51,9 @@ def main(argv):
   mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
                                   weights=_WEIGHTS.value)
-  masks = magnitude_masks(variables["params"], _SPARSITY.value)
+  # Every kernel but the first conv's and the classifier's (the docstring's recipe).
+  rules = [("conv1/kernel", False), ("linear/kernel", False), (".*/kernel", True), (".*", False)]
+  masks = magnitude_masks(variables["params"], _SPARSITY.value, rules=rules)
   pruned = {**variables, "params": apply_masks(variables["params"], masks)}
   train_x, _ = data_lib.load_split("cifar10", f"train[:{_CALIB.value}]")
   calib = [data_lib.normalize(train_x[i:i + 128], mean, std) for i in range(0, len(train_x), 128)]
