@@ -102,6 +102,14 @@ def test_nnx_factory_gets_rngs_from_the_seed(user_module):
   assert not np.array_equal(k(variables), k(other))
 
 
+def test_an_nnx_class_is_a_factory_too(user_module):
+  model, variables = create_model(f"{user_module}:NnxNet", num_classes=6, image_shape=SHAPE)
+  assert isinstance(model, nnx.Module)
+  assert variables["params"]["layers"]["1"]["kernel"].shape == (16, 6)
+  model = get_model(f"{user_module}:Net", 4)  # a Linen class: its fields are the arguments
+  assert isinstance(model, nn.Module) and model.num_classes == 4
+
+
 def test_module_is_found_from_the_working_directory(tmp_path, monkeypatch):
   (tmp_path / "cwd_models_xyz.py").write_text(SOURCE)
   monkeypatch.chdir(tmp_path)

@@ -115,11 +115,16 @@ def _import_factory(name: str, field: str) -> Callable[..., Model]:
   return obj
 
 
-def _takes_rngs(factory: Callable[..., Any]) -> bool:
+def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
+  """The factory's call signature; for a class, its ``__init__``'s without ``self`` (an NNX
+  module's metaclass hides it behind ``(*args, **kwargs)``)."""
   try:
-    return "rngs" in inspect.signature(factory).parameters
+    if inspect.isclass(factory):
+      sig = inspect.signature(factory.__init__)
+      return sig.replace(parameters=list(sig.parameters.values())[1:])
+    return inspect.signature(factory)
   except (TypeError, ValueError):
-    return False
+    return None
 
 
 def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", seed: int = 0,
@@ -150,16 +155,16 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
     factory = _REGISTRY[name]
   else:
     raise invalid(field, name, "one of " + ", ".join(model_names()), _OWN_MODEL)
-  if _takes_rngs(factory):
+  sig = _signature(factory)
+  if sig is not None and "rngs" in sig.parameters:
     kwargs["rngs"] = nnx.Rngs(seed)
   try:
-    inspect.signature(factory).bind(num_classes=num_classes, **kwargs)
+    if sig is not None:
+      sig.bind(num_classes=num_classes, **kwargs)
   except TypeError as e:
     raise ConfigError(f"{field}: the factory of {name!r} cannot be called with "
                       f"num_classes={num_classes}{''.join(f', {k}=...' for k in kwargs)} ({e}); "
                       "it must accept num_classes (and rngs, for an NNX model)") from None
-  except ValueError:  # no signature (some builtins): just call it
-    pass
   model = factory(num_classes=num_classes, **kwargs)
   if not isinstance(model, (nn.Module, nnx.Module)):
     raise ConfigError(f"{field}: {name!r} returned type {type(model).__name__}, not a "
