@@ -48,15 +48,13 @@ def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
   import jax
   from configs import common
   from jaxcompress import data as data_lib
-  from jaxcompress.optim import make_optimizer
+  from jaxcompress.optim import OptimizerSpec, make_optimizer
   from jaxcompress.steps import TrainState, make_train_step, supervised_loss
 
   x, y = data_lib.load_split("cifar10", "train")
-  cfg = common.train_config()
-  cfg.epochs, cfg.learning_rate = epochs, lr
   per_epoch = data_lib.steps_per_epoch(len(x), 128)
   total = int(round(epochs * per_epoch))
-  opt = make_optimizer(cfg, per_epoch)
+  opt = make_optimizer(OptimizerSpec(epochs=epochs, learning_rate=lr), per_epoch)  # SGD recipe
   params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
   state = TrainState.create(params, model_state, opt)
   step = make_train_step(supervised_loss(model.apply), opt)

@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxcompress import data as data_lib
 from jaxcompress import parallel, quantization
+from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_range, invalid
 from jaxcompress.models import create_model
 from jaxcompress.quantization.qparams import BITS_VALID, MAX_BITS, MIN_BITS
@@ -227,8 +228,10 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
   return rows
 
 
-def split_evaluator(split: tuple[np.ndarray, np.ndarray], data_cfg, *, mesh=None) -> Evaluate:
-  """An ``evaluate`` for :func:`ptq_sweep` over every example of ``split``.
+def split_evaluator(split: tuple[np.ndarray, np.ndarray], data: DataSpec, *,
+                    mesh=None) -> Evaluate:
+  """An ``evaluate`` for :func:`ptq_sweep` over every example of ``split``, batched and
+  normalised as ``data`` says.
 
   Compiles one eval step per distinct ``logits_fn`` and adds the per-example ``predictions`` to
   :func:`~jaxcompress.train.evaluate_split`'s metrics.
@@ -247,7 +250,7 @@ def split_evaluator(split: tuple[np.ndarray, np.ndarray], data_cfg, *, mesh=None
 
     if mesh is not None:
       variables = parallel.replicate(mesh, variables)
-    metrics = evaluate_split(recording_step, variables, split, data_cfg, mesh=mesh, desc=desc)
+    metrics = evaluate_split(recording_step, variables, split, data, mesh=mesh, desc=desc)
     return {**metrics, "predictions": np.concatenate(preds)}
 
   return evaluate
@@ -289,7 +292,7 @@ def post_training_quantization(config) -> dict:
   calibration = [data_lib.normalize(calib_x[i:i + bs], config.data.mean, config.data.std)
                  for i in range(0, len(calib_x), bs)]
   rows = ptq_sweep(model, variables, schemes, calibration,
-                   split_evaluator(test, config.data, mesh=mesh),
+                   split_evaluator(test, DataSpec.from_mapping(config.data), mesh=mesh),
                    first_last_bits=p.first_last_bits, per_channel=p.per_channel,
                    percentile=p.percentile, kmeans_iters=p.kmeans_iters)
   return {"model": config.model.name, "dataset": config.data.name,

@@ -27,18 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.train_job import flax_apply
 from jaxcompress import data as data_lib
 from jaxcompress import parallel, pruning
 from jaxcompress.checkpoint import check_workdir, write_json
+from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.weights import weights_format
-from jaxcompress.optim import make_optimizer, validate_train_config
+from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.pruning.masks import SCOPES, check_sparsity
 from jaxcompress.pruning.select import compile_rules
 from jaxcompress.rules import Rule
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
-from jaxcompress.train import evaluate_split, fit, load_data
+from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 
 
 def zero_count(tree: Any, rules: Sequence[Rule] | None = None) -> tuple[int, int]:
@@ -106,7 +108,7 @@ def _build(config, mesh):
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.get("seed", 0))
-  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
+  eval_step = make_eval_step(lambda v, x: flax_apply(model)(v, x, train=False), mesh=mesh)
   return model, variables, eval_step
 
 
@@ -129,7 +131,7 @@ def one_shot_sensitivity(config) -> dict:
   for i, scope in enumerate(config.prune.scopes):
     _check_scope(f"prune.scopes[{i}]", scope)
   rules = _rules(config.prune)
-  data_lib.dataset_spec(config.data.name)
+  data = DataSpec.from_mapping(config.data)  # the edge: the config section becomes a typed spec
   get_model(config.model.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
@@ -141,9 +143,10 @@ def one_shot_sensitivity(config) -> dict:
                               data_dir=config.data.data_dir)
   model_state = parallel.replicate(mesh, variables)
 
+
   def evaluate(p, desc="eval"):
     return evaluate_split(eval_step, {"params": parallel.replicate(mesh, p), **model_state},
-                          split, config.data, mesh=mesh, desc=desc)
+                          split, data, mesh=mesh, desc=desc)
 
   dense = evaluate(params, "dense")
   rows = sweep(params, evaluate, config.prune.sparsities, config.prune.scopes, rules=rules)
@@ -237,8 +240,8 @@ def iterative_search(config, workdir: str) -> dict:
     raise invalid("data.val_examples", config.data.val_examples, "> 0 (or set prune.val_split)",
                   "rounds are validated on held-out examples, never on the reported split")
   rules = _rules(config.prune)
-  validate_train_config(config.train)
-  data_lib.dataset_spec(config.data.name)
+  data = DataSpec.from_mapping(config.data)  # the edge: config sections become typed specs
+  opt_spec, loop = OptimizerSpec.from_mapping(config.train), LoopSpec.from_mapping(config.train)
   get_model(config.model.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
@@ -249,19 +252,19 @@ def iterative_search(config, workdir: str) -> dict:
 
   model, variables, eval_step = _build(config, mesh)
   dense_params = variables.pop("params")
-  splits = load_data(config.data)
+  splits = load_data(data)
   if config.prune.val_split:
     splits["val"] = data_lib.load_split(config.data.name, config.prune.val_split,
                                         data_dir=config.data.data_dir)
-  per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
-  steps = int(round(config.train.epochs * per_epoch))
+  per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), data.batch_size)
+  steps = int(round(loop.epochs * per_epoch))
   if steps < 1:
-    raise invalid("train.epochs", config.train.epochs,
+    raise invalid("train.epochs", loop.epochs,
                   f"at least one step per round (>= 1/{per_epoch} epoch)")
-  optimizer = pruning.prune(make_optimizer(config.train, per_epoch),
+  optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,
                             rules=rules, update_every=steps)
-  train_step = make_train_step(supervised_loss(model.apply), optimizer, mesh=mesh,
+  train_step = make_train_step(supervised_loss(flax_apply(model)), optimizer, mesh=mesh,
                                seed=config.seed)
   # Non-trainable state (BatchNorm statistics) after each round, on the host; -1 is dense.
   model_states = {-1: jax.device_get(variables)}
@@ -272,7 +275,7 @@ def iterative_search(config, workdir: str) -> dict:
     del masks  # ``params`` arrive pruned; keep_nonzero keeps exactly their zeros at zero
     state = TrainState.create(params, jax.tree.map(jnp.asarray, model_states[current[0]]),
                               optimizer)
-    state, info = fit(state, train_step, splits["train"], config.data, config.train,
+    state, info = fit(state, train_step, splits["train"], data, loop,
                       os.path.join(workdir, f"round_{r}"), seed=config.seed + r, mesh=mesh,
                       desc=f"round {r}: {config.prune.sparsities[r]:.0%}")
     model_states[r] = jax.device_get(state.model_state)
@@ -282,8 +285,8 @@ def iterative_search(config, workdir: str) -> dict:
 
   def evaluate(params, split, desc):
     variables = {"params": params, **model_states[current[0]]}
-    return evaluate_split(eval_step, parallel.replicate(mesh, variables), splits[split],
-                          config.data, mesh=mesh, desc=desc)
+    return evaluate_split(eval_step, parallel.replicate(mesh, variables), splits[split], data,
+                          mesh=mesh, desc=desc)
 
   def validate(params):
     counts.append(zero_count(params, rules))

@@ -7,10 +7,24 @@ import os
 from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import MetricsLog
+from jaxcompress.data import DataSpec
 from jaxcompress.models import create_model
-from jaxcompress.optim import make_optimizer
+from jaxcompress.models.functional import functional
+from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
-from jaxcompress.train import evaluate_split, fit, load_data
+from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
+
+
+def flax_apply(model):
+  """``apply(variables, x, train=False, mutable=False)`` in Flax's calling convention for any
+  Linen or NNX module (through :func:`jaxcompress.models.functional.functional`)."""
+  fn = functional(model)
+
+  def apply(variables, x, train: bool = False, mutable=False):
+    out, new_state = fn.apply(variables, x, train=train)
+    return (out, new_state) if mutable else out
+
+  return apply
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -20,27 +34,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   trains, evaluates on ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples',
   'precision', 'recall', 'train_seconds', 'epochs'}``.
   """
+  # The edge: config sections become the library's typed specs, validated here.
+  data = DataSpec.from_mapping(config.data)
+  opt_spec = OptimizerSpec.from_mapping(config.train)
+  loop = LoopSpec.from_mapping(config.train)
   parallel.maybe_initialize_distributed(config.parallel.distributed)
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
-    parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
-  spec = data_lib.dataset_spec(config.data.name)
+    parallel.check_batch_size(getattr(data, field), mesh, f"data.{field}")
+  spec = data_lib.dataset_spec(data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.seed)
-  splits = load_data(config.data)
-  optimizer = make_optimizer(config.train, data_lib.steps_per_epoch(len(splits["train"][0]),
-                                                                     config.data.batch_size))
+  splits = load_data(data)
+  optimizer = make_optimizer(opt_spec, data_lib.steps_per_epoch(len(splits["train"][0]),
+                                                                data.batch_size))
   params = variables.pop("params")
   state = TrainState.create(params, variables, optimizer)
-  train_step = make_train_step(supervised_loss(model.apply), optimizer, mesh=mesh,
-                               seed=config.seed)
-  eval_step = make_eval_step(lambda v, x: model.apply(v, x, train=False), mesh=mesh)
+  apply = flax_apply(model)
+  train_step = make_train_step(supervised_loss(apply), optimizer, mesh=mesh, seed=config.seed)
+  eval_step = make_eval_step(lambda v, x: apply(v, x, train=False), mesh=mesh)
   as_vars = lambda s: {"params": s.params, **s.model_state}
-  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], config.data,
-                                     mesh=mesh)
-  state, info = fit(state, train_step, splits["train"], config.data, config.train, workdir,
-                    seed=config.seed, mesh=mesh, eval_fn=eval_fn)
+  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], data, mesh=mesh)
+  state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=config.seed,
+                    mesh=mesh, eval_fn=eval_fn)
   result = eval_fn(state)
   MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
       {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()

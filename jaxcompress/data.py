@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcompress.errors import ConfigError, unknown
+from jaxcompress.errors import ConfigError, invalid, unknown
 
 _DATA_HELP = (
     "set TFDS_DATA_DIR (or data.data_dir) to a folder holding the prepared dataset, e.g. "
@@ -65,6 +65,64 @@ DATASETS = {
     "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS),
     "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Which dataset and splits to read, and how to batch, augment and normalise them.
+
+  Validated when built (a known dataset, positive batch sizes, non-negative example counts);
+  errors name the field as ``data.<field>``, the config section jobs build it from.
+
+  Attributes:
+    name: a key of :data:`DATASETS`.
+    data_dir: prepared TFDS folder; empty: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
+    train_split: TFDS split to train on.
+    eval_split: TFDS split to evaluate on.
+    val_examples: hold out this many (last) training examples as ``val`` (0: none).
+    train_examples: cap on training examples (0: all).
+    batch_size: global training batch.
+    eval_batch_size: global eval batch; the last batch is padded, never dropped.
+    augment: 4-pixel zero-pad random crop and horizontal flip in training.
+    mean: per-channel mean of ``pixel / 255``.
+    std: per-channel std of ``pixel / 255``.
+  """
+  name: str = "cifar10"
+  data_dir: str = ""
+  train_split: str = "train"
+  eval_split: str = "test"
+  val_examples: int = 0
+  train_examples: int = 0
+  batch_size: int = 128
+  eval_batch_size: int = 500
+  augment: bool = True
+  mean: tuple = (0.0,)
+  std: tuple = (1.0,)
+
+  def __post_init__(self):
+    dataset_spec(self.name)
+    for field in ("batch_size", "eval_batch_size"):
+      if getattr(self, field) <= 0:
+        raise invalid(f"data.{field}", getattr(self, field), "> 0")
+    for field in ("val_examples", "train_examples"):
+      if getattr(self, field) < 0:
+        raise invalid(f"data.{field}", getattr(self, field), ">= 0 (0: none)")
+    object.__setattr__(self, "mean", tuple(self.mean))
+    object.__setattr__(self, "std", tuple(self.std))
+
+  @property
+  def num_classes(self) -> int:
+    return dataset_spec(self.name).num_classes
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "DataSpec":
+    """The spec from the fields of ``values`` it names (e.g. a job's ``data`` config section)."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+  @classmethod
+  def coerce(cls, spec: "DataSpec | Mapping[str, Any]") -> "DataSpec":
+    """``spec`` itself, or the spec of a mapping such as a not yet converted config section."""
+    return spec if isinstance(spec, cls) else cls.from_mapping(spec)
 
 
 class Batch(NamedTuple):

@@ -1,6 +1,9 @@
-"""Optimizers and learning-rate schedules built from a ``train`` config section."""
+"""Optimizers and learning-rate schedules from a typed :class:`OptimizerSpec`."""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
 
 import optax
 
@@ -10,36 +13,88 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
 
-def validate_train_config(cfg) -> None:
-  """Checks a ``train`` config section; raises a one-line ConfigError for the first bad field."""
-  if cfg.epochs < 0:
-    raise invalid("train.epochs", cfg.epochs, ">= 0")
-  if cfg.optimizer not in OPTIMIZERS:
-    raise unknown("train.optimizer", cfg.optimizer, OPTIMIZERS)
-  if cfg.schedule not in SCHEDULES:
-    raise unknown("train.schedule", cfg.schedule, SCHEDULES)
-  if not cfg.learning_rate > 0:
-    raise invalid("train.learning_rate", cfg.learning_rate, "> 0")
-  if cfg.weight_decay < 0:
-    raise invalid("train.weight_decay", cfg.weight_decay, ">= 0")
-  check_range("train.momentum", cfg.momentum, 0.0, 1.0)
-  check_range("train.warmup_epochs", cfg.warmup_epochs, 0.0, max(cfg.epochs, 0) + 1e-9,
-              hi_closed=True)
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+  """The base optimizer and its learning-rate schedule (the CIFAR ResNet recipe by default).
+
+  Validated when built: every field is in range, or :class:`~jaxcompress.errors.ConfigError`
+  names it (as ``train.<field>``, the config section jobs build it from).
+
+  Attributes:
+    epochs: length of the schedule in epochs (>= 0; may be fractional).
+    optimizer: ``sgd`` (PyTorch-style: decay added to the gradient) or ``adamw``.
+    learning_rate: peak learning rate (> 0).
+    momentum: sgd momentum, in ``[0, 1)``.
+    nesterov: sgd Nesterov momentum.
+    weight_decay: L2 (sgd) or decoupled (adamw) weight decay (>= 0).
+    schedule: ``cosine``, ``step`` or ``constant``.
+    warmup_epochs: linear warmup from 0, in ``[0, epochs]``.
+    decay_at: ``step`` schedule: fractions of training where the rate is multiplied...
+    decay_factor: ... by this factor.
+  """
+  epochs: float = 200.0
+  optimizer: str = "sgd"
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 1e-4
+  schedule: str = "cosine"
+  warmup_epochs: float = 0.0
+  decay_at: tuple = (0.5, 0.75)
+  decay_factor: float = 0.1
+
+  def __post_init__(self):
+    if self.epochs < 0:
+      raise invalid("train.epochs", self.epochs, ">= 0")
+    if self.optimizer not in OPTIMIZERS:
+      raise unknown("train.optimizer", self.optimizer, OPTIMIZERS)
+    if self.schedule not in SCHEDULES:
+      raise unknown("train.schedule", self.schedule, SCHEDULES)
+    if not self.learning_rate > 0:
+      raise invalid("train.learning_rate", self.learning_rate, "> 0")
+    if self.weight_decay < 0:
+      raise invalid("train.weight_decay", self.weight_decay, ">= 0")
+    check_range("train.momentum", self.momentum, 0.0, 1.0)
+    check_range("train.warmup_epochs", self.warmup_epochs, 0.0, max(self.epochs, 0) + 1e-9,
+                hi_closed=True)
+    object.__setattr__(self, "decay_at", tuple(self.decay_at))
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "OptimizerSpec":
+    """The spec from the fields of ``values`` it names (a job's ``train`` config section holds
+    loop settings too; they are not read here)."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+  @classmethod
+  def coerce(cls, spec: "OptimizerSpec | Mapping[str, Any]") -> "OptimizerSpec":
+    """``spec`` itself, or the spec of a mapping such as a not yet converted config section."""
+    return spec if isinstance(spec, cls) else cls.from_mapping(spec)
 
 
-def learning_rate_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
+def validate_train_config(cfg: OptimizerSpec | Mapping[str, Any]) -> None:
+  """Checks the optimizer fields of a ``train`` section (building its :class:`OptimizerSpec`);
+  raises a one-line ConfigError for the first bad field."""
+  OptimizerSpec.coerce(cfg)
+
+
+def learning_rate_schedule(spec: OptimizerSpec, steps_per_epoch: int) -> optax.Schedule:
   """``step -> learning rate``: optional linear warmup, then cosine, step or constant.
 
-  ``step`` decays by ``cfg.decay_factor`` at each fraction of training in
-  ``cfg.decay_at`` (e.g. ``(0.5, 0.75)``), the usual CIFAR ResNet recipe.
+  ``step`` decays by ``spec.decay_factor`` at each fraction of training in ``spec.decay_at``
+  (e.g. ``(0.5, 0.75)``), the usual CIFAR ResNet recipe.
+
+  Args:
+    spec: the optimizer spec (a mapping with its fields is converted).
+    steps_per_epoch: optimizer steps per epoch.
   """
-  total = max(1, int(round(cfg.epochs * steps_per_epoch)))
-  warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-  lr = cfg.learning_rate
-  if cfg.schedule == "cosine":
+  spec = OptimizerSpec.coerce(spec)
+  total = max(1, int(round(spec.epochs * steps_per_epoch)))
+  warmup = int(round(spec.warmup_epochs * steps_per_epoch))
+  lr = spec.learning_rate
+  if spec.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
-  elif cfg.schedule == "step":
-    bounds = {int(f * total) - warmup: cfg.decay_factor for f in cfg.decay_at}
+  elif spec.schedule == "step":
+    bounds = {int(f * total) - warmup: spec.decay_factor for f in spec.decay_at}
     main = optax.piecewise_constant_schedule(lr, bounds)
   else:
     main = optax.constant_schedule(lr)
@@ -48,23 +103,28 @@ def learning_rate_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(cfg, steps_per_epoch: int, *, decay_mask=None) -> optax.GradientTransformation:
-  """The base optimizer of a ``train`` section.
+def make_optimizer(spec: OptimizerSpec, steps_per_epoch: int, *,
+                   decay_mask=None) -> optax.GradientTransformation:
+  """The base optimizer of ``spec``.
 
   ``sgd`` follows PyTorch's ``SGD(momentum, weight_decay)``: the decay is added to the gradient
   before momentum, on every parameter (BatchNorm included, as in the recipe of the pretrained
   CIFAR ResNets). ``adamw`` uses decoupled weight decay.
 
   Args:
-    cfg: the ``train`` section.
+    spec: the optimizer spec (a mapping with its fields, e.g. a ``train`` config section, is
+      converted with :meth:`OptimizerSpec.from_mapping`).
     steps_per_epoch: for the learning-rate schedule.
     decay_mask: optional pytree (or ``params -> pytree``) of booleans: decay only where True
       (e.g. not on learned quantization step sizes).
+
+  Example:
+    >>> opt = make_optimizer(OptimizerSpec(epochs=30, learning_rate=0.02), steps_per_epoch=390)
   """
-  validate_train_config(cfg)
-  schedule = learning_rate_schedule(cfg, steps_per_epoch)
-  if cfg.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-                       optax.sgd(schedule, momentum=cfg.momentum or None,
-                                 nesterov=bool(cfg.nesterov)))
-  return optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask)
+  spec = OptimizerSpec.coerce(spec)
+  schedule = learning_rate_schedule(spec, steps_per_epoch)
+  if spec.optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(spec.weight_decay, mask=decay_mask),
+                       optax.sgd(schedule, momentum=spec.momentum or None,
+                                 nesterov=bool(spec.nesterov)))
+  return optax.adamw(schedule, weight_decay=spec.weight_decay, mask=decay_mask)

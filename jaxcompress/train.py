@@ -9,9 +9,10 @@ step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -20,70 +21,125 @@ from tqdm.auto import tqdm
 from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
+from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid
 from jaxcompress.steps import TrainState, evaluate
 
 
-def load_data(data_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Decodes the train and eval splits of a ``data`` config section.
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """How long :func:`fit` trains and how often it logs, checkpoints and evaluates.
+
+  Validated when built; errors name the field as ``train.<field>``, the config section jobs
+  build it from.
+
+  Attributes:
+    epochs: epochs to train (>= 0; may be fractional).
+    log_every_steps: ``metrics.jsonl`` and progress-bar interval (>= 1).
+    checkpoint_every_steps: orbax checkpoint interval, and always at the end (>= 1).
+    eval_every_epochs: run ``eval_fn`` every this many epochs (>= 1).
+  """
+  epochs: float = 1.0
+  log_every_steps: int = 50
+  checkpoint_every_steps: int = 500
+  eval_every_epochs: int = 1
+
+  def __post_init__(self):
+    if self.epochs < 0:
+      raise invalid("train.epochs", self.epochs, ">= 0")
+    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
+      if getattr(self, field) < 1:
+        raise invalid(f"train.{field}", getattr(self, field), ">= 1")
+
+  @classmethod
+  def from_mapping(cls, values: Mapping[str, Any]) -> "LoopSpec":
+    """The spec from the fields of ``values`` it names (a job's ``train`` config section holds
+    optimizer settings too; they are not read here)."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+  @classmethod
+  def coerce(cls, spec: "LoopSpec | Mapping[str, Any]") -> "LoopSpec":
+    """``spec`` itself, or the spec of a mapping such as a not yet converted config section."""
+    return spec if isinstance(spec, cls) else cls.from_mapping(spec)
+
+
+def load_data(data: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Decodes the train and eval splits of ``data``.
 
   With ``data.val_examples > 0`` the last that many training examples are held out as ``val``
   (TFDS record order is already shuffled), and ``data.train_examples > 0`` caps the training set
   (for quick runs).
 
+  Args:
+    data: the data spec (a mapping with its fields, e.g. a ``data`` config section, is converted
+      with :meth:`DataSpec.from_mapping`).
+
   Returns:
     ``{'train': (x, y), 'eval': (x, y)}`` and, when held out, ``'val': (x, y)``.
+
+  Raises:
+    ConfigError: missing data, or too few training examples for the held-out set or one batch.
   """
-  data_lib.dataset_spec(data_cfg.name)
-  for field in ("batch_size", "eval_batch_size"):
-    if data_cfg[field] <= 0:
-      raise invalid(f"data.{field}", data_cfg[field], "> 0")
+  data = DataSpec.coerce(data)
   out = {}
-  train = data_lib.load_split(data_cfg.name, data_cfg.train_split, data_dir=data_cfg.data_dir)
-  if data_cfg.val_examples:
-    if not 0 < data_cfg.val_examples < len(train[0]):
-      raise invalid("data.val_examples", data_cfg.val_examples,
-                    f"in [0, {len(train[0])}) for {data_cfg.name}/{data_cfg.train_split}")
-    cut = len(train[0]) - data_cfg.val_examples
+  train = data_lib.load_split(data.name, data.train_split, data_dir=data.data_dir)
+  if data.val_examples:
+    if not 0 < data.val_examples < len(train[0]):
+      raise invalid("data.val_examples", data.val_examples,
+                    f"in [0, {len(train[0])}) for {data.name}/{data.train_split}")
+    cut = len(train[0]) - data.val_examples
     out["val"] = (train[0][cut:], train[1][cut:])
     train = (train[0][:cut], train[1][:cut])
-  if data_cfg.train_examples:
-    train = (train[0][:data_cfg.train_examples], train[1][:data_cfg.train_examples])
-  if len(train[0]) < data_cfg.batch_size:
-    raise invalid("data.batch_size", data_cfg.batch_size,
+  if data.train_examples:
+    train = (train[0][:data.train_examples], train[1][:data.train_examples])
+  if len(train[0]) < data.batch_size:
+    raise invalid("data.batch_size", data.batch_size,
                   f"at most the {len(train[0])} training examples")
   out["train"] = train
-  out["eval"] = data_lib.load_split(data_cfg.name, data_cfg.eval_split, data_dir=data_cfg.data_dir)
+  out["eval"] = data_lib.load_split(data.name, data.eval_split, data_dir=data.data_dir)
   return out
 
 
 def evaluate_split(eval_step: Callable, variables, split: tuple[np.ndarray, np.ndarray],
-                   data_cfg, *, mesh=None, desc: str = "eval", predictions: bool = False) -> dict:
-  """Evaluates on every example of ``split`` (loss, accuracy, per-class precision/recall)."""
+                   data: DataSpec, *, mesh=None, desc: str = "eval",
+                   predictions: bool = False) -> dict:
+  """Evaluates on every example of ``split`` (loss, accuracy, per-class precision/recall).
+
+  Args:
+    eval_step: from :func:`jaxcompress.steps.make_eval_step`.
+    variables: what ``eval_step`` takes as its first input.
+    split: ``(uint8 images, int labels)``.
+    data: the data spec: eval batch size, normalisation and number of classes (a mapping with
+      its fields is converted).
+    mesh: data-parallel mesh; batches are sharded over it.
+    desc: progress-bar label.
+    predictions: also return every example's predicted class.
+  """
+  data = DataSpec.coerce(data)
   x, y = split
-  bs = data_cfg.eval_batch_size
-  batches = data_lib.eval_batches(x, y, bs, mean=data_cfg.mean, std=data_cfg.std)
+  bs = data.eval_batch_size
+  batches = data_lib.eval_batches(x, y, bs, mean=data.mean, std=data.std)
   return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc, predictions=predictions,
-                  num_classes=data_lib.dataset_spec(data_cfg.name).num_classes,
-                  total=-(-len(x) // bs))
+                  num_classes=data.num_classes, total=-(-len(x) // bs))
 
 
-def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.ndarray], data_cfg,
-        train_cfg, workdir: str, *, seed: int = 0, mesh=None,
+def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.ndarray],
+        data: DataSpec, loop: LoopSpec, workdir: str, *, seed: int = 0, mesh=None,
         eval_fn: Callable[[TrainState], dict] | None = None, desc: str = "train",
         step_args: tuple = ()) -> tuple[TrainState, dict]:
-  """Trains ``state`` for ``train_cfg.epochs`` epochs, resuming from ``workdir`` if possible.
+  """Trains ``state`` for ``loop.epochs`` epochs, resuming from ``workdir`` if possible.
 
   Args:
     state: the initial train state (ignored in favour of the latest checkpoint when one exists).
     train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
     train: training arrays ``(uint8 images, int labels)``.
-    data_cfg: ``data`` config section (batch size, mean/std, augmentation).
-    train_cfg: ``train`` config section (epochs, logging and checkpoint intervals).
+    data: batch size, normalisation and augmentation (:class:`DataSpec`; a mapping with its
+      fields is converted).
+    loop: epochs, logging, checkpoint and eval intervals (:class:`LoopSpec`; likewise).
     workdir: folder for ``checkpoints/`` and ``metrics.jsonl``.
     seed: data order and augmentation seed.
     mesh: data-parallel mesh; batches are sharded over it.
-    eval_fn: optional ``state -> metrics`` run every ``train_cfg.eval_every_epochs`` epochs.
+    eval_fn: optional ``state -> metrics`` run every ``loop.eval_every_epochs`` epochs.
     desc: progress-bar label.
     step_args: extra inputs passed to every ``train_step`` call (e.g. teacher variables).
 
@@ -91,10 +147,11 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     ``(state, info)`` with ``info = {'seconds': training wall time summed over resumes,
     'epochs': epochs trained, 'steps': steps taken}``.
   """
+  data, loop = DataSpec.coerce(data), LoopSpec.coerce(loop)
   os.makedirs(workdir, exist_ok=True)
   images, labels = train
-  per_epoch = data_lib.steps_per_epoch(len(images), data_cfg.batch_size)
-  total = int(round(train_cfg.epochs * per_epoch))
+  per_epoch = data_lib.steps_per_epoch(len(images), data.batch_size)
+  total = int(round(loop.epochs * per_epoch))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
   seconds = 0.0
@@ -110,9 +167,9 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   t_start = time.perf_counter()
   while step < total:
     epoch, start = divmod(step, per_epoch)
-    batches = data_lib.train_batches(images, labels, data_cfg.batch_size, seed=seed, epoch=epoch,
-                                     mean=data_cfg.mean, std=data_cfg.std,
-                                     augment_images=data_cfg.augment, start=start)
+    batches = data_lib.train_batches(images, labels, data.batch_size, seed=seed, epoch=epoch,
+                                     mean=data.mean, std=data.std,
+                                     augment_images=data.augment, start=start)
     for batch in batches:
       if step >= total:
         break
@@ -121,8 +178,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       state, metrics = train_step(state, batch, *step_args)
       step += 1
       pending.append(metrics)
-      n_log += data_cfg.batch_size
-      if step % train_cfg.log_every_steps == 0 or step == total:
+      n_log += data.batch_size
+      if step % loop.log_every_steps == 0 or step == total:
         host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         now = time.perf_counter()
         host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
@@ -130,11 +187,11 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
         bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
         pending, t_log, n_log = [], now, 0
       bar.update(1)
-      if step % train_cfg.checkpoint_every_steps == 0 or step == total:
+      if step % loop.checkpoint_every_steps == 0 or step == total:
         jax.block_until_ready(state)
         ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start})
     if eval_fn is not None and step % per_epoch == 0 and step < total and (
-        (step // per_epoch) % train_cfg.eval_every_epochs == 0):
+        (step // per_epoch) % loop.eval_every_epochs == 0):
       log.write({"step": step, "epoch": step / per_epoch,
                  **{f"eval_{k}": v for k, v in eval_fn(state).items()
                     if isinstance(v, (int, float))}})

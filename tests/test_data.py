@@ -125,3 +125,16 @@ def test_label_names_count_and_order():
 def test_cifar10_label_names_match_the_prepared_dataset():
   info = tfds.builder("cifar10", data_dir=os.environ["TFDS_DATA_DIR"]).info
   assert list(data.dataset_spec("cifar10").label_names) == info.features["label"].names
+
+
+def test_data_spec_is_validated_when_built_and_read_from_a_section():
+  from configs import common
+  spec = data.DataSpec.from_mapping(common.data_config("mnist"))
+  assert spec.name == "mnist" and spec.num_classes == 10 and spec.batch_size == 128
+  assert spec.mean == common.IMAGENET_MEAN and isinstance(spec.mean, tuple)
+  with pytest.raises(ConfigError, match=r"data.eval_batch_size must be > 0, got 0"):
+    data.DataSpec(eval_batch_size=0)
+  with pytest.raises(ConfigError, match=r"data.val_examples must be >= 0"):
+    data.DataSpec(val_examples=-5)
+  with pytest.raises(ConfigError, match=r"data.name must be one of .*got 'svhn'"):
+    data.DataSpec(name="svhn")

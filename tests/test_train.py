@@ -51,3 +51,63 @@ def test_batch_larger_than_the_data_is_rejected(tmp_path):
   c.data.batch_size = 128
   with pytest.raises(ConfigError, match="data.batch_size must be at most the 64 training"):
     _run(c, tmp_path)
+
+
+def test_loop_spec_rejects_bad_intervals_and_reads_only_its_fields():
+  from configs import common
+  from jaxcompress.train import LoopSpec
+  spec = LoopSpec.from_mapping(common.train_config())  # optimizer fields are not read
+  assert spec == LoopSpec(epochs=200.0, log_every_steps=50, checkpoint_every_steps=500,
+                          eval_every_epochs=1)
+  with pytest.raises(ConfigError, match=r"train.checkpoint_every_steps must be >= 1, got 0"):
+    LoopSpec(checkpoint_every_steps=0)
+  with pytest.raises(ConfigError, match=r"train.epochs must be >= 0, got -1"):
+    LoopSpec(epochs=-1)
+
+
+def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
+  import jax
+  import numpy as np
+
+  from jaxcompress.data import DataSpec
+  from jaxcompress.models import create_model
+  from jaxcompress.optim import OptimizerSpec, make_optimizer
+  from jaxcompress.steps import TrainState, make_train_step, supervised_loss
+  from jaxcompress.train import LoopSpec, fit
+  c = _config(1)
+  rng = np.random.default_rng(0)
+  train = (rng.integers(0, 256, (48, 28, 28, 1), dtype=np.uint8),
+           rng.integers(0, 10, 48).astype(np.int32))
+  model, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+  out = {}
+  for name, (data, opt, loop) in {
+      "spec": (DataSpec.from_mapping(c.data), OptimizerSpec.from_mapping(c.train),
+               LoopSpec.from_mapping(c.train)),
+      "config": (c.data, c.train, c.train)}.items():
+    tx = make_optimizer(opt, 3)
+    state = TrainState.create(v["params"], {}, tx)
+    step = make_train_step(supervised_loss(model.apply), tx)
+    out[name], info = fit(state, step, train, data, loop, str(tmp_path / name))
+    assert info["steps"] == 3  # 48 // 16 steps, 1 epoch
+  for a, b in zip(jax.tree.leaves(out["spec"].params), jax.tree.leaves(out["config"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.array_equal(np.asarray(out["spec"].params["fc1"]["kernel"]),
+                            np.asarray(v["params"]["fc1"]["kernel"]))
+
+
+def test_the_training_job_trains_an_nnx_model_named_module_factory(tmp_path, monkeypatch):
+  (tmp_path / "nnx_train_models.py").write_text(
+      "from flax import nnx\n"
+      "class Net(nnx.Module):\n"
+      "  def __init__(self, num_classes, rngs):\n"
+      "    self.fc = nnx.Linear(784, 32, rngs=rngs)\n"
+      "    self.bn = nnx.BatchNorm(32, rngs=rngs)\n"
+      "    self.out = nnx.Linear(32, num_classes, rngs=rngs)\n"
+      "  def __call__(self, x):\n"
+      "    return self.out(nnx.relu(self.bn(self.fc(x.reshape((x.shape[0], -1))))))\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  c = _config(1)
+  c.model.name = "nnx_train_models:Net"
+  result = _run(c, tmp_path / "w")
+  assert result["examples"] == 64 and 0 <= result["accuracy"] <= 100
+  assert result["epochs"] == 1.0
