@@ -3,21 +3,24 @@
 Data flow, one module each (``import jaxcompress.<name>``):
 
   config        configs/*.py (ml_collections), validated by the modules below
-  data          TF-free TFDS input pipeline: decode once, crop/flip, deterministic batches
-  models        CIFAR ResNets, CNNs, MLP; registry; PyTorch weight import
+  data          TF-free TFDS input pipeline (DataSpec, label names): decode once, crop/flip,
+                deterministic batches
+  models        any Linen/NNX module as pure functions; registry, MODULE:FACTORY names;
+                weights from .npz, .msgpack, orbax; CIFAR ResNets, CNNs, MLP
   pruning       scores, masks (unstructured, N:M, channel), schedules, optax wrapper, iterative
   quantization  fake-quant (STE), calibration, LSQ, k-means, rules over unmodified Flax models
   distillation  per-example KD and hint losses
   compose       one jitted train step for any subset of prune / quantize / distill
   steps, optim, parallel, train, checkpoint
-                train/eval steps, optimizers, data parallelism, the resumable loop
-                (fit, evaluate_split, load_data)
+                train/eval steps, optimizers (OptimizerSpec), data parallelism, the resumable
+                loop (fit with DataSpec and LoopSpec, evaluate_split, load_data)
   metrics       accuracy, per-class precision/recall
-  export        finalize, pack, save/load the artifact, channel surgery, jax.export serving
+  export        finalize, pack, save/load the artifact, jax.export serving
 
 Jobs that wire these together and write files live in ``experiments/``, not here: the main job
 (``pipeline``, ``report``), supervised training (``train_job``), evaluation (``evaluate_job``),
-the pruning and PTQ studies (``sensitivity``, ``ptq_eval``) and the benchmarks (``bench_lib``).
+the pruning and PTQ studies (``sensitivity``, ``ptq_eval``), ResNet channel surgery
+(``resnet_surgery``) and the benchmarks (``bench_lib``).
 """
 
 from jaxcompress import compose, data, distillation, models, pruning, quantization, rules

@@ -29,15 +29,21 @@ def read_json(path: str) -> dict:
     return json.load(f)
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(config: dict, workdir: str) -> None:
   """Creates ``workdir`` and records ``config`` there; refuses one that holds another config.
+
+  Args:
+    config: the run's settings as a JSON-able dict of sections (an object with a ``to_json()``
+      method, such as an ``ml_collections.ConfigDict``, is converted with it).
+    workdir: the run's folder.
 
   Raises:
     ConfigError: naming the config sections that differ from the run already in ``workdir``.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  current = json.loads(config.to_json())
+  to_json = getattr(config, "to_json", None)
+  current = json.loads(to_json() if to_json is not None else json.dumps(config))
   saved = read_json(path)
   if saved and saved != current:
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
