@@ -101,8 +101,9 @@ def test_folded_batchnorm_is_stored_as_numpy_gain_and_bias(convbn):
   bn, st = v["params"]["norm_b"], v["batch_stats"]["norm_b"]
   gain = bn["scale"] / np.sqrt(st["var"].astype(np.float64) + EPS)
   bias = bn["bias"] - st["mean"] * gain
-  np.testing.assert_allclose(tensors["fold/norm_b/gain"].kernel(), gain, rtol=1e-6)
-  np.testing.assert_allclose(tensors["fold/norm_b/bias"].kernel(), bias, rtol=1e-5, atol=1e-6)
+  stored_gain, stored_bias = tensors["fold/norm_b"].kernel()  # one [2, C] tensor
+  np.testing.assert_allclose(stored_gain, gain, rtol=1e-6)
+  np.testing.assert_allclose(stored_bias, bias, rtol=1e-5, atol=1e-6)
   # A plain module.apply on loaded.variables runs the BatchNorm as x * gain + bias.
   lv = loaded.variables
   np.testing.assert_array_equal(lv["batch_stats"]["norm_b"]["mean"], 0)
@@ -243,11 +244,6 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
                   r"shape \[3, 3, 8, 24\] needs 4 or 96; the spec does not match the arrays")
   bad_shape["layers"][index]["shape"] = [3, 3, 16, 16]
   _one_line_error(write("shape2", spec_obj=bad_shape), "params/body/kernel")
-  tree = copy()
-  tree["tree"]["params/body/kernel"][0] = [3, 3, 16, 8]  # same size, another shape
-  _one_line_error(write("tree", spec_obj=tree),
-                  r"params/body/kernel is stored with shape \[3, 3, 8, 16\], the spec's tree says "
-                  r"\[3, 3, 16, 8\]")
   moved = copy()
   moved["layers"][index]["segments"]["scale"] += 4
   moved["layers"][index + 1]["segments"]["positions"] -= 4

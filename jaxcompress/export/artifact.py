@@ -4,8 +4,8 @@ Layout of ``DIR/export/``:
 
 - ``arrays.bin``: the byte segments of every layer (:mod:`.codec`) back to back, optionally
   zlib-compressed as a whole (kept only when that is smaller);
-- ``spec.json``: format and version, the input's shape and dtype, ``tree`` (every variable's
-  path, shape and dtype), the folded BatchNorms, each quantized layer's input quantization, the
+- ``spec.json``: format and version, the input's shape and dtype, the float32 size of the
+  model's parameters, the folded BatchNorms, each quantized layer's input quantization, the
   arrays file's size, raw size, compression and SHA-256, and one line per stored tensor: kind,
   shape, bits, sparse encoding and ``segments: {name: bytes}``: its byte segments, which follow
   each other in the raw arrays in the order the tensors and their segments are listed (offsets
@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import decode_layer, encode_layer
-from jaxcompress.export.finalize import Finalized, finalize, flat_leaves
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize, flat_leaves
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
 from jaxcompress.models.functional import functional
@@ -85,6 +85,10 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     meta, segments = encode_layer(t)
     if t.path in fin.axes:
       meta["axis"] = fin.axes[t.path]
+    if meta["kind"] == "float":
+      del meta["bits"]  # always 32
+    if meta["encoding"] == "dense":
+      del meta["nnz"]  # every entry
     meta["segments"] = {name: int(data.size) for name, data in segments.items()}
     chunks += [data.tobytes() for data in segments.values()]
     metas.append(meta)
@@ -94,7 +98,7 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
   data = packed if compression == "zlib" else raw
   header = {"format": FORMAT, "version": VERSION, "model": model_name,
             "input": {"shape": list(input_shape), "dtype": str(np.dtype(input_dtype))},
-            "tree": fin.tree, "folded": fin.folded, "acts": fin.acts,
+            "float32_bytes": fin.float32_bytes, "folded": fin.folded, "acts": fin.acts,
             "arrays": {"file": ARRAYS_FILE, "bytes": len(data), "raw_bytes": len(raw),
                        "compression": compression, "sha256": hashlib.sha256(data).hexdigest()}}
   os.makedirs(out_dir, exist_ok=True)
@@ -181,8 +185,9 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
     raise ConfigError(f"{field}: {path!r} has a malformed spec ({type(e).__name__}: {e}); the "
                       "artifact is corrupted, export it again") from None
   fm = functional(model)
-  _check_fits(fm, spec, fin, field)
-  arrays = rebuild(fin)
+  expected = _expected(fm, spec)
+  _check_fits(fm, expected, fin, field)
+  arrays = rebuild(fin, expected)
   return LoadedModel(model, arrays, make_apply_fn(fm, fin.acts), spec, fin)
 
 
@@ -201,30 +206,42 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                           "spec is corrupted")
       segments[name] = raw[offset:offset + size]
       offset += size
+    meta = dict(meta)
+    if meta["kind"] == "float":
+      meta.setdefault("bits", 32)
+    if meta.get("encoding") == "dense":
+      meta.setdefault("nnz", int(np.prod(meta["shape"])))
     tensors[meta["path"]] = decode_layer(meta, segments)
     if "axis" in meta:
       axes[meta["path"]] = int(meta["axis"])
-  tree = {k: [list(v[0]), str(v[1])] for k, v in spec["tree"].items()}
-  for key, (shape, _) in tree.items():
-    t = tensors.get(key)
-    if t is not None:
-      stored = list(t.codes.shape)
-      if key in axes:
-        stored.insert(axes[key], stored.pop())
-      if int(np.prod(stored)) != int(np.prod(shape)) or (shape and stored != shape):
-        raise ConfigError(f"{field}: {key} is stored with shape {stored}, the spec's tree says "
-                          f"{shape}; the spec does not match the arrays")
   return Finalized(tensors, axes, {k: dict(v) for k, v in spec["acts"].items()},
-                   {k: float(v) for k, v in spec["folded"].items()}, tree)
+                   {k: float(v) for k, v in spec["folded"].items()}, int(spec["float32_bytes"]))
 
 
-def _check_fits(fm, spec: dict, fin: Finalized, field: str) -> None:
-  """The artifact's variables have exactly the paths and shapes ``fm``'s module needs."""
+def _expected(fm, spec: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """``{collection/leaf path: (shape, dtype)}`` of the variables ``fm``'s module needs."""
   sample = np.zeros((1, *spec["input"]["shape"]), spec["input"]["dtype"])
   want = jax.eval_shape(lambda: fm.init(jax.random.key(0), sample))
-  want = {f"{c}/{p}": list(v.shape) for c, tree in want.items()
+  return {f"{c}/{p}": (tuple(v.shape), v.dtype) for c, tree in want.items()
           for p, v in flat_leaves(tree).items()}
-  have = {k: v[0] for k, v in fin.tree.items()}
+
+
+def _check_fits(fm, expected: dict, fin: Finalized, field: str) -> None:
+  """The artifact's variables have exactly the paths and shapes ``fm``'s module needs."""
+  want = {k: list(v[0]) for k, v in expected.items()}
+  have = {}
+  for key, t in fin.tensors.items():
+    if key.startswith(f"{FOLD}/"):
+      path = key[len(FOLD) + 1:]
+      for collection, leaf in FOLDED_LEAVES:
+        name = f"{collection}/{path}/{leaf}"
+        if name in want or collection == "params" and leaf == "scale":
+          have[name] = [int(t.codes.shape[-1])]
+      continue
+    shape = list(t.codes.shape)
+    if key in fin.axes:
+      shape.insert(fin.axes[key], shape.pop())
+    have[key] = shape
   for key in sorted(set(want) | set(have)):
     if key not in have:
       raise ConfigError(f"{field}: the artifact has no {key!r}, which {fm.name} needs; it was "
@@ -232,6 +249,6 @@ def _check_fits(fm, spec: dict, fin: Finalized, field: str) -> None:
     if key not in want:
       raise ConfigError(f"{field}: the artifact holds {key!r}, which {fm.name} does not have; it "
                         "was exported from another model")
-    if want[key] != have[key]:
+    if want[key] != have[key] and not (want[key] == [] and have[key] == [1]):  # scalar: [1]
       raise ConfigError(f"{field}: {key} has shape {have[key]} in the artifact, {fm.name} needs "
                         f"{want[key]}; it was exported from another model")

@@ -36,26 +36,28 @@ from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
 from jaxcompress.quantization import quantize_int
 from jaxcompress.rules import path_str
 
-FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path>/{gain, bias}
+FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path> = [gain; bias]
+FOLDED_LEAVES = (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"),
+                 ("batch_stats", "var"))
 
 
 class Finalized(NamedTuple):
   """A finalized model.
 
   Attributes:
-    tensors: ``{collection/leaf path: LayerTensor}`` in tree order; folded BatchNorms appear as
-      ``fold/<path>/gain`` and ``fold/<path>/bias``.
+    tensors: ``{collection/leaf path: LayerTensor}`` in tree order; a folded BatchNorm is one
+      ``[2, C]`` float tensor ``fold/<path>`` (row 0 the gain, row 1 the bias).
     axes: ``{tensor path: axis}`` of integer weights whose channel axis was not the last (it is
       stored last and moved back on load).
     acts: ``{layer path: {'bits', 'scale', 'zero_point', 'qmin', 'qmax'}}`` input quantization.
     folded: ``{norm path: epsilon}`` of the folded BatchNorms.
-    tree: ``{collection/leaf path: [shape, dtype]}`` of the original variables.
+    float32_bytes: 4 bytes per entry of the original ``params`` (the float32 reference size).
   """
   tensors: dict[str, LayerTensor]
   axes: dict[str, int]
   acts: dict[str, dict]
   folded: dict[str, float]
-  tree: dict[str, list]
+  float32_bytes: int
 
 
 def flat_leaves(tree: Any) -> dict[str, Any]:
@@ -183,18 +185,14 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     scale = flat_params.get(f"{path}/scale", np.ones_like(np.asarray(var, np.float32)))
     beta = flat_params.get(f"{path}/bias", np.zeros_like(np.asarray(mean, np.float32)))
     gain = bn_multiplier(scale, var, eps)
-    tensors[f"{FOLD}/{path}/gain"] = _float_tensor(f"{FOLD}/{path}/gain", gain)
-    tensors[f"{FOLD}/{path}/bias"] = _float_tensor(f"{FOLD}/{path}/bias",
-                                                   fold_bias(None, gain, beta, mean))
-    folded_leaves |= {f"params/{path}/scale", f"params/{path}/bias",
-                      f"batch_stats/{path}/mean", f"batch_stats/{path}/var"}
+    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(
+        [gain, fold_bias(None, gain, beta, mean)]))
+    folded_leaves |= {f"{c}/{path}/{leaf}" for c, leaf in FOLDED_LEAVES}
   axes: dict[str, int] = {}
-  tree: dict[str, list] = {}
   for collection, value in variables.items():
     leaves = flat_params if collection == "params" else flat_leaves(value)
     for leaf_path, leaf in leaves.items():
       key = f"{collection}/{leaf_path}"
-      tree[key] = [list(np.shape(leaf)), str(np.asarray(leaf).dtype)]
       if key in folded_leaves:
         continue
       if collection == "params" and leaf_path in books:
@@ -207,4 +205,5 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       else:
         tensors[key] = _float_tensor(key, leaf)
   acts = {p: a for p, a in ((p, act_fields(s)) for p, s in specs.items()) if a is not None}
-  return Finalized(tensors, axes, acts, fold, tree)
+  float32_bytes = 4 * sum(int(np.size(leaf)) for leaf in flat_params.values())
+  return Finalized(tensors, axes, acts, fold, float32_bytes)

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxcompress.export.codec import LayerTensor
-from jaxcompress.export.finalize import FOLD, Finalized
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized
 from jaxcompress.models.functional import chain_hooks, fold_hook, functional
 from jaxcompress.quantization import fake_quant
 
@@ -42,29 +42,32 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
   return out
 
 
-def _tensor_value(t: LayerTensor, axis: int | None, shape: list, dtype: str) -> np.ndarray:
+def _tensor_value(t: LayerTensor, axis: int | None) -> np.ndarray:
+  """A stored tensor's real values, its channel axis moved back where it was."""
   value = t.kernel()
-  if axis is not None:
-    value = np.moveaxis(value, -1, axis)
-  return np.asarray(value.reshape(shape), dtype)
+  return value if axis is None else np.moveaxis(value, -1, axis)
 
 
-def rebuild(fin: Finalized) -> dict:
-  """``arrays`` of the exported model (see the module docstring) from its finalized tensors."""
+def rebuild(fin: Finalized, expected: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict:
+  """``arrays`` of the exported model (see the module docstring).
+
+  Args:
+    fin: the stored tensors.
+    expected: ``{collection/leaf path: (shape, dtype)}`` of the module's variables.
+  """
   flat = {}
-  for key, (shape, dtype) in fin.tree.items():
-    if key in fin.tensors:
-      flat[key] = _tensor_value(fin.tensors[key], fin.axes.get(key), shape, dtype)
   fold = {}
   for path, eps in fin.folded.items():
-    gain = fin.tensors[f"{FOLD}/{path}/gain"].kernel()
-    bias = fin.tensors[f"{FOLD}/{path}/bias"].kernel()
+    gain, bias = fin.tensors[f"{FOLD}/{path}"].kernel()
     fold[path] = (gain, bias)
-    for key, value in ((f"params/{path}/scale", gain), (f"params/{path}/bias", bias),
-                       (f"batch_stats/{path}/mean", np.zeros_like(gain)),
-                       (f"batch_stats/{path}/var", np.full_like(gain, 1 - eps))):
-      if key in fin.tree:
-        flat[key] = np.asarray(value, fin.tree[key][1])
+    for (collection, leaf), value in zip(FOLDED_LEAVES, (gain, bias, np.zeros_like(gain),
+                                                         np.full_like(gain, 1 - eps))):
+      flat[f"{collection}/{path}/{leaf}"] = value
+  for key, t in fin.tensors.items():
+    if not key.startswith(f"{FOLD}/"):
+      flat[key] = _tensor_value(t, fin.axes.get(key))
+  flat = {k: np.asarray(v.reshape(expected[k][0]), expected[k][1]) for k, v in flat.items()
+          if k in expected}
   acts = {p: (np.float32(a["scale"]), np.int32(a["zero_point"])) for p, a in fin.acts.items()}
   return {"variables": _unflatten(flat), "fold": fold, "acts": acts}
 

@@ -27,18 +27,17 @@ def size_report(out_dir: str) -> dict[str, Any]:
   spec_file = os.path.join(out_dir, "spec.json")
   with open(spec_file) as f:
     spec = json.load(f)
-  ref = {k: 4 * int(np.prod(v[0])) for k, v in spec["tree"].items() if k.startswith("params/")}
-  total_ref = sum(ref.values())
+  total_ref = int(spec["float32_bytes"])
   layers = []
   for meta in spec["layers"]:
     n = int(np.prod(meta["shape"]))
     layers.append({
-        "path": meta["path"], "kind": meta["kind"], "bits": meta["bits"],
+        "path": meta["path"], "kind": meta["kind"], "bits": meta.get("bits", 32),
         "encoding": meta["encoding"] + (str(meta["gap_bits"]) if meta["encoding"] == "gaps"
                                         else ""),
-        "shape": meta["shape"], "density": round(meta["nnz"] / n, 4),
+        "shape": meta["shape"], "density": round(meta.get("nnz", n) / n, 4),
         "bytes": sum(meta["segments"].values()),
-        "float32_bytes": ref.get(meta["path"], 0)})
+        "float32_bytes": 4 * n if meta["path"].startswith("params/") else 0})
   files = [spec_file, os.path.join(out_dir, spec["arrays"]["file"])]
   total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
   return {"layers": layers, "arrays_raw_bytes": spec["arrays"]["raw_bytes"],

@@ -105,13 +105,16 @@ def compile_rules(rules: Sequence[Rule], first: str | None, last: str | None) ->
   if isinstance(rules, (str, dict)) or not isinstance(rules, Sequence):
     raise invalid("quantization.rules", rules, "a list of (regex, settings) pairs",
                   "e.g. [('.*', dict(weight_bits=8, act_bits=8))]")
-  compiled = []
+  compiled, has_first = [], False
   for i, rule in enumerate(rules):
     if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
       raise ConfigError(f"quantization.rules[{i}] must be a (regex, settings) pair, got {rule!r}")
     regex = rule[0]
     if regex in (FIRST, LAST):
       path = first if regex == FIRST else last
+      if regex == LAST and has_first and last == first:
+        continue  # one layer is both first and last: the <first> rule already decides it
+      has_first |= regex == FIRST
       regex = re.escape(path) if path is not None else "(?!)"  # (?!) never matches
     compiled.append((regex, layer_config(rule[1], f"quantization.rules[{i}]")))
   return Rules(compiled, field="quantization.rules")
