@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from jaxcompress import data as data_lib
 from jaxcompress import parallel
+from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid
 from jaxcompress.export import load as load_artifact
 from jaxcompress.export import read_spec
 from jaxcompress.models import create_model, get_model
+from jaxcompress.models.functional import functional
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split
 
@@ -40,12 +42,12 @@ def evaluate_config(config) -> dict:
   else:
     model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                     image_shape=spec.image_shape, weights=config.model.weights)
-    logits_fn = lambda v, x: model.apply(v, x, train=False)
+    logits_fn = lambda v, x, fm=functional(model): fm.apply(v, x)[0]
   split = data_lib.load_split(config.data.name, config.data.eval_split,
                               data_dir=config.data.data_dir)
   eval_step = make_eval_step(logits_fn, mesh=mesh)
-  result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split, config.data,
-                          mesh=mesh)
+  result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split,
+                          DataSpec.from_mapping(config.data), mesh=mesh)
   out = {**result, "model": name, "dataset": config.data.name,
          "split": config.data.eval_split}
   if exported:

@@ -18,14 +18,15 @@ import numpy as np
 from experiments import report as report_lib
 from jaxcompress import compose, parallel, pruning
 from jaxcompress import data as data_lib
+from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import weights_format
-from jaxcompress.optim import make_optimizer, validate_train_config
+from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import make_eval_step
-from jaxcompress.train import evaluate_split, fit, load_data
+from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 
 FLOAT32_BYTES = 4
 
@@ -43,7 +44,9 @@ def validate_config(config) -> None:
   for section in ("teacher", "student"):  # .npz, .msgpack or orbax folder; empty: random init
     if config[section].weights:
       weights_format(config[section].weights, field=f"{section}.weights")
-  validate_train_config(config.train)
+  OptimizerSpec.from_mapping(config.train)
+  LoopSpec.from_mapping(config.train)
+  DataSpec.from_mapping(config.data)
   compression_specs(config)
 
 
@@ -90,9 +93,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   elif uses_teacher:
     raise invalid("teacher.name", config.teacher.name, "a model name when distill.alpha > 0 or "
                   "distill.feature_weight > 0")
-  splits = load_data(config.data)
+  data = DataSpec.from_mapping(config.data)
+  splits = load_data(data)
   evaluate_vars = lambda fn, v, desc, preds=False: evaluate_split(
-      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], config.data,
+      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], data,
       mesh=mesh, desc=desc, predictions=preds)
 
   def stage(name: str, fn):
@@ -108,7 +112,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   calib = [b.image for b in data_lib.eval_batches(calib_x, np.zeros(len(calib_x), np.int32),
                                                    min(256, len(calib_x)), mean=config.data.mean,
                                                    std=config.data.std)]
-  optimizer = make_optimizer(config.train, per_epoch, decay_mask=compose.decay_mask)
+  optimizer = make_optimizer(OptimizerSpec.from_mapping(config.train), per_epoch,
+                             decay_mask=compose.decay_mask)
   comp = compose.build(student, student_vars, calib[0][:8], optimizer=optimizer,
                        total_steps=total, teacher=teacher if uses_teacher else None,
                        **compression_specs(config))
@@ -137,8 +142,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Fine-tuning.
   train_step = comp.make_train_step(mesh=mesh, seed=config.seed)
   step_args = (parallel.replicate(mesh, teacher_vars),) if comp.teacher is not None else ()
-  state, info = fit(state, train_step, splits["train"], config.data, config.train, workdir,
-                    seed=config.seed, mesh=mesh, step_args=step_args, desc="fine-tune",
+  loop = LoopSpec.from_mapping(config.train)
+  state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=config.seed,
+                    mesh=mesh, step_args=step_args, desc="fine-tune",
                     eval_fn=lambda s: evaluate_vars(comp.logits_fn, comp.eval_variables(s),
                                                     "eval"))
   after = stage("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),

@@ -119,10 +119,6 @@ class DataSpec:
     """The spec from the fields of ``values`` it names (e.g. a job's ``data`` config section)."""
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
-  @classmethod
-  def coerce(cls, spec: "DataSpec | Mapping[str, Any]") -> "DataSpec":
-    """``spec`` itself, or the spec of a mapping such as a not yet converted config section."""
-    return spec if isinstance(spec, cls) else cls.from_mapping(spec)
 
 
 class Batch(NamedTuple):

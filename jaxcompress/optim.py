@@ -65,16 +65,6 @@ class OptimizerSpec:
     loop settings too; they are not read here)."""
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
-  @classmethod
-  def coerce(cls, spec: "OptimizerSpec | Mapping[str, Any]") -> "OptimizerSpec":
-    """``spec`` itself, or the spec of a mapping such as a not yet converted config section."""
-    return spec if isinstance(spec, cls) else cls.from_mapping(spec)
-
-
-def validate_train_config(cfg: OptimizerSpec | Mapping[str, Any]) -> None:
-  """Checks the optimizer fields of a ``train`` section (building its :class:`OptimizerSpec`);
-  raises a one-line ConfigError for the first bad field."""
-  OptimizerSpec.coerce(cfg)
 
 
 def learning_rate_schedule(spec: OptimizerSpec, steps_per_epoch: int) -> optax.Schedule:
@@ -87,7 +77,6 @@ def learning_rate_schedule(spec: OptimizerSpec, steps_per_epoch: int) -> optax.S
     spec: the optimizer spec (a mapping with its fields is converted).
     steps_per_epoch: optimizer steps per epoch.
   """
-  spec = OptimizerSpec.coerce(spec)
   total = max(1, int(round(spec.epochs * steps_per_epoch)))
   warmup = int(round(spec.warmup_epochs * steps_per_epoch))
   lr = spec.learning_rate
@@ -112,8 +101,8 @@ def make_optimizer(spec: OptimizerSpec, steps_per_epoch: int, *,
   CIFAR ResNets). ``adamw`` uses decoupled weight decay.
 
   Args:
-    spec: the optimizer spec (a mapping with its fields, e.g. a ``train`` config section, is
-      converted with :meth:`OptimizerSpec.from_mapping`).
+    spec: the optimizer spec (a job builds it from its ``train`` section with
+      :meth:`OptimizerSpec.from_mapping`).
     steps_per_epoch: for the learning-rate schedule.
     decay_mask: optional pytree (or ``params -> pytree``) of booleans: decay only where True
       (e.g. not on learned quantization step sizes).
@@ -121,7 +110,6 @@ def make_optimizer(spec: OptimizerSpec, steps_per_epoch: int, *,
   Example:
     >>> opt = make_optimizer(OptimizerSpec(epochs=30, learning_rate=0.02), steps_per_epoch=390)
   """
-  spec = OptimizerSpec.coerce(spec)
   schedule = learning_rate_schedule(spec, steps_per_epoch)
   if spec.optimizer == "sgd":
     return optax.chain(optax.add_decayed_weights(spec.weight_decay, mask=decay_mask),

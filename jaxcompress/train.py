@@ -57,10 +57,6 @@ class LoopSpec:
     optimizer settings too; they are not read here)."""
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
-  @classmethod
-  def coerce(cls, spec: "LoopSpec | Mapping[str, Any]") -> "LoopSpec":
-    """``spec`` itself, or the spec of a mapping such as a not yet converted config section."""
-    return spec if isinstance(spec, cls) else cls.from_mapping(spec)
 
 
 def load_data(data: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -80,7 +76,6 @@ def load_data(data: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   Raises:
     ConfigError: missing data, or too few training examples for the held-out set or one batch.
   """
-  data = DataSpec.coerce(data)
   out = {}
   train = data_lib.load_split(data.name, data.train_split, data_dir=data.data_dir)
   if data.val_examples:
@@ -115,7 +110,6 @@ def evaluate_split(eval_step: Callable, variables, split: tuple[np.ndarray, np.n
     desc: progress-bar label.
     predictions: also return every example's predicted class.
   """
-  data = DataSpec.coerce(data)
   x, y = split
   bs = data.eval_batch_size
   batches = data_lib.eval_batches(x, y, bs, mean=data.mean, std=data.std)
@@ -147,7 +141,6 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     ``(state, info)`` with ``info = {'seconds': training wall time summed over resumes,
     'epochs': epochs trained, 'steps': steps taken}``.
   """
-  data, loop = DataSpec.coerce(data), LoopSpec.coerce(loop)
   os.makedirs(workdir, exist_ok=True)
   images, labels = train
   per_epoch = data_lib.steps_per_epoch(len(images), data.batch_size)

@@ -1,13 +1,12 @@
-"""OptimizerSpec: validated when built, read from a config section, the same optimizer either way."""
+"""OptimizerSpec: validated when built, read from the fields of a config section."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import common
 from jaxcompress.errors import ConfigError
-from jaxcompress.optim import OptimizerSpec, learning_rate_schedule, make_optimizer
+from jaxcompress.optim import OptimizerSpec, make_optimizer
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -30,7 +29,6 @@ def test_from_mapping_reads_the_optimizer_fields_of_a_train_section():
   assert spec == OptimizerSpec(epochs=200.0, optimizer="sgd", learning_rate=0.1, momentum=0.9,
                                nesterov=False, weight_decay=1e-4, schedule="cosine",
                                warmup_epochs=0.0, decay_at=(0.5, 0.75), decay_factor=0.1)
-  assert OptimizerSpec.coerce(spec) is spec
 
 
 def test_sgd_update_matches_the_pytorch_rule_by_hand():
@@ -42,18 +40,3 @@ def test_sgd_update_matches_the_pytorch_rule_by_hand():
   updates, _ = tx.update(g, tx.init(w), w)
   np.testing.assert_allclose(np.asarray(w + updates), [1.0 - 0.5 * 0.6, -2.0 - 0.5 * 0.05],
                              rtol=1e-6)
-
-
-def test_a_spec_and_its_config_section_give_the_same_optimizer():
-  section = common.train_config()
-  section.epochs, section.schedule, section.warmup_epochs = 4.0, "step", 1.0
-  spec = OptimizerSpec.from_mapping(section)
-  for step in (0, 5, 10, 25, 35):
-    assert float(learning_rate_schedule(spec, 10)(step)) == float(
-        learning_rate_schedule(section, 10)(step))
-  w = {"a": jnp.ones((3,))}
-  g = jax.tree.map(lambda x: 0.1 * x, w)
-  a, b = make_optimizer(spec, 10), make_optimizer(section, 10)
-  ua, _ = a.update(g, a.init(w), w)
-  ub, _ = b.update(g, b.init(w), w)
-  np.testing.assert_array_equal(np.asarray(ua["a"]), np.asarray(ub["a"]))

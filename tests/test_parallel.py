@@ -18,13 +18,12 @@ SCRIPT = textwrap.dedent("""
     from jaxcompress import parallel
     from jaxcompress.data import Batch
     from jaxcompress.models import create_model
-    from jaxcompress.optim import make_optimizer
+    from jaxcompress.optim import OptimizerSpec, make_optimizer
     from jaxcompress.steps import TrainState, make_train_step, make_eval_step, supervised_loss
     assert jax.device_count() == 4, jax.devices()
     model, v = create_model("resnet20", num_classes=4, image_shape=(8, 8, 3))
-    v = jax.tree.map(np.asarray, v)  # host copies: the step donates (deletes) its input state
     cfg = common.train_config(); cfg.schedule = "constant"; cfg.learning_rate = 0.05
-    opt = make_optimizer(cfg, 10)
+    opt = make_optimizer(OptimizerSpec.from_mapping(cfg), 10)
     rng = np.random.default_rng(0)
     batches = [Batch(rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
                      rng.integers(0, 4, 16).astype(np.int32), np.ones(16, np.float32))

@@ -11,7 +11,7 @@ from jaxcompress import parallel
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
-from jaxcompress.optim import learning_rate_schedule, make_optimizer
+from jaxcompress.optim import OptimizerSpec, learning_rate_schedule, make_optimizer
 from jaxcompress.steps import (TrainState, cross_entropy, evaluate, make_eval_step,
                                make_train_step, supervised_loss)
 
@@ -19,7 +19,7 @@ from jaxcompress.steps import (TrainState, cross_entropy, evaluate, make_eval_st
 def _train_cfg(**kw):
   c = common.train_config()
   c.update(kw)
-  return c
+  return OptimizerSpec.from_mapping(c)
 
 
 def _batch(n=16, shape=(8, 8, 3), classes=4, seed=0):
