@@ -104,26 +104,18 @@ def test_folded_resnet_matches_batchnorm_resnet_by_hand_folding():
   np.testing.assert_allclose(out, model.apply(v, x), rtol=1e-4, atol=1e-3)
 
 
-def test_batchnorm_fold_collection_is_the_numpy_affine_map_and_only_used_in_eval():
-  from jaxcompress.models.batchnorm import BatchNorm, fold_collection
+def test_batchnorm_folding_is_the_numpy_affine_map():
+  from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
   rng = np.random.default_rng(0)
   x = rng.standard_normal((4, 3, 3, 5)).astype(np.float32)
   gamma, beta, mean = (rng.standard_normal(5).astype(np.float32) for _ in range(3))
   var = rng.uniform(0.5, 2.0, 5).astype(np.float32)
-  bn = BatchNorm(use_running_average=True, epsilon=1e-5, name="bn")
-  v = {"params": {"scale": gamma, "bias": beta}, "batch_stats": {"mean": mean, "var": var}}
-  fold = fold_collection({"bn": v["params"]}, {"bn": v["batch_stats"]})["bn"]
-  oracle = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta  # NumPy eval-mode BatchNorm
-  np.testing.assert_allclose(fold["gain"], gamma / np.sqrt(var + 1e-5), rtol=1e-6)
-  np.testing.assert_allclose(fold["bias"], beta - mean * gamma / np.sqrt(var + 1e-5), rtol=1e-5,
+  gain = bn_multiplier(gamma, var)
+  bias = fold_bias(None, gain, beta, mean)
+  np.testing.assert_allclose(gain, gamma / np.sqrt(var + 1e-5), rtol=1e-6)
+  np.testing.assert_allclose(bias, beta - mean * gamma / np.sqrt(var + 1e-5), rtol=1e-5,
                              atol=1e-6)
-  np.testing.assert_allclose(bn.apply(v, x), oracle, rtol=1e-5, atol=1e-5)
-  folded = bn.apply({**v, "fold": fold}, x)
-  np.testing.assert_array_equal(folded, x * fold["gain"] + fold["bias"])
-  np.testing.assert_allclose(folded, oracle, rtol=1e-5, atol=1e-5)
-  # Training normalises with the batch's statistics and ignores the collection.
-  train = BatchNorm(use_running_average=False, epsilon=1e-5)
-  plain, _ = train.apply(v, x, mutable=["batch_stats"])
-  with_fold, _ = train.apply({**v, "fold": fold}, x, mutable=["batch_stats"])
-  np.testing.assert_array_equal(plain, with_fold)
-  assert not np.allclose(plain, folded)
+  oracle = (x - mean) / np.sqrt(var + 1e-5) * gamma + beta  # NumPy eval-mode BatchNorm
+  np.testing.assert_allclose(x * gain + bias, oracle, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(fold_bias(np.ones(5, np.float32), gain, beta, mean),
+                             bias + gain, rtol=1e-5, atol=1e-6)  # a conv bias folds in too

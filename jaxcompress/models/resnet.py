@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.batchnorm import EPSILON, BatchNorm
+from jaxcompress.models.batchnorm import EPSILON
 
 STAGE_WIDTHS = (16, 32, 64)
 BN_EPSILON = EPSILON
@@ -41,17 +41,13 @@ def shortcut_a(x: jnp.ndarray, planes: int) -> jnp.ndarray:
 
 def conv_bn(x, features: int, stride: int, conv_name: str, bn_name: str, train: bool,
             folded: bool):
-  """3x3 conv (PyTorch padding 1) then BatchNorm; with ``folded``, a biased conv alone.
-
-  The BatchNorm runs in folded form in eval mode when given a ``fold`` collection
-  (:mod:`jaxcompress.models.batchnorm`).
-  """
+  """3x3 conv (PyTorch padding 1) then BatchNorm; with ``folded``, a biased conv alone."""
   x = nn.Conv(features, (3, 3), (stride, stride), padding=PAD1, use_bias=folded,
               name=conv_name)(x)
   if folded:
     return x
-  return BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                   name=bn_name)(x)
+  return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                      name=bn_name)(x)
 
 
 class BasicBlock(nn.Module):
