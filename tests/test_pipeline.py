@@ -157,3 +157,77 @@ def test_validation_accepts_own_models_msgpack_and_orbax_weights_and_random_init
   (tmp_path / "w.txt").write_text("x")
   with pytest.raises(ConfigError, match=r"student.weights: '.*w.txt' must be a PyTorch-layout"):
     validate_config(config)
+
+
+def _user_model_file(tmp_path):
+  """A module outside the library: an NNX student (takes ``rngs``) and a Linen teacher."""
+  (tmp_path / "user_models.py").write_text('''
+import flax.linen as nn
+from flax import nnx
+
+
+class Student(nnx.Module):
+  def __init__(self, num_classes, *, rngs):
+    self.conv = nnx.Conv(1, 8, (3, 3), strides=2, rngs=rngs)
+    self.norm = nnx.BatchNorm(8, rngs=rngs)
+    self.hidden = nnx.Linear(8, 512, rngs=rngs)
+    self.head = nnx.Linear(512, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv(x))).mean((1, 2))
+    return self.head(nnx.relu(self.hidden(x)))
+
+
+class Teacher(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):  # no train flag
+    return nn.Dense(self.num_classes)(nn.relu(nn.Dense(32)(x.reshape(x.shape[0], -1))))
+
+
+def student(num_classes, rngs):
+  return Student(num_classes, rngs=rngs)
+
+
+def teacher(num_classes):
+  return Teacher(num_classes)
+
+
+def not_a_model(num_classes):
+  return "model"
+''')
+
+
+def test_main_job_on_user_models_given_as_module_factory(tmp_path, monkeypatch):
+  _user_model_file(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config = _config("")
+  config.student.name, config.student.weights = "user_models:student", ""
+  config.teacher.name, config.teacher.weights = "user_models:teacher", ""
+  config.distill.feature_weight = 0.0
+  config.prune.rules = ()  # the library's policy: first and last layer dense
+  config.export.enabled = True
+  results = _run(config, tmp_path / "run")
+  c = results["compressed"]
+  assert c["export_agreement"] == 1.0
+  assert c["size_bytes"] < results["original"]["size_bytes"]
+  # Only `hidden` is pruned (conv first, head last): 80 % of its 8 x 512 kernel.
+  assert c["sparsity"] == pytest.approx(round(0.8 * 4096) / 4096)
+  assert os.path.isfile(tmp_path / "run" / "serving" / "model.jaxexport")
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("user_models:not_a_model", "student.name"),
+    ("user_models:missing", "student.name"),
+    ("no_such_module:f", "no_such_module"),
+])
+def test_bad_module_factory_is_one_line_and_writes_nothing(name, needle, tmp_path, monkeypatch):
+  _user_model_file(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  config = _config("")
+  config.student.name, config.student.weights = name, ""
+  with pytest.raises(ConfigError, match=needle) as e:
+    _run(config, tmp_path / "run")
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "run").exists()
