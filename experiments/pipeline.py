@@ -174,6 +174,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "compressed": compressed,
       "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
   }
+  with open(os.path.join(workdir, "layers.md"), "w") as f:
+    f.write(comp.describe(state) + "\n")
   write_json(os.path.join(workdir, "results.json"), results)
   report_lib.write_report(workdir, config, results,
                           MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())

@@ -24,6 +24,7 @@ The teacher's variables are an input of the step (never trained, never checkpoin
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -38,6 +39,7 @@ from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks
                                            functional)
 from jaxcompress.quantization.model import tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
+from jaxcompress.selection import table as selection_table
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
 
 PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement")
@@ -332,6 +334,32 @@ class Compression:
     return make_train_step(self.loss_fn, self.optimizer, mesh=mesh, seed=seed,
                            num_aux=int(self.teacher is not None))
 
+  def describe(self, state: TrainState) -> str:
+    """A Markdown table of the student's layers in forward order and what was done to each.
+
+    Weights of rank >= 2 that no layer holds are listed as not compressed.
+    """
+    sel = pruning.select(state.params, self.prune_rules, warn_unused=False)
+    pruned = {p[len("model/"):] for p, s in zip(sel.paths, sel.selected) if s}
+    quant = {}
+    if self.quantizer is not None:
+      quant = {l.path: l.config for l in state.model_state["quant"].layers}
+    books = set(state.model_state.get("kmeans", {}))
+    decisions = {}
+    for layer in self.layers.layers:
+      parts = ["pruned" if self.prune_enabled and layer.weight in pruned else "dense"]
+      cfg = quant.get(layer.path)
+      if layer.weight in books:
+        parts.append(f"{self.kmeans_bits}-bit k-means")
+      elif cfg is not None and cfg.weight_bits:
+        parts.append(f"{cfg.weight_bits}-bit weights")
+      if cfg is not None and cfg.act_bits:
+        parts.append(f"{cfg.act_bits}-bit inputs")
+      if layer.norm in self.fold_norms:
+        parts.append(f"folds {layer.norm}")
+      decisions[layer.path] = ", ".join(parts)
+    return selection_table(self.layers, decisions)
+
   # -- export --------------------------------------------------------------------------------
   def variables(self, state: TrainState) -> dict:
     """The student's trained variables (``params`` and its own collections), on the host."""
@@ -458,7 +486,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       ``sample_input``, a teacher missing while the distill spec needs one, or bad rules.
   """
   s = functional(student)
-  layers = trace_layers(s, dict(variables), sample_input)
+  layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:
     require_layers(layers)
   if prune.rules:
@@ -475,7 +503,11 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       schedule = pruning.one_shot_schedule(prune.sparsity, begin)
     else:
       schedule = pruning.constant_schedule(prune.sparsity)
-    pruning.select({"model": variables["params"]}, rules)  # rules that match nothing warn now
+    sel = pruning.select({"model": variables["params"]}, rules)  # rules matching nothing warn
+    if prune.structure == "unstructured" and prune.scope == "layer" and not any(
+        round(prune.sparsity * leaf.size) for leaf in sel.pick(sel.leaves)):
+      warnings.warn(f"prune.sparsity={prune.sparsity} prunes no weight: each selected weight is "
+                    "too small for that fraction to round to one entry", stacklevel=2)
     opt = pruning.prune(optimizer, schedule, score=prune.method, structure=prune.masker(),
                         rules=rules, update_every=every, seed=prune.seed)
   quantizer = None

@@ -98,13 +98,15 @@ def _floating(x: Any) -> bool:
                         jnp.floating)
 
 
-def trace_layers(model: Any, variables: dict, *args: Any, **kwargs: Any) -> ModelLayers:
+def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
+                 **kwargs: Any) -> ModelLayers:
   """Finds the model's compressible layers, in forward order, by one abstract forward.
 
   Args:
     model: a Flax Linen or NNX module, or a ``Functional``.
     variables: its variables.
     *args: sample inputs (only shapes and dtypes matter).
+    field: the config field that names the model, for messages.
     **kwargs: further keyword arguments of the model.
 
   Returns:
@@ -149,7 +151,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, **kwargs: Any) -> Mode
     raise
   except Exception as e:  # a user model failing on the data's shape is a user mistake
     shapes = [tuple(jnp.shape(a)) for a in args]
-    raise ConfigError(f"model {fm.name}: the forward fails on inputs of shape {shapes} "
+    raise ConfigError(f"{field}: {fm.name}'s forward fails on inputs of shape {shapes} "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
                       "model must accept the dataset's input batch") from None
   outputs.clear()

@@ -250,8 +250,17 @@ def test_model_with_no_layer_and_failing_forward_are_one_line_errors():
                   total_steps=2, quant=compose.QuantSpec(weight_bits=4))
   mlp = LinenMLP()
   variables = mlp.init(jax.random.key(0), np.ones((2, 12), np.float32))
-  with pytest.raises(ConfigError, match=r"forward fails on inputs of shape \[\(2, 5\)\]"):
+  with pytest.raises(ConfigError, match=r"model: LinenMLP's forward fails on inputs of shape "
+                                       r"\[\(2, 5\)\]"):
     trace_layers(mlp, variables, np.ones((2, 5), np.float32))
+
+
+def test_a_sparsity_that_prunes_nothing_warns():
+  x = np.ones((2, 3), np.float32)
+  model = LinenMLP()
+  with pytest.warns(UserWarning, match="prunes no weight"):
+    compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
+                  total_steps=4, prune=compose.PruneSpec(sparsity=0.0001))
 
 
 def test_a_model_that_does_not_fit_the_artifact_is_refused(tmp_path):

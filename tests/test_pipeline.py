@@ -196,6 +196,31 @@ def teacher(num_classes):
 
 def not_a_model(num_classes):
   return "model"
+
+
+class WrongShape(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], 32 * 32 * 3))  # CIFAR only
+
+
+class NoLayer(nn.Module):
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, x):
+    return x.reshape(x.shape[0], -1)[:, :self.num_classes] * self.param(
+        "scale", nn.initializers.ones, (1,))
+
+
+def wrong_shape(num_classes):
+  return WrongShape(num_classes)
+
+
+def no_layer(num_classes):
+  return NoLayer(num_classes)
 ''')
 
 
@@ -215,12 +240,21 @@ def test_main_job_on_user_models_given_as_module_factory(tmp_path, monkeypatch):
   # Only `hidden` is pruned (conv first, head last): 80 % of its 8 x 512 kernel.
   assert c["sparsity"] == pytest.approx(round(0.8 * 4096) / 4096)
   assert os.path.isfile(tmp_path / "run" / "serving" / "model.jaxexport")
+  rows = {line.split("`")[1]: line for line in
+          (tmp_path / "run" / "layers.md").read_text().splitlines() if "`" in line}
+  assert list(rows) == ["conv", "hidden", "head"]  # forward order
+  assert "dense, 8-bit weights, 8-bit inputs, folds norm" in rows["conv"]
+  assert "pruned, 4-bit weights, 8-bit inputs" in rows["hidden"]
+  assert "dense, 8-bit weights, 8-bit inputs" in rows["head"]
 
 
 @pytest.mark.parametrize("name, needle", [
     ("user_models:not_a_model", "student.name"),
     ("user_models:missing", "student.name"),
     ("no_such_module:f", "no_such_module"),
+    ("user_models:wrong_shape", r"student.name: user_models:wrong_shape's forward fails on one "
+                                r"input of shape \[28, 28, 1\]"),
+    ("user_models:no_layer", "student.name: the model has no layer to compress"),
 ])
 def test_bad_module_factory_is_one_line_and_writes_nothing(name, needle, tmp_path, monkeypatch):
   _user_model_file(tmp_path)

@@ -204,7 +204,12 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
   else:
     sample = np.zeros((1, *image_shape), np.float32)
     init = lambda: fn.init(jax.random.key(seed), sample)
-    reference = jax.eval_shape(init) if weights else jax.jit(init)()
+    try:
+      reference = jax.eval_shape(init) if weights else jax.jit(init)()
+    except Exception as e:  # a model that does not take the dataset's input is a user mistake
+      raise ConfigError(f"{field}.name: {name}'s forward fails on one input of shape "
+                        f"{list(image_shape)} ({type(e).__name__}: {_first_line(e)}); the model "
+                        "must accept the dataset's images") from None
   if not weights:
     return model, dict(reference)
   variables = jax.tree.map(jnp.asarray, load_weights(weights, reference,
@@ -225,3 +230,8 @@ def _set_nnx(model: nnx.Module, variables: dict) -> None:
       else:  # older flax
         state.replace_by_pure_dict(variables[collection])
       nnx.update(model, state)
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else ""
