@@ -17,9 +17,12 @@ import jax
 import numpy as np
 
 from configs import cifar_distill
+from experiments.pipeline import compression_specs
 from jaxcompress import compose
 from jaxcompress.errors import unknown
 from jaxcompress.models import create_model
+from jaxcompress.models.functional import functional
+from jaxcompress.optim import OptimizerSpec, make_optimizer
 
 VARIANTS = {  # name -> (prune, weight quant, activation quant, distill)
     "plain": (False, False, False, False),
@@ -32,7 +35,7 @@ VARIANTS = {  # name -> (prune, weight quant, activation quant, distill)
 
 
 class Variant(NamedTuple):
-  """A ready-to-run step; ``run`` times ``steps`` calls and keeps the (donated) state."""
+  """A ready-to-run step; ``run`` times ``steps`` calls and keeps the last state."""
   step: Callable
   state: list  # one-element box: the state is replaced on every call
   args: tuple
@@ -66,7 +69,10 @@ def build_variant(name: str, sample_x: np.ndarray, teacher=None) -> Variant:
   config = _config(prune, wquant, aquant, distill)
   student, student_vars = create_model("resnet20", num_classes=10, image_shape=(32, 32, 3))
   model, tvars = teacher if distill else (None, None)
-  comp = compose.build(config, student, model, steps_per_epoch=390, total_steps=390 * 30)
+  optimizer = make_optimizer(OptimizerSpec.from_mapping(config.train), 390,
+                             decay_mask=compose.decay_mask)
+  comp = compose.build(student, student_vars, sample_x, optimizer=optimizer,
+                       total_steps=390 * 30, teacher=model, **compression_specs(config))
   state = comp.init_state(student_vars, sample_x, teacher_vars=tvars, calibration=[sample_x])
   return Variant(comp.make_train_step(), [state], (tvars,) if distill else ())
 
@@ -74,7 +80,7 @@ def build_variant(name: str, sample_x: np.ndarray, teacher=None) -> Variant:
 def teacher_forward(teacher) -> Callable:
   """``fn(batch) -> logits`` of the teacher in eval mode, jitted (the KD step's extra work)."""
   model, variables = teacher
-  fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  fwd = jax.jit(lambda v, x, fm=functional(model): fm.apply(v, x)[0])
   return lambda batch: fwd(variables, batch.image)
 
 
