@@ -7,15 +7,18 @@ Data flow, one module each (``import jaxcompress.<name>``):
                 deterministic batches
   models        any Linen/NNX module as pure functions; registry, MODULE:FACTORY names;
                 weights from .npz, .msgpack, orbax; CIFAR ResNets, CNNs, MLP
+  selection     which layers a model has, from its traced forward; first/last; folded norms
   pruning       scores, masks (unstructured, N:M, channel), schedules, optax wrapper, iterative
   quantization  fake-quant (STE), calibration, LSQ, k-means, rules over unmodified Flax models
   distillation  per-example KD and hint losses
-  compose       one jitted train step for any subset of prune / quantize / distill
+  compose       typed specs and one jitted train step for any subset of prune / quantize /
+                distill, for any Linen or NNX model; its export
   steps, optim, parallel, train, checkpoint
                 train/eval steps, optimizers (OptimizerSpec), data parallelism, the resumable
                 loop (fit with DataSpec and LoopSpec, evaluate_split, load_data)
   metrics       accuracy, per-class precision/recall
-  export        finalize, pack, save/load the artifact, jax.export serving
+  export        finalize, pack, save/load the artifact of any model, jax.export serving
+  tables        the Markdown table writer
 
 Jobs that wire these together and write files live in ``experiments/``, not here: the main job
 (``pipeline``, ``report``), supervised training (``train_job``), evaluation (``evaluate_job``),
@@ -23,10 +26,12 @@ the pruning and PTQ studies (``sensitivity``, ``ptq_eval``), ResNet channel surg
 (``resnet_surgery``) and the benchmarks (``bench_lib``).
 """
 
-from jaxcompress import compose, data, distillation, models, pruning, quantization, rules
+from jaxcompress import (compose, data, distillation, models, pruning, quantization, rules,
+                         selection)
 from jaxcompress.errors import ConfigError
+from jaxcompress.models.functional import Functional, functional, variables_of
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "compose", "data", "distillation", "models", "pruning",
-           "quantization", "rules"]
+__all__ = ["ConfigError", "Functional", "compose", "data", "distillation", "functional",
+           "models", "pruning", "quantization", "rules", "selection", "variables_of"]

@@ -1,11 +1,14 @@
-"""Models: CIFAR ResNets, small CNNs and an MLP, a registry by name or ``MODULE:FACTORY``, weights
-from PyTorch ``.npz``, flax ``.msgpack`` or orbax checkpoints."""
+"""Models: any Linen or NNX module as pure functions (:mod:`.functional`), a registry by name or
+``MODULE:FACTORY``, weights from PyTorch ``.npz``, flax ``.msgpack`` or orbax checkpoints, and the
+built-in test bench: CIFAR ResNets, small CNNs and an MLP."""
 
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
+from jaxcompress.models.functional import Functional, functional, variables_of
 from jaxcompress.models.registry import create_model, get_model, model_names, register
 from jaxcompress.models.resnet import CifarResNet
 from jaxcompress.models.torch_import import load_pytorch_npz, torch_to_flax
 from jaxcompress.models.weights import load_weights
 
-__all__ = ["CifarResNet", "MnistCNN", "CifarCNN", "MLP", "get_model", "model_names", "register",
-           "create_model", "load_weights", "load_pytorch_npz", "torch_to_flax"]
+__all__ = ["Functional", "functional", "variables_of", "CifarResNet", "MnistCNN", "CifarCNN",
+           "MLP", "get_model", "model_names", "register", "create_model", "load_weights",
+           "load_pytorch_npz", "torch_to_flax"]
