@@ -42,6 +42,7 @@ def main(argv):
   import jax
   from experiments import bench_lib
   from jaxcompress.data import train_batches
+  from jaxcompress.tables import markdown_table
   from configs.common import IMAGENET_MEAN, IMAGENET_STD
 
   rng = np.random.default_rng(0)
@@ -74,16 +75,15 @@ def main(argv):
   ratio = {k: (base / v if base else None) for k, v in med.items()}
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, batch {_BATCH.value}, "
         f"{_ROUNDS.value} rounds x {_STEPS.value} steps, median")
-  print("| variant | images/s | step-time ratio to plain | CPU s / wall s |")
-  print("|---|---:|---:|---:|")
-  for k in med:
-    wall = _ROUNDS.value * _STEPS.value * _BATCH.value / med[k]
-    r = f"{ratio[k]:.3f}" if ratio[k] else "-"
-    print(f"| {k} | {med[k]:.1f} | {r} | {cpu[k] / wall:.2f} |")
+  timed = _ROUNDS.value * _STEPS.value * _BATCH.value  # images per variant; / med[k]: wall s
+  rows = [(k, f"{med[k]:.1f}", f"{ratio[k]:.3f}" if ratio[k] else "-",
+           f"{cpu[k] / (timed / med[k]):.2f}") for k in med]
   kd_target = 1 + base / fwd_ips + 0.05 if base else None
-  print(f"| teacher forward alone (ResNet-56, eval) | {fwd_ips:.1f} | "
-        f"{(base / fwd_ips if base else 0):.3f} | |")
-  print(f"| input pipeline (host) | {np.median(pipe):.0f} | | |")
+  rows.append(("teacher forward alone (ResNet-56, eval)", f"{fwd_ips:.1f}",
+               f"{(base / fwd_ips if base else 0):.3f}", ""))
+  rows.append(("input pipeline (host)", f"{np.median(pipe):.0f}", "", ""))
+  print(markdown_table(("variant", "images/s", "step-time ratio to plain", "CPU s / wall s"),
+                       rows, align="lrrr"))
   print(f"targets: prune <= 1.03, wquant <= 1.05, waquant <= 1.15, kd <= "
         f"{kd_target or float('nan'):.3f} (1 + teacher forward / plain step + 0.05)")
   cli.print_json({"images_per_s": {k: round(v, 2) for k, v in med.items()},

@@ -42,6 +42,7 @@ from jaxcompress.errors import ConfigError, check_range, invalid
 from jaxcompress.models import create_model
 from jaxcompress.quantization.qparams import BITS_VALID, MAX_BITS, MIN_BITS
 from jaxcompress.steps import make_eval_step
+from jaxcompress.tables import markdown_table
 from jaxcompress.train import evaluate_split
 
 SCHEME_VALID = ("w<bits>a<bits>[/<calibration>] (uniform weights and inputs), w<bits> (uniform "
@@ -304,10 +305,7 @@ def post_training_quantization(config) -> dict:
 def ptq_table(result: dict) -> str:
   """The study as a markdown table: one row per scheme, float first."""
   bits = lambda b: "float" if b == FLOAT_BITS else str(b)
-  lines = ["| scheme | accuracy % | Δ vs float (points) | agreement with float % | weight bits | "
-           "act bits | method |", "|---|---:|---:|---:|---:|---:|---|"]
-  for r in result["rows"]:
-    lines.append(f"| {r['scheme']} | {r['accuracy']:.2f} | {r['delta']:+.2f} | "
-                 f"{r['agreement']:.2f} | {bits(r['weight_bits'])} | {bits(r['act_bits'])} | "
-                 f"{r['method']} |")
-  return "\n".join(lines)
+  rows = [(r["scheme"], f"{r['accuracy']:.2f}", f"{r['delta']:+.2f}", f"{r['agreement']:.2f}",
+           bits(r["weight_bits"]), bits(r["act_bits"]), r["method"]) for r in result["rows"]]
+  return markdown_table(("scheme", "accuracy %", "Δ vs float (points)", "agreement with float %",
+                         "weight bits", "act bits", "method"), rows, align="lrrrrrl")

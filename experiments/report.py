@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from jaxcompress import data as data_lib  # noqa: E402
+from jaxcompress import tables  # noqa: E402
 
 ROWS = (("teacher", "teacher"), ("original", "original student"),
         ("before_finetune", "compressed, before fine-tuning"),
@@ -32,17 +33,17 @@ def _rows(results: dict) -> list[tuple[str, str, dict]]:
 def markdown_table(results: dict) -> str:
   """One row per model: accuracy, size (:func:`model_sizes`), ratio to the original, sparsity,
   bits."""
-  lines = ["| model | accuracy % | size (bytes) | ratio | sparsity | weight bits | act bits |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
   size0 = results["original"].get("size_bytes")
   sizes = model_sizes(results)
+  rows = []
   for key, label, row in _rows(results):
     size = sizes.get(key)
-    ratio = f"{size0 / size:.1f}x" if size and size0 else "-"
-    lines.append(f"| {label} ({row.get('model', '')}) | {row['accuracy']:.2f} | "
-                 f"{_fmt(size, ',')} | {ratio} | {_fmt(row.get('sparsity'), '.3f')} | "
-                 f"{_fmt(row.get('weight_bits'))} | {_fmt(row.get('act_bits'))} |")
-  return "\n".join(lines)
+    rows.append((f"{label} ({row.get('model', '')})", f"{row['accuracy']:.2f}",
+                 _fmt(size, ","), f"{size0 / size:.1f}x" if size and size0 else "-",
+                 _fmt(row.get("sparsity"), ".3f"), _fmt(row.get("weight_bits")),
+                 _fmt(row.get("act_bits"))))
+  return tables.markdown_table(("model", "accuracy %", "size (bytes)", "ratio", "sparsity",
+                                "weight bits", "act bits"), rows, align="lrrrrrr")
 
 
 def per_class_table(results: dict, label_names: Sequence[str] | None = None) -> str:
@@ -64,15 +65,15 @@ def per_class_table(results: dict, label_names: Sequence[str] | None = None) -> 
   names = list(label_names or [])
   if len(names) != classes:
     names = [str(i) for i in range(classes)]
-  lines = ["| class | " + " | ".join(label for label, _ in rows) + " |",
-           "|---|" + "---:|" * len(rows)]
+  body = []
   for i, name in enumerate(names):
     cells = []
     for _, row in rows:
       p = (row.get("precision") or [None] * classes)[i]
       cells.append(f"{_fmt(p, '.3f')} / {_fmt(row['recall'][i], '.3f')}")
-    lines.append(f"| {name} | " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+    body.append((name, *cells))
+  return tables.markdown_table(("class", *(label for label, _ in rows)), body,
+                               align="l" + "r" * len(rows))
 
 
 def plot_curves(metrics: list[dict], path: str) -> None:

@@ -40,6 +40,7 @@ from jaxcompress.pruning.masks import SCOPES, check_sparsity
 from jaxcompress.pruning.select import compile_rules
 from jaxcompress.rules import Rule
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
+from jaxcompress.tables import markdown_table
 from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 
 
@@ -158,13 +159,6 @@ def one_shot_sensitivity(config) -> dict:
           "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _markdown(header: Sequence[str], align: str, rows: Sequence[Sequence[Any]]) -> list[str]:
-  """Lines of a markdown table; ``align`` has one of ``l``, ``r``, ``c`` per column."""
-  rule = {"l": "---", "r": "---:", "c": ":---:"}
-  out = ["| " + " | ".join(header) + " |", "|" + "|".join(rule[a] for a in align) + "|"]
-  return out + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
 def one_shot_table(result: dict) -> str:
   """A markdown table of :func:`one_shot_sensitivity`'s result: dense row, then each point."""
   dense = result["dense"]["accuracy"]
@@ -172,12 +166,8 @@ def one_shot_table(result: dict) -> str:
   rows += [(r["scope"], f"{r['sparsity']:.2f}", f"{r['achieved']:.4f}",
             f"{r['model_sparsity']:.4f}", f"{r['accuracy']:.2f}", f"{r['accuracy'] - dense:+.2f}")
            for r in result["results"]]
-  return "\n".join(_markdown(("scope", "target sparsity", "achieved (pruned layers)",
-                               "whole model", "test accuracy", "change"), "lrrrrr", rows))
-
-
-
-
+  return markdown_table(("scope", "target sparsity", "achieved (pruned layers)", "whole model",
+                         "test accuracy", "change"), rows, align="lrrrrr")
 
 
 def keep_nonzero(paths: Sequence[str], scores: Sequence[jax.Array], sparsity) -> list[jax.Array]:
@@ -328,9 +318,9 @@ def iterative_table(result: dict) -> str:
   rows += [(h["round"], f"{h['sparsity']:.2f}", f"{h['val_accuracy']:.2f}",
             f"{h['val_accuracy'] - dense:+.2f}", "yes" if h["within_tolerance"] else "no",
             h["steps"], f"{h['seconds']:.0f}") for h in result["history"]]
-  lines = _markdown(("round", "sparsity", "val accuracy", "change", "within tolerance",
-                     "fine-tune steps", "seconds"), "lrrrcrr", rows)
-  lines += ["", f"chosen sparsity {result['sparsity']:.2f} (tolerance {result['tolerance']} "
-            f"points): test accuracy {result['test_accuracy']:.2f} (dense "
-            f"{result['dense_test_accuracy']:.2f}) on {result['test_examples']} test examples"]
-  return "\n".join(lines)
+  table = markdown_table(("round", "sparsity", "val accuracy", "change", "within tolerance",
+                          "fine-tune steps", "seconds"), rows, align="lrrrcrr")
+  test = (f"chosen sparsity {result['sparsity']:.2f} (tolerance {result['tolerance']} points): "
+          f"test accuracy {result['test_accuracy']:.2f} (dense "
+          f"{result['dense_test_accuracy']:.2f}) on {result['test_examples']} test examples")
+  return "\n".join([table, "", test])

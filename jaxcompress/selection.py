@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import functional, weight_name
 from jaxcompress.rules import Rule, path_str
+from jaxcompress.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +176,10 @@ def require_layers(layers: ModelLayers, field: str = "student.name") -> None:
 def table(layers: ModelLayers, decisions: dict[str, str] | None = None) -> str:
   """A Markdown table of the layers (and of the uncovered weights, marked as not compressed)."""
   decisions = decisions or {}
-  rows = ["| # | layer | type | weight shape | input shape | decision |", "|---|---|---|---|---|---|"]
-  for i, l in enumerate(layers.layers):
-    rows.append(f"| {i} | `{l.path}` | {l.type_name} | {list(l.shape)} | {list(l.input_shape)} "
-                f"| {decisions.get(l.path, '')} |")
-  for p in layers.uncovered:
-    rows.append(f"| | `{p}` | (not a layer) | | | not compressed |")
-  return "\n".join(rows)
+  rows = [(i, f"`{l.path}`", l.type_name, list(l.shape), list(l.input_shape),
+           decisions.get(l.path, "")) for i, l in enumerate(layers.layers)]
+  rows += [("", f"`{p}`", "(not a layer)", "", "", "not compressed") for p in layers.uncovered]
+  return markdown_table(("#", "layer", "type", "weight shape", "input shape", "decision"), rows)
 
 
 def paths(layers: ModelLayers) -> Sequence[str]:

@@ -58,7 +58,8 @@ def test_study_end_to_end_on_mock_data():
   assert json.loads(json.dumps(result)) == result  # one JSON line, plain types only
   lines = ptq_table(result).splitlines()
   assert len(lines) == 2 + len(rows)
-  assert lines[0].startswith("| scheme | accuracy % | Δ vs float")
+  assert [x.strip() for x in lines[0].strip("|").split("|")][:3] == [
+      "scheme", "accuracy %", "Δ vs float (points)"]
   for line, r in zip(lines[2:], rows):
     cells = [x.strip() for x in line.strip("|").split("|")]
     assert cells[0] == r["scheme"] and float(cells[1]) == pytest.approx(r["accuracy"], abs=0.005)

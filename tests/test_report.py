@@ -34,19 +34,38 @@ def _results(exported=True):
   }
 
 
+def _cells(table: str) -> list[list[str]]:
+  """The stripped cells of every line of a Markdown table (the rule line included)."""
+  return [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()]
+
+
 def test_per_class_table_names_classes_by_the_datasets_labels():
   table = report.per_class_table(_results(), dataset_spec("cifar10").label_names)
-  lines = table.splitlines()
-  assert lines[0] == ("| class | teacher | original student | compressed, before fine-tuning | "
-                      "compressed, fine-tuned |")
-  assert [l.split(" | ")[0][2:] for l in lines[2:]] == list(CIFAR10)
+  cells = _cells(table)
+  assert cells[0] == ["class", "teacher", "original student", "compressed, before fine-tuning",
+                      "compressed, fine-tuned"]
+  assert [c.replace("-", "") for c in cells[1]] == ["", ":", ":", ":", ":"]  # numbers right
+  assert [row[0] for row in cells[2:]] == list(CIFAR10)
   # Class 3 (cat): teacher precision 0.80 + 0.03, recall 0.80 + 0.06; fine-tuned 0.73 / 0.76.
-  assert lines[2 + 3] == "| cat | 0.830 / 0.860 | 0.780 / 0.810 | 0.430 / 0.460 | 0.730 / 0.760 |"
+  assert cells[2 + 3] == ["cat", "0.830 / 0.860", "0.780 / 0.810", "0.430 / 0.460",
+                          "0.730 / 0.760"]
 
 
 def test_per_class_table_falls_back_to_indices_without_names():
-  lines = report.per_class_table(_results(), None).splitlines()
-  assert [l.split(" | ")[0][2:] for l in lines[2:]] == [str(i) for i in range(10)]
+  cells = _cells(report.per_class_table(_results(), None))
+  assert [row[0] for row in cells[2:]] == [str(i) for i in range(10)]
+
+
+def test_markdown_table_one_row_per_model():
+  cells = _cells(report.markdown_table(_results()))
+  assert cells[0] == ["model", "accuracy %", "size (bytes)", "ratio", "sparsity", "weight bits",
+                      "act bits"]
+  assert cells[2:] == [
+      ["teacher (resnet56)", "93.39", "3,412,072", "0.3x", "-", "-", "-"],
+      ["original student (resnet20)", "91.73", "1,078,888", "1.0x", "0.000", "-", "-"],
+      ["compressed, before fine-tuning (resnet20)", "60.12", "64,172", "16.8x", "0.800", "4",
+       "8"],
+      ["compressed, fine-tuned (resnet20)", "91.07", "64,172", "16.8x", "0.800", "4", "8"]]
 
 
 def test_the_one_shot_model_is_placed_at_the_compressed_size_not_the_float_size():
@@ -63,7 +82,9 @@ def test_write_report_uses_the_label_names_and_writes_the_plots(tmp_path):
   report.write_report(str(tmp_path), config, _results(), metrics=[])
   text = open(tmp_path / "report.md").read()
   assert "Per-class precision / recall on cifar10 test" in text
-  assert "\n| airplane | 0.800 / 0.800 |" in text and "\n| truck | " in text
-  assert "recall 0" not in text and "\n| 0 | " not in text
-  assert "| compressed, before fine-tuning (resnet20) | 60.12 | 64,172 | 16.8x |" in text
+  cells = _cells(text[text.index("| class "):])
+  assert cells[2][:2] == ["airplane", "0.800 / 0.800"] and cells[11][0] == "truck"
+  assert "recall 0" not in text and [row[0] for row in cells[2:12]] == list(CIFAR10)
+  assert ["compressed, before fine-tuning (resnet20)", "60.12", "64,172", "16.8x"] in [
+      row[:4] for row in _cells(text[text.index("| model "):])]
   assert os.path.getsize(tmp_path / "accuracy_vs_size.png") > 1000
