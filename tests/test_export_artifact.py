@@ -246,7 +246,8 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
   _one_line_error(write("shape2", spec_obj=bad_shape), "params/body/kernel")
   moved = copy()
   moved["layers"][index]["segments"]["scale"] += 4
-  moved["layers"][index + 1]["segments"]["positions"] -= 4
+  following = moved["layers"][index + 1]["segments"]
+  following[next(iter(following))] -= 4  # the next tensor's first segment loses 4 bytes
   _one_line_error(write("moved", spec_obj=moved), "segment 'scale' has 68 bytes, a layer of shape "
                                                   r"\[3, 3, 8, 16\] needs 4 or 64")
   grown = copy()

@@ -88,8 +88,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     if meta["kind"] == "float":
       del meta["bits"]  # always 32
     if meta["encoding"] == "dense":
-      del meta["nnz"]  # every entry
-    meta["segments"] = {name: int(data.size) for name, data in segments.items()}
+      del meta["nnz"], meta["encoding"]  # every entry; the default encoding
+    meta["segments"] = {name: int(data.size) for name, data in segments.items() if data.size}
     chunks += [data.tobytes() for data in segments.values()]
     metas.append(meta)
   raw = b"".join(chunks)
@@ -209,8 +209,11 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
     meta = dict(meta)
     if meta["kind"] == "float":
       meta.setdefault("bits", 32)
-    if meta.get("encoding") == "dense":
+    meta.setdefault("encoding", "dense")
+    if meta["encoding"] == "dense":
       meta.setdefault("nnz", int(np.prod(meta["shape"])))
+    for name in ("positions", "values"):  # empty segments are not listed
+      segments.setdefault(name, np.zeros(0, np.uint8))
     tensors[meta["path"]] = decode_layer(meta, segments)
     if "axis" in meta:
       axes[meta["path"]] = int(meta["axis"])

@@ -33,8 +33,8 @@ def size_report(out_dir: str) -> dict[str, Any]:
     n = int(np.prod(meta["shape"]))
     layers.append({
         "path": meta["path"], "kind": meta["kind"], "bits": meta.get("bits", 32),
-        "encoding": meta["encoding"] + (str(meta["gap_bits"]) if meta["encoding"] == "gaps"
-                                        else ""),
+        "encoding": meta.get("encoding", "dense") + (
+            str(meta["gap_bits"]) if meta.get("encoding") == "gaps" else ""),
         "shape": meta["shape"], "density": round(meta.get("nnz", n) / n, 4),
         "bytes": sum(meta["segments"].values()),
         "float32_bytes": 4 * n if meta["path"].startswith("params/") else 0})
