@@ -86,8 +86,12 @@ def main(argv):
   from configs import common
   from jaxcompress import data as data_lib
   from experiments import resnet_surgery as surgery
+  from jaxcompress.data import DataSpec
   from jaxcompress.models import create_model, get_model
   from jaxcompress.pruning import apply_masks
+  from jaxcompress.steps import make_eval_step
+  from jaxcompress.tables import markdown_table
+  from jaxcompress.train import evaluate_split
 
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
                                   weights=_WEIGHTS.value or None)
@@ -119,23 +123,23 @@ def main(argv):
             "speedup": {k: round(v / med["dense"], 3) for k, v in med.items()}}
 
   if _EVAL.value:
-    x, y = data_lib.load_split("cifar10", "test")
+    test = data_lib.load_split("cifar10", "test")
+    data = DataSpec(name="cifar10", eval_batch_size=500, mean=common.IMAGENET_MEAN,
+                    std=common.IMAGENET_STD)
+    evaluated = {**variants, "masked": (forward(model), masked_vars)}
+    steps = {name: make_eval_step(fn) for name, (fn, _) in evaluated.items()}
+    evaluate = lambda name, v: evaluate_split(steps[name], v, test, data, desc=name,
+                                              predictions=True)
     acc, preds = {}, {}
-    for name, (fn, v) in {**variants, "masked": (forward(model), masked_vars)}.items():
-      p = []
-      for b in data_lib.eval_batches(x, y, 500, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
-        p.append(np.asarray(jax.numpy.argmax(fn(v, b.image), -1))[b.weight > 0])
-      preds[name] = np.concatenate(p)
-      acc[name] = round(100 * float(np.mean(preds[name] == y)), 2)
+    for name, (_, v) in evaluated.items():
+      metrics = evaluate(name, v)
+      preds[name] = np.asarray(metrics["predictions"])
+      acc[name] = round(metrics["accuracy"], 2)
     result["accuracy"] = acc
     result["agreement_shrunk_vs_masked"] = float(np.mean(preds["shrunk"] == preds["masked"]))
     if _FT_EPOCHS.value > 0:
       tuned, seconds = finetune(small, small_vars, _FT_EPOCHS.value, _FT_LR.value)
-      fn = variants["shrunk"][0]
-      p = [np.asarray(jax.numpy.argmax(fn(tuned, b.image), -1))[b.weight > 0]
-           for b in data_lib.eval_batches(x, y, 500, mean=common.IMAGENET_MEAN,
-                                          std=common.IMAGENET_STD)]
-      acc["shrunk_finetuned"] = round(100 * float(np.mean(np.concatenate(p) == y)), 2)
+      acc["shrunk_finetuned"] = round(evaluate("shrunk", tuned)["accuracy"], 2)
       result["finetune"] = {"epochs": _FT_EPOCHS.value, "lr": _FT_LR.value,
                             "seconds": round(seconds, 1)}
 
@@ -143,16 +147,16 @@ def main(argv):
         f"{_STEPS.value} batches, median; {_MODEL.value} with {_FRACTION.value:.0%} of inner "
         f"channels removed ({_NORM.value}), params {result['params']['dense']:,} -> "
         f"{result['params']['shrunk']:,}")
-  print("| variant | images/s | speed-up vs dense |" + (" accuracy |" if _EVAL.value else ""))
-  print("|---|---:|---:|" + ("---:|" if _EVAL.value else ""))
-  for k in med:
-    a = f" {result['accuracy'][k]:.2f} |" if _EVAL.value else ""
-    print(f"| {k} | {med[k]:.1f} | {med[k] / med['dense']:.2f}x |{a}")
+  rows = [(k, f"{med[k]:.1f}", f"{med[k] / med['dense']:.2f}x") for k in med]
+  header = ("variant", "images/s", "speed-up vs dense")
   if _EVAL.value:
-    print(f"| masked (full width) | | | {result['accuracy']['masked']:.2f} |")
+    header += ("accuracy",)
+    rows = [(*row, f"{result['accuracy'][row[0]]:.2f}") for row in rows]
+    rows.append(("masked (full width)", "", "", f"{result['accuracy']['masked']:.2f}"))
     if "shrunk_finetuned" in result["accuracy"]:
-      print(f"| shrunk, fine-tuned {_FT_EPOCHS.value:g} epoch(s) | | | "
-            f"{result['accuracy']['shrunk_finetuned']:.2f} |")
+      rows.append((f"shrunk, fine-tuned {_FT_EPOCHS.value:g} epoch(s)", "", "",
+                   f"{result['accuracy']['shrunk_finetuned']:.2f}"))
+  print(markdown_table(header, rows, align="lrrr"[:len(header)]))
   cli.print_json(result)
 
 

@@ -36,17 +36,18 @@ _CALIB = flags.DEFINE_integer("calibration_images", 512, "Training images for in
 
 def main(argv):
   del argv
-  import jax
-  import jax.numpy as jnp
   from configs import common
   from jaxcompress import data as data_lib
   from jaxcompress import export
   from jaxcompress.compose import fold_arrays
+  from jaxcompress.data import Batch, DataSpec
   from jaxcompress.models import create_model
   from jaxcompress.models.functional import fold_hook
   from jaxcompress.pruning import apply_masks, magnitude_masks
   from jaxcompress.quantization import calibrate, default_rules, quantize
   from jaxcompress.selection import trace_layers
+  from jaxcompress.steps import evaluate, make_eval_step
+  from jaxcompress.train import evaluate_split
 
   mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
@@ -72,6 +73,7 @@ def main(argv):
   export_s = time.perf_counter() - t0
 
   test_x, test_y = data_lib.load_split("cifar10", "test")
+  data = DataSpec(name="cifar10", eval_batch_size=500, mean=mean, std=std)
   # Variables and quantization state are inputs of the compiled functions, as in an eval step;
   # the fake-quant model runs its BatchNorms in the folded form the artifact stores.
   gains = fold_arrays(pruned["params"], pruned["batch_stats"], fold)
@@ -81,15 +83,15 @@ def main(argv):
                      (pruned, qstate, gains)),
       "artifact": (loaded.apply_fn, loaded.arrays),
   }
-  preds = {}
-  for name, (fn, v) in fns.items():
-    fn = jax.jit(fn)
-    preds[name] = np.concatenate([
-        np.asarray(jnp.argmax(fn(v, b.image), -1))[b.weight > 0]
-        for b in data_lib.eval_batches(test_x, test_y, 500, mean=mean, std=std)])
-  preds["serving"] = np.concatenate([np.asarray(jnp.argmax(serve(test_x[i:i + 500]), -1))
-                                     for i in range(0, len(test_x), 500)])
-  acc = {k: round(100 * float(np.mean(p == test_y)), 2) for k, p in preds.items()}
+  metrics = {name: evaluate_split(make_eval_step(fn), v, (test_x, test_y), data, desc=name,
+                                  predictions=True) for name, (fn, v) in fns.items()}
+  # The serving function takes the uint8 images and normalises them itself.
+  raw = (Batch(test_x[i:i + 500], test_y[i:i + 500], np.ones(len(test_y[i:i + 500]), np.float32))
+         for i in range(0, len(test_x), 500))
+  metrics["serving"] = evaluate(make_eval_step(lambda _, x: serve(x)), None, raw,
+                                num_classes=data.num_classes, desc="serving", predictions=True)
+  acc = {k: round(m["accuracy"], 2) for k, m in metrics.items()}
+  preds = {k: np.asarray(m["predictions"]) for k, m in metrics.items()}
   print(export.format_report(report))
   cli.print_json({
       "model": _MODEL.value, "sparsity": _SPARSITY.value, "weight_bits": _WBITS.value,

@@ -234,25 +234,19 @@ def split_evaluator(split: tuple[np.ndarray, np.ndarray], data: DataSpec, *,
   """An ``evaluate`` for :func:`ptq_sweep` over every example of ``split``, batched and
   normalised as ``data`` says.
 
-  Compiles one eval step per distinct ``logits_fn`` and adds the per-example ``predictions`` to
-  :func:`~jaxcompress.train.evaluate_split`'s metrics.
+  Compiles one eval step per distinct ``logits_fn``; the metrics are
+  :func:`~jaxcompress.train.evaluate_split`'s with the per-example ``predictions`` (an array).
   """
   steps = {}
 
   def evaluate(logits_fn, variables, desc="eval"):
     if logits_fn not in steps:
       steps[logits_fn] = make_eval_step(logits_fn, mesh=mesh)
-    step, preds = steps[logits_fn], []
-
-    def recording_step(v, batch):
-      loss, pred = step(v, batch)
-      preds.append(np.asarray(pred)[np.asarray(batch.weight) > 0])
-      return loss, pred
-
     if mesh is not None:
       variables = parallel.replicate(mesh, variables)
-    metrics = evaluate_split(recording_step, variables, split, data, mesh=mesh, desc=desc)
-    return {**metrics, "predictions": np.concatenate(preds)}
+    metrics = evaluate_split(steps[logits_fn], variables, split, data, mesh=mesh, desc=desc,
+                             predictions=True)
+    return {**metrics, "predictions": np.asarray(metrics["predictions"])}
 
   return evaluate
 
