@@ -47,11 +47,11 @@ from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 def zero_count(tree: Any, rules: Sequence[Rule] | None = None) -> tuple[int, int]:
   """``(zeros, size)`` over the leaves of ``tree`` that ``rules`` select (the prunable ones).
 
-  Counted on the host. ``tree`` is a parameter or mask tree; with masks, zeros are pruned entries.
+  The totals of :func:`jaxcompress.pruning.summary`. ``tree`` is a parameter or mask tree; with
+  masks, zeros are pruned entries.
   """
-  sel = pruning.select(tree, rules, warn_unused=False)
-  leaves = [np.asarray(x) for x in sel.pick(sel.leaves)]
-  return sum(int(x.size - np.count_nonzero(x)) for x in leaves), sum(x.size for x in leaves)
+  s = pruning.summary(tree, rules)
+  return s.size - s.nonzero, s.size
 
 
 def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[float],

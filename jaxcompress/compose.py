@@ -324,10 +324,7 @@ class Compression:
 
   def sparsity(self, params) -> jax.Array:
     """Fraction of zeros over the pruned leaves of ``params`` (``{'model': ...}``)."""
-    sel = pruning.select(params, self.prune_rules, warn_unused=False)
-    leaves = sel.pick(sel.leaves)
-    zeros = sum(jnp.sum(x == 0) for x in leaves)
-    return zeros / max(1, sum(x.size for x in leaves))
+    return pruning.sparsity(params, self.prune_rules)
 
   def make_train_step(self, *, mesh=None, seed: int = 0) -> Callable:
     """``step(state, batch[, teacher_vars]) -> (state, metrics)``, jitted once."""

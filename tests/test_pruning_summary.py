@@ -1,10 +1,15 @@
-"""Sparsity summary: counts against hand-made trees, totals over selected leaves, readable table."""
+"""Sparsity summary and counter: counts against hand-made trees, totals over selected leaves,
+the jitted counter agreeing with the summary, readable table."""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
+from jaxcompress import pruning
 from jaxcompress.pruning import summary
 
 
@@ -38,12 +43,48 @@ def test_totals_follow_the_rules():
 
 
 def test_table_lists_every_leaf_and_the_selected_total():
-  table = summary({"a": {"kernel": np.zeros((2, 2))}, "b": np.ones(4)}).table().splitlines()
-  assert len(table) == 4
-  assert table[0].split() == ["path", "shape", "size", "nonzero", "sparsity", "selected"]
-  assert table[1].split() == ["a/kernel", "(2,", "2)", "4", "0", "1.0000", "yes"]
-  assert table[2].split() == ["b", "(4,)", "4", "4", "0.0000", "no"]
-  assert table[3].split() == ["total", "(selected)", "4", "0", "1.0000"]
+  table = summary({"a": {"kernel": np.zeros((2, 2))}, "b": np.ones(4)}).table()
+  assert table == (
+      "| path             | shape  | size | nonzero | sparsity | selected |\n"
+      "| ---------------- | ------ | ---: | ------: | -------: | -------- |\n"
+      "| a/kernel         | (2, 2) |    4 |       0 |   1.0000 | yes      |\n"
+      "| b                | (4,)   |    4 |       4 |   0.0000 | no       |\n"
+      "| total (selected) |        |    4 |       0 |   1.0000 |          |")
+
+
+def _five_zeros() -> dict:
+  """A [4, 4] kernel with exactly 5 zeros (one of them -0.0) and an all-zero bias."""
+  kernel = np.arange(1.0, 17.0, dtype=np.float32)
+  kernel[[0, 3, 7, 8, 15]] = 0.0
+  kernel[15] = -0.0
+  return {"dense": {"kernel": kernel.reshape(4, 4), "bias": np.zeros(4, np.float32)}}
+
+
+def test_sparsity_counts_the_selected_zeros_and_agrees_with_the_summary():
+  tree = _five_zeros()
+  # Default rules: the kernel only (rank 2), 5 zeros of 16; the zero bias is not pruned.
+  assert float(pruning.sparsity(tree)) == 5 / 16
+  assert summary(tree).sparsity == float(pruning.sparsity(tree)) == 0.3125
+  # Rules selecting the bias too: 5 + 4 zeros of 20 (0.45, which float32 rounds).
+  rules = [(".*", True)]
+  both = summary(tree, rules)
+  assert (both.size, both.nonzero, both.sparsity) == (20, 11, 9 / 20)
+  assert float(pruning.sparsity(tree, rules)) == float(np.float32(9 / 20))
+  # Nothing selected: 0, like the summary's empty total.
+  assert float(pruning.sparsity(tree, [(".*", False)])) == summary(tree, [(".*", False)]).sparsity
+  assert float(pruning.sparsity({})) == 0.0
+
+
+def test_sparsity_is_jittable_and_counts_traced_zeros():
+  tree = jax.tree.map(jnp.asarray, _five_zeros())
+  jitted = jax.jit(pruning.sparsity, static_argnums=1)
+  assert float(jitted(tree, None)) == 0.3125
+  scaled = jax.jit(lambda t: pruning.sparsity(jax.tree.map(lambda x: x * 0.0, t)))(tree)
+  assert float(scaled) == 1.0  # zeros made inside the trace are counted
+  # A fraction float32 cannot hold: the summary's float64 value, rounded to float32.
+  third = {"w": np.array([[0.0, 1.0, 2.0]], np.float32)}
+  assert summary(third).sparsity == pytest.approx(1 / 3, abs=1e-15)
+  assert float(pruning.sparsity(third)) == float(np.float32(summary(third).sparsity))
 
 
 def test_nnx_state_and_empty_leaf():

@@ -4,7 +4,7 @@ Data flow: ``select`` (which leaves, by regex rules) -> ``scores`` (how much eac
 matters) -> ``masks`` (which entries survive: unstructured, channel, N:M) -> ``tree`` (masks over
 a whole parameter tree, ``apply_masks``) -> ``schedules`` (sparsity over training steps) ->
 ``wrapper`` (an optax optimizer that prunes while it trains) -> ``iterative`` (rounds of prune,
-fine-tune, validate) ; ``summary`` reports what came out.
+fine-tune, validate) ; ``summary`` reports what came out (``sparsity``: the same count, jit-able).
 """
 
 from jaxcompress.pruning.iterative import IterativeResult, Round, iterative_prune
@@ -15,7 +15,7 @@ from jaxcompress.pruning.schedules import (Schedule, constant_schedule, one_shot
 from jaxcompress.pruning.scores import (SCORES, Score, get_score, magnitude, movement, random,
                                         saliency)
 from jaxcompress.pruning.select import DEFAULT_RULES, Selection, select
-from jaxcompress.pruning.summary import LeafSummary, Summary, summary
+from jaxcompress.pruning.summary import LeafSummary, Summary, sparsity, summary
 from jaxcompress.pruning.tree import (apply_masks, apply_masks_ste, channel_masks, compute_masks,
                                       magnitude_masks, nm_masks)
 from jaxcompress.pruning.wrapper import PruneState, current_masks, prune
@@ -37,5 +37,5 @@ __all__ = [
     # iterative pruning
     "IterativeResult", "Round", "iterative_prune",
     # reporting
-    "LeafSummary", "Summary", "summary",
+    "LeafSummary", "Summary", "sparsity", "summary",
 ]
