@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.errors import check_range, invalid
+from jaxcompress.errors import invalid
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
@@ -113,11 +113,3 @@ def adapt(adapters: dict[str, Any], path: str, feat: jax.Array, width: int) -> j
     return feat
   return Adapter(width).apply({"params": adapters[path]}, feat)
 
-
-def validate_distill_config(cfg) -> None:
-  """Checks a ``distill`` section: ``temperature > 0``, ``alpha`` and weights in range."""
-  if not cfg.temperature > 0:
-    raise invalid("distill.temperature", cfg.temperature, "> 0")
-  check_range("distill.alpha", cfg.alpha, 0.0, 1.0, hi_closed=True)
-  if cfg.feature_weight < 0:
-    raise invalid("distill.feature_weight", cfg.feature_weight, ">= 0")

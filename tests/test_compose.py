@@ -124,6 +124,8 @@ def test_prune_schedule_reaches_the_target_inside_the_run(total):
     ("quant__method", "apot", "quant.method must be one of kmeans, lsq, minmax, got 'apot'"),
     ("quant__weight_bits", 9, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\]"),
     ("distill__temperature", -1.0, "distill.temperature must be > 0"),
+    ("distill__alpha", 1.5, r"distill.alpha must be in \[0.0, 1.0\], got 1.5"),
+    ("distill__feature_weight", -1.0, "distill.feature_weight must be >= 0"),
     ("prune__sparsity_", 0.5, "prune field must be one of"),
 ])
 def test_bad_specs_fail_when_built(key, value, match):
