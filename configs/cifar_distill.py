@@ -12,9 +12,9 @@ with logits KD plus a hint at every block's output):
 
 Why that teacher: ResNet-20's forward costs about a third of ResNet-56's, so the same CPU time buys
 2 epochs instead of 1.5, and, having the same architecture, it gives feature hints at all 9 blocks
-without adapters. Measured (README.md has the commands and the ablations): 90.85 % after
-fine-tuning at 16.8x (64,172 bytes on disk), where the ResNet-56 teacher for 1.5 epochs gave
-89.71 % in slightly more time.
+without adapters. Measured (docs/results.md has the commands, docs/distillation.md the
+ablations): 90.68 % after fine-tuning at 16.1x (66,820 bytes on disk), where the ResNet-56
+teacher for 1.5 epochs gave 89.71 % in slightly more time.
 
 Override any field from the command line, e.g. ``--config.prune.sparsity=0.9``.
 """
@@ -48,13 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune.n = 2  # N:M: keep n ...
   c.prune.m = 4  # ... of every m consecutive weights
   c.prune.norm = "l1"  # channel pruning: l1 or l2 norm of each output channel
-  c.prune.rules = ()  # ((regex, True/False), ...) over student param paths; () = default:
-  #                     every kernel except the first conv and the last dense
+  c.prune.rules = ()  # ((regex, True/False), ...) over student param paths; () = every
+  #                     layer's weight except the first and last layer in forward order
 
   c.quant = ml_collections.ConfigDict()
   c.quant.weight_bits = 4  # bits of conv/dense kernels (0: float)
   c.quant.act_bits = 8  # bits of each quantized layer's input (0: float)
-  c.quant.first_last_bits = 8  # bits of the first conv and last dense (0: leave them float)
+  c.quant.first_last_bits = 8  # bits of the first and last layer (0: leave them float)
   c.quant.per_channel = True  # one weight scale per output channel
   c.quant.method = "minmax"  # minmax (ranges from data) or lsq (learned step sizes)
   c.quant.calibration = "minmax"  # input-range calibration: minmax, ema, percentile, mse

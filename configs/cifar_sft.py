@@ -1,7 +1,7 @@
 """Ablation of ``cifar_distill``: the same compression, then plain supervised fine-tuning.
 
 No teacher (``distill.alpha = 0``): the compressed ResNet-20 recovers with cross-entropy on the
-labels alone, the design notes' "SupervisedFine-Tuning". Compare its report with
+labels alone, supervised fine-tuning. Compare its report with
 ``cifar_distill``'s to see what distillation adds.
 
   python -m experiments.cifar_distill --config=configs/cifar_sft.py:quick --workdir=runs/sft_quick

@@ -47,8 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune.tolerance = 1.0  # largest accepted drop below dense validation accuracy, in points
   c.prune.val_split = ""  # "": validate on data.val_examples; else a TFDS split disjoint from
   #                         data.eval_split (set data.val_examples=0), e.g. test[:5000]
-  c.prune.rules = ()  # ((regex, True/False), ...) over param paths; () = default: every kernel
-  #                     except the first conv and the final linear layer
+  c.prune.rules = ()  # ((regex, True/False), ...) over param paths; () = every layer's weight
+  #                     except the first and last layer in forward order
 
   c.train = common.train_config()  # the fine-tuning of ONE round
   c.train.epochs = 5.0  # fine-tuning epochs per round

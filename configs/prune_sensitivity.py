@@ -25,6 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune = ml_collections.ConfigDict()
   c.prune.sparsities = (0.3, 0.5, 0.7, 0.9)  # fractions of the selected weights zeroed, in [0, 1)
   c.prune.scopes = ("layer", "global")  # layer: each kernel alone; global: all kernels together
-  c.prune.rules = ()  # ((regex, True/False), ...) over param paths; () = default: every kernel
-  #                     except the first conv and the final linear layer
+  c.prune.rules = ()  # ((regex, True/False), ...) over param paths; () = every layer's weight
+  #                     except the first and last layer in forward order
   return c

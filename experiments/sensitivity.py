@@ -39,6 +39,7 @@ from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.pruning.masks import SCOPES, check_sparsity
 from jaxcompress.pruning.select import compile_rules
 from jaxcompress.rules import Rule
+from jaxcompress.selection import trace_layers
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
 from jaxcompress.tables import markdown_table
 from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
@@ -63,7 +64,7 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
     evaluate: ``params -> {'accuracy': ..., 'loss': ..., ...}``.
     sparsities: targets in [0, 1).
     scopes: ``"layer"`` and/or ``"global"`` (see :func:`jaxcompress.pruning.magnitude_masks`).
-    rules: leaf selection; ``None`` for :data:`jaxcompress.pruning.DEFAULT_RULES`.
+    rules: leaf selection; ``None``: every floating-point leaf of rank >= 2.
 
   Returns:
     One row per scope and sparsity, in that order: ``{'scope', 'sparsity', 'pruned',
@@ -85,10 +86,19 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
 
 
 def _rules(prune_cfg) -> list | None:
-  """The config's rule list (``()`` means the default rules), compiled once to validate it."""
+  """The config's rule list (``None`` for ``()``: the model's policy), compiled to validate it."""
   rules = [tuple(r) for r in prune_cfg.rules] or None
   compile_rules(rules)
   return rules
+
+
+def _policy(rules, model, variables, image_shape) -> list:
+  """``rules``, or the library's policy for this model: every linear-like layer's weight, the
+  first and last in forward order dense (:mod:`jaxcompress.selection`)."""
+  if rules is not None:
+    return rules
+  sample = np.zeros((1, *image_shape), np.float32)
+  return trace_layers(model, variables, sample, field="model.name").prune_rules()
 
 
 def _check_sparsities(field: str, values: Sequence[float]) -> None:
@@ -138,7 +148,8 @@ def one_shot_sensitivity(config) -> dict:
     weights_format(config.model.weights, field="model.weights")
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
-  _, variables, eval_step = _build(config, mesh)
+  model, variables, eval_step = _build(config, mesh)
+  rules = _policy(rules, model, variables, data_lib.dataset_spec(config.data.name).image_shape)
   params = variables.pop("params")
   split = data_lib.load_split(config.data.name, config.data.eval_split,
                               data_dir=config.data.data_dir)
@@ -241,6 +252,7 @@ def iterative_search(config, workdir: str) -> dict:
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
 
   model, variables, eval_step = _build(config, mesh)
+  rules = _policy(rules, model, variables, data_lib.dataset_spec(config.data.name).image_shape)
   dense_params = variables.pop("params")
   splits = load_data(data)
   if config.prune.val_split:

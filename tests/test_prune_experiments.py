@@ -34,7 +34,18 @@ def _tiny(config):
   config.data.mean, config.data.std = (0.5,), (0.5,)
   config.data.batch_size = 16
   config.data.eval_batch_size = 24  # 64 = 2 full batches + a padded one
+  config.prune.rules = ((".*/kernel", True), (".*", False))  # every kernel, as the oracles prune
   return config
+
+
+def test_default_policy_keeps_the_first_and_last_layer_dense():
+  config = sensitivity_config.get_config()
+  _tiny(config).prune.rules = ()
+  config.prune.sparsities, config.prune.scopes = (0.5,), ("layer",)
+  with tfds.testing.mock_data(num_examples=N):
+    result = one_shot_sensitivity(config)
+  fc2 = _mlp_params()["fc2"]["kernel"].size  # fc1 first, fc3 last: only fc2 is pruned
+  assert (result["results"][0]["pruned"], result["results"][0]["prunable"]) == (fc2 // 2, fc2)
 
 
 @functools.lru_cache(maxsize=1)
