@@ -14,7 +14,7 @@ import pytest
 
 from jaxcompress import compose
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import export_model, finalize, load
+from jaxcompress.export import export_model, finalize, format_report, load
 from jaxcompress.models import get_model
 from jaxcompress.quantization import Codebook, LayerSpec, cluster_params, decode_params, quantize
 from test_export_runtime import random_variables
@@ -157,6 +157,19 @@ def test_bytes_on_disk_are_counted(convbn):
   assert sum(l["bytes"] for l in report["layers"]) == report["arrays_raw_bytes"]
   # 4-bit codes of a 40 %-dense kernel take well under a byte an entry.
   assert by_path["params/body/kernel"]["bytes"] < 0.5 * 3 * 3 * 8 * 16
+
+
+def test_size_table_has_a_row_per_tensor_then_the_totals(convbn):
+  report = convbn["report"]
+  cells = [[c.strip() for c in line.strip("|").split("|")]
+           for line in format_report(report).splitlines()]
+  assert cells[0] == ["layer", "kind", "bits", "encoding", "density", "bytes", "float32 bytes"]
+  assert [row[0] for row in cells[2:-3]] == [l["path"] for l in report["layers"]]
+  body = next(row for row in cells if row[0] == "params/body/kernel")
+  layer = next(l for l in report["layers"] if l["path"] == "params/body/kernel")
+  assert body[2:] == [str(layer["bits"]), layer["encoding"], f"{layer['density']:.3f}",
+                      f"{layer['bytes']:,}", f"{layer['float32_bytes']:,}"]
+  assert cells[-1][0] == "**total on disk**" and cells[-1][5] == f"**{report['total_bytes']:,}**"
 
 
 def test_kmeans_float_and_asymmetric_layers_of_a_model_without_batchnorm(tmp_path):

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxcompress.tables import markdown_table
+
 
 def size_report(out_dir: str) -> dict[str, Any]:
   """Per-tensor and total bytes of the artifact in ``out_dir``, against float32.
@@ -49,15 +51,13 @@ def size_report(out_dir: str) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
   """A Markdown table of :func:`size_report` (one row per layer, then the totals)."""
-  rows = ["| layer | kind | bits | encoding | density | bytes | float32 bytes |",
-          "|---|---|---:|---|---:|---:|---:|"]
-  for l in report["layers"]:
-    bits = "32" if l["kind"] == "float" else str(l["bits"])
-    rows.append(f"| {l['path']} | {l['kind']} | {bits} | {l['encoding']} | {l['density']:.3f} "
-                f"| {l['bytes']:,} | {l['float32_bytes']:,} |")
-  rows.append(f"| arrays (raw / on disk, {report['compression']}) | | | | | "
-              f"{report['arrays_raw_bytes']:,} / {report['arrays_bytes']:,} | |")
-  rows.append(f"| spec.json | | | | | {report['spec_bytes']:,} | |")
-  rows.append(f"| **total on disk** | | | | | **{report['total_bytes']:,}** | "
-              f"**{report['float32_bytes']:,}** ({report['ratio']:.1f}x smaller) |")
-  return "\n".join(rows)
+  rows = [(l["path"], l["kind"], "32" if l["kind"] == "float" else str(l["bits"]), l["encoding"],
+           f"{l['density']:.3f}", f"{l['bytes']:,}", f"{l['float32_bytes']:,}")
+          for l in report["layers"]]
+  rows.append((f"arrays (raw / on disk, {report['compression']})", "", "", "", "",
+               f"{report['arrays_raw_bytes']:,} / {report['arrays_bytes']:,}", ""))
+  rows.append(("spec.json", "", "", "", "", f"{report['spec_bytes']:,}", ""))
+  rows.append(("**total on disk**", "", "", "", "", f"**{report['total_bytes']:,}**",
+               f"**{report['float32_bytes']:,}** ({report['ratio']:.1f}x smaller)"))
+  return markdown_table(("layer", "kind", "bits", "encoding", "density", "bytes",
+                         "float32 bytes"), rows, align="llrlrrr")
