@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import os
+import sys
+import time
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -19,10 +22,18 @@ from tqdm.auto import tqdm
 
 from jaxcompress.errors import ConfigError, invalid, unknown
 
+_PREPARE_EXTRA = "pip install -e '.[prepare]'"
 _DATA_HELP = (
     "set TFDS_DATA_DIR (or data.data_dir) to a folder holding the prepared dataset, e.g. "
-    "TFDS_DATA_DIR=../shared/tensorflow_datasets; on a machine with internet prepare it once with "
-    "`pip install -e '.[prepare]'` then `tfds build {name} --file_format=array_record`")
+    "TFDS_DATA_DIR=../shared/tensorflow_datasets; or, on a machine with internet, install "
+    f"TensorFlow with `{_PREPARE_EXTRA}` and load again (the dataset is then downloaded and "
+    "prepared there once, automatically; or run `tfds build {name} --file_format=array_record`)")
+# Approximate one-time download of each dataset (TFDS ``info.download_size``), for the progress
+# line of :func:`prepare`.
+_DOWNLOAD_MB = {"cifar10": 163, "cifar100": 161, "mnist": 11, "fashion_mnist": 30}
+# TFDS prepares into ``<name>/incomplete.XXXXXX_<version>/`` and renames it when done; a run killed
+# hard can leave one behind, which must not count as prepared.
+_INCOMPLETE_PREFIX = "incomplete."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,17 +152,101 @@ def resolve_data_dir(data_dir: str | None) -> str:
                             or "~/tensorflow_datasets")
 
 
-def _check_prepared(name: str, data_dir: str) -> None:
+def _is_prepared(name: str, data_dir: str) -> bool:
+  """Whether ``data_dir`` holds a finished ``name/[config/]version/dataset_info.json``."""
   infos = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
   infos += glob.glob(os.path.join(data_dir, name, "*", "*", "dataset_info.json"))
-  if not infos:
-    raise ConfigError(f"data.name: dataset {name!r} is not prepared under {data_dir!r} "
-                      f"(looked for {name}/<version>/dataset_info.json); "
-                      + _DATA_HELP.format(name=name))
+  for info in infos:
+    parts = os.path.relpath(info, os.path.join(data_dir, name)).split(os.sep)
+    if not any(part.startswith(_INCOMPLETE_PREFIX) for part in parts):
+      return True
+  return False
 
 
-def load_split(name: str, split: str, *, data_dir: str | None = None,
-               progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _not_prepared(name: str, data_dir: str, why: str = "") -> ConfigError:
+  """The one-line error for a dataset missing from ``data_dir``; ``why`` is appended to its cause."""
+  return ConfigError(f"data.name: dataset {name!r} is not prepared under {data_dir!r} "
+                     f"(looked for {name}/<version>/dataset_info.json){why}; "
+                     + _DATA_HELP.format(name=name))
+
+
+def _check_prepared(name: str, data_dir: str) -> None:
+  if not _is_prepared(name, data_dir):
+    raise _not_prepared(name, data_dir)
+
+
+def _tensorflow_available() -> bool:
+  """Whether TensorFlow (needed to prepare, never to read) is importable; does not import it."""
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except (ImportError, ValueError):  # a broken install or a half-imported module
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+def prepare(name: str, data_dir: str | None = None) -> str:
+  """Downloads and prepares dataset ``name`` once, as array_record files TFDS reads without TF.
+
+  Needs TensorFlow (the ``prepare`` extra: ``pip install -e '.[prepare]'``) and internet; only
+  TensorFlow Datasets' builder is run, which writes into a temporary folder and renames it when
+  done. Does nothing when the dataset is already prepared there. Prints one line to stderr before
+  and one after.
+
+  Args:
+    name: a key of :data:`DATASETS`.
+    data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
+
+  Returns:
+    The resolved data folder, which now holds the prepared dataset.
+
+  Raises:
+    ConfigError: unknown dataset name, TensorFlow not installed, or preparation failed (no
+      internet, disk full, ...) or left no finished dataset behind.
+  """
+  dataset_spec(name)
+  root = resolve_data_dir(data_dir)
+  if _is_prepared(name, root):
+    return root
+  if not _tensorflow_available():
+    raise _not_prepared(name, root, " and TensorFlow, which prepares it, is not installed")
+  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+
+  size = f"about {_DOWNLOAD_MB[name]} MB" if name in _DOWNLOAD_MB else "it"
+  print(f"preparing {name} into {root} with TFDS (downloads {size} once) ...", file=sys.stderr,
+        flush=True)
+  start = time.monotonic()
+  try:
+    tfds.builder(name, data_dir=root).download_and_prepare(file_format="array_record")
+  except Exception as e:  # no internet, disk full, a TFDS or TensorFlow error: all user-fixable
+    raise ConfigError(f"data.name: preparing dataset {name!r} into {root!r} failed "
+                      f"({_first_line(e)}); check the internet connection and free disk space "
+                      "and retry, or " + _DATA_HELP.format(name=name)) from None
+  if not _is_prepared(name, root):
+    raise _not_prepared(name, root, " even after TFDS download_and_prepare returned; delete "
+                        f"{os.path.join(root, name)!r} and retry")
+  print(f"prepared {name} into {root} in {time.monotonic() - start:.0f} s", file=sys.stderr,
+        flush=True)
+  return root
+
+
+def _open_source(name: str, split: str, root: str):
+  """``tfds.data_source`` of the split, or the one-line error saying why it cannot be read."""
+  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+
+  try:
+    return tfds.data_source(name, split=split, data_dir=root, download=False)
+  except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
+    _check_prepared(name, root)
+    raise ConfigError(f"data.split: cannot read split {split!r} of {name!r} from {root!r} "
+                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
+               prepare_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a whole TFDS split into memory, without TensorFlow.
 
   Args:
@@ -159,23 +254,28 @@ def load_split(name: str, split: str, *, data_dir: str | None = None,
     split: a TFDS split, e.g. ``"train"``, ``"test"``, ``"train[:1000]"``.
     data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
     progress: show a progress bar while decoding.
+    prepare_missing: when the dataset is not prepared in the data folder, download and prepare it
+      there with :func:`prepare` (needs TensorFlow and internet); ``False``: raise instead (for
+      tests and offline runs).
 
   Returns:
     ``(images, labels)``: uint8 ``[N, H, W, C]`` and int32 ``[N]``, in the split's record order.
 
   Raises:
-    ConfigError: unknown dataset name, data not prepared, or unknown split.
+    ConfigError: unknown dataset name, data not prepared (and not preparable: no TensorFlow,
+      no internet, ``prepare_missing=False``), or unknown split.
   """
-  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
-
   spec = dataset_spec(name)
   root = resolve_data_dir(data_dir)
   try:
-    source = tfds.data_source(name, split=split, data_dir=root, download=False)
-  except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
-    _check_prepared(name, root)
-    raise ConfigError(f"data.split: cannot read split {split!r} of {name!r} from {root!r} "
-                      f"({str(e).splitlines()[0]})") from None
+    source = _open_source(name, split, root)
+  except ConfigError:
+    if _is_prepared(name, root):
+      raise
+    if not prepare_missing:
+      raise _not_prepared(name, root, " and prepare_missing=False") from None
+    prepare(name, root)
+    source = _open_source(name, split, root)
   n = len(source)
   images = np.empty((n, *spec.image_shape), np.uint8)
   labels = np.empty((n,), np.int32)

@@ -96,7 +96,8 @@ def test_normalize_matches_hand_computation():
 
 def test_missing_dataset_says_where_it_looked(tmp_path):
   with pytest.raises(ConfigError, match=f"not prepared under '{tmp_path}'.*TFDS_DATA_DIR"):
-    data.load_split("cifar10", "test", data_dir=str(tmp_path), progress=False)
+    data.load_split("cifar10", "test", data_dir=str(tmp_path), progress=False,
+                    prepare_missing=False)
 
 
 def test_unknown_dataset_name():
