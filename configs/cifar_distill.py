@@ -23,8 +23,6 @@ import ml_collections
 
 from configs import common
 
-PRETRAINED = "../shared/pretrained"
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None for the full run, ``quick`` for the CPU-sized one."""
@@ -33,8 +31,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.data = common.data_config("cifar10")
 
-  c.teacher = common.model_config("resnet56", f"{PRETRAINED}/resnet56_cifar10.npz")
-  c.student = common.model_config("resnet20", f"{PRETRAINED}/resnet20_cifar10.npz")
+  c.weights_dir = ""  # weights looked up by name; "" -> $JAXCOMPRESS_WEIGHTS_DIR, else
+  #                     ~/.cache/jaxcompress/weights
+  c.teacher = common.model_config("resnet56", "resnet56_cifar10")
+  c.student = common.model_config("resnet20", "resnet20_cifar10")
+  c.pretrain = common.pretrain_config()
 
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "magnitude"  # none, magnitude, random, saliency (|w*g|), movement (-w*g sum)
@@ -81,7 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.serving = True  # also a jax.export StableHLO inference function
 
   if arg == "quick":
-    c.teacher = common.model_config("resnet20", f"{PRETRAINED}/resnet20_cifar10.npz")
+    c.teacher = common.model_config("resnet20", "resnet20_cifar10")
+    c.pretrain.epochs = 5.0  # only if the weights folder lacks them: about 25 min on 2 CPU cores
     c.distill.feature_weight = 1.0
     c.distill.feature_pairs = tuple((f"layer{s}_{b}",) * 2 for s in (1, 2, 3) for b in range(3))
     c.train.epochs = 2.0

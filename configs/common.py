@@ -30,7 +30,20 @@ def model_config(name: str = "resnet20", weights: str = "") -> ml_collections.Co
   """A model section: registry name or ``MODULE:FACTORY``, and optional weights."""
   c = ml_collections.ConfigDict()
   c.name = name  # resnet20/32/44/56/110, cnn_mnist, cnn_cifar, mlp, or MODULE:FACTORY (own model)
-  c.weights = weights  # PyTorch .npz, flax .msgpack or orbax checkpoint dir ("" -> random init)
+  c.weights = weights  # a name looked up in the weights folder (NAME.npz, NAME.msgpack, NAME/),
+  #                      a path to a PyTorch .npz, flax .msgpack or orbax folder; "" -> random init
+  return c
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """The ``pretrain`` section: how weights named but not found are trained first.
+
+  The CIFAR ResNet recipe (He et al. 2016; the pretrained weights were trained this way): SGD,
+  momentum 0.9, weight decay 1e-4, batch 128, crop + flip, cosine learning rate.
+  """
+  c = ml_collections.ConfigDict()
+  c.epochs = 200.0  # 0: never train, a missing weights name is an error
+  c.learning_rate = 0.1  # peak learning rate of the cosine schedule
   return c
 
 

@@ -6,13 +6,13 @@ from fine-tuning); the chosen model is evaluated once on the test split.
 
 Full run (GPU): seven rounds 50 ... 95 %, 5 fine-tuning epochs per round.
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.iterative_prune \
+  python -m experiments.iterative_prune \
       --config=configs/iterative_prune.py --workdir=runs/iterative
 
 Quick run (2 CPU cores): rounds 50/70/80/90 %, 105 steps of batch 64 per round (about 2.5
 minutes a round here).
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.iterative_prune \
+  python -m experiments.iterative_prune \
       --config=configs/iterative_prune.py:quick --workdir=runs/iterative_quick
 
 Measured here (5.0 minutes): the search ends in its first round. The pretrained weights were
@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None for the full run, ``quick`` for the CPU-sized one."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # data order and augmentation (round r uses seed + r)
-  c.model = common.model_config("resnet20", "../shared/pretrained/resnet20_cifar10.npz")
+  c.model = common.model_config("resnet20", "resnet20_cifar10")
   c.data = common.data_config("cifar10")
   c.data.val_examples = 5000  # last training images held out to validate each round
 

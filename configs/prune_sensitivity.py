@@ -1,6 +1,6 @@
 """One-shot magnitude pruning of the pretrained ResNet-20, no fine-tuning: accuracy vs sparsity.
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.prune_sensitivity \
+  python -m experiments.prune_sensitivity \
       --config=configs/prune_sensitivity.py
 
 Nine evaluations on the 10,000 CIFAR-10 test images (dense, then 30/50/70/90 % layer-wise and
@@ -20,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"configs/prune_sensitivity.py takes no variant, got {arg!r}")
   c = ml_collections.ConfigDict()
-  c.model = common.model_config("resnet20", "../shared/pretrained/resnet20_cifar10.npz")
+  c.model = common.model_config("resnet20", "resnet20_cifar10")
   c.data = common.data_config("cifar10")  # only data.eval_split (test) is read
   c.prune = ml_collections.ConfigDict()
   c.prune.sparsities = (0.3, 0.5, 0.7, 0.9)  # fractions of the selected weights zeroed, in [0, 1)

@@ -1,6 +1,6 @@
 """Post-training quantization of the pretrained ResNet-20 on CIFAR-10: calibration, no training.
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.ptq --config=configs/ptq.py
+  python -m experiments.ptq --config=configs/ptq.py
 
 Calibrates input ranges on the first 512 training images, then evaluates the 10,000 test images
 once in float and once per scheme (one compiled eval step per quantizer configuration). Measured
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg:
     raise ValueError(f"configs/ptq.py takes no variant, got {arg!r}")
   c = ml_collections.ConfigDict()
-  c.model = common.model_config("resnet20", "../shared/pretrained/resnet20_cifar10.npz")
+  c.model = common.model_config("resnet20", "resnet20_cifar10")
   c.data = common.data_config("cifar10")  # train_split: calibration images; eval_split: reported
   c.ptq = ml_collections.ConfigDict()
   c.ptq.schemes = ("w8a8/minmax", "w8a8/percentile", "w4a8/minmax", "w4a8/percentile", "w4",

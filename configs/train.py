@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.parallel = ml_collections.ConfigDict()
   c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host)
   if arg == "quick":
-    c.model.weights = "../shared/pretrained/resnet20_cifar10.npz"
+    c.model.weights = "resnet20_cifar10"
     c.train.epochs = 0.2
     c.train.learning_rate = 0.002
     c.train.eval_every_epochs = 1000

@@ -29,8 +29,8 @@ from absl import flags
 
 from experiments import cli
 
-_WEIGHTS = flags.DEFINE_string("weights", "../shared/pretrained/resnet20_cifar10.npz",
-                               "PyTorch-layout .npz of the model ('' = random init).")
+_WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
+                               "Weights name or path of the model ('' = random init).")
 _MODEL = flags.DEFINE_string("model", "resnet20", "CIFAR ResNet name.")
 _FRACTION = flags.DEFINE_float("fraction", 0.5, "Fraction of each block's inner channels pruned.")
 _NORM = flags.DEFINE_enum("norm", "l1", ["l1", "l2"], "Channel norm ranked for pruning.")

@@ -1,7 +1,7 @@
 """Evaluates a model; prints one JSON line with accuracy, loss, examples, precision, recall.
 
   python -m experiments.evaluate --config=configs/evaluate.py \
-      --config.model.name=resnet56 --config.model.weights=../shared/pretrained/resnet56_cifar10.npz
+      --config.model.name=resnet56 --config.model.weights=resnet56_cifar10
 """
 
 import time

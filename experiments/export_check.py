@@ -25,7 +25,7 @@ from absl import flags
 from experiments import cli
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for export/ and serving/.", required=True)
-_WEIGHTS = flags.DEFINE_string("weights", "../shared/pretrained/resnet20_cifar10.npz",
+_WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
                                "PyTorch-layout .npz of the model.")
 _MODEL = flags.DEFINE_string("model", "resnet20", "Model name.")
 _SPARSITY = flags.DEFINE_float("sparsity", 0.8, "Layer-wise unstructured magnitude sparsity.")

@@ -1,6 +1,6 @@
 """Iterative pruning: prune -> fine-tune -> validate at rising sparsity, then test the chosen model.
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.iterative_prune \
+  python -m experiments.iterative_prune \
       --config=configs/iterative_prune.py:quick --workdir=runs/iterative_quick
 
 Writes WORKDIR/results.json (every round); prints a markdown table, then results.json as one

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from experiments import report as report_lib
+from experiments.train_job import train_model
 from jaxcompress import compose, parallel, pruning
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
@@ -23,7 +24,9 @@ from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_j
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
-from jaxcompress.models.weights import weights_format
+from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, find_weights,
+                                        resolve_weights, save_weights, weights_dir,
+                                        weights_format)
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
@@ -35,15 +38,54 @@ FLOAT32_BYTES = 4
 
 
 
+def _sections(config) -> list[str]:
+  """The model sections the job builds: the teacher when it teaches or is evaluated, the student."""
+  uses_teacher = config.distill.alpha > 0 or config.distill.feature_weight > 0
+  with_teacher = config.teacher.name and (uses_teacher or config.eval.teacher)
+  return ["teacher", "student"] if with_teacher else ["student"]
+
+
+def weights_plan(config) -> tuple[str, dict[str, str | None], dict[str, str]]:
+  """Where each model's weights come from.
+
+  Returns:
+    ``(folder, paths, to_train)``: the weights folder; ``{section: weights path, or None for a
+    random initialisation or weights still to be trained}``; ``{weights name: model name}`` of the
+    weights named in the config that the folder does not hold (the pretrain stage trains them).
+  """
+  folder = weights_dir(config.weights_dir)
+  paths, to_train = {}, {}
+  for section in _sections(config):
+    spec, name = config[section].weights, config[section].name
+    paths[section] = resolve_weights(spec, folder)
+    if spec and paths[section] is None:
+      if to_train.setdefault(spec, name) != name:
+        raise invalid(f"{section}.weights", spec, f"weights of one model; {to_train[spec]} and "
+                      f"{name} both name them", "give each model its own weights name")
+  return folder, paths, to_train
+
+
 def validate_config(config) -> None:
   """Every check that needs no data or weights, before anything is written."""
   data_lib.dataset_spec(config.data.name)
   get_model(config.student.name, field="student.name")
   if config.teacher.name:
     get_model(config.teacher.name, field="teacher.name")
-  for section in ("teacher", "student"):  # .npz, .msgpack or orbax folder; empty: random init
-    if config[section].weights:
-      weights_format(config[section].weights, field=f"{section}.weights")
+  folder, paths, to_train = weights_plan(config)
+  for section, path in paths.items():  # .npz, .msgpack or orbax folder; empty: random init
+    if path:
+      weights_format(path, field=f"{section}.weights")
+  if to_train:
+    name = next(iter(to_train))
+    section = next(s for s in paths if config[s].weights == name)
+    if not config.pretrain.epochs > 0:
+      raise ConfigError(
+          f"{section}.weights: no weights named {name!r} in the weights folder {folder!r} "
+          f"(looked for {name}.npz, {name}.msgpack and an orbax folder {name}/) and "
+          f"pretrain.epochs is {config.pretrain.epochs}; set pretrain.epochs > 0 to train them "
+          f"here, or point weights_dir (or ${WEIGHTS_ENV}) at the folder that holds them")
+    check_writable(folder)
+    OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
   OptimizerSpec.from_mapping(config.train)
   LoopSpec.from_mapping(config.train)
   DataSpec.from_mapping(config.data)
@@ -74,16 +116,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
   spec = data_lib.dataset_spec(config.data.name)
-  # Models.
-  student, student_vars = create_model(config.student.name, num_classes=spec.num_classes,
-                                       image_shape=spec.image_shape,
-                                       weights=config.student.weights, field="student")
+  # Models: weights found now, or trained by the pretrain stage below (random until then).
+  folder, paths, to_train = weights_plan(config)
+  build = lambda section: create_model(config[section].name, num_classes=spec.num_classes,
+                                       image_shape=spec.image_shape, weights=paths[section],
+                                       seed=config.seed, field=section)
+  student, student_vars = build("student")
   teacher, teacher_vars = None, None
   uses_teacher = config.distill.alpha > 0 or config.distill.feature_weight > 0
-  if config.teacher.name and (uses_teacher or config.eval.teacher):
-    teacher, teacher_vars = create_model(config.teacher.name, num_classes=spec.num_classes,
-                                         image_shape=spec.image_shape,
-                                         weights=config.teacher.weights, field="teacher")
+  if "teacher" in paths:
+    teacher, teacher_vars = build("teacher")
     probe = np.zeros((1, *spec.image_shape), np.float32)
     t_classes = functional(teacher).apply(teacher_vars, probe)[0].shape[-1]
     s_classes = functional(student).apply(student_vars, probe)[0].shape[-1]
@@ -104,6 +146,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
       stages[name] = fn()
       write_json(stages_path, stages)
     return stages[name]
+
+  # Pretrain stage: weights named in the config but not in the weights folder are trained here
+  # with the family's recipe, saved under their name, and the models rebuilt from them.
+  pretrained = []
+  if to_train:
+    check_workdir(config, workdir)
+    for name, model_name in to_train.items():
+      key = f"pretrain {name}"
+      if key in stages and find_weights(name, folder) is None:
+        del stages[key]  # the saved file went away: save it again (training resumes at its end)
+      pretrained.append(stage(key, lambda: _pretrain(config, workdir, folder, name, model_name,
+                                                     splits, data, mesh)))
+    paths = {s: resolve_weights(config[s].weights, folder) for s in paths}
+    student, student_vars = build("student")
+    if teacher is not None:
+      teacher, teacher_vars = build("teacher")
 
   # Compression.
   per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
@@ -164,6 +222,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if teacher_vars is not None and teacher_row["accuracy"] is not None:
     teacher_row.update(size_bytes=_param_count(teacher_vars["params"]) * FLOAT32_BYTES, **dense)
   results = {
+      "pretrained": pretrained,
       "teacher": teacher_row,
       "original": {**_row(stages["original"], config.student.name),
                    "size_bytes": original_bytes, **dense},
@@ -206,6 +265,31 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   return {"size_bytes": int(report["total_bytes"]),
           "compression_ratio": round(original_bytes / report["total_bytes"], 3),
           "exported_accuracy": result["accuracy"], "export_agreement": agree}
+
+
+def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, splits: dict,
+              data: DataSpec, mesh) -> dict:
+  """Trains ``model_name`` from scratch with the CIFAR ResNet recipe and saves it as ``name``.
+
+  SGD with momentum 0.9, weight decay 1e-4, cosine from ``pretrain.learning_rate`` over
+  ``pretrain.epochs``, the job's batch size and augmentation (He et al. 2016). Resumable: its
+  checkpoints live in ``WORKDIR/pretrain/NAME``.
+  """
+  spec = data_lib.dataset_spec(config.data.name)
+  model, variables = create_model(model_name, num_classes=spec.num_classes,
+                                  image_shape=spec.image_shape, seed=config.seed)
+  p = config.pretrain
+  opt = OptimizerSpec(epochs=p.epochs, learning_rate=p.learning_rate, momentum=0.9,
+                      weight_decay=1e-4, schedule="cosine")
+  loop = LoopSpec(epochs=p.epochs, log_every_steps=config.train.log_every_steps,
+                  checkpoint_every_steps=config.train.checkpoint_every_steps,
+                  eval_every_epochs=10**9)
+  variables, result, info = train_model(model, variables, splits, data, opt, loop,
+                                        os.path.join(workdir, "pretrain", name),
+                                        seed=config.seed, mesh=mesh, desc=f"pretrain {name}")
+  path = save_weights(variables, name, folder)
+  return {"weights": name, "model": model_name, "path": path, "epochs": info["epochs"],
+          "seconds": info["seconds"], "accuracy": result["accuracy"], "loss": result["loss"]}
 
 
 def _row(result: dict | None, name: str) -> dict:

@@ -1,6 +1,6 @@
 """One-shot magnitude pruning, no fine-tuning: test accuracy at each sparsity and scope.
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.prune_sensitivity \
+  python -m experiments.prune_sensitivity \
       --config=configs/prune_sensitivity.py
 
 Prints a markdown table, then one JSON line (dense and per-point accuracy, loss, achieved

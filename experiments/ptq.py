@@ -1,6 +1,6 @@
 """Post-training quantization, no training: test accuracy of each quantizer against float.
 
-  TFDS_DATA_DIR=../shared/tensorflow_datasets python -m experiments.ptq --config=configs/ptq.py
+  python -m experiments.ptq --config=configs/ptq.py
 
 Prints a markdown table (accuracy, change against float, agreement with the float predictions,
 weight and input bits, method), then one JSON line (every row, model, dataset, split, seconds).

@@ -173,9 +173,14 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
           f"{c['exported_accuracy']:.2f} % and agrees with the fake-quant model on "
           f"{100 * c['export_agreement']:.2f} % of the test images."
           if c.get("compression_ratio") else "Not exported (export.enabled is False).")
+  trained = [f"`{p['weights']}` ({p['model']}, {p['epochs']:g} epochs from scratch, "
+             f"{p['accuracy']:.2f} % on {config.data.eval_split})"
+             for p in results.get("pretrained", [])]
   lines = [
       f"# Compression report: {config.student.name} on {config.data.name}",
       "",
+      *([f"Weights trained by this run's pretrain stage (not found in the weights folder): "
+         f"{'; '.join(trained)}.", ""] if trained else []),
       f"{pruned.capitalize()}; {quant}; {teach}; {results['train']['epochs']:.2f} epochs in "
       f"{results['train']['seconds'] / 60:.1f} min of training.",
       "",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import MetricsLog
@@ -27,6 +29,34 @@ def flax_apply(model):
   return apply
 
 
+def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: OptimizerSpec,
+                loop: LoopSpec, workdir: str, *, seed: int, mesh, desc: str = "train"
+                ) -> tuple[dict, dict, dict]:
+  """Supervised training of any Linen or NNX model, resumable in ``workdir``.
+
+  Returns:
+    ``(variables, result, info)``: the trained variables (on the host), the final evaluation on
+    ``splits['eval']`` and :func:`~jaxcompress.train.fit`'s ``info``.
+  """
+  optimizer = make_optimizer(opt_spec, data_lib.steps_per_epoch(len(splits["train"][0]),
+                                                                data.batch_size))
+  variables = dict(variables)
+  params = variables.pop("params")
+  state = TrainState.create(params, variables, optimizer)
+  apply = flax_apply(model)
+  train_step = make_train_step(supervised_loss(apply), optimizer, mesh=mesh, seed=seed)
+  eval_step = make_eval_step(lambda v, x: apply(v, x, train=False), mesh=mesh)
+  as_vars = lambda s: {"params": s.params, **s.model_state}
+  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], data, mesh=mesh)
+  state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=seed,
+                    mesh=mesh, eval_fn=eval_fn, desc=desc)
+  result = eval_fn(state)
+  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
+      {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
+                                                  if isinstance(v, (int, float))}})
+  return jax.device_get(as_vars(state)), result, info
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Supervised training from a ``configs/train.py`` config; returns the final eval metrics.
 
@@ -47,19 +77,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.seed)
   splits = load_data(data)
-  optimizer = make_optimizer(opt_spec, data_lib.steps_per_epoch(len(splits["train"][0]),
-                                                                data.batch_size))
-  params = variables.pop("params")
-  state = TrainState.create(params, variables, optimizer)
-  apply = flax_apply(model)
-  train_step = make_train_step(supervised_loss(apply), optimizer, mesh=mesh, seed=config.seed)
-  eval_step = make_eval_step(lambda v, x: apply(v, x, train=False), mesh=mesh)
-  as_vars = lambda s: {"params": s.params, **s.model_state}
-  eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], data, mesh=mesh)
-  state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=config.seed,
-                    mesh=mesh, eval_fn=eval_fn)
-  result = eval_fn(state)
-  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
-      {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
-                                                  if isinstance(v, (int, float))}})
+  _, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,
+                                seed=config.seed, mesh=mesh)
   return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"]}

@@ -19,9 +19,14 @@ requires_cifar10 = pytest.mark.skipif(
     not has_real_cifar10(), reason="TFDS_DATA_DIR does not hold cifar10")
 
 
+def weights_folder() -> str:
+  """The pretrained CIFAR ResNets: ``$JAXCOMPRESS_WEIGHTS_DIR``, else ``../shared/pretrained``."""
+  return os.environ.get("JAXCOMPRESS_WEIGHTS_DIR") or PRETRAINED
+
+
 def pretrained(name: str) -> str:
-  """Path of a shared pretrained ``.npz``; skips the test when it is absent."""
-  path = os.path.join(PRETRAINED, f"{name}_cifar10.npz")
+  """Path of a pretrained ``{name}_cifar10.npz``; skips the test when it is absent."""
+  path = os.path.join(weights_folder(), f"{name}_cifar10.npz")
   if not os.path.isfile(path):
     pytest.skip(f"{path} not present")
   return path

@@ -269,3 +269,23 @@ def test_unreadable_weights_are_one_line(tmp_path, make, message):
   with pytest.raises(ConfigError, match=message) as e:
     create_model("mlp", num_classes=10, image_shape=(28, 28, 1), weights=path)
   assert "\n" not in str(e.value)
+
+
+def test_weights_by_name_are_found_in_the_weights_folder_and_saved_there(tmp_path, monkeypatch):
+  from jaxcompress.models import weights as w
+  monkeypatch.setenv(w.WEIGHTS_ENV, str(tmp_path / "env"))
+  assert w.weights_dir("") == str(tmp_path / "env") and w.weights_dir("/x") == "/x"
+  assert w.is_name("resnet20_cifar10") and not w.is_name("w.msgpack")
+  assert not w.is_name("dir/resnet20") and not w.is_name("")
+  _, variables = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=5)
+  path = w.save_weights(variables, "my_mlp", str(tmp_path / "env"))
+  assert path == str(tmp_path / "env" / "my_mlp.msgpack")
+  assert w.find_weights("my_mlp", str(tmp_path / "env")) == path
+  assert w.resolve_weights("my_mlp", str(tmp_path / "env")) == path
+  assert w.resolve_weights("other", str(tmp_path / "env")) is None
+  _, loaded = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), weights="my_mlp")
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ConfigError, match=r"model.weights: no weights named 'other' in the "
+                                         r"weights folder"):
+    create_model("mlp", num_classes=10, image_shape=(28, 28, 1), weights="other")

@@ -266,3 +266,69 @@ def test_bad_module_factory_is_one_line_and_writes_nothing(name, needle, tmp_pat
     _run(config, tmp_path / "run")
   assert "\n" not in str(e.value)
   assert not (tmp_path / "run").exists()
+
+
+def _named_weights_config(folder):
+  config = _config("")
+  config.weights_dir = str(folder)
+  config.student.weights, config.teacher.weights = "mlp_student", "mlp_teacher"
+  config.teacher.name = "cnn_mnist"
+  config.distill.feature_weight = 0.0
+  config.prune.rules = ()
+  config.pretrain.epochs = 1.0
+  return config
+
+
+def test_missing_weights_are_pretrained_saved_by_name_and_found_next_time(tmp_path):
+  folder = tmp_path / "weights"
+  results = _run(_named_weights_config(folder), tmp_path / "first")
+  trained = {p["weights"]: p for p in results["pretrained"]}
+  assert set(trained) == {"mlp_student", "mlp_teacher"}
+  assert trained["mlp_teacher"]["model"] == "cnn_mnist" and trained["mlp_student"]["epochs"] == 1
+  assert sorted(os.listdir(folder)) == ["mlp_student.msgpack", "mlp_teacher.msgpack"]
+  # The original student is the pretrained one: its accuracy is the pretrain stage's.
+  assert results["original"]["accuracy"] == trained["mlp_student"]["accuracy"]
+  assert "mlp_student" in (tmp_path / "first" / "report.md").read_text()
+  again = _run(_named_weights_config(folder), tmp_path / "second")
+  assert again["pretrained"] == []  # found by name: nothing trained
+  assert not (tmp_path / "second" / "pretrain").exists()
+  assert again["original"]["accuracy"] == results["original"]["accuracy"]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no_pretrain", r"teacher.weights: no weights named 'mlp_teacher' in the weights folder .* "
+                    r"pretrain.epochs is 0.0"),
+    ("read_only", r"weights_dir: .* set --config.weights_dir or \$JAXCOMPRESS_WEIGHTS_DIR to a "
+                  r"writable folder"),
+    ("wrong_shapes", r"student.weights: .*mlp_student.msgpack' does not fit the model"),
+])
+def test_bad_weights_setups_are_one_line_and_write_nothing(case, needle, tmp_path):
+  folder = tmp_path / "weights"
+  folder.mkdir()
+  config = _named_weights_config(folder)
+  if case == "no_pretrain":
+    config.pretrain.epochs = 0.0
+  elif case == "read_only":
+    if os.geteuid() == 0:
+      folder = tmp_path / "file_not_folder"
+      folder.write_text("")  # even root cannot create a folder inside a file
+      config.weights_dir = str(folder / "weights")
+    else:
+      folder.chmod(0o500)
+  else:
+    import flax.serialization
+    _, small = create_model("cnn_mnist", num_classes=10, image_shape=(28, 28, 1))
+    (folder / "mlp_student.msgpack").write_bytes(flax.serialization.to_bytes(small))
+  with pytest.raises(ConfigError, match=needle) as e:
+    _run(config, tmp_path / "run")
+  assert "\n" not in str(e.value)
+  assert not (tmp_path / "run").exists()
+
+
+def test_no_config_or_job_names_the_shared_folder():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for folder in ("configs", "experiments"):
+    for name in sorted(os.listdir(os.path.join(root, folder))):
+      if name.endswith(".py"):
+        with open(os.path.join(root, folder, name)) as f:
+          assert "../shared" not in f.read(), f"{folder}/{name}"

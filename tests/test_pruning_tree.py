@@ -14,7 +14,9 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.pruning import (apply_masks, apply_masks_ste, channel_masks, compute_masks,
                                  magnitude_masks, nm_masks)
 
-PRETRAINED = "/work/shared/pretrained/resnet20_cifar10.npz"
+PRETRAINED = os.path.join(os.environ.get("JAXCOMPRESS_WEIGHTS_DIR") or os.path.join(
+    os.path.dirname(__file__), os.pardir, os.pardir, "shared", "pretrained"),
+    "resnet20_cifar10.npz")
 
 # |W| in flat order: 1 1 2 .5 | 2 .5 3 3 | 1 4 .5 2 | 0 4 1 .25 -- ties at .5, 1, 2, 3 and 4.
 W = np.array([[1, -1, 2, 0.5],

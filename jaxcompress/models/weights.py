@@ -14,6 +14,12 @@ Whatever the format, the tree read must have the model's paths and shapes exactl
 raises one line naming the first mismatching path and both shapes. Arrays come back as NumPy
 arrays in the model's dtypes.
 
+Weights may also be given **by name** (``resnet56_cifar10``: no path separator, no extension):
+:func:`find_weights` looks for ``{name}.npz``, ``{name}.msgpack`` or an orbax folder ``{name}/`` in
+a weights folder (:func:`weights_dir`: the configured one, else ``$JAXCOMPRESS_WEIGHTS_DIR``,
+else ``~/.cache/jaxcompress/weights``), and :func:`save_weights` stores trained variables there
+under their name, so the next run finds them.
+
 Example:
   >>> with open("w.msgpack", "wb") as f:
   ...   f.write(flax.serialization.to_bytes(variables))
@@ -34,19 +40,100 @@ from jaxcompress.models.torch_import import load_npz, torch_to_flax
 
 FORMATS = ("a PyTorch-layout .npz, a flax.serialization .msgpack file of the variables dict or an "
            "orbax checkpoint directory")
+WEIGHTS_ENV = "JAXCOMPRESS_WEIGHTS_DIR"
+DEFAULT_WEIGHTS_DIR = "~/.cache/jaxcompress/weights"
+SUFFIXES = (".npz", ".msgpack")
+
+
+def weights_dir(configured: str = "") -> str:
+  """The weights folder: ``configured``, else ``$JAXCOMPRESS_WEIGHTS_DIR``, else the cache."""
+  return os.path.expanduser(configured or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR)
+
+
+def is_name(spec: str) -> bool:
+  """``spec`` names weights (``resnet20_cifar10``) rather than giving a path to them."""
+  return bool(spec) and os.sep not in spec and "/" not in spec and not spec.startswith(".") \
+      and os.path.splitext(spec)[1].lower() not in SUFFIXES
+
+
+def find_weights(name: str, folder: str) -> str | None:
+  """The file (or orbax folder) of weights ``name`` in ``folder``, or ``None`` if there is none."""
+  for candidate in (f"{name}.npz", f"{name}.msgpack", name):
+    path = os.path.join(folder, candidate)
+    if os.path.isfile(path) or (candidate == name and os.path.isdir(path)):
+      return path
+  return None
+
+
+def resolve_weights(spec: str, folder: str) -> str | None:
+  """A weights path from a config value: a path as given, or a name looked up in ``folder``.
+
+  Returns ``None`` for an empty ``spec`` and for a name with no file in ``folder`` (the caller
+  decides whether to train it).
+  """
+  if not spec:
+    return None
+  return find_weights(spec, folder) if is_name(spec) else spec
+
+
+def locate(spec: str, *, folder: str = "", field: str = "model.weights") -> str:
+  """The path of weights given as a path or by name (looked up in :func:`weights_dir`).
+
+  Raises:
+    ConfigError: a name with no file in the weights folder.
+  """
+  if not is_name(spec):
+    return spec
+  folder = weights_dir(folder)
+  path = find_weights(spec, folder)
+  if path is None:
+    raise ConfigError(f"{field}: no weights named {spec!r} in the weights folder {folder!r} "
+                      f"(looked for {spec}.npz, {spec}.msgpack and an orbax folder {spec}/); "
+                      f"point ${WEIGHTS_ENV} at the folder that holds them, give a path, or let "
+                      "the main job train them (pretrain.epochs > 0)")
+  return path
+
+
+def check_writable(folder: str, *, field: str = "weights_dir") -> None:
+  """Raises one line unless ``folder`` exists (or can be created) and is writable."""
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"{field}: cannot create the weights folder {folder!r} ({e.strerror}); set "
+                      f"--config.{field} or ${WEIGHTS_ENV} to a writable folder") from None
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise ConfigError(f"{field}: the weights folder {folder!r} is not writable; set "
+                      f"--config.{field} or ${WEIGHTS_ENV} to a writable folder")
+
+
+def save_weights(variables: Any, name: str, folder: str, *, field: str = "weights_dir") -> str:
+  """Writes ``variables`` as ``{folder}/{name}.msgpack`` (temporary name, then renamed).
+
+  Returns:
+    The path written.
+  """
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  check_writable(folder, field=field)
+  path = os.path.join(folder, f"{name}.msgpack")
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    f.write(flax.serialization.to_bytes(_to_numpy(variables)))
+  os.replace(tmp, path)
+  return path
 
 
 def weights_format(path: str, *, field: str = "model.weights") -> str:
   """Which format ``path`` holds (``npz``, ``msgpack`` or ``orbax``), without reading it.
 
   Raises:
-    ConfigError: the path does not exist, or is a file of another kind.
+    ConfigError: the path does not exist, or is a file of another kind; a name with no file.
   """
+  path = locate(path, field=field)
   if os.path.isdir(path):
     return "orbax"
   if not os.path.isfile(path):
-    raise ConfigError(f"{field}: no such file {path!r}; give {FORMATS} (pretrained CIFAR ResNets "
-                      "are in ../shared/pretrained/)")
+    raise ConfigError(f"{field}: no such file {path!r}; give {FORMATS}, or a weights name looked "
+                      f"up in the weights folder (${WEIGHTS_ENV})")
   ext = os.path.splitext(path)[1].lower()
   if ext in (".npz", ".msgpack"):
     return ext[1:]
@@ -63,6 +150,7 @@ def read_tree(path: str, *, field: str = "model.weights") -> Any:
   Raises:
     ConfigError: a missing path, or a file or folder that cannot be parsed.
   """
+  path = locate(path, field=field)
   kind = weights_format(path, field=field)
   if kind == "msgpack":
     from flax import serialization
@@ -180,7 +268,8 @@ def load_weights(path: str, reference: dict, *, field: str = "model.weights") ->
   """Reads ``path`` (any format above) as variables that fit ``reference``.
 
   Args:
-    path: a ``.npz``, a ``.msgpack`` file or an orbax checkpoint directory.
+    path: a ``.npz``, a ``.msgpack`` file or an orbax checkpoint directory, or a weights name
+      (:func:`locate`).
     reference: the model's variables or their shapes (``jax.eval_shape`` of its init).
     field: config field, for messages (``student.weights``).
 
@@ -190,6 +279,7 @@ def load_weights(path: str, reference: dict, *, field: str = "model.weights") ->
   Raises:
     ConfigError: one line for a missing, unreadable or mismatching file.
   """
+  path = locate(path, field=field)
   if weights_format(path, field=field) == "npz":
     return torch_to_flax(load_npz(path, field=field), reference, source=f"{field}={path}")
   return fit_to(read_tree(path, field=field), reference, field=field, path=path)
