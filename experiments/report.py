@@ -173,7 +173,8 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
           f"{c['exported_accuracy']:.2f} % and agrees with the fake-quant model on "
           f"{100 * c['export_agreement']:.2f} % of the test images."
           if c.get("compression_ratio") else "Not exported (export.enabled is False).")
-  trained = [f"`{p['weights']}` ({p['model']}, {p['epochs']:g} epochs from scratch, "
+  trained = [f"`{p['weights']}` ({p['model']}, {p['epochs']:g} "
+             f"epoch{'' if p['epochs'] == 1 else 's'} from scratch, "
              f"{p['accuracy']:.2f} % on {config.data.eval_split})"
              for p in results.get("pretrained", [])]
   lines = [
