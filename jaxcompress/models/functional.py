@@ -271,7 +271,7 @@ def _linen_interceptor(hook: Hook, hook_paths: set[str]):
   return interceptor
 
 
-_HOOKED: dict[type, type] = {}
+_HOOKED: dict[type, type] = {}  # a memo of the hooked subclasses, one per class; holds no state
 _CALL = "_jaxcompress_call"  # instance attribute: (path, kind, hook) while a call is hooked
 
 
