@@ -1,10 +1,15 @@
 """Resumable runs: orbax checkpoints of the train state, an append-only metrics log, and the
-workdir bookkeeping (atomic JSON files, refusing a workdir that holds another config's run)."""
+workdir bookkeeping (atomic JSON files, refusing a workdir that holds another config's run, one
+writer per workdir through a lock file)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import socket
+import time
+import warnings
 from typing import Any
 
 import jax
@@ -29,8 +34,128 @@ def read_json(path: str) -> dict:
     return json.load(f)
 
 
+LOCK_NAME = "lock"
+_held: set[str] = set()  # real paths of the lock files this process holds
+
+
+def _pid_alive(pid: int) -> bool:
+  """Whether process ``pid`` exists on this host (one of another user's counts as alive)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _read_lock(path: str) -> dict | None:
+  """The lock's ``{pid, host, time}``, or ``None`` when it is gone or unreadable."""
+  try:
+    with open(path) as f:
+      lock = json.load(f)
+    return lock if isinstance(lock, dict) and isinstance(lock.get("pid"), int) else None
+  except (OSError, ValueError):
+    return None
+
+
+def _create_lock(path: str, lock: dict) -> bool:
+  """Creates ``path`` holding ``lock`` atomically; False when it already exists."""
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(lock, f)
+  try:
+    os.link(tmp, path)  # atomic, and never shows a half-written lock
+    return True
+  except FileExistsError:
+    return False
+  finally:
+    os.unlink(tmp)
+
+
+def _release_locks() -> None:
+  """Removes, at exit, the locks this process holds (a forked child leaves its parent's alone)."""
+  for path in list(_held):
+    lock = _read_lock(path)
+    if lock is not None and lock["pid"] == os.getpid() and lock.get("host") == socket.gethostname():
+      try:
+        os.unlink(path)
+      except FileNotFoundError:
+        pass
+    _held.discard(path)
+
+
+atexit.register(_release_locks)
+
+
+def _describe(lock: dict) -> str:
+  """``process PID (started HH:MM:SS on host H)`` for the refusal line."""
+  started = time.localtime(lock["time"] if isinstance(lock.get("time"), (int, float)) else 0)
+  fmt = "%H:%M:%S" if started[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S"
+  return (f"process {lock['pid']} (started {time.strftime(fmt, started)} on host "
+          f"{lock.get('host', '?')})")
+
+
+def claim_workdir(workdir: str) -> bool:
+  """Makes this process the only writer of ``workdir`` until it exits.
+
+  Writes ``WORKDIR/lock`` (pid, hostname, start time) atomically; it is removed when the process
+  exits normally, and one left by a crashed process on this host is taken over with a warning.
+  Claiming a workdir this process already holds does nothing.
+
+  Args:
+    workdir: the run's folder (it must exist).
+
+  Returns:
+    True when this call took the lock, False when this process already held it.
+
+  Raises:
+    ConfigError: when a live process on this host, or any process on another host, holds it.
+  """
+  path = os.path.join(workdir, LOCK_NAME)
+  key = os.path.realpath(path)
+  me = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+  for _ in range(10):
+    if _create_lock(path, me):
+      _held.add(key)
+      return True
+    lock = _read_lock(path)
+    if lock is None:
+      if os.path.exists(path):
+        raise ConfigError(f"workdir {workdir} has an unreadable lock file {path}; delete it if no "
+                          "job is running there")
+      continue  # released meanwhile: try again
+    if lock.get("host") != me["host"]:
+      raise ConfigError(f"workdir {workdir} is in use by {_describe(lock)}; wait for it or use "
+                        f"another workdir (if that job is gone, delete {path})")
+    if lock["pid"] == me["pid"]:
+      new = key not in _held
+      _held.add(key)
+      return new
+    if _pid_alive(lock["pid"]):
+      raise ConfigError(f"workdir {workdir} is in use by {_describe(lock)}; wait for it or use "
+                        "another workdir")
+    # A crashed run's lock: move it aside, and put it back if a rival replaced it meanwhile.
+    stale = f"{path}.{me['pid']}.stale"
+    try:
+      os.rename(path, stale)
+    except FileNotFoundError:
+      continue
+    if _read_lock(stale) != lock:
+      try:
+        os.link(stale, path)
+      except FileExistsError:
+        pass
+    else:
+      warnings.warn(f"workdir {workdir}: taking over the lock left by {_describe(lock)}, which "
+                    "is no longer running", stacklevel=2)
+    os.unlink(stale)
+  raise ConfigError(f"workdir {workdir}: could not take its lock {path} (other jobs keep "
+                    "claiming it); try again")
+
+
 def check_workdir(config: dict, workdir: str) -> None:
-  """Creates ``workdir`` and records ``config`` there; refuses one that holds another config.
+  """Creates and claims ``workdir`` and records ``config``; refuses another config's or job's.
 
   Args:
     config: the run's settings as a JSON-able dict of sections (an object with a ``to_json()``
@@ -38,19 +163,33 @@ def check_workdir(config: dict, workdir: str) -> None:
     workdir: the run's folder.
 
   Raises:
-    ConfigError: naming the config sections that differ from the run already in ``workdir``.
+    ConfigError: naming the config sections that differ from the run already in ``workdir``, or
+      the process that holds its lock (see :func:`claim_workdir`).
   """
   os.makedirs(workdir, exist_ok=True)
+  claimed = claim_workdir(workdir)
   path = os.path.join(workdir, "config.json")
   to_json = getattr(config, "to_json", None)
   current = json.loads(to_json() if to_json is not None else json.dumps(config))
   saved = read_json(path)
   if saved and saved != current:
+    if claimed:  # this call took the lock only to refuse: leave the workdir as it was
+      release_workdir(workdir)
     diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     raise ConfigError(f"--workdir={workdir} holds a run with a different config (sections "
                       f"{', '.join(diff)} differ); use a new --workdir or delete that one")
   if not saved:
     write_json(path, current)
+
+
+def release_workdir(workdir: str) -> None:
+  """Gives up this process's lock on ``workdir`` before it exits (nothing if it holds none)."""
+  path = os.path.join(workdir, LOCK_NAME)
+  key = os.path.realpath(path)
+  lock = _read_lock(path)
+  if key in _held and lock is not None and lock["pid"] == os.getpid():
+    os.unlink(path)
+  _held.discard(key)
 
 
 class Checkpointer:

@@ -1,11 +1,17 @@
-"""Workdir bookkeeping: a run's config is recorded once and a different one is refused."""
+"""Workdir bookkeeping: a run's config is recorded once and a different one is refused; one
+writer per workdir."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 from configs import common
-from jaxcompress.checkpoint import check_workdir
+from jaxcompress.checkpoint import check_workdir, release_workdir, write_json
 from jaxcompress.errors import ConfigError
 
 
@@ -23,3 +29,58 @@ def test_a_config_dict_is_recorded_as_its_json(tmp_path):
   section = common.train_config()
   check_workdir(section, str(tmp_path))
   assert json.load(open(tmp_path / "config.json")) == json.loads(section.to_json())
+
+
+_HOLD = ("import sys, time; from jaxcompress.checkpoint import check_workdir; "
+         "check_workdir({'data': {'name': 'mnist'}}, sys.argv[1]); print('held', flush=True); "
+         "time.sleep(600)")
+
+
+def test_one_writer_per_workdir_and_a_crashed_writers_lock_is_taken_over(tmp_path):
+  config = {"data": {"name": "mnist"}}
+  workdir = str(tmp_path / "run")
+  child = subprocess.Popen([sys.executable, "-c", _HOLD, workdir], stdout=subprocess.PIPE,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  try:
+    assert child.stdout.readline().strip() == b"held"
+    lock = json.load(open(os.path.join(workdir, "lock")))
+    assert lock["pid"] == child.pid and lock["host"] == socket.gethostname()
+    with pytest.raises(ConfigError, match=rf"^workdir {workdir} is in use by process {child.pid} "
+                                          r"\(started \d\d:\d\d:\d\d on host .*\); wait for it "
+                                          r"or use another workdir$"):
+      check_workdir(config, workdir)
+  finally:
+    child.kill()  # SIGKILL: no atexit, the lock stays behind
+    child.wait()
+  assert json.load(open(os.path.join(workdir, "lock")))["pid"] == child.pid
+  with pytest.warns(UserWarning, match=rf"taking over the lock left by process {child.pid}"):
+    check_workdir(config, workdir)
+  assert json.load(open(os.path.join(workdir, "lock")))["pid"] == os.getpid()
+  check_workdir(config, workdir)  # the same process again (e.g. after the pretrain stage): fine
+  check_workdir(config, str(tmp_path / "other"))  # locks are per workdir
+  release_workdir(workdir)
+  release_workdir(str(tmp_path / "other"))
+  assert not os.path.exists(os.path.join(workdir, "lock"))
+
+
+def test_a_lock_from_another_host_refuses_and_says_how_to_remove_it(tmp_path):
+  write_json(str(tmp_path / "lock"), {"pid": 1234, "host": "elsewhere", "time": time.time()})
+  with pytest.raises(ConfigError, match=r"is in use by process 1234 \(started .* on host "
+                                        r"elsewhere\); .*if that job is gone, delete .*lock\)$"):
+    check_workdir({"data": {}}, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_a_refused_config_leaves_no_lock_behind(tmp_path):
+  write_json(str(tmp_path / "config.json"), {"data": {"name": "cifar10"}})
+  with pytest.raises(ConfigError, match="different config"):
+    check_workdir({"data": {"name": "mnist"}}, str(tmp_path))
+  assert not (tmp_path / "lock").exists()
+
+
+def test_the_lock_is_removed_when_the_process_exits(tmp_path):
+  code = ("import sys; from jaxcompress.checkpoint import check_workdir; "
+          "check_workdir({'data': {}}, sys.argv[1])")
+  subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert (tmp_path / "config.json").exists() and not (tmp_path / "lock").exists()
