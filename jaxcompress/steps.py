@@ -91,6 +91,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   delete those arrays (``RuntimeError: Array has been deleted``); dropping it is the simplest
   rule that is always correct, at the cost of holding the old and the new state at once during a
   step (twice the parameter and optimizer-state memory, small for the models here).
+
+  Besides ``loss_fn``'s own metrics the step reports ``grad_norm`` (the global L2 norm of the
+  gradients) and ``finite`` (1.0 when both the loss and ``grad_norm`` are finite, else 0.0), which
+  :func:`jaxcompress.train.fit` checks to stop on a diverged run.
   """
   base_key = jax.random.key(seed)
 
@@ -99,11 +103,14 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng,
                                                     *aux)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
-    return new_state, {"loss": loss, **metrics}
+    return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm,
+                       "finite": finite.astype(jnp.float32)}
 
   if mesh is None:
     return jax.jit(step)

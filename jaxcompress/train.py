@@ -5,11 +5,17 @@ to ``workdir/metrics.jsonl``, saves orbax checkpoints every N steps and resumes 
 when started again with the same ``workdir``. Jobs (``experiments/train_job.py`` for plain
 supervised training, ``experiments/pipeline.py`` for compression) call :func:`fit` with their own
 step.
+
+A diverged run (a non-finite loss or gradient norm) stops with :class:`NonFiniteError`, one line
+naming the step, before anything of it is logged or checkpointed: the workdir keeps the last good
+checkpoint and resumes from it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -22,8 +28,16 @@ from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import invalid
+from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.steps import TrainState, evaluate
+
+
+class NonFiniteError(ConfigError):
+  """Training diverged: a step's loss or gradient norm is not finite (``nan`` or ``inf``).
+
+  A :class:`ConfigError` (the usual cause is too high a learning rate), so entry points print its
+  one line and exit non-zero.
+  """
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +70,6 @@ class LoopSpec:
     """The spec from the fields of ``values`` it names (a job's ``train`` config section holds
     optimizer settings too; they are not read here)."""
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
-
 
 
 def load_data(data: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -140,6 +153,12 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   Returns:
     ``(state, info)`` with ``info = {'seconds': training wall time summed over resumes,
     'epochs': epochs trained, 'steps': steps taken}``.
+
+  Raises:
+    NonFiniteError: a step's loss or gradient norm (``train_step``'s ``finite`` metric, see
+      :func:`jaxcompress.steps.make_train_step`) is not finite. Training stops at once; the
+      diverged state is neither logged nor saved, so ``workdir`` keeps its last good checkpoint
+      and resumes from it.
   """
   os.makedirs(workdir, exist_ok=True)
   images, labels = train
@@ -157,6 +176,18 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   step = int(state.step)
   bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
   pending, t_log, n_log = [], time.perf_counter(), 0
+  unchecked = collections.deque()  # (step, metrics) whose ``finite`` flag is not yet read
+
+  def check(keep: int = 0) -> None:
+    """Reads the ``finite`` flag of all but the ``keep`` newest unchecked steps; raises on one."""
+    while len(unchecked) > keep:
+      n, m = unchecked.popleft()
+      if "finite" in m and not float(jax.device_get(m["finite"])):
+        bar.close()
+        latest = ckpt.latest_step()
+        ckpt.close()
+        raise _non_finite(n, m, latest)
+
   t_start = time.perf_counter()
   while step < total:
     epoch, start = divmod(step, per_epoch)
@@ -170,9 +201,16 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
         batch = parallel.shard_batch(mesh, batch)
       state, metrics = train_step(state, batch, *step_args)
       step += 1
+      unchecked.append((step, metrics))
+      # The previous step's flag: reading it waits for that step only, while this one runs.
+      check(keep=1)
       pending.append(metrics)
       n_log += data.batch_size
-      if step % loop.log_every_steps == 0 or step == total:
+      log_now = step % loop.log_every_steps == 0 or step == total
+      save_now = step % loop.checkpoint_every_steps == 0 or step == total
+      if log_now or save_now:
+        check()
+      if log_now:
         host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         now = time.perf_counter()
         host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
@@ -180,16 +218,34 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
         bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
         pending, t_log, n_log = [], now, 0
       bar.update(1)
-      if step % loop.checkpoint_every_steps == 0 or step == total:
+      if save_now:
         jax.block_until_ready(state)
         ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start})
     if eval_fn is not None and step % per_epoch == 0 and step < total and (
         (step // per_epoch) % loop.eval_every_epochs == 0):
+      check()
       log.write({"step": step, "epoch": step / per_epoch,
                  **{f"eval_{k}": v for k, v in eval_fn(state).items()
                     if isinstance(v, (int, float))}})
+  check()
   bar.close()
   jax.block_until_ready(state)
   seconds += time.perf_counter() - t_start
   ckpt.close()
   return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step}
+
+
+
+def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> NonFiniteError:
+  """The one-line error for a diverged ``step`` (its ``metrics``; ``latest`` checkpoint)."""
+  loss = float(jax.device_get(metrics["loss"]))
+  if not math.isfinite(loss):
+    what = f"the loss is {loss}"
+  else:
+    what = f"the gradient norm is {float(jax.device_get(metrics.get('grad_norm', math.nan)))}"
+  if latest is None:
+    where = "the workdir has no checkpoint yet, restart it with a lower learning rate"
+  else:
+    where = (f"the workdir keeps the checkpoint of step {latest}, "
+             "resume it with a lower learning rate")
+  return NonFiniteError(f"training stopped at step {step}: {what}; {where}")

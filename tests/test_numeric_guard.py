@@ -1,0 +1,84 @@
+"""fit's numeric guard: a diverged step stops training with one line and keeps the workdir good."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress.checkpoint import Checkpointer
+from jaxcompress.data import DataSpec
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import create_model
+from jaxcompress.steps import TrainState, make_train_step, supervised_loss
+from jaxcompress.train import LoopSpec, NonFiniteError, fit
+
+
+def _setup():
+  rng = np.random.default_rng(0)
+  train = (rng.integers(0, 256, (48, 28, 28, 1), dtype=np.uint8),
+           rng.integers(0, 10, 48).astype(np.int32))
+  data = DataSpec.from_mapping({"name": "mnist", "batch_size": 16, "mean": (0.5,),
+                                "std": (0.5,)})
+  model, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+  return train, data, model, v
+
+
+def _fit(tx, loss_fn, v, train, data, workdir, epochs):
+  state = TrainState.create(v["params"], {}, tx)
+  loop = LoopSpec(epochs=epochs, log_every_steps=3, checkpoint_every_steps=4)
+  return fit(state, make_train_step(loss_fn, tx), train, data, loop, str(workdir))
+
+
+def _finite(tree):
+  return all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree.leaves(tree))
+
+
+def test_a_diverging_loss_stops_at_its_step_and_the_run_resumes(tmp_path):
+  train, data, model, v = _setup()
+  loss_fn = supervised_loss(model.apply)
+  # A sane rate for 4 steps, then one so large that step 6's loss is nan.
+  blowup = optax.sgd(lambda count: jnp.where(count >= 4, 1e30, 0.01))
+  with pytest.raises(NonFiniteError) as e:
+    _fit(blowup, loss_fn, v, train, data, tmp_path, epochs=3)  # 9 steps
+  msg = str(e.value)
+  assert isinstance(e.value, ConfigError) and "\n" not in msg
+  assert msg == ("training stopped at step 6: the loss is nan; the workdir keeps the checkpoint "
+                 "of step 4, resume it with a lower learning rate")
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [4]
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  like = TrainState.create(v["params"], {}, blowup)
+  restored, _ = ckpt.restore(like)
+  ckpt.close()
+  assert int(restored.step) == 4 and _finite(restored.params)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [3]  # the diverged interval is not logged
+  assert records[0]["finite"] == 1.0 and np.isfinite(records[0]["grad_norm"])
+
+  sane = optax.sgd(lambda count: 0.01)  # the same optimizer-state structure, a lower rate
+  state, info = _fit(sane, loss_fn, v, train, data, tmp_path, epochs=3)
+  assert info["steps"] == 9 and int(state.step) == 9 and _finite(state.params)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [3, 6, 9]
+  assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught_before_any_checkpoint(tmp_path):
+  train, data, model, v = _setup()
+  task = supervised_loss(model.apply)
+
+  def loss_fn(params, model_state, batch, rng):
+    loss, aux = task(params, model_state, batch, rng)
+    w = params["fc1"]["kernel"][0, 0]
+    return loss + 0.0 * jnp.sqrt(jnp.abs(w - w)), aux  # same value; d sqrt(0) = inf -> nan
+
+  with pytest.raises(NonFiniteError, match=(
+      r"^training stopped at step 1: the gradient norm is nan; the workdir has no checkpoint "
+      r"yet, restart it with a lower learning rate$")):
+    _fit(optax.sgd(0.01), loss_fn, v, train, data, tmp_path, epochs=1)
+  assert not os.listdir(tmp_path / "checkpoints")
+  state, info = _fit(optax.sgd(0.01), task, v, train, data, tmp_path, epochs=1)
+  assert info["steps"] == 3 and _finite(state.params)
