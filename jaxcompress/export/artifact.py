@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.export.codec import decode_layer, encode_layer
+from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize, flat_leaves
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
@@ -150,7 +150,11 @@ def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
     raise ConfigError(f"{field}: {file!r} does not match the SHA-256 in its spec; the file was "
                       "modified or corrupted, export it again")
   if info["compression"] == "zlib":
-    data = zlib.decompress(data)
+    try:
+      data = zlib.decompress(data)
+    except zlib.error as e:
+      raise ConfigError(f"{field}: {file!r} is not a valid zlib stream ({e}); the artifact is "
+                        "corrupted, export it again") from None
   elif info["compression"] != "none":
     raise ConfigError(f"{field}: unknown compression {info['compression']!r} in the spec")
   if len(data) != info["raw_bytes"]:
@@ -179,16 +183,55 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
   spec = read_spec(path, field)
   try:
     fin = _decode(path, spec, field)
-  except (KeyError, TypeError, IndexError, ValueError, AttributeError) as e:
+    _check_header(spec, fin, field)
+    fm = functional(model)
+    expected = _expected(fm, spec)
+    _check_fits(fm, expected, fin, field)
+    arrays = rebuild(fin, expected)
+    apply_fn = make_apply_fn(fm, fin.acts)
+  except (KeyError, TypeError, IndexError, ValueError, AttributeError, OverflowError,
+          MemoryError) as e:
     if isinstance(e, ConfigError):
       raise
-    raise ConfigError(f"{field}: {path!r} has a malformed spec ({type(e).__name__}: {e}); the "
-                      "artifact is corrupted, export it again") from None
-  fm = functional(model)
-  expected = _expected(fm, spec)
-  _check_fits(fm, expected, fin, field)
-  arrays = rebuild(fin, expected)
-  return LoadedModel(model, arrays, make_apply_fn(fm, fin.acts), spec, fin)
+    raise ConfigError(f"{field}: {path!r} has a malformed spec ({type(e).__name__}: {e})"
+                      .replace("\n", " ") + "; the artifact is corrupted, export it again") from None
+  return LoadedModel(model, arrays, apply_fn, spec, fin)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_header(spec: dict, fin: Finalized, field: str) -> None:
+  """The input shape, folded BatchNorms and input quantization are well-formed and agree with
+  the stored tensors."""
+  bad = lambda what: ConfigError(f"{field}: the spec's {what}; the artifact is corrupted, export "
+                                 "it again")
+  shape = spec["input"]["shape"]
+  if not isinstance(shape, list) or not all(_is_int(d) and d > 0 for d in shape):
+    raise bad(f"input shape {shape!r} is not a list of positive integers")
+  np.dtype(spec["input"]["dtype"])
+  stored = {k[len(FOLD) + 1:] for k in fin.tensors if k.startswith(f"{FOLD}/")}
+  if set(fin.folded) != stored:
+    raise bad(f"folded BatchNorms {sorted(fin.folded)} do not match the stored folds "
+              f"{sorted(stored)}")
+  for name, eps in spec["folded"].items():
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < 1:
+      raise bad(f"epsilon {eps!r} of {name!r} is not a number in [0, 1)")
+  for p, act in spec["acts"].items():
+    if f"params/{p}/kernel" not in fin.tensors:
+      raise bad(f"input quantization of {p!r} names no stored layer")
+    if not isinstance(act, dict) or set(act) != set(ACT_KEYS):
+      raise bad(f"input quantization of {p!r} must have the keys {list(ACT_KEYS)}")
+    ints = [act[k] for k in ("bits", "zero_point", "qmin", "qmax")]
+    scale = act["scale"]
+    if not all(_is_int(v) for v in ints) or not (
+        1 <= act["bits"] <= 16 and act["qmin"] < act["qmax"]
+        and 1 << (act["bits"] - 1) <= act["qmax"] - act["qmin"] < 1 << act["bits"]
+        and act["qmin"] <= act["zero_point"] <= act["qmax"]) or not (
+        isinstance(scale, (int, float)) and not isinstance(scale, bool)
+        and np.isfinite(scale) and scale > 0):
+      raise bad(f"input quantization of {p!r} is inconsistent: {act!r}")
 
 
 def _decode(path: str, spec: dict, field: str) -> Finalized:
@@ -199,6 +242,15 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                       f"{raw.size}; the spec does not match the arrays")
   tensors, axes, offset = {}, {}, 0
   for meta in spec["layers"]:
+    for key in ("bits", "nnz", "codes", "gap_bits", "qmin", "axis"):
+      if key in meta and not _is_int(meta[key]):
+        raise ConfigError(f"{field}: {key} of {meta['path']!r} is {meta[key]!r}, not an integer; "
+                          "the spec is corrupted")
+    if meta["kind"] == "int" and "qmin" not in meta:
+      raise ConfigError(f"{field}: int layer {meta['path']!r} has no qmin; the spec is corrupted")
+    if not isinstance(meta["shape"], list) or not all(_is_int(d) and d > 0 for d in meta["shape"]):
+      raise ConfigError(f"{field}: shape of {meta['path']!r} is {meta['shape']!r}, not a list of "
+                        "positive integers; the spec is corrupted")
     segments = {}
     for name, size in meta["segments"].items():
       if not isinstance(size, int) or size < 0:
