@@ -129,7 +129,8 @@ def shrink_channels(model_name: str, variables: Mapping[str, Any], masks: Any, *
     if strict and removed.size and np.any(const[removed] > 0):
       c = int(removed[np.argmax(const[removed])])
       raise ConfigError(f"masks: channel {c} of {block}/conv1 is masked but {block}/bn1 still "
-                        f"outputs relu(bias - mean * scale / sqrt(var + eps)) = {const[c]:.4g} > 0, "
+                        "outputs relu(bias - mean * scale / sqrt(var + eps)) = "
+                        f"{const[c]:.4g} > 0, "
                         "so removing it would change the predictions; mask bn1's scale and bias "
                         "too (inner_channel_masks does) or pass strict=False")
     if keep.size == 0:

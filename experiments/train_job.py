@@ -1,4 +1,5 @@
-"""Plain supervised training from a config (``configs/train.py``), run by ``experiments/train.py``."""
+"""Plain supervised training from a config (``configs/train.py``); ``experiments/train.py``
+runs it, and the main job's pretrain stage uses :func:`train_model`."""
 
 from __future__ import annotations
 

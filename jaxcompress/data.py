@@ -147,7 +147,8 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 def resolve_data_dir(data_dir: str | None) -> str:
-  """The folder TFDS reads: ``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+  """The folder TFDS reads: ``data_dir``, else ``$TFDS_DATA_DIR``, else
+  ``~/tensorflow_datasets``."""
   return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
                             or "~/tensorflow_datasets")
 
@@ -164,7 +165,7 @@ def _is_prepared(name: str, data_dir: str) -> bool:
 
 
 def _not_prepared(name: str, data_dir: str, why: str = "") -> ConfigError:
-  """The one-line error for a dataset missing from ``data_dir``; ``why`` is appended to its cause."""
+  """The one-line error for a dataset missing from ``data_dir``; ``why`` ends its cause."""
   return ConfigError(f"data.name: dataset {name!r} is not prepared under {data_dir!r} "
                      f"(looked for {name}/<version>/dataset_info.json){why}; "
                      + _DATA_HELP.format(name=name))

@@ -193,8 +193,9 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
           MemoryError) as e:
     if isinstance(e, ConfigError):
       raise
-    raise ConfigError(f"{field}: {path!r} has a malformed spec ({type(e).__name__}: {e})"
-                      .replace("\n", " ") + "; the artifact is corrupted, export it again") from None
+    cause = f"{type(e).__name__}: {e}".replace("\n", " ")
+    raise ConfigError(f"{field}: {path!r} has a malformed spec ({cause}); the artifact is "
+                      "corrupted, export it again") from None
   return LoadedModel(model, arrays, apply_fn, spec, fin)
 
 

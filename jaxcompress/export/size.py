@@ -23,8 +23,8 @@ def size_report(out_dir: str) -> dict[str, Any]:
   Returns:
     ``{'layers': [{'path', 'kind', 'bits', 'encoding', 'shape', 'density', 'bytes',
     'float32_bytes'}] (one per stored tensor), 'arrays_raw_bytes', 'arrays_bytes', 'spec_bytes',
-    'total_bytes', 'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of the artifact's file
-    sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
+    'total_bytes', 'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of
+    the artifact's file sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
   """
   spec_file = os.path.join(out_dir, "spec.json")
   with open(spec_file) as f:
