@@ -39,7 +39,7 @@ def main(argv):
   from configs import common
   from jaxcompress import data as data_lib
   from jaxcompress import export
-  from jaxcompress.compose import fold_arrays
+  from jaxcompress.models.batchnorm import fold_arrays
   from jaxcompress.data import Batch, DataSpec
   from jaxcompress.models import create_model
   from jaxcompress.models.functional import fold_hook

@@ -34,10 +34,10 @@ import optax
 from jaxcompress import distillation as kd
 from jaxcompress import pruning, quantization
 from jaxcompress.errors import ConfigError, check_range, invalid, unknown
-from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
+from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
-from jaxcompress.quantization.model import tree_get, tree_set
+from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
@@ -423,23 +423,6 @@ class Compression:
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
-
-
-def fold_arrays(params, batch_stats, norms: Mapping[str, float]) -> dict:
-  """``{norm path: (gain, bias)}`` of the BatchNorms ``norms`` (``{path: epsilon}``).
-
-  ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain`` in float32, the arrays
-  the export stores (:mod:`jaxcompress.models.batchnorm`).
-  """
-  params, batch_stats = jax.device_get(params), jax.device_get(batch_stats)
-  out = {}
-  for path, eps in norms.items():
-    stats, p = tree_get(batch_stats, path), tree_get(params, path) or {}
-    mean, var = stats["mean"], stats["var"]
-    scale = p.get("scale", jnp.ones_like(var))
-    gain = bn_multiplier(scale, var, eps)
-    out[path] = (gain, fold_bias(None, gain, p.get("bias", jnp.zeros_like(mean)), mean))
-  return out
 
 
 def _share_weights(params, books: dict, *, update: bool):

@@ -44,6 +44,27 @@ def path_str(keypath: Sequence[Any]) -> str:
   return "/".join(key_name(k) for k in keypath)
 
 
+def flat_paths(tree: Any) -> dict[str, Any]:
+  """``{path: leaf}`` of any pytree, paths as :func:`path_str` writes them."""
+  return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def tree_get(tree: Any, path: str) -> Any:
+  """The node at a ``/``-joined path of nested dicts, or ``None``."""
+  node = tree
+  for name in path.split("/"):
+    if not isinstance(node, dict) or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+def tree_set(tree: dict, path: str, value: Any) -> dict:
+  """A copy of nested dicts ``tree`` with ``value`` at ``path`` (only the path is copied)."""
+  head, _, rest = path.partition("/")
+  return {**tree, head: tree_set(tree[head], rest, value) if rest else value}
+
+
 class Rules:
   """An ordered, compiled rule list.
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import functional, weight_name
-from jaxcompress.rules import Rule, path_str
+from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
 
 
@@ -119,7 +119,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
   """
   fm = functional(model)
   params = variables["params"]
-  flat = {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = flat_paths(params)
   calls: dict[str, Layer] = {}
   outputs: list[tuple[Any, str]] = []  # (output object, layer path): to find norms that follow
   norms: dict[str, str] = {}

@@ -31,10 +31,11 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
-from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize, flat_leaves
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
 from jaxcompress.models.functional import functional
+from jaxcompress.rules import flat_paths
 
 FORMAT, VERSION = "jaxcompress-export", 2
 SPEC_FILE, ARRAYS_FILE = "spec.json", "arrays.bin"
@@ -279,7 +280,7 @@ def _expected(fm, spec: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
   sample = np.zeros((1, *spec["input"]["shape"]), spec["input"]["dtype"])
   want = jax.eval_shape(lambda: fm.init(jax.random.key(0), sample))
   return {f"{c}/{p}": (tuple(v.shape), v.dtype) for c, tree in want.items()
-          for p, v in flat_leaves(tree).items()}
+          for p, v in flat_paths(tree).items()}
 
 
 def _check_fits(fm, expected: dict, fin: Finalized, field: str) -> None:

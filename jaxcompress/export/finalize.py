@@ -32,9 +32,9 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import LayerTensor
-from jaxcompress.models.batchnorm import bn_multiplier, fold_bias
+from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.quantization import quantize_int
-from jaxcompress.rules import path_str
+from jaxcompress.rules import flat_paths
 
 FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path> = [gain; bias]
 FOLDED_LEAVES = (("params", "scale"), ("params", "bias"), ("batch_stats", "mean"),
@@ -58,11 +58,6 @@ class Finalized(NamedTuple):
   acts: dict[str, dict]
   folded: dict[str, float]
   float32_bytes: int
-
-
-def flat_leaves(tree: Any) -> dict[str, Any]:
-  """``{path: leaf}`` of a nested dict, paths ``/``-joined."""
-  return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def bake_masks(params: Any, masks: Any | None) -> Any:
@@ -159,8 +154,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
   """
   variables = dict(variables)
   params = bake_masks(variables["params"], masks)
-  flat_params = flat_leaves(params)
-  mask_flat = None if masks is None else flat_leaves(masks)
+  flat_params = flat_paths(params)
+  mask_flat = None if masks is None else flat_paths(masks)
   specs, books, fold = dict(specs or {}), dict(codebooks or {}), dict(fold or {})
   weights = {f"{p}/{getattr(s, 'weight', 'kernel')}": s for p, s in specs.items()}
   weights = {w: s for w, s in weights.items() if getattr(s, "weight_bits", None) is not None}
@@ -175,22 +170,16 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
                       "and a k-means codebook; give it one of the two")
   folded_leaves: set[str] = set()
   tensors: dict[str, LayerTensor] = {}
-  stats = variables.get("batch_stats", {})
-  for path, eps in fold.items():
-    st = flat_leaves({"s": stats}) if stats else {}
-    mean, var = st.get(f"s/{path}/mean"), st.get(f"s/{path}/var")
-    if mean is None or var is None:
-      raise ConfigError(f"export: BatchNorm {path!r} has no running statistics in "
-                        "variables['batch_stats']; pass the full model variables")
-    scale = flat_params.get(f"{path}/scale", np.ones_like(np.asarray(var, np.float32)))
-    beta = flat_params.get(f"{path}/bias", np.zeros_like(np.asarray(mean, np.float32)))
-    gain = bn_multiplier(scale, var, eps)
-    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(
-        [gain, fold_bias(None, gain, beta, mean)]))
+  try:
+    folded = fold_arrays(params, variables.get("batch_stats"), fold)
+  except ConfigError as e:
+    raise ConfigError(f"export: {e}") from None
+  for path, (gain, bias) in folded.items():
+    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack([gain, bias]))
     folded_leaves |= {f"{c}/{path}/{leaf}" for c, leaf in FOLDED_LEAVES}
   axes: dict[str, int] = {}
   for collection, value in variables.items():
-    leaves = flat_params if collection == "params" else flat_leaves(value)
+    leaves = flat_params if collection == "params" else flat_paths(value)
     for leaf_path, leaf in leaves.items():
       key = f"{collection}/{leaf_path}"
       if key in folded_leaves:

@@ -11,11 +11,14 @@ functions and run the folded form, and their outputs agree bit for bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxcompress.errors import ConfigError
+from jaxcompress.rules import tree_get
 
 EPSILON = 1e-5  # Flax's and PyTorch's default
 
@@ -31,3 +34,26 @@ def fold_bias(bias: Any, g: np.ndarray, bn_bias: Any, mean: Any) -> np.ndarray:
   b = np.zeros_like(g) if bias is None else np.asarray(bias, np.float32)
   return ((b - np.asarray(mean, np.float32)) * g + np.asarray(bn_bias, np.float32)).astype(
       np.float32)
+
+
+def fold_arrays(params: Any, batch_stats: Any, norms: Mapping[str, float]) -> dict:
+  """``{norm path: (gain, bias)}`` of the BatchNorms ``norms`` (``{path: epsilon}``).
+
+  ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain`` in float32 (scale 1 and
+  beta 0 where the BatchNorm has none): the arrays the export stores and the fake-quant model's
+  evaluation uses, computed here once for both.
+
+  Raises:
+    ConfigError: if a BatchNorm has no running statistics in ``batch_stats``.
+  """
+  params, batch_stats = jax.device_get(params), jax.device_get(batch_stats)
+  out = {}
+  for path, eps in norms.items():
+    stats, p = tree_get(batch_stats or {}, path) or {}, tree_get(params, path) or {}
+    if "mean" not in stats or "var" not in stats:
+      raise ConfigError(f"BatchNorm {path!r} has no running statistics in "
+                        "variables['batch_stats']; pass the full model variables")
+    mean, var = stats["mean"], stats["var"]
+    gain = bn_multiplier(p.get("scale", jnp.ones_like(var)), var, eps)
+    out[path] = (gain, fold_bias(None, gain, p.get("bias", jnp.zeros_like(mean)), mean))
+  return out

@@ -59,7 +59,7 @@ from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, in
                                             quantize_input, quantize_kernel)
 from jaxcompress.quantization.schedule import BitSchedule
 from jaxcompress.quantization.spec import layer_specs
-from jaxcompress.rules import Rule
+from jaxcompress.rules import Rule, tree_get, tree_set
 
 
 @struct.dataclass
@@ -88,22 +88,6 @@ class Quantizer(NamedTuple):
   apply: Callable[..., tuple[Any, dict, QuantState]]
   specs: Callable[..., dict]
   observe: Callable[..., dict]
-
-
-def tree_get(tree: Any, path: str) -> Any:
-  """The node at a ``/``-joined path of nested dicts, or ``None``."""
-  node = tree
-  for name in path.split("/"):
-    if not isinstance(node, dict) or name not in node:
-      return None
-    node = node[name]
-  return node
-
-
-def tree_set(tree: dict, path: str, value: Any) -> dict:
-  """A copy of nested dicts ``tree`` with ``value`` at ``path`` (only the path is copied)."""
-  head, _, rest = path.partition("/")
-  return {**tree, head: tree_set(tree[head], rest, value) if rest else value}
 
 
 def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
