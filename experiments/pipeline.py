@@ -34,10 +34,6 @@ from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 FLOAT32_BYTES = 4
 
 
-
-
-
-
 def _sections(config) -> list[str]:
   """The model sections the job builds: the teacher when it teaches or is evaluated, the student."""
   uses_teacher = config.distill.alpha > 0 or config.distill.feature_weight > 0
@@ -65,8 +61,12 @@ def weights_plan(config) -> tuple[str, dict[str, str | None], dict[str, str]]:
   return folder, paths, to_train
 
 
-def validate_config(config) -> None:
-  """Every check that needs no data or weights, before anything is written."""
+def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]:
+  """Every check that needs no data or weights, before anything is written.
+
+  Returns:
+    The :func:`weights_plan`.
+  """
   data_lib.dataset_spec(config.data.name)
   get_model(config.student.name, field="student.name")
   if config.teacher.name:
@@ -90,8 +90,7 @@ def validate_config(config) -> None:
   LoopSpec.from_mapping(config.train)
   DataSpec.from_mapping(config.data)
   compression_specs(config)
-
-
+  return folder, paths, to_train
 
 
 def compression_specs(config) -> dict:
@@ -109,7 +108,7 @@ def _param_count(tree) -> int:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the whole compression job; returns the ``results.json`` dict."""
-  validate_config(config)
+  folder, paths, to_train = validate_config(config)
   stages_path = os.path.join(workdir, "stages.json")
   stages = read_json(stages_path)  # empty when the workdir does not exist yet
   mesh = parallel.make_mesh()
@@ -117,7 +116,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
   spec = data_lib.dataset_spec(config.data.name)
   # Models: weights found now, or trained by the pretrain stage below (random until then).
-  folder, paths, to_train = weights_plan(config)
   build = lambda section: create_model(config[section].name, num_classes=spec.num_classes,
                                        image_shape=spec.image_shape, weights=paths[section],
                                        seed=config.seed, field=section)
