@@ -57,7 +57,7 @@ def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
   opt = make_optimizer(OptimizerSpec(epochs=epochs, learning_rate=lr), per_epoch)  # SGD recipe
   params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
   state = TrainState.create(params, model_state, opt)
-  step = make_train_step(supervised_loss(model.apply), opt)
+  step = make_train_step(supervised_loss(model), opt)
   t0, done, epoch = time.perf_counter(), 0, 0
   while done < total:
     for batch in data_lib.train_batches(x, y, 128, seed=0, epoch=epoch, mean=common.IMAGENET_MEAN,

@@ -27,13 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.train_job import flax_apply
 from jaxcompress import data as data_lib
 from jaxcompress import parallel, pruning
 from jaxcompress.checkpoint import check_workdir, write_json
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid, unknown
 from jaxcompress.models import create_model, get_model
+from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import weights_format
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.pruning.masks import SCOPES, check_sparsity
@@ -119,7 +119,7 @@ def _build(config, mesh):
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.get("seed", 0))
-  eval_step = make_eval_step(lambda v, x: flax_apply(model)(v, x, train=False), mesh=mesh)
+  eval_step = make_eval_step(lambda v, x, fm=functional(model): fm.apply(v, x)[0], mesh=mesh)
   return model, variables, eval_step
 
 
@@ -266,7 +266,7 @@ def iterative_search(config, workdir: str) -> dict:
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,
                             rules=rules, update_every=steps)
-  train_step = make_train_step(supervised_loss(flax_apply(model)), optimizer, mesh=mesh,
+  train_step = make_train_step(supervised_loss(model), optimizer, mesh=mesh,
                                seed=config.seed)
   # Non-trainable state (BatchNorm statistics) after each round, on the host; -1 is dense.
   model_states = {-1: jax.device_get(variables)}

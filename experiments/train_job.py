@@ -18,18 +18,6 @@ from jaxcompress.steps import TrainState, make_eval_step, make_train_step, super
 from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 
 
-def flax_apply(model):
-  """``apply(variables, x, train=False, mutable=False)`` in Flax's calling convention for any
-  Linen or NNX module (through :func:`jaxcompress.models.functional.functional`)."""
-  fn = functional(model)
-
-  def apply(variables, x, train: bool = False, mutable=False):
-    out, new_state = fn.apply(variables, x, train=train)
-    return (out, new_state) if mutable else out
-
-  return apply
-
-
 def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: OptimizerSpec,
                 loop: LoopSpec, workdir: str, *, seed: int, mesh, desc: str = "train"
                 ) -> tuple[dict, dict, dict]:
@@ -44,9 +32,8 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
   variables = dict(variables)
   params = variables.pop("params")
   state = TrainState.create(params, variables, optimizer)
-  apply = flax_apply(model)
-  train_step = make_train_step(supervised_loss(apply), optimizer, mesh=mesh, seed=seed)
-  eval_step = make_eval_step(lambda v, x: apply(v, x, train=False), mesh=mesh)
+  train_step = make_train_step(supervised_loss(model), optimizer, mesh=mesh, seed=seed)
+  eval_step = make_eval_step(lambda v, x, fm=functional(model): fm.apply(v, x)[0], mesh=mesh)
   as_vars = lambda s: {"params": s.params, **s.model_state}
   eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], data, mesh=mesh)
   state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=seed,

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from jaxcompress import parallel
 from jaxcompress.data import Batch
 from jaxcompress.metrics import classification_report, confusion_matrix
+from jaxcompress.models.functional import functional
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -55,20 +56,18 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def apply_model(apply_fn: Callable, params, model_state, x, *, train: bool):
-  """Calls a Flax ``apply`` with ``model_state`` mutable in training; returns (logits, state)."""
-  variables = {"params": params, **model_state}
-  if train and model_state:
-    return apply_fn(variables, x, train=True, mutable=list(model_state))
-  return apply_fn(variables, x, train=train), model_state
+def supervised_loss(model: Any) -> Callable:
+  """The plain task loss of any Linen or NNX model: cross-entropy of its logits against the labels.
 
-
-def supervised_loss(apply_fn: Callable) -> Callable:
-  """The plain task loss: cross-entropy of the model's logits against the labels."""
+  The model runs in training mode through :func:`jaxcompress.models.functional.functional`
+  (its own train flag, batch statistics updated, the step's key for dropout).
+  """
+  fm = functional(model)
 
   def loss_fn(params, model_state, batch: Batch, rng):
-    del rng
-    logits, new_state = apply_model(apply_fn, params, model_state, batch.image, train=True)
+    logits, updated = fm.apply({"params": params, **model_state}, batch.image, train=True,
+                               rngs=rng)
+    new_state = {**model_state, **updated}
     loss = weighted_mean(cross_entropy(logits, batch.label), batch.weight)
     acc = weighted_mean((jnp.argmax(logits, -1) == batch.label).astype(jnp.float32),
                         batch.weight)

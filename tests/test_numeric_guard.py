@@ -39,7 +39,7 @@ def _finite(tree):
 
 def test_a_diverging_loss_stops_at_its_step_and_the_run_resumes(tmp_path):
   train, data, model, v = _setup()
-  loss_fn = supervised_loss(model.apply)
+  loss_fn = supervised_loss(model)
   # A sane rate for 4 steps, then one so large that step 6's loss is nan.
   blowup = optax.sgd(lambda count: jnp.where(count >= 4, 1e30, 0.01))
   with pytest.raises(NonFiniteError) as e:
@@ -68,7 +68,7 @@ def test_a_diverging_loss_stops_at_its_step_and_the_run_resumes(tmp_path):
 
 def test_a_non_finite_gradient_with_a_finite_loss_is_caught_before_any_checkpoint(tmp_path):
   train, data, model, v = _setup()
-  task = supervised_loss(model.apply)
+  task = supervised_loss(model)
 
   def loss_fn(params, model_state, batch, rng):
     loss, aux = task(params, model_state, batch, rng)

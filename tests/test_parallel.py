@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent("""
       mesh = parallel.make_mesh(jax.devices()[:n])
       params = dict(v)["params"]
       state = parallel.replicate(mesh, TrainState.create(params, {"batch_stats": v["batch_stats"]}, opt))
-      step = make_train_step(supervised_loss(model.apply), opt, mesh=mesh)
+      step = make_train_step(supervised_loss(model), opt, mesh=mesh)
       losses = []
       for b in batches:
         state, m = step(state, parallel.shard_batch(mesh, b))

@@ -86,7 +86,7 @@ def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
       "config": (c.data, c.train, c.train)}.items():
     tx = make_optimizer(opt, 3)
     state = TrainState.create(v["params"], {}, tx)
-    step = make_train_step(supervised_loss(model.apply), tx)
+    step = make_train_step(supervised_loss(model), tx)
     out[name], info = fit(state, step, train, data, loop, str(tmp_path / name))
     assert info["steps"] == 3  # 48 // 16 steps, 1 epoch
   for a, b in zip(jax.tree.leaves(out["spec"].params), jax.tree.leaves(out["config"].params)):
