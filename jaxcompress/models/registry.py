@@ -1,7 +1,8 @@
 """Models by name: a registry, ``MODULE:FACTORY`` for a user's own model, and initial variables.
 
 A model name is either a registry name (the built-in ``resnet20`` ... ``resnet110``,
-``cnn_mnist``, ``cnn_cifar``, ``mlp``, or one added with :func:`register`), or
+``cnn_mnist``, ``cnn_cifar``, ``mlp``, the character models ``char_gpt`` and ``char_lstm``, whose
+``num_classes`` is the vocabulary size, or one added with :func:`register`), or
 ``MODULE:FACTORY``: ``MODULE`` is imported from the working directory or ``PYTHONPATH`` and
 ``FACTORY(num_classes=N)`` must return a Flax Linen module, or, when ``FACTORY`` has an ``rngs``
 parameter, ``FACTORY(num_classes=N, rngs=nnx.Rngs(seed))`` an NNX module. Every factory, built-in
@@ -32,6 +33,8 @@ from flax import nnx
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
 from jaxcompress.models.functional import functional, variables_of
+from jaxcompress.models.gpt import CharGPT
+from jaxcompress.models.lstm import CharLSTM
 from jaxcompress.models.resnet import CifarResNet
 from jaxcompress.models.weights import load_weights
 
@@ -42,6 +45,8 @@ _REGISTRY: dict[str, Callable[..., Model]] = {
     "cnn_mnist": MnistCNN,
     "cnn_cifar": CifarCNN,
     "mlp": MLP,
+    "char_gpt": lambda num_classes, **kw: CharGPT(vocab_size=num_classes, **kw),
+    "char_lstm": lambda num_classes, **kw: CharLSTM(vocab_size=num_classes, **kw),
 }
 _OWN_MODEL = "for your own model use MODULE:FACTORY, e.g. my_models:make_model"
 
