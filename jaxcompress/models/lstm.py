@@ -1,8 +1,13 @@
 """A character-level LSTM language model.
 
-Token embedding, ``layers`` stacked ``nn.RNN`` over flax's ``nn.LSTMCell`` (whose input and
-recurrent gate kernels are ``nn.Dense`` layers, so the compression trace finds and compresses
-each of them), and a Dense head.
+Token embedding, ``layers`` stacked flax ``nn.LSTMCell`` s and a Dense head. Each cell's input and
+recurrent gate kernels are ``nn.Dense`` layers (``ii, if, ig, io`` on the input, ``hi, hf, hg, ho``
+on the hidden state), so the compression trace finds, prunes and quantizes each of them.
+
+The time loop is a Python loop over the sequence (the cell's modules are shared by every step),
+not ``nn.RNN``: a layer called inside a lifted ``nn.scan`` cannot hand the quantizer its input
+ranges (see :mod:`jaxcompress.quantization.model`), while a Python loop calls every gate directly.
+The price is a compile time that grows with the sequence length.
 
 References:
   Hochreiter & Schmidhuber, "Long Short-Term Memory", 1997; Karpathy, char-rnn, 2015.
@@ -11,6 +16,7 @@ References:
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 
 class CharLSTM(nn.Module):
@@ -30,10 +36,16 @@ class CharLSTM(nn.Module):
 
   @nn.compact
   def __call__(self, ids, train: bool = False):
-    """Maps ``ids`` int32 ``[B, T]`` to next-token logits ``[B, T, V]``."""
+    """Maps ``ids`` int32 ``[B, T]`` to next-token logits ``[B, T, V]`` (zero initial state)."""
     x = nn.Embed(self.vocab_size, self.width, name="embed")(ids)
     for i in range(self.layers):
       x = nn.Dropout(self.dropout, deterministic=not train)(x)
-      x = nn.RNN(nn.LSTMCell(self.width, name=f"lstm{i}"))(x)
+      cell = nn.LSTMCell(self.width, name=f"lstm{i}")
+      zeros = jnp.zeros((*x.shape[:-2], self.width), x.dtype)
+      carry, outputs = (zeros, zeros), []
+      for t in range(x.shape[-2]):
+        carry, h = cell(carry, x[..., t, :])
+        outputs.append(h)
+      x = jnp.stack(outputs, axis=-2)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.vocab_size, name="head")(x)
