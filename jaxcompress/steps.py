@@ -47,12 +47,20 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example softmax cross-entropy with integer labels."""
+  """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
+  ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``."""
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
-  """Mean of per-example ``values`` over examples with non-zero ``weight``."""
+  """Weighted mean of per-example (``[B]``) or per-position (``[B, T, ...]``) ``values``.
+
+  ``weight`` is per example ``[B]`` or has ``values``' shape (per token); a per-example weight
+  covers every position of its example, so with sequences this is the mean over positions and
+  examples, examples of weight 0 left out.
+  """
+  weight = jnp.broadcast_to(weight.reshape(weight.shape + (1,) * (values.ndim - weight.ndim)),
+                            values.shape)
   return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
