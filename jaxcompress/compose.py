@@ -24,6 +24,7 @@ The teacher's variables are an input of the step (never trained, never checkpoin
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -37,7 +38,7 @@ from jaxcompress.errors import ConfigError, check_range, invalid, unknown
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
-from jaxcompress.rules import tree_get, tree_set
+from jaxcompress.rules import Rules, tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
@@ -77,6 +78,11 @@ class PruneSpec:
     rules: ``((regex, True/False), ...)`` over the student's parameter paths; empty: the policy
       of :mod:`jaxcompress.selection`.
     seed: seed of random scores.
+    layer_sparsity: ``((regex, sparsity), ...)`` over the student's parameter paths: per-weight
+      final sparsities (first full match wins) for ``layer``-scope unstructured or channel
+      pruning; each weight follows the schedule scaled by ``its sparsity / sparsity``, and a
+      selected weight no regex matches reaches ``sparsity``. Per-layer plans (e.g. from
+      :mod:`jaxcompress.budget`) reach the train step this way.
   """
   method: str = "magnitude"
   structure: str = "unstructured"
@@ -91,6 +97,7 @@ class PruneSpec:
   norm: str = "l1"
   rules: tuple = ()
   seed: int = 0
+  layer_sparsity: tuple = ()
 
   def __post_init__(self):
     if self.method not in PRUNE_METHODS:
@@ -108,6 +115,15 @@ class PruneSpec:
       raise invalid("prune.n", self.n, f"in [1, prune.m={self.m})")
     if self.update_every < 1:
       raise invalid("prune.update_every", self.update_every, ">= 1")
+    for i, rule in enumerate(self.layer_sparsity):
+      if len(rule) != 2 or not isinstance(rule[0], str):
+        raise invalid(f"prune.layer_sparsity[{i}]", rule, "a (regex, sparsity) pair")
+      check_range(f"prune.layer_sparsity[{i}] sparsity", rule[1], 0.0, 1.0)
+    if self.layer_sparsity and (self.structure == "nm" or self.scope == "global"
+                                or not self.sparsity > 0):
+      raise invalid("prune.layer_sparsity", self.layer_sparsity, "empty unless prune.structure "
+                    "is unstructured (scope layer) or channel and prune.sparsity > 0",
+                    "set prune.sparsity to the largest per-layer sparsity")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "PruneSpec":
@@ -118,12 +134,19 @@ class PruneSpec:
     return self.method != "none" and self.sparsity > 0
 
   def masker(self) -> pruning.Masker:
-    """N:M, whole channels, or unstructured at the spec's scope."""
+    """N:M, whole channels, or unstructured at the spec's scope (per-layer targets applied).
+
+    With ``layer_sparsity``, the masker reads the train state's paths (``model/<param path>``,
+    as :func:`build`'s pruning rules do).
+    """
     if self.structure == "nm":
       return pruning.n_of_m(self.n, self.m)
-    if self.structure == "channel":
-      return pruning.channels(self.norm)
-    return pruning.unstructured(self.scope)
+    base = (pruning.channels(self.norm) if self.structure == "channel"
+            else pruning.unstructured(self.scope))
+    if not self.layer_sparsity:
+      return base
+    return _per_layer(base, [(f"model/(?:{r})", float(t)) for r, t in self.layer_sparsity],
+                      self.sparsity)
 
   def steps(self, total_steps: int) -> tuple[int, int, int]:
     """``(update_every, begin_step, end_step)`` for a run of ``total_steps``.
@@ -139,6 +162,28 @@ class PruneSpec:
     return every, begin, max(end, begin + every)
 
 
+def _per_layer(base: pruning.Masker, targets: list, final: float) -> pruning.Masker:
+  """A per-leaf masker: leaf ``p`` gets ``sparsity * target(p) / final`` (its target at the end).
+
+  At or past ``final`` a leaf gets exactly its target (no float32 rounding of the ratio).
+  """
+  rules = Rules(targets, field="prune.layer_sparsity")
+
+  def masker(paths, scores, sparsity):
+    out = []
+    for path, score in zip(paths, scores):
+      target = rules.lookup(path)
+      target = final if target is None else target
+      if isinstance(sparsity, (int, float)):
+        leaf = target if sparsity >= final else sparsity * target / final
+      else:
+        leaf = jnp.where(sparsity >= final, target, sparsity * (target / final))
+      out += base([path], [score], leaf)
+    return out
+
+  return masker
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
   """Fake quantization of weights and layer inputs (0 bits: that part stays float).
@@ -150,12 +195,16 @@ class QuantSpec:
     per_channel: one weight scale per output channel.
     method: ``minmax`` (ranges from data), ``lsq`` (learned step sizes) or ``kmeans`` (weight
       sharing; inputs stay ``minmax``).
+    layer_bits: ``((regex, weight_bits, act_bits), ...)`` over the student's layer (module)
+      paths, ahead of every other setting (first full match wins; 0 bits: float): per-layer
+      bit widths, e.g. from :mod:`jaxcompress.budget`; not with ``kmeans``.
   """
   weight_bits: int = 0
   act_bits: int = 0
   first_last_bits: int = 8
   per_channel: bool = True
   method: str = "minmax"
+  layer_bits: tuple = ()
 
   def __post_init__(self):
     if self.method not in QUANT_METHODS:
@@ -164,6 +213,13 @@ class QuantSpec:
       bits = getattr(self, field)
       if bits and not 2 <= bits <= 8:
         raise invalid(f"quant.{field}", bits, "0 (float) or an integer in [2, 8]")
+    for i, rule in enumerate(self.layer_bits):
+      if (len(rule) != 3 or not isinstance(rule[0], str)
+          or any(b and not 2 <= b <= 8 for b in rule[1:])):
+        raise invalid(f"quant.layer_bits[{i}]", rule,
+                      "a (regex, weight_bits, act_bits) triple, bits 0 (float) or in [2, 8]")
+    if self.layer_bits and self.method == "kmeans":
+      raise invalid("quant.layer_bits", self.layer_bits, "empty with quant.method=kmeans")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "QuantSpec":
@@ -171,7 +227,7 @@ class QuantSpec:
 
   @property
   def enabled(self) -> bool:
-    return bool(self.weight_bits or self.act_bits)
+    return bool(self.weight_bits or self.act_bits or self.layer_bits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,9 +556,17 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
                   method="minmax" if quant.method == "kmeans" else quant.method)
     edge = quant.first_last_bits or None
     inner_bits = None if kmeans_bits else quant.weight_bits or None
-    rules_q = [(quantization.FIRST, dict(weight_bits=edge, act_bits=edge, **common)),
-               (quantization.LAST, dict(weight_bits=edge, act_bits=edge, **common)),
-               (".*", dict(weight_bits=inner_bits, act_bits=quant.act_bits or None, **common))]
+    rules_q = [(regex, dict(weight_bits=w or None, act_bits=a or None, **common))
+               for regex, w, a in quant.layer_bits]
+    # The defaults decide only the layers layer_bits leaves open (no rule that matches nothing).
+    open_ = [l.path for l in layers.layers
+             if not any(re.fullmatch(r, l.path) for r, _, _ in quant.layer_bits)]
+    rules_q += [(pos, dict(weight_bits=edge, act_bits=edge, **common))
+                for pos, path in ((quantization.FIRST, layers.first),
+                                  (quantization.LAST, layers.last)) if path in open_]
+    if set(open_) - {layers.first, layers.last}:
+      rules_q.append((".*", dict(weight_bits=inner_bits, act_bits=quant.act_bits or None,
+                                 **common)))
     quantizer = quantization.quantize(s, rules_q)
   if distill.uses_teacher and teacher is None:
     raise ConfigError("teacher: distillation (distill.alpha > 0 or distill.feature_weight > 0) "

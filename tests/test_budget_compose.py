@@ -1,0 +1,76 @@
+"""Per-layer plans reach the composed train step: PruneSpec.layer_sparsity, QuantSpec.layer_bits."""
+
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress import compose, pruning
+from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import create_model
+
+SHAPE = (6, 6, 3)
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  return Batch(rng.normal(size=(8, *SHAPE)).astype(np.float32),
+               rng.integers(0, 4, 8).astype(np.int32), np.ones(8, np.float32))
+
+
+def test_per_layer_sparsity_and_bits_in_one_jitted_step():
+  model, variables = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  x = _batch(0).image
+  targets = {"fc1/kernel": 0.5, "fc2/kernel": 0.9, "fc3/kernel": 0.25}
+  prune = compose.PruneSpec(sparsity=0.9, schedule="gradual", end=0.5, update_every=2,
+                            rules=tuple((w, True) for w in targets) + ((".*", False),),
+                            layer_sparsity=tuple(targets.items()))
+  quant = compose.QuantSpec(weight_bits=4, act_bits=8,
+                            layer_bits=(("fc1", 3, 8), ("fc2", 2, 0), ("fc3", 8, 4)))
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.05), total_steps=10,
+                       prune=prune, quant=quant)
+  state = comp.init_state(variables, x, calibration=[x])
+  step = comp.make_train_step()
+  for i in range(10):
+    state, _ = step(state, _batch(i))
+  assert step._cache_size() == 1
+  for path, target in targets.items():
+    layer, _ = path.split("/")
+    kernel = np.asarray(state.params["model"][layer]["kernel"])
+    assert np.sum(kernel == 0) == round(target * kernel.size)  # the count torch would prune
+  bits = {l.path: (l.config.weight_bits, l.config.act_bits)
+          for l in state.model_state["quant"].layers}
+  assert bits == {"fc1": (3, 8), "fc2": (2, None), "fc3": (8, 4)}
+  # The masks the job's "before fine-tuning" evaluation computes follow the same targets.
+  masks = pruning.compute_masks(state.params, prune.sparsity, structure=prune.masker(),
+                                rules=comp.prune_rules)
+  kept = np.asarray(masks["model"]["fc2"]["kernel"])
+  assert kept.size - kept.sum() == round(0.9 * kept.size)
+
+
+def test_unmatched_selected_weights_reach_the_spec_sparsity():
+  masker = compose.PruneSpec(sparsity=0.5, layer_sparsity=(("a", 0.25),)).masker()
+  scores = [np.arange(8.0), np.arange(8.0)]
+  keep = masker(["model/a", "model/b"], scores, 0.5)
+  assert [int(np.sum(~np.asarray(k))) for k in keep] == [2, 4]
+  half = masker(["model/a", "model/b"], scores, 0.25)  # half-way through the ramp
+  assert [int(np.sum(~np.asarray(k))) for k in half] == [1, 2]
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(sparsity=0.5, layer_sparsity=(("a", 1.0),)),
+    dict(sparsity=0.5, layer_sparsity=(("a",),)),
+    dict(sparsity=0.0, layer_sparsity=(("a", 0.3),)),
+    dict(sparsity=0.5, scope="global", layer_sparsity=(("a", 0.3),)),
+    dict(sparsity=0.5, structure="nm", layer_sparsity=(("a", 0.3),))])
+def test_bad_layer_sparsity_is_one_line(kwargs):
+  with pytest.raises(ConfigError, match="prune.layer_sparsity"):
+    compose.PruneSpec(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layer_bits=(("a", 9, 8),)), dict(layer_bits=(("a", 4),)),
+    dict(layer_bits=(("a", 4, 8),), method="kmeans", weight_bits=4)])
+def test_bad_layer_bits_is_one_line(kwargs):
+  with pytest.raises(ConfigError, match="quant.layer_bits"):
+    compose.QuantSpec(**kwargs)
