@@ -2,7 +2,10 @@
 
 ``train_and_evaluate(config, workdir)`` runs the stages below; each stage's result is kept in
 ``WORKDIR/stages.json`` and training checkpoints in ``WORKDIR/checkpoints``, so a rerun with the
-same command resumes where it stopped. Stages: evaluate the teacher and the original student;
+same command resumes where it stopped, and ends exactly as an uninterrupted run would, however it
+was stopped (even by SIGKILL): every file is written under a temporary name and renamed, a stage is
+recorded only once its outputs are complete, and training resumes from its latest checkpoint at the
+exact step (:func:`jaxcompress.train.fit`). Stages: evaluate the teacher and the original student;
 compress the student one-shot (final-sparsity masks + calibrated fake quantization) and evaluate
 it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; export; write
 ``results.json``, ``report.md`` and PNG plots.
@@ -11,6 +14,7 @@ it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; exp
 from __future__ import annotations
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -20,12 +24,13 @@ from experiments.train_job import train_model
 from jaxcompress import compose, parallel, pruning
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
-from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
+from jaxcompress.checkpoint import (MetricsLog, check_workdir, read_json, write_json,
+                                    write_text)
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
-from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, find_weights,
-                                        resolve_weights, save_weights, weights_dir,
+from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, resolve_weights,
+                                        save_weights, weights_dir,
                                         weights_format)
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import make_eval_step
@@ -146,16 +151,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return stages[name]
 
   # Pretrain stage: weights named in the config but not in the weights folder are trained here
-  # with the family's recipe, saved under their name, and the models rebuilt from them.
-  pretrained = []
+  # with the family's recipe, saved under their name, and the models rebuilt from them. The stage
+  # is recorded before the weights are saved: a run stopped in between trains them again from
+  # their last checkpoint (no step) and saves them; one stopped after finds them and keeps them.
   if to_train:
     check_workdir(config, workdir)
     for name, model_name in to_train.items():
-      key = f"pretrain {name}"
-      if key in stages and find_weights(name, folder) is None:
-        del stages[key]  # the saved file went away: save it again (training resumes at its end)
-      pretrained.append(stage(key, lambda: _pretrain(config, workdir, folder, name, model_name,
-                                                     splits, data, mesh)))
+      variables, stages[f"pretrain {name}"] = _pretrain(config, workdir, folder, name,
+                                                        model_name, splits, data, mesh)
+      write_json(stages_path, stages)
+      save_weights(variables, name, folder)
     paths = {s: resolve_weights(config[s].weights, folder) for s in paths}
     student, student_vars = build("student")
     if teacher is not None:
@@ -220,7 +225,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if teacher_vars is not None and teacher_row["accuracy"] is not None:
     teacher_row.update(size_bytes=_param_count(teacher_vars["params"]) * FLOAT32_BYTES, **dense)
   results = {
-      "pretrained": pretrained,
+      "pretrained": [v for k, v in stages.items() if k.startswith("pretrain ")],
       "teacher": teacher_row,
       "original": {**_row(stages["original"], config.student.name),
                    "size_bytes": original_bytes, **dense},
@@ -231,11 +236,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "compressed": compressed,
       "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
   }
-  with open(os.path.join(workdir, "layers.md"), "w") as f:
-    f.write(comp.describe(state) + "\n")
-  write_json(os.path.join(workdir, "results.json"), results)
+  write_text(os.path.join(workdir, "layers.md"), comp.describe(state) + "\n")
   report_lib.write_report(workdir, config, results,
                           MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
+  write_json(os.path.join(workdir, "results.json"), results)  # last: its presence means done
   return results
 
 
@@ -243,35 +247,47 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
             evaluate_vars) -> dict:
   """Writes ``WORKDIR/export`` (and ``WORKDIR/serving``), reloads the artifact, evaluates it.
 
+  Both folders are written under temporary names (``export.tmp``, ``serving.tmp``) and renamed
+  once complete, replacing what an interrupted earlier attempt left.
+
   Returns:
     ``size_bytes`` (artifact bytes on disk), ``compression_ratio``, the artifact's ``accuracy``
     as ``exported_accuracy`` and its prediction agreement with the fake-quant model.
   """
   from jaxcompress import export  # heavy; only the export stage needs it
   spec = data_lib.dataset_spec(config.data.name)
-  out_dir = os.path.join(workdir, "export")
-  report = comp.export(out_dir, state, input_shape=spec.image_shape,
+  folders = ["export", "serving"] if config.export.serving else ["export"]
+  tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
+  for path in tmp.values():
+    shutil.rmtree(path, ignore_errors=True)
+  report = comp.export(tmp["export"], state, input_shape=spec.image_shape,
                        model_name=config.student.name)
-  loaded = export.load(out_dir, comp.student)
+  loaded = export.load(tmp["export"], comp.student)
   if config.export.serving:
-    export.save_serving(os.path.join(workdir, "serving"), loaded, mean=config.data.mean,
-                        std=config.data.std)
+    export.save_serving(tmp["serving"], loaded, mean=config.data.mean, std=config.data.std)
   result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
   agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
-  with open(os.path.join(workdir, "export_size.md"), "w") as f:
-    f.write(export.format_report(report) + "\n")
+  for name, path in tmp.items():
+    final = os.path.join(workdir, name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(path, final)
+  write_text(os.path.join(workdir, "export_size.md"), export.format_report(report) + "\n")
   return {"size_bytes": int(report["total_bytes"]),
           "compression_ratio": round(original_bytes / report["total_bytes"], 3),
           "exported_accuracy": result["accuracy"], "export_agreement": agree}
 
 
 def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, splits: dict,
-              data: DataSpec, mesh) -> dict:
-  """Trains ``model_name`` from scratch with the CIFAR ResNet recipe and saves it as ``name``.
+              data: DataSpec, mesh) -> tuple[dict, dict]:
+  """Trains ``model_name`` from scratch with the CIFAR ResNet recipe, to be saved as ``name``.
 
   SGD with momentum 0.9, weight decay 1e-4, cosine from ``pretrain.learning_rate`` over
   ``pretrain.epochs``, the job's batch size and augmentation (He et al. 2016). Resumable: its
   checkpoints live in ``WORKDIR/pretrain/NAME``.
+
+  Returns:
+    ``(variables, stage result)``; the result names ``FOLDER/NAME.msgpack``, where the caller
+    saves the variables.
   """
   spec = data_lib.dataset_spec(config.data.name)
   model, variables = create_model(model_name, num_classes=spec.num_classes,
@@ -285,9 +301,10 @@ def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, spl
   variables, result, info = train_model(model, variables, splits, data, opt, loop,
                                         os.path.join(workdir, "pretrain", name),
                                         seed=config.seed, mesh=mesh, desc=f"pretrain {name}")
-  path = save_weights(variables, name, folder)
-  return {"weights": name, "model": model_name, "path": path, "epochs": info["epochs"],
-          "seconds": info["seconds"], "accuracy": result["accuracy"], "loss": result["loss"]}
+  return variables, {"weights": name, "model": model_name,
+                     "path": os.path.join(folder, f"{name}.msgpack"), "epochs": info["epochs"],
+                     "seconds": info["seconds"], "accuracy": result["accuracy"],
+                     "loss": result["loss"]}
 
 
 def _row(result: dict | None, name: str) -> dict:

@@ -1,4 +1,5 @@
-"""The main job's human-readable output: ``report.md`` and PNG plots."""
+"""The main job's human-readable output: ``report.md`` and PNG plots, each written under a
+temporary name and renamed (a crash never leaves half a file)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from matplotlib import ticker  # noqa: E402
 
 from jaxcompress import data as data_lib  # noqa: E402
 from jaxcompress import tables  # noqa: E402
+from jaxcompress.checkpoint import write_text  # noqa: E402
 
 ROWS = (("teacher", "teacher"), ("original", "original student"),
         ("before_finetune", "compressed, before fine-tuning"),
@@ -101,8 +103,15 @@ def plot_curves(metrics: list[dict], path: str) -> None:
     axes[2].plot(epochs, [m["sparsity"] for m in train])
   axes[2].set(xlabel="epoch", ylabel="fraction of pruned weights", title="sparsity")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  _save(fig, path, dpi=100)
+
+
+def _save(fig, path: str, **kwargs) -> None:
+  """Saves ``fig`` as a PNG at ``path`` (temporary name, then renamed) and closes it."""
+  tmp = path + ".tmp"
+  fig.savefig(tmp, format="png", **kwargs)
   plt.close(fig)
+  os.replace(tmp, path)
 
 
 def model_sizes(results: dict) -> dict[str, float]:
@@ -153,8 +162,7 @@ def plot_accuracy_vs_size(results: dict, path: str) -> None:
   ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  _save(fig, path, dpi=100, bbox_inches="tight")
 
 
 def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> None:
@@ -198,5 +206,4 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
       "![accuracy vs size](accuracy_vs_size.png)",
       "",
   ]
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines))
+  write_text(os.path.join(workdir, "report.md"), "\n".join(lines))

@@ -18,12 +18,17 @@ import orbax.checkpoint as ocp
 from jaxcompress.errors import ConfigError
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (temp file + rename): a crash never leaves half a file."""
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` atomically (temp file + rename): a crash never leaves half a file."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
+    f.write(text)
   os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (:func:`write_text`)."""
+  write_text(path, json.dumps(obj, indent=2))
 
 
 def read_json(path: str) -> dict:
@@ -202,7 +207,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                             cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -235,13 +241,14 @@ class MetricsLog:
       f.write(json.dumps(record) + "\n")
 
   def read(self) -> list[dict]:
+    """The records; a last line cut short by a crash (no newline yet) is not one."""
     if not os.path.exists(self.path):
       return []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
   def truncate_after(self, step: int) -> None:
     """Drops records logged after ``step`` (they belong to work a resume will redo)."""
-    kept = [r for r in self.read() if r.get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in kept)
+    if os.path.exists(self.path):
+      kept = [r for r in self.read() if r.get("step", 0) <= step]
+      write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
