@@ -168,8 +168,9 @@ def check_workdir(config: dict, workdir: str) -> None:
     workdir: the run's folder.
 
   Raises:
-    ConfigError: naming the config sections that differ from the run already in ``workdir``, or
-      the process that holds its lock (see :func:`claim_workdir`).
+    ConfigError: naming the first config field that differs from the run already in ``workdir``
+      (e.g. ``student.name``) with both values, or the process that holds its lock (see
+      :func:`claim_workdir`).
   """
   os.makedirs(workdir, exist_ok=True)
   claimed = claim_workdir(workdir)
@@ -180,11 +181,34 @@ def check_workdir(config: dict, workdir: str) -> None:
   if saved and saved != current:
     if claimed:  # this call took the lock only to refuse: leave the workdir as it was
       release_workdir(workdir)
-    diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    raise ConfigError(f"--workdir={workdir} holds a run with a different config (sections "
-                      f"{', '.join(diff)} differ); use a new --workdir or delete that one")
+    diff = config_diff(saved, current)
+    field, there, here = diff[0]
+    more = f" and {len(diff) - 1} more field{'s' * (len(diff) > 2)}" if len(diff) > 1 else ""
+    raise ConfigError(f"--workdir={workdir} holds a run with a different config: {field} is "
+                      f"{there} there, {here} here{more}; use a new --workdir or delete that one")
   if not saved:
     write_json(path, current)
+
+
+_MISSING = object()
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[tuple[str, str, str]]:
+  """The fields where two JSON configs differ, in ``saved``'s order (then ``current``'s).
+
+  Returns:
+    ``[(dotted field, saved value, current value)]`` with the values as JSON text (``absent``
+    where a side lacks the field); sections (dicts) are compared field by field.
+  """
+  text = lambda v: "absent" if v is _MISSING else json.dumps(v)
+  out = []
+  for key in [*saved, *(k for k in current if k not in saved)]:
+    a, b = saved.get(key, _MISSING), current.get(key, _MISSING)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += config_diff(a, b, f"{prefix}{key}.")
+    elif a is _MISSING or b is _MISSING or a != b:
+      out.append((f"{prefix}{key}", text(a), text(b)))
+  return out
 
 
 def release_workdir(workdir: str) -> None:

@@ -20,9 +20,26 @@ def test_a_plain_dict_is_recorded_and_a_different_one_refused(tmp_path):
   check_workdir(config, str(tmp_path))
   assert json.load(open(tmp_path / "config.json")) == config
   check_workdir(dict(config), str(tmp_path))  # the same run: resumes
-  with pytest.raises(ConfigError, match=r"holds a run with a different config \(sections train "
-                                        r"differ\)"):
+  with pytest.raises(ConfigError, match=r"holds a run with a different config: train.epochs is "
+                                        r"2.0 there, 3.0 here; use a new --workdir"):
     check_workdir({**config, "train": {"epochs": 3.0}}, str(tmp_path))
+
+
+def test_the_refusal_names_the_first_differing_field_of_another_model(tmp_path):
+  from configs import cifar_distill
+  check_workdir(cifar_distill.get_config("quick"), str(tmp_path))
+  other = cifar_distill.get_config("quick")
+  other.student.name, other.prune.sparsity = "resnet32", 0.5
+  with pytest.raises(ConfigError) as e:
+    check_workdir(other, str(tmp_path))
+  # The config's own order: the student section comes before prune.
+  assert str(e.value) == (f"--workdir={tmp_path} holds a run with a different config: "
+                          'student.name is "resnet20" there, "resnet32" here and 1 more field; '
+                          "use a new --workdir or delete that one")
+  extra = json.loads(cifar_distill.get_config("quick").to_json())
+  extra["train"]["compute_dtype"] = "bfloat16"  # a field the recorded run did not have
+  with pytest.raises(ConfigError, match='train.compute_dtype is absent there, "bfloat16" here;'):
+    check_workdir(extra, str(tmp_path))
 
 
 def test_a_config_dict_is_recorded_as_its_json(tmp_path):
