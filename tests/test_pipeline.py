@@ -99,7 +99,8 @@ def test_a_different_config_in_the_same_workdir_is_refused(mlp_weights, tmp_path
   _run(_config(mlp_weights), tmp_path)
   other = _config(mlp_weights)
   other.prune.sparsity = 0.5
-  with pytest.raises(ConfigError, match="holds a run with a different config .*prune"):
+  with pytest.raises(ConfigError, match="holds a run with a different config: prune.sparsity is "
+                                        "0.8 there, 0.5 here;"):
     _run(other, tmp_path)
 
 

@@ -190,7 +190,8 @@ def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path)
   assert [h["val_accuracy"] for h in resumed["history"]] == [
       h["val_accuracy"] for h in result["history"]]
 
-  with pytest.raises(ConfigError, match="holds a run with a different config .*prune"):
+  with pytest.raises(ConfigError, match="a different config: prune.tolerance is 100.0 there, "
+                                        "0.5 here;"):
     _iterative(tmp_path, tolerance=0.5)
 
 
