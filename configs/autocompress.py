@@ -1,0 +1,52 @@
+"""Compress to a budget: sensitivity scan, per-layer plan, KD fine-tuning, evaluation, export.
+
+The main job's config (``configs/cifar_distill.py``: data, models, distillation and training
+recipe) plus three sections: ``budget`` (what the compressed model must fit), ``scan`` (the
+per-layer sensitivity grid) and ``uniform`` (the uniform recipe at the same budget, fine-tuned
+identically for comparison). Give exactly one budget: ``size_bytes``, ``ratio`` or ``bops``.
+
+Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main job's ``:quick``):
+
+  python -m experiments.autocompress --config=configs/autocompress.py:quick --workdir=runs/auto25 \
+      --config.budget.ratio=25
+
+Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured):
+
+  python -m experiments.autocompress --config=configs/autocompress.py --workdir=runs/auto \
+      --config.budget.ratio=25
+"""
+
+import ml_collections
+
+from configs import cifar_distill
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """``arg``: None for the full run, ``quick`` for the CPU-sized one."""
+  if arg not in (None, "quick"):
+    raise ValueError(f"configs/autocompress.py: unknown variant {arg!r}; valid: quick")
+  c = cifar_distill.get_config(arg)
+  c.data.val_examples = 5000  # the held-out slice of data.train_split the scan measures on
+  #                             (also left out of fine-tuning); never the evaluation split
+
+  c.budget = ml_collections.ConfigDict()
+  c.budget.size_bytes = 0  # artifact bytes on disk at most this (0: not this budget)
+  c.budget.ratio = 0.0  # ... or float32 size / ratio (0: not this budget)
+  c.budget.bops = 0.0  # ... or BOPs per example (MACs x weight bits x input bits) at most this
+  c.budget.device = "any"  # any, mcu, gpu-sparse, int8-npu (docs/autocompress.md)
+
+  c.scan = ml_collections.ConfigDict()
+  c.scan.sparsities = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)  # grid (0 always included)
+  c.scan.weight_bits = (2, 3, 4, 8)  # weight bit widths
+  c.scan.act_bits = (4, 8)  # input bit widths, searched only under a BOPs budget
+  c.scan.batch_size = 500  # held-out examples per evaluation batch
+  c.scan.joint = True  # measure every (sparsity, bits) pair; False: sum of the two alone
+
+  c.uniform = ml_collections.ConfigDict()
+  c.uniform.enabled = True  # also fine-tune the uniform recipe at the same budget
+
+  if arg == "quick":  # about 190 evaluations of 500 images: 6 min on 2 busy CPU cores
+    c.data.val_examples = 500
+    c.scan.joint = False
+    c.scan.sparsities = (0.5, 0.7, 0.8, 0.9, 0.95)
+  return c

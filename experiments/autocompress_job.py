@@ -1,0 +1,367 @@
+"""Compress to a budget: sensitivity scan, per-layer plan, fine-tune, evaluate, export, compare.
+
+``train_and_evaluate(config, workdir)``:
+
+1. checks the budget (``budget.size_bytes``, ``budget.ratio`` or ``budget.bops``; the device
+   preset ``budget.device``) and the held-out slice (the last ``data.val_examples`` examples of
+   ``data.train_split``, disjoint from ``data.eval_split``);
+2. sizes every option of every layer with the export's own size code, on a reference export
+   (:mod:`jaxcompress.budget.cost`), and refuses a budget below the smallest reachable size;
+3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
+4. allocates exactly (:mod:`jaxcompress.budget.allocate`) and finds the uniform recipe at the
+   same budget;
+5. runs the main job (:func:`experiments.pipeline.train_and_evaluate`: KD fine-tuning, evaluation,
+   export) on each plan in ``WORKDIR/auto`` and ``WORKDIR/uniform``;
+6. writes ``results.json``, ``report.md``, ``sensitivity.png`` and ``accuracy_vs_size.png``.
+
+The scan is kept in ``WORKDIR/scan.json`` and each plan's run resumes on its own, so rerunning the
+same command continues where it stopped. Nothing is written before every check has passed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import pipeline
+from experiments.autocompress_report import write_report
+from jaxcompress import budget as budget_lib
+from jaxcompress import compose
+from jaxcompress import data as data_lib
+from jaxcompress.checkpoint import check_workdir, read_json, write_json
+from jaxcompress.data import Batch, DataSpec
+from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.models import create_model
+from jaxcompress.rules import tree_get
+from jaxcompress.selection import trace_layers
+from jaxcompress.train import load_data
+
+JOB_SECTIONS = ("budget", "scan", "uniform")
+
+
+def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
+  """``(kind, limit)``: ``size`` in bytes or ``bops`` per example; one line for bad input."""
+  b = config.budget
+  preset = budget_lib.get_preset(b.device)
+  for field in ("size_bytes", "ratio", "bops"):
+    if b[field] < 0:
+      raise invalid(f"budget.{field}", b[field], ">= 0 (0: not this budget)")
+  given = [f for f in ("size_bytes", "ratio", "bops") if b[f]]
+  if not given:
+    raise ConfigError("budget: give one of budget.size_bytes, budget.ratio or budget.bops, e.g. "
+                      "--config.budget.ratio=25")
+  if "bops" in given and len(given) > 1:
+    raise ConfigError(f"budget: budget.bops={b.bops} and budget.{given[0]}={b[given[0]]} "
+                      "contradict (a plan meets one budget); give one of them")
+  if set(given) == {"size_bytes", "ratio"} and float32_bytes is not None and (
+      int(float32_bytes // b.ratio) != int(b.size_bytes)):
+    raise ConfigError(f"budget: budget.size_bytes={b.size_bytes} and budget.ratio={b.ratio} "
+                      f"contradict (float32 size {float32_bytes:,} / {b.ratio} = "
+                      f"{int(float32_bytes // b.ratio):,} bytes); give one of them")
+  kind = "bops" if given == ["bops"] else "size"
+  if kind not in preset.budgets:
+    raise invalid(f"budget.{given[0]}", b[given[0]], f"not set for budget.device={b.device}, "
+                  f"which takes a {' or '.join(preset.budgets)} budget")
+  if kind == "bops":
+    return kind, float(b.bops)
+  if float32_bytes is None:
+    return kind, 0.0
+  return kind, float(int(b.size_bytes) if b.size_bytes else int(float32_bytes // b.ratio))
+
+
+def check_scan(config) -> None:
+  """The scan grid and the held-out slice's size."""
+  s = config.scan
+  if not config.data.val_examples > 0:
+    raise invalid("data.val_examples", config.data.val_examples, "> 0: the sensitivity scan "
+                  "measures on the last data.val_examples examples of data.train_split, held out "
+                  "from fine-tuning; the held-out slice is empty")
+  if not s.sparsities or any(not 0 < x < 1 for x in s.sparsities):
+    raise invalid("scan.sparsities", s.sparsities, "a non-empty list of fractions in (0, 1)")
+  for field in ("weight_bits", "act_bits"):
+    if not s[field] or any(not 2 <= x <= 8 for x in s[field]):
+      raise invalid(f"scan.{field}", s[field], "a non-empty list of bit widths in [2, 8]")
+  if s.batch_size < 1:
+    raise invalid("scan.batch_size", s.batch_size, ">= 1")
+
+
+def _split_range(split: str) -> tuple[str, int | None, int | None] | None:
+  """``(name, start, stop)`` of ``name`` or ``name[a:b]`` (integers); ``None`` otherwise."""
+  m = re.fullmatch(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?", split.replace(" ", ""))
+  if m is None:
+    return None
+  lo, hi = (int(g) if g else None for g in m.group(2, 3))
+  if (lo or 0) < 0 or (hi is not None and hi < 0):
+    return None
+  return m.group(1), lo or 0, hi
+
+
+def check_held_out(data, train_size: int) -> None:
+  """Raises one line if the held-out slice may overlap ``data.eval_split``.
+
+  Args:
+    data: the ``data`` section.
+    train_size: examples in ``data.train_split`` (before the hold-out).
+  """
+  train, test = _split_range(data.train_split), _split_range(data.eval_split)
+  msg = (f"data.val_examples={data.val_examples}: the held-out slice (the last examples of "
+         f"data.train_split={data.train_split!r}) overlaps data.eval_split={data.eval_split!r}; "
+         "evaluate on another split, or make the two splits disjoint slices")
+  if train is not None and test is not None and train[0] != test[0]:
+    return
+  if train is None or test is None:
+    raise ConfigError(msg)
+  stop = train[1] + train_size  # the held-out slice is [stop - val, stop) of the base split
+  lo, hi = stop - data.val_examples, stop
+  t_lo, t_hi = test[1], (math.inf if test[2] is None else test[2])
+  if max(lo, t_lo) < min(hi, t_hi):
+    raise ConfigError(msg)
+
+
+def _arrays(split) -> tuple[np.ndarray, np.ndarray]:
+  if isinstance(split, (tuple, list)):
+    return split[0], split[1]
+  return split.read(np.arange(len(split)))
+
+
+def _head(split, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first ``n`` examples of a split."""
+  if isinstance(split, (tuple, list)):
+    return split[0][:n], split[1][:n]
+  return split.read(np.arange(min(n, len(split))))
+
+
+def _batches(x, y, batch_size: int, data) -> list[Batch]:
+  """Normalized batches of one shape; the last one padded with weight 0."""
+  out = []
+  for i in range(0, len(x), batch_size):
+    xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+    w = np.zeros(batch_size, np.float32)
+    w[:len(xb)] = 1
+    pad = batch_size - len(xb)
+    xb = data_lib.normalize(np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)]),
+                            data.mean, data.std)
+    out.append(Batch(xb, np.concatenate([yb, np.zeros(pad, yb.dtype)]).astype(np.int32), w))
+  return out
+
+
+def sub_config(config, prune: dict, quant: dict, *, teacher: bool) -> ml_collections.ConfigDict:
+  """The main job's config for one plan (the job's own sections dropped)."""
+  d = config.to_dict()
+  for key in JOB_SECTIONS:
+    d.pop(key, None)
+  d["prune"].update(prune)
+  d["quant"].update(quant)
+  d["eval"]["teacher"] = bool(teacher and d["eval"]["teacher"])
+  return ml_collections.ConfigDict(d)
+
+
+def _reference_overhead(model, variables, layers, calib, config, weights) -> int:
+  """Artifact bytes besides the planned codes, from an 8-bit export to a temporary folder."""
+  from jaxcompress import export
+  quant = compose.QuantSpec(per_channel=config.quant.per_channel, layer_bits=tuple(
+      (re.escape(l.path), 8, 8) for l in layers))
+  comp = compose.build(model, variables, calib[0], optimizer=_sgd(), total_steps=1, quant=quant)
+  state = comp.init_state(variables, calib[0], calibration=calib)
+  with tempfile.TemporaryDirectory() as tmp:
+    comp.export(tmp, state, input_shape=tuple(calib[0].shape[1:]))
+    spec = export.read_spec(tmp)
+    spec_bytes = os.path.getsize(os.path.join(tmp, "spec.json"))
+  return budget_lib.overhead_bytes(spec, spec_bytes, weights)
+
+
+def _sgd():
+  import optax
+  return optax.sgd(0.0)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Runs the job (see the module docstring); returns the ``results.json`` dict."""
+  started = time.time()
+  check_scan(config)
+  check_budget(config)
+  preset = budget_lib.get_preset(config.budget.device)
+  main_config = sub_config(config, {}, {}, teacher=True)
+  _, paths, to_train = pipeline.validate_config(main_config)
+  if to_train:
+    name = next(iter(to_train))
+    raise ConfigError(f"student.weights: no trained weights named {name!r} in the weights folder; "
+                      "a budget plan starts from trained weights (run the main job once to "
+                      "pretrain them, or point weights_dir at them)")
+  spec = data_lib.dataset_spec(config.data.name)
+  model, variables = create_model(config.student.name, num_classes=spec.num_classes,
+                                  image_shape=spec.image_shape, weights=paths["student"],
+                                  seed=config.seed, field="student")
+  data = DataSpec.from_mapping(config.data)
+  splits = load_data(data)
+  train = splits["train"]
+  train_size = len(train[0] if isinstance(train, (tuple, list)) else train)
+  train_size += config.data.val_examples
+  check_held_out(config.data, train_size)
+  x_val, y_val = _arrays(splits["val"])
+  held_out = _batches(x_val, y_val, min(config.scan.batch_size, len(x_val)), data)
+  n_calib = max(1, min(config.quant.calibration_examples, 512))
+  calib = [b.image for b in _batches(*_head(splits["train"], n_calib), 256, data)]
+  layers = trace_layers(model, variables, calib[0], field="student.name").layers
+  float32_bytes = 4 * int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
+  kind, limit = check_budget(config, float32_bytes)
+  params = variables["params"]
+  weights = {l.path: np.asarray(tree_get(params, l.weight)) for l in layers}
+  macs = budget_lib.layer_macs(model, variables, calib[0])
+  last = layers[-1].path
+  grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
+              act_bits=config.scan.act_bits, kind=kind)
+  options = {l.path: preset.options(shape=weights[l.path].shape, last=l.path == last, **grid)
+             for l in layers}
+  overhead = _reference_overhead(model, variables, layers, calib, config,
+                                 [l.weight for l in layers]) if kind == "size" else 0
+  keeps: dict = {}
+
+  def keep(path, s):
+    if (path, s) not in keeps:
+      keeps[(path, s)] = budget_lib.keep_mask(weights[path], s, preset.structure)
+    return keeps[(path, s)]
+
+  costs = {}
+  for l in layers:
+    row = []
+    for o in options[l.path]:
+      k = keep(l.path, o.sparsity)
+      nbytes = budget_lib.weight_bytes(k, o.weight_bits)
+      bops = budget_lib.option_bops(macs.get(l.path, 0), o,
+                                    budget_lib.density(k, preset.structure))
+      row.append((nbytes, bops))
+    costs[l.path] = row
+  pick = 0 if kind == "size" else 1
+  fixed = overhead if kind == "size" else 0
+  smallest = fixed + sum(min(c[pick] for c in costs[l.path]) for l in layers)
+  if smallest > limit:
+    unit = "bytes" if kind == "size" else "BOPs per example"
+    field = next(f for f in ("size_bytes", "ratio", "bops") if config.budget[f])
+    extra = (f", ratio {float32_bytes / smallest:.1f}x" if kind == "size" else "")
+    raise invalid(f"budget.{field}", config.budget[field], f"reachable by {config.student.name} "
+                  f"under budget.device={config.budget.device}: its smallest plan takes "
+                  f"{smallest:,} {unit}{extra} (this budget allows {int(limit):,})")
+
+  # Every check has passed: only now touch the workdir.
+  check_workdir(config, workdir)
+  scan_path = os.path.join(workdir, "scan.json")
+  saved = read_json(scan_path)
+  measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}
+  t0 = time.time()
+  sens = budget_lib.scan(model, variables, held_out, options, calibration=calib,
+                         structure=preset.structure, per_channel=config.quant.per_channel,
+                         joint=config.scan.joint, measured=measured)
+  scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
+  write_json(scan_path, {"measured": [[list(k), list(v)] for k, v in sens.measured.items()],
+                         "base_loss": sens.base_loss, "base_accuracy": sens.base_accuracy,
+                         "seconds": scan_seconds, "compiles": sens.compiles})
+
+  alloc = budget_lib.allocate([[c[pick] for c in costs[p]] for p in sens.paths],
+                              sens.damage, limit - fixed)
+  by_path = {l.path: l for l in layers}
+  plan = budget_lib.Plan(tuple(
+      budget_lib.LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits,
+                           costs[p][k][0], costs[p][k][1], float(sens.damage[i][k]))
+      for i, (p, k) in enumerate(zip(sens.paths, alloc.choice))
+      for o in [sens.options[i][k]]), preset.structure, overhead)
+
+  runs = {"auto": (plan.prune_fields(), plan.quant_fields())}
+  uniform = None
+  if config.uniform.enabled:
+    uniform = _uniform(config, layers, weights, macs, sens, kind, limit, overhead)
+    if uniform is not None:
+      runs["uniform"] = uniform["fields"]
+  out = {}
+  for i, (name, (prune, quant)) in enumerate(runs.items()):
+    sub = sub_config(config, prune, quant, teacher=i == 0)
+    out[name] = pipeline.train_and_evaluate(sub, os.path.join(workdir, name))
+
+  def row(res, bops):
+    c = res["compressed"]
+    return {"accuracy": c["accuracy"], "size_bytes": c.get("size_bytes"),
+            "compression_ratio": c.get("compression_ratio"), "bops": int(bops),
+            "seconds": res["train"]["seconds"]}
+
+  results = {
+      "budget": {"kind": kind, "limit": limit, "device": config.budget.device,
+                 "size_bytes": int(config.budget.size_bytes), "ratio": float(config.budget.ratio),
+                 "bops": float(config.budget.bops), "float32_bytes": float32_bytes,
+                 "hardware": preset.hardware},
+      "plan": plan.to_list(),
+      "predicted": {"size_bytes": plan.size_bytes, "bops": plan.bops, "damage": alloc.damage,
+                    "optimality_gap": alloc.gap, "unit": alloc.unit, "overhead_bytes": overhead},
+      "sensitivity": {"examples": int(len(x_val)), "base_loss": sens.base_loss,
+                      "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
+                      "compiles": sens.compiles, "seconds": round(scan_seconds, 1),
+                      "joint": bool(config.scan.joint)},
+      "original": out["auto"]["original"],
+      "compressed": row(out["auto"], plan.bops),
+  }
+  if config.uniform.enabled and uniform is None:
+    results["uniform"] = None  # one bit width and one sparsity cannot reach this budget
+  elif uniform is not None:
+    results["uniform"] = {**row(out["uniform"], uniform["bops"]),
+                          "sparsity": uniform["sparsity"], "weight_bits": uniform["weight_bits"],
+                          "predicted_size_bytes": uniform["size_bytes"]}
+  results["seconds"] = round(time.time() - started, 1)
+  write_json(os.path.join(workdir, "results.json"), results)
+  write_report(workdir, results, sens)
+  return results
+
+
+def _uniform(config, layers, weights, macs, sens, kind, limit, overhead) -> dict | None:
+  """The uniform recipe at the same budget and its fields for the main job, or ``None``."""
+  edges = {layers[0].path, layers[-1].path}
+  inner = sorted((l.path for l in layers if l.path not in edges),
+                 key=lambda p: tuple(next(l.weight for l in layers if l.path == p).split("/")))
+  act = config.quant.act_bits or 8
+  if kind == "size":
+    found = budget_lib.uniform_size(weights, inner, overhead=int(overhead), budget=int(limit),
+                                    bits=config.scan.weight_bits,
+                                    predict=lambda p, s, b: sens.predict(p, s, b))
+    if found is None:
+      return None
+    s, b, keep, size = found
+    prune = {"method": "magnitude", "structure": "unstructured", "scope": "global",
+             "schedule": "one_shot", "begin": 0.0, "sparsity": s, "rules": (),
+             "layer_sparsity": ()}
+  else:
+    best = None
+    for b in sorted(config.scan.weight_bits):
+      for s in np.round(np.arange(0, 0.99, 0.01), 2):
+        keep = {p: budget_lib.keep_mask(weights[p], float(s)) for p in inner}
+        bops = _uniform_bops(layers, macs, keep, b, act)
+        if bops <= limit:
+          damage = sum(sens.predict(p, float(s), b) for p in inner)
+          if best is None or damage < best[0]:
+            best = (damage, float(s), b, keep)
+          break
+    if best is None:
+      return None
+    _, s, b, keep = best
+    size = None
+    prune = {"method": "magnitude" if s else "none", "structure": "unstructured",
+             "scope": "layer", "schedule": "one_shot", "begin": 0.0, "sparsity": s,
+             "rules": (), "layer_sparsity": ()}
+  quant = {"weight_bits": int(b), "act_bits": act, "first_last_bits": 8, "layer_bits": ()}
+  return {"fields": (prune, quant), "sparsity": s, "weight_bits": int(b), "size_bytes": size,
+          "bops": _uniform_bops(layers, macs, keep, b, act)}
+
+
+def _uniform_bops(layers, macs, keep, bits, act) -> int:
+  total = 0
+  for l in layers:
+    k = keep.get(l.path)
+    dens = 1.0 if k is None else float(np.mean(k))
+    wb = bits if k is not None else 8
+    total += budget_lib.option_bops(macs.get(l.path, 0),
+                                    budget_lib.Option(0.0, wb, act if k is not None else 8), dens)
+  return total

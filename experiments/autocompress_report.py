@@ -1,0 +1,119 @@
+"""The budget job's human-readable output: ``report.md``, ``sensitivity.png`` (per-layer damage)
+and ``accuracy_vs_size.png`` (the plan against the uniform recipe), written atomically."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxcompress import tables  # noqa: E402
+
+
+def _write_text(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _save(fig, path: str) -> None:
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def plot_sensitivity(sens, path: str) -> None:
+  """Heatmap: one row per layer, one column per (sparsity, weight bits); loss increase."""
+  cols = sorted({(o.sparsity, o.weight_bits) for opts in sens.options for o in opts})
+  grid = np.full((len(sens.paths), len(cols)), np.nan)
+  for i, (opts, dmg) in enumerate(zip(sens.options, sens.damage)):
+    for o, d in zip(opts, dmg):
+      j = cols.index((o.sparsity, o.weight_bits))
+      grid[i, j] = d if np.isnan(grid[i, j]) else min(grid[i, j], d)
+  fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(cols)), max(3, 0.3 * len(sens.paths))))
+  im = ax.imshow(np.log10(np.maximum(grid, 1e-4)), aspect="auto", cmap="magma_r")
+  ax.set_xticks(range(len(cols)), [f"{s:g}/{b}b" for s, b in cols], rotation=90, fontsize=7)
+  ax.set_yticks(range(len(sens.paths)), sens.paths, fontsize=7)
+  ax.set_xlabel("sparsity / weight bits")
+  fig.colorbar(im, ax=ax, label="log10 held-out loss increase")
+  ax.set_title("per-layer sensitivity (that layer alone compressed)")
+  _save(fig, path)
+
+
+def plot_accuracy_vs_size(results: dict, path: str) -> None:
+  """Accuracy against artifact bytes: the plan, the uniform recipe, the original float32."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key, label, marker in (("compressed", "auto plan", "*"), ("uniform", "uniform", "o")):
+    row = results.get(key)
+    if row and row.get("size_bytes"):
+      ax.scatter([row["size_bytes"]], [row["accuracy"]], marker=marker, s=90, label=label)
+  orig = results.get("original", {})
+  if orig.get("size_bytes"):
+    ax.scatter([orig["size_bytes"]], [orig["accuracy"]], marker="s", s=60, label="float32")
+  if results["budget"]["kind"] == "size":
+    ax.axvline(results["budget"]["limit"], ls="--", c="gray", label="budget")
+  ax.set_xscale("log")
+  ax.set_xlabel("artifact bytes on disk")
+  ax.set_ylabel("test accuracy %")
+  ax.legend()
+  _save(fig, path)
+
+
+def plan_table(plan: list[dict]) -> str:
+  """The plan, one row per layer."""
+  rows = [(f"`{l['path']}`", f"{l['sparsity']:.2f}", l["weight_bits"], l["act_bits"],
+           f"{l['bytes']:,}", f"{l['bops']:,}", f"{l['damage']:.4f}") for l in plan]
+  return tables.markdown_table(("layer", "sparsity", "weight bits", "input bits", "bytes",
+                                "BOPs", "predicted damage"), rows, align="lrrrrrr")
+
+
+def results_table(results: dict) -> str:
+  """Auto against uniform at the same budget (and the original)."""
+  rows = []
+  for key, label in (("original", "original (float32)"), ("compressed", "auto plan"),
+                     ("uniform", "uniform recipe")):
+    r = results.get(key)
+    if not r:
+      continue
+    size = r.get("size_bytes")
+    ratio = r.get("compression_ratio") or 1.0
+    rows.append((label, f"{r['accuracy']:.2f}", "-" if size is None else f"{size:,}",
+                 f"{ratio:.1f}x", f"{r['bops']:,}" if r.get("bops") else "-"))
+  return tables.markdown_table(("model", "accuracy %", "bytes on disk", "ratio", "BOPs"), rows,
+                               align="lrrrr")
+
+
+def write_report(workdir: str, results: dict, sens) -> None:
+  """``report.md`` and the two plots."""
+  plot_sensitivity(sens, os.path.join(workdir, "sensitivity.png"))
+  plot_accuracy_vs_size(results, os.path.join(workdir, "accuracy_vs_size.png"))
+  b, p, s = results["budget"], results["predicted"], results["sensitivity"]
+  limit = f"{int(b['limit']):,} bytes" if b["kind"] == "size" else f"{int(b['limit']):,} BOPs"
+  uni = results.get("uniform")
+  lines = [
+      "# Compression to a budget", "",
+      f"Budget: {limit} per artifact (device `{b['device']}`: {b['hardware']}).", "",
+      results_table(results), "",
+      f"Predicted by the plan: at most {p['size_bytes']:,} bytes, {p['bops']:,} BOPs per "
+      f"example, summed damage {p['damage']:.4f} (optimality gap {p['optimality_gap']:.4g}).",
+  ]
+  if "uniform" in results and not uni:
+    lines += ["", "Uniform recipe: no single sparsity and weight bit width (first and last layer "
+              "dense at 8 bits) reaches this budget."]
+  if uni:
+    lines += ["", f"Uniform recipe: sparsity {uni['sparsity']:.3f} (global magnitude), "
+              f"{uni['weight_bits']}-bit weights; first and last layer dense at 8 bits."]
+  lines += [
+      "", f"Sensitivity: {s['evaluations']} evaluations of {s['examples']} held-out training "
+      f"examples ({'every pair' if s['joint'] else 'pruning and quantization apart'}), "
+      f"{s['compiles']} compilation(s), {s['seconds']:.0f} s; float loss {s['base_loss']:.4f}, "
+      f"accuracy {100 * s['base_accuracy']:.2f} %.", "",
+      "## Plan", "", plan_table(results["plan"]), "",
+      "![sensitivity](sensitivity.png)", "", "![accuracy vs size](accuracy_vs_size.png)", ""]
+  _write_text(os.path.join(workdir, "report.md"), "\n".join(lines))

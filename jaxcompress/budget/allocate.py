@@ -1,0 +1,99 @@
+"""Allocation: one option per layer, least summed damage, total cost within the budget.
+
+This is the multiple-choice knapsack problem; :func:`allocate` solves it exactly by dynamic
+programming over the budget. Costs are integers (bytes) or are discretised to at most
+``max_units`` units of ``unit = budget / max_units``:
+
+- each cost is rounded **up** to whole units, so every plan the program accepts meets the true
+  budget;
+- the same program with costs rounded **down** is a relaxation (every plan within the true budget
+  fits it), so its optimum is a lower bound of the true optimum.
+
+:attr:`Allocation.gap` is the difference of the two: 0 when costs are whole units (bytes under a
+byte budget of at most ``max_units``), and otherwise the most the returned plan can lose to the
+true optimum. Time and memory are ``O(layers x options x units)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+
+class Allocation(NamedTuple):
+  """The chosen plan.
+
+  Invariants: ``sum(costs[i][choice[i]]) <= budget``; ``damage`` is the plan's summed damage and
+  ``lower_bound <= optimum <= damage`` with ``gap = damage - lower_bound``.
+  """
+  choice: tuple[int, ...]
+  damage: float
+  cost: float
+  lower_bound: float
+  unit: float
+
+  @property
+  def gap(self) -> float:
+    return self.damage - self.lower_bound
+
+
+def min_cost(costs: Sequence[Sequence[float]]) -> float:
+  """The smallest total cost any plan reaches (each layer at its cheapest option)."""
+  return float(sum(min(c) for c in costs))
+
+
+def _solve(units: list[np.ndarray], damages: list[np.ndarray], capacity: int):
+  """Exact DP on integer costs: ``(choice, damage)`` or ``None`` when nothing fits."""
+  best = np.zeros(capacity + 1)  # best[c]: least damage of the layers so far at cost <= c
+  picks = []
+  for cost, dmg in zip(units, damages):
+    cand = np.full((len(cost), capacity + 1), np.inf)
+    for k, (c, d) in enumerate(zip(cost, dmg)):
+      if c <= capacity:
+        cand[k, c:] = best[:capacity + 1 - c] + d
+    picks.append(np.argmin(cand, axis=0))
+    best = cand[picks[-1], np.arange(capacity + 1)]
+  if not np.isfinite(best[capacity]):
+    return None
+  choice, c = [], capacity
+  for layer in range(len(units) - 1, -1, -1):
+    k = int(picks[layer][c])
+    choice.append(k)
+    c -= int(units[layer][k])
+  return tuple(reversed(choice)), float(best[capacity])
+
+
+def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]],
+             budget: float, *, max_units: int = 200_000) -> Allocation | None:
+  """The least-damage plan within ``budget`` (see the module docstring).
+
+  Args:
+    costs: per layer, the cost of each option (bytes, BOPs; >= 0).
+    damages: per layer, the predicted damage of each option.
+    budget: the most the plan may cost in total.
+    max_units: the largest DP table (units of the budget).
+
+  Returns:
+    The :class:`Allocation`, or ``None`` if even the cheapest plan exceeds ``budget``.
+  """
+  costs = [np.asarray(c, np.float64) for c in costs]
+  damages = [np.asarray(d, np.float64) for d in damages]
+  if min_cost(costs) > budget:
+    return None
+  integral = all(np.all(c == np.round(c)) for c in costs)
+  if integral and budget <= max_units:
+    unit = 1.0
+  else:
+    unit = max(budget / max_units, 1e-12)
+  capacity = int(math.floor(budget / unit + 1e-9))
+  up = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in costs]
+  found = _solve(up, damages, capacity)
+  if found is None:  # rounding up can exclude the last plans within the budget
+    return None
+  choice, damage = found
+  down = [np.floor(c / unit + 1e-9).astype(np.int64) for c in costs]
+  lower = damage if unit == 1.0 and integral else _solve(down, damages, capacity)[1]
+  cost = float(sum(c[k] for c, k in zip(costs, choice)))
+  return Allocation(choice, damage, cost, min(lower, damage), unit)

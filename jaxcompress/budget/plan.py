@@ -1,0 +1,134 @@
+"""A per-layer plan, the uniform plan it is compared with, and their compose specs.
+
+:class:`Plan` is what the allocator chose for every layer (sparsity, weight bits, input bits, and
+what that costs); :meth:`Plan.prune_fields` and :meth:`Plan.quant_fields` turn it into the fields
+of :class:`jaxcompress.compose.PruneSpec` and :class:`~jaxcompress.compose.QuantSpec`, so the
+plan trains in the ordinary composed step. Plans prune one-shot at the first step from the weights
+they were sized on (``schedule='one_shot'``): the exported pattern is the sized one, so the
+artifact meets the budget.
+
+:func:`uniform_size` finds the uniform recipe at the same budget: one sparsity by global
+magnitude over the inner layers and one weight bit width (first and last layer dense at 8 bits),
+the least sparsity each bit width needs, and of those the bit width with the least predicted damage.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Mapping, NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxcompress import pruning
+from jaxcompress.budget.cost import weight_bytes
+
+
+class LayerPlan(NamedTuple):
+  """One layer's choice and its cost: bytes of its weight in the artifact, BOPs per example."""
+  path: str
+  weight: str
+  sparsity: float
+  weight_bits: int
+  act_bits: int
+  bytes: int
+  bops: int
+  damage: float = 0.0
+
+
+class Plan(NamedTuple):
+  """Every layer's choice.
+
+  Invariants: ``size_bytes = overhead + sum(layer bytes)`` bounds the artifact's bytes on disk;
+  ``bops`` is the sum of the layers' BOPs per example.
+  """
+  layers: tuple[LayerPlan, ...]
+  structure: str
+  overhead: int
+
+  @property
+  def size_bytes(self) -> int:
+    return int(self.overhead + sum(l.bytes for l in self.layers))
+
+  @property
+  def bops(self) -> int:
+    return int(sum(l.bops for l in self.layers))
+
+  @property
+  def damage(self) -> float:
+    return float(sum(l.damage for l in self.layers))
+
+  def prune_fields(self) -> dict:
+    """PruneSpec fields: the plan's per-layer sparsities, pruned one-shot at step 0."""
+    pruned = [l for l in self.layers if l.sparsity > 0]
+    if not pruned:
+      return {"method": "none", "sparsity": 0.0, "rules": (), "layer_sparsity": ()}
+    rules = tuple((re.escape(l.weight), True) for l in pruned) + ((".*", False),)
+    fields = {"method": "magnitude", "structure": self.structure, "scope": "layer",
+              "schedule": "one_shot", "begin": 0.0, "rules": rules,
+              "sparsity": max(l.sparsity for l in pruned)}
+    if self.structure == "nm":
+      return {**fields, "n": 2, "m": 4, "layer_sparsity": ()}
+    return {**fields, "layer_sparsity": tuple((re.escape(l.weight), l.sparsity) for l in pruned)}
+
+  def quant_fields(self) -> dict:
+    """QuantSpec fields: the plan's per-layer weight and input bits."""
+    return {"layer_bits": tuple((re.escape(l.path), l.weight_bits, l.act_bits)
+                                for l in self.layers)}
+
+  def to_list(self) -> list[dict]:
+    """``[{path, sparsity, weight_bits, act_bits, bytes, bops, damage}]`` (JSON-able)."""
+    return [{"path": l.path, "sparsity": l.sparsity, "weight_bits": l.weight_bits,
+             "act_bits": l.act_bits, "bytes": l.bytes, "bops": l.bops,
+             "damage": round(l.damage, 6)} for l in self.layers]
+
+
+def global_keep(weights: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray]:
+  """Global magnitude masks: ``round(sparsity * total)`` lowest ``|w|`` across all weights."""
+  scores = [jnp.abs(jnp.asarray(w)) for w in weights]
+  return [np.asarray(k, bool) for k in pruning.unstructured("global")(
+      ["w"] * len(weights), scores, float(sparsity))]
+
+
+def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, overhead: int,
+                 budget: int, bits: Sequence[int], predict: Callable[[str, float, int], float],
+                 edge_bits: int = 8, resolution: float = 1e-3
+                 ) -> tuple[float, int, dict[str, np.ndarray], int] | None:
+  """The uniform recipe within a byte budget.
+
+  Args:
+    weights: ``{layer path: weight}`` of every planned layer.
+    inner: the layers pruned and quantized at the uniform bits (the others: dense, edge bits).
+    overhead: artifact bytes besides the weights' codes (:func:`.cost.overhead_bytes`).
+    budget: the byte budget.
+    bits: the weight bit widths to try.
+    predict: ``(path, sparsity, bits) -> damage`` (e.g. ``Sensitivity.predict``).
+    edge_bits: bits of the layers outside ``inner``.
+    resolution: step of the sparsity search.
+
+  Returns:
+    ``(sparsity, bits, {path: keep mask}, predicted bytes)`` or ``None`` if no bit width fits.
+  """
+  edges = [p for p in weights if p not in inner]
+  fixed = overhead + sum(weight_bytes(np.ones(weights[p].shape, bool), edge_bits) for p in edges)
+  best = None
+  for b in sorted(bits):
+    def size(s):
+      keeps = global_keep([weights[p] for p in inner], s)
+      return fixed + sum(weight_bytes(k, b) for k in keeps), keeps
+    lo, hi = 0, int(round(1 / resolution)) - 1  # steps of `resolution`, sparsity < 1
+    if size(hi * resolution)[0] > budget:
+      continue
+    while lo < hi:  # least sparsity that fits (sizes shrink as global masks nest)
+      mid = (lo + hi) // 2
+      if size(mid * resolution)[0] <= budget:
+        hi = mid
+      else:
+        lo = mid + 1
+    s = lo * resolution
+    total, keeps = size(s)
+    keep = dict(zip(inner, keeps))
+    damage = sum(predict(p, 1 - float(np.mean(keep[p])), b) for p in inner)
+    if best is None or damage < best[0]:
+      best = (damage, s, b, keep, total)
+  return None if best is None else best[1:]

@@ -1,0 +1,107 @@
+"""Device presets: the search space a budget plan may use, and the hardware each stands for.
+
+A plan chooses, per layer, one :class:`Option` (sparsity, weight bits, input bits). A
+:class:`Preset` says which options a layer may take and which budgets make sense on the device:
+
+- ``any``: size only, everything allowed: unstructured sparsity from the grid, any weight bit
+  width of the grid, on every layer including the first and the last; inputs at 8 bits (lower
+  input bits are searched only under a BOPs budget). A model file stored as small as possible.
+- ``mcu``: a microcontroller running integer kernels (CMSIS-NN, TFLite Micro): integer everywhere
+  including the first and last layer, 8-bit inputs, per-channel weights, a flash (size) budget;
+  sparse weights are decoded to dense int8 at load time.
+- ``gpu-sparse``: NVIDIA Ampere or newer sparse tensor cores: each layer dense or 2:4 sparse along
+  the reduction (input-channel) axis, int8 or int4 weights, int8 inputs; a size or a BOPs budget.
+  Layers whose reduction axis is not a multiple of 4 stay dense.
+- ``int8-npu``: an int8 neural accelerator (Edge TPU, Hexagon, Ethos-U): int8 weights and inputs
+  everywhere, no sparse kernels, so compute falls only by removing whole output channels (channel
+  surgery); the budget is in BOPs (``MACs x 8 x 8``). The last layer keeps all its outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple, Sequence
+
+from jaxcompress.errors import unknown
+
+
+class Option(NamedTuple):
+  """One choice for one layer: fraction of weights pruned, weight bits, input bits."""
+  sparsity: float
+  weight_bits: int
+  act_bits: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A device's search space.
+
+  Attributes:
+    name: the preset's name (``budget.device``).
+    hardware: what it stands for, in one sentence.
+    budgets: the budget kinds it accepts: ``size`` (bytes or ratio) and/or ``bops``.
+    structure: how a layer is pruned: ``unstructured``, ``nm`` (2:4) or ``channel``.
+    sparsities: the sparsities it allows (``None``: the scan's grid).
+    weight_bits: the weight bit widths it allows (``None``: the scan's grid).
+    act_bits: fixed input bits (``None``: the scan's input grid under a BOPs budget, else 8).
+  """
+  name: str
+  hardware: str
+  budgets: tuple[str, ...]
+  structure: str
+  sparsities: tuple[float, ...] | None = None
+  weight_bits: tuple[int, ...] | None = None
+  act_bits: tuple[int, ...] | None = (8,)
+
+  def options(self, *, shape: Sequence[int], last: bool, sparsities: Sequence[float],
+              weight_bits: Sequence[int], act_bits: Sequence[int], kind: str = "size"
+              ) -> list[Option]:
+    """Every option a layer with this weight ``shape`` may take.
+
+    Args:
+      shape: the layer's weight shape (reduction axis ``-2``, outputs last).
+      last: the layer is the model's last (its outputs are the model's outputs).
+      sparsities: the scan's sparsity grid.
+      weight_bits: the scan's weight bit grid.
+      act_bits: the scan's input bit grid (used under a BOPs budget when the preset leaves
+        inputs open).
+      kind: the budget kind, ``size`` or ``bops``.
+    """
+    sp = tuple(sorted({0.0, *(self.sparsities if self.sparsities is not None else sparsities)}))
+    if self.structure == "nm" and (len(shape) < 2 or shape[-2] % 4):
+      sp = (0.0,)
+    if self.structure == "channel" and last:
+      sp = (0.0,)
+    wb = self.weight_bits if self.weight_bits is not None else tuple(weight_bits)
+    ab = self.act_bits if self.act_bits is not None else (
+        tuple(act_bits) if kind == "bops" else (8,))
+    return [Option(float(s), int(w), int(a)) for s in sp for w in sorted(wb) for a in sorted(ab)]
+
+  def allows(self, option: Option, *, shape: Sequence[int], last: bool,
+             sparsities: Sequence[float], weight_bits: Sequence[int],
+             act_bits: Sequence[int], kind: str = "size") -> bool:
+    """Whether ``option`` lies in this preset's space for such a layer."""
+    return option in self.options(shape=shape, last=last, sparsities=sparsities,
+                                  weight_bits=weight_bits, act_bits=act_bits, kind=kind)
+
+
+PRESETS = {p.name: p for p in (
+    Preset("any", "no particular device: the smallest file, every option allowed",
+           ("size", "bops"), "unstructured", act_bits=None),
+    Preset("mcu", "a microcontroller with integer kernels (CMSIS-NN, TFLite Micro): integer "
+           "everywhere including the first and last layer, 8-bit inputs, per-channel weights, "
+           "a flash budget", ("size",), "unstructured"),
+    Preset("gpu-sparse", "NVIDIA sparse tensor cores (Ampere and newer): dense or 2:4 along the "
+           "reduction axis, int8 or int4 weights, int8 inputs", ("size", "bops"), "nm",
+           sparsities=(0.5,), weight_bits=(4, 8)),
+    Preset("int8-npu", "an int8 accelerator (Edge TPU, Hexagon, Ethos-U): int8 weights and "
+           "inputs, compute falls only through channel pruning", ("bops",), "channel",
+           weight_bits=(8,)),
+)}
+
+
+def get_preset(name: str, field: str = "budget.device") -> Preset:
+  """The preset called ``name``; one-line error for an unknown one."""
+  if name not in PRESETS:
+    raise unknown(field, name, PRESETS)
+  return PRESETS[name]

@@ -1,0 +1,127 @@
+"""The budget job end to end on mock data with a tiny model: contract, budget met, bad input."""
+
+import json
+import os
+
+import flax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import autocompress
+from experiments import autocompress_job
+from experiments.autocompress_job import train_and_evaluate
+from jaxcompress.errors import ConfigError
+from jaxcompress.models import create_model
+
+
+@pytest.fixture(scope="module")
+def mlp_weights(tmp_path_factory):
+  """A random MLP's variables as a flax ``.msgpack`` file."""
+  _, variables = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=3)
+  path = tmp_path_factory.mktemp("weights") / "mlp.msgpack"
+  path.write_bytes(flax.serialization.to_bytes(variables))
+  return str(path)
+
+
+def _config(weights, **budget):
+  c = autocompress.get_config("quick")
+  c.data.name = "mnist"
+  c.data.mean, c.data.std = (0.5,), (0.5,)
+  c.data.batch_size, c.data.eval_batch_size = 16, 32
+  c.data.val_examples = 16
+  c.student.name, c.student.weights = "mlp", weights
+  c.teacher.name, c.teacher.weights = "mlp", weights
+  c.distill.feature_pairs = (("fc1", "fc1"),)
+  c.quant.calibration_examples = 32
+  c.train.epochs = 1.0
+  c.train.log_every_steps = 2
+  c.export.serving = False
+  c.scan.sparsities = (0.5, 0.9)
+  c.scan.weight_bits = (2, 4, 8)
+  c.scan.batch_size = 16
+  for key, value in budget.items():
+    c.budget[key] = value
+  return c
+
+
+def _run(config, workdir):
+  with tfds.testing.mock_data(num_examples=64):
+    return train_and_evaluate(config, str(workdir))
+
+
+FLOAT32 = 4 * ((784 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10))
+
+
+def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
+  results = _run(_config(mlp_weights, ratio=4.0), tmp_path)
+  on_disk = json.load(open(tmp_path / "results.json"))
+  assert on_disk == json.loads(json.dumps(results))
+  limit = FLOAT32 // 4
+  assert on_disk["budget"]["limit"] == limit
+  for name in ("compressed", "uniform"):
+    row = on_disk[name]
+    for field in ("accuracy", "size_bytes", "compression_ratio", "bops"):
+      assert row[field] is not None, (name, field)
+    disk = sum(os.path.getsize(tmp_path / name.replace("compressed", "auto") / "export" / f)
+               for f in ("spec.json", "arrays.bin"))
+    assert row["size_bytes"] == disk <= limit
+  assert on_disk["compressed"]["size_bytes"] <= on_disk["predicted"]["size_bytes"]
+  assert on_disk["uniform"]["size_bytes"] <= on_disk["uniform"]["predicted_size_bytes"]
+  plan = on_disk["plan"]
+  assert [l["path"] for l in plan] == ["fc1", "fc2", "fc3"]
+  assert all(set(l) >= {"path", "sparsity", "weight_bits", "act_bits", "bytes"} for l in plan)
+  assert on_disk["predicted"]["size_bytes"] <= limit
+  assert on_disk["sensitivity"]["compiles"] == 1
+  # The exported weights are pruned as planned: count the zeros of each kernel by hand.
+  from jaxcompress import export
+  loaded = export.load(str(tmp_path / "auto" / "export"), create_model(
+      "mlp", num_classes=10, image_shape=(28, 28, 1))[0])
+  for l in plan:
+    kernel = np.asarray(loaded.arrays["params"]["model"][l["path"]]["kernel"]) if (
+        "model" in loaded.arrays.get("params", {})) else None
+    if kernel is not None:
+      assert np.mean(kernel == 0) >= l["sparsity"] - 1e-6
+  for name in ("report.md", "sensitivity.png", "accuracy_vs_size.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+  report = open(tmp_path / "report.md").read()
+  assert "`fc2`" in report and "uniform" in report
+
+
+@pytest.mark.parametrize("budget,match", [
+    (dict(ratio=10.0, size_bytes=1000), "contradict"),
+    (dict(ratio=10.0, bops=1e6), "contradict"),
+    (dict(ratio=10.0, device="tpu"), "budget.device"),
+    (dict(), "give one of"),
+    (dict(ratio=10.0, device="int8-npu"), "budget.ratio"),
+    (dict(size_bytes=100), "smallest plan takes"),
+])
+def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
+  with pytest.raises(ConfigError, match=match) as e:
+    _run(_config(mlp_weights, **budget), tmp_path / "w")
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_held_out_slice_must_exist_and_miss_the_evaluation_split(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=10.0)
+  config.data.val_examples = 0
+  with pytest.raises(ConfigError, match="held-out slice is empty"):
+    _run(config, tmp_path / "w")
+  config = _config(mlp_weights, ratio=10.0)
+  config.data.eval_split = "train"
+  with pytest.raises(ConfigError, match="overlaps data.eval_split"):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_held_out_ranges_by_hand():
+  class Data:
+    val_examples = 100
+    train_split, eval_split = "train[:1000]", "train[1000:]"
+  autocompress_job.check_held_out(Data, 1000)  # held out [900, 1000): disjoint
+  Data.eval_split = "train[950:2000]"
+  with pytest.raises(ConfigError):
+    autocompress_job.check_held_out(Data, 1000)
+  Data.train_split, Data.eval_split = "train", "test"
+  autocompress_job.check_held_out(Data, 1000)

@@ -1,0 +1,95 @@
+"""The sensitivity scan: one compilation for the whole grid, values against NumPy."""
+
+import numpy as np
+import pytest
+
+from jaxcompress import budget, compose
+from jaxcompress.budget import Option
+from jaxcompress.data import Batch
+from jaxcompress.models import create_model
+
+SHAPE = (6, 6, 3)
+
+
+def _setup():
+  model, variables = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
+  rng = np.random.default_rng(0)
+  batches = [Batch(rng.normal(size=(8, *SHAPE)).astype(np.float32),
+                   rng.integers(0, 4, 8).astype(np.int32), np.ones(8, np.float32))
+             for _ in range(2)]
+  batches[1] = batches[1]._replace(weight=np.array([1, 1, 1, 0, 0, 0, 0, 0], np.float32))
+  return model, variables, batches
+
+
+def _numpy_loss(variables, batches, pruned):
+  """Mean cross-entropy of the MLP in NumPy, with some kernels replaced."""
+  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()}
+       for k, d in variables["params"].items()}
+  for k, w in pruned.items():
+    p[k]["kernel"] = w
+  total = weight = 0.0
+  for b in batches:
+    h = b.image.reshape(len(b.image), -1).astype(np.float64)
+    h = np.maximum(h @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+    h = np.maximum(h @ p["fc2"]["kernel"] + p["fc2"]["bias"], 0)
+    z = h @ p["fc3"]["kernel"] + p["fc3"]["bias"]
+    z = z - z.max(1, keepdims=True)
+    ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), b.label]
+    total += float(np.sum(ce * b.weight))
+    weight += float(np.sum(b.weight))
+  return total / weight
+
+
+@pytest.fixture(scope="module")
+def scanned():
+  model, variables, batches = _setup()
+  grid = [Option(s, w, 8) for s in (0.0, 0.5, 0.9) for w in (2, 4, 8)]
+  mixed = grid + [Option(0.0, 4, 4)]  # fc2's input bits differ between options: measured
+  sens = budget.scan(model, variables, batches, {"fc1": grid, "fc2": mixed, "fc3": grid[:3]},
+                     calibration=[b.image for b in batches])
+  return model, variables, batches, sens
+
+
+def test_the_whole_grid_compiles_once(scanned):
+  *_, sens = scanned
+  assert sens.compiles == 1
+  # The float model; fc1: 2 sparsities, 3 bit widths; fc2: the same and 2 input bit widths;
+  # fc3 (dense options only): 3 bit widths.
+  assert len(sens.measured) == 1 + (2 + 3) + (2 + 3 + 2) + 3
+
+
+def test_pruned_losses_match_numpy(scanned):
+  _, variables, batches, sens = scanned
+  assert sens.base_loss == pytest.approx(_numpy_loss(variables, batches, {}), rel=1e-4)
+  w = np.asarray(variables["params"]["fc2"]["kernel"], np.float64)
+  cut = np.sort(np.abs(w).ravel())[round(0.9 * w.size) - 1]
+  pruned = np.where(np.abs(w) > cut, w, 0)
+  want = _numpy_loss(variables, batches, {"fc2": pruned})
+  assert sens.measured[("fc2", 0.9, 0, 0)][0] == pytest.approx(want, rel=1e-4)
+
+
+def test_traced_bits_equal_the_static_quantizer(scanned):
+  """fc2 at 4-bit weights and 8-bit inputs, the rest float: as compose's quantizer computes it."""
+  model, variables, batches, sens = scanned
+  x = batches[0].image
+  quant = compose.QuantSpec(layer_bits=(("fc1", 0, 0), ("fc2", 4, 8), ("fc3", 0, 0)))
+  import optax
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=1, quant=quant)
+  state = comp.init_state(variables, x, calibration=[b.image for b in batches])
+  total = weight = 0.0
+  for b in batches:
+    z = np.asarray(comp.logits_fn(comp.eval_variables(state), b.image), np.float64)
+    z = z - z.max(1, keepdims=True)
+    ce = np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), b.label]
+    total += float(np.sum(ce * b.weight))
+    weight += float(np.sum(b.weight))
+  i = sens.paths.index("fc2")
+  k = sens.options[i].index(Option(0.0, 4, 8))
+  assert sens.base_loss + sens.damage[i][k] == pytest.approx(total / weight, rel=1e-4)
+
+
+def test_predict_interpolates_between_measured_sparsities(scanned):
+  *_, sens = scanned
+  d5 = sens.predict("fc2", 0.5, 0)
+  d9 = sens.predict("fc2", 0.9, 0)
+  assert sens.predict("fc2", 0.7, 0) == pytest.approx((d5 + d9) / 2)
