@@ -29,7 +29,7 @@ def time_pipeline(images, labels, batch_size, steps):
   from configs.common import IMAGENET_MEAN, IMAGENET_STD
   from jaxcompress import data
   it = itertools.chain.from_iterable(
-      data.train_batches(images, labels, batch_size, seed=0, epoch=e, mean=IMAGENET_MEAN,
+      data.train_batches((images, labels), batch_size, seed=0, epoch=e, mean=IMAGENET_MEAN,
                          std=IMAGENET_STD) for e in itertools.count())
   t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(steps):
@@ -49,8 +49,9 @@ def main(argv):
   n = 50_000  # a CIFAR-10-sized training set of random pixels
   images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, n).astype(np.int32)
-  batches = list(itertools.islice(train_batches(images, labels, _BATCH.value, seed=0, epoch=0,
-                                                mean=IMAGENET_MEAN, std=IMAGENET_STD), 4))
+  batches = list(itertools.islice(train_batches((images, labels), _BATCH.value, seed=0,
+                                                epoch=0, mean=IMAGENET_MEAN,
+                                                std=IMAGENET_STD), 4))
   variants, teacher_fwd = bench_lib.build_variants(_VARIANTS.value, batches[0].image)
   for v in variants.values():  # compile and warm up outside the timed rounds
     v.run(batches, 2)

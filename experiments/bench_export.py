@@ -60,8 +60,8 @@ def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
   step = make_train_step(supervised_loss(model), opt)
   t0, done, epoch = time.perf_counter(), 0, 0
   while done < total:
-    for batch in data_lib.train_batches(x, y, 128, seed=0, epoch=epoch, mean=common.IMAGENET_MEAN,
-                                        std=common.IMAGENET_STD):
+    for batch in data_lib.train_batches((x, y), 128, seed=0, epoch=epoch,
+                                        mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
       if done >= total:
         break
       state, _ = step(state, batch)

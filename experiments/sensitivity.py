@@ -256,9 +256,9 @@ def iterative_search(config, workdir: str) -> dict:
   dense_params = variables.pop("params")
   splits = load_data(data)
   if config.prune.val_split:
-    splits["val"] = data_lib.load_split(config.data.name, config.prune.val_split,
+    splits["val"] = data_lib.open_split(config.data.name, config.prune.val_split,
                                         data_dir=config.data.data_dir)
-  per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), data.batch_size)
+  per_epoch = data_lib.steps_per_epoch(len(splits["train"]), data.batch_size)
   steps = int(round(loop.epochs * per_epoch))
   if steps < 1:
     raise invalid("train.epochs", loop.epochs,
@@ -308,10 +308,10 @@ def iterative_search(config, workdir: str) -> dict:
   current[0] = -1
   dense_test = evaluate(dense_params, "eval", "test (dense)")
   pruned, prunable = zero_count(result.params, rules)
-  val_split = config.prune.val_split or f"{config.data.train_split}[-{len(splits['val'][0])}:]"
+  val_split = config.prune.val_split or f"{config.data.train_split}[-{len(splits['val'])}:]"
   out = {"model": config.model.name, "dataset": config.data.name, "scope": config.prune.scope,
          "tolerance": config.prune.tolerance, "val_split": val_split,
-         "val_examples": len(splits["val"][0]), "eval_split": config.data.eval_split,
+         "val_examples": len(splits["val"]), "eval_split": config.data.eval_split,
          "dense_val_accuracy": result.dense_accuracy, "history": history,
          "sparsity": result.sparsity, "pruned": pruned, "prunable": prunable,
          "val_accuracy": result.accuracy, "test_accuracy": test["accuracy"],

@@ -1,10 +1,12 @@
 """TF-free image-classification input pipeline over TFDS ``data_source``.
 
-A split is decoded once into uint8 arrays held in memory; batches are then cut from those arrays
-with NumPy: a permutation drawn from ``(seed, epoch)`` for training (so a resumed run sees exactly
-the batches it would have seen), 4-pixel zero-pad random crops and horizontal flips, and
-normalisation by the configured mean/std. Evaluation batches cover every example exactly once: the
-last batch is padded to full size and carries a 0/1 ``weight`` so padded rows count for nothing.
+A split is read by random access (:func:`open_split`): an example is decoded the first time a batch
+needs it and kept as uint8, so a process decodes only the examples of its own rows of each batch.
+Batches are cut with NumPy: a permutation drawn from ``(seed, epoch)`` for training (so a resumed
+run sees exactly the batches it would have seen, and the global batches do not depend on how many
+processes share them), 4-pixel zero-pad random crops and horizontal flips, and normalisation by
+the configured mean/std. Evaluation batches cover every example exactly once: the last batch is
+padded to full size and carries a 0/1 ``weight`` so padded rows count for nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import importlib.util
 import os
 import sys
 import time
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -246,21 +248,102 @@ def _open_source(name: str, split: str, root: str):
                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
-               prepare_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Decodes a whole TFDS split into memory, without TensorFlow.
+class Split(Protocol):
+  """Random access to the examples of one split: what the batch iterators below read.
+
+  ``len(split)`` examples; ``split.read(indices)`` returns ``(uint8 images [k, H, W, C], int32
+  labels [k])`` of the examples at ``indices`` (a 1-D integer array), in that order.
+  :class:`ArraySplit` holds arrays in memory, :class:`SourceSplit` reads a TFDS split on demand;
+  an ``(images, labels)`` pair of arrays is accepted wherever a split is (see :func:`as_split`).
+  """
+
+  def __len__(self) -> int: ...
+
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySplit:
+  """A split held in memory: uint8 ``images [N, H, W, C]`` and int ``labels [N]``."""
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self.images[indices], self.labels[indices]
+
+
+def as_split(split: Split | tuple[np.ndarray, np.ndarray]) -> Split:
+  """``split`` itself, or an :class:`ArraySplit` of an ``(images, labels)`` pair."""
+  if isinstance(split, (tuple, list)):
+    return ArraySplit(*split)
+  return split
+
+
+class _Decoded:
+  """The examples of a TFDS data source decoded so far, kept as uint8 arrays (one per process)."""
+
+  def __init__(self, source, image_shape: tuple[int, ...]):
+    self.source = source
+    n = len(source)
+    self.images = np.empty((n, *image_shape), np.uint8)  # pages are touched only when filled
+    self.labels = np.empty((n,), np.int32)
+    self.done = np.zeros((n,), bool)
+
+  def read(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    missing = np.unique(keys[~self.done[keys]])
+    if len(missing):
+      for k, rec in zip(missing, _read(self.source, missing.tolist())):
+        self.images[k] = np.asarray(rec["image"]).reshape(self.images.shape[1:])
+        self.labels[k] = rec["label"]
+      self.done[missing] = True
+    return self.images[keys], self.labels[keys]
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSplit:
+  """Examples ``[start, stop)`` of a TFDS split, read and decoded the first time they are asked for.
+
+  A process that reads only its rows of every batch decodes only those; each example is decoded
+  once and kept (uint8), so later epochs cost no decoding. Views made with :meth:`take` share the
+  decoded examples. Built by :func:`open_split`.
+  """
+  decoded: _Decoded
+  start: int
+  stop: int
+
+  def __len__(self) -> int:
+    return self.stop - self.start
+
+  def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    indices = np.asarray(indices, np.int64)
+    if indices.size and not (0 <= indices.min() and indices.max() < len(self)):
+      raise IndexError(f"indices outside [0, {len(self)})")
+    return self.decoded.read(indices + self.start)
+
+  def take(self, start: int, stop: int) -> "SourceSplit":
+    """The examples ``[start, stop)`` of this split, as a split sharing its decoded examples."""
+    if not 0 <= start <= stop <= len(self):
+      raise IndexError(f"[{start}, {stop}) is not inside [0, {len(self)})")
+    return SourceSplit(self.decoded, self.start + start, self.start + stop)
+
+
+def open_split(name: str, split: str, *, data_dir: str | None = None,
+               prepare_missing: bool = True) -> SourceSplit:
+  """Opens a TFDS split for random access, without TensorFlow and without decoding it yet.
 
   Args:
     name: a key of :data:`DATASETS`.
     split: a TFDS split, e.g. ``"train"``, ``"test"``, ``"train[:1000]"``.
     data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
-    progress: show a progress bar while decoding.
     prepare_missing: when the dataset is not prepared in the data folder, download and prepare it
       there with :func:`prepare` (needs TensorFlow and internet); ``False``: raise instead (for
       tests and offline runs).
 
   Returns:
-    ``(images, labels)``: uint8 ``[N, H, W, C]`` and int32 ``[N]``, in the split's record order.
+    A :class:`SourceSplit` of the whole split, in its record order.
 
   Raises:
     ConfigError: unknown dataset name, data not prepared (and not preparable: no TensorFlow,
@@ -277,22 +360,38 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, progress: 
       raise _not_prepared(name, root, " and prepare_missing=False") from None
     prepare(name, root)
     source = _open_source(name, split, root)
-  n = len(source)
-  images = np.empty((n, *spec.image_shape), np.uint8)
-  labels = np.empty((n,), np.int32)
-  chunk = 1000
+  return SourceSplit(_Decoded(source, spec.image_shape), 0, len(source))
+
+
+def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
+               prepare_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+  """Decodes a whole TFDS split into memory, without TensorFlow.
+
+  Args:
+    name, split, data_dir, prepare_missing: as for :func:`open_split`.
+    progress: show a progress bar while decoding.
+
+  Returns:
+    ``(images, labels)``: uint8 ``[N, H, W, C]`` and int32 ``[N]``, in the split's record order.
+
+  Raises:
+    ConfigError: as :func:`open_split`.
+  """
+  source = open_split(name, split, data_dir=data_dir, prepare_missing=prepare_missing)
+  n, chunk = len(source), 1000
+  parts = []
   with tqdm(total=n, desc=f"decode {name}/{split}", unit="img", disable=not progress,
             leave=False) as bar:
     for start in range(0, n, chunk):
-      records = _read(source, range(start, min(start + chunk, n)))
-      for i, rec in enumerate(records, start):
-        images[i] = np.asarray(rec["image"]).reshape(spec.image_shape)
-        labels[i] = rec["label"]
-      bar.update(len(records))
-  return images, labels
+      parts.append(source.read(np.arange(start, min(start + chunk, n))))
+      bar.update(len(parts[-1][1]))
+  spec = dataset_spec(name)
+  if not parts:
+    return np.empty((0, *spec.image_shape), np.uint8), np.empty((0,), np.int32)
+  return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _read(source, keys: range) -> list[dict]:
+def _read(source, keys: list[int]) -> list[dict]:
   """Reads records in one batched call; one by one where the source has no batched read (the
   mock source of ``tfds.testing.mock_data``)."""
   try:
@@ -308,26 +407,33 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
   return images.astype(np.float32) * scale - shift
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4) -> np.ndarray:
+def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
+            rows: tuple[int, int] | None = None, batch_size: int | None = None) -> np.ndarray:
   """Random ``pad``-pixel zero-pad crop and random horizontal flip, per image.
 
   Args:
     images: uint8 ``[B, H, W, C]``.
     rng: NumPy generator; decides the crop offsets and flips.
     pad: zero padding on each side before cropping back to ``H x W``.
+    rows: ``images`` are rows ``[lo, hi)`` of a batch of ``batch_size`` (default: the whole
+      batch). The draws are made for the whole batch, so an image's crop and flip do not depend on
+      how its batch is split over processes.
+    batch_size: size of that whole batch (default ``len(images)``).
 
   Returns:
     Augmented uint8 images of the same shape.
   """
   b, h, w, _ = images.shape
+  total = b if batch_size is None else batch_size
+  lo, hi = (0, total) if rows is None else rows
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dy = rng.integers(0, 2 * pad + 1, size=b)
-  dx = rng.integers(0, 2 * pad + 1, size=b)
-  flip = rng.random(b) < 0.5
-  rows = dy[:, None] + np.arange(h)[None, :]  # [B, H]
+  dy = rng.integers(0, 2 * pad + 1, size=total)[lo:hi]
+  dx = rng.integers(0, 2 * pad + 1, size=total)[lo:hi]
+  flip = (rng.random(total) < 0.5)[lo:hi]
+  rows_ = dy[:, None] + np.arange(h)[None, :]  # [B, H]
   cols = dx[:, None] + np.arange(w)[None, :]  # [B, W]
   cols = np.where(flip[:, None], cols[:, ::-1], cols)
-  return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+  return padded[np.arange(b)[:, None, None], rows_[:, :, None], cols[:, None, :]]
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -335,35 +441,63 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int,
+def train_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
+  """The epoch's example order: a permutation that depends only on ``(seed, epoch)``.
+
+  Global batch ``i`` is ``order[i * B:(i + 1) * B]``, whatever the number of processes.
+  """
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def train_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int, *, seed: int,
                   epoch: int, mean: Sequence[float], std: Sequence[float],
-                  augment_images: bool = True, start: int = 0) -> Iterator[Batch]:
+                  augment_images: bool = True, start: int = 0,
+                  rows: tuple[int, int] | None = None) -> Iterator[Batch]:
   """Yields one epoch of shuffled, augmented, normalised training batches.
 
-  The order depends only on ``(seed, epoch)`` and each batch's augmentation only on
-  ``(seed, epoch, step)``; ``start`` skips the first batches, so a run resumed mid-epoch continues
-  exactly where it stopped. The remainder is dropped.
+  The order depends only on ``(seed, epoch)`` (:func:`train_order`) and each batch's augmentation
+  only on ``(seed, epoch, step)``; ``start`` skips the first batches, so a run resumed mid-epoch
+  continues exactly where it stopped. The remainder is dropped.
+
+  Args:
+    split: a :class:`Split` or ``(uint8 images, int labels)``.
+    batch_size: the global batch size.
+    rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples (this
+      process's part, :func:`jaxcompress.parallel.local_rows`); default: whole batches.
   """
-  order = np.random.default_rng([seed, epoch]).permutation(len(images))
-  ones = np.ones((batch_size,), np.float32)
-  for step in range(start, steps_per_epoch(len(images), batch_size)):
-    idx = order[step * batch_size:(step + 1) * batch_size]
-    x = images[idx]
+  split = as_split(split)
+  order = train_order(len(split), seed=seed, epoch=epoch)
+  lo, hi = (0, batch_size) if rows is None else rows
+  ones = np.ones((hi - lo,), np.float32)
+  for step in range(start, steps_per_epoch(len(split), batch_size)):
+    x, y = split.read(order[step * batch_size:(step + 1) * batch_size][lo:hi])
     if augment_images:
-      x = augment(x, np.random.default_rng([seed, epoch, step]))
-    yield Batch(normalize(x, mean, std), labels[idx], ones)
+      x = augment(x, np.random.default_rng([seed, epoch, step]), rows=(lo, hi),
+                  batch_size=batch_size)
+    yield Batch(normalize(x, mean, std), y, ones)
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                 mean: Sequence[float], std: Sequence[float]) -> Iterator[Batch]:
-  """Yields every example exactly once, in order; the last batch is zero-padded with weight 0."""
-  n = len(images)
+def eval_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int, *,
+                 mean: Sequence[float], std: Sequence[float],
+                 rows: tuple[int, int] | None = None) -> Iterator[Batch]:
+  """Yields every example exactly once, in order; the last batch is zero-padded with weight 0.
+
+  Args:
+    split: a :class:`Split` or ``(uint8 images, int labels)``.
+    batch_size: the global batch size; global batch ``i`` holds examples ``[i * B, (i + 1) * B)``.
+    rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples; every
+      process yields the same number of batches (rows past the end are padding of weight 0).
+  """
+  split = as_split(split)
+  n = len(split)
+  lo, hi = (0, batch_size) if rows is None else rows
   for start in range(0, n, batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    weight = np.ones((batch_size,), np.float32)
-    if len(x) < batch_size:
-      fill = batch_size - len(x)
-      weight[len(x):] = 0.0
+    keys = np.arange(start + lo, min(start + hi, n))
+    x, y = split.read(keys)
+    weight = np.zeros((hi - lo,), np.float32)
+    weight[:len(keys)] = 1.0
+    if len(keys) < hi - lo:
+      fill = hi - lo - len(keys)
       x = np.concatenate([x, np.zeros((fill, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros((fill,), y.dtype)])
     yield Batch(normalize(x, mean, std), y, weight)

@@ -27,7 +27,7 @@ def test_eval_batches_cover_every_example_exactly_once():
   x = np.arange(23, dtype=np.uint8)[:, None, None, None].repeat(3, -1)
   y = np.arange(23, dtype=np.int32)
   seen, weights = [], []
-  for b in data.eval_batches(x, y, 5, mean=(0, 0, 0), std=(1 / 255,) * 3):
+  for b in data.eval_batches((x, y), 5, mean=(0, 0, 0), std=(1 / 255,) * 3):
     assert b.image.shape == (5, 1, 1, 3)
     seen.extend(b.label[b.weight > 0].tolist())
     weights.append(b.weight)
@@ -39,7 +39,7 @@ def test_train_batches_are_deterministic_per_seed_and_epoch():
   x = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
   y = np.arange(40, dtype=np.int32)
   run = lambda seed, epoch, start=0: list(data.train_batches(
-      x, y, 8, seed=seed, epoch=epoch, mean=MEAN, std=STD, start=start))
+      (x, y), 8, seed=seed, epoch=epoch, mean=MEAN, std=STD, start=start))
   a, b, c, d = run(0, 0), run(0, 0), run(0, 1), run(1, 0)
   assert len(a) == 5
   for u, v in zip(a, b):
@@ -54,9 +54,51 @@ def test_train_batches_are_deterministic_per_seed_and_epoch():
 
 def test_train_batches_drop_the_remainder():
   x = np.zeros((21, 4, 4, 3), np.uint8)
-  batches = list(data.train_batches(x, np.zeros(21, np.int32), 8, seed=0, epoch=0,
+  batches = list(data.train_batches((x, np.zeros(21, np.int32)), 8, seed=0, epoch=0,
                                     mean=MEAN, std=STD))
   assert len(batches) == 2 and all(b.image.shape[0] == 8 for b in batches)
+
+
+def test_rows_of_each_batch_put_together_are_the_whole_batch():
+  """What each of 2 or 4 processes builds: its rows of every global batch, crop and flip
+  included; together exactly the one-process batches."""
+  x = np.random.default_rng(0).integers(0, 255, (40, 8, 8, 3), dtype=np.uint8)
+  y = np.arange(40, dtype=np.int32)
+  whole = list(data.train_batches((x, y), 8, seed=5, epoch=1, mean=MEAN, std=STD))
+  evals = list(data.eval_batches((x[:19], y[:19]), 8, mean=MEAN, std=STD))
+  for parts in (2, 4):
+    rows = [(p * 8 // parts, (p + 1) * 8 // parts) for p in range(parts)]
+    shards = [list(data.train_batches((x, y), 8, seed=5, epoch=1, mean=MEAN, std=STD, rows=r))
+              for r in rows]
+    for i, batch in enumerate(whole):
+      for field in ("image", "label", "weight"):
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(s[i], field) for s in shards]), getattr(batch, field))
+    eval_shards = [list(data.eval_batches((x[:19], y[:19]), 8, mean=MEAN, std=STD, rows=r))
+                   for r in rows]
+    assert all(len(s) == len(evals) == 3 for s in eval_shards)  # padding-only parts count too
+    for i, batch in enumerate(evals):
+      for field in ("image", "label", "weight"):
+        np.testing.assert_array_equal(
+            np.concatenate([getattr(s[i], field) for s in eval_shards]), getattr(batch, field))
+  assert np.concatenate([b.weight for b in evals]).sum() == 19
+
+
+def test_open_split_decodes_only_the_examples_read():
+  with tfds.testing.mock_data(num_examples=12):
+    whole = data.load_split("mnist", "train", progress=False)
+    split = data.open_split("mnist", "train")
+    assert len(split) == 12 and not split.decoded.done.any()
+    x, y = split.read(np.array([7, 2, 7]))
+    np.testing.assert_array_equal(x, whole[0][[7, 2, 7]])
+    np.testing.assert_array_equal(y, whole[1][[7, 2, 7]])
+    assert np.flatnonzero(split.decoded.done).tolist() == [2, 7]
+    view = split.take(4, 10)  # shares what is decoded; index 0 is example 4
+    assert len(view) == 6
+    np.testing.assert_array_equal(view.read(np.array([0, 3]))[0], whole[0][[4, 7]])
+    assert np.flatnonzero(split.decoded.done).tolist() == [2, 4, 7]
+    with pytest.raises(IndexError):
+      view.read(np.array([6]))
 
 
 def _crops(img, pad):
