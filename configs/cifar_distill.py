@@ -81,6 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.enabled = True  # write WORKDIR/export (packed artifact) and WORKDIR/serving
   c.export.serving = True  # also a jax.export StableHLO inference function
 
+  c.parallel = common.parallel_config()
+
   if arg == "quick":
     c.teacher = common.model_config("resnet20", "resnet20_cifar10")
     c.pretrain.epochs = 5.0  # only if the weights folder lacks them: about 25 min on 2 CPU cores

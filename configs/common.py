@@ -63,4 +63,21 @@ def train_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50  # metrics.jsonl and progress-bar interval
   c.checkpoint_every_steps = 500  # orbax checkpoint interval (and always at the end)
   c.eval_every_epochs = 1  # evaluate on data.eval_split every this many epochs
+  c.compute_dtype = "float32"  # float32 or bfloat16: dtype of the training forward/backward;
+  #                              params, optimizer state and the loss stay float32
+  return c
+
+
+def parallel_config() -> ml_collections.ConfigDict:
+  """The ``parallel`` section: joining a multi-process run (several hosts, or processes).
+
+  Every process runs the same command with its own ``process_id``; empty fields are detected by
+  ``jax.distributed.initialize`` on Cloud TPU pods and under SLURM or Open MPI (docs/training.md).
+  """
+  c = ml_collections.ConfigDict()
+  c.distributed = False  # call jax.distributed.initialize (False: one process, its own devices)
+  c.coordinator_address = ""  # HOST:PORT that process 0 serves; "" -> detected
+  c.num_processes = -1  # processes in the run; -1 -> detected
+  c.process_id = -1  # this process's index in [0, num_processes); -1 -> detected
+  c.initialization_timeout = 300  # seconds to wait for the coordinator and every process
   return c

@@ -23,8 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = common.model_config("resnet20")
   c.data = common.data_config("cifar10")
   c.train = common.train_config()
-  c.parallel = ml_collections.ConfigDict()
-  c.parallel.distributed = False  # call jax.distributed.initialize() (multi-host)
+  c.parallel = common.parallel_config()
   if arg == "quick":
     c.model.weights = "resnet20_cifar10"
     c.train.epochs = 0.2
