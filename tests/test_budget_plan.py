@@ -1,0 +1,71 @@
+"""Plans as compose specs (2:4, channels, unstructured) and the uniform recipe's search."""
+
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress import budget, compose, pruning
+from jaxcompress.budget import LayerPlan, Plan
+from jaxcompress.models import create_model
+
+SHAPE = (8, 8, 1)
+
+
+def _masks(plan):
+  model, variables = create_model("mlp", num_classes=10, image_shape=SHAPE, seed=0)
+  x = np.zeros((4, *SHAPE), np.float32)
+  prune = compose.PruneSpec(**plan.prune_fields())
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=10,
+                       prune=prune, quant=compose.QuantSpec(**plan.quant_fields()))
+  state = comp.init_state(variables, x, calibration=[x])
+  masks = pruning.compute_masks(state.params, prune.sparsity, structure=prune.masker(),
+                                rules=comp.prune_rules)
+  bits = {l.path: (l.config.weight_bits, l.config.act_bits)
+          for l in state.model_state["quant"].layers}
+  return {k: np.asarray(v["kernel"]) for k, v in masks["model"].items()}, bits
+
+
+def _plan(structure, sparsities, bits=(8, 4, 2)):
+  return Plan(tuple(LayerPlan(f"fc{i + 1}", f"fc{i + 1}/kernel", s, b, 8, 0, 0)
+                    for i, (s, b) in enumerate(zip(sparsities, bits))), structure, 0)
+
+
+def test_nm_plan_prunes_two_of_four_where_planned():
+  masks, bits = _masks(_plan("nm", (0.0, 0.5, 0.0)))
+  assert masks["fc1"].all() and masks["fc3"].all()
+  groups = masks["fc2"].reshape(64, 4, 128)  # fc2 is [256, 128]: groups along the inputs
+  assert np.all(groups.sum(axis=1) == 2)
+  assert bits == {"fc1": (8, 8), "fc2": (4, 8), "fc3": (2, 8)}
+
+
+def test_channel_plan_removes_whole_output_channels():
+  masks, _ = _masks(_plan("channel", (0.25, 0.5, 0.0)))
+  for name, s in (("fc1", 0.25), ("fc2", 0.5)):
+    kept = masks[name].all(axis=0)
+    assert np.all(masks[name].any(axis=0) == kept)  # a channel is all kept or all pruned
+    assert np.sum(~kept) == round(s * masks[name].shape[1])
+  assert masks["fc3"].all()
+
+
+def test_unstructured_plan_reaches_each_layers_sparsity():
+  masks, _ = _masks(_plan("unstructured", (0.3, 0.9, 0.5)))
+  for name, s in (("fc1", 0.3), ("fc2", 0.9), ("fc3", 0.5)):
+    assert np.sum(masks[name] == 0) == round(s * masks[name].size)
+
+
+def test_uniform_search_finds_the_least_sparsity_within_the_budget():
+  rng = np.random.default_rng(0)
+  weights = {"a": rng.normal(size=(16, 32)), "b": rng.normal(size=(32, 64)),
+             "c": rng.normal(size=(64, 4))}
+  found = budget.uniform_size(weights, ["b"], overhead=100, budget=1200, bits=(2, 4),
+                              predict=lambda p, s, b: s + 1.0 / b, resolution=0.01)
+  s, b, keep, size = found
+  edges = 16 * 32 + 64 * 4  # dense, 8 bits
+  def total(s, b):
+    k = budget.global_keep([weights["b"]], s)[0]
+    return 100 + edges + budget.weight_bytes(k, b)
+  assert size == total(s, b) <= 1200
+  assert s == 0 or total(round(s - 0.01, 2), b) > 1200  # one step less does not fit
+  assert np.sum(~keep["b"]) == round(s * 32 * 64)
+  assert budget.uniform_size(weights, ["b"], overhead=100, budget=700, bits=(2,),
+                             predict=lambda *a: 0.0) is None  # the dense edges alone exceed it
