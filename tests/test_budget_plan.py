@@ -2,7 +2,6 @@
 
 import numpy as np
 import optax
-import pytest
 
 from jaxcompress import budget, compose, pruning
 from jaxcompress.budget import LayerPlan, Plan
