@@ -1,9 +1,14 @@
-"""Data parallelism: 4 simulated CPU devices give the loss of 1 device."""
+"""Data parallelism: 4 simulated CPU devices give the loss of 1 device; multi-process settings.
+
+(Runs of several processes are in test_multihost.py.)
+"""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import numpy as np
@@ -42,6 +47,7 @@ SCRIPT = textwrap.dedent("""
       loss, _ = ev({"params": state.params, **state.model_state}, parallel.shard_batch(mesh, batches[0]))
       out[n] = {"losses": losses, "eval": float(np.mean(loss)),
                 "sharded": len(state.params["conv1"]["kernel"].sharding.device_set)}
+    out["rows"] = parallel.local_rows(parallel.make_mesh(), 16)  # one process holds them all
     print(json.dumps(out))
 """)
 
@@ -60,6 +66,7 @@ def test_four_devices_match_one_device():
   np.testing.assert_allclose(four["eval"], one["eval"], rtol=2e-5)
   assert four["sharded"] == 4 and one["sharded"] == 1
   assert one["losses"][-1] != one["losses"][0]  # the steps did train
+  assert out["rows"] == [0, 16]
 
 
 def test_batch_size_must_divide_over_devices():
@@ -70,3 +77,41 @@ def test_batch_size_must_divide_over_devices():
     parallel.check_batch_size(130, four)
   with pytest.raises(ConfigError, match="positive multiple"):
     parallel.check_batch_size(0, four)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(num_processes=2, process_id=2), r"parallel.process_id must be in \[0, 2\)"),
+    (dict(num_processes=0), r"parallel.num_processes must be >= 1"),
+    (dict(process_id=-3), r"parallel.process_id must be >= 0, or -1"),
+    (dict(coordinator_address="localhost"), r"parallel.coordinator_address must be HOST:PORT"),
+    (dict(initialization_timeout=0), r"parallel.initialization_timeout must be > 0"),
+])
+def test_distributed_spec_names_the_bad_field(fields, match):
+  with pytest.raises(ConfigError, match=match):
+    parallel.DistributedSpec(distributed=True, **fields)
+
+
+def test_distributed_spec_reads_the_parallel_section():
+  from configs import common
+  spec = parallel.DistributedSpec.from_mapping(common.parallel_config())
+  assert spec == parallel.DistributedSpec()  # one process: initialize does nothing
+  parallel.initialize_distributed(spec)
+
+
+def test_coordinator_address_is_checked_before_joining():
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    # Process 0 must serve the address: here the port is taken.
+    with pytest.raises(ConfigError, match=rf"parallel.coordinator_address: process 0 starts the "
+                                          rf"coordinator at 127.0.0.1:{port} but cannot listen"):
+      parallel.initialize_distributed(parallel.DistributedSpec(
+          True, f"127.0.0.1:{port}", num_processes=2, process_id=0))
+  # The others must reach it within the timeout: now nothing listens there.
+  start = time.monotonic()
+  with pytest.raises(ConfigError, match=rf"parallel.coordinator_address: no coordinator answers "
+                                        rf"at 127.0.0.1:{port} after 1 s"):
+    parallel.initialize_distributed(parallel.DistributedSpec(
+        True, f"127.0.0.1:{port}", num_processes=2, process_id=1, initialization_timeout=1))
+  assert time.monotonic() - start < 10
