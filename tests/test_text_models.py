@@ -1,8 +1,10 @@
-"""The character-level GPT and LSTM: shapes, causality, dropout, registry names."""
+"""The character-level GPT and LSTM: shapes, causality, dropout, the LSTM equations, registry
+names."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxcompress.models import CharGPT, CharLSTM, get_model
@@ -69,12 +71,28 @@ def test_gpt_parameters_and_context():
     model.apply({"params": params}, jnp.zeros((1, T + 1), jnp.int32))
 
 
-def test_lstm_uses_flax_lstm_cells():
+def test_lstm_matches_a_numpy_lstm():
+  """The LSTM equations (gates i, f, g, o as flax's LSTMCell orders them), computed in NumPy."""
   model = MODELS["lstm"]
-  params = model.init(jax.random.key(0), jnp.zeros((1, T), jnp.int32))["params"]
-  cell = params["lstm1"]
-  assert sorted(cell) == ["hf", "hg", "hi", "ho", "if", "ig", "ii", "io"]
-  assert cell["ii"]["kernel"].shape == (12, 12) and "bias" not in cell["ii"]
+  ids = _ids(4)
+  variables = model.init(jax.random.key(0), ids)
+  p = jax.tree.map(np.asarray, variables["params"])
+  sig = lambda z: 1 / (1 + np.exp(-z))
+  x = p["embed"]["embedding"][np.asarray(ids)].astype(np.float64)
+  for layer in ("lstm0", "lstm1"):
+    w_in, rec = p[layer]["input"]["kernel"], p[layer]["recurrent"]
+    assert w_in.shape == rec["kernel"].shape == (12, 48) and "bias" not in p[layer]["input"]
+    h = c = np.zeros((B, 12))
+    outs = []
+    for t in range(T):
+      z = x[:, t] @ w_in + h @ rec["kernel"] + rec["bias"]
+      i, f, g, o = np.split(z, 4, axis=-1)
+      c = sig(f) * c + sig(i) * np.tanh(g)
+      h = sig(o) * np.tanh(c)
+      outs.append(h)
+    x = np.stack(outs, 1)
+  logits = x @ p["head"]["kernel"] + p["head"]["bias"]
+  np.testing.assert_allclose(model.apply(variables, ids), logits, rtol=1e-4, atol=1e-5)
 
 
 def test_registry_names():
