@@ -256,13 +256,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   saved = read_json(scan_path)
   measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}
   t0 = time.time()
+
+  def save(points, **extra):  # after every evaluation: a rerun continues the scan
+    write_json(scan_path, {"measured": [[list(k), list(v)] for k, v in points.items()],
+                           "seconds": saved.get("seconds", 0.0) + time.time() - t0, **extra})
+
   sens = budget_lib.scan(model, variables, held_out, options, calibration=calib,
                          structure=preset.structure, per_channel=config.quant.per_channel,
-                         joint=config.scan.joint, measured=measured)
+                         joint=config.scan.joint, measured=measured, progress=save)
   scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
-  write_json(scan_path, {"measured": [[list(k), list(v)] for k, v in sens.measured.items()],
-                         "base_loss": sens.base_loss, "base_accuracy": sens.base_accuracy,
-                         "seconds": scan_seconds, "compiles": sens.compiles})
+  save(sens.measured, compiles=sens.compiles)
 
   alloc = budget_lib.allocate([[c[pick] for c in costs[p]] for p in sens.paths],
                               sens.damage, limit - fixed)

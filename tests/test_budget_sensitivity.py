@@ -93,3 +93,18 @@ def test_predict_interpolates_between_measured_sparsities(scanned):
   d5 = sens.predict("fc2", 0.5, 0)
   d9 = sens.predict("fc2", 0.9, 0)
   assert sens.predict("fc2", 0.7, 0) == pytest.approx((d5 + d9) / 2)
+
+
+def test_a_resumed_scan_evaluates_only_what_is_missing(scanned):
+  model, variables, batches, sens = scanned
+  grid = {p: o for p, o in zip(sens.paths, sens.options)}
+  calls = []
+  again = budget.scan(model, variables, batches, grid, calibration=[b.image for b in batches],
+                      measured=sens.measured, progress=calls.append)
+  assert again.compiles == 0 and calls == []
+  for a, b in zip(again.damage, sens.damage):
+    np.testing.assert_array_equal(a, b)
+  partial = dict(list(sens.measured.items())[:-2])
+  resumed = budget.scan(model, variables, batches, grid, calibration=[b.image for b in batches],
+                        measured=partial, progress=calls.append)
+  assert len(calls) == 2 and resumed.measured.keys() == sens.measured.keys()

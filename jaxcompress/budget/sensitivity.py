@@ -20,7 +20,7 @@ chosen from these numbers.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,8 @@ class Sensitivity(NamedTuple):
 def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
          options: Mapping[str, Sequence[Option]], *, calibration: Iterable[Any],
          structure: str = "unstructured", per_channel: bool = True,
-         joint: bool = False, measured: Mapping | None = None) -> Sensitivity:
+         joint: bool = False, measured: Mapping | None = None,
+         progress: Callable[[dict], None] | None = None) -> Sensitivity:
   """Measures every option of every layer on ``batches`` (see the module docstring).
 
   Args:
@@ -89,6 +90,7 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     joint: measure every (sparsity, weight bits) pair instead of summing their parts.
     measured: ``Sensitivity.measured`` of an earlier, interrupted scan of the same model and
       batches (with ``(None, 0, 0, 0)`` the float model's): those points are not evaluated again.
+    progress: called with the measurements so far after each evaluation (e.g. to save them).
 
   Returns:
     The :class:`Sensitivity`.
@@ -166,6 +168,8 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
       return 0.0
     if key not in measured:
       measured[key] = measure(*key)
+      if progress is not None:
+        progress(measured)
     return measured[key][0] - base_loss
 
   paths, opts, damage = [], [], []
