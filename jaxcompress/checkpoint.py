@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxcompress import parallel
 from jaxcompress.errors import ConfigError
 
 
@@ -162,6 +163,9 @@ def claim_workdir(workdir: str) -> bool:
 def check_workdir(config: dict, workdir: str) -> None:
   """Creates and claims ``workdir`` and records ``config``; refuses another config's or job's.
 
+  In a run of several processes (``jax.distributed``) process 0 alone claims and records the
+  workdir for all of them, and its refusal is raised on every process.
+
   Args:
     config: the run's settings as a JSON-able dict of sections (an object with a ``to_json()``
       method, such as an ``ml_collections.ConfigDict``, is converted with it).
@@ -172,6 +176,10 @@ def check_workdir(config: dict, workdir: str) -> None:
       (e.g. ``student.name``) with both values, or the process that holds its lock (see
       :func:`claim_workdir`).
   """
+  parallel.on_main_process(lambda: _check_workdir(config, workdir))
+
+
+def _check_workdir(config, workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   claimed = claim_workdir(workdir)
   path = os.path.join(workdir, "config.json")
