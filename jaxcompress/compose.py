@@ -24,6 +24,7 @@ The teacher's variables are an input of the step (never trained, never checkpoin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 from typing import Any, Callable, Mapping
@@ -133,14 +134,15 @@ class PruneSpec:
   def enabled(self) -> bool:
     return self.method != "none" and self.sparsity > 0
 
-  def masker(self) -> pruning.Masker:
+  def masker(self, axes: Mapping[str, tuple[int, ...]] | None = None) -> pruning.Masker:
     """N:M, whole channels, or unstructured at the spec's scope (per-layer targets applied).
 
     With ``layer_sparsity``, the masker reads the train state's paths (``model/<param path>``,
-    as :func:`build`'s pruning rules do).
+    as :func:`build`'s pruning rules do). N:M groups run along ``axes[path]``, each weight's
+    reduction axes (``ModelLayers.reduce_axes``), where given.
     """
     if self.structure == "nm":
-      return pruning.n_of_m(self.n, self.m)
+      return pruning.n_of_m(self.n, self.m, axes=axes)
     base = (pruning.channels(self.norm) if self.structure == "channel"
             else pruning.unstructured(self.scope))
     if not self.layer_sparsity:
@@ -321,8 +323,13 @@ class Compression:
     return logits, new_state, feats
 
   def logits_fn(self, variables, x):
-    """Eval-mode logits; ``variables = {'params': state.params, 'model_state': ...}``."""
-    return self.student_apply(variables["params"], variables["model_state"], x, train=False)[0]
+    """Eval-mode logits; ``variables = {'params': state.params, 'model_state': ...}``.
+
+    Always one compiled XLA program (``jax.jit``; inlined when called inside a jitted step): run
+    op by op, XLA would round some fused operations differently, and the logits would no longer
+    equal the exported model's, which is jitted too.
+    """
+    return _eval_logits(self, variables, x)
 
   def eval_variables(self, state: TrainState) -> dict:
     """:meth:`logits_fn`'s variables; folded BatchNorms run as ``x * gain + bias``.
@@ -444,7 +451,7 @@ class Compression:
     return export.export_model(out_dir, variables=variables, input_shape=input_shape,
                                input_dtype=input_dtype, specs=specs,
                                codebooks=codebooks or None, fold=self.fold_norms,
-                               model_name=model_name)
+                               model_name=model_name, reduce_axes=self.layers.reduce_axes())
 
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),
@@ -479,6 +486,11 @@ class Compression:
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_logits(comp: Compression, variables, x):
+  return comp.student_apply(variables["params"], variables["model_state"], x, train=False)[0]
 
 
 def _share_weights(params, books: dict, *, update: bool):
@@ -544,7 +556,8 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
         round(prune.sparsity * leaf.size) for leaf in sel.pick(sel.leaves)):
       warnings.warn(f"prune.sparsity={prune.sparsity} prunes no weight: each selected weight is "
                     "too small for that fraction to round to one entry", stacklevel=2)
-    opt = pruning.prune(optimizer, schedule, score=prune.method, structure=prune.masker(),
+    opt = pruning.prune(optimizer, schedule, score=prune.method,
+                        structure=prune.masker(layers.reduce_axes("model/")),
                         rules=rules, update_every=every, seed=prune.seed)
   quantizer = None
   kmeans_bits = quant.weight_bits if quant.method == "kmeans" else 0

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.functional import functional, weight_name
+from jaxcompress.models.functional import contraction_axes, functional, weight_name
 from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
 
@@ -47,6 +47,8 @@ class Layer:
     shape: the weight's shape.
     input_shape: the shape of its input at that call.
     norm: path of the normalization layer applied directly to its output, if any.
+    reduce_axes: the weight axes its product sums over
+      (:func:`~jaxcompress.models.functional.contraction_axes`): where N:M groups run.
   """
   path: str
   kind: str
@@ -55,6 +57,7 @@ class Layer:
   shape: tuple[int, ...]
   input_shape: tuple[int, ...]
   norm: str | None = None
+  reduce_axes: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,10 @@ class ModelLayers:
     if not self.layers:
       return ()
     return tuple(dict.fromkeys((self.layers[0].weight, self.layer(self.last).weight)))
+
+  def reduce_axes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """``{prefix + weight path: reduction axes}`` of every layer (the N:M group axes)."""
+    return {prefix + l.weight: l.reduce_axes for l in self.layers}
 
   def prune_rules(self, *, keep_edges: bool = True) -> list[Rule]:
     """Explicit pruning rules over parameter paths: every compressible weight, edges dense."""
@@ -135,7 +142,8 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
       w = flat.get(wpath)
       if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
         calls[call.path] = Layer(call.path, call.kind, call.type_name, wpath,
-                                 tuple(jnp.shape(w)), tuple(jnp.shape(call.x)))
+                                 tuple(jnp.shape(w)), tuple(jnp.shape(call.x)),
+                                 reduce_axes=contraction_axes(call.module, jnp.ndim(w)))
       if call.kind == "linear":
         outputs.append((out, call.path))
     elif call.kind == "norm":

@@ -53,7 +53,7 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
                  specs: Mapping[str, Any] | None = None,
                  codebooks: Mapping[str, Any] | None = None,
                  fold: Mapping[str, float] | None = None, model_name: str = "",
-                 compress: bool = True) -> dict:
+                 compress: bool = True, reduce_axes: Mapping[str, Any] | None = None) -> dict:
   """Finalizes a trained (pruned, quantized) model and writes the artifact to ``out_dir``.
 
   Works for any Flax model: the artifact stores its variables, not its code; :func:`load` takes
@@ -73,6 +73,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     fold: ``{BatchNorm path: epsilon}`` to fold (``Compression.fold_norms``).
     model_name: a name recorded in the spec (informational).
     compress: zlib the arrays file when that makes it smaller.
+    reduce_axes: ``{weight path: reduction axes}`` (``ModelLayers.reduce_axes()``): such a
+      weight may be stored as N:M groups along them (the :mod:`.sparse` ``nm`` encoding).
 
   Returns:
     The :func:`~jaxcompress.export.size.size_report` of the written artifact.
@@ -80,7 +82,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
   Raises:
     ConfigError: for inputs that do not fit the variables (see :func:`.finalize.finalize`).
   """
-  fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold)
+  fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold,
+                 reduce_axes=reduce_axes)
   metas, chunks = [], []
   for t in fin.tensors.values():
     meta, segments = encode_layer(t)
@@ -244,10 +247,14 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                       f"{raw.size}; the spec does not match the arrays")
   tensors, axes, offset = {}, {}, 0
   for meta in spec["layers"]:
-    for key in ("bits", "nnz", "codes", "gap_bits", "qmin", "axis"):
+    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "axis"):
       if key in meta and not _is_int(meta[key]):
         raise ConfigError(f"{field}: {key} of {meta['path']!r} is {meta[key]!r}, not an integer; "
                           "the spec is corrupted")
+    group_axes = meta.get("group_axes", [])
+    if not isinstance(group_axes, list) or not all(_is_int(a) for a in group_axes):
+      raise ConfigError(f"{field}: group_axes of {meta['path']!r} is {group_axes!r}, not a list "
+                        "of integers; the spec is corrupted")
     if meta["kind"] == "int" and "qmin" not in meta:
       raise ConfigError(f"{field}: int layer {meta['path']!r} has no qmin; the spec is corrupted")
     if not isinstance(meta["shape"], list) or not all(_is_int(d) and d > 0 for d in meta["shape"]):

@@ -45,6 +45,9 @@ class LayerTensor(NamedTuple):
     bias: float32 ``[C]``, or ``None``.
     codebook: float32 ``[2^bits]`` (``kmeans`` only).
     act: input fake-quantization ``{'bits', 'scale', 'zero_point', 'qmin', 'qmax'}``, or ``None``.
+    group_axes: the axes of ``codes`` the layer's product sums over (its reduction axes, in the
+      stored layout), or ``None``: with them the :mod:`.sparse` ``nm`` encoding (groups of 4
+      along those axes, NVIDIA's 2:4 layout) is considered.
   """
   path: str
   kind: str
@@ -57,6 +60,7 @@ class LayerTensor(NamedTuple):
   bias: np.ndarray | None = None
   codebook: np.ndarray | None = None
   act: dict | None = None
+  group_axes: tuple | None = None
 
   @property
   def channels(self) -> int:
@@ -115,13 +119,16 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
     values = t.codes
   else:
     values = t.codes.astype(np.float32)
-  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans")
+  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans",
+                      group_axes=t.group_axes)
   meta = {"path": t.path, "kind": t.kind, "shape": list(t.codes.shape), "bits": t.bits,
           "encoding": enc.encoding, "nnz": enc.nnz}
   if t.kind == "int":
     meta["qmin"] = t.qmin
   if enc.encoding == "gaps":
     meta.update(gap_bits=enc.gap_bits, codes=enc.codes)
+  if enc.encoding == "nm":
+    meta.update(group_n=enc.group_n, group_axes=list(enc.group_axes))
   if t.act is not None:
     meta["act"] = {k: t.act[k] for k in ACT_KEYS}
   segments = {"positions": enc.positions, "values": enc.values}
@@ -176,8 +183,10 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     if name not in segments:
       raise ConfigError(f"{where}: segment {name!r} is missing; the spec is corrupted")
   enc = sparse.Sparse(meta["encoding"], int(meta.get("gap_bits", 0)), int(meta.get("codes", 0)),
-                      int(meta["nnz"]), segments["positions"], segments["values"])
-  nonzero, values = sparse.decode(enc, n, bits, where=where)
+                      int(meta["nnz"]), segments["positions"], segments["values"],
+                      int(meta.get("group_n", 0)),
+                      tuple(int(a) for a in meta.get("group_axes", ())))
+  nonzero, values = sparse.decode(enc, n, bits, where=where, shape=shape)
   f32 = lambda name: (np.frombuffer(segments[name].tobytes(), "<f4").astype(np.float32)
                       if name in segments else None)
   qmin = int(meta.get("qmin", 0))
@@ -197,4 +206,4 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   act = meta.get("act")
   return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
                      f32("scale"), f32("gain"), f32("bias"), f32("codebook"),
-                     None if act is None else dict(act))
+                     None if act is None else dict(act), enc.group_axes or None)

@@ -9,6 +9,8 @@ here knows a model's names. Every leaf of every collection becomes one stored te
   one scale per channel along the spec's axis (stored last);
 - a weight with a k-means codebook becomes the codebook plus indices;
 - every other floating-point leaf stays float32 (stored sparse when that is smaller);
+- a weight whose reduction axes are given (``reduce_axes``, from the model's trace) carries them,
+  in its stored layout, so the export can store it in N:M groups along them;
 - a BatchNorm that directly follows a linear layer in the forward (``fold``: found by
   :func:`jaxcompress.selection.trace_layers`, never by names) is stored as its per-channel
   ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain``: two vectors instead of
@@ -129,10 +131,19 @@ def _float_tensor(path: str, leaf: Any) -> LayerTensor:
       a.shape or (1,)), bits=32)
 
 
+def _stored_axes(axes: Any, ndim: int, moved: int | None) -> tuple[int, ...]:
+  """Axes of a weight after its channel axis ``moved`` (if any) was moved last."""
+  axes = [int(a) % ndim for a in axes]
+  if moved is None:
+    return tuple(axes)
+  return tuple(ndim - 1 if a == moved else a - (a > moved) for a in axes)
+
+
 def finalize(variables: Mapping[str, Any], *, masks: Any = None,
              specs: Mapping[str, Any] | None = None,
              codebooks: Mapping[str, Any] | None = None,
-             fold: Mapping[str, float] | None = None) -> Finalized:
+             fold: Mapping[str, float] | None = None,
+             reduce_axes: Mapping[str, Any] | None = None) -> Finalized:
   """Turns trained variables into finalized tensors (see the module docstring).
 
   Args:
@@ -144,6 +155,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     codebooks: ``{weight path: Codebook}`` (k-means), e.g. ``{'fc2/kernel': ...}``.
     fold: ``{BatchNorm path: epsilon}`` of the BatchNorms to fold (those that directly follow a
       linear layer in the forward, ``ModelLayers.batchnorms``).
+    reduce_axes: ``{weight path: axes its layer's product sums over}``
+      (``ModelLayers.reduce_axes()``); those weights may be stored as N:M groups.
 
   Returns:
     The :class:`Finalized` model.
@@ -157,6 +170,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
   flat_params = flat_paths(params)
   mask_flat = None if masks is None else flat_paths(masks)
   specs, books, fold = dict(specs or {}), dict(codebooks or {}), dict(fold or {})
+  group = dict(reduce_axes or {})
   weights = {f"{p}/{getattr(s, 'weight', 'kernel')}": s for p, s in specs.items()}
   weights = {w: s for w, s in weights.items() if getattr(s, "weight_bits", None) is not None}
   for name, given in (("specs", {w.rpartition("/")[0] for w in weights}), ("codebooks", books)):
@@ -192,7 +206,10 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
         if moved is not None:
           axes[key] = moved
       else:
-        tensors[key] = _float_tensor(key, leaf)
+        tensors[key], moved = _float_tensor(key, leaf), None
+      if collection == "params" and leaf_path in group and leaf_path not in books:
+        tensors[key] = tensors[key]._replace(
+            group_axes=_stored_axes(group[leaf_path], np.ndim(leaf), moved))
   acts = {p: a for p, a in ((p, act_fields(s)) for p, s in specs.items()) if a is not None}
   float32_bytes = 4 * sum(int(np.size(leaf)) for leaf in flat_params.values())
   return Finalized(tensors, axes, acts, fold, float32_bytes)

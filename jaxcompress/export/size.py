@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcompress.export.sparse import NM_GROUP
 from jaxcompress.tables import markdown_table
 
 
@@ -35,8 +36,9 @@ def size_report(out_dir: str) -> dict[str, Any]:
     n = int(np.prod(meta["shape"]))
     layers.append({
         "path": meta["path"], "kind": meta["kind"], "bits": meta.get("bits", 32),
-        "encoding": meta.get("encoding", "dense") + (
-            str(meta["gap_bits"]) if meta.get("encoding") == "gaps" else ""),
+        "encoding": (f"nm {meta['group_n']}:{NM_GROUP}" if meta.get("encoding") == "nm" else
+                     meta.get("encoding", "dense") + (
+                         str(meta["gap_bits"]) if meta.get("encoding") == "gaps" else "")),
         "shape": meta["shape"], "density": round(meta.get("nnz", n) / n, 4),
         "bytes": sum(meta["segments"].values()),
         "float32_bytes": 4 * n if meta["path"].startswith("params/") else 0})

@@ -4,6 +4,15 @@ A tensor of ``n`` entries, ``nnz`` of them non-zero, values stored at ``bits`` b
 raw float32), is written in whichever of these takes the fewest bytes:
 
 - ``dense``: every value, ``ceil(n * bits / 8)`` bytes, no positions;
+- ``nm`` (only when the caller names the tensor's reduction axes, ``group_axes``, and their
+  flattened length is a multiple of ``M = 4``): the entries are taken in groups of 4 consecutive
+  along the reduction axes (the other axes outermost, row-major); each group stores ``k`` slots,
+  ``k`` the most non-zero entries any group holds (``k = 2`` for 2:4 sparsity), as ``k`` values
+  and ``k`` 2-bit positions in the group (ascending): ``ceil(g * k * 2 / 8) +
+  ceil(g * k * bits / 8)`` bytes for ``g`` groups. A group with fewer non-zero entries fills its
+  slots with zero entries (their stored value is the zero's code). This is the compressed layout
+  of NVIDIA's 2:4 sparse tensor cores (values plus 2-bit metadata per group of 4 along the
+  reduction axis); only ``k < 4`` is offered;
 - ``bitmap``: one bit per entry (1 = non-zero, :mod:`.packing` order), then the non-zero values:
   ``ceil(n / 8) + ceil(nnz * bits / 8)``;
 - ``gaps`` with ``w``-bit codes, ``w`` in 2..8 (relative indices, Han et al. 2016): walking the
@@ -13,8 +22,10 @@ raw float32), is written in whichever of these takes the fewest bytes:
   ``g % M``. Zeros after the last non-zero entry need no code. Size
   ``ceil(codes * w / 8) + ceil(nnz * bits / 8)`` with ``codes = nnz + sum(g // M)``.
 
-Ties go to the earlier of dense, bitmap, gaps 2..8. Values always follow the row-major order of
-their entries.
+Ties go to the earlier of dense, nm, bitmap, gaps 2..8: at 2:4 with exactly two non-zero entries
+in every group, nm and bitmap both spend 4 bits of positions per group and nm, the hardware's
+layout, is kept. Values follow the row-major order of their entries, except ``nm``'s, which follow
+the group order.
 
 References:
   Han, Mao, Dally. Deep Compression: Compressing Deep Neural Networks with Pruning, Trained
@@ -30,7 +41,8 @@ import numpy as np
 from jaxcompress.errors import ConfigError, unknown
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 
-ENCODINGS = ("dense", "bitmap", "gaps")
+ENCODINGS = ("dense", "nm", "bitmap", "gaps")
+NM_GROUP, NM_INDEX_BITS = 4, 2  # entries per nm group, bits of a position in it
 GAP_WIDTHS = tuple(range(2, 9))
 FLOAT_BITS = 32  # values stored as raw little-endian float32
 
@@ -40,7 +52,9 @@ class Sparse(NamedTuple):
 
   Invariants: ``positions`` is empty for ``dense``; ``gap_bits`` is 0 unless ``gaps``;
   ``codes`` is the number of gap codes (non-zero entries plus fillers) for ``gaps``, else 0;
-  ``values`` holds ``nnz`` values (``n`` for ``dense``) packed at ``bits``.
+  ``values`` holds ``nnz`` values (``n`` for ``dense``; the slots, ``groups * group_n``, for
+  ``nm``) packed at ``bits``; ``group_n`` (slots per group) and ``group_axes`` (the reduction axes
+  the groups run along) are set for ``nm`` only.
   """
   encoding: str
   gap_bits: int
@@ -48,6 +62,8 @@ class Sparse(NamedTuple):
   nnz: int
   positions: np.ndarray  # uint8
   values: np.ndarray  # uint8
+  group_n: int = 0
+  group_axes: tuple = ()
 
   @property
   def nbytes(self) -> int:
@@ -70,21 +86,47 @@ def num_gap_codes(gaps: np.ndarray, gap_bits: int) -> int:
   return int(gaps.size + np.sum(gaps // ((1 << gap_bits) - 1)))
 
 
-def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True) -> dict[str, int]:
+def _grouped(a: np.ndarray, axes: tuple) -> np.ndarray:
+  """``a`` with ``axes`` moved last (in order), as rows of :data:`NM_GROUP` entries."""
+  rest = [i for i in range(a.ndim) if i not in axes]
+  return np.transpose(a, rest + list(axes)).reshape(-1, NM_GROUP)
+
+
+def nm_axes(shape: tuple, group_axes: Any) -> tuple | None:
+  """``group_axes`` as non-negative ints if nm can encode this shape along them, else None."""
+  if not group_axes or not all(-len(shape) <= int(a) < len(shape) for a in group_axes):
+    return None
+  axes = tuple(int(a) % len(shape) for a in group_axes)
+  if len(set(axes)) != len(axes) or int(np.prod([shape[a] for a in axes])) % NM_GROUP:
+    return None
+  return axes
+
+
+def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
+          group_axes: Any = None) -> dict[str, int]:
   """Bytes of every encoding of a tensor with this non-zero pattern and value width.
 
   Args:
-    nonzero: boolean array, any shape.
+    nonzero: boolean array of the tensor's shape.
     bits: value width (32: float32).
-    allow_dense: include ``dense`` (not possible when a zero entry has no value code).
+    allow_dense: include ``dense`` and ``nm`` (not possible when a zero entry has no value code).
+    group_axes: the tensor's reduction axes: include ``nm`` if they fit (see the module docstring).
 
   Returns:
-    ``{"dense": ..., "bitmap": ..., "gaps2": ..., ..., "gaps8": ...}``.
+    ``{"dense": ..., "nm": ..., "bitmap": ..., "gaps2": ..., ..., "gaps8": ...}``.
   """
-  nonzero = np.asarray(nonzero, bool).reshape(-1)
+  nonzero = np.asarray(nonzero, bool)
+  axes = nm_axes(nonzero.shape, group_axes) if allow_dense and nonzero.ndim else None
+  out = {"dense": value_bytes(nonzero.size, bits)} if allow_dense else {}
+  if axes is not None:
+    rows = _grouped(nonzero, axes)
+    k = int(rows.sum(1).max()) if rows.size else 0
+    if k < NM_GROUP:
+      out["nm"] = packed_size(rows.shape[0] * k, NM_INDEX_BITS) + value_bytes(rows.shape[0] * k,
+                                                                              bits)
+  nonzero = nonzero.reshape(-1)
   n, nnz = nonzero.size, int(nonzero.sum())
   gaps = gaps_of(nonzero)
-  out = {"dense": value_bytes(n, bits)} if allow_dense else {}
   out["bitmap"] = packed_size(n, 1) + value_bytes(nnz, bits)
   for w in GAP_WIDTHS:
     out[f"gaps{w}"] = packed_size(num_gap_codes(gaps, w), w) + value_bytes(nnz, bits)
@@ -128,7 +170,39 @@ def gap_positions(codes: np.ndarray, gap_bits: int) -> np.ndarray:
   return (start + codes)[entry]
 
 
-def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True) -> Sparse:
+def _nm_encode(values: np.ndarray, nonzero: np.ndarray, bits: int, axes: tuple) -> Sparse:
+  rows, vals = _grouped(nonzero, axes), _grouped(values, axes)
+  k = int(rows.sum(1).max())
+  # Per group: its non-zero entries, then zero entries as fillers, k in all, in ascending order.
+  slots = np.sort(np.argsort(~rows, axis=1, kind="stable")[:, :k], axis=1)
+  kept = np.take_along_axis(vals, slots, 1)
+  return Sparse("nm", 0, 0, int(slots.size), pack_bits(slots, NM_INDEX_BITS),
+                _pack_values(kept.reshape(-1), bits), k, axes)
+
+
+def _nm_decode(sparse: Sparse, shape: tuple, bits: int, where: str) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+  """``nm`` slots as (flat row-major mask, values in row-major order)."""
+  n, k = int(np.prod(shape)), sparse.group_n
+  axes = nm_axes(shape, sparse.group_axes)
+  if axes is None or not 0 < k < NM_GROUP or sparse.nnz != n // NM_GROUP * k:
+    raise ConfigError(f"{where}: nm encoding with {k} slots per group along axes "
+                      f"{list(sparse.group_axes)} and {sparse.nnz} values does not fit shape "
+                      f"{list(shape)}; the artifact is corrupted or does not match its spec")
+  slots = unpack_bits(sparse.positions, NM_INDEX_BITS, sparse.nnz).astype(np.int64).reshape(-1, k)
+  if np.any(np.diff(slots, axis=1) <= 0):
+    raise ConfigError(f"{where}: nm positions within a group are not strictly ascending; the "
+                      "artifact is corrupted")
+  flat = _grouped(np.arange(n).reshape(shape), axes)  # row-major index of every grouped entry
+  index = np.take_along_axis(flat, slots, 1).reshape(-1)
+  order = np.argsort(index)
+  nonzero = np.zeros(n, bool)
+  nonzero[index] = True
+  return nonzero, _unpack_values(sparse.values, bits, sparse.nnz)[order]
+
+
+def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
+           group_axes: Any = None) -> Sparse:
   """Encodes a tensor in its smallest form.
 
   Args:
@@ -136,16 +210,21 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True) ->
       when ``bits == 32``. Entries where ``nonzero`` is false are not stored (unless dense wins).
     nonzero: boolean array of ``values``' shape.
     bits: value width, 1..8, or 32 for float32.
-    allow_dense: consider ``dense``; pass ``False`` when zero entries have no valid value code
-      (k-means indices of pruned weights).
+    allow_dense: consider ``dense`` and ``nm``; pass ``False`` when zero entries have no valid
+      value code (k-means indices of pruned weights).
+    group_axes: the tensor's reduction axes, to consider ``nm`` (groups of 4 along them).
 
   Returns:
     The :class:`Sparse` encoding with the fewest bytes (see :func:`sizes`).
   """
-  values = np.asarray(values).reshape(-1)
-  nonzero = np.asarray(nonzero, bool).reshape(-1)
-  size = sizes(nonzero, bits, allow_dense=allow_dense or bool(nonzero.all()))
+  values = np.asarray(values)
+  nonzero = np.asarray(nonzero, bool)
+  size = sizes(nonzero, bits, allow_dense=allow_dense or bool(nonzero.all()),
+               group_axes=group_axes)
   best = min(size, key=size.get)  # dicts keep insertion order: ties go to the earlier form
+  if best == "nm":
+    return _nm_encode(values, nonzero, bits, nm_axes(nonzero.shape, group_axes))
+  values, nonzero = values.reshape(-1), nonzero.reshape(-1)
   empty = np.zeros(0, np.uint8)
   if best == "dense":
     return Sparse("dense", 0, 0, values.size, empty, _pack_values(values, bits))
@@ -165,12 +244,14 @@ def expected_bytes(encoding: str, *, n: int, nnz: int, bits: int, gap_bits: int 
     raise unknown("encoding", encoding, ENCODINGS)
   if encoding == "dense":
     return 0, value_bytes(n, bits)
+  if encoding == "nm":
+    return packed_size(nnz, NM_INDEX_BITS), value_bytes(nnz, bits)
   pos = packed_size(n, 1) if encoding == "bitmap" else packed_size(codes, gap_bits)
   return pos, value_bytes(nnz, bits)
 
 
-def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor") -> tuple[np.ndarray,
-                                                                                   np.ndarray]:
+def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
+           shape: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Inverse of :func:`encode`.
 
   Args:
@@ -178,6 +259,7 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor") -> tuple
     n: number of entries of the tensor.
     bits: value width, as encoded.
     where: name of the tensor, for messages.
+    shape: the tensor's shape (needed by ``nm``; default ``(n,)``).
 
   Returns:
     ``(nonzero, values)``: ``bool[n]`` and the ``nnz`` stored values in row-major order
@@ -196,6 +278,9 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor") -> tuple
                       "not match its spec")
   if sparse.encoding == "dense":
     return np.ones(n, bool), _unpack_values(sparse.values, bits, n)
+  if sparse.encoding == "nm":
+    shape = (n,) if shape is None else tuple(shape)
+    return _nm_decode(sparse, shape, bits, where)
   if sparse.encoding == "bitmap":
     nonzero = unpack_bits(sparse.positions, 1, n).astype(bool)
   else:

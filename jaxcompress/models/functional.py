@@ -116,6 +116,29 @@ def weight_name(kind: str) -> str | None:
   return {"linear": "kernel", "embed": "embedding"}.get(kind)
 
 
+def contraction_axes(module: Any, ndim: int) -> tuple[int, ...]:
+  """The axes of a linear-like layer's ``ndim``-D weight that its product sums over.
+
+  The reduction axes, where N:M sparse tensor cores want their groups: Dense/Linear ``[in, out]``
+  -> ``(0,)``; DenseGeneral/LinearGeneral ``[*batch, *in, *features]`` -> the ``in`` axes (the
+  attention output projection ``[heads, dim, out]`` -> ``(0, 1)``); Einsum -> the kernel's letters
+  absent from the output; Conv ``[*window, in, out]`` -> the input-channel axis ``ndim - 2`` alone
+  (groups of consecutive input channels at each window position); Embed ``[vocab, features]`` ->
+  ``(0,)``, like a Dense that maps one-hot tokens.
+  """
+  if isinstance(module, (nn.DenseGeneral, nnx.LinearGeneral)):
+    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    batch = module.batch_dims if isinstance(module, nn.DenseGeneral) else module.batch_axis
+    batch = batch if isinstance(batch, (tuple, list, dict)) else (batch,)
+    return tuple(range(len(batch), len(batch) + len(axis)))
+  if isinstance(module, (nn.Einsum, nnx.Einsum)):
+    inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
+    kernel = inputs.split(",")[-1]
+    if "." not in kernel and len(kernel) == ndim:
+      return tuple(i for i, c in enumerate(kernel) if c not in output)
+  return (max(ndim - 2, 0),)
+
+
 def _kind(module: Any, linear: tuple, norm: tuple) -> str | None:
   if isinstance(module, linear):
     return "embed" if isinstance(module, (nn.Embed, nnx.Embed)) else "linear"

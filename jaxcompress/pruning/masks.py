@@ -22,8 +22,9 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Callable, Sequence, Union
+from typing import Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -85,21 +86,26 @@ def reduction_axis(ndim: int) -> int:
   return -2 if ndim >= 2 else -1
 
 
-def nm_mask(scores: jax.Array, n: int, m: int, axis: int | None = None) -> jax.Array:
+def nm_mask(scores: jax.Array, n: int, m: int,
+            axis: int | Sequence[int] | None = None) -> jax.Array:
   """In every group of ``m`` consecutive entries along ``axis``, keeps the ``n`` highest scores.
 
   ``axis=None`` (default) groups along the input-channel axis, :func:`reduction_axis`: for a
   Dense ``[in, out]`` or Conv HWIO kernel, every output channel (and spatial position) keeps ``n``
-  of every ``m`` consecutive input channels. Ties within a group: the entry nearer the end of the
-  group is kept (see the module docstring). ``scores.shape[axis]`` must be a multiple of ``m``
-  (checked by :func:`n_of_m`).
+  of every ``m`` consecutive input channels. A tuple of axes groups along those axes flattened in
+  row-major order (a DenseGeneral ``[heads, dim, out]`` kernel contracts ``heads * dim`` inputs:
+  ``axis=(0, 1)``). Ties within a group: the entry nearer the end of the group is kept (see the
+  module docstring). The (flattened) length must be a multiple of ``m`` (checked by
+  :func:`n_of_m`).
   """
   if axis is None:
     axis = reduction_axis(scores.ndim)
-  moved = jnp.moveaxis(scores, axis, -1)
-  groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+  axes = tuple(a % scores.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
+  last = tuple(range(scores.ndim - len(axes), scores.ndim))
+  moved = jnp.moveaxis(scores, axes, last)
+  groups = moved.reshape(*moved.shape[:len(moved.shape) - len(axes)], -1, m)
   keep = ranks(groups) >= m - n
-  return jnp.moveaxis(keep.reshape(moved.shape), -1, axis)
+  return jnp.moveaxis(keep.reshape(moved.shape), last, axes)
 
 
 def channel_scores(scores: jax.Array, norm: str = "l1") -> jax.Array:
@@ -159,7 +165,8 @@ def channels(norm: str = "l1") -> Masker:
   return masker
 
 
-def n_of_m(n: int, m: int, axis: int | None = None) -> Masker:
+def n_of_m(n: int, m: int, axis: int | None = None,
+           axes: Mapping[str, Sequence[int]] | None = None) -> Masker:
   """Masker keeping the ``n`` highest of every ``m`` consecutive entries along ``axis``.
 
   N:M sparsity is fixed at ``1 - n / m``; the ``sparsity`` the masker receives only switches it
@@ -173,26 +180,34 @@ def n_of_m(n: int, m: int, axis: int | None = None) -> Masker:
       leaves (see :func:`reduction_axis`): the layout NVIDIA 2:4 sparse tensor cores need, with
       each output channel keeping ``n`` of every ``m`` consecutive input weights. Pass ``-1`` to
       group along the output channels instead.
+    axes: ``{leaf path: reduction axes}`` for leaves whose product sums over other axes than
+      ``axis`` (from the model's trace, ``ModelLayers.reduce_axes``): a DenseGeneral query kernel
+      ``[in, heads, dim]`` groups along ``(0,)``, its output kernel ``[heads, dim, out]`` along
+      ``(0, 1)`` flattened. Leaves not listed use ``axis``.
 
   Raises:
-    ConfigError: if ``n``/``m`` are not integers with ``1 <= n <= m``; when masking, if ``axis``
-      is out of range or ``m`` does not divide the axis length of a leaf.
+    ConfigError: if ``n``/``m`` are not integers with ``1 <= n <= m``; when masking, if an axis
+      is out of range or ``m`` does not divide the group length of a leaf.
   """
   if not isinstance(m, int) or m < 1:
     raise invalid("prune.m", m, "an integer >= 1")
   if not isinstance(n, int) or not 1 <= n <= m:
     raise invalid("prune.n", n, f"an integer in [1, m={m}]", "N:M keeps n of every m entries")
+  axes = dict(axes or {})
 
   def masker(paths, scores, sparsity):
     out = []
     for path, s in zip(paths, scores):
-      ax = reduction_axis(s.ndim) if axis is None else axis
-      if not -s.ndim <= ax < s.ndim:
-        raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})", ax,
-                      f"in [{-s.ndim}, {s.ndim})")
-      if s.shape[ax] % m:
-        raise invalid(f"prune.m (leaf {path!r}, axis {ax} of length {s.shape[ax]})", m,
-                      f"a divisor of {s.shape[ax]}", "exclude this leaf with a rule")
+      ax = axes.get(path, reduction_axis(s.ndim) if axis is None else axis)
+      ax = tuple(ax) if isinstance(ax, (tuple, list)) else (ax,)
+      name = f"axis {ax[0]}" if len(ax) == 1 else f"axes {list(ax)}"
+      if not ax or not all(-s.ndim <= a < s.ndim for a in ax):
+        raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})",
+                      ax[0] if len(ax) == 1 else ax, f"in [{-s.ndim}, {s.ndim})")
+      length = math.prod(s.shape[a] for a in ax)
+      if length % m:
+        raise invalid(f"prune.m (leaf {path!r}, {name} of length {length})", m,
+                      f"a divisor of {length}", "exclude this leaf with a rule")
       out.append(nm_mask(s, n, m, ax) | (jnp.asarray(sparsity) <= 0))
     return out
 

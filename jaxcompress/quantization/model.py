@@ -121,22 +121,26 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
   fm = functional(model, train_kwarg=train_kwarg)
 
   def float_inputs(variables, args, kwargs, fn, order=None):
-    """``{path: fn(call)}`` at each weighted layer's first call; float model, eval.
+    """``{path: fn(first call, all inputs)}`` of each weighted layer; float model, eval.
 
-    ``order``, if given, receives the path of every weighted layer call, in call order.
+    ``all inputs`` is the input of the layer's only call, or, for a layer called several times
+    (a recurrent cell's gates at every time step, a shared layer), the inputs of all its calls
+    flattened and concatenated, so ranges cover every input the layer quantizes, not the first
+    one (an LSTM's recurrent gates first see the all-zero initial state). ``order``, if given,
+    receives the path of every weighted layer call, in call order.
     """
-    out = {}
+    calls = {}
 
     def record(call, run):
       if call.kind in ("linear", "embed"):
-        if call.path not in out:
-          out[call.path] = fn(call)
+        calls.setdefault(call.path, []).append(call)
         if order is not None:
           order.append(call.path)
       return run(call.x)
 
     fm.apply(variables, *args, hook=record, **kwargs)
-    return out
+    return {path: fn(seen[0], seen[0].x if len(seen) == 1 else jnp.concatenate(
+        [jnp.ravel(c.x) for c in seen])) for path, seen in calls.items()}
 
   def init(variables: Any, *args: Any, **kwargs: Any) -> QuantState:
     """Decides which layers are quantized and initializes their state from a sample batch.
@@ -157,10 +161,10 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     """
     params = variables["params"]
 
-    def describe(call):
+    def describe(call, x_all):
       weight = weight_name(call.kind)
       kernel = tree_get(params, f"{call.path}/{weight}")
-      return call.kind, call.type_name, weight, kernel, call.x
+      return call.kind, call.type_name, weight, kernel, call.x, x_all
 
     order = []
     seen = {p: v for p, v in float_inputs(variables, args, kwargs, describe, order).items()
@@ -172,15 +176,15 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     layers, steps, ranges = [], {}, {}
     for path in paths:
       cfg = compiled.lookup(path)
-      kind, type_name, weight, kernel, x = seen[path]
+      kind, type_name, weight, kernel, x, x_all = seen[path]
       if cfg is not None and (kind == "embed" or not jnp.issubdtype(x.dtype, jnp.floating)):
         cfg = cfg._replace(act_bits=None)  # token ids are not quantized
       if cfg is None or (cfg.weight_bits is None and cfg.act_bits is None):
         continue
       axis = None if not cfg.per_channel else (0 if kind == "embed" else kernel.ndim - 1)
-      layer = QuantLayer(path, type_name, cfg, axis, bool(jnp.min(x) < 0), int(x[0].size),
+      layer = QuantLayer(path, type_name, cfg, axis, bool(jnp.min(x_all) < 0), int(x[0].size),
                          weight)
-      layer_steps, act_range = init_layer_state(layer, kernel, x)
+      layer_steps, act_range = init_layer_state(layer, kernel, x_all)
       layers.append(layer)
       if layer_steps:
         steps[path] = layer_steps
@@ -244,13 +248,14 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
 
   def observe(variables: Any, qstate: QuantState, *args: Any,
               stat: Callable[[QuantLayer, jax.Array], Any], **kwargs: Any) -> dict[str, Any]:
-    """``{path: stat(layer, input)}`` for every layer with a range, running the float model.
+    """``{path: stat(layer, inputs)}`` for every layer with a range, running the float model
+    (``inputs``: those of all its calls, see ``float_inputs``).
 
     Used by :func:`~jaxcompress.quantization.ptq.calibrate`; ``jit``-able.
     """
     with_range = {layer.path: layer for layer in qstate.layers if layer.path in qstate.ranges}
-    stats = float_inputs(variables, args, kwargs, lambda call: (
-        stat(with_range[call.path], call.x) if call.path in with_range else None))
+    stats = float_inputs(variables, args, kwargs, lambda call, x: (
+        stat(with_range[call.path], x) if call.path in with_range else None))
     return {path: s for path, s in stats.items() if s is not None}
 
   return Quantizer(init=init, apply=apply, observe=observe,
