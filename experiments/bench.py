@@ -1,13 +1,18 @@
-"""Throughput benchmark: the ResNet-20 train step per compression method, in one process.
+"""Throughput benchmark: the train step per compression method, in one process.
 
   python -m experiments.bench                 # all variants, CIFAR-10 shaped random data
   python -m experiments.bench --rounds=5 --steps=10 --variants=plain
+  python -m experiments.bench --variants=gpt_plain,gpt_all   # the char GPT pair only
+
+The ResNet-20 variants (``plain``, ``prune``, ``wquant``, ``waquant``, ``kd``, ``all``) and the
+char GPT pair (``gpt_plain``, ``gpt_all``: 2:4 + 4-bit weights + 8-bit inputs + KD) are described
+in :mod:`experiments.bench_lib`.
 
 Variants are timed interleaved (round-robin, ``--rounds`` times ``--steps`` steps each, after a
 compile-and-warm-up call) so machine noise hits them alike; the table reports the median
 images/s with process CPU time beside wall time. The last line is one JSON object:
 ``{"images_per_s": {variant: ...}, "ratio_to_plain": {variant: ...}, ...}`` where the ratio is
-the step-time ratio to ``plain`` (>1 is slower).
+the step-time ratio to ``plain`` (``gpt_plain`` for the GPT pair; >1 is slower).
 """
 
 import itertools
@@ -52,46 +57,68 @@ def main(argv):
   batches = list(itertools.islice(train_batches((images, labels), _BATCH.value, seed=0,
                                                 epoch=0, mean=IMAGENET_MEAN,
                                                 std=IMAGENET_STD), 4))
-  variants, teacher_fwd = bench_lib.build_variants(_VARIANTS.value, batches[0].image)
-  for v in variants.values():  # compile and warm up outside the timed rounds
-    v.run(batches, 2)
-  jax.block_until_ready(teacher_fwd(batches[0]))
+  gpt_batches = bench_lib.gpt_batches()
+  variants, teacher_fwd = bench_lib.build_variants(_VARIANTS.value, batches[0].image,
+                                                   gpt_batches[0].image)
+  data = {k: gpt_batches if k in bench_lib.GPT_VARIANTS else batches for k in variants}
+  for k, v in variants.items():  # compile and warm up outside the timed rounds
+    v.run(data[k], 2)
+  if teacher_fwd is not None:
+    jax.block_until_ready(teacher_fwd(batches[0]))
   samples = {name: [] for name in variants}
   cpu = {name: 0.0 for name in variants}
   pipe, fwd = [], []
   for _ in range(_ROUNDS.value):
-    pipe.append(time_pipeline(images, labels, _BATCH.value, 4 * _STEPS.value)[0])
-    t0 = time.perf_counter()
-    for i in range(_STEPS.value):
-      out = teacher_fwd(batches[i % len(batches)])
-    jax.block_until_ready(out)
-    fwd.append(_STEPS.value * _BATCH.value / (time.perf_counter() - t0))
+    if teacher_fwd is not None:
+      pipe.append(time_pipeline(images, labels, _BATCH.value, 4 * _STEPS.value)[0])
+      t0 = time.perf_counter()
+      for i in range(_STEPS.value):
+        out = teacher_fwd(batches[i % len(batches)])
+      jax.block_until_ready(out)
+      fwd.append(_STEPS.value * _BATCH.value / (time.perf_counter() - t0))
     for name, v in variants.items():
-      ips, cpu_s = v.run(batches, _STEPS.value)
+      ips, cpu_s = v.run(data[name], _STEPS.value)
       samples[name].append(ips)
       cpu[name] += cpu_s
   med = {k: float(np.median(s)) for k, s in samples.items()}
-  fwd_ips = float(np.median(fwd))
-  base = med.get("plain")
-  ratio = {k: (base / v if base else None) for k, v in med.items()}
-  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, batch {_BATCH.value}, "
-        f"{_ROUNDS.value} rounds x {_STEPS.value} steps, median")
-  timed = _ROUNDS.value * _STEPS.value * _BATCH.value  # images per variant; / med[k]: wall s
-  rows = [(k, f"{med[k]:.1f}", f"{ratio[k]:.3f}" if ratio[k] else "-",
-           f"{cpu[k] / (timed / med[k]):.2f}") for k in med]
-  kd_target = 1 + base / fwd_ips + 0.05 if base else None
-  rows.append(("teacher forward alone (ResNet-56, eval)", f"{fwd_ips:.1f}",
-               f"{(base / fwd_ips if base else 0):.3f}", ""))
-  rows.append(("input pipeline (host)", f"{np.median(pipe):.0f}", "", ""))
-  print(markdown_table(("variant", "images/s", "step-time ratio to plain", "CPU s / wall s"),
-                       rows, align="lrrr"))
-  print(f"targets: prune <= 1.03, wquant <= 1.05, waquant <= 1.15, kd <= "
-        f"{kd_target or float('nan'):.3f} (1 + teacher forward / plain step + 0.05)")
-  cli.print_json({"images_per_s": {k: round(v, 2) for k, v in med.items()},
-                  "ratio_to_plain": {k: (round(v, 4) if v else None) for k, v in ratio.items()},
-                  "teacher_forward_images_per_s": round(fwd_ips, 2),
-                  "kd_target_ratio": round(kd_target, 4) if kd_target else None,
-                  "pipeline_images_per_s": round(float(np.median(pipe)), 1)})
+  base_of = lambda k: "gpt_plain" if k in bench_lib.GPT_VARIANTS else "plain"
+  ratio = {k: (med[base_of(k)] / v if base_of(k) in med else None) for k, v in med.items()}
+  cpu_per_wall = {k: cpu[k] / (_ROUNDS.value * _STEPS.value * data[k][0].image.shape[0] / med[k])
+                  for k in med}
+  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {_ROUNDS.value} rounds x "
+        f"{_STEPS.value} steps, median")
+  result = {"ratio_to_plain": {k: (round(v, 4) if v else None) for k, v in ratio.items()},
+            "cpu_per_wall_s": {k: round(v, 2) for k, v in cpu_per_wall.items()}}
+  if teacher_fwd is not None:
+    base = med.get("plain")
+    fwd_ips = float(np.median(fwd))
+    rows = [(k, f"{med[k]:.1f}", f"{ratio[k]:.3f}" if ratio[k] else "-",
+             f"{cpu_per_wall[k]:.2f}") for k in med if k in bench_lib.VARIANTS]
+    kd_target = 1 + base / fwd_ips + 0.05 if base else None
+    rows.append(("teacher forward alone (ResNet-56, eval)", f"{fwd_ips:.1f}",
+                 f"{(base / fwd_ips if base else 0):.3f}", ""))
+    rows.append(("input pipeline (host)", f"{np.median(pipe):.0f}", "", ""))
+    print(f"ResNet-20, batch {_BATCH.value}")
+    print(markdown_table(("variant", "images/s", "step-time ratio to plain", "CPU s / wall s"),
+                         rows, align="lrrr"))
+    print(f"targets: prune <= 1.03, wquant <= 1.05, waquant <= 1.15, kd <= "
+          f"{kd_target or float('nan'):.3f} (1 + teacher forward / plain step + 0.05)")
+    result.update({"images_per_s": {k: round(v, 2) for k, v in med.items()
+                                    if k in bench_lib.VARIANTS},
+                   "teacher_forward_images_per_s": round(fwd_ips, 2),
+                   "kd_target_ratio": round(kd_target, 4) if kd_target else None,
+                   "pipeline_images_per_s": round(float(np.median(pipe)), 1)})
+  gpt = [k for k in med if k in bench_lib.GPT_VARIANTS]
+  if gpt:
+    context = bench_lib.GPT["context"]
+    print(f"char GPT (context {context}, width {bench_lib.GPT['width']}, "
+          f"{bench_lib.GPT['depth']} layers), batch {bench_lib.GPT_BATCH}")
+    rows = [(k, f"{med[k]:.1f}", f"{med[k] * context:,.0f}",
+             f"{ratio[k]:.3f}" if ratio[k] else "-", f"{cpu_per_wall[k]:.2f}") for k in gpt]
+    print(markdown_table(("variant", "sequences/s", "tokens/s", "step-time ratio to gpt_plain",
+                          "CPU s / wall s"), rows, align="lrrrr"))
+    result["gpt_sequences_per_s"] = {k: round(med[k], 2) for k in gpt}
+  cli.print_json(result)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ each method adds to the step: ``plain`` (none), ``prune`` (80 % gradual magnitud
 ``wquant`` (4-bit per-channel weights), ``waquant`` (+ 8-bit inputs), ``kd`` (Hinton KD with the
 ResNet-56 teacher's forward in the step) and ``all``. ``teacher_forward`` times the teacher's
 eval-mode forward alone, the yardstick of the ``kd`` target.
+
+The transformer pair runs on a small character-level GPT (context 64, width 128, 4 layers, 4
+heads, batch 32 of random token ids): ``gpt_plain`` is the plain supervised step
+(:func:`jaxcompress.steps.supervised_loss`), ``gpt_all`` the composed step with 2:4 sparsity along
+every attention/MLP kernel's reduction axis, 4-bit weights and 8-bit inputs (embedding and head at
+8 bits) and token-level KD from a float GPT teacher of the same shape.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
+import optax
 
 from configs import cifar_distill
 from experiments.pipeline import compression_specs
 from jaxcompress import compose
+from jaxcompress.data import Batch
 from jaxcompress.errors import unknown
-from jaxcompress.models import create_model
+from jaxcompress.models import CharGPT, create_model
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import OptimizerSpec, make_optimizer
+from jaxcompress.steps import TrainState, make_train_step, supervised_loss
 
 VARIANTS = {  # name -> (prune, weight quant, activation quant, distill)
     "plain": (False, False, False, False),
@@ -32,6 +41,9 @@ VARIANTS = {  # name -> (prune, weight quant, activation quant, distill)
     "kd": (False, False, False, True),
     "all": (True, True, True, True),
 }
+GPT_VARIANTS = ("gpt_plain", "gpt_all")
+GPT = dict(vocab_size=65, context=64, width=128, depth=4, heads=4)
+GPT_BATCH = 32
 
 
 class Variant(NamedTuple):
@@ -41,7 +53,7 @@ class Variant(NamedTuple):
   args: tuple
 
   def run(self, batches, steps: int) -> tuple[float, float]:
-    """Runs ``steps`` steps; returns (images/s wall, process CPU seconds)."""
+    """Runs ``steps`` steps; returns (examples/s wall, process CPU seconds)."""
     state = self.state[0]
     jax.block_until_ready(state)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -84,11 +96,44 @@ def teacher_forward(teacher) -> Callable:
   return lambda batch: fwd(variables, batch.image)
 
 
-def build_variants(names: list[str] | None, sample_x: np.ndarray) -> tuple[dict, Callable]:
-  """Builds the named variants (all when ``names`` is None) and the teacher-forward timer."""
-  names = list(VARIANTS) if not names else names
+def gpt_batches(count: int = 4) -> list[Batch]:
+  """Random next-character batches for the GPT variants: ids ``[32, 64]``, labels shifted."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, GPT["vocab_size"], (count, GPT_BATCH, GPT["context"] + 1), np.int32)
+  return [Batch(x[:, :-1], x[:, 1:], np.ones(GPT_BATCH, np.float32)) for x in ids]
+
+
+def build_gpt_variant(name: str, sample_ids: np.ndarray) -> Variant:
+  """``gpt_plain`` (supervised step) or ``gpt_all`` (2:4 + W4A8 + KD), random weights."""
+  model = CharGPT(**GPT)
+  variables = model.init(jax.random.key(0), sample_ids)
+  optimizer = optax.adamw(3e-4, weight_decay=0.1)
+  if name == "gpt_plain":
+    state = TrainState.create(variables["params"], {}, optimizer)
+    return Variant(make_train_step(supervised_loss(model), optimizer), [state], ())
+  teacher_vars = model.init(jax.random.key(1), sample_ids)
+  comp = compose.build(
+      model, variables, sample_ids, optimizer=optimizer, total_steps=1000, teacher=model,
+      prune=compose.PruneSpec(method="magnitude", structure="nm", n=2, m=4, sparsity=0.5,
+                              schedule="one_shot"),
+      quant=compose.QuantSpec(weight_bits=4, act_bits=8, first_last_bits=8),
+      distill=compose.DistillSpec(alpha=0.9, temperature=2.0))
+  state = comp.init_state(variables, sample_ids, teacher_vars=teacher_vars,
+                          calibration=[sample_ids])
+  return Variant(comp.make_train_step(), [state], (teacher_vars,))
+
+
+def build_variants(names: list[str] | None, sample_x: np.ndarray,
+                   sample_ids: np.ndarray) -> tuple[dict, Callable | None]:
+  """Builds the named variants (all when ``names`` is None) and the ResNet-56 teacher-forward
+  timer (None when no CIFAR variant is named)."""
+  names = list(VARIANTS) + list(GPT_VARIANTS) if not names else names
   for n in names:
-    if n not in VARIANTS:
-      raise unknown("--variants", n, VARIANTS)
+    if n not in VARIANTS and n not in GPT_VARIANTS:
+      raise unknown("--variants", n, list(VARIANTS) + list(GPT_VARIANTS))
+  gpt = {n: build_gpt_variant(n, sample_ids) for n in names if n in GPT_VARIANTS}
+  if not any(n in VARIANTS for n in names):
+    return gpt, None
   teacher = create_model("resnet56", num_classes=10, image_shape=(32, 32, 3))
-  return {n: build_variant(n, sample_x, teacher) for n in names}, teacher_forward(teacher)
+  cifar = {n: build_variant(n, sample_x, teacher) for n in names if n in VARIANTS}
+  return {**cifar, **gpt}, teacher_forward(teacher)
