@@ -25,17 +25,19 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
   """Hinton's distillation loss per example: ``T^2 * KL(softmax(t/T) || softmax(s/T))``.
 
   The ``T^2`` factor keeps the gradient scale independent of ``T``. Zero when the student's
-  logits equal the teacher's.
+  logits equal the teacher's. For sequences (logits ``[B, T, C]``) it is the token-level loss,
+  one KL over the vocabulary at every position; the train step averages the positions.
 
   Args:
-    student_logits: ``[B, C]``.
-    teacher_logits: ``[B, C]`` (treated as constants: wrap in ``stop_gradient`` upstream or not).
+    student_logits: ``[B, C]``, or ``[B, ..., C]`` (one distribution per position).
+    teacher_logits: the same shape (treated as constants: wrap in ``stop_gradient`` upstream or
+      not).
     temperature: ``T > 0``. A Python or NumPy number is checked here, at call (or trace) time;
       a traced ``T`` (a jitted argument) has no value to check, and ``T <= 0`` then gives NaN
       (``T = 0``) or a meaningless number, so validate it before tracing.
 
   Returns:
-    ``[B]`` float32 losses.
+    float32 losses of the logits' shape without the class axis (``[B]``, ``[B, T]``).
 
   Raises:
     ConfigError: if ``temperature`` is a number that is not ``> 0`` (NaN included).
@@ -68,7 +70,7 @@ def feature_loss(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
 
 
 def agreement(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-  """Per example, 1.0 where the student's top-1 class equals the teacher's."""
+  """Per example (or position), 1.0 where the student's top-1 class equals the teacher's."""
   return (jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)).astype(jnp.float32)
 
 
