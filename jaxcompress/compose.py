@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress import distillation as kd
-from jaxcompress import pruning, quantization
+from jaxcompress import precision, pruning, quantization
 from jaxcompress.errors import ConfigError, check_range, invalid, unknown
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
@@ -291,6 +291,7 @@ class Compression:
   fold_norms: dict
   kmeans_paths: tuple = ()
   kmeans_bits: int = 0
+  compute_dtype: str = "float32"
 
   @property
   def prune_enabled(self) -> bool:
@@ -298,11 +299,18 @@ class Compression:
 
   # -- forward -------------------------------------------------------------------------------
   def student_apply(self, params, model_state, x, *, train: bool, rng=None, capture=False):
-    """``(logits, new model state, captured features)`` of the student."""
+    """``(logits, new model state, captured features)`` of the student.
+
+    In training the forward runs in ``compute_dtype`` (:mod:`jaxcompress.precision`): weights are
+    shared (k-means) and fake-quantized in float32, then cast with the input; logits, features and
+    the new model state come back float32.
+    """
+    cast = None if not train or self.compute_dtype == "float32" else jnp.dtype(self.compute_dtype)
     collections = {k: v for k, v in model_state.items() if k not in ("quant", "kmeans", "fold")}
     model_params, books = params["model"], model_state.get("kmeans")
     if books is not None:
       model_params, books = _share_weights(model_params, books, update=train)
+    x = precision.cast_floating(x, cast)
     variables = {"params": model_params, **collections}
     feats: dict = {}
     paths = [p for p, _ in self.distill.feature_pairs] if capture else []
@@ -310,14 +318,19 @@ class Compression:
     if not train and "fold" in model_state:
       hook = chain_hooks(hook, fold_hook(model_state["fold"]))
     if self.quantizer is None:
+      variables["params"] = precision.cast_floating(model_params, cast)
       logits, updated = self.student.apply(variables, x, train=train, rngs=rng, hook=hook,
                                            hook_paths=paths)
-      new_state = {**model_state, **updated}
     else:
       qstate = model_state["quant"].replace(steps=params.get("qsteps", {}))
       logits, updated, new_q = self.quantizer.apply(variables, qstate, x, train=train, rngs=rng,
-                                                    hook=hook, hook_paths=paths)
-      new_state = {**model_state, **updated, "quant": new_q.replace(steps={})}
+                                                    hook=hook, hook_paths=paths,
+                                                    compute_dtype=cast)
+    if cast is not None:
+      logits, updated, feats = precision.cast_floating((logits, updated, feats), jnp.float32)
+    new_state = {**model_state, **updated}
+    if self.quantizer is not None:
+      new_state["quant"] = new_q.replace(steps={})
     if books is not None:
       new_state["kmeans"] = books
     return logits, new_state, feats
@@ -514,7 +527,8 @@ def _feature(feats: dict, path: str, which: int):
 def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
           optimizer: optax.GradientTransformation, total_steps: int,
           prune: PruneSpec = PruneSpec(method="none"), quant: QuantSpec = QuantSpec(),
-          distill: DistillSpec = DistillSpec(), teacher: Any = None) -> Compression:
+          distill: DistillSpec = DistillSpec(), teacher: Any = None,
+          compute_dtype: str = "float32") -> Compression:
   """Builds the :class:`Compression` of a student.
 
   Args:
@@ -528,11 +542,14 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     quant: the :class:`QuantSpec`.
     distill: the :class:`DistillSpec`.
     teacher: the distillation teacher (Linen or NNX), or None.
+    compute_dtype: ``float32`` or ``bfloat16``, the dtype of the student's training forward and
+      backward (:mod:`jaxcompress.precision`; ``train.compute_dtype``).
 
   Raises:
     ConfigError: for a model with no layer to compress when compressing, a forward that fails on
       ``sample_input``, a teacher missing while the distill spec needs one, or bad rules.
   """
+  precision.compute_dtype(compute_dtype)
   s = functional(student)
   layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:
@@ -592,4 +609,5 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       student=s, teacher=functional(teacher) if distill.uses_teacher else None, layers=layers,
       quantizer=quantizer, optimizer=opt, prune=prune, distill=distill, prune_rules=rules,
       fold_norms=fold_norms, kmeans_bits=int(kmeans_bits),
-      kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges))
+      kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges),
+      compute_dtype=compute_dtype)

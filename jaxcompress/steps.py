@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from jaxcompress import parallel
+from jaxcompress import parallel, precision
 from jaxcompress.data import Batch
 from jaxcompress.metrics import classification_report, confusion_matrix
 from jaxcompress.models.functional import functional
@@ -64,17 +64,23 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
-def supervised_loss(model: Any) -> Callable:
+def supervised_loss(model: Any, compute_dtype: str = "float32") -> Callable:
   """The plain task loss of any Linen or NNX model: cross-entropy of its logits against the labels.
 
   The model runs in training mode through :func:`jaxcompress.models.functional.functional`
-  (its own train flag, batch statistics updated, the step's key for dropout).
+  (its own train flag, batch statistics updated, the step's key for dropout), its floating
+  parameters and inputs cast to ``compute_dtype`` (:mod:`jaxcompress.precision`); the loss and
+  the updated statistics are float32.
   """
   fm = functional(model)
+  dtype = precision.compute_dtype(compute_dtype)
+  cast = None if dtype == jnp.float32 else dtype
 
   def loss_fn(params, model_state, batch: Batch, rng):
-    logits, updated = fm.apply({"params": params, **model_state}, batch.image, train=True,
-                               rngs=rng)
+    logits, updated = fm.apply({"params": precision.cast_floating(params, cast), **model_state},
+                               precision.cast_floating(batch.image, cast), train=True, rngs=rng)
+    if cast is not None:
+      updated = precision.cast_floating(updated, jnp.float32)
     new_state = {**model_state, **updated}
     loss = weighted_mean(cross_entropy(logits, batch.label), batch.weight)
     acc = weighted_mean((jnp.argmax(logits, -1) == batch.label).astype(jnp.float32),

@@ -53,6 +53,7 @@ from flax import struct
 
 from jaxcompress.errors import check_range
 from jaxcompress.models.functional import Hook, chain_hooks, functional, weight_name
+from jaxcompress.precision import cast_floating
 from jaxcompress.quantization.calibration import ema_range
 from jaxcompress.quantization.config import compile_rules, default_rules
 from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, init_layer_state,
@@ -195,7 +196,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
 
   def apply(variables: Any, qstate: QuantState, *args: Any, train: bool = False,
             step: Any = None, rngs: Any = None, hook: Hook | None = None,
-            hook_paths: Sequence[str] = (), **kwargs: Any) -> tuple[Any, dict, QuantState]:
+            hook_paths: Sequence[str] = (), compute_dtype: Any = None,
+            **kwargs: Any) -> tuple[Any, dict, QuantState]:
     """Runs the model with the quantized layers fake-quantized; ``jit``-able.
 
     Kernels are fake-quantized on the parameter tree before the forward; inputs at each call of
@@ -213,6 +215,9 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       hook: a further layer hook (see :mod:`jaxcompress.models.functional`), run outside the
         quantization: it sees the float input and its ``run`` quantizes.
       hook_paths: further module paths whose calls reach ``hook``.
+      compute_dtype: mixed precision (e.g. ``jnp.bfloat16``; None: as given): kernels are
+        fake-quantized in float32 and then every floating parameter is cast to it; each input is
+        quantized in float32 (ranges and scales float32) and then cast back to its dtype.
       **kwargs: extra model keyword arguments.
 
     Returns:
@@ -228,16 +233,18 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
         kernel = quantize_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
                                  bits_at(layer.config.weight_bits, bit_schedule, step))
         params = tree_set(params, wpath, kernel)
+    params = cast_floating(params, compute_dtype)
 
     def quantize_inputs(call, run):
       layer = layers.get(call.path)
       if layer is None or layer.config.act_bits is None or call.kind != "linear":
         return run(call.x)
-      x = call.x
+      x = call.x if compute_dtype is None else call.x.astype(jnp.float32)
       if train and call.path in ranges:
         ranges[call.path] = ema_range(ranges[call.path], batch_range(x), act_momentum)
       return run(quantize_input(layer, x, ranges.get(call.path), qstate.steps.get(call.path),
-                                bits_at(layer.config.act_bits, bit_schedule, step)))
+                                bits_at(layer.config.act_bits, bit_schedule, step)
+                                ).astype(call.x.dtype))
 
     out, updated = fm.apply({**variables, "params": params}, *args, train=train, rngs=rngs,
                             hook=chain_hooks(hook, quantize_inputs), hook_paths=hook_paths,
