@@ -547,7 +547,8 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
 
   Raises:
     ConfigError: for a model with no layer to compress when compressing, a forward that fails on
-      ``sample_input``, a teacher missing while the distill spec needs one, or bad rules.
+      ``sample_input``, a teacher missing while the distill spec needs one, bad rules, or an
+      unknown compute dtype.
   """
   precision.compute_dtype(compute_dtype)
   s = functional(student)
