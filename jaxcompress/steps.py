@@ -153,18 +153,24 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
              predictions: bool = False) -> dict:
   """Runs ``eval_step`` over every batch; returns loss, accuracy and per-class precision/recall.
 
+  With several processes each one passes its rows of every global batch (see
+  :func:`jaxcompress.parallel.local_rows`); the per-example results of the whole batch are
+  gathered on every process, so each counts every example exactly once and returns the same.
+
   Returns:
     ``{'accuracy': percent, 'loss': mean cross-entropy, 'examples': n, 'precision': [...],
     'recall': [...]}`` over the examples with non-zero weight, plus ``'predictions'`` (a list of
     class ids, in example order) when ``predictions`` is set.
   """
   labels, preds, losses = [], [], []
-  for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
-    keep = batch.weight > 0
+  for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                    disable=not parallel.is_main_process()):
     if mesh is not None:
       batch = parallel.shard_batch(mesh, batch)
     loss, pred = eval_step(variables, batch)
-    labels.append(np.asarray(batch.label)[keep])
+    loss, pred, label, weight = parallel.to_host((loss, pred, batch.label, batch.weight))
+    keep = np.asarray(weight) > 0
+    labels.append(np.asarray(label)[keep])
     preds.append(np.asarray(pred)[keep])
     losses.append(np.asarray(loss)[keep])
   preds = np.concatenate(preds)
