@@ -101,7 +101,7 @@ def test_every_inner_kernel_is_2_of_4_along_its_reduction_axis(trained):
   kernels = _inner_kernels(run)
   expected = ({f"block{b}/{k}" for b in range(2) for k in
                ("attn/query", "attn/key", "attn/value", "attn/out", "fc", "proj")}
-              if name == "gpt" else {"lstm0/input", "lstm0/recurrent"})
+              if name == "gpt" else {"lstm0/input", "lstm0/cell/recurrent"})
   assert set(kernels) == expected
   assert run["comp"].layers.uncovered == (() if name == "lstm" else ("pos",))
   for path, w in kernels.items():

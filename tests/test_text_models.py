@@ -80,7 +80,7 @@ def test_lstm_matches_a_numpy_lstm():
   sig = lambda z: 1 / (1 + np.exp(-z))
   x = p["embed"]["embedding"][np.asarray(ids)].astype(np.float64)
   for layer in ("lstm0", "lstm1"):
-    w_in, rec = p[layer]["input"]["kernel"], p[layer]["recurrent"]
+    w_in, rec = p[layer]["input"]["kernel"], p[layer]["cell"]["recurrent"]
     assert w_in.shape == rec["kernel"].shape == (12, 48) and "bias" not in p[layer]["input"]
     h = c = np.zeros((B, 12))
     outs = []
@@ -93,6 +93,10 @@ def test_lstm_matches_a_numpy_lstm():
     x = np.stack(outs, 1)
   logits = x @ p["head"]["kernel"] + p["head"]["bias"]
   np.testing.assert_allclose(model.apply(variables, ids), logits, rtol=1e-4, atol=1e-5)
+  # the scanned loop: same parameters, same function
+  scanned = model.clone(scan=True)
+  assert jax.tree.structure(scanned.init(jax.random.key(0), ids)) == jax.tree.structure(variables)
+  np.testing.assert_allclose(scanned.apply(variables, ids), logits, rtol=1e-4, atol=1e-5)
 
 
 def test_registry_names():
