@@ -233,14 +233,18 @@ class Checkpointer:
   """Saves and restores a train-state pytree (plus a small JSON of host-side progress).
 
   Only complete checkpoints are ever restored (orbax commits a step atomically), so a run killed
-  mid-save resumes from the previous one.
+  mid-save resumes from the previous one; one written for another model or config is refused,
+  naming the first entry that differs.
   """
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
+    self.directory = directory
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             cleanup_tmp_directories=True))
+                                             cleanup_tmp_directories=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -250,16 +254,42 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
 
   def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restores ``(state, meta)`` shaped like ``like`` from ``step`` (default: the latest)."""
+    """Restores ``(state, meta)`` shaped like ``like`` from ``step`` (default: the latest).
+
+    Raises:
+      ConfigError: the checkpoint holds other entries, shapes or dtypes than ``like`` (written by
+        another model or config), naming the first entry that differs.
+    """
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    out = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    except ValueError:  # orbax's mismatch errors are many lines; find the first entry
+      stored = _entries(self._manager.item_metadata(step)["state"])
+      wanted = _entries(like)
+      for path in [*wanted, *(p for p in stored if p not in wanted)]:
+        there, here = stored.get(path, "absent"), wanted.get(path, "absent")
+        if there != here:
+          raise ConfigError(f"{self.directory}: the checkpoint of step {step} was written for "
+                            f"another model or config: {path} is {there} there, {here} here; "
+                            "use a new --workdir or delete that one") from None
+      raise
     return out["state"], dict(out["meta"] or {})
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _entries(tree: Any) -> dict[str, str]:
+  """``{'a/b/c': 'shape dtype'}`` of the arrays of a pytree or of orbax's metadata tree."""
+  tree = getattr(tree, "tree", tree)
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    out["/".join(names)] = f"{tuple(leaf.shape)} {jax.numpy.dtype(leaf.dtype).name}"
+  return out
 
 
 class MetricsLog:
