@@ -198,6 +198,24 @@ def test_nm_encoding_by_hand():
   assert sparse.encode(w, w != 0, 4, group_axes=(0,)).encoding == "bitmap"
 
 
+def test_lstm_gates_in_a_scan_calibrate_like_the_python_loop():
+  """The recurrent kernel's input range covers the hidden states of every step, whether the
+  cell runs under nn.scan or in a Python loop (the first step alone sees only zeros)."""
+  ids = _ids(4)
+  ranges = []
+  for scan in (True, False):
+    model = MODELS["lstm"].clone(scan=scan)
+    variables = model.init(jax.random.key(0), ids)
+    comp = compose.build(model, variables, ids, optimizer=optax.sgd(0.1), total_steps=1,
+                         **{**_specs(prune=False), "distill": compose.DistillSpec()})
+    ranges.append(comp.init_state(variables, ids).model_state["quant"].ranges)
+  lo, hi = np.asarray(ranges[0]["lstm0/cell/recurrent"])
+  assert lo < -1e-3 and hi > 1e-3
+  assert set(ranges[0]) == set(ranges[1]) == {"lstm0/input", "lstm0/cell/recurrent", "head"}
+  for path in ranges[0]:
+    np.testing.assert_allclose(ranges[0][path], ranges[1][path], rtol=1e-5, atol=1e-7)
+
+
 def test_sequence_losses_against_numpy():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(2, B, T, V)).astype(np.float32) * 3

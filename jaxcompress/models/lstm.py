@@ -9,14 +9,15 @@ state) with two ``nn.Dense`` layers, so the compression trace finds, prunes and 
 - ``cell/recurrent``: the recurrent kernel of all four gates (with the gate biases),
   ``[width, 4 width]``, applied to the hidden state at every step.
 
-By default the time loop is a Python loop over the sequence (one ``cell`` module shared by every
-step), not a scan: a layer called inside a lifted ``nn.scan`` cannot hand the quantizer its input
-ranges (see :mod:`jaxcompress.quantization.model`), while a Python loop calls it directly. The
-compiled program grows with the sequence length, hence the fused gates (``nn.LSTMCell``'s eight
-gate Dense layers per step made a 64-step fake-quant training step compile for over 15 minutes on
-a 2-core CPU) and the ``scan`` option: ``scan=True`` runs the same cell, with the same
-parameters, under ``nn.scan`` (compiled once whatever the length), for the float model's own
-training and evaluation; compress the model with ``scan=False``.
+The time loop runs the cell under ``nn.scan`` (``scan=True``, the default: compiled once
+whatever the sequence length) or as a Python loop (``scan=False``: one ``cell`` module called at
+every step, so every call reaches the compression hooks directly, at a compile time that grows
+with the length); both have the same parameters and compute the same function. Compressed under
+``nn.scan``, the recurrent kernel is pruned and quantized like the others, but its input range is
+the calibrated one throughout training, as no value leaves the scan through the hooks (see
+:mod:`jaxcompress.quantization.model`). The gates are fused, two Dense layers instead of
+``nn.LSTMCell``'s eight, so the unrolled loop stays compilable: with eight per step, a 64-step
+fake-quant training step compiled for over 15 minutes on a 2-core CPU.
 
 References:
   Hochreiter & Schmidhuber, "Long Short-Term Memory", 1997; Karpathy, char-rnn, 2015.
@@ -37,14 +38,14 @@ class CharLSTM(nn.Module):
     layers: number of stacked LSTM layers.
     dropout: dropout rate between layers (after the embedding, between LSTMs, before the head),
       active only with ``train=True`` (``'dropout'`` rng).
-    scan: run the time loop under ``nn.scan`` (fast to compile, not compressible; same
-      parameters) instead of a Python loop.
+    scan: run the time loop under ``nn.scan`` (default) instead of a Python loop (same
+      parameters, same function; see the module docstring).
   """
   vocab_size: int = 65
   width: int = 256
   layers: int = 1
   dropout: float = 0.0
-  scan: bool = False
+  scan: bool = True
 
   @nn.compact
   def __call__(self, ids, train: bool = False):
@@ -74,7 +75,7 @@ class LSTMLayer(nn.Module):
   """One LSTM layer: ``[B, T, D]`` -> hidden states ``[B, T, width]`` (see the module
   docstring)."""
   width: int
-  scan: bool = False
+  scan: bool = True
 
   @nn.compact
   def __call__(self, x):

@@ -33,8 +33,12 @@ Example (one jitted QAT step; gradients reach params through the STE and the LSQ
   ...   return (trainable["params"], new_state["batch_stats"],
   ...           new_q.replace(steps=trainable["qsteps"]), opt_state)
 
-Limitation: a layer must be called directly by the traced model, not inside a lifted transform
-(``nn.scan``, ``nn.remat``, ``nn.jit``, ``nnx.scan``), since range updates leave through the hook.
+A layer called several times (a recurrent cell's gate kernel at every time step) has one input
+range covering all its calls. A layer called inside a lifted transform (``nn.scan``, ``nn.RNN``,
+``nnx.scan``) is quantized like any other, but no value can leave the transform's trace through
+the hook: ``init`` and calibration run the model with ``jax.disable_jit()``, which runs a scan as a
+Python loop, and in training such a layer keeps the input range it was calibrated with (layers
+called directly still track theirs).
 
 References:
   Jacob et al. Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
@@ -50,6 +54,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from flax import struct
+from flax.core.tracers import current_trace
 
 from jaxcompress.errors import check_range
 from jaxcompress.models.functional import Hook, chain_hooks, functional, weight_name
@@ -131,15 +136,18 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     receives the path of every weighted layer call, in call order.
     """
     calls = {}
+    outer = current_trace()
 
     def record(call, run):
-      if call.kind in ("linear", "embed"):
+      # Calls inside an inner trace (a transform's shape-finding pass) cannot leave it.
+      if call.kind in ("linear", "embed") and current_trace() == outer:
         calls.setdefault(call.path, []).append(call)
         if order is not None:
           order.append(call.path)
       return run(call.x)
 
-    fm.apply(variables, *args, hook=record, **kwargs)
+    with jax.disable_jit():  # a lax.scan over layers (nn.scan, nn.RNN) runs as a Python loop
+      fm.apply(variables, *args, hook=record, **kwargs)
     return {path: fn(seen[0], seen[0].x if len(seen) == 1 else jnp.concatenate(
         [jnp.ravel(c.x) for c in seen])) for path, seen in calls.items()}
 
@@ -235,12 +243,14 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
         params = tree_set(params, wpath, kernel)
     params = cast_floating(params, compute_dtype)
 
+    outer = current_trace()  # a call inside a lifted transform (nn.scan) sees another trace
+
     def quantize_inputs(call, run):
       layer = layers.get(call.path)
       if layer is None or layer.config.act_bits is None or call.kind != "linear":
         return run(call.x)
       x = call.x if compute_dtype is None else call.x.astype(jnp.float32)
-      if train and call.path in ranges:
+      if train and call.path in ranges and current_trace() == outer:
         ranges[call.path] = ema_range(ranges[call.path], batch_range(x), act_momentum)
       return run(quantize_input(layer, x, ranges.get(call.path), qstate.steps.get(call.path),
                                 bits_at(layer.config.act_bits, bit_schedule, step)
