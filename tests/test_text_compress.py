@@ -17,6 +17,7 @@ import pytest
 from jaxcompress import compose, export
 from jaxcompress import distillation as kd
 from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
 from jaxcompress.export import sparse
 from jaxcompress.models import CharGPT, CharLSTM
 from jaxcompress.steps import cross_entropy, weighted_mean
@@ -191,6 +192,12 @@ def test_nm_encoding_by_hand():
   out = np.zeros(w.size, np.uint8)
   out[nonzero] = values
   assert np.array_equal(out.reshape(w.shape), w)
+  # a corrupted stream or a spec that does not fit the shape is one error line
+  swapped = enc._replace(positions=sparse.pack_bits([3, 1] + positions[2:], 2))
+  for bad in (swapped, enc._replace(group_axes=(2,)), enc._replace(nnz=6),
+              enc._replace(group_n=4)):
+    with pytest.raises(ConfigError, match="corrupted|does not"):
+      sparse.decode(bad, w.size, 4, shape=w.shape)
   assert "nm" not in sparse.sizes(w != 0, 4)  # no reduction axes, no nm
   w[2, 0] = 1  # 3 non-zero entries in a group: 3 slots per group, 3 + 6 bytes
   size = sparse.sizes(w != 0, 4, group_axes=(0,))
