@@ -13,6 +13,7 @@ it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; exp
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -114,8 +115,13 @@ def _param_count(tree) -> int:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Runs the whole compression job; returns the ``results.json`` dict."""
   folder, paths, to_train = validate_config(config)
+  parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(config.parallel))
+  # With several processes (docs/training.md) all compute every stage; process 0 writes the files.
+  main = parallel.is_main_process()
   stages_path = os.path.join(workdir, "stages.json")
   stages = read_json(stages_path)  # empty when the workdir does not exist yet
+  parallel.sync("stages read")  # process 0 writes it only once every process has read it
+  claim_workdir = lambda: check_workdir(_recorded(config), workdir)  # by process 0
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
@@ -146,8 +152,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def stage(name: str, fn):
     if name not in stages:
-      stages[name] = fn()
-      write_json(stages_path, stages)
+      stages[name] = parallel.broadcast_json(fn())  # process 0's, where only it wrote files
+      if main:
+        write_json(stages_path, stages)
     return stages[name]
 
   # Pretrain stage: weights named in the config but not in the weights folder are trained here
@@ -155,22 +162,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # is recorded before the weights are saved: a run stopped in between trains them again from
   # their last checkpoint (no step) and saves them; one stopped after finds them and keeps them.
   if to_train:
-    check_workdir(config, workdir)
+    claim_workdir()
     for name, model_name in to_train.items():
-      variables, stages[f"pretrain {name}"] = _pretrain(config, workdir, folder, name,
-                                                        model_name, splits, data, mesh)
-      write_json(stages_path, stages)
-      save_weights(variables, name, folder)
+      variables, result = _pretrain(config, workdir, folder, name, model_name, splits, data,
+                                    mesh)
+      stages[f"pretrain {name}"] = parallel.broadcast_json(result)
+      if main:
+        write_json(stages_path, stages)
+        save_weights(variables, name, folder)
+    parallel.sync("pretrained weights saved")
     paths = {s: resolve_weights(config[s].weights, folder) for s in paths}
     student, student_vars = build("student")
     if teacher is not None:
       teacher, teacher_vars = build("teacher")
 
   # Compression.
-  per_epoch = data_lib.steps_per_epoch(len(splits["train"][0]), config.data.batch_size)
+  per_epoch = data_lib.steps_per_epoch(len(splits["train"]), config.data.batch_size)
   total = int(round(config.train.epochs * per_epoch))
-  calib_x = splits["train"][0][:config.quant.calibration_examples]
-  calib = [b.image for b in data_lib.eval_batches(calib_x, np.zeros(len(calib_x), np.int32),
+  calib_x, _ = splits["train"].read(
+      np.arange(min(config.quant.calibration_examples, len(splits["train"]))))
+  calib = [b.image for b in data_lib.eval_batches((calib_x, np.zeros(len(calib_x), np.int32)),
                                                    min(256, len(calib_x)), mean=config.data.mean,
                                                    std=config.data.std)]
   optimizer = make_optimizer(OptimizerSpec.from_mapping(config.train), per_epoch,
@@ -183,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   eval_apply = lambda model: (lambda v, x, fm=functional(model): fm.apply(v, x)[0])
   # Every user mistake (config, weights, data) has surfaced by now: only now touch the workdir.
-  check_workdir(config, workdir)
+  claim_workdir()
 
   if teacher is not None and config.eval.teacher:
     stage("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
@@ -236,11 +247,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "compressed": compressed,
       "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
   }
-  write_text(os.path.join(workdir, "layers.md"), comp.describe(state) + "\n")
-  report_lib.write_report(workdir, config, results,
-                          MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
-  write_json(os.path.join(workdir, "results.json"), results)  # last: its presence means done
+  layers = comp.describe(state)
+  if main:
+    write_text(os.path.join(workdir, "layers.md"), layers + "\n")
+    report_lib.write_report(workdir, config, results,
+                            MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
+    write_json(os.path.join(workdir, "results.json"), results)  # last: its presence means done
   return results
+
+
+def _recorded(config) -> dict:
+  """The settings ``WORKDIR/config.json`` records: all but ``parallel``, so that a run may
+  resume on another number of processes (its batches do not depend on it)."""
+  return {k: v for k, v in json.loads(config.to_json()).items() if k != "parallel"}
 
 
 def _export(config, workdir: str, comp, state, original_bytes: int, predictions: list,
@@ -248,7 +267,9 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   """Writes ``WORKDIR/export`` (and ``WORKDIR/serving``), reloads the artifact, evaluates it.
 
   Both folders are written under temporary names (``export.tmp``, ``serving.tmp``) and renamed
-  once complete, replacing what an interrupted earlier attempt left.
+  once complete, replacing what an interrupted earlier attempt left. Process 0 writes them; every
+  process loads the artifact and evaluates it (the others return ``{}``: the stage shares process
+  0's result).
 
   Returns:
     ``size_bytes`` (artifact bytes on disk), ``compression_ratio``, the artifact's ``accuracy``
@@ -258,14 +279,19 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   spec = data_lib.dataset_spec(config.data.name)
   folders = ["export", "serving"] if config.export.serving else ["export"]
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
-  for path in tmp.values():
-    shutil.rmtree(path, ignore_errors=True)
-  report = comp.export(tmp["export"], state, input_shape=spec.image_shape,
-                       model_name=config.student.name)
+  main = parallel.is_main_process()
+  if main:
+    for path in tmp.values():
+      shutil.rmtree(path, ignore_errors=True)
+    report = comp.export(tmp["export"], state, input_shape=spec.image_shape,
+                         model_name=config.student.name)
+  parallel.sync("artifact written")
   loaded = export.load(tmp["export"], comp.student)
-  if config.export.serving:
+  if main and config.export.serving:
     export.save_serving(tmp["serving"], loaded, mean=config.data.mean, std=config.data.std)
   result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
+  if not main:
+    return {}
   agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
   for name, path in tmp.items():
     final = os.path.join(workdir, name)

@@ -27,8 +27,8 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
     ``(variables, result, info)``: the trained variables (on the host), the final evaluation on
     ``splits['eval']`` and :func:`~jaxcompress.train.fit`'s ``info``.
   """
-  optimizer = make_optimizer(opt_spec, data_lib.steps_per_epoch(len(splits["train"][0]),
-                                                                data.batch_size))
+  optimizer = make_optimizer(opt_spec, data_lib.steps_per_epoch(
+      len(data_lib.as_split(splits["train"])), data.batch_size))
   variables = dict(variables)
   params = variables.pop("params")
   state = TrainState.create(params, variables, optimizer)
@@ -39,9 +39,10 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
   state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=seed,
                     mesh=mesh, eval_fn=eval_fn, desc=desc)
   result = eval_fn(state)
-  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
-      {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
-                                                  if isinstance(v, (int, float))}})
+  if parallel.is_main_process():  # process 0 writes
+    MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
+        {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
+                                                    if isinstance(v, (int, float))}})
   return jax.device_get(as_vars(state)), result, info
 
 
@@ -56,7 +57,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data = DataSpec.from_mapping(config.data)
   opt_spec = OptimizerSpec.from_mapping(config.train)
   loop = LoopSpec.from_mapping(config.train)
-  parallel.maybe_initialize_distributed(config.parallel.distributed)
+  parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(config.parallel))
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(getattr(data, field), mesh, f"data.{field}")

@@ -72,65 +72,72 @@ class LoopSpec:
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
-def load_data(data: DataSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Decodes the train and eval splits of ``data``.
+def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
+  """Opens the train and eval splits of ``data`` for random access (nothing is decoded yet).
 
   With ``data.val_examples > 0`` the last that many training examples are held out as ``val``
   (TFDS record order is already shuffled), and ``data.train_examples > 0`` caps the training set
-  (for quick runs).
+  (for quick runs). Examples are decoded when a batch first reads them (see
+  :class:`jaxcompress.data.SourceSplit`), so each process of a multi-process run decodes only
+  the examples of its rows.
 
   Args:
     data: the data spec (a mapping with its fields, e.g. a ``data`` config section, is converted
       with :meth:`DataSpec.from_mapping`).
 
   Returns:
-    ``{'train': (x, y), 'eval': (x, y)}`` and, when held out, ``'val': (x, y)``.
+    ``{'train': split, 'eval': split}`` and, when held out, ``'val': split``.
 
   Raises:
     ConfigError: missing data, or too few training examples for the held-out set or one batch.
   """
   out = {}
-  train = data_lib.load_split(data.name, data.train_split, data_dir=data.data_dir)
+  train = data_lib.open_split(data.name, data.train_split, data_dir=data.data_dir)
   if data.val_examples:
-    if not 0 < data.val_examples < len(train[0]):
+    if not 0 < data.val_examples < len(train):
       raise invalid("data.val_examples", data.val_examples,
-                    f"in [0, {len(train[0])}) for {data.name}/{data.train_split}")
-    cut = len(train[0]) - data.val_examples
-    out["val"] = (train[0][cut:], train[1][cut:])
-    train = (train[0][:cut], train[1][:cut])
+                    f"in [0, {len(train)}) for {data.name}/{data.train_split}")
+    cut = len(train) - data.val_examples
+    out["val"] = train.take(cut, len(train))
+    train = train.take(0, cut)
   if data.train_examples:
-    train = (train[0][:data.train_examples], train[1][:data.train_examples])
-  if len(train[0]) < data.batch_size:
+    train = train.take(0, min(data.train_examples, len(train)))
+  if len(train) < data.batch_size:
     raise invalid("data.batch_size", data.batch_size,
-                  f"at most the {len(train[0])} training examples")
+                  f"at most the {len(train)} training examples")
   out["train"] = train
-  out["eval"] = data_lib.load_split(data.name, data.eval_split, data_dir=data.data_dir)
+  out["eval"] = data_lib.open_split(data.name, data.eval_split, data_dir=data.data_dir)
   return out
 
 
-def evaluate_split(eval_step: Callable, variables, split: tuple[np.ndarray, np.ndarray],
-                   data: DataSpec, *, mesh=None, desc: str = "eval",
-                   predictions: bool = False) -> dict:
+def evaluate_split(eval_step: Callable, variables,
+                   split: data_lib.Split | tuple[np.ndarray, np.ndarray], data: DataSpec, *,
+                   mesh=None, desc: str = "eval", predictions: bool = False) -> dict:
   """Evaluates on every example of ``split`` (loss, accuracy, per-class precision/recall).
+
+  Each process reads only its rows of every eval batch; the results are gathered, so every
+  process returns the metrics of the whole split, each example counted once.
 
   Args:
     eval_step: from :func:`jaxcompress.steps.make_eval_step`.
     variables: what ``eval_step`` takes as its first input.
-    split: ``(uint8 images, int labels)``.
+    split: a :class:`jaxcompress.data.Split` or ``(uint8 images, int labels)``.
     data: the data spec: eval batch size, normalisation and number of classes (a mapping with
       its fields is converted).
     mesh: data-parallel mesh; batches are sharded over it.
     desc: progress-bar label.
     predictions: also return every example's predicted class.
   """
-  x, y = split
+  split = data_lib.as_split(split)
   bs = data.eval_batch_size
-  batches = data_lib.eval_batches(x, y, bs, mean=data.mean, std=data.std)
+  rows = None if mesh is None else parallel.local_rows(mesh, bs)
+  batches = data_lib.eval_batches(split, bs, mean=data.mean, std=data.std, rows=rows)
   return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc, predictions=predictions,
-                  num_classes=data.num_classes, total=-(-len(x) // bs))
+                  num_classes=data.num_classes, total=-(-len(split) // bs))
 
 
-def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.ndarray],
+def fit(state: TrainState, train_step: Callable,
+        train: data_lib.Split | tuple[np.ndarray, np.ndarray],
         data: DataSpec, loop: LoopSpec, workdir: str, *, seed: int = 0, mesh=None,
         eval_fn: Callable[[TrainState], dict] | None = None, desc: str = "train",
         step_args: tuple = ()) -> tuple[TrainState, dict]:
@@ -139,7 +146,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   Args:
     state: the initial train state (ignored in favour of the latest checkpoint when one exists).
     train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
-    train: training arrays ``(uint8 images, int labels)``.
+    train: the training examples: a :class:`jaxcompress.data.Split` or ``(uint8 images, int
+      labels)``; each process reads only its rows of every batch.
     data: batch size, normalisation and augmentation (:class:`DataSpec`; a mapping with its
       fields is converted).
     loop: epochs, logging, checkpoint and eval intervals (:class:`LoopSpec`; likewise).
@@ -161,20 +169,24 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       and resumes from it.
   """
   os.makedirs(workdir, exist_ok=True)
-  images, labels = train
-  per_epoch = data_lib.steps_per_epoch(len(images), data.batch_size)
+  train = data_lib.as_split(train)
+  rows = None if mesh is None else parallel.local_rows(mesh, data.batch_size)
+  per_epoch = data_lib.steps_per_epoch(len(train), data.batch_size)
   total = int(round(loop.epochs * per_epoch))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  main = parallel.is_main_process()  # every process saves checkpoints; process 0 logs
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
   seconds = 0.0
+  if mesh is not None:  # restored as it is placed: replicated over every process's devices
+    state = parallel.replicate(mesh, state)
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     seconds = float(meta.get("seconds", 0.0))
-    log.truncate_after(int(state.step))
-  if mesh is not None:
-    state = parallel.replicate(mesh, state)
+    if main:
+      log.truncate_after(int(state.step))
   step = int(state.step)
-  bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+  bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+             disable=not main)
   pending, t_log, n_log = [], time.perf_counter(), 0
   unchecked = collections.deque()  # (step, metrics) whose ``finite`` flag is not yet read
 
@@ -191,9 +203,9 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   t_start = time.perf_counter()
   while step < total:
     epoch, start = divmod(step, per_epoch)
-    batches = data_lib.train_batches(images, labels, data.batch_size, seed=seed, epoch=epoch,
+    batches = data_lib.train_batches(train, data.batch_size, seed=seed, epoch=epoch,
                                      mean=data.mean, std=data.std,
-                                     augment_images=data.augment, start=start)
+                                     augment_images=data.augment, start=start, rows=rows)
     for batch in batches:
       if step >= total:
         break
@@ -214,7 +226,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
         host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         now = time.perf_counter()
         host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
-        log.write(host)
+        if main:
+          log.write(host)
         bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
         pending, t_log, n_log = [], now, 0
       bar.update(1)
@@ -224,9 +237,11 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     if eval_fn is not None and step % per_epoch == 0 and step < total and (
         (step // per_epoch) % loop.eval_every_epochs == 0):
       check()
-      log.write({"step": step, "epoch": step / per_epoch,
-                 **{f"eval_{k}": v for k, v in eval_fn(state).items()
-                    if isinstance(v, (int, float))}})
+      record = {"step": step, "epoch": step / per_epoch,
+                **{f"eval_{k}": v for k, v in eval_fn(state).items()
+                   if isinstance(v, (int, float))}}
+      if main:
+        log.write(record)
   check()
   bar.close()
   jax.block_until_ready(state)
