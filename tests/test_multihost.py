@@ -1,0 +1,329 @@
+"""Several processes on 127.0.0.1 (gloo CPU collectives) compute what one process does.
+
+2 processes x 2 simulated CPU devices against 1 process x 4 devices: the same global batches (the
+example ids each process reads), the same losses, the same evaluation; the jobs as 2 processes give
+the results of 1; a coordinator that does not answer, or a process id out of range, is one line.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+N_TRAIN, N_EVAL, BATCH, EVAL_BATCH, EPOCHS = 40, 19, 8, 8, 2
+
+# Trains the composed step (prune + quantize + distill, tiny MLPs) with fit for 1 epoch, then
+# resumes to EPOCHS from that checkpoint, then evaluates; prints what it read and computed.
+STEP_SCRIPT = textwrap.dedent(f"""
+    import json, os, sys
+    import numpy as np
+    from jaxcompress import parallel
+    parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(json.loads(sys.argv[1])))
+    import jax, optax
+    from jaxcompress import compose
+    from jaxcompress.data import ArraySplit, DataSpec
+    from jaxcompress.models import create_model
+    from jaxcompress.steps import make_eval_step
+    from jaxcompress.train import LoopSpec, evaluate_split, fit
+
+    class Recorded:  # a split that notes which examples each read asks for
+      def __init__(self, images, labels):
+        self.split, self.reads = ArraySplit(images, labels), []
+      def __len__(self):
+        return len(self.split)
+      def read(self, indices):
+        self.reads.append(np.asarray(indices).tolist())
+        return self.split.read(indices)
+
+    shape = (6, 6, 3)
+    rng = np.random.default_rng(0)
+    train = Recorded(rng.integers(0, 256, ({N_TRAIN}, *shape), dtype=np.uint8),
+                     rng.integers(0, 10, {N_TRAIN}).astype(np.int32))
+    test = Recorded(rng.integers(0, 256, ({N_EVAL}, *shape), dtype=np.uint8),
+                    rng.integers(0, 10, {N_EVAL}).astype(np.int32))
+    data = DataSpec(name="mnist", batch_size={BATCH}, eval_batch_size={EVAL_BATCH},
+                    mean=(0.5,) * 3, std=(0.25,) * 3)
+    student, svars = create_model("mlp", num_classes=10, image_shape=shape, seed=1)
+    teacher, tvars = create_model("mlp", num_classes=10, image_shape=shape, seed=2)
+    x = rng.normal(size=(8, *shape)).astype(np.float32)
+    specs = dict(prune=compose.PruneSpec.from_dict(dict(method="magnitude", sparsity=0.75,
+                                                        update_every=2)),
+                 quant=compose.QuantSpec.from_dict(dict(weight_bits=4, act_bits=8,
+                                                        first_last_bits=8)),
+                 distill=compose.DistillSpec.from_dict(dict(alpha=0.5)))
+    total = {EPOCHS} * ({N_TRAIN} // {BATCH})
+    comp = compose.build(student, svars, x, optimizer=optax.sgd(0.05), total_steps=total,
+                         teacher=teacher, **specs)
+    state = comp.init_state(svars, x, teacher_vars=tvars, calibration=[x])
+    mesh = parallel.make_mesh()
+    step = comp.make_train_step(mesh=mesh, seed=0)
+    teacher_vars = (parallel.replicate(mesh, tvars),)
+    workdir = sys.argv[2]
+    for epochs in (1, {EPOCHS}):  # the second call restores the first one's checkpoint
+      state, info = fit(state, step, train, data, LoopSpec(epochs=epochs, log_every_steps=1),
+                        workdir, mesh=mesh, step_args=teacher_vars, seed=3)
+    train_reads = list(train.reads)
+    ev = make_eval_step(comp.logits_fn, mesh=mesh)
+    result = evaluate_split(ev, parallel.replicate(mesh, comp.eval_variables(state)), test, data,
+                            mesh=mesh, predictions=True)
+    print(json.dumps({{"train_reads": train_reads, "eval_reads": test.reads, "eval": result,
+                      "steps": info["steps"], "devices": jax.device_count(),
+                      "local_devices": jax.local_device_count()}}))
+""")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  return {**os.environ, "JAX_PLATFORMS": "cpu",
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def _parallel(processes: int, port: int, pid: int) -> dict:
+  if processes == 1:
+    return {"distributed": False}
+  return {"distributed": True, "coordinator_address": f"127.0.0.1:{port}",
+          "num_processes": processes, "process_id": pid, "initialization_timeout": 60}
+
+
+def _launch(commands: list[tuple[list[str], int]], timeout: float = 300) -> list:
+  """Starts ``(command, CPU devices)`` pairs at once and waits for all; kills them on timeout.
+
+  Returns:
+    ``(returncode, stdout, stderr)`` of each.
+  """
+  procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(devices), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for cmd, devices in commands]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      outs.append((p.returncode, out, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return outs
+
+
+def _last_json(out) -> dict:
+  rc, stdout, stderr = out
+  assert rc == 0, stderr[-3000:]
+  return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def step_runs(tmp_path_factory):
+  """The composed step trained and evaluated by 1 process x 4 devices and 2 processes x 2."""
+  root = tmp_path_factory.mktemp("multihost")
+  port = _free_port()
+  one = [([sys.executable, "-c", STEP_SCRIPT, json.dumps(_parallel(1, 0, 0)),
+           str(root / "one")], 4)]
+  two = [([sys.executable, "-c", STEP_SCRIPT, json.dumps(_parallel(2, port, pid)),
+           str(root / "two")], 2) for pid in range(2)]
+  runs = [_last_json(o) for o in _launch(two + one)]
+  return {"two": runs[:2], "one": runs[2], "root": root}
+
+
+def test_two_processes_read_disjoint_shards_of_the_same_global_batches(step_runs):
+  one, two = step_runs["one"], step_runs["two"]
+  assert one["devices"] == 4 and one["local_devices"] == 4
+  assert all(r["devices"] == 4 and r["local_devices"] == 2 for r in two)
+  steps = EPOCHS * (N_TRAIN // BATCH)
+  assert len(one["train_reads"]) == steps and all(len(r["train_reads"]) == steps for r in two)
+  for i, ids in enumerate(one["train_reads"]):
+    # The oracle: global batch i of its epoch is a slice of the (seed, epoch) permutation.
+    epoch, k = divmod(i, N_TRAIN // BATCH)
+    order = np.random.default_rng([3, epoch]).permutation(N_TRAIN)
+    assert ids == order[k * BATCH:(k + 1) * BATCH].tolist()
+    # Process p reads rows [p * B/2, (p + 1) * B/2) of it: disjoint halves, together the batch.
+    assert two[0]["train_reads"][i] == ids[:BATCH // 2]
+    assert two[1]["train_reads"][i] == ids[BATCH // 2:]
+  for epoch in range(EPOCHS):
+    seen = sum((r["train_reads"][i] for r in two
+                for i in range(epoch * 5, epoch * 5 + 5)), [])
+    assert sorted(seen) == list(range(N_TRAIN))  # each example once an epoch
+
+
+def test_two_processes_train_and_evaluate_like_one(step_runs):
+  one, two = step_runs["one"], step_runs["two"]
+  losses = {}
+  for name in ("one", "two"):
+    records = [json.loads(l) for l in open(step_runs["root"] / name / "metrics.jsonl")]
+    # Process 0 alone logs: one record a step, each step once.
+    assert [r["step"] for r in records] == list(range(1, EPOCHS * N_TRAIN // BATCH + 1))
+    losses[name] = [r["loss"] for r in records]
+    assert sorted(os.listdir(step_runs["root"] / name / "checkpoints")) == ["10", "5"]
+  np.testing.assert_allclose(losses["two"], losses["one"], rtol=2e-5)
+  assert losses["one"][-1] != losses["one"][0]
+  for run in two:
+    assert run["steps"] == one["steps"] == EPOCHS * N_TRAIN // BATCH
+    # Every process reports the whole split, each example counted once.
+    assert run["eval"]["examples"] == one["eval"]["examples"] == N_EVAL
+    assert run["eval"]["predictions"] == one["eval"]["predictions"]
+    np.testing.assert_allclose(run["eval"]["loss"], one["eval"]["loss"], rtol=2e-5)
+    assert run["eval"]["accuracy"] == one["eval"]["accuracy"]
+  # Evaluation reads: process p reads its rows of each padded batch, together each example once.
+  batches = -(-N_EVAL // EVAL_BATCH)
+  for p, run in enumerate(two):
+    assert len(run["eval_reads"]) == batches
+    for b, ids in enumerate(run["eval_reads"]):
+      lo = b * EVAL_BATCH + p * EVAL_BATCH // 2
+      assert ids == list(range(lo, min(lo + EVAL_BATCH // 2, N_EVAL)))
+  assert sorted(sum(two[0]["eval_reads"] + two[1]["eval_reads"], [])) == list(range(N_EVAL))
+  assert two[1]["eval_reads"][-1] == []  # the last batch's second half is all padding
+
+
+# Runs ``python -m MODULE ARGS...`` on mock TFDS data (64 examples a split).
+MOCK_JOB = textwrap.dedent("""
+    import runpy, sys
+    import tensorflow_datasets as tfds
+    module, sys.argv = sys.argv[1], sys.argv[1:]
+    with tfds.testing.mock_data(num_examples=64):
+      runpy.run_module(module, run_name="__main__", alter_sys=True)
+""")
+
+TRAIN_CONFIG = textwrap.dedent("""
+    from configs import train
+    def get_config():
+      c = train.get_config()
+      c.model.name, c.data.name = "mlp", "mnist"
+      c.data.mean, c.data.std = (0.5,), (0.5,)
+      c.data.batch_size, c.data.eval_batch_size = 16, 24
+      c.train.epochs, c.train.schedule, c.train.learning_rate = 2.0, "constant", 0.01
+      c.train.log_every_steps, c.train.checkpoint_every_steps = 2, 3
+      return c
+""")
+
+DISTILL_CONFIG = textwrap.dedent("""
+    from configs import cifar_distill
+    def get_config():
+      c = cifar_distill.get_config("quick")
+      c.data.name, c.data.mean, c.data.std = "mnist", (0.5,), (0.5,)
+      c.data.batch_size, c.data.eval_batch_size = 16, 24
+      c.student.name = c.teacher.name = "mlp"
+      c.student.weights = c.teacher.weights = {weights!r}
+      c.distill.feature_pairs = (("fc1", "fc1"),)
+      c.prune.rules = (("fc1/kernel", False), ("fc3/kernel", False), (".*/kernel", True))
+      c.quant.calibration_examples = 32
+      c.train.epochs, c.train.log_every_steps = 2.0, 2
+      c.export.serving = False  # the artifact is enough here; serving export costs time
+      return c
+""")
+
+
+def _job_commands(module: str, config: str, workdir: str, processes: int, port: int) -> list:
+  commands = []
+  for pid in range(processes):
+    flags = [f"--config.parallel.{k}={v}" for k, v in _parallel(processes, port, pid).items()]
+    commands.append(([sys.executable, "-c", MOCK_JOB, module, f"--config={config}",
+                      f"--workdir={workdir}", *flags], 4 // processes))
+  return commands
+
+
+@pytest.fixture(scope="module")
+def job_runs(tmp_path_factory):
+  """experiments.train and experiments.cifar_distill run by 2 processes x 2 devices and by
+  1 process x 4 devices, on mock data."""
+  from jaxcompress.models import create_model
+  root = tmp_path_factory.mktemp("jobs")
+  _, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=3)
+  weights = root / "mlp.npz"  # PyTorch layout: fcN.weight is [out, in]
+  np.savez(weights, **{f"{n}.{k}": np.asarray(l[p]).T if p == "kernel" else np.asarray(l[p])
+                       for n, l in v["params"].items()
+                       for p, k in (("kernel", "weight"), ("bias", "bias"))})
+  (root / "train_cfg.py").write_text(TRAIN_CONFIG)
+  (root / "distill_cfg.py").write_text(DISTILL_CONFIG.format(weights=str(weights)))
+  runs = {}
+  for module, cfg in (("experiments.train", "train_cfg.py"),
+                      ("experiments.cifar_distill", "distill_cfg.py")):
+    dirs = {n: root / f"{module}_{n}" for n in (2, 1)}
+    outs = _launch(sum((_job_commands(module, str(root / cfg), str(dirs[n]), n, _free_port())
+                        for n in (2, 1)), []))
+    runs[module] = {2: (outs[:2], dirs[2]), 1: (outs[2:], dirs[1])}
+  return runs
+
+
+def _close(a, b, path=""):
+  """Asserts two JSON values equal: floats to a relative 1e-5, everything else exactly."""
+  if isinstance(a, dict):
+    assert set(a) == set(b), path
+    for k in a:
+      _close(a[k], b[k], f"{path}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), path
+    for i, (x, y) in enumerate(zip(a, b)):
+      _close(x, y, f"{path}[{i}]")
+  elif isinstance(a, float):
+    assert a == pytest.approx(b, rel=1e-5), path
+  else:
+    assert a == b, path
+
+
+def test_train_job_on_two_processes_gives_the_one_process_result(job_runs):
+  (two, two_dir), (one, _) = job_runs["experiments.train"][2], job_runs["experiments.train"][1]
+  results = [_last_json(o) for o in two + one]
+  for r in results:
+    r.pop("train_seconds")
+  _close(results[0], results[2])
+  assert results[1] == results[0]  # every process reports the whole evaluation
+  assert results[0]["examples"] == 64 and results[0]["epochs"] == 2.0
+  records = [json.loads(l) for l in open(two_dir / "metrics.jsonl")]
+  steps = [r["step"] for r in records if "loss" in r]
+  assert steps == sorted(set(steps)) and {2, 4, 6, 8} <= set(steps)  # each logged once
+  assert sum(1 for r in records if r.get("final")) == 1
+  assert sorted(os.listdir(two_dir / "checkpoints"))[-1] == "8"
+
+
+def test_main_job_on_two_processes_gives_the_one_process_results(job_runs):
+  (two, two_dir), (one, one_dir) = (job_runs["experiments.cifar_distill"][2],
+                                    job_runs["experiments.cifar_distill"][1])
+  printed = [_last_json(o) for o in two + one]
+  assert printed[1] == printed[0]  # process 1 reports process 0's results
+  on_disk = [json.load(open(d / "results.json")) for d in (two_dir, one_dir)]
+  assert on_disk[0] == printed[0]
+  for r in on_disk:
+    r["train"].pop("seconds")
+  _close(on_disk[0], on_disk[1])
+  assert on_disk[0]["compressed"]["export_agreement"] == 1.0
+  assert on_disk[0]["compressed"]["size_bytes"] == sum(
+      os.path.getsize(two_dir / "export" / f) for f in os.listdir(two_dir / "export"))
+  assert "parallel" not in json.load(open(two_dir / "config.json"))
+  assert not os.path.exists(two_dir / "lock")  # process 0's lock, released at its exit
+  steps = [json.loads(l)["step"] for l in open(two_dir / "metrics.jsonl")]
+  assert steps == sorted(set(steps))  # written once, by process 0
+
+
+@pytest.mark.parametrize("module,flags,message", [
+    ("experiments.train", dict(num_processes=2, process_id=1, initialization_timeout=2,
+                               coordinator_address="127.0.0.1:{port}"),
+     "error: parallel.coordinator_address: no coordinator answers at 127.0.0.1:{port} after 2 s"),
+    ("experiments.cifar_distill", dict(num_processes=2, process_id=2,
+                                       coordinator_address="127.0.0.1:{port}"),
+     "error: parallel.process_id must be in [0, 2)"),
+])
+def test_bad_multiprocess_settings_are_one_line_within_bounded_time(module, flags, message):
+  port = _free_port()  # nothing listens there
+  config = "configs/train.py" if module == "experiments.train" else "configs/cifar_distill.py"
+  cmd = [sys.executable, "-m", module, f"--config={config}", "--workdir=/nonexistent/w",
+         "--config.parallel.distributed=True",
+         *[f"--config.parallel.{k}={str(v).format(port=port)}" for k, v in flags.items()]]
+  start = time.monotonic()
+  rc, _, err = _launch([(cmd, 1)], timeout=120)[0]
+  assert time.monotonic() - start < 100
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert rc == 2 and lines[-1].startswith(message.format(port=port)), err[-2000:]
+  assert "Traceback" not in err
