@@ -22,7 +22,7 @@ import numpy as np
 
 from experiments import report as report_lib
 from experiments.train_job import train_model
-from jaxcompress import compose, parallel, pruning
+from jaxcompress import compose, parallel, precision, pruning
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import (MetricsLog, check_workdir, read_json, write_json,
@@ -94,6 +94,7 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
     OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
   OptimizerSpec.from_mapping(config.train)
   LoopSpec.from_mapping(config.train)
+  precision.compute_dtype(config.train.compute_dtype)
   DataSpec.from_mapping(config.data)
   compression_specs(config)
   return folder, paths, to_train
@@ -188,7 +189,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              decay_mask=compose.decay_mask)
   comp = compose.build(student, student_vars, calib[0][:8], optimizer=optimizer,
                        total_steps=total, teacher=teacher if uses_teacher else None,
-                       **compression_specs(config))
+                       compute_dtype=config.train.compute_dtype, **compression_specs(config))
   state = comp.init_state(student_vars, calib[0][:8], teacher_vars=teacher_vars,
                           calibration=calib, calibration_method=config.quant.calibration)
 
@@ -326,7 +327,8 @@ def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, spl
                   eval_every_epochs=10**9)
   variables, result, info = train_model(model, variables, splits, data, opt, loop,
                                         os.path.join(workdir, "pretrain", name),
-                                        seed=config.seed, mesh=mesh, desc=f"pretrain {name}")
+                                        seed=config.seed, mesh=mesh, desc=f"pretrain {name}",
+                                        compute_dtype=config.train.compute_dtype)
   return variables, {"weights": name, "model": model_name,
                      "path": os.path.join(folder, f"{name}.msgpack"), "epochs": info["epochs"],
                      "seconds": info["seconds"], "accuracy": result["accuracy"],

@@ -19,9 +19,10 @@ from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 
 
 def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: OptimizerSpec,
-                loop: LoopSpec, workdir: str, *, seed: int, mesh, desc: str = "train"
-                ) -> tuple[dict, dict, dict]:
-  """Supervised training of any Linen or NNX model, resumable in ``workdir``.
+                loop: LoopSpec, workdir: str, *, seed: int, mesh, desc: str = "train",
+                compute_dtype: str = "float32") -> tuple[dict, dict, dict]:
+  """Supervised training of any Linen or NNX model, resumable in ``workdir``; the forward and
+  backward in ``compute_dtype`` (``train.compute_dtype``, see :mod:`jaxcompress.precision`).
 
   Returns:
     ``(variables, result, info)``: the trained variables (on the host), the final evaluation on
@@ -32,17 +33,19 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
   variables = dict(variables)
   params = variables.pop("params")
   state = TrainState.create(params, variables, optimizer)
-  train_step = make_train_step(supervised_loss(model), optimizer, mesh=mesh, seed=seed)
+  train_step = make_train_step(supervised_loss(model, compute_dtype), optimizer, mesh=mesh,
+                               seed=seed)
   eval_step = make_eval_step(lambda v, x, fm=functional(model): fm.apply(v, x)[0], mesh=mesh)
   as_vars = lambda s: {"params": s.params, **s.model_state}
   eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], data, mesh=mesh)
   state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=seed,
                     mesh=mesh, eval_fn=eval_fn, desc=desc)
   result = eval_fn(state)
-  if parallel.is_main_process():  # process 0 writes
-    MetricsLog(os.path.join(workdir, "metrics.jsonl")).write(
-        {"step": info["steps"], "final": True, **{f"eval_{k}": v for k, v in result.items()
-                                                    if isinstance(v, (int, float))}})
+  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
+  # Process 0 writes; a resumed finished run has the record already.
+  if parallel.is_main_process() and not any(r.get("final") for r in log.read()):
+    log.write({"step": info["steps"], "final": True,
+               **{f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}})
   return jax.device_get(as_vars(state)), result, info
 
 
@@ -67,5 +70,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   seed=config.seed)
   splits = load_data(data)
   _, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,
-                                seed=config.seed, mesh=mesh)
+                                seed=config.seed, mesh=mesh,
+                                compute_dtype=config.train.compute_dtype)
   return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"]}
