@@ -6,6 +6,12 @@ when started again with the same ``workdir``. Jobs (``experiments/train_job.py``
 supervised training, ``experiments/pipeline.py`` for compression) call :func:`fit` with their own
 step.
 
+Resuming is exact: a run killed at any moment (even mid-epoch or mid-save) restarts from its latest
+complete checkpoint and replays the same batches (their order and augmentation depend only on seed,
+epoch and step), the same random keys (folded from the step) and the same schedules (their counts
+live in the optimizer state), so it ends with the parameters of an uninterrupted run, bit for bit
+on CPU; the log records written after that checkpoint are dropped and written again.
+
 A diverged run (a non-finite loss or gradient norm) stops with :class:`NonFiniteError`, one line
 naming the step, before anything of it is logged or checkpointed: the workdir keeps the last good
 checkpoint and resumes from it.
@@ -182,8 +188,9 @@ def fit(state: TrainState, train_step: Callable,
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     seconds = float(meta.get("seconds", 0.0))
-    if main:
-      log.truncate_after(int(state.step))
+  # Records after the checkpoint (or all, without one) belong to work this run redoes.
+  if main:
+    log.truncate_after(int(state.step))
   step = int(state.step)
   bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
              disable=not main)
@@ -218,11 +225,11 @@ def fit(state: TrainState, train_step: Callable,
       check(keep=1)
       pending.append(metrics)
       n_log += data.batch_size
-      log_now = step % loop.log_every_steps == 0 or step == total
       save_now = step % loop.checkpoint_every_steps == 0 or step == total
-      if log_now or save_now:
-        check()
+      # A checkpoint always follows a log record, so a resumed run averages the same steps.
+      log_now = step % loop.log_every_steps == 0 or save_now
       if log_now:
+        check()
         host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
         now = time.perf_counter()
         host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
@@ -231,17 +238,18 @@ def fit(state: TrainState, train_step: Callable,
         bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
         pending, t_log, n_log = [], now, 0
       bar.update(1)
+      # Evaluate before the checkpoint of the same step: a resume from it never skips an eval.
+      if eval_fn is not None and step % per_epoch == 0 and step < total and (
+          (step // per_epoch) % loop.eval_every_epochs == 0):
+        check()
+        record = {"step": step, "epoch": step / per_epoch,
+                  **{f"eval_{k}": v for k, v in eval_fn(state).items()
+                     if isinstance(v, (int, float))}}
+        if main:
+          log.write(record)
       if save_now:
         jax.block_until_ready(state)
         ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start})
-    if eval_fn is not None and step % per_epoch == 0 and step < total and (
-        (step // per_epoch) % loop.eval_every_epochs == 0):
-      check()
-      record = {"step": step, "epoch": step / per_epoch,
-                **{f"eval_{k}": v for k, v in eval_fn(state).items()
-                   if isinstance(v, (int, float))}}
-      if main:
-        log.write(record)
   check()
   bar.close()
   jax.block_until_ready(state)
