@@ -142,9 +142,8 @@ def evaluate_split(eval_step: Callable, variables,
                   num_classes=data.num_classes, total=-(-len(split) // bs))
 
 
-def fit(state: TrainState, train_step: Callable,
-        train: data_lib.Split | tuple[np.ndarray, np.ndarray],
-        data: DataSpec, loop: LoopSpec, workdir: str, *, seed: int = 0, mesh=None,
+def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.ndarray] | Any,
+        data: DataSpec | None, loop: LoopSpec, workdir: str, *, seed: int = 0, mesh=None,
         eval_fn: Callable[[TrainState], dict] | None = None, desc: str = "train",
         step_args: tuple = ()) -> tuple[TrainState, dict]:
   """Trains ``state`` for ``loop.epochs`` epochs, resuming from ``workdir`` if possible.
@@ -152,10 +151,13 @@ def fit(state: TrainState, train_step: Callable,
   Args:
     state: the initial train state (ignored in favour of the latest checkpoint when one exists).
     train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
-    train: the training examples: a :class:`jaxcompress.data.Split` or ``(uint8 images, int
-      labels)``; each process reads only its rows of every batch.
-    data: batch size, normalisation and augmentation (:class:`DataSpec`; a mapping with its
-      fields is converted).
+    train: the training examples (a :class:`jaxcompress.data.Split` or ``(uint8 images, int
+      labels)``; each process reads only its rows of every batch), or a batch source: an object
+      with ``batch_size``, ``steps_per_epoch`` and ``batches(seed=, epoch=, start=)`` yielding the
+      batches of an epoch from its ``start``-th step on, the same ones whenever asked (e.g.
+      :class:`jaxcompress.text.TrainWindows`).
+    data: batch size, normalisation and augmentation of image arrays (:class:`DataSpec`; a
+      mapping with its fields is converted); unused (may be None) with a batch source.
     loop: epochs, logging, checkpoint and eval intervals (:class:`LoopSpec`; likewise).
     workdir: folder for ``checkpoints/`` and ``metrics.jsonl``.
     seed: data order and augmentation seed.
@@ -175,9 +177,7 @@ def fit(state: TrainState, train_step: Callable,
       and resumes from it.
   """
   os.makedirs(workdir, exist_ok=True)
-  train = data_lib.as_split(train)
-  rows = None if mesh is None else parallel.local_rows(mesh, data.batch_size)
-  per_epoch = data_lib.steps_per_epoch(len(train), data.batch_size)
+  per_epoch, batch_size, epoch_batches = _batch_source(train, data, seed, mesh)
   total = int(round(loop.epochs * per_epoch))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   main = parallel.is_main_process()  # every process saves checkpoints; process 0 logs
@@ -210,10 +210,7 @@ def fit(state: TrainState, train_step: Callable,
   t_start = time.perf_counter()
   while step < total:
     epoch, start = divmod(step, per_epoch)
-    batches = data_lib.train_batches(train, data.batch_size, seed=seed, epoch=epoch,
-                                     mean=data.mean, std=data.std,
-                                     augment_images=data.augment, start=start, rows=rows)
-    for batch in batches:
+    for batch in epoch_batches(epoch, start):
       if step >= total:
         break
       if mesh is not None:
@@ -224,7 +221,7 @@ def fit(state: TrainState, train_step: Callable,
       # The previous step's flag: reading it waits for that step only, while this one runs.
       check(keep=1)
       pending.append(metrics)
-      n_log += data.batch_size
+      n_log += batch_size
       save_now = step % loop.checkpoint_every_steps == 0 or step == total
       # A checkpoint always follows a log record, so a resumed run averages the same steps.
       log_now = step % loop.log_every_steps == 0 or save_now
@@ -257,6 +254,22 @@ def fit(state: TrainState, train_step: Callable,
   ckpt.close()
   return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step}
 
+
+
+def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, int, Callable]:
+  """``(steps per epoch, global batch size, (epoch, start) -> batches)`` of :func:`fit`'s
+  ``train``; the batches hold this process's rows of each global batch (all of it with one)."""
+  if hasattr(train, "batches"):
+    rows = None if mesh is None else parallel.local_rows(mesh, train.batch_size)
+    own = lambda b: b if rows is None else jax.tree.map(lambda x: x[rows[0]:rows[1]], b)
+    return (train.steps_per_epoch, train.batch_size,
+            lambda epoch, start: map(own, train.batches(seed=seed, epoch=epoch, start=start)))
+  split = data_lib.as_split(train)
+  rows = None if mesh is None else parallel.local_rows(mesh, data.batch_size)
+  return (data_lib.steps_per_epoch(len(split), data.batch_size), data.batch_size,
+          lambda epoch, start: data_lib.train_batches(
+              split, data.batch_size, seed=seed, epoch=epoch, mean=data.mean, std=data.std,
+              augment_images=data.augment, start=start, rows=rows))
 
 
 def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> NonFiniteError:
