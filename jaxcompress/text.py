@@ -40,8 +40,9 @@ TRAIN_FRACTION = 0.9  # TFDS tiny_shakespeare: 90 % train, then the rest halved
 
 
 def text_path(configured: str = "") -> str:
-  """The text file to read: ``configured``, else ``$JAXCOMPRESS_TEXT_DIR/tiny_shakespeare/input.txt``,
-  else ``~/.cache/jaxcompress/text/tiny_shakespeare/input.txt``."""
+  """The text file to read: ``configured``, else
+  ``$JAXCOMPRESS_TEXT_DIR/tiny_shakespeare/input.txt``, else
+  ``~/.cache/jaxcompress/text/tiny_shakespeare/input.txt``."""
   if configured:
     return os.path.expanduser(configured)
   folder = os.environ.get(TEXT_ENV) or DEFAULT_TEXT_DIR

@@ -1,0 +1,157 @@
+"""What the character-level language-model jobs share.
+
+Building ``char_gpt`` / ``char_lstm`` from a config's ``model`` section, the optimizer and loop
+specs of a ``train`` section counted in steps, evaluation in nats and bits per character over
+every position of a split, seeded sampling, and the trained model a workdir keeps
+(``weights.msgpack`` + ``vocab.json`` + ``config.json``) so a later job can load it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxcompress import text
+from jaxcompress.checkpoint import read_json, write_json
+from jaxcompress.errors import ConfigError, invalid, unknown
+from jaxcompress.models import get_model
+from jaxcompress.models.functional import functional
+from jaxcompress.models.weights import load_weights, save_weights
+from jaxcompress.optim import OptimizerSpec
+from jaxcompress.steps import evaluate
+from jaxcompress.train import LoopSpec
+
+# The factory arguments each model takes from the config's ``model`` section (``context`` comes
+# from ``data.context``).
+MODEL_FIELDS = {"char_gpt": ("width", "depth", "heads", "mlp_ratio", "dropout"),
+                "char_lstm": ("width", "layers", "dropout")}
+WEIGHTS, VOCAB, CONFIG = "weights.msgpack", "vocab.json", "config.json"
+FLOAT32_BYTES = 4
+
+
+def check_model(model, field: str = "model") -> None:
+  """Raises one line for an unknown model name or a transformer width not divisible by heads."""
+  if model.name not in MODEL_FIELDS:
+    raise unknown(f"{field}.name", model.name, MODEL_FIELDS)
+  if model.name == "char_gpt" and model.width % model.heads:
+    raise invalid(f"{field}.width", model.width, f"a multiple of {field}.heads={model.heads}")
+
+
+def build_model(model, vocab_size: int, context: int, seed: int, field: str = "model"):
+  """``(module, fresh variables)`` of the ``model`` config section for ``vocab_size`` tokens."""
+  check_model(model, field)
+  kwargs = {k: model[k] for k in MODEL_FIELDS[model.name]}
+  if model.name == "char_gpt":
+    kwargs["context"] = context
+  module = get_model(model.name, vocab_size, field=f"{field}.name", **kwargs)
+  sample = np.zeros((1, context), np.int32)
+  variables = jax.jit(functional(module).init)(jax.random.key(seed), sample)
+  return module, jax.device_get(variables)
+
+
+def param_count(variables) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
+
+
+def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
+                                                                          LoopSpec]:
+  """The optimizer and loop specs of a ``train`` section whose lengths are in steps."""
+  for name in ("steps", "warmup_steps"):
+    if train[name] < 0:
+      raise invalid(f"{field}.{name}", train[name], ">= 0")
+  if train.warmup_steps > train.steps:
+    raise invalid(f"{field}.warmup_steps", train.warmup_steps, f"<= {field}.steps={train.steps}")
+  epochs = train.steps / steps_per_epoch
+  opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer, learning_rate=train.learning_rate,
+                      weight_decay=train.weight_decay, schedule=train.schedule,
+                      warmup_epochs=train.warmup_steps / steps_per_epoch)
+  loop = LoopSpec(epochs=epochs, log_every_steps=train.log_every_steps,
+                  checkpoint_every_steps=train.checkpoint_every_steps,
+                  eval_every_epochs=train.eval_every_epochs)
+  return opt, loop
+
+
+def matrices_only(params):
+  """Weight decay on kernels and embeddings (rank >= 2), not on biases and LayerNorm scales."""
+  return jax.tree.map(lambda p: np.ndim(p) >= 2, params)
+
+
+def evaluate_lm(eval_step, variables, ids: np.ndarray, *, batch_size: int, context: int,
+                vocab_size: int, mesh=None, desc: str = "eval", predictions: bool = False) -> dict:
+  """Mean loss over every predicted position of ``ids`` (:func:`jaxcompress.text.eval_batches`).
+
+  Returns:
+    ``{'loss': nats/char, 'bits': bits/char, 'accuracy': % of next characters predicted,
+    'chars': positions counted}`` and, with ``predictions``, every position's argmax.
+  """
+  batches = text.eval_batches(ids, batch_size=batch_size, context=context)
+  total = -(-text.num_eval_windows(len(ids), context) // batch_size)
+  r = evaluate(eval_step, variables, batches, num_classes=vocab_size, mesh=mesh, total=total,
+               desc=desc, predictions=predictions)
+  out = {"loss": r["loss"], "bits": text.bits(r["loss"]), "accuracy": r["accuracy"],
+         "chars": r["examples"]}
+  if predictions:
+    out["predictions"] = r["predictions"]
+  return out
+
+
+def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length: int,
+           context: int, seed: int, temperature: float) -> str:
+  """``prompt`` and ``length`` characters drawn one at a time from ``logits_fn``, seeded.
+
+  The model sees the last ``context`` characters, right-padded to ``context`` (a causal model's
+  output at the last real position does not depend on the padding), so one compiled forward
+  serves every step.
+  """
+  if not temperature > 0:
+    raise invalid("sample.temperature", temperature, "> 0")
+
+  @jax.jit
+  def draw(v, window, pos, key):
+    logits = logits_fn(v, window)[0, pos]
+    return jax.random.categorical(key, logits.astype(np.float32) / temperature)
+
+  ids = list(vocab.encode(prompt, what="sample.prompt")) or [0]
+  key = jax.random.key(seed)
+  for i in range(length):
+    window = ids[-context:]
+    x = np.zeros((1, context), np.int32)
+    x[0, :len(window)] = window
+    ids.append(int(draw(variables, x, len(window) - 1, jax.random.fold_in(key, i))))
+  return vocab.decode(ids)
+
+
+def save_trained(workdir: str, variables, vocab: text.Vocabulary) -> None:
+  """Writes the trained variables and the vocabulary beside the run's ``config.json``."""
+  save_weights(jax.device_get(variables), os.path.splitext(WEIGHTS)[0], workdir,
+               field="workdir")
+  write_json(os.path.join(workdir, VOCAB), {"chars": vocab.chars})
+
+
+def load_trained(folder: str, field: str):
+  """``(module, variables, vocab, model section, context)`` of a model trained by ``train_lm``.
+
+  Raises:
+    ConfigError: ``folder`` does not hold a finished ``train_lm`` run.
+  """
+  paths = [os.path.join(folder, name) for name in (WEIGHTS, VOCAB, CONFIG)]
+  missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise ConfigError(f"{field}: {folder!r} holds no trained model (missing "
+                      f"{', '.join(missing)}); give the --workdir of a finished "
+                      "`python -m experiments.train_lm` run, or leave it empty to train one")
+  config = read_json(paths[2])
+  try:
+    model, context = config["model"], int(config["data"]["context"])
+    vocab = text.Vocabulary(read_json(paths[1])["chars"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConfigError(f"{field}: {folder!r} has a malformed {CONFIG} or {VOCAB} "
+                      f"({type(e).__name__}: {e})") from None
+  section = ml_collections.ConfigDict(model)
+  module, reference = build_model(section, vocab.size, context, 0, field=field)
+  variables = load_weights(paths[0], reference, field=field)
+  return module, variables, vocab, section, context
+

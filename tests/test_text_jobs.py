@@ -1,0 +1,159 @@
+"""The text jobs as a user runs them: train_lm and shakespeare_distill end to end on a tiny
+synthetic text with tiny models, and one-line errors for bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+WORDS = ("the", "king", "shall", "love", "not", "my", "lord", "and", "thou", "art")
+TINY_LM = ("--config.data.context=8", "--config.data.batch_size=4",
+           "--config.data.eval_batch_size=8")
+TINY_GPT = ("--config.model.width=8", "--config.model.depth=1", "--config.model.heads=2",
+            "--config.train.steps=6", "--config.train.warmup_steps=1",
+            "--config.train.log_every_steps=2", "--config.train.checkpoint_every_steps=2")
+TINY_DISTILL = ("--config.train.steps=4", "--config.train.log_every_steps=2",
+                "--config.lstm.context=4", "--config.lstm.teacher.model.width=8",
+                "--config.lstm.teacher.train.steps=4",
+                "--config.lstm.teacher.train.warmup_steps=1", "--config.lstm.train.steps=4",
+                "--config.lstm.train.log_every_steps=2", "--config.sample.length=0",
+                "--config.quant.calibration_examples=8")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _words(n: int, seed: int = 0, extra: str = "") -> str:
+  rng = np.random.default_rng(seed)
+  return "".join(WORDS[i] + (",\n" if j % 7 == 6 else " ")
+                 for j, i in enumerate(rng.integers(0, len(WORDS), n))) + extra
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """A 3,000-character text and a transformer trained on it by ``train_lm``."""
+  root = tmp_path_factory.mktemp("text")
+  path = root / "input.txt"
+  path.write_text(_words(600))
+  workdir = root / "lm"
+  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+              f"--config.data.path={path}", f"--workdir={workdir}", *TINY_LM, *TINY_GPT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return {"root": root, "text": str(path), "lm": str(workdir),
+          "printed": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def test_train_lm_reports_losses_in_nats_and_bits(tiny):
+  result = json.load(open(os.path.join(tiny["lm"], "results.json")))
+  assert result == tiny["printed"]
+  assert result["steps"] == 6 and result["vocab_size"] == len(set(_words(600)))
+  for split in ("validation", "test", "val111k"):
+    assert result[f"bits_{split}"] == pytest.approx(result[f"loss_{split}"] / math.log(2))
+    assert 0 < result[f"loss_{split}"] < 2 * math.log(result["vocab_size"])
+  assert result["size_bytes"] == 4 * result["params"]
+  for name in ("weights.msgpack", "vocab.json", "config.json", "metrics.jsonl"):
+    assert os.path.isfile(os.path.join(tiny["lm"], name))
+  logged = [json.loads(l) for l in open(os.path.join(tiny["lm"], "metrics.jsonl"))]
+  assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6]
+
+
+def _kernels(tree, prefix=""):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _kernels(v, f"{prefix}{k}/")
+    elif k == "kernel":
+      yield prefix + k, np.asarray(v)
+
+
+def _is_2_of_4(kernel: np.ndarray, reduce_axes: int) -> bool:
+  """At most 2 non-zeros in every 4 consecutive weights along the flattened reduction axes."""
+  flat = kernel.reshape(int(np.prod(kernel.shape[:reduce_axes])), -1)
+  groups = (flat != 0).reshape(flat.shape[0] // 4, 4, flat.shape[1])
+  return bool((groups.sum(1) <= 2).all())
+
+
+def test_distill_end_to_end_contract(tiny):
+  from jaxcompress import export
+  from jaxcompress.models import get_model
+
+  workdir = tiny["root"] / "distill"
+  proc = _run("experiments.shakespeare_distill", "--config=configs/shakespeare_distill.py:quick",
+              f"--config.data.path={tiny['text']}", f"--config.teacher.checkpoint={tiny['lm']}",
+              f"--workdir={workdir}", *TINY_LM, *TINY_DISTILL)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.load(open(workdir / "results.json"))
+  assert r["teacher"]["loss_test"] == pytest.approx(tiny["printed"]["loss_test"], rel=1e-5)
+  assert r["teacher"]["loss_val111k"] == pytest.approx(tiny["printed"]["loss_val111k"], rel=1e-5)
+  for row in (r["compressed"], r["sft"], r["lstm"]["compressed"]):
+    assert row["export_agreement"] == 1.0
+    assert row["exported_loss_test"] == row["loss_test"]
+    assert row["sparsity"] == pytest.approx(0.5)
+  for fam in (r, r["lstm"]):  # (the spec's few KB outweigh these tiny models' savings)
+    assert fam["compressed"]["compression_ratio"] == pytest.approx(
+        fam["teacher"]["size_bytes"] / fam["compressed"]["size_bytes"], rel=1e-3)
+  assert r["sft"]["size_bytes"] > 0 and "loss_test" in r["sft"]
+  on_disk = sum(os.path.getsize(workdir / "kd" / "export" / f)
+                for f in os.listdir(workdir / "kd" / "export"))
+  assert r["compressed"]["size_bytes"] == on_disk
+  report = open(workdir / "report.md").read()
+  for label in ("transformer teacher (float32)", "transformer PTQ", "plain fine-tuning",
+                "transformer compressed + KD", "LSTM compressed + KD", "Sampled from"):
+    assert label in report
+
+  # 2:4 along the reduction axis of every attention and MLP kernel of the artifact.
+  model = get_model("char_gpt", tiny["printed"]["vocab_size"],
+                    context=8, width=8, depth=1, heads=2, mlp_ratio=4, dropout=0.0)
+  params = export.load(str(workdir / "kd" / "export"), model).variables["params"]
+  kernels = dict(_kernels(params))
+  assert set(kernels) == {"block0/attn/query/kernel", "block0/attn/key/kernel",
+                          "block0/attn/value/kernel", "block0/attn/out/kernel",
+                          "block0/fc/kernel", "block0/proj/kernel", "head/kernel"}
+  for path, kernel in kernels.items():
+    if path != "head/kernel":
+      assert _is_2_of_4(kernel, 2 if path.endswith("out/kernel") else 1), path
+  assert (kernels["head/kernel"] != 0).mean() > 0.9  # the head stays dense
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "context", "unknown_char"])
+def test_bad_text_is_one_line_and_writes_nothing(tmp_path, case):
+  path = tmp_path / "input.txt"
+  args = list(TINY_LM)
+  if case == "empty":
+    path.write_text("")
+  elif case == "context":
+    path.write_text(_words(20))  # about 100 characters: 5 in validation and test
+    args.append("--config.data.context=64")
+  elif case == "unknown_char":
+    path.write_text(_words(600, extra="Z" * 40))  # the last 40 characters: not in training
+  message = {"missing": "data.path: no text file at", "empty": "is empty",
+             "context": "data.context must be at most", "unknown_char":
+             "character(s) outside the training vocabulary"}[case]
+  workdir = tmp_path / "run"
+  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+              f"--config.data.path={path}", f"--workdir={workdir}", *args, *TINY_GPT)
+  assert proc.returncode == 2
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not workdir.exists()
+
+
+def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):
+  other = tmp_path / "other.txt"
+  other.write_text(_words(600).upper())
+  workdir = tmp_path / "run"
+  proc = _run("experiments.shakespeare_distill", "--config=configs/shakespeare_distill.py:quick",
+              f"--config.data.path={other}", f"--config.teacher.checkpoint={tiny['lm']}",
+              f"--workdir={workdir}", *TINY_LM, *TINY_DISTILL)
+  assert proc.returncode == 2
+  last = proc.stderr.splitlines()[-1]
+  assert last.startswith("error: teacher.checkpoint: the teacher's vocabulary"), last
+  assert not workdir.exists()
