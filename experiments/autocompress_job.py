@@ -29,6 +29,7 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
 
 from experiments import pipeline
 from experiments.autocompress_report import write_report
@@ -168,18 +169,14 @@ def _reference_overhead(model, variables, layers, calib, config, weights) -> int
   from jaxcompress import export
   quant = compose.QuantSpec(per_channel=config.quant.per_channel, layer_bits=tuple(
       (re.escape(l.path), 8, 8) for l in layers))
-  comp = compose.build(model, variables, calib[0], optimizer=_sgd(), total_steps=1, quant=quant)
+  comp = compose.build(model, variables, calib[0], optimizer=optax.sgd(0.0), total_steps=1,
+                       quant=quant)
   state = comp.init_state(variables, calib[0], calibration=calib)
   with tempfile.TemporaryDirectory() as tmp:
     comp.export(tmp, state, input_shape=tuple(calib[0].shape[1:]))
     spec = export.read_spec(tmp)
     spec_bytes = os.path.getsize(os.path.join(tmp, "spec.json"))
   return budget_lib.overhead_bytes(spec, spec_bytes, weights)
-
-
-def _sgd():
-  import optax
-  return optax.sgd(0.0)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -209,13 +206,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   held_out = _batches(x_val, y_val, min(config.scan.batch_size, len(x_val)), data)
   n_calib = max(1, min(config.quant.calibration_examples, 512))
   calib = [b.image for b in _batches(*_head(splits["train"], n_calib), 256, data)]
-  layers = trace_layers(model, variables, calib[0], field="student.name").layers
+  traced = trace_layers(model, variables, calib[0], field="student.name")
+  layers, last = traced.layers, traced.last
   float32_bytes = 4 * int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
   kind, limit = check_budget(config, float32_bytes)
   params = variables["params"]
   weights = {l.path: np.asarray(tree_get(params, l.weight)) for l in layers}
   macs = budget_lib.layer_macs(model, variables, calib[0])
-  last = layers[-1].path
   grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
               act_bits=config.scan.act_bits, kind=kind)
   options = {l.path: preset.options(shape=weights[l.path].shape, last=l.path == last, **grid)
@@ -265,7 +262,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          structure=preset.structure, per_channel=config.quant.per_channel,
                          joint=config.scan.joint, measured=measured, progress=save)
   scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
-  save(sens.measured, compiles=sens.compiles)
+  compiles = saved.get("compiles", 0) + sens.compiles  # over every run of the scan
+  save(sens.measured, compiles=compiles)
 
   alloc = budget_lib.allocate([[c[pick] for c in costs[p]] for p in sens.paths],
                               sens.damage, limit - fixed)
@@ -279,7 +277,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   runs = {"auto": (plan.prune_fields(), plan.quant_fields())}
   uniform = None
   if config.uniform.enabled:
-    uniform = _uniform(config, layers, weights, macs, sens, kind, limit, overhead)
+    uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
+                       overhead)
     if uniform is not None:
       runs["uniform"] = uniform["fields"]
   out = {}
@@ -303,7 +302,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     "optimality_gap": alloc.gap, "unit": alloc.unit, "overhead_bytes": overhead},
       "sensitivity": {"examples": int(len(x_val)), "base_loss": sens.base_loss,
                       "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
-                      "compiles": sens.compiles, "seconds": round(scan_seconds, 1),
+                      "compiles": compiles, "seconds": round(scan_seconds, 1),
                       "joint": bool(config.scan.joint)},
       "original": out["auto"]["original"],
       "compressed": row(out["auto"], plan.bops),
@@ -320,9 +319,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _uniform(config, layers, weights, macs, sens, kind, limit, overhead) -> dict | None:
-  """The uniform recipe at the same budget and its fields for the main job, or ``None``."""
-  edges = {layers[0].path, layers[-1].path}
+def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) -> dict | None:
+  """The uniform recipe at the same budget and its fields for the main job, or ``None``.
+
+  ``edges``: the first and last layer's paths (dense, 8 bits, as the main job keeps them).
+  """
   inner = sorted((l.path for l in layers if l.path not in edges),
                  key=lambda p: tuple(next(l.weight for l in layers if l.path == p).split("/")))
   act = config.quant.act_bits or 8
