@@ -213,7 +213,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   stage("before", before)
 
   # Fine-tuning.
-  train_step = comp.make_train_step(mesh=mesh, seed=config.seed)
+  train_step = comp.make_train_step(mesh=mesh, seed=config.seed,
+                                    skip_nonfinite=config.train.skip_nonfinite)
   step_args = (parallel.replicate(mesh, teacher_vars),) if comp.teacher is not None else ()
   loop = LoopSpec.from_mapping(config.train)
   state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=config.seed,
@@ -246,7 +247,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           "weight_bits": compressed["weight_bits"],
                           "act_bits": compressed["act_bits"]},
       "compressed": compressed,
-      "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"]},
+      "train": {"seconds": after["seconds"], "epochs": after["epochs"], "steps": after["steps"],
+                "skipped": after.get("skipped", 0)},
   }
   layers = comp.describe(state)
   if main:
@@ -328,7 +330,8 @@ def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, spl
   variables, result, info = train_model(model, variables, splits, data, opt, loop,
                                         os.path.join(workdir, "pretrain", name),
                                         seed=config.seed, mesh=mesh, desc=f"pretrain {name}",
-                                        compute_dtype=config.train.compute_dtype)
+                                        compute_dtype=config.train.compute_dtype,
+                                        skip_nonfinite=config.train.skip_nonfinite)
   return variables, {"weights": name, "model": model_name,
                      "path": os.path.join(folder, f"{name}.msgpack"), "epochs": info["epochs"],
                      "seconds": info["seconds"], "accuracy": result["accuracy"],

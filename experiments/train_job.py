@@ -20,9 +20,11 @@ from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
 
 def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: OptimizerSpec,
                 loop: LoopSpec, workdir: str, *, seed: int, mesh, desc: str = "train",
-                compute_dtype: str = "float32") -> tuple[dict, dict, dict]:
+                compute_dtype: str = "float32", skip_nonfinite: bool = False
+                ) -> tuple[dict, dict, dict]:
   """Supervised training of any Linen or NNX model, resumable in ``workdir``; the forward and
-  backward in ``compute_dtype`` (``train.compute_dtype``, see :mod:`jaxcompress.precision`).
+  backward in ``compute_dtype`` (``train.compute_dtype``, see :mod:`jaxcompress.precision`),
+  non-finite steps skipped and counted with ``skip_nonfinite`` (``train.skip_nonfinite``).
 
   Returns:
     ``(variables, result, info)``: the trained variables (on the host), the final evaluation on
@@ -34,7 +36,7 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
   params = variables.pop("params")
   state = TrainState.create(params, variables, optimizer)
   train_step = make_train_step(supervised_loss(model, compute_dtype), optimizer, mesh=mesh,
-                               seed=seed)
+                               seed=seed, skip_nonfinite=skip_nonfinite)
   eval_step = make_eval_step(lambda v, x, fm=functional(model): fm.apply(v, x)[0], mesh=mesh)
   as_vars = lambda s: {"params": s.params, **s.model_state}
   eval_fn = lambda s: evaluate_split(eval_step, as_vars(s), splits["eval"], data, mesh=mesh)
@@ -54,7 +56,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   Starts from ``config.model.weights`` (``.npz``, ``.msgpack`` or orbax folder) or from scratch,
   trains, evaluates on ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples',
-  'precision', 'recall', 'train_seconds', 'epochs'}``.
+  'precision', 'recall', 'train_seconds', 'epochs', 'skipped'}`` (``skipped``: non-finite steps
+  skipped, with ``train.skip_nonfinite``).
   """
   # The edge: config sections become the library's typed specs, validated here.
   data = DataSpec.from_mapping(config.data)
@@ -71,5 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   splits = load_data(data)
   _, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,
                                 seed=config.seed, mesh=mesh,
-                                compute_dtype=config.train.compute_dtype)
-  return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"]}
+                                compute_dtype=config.train.compute_dtype,
+                                skip_nonfinite=config.train.skip_nonfinite)
+  return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"],
+          "skipped": info["skipped"]}

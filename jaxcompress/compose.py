@@ -402,10 +402,12 @@ class Compression:
     """Fraction of zeros over the pruned leaves of ``params`` (``{'model': ...}``)."""
     return pruning.sparsity(params, self.prune_rules)
 
-  def make_train_step(self, *, mesh=None, seed: int = 0) -> Callable:
-    """``step(state, batch[, teacher_vars]) -> (state, metrics)``, jitted once."""
+  def make_train_step(self, *, mesh=None, seed: int = 0, skip_nonfinite: bool = False
+                      ) -> Callable:
+    """``step(state, batch[, teacher_vars]) -> (state, metrics)``, jitted once (see
+    :func:`jaxcompress.steps.make_train_step` for ``skip_nonfinite``)."""
     return make_train_step(self.loss_fn, self.optimizer, mesh=mesh, seed=seed,
-                           num_aux=int(self.teacher is not None))
+                           num_aux=int(self.teacher is not None), skip_nonfinite=skip_nonfinite)
 
   def describe(self, state: TrainState) -> str:
     """A Markdown table of the student's layers in forward order and what was done to each.

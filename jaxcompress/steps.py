@@ -91,7 +91,8 @@ def supervised_loss(model: Any, compute_dtype: str = "float32") -> Callable:
 
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    mesh=None, seed: int = 0, num_aux: int = 0) -> Callable:
+                    mesh=None, seed: int = 0, num_aux: int = 0,
+                    skip_nonfinite: bool = False) -> Callable:
   """Builds ``step(state, batch, *aux) -> (state, metrics)``, jitted once.
 
   The step's random key is ``fold_in(key(seed), state.step)``, so a resumed run draws the same
@@ -107,7 +108,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
   Besides ``loss_fn``'s own metrics the step reports ``grad_norm`` (the global L2 norm of the
   gradients) and ``finite`` (1.0 when both the loss and ``grad_norm`` are finite, else 0.0), which
-  :func:`jaxcompress.train.fit` checks to stop on a diverged run.
+  :func:`jaxcompress.train.fit` checks to stop on a diverged run. With ``skip_nonfinite``
+  (``train.skip_nonfinite``) a step that is not finite changes nothing but ``state.step`` (as
+  ``optax.apply_if_finite`` does: parameters, optimizer and model state are kept) and reports
+  ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping.
   """
   base_key = jax.random.key(seed)
 
@@ -122,8 +126,14 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
-    return new_state, {"loss": loss, **metrics, "grad_norm": grad_norm,
-                       "finite": finite.astype(jnp.float32)}
+    out = {"loss": loss, **metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}
+    if skip_nonfinite:
+      keep = lambda new, old: jnp.where(finite, new, old)
+      new_state = new_state.replace(**{f: jax.tree.map(keep, getattr(new_state, f),
+                                                       getattr(state, f))
+                                       for f in ("params", "model_state", "opt_state")})
+      out["skipped"] = 1.0 - out["finite"]
+    return new_state, out
 
   if mesh is None:
     return jax.jit(step)

@@ -168,13 +168,15 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
 
   Returns:
     ``(state, info)`` with ``info = {'seconds': training wall time summed over resumes,
-    'epochs': epochs trained, 'steps': steps taken}``.
+    'epochs': epochs trained, 'steps': steps taken, 'skipped': non-finite steps skipped}``.
 
   Raises:
     NonFiniteError: a step's loss or gradient norm (``train_step``'s ``finite`` metric, see
       :func:`jaxcompress.steps.make_train_step`) is not finite. Training stops at once; the
       diverged state is neither logged nor saved, so ``workdir`` keeps its last good checkpoint
-      and resumes from it.
+      and resumes from it. A step built with ``skip_nonfinite`` reports ``skipped`` instead: such
+      steps are counted (``skipped`` in each log record and in ``info``), their metrics left out
+      of the log's means.
   """
   os.makedirs(workdir, exist_ok=True)
   per_epoch, batch_size, epoch_batches = _batch_source(train, data, seed, mesh)
@@ -182,12 +184,12 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   main = parallel.is_main_process()  # every process saves checkpoints; process 0 logs
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-  seconds = 0.0
+  seconds, skipped = 0.0, 0
   if mesh is not None:  # restored as it is placed: replicated over every process's devices
     state = parallel.replicate(mesh, state)
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
-    seconds = float(meta.get("seconds", 0.0))
+    seconds, skipped = float(meta.get("seconds", 0.0)), int(meta.get("skipped", 0))
   # Records after the checkpoint (or all, without one) belong to work this run redoes.
   if main:
     log.truncate_after(int(state.step))
@@ -201,7 +203,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     """Reads the ``finite`` flag of all but the ``keep`` newest unchecked steps; raises on one."""
     while len(unchecked) > keep:
       n, m = unchecked.popleft()
-      if "finite" in m and not float(jax.device_get(m["finite"])):
+      if "finite" in m and "skipped" not in m and not float(jax.device_get(m["finite"])):
         bar.close()
         latest = ckpt.latest_step()
         ckpt.close()
@@ -227,7 +229,12 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       log_now = step % loop.log_every_steps == 0 or save_now
       if log_now:
         check()
-        host = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+        kept = [m for m in pending if not float(jax.device_get(m.get("skipped", 0.0)))]
+        host = {k: float(np.mean([jax.device_get(m[k]) for m in kept or pending]))
+                for k in pending[0]}
+        if "skipped" in host:
+          host["skipped"] = len(pending) - len(kept)
+          skipped += host["skipped"]
         now = time.perf_counter()
         host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
         if main:
@@ -246,13 +253,15 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
           log.write(record)
       if save_now:
         jax.block_until_ready(state)
-        ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start})
+        ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start,
+                                "skipped": skipped})
   check()
   bar.close()
   jax.block_until_ready(state)
   seconds += time.perf_counter() - t_start
   ckpt.close()
-  return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step}
+  return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step,
+                 "skipped": skipped}
 
 
 

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from jaxcompress.checkpoint import Checkpointer
+from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
@@ -83,3 +84,36 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught_before_any_checkpoin
   assert not os.listdir(tmp_path / "checkpoints")
   state, info = _fit(optax.sgd(0.01), task, v, train, data, tmp_path, epochs=1)
   assert info["steps"] == 3 and _finite(state.params)
+
+
+def test_skip_nonfinite_keeps_the_state_counts_the_steps_and_trains_on(tmp_path):
+  train, data, model, v = _setup()
+  train[0][0] = 255  # the one example whose batch gets a nan loss, once an epoch
+  data = DataSpec.from_mapping({**data.__dict__, "augment": False})
+  base = supervised_loss(model)
+
+  def loss_fn(params, model_state, batch, rng):
+    loss, aux = base(params, model_state, batch, rng)
+    marked = jnp.any(jnp.all(batch.image >= 1.0, axis=(1, 2, 3)))  # 255 normalises to 1.0
+    return jnp.where(marked, jnp.nan, loss), aux
+
+  tx = optax.sgd(0.01)
+  step = make_train_step(loss_fn, tx, skip_nonfinite=True)
+  state = TrainState.create(v["params"], {}, tx)
+  marked = data_lib.Batch(np.ones((16, 28, 28, 1), np.float32), np.zeros(16, np.int32),
+                          np.ones(16, np.float32))
+  after, metrics = step(state, marked)
+  assert float(metrics["skipped"]) == 1.0 and float(metrics["finite"]) == 0.0
+  assert int(after.step) == 1
+  for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  loop = LoopSpec(epochs=3, log_every_steps=3, checkpoint_every_steps=4)
+  state, info = fit(state, step, train, data, loop, str(tmp_path))  # 9 steps, 3 of them nan
+  assert info["steps"] == 9 and info["skipped"] == 3 and _finite(state.params)
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert sum(r["skipped"] for r in records) == 3
+  # Each record's means are over the steps taken; a window of skipped steps only shows theirs.
+  steps = [0] + [r["step"] for r in records]
+  assert steps[1:] == [3, 4, 6, 8, 9]
+  assert [bool(np.isfinite(r["loss"])) for r in records] == [
+      r["skipped"] < n for r, n in zip(records, np.diff(steps))]
