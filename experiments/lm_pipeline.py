@@ -206,9 +206,7 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
   kd_comp = fam.comps["kd"]
   ptq_state = init_state(kd_comp)
   if kd_comp.prune_enabled:
-    masker = kd_comp.prune.masker(kd_comp.layers.reduce_axes("model/"))
-    masks = pruning.compute_masks(ptq_state.params, config.prune.sparsity, structure=masker,
-                                  rules=kd_comp.prune_rules)
+    masks = kd_comp.final_masks(ptq_state.params)
     ptq_state = ptq_state.replace(params=pruning.apply_masks(ptq_state.params, masks))
   ptq = stage(f"{p}ptq", lambda: _evaluate_export(
       kd_comp, ptq_state, os.path.join(fam.folder, "ptq", "export"), float_bytes, fam, evaluate))

@@ -204,10 +204,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def before():
     params = state.params
     if comp.prune_enabled:
-      masks = pruning.compute_masks(params, config.prune.sparsity,
-                                    structure=comp.prune.masker(),
-                                    rules=comp.prune_rules)
-      params = pruning.apply_masks(params, masks)
+      params = pruning.apply_masks(params, comp.final_masks(params))
     return evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
                          "eval compressed (before fine-tuning)")
   stage("before", before)

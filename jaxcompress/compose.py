@@ -297,6 +297,15 @@ class Compression:
   def prune_enabled(self) -> bool:
     return self.prune.enabled
 
+  def final_masks(self, params) -> Any:
+    """The masks the pruning schedule ends at, computed now from ``params`` (one-shot).
+
+    The same structure (N:M along each kernel's reduction axes, per-layer sparsities) and rules
+    as the train step's pruning; e.g. to evaluate the compressed model before fine-tuning.
+    """
+    return pruning.compute_masks(params, self.prune.sparsity, structure=self.prune.masker(
+        self.layers.reduce_axes("model/")), rules=self.prune_rules)
+
   # -- forward -------------------------------------------------------------------------------
   def student_apply(self, params, model_state, x, *, train: bool, rng=None, capture=False):
     """``(logits, new model state, captured features)`` of the student.

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import compose, export
+from jaxcompress import compose, export, pruning
 from jaxcompress import distillation as kd
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
@@ -110,6 +110,17 @@ def test_every_inner_kernel_is_2_of_4_along_its_reduction_axis(trained):
     counts = np.count_nonzero(groups, axis=1)
     assert counts.max() <= 2 and counts.min() == 2, path  # exactly 2 of every 4 kept
     assert np.count_nonzero(w) == w.size // 2, path
+
+
+def test_one_shot_final_masks_are_2_of_4_along_the_reduction_axis(trained):
+  """``final_masks`` (the evaluation before fine-tuning) groups like the train step's pruning."""
+  _, run = trained
+  comp = run["comp"]
+  dense = jax.tree.map(lambda w: w + 1.0, run["state"].params)  # no zeros left from training
+  pruned = pruning.apply_masks(dense, comp.final_masks(dense))
+  for path, w in _inner_kernels({**run, "state": run["state"].replace(params=pruned)}).items():
+    counts = np.count_nonzero(_groups_along_reduction(path, w), axis=1)
+    assert counts.max() == 2 and counts.min() == 2, path
 
 
 def test_bits_inner_4_8_and_embedding_and_head_8(trained):
