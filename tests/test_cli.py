@@ -16,9 +16,9 @@ def _run(*args, env=None):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.model.name=resnet21", "error: model.name must be one of cnn_cifar, cnn_mnist, mlp, "
-                                     "resnet110, resnet20, resnet32, resnet44, resnet56, got "
-                                     "'resnet21'"),
+    ("--config.model.name=resnet21", "error: model.name must be one of char_gpt, char_lstm, "
+                                     "cnn_cifar, cnn_mnist, mlp, resnet110, resnet20, resnet32, "
+                                     "resnet44, resnet56, got 'resnet21'"),
     ("--config.model.nme=resnet20", "error: bad flag: 'nme' Did you mean \"name\""),
     ("--config.model.weights=/absent.npz", "error: model.weights: no such file '/absent.npz'"),
     ("--config.data.name=svhn", "error: data.name must be one of"),
