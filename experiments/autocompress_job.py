@@ -26,7 +26,6 @@ import re
 import tempfile
 import time
 
-import jax
 import ml_collections
 import numpy as np
 import optax
@@ -37,7 +36,7 @@ from jaxcompress import budget as budget_lib
 from jaxcompress import compose
 from jaxcompress import data as data_lib
 from jaxcompress.checkpoint import check_workdir, read_json, write_json
-from jaxcompress.data import Batch, DataSpec
+from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model
 from jaxcompress.rules import tree_get
@@ -126,33 +125,6 @@ def check_held_out(data, train_size: int) -> None:
     raise ConfigError(msg)
 
 
-def _arrays(split) -> tuple[np.ndarray, np.ndarray]:
-  if isinstance(split, (tuple, list)):
-    return split[0], split[1]
-  return split.read(np.arange(len(split)))
-
-
-def _head(split, n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The first ``n`` examples of a split."""
-  if isinstance(split, (tuple, list)):
-    return split[0][:n], split[1][:n]
-  return split.read(np.arange(min(n, len(split))))
-
-
-def _batches(x, y, batch_size: int, data) -> list[Batch]:
-  """Normalized batches of one shape; the last one padded with weight 0."""
-  out = []
-  for i in range(0, len(x), batch_size):
-    xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-    w = np.zeros(batch_size, np.float32)
-    w[:len(xb)] = 1
-    pad = batch_size - len(xb)
-    xb = data_lib.normalize(np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)]),
-                            data.mean, data.std)
-    out.append(Batch(xb, np.concatenate([yb, np.zeros(pad, yb.dtype)]).astype(np.int32), w))
-  return out
-
-
 def sub_config(config, prune: dict, quant: dict, *, teacher: bool) -> ml_collections.ConfigDict:
   """The main job's config for one plan (the job's own sections dropped)."""
   d = config.to_dict()
@@ -198,17 +170,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   seed=config.seed, field="student")
   data = DataSpec.from_mapping(config.data)
   splits = load_data(data)
-  train = splits["train"]
-  train_size = len(train[0] if isinstance(train, (tuple, list)) else train)
-  train_size += config.data.val_examples
-  check_held_out(config.data, train_size)
-  x_val, y_val = _arrays(splits["val"])
-  held_out = _batches(x_val, y_val, min(config.scan.batch_size, len(x_val)), data)
-  n_calib = max(1, min(config.quant.calibration_examples, 512))
-  calib = [b.image for b in _batches(*_head(splits["train"], n_calib), 256, data)]
+  train, val = data_lib.as_split(splits["train"]), data_lib.as_split(splits["val"])
+  check_held_out(config.data, len(train) + config.data.val_examples)
+  norm = dict(mean=data.mean, std=data.std)
+  held_out = list(data_lib.eval_batches(val, min(config.scan.batch_size, len(val)), **norm))
+  n_calib = max(1, min(config.quant.calibration_examples, 512, len(train)))
+  head = train.read(np.arange(n_calib))  # the first examples of the training split
+  calib = [b.image for b in data_lib.eval_batches(head, 256, **norm)]
   traced = trace_layers(model, variables, calib[0], field="student.name")
   layers, last = traced.layers, traced.last
-  float32_bytes = 4 * int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
+  float32_bytes = pipeline.FLOAT32_BYTES * pipeline.param_count(variables["params"])
   kind, limit = check_budget(config, float32_bytes)
   params = variables["params"]
   weights = {l.path: np.asarray(tree_get(params, l.weight)) for l in layers}
@@ -300,7 +271,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "plan": plan.to_list(),
       "predicted": {"size_bytes": plan.size_bytes, "bops": plan.bops, "damage": alloc.damage,
                     "optimality_gap": alloc.gap, "unit": alloc.unit, "overhead_bytes": overhead},
-      "sensitivity": {"examples": int(len(x_val)), "base_loss": sens.base_loss,
+      "sensitivity": {"examples": len(val), "base_loss": sens.base_loss,
                       "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
                       "compiles": compiles, "seconds": round(scan_seconds, 1),
                       "joint": bool(config.scan.joint)},

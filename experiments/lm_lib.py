@@ -52,10 +52,6 @@ def build_model(model, vocab_size: int, context: int, seed: int, field: str = "m
   return module, jax.device_get(variables)
 
 
-def param_count(variables) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(variables["params"])))
-
-
 def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
                                                                           LoopSpec]:
   """The optimizer and loop specs of a ``train`` section whose lengths are in steps."""

@@ -109,7 +109,8 @@ def compression_specs(config) -> dict:
               distill=compose.DistillSpec.from_dict(dict(config.distill)))
 
 
-def _param_count(tree) -> int:
+def param_count(tree) -> int:
+  """The number of entries in a parameter tree."""
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
@@ -222,7 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                   "eval compressed", True), **info})
   final_params = jax.device_get(state.params["model"])
   sparsity = float(comp.sparsity({"model": final_params}))
-  original_bytes = _param_count(student_vars["params"]) * FLOAT32_BYTES
+  original_bytes = param_count(student_vars["params"]) * FLOAT32_BYTES
   compressed = {"model": config.student.name, "accuracy": after["accuracy"], "loss": after["loss"],
                 "precision": after["precision"], "recall": after["recall"],
                 "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
@@ -233,7 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   dense = {"sparsity": 0.0, "weight_bits": 32, "act_bits": 32}
   teacher_row = _row(stages.get("teacher"), config.teacher.name)
   if teacher_vars is not None and teacher_row["accuracy"] is not None:
-    teacher_row.update(size_bytes=_param_count(teacher_vars["params"]) * FLOAT32_BYTES, **dense)
+    teacher_row.update(size_bytes=param_count(teacher_vars["params"]) * FLOAT32_BYTES, **dense)
   results = {
       "pretrained": [v for k, v in stages.items() if k.startswith("pretrain ")],
       "teacher": teacher_row,
