@@ -27,7 +27,7 @@ from experiments import lm_lib
 from experiments.lm_train_job import load_corpus, train_lm
 from experiments.pipeline import compression_specs, param_count
 from jaxcompress import compose, parallel, pruning, text
-from jaxcompress.checkpoint import check_workdir, read_json, write_json, write_text
+from jaxcompress.checkpoint import Stages, check_workdir, read_json, write_json, write_text
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import make_optimizer
@@ -130,18 +130,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for fam in families:
     _prepare(fam, config, corpus, specs, mesh)
   check_workdir(config, workdir)  # every user mistake has surfaced: only now write
-  stages_path = os.path.join(workdir, "stages.json")
-  stages = read_json(stages_path)
-
-  def stage(name: str, fn):
-    if name not in stages:
-      stages[name] = fn()
-      write_json(stages_path, stages)
-    return stages[name]
+  stages = Stages(workdir)
 
   results = {}
   for fam in families:
-    out = _run_family(fam, config, corpus, mesh, stage)
+    out = _run_family(fam, config, corpus, mesh, stages)
     if fam.name == "gpt":
       results.update(out)
     else:

@@ -25,7 +25,7 @@ from experiments.train_job import train_model
 from jaxcompress import compose, parallel, precision, pruning
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
-from jaxcompress.checkpoint import (MetricsLog, check_workdir, read_json, write_json,
+from jaxcompress.checkpoint import (MetricsLog, Stages, check_workdir, write_json,
                                     write_text)
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models import create_model, get_model
@@ -120,8 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(config.parallel))
   # With several processes (docs/training.md) all compute every stage; process 0 writes the files.
   main = parallel.is_main_process()
-  stages_path = os.path.join(workdir, "stages.json")
-  stages = read_json(stages_path)  # empty when the workdir does not exist yet
+  stages = Stages(workdir)
   parallel.sync("stages read")  # process 0 writes it only once every process has read it
   claim_workdir = lambda: check_workdir(_recorded(config), workdir)  # by process 0
   mesh = parallel.make_mesh()
@@ -152,13 +151,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], data,
       mesh=mesh, desc=desc, predictions=preds)
 
-  def stage(name: str, fn):
-    if name not in stages:
-      stages[name] = parallel.broadcast_json(fn())  # process 0's, where only it wrote files
-      if main:
-        write_json(stages_path, stages)
-    return stages[name]
-
   # Pretrain stage: weights named in the config but not in the weights folder are trained here
   # with the family's recipe, saved under their name, and the models rebuilt from them. The stage
   # is recorded before the weights are saved: a run stopped in between trains them again from
@@ -168,9 +160,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for name, model_name in to_train.items():
       variables, result = _pretrain(config, workdir, folder, name, model_name, splits, data,
                                     mesh)
-      stages[f"pretrain {name}"] = parallel.broadcast_json(result)
+      stages.record(f"pretrain {name}", result)
       if main:
-        write_json(stages_path, stages)
         save_weights(variables, name, folder)
     parallel.sync("pretrained weights saved")
     paths = {s: resolve_weights(config[s].weights, folder) for s in paths}
@@ -199,8 +190,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   claim_workdir()
 
   if teacher is not None and config.eval.teacher:
-    stage("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
-  stage("original", lambda: evaluate_vars(eval_apply(student), student_vars, "eval original"))
+    stages("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
+  stages("original", lambda: evaluate_vars(eval_apply(student), student_vars, "eval original"))
 
   def before():
     params = state.params
@@ -208,7 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       params = pruning.apply_masks(params, comp.final_masks(params))
     return evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
                          "eval compressed (before fine-tuning)")
-  stage("before", before)
+  stages("before", before)
 
   # Fine-tuning.
   train_step = comp.make_train_step(mesh=mesh, seed=config.seed,
@@ -219,7 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     mesh=mesh, step_args=step_args, desc="fine-tune",
                     eval_fn=lambda s: evaluate_vars(comp.logits_fn, comp.eval_variables(s),
                                                     "eval"))
-  after = stage("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),
+  after = stages("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),
                                                   "eval compressed", True), **info})
   final_params = jax.device_get(state.params["model"])
   sparsity = float(comp.sparsity({"model": final_params}))
@@ -229,7 +220,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
                 "act_bits": config.quant.act_bits or 32}
   if config.export.enabled:
-    compressed.update(stage("export", lambda: _export(
+    compressed.update(stages("export", lambda: _export(
         config, workdir, comp, state, original_bytes, after["predictions"], evaluate_vars)))
   dense = {"sparsity": 0.0, "weight_bits": 32, "act_bits": 32}
   teacher_row = _row(stages.get("teacher"), config.teacher.name)

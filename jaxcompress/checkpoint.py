@@ -40,6 +40,31 @@ def read_json(path: str) -> dict:
     return json.load(f)
 
 
+
+class Stages(dict):
+  """A job's finished stages, ``{name: result}``, kept in ``WORKDIR/stages.json``.
+
+  A stage is recorded once its outputs are complete, so a rerun skips exactly the stages that
+  finished. With several processes, every process keeps process 0's result (the one that wrote
+  the stage's files) and only process 0 writes the file.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "stages.json")
+    super().__init__(read_json(self.path))  # empty when the workdir does not exist yet
+
+  def record(self, name: str, result: Any) -> Any:
+    """Records ``result`` as stage ``name``'s and returns process 0's."""
+    self[name] = parallel.broadcast_json(result)
+    if parallel.is_main_process():
+      write_json(self.path, dict(self))
+    return self[name]
+
+  def __call__(self, name: str, fn) -> Any:
+    """Stage ``name``'s recorded result, running ``fn()`` for it first if it has none."""
+    return self[name] if name in self else self.record(name, fn())
+
+
 LOCK_NAME = "lock"
 _held: set[str] = set()  # real paths of the lock files this process holds
 
