@@ -29,7 +29,6 @@ from jaxcompress.train import LoopSpec
 MODEL_FIELDS = {"char_gpt": ("width", "depth", "heads", "mlp_ratio", "dropout"),
                 "char_lstm": ("width", "layers", "dropout")}
 WEIGHTS, VOCAB, CONFIG = "weights.msgpack", "vocab.json", "config.json"
-FLOAT32_BYTES = 4
 
 
 def check_model(model, field: str = "model") -> None:

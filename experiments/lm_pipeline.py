@@ -25,7 +25,7 @@ import numpy as np
 
 from experiments import lm_lib
 from experiments.lm_train_job import load_corpus, train_lm
-from experiments.pipeline import compression_specs, param_count
+from experiments.pipeline import FLOAT32_BYTES, compression_specs, param_count
 from jaxcompress import compose, parallel, pruning, text
 from jaxcompress.checkpoint import Stages, check_workdir, read_json, write_json, write_text
 from jaxcompress.errors import ConfigError, invalid
@@ -175,7 +175,7 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
   def teacher_stage():
     row = {"model": fam.model_name,
            "params": param_count(fam.variables["params"]),
-           "size_bytes": param_count(fam.variables["params"]) * lm_lib.FLOAT32_BYTES}
+           "size_bytes": param_count(fam.variables["params"]) * FLOAT32_BYTES}
     for split in ("validation", "test", "val111k"):
       r = evaluate(teacher_apply, fam.variables, split, f"eval {fam.name} teacher {split}")
       row.update({f"loss_{split}": r["loss"], f"bits_{split}": r["bits"]})

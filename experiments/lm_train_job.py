@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from experiments import lm_lib
-from experiments.pipeline import param_count
+from experiments.pipeline import FLOAT32_BYTES, param_count
 from jaxcompress import parallel, text
 from jaxcompress.checkpoint import MetricsLog, check_workdir, write_json
 from jaxcompress.errors import invalid
@@ -71,7 +71,7 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
                     eval_fn=lambda s: evaluate(s, "validation"), desc=desc)
   trained = as_vars(state)
   results = {"model": config.model.name, "params": param_count(trained["params"]),
-             "size_bytes": param_count(trained["params"]) * lm_lib.FLOAT32_BYTES,
+             "size_bytes": param_count(trained["params"]) * FLOAT32_BYTES,
              "vocab_size": corpus.vocab.size, "context": data.context, "steps": info["steps"],
              "train_seconds": info["seconds"]}
   for split in EVAL_SPLITS:
