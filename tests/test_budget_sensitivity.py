@@ -1,5 +1,7 @@
 """The sensitivity scan: one compilation for the whole grid, values against NumPy."""
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
@@ -108,3 +110,67 @@ def test_a_resumed_scan_evaluates_only_what_is_missing(scanned):
   resumed = budget.scan(model, variables, batches, grid, calibration=[b.image for b in batches],
                         measured=partial, progress=calls.append)
   assert len(calls) == 2 and resumed.measured.keys() == sens.measured.keys()
+
+
+def _log_softmax(z):
+  z = z - z.max(1, keepdims=True)
+  return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def test_kl_damage_matches_numpy():
+  """``damage='kl'``: the mean KL divergence from the float model's predictions, by NumPy."""
+  model, variables, batches = _setup()
+  sens = budget.scan(model, variables, batches, {"fc2": [Option(0.9, 0, 8)]}, damage="kl",
+                     calibration=[b.image for b in batches])
+  p = {k: {n: np.asarray(v, np.float64) for n, v in d.items()}
+       for k, d in variables["params"].items()}
+  w = p["fc2"]["kernel"]
+  cut = np.sort(np.abs(w).ravel())[round(0.9 * w.size) - 1]
+
+  def logits(x, w2):
+    h = np.maximum(x.reshape(len(x), -1) @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+    h = np.maximum(h @ w2 + p["fc2"]["bias"], 0)
+    return h @ p["fc3"]["kernel"] + p["fc3"]["bias"]
+
+  total = weight = 0.0
+  for b in batches:
+    x = b.image.astype(np.float64)
+    ref, new = _log_softmax(logits(x, w)), _log_softmax(logits(x, np.where(np.abs(w) > cut, w, 0)))
+    total += float(np.sum(np.sum(np.exp(ref) * (ref - new), 1) * b.weight))
+    weight += float(np.sum(b.weight))
+  assert sens.base_loss == pytest.approx(0.0, abs=1e-6)
+  assert sens.damage[0][0] == pytest.approx(total / weight, rel=1e-4)
+  assert sens.loss == "kl"
+
+
+class _NormNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(12, name="fc1")(x.reshape(len(x), -1))
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(h))
+    return nn.Dense(4, name="fc2")(h)
+
+
+def test_adapted_norms_use_each_batchs_statistics():
+  """``adapt_norms=True``: BatchNorm normalises with the held-out batch's own mean and variance."""
+  rng = np.random.default_rng(1)
+  batches = [Batch(rng.normal(size=(16, *SHAPE)).astype(np.float32),
+                   rng.integers(0, 4, 16).astype(np.int32), np.ones(16, np.float32))]
+  model = _NormNet()
+  variables = model.init(jax.random.key(0), batches[0].image)  # stored stats: mean 0, var 1
+  sens = budget.scan(model, variables, batches, {"fc1": [Option(0.5, 0, 8)]}, adapt_norms=True,
+                     calibration=[batches[0].image])
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), variables["params"])
+  w = p["fc1"]["kernel"]
+  cut = np.sort(np.abs(w).ravel())[round(0.5 * w.size) - 1]
+
+  def ce(w1):
+    b = batches[0]
+    h = b.image.reshape(16, -1).astype(np.float64) @ w1 + p["fc1"]["bias"]
+    h = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p["bn"]["scale"] + p["bn"]["bias"]
+    z = np.maximum(h, 0) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+    return float(np.mean(-_log_softmax(z)[np.arange(16), b.label]))
+
+  assert sens.base_loss == pytest.approx(ce(w), rel=1e-4)
+  assert sens.base_loss + sens.damage[0][0] == pytest.approx(
+      ce(np.where(np.abs(w) > cut, w, 0)), rel=1e-4)

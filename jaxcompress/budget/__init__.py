@@ -3,6 +3,7 @@
 - :mod:`.presets`: the ``any``, ``mcu``, ``gpu-sparse`` and ``int8-npu`` search spaces;
 - :mod:`.cost`: artifact bytes from the export's size code, BOPs from the traced layers;
 - :mod:`.sensitivity`: the per-layer scan, one compiled evaluation for the whole grid;
+- :mod:`.hessian`: the Hessian-trace proxy (HAWQ) and its rank agreement with the scan;
 - :mod:`.allocate`: the multiple-choice knapsack, solved exactly by dynamic programming;
 - :mod:`.plan`: the plan, the uniform recipe at the same budget, their compose specs.
 """
@@ -10,12 +11,14 @@
 from jaxcompress.budget.allocate import Allocation, allocate, min_cost
 from jaxcompress.budget.cost import (density, keep_mask, layer_macs, option_bops, overhead_bytes,
                                      spec_slack, weight_bytes)
+from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
 from jaxcompress.budget.plan import LayerPlan, Plan, global_keep, uniform_size
 from jaxcompress.budget.presets import PRESETS, Option, Preset, get_preset
-from jaxcompress.budget.sensitivity import Sensitivity, scan
+from jaxcompress.budget.sensitivity import DAMAGES, Sensitivity, scan
 
 __all__ = [
     "Allocation", "allocate", "min_cost", "density", "keep_mask", "layer_macs", "option_bops",
-    "overhead_bytes", "spec_slack", "weight_bytes", "LayerPlan", "Plan", "global_keep",
-    "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "Sensitivity", "scan",
+    "overhead_bytes", "spec_slack", "weight_bytes", "hessian_traces", "proxy_damage", "spearman",
+    "LayerPlan", "Plan", "global_keep",
+    "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES", "Sensitivity", "scan",
 ]

@@ -4,7 +4,14 @@ For every layer and every option a preset allows it (:class:`~jaxcompress.budget
 the model is evaluated with that layer alone pruned (the lowest magnitudes, in the preset's
 structure) and fake-quantized (its weight, per channel, min-max; its input, on a range calibrated on
 training images), every other layer untouched (float). The damage of an option is the increase of
-the mean cross-entropy over the float model's.
+the held-out loss over the float model's: ``damage="kl"``, the mean KL divergence from the float
+model's predictions (how far the layer moves the function, which matters even on examples the
+model has fitted; it is what KD fine-tuning minimises), or ``"ce"``, the mean cross-entropy with
+the labels. ``adapt_norms=True`` evaluates with the normalisation statistics of each held-out
+batch (train mode) instead of the stored ones: the shift a pruned layer causes in the statistics
+after it, which fine-tuning undoes in its first steps, then no longer counts as damage (Li et al.
+2020 found one-shot accuracy with adapted statistics to rank pruned networks much as their
+fine-tuned accuracy does, and with the stored ones not at all).
 
 ONE jitted evaluation serves the whole scan: the keep-masks of every layer and the per-layer
 weight and input bit widths are its array inputs (0 bits: float), so no grid point recompiles
@@ -16,6 +23,10 @@ damage common to every option of a layer changes no choice).
 
 Evaluate on held-out TRAINING examples, never on the split accuracy is reported on: the plan is
 chosen from these numbers.
+
+References:
+  Li, Wang, Chen, Su, Li, Luo, Liu. EagleEye: Fast Sub-net Evaluation for Efficient Neural
+  Network Pruning. ECCV 2020 (adaptive batch-norm statistics for one-shot evaluation).
 """
 
 from __future__ import annotations
@@ -29,12 +40,14 @@ import numpy as np
 from jaxcompress import quantization
 from jaxcompress.budget.cost import keep_mask
 from jaxcompress.budget.presets import Option
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, unknown
 from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
 from jaxcompress.steps import cross_entropy
+
+DAMAGES = ("kl", "ce")
 
 
 class Sensitivity(NamedTuple):
@@ -53,6 +66,7 @@ class Sensitivity(NamedTuple):
   measured: dict
   compiles: int
   joint: bool = False
+  loss: str = "ce"
 
   def predict(self, path: str, sparsity: float, weight_bits: int, act_bits: int = 0) -> float:
     """Damage of any sparsity (linear between the measured ones; clamped at the largest)."""
@@ -74,7 +88,8 @@ class Sensitivity(NamedTuple):
 def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
          options: Mapping[str, Sequence[Option]], *, calibration: Iterable[Any],
          structure: str = "unstructured", per_channel: bool = True,
-         joint: bool = False, measured: Mapping | None = None,
+         joint: bool = False, damage: str = "ce", adapt_norms: bool = False,
+         measured: Mapping | None = None,
          progress: Callable[[dict], None] | None = None) -> Sensitivity:
   """Measures every option of every layer on ``batches`` (see the module docstring).
 
@@ -88,6 +103,10 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     structure: ``unstructured``, ``nm`` (2:4) or ``channel``.
     per_channel: one weight scale per output channel.
     joint: measure every (sparsity, weight bits) pair instead of summing their parts.
+    damage: ``kl`` (from the float model's predictions) or ``ce`` (with the labels).
+    adapt_norms: evaluate with each batch's own normalisation statistics (train mode; a model
+      with dropout runs it with a fixed key). Batches should then hold many examples each, and
+      no padding (padded examples enter the statistics).
     measured: ``Sensitivity.measured`` of an earlier, interrupted scan of the same model and
       batches (with ``(None, 0, 0, 0)`` the float model's): those points are not evaluated again.
     progress: called with the measurements so far after each evaluation (e.g. to save them).
@@ -96,8 +115,11 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     The :class:`Sensitivity`.
 
   Raises:
-    ConfigError: if ``batches`` is empty or a path names no layer of the model.
+    ConfigError: if ``batches`` is empty, a path names no layer of the model or ``damage`` is
+      unknown.
   """
+  if damage not in DAMAGES:
+    raise unknown("sensitivity: damage", damage, DAMAGES)
   batches = list(batches)
   if not batches:
     raise ConfigError("sensitivity: the held-out batches are empty; hold out training examples")
@@ -117,7 +139,7 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
   ranges = qstate.ranges
   traces = []
 
-  def run(variables, keeps, wbits, abits, batch):
+  def run(variables, keeps, wbits, abits, batch, target):
     traces.append(1)
     params = variables["params"]
     for i, layer in enumerate(layers):
@@ -133,11 +155,21 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
                           jnp.maximum(abits[i], 2))
       return forward(jnp.where(abits[i] > 0, xq, call.x))
 
-    logits, _ = fm.apply({**variables, "params": params}, batch.image, hook=hook)
+    logits, _ = fm.apply({**variables, "params": params}, batch.image, hook=hook,
+                         train=adapt_norms, rngs=jax.random.key(0) if adapt_norms else None)
     correct = (jnp.argmax(logits, -1) == batch.label) * batch.weight
-    return jnp.sum(cross_entropy(logits, batch.label) * batch.weight), jnp.sum(correct)
+    if damage == "kl":
+      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+      loss = jnp.sum(jnp.exp(target) * (target - logp), -1)
+    else:
+      loss = cross_entropy(logits, batch.label)
+    return jnp.sum(loss * batch.weight), jnp.sum(correct)
 
   evaluate = jax.jit(run)
+  float_logp = jax.jit(lambda v, x: jax.nn.log_softmax(
+      fm.apply(v, x)[0].astype(jnp.float32)))
+  targets = [float_logp(dict(variables), b.image) if damage == "kl" else jnp.zeros(())
+             for b in batches]
   weights = [np.asarray(tree_get(variables["params"], l.weight)) for l in layers]
   ones = tuple(jnp.ones(w.shape, jnp.float32) for w in weights)
   total = float(sum(np.sum(b.weight) for b in batches))
@@ -152,8 +184,8 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     wbits, abits = zeros.copy(), zeros.copy()
     wbits[i], abits[i] = wb, ab
     loss = correct = 0.0
-    for batch in batches:
-      l, c = evaluate(dict(variables), keeps, wbits, abits, batch)
+    for batch, target in zip(batches, targets):
+      l, c = evaluate(dict(variables), keeps, wbits, abits, batch, target)
       loss, correct = loss + float(l), correct + float(c)
     return loss / total, correct / total
 
@@ -172,7 +204,7 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
         progress(measured)
     return measured[key][0] - base_loss
 
-  paths, opts, damage = [], [], []
+  paths, opts, damages = [], [], []
   for path in sorted(options, key=index.get):
     row = []
     same_act = len({o.act_bits for o in options[path]}) == 1  # a constant: not measured
@@ -184,6 +216,6 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
       row.append(d + (0.0 if same_act else get(path, 0.0, 0, o.act_bits)))
     paths.append(path)
     opts.append(tuple(options[path]))
-    damage.append(np.asarray(row, np.float64))
-  return Sensitivity(tuple(paths), tuple(opts), tuple(damage), base_loss, base_acc, measured,
-                     len(traces), joint)
+    damages.append(np.asarray(row, np.float64))
+  return Sensitivity(tuple(paths), tuple(opts), tuple(damages), base_loss, base_acc, measured,
+                     len(traces), joint, damage)
