@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.size_bytes = 0  # artifact bytes on disk at most this (0: not this budget)
   c.budget.ratio = 0.0  # ... or float32 size / ratio (0: not this budget)
   c.budget.bops = 0.0  # ... or BOPs per example (MACs x weight bits x input bits) at most this
+  c.budget.sweep = ()  # or ratios, e.g. (15, 25, 40): one budget point each, from one scan
   c.budget.device = "any"  # any, mcu, gpu-sparse, int8-npu (docs/autocompress.md)
 
   c.scan = ml_collections.ConfigDict()
@@ -45,12 +46,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.scan.act_bits = (4, 8)  # input bit widths, searched only under a BOPs budget
   c.scan.batch_size = 500  # held-out examples per evaluation batch
   c.scan.joint = True  # measure every (sparsity, bits) pair; False: sum of the two alone
+  c.scan.damage = "kl"  # kl: KL divergence from the float model's predictions; ce: cross-entropy
+  c.scan.adapt_norms = True  # evaluate with each held-out batch's own BatchNorm statistics
+  c.scan.hessian_samples = 8  # Hutchinson vectors per batch for the Hessian-trace proxy's
+  #                             ranking against the scan (reported only; 0: skip)
 
   c.uniform = ml_collections.ConfigDict()
   c.uniform.enabled = True  # also fine-tune the uniform recipe at the same budget
 
   if arg == "quick":  # ResNet-20: 181 evaluations of 500 images, 8 min on a loaded 2-core VM
-    c.data.val_examples = 500
+    c.data.val_examples = 1000
     c.scan.joint = False
-    c.scan.sparsities = (0.5, 0.7, 0.8, 0.9, 0.95)
+    c.scan.sparsities = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
   return c

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 
 from experiments import pipeline
-from experiments.autocompress_report import write_report
+from experiments.autocompress_report import write_report, write_sweep_report
 from jaxcompress import budget as budget_lib
 from jaxcompress import compose
 from jaxcompress import data as data_lib
@@ -90,6 +90,8 @@ def check_scan(config) -> None:
       raise invalid(f"scan.{field}", s[field], "a non-empty list of bit widths in [2, 8]")
   if s.batch_size < 1:
     raise invalid("scan.batch_size", s.batch_size, ">= 1")
+  if s.damage not in budget_lib.DAMAGES:
+    raise invalid("scan.damage", s.damage, "one of " + ", ".join(budget_lib.DAMAGES))
 
 
 def _split_range(split: str) -> tuple[str, int | None, int | None] | None:
@@ -152,7 +154,54 @@ def _reference_overhead(model, variables, layers, calib, config, weights) -> int
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Runs the job (see the module docstring); returns the ``results.json`` dict."""
+  """Runs the job (see the module docstring); returns the ``results.json`` dict.
+
+  With ``budget.sweep`` (ratios), runs one budget point per ratio in ``WORKDIR/ratio<r>``, all
+  planned from one scan (``WORKDIR/scan.json``), and returns the ``sweep.json`` dict.
+  """
+  if config.budget.sweep:
+    return _sweep(config, workdir)
+  return _budget_point(config, workdir)
+
+
+def _point_config(config, ratio: float) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.budget.sweep, c.budget.ratio = (), float(ratio)
+  return c
+
+
+def _sweep(config, workdir: str) -> dict:
+  """A budget point per ratio of ``budget.sweep``; ``sweep.json``, ``sweep.md``, ``pareto.png``."""
+  ratios = tuple(float(r) for r in config.budget.sweep)
+  for f in ("size_bytes", "ratio", "bops"):
+    if config.budget[f]:
+      raise ConfigError(f"budget: budget.sweep={ratios} and budget.{f}={config.budget[f]} "
+                        "contradict (a sweep sets the ratio of each point); give one of them")
+  if any(not r > 1 for r in ratios) or len(set(ratios)) != len(ratios):
+    raise invalid("budget.sweep", ratios, "distinct compression ratios > 1")
+  # The hardest point first, checks only: a ratio out of reach stops the sweep before it starts.
+  _budget_point(_point_config(config, max(ratios)), workdir, check_only=True)
+  check_workdir(config, workdir)
+  scan_path = os.path.join(workdir, "scan.json")
+  points = []
+  for r in sorted(ratios):
+    res = _budget_point(_point_config(config, r), os.path.join(workdir, f"ratio{r:g}"),
+                        scan_path=scan_path)
+    points.append({"ratio": r, "limit": res["budget"]["limit"], "compressed": res["compressed"],
+                   "uniform": res.get("uniform")})
+  out = {"float32_bytes": res["budget"]["float32_bytes"], "original": res["original"],
+         "points": points}
+  write_json(os.path.join(workdir, "sweep.json"), out)
+  write_sweep_report(workdir, out)
+  return out
+
+
+def _budget_point(config, workdir: str, *, scan_path: str | None = None,
+                  check_only: bool = False) -> dict | None:
+  """One budget: checks, scan (kept in ``scan_path``), plan, both fine-tunes, results.
+
+  ``check_only``: return ``None`` once every check has passed, before anything is written.
+  """
   started = time.time()
   check_scan(config)
   check_budget(config)
@@ -219,8 +268,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   f"{smallest:,} {unit}{extra} (this budget allows {int(limit):,})")
 
   # Every check has passed: only now touch the workdir.
+  if check_only:
+    return None
   check_workdir(config, workdir)
-  scan_path = os.path.join(workdir, "scan.json")
+  scan_path = scan_path or os.path.join(workdir, "scan.json")
   saved = read_json(scan_path)
   measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}
   t0 = time.time()
@@ -231,10 +282,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   sens = budget_lib.scan(model, variables, held_out, options, calibration=calib,
                          structure=preset.structure, per_channel=config.quant.per_channel,
-                         joint=config.scan.joint, measured=measured, progress=save)
+                         joint=config.scan.joint, damage=config.scan.damage,
+                         adapt_norms=config.scan.adapt_norms, measured=measured, progress=save)
   scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
   compiles = saved.get("compiles", 0) + sens.compiles  # over every run of the scan
   save(sens.measured, compiles=compiles)
+  hessian = (_hessian_ranking(model, variables, held_out, calib[0], sens, preset, config)
+             if config.scan.hessian_samples else None)
 
   alloc = budget_lib.allocate([[c[pick] for c in costs[p]] for p in sens.paths],
                               sens.damage, limit - fixed)
@@ -274,7 +328,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "sensitivity": {"examples": len(val), "base_loss": sens.base_loss,
                       "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
                       "compiles": compiles, "seconds": round(scan_seconds, 1),
-                      "joint": bool(config.scan.joint)},
+                      "joint": bool(config.scan.joint), "damage": config.scan.damage,
+                      "adapt_norms": bool(config.scan.adapt_norms), "hessian": hessian},
       "original": out["auto"]["original"],
       "compressed": row(out["auto"], plan.bops),
   }
@@ -288,6 +343,31 @@ def train_and_evaluate(config, workdir: str) -> dict:
   write_json(os.path.join(workdir, "results.json"), results)
   write_report(workdir, results, sens)
   return results
+
+
+def _hessian_ranking(model, variables, held_out, sample, sens, preset, config) -> dict:
+  """The Hessian-trace proxy's damage against the measured one: Spearman over every option of
+  every layer, and over the layers for each (sparsity, bits) column all layers share (median)."""
+  t0 = time.time()
+  traces = budget_lib.hessian_traces(model, variables, held_out, sens.paths,
+                                     samples=config.scan.hessian_samples, seed=config.seed)
+  proxy = budget_lib.proxy_damage(model, variables, sample, traces, dict(zip(sens.paths,
+                                  sens.options)), structure=preset.structure,
+                                  per_channel=config.quant.per_channel)
+  measured = np.concatenate(sens.damage)
+  predicted = np.concatenate([proxy[p] for p in sens.paths])
+  columns = set.intersection(*(set(o) for o in sens.options)) - {budget_lib.Option(0.0, 0, 8)}
+  per_column = []
+  for option in sorted(columns):
+    k = [opts.index(option) for opts in sens.options]
+    per_column.append(budget_lib.spearman([d[i] for d, i in zip(sens.damage, k)],
+                                          [proxy[p][i] for p, i in zip(sens.paths, k)]))
+  per_column = [r for r in per_column if np.isfinite(r)]  # a constant column has no ranking
+  overall = budget_lib.spearman(measured, predicted)
+  return {"samples": int(config.scan.hessian_samples), "seconds": round(time.time() - t0, 1),
+          "spearman_options": overall if np.isfinite(overall) else None,
+          "spearman_layers": float(np.median(per_column)) if per_column else None,
+          "columns": len(per_column), "traces": traces}
 
 
 def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) -> dict | None:

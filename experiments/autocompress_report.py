@@ -89,6 +89,17 @@ def results_table(results: dict) -> str:
                                align="lrrrr")
 
 
+def _hessian_lines(h: dict | None) -> list[str]:
+  if not h:
+    return []
+  fmt = lambda v: "-" if v is None else f"{v:.2f}"
+  return ["", f"Hessian-trace proxy ({h['samples']} Hutchinson vectors per batch, "
+          f"{h['seconds']:.0f} s) against the measured damage: Spearman "
+          f"{fmt(h['spearman_options'])} over every option of every layer, median "
+          f"{fmt(h['spearman_layers'])} over the layers' ranking in each of {h['columns']} "
+          "(sparsity, bits) columns."]
+
+
 def write_report(workdir: str, results: dict, sens) -> None:
   """``report.md`` and the two plots."""
   plot_sensitivity(sens, os.path.join(workdir, "sensitivity.png"))
@@ -113,7 +124,47 @@ def write_report(workdir: str, results: dict, sens) -> None:
       "", f"Sensitivity: {s['evaluations']} evaluations of {s['examples']} held-out training "
       f"examples ({'every pair' if s['joint'] else 'pruning and quantization apart'}), "
       f"{s['compiles']} compilation(s), {s['seconds']:.0f} s; float loss {s['base_loss']:.4f}, "
-      f"accuracy {100 * s['base_accuracy']:.2f} %.", "",
+      f"accuracy {100 * s['base_accuracy']:.2f} %.", *_hessian_lines(s.get("hessian")), "",
       "## Plan", "", plan_table(results["plan"]), "",
       "![sensitivity](sensitivity.png)", "", "![accuracy vs size](accuracy_vs_size.png)", ""]
   _write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
+
+
+def plot_pareto(sweep: dict, path: str) -> None:
+  """Accuracy against artifact bytes over a sweep: the auto plans' curve and the uniform one's."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for key, label, marker in (("compressed", "auto plan", "*-"), ("uniform", "uniform", "o--")):
+    pts = sorted((p[key]["size_bytes"], p[key]["accuracy"]) for p in sweep["points"]
+                 if p.get(key) and p[key].get("size_bytes"))
+    if pts:
+      ax.plot(*zip(*pts), marker[0], ls=marker[1:], ms=9 if marker[0] == "*" else 6, label=label)
+  orig = sweep.get("original", {})
+  if orig.get("accuracy") is not None:
+    ax.axhline(orig["accuracy"], ls=":", c="gray", label="float32")
+  ax.set_xscale("log")
+  ax.set_xlabel("artifact bytes on disk")
+  ax.set_ylabel("test accuracy %")
+  ax.set_title("auto plan against uniform recipe, one scan, several budgets")
+  ax.legend()
+  _save(fig, path)
+
+
+def sweep_table(sweep: dict) -> str:
+  """One row per budget: both plans' accuracy and bytes, and the difference."""
+  rows = []
+  for p in sweep["points"]:
+    a, u = p["compressed"], p.get("uniform")
+    rows.append((f"{p['ratio']:g}x", f"{int(p['limit']):,}", f"{a['accuracy']:.2f}",
+                 f"{a['size_bytes']:,}", "-" if not u else f"{u['accuracy']:.2f}",
+                 "-" if not u else f"{u['size_bytes']:,}",
+                 "-" if not u else f"{a['accuracy'] - u['accuracy']:+.2f}"))
+  return tables.markdown_table(("budget", "limit bytes", "auto %", "auto bytes", "uniform %",
+                                "uniform bytes", "auto - uniform"), rows, align="lrrrrrr")
+
+
+def write_sweep_report(workdir: str, sweep: dict) -> None:
+  """``sweep.md`` (the table, links to each point's report) and ``pareto.png``."""
+  plot_pareto(sweep, os.path.join(workdir, "pareto.png"))
+  links = [f"- [{p['ratio']:g}x](ratio{p['ratio']:g}/report.md)" for p in sweep["points"]]
+  lines = ["# Budget sweep", "", sweep_table(sweep), "", *links, "", "![pareto](pareto.png)", ""]
+  _write_text(os.path.join(workdir, "sweep.md"), "\n".join(lines))

@@ -73,6 +73,9 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
   assert all(set(l) >= {"path", "sparsity", "weight_bits", "act_bits", "bytes"} for l in plan)
   assert on_disk["predicted"]["size_bytes"] <= limit
   assert on_disk["sensitivity"]["compiles"] == 1
+  hessian = on_disk["sensitivity"]["hessian"]
+  assert set(hessian["traces"]) == {"fc1", "fc2", "fc3"}
+  assert -1 <= hessian["spearman_options"] <= 1 and hessian["columns"] > 0
   # The exported weights are pruned as planned: count the zeros of each kernel by hand.
   from jaxcompress import export
   loaded = export.load(str(tmp_path / "auto" / "export"), create_model(
@@ -83,7 +86,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
   for name in ("report.md", "sensitivity.png", "accuracy_vs_size.png"):
     assert os.path.getsize(tmp_path / name) > 0
   report = open(tmp_path / "report.md").read()
-  assert "`fc2`" in report and "uniform" in report
+  assert "`fc2`" in report and "uniform" in report and "Hessian-trace proxy" in report
 
 
 @pytest.mark.parametrize("budget,match", [
@@ -143,3 +146,40 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
     kernel = np.asarray(loaded.variables["params"][name]["kernel"])
     dead = int(np.sum(~kernel.any(axis=0)))
     assert dead >= round(plan[name]["sparsity"] * kernel.shape[1])
+
+
+def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
+  config = _config(mlp_weights, sweep=(6.0, 3.0))
+  config.uniform.enabled = False
+  config.train.epochs = 0.25
+  sweep = _run(config, tmp_path)
+  assert json.load(open(tmp_path / "sweep.json")) == json.loads(json.dumps(sweep))
+  assert [p["ratio"] for p in sweep["points"]] == [3.0, 6.0]
+  for p in sweep["points"]:
+    assert p["limit"] == FLOAT32 // int(p["ratio"])
+    assert p["compressed"]["size_bytes"] <= p["limit"]
+    assert os.path.exists(tmp_path / f"ratio{p['ratio']:g}" / "results.json")
+    assert not os.path.exists(tmp_path / f"ratio{p['ratio']:g}" / "scan.json")
+  scan = json.load(open(tmp_path / "scan.json"))
+  assert scan["compiles"] == 1  # the second budget evaluated nothing new
+  for name in ("sweep.md", "pareto.png"):
+    assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.mark.parametrize("budget,match", [
+    (dict(sweep=(3.0, 1e4)), "smallest plan takes"),
+    (dict(sweep=(3.0,), ratio=4.0), "contradict"),
+    (dict(sweep=(3.0, 0.5)), "budget.sweep"),
+])
+def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
+  with pytest.raises(ConfigError, match=match):
+    _run(_config(mlp_weights, **budget), tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=4.0)
+  config.scan.damage = "mse"
+  with pytest.raises(ConfigError, match="scan.damage.*kl"):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
