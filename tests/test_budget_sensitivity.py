@@ -174,3 +174,18 @@ def test_adapted_norms_use_each_batchs_statistics():
   assert sens.base_loss == pytest.approx(ce(w), rel=1e-4)
   assert sens.base_loss + sens.damage[0][0] == pytest.approx(
       ce(np.where(np.abs(w) > cut, w, 0)), rel=1e-4)
+
+
+def test_evaluator_measures_a_whole_plan_like_numpy():
+  """Two layers pruned at once (a plan, not one layer alone): the loss NumPy computes."""
+  model, variables, batches = _setup()
+  evaluate = budget.Evaluator(model, variables, batches, calibration=[b.image for b in batches])
+  pruned, keeps = {}, {}
+  for name, s in (("fc1", 0.5), ("fc3", 0.9)):
+    w = np.asarray(variables["params"][name]["kernel"], np.float64)
+    cut = np.sort(np.abs(w).ravel())[round(s * w.size) - 1]
+    keeps[name] = np.abs(w) > cut
+    pruned[name] = np.where(keeps[name], w, 0)
+  loss, _ = evaluate(keeps, {}, {})
+  assert loss == pytest.approx(_numpy_loss(variables, batches, pruned), rel=1e-4)
+  assert evaluate.compiles == 1

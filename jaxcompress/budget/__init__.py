@@ -4,6 +4,7 @@
 - :mod:`.cost`: artifact bytes from the export's size code, BOPs from the traced layers;
 - :mod:`.sensitivity`: the per-layer scan, one compiled evaluation for the whole grid;
 - :mod:`.hessian`: the Hessian-trace proxy (HAWQ) and its rank agreement with the scan;
+- :mod:`.refine`: damage measured around a whole reference plan (the allocator's second pass);
 - :mod:`.allocate`: the multiple-choice knapsack, solved exactly by dynamic programming;
 - :mod:`.plan`: the plan, the uniform recipe at the same budget, their compose specs.
 """
@@ -14,11 +15,13 @@ from jaxcompress.budget.cost import (density, keep_mask, layer_macs, option_bops
 from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
 from jaxcompress.budget.plan import LayerPlan, Plan, global_keep, uniform_size
 from jaxcompress.budget.presets import PRESETS, Option, Preset, get_preset
-from jaxcompress.budget.sensitivity import DAMAGES, Sensitivity, scan
+from jaxcompress.budget.refine import Reference, context_damage, reference_of
+from jaxcompress.budget.sensitivity import DAMAGES, Evaluator, Sensitivity, scan
 
 __all__ = [
     "Allocation", "allocate", "min_cost", "density", "keep_mask", "layer_macs", "option_bops",
     "overhead_bytes", "spec_slack", "weight_bytes", "hessian_traces", "proxy_damage", "spearman",
     "LayerPlan", "Plan", "global_keep",
-    "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES", "Sensitivity", "scan",
+    "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES", "Evaluator",
+    "Sensitivity", "scan", "Reference", "context_damage", "reference_of",
 ]

@@ -13,9 +13,10 @@ after it, which fine-tuning undoes in its first steps, then no longer counts as 
 2020 found one-shot accuracy with adapted statistics to rank pruned networks much as their
 fine-tuned accuracy does, and with the stored ones not at all).
 
-ONE jitted evaluation serves the whole scan: the keep-masks of every layer and the per-layer
-weight and input bit widths are its array inputs (0 bits: float), so no grid point recompiles
-(:attr:`Sensitivity.compiles` counts the traces). With ``joint=False`` pruning and quantization
+ONE jitted evaluation (:class:`Evaluator`, which also measures whole plans) serves the whole
+scan: the keep-masks of every layer and the per-layer weight and input bit widths are its array
+inputs (0 bits: float), so no grid point recompiles (:attr:`Sensitivity.compiles` counts the
+traces). With ``joint=False`` pruning and quantization
 are measured apart (sparsities at float weights, bit widths at dense weights, input bits at float
 weights) and an option's damage is their sum: ``|S| + |W| + |A|`` evaluations per layer instead
 of ``|S| x |W| + |A|``. Input bits are measured only for layers whose options differ in them (a
@@ -118,80 +119,25 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     ConfigError: if ``batches`` is empty, a path names no layer of the model or ``damage`` is
       unknown.
   """
-  if damage not in DAMAGES:
-    raise unknown("sensitivity: damage", damage, DAMAGES)
-  batches = list(batches)
-  if not batches:
-    raise ConfigError("sensitivity: the held-out batches are empty; hold out training examples")
-  sample = batches[0].image
-  layers = trace_layers(model, dict(variables), sample).layers
-  index = {l.path: i for i, l in enumerate(layers)}
+  evaluate = Evaluator(model, variables, batches, calibration=calibration,
+                       per_channel=per_channel, damage=damage, adapt_norms=adapt_norms)
+  index = {l.path: i for i, l in enumerate(evaluate.layers)}
   missing = sorted(set(options) - set(index))
   if missing:
     raise ConfigError(f"sensitivity: {missing[0]!r} names no layer of the model "
                       f"(layers: {list(index)[:6]})")
-  fm = functional(model)
-  qz = quantization.quantize(fm, [(".*", dict(weight_bits=8, act_bits=8,
-                                                per_channel=per_channel))])
-  qstate = qz.init(dict(variables), sample)
-  qstate = quantization.calibrate(qz, dict(variables), qstate, calibration)
-  qlayers = {l.path: l for l in qstate.layers}
-  ranges = qstate.ranges
-  traces = []
-
-  def run(variables, keeps, wbits, abits, batch, target):
-    traces.append(1)
-    params = variables["params"]
-    for i, layer in enumerate(layers):
-      w = tree_get(params, layer.weight) * keeps[i]
-      q = quantize_kernel(qlayers[layer.path], w, None, jnp.maximum(wbits[i], 2))
-      params = tree_set(params, layer.weight, jnp.where(wbits[i] > 0, q, w))
-
-    def hook(call, forward):
-      i = index.get(call.path)
-      if i is None or call.kind != "linear" or call.path not in ranges:
-        return forward(call.x)
-      xq = quantize_input(qlayers[call.path], call.x, ranges[call.path], None,
-                          jnp.maximum(abits[i], 2))
-      return forward(jnp.where(abits[i] > 0, xq, call.x))
-
-    logits, _ = fm.apply({**variables, "params": params}, batch.image, hook=hook,
-                         train=adapt_norms, rngs=jax.random.key(0) if adapt_norms else None)
-    correct = (jnp.argmax(logits, -1) == batch.label) * batch.weight
-    if damage == "kl":
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-      loss = jnp.sum(jnp.exp(target) * (target - logp), -1)
-    else:
-      loss = cross_entropy(logits, batch.label)
-    return jnp.sum(loss * batch.weight), jnp.sum(correct)
-
-  evaluate = jax.jit(run)
-  float_logp = jax.jit(lambda v, x: jax.nn.log_softmax(
-      fm.apply(v, x)[0].astype(jnp.float32)))
-  targets = [float_logp(dict(variables), b.image) if damage == "kl" else jnp.zeros(())
-             for b in batches]
-  weights = [np.asarray(tree_get(variables["params"], l.weight)) for l in layers]
-  ones = tuple(jnp.ones(w.shape, jnp.float32) for w in weights)
-  total = float(sum(np.sum(b.weight) for b in batches))
-  zeros = np.zeros(len(layers), np.int32)
+  weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
+             for l in evaluate.layers}
   masks: dict = {}
 
   def measure(path, s, wb, ab):
-    i = index[path]
-    if (i, s) not in masks:
-      masks[(i, s)] = jnp.asarray(keep_mask(weights[i], s, structure), jnp.float32)
-    keeps = ones[:i] + (masks[(i, s)],) + ones[i + 1:]
-    wbits, abits = zeros.copy(), zeros.copy()
-    wbits[i], abits[i] = wb, ab
-    loss = correct = 0.0
-    for batch, target in zip(batches, targets):
-      l, c = evaluate(dict(variables), keeps, wbits, abits, batch, target)
-      loss, correct = loss + float(l), correct + float(c)
-    return loss / total, correct / total
+    if (path, s) not in masks:
+      masks[(path, s)] = keep_mask(weights[path], s, structure)
+    return evaluate({path: masks[(path, s)]}, {path: wb}, {path: ab})
 
   measured = dict(measured or {})
   if (None, 0.0, 0, 0) not in measured:
-    measured[(None, 0.0, 0, 0)] = measure(layers[0].path, 0.0, 0, 0)
+    measured[(None, 0.0, 0, 0)] = evaluate({}, {}, {})
   base_loss, base_acc = measured[(None, 0.0, 0, 0)]
 
   def get(path, s, wb, ab):
@@ -218,4 +164,88 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     opts.append(tuple(options[path]))
     damages.append(np.asarray(row, np.float64))
   return Sensitivity(tuple(paths), tuple(opts), tuple(damages), base_loss, base_acc, measured,
-                     len(traces), joint, damage)
+                     evaluate.compiles, joint, damage)
+
+
+class Evaluator:
+  """The held-out loss and accuracy of the model with any of its layers pruned and quantized.
+
+  One jitted function serves every call: each layer's keep-mask and weight and input bit widths
+  are its array inputs (0 bits: float), so no call recompiles (:attr:`compiles` counts the
+  traces). ``damage`` and ``adapt_norms`` as in :func:`scan`.
+  """
+
+  def __init__(self, model: Any, variables: Mapping[str, Any], batches: Sequence[Any], *,
+               calibration: Iterable[Any], per_channel: bool = True, damage: str = "ce",
+               adapt_norms: bool = False):
+    if damage not in DAMAGES:
+      raise unknown("sensitivity: damage", damage, DAMAGES)
+    self.batches = list(batches)
+    if not self.batches:
+      raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
+                        "examples")
+    sample = self.batches[0].image
+    self.variables = dict(variables)
+    self.layers = layers = trace_layers(model, self.variables, sample).layers
+    index = {l.path: i for i, l in enumerate(layers)}
+    fm = functional(model)
+    qz = quantization.quantize(fm, [(".*", dict(weight_bits=8, act_bits=8,
+                                                  per_channel=per_channel))])
+    qstate = qz.init(self.variables, sample)
+    qstate = quantization.calibrate(qz, self.variables, qstate, calibration)
+    qlayers = {l.path: l for l in qstate.layers}
+    ranges = qstate.ranges
+    self._traces = []
+
+    def run(variables, keeps, wbits, abits, batch, target):
+      self._traces.append(1)
+      params = variables["params"]
+      for i, layer in enumerate(layers):
+        w = tree_get(params, layer.weight) * keeps[i]
+        q = quantize_kernel(qlayers[layer.path], w, None, jnp.maximum(wbits[i], 2))
+        params = tree_set(params, layer.weight, jnp.where(wbits[i] > 0, q, w))
+
+      def hook(call, forward):
+        i = index.get(call.path)
+        if i is None or call.kind != "linear" or call.path not in ranges:
+          return forward(call.x)
+        xq = quantize_input(qlayers[call.path], call.x, ranges[call.path], None,
+                            jnp.maximum(abits[i], 2))
+        return forward(jnp.where(abits[i] > 0, xq, call.x))
+
+      logits, _ = fm.apply({**variables, "params": params}, batch.image, hook=hook,
+                           train=adapt_norms, rngs=jax.random.key(0) if adapt_norms else None)
+      correct = (jnp.argmax(logits, -1) == batch.label) * batch.weight
+      if damage == "kl":
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+        loss = jnp.sum(jnp.exp(target) * (target - logp), -1)
+      else:
+        loss = cross_entropy(logits, batch.label)
+      return jnp.sum(loss * batch.weight), jnp.sum(correct)
+
+    self._run = jax.jit(run)
+    float_logp = jax.jit(lambda v, x: jax.nn.log_softmax(fm.apply(v, x)[0].astype(jnp.float32)))
+    self._targets = [float_logp(self.variables, b.image) if damage == "kl" else jnp.zeros(())
+                     for b in self.batches]
+    self._ones = tuple(jnp.ones(np.shape(tree_get(self.variables["params"], l.weight)),
+                                jnp.float32) for l in layers)
+    self._total = float(sum(np.sum(b.weight) for b in self.batches))
+
+  @property
+  def compiles(self) -> int:
+    return len(self._traces)
+
+  def __call__(self, keeps: Mapping[str, Any], weight_bits: Mapping[str, int],
+               act_bits: Mapping[str, int]) -> tuple[float, float]:
+    """``(mean loss, accuracy)`` with these layers' keep-masks and bit widths (by path; layers
+    not named stay dense and float)."""
+    paths = [l.path for l in self.layers]
+    keep = tuple(jnp.asarray(keeps[p], jnp.float32) if p in keeps else one
+                 for p, one in zip(paths, self._ones))
+    wbits = np.asarray([weight_bits.get(p, 0) for p in paths], np.int32)
+    abits = np.asarray([act_bits.get(p, 0) for p in paths], np.int32)
+    loss = correct = 0.0
+    for batch, target in zip(self.batches, self._targets):
+      l, c = self._run(self.variables, keep, wbits, abits, batch, target)
+      loss, correct = loss + float(l), correct + float(c)
+    return loss / self._total, correct / self._total
