@@ -48,6 +48,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.scan.joint = True  # measure every (sparsity, bits) pair; False: sum of the two alone
   c.scan.damage = "kl"  # kl: KL divergence from the float model's predictions; ce: cross-entropy
   c.scan.adapt_norms = True  # evaluate with each held-out batch's own BatchNorm statistics
+  c.scan.refine_rounds = 1  # allocations over damage measured around the uniform recipe, then
+  #                           around each new plan; the plan with the least whole-plan damage wins
   c.scan.hessian_samples = 8  # Hutchinson vectors per batch for the Hessian-trace proxy's
   #                             ranking against the scan (reported only; 0: skip)
 

@@ -9,12 +9,15 @@
    (:mod:`jaxcompress.budget.cost`), and refuses a budget below the smallest reachable size;
 3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
 4. allocates exactly (:mod:`jaxcompress.budget.allocate`) and finds the uniform recipe at the
-   same budget;
+   same budget; allocates again over damage measured around the uniform recipe, then around each
+   new plan (``scan.refine_rounds``, :mod:`jaxcompress.budget.refine`); measures every candidate
+   plan whole on the held-out slice and keeps the least damaged;
 5. runs the main job (:func:`experiments.pipeline.train_and_evaluate`: KD fine-tuning, evaluation,
    export) on each plan in ``WORKDIR/auto`` and ``WORKDIR/uniform``;
 6. writes ``results.json``, ``report.md``, ``sensitivity.png`` and ``accuracy_vs_size.png``.
 
-The scan is kept in ``WORKDIR/scan.json`` and each plan's run resumes on its own, so rerunning the
+The scan is kept in ``WORKDIR/scan.json``, each refinement round's measurements in
+``WORKDIR/context<r>.json``, and each plan's run resumes on its own, so rerunning the
 same command continues where it stopped. Nothing is written before every check has passed.
 """
 
@@ -246,16 +249,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
       keeps[(path, s)] = budget_lib.keep_mask(weights[path], s, preset.structure)
     return keeps[(path, s)]
 
-  costs = {}
-  for l in layers:
-    row = []
-    for o in options[l.path]:
-      k = keep(l.path, o.sparsity)
-      nbytes = budget_lib.weight_bytes(k, o.weight_bits)
-      bops = budget_lib.option_bops(macs.get(l.path, 0), o,
-                                    budget_lib.density(k, preset.structure))
-      row.append((nbytes, bops))
-    costs[l.path] = row
+  def cost(path, o):  # (bytes, BOPs) of one option
+    k = keep(path, o.sparsity)
+    return (budget_lib.weight_bytes(k, o.weight_bits), budget_lib.option_bops(
+        macs.get(path, 0), o, budget_lib.density(k, preset.structure)))
+
+  costs = {l.path: [cost(l.path, o) for o in options[l.path]] for l in layers}
   pick = 0 if kind == "size" else 1
   fixed = overhead if kind == "size" else 0
   smallest = fixed + sum(min(c[pick] for c in costs[l.path]) for l in layers)
@@ -276,9 +275,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}
   t0 = time.time()
 
+  hessian = saved.get("hessian")  # kept with the scan: a rerun or another budget reuses it
+
   def save(points, **extra):  # after every evaluation: a rerun continues the scan
     write_json(scan_path, {"measured": [[list(k), list(v)] for k, v in points.items()],
-                           "seconds": saved.get("seconds", 0.0) + time.time() - t0, **extra})
+                           "seconds": saved.get("seconds", 0.0) + time.time() - t0,
+                           **({"hessian": hessian} if hessian else {}), **extra})
 
   sens = budget_lib.scan(model, variables, held_out, options, calibration=calib,
                          structure=preset.structure, per_channel=config.quant.per_channel,
@@ -286,26 +288,62 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                          adapt_norms=config.scan.adapt_norms, measured=measured, progress=save)
   scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
   compiles = saved.get("compiles", 0) + sens.compiles  # over every run of the scan
+  if config.scan.hessian_samples and (hessian or {}).get("samples") != config.scan.hessian_samples:
+    hessian = _hessian_ranking(model, variables, held_out, calib[0], sens, preset, config)
   save(sens.measured, compiles=compiles)
-  hessian = (_hessian_ranking(model, variables, held_out, calib[0], sens, preset, config)
-             if config.scan.hessian_samples else None)
+  if not config.scan.hessian_samples:
+    hessian = None
 
-  alloc = budget_lib.allocate([[c[pick] for c in costs[p]] for p in sens.paths],
-                              sens.damage, limit - fixed)
   by_path = {l.path: l for l in layers}
-  plan = budget_lib.Plan(tuple(
-      budget_lib.LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits,
-                           costs[p][k][0], costs[p][k][1], float(sens.damage[i][k]))
-      for i, (p, k) in enumerate(zip(sens.paths, alloc.choice))
-      for o in [sens.options[i][k]]), preset.structure, overhead)
 
-  runs = {"auto": (plan.prune_fields(), plan.quant_fields())}
+  def make_plan(opts: dict, damage: dict):  # the exact allocation over these options
+    cs = {p: [cost(p, o) for o in opts[p]] for p in sens.paths}
+    alloc = budget_lib.allocate([[c[pick] for c in cs[p]] for p in sens.paths],
+                                [damage[p] for p in sens.paths], limit - fixed)
+    return alloc, budget_lib.Plan(tuple(
+        budget_lib.LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits,
+                             cs[p][k][0], cs[p][k][1], float(damage[p][k]))
+        for p, k in zip(sens.paths, alloc.choice) for o in [opts[p][k]]), preset.structure,
+        overhead)
+
+  alloc, plan = make_plan(dict(zip(sens.paths, sens.options)), dict(zip(sens.paths, sens.damage)))
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
                        overhead)
-    if uniform is not None:
-      runs["uniform"] = uniform["fields"]
+  # Whole plans measured on the held-out slice, before fine-tuning (the summed single-layer
+  # damages misjudge them at high compression), and the candidates refined in context.
+  evaluate = budget_lib.Evaluator(model, variables, held_out, calibration=calib,
+                                  per_channel=config.quant.per_channel,
+                                  damage=config.scan.damage, adapt_norms=config.scan.adapt_norms)
+
+  def whole(p):  # the evaluator's view of a plan
+    return ({l.path: keep(l.path, l.sparsity) for l in p.layers if l.sparsity},
+            {l.path: l.weight_bits for l in p.layers}, {l.path: l.act_bits for l in p.layers})
+
+  candidates = {"isolated": (alloc, plan)}
+  reference = None
+  if uniform is not None and preset.structure == "unstructured":
+    reference = budget_lib.reference_of(*uniform["masks_and_bits"])
+  for r in range(config.scan.refine_rounds if reference is not None else 0):
+    path = os.path.join(workdir, f"context{r + 1}.json")
+    saved_ctx = {tuple(k): v for k, v in read_json(path).get("measured", [])}
+    _, opts, damage, _ = budget_lib.context_damage(
+        evaluate, reference, dict(zip(sens.paths, sens.options)), keep, measured=saved_ctx,
+        progress=lambda m, path=path: write_json(path, {"measured": [[list(k), v]
+                                                                     for k, v in m.items()]}))
+    candidates[f"context{r + 1}"] = make_plan(opts, damage)
+    reference = budget_lib.reference_of(*whole(candidates[f"context{r + 1}"][1]))
+  one_shot = {name: _one_shot(evaluate, sens.base_loss, *whole(p))
+              for name, (_, p) in candidates.items()}
+  chosen = min(candidates, key=lambda name: one_shot[name]["damage"])
+  alloc, plan = candidates[chosen]
+  whole_plans = {"auto": one_shot[chosen]}
+  if uniform is not None:
+    whole_plans["uniform"] = _one_shot(evaluate, sens.base_loss, *uniform["masks_and_bits"])
+  runs = {"auto": (plan.prune_fields(), plan.quant_fields())}
+  if uniform is not None:
+    runs["uniform"] = uniform["fields"]
   out = {}
   for i, (name, (prune, quant)) in enumerate(runs.items()):
     sub = sub_config(config, prune, quant, teacher=i == 0)
@@ -330,6 +368,11 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                       "compiles": compiles, "seconds": round(scan_seconds, 1),
                       "joint": bool(config.scan.joint), "damage": config.scan.damage,
                       "adapt_norms": bool(config.scan.adapt_norms), "hessian": hessian},
+      "one_shot": whole_plans,
+      "candidates": {name: {"plan": p.to_list(), "predicted_size_bytes": p.size_bytes,
+                            "predicted_damage": a.damage, "one_shot": one_shot[name]}
+                     for name, (a, p) in candidates.items()},
+      "chosen": chosen,
       "original": out["auto"]["original"],
       "compressed": row(out["auto"], plan.bops),
   }
@@ -343,6 +386,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   write_json(os.path.join(workdir, "results.json"), results)
   write_report(workdir, results, sens)
   return results
+
+
+def _one_shot(evaluate, base_loss: float, keeps: dict, weight_bits: dict, act_bits: dict) -> dict:
+  """A whole plan's held-out damage (loss over the float model's) and accuracy, not fine-tuned."""
+  loss, accuracy = evaluate(keeps, weight_bits, act_bits)
+  return {"damage": loss - base_loss, "accuracy": 100 * accuracy}
 
 
 def _hessian_ranking(model, variables, held_out, sample, sens, preset, config) -> dict:
@@ -407,7 +456,11 @@ def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) 
              "scope": "layer", "schedule": "one_shot", "begin": 0.0, "sparsity": s,
              "rules": (), "layer_sparsity": ()}
   quant = {"weight_bits": int(b), "act_bits": act, "first_last_bits": 8, "layer_bits": ()}
+  paths = [l.path for l in layers]
+  masks_and_bits = ({p: k for p, k in keep.items() if s},
+                    {p: int(b) if p in keep else 8 for p in paths}, {p: act for p in paths})
   return {"fields": (prune, quant), "sparsity": s, "weight_bits": int(b), "size_bytes": size,
+          "masks_and_bits": masks_and_bits,
           "bops": _uniform_bops(layers, macs, keep, b, act)}
 
 

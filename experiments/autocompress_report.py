@@ -89,6 +89,20 @@ def results_table(results: dict) -> str:
                                align="lrrrr")
 
 
+def candidates_table(results: dict) -> str:
+  """Every candidate plan and the uniform recipe, measured whole before fine-tuning."""
+  rows = [(f"{name}{' (chosen)' if name == results.get('chosen') else ''}",
+           f"{c['predicted_size_bytes']:,}", f"{c['predicted_damage']:.4f}",
+           f"{c['one_shot']['damage']:.4f}", f"{c['one_shot']['accuracy']:.2f}")
+          for name, c in results.get("candidates", {}).items()]
+  u = results.get("one_shot", {}).get("uniform")
+  if u:
+    rows.append(("uniform recipe", "-", "-", f"{u['damage']:.4f}", f"{u['accuracy']:.2f}"))
+  return tables.markdown_table(("candidate", "predicted bytes", "predicted damage",
+                                "whole-plan damage", "held-out accuracy %"), rows,
+                               align="lrrrr")
+
+
 def _hessian_lines(h: dict | None) -> list[str]:
   if not h:
     return []
@@ -125,6 +139,10 @@ def write_report(workdir: str, results: dict, sens) -> None:
       f"examples ({'every pair' if s['joint'] else 'pruning and quantization apart'}), "
       f"{s['compiles']} compilation(s), {s['seconds']:.0f} s; float loss {s['base_loss']:.4f}, "
       f"accuracy {100 * s['base_accuracy']:.2f} %.", *_hessian_lines(s.get("hessian")), "",
+      "## Candidates", "", "Measured whole on the held-out slice, before fine-tuning (damage: the "
+      "held-out loss over the float model's; `isolated`: allocated over single-layer damages; "
+      "`context<r>`: over damages measured around the uniform recipe or the previous round's "
+      "plan).", "", candidates_table(results), "",
       "## Plan", "", plan_table(results["plan"]), "",
       "![sensitivity](sensitivity.png)", "", "![accuracy vs size](accuracy_vs_size.png)", ""]
   _write_text(os.path.join(workdir, "report.md"), "\n".join(lines))

@@ -73,6 +73,15 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
   assert all(set(l) >= {"path", "sparsity", "weight_bits", "act_bits", "bytes"} for l in plan)
   assert on_disk["predicted"]["size_bytes"] <= limit
   assert on_disk["sensitivity"]["compiles"] == 1
+  for name in ("auto", "uniform"):  # both plans measured whole before fine-tuning
+    assert 0 <= on_disk["one_shot"][name]["accuracy"] <= 100
+    assert np.isfinite(on_disk["one_shot"][name]["damage"])
+  cands = on_disk["candidates"]  # the plan with the least whole-plan damage is the one trained
+  assert set(cands) == {"isolated", "context1"} and on_disk["chosen"] in cands
+  assert cands[on_disk["chosen"]]["plan"] == plan
+  assert on_disk["one_shot"]["auto"]["damage"] == min(c["one_shot"]["damage"]
+                                                      for c in cands.values())
+  assert all(c["predicted_size_bytes"] <= limit for c in cands.values())
   hessian = on_disk["sensitivity"]["hessian"]
   assert set(hessian["traces"]) == {"fc1", "fc2", "fc3"}
   assert -1 <= hessian["spearman_options"] <= 1 and hessian["columns"] > 0
