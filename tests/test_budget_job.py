@@ -54,7 +54,9 @@ FLOAT32 = 4 * ((784 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10))
 
 
 def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
-  results = _run(_config(mlp_weights, ratio=4.0), tmp_path)
+  config = _config(mlp_weights, ratio=4.0)
+  config.scan.refine_rounds = 1
+  results = _run(config, tmp_path)
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk == json.loads(json.dumps(results))
   limit = FLOAT32 // 4
