@@ -153,8 +153,7 @@ def _reference_overhead(model, variables, layers, calib, config, weights) -> int
   with tempfile.TemporaryDirectory() as tmp:
     comp.export(tmp, state, input_shape=tuple(calib[0].shape[1:]))
     spec = export.read_spec(tmp)
-    spec_bytes = os.path.getsize(os.path.join(tmp, "spec.json"))
-  return budget_lib.overhead_bytes(spec, spec_bytes, weights)
+  return budget_lib.overhead_bytes(spec, weights)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -66,7 +66,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     for field in ("accuracy", "size_bytes", "compression_ratio", "bops"):
       assert row[field] is not None, (name, field)
     disk = sum(os.path.getsize(tmp_path / name.replace("compressed", "auto") / "export" / f)
-               for f in ("spec.json", "arrays.bin"))
+               for f in ("spec.json.gz", "arrays.bin"))
     assert row["size_bytes"] == disk <= limit
   assert on_disk["compressed"]["size_bytes"] <= on_disk["predicted"]["size_bytes"]
   assert on_disk["uniform"]["size_bytes"] <= on_disk["uniform"]["predicted_size_bytes"]

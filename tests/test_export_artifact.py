@@ -3,6 +3,7 @@ input, and bad artifacts."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -14,7 +15,7 @@ import pytest
 
 from jaxcompress import compose
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import export_model, finalize, format_report, load
+from jaxcompress.export import export_model, finalize, format_report, load, read_spec
 from jaxcompress.models import get_model
 from jaxcompress.quantization import Codebook, LayerSpec, cluster_params, decode_params, quantize
 from test_export_runtime import random_variables
@@ -141,10 +142,13 @@ def test_stored_integers_are_the_fake_quant_grid(convbn):
 def test_bytes_on_disk_are_counted(convbn):
   out, report, v = convbn["out"], convbn["report"], convbn["variables"]
   files = sorted(os.listdir(out))
-  assert files == ["arrays.bin", "spec.json"]
+  assert files == ["arrays.bin", "spec.json.gz"]
   on_disk = sum(os.path.getsize(os.path.join(out, f)) for f in files)
   assert report["total_bytes"] == on_disk
-  assert report["spec_bytes"] == os.path.getsize(os.path.join(out, "spec.json"))
+  assert report["spec_bytes"] == os.path.getsize(os.path.join(out, "spec.json.gz"))
+  # The gzipped spec is the plain one's text, and smaller.
+  text = gzip.decompress(open(os.path.join(out, "spec.json.gz"), "rb").read())
+  assert json.loads(text) == read_spec(out) and len(text) > 2 * report["spec_bytes"]
   assert report["arrays_bytes"] == os.path.getsize(os.path.join(out, "arrays.bin"))
   n_params = sum(np.size(a) for a in jax.tree.leaves(v["params"]))
   assert n_params == 3 * 3 * 3 * 8 + 2 * 8 + 3 * 3 * 8 * 16 + 2 * 16 + 16 * 10 + 10 + 2 * 10
@@ -233,7 +237,7 @@ def _one_line_error(path, match, model=None):
 
 def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convbn, tmp_path):
   src = convbn["out"]
-  spec = json.load(open(os.path.join(src, "spec.json")))
+  spec = read_spec(src)
   data = open(os.path.join(src, "arrays.bin"), "rb").read()
 
   def write(name, arrays=data, spec_obj=spec):
@@ -269,10 +273,13 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
                                                   f"{spec['arrays']['raw_bytes'] + 4} bytes")
   _one_line_error(src, r"model.exported: params/body/kernel has shape \[3, 3, 8, 16\] in the "
                        r"artifact, .* needs \[3, 3, 3, 16\]", model=BodyOnRGB())
-  _one_line_error(str(tmp_path / "absent"), "model.exported: no spec.json in")
+  _one_line_error(str(tmp_path / "absent"), "model.exported: no spec.json.gz or spec.json in")
   broken = write("json", spec_obj={})
   (tmp_path / "json" / "spec.json").write_text("{not json")
   _one_line_error(broken, "is not valid JSON")
+  (tmp_path / "json" / "spec.json.gz").write_bytes(
+      gzip.compress(json.dumps(spec).encode())[:-12])  # cut short
+  _one_line_error(broken, "spec.json.gz' is not valid gzipped JSON")
   version = copy()
   version["version"] = 1
   _one_line_error(write("version", spec_obj=version), "has format version 1")

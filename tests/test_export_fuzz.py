@@ -6,6 +6,7 @@ a silently different model, or a hang."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ SEMANTIC = object()  # marker: the edit may legitimately describe a different mo
 @pytest.fixture(scope="module")
 def art(convbn):  # noqa: F811
   src = convbn["out"]
-  spec_text = open(os.path.join(src, "spec.json")).read()
+  spec_text = gzip.decompress(open(os.path.join(src, "spec.json.gz"), "rb").read()).decode()
   data = open(os.path.join(src, "arrays.bin"), "rb").read()
   ref = np.asarray(load(src, ConvBN()).logits(X))
   return dict(spec=json.loads(spec_text), spec_text=spec_text, data=data, ref=ref)

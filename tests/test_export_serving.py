@@ -37,7 +37,7 @@ def test_serving_functions_run_without_jaxcompress_and_equal_the_artifact(tmp_pa
   assert signature["output"] == {"shape": ["batch", 10], "dtype": "float32"}
   assert signature["model"] == "mlp"
   assert sorted(os.listdir(tmp_path / "uint8")) == ["model.jaxexport", "signature.json"]
-  assert sorted(os.listdir(tmp_path / "export")) == ["arrays.bin", "spec.json"]  # kept apart
+  assert sorted(os.listdir(tmp_path / "export")) == ["arrays.bin", "spec.json.gz"]  # kept apart
   float_sig = save_serving(str(tmp_path / "float"), loaded)
   assert float_sig["input"]["dtype"] == "float32" and not float_sig["input"]["normalised_inside"]
   rng = np.random.default_rng(0)

@@ -88,7 +88,7 @@ def test_exported_codes_do_not_depend_on_the_compute_dtype(trained, tmp_path):
   comp32 = trained["float32"][0]
   for name, comp in (("bf16", comp16), ("f32", comp32)):
     comp.export(str(tmp_path / name), state, input_shape=SHAPE)
-  for file in ("arrays.bin", "spec.json"):
+  for file in ("arrays.bin", "spec.json.gz"):
     assert (tmp_path / "bf16" / file).read_bytes() == (tmp_path / "f32" / file).read_bytes()
   # Evaluation runs in float32 in both: the same logits, bit for bit.
   variables = comp16.eval_variables(state)

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from configs import cifar_distill, cifar_sft
 from experiments.pipeline import train_and_evaluate
 from jaxcompress.errors import ConfigError
+from jaxcompress.export import read_spec
 from jaxcompress.models import create_model
 
 
@@ -125,7 +126,7 @@ def test_kmeans_weights_export_as_a_codebook_and_predict_alike(mlp_weights, tmp_
   config.distill.alpha = 0.0
   config.export.enabled, config.export.serving = True, False
   results = _run(config, tmp_path)
-  spec = json.load(open(tmp_path / "export" / "spec.json"))
+  spec = read_spec(str(tmp_path / "export"))
   kinds = {layer["path"]: layer["kind"] for layer in spec["layers"]}
   assert kinds["params/fc2/kernel"] == "kmeans" and kinds["params/fc1/kernel"] != "kmeans"
   assert results["compressed"]["export_agreement"] == 1.0

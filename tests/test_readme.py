@@ -15,7 +15,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   namespace: dict = {}
   exec(compile("\n".join(blocks), "README.md", "exec"), namespace)  # blocks build on each other
-  assert (tmp_path / "runs/my_net/export/spec.json").is_file()
+  assert (tmp_path / "runs/my_net/export/spec.json.gz").is_file()
   assert (tmp_path / "runs/my_net/serving/model.jaxexport").is_file()
   assert abs(float(namespace["metrics"]["sparsity"]) - 0.8) < 1e-3  # per-layer rounding
   assert namespace["report"]["total_bytes"] < namespace["report"]["float32_bytes"]

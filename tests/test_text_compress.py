@@ -5,8 +5,6 @@ embedding and head at 8 bits, token-level KD, a falling loss, and an export whos
 fake-quant model's bit for bit; the sequence losses against NumPy.
 """
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +16,7 @@ from jaxcompress import compose, export, pruning
 from jaxcompress import distillation as kd
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import sparse
+from jaxcompress.export import read_spec, sparse
 from jaxcompress.models import CharGPT, CharLSTM
 from jaxcompress.steps import cross_entropy, weighted_mean
 
@@ -156,8 +154,7 @@ def test_export_round_trip_is_bit_identical(exported):
 
 def test_2_of_4_weights_are_stored_packed(exported):
   _, run, out, report = exported
-  with open(os.path.join(out, "spec.json")) as f:
-    metas = {m["path"]: m for m in json.load(f)["layers"]}
+  metas = {m["path"]: m for m in read_spec(out)["layers"]}
   for path, w in _inner_kernels(run).items():
     meta = metas[f"params/{path}/kernel"]
     assert meta["kind"] == "int" and meta["bits"] == 4
@@ -174,8 +171,7 @@ def test_nm_encoding_when_every_group_holds_two(tmp_path):
   run = _train("gpt", quant=False)
   report = run["comp"].export(str(tmp_path), run["state"], input_shape=(T,),
                               input_dtype="int32")
-  with open(tmp_path / "spec.json") as f:
-    metas = {m["path"]: m for m in json.load(f)["layers"]}
+  metas = {m["path"]: m for m in read_spec(str(tmp_path))["layers"]}
   for path, w in _inner_kernels(run).items():
     meta = metas[f"params/{path}/kernel"]
     assert meta["encoding"] == "nm" and meta["group_n"] == 2, path

@@ -5,10 +5,12 @@
 function the export calls to choose (:func:`weight_bytes`). Plans prune one-shot from the weights
 they were sized on, so the pattern sized is the pattern exported; weights that quantize to zero
 only remove non-zeros, which never makes any encoding larger. Everything else in the artifact
-(scales, folded BatchNorms, biases, the JSON spec) is measured once on a reference export of the
-same model at 8 bits (:func:`overhead_bytes`), plus the few spec characters a sparse encoding or a
-different input scale may add (:func:`spec_slack`). So the artifact's bytes on disk are at most
-``overhead + sum of weight bytes`` (its arrays are zlib-compressed only when that is smaller).
+(scales, folded BatchNorms, biases) is measured once on a reference export of the same model at 8
+bits, and the gzipped spec is sized on a pessimistic copy of the reference's: every planned layer
+given every field a sparse encoding may add, every number that may change given random digits of
+its longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So the artifact's bytes on
+disk are at most ``overhead + sum of weight bytes`` (its arrays are zlib-compressed only when
+that is smaller); the budget tests check it on every plan.
 
 **BOPs** (bit operations, the usual compute proxy): ``MACs x weight bits x input bits`` per layer
 and example, the MACs counting multiplications by kept weights: a dense layer's MACs times its
@@ -28,11 +30,11 @@ import numpy as np
 from jaxcompress import pruning
 from jaxcompress.budget.presets import Option
 from jaxcompress.export import sparse
+from jaxcompress.export.files import spec_bytes
 from jaxcompress.models.functional import functional, weight_name
 from jaxcompress.rules import tree_get
 
-# Longest float32 text (str(np.float32)) and zero-point text of an input quantization entry.
-_SCALE_TEXT, _ZP_TEXT = 15, 4
+SPEC_MARGIN = 32  # bytes added to the pessimistic spec's gzipped size (deflate is not monotone)
 
 
 def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured") -> np.ndarray:
@@ -54,29 +56,49 @@ def weight_bytes(keep: Any, bits: int) -> int:
   return int(min(sparse.sizes(np.asarray(keep, bool), int(bits)).values()))
 
 
-def spec_slack(size: int) -> int:
-  """Spec characters a sparse encoding may add to a weight of ``size`` entries (an upper bound).
+def pessimistic_spec(spec: Mapping[str, Any], weights: Sequence[str], seed: int = 0) -> dict:
+  """A copy of a reference export's spec that no export of a plan can outgrow (see the module).
 
-  The reference export stores it dense; a sparse one adds ``"encoding"``, ``"nnz"``, gap fields
-  and a ``"positions"`` segment, each count at most ``size``.
+  Every planned weight (``params/<path>``) gets the fields of every sparse encoding (bitmap,
+  gaps, N:M) and a ``positions`` segment; its counts, the input scales and zero points and the
+  arrays' byte counts get random digits of their longest length (random digits compress worst).
   """
-  digits = len(str(int(size)))
-  return (len(',"encoding":"bitmap","nnz":') + len(',"gap_bits":8,"codes":')
-          + len('"positions":,') + 3 * digits)
+  rng = np.random.default_rng(seed)
+  digits = lambda n: int(rng.integers(10 ** (n - 1), 10 ** n))  # noqa: E731
+  out = json.loads(json.dumps(spec))
+  planned = {f"params/{w}" for w in weights}
+  acts = list(out.get("acts", {}).values())
+  for meta in out["layers"]:
+    if meta["path"] in planned:
+      n = len(str(int(np.prod(meta["shape"]))))
+      meta.update(encoding="bitmap", nnz=digits(n), gap_bits=8, codes=digits(n), group_n=2,
+                  group_axes=list(range(len(meta["shape"]) - 1)))
+      meta["segments"] = {"positions": digits(n), **{k: digits(max(n, len(str(v))))
+                                                      for k, v in meta["segments"].items()}}
+    if "act" in meta:
+      acts.append(meta["act"])
+  for act in acts:  # the longest float32 text: 9 significant digits and a two-digit exponent
+    act["scale"] = float(f"{digits(9) / 1e8:.8f}e-{rng.integers(10, 40)}")
+    act["zero_point"] = -digits(3)
+  info = out["arrays"]
+  info["bytes"], info["raw_bytes"] = digits(len(str(info["raw_bytes"]))), \
+      digits(len(str(info["raw_bytes"])))
+  return out
 
 
-def overhead_bytes(spec: Mapping[str, Any], spec_bytes: int, weights: Sequence[str]) -> int:
+def overhead_bytes(spec: Mapping[str, Any], weights: Sequence[str], *,
+                   compress: bool = True) -> int:
   """Artifact bytes besides the planned weights' codes, from a reference export's spec.
 
   Args:
-    spec: the reference artifact's parsed ``spec.json`` (``jaxcompress.export.read_spec``), with
-      every planned layer quantized at the largest weight and input bits a plan may use.
-    spec_bytes: the size of its ``spec.json`` file.
+    spec: the reference artifact's parsed spec (``jaxcompress.export.read_spec``), with every
+      planned layer quantized at the largest weight and input bits a plan may use.
     weights: the planned weights' parameter paths (``layer1_0/conv1/kernel``).
+    compress: whether the export gzips its spec (``export_model``'s ``compress``).
 
   Returns:
-    ``spec bytes + raw array bytes - the planned weights' position and value bytes`` plus the
-    text an input scale or zero point may add (:data:`_SCALE_TEXT`) and :func:`spec_slack`.
+    The spec file's bytes for :func:`pessimistic_spec` plus :data:`SPEC_MARGIN`, plus the raw
+    array bytes less the planned weights' position and value bytes.
   """
   planned = {f"params/{w}" for w in weights}
   codes = sum(int(m["segments"].get("positions", 0)) + int(m["segments"].get("values", 0))
@@ -84,12 +106,8 @@ def overhead_bytes(spec: Mapping[str, Any], spec_bytes: int, weights: Sequence[s
   found = {m["path"] for m in spec["layers"]} & planned
   if found != planned:
     raise ValueError(f"reference export lacks {sorted(planned - found)[:3]}")
-  acts = list(spec.get("acts", {}).values()) + [m["act"] for m in spec["layers"] if "act" in m]
-  act_slack = sum(max(0, _SCALE_TEXT - len(json.dumps(a["scale"])))
-                  + max(0, _ZP_TEXT - len(json.dumps(a["zero_point"]))) for a in acts)
-  sizes = {m["path"]: int(np.prod(m["shape"])) for m in spec["layers"]}
-  return (int(spec_bytes) + int(spec["arrays"]["raw_bytes"]) - codes + act_slack
-          + sum(spec_slack(sizes[p]) for p in planned))
+  text = len(spec_bytes(pessimistic_spec(spec, weights), compress))
+  return text + SPEC_MARGIN + int(spec["arrays"]["raw_bytes"]) - codes
 
 
 def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 Data flow: ``finalize`` (bake masks, integer weights, fold BatchNorms found by tracing) -> ``codec``
 (one tensor's bytes: ``packing`` of sub-byte codes, ``sparse`` bitmap or gap-coded positions) ->
-``artifact`` (``DIR/export``: ``arrays.bin`` + ``spec.json``, checked on load) -> ``runtime`` (the
+``artifact`` (``DIR/export``: ``arrays.bin`` + ``spec.json.gz``, checked on load) -> ``runtime`` (the
 user's own module on the artifact's arrays, with the stored input quantization); ``size`` reports
 bytes on disk against float32, ``serving`` writes a ``jax.export`` function beside the artifact.
 

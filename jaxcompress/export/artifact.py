@@ -1,27 +1,27 @@
-"""The export artifact: one folder, ``arrays.bin`` (packed bytes) plus ``spec.json``.
+"""The export artifact: one folder, ``arrays.bin`` (packed bytes) plus ``spec.json.gz``.
 
 Layout of ``DIR/export/``:
 
 - ``arrays.bin``: the byte segments of every layer (:mod:`.codec`) back to back, optionally
   zlib-compressed as a whole (kept only when that is smaller);
-- ``spec.json``: format and version, the input's shape and dtype, the float32 size of the
-  model's parameters, the folded BatchNorms, each quantized layer's input quantization, the
-  arrays file's size, raw size, compression and SHA-256, and one line per stored tensor: kind,
-  shape, bits, sparse encoding and ``segments: {name: bytes}``: its byte segments, which follow
-  each other in the raw arrays in the order the tensors and their segments are listed (offsets
-  are implied).
+- ``spec.json.gz`` (``zcat`` prints it; a plain ``spec.json`` when exported with
+  ``compress=False``, which :func:`load` reads as well): format and version, the input's shape
+  and dtype, the float32 size of the model's parameters, the folded BatchNorms, each quantized
+  layer's input quantization, the arrays file's size, raw size, compression and SHA-256, and one
+  line per stored tensor: kind, shape, bits, sparse encoding and ``segments: {name: bytes}``: its
+  byte segments, which follow each other in the raw arrays in the order the tensors and their
+  segments are listed (offsets are implied).
 
 The artifact holds variables, not code: :func:`load` takes the user's own module, checks the
 checksum, every size and shape, and that the variables fit that module, before it builds anything;
 a truncated or edited file, or a spec that does not match its arrays or the module, ends in one
 :class:`~jaxcompress.errors.ConfigError` line instead of a silently wrong model. Files are written
-to a temporary name and renamed.
+to a temporary name and renamed (:mod:`.files`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import zlib
 from typing import Any, Mapping
@@ -31,21 +31,13 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
+from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION, read_arrays,
+                                      read_spec, spec_bytes, write)
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
 from jaxcompress.models.functional import functional
 from jaxcompress.rules import flat_paths
-
-FORMAT, VERSION = "jaxcompress-export", 2
-SPEC_FILE, ARRAYS_FILE = "spec.json", "arrays.bin"
-
-
-def _spec_text(header: dict, layers: list[dict]) -> str:
-  """Compact JSON with one layer per line (valid JSON, small, still diffable)."""
-  compact = lambda obj: json.dumps(obj, separators=(",", ":"))
-  head = compact({**header, "layers": []})[:-len('[]}')]
-  return head + "[\n" + ",\n".join(compact(l) for l in layers) + "\n]}\n"
 
 
 def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tuple[int, ...],
@@ -72,7 +64,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     codebooks: ``{weight path: Codebook}`` for k-means layers (codebook plus packed indices).
     fold: ``{BatchNorm path: epsilon}`` to fold (``Compression.fold_norms``).
     model_name: a name recorded in the spec (informational).
-    compress: zlib the arrays file when that makes it smaller.
+    compress: zlib the arrays file when that makes it smaller, and gzip the spec
+      (``spec.json.gz``; ``False``: plain ``spec.json``).
     reduce_axes: ``{weight path: reduction axes}`` (``ModelLayers.reduce_axes()``): such a
       weight may be stored as N:M groups along them (the :mod:`.sparse` ``nm`` encoding).
 
@@ -106,72 +99,19 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
             "arrays": {"file": ARRAYS_FILE, "bytes": len(data), "raw_bytes": len(raw),
                        "compression": compression, "sha256": hashlib.sha256(data).hexdigest()}}
   os.makedirs(out_dir, exist_ok=True)
-  _write(os.path.join(out_dir, ARRAYS_FILE), data)
-  _write(os.path.join(out_dir, SPEC_FILE), _spec_text(header, metas).encode())
+  write(os.path.join(out_dir, ARRAYS_FILE), data)
+  name, stale = (SPEC_GZ, SPEC_FILE) if compress else (SPEC_FILE, SPEC_GZ)
+  write(os.path.join(out_dir, name), spec_bytes({**header, "layers": metas}, compress))
+  if os.path.exists(os.path.join(out_dir, stale)):  # an earlier export's spec
+    os.remove(os.path.join(out_dir, stale))
   return size_report(out_dir)
-
-
-def _write(path: str, data: bytes) -> None:
-  """Writes to a temporary name and renames: a reader never sees a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
-def read_spec(path: str, field: str = "model.exported") -> dict:
-  """Reads and checks ``spec.json`` of an artifact folder (or the file itself)."""
-  spec_path = path if path.endswith(".json") else os.path.join(path, SPEC_FILE)
-  if not os.path.isfile(spec_path):
-    raise ConfigError(f"{field}: no {SPEC_FILE} in {path!r}; point it at the folder "
-                      "export_model wrote (e.g. WORKDIR/export)")
-  try:
-    with open(spec_path) as f:
-      spec = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{field}: {spec_path!r} is not valid JSON ({e}); the artifact is "
-                      "corrupted, export it again") from None
-  if not isinstance(spec, dict) or spec.get("format") != FORMAT:
-    raise ConfigError(f"{field}: {spec_path!r} is not a {FORMAT} spec")
-  if spec.get("version") != VERSION:
-    raise ConfigError(f"{field}: {spec_path!r} has format version {spec.get('version')!r}, this "
-                      f"jaxcompress reads version {VERSION}; export it again")
-  return spec
-
-
-def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
-  """The raw (decompressed) arrays of an artifact, after the size and SHA-256 checks."""
-  info = spec["arrays"]
-  file = os.path.join(os.path.dirname(path) if path.endswith(".json") else path, info["file"])
-  if not os.path.isfile(file):
-    raise ConfigError(f"{field}: {file!r} is missing; copy the whole artifact folder")
-  with open(file, "rb") as f:
-    data = f.read()
-  if len(data) != info["bytes"]:
-    raise ConfigError(f"{field}: {file!r} has {len(data)} bytes, the spec says {info['bytes']}; "
-                      "the file is truncated or was replaced, export it again")
-  if hashlib.sha256(data).hexdigest() != info["sha256"]:
-    raise ConfigError(f"{field}: {file!r} does not match the SHA-256 in its spec; the file was "
-                      "modified or corrupted, export it again")
-  if info["compression"] == "zlib":
-    try:
-      data = zlib.decompress(data)
-    except zlib.error as e:
-      raise ConfigError(f"{field}: {file!r} is not a valid zlib stream ({e}); the artifact is "
-                        "corrupted, export it again") from None
-  elif info["compression"] != "none":
-    raise ConfigError(f"{field}: unknown compression {info['compression']!r} in the spec")
-  if len(data) != info["raw_bytes"]:
-    raise ConfigError(f"{field}: arrays hold {len(data)} bytes after decompression, the spec "
-                      f"says {info['raw_bytes']}")
-  return data
 
 
 def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel:
   """Loads an artifact written by :func:`export_model` for the user's own module.
 
   Args:
-    path: the artifact folder (``WORKDIR/export``) or its ``spec.json``.
+    path: the artifact folder (``WORKDIR/export``) or its ``spec.json.gz`` (``spec.json``).
     model: the Flax Linen or NNX module the artifact was exported from (same architecture).
     field: config field name for messages.
 

@@ -3,17 +3,17 @@
 The float32 reference of a model is 4 bytes per entry of its ``params`` (weights, biases,
 normalization scales and biases; running statistics are not parameters): 1,078,888 bytes for
 ResNet-20. A tensor's bytes are its segments in the raw arrays; the total is what the artifact's
-files take on disk (``os.path.getsize``), compression and the JSON spec included.
+files take on disk (``os.path.getsize``), compression and the (gzipped) JSON spec included.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import numpy as np
 
+from jaxcompress.export.files import read_spec, spec_path
 from jaxcompress.export.sparse import NM_GROUP
 from jaxcompress.tables import markdown_table
 
@@ -23,13 +23,12 @@ def size_report(out_dir: str) -> dict[str, Any]:
 
   Returns:
     ``{'layers': [{'path', 'kind', 'bits', 'encoding', 'shape', 'density', 'bytes',
-    'float32_bytes'}] (one per stored tensor), 'arrays_raw_bytes', 'arrays_bytes', 'spec_bytes',
-    'total_bytes', 'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of
-    the artifact's file sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
+    'float32_bytes'}] (one per stored tensor), 'arrays_raw_bytes', 'arrays_bytes', 'spec_file',
+    'spec_bytes', 'total_bytes', 'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is
+    the sum of the artifact's file sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
   """
-  spec_file = os.path.join(out_dir, "spec.json")
-  with open(spec_file) as f:
-    spec = json.load(f)
+  spec_file = spec_path(out_dir)
+  spec = read_spec(out_dir, "export")
   total_ref = int(spec["float32_bytes"])
   layers = []
   for meta in spec["layers"]:
@@ -46,7 +45,8 @@ def size_report(out_dir: str) -> dict[str, Any]:
   total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
   return {"layers": layers, "arrays_raw_bytes": spec["arrays"]["raw_bytes"],
           "arrays_bytes": os.path.getsize(os.path.join(out_dir, spec["arrays"]["file"])),
-          "spec_bytes": os.path.getsize(spec_file), "total_bytes": total,
+          "spec_file": os.path.basename(spec_file), "spec_bytes": os.path.getsize(spec_file),
+          "total_bytes": total,
           "float32_bytes": total_ref, "ratio": round(total_ref / total, 3),
           "compression": spec["arrays"]["compression"]}
 
@@ -58,7 +58,7 @@ def format_report(report: dict[str, Any]) -> str:
           for l in report["layers"]]
   rows.append((f"arrays (raw / on disk, {report['compression']})", "", "", "", "",
                f"{report['arrays_raw_bytes']:,} / {report['arrays_bytes']:,}", ""))
-  rows.append(("spec.json", "", "", "", "", f"{report['spec_bytes']:,}", ""))
+  rows.append((report["spec_file"], "", "", "", "", f"{report['spec_bytes']:,}", ""))
   rows.append(("**total on disk**", "", "", "", "", f"**{report['total_bytes']:,}**",
                f"**{report['float32_bytes']:,}** ({report['ratio']:.1f}x smaller)"))
   return markdown_table(("layer", "kind", "bits", "encoding", "density", "bytes",

@@ -1,0 +1,92 @@
+"""The artifact's files: names, the gzipped spec, atomic writes and checked reads.
+
+An artifact folder holds ``arrays.bin`` and ``spec.json.gz`` (``spec.json`` when exported without
+compression). Reads check the format, version, sizes and SHA-256 and end in one
+:class:`~jaxcompress.errors.ConfigError` line for a missing, truncated or edited file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import zlib
+
+from jaxcompress.errors import ConfigError
+
+FORMAT, VERSION = "jaxcompress-export", 2
+SPEC_FILE, SPEC_GZ, ARRAYS_FILE = "spec.json", "spec.json.gz", "arrays.bin"
+
+
+def spec_path(out_dir: str) -> str:
+  """The spec file of an artifact folder: ``spec.json.gz``, else ``spec.json``."""
+  gz = os.path.join(out_dir, SPEC_GZ)
+  return gz if os.path.isfile(gz) else os.path.join(out_dir, SPEC_FILE)
+
+
+def spec_bytes(spec: dict, compress: bool = True) -> bytes:
+  """The spec file's bytes: compact JSON with one layer per line (valid, small, still diffable),
+  gzipped (level 9, no name or time: the same spec gives the same bytes) or plain."""
+  compact = lambda obj: json.dumps(obj, separators=(",", ":"))  # noqa: E731
+  head = compact({**spec, "layers": []})[:-len('[]}')]
+  text = head + "[\n" + ",\n".join(compact(l) for l in spec["layers"]) + "\n]}\n"
+  return gzip.compress(text.encode(), 9, mtime=0) if compress else text.encode()
+
+
+def write(path: str, data: bytes) -> None:
+  """Writes to a temporary name and renames: a reader never sees a half-written file."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def read_spec(path: str, field: str = "model.exported") -> dict:
+  """Reads and checks the spec of an artifact folder (or its ``spec.json[.gz]`` file)."""
+  file = path if path.endswith((".json", ".json.gz")) else spec_path(path)
+  if not os.path.isfile(file):
+    raise ConfigError(f"{field}: no {SPEC_GZ} or {SPEC_FILE} in {path!r}; point it at the folder "
+                      "export_model wrote (e.g. WORKDIR/export)")
+  try:
+    with open(file, "rb") as f:
+      data = f.read()
+    spec = json.loads(gzip.decompress(data) if file.endswith(".gz") else data)
+  except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile and JSON errors are ValueErrors
+    raise ConfigError(f"{field}: {file!r} is not valid {'gzipped ' * file.endswith('.gz')}JSON "
+                      f"({e}); the artifact is corrupted, export it again") from None
+  if not isinstance(spec, dict) or spec.get("format") != FORMAT:
+    raise ConfigError(f"{field}: {file!r} is not a {FORMAT} spec")
+  if spec.get("version") != VERSION:
+    raise ConfigError(f"{field}: {file!r} has format version {spec.get('version')!r}, this "
+                      f"jaxcompress reads version {VERSION}; export it again")
+  return spec
+
+
+def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
+  """The raw (decompressed) arrays of an artifact, after the size and SHA-256 checks."""
+  info = spec["arrays"]
+  folder = os.path.dirname(path) if path.endswith((".json", ".json.gz")) else path
+  file = os.path.join(folder, info["file"])
+  if not os.path.isfile(file):
+    raise ConfigError(f"{field}: {file!r} is missing; copy the whole artifact folder")
+  with open(file, "rb") as f:
+    data = f.read()
+  if len(data) != info["bytes"]:
+    raise ConfigError(f"{field}: {file!r} has {len(data)} bytes, the spec says {info['bytes']}; "
+                      "the file is truncated or was replaced, export it again")
+  if hashlib.sha256(data).hexdigest() != info["sha256"]:
+    raise ConfigError(f"{field}: {file!r} does not match the SHA-256 in its spec; the file was "
+                      "modified or corrupted, export it again")
+  if info["compression"] == "zlib":
+    try:
+      data = zlib.decompress(data)
+    except zlib.error as e:
+      raise ConfigError(f"{field}: {file!r} is not a valid zlib stream ({e}); the artifact is "
+                        "corrupted, export it again") from None
+  elif info["compression"] != "none":
+    raise ConfigError(f"{field}: unknown compression {info['compression']!r} in the spec")
+  if len(data) != info["raw_bytes"]:
+    raise ConfigError(f"{field}: arrays hold {len(data)} bytes after decompression, the spec "
+                      f"says {info['raw_bytes']}")
+  return data
