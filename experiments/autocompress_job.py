@@ -96,6 +96,14 @@ def check_scan(config) -> None:
     raise invalid("scan.batch_size", s.batch_size, ">= 1")
   if s.damage not in budget_lib.DAMAGES:
     raise invalid("scan.damage", s.damage, "one of " + ", ".join(budget_lib.DAMAGES))
+  if not set(config.budget.weight_bits) <= set(s.weight_bits):
+    raise invalid("budget.weight_bits", config.budget.weight_bits, "bit widths of "
+                  f"scan.weight_bits={s.weight_bits} (empty: all of them)")
+
+
+def excluded_bits(config) -> set[int]:
+  """Scanned weight bit widths a plan may not use (``budget.weight_bits``; empty: none)."""
+  return set(config.scan.weight_bits) - set(config.budget.weight_bits or config.scan.weight_bits)
 
 
 def _split_range(split: str) -> tuple[str, int | None, int | None] | None:
@@ -240,6 +248,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
               act_bits=config.scan.act_bits, kind=kind)
   options = {l.path: preset.options(shape=weights[l.path].shape, last=l.path == last, **grid)
              for l in layers}
+  excluded = excluded_bits(config)
+  plannable = {p: [o for o in opts if o.weight_bits not in excluded]
+               for p, opts in options.items()}  # the scan measures all options, plans use these
   overhead = _reference_overhead(model, variables, layers, calib, config,
                                  [l.weight for l in layers]) if kind == "size" else 0
   keeps: dict = {}
@@ -254,7 +265,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     return (budget_lib.weight_bytes(k, o.weight_bits), budget_lib.option_bops(
         macs.get(path, 0), o, budget_lib.density(k, preset.structure)))
 
-  costs = {l.path: [cost(l.path, o) for o in options[l.path]] for l in layers}
+  costs = {l.path: [cost(l.path, o) for o in plannable[l.path]] for l in layers}
   pick = 0 if kind == "size" else 1
   fixed = overhead if kind == "size" else 0
   smallest = fixed + sum(min(c[pick] for c in costs[l.path]) for l in layers)
@@ -306,7 +317,11 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         for p, k in zip(sens.paths, alloc.choice) for o in [opts[p][k]]), preset.structure,
         overhead)
 
-  alloc, plan = make_plan(dict(zip(sens.paths, sens.options)), dict(zip(sens.paths, sens.damage)))
+  allowed = [[i for i, o in enumerate(opts) if o.weight_bits not in excluded]
+             for opts in sens.options]
+  plan_options = {p: [opts[i] for i in k] for p, opts, k in zip(sens.paths, sens.options, allowed)}
+  alloc, plan = make_plan(plan_options, {p: np.asarray(d)[k] for p, d, k in
+                                         zip(sens.paths, sens.damage, allowed)})
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
@@ -329,7 +344,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     path = os.path.join(workdir, f"context{r + 1}.json")
     saved_ctx = {tuple(k): v for k, v in read_json(path).get("measured", [])}
     _, opts, damage, _ = budget_lib.context_damage(
-        evaluate, reference, dict(zip(sens.paths, sens.options)), keep, measured=saved_ctx,
+        evaluate, reference, plan_options, keep, measured=saved_ctx,
         progress=lambda m, path=path: write_json(path, {"measured": [[list(k), v]
                                                                      for k, v in m.items()]}))
     candidates[f"context{r + 1}"] = make_plan(opts, damage)
@@ -427,9 +442,10 @@ def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) 
   inner = sorted((l.path for l in layers if l.path not in edges),
                  key=lambda p: tuple(next(l.weight for l in layers if l.path == p).split("/")))
   act = config.quant.act_bits or 8
+  bit_widths = sorted(set(config.scan.weight_bits) - excluded_bits(config))
   if kind == "size":
     found = budget_lib.uniform_size(weights, inner, overhead=int(overhead), budget=int(limit),
-                                    bits=config.scan.weight_bits,
+                                    bits=bit_widths,
                                     predict=lambda p, s, b: sens.predict(p, s, b))
     if found is None:
       return None
@@ -439,7 +455,7 @@ def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) 
              "layer_sparsity": ()}
   else:
     best = None
-    for b in sorted(config.scan.weight_bits):
+    for b in bit_widths:
       for s in np.round(np.arange(0, 0.99, 0.01), 2):
         keep = {p: budget_lib.keep_mask(weights[p], float(s)) for p in inner}
         bops = _uniform_bops(layers, macs, keep, b, act)

@@ -39,6 +39,7 @@ def _config(weights, **budget):
   c.export.serving = False
   c.scan.sparsities = (0.5, 0.9)
   c.scan.weight_bits = (2, 4, 8)
+  c.budget.weight_bits = (4, 8)  # 2 bits scanned, not planned
   c.scan.batch_size = 16
   for key, value in budget.items():
     c.budget[key] = value
@@ -72,6 +73,11 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
   assert on_disk["uniform"]["size_bytes"] <= on_disk["uniform"]["predicted_size_bytes"]
   plan = on_disk["plan"]
   assert [l["path"] for l in plan] == ["fc1", "fc2", "fc3"]
+  # 2 bits is measured by the scan, but no plan or candidate uses it.
+  measured = json.load(open(tmp_path / "scan.json"))["measured"]
+  assert any(key[2] == 2 for key, _ in measured)
+  assert all(l["weight_bits"] in (4, 8) for c in on_disk["candidates"].values()
+             for l in c["plan"]) and on_disk["uniform"]["weight_bits"] in (4, 8)
   assert all(set(l) >= {"path", "sparsity", "weight_bits", "act_bits", "bytes"} for l in plan)
   assert on_disk["predicted"]["size_bytes"] <= limit
   assert on_disk["sensitivity"]["compiles"] == 1
@@ -107,6 +113,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     (dict(), "give one of"),
     (dict(ratio=10.0, device="int8-npu"), "budget.ratio"),
     (dict(size_bytes=100), "smallest plan takes"),
+    (dict(ratio=10.0, weight_bits=(3, 8)), r"budget.weight_bits.*bit widths of scan.weight_bits"),
 ])
 def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
   with pytest.raises(ConfigError, match=match) as e:
