@@ -73,6 +73,11 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if kind not in preset.budgets:
     raise invalid(f"budget.{given[0]}", b[given[0]], f"not set for budget.device={b.device}, "
                   f"which takes a {' or '.join(preset.budgets)} budget")
+  if b.sparsity not in ("layer", "global"):
+    raise invalid("budget.sparsity", b.sparsity, "layer or global")
+  if b.sparsity == "global" and (kind != "size" or preset.structure != "unstructured"):
+    raise invalid("budget.sparsity", b.sparsity, "layer, or global with a size budget on a "
+                  "device with unstructured sparsity (any, mcu)")
   if kind == "bops":
     return kind, float(b.bops)
   if float32_bytes is None:
@@ -320,8 +325,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   allowed = [[i for i, o in enumerate(opts) if o.weight_bits not in excluded]
              for opts in sens.options]
   plan_options = {p: [opts[i] for i in k] for p, opts, k in zip(sens.paths, sens.options, allowed)}
-  alloc, plan = make_plan(plan_options, {p: np.asarray(d)[k] for p, d, k in
-                                         zip(sens.paths, sens.damage, allowed)})
+  if config.budget.sparsity == "global":  # no allocation over sparsities: no optimality gap
+    first = "global", (None, _global_plan(sens, weights, by_path, plan_options, cost,
+                                          limit - fixed, overhead, preset))
+  else:
+    first = "isolated", make_plan(plan_options, {p: np.asarray(d)[k] for p, d, k in
+                                                 zip(sens.paths, sens.damage, allowed)})
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
@@ -336,7 +345,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     return ({l.path: keep(l.path, l.sparsity) for l in p.layers if l.sparsity},
             {l.path: l.weight_bits for l in p.layers}, {l.path: l.act_bits for l in p.layers})
 
-  candidates = {"isolated": (alloc, plan)}
+  candidates = dict([first])
   reference = None
   if uniform is not None and preset.structure == "unstructured":
     reference = budget_lib.reference_of(*uniform["masks_and_bits"])
@@ -376,8 +385,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                  "bops": float(config.budget.bops), "float32_bytes": float32_bytes,
                  "hardware": preset.hardware},
       "plan": plan.to_list(),
-      "predicted": {"size_bytes": plan.size_bytes, "bops": plan.bops, "damage": alloc.damage,
-                    "optimality_gap": alloc.gap, "unit": alloc.unit, "overhead_bytes": overhead},
+      "predicted": {"size_bytes": plan.size_bytes, "bops": plan.bops, "damage": plan.damage,
+                    "optimality_gap": alloc and alloc.gap, "unit": alloc and alloc.unit,
+                    "overhead_bytes": overhead},
       "sensitivity": {"examples": len(val), "base_loss": sens.base_loss,
                       "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
                       "compiles": compiles, "seconds": round(scan_seconds, 1),
@@ -385,8 +395,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                       "adapt_norms": bool(config.scan.adapt_norms), "hessian": hessian},
       "one_shot": whole_plans,
       "candidates": {name: {"plan": p.to_list(), "predicted_size_bytes": p.size_bytes,
-                            "predicted_damage": a.damage, "one_shot": one_shot[name]}
-                     for name, (a, p) in candidates.items()},
+                            "predicted_damage": p.damage, "one_shot": one_shot[name]}
+                     for name, (_, p) in candidates.items()},
       "chosen": chosen,
       "original": out["auto"]["original"],
       "compressed": row(out["auto"], plan.bops),
@@ -401,6 +411,26 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   write_json(os.path.join(workdir, "results.json"), results)
   write_report(workdir, results, sens)
   return results
+
+
+def _global_plan(sens, weights, by_path, plan_options, cost, budget, overhead, preset):
+  """The plan with one global magnitude threshold and each layer's bits allocated exactly."""
+  bits = sorted({o.weight_bits for opts in plan_options.values() for o in opts})
+  found = budget_lib.global_bits({p: weights[p] for p in sens.paths}, budget=int(budget),
+                                 bits=bits, predict=sens.predict,
+                                 sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3))
+  if found is None:
+    raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight bits "
+                      f"{bits}; use --config.budget.sparsity=layer")
+  _, sparsity, layer_bits, _ = found
+  layers = []
+  for p in sens.paths:
+    act = plan_options[p][0].act_bits  # a size budget searches no input bits
+    option = budget_lib.Option(sparsity[p], layer_bits[p], act)
+    size, bops = cost(p, option)
+    layers.append(budget_lib.LayerPlan(p, by_path[p].weight, sparsity[p], layer_bits[p], act,
+                                       size, bops, sens.predict(p, sparsity[p], layer_bits[p])))
+  return budget_lib.Plan(tuple(layers), preset.structure, overhead)
 
 
 def _one_shot(evaluate, base_loss: float, keeps: dict, weight_bits: dict, act_bits: dict) -> dict:

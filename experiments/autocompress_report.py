@@ -126,7 +126,9 @@ def write_report(workdir: str, results: dict, sens) -> None:
       f"Budget: {limit} per artifact (device `{b['device']}`: {b['hardware']}).", "",
       results_table(results), "",
       f"Predicted by the plan: at most {p['size_bytes']:,} bytes, {p['bops']:,} BOPs per "
-      f"example, summed damage {p['damage']:.4f} (optimality gap {p['optimality_gap']:.4g}).",
+      f"example, summed damage {p['damage']:.4f} " + (
+          f"(optimality gap {p['optimality_gap']:.4g})." if p["optimality_gap"] is not None else
+          "(one global magnitude threshold, the bits allocated exactly for it)."),
   ]
   if "uniform" in results and not uni:
     lines += ["", "Uniform recipe: no single sparsity and weight bit width (first and last layer "

@@ -114,6 +114,9 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     (dict(ratio=10.0, device="int8-npu"), "budget.ratio"),
     (dict(size_bytes=100), "smallest plan takes"),
     (dict(ratio=10.0, weight_bits=(3, 8)), r"budget.weight_bits.*bit widths of scan.weight_bits"),
+    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*layer or global"),
+    (dict(bops=1e6, sparsity="global"), "budget.sparsity.*with a size budget"),
+    (dict(ratio=10.0, device="gpu-sparse", sparsity="global"), "budget.sparsity.*(any, mcu)"),
 ])
 def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
   with pytest.raises(ConfigError, match=match) as e:
@@ -201,3 +204,23 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
   with pytest.raises(ConfigError, match="scan.damage.*kl"):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_global_sparsity_plan_keeps_the_largest_weights_of_all_layers(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=12.0, sparsity="global")
+  config.uniform.enabled = False
+  results = _run(config, tmp_path)
+  assert set(results["candidates"]) == {"global"} and results["predicted"]["optimality_gap"] is None
+  assert results["compressed"]["size_bytes"] <= results["predicted"]["size_bytes"]
+  assert results["predicted"]["size_bytes"] <= results["budget"]["limit"]
+  # One magnitude threshold: every weight the plan keeps outweighs every weight it prunes.
+  params = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=3)[1]["params"]
+  kept, pruned = [], []
+  for l in results["plan"]:
+    w = np.abs(np.asarray(params[l["path"]]["kernel"])).ravel()
+    order = np.sort(w)
+    cut = round(l["sparsity"] * w.size)
+    pruned.append(order[:cut])
+    kept.append(order[cut:])
+  assert 0 < sum(map(len, pruned)) and np.concatenate(pruned).max() <= np.concatenate(kept).min()
+  assert all(l["weight_bits"] in (4, 8) for l in results["plan"])

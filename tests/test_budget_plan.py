@@ -1,7 +1,10 @@
 """Plans as compose specs (2:4, channels, unstructured) and the uniform recipe's search."""
 
+import itertools
+
 import numpy as np
 import optax
+import pytest
 
 from jaxcompress import budget, compose, pruning
 from jaxcompress.budget import LayerPlan, Plan
@@ -68,3 +71,35 @@ def test_uniform_search_finds_the_least_sparsity_within_the_budget():
   assert np.sum(~keep["b"]) == round(s * 32 * 64)
   assert budget.uniform_size(weights, ["b"], overhead=100, budget=700, bits=(2,),
                              predict=lambda *a: 0.0) is None  # the dense edges alone exceed it
+
+
+def test_global_bits_against_brute_force():
+  """Every (global sparsity, bits per layer) of a small instance, sized and scored by hand."""
+  rng = np.random.default_rng(0)
+  weights = {"a": rng.normal(size=(3, 3, 2, 4)), "b": 2 * rng.normal(size=(8, 6)),
+             "c": rng.normal(size=(5, 7))}
+  total = sum(w.size for w in weights.values())
+  bits, grid = (2, 4, 8), (0.0, 0.3, 0.6, 0.9)
+  sens = {p: rng.uniform(0, 1, 2) for p in weights}
+  predict = lambda p, s, b: sens[p][0] * s ** 2 + sens[p][1] * 2.0 ** -b  # noqa: E731
+  for budget_bytes in (60, 90, 150, 400):
+    best = None
+    for g in grid:
+      # The global threshold by hand: the round(g * total) smallest |w| of all layers pruned.
+      flat = np.concatenate([np.abs(w).ravel() for w in weights.values()])
+      cut = np.sort(flat)[int(round(g * total)) - 1] if round(g * total) else -1.0
+      keep = {p: np.abs(w) > cut for p, w in weights.items()}
+      for combo in itertools.product(bits, repeat=3):
+        size = sum(budget.weight_bytes(keep[p], b) for p, b in zip(weights, combo))
+        damage = sum(predict(p, 1 - keep[p].mean(), b) for p, b in zip(weights, combo))
+        if size <= budget_bytes and (best is None or damage < best[0] - 1e-12):
+          best = (damage, g, dict(zip(weights, combo)))
+    found = budget.global_bits(weights, budget=budget_bytes, bits=bits, predict=predict,
+                               sparsities=grid)
+    if best is None:
+      assert found is None
+      continue
+    g, sparsity, layer_bits, damage = found
+    assert damage == pytest.approx(best[0]) and (g, layer_bits) == (best[1], best[2])
+    kept = {p: round((1 - sparsity[p]) * w.size) for p, w in weights.items()}
+    assert sum(kept.values()) == total - round(g * total)

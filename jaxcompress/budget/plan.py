@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import pruning
+from jaxcompress.budget.allocate import allocate
 from jaxcompress.budget.cost import weight_bytes
 
 
@@ -132,3 +133,37 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
     if best is None or damage < best[0]:
       best = (damage, s, b, keep, total)
   return None if best is None else best[1:]
+
+
+def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
+                predict: Callable[[str, float, int], float], sparsities: Sequence[float]
+                ) -> tuple[float, dict[str, float], dict[str, int], float] | None:
+  """Per-layer sparsity from one global magnitude threshold, per-layer bits allocated.
+
+  For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
+  common magnitude threshold, and the multiple-choice knapsack (:func:`.allocate.allocate`) gives
+  each layer the bit width of ``bits`` that minimises the summed predicted damage within
+  ``budget``, exactly for that ``g``. Of these plans, the one with the least predicted damage.
+
+  Args:
+    weights: ``{layer path: weight}`` of every planned layer (all take part in the threshold).
+    budget: the bytes the weights' codes may take (the budget less the artifact's overhead).
+    bits: the weight bit widths a layer may take.
+    predict: ``(path, sparsity, bits) -> damage`` (e.g. ``Sensitivity.predict``).
+    sparsities: the global sparsities to try.
+
+  Returns:
+    ``(g, {path: sparsity}, {path: bits}, predicted damage)``, or ``None`` if none fits.
+  """
+  paths, bits = list(weights), sorted(bits)
+  best = None
+  for g in sorted(sparsities):
+    keeps = global_keep([weights[p] for p in paths], g)
+    layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
+    costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
+    damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
+    alloc = allocate(costs, damages, budget)
+    if alloc is not None and (best is None or alloc.damage < best[3]):
+      best = (float(g), layer_sparsity, {p: bits[k] for p, k in zip(paths, alloc.choice)},
+              alloc.damage)
+  return best
