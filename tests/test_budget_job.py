@@ -170,12 +170,13 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
 
 
 def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
-  config = _config(mlp_weights, sweep=(6.0, 3.0))
+  """A sweep of global-threshold plans (budget.sparsity=global)."""
+  config = _config(mlp_weights, sweep=(12.0, 3.0), sparsity="global")
   config.uniform.enabled = False
   config.train.epochs = 0.25
   sweep = _run(config, tmp_path)
   assert json.load(open(tmp_path / "sweep.json")) == json.loads(json.dumps(sweep))
-  assert [p["ratio"] for p in sweep["points"]] == [3.0, 6.0]
+  assert [p["ratio"] for p in sweep["points"]] == [3.0, 12.0]
   for p in sweep["points"]:
     assert p["limit"] == FLOAT32 // int(p["ratio"])
     assert p["compressed"]["size_bytes"] <= p["limit"]
@@ -185,6 +186,19 @@ def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
   assert scan["compiles"] == 1  # the second budget evaluated nothing new
   for name in ("sweep.md", "pareto.png"):
     assert os.path.getsize(tmp_path / name) > 0
+  results = json.load(open(tmp_path / "ratio12" / "results.json"))
+  assert set(results["candidates"]) == {"global"} and results["predicted"]["optimality_gap"] is None
+  assert results["compressed"]["size_bytes"] <= results["predicted"]["size_bytes"]
+  # One magnitude threshold: every weight the plan keeps outweighs every weight it prunes.
+  params = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=3)[1]["params"]
+  kept, pruned = [], []
+  for l in results["plan"]:
+    w = np.sort(np.abs(np.asarray(params[l["path"]]["kernel"])).ravel())
+    cut = round(l["sparsity"] * w.size)
+    pruned.append(w[:cut])
+    kept.append(w[cut:])
+  assert 0 < sum(map(len, pruned)) and np.concatenate(pruned).max() <= np.concatenate(kept).min()
+  assert all(l["weight_bits"] in (4, 8) for l in results["plan"])
 
 
 @pytest.mark.parametrize("budget,match", [
@@ -205,22 +219,3 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
 
-
-def test_global_sparsity_plan_keeps_the_largest_weights_of_all_layers(mlp_weights, tmp_path):
-  config = _config(mlp_weights, ratio=12.0, sparsity="global")
-  config.uniform.enabled = False
-  results = _run(config, tmp_path)
-  assert set(results["candidates"]) == {"global"} and results["predicted"]["optimality_gap"] is None
-  assert results["compressed"]["size_bytes"] <= results["predicted"]["size_bytes"]
-  assert results["predicted"]["size_bytes"] <= results["budget"]["limit"]
-  # One magnitude threshold: every weight the plan keeps outweighs every weight it prunes.
-  params = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=3)[1]["params"]
-  kept, pruned = [], []
-  for l in results["plan"]:
-    w = np.abs(np.asarray(params[l["path"]]["kernel"])).ravel()
-    order = np.sort(w)
-    cut = round(l["sparsity"] * w.size)
-    pruned.append(order[:cut])
-    kept.append(order[cut:])
-  assert 0 < sum(map(len, pruned)) and np.concatenate(pruned).max() <= np.concatenate(kept).min()
-  assert all(l["weight_bits"] in (4, 8) for l in results["plan"])
