@@ -11,10 +11,10 @@ Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main
   python -m experiments.autocompress --config=configs/autocompress.py:quick --workdir=runs/auto25 \
       --config.budget.ratio=25
 
-Measured (docs/autocompress.md; 2-core AMD EPYC VM; 33 min for the 25x point): at 25x the plan
-reached 86.12 % in 38,423 bytes, the uniform recipe 86.26 % in 40,378; at 40x (26,972 bytes, within
-reach since the grid goes to 98 % sparsity) 70.57 % in 24,024 against 71.75 % in 24,843. With
---config.scan.weight_bits="(3, 4, 8)" the plans reached 86.40 % (25x) and 71.58 % (40x).
+Measured (docs/autocompress.md; 2-core AMD EPYC VM; 31 min for the 25x point): at 25x the plan
+reached 88.29 % in 40,552 bytes, the uniform recipe 88.36 % in 40,502, the plan with
+--config.budget.sparsity=global 88.52 % in 40,664; at 40x (26,972 bytes) 81.94 % in 24,533, the
+uniform recipe 81.49 % in 24,594, the global-threshold plan 82.14 % in 24,482.
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured):
 
