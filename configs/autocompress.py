@@ -14,7 +14,8 @@ Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main
 Measured (docs/autocompress.md; 2-core AMD EPYC VM; 31 min for the 25x point): at 25x the plan
 reached 88.29 % in 40,552 bytes, the uniform recipe 88.36 % in 40,502, the plan with
 --config.budget.sparsity=global 88.52 % in 40,664; at 40x (26,972 bytes) 81.94 % in 24,533, the
-uniform recipe 81.49 % in 24,594, the global-threshold plan 82.14 % in 24,482.
+uniform recipe 81.49 % in 24,594, the global-threshold plan 82.14 % in 24,482 (seed 1: 81.52 %
+against the uniform recipe's 80.99 %).
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured):
 
@@ -43,7 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.device = "any"  # any, mcu, gpu-sparse, int8-npu (docs/autocompress.md)
   c.budget.sparsity = "layer"  # layer: each layer's sparsity from scan.sparsities, allocated with
   #                              its bits; global: one magnitude threshold for all layers, each
-  #                              layer's bits allocated (size budgets, unstructured devices)
+  #                              layer's bits allocated (size budgets, unstructured devices;
+  #                              it trained best at 25x and 40x, docs/autocompress.md)
   c.budget.weight_bits = (3, 4, 8)  # weight bit widths plans may use, of scan.weight_bits (empty:
   #                                   all); 2-bit layers lost codes to zero in fine-tuning and
   #                                   trained worse at 25x and 40x (docs/autocompress.md)
