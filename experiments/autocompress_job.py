@@ -322,15 +322,13 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         for p, k in zip(sens.paths, alloc.choice) for o in [opts[p][k]]), preset.structure,
         overhead)
 
-  allowed = [[i for i, o in enumerate(opts) if o.weight_bits not in excluded]
-             for opts in sens.options]
-  plan_options = {p: [opts[i] for i in k] for p, opts, k in zip(sens.paths, sens.options, allowed)}
   if config.budget.sparsity == "global":  # no allocation over sparsities: no optimality gap
-    first = "global", (None, _global_plan(sens, weights, by_path, plan_options, cost,
+    first = "global", (None, _global_plan(sens, weights, by_path, plannable, cost,
                                           limit - fixed, overhead, preset))
-  else:
-    first = "isolated", make_plan(plan_options, {p: np.asarray(d)[k] for p, d, k in
-                                                 zip(sens.paths, sens.damage, allowed)})
+  else:  # the scan's options per layer are `options`; keep the damage of the plannable ones
+    first = "isolated", make_plan(plannable, {
+        p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
+        for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
@@ -353,7 +351,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     path = os.path.join(workdir, f"context{r + 1}.json")
     saved_ctx = {tuple(k): v for k, v in read_json(path).get("measured", [])}
     _, opts, damage, _ = budget_lib.context_damage(
-        evaluate, reference, plan_options, keep, measured=saved_ctx,
+        evaluate, reference, plannable, keep, measured=saved_ctx,
         progress=lambda m, path=path: write_json(path, {"measured": [[list(k), v]
                                                                      for k, v in m.items()]}))
     candidates[f"context{r + 1}"] = make_plan(opts, damage)
@@ -413,9 +411,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   return results
 
 
-def _global_plan(sens, weights, by_path, plan_options, cost, budget, overhead, preset):
+def _global_plan(sens, weights, by_path, plannable, cost, budget, overhead, preset):
   """The plan with one global magnitude threshold and each layer's bits allocated exactly."""
-  bits = sorted({o.weight_bits for opts in plan_options.values() for o in opts})
+  bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
   found = budget_lib.global_bits({p: weights[p] for p in sens.paths}, budget=int(budget),
                                  bits=bits, predict=sens.predict,
                                  sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3))
@@ -425,7 +423,7 @@ def _global_plan(sens, weights, by_path, plan_options, cost, budget, overhead, p
   _, sparsity, layer_bits, _ = found
   layers = []
   for p in sens.paths:
-    act = plan_options[p][0].act_bits  # a size budget searches no input bits
+    act = plannable[p][0].act_bits  # a size budget searches no input bits
     option = budget_lib.Option(sparsity[p], layer_bits[p], act)
     size, bops = cost(p, option)
     layers.append(budget_lib.LayerPlan(p, by_path[p].weight, sparsity[p], layer_bits[p], act,

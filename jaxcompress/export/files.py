@@ -17,6 +17,12 @@ from jaxcompress.errors import ConfigError
 
 FORMAT, VERSION = "jaxcompress-export", 2
 SPEC_FILE, SPEC_GZ, ARRAYS_FILE = "spec.json", "spec.json.gz", "arrays.bin"
+_SPEC_SUFFIXES = (".json", ".json.gz")  # a path with these names a spec file, not a folder
+
+
+def _folder(path: str) -> str:
+  """The artifact folder of ``path``: the folder itself, or the one holding a given spec file."""
+  return os.path.dirname(path) if path.endswith(_SPEC_SUFFIXES) else path
 
 
 def spec_path(out_dir: str) -> str:
@@ -44,7 +50,7 @@ def write(path: str, data: bytes) -> None:
 
 def read_spec(path: str, field: str = "model.exported") -> dict:
   """Reads and checks the spec of an artifact folder (or its ``spec.json[.gz]`` file)."""
-  file = path if path.endswith((".json", ".json.gz")) else spec_path(path)
+  file = path if path.endswith(_SPEC_SUFFIXES) else spec_path(path)
   if not os.path.isfile(file):
     raise ConfigError(f"{field}: no {SPEC_GZ} or {SPEC_FILE} in {path!r}; point it at the folder "
                       "export_model wrote (e.g. WORKDIR/export)")
@@ -66,8 +72,7 @@ def read_spec(path: str, field: str = "model.exported") -> dict:
 def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
   """The raw (decompressed) arrays of an artifact, after the size and SHA-256 checks."""
   info = spec["arrays"]
-  folder = os.path.dirname(path) if path.endswith((".json", ".json.gz")) else path
-  file = os.path.join(folder, info["file"])
+  file = os.path.join(_folder(path), info["file"])
   if not os.path.isfile(file):
     raise ConfigError(f"{field}: {file!r} is missing; copy the whole artifact folder")
   with open(file, "rb") as f:
