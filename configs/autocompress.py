@@ -42,10 +42,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.bops = 0.0  # ... or BOPs per example (MACs x weight bits x input bits) at most this
   c.budget.sweep = ()  # or ratios, e.g. (15, 25, 40): one budget point each, from one scan
   c.budget.device = "any"  # any, mcu, gpu-sparse, int8-npu (docs/autocompress.md)
-  c.budget.sparsity = "layer"  # layer: each layer's sparsity from scan.sparsities, allocated with
-  #                              its bits; global: one magnitude threshold for all layers, each
-  #                              layer's bits allocated (size budgets, unstructured devices;
-  #                              it trained best at 25x and 40x, docs/autocompress.md)
+  c.budget.sparsity = "auto"  # layer: each layer's sparsity from scan.sparsities, allocated with
+  #                             its bits; global: one magnitude threshold for all layers, each
+  #                             layer's bits allocated (size budgets, unstructured devices; it
+  #                             trained best at 25x and 40x, docs/autocompress.md); auto: both
+  #                             where allowed, the one with less whole-plan damage is trained
   c.budget.weight_bits = (3, 4, 8)  # weight bit widths plans may use, of scan.weight_bits (empty:
   #                                   all); 2-bit layers lost codes to zero in fine-tuning and
   #                                   trained worse at 25x and 40x (docs/autocompress.md)

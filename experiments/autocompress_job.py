@@ -8,11 +8,12 @@
 2. sizes every option of every layer with the export's own size code, on a reference export
    (:mod:`jaxcompress.budget.cost`), and refuses a budget below the smallest reachable size;
 3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
-4. allocates exactly (:mod:`jaxcompress.budget.allocate`) and finds the uniform recipe at the
-   same budget; with ``scan.refine_rounds`` > 0, allocates again over damage measured around the
-   uniform recipe, then around each new plan (:mod:`jaxcompress.budget.refine`); measures every
-   candidate plan and the uniform recipe whole on the held-out slice and keeps the least damaged
-   candidate;
+4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, and over
+   bits at one global magnitude threshold (``budget.sparsity``: ``auto`` both, where the budget
+   allows the second), and finds the uniform recipe at the same budget; with
+   ``scan.refine_rounds`` > 0, allocates again over damage measured around the uniform recipe,
+   then around each new plan (:mod:`jaxcompress.budget.refine`); measures every candidate plan
+   and the uniform recipe whole on the held-out slice and keeps the least damaged candidate;
 5. runs the main job (:func:`experiments.pipeline.train_and_evaluate`: KD fine-tuning, evaluation,
    export) on each plan in ``WORKDIR/auto`` and ``WORKDIR/uniform``;
 6. writes ``results.json``, ``report.md``, ``sensitivity.png`` and ``accuracy_vs_size.png``.
@@ -73,16 +74,21 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if kind not in preset.budgets:
     raise invalid(f"budget.{given[0]}", b[given[0]], f"not set for budget.device={b.device}, "
                   f"which takes a {' or '.join(preset.budgets)} budget")
-  if b.sparsity not in ("layer", "global"):
-    raise invalid("budget.sparsity", b.sparsity, "layer or global")
-  if b.sparsity == "global" and (kind != "size" or preset.structure != "unstructured"):
-    raise invalid("budget.sparsity", b.sparsity, "layer, or global with a size budget on a "
-                  "device with unstructured sparsity (any, mcu)")
+  if b.sparsity not in ("auto", "layer", "global"):
+    raise invalid("budget.sparsity", b.sparsity, "auto, layer or global")
+  if b.sparsity == "global" and not global_allowed(kind, preset):
+    raise invalid("budget.sparsity", b.sparsity, "auto, layer, or global with a size budget on "
+                  "a device with unstructured sparsity (any, mcu)")
   if kind == "bops":
     return kind, float(b.bops)
   if float32_bytes is None:
     return kind, 0.0
   return kind, float(int(b.size_bytes) if b.size_bytes else int(float32_bytes // b.ratio))
+
+
+def global_allowed(kind: str, preset) -> bool:
+  """Whether a global-threshold plan fits this budget: size only, unstructured sparsity."""
+  return kind == "size" and preset.structure == "unstructured"
 
 
 def check_scan(config) -> None:
@@ -322,13 +328,20 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         for p, k in zip(sens.paths, alloc.choice) for o in [opts[p][k]]), preset.structure,
         overhead)
 
-  if config.budget.sparsity == "global":  # no allocation over sparsities: no optimality gap
-    first = "global", (None, _global_plan(sens, weights, by_path, plannable, cost,
-                                          limit - fixed, overhead, preset))
-  else:  # the scan's options per layer are `options`; keep the damage of the plannable ones
-    first = "isolated", make_plan(plannable, {
+  candidates = {}
+  if config.budget.sparsity != "global":  # the scan measured `options`; plans use `plannable`
+    candidates["isolated"] = make_plan(plannable, {
         p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
         for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
+  if config.budget.sparsity == "global" or (config.budget.sparsity == "auto"
+                                             and global_allowed(kind, preset)):
+    found = _global_plan(sens, weights, by_path, plannable, cost, limit - fixed, overhead, preset)
+    if found is None and not candidates:
+      bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
+      raise ConfigError("budget: no global sparsity below 99.5 % meets the budget with weight "
+                        f"bits {bits}; use --config.budget.sparsity=layer")
+    if found is not None:  # no allocation over sparsities: no optimality gap
+      candidates["global"] = None, found
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
@@ -343,7 +356,6 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     return ({l.path: keep(l.path, l.sparsity) for l in p.layers if l.sparsity},
             {l.path: l.weight_bits for l in p.layers}, {l.path: l.act_bits for l in p.layers})
 
-  candidates = dict([first])
   reference = None
   if uniform is not None and preset.structure == "unstructured":
     reference = budget_lib.reference_of(*uniform["masks_and_bits"])
@@ -412,14 +424,14 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
 
 
 def _global_plan(sens, weights, by_path, plannable, cost, budget, overhead, preset):
-  """The plan with one global magnitude threshold and each layer's bits allocated exactly."""
+  """The plan with one global magnitude threshold and each layer's bits allocated exactly, or
+  ``None`` if no global sparsity below 99.5 % meets the budget."""
   bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
   found = budget_lib.global_bits({p: weights[p] for p in sens.paths}, budget=int(budget),
                                  bits=bits, predict=sens.predict,
                                  sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3))
   if found is None:
-    raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight bits "
-                      f"{bits}; use --config.budget.sparsity=layer")
+    return None
   _, sparsity, layer_bits, _ = found
   layers = []
   for p in sens.paths:

@@ -85,7 +85,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     assert 0 <= on_disk["one_shot"][name]["accuracy"] <= 100
     assert np.isfinite(on_disk["one_shot"][name]["damage"])
   cands = on_disk["candidates"]  # the plan with the least whole-plan damage is the one trained
-  assert set(cands) == {"isolated", "context1"} and on_disk["chosen"] in cands
+  assert set(cands) == {"isolated", "global", "context1"} and on_disk["chosen"] in cands
   assert cands[on_disk["chosen"]]["plan"] == plan
   assert on_disk["one_shot"]["auto"]["damage"] == min(c["one_shot"]["damage"]
                                                       for c in cands.values())
@@ -114,7 +114,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     (dict(ratio=10.0, device="int8-npu"), "budget.ratio"),
     (dict(size_bytes=100), "smallest plan takes"),
     (dict(ratio=10.0, weight_bits=(3, 8)), r"budget.weight_bits.*bit widths of scan.weight_bits"),
-    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*layer or global"),
+    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*auto, layer or global"),
     (dict(bops=1e6, sparsity="global"), "budget.sparsity.*with a size budget"),
     (dict(ratio=10.0, device="gpu-sparse", sparsity="global"), "budget.sparsity.*(any, mcu)"),
 ])
@@ -159,6 +159,7 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
   assert all((l["weight_bits"], l["act_bits"]) == (8, 8) for l in plan.values())
   assert plan["fc3"]["sparsity"] == 0  # the outputs stay
   assert "uniform" not in results
+  assert set(results["candidates"]) == {"isolated"}  # no global threshold under a BOPs budget
   # Whole output channels are gone from the exported kernels, as many as planned.
   from jaxcompress import export
   loaded = export.load(str(tmp_path / "auto" / "export"), create_model(
