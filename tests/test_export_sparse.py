@@ -72,6 +72,15 @@ def test_ties_and_full_tensors_prefer_dense_and_kmeans_never_dense():
                        allow_dense=False).encoding != "dense"
 
 
+def test_an_all_zero_kernel_round_trips_with_group_axes():
+  # A conv kernel whose every input channel was removed (the layer before lost its outputs).
+  nonzero = np.zeros((3, 3, 16, 16), bool)
+  enc = sparse.encode(np.zeros(nonzero.shape, int), nonzero, 8, group_axes=(2,))
+  assert enc.encoding != "nm" and enc.nnz == 0
+  got_nonzero, got_values = sparse.decode(enc, nonzero.size, 8, shape=nonzero.shape)
+  assert not got_nonzero.any() and got_values.size == 0
+
+
 def test_float_values_are_stored_as_float32():
   x = np.array([0, 1.5, 0, 0, 0, 0, 0, 0, 0, 0, -2.25, 0], np.float32)
   enc = sparse.encode(x, x != 0, 32)

@@ -121,7 +121,7 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
   if axes is not None:
     rows = _grouped(nonzero, axes)
     k = int(rows.sum(1).max()) if rows.size else 0
-    if k < NM_GROUP:
+    if 0 < k < NM_GROUP:  # an all-zero tensor has no slots to store: a gap code stream does
       out["nm"] = packed_size(rows.shape[0] * k, NM_INDEX_BITS) + value_bytes(rows.shape[0] * k,
                                                                               bits)
   nonzero = nonzero.reshape(-1)
