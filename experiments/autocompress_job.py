@@ -333,11 +333,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     candidates["isolated"] = make_plan(plannable, {
         p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
         for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
-  if config.budget.sparsity == "global" or (config.budget.sparsity == "auto"
-                                             and global_allowed(kind, preset)):
-    found = _global_plan(sens, weights, by_path, plannable, cost, limit - fixed, overhead, preset)
+  # auto where the budget allows it; global always (check_budget refused it where not allowed)
+  if config.budget.sparsity != "layer" and global_allowed(kind, preset):
+    bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
+    found = _global_plan(sens, weights, by_path, plannable, bits, cost, limit - fixed, overhead,
+                         preset)
     if found is None and not candidates:
-      bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
       raise ConfigError("budget: no global sparsity below 99.5 % meets the budget with weight "
                         f"bits {bits}; use --config.budget.sparsity=layer")
     if found is not None:  # no allocation over sparsities: no optimality gap
@@ -423,10 +424,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   return results
 
 
-def _global_plan(sens, weights, by_path, plannable, cost, budget, overhead, preset):
-  """The plan with one global magnitude threshold and each layer's bits allocated exactly, or
-  ``None`` if no global sparsity below 99.5 % meets the budget."""
-  bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
+def _global_plan(sens, weights, by_path, plannable, bits, cost, budget, overhead, preset):
+  """The plan with one global magnitude threshold and each layer's bits (of ``bits``) allocated
+  exactly, or ``None`` if no global sparsity below 99.5 % meets the budget."""
   found = budget_lib.global_bits({p: weights[p] for p in sens.paths}, budget=int(budget),
                                  bits=bits, predict=sens.predict,
                                  sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3))
