@@ -38,7 +38,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain = common.pretrain_config()
 
   c.prune = ml_collections.ConfigDict()
-  c.prune.method = "magnitude"  # none, magnitude, random, saliency (|w*g|), movement (-w*g sum)
+  c.prune.method = "magnitude"  # none, magnitude, random, saliency (|w*g|), movement (-w*g sum),
+  #                               lamp (layer-adaptive magnitude, with prune.scope=global)
   c.prune.structure = "unstructured"  # unstructured, nm (N:M), channel (whole output channels)
   c.prune.sparsity = 0.8  # final fraction of pruned weights in the selected kernels
   c.prune.scope = "layer"  # unstructured only: layer (per kernel) or global (across kernels)

@@ -51,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = _finetune()
 
   c.prune = ml_collections.ConfigDict()
-  c.prune.method = "magnitude"  # none, magnitude, random, saliency, movement
+  c.prune.method = "magnitude"  # none, magnitude, random, saliency, movement, lamp
   c.prune.structure = "nm"  # nm: keep n of every m weights along each kernel's reduction axis
   c.prune.sparsity = 0.5  # nm: any value > 0 switches it on (2:4 is always 50 %)
   c.prune.scope = "layer"  # unstructured only

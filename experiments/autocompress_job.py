@@ -9,8 +9,8 @@
    (:mod:`jaxcompress.budget.cost`), and refuses a budget below the smallest reachable size;
 3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
 4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, and over
-   bits at one global magnitude threshold (``budget.sparsity``: ``auto`` both, where the budget
-   allows the second), and finds the uniform recipe at the same budget; with
+   bits at one global threshold on magnitude and on LAMP scores (``budget.sparsity``: ``auto``
+   all three, where the budget allows the last two), and finds the uniform recipe at the same budget; with
    ``scan.refine_rounds`` > 0, allocates again over damage measured around the uniform recipe,
    then around each new plan (:mod:`jaxcompress.budget.refine`); measures every candidate plan
    and the uniform recipe whole on the held-out slice and keeps the least damaged candidate;
@@ -74,16 +74,21 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if kind not in preset.budgets:
     raise invalid(f"budget.{given[0]}", b[given[0]], f"not set for budget.device={b.device}, "
                   f"which takes a {' or '.join(preset.budgets)} budget")
-  if b.sparsity not in ("auto", "layer", "global"):
-    raise invalid("budget.sparsity", b.sparsity, "auto, layer or global")
-  if b.sparsity == "global" and not global_allowed(kind, preset):
-    raise invalid("budget.sparsity", b.sparsity, "auto, layer, or global with a size budget on "
-                  "a device with unstructured sparsity (any, mcu)")
+  if b.sparsity not in ("auto", "layer") + GLOBAL_SCORES:
+    raise invalid("budget.sparsity", b.sparsity, "auto, layer, global or lamp")
+  if b.sparsity in GLOBAL_SCORES and not global_allowed(kind, preset):
+    raise invalid("budget.sparsity", b.sparsity, "auto, layer, or global or lamp with a size "
+                  "budget on a device with unstructured sparsity (any, mcu)")
   if kind == "bops":
     return kind, float(b.bops)
   if float32_bytes is None:
     return kind, 0.0
   return kind, float(int(b.size_bytes) if b.size_bytes else int(float32_bytes // b.ratio))
+
+
+# budget.sparsity values of a global-threshold plan, and their scores (pruning.SCORES).
+GLOBAL_SCORES = ("global", "lamp")
+_SCORE = {"global": "magnitude", "lamp": "lamp"}
 
 
 def global_allowed(kind: str, preset) -> bool:
@@ -329,20 +334,26 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         overhead)
 
   candidates = {}
-  if config.budget.sparsity != "global":  # the scan measured `options`; plans use `plannable`
+  mode = config.budget.sparsity
+  if mode in ("auto", "layer"):  # the scan measured `options`; plans use `plannable`
     candidates["isolated"] = make_plan(plannable, {
         p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
         for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
-  # auto where the budget allows it; global always (check_budget refused it where not allowed)
-  if config.budget.sparsity != "layer" and global_allowed(kind, preset):
+  # auto: where the budget allows them; global or lamp: always (check_budget refused them where
+  # not allowed)
+  if mode == "auto":
+    thresholds = GLOBAL_SCORES if global_allowed(kind, preset) else ()
+  else:
+    thresholds = (mode,) if mode in GLOBAL_SCORES else ()
+  for name in thresholds:
     bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
     found = _global_plan(sens, weights, by_path, plannable, bits, cost, limit - fixed, overhead,
-                         preset)
-    if found is None and not candidates:
-      raise ConfigError("budget: no global sparsity below 99.5 % meets the budget with weight "
+                         preset, _SCORE[name])
+    if found is None and mode == name:
+      raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight "
                         f"bits {bits}; use --config.budget.sparsity=layer")
     if found is not None:  # no allocation over sparsities: no optimality gap
-      candidates["global"] = None, found
+      candidates[name] = None, found
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
@@ -424,12 +435,15 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   return results
 
 
-def _global_plan(sens, weights, by_path, plannable, bits, cost, budget, overhead, preset):
-  """The plan with one global magnitude threshold and each layer's bits (of ``bits``) allocated
-  exactly, or ``None`` if no global sparsity below 99.5 % meets the budget."""
+def _global_plan(sens, weights, by_path, plannable, bits, cost, budget, overhead, preset,
+                 score):
+  """The plan with one global threshold on ``score`` (``magnitude``, ``lamp``) and each layer's
+  bits (of ``bits``) allocated exactly, or ``None`` if no global sparsity below 99.5 % meets the
+  budget."""
   found = budget_lib.global_bits({p: weights[p] for p in sens.paths}, budget=int(budget),
                                  bits=bits, predict=sens.predict,
-                                 sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3))
+                                 sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
+                                 score=score)
   if found is None:
     return None
   _, sparsity, layer_bits, _ = found

@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 
 from jaxcompress import tables  # noqa: E402
 
+THRESHOLDS = {"global": "magnitude", "lamp": "LAMP scores"}  # what a global plan thresholds
+
 
 def _write_text(path: str, text: str) -> None:
   tmp = path + ".tmp"
@@ -128,7 +130,8 @@ def write_report(workdir: str, results: dict, sens) -> None:
       f"Predicted by the plan: at most {p['size_bytes']:,} bytes, {p['bops']:,} BOPs per "
       f"example, summed damage {p['damage']:.4f} " + (
           f"(optimality gap {p['optimality_gap']:.4g})." if p["optimality_gap"] is not None else
-          "(one global magnitude threshold, the bits allocated exactly for it)."),
+          f"(one global threshold on {THRESHOLDS[results['chosen']]}, the bits allocated "
+          "exactly for it)."),
   ]
   if "uniform" in results and not uni:
     lines += ["", "Uniform recipe: no single sparsity and weight bit width (first and last layer "
@@ -143,6 +146,7 @@ def write_report(workdir: str, results: dict, sens) -> None:
       f"accuracy {100 * s['base_accuracy']:.2f} %.", *_hessian_lines(s.get("hessian")), "",
       "## Candidates", "", "Measured whole on the held-out slice, before fine-tuning (damage: the "
       "held-out loss over the float model's; `isolated`: allocated over single-layer damages; "
+      "`global`, `lamp`: bits allocated at one global threshold on magnitude or LAMP scores; "
       "`context<r>`: over damages measured around the uniform recipe or the previous round's "
       "plan).", "", candidates_table(results), "",
       "## Plan", "", plan_table(results["plan"]), "",

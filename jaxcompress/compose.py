@@ -44,7 +44,7 @@ from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
 
-PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement")
+PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement", "lamp")
 PRUNE_STRUCTURES = ("unstructured", "nm", "channel")
 PRUNE_SCHEDULES = ("gradual", "one_shot", "constant")
 QUANT_METHODS = ("minmax", "lsq", "kmeans")
@@ -65,7 +65,8 @@ class PruneSpec:
   """What to prune and when. Fractions of training refer to ``total_steps`` of :func:`build`.
 
   Attributes:
-    method: ``none``, ``magnitude``, ``random``, ``saliency`` (|w g|), ``movement`` (-sum w g).
+    method: ``none``, ``magnitude``, ``random``, ``saliency`` (|w g|), ``movement`` (-sum w g),
+      ``lamp`` (magnitude with layer-adaptive sparsity under ``scope='global'``).
     structure: ``unstructured``, ``nm`` (N:M along the reduction axis), ``channel``.
     sparsity: final fraction of pruned weights in the selected weights, in ``[0, 1)``.
     scope: unstructured only: ``layer`` (per weight) or ``global`` (across weights).

@@ -85,7 +85,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     assert 0 <= on_disk["one_shot"][name]["accuracy"] <= 100
     assert np.isfinite(on_disk["one_shot"][name]["damage"])
   cands = on_disk["candidates"]  # the plan with the least whole-plan damage is the one trained
-  assert set(cands) == {"isolated", "global", "context1"} and on_disk["chosen"] in cands
+  assert set(cands) == {"isolated", "global", "lamp", "context1"} and on_disk["chosen"] in cands
   assert cands[on_disk["chosen"]]["plan"] == plan
   assert on_disk["one_shot"]["auto"]["damage"] == min(c["one_shot"]["damage"]
                                                       for c in cands.values())
@@ -114,9 +114,10 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     (dict(ratio=10.0, device="int8-npu"), "budget.ratio"),
     (dict(size_bytes=100), "smallest plan takes"),
     (dict(ratio=10.0, weight_bits=(3, 8)), r"budget.weight_bits.*bit widths of scan.weight_bits"),
-    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*auto, layer or global"),
+    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*auto, layer, global or lamp"),
     (dict(bops=1e6, sparsity="global"), "budget.sparsity.*with a size budget"),
     (dict(ratio=10.0, device="gpu-sparse", sparsity="global"), "budget.sparsity.*(any, mcu)"),
+    (dict(ratio=10.0, device="gpu-sparse", sparsity="lamp"), "budget.sparsity.*(any, mcu)"),
 ])
 def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
   with pytest.raises(ConfigError, match=match) as e:

@@ -73,7 +73,23 @@ def test_uniform_search_finds_the_least_sparsity_within_the_budget():
                              predict=lambda *a: 0.0) is None  # the dense edges alone exceed it
 
 
-def test_global_bits_against_brute_force():
+def test_global_lamp_keeps_every_layer():
+  """Two of six weights pruned: by magnitude both of ``b``'s go; by LAMP (scores by hand:
+  ``a``: 49/294, 64/245, 81/181, 1; ``b``: 0.01/0.05, 1) ``a``'s 7 and ``b``'s 0.1 go."""
+  a, b = np.array([7.0, -8.0, 9.0, 10.0]), np.array([0.1, -0.2])
+  by_magnitude = budget.global_keep([a, b], 2 / 6)
+  assert [k.tolist() for k in by_magnitude] == [[True] * 4, [False, False]]
+  by_lamp = budget.global_keep([a, b], 2 / 6, "lamp")
+  assert [k.tolist() for k in by_lamp] == [[False, True, True, True], [False, True]]
+
+
+def _lamp_by_hand(w):
+  flat = np.square(w.ravel())
+  return (flat / np.array([flat[flat >= x].sum() for x in flat])).reshape(w.shape)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "lamp"])
+def test_global_bits_against_brute_force(score):
   """Every (global sparsity, bits per layer) of a small instance, sized and scored by hand."""
   rng = np.random.default_rng(0)
   weights = {"a": rng.normal(size=(3, 3, 2, 4)), "b": 2 * rng.normal(size=(8, 6)),
@@ -85,17 +101,19 @@ def test_global_bits_against_brute_force():
   for budget_bytes in (60, 90, 150, 400):
     best = None
     for g in grid:
-      # The global threshold by hand: the round(g * total) smallest |w| of all layers pruned.
-      flat = np.concatenate([np.abs(w).ravel() for w in weights.values()])
+      # The global threshold by hand: the round(g * total) smallest scores of all layers pruned.
+      scores = {p: np.abs(w) if score == "magnitude" else _lamp_by_hand(w)
+                for p, w in weights.items()}
+      flat = np.concatenate([x.ravel() for x in scores.values()])
       cut = np.sort(flat)[int(round(g * total)) - 1] if round(g * total) else -1.0
-      keep = {p: np.abs(w) > cut for p, w in weights.items()}
+      keep = {p: x > cut for p, x in scores.items()}
       for combo in itertools.product(bits, repeat=3):
         size = sum(budget.weight_bytes(keep[p], b) for p, b in zip(weights, combo))
         damage = sum(predict(p, 1 - keep[p].mean(), b) for p, b in zip(weights, combo))
         if size <= budget_bytes and (best is None or damage < best[0] - 1e-12):
           best = (damage, g, dict(zip(weights, combo)))
     found = budget.global_bits(weights, budget=budget_bytes, bits=bits, predict=predict,
-                               sparsities=grid)
+                               sparsities=grid, score=score)
     if best is None:
       assert found is None
       continue

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.pruning import SCORES, Score, get_score
+from jaxcompress.pruning import SCORES, Score, compute_masks, get_score, unstructured
 from jaxcompress.pruning.scores import leaf_scores
 
 W = jnp.array([[1.0, -2.0], [0.5, -0.25]])
@@ -21,6 +21,9 @@ def test_hand_computed_values():
   np.testing.assert_array_equal(SCORES["saliency"].fn(W, G, None), [[3, 2], [1, 1]])
   # -w*g > 0 when the update -g pushes w away from zero.
   np.testing.assert_array_equal(SCORES["movement"].fn(W, G, None), [[3, -2], [-1, 1]])
+  # LAMP: w^2 over the sum of squares of every weight at least as large (1 + 4 + 0.25 + 0.0625).
+  np.testing.assert_allclose(SCORES["lamp"].fn(W, None, None),
+                             [[1 / 5, 4 / 4], [0.25 / 5.25, 0.0625 / 5.3125]], rtol=1e-6)
   r = SCORES["random"].fn(W, None, key)
   assert r.shape == W.shape and float(r.min()) >= 0 and float(r.max()) < 1
 
@@ -52,7 +55,7 @@ def test_custom_score_passes_through():
 
 
 @pytest.mark.parametrize("call, needle", [
-    (lambda: get_score("taylor"), "prune.score must be one of magnitude, movement, random, "
+    (lambda: get_score("taylor"), "prune.score must be one of lamp, magnitude, movement, random, "
                                   "saliency, got 'taylor'"),
     (lambda: leaf_scores(SCORES["saliency"], [W], None, None), "grads must be given"),
     (lambda: leaf_scores(SCORES["random"], [W], None, None), "key must be a jax.random key"),
@@ -61,3 +64,13 @@ def test_bad_input(call, needle):
   with pytest.raises(ConfigError) as err:
     call()
   assert needle in str(err.value)
+
+
+def test_lamp_under_a_jitted_global_threshold_keeps_every_layer():
+  """LAMP by hand (a: 49/294, 64/245, 81/181, 1; b: 0.01/0.05, 1): a's 7 and b's 0.1 go."""
+  params = {"a": {"kernel": jnp.array([[7.0, -8.0], [9.0, 10.0]])},
+            "b": {"kernel": jnp.array([[0.1], [-0.2]])}}
+  masks = jax.jit(lambda p, s: compute_masks(p, s, score="lamp",
+                                             structure=unstructured("global")))(params, 2 / 6)
+  assert np.asarray(masks["a"]["kernel"]).tolist() == [[False, True], [True, True]]
+  assert np.asarray(masks["b"]["kernel"]).tolist() == [[False], [True]]

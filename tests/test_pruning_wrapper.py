@@ -198,7 +198,7 @@ def test_nnx_state_params():
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(schedule=0.5), "prune.schedule must be a step -> sparsity function, got 0.5"),
     (dict(update_every=0), "prune.update_every must be an integer >= 1, got 0"),
-    (dict(score="l0"), "prune.score must be one of magnitude, movement, random, saliency"),
+    (dict(score="l0"), "prune.score must be one of lamp, magnitude, movement, random, saliency"),
     (dict(rules=[("[", True)]), "prune.rules[0] regex '[' does not compile"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, needle):

@@ -84,9 +84,14 @@ class Plan(NamedTuple):
              "damage": round(l.damage, 6)} for l in self.layers]
 
 
-def global_keep(weights: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray]:
-  """Global magnitude masks: ``round(sparsity * total)`` lowest ``|w|`` across all weights."""
-  scores = [jnp.abs(jnp.asarray(w)) for w in weights]
+def global_keep(weights: Sequence[np.ndarray], sparsity: float, score: str = "magnitude"
+                ) -> list[np.ndarray]:
+  """Global masks: the ``round(sparsity * total)`` lowest scores across all weights pruned.
+
+  ``score``: ``magnitude`` (``|w|``) or ``lamp`` (:func:`jaxcompress.pruning.scores.lamp`).
+  """
+  fn = pruning.get_score(score).fn
+  scores = [fn(jnp.asarray(w), None, None) for w in weights]
   return [np.asarray(k, bool) for k in pruning.unstructured("global")(
       ["w"] * len(weights), scores, float(sparsity))]
 
@@ -136,14 +141,15 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
 
 
 def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
-                predict: Callable[[str, float, int], float], sparsities: Sequence[float]
+                predict: Callable[[str, float, int], float], sparsities: Sequence[float],
+                score: str = "magnitude"
                 ) -> tuple[float, dict[str, float], dict[str, int], float] | None:
-  """Per-layer sparsity from one global magnitude threshold, per-layer bits allocated.
+  """Per-layer sparsity from one global threshold, per-layer bits allocated.
 
   For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
-  common magnitude threshold, and the multiple-choice knapsack (:func:`.allocate.allocate`) gives
-  each layer the bit width of ``bits`` that minimises the summed predicted damage within
-  ``budget``, exactly for that ``g``. Of these plans, the one with the least predicted damage.
+  common threshold on ``score`` (:func:`global_keep`), and the multiple-choice knapsack
+  (:func:`.allocate.allocate`) gives each layer the bit width of ``bits`` that minimises the
+  summed predicted damage within ``budget``, exactly for that ``g``. Of these plans, the one with the least predicted damage.
 
   Args:
     weights: ``{layer path: weight}`` of every planned layer (all take part in the threshold).
@@ -151,6 +157,7 @@ def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequenc
     bits: the weight bit widths a layer may take.
     predict: ``(path, sparsity, bits) -> damage`` (e.g. ``Sensitivity.predict``).
     sparsities: the global sparsities to try.
+    score: ``magnitude`` or ``lamp``.
 
   Returns:
     ``(g, {path: sparsity}, {path: bits}, predicted damage)``, or ``None`` if none fits.
@@ -158,7 +165,7 @@ def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequenc
   paths, bits = list(weights), sorted(bits)
   best = None
   for g in sorted(sparsities):
-    keeps = global_keep([weights[p] for p in paths], g)
+    keeps = global_keep([weights[p] for p in paths], g, score)
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]

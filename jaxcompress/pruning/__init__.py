@@ -12,8 +12,8 @@ from jaxcompress.pruning.masks import (Masker, channels, n_of_m, nm_mask, num_pr
                                        unstructured)
 from jaxcompress.pruning.schedules import (Schedule, constant_schedule, one_shot_schedule,
                                            polynomial_schedule)
-from jaxcompress.pruning.scores import (SCORES, Score, get_score, magnitude, movement, random,
-                                        saliency)
+from jaxcompress.pruning.scores import (SCORES, Score, get_score, lamp, magnitude, movement,
+                                        random, saliency)
 from jaxcompress.pruning.select import DEFAULT_RULES, Selection, select
 from jaxcompress.pruning.summary import LeafSummary, Summary, sparsity, summary
 from jaxcompress.pruning.tree import (apply_masks, apply_masks_ste, channel_masks, compute_masks,
@@ -24,7 +24,7 @@ __all__ = [
     # leaf selection
     "DEFAULT_RULES", "Selection", "select",
     # scores
-    "SCORES", "Score", "get_score", "magnitude", "movement", "random", "saliency",
+    "SCORES", "Score", "get_score", "lamp", "magnitude", "movement", "random", "saliency",
     # array masks and maskers
     "Masker", "channels", "n_of_m", "nm_mask", "num_pruned", "topk_mask", "unstructured",
     # masks over parameter trees

@@ -15,6 +15,8 @@ References:
   Efficient Inference. ICLR 2017 (first-order Taylor saliency ``|w * g|``).
   Sanh, Wolf, Rush. Movement Pruning: Adaptive Sparsity by Fine-Tuning. NeurIPS 2020
   (movement ``-sum_t w_t * g_t``).
+  Lee, Park, Mo, Ahn, Shin. Layer-adaptive Sparsity for the Magnitude-based Pruning. ICLR 2021
+  (LAMP).
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def movement(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Ar
   return -w * g
 
 
+def lamp(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
+  """LAMP: ``w_u**2 / sum(w_v**2 for every v with |w_v| >= |w_u|)`` within the leaf.
+
+  Within one leaf it ranks like ``|w|``; across leaves (global scope) it sets each layer's
+  sparsity so that no layer is emptied: every leaf's largest weight scores 1. Ties in ``|w|``
+  are ranked in index order.
+  """
+  del g, key
+  sq = jnp.square(w).ravel()
+  order = jnp.argsort(sq)
+  ranked = sq[order]
+  tail = jnp.cumsum(ranked[::-1])[::-1]  # sum over this weight and every larger one
+  ranked = jnp.where(tail > 0, ranked / jnp.where(tail > 0, tail, 1), 0)
+  return jnp.zeros_like(sq).at[order].set(ranked).reshape(w.shape)
+
+
 class Score(NamedTuple):
   """A pruning criterion.
 
@@ -74,6 +92,7 @@ SCORES: dict[str, Score] = {
     "random": Score(random, needs_key=True),
     "saliency": Score(saliency, needs_grads=True),
     "movement": Score(movement, needs_grads=True, accumulate=True),
+    "lamp": Score(lamp),
 }
 
 
