@@ -74,6 +74,9 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if kind not in preset.budgets:
     raise invalid(f"budget.{given[0]}", b[given[0]], f"not set for budget.device={b.device}, "
                   f"which takes a {' or '.join(preset.budgets)} budget")
+  if preset.per_channel and not config.quant.per_channel:
+    raise invalid("quant.per_channel", config.quant.per_channel,
+                  f"True with budget.device={b.device} (per-channel weights)")
   if b.sparsity not in ("auto", "layer") + GLOBAL_SCORES:
     raise invalid("budget.sparsity", b.sparsity, "auto, layer, global or lamp")
   if b.sparsity in GLOBAL_SCORES and not global_allowed(kind, preset):

@@ -126,6 +126,16 @@ def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_mcu_refuses_per_tensor_weights(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=10.0, device="mcu")
+  config.quant.per_channel = False
+  with pytest.raises(ConfigError, match=r"^quant.per_channel must be True with "
+                     r"budget.device=mcu") as e:
+    _run(config, tmp_path / "w")
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_held_out_slice_must_exist_and_miss_the_evaluation_split(mlp_weights, tmp_path):
   config = _config(mlp_weights, ratio=10.0)
   config.data.val_examples = 0

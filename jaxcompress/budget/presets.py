@@ -44,6 +44,7 @@ class Preset:
     sparsities: the sparsities it allows (``None``: the scan's grid).
     weight_bits: the weight bit widths it allows (``None``: the scan's grid).
     act_bits: fixed input bits (``None``: the scan's input grid under a BOPs budget, else 8).
+    per_channel: weights must be quantized per output channel (``quant.per_channel``).
   """
   name: str
   hardware: str
@@ -52,6 +53,7 @@ class Preset:
   sparsities: tuple[float, ...] | None = None
   weight_bits: tuple[int, ...] | None = None
   act_bits: tuple[int, ...] | None = (8,)
+  per_channel: bool = False
 
   def options(self, *, shape: Sequence[int], last: bool, sparsities: Sequence[float],
               weight_bits: Sequence[int], act_bits: Sequence[int], kind: str = "size"
@@ -90,7 +92,7 @@ PRESETS = {p.name: p for p in (
            ("size", "bops"), "unstructured", act_bits=None),
     Preset("mcu", "a microcontroller with integer kernels (CMSIS-NN, TFLite Micro): integer "
            "everywhere including the first and last layer, 8-bit inputs, per-channel weights, "
-           "a flash budget", ("size",), "unstructured"),
+           "a flash budget", ("size",), "unstructured", per_channel=True),
     Preset("gpu-sparse", "NVIDIA sparse tensor cores (Ampere and newer): dense or 2:4 along the "
            "reduction axis, int8 or int4 weights, int8 inputs", ("size", "bops"), "nm",
            sparsities=(0.5,), weight_bits=(4, 8)),
