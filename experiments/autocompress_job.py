@@ -10,10 +10,11 @@
 3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
 4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, and over
    bits at one global threshold on magnitude and on LAMP scores (``budget.sparsity``: ``auto``
-   all three, where the budget allows the last two), and finds the uniform recipe at the same budget; with
-   ``scan.refine_rounds`` > 0, allocates again over damage measured around the uniform recipe,
-   then around each new plan (:mod:`jaxcompress.budget.refine`); measures every candidate plan
-   and the uniform recipe whole on the held-out slice and keeps the least damaged candidate;
+   all three, where the budget allows the last two), and finds the uniform recipe at the same
+   budget; with ``scan.refine_rounds`` > 0, allocates again over damage measured around the
+   uniform recipe, then around each new plan (:mod:`jaxcompress.budget.refine`); measures every
+   candidate plan and the uniform recipe whole on the held-out slice and keeps the least damaged
+   candidate;
 5. runs the main job (:func:`experiments.pipeline.train_and_evaluate`: KD fine-tuning, evaluation,
    export) on each plan in ``WORKDIR/auto`` and ``WORKDIR/uniform``;
 6. writes ``results.json``, ``report.md``, ``sensitivity.png`` and ``accuracy_vs_size.png``.
@@ -80,8 +81,8 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if b.sparsity not in ("auto", "layer") + GLOBAL_SCORES:
     raise invalid("budget.sparsity", b.sparsity, "auto, layer, global or lamp")
   if b.sparsity in GLOBAL_SCORES and not global_allowed(kind, preset):
-    raise invalid("budget.sparsity", b.sparsity, "auto, layer, or global or lamp with a size "
-                  "budget on a device with unstructured sparsity (any, mcu)")
+    raise invalid("budget.sparsity", b.sparsity, "auto or layer here (global and lamp need a "
+                  "size budget on a device with unstructured sparsity: any, mcu)")
   if kind == "bops":
     return kind, float(b.bops)
   if float32_bytes is None:

@@ -149,7 +149,8 @@ def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequenc
   For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
   common threshold on ``score`` (:func:`global_keep`), and the multiple-choice knapsack
   (:func:`.allocate.allocate`) gives each layer the bit width of ``bits`` that minimises the
-  summed predicted damage within ``budget``, exactly for that ``g``. Of these plans, the one with the least predicted damage.
+  summed predicted damage within ``budget``, exactly for that ``g``. Of these plans, the one
+  with the least predicted damage.
 
   Args:
     weights: ``{layer path: weight}`` of every planned layer (all take part in the threshold).
