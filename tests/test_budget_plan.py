@@ -83,6 +83,16 @@ def test_global_lamp_keeps_every_layer():
   assert [k.tolist() for k in by_lamp] == [[False, True, True, True], [False, True]]
 
 
+def test_global_keep_breaks_ties_as_the_pruning_masker():
+  """Stable ascending order of the concatenated scores: 0 (b), then a's two 1s, b's 1, 2; two
+  pruned are b's 0 and a's first 1."""
+  a, b = np.array([1.0, -1.0, 2.0]), np.array([1.0, 0.0])
+  keep = budget.global_keep([a, b], 2 / 5)
+  assert [k.tolist() for k in keep] == [[False, True, True], [True, False]]
+  masker = pruning.unstructured("global")(["a", "b"], [np.abs(a), np.abs(b)], 2 / 5)
+  assert [np.asarray(m).tolist() for m in masker] == [k.tolist() for k in keep]
+
+
 def _lamp_by_hand(w):
   flat = np.square(w.ravel())
   return (flat / np.array([flat[flat >= x].sum() for x in flat])).reshape(w.shape)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import pruning
+from jaxcompress.pruning.masks import num_pruned, ranks
 from jaxcompress.budget.allocate import allocate
 from jaxcompress.budget.cost import weight_bytes
 
@@ -84,16 +85,30 @@ class Plan(NamedTuple):
              "damage": round(l.damage, 6)} for l in self.layers]
 
 
+def global_ranks(weights: Sequence[np.ndarray], score: str = "magnitude") -> list[np.ndarray]:
+  """Every weight's position in the stable ascending order of ``score`` across all weights.
+
+  The order of ``pruning.unstructured("global")``: its mask at sparsity ``s`` keeps the ranks
+  ``>= round(s * total)``, so one sort serves every sparsity.
+  """
+  fn = pruning.get_score(score).fn
+  flat = jnp.concatenate([fn(jnp.asarray(w), None, None).reshape(-1) for w in weights])
+  parts = np.split(np.asarray(ranks(flat)), np.cumsum([np.size(w) for w in weights])[:-1])
+  return [r.reshape(np.shape(w)) for r, w in zip(parts, weights)]
+
+
+def _cut(weight_ranks: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray]:
+  pruned = num_pruned(float(sparsity), sum(r.size for r in weight_ranks))
+  return [r >= pruned for r in weight_ranks]
+
+
 def global_keep(weights: Sequence[np.ndarray], sparsity: float, score: str = "magnitude"
                 ) -> list[np.ndarray]:
   """Global masks: the ``round(sparsity * total)`` lowest scores across all weights pruned.
 
   ``score``: ``magnitude`` (``|w|``) or ``lamp`` (:func:`jaxcompress.pruning.scores.lamp`).
   """
-  fn = pruning.get_score(score).fn
-  scores = [fn(jnp.asarray(w), None, None) for w in weights]
-  return [np.asarray(k, bool) for k in pruning.unstructured("global")(
-      ["w"] * len(weights), scores, float(sparsity))]
+  return _cut(global_ranks(weights, score), sparsity)
 
 
 def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, overhead: int,
@@ -118,9 +133,10 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
   edges = [p for p in weights if p not in inner]
   fixed = overhead + sum(weight_bytes(np.ones(weights[p].shape, bool), edge_bits) for p in edges)
   best = None
+  inner_ranks = global_ranks([weights[p] for p in inner])
   for b in sorted(bits):
     def size(s):
-      keeps = global_keep([weights[p] for p in inner], s)
+      keeps = _cut(inner_ranks, s)
       return fixed + sum(weight_bytes(k, b) for k in keeps), keeps
     lo, hi = 0, int(round(1 / resolution)) - 1  # steps of `resolution`, sparsity < 1
     if size(hi * resolution)[0] > budget:
@@ -164,9 +180,10 @@ def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequenc
     ``(g, {path: sparsity}, {path: bits}, predicted damage)``, or ``None`` if none fits.
   """
   paths, bits = list(weights), sorted(bits)
+  weight_ranks = global_ranks([weights[p] for p in paths], score)
   best = None
   for g in sorted(sparsities):
-    keeps = global_keep([weights[p] for p in paths], g, score)
+    keeps = _cut(weight_ranks, g)
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
