@@ -78,7 +78,7 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if preset.per_channel and not config.quant.per_channel:
     raise invalid("quant.per_channel", config.quant.per_channel,
                   f"True with budget.device={b.device} (per-channel weights)")
-  if b.sparsity not in ("auto", "layer") + GLOBAL_SCORES:
+  if b.sparsity not in ("auto", "layer", *GLOBAL_SCORES):
     raise invalid("budget.sparsity", b.sparsity, "auto, layer, global or lamp")
   if b.sparsity in GLOBAL_SCORES and not global_allowed(kind, preset):
     raise invalid("budget.sparsity", b.sparsity, "auto or layer here (global and lamp need a "
@@ -90,9 +90,8 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   return kind, float(int(b.size_bytes) if b.size_bytes else int(float32_bytes // b.ratio))
 
 
-# budget.sparsity values of a global-threshold plan, and their scores (pruning.SCORES).
-GLOBAL_SCORES = ("global", "lamp")
-_SCORE = {"global": "magnitude", "lamp": "lamp"}
+# budget.sparsity values of a global-threshold plan -> the score it thresholds (pruning.SCORES).
+GLOBAL_SCORES = {"global": "magnitude", "lamp": "lamp"}
 
 
 def global_allowed(kind: str, preset) -> bool:
@@ -349,10 +348,10 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     thresholds = GLOBAL_SCORES if global_allowed(kind, preset) else ()
   else:
     thresholds = (mode,) if mode in GLOBAL_SCORES else ()
+  bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
   for name in thresholds:
-    bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
     found = _global_plan(sens, weights, by_path, plannable, bits, cost, limit - fixed, overhead,
-                         preset, _SCORE[name])
+                         preset, GLOBAL_SCORES[name])
     if found is None and mode == name:
       raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight "
                         f"bits {bits}; use --config.budget.sparsity=layer")
