@@ -14,8 +14,9 @@ that is smaller); the budget tests check it on every plan.
 
 **BOPs** (bit operations, the usual compute proxy): ``MACs x weight bits x input bits`` per layer
 and example, the MACs counting multiplications by kept weights: a dense layer's MACs times its
-density (unstructured, 2:4) or its kept output channels (channel pruning; surgery also removes the
-next layer's inputs, which only lowers the true count, so the budget holds).
+density (unstructured, 2:4) or its kept output channels (channel pruning: a pruned channel outputs
+its bias, a constant that needs no multiplication; where the BatchNorm and ReLU after it make that
+constant 0, surgery can also remove the next layer's inputs, which only lowers the true count).
 """
 
 from __future__ import annotations
