@@ -8,10 +8,10 @@
 2. sizes every option of every layer with the export's own size code, on a reference export
    (:mod:`jaxcompress.budget.cost`), and refuses a budget below the smallest reachable size;
 3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
-4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, and over
+4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, or over
    bits at one global threshold on magnitude and on LAMP scores (``budget.sparsity``: ``auto``
-   all three, where the budget allows the last two), and finds the uniform recipe at the same
-   budget; with ``scan.refine_rounds`` > 0, allocates again over damage measured around the
+   makes the two global-threshold plans where the budget allows them, else the per-layer one),
+   and finds the uniform recipe at the same budget; with ``scan.refine_rounds`` > 0, allocates again over damage measured around the
    uniform recipe, then around each new plan (:mod:`jaxcompress.budget.refine`); measures every
    candidate plan and the uniform recipe whole on the held-out slice and keeps the least damaged
    candidate;
@@ -338,12 +338,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
 
   candidates = {}
   mode = config.budget.sparsity
-  if mode in ("auto", "layer"):  # the scan measured `options`; plans use `plannable`
-    candidates["isolated"] = make_plan(plannable, {
-        p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
-        for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
-  # auto: where the budget allows them; global or lamp: always (check_budget refused them where
-  # not allowed)
+  # auto: the global-threshold plans where the budget allows them (they trained better than the
+  # per-layer plan wherever both were trained, docs/autocompress.md), else the per-layer plan;
+  # global or lamp: always (check_budget refused them where not allowed)
   if mode == "auto":
     thresholds = GLOBAL_SCORES if global_allowed(kind, preset) else ()
   else:
@@ -357,6 +354,10 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                         f"bits {bits}; use --config.budget.sparsity=layer")
     if found is not None:  # no allocation over sparsities: no optimality gap
       candidates[name] = None, found
+  if mode == "layer" or not candidates:  # the scan measured `options`; plans use `plannable`
+    candidates["isolated"] = make_plan(plannable, {
+        p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
+        for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
   uniform = None
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
