@@ -11,10 +11,10 @@
 4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, or over
    bits at one global threshold on magnitude and on LAMP scores (``budget.sparsity``: ``auto``
    makes the two global-threshold plans where the budget allows them, else the per-layer one),
-   and finds the uniform recipe at the same budget; with ``scan.refine_rounds`` > 0, allocates again over damage measured around the
-   uniform recipe, then around each new plan (:mod:`jaxcompress.budget.refine`); measures every
-   candidate plan and the uniform recipe whole on the held-out slice and keeps the least damaged
-   candidate;
+   and finds the uniform recipe at the same budget; with ``scan.refine_rounds`` > 0, allocates
+   again over damage measured around the uniform recipe, then around each new plan
+   (:mod:`jaxcompress.budget.refine`); measures every candidate plan and the uniform recipe
+   whole on the held-out slice and keeps the least damaged candidate;
 5. runs the main job (:func:`experiments.pipeline.train_and_evaluate`: KD fine-tuning, evaluation,
    export) on each plan in ``WORKDIR/auto`` and ``WORKDIR/uniform``;
 6. writes ``results.json``, ``report.md``, ``sensitivity.png`` and ``accuracy_vs_size.png``.
