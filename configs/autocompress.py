@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.sparsity = "auto"  # layer: each layer's sparsity from scan.sparsities, allocated with
   #                             its bits; global: one magnitude threshold for all layers, each
   #                             layer's bits allocated (size budgets, unstructured devices; it
-  #                             trained best from 15x to 40x, docs/autocompress.md); lamp: the
+  #                             trained best from 10x to 40x, docs/autocompress.md); lamp: the
   #                             same on LAMP scores; auto: global and lamp where allowed (the
   #                             less damaged whole is trained), else layer
   c.budget.weight_bits = (3, 4, 8)  # weight bit widths plans may use, of scan.weight_bits (empty:
