@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import pruning
-from jaxcompress.pruning.masks import num_pruned, ranks
+from jaxcompress.pruning.masks import across, num_pruned, ranks
 from jaxcompress.budget.allocate import allocate
 from jaxcompress.budget.cost import weight_bytes
 
@@ -92,9 +92,7 @@ def global_ranks(weights: Sequence[np.ndarray], score: str = "magnitude") -> lis
   ``>= round(s * total)``, so one sort serves every sparsity.
   """
   fn = pruning.get_score(score).fn
-  flat = jnp.concatenate([fn(jnp.asarray(w), None, None).reshape(-1) for w in weights])
-  parts = np.split(np.asarray(ranks(flat)), np.cumsum([np.size(w) for w in weights])[:-1])
-  return [r.reshape(np.shape(w)) for r, w in zip(parts, weights)]
+  return [np.asarray(r) for r in across(ranks, [fn(jnp.asarray(w), None, None) for w in weights])]
 
 
 def _cut(weight_ranks: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray]:

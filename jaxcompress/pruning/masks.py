@@ -57,6 +57,17 @@ def ranks(scores: jax.Array, axis: int = -1) -> jax.Array:
   return jnp.argsort(order, axis=axis)
 
 
+def across(fn: Callable[[jax.Array], jax.Array], leaves: Sequence[jax.Array]) -> list[jax.Array]:
+  """``fn`` of all ``leaves`` flattened into one vector, split back into the leaves' shapes.
+
+  How a global scope treats several leaves as one: ``across(ranks, scores)`` ranks every entry
+  among all of them.
+  """
+  flat = jnp.concatenate([jnp.reshape(l, -1) for l in leaves])
+  parts = jnp.split(fn(flat), np.cumsum([np.size(l) for l in leaves])[:-1])
+  return [p.reshape(np.shape(l)) for p, l in zip(parts, leaves)]
+
+
 def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
   """Keeps the ``k`` highest scores of the whole array (ties: higher flat index kept).
 
@@ -137,10 +148,7 @@ def unstructured(scope: str = "layer") -> Masker:
       return [sparsity_mask(s, sparsity) for s in scores]
     if not scores:
       return []
-    flat = jnp.concatenate([s.reshape(-1) for s in scores])
-    keep = sparsity_mask(flat, sparsity)
-    parts = jnp.split(keep, np.cumsum([s.size for s in scores])[:-1])
-    return [p.reshape(s.shape) for p, s in zip(parts, scores)]
+    return across(lambda flat: sparsity_mask(flat, sparsity), scores)
 
   return masker
 
