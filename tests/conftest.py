@@ -1,7 +1,9 @@
-"""Shared fixtures: paths to the shared data and weights, and the real-data skip marker."""
+"""Shared fixtures: paths to the shared data and weights, the real-data skip marker, and a
+compilation cache for the session."""
 
 import os
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,3 +32,12 @@ def pretrained(name: str) -> str:
   if not os.path.isfile(path):
     pytest.skip(f"{path} not present")
   return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """Compiled programs kept on disk for the session: the many tests that build the same jitted
+  step (same model, same shapes) compile it once per worker instead of once per test."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
