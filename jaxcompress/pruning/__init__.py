@@ -2,7 +2,8 @@
 
 Data flow: ``select`` (which leaves, by regex rules) -> ``scores`` (how much each weight
 matters) -> ``masks`` (which entries survive: unstructured, channel, N:M) -> ``tree`` (masks over
-a whole parameter tree, ``apply_masks``) -> ``schedules`` (sparsity over training steps) ->
+a whole parameter tree, ``apply_masks``; ``positions``: masks capped at the export's gap codes)
+-> ``schedules`` (sparsity over training steps) ->
 ``wrapper`` (an optax optimizer that prunes while it trains) -> ``iterative`` (rounds of prune,
 fine-tune, validate) ; ``summary`` reports what came out (``sparsity``: the same count, jit-able).
 """
