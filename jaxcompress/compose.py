@@ -36,9 +36,11 @@ import optax
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
 from jaxcompress.errors import ConfigError, check_range, invalid, unknown
+from jaxcompress.export.sparse import GAP_WIDTHS
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
+from jaxcompress.pruning import positions
 from jaxcompress.rules import Rules, tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
@@ -85,6 +87,11 @@ class PruneSpec:
       pruning; each weight follows the schedule scaled by ``its sparsity / sparsity``, and a
       selected weight no regex matches reaches ``sparsity``. Per-layer plans (e.g. from
       :mod:`jaxcompress.budget`) reach the train step this way.
+    layer_gap_codes: ``((regex, w, codes), ...)`` over the same paths, unstructured only: once
+      the schedule reaches ``sparsity``, a matching weight also prunes its lowest-scored kept
+      entries until its positions take at most ``codes`` ``w``-bit gap codes in the export
+      (:mod:`jaxcompress.pruning.positions`). A budget plan caps each weight at the codes of the
+      pattern it was sized on, so a mask that follows training still exports within the plan.
   """
   method: str = "magnitude"
   structure: str = "unstructured"
@@ -100,6 +107,7 @@ class PruneSpec:
   rules: tuple = ()
   seed: int = 0
   layer_sparsity: tuple = ()
+  layer_gap_codes: tuple = ()
 
   def __post_init__(self):
     if self.method not in PRUNE_METHODS:
@@ -126,6 +134,17 @@ class PruneSpec:
       raise invalid("prune.layer_sparsity", self.layer_sparsity, "empty unless prune.structure "
                     "is unstructured (scope layer) or channel and prune.sparsity > 0",
                     "set prune.sparsity to the largest per-layer sparsity")
+    for i, rule in enumerate(self.layer_gap_codes):
+      field = f"prune.layer_gap_codes[{i}]"
+      if len(rule) != 3 or not isinstance(rule[0], str):
+        raise invalid(field, rule, "a (regex, code bits, codes) triple")
+      if rule[1] not in GAP_WIDTHS:
+        raise invalid(f"{field} code bits", rule[1], f"one of {list(GAP_WIDTHS)}")
+      if not isinstance(rule[2], int) or rule[2] < 0:
+        raise invalid(f"{field} codes", rule[2], "an integer >= 0")
+    if self.layer_gap_codes and self.structure != "unstructured":
+      raise invalid("prune.layer_gap_codes", self.layer_gap_codes,
+                    "empty unless prune.structure is unstructured")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "PruneSpec":
@@ -146,10 +165,13 @@ class PruneSpec:
       return pruning.n_of_m(self.n, self.m, axes=axes)
     base = (pruning.channels(self.norm) if self.structure == "channel"
             else pruning.unstructured(self.scope))
-    if not self.layer_sparsity:
-      return base
-    return _per_layer(base, [(f"model/(?:{r})", float(t)) for r, t in self.layer_sparsity],
-                      self.sparsity)
+    if self.layer_sparsity:
+      base = _per_layer(base, [(f"model/(?:{r})", float(t)) for r, t in self.layer_sparsity],
+                        self.sparsity)
+    if self.layer_gap_codes:
+      base = _capped(base, [(f"model/(?:{r})", (w, c)) for r, w, c in self.layer_gap_codes],
+                     self.sparsity)
+    return base
 
   def steps(self, total_steps: int) -> tuple[int, int, int]:
     """``(update_every, begin_step, end_step)`` for a run of ``total_steps``.
@@ -182,6 +204,23 @@ def _per_layer(base: pruning.Masker, targets: list, final: float) -> pruning.Mas
       else:
         leaf = jnp.where(sparsity >= final, target, sparsity * (target / final))
       out += base([path], [score], leaf)
+    return out
+
+  return masker
+
+
+def _capped(base: pruning.Masker, caps: list, final: float) -> pruning.Masker:
+  """``base``, then, from ``final`` sparsity on, each capped leaf pruned to its gap-code cap."""
+  rules = Rules(caps, field="prune.layer_gap_codes")
+
+  def masker(paths, scores, sparsity):
+    out = []
+    for path, score, keep in zip(paths, scores, base(paths, scores, sparsity)):
+      cap = rules.lookup(path)
+      if cap is not None:
+        capped = lambda k, s=score, c=cap: positions.cap_codes(k, s, *c)  # noqa: E731
+        keep = jax.lax.cond(jnp.asarray(sparsity) >= final, capped, lambda k: k, keep)
+      out.append(keep)
     return out
 
   return masker
@@ -575,6 +614,10 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   opt = optimizer
   if prune.enabled:
     every, begin, end = prune.steps(total_steps)
+    if prune.schedule == "gradual" and end >= total_steps:
+      raise invalid("prune.schedule", prune.schedule, f"one_shot or constant for a run of "
+                    f"{total_steps} step(s)", "a gradual schedule needs 2 steps or more to reach "
+                    "its final sparsity inside the run")
     if prune.schedule == "gradual":
       schedule = pruning.polynomial_schedule(prune.sparsity, begin, end)
     elif prune.schedule == "one_shot":

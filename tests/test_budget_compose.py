@@ -7,6 +7,7 @@ import pytest
 from jaxcompress import compose, pruning
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
+from jaxcompress.export import sparse
 from jaxcompress.models import create_model
 
 SHAPE = (6, 6, 3)
@@ -55,6 +56,49 @@ def test_unmatched_selected_weights_reach_the_spec_sparsity():
   assert [int(np.sum(~np.asarray(k))) for k in keep] == [2, 4]
   half = masker(["model/a", "model/b"], scores, 0.25)  # half-way through the ramp
   assert [int(np.sum(~np.asarray(k))) for k in half] == [1, 2]
+
+
+def _codes(keep, w):
+  return sparse.num_gap_codes(sparse.gaps_of(np.asarray(keep).reshape(-1)), w)
+
+
+def test_gap_code_caps_act_from_the_final_sparsity_on():
+  masker = compose.PruneSpec(sparsity=0.8, layer_gap_codes=(("a", 3, 10),)).masker()
+  scores = [np.random.default_rng(0).normal(size=(8, 16)) ** 2] * 2
+  ramp = masker(["model/a", "model/b"], scores, 0.4)  # mid-ramp: the schedule's counts only
+  assert [int(np.sum(~np.asarray(k))) for k in ramp] == [round(0.4 * 128)] * 2
+  a, b = (np.asarray(k) for k in masker(["model/a", "model/b"], scores, 0.8))
+  assert _codes(b, 3) > 10 and np.sum(~b) == round(0.8 * 128)  # uncapped
+  assert _codes(a, 3) <= 10 < _codes(a | b, 3) and not np.any(a & ~b)  # a subset of b that fits
+
+
+def test_capped_gradual_training_ends_within_the_cap():
+  model, variables = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  x = _batch(0).image
+  w = np.asarray(variables["params"]["fc2"]["kernel"])
+  sized = np.abs(w) > np.quantile(np.abs(w), 0.9)
+  limit = int(0.9 * _codes(sized, 4))  # below what the sized pattern needs: the cap must bind
+  prune = compose.PruneSpec(sparsity=0.9, schedule="gradual", end=0.5, update_every=2,
+                            rules=(("fc2/kernel", True), (".*", False)),
+                            layer_gap_codes=(("fc2/kernel", 4, limit),))
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.5), total_steps=12,
+                       prune=prune)
+  state = comp.init_state(variables, x)
+  step = comp.make_train_step()
+  for i in range(12):
+    state, _ = step(state, _batch(i))
+  kept = np.asarray(state.params["model"]["fc2"]["kernel"]) != 0
+  assert _codes(kept, 4) <= limit and np.sum(~kept) > round(0.9 * w.size)
+  assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(layer_gap_codes=(("a", 3),)), dict(layer_gap_codes=(("a", 9, 10),)),
+    dict(layer_gap_codes=(("a", 3, -1),)), dict(layer_gap_codes=(("a", 3, 1.5),)),
+    dict(structure="channel", layer_gap_codes=(("a", 3, 10),))])
+def test_bad_gap_code_caps_are_one_line(kwargs):
+  with pytest.raises(ConfigError, match="prune.layer_gap_codes"):
+    compose.PruneSpec(sparsity=0.5, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [

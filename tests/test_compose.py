@@ -117,6 +117,16 @@ def test_prune_schedule_reaches_the_target_inside_the_run(total):
   assert end <= max(total - 1, every), (every, begin, end)
 
 
+def test_a_gradual_schedule_needs_two_steps():
+  model, variables = create_model("mlp", num_classes=4, image_shape=(4, 4, 1), seed=0)
+  x = np.zeros((2, 4, 4, 1), np.float32)
+  prune = compose.PruneSpec(sparsity=0.5, schedule="gradual")
+  with pytest.raises(ConfigError, match="prune.schedule must be one_shot or constant for a run "
+                     "of 1 step"):
+    compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=1, prune=prune)
+  compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2, prune=prune)
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("prune__method", "taylor", "prune.method must be one of"),
     ("prune__structure", "block", "prune.structure must be one of"),
