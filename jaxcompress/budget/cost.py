@@ -6,11 +6,12 @@ function the export calls to choose (:func:`weight_bytes`). Plans prune one-shot
 they were sized on, so the pattern sized is the pattern exported; weights that quantize to zero
 only remove non-zeros, which never makes any encoding larger. Everything else in the artifact
 (scales, folded BatchNorms, biases) is measured once on a reference export of the same model at 8
-bits, and the gzipped spec is sized on a pessimistic copy of the reference's: every planned layer
-given every field a sparse encoding may add, every number that may change given random digits of
-its longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So the artifact's bytes on
-disk are at most ``overhead + sum of weight bytes`` (its arrays are zlib-compressed only when
-that is smaller); the budget tests check it on every plan.
+bits, each tensor the plan leaves alone counted at its largest (dense) storage, as fine-tuning may
+fill a tensor that is 0 in the reference. The gzipped spec is sized on a pessimistic copy of the
+reference's: every tensor given every field a sparse encoding may add, every number that may change
+given random digits of its longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So
+the artifact's bytes on disk are at most ``overhead + sum of weight bytes`` (its arrays are zlib-
+compressed only when that is smaller); the budget tests check it on every plan.
 
 **BOPs** (bit operations, the usual compute proxy): ``MACs x weight bits x input bits`` per layer
 and example, the MACs counting multiplications by kept weights: a dense layer's MACs times its
@@ -57,25 +58,27 @@ def weight_bytes(keep: Any, bits: int) -> int:
   return int(min(sparse.sizes(np.asarray(keep, bool), int(bits)).values()))
 
 
-def pessimistic_spec(spec: Mapping[str, Any], weights: Sequence[str], seed: int = 0) -> dict:
+def pessimistic_spec(spec: Mapping[str, Any], seed: int = 0) -> dict:
   """A copy of a reference export's spec that no export of a plan can outgrow (see the module).
 
-  Every planned weight (``params/<path>``) gets the fields of every sparse encoding (bitmap,
-  gaps, N:M) and a ``positions`` segment; its counts, the input scales and zero points and the
-  arrays' byte counts get random digits of their longest length (random digits compress worst).
+  Every tensor gets the fields of every sparse encoding (bitmap, gaps, N:M) and a ``positions``
+  segment; its counts, the input scales and zero points and the arrays' byte counts get random
+  digits of their longest length (random digits compress worst). Tensors the plan leaves alone
+  count too: fine-tuning changes their values, and with them their encoding (a bias that is 0 in
+  the reference is stored as no entries at all).
   """
   rng = np.random.default_rng(seed)
   digits = lambda n: int(rng.integers(10 ** (n - 1), 10 ** n))  # noqa: E731
   out = json.loads(json.dumps(spec))
-  planned = {f"params/{w}" for w in weights}
   acts = list(out.get("acts", {}).values())
   for meta in out["layers"]:
-    if meta["path"] in planned:
-      n = len(str(int(np.prod(meta["shape"]))))
-      meta.update(encoding="bitmap", nnz=digits(n), gap_bits=8, codes=digits(n), group_n=2,
-                  group_axes=list(range(len(meta["shape"]) - 1)))
-      meta["segments"] = {"positions": digits(n), **{k: digits(max(n, len(str(v))))
-                                                      for k, v in meta["segments"].items()}}
+    n = len(str(int(np.prod(meta["shape"]))))
+    meta.update(encoding="bitmap", nnz=digits(n), gap_bits=8, codes=digits(n), group_n=2,
+                group_axes=list(range(len(meta["shape"]) - 1)))
+    most = len(str(largest_bytes(meta)))
+    meta["segments"] = {"positions": digits(n), "values": digits(most),
+                        **{k: digits(max(n, len(str(v)))) for k, v in meta["segments"].items()
+                           if k not in ("positions", "values")}}
     if "act" in meta:
       acts.append(meta["act"])
   for act in acts:  # the longest float32 text: 9 significant digits and a two-digit exponent
@@ -85,6 +88,17 @@ def pessimistic_spec(spec: Mapping[str, Any], weights: Sequence[str], seed: int 
   info["bytes"], info["raw_bytes"] = digits(len(str(info["raw_bytes"]))), \
       digits(len(str(info["raw_bytes"])))
   return out
+
+
+def largest_bytes(meta: Mapping[str, Any]) -> int:
+  """The most bytes any values of this spec entry's shape and bits take as positions and values.
+
+  Dense storage, which the export always may choose; weight-shared (``kmeans``) tensors have no
+  code for a zero, so every entry kept in a bitmap.
+  """
+  n = int(np.prod(meta["shape"]))
+  dense = sparse.value_bytes(n, int(meta.get("bits", sparse.FLOAT_BITS)))
+  return dense + (sparse.value_bytes(n, 1) if meta["kind"] == "kmeans" else 0)
 
 
 def overhead_bytes(spec: Mapping[str, Any], weights: Sequence[str], *,
@@ -99,16 +113,18 @@ def overhead_bytes(spec: Mapping[str, Any], weights: Sequence[str], *,
 
   Returns:
     The spec file's bytes for :func:`pessimistic_spec` plus :data:`SPEC_MARGIN`, plus the raw
-    array bytes less the planned weights' position and value bytes.
+    array bytes besides every tensor's positions and values (scales, biases), plus
+    :func:`largest_bytes` of every tensor the plan leaves alone.
   """
   planned = {f"params/{w}" for w in weights}
-  codes = sum(int(m["segments"].get("positions", 0)) + int(m["segments"].get("values", 0))
-              for m in spec["layers"] if m["path"] in planned)
   found = {m["path"] for m in spec["layers"]} & planned
   if found != planned:
     raise ValueError(f"reference export lacks {sorted(planned - found)[:3]}")
-  text = len(spec_bytes(pessimistic_spec(spec, weights), compress))
-  return text + SPEC_MARGIN + int(spec["arrays"]["raw_bytes"]) - codes
+  codes = sum(int(m["segments"].get("positions", 0)) + int(m["segments"].get("values", 0))
+              for m in spec["layers"])
+  others = sum(largest_bytes(m) for m in spec["layers"] if m["path"] not in planned)
+  text = len(spec_bytes(pessimistic_spec(spec), compress))
+  return text + SPEC_MARGIN + int(spec["arrays"]["raw_bytes"]) - codes + others
 
 
 def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[str, int]:
