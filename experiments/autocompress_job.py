@@ -391,9 +391,15 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   whole_plans = {"auto": one_shot[chosen]}
   if uniform is not None:
     whole_plans["uniform"] = _one_shot(evaluate, sens.base_loss, *uniform["masks_and_bits"])
-  runs = {"auto": (plan.prune_fields(), plan.quant_fields())}
+  runs = {"auto": (plan.prune_fields(), plan.quant_fields(), whole(plan))}
   if uniform is not None:
-    runs["uniform"] = uniform["fields"]
+    runs["uniform"] = (*uniform["fields"], uniform["masks_and_bits"])
+  schedule = {k: config.prune[k] for k in ("schedule", "begin", "end", "update_every")}
+  weight = lambda p: by_path[p].weight  # noqa: E731
+  for name, (prune, quant, (keeps, bits, _)) in runs.items():
+    runs[name] = (budget_lib.scheduled(
+        prune, {weight(p): k for p, k in keeps.items()}, schedule,
+        bits={weight(p): bits[p] for p in keeps} if kind == "size" else None), quant)
   out = {}
   for i, (name, (prune, quant)) in enumerate(runs.items()):
     sub = sub_config(config, prune, quant, teacher=i == 0)

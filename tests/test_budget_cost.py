@@ -8,6 +8,7 @@ import pytest
 
 from jaxcompress import budget, compose, export
 from jaxcompress.budget import Option
+from jaxcompress.data import Batch
 from jaxcompress.models import create_model
 
 
@@ -109,3 +110,40 @@ def test_overhead_and_weight_bytes_bound_every_plan_on_disk(tmp_path):
     assert report["total_bytes"] <= planned, plan
     assert report["spec_file"] == "spec.json.gz"
 
+
+def test_gradual_training_of_a_plan_exports_within_its_planned_bytes(tmp_path):
+  """The mask follows training (a gradual schedule, a large step), yet the artifact stays within
+  the bytes the plan's one-shot patterns were sized at: the gap-code caps hold it there."""
+  model, variables = create_model("mlp", num_classes=10, image_shape=(8, 8, 1), seed=0)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(16, 8, 8, 1)).astype(np.float32)
+  layers = ("fc1", "fc2", "fc3")
+  _, ref = _export_plan(model, variables, x, {l: (0.0, 8, 8) for l in layers},
+                        str(tmp_path / "ref"))
+  overhead = budget.overhead_bytes(export.read_spec(str(tmp_path / "ref")),
+                                   [f"{l}/kernel" for l in layers])
+  plan = {"fc1": (0.95, 3, 8), "fc2": (0.9, 4, 8), "fc3": (0.0, 8, 8)}
+  params = variables["params"]
+  keeps = {f"{l}/kernel": budget.keep_mask(params[l]["kernel"], s) for l, (s, _, _) in
+           plan.items()}
+  bits = {f"{l}/kernel": b for l, (_, b, _) in plan.items()}
+  planned = overhead + sum(budget.weight_bytes(keeps[w], bits[w]) for w in keeps)
+  one_shot = {"method": "magnitude", "structure": "unstructured", "scope": "global",
+              "schedule": "one_shot", "begin": 0.0, "sparsity": 0.95, "rules": (),
+              "layer_sparsity": ()}
+  prune = compose.PruneSpec(**budget.scheduled(
+      one_shot, keeps, {"schedule": "gradual", "begin": 0.0, "end": 0.5, "update_every": 2},
+      bits=bits))
+  quant = compose.QuantSpec(layer_bits=tuple((l, b, a) for l, (_, b, a) in plan.items()))
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(1.0), total_steps=16,
+                       prune=prune, quant=quant)
+  state = comp.init_state(variables, x, calibration=[x])
+  step = comp.make_train_step()
+  for i in range(16):
+    labels = rng.integers(0, 10, 16).astype(np.int32)
+    state, _ = step(state, Batch(rng.normal(size=x.shape).astype(np.float32), labels,
+                                 np.ones(16, np.float32)))
+  trained = {f"{l}/kernel": np.asarray(state.params["model"][l]["kernel"]) != 0 for l in layers}
+  assert any(np.any(trained[w] & ~keeps[w]) for w in keeps)  # the pattern did move
+  report = comp.export(str(tmp_path / "trained"), state, input_shape=(8, 8, 1))
+  assert report["total_bytes"] <= planned

@@ -185,7 +185,7 @@ def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
   """A sweep of global-threshold plans (budget.sparsity=global)."""
   config = _config(mlp_weights, sweep=(12.0, 3.0), sparsity="global")
   config.uniform.enabled = False
-  config.train.epochs = 0.25
+  config.train.epochs = 0.67  # 2 steps: the gradual schedule's ramp and its end
   sweep = _run(config, tmp_path)
   assert json.load(open(tmp_path / "sweep.json")) == json.loads(json.dumps(sweep))
   assert [p["ratio"] for p in sweep["points"]] == [3.0, 12.0]

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import budget, compose, pruning
+from jaxcompress import budget, compose, export, pruning
 from jaxcompress.budget import LayerPlan, Plan
 from jaxcompress.models import create_model
 
@@ -131,3 +131,36 @@ def test_global_bits_against_brute_force(score):
     assert damage == pytest.approx(best[0]) and (g, layer_bits) == (best[1], best[2])
     kept = {p: round((1 - sparsity[p]) * w.size) for p, w in weights.items()}
     assert sum(kept.values()) == total - round(g * total)
+
+
+def test_scheduled_fields_keep_each_sized_count_and_cap_its_codes():
+  rng = np.random.default_rng(3)
+  weights = {"a/kernel": rng.normal(size=(16, 32)), "b/kernel": rng.normal(size=(32, 64)),
+             "c/kernel": rng.normal(size=(64, 4))}
+  keeps = dict(zip(weights, budget.global_keep(list(weights.values()), 0.8)))
+  keeps["c/kernel"] = np.ones((64, 4), bool)  # kept dense: neither selected nor capped
+  one_shot = {"method": "magnitude", "structure": "unstructured", "scope": "global",
+              "schedule": "one_shot", "begin": 0.0, "sparsity": 0.8, "rules": (),
+              "layer_sparsity": ()}
+  schedule = {"schedule": "gradual", "begin": 0.0, "end": 0.4, "update_every": 10}
+  bits = {"a/kernel": 8, "b/kernel": 2, "c/kernel": 8}
+  fields = budget.scheduled(one_shot, keeps, schedule, bits=bits)
+  assert {k: fields[k] for k in schedule} == schedule and fields["scope"] == "layer"
+  assert fields["rules"] == (("a/kernel", True), ("b/kernel", True), (".*", False))
+  for regex, s in fields["layer_sparsity"]:
+    w = regex.replace("\\", "")
+    assert round(s * weights[w].size) == np.sum(~keeps[w])
+  # By hand from the export's sizes: each weight's cheapest encoding, gap codes capped.
+  caps = {}
+  for w in ("a/kernel", "b/kernel"):
+    sizes = export.sparse.sizes(keeps[w], bits[w])
+    best = min(sizes, key=sizes.get)
+    if best.startswith("gaps"):
+      width = int(best[4:])
+      caps[w] = (width, export.sparse.num_gap_codes(export.sparse.gaps_of(keeps[w].ravel()),
+                                                    width))
+  assert caps and dict((r.replace("\\", ""), (w, c))
+                       for r, w, c in fields["layer_gap_codes"]) == caps
+  assert "layer_gap_codes" not in budget.scheduled(one_shot, keeps, schedule)  # a BOPs budget
+  nm = {**one_shot, "structure": "nm", "scope": "layer", "n": 2, "m": 4}
+  assert budget.scheduled(nm, keeps, schedule) == {**nm, **schedule}

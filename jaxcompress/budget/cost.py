@@ -2,16 +2,18 @@
 
 **Bytes.** A layer's weight takes, in the artifact, the smallest of the encodings
 :func:`jaxcompress.export.sparse.sizes` lists for its non-zero pattern and bit width: exactly the
-function the export calls to choose (:func:`weight_bytes`). Plans prune one-shot from the weights
-they were sized on, so the pattern sized is the pattern exported; weights that quantize to zero
-only remove non-zeros, which never makes any encoding larger. Everything else in the artifact
-(scales, folded BatchNorms, biases) is measured once on a reference export of the same model at 8
-bits, each tensor the plan leaves alone counted at its largest (dense) storage, as fine-tuning may
-fill a tensor that is 0 in the reference. The gzipped spec is sized on a pessimistic copy of the
-reference's: every tensor given every field a sparse encoding may add, every number that may change
-given random digits of its longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So
-the artifact's bytes on disk are at most ``overhead + sum of weight bytes`` (its arrays are zlib-
-compressed only when that is smaller); the budget tests check it on every plan.
+function the export calls to choose (:func:`weight_bytes`). A weight trained on another pattern
+stores in no more bytes when it keeps no more entries and, where the sized pattern is stored as
+gap codes, needs no more codes (:func:`gap_cap`, enforced in training by
+``PruneSpec.layer_gap_codes``); weights that quantize to zero only remove non-zeros, which never
+makes any encoding larger. Everything else in the artifact (scales, folded BatchNorms, biases) is
+measured once on a reference export of the same model at 8 bits, each tensor the plan leaves
+alone counted at its largest (dense) storage, as fine-tuning may fill a tensor that is 0 in the
+reference. The gzipped spec is sized on a pessimistic copy of the reference's: every tensor given
+every field a sparse encoding may add, every number that may change given random digits of its
+longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So the artifact's bytes on
+disk are at most ``overhead + sum of weight bytes`` (its arrays are zlib-compressed only when
+that is smaller); the budget tests check it on every plan.
 
 **BOPs** (bit operations, the usual compute proxy): ``MACs x weight bits x input bits`` per layer
 and example, the MACs counting multiplications by kept weights: a dense layer's MACs times its
@@ -56,6 +58,22 @@ def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured") -> 
 def weight_bytes(keep: Any, bits: int) -> int:
   """Bytes the export stores for a weight with this non-zero pattern at ``bits`` bits."""
   return int(min(sparse.sizes(np.asarray(keep, bool), int(bits)).values()))
+
+
+def gap_cap(keep: Any, bits: int) -> tuple[int, int] | None:
+  """``(w, codes)`` that keep any subset of this pattern within its :func:`weight_bytes`.
+
+  When the export stores ``keep`` as ``w``-bit gap codes, a pattern with no more kept entries and
+  at most ``codes`` such codes stores in no more bytes. ``None`` when it stores densely or as a
+  bitmap: those sizes depend only on the number of kept entries.
+  """
+  keep = np.asarray(keep, bool)
+  found = sparse.sizes(keep, int(bits))
+  best = min(found, key=found.get)  # the first of equal sizes, as the export chooses
+  if not best.startswith("gaps"):
+    return None
+  width = int(best[len("gaps"):])
+  return width, sparse.num_gap_codes(sparse.gaps_of(keep.reshape(-1)), width)
 
 
 def pessimistic_spec(spec: Mapping[str, Any], seed: int = 0) -> dict:

@@ -3,9 +3,9 @@
 :class:`Plan` is what the allocator chose for every layer (sparsity, weight bits, input bits, and
 what that costs); :meth:`Plan.prune_fields` and :meth:`Plan.quant_fields` turn it into the fields
 of :class:`jaxcompress.compose.PruneSpec` and :class:`~jaxcompress.compose.QuantSpec`, so the
-plan trains in the ordinary composed step. Plans prune one-shot at the first step from the weights
-they were sized on (``schedule='one_shot'``): the exported pattern is the sized one, so the
-artifact meets the budget.
+plan trains in the ordinary composed step. Those fields prune one-shot at the first step from the
+weights the plan was sized on; :func:`scheduled` puts them on another schedule (gradual), with
+each weight capped at the gap codes of its sized pattern, so the artifact still meets the budget.
 
 :func:`uniform_size` finds the uniform recipe at the same budget: one sparsity by global
 magnitude over the inner layers and one weight bit width (first and last layer dense at 8 bits),
@@ -23,7 +23,7 @@ import numpy as np
 from jaxcompress import pruning
 from jaxcompress.pruning.masks import across, num_pruned, ranks
 from jaxcompress.budget.allocate import allocate
-from jaxcompress.budget.cost import weight_bytes
+from jaxcompress.budget.cost import gap_cap, weight_bytes
 
 
 class LayerPlan(NamedTuple):
@@ -83,6 +83,39 @@ class Plan(NamedTuple):
     return [{"path": l.path, "sparsity": l.sparsity, "weight_bits": l.weight_bits,
              "act_bits": l.act_bits, "bytes": l.bytes, "bops": l.bops,
              "damage": round(l.damage, 6)} for l in self.layers]
+
+
+def scheduled(prune: Mapping, keeps: Mapping[str, np.ndarray], schedule: Mapping, *,
+              bits: Mapping[str, int] | None = None) -> dict:
+  """A plan's one-shot :class:`~jaxcompress.compose.PruneSpec` fields on another schedule.
+
+  Each pruned weight still ends with as many kept entries as the pattern it was sized on (a
+  global threshold becomes each weight's own sparsity under it), but which entries follows
+  training. With ``bits`` (size budgets), each unstructured weight whose sized pattern the export
+  stores as gap codes is capped at that pattern's codes (``layer_gap_codes``), so the pattern
+  training ends with stores in no more bytes than the sized one.
+
+  Args:
+    prune: the one-shot fields (:meth:`Plan.prune_fields`, or the uniform recipe's).
+    keeps: ``{weight path: sized kept entries}`` of every pruned weight.
+    schedule: ``schedule``, ``begin``, ``end`` and ``update_every`` (PruneSpec's meanings).
+    bits: ``{weight path: weight bits}``, or ``None`` for no caps (BOPs budgets count kept
+      entries only).
+  """
+  fields = {**prune, **{k: schedule[k] for k in ("schedule", "begin", "end", "update_every")}}
+  if prune["method"] == "none" or prune["structure"] != "unstructured":
+    return fields
+  pruned = {w: k for w, k in keeps.items() if not np.all(k)}
+  if not pruned:
+    return {**fields, "method": "none", "sparsity": 0.0, "rules": (), "layer_sparsity": ()}
+  sparsity = {w: float(np.sum(~np.asarray(k, bool)) / np.size(k)) for w, k in pruned.items()}
+  fields.update(scope="layer", sparsity=max(sparsity.values()),
+                rules=tuple((re.escape(w), True) for w in pruned) + ((".*", False),),
+                layer_sparsity=tuple((re.escape(w), s) for w, s in sparsity.items()))
+  if bits is not None:
+    caps = {w: gap_cap(k, bits[w]) for w, k in pruned.items()}
+    fields["layer_gap_codes"] = tuple((re.escape(w), *c) for w, c in caps.items() if c)
+  return fields
 
 
 def global_ranks(weights: Sequence[np.ndarray], score: str = "magnitude") -> list[np.ndarray]:
