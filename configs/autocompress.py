@@ -11,10 +11,13 @@ Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main
   python -m experiments.autocompress --config=configs/autocompress.py:quick --workdir=runs/auto25 \
       --config.budget.ratio=25
 
-Measured (docs/autocompress.md; 2-core AMD EPYC VM; 27 min for the 25x point): over four
-seeds the plan led the uniform recipe by 0.00 to 0.30 points at 25x (seed 0: 88.52 % in 40,664
-bytes against 88.36 % in 40,502), over three by 0.35 to 0.65 at 40x (seed 0: 82.14 % in 24,482
-bytes against 81.49 % in 24,594).
+Both plans are fine-tuned on the main job's pruning schedule (``prune.schedule``: gradual over the
+first 40 % of the steps in ``:quick``), each weight capped at the bytes of its sized pattern.
+
+Measured (docs/autocompress.md; 2-core AMD EPYC VM; 17-19 min for a 25x point): over three seeds
+the plan led the uniform recipe by 0.06 to 0.27 points at 25x (seed 0: 88.79 % in 41,626 bytes
+against 88.52 % in 41,571); at 40x it led by 0.35 points on seed 0 (83.37 % in 25,653 bytes
+against 83.02 % in 25,692) and trailed by 0.38 on seed 1.
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured):
 
