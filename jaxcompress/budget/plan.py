@@ -65,7 +65,7 @@ class Plan(NamedTuple):
     pruned = [l for l in self.layers if l.sparsity > 0]
     if not pruned:
       return {"method": "none", "sparsity": 0.0, "rules": (), "layer_sparsity": ()}
-    rules = tuple((re.escape(l.weight), True) for l in pruned) + ((".*", False),)
+    rules = _only(l.weight for l in pruned)
     fields = {"method": "magnitude", "structure": self.structure, "scope": "layer",
               "schedule": "one_shot", "begin": 0.0, "rules": rules,
               "sparsity": max(l.sparsity for l in pruned)}
@@ -83,6 +83,11 @@ class Plan(NamedTuple):
     return [{"path": l.path, "sparsity": l.sparsity, "weight_bits": l.weight_bits,
              "act_bits": l.act_bits, "bytes": l.bytes, "bops": l.bops,
              "damage": round(l.damage, 6)} for l in self.layers]
+
+
+def _only(weights) -> tuple:
+  """PruneSpec rules selecting exactly these weight paths."""
+  return tuple((re.escape(w), True) for w in weights) + ((".*", False),)
 
 
 def scheduled(prune: Mapping, keeps: Mapping[str, np.ndarray], schedule: Mapping, *,
@@ -110,7 +115,7 @@ def scheduled(prune: Mapping, keeps: Mapping[str, np.ndarray], schedule: Mapping
     return {**fields, "method": "none", "sparsity": 0.0, "rules": (), "layer_sparsity": ()}
   sparsity = {w: float(np.sum(~np.asarray(k, bool)) / np.size(k)) for w, k in pruned.items()}
   fields.update(scope="layer", sparsity=max(sparsity.values()),
-                rules=tuple((re.escape(w), True) for w in pruned) + ((".*", False),),
+                rules=_only(pruned),
                 layer_sparsity=tuple((re.escape(w), s) for w, s in sparsity.items()))
   if bits is not None:
     caps = {w: gap_cap(k, bits[w]) for w, k in pruned.items()}
