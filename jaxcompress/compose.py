@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxcompress import distillation as kd
@@ -50,6 +51,9 @@ PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement", "lamp")
 PRUNE_STRUCTURES = ("unstructured", "nm", "channel")
 PRUNE_SCHEDULES = ("gradual", "one_shot", "constant")
 QUANT_METHODS = ("minmax", "lsq", "kmeans")
+# model_state entries that are not model collections: the quantizer's state, k-means codebooks and
+# (evaluation only) the folded BatchNorms and the gains folded into weight scales.
+STATE_ENTRIES = ("quant", "kmeans", "fold", "gains")
 
 
 def _spec_from(cls, values: Mapping[str, Any], section: str):
@@ -318,7 +322,8 @@ class Compression:
   Invariants: ``quantizer`` is None when neither weights nor inputs are quantized; ``teacher`` is
   None unless the distill spec uses one; the pruning wrapper is the outermost optimizer
   transform, so pruned weights are exactly 0 after every step; ``layers`` is the student's traced
-  forward and ``fold_norms`` the BatchNorms it folds (``{path: epsilon}``).
+  forward, ``fold_norms`` the BatchNorms it folds (``{path: epsilon}``) and ``gain_norms`` those
+  whose gain may move into the kernel before them (``{layer path: BatchNorm path}``).
   """
   student: Functional
   teacher: Functional | None
@@ -329,6 +334,7 @@ class Compression:
   distill: DistillSpec
   prune_rules: list
   fold_norms: dict
+  gain_norms: dict = dataclasses.field(default_factory=dict)
   kmeans_paths: tuple = ()
   kmeans_bits: int = 0
   compute_dtype: str = "float32"
@@ -355,7 +361,7 @@ class Compression:
     the new model state come back float32.
     """
     cast = None if not train or self.compute_dtype == "float32" else jnp.dtype(self.compute_dtype)
-    collections = {k: v for k, v in model_state.items() if k not in ("quant", "kmeans", "fold")}
+    collections = {k: v for k, v in model_state.items() if k not in STATE_ENTRIES}
     model_params, books = params["model"], model_state.get("kmeans")
     if books is not None:
       model_params, books = _share_weights(model_params, books, update=train)
@@ -372,9 +378,10 @@ class Compression:
                                            hook_paths=paths)
     else:
       qstate = model_state["quant"].replace(steps=params.get("qsteps", {}))
+      gains = None if train else model_state.get("gains")
       logits, updated, new_q = self.quantizer.apply(variables, qstate, x, train=train, rngs=rng,
                                                     hook=hook, hook_paths=paths,
-                                                    compute_dtype=cast)
+                                                    compute_dtype=cast, weight_gains=gains)
     if cast is not None:
       logits, updated, feats = precision.cast_floating((logits, updated, feats), jnp.float32)
     new_state = {**model_state, **updated}
@@ -397,13 +404,42 @@ class Compression:
     """:meth:`logits_fn`'s variables; folded BatchNorms run as ``x * gain + bias``.
 
     The ``fold`` entry holds the very gains and biases the export stores, so the fake-quant model
-    and its exported artifact compute the same float32 operations and agree exactly.
+    and its exported artifact compute the same float32 operations and agree exactly. Where the
+    gain goes into the weight scales of the layer before the BatchNorm (:meth:`gain_layers`), the
+    ``gains`` entry carries it there and the BatchNorm runs as ``x * 1 + bias``.
     """
     model_state = dict(state.model_state)
     fold = fold_arrays(state.params["model"], model_state.get("batch_stats", {}), self.fold_norms)
+    gains = {}
+    for layer, norm in self.gain_layers(model_state).items():
+      gains[layer], bias = fold[norm]
+      fold[norm] = (jnp.ones_like(gains[layer]), bias)
     if fold:
       model_state["fold"] = fold
+    if gains:
+      model_state["gains"] = gains
     return {"params": state.params, "model_state": model_state}
+
+  def gain_layers(self, model_state) -> dict[str, str]:
+    """``{layer path: BatchNorm path}``: the folded BatchNorms whose gain the weight scales take.
+
+    A BatchNorm's per-channel gain ``g`` goes into the layer before it when that layer's kernel
+    is integer-quantized with one scale per output channel and the move is exact
+    (``gain_norms``: no bias, the output reaches the rest of the model only through the
+    BatchNorm): the exported kernel is then ``q * (scale * g)``, the folded BatchNorm a bias
+    alone, and the artifact stores one float32 per channel less. Other BatchNorms keep their
+    gain.
+    """
+    if self.quantizer is None or "quant" not in model_state:
+      return {}
+    quantized = {l.path: l for l in model_state["quant"].layers}
+    out = {}
+    for layer in self.layers.layers:
+      q = quantized.get(layer.path)
+      if (layer.path in self.gain_norms and q is not None and q.config.weight_bits is not None
+          and q.weight_axis == len(layer.shape) - 1):
+        out[layer.path] = self.gain_norms[layer.path]
+    return out
 
   # -- loss ----------------------------------------------------------------------------------
   def teacher_apply(self, teacher_vars, x):
@@ -489,7 +525,7 @@ class Compression:
     """The student's trained variables (``params`` and its own collections), on the host."""
     model_state = jax.device_get(state.model_state)
     return {"params": jax.device_get(state.params["model"]),
-            **{k: v for k, v in model_state.items() if k not in ("quant", "kmeans", "fold")}}
+            **{k: v for k, v in model_state.items() if k not in STATE_ENTRIES}}
 
   def export(self, out_dir: str, state: TrainState, *, input_shape: tuple[int, ...],
              input_dtype: str = "float32", model_name: str = "") -> dict:
@@ -497,7 +533,8 @@ class Compression:
 
     Integer weights and input quantization from the quantizer's specs, k-means codebooks, pruned
     weights exactly 0, and the BatchNorms that directly follow a linear layer folded. Load it with
-    ``jaxcompress.export.load(out_dir, student_module)``; its outputs equal
+    ``jaxcompress.export.load(out_dir, student_module)``. BatchNorm gains go into the weight
+    scales where :meth:`gain_layers` allows it. Its outputs equal
     ``logits_fn(eval_variables(state), x)`` bit for bit on CPU.
 
     Returns:
@@ -512,10 +549,13 @@ class Compression:
     if self.quantizer is not None:
       qstate = model_state["quant"].replace(steps=jax.device_get(state.params.get("qsteps", {})))
       specs = self.quantizer.specs(variables, qstate)
+    gains_into = {norm: self.layers.layer(path).weight
+                  for path, norm in self.gain_layers(model_state).items()}
     return export.export_model(out_dir, variables=variables, input_shape=input_shape,
                                input_dtype=input_dtype, specs=specs,
                                codebooks=codebooks or None, fold=self.fold_norms,
-                               model_name=model_name, reduce_axes=self.layers.reduce_axes())
+                               gains_into=gains_into, model_name=model_name,
+                               reduce_axes=self.layers.reduce_axes())
 
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),
@@ -550,6 +590,41 @@ class Compression:
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
+
+
+def _gain_norms(fm: Functional, variables: dict, layers: ModelLayers, fold_norms: dict,
+                x: Any) -> dict[str, str]:
+  """``{layer path: BatchNorm path}`` of the folded BatchNorms whose gain may move into the kernel.
+
+  A bias-free layer qualifies when its outputs reach the rest of the model only through its
+  BatchNorm. Checked on ``x`` rather than read from the code: with the kernel doubled and the
+  folded gain halved (both exact in floating point) the eval-mode output must stay bit for bit
+  the same; a layer whose output is also used elsewhere, or that is called again without its
+  BatchNorm, changes it.
+  """
+  params = variables["params"]
+  candidates = {l.path: l for l in layers.layers if l.norm in fold_norms
+                and tree_get(params, f"{l.path}/bias") is None}
+  if not candidates:
+    return {}
+  fold = fold_arrays(params, variables.get("batch_stats", {}), fold_norms)
+
+  def run(paths):
+    p, f = params, dict(fold)
+    for path in paths:
+      layer = candidates[path]
+      p = tree_set(p, layer.weight, tree_get(p, layer.weight) * 2)
+      gain, bias = f[layer.norm]
+      f[layer.norm] = (gain / 2, bias)
+    out = fm.apply({**variables, "params": p}, x, hook=fold_hook(f))[0]
+    return [np.asarray(a) for a in jax.tree.leaves(out)]
+
+  same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(a, b))
+  base = run(())
+  paths = list(candidates)
+  if not same(run(paths), base):
+    paths = [p for p in paths if same(run([p]), base)]
+  return {p: candidates[p].norm for p in paths}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -661,9 +736,11 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   stats = variables.get("batch_stats", {})
   fold_norms = {path: eps for path, eps in layers.batchnorms.items()
                 if isinstance(tree_get(stats, path), dict)}
+  gain_norms = (_gain_norms(s, dict(variables), layers, fold_norms, sample_input)
+                if quantizer is not None and fold_norms else {})
   return Compression(
       student=s, teacher=functional(teacher) if distill.uses_teacher else None, layers=layers,
       quantizer=quantizer, optimizer=opt, prune=prune, distill=distill, prune_rules=rules,
-      fold_norms=fold_norms, kmeans_bits=int(kmeans_bits),
+      fold_norms=fold_norms, gain_norms=gain_norms, kmeans_bits=int(kmeans_bits),
       kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges),
       compute_dtype=compute_dtype)

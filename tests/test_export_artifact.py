@@ -71,9 +71,12 @@ def convbn(tmp_path_factory):
   vs = {"params": jax.device_get(state.params["model"]),
         "batch_stats": jax.device_get(state.model_state["batch_stats"])}
   specs = comp.quantizer.specs(vs, qstate)
+  # The bias-free convs' per-channel scales take their BatchNorm's gain; the biased head's not.
+  assert comp.gain_layers(state.model_state) == {"stem": "norm_a", "body": "norm_b"}
   out = str(tmp_path_factory.mktemp("run") / "export")
   report = export_model(out, variables=vs, input_shape=(8, 8, 3), masks=masks, specs=specs,
-                        fold=comp.fold_norms, model_name="convbn")
+                        fold=comp.fold_norms, model_name="convbn",
+                        gains_into={"norm_a": "stem/kernel", "norm_b": "body/kernel"})
   return dict(model=model, comp=comp, state=state, variables=vs, masks=masks, specs=specs,
               out=out, report=report, loaded=load(out, model))
 
@@ -95,26 +98,136 @@ def test_the_artifact_reproduces_the_folded_fake_quant_logits_exactly(convbn):
   assert loaded.spec["model"] == "convbn"
 
 
+def _gain_and_bias(v, norm):
+  """NumPy oracle of a folded BatchNorm: ``scale / sqrt(var + eps)`` and ``beta - mean * gain``."""
+  bn, st = v["params"][norm], v["batch_stats"][norm]
+  gain = bn["scale"] / np.sqrt(st["var"].astype(np.float64) + EPS)
+  return gain, bn["bias"] - st["mean"] * gain
+
+
 def test_folded_batchnorm_is_stored_as_numpy_gain_and_bias(convbn):
   v, loaded = convbn["variables"], convbn["loaded"]
   tensors = loaded.finalized.tensors
-  assert "params/norm_b/scale" not in tensors and "batch_stats/norm_b/mean" not in tensors
-  bn, st = v["params"]["norm_b"], v["batch_stats"]["norm_b"]
-  gain = bn["scale"] / np.sqrt(st["var"].astype(np.float64) + EPS)
-  bias = bn["bias"] - st["mean"] * gain
-  stored_gain, stored_bias = tensors["fold/norm_b"].kernel()  # one [2, C] tensor
+  assert "params/norm_c/scale" not in tensors and "batch_stats/norm_c/mean" not in tensors
+  gain, bias = _gain_and_bias(v, "norm_c")
+  stored_gain, stored_bias = tensors["fold/norm_c"].kernel()  # one [2, C] tensor
   np.testing.assert_allclose(stored_gain, gain, rtol=1e-6)
   np.testing.assert_allclose(stored_bias, bias, rtol=1e-5, atol=1e-6)
   # A plain module.apply on loaded.variables runs the BatchNorm as x * gain + bias.
   lv = loaded.variables
-  np.testing.assert_array_equal(lv["batch_stats"]["norm_b"]["mean"], 0)
-  np.testing.assert_allclose(lv["batch_stats"]["norm_b"]["var"], 1 - EPS)
-  y = RNG.standard_normal((5, 16)).astype(np.float32)
+  np.testing.assert_array_equal(lv["batch_stats"]["norm_c"]["mean"], 0)
+  np.testing.assert_allclose(lv["batch_stats"]["norm_c"]["var"], 1 - EPS)
+  y = RNG.standard_normal((5, 10)).astype(np.float32)
   bn_layer = nn.BatchNorm(use_running_average=True, epsilon=EPS)
-  out = bn_layer.apply({"params": lv["params"]["norm_b"], "batch_stats":
-                        lv["batch_stats"]["norm_b"]}, y)
+  out = bn_layer.apply({"params": lv["params"]["norm_c"], "batch_stats":
+                        lv["batch_stats"]["norm_c"]}, y)
+  bn, st = v["params"]["norm_c"], v["batch_stats"]["norm_c"]
   np.testing.assert_allclose(out, (y - st["mean"]) / np.sqrt(st["var"] + EPS) * bn["scale"]
                              + bn["bias"], rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_gain_goes_into_the_weight_scales_before_it(convbn):
+  """``gains_into``: the body's scales times norm_b's gain, norm_b a bias alone (4 bytes a
+  channel less), the codes unchanged; a plain module.apply still runs the unfolded model."""
+  v, loaded, report = convbn["variables"], convbn["loaded"], convbn["report"]
+  tensors = loaded.finalized.tensors
+  gain, bias = _gain_and_bias(v, "norm_b")
+  fold = tensors["fold/norm_b"]
+  assert fold.codes.shape == (1, 16)
+  np.testing.assert_allclose(fold.kernel()[0], bias, rtol=1e-5, atol=1e-6)
+  w = np.asarray(v["params"]["body"]["kernel"])
+  minmax = np.abs(w).reshape(-1, 16).max(0) / 7.5  # symmetric 4-bit min-max scale
+  body = tensors["params/body/kernel"]
+  np.testing.assert_allclose(body.scale, minmax * gain, rtol=1e-5)
+  sizes = {l["path"]: l["bytes"] for l in report["layers"]}
+  assert (sizes["fold/norm_a"], sizes["fold/norm_b"], sizes["fold/norm_c"]) == (
+      4 * 8, 4 * 16, 2 * 4 * 10)
+  lv = loaded.variables
+  np.testing.assert_array_equal(lv["params"]["norm_b"]["scale"], 1)
+  x = X8[:4]
+  model = convbn["model"]
+  vs = {"params": v["params"], "batch_stats": v["batch_stats"]}
+  masked = jax.tree.map(lambda p, m: p * m, vs["params"], convbn["masks"])
+  float_out = model.apply({**vs, "params": masked}, x)
+  assert agreement(model.apply(lv, x), float_out) >= 0.75  # 4-bit body, same model
+
+
+class ConvBNLogits(nn.Module):
+  """A bias-free conv whose BatchNorm output, averaged, is the logits: a gain carried by the
+  weight scales changes the logits' rounding if the evaluation and the export disagree."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(16, (3, 3), use_bias=False, name="stem")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="norm_a")(x))
+    x = nn.Conv(10, (3, 3), use_bias=False, name="body")(x)
+    return nn.BatchNorm(use_running_average=not train, epsilon=EPS, name="norm_b")(x).mean((1, 2))
+
+
+class SharedOutputs(nn.Module):
+  """Three bias-free convs with BatchNorms: ``a``'s output also skips its BatchNorm, ``b`` is
+  called again without it, ``c`` reaches the logits through its BatchNorm alone."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    bn = lambda name: nn.BatchNorm(use_running_average=not train, epsilon=EPS, name=name)
+    y = nn.Conv(8, (3, 3), use_bias=False, name="a")(x)
+    x = nn.relu(bn("norm_a")(y)) + y
+    conv_b = nn.Conv(8, (3, 3), use_bias=False, name="b")
+    x = nn.relu(bn("norm_b")(conv_b(x))) + conv_b(x[:, ::-1])
+    return bn("norm_c")(nn.Conv(10, (3, 3), use_bias=False, name="c")(x)).mean((1, 2))
+
+
+def test_gains_move_only_into_layers_whose_outputs_all_pass_their_batchnorm(tmp_path):
+  model = SharedOutputs()
+  variables = random_variables(model, (8, 8, 3))
+  comp = compose.build(model, variables, X8[:8], optimizer=optax.sgd(0.1), total_steps=1,
+                       quant=compose.QuantSpec(weight_bits=8, act_bits=8))
+  assert set(comp.fold_norms) == {"norm_a", "norm_b", "norm_c"}
+  assert comp.gain_norms == {"c": "norm_c"}
+  state = comp.init_state(variables, X8[:8], calibration=[X8[:32]])
+  comp.export(str(tmp_path), state, input_shape=(8, 8, 3))
+  loaded = load(str(tmp_path), model)
+  shapes = {k: t.codes.shape[0] for k, t in loaded.finalized.tensors.items()
+            if k.startswith("fold/")}
+  assert shapes == {"fold/norm_a": 2, "fold/norm_b": 2, "fold/norm_c": 1}
+  got = np.asarray(loaded.logits(X8))
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(comp.logits_fn)(
+      comp.eval_variables(state), X8)))
+  # 8-bit weights and inputs: close to the float model, which moving a gain wrongly would break.
+  want = np.asarray(model.apply(variables, X8))
+  np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+
+
+def test_compression_export_carries_gains_in_the_weight_scales_exactly(tmp_path):
+  model = ConvBNLogits()
+  variables = random_variables(model, (8, 8, 3))
+  comp = compose.build(model, variables, X8[:8], optimizer=optax.sgd(0.1), total_steps=1,
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  state = comp.init_state(variables, X8[:8], calibration=[X8[:32]])
+  comp.export(str(tmp_path), state, input_shape=(8, 8, 3))
+  loaded = load(str(tmp_path), model)
+  assert {k: t.codes.shape for k, t in loaded.finalized.tensors.items()
+          if k.startswith("fold/")} == {"fold/norm_a": (1, 16), "fold/norm_b": (1, 10)}
+  logits = jax.jit(comp.logits_fn)
+  merged = comp.eval_variables(state)
+  got = np.asarray(loaded.logits(X8))
+  np.testing.assert_array_equal(got, np.asarray(logits(merged, X8)))
+  # The same fold with the gains at the BatchNorms rounds differently: the test can fail.
+  apart = {**merged["model_state"], "fold": {
+      n: (merged["model_state"]["gains"][l], b[1]) for l, n, b in
+      (("stem", "norm_a", merged["model_state"]["fold"]["norm_a"]),
+       ("body", "norm_b", merged["model_state"]["fold"]["norm_b"]))}}
+  del apart["gains"]
+  other = np.asarray(logits({"params": merged["params"], "model_state": apart}, X8))
+  assert not np.array_equal(got, other)
+  np.testing.assert_allclose(got, other, rtol=1e-4, atol=1e-4)
+  # Per-tensor weight scales cannot take a per-channel gain: the BatchNorms keep theirs.
+  per_tensor = compose.build(model, variables, X8[:8], optimizer=optax.sgd(0.1), total_steps=1,
+                             quant=compose.QuantSpec(weight_bits=4, act_bits=8, per_channel=False))
+  state = per_tensor.init_state(variables, X8[:8])
+  assert per_tensor.gain_layers(state.model_state) == {}
+  assert "gains" not in per_tensor.eval_variables(state)["model_state"]
 
 
 def test_stored_integers_are_the_fake_quant_grid(convbn):
@@ -227,6 +340,15 @@ def test_finalize_rejects_inputs_that_do_not_fit(convbn):
     finalize({"params": v["params"]}, fold={"norm_a": EPS})
   with pytest.raises(ConfigError, match="masks must have the structure"):
     finalize(v, masks={"stem": {"kernel": 1}})
+  specs, fold = convbn["specs"], convbn["comp"].fold_norms
+  with pytest.raises(ConfigError, match="gains_into: 'norm_x' is not a folded BatchNorm"):
+    finalize(v, specs=specs, fold=fold, gains_into={"norm_x": "body/kernel"})
+  with pytest.raises(ConfigError, match="'body/kernel' \\(for 'norm_a'\\) must be an integer "
+                     "weight with one scale per output channel, 8 of them"):
+    finalize(v, specs=specs, fold=fold, gains_into={"norm_a": "body/kernel"})
+  per_tensor = {**specs, "body": specs["body"]._replace(weight_axis=None)}
+  with pytest.raises(ConfigError, match="'body/kernel' \\(for 'norm_b'\\) must be"):
+    finalize(v, specs=per_tensor, fold=fold, gains_into={"norm_b": "body/kernel"})
 
 
 def _one_line_error(path, match, model=None):

@@ -44,7 +44,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
                  input_dtype: str = "float32", masks: Any = None,
                  specs: Mapping[str, Any] | None = None,
                  codebooks: Mapping[str, Any] | None = None,
-                 fold: Mapping[str, float] | None = None, model_name: str = "",
+                 fold: Mapping[str, float] | None = None,
+                 gains_into: Mapping[str, str] | None = None, model_name: str = "",
                  compress: bool = True, reduce_axes: Mapping[str, Any] | None = None) -> dict:
   """Finalizes a trained (pruned, quantized) model and writes the artifact to ``out_dir``.
 
@@ -63,6 +64,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
       input quantization. Layers not in ``specs`` stay float32.
     codebooks: ``{weight path: Codebook}`` for k-means layers (codebook plus packed indices).
     fold: ``{BatchNorm path: epsilon}`` to fold (``Compression.fold_norms``).
+    gains_into: ``{BatchNorm path: weight path}``: folded BatchNorms whose gain goes into that
+      weight's per-output-channel scales (``Compression.gain_layers``); they store a bias alone.
     model_name: a name recorded in the spec (informational).
     compress: zlib the arrays file when that makes it smaller, and gzip the spec
       (``spec.json.gz``; ``False``: plain ``spec.json``).
@@ -76,7 +79,7 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     ConfigError: for inputs that do not fit the variables (see :func:`.finalize.finalize`).
   """
   fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold,
-                 reduce_axes=reduce_axes)
+                 gains_into=gains_into, reduce_axes=reduce_axes)
   metas, chunks = [], []
   for t in fin.tensors.values():
     meta, segments = encode_layer(t)
@@ -160,6 +163,11 @@ def _check_header(spec: dict, fin: Finalized, field: str) -> None:
   if set(fin.folded) != stored:
     raise bad(f"folded BatchNorms {sorted(fin.folded)} do not match the stored folds "
               f"{sorted(stored)}")
+  for name in sorted(stored):
+    t = fin.tensors[f"{FOLD}/{name}"]
+    if t.kind != "float" or t.codes.ndim != 2 or t.codes.shape[0] not in (1, 2):
+      raise bad(f"fold of {name!r} is not a float [gain; bias] or [bias] tensor (shape "
+                f"{list(t.codes.shape)})")
   for name, eps in spec["folded"].items():
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < 1:
       raise bad(f"epsilon {eps!r} of {name!r} is not a number in [0, 1)")

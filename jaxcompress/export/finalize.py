@@ -15,7 +15,10 @@ here knows a model's names. Every leaf of every collection becomes one stored te
   :func:`jaxcompress.selection.trace_layers`, never by names) is stored as its per-channel
   ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain``: two vectors instead of
   four, and the exported model runs it as ``x * gain + bias``, the same float32 operations as the
-  fake-quant model evaluated with :meth:`jaxcompress.compose.Compression.eval_variables`.
+  fake-quant model evaluated with :meth:`jaxcompress.compose.Compression.eval_variables`. With
+  ``gains_into`` the gain goes into the per-channel scales of the integer weight before the
+  BatchNorm instead (``scale * gain``; the weight's codes stay those fake quantization used) and
+  the BatchNorm stores its bias alone: one float32 per channel less.
 
 Masks are applied first (the fake-quant model ran on masked weights), then weights are quantized.
 
@@ -48,7 +51,8 @@ class Finalized(NamedTuple):
 
   Attributes:
     tensors: ``{collection/leaf path: LayerTensor}`` in tree order; a folded BatchNorm is one
-      ``[2, C]`` float tensor ``fold/<path>`` (row 0 the gain, row 1 the bias).
+      ``[2, C]`` float tensor ``fold/<path>`` (row 0 the gain, row 1 the bias), or ``[1, C]``
+      (the bias; gain 1) when its gain went into a weight's scales.
     axes: ``{tensor path: axis}`` of integer weights whose channel axis was not the last (it is
       stored last and moved back on load).
     acts: ``{layer path: {'bits', 'scale', 'zero_point', 'qmin', 'qmax'}}`` input quantization.
@@ -84,8 +88,10 @@ def act_fields(spec: Any) -> dict | None:
           "qmax": int(spec.act_qmax)}
 
 
-def _int_tensor(path: str, weight: np.ndarray, spec: Any) -> tuple[LayerTensor, int | None]:
-  """Codes ``q`` (channel axis moved last), zero points and scale of a spec-quantized weight."""
+def _int_tensor(path: str, weight: np.ndarray, spec: Any,
+                gain: np.ndarray | None = None) -> tuple[LayerTensor, int | None]:
+  """Codes ``q`` (channel axis moved last), zero points and scale of a spec-quantized weight;
+  with ``gain`` (one per channel), the scale times it."""
   q = np.asarray(quantize_int(weight, spec.weight_scale, spec.weight_zero_point,
                               qmin=spec.weight_qmin, qmax=spec.weight_qmax), np.int32)
   axis = spec.weight_axis
@@ -105,6 +111,8 @@ def _int_tensor(path: str, weight: np.ndarray, spec: Any) -> tuple[LayerTensor, 
                          (channels,))
   else:
     scale, zp = scale.reshape(-1), np.broadcast_to(zp.reshape(-1), (q.shape[-1],))
+  if gain is not None:
+    scale = np.asarray(scale * np.asarray(gain, np.float32), np.float32)
   width = int(spec.weight_qmax) - int(spec.weight_qmin) + 1
   bits = max(2, math.ceil(math.log2(width)))
   return LayerTensor(path=path, kind="int", codes=q, bits=bits, qmin=int(spec.weight_qmin),
@@ -139,10 +147,31 @@ def _stored_axes(axes: Any, ndim: int, moved: int | None) -> tuple[int, ...]:
   return tuple(ndim - 1 if a == moved else a - (a > moved) for a in axes)
 
 
+def _weight_gains(gains_into: dict[str, str], folded: Mapping[str, tuple], weights: Mapping,
+                  flat_params: Mapping) -> dict[str, np.ndarray]:
+  """``{weight path: gain}`` of ``gains_into``, each checked: a folded BatchNorm, an integer
+  weight with one scale per output channel (its last axis) as many as the gain has entries."""
+  out = {}
+  for norm, weight in gains_into.items():
+    spec = weights.get(weight)
+    if norm not in folded:
+      raise ConfigError(f"export gains_into: {norm!r} is not a folded BatchNorm (fold: "
+                        f"{sorted(folded)})")
+    shape = np.shape(flat_params.get(weight, ()))
+    gain = np.asarray(folded[norm][0], np.float32)
+    if (spec is None or spec.weight_axis is None or len(shape) < 1
+        or spec.weight_axis % len(shape) != len(shape) - 1 or shape[-1] != gain.size):
+      raise ConfigError(f"export gains_into: {weight!r} (for {norm!r}) must be an integer weight "
+                        f"with one scale per output channel, {gain.size} of them")
+    out[weight] = gain
+  return out
+
+
 def finalize(variables: Mapping[str, Any], *, masks: Any = None,
              specs: Mapping[str, Any] | None = None,
              codebooks: Mapping[str, Any] | None = None,
              fold: Mapping[str, float] | None = None,
+             gains_into: Mapping[str, str] | None = None,
              reduce_axes: Mapping[str, Any] | None = None) -> Finalized:
   """Turns trained variables into finalized tensors (see the module docstring).
 
@@ -155,6 +184,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     codebooks: ``{weight path: Codebook}`` (k-means), e.g. ``{'fc2/kernel': ...}``.
     fold: ``{BatchNorm path: epsilon}`` of the BatchNorms to fold (those that directly follow a
       linear layer in the forward, ``ModelLayers.batchnorms``).
+    gains_into: ``{BatchNorm path: weight path}`` of folded BatchNorms whose gain goes into the
+      per-output-channel scales of that integer weight (``Compression.gain_layers``).
     reduce_axes: ``{weight path: axes its layer's product sums over}``
       (``ModelLayers.reduce_axes()``); those weights may be stored as N:M groups.
 
@@ -163,7 +194,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
 
   Raises:
     ConfigError: for a spec or codebook naming no weight, a weight with both, a BatchNorm to fold
-      without running statistics, or a non-floating-point variable.
+      without running statistics, a gain given to a weight without per-output-channel integer
+      scales, or a non-floating-point variable.
   """
   variables = dict(variables)
   params = bake_masks(variables["params"], masks)
@@ -188,8 +220,10 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     folded = fold_arrays(params, variables.get("batch_stats"), fold)
   except ConfigError as e:
     raise ConfigError(f"export: {e}") from None
+  gains = _weight_gains(dict(gains_into or {}), folded, weights, flat_params)
   for path, (gain, bias) in folded.items():
-    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack([gain, bias]))
+    rows = [bias] if path in (gains_into or {}) else [gain, bias]
+    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(rows))
     folded_leaves |= {f"{c}/{path}/{leaf}" for c, leaf in FOLDED_LEAVES}
   axes: dict[str, int] = {}
   for collection, value in variables.items():
@@ -202,7 +236,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
         mask = None if mask_flat is None else np.asarray(mask_flat[leaf_path])
         tensors[key] = _kmeans_tensor(key, books[leaf_path], mask)
       elif collection == "params" and leaf_path in weights:
-        tensors[key], moved = _int_tensor(key, np.asarray(leaf, np.float32), weights[leaf_path])
+        tensors[key], moved = _int_tensor(key, np.asarray(leaf, np.float32), weights[leaf_path],
+                                          gains.get(leaf_path))
         if moved is not None:
           axes[key] = moved
       else:

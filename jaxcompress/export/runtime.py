@@ -4,9 +4,10 @@ Loading rebuilds two things from the stored tensors:
 
 - ``variables``: a variables dict for the user's module (``params``, ``batch_stats``, ...), every
   weight dequantized (``(q - zp) * scale``, the values fake quantization produced), pruned entries
-  exactly 0. A folded BatchNorm gets ``scale = gain``, ``bias = folded bias``, ``mean = 0`` and
-  ``var = 1 - eps``, so a plain ``module.apply(variables, x)`` computes (up to float rounding) the
-  exported model without its input quantization.
+  exactly 0. A folded BatchNorm gets ``scale = gain`` (1 where the gain is in the weight scales
+  before it), ``bias = folded bias``, ``mean = 0`` and ``var = 1 - eps``, so a plain
+  ``module.apply(variables, x)`` computes (up to float rounding) the exported model without its
+  input quantization.
 - ``arrays``: the input of ``apply_fn(arrays, x)``, **the exported model**: ``variables`` plus the
   folded BatchNorms' ``(gain, bias)`` and each quantized layer's input ``(scale, zero_point)``.
   ``apply_fn`` runs the module through :mod:`jaxcompress.models.functional` with two hooks: each
@@ -58,7 +59,9 @@ def rebuild(fin: Finalized, expected: Mapping[str, tuple[tuple[int, ...], Any]])
   flat = {}
   fold = {}
   for path, eps in fin.folded.items():
-    gain, bias = fin.tensors[f"{FOLD}/{path}"].kernel()
+    rows = fin.tensors[f"{FOLD}/{path}"].kernel()
+    # [gain; bias], or [bias] when the gain went into the weight scales before it.
+    gain, bias = rows if len(rows) == 2 else (np.ones_like(rows[0]), rows[0])
     fold[path] = (gain, bias)
     for (collection, leaf), value in zip(FOLDED_LEAVES, (gain, bias, np.zeros_like(gain),
                                                          np.full_like(gain, 1 - eps))):

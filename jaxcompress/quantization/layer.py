@@ -105,6 +105,21 @@ def quantize_kernel(layer: QuantLayer, kernel: Any, steps: dict | None, bits: An
   return _fake_quant(kernel, scale, zero_point, qmin, qmax)
 
 
+def gained_kernel(layer: QuantLayer, kernel: Any, steps: dict | None, bits: Any,
+                  gain: Any) -> jax.Array:
+  """The kernel's integer codes times ``scale * gain``: a BatchNorm gain in the weight scale.
+
+  ``(clip(round(kernel / scale) + zp, qmin, qmax) - zp) * (scale * gain)`` with ``gain`` one
+  value per output channel (the last axis, where per-channel scales run): the kernel an export
+  stores when it folds the BatchNorm after the layer into its scales. Evaluation only (no
+  gradient); the product ``scale * gain`` is kept whole, as the export computes it.
+  """
+  scale, zero_point, qmin, qmax = weight_qparams(layer, kernel, steps, bits)
+  q = jnp.clip(jnp.round(kernel / scale) + zero_point, qmin, qmax)
+  merged = jax.lax.optimization_barrier(scale * jnp.asarray(gain, jnp.float32))
+  return ((q - zero_point) * merged).astype(kernel.dtype)
+
+
 def quantize_input(layer: QuantLayer, x: Any, act_range: Any, steps: dict | None,
                    bits: Any) -> jax.Array:
   """Fake-quantized layer input (STE to the input; LSQ also to its step)."""

@@ -49,7 +49,7 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,8 +61,8 @@ from jaxcompress.models.functional import Hook, chain_hooks, functional, weight_
 from jaxcompress.precision import cast_floating
 from jaxcompress.quantization.calibration import ema_range
 from jaxcompress.quantization.config import compile_rules, default_rules
-from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, init_layer_state,
-                                            quantize_input, quantize_kernel)
+from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, gained_kernel,
+                                            init_layer_state, quantize_input, quantize_kernel)
 from jaxcompress.quantization.schedule import BitSchedule
 from jaxcompress.quantization.spec import layer_specs
 from jaxcompress.rules import Rule, tree_get, tree_set
@@ -205,6 +205,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
   def apply(variables: Any, qstate: QuantState, *args: Any, train: bool = False,
             step: Any = None, rngs: Any = None, hook: Hook | None = None,
             hook_paths: Sequence[str] = (), compute_dtype: Any = None,
+            weight_gains: Mapping[str, Any] | None = None,
             **kwargs: Any) -> tuple[Any, dict, QuantState]:
     """Runs the model with the quantized layers fake-quantized; ``jit``-able.
 
@@ -226,6 +227,9 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       compute_dtype: mixed precision (e.g. ``jnp.bfloat16``; None: as given): kernels are
         fake-quantized in float32 and then every floating parameter is cast to it; each input is
         quantized in float32 (ranges and scales float32) and then cast back to its dtype.
+      weight_gains: ``{layer path: per-output-channel gain}``, evaluation only: those kernels
+        are dequantized with ``scale * gain`` (:func:`.layer.gained_kernel`), a folded
+        BatchNorm's gain carried by the weight scales as the export stores it.
       **kwargs: extra model keyword arguments.
 
     Returns:
@@ -238,8 +242,13 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     for layer in qstate.layers:
       if layer.config.weight_bits is not None:
         wpath = f"{layer.path}/{layer.weight}"
-        kernel = quantize_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
-                                 bits_at(layer.config.weight_bits, bit_schedule, step))
+        bits = bits_at(layer.config.weight_bits, bit_schedule, step)
+        if weight_gains and layer.path in weight_gains:
+          kernel = gained_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
+                                 bits, weight_gains[layer.path])
+        else:
+          kernel = quantize_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
+                                   bits)
         params = tree_set(params, wpath, kernel)
     params = cast_floating(params, compute_dtype)
 
