@@ -14,10 +14,10 @@ Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main
 Both plans are fine-tuned on the main job's pruning schedule (``prune.schedule``: gradual over the
 first 40 % of the steps in ``:quick``), each weight capped at the bytes of its sized pattern.
 
-Measured (docs/autocompress.md; 2-core AMD EPYC VM; 17-19 min for a 25x point): over three seeds
-the plan led the uniform recipe by 0.06 to 0.27 points at 25x (seed 0: 88.79 % in 41,626 bytes
-against 88.52 % in 41,571); at 40x it led by 0.35 points on seed 0 (83.37 % in 25,653 bytes
-against 83.02 % in 25,692) and trailed by 0.38 on seed 1.
+Measured (docs/autocompress.md; 2-core AMD EPYC VM; 15-17 min for a budget point, scan reused):
+at 25x the plan reached 89.35 % in 41,945 bytes against the uniform recipe's 89.00 % in 41,819
+(seed 0) and 89.10 % against 89.11 % (seed 1); at 40x 84.98 % in 26,047 bytes against 84.50 % in
+25,881 (seed 0) and 84.57 % against 84.80 % (seed 1).
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured):
 
