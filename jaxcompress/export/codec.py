@@ -10,7 +10,9 @@ baked in, weights are quantized and BatchNorm is folded. The layer computes
 - ``float``:  the float32 kernel with BatchNorm already multiplied in (no ``gain``),
 
 and ``gain`` is ``None`` (1) where no BatchNorm was folded. Keeping the BatchNorm gain out of a
-quantized kernel leaves that kernel bit-identical to the one the fake-quant model ran with.
+quantized kernel leaves that kernel bit-identical to the one the fake-quant model ran with (an
+export with ``gains_into`` multiplies the gain into ``scale`` instead, and the model it is
+compared with is evaluated with the same product).
 :func:`encode_layer` turns a layer into named byte segments and a small JSON-able dict;
 :func:`decode_layer` inverts it and checks every byte count against the dict.
 """
