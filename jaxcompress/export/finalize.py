@@ -220,9 +220,10 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     folded = fold_arrays(params, variables.get("batch_stats"), fold)
   except ConfigError as e:
     raise ConfigError(f"export: {e}") from None
-  gains = _weight_gains(dict(gains_into or {}), folded, weights, flat_params)
+  gains_into = dict(gains_into or {})
+  gains = _weight_gains(gains_into, folded, weights, flat_params)
   for path, (gain, bias) in folded.items():
-    rows = [bias] if path in (gains_into or {}) else [gain, bias]
+    rows = [bias] if path in gains_into else [gain, bias]
     tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(rows))
     folded_leaves |= {f"{c}/{path}/{leaf}" for c, leaf in FOLDED_LEAVES}
   axes: dict[str, int] = {}

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from jaxcompress.quantization.calibration import check_finite_range
 from jaxcompress.quantization.config import LayerConfig
-from jaxcompress.quantization.fake_quant import _fake_quant, check_qparams
+from jaxcompress.quantization.fake_quant import (_fake_quant, check_qparams, dequantize,
+                                                   quantize_int)
 from jaxcompress.quantization.lsq import _lsq, lsq_grad_scale, lsq_init_step
 from jaxcompress.quantization.qparams import minmax_qparams, qparams_from_range, qrange
 
@@ -115,9 +116,9 @@ def gained_kernel(layer: QuantLayer, kernel: Any, steps: dict | None, bits: Any,
   gradient); the product ``scale * gain`` is kept whole, as the export computes it.
   """
   scale, zero_point, qmin, qmax = weight_qparams(layer, kernel, steps, bits)
-  q = jnp.clip(jnp.round(kernel / scale) + zero_point, qmin, qmax)
+  q = quantize_int(kernel, scale, zero_point, qmin=qmin, qmax=qmax)
   merged = jax.lax.optimization_barrier(scale * jnp.asarray(gain, jnp.float32))
-  return ((q - zero_point) * merged).astype(kernel.dtype)
+  return dequantize(q, merged, zero_point).astype(kernel.dtype)
 
 
 def quantize_input(layer: QuantLayer, x: Any, act_range: Any, steps: dict | None,
