@@ -40,16 +40,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "magnitude"  # none, magnitude, random, saliency (|w*g|), movement (-w*g sum),
   #                               lamp (layer-adaptive magnitude, with prune.scope=global)
-  c.prune.structure = "unstructured"  # unstructured, nm (N:M), channel (whole output channels)
+  c.prune.structure = "unstructured"  # unstructured, kernel (whole kh x kw kernels of a conv),
+  #                                     nm (N:M), channel (whole output channels)
   c.prune.sparsity = 0.8  # final fraction of pruned weights in the selected kernels
-  c.prune.scope = "layer"  # unstructured only: layer (per kernel) or global (across kernels)
+  c.prune.scope = "layer"  # unstructured, kernel: layer (per weight) or global (across weights)
   c.prune.schedule = "gradual"  # gradual (Zhu & Gupta cubic), one_shot, constant
   c.prune.begin = 0.0  # fraction of training where pruning starts
   c.prune.end = 0.5  # fraction of training where the final sparsity is reached (gradual)
   c.prune.update_every = 25  # steps between mask refreshes
   c.prune.n = 2  # N:M: keep n ...
   c.prune.m = 4  # ... of every m consecutive weights
-  c.prune.norm = "l1"  # channel pruning: l1 or l2 norm of each output channel
+  c.prune.norm = "l1"  # channel, kernel: l1 or l2 norm of each output channel or kernel
   c.prune.rules = ()  # ((regex, True/False), ...) over student param paths; () = every
   #                     layer's weight except the first and last layer in forward order
 

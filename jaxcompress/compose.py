@@ -48,7 +48,7 @@ from jaxcompress.selection import table as selection_table
 from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
 
 PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement", "lamp")
-PRUNE_STRUCTURES = ("unstructured", "nm", "channel")
+PRUNE_STRUCTURES = ("unstructured", "kernel", "nm", "channel")
 PRUNE_SCHEDULES = ("gradual", "one_shot", "constant")
 QUANT_METHODS = ("minmax", "lsq", "kmeans")
 # model_state entries that are not model collections: the quantizer's state, k-means codebooks and
@@ -73,22 +73,25 @@ class PruneSpec:
   Attributes:
     method: ``none``, ``magnitude``, ``random``, ``saliency`` (|w g|), ``movement`` (-sum w g),
       ``lamp`` (magnitude with layer-adaptive sparsity under ``scope='global'``).
-    structure: ``unstructured``, ``nm`` (N:M along the reduction axis), ``channel``.
-    sparsity: final fraction of pruned weights in the selected weights, in ``[0, 1)``.
-    scope: unstructured only: ``layer`` (per weight) or ``global`` (across weights).
+    structure: ``unstructured``, ``kernel`` (whole kernels: a Conv kernel's window for one
+      input and output channel, see :func:`jaxcompress.pruning.kernels`), ``nm`` (N:M along the
+      reduction axis), ``channel``.
+    sparsity: final fraction of pruned weights in the selected weights (of kernels for
+      ``kernel``), in ``[0, 1)``.
+    scope: unstructured and kernel only: ``layer`` (per weight) or ``global`` (across weights).
     schedule: ``gradual`` (Zhu & Gupta cubic), ``one_shot``, ``constant``.
     begin: fraction of training where pruning starts.
     end: fraction of training where the final sparsity is reached (``gradual``).
     update_every: steps between mask refreshes.
     n: N:M: keep ``n`` ...
     m: ... of every ``m`` consecutive weights.
-    norm: channel pruning: ``l1`` or ``l2`` norm of each output channel.
+    norm: channel and kernel pruning: ``l1`` or ``l2`` norm of each output channel or kernel.
     rules: ``((regex, True/False), ...)`` over the student's parameter paths; empty: the policy
       of :mod:`jaxcompress.selection`.
     seed: seed of random scores.
     layer_sparsity: ``((regex, sparsity), ...)`` over the student's parameter paths: per-weight
-      final sparsities (first full match wins) for ``layer``-scope unstructured or channel
-      pruning; each weight follows the schedule scaled by ``its sparsity / sparsity``, and a
+      final sparsities (first full match wins) for ``layer``-scope unstructured, kernel or
+      channel pruning; each weight follows the schedule scaled by ``its sparsity / sparsity``, and a
       selected weight no regex matches reaches ``sparsity``. Per-layer plans (e.g. from
       :mod:`jaxcompress.budget`) reach the train step this way.
     layer_gap_codes: ``((regex, w, codes), ...)`` over the same paths, unstructured only: once
@@ -136,7 +139,7 @@ class PruneSpec:
     if self.layer_sparsity and (self.structure == "nm" or self.scope == "global"
                                 or not self.sparsity > 0):
       raise invalid("prune.layer_sparsity", self.layer_sparsity, "empty unless prune.structure "
-                    "is unstructured (scope layer) or channel and prune.sparsity > 0",
+                    "is unstructured or kernel (scope layer) or channel and prune.sparsity > 0",
                     "set prune.sparsity to the largest per-layer sparsity")
     for i, rule in enumerate(self.layer_gap_codes):
       field = f"prune.layer_gap_codes[{i}]"
@@ -159,7 +162,8 @@ class PruneSpec:
     return self.method != "none" and self.sparsity > 0
 
   def masker(self, axes: Mapping[str, tuple[int, ...]] | None = None) -> pruning.Masker:
-    """N:M, whole channels, or unstructured at the spec's scope (per-layer targets applied).
+    """N:M, whole channels, or unstructured or whole kernels at the spec's scope (per-layer
+    targets applied).
 
     With ``layer_sparsity``, the masker reads the train state's paths (``model/<param path>``,
     as :func:`build`'s pruning rules do). N:M groups run along ``axes[path]``, each weight's
@@ -168,6 +172,7 @@ class PruneSpec:
     if self.structure == "nm":
       return pruning.n_of_m(self.n, self.m, axes=axes)
     base = (pruning.channels(self.norm) if self.structure == "channel"
+            else pruning.kernels(self.scope, self.norm) if self.structure == "kernel"
             else pruning.unstructured(self.scope))
     if self.layer_sparsity:
       base = _per_layer(base, [(f"model/(?:{r})", float(t)) for r, t in self.layer_sparsity],

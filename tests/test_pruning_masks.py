@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.pruning import channels, n_of_m, nm_mask, num_pruned, topk_mask, unstructured
+from jaxcompress.pruning import (channels, kernels, n_of_m, nm_mask, num_pruned, topk_mask,
+                                 unstructured)
 from jaxcompress.pruning.masks import channel_scores
 
 
@@ -112,6 +113,55 @@ def test_maskers():
   np.testing.assert_array_equal(nm, [[False, True, False, True]] * 2)
 
 
+def _kernel_oracle(leaves, sparsity, norm, scope):
+  """NumPy: kernel norms per entry, the lowest round(sparsity * count) pruned (stable order)."""
+  def per_kernel(w):
+    w = np.abs(np.asarray(w, np.float64)).reshape(-1, *w.shape[-2:]) if w.ndim >= 3 else \
+        np.abs(np.asarray(w, np.float64))[None]
+    return w.mean(0) if norm == "l1" else np.sqrt((w * w).mean(0))
+  scores = [per_kernel(w) for w in leaves]
+  groups = [[i] for i in range(len(leaves))] if scope == "layer" else [list(range(len(leaves)))]
+  keep = [None] * len(leaves)
+  for group in groups:
+    flat = np.concatenate([scores[i].ravel() for i in group])
+    kept = np.ones(flat.size, bool)
+    kept[np.argsort(flat, kind="stable")[:round(sparsity * flat.size)]] = False
+    for i, part in zip(group, np.split(kept, np.cumsum([scores[i].size for i in group])[:-1])):
+      keep[i] = np.broadcast_to(part.reshape(scores[i].shape), leaves[i].shape)
+  return keep
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_kernels_match_numpy(scope, norm):
+  rng = np.random.default_rng(3)
+  leaves = [rng.standard_normal((3, 3, 4, 6)).astype(np.float32),  # 3x3 windows
+            rng.standard_normal((1, 1, 6, 5)).astype(np.float32) * 2,  # 1x1: one entry each
+            rng.standard_normal((5, 3)).astype(np.float32) * 0.5,  # Dense: one entry each
+            rng.standard_normal((5, 5, 2, 3)).astype(np.float32)]  # 5x5 windows
+  scores = [jnp.abs(jnp.asarray(w)) for w in leaves]
+  got = kernels(scope, norm)(["a", "b", "c", "d"], scores, 0.6)
+  for g, want, w in zip(got, _kernel_oracle(leaves, 0.6, norm, scope), leaves):
+    assert g.shape == w.shape
+    np.testing.assert_array_equal(np.asarray(g), want)
+  # A 3x3 window is pruned or kept whole.
+  window = np.asarray(got[0]).reshape(9, -1)
+  assert np.all(window == window[:1])
+
+
+def test_kernels_hand_built():
+  w = np.zeros((2, 1, 1, 3), np.float32)  # three kernels of two entries
+  w[:, 0, 0, 0] = [1.0, 1.0]  # l1 1.0, l2 1.0
+  w[:, 0, 0, 1] = [2.0, 0.0]  # l1 1.0, l2 1.41
+  w[:, 0, 0, 2] = [0.1, 0.1]
+  l1 = kernels("layer", "l1")(["w"], [jnp.abs(w)], 2 / 3)[0]
+  np.testing.assert_array_equal(np.asarray(l1)[:, 0, 0], [[False, True, False]] * 2)  # tie: 0 first
+  l2 = kernels("layer", "l2")(["w"], [jnp.abs(w)], 2 / 3)[0]
+  np.testing.assert_array_equal(np.asarray(l2)[:, 0, 0], [[False, True, False]] * 2)
+  l2 = kernels("layer", "l2")(["w"], [jnp.abs(w)], 1 / 3)[0]
+  np.testing.assert_array_equal(np.asarray(l2)[:, 0, 0], [[True, True, False]] * 2)
+
+
 def test_nm_is_switched_off_by_zero_sparsity():
   a = jnp.arange(8.0).reshape(4, 2)
   np.testing.assert_array_equal(n_of_m(2, 4)(["a"], [a], jnp.float32(0.0))[0], np.ones((4, 2)))
@@ -127,6 +177,8 @@ def test_global_masker_with_nothing_selected():
     (lambda: n_of_m(1, 0), "prune.m must be an integer >= 1, got 0"),
     (lambda: unstructured("net"), "prune.scope must be one of global, layer, got 'net'"),
     (lambda: channels("max"), "prune.norm must be one of l1, l2, got 'max'"),
+    (lambda: kernels("net"), "prune.scope must be one of global, layer, got 'net'"),
+    (lambda: kernels("layer", "max"), "prune.norm must be one of l1, l2, got 'max'"),
     (lambda: n_of_m(2, 4, axis=3)(["x/kernel"], [jnp.zeros((4, 4))], 0.5),
      "prune.axis (leaf 'x/kernel', shape (4, 4)) must be in [-2, 2), got 3"),
     (lambda: n_of_m(2, 4)(["x/kernel"], [jnp.zeros((6, 4))], 0.5),

@@ -11,13 +11,16 @@ count.
 
 A *masker* turns the scores of the selected leaves into their masks:
 ``masker(paths, scores, sparsity) -> list of bool arrays``. :func:`unstructured`,
-:func:`channels` and :func:`n_of_m` build one; the paths only serve error messages.
+:func:`kernels`, :func:`channels` and :func:`n_of_m` build one; the paths only serve error
+messages.
 
 References:
   Mishra, Latorre, Pool, Stosic, Stosic, Venkatesh, Yu, Micikevicius. Accelerating Sparse Deep
   Neural Networks. arXiv:2104.08378, 2021 (N:M, NVIDIA 2:4 sparse tensor cores).
   Li, Kadav, Durdanovic, Samet, Graf. Pruning Filters for Efficient ConvNets. ICLR 2017
   (filters ranked by L1 norm).
+  Mao, Han, Pool, Li, Liu, Wang, Dally. Exploring the Granularity of Sparsity in Convolutional
+  Neural Networks. CVPR Workshops 2017 (kernel-level pruning: whole 2-D kernels).
 """
 
 from __future__ import annotations
@@ -149,6 +152,56 @@ def unstructured(scope: str = "layer") -> Masker:
     if not scores:
       return []
     return across(lambda flat: sparsity_mask(flat, sparsity), scores)
+
+  return masker
+
+
+def kernel_scores(scores: jax.Array, norm: str = "l1") -> jax.Array:
+  """One score per kernel: the entries sharing their index on the last two axes.
+
+  For a Conv kernel ``[*window, in, out]`` a kernel is the window of one (input, output) channel
+  pair; a leaf with fewer than 3 axes has one entry per kernel. ``"l1"`` is the mean of the
+  entries' scores, ``"l2"`` the root of the mean of their squares: the L1 or L2 norm over the
+  window size, so kernels of windows of different sizes compare across leaves.
+  """
+  if scores.ndim < 3:
+    return scores
+  window = tuple(range(scores.ndim - 2))
+  return (jnp.mean(scores, window) if norm == "l1"
+          else jnp.sqrt(jnp.mean(scores * scores, window)))
+
+
+def kernels(scope: str = "layer", norm: str = "l1") -> Masker:
+  """Masker zeroing whole kernels: ``round(sparsity * kernels)`` per leaf or across all leaves.
+
+  The kernels (:func:`kernel_scores`) with the lowest L1 or L2 norm per entry are pruned; each
+  leaf's mask is the kernels' mask broadcast over the window. A kept kernel's zero entries need
+  no position in the export (``blocks`` storage in :mod:`jaxcompress.export.sparse`), so at the
+  same bytes a layer keeps more weights than unstructured pruning leaves it.
+
+  Args:
+    scope: ``"layer"`` ranks each leaf's kernels on their own; ``"global"`` ranks all selected
+      leaves' kernels together (the fraction pruned is then one of kernels, not of entries).
+    norm: ``"l1"`` or ``"l2"``.
+
+  Raises:
+    ConfigError: for an unknown scope or norm.
+  """
+  if scope not in SCOPES:
+    raise unknown("prune.scope", scope, SCOPES)
+  if norm not in NORMS:
+    raise unknown("prune.norm", norm, NORMS)
+
+  def masker(paths, scores, sparsity):
+    del paths
+    per_kernel = [kernel_scores(s, norm) for s in scores]
+    if scope == "layer":
+      keep = [sparsity_mask(k, sparsity) for k in per_kernel]
+    elif scores:
+      keep = across(lambda flat: sparsity_mask(flat, sparsity), per_kernel)
+    else:
+      return []
+    return [jnp.broadcast_to(k, s.shape) for k, s in zip(keep, scores)]
 
   return masker
 
