@@ -230,6 +230,34 @@ def test_compression_export_carries_gains_in_the_weight_scales_exactly(tmp_path)
   assert "gains" not in per_tensor.eval_variables(state)["model_state"]
 
 
+def test_kernel_pruned_training_exports_whole_kernels_as_blocks(tmp_path):
+  from jaxcompress.data import Batch
+  model = ConvBN()
+  variables = random_variables(model, (8, 8, 3))
+  prune = compose.PruneSpec(structure="kernel", sparsity=0.75, schedule="one_shot", norm="l2",
+                            rules=(("body/kernel", True), (".*", False)))
+  comp = compose.build(model, variables, X8[:8], optimizer=optax.sgd(0.01), total_steps=4,
+                       prune=prune, quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  state = comp.init_state(variables, X8[:8], calibration=[X8[:32]])
+  step = comp.make_train_step()
+  labels = RNG.integers(0, 10, 64).astype(np.int32)
+  for i in range(4):
+    batch = Batch(X8[16 * i:16 * i + 16], labels[16 * i:16 * i + 16], np.ones(16, np.float32))
+    state, _ = step(state, batch)
+  kernel = np.asarray(state.params["model"]["body"]["kernel"])  # [3, 3, 8, 16]
+  kept = np.any(kernel != 0, axis=(0, 1))
+  assert kept.sum() == 128 - 96  # round(0.75 * 128) kernels pruned whole
+  np.testing.assert_array_equal(kernel != 0, np.broadcast_to(kept, kernel.shape))
+  comp.export(str(tmp_path), state, input_shape=(8, 8, 3))
+  meta = {m["path"]: m for m in read_spec(str(tmp_path))["layers"]}["params/body/kernel"]
+  assert (meta["encoding"], meta["nnz"]) == ("blocks", 32 * 9)
+  assert (meta["segments"]["positions"], meta["segments"]["values"]) == (16, 144)  # 128 kernel
+  #                                                              bits, 288 4-bit codes
+  got = np.asarray(load(str(tmp_path), model).logits(X8))
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(comp.logits_fn)(
+      comp.eval_variables(state), X8)))
+
+
 def test_stored_integers_are_the_fake_quant_grid(convbn):
   """NumPy oracle of symmetric per-channel min-max codes of the (masked) kernels."""
   v, loaded = convbn["variables"], convbn["loaded"]

@@ -81,6 +81,58 @@ def test_an_all_zero_kernel_round_trips_with_group_axes():
   assert not got_nonzero.any() and got_values.size == 0
 
 
+def test_blocks_by_hand():
+  # A [2, 1, 2, 3] kernel: windows of 2 entries, 6 kernels; kernels 1 and 4 hold non-zero
+  # entries (kernel 4 only in its second entry), 3-bit codes, zero's code 3.
+  codes = np.full((2, 1, 2, 3), 3)
+  codes[0, 0, 0, 1], codes[1, 0, 0, 1] = 5, 6  # kernel (in 0, out 1)
+  codes[1, 0, 1, 1] = 0  # kernel (in 1, out 1)
+  nonzero = codes != 3
+  size = sparse.sizes(nonzero, 3)
+  assert size["blocks"] == 1 + 2  # ceil(6 / 8) + ceil(2 kernels * 2 entries * 3 bits / 8)
+  assert size["bitmap"] == 2 + 2  # ceil(12 / 8) + ceil(3 * 3 / 8)
+  enc = sparse.encode(codes, nonzero, 3)
+  assert (enc.encoding, enc.nnz, enc.nbytes) == ("blocks", 4, 3)
+  assert unpack_bits(enc.positions, 1, 6).tolist() == [0, 1, 0, 0, 1, 0]
+  # Row-major: window entry 0 of kernels 1 and 4, then entry 1 of both; the zero's code stored.
+  assert unpack_bits(enc.values, 3, 4).tolist() == [5, 3, 6, 0]
+  got_nonzero, got_values = sparse.decode(enc, codes.size, 3, shape=codes.shape)
+  assert np.flatnonzero(got_nonzero).tolist() == [1, 4, 7, 10]
+  assert got_values.tolist() == [5, 3, 6, 0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocks_round_trip_kernel_pruned_tensors(seed):
+  rng = np.random.default_rng(seed)
+  shape = [(3, 3, 8, 16), (5, 5, 3, 4), (2, 7, 5), (3, 1, 1, 9)][seed % 4]
+  bits = [2, 3, 4, 8, 32, 3][seed]
+  kept = rng.random(shape[-2:]) < rng.choice([0.05, 0.2, 0.5])
+  nonzero = np.broadcast_to(kept, shape) & (rng.random(shape) < 0.9)  # zeros in kept kernels
+  values = (rng.standard_normal(shape).astype(np.float32) if bits == 32
+            else rng.integers(0, 1 << bits, shape))
+  zero = 0 if bits == 32 else 1
+  values = np.where(nonzero, values, zero)
+  enc = sparse.encode(values, nonzero, bits)
+  assert enc.nbytes == min(sparse.sizes(nonzero, bits).values())
+  got_nonzero, got_values = sparse.decode(enc, values.size, bits, shape=shape)
+  rebuilt = np.full(values.size, zero, values.dtype)
+  rebuilt[got_nonzero] = got_values
+  np.testing.assert_array_equal(rebuilt.reshape(shape), values)
+  if shape == (3, 3, 8, 16) and bits < 32:  # 128 kernels of 9, 7-14 % kept: blocks win
+    assert enc.encoding == "blocks"
+
+
+def test_blocks_only_for_kernels_with_a_window_and_values_for_zeros():
+  nonzero = np.zeros((1, 1, 8, 8), bool)
+  nonzero[0, 0, 0, :2] = True
+  assert "blocks" not in sparse.sizes(nonzero, 4)  # a 1x1 window: single entries already
+  assert "blocks" not in sparse.sizes(np.zeros((8, 8), bool), 4)
+  conv = np.zeros((3, 3, 4, 4), bool)
+  conv[:, :, 0, 0] = True
+  assert "blocks" in sparse.sizes(conv, 4)
+  assert "blocks" not in sparse.sizes(conv, 4, allow_dense=False)  # k-means: no zero code
+
+
 def test_float_values_are_stored_as_float32():
   x = np.array([0, 1.5, 0, 0, 0, 0, 0, 0, 0, 0, -2.25, 0], np.float32)
   enc = sparse.encode(x, x != 0, 32)
@@ -105,3 +157,12 @@ def test_corrupted_encodings_raise():
   bitmap = bitmap._replace(values=bitmap.values[:7])
   with pytest.raises(ConfigError, match="the positions mark 8 non-zero entries, the spec says 7"):
     sparse.decode(bitmap, 16, 8)
+  conv = np.zeros((3, 3, 2, 2), bool)
+  conv[:, :, 1, 0] = True
+  blocks = sparse.encode(np.ones(conv.shape, int), conv, 4)
+  assert blocks.encoding == "blocks" and blocks.nnz == 9
+  with pytest.raises(ConfigError, match="blocks encoding needs a tensor of 3 axes or more"):
+    sparse.decode(blocks, 36, 4, shape=(6, 6))
+  with pytest.raises(ConfigError, match="the positions mark 1 kernels of 9 entries, the spec says "
+                     "18 values"):
+    sparse.decode(blocks._replace(nnz=18, values=np.zeros(9, np.uint8)), 36, 4, shape=conv.shape)

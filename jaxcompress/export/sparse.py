@@ -13,6 +13,13 @@ raw float32), is written in whichever of these takes the fewest bytes:
   slots with zero entries (their stored value is the zero's code). This is the compressed layout
   of NVIDIA's 2:4 sparse tensor cores (values plus 2-bit metadata per group of 4 along the
   reduction axis); only ``k < 4`` is offered;
+- ``blocks`` (tensors of 3 axes or more whose leading axes hold more than one entry): a *kernel*
+  is the entries sharing their index on the last two axes (a Conv kernel ``[*window, in, out]``'s
+  window for one input and output channel). One bit per kernel (1 = some entry is non-zero,
+  row-major over the last two axes), then every entry of the marked kernels, zeros included (their
+  stored value is the zero's code), in row-major order: ``ceil(r / 8) + ceil(k * s * bits / 8)``
+  for ``k`` of ``r`` kernels marked, ``s`` entries each. Whole pruned kernels
+  (:func:`jaxcompress.pruning.kernels`) cost one bit where single entries cost one each;
 - ``bitmap``: one bit per entry (1 = non-zero, :mod:`.packing` order), then the non-zero values:
   ``ceil(n / 8) + ceil(nnz * bits / 8)``;
 - ``gaps`` with ``w``-bit codes, ``w`` in 2..8 (relative indices, Han et al. 2016): walking the
@@ -22,14 +29,16 @@ raw float32), is written in whichever of these takes the fewest bytes:
   ``g % M``. Zeros after the last non-zero entry need no code. Size
   ``ceil(codes * w / 8) + ceil(nnz * bits / 8)`` with ``codes = nnz + sum(g // M)``.
 
-Ties go to the earlier of dense, nm, bitmap, gaps 2..8: at 2:4 with exactly two non-zero entries
-in every group, nm and bitmap both spend 4 bits of positions per group and nm, the hardware's
-layout, is kept. Values follow the row-major order of their entries, except ``nm``'s, which follow
-the group order.
+Ties go to the earlier of dense, nm, blocks, bitmap, gaps 2..8: at 2:4 with exactly two non-zero
+entries in every group, nm and bitmap both spend 4 bits of positions per group and nm, the
+hardware's layout, is kept. Values follow the row-major order of their entries, except ``nm``'s,
+which follow the group order.
 
 References:
   Han, Mao, Dally. Deep Compression: Compressing Deep Neural Networks with Pruning, Trained
   Quantization and Huffman Coding. ICLR 2016 (relative-index storage with filler entries).
+  Mao, Han, Pool, Li, Liu, Wang, Dally. Exploring the Granularity of Sparsity in Convolutional
+  Neural Networks. CVPR Workshops 2017 (coarser sparsity needs fewer index bits).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import numpy as np
 from jaxcompress.errors import ConfigError, unknown
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 
-ENCODINGS = ("dense", "nm", "bitmap", "gaps")
+ENCODINGS = ("dense", "nm", "blocks", "bitmap", "gaps")
 NM_GROUP, NM_INDEX_BITS = 4, 2  # entries per nm group, bits of a position in it
 GAP_WIDTHS = tuple(range(2, 9))
 FLOAT_BITS = 32  # values stored as raw little-endian float32
@@ -102,6 +111,13 @@ def nm_axes(shape: tuple, group_axes: Any) -> tuple | None:
   return axes
 
 
+def kernel_grid(shape: tuple) -> tuple[int, int] | None:
+  """``(entries per kernel, kernels)`` if ``blocks`` can encode this shape, else None."""
+  if len(shape) < 3 or int(np.prod(shape[:-2])) < 2:
+    return None
+  return int(np.prod(shape[:-2])), int(np.prod(shape[-2:]))
+
+
 def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
           group_axes: Any = None) -> dict[str, int]:
   """Bytes of every encoding of a tensor with this non-zero pattern and value width.
@@ -109,11 +125,12 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
   Args:
     nonzero: boolean array of the tensor's shape.
     bits: value width (32: float32).
-    allow_dense: include ``dense`` and ``nm`` (not possible when a zero entry has no value code).
+    allow_dense: include ``dense``, ``nm`` and ``blocks`` (not possible when a zero entry has no
+      value code).
     group_axes: the tensor's reduction axes: include ``nm`` if they fit (see the module docstring).
 
   Returns:
-    ``{"dense": ..., "nm": ..., "bitmap": ..., "gaps2": ..., ..., "gaps8": ...}``.
+    ``{"dense": ..., "nm": ..., "blocks": ..., "bitmap": ..., "gaps2": ..., ..., "gaps8": ...}``.
   """
   nonzero = np.asarray(nonzero, bool)
   axes = nm_axes(nonzero.shape, group_axes) if allow_dense and nonzero.ndim else None
@@ -124,6 +141,11 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
     if 0 < k < NM_GROUP:  # an all-zero tensor has no slots to store: a gap code stream does
       out["nm"] = packed_size(rows.shape[0] * k, NM_INDEX_BITS) + value_bytes(rows.shape[0] * k,
                                                                               bits)
+  grid = kernel_grid(nonzero.shape) if allow_dense else None
+  if grid is not None:
+    window, kernels = grid
+    marked = int(nonzero.reshape(window, kernels).any(0).sum())
+    out["blocks"] = packed_size(kernels, 1) + value_bytes(marked * window, bits)
   nonzero = nonzero.reshape(-1)
   n, nnz = nonzero.size, int(nonzero.sum())
   gaps = gaps_of(nonzero)
@@ -210,8 +232,8 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
       when ``bits == 32``. Entries where ``nonzero`` is false are not stored (unless dense wins).
     nonzero: boolean array of ``values``' shape.
     bits: value width, 1..8, or 32 for float32.
-    allow_dense: consider ``dense`` and ``nm``; pass ``False`` when zero entries have no valid
-      value code (k-means indices of pruned weights).
+    allow_dense: consider ``dense``, ``nm`` and ``blocks``; pass ``False`` when zero entries have
+      no valid value code (k-means indices of pruned weights).
     group_axes: the tensor's reduction axes, to consider ``nm`` (groups of 4 along them).
 
   Returns:
@@ -224,6 +246,12 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
   best = min(size, key=size.get)  # dicts keep insertion order: ties go to the earlier form
   if best == "nm":
     return _nm_encode(values, nonzero, bits, nm_axes(nonzero.shape, group_axes))
+  if best == "blocks":
+    window, kernels = kernel_grid(nonzero.shape)
+    marked = nonzero.reshape(window, kernels).any(0)
+    stored = np.tile(marked, window)
+    return Sparse("blocks", 0, 0, int(stored.sum()), pack_bits(marked, 1),
+                  _pack_values(values.reshape(-1)[stored], bits))
   values, nonzero = values.reshape(-1), nonzero.reshape(-1)
   empty = np.zeros(0, np.uint8)
   if best == "dense":
@@ -238,14 +266,17 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
 
 
 def expected_bytes(encoding: str, *, n: int, nnz: int, bits: int, gap_bits: int = 0,
-                   codes: int = 0) -> tuple[int, int]:
-  """``(position bytes, value bytes)`` that a well-formed encoding must have."""
+                   codes: int = 0, kernels: int = 0) -> tuple[int, int]:
+  """``(position bytes, value bytes)`` that a well-formed encoding must have (``kernels``: the
+  tensor's kernel count, for ``blocks``)."""
   if encoding not in ENCODINGS:
     raise unknown("encoding", encoding, ENCODINGS)
   if encoding == "dense":
     return 0, value_bytes(n, bits)
   if encoding == "nm":
     return packed_size(nnz, NM_INDEX_BITS), value_bytes(nnz, bits)
+  if encoding == "blocks":
+    return packed_size(kernels, 1), value_bytes(nnz, bits)
   pos = packed_size(n, 1) if encoding == "bitmap" else packed_size(codes, gap_bits)
   return pos, value_bytes(nnz, bits)
 
@@ -259,7 +290,7 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
     n: number of entries of the tensor.
     bits: value width, as encoded.
     where: name of the tensor, for messages.
-    shape: the tensor's shape (needed by ``nm``; default ``(n,)``).
+    shape: the tensor's shape (needed by ``nm`` and ``blocks``; default ``(n,)``).
 
   Returns:
     ``(nonzero, values)``: ``bool[n]`` and the ``nnz`` stored values in row-major order
@@ -269,8 +300,15 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
     ConfigError: if the byte counts, the number of non-zero entries or a position disagree with
       ``n`` (a corrupted or mismatched artifact).
   """
+  shape = (n,) if shape is None else tuple(shape)
+  grid = kernel_grid(shape) if sparse.encoding == "blocks" else None
+  if sparse.encoding == "blocks" and (grid is None or int(np.prod(shape)) != n):
+    raise ConfigError(f"{where}: blocks encoding needs a tensor of 3 axes or more with more "
+                      f"than one entry per kernel, not shape {list(shape)}; the artifact is "
+                      "corrupted or does not match its spec")
   pos_bytes, val_bytes = expected_bytes(sparse.encoding, n=n, nnz=sparse.nnz, bits=bits,
-                                        gap_bits=sparse.gap_bits, codes=sparse.codes)
+                                        gap_bits=sparse.gap_bits, codes=sparse.codes,
+                                        kernels=grid[1] if grid else 0)
   if (sparse.positions.size, sparse.values.size) != (pos_bytes, val_bytes):
     raise ConfigError(f"{where}: {sparse.encoding} encoding of {n} entries ({sparse.nnz} non-zero, "
                       f"{bits}-bit values) needs {pos_bytes} + {val_bytes} bytes, the artifact has "
@@ -279,8 +317,14 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
   if sparse.encoding == "dense":
     return np.ones(n, bool), _unpack_values(sparse.values, bits, n)
   if sparse.encoding == "nm":
-    shape = (n,) if shape is None else tuple(shape)
     return _nm_decode(sparse, shape, bits, where)
+  if sparse.encoding == "blocks":
+    window, kernels = grid
+    marked = unpack_bits(sparse.positions, 1, kernels).astype(bool)
+    if int(marked.sum()) * window != sparse.nnz:
+      raise ConfigError(f"{where}: the positions mark {int(marked.sum())} kernels of {window} "
+                        f"entries, the spec says {sparse.nnz} values; the artifact is corrupted")
+    return np.tile(marked, window), _unpack_values(sparse.values, bits, sparse.nnz)
   if sparse.encoding == "bitmap":
     nonzero = unpack_bits(sparse.positions, 1, n).astype(bool)
   else:
