@@ -305,6 +305,10 @@ class DistillSpec:
     for pair in self.feature_pairs:
       if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
         raise invalid("distill.feature_pairs", pair, "(student path, teacher path) pairs")
+    if self.feature_weight and not self.feature_pairs:
+      raise invalid("distill.feature_pairs", self.feature_pairs, "at least one (student path, "
+                    "teacher path) pair with distill.feature_weight > 0",
+                    "add pairs or set distill.feature_weight=0")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "DistillSpec":

@@ -136,6 +136,8 @@ def test_a_gradual_schedule_needs_two_steps():
     ("distill__temperature", -1.0, "distill.temperature must be > 0"),
     ("distill__alpha", 1.5, r"distill.alpha must be in \[0.0, 1.0\], got 1.5"),
     ("distill__feature_weight", -1.0, "distill.feature_weight must be >= 0"),
+    ("distill__feature_weight", 1.0, r"distill.feature_pairs must be at least one .* with "
+     "distill.feature_weight > 0, got \(\); add pairs"),
     ("prune__sparsity_", 0.5, "prune field must be one of"),
 ])
 def test_bad_specs_fail_when_built(key, value, match):
