@@ -48,8 +48,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #                             its bits; global: one magnitude threshold for all layers, each
   #                             layer's bits allocated (size budgets, unstructured devices; it
   #                             trained best from 10x to 40x, docs/autocompress.md); lamp: the
-  #                             same on LAMP scores; auto: global and lamp where allowed (the
-  #                             less damaged whole is trained), else layer
+  #                             same on LAMP scores; kernel: one threshold on whole conv
+  #                             kernels (RMS of each kh x kw window), one shared width for the
+  #                             convs, kept kernels stored one bit each; auto: global and lamp
+  #                             where allowed (the less damaged whole is trained), else layer
+  c.budget.fixed_edges = False  # global-threshold plans: keep the first and last layer dense
+  #                               at 8 bits (as the uniform recipe does) instead of planning them
   c.budget.weight_bits = (3, 4, 8)  # weight bit widths plans may use, of scan.weight_bits (empty:
   #                                   all); 2-bit layers lost codes to zero in fine-tuning and
   #                                   trained worse at 25x and 40x (docs/autocompress.md)

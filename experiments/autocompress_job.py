@@ -9,8 +9,9 @@
    (:mod:`jaxcompress.budget.cost`), and refuses a budget below the smallest reachable size;
 3. scans the per-layer sensitivity on the held-out slice (one compiled evaluation);
 4. allocates exactly (:mod:`jaxcompress.budget.allocate`) over per-layer sparsities, or over
-   bits at one global threshold on magnitude and on LAMP scores (``budget.sparsity``: ``auto``
-   makes the two global-threshold plans where the budget allows them, else the per-layer one),
+   bits at one global threshold on magnitude, on LAMP scores or on whole kernels
+   (``budget.sparsity``: ``auto`` makes the magnitude and LAMP plans where the budget allows
+   them, else the per-layer one),
    and finds the uniform recipe at the same budget; with ``scan.refine_rounds`` > 0, allocates
    again over damage measured around the uniform recipe, then around each new plan
    (:mod:`jaxcompress.budget.refine`); measures every candidate plan and the uniform recipe
@@ -79,10 +80,10 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
     raise invalid("quant.per_channel", config.quant.per_channel,
                   f"True with budget.device={b.device} (per-channel weights)")
   if b.sparsity not in ("auto", "layer", *GLOBAL_SCORES):
-    raise invalid("budget.sparsity", b.sparsity, "auto, layer, global or lamp")
+    raise invalid("budget.sparsity", b.sparsity, "auto, layer, global, lamp or kernel")
   if b.sparsity in GLOBAL_SCORES and not global_allowed(kind, preset):
-    raise invalid("budget.sparsity", b.sparsity, "auto or layer here (global and lamp need a "
-                  "size budget on a device with unstructured sparsity: any, mcu)")
+    raise invalid("budget.sparsity", b.sparsity, "auto or layer here (global, lamp and kernel "
+                  "need a size budget on a device with unstructured sparsity: any, mcu)")
   if kind == "bops":
     return kind, float(b.bops)
   if float32_bytes is None:
@@ -90,8 +91,10 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   return kind, float(int(b.size_bytes) if b.size_bytes else int(float32_bytes // b.ratio))
 
 
-# budget.sparsity values of a global-threshold plan -> the score it thresholds (pruning.SCORES).
-GLOBAL_SCORES = {"global": "magnitude", "lamp": "lamp"}
+# budget.sparsity values of a global-threshold plan -> the score it thresholds (pruning.SCORES;
+# kernel: whole kernels by the RMS of their entries, budget.threshold_plans).
+GLOBAL_SCORES = {"global": "magnitude", "lamp": "lamp", "kernel": "kernel"}
+AUTO_THRESHOLDS = ("global", "lamp")  # the global-threshold plans budget.sparsity=auto makes
 
 
 def global_allowed(kind: str, preset) -> bool:
@@ -262,6 +265,11 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   kind, limit = check_budget(config, float32_bytes)
   params = variables["params"]
   weights = {l.path: np.asarray(tree_get(params, l.weight)) for l in layers}
+  if config.budget.sparsity == "kernel" and not any(
+      budget_lib.has_kernels(w.shape) for w in weights.values()):
+    raise ConfigError(f"budget.sparsity='kernel': no layer of {config.student.name} has kernels "
+                      "to prune whole (a Conv window of more than one entry); use auto, layer, "
+                      "global or lamp")
   macs = budget_lib.layer_macs(model, variables, calib[0])
   grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
               act_bits=config.scan.act_bits, kind=kind)
@@ -274,10 +282,10 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                                  [l.weight for l in layers]) if kind == "size" else 0
   keeps: dict = {}
 
-  def keep(path, s):
-    if (path, s) not in keeps:
-      keeps[(path, s)] = budget_lib.keep_mask(weights[path], s, preset.structure)
-    return keeps[(path, s)]
+  def keep(path, s, structure=preset.structure):
+    if (path, s, structure) not in keeps:
+      keeps[(path, s, structure)] = budget_lib.keep_mask(weights[path], s, structure)
+    return keeps[(path, s, structure)]
 
   def cost(path, o):  # (bytes, BOPs) of one option
     k = keep(path, o.sparsity)
@@ -336,24 +344,45 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         for p, k in zip(sens.paths, alloc.choice) for o in [opts[p][k]]), preset.structure,
         overhead)
 
+  # Whole plans measured on the held-out slice, before fine-tuning (the summed single-layer
+  # damages misjudge them at high compression), and the candidates refined in context.
+  evaluate = budget_lib.Evaluator(model, variables, held_out, calibration=calib,
+                                  per_channel=config.quant.per_channel,
+                                  damage=config.scan.damage, adapt_norms=config.scan.adapt_norms)
+
+  def whole(p):  # the evaluator's view of a plan
+    return ({l.path: keep(l.path, l.sparsity, p.structure) for l in p.layers if l.sparsity},
+            {l.path: l.weight_bits for l in p.layers}, {l.path: l.act_bits for l in p.layers})
+
   candidates = {}
   mode = config.budget.sparsity
   # auto: the global-threshold plans where the budget allows them (they trained better than the
   # per-layer plan wherever both were trained, docs/autocompress.md), else the per-layer plan;
-  # global or lamp: always (check_budget refused them where not allowed)
+  # global, lamp or kernel: always (check_budget refused them where not allowed)
   if mode == "auto":
-    thresholds = GLOBAL_SCORES if global_allowed(kind, preset) else ()
+    thresholds = AUTO_THRESHOLDS if global_allowed(kind, preset) else ()
   else:
     thresholds = (mode,) if mode in GLOBAL_SCORES else ()
   bits = sorted({o.weight_bits for opts in plannable.values() for o in opts})
+  # budget.fixed_edges: the first and last layer dense at 8 bits, as the uniform recipe keeps them
+  edges = {traced.first, last} if config.budget.fixed_edges else set()
+  edge_bytes = sum(cost(p, budget_lib.Option(0.0, 8, plannable[p][0].act_bits))[0]
+                   for p in edges)
   for name in thresholds:
-    found = _global_plan(sens, weights, by_path, plannable, bits, cost, limit - fixed, overhead,
-                         preset, GLOBAL_SCORES[name])
-    if found is None and mode == name:
+    found = list(budget_lib.threshold_plans(
+        {p: weights[p] for p in sens.paths if p not in edges},
+        budget=int(limit - fixed - edge_bytes), bits=bits,
+        predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
+        score=GLOBAL_SCORES[name]))
+    if not found and mode == name:
       raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight "
                         f"bits {bits}; use --config.budget.sparsity=layer")
-    if found is not None:  # no allocation over sparsities: no optimality gap
-      candidates[name] = None, found
+    if not found:
+      continue
+    best = min(found, key=lambda f: f[3])
+    # no allocation over sparsities: no optimality gap
+    candidates[name] = None, _threshold_plan(sens, by_path, weights, plannable, cost, overhead,
+                                             best, name)
   if mode == "layer" or not candidates:  # the scan measured `options`; plans use `plannable`
     candidates["isolated"] = make_plan(plannable, {
         p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
@@ -362,18 +391,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   if config.uniform.enabled:
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
                        overhead)
-  # Whole plans measured on the held-out slice, before fine-tuning (the summed single-layer
-  # damages misjudge them at high compression), and the candidates refined in context.
-  evaluate = budget_lib.Evaluator(model, variables, held_out, calibration=calib,
-                                  per_channel=config.quant.per_channel,
-                                  damage=config.scan.damage, adapt_norms=config.scan.adapt_norms)
-
-  def whole(p):  # the evaluator's view of a plan
-    return ({l.path: keep(l.path, l.sparsity) for l in p.layers if l.sparsity},
-            {l.path: l.weight_bits for l in p.layers}, {l.path: l.act_bits for l in p.layers})
-
   reference = None
-  if uniform is not None and preset.structure == "unstructured":
+  if uniform is not None and preset.structure == "unstructured" and mode != "kernel":
     reference = budget_lib.reference_of(*uniform["masks_and_bits"])
   for r in range(config.scan.refine_rounds if reference is not None else 0):
     path = os.path.join(workdir, f"context{r + 1}.json")
@@ -445,26 +464,26 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   return results
 
 
-def _global_plan(sens, weights, by_path, plannable, bits, cost, budget, overhead, preset,
-                 score):
-  """The plan with one global threshold on ``score`` (``magnitude``, ``lamp``) and each layer's
-  bits (of ``bits``) allocated exactly, or ``None`` if no global sparsity below 99.5 % meets the
-  budget."""
-  found = budget_lib.global_bits({p: weights[p] for p in sens.paths}, budget=int(budget),
-                                 bits=bits, predict=sens.predict,
-                                 sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
-                                 score=score)
-  if found is None:
-    return None
-  _, sparsity, layer_bits, _ = found
+def _threshold_plan(sens, by_path, weights, plannable, cost, overhead, found, name):
+  """The :class:`budget.Plan` of one :func:`budget.threshold_plans` result (``kernel``: the
+  layers with kernels share the threshold in training, sized by ``shared_kernel_bytes``)."""
+  g, sparsity, layer_bits, _ = found
+  shared = [p for p in sparsity if name == "kernel" and budget_lib.has_kernels(weights[p].shape)]
+  window = budget_lib.kernel_window([weights[p] for p in shared])
   layers = []
   for p in sens.paths:
     act = plannable[p][0].act_bits  # a size budget searches no input bits
-    option = budget_lib.Option(sparsity[p], layer_bits[p], act)
-    size, bops = cost(p, option)
-    layers.append(budget_lib.LayerPlan(p, by_path[p].weight, sparsity[p], layer_bits[p], act,
-                                       size, bops, sens.predict(p, sparsity[p], layer_bits[p])))
-  return budget_lib.Plan(tuple(layers), preset.structure, overhead)
+    s, b = sparsity.get(p, 0.0), layer_bits.get(p, 8)  # a layer left out: dense, 8 bits
+    size, bops = cost(p, budget_lib.Option(s, b, act))
+    if p in shared:
+      size = budget_lib.shared_kernel_bytes(budget_lib.keep_mask(weights[p], s, "kernel"), b,
+                                            window)
+    layers.append(budget_lib.LayerPlan(p, by_path[p].weight, s, b, act, size, bops,
+                                       sens.predict(p, s, b)))
+  if not shared:
+    return budget_lib.Plan(tuple(layers), "unstructured", overhead)
+  return budget_lib.Plan(tuple(layers), "kernel", overhead,
+                         shared=tuple(by_path[p].weight for p in shared), shared_sparsity=g)
 
 
 def _one_shot(evaluate, base_loss: float, keeps: dict, weight_bits: dict, act_bits: dict) -> dict:

@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 
 from jaxcompress import tables  # noqa: E402
 
-THRESHOLDS = {"global": "magnitude", "lamp": "LAMP scores"}  # what a global plan thresholds
+THRESHOLDS = {"global": "magnitude", "lamp": "LAMP scores",
+              "kernel": "whole kernels' L2 norms"}  # what a global plan thresholds
 
 
 def _write_text(path: str, text: str) -> None:
@@ -146,7 +147,8 @@ def write_report(workdir: str, results: dict, sens) -> None:
       f"accuracy {100 * s['base_accuracy']:.2f} %.", *_hessian_lines(s.get("hessian")), "",
       "## Candidates", "", "Measured whole on the held-out slice, before fine-tuning (damage: the "
       "held-out loss over the float model's; `isolated`: allocated over single-layer damages; "
-      "`global`, `lamp`: bits allocated at one global threshold on magnitude or LAMP scores; "
+      "`global`, `lamp`, `kernel`: bits allocated at one global threshold on magnitude, LAMP "
+      "scores or whole kernels' L2 norms; "
       "`context<r>`: over damages measured around the uniform recipe or the previous round's "
       "plan).", "", candidates_table(results), "",
       "## Plan", "", plan_table(results["plan"]), "",

@@ -46,6 +46,79 @@ def test_keep_masks_prune_the_smallest_magnitudes():
   assert np.all(nm.sum(axis=-2) == 2)
 
 
+def _kernels_by_hand(weights, sparsity):
+  """Global kernel masks: the round(sparsity * K) kernels of lowest RMS over their window pruned
+  (weights with no window of more than one entry kept whole)."""
+  grid = [i for i, w in enumerate(weights) if w.ndim >= 3 and np.prod(w.shape[:-2]) > 1]
+  rms = [np.sqrt(np.mean(np.square(weights[i]), axis=tuple(range(weights[i].ndim - 2))))
+         for i in grid]
+  flat = np.concatenate([r.ravel() for r in rms])
+  cut = round(sparsity * flat.size)
+  dropped = np.zeros(flat.size, bool)
+  dropped[np.argsort(flat, kind="stable")[:cut]] = True
+  keeps, at = [np.ones(w.shape, bool) for w in weights], 0
+  for i, r in zip(grid, rms):
+    keeps[i] = np.broadcast_to(~dropped[at:at + r.size].reshape(r.shape), weights[i].shape)
+    at += r.size
+  return keeps
+
+
+def test_kernel_keeps_prune_whole_kernels_across_layers():
+  rng = np.random.default_rng(4)
+  weights = [rng.normal(size=(3, 3, 4, 6)), 0.5 * rng.normal(size=(5, 5, 2, 3)),
+             rng.normal(size=(1, 1, 6, 6)), rng.normal(size=(12, 5))]
+  for sparsity in (0.0, 0.3, 0.75):
+    got = budget.kernel_keep(weights, sparsity)
+    want = _kernels_by_hand(weights, sparsity)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+  # A 1x1 conv and a Dense have no kernels to drop: they stay whole.
+  assert [budget.has_kernels(w.shape) for w in weights] == [True, True, False, False]
+  assert got[2].all() and got[3].all()
+  # One layer on its own: keep_mask(..., "kernel") ranks its kernels the same way.
+  np.testing.assert_array_equal(budget.keep_mask(weights[0], 0.5, "kernel"),
+                                _kernels_by_hand(weights[:1], 0.5)[0])
+
+
+def test_shared_kernel_bytes_bound_every_split_of_the_kept_kernels():
+  """By hand: one bit per kernel, the kept kernels at the largest window, one byte of rounding;
+  summed over weights sharing a threshold, at least the blocks bytes of any split of the same
+  number of kept kernels, as training may end with."""
+  keep = np.zeros((3, 3, 16, 8), bool)
+  keep[:, :, :5, :] = True  # 40 of 128 kernels
+  assert budget.shared_kernel_bytes(keep, 3, 9) == 128 // 8 + -(-40 * 9 * 3 // 8) + 1
+  assert budget.shared_kernel_bytes(keep, 3, 25) == 128 // 8 + -(-40 * 25 * 3 // 8) + 1
+  rng = np.random.default_rng(0)
+  shapes = [(3, 3, 16, 8), (5, 5, 4, 6), (3, 3, 8, 8)]
+  kernels = [s[2] * s[3] for s in shapes]
+  for bits in (2, 3, 4, 8):
+    kept = [int(rng.integers(1, k)) for k in kernels]
+    planned = sum(budget.shared_kernel_bytes(_some_kernels(s, k, rng), bits, 25)
+                  for s, k in zip(shapes, kept))
+    for _ in range(20):  # another split of the same total
+      split = rng.multinomial(sum(kept) - len(kept), np.ones(3) / 3) + 1
+      split = np.minimum(split, kernels)
+      blocks = sum(export.sparse.sizes(_some_kernels(s, k, rng), bits)["blocks"]
+                   for s, k in zip(shapes, split))
+      assert blocks <= planned
+
+
+def _some_kernels(shape, kept, rng):
+  """A kernel mask of ``shape`` keeping ``kept`` random kernels."""
+  flat = np.zeros(shape[2] * shape[3], bool)
+  flat[rng.choice(flat.size, kept, replace=False)] = True
+  return np.broadcast_to(flat.reshape(shape[2:]), shape)
+
+
+def test_unstructured_bytes_never_count_on_blocks():
+  keep = np.zeros((3, 3, 16, 8), bool)
+  keep[:, :, :5, :] = True  # whole kernels, where blocks would be smallest
+  for bits in (2, 3, 8):
+    found = export.sparse.sizes(keep, bits)
+    assert min(found, key=found.get) == "blocks"
+    assert budget.weight_bytes(keep, bits) == min(v for k, v in found.items() if k != "blocks")
+
+
 @pytest.mark.parametrize("sparsity,bits", [(0.0, 8), (0.5, 4), (0.9, 2), (0.97, 3)])
 def test_planned_bytes_bound_the_exported_bytes(sparsity, bits, tmp_path):
   model, variables = create_model("mlp", num_classes=10, image_shape=(8, 8, 1), seed=0)

@@ -4,6 +4,7 @@ import json
 import os
 
 import flax
+import flax.linen as nn
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -12,7 +13,7 @@ from configs import autocompress
 from experiments import autocompress_job
 from experiments.autocompress_job import train_and_evaluate
 from jaxcompress.errors import ConfigError
-from jaxcompress.models import create_model
+from jaxcompress.models import create_model, register
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,7 @@ FLOAT32 = 4 * ((784 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10))
 def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
   config = _config(mlp_weights, ratio=4.0)
   config.scan.refine_rounds = 1
+  config.budget.fixed_edges = True
   results = _run(config, tmp_path)
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk == json.loads(json.dumps(results))
@@ -86,6 +88,9 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     assert np.isfinite(on_disk["one_shot"][name]["damage"])
   cands = on_disk["candidates"]  # the plan with the least whole-plan damage is the one trained
   assert set(cands) == {"global", "lamp", "context1"} and on_disk["chosen"] in cands
+  for name in ("global", "lamp"):  # budget.fixed_edges: first and last layer dense at 8 bits
+    edges = [l for l in cands[name]["plan"] if l["path"] in ("fc1", "fc3")]
+    assert [(l["sparsity"], l["weight_bits"]) for l in edges] == [(0.0, 8), (0.0, 8)]
   assert cands[on_disk["chosen"]]["plan"] == plan
   assert on_disk["one_shot"]["auto"]["damage"] == min(c["one_shot"]["damage"]
                                                       for c in cands.values())
@@ -114,10 +119,11 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     (dict(ratio=10.0, device="int8-npu"), "budget.ratio"),
     (dict(size_bytes=100), "smallest plan takes"),
     (dict(ratio=10.0, weight_bits=(3, 8)), r"budget.weight_bits.*bit widths of scan.weight_bits"),
-    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*auto, layer, global or lamp"),
+    (dict(ratio=10.0, sparsity="local"), "budget.sparsity.*auto, layer, global, lamp or kernel"),
     (dict(bops=1e6, sparsity="global"), "budget.sparsity.*need a size budget"),
     (dict(ratio=10.0, device="gpu-sparse", sparsity="global"), "budget.sparsity.*: any, mcu"),
     (dict(ratio=10.0, device="gpu-sparse", sparsity="lamp"), "budget.sparsity.*: any, mcu"),
+    (dict(ratio=10.0, device="gpu-sparse", sparsity="kernel"), "budget.sparsity.*: any, mcu"),
 ])
 def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
   with pytest.raises(ConfigError, match=match) as e:
@@ -231,3 +237,61 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
 
+
+
+class TinyConvNet(nn.Module):
+  """Two 3x3 convs, a global average and a head: kernels to prune whole."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+    x = nn.relu(nn.Conv(64, (3, 3), name="conv2")(x))
+    return nn.Dense(self.num_classes, name="head")(x.mean(axis=(1, 2)))
+
+
+def test_kernel_plan_prunes_whole_kernels_within_the_budget(tmp_path):
+  register("tiny_conv_net", TinyConvNet, overwrite=True)
+  _, variables = create_model("tiny_conv_net", num_classes=10, image_shape=(28, 28, 1), seed=1)
+  weights = tmp_path / "tiny.msgpack"
+  weights.write_bytes(flax.serialization.to_bytes(variables))
+  config = _config(str(weights), ratio=6.0, sparsity="kernel")
+  config.student.name = config.teacher.name = "tiny_conv_net"
+  config.distill.feature_pairs = (("conv2", "conv2"),)
+  config.uniform.enabled = False
+  config.train.epochs = 0.67
+  results = _run(config, tmp_path / "w")
+  float32 = 4 * (9 * 8 + 8 + 9 * 8 * 64 + 64 + 64 * 10 + 10)
+  limit = float32 // 6
+  assert set(results["candidates"]) == {"kernel"}
+  size = sum(os.path.getsize(tmp_path / "w" / "auto" / "export" / f)
+             for f in ("spec.json.gz", "arrays.bin"))
+  assert results["compressed"]["size_bytes"] == size <= results["predicted"]["size_bytes"] <= limit
+  plan = {l["path"]: l for l in results["plan"]}
+  assert plan["head"]["sparsity"] == 0 and plan["conv2"]["sparsity"] > 0
+  assert plan["conv1"]["weight_bits"] == plan["conv2"]["weight_bits"]  # one shared width
+  # Both convs share one threshold in training: at most the planned number of kernels, counted
+  # over both, hold a non-zero entry, wherever training moved them.
+  from jaxcompress import export
+  out = str(tmp_path / "w" / "auto" / "export")
+  loaded = export.load(out, create_model("tiny_conv_net", num_classes=10,
+                                         image_shape=(28, 28, 1))[0])
+  live = kept = 0
+  for name, kernels in (("conv1", 8), ("conv2", 8 * 64)):
+    kernel = np.asarray(loaded.variables["params"][name]["kernel"])
+    live += int(np.sum(np.any(kernel != 0, axis=(0, 1))))
+    kept += kernels - round(plan[name]["sparsity"] * kernels)
+  assert 0 < live <= kept
+  conv2 = next(m for m in export.read_spec(out)["layers"] if m["path"] == "params/conv2/kernel")
+  assert conv2["encoding"] == "blocks"
+  trained = json.load(open(tmp_path / "w" / "auto" / "config.json"))["prune"]
+  assert (trained["structure"], trained["scope"]) == ("kernel", "global")
+
+
+def test_kernel_plan_needs_kernels(mlp_weights, tmp_path):
+  with pytest.raises(ConfigError, match=r"^budget.sparsity='kernel': no layer of mlp has "
+                     "kernels") as e:
+    _run(_config(mlp_weights, ratio=4.0, sparsity="kernel"), tmp_path / "w")
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w")

@@ -98,12 +98,32 @@ def _lamp_by_hand(w):
   return (flat / np.array([flat[flat >= x].sum() for x in flat])).reshape(w.shape)
 
 
-@pytest.mark.parametrize("score", ["magnitude", "lamp"])
+def _keep_by_hand(weights, score, g):
+  """One global threshold: the round(g * total) smallest scores of all layers pruned; for
+  ``kernel``, of all 3x3 kernels (RMS over the window), layers without kernels kept whole."""
+  if score == "kernel":
+    rms = {p: np.sqrt(np.mean(np.square(w), axis=(0, 1))) for p, w in weights.items()
+           if w.ndim == 4}
+    flat = np.concatenate([x.ravel() for x in rms.values()])
+    cut = np.sort(flat)[int(round(g * flat.size)) - 1] if round(g * flat.size) else -1.0
+    return {p: np.broadcast_to(rms[p] > cut, w.shape) if p in rms else np.ones(w.shape, bool)
+            for p, w in weights.items()}
+  scores = {p: np.abs(w) if score == "magnitude" else _lamp_by_hand(w)
+            for p, w in weights.items()}
+  total = sum(w.size for w in weights.values())
+  flat = np.concatenate([x.ravel() for x in scores.values()])
+  cut = np.sort(flat)[int(round(g * total)) - 1] if round(g * total) else -1.0
+  return {p: x > cut for p, x in scores.items()}
+
+
+@pytest.mark.parametrize("score", ["magnitude", "lamp", "kernel"])
 def test_global_bits_against_brute_force(score):
   """Every (global sparsity, bits per layer) of a small instance, sized and scored by hand."""
   rng = np.random.default_rng(0)
   weights = {"a": rng.normal(size=(3, 3, 2, 4)), "b": 2 * rng.normal(size=(8, 6)),
              "c": rng.normal(size=(5, 7))}
+  if score == "kernel":  # a second conv: the threshold runs across both convs' kernels
+    weights["c"] = 0.7 * rng.normal(size=(3, 3, 4, 2))
   total = sum(w.size for w in weights.values())
   bits, grid = (2, 4, 8), (0.0, 0.3, 0.6, 0.9)
   sens = {p: rng.uniform(0, 1, 2) for p in weights}
@@ -111,14 +131,19 @@ def test_global_bits_against_brute_force(score):
   for budget_bytes in (60, 90, 150, 400):
     best = None
     for g in grid:
-      # The global threshold by hand: the round(g * total) smallest scores of all layers pruned.
-      scores = {p: np.abs(w) if score == "magnitude" else _lamp_by_hand(w)
-                for p, w in weights.items()}
-      flat = np.concatenate([x.ravel() for x in scores.values()])
-      cut = np.sort(flat)[int(round(g * total)) - 1] if round(g * total) else -1.0
-      keep = {p: x > cut for p, x in scores.items()}
+      keep = _keep_by_hand(weights, score, g)
+      if score == "kernel" and not all(k.any() for k in keep.values()):
+        continue  # a layer with no kernel left: no plan
       for combo in itertools.product(bits, repeat=3):
-        size = sum(budget.weight_bytes(keep[p], b) for p, b in zip(weights, combo))
+        if score == "kernel":  # the convs share one width; bytes: kernel bits, 9 entries per
+          if combo[0] != combo[2]:  # kept kernel, a byte of rounding
+            continue
+          kept = {p: int(keep[p][0, 0].sum()) for p in "ac"}
+          size = (sum(-(-keep[p][0, 0].size // 8) + -(-kept[p] * 9 * b // 8) + 1
+                      for p, b in zip("ac", combo[::2]))
+                  + budget.weight_bytes(keep["b"], combo[1]))
+        else:
+          size = sum(budget.weight_bytes(keep[p], b) for p, b in zip(weights, combo))
         damage = sum(predict(p, 1 - keep[p].mean(), b) for p, b in zip(weights, combo))
         if size <= budget_bytes and (best is None or damage < best[0] - 1e-12):
           best = (damage, g, dict(zip(weights, combo)))
@@ -130,7 +155,10 @@ def test_global_bits_against_brute_force(score):
     g, sparsity, layer_bits, damage = found
     assert damage == pytest.approx(best[0]) and (g, layer_bits) == (best[1], best[2])
     kept = {p: round((1 - sparsity[p]) * w.size) for p, w in weights.items()}
-    assert sum(kept.values()) == total - round(g * total)
+    if score == "kernel":
+      assert sparsity["b"] == 0 and sum(kept[p] // 9 for p in "ac") == 16 - round(g * 16)
+    else:
+      assert sum(kept.values()) == total - round(g * total)
 
 
 def test_scheduled_fields_keep_each_sized_count_and_cap_its_codes():

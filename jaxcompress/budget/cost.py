@@ -3,17 +3,20 @@
 **Bytes.** A layer's weight takes, in the artifact, the smallest of the encodings
 :func:`jaxcompress.export.sparse.sizes` lists for its non-zero pattern and bit width: exactly the
 function the export calls to choose (:func:`weight_bytes`). A weight trained on another pattern
-stores in no more bytes when it keeps no more entries and, where the sized pattern is stored as
-gap codes, needs no more codes (:func:`gap_cap`, enforced in training by
-``PruneSpec.layer_gap_codes``); weights that quantize to zero only remove non-zeros, which never
-makes any encoding larger. Everything else in the artifact (scales, folded BatchNorms, biases) is
-measured once on a reference export of the same model at 8 bits, each tensor the plan leaves
-alone counted at its largest (dense) storage, as fine-tuning may fill a tensor that is 0 in the
-reference. The gzipped spec is sized on a pessimistic copy of the reference's: every tensor given
-every field a sparse encoding may add, every number that may change given random digits of its
-longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So the artifact's bytes on
-disk are at most ``overhead + sum of weight bytes`` (its arrays are zlib-compressed only when
-that is smaller); the budget tests check it on every plan.
+stores in no more bytes when it keeps no more entries and, where the sized pattern is stored as gap
+codes, needs no more codes (:func:`gap_cap`, enforced in training by ``PruneSpec.layer_gap_codes``);
+weights that quantize to zero only remove non-zeros, which never makes any encoding larger. A weight
+pruned by whole kernels under one threshold shared with other weights is sized by
+:func:`shared_kernel_bytes`, a bound on its ``blocks`` storage that holds however training moves the
+kept kernels between those weights; ``blocks`` is left out of an unstructured weight's size, whose
+kept entries may spread over more kernels than the sized pattern's. Everything else in the artifact
+(scales, folded BatchNorms, biases) is measured once on a reference export of the same model at 8
+bits, each tensor the plan leaves alone counted at its largest (dense) storage, as fine-tuning may
+fill a tensor that is 0 in the reference. The gzipped spec is sized on a pessimistic copy of the
+reference's: every tensor given every field a sparse encoding may add, every number that may change
+given random digits of its longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So the
+artifact's bytes on disk are at most ``overhead + sum of weight bytes`` (its arrays are
+zlib-compressed only when that is smaller); the budget tests check it on every plan.
 
 **BOPs** (bit operations, the usual compute proxy): ``MACs x weight bits x input bits`` per layer
 and example, the MACs counting multiplications by kept weights: a dense layer's MACs times its
@@ -38,6 +41,7 @@ from jaxcompress.export.files import spec_bytes
 from jaxcompress.models.functional import functional, weight_name
 from jaxcompress.rules import tree_get
 
+KERNEL_NORM = "l2"  # how kernel plans rank kernels (their prune.norm)
 SPEC_MARGIN = 32  # bytes added to the pessimistic spec's gzipped size (deflate is not monotone)
 
 
@@ -45,19 +49,67 @@ def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured") -> 
   """The kept entries of ``weight`` at ``sparsity``: lowest magnitudes pruned, as training does.
 
   ``unstructured``: ``round(sparsity * n)`` entries; ``nm``: 2 of every 4 along the reduction axis
-  (any ``sparsity > 0``); ``channel``: ``round(sparsity * C)`` whole output channels (L1 norm).
+  (any ``sparsity > 0``); ``channel``: ``round(sparsity * C)`` whole output channels (L1 norm);
+  ``kernel``: ``round(sparsity * K)`` whole kernels (L2 norm per entry, :func:`kernel_keep`).
   """
   if sparsity <= 0:
     return np.ones(np.shape(weight), bool)
   masker = {"unstructured": pruning.unstructured("layer"), "nm": pruning.n_of_m(2, 4),
-            "channel": pruning.channels("l1")}[structure]
+            "channel": pruning.channels("l1"), "kernel": pruning.kernels("layer", KERNEL_NORM)
+            }[structure]
   return np.asarray(masker(["weight"], [jax.numpy.abs(jax.numpy.asarray(weight))],
                            float(sparsity))[0], bool)
 
 
+def kernel_keep(weights: Sequence[Any], sparsity: float) -> list[np.ndarray]:
+  """Whole kernels pruned by one threshold across ``weights``: the ``round(sparsity * K)``
+  kernels (of ``K`` in all) with the lowest L2 norm per entry, as ``prune.structure=kernel`` with
+  ``prune.norm=l2`` ranks them. Weights without kernels (:func:`has_kernels`) take no part."""
+  keeps = [np.ones(np.shape(w), bool) for w in weights]
+  grid = [i for i, w in enumerate(weights) if has_kernels(np.shape(w))]
+  if sparsity > 0 and grid:
+    found = pruning.kernels("global", KERNEL_NORM)(
+        [str(i) for i in grid], [jax.numpy.abs(jax.numpy.asarray(weights[i])) for i in grid],
+        float(sparsity))
+    for i, k in zip(grid, found):
+      keeps[i] = np.asarray(k, bool)
+  return keeps
+
+
+def has_kernels(shape: Sequence[int]) -> bool:
+  """Whether a weight of this shape can be pruned and stored by whole kernels (a window of more
+  than one entry: a Conv kernel with ``kh * kw > 1``)."""
+  return sparse.kernel_grid(tuple(shape)) is not None
+
+
+def _encodings(keep: np.ndarray, bits: int) -> dict[str, int]:
+  """The export's sizes of the encodings an unstructured pattern like ``keep`` is held to."""
+  found = sparse.sizes(keep, int(bits))
+  found.pop("blocks", None)
+  return found
+
+
 def weight_bytes(keep: Any, bits: int) -> int:
-  """Bytes the export stores for a weight with this non-zero pattern at ``bits`` bits."""
-  return int(min(sparse.sizes(np.asarray(keep, bool), int(bits)).values()))
+  """Bytes the export stores for a weight with this non-zero pattern at ``bits`` bits (the
+  smallest encoding but ``blocks``, see the module docstring)."""
+  return int(min(_encodings(np.asarray(keep, bool), bits).values()))
+
+
+def shared_kernel_bytes(keep: Any, bits: int, window: int) -> int:
+  """Bytes that bound a weight whose kernels share one threshold with other weights' kernels.
+
+  Under one kernel threshold across weights at one bit width ``bits``, training moves kept
+  kernels between the weights but keeps their total. A weight of ``K`` kernels, ``k`` kept, of
+  ``w`` entries each, stores as ``blocks`` in ``ceil(K/8) + ceil(k w bits / 8)`` bytes; this is
+  ``ceil(K/8) + ceil(k W bits / 8) + 1`` with ``W >= w`` the largest window of those weights.
+  Summed over the weights it bounds their ``blocks`` bytes for any split of the same total:
+  ``sum ceil(k'_i w_i b/8) <= sum k'_i W b/8 + n <= sum (ceil(k_i W b/8) + 1)``.
+  """
+  keep = np.asarray(keep, bool)
+  per_kernel = keep.reshape(-1, *keep.shape[-2:])
+  kernels = per_kernel.shape[1] * per_kernel.shape[2]
+  kept = int(np.sum(per_kernel.any(axis=0)))
+  return sparse.packed_size(kernels, 1) + sparse.value_bytes(kept * int(window), int(bits)) + 1
 
 
 def gap_cap(keep: Any, bits: int) -> tuple[int, int] | None:
@@ -68,7 +120,7 @@ def gap_cap(keep: Any, bits: int) -> tuple[int, int] | None:
   bitmap: those sizes depend only on the number of kept entries.
   """
   keep = np.asarray(keep, bool)
-  found = sparse.sizes(keep, int(bits))
+  found = _encodings(keep, bits)
   best = min(found, key=found.get)  # the first of equal sizes, as the export chooses
   if not best.startswith("gaps"):
     return None

@@ -7,6 +7,10 @@ plan trains in the ordinary composed step. Those fields prune one-shot at the fi
 weights the plan was sized on; :func:`scheduled` puts them on another schedule (gradual), with
 each weight capped at the gap codes of its sized pattern, so the artifact still meets the budget.
 
+:func:`threshold_plans` makes the plans of one global threshold (on magnitude, LAMP scores or whole
+kernels' L2 norms), each layer's bits allocated exactly; :func:`global_bits` keeps the one with the
+least predicted damage.
+
 :func:`uniform_size` finds the uniform recipe at the same budget: one sparsity by global
 magnitude over the inner layers and one weight bit width (first and last layer dense at 8 bits),
 the least sparsity each bit width needs, and of those the bit width with the least predicted damage.
@@ -23,7 +27,8 @@ import numpy as np
 from jaxcompress import pruning
 from jaxcompress.pruning.masks import across, num_pruned, ranks
 from jaxcompress.budget.allocate import allocate
-from jaxcompress.budget.cost import gap_cap, weight_bytes
+from jaxcompress.budget.cost import (KERNEL_NORM, gap_cap, has_kernels, kernel_keep,
+                                     shared_kernel_bytes, weight_bytes)
 
 
 class LayerPlan(NamedTuple):
@@ -42,11 +47,15 @@ class Plan(NamedTuple):
   """Every layer's choice.
 
   Invariants: ``size_bytes = overhead + sum(layer bytes)`` bounds the artifact's bytes on disk;
-  ``bops`` is the sum of the layers' BOPs per example.
+  ``bops`` is the sum of the layers' BOPs per example. ``shared``: the weights whose kernels share
+  one threshold in training (``kernel`` structure), ``shared_sparsity`` the fraction of their
+  kernels it prunes.
   """
   layers: tuple[LayerPlan, ...]
   structure: str
   overhead: int
+  shared: tuple[str, ...] = ()
+  shared_sparsity: float = 0.0
 
   @property
   def size_bytes(self) -> int:
@@ -71,6 +80,9 @@ class Plan(NamedTuple):
               "sparsity": max(l.sparsity for l in pruned)}
     if self.structure == "nm":
       return {**fields, "n": 2, "m": 4, "layer_sparsity": ()}
+    if self.shared:
+      return {**fields, "norm": KERNEL_NORM, "scope": "global", "rules": _only(self.shared),
+              "sparsity": self.shared_sparsity, "layer_sparsity": ()}
     return {**fields, "layer_sparsity": tuple((re.escape(l.weight), l.sparsity) for l in pruned)}
 
   def quant_fields(self) -> dict:
@@ -192,17 +204,21 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
   return None if best is None else best[1:]
 
 
-def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
-                predict: Callable[[str, float, int], float], sparsities: Sequence[float],
-                score: str = "magnitude"
-                ) -> tuple[float, dict[str, float], dict[str, int], float] | None:
-  """Per-layer sparsity from one global threshold, per-layer bits allocated.
+def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
+                    predict: Callable[[str, float, int], float], sparsities: Sequence[float],
+                    score: str = "magnitude"):
+  """Per-layer sparsity from one global threshold, per-layer bits allocated, for each threshold.
 
   For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
   common threshold on ``score`` (:func:`global_keep`), and the multiple-choice knapsack
   (:func:`.allocate.allocate`) gives each layer the bit width of ``bits`` that minimises the
-  summed predicted damage within ``budget``, exactly for that ``g``. Of these plans, the one
-  with the least predicted damage.
+  summed predicted damage within ``budget``, exactly for that ``g``.
+
+  ``kernel``: the threshold keeps whole kernels of the layers that have them
+  (:func:`.cost.kernel_keep`; ``g`` is the fraction of their kernels pruned, and a ``g`` that
+  empties a layer is skipped), and those layers share one bit width, so that training may move
+  kept kernels between them within the bytes of :func:`.cost.shared_kernel_bytes`; for each
+  ``g``, the best shared width with the other layers' widths allocated exactly.
 
   Args:
     weights: ``{layer path: weight}`` of every planned layer (all take part in the threshold).
@@ -210,21 +226,64 @@ def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequenc
     bits: the weight bit widths a layer may take.
     predict: ``(path, sparsity, bits) -> damage`` (e.g. ``Sensitivity.predict``).
     sparsities: the global sparsities to try.
-    score: ``magnitude`` or ``lamp``.
+    score: ``magnitude``, ``lamp`` or ``kernel``.
 
-  Returns:
-    ``(g, {path: sparsity}, {path: bits}, predicted damage)``, or ``None`` if none fits.
+  Yields:
+    ``(g, {path: sparsity}, {path: bits}, predicted damage)`` for every ``g`` whose allocation
+    fits, in increasing ``g``.
   """
   paths, bits = list(weights), sorted(bits)
+  if score == "kernel":
+    yield from _kernel_plans(weights, budget, bits, predict, sparsities)
+    return
   weight_ranks = global_ranks([weights[p] for p in paths], score)
-  best = None
   for g in sorted(sparsities):
     keeps = _cut(weight_ranks, g)
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
     alloc = allocate(costs, damages, budget)
-    if alloc is not None and (best is None or alloc.damage < best[3]):
-      best = (float(g), layer_sparsity, {p: bits[k] for p, k in zip(paths, alloc.choice)},
-              alloc.damage)
-  return best
+    if alloc is not None:
+      yield (float(g), layer_sparsity, {p: bits[k] for p, k in zip(paths, alloc.choice)},
+             alloc.damage)
+
+
+def kernel_window(weights: Sequence[np.ndarray]) -> int:
+  """The largest window (entries per kernel) of the weights that have kernels."""
+  return max((int(np.prod(np.shape(w)[:-2])) for w in weights if has_kernels(np.shape(w))),
+             default=1)
+
+
+def _kernel_plans(weights, budget, bits, predict, sparsities):
+  """:func:`threshold_plans` for ``score="kernel"``."""
+  paths = list(weights)
+  grid = [p for p in paths if has_kernels(np.shape(weights[p]))]
+  window = kernel_window([weights[p] for p in grid])
+  for g in sorted(sparsities):
+    keeps = dict(zip(paths, kernel_keep([weights[p] for p in paths], g)))
+    if not all(np.any(keeps[p]) for p in grid):
+      continue
+    layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in keeps.items()}
+    best = None
+    for shared in bits:  # one option per kernel layer; every width for the others
+      costs = [[shared_kernel_bytes(keeps[p], shared, window)] if p in grid else
+               [weight_bytes(keeps[p], b) for b in bits] for p in paths]
+      damages = [[predict(p, layer_sparsity[p], shared)] if p in grid else
+                 [predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
+      alloc = allocate(costs, damages, budget)
+      if alloc is not None and (best is None or alloc.damage < best[1]):
+        best = ({p: shared if p in grid else bits[k] for p, k in zip(paths, alloc.choice)},
+                alloc.damage)
+    if best is not None:
+      yield float(g), layer_sparsity, *best
+
+
+def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
+                predict: Callable[[str, float, int], float], sparsities: Sequence[float],
+                score: str = "magnitude"
+                ) -> tuple[float, dict[str, float], dict[str, int], float] | None:
+  """Of the :func:`threshold_plans` (same arguments), the one with the least predicted damage,
+  or ``None`` if none fits."""
+  return min(threshold_plans(weights, budget=budget, bits=bits, predict=predict,
+                             sparsities=sparsities, score=score),
+             key=lambda found: found[3], default=None)
