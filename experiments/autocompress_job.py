@@ -369,20 +369,17 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   edge_bytes = sum(cost(p, budget_lib.Option(0.0, 8, plannable[p][0].act_bits))[0]
                    for p in edges)
   for name in thresholds:
-    found = list(budget_lib.threshold_plans(
+    found = budget_lib.global_bits(
         {p: weights[p] for p in sens.paths if p not in edges},
         budget=int(limit - fixed - edge_bytes), bits=bits,
         predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
-        score=GLOBAL_SCORES[name]))
-    if not found and mode == name:
+        score=GLOBAL_SCORES[name])
+    if found is None and mode == name:
       raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight "
                         f"bits {bits}; use --config.budget.sparsity=layer")
-    if not found:
-      continue
-    best = min(found, key=lambda f: f[3])
-    # no allocation over sparsities: no optimality gap
-    candidates[name] = None, _threshold_plan(sens, by_path, weights, plannable, cost, overhead,
-                                             best, name)
+    if found is not None:  # no allocation over sparsities: no optimality gap
+      candidates[name] = None, _threshold_plan(sens, by_path, weights, plannable, cost, keep,
+                                               overhead, found, name)
   if mode == "layer" or not candidates:  # the scan measured `options`; plans use `plannable`
     candidates["isolated"] = make_plan(plannable, {
         p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
@@ -464,7 +461,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   return results
 
 
-def _threshold_plan(sens, by_path, weights, plannable, cost, overhead, found, name):
+def _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead, found, name):
   """The :class:`budget.Plan` of one :func:`budget.threshold_plans` result (``kernel``: the
   layers with kernels share the threshold in training, sized by ``shared_kernel_bytes``)."""
   g, sparsity, layer_bits, _ = found
@@ -476,8 +473,7 @@ def _threshold_plan(sens, by_path, weights, plannable, cost, overhead, found, na
     s, b = sparsity.get(p, 0.0), layer_bits.get(p, 8)  # a layer left out: dense, 8 bits
     size, bops = cost(p, budget_lib.Option(s, b, act))
     if p in shared:
-      size = budget_lib.shared_kernel_bytes(budget_lib.keep_mask(weights[p], s, "kernel"), b,
-                                            window)
+      size = budget_lib.shared_kernel_bytes(keep(p, s, "kernel"), b, window)
     layers.append(budget_lib.LayerPlan(p, by_path[p].weight, s, b, act, size, bops,
                                        sens.predict(p, s, b)))
   if not shared:

@@ -106,9 +106,8 @@ def shared_kernel_bytes(keep: Any, bits: int, window: int) -> int:
   ``sum ceil(k'_i w_i b/8) <= sum k'_i W b/8 + n <= sum (ceil(k_i W b/8) + 1)``.
   """
   keep = np.asarray(keep, bool)
-  per_kernel = keep.reshape(-1, *keep.shape[-2:])
-  kernels = per_kernel.shape[1] * per_kernel.shape[2]
-  kept = int(np.sum(per_kernel.any(axis=0)))
+  entries, kernels = sparse.kernel_grid(keep.shape)
+  kept = int(keep.reshape(entries, kernels).any(0).sum())
   return sparse.packed_size(kernels, 1) + sparse.value_bytes(kept * int(window), int(bits)) + 1
 
 

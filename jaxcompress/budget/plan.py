@@ -29,6 +29,7 @@ from jaxcompress.pruning.masks import across, num_pruned, ranks
 from jaxcompress.budget.allocate import allocate
 from jaxcompress.budget.cost import (KERNEL_NORM, gap_cap, has_kernels, kernel_keep,
                                      shared_kernel_bytes, weight_bytes)
+from jaxcompress.export.sparse import kernel_grid
 
 
 class LayerPlan(NamedTuple):
@@ -250,8 +251,8 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
 
 def kernel_window(weights: Sequence[np.ndarray]) -> int:
   """The largest window (entries per kernel) of the weights that have kernels."""
-  return max((int(np.prod(np.shape(w)[:-2])) for w in weights if has_kernels(np.shape(w))),
-             default=1)
+  grids = (kernel_grid(tuple(np.shape(w))) for w in weights)
+  return max((grid[0] for grid in grids if grid is not None), default=1)
 
 
 def _kernel_plans(weights, budget, bits, predict, sparsities):
