@@ -1,7 +1,8 @@
 """Compress the pretrained ResNet-20, fine-tune it with a ResNet-56 teacher, evaluate, export.
 
 Default (GPU; 30 epochs): 80 % gradual magnitude pruning, 4-bit per-channel weights, 8-bit
-activations (first conv and last dense at 8 bits), Hinton KD at T=4 from ResNet-56.
+activations (first conv and last dense at 8 bits), Hinton KD at T=4 from ResNet-56. Measured on
+one NVIDIA H200: 91.67 % at 18.5x (58,251 bytes on disk), docs/results.md.
 
   python -m experiments.cifar_distill --config=configs/cifar_distill.py --workdir=runs/distill
 
