@@ -713,9 +713,11 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
         round(prune.sparsity * leaf.size) for leaf in sel.pick(sel.leaves)):
       warnings.warn(f"prune.sparsity={prune.sparsity} prunes no weight: each selected weight is "
                     "too small for that fraction to round to one entry", stacklevel=2)
+    # The composed step applies the wrapper's updates unchanged (it is the outermost transform),
+    # so the contract check and its host callback are left out of the step.
     opt = pruning.prune(optimizer, schedule, score=prune.method,
                         structure=prune.masker(layers.reduce_axes("model/")),
-                        rules=rules, update_every=every, seed=prune.seed)
+                        rules=rules, update_every=every, seed=prune.seed, check_updates=False)
   quantizer = None
   kmeans_bits = quant.weight_bits if quant.method == "kmeans" else 0
   edges = set(layers.edge_weights()) if quant.first_last_bits else set()

@@ -233,6 +233,18 @@ def test_transform_after_prune_in_a_chain_warns_one_line():
   assert "\n" not in msg and "last" in msg and "optax.chain" in msg
 
 
+def test_without_the_check_misuse_is_silent_and_the_step_has_no_host_callback():
+  opt = optax.chain(prune(optax.adam(1e-3), constant_schedule(0.5), check_updates=False),
+                    optax.scale(0.5))
+  params, _, caught = _updates_warnings(opt)
+  assert zeros(params)["Dense_1"] == 0 and not caught  # the same breakage, not reported
+  for check in (True, False):
+    opt = prune(optax.adam(1e-3), constant_schedule(0.5), check_updates=check)
+    step, _ = make_step(opt)
+    text = step.lower(PARAMS, opt.init(PARAMS)).as_text()
+    assert ("callback" in text) == check
+
+
 @pytest.mark.parametrize("make", [
     # prune last in a chain: the transform before it only changes the gradients it receives
     lambda s: optax.chain(optax.scale(0.5), prune(optax.adam(1e-2), s)),
