@@ -14,11 +14,12 @@ Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main
 Both plans are fine-tuned on the main job's pruning schedule (``prune.schedule``: gradual over the
 first 40 % of the steps in ``:quick``), each weight capped at the bytes of its sized pattern.
 
-Measured (docs/autocompress.md; 2-core AMD EPYC VM; 15-19 min for a budget point, scan reused):
+Measured (docs/autocompress.md; 2-core AMD EPYC VM; 15-24 min for a budget point, scan reused):
 at 25x the plan reached 89.35 % in 41,945 bytes against the uniform recipe's 89.00 % in 41,819
-(seed 0), 89.10 % against 89.11 % (seed 1) and 89.40 % against 89.33 % (seed 2); at 40x 84.98 %
-in 26,047 bytes against 84.50 % in 25,881 (seed 0), 84.57 % against 84.80 % (seed 1) and 84.99 %
-against 84.56 % (seed 2).
+(seed 0), 89.10 % against 89.11 % (seed 1), 89.40 % against 89.33 % (seed 2) and 89.09 %
+against 89.20 % (seed 3); at 40x 84.98 % in 26,047 bytes against 84.50 % in 25,881 (seed 0),
+84.57 % against 84.80 % (seed 1), 84.99 % against 84.56 % (seed 2) and 84.62 % against 84.72 %
+(seed 3).
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured; on one
 NVIDIA H200 the scan took 49 s and the 40x plan reached 88.83 % in 26,025 bytes):
