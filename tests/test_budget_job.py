@@ -238,7 +238,6 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
-
 class TinyConvNet(nn.Module):
   """Two 3x3 convs, a global average and a head: kernels to prune whole."""
   num_classes: int = 10

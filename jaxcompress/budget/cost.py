@@ -105,10 +105,9 @@ def shared_kernel_bytes(keep: Any, bits: int, window: int) -> int:
   Summed over the weights it bounds their ``blocks`` bytes for any split of the same total:
   ``sum ceil(k'_i w_i b/8) <= sum k'_i W b/8 + n <= sum (ceil(k_i W b/8) + 1)``.
   """
-  keep = np.asarray(keep, bool)
-  entries, kernels = sparse.kernel_grid(keep.shape)
-  kept = int(keep.reshape(entries, kernels).any(0).sum())
-  return sparse.packed_size(kernels, 1) + sparse.value_bytes(kept * int(window), int(bits)) + 1
+  marked = sparse.marked_kernels(np.asarray(keep, bool))
+  return (sparse.packed_size(marked.size, 1)
+          + sparse.value_bytes(int(marked.sum()) * int(window), int(bits)) + 1)
 
 
 def gap_cap(keep: Any, bits: int) -> tuple[int, int] | None:

@@ -118,6 +118,13 @@ def kernel_grid(shape: tuple) -> tuple[int, int] | None:
   return int(np.prod(shape[:-2])), int(np.prod(shape[-2:]))
 
 
+def marked_kernels(nonzero: np.ndarray) -> np.ndarray:
+  """``bool[kernels]``: which kernels of a ``blocks``-encodable pattern hold a non-zero entry
+  (row-major over the last two axes, as ``blocks`` marks them)."""
+  window, kernels = kernel_grid(nonzero.shape)
+  return nonzero.reshape(window, kernels).any(0)
+
+
 def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
           group_axes: Any = None) -> dict[str, int]:
   """Bytes of every encoding of a tensor with this non-zero pattern and value width.
@@ -143,9 +150,8 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
                                                                               bits)
   grid = kernel_grid(nonzero.shape) if allow_dense else None
   if grid is not None:
-    window, kernels = grid
-    marked = int(nonzero.reshape(window, kernels).any(0).sum())
-    out["blocks"] = packed_size(kernels, 1) + value_bytes(marked * window, bits)
+    marked = marked_kernels(nonzero)
+    out["blocks"] = packed_size(marked.size, 1) + value_bytes(int(marked.sum()) * grid[0], bits)
   nonzero = nonzero.reshape(-1)
   n, nnz = nonzero.size, int(nonzero.sum())
   gaps = gaps_of(nonzero)
@@ -247,9 +253,8 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
   if best == "nm":
     return _nm_encode(values, nonzero, bits, nm_axes(nonzero.shape, group_axes))
   if best == "blocks":
-    window, kernels = kernel_grid(nonzero.shape)
-    marked = nonzero.reshape(window, kernels).any(0)
-    stored = np.tile(marked, window)
+    marked = marked_kernels(nonzero)
+    stored = np.tile(marked, kernel_grid(nonzero.shape)[0])
     return Sparse("blocks", 0, 0, int(stored.sum()), pack_bits(marked, 1),
                   _pack_values(values.reshape(-1)[stored], bits))
   values, nonzero = values.reshape(-1), nonzero.reshape(-1)
