@@ -4,6 +4,13 @@
   python -m experiments.bench_export --eval                # also accuracy on the CIFAR-10 test split
   python -m experiments.bench_export --fraction=0.5 --norm=l1 --rounds=7 --steps=5 --batch_size=128
   python -m experiments.bench_export --eval --finetune_epochs=1   # + accuracy after fine-tuning
+  python -m experiments.bench_export --exported=runs/npu/auto/export --eval   # any artifact, slim
+
+With ``--exported`` the artifact in that folder (any model of the registry, named in its spec) is
+timed instead, full width against :func:`jaxcompress.export.slim` (every Conv/Dense multiplying
+by the output channels it keeps; ``--multiple`` and ``--max_kept`` as there), with the
+multiply-accumulates per example of each; ``--eval`` adds both test accuracies on ``--dataset``
+and their prediction agreement.
 
 The inner channels of every basic block (``conv1`` outputs, ``conv2`` inputs) with the lowest
 L1 norm are pruned one-shot (no fine-tuning), then removed physically
@@ -19,7 +26,8 @@ compile-and-warm-up call) so machine noise hits them alike; the table gives medi
 prediction agreement of shrunk vs masked are added; with ``--finetune_epochs`` the shrunk model
 itself (already physically smaller, so it trains faster too) is fine-tuned with the library's train
 step (SGD momentum 0.9, cosine from ``--finetune_lr``, weight decay 1e-4, crop + flip) and
-evaluated again. The last line printed is one JSON object.
+evaluated again. The table gives process CPU seconds per wall second beside the speed. The last
+line printed is one JSON object.
 """
 
 import time
@@ -41,6 +49,13 @@ _EVAL = flags.DEFINE_bool("eval", False, "Also evaluate accuracy on the CIFAR-10
 _FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "With --eval: fine-tune the shrunk model "
                                 "this many epochs, then evaluate it again.")
 _FT_LR = flags.DEFINE_float("finetune_lr", 0.02, "Peak learning rate of the fine-tuning.")
+_EXPORTED = flags.DEFINE_string("exported", "", "Artifact folder (WORKDIR/export) to time full "
+                                "width against slimmed, instead of the ResNet surgery.")
+_DATASET = flags.DEFINE_string("dataset", "cifar10", "With --exported: the dataset of --eval.")
+_MULTIPLE = flags.DEFINE_integer("multiple", 8, "With --exported: computed channels rounded up "
+                                 "to a multiple of this.")
+_MAX_KEPT = flags.DEFINE_float("max_kept", 0.75, "With --exported: slim a layer only when it "
+                               "computes at most this fraction of its outputs.")
 
 
 def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
@@ -71,17 +86,36 @@ def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
   return ({"params": state.params, **state.model_state}, time.perf_counter() - t0)
 
 
-def timed(fn, variables, batches, steps: int) -> float:
-  """images/s of ``steps`` calls of ``fn(variables, batch)``."""
-  t0 = time.perf_counter()
+def timed(fn, variables, batches, steps: int) -> tuple[float, float]:
+  """``(images/s, process CPU seconds)`` of ``steps`` calls of ``fn(variables, batch)``."""
+  t0, c0 = time.perf_counter(), time.process_time()
   for i in range(steps):
     out = fn(variables, batches[i % len(batches)])
   out.block_until_ready()
-  return steps * batches[0].shape[0] / (time.perf_counter() - t0)
+  return steps * batches[0].shape[0] / (time.perf_counter() - t0), time.process_time() - c0
+
+
+def interleaved(variants: dict, batches: list) -> tuple[dict, dict]:
+  """Median images/s and CPU s per wall s of each ``name: (jitted fn, variables)``, timed
+  round-robin (``--rounds`` x ``--steps`` batches) after a compile-and-warm-up call."""
+  for fn, v in variants.values():
+    timed(fn, v, batches, 2)
+  samples = {k: [] for k in variants}
+  cpu = {k: 0.0 for k in variants}
+  for _ in range(_ROUNDS.value):
+    for name, (fn, v) in variants.items():
+      ips, cpu_s = timed(fn, v, batches, _STEPS.value)
+      samples[name].append(ips)
+      cpu[name] += cpu_s
+  med = {k: float(np.median(s)) for k, s in samples.items()}
+  images = _ROUNDS.value * _STEPS.value * batches[0].shape[0]
+  return med, {k: cpu[k] / (images / med[k]) for k in med}
 
 
 def main(argv):
   del argv
+  if _EXPORTED.value:
+    return bench_artifact()
   import jax
   from configs import common
   from jaxcompress import data as data_lib
@@ -109,18 +143,13 @@ def main(argv):
 
   rng = np.random.default_rng(0)
   batches = [rng.standard_normal((_BATCH.value, 32, 32, 3)).astype(np.float32) for _ in range(2)]
-  for fn, v in variants.values():  # compile and warm up outside the timed rounds
-    timed(fn, v, batches, 2)
-  samples = {k: [] for k in variants}
-  for _ in range(_ROUNDS.value):
-    for name, (fn, v) in variants.items():
-      samples[name].append(timed(fn, v, batches, _STEPS.value))
-  med = {k: float(np.median(s)) for k, s in samples.items()}
+  med, cpu = interleaved(variants, batches)
   result = {"model": _MODEL.value, "fraction": _FRACTION.value, "norm": _NORM.value,
             "inner_widths": list(small.inner_widths),
             "params": {"dense": count(variables), "shrunk": count(small_vars)},
             "images_per_s": {k: round(v, 1) for k, v in med.items()},
-            "speedup": {k: round(v / med["dense"], 3) for k, v in med.items()}}
+            "speedup": {k: round(v / med["dense"], 3) for k, v in med.items()},
+            "cpu_per_wall_s": {k: round(v, 2) for k, v in cpu.items()}}
 
   if _EVAL.value:
     test = data_lib.load_split("cifar10", "test")
@@ -147,16 +176,79 @@ def main(argv):
         f"{_STEPS.value} batches, median; {_MODEL.value} with {_FRACTION.value:.0%} of inner "
         f"channels removed ({_NORM.value}), params {result['params']['dense']:,} -> "
         f"{result['params']['shrunk']:,}")
-  rows = [(k, f"{med[k]:.1f}", f"{med[k] / med['dense']:.2f}x") for k in med]
-  header = ("variant", "images/s", "speed-up vs dense")
+  rows = [(k, f"{med[k]:.1f}", f"{med[k] / med['dense']:.2f}x", f"{cpu[k]:.2f}") for k in med]
+  header = ("variant", "images/s", "speed-up vs dense", "CPU s / wall s")
   if _EVAL.value:
     header += ("accuracy",)
     rows = [(*row, f"{result['accuracy'][row[0]]:.2f}") for row in rows]
-    rows.append(("masked (full width)", "", "", f"{result['accuracy']['masked']:.2f}"))
+    rows.append(("masked (full width)", "", "", "", f"{result['accuracy']['masked']:.2f}"))
     if "shrunk_finetuned" in result["accuracy"]:
-      rows.append((f"shrunk, fine-tuned {_FT_EPOCHS.value:g} epoch(s)", "", "",
+      rows.append((f"shrunk, fine-tuned {_FT_EPOCHS.value:g} epoch(s)", "", "", "",
                    f"{result['accuracy']['shrunk_finetuned']:.2f}"))
-  print(markdown_table(header, rows, align="lrrr"[:len(header)]))
+  print(markdown_table(header, rows, align="lrrrr"[:len(header)]))
+  cli.print_json(result)
+
+
+def bench_artifact():
+  """``--exported``: the artifact at full width against slimmed (module docstring)."""
+  import jax
+  from configs import common
+  from jaxcompress import data as data_lib
+  from jaxcompress.budget import layer_macs
+  from jaxcompress.data import DataSpec
+  from jaxcompress.export import load, read_spec
+  from jaxcompress.export.slim import slim
+  from jaxcompress.models import get_model
+  from jaxcompress.steps import make_eval_step
+  from jaxcompress.tables import markdown_table
+  from jaxcompress.train import evaluate_split
+
+  spec = data_lib.dataset_spec(_DATASET.value)
+  name = read_spec(_EXPORTED.value, "exported")["model"]
+  model = get_model(name, spec.num_classes, field="exported model")
+  loaded = load(_EXPORTED.value, model, field="exported")
+  slimmed = slim(loaded, multiple=_MULTIPLE.value, max_kept=_MAX_KEPT.value)
+  shape = tuple(loaded.spec["input"]["shape"])
+  macs = layer_macs(model, loaded.variables, np.zeros((1, *shape), np.float32))
+  kept = {p: macs[p] * k // n for p, (k, n) in slimmed.channels.items()}
+  total = {"full": sum(macs.values()), "slim": sum(macs.values()) - sum(macs[p] for p in kept)
+           + sum(kept.values())}
+  variants = {"full": (jax.jit(loaded.apply_fn), loaded.arrays),
+              "slim": (jax.jit(slimmed.loaded.apply_fn), slimmed.loaded.arrays)}
+
+  rng = np.random.default_rng(0)
+  batches = [rng.standard_normal((_BATCH.value, *shape)).astype(np.float32) for _ in range(2)]
+  med, cpu_per_wall = interleaved(variants, batches)
+  result = {"exported": _EXPORTED.value, "model": name, "batch_size": _BATCH.value,
+            "multiple": _MULTIPLE.value, "max_kept": _MAX_KEPT.value,
+            "channels": {p: list(c) for p, c in slimmed.channels.items()},
+            "full_width": slimmed.full_width, "max_abs_diff": slimmed.max_abs_diff,
+            "macs": total, "images_per_s": {k: round(v, 1) for k, v in med.items()},
+            "speedup": round(med["slim"] / med["full"], 3),
+            "cpu_per_wall_s": {k: round(v, 2) for k, v in cpu_per_wall.items()}}
+
+  if _EVAL.value:
+    test = data_lib.load_split(_DATASET.value, "test")
+    data = DataSpec(name=_DATASET.value, eval_batch_size=500, mean=common.IMAGENET_MEAN,
+                    std=common.IMAGENET_STD)
+    preds, acc = {}, {}
+    for k, (_, arrays) in variants.items():
+      fn = loaded.apply_fn if k == "full" else slimmed.loaded.apply_fn
+      metrics = evaluate_split(make_eval_step(fn), arrays, test, data, desc=k, predictions=True)
+      preds[k], acc[k] = np.asarray(metrics["predictions"]), round(metrics["accuracy"], 2)
+    result["accuracy"] = acc
+    result["agreement"] = float(np.mean(preds["slim"] == preds["full"]))
+
+  print(f"{jax.devices()[0].device_kind}, batch {_BATCH.value}, {_ROUNDS.value} rounds x "
+        f"{_STEPS.value} batches, median; {name}: {len(slimmed.channels)} layers slimmed, "
+        f"outputs within {slimmed.max_abs_diff:.2g} of the full model's")
+  rows = [(k, f"{total[k]:,}", f"{med[k]:.1f}", f"{med[k] / med['full']:.2f}x",
+           f"{cpu_per_wall[k]:.2f}") for k in med]
+  header = ("variant", "MACs / example", "images/s", "speed-up", "CPU s / wall s")
+  if _EVAL.value:
+    header += ("test accuracy",)
+    rows = [(*row, f"{result['accuracy'][row[0]]:.2f}") for row in rows]
+  print(markdown_table(header, rows, align="lrrrrr"[:len(header)]))
   cli.print_json(result)
 
 

@@ -4,14 +4,15 @@ Data flow: ``finalize`` (bake masks, integer weights, fold BatchNorms found by t
 (one tensor's bytes: ``packing`` of sub-byte codes, ``sparse`` bitmap or gap-coded positions) ->
 ``artifact`` (``DIR/export``: ``arrays.bin`` + ``spec.json.gz``, checked on load) -> ``runtime`` (the
 user's own module on the artifact's arrays, with the stored input quantization); ``size`` reports
-bytes on disk against float32, ``serving`` writes a ``jax.export`` function beside the artifact.
+bytes on disk against float32, ``serving`` writes a ``jax.export`` function beside the artifact,
+``slim`` runs a loaded artifact with its removed output channels skipped.
 
 Example:
   >>> report = export_model("run/export", variables=variables, input_shape=(32, 32, 3),
   ...                       masks=masks, specs=qz.specs(masked_variables, qstate))
   >>> loaded = load("run/export", model)      # the user's own Linen or NNX module
   >>> logits = loaded.logits(x)
-  >>> save_serving("run/serving", loaded)
+  >>> save_serving("run/serving", slim(loaded).loaded)   # pruned channels not computed
 """
 
 from jaxcompress.export.artifact import export_model, load, read_spec
@@ -21,13 +22,14 @@ from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 from jaxcompress.export.runtime import LoadedModel
 from jaxcompress.export.serving import load_serving, save_serving
 from jaxcompress.export.size import format_report, size_report
+from jaxcompress.export.slim import Slimmed, slim
 from jaxcompress.export.sparse import Sparse
 
 __all__ = [
     # the artifact
     "export_model", "load", "read_spec", "LoadedModel", "size_report", "format_report",
     # serving
-    "save_serving", "load_serving",
+    "save_serving", "load_serving", "slim", "Slimmed",
     # building blocks
     "finalize", "Finalized", "LayerTensor", "encode_layer", "decode_layer",
     "pack_bits", "unpack_bits", "packed_size", "Sparse",

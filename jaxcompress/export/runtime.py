@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized
-from jaxcompress.models.functional import chain_hooks, fold_hook, functional
+from jaxcompress.models.functional import Hook, chain_hooks, fold_hook, functional
 from jaxcompress.quantization import fake_quant
 
 
@@ -87,14 +87,20 @@ def act_hook(arrays_acts: Mapping[str, tuple], grids: Mapping[str, tuple[int, in
   return hook
 
 
-def make_apply_fn(model: Any, acts: Mapping[str, dict]) -> Callable:
-  """``apply_fn(arrays, x) -> output``: the exported model (see the module docstring)."""
+def make_apply_fn(model: Any, acts: Mapping[str, dict],
+                  inner: Callable[[dict], Hook] | None = None) -> Callable:
+  """``apply_fn(arrays, x) -> output``: the exported model (see the module docstring).
+
+  ``inner(arrays)``, if given, is one more hook, run inside the others at every layer (after the
+  input quantization): how :func:`jaxcompress.export.slim.slim` computes kept channels only.
+  """
   fm = functional(model)
   grids = {p: (int(a["qmin"]), int(a["qmax"])) for p, a in acts.items()}
 
   def apply_fn(arrays, *args, **kwargs):
     fold = {p: jax.lax.optimization_barrier(v) for p, v in arrays["fold"].items()}
-    hook = chain_hooks(fold_hook(fold), act_hook(arrays["acts"], grids))
+    hook = chain_hooks(fold_hook(fold), act_hook(arrays["acts"], grids),
+                       inner(arrays) if inner is not None else None)
     return fm.apply(arrays["variables"], *args, hook=hook, **kwargs)[0]
 
   return apply_fn
