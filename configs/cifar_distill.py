@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.enabled = True  # write WORKDIR/export (packed artifact) and WORKDIR/serving
   c.export.serving = True  # also a jax.export StableHLO inference function
+  c.export.slim = False  # the serving function skips removed output channels (export.slim)
 
   c.parallel = common.parallel_config()
 

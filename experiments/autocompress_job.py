@@ -169,6 +169,10 @@ def sub_config(config, prune: dict, quant: dict, *, teacher: bool) -> ml_collect
   d["prune"].update(prune)
   d["quant"].update(quant)
   d["eval"]["teacher"] = bool(teacher and d["eval"]["teacher"])
+  # A channel-pruned plan is served with its removed channels skipped: the compute it was
+  # planned for.
+  structure = budget_lib.get_preset(config.budget.device).structure
+  d["export"]["slim"] = bool(d["export"]["slim"] or structure == "channel")
   return ml_collections.ConfigDict(d)
 
 
@@ -423,9 +427,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
 
   def row(res, bops):
     c = res["compressed"]
-    return {"accuracy": c["accuracy"], "size_bytes": c.get("size_bytes"),
-            "compression_ratio": c.get("compression_ratio"), "bops": int(bops),
-            "seconds": res["train"]["seconds"]}
+    out = {"accuracy": c["accuracy"], "size_bytes": c.get("size_bytes"),
+           "compression_ratio": c.get("compression_ratio"), "bops": int(bops),
+           "seconds": res["train"]["seconds"]}
+    if "serving_slimmed" in c:
+      out["serving_slimmed"] = c["serving_slimmed"]
+    return out
 
   results = {
       "budget": {"kind": kind, "limit": limit, "device": config.budget.device,

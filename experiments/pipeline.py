@@ -263,9 +263,13 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   process loads the artifact and evaluates it (the others return ``{}``: the stage shares process
   0's result).
 
+  With ``export.slim`` the serving function skips the removed output channels
+  (:func:`jaxcompress.export.slim`).
+
   Returns:
     ``size_bytes`` (artifact bytes on disk), ``compression_ratio``, the artifact's ``accuracy``
-    as ``exported_accuracy`` and its prediction agreement with the fake-quant model.
+    as ``exported_accuracy`` and its prediction agreement with the fake-quant model; with
+    ``export.slim``, ``serving_slimmed``: ``{layer: [computed, all] output channels}``.
   """
   from jaxcompress import export  # heavy; only the export stage needs it
   spec = data_lib.dataset_spec(config.data.name)
@@ -279,8 +283,13 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
                          model_name=config.student.name)
   parallel.sync("artifact written")
   loaded = export.load(tmp["export"], comp.student)
+  slimmed = {}
   if main and config.export.serving:
-    export.save_serving(tmp["serving"], loaded, mean=config.data.mean, std=config.data.std)
+    served = loaded
+    if config.export.slim:
+      out = export.slim(loaded)
+      served, slimmed = out.loaded, {p: list(c) for p, c in out.channels.items()}
+    export.save_serving(tmp["serving"], served, mean=config.data.mean, std=config.data.std)
   result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
   if not main:
     return {}
@@ -290,9 +299,12 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     shutil.rmtree(final, ignore_errors=True)
     os.rename(path, final)
   write_text(os.path.join(workdir, "export_size.md"), export.format_report(report) + "\n")
-  return {"size_bytes": int(report["total_bytes"]),
-          "compression_ratio": round(original_bytes / report["total_bytes"], 3),
-          "exported_accuracy": result["accuracy"], "export_agreement": agree}
+  out = {"size_bytes": int(report["total_bytes"]),
+         "compression_ratio": round(original_bytes / report["total_bytes"], 3),
+         "exported_accuracy": result["accuracy"], "export_agreement": agree}
+  if config.export.serving and config.export.slim:
+    out["serving_slimmed"] = slimmed
+  return out
 
 
 def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, splits: dict,

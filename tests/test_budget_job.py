@@ -169,6 +169,7 @@ def test_held_out_ranges_by_hand():
 def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_path):
   config = _config(mlp_weights, bops=10_000_000.0, device="int8-npu")
   config.uniform.enabled = False
+  config.export.serving = True  # served with the removed channels skipped
   results = _run(config, tmp_path)
   dense_bops = 64 * (784 * 256 + 256 * 128 + 128 * 10)
   assert results["compressed"]["bops"] <= 10_000_000 < dense_bops
@@ -181,10 +182,17 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
   from jaxcompress import export
   loaded = export.load(str(tmp_path / "auto" / "export"), create_model(
       "mlp", num_classes=10, image_shape=(28, 28, 1))[0])
+  slimmed = results["compressed"]["serving_slimmed"]
   for name in ("fc1", "fc2"):
     kernel = np.asarray(loaded.variables["params"][name]["kernel"])
     dead = int(np.sum(~kernel.any(axis=0)))
     assert dead >= round(plan[name]["sparsity"] * kernel.shape[1])
+    if name in slimmed:  # its kept channels rounded up to a multiple of 8
+      assert slimmed[name] == [-(-(kernel.shape[1] - dead) // 8) * 8, kernel.shape[1]]
+  assert slimmed  # the plan removes at least a quarter of some layer's channels
+  x = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
+  served = export.load_serving(str(tmp_path / "auto" / "serving"))(x)
+  np.testing.assert_allclose(served, loaded.logits((x / 255 - 0.5) / 0.5), rtol=1e-4, atol=1e-4)
 
 
 def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
