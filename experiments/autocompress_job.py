@@ -389,9 +389,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
         for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
   uniform = None
-  if config.uniform.enabled:
+  if config.uniform.enabled and preset.structure == "unstructured":
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
                        overhead)
+  elif config.uniform.enabled:
+    uniform = _device_uniform(layers, plannable, cost, pick, limit, overhead, sens,
+                              preset.structure, whole)
   reference = None
   if uniform is not None and preset.structure == "unstructured" and mode != "kernel":
     reference = budget_lib.reference_of(*uniform["masks_and_bits"])
@@ -461,7 +464,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   elif uniform is not None:
     results["uniform"] = {**row(out["uniform"], uniform["bops"]),
                           "sparsity": uniform["sparsity"], "weight_bits": uniform["weight_bits"],
-                          "predicted_size_bytes": uniform["size_bytes"]}
+                          "predicted_size_bytes": uniform["size_bytes"],
+                          "recipe": uniform["recipe"]}
   results["seconds"] = round(time.time() - started, 1)
   write_json(os.path.join(workdir, "results.json"), results)
   write_report(workdir, results, sens)
@@ -562,8 +566,48 @@ def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) 
   masks_and_bits = ({p: k for p, k in keep.items() if s},
                     {p: int(b) if p in keep else 8 for p in paths}, {p: act for p in paths})
   return {"fields": (prune, quant), "sparsity": s, "weight_bits": int(b), "size_bytes": size,
-          "masks_and_bits": masks_and_bits,
-          "bops": _uniform_bops(layers, macs, keep, b, act)}
+          "masks_and_bits": masks_and_bits, "bops": _uniform_bops(layers, macs, keep, b, act),
+          "recipe": f"sparsity {s:.3f} ({'global magnitude' if kind == 'size' else 'per layer'}),"
+                    f" {int(b)}-bit weights; first and last layer dense at 8 bits"}
+
+
+def _device_uniform(layers, plannable, cost, pick, limit, overhead, sens, structure,
+                    whole) -> dict | None:
+  """The uniform recipe of a device whose pruning is structured, or ``None``.
+
+  One setting for every layer, within the device's space: ``channel`` (``int8-npu``) one
+  fraction of output channels in 1 % steps, ``nm`` (``gpu-sparse``) 2:4 or dense, with one weight
+  bit width; a layer the device keeps dense (the last layer's outputs, a reduction axis without
+  groups of 4) stays dense at that width. For each bit width the least pruning that meets the
+  budget (costed as the plans are), and of those the least predicted damage.
+  """
+  paths = [l.path for l in layers]
+  prunable = {p for p in paths if any(o.sparsity > 0 for o in plannable[p])}
+  act = {p: plannable[p][0].act_bits for p in paths}
+  grid = np.round(np.arange(0.0, 1.0, 0.01), 2) if structure == "channel" else (0.0, 0.5)
+  best = None
+  for b in sorted({o.weight_bits for opts in plannable.values() for o in opts}):
+    for s in grid:
+      opts = {p: budget_lib.Option(float(s) if p in prunable else 0.0, b, act[p]) for p in paths}
+      costs = {p: cost(p, o) for p, o in opts.items()}
+      if (overhead if pick == 0 else 0) + sum(c[pick] for c in costs.values()) <= limit:
+        damage = sum(sens.predict(p, o.sparsity, o.weight_bits) for p, o in opts.items())
+        if best is None or damage < best[0]:
+          best = (damage, float(s), int(b), opts, costs)
+        break
+  if best is None:
+    return None
+  _, s, b, opts, costs = best
+  plan = budget_lib.Plan(tuple(
+      budget_lib.LayerPlan(l.path, l.weight, o.sparsity, o.weight_bits, o.act_bits,
+                           *costs[l.path]) for l in layers for o in [opts[l.path]]), structure,
+      overhead if pick == 0 else 0)
+  what = (f"{s:.0%} of the output channels of every layer but the last" if structure == "channel"
+          else "2:4 along the reduction axis in every layer that has groups of 4"
+          if s else "dense")
+  return {"fields": (plan.prune_fields(), plan.quant_fields()), "sparsity": s, "weight_bits": b,
+          "size_bytes": plan.size_bytes if pick == 0 else None, "masks_and_bits": whole(plan),
+          "bops": plan.bops, "recipe": f"{what}, {b}-bit weights"}
 
 
 def _uniform_bops(layers, macs, keep, bits, act) -> int:

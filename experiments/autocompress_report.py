@@ -135,11 +135,9 @@ def write_report(workdir: str, results: dict, sens) -> None:
           "exactly for it)."),
   ]
   if "uniform" in results and not uni:
-    lines += ["", "Uniform recipe: no single sparsity and weight bit width (first and last layer "
-              "dense at 8 bits) reaches this budget."]
+    lines += ["", "Uniform recipe: no single sparsity and weight bit width reaches this budget."]
   if uni:
-    lines += ["", f"Uniform recipe: sparsity {uni['sparsity']:.3f} (global magnitude), "
-              f"{uni['weight_bits']}-bit weights; first and last layer dense at 8 bits."]
+    lines += ["", f"Uniform recipe: {uni['recipe']}."]
   lines += [
       "", f"Sensitivity: {s['evaluations']} evaluations of {s['examples']} held-out training "
       f"examples ({'every pair' if s['joint'] else 'pruning and quantization apart'}), "

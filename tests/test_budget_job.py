@@ -168,7 +168,6 @@ def test_held_out_ranges_by_hand():
 
 def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_path):
   config = _config(mlp_weights, bops=10_000_000.0, device="int8-npu")
-  config.uniform.enabled = False
   config.export.serving = True  # served with the removed channels skipped
   results = _run(config, tmp_path)
   dense_bops = 64 * (784 * 256 + 256 * 128 + 128 * 10)
@@ -176,12 +175,24 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
   plan = {l["path"]: l for l in results["plan"]}
   assert all((l["weight_bits"], l["act_bits"]) == (8, 8) for l in plan.values())
   assert plan["fc3"]["sparsity"] == 0  # the outputs stay
-  assert "uniform" not in results
   assert set(results["candidates"]) == {"isolated"}  # no global threshold under a BOPs budget
-  # Whole output channels are gone from the exported kernels, as many as planned.
+  # The uniform recipe: the least fraction s of channels of fc1 and fc2 (1 % steps) within the
+  # budget; by hand, kept channels k = C - round(s C) and BOPs = 64 (784 k1 + k1 k2 + 10 k2)
+  # counting fc2's MACs on its 256 inputs: 64 (784 k1 + 256 k2 + 1280).
+  bops = lambda s: 64 * (784 * (256 - round(s * 256)) + 256 * (128 - round(s * 128)) + 1280)
+  s = next(x / 100 for x in range(100) if bops(x / 100) <= 10_000_000)
+  uni = results["uniform"]
+  assert (uni["sparsity"], uni["weight_bits"], uni["bops"]) == (s, 8, bops(s))
+  assert uni["recipe"] == (f"{s:.0%} of the output channels of every layer but the last, "
+                           "8-bit weights")
   from jaxcompress import export
-  loaded = export.load(str(tmp_path / "auto" / "export"), create_model(
-      "mlp", num_classes=10, image_shape=(28, 28, 1))[0])
+  model = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))[0]
+  kept = lambda k: int(np.sum(np.asarray(k).any(axis=0)))
+  u = export.load(str(tmp_path / "uniform" / "export"), model).variables["params"]
+  assert kept(u["fc1"]["kernel"]) <= 256 - round(s * 256)
+  assert kept(u["fc2"]["kernel"]) <= 128 - round(s * 128) and kept(u["fc3"]["kernel"]) == 10
+  # Whole output channels are gone from the exported kernels, as many as planned.
+  loaded = export.load(str(tmp_path / "auto" / "export"), model)
   slimmed = results["compressed"]["serving_slimmed"]
   for name in ("fc1", "fc2"):
     kernel = np.asarray(loaded.variables["params"][name]["kernel"])
@@ -193,6 +204,22 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
   x = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
   served = export.load_serving(str(tmp_path / "auto" / "serving"))(x)
   np.testing.assert_allclose(served, loaded.logits((x / 255 - 0.5) / 0.5), rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_sparse_uniform_recipe_is_2_of_4_at_one_width(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=9.5, device="gpu-sparse")
+  config.train.epochs = 0.5
+  results = _run(config, tmp_path)
+  uni = results["uniform"]
+  assert (uni["sparsity"], uni["weight_bits"]) == (0.5, 4)  # dense 4-bit (8x) is too large
+  assert uni["size_bytes"] <= uni["predicted_size_bytes"] <= results["budget"]["limit"]
+  from jaxcompress import export
+  model = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))[0]
+  params = export.load(str(tmp_path / "uniform" / "export"), model).variables["params"]
+  for name in ("fc1", "fc2", "fc3"):  # at most 2 non-zeros in each 4 consecutive inputs
+    kernel = np.asarray(params[name]["kernel"])
+    groups = (kernel != 0).reshape(kernel.shape[0] // 4, 4, kernel.shape[1]).sum(axis=1)
+    assert groups.max() <= 2, name
 
 
 def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
