@@ -5,7 +5,9 @@ bias alone (or 0): a constant that needs no multiplication. :func:`slim` turns a
 into one whose convolutions and dense layers (Linen ``Conv``/``Dense``, NNX ``Conv``/``Linear``)
 multiply by their kept output channels only and place the constants of the others around the
 result, so a channel-pruned model (``prune.structure=channel``, the ``int8-npu`` budget preset)
-runs with the multiply-accumulates its plan counts. It needs no knowledge of the model's graph:
+runs with about the multiply-accumulates its plan counts (the computed channels are rounded up to
+a multiple of 8, and a layer keeping more than 3/4 runs whole: narrow or nearly full layers ran
+slower than the full ones). It needs no knowledge of the model's graph:
 the layer's inputs and outputs keep their shapes, so the layers before and after are unchanged.
 Where a layer cannot be slimmed (grouped or circular convolutions, a layer with a ``mask``,
 inputs without one batch axis) it runs at full width, and :func:`slim` says so.
@@ -29,9 +31,9 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.rules import flat_paths
 
 CONVS = (nn.Conv, nnx.Conv)
+DENSES = (nn.Dense, nnx.Linear)
 MULTIPLE = 8  # computed channels are rounded up to this (odd widths run slowly)
 MAX_KEPT = 0.75  # a layer is slimmed only when it computes at most this fraction of its outputs
-DENSES = (nn.Dense, nnx.Linear)
 
 
 class Slimmed(NamedTuple):
@@ -39,7 +41,7 @@ class Slimmed(NamedTuple):
 
   Attributes:
     loaded: the artifact with the channel-skipping ``apply_fn`` (a ``LoadedModel``).
-    channels: ``{layer path: (kept, all)}`` output channels of each slimmed layer.
+    channels: ``{layer path: (computed, all)}`` output channels of each slimmed layer.
     full_width: ``{layer path: reason}`` of layers with removed channels that run at full width.
     max_abs_diff: the largest difference of the outputs on the check batch.
   """
