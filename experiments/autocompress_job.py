@@ -393,7 +393,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     uniform = _uniform(config, layers, {traced.first, last}, weights, macs, sens, kind, limit,
                        overhead)
   elif config.uniform.enabled:
-    uniform = _device_uniform(layers, plannable, cost, pick, limit, overhead, sens,
+    uniform = _device_uniform(layers, plannable, cost, pick, limit, fixed, sens,
                               preset.structure, whole)
   reference = None
   if uniform is not None and preset.structure == "unstructured" and mode != "kernel":
@@ -571,9 +571,12 @@ def _uniform(config, layers, edges, weights, macs, sens, kind, limit, overhead) 
                     f" {int(b)}-bit weights; first and last layer dense at 8 bits"}
 
 
-def _device_uniform(layers, plannable, cost, pick, limit, overhead, sens, structure,
+def _device_uniform(layers, plannable, cost, pick, limit, fixed, sens, structure,
                     whole) -> dict | None:
   """The uniform recipe of a device whose pruning is structured, or ``None``.
+
+  ``cost(path, option)`` gives ``(bytes, BOPs)``, ``pick`` which of them the budget counts and
+  ``fixed`` what the artifact costs besides the weights (0 under a BOPs budget).
 
   One setting for every layer, within the device's space: ``channel`` (``int8-npu``) one
   fraction of output channels in 1 % steps, ``nm`` (``gpu-sparse``) 2:4 or dense, with one weight
@@ -590,7 +593,7 @@ def _device_uniform(layers, plannable, cost, pick, limit, overhead, sens, struct
     for s in grid:
       opts = {p: budget_lib.Option(float(s) if p in prunable else 0.0, b, act[p]) for p in paths}
       costs = {p: cost(p, o) for p, o in opts.items()}
-      if (overhead if pick == 0 else 0) + sum(c[pick] for c in costs.values()) <= limit:
+      if fixed + sum(c[pick] for c in costs.values()) <= limit:
         damage = sum(sens.predict(p, o.sparsity, o.weight_bits) for p, o in opts.items())
         if best is None or damage < best[0]:
           best = (damage, float(s), int(b), opts, costs)
@@ -601,7 +604,7 @@ def _device_uniform(layers, plannable, cost, pick, limit, overhead, sens, struct
   plan = budget_lib.Plan(tuple(
       budget_lib.LayerPlan(l.path, l.weight, o.sparsity, o.weight_bits, o.act_bits,
                            *costs[l.path]) for l in layers for o in [opts[l.path]]), structure,
-      overhead if pick == 0 else 0)
+      fixed)
   what = (f"{s:.0%} of the output channels of every layer but the last" if structure == "channel"
           else "2:4 along the reduction axis in every layer that has groups of 4"
           if s else "dense")

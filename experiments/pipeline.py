@@ -287,8 +287,8 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   if main and config.export.serving:
     served = loaded
     if config.export.slim:
-      out = export.slim(loaded)
-      served, slimmed = out.loaded, {p: list(c) for p, c in out.channels.items()}
+      skipped = export.slim(loaded)
+      served, slimmed = skipped.loaded, {p: list(c) for p, c in skipped.channels.items()}
     export.save_serving(tmp["serving"], served, mean=config.data.mean, std=config.data.std)
   result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
   if not main:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.linen.linear import canonicalize_padding
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.rules import flat_paths
@@ -119,17 +120,10 @@ def segments(index: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _pairs(padding: Any, rank: int) -> Any:
-  """``padding`` as ``lax.conv_general_dilated`` takes it, or None where it needs more."""
-  if isinstance(padding, str):
-    return padding if padding in ("SAME", "VALID") else None
-  if isinstance(padding, int):
-    return [(padding, padding)] * rank
-  padding = list(padding)
-  if len(padding) == rank and all(isinstance(p, int) for p in padding):
-    return [(p, p) for p in padding]
-  if len(padding) == rank and all(len(p) == 2 for p in padding):
-    return [tuple(p) for p in padding]
-  return None
+  """``padding`` as ``lax.conv_general_dilated`` takes it (Flax's own canonical form), or None
+  where the layer pads by itself first (``CIRCULAR``, ``REFLECT``, ``CAUSAL``)."""
+  padding = canonicalize_padding(padding, rank)
+  return None if isinstance(padding, str) and padding not in ("SAME", "VALID") else padding
 
 
 def _spread(value: Any, rank: int) -> tuple[int, ...]:
