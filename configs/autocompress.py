@@ -77,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.uniform = ml_collections.ConfigDict()
   c.uniform.enabled = True  # also fine-tune the uniform recipe at the same budget
+  c.uniform.only = False  # fine-tune the uniform recipe alone (the plan is found, not trained);
+  #                        with a run of uniform.enabled=False in another workdir (its
+  #                        scan.json copied here), the two fine-tunings run in parallel
 
   if arg == "quick":  # ResNet-20: 201 evaluations of 1,000 images, 5.2 min on 2 cores
     c.data.val_examples = 1000

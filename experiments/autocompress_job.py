@@ -121,6 +121,9 @@ def check_scan(config) -> None:
   if not set(config.budget.weight_bits) <= set(s.weight_bits):
     raise invalid("budget.weight_bits", config.budget.weight_bits, "bit widths of "
                   f"scan.weight_bits={s.weight_bits} (empty: all of them)")
+  if config.uniform.only and not config.uniform.enabled:
+    raise ConfigError("uniform: uniform.only=True and uniform.enabled=False contradict "
+                      "(uniform.only fine-tunes the uniform recipe alone); drop one")
 
 
 def excluded_bits(config) -> set[int]:
@@ -414,7 +417,11 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   whole_plans = {"auto": one_shot[chosen]}
   if uniform is not None:
     whole_plans["uniform"] = _one_shot(evaluate, sens.base_loss, *uniform["masks_and_bits"])
-  runs = {"auto": (plan.prune_fields(), plan.quant_fields(), whole(plan))}
+  if config.uniform.only and uniform is None:
+    raise ConfigError("uniform.only: no single sparsity and weight bit width reaches this "
+                      "budget, so there is no uniform recipe to fine-tune")
+  runs = {} if config.uniform.only else {
+      "auto": (plan.prune_fields(), plan.quant_fields(), whole(plan))}
   if uniform is not None:
     runs["uniform"] = (*uniform["fields"], uniform["masks_and_bits"])
   schedule = {k: config.prune[k] for k in ("schedule", "begin", "end", "update_every")}
@@ -456,8 +463,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                             "predicted_damage": p.damage, "one_shot": one_shot[name]}
                      for name, (_, p) in candidates.items()},
       "chosen": chosen,
-      "original": out["auto"]["original"],
-      "compressed": row(out["auto"], plan.bops),
+      "original": next(iter(out.values()))["original"],
+      "compressed": row(out["auto"], plan.bops) if "auto" in out else None,  # uniform.only
   }
   if config.uniform.enabled and uniform is None:
     results["uniform"] = None  # one bit width and one sparsity cannot reach this budget

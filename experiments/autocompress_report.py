@@ -138,6 +138,8 @@ def write_report(workdir: str, results: dict, sens) -> None:
     lines += ["", "Uniform recipe: no single sparsity and weight bit width reaches this budget."]
   if uni:
     lines += ["", f"Uniform recipe: {uni['recipe']}."]
+  if results["compressed"] is None:
+    lines += ["", "The plan was found, not fine-tuned (`uniform.only`)."]
   lines += [
       "", f"Sensitivity: {s['evaluations']} evaluations of {s['examples']} held-out training "
       f"examples ({'every pair' if s['joint'] else 'pruning and quantization apart'}), "
@@ -177,11 +179,12 @@ def sweep_table(sweep: dict) -> str:
   """One row per budget: both plans' accuracy and bytes, and the difference."""
   rows = []
   for p in sweep["points"]:
-    a, u = p["compressed"], p.get("uniform")
-    rows.append((f"{p['ratio']:g}x", f"{int(p['limit']):,}", f"{a['accuracy']:.2f}",
-                 f"{a['size_bytes']:,}", "-" if not u else f"{u['accuracy']:.2f}",
+    a, u = p["compressed"], p.get("uniform")  # a: None under uniform.only
+    rows.append((f"{p['ratio']:g}x", f"{int(p['limit']):,}",
+                 "-" if not a else f"{a['accuracy']:.2f}", "-" if not a else f"{a['size_bytes']:,}",
+                 "-" if not u else f"{u['accuracy']:.2f}",
                  "-" if not u else f"{u['size_bytes']:,}",
-                 "-" if not u else f"{a['accuracy'] - u['accuracy']:+.2f}"))
+                 "-" if not (a and u) else f"{a['accuracy'] - u['accuracy']:+.2f}"))
   return tables.markdown_table(("budget", "limit bytes", "auto %", "auto bytes", "uniform %",
                                 "uniform bytes", "auto - uniform"), rows, align="lrrrrrr")
 

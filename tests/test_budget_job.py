@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import flax
 import flax.linen as nn
@@ -271,6 +272,29 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
   with pytest.raises(ConfigError, match="scan.damage.*kl"):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_uniform_only_in_parallel_from_one_scan(mlp_weights, tmp_path):
+  """The plan's run and the uniform run apart, the second from a copy of the first's scan."""
+  config = _config(mlp_weights, ratio=4.0)
+  config.train.epochs = 0.5
+  config.uniform.only, config.uniform.enabled = True, False
+  with pytest.raises(ConfigError, match="uniform.only=True and uniform.enabled=False contradict"):
+    _run(config, tmp_path / "u")
+  assert not os.path.exists(tmp_path / "u")
+  config.uniform.only = False
+  plan = _run(config, tmp_path / "a")
+  assert "uniform" not in plan
+  assert not os.path.exists(tmp_path / "a" / "uniform")
+  os.makedirs(tmp_path / "u")
+  shutil.copy(tmp_path / "a" / "scan.json", tmp_path / "u" / "scan.json")
+  config.uniform.only, config.uniform.enabled = True, True
+  alone = _run(config, tmp_path / "u")
+  assert json.load(open(tmp_path / "u" / "scan.json"))["compiles"] == 1  # nothing scanned again
+  assert alone["compressed"] is None and alone["plan"] == plan["plan"]
+  assert not os.path.exists(tmp_path / "u" / "auto")
+  assert alone["uniform"]["size_bytes"] <= alone["budget"]["limit"]
+  assert "not fine-tuned" in open(tmp_path / "u" / "report.md").read()
 
 
 class TinyConvNet(nn.Module):
