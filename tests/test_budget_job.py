@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 
 import flax
 import flax.linen as nn
@@ -274,26 +273,21 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
-def test_uniform_only_in_parallel_from_one_scan(mlp_weights, tmp_path):
-  """The plan's run and the uniform run apart, the second from a copy of the first's scan."""
+def test_uniform_only_fine_tunes_the_uniform_recipe_alone(mlp_weights, tmp_path):
+  """The uniform run without the plan's (which another process runs); scan reuse is the sweep's."""
   config = _config(mlp_weights, ratio=4.0)
   config.train.epochs = 0.5
   config.uniform.only, config.uniform.enabled = True, False
   with pytest.raises(ConfigError, match="uniform.only=True and uniform.enabled=False contradict"):
     _run(config, tmp_path / "u")
   assert not os.path.exists(tmp_path / "u")
-  config.uniform.only = False
-  plan = _run(config, tmp_path / "a")
-  assert "uniform" not in plan
-  assert not os.path.exists(tmp_path / "a" / "uniform")
-  os.makedirs(tmp_path / "u")
-  shutil.copy(tmp_path / "a" / "scan.json", tmp_path / "u" / "scan.json")
-  config.uniform.only, config.uniform.enabled = True, True
+  config.uniform.enabled = True
   alone = _run(config, tmp_path / "u")
-  assert json.load(open(tmp_path / "u" / "scan.json"))["compiles"] == 1  # nothing scanned again
-  assert alone["compressed"] is None and alone["plan"] == plan["plan"]
+  assert alone["compressed"] is None and [l["path"] for l in alone["plan"]] == ["fc1", "fc2", "fc3"]
   assert not os.path.exists(tmp_path / "u" / "auto")
-  assert alone["uniform"]["size_bytes"] <= alone["budget"]["limit"]
+  disk = sum(os.path.getsize(tmp_path / "u" / "uniform" / "export" / f)
+             for f in ("spec.json.gz", "arrays.bin"))
+  assert alone["uniform"]["size_bytes"] == disk <= alone["budget"]["limit"]
   assert "not fine-tuned" in open(tmp_path / "u" / "report.md").read()
 
 
