@@ -49,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = shakespeare.data_config()
   c.teacher = _teacher("char_gpt")
   c.train = _finetune()
+  c.sft = True  # also fine-tune the transformer with plain cross-entropy (no teacher)
 
   c.prune = ml_collections.ConfigDict()
   c.prune.method = "magnitude"  # none, magnitude, random, saliency, movement, lamp

@@ -53,7 +53,7 @@ class Family:
 
 
 def _families(config, workdir: str) -> list[Family]:
-  out = [Family("gpt", config, workdir, "", True)]
+  out = [Family("gpt", config, workdir, "", bool(config.sft))]
   if config.lstm.enabled:
     out.append(Family("lstm", config.lstm, os.path.join(workdir, "lstm"), "lstm/", False))
   return out
