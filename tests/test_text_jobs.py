@@ -157,3 +157,39 @@ def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):
   last = proc.stderr.splitlines()[-1]
   assert last.startswith("error: teacher.checkpoint: the teacher's vocabulary"), last
   assert not workdir.exists()
+
+
+def test_budget_example_plans_a_char_transformer(tiny, tmp_path):
+  """examples/budget_char_gpt.py: a plan and the uniform recipe at one byte budget, each
+  fine-tuned and exported by the text job; the artifacts hold the planned zeros."""
+  from jaxcompress import export
+  from jaxcompress.models import get_model
+  from jaxcompress.rules import tree_get
+
+  workdir = tmp_path / "budget"
+  args = (f"--trained={tiny['lm']}", f"--text={tiny['text']}", "--steps=2", "--batch_size=4",
+          "--held_out=4", f"--workdir={workdir}")
+  proc = _run("examples.budget_char_gpt", "--ratio=1", *args)
+  assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith("error: --ratio")
+  assert not workdir.exists()
+  proc = _run("examples.budget_char_gpt", "--ratio=12", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.load(open(workdir / "results.json"))
+  # Width 8, 2 heads of 4, MLP 32: query, key, value and out 64 weights each, fc and proj 256.
+  sizes = {"block0/attn/query": 64, "block0/attn/key": 64, "block0/attn/value": 64,
+           "block0/attn/out": 64, "block0/fc": 256, "block0/proj": 256}
+  assert r["budget"]["kernel_bytes"] == 4 * sum(sizes.values()) // 12
+  assert [l["path"] for l in r["plan"]["layers"]] == list(sizes)
+  assert r["scan"]["compiles"] == 1
+  model = get_model("char_gpt", tiny["printed"]["vocab_size"],
+                    context=8, width=8, depth=1, heads=2, mlp_ratio=4, dropout=0.0)
+  zeros = {}
+  for name in ("plan", "uniform"):
+    assert r[name]["kernel_bytes"] <= r["budget"]["kernel_bytes"]
+    assert r[name]["export_agreement"] == 1.0
+    params = export.load(str(workdir / name / "kd" / "export"), model).variables["params"]
+    zeros[name] = {p: int(np.sum(np.asarray(tree_get(params, f"{p}/kernel")) == 0))
+                   for p in sizes}
+  for l in r["plan"]["layers"]:
+    assert zeros["plan"][l["path"]] >= round(l["sparsity"] * sizes[l["path"]]), l
+  assert sum(zeros["uniform"].values()) >= round(r["uniform"]["sparsity"] * sum(sizes.values()))
