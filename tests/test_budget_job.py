@@ -347,3 +347,16 @@ def test_kernel_plan_needs_kernels(mlp_weights, tmp_path):
     _run(_config(mlp_weights, ratio=4.0, sparsity="kernel"), tmp_path / "w")
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_sweep_table_leaves_a_run_not_trained_blank():
+  from experiments.autocompress_report import sweep_table
+  table = sweep_table({"points": [
+      {"ratio": 25.0, "limit": 43155, "compressed": None,  # uniform.only
+       "uniform": {"accuracy": 89.0, "size_bytes": 41819}},
+      {"ratio": 40.0, "limit": 26972, "compressed": {"accuracy": 84.98, "size_bytes": 26047},
+       "uniform": {"accuracy": 84.5, "size_bytes": 25881}}]})
+  rows = [[c.strip() for c in l.split("|")[1:-1]] for l in table.splitlines()
+          if l.startswith(("| 25x", "| 40x"))]
+  assert rows == [["25x", "43,155", "-", "-", "89.00", "41,819", "-"],
+                  ["40x", "26,972", "84.98", "26,047", "84.50", "25,881", "+0.48"]]
