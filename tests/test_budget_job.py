@@ -207,12 +207,25 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
 
 
 def test_gpu_sparse_uniform_recipe_is_2_of_4_at_one_width(mlp_weights, tmp_path):
+  """The uniform run alone (uniform.only): the plan is found, not fine-tuned."""
   config = _config(mlp_weights, ratio=9.5, device="gpu-sparse")
   config.train.epochs = 0.5
+  config.uniform.only, config.uniform.enabled = True, False
+  with pytest.raises(ConfigError, match="uniform.only=True and uniform.enabled=False contradict"):
+    _run(config, tmp_path)
+  assert not os.listdir(tmp_path)
+  config.uniform.enabled = True
   results = _run(config, tmp_path)
+  assert results["compressed"] is None and [l["path"] for l in results["plan"]] == [
+      "fc1", "fc2", "fc3"]
+  assert not os.path.exists(tmp_path / "auto")
+  assert "not fine-tuned" in open(tmp_path / "report.md").read()
   uni = results["uniform"]
   assert (uni["sparsity"], uni["weight_bits"]) == (0.5, 4)  # dense 4-bit (8x) is too large
   assert uni["size_bytes"] <= uni["predicted_size_bytes"] <= results["budget"]["limit"]
+  disk = sum(os.path.getsize(tmp_path / "uniform" / "export" / f)
+             for f in ("spec.json.gz", "arrays.bin"))
+  assert uni["size_bytes"] == disk
   from jaxcompress import export
   model = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))[0]
   params = export.load(str(tmp_path / "uniform" / "export"), model).variables["params"]
@@ -271,24 +284,6 @@ def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
   with pytest.raises(ConfigError, match="scan.damage.*kl"):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
-
-
-def test_uniform_only_fine_tunes_the_uniform_recipe_alone(mlp_weights, tmp_path):
-  """The uniform run without the plan's (which another process runs); scan reuse is the sweep's."""
-  config = _config(mlp_weights, ratio=4.0)
-  config.train.epochs = 0.5
-  config.uniform.only, config.uniform.enabled = True, False
-  with pytest.raises(ConfigError, match="uniform.only=True and uniform.enabled=False contradict"):
-    _run(config, tmp_path / "u")
-  assert not os.path.exists(tmp_path / "u")
-  config.uniform.enabled = True
-  alone = _run(config, tmp_path / "u")
-  assert alone["compressed"] is None and [l["path"] for l in alone["plan"]] == ["fc1", "fc2", "fc3"]
-  assert not os.path.exists(tmp_path / "u" / "auto")
-  disk = sum(os.path.getsize(tmp_path / "u" / "uniform" / "export" / f)
-             for f in ("spec.json.gz", "arrays.bin"))
-  assert alone["uniform"]["size_bytes"] == disk <= alone["budget"]["limit"]
-  assert "not fine-tuned" in open(tmp_path / "u" / "report.md").read()
 
 
 class TinyConvNet(nn.Module):
