@@ -69,6 +69,9 @@ def main(argv):
 
   if not _RATIO.value > 1:
     raise invalid("--ratio", _RATIO.value, "> 1")
+  for flag in (_STEPS, _BATCH, _HELD_OUT):
+    if flag.value < 1:
+      raise invalid(f"--{flag.name}", flag.value, ">= 1")
   module, variables, vocab, _, context = lm_lib.load_trained(_TRAINED.value, "--trained")
   corpus = text.load_corpus(text.text_path(_TEXT.value), context, vocab=vocab, field="--text")
   val = corpus.ids["validation"][:_HELD_OUT.value * context + 1]
