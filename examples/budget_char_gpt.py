@@ -18,6 +18,7 @@ on the held-out windows before fine-tuning, and each text-job run's test loss an
 (``WORKDIR/plan`` and ``WORKDIR/uniform`` hold those runs; rerunning resumes them). Measured
 (docs/autocompress.md): at 24x of the kernels' bytes the plan ends at 1.763 nats per character
 on the test split against the uniform recipe's 1.785, at 40x 1.849 against 1.924 (seed 0).
+``--trained`` may be any ``train_lm`` run, the LSTM's too.
 """
 
 import os
