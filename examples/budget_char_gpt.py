@@ -13,12 +13,12 @@ bits in both, as the text job keeps them; the budget counts the planned kernels'
   python -m experiments.train_lm --config=configs/shakespeare.py:quick --workdir=runs/lm_quick
   python -m examples.budget_char_gpt --trained=runs/lm_quick --ratio=24 --workdir=runs/lm_budget24
 
-Writes ``WORKDIR/results.json`` (and prints it): the budget, both plans per layer, their damage
-on the held-out windows before fine-tuning, and each text-job run's test loss and artifact bytes
-(``WORKDIR/plan`` and ``WORKDIR/uniform`` hold those runs; rerunning resumes them). Measured
-(docs/autocompress.md): at 24x of the kernels' bytes the plan ends at 1.763 nats per character
-on the test split against the uniform recipe's 1.785, at 40x 1.849 against 1.924 (seed 0).
-``--trained`` may be any ``train_lm`` run, the LSTM's too.
+Writes ``WORKDIR/results.json`` (and prints it) and ``WORKDIR/report.md``: the budget, the plan
+per layer and the uniform recipe, their damage on the held-out windows before fine-tuning, and each text-job run's test
+loss and artifact bytes (``WORKDIR/plan`` and ``WORKDIR/uniform`` hold those runs; rerunning
+resumes them). Measured (docs/autocompress.md): at 24x of the kernels' bytes the plan ends at
+1.763 nats per character on the test split against the uniform recipe's 1.785, at 40x 1.849
+against 1.924 (seed 0). ``--trained`` may be any ``train_lm`` run, the LSTM's too.
 """
 
 import os
@@ -63,7 +63,7 @@ def main(argv):
   del argv
   from experiments import lm_lib, lm_pipeline
   from jaxcompress import budget, text
-  from jaxcompress.checkpoint import write_json
+  from jaxcompress.checkpoint import write_json, write_text
   from jaxcompress.errors import invalid
   from jaxcompress.rules import tree_get
   from jaxcompress.selection import trace_layers
@@ -146,8 +146,30 @@ def main(argv):
                   "one_shot_damage": damage(uniform_plan), **row(out["uniform"])},
       "candidates": one_shot, "held_out_windows": len(val) // context,
       "scan": {"evaluations": len(sens.measured), "compiles": sens.compiles}}
+  write_text(os.path.join(_WORKDIR.value, "report.md"), report(results))
   write_json(os.path.join(_WORKDIR.value, "results.json"), results)
   cli.print_json(results)
+
+
+def report(results: dict) -> str:
+  """``report.md``: both runs side by side, then the plan per layer."""
+  from jaxcompress.tables import markdown_table
+  b, p, u = results["budget"], results["plan"], results["uniform"]
+  rows = [("float32 teacher", f"{results['teacher']['loss_test']:.4f}", "-",
+           f"{results['teacher']['size_bytes']:,}", "-")]
+  rows += [(name, f"{r['loss_test']:.4f}", f"{r['kernel_bytes']:,}", f"{r['size_bytes']:,}",
+            f"{r['one_shot_damage']:.4f}")
+           for name, r in ((f"plan ({p['chosen']})", p),
+                           (f"uniform ({u['sparsity']:.1%}, {u['weight_bits']} bits)", u))]
+  layers = [(f"`{l['path']}`", f"{l['sparsity']:.2f}", l["weight_bits"], f"{l['bytes']:,}",
+             f"{l['damage']:.4f}") for l in p["layers"]]
+  return "\n".join([
+      f"# Character model to {b['ratio']:g}x of its kernels' bytes ({b['kernel_bytes']:,})", "",
+      markdown_table(("model", "test nats/char", "kernel bytes", "bytes on disk",
+                      "damage before fine-tuning"), rows, align="lrrrr"), "",
+      "## Plan", "",
+      markdown_table(("kernel", "sparsity", "weight bits", "bytes", "predicted damage"), layers),
+      ""])
 
 
 if __name__ == "__main__":

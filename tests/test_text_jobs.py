@@ -193,3 +193,5 @@ def test_budget_example_plans_a_char_transformer(tiny, tmp_path):
   for l in r["plan"]["layers"]:
     assert zeros["plan"][l["path"]] >= round(l["sparsity"] * sizes[l["path"]]), l
   assert sum(zeros["uniform"].values()) >= round(r["uniform"]["sparsity"] * sum(sizes.values()))
+  report = open(workdir / "report.md").read()
+  assert f"{r['plan']['loss_test']:.4f} |" in report and "`block0/fc`" in report
