@@ -14,11 +14,12 @@ bits in both, as the text job keeps them; the budget counts the planned kernels'
   python -m examples.budget_char_gpt --trained=runs/lm_quick --ratio=24 --workdir=runs/lm_budget24
 
 Writes ``WORKDIR/results.json`` (and prints it) and ``WORKDIR/report.md``: the budget, the plan
-per layer and the uniform recipe, their damage on the held-out windows before fine-tuning, and each text-job run's test
-loss and artifact bytes (``WORKDIR/plan`` and ``WORKDIR/uniform`` hold those runs; rerunning
-resumes them). Measured (docs/autocompress.md): at 24x of the kernels' bytes the plan ends at
-1.763 nats per character on the test split against the uniform recipe's 1.785, at 40x 1.849
-against 1.924 (seed 0). ``--trained`` may be any ``train_lm`` run, the LSTM's too.
+per layer and the uniform recipe, their damage on the held-out windows before fine-tuning, and
+each text-job run's test loss and artifact bytes (``WORKDIR/plan`` and ``WORKDIR/uniform`` hold
+those runs; rerunning resumes them). Measured (docs/autocompress.md): at 24x of the kernels'
+bytes the plan ends at 1.763 nats per character on the test split against the uniform recipe's
+1.785, at 40x 1.849 against 1.924 (seed 0). ``--trained`` may be any ``train_lm`` run, the
+LSTM's too.
 """
 
 import os
@@ -115,16 +116,15 @@ def main(argv):
   evaluate = budget.Evaluator(module, variables, held_out, calibration=calibration, damage="kl")
   base, _ = evaluate({}, {}, {})
 
-  def damage(p: budget.Plan) -> float:  # whole plan, before fine-tuning
-    return evaluate({l.path: keep(l.path, l.sparsity) for l in p.layers if l.sparsity},
-                    {l.path: l.weight_bits for l in p.layers},
-                    {l.path: 8 for l in p.layers})[0] - base
+  def damage(keeps: dict, bits: dict) -> float:  # a whole plan, before fine-tuning
+    return evaluate(keeps, bits, {p: 8 for p in bits})[0] - base
 
-  one_shot = {name: damage(p) for name, p in candidates.items()}
+  one_shot = {name: damage({l.path: keep(l.path, l.sparsity) for l in p.layers if l.sparsity},
+                           {l.path: l.weight_bits for l in p.layers})
+              for name, p in candidates.items()}
   chosen = min(one_shot, key=one_shot.get)
   plan = candidates[chosen]
-  s, b, _, uniform_bytes = uniform
-  uniform_plan = plan_of({p: (s, b) for p in weights})
+  s, b, uniform_keeps, uniform_bytes = uniform  # one global magnitude threshold
   uniform_fields = {
       "prune": {"method": "magnitude", "structure": "unstructured", "scope": "global",
                 "schedule": "one_shot", "begin": 0.0, "sparsity": s, "layer_sparsity": (),
@@ -143,7 +143,9 @@ def main(argv):
       "plan": {"chosen": chosen, "layers": plan.to_list(), "kernel_bytes": plan.size_bytes,
                "one_shot_damage": one_shot[chosen], **row(out["plan"])},
       "uniform": {"sparsity": s, "weight_bits": int(b), "kernel_bytes": int(uniform_bytes),
-                  "one_shot_damage": damage(uniform_plan), **row(out["uniform"])},
+                  "one_shot_damage": damage(uniform_keeps if s else {},
+                                            {p: int(b) for p in weights}),
+                  **row(out["uniform"])},
       "candidates": one_shot, "held_out_windows": len(val) // context,
       "scan": {"evaluations": len(sens.measured), "compiles": sens.compiles}}
   write_text(os.path.join(_WORKDIR.value, "report.md"), report(results))
