@@ -15,6 +15,7 @@ from jaxcompress.models.gpt import CharGPT
 from jaxcompress.models.functional import variables_of
 from jaxcompress.models.lstm import CharLSTM
 from jaxcompress.rules import tree_get
+from jaxcompress.selection import trace_layers
 
 V, T = 13, 8
 
@@ -64,8 +65,7 @@ def test_scan_and_evaluator_weigh_tokens_like_numpy(model, pruned):
   loss, accuracy = _numpy_ce_and_accuracy(model, variables, batches, {})
   assert sens.base_loss == pytest.approx(loss, rel=1e-5)
   assert sens.base_accuracy == pytest.approx(accuracy, abs=1e-9)
-  weights = {l.path: l.weight for l in budget.Evaluator(
-      model, variables, batches[:1], calibration=calibration[:1]).layers}
+  weights = {l.path: l.weight for l in trace_layers(model, variables, batches[0].image).layers}
   kernel = lambda path: np.asarray(tree_get(variables["params"], weights[path]))  # noqa: E731
   keep = {one: _magnitude_keep(kernel(one), 0.5)}
   want, _ = _numpy_ce_and_accuracy(model, variables, batches, {weights[one]: keep[one]})
