@@ -15,7 +15,7 @@ from jaxcompress.budget.cost import (density, gap_cap, has_kernels, keep_mask, k
                                      shared_kernel_bytes, weight_bytes)
 from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
 from jaxcompress.budget.plan import (LayerPlan, Plan, global_bits, global_keep, kernel_window,
-                                     scheduled, threshold_plans, uniform_size)
+                                     only_rules, scheduled, threshold_plans, uniform_size)
 from jaxcompress.budget.presets import PRESETS, Option, Preset, get_preset
 from jaxcompress.budget.refine import Reference, context_damage, reference_of
 from jaxcompress.budget.sensitivity import DAMAGES, Evaluator, Sensitivity, scan
@@ -24,7 +24,7 @@ __all__ = [
     "Allocation", "allocate", "min_cost", "density", "gap_cap", "has_kernels", "keep_mask",
     "kernel_keep", "layer_macs", "option_bops", "overhead_bytes", "pessimistic_spec",
     "shared_kernel_bytes", "weight_bytes", "kernel_window", "hessian_traces", "proxy_damage",
-    "spearman", "LayerPlan", "Plan", "global_bits", "global_keep", "scheduled", "threshold_plans",
-    "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES", "Evaluator",
-    "Sensitivity", "scan", "Reference", "context_damage", "reference_of",
+    "spearman", "LayerPlan", "Plan", "global_bits", "global_keep", "only_rules", "scheduled",
+    "threshold_plans", "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES",
+    "Evaluator", "Sensitivity", "scan", "Reference", "context_damage", "reference_of",
 ]

@@ -75,14 +75,14 @@ class Plan(NamedTuple):
     pruned = [l for l in self.layers if l.sparsity > 0]
     if not pruned:
       return {"method": "none", "sparsity": 0.0, "rules": (), "layer_sparsity": ()}
-    rules = _only(l.weight for l in pruned)
+    rules = only_rules(l.weight for l in pruned)
     fields = {"method": "magnitude", "structure": self.structure, "scope": "layer",
               "schedule": "one_shot", "begin": 0.0, "rules": rules,
               "sparsity": max(l.sparsity for l in pruned)}
     if self.structure == "nm":
       return {**fields, "n": 2, "m": 4, "layer_sparsity": ()}
     if self.shared:
-      return {**fields, "norm": KERNEL_NORM, "scope": "global", "rules": _only(self.shared),
+      return {**fields, "norm": KERNEL_NORM, "scope": "global", "rules": only_rules(self.shared),
               "sparsity": self.shared_sparsity, "layer_sparsity": ()}
     return {**fields, "layer_sparsity": tuple((re.escape(l.weight), l.sparsity) for l in pruned)}
 
@@ -98,7 +98,7 @@ class Plan(NamedTuple):
              "damage": round(l.damage, 6)} for l in self.layers]
 
 
-def _only(weights) -> tuple:
+def only_rules(weights) -> tuple:
   """PruneSpec rules selecting exactly these weight paths."""
   return tuple((re.escape(w), True) for w in weights) + ((".*", False),)
 
@@ -128,7 +128,7 @@ def scheduled(prune: Mapping, keeps: Mapping[str, np.ndarray], schedule: Mapping
     return {**fields, "method": "none", "sparsity": 0.0, "rules": (), "layer_sparsity": ()}
   sparsity = {w: float(np.sum(~np.asarray(k, bool)) / np.size(k)) for w, k in pruned.items()}
   fields.update(scope="layer", sparsity=max(sparsity.values()),
-                rules=_only(pruned),
+                rules=only_rules(pruned),
                 layer_sparsity=tuple((re.escape(w), s) for w, s in sparsity.items()))
   if bits is not None:
     caps = {w: gap_cap(k, bits[w]) for w, k in pruned.items()}
