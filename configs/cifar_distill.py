@@ -63,6 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.quant.method = "minmax"  # minmax (ranges from data) or lsq (learned step sizes)
   c.quant.calibration = "minmax"  # input-range calibration: minmax, ema, percentile, mse
   c.quant.calibration_examples = 512  # training images used to calibrate input ranges
+  c.quant.scale_dtype = "float32"  # stored weight scales and folded BatchNorms: float32, or
+  #                                  float16 (2 bytes per channel less, exact; docs/export.md)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.temperature = 4.0  # Hinton KD temperature T (> 0)

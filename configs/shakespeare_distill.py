@@ -73,6 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.quant.method = "minmax"  # minmax or lsq
   c.quant.calibration = "minmax"  # input-range calibration: minmax, ema, percentile, mse
   c.quant.calibration_examples = 256  # training windows used to calibrate input ranges
+  c.quant.scale_dtype = "float32"  # stored weight scales and folded BatchNorms: float32, or
+  #                                  float16 (2 bytes per channel less, exact; docs/export.md)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.temperature = 1.0  # KD temperature T at every position

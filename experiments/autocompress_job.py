@@ -183,7 +183,8 @@ def _reference_overhead(model, variables, layers, calib, config, weights) -> int
   """Artifact bytes besides the planned codes, from an 8-bit export to a temporary folder."""
   from jaxcompress import export
   quant = compose.QuantSpec(per_channel=config.quant.per_channel, layer_bits=tuple(
-      (re.escape(l.path), 8, 8) for l in layers))
+      (re.escape(l.path), 8, 8) for l in layers),
+      scale_dtype=config.quant.get("scale_dtype", "float32"))  # as the plans will store them
   comp = compose.build(model, variables, calib[0], optimizer=optax.sgd(0.0), total_steps=1,
                        quant=quant)
   state = comp.init_state(variables, calib[0], calibration=calib)

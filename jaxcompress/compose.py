@@ -249,6 +249,11 @@ class QuantSpec:
     layer_bits: ``((regex, weight_bits, act_bits), ...)`` over the student's layer (module)
       paths, ahead of every other setting (first full match wins; 0 bits: float): per-layer
       bit widths, e.g. from :mod:`jaxcompress.budget`; not with ``kmeans``.
+    scale_dtype: ``float32`` or ``float16``: how the export stores the per-output-channel scales
+      of integer weights (those whose channels are the last axis) and the folded BatchNorms'
+      gains and biases. ``float16`` halves their bytes; the values are rounded to float16 and
+      the fake-quant model is evaluated with them (:mod:`jaxcompress.precision`), so it still
+      agrees with the artifact exactly. Training is unchanged.
   """
   weight_bits: int = 0
   act_bits: int = 0
@@ -256,10 +261,13 @@ class QuantSpec:
   per_channel: bool = True
   method: str = "minmax"
   layer_bits: tuple = ()
+  scale_dtype: str = "float32"
 
   def __post_init__(self):
     if self.method not in QUANT_METHODS:
       raise unknown("quant.method", self.method, QUANT_METHODS)
+    if self.scale_dtype not in precision.SCALE_DTYPES:
+      raise unknown("quant.scale_dtype", self.scale_dtype, precision.SCALE_DTYPES)
     for field in ("weight_bits", "act_bits", "first_last_bits"):
       bits = getattr(self, field)
       if bits and not 2 <= bits <= 8:
@@ -332,7 +340,8 @@ class Compression:
   None unless the distill spec uses one; the pruning wrapper is the outermost optimizer
   transform, so pruned weights are exactly 0 after every step; ``layers`` is the student's traced
   forward, ``fold_norms`` the BatchNorms it folds (``{path: epsilon}``) and ``gain_norms`` those
-  whose gain may move into the kernel before them (``{layer path: BatchNorm path}``).
+  whose gain may move into the kernel before them (``{layer path: BatchNorm path}``);
+  ``half_scales``: the export stores scales and folds in float16 (``QuantSpec.scale_dtype``).
   """
   student: Functional
   teacher: Functional | None
@@ -347,6 +356,7 @@ class Compression:
   kmeans_paths: tuple = ()
   kmeans_bits: int = 0
   compute_dtype: str = "float32"
+  half_scales: bool = False
 
   @property
   def prune_enabled(self) -> bool:
@@ -415,19 +425,36 @@ class Compression:
     The ``fold`` entry holds the very gains and biases the export stores, so the fake-quant model
     and its exported artifact compute the same float32 operations and agree exactly. Where the
     gain goes into the weight scales of the layer before the BatchNorm (:meth:`gain_layers`), the
-    ``gains`` entry carries it there and the BatchNorm runs as ``x * 1 + bias``.
+    ``gains`` entry carries it there and the BatchNorm runs as ``x * 1 + bias``. With
+    ``half_scales`` the folds hold the float16-rounded values the export stores, and every layer
+    of :meth:`half_layers` gets a float16 gain (1 where no BatchNorm gain moves into it), which
+    has its dequantization scale rounded to float16 as the export stores it.
     """
     model_state = dict(state.model_state)
-    fold = fold_arrays(state.params["model"], model_state.get("batch_stats", {}), self.fold_norms)
+    fold = fold_arrays(state.params["model"], model_state.get("batch_stats", {}), self.fold_norms,
+                       half=self.half_scales)
     gains = {}
     for layer, norm in self.gain_layers(model_state).items():
       gains[layer], bias = fold[norm]
       fold[norm] = (jnp.ones_like(gains[layer]), bias)
+    if self.half_scales:
+      ones = {path: jnp.ones(channels) for path, channels in self.half_layers(model_state).items()}
+      gains = {path: jnp.asarray(g, jnp.float16) for path, g in {**ones, **gains}.items()}
     if fold:
       model_state["fold"] = fold
     if gains:
       model_state["gains"] = gains
     return {"params": state.params, "model_state": model_state}
+
+  def half_layers(self, model_state) -> dict[str, int]:
+    """``{layer path: output channels}``: the integer weights whose scales the export stores in
+    float16 under ``half_scales`` (one scale per output channel, the kernel's last axis)."""
+    if not self.half_scales or self.quantizer is None or "quant" not in model_state:
+      return {}
+    shapes = {l.path: l.shape for l in self.layers.layers}
+    return {q.path: int(shapes[q.path][-1]) for q in model_state["quant"].layers
+            if q.path in shapes and q.config.weight_bits is not None
+            and q.weight_axis == len(shapes[q.path]) - 1}
 
   def gain_layers(self, model_state) -> dict[str, str]:
     """``{layer path: BatchNorm path}``: the folded BatchNorms whose gain the weight scales take.
@@ -564,7 +591,8 @@ class Compression:
                                input_dtype=input_dtype, specs=specs,
                                codebooks=codebooks or None, fold=self.fold_norms,
                                gains_into=gains_into, model_name=model_name,
-                               reduce_axes=self.layers.reduce_axes())
+                               reduce_axes=self.layers.reduce_axes(),
+                               scale_dtype="float16" if self.half_scales else "float32")
 
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),
@@ -754,4 +782,4 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       quantizer=quantizer, optimizer=opt, prune=prune, distill=distill, prune_rules=rules,
       fold_norms=fold_norms, gain_norms=gain_norms, kmeans_bits=int(kmeans_bits),
       kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges),
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, half_scales=quant.scale_dtype == "float16")

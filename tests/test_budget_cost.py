@@ -144,28 +144,32 @@ def test_planned_bytes_bound_the_exported_bytes(sparsity, bits, tmp_path):
   assert planned <= min(-(-n * bits // 8), -(-n // 8) + -(-nnz * bits // 8))
 
 
-def _export_plan(model, variables, x, plan, out):
-  """Exports ``{layer: (sparsity, weight bits, input bits)}`` one-shot; returns the weights' keeps."""
+def _export_plan(model, variables, x, plan, out, scale_dtype="float32"):
+  """Exports ``{layer: (sparsity, weight bits, input bits)}`` one-shot; returns the weights'
+  keeps."""
   params = jax.tree.map(np.asarray, variables["params"])
   keeps = {}
   for layer, (sparsity, _, _) in plan.items():
     w = params[layer]["kernel"]
     keeps[layer] = budget.keep_mask(w, sparsity)
     params[layer]["kernel"] = np.where(keeps[layer], w, 0).astype(np.float32)
-  quant = compose.QuantSpec(layer_bits=tuple((l, b, a) for l, (_, b, a) in plan.items()))
+  quant = compose.QuantSpec(layer_bits=tuple((l, b, a) for l, (_, b, a) in plan.items()),
+                            scale_dtype=scale_dtype)
   comp = compose.build(model, {"params": params}, x, optimizer=optax.sgd(0.0), total_steps=1,
                        quant=quant)
   state = comp.init_state({"params": params}, x, calibration=[x])
   return keeps, comp.export(out, state, input_shape=x.shape[1:])
 
 
-def test_overhead_and_weight_bytes_bound_every_plan_on_disk(tmp_path):
-  """Random plans: the artifact (gzipped spec included) never outgrows the planned bytes."""
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_overhead_and_weight_bytes_bound_every_plan_on_disk(scale_dtype, tmp_path):
+  """Random plans: the artifact (gzipped spec included) never outgrows the planned bytes, with
+  the scales stored in either precision (the reference export uses the plans' own)."""
   model, variables = create_model("mlp", num_classes=10, image_shape=(8, 8, 1), seed=0)
   x = np.random.default_rng(1).normal(size=(16, 8, 8, 1)).astype(np.float32)
   layers = ("fc1", "fc2", "fc3")
   _, ref = _export_plan(model, variables, x, {l: (0.0, 8, 8) for l in layers},
-                        str(tmp_path / "ref"))
+                        str(tmp_path / "ref"), scale_dtype)
   spec = export.read_spec(str(tmp_path / "ref"))
   overhead = budget.overhead_bytes(spec, [f"{l}/kernel" for l in layers])
   codes = sum(m["segments"].get("positions", 0) + m["segments"]["values"]
@@ -178,7 +182,8 @@ def test_overhead_and_weight_bytes_bound_every_plan_on_disk(tmp_path):
   for i in range(6):
     plan = {l: (float(rng.choice([0.0, 0.3, 0.8, 0.97])), int(rng.choice([2, 3, 4, 8])),
                 int(rng.choice([4, 8]))) for l in layers}
-    keeps, report = _export_plan(model, variables, x, plan, str(tmp_path / f"p{i}"))
+    keeps, report = _export_plan(model, variables, x, plan, str(tmp_path / f"p{i}"),
+                                 scale_dtype)
     planned = overhead + sum(budget.weight_bytes(keeps[l], plan[l][1]) for l in layers)
     assert report["total_bytes"] <= planned, plan
     assert report["spec_file"] == "spec.json.gz"

@@ -46,7 +46,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
                  codebooks: Mapping[str, Any] | None = None,
                  fold: Mapping[str, float] | None = None,
                  gains_into: Mapping[str, str] | None = None, model_name: str = "",
-                 compress: bool = True, reduce_axes: Mapping[str, Any] | None = None) -> dict:
+                 compress: bool = True, reduce_axes: Mapping[str, Any] | None = None,
+                 scale_dtype: str = "float32") -> dict:
   """Finalizes a trained (pruned, quantized) model and writes the artifact to ``out_dir``.
 
   Works for any Flax model: the artifact stores its variables, not its code; :func:`load` takes
@@ -71,6 +72,10 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
       (``spec.json.gz``; ``False``: plain ``spec.json``).
     reduce_axes: ``{weight path: reduction axes}`` (``ModelLayers.reduce_axes()``): such a
       weight may be stored as N:M groups along them (the :mod:`.sparse` ``nm`` encoding).
+    scale_dtype: ``float32``, or ``float16``: the folded BatchNorms and the scales of integer
+      weights with one scale per output channel (their last axis) rounded to float16 and stored
+      so (``QuantSpec.scale_dtype``; the fake-quant model must be evaluated with the same
+      rounding, as ``Compression.eval_variables`` does).
 
   Returns:
     The :func:`~jaxcompress.export.size.size_report` of the written artifact.
@@ -79,14 +84,14 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     ConfigError: for inputs that do not fit the variables (see :func:`.finalize.finalize`).
   """
   fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold,
-                 gains_into=gains_into, reduce_axes=reduce_axes)
+                 gains_into=gains_into, reduce_axes=reduce_axes, scale_dtype=scale_dtype)
   metas, chunks = [], []
   for t in fin.tensors.values():
     meta, segments = encode_layer(t)
     if t.path in fin.axes:
       meta["axis"] = fin.axes[t.path]
-    if meta["kind"] == "float":
-      del meta["bits"]  # always 32
+    if meta["kind"] == "float" and meta["bits"] == 32:
+      del meta["bits"]  # the default
     if meta["encoding"] == "dense":
       del meta["nnz"], meta["encoding"]  # every entry; the default encoding
     meta["segments"] = {name: int(data.size) for name, data in segments.items() if data.size}
@@ -195,7 +200,7 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                       f"{raw.size}; the spec does not match the arrays")
   tensors, axes, offset = {}, {}, 0
   for meta in spec["layers"]:
-    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "axis"):
+    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "axis", "scale_bits"):
       if key in meta and not _is_int(meta[key]):
         raise ConfigError(f"{field}: {key} of {meta['path']!r} is {meta[key]!r}, not an integer; "
                           "the spec is corrupted")

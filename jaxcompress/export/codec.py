@@ -7,7 +7,8 @@ baked in, weights are quantized and BatchNorm is folded. The layer computes
 
 - ``int``:    ``kernel = (q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``;
 - ``kmeans``: ``kernel = codebook[i]``, index ``2^bits`` marks a pruned weight (0);
-- ``float``:  the float32 kernel with BatchNorm already multiplied in (no ``gain``),
+- ``float``:  the float32 kernel with BatchNorm already multiplied in (no ``gain``), stored as
+  float32 or, when its values are float16 values (``bits=16``), as float16,
 
 and ``gain`` is ``None`` (1) where no BatchNorm was folded. Keeping the BatchNorm gain out of a
 quantized kernel leaves that kernel bit-identical to the one the fake-quant model ran with (an
@@ -39,7 +40,7 @@ class LayerTensor(NamedTuple):
     kind: ``int``, ``kmeans`` or ``float``.
     codes: kernel-shaped: int32 codes ``q`` (``int``), int32 indices (``kmeans``), or the float32
       folded kernel (``float``).
-    bits: code width (2..8), or 32 for ``float``.
+    bits: code width (2..8), or 32 (16) for a ``float`` tensor stored as float32 (float16).
     qmin: smallest code (``int``; 0 otherwise).
     zero_point: int32 ``[C]`` (``int`` only; ``None`` means all zero).
     scale: float32 weight scale, ``[C]`` per channel or ``[1]`` per tensor (``int`` only).
@@ -50,6 +51,7 @@ class LayerTensor(NamedTuple):
     group_axes: the axes of ``codes`` the layer's product sums over (its reduction axes, in the
       stored layout), or ``None``: with them the :mod:`.sparse` ``nm`` encoding (groups of 4
       along those axes, NVIDIA's 2:4 layout) is considered.
+    scale_bits: 32, or 16: ``scale`` holds float16 values and is stored as float16.
   """
   path: str
   kind: str
@@ -63,6 +65,7 @@ class LayerTensor(NamedTuple):
   codebook: np.ndarray | None = None
   act: dict | None = None
   group_axes: tuple | None = None
+  scale_bits: int = 32
 
   @property
   def channels(self) -> int:
@@ -103,8 +106,8 @@ class LayerTensor(NamedTuple):
     return self._replace(codes=self.codes[..., keep, :])
 
 
-def _f32(a: np.ndarray) -> np.ndarray:
-  return np.frombuffer(np.asarray(a, "<f4").tobytes(), np.uint8).copy()
+def _floats(a: np.ndarray, bits: int = 32) -> np.ndarray:
+  return np.frombuffer(np.asarray(a, {32: "<f4", 16: "<f2"}[bits]).tobytes(), np.uint8).copy()
 
 
 def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
@@ -131,18 +134,21 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
     meta.update(gap_bits=enc.gap_bits, codes=enc.codes)
   if enc.encoding == "nm":
     meta.update(group_n=enc.group_n, group_axes=list(enc.group_axes))
+  if t.scale_bits != 32:
+    meta["scale_bits"] = t.scale_bits
   if t.act is not None:
     meta["act"] = {k: t.act[k] for k in ACT_KEYS}
   segments = {"positions": enc.positions, "values": enc.values}
   if t.zero_point is not None and np.any(t.zero_point != 0):
     segments["zero_point"] = pack_bits(t.zero_point - t.qmin, t.bits)
-  for name in ("scale", "gain"):
-    if getattr(t, name) is not None:
-      segments[name] = _f32(getattr(t, name))
+  if t.scale is not None:
+    segments["scale"] = _floats(t.scale, t.scale_bits)
+  if t.gain is not None:
+    segments["gain"] = _floats(t.gain)
   if t.bias is not None:
-    segments["bias"] = _f32(t.bias)
+    segments["bias"] = _floats(t.bias)
   if t.codebook is not None:
-    segments["codebook"] = _f32(t.codebook)
+    segments["codebook"] = _floats(t.codebook)
   return meta, segments
 
 
@@ -152,7 +158,8 @@ def _expected_segments(meta: dict, channels: int) -> dict[str, tuple[int, ...] |
   out = {"positions": None, "values": None, "gain": (4 * channels,), "bias": (4 * channels,)}
   if meta["kind"] == "int":
     out["zero_point"] = (packed_size(channels, bits),)
-    out["scale"] = (4, 4 * channels)
+    width = int(meta.get("scale_bits", 32)) // 8
+    out["scale"] = (width, width * channels)
   if meta["kind"] == "kmeans":
     out["codebook"] = (4 * (1 << bits),)
   return out
@@ -171,6 +178,12 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     raise unknown(f"{where} kind", meta["kind"], KINDS)
   shape = tuple(int(d) for d in meta["shape"])
   n, channels, bits = int(np.prod(shape)), shape[-1], int(meta["bits"])
+  if meta["kind"] == "float" and bits not in (16, 32):
+    raise ConfigError(f"{where}: a float tensor has bits 16 or 32, the spec says {bits}; the "
+                      "spec is corrupted")
+  if meta.get("scale_bits", 32) not in (16, 32):
+    raise ConfigError(f"{where}: scale_bits is 16 or 32, the spec says {meta['scale_bits']!r}; "
+                      "the spec is corrupted")
   expected = _expected_segments(meta, channels)
   for name, data in segments.items():
     if name not in expected:
@@ -189,8 +202,8 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
                       int(meta.get("group_n", 0)),
                       tuple(int(a) for a in meta.get("group_axes", ())))
   nonzero, values = sparse.decode(enc, n, bits, where=where, shape=shape)
-  f32 = lambda name: (np.frombuffer(segments[name].tobytes(), "<f4").astype(np.float32)
-                      if name in segments else None)
+  f32 = lambda name, dtype="<f4": (np.frombuffer(segments[name].tobytes(), dtype).astype(
+      np.float32) if name in segments else None)
   qmin = int(meta.get("qmin", 0))
   zero_point = None
   if "zero_point" in segments:
@@ -206,6 +219,8 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     codes = np.zeros(n, np.float32)
     codes[nonzero] = values
   act = meta.get("act")
+  scale_bits = int(meta.get("scale_bits", 32))
   return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
-                     f32("scale"), f32("gain"), f32("bias"), f32("codebook"),
-                     None if act is None else dict(act), enc.group_axes or None)
+                     f32("scale", "<f2" if scale_bits == 16 else "<f4"), f32("gain"),
+                     f32("bias"), f32("codebook"), None if act is None else dict(act),
+                     enc.group_axes or None, scale_bits)

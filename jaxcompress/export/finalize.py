@@ -20,6 +20,10 @@ here knows a model's names. Every leaf of every collection becomes one stored te
   BatchNorm instead (``scale * gain``; the weight's codes stay those fake quantization used) and
   the BatchNorm stores its bias alone: one float32 per channel less.
 
+With ``scale_dtype="float16"`` the folded gains and biases and the per-output-channel scales of
+integer weights whose channels are their last axis (with any gain already in them) are rounded to
+float16 (:func:`jaxcompress.precision.to_half`) and stored in 2 bytes each.
+
 Masks are applied first (the fake-quant model ran on masked weights), then weights are quantized.
 
 References:
@@ -35,9 +39,10 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, unknown
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.models.batchnorm import fold_arrays
+from jaxcompress.precision import SCALE_DTYPES, to_half
 from jaxcompress.quantization import quantize_int
 from jaxcompress.rules import flat_paths
 
@@ -88,10 +93,11 @@ def act_fields(spec: Any) -> dict | None:
           "qmax": int(spec.act_qmax)}
 
 
-def _int_tensor(path: str, weight: np.ndarray, spec: Any,
-                gain: np.ndarray | None = None) -> tuple[LayerTensor, int | None]:
+def _int_tensor(path: str, weight: np.ndarray, spec: Any, gain: np.ndarray | None = None,
+                half: bool = False) -> tuple[LayerTensor, int | None]:
   """Codes ``q`` (channel axis moved last), zero points and scale of a spec-quantized weight;
-  with ``gain`` (one per channel), the scale times it."""
+  with ``gain`` (one per channel), the scale times it; ``half``: per-channel scales along the
+  last axis rounded to float16 (see the module docstring)."""
   q = np.asarray(quantize_int(weight, spec.weight_scale, spec.weight_zero_point,
                               qmin=spec.weight_qmin, qmax=spec.weight_qmax), np.int32)
   axis = spec.weight_axis
@@ -113,10 +119,14 @@ def _int_tensor(path: str, weight: np.ndarray, spec: Any,
     scale, zp = scale.reshape(-1), np.broadcast_to(zp.reshape(-1), (q.shape[-1],))
   if gain is not None:
     scale = np.asarray(scale * np.asarray(gain, np.float32), np.float32)
+  half = half and axis is not None and moved is None
+  if half:
+    scale = np.asarray(to_half(scale))
   width = int(spec.weight_qmax) - int(spec.weight_qmin) + 1
   bits = max(2, math.ceil(math.log2(width)))
   return LayerTensor(path=path, kind="int", codes=q, bits=bits, qmin=int(spec.weight_qmin),
-                     zero_point=np.array(zp, np.int32), scale=scale), moved
+                     zero_point=np.array(zp, np.int32), scale=scale,
+                     scale_bits=16 if half else 32), moved
 
 
 def _kmeans_tensor(path: str, codebook: Any, mask: np.ndarray | None) -> LayerTensor:
@@ -172,7 +182,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
              codebooks: Mapping[str, Any] | None = None,
              fold: Mapping[str, float] | None = None,
              gains_into: Mapping[str, str] | None = None,
-             reduce_axes: Mapping[str, Any] | None = None) -> Finalized:
+             reduce_axes: Mapping[str, Any] | None = None,
+             scale_dtype: str = "float32") -> Finalized:
   """Turns trained variables into finalized tensors (see the module docstring).
 
   Args:
@@ -188,6 +199,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       per-output-channel scales of that integer weight (``Compression.gain_layers``).
     reduce_axes: ``{weight path: axes its layer's product sums over}``
       (``ModelLayers.reduce_axes()``); those weights may be stored as N:M groups.
+    scale_dtype: ``float32`` or ``float16`` (see the module docstring).
 
   Returns:
     The :class:`Finalized` model.
@@ -197,6 +209,9 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       without running statistics, a gain given to a weight without per-output-channel integer
       scales, or a non-floating-point variable.
   """
+  if scale_dtype not in SCALE_DTYPES:
+    raise unknown("export scale_dtype", scale_dtype, SCALE_DTYPES)
+  half = scale_dtype == "float16"
   variables = dict(variables)
   params = bake_masks(variables["params"], masks)
   flat_params = flat_paths(params)
@@ -217,14 +232,15 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
   folded_leaves: set[str] = set()
   tensors: dict[str, LayerTensor] = {}
   try:
-    folded = fold_arrays(params, variables.get("batch_stats"), fold)
+    folded = fold_arrays(params, variables.get("batch_stats"), fold, half=half)
   except ConfigError as e:
     raise ConfigError(f"export: {e}") from None
   gains_into = dict(gains_into or {})
   gains = _weight_gains(gains_into, folded, weights, flat_params)
   for path, (gain, bias) in folded.items():
     rows = [bias] if path in gains_into else [gain, bias]
-    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(rows))
+    tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(rows))._replace(
+        bits=16 if half else 32)
     folded_leaves |= {f"{c}/{path}/{leaf}" for c, leaf in FOLDED_LEAVES}
   axes: dict[str, int] = {}
   for collection, value in variables.items():
@@ -238,7 +254,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
         tensors[key] = _kmeans_tensor(key, books[leaf_path], mask)
       elif collection == "params" and leaf_path in weights:
         tensors[key], moved = _int_tensor(key, np.asarray(leaf, np.float32), weights[leaf_path],
-                                          gains.get(leaf_path))
+                                          gains.get(leaf_path), half)
         if moved is not None:
           axes[key] = moved
       else:

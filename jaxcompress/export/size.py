@@ -53,7 +53,7 @@ def size_report(out_dir: str) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
   """A Markdown table of :func:`size_report` (one row per layer, then the totals)."""
-  rows = [(l["path"], l["kind"], "32" if l["kind"] == "float" else str(l["bits"]), l["encoding"],
+  rows = [(l["path"], l["kind"], str(l["bits"]), l["encoding"],
            f"{l['density']:.3f}", f"{l['bytes']:,}", f"{l['float32_bytes']:,}")
           for l in report["layers"]]
   rows.append((f"arrays (raw / on disk, {report['compression']})", "", "", "", "",

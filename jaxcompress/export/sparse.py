@@ -54,6 +54,8 @@ ENCODINGS = ("dense", "nm", "blocks", "bitmap", "gaps")
 NM_GROUP, NM_INDEX_BITS = 4, 2  # entries per nm group, bits of a position in it
 GAP_WIDTHS = tuple(range(2, 9))
 FLOAT_BITS = 32  # values stored as raw little-endian float32
+HALF_BITS = 16  # values stored as raw little-endian float16 (float tensors only)
+_FLOATS = {FLOAT_BITS: "<f4", HALF_BITS: "<f2"}
 
 
 class Sparse(NamedTuple):
@@ -80,8 +82,8 @@ class Sparse(NamedTuple):
 
 
 def value_bytes(count: int, bits: int) -> int:
-  """Bytes of ``count`` values at ``bits`` bits (``32``: float32)."""
-  return 4 * count if bits == FLOAT_BITS else packed_size(count, bits)
+  """Bytes of ``count`` values at ``bits`` bits (``32``: float32, ``16``: float16)."""
+  return bits // 8 * count if bits in _FLOATS else packed_size(count, bits)
 
 
 def gaps_of(nonzero: np.ndarray) -> np.ndarray:
@@ -131,7 +133,7 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
 
   Args:
     nonzero: boolean array of the tensor's shape.
-    bits: value width (32: float32).
+    bits: value width (32: float32, 16: float16).
     allow_dense: include ``dense``, ``nm`` and ``blocks`` (not possible when a zero entry has no
       value code).
     group_axes: the tensor's reduction axes: include ``nm`` if they fit (see the module docstring).
@@ -162,17 +164,17 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
 
 
 def _pack_values(values: np.ndarray, bits: int) -> np.ndarray:
-  if bits == FLOAT_BITS:
-    return np.frombuffer(values.astype("<f4").tobytes(), np.uint8).copy()
+  if bits in _FLOATS:
+    return np.frombuffer(values.astype(_FLOATS[bits]).tobytes(), np.uint8).copy()
   return pack_bits(values, bits)
 
 
 def _unpack_values(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-  if bits == FLOAT_BITS:
-    if data.size != 4 * count:
-      raise ConfigError(f"sparse values: {count} float32 values need {4 * count} bytes, got "
-                        f"{data.size}")
-    return np.frombuffer(data.tobytes(), "<f4").astype(np.float32)
+  if bits in _FLOATS:
+    if data.size != bits // 8 * count:
+      raise ConfigError(f"sparse values: {count} float{bits} values need {bits // 8 * count} "
+                        f"bytes, got {data.size}")
+    return np.frombuffer(data.tobytes(), _FLOATS[bits]).astype(np.float32)
   return unpack_bits(data, bits, count)
 
 
@@ -235,9 +237,10 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
 
   Args:
     values: the per-entry values, any shape: unsigned integer codes below ``2^bits``, or floats
-      when ``bits == 32``. Entries where ``nonzero`` is false are not stored (unless dense wins).
+      when ``bits`` is 32 (float32) or 16 (float16). Entries where ``nonzero`` is false are not
+      stored (unless dense wins).
     nonzero: boolean array of ``values``' shape.
-    bits: value width, 1..8, or 32 for float32.
+    bits: value width, 1..8, or 32 for float32, 16 for float16.
     allow_dense: consider ``dense``, ``nm`` and ``blocks``; pass ``False`` when zero entries have
       no valid value code (k-means indices of pruned weights).
     group_axes: the tensor's reduction axes, to consider ``nm`` (groups of 4 along them).
@@ -299,7 +302,7 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
 
   Returns:
     ``(nonzero, values)``: ``bool[n]`` and the ``nnz`` stored values in row-major order
-    (``uint8`` codes, or ``float32`` for ``bits == 32``; all ``n`` for ``dense``).
+    (``uint8`` codes, or ``float32`` for float ``bits``; all ``n`` for ``dense``).
 
   Raises:
     ConfigError: if the byte counts, the number of non-zero entries or a position disagree with

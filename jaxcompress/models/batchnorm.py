@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.precision import to_half
 from jaxcompress.rules import tree_get
 
 EPSILON = 1e-5  # Flax's and PyTorch's default
@@ -36,12 +37,15 @@ def fold_bias(bias: Any, g: np.ndarray, bn_bias: Any, mean: Any) -> np.ndarray:
       np.float32)
 
 
-def fold_arrays(params: Any, batch_stats: Any, norms: Mapping[str, float]) -> dict:
+def fold_arrays(params: Any, batch_stats: Any, norms: Mapping[str, float], *,
+                half: bool = False) -> dict:
   """``{norm path: (gain, bias)}`` of the BatchNorms ``norms`` (``{path: epsilon}``).
 
   ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain`` in float32 (scale 1 and
   beta 0 where the BatchNorm has none): the arrays the export stores and the fake-quant model's
-  evaluation uses, computed here once for both.
+  evaluation uses, computed here once for both. ``half``: each then rounded to float16 values
+  (:func:`jaxcompress.precision.to_half`), still float32 arrays, as an export with float16 side
+  arrays stores them.
 
   Raises:
     ConfigError: if a BatchNorm has no running statistics in ``batch_stats``.
@@ -56,4 +60,6 @@ def fold_arrays(params: Any, batch_stats: Any, norms: Mapping[str, float]) -> di
     mean, var = stats["mean"], stats["var"]
     gain = bn_multiplier(p.get("scale", jnp.ones_like(var)), var, eps)
     out[path] = (gain, fold_bias(None, gain, p.get("bias", jnp.zeros_like(mean)), mean))
+    if half:
+      out[path] = tuple(np.asarray(to_half(a)) for a in out[path])
   return out

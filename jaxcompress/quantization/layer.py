@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.precision import to_half
 from jaxcompress.quantization.calibration import check_finite_range
 from jaxcompress.quantization.config import LayerConfig
 from jaxcompress.quantization.fake_quant import (_fake_quant, check_qparams, dequantize,
@@ -113,11 +114,16 @@ def gained_kernel(layer: QuantLayer, kernel: Any, steps: dict | None, bits: Any,
   ``(clip(round(kernel / scale) + zp, qmin, qmax) - zp) * (scale * gain)`` with ``gain`` one
   value per output channel (the last axis, where per-channel scales run): the kernel an export
   stores when it folds the BatchNorm after the layer into its scales. Evaluation only (no
-  gradient); the product ``scale * gain`` is kept whole, as the export computes it.
+  gradient); the product ``scale * gain`` is kept whole, as the export computes it. A float16
+  ``gain`` (a value of 1 for a layer without a BatchNorm) means the export stores the product
+  in float16: it is rounded so (:func:`jaxcompress.precision.to_half`).
   """
   scale, zero_point, qmin, qmax = weight_qparams(layer, kernel, steps, bits)
   q = quantize_int(kernel, scale, zero_point, qmin=qmin, qmax=qmax)
-  merged = jax.lax.optimization_barrier(scale * jnp.asarray(gain, jnp.float32))
+  merged = scale * jnp.asarray(gain, jnp.float32)
+  if jnp.result_type(gain) == jnp.float16:
+    merged = to_half(merged)
+  merged = jax.lax.optimization_barrier(merged)
   return dequantize(q, merged, zero_point).astype(kernel.dtype)
 
 

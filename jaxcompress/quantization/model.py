@@ -229,7 +229,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
         quantized in float32 (ranges and scales float32) and then cast back to its dtype.
       weight_gains: ``{layer path: per-output-channel gain}``, evaluation only: those kernels
         are dequantized with ``scale * gain`` (:func:`.layer.gained_kernel`), a folded
-        BatchNorm's gain carried by the weight scales as the export stores it.
+        BatchNorm's gain carried by the weight scales as the export stores it (a float16 gain:
+        the product rounded to float16, as an export with float16 scales stores it).
       **kwargs: extra model keyword arguments.
 
     Returns:
