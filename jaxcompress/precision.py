@@ -46,7 +46,6 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
       lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree)
 
 
-
 def to_half(x: Any) -> jax.Array:
   """``x`` rounded to the nearest float16 value (saturating at +-65504), returned as float32.
 

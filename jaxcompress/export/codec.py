@@ -106,8 +106,8 @@ class LayerTensor(NamedTuple):
     return self._replace(codes=self.codes[..., keep, :])
 
 
-def _floats(a: np.ndarray, bits: int = 32) -> np.ndarray:
-  return np.frombuffer(np.asarray(a, {32: "<f4", 16: "<f2"}[bits]).tobytes(), np.uint8).copy()
+def _floats(a: np.ndarray, bits: int = sparse.FLOAT_BITS) -> np.ndarray:
+  return np.frombuffer(np.asarray(a, sparse.FLOAT_DTYPES[bits]).tobytes(), np.uint8).copy()
 
 
 def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
@@ -178,10 +178,10 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     raise unknown(f"{where} kind", meta["kind"], KINDS)
   shape = tuple(int(d) for d in meta["shape"])
   n, channels, bits = int(np.prod(shape)), shape[-1], int(meta["bits"])
-  if meta["kind"] == "float" and bits not in (16, 32):
+  if meta["kind"] == "float" and bits not in sparse.FLOAT_DTYPES:
     raise ConfigError(f"{where}: a float tensor has bits 16 or 32, the spec says {bits}; the "
                       "spec is corrupted")
-  if meta.get("scale_bits", 32) not in (16, 32):
+  if meta.get("scale_bits", 32) not in sparse.FLOAT_DTYPES:
     raise ConfigError(f"{where}: scale_bits is 16 or 32, the spec says {meta['scale_bits']!r}; "
                       "the spec is corrupted")
   expected = _expected_segments(meta, channels)
@@ -202,8 +202,9 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
                       int(meta.get("group_n", 0)),
                       tuple(int(a) for a in meta.get("group_axes", ())))
   nonzero, values = sparse.decode(enc, n, bits, where=where, shape=shape)
-  f32 = lambda name, dtype="<f4": (np.frombuffer(segments[name].tobytes(), dtype).astype(
-      np.float32) if name in segments else None)
+  f32 = lambda name, width=sparse.FLOAT_BITS: (np.frombuffer(
+      segments[name].tobytes(), sparse.FLOAT_DTYPES[width]).astype(np.float32)
+      if name in segments else None)
   qmin = int(meta.get("qmin", 0))
   zero_point = None
   if "zero_point" in segments:
@@ -221,6 +222,6 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   act = meta.get("act")
   scale_bits = int(meta.get("scale_bits", 32))
   return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
-                     f32("scale", "<f2" if scale_bits == 16 else "<f4"), f32("gain"),
+                     f32("scale", scale_bits), f32("gain"),
                      f32("bias"), f32("codebook"), None if act is None else dict(act),
                      enc.group_axes or None, scale_bits)

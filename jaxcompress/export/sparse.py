@@ -55,7 +55,7 @@ NM_GROUP, NM_INDEX_BITS = 4, 2  # entries per nm group, bits of a position in it
 GAP_WIDTHS = tuple(range(2, 9))
 FLOAT_BITS = 32  # values stored as raw little-endian float32
 HALF_BITS = 16  # values stored as raw little-endian float16 (float tensors only)
-_FLOATS = {FLOAT_BITS: "<f4", HALF_BITS: "<f2"}
+FLOAT_DTYPES = {FLOAT_BITS: "<f4", HALF_BITS: "<f2"}  # bits -> stored little-endian dtype
 
 
 class Sparse(NamedTuple):
@@ -83,7 +83,7 @@ class Sparse(NamedTuple):
 
 def value_bytes(count: int, bits: int) -> int:
   """Bytes of ``count`` values at ``bits`` bits (``32``: float32, ``16``: float16)."""
-  return bits // 8 * count if bits in _FLOATS else packed_size(count, bits)
+  return bits // 8 * count if bits in FLOAT_DTYPES else packed_size(count, bits)
 
 
 def gaps_of(nonzero: np.ndarray) -> np.ndarray:
@@ -164,17 +164,17 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
 
 
 def _pack_values(values: np.ndarray, bits: int) -> np.ndarray:
-  if bits in _FLOATS:
-    return np.frombuffer(values.astype(_FLOATS[bits]).tobytes(), np.uint8).copy()
+  if bits in FLOAT_DTYPES:
+    return np.frombuffer(values.astype(FLOAT_DTYPES[bits]).tobytes(), np.uint8).copy()
   return pack_bits(values, bits)
 
 
 def _unpack_values(data: np.ndarray, bits: int, count: int) -> np.ndarray:
-  if bits in _FLOATS:
+  if bits in FLOAT_DTYPES:
     if data.size != bits // 8 * count:
       raise ConfigError(f"sparse values: {count} float{bits} values need {bits // 8 * count} "
                         f"bytes, got {data.size}")
-    return np.frombuffer(data.tobytes(), _FLOATS[bits]).astype(np.float32)
+    return np.frombuffer(data.tobytes(), FLOAT_DTYPES[bits]).astype(np.float32)
   return unpack_bits(data, bits, count)
 
 
