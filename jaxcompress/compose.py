@@ -454,7 +454,7 @@ class Compression:
     shapes = {l.path: l.shape for l in self.layers.layers}
     return {q.path: int(shapes[q.path][-1]) for q in model_state["quant"].layers
             if q.path in shapes and q.config.weight_bits is not None
-            and q.weight_axis == len(shapes[q.path]) - 1}
+            and quantization.channels_last(q.weight_axis, len(shapes[q.path]))}
 
   def gain_layers(self, model_state) -> dict[str, str]:
     """``{layer path: BatchNorm path}``: the folded BatchNorms whose gain the weight scales take.
@@ -473,7 +473,7 @@ class Compression:
     for layer in self.layers.layers:
       q = quantized.get(layer.path)
       if (layer.path in self.gain_norms and q is not None and q.config.weight_bits is not None
-          and q.weight_axis == len(layer.shape) - 1):
+          and quantization.channels_last(q.weight_axis, len(layer.shape))):
         out[layer.path] = self.gain_norms[layer.path]
     return out
 

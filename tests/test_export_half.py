@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import compose
+from jaxcompress import compose, quantization
 from jaxcompress.errors import ConfigError
 from jaxcompress.export import export_model, load, read_spec
 from jaxcompress.models import CharGPT
@@ -141,3 +141,9 @@ def test_a_transformer_without_batchnorms_halves_its_scales_exactly(tmp_path):
   assert embed and all(scale_bits[p] == 32 for p in embed)
   assert len(scale_bits) > len(embed) + 4
   assert all(b == 16 for p, b in scale_bits.items() if p not in embed)
+
+
+@pytest.mark.parametrize("axis, ndim, expected", [
+    (3, 4, True), (-1, 4, True), (1, 2, True), (0, 2, False), (2, 4, False), (None, 4, False)])
+def test_float16_scales_go_to_per_output_channel_weights_only(axis, ndim, expected):
+  assert quantization.channels_last(axis, ndim) is expected

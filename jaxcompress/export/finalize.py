@@ -43,7 +43,7 @@ from jaxcompress.errors import ConfigError, unknown
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.precision import SCALE_DTYPES, to_half
-from jaxcompress.quantization import quantize_int
+from jaxcompress.quantization import channels_last, quantize_int
 from jaxcompress.rules import flat_paths
 
 FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path> = [gain; bias]
@@ -119,7 +119,7 @@ def _int_tensor(path: str, weight: np.ndarray, spec: Any, gain: np.ndarray | Non
     scale, zp = scale.reshape(-1), np.broadcast_to(zp.reshape(-1), (q.shape[-1],))
   if gain is not None:
     scale = np.asarray(scale * np.asarray(gain, np.float32), np.float32)
-  half = half and axis is not None and moved is None
+  half = half and channels_last(spec.weight_axis, weight.ndim)
   if half:
     scale = np.asarray(to_half(scale))
   width = int(spec.weight_qmax) - int(spec.weight_qmin) + 1
@@ -169,8 +169,8 @@ def _weight_gains(gains_into: dict[str, str], folded: Mapping[str, tuple], weigh
                         f"{sorted(folded)})")
     shape = np.shape(flat_params.get(weight, ()))
     gain = np.asarray(folded[norm][0], np.float32)
-    if (spec is None or spec.weight_axis is None or len(shape) < 1
-        or spec.weight_axis % len(shape) != len(shape) - 1 or shape[-1] != gain.size):
+    if (spec is None or not channels_last(spec.weight_axis, len(shape))
+        or shape[-1] != gain.size):
       raise ConfigError(f"export gains_into: {weight!r} (for {norm!r}) must be an integer weight "
                         f"with one scale per output channel, {gain.size} of them")
     out[weight] = gain

@@ -21,7 +21,7 @@ from jaxcompress.quantization.config import FIRST, LAST, LayerConfig, default_ru
 from jaxcompress.quantization.fake_quant import dequantize, fake_quant, quantize_int
 from jaxcompress.quantization.kmeans import (Codebook, assign, cluster_params, codebook_grad,
                                              decode, decode_params, kmeans, kmeans_fake_quant)
-from jaxcompress.quantization.layer import QuantLayer
+from jaxcompress.quantization.layer import QuantLayer, channels_last
 from jaxcompress.quantization.lsq import lsq_fake_quant, lsq_grad_scale, lsq_init_step
 from jaxcompress.quantization.model import QuantState, Quantizer, quantize
 from jaxcompress.quantization.ptq import CALIBRATION_METHODS, calibrate
@@ -32,8 +32,8 @@ from jaxcompress.quantization.spec import LayerSpec, layer_specs
 __all__ = [
     "CALIBRATION_METHODS", "Codebook", "FIRST", "LAST", "LayerConfig", "LayerSpec", "QuantLayer",
     "QuantState", "Quantizer", "RANGE_METHODS", "assign", "bit_schedule", "calibrate",
-    "cluster_params", "codebook_grad", "decode", "decode_params", "default_rules", "dequantize",
-    "ema_range", "fake_quant", "kmeans", "kmeans_fake_quant", "layer_specs", "lsq_fake_quant",
-    "lsq_grad_scale", "lsq_init_step", "minmax_qparams", "progressive_bits", "qparams_from_range",
-    "qrange", "quantize", "quantize_int", "tensor_range",
+    "channels_last", "cluster_params", "codebook_grad", "decode", "decode_params", "default_rules",
+    "dequantize", "ema_range", "fake_quant", "kmeans", "kmeans_fake_quant", "layer_specs",
+    "lsq_fake_quant", "lsq_grad_scale", "lsq_init_step", "minmax_qparams", "progressive_bits",
+    "qparams_from_range", "qrange", "quantize", "quantize_int", "tensor_range",
 ]

@@ -54,6 +54,13 @@ class QuantLayer(NamedTuple):
   weight: str = "kernel"
 
 
+def channels_last(weight_axis: int | None, ndim: int) -> bool:
+  """Whether a weight of ``ndim`` axes has one scale per output channel along its last axis:
+  the scales a following BatchNorm's gain can go into, and the ones the export stores in float16
+  under ``scale_dtype='float16'`` (``weight_axis`` may count from the end)."""
+  return weight_axis is not None and ndim >= 1 and weight_axis % ndim == ndim - 1
+
+
 def bits_at(target: int | None, schedule: Any, step: Any) -> Any:
   """Bits a layer uses at ``step``: ``max(target, schedule(step))``; without schedule ``target``."""
   if target is None or schedule is None or step is None:
