@@ -230,6 +230,42 @@ def test_compression_export_carries_gains_in_the_weight_scales_exactly(tmp_path)
   assert "gains" not in per_tensor.eval_variables(state)["model_state"]
 
 
+class PartialBN(nn.Module):
+  """A conv and a Dense each followed by a BatchNorm without a scale or without a bias."""
+  use_scale: bool = True
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = lambda name: nn.BatchNorm(use_running_average=not train, epsilon=EPS, name=name,
+                                     use_scale=self.use_scale, use_bias=self.use_bias)
+    x = nn.relu(norm("norm_a")(nn.Conv(8, (3, 3), use_bias=False, name="stem")(x)))
+    return norm("norm_b")(nn.Dense(10, name="head")(x.mean((1, 2))))
+
+
+@pytest.mark.parametrize("use_scale, use_bias", [(False, True), (True, False), (False, False)])
+def test_batchnorms_without_scale_or_bias_fold_and_reload(tmp_path, use_scale, use_bias):
+  model = PartialBN(use_scale, use_bias)
+  variables = random_variables(model, (8, 8, 3))
+  comp = compose.build(model, variables, X8[:8], optimizer=optax.sgd(0.1), total_steps=1,
+                       quant=compose.QuantSpec(weight_bits=8, act_bits=8))
+  assert comp.fold_norms == {"norm_a": EPS, "norm_b": EPS}
+  state = comp.init_state(variables, X8[:8], calibration=[X8[:32]])
+  comp.export(str(tmp_path), state, input_shape=(8, 8, 3))
+  loaded = load(str(tmp_path), model)
+  got = np.asarray(loaded.logits(X8))
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(comp.logits_fn)(
+      comp.eval_variables(state), X8)))
+  # The head's BatchNorm keeps its gain: NumPy's fold with the missing scale 1 or bias 0.
+  p, st = variables["params"].get("norm_b", {}), variables["batch_stats"]["norm_b"]
+  gain = p.get("scale", 1.0) / np.sqrt(st["var"].astype(np.float64) + EPS)
+  bias = p.get("bias", 0.0) - st["mean"] * gain
+  np.testing.assert_allclose(loaded.finalized.tensors["fold/norm_b"].kernel(),
+                             np.stack([gain, bias]), rtol=1e-6, atol=1e-7)
+  want = np.asarray(model.apply(variables, X8))
+  np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
+
+
 def test_kernel_pruned_training_exports_whole_kernels_as_blocks(tmp_path):
   from jaxcompress.data import Batch
   model = ConvBN()
