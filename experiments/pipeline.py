@@ -276,28 +276,34 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   folders = ["export", "serving"] if config.export.serving else ["export"]
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
   main = parallel.is_main_process()
-  if main:
-    for path in tmp.values():
-      shutil.rmtree(path, ignore_errors=True)
-    report = comp.export(tmp["export"], state, input_shape=spec.image_shape,
-                         model_name=config.student.name)
-  parallel.sync("artifact written")
-  loaded = export.load(tmp["export"], comp.student)
-  slimmed = {}
-  if main and config.export.serving:
-    served = loaded
-    if config.export.slim:
-      skipped = export.slim(loaded)
-      served, slimmed = skipped.loaded, {p: list(c) for p, c in skipped.channels.items()}
-    export.save_serving(tmp["serving"], served, mean=config.data.mean, std=config.data.std)
-  result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
-  if not main:
-    return {}
-  agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
-  for name, path in tmp.items():
-    final = os.path.join(workdir, name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.rename(path, final)
+  try:
+    if main:
+      for path in tmp.values():
+        shutil.rmtree(path, ignore_errors=True)
+      report = comp.export(tmp["export"], state, input_shape=spec.image_shape,
+                           model_name=config.student.name)
+    parallel.sync("artifact written")
+    loaded = export.load(tmp["export"], comp.student)
+    slimmed = {}
+    if main and config.export.serving:
+      served = loaded
+      if config.export.slim:
+        skipped = export.slim(loaded)
+        served, slimmed = skipped.loaded, {p: list(c) for p, c in skipped.channels.items()}
+      export.save_serving(tmp["serving"], served, mean=config.data.mean, std=config.data.std)
+    result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
+    if not main:
+      return {}
+    agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
+    for name, path in tmp.items():
+      final = os.path.join(workdir, name)
+      shutil.rmtree(final, ignore_errors=True)
+      os.rename(path, final)
+  except BaseException:  # nothing half-written stays behind
+    if main:
+      for path in tmp.values():
+        shutil.rmtree(path, ignore_errors=True)
+    raise
   write_text(os.path.join(workdir, "export_size.md"), export.format_report(report) + "\n")
   out = {"size_bytes": int(report["total_bytes"]),
          "compression_ratio": round(original_bytes / report["total_bytes"], 3),

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 from configs import cifar_distill, cifar_sft
 from experiments.pipeline import train_and_evaluate
 from jaxcompress.errors import ConfigError
+from jaxcompress import export as export_lib
 from jaxcompress.export import read_spec
 from jaxcompress.models import create_model
 
@@ -130,6 +131,23 @@ def test_kmeans_weights_export_as_a_codebook_and_predict_alike(mlp_weights, tmp_
   kinds = {layer["path"]: layer["kind"] for layer in spec["layers"]}
   assert kinds["params/fc2/kernel"] == "kmeans" and kinds["params/fc1/kernel"] != "kmeans"
   assert results["compressed"]["export_agreement"] == 1.0
+
+
+def test_a_failed_export_leaves_nothing_half_written_and_the_rerun_finishes(mlp_weights, tmp_path,
+                                                                           monkeypatch):
+  config = _config(mlp_weights)
+  config.export.enabled = True
+
+  def broken(*args, **kwargs):
+    raise ConfigError("model.exported: unreadable")
+
+  monkeypatch.setattr(export_lib, "load", broken)
+  with pytest.raises(ConfigError, match="unreadable"):
+    _run(config, tmp_path)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(("export", "serving"))]
+  monkeypatch.undo()
+  assert _run(config, tmp_path)["compressed"]["export_agreement"] == 1.0
+  assert os.listdir(tmp_path / "export")
 
 
 def test_validation_accepts_own_models_msgpack_and_orbax_weights_and_random_init(tmp_path,
