@@ -222,6 +222,21 @@ def test_tied_embedding_is_both_first_and_last():
   assert layers.prune_rules()[0] == ("Embed_0/embedding", False)
 
 
+def test_attention_kernels_group_along_their_input_axes_in_linen_and_nnx():
+  """N:M groups run along what a projection sums over: ``[in, heads, dim]`` -> the ``in`` axis,
+  the output projection ``[heads, dim, out]`` -> both head axes (by hand, from the shapes)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(8, 5, 6)).astype(np.float32)
+  linen = trace_layers(*_linen(LinenAttention)(0, x), x).reduce_axes()
+  attn = "MultiHeadDotProductAttention_0"
+  assert {k: linen[f"{attn}/{k}/kernel"] for k in ("query", "key", "value", "out")} == {
+      "query": (0,), "key": (0,), "value": (0,), "out": (0, 1)}
+  nnx_axes = trace_layers(*_nnx(NNXTransformer)(0, x), x).reduce_axes()
+  assert {k: nnx_axes[f"blocks/0/{k}/kernel"] for k in ("query", "key", "value", "out")} == {
+      "query": (0,), "key": (0,), "value": (0,), "out": (0, 1)}
+  assert nnx_axes["mlp/kernel"] == (0,)  # LinearGeneral(16, (2, 8)): [16, 2, 8]
+
+
 def test_weights_outside_layers_are_listed_not_compressed():
   class Custom(nn.Module):
     @nn.compact

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -129,7 +129,8 @@ def contraction_axes(module: Any, ndim: int) -> tuple[int, ...]:
   if isinstance(module, (nn.DenseGeneral, nnx.LinearGeneral)):
     axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
     batch = module.batch_dims if isinstance(module, nn.DenseGeneral) else module.batch_axis
-    batch = batch if isinstance(batch, (tuple, list, dict)) else (batch,)
+    # Linen: an int or a tuple of ints; NNX: a mapping of batch axis to size (a FrozenDict)
+    batch = batch if isinstance(batch, (tuple, list, Mapping)) else (batch,)
     return tuple(range(len(batch), len(batch) + len(axis)))
   if isinstance(module, (nn.Einsum, nnx.Einsum)):
     inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
