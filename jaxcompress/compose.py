@@ -77,7 +77,7 @@ class PruneSpec:
       input and output channel, see :func:`jaxcompress.pruning.kernels`), ``nm`` (N:M along the
       reduction axis), ``channel``.
     sparsity: final fraction of pruned weights in the selected weights (of kernels for
-      ``kernel``), in ``[0, 1)``.
+      ``kernel``), in ``[0, 1)``; ``nm`` always prunes ``1 - n/m`` and needs it ``> 0``.
     scope: unstructured and kernel only: ``layer`` (per weight) or ``global`` (across weights).
     schedule: ``gradual`` (Zhu & Gupta cubic), ``one_shot``, ``constant``.
     begin: fraction of training where pruning starts.
@@ -130,6 +130,10 @@ class PruneSpec:
     check_range("prune.end", self.end, self.begin, 1.0, hi_closed=True)
     if self.structure == "nm" and not 0 < self.n < self.m:
       raise invalid("prune.n", self.n, f"in [1, prune.m={self.m})")
+    if self.structure == "nm" and self.method != "none" and not self.sparsity > 0:
+      raise invalid("prune.sparsity", self.sparsity, "> 0 with prune.structure=nm (0 prunes "
+                    "nothing)", f"N:M prunes 1 - n/m = {1 - self.n / self.m:g} of the weights; "
+                    "give that")
     if self.update_every < 1:
       raise invalid("prune.update_every", self.update_every, ">= 1")
     for i, rule in enumerate(self.layer_sparsity):
@@ -737,6 +741,10 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     else:
       schedule = pruning.constant_schedule(prune.sparsity)
     sel = pruning.select({"model": variables["params"]}, rules)  # rules matching nothing warn
+    masker = prune.masker(layers.reduce_axes("model/"))
+    if prune.structure == "nm":  # a weight whose groups do not fit fails here, not in the step
+      jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0),
+                     sel.pick(sel.leaves))
     if prune.structure == "unstructured" and prune.scope == "layer" and not any(
         round(prune.sparsity * leaf.size) for leaf in sel.pick(sel.leaves)):
       warnings.warn(f"prune.sparsity={prune.sparsity} prunes no weight: each selected weight is "
@@ -744,8 +752,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     # The composed step applies the wrapper's updates unchanged (it is the outermost transform),
     # so the contract check and its host callback are left out of the step.
     opt = pruning.prune(optimizer, schedule, score=prune.method,
-                        structure=prune.masker(layers.reduce_axes("model/")),
-                        rules=rules, update_every=every, seed=prune.seed, check_updates=False)
+                        structure=masker, rules=rules, update_every=every, seed=prune.seed, check_updates=False)
   quantizer = None
   kmeans_bits = quant.weight_bits if quant.method == "kmeans" else 0
   edges = set(layers.edge_weights()) if quant.first_last_bits else set()

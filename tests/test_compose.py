@@ -1,5 +1,8 @@
 """The composed train step: every subset of prune / quantize / distill, on a tiny MLP."""
 
+import dataclasses
+
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -145,6 +148,30 @@ def test_a_gradual_schedule_needs_two_steps():
 def test_bad_specs_fail_when_built(key, value, match):
   with pytest.raises(ConfigError, match=match):
     _specs(prune=True, quant=True, distill=True, **{key: value})
+
+
+def test_nm_without_sparsity_or_on_ungroupable_weights_fails_when_built():
+  with pytest.raises(ConfigError, match=r"prune.sparsity must be > 0 with prune.structure=nm .*"
+                     r"got 0.0; N:M prunes 1 - n/m = 0.5"):
+    compose.PruneSpec(structure="nm")
+
+  class Depthwise(nn.Module):  # the middle conv sums over 1 input channel: no groups of 4
+    @nn.compact
+    def __call__(self, x):
+      x = nn.Conv(8, (3, 3))(x)
+      x = nn.Conv(8, (3, 3), feature_group_count=8)(x)
+      return nn.Dense(4)(nn.Conv(8, (1, 1))(x).mean((1, 2)))
+
+  x = _batches(1)[0].image
+  model = Depthwise()
+  variables = model.init(jax.random.key(0), x)
+  prune = compose.PruneSpec(structure="nm", sparsity=0.5)
+  with pytest.raises(ConfigError, match=r"prune.m \(leaf 'model/Conv_1/kernel', axis 2 of length "
+                     r"1\) must be a divisor of 1, got 4; exclude this leaf"):
+    compose.build(model, variables, x, optimizer=OPT, total_steps=4, prune=prune)
+  comp = compose.build(model, variables, x, optimizer=OPT, total_steps=4,
+                       prune=dataclasses.replace(prune, rules=(("Conv_2/kernel", True),)))
+  assert comp.prune_enabled
 
 
 def test_distillation_without_teacher_is_refused():
