@@ -361,6 +361,7 @@ class Compression:
   kmeans_bits: int = 0
   compute_dtype: str = "float32"
   half_scales: bool = False
+  example_shape: tuple | None = None  # one example of build's sample_input (None: not one array)
 
   @property
   def prune_enabled(self) -> bool:
@@ -581,6 +582,9 @@ class Compression:
       The artifact's size report.
     """
     from jaxcompress import export  # heavy; only exporting needs it
+    if self.example_shape is not None and len(input_shape) != len(self.example_shape):
+      raise invalid("export input_shape", tuple(input_shape), f"one example's shape, without the "
+                    f"batch axis (build's sample: {self.example_shape})")
     variables = self.variables(state)
     model_state = jax.device_get(state.model_state)
     codebooks = {path: quantization.assign(tree_get(variables["params"], path), book)
@@ -605,6 +609,10 @@ class Compression:
 
     The caller's arrays are copied, so a train step never deletes arrays the caller still holds.
     """
+    _require_params(student_vars, "student_vars")
+    if isinstance(calibration, (np.ndarray, jax.Array)):
+      raise invalid("calibration", f"one array of shape {tuple(calibration.shape)}",
+                    "a sequence of input batches", "pass [x]")
     student_vars = jax.tree.map(jnp.array, dict(student_vars))
     params = {"model": student_vars.pop("params")}
     model_state = dict(student_vars)
@@ -631,6 +639,20 @@ class Compression:
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
+
+
+def _example_shape(sample_input: Any) -> tuple | None:
+  leaves = jax.tree.leaves(sample_input)
+  return tuple(np.shape(leaves[0])[1:]) if len(leaves) == 1 and np.ndim(leaves[0]) else None
+
+
+def _require_params(variables: Any, field: str) -> None:
+  """One line when ``variables`` is not a model's variables dict (e.g. its ``params`` alone)."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    keys = sorted(map(str, variables))[:4] if isinstance(variables, Mapping) else []
+    raise invalid(field, f"a {type(variables).__name__} with keys {keys}",
+                  "the model's variables, a dict with a 'params' entry (what init returns)",
+                  "pass {'params': params, ...}, not the params alone")
 
 
 def _gain_norms(fm: Functional, variables: dict, layers: ModelLayers, fold_norms: dict,
@@ -718,6 +740,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       unknown compute dtype.
   """
   precision.compute_dtype(compute_dtype)
+  _require_params(variables, "variables")
   s = functional(student)
   layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:
@@ -741,18 +764,19 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     else:
       schedule = pruning.constant_schedule(prune.sparsity)
     sel = pruning.select({"model": variables["params"]}, rules)  # rules matching nothing warn
+    picked = sel.pick(sel.leaves)  # none: select() has warned already
     masker = prune.masker(layers.reduce_axes("model/"))
     if prune.structure == "nm":  # a weight whose groups do not fit fails here, not in the step
-      jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0),
-                     sel.pick(sel.leaves))
-    if prune.structure == "unstructured" and prune.scope == "layer" and not any(
-        round(prune.sparsity * leaf.size) for leaf in sel.pick(sel.leaves)):
+      jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0), picked)
+    if prune.structure == "unstructured" and prune.scope == "layer" and picked and not any(
+        round(prune.sparsity * leaf.size) for leaf in picked):
       warnings.warn(f"prune.sparsity={prune.sparsity} prunes no weight: each selected weight is "
                     "too small for that fraction to round to one entry", stacklevel=2)
     # The composed step applies the wrapper's updates unchanged (it is the outermost transform),
     # so the contract check and its host callback are left out of the step.
     opt = pruning.prune(optimizer, schedule, score=prune.method,
-                        structure=masker, rules=rules, update_every=every, seed=prune.seed, check_updates=False)
+                        structure=masker, rules=rules, update_every=every, seed=prune.seed,
+                        check_updates=False)
   quantizer = None
   kmeans_bits = quant.weight_bits if quant.method == "kmeans" else 0
   edges = set(layers.edge_weights()) if quant.first_last_bits else set()
@@ -789,4 +813,5 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       quantizer=quantizer, optimizer=opt, prune=prune, distill=distill, prune_rules=rules,
       fold_norms=fold_norms, gain_norms=gain_norms, kmeans_bits=int(kmeans_bits),
       kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges),
-      compute_dtype=compute_dtype, half_scales=quant.scale_dtype == "float16")
+      compute_dtype=compute_dtype, half_scales=quant.scale_dtype == "float16",
+      example_shape=_example_shape(sample_input))

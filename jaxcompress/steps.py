@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxcompress import parallel, precision
 from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
 from jaxcompress.metrics import classification_report, confusion_matrix
 from jaxcompress.models.functional import functional
 
@@ -116,6 +117,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   base_key = jax.random.key(seed)
 
   def step(state: TrainState, batch: Batch, *aux):
+    if len(aux) != num_aux:  # checked while tracing: one line, not a failure deep in the loss
+      raise ConfigError(f"train step: takes {num_aux} input(s) after the batch, got {len(aux)} "
+                        "(with distillation: step(state, batch, teacher_vars))")
     rng = jax.random.fold_in(base_key, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng,

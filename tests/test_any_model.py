@@ -276,6 +276,13 @@ def test_a_sparsity_that_prunes_nothing_warns():
   with pytest.warns(UserWarning, match="prunes no weight"):
     compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
                   total_steps=4, prune=compose.PruneSpec(sparsity=0.0001))
+  # Rules that select nothing get their own warning, not the one about rounding.
+  with pytest.warns(UserWarning) as caught:
+    compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
+                  total_steps=4, prune=compose.PruneSpec(sparsity=0.5, rules=(("nothing", True),)))
+  messages = [str(w.message) for w in caught]
+  assert any("no leaf of the tree is selected" in m for m in messages), messages
+  assert not any("prunes no weight" in m for m in messages), messages
 
 
 def test_a_model_that_does_not_fit_the_artifact_is_refused(tmp_path):

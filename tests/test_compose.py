@@ -1,6 +1,7 @@
 """The composed train step: every subset of prune / quantize / distill, on a tiny MLP."""
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -172,6 +173,27 @@ def test_nm_without_sparsity_or_on_ungroupable_weights_fails_when_built():
   comp = compose.build(model, variables, x, optimizer=OPT, total_steps=4,
                        prune=dataclasses.replace(prune, rules=(("Conv_2/kernel", True),)))
   assert comp.prune_enabled
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path):
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE)
+  batch = _batches(1)[0]
+  with pytest.raises(ConfigError, match=r"variables must be the model's variables, a dict with "
+                     r"a 'params' entry .*; pass \{'params': params, ...\}"):
+    compose.build(student, svars["params"], batch.image, optimizer=OPT, total_steps=4)
+  comp = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4, teacher=student,
+                       **_specs(quant=True, distill=True))
+  with pytest.raises(ConfigError, match=r"calibration must be a sequence of input batches, got "
+                     r"'one array of shape \(8, 6, 6, 3\)'; pass \[x\]"):
+    comp.init_state(svars, batch.image, teacher_vars=svars, calibration=batch.image)
+  state = comp.init_state(svars, batch.image, teacher_vars=svars, calibration=[batch.image])
+  with pytest.raises(ConfigError, match=r"train step: takes 1 input\(s\) after the batch, got 0 "
+                     r"\(with distillation: step\(state, batch, teacher_vars\)\)"):
+    comp.make_train_step()(state, batch)
+  with pytest.raises(ConfigError, match=r"export input_shape must be one example's shape, without "
+                     r"the batch axis \(build's sample: \(6, 6, 3\)\), got \(8, 6, 6, 3\)"):
+    comp.export(str(tmp_path / "export"), state, input_shape=batch.image.shape)
+  assert not os.path.exists(tmp_path / "export")
 
 
 def test_distillation_without_teacher_is_refused():
