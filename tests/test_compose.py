@@ -190,6 +190,10 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"train step: takes 1 input\(s\) after the batch, got 0 "
                      r"\(with distillation: step\(state, batch, teacher_vars\)\)"):
     comp.make_train_step()(state, batch)
+  with pytest.raises(ConfigError, match=r"batch.label must be integer class ids \(shape \(8,\)\), "
+                     r"got float32 of shape \(8, 4\); one-hot labels: pass their argmax"):
+    comp.make_train_step()(state, batch._replace(label=np.eye(4, dtype=np.float32)[batch.label]),
+                           svars)
   with pytest.raises(ConfigError, match=r"export input_shape must be one example's shape, without "
                      r"the batch axis \(build's sample: \(6, 6, 3\)\), got \(8, 6, 6, 3\)"):
     comp.export(str(tmp_path / "export"), state, input_shape=batch.image.shape)
