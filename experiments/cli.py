@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import sys
 from typing import Callable
 
@@ -38,11 +39,14 @@ def run(main: Callable[[list[str]], None]) -> None:
         flags.FLAGS["config"].value.keys()
       except (OSError, ValueError) as e:  # config_flags loads the file lazily
         fail(f"--config={flags.FLAGS['config'].config_filename}: " + " ".join(str(e).split()))
+    workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+      fail(f"--workdir={workdir} is a file; give a folder (new or a run's, to resume)")
     try:
       main(argv)
     except ConfigError as e:
       fail(str(e))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
       fail(f"{e.strerror}: {e.filename}")
 
   try:

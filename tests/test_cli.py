@@ -86,3 +86,15 @@ def test_main_job_wrong_depth_teacher_weights(tmp_path):
   assert proc.stderr.splitlines()[-1].startswith("error: teacher.weights=")
   assert "missing 180 tensors" in proc.stderr.splitlines()[-1]
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("job,config", [("experiments.cifar_distill", "cifar_distill.py:quick"),
+                                        ("experiments.train_lm", "shakespeare.py:quick")])
+def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(tmp_path, job, config):
+  path = tmp_path / "notes.txt"
+  path.write_text("mine")
+  proc = _run(job, f"--config=configs/{config}", f"--workdir={path}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1] == (f"error: --workdir={path} is a file; give a folder (new "
+                                          "or a run's, to resume)")
+  assert path.read_text() == "mine"
