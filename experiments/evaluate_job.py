@@ -44,7 +44,7 @@ def evaluate_config(config) -> dict:
                                     image_shape=spec.image_shape, weights=config.model.weights)
     logits_fn = lambda v, x, fm=functional(model): fm.apply(v, x)[0]
   split = data_lib.load_split(config.data.name, config.data.eval_split,
-                              data_dir=config.data.data_dir)
+                              data_dir=config.data.data_dir, field="data.eval_split")
   eval_step = make_eval_step(logits_fn, mesh=mesh)
   result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split,
                           DataSpec.from_mapping(config.data), mesh=mesh)

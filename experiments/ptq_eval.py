@@ -279,10 +279,11 @@ def post_training_quantization(config) -> dict:
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights)
   calib_split = f"{config.data.train_split}[:{p.calibration_examples}]"
-  calib_x, _ = data_lib.load_split(config.data.name, calib_split, data_dir=config.data.data_dir)
+  calib_x, _ = data_lib.load_split(config.data.name, calib_split, data_dir=config.data.data_dir,
+                                   field="data.train_split")
   calib_x = calib_x[:p.calibration_examples]  # a source that ignores the slice (mock data)
   test = data_lib.load_split(config.data.name, config.data.eval_split,
-                             data_dir=config.data.data_dir)
+                             data_dir=config.data.data_dir, field="data.eval_split")
   bs = p.calibration_batch_size
   calibration = [data_lib.normalize(calib_x[i:i + bs], config.data.mean, config.data.std)
                  for i in range(0, len(calib_x), bs)]

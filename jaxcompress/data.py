@@ -236,15 +236,16 @@ def prepare(name: str, data_dir: str | None = None) -> str:
   return root
 
 
-def _open_source(name: str, split: str, root: str):
-  """``tfds.data_source`` of the split, or the one-line error saying why it cannot be read."""
+def _open_source(name: str, split: str, root: str, field: str = "data.split"):
+  """``tfds.data_source`` of the split, or the one-line error (naming ``field``) saying why it
+  cannot be read."""
   import tensorflow_datasets as tfds  # imported lazily: it is slow to import
 
   try:
     return tfds.data_source(name, split=split, data_dir=root, download=False)
   except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
     _check_prepared(name, root)
-    raise ConfigError(f"data.split: cannot read split {split!r} of {name!r} from {root!r} "
+    raise ConfigError(f"{field}: cannot read split {split!r} of {name!r} from {root!r} "
                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
@@ -331,7 +332,7 @@ class SourceSplit:
 
 
 def open_split(name: str, split: str, *, data_dir: str | None = None,
-               prepare_missing: bool = True) -> SourceSplit:
+               prepare_missing: bool = True, field: str = "data.split") -> SourceSplit:
   """Opens a TFDS split for random access, without TensorFlow and without decoding it yet.
 
   Args:
@@ -341,6 +342,7 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
     prepare_missing: when the dataset is not prepared in the data folder, download and prepare it
       there with :func:`prepare` (needs TensorFlow and internet); ``False``: raise instead (for
       tests and offline runs).
+    field: the config field that gave ``split``, for the error of an unreadable split.
 
   Returns:
     A :class:`SourceSplit` of the whole split, in its record order.
@@ -352,23 +354,24 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
   spec = dataset_spec(name)
   root = resolve_data_dir(data_dir)
   try:
-    source = _open_source(name, split, root)
+    source = _open_source(name, split, root, field)
   except ConfigError:
     if _is_prepared(name, root):
       raise
     if not prepare_missing:
       raise _not_prepared(name, root, " and prepare_missing=False") from None
     prepare(name, root)
-    source = _open_source(name, split, root)
+    source = _open_source(name, split, root, field)
   return SourceSplit(_Decoded(source, spec.image_shape), 0, len(source))
 
 
 def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
-               prepare_missing: bool = True) -> tuple[np.ndarray, np.ndarray]:
+               prepare_missing: bool = True, field: str = "data.split"
+               ) -> tuple[np.ndarray, np.ndarray]:
   """Decodes a whole TFDS split into memory, without TensorFlow.
 
   Args:
-    name, split, data_dir, prepare_missing: as for :func:`open_split`.
+    name, split, data_dir, prepare_missing, field: as for :func:`open_split`.
     progress: show a progress bar while decoding.
 
   Returns:
@@ -377,7 +380,8 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, progress: 
   Raises:
     ConfigError: as :func:`open_split`.
   """
-  source = open_split(name, split, data_dir=data_dir, prepare_missing=prepare_missing)
+  source = open_split(name, split, data_dir=data_dir, prepare_missing=prepare_missing,
+                      field=field)
   n, chunk = len(source), 1000
   parts = []
   with tqdm(total=n, desc=f"decode {name}/{split}", unit="img", disable=not progress,

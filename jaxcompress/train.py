@@ -98,7 +98,8 @@ def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
     ConfigError: missing data, or too few training examples for the held-out set or one batch.
   """
   out = {}
-  train = data_lib.open_split(data.name, data.train_split, data_dir=data.data_dir)
+  train = data_lib.open_split(data.name, data.train_split, data_dir=data.data_dir,
+                              field="data.train_split")
   if data.val_examples:
     if not 0 < data.val_examples < len(train):
       raise invalid("data.val_examples", data.val_examples,
@@ -112,7 +113,8 @@ def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
     raise invalid("data.batch_size", data.batch_size,
                   f"at most the {len(train)} training examples")
   out["train"] = train
-  out["eval"] = data_lib.open_split(data.name, data.eval_split, data_dir=data.data_dir)
+  out["eval"] = data_lib.open_split(data.name, data.eval_split, data_dir=data.data_dir,
+                                    field="data.eval_split")
   return out
 
 
