@@ -22,12 +22,12 @@ import numpy as np
 
 from experiments import report as report_lib
 from experiments.train_job import train_model
-from jaxcompress import compose, parallel, precision, pruning
+from jaxcompress import compose, parallel, precision, pruning, quantization
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import (MetricsLog, Stages, check_workdir, write_json,
                                     write_text)
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, invalid, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, resolve_weights,
@@ -97,6 +97,12 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   precision.compute_dtype(config.train.compute_dtype)
   DataSpec.from_mapping(config.data)
   compression_specs(config)
+  if config.quant.calibration not in quantization.CALIBRATION_METHODS:
+    raise unknown("quant.calibration", config.quant.calibration, quantization.CALIBRATION_METHODS)
+  n = config.quant.calibration_examples
+  if not isinstance(n, int) or n < 1:
+    raise invalid("quant.calibration_examples", n, "an integer >= 1", "the first of them also "
+                  "trace the student to find its layers")
   return folder, paths, to_train
 
 

@@ -111,6 +111,10 @@ def test_a_different_config_in_the_same_workdir_is_refused(mlp_weights, tmp_path
     ("prune.method", "obd", "prune.method must be one of"),
     ("student.weights", "/absent.npz", "student.weights: no such file"),
     ("teacher.name", "resnet19", "teacher.name must be one of"),
+    ("quant.calibration", "minmx", "quant.calibration must be one of ema, minmax, mse, "
+     "percentile, got 'minmx'"),
+    ("quant.calibration_examples", 0, "quant.calibration_examples must be an integer >= 1, "
+     "got 0"),
 ])
 def test_bad_config_writes_nothing(mlp_weights, tmp_path, key, value, match):
   config = _config(mlp_weights)
