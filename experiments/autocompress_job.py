@@ -60,6 +60,9 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   for field in ("size_bytes", "ratio", "bops"):
     if b[field] < 0:
       raise invalid(f"budget.{field}", b[field], ">= 0 (0: not this budget)")
+  if 0 < b.ratio <= 1:
+    raise invalid("budget.ratio", b.ratio, "> 1 (the float32 size over the budget) or 0 (not "
+                  "this budget)")
   given = [f for f in ("size_bytes", "ratio", "bops") if b[f]]
   if not given:
     raise ConfigError("budget: give one of budget.size_bytes, budget.ratio or budget.bops, e.g. "

@@ -113,6 +113,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
 
 @pytest.mark.parametrize("budget,match", [
     (dict(ratio=10.0, size_bytes=1000), "contradict"),
+    (dict(ratio=0.5), r"budget.ratio must be > 1 \(the float32 size over the budget\)"),
     (dict(ratio=10.0, bops=1e6), "contradict"),
     (dict(ratio=10.0, device="tpu"), "budget.device"),
     (dict(), "give one of"),
