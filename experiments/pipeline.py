@@ -13,7 +13,6 @@ it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; exp
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -128,7 +127,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   main = parallel.is_main_process()
   stages = Stages(workdir)
   parallel.sync("stages read")  # process 0 writes it only once every process has read it
-  claim_workdir = lambda: check_workdir(_recorded(config), workdir)  # by process 0
+  # WORKDIR/config.json records all but `parallel`: a run may resume on another number of
+  # processes (its batches do not depend on it). Process 0 claims the workdir.
+  claim_workdir = lambda: check_workdir(config, workdir, ignore=("parallel",))
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
@@ -252,12 +253,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
     write_json(os.path.join(workdir, "results.json"), results)  # last: its presence means done
   return results
-
-
-def _recorded(config) -> dict:
-  """The settings ``WORKDIR/config.json`` records: all but ``parallel``, so that a run may
-  resume on another number of processes (its batches do not depend on it)."""
-  return {k: v for k, v in json.loads(config.to_json()).items() if k != "parallel"}
 
 
 def _export(config, workdir: str, comp, state, original_bytes: int, predictions: list,

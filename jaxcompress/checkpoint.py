@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
@@ -185,7 +185,7 @@ def claim_workdir(workdir: str) -> bool:
                     "claiming it); try again")
 
 
-def check_workdir(config: dict, workdir: str) -> None:
+def check_workdir(config: dict, workdir: str, *, ignore: Sequence[str] = ()) -> None:
   """Creates and claims ``workdir`` and records ``config``; refuses another config's or job's.
 
   In a run of several processes (``jax.distributed``) process 0 alone claims and records the
@@ -195,21 +195,31 @@ def check_workdir(config: dict, workdir: str) -> None:
     config: the run's settings as a JSON-able dict of sections (an object with a ``to_json()``
       method, such as an ``ml_collections.ConfigDict``, is converted with it).
     workdir: the run's folder.
+    ignore: fields left out of the record, settings a resumed run may change: sections
+      (``parallel``, the number of processes) or dotted fields (``train.epochs``, to extend a
+      run).
 
   Raises:
     ConfigError: naming the first config field that differs from the run already in ``workdir``
       (e.g. ``student.name``) with both values, or the process that holds its lock (see
       :func:`claim_workdir`).
   """
-  parallel.on_main_process(lambda: _check_workdir(config, workdir))
+  parallel.on_main_process(lambda: _check_workdir(config, workdir, tuple(ignore)))
 
 
-def _check_workdir(config, workdir: str) -> None:
+def _check_workdir(config, workdir: str, ignore: tuple[str, ...]) -> None:
   os.makedirs(workdir, exist_ok=True)
   claimed = claim_workdir(workdir)
   path = os.path.join(workdir, "config.json")
   to_json = getattr(config, "to_json", None)
   current = json.loads(to_json() if to_json is not None else json.dumps(config))
+  for field in ignore:
+    *sections, key = field.split(".")
+    node = current
+    for section in sections:
+      node = node.get(section, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+      node.pop(key, None)
   saved = read_json(path)
   if saved and saved != current:
     if claimed:  # this call took the lock only to refuse: leave the workdir as it was

@@ -46,6 +46,17 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints"))[-1] == "8"
 
 
+def test_a_workdir_of_another_config_is_refused_and_left_alone(tmp_path):
+  _run(_config(1), tmp_path)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  c = _config(1)
+  c.train.learning_rate = 0.05
+  with pytest.raises(ConfigError, match=r"holds a run with a different config: "
+                     r"train.learning_rate is 0.01 there, 0.05 here"):
+    _run(c, tmp_path)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
 def test_batch_larger_than_the_data_is_rejected(tmp_path):
   c = _config(1)
   c.data.batch_size = 128
