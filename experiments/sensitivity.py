@@ -152,7 +152,7 @@ def one_shot_sensitivity(config) -> dict:
   rules = _policy(rules, model, variables, data_lib.dataset_spec(config.data.name).image_shape)
   params = variables.pop("params")
   split = data_lib.load_split(config.data.name, config.data.eval_split,
-                              data_dir=config.data.data_dir)
+                              data_dir=config.data.data_dir, field="data.eval_split")
   model_state = parallel.replicate(mesh, variables)
 
 
@@ -257,7 +257,7 @@ def iterative_search(config, workdir: str) -> dict:
   splits = load_data(data)
   if config.prune.val_split:
     splits["val"] = data_lib.open_split(config.data.name, config.prune.val_split,
-                                        data_dir=config.data.data_dir)
+                                        data_dir=config.data.data_dir, field="prune.val_split")
   per_epoch = data_lib.steps_per_epoch(len(splits["train"]), data.batch_size)
   steps = int(round(loop.epochs * per_epoch))
   if steps < 1:
