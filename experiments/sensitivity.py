@@ -101,11 +101,14 @@ def _policy(rules, model, variables, image_shape) -> list:
   return trace_layers(model, variables, sample, field="model.name").prune_rules()
 
 
-def _check_sparsities(field: str, values: Sequence[float]) -> None:
+def _check_sparsities(field: str, values: Sequence[float], increasing: bool = False) -> None:
   if not len(values):
     raise invalid(field, values, "a non-empty list of sparsities in [0, 1)")
   for i, s in enumerate(values):
     check_sparsity(s, f"{field}[{i}]")
+    if increasing and i and s <= values[i - 1]:
+      raise invalid(f"{field}[{i}]", s, f"> {field}[{i - 1}]={values[i - 1]}",
+                    "list the targets in increasing order")
 
 
 def _check_scope(field: str, scope: str) -> None:
@@ -224,7 +227,7 @@ def iterative_search(config, workdir: str) -> dict:
       another config's run.
   """
   t0 = time.perf_counter()
-  _check_sparsities("prune.sparsities", config.prune.sparsities)
+  _check_sparsities("prune.sparsities", config.prune.sparsities, increasing=True)
   _check_scope("prune.scope", config.prune.scope)
   if config.prune.tolerance < 0:
     raise invalid("prune.tolerance", config.prune.tolerance, ">= 0 (accuracy points)")
@@ -246,7 +249,6 @@ def iterative_search(config, workdir: str) -> dict:
   get_model(config.model.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
-  check_workdir(config, workdir)
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
@@ -263,6 +265,7 @@ def iterative_search(config, workdir: str) -> dict:
   if steps < 1:
     raise invalid("train.epochs", loop.epochs,
                   f"at least one step per round (>= 1/{per_epoch} epoch)")
+  check_workdir(config, workdir)  # weights, data and splits checked: only now write
   # Outermost: the train step applies its updates unchanged, so no contract check is needed.
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,
