@@ -22,7 +22,9 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from jaxcompress.errors import invalid
 
+N_IMAGES = 50_000  # a CIFAR-10-sized training set of random pixels
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to time (default: all).")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
@@ -42,8 +44,33 @@ def time_pipeline(images, labels, batch_size, steps):
   return batch_size * steps / (time.perf_counter() - t0), time.process_time() - c0
 
 
+def check_flags(*, variants: list[str] | None, steps: int, rounds: int, batch_size: int) -> None:
+  """Refuses flag values the benchmark cannot run with, before anything is built or compiled.
+
+  Args:
+    variants: ``--variants`` (None or empty: all).
+    steps: ``--steps``, timed steps per variant per round.
+    rounds: ``--rounds``, interleaved rounds.
+    batch_size: ``--batch_size``, the global batch of the ResNet-20 variants.
+
+  Raises:
+    ConfigError: naming the flag, for a count below 1, a batch larger than the random training
+      set or an unknown variant.
+  """
+  from experiments import bench_lib
+  for field, value in (("--steps", steps), ("--rounds", rounds), ("--batch_size", batch_size)):
+    if value < 1:
+      raise invalid(field, value, ">= 1")
+  if batch_size > N_IMAGES:
+    raise invalid("--batch_size", batch_size, f"<= {N_IMAGES}",
+                  "the random training set has that many images")
+  bench_lib.check_names(variants)
+
+
 def main(argv):
   del argv
+  check_flags(variants=_VARIANTS.value, steps=_STEPS.value, rounds=_ROUNDS.value,
+              batch_size=_BATCH.value)
   import jax
   from experiments import bench_lib
   from jaxcompress.data import train_batches
@@ -51,9 +78,8 @@ def main(argv):
   from configs.common import IMAGENET_MEAN, IMAGENET_STD
 
   rng = np.random.default_rng(0)
-  n = 50_000  # a CIFAR-10-sized training set of random pixels
-  images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-  labels = rng.integers(0, 10, n).astype(np.int32)
+  images = rng.integers(0, 256, (N_IMAGES, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, N_IMAGES).astype(np.int32)
   batches = list(itertools.islice(train_batches((images, labels), _BATCH.value, seed=0,
                                                 epoch=0, mean=IMAGENET_MEAN,
                                                 std=IMAGENET_STD), 4))

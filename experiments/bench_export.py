@@ -36,6 +36,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from jaxcompress.errors import check_range, invalid
 
 _WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
                                "Weights name or path of the model ('' = random init).")
@@ -56,6 +57,37 @@ _MULTIPLE = flags.DEFINE_integer("multiple", 8, "With --exported: computed chann
                                  "to a multiple of this.")
 _MAX_KEPT = flags.DEFINE_float("max_kept", 0.75, "With --exported: slim a layer only when it "
                                "computes at most this fraction of its outputs.")
+
+
+def check_flags(*, model: str, fraction: float, batch_size: int, steps: int, rounds: int,
+                finetune_epochs: float, finetune_lr: float, exported: str, multiple: int,
+                max_kept: float) -> None:
+  """Refuses flag values the benchmark cannot run with, before any weights or data are loaded.
+
+  Args:
+    model, fraction, batch_size, steps, rounds, finetune_epochs, finetune_lr, exported, multiple,
+      max_kept: the values of the flags of the same names.
+
+  Raises:
+    ConfigError: naming the flag, for a count below 1, a fraction out of its range, a negative
+      fine-tuning length, a learning rate <= 0 or (without ``--exported``) a model that is not a
+      CIFAR ResNet.
+  """
+  for field, value in (("--batch_size", batch_size), ("--steps", steps), ("--rounds", rounds),
+                       ("--multiple", multiple)):
+    if value < 1:
+      raise invalid(field, value, ">= 1")
+  check_range("--fraction", fraction, 0.0, 1.0)
+  if not finetune_epochs >= 0:
+    raise invalid("--finetune_epochs", finetune_epochs, ">= 0", "0 skips the fine-tuning")
+  if not finetune_lr > 0:
+    raise invalid("--finetune_lr", finetune_lr, "> 0")
+  check_range("--max_kept", max_kept, 0.0, 1.0, lo_closed=False, hi_closed=True)
+  if not exported:
+    from jaxcompress.models import CifarResNet, get_model
+    if not isinstance(get_model(model, field="--model"), CifarResNet):
+      raise invalid("--model", model, "a CIFAR ResNet (resnet20 ... resnet110)",
+                    "channel surgery needs one; time any other model's artifact with --exported")
 
 
 def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
@@ -114,6 +146,10 @@ def interleaved(variants: dict, batches: list) -> tuple[dict, dict]:
 
 def main(argv):
   del argv
+  check_flags(model=_MODEL.value, fraction=_FRACTION.value, batch_size=_BATCH.value,
+              steps=_STEPS.value, rounds=_ROUNDS.value, finetune_epochs=_FT_EPOCHS.value,
+              finetune_lr=_FT_LR.value, exported=_EXPORTED.value, multiple=_MULTIPLE.value,
+              max_kept=_MAX_KEPT.value)
   if _EXPORTED.value:
     return bench_artifact()
   import jax

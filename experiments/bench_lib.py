@@ -123,14 +123,20 @@ def build_gpt_variant(name: str, sample_ids: np.ndarray) -> Variant:
   return Variant(comp.make_train_step(), [state], (teacher_vars,))
 
 
+def check_names(names: list[str] | None) -> None:
+  """Raises :class:`~jaxcompress.errors.ConfigError` naming ``--variants`` for a name in
+  ``names`` that is no variant (None or empty: all variants, valid)."""
+  for n in names or ():
+    if n not in VARIANTS and n not in GPT_VARIANTS:
+      raise unknown("--variants", n, list(VARIANTS) + list(GPT_VARIANTS))
+
+
 def build_variants(names: list[str] | None, sample_x: np.ndarray,
                    sample_ids: np.ndarray) -> tuple[dict, Callable | None]:
   """Builds the named variants (all when ``names`` is None) and the ResNet-56 teacher-forward
   timer (None when no CIFAR variant is named)."""
+  check_names(names)
   names = list(VARIANTS) + list(GPT_VARIANTS) if not names else names
-  for n in names:
-    if n not in VARIANTS and n not in GPT_VARIANTS:
-      raise unknown("--variants", n, list(VARIANTS) + list(GPT_VARIANTS))
   gpt = {n: build_gpt_variant(n, sample_ids) for n in names if n in GPT_VARIANTS}
   if not any(n in VARIANTS for n in names):
     return gpt, None

@@ -23,7 +23,9 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from jaxcompress.errors import check_range, invalid
 
+CIFAR10_TRAIN = 50_000  # images in the CIFAR-10 training split, the calibration source
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for export/ and serving/.", required=True)
 _WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
                                "PyTorch-layout .npz of the model.")
@@ -34,8 +36,33 @@ _ABITS = flags.DEFINE_integer("act_bits", 8, "Input bits of the inner layers.")
 _CALIB = flags.DEFINE_integer("calibration_images", 512, "Training images for input ranges.")
 
 
+def check_flags(*, sparsity: float, weight_bits: int, act_bits: int,
+                calibration_images: int) -> None:
+  """Refuses flag values the round trip cannot run with, before any weights or data are loaded.
+
+  Args:
+    sparsity, weight_bits, act_bits, calibration_images: the values of the flags of the same
+      names.
+
+  Raises:
+    ConfigError: naming the flag, for a sparsity outside [0, 1), bits outside the quantization
+      package's range or a calibration count outside 1..50000 (the CIFAR-10 training split).
+  """
+  from jaxcompress.quantization.qparams import check_bits
+  check_range("--sparsity", sparsity, 0.0, 1.0)
+  check_bits(weight_bits, "--weight_bits")
+  check_bits(act_bits, "--act_bits")
+  if calibration_images < 1:
+    raise invalid("--calibration_images", calibration_images, ">= 1")
+  if calibration_images > CIFAR10_TRAIN:
+    raise invalid("--calibration_images", calibration_images, f"<= {CIFAR10_TRAIN}",
+                  "the CIFAR-10 training split has that many images")
+
+
 def main(argv):
   del argv
+  check_flags(sparsity=_SPARSITY.value, weight_bits=_WBITS.value, act_bits=_ABITS.value,
+              calibration_images=_CALIB.value)
   from configs import common
   from jaxcompress import data as data_lib
   from jaxcompress import export

@@ -1,0 +1,126 @@
+"""Bad flags of the benchmark jobs (bench, bench_export, export_check): one line naming the flag,
+before anything is built, compiled or loaded."""
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from conftest import REPO
+from jaxcompress.errors import ConfigError
+
+# Flag names that more than one of the jobs defines (each runs alone, as its own ``python -m``).
+_SHARED_FLAGS = ("steps", "rounds", "batch_size", "weights", "model")
+
+
+def _job(name: str):
+  """``experiments.<name>``, imported in this process; the flags of the shared names that another
+  job defined here first are dropped before, so that its own definitions do not clash."""
+  module = f"experiments.{name}"
+  if module not in sys.modules:
+    for flag in _SHARED_FLAGS:
+      if flag in flags.FLAGS:
+        delattr(flags.FLAGS, flag)
+  return importlib.import_module(module)
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+BENCH = dict(variants=None, steps=8, rounds=5, batch_size=128)
+BENCH_EXPORT = dict(model="resnet20", fraction=0.5, batch_size=128, steps=5, rounds=7,
+                    finetune_epochs=0.0, finetune_lr=0.02, exported="", multiple=8, max_kept=0.75)
+EXPORT_CHECK = dict(sparsity=0.8, weight_bits=4, act_bits=8, calibration_images=512)
+
+
+@pytest.mark.parametrize("override", [{}, {"variants": []}, {"variants": ["plain", "gpt_all"]},
+                                      {"steps": 1, "rounds": 1, "batch_size": 50_000}])
+def test_bench_accepts_good_flags(override):
+  _job("bench").check_flags(**{**BENCH, **override})
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"batch_size": 0}, "--batch_size must be >= 1, got 0"),
+    ({"batch_size": 50_001}, "--batch_size must be <= 50000, got 50001; the random training set "
+                             "has that many images"),
+    ({"steps": -1}, "--steps must be >= 1, got -1"),
+    ({"steps": 0}, "--steps must be >= 1, got 0"),
+    ({"rounds": 0}, "--rounds must be >= 1, got 0"),
+    ({"variants": ["plain", "plane"]}, "--variants must be one of all, gpt_all, gpt_plain, kd, "
+                                       "plain, prune, waquant, wquant, got 'plane'"),
+])
+def test_bench_refuses_bad_flags(override, message):
+  with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    _job("bench").check_flags(**{**BENCH, **override})
+
+
+@pytest.mark.parametrize("override", [
+    {}, {"fraction": 0.0, "max_kept": 1.0, "finetune_epochs": 1.5},
+    {"exported": "runs/x/export", "model": "mlp"},  # --model is not used with --exported
+])
+def test_bench_export_accepts_good_flags(override):
+  _job("bench_export").check_flags(**{**BENCH_EXPORT, **override})
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"batch_size": 0}, "--batch_size must be >= 1, got 0"),
+    ({"steps": 0}, "--steps must be >= 1, got 0"),
+    ({"rounds": -2}, "--rounds must be >= 1, got -2"),
+    ({"multiple": 0}, "--multiple must be >= 1, got 0"),
+    ({"fraction": 1.5}, "--fraction must be in [0.0, 1.0), got 1.5"),
+    ({"fraction": -0.5}, "--fraction must be in [0.0, 1.0), got -0.5"),
+    ({"fraction": 1.0}, "--fraction must be in [0.0, 1.0), got 1.0"),
+    ({"max_kept": 0.0}, "--max_kept must be in (0.0, 1.0], got 0.0"),
+    ({"max_kept": 1.5}, "--max_kept must be in (0.0, 1.0], got 1.5"),
+    ({"finetune_epochs": -1.0}, "--finetune_epochs must be >= 0, got -1.0; 0 skips the "
+                                "fine-tuning"),
+    ({"finetune_lr": 0.0}, "--finetune_lr must be > 0, got 0.0"),
+    ({"finetune_lr": float("nan")}, "--finetune_lr must be > 0, got nan"),
+    ({"model": "mlp"}, "--model must be a CIFAR ResNet (resnet20 ... resnet110), got 'mlp'; "
+                       "channel surgery needs one; time any other model's artifact with "
+                       "--exported"),
+    ({"model": "resnet21"}, "--model must be one of char_gpt, "),
+])
+def test_bench_export_refuses_bad_flags(override, message):
+  with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
+    _job("bench_export").check_flags(**{**BENCH_EXPORT, **override})
+
+
+def test_export_check_accepts_good_flags():
+  _job("export_check").check_flags(**{**EXPORT_CHECK, "sparsity": 0.0, "weight_bits": 2,
+                                      "act_bits": 8, "calibration_images": 50_000})
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"sparsity": 1.5}, "--sparsity must be in [0.0, 1.0), got 1.5"),
+    ({"sparsity": -0.1}, "--sparsity must be in [0.0, 1.0), got -0.1"),
+    ({"weight_bits": 9}, "--weight_bits must be an integer in [2, 8], got 9; 4 or 8 bits are the "
+                         "usual choices"),
+    ({"act_bits": 1}, "--act_bits must be an integer in [2, 8], got 1; 4 or 8 bits are the usual "
+                      "choices"),
+    ({"calibration_images": 0}, "--calibration_images must be >= 1, got 0"),
+    ({"calibration_images": 50_001}, "--calibration_images must be <= 50000, got 50001; the "
+                                     "CIFAR-10 training split has that many images"),
+])
+def test_export_check_refuses_bad_flags(override, message):
+  with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    _job("export_check").check_flags(**{**EXPORT_CHECK, **override})
+
+
+@pytest.mark.parametrize("args,message", [
+    (("experiments.bench", "--variants=plain", "--steps=-1"), "--steps must be >= 1, got -1"),
+    (("experiments.bench_export", "--model=mlp", "--weights="),
+     "--model must be a CIFAR ResNet (resnet20 ... resnet110), got 'mlp'"),
+])
+def test_bad_flag_is_one_line_before_any_work(args, message):
+  proc = _run(*args)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines == [lines[-1]] and lines[-1].startswith(f"error: {message}"), proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr and proc.stdout == ""
