@@ -260,6 +260,8 @@ def iterative_search(config, workdir: str) -> dict:
   if config.prune.val_split:
     splits["val"] = data_lib.open_split(config.data.name, config.prune.val_split,
                                         data_dir=config.data.data_dir, field="prune.val_split")
+    if not len(splits["val"]):
+      raise invalid("prune.val_split", config.prune.val_split, "a split with examples")
   per_epoch = data_lib.steps_per_epoch(len(splits["train"]), data.batch_size)
   steps = int(round(loop.epochs * per_epoch))
   if steps < 1:
