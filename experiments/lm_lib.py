@@ -8,6 +8,8 @@ every position of a split, seeded sampling, and the trained model a workdir keep
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 
 import jax
@@ -16,7 +18,7 @@ import numpy as np
 
 from jaxcompress import text
 from jaxcompress.checkpoint import read_json, write_json
-from jaxcompress.errors import ConfigError, invalid, unknown
+from jaxcompress.errors import ConfigError, check_range, invalid, unknown
 from jaxcompress.models import get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import load_weights, save_weights
@@ -32,11 +34,38 @@ WEIGHTS, VOCAB, CONFIG = "weights.msgpack", "vocab.json", "config.json"
 
 
 def check_model(model, field: str = "model") -> None:
-  """Raises one line for an unknown model name or a transformer width not divisible by heads."""
+  """Raises one line for an unknown model name or a bad value of a field the model reads.
+
+  ``width``, ``depth``, ``heads``, ``mlp_ratio`` and ``layers`` (those the model takes) must be
+  integers >= 1, ``dropout`` in [0, 1), and a transformer's ``width`` a multiple of ``heads``.
+  """
   if model.name not in MODEL_FIELDS:
     raise unknown(f"{field}.name", model.name, MODEL_FIELDS)
+  for name in MODEL_FIELDS[model.name]:
+    value = model[name]
+    if name == "dropout":
+      if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise invalid(f"{field}.dropout", value, "a number in [0, 1)")
+      check_range(f"{field}.dropout", value, 0.0, 1.0)
+    elif isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise invalid(f"{field}.{name}", value, "an integer >= 1")
   if model.name == "char_gpt" and model.width % model.heads:
     raise invalid(f"{field}.width", model.width, f"a multiple of {field}.heads={model.heads}")
+
+
+def check_sample(sample, field: str = "sample") -> None:
+  """Raises one line for a negative ``length`` or a ``temperature`` that is not > 0."""
+  if isinstance(sample.length, bool) or not isinstance(sample.length, numbers.Integral) or (
+      sample.length < 0):
+    raise invalid(f"{field}.length", sample.length, "an integer >= 0")
+  check_temperature(sample.temperature, f"{field}.temperature")
+
+
+def check_temperature(temperature, field: str = "sample.temperature") -> None:
+  """Raises one line unless the sampling ``temperature`` is a finite number > 0."""
+  if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+      or not 0 < temperature < math.inf):
+    raise invalid(field, temperature, "a finite number > 0")
 
 
 def build_model(model, vocab_size: int, context: int, seed: int, field: str = "model"):
@@ -51,14 +80,19 @@ def build_model(model, vocab_size: int, context: int, seed: int, field: str = "m
   return module, jax.device_get(variables)
 
 
-def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
-                                                                          LoopSpec]:
-  """The optimizer and loop specs of a ``train`` section whose lengths are in steps."""
+def check_train(train, field: str = "train") -> None:
+  """Raises one line for negative ``steps``/``warmup_steps`` or a warmup longer than training."""
   for name in ("steps", "warmup_steps"):
     if train[name] < 0:
       raise invalid(f"{field}.{name}", train[name], ">= 0")
   if train.warmup_steps > train.steps:
     raise invalid(f"{field}.warmup_steps", train.warmup_steps, f"<= {field}.steps={train.steps}")
+
+
+def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
+                                                                          LoopSpec]:
+  """The optimizer and loop specs of a ``train`` section whose lengths are in steps."""
+  check_train(train, field)
   epochs = train.steps / steps_per_epoch
   opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer, learning_rate=train.learning_rate,
                       weight_decay=train.weight_decay, schedule=train.schedule,
@@ -101,8 +135,7 @@ def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length:
   output at the last real position does not depend on the padding), so one compiled forward
   serves every step.
   """
-  if not temperature > 0:
-    raise invalid("sample.temperature", temperature, "> 0")
+  check_temperature(temperature)
 
   @jax.jit
   def draw(v, window, pos, key):

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from experiments import lm_lib
-from experiments.lm_train_job import load_corpus, train_lm
+from experiments.lm_train_job import check_data, load_corpus, train_lm
 from experiments.pipeline import FLOAT32_BYTES, compression_specs, param_count
 from jaxcompress import compose, parallel, pruning, text
 from jaxcompress.checkpoint import Stages, check_workdir, read_json, write_json, write_text
@@ -107,13 +107,16 @@ def _prepare(fam: Family, config, corpus: text.Corpus, specs: dict, mesh) -> Non
 
 
 def validate_config(config) -> None:
-  """The checks that need no text: sections, names, steps."""
+  """The checks that need no text: sections, names, model fields, steps, sampling."""
   compression_specs(config)
-  for fam in (config, config.lstm) if config.lstm.enabled else (config,):
+  check_data(config.data)
+  families = [("", config)] + ([("lstm.", config.lstm)] if config.lstm.enabled else [])
+  for prefix, fam in families:
     if not fam.teacher.checkpoint:
-      lm_lib.check_model(fam.teacher.model)
-  if config.sample.length < 0:
-    raise invalid("sample.length", config.sample.length, ">= 0")
+      lm_lib.check_model(fam.teacher.model, f"{prefix}teacher.model")
+      lm_lib.check_train(fam.teacher.train, f"{prefix}teacher.train")
+    lm_lib.check_train(fam.train, f"{prefix}train")
+  lm_lib.check_sample(config.sample)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:

@@ -30,6 +30,14 @@ def check_data(data) -> None:
       raise invalid(f"data.{field}", data[field], ">= 1")
 
 
+def validate_config(config) -> None:
+  """The checks that need no text: the model, the batch sizes and the train lengths (the text
+  and the context are checked when read, before anything is written)."""
+  lm_lib.check_model(config.model)
+  check_data(config.data)
+  lm_lib.check_train(config.train)
+
+
 def load_corpus(data, vocab: text.Vocabulary | None = None) -> text.Corpus:
   """The ``data`` section's text, split and encoded (``vocab``: a teacher's, else the train
   split's)."""
@@ -88,7 +96,7 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """``python -m experiments.train_lm``: trains, evaluates, writes ``results.json``."""
-  lm_lib.check_model(config.model)
+  validate_config(config)
   corpus = load_corpus(config.data)
   mesh = parallel.make_mesh()
   return train_lm(config, corpus, workdir, mesh=mesh)[2]

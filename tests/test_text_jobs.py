@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from jaxcompress.errors import ConfigError
 
 WORDS = ("the", "king", "shall", "love", "not", "my", "lord", "and", "thou", "art")
 TINY_LM = ("--config.data.context=8", "--config.data.batch_size=4",
@@ -195,3 +196,73 @@ def test_budget_example_plans_a_char_transformer(tiny, tmp_path):
   assert sum(zeros["uniform"].values()) >= round(r["uniform"]["sparsity"] * sum(sizes.values()))
   report = open(workdir / "report.md").read()
   assert f"{r['plan']['loss_test']:.4f} |" in report and "`block0/fc`" in report
+
+
+def _override(config, overrides: dict):
+  for key, value in overrides.items():
+    *path, field = key.split(".")
+    section = config
+    for name in path:
+      section = section[name]
+    section[field] = value
+  return config
+
+
+@pytest.mark.parametrize("variant,overrides,message", [
+    ("quick", {"model.dropout": 1.5}, r"^model.dropout must be in \[0.0, 1.0\), got 1.5$"),
+    ("quick", {"model.dropout": -0.1}, r"^model.dropout must be in \[0.0, 1.0\), got -0.1$"),
+    ("quick", {"model.width": 0}, "^model.width must be an integer >= 1, got 0$"),
+    ("quick", {"model.heads": 0}, "^model.heads must be an integer >= 1, got 0$"),
+    ("quick", {"model.depth": 0}, "^model.depth must be an integer >= 1, got 0$"),
+    ("quick", {"model.mlp_ratio": 0}, "^model.mlp_ratio must be an integer >= 1, got 0$"),
+    ("quick", {"model.heads": 3}, "^model.width must be a multiple of model.heads=3, got 128$"),
+    ("lstm,quick", {"model.layers": 0}, "^model.layers must be an integer >= 1, got 0$"),
+    ("lstm,quick", {"model.width": -4}, "^model.width must be an integer >= 1, got -4$"),
+    ("quick", {"data.batch_size": 0}, "^data.batch_size must be >= 1, got 0$"),
+    ("quick", {"train.warmup_steps": 5000}, "^train.warmup_steps must be <= train.steps=2000"),
+])
+def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, overrides,
+                                                           message):
+  from configs import shakespeare
+  from experiments.lm_train_job import train_and_evaluate, validate_config
+
+  with pytest.raises(ConfigError, match=message):
+    validate_config(_override(shakespeare.get_config(variant), overrides))
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=message):  # raised before the text is read
+    train_and_evaluate(_override(shakespeare.get_config(variant), overrides), str(workdir))
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"sample.temperature": 0.0}, r"^sample.temperature must be a finite number > 0, got 0.0$"),
+    ({"sample.temperature": -1.0}, r"^sample.temperature must be a finite number > 0"),
+    ({"sample.length": -1}, "^sample.length must be an integer >= 0, got -1$"),
+    ({"teacher.model.heads": 0}, "^teacher.model.heads must be an integer >= 1, got 0$"),
+    ({"lstm.teacher.model.dropout": 1.0},
+     r"^lstm.teacher.model.dropout must be in \[0.0, 1.0\), got 1.0$"),
+    ({"lstm.train.steps": -1}, "^lstm.train.steps must be >= 0, got -1$"),
+    ({"teacher.train.warmup_steps": 3000},
+     "^teacher.train.warmup_steps must be <= teacher.train.steps=2000"),
+])
+def test_distill_bad_config_fails_before_any_training(tmp_path, overrides, message):
+  from configs import shakespeare_distill
+  from experiments.lm_pipeline import train_and_evaluate, validate_config
+
+  with pytest.raises(ConfigError, match=message):
+    validate_config(_override(shakespeare_distill.get_config("quick"), overrides))
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=message):
+    train_and_evaluate(_override(shakespeare_distill.get_config("quick"), overrides),
+                       str(workdir))
+  assert not workdir.exists()
+
+
+def test_default_text_configs_pass_validation():
+  from configs import shakespeare, shakespeare_distill
+  from experiments import lm_pipeline, lm_train_job
+
+  for variant in (None, "quick", "lstm", "lstm,quick"):
+    lm_train_job.validate_config(shakespeare.get_config(variant))
+  for variant in (None, "quick"):
+    lm_pipeline.validate_config(shakespeare_distill.get_config(variant))
