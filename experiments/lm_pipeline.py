@@ -132,7 +132,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   families = _families(config, workdir)
   for fam in families:
     _prepare(fam, config, corpus, specs, mesh)
-  check_workdir(config, workdir)  # every user mistake has surfaced: only now write
+  # Every user mistake has surfaced: only now write.
+  check_workdir(config, workdir, ignore=("parallel",))
   stages = Stages(workdir)
 
   results = {}

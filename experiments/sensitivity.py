@@ -267,7 +267,8 @@ def iterative_search(config, workdir: str) -> dict:
   if steps < 1:
     raise invalid("train.epochs", loop.epochs,
                   f"at least one step per round (>= 1/{per_epoch} epoch)")
-  check_workdir(config, workdir)  # weights, data and splits checked: only now write
+  # Weights, data and splits checked: only now write.
+  check_workdir(config, workdir, ignore=("parallel",))
   # Outermost: the train step applies its updates unchanged, so no contract check is needed.
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,

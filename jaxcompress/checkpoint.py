@@ -212,15 +212,9 @@ def _check_workdir(config, workdir: str, ignore: tuple[str, ...]) -> None:
   claimed = claim_workdir(workdir)
   path = os.path.join(workdir, "config.json")
   to_json = getattr(config, "to_json", None)
-  current = json.loads(to_json() if to_json is not None else json.dumps(config))
-  for field in ignore:
-    *sections, key = field.split(".")
-    node = current
-    for section in sections:
-      node = node.get(section, {}) if isinstance(node, dict) else {}
-    if isinstance(node, dict):
-      node.pop(key, None)
+  current = _without(json.loads(to_json() if to_json is not None else json.dumps(config)), ignore)
   saved = read_json(path)
+  saved = saved and _without(saved, ignore)  # ignored even where an older run recorded them
   if saved and saved != current:
     if claimed:  # this call took the lock only to refuse: leave the workdir as it was
       release_workdir(workdir)
@@ -231,6 +225,18 @@ def _check_workdir(config, workdir: str, ignore: tuple[str, ...]) -> None:
                       f"{there} there, {here} here{more}; use a new --workdir or delete that one")
   if not saved:
     write_json(path, current)
+
+
+def _without(config: dict, fields: tuple[str, ...]) -> dict:
+  """``config`` without the (dotted) ``fields``."""
+  for field in fields:
+    *sections, key = field.split(".")
+    node = config
+    for section in sections:
+      node = node.get(section, {}) if isinstance(node, dict) else {}
+    if isinstance(node, dict):
+      node.pop(key, None)
+  return config
 
 
 _MISSING = object()

@@ -25,6 +25,21 @@ def test_a_plain_dict_is_recorded_and_a_different_one_refused(tmp_path):
     check_workdir({**config, "train": {"epochs": 3.0}}, str(tmp_path))
 
 
+def test_ignored_fields_are_neither_recorded_nor_compared(tmp_path):
+  config = {"parallel": {"num_processes": 1}, "train": {"epochs": 2.0, "lr": 0.1}}
+  ignore = ("parallel", "train.epochs")
+  check_workdir(config, str(tmp_path), ignore=ignore)
+  assert json.load(open(tmp_path / "config.json")) == {"train": {"lr": 0.1}}
+  check_workdir({"parallel": {"num_processes": 2}, "train": {"epochs": 4.0, "lr": 0.1}},
+                str(tmp_path), ignore=ignore)
+  with pytest.raises(ConfigError, match=r"train.lr is 0.1 there, 0.2 here"):
+    check_workdir({"train": {"epochs": 2.0, "lr": 0.2}}, str(tmp_path), ignore=ignore)
+  # A record that holds an ignored field (an older run's) still resumes.
+  write_json(str(tmp_path / "config.json"), config)
+  check_workdir({"parallel": {"num_processes": 2}, "train": {"epochs": 2.0, "lr": 0.1}},
+                str(tmp_path), ignore=ignore)
+
+
 def test_the_refusal_names_the_first_differing_field_of_another_model(tmp_path):
   from configs import cifar_distill
   check_workdir(cifar_distill.get_config("quick"), str(tmp_path))
