@@ -96,17 +96,18 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   precision.compute_dtype(config.train.compute_dtype)
   DataSpec.from_mapping(config.data)
   compression_specs(config)
-  if config.quant.calibration not in quantization.CALIBRATION_METHODS:
-    raise unknown("quant.calibration", config.quant.calibration, quantization.CALIBRATION_METHODS)
-  n = config.quant.calibration_examples
-  if not isinstance(n, int) or n < 1:
-    raise invalid("quant.calibration_examples", n, "an integer >= 1", "the first of them also "
-                  "trace the student to find its layers")
   return folder, paths, to_train
 
 
 def compression_specs(config) -> dict:
-  """The ``prune``, ``quant`` and ``distill`` sections as the library's typed specs (validated)."""
+  """The ``prune``, ``quant`` and ``distill`` sections as the library's typed specs (validated,
+  with the job's own ``quant.calibration`` and ``quant.calibration_examples``)."""
+  if config.quant.calibration not in quantization.CALIBRATION_METHODS:
+    raise unknown("quant.calibration", config.quant.calibration, quantization.CALIBRATION_METHODS)
+  n = config.quant.calibration_examples
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise invalid("quant.calibration_examples", n, "an integer >= 1", "the first of them also "
+                  "trace the student to find its layers")
   quant = {k: v for k, v in config.quant.items()
            if k not in ("calibration", "calibration_examples")}
   return dict(prune=compose.PruneSpec.from_dict({**config.prune, "seed": config.seed}),

@@ -8,7 +8,7 @@ import os
 import jax
 
 from jaxcompress import data as data_lib
-from jaxcompress import parallel
+from jaxcompress import parallel, precision
 from jaxcompress.checkpoint import MetricsLog, check_workdir
 from jaxcompress.data import DataSpec
 from jaxcompress.models import create_model
@@ -63,6 +63,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data = DataSpec.from_mapping(config.data)
   opt_spec = OptimizerSpec.from_mapping(config.train)
   loop = LoopSpec.from_mapping(config.train)
+  precision.compute_dtype(config.train.compute_dtype)
   parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(config.parallel))
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):

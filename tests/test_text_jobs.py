@@ -244,6 +244,7 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
     ({"lstm.train.steps": -1}, "^lstm.train.steps must be >= 0, got -1$"),
     ({"teacher.train.warmup_steps": 3000},
      "^teacher.train.warmup_steps must be <= teacher.train.steps=2000"),
+    ({"quant.calibration_examples": 0}, "^quant.calibration_examples must be an integer >= 1"),
 ])
 def test_distill_bad_config_fails_before_any_training(tmp_path, overrides, message):
   from configs import shakespeare_distill

@@ -57,6 +57,14 @@ def test_a_workdir_of_another_config_is_refused_and_left_alone(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
+def test_an_unknown_compute_dtype_writes_nothing(tmp_path):
+  c = _config(1)
+  c.train.compute_dtype = "float8"
+  with pytest.raises(ConfigError, match="train.compute_dtype must be one of bfloat16, float32"):
+    _run(c, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
 def test_batch_larger_than_the_data_is_rejected(tmp_path):
   c = _config(1)
   c.data.batch_size = 128
