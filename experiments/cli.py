@@ -47,7 +47,9 @@ def run(main: Callable[[list[str]], None]) -> None:
     except ConfigError as e:
       fail(str(e))
     except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
-      fail(f"{e.strerror}: {e.filename}")
+      inside = workdir and os.path.abspath(str(e.filename)).startswith(os.path.abspath(workdir))
+      fail(f"--workdir={workdir}: {e.strerror}: {e.filename}" if inside
+           else f"{e.strerror}: {e.filename}")
 
   try:
     app.run(guarded, flags_parser=_parse_flags)

@@ -98,3 +98,14 @@ def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(tmp_path, job, conf
   assert proc.stderr.splitlines()[-1] == (f"error: --workdir={path} is a file; give a folder (new "
                                           "or a run's, to resume)")
   assert path.read_text() == "mine"
+
+
+def test_a_workdir_that_cannot_be_made_names_the_flag(tmp_path):
+  (tmp_path / "notes.txt").write_text("mine")
+  text = tmp_path / "text.txt"
+  text.write_text("to be, or not to be: that is the question. " * 400)
+  workdir = tmp_path / "notes.txt" / "run"
+  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+              f"--workdir={workdir}", f"--config.data.path={text}", "--config.data.context=16")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1] == f"error: --workdir={workdir}: Not a directory: {workdir}"
