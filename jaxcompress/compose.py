@@ -494,6 +494,9 @@ class Compression:
 
   def loss_fn(self, params, model_state, batch, rng, teacher_vars=None):
     """Per-step loss: ``(1 - alpha) * CE + alpha * KD + feature_weight * hints``."""
+    if not all(hasattr(batch, f) for f in ("image", "label", "weight")):
+      raise ConfigError(f"train step: the batch must be a jaxcompress.data.Batch(image, label, "
+                        f"weight), got a {type(batch).__name__}")
     d = self.distill
     logits, new_state, s_feats = self.student_apply(
         params, model_state, batch.image, train=True, rng=rng,
@@ -634,7 +637,7 @@ class Compression:
       _, _, s_feats = self.student_apply(params, model_state, sample_x, train=False,
                                          capture=True)
       _, t_feats = self.teacher_apply(teacher_vars, sample_x)
-      s_feats = {p: _feature(s_feats, p, 0) for p, _ in self.distill.feature_pairs}
+      s_feats = {p: _feature(s_feats, p, 0, self.layers) for p, _ in self.distill.feature_pairs}
       t_feats = {p: _feature(t_feats, p, 1) for _, p in self.distill.feature_pairs}
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
@@ -705,11 +708,15 @@ def _share_weights(params, books: dict, *, update: bool):
   return params, new_books
 
 
-def _feature(feats: dict, path: str, which: int):
+def _feature(feats: dict, path: str, which: int, layers: ModelLayers | None = None):
+  """The captured output of module ``path``; one line naming the pair when it was not called
+  (with the student's layer paths as examples where ``layers`` is given)."""
   if path not in feats:
     model = ("student", "teacher")[which]
+    names = [l.path for l in layers.layers] if layers is not None else []
+    hint = f", e.g. one of its layers: {', '.join(names[:6])}{', ...' * (len(names) > 6)}"
     raise invalid("distill.feature_pairs", path, f"a module path of the {model} that its forward "
-                  f"calls (captured: {sorted(feats)[:8]})")
+                  f"calls{hint if names else ''}")
   return feats[path]
 
 
@@ -789,6 +796,11 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     inner_bits = None if kmeans_bits else quant.weight_bits or None
     rules_q = [(regex, dict(weight_bits=w or None, act_bits=a or None, **common))
                for regex, w, a in quant.layer_bits]
+    paths = [l.path for l in layers.layers]
+    for i, (regex, _, _) in enumerate(quant.layer_bits):
+      if not any(re.fullmatch(regex, p) for p in paths):
+        raise invalid(f"quant.layer_bits[{i}]", regex, "a regex that fully matches a layer path "
+                      f"({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''})")
     # The defaults decide only the layers layer_bits leaves open (no rule that matches nothing).
     open_ = [l.path for l in layers.layers
              if not any(re.fullmatch(r, l.path) for r, _, _ in quant.layer_bits)]

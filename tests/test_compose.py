@@ -194,6 +194,20 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
                      r"got float32 of shape \(8, 4\); one-hot labels: pass their argmax"):
     comp.make_train_step()(state, batch._replace(label=np.eye(4, dtype=np.float32)[batch.label]),
                            svars)
+  with pytest.raises(ConfigError, match=r"the batch must be a jaxcompress.data.Batch\(image, "
+                     r"label, weight\), got a tuple"):
+    comp.make_train_step()(state, (batch.image, batch.label), svars)
+  with pytest.raises(ConfigError, match=r"quant.layer_bits\[0\] must be a regex that fully "
+                     r"matches a layer path \(fc1, fc2, fc3\), got 'fc9'"):
+    compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
+                  quant=compose.QuantSpec(layer_bits=(("fc9", 4, 8),)))
+  hints = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
+                        teacher=student, distill=compose.DistillSpec(
+                            alpha=0.5, feature_weight=1.0, feature_pairs=(("fc9", "fc2"),)))
+  with pytest.raises(ConfigError, match=r"distill.feature_pairs must be a module path of the "
+                     r"student that its forward calls, e.g. one of its layers: fc1, fc2, fc3, "
+                     r"got 'fc9'"):
+    hints.init_state(svars, batch.image, teacher_vars=svars)
   with pytest.raises(ConfigError, match=r"export input_shape must be one example's shape, without "
                      r"the batch axis \(build's sample: \(6, 6, 3\)\), got \(8, 6, 6, 3\)"):
     comp.export(str(tmp_path / "export"), state, input_shape=batch.image.shape)
