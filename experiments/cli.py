@@ -33,7 +33,7 @@ def run(main: Callable[[list[str]], None]) -> None:
   """``absl.app.run`` with user mistakes reported as one line and exit code 2, no traceback."""
 
   def guarded(argv):
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # TFDS and orbax warn of nothing a user must act on
     if "config" in flags.FLAGS:
       try:
         flags.FLAGS["config"].value.keys()
