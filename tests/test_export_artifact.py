@@ -475,7 +475,8 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
 
 
 class BodyOnRGB(nn.Module):
-  """ConvBN's variable tree with ``body`` reading 3 channels: the first mismatch is body's kernel."""
+  """ConvBN's variable tree with ``body`` reading 3 channels: the first mismatch is body's
+  kernel."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
