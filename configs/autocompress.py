@@ -59,8 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #                             where allowed (the less damaged whole is trained), else layer
   c.budget.fixed_edges = False  # global-threshold plans: keep the first and last layer dense
   #                               at 8 bits (as the uniform recipe does) instead of planning them
-  #                               (at 25x and 40x 0.06-0.25 points better, 2 seeds each; level
-  #                               with the uniform recipe at 40x, docs/autocompress.md)
+  #                               (3 seeds at 25x and 40x: better in 5 of 6 pairs, 0.53 worse in
+  #                               one; as much seed as plan, docs/autocompress.md)
   c.budget.weight_bits = (3, 4, 8)  # weight bit widths plans may use, of scan.weight_bits (empty:
   #                                   all); 2-bit layers lost codes to zero in fine-tuning and
   #                                   trained worse at 25x and 40x (docs/autocompress.md)
