@@ -454,12 +454,7 @@ class Compression:
   def half_layers(self, model_state) -> dict[str, int]:
     """``{layer path: output channels}``: the integer weights whose scales the export stores in
     float16 under ``half_scales`` (one scale per output channel, the kernel's last axis)."""
-    if not self.half_scales or self.quantizer is None or "quant" not in model_state:
-      return {}
-    shapes = {l.path: l.shape for l in self.layers.layers}
-    return {q.path: int(shapes[q.path][-1]) for q in model_state["quant"].layers
-            if q.path in shapes and q.config.weight_bits is not None
-            and quantization.channels_last(q.weight_axis, len(shapes[q.path]))}
+    return self._channel_scaled(model_state) if self.half_scales else {}
 
   def gain_layers(self, model_state) -> dict[str, str]:
     """``{layer path: BatchNorm path}``: the folded BatchNorms whose gain the weight scales take.
@@ -471,16 +466,18 @@ class Compression:
     alone, and the artifact stores one float32 per channel less. Other BatchNorms keep their
     gain.
     """
+    return {path: self.gain_norms[path] for path in self._channel_scaled(model_state)
+            if path in self.gain_norms}
+
+  def _channel_scaled(self, model_state) -> dict[str, int]:
+    """``{layer path: output channels}`` of the integer-quantized kernels with one scale per
+    output channel along their last axis, in forward order."""
     if self.quantizer is None or "quant" not in model_state:
       return {}
-    quantized = {l.path: l for l in model_state["quant"].layers}
-    out = {}
-    for layer in self.layers.layers:
-      q = quantized.get(layer.path)
-      if (layer.path in self.gain_norms and q is not None and q.config.weight_bits is not None
-          and quantization.channels_last(q.weight_axis, len(layer.shape))):
-        out[layer.path] = self.gain_norms[layer.path]
-    return out
+    quantized = {q.path: q for q in model_state["quant"].layers}
+    return {l.path: int(l.shape[-1]) for l in self.layers.layers
+            if (q := quantized.get(l.path)) is not None and q.config.weight_bits is not None
+            and quantization.channels_last(q.weight_axis, len(l.shape))}
 
   # -- loss ----------------------------------------------------------------------------------
   def teacher_apply(self, teacher_vars, x):
