@@ -106,10 +106,6 @@ class LayerTensor(NamedTuple):
     return self._replace(codes=self.codes[..., keep, :])
 
 
-def _floats(a: np.ndarray, bits: int = sparse.FLOAT_BITS) -> np.ndarray:
-  return np.frombuffer(np.asarray(a, sparse.FLOAT_DTYPES[bits]).tobytes(), np.uint8).copy()
-
-
 def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
   """Encodes a layer: ``(meta, segments)``.
 
@@ -142,13 +138,13 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
   if t.zero_point is not None and np.any(t.zero_point != 0):
     segments["zero_point"] = pack_bits(t.zero_point - t.qmin, t.bits)
   if t.scale is not None:
-    segments["scale"] = _floats(t.scale, t.scale_bits)
+    segments["scale"] = sparse.float_bytes(t.scale, t.scale_bits)
   if t.gain is not None:
-    segments["gain"] = _floats(t.gain)
+    segments["gain"] = sparse.float_bytes(t.gain)
   if t.bias is not None:
-    segments["bias"] = _floats(t.bias)
+    segments["bias"] = sparse.float_bytes(t.bias)
   if t.codebook is not None:
-    segments["codebook"] = _floats(t.codebook)
+    segments["codebook"] = sparse.float_bytes(t.codebook)
   return meta, segments
 
 
@@ -202,9 +198,8 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
                       int(meta.get("group_n", 0)),
                       tuple(int(a) for a in meta.get("group_axes", ())))
   nonzero, values = sparse.decode(enc, n, bits, where=where, shape=shape)
-  f32 = lambda name, width=sparse.FLOAT_BITS: (np.frombuffer(
-      segments[name].tobytes(), sparse.FLOAT_DTYPES[width]).astype(np.float32)
-      if name in segments else None)
+  f32 = lambda name, width=sparse.FLOAT_BITS: (
+      sparse.float_values(segments[name], width) if name in segments else None)
   qmin = int(meta.get("qmin", 0))
   zero_point = None
   if "zero_point" in segments:

@@ -163,9 +163,19 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
   return out
 
 
+def float_bytes(values: Any, bits: int = FLOAT_BITS) -> np.ndarray:
+  """``values`` as little-endian float32 (``bits=32``) or float16 (``16``) bytes, ``uint8``."""
+  return np.frombuffer(np.asarray(values, FLOAT_DTYPES[bits]).tobytes(), np.uint8).copy()
+
+
+def float_values(data: np.ndarray, bits: int = FLOAT_BITS) -> np.ndarray:
+  """The float32 values of :func:`float_bytes` ``data`` stored at ``bits``."""
+  return np.frombuffer(data.tobytes(), FLOAT_DTYPES[bits]).astype(np.float32)
+
+
 def _pack_values(values: np.ndarray, bits: int) -> np.ndarray:
   if bits in FLOAT_DTYPES:
-    return np.frombuffer(values.astype(FLOAT_DTYPES[bits]).tobytes(), np.uint8).copy()
+    return float_bytes(values, bits)
   return pack_bits(values, bits)
 
 
@@ -174,7 +184,7 @@ def _unpack_values(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     if data.size != bits // 8 * count:
       raise ConfigError(f"sparse values: {count} float{bits} values need {bits // 8 * count} "
                         f"bytes, got {data.size}")
-    return np.frombuffer(data.tobytes(), FLOAT_DTYPES[bits]).astype(np.float32)
+    return float_values(data, bits)
   return unpack_bits(data, bits, count)
 
 
