@@ -225,7 +225,7 @@ def _sweep(config, workdir: str) -> dict:
     raise invalid("budget.sweep", ratios, "distinct compression ratios > 1")
   # The hardest point first, checks only: a ratio out of reach stops the sweep before it starts.
   _budget_point(_point_config(config, max(ratios)), workdir, check_only=True)
-  check_workdir(config, workdir, ignore=("parallel",))
+  check_workdir(config, workdir)
   scan_path = os.path.join(workdir, "scan.json")
   points = []
   for r in sorted(ratios):
@@ -318,7 +318,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   # Every check has passed: only now touch the workdir.
   if check_only:
     return None
-  check_workdir(config, workdir, ignore=("parallel",))
+  check_workdir(config, workdir)
   scan_path = scan_path or os.path.join(workdir, "scan.json")
   saved = read_json(scan_path)
   measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}

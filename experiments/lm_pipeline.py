@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for fam in families:
     _prepare(fam, config, corpus, specs, mesh)
   # Every user mistake has surfaced: only now write.
-  check_workdir(config, workdir, ignore=("parallel",))
+  check_workdir(config, workdir)
   stages = Stages(workdir)
 
   results = {}

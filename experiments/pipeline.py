@@ -128,9 +128,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   main = parallel.is_main_process()
   stages = Stages(workdir)
   parallel.sync("stages read")  # process 0 writes it only once every process has read it
-  # WORKDIR/config.json records all but `parallel`: a run may resume on another number of
-  # processes (its batches do not depend on it). Process 0 claims the workdir.
-  claim_workdir = lambda: check_workdir(config, workdir, ignore=("parallel",))
+  # WORKDIR/config.json records all but `parallel` (check_workdir's default): a run may resume
+  # on another number of processes. Process 0 claims the workdir.
+  claim_workdir = lambda: check_workdir(config, workdir)
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")

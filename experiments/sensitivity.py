@@ -268,7 +268,7 @@ def iterative_search(config, workdir: str) -> dict:
     raise invalid("train.epochs", loop.epochs,
                   f"at least one step per round (>= 1/{per_epoch} epoch)")
   # Weights, data and splits checked: only now write.
-  check_workdir(config, workdir, ignore=("parallel",))
+  check_workdir(config, workdir)
   # Outermost: the train step applies its updates unchanged, so no contract check is needed.
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,

@@ -9,7 +9,7 @@ import jax
 
 from jaxcompress import data as data_lib
 from jaxcompress import parallel, precision
-from jaxcompress.checkpoint import MetricsLog, check_workdir
+from jaxcompress.checkpoint import RESUMABLE, MetricsLog, check_workdir
 from jaxcompress.data import DataSpec
 from jaxcompress.models import create_model
 from jaxcompress.models.functional import functional
@@ -74,7 +74,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   seed=config.seed)
   splits = load_data(data)
   # Every check passed: only now write. A rerun may extend train.epochs (or change parallel).
-  check_workdir(config, workdir, ignore=("parallel", "train.epochs"))
+  check_workdir(config, workdir, ignore=(*RESUMABLE, "train.epochs"))
   _, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,
                                 seed=config.seed, mesh=mesh,
                                 compute_dtype=config.train.compute_dtype,

@@ -185,7 +185,10 @@ def claim_workdir(workdir: str) -> bool:
                     "claiming it); try again")
 
 
-def check_workdir(config: dict, workdir: str, *, ignore: Sequence[str] = ()) -> None:
+RESUMABLE = ("parallel",)  # the number of processes: a run may resume on another one
+
+
+def check_workdir(config: dict, workdir: str, *, ignore: Sequence[str] = RESUMABLE) -> None:
   """Creates and claims ``workdir`` and records ``config``; refuses another config's or job's.
 
   In a run of several processes (``jax.distributed``) process 0 alone claims and records the
@@ -195,9 +198,9 @@ def check_workdir(config: dict, workdir: str, *, ignore: Sequence[str] = ()) -> 
     config: the run's settings as a JSON-able dict of sections (an object with a ``to_json()``
       method, such as an ``ml_collections.ConfigDict``, is converted with it).
     workdir: the run's folder.
-    ignore: fields left out of the record, settings a resumed run may change: sections
-      (``parallel``, the number of processes) or dotted fields (``train.epochs``, to extend a
-      run).
+    ignore: fields left out of the record, settings a resumed run may change: sections or
+      dotted fields (``train.epochs``, to extend a run). By default the ``parallel`` section
+      (:mod:`jaxcompress.parallel`'s processes: a run's batches do not depend on them).
 
   Raises:
     ConfigError: naming the first config field that differs from the run already in ``workdir``
