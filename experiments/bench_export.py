@@ -164,7 +164,8 @@ def main(argv):
   from jaxcompress.train import evaluate_split
 
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
-                                  weights=_WEIGHTS.value or None)
+                                  weights=_WEIGHTS.value or None, name_field="--model",
+                                  weights_field="--weights")
   masks = surgery.inner_channel_masks(variables["params"], _FRACTION.value, norm=_NORM.value)
   small, small_vars = surgery.shrink_channels(_MODEL.value, variables, masks)
   dense_folded = get_model(_MODEL.value, folded=True)

@@ -36,19 +36,22 @@ _ABITS = flags.DEFINE_integer("act_bits", 8, "Input bits of the inner layers.")
 _CALIB = flags.DEFINE_integer("calibration_images", 512, "Training images for input ranges.")
 
 
-def check_flags(*, sparsity: float, weight_bits: int, act_bits: int,
+def check_flags(*, model: str, sparsity: float, weight_bits: int, act_bits: int,
                 calibration_images: int) -> None:
   """Refuses flag values the round trip cannot run with, before any weights or data are loaded.
 
   Args:
-    sparsity, weight_bits, act_bits, calibration_images: the values of the flags of the same
-      names.
+    model, sparsity, weight_bits, act_bits, calibration_images: the values of the flags of
+      the same names.
 
   Raises:
-    ConfigError: naming the flag, for a sparsity outside [0, 1), bits outside the quantization
-      package's range or a calibration count outside 1..50000 (the CIFAR-10 training split).
+    ConfigError: naming the flag, for a model the registry does not know, a sparsity outside
+      [0, 1), bits outside the quantization package's range or a calibration count outside
+      1..50000 (the CIFAR-10 training split).
   """
+  from jaxcompress.models import get_model
   from jaxcompress.quantization.qparams import check_bits
+  get_model(model, field="--model")
   check_range("--sparsity", sparsity, 0.0, 1.0)
   check_bits(weight_bits, "--weight_bits")
   check_bits(act_bits, "--act_bits")
@@ -61,8 +64,8 @@ def check_flags(*, sparsity: float, weight_bits: int, act_bits: int,
 
 def main(argv):
   del argv
-  check_flags(sparsity=_SPARSITY.value, weight_bits=_WBITS.value, act_bits=_ABITS.value,
-              calibration_images=_CALIB.value)
+  check_flags(model=_MODEL.value, sparsity=_SPARSITY.value, weight_bits=_WBITS.value,
+              act_bits=_ABITS.value, calibration_images=_CALIB.value)
   from configs import common
   from jaxcompress import data as data_lib
   from jaxcompress import export
@@ -78,7 +81,8 @@ def main(argv):
 
   mean, std = common.IMAGENET_MEAN, common.IMAGENET_STD
   model, variables = create_model(_MODEL.value, num_classes=10, image_shape=(32, 32, 3),
-                                  weights=_WEIGHTS.value)
+                                  weights=_WEIGHTS.value, name_field="--model",
+                                  weights_field="--weights")
   # Every kernel but the first conv's and the classifier's (the docstring's recipe).
   rules = [("conv1/kernel", False), ("linear/kernel", False), (".*/kernel", True), (".*", False)]
   masks = magnitude_masks(variables["params"], _SPARSITY.value, rules=rules)

@@ -36,7 +36,7 @@ def _run(*args):
 BENCH = dict(variants=None, steps=8, rounds=5, batch_size=128)
 BENCH_EXPORT = dict(model="resnet20", fraction=0.5, batch_size=128, steps=5, rounds=7,
                     finetune_epochs=0.0, finetune_lr=0.02, exported="", multiple=8, max_kept=0.75)
-EXPORT_CHECK = dict(sparsity=0.8, weight_bits=4, act_bits=8, calibration_images=512)
+EXPORT_CHECK = dict(model="resnet20", sparsity=0.8, weight_bits=4, act_bits=8, calibration_images=512)
 
 
 @pytest.mark.parametrize("override", [{}, {"variants": []}, {"variants": ["plain", "gpt_all"]},
@@ -107,9 +107,10 @@ def test_export_check_accepts_good_flags():
     ({"calibration_images": 0}, "--calibration_images must be >= 1, got 0"),
     ({"calibration_images": 50_001}, "--calibration_images must be <= 50000, got 50001; the "
                                      "CIFAR-10 training split has that many images"),
+    ({"model": "resnet21"}, "--model must be one of char_gpt, "),
 ])
 def test_export_check_refuses_bad_flags(override, message):
-  with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+  with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
     _job("export_check").check_flags(**{**EXPORT_CHECK, **override})
 
 
@@ -124,3 +125,13 @@ def test_bad_flag_is_one_line_before_any_work(args, message):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines == [lines[-1]] and lines[-1].startswith(f"error: {message}"), proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_export_check_names_the_weights_flag(tmp_path):
+  missing = tmp_path / "missing.npz"
+  proc = _run("experiments.export_check", f"--workdir={tmp_path / 'run'}", f"--weights={missing}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert lines[0].startswith(f"error: --weights: no such file {str(missing)!r}; give a "), lines
+  assert not (tmp_path / "run").exists()

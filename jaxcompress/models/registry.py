@@ -178,8 +178,8 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
 
 
 def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
-                 weights: str | None = None, seed: int = 0,
-                 field: str = "model") -> tuple[Model, dict]:
+                 weights: str | None = None, seed: int = 0, field: str = "model",
+                 name_field: str = "", weights_field: str = "") -> tuple[Model, dict]:
   """Builds a model and its variables: read from ``weights`` or freshly initialised.
 
   Args:
@@ -191,6 +191,8 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
       checkpoint directory (:func:`jaxcompress.models.weights.load_weights`).
     seed: initialisation seed.
     field: config section name, for messages (``model``, ``teacher``, ``student``).
+    name_field, weights_field: how messages name ``name`` and ``weights`` (default
+      ``{field}.name`` and ``{field}.weights``; a job's flags: ``--model``, ``--weights``).
 
   Returns:
     ``(model, variables)``: the Linen or NNX module, and its variables dict with
@@ -202,7 +204,8 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
     ConfigError: for a bad name (see :func:`get_model`), or weights that are missing, unreadable
       or do not fit the model (naming the first mismatching path and both shapes).
   """
-  model = get_model(name, num_classes, field=f"{field}.name", seed=seed)
+  name_field, weights_field = name_field or f"{field}.name", weights_field or f"{field}.weights"
+  model = get_model(name, num_classes, field=name_field, seed=seed)
   fn = functional(model)
   if fn.kind == "nnx":
     reference = variables_of(model)
@@ -212,13 +215,13 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
     try:
       reference = jax.eval_shape(init) if weights else jax.jit(init)()
     except Exception as e:  # a model that does not take the dataset's input is a user mistake
-      raise ConfigError(f"{field}.name: {name}'s forward fails on one input of shape "
+      raise ConfigError(f"{name_field}: {name}'s forward fails on one input of shape "
                         f"{list(image_shape)} ({type(e).__name__}: {_first_line(e)}); the model "
                         "must accept the dataset's images") from None
   if not weights:
     return model, dict(reference)
   variables = jax.tree.map(jnp.asarray, load_weights(weights, reference,
-                                                     field=f"{field}.weights"))
+                                                     field=weights_field))
   if fn.kind == "nnx":
     _set_nnx(model, variables)
   return model, variables
