@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
-from jaxcompress.errors import invalid
+from jaxcompress.errors import check_counts, invalid
 
 N_IMAGES = 50_000  # a CIFAR-10-sized training set of random pixels
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to time (default: all).")
@@ -58,9 +58,7 @@ def check_flags(*, variants: list[str] | None, steps: int, rounds: int, batch_si
       set or an unknown variant.
   """
   from experiments import bench_lib
-  for field, value in (("--steps", steps), ("--rounds", rounds), ("--batch_size", batch_size)):
-    if value < 1:
-      raise invalid(field, value, ">= 1")
+  check_counts({"--steps": steps, "--rounds": rounds, "--batch_size": batch_size})
   if batch_size > N_IMAGES:
     raise invalid("--batch_size", batch_size, f"<= {N_IMAGES}",
                   "the random training set has that many images")

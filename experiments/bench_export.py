@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
-from jaxcompress.errors import check_range, invalid
+from jaxcompress.errors import check_counts, check_range, invalid
 
 _WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
                                "Weights name or path of the model ('' = random init).")
@@ -73,10 +73,8 @@ def check_flags(*, model: str, fraction: float, batch_size: int, steps: int, rou
       fine-tuning length, a learning rate <= 0 or (without ``--exported``) a model that is not a
       CIFAR ResNet.
   """
-  for field, value in (("--batch_size", batch_size), ("--steps", steps), ("--rounds", rounds),
-                       ("--multiple", multiple)):
-    if value < 1:
-      raise invalid(field, value, ">= 1")
+  check_counts({"--batch_size": batch_size, "--steps": steps, "--rounds": rounds,
+                "--multiple": multiple})
   check_range("--fraction", fraction, 0.0, 1.0)
   if not finetune_epochs >= 0:
     raise invalid("--finetune_epochs", finetune_epochs, ">= 0", "0 skips the fine-tuning")

@@ -14,7 +14,7 @@ from experiments import lm_lib
 from experiments.pipeline import FLOAT32_BYTES, param_count
 from jaxcompress import parallel, text
 from jaxcompress.checkpoint import MetricsLog, check_workdir, write_json
-from jaxcompress.errors import invalid
+from jaxcompress.errors import check_counts
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import make_optimizer
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
@@ -25,9 +25,7 @@ EVAL_SPLITS = ("validation", "test", "val111k")
 
 def check_data(data) -> None:
   """One line for a batch size below 1 (the text and the context are checked when read)."""
-  for field in ("batch_size", "eval_batch_size"):
-    if data[field] < 1:
-      raise invalid(f"data.{field}", data[field], ">= 1")
+  check_counts({f"data.{field}": data[field] for field in ("batch_size", "eval_batch_size")})
 
 
 def validate_config(config) -> None:

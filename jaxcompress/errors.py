@@ -8,7 +8,7 @@ exit non-zero, so a user never sees a traceback for their own mistake.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 
 class ConfigError(ValueError):
@@ -36,6 +36,13 @@ def invalid(field: str, value: Any, valid: str, fix: str | None = None) -> Confi
 def unknown(field: str, value: Any, choices: Iterable[str]) -> ConfigError:
   """Error for a name that is not one of ``choices``."""
   return invalid(field, value, "one of " + ", ".join(sorted(choices)))
+
+
+def check_counts(fields: Mapping[str, Any]) -> None:
+  """Raises :class:`ConfigError` for the first of ``{field name: value}`` below 1."""
+  for field, value in fields.items():
+    if not value >= 1:
+      raise invalid(field, value, ">= 1")
 
 
 def check_range(field: str, value: float, lo: float, hi: float, *,

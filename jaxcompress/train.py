@@ -34,7 +34,7 @@ from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, check_counts, invalid
 from jaxcompress.steps import TrainState, evaluate
 
 
@@ -67,9 +67,8 @@ class LoopSpec:
   def __post_init__(self):
     if self.epochs < 0:
       raise invalid("train.epochs", self.epochs, ">= 0")
-    for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs"):
-      if getattr(self, field) < 1:
-        raise invalid(f"train.{field}", getattr(self, field), ">= 1")
+    check_counts({f"train.{field}": getattr(self, field)
+                  for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs")})
 
   @classmethod
   def from_mapping(cls, values: Mapping[str, Any]) -> "LoopSpec":
