@@ -36,7 +36,7 @@ from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import weights_format
 from jaxcompress.optim import OptimizerSpec, make_optimizer
-from jaxcompress.pruning.masks import SCOPES, check_sparsity
+from jaxcompress.pruning.masks import SCOPES, check_sparsities
 from jaxcompress.pruning.select import compile_rules
 from jaxcompress.rules import Rule
 from jaxcompress.selection import trace_layers
@@ -101,16 +101,6 @@ def _policy(rules, model, variables, image_shape) -> list:
   return trace_layers(model, variables, sample, field="model.name").prune_rules()
 
 
-def _check_sparsities(field: str, values: Sequence[float], increasing: bool = False) -> None:
-  if not len(values):
-    raise invalid(field, values, "a non-empty list of sparsities in [0, 1)")
-  for i, s in enumerate(values):
-    check_sparsity(s, f"{field}[{i}]")
-    if increasing and i and s <= values[i - 1]:
-      raise invalid(f"{field}[{i}]", s, f"> {field}[{i - 1}]={values[i - 1]}",
-                    "list the targets in increasing order")
-
-
 def _check_scope(field: str, scope: str) -> None:
   if scope not in SCOPES:
     raise unknown(field, scope, SCOPES)
@@ -139,7 +129,7 @@ def one_shot_sensitivity(config) -> dict:
       all checked before any data is decoded.
   """
   t0 = time.perf_counter()
-  _check_sparsities("prune.sparsities", config.prune.sparsities)
+  check_sparsities(config.prune.sparsities, "prune.sparsities")
   if not len(config.prune.scopes):
     raise invalid("prune.scopes", config.prune.scopes, "a non-empty list of layer, global")
   for i, scope in enumerate(config.prune.scopes):
@@ -227,7 +217,7 @@ def iterative_search(config, workdir: str) -> dict:
       another config's run.
   """
   t0 = time.perf_counter()
-  _check_sparsities("prune.sparsities", config.prune.sparsities, increasing=True)
+  check_sparsities(config.prune.sparsities, "prune.sparsities", increasing=True)
   _check_scope("prune.scope", config.prune.scope)
   if config.prune.tolerance < 0:
     raise invalid("prune.tolerance", config.prune.tolerance, ">= 0 (accuracy points)")

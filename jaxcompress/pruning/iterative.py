@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.errors import invalid
-from jaxcompress.pruning.masks import check_sparsity
+from jaxcompress.pruning.masks import check_sparsities
 from jaxcompress.pruning.tree import apply_masks, magnitude_masks
 
 
@@ -78,13 +78,7 @@ def iterative_prune(params: Any, sparsities: Sequence[float],
       negative ``tolerance``.
   """
   sparsities = [float(s) for s in sparsities]
-  if not sparsities:
-    raise invalid("iterative.sparsities", sparsities, "a non-empty list of sparsities")
-  for i, s in enumerate(sparsities):
-    check_sparsity(s, f"iterative.sparsities[{i}]")
-    if i and s <= sparsities[i - 1]:
-      raise invalid(f"iterative.sparsities[{i}]", s, f"> sparsities[{i - 1}]={sparsities[i - 1]}",
-                    "list the targets in increasing order")
+  check_sparsities(sparsities, "iterative.sparsities", increasing=True)
   if not isinstance(tolerance, numbers.Real) or tolerance < 0:
     raise invalid("iterative.tolerance", tolerance, "a number >= 0")
 

@@ -47,6 +47,19 @@ def check_sparsity(sparsity: Sparsity, field: str = "sparsity") -> None:
     check_range(field, sparsity, 0.0, 1.0)
 
 
+def check_sparsities(values: Sequence[float], field: str = "sparsities", *,
+                     increasing: bool = False) -> None:
+  """Raises ConfigError for an empty list, a value outside [0, 1) or, with ``increasing``, a
+  value not above the one before it (naming ``field[i]``)."""
+  if not len(values):
+    raise invalid(field, values, "a non-empty list of sparsities in [0, 1)")
+  for i, s in enumerate(values):
+    check_sparsity(s, f"{field}[{i}]")
+    if increasing and i and s <= values[i - 1]:
+      raise invalid(f"{field}[{i}]", s, f"> {field}[{i - 1}]={values[i - 1]}",
+                    "list the targets in increasing order")
+
+
 def num_pruned(sparsity: Sparsity, n: int) -> int | jax.Array:
   """``round(sparsity * n)``: exact in Python for Python numbers, float32 when traced."""
   if isinstance(sparsity, numbers.Real):
