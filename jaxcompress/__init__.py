@@ -11,8 +11,9 @@ Data flow, one module each (``import jaxcompress.<name>``):
   pruning       scores, masks (unstructured, N:M, channel), schedules, optax wrapper, iterative
   quantization  fake-quant (STE), calibration, LSQ, k-means, rules over unmodified Flax models
   distillation  per-example KD and hint losses
-  compose       typed specs and one jitted train step for any subset of prune / quantize /
-                distill, for any Linen or NNX model; its export
+  specs         the typed specs of what to prune, quantize and distill (checked when built)
+  compose       one jitted train step for any subset of prune / quantize / distill, for any
+                Linen or NNX model; its export
   steps, optim, parallel, train, checkpoint
                 train/eval steps, optimizers (OptimizerSpec), data parallelism, the resumable
                 loop (fit with DataSpec and LoopSpec, evaluate_split, load_data)
@@ -27,11 +28,11 @@ the pruning and PTQ studies (``sensitivity``, ``ptq_eval``), ResNet channel surg
 """
 
 from jaxcompress import (compose, data, distillation, models, pruning, quantization, rules,
-                         selection)
+                         selection, specs)
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import Functional, functional, variables_of
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "Functional", "compose", "data", "distillation", "functional",
-           "models", "pruning", "quantization", "rules", "selection", "variables_of"]
+           "models", "pruning", "quantization", "rules", "selection", "specs", "variables_of"]
