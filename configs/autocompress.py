@@ -87,8 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "quick":  # ResNet-20: 201 evaluations of 1,000 images, 5.2 min on 2 cores
     c.data.val_examples = 1000
-    c.scan.joint = False  # joint (3, 4, 8 bits): 421 evaluations, 9 min, a point over 30 min;
-    #                       its plans led by 0.06 at 25x, 0.31 at 40x (summed: 0.08, 0.15;
-    #                       float32 scales; docs/autocompress.md)
+    c.scan.joint = False  # joint (3, 4, 8 bits): 421 evaluations, 9.6 min, a point over 30 min;
+    #                       its plans led by 0.24 at 25x, 0.09 at 40x (summed: 0.28, -0.06;
+    #                       3 seeds, docs/autocompress.md)
     c.scan.sparsities = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
   return c
