@@ -18,7 +18,8 @@ Measured (docs/autocompress.md; 2-core AMD EPYC VM; about 20 min for a budget po
 reused): at 25x the plan reached 89.55 % in 42,127 bytes against the uniform recipe's 89.34 % in
 41,889 (seed 0), 89.65 % against 89.34 % (seed 1), 89.87 % against 89.54 % (seed 2) and
 89.69 % against 89.81 % (seed 3); at 40x 85.73 % in 26,166 bytes against 85.93 % in 26,138
-(seed 0), 85.70 % against 85.80 % (seed 1) and 85.82 % against 85.70 % (seed 2).
+(seed 0), 85.70 % against 85.80 % (seed 1), 85.82 % against 85.70 % (seed 2) and 86.12 % against
+86.15 % (seed 3).
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured; on one
 NVIDIA H200 the scan took 41 s and, with float32 scales, the 25x plan reached 90.92 % in 41,821
