@@ -37,7 +37,7 @@ import optax
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, invalid, shortened
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
@@ -432,7 +432,7 @@ def _feature(feats: dict, path: str, which: int, layers: ModelLayers | None = No
   if path not in feats:
     model = ("student", "teacher")[which]
     names = [l.path for l in layers.layers] if layers is not None else []
-    hint = f", e.g. one of its layers: {', '.join(names[:6])}{', ...' * (len(names) > 6)}"
+    hint = f", e.g. one of its layers: {shortened(names, 6)}"
     raise invalid("distill.feature_pairs", path, f"a module path of the {model} that its forward "
                   f"calls{hint if names else ''}")
   return feats[path]
@@ -518,7 +518,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     for i, (regex, _, _) in enumerate(quant.layer_bits):
       if not any(re.fullmatch(regex, p) for p in paths):
         raise invalid(f"quant.layer_bits[{i}]", regex, "a regex that fully matches a layer path "
-                      f"({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''})")
+                      f"({shortened(paths, 4)})")
     # The defaults decide only the layers layer_bits leaves open (no rule that matches nothing).
     open_ = [l.path for l in layers.layers
              if not any(re.fullmatch(r, l.path) for r, _, _ in quant.layer_bits)]

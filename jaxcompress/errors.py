@@ -8,7 +8,7 @@ exit non-zero, so a user never sees a traceback for their own mistake.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 
 class ConfigError(ValueError):
@@ -36,6 +36,12 @@ def invalid(field: str, value: Any, valid: str, fix: str | None = None) -> Confi
 def unknown(field: str, value: Any, choices: Iterable[str]) -> ConfigError:
   """Error for a name that is not one of ``choices``."""
   return invalid(field, value, "one of " + ", ".join(sorted(choices)))
+
+
+def shortened(items: Sequence[str], n: int, sep: str = ", ") -> str:
+  """The first ``n`` of ``items`` joined by ``sep``, then ``sep`` and ``...`` if there are more:
+  examples for a message."""
+  return sep.join(items[:n]) + (f"{sep}..." if len(items) > n else "")
 
 
 def check_counts(fields: Mapping[str, Any]) -> None:

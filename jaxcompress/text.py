@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from jaxcompress.data import Batch
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, invalid, shortened
 
 TEXT_ENV = "JAXCOMPRESS_TEXT_DIR"
 DEFAULT_TEXT_DIR = "~/.cache/jaxcompress/text"
@@ -108,7 +108,7 @@ class Vocabulary:
     table = {c: i for i, c in enumerate(self.chars)}
     unknown = sorted(set(text) - set(table))
     if unknown:
-      shown = "".join(unknown[:10]) + ("..." if len(unknown) > 10 else "")
+      shown = shortened(unknown, 10, sep="")
       raise ConfigError(f"data: the {what} holds {len(unknown)} character(s) outside the "
                         f"training vocabulary of {self.size}: {shown!r}; evaluate on text made of "
                         "the training split's characters")
