@@ -24,7 +24,6 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
   """
   inner = sorted((l.path for l in layers if l.path not in edges),
                  key=lambda p: tuple(next(l.weight for l in layers if l.path == p).split("/")))
-  act = act_bits
   if kind == "size":
     found = budget_lib.uniform_size(weights, inner, overhead=int(overhead), budget=int(limit),
                                     bits=bits, predict=sens.predict)
@@ -39,7 +38,7 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
     for b in bits:
       for s in np.round(np.arange(0, 0.99, 0.01), 2):
         keep = {p: budget_lib.keep_mask(weights[p], float(s)) for p in inner}
-        bops = uniform_bops(layers, macs, keep, b, act)
+        bops = uniform_bops(layers, macs, keep, b, act_bits)
         if bops <= limit:
           damage = sum(sens.predict(p, float(s), b) for p in inner)
           if best is None or damage < best[0]:
@@ -52,12 +51,12 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
     prune = {"method": "magnitude" if s else "none", "structure": "unstructured",
              "scope": "layer", "schedule": "one_shot", "begin": 0.0, "sparsity": s,
              "rules": (), "layer_sparsity": ()}
-  quant = {"weight_bits": int(b), "act_bits": act, "first_last_bits": 8, "layer_bits": ()}
+  quant = {"weight_bits": int(b), "act_bits": act_bits, "first_last_bits": 8, "layer_bits": ()}
   paths = [l.path for l in layers]
   masks_and_bits = ({p: k for p, k in keep.items() if s},
-                    {p: int(b) if p in keep else 8 for p in paths}, {p: act for p in paths})
+                    {p: int(b) if p in keep else 8 for p in paths}, {p: act_bits for p in paths})
   return {"fields": (prune, quant), "sparsity": s, "weight_bits": int(b), "size_bytes": size,
-          "masks_and_bits": masks_and_bits, "bops": uniform_bops(layers, macs, keep, b, act),
+          "masks_and_bits": masks_and_bits, "bops": uniform_bops(layers, macs, keep, b, act_bits),
           "recipe": f"sparsity {s:.3f} ({'global magnitude' if kind == 'size' else 'per layer'}),"
                     f" {int(b)}-bit weights; first and last layer dense at 8 bits"}
 
