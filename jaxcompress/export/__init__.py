@@ -1,11 +1,13 @@
 """Export: genuinely smaller models (packed low-bit weights, sparse storage) of any Flax model.
 
 Data flow: ``finalize`` (bake masks, integer weights, fold BatchNorms found by tracing) -> ``codec``
-(one tensor's bytes: ``packing`` of sub-byte codes, ``sparse`` bitmap or gap-coded positions) ->
-``artifact`` (``DIR/export``: ``arrays.bin`` + ``spec.json.gz``, checked on load) -> ``runtime`` (the
-user's own module on the artifact's arrays, with the stored input quantization); ``size`` reports
-bytes on disk against float32, ``serving`` writes a ``jax.export`` function beside the artifact,
-``slim`` runs a loaded artifact with its removed output channels skipped.
+(one tensor's bytes: ``packing`` of sub-byte codes, ``sparse`` bitmap or gap-coded positions,
+``huffman`` codes for skewed code streams) -> ``artifact`` (``DIR/export``: ``arrays.bin`` +
+``spec.json.gz``, checked on load; ``recode`` writes one again in the current format) ->
+``runtime`` (the user's own module on the artifact's arrays, with the stored input
+quantization); ``size`` reports bytes on disk against float32, ``serving`` writes a
+``jax.export`` function beside the artifact, ``slim`` runs a loaded artifact with its removed
+output channels skipped.
 
 Example:
   >>> report = export_model("run/export", variables=variables, input_shape=(32, 32, 3),
@@ -15,7 +17,7 @@ Example:
   >>> save_serving("run/serving", slim(loaded).loaded)   # pruned channels not computed
 """
 
-from jaxcompress.export.artifact import export_model, load, read_spec
+from jaxcompress.export.artifact import export_model, load, read_spec, recode
 from jaxcompress.export.codec import LayerTensor, decode_layer, encode_layer
 from jaxcompress.export.finalize import Finalized, finalize
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
@@ -27,7 +29,7 @@ from jaxcompress.export.sparse import Sparse
 
 __all__ = [
     # the artifact
-    "export_model", "load", "read_spec", "LoadedModel", "size_report", "format_report",
+    "export_model", "load", "read_spec", "recode", "LoadedModel", "size_report", "format_report",
     # serving
     "save_serving", "load_serving", "slim", "Slimmed",
     # building blocks

@@ -8,9 +8,9 @@ Layout of ``DIR/export/``:
   ``compress=False``, which :func:`load` reads as well): format and version, the input's shape
   and dtype, the float32 size of the model's parameters, the folded BatchNorms, each quantized
   layer's input quantization, the arrays file's size, raw size, compression and SHA-256, and one
-  line per stored tensor: kind, shape, bits, sparse encoding and ``segments: {name: bytes}``: its
-  byte segments, which follow each other in the raw arrays in the order the tensors and their
-  segments are listed (offsets are implied).
+  line per stored tensor: kind, shape, bits, sparse encoding, the segments stored Huffman-coded
+  (``huffman``) and ``segments: {name: bytes}``: its byte segments, which follow each other in
+  the raw arrays in the order the tensors and their segments are listed (offsets are implied).
 
 The artifact holds variables, not code: :func:`load` takes the user's own module, checks the
 checksum, every size and shape, and that the variables fit that module, before it builds anything;
@@ -21,6 +21,7 @@ to a temporary name and renamed (:mod:`.files`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import zlib
@@ -68,8 +69,9 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     gains_into: ``{BatchNorm path: weight path}``: folded BatchNorms whose gain goes into that
       weight's per-output-channel scales (``Compression.gain_layers``); they store a bias alone.
     model_name: a name recorded in the spec (informational).
-    compress: zlib the arrays file when that makes it smaller, and gzip the spec
-      (``spec.json.gz``; ``False``: plain ``spec.json``).
+    compress: Huffman-code each layer's code streams where that makes them smaller
+      (:mod:`.huffman`), zlib the arrays file when that makes it smaller, and gzip the spec
+      (``spec.json.gz``; ``False``: fixed-width codes and a plain ``spec.json``).
     reduce_axes: ``{weight path: reduction axes}`` (``ModelLayers.reduce_axes()``): such a
       weight may be stored as N:M groups along them (the :mod:`.sparse` ``nm`` encoding).
     scale_dtype: ``float32``, or ``float16``: the folded BatchNorms and the scales of integer
@@ -85,9 +87,39 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
   """
   fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold,
                  gains_into=gains_into, reduce_axes=reduce_axes, scale_dtype=scale_dtype)
+  return _write(out_dir, fin, input_shape=input_shape, input_dtype=input_dtype,
+                model_name=model_name, compress=compress)
+
+
+def recode(src: str, out_dir: str, *, compress: bool = True,
+           field: str = "model.exported") -> dict:
+  """Writes the artifact at ``src`` again, in this version's format, to ``out_dir``.
+
+  The stored tensors are decoded and encoded again, unchanged: an artifact of format version 2
+  (fixed-width codes) comes out Huffman-coded, the same model in fewer bytes; ``compress=False``
+  writes fixed-width codes and a plain ``spec.json``. No model is needed.
+
+  Returns:
+    The :func:`~jaxcompress.export.size.size_report` of the written artifact.
+
+  Raises:
+    ConfigError: one line for an unreadable or corrupted ``src``.
+  """
+  spec = read_spec(src, field)
+  with _malformed(src, field):
+    fin = _decode(src, spec, field)
+    _check_header(spec, fin, field)
+  return _write(out_dir, fin, input_shape=tuple(spec["input"]["shape"]),
+                input_dtype=spec["input"]["dtype"], model_name=spec.get("model", ""),
+                compress=compress)
+
+
+def _write(out_dir: str, fin: Finalized, *, input_shape: tuple[int, ...], input_dtype: str,
+           model_name: str, compress: bool) -> dict:
+  """Encodes finalized tensors and writes the artifact's two files; returns its size report."""
   metas, chunks = [], []
   for t in fin.tensors.values():
-    meta, segments = encode_layer(t)
+    meta, segments = encode_layer(t, huffman=compress)
     if t.path in fin.axes:
       meta["axis"] = fin.axes[t.path]
     if meta["kind"] == "float" and meta["bits"] == 32:
@@ -133,7 +165,7 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
       first mismatching path and both shapes).
   """
   spec = read_spec(path, field)
-  try:
+  with _malformed(path, field):
     fin = _decode(path, spec, field)
     _check_header(spec, fin, field)
     fm = functional(model)
@@ -141,6 +173,14 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
     _check_fits(fm, expected, fin, field)
     arrays = rebuild(fin, expected)
     apply_fn = make_apply_fn(fm, fin.acts)
+  return LoadedModel(model, arrays, apply_fn, spec, fin)
+
+
+@contextlib.contextmanager
+def _malformed(path: str, field: str):
+  """Turns what a malformed spec raises while decoding into one ConfigError line."""
+  try:
+    yield
   except (KeyError, TypeError, IndexError, ValueError, AttributeError, OverflowError,
           MemoryError) as e:
     if isinstance(e, ConfigError):
@@ -148,7 +188,6 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
     cause = f"{type(e).__name__}: {e}".replace("\n", " ")
     raise ConfigError(f"{field}: {path!r} has a malformed spec ({cause}); the artifact is "
                       "corrupted, export it again") from None
-  return LoadedModel(model, arrays, apply_fn, spec, fin)
 
 
 def _is_int(v: Any) -> bool:

@@ -15,7 +15,10 @@ quantized kernel leaves that kernel bit-identical to the one the fake-quant mode
 export with ``gains_into`` multiplies the gain into ``scale`` instead, and the model it is
 compared with is evaluated with the same product).
 :func:`encode_layer` turns a layer into named byte segments and a small JSON-able dict;
-:func:`decode_layer` inverts it and checks every byte count against the dict.
+:func:`decode_layer` inverts it and checks every byte count against the dict. With
+``huffman=True`` the code streams (integer and k-means values, gap and N:M position codes) are
+each Huffman-coded (:mod:`.huffman`) where that takes fewer bytes than their fixed-width packing;
+``meta["huffman"]`` lists the segments so coded, and the decoder unpacks them first.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError, unknown
 from jaxcompress.export import sparse
+from jaxcompress.export.huffman import coded_size
+from jaxcompress.export.huffman import decode as huffman_decode
+from jaxcompress.export.huffman import encode as huffman_encode
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 
 KINDS = ("int", "kmeans", "float")
@@ -106,12 +112,13 @@ class LayerTensor(NamedTuple):
     return self._replace(codes=self.codes[..., keep, :])
 
 
-def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
+def encode_layer(t: LayerTensor, *, huffman: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
   """Encodes a layer: ``(meta, segments)``.
 
   ``meta`` is JSON-able (shape, kind, bits, the chosen :mod:`.sparse` encoding and its counts, the
   input quantization); ``segments`` maps ``positions``, ``values`` and, where present,
-  ``zero_point``, ``scale``, ``gain``, ``bias``, ``codebook`` to ``uint8`` arrays.
+  ``zero_point``, ``scale``, ``gain``, ``bias``, ``codebook`` to ``uint8`` arrays. ``huffman``:
+  Huffman-code the code streams that get smaller so (listed in ``meta["huffman"]``).
   """
   nonzero = t.nonzero()
   if t.kind == "int":
@@ -145,7 +152,48 @@ def encode_layer(t: LayerTensor) -> tuple[dict, dict[str, np.ndarray]]:
     segments["bias"] = sparse.float_bytes(t.bias)
   if t.codebook is not None:
     segments["codebook"] = sparse.float_bytes(t.codebook)
+  if huffman:
+    coded = []
+    for name, (width, count) in code_streams(meta).items():
+      symbols = unpack_bits(segments[name], width, count)
+      if coded_size(symbols) < segments[name].size:
+        segments[name] = huffman_encode(symbols)
+        coded.append(name)
+    if coded:
+      meta["huffman"] = coded
   return meta, segments
+
+
+def code_streams(meta: dict) -> dict[str, tuple[int, int]]:
+  """``{segment: (code width, code count)}`` of a layer's fixed-width code streams, non-empty:
+  integer and k-means values, gap and N:M position codes (bitmaps and kernel marks are 1-bit)."""
+  out = {}
+  if meta["kind"] != "float" and int(meta["nnz"]):
+    out["values"] = (int(meta["bits"]), int(meta["nnz"]))
+  if meta["encoding"] == "gaps" and int(meta["codes"]):
+    out["positions"] = (int(meta["gap_bits"]), int(meta["codes"]))
+  if meta["encoding"] == "nm":
+    out["positions"] = (sparse.NM_INDEX_BITS, int(meta["nnz"]))
+  return out
+
+
+def _unhuffman(meta: dict, segments: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+  """``segments`` with the ``meta["huffman"]`` ones decoded to their fixed-width packing."""
+  coded = meta.get("huffman", [])
+  streams = code_streams(meta)
+  if (not isinstance(coded, list) or len(set(map(str, coded))) != len(coded)
+      or any(name not in streams for name in coded)):
+    raise ConfigError(f"{where}: huffman lists {coded!r}; a {meta['encoding']} "
+                      f"{meta['kind']} layer may code {sorted(streams)}; the spec is corrupted")
+  out = dict(segments)
+  for name in coded:
+    width, count = streams[name]
+    symbols = huffman_decode(segments[name], count, where=f"{where} segment {name!r}")
+    if symbols.max() >= 1 << width:
+      raise ConfigError(f"{where}: segment {name!r} decodes to codes over {width} bits; the "
+                        "artifact is corrupted")
+    out[name] = pack_bits(symbols, width)
+  return out
 
 
 def _expected_segments(meta: dict, channels: int) -> dict[str, tuple[int, ...] | None]:
@@ -180,6 +228,7 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   if meta.get("scale_bits", 32) not in sparse.FLOAT_DTYPES:
     raise ConfigError(f"{where}: scale_bits is 16 or 32, the spec says {meta['scale_bits']!r}; "
                       "the spec is corrupted")
+  segments = _unhuffman(meta, segments, where)
   expected = _expected_segments(meta, channels)
   for name, data in segments.items():
     if name not in expected:

@@ -15,7 +15,8 @@ import zlib
 
 from jaxcompress.errors import ConfigError
 
-FORMAT, VERSION = "jaxcompress-export", 2
+FORMAT, VERSION = "jaxcompress-export", 3
+READ_VERSIONS = (2, 3)  # 3 added Huffman-coded segments; a version 2 artifact reads as before
 SPEC_FILE, SPEC_GZ, ARRAYS_FILE = "spec.json", "spec.json.gz", "arrays.bin"
 _SPEC_SUFFIXES = (".json", ".json.gz")  # a path with these names a spec file, not a folder
 
@@ -63,9 +64,9 @@ def read_spec(path: str, field: str = "model.exported") -> dict:
                       f"({e}); the artifact is corrupted, export it again") from None
   if not isinstance(spec, dict) or spec.get("format") != FORMAT:
     raise ConfigError(f"{field}: {file!r} is not a {FORMAT} spec")
-  if spec.get("version") != VERSION:
+  if spec.get("version") not in READ_VERSIONS:
     raise ConfigError(f"{field}: {file!r} has format version {spec.get('version')!r}, this "
-                      f"jaxcompress reads version {VERSION}; export it again")
+                      f"jaxcompress reads versions {list(READ_VERSIONS)}; export it again")
   return spec
 
 

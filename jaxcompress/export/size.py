@@ -22,10 +22,11 @@ def size_report(out_dir: str) -> dict[str, Any]:
   """Per-tensor and total bytes of the artifact in ``out_dir``, against float32.
 
   Returns:
-    ``{'layers': [{'path', 'kind', 'bits', 'encoding', 'shape', 'density', 'bytes',
-    'float32_bytes'}] (one per stored tensor), 'arrays_raw_bytes', 'arrays_bytes', 'spec_file',
-    'spec_bytes', 'total_bytes', 'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is
-    the sum of the artifact's file sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
+    ``{'layers': [{'path', 'kind', 'bits', 'encoding', 'huffman', 'shape', 'density', 'bytes',
+    'float32_bytes'}] (one per stored tensor; ``huffman``: its Huffman-coded segments),
+    'arrays_raw_bytes', 'arrays_bytes', 'spec_file', 'spec_bytes', 'total_bytes',
+    'float32_bytes', 'ratio', 'compression'}``; ``total_bytes`` is the sum of the artifact's
+    file sizes on disk and ``ratio`` is ``float32_bytes / total_bytes``.
   """
   spec_file = spec_path(out_dir)
   spec = read_spec(out_dir, "export")
@@ -38,6 +39,7 @@ def size_report(out_dir: str) -> dict[str, Any]:
         "encoding": (f"nm {meta['group_n']}:{NM_GROUP}" if meta.get("encoding") == "nm" else
                      meta.get("encoding", "dense") + (
                          str(meta["gap_bits"]) if meta.get("encoding") == "gaps" else "")),
+        "huffman": list(meta.get("huffman", [])),
         "shape": meta["shape"], "density": round(meta.get("nnz", n) / n, 4),
         "bytes": sum(meta["segments"].values()),
         "float32_bytes": 4 * n if meta["path"].startswith("params/") else 0})
@@ -53,7 +55,8 @@ def size_report(out_dir: str) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any]) -> str:
   """A Markdown table of :func:`size_report` (one row per layer, then the totals)."""
-  rows = [(l["path"], l["kind"], str(l["bits"]), l["encoding"],
+  rows = [(l["path"], l["kind"], str(l["bits"]),
+           l["encoding"] + (" + Huffman" if l["huffman"] else ""),
            f"{l['density']:.3f}", f"{l['bytes']:,}", f"{l['float32_bytes']:,}")
           for l in report["layers"]]
   rows.append((f"arrays (raw / on disk, {report['compression']})", "", "", "", "",
