@@ -348,8 +348,10 @@ def test_size_table_has_a_row_per_tensor_then_the_totals(convbn):
   assert [row[0] for row in cells[2:-3]] == [l["path"] for l in report["layers"]]
   body = next(row for row in cells if row[0] == "params/body/kernel")
   layer = next(l for l in report["layers"] if l["path"] == "params/body/kernel")
-  assert body[2:] == [str(layer["bits"]), layer["encoding"], f"{layer['density']:.3f}",
-                      f"{layer['bytes']:,}", f"{layer['float32_bytes']:,}"]
+  assert layer["huffman"] == ["values"]  # its 4-bit codes are Huffman-coded
+  assert body[2:] == [str(layer["bits"]), layer["encoding"] + " + Huffman",
+                      f"{layer['density']:.3f}", f"{layer['bytes']:,}",
+                      f"{layer['float32_bytes']:,}"]
   assert cells[-1][0] == "**total on disk**" and cells[-1][5] == f"**{report['total_bytes']:,}**"
 
 
