@@ -167,15 +167,17 @@ def decode(data: Any, count: int, *, where: str = "stream") -> np.ndarray:
   n = bits.size
   if not 1 <= count <= n:  # every code takes at least one bit
     raise bad(f"{count} symbols cannot be coded in {n} bits")
-  padded = np.concatenate([bits, np.zeros(longest, np.uint8)]).astype(np.int64)
-  window = np.zeros(n, np.int64)
+  index = np.int32 if n < 2**31 - 2 * MAX_LENGTH else np.int64  # bit positions
+  padded = np.concatenate([bits, np.zeros(longest, np.uint8)])
+  window = np.zeros(n, np.int32)
   for j in range(longest):
     window = (window << 1) | padded[j:j + n]
-  length = length_of[window]
+  length = length_of[window].astype(index)
   # jump[p]: where the next code starts if one starts at p (n: past the end or no code at p).
-  jump = np.append(np.where((length > 0) & (np.arange(n) + length <= n),
-                            np.arange(n) + length, n), n)
-  starts = np.zeros(1, np.int64)
+  after = np.arange(n, dtype=index) + length
+  jump = np.append(np.where((length > 0) & (after <= n), after, n), n).astype(index)
+  del after
+  starts = np.zeros(1, index)
   while starts.size < count:  # starts[i] = jump^i(0): append jump^(2^r) of what is known
     starts = np.concatenate([starts, jump[starts]])
     jump = jump[jump]
@@ -187,4 +189,4 @@ def decode(data: Any, count: int, *, where: str = "stream") -> np.ndarray:
   end = int(starts[-1] + length[starts[-1]])
   if end > n or -(-end // 8) != -(-n // 8) or padded[end:n].any():
     raise bad(f"the Huffman stream's {n} bits do not end with its {count} codes")
-  return symbol_of[window[starts]]
+  return symbol_of[window[starts]].astype(np.int64)
