@@ -128,7 +128,8 @@ def write_report(workdir: str, results: dict, sens) -> None:
       "# Compression to a budget", "",
       f"Budget: {limit} per artifact (device `{b['device']}`: {b['hardware']}).", "",
       results_table(results), "",
-      f"Predicted by the plan: at most {p['size_bytes']:,} bytes, {p['bops']:,} BOPs per "
+      f"Predicted by the plan: at most {p['size_bytes']:,} bytes (codes at fixed widths; the "
+      f"export Huffman-codes them where that is smaller), {p['bops']:,} BOPs per "
       f"example, summed damage {p['damage']:.4f} " + (
           f"(optimality gap {p['optimality_gap']:.4g})." if p["optimality_gap"] is not None else
           f"(one global threshold on {THRESHOLDS[results['chosen']]}, the bits allocated "
