@@ -134,9 +134,8 @@ def pessimistic_spec(spec: Mapping[str, Any], seed: int = 0) -> dict:
   Every tensor gets the fields of every sparse encoding (bitmap, gaps, N:M), both code streams
   listed as Huffman-coded, and a ``positions`` segment; its counts, the input scales and zero
   points and the arrays' byte counts get random digits of their longest length (random digits
-  compress worst). Tensors the plan leaves alone
-  count too: fine-tuning changes their values, and with them their encoding (a bias that is 0 in
-  the reference is stored as no entries at all).
+  compress worst). Tensors the plan leaves alone count too: fine-tuning changes their values, and
+  with them their encoding (a bias that is 0 in the reference is stored as no entries at all).
   """
   rng = np.random.default_rng(seed)
   digits = lambda n: int(rng.integers(10 ** (n - 1), 10 ** n))  # noqa: E731
