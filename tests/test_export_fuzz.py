@@ -22,7 +22,9 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.export import load
 from test_export_artifact import X8, ConvBN, convbn  # noqa: F401  (module-scoped fixture)
 
-FUZZ = settings(max_examples=40, deadline=None,
+# Derandomized: every run draws the same examples, so a failure reproduces and the suite's
+# verdict does not depend on the draw. To search further, raise max_examples and drop derandomize.
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 X = X8[:4]

@@ -54,6 +54,20 @@ def test_a_stream_worked_by_hand():
   np.testing.assert_array_equal(huffman.decode(data, symbols.size), symbols)
 
 
+def test_a_table_over_the_whole_alphabet_says_the_code_width():
+  # The stream worked by hand as 3-bit codes: the table covers symbols 0..7, the four absent
+  # ones with length 0 (two more zero bytes); decoding it as 4-bit codes fails.
+  symbols = np.array([0, 0, 0, 0, 0, 1, 1, 2, 3])
+  data = huffman.encode(symbols, 8)
+  np.testing.assert_array_equal(data, [7, 0x21, 0x33, 0, 0, 0x05, 0x6E])
+  assert huffman.coded_size(symbols, 8) == 7
+  np.testing.assert_array_equal(huffman.decode(data, symbols.size, 8), symbols)
+  with pytest.raises(ConfigError, match="covers 8 symbols, the stream's codes 16"):
+    huffman.decode(data, symbols.size, 16)
+  with pytest.raises(ConfigError, match=r"must lie in \[0, 2\]"):
+    huffman.encode(symbols, 3)
+
+
 def test_one_distinct_symbol_takes_one_bit_each():
   data = huffman.encode(np.full(20, 5))
   # k = 6 symbols described (0..5): 1 + 3 table bytes, then 20 zero bits in 3 bytes.
@@ -162,3 +176,16 @@ def test_position_and_value_streams_round_trip(pattern):
   for bad in (["values", "values"], ["scale"], "values"):
     with pytest.raises(ConfigError, match="huffman lists"):
       decode_layer({**meta, "huffman": bad}, segments)
+
+
+def test_a_changed_code_width_of_a_coded_stream_is_an_error():
+  """A Huffman-coded stream decodes to the same codes whatever width the spec claims, so the
+  table, which covers all ``2^bits`` codes, is what catches a changed ``bits``."""
+  codes = np.where(np.random.default_rng(1).random((3, 3, 16, 32)) < 0.5, 1, 0)
+  meta, segments = encode_layer(_layer(codes), huffman=True)
+  assert "values" in meta["huffman"]
+  for bits in (2, 4):
+    with pytest.raises(ConfigError, match="covers 8 symbols") as e:
+      decode_layer({**meta, "bits": bits}, segments)
+    assert "\n" not in str(e.value)
+

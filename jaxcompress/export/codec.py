@@ -17,8 +17,9 @@ compared with is evaluated with the same product).
 :func:`encode_layer` turns a layer into named byte segments and a small JSON-able dict;
 :func:`decode_layer` inverts it and checks every byte count against the dict. With
 ``huffman=True`` the code streams (integer and k-means values, gap and N:M position codes) are
-each Huffman-coded (:mod:`.huffman`) where that takes fewer bytes than their fixed-width packing;
-``meta["huffman"]`` lists the segments so coded, and the decoder unpacks them first.
+each Huffman-coded (:mod:`.huffman`, a table over all ``2^width`` codes) where that takes fewer
+bytes than their fixed-width packing; ``meta["huffman"]`` lists the segments so coded, and the
+decoder unpacks them first.
 """
 
 from __future__ import annotations
@@ -156,8 +157,8 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False) -> tuple[dict, dict[s
     coded = []
     for name, (width, count) in code_streams(meta).items():
       symbols = unpack_bits(segments[name], width, count)
-      if coded_size(symbols) < segments[name].size:
-        segments[name] = huffman_encode(symbols)
+      if coded_size(symbols, 1 << width) < segments[name].size:
+        segments[name] = huffman_encode(symbols, 1 << width)
         coded.append(name)
     if coded:
       meta["huffman"] = coded
@@ -188,10 +189,8 @@ def _unhuffman(meta: dict, segments: dict[str, np.ndarray], where: str) -> dict[
   out = dict(segments)
   for name in coded:
     width, count = streams[name]
-    symbols = huffman_decode(segments[name], count, where=f"{where} segment {name!r}")
-    if symbols.max() >= 1 << width:
-      raise ConfigError(f"{where}: segment {name!r} decodes to codes over {width} bits; the "
-                        "artifact is corrupted")
+    symbols = huffman_decode(segments[name], count, 1 << width,
+                             where=f"{where} segment {name!r}")
     out[name] = pack_bits(symbols, width)
   return out
 

@@ -8,8 +8,9 @@ codes take ``log2(alphabet)`` bits each.
 
 Stream layout (``uint8``):
 
-- one byte ``k - 1``: code lengths follow for symbols ``0 .. k-1`` (symbols from ``k`` on do not
-  occur; ``k`` at most 256);
+- one byte ``k - 1``: code lengths follow for symbols ``0 .. k-1`` (the alphabet: ``2^width``
+  for a stream of ``width``-bit codes, so the stream itself says its width; otherwise the largest
+  symbol plus one; ``k`` at most 256);
 - ``ceil(k / 2)`` bytes: each symbol's code length, 4 bits (0: the symbol does not occur), two to a
   byte, the first in the low nibble;
 - the codes of the symbols in order, most significant bit first, bytes filled from their most
@@ -94,27 +95,40 @@ def _table_bytes(k: int) -> int:
   return 1 + (k + 1) // 2
 
 
-def coded_size(symbols: Any) -> int:
+def _counts(symbols: np.ndarray, alphabet: int | None) -> np.ndarray:
+  """How often each symbol of the alphabet (``None``: up to the largest) occurs."""
+  limit = MAX_SYMBOLS if alphabet is None else alphabet
+  if not 1 <= limit <= MAX_SYMBOLS:
+    raise ConfigError(f"huffman: alphabet is {alphabet}; it must lie in [1, {MAX_SYMBOLS}]")
+  if not symbols.size:
+    raise ConfigError("huffman: nothing to encode (an empty stream)")
+  if symbols.min() < 0 or symbols.max() >= limit:
+    raise ConfigError(f"huffman: symbols must lie in [0, {limit - 1}], got "
+                      f"[{symbols.min()}, {symbols.max()}]")
+  return np.bincount(symbols, minlength=alphabet or 1)
+
+
+def coded_size(symbols: Any, alphabet: int | None = None) -> int:
   """Bytes :func:`encode` writes for ``symbols`` (without writing them)."""
-  symbols = np.asarray(symbols).reshape(-1)
-  counts = np.bincount(symbols.astype(np.int64), minlength=1)
+  counts = _counts(np.asarray(symbols).reshape(-1).astype(np.int64), alphabet)
   lengths = code_lengths(counts)
   return _table_bytes(counts.size) + -(-int(np.dot(lengths, counts)) // 8)
 
 
-def encode(symbols: Any) -> np.ndarray:
-  """Huffman-codes a stream of integers in ``[0, 256)`` (layout: the module docstring).
+def encode(symbols: Any, alphabet: int | None = None) -> np.ndarray:
+  """Huffman-codes a stream of integers in ``[0, alphabet)`` (layout: the module docstring).
+
+  Args:
+    symbols: the integers.
+    alphabet: how many symbols the table covers (``2^width`` for ``width``-bit codes; at most
+      256); ``None``: up to the largest symbol.
 
   Raises:
-    ConfigError: for an empty stream or a symbol outside ``[0, 256)``.
+    ConfigError: for an empty stream, a symbol outside ``[0, alphabet)``, or an alphabet outside
+      ``[1, 256]``.
   """
   symbols = np.asarray(symbols).reshape(-1).astype(np.int64)
-  if not symbols.size:
-    raise ConfigError("huffman: nothing to encode (an empty stream)")
-  if symbols.min() < 0 or symbols.max() >= MAX_SYMBOLS:
-    raise ConfigError(f"huffman: symbols must lie in [0, {MAX_SYMBOLS - 1}], got "
-                      f"[{symbols.min()}, {symbols.max()}]")
-  counts = np.bincount(symbols)
+  counts = _counts(symbols, alphabet)
   lengths = code_lengths(counts)
   codes = canonical_codes(lengths)
   table = np.zeros(2 * -(-counts.size // 2), np.uint8)
@@ -129,20 +143,23 @@ def encode(symbols: Any) -> np.ndarray:
   return np.concatenate([head, np.packbits(bits)])
 
 
-def decode(data: Any, count: int, *, where: str = "stream") -> np.ndarray:
+def decode(data: Any, count: int, alphabet: int | None = None, *,
+           where: str = "stream") -> np.ndarray:
   """Reads ``count`` symbols back from :func:`encode`'s bytes.
 
   Args:
     data: the stream's bytes (``uint8`` array or ``bytes``), exactly as :func:`encode` wrote.
     count: how many symbols it holds (at least 1).
+    alphabet: the alphabet :func:`encode` was given, checked against the table; ``None``: any.
     where: what the stream is, for messages.
 
   Returns:
     ``int64[count]``.
 
   Raises:
-    ConfigError: if the lengths do not form a prefix code, a code is not in the table, the codes
-      run past the data, or bytes are left over (a corrupted or mismatched stream).
+    ConfigError: if the table is not for ``alphabet``, the lengths do not form a prefix code, a
+      code is not in the table, the codes run past the data, or bytes are left over (a corrupted
+      or mismatched stream).
   """
   data = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else (
       np.asarray(data, np.uint8).reshape(-1))
@@ -150,6 +167,8 @@ def decode(data: Any, count: int, *, where: str = "stream") -> np.ndarray:
   if data.size < 1 or data.size < _table_bytes(int(data[0]) + 1):
     raise bad("the Huffman table is truncated")
   k = int(data[0]) + 1
+  if alphabet is not None and k != alphabet:
+    raise bad(f"the Huffman table covers {k} symbols, the stream's codes {alphabet}")
   nibbles = data[1:_table_bytes(k)]
   lengths = np.stack([nibbles & 15, nibbles >> 4], 1).reshape(-1)[:k].astype(np.int64)
   if not lengths.any() or np.sum(2.0 ** -lengths[lengths > 0]) > 1:
