@@ -184,8 +184,9 @@ def test_a_changed_code_width_of_a_coded_stream_is_an_error():
   codes = np.where(np.random.default_rng(1).random((3, 3, 16, 32)) < 0.5, 1, 0)
   meta, segments = encode_layer(_layer(codes), huffman=True)
   assert "values" in meta["huffman"]
-  for bits in (2, 4):
-    with pytest.raises(ConfigError, match="covers 8 symbols") as e:
+  for bits, message in ((2, "covers 8 symbols"), (4, "covers 8 symbols"),
+                        (10**11, "code width of segment 'values'")):  # not a 2^(10^11) table
+    with pytest.raises(ConfigError, match=message) as e:
       decode_layer({**meta, "bits": bits}, segments)
     assert "\n" not in str(e.value)
 

@@ -33,7 +33,7 @@ from jaxcompress.export import sparse
 from jaxcompress.export.huffman import coded_size
 from jaxcompress.export.huffman import decode as huffman_decode
 from jaxcompress.export.huffman import encode as huffman_encode
-from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
+from jaxcompress.export.packing import check_width, pack_bits, packed_size, unpack_bits
 
 KINDS = ("int", "kmeans", "float")
 ACT_KEYS = ("bits", "scale", "zero_point", "qmin", "qmax")
@@ -189,6 +189,7 @@ def _unhuffman(meta: dict, segments: dict[str, np.ndarray], where: str) -> dict[
   out = dict(segments)
   for name in coded:
     width, count = streams[name]
+    check_width(width, f"{where}: the code width of segment {name!r}")  # before 1 << width
     symbols = huffman_decode(segments[name], count, 1 << width,
                              where=f"{where} segment {name!r}")
     out[name] = pack_bits(symbols, width)
