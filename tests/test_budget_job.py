@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import autocompress
-from experiments import autocompress_job
+from experiments.autocompress_checks import check_held_out
 from experiments.autocompress_job import train_and_evaluate
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, register
@@ -159,12 +159,12 @@ def test_held_out_ranges_by_hand():
   class Data:
     val_examples = 100
     train_split, eval_split = "train[:1000]", "train[1000:]"
-  autocompress_job.check_held_out(Data, 1000)  # held out [900, 1000): disjoint
+  check_held_out(Data, 1000)  # held out [900, 1000): disjoint
   Data.eval_split = "train[950:2000]"
   with pytest.raises(ConfigError):
-    autocompress_job.check_held_out(Data, 1000)
+    check_held_out(Data, 1000)
   Data.train_split, Data.eval_split = "train", "test"
-  autocompress_job.check_held_out(Data, 1000)
+  check_held_out(Data, 1000)
 
 
 def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_path):
