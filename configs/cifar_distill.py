@@ -87,6 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.export.enabled = True  # write WORKDIR/export (packed artifact) and WORKDIR/serving
   c.export.serving = True  # also a jax.export StableHLO inference function
   c.export.slim = False  # the serving function skips removed output channels (export.slim)
+  c.export.max_bytes = 0  # if > 0, the artifact's bytes on disk at most this: the smallest kept
+  #                         weights are zeroed until it fits (export.fit_to_bytes; 0: no cap)
 
   c.parallel = common.parallel_config()
 

@@ -43,6 +43,10 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if preset.per_channel and not config.quant.per_channel:
     raise invalid("quant.per_channel", config.quant.per_channel,
                   f"True with budget.device={b.device} (per-channel weights)")
+  if b.sizing not in ("fixed", "coded"):
+    raise invalid("budget.sizing", b.sizing, "fixed or coded")
+  if not 0 <= b.coded_margin < 0.5:
+    raise invalid("budget.coded_margin", b.coded_margin, "a fraction in [0, 0.5)")
   if b.sparsity not in ("auto", "layer", *GLOBAL_SCORES):
     raise invalid("budget.sparsity", b.sparsity, "auto, layer, global, lamp or kernel")
   if b.sparsity in GLOBAL_SCORES and not global_allowed(kind, preset):

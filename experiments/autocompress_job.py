@@ -54,10 +54,13 @@ from jaxcompress.selection import trace_layers
 from jaxcompress.train import load_data
 
 JOB_SECTIONS = ("budget", "scan", "uniform")
+CODED_ROUNDS = 2  # budget.sizing=coded: plans sized, their Huffman coding estimated, this often
 
 
-def sub_config(config, prune: dict, quant: dict, *, teacher: bool) -> ml_collections.ConfigDict:
-  """The main job's config for one plan (the job's own sections dropped)."""
+def sub_config(config, prune: dict, quant: dict, *, teacher: bool,
+               max_bytes: int = 0) -> ml_collections.ConfigDict:
+  """The main job's config for one plan (the job's own sections dropped); ``max_bytes``: the
+  size budget its artifact must meet (``export.max_bytes``; 0: none)."""
   d = config.to_dict()
   for key in JOB_SECTIONS:
     d.pop(key, None)
@@ -68,6 +71,7 @@ def sub_config(config, prune: dict, quant: dict, *, teacher: bool) -> ml_collect
   # planned for.
   structure = budget_lib.get_preset(config.budget.device).structure
   d["export"]["slim"] = bool(d["export"]["slim"] or structure == "channel")
+  d["export"]["max_bytes"] = int(max_bytes)
   return ml_collections.ConfigDict(d)
 
 
@@ -234,10 +238,10 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
 
   by_path = {l.path: l for l in layers}
 
-  def make_plan(opts: dict, damage: dict):  # the exact allocation over these options
+  def make_plan(opts: dict, damage: dict, lim: float = limit):  # the exact allocation
     cs = {p: [cost(p, o) for o in opts[p]] for p in sens.paths}
     alloc = budget_lib.allocate([[c[pick] for c in cs[p]] for p in sens.paths],
-                                [damage[p] for p in sens.paths], limit - fixed)
+                                [damage[p] for p in sens.paths], lim - fixed)
     return alloc, budget_lib.Plan(tuple(
         budget_lib.LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits,
                              cs[p][k][0], cs[p][k][1], float(damage[p][k]))
@@ -254,6 +258,24 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     return ({l.path: keep(l.path, l.sparsity, p.structure) for l in p.layers if l.sparsity},
             {l.path: l.weight_bits for l in p.layers}, {l.path: l.act_bits for l in p.layers})
 
+  coded = kind == "size" and config.budget.sizing == "coded"
+  sized_for = {}
+
+  def sized(name: str, view_at) -> float:
+    """The fixed-width limit at which the plan ``view_at(lim)`` (masks and bits, or ``None``)
+    Huffman-codes to the budget less ``budget.coded_margin`` (``budget.sizing=coded``; at
+    least the budget)."""
+    lim = limit
+    for _ in range(CODED_ROUNDS if coded else 0):
+      view = view_at(lim)
+      if view is None:
+        break
+      ratio = budget_lib.coded_ratio(weights, view[0], view[1])
+      # never below the budget: fixed-width sizing meets it whatever the codes
+      lim = max(limit, fixed + (limit - fixed) * ratio * (1 - config.budget.coded_margin))
+    sized_for[name] = int(lim)
+    return lim
+
   candidates = {}
   mode = config.budget.sparsity
   # auto: the global-threshold plans where the budget allows them (they trained better than the
@@ -268,28 +290,38 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   edges = {traced.first, last} if config.budget.fixed_edges else set()
   edge_bytes = sum(cost(p, budget_lib.Option(0.0, 8, plannable[p][0].act_bits))[0]
                    for p in edges)
-  for name in thresholds:
+  view = lambda p: p and whole(p)  # noqa: E731
+
+  def threshold(name, lim):  # the global-threshold plan at this limit, or None
     found = budget_lib.global_bits(
         {p: weights[p] for p in sens.paths if p not in edges},
-        budget=int(limit - fixed - edge_bytes), bits=bits,
+        budget=int(lim - fixed - edge_bytes), bits=bits,
         predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
         score=GLOBAL_SCORES[name])
+    return found and _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead,
+                                     found, name)
+
+  for name in thresholds:
+    found = threshold(name, limit)
     if found is None and mode == name:
       raise ConfigError(f"budget: no global sparsity below 99.5 % meets the budget with weight "
                         f"bits {bits}; use --config.budget.sparsity=layer")
     if found is not None:  # no allocation over sparsities: no optimality gap
-      candidates[name] = None, _threshold_plan(sens, by_path, weights, plannable, cost, keep,
-                                               overhead, found, name)
+      lim = sized(name, lambda lim, name=name: view(threshold(name, lim)))
+      candidates[name] = None, threshold(name, lim)
   if mode == "layer" or not candidates:  # the scan measured `options`; plans use `plannable`
-    candidates["isolated"] = make_plan(plannable, {
-        p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
-        for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)})
+    damage = {p: [d for o, d in zip(opts, dmg) if o.weight_bits not in excluded]
+              for p, opts, dmg in zip(sens.paths, sens.options, sens.damage)}
+    lim = sized("isolated", lambda lim: whole(make_plan(plannable, damage, lim)[1]))
+    candidates["isolated"] = make_plan(plannable, damage, lim)
   uniform = None
   if config.uniform.enabled and preset.structure == "unstructured":
-    uniform = uniform_recipe(layers, {traced.first, last}, weights, macs, sens, kind, limit,
-                             overhead, bits=sorted(set(config.scan.weight_bits)
-                                                   - excluded_bits(config)),
-                             act_bits=config.quant.act_bits or 8)
+    uniform_at = lambda lim: uniform_recipe(  # noqa: E731
+        layers, {traced.first, last}, weights, macs, sens, kind, lim, overhead,
+        bits=sorted(set(config.scan.weight_bits) - excluded_bits(config)),
+        act_bits=config.quant.act_bits or 8)
+    uniform = uniform_at(sized("uniform", lambda lim: (uniform_at(lim) or {}).get(
+        "masks_and_bits")))
   elif config.uniform.enabled:
     uniform = device_uniform_recipe(layers, plannable, cost, pick, limit, fixed, sens,
                                     preset.structure, whole)
@@ -327,16 +359,18 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         bits={weight(p): bits[p] for p in keeps} if kind == "size" else None), quant)
   out = {}
   for i, (name, (prune, quant)) in enumerate(runs.items()):
-    sub = sub_config(config, prune, quant, teacher=i == 0)
+    sub = sub_config(config, prune, quant, teacher=i == 0,
+                     max_bytes=int(limit) if kind == "size" else 0)
     out[name] = pipeline.train_and_evaluate(sub, os.path.join(workdir, name))
 
   def row(res, bops):
-    c = res["compressed"]
-    out = {"accuracy": c["accuracy"], "size_bytes": c.get("size_bytes"),
+    c = res["compressed"]  # the accuracy of what meets the budget: the artifact
+    out = {"accuracy": c.get("exported_accuracy", c["accuracy"]), "size_bytes": c.get("size_bytes"),
            "compression_ratio": c.get("compression_ratio"), "bops": int(bops),
            "seconds": res["train"]["seconds"]}
-    if "serving_slimmed" in c:
-      out["serving_slimmed"] = c["serving_slimmed"]
+    for key in ("serving_slimmed", "zeroed_to_fit"):
+      if key in c:
+        out[key] = c[key]
     return out
 
   results = {
@@ -347,7 +381,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
       "plan": plan.to_list(),
       "predicted": {"size_bytes": plan.size_bytes, "bops": plan.bops, "damage": plan.damage,
                     "optimality_gap": alloc and alloc.gap, "unit": alloc and alloc.unit,
-                    "overhead_bytes": overhead},
+                    "overhead_bytes": overhead, "sizing": config.budget.sizing,
+                    "sized_for": sized_for.get(chosen, int(limit))},
       "sensitivity": {"examples": len(val), "base_loss": sens.base_loss,
                       "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
                       "compiles": compiles, "seconds": round(scan_seconds, 1),
@@ -367,6 +402,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     results["uniform"] = {**row(out["uniform"], uniform["bops"]),
                           "sparsity": uniform["sparsity"], "weight_bits": uniform["weight_bits"],
                           "predicted_size_bytes": uniform["size_bytes"],
+                          "sized_for": sized_for.get("uniform", int(limit)),
                           "recipe": uniform["recipe"]}
   results["seconds"] = round(time.time() - started, 1)
   write_json(os.path.join(workdir, "results.json"), results)

@@ -96,6 +96,9 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   precision.compute_dtype(config.train.compute_dtype)
   DataSpec.from_mapping(config.data)
   compression_specs(config)
+  max_bytes = config.export.get("max_bytes", 0)
+  if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+    raise invalid("export.max_bytes", max_bytes, "an integer >= 0 (0: no cap)")
   return folder, paths, to_train
 
 
@@ -266,12 +269,15 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   0's result).
 
   With ``export.slim`` the serving function skips the removed output channels
-  (:func:`jaxcompress.export.slim`).
+  (:func:`jaxcompress.export.slim`). With ``export.max_bytes`` the artifact is made to fit by
+  zeroing the smallest kept weights (:func:`jaxcompress.export.fit_to_bytes`); what is evaluated
+  and served is that artifact.
 
   Returns:
     ``size_bytes`` (artifact bytes on disk), ``compression_ratio``, the artifact's ``accuracy``
     as ``exported_accuracy`` and its prediction agreement with the fake-quant model; with
-    ``export.slim``, ``serving_slimmed``: ``{layer: [computed, all] output channels}``.
+    ``export.slim``, ``serving_slimmed``: ``{layer: [computed, all] output channels}``; with
+    ``export.max_bytes``, ``zeroed_to_fit``: how many kept weights were zeroed to fit.
   """
   from jaxcompress import export  # heavy; only the export stage needs it
   spec = data_lib.dataset_spec(config.data.name)
@@ -279,11 +285,21 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
   main = parallel.is_main_process()
   try:
+    zeroed = 0
     if main:
       for path in tmp.values():
         shutil.rmtree(path, ignore_errors=True)
-      report = comp.export(tmp["export"], state, input_shape=spec.image_shape,
-                           model_name=config.student.name)
+
+      def write(params):  # the artifact of these weights ({'model': ...}), in tmp["export"]
+        shutil.rmtree(tmp["export"], ignore_errors=True)
+        return comp.export(tmp["export"], state.replace(params={**state.params, **params}),
+                           input_shape=spec.image_shape, model_name=config.student.name)
+      params = {"model": jax.device_get(state.params["model"])}  # the paths prune_rules name
+      max_bytes = config.export.get("max_bytes", 0)
+      if max_bytes:
+        _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
+      else:
+        report = write(params)
     parallel.sync("artifact written")
     loaded = export.load(tmp["export"], comp.student)
     slimmed = {}
@@ -310,6 +326,8 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   out = {"size_bytes": int(report["total_bytes"]),
          "compression_ratio": round(original_bytes / report["total_bytes"], 3),
          "exported_accuracy": result["accuracy"], "export_agreement": agree}
+  if config.export.get("max_bytes", 0):
+    out["zeroed_to_fit"] = zeroed
   if config.export.serving and config.export.slim:
     out["serving_slimmed"] = slimmed
   return out

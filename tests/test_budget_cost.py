@@ -225,3 +225,15 @@ def test_gradual_training_of_a_plan_exports_within_its_planned_bytes(tmp_path):
   assert any(np.any(trained[w] & ~keeps[w]) for w in keeps)  # the pattern did move
   report = comp.export(str(tmp_path / "trained"), state, input_shape=(8, 8, 1))
   assert report["total_bytes"] <= planned
+
+
+def test_coded_ratio_by_hand():
+  # 64 equal entries at 4 bits: codes all 7 (symbol 15), 32 bytes fixed-width; Huffman-coded a
+  # 1 + 8 byte table (16 symbols) and one bit each (8 bytes): 32 / 17.
+  ones = np.ones((64, 1), np.float32)
+  assert budget.coded_ratio({"w": ones}, {}, {"w": 4}) == pytest.approx(32 / 17)
+  # Every other entry kept: a 1-bit map (8 bytes, never Huffman-coded) and 32 values (16 bytes,
+  # or 9 + 4 coded): 24 / 21.
+  keep = np.zeros((64, 1), bool)
+  keep[::2] = True
+  assert budget.coded_ratio({"w": ones}, {"w": keep}, {"w": 4}) == pytest.approx(24 / 21)

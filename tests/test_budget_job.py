@@ -82,6 +82,7 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
              for l in c["plan"]) and on_disk["uniform"]["weight_bits"] in (4, 8)
   assert all(set(l) >= {"path", "sparsity", "weight_bits", "act_bits", "bytes"} for l in plan)
   assert on_disk["predicted"]["size_bytes"] <= limit
+  assert on_disk["predicted"]["sized_for"] == on_disk["uniform"]["sized_for"] == limit
   assert on_disk["sensitivity"]["compiles"] == 1
   for name in ("auto", "uniform"):  # both plans measured whole before fine-tuning
     assert 0 <= on_disk["one_shot"][name]["accuracy"] <= 100
@@ -356,3 +357,21 @@ def test_sweep_table_leaves_a_run_not_trained_blank():
           if l.startswith(("| 25x", "| 40x"))]
   assert rows == [["25x", "43,155", "-", "-", "89.00", "41,819", "-"],
                   ["40x", "26,972", "84.98", "26,047", "84.50", "25,881", "+0.48"]]
+
+
+def test_coded_sizing_plans_above_the_budget_and_exports_within_it(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=4.0)
+  config.budget.sizing = "huffman"
+  with pytest.raises(ConfigError, match="budget.sizing") as e:
+    _run(config, tmp_path / "bad")
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "bad")
+  config.budget.sizing = "coded"
+  config.scan.hessian_samples = 0
+  coded = _run(config, tmp_path / "coded")
+  limit = FLOAT32 // 4
+  # The uniform recipe's 4-bit Gaussian weights Huffman-code in fewer bytes: it is sized at
+  # more fixed-width bytes than the budget; the plan never at fewer. Both artifacts meet it.
+  assert coded["predicted"]["sizing"] == "coded"
+  assert coded["predicted"]["sized_for"] >= limit and coded["uniform"]["sized_for"] > limit
+  for name in ("compressed", "uniform"):
+    assert coded[name]["size_bytes"] <= limit and coded[name]["zeroed_to_fit"] >= 0

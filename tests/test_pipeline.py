@@ -90,6 +90,33 @@ def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path)
   assert json.loads(json.dumps(_run(config, tmp_path))) == on_disk
 
 
+def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_fits(
+    mlp_weights, tmp_path):
+  config = _config(mlp_weights)
+  config.export.enabled, config.export.serving = True, False
+  config.export.max_bytes = -1
+  with pytest.raises(ConfigError, match="export.max_bytes") as e:
+    _run(config, tmp_path / "bad")
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "bad")
+  config.export.max_bytes = 10 ** 9  # fits as trained: nothing zeroed
+  free = _run(config, tmp_path / "free")["compressed"]
+  assert free["zeroed_to_fit"] == 0 and free["export_agreement"] == 1.0
+  config.export.max_bytes = cap = free["size_bytes"] - 1500
+  capped = _run(config, tmp_path / "capped")["compressed"]
+  disk = sum(os.path.getsize(tmp_path / "capped" / "export" / f)
+             for f in os.listdir(tmp_path / "capped" / "export"))
+  assert capped["size_bytes"] == disk <= cap
+  # fc2 (the only pruned kernel) holds 4-bit values: 1,500 bytes take about 3,000 of its entries
+  # (fewer where Huffman codes them shorter); fc1 and fc3 keep theirs.
+  assert 2000 <= capped["zeroed_to_fit"] <= 4000
+  assert capped["accuracy"] == free["accuracy"]  # the model trained as before; the artifact not
+  nnz, free_nnz = ({m["path"]: m.get("nnz")
+                    for m in export_lib.read_spec(str(tmp_path / run / "export"))["layers"]}
+                   for run in ("capped", "free"))
+  assert free_nnz["params/fc2/kernel"] - nnz["params/fc2/kernel"] == capped["zeroed_to_fit"]
+  assert nnz["params/fc1/kernel"] == free_nnz["params/fc1/kernel"]
+
+
 def test_sft_ablation_runs_without_a_teacher(mlp_weights, tmp_path):
   results = _run(_config(mlp_weights, cifar_sft), tmp_path)
   assert results["teacher"]["accuracy"] is None

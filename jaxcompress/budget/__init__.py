@@ -10,9 +10,9 @@
 """
 
 from jaxcompress.budget.allocate import Allocation, allocate, min_cost
-from jaxcompress.budget.cost import (density, gap_cap, has_kernels, keep_mask, kernel_keep,
-                                     layer_macs, option_bops, overhead_bytes, pessimistic_spec,
-                                     shared_kernel_bytes, weight_bytes)
+from jaxcompress.budget.cost import (coded_ratio, density, gap_cap, has_kernels, keep_mask,
+                                     kernel_keep, layer_macs, option_bops, overhead_bytes,
+                                     pessimistic_spec, shared_kernel_bytes, weight_bytes)
 from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
 from jaxcompress.budget.plan import (LayerPlan, Plan, global_bits, global_keep, kernel_window,
                                      only_rules, scheduled, threshold_plans, uniform_size)
@@ -21,8 +21,8 @@ from jaxcompress.budget.refine import Reference, context_damage, reference_of
 from jaxcompress.budget.sensitivity import DAMAGES, Evaluator, Sensitivity, scan
 
 __all__ = [
-    "Allocation", "allocate", "min_cost", "density", "gap_cap", "has_kernels", "keep_mask",
-    "kernel_keep", "layer_macs", "option_bops", "overhead_bytes", "pessimistic_spec",
+    "Allocation", "allocate", "min_cost", "coded_ratio", "density", "gap_cap", "has_kernels",
+    "keep_mask", "kernel_keep", "layer_macs", "option_bops", "overhead_bytes", "pessimistic_spec",
     "shared_kernel_bytes", "weight_bytes", "kernel_window", "hessian_traces", "proxy_damage",
     "spearman", "LayerPlan", "Plan", "global_bits", "global_keep", "only_rules", "scheduled",
     "threshold_plans", "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES",

@@ -128,6 +128,36 @@ def gap_cap(keep: Any, bits: int) -> tuple[int, int] | None:
   return width, sparse.num_gap_codes(sparse.gaps_of(keep.reshape(-1)), width)
 
 
+def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
+                bits: Mapping[str, int]) -> float:
+  """Fixed-width over Huffman-coded bytes of these weights' positions and values, estimated.
+
+  Each weight (``{path: array}``, output channels last) is pruned to its ``keeps`` entry (none:
+  dense) and quantized at its ``bits`` to the symmetric grid with one max-abs scale per output
+  channel, then encoded as the export does, once with fixed-width codes and once with each code
+  stream Huffman-coded where smaller (:func:`jaxcompress.export.encode_layer`). Fine-tuning moves
+  the codes, so the ratio of the trained artifact differs a little: a plan sized with it is
+  checked on its export (``export.max_bytes``).
+  """
+  from jaxcompress.export.codec import LayerTensor, encode_layer  # export-time code
+  fixed = coded = 0
+  for path, weight in weights.items():
+    w = np.asarray(weight, np.float32)
+    if path in keeps:
+      w = np.where(np.asarray(keeps[path], bool), w, 0.0)
+    b = int(bits[path])
+    qmax = (1 << (b - 1)) - 1
+    top = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
+    scale = np.where(top > 0, top / qmax, 1.0).astype(np.float32)
+    codes = np.clip(np.round(w / scale), -qmax - 1, qmax).astype(np.int32)
+    tensor = LayerTensor(path, "int", codes, b, qmin=-qmax - 1, scale=scale)
+    for huffman in (False, True):
+      _, segments = encode_layer(tensor, huffman=huffman)
+      n = int(segments["positions"].size + segments["values"].size)
+      fixed, coded = (fixed + n, coded) if not huffman else (fixed, coded + n)
+  return fixed / max(coded, 1)
+
+
 def pessimistic_spec(spec: Mapping[str, Any], seed: int = 0) -> dict:
   """A copy of a reference export's spec that no export of a plan can outgrow (see the module).
 

@@ -5,7 +5,8 @@ Data flow: ``finalize`` (bake masks, integer weights, fold BatchNorms found by t
 ``huffman`` codes for skewed code streams) -> ``artifact`` (``DIR/export``: ``arrays.bin`` +
 ``spec.json.gz``, checked on load; ``recode`` writes one again in the current format) ->
 ``runtime`` (the user's own module on the artifact's arrays, with the stored input
-quantization); ``size`` reports bytes on disk against float32, ``serving`` writes a
+quantization); ``size`` reports bytes on disk against float32, ``fit`` zeroes the smallest
+weights until an artifact fits a byte budget, ``serving`` writes a
 ``jax.export`` function beside the artifact, ``slim`` runs a loaded artifact with its removed
 output channels skipped.
 
@@ -20,6 +21,7 @@ Example:
 from jaxcompress.export.artifact import export_model, load, read_spec, recode
 from jaxcompress.export.codec import LayerTensor, decode_layer, encode_layer
 from jaxcompress.export.finalize import Finalized, finalize
+from jaxcompress.export.fit import fit_to_bytes
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 from jaxcompress.export.runtime import LoadedModel
 from jaxcompress.export.serving import load_serving, save_serving
@@ -30,6 +32,7 @@ from jaxcompress.export.sparse import Sparse
 __all__ = [
     # the artifact
     "export_model", "load", "read_spec", "recode", "LoadedModel", "size_report", "format_report",
+    "fit_to_bytes",
     # serving
     "save_serving", "load_serving", "slim", "Slimmed",
     # building blocks
