@@ -51,11 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budget.bops = 0.0  # ... or BOPs per example (MACs x weight bits x input bits) at most this
   c.budget.sweep = ()  # or ratios, e.g. (15, 25, 40): one budget point each, from one scan
   c.budget.device = "any"  # any, mcu, gpu-sparse, int8-npu (docs/autocompress.md)
-  c.budget.sizing = "fixed"  # fixed: plans sized with fixed-width codes, a bound the export
-  #                            never exceeds; coded: with the Huffman coding the export applies,
+  c.budget.sizing = "coded"  # coded: plans sized with the Huffman coding the export applies,
   #                            estimated on the pretrained weights, less budget.coded_margin (size
   #                            budgets; the export zeroes the smallest weights should the trained
-  #                            codes still take more, export.max_bytes)
+  #                            codes still take more, export.max_bytes); fixed: with fixed-width
+  #                            codes, a bound the export never exceeds (7-9 % of a ResNet-20
+  #                            budget left unused; docs/autocompress.md)
   c.budget.coded_margin = 0.02  # budget.sizing=coded: the fraction of the budget left spare
   c.budget.sparsity = "auto"  # layer: each layer's sparsity from scan.sparsities, allocated with
   #                             its bits; global: one magnitude threshold for all layers, each

@@ -31,6 +31,7 @@ def _config(weights, **budget):
   c.data.mean, c.data.std = (0.5,), (0.5,)
   c.data.batch_size, c.data.eval_batch_size = 16, 32
   c.data.val_examples = 16
+  c.budget.sizing = "fixed"  # the cost model's bound: every plan's artifact within its bytes
   c.student.name, c.student.weights = "mlp", weights
   c.teacher.name, c.teacher.weights = "mlp", weights
   c.distill.feature_pairs = (("fc1", "fc1"),)
