@@ -12,12 +12,15 @@
    bits at one global threshold on magnitude, on LAMP scores or on whole kernels
    (``budget.sparsity``: ``auto`` makes the magnitude and LAMP plans where the budget allows
    them, else the per-layer one),
-   and finds the uniform recipe at the same budget; with ``scan.refine_rounds`` > 0, allocates
+   and finds the uniform recipe at the same budget (``budget.sizing=coded``: each planned again
+   at the budget scaled by its estimated Huffman coding, ``budget.coded_ratio``); with
+   ``scan.refine_rounds`` > 0, allocates
    again over damage measured around the uniform recipe, then around each new plan
    (:mod:`jaxcompress.budget.refine`); measures every candidate plan and the uniform recipe
    whole on the held-out slice and keeps the least damaged candidate;
 5. runs the main job (:func:`experiments.pipeline.train_and_evaluate`: KD fine-tuning, evaluation,
-   export) on each plan in ``WORKDIR/auto`` and ``WORKDIR/uniform``;
+   export within a size budget, ``export.max_bytes``) on each plan in ``WORKDIR/auto`` and
+   ``WORKDIR/uniform``;
 6. writes ``results.json``, ``report.md``, ``sensitivity.png`` and ``accuracy_vs_size.png``.
 
 The scan is kept in ``WORKDIR/scan.json``, each refinement round's measurements in
@@ -335,7 +338,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         evaluate, reference, plannable, keep, measured=saved_ctx,
         progress=lambda m, path=path: write_json(path, {"measured": [[list(k), v]
                                                                      for k, v in m.items()]}))
-    candidates[f"context{r + 1}"] = make_plan(opts, damage)
+    lim = sized(f"context{r + 1}",
+                lambda lim, opts=opts, damage=damage: whole(make_plan(opts, damage, lim)[1]))
+    candidates[f"context{r + 1}"] = make_plan(opts, damage, lim)
     reference = budget_lib.reference_of(*whole(candidates[f"context{r + 1}"][1]))
   one_shot = {name: _one_shot(evaluate, sens.base_loss, *whole(p))
               for name, (_, p) in candidates.items()}

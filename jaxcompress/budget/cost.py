@@ -17,8 +17,8 @@ reference's: every tensor given every field a sparse encoding may add, every num
 given random digits of its longest length, plus :data:`SPEC_MARGIN` (:func:`overhead_bytes`). So the
 artifact's bytes on disk are at most ``overhead + sum of weight bytes`` (its code streams are
 Huffman-coded, and its arrays zlib-compressed, only where that is smaller; on ResNet-20 plans at
-25x and 40x the artifacts come out 7-9 % under the sized bytes); the budget tests check it on
-every plan.
+25x and 40x the artifacts come out 7-9 % under the sized bytes; :func:`coded_ratio` estimates
+how much, for a job that sizes with it); the budget tests check it on every plan.
 
 **BOPs** (bit operations, the usual compute proxy): ``MACs x weight bits x input bits`` per layer
 and example, the MACs counting multiplications by kept weights: a dense layer's MACs times its
