@@ -14,8 +14,10 @@ Quick (2 CPU cores; 2 epochs per plan, ResNet-20 as its own teacher, as the main
 Both plans are fine-tuned on the main job's pruning schedule (``prune.schedule``: gradual over the
 first 40 % of the steps in ``:quick``), each weight capped at the bytes of its sized pattern.
 
-Measured (docs/autocompress.md; 2-core AMD EPYC VM; about 20 min for a budget point, scan
-reused; bytes with fixed-width codes, which the export now Huffman-codes in 7-9 % fewer): at 25x
+Measured (docs/autocompress.md; 2-core AMD EPYC VM; about 20 min for a plan, two at a time,
+scan reused), seed 0: at 25x the plan reached 90.05 % in 42,802 bytes against the uniform
+recipe's 89.99 % in 42,615; at 40x 86.98 % in 26,600 against 86.58 % in 26,509. Sized with
+fixed-width codes (budget.sizing=fixed; bytes as then exported, before Huffman coding): at 25x
 the plan reached 89.55 % in 42,127 bytes against the uniform recipe's 89.34 % in
 41,889 (seed 0), 89.65 % against 89.34 % (seed 1), 89.87 % against 89.54 % (seed 2) and
 89.69 % against 89.81 % (seed 3); at 40x 85.73 % in 26,166 bytes against 85.93 % in 26,138
@@ -23,8 +25,8 @@ the plan reached 89.55 % in 42,127 bytes against the uniform recipe's 89.34 % in
 86.15 % (seed 3).
 
 Full (GPU; 30 epochs per plan, ResNet-56 teacher, every (sparsity, bits) pair measured; on one
-NVIDIA H200 the scan took 41 s and, with float32 scales, the 25x plan reached 90.92 % in 41,821
-bytes against the uniform recipe's 90.61 % in 41,759):
+NVIDIA H200 the scan took 41 s and, with float32 scales and fixed-width sizing, the 25x plan
+reached 90.92 % in 41,821 bytes against the uniform recipe's 90.61 % in 41,759):
 
   python -m experiments.autocompress --config=configs/autocompress.py --workdir=runs/auto \
       --config.budget.ratio=25
