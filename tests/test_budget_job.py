@@ -367,9 +367,8 @@ def test_coded_sizing_plans_above_the_budget_and_exports_within_it(mlp_weights, 
     _run(config, tmp_path / "bad")
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "bad")
   config.budget.sizing = "coded"
-  config.scan.hessian_samples, config.scan.refine_rounds = 0, 1  # context plans sized too
+  config.scan.hessian_samples = 0
   coded = _run(config, tmp_path / "coded")
-  assert "context1" in coded["candidates"]
   limit = FLOAT32 // 4
   # The uniform recipe's 4-bit Gaussian weights Huffman-code in fewer bytes: it is sized at
   # more fixed-width bytes than the budget; the plan never at fewer. Both artifacts meet it.
