@@ -323,11 +323,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         layers, {traced.first, last}, weights, macs, sens, kind, lim, overhead,
         bits=sorted(set(config.scan.weight_bits) - excluded_bits(config)),
         act_bits=config.quant.act_bits or 8)
+  elif config.uniform.enabled:
+    uniform_at = lambda lim: device_uniform_recipe(  # noqa: E731
+        layers, plannable, cost, pick, lim, fixed, sens, preset.structure, whole)
+  if config.uniform.enabled:
     uniform = uniform_at(sized("uniform", lambda lim: (uniform_at(lim) or {}).get(
         "masks_and_bits")))
-  elif config.uniform.enabled:
-    uniform = device_uniform_recipe(layers, plannable, cost, pick, limit, fixed, sens,
-                                    preset.structure, whole)
   reference = None
   if uniform is not None and preset.structure == "unstructured" and mode != "kernel":
     reference = budget_lib.reference_of(*uniform["masks_and_bits"])

@@ -232,8 +232,9 @@ def test_coded_ratio_by_hand():
   # 1 + 8 byte table (16 symbols) and one bit each (8 bytes): 32 / 17.
   ones = np.ones((64, 1), np.float32)
   assert budget.coded_ratio({"w": ones}, {}, {"w": 4}) == pytest.approx(32 / 17)
-  # Every other entry kept: a 1-bit map (8 bytes, never Huffman-coded) and 32 values (16 bytes,
-  # or 9 + 4 coded): 24 / 21.
+  # Every other entry kept: 2 of every 4 along the reduction axis, stored as 2:4 groups: 32
+  # 2-bit positions (8 bytes; Huffman-coded, only 0 and 2 occur: a 1 + 2 byte table and one bit
+  # each, 7 bytes) and 32 values (16 bytes, or 9 + 4 coded): 24 / 20.
   keep = np.zeros((64, 1), bool)
   keep[::2] = True
-  assert budget.coded_ratio({"w": ones}, {"w": keep}, {"w": 4}) == pytest.approx(24 / 21)
+  assert budget.coded_ratio({"w": ones}, {"w": keep}, {"w": 4}) == pytest.approx(24 / 20)

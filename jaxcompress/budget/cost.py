@@ -132,9 +132,10 @@ def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
                 bits: Mapping[str, int]) -> float:
   """Fixed-width over Huffman-coded bytes of these weights' positions and values, estimated.
 
-  Each weight (``{path: array}``, output channels last) is pruned to its ``keeps`` entry (none:
-  dense) and quantized at its ``bits`` to the symmetric grid with one max-abs scale per output
-  channel, then encoded as the export does, once with fixed-width codes and once with each code
+  Each weight (``{path: array}``, output channels last, the other axes reduced over) is pruned
+  to its ``keeps`` entry (none: dense) and quantized at its ``bits`` to the symmetric grid with
+  one max-abs scale per output channel, then encoded as the export does (2:4 groups along the
+  reduction axes included), once with fixed-width codes and once with each code
   stream Huffman-coded where smaller (:func:`jaxcompress.export.encode_layer`). Fine-tuning moves
   the codes, so the ratio of the trained artifact differs a little: a plan sized with it is
   checked on its export (``export.max_bytes``).
@@ -150,7 +151,8 @@ def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
     top = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
     scale = np.where(top > 0, top / qmax, 1.0).astype(np.float32)
     codes = np.clip(np.round(w / scale), -qmax - 1, qmax).astype(np.int32)
-    tensor = LayerTensor(path, "int", codes, b, qmin=-qmax - 1, scale=scale)
+    tensor = LayerTensor(path, "int", codes, b, qmin=-qmax - 1, scale=scale,
+                         group_axes=tuple(range(w.ndim - 1)))  # reduction axes, as usual
     for huffman in (False, True):
       _, segments = encode_layer(tensor, huffman=huffman)
       n = int(segments["positions"].size + segments["values"].size)
