@@ -117,6 +117,19 @@ def _hessian_lines(h: dict | None) -> list[str]:
           "(sparsity, bits) columns."]
 
 
+def _bytes_text(results: dict) -> str:
+  """The plan's predicted bytes and how they relate to the budget (``budget.sizing``)."""
+  p, c = results["predicted"], results.get("compressed") or {}
+  if p.get("sizing") != "coded" or results["budget"]["kind"] != "size":
+    return (f"at most {p['size_bytes']:,} bytes (codes at fixed widths; the export Huffman-codes "
+            "them where that is smaller)")
+  zeroed = c.get("zeroed_to_fit")
+  return (f"{p['size_bytes']:,} bytes with codes at fixed widths, sized for {p['sized_for']:,} "
+          "so that the export's Huffman coding brings them within the budget (estimated on the "
+          "pretrained weights; the export zeroes the smallest weights should the trained ones "
+          "take more" + ("" if zeroed is None else f": {zeroed:,} zeroed") + ")")
+
+
 def write_report(workdir: str, results: dict, sens) -> None:
   """``report.md`` and the two plots."""
   plot_sensitivity(sens, os.path.join(workdir, "sensitivity.png"))
@@ -128,8 +141,7 @@ def write_report(workdir: str, results: dict, sens) -> None:
       "# Compression to a budget", "",
       f"Budget: {limit} per artifact (device `{b['device']}`: {b['hardware']}).", "",
       results_table(results), "",
-      f"Predicted by the plan: at most {p['size_bytes']:,} bytes (codes at fixed widths; the "
-      f"export Huffman-codes them where that is smaller), {p['bops']:,} BOPs per "
+      f"Predicted by the plan: {_bytes_text(results)}, {p['bops']:,} BOPs per "
       f"example, summed damage {p['damage']:.4f} " + (
           f"(optimality gap {p['optimality_gap']:.4g})." if p["optimality_gap"] is not None else
           f"(one global threshold on {THRESHOLDS[results['chosen']]}, the bits allocated "

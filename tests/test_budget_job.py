@@ -376,3 +376,5 @@ def test_coded_sizing_plans_above_the_budget_and_exports_within_it(mlp_weights, 
   assert coded["predicted"]["sized_for"] >= limit and coded["uniform"]["sized_for"] > limit
   for name in ("compressed", "uniform"):
     assert coded[name]["size_bytes"] <= limit and coded[name]["zeroed_to_fit"] >= 0
+  report = open(tmp_path / "coded" / "report.md").read()
+  assert f"sized for {coded['predicted']['sized_for']:,} so that" in report
