@@ -284,6 +284,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   folders = ["export", "serving"] if config.export.serving else ["export"]
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
   main = parallel.is_main_process()
+  max_bytes = config.export.get("max_bytes", 0)
   try:
     zeroed = 0
     if main:
@@ -295,7 +296,6 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
         return comp.export(tmp["export"], state.replace(params={**state.params, **params}),
                            input_shape=spec.image_shape, model_name=config.student.name)
       params = {"model": jax.device_get(state.params["model"])}  # the paths prune_rules name
-      max_bytes = config.export.get("max_bytes", 0)
       if max_bytes:
         _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
       else:
@@ -326,7 +326,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   out = {"size_bytes": int(report["total_bytes"]),
          "compression_ratio": round(original_bytes / report["total_bytes"], 3),
          "exported_accuracy": result["accuracy"], "export_agreement": agree}
-  if config.export.get("max_bytes", 0):
+  if max_bytes:
     out["zeroed_to_fit"] = zeroed
   if config.export.serving and config.export.slim:
     out["serving_slimmed"] = slimmed

@@ -39,8 +39,10 @@ import numpy as np
 from jaxcompress import pruning
 from jaxcompress.budget.presets import Option
 from jaxcompress.export import sparse
+from jaxcompress.export.codec import LayerTensor, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.models.functional import functional, weight_name
+from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
 
 KERNEL_NORM = "l2"  # how kernel plans rank kernels (their prune.norm)
@@ -140,24 +142,21 @@ def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
   the codes, so the ratio of the trained artifact differs a little: a plan sized with it is
   checked on its export (``export.max_bytes``).
   """
-  from jaxcompress.export.codec import LayerTensor, encode_layer  # export-time code
-  fixed = coded = 0
+  sizes = np.zeros(2, np.int64)  # fixed-width, Huffman-coded
   for path, weight in weights.items():
     w = np.asarray(weight, np.float32)
     if path in keeps:
       w = np.where(np.asarray(keeps[path], bool), w, 0.0)
-    b = int(bits[path])
-    qmax = (1 << (b - 1)) - 1
+    qmin, qmax = qrange(int(bits[path]), symmetric=True)
     top = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
     scale = np.where(top > 0, top / qmax, 1.0).astype(np.float32)
-    codes = np.clip(np.round(w / scale), -qmax - 1, qmax).astype(np.int32)
-    tensor = LayerTensor(path, "int", codes, b, qmin=-qmax - 1, scale=scale,
+    codes = np.asarray(quantize_int(w, scale, 0, qmin=qmin, qmax=qmax))
+    tensor = LayerTensor(path, "int", codes, int(bits[path]), qmin=qmin, scale=scale,
                          group_axes=tuple(range(w.ndim - 1)))  # reduction axes, as usual
-    for huffman in (False, True):
-      _, segments = encode_layer(tensor, huffman=huffman)
-      n = int(segments["positions"].size + segments["values"].size)
-      fixed, coded = (fixed + n, coded) if not huffman else (fixed, coded + n)
-  return fixed / max(coded, 1)
+    for i, huffman in enumerate((False, True)):
+      segments = encode_layer(tensor, huffman=huffman)[1]
+      sizes[i] += segments["positions"].size + segments["values"].size
+  return float(sizes[0] / max(sizes[1], 1))
 
 
 def pessimistic_spec(spec: Mapping[str, Any], seed: int = 0) -> dict:

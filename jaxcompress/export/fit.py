@@ -71,19 +71,19 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
   magnitude = np.abs(np.concatenate(leaves)) if leaves else np.zeros(0, np.float32)
   kept = int(np.count_nonzero(magnitude))
   order = np.argsort(np.where(magnitude > 0, magnitude, np.inf), kind="stable")[:kept]
-  found: dict[int, tuple[Any, dict]] = {}
+  found: dict[int, dict] = {}  # count -> report; only the last tree is kept (a model's size each)
+  last: list = [None, None]  # [count, tree] of the artifact last written
 
   def fits(k: int) -> bool:
-    trimmed = _zero_smallest(selection, order, sizes, k)
-    rep = write(trimmed)
-    found[k] = trimmed, rep
-    return rep["total_bytes"] <= max_bytes
+    last[:] = k, _zero_smallest(selection, order, sizes, k)
+    found[k] = write(last[1])
+    return found[k]["total_bytes"] <= max_bytes
 
   lo, hi = 0, max(1, int(np.ceil(kept * resolution)))  # lo: fails; hi: to try
   while hi < kept and not fits(hi):
     lo, hi = hi, min(kept, 2 * hi)
   if hi >= kept and not fits(kept):
-    raise ConfigError(f"max_bytes: the artifact takes {found[kept][1]['total_bytes']:,} bytes "
+    raise ConfigError(f"max_bytes: the artifact takes {found[kept]['total_bytes']:,} bytes "
                       f"with every pruned weight zero, over the budget of {max_bytes:,}")
   hi = min(hi, kept)
   while hi - lo > max(1, int(kept * resolution)):
@@ -92,7 +92,6 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
       hi = mid
     else:
       lo = mid
-  trimmed, rep = found[hi]
-  if hi != list(found)[-1]:  # the folder holds the last artifact written: write the answer again
-    rep = write(trimmed)
-  return trimmed, rep, hi
+  if last[0] != hi:  # the folder holds the last artifact written: write the answer again
+    fits(hi)
+  return last[1], found[hi], hi
