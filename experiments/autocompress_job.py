@@ -46,7 +46,7 @@ from experiments.autocompress_checks import (AUTO_THRESHOLDS, GLOBAL_SCORES, che
 from experiments.autocompress_report import write_report, write_sweep_report
 from experiments.autocompress_uniform import device_uniform_recipe, uniform_recipe
 from jaxcompress import budget as budget_lib
-from jaxcompress import compose
+from jaxcompress import compose, datasets
 from jaxcompress import data as data_lib
 from jaxcompress.checkpoint import check_workdir, read_json, write_json
 from jaxcompress.data import DataSpec
@@ -153,7 +153,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     raise ConfigError(f"student.weights: no trained weights named {name!r} in the weights folder; "
                       "a budget plan starts from trained weights (run the main job once to "
                       "pretrain them, or point weights_dir at them)")
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   model, variables = create_model(config.student.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=paths["student"],
                                   seed=config.seed, field="student")

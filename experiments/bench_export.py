@@ -229,6 +229,7 @@ def bench_artifact():
   import jax
   from configs import common
   from jaxcompress import data as data_lib
+  from jaxcompress import datasets
   from jaxcompress.budget import layer_macs
   from jaxcompress.data import DataSpec
   from jaxcompress.export import load, read_spec
@@ -238,7 +239,7 @@ def bench_artifact():
   from jaxcompress.tables import markdown_table
   from jaxcompress.train import evaluate_split
 
-  spec = data_lib.dataset_spec(_DATASET.value)
+  spec = datasets.dataset_spec(_DATASET.value)
   name = read_spec(_EXPORTED.value, "exported")["model"]
   model = get_model(name, spec.num_classes, field="exported model")
   loaded = load(_EXPORTED.value, model, field="exported")

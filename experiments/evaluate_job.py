@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from jaxcompress import data as data_lib
-from jaxcompress import parallel
+from jaxcompress import datasets, parallel
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid
 from jaxcompress.export import load as load_artifact
@@ -28,7 +28,7 @@ def evaluate_config(config) -> dict:
   """
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   exported = config.model.get("exported", "")
   name = config.model.name
   if exported:  # an artifact from jaxcompress.export: packed weights, folded BN, input fake-quant

@@ -21,7 +21,7 @@ import numpy as np
 
 from experiments import report as report_lib
 from experiments.train_job import train_model
-from jaxcompress import compose, parallel, precision, pruning, quantization
+from jaxcompress import compose, datasets, parallel, precision, pruning, quantization
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import (MetricsLog, Stages, check_workdir, write_json,
@@ -72,7 +72,7 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   Returns:
     The :func:`weights_plan`.
   """
-  data_lib.dataset_spec(config.data.name)
+  datasets.dataset_spec(config.data.name)
   get_model(config.student.name, field="student.name")
   if config.teacher.name:
     get_model(config.teacher.name, field="teacher.name")
@@ -137,7 +137,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   # Models: weights found now, or trained by the pretrain stage below (random until then).
   build = lambda section: create_model(config[section].name, num_classes=spec.num_classes,
                                        image_shape=spec.image_shape, weights=paths[section],
@@ -280,7 +280,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     ``export.max_bytes``, ``zeroed_to_fit``: how many kept weights were zeroed to fit.
   """
   from jaxcompress import export  # heavy; only the export stage needs it
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   folders = ["export", "serving"] if config.export.serving else ["export"]
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
   main = parallel.is_main_process()
@@ -345,7 +345,7 @@ def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, spl
     ``(variables, stage result)``; the result names ``FOLDER/NAME.msgpack``, where the caller
     saves the variables.
   """
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   model, variables = create_model(model_name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, seed=config.seed)
   p = config.pretrain

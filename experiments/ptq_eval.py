@@ -36,7 +36,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import numpy as np
 
 from jaxcompress import data as data_lib
-from jaxcompress import parallel, quantization
+from jaxcompress import datasets, parallel, quantization
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_range, invalid
 from jaxcompress.models import create_model
@@ -275,7 +275,7 @@ def post_training_quantization(config) -> dict:
       raise invalid(f"ptq.{field}", p[field], "> 0")
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights)
   calib_split = f"{config.data.train_split}[:{p.calibration_examples}]"

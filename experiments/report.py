@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
-from jaxcompress import data as data_lib  # noqa: E402
+from jaxcompress import datasets  # noqa: E402
 from jaxcompress import tables  # noqa: E402
 from jaxcompress.checkpoint import write_text  # noqa: E402
 
@@ -199,7 +199,7 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
       "",
       f"Per-class precision / recall on {config.data.name} {config.data.eval_split}:",
       "",
-      per_class_table(results, data_lib.dataset_spec(config.data.name).label_names),
+      per_class_table(results, datasets.dataset_spec(config.data.name).label_names),
       "",
       "![training curves](curves.png)",
       "",

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import data as data_lib
-from jaxcompress import parallel, pruning
+from jaxcompress import datasets, parallel, pruning
 from jaxcompress.checkpoint import check_workdir, write_json
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid, unknown
@@ -108,7 +108,7 @@ def _check_scope(field: str, scope: str) -> None:
 
 def _build(config, mesh):
   """The model, its variables and one compiled eval step."""
-  spec = data_lib.dataset_spec(config.data.name)
+  spec = datasets.dataset_spec(config.data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.get("seed", 0))
@@ -142,7 +142,7 @@ def one_shot_sensitivity(config) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   model, variables, eval_step = _build(config, mesh)
-  rules = _policy(rules, model, variables, data_lib.dataset_spec(config.data.name).image_shape)
+  rules = _policy(rules, model, variables, datasets.dataset_spec(config.data.name).image_shape)
   params = variables.pop("params")
   split = data_lib.load_split(config.data.name, config.data.eval_split,
                               data_dir=config.data.data_dir, field="data.eval_split")
@@ -244,7 +244,7 @@ def iterative_search(config, workdir: str) -> dict:
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
 
   model, variables, eval_step = _build(config, mesh)
-  rules = _policy(rules, model, variables, data_lib.dataset_spec(config.data.name).image_shape)
+  rules = _policy(rules, model, variables, datasets.dataset_spec(config.data.name).image_shape)
   dense_params = variables.pop("params")
   splits = load_data(data)
   if config.prune.val_split:

@@ -8,7 +8,7 @@ import os
 import jax
 
 from jaxcompress import data as data_lib
-from jaxcompress import parallel, precision
+from jaxcompress import datasets, parallel, precision
 from jaxcompress.checkpoint import RESUMABLE, MetricsLog, check_workdir
 from jaxcompress.data import DataSpec
 from jaxcompress.models import create_model
@@ -68,7 +68,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(getattr(data, field), mesh, f"data.{field}")
-  spec = data_lib.dataset_spec(data.name)
+  spec = datasets.dataset_spec(data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.seed)

@@ -3,8 +3,9 @@
 Data flow, one module each (``import jaxcompress.<name>``):
 
   config        configs/*.py (ml_collections), validated by the modules below
-  data          TF-free TFDS input pipeline (DataSpec, label names): decode once, crop/flip,
-                deterministic batches
+  datasets      the image datasets known (shapes, label names) and their one-time preparation
+  data          TF-free TFDS input pipeline (DataSpec): decode once, crop/flip, deterministic
+                batches
   models        any Linen/NNX module as pure functions; registry, MODULE:FACTORY names;
                 weights from .npz, .msgpack, orbax; CIFAR ResNets, CNNs, MLP
   selection     which layers a model has, from its traced forward; first/last; folded norms
@@ -27,12 +28,13 @@ the pruning and PTQ studies (``sensitivity``, ``ptq_eval``), ResNet channel surg
 (``resnet_surgery``) and the benchmarks (``bench_lib``).
 """
 
-from jaxcompress import (compose, data, distillation, models, pruning, quantization, rules,
-                         selection, specs)
+from jaxcompress import (compose, data, datasets, distillation, models, pruning, quantization,
+                         rules, selection, specs)
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import Functional, functional, variables_of
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "Functional", "compose", "data", "distillation", "functional",
-           "models", "pruning", "quantization", "rules", "selection", "specs", "variables_of"]
+__all__ = ["ConfigError", "Functional", "compose", "data", "datasets", "distillation",
+           "functional", "models", "pruning", "quantization", "rules", "selection", "specs",
+           "variables_of"]

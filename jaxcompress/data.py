@@ -12,72 +12,14 @@ padded to full size and carries a 0/1 ``weight`` so padded rows count for nothin
 from __future__ import annotations
 
 import dataclasses
-import glob
-import importlib.util
-import os
-import sys
-import time
 from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxcompress.errors import ConfigError, invalid, unknown
-
-_PREPARE_EXTRA = "pip install -e '.[prepare]'"
-_DATA_HELP = (
-    "set TFDS_DATA_DIR (or data.data_dir) to a folder holding the prepared dataset, e.g. "
-    "TFDS_DATA_DIR=../shared/tensorflow_datasets; or, on a machine with internet, install "
-    f"TensorFlow with `{_PREPARE_EXTRA}` and load again (the dataset is then downloaded and "
-    "prepared there once, automatically; or run `tfds build {name} --file_format=array_record`)")
-# Approximate one-time download of each dataset (TFDS ``info.download_size``), for the progress
-# line of :func:`prepare`.
-_DOWNLOAD_MB = {"cifar10": 163, "cifar100": 161, "mnist": 11, "fashion_mnist": 30}
-# TFDS prepares into ``<name>/incomplete.XXXXXX_<version>/`` and renames it when done; a run killed
-# hard can leave one behind, which must not count as prepared.
-_INCOMPLETE_PREFIX = "incomplete."
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """Static facts about a supported dataset.
-
-  Attributes:
-    image_shape: ``(H, W, C)`` of one image.
-    num_classes: number of labels.
-    label_names: the TFDS label names, ``label_names[i]`` for label ``i`` (``num_classes`` of
-      them).
-  """
-  image_shape: tuple[int, int, int]
-  num_classes: int
-  label_names: tuple[str, ...] = ()
-
-
-CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                  "truck")
-CIFAR100_LABELS = (  # the fine labels, as in the dataset's fine_label_names.txt
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
-    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
-    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab",
-    "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl",
-    "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard",
-    "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree",
-    "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain",
-    "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose",
-    "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone",
-    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
-    "willow_tree", "wolf", "woman", "worm")
-MNIST_LABELS = tuple(str(i) for i in range(10))
-FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                        "Sneaker", "Bag", "Ankle boot")
-
-DATASETS = {
-    "cifar10": DatasetSpec((32, 32, 3), 10, CIFAR10_LABELS),
-    "cifar100": DatasetSpec((32, 32, 3), 100, CIFAR100_LABELS),
-    "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS),
-    "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS),
-}
+from jaxcompress.datasets import (check_prepared, dataset_spec, is_prepared,
+                                  not_prepared_error, prepare, resolve_data_dir)
+from jaxcompress.errors import ConfigError, invalid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +30,7 @@ class DataSpec:
   errors name the field as ``data.<field>``, the config section jobs build it from.
 
   Attributes:
-    name: a key of :data:`DATASETS`.
+    name: a key of :data:`jaxcompress.datasets.DATASETS`.
     data_dir: prepared TFDS folder; empty: ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``.
     train_split: TFDS split to train on.
     eval_split: TFDS split to evaluate on.
@@ -141,101 +83,6 @@ class Batch(NamedTuple):
   weight: np.ndarray  # float32 [B]
 
 
-def dataset_spec(name: str) -> DatasetSpec:
-  """Returns the :class:`DatasetSpec` of ``name`` or raises a one-line :class:`ConfigError`."""
-  if name not in DATASETS:
-    raise unknown("data.name", name, DATASETS)
-  return DATASETS[name]
-
-
-def resolve_data_dir(data_dir: str | None) -> str:
-  """The folder TFDS reads: ``data_dir``, else ``$TFDS_DATA_DIR``, else
-  ``~/tensorflow_datasets``."""
-  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR")
-                            or "~/tensorflow_datasets")
-
-
-def _is_prepared(name: str, data_dir: str) -> bool:
-  """Whether ``data_dir`` holds a finished ``name/[config/]version/dataset_info.json``."""
-  infos = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
-  infos += glob.glob(os.path.join(data_dir, name, "*", "*", "dataset_info.json"))
-  for info in infos:
-    parts = os.path.relpath(info, os.path.join(data_dir, name)).split(os.sep)
-    if not any(part.startswith(_INCOMPLETE_PREFIX) for part in parts):
-      return True
-  return False
-
-
-def _not_prepared(name: str, data_dir: str, why: str = "") -> ConfigError:
-  """The one-line error for a dataset missing from ``data_dir``; ``why`` ends its cause."""
-  return ConfigError(f"data.name: dataset {name!r} is not prepared under {data_dir!r} "
-                     f"(looked for {name}/<version>/dataset_info.json){why}; "
-                     + _DATA_HELP.format(name=name))
-
-
-def _check_prepared(name: str, data_dir: str) -> None:
-  if not _is_prepared(name, data_dir):
-    raise _not_prepared(name, data_dir)
-
-
-def _tensorflow_available() -> bool:
-  """Whether TensorFlow (needed to prepare, never to read) is importable; does not import it."""
-  try:
-    return importlib.util.find_spec("tensorflow") is not None
-  except (ImportError, ValueError):  # a broken install or a half-imported module
-    return False
-
-
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
-def prepare(name: str, data_dir: str | None = None) -> str:
-  """Downloads and prepares dataset ``name`` once, as array_record files TFDS reads without TF.
-
-  Needs TensorFlow (the ``prepare`` extra: ``pip install -e '.[prepare]'``) and internet; only
-  TensorFlow Datasets' builder is run, which writes into a temporary folder and renames it when
-  done. Does nothing when the dataset is already prepared there. Prints one line to stderr before
-  and one after.
-
-  Args:
-    name: a key of :data:`DATASETS`.
-    data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
-
-  Returns:
-    The resolved data folder, which now holds the prepared dataset.
-
-  Raises:
-    ConfigError: unknown dataset name, TensorFlow not installed, or preparation failed (no
-      internet, disk full, ...) or left no finished dataset behind.
-  """
-  dataset_spec(name)
-  root = resolve_data_dir(data_dir)
-  if _is_prepared(name, root):
-    return root
-  if not _tensorflow_available():
-    raise _not_prepared(name, root, " and TensorFlow, which prepares it, is not installed")
-  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
-
-  size = f"about {_DOWNLOAD_MB[name]} MB" if name in _DOWNLOAD_MB else "it"
-  print(f"preparing {name} into {root} with TFDS (downloads {size} once) ...", file=sys.stderr,
-        flush=True)
-  start = time.monotonic()
-  try:
-    tfds.builder(name, data_dir=root).download_and_prepare(file_format="array_record")
-  except Exception as e:  # no internet, disk full, a TFDS or TensorFlow error: all user-fixable
-    raise ConfigError(f"data.name: preparing dataset {name!r} into {root!r} failed "
-                      f"({_first_line(e)}); check the internet connection and free disk space "
-                      "and retry, or " + _DATA_HELP.format(name=name)) from None
-  if not _is_prepared(name, root):
-    raise _not_prepared(name, root, " even after TFDS download_and_prepare returned; delete "
-                        f"{os.path.join(root, name)!r} and retry")
-  print(f"prepared {name} into {root} in {time.monotonic() - start:.0f} s", file=sys.stderr,
-        flush=True)
-  return root
-
-
 def _open_source(name: str, split: str, root: str, field: str = "data.split"):
   """``tfds.data_source`` of the split, or the one-line error (naming ``field``) saying why it
   cannot be read."""
@@ -244,7 +91,7 @@ def _open_source(name: str, split: str, root: str, field: str = "data.split"):
   try:
     return tfds.data_source(name, split=split, data_dir=root, download=False)
   except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
-    _check_prepared(name, root)
+    check_prepared(name, root)
     raise ConfigError(f"{field}: cannot read split {split!r} of {name!r} from {root!r} "
                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
@@ -336,7 +183,7 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
   """Opens a TFDS split for random access, without TensorFlow and without decoding it yet.
 
   Args:
-    name: a key of :data:`DATASETS`.
+    name: a key of :data:`jaxcompress.datasets.DATASETS`.
     split: a TFDS split, e.g. ``"train"``, ``"test"``, ``"train[:1000]"``.
     data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
     prepare_missing: when the dataset is not prepared in the data folder, download and prepare it
@@ -356,10 +203,10 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
   try:
     source = _open_source(name, split, root, field)
   except ConfigError:
-    if _is_prepared(name, root):
+    if is_prepared(name, root):
       raise
     if not prepare_missing:
-      raise _not_prepared(name, root, " and prepare_missing=False") from None
+      raise not_prepared_error(name, root, " and prepare_missing=False") from None
     prepare(name, root)
     source = _open_source(name, split, root, field)
   return SourceSplit(_Decoded(source, spec.image_shape), 0, len(source))

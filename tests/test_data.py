@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import requires_cifar10
-from jaxcompress import data
+from jaxcompress import data, datasets
 from jaxcompress.errors import ConfigError
 
 MEAN, STD = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
@@ -17,7 +17,7 @@ MEAN, STD = (0.5, 0.25, 0.125), (0.5, 0.5, 0.25)
 def test_load_split_decodes_every_supported_dataset(name):
   with tfds.testing.mock_data(num_examples=12):
     x, y = data.load_split(name, "train", progress=False)
-  spec = data.dataset_spec(name)
+  spec = datasets.dataset_spec(name)
   assert x.shape == (12, *spec.image_shape) and x.dtype == np.uint8
   assert y.shape == (12,) and y.dtype == np.int32
   assert np.all((0 <= y) & (y < spec.num_classes))
@@ -151,23 +151,23 @@ def test_unknown_dataset_name():
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
 def test_label_names_are_the_tfds_names(name):
   # These two builders declare their names in code: TFDS itself is the oracle.
-  assert list(data.dataset_spec(name).label_names) == tfds.builder(name).info.features[
+  assert list(datasets.dataset_spec(name).label_names) == tfds.builder(name).info.features[
       "label"].names
 
 
 def test_label_names_count_and_order():
-  for name, spec in data.DATASETS.items():
+  for name, spec in datasets.DATASETS.items():
     assert len(spec.label_names) == len(set(spec.label_names)) == spec.num_classes, name
-  assert data.dataset_spec("cifar10").label_names[:3] == ("airplane", "automobile", "bird")
-  assert data.dataset_spec("cifar10").label_names[-1] == "truck"
-  names = data.dataset_spec("cifar100").label_names  # fine_label_names.txt is alphabetical
+  assert datasets.dataset_spec("cifar10").label_names[:3] == ("airplane", "automobile", "bird")
+  assert datasets.dataset_spec("cifar10").label_names[-1] == "truck"
+  names = datasets.dataset_spec("cifar100").label_names  # fine_label_names.txt is alphabetical
   assert list(names) == sorted(names) and names[0] == "apple" and names[-1] == "worm"
 
 
 @requires_cifar10
 def test_cifar10_label_names_match_the_prepared_dataset():
   info = tfds.builder("cifar10", data_dir=os.environ["TFDS_DATA_DIR"]).info
-  assert list(data.dataset_spec("cifar10").label_names) == info.features["label"].names
+  assert list(datasets.dataset_spec("cifar10").label_names) == info.features["label"].names
 
 
 def test_data_spec_is_validated_when_built_and_read_from_a_section():

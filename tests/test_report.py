@@ -4,7 +4,7 @@ import os
 
 from configs import cifar_distill
 from experiments import report
-from jaxcompress.data import dataset_spec
+from jaxcompress.datasets import dataset_spec
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck")

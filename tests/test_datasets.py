@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from jaxcompress import data
+from jaxcompress import data, datasets
 from jaxcompress.errors import ConfigError
 
 EXTRA = "pip install -e '.[prepare]'"
@@ -41,7 +41,7 @@ def fake_tfds(monkeypatch):
   test may change before preparing.
   """
   calls, options = [], {}
-  monkeypatch.setattr(data, "_tensorflow_available", lambda: True)
+  monkeypatch.setattr(datasets, "_tensorflow_available", lambda: True)
   monkeypatch.setattr(tfds, "builder",
                       lambda name, data_dir=None: FakeBuilder(calls, name, data_dir, **options))
   return calls, options
@@ -57,10 +57,10 @@ def no_tensorflow(monkeypatch):
 
 def test_prepare_builds_array_record_into_the_folder(tmp_path, fake_tfds, capsys):
   calls, _ = fake_tfds
-  assert data.prepare("cifar10", str(tmp_path)) == str(tmp_path)
+  assert datasets.prepare("cifar10", str(tmp_path)) == str(tmp_path)
   assert calls == [("builder", "cifar10", str(tmp_path)),
                    ("download_and_prepare", "array_record")]
-  data._check_prepared("cifar10", str(tmp_path))  # passes now
+  datasets.check_prepared("cifar10", str(tmp_path))  # passes now
   lines = capsys.readouterr().err.splitlines()
   assert len(lines) == 2
   assert lines[0] == (f"preparing cifar10 into {tmp_path} with TFDS "
@@ -71,31 +71,31 @@ def test_prepare_builds_array_record_into_the_folder(tmp_path, fake_tfds, capsys
 def test_prepare_resolves_the_folder_from_tfds_data_dir(tmp_path, fake_tfds, monkeypatch):
   calls, _ = fake_tfds
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
-  assert data.prepare("mnist") == str(tmp_path)
+  assert datasets.prepare("mnist") == str(tmp_path)
   assert calls[0] == ("builder", "mnist", str(tmp_path))
-  assert data._is_prepared("mnist", str(tmp_path))
+  assert datasets.is_prepared("mnist", str(tmp_path))
 
 
 def test_prepare_does_nothing_when_already_prepared(tmp_path, fake_tfds):
   calls, _ = fake_tfds
   os.makedirs(tmp_path / "cifar10" / "3.0.2")
   (tmp_path / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
-  assert data.prepare("cifar10", str(tmp_path)) == str(tmp_path)
+  assert datasets.prepare("cifar10", str(tmp_path)) == str(tmp_path)
   assert calls == []
 
 
 def test_prepare_rejects_an_unknown_dataset(tmp_path, fake_tfds):
   with pytest.raises(ConfigError, match="data.name must be one of .*got 'svhn'"):
-    data.prepare("svhn", str(tmp_path))
+    datasets.prepare("svhn", str(tmp_path))
   assert fake_tfds[0] == []
 
 
 def test_prepare_without_tensorflow_names_the_extra_and_the_folder(tmp_path, no_tensorflow,
                                                                    monkeypatch):
   monkeypatch.setattr(tfds, "builder", lambda *a, **k: pytest.fail("builder called without TF"))
-  assert not data._tensorflow_available()
+  assert not datasets._tensorflow_available()
   with pytest.raises(ConfigError) as e:
-    data.prepare("cifar10", str(tmp_path))
+    datasets.prepare("cifar10", str(tmp_path))
   msg = str(e.value)
   assert "\n" not in msg
   assert EXTRA in msg and f"not prepared under '{tmp_path}'" in msg
@@ -107,9 +107,9 @@ def test_tensorflow_available_asks_find_spec(monkeypatch):
   seen = []
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a, **k: seen.append(name) or object())
-  assert data._tensorflow_available() and seen == ["tensorflow"]
+  assert datasets._tensorflow_available() and seen == ["tensorflow"]
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None)
-  assert not data._tensorflow_available()
+  assert not datasets._tensorflow_available()
 
 
 @pytest.mark.parametrize("write", [False, True])
@@ -119,19 +119,19 @@ def test_a_failing_builder_gives_one_line_naming_the_dataset(tmp_path, fake_tfds
   options.update(fail=OSError("[Errno 101] Network is unreachable\nTraceback ..."), write=write,
                  incomplete=True)
   with pytest.raises(ConfigError) as e:
-    data.prepare("cifar10", str(tmp_path))
+    datasets.prepare("cifar10", str(tmp_path))
   msg = str(e.value)
   assert "\n" not in msg
   assert f"preparing dataset 'cifar10' into '{tmp_path}' failed " in msg
   assert "(OSError: [Errno 101] Network is unreachable)" in msg
-  assert not data._is_prepared("cifar10", str(tmp_path))
+  assert not datasets.is_prepared("cifar10", str(tmp_path))
 
 
 def test_a_builder_that_leaves_nothing_is_an_error(tmp_path, fake_tfds):
   fake_tfds[1].update(write=False)
   with pytest.raises(ConfigError, match=f"'cifar10' is not prepared under '{tmp_path}'.*even "
                                         "after TFDS download_and_prepare returned") as e:
-    data.prepare("cifar10", str(tmp_path))
+    datasets.prepare("cifar10", str(tmp_path))
   assert "\n" not in str(e.value)
 
 
@@ -139,12 +139,12 @@ def test_an_incomplete_folder_does_not_count_as_prepared(tmp_path):
   folder = tmp_path / "cifar10" / "incomplete.XYZ123_3.0.2"
   os.makedirs(folder)
   (folder / "dataset_info.json").write_text("{}")
-  assert not data._is_prepared("cifar10", str(tmp_path))
+  assert not datasets.is_prepared("cifar10", str(tmp_path))
   with pytest.raises(ConfigError, match="not prepared under"):
-    data._check_prepared("cifar10", str(tmp_path))
+    datasets.check_prepared("cifar10", str(tmp_path))
   os.makedirs(tmp_path / "cifar10" / "plain" / "3.0.2")  # a builder config level is fine
   (tmp_path / "cifar10" / "plain" / "3.0.2" / "dataset_info.json").write_text("{}")
-  assert data._is_prepared("cifar10", str(tmp_path))
+  assert datasets.is_prepared("cifar10", str(tmp_path))
 
 
 class FakeSource:
@@ -167,7 +167,7 @@ def fake_data_source(monkeypatch):
 
   def source(name, split, data_dir, download):
     calls.append((name, split, data_dir, download))
-    if not data._is_prepared(name, data_dir):
+    if not datasets.is_prepared(name, data_dir):
       raise FileNotFoundError(f"no {name} in {data_dir}")
     return FakeSource(7)
 
