@@ -16,8 +16,9 @@ first 40 % of the steps in ``:quick``), each weight capped at the bytes of its s
 
 Measured (docs/autocompress.md; 2-core AMD EPYC VM; about 20 min for a plan, two at a time,
 scan reused): at 25x the plan reached 90.05 % in 42,802 bytes against the uniform recipe's
-89.99 % in 42,615 (seed 0) and 90.39 % against 90.01 % (seed 1); at 40x 86.98 % in 26,600
-against 86.58 % in 26,509 (seed 0) and 86.65 % against 86.80 % (seed 1). Sized with
+89.99 % in 42,615 (seed 0), 90.39 % against 90.01 % (seed 1) and 90.29 % against 90.15 %
+(seed 2); at 40x 86.98 % in 26,600 against 86.58 % in 26,509 (seed 0), 86.65 % against
+86.80 % (seed 1) and 87.27 % against 87.05 % (seed 2). Sized with
 fixed-width codes (budget.sizing=fixed; bytes as then exported, before Huffman coding): at 25x
 the plan reached 89.55 % in 42,127 bytes against the uniform recipe's 89.34 % in
 41,889 (seed 0), 89.65 % against 89.34 % (seed 1), 89.87 % against 89.54 % (seed 2) and

@@ -75,7 +75,6 @@ class DataSpec:
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
-
 class Batch(NamedTuple):
   """One batch. ``weight`` is 1 for real examples and 0 for eval padding."""
   image: np.ndarray  # float32 [B, H, W, C], normalised
@@ -185,10 +184,11 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
   Args:
     name: a key of :data:`jaxcompress.datasets.DATASETS`.
     split: a TFDS split, e.g. ``"train"``, ``"test"``, ``"train[:1000]"``.
-    data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
+    data_dir: folder of prepared TFDS datasets (default: see
+      :func:`jaxcompress.datasets.resolve_data_dir`).
     prepare_missing: when the dataset is not prepared in the data folder, download and prepare it
-      there with :func:`prepare` (needs TensorFlow and internet); ``False``: raise instead (for
-      tests and offline runs).
+      there with :func:`jaxcompress.datasets.prepare` (needs TensorFlow and internet); ``False``:
+      raise instead (for tests and offline runs).
     field: the config field that gave ``split``, for the error of an unreadable split.
 
   Returns:

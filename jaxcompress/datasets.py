@@ -18,7 +18,6 @@ import time
 
 from jaxcompress.errors import ConfigError, unknown
 
-
 _PREPARE_EXTRA = "pip install -e '.[prepare]'"
 _DATA_HELP = (
     "set TFDS_DATA_DIR (or data.data_dir) to a folder holding the prepared dataset, e.g. "
@@ -164,8 +163,8 @@ def prepare(name: str, data_dir: str | None = None) -> str:
                       f"({_first_line(e)}); check the internet connection and free disk space "
                       "and retry, or " + _DATA_HELP.format(name=name)) from None
   if not is_prepared(name, root):
-    raise not_prepared_error(name, root, " even after TFDS download_and_prepare returned; delete "
-                        f"{os.path.join(root, name)!r} and retry")
+    raise not_prepared_error(name, root, " even after TFDS download_and_prepare returned; "
+                             f"delete {os.path.join(root, name)!r} and retry")
   print(f"prepared {name} into {root} in {time.monotonic() - start:.0f} s", file=sys.stderr,
         flush=True)
   return root
