@@ -30,6 +30,7 @@ same command continues where it stopped. Nothing is written before every check h
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -295,18 +296,15 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                    for p in edges)
   view = lambda p: p and whole(p)  # noqa: E731
 
-  threshold_at: dict = {}  # (name, limit) -> plan: sizing asks for the same one again
-
+  @functools.cache  # sizing asks for the same plan again
   def threshold(name, lim):  # the global-threshold plan at this limit, or None
-    if (name, lim) not in threshold_at:
-      found = budget_lib.global_bits(
-          {p: weights[p] for p in sens.paths if p not in edges},
-          budget=int(lim - fixed - edge_bytes), bits=bits,
-          predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
-          score=GLOBAL_SCORES[name])
-      threshold_at[(name, lim)] = found and _threshold_plan(
-          sens, by_path, weights, plannable, cost, keep, overhead, found, name)
-    return threshold_at[(name, lim)]
+    found = budget_lib.global_bits(
+        {p: weights[p] for p in sens.paths if p not in edges},
+        budget=int(lim - fixed - edge_bytes), bits=bits,
+        predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
+        score=GLOBAL_SCORES[name])
+    return found and _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead,
+                                     found, name)
 
   for name in thresholds:
     found = threshold(name, limit)

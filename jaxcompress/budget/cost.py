@@ -39,8 +39,9 @@ import numpy as np
 from jaxcompress import pruning
 from jaxcompress.budget.presets import Option
 from jaxcompress.export import sparse
-from jaxcompress.export.codec import LayerTensor, encode_layer
+from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
+from jaxcompress.export.packing import packed_size
 from jaxcompress.models.functional import functional, weight_name
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
@@ -137,8 +138,9 @@ def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
   Each weight (``{path: array}``, output channels last, the other axes reduced over) is pruned
   to its ``keeps`` entry (none: dense) and quantized at its ``bits`` to the symmetric grid with
   one max-abs scale per output channel, then encoded as the export does (2:4 groups along the
-  reduction axes included), once with fixed-width codes and once with each code
-  stream Huffman-coded where smaller (:func:`jaxcompress.export.encode_layer`). Fine-tuning moves
+  reduction axes included), each code stream Huffman-coded where smaller
+  (:func:`jaxcompress.export.encode_layer`); a coded stream counts at its fixed-width packing on
+  the first side of the ratio (:func:`jaxcompress.export.packing.packed_size`). Fine-tuning moves
   the codes, so the ratio of the trained artifact differs a little: a plan sized with it is
   checked on its export (``export.max_bytes``).
   """
@@ -147,15 +149,19 @@ def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
     w = np.asarray(weight, np.float32)
     if path in keeps:
       w = np.where(np.asarray(keeps[path], bool), w, 0.0)
-    qmin, qmax = qrange(int(bits[path]), symmetric=True)
+    b = int(bits[path])
+    qmin, qmax = qrange(b, symmetric=True)
     top = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
     scale = np.where(top > 0, top / qmax, 1.0).astype(np.float32)
     codes = np.asarray(quantize_int(w, scale, 0, qmin=qmin, qmax=qmax))
-    tensor = LayerTensor(path, "int", codes, int(bits[path]), qmin=qmin, scale=scale,
+    tensor = LayerTensor(path, "int", codes, b, qmin=qmin, scale=scale,
                          group_axes=tuple(range(w.ndim - 1)))  # reduction axes, as usual
-    for i, huffman in enumerate((False, True)):
-      segments = encode_layer(tensor, huffman=huffman)[1]
-      sizes[i] += segments["positions"].size + segments["values"].size
+    meta, segments = encode_layer(tensor, huffman=True)
+    streams = code_streams(meta)
+    for name in ("positions", "values"):
+      coded = segments[name].size
+      sizes += (packed_size(streams[name][1], streams[name][0])  # its fixed-width packing
+                if name in meta.get("huffman", ()) else coded, coded)
   return float(sizes[0] / max(sizes[1], 1))
 
 
