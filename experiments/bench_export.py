@@ -233,6 +233,8 @@ def bench_artifact():
   from jaxcompress.budget import layer_macs
   from jaxcompress.data import DataSpec
   from jaxcompress.export import load, read_spec
+  from jaxcompress.export.inputs import describe as describe_input
+  from jaxcompress.export.inputs import single as single_input
   from jaxcompress.export.slim import slim
   from jaxcompress.models import get_model
   from jaxcompress.steps import make_eval_step
@@ -244,7 +246,11 @@ def bench_artifact():
   model = get_model(name, spec.num_classes, field="exported model")
   loaded = load(_EXPORTED.value, model, field="exported")
   slimmed = slim(loaded, multiple=_MULTIPLE.value, max_kept=_MAX_KEPT.value)
-  shape = tuple(loaded.spec["input"]["shape"])
+  one = single_input(loaded.spec["input"])
+  if one is None:
+    raise invalid("exported", describe_input(loaded.spec["input"]), "an artifact of one image "
+                  "input")
+  shape = one[0]
   macs = layer_macs(model, loaded.variables, np.zeros((1, *shape), np.float32))
   kept = {p: macs[p] * k // n for p, (k, n) in slimmed.channels.items()}
   total = {"full": sum(macs.values()), "slim": sum(macs.values()) - sum(macs[p] for p in kept)

@@ -82,7 +82,7 @@ class Compression:
   kmeans_bits: int = 0
   compute_dtype: str = "float32"
   half_scales: bool = False
-  example_shape: tuple | None = None  # one example of build's sample_input (None: not one array)
+  example: Any = None  # build's sample_input as jax.ShapeDtypeStruct leaves (batch axis first)
 
   @property
   def prune_enabled(self) -> bool:
@@ -289,8 +289,8 @@ class Compression:
     return {"params": jax.device_get(state.params["model"]),
             **{k: v for k, v in model_state.items() if k not in STATE_ENTRIES}}
 
-  def export(self, out_dir: str, state: TrainState, *, input_shape: tuple[int, ...],
-             input_dtype: str = "float32", model_name: str = "") -> dict:
+  def export(self, out_dir: str, state: TrainState, *, input_shape: tuple[int, ...] | None = None,
+             input_dtype: str | None = None, model_name: str = "") -> dict:
     """Writes the compressed student as an artifact (:func:`jaxcompress.export.export_model`).
 
     Integer weights and input quantization from the quantizer's specs, k-means codebooks, pruned
@@ -299,13 +299,33 @@ class Compression:
     scales where :meth:`gain_layers` allows it. Its outputs equal
     ``logits_fn(eval_variables(state), x)`` bit for bit on CPU.
 
+    Args:
+      out_dir: the artifact folder (created; its files replaced).
+      state: the trained state.
+      input_shape: one input example's shape (no batch axis), for a model of one array input;
+        None: the shapes and dtypes of ``build``'s sample input (any dict or tuple of arrays).
+      input_dtype: that input's dtype; None: the sample input's.
+      model_name: a name recorded in the spec.
+
     Returns:
       The artifact's size report.
     """
     from jaxcompress import export  # heavy; only exporting needs it
-    if self.example_shape is not None and len(input_shape) != len(self.example_shape):
-      raise invalid("export input_shape", tuple(input_shape), f"one example's shape, without the "
-                    f"batch axis (build's sample: {self.example_shape})")
+    from jaxcompress.export import inputs as io
+    sample = io.of_example(self.example) if self.example is not None else None
+    one = io.single(sample) if sample is not None else (None, np.float32)
+    if sample is not None and one is None:  # a dict or tuple of inputs: build's sample says all
+      if input_shape is not None or input_dtype is not None:
+        raise invalid("export input_shape", input_shape, f"None for a model whose input is "
+                      f"{io.describe(sample)} (its shapes and dtypes are exported)")
+      signature = dict(inputs=io.build(sample, jax.ShapeDtypeStruct))
+    else:
+      shape = one[0] if input_shape is None else input_shape
+      if shape is None or (one[0] is not None and isinstance(shape, (tuple, list))
+                           and len(shape) != len(one[0])):
+        raise invalid("export input_shape", input_shape, f"one example's shape, without the "
+                      f"batch axis (build's sample: {one[0]})")
+      signature = dict(input_shape=shape, input_dtype=input_dtype or one[1])
     variables = self.variables(state)
     model_state = jax.device_get(state.model_state)
     codebooks = {path: quantization.assign(tree_get(variables["params"], path), book)
@@ -316,8 +336,7 @@ class Compression:
       specs = self.quantizer.specs(variables, qstate)
     gains_into = {norm: self.layers.layer(path).weight
                   for path, norm in self.gain_layers(model_state).items()}
-    return export.export_model(out_dir, variables=variables, input_shape=input_shape,
-                               input_dtype=input_dtype, specs=specs,
+    return export.export_model(out_dir, variables=variables, **signature, specs=specs,
                                codebooks=codebooks or None, fold=self.fold_norms,
                                gains_into=gains_into, model_name=model_name,
                                reduce_axes=self.layers.reduce_axes(),
@@ -362,9 +381,9 @@ class Compression:
     return TrainState.create(params, model_state, self.optimizer)
 
 
-def _example_shape(sample_input: Any) -> tuple | None:
-  leaves = jax.tree.leaves(sample_input)
-  return tuple(np.shape(leaves[0])[1:]) if len(leaves) == 1 and np.ndim(leaves[0]) else None
+def _example(sample_input: Any) -> Any:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)),
+                      sample_input)
 
 
 def _require_params(variables: Any, field: str) -> None:
@@ -544,4 +563,4 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       fold_norms=fold_norms, gain_norms=gain_norms, kmeans_bits=int(kmeans_bits),
       kmeans_paths=tuple(l.weight for l in layers.layers if l.weight not in edges),
       compute_dtype=compute_dtype, half_scales=quant.scale_dtype == "float16",
-      example_shape=_example_shape(sample_input))
+      example=_example(sample_input))

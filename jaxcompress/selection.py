@@ -159,10 +159,11 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
   except ConfigError:
     raise
   except Exception as e:  # a user model failing on the data's shape is a user mistake
-    shapes = [tuple(jnp.shape(a)) for a in args]
+    shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), args[0] if len(args) == 1 else args)
     raise ConfigError(f"{field}: {fm.name}'s forward fails on inputs of shape {shapes} "
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
-                      "model must accept the dataset's input batch") from None
+                      "model must accept the dataset's input batch (several inputs: as one dict or "
+                      "tuple argument)") from None
   outputs.clear()
   owners = set(seen)
   layers = tuple(dataclasses.replace(l, norm=next((n for n, p in norms.items() if p == l.path),

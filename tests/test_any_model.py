@@ -14,6 +14,7 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -116,6 +117,32 @@ class NNXTransformer(nnx.Module):
     return self.head(h.mean(1))
 
 
+class LinenDictInput(nn.Module):
+  """Two inputs in one dict: an image and integer metadata (embedded), ``train`` flag."""
+
+  @nn.compact
+  def __call__(self, inputs, train: bool = False):
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(inputs["image"]))
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(16, (3, 3))(x))).mean((1, 2))
+    meta = nn.Embed(CLASSES * 2, 8)(inputs["meta"]).mean(1)
+    return nn.Dense(CLASSES)(nn.relu(nn.Dense(16)(jnp.concatenate([x, meta], -1))))
+
+
+class NNXTupleInput(nnx.Module):
+  """Two inputs in one tuple: a sequence and a 0/1 mask over its steps."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(6, 16, rngs=rngs)
+    self.mid = nnx.Linear(16, 16, rngs=rngs)
+    self.head = nnx.Linear(16, CLASSES, rngs=rngs)
+
+  def __call__(self, inputs):
+    seq, mask = inputs
+    h = nnx.relu(self.mid(nnx.relu(self.inp(seq))))
+    pooled = (h * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1, keepdims=True), 1.0)
+    return self.head(pooled)
+
+
 def _image(rng):
   return rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
 
@@ -126,6 +153,14 @@ def _tokens(rng):
 
 def _sequence(rng):
   return rng.normal(size=(8, 5, 6)).astype(np.float32)
+
+
+def _image_and_meta(rng):
+  return {"image": _image(rng), "meta": rng.integers(0, CLASSES * 2, (8, 3)).astype(np.int32)}
+
+
+def _sequence_and_mask(rng):
+  return _sequence(rng), (rng.random((8, 5)) < 0.7).astype(np.float32)
 
 
 def _linen(cls):
@@ -150,6 +185,8 @@ MODELS = {
     "linen_embed": (_linen(LinenEmbed), _tokens),
     "nnx_cnn": (_nnx(NNXCnn), _image),
     "nnx_transformer": (_nnx(NNXTransformer), _sequence),
+    "linen_dict_input": (_linen(LinenDictInput), _image_and_meta),
+    "nnx_tuple_input": (_nnx(NNXTupleInput), _sequence_and_mask),
 }
 SPARSITY = 0.5
 
@@ -186,9 +223,11 @@ def test_compress_export_load_serve(name, tmp_path):
     expected = 0 if layer.weight in edges else round(SPARSITY * flat[layer.weight].size)
     assert zeros == expected, (layer.weight, zeros, expected)
 
-  # Export, load into the user's own module, serve; three forwards bit-identical.
+  # Export, load into the user's own module, serve; three forwards bit-identical. The input's
+  # shapes and dtypes (int32 token ids, a dict or tuple of inputs) come from build's sample.
   out = str(tmp_path / "export")
-  report = comp.export(out, state, input_shape=x.shape[1:], input_dtype=str(x.dtype))
+  report = comp.export(out, state)
+  assert export.read_spec(out)["input"] == _signature(x)
   on_disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
   assert report["total_bytes"] == on_disk
   assert report["float32_bytes"] == 4 * sum(v.size for v in jax.tree.leaves(svars["params"]))
@@ -203,6 +242,15 @@ def test_compress_export_load_serve(name, tmp_path):
   # The loaded variables fit the user's module as is (no input quantization there).
   plain = np.asarray(functional(student).apply(loaded.variables, x)[0])
   assert plain.shape == fake_quant.shape and np.all(np.isfinite(plain))
+
+
+def _signature(x):
+  """The spec's input entry, written out by hand from the sample batch."""
+  if isinstance(x, dict):
+    return {"dict": {k: _signature(v) for k, v in x.items()}}
+  if isinstance(x, tuple):
+    return {"tuple": [_signature(v) for v in x]}
+  return {"shape": list(x.shape[1:]), "dtype": x.dtype.name}
 
 
 def test_trace_finds_norms_by_forward_not_by_name():
@@ -266,7 +314,7 @@ def test_model_with_no_layer_and_failing_forward_are_one_line_errors():
   mlp = LinenMLP()
   variables = mlp.init(jax.random.key(0), np.ones((2, 12), np.float32))
   with pytest.raises(ConfigError, match=r"model: LinenMLP's forward fails on inputs of shape "
-                                       r"\[\(2, 5\)\]"):
+                                       r"\(2, 5\)"):
     trace_layers(mlp, variables, np.ones((2, 5), np.float32))
 
 

@@ -38,8 +38,8 @@ def test_evaluate_reports_the_artifacts_accuracy(tmp_path):
 
 def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):
   mlp_artifact(str(tmp_path / "small"), input_shape=(8, 8, 3))
-  with pytest.raises(ConfigError, match=r"model.exported input_shape must be \[32, 32, 3\] for "
-                                        r"cifar10, got \[8, 8, 3\]"):
+  with pytest.raises(ConfigError, match=r"model.exported input must be one image of shape "
+                                        r"\(32, 32, 3\) for cifar10, got '\(8, 8, 3\) float32'"):
     evaluate_config(_config(str(tmp_path / "small")))
   # No model name in the spec: config.model.name's module, which the variables do not fit.
   variables = random_variables(get_model("mlp"), (32, 32, 3))

@@ -6,10 +6,10 @@ Layout of ``DIR/export/``:
   zlib-compressed as a whole (kept only when that is smaller);
 - ``spec.json.gz`` (``zcat`` prints it; a plain ``spec.json`` when exported with
   ``compress=False``, which :func:`load` reads as well): format and version, the input's shape
-  and dtype, the float32 size of the model's parameters, the folded BatchNorms, each quantized
-  layer's input quantization, the arrays file's size, raw size, compression and SHA-256, and one
-  line per stored tensor: kind, shape, bits, sparse encoding, the segments stored Huffman-coded
-  (``huffman``) and ``segments: {name: bytes}``: its byte segments, which follow each other in
+  and dtype (or those of each input, :mod:`.inputs`), the float32 size of the model's
+  parameters, the folded BatchNorms, each quantized layer's input quantization, the arrays
+  file's size, raw size, compression and SHA-256, and one line per stored tensor: kind, shape,
+  bits, sparse encoding, the segments stored Huffman-coded (``huffman``) and ``segments: {name: bytes}``: its byte segments, which follow each other in
   the raw arrays in the order the tensors and their segments are listed (offsets are implied).
 
 The artifact holds variables, not code: :func:`load` takes the user's own module, checks the
@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
 from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION, read_arrays,
                                       read_spec, spec_bytes, write)
@@ -41,8 +42,9 @@ from jaxcompress.models.functional import functional
 from jaxcompress.rules import flat_paths
 
 
-def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tuple[int, ...],
-                 input_dtype: str = "float32", masks: Any = None,
+def export_model(out_dir: str, *, variables: Mapping[str, Any],
+                 input_shape: tuple[int, ...] | None = None, input_dtype: str = "float32",
+                 inputs: Any = None, masks: Any = None,
                  specs: Mapping[str, Any] | None = None,
                  codebooks: Mapping[str, Any] | None = None,
                  fold: Mapping[str, float] | None = None,
@@ -59,6 +61,10 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     variables: the variables the fake-quant model runs with (``params``, ``batch_stats``, ...).
     input_shape: the shape of one input example (no batch axis), e.g. ``(32, 32, 3)``.
     input_dtype: the input's dtype (``float32`` images, ``int32`` token ids).
+    inputs: in place of ``input_shape`` and ``input_dtype``, for a model whose input is a dict or
+      tuple of arrays: that pytree with a ``jax.ShapeDtypeStruct`` (or an array) of one example
+      (no batch axis) at each leaf, e.g. ``{'image': jax.ShapeDtypeStruct((32, 32, 3),
+      jnp.float32), 'meta': jax.ShapeDtypeStruct((4,), jnp.int32)}``.
     masks: pruning masks, a tree like ``variables['params']`` with 0/1 leaves, or ``None``.
       Masked weights are exactly 0 in the artifact.
     specs: ``{layer path: LayerSpec}`` from ``Quantizer.specs(variables_with_masks_applied,
@@ -83,12 +89,17 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any], input_shape: tup
     The :func:`~jaxcompress.export.size.size_report` of the written artifact.
 
   Raises:
-    ConfigError: for inputs that do not fit the variables (see :func:`.finalize.finalize`).
+    ConfigError: for inputs that do not fit the variables (see :func:`.finalize.finalize`), or
+      not exactly one of ``input_shape`` and ``inputs``.
   """
+  if (input_shape is None) == (inputs is None):
+    raise ConfigError("export: give input_shape (one array input) or inputs (a dict or tuple of "
+                      "inputs), exactly one of them")
+  signature = (io.of_shape(input_shape, input_dtype) if inputs is None
+               else io.of_shapes(inputs))
   fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold,
                  gains_into=gains_into, reduce_axes=reduce_axes, scale_dtype=scale_dtype)
-  return _write(out_dir, fin, input_shape=input_shape, input_dtype=input_dtype,
-                model_name=model_name, compress=compress)
+  return _write(out_dir, fin, signature=signature, model_name=model_name, compress=compress)
 
 
 def recode(src: str, out_dir: str, *, compress: bool = True,
@@ -109,13 +120,12 @@ def recode(src: str, out_dir: str, *, compress: bool = True,
   with _malformed(src, field):
     fin = _decode(src, spec, field)
     _check_header(spec, fin, field)
-  return _write(out_dir, fin, input_shape=tuple(spec["input"]["shape"]),
-                input_dtype=spec["input"]["dtype"], model_name=spec.get("model", ""),
+  return _write(out_dir, fin, signature=spec["input"], model_name=spec.get("model", ""),
                 compress=compress)
 
 
-def _write(out_dir: str, fin: Finalized, *, input_shape: tuple[int, ...], input_dtype: str,
-           model_name: str, compress: bool) -> dict:
+def _write(out_dir: str, fin: Finalized, *, signature: dict, model_name: str,
+           compress: bool) -> dict:
   """Encodes finalized tensors and writes the artifact's two files; returns its size report."""
   metas, chunks = [], []
   for t in fin.tensors.values():
@@ -134,7 +144,7 @@ def _write(out_dir: str, fin: Finalized, *, input_shape: tuple[int, ...], input_
   compression = "zlib" if compress and len(packed) < len(raw) else "none"
   data = packed if compression == "zlib" else raw
   header = {"format": FORMAT, "version": VERSION, "model": model_name,
-            "input": {"shape": list(input_shape), "dtype": str(np.dtype(input_dtype))},
+            "input": signature,
             "float32_bytes": fin.float32_bytes, "folded": fin.folded, "acts": fin.acts,
             "arrays": {"file": ARRAYS_FILE, "bytes": len(data), "raw_bytes": len(raw),
                        "compression": compression, "sha256": hashlib.sha256(data).hexdigest()}}
@@ -169,7 +179,7 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
     fin = _decode(path, spec, field)
     _check_header(spec, fin, field)
     fm = functional(model)
-    expected = _expected(fm, spec)
+    expected = _expected(fm, spec, field)
     _check_fits(fm, expected, fin, field)
     arrays = rebuild(fin, expected)
     apply_fn = make_apply_fn(fm, fin.acts)
@@ -199,10 +209,9 @@ def _check_header(spec: dict, fin: Finalized, field: str) -> None:
   the stored tensors."""
   bad = lambda what: ConfigError(f"{field}: the spec's {what}; the artifact is corrupted, export "
                                  "it again")
-  shape = spec["input"]["shape"]
-  if not isinstance(shape, list) or not all(_is_int(d) and d > 0 for d in shape):
-    raise bad(f"input shape {shape!r} is not a list of positive integers")
-  np.dtype(spec["input"]["dtype"])
+  wrong = io.check(spec["input"])
+  if wrong:
+    raise bad(wrong)
   stored = {k[len(FOLD) + 1:] for k in fin.tensors if k.startswith(f"{FOLD}/")}
   if set(fin.folded) != stored:
     raise bad(f"folded BatchNorms {sorted(fin.folded)} do not match the stored folds "
@@ -274,10 +283,16 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                    {k: float(v) for k, v in spec["folded"].items()}, int(spec["float32_bytes"]))
 
 
-def _expected(fm, spec: dict) -> dict[str, tuple[tuple[int, ...], Any]]:
+def _expected(fm, spec: dict, field: str) -> dict[str, tuple[tuple[int, ...], Any]]:
   """``{collection/leaf path: (shape, dtype)}`` of the variables ``fm``'s module needs."""
-  sample = np.zeros((1, *spec["input"]["shape"]), spec["input"]["dtype"])
-  want = jax.eval_shape(lambda: fm.init(jax.random.key(0), sample))
+  sample = io.zeros(spec["input"], 1)
+  try:
+    want = jax.eval_shape(lambda: fm.init(jax.random.key(0), sample))
+  except Exception as e:  # the user's module on the artifact's input: the wrong module
+    cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise ConfigError(f"{field}: {fm.name}'s forward fails on the artifact's input "
+                      f"{io.describe(spec['input'])} ({cause}); load it with the module it was "
+                      "exported from") from None
   return {f"{c}/{p}": (tuple(v.shape), v.dtype) for c, tree in want.items()
           for p, v in flat_paths(tree).items()}
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.export import inputs as io
 
 SERVING_FILE, SIGNATURE_FILE = "model.jaxexport", "signature.json"
 
@@ -55,8 +56,10 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     raise ConfigError("save_serving: give both mean and std (uint8 input) or neither "
                       f"(normalised float32 input), got mean={mean!r}, std={std!r}")
   spec = loaded.spec
-  shape = tuple(spec["input"]["shape"])
   arrays, apply_fn = loaded.arrays, loaded.apply_fn
+  if mean is not None and io.single(spec["input"]) is None:
+    raise ConfigError("save_serving: mean and std normalise one image input; this model takes "
+                      f"{io.describe(spec['input'])}: give neither")
 
   if mean is not None:
     m = np.asarray(mean, np.float32) * 255
@@ -71,16 +74,15 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     def serve(inputs):
       return apply_fn(arrays, inputs)
 
-    dtype = np.dtype(spec["input"]["dtype"])
+    dtype = None  # the artifact's own
   (batch,) = jax.export.symbolic_shape("batch")
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
-      jax.ShapeDtypeStruct((batch, *shape), dtype))
-  out_shape = jax.eval_shape(serve, jax.ShapeDtypeStruct((1, *shape), dtype)).shape[1:]
+      io.structs(spec["input"], batch, dtype))
+  out_shape = jax.eval_shape(serve, io.structs(spec["input"], 1, dtype)).shape[1:]
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, SERVING_FILE), "wb") as f:
     f.write(exported.serialize())
-  signature = {"file": SERVING_FILE, "input": {"shape": ["batch", *shape],
-                                                "dtype": np.dtype(dtype).name,
+  signature = {"file": SERVING_FILE, "input": {**io.with_batch(spec["input"], dtype),
                                                 "normalised_inside": mean is not None},
                "output": {"shape": ["batch", *out_shape], "dtype": "float32"},
                "platforms": list(platforms), "model": spec["model"],

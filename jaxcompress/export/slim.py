@@ -29,6 +29,7 @@ from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.export import inputs as io
 from jaxcompress.rules import flat_paths
 
 CONVS = (nn.Conv, nnx.Conv)
@@ -225,11 +226,10 @@ def slim(loaded: Any, *, multiple: int = MULTIPLE, max_kept: float = MAX_KEPT,
                            inner=lambda arrays: slim_hook(arrays["slim"], index, skip))
   out = LoadedModel(loaded.model, {**loaded.arrays, "slim": layers}, apply_fn, loaded.spec,
                     loaded.finalized)
-  spec = loaded.spec["input"]
   rng = np.random.default_rng(seed)
-  shape, dtype = (2, *spec["shape"]), np.dtype(spec["dtype"])
-  x = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-       else rng.integers(0, 2, shape).astype(dtype))
+  x = io.build(loaded.spec["input"], lambda shape, dtype: (
+      rng.standard_normal((2, *shape)).astype(dtype) if np.issubdtype(dtype, np.floating)
+      else rng.integers(0, 2, (2, *shape)).astype(dtype)))
   full = np.asarray(loaded.logits(x), np.float64)
   small = np.asarray(out.logits(x), np.float64)
   diff = float(np.max(np.abs(full - small))) if full.size else 0.0
