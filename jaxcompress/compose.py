@@ -225,7 +225,14 @@ class Compression:
                "accuracy": weighted_mean((jnp.argmax(logits, -1) == batch.label) * 1.0, w)}
     per_example = task
     if self.teacher is not None:
+      if teacher_vars is None:
+        raise ConfigError("train step: distillation needs the teacher's variables, the step's "
+                          "third argument: train_step(state, batch, teacher_vars)")
       t_logits, t_feats = self.teacher_apply(teacher_vars, batch.image)
+      if t_logits.shape != logits.shape:
+        raise ConfigError(f"teacher: its outputs have shape {tuple(t_logits.shape)}, the "
+                          f"student's {tuple(logits.shape)}; distillation needs a teacher of the "
+                          "same classes")
       kd_term = kd.kd_loss(logits, t_logits, d.temperature)
       per_example = (1 - d.alpha) * task + d.alpha * kd_term
       metrics["kd_loss"] = weighted_mean(kd_term, w)
@@ -485,6 +492,14 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   """
   precision.compute_dtype(compute_dtype)
   _require_params(variables, "variables")
+  for name, spec, cls in (("prune", prune, PruneSpec), ("quant", quant, QuantSpec),
+                          ("distill", distill, DistillSpec)):
+    if not isinstance(spec, cls):
+      raise invalid(name, spec, f"a compose.{cls.__name__}",
+                    f"from a dict: compose.{cls.__name__}.from_dict(d)")
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise invalid("optimizer", optimizer, "an optax.GradientTransformation, e.g. "
+                  "optax.adam(1e-3)")
   s = functional(student)
   layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:

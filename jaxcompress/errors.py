@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+import numpy as np
+
 
 class ConfigError(ValueError):
   """A user mistake: bad config value, unknown name, missing or malformed input file."""
@@ -47,7 +49,7 @@ def shortened(items: Sequence[str], n: int, sep: str = ", ") -> str:
 def check_counts(fields: Mapping[str, Any]) -> None:
   """Raises :class:`ConfigError` for the first of ``{field name: value}`` below 1."""
   for field, value in fields.items():
-    if not value >= 1:
+    if not _is_number(value) or not value >= 1:
       raise invalid(field, value, ">= 1")
 
 
@@ -63,8 +65,20 @@ def check_range(field: str, value: float, lo: float, hi: float, *,
     lo_closed: whether ``lo`` itself is allowed.
     hi_closed: whether ``hi`` itself is allowed.
   """
+  interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
+  if not _is_number(value):
+    raise invalid(field, value, f"a number in {interval}")
   ok_lo = value >= lo if lo_closed else value > lo
   ok_hi = value <= hi if hi_closed else value < hi
   if not (ok_lo and ok_hi):
-    interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
     raise invalid(field, value, f"in {interval}")
+
+
+def _is_number(value: Any) -> bool:
+  """A real scalar (Python, NumPy or a 0-d array), not a bool or a string."""
+  if isinstance(value, (bool, str, bytes)):
+    return False
+  try:
+    return np.ndim(value) == 0 and np.isrealobj(value) and np.asarray(value).dtype.kind in "iuf"
+  except TypeError:
+    return False

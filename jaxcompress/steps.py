@@ -128,7 +128,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng,
                                                     *aux)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

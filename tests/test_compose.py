@@ -219,3 +219,39 @@ def test_distillation_without_teacher_is_refused():
   with pytest.raises(ConfigError, match="needs a teacher"):
     compose.build(student, svars, _batches(1)[0].image, optimizer=OPT, total_steps=4,
                   **_specs(distill=True))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prune={"sparsity": 0.5}), r"prune must be a compose.PruneSpec, got \{'sparsity': 0.5\}; "
+     r"from a dict: compose.PruneSpec.from_dict\(d\)"),
+    (dict(quant=compose.PruneSpec()), r"quant must be a compose.QuantSpec, got PruneSpec\("),
+    (dict(optimizer=None), r"optimizer must be an optax.GradientTransformation, e.g. "
+     r"optax.adam\(1e-3\), got None"),
+])
+def test_build_arguments_of_the_wrong_kind_are_one_line_errors(kwargs, match):
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE)
+  with pytest.raises(ConfigError, match=match):
+    compose.build(student, svars, _batches(1)[0].image, **{"optimizer": OPT, "total_steps": 4,
+                                                           **kwargs})
+
+
+def test_a_string_where_a_number_belongs_is_a_one_line_error():
+  with pytest.raises(ConfigError, match=r"prune.sparsity must be a number in \[0.0, 1.0\), got "
+                     r"'0.8'"):
+    compose.PruneSpec(sparsity="0.8")
+
+
+def test_a_teacher_of_other_classes_or_no_teacher_variables_is_a_one_line_error():
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  teacher, tvars = create_model("mlp", num_classes=5, image_shape=SHAPE, seed=2)
+  batch = _batches(1)[0]
+  comp = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
+                       teacher=teacher, **_specs(distill=True))
+  state = comp.init_state(svars, batch.image, teacher_vars=tvars)
+  step = comp.make_train_step()
+  with pytest.raises(ConfigError, match=r"teacher: its outputs have shape \(8, 5\), the "
+                     r"student's \(8, 4\); distillation needs a teacher of the same classes"):
+    step(state, batch, tvars)
+  with pytest.raises(ConfigError, match=r"train step: distillation needs the teacher's variables, "
+                     r"the step's third argument"):
+    step(state, batch, None)

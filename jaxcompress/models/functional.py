@@ -155,6 +155,12 @@ def _str_keys(tree: Any) -> Any:
   return tree
 
 
+def _pure(state: Any) -> dict:
+  """An NNX state as nested dicts (``nnx.to_pure_dict``; the method on flax releases before it)."""
+  to_pure = getattr(nnx, "to_pure_dict", None)
+  return to_pure(state) if to_pure is not None else state.to_pure_dict()
+
+
 def _like(tree: Any, ref: Any) -> Any:
   """``tree`` (string keys) with the key types of ``ref`` (an NNX pure dict)."""
   if not isinstance(ref, dict):
@@ -273,7 +279,7 @@ class Functional:
         object.__delattr__(module, _CALL)
     new_state = {}
     if train and "batch_stats" in variables:
-      new_state["batch_stats"] = _str_keys(nnx.state(model, nnx.BatchStat).to_pure_dict())
+      new_state["batch_stats"] = _str_keys(_pure(nnx.state(model, nnx.BatchStat)))
     return out, new_state
 
 
@@ -323,8 +329,8 @@ def _hooked_class(cls: type) -> type:
 
 def variables_of(module: nnx.Module) -> dict:
   """The variables dict of an NNX module: ``params`` and, if it has any, ``batch_stats``."""
-  out = {"params": _str_keys(nnx.state(module, nnx.Param).to_pure_dict())}
-  stats = nnx.state(module, nnx.BatchStat).to_pure_dict()
+  out = {"params": _str_keys(_pure(nnx.state(module, nnx.Param)))}
+  stats = _pure(nnx.state(module, nnx.BatchStat))
   if stats:
     out["batch_stats"] = _str_keys(stats)
   return out
@@ -350,9 +356,9 @@ def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
     return model
   if isinstance(model, nnx.Module):
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-    reference = {"params": params.to_pure_dict()}
-    if stats.to_pure_dict():
-      reference["batch_stats"] = stats.to_pure_dict()
+    reference = {"params": _pure(params)}
+    if _pure(stats):
+      reference["batch_stats"] = _pure(stats)
     return Functional(model, "nnx", graphdef=graphdef, rest=rest, reference=reference)
   if isinstance(model, nn.Module):
     if train_kwarg == "auto":
