@@ -37,7 +37,7 @@ import optax
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
-from jaxcompress.errors import ConfigError, invalid, shortened
+from jaxcompress.errors import ConfigError, check_counts, invalid, shortened
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
@@ -511,6 +511,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   rules = [(f"model/(?:{regex})", value) for regex, value in rules]
   opt = optimizer
   if prune.enabled:
+    check_counts({"total_steps": total_steps})  # the pruning schedule is in steps of the run
     every, begin, end = prune.steps(total_steps)
     if prune.schedule == "gradual" and end >= total_steps:
       raise invalid("prune.schedule", prune.schedule, f"one_shot or constant for a run of "

@@ -50,10 +50,15 @@ class TrainState(flax.struct.PyTreeNode):
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
   ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``."""
+  want = tuple(logits.shape[:-1])
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):  # static: one line, not optax's
-    raise ConfigError(f"batch.label must be integer class ids (shape {tuple(logits.shape[:-1])}),"
+    raise ConfigError(f"batch.label must be integer class ids (shape {want}),"
                       f" got {jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))}; "
                       "one-hot labels: pass their argmax")
+  if tuple(jnp.shape(labels)) != want:
+    raise ConfigError(f"batch.label must have one class id per output, shape {want} for the "
+                      f"model's outputs {tuple(logits.shape)}, got shape "
+                      f"{tuple(jnp.shape(labels))}")
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 

@@ -227,6 +227,8 @@ def test_distillation_without_teacher_is_refused():
     (dict(quant=compose.PruneSpec()), r"quant must be a compose.QuantSpec, got PruneSpec\("),
     (dict(optimizer=None), r"optimizer must be an optax.GradientTransformation, e.g. "
      r"optax.adam\(1e-3\), got None"),
+    (dict(total_steps=0, prune=compose.PruneSpec(sparsity=0.5, schedule="one_shot")),
+     r"total_steps must be >= 1, got 0"),
 ])
 def test_build_arguments_of_the_wrong_kind_are_one_line_errors(kwargs, match):
   student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE)
@@ -255,3 +257,6 @@ def test_a_teacher_of_other_classes_or_no_teacher_variables_is_a_one_line_error(
   with pytest.raises(ConfigError, match=r"train step: distillation needs the teacher's variables, "
                      r"the step's third argument"):
     step(state, batch, None)
+  with pytest.raises(ConfigError, match=r"batch.label must have one class id per output, shape "
+                     r"\(8,\) for the model's outputs \(8, 4\), got shape \(6,\)"):
+    step(state, batch._replace(label=batch.label[:6]), tvars)
