@@ -15,5 +15,6 @@ def test_doc_example_runs_and_meets_its_budget():
   plan, sens = namespace["plan"], namespace["sens"]
   assert sens.compiles == 1
   assert plan.size_bytes == sum(l.bytes for l in plan.layers) <= 6_000
+  assert namespace["found"].allocation.gap == 0
   assert [l.path for l in plan.layers] == ["Conv_0", "Conv_1", "Dense_1", "Dense_0"]
   assert namespace["comp"].quantizer is not None

@@ -6,13 +6,15 @@
 - :mod:`.hessian`: the Hessian-trace proxy (HAWQ) and its rank agreement with the scan;
 - :mod:`.refine`: damage measured around a whole reference plan (the allocator's second pass);
 - :mod:`.allocate`: the multiple-choice knapsack, solved exactly by dynamic programming;
-- :mod:`.plan`: the plan, the uniform recipe at the same budget, their compose specs.
+- :mod:`.plan`: the plan, the uniform recipe at the same budget, their compose specs;
+- :mod:`.find`: :func:`find_plan`, all of it in one call for any model.
 """
 
 from jaxcompress.budget.allocate import Allocation, allocate, min_cost
 from jaxcompress.budget.cost import (coded_ratio, density, gap_cap, has_kernels, keep_mask,
                                      kernel_keep, layer_macs, option_bops, overhead_bytes,
                                      pessimistic_spec, shared_kernel_bytes, weight_bytes)
+from jaxcompress.budget.find import Found, find_plan
 from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
 from jaxcompress.budget.plan import (LayerPlan, Plan, global_bits, global_keep, kernel_window,
                                      only_rules, scheduled, threshold_plans, uniform_size)
@@ -23,7 +25,7 @@ from jaxcompress.budget.sensitivity import DAMAGES, Evaluator, Sensitivity, scan
 __all__ = [
     "Allocation", "allocate", "min_cost", "coded_ratio", "density", "gap_cap", "has_kernels",
     "keep_mask", "kernel_keep", "layer_macs", "option_bops", "overhead_bytes", "pessimistic_spec",
-    "shared_kernel_bytes", "weight_bytes", "kernel_window", "hessian_traces", "proxy_damage",
+    "shared_kernel_bytes", "weight_bytes", "Found", "find_plan", "kernel_window", "hessian_traces", "proxy_damage",
     "spearman", "LayerPlan", "Plan", "global_bits", "global_keep", "only_rules", "scheduled",
     "threshold_plans", "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES",
     "Evaluator", "Sensitivity", "scan", "Reference", "context_damage", "reference_of",

@@ -255,7 +255,8 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
       macs.setdefault(call.path, 0)
     return out
 
-  jax.eval_shape(lambda v, x: fm.apply(v, x, hook=record), dict(variables), sample[:1])
+  jax.eval_shape(lambda v, x: fm.apply(v, x, hook=record), dict(variables),
+                 jax.tree.map(lambda a: a[:1], sample))  # one example of each input
   return macs
 
 

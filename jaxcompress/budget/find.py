@@ -1,0 +1,122 @@
+"""A per-layer plan for a budget, in one call: trace, scan, cost, allocate.
+
+:func:`find_plan` is the library's planner for any Flax model: it finds the model's layers by
+tracing, offers each the options its device preset allows, measures every option on held-out
+training batches (:func:`~jaxcompress.budget.sensitivity.scan`, one compilation), costs each in
+artifact bytes (the export's own size code, fixed-width codes: what the export writes at most for
+those weights) and BOPs, and allocates exactly (:func:`~jaxcompress.budget.allocate.allocate`).
+The budget job (``experiments.autocompress``) adds its own candidates on top (global thresholds,
+Huffman-coded sizing, the uniform recipe beside the plan).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from jaxcompress.budget.allocate import Allocation, allocate
+from jaxcompress.budget.cost import density, keep_mask, layer_macs, option_bops, weight_bytes
+from jaxcompress.budget.plan import LayerPlan, Plan
+from jaxcompress.budget.presets import get_preset
+from jaxcompress.budget.sensitivity import Sensitivity, scan
+from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.rules import tree_get
+from jaxcompress.selection import trace_layers
+
+
+class Found(NamedTuple):
+  """What :func:`find_plan` found: the plan, its allocation (optimality gap in ``gap``) and the
+  scan it was allocated from."""
+  plan: Plan
+  allocation: Allocation
+  sensitivity: Sensitivity
+
+
+def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any], *,
+              size_bytes: int | None = None, bops: float | None = None, device: str = "any",
+              calibration: Sequence[Any] = (),
+              sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
+              weight_bits: Sequence[int] = (2, 3, 4, 8), act_bits: Sequence[int] = (4, 8),
+              overhead: int = 0, per_channel: bool = True, damage: str = "ce",
+              adapt_norms: bool = False) -> Found:
+  """The least-damage per-layer plan of ``model`` within a size or compute budget.
+
+  Args:
+    model: a Flax Linen or NNX module.
+    variables: its trained variables.
+    held_out: held-out training examples as :class:`jaxcompress.data.Batch` es (never the split
+      accuracy is reported on); the first one's inputs trace the model.
+    size_bytes: the budget in artifact bytes: the planned weights' codes plus ``overhead``.
+    bops: the budget in bit-operations per example (MACs x weight bits x input bits).
+    device: a preset of :data:`~jaxcompress.budget.presets.PRESETS` (``any``, ``mcu``,
+      ``gpu-sparse``, ``int8-npu``): the options each layer may take.
+    calibration: input batches that calibrate the input ranges (default: the first held-out
+      batch's inputs).
+    sparsities: the sparsity grid (0 is always offered; a preset may fix its own).
+    weight_bits: the weight bit grid (a preset may fix its own).
+    act_bits: the input bit grid, used under a BOPs budget where the preset leaves inputs open
+      (8 bits otherwise).
+    overhead: the artifact's bytes besides the planned weights' codes (biases, scales, folded
+      norms, the spec; :func:`~jaxcompress.budget.cost.overhead_bytes` of a reference export);
+      counted against ``size_bytes``.
+    per_channel: one weight scale per output channel (a preset may require it).
+    damage: ``ce`` or ``kl`` (:func:`~jaxcompress.budget.sensitivity.scan`).
+    adapt_norms: evaluate with each batch's normalisation statistics.
+
+  Returns:
+    :class:`Found`: ``plan`` (``plan.prune_fields()`` and ``plan.quant_fields()`` are the
+    ``compose.PruneSpec`` and ``QuantSpec`` fields), ``allocation`` and ``sensitivity``.
+
+  Raises:
+    ConfigError: for not exactly one budget, a budget kind the device does not take, an unknown
+      device, empty ``held_out``, or a budget below the model's smallest plan (naming it).
+  """
+  given = {k: v for k, v in (("size_bytes", size_bytes), ("bops", bops)) if v is not None}
+  if len(given) != 1:
+    raise ConfigError(f"budget: give exactly one of size_bytes and bops, got {given or 'none'}")
+  (field, limit), = given.items()
+  kind = "size" if field == "size_bytes" else "bops"
+  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+    raise invalid(field, limit, "a number > 0")
+  preset = get_preset(device, "device")
+  if kind not in preset.budgets:
+    raise invalid(field, limit, f"not given for device={device!r}, which takes a "
+                  f"{' or '.join(preset.budgets)} budget")
+  if not held_out:
+    raise ConfigError("held_out: no batch; give held-out training batches to measure on")
+  if not isinstance(overhead, int) or overhead < 0:
+    raise invalid("overhead", overhead, "an integer >= 0 (bytes)")
+  sample = held_out[0].image
+  traced = trace_layers(model, variables, sample, field="model")
+  weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
+             for l in traced.layers}
+  options = {p: preset.options(shape=w.shape, last=p == traced.last, sparsities=sparsities,
+                               weight_bits=weight_bits, act_bits=act_bits, kind=kind)
+             for p, w in weights.items()}
+  sens = scan(model, variables, held_out, options, calibration=calibration or [sample],
+              structure=preset.structure, per_channel=per_channel or preset.per_channel,
+              damage=damage, adapt_norms=adapt_norms)
+  macs = layer_macs(model, variables, sample)
+  costs = []  # per layer and option: (bytes, BOPs)
+  for path, opts in zip(sens.paths, sens.options):
+    keeps = {s: keep_mask(weights[path], s, preset.structure) for s in {o.sparsity for o in opts}}
+    costs.append([(weight_bytes(keeps[o.sparsity], o.weight_bits),
+                   option_bops(macs.get(path, 0), o, density(keeps[o.sparsity],
+                                                             preset.structure)))
+                  for o in opts])
+  pick = 0 if kind == "size" else 1
+  fixed = overhead if kind == "size" else 0
+  alloc = allocate([[c[pick] for c in cs] for cs in costs], sens.damage, limit - fixed)
+  if alloc is None:
+    smallest = fixed + sum(min(c[pick] for c in cs) for cs in costs)
+    unit = "bytes" if kind == "size" else "BOPs per example"
+    raise invalid(field, limit, f"reachable under device={device!r}: the smallest plan takes "
+                  f"{smallest:,} {unit}" + (f" ({overhead:,} of them overhead)" if fixed else ""))
+  by_path = {l.path: l for l in traced.layers}
+  plan = Plan(tuple(
+      LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits, cs[k][0],
+                cs[k][1], float(dmg[k]))
+      for p, opts, cs, dmg, k in zip(sens.paths, sens.options, costs, sens.damage, alloc.choice)
+      for o in [opts[k]]), preset.structure, overhead if kind == "size" else 0)
+  return Found(plan, alloc, sens)

@@ -1,0 +1,109 @@
+"""``budget.find_plan``: the planner in one call, on a model defined only here.
+
+Oracles: brute force over every combination of the layers' options (the least summed damage
+within the budget), the bytes of each planned weight read back from an export of the model pruned
+and quantized as planned, and the device presets' spaces written out by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress import budget, compose, export
+from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
+
+SPARSITIES, BITS = (0.5, 0.8), (2, 4, 8)
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3))(x))
+    x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x)).mean((1, 2))
+    return nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 8, 8, 3)).astype(np.float32)
+  held_out = [Batch(x, rng.integers(0, 4, 32).astype(np.int32), np.ones(32, np.float32))]
+  model = Net()
+  return model, model.init(jax.random.key(0), x), held_out
+
+
+def _brute_force(costs, damages, limit):
+  best = None
+  for choice in itertools.product(*[range(len(c)) for c in costs]):
+    cost = sum(c[k] for c, k in zip(costs, choice))
+    if cost <= limit:
+      dmg = sum(d[k] for d, k in zip(damages, choice))
+      best = dmg if best is None else min(best, dmg)
+  return best
+
+
+@pytest.mark.parametrize("size_bytes", [900, 3000])
+def test_the_plan_is_the_least_damage_within_the_bytes(setup, size_bytes, tmp_path):
+  model, variables, held_out = setup
+  found = budget.find_plan(model, variables, held_out, size_bytes=size_bytes, overhead=100,
+                           sparsities=SPARSITIES, weight_bits=BITS)
+  sens, plan = found.sensitivity, found.plan
+  assert sens.compiles == 1
+  assert [l.path for l in plan.layers] == list(sens.paths) == [
+      "Conv_0", "Conv_1", "Dense_1", "Dense_0"]  # forward order (Dense_0 is built first)
+  weights = {l.path: np.asarray(variables["params"][l.path]["kernel"]) for l in plan.layers}
+  costs = [[budget.weight_bytes(budget.keep_mask(weights[p], o.sparsity), o.weight_bits)
+            for o in opts] for p, opts in zip(sens.paths, sens.options)]
+  assert plan.size_bytes == 100 + sum(l.bytes for l in plan.layers) <= size_bytes
+  assert plan.damage == pytest.approx(_brute_force(costs, sens.damage, size_bytes - 100))
+  # The model pruned and quantized as planned, exported: no planned weight takes more bytes.
+  x = held_out[0].image
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=2,
+                       prune=compose.PruneSpec(**plan.prune_fields()),
+                       quant=compose.QuantSpec(**plan.quant_fields()))
+  state = comp.init_state(variables, x, calibration=[x])
+  state, _ = comp.make_train_step()(state, held_out[0])  # the one-shot masks
+  comp.export(str(tmp_path), state)
+  metas = {m["path"]: m for m in export.read_spec(str(tmp_path))["layers"]}
+  for layer in plan.layers:
+    meta = metas[f"params/{layer.weight}"]
+    assert sum(int(meta["segments"].get(s, 0)) for s in ("positions", "values")) <= layer.bytes
+    assert meta.get("bits", 32) == layer.weight_bits
+
+
+def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
+  model, variables, held_out = setup
+  full = budget.find_plan(model, variables, held_out, bops=1e12, device="gpu-sparse",
+                          sparsities=SPARSITIES, weight_bits=BITS)
+  limit = full.plan.bops // 2
+  found = budget.find_plan(model, variables, held_out, bops=limit, device="gpu-sparse",
+                           sparsities=SPARSITIES, weight_bits=BITS)
+  assert found.plan.bops <= limit < full.plan.bops
+  assert found.plan.structure == "nm"
+  for layer in found.plan.layers:  # 2:4 or dense, int4 or int8 weights, int8 inputs
+    assert layer.sparsity in (0.0, 0.5) and layer.weight_bits in (4, 8) and layer.act_bits == 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), r"budget: give exactly one of size_bytes and bops, got none"),
+    (dict(size_bytes=1000, bops=1e6), "give exactly one of size_bytes and bops"),
+    (dict(size_bytes=-5), r"size_bytes must be a number > 0, got -5"),
+    (dict(size_bytes=1000, device="tpu"), r"device must be one of any, gpu-sparse, int8-npu, "
+     r"mcu, got 'tpu'"),
+    (dict(bops=1e6, device="mcu"), r"bops must be not given for device='mcu', which takes a "
+     r"size budget"),
+    (dict(size_bytes=50, overhead=10), r"size_bytes must be reachable under device='any': the "
+     r"smallest plan takes [\d,]+ bytes \(10 of them overhead\), got 50"),
+])
+def test_bad_budgets_are_one_line_errors(setup, kwargs, match):
+  model, variables, held_out = setup
+  with pytest.raises(ConfigError, match=match):
+    budget.find_plan(model, variables, held_out, sparsities=SPARSITIES, weight_bits=BITS,
+                     **kwargs)
