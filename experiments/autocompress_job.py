@@ -36,6 +36,7 @@ import re
 import tempfile
 import time
 
+import jax
 import ml_collections
 import numpy as np
 import optax
@@ -92,6 +93,26 @@ def _reference_overhead(model, variables, layers, calib, config, weights) -> int
     comp.export(tmp, state, input_shape=tuple(calib[0].shape[1:]))
     spec = export.read_spec(tmp)
   return budget_lib.overhead_bytes(spec, weights)
+
+
+def _check_distillation(config, paths, spec, model, variables, sample) -> None:
+  """The KD settings fit the student and the teacher (their classes, ``distill.feature_pairs``):
+  the fine-tunings would find out only after the scan, with the workdir written."""
+  distill = compose.DistillSpec.from_dict(dict(config.distill))
+  if not distill.uses_teacher:
+    return
+  if "teacher" not in paths:
+    raise invalid("teacher.name", config.teacher.name, "a model name when distill.alpha > 0 or "
+                  "distill.feature_weight > 0")
+  teacher, teacher_vars = create_model(config.teacher.name, num_classes=spec.num_classes,
+                                       image_shape=spec.image_shape, weights=paths["teacher"],
+                                       seed=config.seed, field="teacher")
+  comp = compose.build(model, variables, sample, optimizer=optax.sgd(0.0), total_steps=1,
+                       teacher=teacher, distill=distill)
+  state = comp.init_state(variables, sample, teacher_vars=teacher_vars)
+  batch = data_lib.Batch(sample, np.zeros(len(sample), np.int32), np.ones(len(sample), np.float32))
+  jax.eval_shape(lambda s: comp.loss_fn(s.params, s.model_state, batch, jax.random.key(0),
+                                        teacher_vars), state)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -168,6 +189,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   head = train.read(np.arange(n_calib))  # the first examples of the training split
   calib = [b.image for b in data_lib.eval_batches(head, 256, **norm)]
   traced = trace_layers(model, variables, calib[0], field="student.name")
+  _check_distillation(main_config, paths, spec, model, variables, calib[0][:8])
   layers, last = traced.layers, traced.last
   float32_bytes = pipeline.FLOAT32_BYTES * pipeline.param_count(variables["params"])
   kind, limit = check_budget(config, float32_bytes)

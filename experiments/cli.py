@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import sys
 from typing import Callable
 
@@ -64,11 +65,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # ml_collections reports a misspelled ``--config.a.b`` as a KeyError/AttributeError whose text
     # is a quoted, multi-line "'x' Did you mean 'y'?"; fold it into one line.
     text = str(e)
-    if len(text) > 1 and text[0] == text[-1] == "'":
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
       text = ast.literal_eval(text)
     if "Traceback" in text:  # an exception raised inside get_config(): keep its last line
       text = text.strip().splitlines()[-1]
-    fail("bad flag: " + " ".join(text.split()))
+    text = " ".join(text.split())
+    unknown_field = re.fullmatch(r"'?([\w-]+)'?\s*(.*)", text)
+    if isinstance(e, (KeyError, AttributeError)) and unknown_field:
+      text = _unknown_field(argv, *unknown_field.groups()) or text
+    fail("bad flag: " + text)
+
+
+def _unknown_field(argv: list[str], name: str, hint: str) -> str | None:
+  """``--config.a.b: a has no field 'b'; did you mean ...`` for the override that names ``name``."""
+  for arg in argv:
+    if arg.startswith("--config."):
+      path = arg.split("=", 1)[0][len("--config."):].split(".")
+      if name in path:
+        parent = ".".join(path[:path.index(name)]) or "the config"
+        hint = hint[:1].lower() + hint[1:]
+        return f"--config.{'.'.join(path)}: {parent} has no field {name!r}" + (
+            f"; {hint}" if hint else "")
+  return None
 
 
 def print_json(result: dict) -> None:

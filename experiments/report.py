@@ -32,6 +32,11 @@ def _rows(results: dict) -> list[tuple[str, str, dict]]:
           if (results.get(key) or {}).get("accuracy") is not None]
 
 
+def _ratio(r: float) -> str:
+  """``16.8x``; two significant digits below 1 (a teacher many times the student: ``0.034x``)."""
+  return f"{r:.1f}x" if r >= 0.95 else f"{r:.2g}x"
+
+
 def markdown_table(results: dict) -> str:
   """One row per model: accuracy, size (:func:`model_sizes`), ratio to the original, sparsity,
   bits."""
@@ -41,7 +46,7 @@ def markdown_table(results: dict) -> str:
   for key, label, row in _rows(results):
     size = sizes.get(key)
     rows.append((f"{label} ({row.get('model', '')})", f"{row['accuracy']:.2f}",
-                 _fmt(size, ","), f"{size0 / size:.1f}x" if size and size0 else "-",
+                 _fmt(size, ","), _ratio(size0 / size) if size and size0 else "-",
                  _fmt(row.get("sparsity"), ".3f"), _fmt(row.get("weight_bits")),
                  _fmt(row.get("act_bits"))))
   return tables.markdown_table(("model", "accuracy %", "size (bytes)", "ratio", "sparsity",

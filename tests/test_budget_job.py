@@ -135,6 +135,16 @@ def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_feature_pairs_the_student_lacks_are_refused_before_the_scan(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=10.0)
+  config.distill.feature_weight, config.distill.feature_pairs = 1.0, (("layer1_0", "fc1"),)
+  with pytest.raises(ConfigError, match=r"^distill.feature_pairs must be a module path of the "
+                     r"student that its forward calls, e.g. one of its layers: fc1, fc2, fc3, "
+                     r"got 'layer1_0'$"):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_mcu_refuses_per_tensor_weights(mlp_weights, tmp_path):
   config = _config(mlp_weights, ratio=10.0, device="mcu")
   config.quant.per_channel = False

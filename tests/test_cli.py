@@ -19,7 +19,10 @@ def _run(*args, env=None):
     ("--config.model.name=resnet21", "error: model.name must be one of char_gpt, char_lstm, "
                                      "cnn_cifar, cnn_mnist, mlp, resnet110, resnet20, resnet32, "
                                      "resnet44, resnet56, got 'resnet21'"),
-    ("--config.model.nme=resnet20", "error: bad flag: 'nme' Did you mean \"name\""),
+    ("--config.model.nme=resnet20", "error: bad flag: --config.model.nme: model has no field "
+                                    "'nme'; did you mean \"name\""),
+    ("--config.trian.epochs=1", "error: bad flag: --config.trian.epochs: the config has no "
+                                "field 'trian'"),
     ("--config.model.weights=/absent.npz", "error: model.weights: no such file '/absent.npz'"),
     ("--config.data.name=svhn", "error: data.name must be one of"),
 ])
@@ -63,7 +66,9 @@ def test_pretrained_resnet20_reproduces_published_accuracy():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.prune.sparsty=0.5", "error: bad flag: 'sparsty' Did you mean \"sparsity\""),
+    ("--config.prune.sparsty=0.5", "error: bad flag: --config.prune.sparsty: prune has no field "
+                                   "'sparsty'; did you mean \"sparsity\""),
+    ("--config.train.zzz=5", "error: bad flag: --config.train.zzz: train has no field 'zzz'"),
     ("--config.train.epochs=-1", "error: train.epochs must be >= 0, got -1"),
     ("--config.quant.method=apot", "error: quant.method must be one of kmeans, lsq, minmax"),
 ])

@@ -61,7 +61,7 @@ def test_markdown_table_one_row_per_model():
   assert cells[0] == ["model", "accuracy %", "size (bytes)", "ratio", "sparsity", "weight bits",
                       "act bits"]
   assert cells[2:] == [
-      ["teacher (resnet56)", "93.39", "3,412,072", "0.3x", "-", "-", "-"],
+      ["teacher (resnet56)", "93.39", "3,412,072", "0.32x", "-", "-", "-"],
       ["original student (resnet20)", "91.73", "1,078,888", "1.0x", "0.000", "-", "-"],
       ["compressed, before fine-tuning (resnet20)", "60.12", "64,172", "16.8x", "0.800", "4",
        "8"],
