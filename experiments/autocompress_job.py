@@ -169,10 +169,11 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   check_budget(config)
   preset = budget_lib.get_preset(config.budget.device)
   main_config = sub_config(config, {}, {}, teacher=True)
-  _, paths, to_train = pipeline.validate_config(main_config)
+  folder, paths, to_train = pipeline.validate_config(main_config)
   if to_train:
     name = next(iter(to_train))
-    raise ConfigError(f"student.weights: no trained weights named {name!r} in the weights folder; "
+    raise ConfigError(f"student.weights: no trained weights named {name!r} in the weights folder "
+                      f"{folder!r}; "
                       "a budget plan starts from trained weights (run the main job once to "
                       "pretrain them, or point weights_dir at them)")
   spec = datasets.dataset_spec(config.data.name)

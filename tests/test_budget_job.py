@@ -145,6 +145,15 @@ def test_feature_pairs_the_student_lacks_are_refused_before_the_scan(mlp_weights
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_a_student_without_trained_weights_names_the_folder(mlp_weights, tmp_path):
+  config = _config(mlp_weights, ratio=10.0)
+  config.student.weights, config.weights_dir = "absent_mlp", str(tmp_path / "weights")
+  with pytest.raises(ConfigError, match=r"^student.weights: no trained weights named 'absent_mlp' "
+                     r"in the weights folder '.*weights'; a budget plan starts from trained"):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_mcu_refuses_per_tensor_weights(mlp_weights, tmp_path):
   config = _config(mlp_weights, ratio=10.0, device="mcu")
   config.quant.per_channel = False
