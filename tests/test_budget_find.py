@@ -39,6 +39,14 @@ def setup():
   return model, model.init(jax.random.key(0), x), held_out
 
 
+@pytest.fixture(scope="module")
+def scanned(setup):
+  """One scan of the grid below, planned again for each budget."""
+  model, variables, held_out = setup
+  return budget.find_plan(model, variables, held_out, size_bytes=10**6, sparsities=SPARSITIES,
+                          weight_bits=BITS).sensitivity
+
+
 def _brute_force(costs, damages, limit):
   best = None
   for choice in itertools.product(*[range(len(c)) for c in costs]):
@@ -50,10 +58,11 @@ def _brute_force(costs, damages, limit):
 
 
 @pytest.mark.parametrize("size_bytes", [900, 3000])
-def test_the_plan_is_the_least_damage_within_the_bytes(setup, size_bytes, tmp_path):
+def test_the_plan_is_the_least_damage_within_the_bytes(setup, scanned, size_bytes, tmp_path):
   model, variables, held_out = setup
   found = budget.find_plan(model, variables, held_out, size_bytes=size_bytes, overhead=100,
-                           sparsities=SPARSITIES, weight_bits=BITS)
+                           sparsities=SPARSITIES, weight_bits=BITS, sensitivity=scanned)
+  assert found.sensitivity is scanned
   sens, plan = found.sensitivity, found.plan
   assert sens.compiles == 1
   assert [l.path for l in plan.layers] == list(sens.paths) == [
@@ -101,9 +110,11 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
      r"size budget"),
     (dict(size_bytes=50, overhead=10), r"size_bytes must be reachable under device='any': the "
      r"smallest plan takes [\d,]+ bytes \(10 of them overhead\), got 50"),
+    (dict(size_bytes=1000, device="gpu-sparse"), r"sensitivity: scanned other layers or options "
+     r"than device='gpu-sparse' and these grids offer"),
 ])
-def test_bad_budgets_are_one_line_errors(setup, kwargs, match):
+def test_bad_budgets_are_one_line_errors(setup, scanned, kwargs, match):
   model, variables, held_out = setup
   with pytest.raises(ConfigError, match=match):
     budget.find_plan(model, variables, held_out, sparsities=SPARSITIES, weight_bits=BITS,
-                     **kwargs)
+                     sensitivity=scanned, **kwargs)

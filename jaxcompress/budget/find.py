@@ -39,7 +39,7 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
               sparsities: Sequence[float] = (0.5, 0.7, 0.8, 0.9),
               weight_bits: Sequence[int] = (2, 3, 4, 8), act_bits: Sequence[int] = (4, 8),
               overhead: int = 0, per_channel: bool = True, damage: str = "ce",
-              adapt_norms: bool = False) -> Found:
+              adapt_norms: bool = False, sensitivity: Sensitivity | None = None) -> Found:
   """The least-damage per-layer plan of ``model`` within a size or compute budget.
 
   Args:
@@ -63,6 +63,8 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
     per_channel: one weight scale per output channel (a preset may require it).
     damage: ``ce`` or ``kl`` (:func:`~jaxcompress.budget.sensitivity.scan`).
     adapt_norms: evaluate with each batch's normalisation statistics.
+    sensitivity: the scan of an earlier call with the same model, batches and options
+      (``found.sensitivity``), to plan another budget without measuring again.
 
   Returns:
     :class:`Found`: ``plan`` (``plan.prune_fields()`` and ``plan.quant_fields()`` are the
@@ -70,7 +72,8 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
 
   Raises:
     ConfigError: for not exactly one budget, a budget kind the device does not take, an unknown
-      device, empty ``held_out``, or a budget below the model's smallest plan (naming it).
+      device, empty ``held_out``, a budget below the model's smallest plan (naming it), or a
+      ``sensitivity`` of other options.
   """
   given = {k: v for k, v in (("size_bytes", size_bytes), ("bops", bops)) if v is not None}
   if len(given) != 1:
@@ -94,9 +97,13 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   options = {p: preset.options(shape=w.shape, last=p == traced.last, sparsities=sparsities,
                                weight_bits=weight_bits, act_bits=act_bits, kind=kind)
              for p, w in weights.items()}
-  sens = scan(model, variables, held_out, options, calibration=calibration or [sample],
-              structure=preset.structure, per_channel=per_channel or preset.per_channel,
-              damage=damage, adapt_norms=adapt_norms)
+  sens = sensitivity or scan(model, variables, held_out, options,
+                             calibration=calibration or [sample], structure=preset.structure,
+                             per_channel=per_channel or preset.per_channel, damage=damage,
+                             adapt_norms=adapt_norms)
+  if {p: list(o) for p, o in zip(sens.paths, sens.options)} != options:
+    raise ConfigError(f"sensitivity: scanned other layers or options than device={device!r} "
+                      "and these grids offer; give the scan of the same model and grids")
   macs = layer_macs(model, variables, sample)
   costs = []  # per layer and option: (bytes, BOPs)
   for path, opts in zip(sens.paths, sens.options):
