@@ -107,6 +107,12 @@ def test_a_model_of_two_inputs_exports_loads_and_serves(tmp_path):
   loaded = export.load(out, model)
   plain = jax.jit(lambda v, x: functional(model).apply(v, x)[0])
   np.testing.assert_array_equal(np.asarray(loaded.logits(x)), np.asarray(plain(variables, x)))
+  with pytest.raises(ConfigError, match=r"exported model: its forward fails on inputs "
+                     r"\(\(2, 4, 4, 3\), 'float32'\) \(.*\); it was exported for a batch of "
+                     r"\{'image': \(4, 4, 3\) float32, 'meta': \(2,\) int32\}"):
+    loaded.logits(x["image"])
+  with pytest.raises(ConfigError, match=r"forward fails on inputs \{'image': \(\(2, 5, 4, 3\)"):
+    loaded.logits({**x, "image": np.zeros((2, 5, 4, 3), np.float32)})
   with pytest.raises(ConfigError, match=r"save_serving: mean and std normalise one image input; "
                      r"this model takes \{'image': \(4, 4, 3\) float32, 'meta': \(2,\) int32\}"):
     export.save_serving(str(tmp_path / "serving"), loaded, mean=(0.5,) * 3, std=(0.2,) * 3)

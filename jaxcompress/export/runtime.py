@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from jaxcompress.errors import ConfigError
+from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized
 from jaxcompress.models.functional import Hook, chain_hooks, fold_hook, functional
@@ -126,8 +128,27 @@ class LoadedModel:
     self._jitted = jax.jit(apply_fn)
 
   def logits(self, x: Any) -> jax.Array:
-    """The exported model's output for a batch, jitted."""
-    return self._jitted(self.arrays, x)
+    """The exported model's output for a batch, jitted.
+
+    Raises:
+      ConfigError: when the model fails on a batch unlike the one it was exported for (another
+        shape, dtype or structure), naming both.
+    """
+    try:
+      return self._jitted(self.arrays, x)
+    except ConfigError:
+      raise
+    except Exception as e:  # re-raised as is when the input is the one exported for
+      try:
+        given = io.of_example(x)
+      except ConfigError:
+        given = None
+      if given == self.spec["input"]:
+        raise
+      shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), np.result_type(a).name), x)
+      raise ConfigError(f"exported model: its forward fails on inputs {shapes} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it "
+                        f"was exported for a batch of {io.describe(self.spec['input'])}") from None
 
   def __iter__(self):  # (model, arrays, apply_fn) = load(...)
     return iter((self.model, self.arrays, self.apply_fn))
