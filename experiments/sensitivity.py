@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -31,7 +32,7 @@ from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel, pruning
 from jaxcompress.checkpoint import check_workdir, write_json
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import invalid, unknown
+from jaxcompress.errors import invalid, shortened, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import weights_format
@@ -94,11 +95,19 @@ def _rules(prune_cfg) -> list | None:
 
 def _policy(rules, model, variables, image_shape) -> list:
   """``rules``, or the library's policy for this model: every linear-like layer's weight, the
-  first and last in forward order dense (:mod:`jaxcompress.selection`)."""
-  if rules is not None:
-    return rules
+  first and last in forward order dense (:mod:`jaxcompress.selection`). Rules that select no
+  weight are refused: there would be nothing to prune."""
   sample = np.zeros((1, *image_shape), np.float32)
-  return trace_layers(model, variables, sample, field="model.name").prune_rules()
+  if rules is None:
+    return trace_layers(model, variables, sample, field="model.name").prune_rules()
+  with warnings.catch_warnings():  # the rules' own warning would repeat this error
+    warnings.simplefilter("ignore")
+    _, selected = zero_count(variables["params"], rules)
+  if not selected:
+    weights = [l.weight for l in trace_layers(model, variables, sample).layers]
+    raise invalid("prune.rules", tuple(tuple(r) for r in rules), "rules that select at least "
+                  f"one weight to prune (e.g. {shortened(weights, 3)})")
+  return rules
 
 
 def _check_scope(field: str, scope: str) -> None:

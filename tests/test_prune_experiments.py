@@ -218,6 +218,9 @@ def test_iterative_validates_on_the_named_split(tmp_path):
     (dict(val_examples=0), dict(val_split="test"), "prune.val_split must be a split disjoint "
                                                    "from data.eval_split='test'"),
     (dict(val_examples=0), {}, "data.val_examples must be > 0 .or set prune.val_split."),
+    ({}, dict(rules=(("nomatch.*", True),)), r"prune.rules must be rules that select at least "
+     r"one weight to prune \(e.g. fc1/kernel, fc2/kernel, fc3/kernel\), got \(\('nomatch.\*', "
+     r"True\),\)"),
 ])
 def test_iterative_bad_config_is_one_clear_error(tmp_path, data, prune, message):
   with pytest.raises(ConfigError, match=message):
@@ -225,8 +228,14 @@ def test_iterative_bad_config_is_one_clear_error(tmp_path, data, prune, message)
   assert not os.listdir(tmp_path)  # rejected before anything is written
 
 
-def test_one_shot_bad_scope_names_the_field():
+def test_one_shot_bad_scope_or_rules_name_the_field():
   config = _tiny(sensitivity_config.get_config())
   config.prune.scopes = ("layer", "globl")
   with pytest.raises(ConfigError, match=r"prune.scopes\[1\] must be one of global, layer"):
     one_shot_sensitivity(config)
+  config = _tiny(sensitivity_config.get_config())
+  config.prune.rules = (("nomatch.*", True),)
+  with tfds.testing.mock_data(num_examples=N):
+    with pytest.raises(ConfigError, match=r"prune.rules must be rules that select at least one "
+                       r"weight"):
+      one_shot_sensitivity(config)
