@@ -49,7 +49,9 @@ def tiny(tmp_path_factory):
               f"--config.data.path={path}", f"--workdir={workdir}", *TINY_LM, *TINY_GPT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return {"root": root, "text": str(path), "lm": str(workdir),
-          "printed": json.loads(proc.stdout.strip().splitlines()[-1])}
+          "printed": json.loads(proc.stdout.strip().splitlines()[-1]),
+          "command": ("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+                      f"--config.data.path={path}", f"--workdir={workdir}", *TINY_LM, *TINY_GPT)}
 
 
 def test_train_lm_reports_losses_in_nats_and_bits(tiny):
@@ -64,6 +66,12 @@ def test_train_lm_reports_losses_in_nats_and_bits(tiny):
     assert os.path.isfile(os.path.join(tiny["lm"], name))
   logged = [json.loads(l) for l in open(os.path.join(tiny["lm"], "metrics.jsonl"))]
   assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6]
+  # The same command again: the finished run is read back, its log and results unchanged.
+  proc = _run(*tiny["command"])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["loss_test"] == result["loss_test"]
+  again = [json.loads(l) for l in open(os.path.join(tiny["lm"], "metrics.jsonl"))]
+  assert again == logged and sum(bool(r.get("final")) for r in again) == 1
 
 
 def _kernels(tree, prefix=""):
