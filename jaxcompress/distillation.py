@@ -40,10 +40,15 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     float32 losses of the logits' shape without the class axis (``[B]``, ``[B, T]``).
 
   Raises:
-    ConfigError: if ``temperature`` is a number that is not ``> 0`` (NaN included).
+    ConfigError: if ``temperature`` is a number that is not ``> 0`` (NaN included), or the two
+      logits differ in shape (another number of classes, or a batch that would broadcast).
   """
   if isinstance(temperature, numbers.Real) and not temperature > 0:
     raise invalid("distill.temperature", float(temperature), "> 0")
+  if jnp.shape(student_logits) != jnp.shape(teacher_logits):
+    raise invalid("teacher_logits", f"shape {tuple(jnp.shape(teacher_logits))}",
+                  f"the student logits' shape {tuple(jnp.shape(student_logits))}",
+                  "distillation compares the two distributions position by position")
   t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
   s = student_logits.astype(jnp.float32) / temperature
   log_p_t = jax.nn.log_softmax(t, axis=-1)

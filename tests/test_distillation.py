@@ -80,6 +80,13 @@ def test_kd_loss_rejects_non_positive_temperature(temperature, shown):
   assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("teacher_shape", [(4, 7), (1, 5)])
+def test_kd_loss_refuses_logits_of_another_shape(teacher_shape):
+  with pytest.raises(ConfigError, match=r"teacher_logits must be the student logits' shape "
+                     r"\(4, 5\), got 'shape \(" + ", ".join(map(str, teacher_shape))):
+    kd.kd_loss(jnp.zeros((4, 5)), jnp.zeros(teacher_shape), 2.0)
+
+
 def test_kd_loss_traced_temperature_is_not_checked():
   # A traced T has no value at trace time; a positive one gives the same loss as a Python T.
   s = jnp.array([[1.0, 2.0, 0.5]])
