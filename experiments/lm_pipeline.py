@@ -283,7 +283,10 @@ def format_report(results: dict, config) -> str:
                  f"{r['size_bytes']:,}", ratio, bits_label,
                  "" if "export_agreement" not in r else f"{r['export_agreement']:.4f}"))
 
-  w = f"2:4, {config.quant.weight_bits}/{config.quant.act_bits}"
+  p, q = config.prune, config.quant
+  pruned = ("dense" if p.method == "none" or not p.sparsity
+            else f"{p.n}:{p.m}" if p.structure == "nm" else f"{p.sparsity:.0%} {p.structure}")
+  w = f"{pruned}, {q.weight_bits or 32}/{q.act_bits or 32}"
   add("transformer teacher (float32)", results["teacher"], "32/32")
   add("transformer PTQ (no training)", results["ptq"], w)
   add("transformer compressed + plain fine-tuning", results.get("sft"), w)
@@ -295,9 +298,9 @@ def format_report(results: dict, config) -> str:
   table = markdown_table(("model", "test loss (nats/char)", "bits/char", "bytes", "ratio",
                           "sparsity, weight/input bits", "export agreement"), rows)
   lines = ["# Tiny Shakespeare: compressed character-level models", "",
-           "Losses on the test split; the transformer teacher's loss on val111k (the last "
-           f"111,540 characters, nanoGPT's split) is {results['teacher']['loss_val111k']:.4f} "
-           "nats/char.", "", table, ""]
+           "Losses on the test split; the transformer teacher's loss on val111k (validation "
+           "and test together, the last 10 % of the text: nanoGPT's split) is "
+           f"{results['teacher']['loss_val111k']:.4f} nats/char.", "", table, ""]
   for name, res in (("transformer", results), ("LSTM", results.get("lstm"))):
     if res is None:
       continue
