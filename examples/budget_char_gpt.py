@@ -76,6 +76,10 @@ def main(argv):
       raise invalid(f"--{flag.name}", flag.value, ">= 1")
   module, variables, vocab, _, context = lm_lib.load_trained(_TRAINED.value, "--trained")
   corpus = text.load_corpus(text.text_path(_TEXT.value), context, vocab=vocab, field="--text")
+  windows = (len(corpus.ids["validation"]) - 1) // context
+  if _HELD_OUT.value > windows:
+    raise invalid("--held_out", _HELD_OUT.value, f"at most {windows}: the validation split's "
+                  f"windows of {context} characters")
   val = corpus.ids["validation"][:_HELD_OUT.value * context + 1]
   held_out = list(text.eval_batches(val, batch_size=_BATCH.value, context=context))
   calibration = [b.image for b in held_out]

@@ -159,8 +159,9 @@ def save_trained(workdir: str, variables, vocab: text.Vocabulary) -> None:
   write_json(os.path.join(workdir, VOCAB), {"chars": vocab.chars})
 
 
-def load_trained(folder: str, field: str):
-  """``(module, variables, vocab, model section, context)`` of a model trained by ``train_lm``.
+def load_trained(folder: str, field: str, *, can_train: bool = False):
+  """``(module, variables, vocab, model section, context)`` of a model trained by ``train_lm``;
+  ``can_train``: the caller trains one when ``field`` is left empty (said in the message).
 
   Raises:
     ConfigError: ``folder`` does not hold a finished ``train_lm`` run.
@@ -170,7 +171,8 @@ def load_trained(folder: str, field: str):
   if missing:
     raise ConfigError(f"{field}: {folder!r} holds no trained model (missing "
                       f"{', '.join(missing)}); give the --workdir of a finished "
-                      "`python -m experiments.train_lm` run, or leave it empty to train one")
+                      "`python -m experiments.train_lm` run"
+                      + (", or leave it empty to train one" if can_train else ""))
   config = read_json(paths[2])
   try:
     model, context = config["model"], int(config["data"]["context"])

@@ -73,7 +73,8 @@ def _prepare(fam: Family, config, corpus: text.Corpus, specs: dict, mesh) -> Non
                   f"{config.data.context}] (0: data.context)")
   if t.checkpoint:
     field = _field(fam, "teacher.checkpoint")
-    module, variables, vocab, model, context = lm_lib.load_trained(t.checkpoint, field)
+    module, variables, vocab, model, context = lm_lib.load_trained(t.checkpoint, field,
+                                                                   can_train=True)
     if vocab.chars != corpus.vocab.chars:
       raise ConfigError(f"{field}: the teacher's vocabulary ({vocab.size} characters) differs "
                         f"from the student's ({corpus.vocab.size} characters of the training "
