@@ -82,7 +82,7 @@ class Compression:
   kmeans_bits: int = 0
   compute_dtype: str = "float32"
   half_scales: bool = False
-  example: Any = None  # build's sample_input as jax.ShapeDtypeStruct leaves (batch axis first)
+  example: Any = None  # build's sample_input as jax.ShapeDtypeStruct leaves (build sets it)
 
   @property
   def prune_enabled(self) -> bool:
@@ -319,17 +319,16 @@ class Compression:
     """
     from jaxcompress import export  # heavy; only exporting needs it
     from jaxcompress.export import inputs as io
-    sample = io.of_example(self.example) if self.example is not None else None
-    one = io.single(sample) if sample is not None else (None, np.float32)
-    if sample is not None and one is None:  # a dict or tuple of inputs: build's sample says all
+    sample = io.of_example(self.example)
+    one = io.single(sample)
+    if one is None:  # a dict or tuple of inputs: build's sample says all
       if input_shape is not None or input_dtype is not None:
         raise invalid("export input_shape", input_shape, f"None for a model whose input is "
                       f"{io.describe(sample)} (its shapes and dtypes are exported)")
       signature = dict(inputs=io.build(sample, jax.ShapeDtypeStruct))
     else:
       shape = one[0] if input_shape is None else input_shape
-      if shape is None or (one[0] is not None and isinstance(shape, (tuple, list))
-                           and len(shape) != len(one[0])):
+      if isinstance(shape, (tuple, list)) and len(shape) != len(one[0]):
         raise invalid("export input_shape", input_shape, f"one example's shape, without the "
                       f"batch axis (build's sample: {one[0]})")
       signature = dict(input_shape=shape, input_dtype=input_dtype or one[1])
