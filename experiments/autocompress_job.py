@@ -219,9 +219,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     return keeps[(path, s, structure)]
 
   def cost(path, o):  # (bytes, BOPs) of one option
-    k = keep(path, o.sparsity)
-    return (budget_lib.weight_bytes(k, o.weight_bits), budget_lib.option_bops(
-        macs.get(path, 0), o, budget_lib.density(k, preset.structure)))
+    return budget_lib.option_cost(keep(path, o.sparsity), o, macs.get(path, 0), preset.structure)
 
   costs = {l.path: [cost(l.path, o) for o in plannable[l.path]] for l in layers}
   pick = 0 if kind == "size" else 1
@@ -266,14 +264,10 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   by_path = {l.path: l for l in layers}
 
   def make_plan(opts: dict, damage: dict, lim: float = limit):  # the exact allocation
-    cs = {p: [cost(p, o) for o in opts[p]] for p in sens.paths}
-    alloc = budget_lib.allocate([[c[pick] for c in cs[p]] for p in sens.paths],
-                                [damage[p] for p in sens.paths], lim - fixed)
-    return alloc, budget_lib.Plan(tuple(
-        budget_lib.LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits,
-                             cs[p][k][0], cs[p][k][1], float(damage[p][k]))
-        for p, k in zip(sens.paths, alloc.choice) for o in [opts[p][k]]), preset.structure,
-        overhead)
+    return budget_lib.allocate_plan(
+        [(p, by_path[p].weight) for p in sens.paths], [opts[p] for p in sens.paths],
+        [[cost(p, o) for o in opts[p]] for p in sens.paths], [damage[p] for p in sens.paths],
+        lim, kind=kind, structure=preset.structure, overhead=overhead)
 
   # Whole plans measured on the held-out slice, before fine-tuning (the summed single-layer
   # damages misjudge them at high compression), and the candidates refined in context.

@@ -192,3 +192,37 @@ def test_scheduled_fields_keep_each_sized_count_and_cap_its_codes():
   assert "layer_gap_codes" not in budget.scheduled(one_shot, keeps, schedule)  # a BOPs budget
   nm = {**one_shot, "structure": "nm", "scope": "layer", "n": 2, "m": 4}
   assert budget.scheduled(nm, keeps, schedule) == {**nm, **schedule}
+
+
+@pytest.mark.parametrize("kind", ["size", "bops"])
+def test_allocate_plan_against_brute_force(kind):
+  """The plan is the least summed damage whose (bytes + overhead) or BOPs fit; each layer keeps
+  its option's own costs; nothing fits below the cheapest combination."""
+  rng = np.random.default_rng(3)
+  layers = [(f"l{i}", f"l{i}/kernel") for i in range(3)]
+  options = [[budget.Option(s, b, a) for s in (0.0, 0.5) for b in (4, 8) for a in (8,)]
+             for _ in layers]
+  costs = [[(int(c), int(c) * 7) for c in rng.integers(10, 100, len(o))] for o in options]
+  damage = [list(rng.random(len(o))) for o in options]
+  overhead, col = 25, 0 if kind == "size" else 1
+  cheapest = sum(min(c[col] for c in cs) for cs in costs) + (overhead if kind == "size" else 0)
+  for budget_ in (cheapest, cheapest + 40, cheapest * 2):
+    alloc, plan = budget.allocate_plan(layers, options, costs, damage, budget_, kind=kind,
+                                       structure="unstructured", overhead=overhead)
+    best, best_dmg = None, np.inf
+    for choice in itertools.product(*[range(len(o)) for o in options]):
+      total = sum(costs[i][k][col] for i, k in enumerate(choice))
+      total += overhead if kind == "size" else 0
+      dmg = sum(damage[i][k] for i, k in enumerate(choice))
+      if total <= budget_ and dmg < best_dmg:
+        best, best_dmg = choice, dmg
+    assert tuple(alloc.choice) == best
+    assert plan.damage == pytest.approx(best_dmg)
+    assert [(l.path, l.weight) for l in plan.layers] == layers
+    assert [(l.bytes, l.bops) for l in plan.layers] == [costs[i][k] for i, k in enumerate(best)]
+    assert [(l.sparsity, l.weight_bits) for l in plan.layers] == [
+        (options[i][k].sparsity, options[i][k].weight_bits) for i, k in enumerate(best)]
+    assert (plan.size_bytes if kind == "size" else plan.bops) <= budget_
+    assert plan.overhead == (overhead if kind == "size" else 0)
+  assert budget.allocate_plan(layers, options, costs, damage, cheapest - 1, kind=kind,
+                              structure="unstructured", overhead=overhead) is None

@@ -12,21 +12,24 @@
 
 from jaxcompress.budget.allocate import Allocation, allocate, min_cost
 from jaxcompress.budget.cost import (coded_ratio, density, gap_cap, has_kernels, keep_mask,
-                                     kernel_keep, layer_macs, option_bops, overhead_bytes,
-                                     pessimistic_spec, shared_kernel_bytes, weight_bytes)
+                                     kernel_keep, layer_macs, option_bops, option_cost,
+                                     overhead_bytes, pessimistic_spec, shared_kernel_bytes,
+                                     weight_bytes)
 from jaxcompress.budget.find import Found, find_plan
 from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
-from jaxcompress.budget.plan import (LayerPlan, Plan, global_bits, global_keep, kernel_window,
-                                     only_rules, scheduled, threshold_plans, uniform_size)
+from jaxcompress.budget.plan import (LayerPlan, Plan, allocate_plan, global_bits, global_keep,
+                                     kernel_window, only_rules, scheduled, threshold_plans,
+                                     uniform_size)
 from jaxcompress.budget.presets import PRESETS, Option, Preset, get_preset
 from jaxcompress.budget.refine import Reference, context_damage, reference_of
 from jaxcompress.budget.sensitivity import DAMAGES, Evaluator, Sensitivity, scan
 
 __all__ = [
     "Allocation", "allocate", "min_cost", "coded_ratio", "density", "gap_cap", "has_kernels",
-    "keep_mask", "kernel_keep", "layer_macs", "option_bops", "overhead_bytes", "pessimistic_spec",
-    "shared_kernel_bytes", "weight_bytes", "Found", "find_plan", "kernel_window", "hessian_traces", "proxy_damage",
-    "spearman", "LayerPlan", "Plan", "global_bits", "global_keep", "only_rules", "scheduled",
-    "threshold_plans", "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES",
-    "Evaluator", "Sensitivity", "scan", "Reference", "context_damage", "reference_of",
+    "keep_mask", "kernel_keep", "layer_macs", "option_bops", "option_cost", "overhead_bytes",
+    "pessimistic_spec", "shared_kernel_bytes", "weight_bytes", "Found", "find_plan",
+    "kernel_window", "hessian_traces", "proxy_damage", "spearman", "LayerPlan", "Plan",
+    "allocate_plan", "global_bits", "global_keep", "only_rules", "scheduled", "threshold_plans",
+    "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES", "Evaluator",
+    "Sensitivity", "scan", "Reference", "context_damage", "reference_of",
 ]

@@ -270,3 +270,10 @@ def density(keep: np.ndarray, structure: str) -> float:
 def option_bops(macs: int, option: Option, dens: float) -> int:
   """``ceil(MACs x density) x weight bits x input bits`` of one layer and example."""
   return int(math.ceil(macs * dens - 1e-9)) * int(option.weight_bits) * int(option.act_bits)
+
+
+def option_cost(keep: np.ndarray, option: Option, macs: int, structure: str) -> tuple[int, int]:
+  """``(bytes, BOPs)`` of one layer's option, given the entries its sparsity keeps: the weight's
+  fixed-width codes in the artifact (:func:`weight_bytes`) and its BOPs per example."""
+  return (weight_bytes(keep, option.weight_bits),
+          option_bops(macs, option, density(keep, structure)))

@@ -15,9 +15,9 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from jaxcompress.budget.allocate import Allocation, allocate
-from jaxcompress.budget.cost import density, keep_mask, layer_macs, option_bops, weight_bytes
-from jaxcompress.budget.plan import LayerPlan, Plan
+from jaxcompress.budget.allocate import Allocation
+from jaxcompress.budget.cost import keep_mask, layer_macs, option_cost
+from jaxcompress.budget.plan import Plan, allocate_plan
 from jaxcompress.budget.presets import get_preset
 from jaxcompress.budget.sensitivity import Sensitivity, scan
 from jaxcompress.errors import ConfigError, invalid
@@ -108,22 +108,17 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   costs = []  # per layer and option: (bytes, BOPs)
   for path, opts in zip(sens.paths, sens.options):
     keeps = {s: keep_mask(weights[path], s, preset.structure) for s in {o.sparsity for o in opts}}
-    costs.append([(weight_bytes(keeps[o.sparsity], o.weight_bits),
-                   option_bops(macs.get(path, 0), o, density(keeps[o.sparsity],
-                                                             preset.structure)))
+    costs.append([option_cost(keeps[o.sparsity], o, macs.get(path, 0), preset.structure)
                   for o in opts])
-  pick = 0 if kind == "size" else 1
-  fixed = overhead if kind == "size" else 0
-  alloc = allocate([[c[pick] for c in cs] for cs in costs], sens.damage, limit - fixed)
-  if alloc is None:
+  by_path = {l.path: l for l in traced.layers}
+  found = allocate_plan([(p, by_path[p].weight) for p in sens.paths], sens.options, costs,
+                        sens.damage, limit, kind=kind, structure=preset.structure,
+                        overhead=overhead)
+  if found is None:
+    pick, fixed = (0, overhead) if kind == "size" else (1, 0)
     smallest = fixed + sum(min(c[pick] for c in cs) for cs in costs)
     unit = "bytes" if kind == "size" else "BOPs per example"
     raise invalid(field, limit, f"reachable under device={device!r}: the smallest plan takes "
                   f"{smallest:,} {unit}" + (f" ({overhead:,} of them overhead)" if fixed else ""))
-  by_path = {l.path: l for l in traced.layers}
-  plan = Plan(tuple(
-      LayerPlan(p, by_path[p].weight, o.sparsity, o.weight_bits, o.act_bits, cs[k][0],
-                cs[k][1], float(dmg[k]))
-      for p, opts, cs, dmg, k in zip(sens.paths, sens.options, costs, sens.damage, alloc.choice)
-      for o in [opts[k]]), preset.structure, overhead if kind == "size" else 0)
+  alloc, plan = found
   return Found(plan, alloc, sens)

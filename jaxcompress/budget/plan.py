@@ -26,9 +26,10 @@ import numpy as np
 
 from jaxcompress import pruning
 from jaxcompress.pruning.masks import across, num_pruned, ranks
-from jaxcompress.budget.allocate import allocate
+from jaxcompress.budget.allocate import Allocation, allocate
 from jaxcompress.budget.cost import (KERNEL_NORM, gap_cap, has_kernels, kernel_keep,
                                      shared_kernel_bytes, weight_bytes)
+from jaxcompress.budget.presets import Option
 from jaxcompress.export.sparse import kernel_grid
 
 
@@ -101,6 +102,33 @@ class Plan(NamedTuple):
 def only_rules(weights) -> tuple:
   """PruneSpec rules selecting exactly these weight paths."""
   return tuple((re.escape(w), True) for w in weights) + ((".*", False),)
+
+
+def allocate_plan(layers: Sequence[tuple[str, str]], options: Sequence[Sequence[Option]],
+                  costs: Sequence[Sequence[tuple[int, int]]], damage: Sequence[Sequence[float]],
+                  budget: float, *, kind: str, structure: str,
+                  overhead: int = 0) -> tuple[Allocation, Plan] | None:
+  """The least-damage plan within ``budget``, allocated exactly, or ``None`` when none fits.
+
+  Args:
+    layers: per layer, ``(path, weight path)``.
+    options: per layer, the options it may take.
+    costs: per layer and option, ``(bytes, BOPs)`` (:func:`~jaxcompress.budget.cost.option_cost`).
+    damage: per layer and option, the predicted damage.
+    budget: the artifact's bytes (``kind="size"``, ``overhead`` included) or BOPs per example.
+    kind: ``size`` or ``bops``.
+    structure: the plan's pruning structure (the preset's).
+    overhead: the artifact's bytes besides the planned weights' codes (size budgets).
+  """
+  pick, fixed = (0, overhead) if kind == "size" else (1, 0)
+  alloc = allocate([[c[pick] for c in cs] for cs in costs], damage, budget - fixed)
+  if alloc is None:
+    return None
+  return alloc, Plan(tuple(
+      LayerPlan(path, weight, o.sparsity, o.weight_bits, o.act_bits, cs[k][0], cs[k][1],
+                float(dmg[k]))
+      for (path, weight), opts, cs, dmg, k in zip(layers, options, costs, damage, alloc.choice)
+      for o in [opts[k]]), structure, fixed)
 
 
 def scheduled(prune: Mapping, keeps: Mapping[str, np.ndarray], schedule: Mapping, *,
