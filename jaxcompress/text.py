@@ -102,16 +102,16 @@ class Vocabulary:
     """int32 ids of ``text``.
 
     Raises:
-      ConfigError: ``text`` (named ``what`` in the message) holds characters outside the
-        vocabulary.
+      ConfigError: ``text`` holds characters outside the vocabulary; the message opens with
+        ``what`` (the config field, or the field and what of it was read).
     """
     table = {c: i for i, c in enumerate(self.chars)}
     unknown = sorted(set(text) - set(table))
     if unknown:
       shown = shortened(unknown, 10, sep="")
-      raise ConfigError(f"data: the {what} holds {len(unknown)} character(s) outside the "
-                        f"training vocabulary of {self.size}: {shown!r}; evaluate on text made of "
-                        "the training split's characters")
+      raise ConfigError(f"{what} holds {len(unknown)} character(s) outside the training "
+                        f"vocabulary of {self.size}: {shown!r}; use only the training split's "
+                        "characters")
     return np.fromiter((table[c] for c in text), np.int32, len(text))
 
   def decode(self, ids) -> str:
@@ -149,7 +149,7 @@ def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,
                     f"of {path!r} holds {len(splits[name])} characters and a window needs "
                     "context + 1", "lower data.context or use a longer text")
   vocab = vocab or Vocabulary.from_text(splits["train"])
-  ids = {name: vocab.encode(text, what=f"{name} split of {path!r}")
+  ids = {name: vocab.encode(text, what=f"{field}: the {name} split of {path!r}")
          for name, text in splits.items()}
   return Corpus(vocab, ids)
 

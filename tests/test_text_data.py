@@ -38,13 +38,15 @@ def test_vocabulary_is_the_sorted_training_characters_and_round_trips():
 
 def test_unknown_characters_are_one_line(tmp_path):
   vocab = text.Vocabulary("abc")
-  with pytest.raises(ConfigError, match=r"3 character\(s\) outside the training vocabulary of 3"):
-    vocab.encode("abxz\n", what="test split")
+  with pytest.raises(ConfigError, match=r"^sample.prompt holds 3 character\(s\) outside the "
+                     r"training vocabulary of 3: '\\nxz'"):
+    vocab.encode("abxz\n", what="sample.prompt")
   # Characters that only the held-out part holds: the corpus refuses them in one line.
   path = _write(tmp_path, "ab" * 45 + "abcdabcdZ\n")  # 100 chars: train = 90 chars of a/b
   with pytest.raises(ConfigError) as e:
     text.load_corpus(path, context=2)
-  assert "\n" not in str(e.value) and "validation split" in str(e.value)
+  assert "\n" not in str(e.value)
+  assert str(e.value).startswith(f"data.path: the validation split of {path!r} holds 2 ")
 
 
 def test_missing_and_empty_files_are_one_line(tmp_path):

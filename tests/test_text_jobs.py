@@ -144,13 +144,15 @@ def test_bad_text_is_one_line_and_writes_nothing(tmp_path, case):
     path.write_text(_words(600, extra="Z" * 40))  # the last 40 characters: not in training
   message = {"missing": "data.path: no text file at", "empty": "is empty",
              "context": "data.context must be at most", "unknown_char":
-             "character(s) outside the training vocabulary"}[case]
+             "data.path: the test split of"}[case]
   workdir = tmp_path / "run"
   proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick",
               f"--config.data.path={path}", f"--workdir={workdir}", *args, *TINY_GPT)
   assert proc.returncode == 2
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+  if case == "unknown_char":
+    assert "holds 1 character(s) outside the training vocabulary" in lines[-1]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
 
