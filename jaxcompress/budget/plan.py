@@ -1,7 +1,8 @@
 """A per-layer plan, the uniform plan it is compared with, and their compose specs.
 
 :class:`Plan` is what the allocator chose for every layer (sparsity, weight bits, input bits, and
-what that costs); :meth:`Plan.prune_fields` and :meth:`Plan.quant_fields` turn it into the fields
+what that costs; :func:`allocate_plan` makes it from each layer's options, costs and damages);
+:meth:`Plan.prune_fields` and :meth:`Plan.quant_fields` turn it into the fields
 of :class:`jaxcompress.compose.PruneSpec` and :class:`~jaxcompress.compose.QuantSpec`, so the
 plan trains in the ordinary composed step. Those fields prune one-shot at the first step from the
 weights the plan was sized on; :func:`scheduled` puts them on another schedule (gradual), with
