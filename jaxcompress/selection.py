@@ -122,7 +122,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
 
   Raises:
     ConfigError: if the forward fails on these inputs (the message names the model, the input
-      shapes and the error).
+      shapes and the error), or returns more than one array.
   """
   fm = functional(model)
   params = variables["params"]
@@ -155,7 +155,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
     return out
 
   try:
-    jax.eval_shape(lambda v, a: fm.apply(v, *a, hook=record, **kwargs), variables, args)
+    out, _ = jax.eval_shape(lambda v, a: fm.apply(v, *a, hook=record, **kwargs), variables, args)
   except ConfigError:
     raise
   except Exception as e:  # a user model failing on the data's shape is a user mistake
@@ -164,6 +164,11 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                       f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
                       "model must accept the dataset's input batch (several inputs: as one dict or "
                       "tuple argument)") from None
+  if not isinstance(out, jax.ShapeDtypeStruct):
+    shown = jax.tree.map(lambda a: tuple(a.shape), out)
+    raise ConfigError(f"{field}: {fm.name} returns {type(out).__name__} {shown}, not one array; "
+                      "the library trains and exports a model of one output (logits, classes "
+                      "last): wrap the model in a module that returns the logits alone")
   outputs.clear()
   owners = set(seen)
   layers = tuple(dataclasses.replace(l, norm=next((n for n, p in norms.items() if p == l.path),

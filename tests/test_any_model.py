@@ -20,7 +20,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcompress import compose, export
+from jaxcompress import budget, compose, export
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import functional, variables_of
@@ -316,6 +316,25 @@ def test_model_with_no_layer_and_failing_forward_are_one_line_errors():
   with pytest.raises(ConfigError, match=r"model: LinenMLP's forward fails on inputs of shape "
                                        r"\(2, 5\)"):
     trace_layers(mlp, variables, np.ones((2, 5), np.float32))
+
+
+@pytest.mark.parametrize("wrap", [lambda a, b: {"logits": a, "aux": b}, lambda a, b: (a, b)])
+def test_a_model_of_several_outputs_is_one_line_at_build(wrap):
+  class TwoHeads(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(8)(x))
+      return wrap(nn.Dense(4)(h), nn.Dense(1)(h))
+
+  x = np.ones((2, 3), np.float32)
+  model = TwoHeads()
+  variables = model.init(jax.random.key(0), x)
+  kind = "dict" if isinstance(wrap(0, 0), dict) else "tuple"
+  with pytest.raises(ConfigError, match=f"TwoHeads returns {kind} .*not one array"):
+    compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2)
+  held_out = [Batch(x, np.zeros(2, np.int32), np.ones(2, np.float32))]
+  with pytest.raises(ConfigError, match="^model: TwoHeads returns"):
+    budget.find_plan(model, variables, held_out, size_bytes=10**6)
 
 
 def test_a_sparsity_that_prunes_nothing_warns():
