@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -52,10 +53,24 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail(f"--workdir={workdir}: {e.strerror}: {e.filename}" if inside
            else f"{e.strerror}: {e.filename}")
 
+  # A scheduler preempts with SIGTERM: unwind as for Ctrl-C, so the workdir's lock is released
+  # and half-written outputs are cleaned up; a rerun on any host resumes.
+  signal.signal(signal.SIGTERM, _terminated)
   try:
     app.run(guarded, flags_parser=_parse_flags)
+  except Terminated:
+    fail("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
   except KeyboardInterrupt:
     fail("interrupted; rerun the same command to resume", 130)
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM received: raised in the main thread where the job is running."""
+
+
+def _terminated(signum, frame):
+  del signum, frame
+  raise Terminated()
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

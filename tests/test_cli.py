@@ -114,3 +114,38 @@ def test_a_workdir_that_cannot_be_made_names_the_flag(tmp_path):
               f"--workdir={workdir}", f"--config.data.path={text}", "--config.data.context=16")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1] == f"error: --workdir={workdir}: Not a directory: {workdir}"
+
+
+SLEEPER = """
+import os, sys, time
+from absl import flags
+from experiments import cli
+from jaxcompress.checkpoint import claim_workdir
+
+flags.DEFINE_string("workdir", None, "")
+
+def main(argv):
+  os.makedirs(flags.FLAGS.workdir)
+  claim_workdir(flags.FLAGS.workdir)
+  print("claimed", flush=True)
+  time.sleep(120)
+
+cli.run(main)
+"""
+
+
+def test_sigterm_ends_as_ctrl_c_and_releases_the_workdir(tmp_path):
+  """A preempting scheduler's SIGTERM: one line, exit 143, the lock gone for the next run."""
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, "-c", SLEEPER, f"--workdir={workdir}"], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.stdout.readline().strip() == "claimed"
+  assert (workdir / "lock").exists()
+  proc.terminate()
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143
+  assert err.strip().splitlines()[-1] == ("error: terminated (SIGTERM); rerun the same command "
+                                          "to resume")
+  assert "Traceback" not in err
+  assert not (workdir / "lock").exists()
