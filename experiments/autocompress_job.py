@@ -25,7 +25,8 @@
 
 The scan is kept in ``WORKDIR/scan.json``, each refinement round's measurements in
 ``WORKDIR/context<r>.json``, and each plan's run resumes on its own, so rerunning the
-same command continues where it stopped. Nothing is written before every check has passed.
+same command continues where it stopped; ``results.json`` is written last, and a rerun of a point
+that holds it returns it. Nothing is written before every check has passed.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def _sweep(config, workdir: str) -> dict:
                    "uniform": res.get("uniform")})
   out = {"float32_bytes": res["budget"]["float32_bytes"], "original": res["original"],
          "points": points}
-  write_json(os.path.join(workdir, "sweep.json"), out)
   write_sweep_report(workdir, out)
+  write_json(os.path.join(workdir, "sweep.json"), out)
   return out
 
 
@@ -237,6 +238,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   if check_only:
     return None
   check_workdir(config, workdir)
+  done = read_json(os.path.join(workdir, "results.json"))
+  if done:  # a finished point: nothing to redo
+    return done
   scan_path = scan_path or os.path.join(workdir, "scan.json")
   saved = read_json(scan_path)
   measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}
@@ -430,8 +434,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                           "sized_for": sized_for.get("uniform", int(limit)),
                           "recipe": uniform["recipe"]}
   results["seconds"] = round(time.time() - started, 1)
-  write_json(os.path.join(workdir, "results.json"), results)
   write_report(workdir, results, sens)
+  write_json(os.path.join(workdir, "results.json"), results)  # last: the point is done
   return results
 
 

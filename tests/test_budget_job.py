@@ -111,6 +111,10 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     assert os.path.getsize(tmp_path / name) > 0
   report = open(tmp_path / "report.md").read()
   assert "`fc2`" in report and "uniform" in report and "Hessian-trace proxy" in report
+  # A rerun of the finished point returns its results; nothing is measured or written again.
+  before = {n: (tmp_path / n).read_bytes() for n in ("scan.json", "results.json", "report.md")}
+  assert _run(config, tmp_path) == on_disk
+  assert {n: (tmp_path / n).read_bytes() for n in before} == before
 
 
 @pytest.mark.parametrize("budget,match", [
