@@ -152,6 +152,15 @@ def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length:
   return vocab.decode(ids)
 
 
+def run_record(config, corpus: text.Corpus) -> dict:
+  """What ``check_workdir`` records of a text run: the config, and in ``data.text`` the text's
+  fingerprint, so a rerun on another text (``data.path`` unset and ``$JAXCOMPRESS_TEXT_DIR``
+  changed, or the file edited) is refused instead of resumed."""
+  record = config.to_dict()
+  record["data"]["text"] = corpus.fingerprint()
+  return record
+
+
 def save_trained(workdir: str, variables, vocab: text.Vocabulary) -> None:
   """Writes the trained variables and the vocabulary beside the run's ``config.json``."""
   save_weights(jax.device_get(variables), os.path.splitext(WEIGHTS)[0], workdir,

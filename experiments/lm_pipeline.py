@@ -134,7 +134,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for fam in families:
     _prepare(fam, config, corpus, specs, mesh)
   # Every user mistake has surfaced: only now write.
-  check_workdir(config, workdir)
+  check_workdir(lm_lib.run_record(config, corpus), workdir)
   stages = Stages(workdir)
 
   results = {}

@@ -63,7 +63,7 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
   opt_spec, loop = lm_lib.train_specs(config.train, source.steps_per_epoch)
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(data[field], mesh, f"data.{field}")
-  check_workdir(config, workdir)
+  check_workdir(lm_lib.run_record(config, corpus), workdir)
   optimizer = make_optimizer(opt_spec, source.steps_per_epoch, decay_mask=lm_lib.matrices_only)
   variables = dict(variables)
   state = TrainState.create(variables.pop("params"), variables, optimizer)

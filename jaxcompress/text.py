@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from typing import Iterator
@@ -123,6 +124,15 @@ class Corpus:
   """A text's vocabulary and the ids of each of its splits (``ids[name]``, int32 ``[n]``)."""
   vocab: Vocabulary
   ids: dict
+
+  def fingerprint(self) -> str:
+    """``sha256:`` and the first 16 hex digits of the SHA-256 of the vocabulary and every
+    split's ids: equal for the same text, whichever path it was read from."""
+    h = hashlib.sha256(self.vocab.chars.encode("utf-8"))
+    for name in sorted(self.ids):
+      h.update(name.encode())
+      h.update(np.ascontiguousarray(self.ids[name], np.int32).tobytes())
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,

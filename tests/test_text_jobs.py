@@ -27,9 +27,9 @@ TINY_DISTILL = ("--config.train.steps=4", "--config.train.log_every_steps=2",
                 "--config.quant.calibration_examples=8")
 
 
-def _run(*args):
+def _run(*args, env=None):
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
 def _words(n: int, seed: int = 0, extra: str = "") -> str:
@@ -168,6 +168,26 @@ def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):
   last = proc.stderr.splitlines()[-1]
   assert last.startswith("error: teacher.checkpoint: the teacher's vocabulary"), last
   assert not workdir.exists()
+
+
+def test_a_rerun_on_another_text_is_refused(tmp_path):
+  """``data.path`` unset: the text comes from ``$JAXCOMPRESS_TEXT_DIR``; a rerun of the same
+  command over another text (same characters) must not resume the first text's run."""
+  for name, seed in (("a", 0), ("b", 1)):
+    (tmp_path / name / "tiny_shakespeare").mkdir(parents=True)
+    (tmp_path / name / "tiny_shakespeare" / "input.txt").write_text(_words(600, seed=seed))
+  workdir = tmp_path / "run"
+  command = ("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+             f"--workdir={workdir}", *TINY_LM, *TINY_GPT, "--config.train.steps=2")
+  proc = _run(*command, env={"JAXCOMPRESS_TEXT_DIR": str(tmp_path / "a")})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  before = (workdir / "results.json").read_bytes()
+  proc = _run(*command, env={"JAXCOMPRESS_TEXT_DIR": str(tmp_path / "b")})
+  assert proc.returncode == 2
+  last = proc.stderr.splitlines()[-1]
+  assert last.startswith(f"error: --workdir={workdir} holds a run with a different config: "
+                         "data.text is \"sha256:"), last
+  assert (workdir / "results.json").read_bytes() == before
 
 
 def test_budget_example_plans_a_char_transformer(tiny, tmp_path):
