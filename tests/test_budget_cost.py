@@ -28,6 +28,22 @@ def test_macs_by_hand():
   assert budget.option_bops(macs["head"], Option(0.5, 4, 8), 0.5) == 640 * 4 * 8
 
 
+class Attention(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # x: [B, T=6, 16]
+    q = nn.DenseGeneral((4, 8), name="q")(x)  # [B, 6, 4, 8]
+    o = nn.DenseGeneral(12, axis=(-2, -1), name="out")(q)  # [B, 6, 12]
+    e = nn.Einsum((5, 12), "btd,fd->btf", name="mix")(o)  # kernel [out 5, in 12]
+    return nn.Dense(3, name="head")(e.mean(1))
+
+
+def test_macs_of_multi_axis_projections_by_hand():
+  model = Attention()
+  x = np.zeros((2, 6, 16), np.float32)
+  macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
+  assert macs == {"q": 6 * 16 * 4 * 8, "out": 6 * 4 * 8 * 12, "mix": 6 * 12 * 5, "head": 5 * 3}
+
+
 def test_keep_masks_prune_the_smallest_magnitudes():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)

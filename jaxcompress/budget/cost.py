@@ -33,8 +33,10 @@ import json
 import math
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
+from flax import nnx
 
 from jaxcompress import pruning
 from jaxcompress.budget.presets import Option
@@ -42,7 +44,7 @@ from jaxcompress.export import sparse
 from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.export.packing import packed_size
-from jaxcompress.models.functional import functional, weight_name
+from jaxcompress.models.functional import contraction_axes, functional, weight_name
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
 
@@ -238,7 +240,9 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
   """Multiply-accumulates per example of every linear-like layer call (Embed: 0), by path.
 
   ``output positions x weight entries``: ``H' W' x kh kw Cin Cout`` for a conv, ``in x out`` for
-  a dense layer; a layer called several times counts every call. Abstract (no FLOPs).
+  a dense layer, ``T x in x heads x dim`` for a DenseGeneral projecting ``T`` tokens to
+  ``(heads, dim)`` (the positions are the output's entries over the weight's output features);
+  a layer called several times counts every call. Abstract (no FLOPs).
   """
   fm = functional(model)
   macs: dict[str, int] = {}
@@ -249,7 +253,7 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
     if call.kind == "linear" and name is not None:
       w = tree_get(variables["params"], f"{call.path}/{name}" if call.path else name)
       if w is not None and np.ndim(w) >= 2:
-        positions = int(np.prod(np.shape(out)[1:-1], dtype=np.int64))
+        positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // _out_features(call, w)
         macs[call.path] = macs.get(call.path, 0) + positions * int(np.prod(np.shape(w)))
     elif call.kind == "embed":
       macs.setdefault(call.path, 0)
@@ -258,6 +262,16 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
   jax.eval_shape(lambda v, x: fm.apply(v, x, hook=record), dict(variables),
                  jax.tree.map(lambda a: a[:1], sample))  # one example of each input
   return macs
+
+
+def _out_features(call: Any, weight: Any) -> int:
+  """Entries of one output position that ``weight`` makes: the last axis, or for DenseGeneral
+  and Einsum every axis the product does not sum over (``(heads, dim)`` features)."""
+  shape = np.shape(weight)
+  if not isinstance(call.module, (nn.DenseGeneral, nnx.LinearGeneral, nn.Einsum, nnx.Einsum)):
+    return int(shape[-1])  # Dense/Linear [in, out], Conv [*window, in, out], ...
+  summed = contraction_axes(call.module, len(shape))
+  return int(np.prod([n for a, n in enumerate(shape) if a not in summed], dtype=np.int64))
 
 
 def density(keep: np.ndarray, structure: str) -> float:
