@@ -27,9 +27,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.functional import contraction_axes, functional, weight_name
+from jaxcompress.models.functional import contraction_axes, functional, output_axis, weight_name
 from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
 
@@ -106,6 +107,17 @@ def _floating(x: Any) -> bool:
                         jnp.floating)
 
 
+def _called_shape(call: Any, name: str) -> tuple[int, ...] | None:
+  """The weight's shape as the called module holds it (inside ``nn.scan``, one step's slice of
+  the stacked parameter), or ``None`` where the module does not show it."""
+  try:
+    if isinstance(call.module, nn.Module):
+      return tuple(jnp.shape(call.module.variables["params"][name]))
+    return tuple(jnp.shape(getattr(call.module, name).value))
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
 def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                  **kwargs: Any) -> ModelLayers:
   """Finds the model's compressible layers, in forward order, by one abstract forward.
@@ -127,6 +139,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
   fm = functional(model)
   params = variables["params"]
   flat = flat_paths(params)
+  stats = flat_paths(variables.get("batch_stats", {}))
   calls: dict[str, Layer] = {}
   outputs: list[tuple[Any, str]] = []  # (output object, layer path): to find norms that follow
   norms: dict[str, str] = {}
@@ -144,9 +157,13 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
         calls[call.path] = Layer(call.path, call.kind, call.type_name, wpath,
                                  tuple(jnp.shape(w)), tuple(jnp.shape(call.x)),
                                  reduce_axes=contraction_axes(call.module, jnp.ndim(w)))
-      if call.kind == "linear":
+      # A BatchNorm folds into a weight whose output channels are its last axis, and not into
+      # one stacked by a lifted transform (nn.scan: [steps, ...], one slice per call).
+      if call.kind == "linear" and (w is None or (
+          output_axis(call.module, jnp.ndim(w)) == jnp.ndim(w) - 1
+          and len(_called_shape(call, name) or jnp.shape(w)) == jnp.ndim(w))):
         outputs.append((out, call.path))
-    elif call.kind == "norm":
+    elif call.kind == "norm" and jnp.ndim(stats.get(f"{call.path}/mean", 0.0)) <= 1:
       for obj, path in outputs:
         if obj is call.x:
           norms.setdefault(call.path, path)

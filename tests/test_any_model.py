@@ -143,6 +143,58 @@ class NNXTupleInput(nnx.Module):
     return self.head(pooled)
 
 
+class LinenEinsumOutFirst(nn.Module):
+  """An Einsum whose kernel is [out, in], then a BatchNorm (not folded: channels not last)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.Dense(12)(x)
+    h = nn.Einsum((10, 12), "btd,fd->btf", use_bias=False, name="mix")(h)
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(h))
+    return nn.Dense(CLASSES)(h.mean(1))
+
+
+class _Residual(nn.Module):
+  @nn.compact
+  def __call__(self, h):
+    return h + nn.Dense(12, name="b")(nn.relu(nn.Dense(12, name="a")(h)))
+
+
+class LinenRematScan(nn.Module):
+  """A block under nn.remat, then two blocks stacked by nn.scan."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(12)(x)
+    h = nn.remat(_Residual)(name="remat")(h)
+    stack = nn.scan(lambda m, c, _: (m(c), None), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=2)
+    h, _ = stack(_Residual(name="scan"), h, None)
+    return nn.Dense(CLASSES)(h.mean(1))
+
+
+class _ConvBN(nn.Module):
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, h, _):
+    z = nn.BatchNorm(use_running_average=not self.train, name="bn")(
+        nn.Conv(6, (3, 3), use_bias=False, name="conv")(h))
+    return h + nn.relu(z), None
+
+
+class LinenScannedBatchNorm(nn.Module):
+  """Conv + BatchNorm stacked three deep by nn.scan (parameters and statistics [3, ...])."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(
+        nn.Conv(6, (3, 3), name="stem")(x)))
+    h, _ = nn.scan(_ConvBN, variable_axes={"params": 0, "batch_stats": 0},
+                   split_rngs={"params": True}, length=3)(train=train, name="blocks")(h, None)
+    return nn.Dense(CLASSES)(h.mean((1, 2)))
+
+
 def _image(rng):
   return rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
 
@@ -187,6 +239,9 @@ MODELS = {
     "nnx_transformer": (_nnx(NNXTransformer), _sequence),
     "linen_dict_input": (_linen(LinenDictInput), _image_and_meta),
     "nnx_tuple_input": (_nnx(NNXTupleInput), _sequence_and_mask),
+    "linen_einsum_out_first": (_linen(LinenEinsumOutFirst), _sequence),
+    "linen_remat_scan": (_linen(LinenRematScan), _sequence),
+    "linen_scanned_batchnorm": (_linen(LinenScannedBatchNorm), _image),
 }
 SPARSITY = 0.5
 
@@ -251,6 +306,29 @@ def _signature(x):
   if isinstance(x, tuple):
     return {"tuple": [_signature(v) for v in x]}
   return {"shape": list(x.shape[1:]), "dtype": x.dtype.name}
+
+
+def test_an_einsum_with_output_first_scales_its_rows_and_keeps_its_batchnorm():
+  x = _sequence(np.random.default_rng(0))
+  model, variables = _linen(LinenEinsumOutFirst)(0, x)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  state = comp.init_state(variables, x, calibration=[x])
+  layer = next(l for l in state.model_state["quant"].layers if l.path == "mix")
+  assert layer.weight_axis == 0  # kernel [f=10, d=12]: one scale per output channel f
+  scale = comp.quantizer.specs({"params": state.params["model"]},
+                               state.model_state["quant"])["mix"]
+  kernel = np.asarray(variables["params"]["mix"]["kernel"])
+  np.testing.assert_allclose(np.ravel(scale.weight_scale),
+                             2 * np.abs(kernel).max(1) / 15, rtol=1e-6)  # 4 bits: 15 steps
+  assert "bn" not in trace_layers(model, variables, x).norms  # folds need channels last
+
+
+def test_a_batchnorm_stacked_by_scan_is_not_folded():
+  x = _image(np.random.default_rng(0))
+  model, variables = _linen(LinenScannedBatchNorm)(0, x)
+  assert variables["batch_stats"]["blocks"]["bn"]["mean"].shape == (3, 6)
+  assert trace_layers(model, variables, x).norms == {"stem_bn": "stem"}
 
 
 def test_trace_finds_norms_by_forward_not_by_name():

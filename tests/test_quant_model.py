@@ -262,3 +262,59 @@ def test_bad_rules_raise_when_built(rules, match):
 def test_bad_momentum_raises():
   with pytest.raises(ConfigError, match=r"act_momentum must be in \[0.0, 1.0\), got 1.0"):
     quantize(NET, act_momentum=1.0)
+
+
+class Residual(nn.Module):
+  @nn.compact
+  def __call__(self, h):
+    return h + nn.Dense(6, name="b")(nn.relu(nn.Dense(6, name="a")(h)))
+
+
+class Remat(nn.Module):
+  """in - remat(Residual) - out: the block's layers run inside jax.checkpoint."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(6, name="in")(x)
+    return nn.Dense(3, name="out")(nn.remat(Residual)(name="block")(h))
+
+
+class Scanned(nn.Module):
+  """in - scan over 2 steps of Residual (stacked parameters) - out."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(6, name="in")(x)
+    stack = nn.scan(lambda m, c, _: (m(c), None), variable_axes={"params": 0},
+                    split_rngs={"params": True}, length=2)
+    h, _ = stack(Residual(name="block"), h, None)
+    return nn.Dense(3, name="out")(h)
+
+
+def test_layers_inside_remat_are_quantized_from_their_own_inputs():
+  """Init sees the inputs of layers run under nn.remat (the float forward by hand in NumPy)."""
+  x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+  model = Remat()
+  variables = model.init(jax.random.key(0), x)
+  qstate = quantize(model).init(variables, x)
+  assert [l.path for l in qstate.layers] == ["in", "block/a", "block/b", "out"]
+  assert [l.config.weight_bits for l in qstate.layers] == [8, 4, 4, 8]
+  p = jax.tree.map(np.asarray, variables["params"])
+  h = x @ p["in"]["kernel"] + p["in"]["bias"]
+  a = np.maximum(h @ p["block"]["a"]["kernel"] + p["block"]["a"]["bias"], 0)
+  for path, inputs in (("block/a", h), ("block/b", a)):
+    np.testing.assert_allclose(qstate.ranges[path], [inputs.min(), inputs.max()], rtol=1e-6)
+
+
+def test_scanned_layers_say_their_ranges_stay_calibrated_in_training():
+  x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
+  model = Scanned()
+  variables = model.init(jax.random.key(0), x)
+  qz = quantize(model)
+  qstate = qz.init(variables, x)
+  with pytest.warns(UserWarning, match=r"input ranges of \['block/a', 'block/b'\] stay as "
+                                       "calibrated"):
+    _, _, new_q = jax.jit(lambda v, q, x: qz.apply(v, q, x, train=True))(variables, qstate,
+                                                                       3 * x)
+  np.testing.assert_array_equal(new_q.ranges["block/a"], qstate.ranges["block/a"])
+  assert not np.allclose(new_q.ranges["in"], qstate.ranges["in"])  # outside the scan: updated

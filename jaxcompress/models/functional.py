@@ -140,6 +140,20 @@ def contraction_axes(module: Any, ndim: int) -> tuple[int, ...]:
   return (max(ndim - 2, 0),)
 
 
+def output_axis(module: Any, ndim: int) -> int:
+  """The axis of a linear-like layer's ``ndim``-D weight along its output channels: the last
+  (Conv, Dense, DenseGeneral's last feature axis, Embed's features), or for an Einsum the last
+  kernel letter the output keeps (``"btd,fd->btf"``: 0)."""
+  if isinstance(module, (nn.Einsum, nnx.Einsum)):
+    inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
+    kernel = inputs.split(",")[-1]
+    if "." not in kernel and len(kernel) == ndim:
+      kept = [i for i, c in enumerate(kernel) if c in output]
+      if kept:
+        return kept[-1]
+  return ndim - 1
+
+
 def _kind(module: Any, linear: tuple, norm: tuple) -> str | None:
   if isinstance(module, linear):
     return "embed" if isinstance(module, (nn.Embed, nnx.Embed)) else "linear"

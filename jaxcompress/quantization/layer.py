@@ -39,8 +39,9 @@ class QuantLayer(NamedTuple):
     path: ``/``-joined module path, e.g. ``layer1_0/conv1``.
     kind: the module class name (``Conv``, ``Dense``, ``Linear``, ``Embed``, ...).
     config: the :class:`LayerConfig` its rule gave it.
-    weight_axis: weight axis with one scale per channel (the output axis ``kernel.ndim - 1``; the
-      vocabulary axis 0 of an embedding), or ``None`` for per-tensor.
+    weight_axis: weight axis with one scale per channel (the output axis: ``kernel.ndim - 1``,
+      an Einsum's last output letter; the vocabulary axis 0 of an embedding), or ``None`` for
+      per-tensor.
     act_signed: the input held negative values at ``init`` (decides the LSQ input grid).
     act_features: input values per example (``N_F`` of the LSQ gradient scale).
     weight: the parameter that holds the weight (``kernel``; ``embedding`` for Embed).

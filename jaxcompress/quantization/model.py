@@ -49,15 +49,18 @@ References:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from flax.core.tracers import current_trace
 
 from jaxcompress.errors import check_range
-from jaxcompress.models.functional import Hook, chain_hooks, functional, weight_name
+from jaxcompress.models.functional import (Hook, chain_hooks, functional, output_axis,
+                                           weight_name)
 from jaxcompress.precision import cast_floating
 from jaxcompress.quantization.calibration import ema_range
 from jaxcompress.quantization.config import compile_rules, default_rules
@@ -137,13 +140,20 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     """
     calls = {}
     outer = current_trace()
+    eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((variables, args)))
+
+    def note(call):
+      calls.setdefault(call.path, []).append(call)
+      if order is not None:
+        order.append(call.path)
 
     def record(call, run):
-      # Calls inside an inner trace (a transform's shape-finding pass) cannot leave it.
-      if call.kind in ("linear", "embed") and current_trace() == outer:
-        calls.setdefault(call.path, []).append(call)
-        if order is not None:
-          order.append(call.path)
+      if call.kind in ("linear", "embed"):
+        if current_trace() == outer:
+          note(call)
+        elif eager:  # inside a lifted transform (nn.remat): its inputs arrive as it runs
+          jax.debug.callback(lambda x, call=call: note(call._replace(x=np.asarray(x))), call.x)
+        # else (under jit): an inner trace's values cannot leave it; the layer keeps init's range
       return run(call.x)
 
     with jax.disable_jit():  # a lax.scan over layers (nn.scan, nn.RNN) runs as a Python loop
@@ -173,7 +183,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     def describe(call, x_all):
       weight = weight_name(call.kind)
       kernel = tree_get(params, f"{call.path}/{weight}")
-      return call.kind, call.type_name, weight, kernel, call.x, x_all
+      return call.kind, call.type_name, weight, kernel, call.x, x_all, call.module
 
     order = []
     seen = {p: v for p, v in float_inputs(variables, args, kwargs, describe, order).items()
@@ -185,12 +195,13 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     layers, steps, ranges = [], {}, {}
     for path in paths:
       cfg = compiled.lookup(path)
-      kind, type_name, weight, kernel, x, x_all = seen[path]
+      kind, type_name, weight, kernel, x, x_all, module = seen[path]
       if cfg is not None and (kind == "embed" or not jnp.issubdtype(x.dtype, jnp.floating)):
         cfg = cfg._replace(act_bits=None)  # token ids are not quantized
       if cfg is None or (cfg.weight_bits is None and cfg.act_bits is None):
         continue
-      axis = None if not cfg.per_channel else (0 if kind == "embed" else kernel.ndim - 1)
+      axis = None if not cfg.per_channel else (
+          0 if kind == "embed" else output_axis(module, kernel.ndim))
       layer = QuantLayer(path, type_name, cfg, axis, bool(jnp.min(x_all) < 0), int(x[0].size),
                          weight)
       layer_steps, act_range = init_layer_state(layer, kernel, x_all)
@@ -254,6 +265,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     params = cast_floating(params, compute_dtype)
 
     outer = current_trace()  # a call inside a lifted transform (nn.scan) sees another trace
+    frozen = []  # layers whose input ranges cannot follow training (inside such a transform)
 
     def quantize_inputs(call, run):
       layer = layers.get(call.path)
@@ -262,6 +274,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       x = call.x if compute_dtype is None else call.x.astype(jnp.float32)
       if train and call.path in ranges and current_trace() == outer:
         ranges[call.path] = ema_range(ranges[call.path], batch_range(x), act_momentum)
+      elif train and call.path in ranges and call.path not in frozen:
+        frozen.append(call.path)
       return run(quantize_input(layer, x, ranges.get(call.path), qstate.steps.get(call.path),
                                 bits_at(layer.config.act_bits, bit_schedule, step)
                                 ).astype(call.x.dtype))
@@ -269,6 +283,11 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     out, updated = fm.apply({**variables, "params": params}, *args, train=train, rngs=rngs,
                             hook=chain_hooks(hook, quantize_inputs), hook_paths=hook_paths,
                             **kwargs)
+    if frozen:  # once per compilation of a jitted step
+      warnings.warn(f"quantization: the input ranges of {frozen} stay as calibrated in "
+                    "training: these layers run inside a lifted transform (nn.scan, nn.remat, "
+                    "nnx.scan), whose values cannot update them; calibrate on representative "
+                    "batches (init_state's calibration=)", stacklevel=2)
     model_state = {c: v for c, v in variables.items() if c != "params"}
     model_state.update(updated)
     return out, model_state, qstate.replace(ranges=ranges)
