@@ -331,6 +331,25 @@ def test_a_batchnorm_stacked_by_scan_is_not_folded():
   assert trace_layers(model, variables, x).norms == {"stem_bn": "stem"}
 
 
+def test_a_dropout_on_its_own_rng_stream_gets_the_step_key():
+  class Noisy(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      return nn.Dropout(0.5, deterministic=not train, rng_collection="noise")(nn.Dense(64)(x))
+
+  x = np.ones((4, 8), np.float32)
+  model = Noisy()
+  fm = functional(model)
+  variables = model.init(jax.random.key(0), x)
+  plain = np.asarray(fm.apply(variables, x)[0])
+  out = np.asarray(fm.apply(variables, x, train=True, rngs=jax.random.key(1))[0])
+  kept = out != 0
+  assert 0.3 < kept.mean() < 0.7  # rate 0.5 over 256 entries
+  np.testing.assert_allclose(out[kept], 2 * plain[kept], rtol=1e-6)  # kept entries scaled 1/0.5
+  again = np.asarray(fm.apply(variables, x, train=True, rngs=jax.random.key(1))[0])
+  np.testing.assert_array_equal(again, out)
+
+
 def test_trace_finds_norms_by_forward_not_by_name():
   x = _image(np.random.default_rng(0))
   model, variables = _linen(LinenRenamedNorms)(0, x)

@@ -251,7 +251,9 @@ class Functional:
       return self._apply_nnx(variables, args, kwargs, train, rngs, hook, set(hook_paths))
     kwargs = self._flag_kwargs(kwargs, train)
     mutable = [c for c in variables if c != "params"] if train else False
-    rng_dict = {"dropout": rngs} if (train and rngs is not None) else None
+    # Flax serves a stream the dict lacks (a Dropout's rng_collection="noise") from "params".
+    rng_dict = ({"dropout": rngs, "params": jax.random.fold_in(rngs, 1)}
+                if (train and rngs is not None) else None)
     fn = lambda: self.module.apply(variables, *args, mutable=mutable, rngs=rng_dict, **kwargs)
     if hook is not None:
       with nn.intercept_methods(_linen_interceptor(hook, set(hook_paths))):
