@@ -123,8 +123,9 @@ def contraction_axes(module: Any, ndim: int) -> tuple[int, ...]:
   -> ``(0,)``; DenseGeneral/LinearGeneral ``[*batch, *in, *features]`` -> the ``in`` axes (the
   attention output projection ``[heads, dim, out]`` -> ``(0, 1)``); Einsum -> the kernel's letters
   absent from the output; Conv ``[*window, in, out]`` -> the input-channel axis ``ndim - 2`` alone
-  (groups of consecutive input channels at each window position); Embed ``[vocab, features]`` ->
-  ``(0,)``, like a Dense that maps one-hot tokens.
+  (groups of consecutive input channels at each window position; ``ndim - 1`` for a
+  ConvTranspose with ``transpose_kernel=True``, ``[*window, out, in]``); Embed
+  ``[vocab, features]`` -> ``(0,)``, like a Dense that maps one-hot tokens.
   """
   if isinstance(module, (nn.DenseGeneral, nnx.LinearGeneral)):
     axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
@@ -137,13 +138,22 @@ def contraction_axes(module: Any, ndim: int) -> tuple[int, ...]:
     kernel = inputs.split(",")[-1]
     if "." not in kernel and len(kernel) == ndim:
       return tuple(i for i, c in enumerate(kernel) if c not in output)
+  if _transposed(module, ndim):
+    return (ndim - 1,)
   return (max(ndim - 2, 0),)
+
+
+def _transposed(module: Any, ndim: int) -> bool:
+  """A ConvTranspose with ``transpose_kernel=True``: its kernel is ``[*window, out, in]``."""
+  return (isinstance(module, (nn.ConvTranspose, nnx.ConvTranspose)) and ndim >= 2
+          and bool(getattr(module, "transpose_kernel", False)))
 
 
 def output_axis(module: Any, ndim: int) -> int:
   """The axis of a linear-like layer's ``ndim``-D weight along its output channels: the last
-  (Conv, Dense, DenseGeneral's last feature axis, Embed's features), or for an Einsum the last
-  kernel letter the output keeps (``"btd,fd->btf"``: 0)."""
+  (Conv, Dense, DenseGeneral's last feature axis, Embed's features), for an Einsum the last
+  kernel letter the output keeps (``"btd,fd->btf"``: 0), for a ConvTranspose with
+  ``transpose_kernel=True`` (``[*window, out, in]``) ``ndim - 2``."""
   if isinstance(module, (nn.Einsum, nnx.Einsum)):
     inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
     kernel = inputs.split(",")[-1]
@@ -151,6 +161,8 @@ def output_axis(module: Any, ndim: int) -> int:
       kept = [i for i, c in enumerate(kernel) if c in output]
       if kept:
         return kept[-1]
+  if _transposed(module, ndim):
+    return ndim - 2
   return ndim - 1
 
 
