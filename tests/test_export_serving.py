@@ -66,3 +66,31 @@ def test_bad_serving_arguments_raise_one_line(tmp_path):
     save_serving(str(tmp_path / "other"), loaded, mean=MEAN)
   with pytest.raises(ConfigError, match="serving: no model.jaxexport in"):
     load_serving(str(tmp_path / "absent"))
+
+
+def test_the_signature_names_the_dtype_the_function_returns(tmp_path):
+  """A model computing in bfloat16 returns bfloat16 logits; the signature says so."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jaxcompress import compose, export
+
+  class Half(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.relu(nn.Dense(16, dtype=jnp.bfloat16)(x))
+      h = nn.relu(nn.Dense(16, dtype=jnp.bfloat16)(h))
+      return nn.Dense(4, dtype=jnp.bfloat16)(h)
+
+  x = np.ones((2, 6), np.float32)
+  model = Half()
+  variables = model.init(jax.random.key(0), x)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=1,
+                       quant=compose.QuantSpec(weight_bits=8))
+  comp.export(str(tmp_path / "export"), comp.init_state(variables, x))
+  signature = save_serving(str(tmp_path / "serving"),
+                           export.load(str(tmp_path / "export"), model))
+  served = load_serving(str(tmp_path / "serving"))(x)
+  assert signature["output"] == {"shape": ["batch", 4], "dtype": "bfloat16"}
+  assert jnp.dtype(served.dtype).name == "bfloat16"

@@ -78,13 +78,14 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
   (batch,) = jax.export.symbolic_shape("batch")
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
       io.structs(spec["input"], batch, dtype))
-  out_shape = jax.eval_shape(serve, io.structs(spec["input"], 1, dtype)).shape[1:]
+  logits = jax.eval_shape(serve, io.structs(spec["input"], 1, dtype))
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, SERVING_FILE), "wb") as f:
     f.write(exported.serialize())
   signature = {"file": SERVING_FILE, "input": {**io.with_batch(spec["input"], dtype),
                                                 "normalised_inside": mean is not None},
-               "output": {"shape": ["batch", *out_shape], "dtype": "float32"},
+               "output": {"shape": ["batch", *logits.shape[1:]],
+                          "dtype": jnp.dtype(logits.dtype).name},
                "platforms": list(platforms), "model": spec["model"],
                "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"}
   with open(os.path.join(out_dir, SIGNATURE_FILE), "w") as f:
