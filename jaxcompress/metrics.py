@@ -5,11 +5,30 @@ from __future__ import annotations
 
 import numpy as np
 
+from jaxcompress.errors import ConfigError
+
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-  """``cm[i, j]`` = number of examples of true class ``i`` predicted as class ``j``."""
+  """``cm[i, j]`` = number of examples of true class ``i`` predicted as class ``j``.
+
+  Raises:
+    ConfigError: ``labels`` and ``preds`` are not integer arrays of one length with values in
+      ``[0, num_classes)``.
+  """
+  labels, preds = np.asarray(labels), np.asarray(preds)
+  for name, ids in (("labels", labels), ("predictions", preds)):
+    if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1:
+      raise ConfigError(f"confusion matrix: {name} must be a 1-D array of integer class ids, "
+                        f"got {ids.dtype} of shape {ids.shape}")
+    bad = np.flatnonzero((ids < 0) | (ids >= num_classes))
+    if bad.size:
+      raise ConfigError(f"confusion matrix: {name} must be class ids in [0, {num_classes}), got "
+                        f"{ids[bad[0]]} at position {bad[0]} ({bad.size} outside)")
+  if labels.shape != preds.shape:
+    raise ConfigError(f"confusion matrix: {labels.size} labels for {preds.size} predictions; "
+                      "give one prediction per label")
   cm = np.zeros((num_classes, num_classes), np.int64)
-  np.add.at(cm, (np.asarray(labels), np.asarray(preds)), 1)
+  np.add.at(cm, (labels, preds), 1)
   return cm
 
 

@@ -49,7 +49,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
-  ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``."""
+  ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``;
+  ``nan`` where a label is outside ``[0, C)``."""
   want = tuple(logits.shape[:-1])
   if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):  # static: one line, not optax's
     raise ConfigError(f"batch.label must be integer class ids (shape {want}),"
@@ -59,7 +60,9 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     raise ConfigError(f"batch.label must have one class id per output, shape {want} for the "
                       f"model's outputs {tuple(logits.shape)}, got shape "
                       f"{tuple(jnp.shape(labels))}")
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  # An id outside the classes indexes nothing: its loss is nan, never a plausible number.
+  return jnp.where((labels >= 0) & (labels < logits.shape[-1]), losses, jnp.nan)
 
 
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:

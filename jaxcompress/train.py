@@ -286,7 +286,8 @@ def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> No
   """The one-line error for a diverged ``step`` (its ``metrics``; ``latest`` checkpoint)."""
   loss = float(jax.device_get(metrics["loss"]))
   if not math.isfinite(loss):
-    what = f"the loss is {loss}"
+    what = f"the loss is {loss}" + (" (or a label is outside the model's classes)"
+                                    if math.isnan(loss) else "")
   else:
     what = f"the gradient norm is {float(jax.device_get(metrics.get('grad_norm', math.nan)))}"
   if latest is None:

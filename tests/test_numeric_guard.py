@@ -47,8 +47,9 @@ def test_a_diverging_loss_stops_at_its_step_and_the_run_resumes(tmp_path):
     _fit(blowup, loss_fn, v, train, data, tmp_path, epochs=3)  # 9 steps
   msg = str(e.value)
   assert isinstance(e.value, ConfigError) and "\n" not in msg
-  assert msg == ("training stopped at step 6: the loss is nan; the workdir keeps the checkpoint "
-                 "of step 4, resume it with a lower learning rate")
+  assert msg == ("training stopped at step 6: the loss is nan (or a label is outside the model's "
+                 "classes); the workdir keeps the checkpoint of step 4, resume it with a lower "
+                 "learning rate")
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [4]
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   like = TrainState.create(v["params"], {}, blowup)

@@ -36,6 +36,19 @@ def test_cross_entropy_matches_numpy():
                              rtol=1e-6)
 
 
+def test_labels_outside_the_classes_are_nan_in_training_and_refused_in_evaluation():
+  logits = np.zeros((4, 3), np.float32)
+  losses = np.asarray(cross_entropy(logits, np.array([0, 2, -1, 3])))
+  np.testing.assert_allclose(losses[:2], np.log(3), rtol=1e-6)  # uniform over 3 classes
+  assert np.isnan(losses[2:]).all()  # -1 and 3 index no class: no plausible loss
+  step = make_eval_step(lambda v, img: img * v)
+  batch = Batch(np.eye(3, dtype=np.float32), np.array([0, 1, 7], np.int32),
+                np.ones(3, np.float32))
+  with pytest.raises(ConfigError, match=r"^confusion matrix: labels must be class ids in "
+                                        r"\[0, 3\), got 7 at position 2 \(1 outside\)$"):
+    evaluate(step, 1.0, [batch], num_classes=3)
+
+
 def test_train_step_lowers_loss_and_compiles_once():
   model, variables = create_model("resnet20", num_classes=4, image_shape=(8, 8, 3))
   traces = []
