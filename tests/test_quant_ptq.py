@@ -99,3 +99,25 @@ def test_nan_in_batches_raises_naming_the_layer():
 def test_bad_parameters_raise(kwargs, match):
   with pytest.raises(ConfigError, match=match):
     calibrate(QZ, VARS, QSTATE, BATCHES, **kwargs)
+
+
+class RematMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.remat(nn.Dense)(6, name="fc1")(x))  # under jax.checkpoint
+    return nn.Dense(3, name="fc2")(h)
+
+
+def test_layers_under_remat_are_calibrated_on_the_batches():
+  """The inputs of fc2 come out of a remat'd layer, fc1's are the batches themselves: both
+  ranges are the NumPy min/max over every batch, not the init sample's."""
+  model = RematMLP()
+  variables = model.init(jax.random.key(0), BATCHES[0])
+  qz = quantize(model, [(".*", dict(weight_bits=8, act_bits=8))], train_kwarg=None)
+  qstate = calibrate(qz, variables, qz.init(variables, 0.01 * BATCHES[0]), BATCHES,
+                     method="minmax")
+  p = jax.tree.map(np.asarray, variables["params"])
+  x = np.concatenate(BATCHES)
+  h = np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  np.testing.assert_allclose(qstate.ranges["fc1"], [x.min(), x.max()], rtol=1e-6)
+  np.testing.assert_allclose(qstate.ranges["fc2"], [h.min(), h.max()], rtol=1e-5)

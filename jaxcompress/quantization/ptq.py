@@ -73,6 +73,8 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
   acc, count = None, 0
   for batch in batches:
     ranges = observe(variables, batch)
+    if set(ranges) != set(qstate.ranges):  # layers under nn.remat: seen only when run eagerly
+      ranges = qz.observe(variables, qstate, batch, stat=stat, **model_kwargs)
     if acc is None:
       acc = ranges
     elif method == "minmax":
