@@ -41,7 +41,7 @@ from jaxcompress.errors import ConfigError, check_counts, invalid, shortened
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
-from jaxcompress.rules import tree_get, tree_set
+from jaxcompress.rules import flat_paths, tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.specs import DistillSpec, PruneSpec, QuantSpec
@@ -508,6 +508,11 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   else:
     rules = layers.prune_rules()
   rules = [(f"model/(?:{regex})", value) for regex, value in rules]
+  weights = list(flat_paths(variables["params"]))
+  for i, (regex, _) in enumerate(prune.layer_sparsity if prune.enabled else ()):
+    if not any(re.fullmatch(regex, w) for w in weights):
+      raise invalid(f"prune.layer_sparsity[{i}]", regex, "a regex that fully matches a "
+                    f"parameter path ({shortened(weights, 4)})")
   opt = optimizer
   if prune.enabled:
     check_counts({"total_steps": total_steps})  # the pruning schedule is in steps of the run

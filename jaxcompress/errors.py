@@ -74,6 +74,16 @@ def check_range(field: str, value: float, lo: float, hi: float, *,
     raise invalid(field, value, f"in {interval}")
 
 
+def check_positive(field: str, value: float, *, zero: bool = False) -> None:
+  """Raises :class:`ConfigError` unless ``value`` is a finite number > 0 (>= 0 with ``zero``);
+  NaN and infinity are refused, not passed on to a training run."""
+  bound = ">= 0" if zero else "> 0"
+  if not _is_number(value) or not np.isfinite(value):
+    raise invalid(field, value, f"a finite number {bound}")
+  if not (value >= 0 if zero else value > 0):
+    raise invalid(field, value, bound)
+
+
 def _is_number(value: Any) -> bool:
   """A real scalar (Python, NumPy or a 0-d array), not a bool or a string."""
   if isinstance(value, (bool, str, bytes)):

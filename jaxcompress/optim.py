@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import optax
 
-from jaxcompress.errors import check_range, invalid, unknown
+from jaxcompress.errors import check_positive, check_range, invalid, unknown
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -44,19 +44,22 @@ class OptimizerSpec:
   decay_factor: float = 0.1
 
   def __post_init__(self):
-    if self.epochs < 0:
-      raise invalid("train.epochs", self.epochs, ">= 0")
+    check_positive("train.epochs", self.epochs, zero=True)
     if self.optimizer not in OPTIMIZERS:
       raise unknown("train.optimizer", self.optimizer, OPTIMIZERS)
     if self.schedule not in SCHEDULES:
       raise unknown("train.schedule", self.schedule, SCHEDULES)
-    if not self.learning_rate > 0:
-      raise invalid("train.learning_rate", self.learning_rate, "> 0")
-    if self.weight_decay < 0:
-      raise invalid("train.weight_decay", self.weight_decay, ">= 0")
+    check_positive("train.learning_rate", self.learning_rate)
+    check_positive("train.weight_decay", self.weight_decay, zero=True)
     check_range("train.momentum", self.momentum, 0.0, 1.0)
     check_range("train.warmup_epochs", self.warmup_epochs, 0.0, max(self.epochs, 0) + 1e-9,
                 hi_closed=True)
+    if isinstance(self.decay_at, (str, bytes)) or not isinstance(self.decay_at, Sequence):
+      raise invalid("train.decay_at", self.decay_at, "a sequence of fractions of training in "
+                    "(0, 1), e.g. (0.5, 0.75)")
+    for i, f in enumerate(self.decay_at):
+      check_range(f"train.decay_at[{i}]", f, 0.0, 1.0, lo_closed=False)
+    check_positive("train.decay_factor", self.decay_factor)
     object.__setattr__(self, "decay_at", tuple(self.decay_at))
 
   @classmethod

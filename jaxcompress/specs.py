@@ -11,13 +11,15 @@ config section. :func:`jaxcompress.compose.build` takes them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress import precision, pruning
-from jaxcompress.errors import check_range, invalid, unknown
+from jaxcompress.errors import check_positive, check_range, invalid, unknown
 from jaxcompress.export.sparse import GAP_WIDTHS
 from jaxcompress.pruning import positions
 from jaxcompress.rules import Rules
@@ -26,6 +28,23 @@ PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement", "lamp")
 PRUNE_STRUCTURES = ("unstructured", "kernel", "nm", "channel")
 PRUNE_SCHEDULES = ("gradual", "one_shot", "constant")
 QUANT_METHODS = ("minmax", "lsq", "kmeans")
+
+
+def _regex(field: str, pattern: Any) -> None:
+  """Raises :class:`ConfigError` unless ``pattern`` is a string that compiles as a regex."""
+  if not isinstance(pattern, str):
+    raise invalid(field, pattern, "a regex string")
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise invalid(field, pattern, f"a valid regex ({e})") from None
+
+
+def _bits(field: str, bits: Any) -> None:
+  """Raises :class:`ConfigError` unless ``bits`` is 0 (float) or an integer in [2, 8]."""
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
+      bits and not 2 <= bits <= 8):
+    raise invalid(field, bits, "0 (float) or an integer in [2, 8]")
 
 
 def _spec_from(cls, values: Mapping[str, Any], section: str):
@@ -108,9 +127,17 @@ class PruneSpec:
                     "give that")
     if self.update_every < 1:
       raise invalid("prune.update_every", self.update_every, ">= 1")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+      raise invalid("prune.seed", self.seed, "an integer")
+    for i, rule in enumerate(self.rules):
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[1], bool):
+        raise invalid(f"prune.rules[{i}]", rule, "a (regex, True/False) pair",
+                      "rules is a sequence of pairs, e.g. (('head/.*', False), ('.*', True))")
+      _regex(f"prune.rules[{i}] regex", rule[0])
     for i, rule in enumerate(self.layer_sparsity):
-      if len(rule) != 2 or not isinstance(rule[0], str):
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2:
         raise invalid(f"prune.layer_sparsity[{i}]", rule, "a (regex, sparsity) pair")
+      _regex(f"prune.layer_sparsity[{i}] regex", rule[0])
       check_range(f"prune.layer_sparsity[{i}] sparsity", rule[1], 0.0, 1.0)
     if self.layer_sparsity and (self.structure == "nm" or self.scope == "global"
                                 or not self.sparsity > 0):
@@ -245,14 +272,16 @@ class QuantSpec:
     if self.scale_dtype not in precision.SCALE_DTYPES:
       raise unknown("quant.scale_dtype", self.scale_dtype, precision.SCALE_DTYPES)
     for field in ("weight_bits", "act_bits", "first_last_bits"):
-      bits = getattr(self, field)
-      if bits and not 2 <= bits <= 8:
-        raise invalid(f"quant.{field}", bits, "0 (float) or an integer in [2, 8]")
+      _bits(f"quant.{field}", getattr(self, field))
+    if not isinstance(self.per_channel, (bool, np.bool_)):
+      raise invalid("quant.per_channel", self.per_channel, "True or False")
     for i, rule in enumerate(self.layer_bits):
-      if (len(rule) != 3 or not isinstance(rule[0], str)
-          or any(b and not 2 <= b <= 8 for b in rule[1:])):
+      if not isinstance(rule, (tuple, list)) or len(rule) != 3:
         raise invalid(f"quant.layer_bits[{i}]", rule,
                       "a (regex, weight_bits, act_bits) triple, bits 0 (float) or in [2, 8]")
+      _regex(f"quant.layer_bits[{i}] regex", rule[0])
+      _bits(f"quant.layer_bits[{i}] weight_bits", rule[1])
+      _bits(f"quant.layer_bits[{i}] act_bits", rule[2])
     if self.layer_bits and self.method == "kmeans":
       raise invalid("quant.layer_bits", self.layer_bits, "empty with quant.method=kmeans")
 
@@ -281,11 +310,9 @@ class DistillSpec:
   feature_pairs: tuple = ()
 
   def __post_init__(self):
-    if not self.temperature > 0:
-      raise invalid("distill.temperature", self.temperature, "> 0")
+    check_positive("distill.temperature", self.temperature)
     check_range("distill.alpha", self.alpha, 0.0, 1.0, hi_closed=True)
-    if self.feature_weight < 0:
-      raise invalid("distill.feature_weight", self.feature_weight, ">= 0")
+    check_positive("distill.feature_weight", self.feature_weight, zero=True)
     for pair in self.feature_pairs:
       if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
         raise invalid("distill.feature_pairs", pair, "(student path, teacher path) pairs")

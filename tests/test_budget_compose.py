@@ -112,6 +112,15 @@ def test_bad_layer_sparsity_is_one_line(kwargs):
     compose.PruneSpec(**kwargs)
 
 
+def test_a_layer_sparsity_regex_that_matches_no_parameter_is_one_line():
+  model, variables = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  prune = compose.PruneSpec(sparsity=0.5, layer_sparsity=(("fc2/kernel", 0.3), ("fc9/.*", 0.5)))
+  with pytest.raises(ConfigError, match=r"prune.layer_sparsity\[1\] must be a regex that fully "
+                     r"matches a parameter path \(.*fc1/kernel.*\), got 'fc9/\.\*'"):
+    compose.build(model, variables, _batch(0).image, optimizer=optax.sgd(0.1), total_steps=4,
+                  prune=prune)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(layer_bits=(("a", 9, 8),)), dict(layer_bits=(("a", 4),)),
     dict(layer_bits=(("a", 4, 8),), method="kmeans", weight_bits=4)])

@@ -145,6 +145,18 @@ def test_a_gradual_schedule_needs_two_steps():
     ("distill__feature_weight", 1.0, r"distill.feature_pairs must be at least one .* with "
      "distill.feature_weight > 0, got \(\); add pairs"),
     ("prune__sparsity_", 0.5, "prune field must be one of"),
+    ("prune__rules", ("hidden", True), r"prune.rules\[0\] must be a \(regex, True/False\) pair, "
+     "got 'hidden'"),
+    ("prune__rules", (("[", True),), r"prune.rules\[0\] regex must be a valid regex"),
+    ("prune__seed", "a", "prune.seed must be an integer, got 'a'"),
+    ("quant__weight_bits", 4.5, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\], "
+     "got 4.5"),
+    ("quant__per_channel", "no", "quant.per_channel must be True or False, got 'no'"),
+    ("quant__layer_bits", (("[", 4, 8),), r"quant.layer_bits\[0\] regex must be a valid regex"),
+    ("quant__layer_bits", (("a", 4.5, 8),), r"quant.layer_bits\[0\] weight_bits must be"),
+    ("distill__temperature", float("inf"), "distill.temperature must be a finite number > 0"),
+    ("distill__temperature", float("nan"), "distill.temperature must be a finite number > 0"),
+    ("distill__feature_weight", float("nan"), "distill.feature_weight must be a finite number"),
 ])
 def test_bad_specs_fail_when_built(key, value, match):
   with pytest.raises(ConfigError, match=match):

@@ -17,6 +17,12 @@ from jaxcompress.optim import OptimizerSpec, make_optimizer
     ("weight_decay", -1e-4, r"train.weight_decay must be >= 0"),
     ("momentum", 1.0, r"train.momentum must be in \[0.0, 1.0\)"),
     ("warmup_epochs", 3.0, r"train.warmup_epochs must be in"),
+    ("learning_rate", float("inf"), r"train.learning_rate must be a finite number > 0, got inf"),
+    ("weight_decay", float("nan"), r"train.weight_decay must be a finite number >= 0, got nan"),
+    ("decay_at", (1.5, -0.2), r"train.decay_at\[0\] must be in \(0.0, 1.0\), got 1.5"),
+    ("decay_at", "0.5", r"train.decay_at must be a sequence of fractions"),
+    ("decay_at", 0.5, r"train.decay_at must be a sequence of fractions"),
+    ("decay_factor", -1.0, r"train.decay_factor must be > 0, got -1.0"),
 ])
 def test_a_bad_field_is_rejected_when_the_spec_is_built(field, value, message):
   with pytest.raises(ConfigError, match=message):

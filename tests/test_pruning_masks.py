@@ -190,3 +190,12 @@ def test_bad_input(call, needle):
   with pytest.raises(ConfigError) as err:
     call()
   assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_concrete_array_sparsity_is_checked_as_a_number():
+  from jaxcompress.pruning import compute_masks
+  params = {"fc": {"kernel": np.ones((4, 4), np.float32)}}
+  with pytest.raises(ConfigError, match=r"^sparsity must be in \[0.0, 1.0\), got 1.5$"):
+    compute_masks(params, jnp.array(1.5))
+  mask = compute_masks(params, jnp.array(0.25))["fc"]["kernel"]
+  assert int(np.sum(~np.asarray(mask, bool))) == 4  # 0.25 of 16

@@ -42,9 +42,13 @@ NORMS = ("l1", "l2")
 
 
 def check_sparsity(sparsity: Sparsity, field: str = "sparsity") -> None:
-  """Raises ConfigError unless a Python (not traced) ``sparsity`` lies in [0, 1)."""
-  if isinstance(sparsity, numbers.Real):
-    check_range(field, sparsity, 0.0, 1.0)
+  """Raises ConfigError unless a concrete ``sparsity`` (a Python number or a 0-d array, not a
+  traced one: a schedule's value inside jit) lies in [0, 1)."""
+  if isinstance(sparsity, jax.core.Tracer):
+    return
+  if not isinstance(sparsity, numbers.Real) and np.ndim(sparsity) == 0:
+    sparsity = np.asarray(sparsity).item()  # a concrete 0-d array, named by its value
+  check_range(field, sparsity, 0.0, 1.0)
 
 
 def check_sparsities(values: Sequence[float], field: str = "sparsities", *,
