@@ -64,6 +64,7 @@ class DataSpec:
         raise invalid(f"data.{field}", getattr(self, field), ">= 0 (0: none)")
     object.__setattr__(self, "mean", tuple(self.mean))
     object.__setattr__(self, "std", tuple(self.std))
+    check_normalization(self.mean, self.std, dataset_spec(self.name).image_shape[-1])
 
   @property
   def num_classes(self) -> int:
@@ -125,6 +126,13 @@ class ArraySplit:
 def as_split(split: Split | tuple[np.ndarray, np.ndarray]) -> Split:
   """``split`` itself, or an :class:`ArraySplit` of an ``(images, labels)`` pair."""
   if isinstance(split, (tuple, list)):
+    if len(split) != 2 or len(split[0]) != len(split[1]):
+      raise invalid("split", f"{len(split)} arrays" if len(split) != 2 else
+                    f"{len(split[0])} images and {len(split[1])} labels",
+                    "(images, labels) with one label per image")
+    if np.asarray(split[0]).dtype != np.uint8:
+      raise invalid("split images", np.asarray(split[0]).dtype, "uint8 pixels (0..255); "
+                    "normalisation divides by 255")
     return ArraySplit(*split)
   return split
 
@@ -251,8 +259,30 @@ def _read(source, keys: list[int]) -> list[dict]:
     return [source[k] for k in keys]
 
 
+def check_normalization(mean: Sequence[float], std: Sequence[float], channels: int | None = None,
+                        field: str = "data") -> None:
+  """Raises :class:`ConfigError` unless ``std`` holds finite values > 0 and ``mean`` finite
+  values, one per channel (or one for all)."""
+  mean, std = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
+  if not (np.all(np.isfinite(std)) and np.all(std > 0)):
+    raise invalid(f"{field}.std", tuple(std.tolist()), "finite values > 0 (pixel / 255 units)")
+  if not np.all(np.isfinite(mean)):
+    raise invalid(f"{field}.mean", tuple(mean.tolist()), "finite values")
+  for name, v in (("mean", mean), ("std", std)):
+    if channels is not None and v.size not in (1, channels):
+      raise invalid(f"{field}.{name}", tuple(v.tolist()), "one value per channel of the "
+                    f"{channels}-channel images, or one for all")
+
+
+def _check_batch_size(batch_size: int) -> None:
+  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
+      batch_size < 1:
+    raise invalid("batch_size", batch_size, "an integer >= 1")
+
+
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
   """uint8 pixels -> float32 ``(pixel / 255 - mean) / std`` per channel."""
+  check_normalization(mean, std, np.shape(images)[-1] if np.ndim(images) else None)
   scale = 1.0 / (255.0 * np.asarray(std, np.float32))
   shift = np.asarray(mean, np.float32) / np.asarray(std, np.float32)
   return images.astype(np.float32) * scale - shift
@@ -316,6 +346,7 @@ def train_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int,
     rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples (this
       process's part, :func:`jaxcompress.parallel.local_rows`); default: whole batches.
   """
+  _check_batch_size(batch_size)
   split = as_split(split)
   order = train_order(len(split), seed=seed, epoch=epoch)
   lo, hi = (0, batch_size) if rows is None else rows
@@ -339,6 +370,7 @@ def eval_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int, 
     rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples; every
       process yields the same number of batches (rows past the end are padding of weight 0).
   """
+  _check_batch_size(batch_size)
   split = as_split(split)
   n = len(split)
   lo, hi = (0, batch_size) if rows is None else rows

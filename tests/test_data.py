@@ -172,12 +172,36 @@ def test_cifar10_label_names_match_the_prepared_dataset():
 
 def test_data_spec_is_validated_when_built_and_read_from_a_section():
   from configs import common
-  spec = data.DataSpec.from_mapping(common.data_config("mnist"))
-  assert spec.name == "mnist" and spec.num_classes == 10 and spec.batch_size == 128
+  spec = data.DataSpec.from_mapping(common.data_config("cifar10"))
+  assert spec.name == "cifar10" and spec.num_classes == 10 and spec.batch_size == 128
   assert spec.mean == common.IMAGENET_MEAN and isinstance(spec.mean, tuple)
+  # MNIST's one channel: three means would broadcast every image to three channels.
+  with pytest.raises(ConfigError, match=r"^data.mean must be one value per channel of the "
+                     r"1-channel images, or one for all, got \(0.485, 0.456, 0.406\)$"):
+    data.DataSpec.from_mapping(common.data_config("mnist"))
+  with pytest.raises(ConfigError, match=r"^data.std must be finite values > 0"):
+    data.DataSpec(std=(0.2, 0.0, 0.3))
   with pytest.raises(ConfigError, match=r"data.eval_batch_size must be > 0, got 0"):
     data.DataSpec(eval_batch_size=0)
   with pytest.raises(ConfigError, match=r"data.val_examples must be >= 0"):
     data.DataSpec(val_examples=-5)
   with pytest.raises(ConfigError, match=r"data.name must be one of .*got 'svhn'"):
     data.DataSpec(name="svhn")
+
+
+def test_bad_batches_are_one_line():
+  images = np.zeros((6, 4, 4, 3), np.uint8)
+  labels = np.zeros(6, np.int32)
+  norm = dict(mean=(0.5,), std=(0.25,))
+  with pytest.raises(ConfigError, match=r"^batch_size must be an integer >= 1, got 0$"):
+    next(data.train_batches((images, labels), 0, seed=0, epoch=0, **norm))
+  with pytest.raises(ConfigError, match=r"^split must be \(images, labels\) with one label per "
+                                        r"image, got '6 images and 5 labels'$"):
+    next(data.eval_batches((images, labels[:5]), 2, **norm))
+  with pytest.raises(ConfigError, match=r"^split images must be uint8 pixels"):
+    next(data.eval_batches((images.astype(np.float32), labels), 2, **norm))
+  with pytest.raises(ConfigError, match=r"^data.std must be finite values > 0"):
+    next(data.eval_batches((images, labels), 2, mean=(0.5,), std=(0.0,)))
+  with pytest.raises(ConfigError, match=r"^data.mean must be one value per channel of the "
+                                        r"3-channel images, or one for all, got \(0.5, 0.5\)$"):
+    next(data.eval_batches((images, labels), 2, mean=(0.5, 0.5), std=(0.25,)))

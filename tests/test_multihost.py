@@ -49,7 +49,7 @@ STEP_SCRIPT = textwrap.dedent(f"""
                      rng.integers(0, 10, {N_TRAIN}).astype(np.int32))
     test = Recorded(rng.integers(0, 256, ({N_EVAL}, *shape), dtype=np.uint8),
                     rng.integers(0, 10, {N_EVAL}).astype(np.int32))
-    data = DataSpec(name="mnist", batch_size={BATCH}, eval_batch_size={EVAL_BATCH},
+    data = DataSpec(name="cifar10", batch_size={BATCH}, eval_batch_size={EVAL_BATCH},
                     mean=(0.5,) * 3, std=(0.25,) * 3)
     student, svars = create_model("mlp", num_classes=10, image_shape=shape, seed=1)
     teacher, tvars = create_model("mlp", num_classes=10, image_shape=shape, seed=2)
