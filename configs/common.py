@@ -21,7 +21,8 @@ def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   c.batch_size = 128  # global training batch, split over all devices
   c.eval_batch_size = 500  # global eval batch; the last batch is padded, never dropped
   c.augment = True  # 4-pixel zero-pad random crop + horizontal flip
-  c.mean = IMAGENET_MEAN  # per-channel mean of pixel/255
+  c.mean = IMAGENET_MEAN  # per-channel mean of pixel/255 (mnist, fashion_mnist: one value,
+  #                         e.g. --config.data.mean="(0.1307,)" --config.data.std="(0.3081,)")
   c.std = IMAGENET_STD  # per-channel std of pixel/255
   return c
 
