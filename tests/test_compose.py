@@ -272,3 +272,22 @@ def test_a_teacher_of_other_classes_or_no_teacher_variables_is_a_one_line_error(
   with pytest.raises(ConfigError, match=r"batch.label must have one class id per output, shape "
                      r"\(8,\) for the model's outputs \(8, 4\), got shape \(6,\)"):
     step(state, batch._replace(label=batch.label[:6]), tvars)
+
+
+def test_nan_weights_or_inputs_are_refused_at_init_and_export(tmp_path):
+  model, variables = create_model("mlp", num_classes=4, image_shape=(4, 4, 1), seed=0)
+  x = np.zeros((2, 4, 4, 1), np.float32)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=4,
+                       prune=compose.PruneSpec(sparsity=0.5))
+  bad = jax.tree.map(np.array, variables)
+  bad["params"]["fc2"]["kernel"][0, :3] = np.nan
+  with pytest.raises(ConfigError, match=r"^student_vars\['params'\]\['fc2'\]\['kernel'\] holds "
+                                        r"3 NaN/Inf value\(s\)"):
+    comp.init_state(bad, x)
+  with pytest.raises(ConfigError, match=r"^sample_x holds 32 NaN/Inf value\(s\)"):
+    comp.init_state(variables, x + np.inf)
+  state = comp.init_state(variables, x)
+  diverged = state.replace(params=jax.tree.map(lambda a: a * np.nan, state.params))
+  with pytest.raises(ConfigError, match=r"^export: params/fc1/bias holds \d+ NaN/Inf"):
+    comp.export(str(tmp_path / "export"), diverged)
+  assert not (tmp_path / "export").exists()
