@@ -199,3 +199,11 @@ def test_a_concrete_array_sparsity_is_checked_as_a_number():
     compute_masks(params, jnp.array(1.5))
   mask = compute_masks(params, jnp.array(0.25))["fc"]["kernel"]
   assert int(np.sum(~np.asarray(mask, bool))) == 4  # 0.25 of 16
+
+
+def test_channel_pruning_keeps_one_channel_of_every_leaf():
+  w = jnp.asarray(np.arange(1, 13, dtype=np.float32).reshape(3, 4))  # channel L1: 15, 18, 21, 24
+  (mask,) = channels()(["w"], [w], 0.99)  # round(0.99 * 4) = 4 would cut the layer
+  np.testing.assert_array_equal(np.asarray(mask).any(0), [False, False, False, True])
+  (mask,) = channels()(["w"], [w], 0.5)
+  np.testing.assert_array_equal(np.asarray(mask).any(0), [False, False, True, True])

@@ -228,6 +228,7 @@ def channels(norm: str = "l1") -> Masker:
 
   ``round(sparsity * channels)`` channels per leaf with the lowest L1 or L2 norm of their scores
   are pruned; with the magnitude score that is the L1/L2 norm of the weights (Li et al. 2017).
+  At least one channel of each leaf is kept: a layer of no channels cuts the network.
 
   Raises:
     ConfigError: for an unknown norm.
@@ -237,8 +238,12 @@ def channels(norm: str = "l1") -> Masker:
 
   def masker(paths, scores, sparsity):
     del paths
-    return [jnp.broadcast_to(sparsity_mask(channel_scores(s, norm), sparsity), s.shape)
-            for s in scores]
+    out = []
+    for s in scores:
+      c = channel_scores(s, norm)
+      keep = jnp.maximum(c.size - num_pruned(sparsity, c.size), 1)
+      out.append(jnp.broadcast_to(topk_mask(c, keep), s.shape))
+    return out
 
   return masker
 
