@@ -121,3 +121,13 @@ def test_layers_under_remat_are_calibrated_on_the_batches():
   h = np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
   np.testing.assert_allclose(qstate.ranges["fc1"], [x.min(), x.max()], rtol=1e-6)
   np.testing.assert_allclose(qstate.ranges["fc2"], [h.min(), h.max()], rtol=1e-5)
+
+
+def test_batches_the_model_cannot_take_are_one_line():
+  qstate = QZ.init(VARS, BATCHES[0])
+  with pytest.raises(ConfigError, match=r"^calibration batches must be a sequence of input "
+                                        r"batches, got 'one array of shape \(16, 4\)'; pass \[x\]$"):
+    calibrate(QZ, VARS, qstate, BATCHES[0])
+  with pytest.raises(ConfigError, match=r"^calibration batch 1: the model fails on inputs of "
+                                        r"shape \(16, 5\) \(.*\); give batches shaped like"):
+    calibrate(QZ, VARS, qstate, [BATCHES[0], np.ones((16, 5), np.float32)])

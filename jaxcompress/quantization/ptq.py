@@ -23,8 +23,9 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxcompress.errors import ConfigError, check_range, unknown
+from jaxcompress.errors import ConfigError, check_range, invalid, unknown
 from jaxcompress.quantization.calibration import check_finite_range, ema_range, tensor_range
 
 CALIBRATION_METHODS = ("minmax", "ema", "percentile", "mse")
@@ -69,10 +70,21 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
                           symmetric=cfg.act_symmetric)
     return jnp.stack([lo, hi])
 
+  if isinstance(batches, (np.ndarray, jax.Array)):
+    raise invalid("calibration batches", f"one array of shape {tuple(batches.shape)}",
+                  "a sequence of input batches", "pass [x]")
   observe = jax.jit(lambda v, x: qz.observe(v, qstate, x, stat=stat, **model_kwargs))
   acc, count = None, 0
   for batch in batches:
-    ranges = observe(variables, batch)
+    try:
+      ranges = observe(variables, batch)
+    except ConfigError:
+      raise
+    except Exception as e:  # a batch the model cannot take is a user mistake: one line
+      shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
+      raise ConfigError(f"calibration batch {count}: the model fails on inputs of shape "
+                        f"{shapes} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        "; give batches shaped like init's sample") from None
     if set(ranges) != set(qstate.ranges):  # layers under nn.remat: seen only when run eagerly
       ranges = qz.observe(variables, qstate, batch, stat=stat, **model_kwargs)
     if acc is None:
