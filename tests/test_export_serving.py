@@ -94,3 +94,14 @@ def test_the_signature_names_the_dtype_the_function_returns(tmp_path):
   served = load_serving(str(tmp_path / "serving"))(x)
   assert signature["output"] == {"shape": ["batch", 4], "dtype": "bfloat16"}
   assert jnp.dtype(served.dtype).name == "bfloat16"
+
+
+def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
+  loaded = mlp_artifact(str(tmp_path / "export"))
+  (tmp_path / "taken").write_text("")
+  with pytest.raises(ConfigError, match=r"^out_dir: '.*taken' is a file or lies under one"):
+    save_serving(str(tmp_path / "taken"), loaded)
+  with pytest.raises(ConfigError, match=r"^out_dir: '.*taken/sub' is a file or lies under one"):
+    save_serving(str(tmp_path / "taken" / "sub"), loaded)
+  with pytest.raises(ConfigError, match=r"^out_dir: '.*taken' is a file or lies under one"):
+    mlp_artifact(str(tmp_path / "taken"))  # the artifact itself

@@ -33,8 +33,8 @@ import numpy as np
 from jaxcompress.errors import ConfigError
 from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
-from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION, read_arrays,
-                                      read_spec, spec_bytes, write)
+from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION,
+                                      make_folder, read_arrays, read_spec, spec_bytes, write)
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
@@ -148,7 +148,7 @@ def _write(out_dir: str, fin: Finalized, *, signature: dict, model_name: str,
             "float32_bytes": fin.float32_bytes, "folded": fin.folded, "acts": fin.acts,
             "arrays": {"file": ARRAYS_FILE, "bytes": len(data), "raw_bytes": len(raw),
                        "compression": compression, "sha256": hashlib.sha256(data).hexdigest()}}
-  os.makedirs(out_dir, exist_ok=True)
+  make_folder(out_dir)
   write(os.path.join(out_dir, ARRAYS_FILE), data)
   name, stale = (SPEC_GZ, SPEC_FILE) if compress else (SPEC_FILE, SPEC_GZ)
   write(os.path.join(out_dir, name), spec_bytes({**header, "layers": metas}, compress))

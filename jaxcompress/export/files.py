@@ -41,6 +41,19 @@ def spec_bytes(spec: dict, compress: bool = True) -> bytes:
   return gzip.compress(text.encode(), 9, mtime=0) if compress else text.encode()
 
 
+def make_folder(path: str, field: str = "out_dir") -> None:
+  """Creates the folder ``path`` (and its parents) unless it exists.
+
+  Raises:
+    ConfigError: ``path`` or one of its parents is a file.
+  """
+  try:
+    os.makedirs(path, exist_ok=True)
+  except (FileExistsError, NotADirectoryError):
+    raise ConfigError(f"{field}: {path!r} is a file or lies under one; give a folder "
+                      "(new, or an earlier export's to replace it)") from None
+
+
 def write(path: str, data: bytes) -> None:
   """Writes to a temporary name and renames: a reader never sees a half-written file."""
   tmp = path + ".tmp"

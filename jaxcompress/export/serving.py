@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export import inputs as io
+from jaxcompress.export.files import make_folder
 
 SERVING_FILE, SIGNATURE_FILE = "model.jaxexport", "signature.json"
 
@@ -79,7 +80,7 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
       io.structs(spec["input"], batch, dtype))
   logits = jax.eval_shape(serve, io.structs(spec["input"], 1, dtype))
-  os.makedirs(out_dir, exist_ok=True)
+  make_folder(out_dir)
   with open(os.path.join(out_dir, SERVING_FILE), "wb") as f:
     f.write(exported.serialize())
   signature = {"file": SERVING_FILE, "input": {**io.with_batch(spec["input"], dtype),
