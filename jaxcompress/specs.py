@@ -41,7 +41,10 @@ def _regex(field: str, pattern: Any) -> None:
 
 
 def _bits(field: str, bits: Any) -> None:
-  """Raises :class:`ConfigError` unless ``bits`` is 0 (float) or an integer in [2, 8]."""
+  """Raises :class:`ConfigError` unless ``bits`` is 0 or ``None`` (float) or an integer in
+  [2, 8]."""
+  if bits is None:
+    return
   if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
       bits and not 2 <= bits <= 8):
     raise invalid(field, bits, "0 (float) or an integer in [2, 8]")

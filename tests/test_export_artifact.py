@@ -406,6 +406,10 @@ def test_finalize_rejects_inputs_that_do_not_fit(convbn):
     finalize({"params": v["params"]}, fold={"norm_a": EPS})
   with pytest.raises(ConfigError, match="masks must have the structure"):
     finalize(v, masks={"stem": {"kernel": 1}})
+  masks = jax.tree.map(lambda p: np.ones(np.shape(p)[:-1] + (1,), np.float32), v["params"])
+  with pytest.raises(ConfigError, match=r"masks\['\w+'\]\['\w+'\] has shape \(.*, 1\), its "
+                                        "weight"):
+    finalize(v, masks=masks)  # broadcast, these would zero nothing or everything unseen
   specs, fold = convbn["specs"], convbn["comp"].fold_norms
   with pytest.raises(ConfigError, match="gains_into: 'norm_x' is not a folded BatchNorm"):
     finalize(v, specs=specs, fold=fold, gains_into={"norm_x": "body/kernel"})

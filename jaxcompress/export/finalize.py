@@ -75,9 +75,16 @@ def bake_masks(params: Any, masks: Any | None) -> Any:
   """``params`` with exactly 0 where ``masks`` is 0 (NumPy float32 leaves)."""
   if masks is None:
     return jax.tree.map(lambda p: np.asarray(p, np.float32), params)
+  def bake(path, p, m):
+    if np.shape(m) != np.shape(p):  # a broadcast mask would zero far more than it says
+      raise ConfigError(f"masks{jax.tree_util.keystr(path)} has shape {np.shape(m)}, its weight "
+                        f"{np.shape(p)}; a mask has its weight's shape")
+    return np.where(np.asarray(m) != 0, np.asarray(p, np.float32), np.float32(0))
+
   try:
-    return jax.tree.map(lambda p, m: np.where(np.asarray(m) != 0, np.asarray(p, np.float32),
-                                              np.float32(0)), params, masks)
+    return jax.tree_util.tree_map_with_path(bake, params, masks)
+  except ConfigError:
+    raise
   except ValueError as e:
     raise ConfigError(f"masks must have the structure of variables['params'] (0/1 leaves, e.g. "
                       f"from jaxcompress.pruning), got a different tree: {e}") from None
