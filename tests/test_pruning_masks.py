@@ -207,3 +207,18 @@ def test_channel_pruning_keeps_one_channel_of_every_leaf():
   np.testing.assert_array_equal(np.asarray(mask).any(0), [False, False, False, True])
   (mask,) = channels()(["w"], [w], 0.5)
   np.testing.assert_array_equal(np.asarray(mask).any(0), [False, False, True, True])
+
+
+def test_nm_mask_and_apply_masks_refuse_what_they_cannot_do():
+  from jaxcompress.pruning import apply_masks
+  with pytest.raises(ConfigError, match=r"^m must be a divisor of the 6 entries grouped along "
+                                        r"axes \(0,\) of shape \(6, 4\), got 4$"):
+    nm_mask(jnp.ones((6, 4)), 2, 4)
+  with pytest.raises(ConfigError, match=r"^n must be an integer in \[1, m\)"):
+    nm_mask(jnp.ones((8, 4)), 5, 4)
+  params = {"fc": {"kernel": jnp.ones((3, 4))}}
+  with pytest.raises(ConfigError, match=r"^masks\['fc'\]\['kernel'\] has shape \(3, 1\), its "
+                                        r"parameter \(3, 4\)"):
+    apply_masks(params, {"fc": {"kernel": jnp.zeros((3, 1))}})
+  with pytest.raises(ConfigError, match=r"^masks must be a tree like params"):
+    apply_masks(params, {"fc": {}})

@@ -132,6 +132,12 @@ def nm_mask(scores: jax.Array, n: int, m: int,
   if axis is None:
     axis = reduction_axis(scores.ndim)
   axes = tuple(a % scores.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
+  if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+    raise invalid("n", n, f"an integer in [1, m) with m an integer, got m={m!r}")
+  length = math.prod(scores.shape[a] for a in axes)
+  if length % m:
+    raise invalid("m", m, f"a divisor of the {length} entries grouped along axes {axes} of "
+                  f"shape {tuple(scores.shape)}")
   last = tuple(range(scores.ndim - len(axes), scores.ndim))
   moved = jnp.moveaxis(scores, axes, last)
   groups = moved.reshape(*moved.shape[:len(moved.shape) - len(axes)], -1, m)

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxcompress.errors import ConfigError
 from jaxcompress.pruning.masks import (Masker, Sparsity, channels, check_sparsity, n_of_m,
                                        unstructured)
 from jaxcompress.pruning.scores import Score, get_score, leaf_scores
@@ -133,8 +134,23 @@ def apply_masks(params: Any, masks: Any) -> Any:
   """Zeroes the pruned entries: ``params`` where ``masks != 0``, exactly ``0`` elsewhere.
 
   Works with float (0/1) or boolean masks and any matching pytree (dict, ``nnx.State``).
+
+  Raises:
+    ConfigError: ``masks`` is not a tree like ``params``, or a mask's shape is not its leaf's.
   """
-  return jax.tree.map(lambda p, m: jnp.where(m != 0, p, jnp.zeros_like(p)), params, masks)
+  def apply(path, p, m):
+    if jnp.shape(m) != jnp.shape(p):  # a broadcast mask would prune what it does not say
+      raise ConfigError(f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, its "
+                        f"parameter {jnp.shape(p)}; a mask has its parameter's shape")
+    return jnp.where(m != 0, p, jnp.zeros_like(p))
+
+  try:
+    return jax.tree_util.tree_map_with_path(apply, params, masks)
+  except ConfigError:
+    raise
+  except ValueError as e:
+    raise ConfigError("masks must be a tree like params (from compute_masks), got another: "
+                      f"{str(e).splitlines()[0]}") from None
 
 
 def apply_masks_ste(params: Any, masks: Any) -> Any:
