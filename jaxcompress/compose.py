@@ -515,6 +515,12 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:
     require_layers(layers)
+    stacked = [l.path for l in layers.layers if l.stacked]
+    if stacked:
+      warnings.warn(f"compression: the weights of {shortened(stacked, 4)} are stacked by a lifted "
+                    "transform (nn.scan/nn.vmap over params): each gets one scale per output "
+                    "channel and one pruning threshold shared by all its steps "
+                    "(docs/own_models.md)", stacklevel=2)
   if prune.rules:
     rules = [tuple(r) for r in prune.rules]
   else:

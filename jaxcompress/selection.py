@@ -50,6 +50,8 @@ class Layer:
     norm: path of the normalization layer applied directly to its output, if any.
     reduce_axes: the weight axes its product sums over
       (:func:`~jaxcompress.models.functional.contraction_axes`): where N:M groups run.
+    stacked: leading axes the stored weight has beyond what one call uses (``nn.scan`` or
+      ``nn.vmap`` over ``params``: one slice per step); 0 for an ordinary layer.
   """
   path: str
   kind: str
@@ -59,6 +61,7 @@ class Layer:
   input_shape: tuple[int, ...]
   norm: str | None = None
   reduce_axes: tuple[int, ...] = ()
+  stacked: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,15 +156,16 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
     if name is not None:
       wpath = f"{call.path}/{name}" if call.path else name
       w = flat.get(wpath)
+      stacked = 0 if w is None else jnp.ndim(w) - len(_called_shape(call, name) or jnp.shape(w))
       if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
         calls[call.path] = Layer(call.path, call.kind, call.type_name, wpath,
                                  tuple(jnp.shape(w)), tuple(jnp.shape(call.x)),
-                                 reduce_axes=contraction_axes(call.module, jnp.ndim(w)))
+                                 reduce_axes=contraction_axes(call.module, jnp.ndim(w)),
+                                 stacked=max(stacked, 0))
       # A BatchNorm folds into a weight whose output channels are its last axis, and not into
       # one stacked by a lifted transform (nn.scan: [steps, ...], one slice per call).
       if call.kind == "linear" and (w is None or (
-          output_axis(call.module, jnp.ndim(w)) == jnp.ndim(w) - 1
-          and len(_called_shape(call, name) or jnp.shape(w)) == jnp.ndim(w))):
+          output_axis(call.module, jnp.ndim(w)) == jnp.ndim(w) - 1 and not stacked)):
         outputs.append((out, call.path))
     elif call.kind == "norm" and jnp.ndim(stats.get(f"{call.path}/mean", 0.0)) <= 1:
       for obj, path in outputs:
