@@ -36,7 +36,14 @@ def classification_report(cm: np.ndarray) -> dict:
   """Accuracy (percent) and per-class precision and recall (fractions) from a confusion matrix.
 
   A class never predicted has precision 0; a class with no examples has recall 0.
+
+  Raises:
+    ConfigError: ``cm`` is not a square matrix (:func:`confusion_matrix`).
   """
+  cm = np.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ConfigError(f"classification report: the confusion matrix must be square "
+                      f"(classes x classes), got shape {cm.shape}")
   tp = np.diag(cm).astype(np.float64)
   predicted = cm.sum(axis=0)
   actual = cm.sum(axis=1)

@@ -112,3 +112,11 @@ def test_kmeans_fake_quant_by_hand():
   c = jnp.arange(6.0)
   g = jax.grad(lambda v: jnp.sum(c * kmeans_fake_quant(v, book, update=True)[0]))(w)
   np.testing.assert_allclose(g, c)
+
+
+def test_an_empty_weight_or_a_mask_of_another_shape_is_one_line():
+  with pytest.raises(ConfigError, match=r"^kmeans: the weight is empty"):
+    kmeans(np.ones((0, 4), np.float32), bits=2)
+  with pytest.raises(ConfigError, match=r"^kmeans: the mask has shape \(4, 3\), the weight "
+                                        r"\(3, 4\)"):
+    kmeans(np.ones((3, 4), np.float32), bits=2, mask=np.ones((4, 3), bool))

@@ -80,3 +80,8 @@ def test_learning_the_step_reduces_quantization_error():
 def test_non_positive_step_raises(step):
   with pytest.raises(ConfigError, match=r"step must be finite and > 0 everywhere, got -?[01]\.0"):
     lsq_fake_quant(jnp.ones(3), step, qmin=-8, qmax=7)
+
+
+def test_a_step_for_no_positive_code_is_refused():
+  with pytest.raises(ConfigError, match=r"^qmax must be > 0 \(the largest code"):
+    lsq_init_step(np.ones(3, np.float32), qmax=0)

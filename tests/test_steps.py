@@ -47,6 +47,10 @@ def test_labels_outside_the_classes_are_nan_in_training_and_refused_in_evaluatio
   with pytest.raises(ConfigError, match=r"^confusion matrix: labels must be class ids in "
                                         r"\[0, 3\), got 7 at position 2 \(1 outside\)$"):
     evaluate(step, 1.0, [batch], num_classes=3)
+  from jaxcompress.metrics import classification_report
+  with pytest.raises(ConfigError, match=r"^classification report: the confusion matrix must be "
+                                        r"square \(classes x classes\), got shape \(2, 3\)$"):
+    classification_report(np.ones((2, 3), np.int64))
 
 
 def test_train_step_lowers_loss_and_compiles_once():

@@ -61,11 +61,17 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
     The :class:`Codebook`.
 
   Raises:
-    ConfigError: for ``bits`` outside 2..8 or a negative ``iters``.
+    ConfigError: for ``bits`` outside 2..8, a negative ``iters``, an empty weight or a mask of
+      another shape.
   """
   check_bits(bits)
   if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
     raise ConfigError(f"iters must be a non-negative integer, got {iters!r}")
+  if not jnp.size(w):
+    raise ConfigError(f"kmeans: the weight is empty (shape {tuple(jnp.shape(w))})")
+  if mask is not None and jnp.shape(mask) != jnp.shape(w):
+    raise ConfigError(f"kmeans: the mask has shape {tuple(jnp.shape(mask))}, the weight "
+                      f"{tuple(jnp.shape(w))}; a mask has its weight's shape")
   k = 1 << bits
   flat = jnp.ravel(jnp.asarray(w, jnp.float32))
   keep = jnp.ones(flat.shape, bool) if mask is None else jnp.ravel(jnp.asarray(mask, bool))

@@ -23,7 +23,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxcompress.errors import invalid
 from jaxcompress.quantization.fake_quant import check_qparams
 from jaxcompress.quantization.qparams import EPS, reduce_axes
 
@@ -40,8 +42,10 @@ def lsq_init_step(x: Any, *, qmax: Any, axis: int | None = None) -> jax.Array:
     A float32 step, at least :data:`~jaxcompress.quantization.qparams.EPS`.
 
   Raises:
-    ConfigError: if ``axis`` is out of range.
+    ConfigError: if ``axis`` is out of range or ``qmax`` is not positive.
   """
+  if not isinstance(qmax, jax.core.Tracer) and not np.all(np.asarray(qmax) > 0):
+    raise invalid("qmax", qmax, "> 0 (the largest code, e.g. 7 for signed 4 bits)")
   x = jnp.asarray(x, jnp.float32)
   axes = reduce_axes(x.ndim, axis)
   mean_abs = jnp.mean(jnp.abs(x), axis=axes, keepdims=axes is not None)
