@@ -41,6 +41,9 @@ def run(main: Callable[[list[str]], None]) -> None:
         flags.FLAGS["config"].value.keys()
       except (OSError, ValueError) as e:  # config_flags loads the file lazily
         fail(f"--config={flags.FLAGS['config'].config_filename}: " + " ".join(str(e).split()))
+      seed = flags.FLAGS["config"].value.get("seed", 0)
+      if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        fail(f"seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got {seed!r}")
     workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
       fail(f"--workdir={workdir} is a file; give a folder (new or a run's, to resume)")

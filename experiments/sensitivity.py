@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import data as data_lib
-from jaxcompress import datasets, parallel, pruning
+from jaxcompress import datasets, parallel, precision, pruning
 from jaxcompress.checkpoint import check_workdir, write_json
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid, shortened, unknown
@@ -245,6 +245,7 @@ def iterative_search(config, workdir: str) -> dict:
   rules = _rules(config.prune)
   data = DataSpec.from_mapping(config.data)  # the edge: config sections become typed specs
   opt_spec, loop = OptimizerSpec.from_mapping(config.train), LoopSpec.from_mapping(config.train)
+  precision.compute_dtype(config.train.compute_dtype)
   get_model(config.model.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
@@ -272,8 +273,9 @@ def iterative_search(config, workdir: str) -> dict:
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,
                             rules=rules, update_every=steps, check_updates=False)
-  train_step = make_train_step(supervised_loss(model), optimizer, mesh=mesh,
-                               seed=config.seed)
+  train_step = make_train_step(supervised_loss(model, config.train.compute_dtype), optimizer,
+                               mesh=mesh, seed=config.seed,
+                               skip_nonfinite=config.train.skip_nonfinite)
   # Non-trainable state (BatchNorm statistics) after each round, on the host; -1 is dense.
   model_states = {-1: jax.device_get(variables)}
   current = [-1]  # the round whose model state goes with the parameters being evaluated

@@ -45,7 +45,9 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
   result = eval_fn(state)
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
   # Process 0 writes; a resumed finished run has the record already.
-  if parallel.is_main_process() and not any(r.get("final") for r in log.read()):
+  # (train.epochs may be raised on a rerun: the record is of the last step trained)
+  if parallel.is_main_process() and not any(r.get("final") and r.get("step") == info["steps"]
+                                            for r in log.read()):
     log.write({"step": info["steps"], "final": True,
                **{f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}})
   return jax.device_get(as_vars(state)), result, info

@@ -71,6 +71,8 @@ def test_pretrained_resnet20_reproduces_published_accuracy():
     ("--config.train.zzz=5", "error: bad flag: --config.train.zzz: train has no field 'zzz'"),
     ("--config.train.epochs=-1", "error: train.epochs must be >= 0, got -1"),
     ("--config.quant.method=apot", "error: quant.method must be one of kmeans, lsq, minmax"),
+    ("--config.seed=-3", "error: seed must be an integer >= 0 (it seeds NumPy's and JAX's "
+                         "generators), got -3"),
 ])
 def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"

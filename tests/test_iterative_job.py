@@ -37,6 +37,8 @@ def _tiny(**overrides):
      r"^data.val_examples must be in \[0, 64\) for mnist/train, got 60000$"),
     ({"train.epochs": 0.01}, r"^train.epochs must be at least one step per round"),
     ({"data.batch_size": 100}, r"^data.batch_size must be at most the 48 training examples"),
+    ({"train.compute_dtype": "float16"}, r"^train.compute_dtype must be one of bfloat16, "
+                                         r"float32, got 'float16'"),
 ])
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path, overrides, message):
   workdir = tmp_path / "run"

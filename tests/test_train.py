@@ -44,6 +44,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert steps == sorted(steps) and steps[-1] == 8  # 64 / 16 = 4 steps an epoch, 2 epochs
   assert {"loss", "accuracy", "images_per_s", "epoch"} <= set(records[0])
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints"))[-1] == "8"
+  # Each finished length records its final evaluation: epoch 1 at step 4, epoch 2 at step 8.
+  finals = [r for r in records if r.get("final")]
+  assert [r["step"] for r in finals] == [4, 8]
+  assert finals[-1]["eval_loss"] == pytest.approx(resumed["loss"])
 
 
 def test_a_workdir_of_another_config_is_refused_and_left_alone(tmp_path):
