@@ -266,8 +266,12 @@ def post_training_quantization(config) -> dict:
   """
   t0 = time.perf_counter()
   p = config.ptq
-  if isinstance(p.schemes, str):
-    raise invalid("ptq.schemes", p.schemes, "a tuple of schemes", "e.g. ('w8a8', 'w4', 'k4')")
+  if isinstance(p.schemes, str) or not p.schemes:
+    raise invalid("ptq.schemes", p.schemes, "a non-empty tuple of schemes",
+                  "e.g. ('w8a8', 'w4', 'k4')")
+  repeated = sorted({s for s in p.schemes if list(p.schemes).count(s) > 1})
+  if repeated:
+    raise invalid("ptq.schemes", tuple(p.schemes), f"distinct schemes ({repeated} repeated)")
   schemes = [parse_scheme(s) for s in p.schemes]
   check_settings(p.first_last_bits, p.percentile)
   for field in ("calibration_examples", "calibration_batch_size", "kmeans_iters"):

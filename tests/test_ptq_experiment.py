@@ -131,6 +131,9 @@ def test_schemes_parse_to_their_bits():
 @pytest.mark.parametrize("override,message", [
     ("--config.ptq.schemes=('w8a8', 'w4a9')", "error: ptq.schemes must be a scheme whose bits"),
     ("--config.ptq.first_last_bits=1", "error: ptq.first_last_bits must be 0 (float) or"),
+    ("--config.ptq.schemes=()", "error: ptq.schemes must be a non-empty tuple of schemes"),
+    ("--config.ptq.schemes=('w8a8', 'w4', 'w8a8')", "error: ptq.schemes must be distinct schemes "
+                                                   "(['w8a8'] repeated)"),
 ])
 def test_cli_bad_input_is_one_line_before_any_data(override, message, tmp_path):
   proc = _run("experiments.ptq", "--config=configs/ptq.py", override,
