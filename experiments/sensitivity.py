@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel, precision, pruning
-from jaxcompress.checkpoint import check_workdir, write_json
+from jaxcompress.checkpoint import check_workdir, read_json, write_json
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid, shortened, unknown
 from jaxcompress.models import create_model, get_model
@@ -210,7 +210,8 @@ def iterative_search(config, workdir: str) -> dict:
   memorisation survives, not generalisation; ``val_split="test[:5000]"`` with
   ``eval_split="test[5000:]"`` validates and reports on disjoint halves of the test split.
   Writes ``WORKDIR/results.json``; ``WORKDIR/round_<r>`` holds each round's checkpoints and
-  ``metrics.jsonl``, so a rerun with the same command resumes.
+  ``metrics.jsonl``, so a rerun with the same command resumes; a rerun of a finished search
+  returns its ``results.json``.
 
   Returns:
     ``{'model', 'dataset', 'scope', 'tolerance', 'val_split', 'val_examples', 'eval_split',
@@ -269,6 +270,9 @@ def iterative_search(config, workdir: str) -> dict:
                   f"at least one step per round (>= 1/{per_epoch} epoch)")
   # Weights, data and splits checked: only now write.
   check_workdir(config, workdir)
+  done = read_json(os.path.join(workdir, "results.json"))
+  if done:  # a finished search: its results, nothing evaluated again
+    return done
   # Outermost: the train step applies its updates unchanged, so no contract check is needed.
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,

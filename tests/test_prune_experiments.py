@@ -182,6 +182,8 @@ def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path)
   assert len(table) == 3 + 2 + 2 and table[-1].startswith("chosen sparsity 0.80")
   assert sorted(os.listdir(tmp_path / "round_1" / "checkpoints")) == ["3"]
 
+  assert _iterative(tmp_path) == result  # a finished search returns its results.json
+  os.remove(tmp_path / "results.json")  # as if killed before writing it:
   resumed = _iterative(tmp_path)  # every round restored from its final checkpoint
   assert resumed["train_compiles"] == 0  # nothing was trained again
   strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "history",
