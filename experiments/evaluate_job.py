@@ -28,6 +28,7 @@ def evaluate_config(config) -> dict:
   Returns:
     ``{'accuracy', 'loss', 'examples', 'precision', 'recall', 'model', 'dataset', 'split'}``.
   """
+  data = DataSpec.from_mapping(config.data)  # checked before anything is read
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   spec = datasets.dataset_spec(config.data.name)
@@ -49,8 +50,8 @@ def evaluate_config(config) -> dict:
   split = data_lib.load_split(config.data.name, config.data.eval_split,
                               data_dir=config.data.data_dir, field="data.eval_split")
   eval_step = make_eval_step(logits_fn, mesh=mesh)
-  result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split,
-                          DataSpec.from_mapping(config.data), mesh=mesh)
+  result = evaluate_split(eval_step, parallel.replicate(mesh, variables), split, data,
+                          mesh=mesh)
   out = {**result, "model": name, "dataset": config.data.name,
          "split": config.data.eval_split}
   if exported:

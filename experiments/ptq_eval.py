@@ -277,6 +277,7 @@ def post_training_quantization(config) -> dict:
   for field in ("calibration_examples", "calibration_batch_size", "kmeans_iters"):
     if p[field] <= 0:
       raise invalid(f"ptq.{field}", p[field], "> 0")
+  data = DataSpec.from_mapping(config.data)  # checked before anything is read
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   spec = datasets.dataset_spec(config.data.name)
@@ -292,7 +293,7 @@ def post_training_quantization(config) -> dict:
   calibration = [data_lib.normalize(calib_x[i:i + bs], config.data.mean, config.data.std)
                  for i in range(0, len(calib_x), bs)]
   rows = ptq_sweep(model, variables, schemes, calibration,
-                   split_evaluator(test, DataSpec.from_mapping(config.data), mesh=mesh),
+                   split_evaluator(test, data, mesh=mesh),
                    first_last_bits=p.first_last_bits, per_channel=p.per_channel,
                    percentile=p.percentile, kmeans_iters=p.kmeans_iters)
   return {"model": config.model.name, "dataset": config.data.name,
