@@ -126,7 +126,8 @@ def test_layers_under_remat_are_calibrated_on_the_batches():
 def test_batches_the_model_cannot_take_are_one_line():
   qstate = QZ.init(VARS, BATCHES[0])
   with pytest.raises(ConfigError, match=r"^calibration batches must be a sequence of input "
-                                        r"batches, got 'one array of shape \(16, 4\)'; pass \[x\]$"):
+                                        r"batches, got 'one array of shape \(16, 4\)'; "
+                                        r"pass \[x\]$"):
     calibrate(QZ, VARS, qstate, BATCHES[0])
   with pytest.raises(ConfigError, match=r"^calibration batch 1: the model fails on inputs of "
                                         r"shape \(16, 5\) \(.*\); give batches shaped like"):

@@ -286,8 +286,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     if frozen:  # once per compilation of a jitted step
       warnings.warn(f"quantization: the input ranges of {frozen} stay as calibrated in "
                     "training: these layers run inside a lifted transform (nn.scan, nn.remat, "
-                    "nn.vmap, nnx.scan), whose values cannot update them; calibrate on representative "
-                    "batches (init_state's calibration=)", stacklevel=2)
+                    "nn.vmap, nnx.scan), whose values cannot update them; calibrate on "
+                    "representative batches (init_state's calibration=)", stacklevel=2)
     model_state = {c: v for c, v in variables.items() if c != "params"}
     model_state.update(updated)
     return out, model_state, qstate.replace(ranges=ranges)
