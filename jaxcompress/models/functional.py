@@ -133,14 +133,24 @@ def contraction_axes(module: Any, ndim: int) -> tuple[int, ...]:
     # Linen: an int or a tuple of ints; NNX: a mapping of batch axis to size (a FrozenDict)
     batch = batch if isinstance(batch, (tuple, list, Mapping)) else (batch,)
     return tuple(range(len(batch), len(batch) + len(axis)))
-  if isinstance(module, (nn.Einsum, nnx.Einsum)):
-    inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
-    kernel = inputs.split(",")[-1]
-    if "." not in kernel and len(kernel) == ndim:
-      return tuple(i for i, c in enumerate(kernel) if c not in output)
+  letters = _einsum_letters(module, ndim)
+  if letters is not None:
+    return tuple(i for i, kept in enumerate(letters) if not kept)
   if _transposed(module, ndim):
     return (ndim - 1,)
   return (max(ndim - 2, 0),)
+
+
+def _einsum_letters(module: Any, ndim: int) -> list[bool] | None:
+  """For an Einsum whose ``ndim``-D kernel the equation spells out letter by letter: whether
+  the output keeps each kernel letter; ``None`` for any other layer (or an elided kernel)."""
+  if not isinstance(module, (nn.Einsum, nnx.Einsum)):
+    return None
+  inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
+  kernel = inputs.split(",")[-1]
+  if "." in kernel or len(kernel) != ndim:
+    return None
+  return [c in output for c in kernel]
 
 
 def _transposed(module: Any, ndim: int) -> bool:
@@ -154,13 +164,9 @@ def output_axis(module: Any, ndim: int) -> int:
   (Conv, Dense, DenseGeneral's last feature axis, Embed's features), for an Einsum the last
   kernel letter the output keeps (``"btd,fd->btf"``: 0), for a ConvTranspose with
   ``transpose_kernel=True`` (``[*window, out, in]``) ``ndim - 2``."""
-  if isinstance(module, (nn.Einsum, nnx.Einsum)):
-    inputs, _, output = module.einsum_str.replace(" ", "").partition("->")
-    kernel = inputs.split(",")[-1]
-    if "." not in kernel and len(kernel) == ndim:
-      kept = [i for i, c in enumerate(kernel) if c in output]
-      if kept:
-        return kept[-1]
+  letters = _einsum_letters(module, ndim)
+  if letters and any(letters):
+    return max(i for i, kept in enumerate(letters) if kept)
   if _transposed(module, ndim):
     return ndim - 2
   return ndim - 1
