@@ -44,6 +44,20 @@ def test_macs_of_multi_axis_projections_by_hand():
   assert macs == {"q": 6 * 16 * 4 * 8, "out": 6 * 4 * 8 * 12, "mix": 6 * 12 * 5, "head": 5 * 3}
 
 
+def test_macs_of_a_transposed_kernel_by_hand():
+  class Up(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # [B, 4, 4, 8] -> [B, 4, 4, 6] both ways
+      a = nn.ConvTranspose(6, (3, 3), name="plain")(x)  # kernel [3, 3, 8, 6]
+      b = nn.ConvTranspose(6, (3, 3), transpose_kernel=True, name="flipped")(x)  # [3, 3, 6, 8]
+      return (a + b).mean((1, 2))
+
+  x = np.zeros((2, 4, 4, 8), np.float32)
+  model = Up()
+  macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
+  assert macs == {"plain": 4 * 4 * 3 * 3 * 8 * 6, "flipped": 4 * 4 * 3 * 3 * 8 * 6}
+
+
 def test_keep_masks_prune_the_smallest_magnitudes():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)

@@ -44,7 +44,8 @@ from jaxcompress.export import sparse
 from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.export.packing import packed_size
-from jaxcompress.models.functional import contraction_axes, functional, weight_name
+from jaxcompress.models.functional import (contraction_axes, functional, output_axis,
+                                           weight_name)
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
 
@@ -265,11 +266,12 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
 
 
 def _out_features(call: Any, weight: Any) -> int:
-  """Entries of one output position that ``weight`` makes: the last axis, or for DenseGeneral
+  """Entries of one output position that ``weight`` makes: its output axis, or for DenseGeneral
   and Einsum every axis the product does not sum over (``(heads, dim)`` features)."""
   shape = np.shape(weight)
   if not isinstance(call.module, (nn.DenseGeneral, nnx.LinearGeneral, nn.Einsum, nnx.Einsum)):
-    return int(shape[-1])  # Dense/Linear [in, out], Conv [*window, in, out], ...
+    # Dense/Linear [in, out], Conv [*window, in, out], a transposed kernel [*window, out, in]
+    return int(shape[output_axis(call.module, len(shape))])
   summed = contraction_axes(call.module, len(shape))
   return int(np.prod([n for a, n in enumerate(shape) if a not in summed], dtype=np.int64))
 
