@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from jaxcompress.errors import ConfigError, unknown
+from jaxcompress.errors import ConfigError, first_line, unknown
 
 _PREPARE_EXTRA = "pip install -e '.[prepare]'"
 _DATA_HELP = (
@@ -120,11 +120,6 @@ def _tensorflow_available() -> bool:
     return False
 
 
-def _first_line(e: BaseException) -> str:
-  lines = str(e).strip().splitlines()
-  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def prepare(name: str, data_dir: str | None = None) -> str:
   """Downloads and prepares dataset ``name`` once, as array_record files TFDS reads without TF.
 
@@ -160,7 +155,7 @@ def prepare(name: str, data_dir: str | None = None) -> str:
     tfds.builder(name, data_dir=root).download_and_prepare(file_format="array_record")
   except Exception as e:  # no internet, disk full, a TFDS or TensorFlow error: all user-fixable
     raise ConfigError(f"data.name: preparing dataset {name!r} into {root!r} failed "
-                      f"({_first_line(e)}); check the internet connection and free disk space "
+                      f"({first_line(e)}); check the internet connection and free disk space "
                       "and retry, or " + _DATA_HELP.format(name=name)) from None
   if not is_prepared(name, root):
     raise not_prepared_error(name, root, " even after TFDS download_and_prepare returned; "

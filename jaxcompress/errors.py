@@ -84,6 +84,13 @@ def check_positive(field: str, value: float, *, zero: bool = False) -> None:
     raise invalid(field, value, bound)
 
 
+def first_line(e: BaseException) -> str:
+  """``Type: first line of the message`` (``Type`` alone for an empty message): an exception
+  from code the user gave (their model, their data), quoted inside a one-line error."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def _is_number(value: Any) -> bool:
   """A real scalar (Python, NumPy or a 0-d array), not a bool or a string."""
   if isinstance(value, (bool, str, bytes)):

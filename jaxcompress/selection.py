@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.models.functional import contraction_axes, functional, output_axis, weight_name
 from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
@@ -182,7 +182,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
   except Exception as e:  # a user model failing on the data's shape is a user mistake
     shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), args[0] if len(args) == 1 else args)
     raise ConfigError(f"{field}: {fm.name}'s forward fails on inputs of shape {shapes} "
-                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
+                      f"({first_line(e)}); the "
                       "model must accept the dataset's input batch (several inputs: as one dict or "
                       "tuple argument)") from None
   if not isinstance(out, jax.ShapeDtypeStruct):

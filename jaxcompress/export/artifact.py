@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
 from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION,
@@ -289,7 +289,7 @@ def _expected(fm, spec: dict, field: str) -> dict[str, tuple[tuple[int, ...], An
   try:
     want = jax.eval_shape(lambda: fm.init(jax.random.key(0), sample))
   except Exception as e:  # the user's module on the artifact's input: the wrong module
-    cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    cause = first_line(e)
     raise ConfigError(f"{field}: {fm.name}'s forward fails on the artifact's input "
                       f"{io.describe(spec['input'])} ({cause}); load it with the module it was "
                       "exported from") from None

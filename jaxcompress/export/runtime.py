@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized
@@ -147,7 +147,7 @@ class LoadedModel:
         raise
       shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), np.result_type(a).name), x)
       raise ConfigError(f"exported model: its forward fails on inputs {shapes} "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it "
+                        f"({first_line(e)}); it "
                         f"was exported for a batch of {io.describe(self.spec['input'])}") from None
 
   def __iter__(self):  # (model, arrays, apply_fn) = load(...)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError, check_range, invalid, unknown
+from jaxcompress.errors import ConfigError, check_range, first_line, invalid, unknown
 from jaxcompress.quantization.calibration import check_finite_range, ema_range, tensor_range
 
 CALIBRATION_METHODS = ("minmax", "ema", "percentile", "mse")
@@ -83,7 +83,7 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
     except Exception as e:  # a batch the model cannot take is a user mistake: one line
       shapes = jax.tree.map(lambda a: tuple(np.shape(a)), batch)
       raise ConfigError(f"calibration batch {count}: the model fails on inputs of shape "
-                        f"{shapes} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                        f"{shapes} ({first_line(e)})"
                         "; give batches shaped like init's sample") from None
     if set(ranges) != set(qstate.ranges):  # layers under nn.remat: seen only when run eagerly
       ranges = qz.observe(variables, qstate, batch, stat=stat, **model_kwargs)
