@@ -86,7 +86,8 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
                         f"{shapes} ({first_line(e)})"
                         "; give batches shaped like init's sample") from None
     if set(ranges) != set(qstate.ranges):  # layers under nn.remat: seen only when run eagerly
-      ranges = qz.observe(variables, qstate, batch, stat=stat, **model_kwargs)
+      observe = lambda v, x: qz.observe(v, qstate, x, stat=stat, **model_kwargs)  # noqa: E731
+      ranges = observe(variables, batch)  # and the batches after it
     if acc is None:
       acc = ranges
     elif method == "minmax":
