@@ -84,11 +84,8 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
     r = evaluate(state, split)
     results.update({f"loss_{split}": r["loss"], f"bits_{split}": r["bits"],
                     f"accuracy_{split}": r["accuracy"]})
-  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-  # Process 0 writes; a rerun of a finished run has the record already.
-  if parallel.is_main_process() and not any(r.get("final") for r in log.read()):
-    log.write({"step": info["steps"], "final": True, **{k: v for k, v in results.items()
-                                                        if k.startswith(("loss_", "bits_"))}})
+  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write_final(
+      info["steps"], {k: v for k, v in results.items() if k.startswith(("loss_", "bits_"))})
   lm_lib.save_trained(workdir, trained, corpus.vocab)
   write_json(os.path.join(workdir, "results.json"), results)
   return module, trained, results

@@ -43,13 +43,8 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
   state, info = fit(state, train_step, splits["train"], data, loop, workdir, seed=seed,
                     mesh=mesh, eval_fn=eval_fn, desc=desc)
   result = eval_fn(state)
-  log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-  # Process 0 writes; a resumed finished run has the record already.
-  # (train.epochs may be raised on a rerun: the record is of the last step trained)
-  if parallel.is_main_process() and not any(r.get("final") and r.get("step") == info["steps"]
-                                            for r in log.read()):
-    log.write({"step": info["steps"], "final": True,
-               **{f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))}})
+  MetricsLog(os.path.join(workdir, "metrics.jsonl")).write_final(
+      info["steps"], {f"eval_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
   return jax.device_get(as_vars(state)), result, info
 
 

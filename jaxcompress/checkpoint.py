@@ -353,6 +353,14 @@ class MetricsLog:
     with open(self.path) as f:
       return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
 
+  def write_final(self, step: int, metrics: dict) -> None:
+    """Appends ``{step, final: True, **metrics}`` on process 0, unless a final record of this
+    ``step`` is there already (a rerun of a finished run; a run extended to more steps gets its
+    own)."""
+    if parallel.is_main_process() and not any(r.get("final") and r.get("step") == step
+                                               for r in self.read()):
+      self.write({"step": step, "final": True, **metrics})
+
   def truncate_after(self, step: int) -> None:
     """Drops records logged after ``step`` (they belong to work a resume will redo)."""
     if os.path.exists(self.path):
