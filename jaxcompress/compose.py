@@ -37,7 +37,7 @@ import optax
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
-from jaxcompress.errors import ConfigError, check_counts, invalid, shortened
+from jaxcompress.errors import ConfigError, check_counts, check_finite, invalid, shortened
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
@@ -360,7 +360,8 @@ class Compression:
       raise invalid("calibration", f"one array of shape {tuple(calibration.shape)}",
                     "a sequence of input batches", "pass [x]")
     for name, tree in (("student_vars", student_vars), ("sample_x", sample_x)):
-      _check_finite(name, tree)
+      check_finite(name, tree, "a model trained from it would be NaN: check the weights or the "
+                   "inputs")
     student_vars = jax.tree.map(jnp.array, dict(student_vars))
     params = {"model": student_vars.pop("params")}
     model_state = dict(student_vars)
@@ -387,16 +388,6 @@ class Compression:
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
-
-
-def _check_finite(name: str, tree: Any) -> None:
-  """Raises :class:`ConfigError` naming the first floating leaf of ``tree`` holding NaN/Inf."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    a = np.asarray(leaf)
-    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
-      where = jax.tree_util.keystr(path) or ""
-      raise ConfigError(f"{name}{where} holds {int(np.sum(~np.isfinite(a)))} NaN/Inf value(s); "
-                        "a model trained from it would be NaN: check the weights or the inputs")
 
 
 def _example(sample_input: Any) -> Any:

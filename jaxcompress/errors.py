@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 
@@ -82,6 +83,16 @@ def check_positive(field: str, value: float, *, zero: bool = False) -> None:
     raise invalid(field, value, f"a finite number {bound}")
   if not (value >= 0 if zero else value > 0):
     raise invalid(field, value, bound)
+
+
+def check_finite(field: str, tree: Any, consequence: str) -> None:
+  """Raises :class:`ConfigError` naming the first floating leaf of ``tree`` (an array or any
+  pytree) that holds NaN/Inf: ``{field}{path} holds n NaN/Inf value(s); {consequence}``."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    a = np.asarray(leaf)
+    if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
+      raise ConfigError(f"{field}{jax.tree_util.keystr(path)} holds "
+                        f"{int(np.sum(~np.isfinite(a)))} NaN/Inf value(s); {consequence}")
 
 
 def first_line(e: BaseException) -> str:

@@ -39,7 +39,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError, unknown
+from jaxcompress.errors import ConfigError, check_finite, unknown
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.precision import SCALE_DTYPES, to_half
@@ -256,11 +256,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       key = f"{collection}/{leaf_path}"
       if key in folded_leaves:
         continue
-      values = np.asarray(leaf)
-      if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
-        raise ConfigError(f"export: {key} holds {int(np.sum(~np.isfinite(values)))} NaN/Inf "
-                          "value(s); an artifact of them would give NaN logits (a diverged "
-                          "run: export an earlier checkpoint)")
+      check_finite(f"export: {key}", leaf, "an artifact of them would give NaN logits (a "
+                   "diverged run: export an earlier checkpoint)")
       if collection == "params" and leaf_path in books:
         mask = None if mask_flat is None else np.asarray(mask_flat[leaf_path])
         tensors[key] = _kmeans_tensor(key, books[leaf_path], mask)
