@@ -173,6 +173,30 @@ def test_train_mode_updates_ranges_and_batch_stats_eval_freezes_them():
   jax.tree.map(np.testing.assert_array_equal, state["batch_stats"], VARS["batch_stats"])
 
 
+class TwiceCalled(nn.Module):
+  """One Dense applied to x and to 10 x - 3: one weight, two input ranges."""
+
+  @nn.compact
+  def __call__(self, x):
+    shared = nn.Dense(3, name="shared")
+    return shared(x) + shared(10.0 * x - 3.0)
+
+
+def test_layer_called_twice_updates_its_range_once_from_both_calls():
+  model = TwiceCalled()
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x)
+  qz = quantize(model, [(".*", dict(weight_bits=8, act_bits=8))], act_momentum=0.9)
+  qstate = qz.init(variables, x)
+  both = np.concatenate([x, 10.0 * x - 3.0])
+  np.testing.assert_allclose(qstate.ranges["shared"], [both.min(), both.max()], rtol=1e-6)
+  x2 = 2.0 * x
+  _, _, new_q = qz.apply(variables, qstate, x2, train=True)
+  both2 = np.concatenate([x2, 10.0 * x2 - 3.0])
+  want = 0.9 * np.asarray(qstate.ranges["shared"]) + 0.1 * np.array([both2.min(), both2.max()])
+  np.testing.assert_allclose(new_q.ranges["shared"], want, rtol=1e-6)
+
+
 def test_lsq_state_is_the_papers_init():
   qz = quantize(NET, [(".*", dict(weight_bits=4, act_bits=4, method="lsq"))])
   qstate = qz.init(VARS, X)

@@ -266,6 +266,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
 
     outer = current_trace()  # a call inside a lifted transform (nn.scan) sees another trace
     frozen = []  # layers whose input ranges cannot follow training (inside such a transform)
+    observed = {}  # path: [min, max] over the layer's calls so far in this forward
 
     def quantize_inputs(call, run):
       layer = layers.get(call.path)
@@ -273,7 +274,13 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
         return run(call.x)
       x = call.x if compute_dtype is None else call.x.astype(jnp.float32)
       if train and call.path in ranges and current_trace() == outer:
-        ranges[call.path] = ema_range(ranges[call.path], batch_range(x), act_momentum)
+        # one update a step, with the batch range of all the layer's calls so far this step
+        seen = batch_range(x)
+        if call.path in observed:
+          seen = jnp.stack([jnp.minimum(observed[call.path][0], seen[0]),
+                            jnp.maximum(observed[call.path][1], seen[1])])
+        observed[call.path] = seen
+        ranges[call.path] = ema_range(qstate.ranges[call.path], seen, act_momentum)
       elif train and call.path in ranges and call.path not in frozen:
         frozen.append(call.path)
       return run(quantize_input(layer, x, ranges.get(call.path), qstate.steps.get(call.path),
