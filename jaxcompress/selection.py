@@ -121,6 +121,14 @@ def _called_shape(call: Any, name: str) -> tuple[int, ...] | None:
     return None
 
 
+def _normalizes_last_axis(module: Any, ndim: int) -> bool:
+  """Whether a normalization layer's statistics run along its input's last axis (a BatchNorm's
+  ``axis``, a LayerNorm's ``feature_axes``), the output-channel axis a fold scales."""
+  axes = getattr(module, "axis", getattr(module, "feature_axes", -1))
+  axes = axes if isinstance(axes, (tuple, list)) else (axes,)
+  return len(axes) == 1 and int(axes[0]) % max(ndim, 1) == ndim - 1
+
+
 def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                  **kwargs: Any) -> ModelLayers:
   """Finds the model's compressible layers, in forward order, by one abstract forward.
@@ -167,7 +175,8 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
       if call.kind == "linear" and (w is None or (
           output_axis(call.module, jnp.ndim(w)) == jnp.ndim(w) - 1 and not stacked)):
         outputs.append((out, call.path))
-    elif call.kind == "norm" and jnp.ndim(stats.get(f"{call.path}/mean", 0.0)) <= 1:
+    elif (call.kind == "norm" and jnp.ndim(stats.get(f"{call.path}/mean", 0.0)) <= 1
+          and _normalizes_last_axis(call.module, jnp.ndim(call.x))):
       for obj, path in outputs:
         if obj is call.x:
           norms.setdefault(call.path, path)

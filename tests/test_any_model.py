@@ -206,6 +206,17 @@ class LinenTransposedKernel(nn.Module):
     return nn.Dense(CLASSES)(nn.relu(nn.Conv(8, (3, 3))(h)).mean((1, 2)))
 
 
+class LinenRowNorm(nn.Module):
+  """A BatchNorm over the rows (axis 1) of a conv's output with as many rows as channels."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.Conv(8, (3, 3))(x))
+    h = nn.Conv(8, (3, 3), name="mid")(h)  # [B, 8, 8, 8]
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, axis=1, name="bn")(h))
+    return nn.Dense(CLASSES)(nn.relu(nn.Conv(8, (3, 3))(h)).mean((1, 2)))
+
+
 def _image(rng):
   return rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
 
@@ -383,6 +394,21 @@ def test_a_transposed_kernel_scales_its_output_channels():
   assert next(l for l in state.model_state["quant"].layers if l.path == "up").weight_axis == 2
   assert trace_layers(model, variables, x).layer("up").reduce_axes == (3,)
   assert "bn" not in trace_layers(model, variables, x).norms
+  want = np.asarray(functional(model).apply(variables, x)[0])
+  got = np.asarray(comp.logits_fn(comp.eval_variables(state), x))
+  assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+
+
+def test_a_batchnorm_over_another_axis_than_channels_is_not_folded():
+  x = _image(np.random.default_rng(0))
+  model, variables = _linen(LinenRowNorm)(0, x)
+  params = jax.tree.map(np.asarray, variables["params"])
+  params["bn"]["scale"] = np.geomspace(0.2, 5.0, 8).astype(np.float32)  # one gain per row
+  variables = {**variables, "params": params}
+  assert "bn" not in trace_layers(model, variables, x).norms
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=1,
+                       quant=compose.QuantSpec(weight_bits=8, act_bits=None))
+  state = comp.init_state(variables, x)
   want = np.asarray(functional(model).apply(variables, x)[0])
   got = np.asarray(comp.logits_fn(comp.eval_variables(state), x))
   assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
