@@ -57,6 +57,32 @@ SOURCE = textwrap.dedent('''
 
     def no_classes():
       return Net(3)
+
+    def raises(num_classes):
+      raise RuntimeError("boom")
+
+    class NnxNeedsMoreInputs(nnx.Module):
+      def __init__(self, num_classes, *, rngs):
+        self.fc = nnx.Linear(20, num_classes, rngs=rngs)
+
+      def __call__(self, x):
+        return self.fc(x.reshape((x.shape[0], -1)))
+
+    def nnx_wrong_inputs(num_classes, rngs):
+      return NnxNeedsMoreInputs(num_classes, rngs=rngs)
+
+    class NoPool(nn.Module):
+      num_classes: int
+
+      @nn.compact
+      def __call__(self, x):
+        return nn.Dense(self.num_classes)(x)  # [B, H, W, classes]: forgot to pool
+
+    def no_pool(num_classes):
+      return NoPool(num_classes)
+
+    def five_classes(num_classes):
+      return Net(5)
 ''')
 SHAPE = (2, 2, 3)  # 12 inputs
 
@@ -144,6 +170,11 @@ def test_register_adds_a_name_and_refuses_a_taken_one(user_module, clean_registr
     ("{mod}:not_a_model", r"'{mod}:not_a_model' returned type str, not a flax.linen.Module"),
     ("{mod}:no_classes", r"cannot be called with num_classes=10"),
     ("{mod}:", r"MODULE:FACTORY"),
+    ("{mod}:raises", r"the factory of '{mod}:raises', called with num_classes=10, raised RuntimeError: boom$"),
+    ("{mod}:no_pool", r"'{mod}:no_pool' returns \(1, 2, 2, 10\) for one input of shape "
+                      r"\[2, 2, 3\]; a classifier of 10 classes must return one array of "
+                      r"logits of shape \(1, 10\)"),
+    ("{mod}:five_classes", r"'{mod}:five_classes' returns \(1, 5\)"),
 ])
 def test_bad_module_factory_names_the_field_and_value(user_module, field, factory, message):
   name = factory.format(mod=user_module)
@@ -154,6 +185,13 @@ def test_bad_module_factory_names_the_field_and_value(user_module, field, factor
   assert repr(name) in text or repr(name.split(":")[0]) in text, text
   assert "\n" not in text
   assert re.search(message.format(mod=re.escape(user_module)), text), text
+
+
+def test_an_nnx_model_whose_forward_fails_is_one_line(user_module):
+  name = f"{user_module}:nnx_wrong_inputs"
+  with pytest.raises(ConfigError, match=re.escape(
+      f"student.name: {name}'s forward fails on one input of shape [2, 2, 3] (TypeError: ")):
+    create_model(name, num_classes=10, image_shape=SHAPE, field="student")
 
 
 def test_import_error_inside_the_module_is_reported(tmp_path, monkeypatch):

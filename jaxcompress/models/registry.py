@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, first_line, invalid
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
 from jaxcompress.models.functional import functional, variables_of
 from jaxcompress.models.gpt import CharGPT
@@ -148,8 +148,8 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
 
   Raises:
     ConfigError: for an unknown name, a module that cannot be imported, a missing or
-      non-callable attribute, a factory that does not take ``num_classes``, or one that returns
-      something other than a Flax module.
+      non-callable attribute, a factory that does not take ``num_classes``, one that raises,
+      or one that returns something other than a Flax module.
   """
   if not isinstance(name, str) or not name:
     raise invalid(field, name, "a registry name (one of " + ", ".join(model_names())
@@ -170,7 +170,13 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
     raise ConfigError(f"{field}: the factory of {name!r} cannot be called with "
                       f"num_classes={num_classes}{''.join(f', {k}=...' for k in kwargs)} ({e}); "
                       "it must accept num_classes (and rngs, for an NNX model)") from None
-  model = factory(num_classes=num_classes, **kwargs)
+  try:
+    model = factory(num_classes=num_classes, **kwargs)
+  except ConfigError:
+    raise
+  except Exception as e:  # the user's factory failing is a user mistake
+    raise ConfigError(f"{field}: the factory of {name!r}, called with "
+                      f"num_classes={num_classes}, raised {first_line(e)}") from None
   if not isinstance(model, (nn.Module, nnx.Module)):
     raise ConfigError(f"{field}: {name!r} returned type {type(model).__name__}, not a "
                       "flax.linen.Module or flax.nnx.Module; FACTORY must return the model")
@@ -201,23 +207,38 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
     holds the loaded weights itself.
 
   Raises:
-    ConfigError: for a bad name (see :func:`get_model`), or weights that are missing, unreadable
-      or do not fit the model (naming the first mismatching path and both shapes).
+    ConfigError: for a bad name (see :func:`get_model`), a model whose forward fails on one
+      input of ``image_shape`` or does not return one ``(1, num_classes)`` array of logits, or
+      weights that are missing, unreadable or do not fit the model (naming the first mismatching
+      path and both shapes).
   """
   name_field, weights_field = name_field or f"{field}.name", weights_field or f"{field}.weights"
   model = get_model(name, num_classes, field=name_field, seed=seed)
   fn = functional(model)
+  sample = np.zeros((1, *image_shape), np.float32)
+
+  def fails(e: Exception) -> ConfigError:  # a model not taking the dataset's input: user mistake
+    return ConfigError(f"{name_field}: {name}'s forward fails on one input of shape "
+                       f"{list(image_shape)} ({first_line(e)}); the model must accept the "
+                       "dataset's images")
+
   if fn.kind == "nnx":
     reference = variables_of(model)
   else:
-    sample = np.zeros((1, *image_shape), np.float32)
     init = lambda: fn.init(jax.random.key(seed), sample)
     try:
       reference = jax.eval_shape(init) if weights else jax.jit(init)()
-    except Exception as e:  # a model that does not take the dataset's input is a user mistake
-      raise ConfigError(f"{name_field}: {name}'s forward fails on one input of shape "
-                        f"{list(image_shape)} ({type(e).__name__}: {_first_line(e)}); the model "
-                        "must accept the dataset's images") from None
+    except Exception as e:
+      raise fails(e) from None
+  try:
+    out = jax.eval_shape(lambda v: fn.apply(v, sample)[0], reference)
+  except Exception as e:
+    raise fails(e) from None
+  if not isinstance(out, jax.ShapeDtypeStruct) or tuple(out.shape) != (1, num_classes):
+    shown = jax.tree.map(lambda a: tuple(a.shape), out)
+    raise ConfigError(f"{name_field}: {name!r} returns {shown} for one input of shape "
+                      f"{list(image_shape)}; a classifier of {num_classes} classes must return "
+                      f"one array of logits of shape (1, {num_classes}) ([batch, classes])")
   if not weights:
     return model, dict(reference)
   variables = jax.tree.map(jnp.asarray, load_weights(weights, reference,
@@ -238,8 +259,3 @@ def _set_nnx(model: nnx.Module, variables: dict) -> None:
       else:  # older flax
         state.replace_by_pure_dict(variables[collection])
       nnx.update(model, state)
-
-
-def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else ""
