@@ -40,6 +40,7 @@ from jaxcompress import datasets, parallel, quantization
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_range, invalid
 from jaxcompress.models import create_model
+from jaxcompress.models.functional import functional
 from jaxcompress.quantization.qparams import BITS_VALID, MAX_BITS, MIN_BITS
 from jaxcompress.steps import make_eval_step
 from jaxcompress.tables import markdown_table
@@ -149,7 +150,8 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
   """Evaluates ``variables`` in float, then post-training quantized by every scheme.
 
   Args:
-    model: a Flax Linen classifier taking ``train=False``.
+    model: a Flax Linen or NNX classifier (any train flag, or none: see
+      :mod:`jaxcompress.models.functional`).
     variables: its trained variables (``params``, and e.g. ``batch_stats``).
     schemes: scheme strings (see the module docstring) or parsed :class:`Scheme` rows.
     calibration: normalized input batches (a few hundred training images) for the input ranges.
@@ -177,7 +179,8 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
     raise ConfigError("ptq calibration must hold at least one batch of images (input ranges, "
                       "layer discovery); set ptq.calibration_examples > 0")
   sample = np.asarray(calibration[0][:8]) if len(calibration) else None
-  float_fn = lambda v, x: model.apply(v, x, train=False)
+  fm = functional(model)
+  float_fn = lambda v, x: fm.apply(v, x)[0]
   quantizers, codebooks = {}, {}
 
   def row(scheme, evaluated, t0, reference=None):

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from flax import nnx
 
 from configs import evaluate as evaluate_config_file
 from configs import ptq as ptq_config
@@ -14,6 +15,7 @@ from conftest import pretrained, requires_cifar10
 from experiments.evaluate_job import evaluate_config
 from experiments.ptq_eval import parse_scheme, post_training_quantization, ptq_sweep, ptq_table
 from jaxcompress.errors import ConfigError
+from jaxcompress.models.functional import variables_of
 from test_cli import _run
 
 SCHEMES = ("w8a8/minmax", "w4", "k4")
@@ -113,6 +115,42 @@ def test_sweep_compiles_once_per_quantizer_and_quantizes_what_it_says():
   np.testing.assert_array_equal(k2["last"]["kernel"], original["last"]["kernel"])
   assert rows[-1]["kmeans"] and rows[-1]["first_last_bits"] == 32
   assert "first/last float" in rows[-1]["method"]
+
+
+class NoFlag(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(5, name="last")(nn.relu(nn.Dense(16, name="first")(x)))
+
+
+class NnxTiny(nnx.Module):
+  def __init__(self, rngs):
+    self.first, self.last = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.last(nnx.relu(self.first(x)))
+
+
+@pytest.mark.parametrize("kind", ["linen without a train flag", "nnx"])
+def test_sweep_takes_any_flax_model(kind):
+  x = np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32)
+  if kind == "nnx":
+    model = NnxTiny(nnx.Rngs(0))
+    variables = variables_of(model)
+  else:
+    model = NoFlag()
+    variables = model.init(jax.random.key(0), x)
+  p = jax.tree.map(np.asarray, variables["params"])
+  want = (np.maximum(x @ p["first"]["kernel"] + p["first"]["bias"], 0) @ p["last"]["kernel"]
+          + p["last"]["bias"]).argmax(-1)  # the float model in NumPy
+
+  def evaluate(logits_fn, v, desc):
+    pred = np.asarray(logits_fn(v, x)).argmax(-1)
+    return {"accuracy": float(np.mean(pred == want) * 100), "loss": 0.0, "predictions": pred}
+
+  rows = ptq_sweep(model, variables, ["w8a8/minmax", "k3"], [x], evaluate)
+  assert rows[0]["accuracy"] == 100.0 and [r["scheme"] for r in rows] == ["float", "w8a8/minmax",
+                                                                           "k3"]
 
 
 @pytest.mark.parametrize("text", ["w9a8", "w4/percentile", "w8a8/median", "x4", "k1", "w8a1", 8])
