@@ -384,7 +384,9 @@ class Compression:
                                          capture=True)
       _, t_feats = self.teacher_apply(teacher_vars, sample_x)
       s_feats = {p: _feature(s_feats, p, 0, self.layers) for p, _ in self.distill.feature_pairs}
-      t_feats = {p: _feature(t_feats, p, 1) for _, p in self.distill.feature_pairs}
+      t_feats = {p: _feature(t_feats, p, 1, None if p in t_feats else trace_layers(
+          self.teacher, teacher_vars, sample_x, field="teacher.name"))
+                 for _, p in self.distill.feature_pairs}
       params["adapters"] = kd.init_adapters(self.distill.feature_pairs, s_feats, t_feats,
                                             key if key is not None else jax.random.key(0))
     return TrainState.create(params, model_state, self.optimizer)
@@ -456,7 +458,7 @@ def _share_weights(params, books: dict, *, update: bool):
 
 def _feature(feats: dict, path: str, which: int, layers: ModelLayers | None = None):
   """The captured output of module ``path``; one line naming the pair when it was not called
-  (with the student's layer paths as examples where ``layers`` is given)."""
+  (with the model's layer paths as examples where ``layers`` is given)."""
   if path not in feats:
     model = ("student", "teacher")[which]
     names = [l.path for l in layers.layers] if layers is not None else []
