@@ -58,6 +58,20 @@ def test_macs_of_a_transposed_kernel_by_hand():
   assert macs == {"plain": 4 * 4 * 3 * 3 * 8 * 6, "flipped": 4 * 4 * 3 * 3 * 8 * 6}
 
 
+def test_macs_of_a_tied_output_head_by_hand():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):  # [B, T=6] -> [B, 6, vocab 50]
+      embed = nn.Embed(50, 16, name="emb")
+      h = nn.Dense(16, name="mid")(embed(tokens))
+      return embed.attend(h)
+
+  x = np.zeros((2, 6), np.int32)
+  model = Tied()
+  macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
+  assert macs == {"emb": 6 * 16 * 50, "mid": 6 * 16 * 16}  # the lookup is free, the head is not
+
+
 def test_keep_masks_prune_the_smallest_magnitudes():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)

@@ -238,11 +238,12 @@ def overhead_bytes(spec: Mapping[str, Any], weights: Sequence[str], *,
 
 
 def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[str, int]:
-  """Multiply-accumulates per example of every linear-like layer call (Embed: 0), by path.
+  """Multiply-accumulates per example of every linear-like layer call, by path.
 
   ``output positions x weight entries``: ``H' W' x kh kw Cin Cout`` for a conv, ``in x out`` for
   a dense layer, ``T x in x heads x dim`` for a DenseGeneral projecting ``T`` tokens to
-  ``(heads, dim)`` (the positions are the output's entries over the weight's output features);
+  ``(heads, dim)`` (the positions are the output's entries over the weight's output features),
+  ``T x vocab x features`` for an Embed used as the output head (``attend``; a lookup is 0);
   a layer called several times counts every call. Abstract (no FLOPs).
   """
   fm = functional(model)
@@ -256,6 +257,10 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
       if w is not None and np.ndim(w) >= 2:
         positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // _out_features(call, w)
         macs[call.path] = macs.get(call.path, 0) + positions * int(np.prod(np.shape(w)))
+    elif call.kind == "embed" and call.method == "attend":  # x @ embedding.T: [vocab, features]
+      w = tree_get(variables["params"], f"{call.path}/embedding" if call.path else "embedding")
+      positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // int(np.shape(w)[0])
+      macs[call.path] = macs.get(call.path, 0) + positions * int(np.prod(np.shape(w)))
     elif call.kind == "embed":
       macs.setdefault(call.path, 0)
     return out
