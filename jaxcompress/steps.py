@@ -47,12 +47,11 @@ class TrainState(flax.struct.PyTreeNode):
                opt_state=optimizer.init(params))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
-  ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``;
-  ``nan`` where a label is outside ``[0, C)``."""
+def check_labels(logits: jax.Array, labels: jax.Array) -> None:
+  """Raises :class:`ConfigError` (one line) unless ``labels`` are integer class ids, one per
+  output position of ``logits`` ``[..., C]`` (static shapes and dtypes: checked while tracing)."""
   want = tuple(logits.shape[:-1])
-  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):  # static: one line, not optax's
+  if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):  # one line, not optax's
     raise ConfigError(f"batch.label must be integer class ids (shape {want}),"
                       f" got {jnp.result_type(labels)} of shape {tuple(jnp.shape(labels))}; "
                       "one-hot labels: pass their argmax")
@@ -60,6 +59,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     raise ConfigError(f"batch.label must have one class id per output, shape {want} for the "
                       f"model's outputs {tuple(logits.shape)}, got shape "
                       f"{tuple(jnp.shape(labels))}")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
+  ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``;
+  ``nan`` where a label is outside ``[0, C)``."""
+  check_labels(logits, labels)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   # An id outside the classes indexes nothing: its loss is nan, never a plausible number.
   return jnp.where((labels >= 0) & (labels < logits.shape[-1]), losses, jnp.nan)

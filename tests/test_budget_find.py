@@ -118,3 +118,12 @@ def test_bad_budgets_are_one_line_errors(setup, scanned, kwargs, match):
   with pytest.raises(ConfigError, match=match):
     budget.find_plan(model, variables, held_out, sparsities=SPARSITIES, weight_bits=BITS,
                      sensitivity=scanned, **kwargs)
+
+
+def test_labels_of_another_shape_than_the_outputs_are_one_line(setup):
+  model, variables, held_out = setup
+  wrong = [b._replace(label=b.label[:16]) for b in held_out]
+  with pytest.raises(ConfigError, match=r"batch.label must have one class id per output, shape "
+                     r"\(32,\) for the model's outputs \(32, 4\), got shape \(16,\)"):
+    budget.find_plan(model, variables, wrong, size_bytes=10**6, sparsities=SPARSITIES,
+                     weight_bits=BITS)

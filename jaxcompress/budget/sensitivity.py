@@ -46,7 +46,7 @@ from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
-from jaxcompress.steps import cross_entropy
+from jaxcompress.steps import check_labels, cross_entropy
 
 DAMAGES = ("kl", "ce")
 
@@ -215,6 +215,7 @@ class Evaluator:
 
       logits, _ = fm.apply({**variables, "params": params}, batch.image, hook=hook,
                            train=adapt_norms, rngs=jax.random.key(0) if adapt_norms else None)
+      check_labels(logits, batch.label)
       correct = (jnp.argmax(logits, -1) == batch.label) * batch.weight
       if damage == "kl":
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))
