@@ -15,8 +15,8 @@ def np_lsq(x, step, qmin, qmax, g, upstream, axes):
   """Oracle, Esser et al. 2019 eq. 1-3: forward, dL/dx, dL/ds (summed over the step's values)."""
   v = x / step
   out = np.round(np.clip(v, qmin, qmax)) * step
-  inside = (v >= qmin) & (v <= qmax)
-  ds = np.where(inside, -v + np.round(v), np.where(v < qmin, qmin, qmax)) * g
+  inside = (v > qmin) & (v < qmax)
+  ds = np.where(inside, -v + np.round(v), np.where(v <= qmin, qmin, qmax)) * g
   dstep = np.sum(upstream * ds, axis=axes, keepdims=axes is not None)
   return out, upstream * inside, dstep
 
@@ -50,6 +50,19 @@ def test_hand_computed_step_gradient():
   x = jnp.array([0.7, 10.0, -10.0])
   ds = jax.grad(lambda s: lsq_fake_quant(x, s, qmin=-8, qmax=7, grad_scale=1.0).sum())(0.5)
   np.testing.assert_allclose(ds, -0.4 + 7 - 8, rtol=1e-6)
+
+
+def test_gradients_on_the_bounds_are_the_papers():
+  # s = 0.5: x = 3.5 -> v = Q_P = 7 and x = -4 -> v = -Q_N = -8, exactly on the bounds: the
+  # output is s * Q_P (s * -Q_N) on both sides, so d/ds = 7 (-8) and d/dx = 0 (paper, eq. 3).
+  x = jnp.array([3.5, -4.0])
+  dx, ds = jax.grad(lambda v, s: lsq_fake_quant(v, s, qmin=-8, qmax=7, grad_scale=1.0).sum(),
+                    argnums=(0, 1))(x, 0.5)
+  np.testing.assert_array_equal(dx, [0.0, 0.0])
+  np.testing.assert_allclose(ds, 7 - 8, rtol=1e-6)
+  h = 1e-3  # finite differences of the forward in s agree
+  f = lambda s: float(lsq_fake_quant(x[:1], s, qmin=-8, qmax=7).sum())
+  np.testing.assert_allclose((f(0.5 + h) - f(0.5 - h)) / (2 * h), 7.0, rtol=1e-3)
 
 
 def test_forward_equals_fake_quant_with_zero_point_zero():

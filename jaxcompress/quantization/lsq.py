@@ -3,8 +3,9 @@
 The quantizer is ``v_hat = round(clip(v / s, -Q_N, Q_P)) * s`` with a trainable step ``s``. Its
 gradients, with the straight-through estimator for ``round`` (paper, eq. 3), are
 
-- w.r.t. ``v``: 1 where ``-Q_N <= v / s <= Q_P``, else 0;
-- w.r.t. ``s``: ``-v / s + round(v / s)`` inside the range, ``-Q_N`` below it, ``Q_P`` above it,
+- w.r.t. ``v``: 1 where ``-Q_N < v / s < Q_P``, else 0;
+- w.r.t. ``s``: ``-v / s + round(v / s)`` strictly inside the range, ``-Q_N`` at or below it,
+  ``Q_P`` at or above it (on a bound ``v_hat = s * Q_P`` on both sides, whose slope is ``Q_P``),
 
 and the step's gradient is multiplied by ``g = 1 / sqrt(N * Q_P)`` (paper, section 2.2), where
 ``N`` is the number of values sharing the step (weights of the layer or channel, or features of the
@@ -68,8 +69,8 @@ def _lsq_jvp(primals, tangents):
   dx, dstep = tangents[0], tangents[1]
   v = x / step
   out = (jnp.clip(jnp.round(v), qmin, qmax) * step).astype(x.dtype)
-  inside = (v >= qmin) & (v <= qmax)
-  dout_dstep = jnp.where(inside, jnp.round(v) - v, jnp.where(v < qmin, qmin, qmax)) * grad_scale
+  inside = (v > qmin) & (v < qmax)
+  dout_dstep = jnp.where(inside, jnp.round(v) - v, jnp.where(v <= qmin, qmin, qmax)) * grad_scale
   tangent = jnp.where(inside, dx, jnp.zeros_like(dx)) + (dout_dstep * dstep).astype(x.dtype)
   return out, tangent
 
