@@ -39,7 +39,7 @@ def test_num_pruned_python_and_traced():
   assert [int(traced(jnp.float32(s))) for s in (0.40625, 0.46875, 0.5)] == [6, 8, 8]
 
 
-@pytest.mark.parametrize("n, m, axis", [(2, 4, -1), (1, 4, 0), (4, 8, 1)])
+@pytest.mark.parametrize("n, m, axis", [(2, 4, -1), (1, 4, 0), (4, 8, 1), (4, 4, 1), (1, 1, 0)])
 def test_nm_mask_matches_numpy_groups(n, m, axis):
   scores = np.random.default_rng(2).integers(0, 3, size=(8, 16, 8)).astype(np.float32)
   keep = np.asarray(nm_mask(jnp.asarray(scores), n, m, axis))
@@ -214,8 +214,10 @@ def test_nm_mask_and_apply_masks_refuse_what_they_cannot_do():
   with pytest.raises(ConfigError, match=r"^m must be a divisor of the 6 entries grouped along "
                                         r"axes \(0,\) of shape \(6, 4\), got 4$"):
     nm_mask(jnp.ones((6, 4)), 2, 4)
-  with pytest.raises(ConfigError, match=r"^n must be an integer in \[1, m\)"):
+  with pytest.raises(ConfigError, match=r"^n must be an integer in \[1, m=4\], got 5$"):
     nm_mask(jnp.ones((8, 4)), 5, 4)
+  with pytest.raises(ConfigError, match=r"^m must be an integer >= 1, got 0$"):
+    nm_mask(jnp.ones((8, 4)), 1, 0)
   params = {"fc": {"kernel": jnp.ones((3, 4))}}
   with pytest.raises(ConfigError, match=r"^masks\['fc'\]\['kernel'\] has shape \(3, 1\), its "
                                         r"parameter \(3, 4\)"):

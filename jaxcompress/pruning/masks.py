@@ -132,8 +132,10 @@ def nm_mask(scores: jax.Array, n: int, m: int,
   if axis is None:
     axis = reduction_axis(scores.ndim)
   axes = tuple(a % scores.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
-  if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-    raise invalid("n", n, f"an integer in [1, m) with m an integer, got m={m!r}")
+  if not isinstance(m, int) or m < 1:
+    raise invalid("m", m, "an integer >= 1")
+  if not isinstance(n, int) or not 1 <= n <= m:
+    raise invalid("n", n, f"an integer in [1, m={m}]")
   length = math.prod(scores.shape[a] for a in axes)
   if length % m:
     raise invalid("m", m, f"a divisor of the {length} entries grouped along axes {axes} of "
