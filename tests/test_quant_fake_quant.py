@@ -83,6 +83,29 @@ def test_int_codes_dequantize_to_fake_quant():
                              fake_quant(x, scale, zp, qmin=qmin, qmax=qmax), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("axis", [None, 3])
+def test_codes_are_the_same_eagerly_and_in_a_compiled_step(axis):
+  """The symmetric grid puts -max|w| on an exact tie (-3.5 at 3 bits): the export's eager codes
+  and the model's compiled fake quantization must round it alike (a compiled x / scale became
+  x * (1 / scale) and picked the other code in 13 % of per-tensor kernels)."""
+  from jaxcompress.quantization.qparams import minmax_qparams
+  qparams = jax.jit(lambda w: minmax_qparams(w, bits=3, axis=axis, symmetric=True))
+  def quantized(w):
+    scale, zero_point, qmin, qmax = minmax_qparams(w, bits=3, axis=axis, symmetric=True)
+    return fake_quant(w, scale, zero_point, qmin=qmin, qmax=qmax)
+
+  model = jax.jit(quantized)
+  rng = np.random.default_rng(0)
+  for _ in range(60):
+    w = (rng.normal(size=(3, 3, 4, 8)) * rng.uniform(0.01, 3)).astype(np.float32)
+    scale, zero_point, qmin, qmax = qparams(w)
+    codes = np.asarray(quantize_int(w, scale, zero_point, qmin=qmin, qmax=qmax))
+    np.testing.assert_array_equal(np.asarray(model(w)),
+                                  np.asarray(dequantize(codes, scale, zero_point)))
+    oracle = np.clip(np.round(w * (np.float32(1) / np.asarray(scale, np.float32))), qmin, qmax)
+    np.testing.assert_array_equal(codes, oracle)  # NumPy, the same product
+
+
 def test_traced_qmin_qmax_under_jit():
   x, scale, zp, _, _ = make_case(4, True, None, seed=4)
   f = jax.jit(lambda v, lo, hi: fake_quant(v, scale, zp, qmin=lo, qmax=hi))

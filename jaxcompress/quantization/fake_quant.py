@@ -43,16 +43,24 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
                   "compute it with minmax_qparams or qparams_from_range, which guard against 0")
 
 
+def scaled(x: Any, scale: Any) -> jax.Array:
+  """``x / scale`` as ``x * (1 / scale)`` (float32): the same number eagerly, in any compiled
+  graph and in NumPy. XLA turns a division by a broadcast scalar into this product inside ``jit``
+  but not eagerly, so a code computed eagerly (the export) and one in a compiled step (the model)
+  could differ by one where ``x / scale`` is an exact rounding tie."""
+  return jnp.asarray(x) * (1.0 / jnp.asarray(scale, jnp.float32))
+
+
 @jax.custom_jvp
 def _fake_quant(x, scale, zero_point, qmin, qmax):
-  q = jnp.clip(jnp.round(x / scale) + zero_point, qmin, qmax)
+  q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
   return ((q - zero_point) * scale).astype(x.dtype)
 
 
 @_fake_quant.defjvp
 def _fake_quant_jvp(primals, tangents):
   x, scale, zero_point, qmin, qmax = primals
-  q = jnp.round(x / scale) + zero_point
+  q = jnp.round(scaled(x, scale)) + zero_point
   out = ((jnp.clip(q, qmin, qmax) - zero_point) * scale).astype(x.dtype)
   inside = (q >= qmin) & (q <= qmax)
   # Straight-through: d out / d x = 1 where representable, 0 where clipped; no gradient flows
@@ -102,7 +110,7 @@ def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -
     ConfigError: (outside ``jit`` only) for a bad ``scale`` or ``qmin >= qmax``.
   """
   check_qparams(scale, qmin, qmax)
-  q = jnp.clip(jnp.round(jnp.asarray(x) / scale) + zero_point, qmin, qmax)
+  q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
   return q.astype(jnp.int32)
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import invalid
-from jaxcompress.quantization.fake_quant import check_qparams
+from jaxcompress.quantization.fake_quant import check_qparams, scaled
 from jaxcompress.quantization.qparams import EPS, reduce_axes
 
 
@@ -60,14 +60,14 @@ def lsq_grad_scale(n: Any, qmax: Any) -> jax.Array:
 
 @jax.custom_jvp
 def _lsq(x, step, qmin, qmax, grad_scale):
-  return (jnp.clip(jnp.round(x / step), qmin, qmax) * step).astype(x.dtype)
+  return (jnp.clip(jnp.round(scaled(x, step)), qmin, qmax) * step).astype(x.dtype)
 
 
 @_lsq.defjvp
 def _lsq_jvp(primals, tangents):
   x, step, qmin, qmax, grad_scale = primals
   dx, dstep = tangents[0], tangents[1]
-  v = x / step
+  v = scaled(x, step)
   out = (jnp.clip(jnp.round(v), qmin, qmax) * step).astype(x.dtype)
   inside = (v > qmin) & (v < qmax)
   dout_dstep = jnp.where(inside, jnp.round(v) - v, jnp.where(v <= qmin, qmin, qmax)) * grad_scale
