@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import load_serving, save_serving
+from jaxcompress.export import load, load_serving, save_serving
 from test_export_runtime import mlp_artifact
 
 pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
@@ -105,3 +105,36 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     save_serving(str(tmp_path / "taken" / "sub"), loaded)
   with pytest.raises(ConfigError, match=r"^out_dir: '.*taken' is a file or lies under one"):
     mlp_artifact(str(tmp_path / "taken"))  # the artifact itself
+
+
+def test_a_failed_write_keeps_the_earlier_files_and_leaves_no_temporary_one(tmp_path):
+  """A folder where a temporary file goes stands for a full disk: the write fails part way."""
+  out = tmp_path / "export"
+  first = mlp_artifact(str(out), seed=0)
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  want = np.asarray(first.logits(x))
+  before = sorted(os.listdir(out))
+  (out / "spec.json.gz.tmp").mkdir()
+  with pytest.raises(ConfigError, match=r"^out_dir: cannot write '.*spec.json.gz' \(Is a "
+                                        r"directory\); nothing was replaced$"):
+    mlp_artifact(str(out), seed=1)
+  (out / "spec.json.gz.tmp").rmdir()
+  assert sorted(os.listdir(out)) == before  # no arrays.bin.tmp left
+  np.testing.assert_array_equal(load(str(out), first.model).logits(x), want)
+
+  serving = tmp_path / "serving"
+  save_serving(str(serving), first)
+  (serving / "signature.json.tmp").mkdir()
+  with pytest.raises(ConfigError, match=r"^out_dir: cannot write '.*signature.json'"):
+    save_serving(str(serving), first)
+  assert sorted(os.listdir(serving)) == ["model.jaxexport", "signature.json",
+                                         "signature.json.tmp"]
+
+
+def test_a_truncated_serving_file_is_one_line(tmp_path):
+  save_serving(str(tmp_path), mlp_artifact(str(tmp_path / "export")))
+  data = (tmp_path / "model.jaxexport").read_bytes()
+  (tmp_path / "model.jaxexport").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ConfigError, match=r"^serving: '.*model.jaxexport' is not a serialized "
+                                        r"jax.export function \(.*\); it is corrupted"):
+    load_serving(str(tmp_path))

@@ -34,7 +34,7 @@ from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
 from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION,
-                                      make_folder, read_arrays, read_spec, spec_bytes, write)
+                                      make_folder, read_arrays, read_spec, spec_bytes, write_files)
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
@@ -149,9 +149,9 @@ def _write(out_dir: str, fin: Finalized, *, signature: dict, model_name: str,
             "arrays": {"file": ARRAYS_FILE, "bytes": len(data), "raw_bytes": len(raw),
                        "compression": compression, "sha256": hashlib.sha256(data).hexdigest()}}
   make_folder(out_dir)
-  write(os.path.join(out_dir, ARRAYS_FILE), data)
   name, stale = (SPEC_GZ, SPEC_FILE) if compress else (SPEC_FILE, SPEC_GZ)
-  write(os.path.join(out_dir, name), spec_bytes({**header, "layers": metas}, compress))
+  write_files({os.path.join(out_dir, ARRAYS_FILE): data,
+               os.path.join(out_dir, name): spec_bytes({**header, "layers": metas}, compress)})
   if os.path.exists(os.path.join(out_dir, stale)):  # an earlier export's spec
     os.remove(os.path.join(out_dir, stale))
   return size_report(out_dir)

@@ -54,12 +54,27 @@ def make_folder(path: str, field: str = "out_dir") -> None:
                       "(new, or an earlier export's to replace it)") from None
 
 
-def write(path: str, data: bytes) -> None:
-  """Writes to a temporary name and renames: a reader never sees a half-written file."""
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+def write_files(files: dict[str, bytes], field: str = "out_dir") -> None:
+  """Writes every file to a temporary name, then renames them all: a failed write (a full disk)
+  leaves the files that were there as they were, and no temporary file behind.
+
+  Raises:
+    ConfigError: a file cannot be written (one line, naming it and the reason).
+  """
+  written = []
+  try:
+    for path, data in files.items():
+      written.append(path + ".tmp")
+      with open(written[-1], "wb") as f:
+        f.write(data)
+  except OSError as e:
+    for tmp in written:
+      if os.path.isfile(tmp):
+        os.remove(tmp)
+    raise ConfigError(f"{field}: cannot write {path!r} ({e.strerror or e}); nothing was "
+                      "replaced") from None
+  for path in files:
+    os.replace(path + ".tmp", path)
 
 
 def read_spec(path: str, field: str = "model.exported") -> dict:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
-from jaxcompress.export.files import make_folder
+from jaxcompress.export.files import make_folder, write_files
 
 SERVING_FILE, SIGNATURE_FILE = "model.jaxexport", "signature.json"
 
@@ -80,17 +80,15 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
   exported = jax.export.export(jax.jit(serve), platforms=tuple(platforms))(
       io.structs(spec["input"], batch, dtype))
   logits = jax.eval_shape(serve, io.structs(spec["input"], 1, dtype))
-  make_folder(out_dir)
-  with open(os.path.join(out_dir, SERVING_FILE), "wb") as f:
-    f.write(exported.serialize())
   signature = {"file": SERVING_FILE, "input": {**io.with_batch(spec["input"], dtype),
                                                 "normalised_inside": mean is not None},
                "output": {"shape": ["batch", *logits.shape[1:]],
                           "dtype": jnp.dtype(logits.dtype).name},
                "platforms": list(platforms), "model": spec["model"],
                "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"}
-  with open(os.path.join(out_dir, SIGNATURE_FILE), "w") as f:
-    json.dump(signature, f, indent=1)
+  make_folder(out_dir)
+  write_files({os.path.join(out_dir, SERVING_FILE): bytes(exported.serialize()),
+               os.path.join(out_dir, SIGNATURE_FILE): json.dumps(signature, indent=1).encode()})
   return signature
 
 
@@ -100,5 +98,11 @@ def load_serving(out_dir: str) -> Callable:
   if not os.path.isfile(path):
     raise ConfigError(f"serving: no {SERVING_FILE} in {out_dir!r}; write it with save_serving")
   with open(path, "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+    data = f.read()
+  try:
+    exported = jax.export.deserialize(bytearray(data))
+  except Exception as e:  # a truncated or foreign file: struct, flatbuffers or value errors
+    raise ConfigError(f"serving: {path!r} is not a serialized jax.export function "
+                      f"({first_line(e)}); it is corrupted, write it again with "
+                      "save_serving") from None
   return exported.call
