@@ -35,7 +35,7 @@ def evaluate_config(config) -> dict:
   exported = config.model.get("exported", "")
   name = config.model.name
   if exported:  # an artifact from jaxcompress.export: packed weights, folded BN, input fake-quant
-    name = read_spec(exported)["model"] or name
+    name = read_spec(exported).get("model") or name
     model = get_model(name, spec.num_classes, field="model.exported model")
     loaded = load_artifact(exported, model)
     one = single_input(loaded.spec["input"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -44,6 +47,13 @@ def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):
   # No model name in the spec: config.model.name's module, which the variables do not fit.
   variables = random_variables(get_model("mlp"), (32, 32, 3))
   export_model(str(tmp_path / "unnamed"), variables=variables, input_shape=(32, 32, 3))
+  with pytest.raises(ConfigError, match="model.exported: the artifact has no "
+                                        "'batch_stats/bn1/mean', which CifarResNet needs"):
+    evaluate_config(_config(str(tmp_path / "unnamed")))
+  spec_file = tmp_path / "unnamed" / "spec.json.gz"  # a spec without the field at all
+  spec = json.loads(gzip.decompress(spec_file.read_bytes()))
+  del spec["model"]
+  spec_file.write_bytes(gzip.compress(json.dumps(spec).encode()))
   with pytest.raises(ConfigError, match="model.exported: the artifact has no "
                                         "'batch_stats/bn1/mean', which CifarResNet needs"):
     evaluate_config(_config(str(tmp_path / "unnamed")))
