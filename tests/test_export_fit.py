@@ -58,8 +58,18 @@ def test_a_fitting_artifact_is_left_alone_and_rules_limit_what_is_zeroed():
   np.testing.assert_array_equal(out["dense"]["kernel"], params["dense"]["kernel"])
 
 
-def test_a_budget_below_the_empty_model_is_one_line():
-  write, _ = _nonzero_writer()
+def test_a_budget_below_the_empty_model_is_one_line_and_leaves_the_untrimmed_artifact():
+  write, calls = _nonzero_writer()
+  params = _params()
   with pytest.raises(ConfigError, match="with every pruned weight zero") as e:
-    fit_to_bytes(write, _params(), None, 10 + 3 * 4)  # the bias alone takes 10 + 15
+    fit_to_bytes(write, params, None, 10 + 3 * 4)  # the bias alone takes 10 + 15
   assert "\n" not in str(e.value)
+  assert calls[-1] is params  # the folder holds the artifact as given, not an emptied one
+
+
+@pytest.mark.parametrize("max_bytes", [None, 0, -5, float("nan"), "100"])
+def test_a_budget_that_is_not_a_positive_number_is_one_line(max_bytes):
+  write, calls = _nonzero_writer()
+  with pytest.raises(ConfigError, match=r"^max_bytes must be "):
+    fit_to_bytes(write, _params(), None, max_bytes)
+  assert not calls  # nothing written

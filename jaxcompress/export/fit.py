@@ -11,7 +11,6 @@ fits, at most ``resolution`` of the kept entries above the fewest that fit on th
 
 Example:
   >>> def write(params):  # writes the artifact of these parameters, returns its size report
-  ...   shutil.rmtree(out_dir, ignore_errors=True)
   ...   return export_model(out_dir, variables={**variables, "params": params}, ...)
   >>> params, report, zeroed = fit_to_bytes(write, variables["params"], None, max_bytes=43_155)
 """
@@ -23,7 +22,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, check_positive
 from jaxcompress.pruning.select import select
 
 
@@ -60,8 +59,11 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
     report, and how many kept entries were zeroed (0: ``params`` fit as they are).
 
   Raises:
-    ConfigError: if the artifact does not fit even with every selected weight zero.
+    ConfigError: for a ``max_bytes`` that is not a number > 0, or if the artifact does not fit
+      even with every selected weight zero (``write`` then writes ``params`` again, so the
+      folder holds their artifact, not a trimmed one).
   """
+  check_positive("max_bytes", max_bytes)
   report = write(params)
   if report["total_bytes"] <= max_bytes:
     return params, report, 0
@@ -83,6 +85,7 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
   while hi < kept and not fits(hi):
     lo, hi = hi, min(kept, 2 * hi)
   if hi >= kept and not fits(kept):
+    write(params)
     raise ConfigError(f"max_bytes: the artifact takes {found[kept]['total_bytes']:,} bytes "
                       f"with every pruned weight zero, over the budget of {max_bytes:,}")
   hi = min(hi, kept)
