@@ -445,6 +445,10 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
   _one_line_error(write("tampered", bytes(flipped)), "does not match the SHA-256 in its spec")
   _one_line_error(write("truncated", data[:-10]),
                   f"has {len(data) - 10} bytes, the spec says {len(data)}; the file is truncated")
+  outside = copy()
+  outside["arrays"]["file"] = "../tampered/arrays.bin"  # another artifact's arrays
+  _one_line_error(write("outside", spec_obj=outside), r"the spec's arrays file must be a file "
+                  r"name in the artifact folder, got '../tampered/arrays.bin'")
   index = [l["path"] for l in spec["layers"]].index("params/body/kernel")
   bad_shape = copy()
   bad_shape["layers"][index]["shape"] = [3, 3, 8, 24]  # it is [3, 3, 8, 16]

@@ -101,6 +101,10 @@ def read_spec(path: str, field: str = "model.exported") -> dict:
 def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
   """The raw (decompressed) arrays of an artifact, after the size and SHA-256 checks."""
   info = spec["arrays"]
+  if not isinstance(info.get("file"), str) or os.path.basename(info["file"]) != info["file"] or (
+      info["file"] in ("", ".", "..")):
+    raise ConfigError(f"{field}: the spec's arrays file must be a file name in the artifact "
+                      f"folder, got {info.get('file')!r}; the spec is corrupted")
   file = os.path.join(_folder(path), info["file"])
   if not os.path.isfile(file):
     raise ConfigError(f"{field}: {file!r} is missing; copy the whole artifact folder")
