@@ -283,6 +283,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 2):
     self.directory = directory
+    self._closed = False
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -322,8 +323,11 @@ class Checkpointer:
     return out["state"], dict(out["meta"] or {})
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for a save in flight to commit, then releases orbax's threads (again: no-op)."""
+    if not self._closed:
+      self._closed = True
+      self._manager.wait_until_finished()
+      self._manager.close()
 
 
 def _entries(tree: Any) -> dict[str, str]:

@@ -205,65 +205,63 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     while len(unchecked) > keep:
       n, m = unchecked.popleft()
       if "finite" in m and "skipped" not in m and not float(jax.device_get(m["finite"])):
-        bar.close()
-        latest = ckpt.latest_step()
-        ckpt.close()
-        raise _non_finite(n, m, latest)
+        raise _non_finite(n, m, ckpt.latest_step())
 
   t_start = time.perf_counter()
-  while step < total:
-    epoch, start = divmod(step, per_epoch)
-    for batch in epoch_batches(epoch, start):
-      if step >= total:
-        break
-      if mesh is not None:
-        batch = parallel.shard_batch(mesh, batch)
-      state, metrics = train_step(state, batch, *step_args)
-      step += 1
-      unchecked.append((step, metrics))
-      # The previous step's flag: reading it waits for that step only, while this one runs.
-      check(keep=1)
-      pending.append(metrics)
-      n_log += batch_size
-      save_now = step % loop.checkpoint_every_steps == 0 or step == total
-      # A checkpoint always follows a log record, so a resumed run averages the same steps.
-      log_now = step % loop.log_every_steps == 0 or save_now
-      if log_now:
-        check()
-        kept = [m for m in pending if not float(jax.device_get(m.get("skipped", 0.0)))]
-        host = {k: float(np.mean([jax.device_get(m[k]) for m in kept or pending]))
-                for k in pending[0]}
-        if "skipped" in host:
-          host["skipped"] = len(pending) - len(kept)
-          skipped += host["skipped"]
-        now = time.perf_counter()
-        host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
-        if main:
-          log.write(host)
-        bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
-        pending, t_log, n_log = [], now, 0
-      bar.update(1)
-      # Evaluate before the checkpoint of the same step: a resume from it never skips an eval.
-      if eval_fn is not None and step % per_epoch == 0 and step < total and (
-          (step // per_epoch) % loop.eval_every_epochs == 0):
-        check()
-        record = {"step": step, "epoch": step / per_epoch,
-                  **{f"eval_{k}": v for k, v in eval_fn(state).items()
-                     if isinstance(v, (int, float))}}
-        if main:
-          log.write(record)
-      if save_now:
-        jax.block_until_ready(state)
-        ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start,
-                                "skipped": skipped})
-  check()
-  bar.close()
-  jax.block_until_ready(state)
-  seconds += time.perf_counter() - t_start
-  ckpt.close()
+  try:  # a stop (SIGTERM, Ctrl-C, a non-finite loss) still finishes a save in flight
+    while step < total:
+      epoch, start = divmod(step, per_epoch)
+      for batch in epoch_batches(epoch, start):
+        if step >= total:
+          break
+        if mesh is not None:
+          batch = parallel.shard_batch(mesh, batch)
+        state, metrics = train_step(state, batch, *step_args)
+        step += 1
+        unchecked.append((step, metrics))
+        # The previous step's flag: reading it waits for that step only, while this one runs.
+        check(keep=1)
+        pending.append(metrics)
+        n_log += batch_size
+        save_now = step % loop.checkpoint_every_steps == 0 or step == total
+        # A checkpoint always follows a log record, so a resumed run averages the same steps.
+        log_now = step % loop.log_every_steps == 0 or save_now
+        if log_now:
+          check()
+          kept = [m for m in pending if not float(jax.device_get(m.get("skipped", 0.0)))]
+          host = {k: float(np.mean([jax.device_get(m[k]) for m in kept or pending]))
+                  for k in pending[0]}
+          if "skipped" in host:
+            host["skipped"] = len(pending) - len(kept)
+            skipped += host["skipped"]
+          now = time.perf_counter()
+          host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
+          if main:
+            log.write(host)
+          bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
+          pending, t_log, n_log = [], now, 0
+        bar.update(1)
+        # Evaluate before the checkpoint of the same step: a resume from it never skips an eval.
+        if eval_fn is not None and step % per_epoch == 0 and step < total and (
+            (step // per_epoch) % loop.eval_every_epochs == 0):
+          check()
+          record = {"step": step, "epoch": step / per_epoch,
+                    **{f"eval_{k}": v for k, v in eval_fn(state).items()
+                       if isinstance(v, (int, float))}}
+          if main:
+            log.write(record)
+        if save_now:
+          jax.block_until_ready(state)
+          ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start,
+                                  "skipped": skipped})
+    check()
+    jax.block_until_ready(state)
+    seconds += time.perf_counter() - t_start
+  finally:
+    bar.close()
+    ckpt.close()
   return state, {"seconds": seconds, "epochs": step / per_epoch, "steps": step,
                  "skipped": skipped}
-
 
 
 def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, int, Callable]:

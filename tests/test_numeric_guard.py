@@ -118,3 +118,28 @@ def test_skip_nonfinite_keeps_the_state_counts_the_steps_and_trains_on(tmp_path)
   assert steps[1:] == [3, 4, 6, 8, 9]
   assert [bool(np.isfinite(r["loss"])) for r in records] == [
       r["skipped"] < n for r, n in zip(records, np.diff(steps))]
+
+
+def test_a_stop_in_the_middle_of_training_finishes_the_save_in_flight(tmp_path, monkeypatch):
+  """Ctrl-C or SIGTERM (both KeyboardInterrupt) at step 6: the step-4 checkpoint is committed
+  and orbax's threads are released before the stop goes on (closed once, not left running)."""
+  train, data, model, v = _setup()
+  tx = optax.sgd(0.01)
+  step_fn = make_train_step(supervised_loss(model), tx)
+  calls = []
+
+  def stopping(state, batch):
+    if len(calls) == 5:
+      raise KeyboardInterrupt
+    calls.append(1)
+    return step_fn(state, batch)
+
+  closed = []
+  close = Checkpointer.close
+  monkeypatch.setattr(Checkpointer, "close", lambda self: (closed.append(1), close(self)))
+  loop = LoopSpec(epochs=3, log_every_steps=3, checkpoint_every_steps=4)
+  with pytest.raises(KeyboardInterrupt):
+    fit(TrainState.create(v["params"], {}, tx), stopping, train, data, loop, str(tmp_path))
+  assert closed == [1]
+  assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
+  assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
