@@ -62,9 +62,19 @@ def run(main: Callable[[list[str]], None]) -> None:
   try:
     app.run(guarded, flags_parser=_parse_flags)
   except Terminated:
-    fail("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
+    _stop("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
   except KeyboardInterrupt:
-    fail("interrupted; rerun the same command to resume", 130)
+    _stop("interrupted; rerun the same command to resume", 130)
+
+
+def _stop(message: str, code: int) -> None:
+  """``fail`` for a job stopped by a signal, once the unwinding has cleaned up: the interpreter's
+  own shutdown is skipped, as XLA may still be compiling on its threads (the stop can land inside
+  a compile) and tearing down under it crashed with a segmentation fault."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 class Terminated(KeyboardInterrupt):
