@@ -51,7 +51,7 @@ def text_path(configured: str = "") -> str:
 
 
 def read_text(path: str, *, field: str = "data.path") -> str:
-  """The whole file as UTF-8 text.
+  """The whole file as UTF-8 text, every character as stored (``\r\n`` stays two characters).
 
   Raises:
     ConfigError: the file is missing, unreadable, not UTF-8, or empty.
@@ -61,7 +61,7 @@ def read_text(path: str, *, field: str = "data.path") -> str:
   if not os.path.isfile(path):
     raise ConfigError(f"{field}: no text file at {path!r}; {where}")
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", newline="") as f:
       text = f.read()
   except UnicodeDecodeError as e:
     raise ConfigError(f"{field}: {path!r} is not UTF-8 text (byte {e.start}: {e.reason})"
@@ -153,11 +153,11 @@ def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,
   if context < 1:
     raise invalid("data.context", context, ">= 1")
   splits = split_text(read_text(path, field=field))
-  for name in SPLITS:
-    if len(splits[name]) < context + 1:
-      raise invalid("data.context", context, f"at most {len(splits[name]) - 1}: the {name} split "
-                    f"of {path!r} holds {len(splits[name])} characters and a window needs "
-                    "context + 1", "lower data.context or use a longer text")
+  name = min(SPLITS, key=lambda k: len(splits[k]))  # the bound every split meets
+  if len(splits[name]) < context + 1:
+    raise invalid("data.context", context, f"at most {len(splits[name]) - 1}: the {name} split "
+                  f"of {path!r} holds {len(splits[name])} characters and a window needs "
+                  "context + 1", "lower data.context or use a longer text")
   vocab = vocab or Vocabulary.from_text(splits["train"])
   ids = {name: vocab.encode(text, what=f"{field}: the {name} split of {path!r}")
          for name, text in splits.items()}
@@ -189,6 +189,8 @@ class TrainWindows:
   def __post_init__(self):
     if self.batch_size < 1:
       raise invalid("data.batch_size", self.batch_size, ">= 1")
+    if self.context < 1:
+      raise invalid("data.context", self.context, ">= 1")
     if len(self.ids) < self.context + 1:
       raise invalid("data.context", self.context, f"at most {len(self.ids) - 1} (the split "
                     f"holds {len(self.ids)} characters)")
@@ -216,6 +218,8 @@ def eval_batches(ids: np.ndarray, *, batch_size: int, context: int) -> Iterator[
   past the split's end (in the last window, and whole padding windows filling the last batch) are
   zero with weight 0.
   """
+  if context < 1:
+    raise invalid("data.context", context, ">= 1")
   n, t = len(ids), context
   windows = num_eval_windows(n, t)
   padded = np.zeros(windows * t + 1, np.int32)

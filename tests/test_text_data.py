@@ -65,6 +65,33 @@ def test_context_longer_than_a_split_is_one_line(tmp_path):
       "train": 90, "validation": 5, "test": 5, "val111k": 10}
 
 
+def test_line_ends_are_characters_as_stored(tmp_path):
+  path = tmp_path / "crlf.txt"
+  content = "to be,\r\nor not\rto be\n" * 20  # 420 characters, CR LF, lone CR and LF
+  path.write_bytes(content.encode("utf-8"))
+  assert text.read_text(str(path)) == content
+  corpus = text.load_corpus(str(path), context=8)
+  assert "\r" in corpus.vocab.chars
+  assert len(corpus.ids["train"]) == int(0.9 * len(content))
+  assert corpus.vocab.decode(np.concatenate([corpus.ids[k] for k in ("train", "val111k")])) == (
+      content)
+
+
+def test_the_context_bound_is_the_shortest_splits(tmp_path):
+  path = _write(tmp_path, "ab" * 25)  # 50 chars: train 45, validation 2, test 3
+  with pytest.raises(ConfigError, match=r"^data.context must be at most 1: the validation split"):
+    text.load_corpus(path, context=50)  # over every split: the bound is validation's, not train's
+
+
+@pytest.mark.parametrize("context", [0, -2])
+def test_windows_of_no_characters_are_one_line(context):
+  ids = np.arange(40, dtype=np.int32) % 5
+  with pytest.raises(ConfigError, match=rf"^data.context must be >= 1, got {context}$"):
+    text.TrainWindows(ids, 8, context)
+  with pytest.raises(ConfigError, match=rf"^data.context must be >= 1, got {context}$"):
+    next(text.eval_batches(ids, batch_size=8, context=context))
+
+
 def test_text_path_prefers_config_then_environment(monkeypatch):
   monkeypatch.setenv(text.TEXT_ENV, "/data/text")
   assert text.text_path("/x/y.txt") == "/x/y.txt"
