@@ -170,7 +170,8 @@ def test_register_adds_a_name_and_refuses_a_taken_one(user_module, clean_registr
     ("{mod}:not_a_model", r"'{mod}:not_a_model' returned type str, not a flax.linen.Module"),
     ("{mod}:no_classes", r"cannot be called with num_classes=10"),
     ("{mod}:", r"MODULE:FACTORY"),
-    ("{mod}:raises", r"the factory of '{mod}:raises', called with num_classes=10, raised RuntimeError: boom$"),
+    ("{mod}:raises", r"the factory of '{mod}:raises', called with num_classes=10, raised "
+                     r"RuntimeError: boom$"),
     ("{mod}:no_pool", r"'{mod}:no_pool' returns \(1, 2, 2, 10\) for one input of shape "
                       r"\[2, 2, 3\]; a classifier of 10 classes must return one array of "
                       r"logits of shape \(1, 10\)"),
