@@ -213,20 +213,15 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
                      r"matches a layer path \(fc1, fc2, fc3\), got 'fc9'"):
     compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
                   quant=compose.QuantSpec(layer_bits=(("fc9", 4, 8),)))
-  hints = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
-                        teacher=student, distill=compose.DistillSpec(
-                            alpha=0.5, feature_weight=1.0, feature_pairs=(("fc9", "fc2"),)))
-  with pytest.raises(ConfigError, match=r"distill.feature_pairs must be a module path of the "
-                     r"student that its forward calls, e.g. one of its layers: fc1, fc2, fc3, "
-                     r"got 'fc9'"):
-    hints.init_state(svars, batch.image, teacher_vars=svars)
-  teacher_typo = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
-                               teacher=student, distill=compose.DistillSpec(
-                                   alpha=0.5, feature_weight=1.0, feature_pairs=(("fc2", "fc7"),)))
-  with pytest.raises(ConfigError, match=r"distill.feature_pairs must be a module path of the "
-                     r"teacher that its forward calls, e.g. one of its layers: fc1, fc2, fc3, "
-                     r"got 'fc7'"):
-    teacher_typo.init_state(svars, batch.image, teacher_vars=svars)
+  for pair, model, wrong in ((("fc9", "fc2"), "student", "fc9"),
+                             (("fc2", "fc7"), "teacher", "fc7")):
+    hints = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
+                          teacher=student, distill=compose.DistillSpec(
+                              alpha=0.5, feature_weight=1.0, feature_pairs=(pair,)))
+    with pytest.raises(ConfigError, match=r"distill.feature_pairs must be a module path of the "
+                       rf"{model} that its forward calls, e.g. one of its layers: fc1, fc2, fc3, "
+                       rf"got '{wrong}'"):
+      hints.init_state(svars, batch.image, teacher_vars=svars)
   with pytest.raises(ConfigError, match=r"export input_shape must be one example's shape, without "
                      r"the batch axis \(build's sample: \(6, 6, 3\)\), got \(8, 6, 6, 3\)"):
     comp.export(str(tmp_path / "export"), state, input_shape=batch.image.shape)
