@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import atexit
 import json
 import os
 import re
@@ -68,10 +69,12 @@ def run(main: Callable[[list[str]], None]) -> None:
 
 
 def _stop(message: str, code: int) -> None:
-  """``fail`` for a job stopped by a signal, once the unwinding has cleaned up: the interpreter's
-  own shutdown is skipped, as XLA may still be compiling on its threads (the stop can land inside
-  a compile) and tearing down under it crashed with a segmentation fault."""
+  """``fail`` for a job stopped by a signal, once the unwinding has cleaned up: the exit handlers
+  run (the workdir's lock is released), the rest of the interpreter's shutdown is skipped, as XLA
+  may still be compiling on its threads (the stop can land inside a compile) and tearing down
+  under it crashed with a segmentation fault."""
   print(f"error: {message}", file=sys.stderr)
+  atexit._run_exitfuncs()
   sys.stdout.flush()
   sys.stderr.flush()
   os._exit(code)
