@@ -112,6 +112,9 @@ def test_an_output_folder_that_is_a_file_is_one_line(tmp_path):
     save_serving(str(tmp_path / "taken" / "sub"), loaded)
   with pytest.raises(ConfigError, match=r"^out_dir: '.*taken' is a file or lies under one"):
     mlp_artifact(str(tmp_path / "taken"))  # the artifact itself
+  with pytest.raises(ConfigError, match=r"^out_dir: cannot make the folder '.*' \(File name too "
+                                        r"long\)$"):
+    mlp_artifact(str(tmp_path / ("x" * 300)))
 
 
 def test_a_failed_write_keeps_the_earlier_files_and_leaves_no_temporary_one(tmp_path):

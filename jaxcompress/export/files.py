@@ -45,13 +45,16 @@ def make_folder(path: str, field: str = "out_dir") -> None:
   """Creates the folder ``path`` (and its parents) unless it exists.
 
   Raises:
-    ConfigError: ``path`` or one of its parents is a file.
+    ConfigError: ``path`` or one of its parents is a file, or the folder cannot be made (a name
+      too long, no permission).
   """
   try:
     os.makedirs(path, exist_ok=True)
   except (FileExistsError, NotADirectoryError):
     raise ConfigError(f"{field}: {path!r} is a file or lies under one; give a folder "
                       "(new, or an earlier export's to replace it)") from None
+  except OSError as e:
+    raise ConfigError(f"{field}: cannot make the folder {path!r} ({e.strerror or e})") from None
 
 
 def write_files(files: dict[str, bytes], field: str = "out_dir") -> None:
