@@ -383,35 +383,37 @@ def test_a_dropout_on_its_own_rng_stream_gets_the_step_key():
 def test_a_transposed_kernel_scales_its_output_channels():
   """8-bit weights stay within quantization noise of the float model even with uneven
   BatchNorm gains (folding them along the input axis, as before, is off by 60 %)."""
-  x = _image(np.random.default_rng(0))
-  model, variables = _linen(LinenTransposedKernel)(0, x)
-  params = jax.tree.map(np.asarray, variables["params"])
-  params["bn"]["scale"] = np.geomspace(0.2, 5.0, 6).astype(np.float32)
-  variables = {**variables, "params": params}
-  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=1,
-                       quant=compose.QuantSpec(weight_bits=8, act_bits=None))
-  state = comp.init_state(variables, x)
+  model, variables, x = _uneven_bn_gains(LinenTransposedKernel, 6)
+  state = _eight_bit_weights_keep_the_function(model, variables, x)
   assert next(l for l in state.model_state["quant"].layers if l.path == "up").weight_axis == 2
   assert trace_layers(model, variables, x).layer("up").reduce_axes == (3,)
   assert "bn" not in trace_layers(model, variables, x).norms
-  want = np.asarray(functional(model).apply(variables, x)[0])
-  got = np.asarray(comp.logits_fn(comp.eval_variables(state), x))
-  assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
 
 
 def test_a_batchnorm_over_another_axis_than_channels_is_not_folded():
-  x = _image(np.random.default_rng(0))
-  model, variables = _linen(LinenRowNorm)(0, x)
-  params = jax.tree.map(np.asarray, variables["params"])
-  params["bn"]["scale"] = np.geomspace(0.2, 5.0, 8).astype(np.float32)  # one gain per row
-  variables = {**variables, "params": params}
+  model, variables, x = _uneven_bn_gains(LinenRowNorm, 8)  # one gain per row
   assert "bn" not in trace_layers(model, variables, x).norms
+  _eight_bit_weights_keep_the_function(model, variables, x)
+
+
+def _uneven_bn_gains(cls, n):
+  """``cls``'s model with its BatchNorm ``bn``'s ``n`` gains spread from 0.2 to 5."""
+  x = _image(np.random.default_rng(0))
+  model, variables = _linen(cls)(0, x)
+  params = jax.tree.map(np.asarray, variables["params"])
+  params["bn"]["scale"] = np.geomspace(0.2, 5.0, n).astype(np.float32)
+  return model, {**variables, "params": params}, x
+
+
+def _eight_bit_weights_keep_the_function(model, variables, x):
+  """8-bit weights stay within quantization noise of the float model; returns the state."""
   comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=1,
                        quant=compose.QuantSpec(weight_bits=8, act_bits=None))
   state = comp.init_state(variables, x)
   want = np.asarray(functional(model).apply(variables, x)[0])
   got = np.asarray(comp.logits_fn(comp.eval_variables(state), x))
   assert np.abs(got - want).max() < 0.02 * np.abs(want).max()
+  return state
 
 
 def test_trace_finds_norms_by_forward_not_by_name():
