@@ -64,11 +64,11 @@ def test_bad_serving_arguments_raise_one_line(tmp_path):
   loaded = mlp_artifact(str(tmp_path / "export"), seed=1)
   with pytest.raises(ConfigError, match="give both mean and std"):
     save_serving(str(tmp_path / "other"), loaded, mean=MEAN)
-  with pytest.raises(ConfigError, match=r"^save_serving: mean must be 1 or 3 finite numbers \(one "
-                                        r"per channel\), got \(0.5, 0.5\)$"):
+  with pytest.raises(ConfigError, match=r"^save_serving.mean must be one value per channel of the "
+                                        r"3-channel images, or one for all, got \(0.5, 0.5\)$"):
     save_serving(str(tmp_path / "other"), loaded, mean=(0.5, 0.5), std=STD)
-  with pytest.raises(ConfigError, match=r"^save_serving: std must be 1 or 3 finite numbers \(one "
-                                        r"per channel, > 0\), got \(0.2, 0.0, 0.3\)$"):
+  with pytest.raises(ConfigError, match=r"^save_serving.std must be finite values > 0 \(pixel / "
+                                        r"255 units\), got \(0.2, 0.0, 0.3\)$"):
     save_serving(str(tmp_path / "other"), loaded, mean=MEAN, std=(0.2, 0.0, 0.3))
   assert not (tmp_path / "other").exists()
   with pytest.raises(ConfigError, match="serving: no model.jaxexport in"):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.data import check_normalization
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.files import make_folder, write_files
@@ -63,13 +64,7 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
                       f"{io.describe(spec['input'])}: give neither")
 
   if mean is not None:
-    channels = io.single(spec["input"])[0][-1]
-    for name, value in (("mean", mean), ("std", std)):
-      v = np.asarray(value, np.float32)
-      if v.ndim > 1 or v.size not in (1, channels) or not np.all(np.isfinite(v)) or (
-          name == "std" and not np.all(v > 0)):
-        raise ConfigError(f"save_serving: {name} must be 1 or {channels} finite numbers (one "
-                          f"per channel{', > 0' if name == 'std' else ''}), got {value!r}")
+    check_normalization(mean, std, io.single(spec["input"])[0][-1], field="save_serving")
     m = np.asarray(mean, np.float32) * 255
     s = np.asarray(std, np.float32) * 255
 
