@@ -105,6 +105,11 @@ def _mse_ratio(x, lo, hi, axes, q, symmetric, num_candidates):
   return ratio
 
 
+def union_range(a: Any, b: Any) -> jax.Array:
+  """The ``[lo, hi]`` range covering both ``[lo, hi]`` ranges ``a`` and ``b``."""
+  return jnp.stack([jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])])
+
+
 def ema_range(old: Any, new: Any, momentum: Any) -> jax.Array:
   """Moving average ``momentum * old + (1 - momentum) * new`` of ``[lo, hi]`` ranges.
 

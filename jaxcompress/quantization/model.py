@@ -62,7 +62,7 @@ from jaxcompress.errors import check_range
 from jaxcompress.models.functional import (Hook, chain_hooks, functional, output_axis,
                                            weight_name)
 from jaxcompress.precision import cast_floating
-from jaxcompress.quantization.calibration import ema_range
+from jaxcompress.quantization.calibration import ema_range, union_range
 from jaxcompress.quantization.config import compile_rules, default_rules
 from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, gained_kernel,
                                             init_layer_state, quantize_input, quantize_kernel)
@@ -277,8 +277,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
         # one update a step, with the batch range of all the layer's calls so far this step
         seen = batch_range(x)
         if call.path in observed:
-          seen = jnp.stack([jnp.minimum(observed[call.path][0], seen[0]),
-                            jnp.maximum(observed[call.path][1], seen[1])])
+          seen = union_range(observed[call.path], seen)
         observed[call.path] = seen
         ranges[call.path] = ema_range(qstate.ranges[call.path], seen, act_momentum)
       elif train and call.path in ranges and call.path not in frozen:

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError, check_range, first_line, invalid, unknown
-from jaxcompress.quantization.calibration import check_finite_range, ema_range, tensor_range
+from jaxcompress.quantization.calibration import (check_finite_range, ema_range, tensor_range,
+                                                  union_range)
 
 CALIBRATION_METHODS = ("minmax", "ema", "percentile", "mse")
 
@@ -91,8 +92,7 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
     if acc is None:
       acc = ranges
     elif method == "minmax":
-      acc = jax.tree.map(lambda a, r: jnp.stack([jnp.minimum(a[0], r[0]), jnp.maximum(a[1], r[1])]),
-                         acc, ranges)
+      acc = jax.tree.map(union_range, acc, ranges)
     elif method == "ema":
       acc = jax.tree.map(lambda a, r: ema_range(a, r, momentum), acc, ranges)
     else:
