@@ -135,6 +135,11 @@ class Corpus:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def _check_context(context: int) -> None:
+  if context < 1:
+    raise invalid("data.context", context, ">= 1")
+
+
 def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,
                 field: str = "data.path") -> Corpus:
   """Reads, splits and encodes a text file, checking it fits windows of ``context`` characters.
@@ -150,8 +155,7 @@ def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,
     ConfigError: a missing or empty file, a split shorter than ``context + 1`` characters, or a
       split with characters outside the vocabulary.
   """
-  if context < 1:
-    raise invalid("data.context", context, ">= 1")
+  _check_context(context)
   splits = split_text(read_text(path, field=field))
   name = min(SPLITS, key=lambda k: len(splits[k]))  # the bound every split meets
   if len(splits[name]) < context + 1:
@@ -189,8 +193,7 @@ class TrainWindows:
   def __post_init__(self):
     if self.batch_size < 1:
       raise invalid("data.batch_size", self.batch_size, ">= 1")
-    if self.context < 1:
-      raise invalid("data.context", self.context, ">= 1")
+    _check_context(self.context)
     if len(self.ids) < self.context + 1:
       raise invalid("data.context", self.context, f"at most {len(self.ids) - 1} (the split "
                     f"holds {len(self.ids)} characters)")
@@ -218,8 +221,7 @@ def eval_batches(ids: np.ndarray, *, batch_size: int, context: int) -> Iterator[
   past the split's end (in the last window, and whole padding windows filling the last batch) are
   zero with weight 0.
   """
-  if context < 1:
-    raise invalid("data.context", context, ">= 1")
+  _check_context(context)
   n, t = len(ids), context
   windows = num_eval_windows(n, t)
   padded = np.zeros(windows * t + 1, np.int32)
