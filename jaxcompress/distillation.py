@@ -53,7 +53,9 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
   s = student_logits.astype(jnp.float32) / temperature
   log_p_t = jax.nn.log_softmax(t, axis=-1)
   log_p_s = jax.nn.log_softmax(s, axis=-1)
-  kl = jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+  p_t = jnp.exp(log_p_t)
+  # A class the teacher rules out (logit -inf, a masked vocabulary) adds 0 * log 0 = 0.
+  kl = jnp.sum(jnp.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0), axis=-1)
   return temperature ** 2 * kl
 
 
@@ -101,7 +103,8 @@ def init_adapters(pairs: Sequence[tuple[str, str]], student_feats: dict[str, jax
     key: PRNG key.
 
   Returns:
-    ``{student_path: adapter params}`` for the pairs that need one (others map 1:1).
+    ``{adapter_key(student_path, teacher_path): adapter params}`` for the pairs that need one
+    (others map 1:1); one student layer hinted by two teacher layers gets one adapter for each.
   """
   out = {}
   for i, (s, t) in enumerate(pairs):
@@ -110,13 +113,22 @@ def init_adapters(pairs: Sequence[tuple[str, str]], student_feats: dict[str, jax
       raise invalid("distill.feature_pairs", (s, t), "layers whose outputs share batch and "
                     f"spatial shape (got {fs.shape} vs {ft.shape})")
     if fs.shape[-1] != ft.shape[-1]:
-      out[s] = Adapter(ft.shape[-1]).init(jax.random.fold_in(key, i), fs)["params"]
+      out[adapter_key(s, t)] = Adapter(ft.shape[-1]).init(jax.random.fold_in(key, i),
+                                                           fs)["params"]
   return out
 
 
-def adapt(adapters: dict[str, Any], path: str, feat: jax.Array, width: int) -> jax.Array:
-  """Maps a student feature to the teacher's width with its adapter (identity if it has none)."""
-  if path not in adapters:
+def adapter_key(student_path: str, teacher_path: str) -> str:
+  """The name of a feature pair's adapter in the parameters: ``'student_path->teacher_path'``."""
+  return f"{student_path}->{teacher_path}"
+
+
+def adapt(adapters: dict[str, Any], pair: tuple[str, str], feat: jax.Array,
+          width: int) -> jax.Array:
+  """Maps the student feature of ``pair`` (``(student_path, teacher_path)``) to the teacher's
+  width with the pair's adapter (identity if it has none)."""
+  key = adapter_key(*pair)
+  if key not in adapters:
     return feat
-  return Adapter(width).apply({"params": adapters[path]}, feat)
+  return Adapter(width).apply({"params": adapters[key]}, feat)
 

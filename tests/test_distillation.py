@@ -24,6 +24,20 @@ def test_kd_loss_matches_numpy_kl_times_t_squared(temperature):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_a_class_the_teacher_rules_out_adds_nothing():
+  # A masked vocabulary: teacher logit -inf, probability 0, and 0 * log 0 = 0 in the KL.
+  s = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+  t = np.array([[2.0, -np.inf, 1.0], [-np.inf, 0.0, 1.0]])
+  p_t, p_s = _softmax(t), _softmax(s)
+  expected = np.sum(np.where(p_t > 0, p_t * (np.log(np.where(p_t > 0, p_t, 1)) - np.log(p_s)),
+                             0), axis=-1)
+  got = kd.kd_loss(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), 1.0)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  grad = jax.grad(lambda z: kd.kd_loss(z, jnp.asarray(t, jnp.float32), 1.0).sum())(
+      jnp.asarray(s, jnp.float32))
+  np.testing.assert_allclose(grad, p_s - p_t, rtol=1e-5, atol=1e-6)
+
+
 def test_a_model_distilled_from_itself_has_zero_kd_loss():
   logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 10)) * 5, jnp.float32)
   np.testing.assert_allclose(kd.kd_loss(logits, logits, 4.0), 0.0, atol=1e-6)
@@ -55,10 +69,14 @@ def test_adapters_only_where_widths_differ():
   s = {"a": jnp.zeros((2, 4, 4, 16)), "b": jnp.zeros((2, 4, 4, 32))}
   t = {"x": jnp.zeros((2, 4, 4, 64)), "y": jnp.zeros((2, 4, 4, 32))}
   adapters = kd.init_adapters([("a", "x"), ("b", "y")], s, t, key)
-  assert set(adapters) == {"a"}
-  out = kd.adapt(adapters, "a", s["a"] + 1, 64)
+  assert set(adapters) == {"a->x"}
+  out = kd.adapt(adapters, ("a", "x"), s["a"] + 1, 64)
   assert out.shape == (2, 4, 4, 64)
-  assert kd.adapt(adapters, "b", s["b"], 32) is s["b"]
+  assert kd.adapt(adapters, ("b", "y"), s["b"], 32) is s["b"]
+  # One student layer hinted by two teacher layers of other widths: an adapter for each pair.
+  two = kd.init_adapters([("a", "x"), ("a", "y")], s, t, key)
+  assert {k: jax.tree.leaves(v)[0].shape for k, v in two.items()} == {
+      "a->x": (1, 1, 16, 64), "a->y": (1, 1, 16, 32)}
   with pytest.raises(ConfigError, match="share batch and spatial shape"):
     kd.init_adapters([("a", "z")], s, {"z": jnp.zeros((2, 8, 8, 16))}, key)
 
