@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,3 +93,30 @@ def test_qparams_from_range_per_channel_broadcasts():
   scale, zp = qparams_from_range(lo, hi, qmin=0, qmax=255, symmetric=False)
   np.testing.assert_allclose(scale, [[4 / 255, 2 / 255]], rtol=1e-6)
   np.testing.assert_array_equal(zp, [[64, 0]])
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_scale_is_the_same_for_static_and_traced_bits(symmetric):
+  # A bit schedule traces ``bits``; an export computes the scale with a static ``bits``. Both
+  # must give the same float32 scale to the last bit, and so must eager NumPy-style code.
+  # Per-tensor ranges (scalars), where XLA divided when ``bits`` was traced and multiplied by
+  # the reciprocal when it was static, and per-channel ranges (arrays).
+  rng = np.random.default_rng(0)
+  lo = -rng.uniform(0.01, 3.0, 200).astype(np.float32)
+  hi = rng.uniform(0.01, 3.0, 200).astype(np.float32)
+
+  def scale(lo, hi, bits):
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2 ** bits - 1)
+    return qparams_from_range(lo, hi, qmin=qmin, qmax=qmax, symmetric=symmetric)[0]
+
+  traced = jax.jit(scale)
+  for bits in range(2, 9):
+    static_fn = jax.jit(functools.partial(scale, bits=bits))
+    static = static_fn(lo, hi)
+    np.testing.assert_array_equal(static, traced(lo, hi, jnp.int32(bits)))
+    per_tensor = [(static_fn(a, b), traced(a, b, jnp.int32(bits))) for a, b in zip(lo, hi)]
+    np.testing.assert_array_equal(*np.array(per_tensor).T)
+    np.testing.assert_array_equal(static, np.array(per_tensor)[:, 0])
+    width = np.float32((2 ** bits - 1) / (2 if symmetric else 1))
+    top = np.maximum(-lo, hi) if symmetric else hi - lo
+    np.testing.assert_array_equal(static, top * (np.float32(1) / width))

@@ -6,9 +6,9 @@ stored as the integer ``q = clip(round(r / scale) + zero_point, qmin, qmax)`` an
 outputs, pruned weights) is exact.
 
 - asymmetric (unsigned): ``qmin = 0``, ``qmax = 2^bits - 1``,
-  ``scale = (max - min) / (qmax - qmin)``, ``zero_point = clip(round(qmin - min / scale))``;
+  ``scale = (max - min) * (1 / (qmax - qmin))``, ``zero_point = clip(round(qmin - min / scale))``;
 - symmetric (signed): ``qmin = -2^(bits-1)``, ``qmax = 2^(bits-1) - 1``, ``zero_point = 0``,
-  ``scale = max|x| / ((qmax - qmin) / 2)``.
+  ``scale = max|x| * (2 / (qmax - qmin))``.
 
 On the symmetric grid the most negative value of a tensor lands exactly on a rounding tie
 (``-max|x| / scale = qmin + 0.5``): either neighbouring code is correct, and which one a backend
@@ -116,10 +116,13 @@ def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
   """
   lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
   hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
+  # Times the reciprocal of the grid's width, not divided by it: XLA turns a division by a
+  # constant (static bits) into that product, and a traced ``bits`` (a schedule) keeps the
+  # division, which may differ in the last bit; the product is the same everywhere.
   if symmetric:
-    scale = jnp.maximum(-lo, hi) / ((qmax - qmin) / 2)
+    scale = jnp.maximum(-lo, hi) * (2.0 / (qmax - qmin))
     return jnp.maximum(scale, EPS), jnp.zeros(scale.shape, jnp.int32)
-  scale = jnp.maximum((hi - lo) / (qmax - qmin), EPS)
+  scale = jnp.maximum((hi - lo) * (1.0 / (qmax - qmin)), EPS)
   zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(jnp.int32)
   return scale, zero_point
 
