@@ -177,6 +177,28 @@ def test_nm_structure_and_random_score():
   assert np.all(np.asarray(params["Dense_1"]["kernel"]).T.reshape(-1, 4)[mask == 0] == 0)
 
 
+def test_random_score_prunes_the_same_weights_at_every_refresh():
+  # lr 0: only pruning changes the weights. A new draw at each refresh would zero another half
+  # each time (0.5, 0.75, 0.88, ... of the weights); one draw keeps exactly half.
+  opt = prune(optax.sgd(0.0), constant_schedule(0.5), score="random", check_updates=False)
+  params, state, _ = run(opt, 5)
+  for k in KERNELS:
+    kernel = np.asarray(params[k]["kernel"])
+    assert np.sum(kernel == 0) == kernel.size // 2, k
+  # A growing sparsity prunes a superset: the masks of 30 % lie inside those of 60 %.
+  ramp = prune(optax.sgd(0.0), polynomial_schedule(0.6, 0, 4, initial_sparsity=0.3),
+               score="random", check_updates=False)
+  step, _ = make_step(ramp)
+  masks, params, state = [], PARAMS, ramp.init(PARAMS)
+  for _ in range(6):
+    params, state = step(params, state)
+    masks.append(np.asarray(current_masks(state)["Dense_1"]["kernel"]))
+  assert (1 - masks[0]).mean() == pytest.approx(0.3, abs=0.01)
+  assert (1 - masks[-1]).mean() == pytest.approx(0.6, abs=0.01)
+  assert np.all(masks[-1] <= masks[0])
+  assert np.sum(np.asarray(params["Dense_1"]["kernel"]) == 0) == np.sum(masks[-1] == 0)
+
+
 def test_custom_score():
   # Keep the smallest weights instead: a user-defined score, one line.
   opt = prune(optax.sgd(0.0), constant_schedule(0.5), score=Score(lambda w, g, k: -jnp.abs(w)))

@@ -99,7 +99,7 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
     update_every: masks are recomputed on steps ``0, update_every, 2 * update_every, ...``.
     straight_through: keep dense weights (see the module docstring); off, the wrapper must be
       the outermost transform (last in an ``optax.chain``; see the module docstring's contract).
-    seed: seed of the random score, folded with the step count.
+    seed: seed of the random score, drawn once: every refresh ranks the weights alike.
     check_updates: with hard masking, check at every update that the weights the previous update
       pruned are 0 (see the module docstring's contract). The check's host callback costs the
       step a few milliseconds (2-3 ms on a 2-core CPU); pass False where the wrapper is known to
@@ -137,7 +137,9 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
     sel = select(params, rules, warn_unused=False)
     weights = sel.pick(sel.leaves)
     grads = sel.pick(sel.flat(updates))
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+    # One draw for the whole run: a weight pruned stays pruned (hard masks zeroed it), and a
+    # growing sparsity prunes the next-lowest scores, as with every other score.
+    key = jax.random.PRNGKey(seed)
     sums = state.score_sums
     if score.accumulate:
       sums = tuple(a + s for a, s in zip(sums, leaf_scores(score, weights, grads, key)))
