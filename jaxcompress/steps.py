@@ -61,6 +61,17 @@ def check_labels(logits: jax.Array, labels: jax.Array) -> None:
                       f"{tuple(jnp.shape(labels))}")
 
 
+def check_weight(weight: Any, labels: jax.Array) -> None:
+  """Raises :class:`ConfigError` (one line) unless ``weight`` is one number per example (``[B]``)
+  or per label (the labels' shape)."""
+  want = tuple(jnp.shape(labels))
+  got = None if weight is None else tuple(jnp.shape(weight))
+  if got not in (want[:1], want):
+    raise ConfigError(f"batch.weight must have shape {want[:1]} (one per example) or {want} (one "
+                      f"per label), got {'None' if got is None else f'shape {got}'}; "
+                      "ones weigh every example alike")
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
   ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``;
@@ -76,11 +87,14 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
 
   ``weight`` is per example ``[B]`` or has ``values``' shape (per token); a per-example weight
   covers every position of its example, so with sequences this is the mean over positions and
-  examples, examples of weight 0 left out.
+  examples, examples of weight 0 left out, even where their value is ``nan`` (a padded
+  example's label); 0 when every weight is 0.
   """
   weight = jnp.broadcast_to(weight.reshape(weight.shape + (1,) * (values.ndim - weight.ndim)),
                             values.shape)
-  return jnp.sum(values * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  total = jnp.sum(weight)
+  weighted = jnp.where(weight != 0, values * weight, 0.0)
+  return jnp.sum(weighted) / jnp.where(total > 0, total, 1.0)
 
 
 def supervised_loss(model: Any, compute_dtype: str = "float32") -> Callable:
@@ -101,6 +115,7 @@ def supervised_loss(model: Any, compute_dtype: str = "float32") -> Callable:
     if cast is not None:
       updated = precision.cast_floating(updated, jnp.float32)
     new_state = {**model_state, **updated}
+    check_weight(batch.weight, batch.label)
     loss = weighted_mean(cross_entropy(logits, batch.label), batch.weight)
     acc = weighted_mean((jnp.argmax(logits, -1) == batch.label).astype(jnp.float32),
                         batch.weight)
@@ -205,6 +220,8 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
     labels.append(np.asarray(label)[keep])
     preds.append(np.asarray(pred)[keep])
     losses.append(np.asarray(loss)[keep])
+  if not sum(len(p) for p in preds):
+    raise ConfigError(f"{desc}: no example of weight > 0 to evaluate")
   preds = np.concatenate(preds)
   report = classification_report(confusion_matrix(np.concatenate(labels), preds, num_classes))
   out = {"accuracy": report["accuracy"], "loss": float(np.mean(np.concatenate(losses))),

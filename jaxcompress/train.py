@@ -136,7 +136,11 @@ def evaluate_split(eval_step: Callable, variables,
     predictions: also return every example's predicted class.
   """
   split = data_lib.as_split(split)
+  if not len(split):
+    raise ConfigError(f"{desc}: the split has no examples, nothing to evaluate")
   bs = data.eval_batch_size
+  if mesh is not None:
+    parallel.check_batch_size(bs, mesh, "data.eval_batch_size")
   rows = None if mesh is None else parallel.local_rows(mesh, bs)
   batches = data_lib.eval_batches(split, bs, mean=data.mean, std=data.std, rows=rows)
   return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc, predictions=predictions,
@@ -185,12 +189,15 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   main = parallel.is_main_process()  # every process saves checkpoints; process 0 logs
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
-  seconds, skipped = 0.0, 0
+  seconds, skipped, evaluated = 0.0, 0, 0
   if mesh is not None:  # restored as it is placed: replicated over every process's devices
     state = parallel.replicate(mesh, state)
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
     seconds, skipped = float(meta.get("seconds", 0.0)), int(meta.get("skipped", 0))
+    # The step of the last evaluation: a run ended (no eval at its last step, the caller's) and
+    # extended to more epochs evaluates the epoch it ended on, as an uninterrupted run does.
+    evaluated = meta.get("evaluated", int(state.step))
   # Records after the checkpoint (or all, without one) belong to work this run redoes.
   if main:
     log.truncate_after(int(state.step))
@@ -207,8 +214,24 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       if "finite" in m and "skipped" not in m and not float(jax.device_get(m["finite"])):
         raise _non_finite(n, m, ckpt.latest_step())
 
+  def eval_due(step: int) -> bool:
+    return (eval_fn is not None and 0 < step < total and step % per_epoch == 0
+            and (step // per_epoch) % loop.eval_every_epochs == 0)
+
+  def run_eval() -> None:
+    nonlocal evaluated
+    check()
+    record = {"step": step, "epoch": step / per_epoch,
+              **{f"eval_{k}": v for k, v in eval_fn(state).items()
+                 if isinstance(v, (int, float))}}
+    if main:
+      log.write(record)
+    evaluated = step
+
   t_start = time.perf_counter()
   try:  # a stop (SIGTERM, Ctrl-C, a non-finite loss) still finishes a save in flight
+    if evaluated != step and eval_due(step):
+      run_eval()
     while step < total:
       epoch, start = divmod(step, per_epoch)
       for batch in epoch_batches(epoch, start):
@@ -242,18 +265,12 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
           pending, t_log, n_log = [], now, 0
         bar.update(1)
         # Evaluate before the checkpoint of the same step: a resume from it never skips an eval.
-        if eval_fn is not None and step % per_epoch == 0 and step < total and (
-            (step // per_epoch) % loop.eval_every_epochs == 0):
-          check()
-          record = {"step": step, "epoch": step / per_epoch,
-                    **{f"eval_{k}": v for k, v in eval_fn(state).items()
-                       if isinstance(v, (int, float))}}
-          if main:
-            log.write(record)
+        if eval_due(step):
+          run_eval()
         if save_now:
           jax.block_until_ready(state)
           ckpt.save(step, state, {"seconds": seconds + time.perf_counter() - t_start,
-                                  "skipped": skipped})
+                                  "skipped": skipped, "evaluated": evaluated})
     check()
     jax.block_until_ready(state)
     seconds += time.perf_counter() - t_start

@@ -13,7 +13,7 @@ from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
 from jaxcompress.optim import OptimizerSpec, learning_rate_schedule, make_optimizer
 from jaxcompress.steps import (TrainState, cross_entropy, evaluate, make_eval_step,
-                               make_train_step, supervised_loss)
+                               make_train_step, supervised_loss, weighted_mean)
 
 
 def _train_cfg(**kw):
@@ -51,6 +51,32 @@ def test_labels_outside_the_classes_are_nan_in_training_and_refused_in_evaluatio
   with pytest.raises(ConfigError, match=r"^classification report: the confusion matrix must be "
                                         r"square \(classes x classes\), got shape \(2, 3\)$"):
     classification_report(np.ones((2, 3), np.int64))
+
+
+def test_weighted_mean_by_hand():
+  values = jnp.array([1.0, 2.0, 3.0, 4.0])
+  # Weights need not sum to 1 or more: 0.1 each is the plain mean.
+  np.testing.assert_allclose(weighted_mean(values, jnp.full(4, 0.1)), 2.5, rtol=1e-6)
+  np.testing.assert_allclose(weighted_mean(values, jnp.array([1.0, 3.0, 0.0, 0.0])),
+                             (1 + 6) / 4, rtol=1e-6)
+  # A value of weight 0 is left out even when it is nan (a padded example's label -1).
+  padded = jnp.array([1.0, 2.0, jnp.nan, jnp.nan])
+  np.testing.assert_allclose(weighted_mean(padded, jnp.array([1.0, 1.0, 0.0, 0.0])), 1.5)
+  assert float(weighted_mean(values, jnp.zeros(4))) == 0.0
+  # Per-example weights over [B, T] values weigh every position of the example.
+  seq = jnp.arange(6.0).reshape(2, 3)
+  np.testing.assert_allclose(weighted_mean(seq, jnp.array([0.0, 2.0])), 4.0, rtol=1e-6)
+
+
+def test_a_batch_weight_of_the_wrong_shape_is_a_one_line_error():
+  model, variables = create_model("mlp", num_classes=4, image_shape=(8, 8, 3), seed=0)
+  loss_fn = supervised_loss(model)
+  batch = _batch()
+  args = (variables["params"], {}, batch, jax.random.key(0))
+  for weight, got in ((None, "None"), (np.ones((16, 1), np.float32), r"shape \(16, 1\)")):
+    with pytest.raises(ConfigError, match=r"^batch.weight must have shape \(16,\) \(one per "
+                       r"example\) or \(16,\) \(one per label\), got " + got):
+      loss_fn(*args[:2], batch._replace(weight=weight), args[3])
 
 
 def test_train_step_lowers_loss_and_compiles_once():
@@ -160,3 +186,17 @@ def test_train_step_leaves_the_callers_arrays_alive(use_mesh):
   np.testing.assert_allclose(np.asarray(new.params["w"]), [[0.5, -3.0], [-1.0, 1.0]])
   np.testing.assert_allclose(np.asarray(new2.params["w"]), [[0.0, -4.0], [-2.5, -1.0]])
   assert int(new2.step) == 2 and float(new2.model_state["stats"]["count"][0]) == 2.0
+
+
+def test_evaluating_nothing_is_a_one_line_error():
+  from jaxcompress.data import DataSpec
+  from jaxcompress.train import evaluate_split
+  step = make_eval_step(lambda v, img: img.reshape(img.shape[0], -1)[:, :3] * v)
+  data = DataSpec(eval_batch_size=4, mean=(0.0,), std=(1.0,))
+  empty = (np.zeros((0, 2, 2, 1), np.uint8), np.zeros((0,), np.int32))
+  with pytest.raises(ConfigError, match=r"^eval: the split has no examples, nothing to evaluate$"):
+    evaluate_split(step, 1.0, empty, data)
+  padding = Batch(np.zeros((2, 2, 2, 1), np.float32), np.zeros(2, np.int32),
+                  np.zeros(2, np.float32))
+  with pytest.raises(ConfigError, match=r"^eval: no example of weight > 0 to evaluate$"):
+    evaluate(step, 1.0, [padding], num_classes=3)

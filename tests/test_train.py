@@ -48,6 +48,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   finals = [r for r in records if r.get("final")]
   assert [r["step"] for r in finals] == [4, 8]
   assert finals[-1]["eval_loss"] == pytest.approx(resumed["loss"])
+  # The run extended from 1 to 2 epochs evaluates epoch 1 in its log, as the straight run did.
+  straight_log = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
+  evals = [[(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r and not r.get("final")]
+           for log in (straight_log, records)]
+  assert evals[0] == evals[1] and [s for s, _ in evals[0]] == [4]
 
 
 def test_a_workdir_of_another_config_is_refused_and_left_alone(tmp_path):
