@@ -45,7 +45,8 @@ from jaxcompress.rules import flat_paths, tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.specs import DistillSpec, PruneSpec, QuantSpec
-from jaxcompress.steps import TrainState, cross_entropy, make_train_step, weighted_mean
+from jaxcompress.steps import (TrainState, check_weight, cross_entropy, make_train_step,
+                               weighted_mean)
 
 # model_state entries that are not model collections: the quantizer's state, k-means codebooks and
 # (evaluation only) the folded BatchNorms and the gains folded into weight scales.
@@ -95,7 +96,8 @@ class Compression:
     as the train step's pruning; e.g. to evaluate the compressed model before fine-tuning.
     """
     return pruning.compute_masks(params, self.prune.sparsity, structure=self.prune.masker(
-        self.layers.reduce_axes("model/")), rules=self.prune_rules)
+        self.layers.reduce_axes("model/"), self.layers.output_axes("model/")),
+        rules=self.prune_rules)
 
   # -- forward -------------------------------------------------------------------------------
   def student_apply(self, params, model_state, x, *, train: bool, rng=None, capture=False):
@@ -221,6 +223,7 @@ class Compression:
         capture=bool(d.feature_weight and self.teacher is not None))
     task = cross_entropy(logits, batch.label)
     w = batch.weight
+    check_weight(w, batch.label)
     metrics = {"task_loss": weighted_mean(task, w),
                "accuracy": weighted_mean((jnp.argmax(logits, -1) == batch.label) * 1.0, w)}
     per_example = task
@@ -228,13 +231,15 @@ class Compression:
       if teacher_vars is None:
         raise ConfigError("train step: distillation needs the teacher's variables, the step's "
                           "third argument: train_step(state, batch, teacher_vars)")
+      _require_params(teacher_vars, "teacher_vars")
       t_logits, t_feats = self.teacher_apply(teacher_vars, batch.image)
       if t_logits.shape != logits.shape:
         raise ConfigError(f"teacher: its outputs have shape {tuple(t_logits.shape)}, the "
                           f"student's {tuple(logits.shape)}; distillation needs a teacher of the "
                           "same classes")
       kd_term = kd.kd_loss(logits, t_logits, d.temperature)
-      per_example = (1 - d.alpha) * task + d.alpha * kd_term
+      # alpha = 1 is distillation alone: examples without a label (-1) then train too.
+      per_example = kd_term if d.alpha == 1 else (1 - d.alpha) * task + d.alpha * kd_term
       metrics["kd_loss"] = weighted_mean(kd_term, w)
       metrics["teacher_agreement"] = weighted_mean(kd.agreement(logits, t_logits), w)
       if d.feature_weight:
@@ -249,7 +254,7 @@ class Compression:
     total = 0.0
     for s_path, t_path in self.distill.feature_pairs:
       s, t = _feature(s_feats, s_path, 0), _feature(t_feats, t_path, 1)
-      total = total + kd.feature_loss(kd.adapt(adapters, s_path, s, t.shape[-1]), t)
+      total = total + kd.feature_loss(kd.adapt(adapters, (s_path, t_path), s, t.shape[-1]), t)
     return total
 
   def sparsity(self, params) -> jax.Array:
@@ -380,6 +385,10 @@ class Compression:
                                     mask=tree_get(params["model"], path) != 0).codebook
           for path in self.kmeans_paths}
     if self.teacher is not None and self.distill.feature_weight:
+      if teacher_vars is None:
+        raise ConfigError("init_state: feature hints (distill.feature_weight > 0) size their "
+                          "adapters on the teacher's features: pass teacher_vars=")
+      _require_params(teacher_vars, "teacher_vars")
       _, _, s_feats = self.student_apply(params, model_state, sample_x, train=False,
                                          capture=True)
       _, t_feats = self.teacher_apply(teacher_vars, sample_x)
@@ -540,7 +549,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       schedule = pruning.constant_schedule(prune.sparsity)
     sel = pruning.select({"model": variables["params"]}, rules)  # rules matching nothing warn
     picked = sel.pick(sel.leaves)  # none: select() has warned already
-    masker = prune.masker(layers.reduce_axes("model/"))
+    masker = prune.masker(layers.reduce_axes("model/"), layers.output_axes("model/"))
     if prune.structure == "nm":  # a weight whose groups do not fit fails here, not in the step
       jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0), picked)
     if prune.structure == "unstructured" and prune.scope == "layer" and picked and not any(

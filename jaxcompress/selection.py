@@ -50,6 +50,8 @@ class Layer:
     norm: path of the normalization layer applied directly to its output, if any.
     reduce_axes: the weight axes its product sums over
       (:func:`~jaxcompress.models.functional.contraction_axes`): where N:M groups run.
+    out_axis: the weight axis of its output channels
+      (:func:`~jaxcompress.models.functional.output_axis`): what channel pruning removes.
     stacked: leading axes the stored weight has beyond what one call uses (``nn.scan`` or
       ``nn.vmap`` over ``params``: one slice per step); 0 for an ordinary layer.
   """
@@ -62,6 +64,7 @@ class Layer:
   norm: str | None = None
   reduce_axes: tuple[int, ...] = ()
   stacked: int = 0
+  out_axis: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,11 @@ class ModelLayers:
   def reduce_axes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
     """``{prefix + weight path: reduction axes}`` of every layer (the N:M group axes)."""
     return {prefix + l.weight: l.reduce_axes for l in self.layers}
+
+  def output_axes(self, prefix: str = "") -> dict[str, int]:
+    """``{prefix + weight path: output-channel axis}`` of every layer (what channel pruning
+    removes)."""
+    return {prefix + l.weight: l.out_axis for l in self.layers}
 
   def prune_rules(self, *, keep_edges: bool = True) -> list[Rule]:
     """Explicit pruning rules over parameter paths: every compressible weight, edges dense."""
@@ -169,7 +177,8 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
         calls[call.path] = Layer(call.path, call.kind, call.type_name, wpath,
                                  tuple(jnp.shape(w)), tuple(jnp.shape(call.x)),
                                  reduce_axes=contraction_axes(call.module, jnp.ndim(w)),
-                                 stacked=max(stacked, 0))
+                                 stacked=max(stacked, 0),
+                                 out_axis=output_axis(call.module, jnp.ndim(w)))
       # A BatchNorm folds into a weight whose output channels are its last axis, and not into
       # one stacked by a lifted transform (nn.scan: [steps, ...], one slice per call).
       if call.kind == "linear" and (w is None or (

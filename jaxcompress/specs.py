@@ -121,15 +121,24 @@ class PruneSpec:
       raise unknown("prune.scope", self.scope, ("layer", "global"))
     check_range("prune.sparsity", self.sparsity, 0.0, 1.0)
     check_range("prune.begin", self.begin, 0.0, 1.0, hi_closed=True)
-    check_range("prune.end", self.end, self.begin, 1.0, hi_closed=True)
+    # Only a gradual schedule ends: a one-shot or constant one does not read prune.end.
+    check_range("prune.end", self.end, self.begin if self.schedule == "gradual" else 0.0, 1.0,
+                hi_closed=True)
     if self.structure == "nm" and not 0 < self.n < self.m:
       raise invalid("prune.n", self.n, f"in [1, prune.m={self.m})")
     if self.structure == "nm" and self.method != "none" and not self.sparsity > 0:
       raise invalid("prune.sparsity", self.sparsity, "> 0 with prune.structure=nm (0 prunes "
                     "nothing)", f"N:M prunes 1 - n/m = {1 - self.n / self.m:g} of the weights; "
                     "give that")
-    if self.update_every < 1:
-      raise invalid("prune.update_every", self.update_every, ">= 1")
+    if (isinstance(self.update_every, bool) or not isinstance(self.update_every, (int, np.integer))
+        or self.update_every < 1):
+      raise invalid("prune.update_every", self.update_every, "an integer >= 1")
+    if self.structure == "channel" and self.scope != "layer":
+      raise invalid("prune.scope", self.scope, "layer with prune.structure=channel (each weight "
+                    "loses its own fraction of channels)")
+    if self.method == "movement" and self.norm == "l2" and self.structure in ("channel", "kernel"):
+      raise invalid("prune.norm", self.norm, "l1 with prune.method=movement (its scores are "
+                    "signed: an L2 norm would rank a strongly negative channel as important)")
     if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
       raise invalid("prune.seed", self.seed, "an integer")
     for i, rule in enumerate(self.rules):
@@ -167,17 +176,19 @@ class PruneSpec:
   def enabled(self) -> bool:
     return self.method != "none" and self.sparsity > 0
 
-  def masker(self, axes: Mapping[str, tuple[int, ...]] | None = None) -> pruning.Masker:
+  def masker(self, axes: Mapping[str, tuple[int, ...]] | None = None,
+             out_axes: Mapping[str, int] | None = None) -> pruning.Masker:
     """N:M, whole channels, or unstructured or whole kernels at the spec's scope (per-layer
     targets applied).
 
     With ``layer_sparsity``, the masker reads the train state's paths (``model/<param path>``,
     as :func:`build`'s pruning rules do). N:M groups run along ``axes[path]``, each weight's
-    reduction axes (``ModelLayers.reduce_axes``), where given.
+    reduction axes (``ModelLayers.reduce_axes``), and channels along ``out_axes[path]``
+    (``ModelLayers.output_axes``), where given.
     """
     if self.structure == "nm":
       return pruning.n_of_m(self.n, self.m, axes=axes)
-    base = (pruning.channels(self.norm) if self.structure == "channel"
+    base = (pruning.channels(self.norm, out_axes) if self.structure == "channel"
             else pruning.kernels(self.scope, self.norm) if self.structure == "kernel"
             else pruning.unstructured(self.scope))
     if self.layer_sparsity:

@@ -347,6 +347,25 @@ def test_an_einsum_with_output_first_scales_its_rows_and_keeps_its_batchnorm():
   assert "bn" not in trace_layers(model, variables, x).norms  # folds need channels last
 
 
+@pytest.mark.parametrize("name,path,axis", [("linen_einsum_out_first", "mix", 0),
+                                             ("linen_transposed_kernel", "up", 2)])
+def test_channel_pruning_removes_output_channels_where_the_kernel_keeps_them(name, path, axis):
+  make, data = MODELS[name]
+  x = data(np.random.default_rng(0))
+  model, variables = make(0, x)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                       prune=compose.PruneSpec(structure="channel", sparsity=0.5,
+                                               schedule="constant"))
+  mask = np.asarray(comp.final_masks({"model": variables["params"]})["model"][path]["kernel"])
+  kernel = np.abs(np.asarray(variables["params"][path]["kernel"]))
+  # The output channels with the lowest L1 norms, all their entries: a NumPy oracle.
+  norms = np.moveaxis(kernel, axis, -1).reshape(-1, kernel.shape[axis]).sum(0)
+  pruned = np.sort(np.argsort(norms)[:kernel.shape[axis] // 2])
+  per_channel = np.moveaxis(mask, axis, -1).reshape(-1, kernel.shape[axis])
+  assert np.all(per_channel == per_channel[:1])
+  np.testing.assert_array_equal(np.flatnonzero(per_channel[0] == 0), pruned)
+
+
 def test_a_batchnorm_stacked_by_scan_is_not_folded():
   x = _image(np.random.default_rng(0))
   model, variables = _linen(LinenScannedBatchNorm)(0, x)

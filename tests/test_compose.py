@@ -149,6 +149,10 @@ def test_a_gradual_schedule_needs_two_steps():
      "got 'hidden'"),
     ("prune__rules", (("[", True),), r"prune.rules\[0\] regex must be a valid regex"),
     ("prune__seed", "a", "prune.seed must be an integer, got 'a'"),
+    ("prune__update_every", 2.5, "prune.update_every must be an integer >= 1, got 2.5"),
+    ("prune__structure", "channel", "prune.scope must be layer with prune.structure=channel"),
+    ("prune__norm", "l2", r"prune.norm must be l1 with prune.method=movement \(its scores are "
+     "signed"),
     ("quant__weight_bits", 4.5, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\], "
      "got 4.5"),
     ("quant__per_channel", "no", "quant.per_channel must be True or False, got 'no'"),
@@ -159,8 +163,19 @@ def test_a_gradual_schedule_needs_two_steps():
     ("distill__feature_weight", float("nan"), "distill.feature_weight must be a finite number"),
 ])
 def test_bad_specs_fail_when_built(key, value, match):
+  extra = {"prune__structure": {"prune__scope": "global"},  # scope only matters with them
+           "prune__norm": {"prune__method": "movement", "prune__structure": "kernel"}}
+  if key in extra and value in ("channel", "l2"):
+    key_values = {**extra[key], key: value}
+  else:
+    key_values = {key: value}
   with pytest.raises(ConfigError, match=match):
-    _specs(prune=True, quant=True, distill=True, **{key: value})
+    _specs(prune=True, quant=True, distill=True, **key_values)
+
+
+def test_a_one_shot_schedule_may_begin_after_the_unused_end():
+  spec = compose.PruneSpec(sparsity=0.5, schedule="one_shot", begin=0.7)
+  assert spec.begin == 0.7 and spec.end == 0.5
 
 
 def test_nm_without_sparsity_or_on_ungroupable_weights_fails_when_built():
@@ -293,3 +308,33 @@ def test_nan_weights_or_inputs_are_refused_at_init_and_export(tmp_path):
   with pytest.raises(ConfigError, match=r"^export: params/fc1/bias holds \d+ NaN/Inf"):
     comp.export(str(tmp_path / "export"), diverged)
   assert not (tmp_path / "export").exists()
+
+
+def test_alpha_one_distils_examples_without_labels():
+  comp, state, tvars = _setup(_specs(distill=True, distill__alpha=1.0))
+  batch = _batches(1)[0]
+  unlabelled = batch._replace(label=np.full(8, -1, np.int32))
+  loss, (_, metrics) = comp.loss_fn(state.params, state.model_state, unlabelled,
+                                    jax.random.key(0), tvars)
+  # Distillation alone: the mean of the KD losses, the labels (none) play no part.
+  assert np.isfinite(float(loss))
+  np.testing.assert_allclose(float(loss), float(metrics["kd_loss"]), rtol=1e-6)
+  labelled, _ = comp.loss_fn(state.params, state.model_state, batch, jax.random.key(0), tvars)
+  np.testing.assert_allclose(float(labelled), float(loss), rtol=1e-6)
+
+
+def test_teacher_variables_of_the_wrong_kind_are_one_line_errors():
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  teacher, tvars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
+  batch = _batches(1)[0]
+  specs = _specs(distill=True, distill__feature_weight=1.0,
+                 distill__feature_pairs=(("fc1", "fc1"),))
+  comp = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
+                       teacher=teacher, **specs)
+  with pytest.raises(ConfigError, match=r"^init_state: feature hints .* pass teacher_vars="):
+    comp.init_state(svars, batch.image)
+  with pytest.raises(ConfigError, match=r"^teacher_vars must be the model's variables"):
+    comp.init_state(svars, batch.image, teacher_vars=tvars["params"])
+  state = comp.init_state(svars, batch.image, teacher_vars=tvars)
+  with pytest.raises(ConfigError, match=r"^teacher_vars must be the model's variables"):
+    comp.make_train_step()(state, batch, tvars["params"])

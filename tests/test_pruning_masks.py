@@ -98,6 +98,24 @@ def test_channel_scores_l1_l2():
   np.testing.assert_allclose(channel_scores(jnp.asarray(s), "l2"), [3, 5])
 
 
+def test_channels_along_a_given_output_axis():
+  # An Einsum "bd,fd->bf" kernel [f, d]: its output channels are rows (axis 0), not columns.
+  w = np.array([[1.0, 9.0, 1.0], [5.0, 5.0, 5.0], [0.1, 0.2, 0.3], [4.0, 0.0, 4.0]])
+  rows = channels("l1", axes={"mix": 0})(["mix"], [jnp.asarray(w)], 0.5)[0]
+  # Row sums 11, 15, 0.6, 8: the two lowest (rows 2 and 3) go, every column of them.
+  np.testing.assert_array_equal(rows, np.array([[1], [1], [0], [0]]) * np.ones((1, 3)))
+  cols = channels("l1")(["other"], [jnp.asarray(w)], 0.5)[0]  # not in axes: the last axis
+  # Column sums 10.1, 14.2, 10.3; round(0.5 * 3) = 2 go.
+  np.testing.assert_array_equal(cols, np.ones((4, 1)) * np.array([[0, 1, 0]]))
+  # A transposed ConvTranspose kernel [kh, kw, out, in]: axis -2.
+  k = np.abs(np.random.default_rng(0).normal(size=(3, 3, 4, 2)))
+  mask = np.asarray(channels("l2", axes={"up": 2})(["up"], [jnp.asarray(k)], 0.5)[0])
+  norms = np.sqrt((k ** 2).sum(axis=(0, 1, 3)))
+  kept = np.sort(np.argsort(norms)[2:])
+  np.testing.assert_array_equal(np.flatnonzero(mask[0, 0, :, 0]), kept)
+  assert np.all(mask == mask[:1, :1, :, :1])
+
+
 def test_maskers():
   a = jnp.arange(8.0).reshape(2, 4)
   b = jnp.arange(8.0, 16.0).reshape(4, 2)

@@ -48,6 +48,8 @@ def test_one_shot_and_constant():
     (lambda: polynomial_schedule(1.0, 0, 10), "schedule.final_sparsity must be in [0.0, 1.0)"),
     (lambda: polynomial_schedule(0.5, 0, 10, initial_sparsity=-0.1),
      "schedule.initial_sparsity must be in [0.0, 1.0), got -0.1"),
+    (lambda: polynomial_schedule(0.5, 0, 10, initial_sparsity=0.9),
+     "schedule.initial_sparsity must be at most final_sparsity=0.5, got 0.9"),
     (lambda: polynomial_schedule(0.5, 10, 10), "schedule.end_step must be > begin_step=10"),
     (lambda: polynomial_schedule(0.5, -1, 10), "schedule.begin_step must be an integer >= 0"),
     (lambda: polynomial_schedule(0.5, 0, 10, power=0), "schedule.power must be a number > 0"),

@@ -147,12 +147,15 @@ def nm_mask(scores: jax.Array, n: int, m: int,
   return jnp.moveaxis(keep.reshape(moved.shape), last, axes)
 
 
-def channel_scores(scores: jax.Array, norm: str = "l1") -> jax.Array:
-  """One score per output channel (last axis) from the scores of its entries.
+def channel_scores(scores: jax.Array, norm: str = "l1", axis: int = -1) -> jax.Array:
+  """One score per output channel (along ``axis``, by default the last) from the scores of its
+  entries.
 
   ``"l1"`` sums them, ``"l2"`` takes the root of their sum of squares: with the magnitude score
-  ``|w|`` these are the L1 and L2 norms of each output channel's weights.
+  ``|w|`` these are the L1 and L2 norms of each output channel's weights. ``"l2"`` is for
+  scores that are never negative; a signed score (movement) needs ``"l1"``.
   """
+  scores = jnp.moveaxis(scores, axis, -1)
   rows = scores.reshape(-1, scores.shape[-1])
   return jnp.sum(rows, 0) if norm == "l1" else jnp.sqrt(jnp.sum(rows * rows, 0))
 
@@ -231,12 +234,18 @@ def kernels(scope: str = "layer", norm: str = "l1") -> Masker:
   return masker
 
 
-def channels(norm: str = "l1") -> Masker:
-  """Masker zeroing whole output channels (the last axis of a Flax kernel) of each leaf.
+def channels(norm: str = "l1", axes: Mapping[str, int] | None = None) -> Masker:
+  """Masker zeroing whole output channels of each leaf.
 
   ``round(sparsity * channels)`` channels per leaf with the lowest L1 or L2 norm of their scores
   are pruned; with the magnitude score that is the L1/L2 norm of the weights (Li et al. 2017).
   At least one channel of each leaf is kept: a layer of no channels cuts the network.
+
+  Args:
+    norm: ``"l1"`` or ``"l2"`` (scores that are never negative).
+    axes: ``{leaf path: output-channel axis}`` (``ModelLayers.output_axes``: an Einsum's or a
+      transposed ConvTranspose's output axis is not the last); a leaf not in it uses its last
+      axis, the output channels of a Flax Conv, Dense or Embed.
 
   Raises:
     ConfigError: for an unknown norm.
@@ -245,12 +254,13 @@ def channels(norm: str = "l1") -> Masker:
     raise unknown("prune.norm", norm, NORMS)
 
   def masker(paths, scores, sparsity):
-    del paths
     out = []
-    for s in scores:
-      c = channel_scores(s, norm)
+    for path, s in zip(paths, scores):
+      axis = (axes or {}).get(path, -1)
+      c = channel_scores(s, norm, axis)
       keep = jnp.maximum(c.size - num_pruned(sparsity, c.size), 1)
-      out.append(jnp.broadcast_to(topk_mask(c, keep), s.shape))
+      moved = jnp.moveaxis(s, axis, -1).shape
+      out.append(jnp.moveaxis(jnp.broadcast_to(topk_mask(c, keep), moved), -1, axis))
     return out
 
   return masker

@@ -61,18 +61,22 @@ def polynomial_schedule(final_sparsity: float, begin_step: int, end_step: int, *
     final_sparsity: ``s_f``, in [0, 1).
     begin_step: ``t0``, the first pruning step.
     end_step: ``t1 > t0``, the step the final sparsity is reached.
-    initial_sparsity: ``s_i``, in [0, 1).
+    initial_sparsity: ``s_i``, in ``[0, s_f]``: the sparsity only grows (a hard mask zeroes
+      the weights it prunes, so a falling sparsity would not bring them back).
     power: the exponent, > 0 (3 in the paper).
 
   Returns:
     The schedule, a float32 scalar for a scalar step.
 
   Raises:
-    ConfigError: for sparsities outside [0, 1), negative or non-integer steps,
-      ``end_step <= begin_step`` or ``power <= 0``.
+    ConfigError: for sparsities outside [0, 1), ``initial_sparsity > final_sparsity``,
+      negative or non-integer steps, ``end_step <= begin_step`` or ``power <= 0``.
   """
   check_sparsity(final_sparsity, "schedule.final_sparsity")
   check_sparsity(initial_sparsity, "schedule.initial_sparsity")
+  if initial_sparsity > final_sparsity:
+    raise invalid("schedule.initial_sparsity", initial_sparsity,
+                  f"at most final_sparsity={final_sparsity}", "pruning only adds zeros")
   _check_step("schedule.begin_step", begin_step)
   _check_step("schedule.end_step", end_step)
   if end_step <= begin_step:
