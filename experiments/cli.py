@@ -46,6 +46,8 @@ def run(main: Callable[[list[str]], None]) -> None:
       if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         fail(f"seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got {seed!r}")
     workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
+    if workdir is not None and not workdir.strip():
+      fail("--workdir must name a folder (new, or a run's to resume), got ''")
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
       fail(f"--workdir={workdir} is a file; give a folder (new or a run's, to resume)")
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import jax
 import numpy as np
@@ -183,6 +184,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Compression.
   per_epoch = data_lib.steps_per_epoch(len(splits["train"]), config.data.batch_size)
   total = int(round(config.train.epochs * per_epoch))
+  if total < 1:
+    raise invalid("train.epochs", config.train.epochs, f"enough for one step (an epoch is "
+                  f"{per_epoch} steps: at least {0.5 / per_epoch:.3g})")
   calib_x, _ = splits["train"].read(
       np.arange(min(config.quant.calibration_examples, len(splits["train"]))))
   calib = [b.image for b in data_lib.eval_batches((calib_x, np.zeros(len(calib_x), np.int32)),
@@ -196,6 +200,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state = comp.init_state(student_vars, calib[0][:8], teacher_vars=teacher_vars,
                           calibration=calib, calibration_method=config.quant.calibration)
 
+  _check_max_bytes(config, comp, state)
   eval_apply = lambda model: (lambda v, x, fm=functional(model): fm.apply(v, x)[0])
   # Every user mistake (config, weights, data) has surfaced by now: only now touch the workdir.
   claim_workdir()
@@ -208,8 +213,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     params = state.params
     if comp.prune_enabled:
       params = pruning.apply_masks(params, comp.final_masks(params))
-    return evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
-                         "eval compressed (before fine-tuning)")
+    return {**evaluate_vars(comp.logits_fn, {"params": params, "model_state": state.model_state},
+                            "eval compressed (before fine-tuning)"),
+            "sparsity": float(comp.sparsity(params)) if comp.prune_enabled else 0.0}
   stages("before", before)
 
   # Fine-tuning.
@@ -243,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       "original": {**_row(stages["original"], config.student.name),
                    "size_bytes": original_bytes, **dense},
       "before_finetune": {**_row(stages["before"], config.student.name),
-                          "sparsity": config.prune.sparsity if comp.prune_enabled else 0.0,
+                          "sparsity": stages["before"].get("sparsity", 0.0),
                           "weight_bits": compressed["weight_bits"],
                           "act_bits": compressed["act_bits"]},
       "compressed": compressed,
@@ -331,6 +337,28 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   if config.export.serving and config.export.slim:
     out["serving_slimmed"] = slimmed
   return out
+
+
+def _check_max_bytes(config, comp, state) -> None:
+  """Refuses, before anything is trained or written, an ``export.max_bytes`` below what this
+  model's artifact takes with every prunable weight zero (:func:`export.smallest_bytes`)."""
+  max_bytes = config.export.get("max_bytes", 0)
+  if not (config.export.enabled and max_bytes):
+    return
+  from jaxcompress import export  # heavy; only a capped export needs it here
+  shape = datasets.dataset_spec(config.data.name).image_shape
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "export")
+
+    def write(params):
+      shutil.rmtree(out, ignore_errors=True)
+      return comp.export(out, state.replace(params={**state.params, **params}),
+                         input_shape=shape, model_name=config.student.name)
+    floor = export.smallest_bytes(write, {"model": jax.device_get(state.params["model"])},
+                                  comp.prune_rules)
+  if floor > max_bytes:
+    raise invalid("export.max_bytes", max_bytes, f"at least {floor:,}, what this model's artifact "
+                  "takes with every prunable weight zero", "raise it, or compress more layers")
 
 
 def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, splits: dict,

@@ -175,7 +175,9 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
   plot_curves(metrics, os.path.join(workdir, "curves.png"))
   plot_accuracy_vs_size(results, os.path.join(workdir, "accuracy_vs_size.png"))
   c, p, q, d = results["compressed"], config.prune, config.quant, config.distill
-  pruned = (f"{p.method} {p.structure} pruning to {p.sparsity:.0%} ({p.schedule}, "
+  # The sparsity reached (N:M prunes 1 - n/m whatever prune.sparsity says; rules may select
+  # fewer weights), not the one asked for.
+  pruned = (f"{p.method} {p.structure} pruning to {c['sparsity']:.0%} ({p.schedule}, "
             f"{p.scope})" if p.method != "none" and p.sparsity > 0 else "no pruning")
   quant = (f"weights {q.weight_bits or 32}-bit, activations {q.act_bits or 32}-bit ({q.method})"
            if q.weight_bits or q.act_bits else "no quantization")

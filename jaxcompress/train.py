@@ -305,9 +305,10 @@ def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> No
                                     if math.isnan(loss) else "")
   else:
     what = f"the gradient norm is {float(jax.device_get(metrics.get('grad_norm', math.nan)))}"
+  # A job's workdir records its config, so a lower learning rate is a new workdir there.
   if latest is None:
-    where = "the workdir has no checkpoint yet, restart it with a lower learning rate"
+    where = "the workdir has no checkpoint yet; lower the learning rate and start again"
   else:
-    where = (f"the workdir keeps the checkpoint of step {latest}, "
-             "resume it with a lower learning rate")
+    where = (f"the workdir keeps the checkpoint of step {latest}; lower the learning rate to go "
+             "on (fit resumes from it; a job records its config: start a new --workdir)")
   return NonFiniteError(f"training stopped at step {step}: {what}; {where}")

@@ -107,6 +107,13 @@ def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(tmp_path, job, conf
   assert path.read_text() == "mine"
 
 
+def test_an_empty_workdir_is_one_line():
+  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick", "--workdir=")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1] == ("error: --workdir must name a folder (new, or a run's "
+                                          "to resume), got ''")
+
+
 def test_a_workdir_that_cannot_be_made_names_the_flag(tmp_path):
   (tmp_path / "notes.txt").write_text("mine")
   text = tmp_path / "text.txt"

@@ -48,8 +48,9 @@ def test_a_diverging_loss_stops_at_its_step_and_the_run_resumes(tmp_path):
   msg = str(e.value)
   assert isinstance(e.value, ConfigError) and "\n" not in msg
   assert msg == ("training stopped at step 6: the loss is nan (or a label is outside the model's "
-                 "classes); the workdir keeps the checkpoint of step 4, resume it with a lower "
-                 "learning rate")
+                 "classes); the workdir keeps the checkpoint of step 4; lower the learning rate "
+                 "to go on (fit resumes from it; a job records its config: start a new "
+                 "--workdir)")
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [4]
   ckpt = Checkpointer(str(tmp_path / "checkpoints"))
   like = TrainState.create(v["params"], {}, blowup)
@@ -80,7 +81,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught_before_any_checkpoin
 
   with pytest.raises(NonFiniteError, match=(
       r"^training stopped at step 1: the gradient norm is nan; the workdir has no checkpoint "
-      r"yet, restart it with a lower learning rate$")):
+      r"yet; lower the learning rate and start again$")):
     _fit(optax.sgd(0.01), loss_fn, v, train, data, tmp_path, epochs=1)
   assert not os.listdir(tmp_path / "checkpoints")
   state, info = _fit(optax.sgd(0.01), task, v, train, data, tmp_path, epochs=1)

@@ -67,6 +67,7 @@ def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path)
   assert on_disk["compressed"]["weight_bits"] == 4 and on_disk["compressed"]["act_bits"] == 8
   # 80 % of fc2 (the only pruned kernel) is zero.
   assert on_disk["compressed"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+  assert on_disk["before_finetune"]["sparsity"] == pytest.approx(0.8, abs=1e-4)  # measured
   for name in ("report.md", "curves.png", "accuracy_vs_size.png", "metrics.jsonl"):
     assert os.path.getsize(tmp_path / name) > 0
   # The artifact: its bytes on disk are what the results report, and it predicts like the
@@ -101,6 +102,14 @@ def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_
   config.export.max_bytes = 10 ** 9  # fits as trained: nothing zeroed
   free = _run(config, tmp_path / "free")["compressed"]
   assert free["zeroed_to_fit"] == 0 and free["export_agreement"] == 1.0
+  # Below what fc1 and fc3 take dense (fc1 alone 784 x 256 codes, Huffman-coded: at least a bit
+  # each): refused before training, nothing written.
+  config.export.max_bytes = 10
+  with pytest.raises(ConfigError, match=r"^export.max_bytes must be at least ([\d,]+), what this "
+                     r"model's artifact takes with every prunable weight zero, got 10") as e:
+    _run(config, tmp_path / "small")
+  floor = int(str(e.value).split("at least ")[1].split(", what")[0].replace(",", ""))
+  assert 784 * 256 // 8 < floor < free["size_bytes"] and not os.path.exists(tmp_path / "small")
   config.export.max_bytes = cap = free["size_bytes"] - 1500
   capped = _run(config, tmp_path / "capped")["compressed"]
   disk = sum(os.path.getsize(tmp_path / "capped" / "export" / f)
@@ -142,6 +151,8 @@ def test_a_different_config_in_the_same_workdir_is_refused(mlp_weights, tmp_path
      "percentile, got 'minmx'"),
     ("quant.calibration_examples", 0, "quant.calibration_examples must be an integer >= 1, "
      "got 0"),
+    ("train.epochs", 0.01, r"train.epochs must be enough for one step \(an epoch is \d+ steps: at "
+     r"least 0.\d+\), got 0.01"),
 ])
 def test_bad_config_writes_nothing(mlp_weights, tmp_path, key, value, match):
   config = _config(mlp_weights)

@@ -88,3 +88,13 @@ def test_write_report_uses_the_label_names_and_writes_the_plots(tmp_path):
   assert ["compressed, before fine-tuning (resnet20)", "60.12", "64,172", "16.8x"] in [
       row[:4] for row in _cells(text[text.index("| model "):])]
   assert os.path.getsize(tmp_path / "accuracy_vs_size.png") > 1000
+
+
+def test_the_header_gives_the_sparsity_reached_not_the_one_asked_for(tmp_path):
+  config = cifar_distill.get_config("quick")
+  config.prune.structure, config.prune.n, config.prune.m = "nm", 2, 4  # prunes 1/2, not 0.8
+  results = _results()
+  results["compressed"]["sparsity"] = results["before_finetune"]["sparsity"] = 0.5
+  report.write_report(str(tmp_path), config, results, metrics=[])
+  text = open(tmp_path / "report.md").read()
+  assert "nm pruning to 50%" in text and "pruning to 80%" not in text

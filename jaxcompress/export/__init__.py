@@ -21,7 +21,7 @@ Example:
 from jaxcompress.export.artifact import export_model, load, read_spec, recode
 from jaxcompress.export.codec import LayerTensor, decode_layer, encode_layer
 from jaxcompress.export.finalize import Finalized, finalize
-from jaxcompress.export.fit import fit_to_bytes
+from jaxcompress.export.fit import fit_to_bytes, smallest_bytes
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 from jaxcompress.export.runtime import LoadedModel
 from jaxcompress.export.serving import load_serving, save_serving
@@ -33,6 +33,7 @@ __all__ = [
     # the artifact
     "export_model", "load", "read_spec", "recode", "LoadedModel", "size_report", "format_report",
     "fit_to_bytes",
+    "smallest_bytes",
     # serving
     "save_serving", "load_serving", "slim", "Slimmed",
     # building blocks

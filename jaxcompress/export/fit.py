@@ -98,3 +98,16 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
   if last[0] != hi:  # the folder holds the last artifact written: write the answer again
     fits(hi)
   return last[1], found[hi], hi
+
+
+def smallest_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | None) -> int:
+  """The bytes of ``write``'s artifact with every weight ``rules`` select zero: the least any
+  ``max_bytes`` of :func:`fit_to_bytes` can reach with these weights, checkable before training.
+
+  The values left (biases, scales, norms) and the compression of the rest are those of
+  ``params``, so after training the same floor may differ by a few bytes.
+  """
+  selection = select(params, rules, warn_unused=False)
+  flat = [np.zeros_like(np.asarray(leaf)) if chosen else leaf
+          for leaf, chosen in zip(selection.leaves, selection.selected)]
+  return int(write(jax.tree_util.tree_unflatten(selection.treedef, flat))["total_bytes"])
