@@ -116,7 +116,13 @@ class Vocabulary:
     return np.fromiter((table[c] for c in text), np.int32, len(text))
 
   def decode(self, ids) -> str:
-    return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
+    """The text of ids in ``[0, size)``; any other id (a padding label of -1) is refused."""
+    ids = np.asarray(ids).reshape(-1)
+    bad = ids[(ids < 0) | (ids >= self.size)]
+    if bad.size:
+      raise invalid("ids", int(bad[0]), f"in [0, {self.size}), ids of this vocabulary",
+                    "drop padding positions before decoding")
+    return "".join(self.chars[int(i)] for i in ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +146,17 @@ def _check_context(context: int) -> None:
     raise invalid("data.context", context, ">= 1")
 
 
+def _check_windows(n: int, batch_size: int, context: int) -> None:
+  """One line unless ``batch_size >= 1`` windows of ``context`` characters and their targets
+  fit in a split of ``n`` characters."""
+  if batch_size < 1:
+    raise invalid("data.batch_size", batch_size, ">= 1")
+  _check_context(context)
+  if n < context + 1:
+    raise invalid("data.context", context, f"at most {n - 1} (the split holds {n} characters "
+                  "and a window needs context + 1)")
+
+
 def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,
                 field: str = "data.path") -> Corpus:
   """Reads, splits and encodes a text file, checking it fits windows of ``context`` characters.
@@ -156,8 +173,12 @@ def load_corpus(path: str, context: int, *, vocab: Vocabulary | None = None,
       split with characters outside the vocabulary.
   """
   _check_context(context)
-  splits = split_text(read_text(path, field=field))
+  text = read_text(path, field=field)
+  splits = split_text(text)
   name = min(SPLITS, key=lambda k: len(splits[k]))  # the bound every split meets
+  if len(splits[name]) < 2:
+    raise invalid(field, path, "a longer text", f"its {len(text)} characters leave the {name} "
+                  f"split {len(splits[name])}, and a window needs 2 (a character and its target)")
   if len(splits[name]) < context + 1:
     raise invalid("data.context", context, f"at most {len(splits[name]) - 1}: the {name} split "
                   f"of {path!r} holds {len(splits[name])} characters and a window needs "
@@ -174,6 +195,7 @@ def train_batch(ids: np.ndarray, *, batch_size: int, context: int, seed: int,
 
   The offsets depend only on ``(seed, step)``; targets are the inputs shifted by one character.
   """
+  _check_windows(len(ids), batch_size, context)
   starts = np.random.default_rng([seed, step]).integers(0, len(ids) - context, size=batch_size)
   rows = starts[:, None] + np.arange(context)[None, :]
   return Batch(ids[rows], ids[rows + 1], np.ones((batch_size, context), np.float32))
@@ -191,12 +213,7 @@ class TrainWindows:
   context: int
 
   def __post_init__(self):
-    if self.batch_size < 1:
-      raise invalid("data.batch_size", self.batch_size, ">= 1")
-    _check_context(self.context)
-    if len(self.ids) < self.context + 1:
-      raise invalid("data.context", self.context, f"at most {len(self.ids) - 1} (the split "
-                    f"holds {len(self.ids)} characters)")
+    _check_windows(len(self.ids), self.batch_size, self.context)
 
   @property
   def steps_per_epoch(self) -> int:
@@ -221,6 +238,7 @@ def eval_batches(ids: np.ndarray, *, batch_size: int, context: int) -> Iterator[
   past the split's end (in the last window, and whole padding windows filling the last batch) are
   zero with weight 0.
   """
+  _check_windows(len(ids), batch_size, 1)  # a last window may be short: 2 characters suffice
   _check_context(context)
   n, t = len(ids), context
   windows = num_eval_windows(n, t)

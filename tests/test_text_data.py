@@ -92,6 +92,27 @@ def test_windows_of_no_characters_are_one_line(context):
     next(text.eval_batches(ids, batch_size=8, context=context))
 
 
+def test_a_text_too_short_for_its_splits_is_one_line(tmp_path):
+  path = _write(tmp_path, "abcdefghij")  # 10 chars: int(9) train, validation 0, test 1
+  with pytest.raises(ConfigError, match=r"^data.path must be a longer text, got '.*input.txt'; "
+                     r"its 10 characters leave the validation split 0, and a window needs 2"):
+    text.load_corpus(path, context=1)
+
+
+def test_helpers_refuse_what_they_cannot_cut_in_one_line():
+  ids = np.arange(6, dtype=np.int32) % 3
+  with pytest.raises(ConfigError, match=r"^data.context must be at most 5 \(the split holds 6"):
+    text.train_batch(ids, batch_size=2, context=6, seed=0, step=0)
+  for call in (lambda: text.train_batch(ids, batch_size=0, context=2, seed=0, step=0),
+               lambda: next(text.eval_batches(ids, batch_size=0, context=2))):
+    with pytest.raises(ConfigError, match=r"^data.batch_size must be >= 1, got 0$"):
+      call()
+  vocab = text.Vocabulary("abc")
+  for bad in (-1, 3):
+    with pytest.raises(ConfigError, match=rf"^ids must be in \[0, 3\), .* got {bad}"):
+      vocab.decode([0, bad])
+
+
 def test_text_path_prefers_config_then_environment(monkeypatch):
   monkeypatch.setenv(text.TEXT_ENV, "/data/text")
   assert text.text_path("/x/y.txt") == "/x/y.txt"
