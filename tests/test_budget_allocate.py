@@ -44,8 +44,7 @@ def test_discretised_costs_stay_within_the_stated_gap(seed):
   budget = float(rng.uniform(min_cost(costs), sum(max(c) for c in costs)))
   got = allocate(costs, damages, budget, max_units=50)
   want = _brute(costs, damages, budget)
-  if got is None:  # rounding costs up can exclude every plan near the budget
-    return
+  assert got is not None  # the budget is at least the cheapest plan's cost, which always fits
   assert sum(c[k] for c, k in zip(costs, got.choice)) <= budget
   assert got.lower_bound - 1e-12 <= want <= got.damage + 1e-12
   assert got.damage - want <= got.gap + 1e-12
@@ -58,3 +57,26 @@ def test_fine_units_close_the_gap():
   budget = 0.6 * sum(max(c) for c in costs)
   got = allocate(costs, damages, budget, max_units=200_000)
   assert got.damage == pytest.approx(_brute(costs, damages, budget))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_large_byte_budgets_stay_exact_while_the_slack_is_small(seed):
+  # Budgets of 0.2 to 2 MB: costs taken above each layer's cheapest option, the table spans the
+  # slack, not the budget, so whole bytes still give the exact optimum.
+  rng = np.random.default_rng(300 + seed)
+  costs = [rng.integers(40_000, 400_000) + rng.integers(0, 30_000, 3) for _ in range(5)]
+  damages = [rng.normal(size=3) for _ in costs]
+  budget = int(min_cost(costs) + rng.integers(0, 60_000))
+  got = allocate(costs, damages, budget)
+  assert got.gap == 0 and got.unit == 1.0
+  assert got.damage == pytest.approx(_brute(costs, damages, budget))
+  assert got.cost <= budget
+
+
+def test_the_cheapest_plan_fits_a_budget_of_exactly_its_cost():
+  costs = [[212_000.0, 250_000.0], [271.0, 900.5]]
+  got = allocate(costs, [[1.0, 0.0], [1.0, 0.0]], 212_271, max_units=50)
+  assert got is not None and got.choice == (0, 0) and got.cost == 212_271
+  assert allocate(costs, [[1.0, 0.0], [1.0, 0.0]], 212_270) is None
+  unbounded = allocate(costs, [[1.0, 0.0], [1.0, 0.0]], float("inf"))
+  assert unbounded.choice == (1, 1) and unbounded.damage == 0.0

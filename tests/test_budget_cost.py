@@ -10,6 +10,7 @@ from jaxcompress import budget, compose, export
 from jaxcompress.budget import Option
 from jaxcompress.data import Batch
 from jaxcompress.models import create_model
+from jaxcompress.selection import trace_layers
 
 
 class TinyCNN(nn.Module):
@@ -88,6 +89,31 @@ def test_keep_masks_prune_the_smallest_magnitudes():
   assert budget.density(channel, "channel") == 0.5
   nm = budget.keep_mask(w, 0.5, "nm")  # 2 of every 4 input channels (axis -2)
   assert np.all(nm.sum(axis=-2) == 2)
+
+
+def test_keep_masks_follow_each_layers_own_axes():
+  # An Einsum [out 5, in 12] and a DenseGeneral [in 16, heads 4, dim 8], as the trace sees them.
+  model = Attention()
+  x = np.zeros((2, 6, 16), np.float32)
+  variables = model.init(jax.random.key(0), x)
+  layers = {l.path: l for l in trace_layers(model, variables, x).layers}
+  mix = np.abs(np.asarray(variables["params"]["mix"]["kernel"]))
+  channel = budget.keep_mask(mix, 0.4, "channel", layers["mix"])  # 2 of 5 output rows go
+  dropped = set(np.argsort(mix.sum(1), kind="stable")[:2])
+  assert all(not channel[f].any() if f in dropped else channel[f].all() for f in range(5))
+  assert budget.density(channel, "channel", layers["mix"].out_axis) == 0.6
+  nm = budget.keep_mask(mix, 0.5, "nm", layers["mix"])  # 2 of every 4 of the 12 inputs, per row
+  assert np.all(nm.reshape(5, 3, 4).sum(-1) == 2)
+  q = np.asarray(variables["params"]["q"]["kernel"])
+  nm_q = budget.keep_mask(q, 0.5, "nm", layers["q"])  # groups along the 16 inputs (axis 0)
+  assert np.all(nm_q.reshape(4, 4, 4, 8).sum(1) == 2)
+  # 2:4 is offered only where the reduction length divides by 4: not over 6 inputs.
+  sparse = budget.PRESETS["gpu-sparse"]
+  grid = dict(last=False, sparsities=(0.5,), weight_bits=(4, 8), act_bits=(8,))
+  assert {o.sparsity for o in sparse.options(shape=(8, 6), reduce_axes=(1,), **grid)} == {0.0}
+  assert {o.sparsity for o in sparse.options(shape=(6, 8), reduce_axes=(0,), **grid)} == {0.0}
+  assert {o.sparsity for o in sparse.options(shape=(8, 12), reduce_axes=(1,), **grid)} == {
+      0.0, 0.5}
 
 
 def _kernels_by_hand(weights, sparsity):

@@ -103,7 +103,10 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(), r"budget: give exactly one of size_bytes and bops, got none"),
     (dict(size_bytes=1000, bops=1e6), "give exactly one of size_bytes and bops"),
-    (dict(size_bytes=-5), r"size_bytes must be a number > 0, got -5"),
+    (dict(size_bytes=-5), r"size_bytes must be > 0, got -5"),
+    (dict(size_bytes=float("inf")), r"size_bytes must be a finite number > 0, got inf"),
+    (dict(size_bytes=1000, sparsities=(80,)), r"sparsities\[0\] must be in \[0.0, 1.0\), got 80"),
+    (dict(size_bytes=1000, weight_bits=(4, 16)), r"weight_bits\[1\] must be"),
     (dict(size_bytes=1000, device="tpu"), r"device must be one of any, gpu-sparse, int8-npu, "
      r"mcu, got 'tpu'"),
     (dict(bops=1e6, device="mcu"), r"bops must be not given for device='mcu', which takes a "
@@ -116,8 +119,23 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
 def test_bad_budgets_are_one_line_errors(setup, scanned, kwargs, match):
   model, variables, held_out = setup
   with pytest.raises(ConfigError, match=match):
-    budget.find_plan(model, variables, held_out, sparsities=SPARSITIES, weight_bits=BITS,
-                     sensitivity=scanned, **kwargs)
+    budget.find_plan(model, variables, held_out, sensitivity=scanned,
+                     **{"sparsities": SPARSITIES, "weight_bits": BITS, **kwargs})
+
+
+def test_numpy_numbers_are_budgets_and_an_empty_held_out_slice_is_one_line(setup, scanned):
+  model, variables, held_out = setup
+  found = budget.find_plan(model, variables, held_out, size_bytes=np.int64(10**6),
+                           overhead=np.int64(100), sparsities=SPARSITIES, weight_bits=BITS,
+                           sensitivity=scanned)
+  assert found.allocation.cost + 100 <= 10**6
+  padding = [b._replace(weight=np.zeros_like(b.weight)) for b in held_out]
+  empty = [Batch(b.image[:0], b.label[:0], b.weight[:0]) for b in held_out]
+  for batches in (padding, empty):
+    with pytest.raises(ConfigError, match=r"^sensitivity: the held-out batches hold no example "
+                       r"of weight > 0"):
+      budget.find_plan(model, variables, batches, size_bytes=10**6, sparsities=SPARSITIES,
+                       weight_bits=BITS)
 
 
 def test_labels_of_another_shape_than_the_outputs_are_one_line(setup):

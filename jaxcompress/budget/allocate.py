@@ -1,17 +1,20 @@
 """Allocation: one option per layer, least summed damage, total cost within the budget.
 
 This is the multiple-choice knapsack problem; :func:`allocate` solves it exactly by dynamic
-programming over the budget. Costs are integers (bytes) or are discretised to at most
-``max_units`` units of ``unit = budget / max_units``:
+programming over the budget's slack: what it leaves above the cheapest plan (each layer's costs
+are taken relative to its cheapest option, so the table spans the slack, not the budget). Costs
+are integers (bytes) or are discretised to at most ``max_units`` units of
+``unit = slack / max_units``:
 
 - each cost is rounded **up** to whole units, so every plan the program accepts meets the true
   budget;
 - the same program with costs rounded **down** is a relaxation (every plan within the true budget
   fits it), so its optimum is a lower bound of the true optimum.
 
-:attr:`Allocation.gap` is the difference of the two: 0 when costs are whole units (bytes under a
-byte budget of at most ``max_units``), and otherwise the most the returned plan can lose to the
-true optimum. Time and memory are ``O(layers x options x units)``.
+:attr:`Allocation.gap` is the difference of the two: 0 when costs are whole units (bytes with a
+slack of at most ``max_units`` bytes), and otherwise the most the returned plan can lose to the
+true optimum. The cheapest plan always fits its own cost. Time and memory are
+``O(layers x options x units)``.
 """
 
 from __future__ import annotations
@@ -82,18 +85,18 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
   damages = [np.asarray(d, np.float64) for d in damages]
   if min_cost(costs) > budget:
     return None
+  base = [float(np.min(c)) for c in costs]
+  extra = [c - b for c, b in zip(costs, base)]  # each option's cost above the layer's cheapest
+  slack = min(float(budget) - sum(base), 1e300)  # an unbounded budget leaves every option open
   integral = all(np.all(c == np.round(c)) for c in costs)
-  if integral and budget <= max_units:
+  if integral and slack <= max_units:
     unit = 1.0
   else:
-    unit = max(budget / max_units, 1e-12)
-  capacity = int(math.floor(budget / unit + 1e-9))
-  up = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in costs]
-  found = _solve(up, damages, capacity)
-  if found is None:  # rounding up can exclude the last plans within the budget
-    return None
-  choice, damage = found
-  down = [np.floor(c / unit + 1e-9).astype(np.int64) for c in costs]
+    unit = max(slack / max_units, 1e-12)
+  capacity = int(math.floor(slack / unit + 1e-9))
+  up = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in extra]
+  choice, damage = _solve(up, damages, capacity)  # the cheapest plan (all 0) always fits
+  down = [np.floor(c / unit + 1e-9).astype(np.int64) for c in extra]
   lower = damage if unit == 1.0 and integral else _solve(down, damages, capacity)[1]
   cost = float(sum(c[k] for c, k in zip(costs, choice)))
   return Allocation(choice, damage, cost, min(lower, damage), unit)

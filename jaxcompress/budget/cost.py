@@ -53,17 +53,23 @@ KERNEL_NORM = "l2"  # how kernel plans rank kernels (their prune.norm)
 SPEC_MARGIN = 32  # bytes added to the pessimistic spec's gzipped size (deflate is not monotone)
 
 
-def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured") -> np.ndarray:
+def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured",
+              layer: Any = None) -> np.ndarray:
   """The kept entries of ``weight`` at ``sparsity``: lowest magnitudes pruned, as training does.
 
   ``unstructured``: ``round(sparsity * n)`` entries; ``nm``: 2 of every 4 along the reduction axis
   (any ``sparsity > 0``); ``channel``: ``round(sparsity * C)`` whole output channels (L1 norm);
   ``kernel``: ``round(sparsity * K)`` whole kernels (L2 norm per entry, :func:`kernel_keep`).
+  ``layer``, the weight's traced :class:`~jaxcompress.selection.Layer`, gives its reduction and
+  output axes, as the train step's masks use them (an Einsum's or a transposed ConvTranspose's
+  are not the usual ones); without it, axis -2 and the last axis.
   """
   if sparsity <= 0:
     return np.ones(np.shape(weight), bool)
-  masker = {"unstructured": pruning.unstructured("layer"), "nm": pruning.n_of_m(2, 4),
-            "channel": pruning.channels("l1"), "kernel": pruning.kernels("layer", KERNEL_NORM)
+  reduce = {"weight": layer.reduce_axes} if layer is not None and layer.reduce_axes else None
+  out = {"weight": layer.out_axis} if layer is not None else None
+  masker = {"unstructured": pruning.unstructured("layer"), "nm": pruning.n_of_m(2, 4, axes=reduce),
+            "channel": pruning.channels("l1", out), "kernel": pruning.kernels("layer", KERNEL_NORM)
             }[structure]
   return np.asarray(masker(["weight"], [jax.numpy.abs(jax.numpy.asarray(weight))],
                            float(sparsity))[0], bool)
@@ -281,9 +287,11 @@ def _out_features(call: Any, weight: Any) -> int:
   return int(np.prod([n for a, n in enumerate(shape) if a not in summed], dtype=np.int64))
 
 
-def density(keep: np.ndarray, structure: str) -> float:
-  """Fraction of a layer's MACs left: kept entries, or kept output channels."""
+def density(keep: np.ndarray, structure: str, out_axis: int = -1) -> float:
+  """Fraction of a layer's MACs left: kept entries, or kept output channels (along
+  ``out_axis``, the layer's ``Layer.out_axis``)."""
   if structure == "channel":
+    keep = np.moveaxis(keep, out_axis, -1)
     return float(np.mean(np.any(keep.reshape(-1, keep.shape[-1]), axis=0)))
   return float(np.mean(keep))
 
@@ -293,8 +301,9 @@ def option_bops(macs: int, option: Option, dens: float) -> int:
   return int(math.ceil(macs * dens - 1e-9)) * int(option.weight_bits) * int(option.act_bits)
 
 
-def option_cost(keep: np.ndarray, option: Option, macs: int, structure: str) -> tuple[int, int]:
+def option_cost(keep: np.ndarray, option: Option, macs: int, structure: str,
+                out_axis: int = -1) -> tuple[int, int]:
   """``(bytes, BOPs)`` of one layer's option, given the entries its sparsity keeps: the weight's
   fixed-width codes in the artifact (:func:`weight_bytes`) and its BOPs per example."""
   return (weight_bytes(keep, option.weight_bits),
-          option_bops(macs, option, density(keep, structure)))
+          option_bops(macs, option, density(keep, structure, out_axis)))

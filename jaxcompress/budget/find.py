@@ -11,6 +11,7 @@ Huffman-coded sizing, the uniform recipe beside the plan).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -20,7 +21,8 @@ from jaxcompress.budget.cost import keep_mask, layer_macs, option_cost
 from jaxcompress.budget.plan import Plan, allocate_plan
 from jaxcompress.budget.presets import get_preset
 from jaxcompress.budget.sensitivity import Sensitivity, scan
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, check_positive, check_range, invalid
+from jaxcompress.quantization.qparams import check_bits
 from jaxcompress.rules import tree_get
 from jaxcompress.selection import trace_layers
 
@@ -80,22 +82,29 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
     raise ConfigError(f"budget: give exactly one of size_bytes and bops, got {given or 'none'}")
   (field, limit), = given.items()
   kind = "size" if field == "size_bytes" else "bops"
-  if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
-    raise invalid(field, limit, "a number > 0")
+  check_positive(field, limit)
   preset = get_preset(device, "device")
   if kind not in preset.budgets:
     raise invalid(field, limit, f"not given for device={device!r}, which takes a "
                   f"{' or '.join(preset.budgets)} budget")
   if not held_out:
     raise ConfigError("held_out: no batch; give held-out training batches to measure on")
-  if not isinstance(overhead, int) or overhead < 0:
+  if isinstance(overhead, bool) or not isinstance(overhead, numbers.Integral) or overhead < 0:
     raise invalid("overhead", overhead, "an integer >= 0 (bytes)")
+  overhead = int(overhead)
+  for i, s in enumerate(sparsities):
+    check_range(f"sparsities[{i}]", s, 0.0, 1.0)
+  for name, grid in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+    for i, b in enumerate(grid):
+      check_bits(b, f"{name}[{i}]")
   sample = held_out[0].image
   traced = trace_layers(model, variables, sample, field="model")
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
              for l in traced.layers}
+  by_path = {l.path: l for l in traced.layers}
   options = {p: preset.options(shape=w.shape, last=p == traced.last, sparsities=sparsities,
-                               weight_bits=weight_bits, act_bits=act_bits, kind=kind)
+                               weight_bits=weight_bits, act_bits=act_bits, kind=kind,
+                               reduce_axes=by_path[p].reduce_axes)
              for p, w in weights.items()}
   sens = sensitivity or scan(model, variables, held_out, options,
                              calibration=calibration or [sample], structure=preset.structure,
@@ -107,10 +116,11 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   macs = layer_macs(model, variables, sample)
   costs = []  # per layer and option: (bytes, BOPs)
   for path, opts in zip(sens.paths, sens.options):
-    keeps = {s: keep_mask(weights[path], s, preset.structure) for s in {o.sparsity for o in opts}}
-    costs.append([option_cost(keeps[o.sparsity], o, macs.get(path, 0), preset.structure)
-                  for o in opts])
-  by_path = {l.path: l for l in traced.layers}
+    layer = by_path[path]
+    keeps = {s: keep_mask(weights[path], s, preset.structure, layer)
+             for s in {o.sparsity for o in opts}}
+    costs.append([option_cost(keeps[o.sparsity], o, macs.get(path, 0), preset.structure,
+                              layer.out_axis) for o in opts])
   found = allocate_plan([(p, by_path[p].weight) for p in sens.paths], sens.options, costs,
                         sens.damage, limit, kind=kind, structure=preset.structure,
                         overhead=overhead)

@@ -100,7 +100,7 @@ def proxy_damage(model: Any, variables: Mapping[str, Any], sample: Any,
     w = np.asarray(tree_get(variables["params"], layers[path].weight), np.float32)
     row = []
     for o in options[path]:
-      c = w * keep_mask(w, o.sparsity, structure)
+      c = w * keep_mask(w, o.sparsity, structure, layers[path])
       if o.weight_bits:
         c = np.asarray(quantize_kernel(qlayers[path], jnp.asarray(c), None, o.weight_bits))
       row.append(0.5 * trace * float(np.sum((w.astype(np.float64) - c) ** 2)))

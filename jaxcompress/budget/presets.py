@@ -20,6 +20,7 @@ A plan chooses, per layer, one :class:`Option` (sparsity, weight bits, input bit
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple, Sequence
 
 from jaxcompress.errors import unknown
@@ -56,21 +57,25 @@ class Preset:
   per_channel: bool = False
 
   def options(self, *, shape: Sequence[int], last: bool, sparsities: Sequence[float],
-              weight_bits: Sequence[int], act_bits: Sequence[int], kind: str = "size"
-              ) -> list[Option]:
+              weight_bits: Sequence[int], act_bits: Sequence[int], kind: str = "size",
+              reduce_axes: Sequence[int] = ()) -> list[Option]:
     """Every option a layer with this weight ``shape`` may take.
 
     Args:
-      shape: the layer's weight shape (reduction axis ``-2``, outputs last).
+      shape: the layer's weight shape.
       last: the layer is the model's last (its outputs are the model's outputs).
       sparsities: the scan's sparsity grid.
       weight_bits: the scan's weight bit grid.
       act_bits: the scan's input bit grid (used under a BOPs budget when the preset leaves
         inputs open).
       kind: the budget kind, ``size`` or ``bops``.
+      reduce_axes: the axes the layer's product sums over (``Layer.reduce_axes``), where 2:4
+        groups run; empty: axis ``-2``.
     """
     sp = tuple(sorted({0.0, *(self.sparsities if self.sparsities is not None else sparsities)}))
-    if self.structure == "nm" and (len(shape) < 2 or shape[-2] % 4):
+    reduced = (math.prod(shape[a] for a in reduce_axes) if reduce_axes
+               else shape[-2] if len(shape) >= 2 else 0)
+    if self.structure == "nm" and (len(shape) < 2 or reduced % 4):
       sp = (0.0,)
     if self.structure == "channel" and last:
       sp = (0.0,)
@@ -81,10 +86,12 @@ class Preset:
 
   def allows(self, option: Option, *, shape: Sequence[int], last: bool,
              sparsities: Sequence[float], weight_bits: Sequence[int],
-             act_bits: Sequence[int], kind: str = "size") -> bool:
+             act_bits: Sequence[int], kind: str = "size", reduce_axes: Sequence[int] = ()
+             ) -> bool:
     """Whether ``option`` lies in this preset's space for such a layer."""
     return option in self.options(shape=shape, last=last, sparsities=sparsities,
-                                  weight_bits=weight_bits, act_bits=act_bits, kind=kind)
+                                  weight_bits=weight_bits, act_bits=act_bits, kind=kind,
+                                  reduce_axes=reduce_axes)
 
 
 PRESETS = {p.name: p for p in (

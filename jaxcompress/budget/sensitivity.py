@@ -128,11 +128,12 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
                       f"(layers: {list(index)[:6]})")
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
              for l in evaluate.layers}
+  by_path = {l.path: l for l in evaluate.layers}
   masks: dict = {}
 
   def measure(path, s, wb, ab):
     if (path, s) not in masks:
-      masks[(path, s)] = keep_mask(weights[path], s, structure)
+      masks[(path, s)] = keep_mask(weights[path], s, structure, by_path[path])
     return evaluate({path: masks[(path, s)]}, {path: wb}, {path: ab})
 
   measured = dict(measured or {})
@@ -184,6 +185,10 @@ class Evaluator:
     if not self.batches:
       raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
                         "examples")
+    weights = [np.asarray(b.weight) for b in self.batches]
+    if not all(w.size for w in weights) or not sum(float(np.sum(w)) for w in weights) > 0:
+      raise ConfigError("sensitivity: the held-out batches hold no example of weight > 0 (an "
+                        "empty batch, or padding only); hold out training examples")
     sample = self.batches[0].image
     self.variables = dict(variables)
     self.layers = layers = trace_layers(model, self.variables, sample).layers
