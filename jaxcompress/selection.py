@@ -166,6 +166,11 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
   seen: list[str] = []  # every layer called, in call order
 
   def record(call, run):
+    if call.kind == "norm" and getattr(call.module, "axis_name", None) is not None:
+      raise ConfigError(f"model: the {call.type_name} {call.path!r} averages its statistics over "
+                        f"axis_name={call.module.axis_name!r}, a pmap collective; drop axis_name: "
+                        "batches are sharded over a mesh with jit, so its statistics already "
+                        "cover the global batch")
     out = run(call.x)
     seen.append(call.path)
     name = weight_name(call.kind)

@@ -545,3 +545,61 @@ def test_a_model_that_does_not_fit_the_artifact_is_refused(tmp_path):
   plain = jax.jit(lambda v, x: functional(model).apply(v, x)[0])
   np.testing.assert_array_equal(np.asarray(export.load(str(tmp_path), model).logits(x)),
                                 np.asarray(plain(variables, x)))
+
+
+class NNXFlagged(nnx.Module):
+  """An NNX model passing its own call argument to BatchNorm and Dropout (the layers' attributes
+  stay at their defaults: statistics updated, dropout on)."""
+
+  def __init__(self, *, rngs):
+    self.inp = nnx.Linear(10, 16, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(16, CLASSES, rngs=rngs)
+
+  def __call__(self, x, *, deterministic: bool = False):
+    h = nnx.relu(self.bn(self.inp(x), use_running_average=deterministic))
+    return self.head(self.drop(h, deterministic=deterministic))
+
+
+def test_an_nnx_models_own_train_flag_is_passed_in_every_call():
+  x = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32)
+  model = NNXFlagged(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  fm = functional(model)
+  p = variables["params"]
+  # Eval: running statistics (mean 0, var 1 at init) and no dropout, by hand in NumPy.
+  h = x @ np.asarray(p["inp"]["kernel"]) + np.asarray(p["inp"]["bias"])
+  h = np.maximum(h / np.sqrt(1 + 1e-5) * np.asarray(p["bn"]["scale"]) + np.asarray(p["bn"]["bias"]),
+                 0)
+  want = h @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"])
+  got, state = fm.apply(variables, x, train=False)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  assert state == {}
+  # Train: batch statistics move, dropout differs by key.
+  a, state = fm.apply(variables, x, train=True, rngs=jax.random.key(1))
+  b, _ = fm.apply(variables, x, train=True, rngs=jax.random.key(2))
+  assert not np.allclose(np.asarray(a), np.asarray(b))
+  np.testing.assert_allclose(np.asarray(state["batch_stats"]["bn"]["mean"]),
+                             0.01 * _bn_input_mean(x, p), rtol=1e-4, atol=1e-6)
+
+
+def _bn_input_mean(x, p):
+  """The batch mean of the BatchNorm's input (nnx.BatchNorm's momentum is 0.99)."""
+  return (x @ np.asarray(p["inp"]["kernel"]) + np.asarray(p["inp"]["bias"])).mean(0)
+
+
+def test_a_pmap_style_batchnorm_is_one_line():
+  class PmapStyle(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.BatchNorm(use_running_average=not train, axis_name="batch", name="bn")(
+          nn.Conv(4, (3, 3))(x))
+      return nn.Dense(CLASSES)(nn.relu(x).mean((1, 2)))
+
+  x = np.zeros((2, 6, 6, 3), np.float32)
+  model = PmapStyle()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ConfigError, match=r"^model: the BatchNorm 'bn' averages its statistics "
+                     r"over axis_name='batch', a pmap collective; drop axis_name"):
+    compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2)

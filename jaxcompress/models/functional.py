@@ -11,7 +11,9 @@ gets one interface for both Flax APIs:
 - ``apply(variables, *args, train=..., rngs=..., hook=...) -> (output, new_state)``: a pure
   function (``jit``-able, differentiable in ``variables``). The model's train/eval flag is found
   from its signature (``train``, ``training``, ``is_training``, or the inverted
-  ``deterministic``/``use_running_average``) for Linen and set with ``set_attributes`` for NNX.
+  ``deterministic``/``use_running_average``) and passed in every call, Linen or NNX; an NNX
+  model's layers also get ``deterministic``/``use_running_average`` with ``set_attributes``,
+  which is all a model without such an argument needs.
   ``new_state`` holds the non-``params`` collections the model updated in training.
 - ``hook(call, run)``: called at every call of a linear-like layer (Conv, Dense/Linear,
   DenseGeneral/LinearGeneral, Einsum, Embed) and of a normalization layer (BatchNorm, LayerNorm,
@@ -200,8 +202,8 @@ def _like(tree: Any, ref: Any) -> Any:
   return {k: _like(tree[str(k)], v) for k, v in ref.items()}
 
 
-def _flag_names(module: nn.Module) -> tuple[str | None, bool]:
-  """``(name, inverted)`` of a Linen module's train/eval keyword argument."""
+def _flag_names(module: Any) -> tuple[str | None, bool]:
+  """``(name, inverted)`` of a Linen or NNX module's train/eval keyword argument."""
   try:
     names = inspect.signature(type(module).__call__).parameters
   except (TypeError, ValueError):
@@ -291,6 +293,7 @@ class Functional:
     model = nnx.merge(self.graphdef, *states, rest)
     model.set_attributes(deterministic=not train, use_running_average=not train,
                          raise_if_not_found=False)
+    kwargs = self._flag_kwargs(kwargs, train)  # a flag of __call__ overrides the attributes
     if train and rngs is not None:
       streams = sorted({node.tag for _, node in nnx.iter_graph(model)
                         if isinstance(node, nnx.RngStream)})
@@ -376,9 +379,9 @@ def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
   Args:
     model: an ``nn.Module`` (unbound) or an ``nnx.Module``; a :class:`Functional` is returned
       as is.
-    train_kwarg: Linen only: the keyword of the model's train flag; ``"auto"`` finds it from
-      the signature (``train``, ``training``, ``is_training``, inverted ``deterministic`` or
-      ``use_running_average``); ``None``: the model takes none.
+    train_kwarg: the keyword of the model's train flag; ``"auto"`` finds it from the signature
+      of its ``__call__`` (``train``, ``training``, ``is_training``, inverted
+      ``deterministic`` or ``use_running_average``); ``None``: the model takes none.
 
   Returns:
     The :class:`Functional`.
@@ -388,17 +391,18 @@ def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
   """
   if isinstance(model, Functional):
     return model
+  if not isinstance(model, (nnx.Module, nn.Module)):
+    raise ConfigError(f"model must be a Flax Linen module (flax.linen.Module) or an NNX module "
+                      f"(flax.nnx.Module), got {type(model).__name__}")
+  if train_kwarg == "auto":
+    flag, inverted = _flag_names(model)
+  else:
+    flag, inverted = train_kwarg, train_kwarg in EVAL_FLAGS
   if isinstance(model, nnx.Module):
     graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     reference = {"params": _pure(params)}
     if _pure(stats):
       reference["batch_stats"] = _pure(stats)
-    return Functional(model, "nnx", graphdef=graphdef, rest=rest, reference=reference)
-  if isinstance(model, nn.Module):
-    if train_kwarg == "auto":
-      flag, inverted = _flag_names(model)
-    else:
-      flag, inverted = train_kwarg, train_kwarg in EVAL_FLAGS
-    return Functional(model, "linen", flag=flag, flag_inverted=inverted)
-  raise ConfigError(f"model must be a Flax Linen module (flax.linen.Module) or an NNX module "
-                    f"(flax.nnx.Module), got {type(model).__name__}")
+    return Functional(model, "nnx", flag=flag, flag_inverted=inverted, graphdef=graphdef,
+                      rest=rest, reference=reference)
+  return Functional(model, "linen", flag=flag, flag_inverted=inverted)
