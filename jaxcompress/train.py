@@ -183,8 +183,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       steps are counted (``skipped`` in each log record and in ``info``), their metrics left out
       of the log's means.
   """
-  os.makedirs(workdir, exist_ok=True)
   per_epoch, batch_size, epoch_batches = _batch_source(train, data, seed, mesh)
+  os.makedirs(workdir, exist_ok=True)
   total = int(round(loop.epochs * per_epoch))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
   main = parallel.is_main_process()  # every process saves checkpoints; process 0 logs
@@ -284,6 +284,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
 def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, int, Callable]:
   """``(steps per epoch, global batch size, (epoch, start) -> batches)`` of :func:`fit`'s
   ``train``; the batches hold this process's rows of each global batch (all of it with one)."""
+  if mesh is not None:
+    parallel.check_batch_size(getattr(train, "batch_size", None) or data.batch_size, mesh)
   if hasattr(train, "batches"):
     rows = None if mesh is None else parallel.local_rows(mesh, train.batch_size)
     own = lambda b: b if rows is None else jax.tree.map(lambda x: x[rows[0]:rows[1]], b)

@@ -48,6 +48,18 @@ SCRIPT = textwrap.dedent("""
       out[n] = {"losses": losses, "eval": float(np.mean(loss)),
                 "sharded": len(state.params["conv1"]["kernel"].sharding.device_set)}
     out["rows"] = parallel.local_rows(parallel.make_mesh(), 16)  # one process holds them all
+    import os, tempfile
+    from jaxcompress.data import DataSpec
+    from jaxcompress.errors import ConfigError
+    from jaxcompress.train import LoopSpec, fit
+    workdir = os.path.join(tempfile.mkdtemp(), "run")
+    images = (np.zeros((24, 8, 8, 3), np.uint8), np.zeros(24, np.int32))
+    try:
+      fit(state, step, images, DataSpec(batch_size=6, mean=(0.0,) * 3, std=(1.0,) * 3),
+          LoopSpec(epochs=1), workdir, mesh=parallel.make_mesh())
+      out["fit"] = "trained"
+    except ConfigError as e:
+      out["fit"] = str(e) + ("; the workdir was made" if os.path.exists(workdir) else "")
     print(json.dumps(out))
 """)
 
@@ -67,6 +79,7 @@ def test_four_devices_match_one_device():
   assert four["sharded"] == 4 and one["sharded"] == 1
   assert one["losses"][-1] != one["losses"][0]  # the steps did train
   assert out["rows"] == [0, 16]
+  assert out["fit"] == "data.batch_size must be a positive multiple of the 4 devices, got 6; try 4"
 
 
 def test_batch_size_must_divide_over_devices():
