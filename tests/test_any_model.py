@@ -603,3 +603,21 @@ def test_a_pmap_style_batchnorm_is_one_line():
   with pytest.raises(ConfigError, match=r"^model: the BatchNorm 'bn' averages its statistics "
                      r"over axis_name='batch', a pmap collective; drop axis_name"):
     compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2)
+
+
+def test_nnx_variables_of_another_module_are_one_line():
+  x = _image(np.random.default_rng(0))
+  model, variables = _nnx(NNXCnn)(0, x)
+  wrong = jax.tree.map(lambda a: a, variables)
+  name = next(iter(wrong["params"]))
+  leaf = next(k for k, v in wrong["params"][name].items() if not isinstance(v, dict))
+  wrong["params"][name][leaf] = np.zeros(np.shape(wrong["params"][name][leaf]) + (2,))
+  cases = [(wrong, rf"^variables: params/{name}/{leaf} has shape \(.*\), the NNX module's has "),
+           ({"params": {"other": variables["params"]}}, r"^variables: params/\w+ is missing")]
+  if "batch_stats" in variables:
+    cases.append(({"params": variables["params"]}, r"^variables: no 'batch_stats'"))
+  for bad, match in cases:
+    with pytest.raises(ConfigError, match=match):
+      compose.build(model, bad, x, optimizer=optax.sgd(0.1), total_steps=2)
+  with pytest.raises(ConfigError, match=r"^variables_of: module must be an NNX module"):
+    variables_of(LinenMLP())

@@ -195,11 +195,24 @@ def _pure(state: Any) -> dict:
   return to_pure(state) if to_pure is not None else state.to_pure_dict()
 
 
-def _like(tree: Any, ref: Any) -> Any:
-  """``tree`` (string keys) with the key types of ``ref`` (an NNX pure dict)."""
+def _like(tree: Any, ref: Any, path: str) -> Any:
+  """``tree`` (string keys) with the key types of ``ref`` (an NNX pure dict), checked to hold
+  every entry of ``ref`` at its shape: variables of another module are one line, not a model
+  trained at the wrong shapes."""
   if not isinstance(ref, dict):
+    if tuple(jax.numpy.shape(tree)) != tuple(jax.numpy.shape(ref)):
+      raise ConfigError(f"variables: {path} has shape {tuple(jax.numpy.shape(tree))}, the NNX "
+                        f"module's has {tuple(jax.numpy.shape(ref))}: these are another model's "
+                        "variables; pass variables_of(module)")
     return tree
-  return {k: _like(tree[str(k)], v) for k, v in ref.items()}
+  if not isinstance(tree, Mapping):
+    raise ConfigError(f"variables: {path} is a {type(tree).__name__}, the NNX module holds "
+                      "layers there; pass variables_of(module)")
+  missing = [str(k) for k in ref if str(k) not in tree]
+  if missing:
+    raise ConfigError(f"variables: {path}/{missing[0]} is missing (string keys expected, as "
+                      "variables_of(module) gives them); pass variables_of(module)")
+  return {k: _like(tree[str(k)], v, f"{path}/{k}") for k, v in ref.items()}
 
 
 def _flag_names(module: Any) -> tuple[str | None, bool]:
@@ -286,9 +299,13 @@ class Functional:
     return out, {}
 
   def _apply_nnx(self, variables, args, kwargs, train, rngs, hook, hook_paths):
-    states = [nnx.State(_like(variables["params"], self.reference["params"]))]
+    states = [nnx.State(_like(variables["params"], self.reference["params"], "params"))]
     if "batch_stats" in self.reference:
-      states.append(nnx.State(_like(variables["batch_stats"], self.reference["batch_stats"])))
+      if "batch_stats" not in variables:
+        raise ConfigError("variables: no 'batch_stats'; the NNX module has BatchNorm statistics: "
+                          "pass variables_of(module)")
+      states.append(nnx.State(_like(variables["batch_stats"], self.reference["batch_stats"],
+                                    "batch_stats")))
     rest = jax.tree.map(lambda a: a, self.rest)  # fresh Variables, owned by the current trace
     model = nnx.merge(self.graphdef, *states, rest)
     model.set_attributes(deterministic=not train, use_running_average=not train,
@@ -366,6 +383,9 @@ def _hooked_class(cls: type) -> type:
 
 def variables_of(module: nnx.Module) -> dict:
   """The variables dict of an NNX module: ``params`` and, if it has any, ``batch_stats``."""
+  if not isinstance(module, nnx.Module):
+    raise ConfigError(f"variables_of: module must be an NNX module (flax.nnx.Module), got "
+                      f"{type(module).__name__}; a Linen module's variables come from its init")
   out = {"params": _str_keys(_pure(nnx.state(module, nnx.Param)))}
   stats = _pure(nnx.state(module, nnx.BatchStat))
   if stats:
