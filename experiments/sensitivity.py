@@ -236,9 +236,12 @@ def iterative_search(config, workdir: str) -> dict:
       raise invalid("data.val_examples", config.data.val_examples,
                     f"0 when prune.val_split={config.prune.val_split!r} is set",
                     "validate on one of them")
-    if config.prune.val_split == config.data.eval_split:
+    shared = data_lib.shared_examples(config.data.name, config.prune.val_split,
+                                      config.data.eval_split, data_dir=config.data.data_dir)
+    if shared:
       raise invalid("prune.val_split", config.prune.val_split,
-                    f"a split disjoint from data.eval_split={config.data.eval_split!r}",
+                    f"a split disjoint from data.eval_split={config.data.eval_split!r} (they "
+                    f"share {shared:,} examples)",
                     "e.g. val_split='test[:5000]' with eval_split='test[5000:]'")
   elif config.data.val_examples <= 0:
     raise invalid("data.val_examples", config.data.val_examples, "> 0 (or set prune.val_split)",

@@ -220,6 +220,26 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
   return SourceSplit(_Decoded(source, spec.image_shape), 0, len(source))
 
 
+def shared_examples(name: str, a: str, b: str, *, data_dir: str | None = None) -> int:
+  """How many examples the TFDS splits ``a`` and ``b`` of dataset ``name`` have in common
+  (``"test[:5000]"`` and ``"test"``: 5,000), from the prepared dataset's split sizes; when those
+  cannot be read, ``a == b`` decides (the reads that follow say what is wrong)."""
+  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+
+  try:
+    splits = tfds.builder(name, data_dir=resolve_data_dir(data_dir)).info.splits
+
+    def ranges(spec):
+      for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(splits):
+        end = splits[part.splitname].num_examples if part.to is None else part.to
+        yield part.splitname, part.from_ or 0, end
+
+    return sum(max(0, min(hi, hi2) - max(lo, lo2)) for s, lo, hi in ranges(a)
+               for s2, lo2, hi2 in ranges(b) if s == s2)
+  except Exception:  # TFDS raises many types for an unreadable dataset or split
+    return 1 if a == b else 0
+
+
 def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
                prepare_missing: bool = True, field: str = "data.split"
                ) -> tuple[np.ndarray, np.ndarray]:

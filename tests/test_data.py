@@ -205,3 +205,12 @@ def test_bad_batches_are_one_line():
   with pytest.raises(ConfigError, match=r"^data.mean must be one value per channel of the "
                                         r"3-channel images, or one for all, got \(0.5, 0.5\)$"):
     next(data.eval_batches((images, labels), 2, mean=(0.5, 0.5), std=(0.25,)))
+
+
+@requires_cifar10
+@pytest.mark.parametrize("a,b,shared", [
+    ("test[:5000]", "test", 5000), ("test[:200]", "test[0:200]", 200),
+    ("test[:5000]", "test[5000:]", 0), ("test[:50%]", "test[40%:60%]", 1000),
+    ("train[:10]", "test[:10]", 0), ("train+test[:10]", "test[5:]", 5)])
+def test_shared_examples_of_two_splits_by_hand(a, b, shared):
+  assert data.shared_examples("cifar10", a, b) == shared  # CIFAR-10 test: 10,000 examples
