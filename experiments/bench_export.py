@@ -36,11 +36,12 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
-from jaxcompress.errors import check_counts, check_range, invalid
+from jaxcompress.errors import ConfigError, check_counts, check_range, invalid
 
 _WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
                                "Weights name or path of the model ('' = random init).")
-_MODEL = flags.DEFINE_string("model", "resnet20", "CIFAR ResNet name.")
+_MODEL = flags.DEFINE_string("model", "resnet20", "CIFAR ResNet name; with --exported, the model "
+                             "of an artifact that names none (a name or MODULE:FACTORY).")
 _FRACTION = flags.DEFINE_float("fraction", 0.5, "Fraction of each block's inner channels pruned.")
 _NORM = flags.DEFINE_enum("norm", "l1", ["l1", "l2"], "Channel norm ranked for pruning.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per forward pass.")
@@ -243,6 +244,11 @@ def bench_artifact():
 
   spec = datasets.dataset_spec(_DATASET.value)
   name = read_spec(_EXPORTED.value, "exported")["model"]
+  if not name:  # exported without model_name, as compose's export of a user's model may be
+    if not flags.FLAGS["model"].present:
+      raise ConfigError(f"--exported={_EXPORTED.value} names no model (it was exported without "
+                        "model_name): give it with --model=MODULE:FACTORY")
+    name = _MODEL.value
   model = get_model(name, spec.num_classes, field="exported model")
   loaded = load(_EXPORTED.value, model, field="exported")
   slimmed = slim(loaded, multiple=_MULTIPLE.value, max_kept=_MAX_KEPT.value)

@@ -286,10 +286,12 @@ def post_training_quantization(config) -> dict:
   spec = datasets.dataset_spec(config.data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights)
-  calib_split = f"{config.data.train_split}[:{p.calibration_examples}]"
-  calib_x, _ = data_lib.load_split(config.data.name, calib_split, data_dir=config.data.data_dir,
-                                   field="data.train_split")
-  calib_x = calib_x[:p.calibration_examples]  # a source that ignores the slice (mock data)
+  # The first examples of the split as given (a slice of it is a split too: train[40000:]).
+  source = data_lib.open_split(config.data.name, config.data.train_split,
+                               data_dir=config.data.data_dir, field="data.train_split")
+  calib_x, _ = source.read(np.arange(min(p.calibration_examples, len(source))))
+  calib_split = (f"{config.data.train_split}[:{len(calib_x)}]" if "[" not in config.data.train_split
+                 else f"{config.data.train_split}, first {len(calib_x)}")
   test = data_lib.load_split(config.data.name, config.data.eval_split,
                              data_dir=config.data.data_dir, field="data.eval_split")
   bs = p.calibration_batch_size

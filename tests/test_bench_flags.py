@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -62,7 +63,7 @@ def test_bench_refuses_bad_flags(override, message):
 
 @pytest.mark.parametrize("override", [
     {}, {"fraction": 0.0, "max_kept": 1.0, "finetune_epochs": 1.5},
-    {"exported": "runs/x/export", "model": "mlp"},  # --model is not used with --exported
+    {"exported": "runs/x/export", "model": "mlp"},  # with --exported: an artifact's model
 ])
 def test_bench_export_accepts_good_flags(override):
   _job("bench_export").check_flags(**{**BENCH_EXPORT, **override})
@@ -135,3 +136,19 @@ def test_export_check_names_the_weights_flag(tmp_path):
   assert len(lines) == 1, proc.stderr[-2000:]
   assert lines[0].startswith(f"error: --weights: no such file {str(missing)!r}; give a "), lines
   assert not (tmp_path / "run").exists()
+
+
+def test_bench_export_asks_for_the_model_of_an_artifact_that_names_none(tmp_path):
+  import optax
+  from jaxcompress import compose
+  from jaxcompress.models import create_model
+  model, variables = create_model("mlp", num_classes=10, image_shape=(32, 32, 3))
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                       quant=compose.QuantSpec(weight_bits=8))
+  comp.export(str(tmp_path / "export"), comp.init_state(variables, x))  # no model_name
+  proc = _run("experiments.bench_export", f"--exported={tmp_path / 'export'}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == (
+      f"error: --exported={tmp_path / 'export'} names no model (it was exported without "
+      "model_name): give it with --model=MODULE:FACTORY")
