@@ -11,7 +11,7 @@ import math
 import re
 
 from jaxcompress import budget as budget_lib
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, check_positive, invalid
 
 
 def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
@@ -19,8 +19,7 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   b = config.budget
   preset = budget_lib.get_preset(b.device)
   for field in ("size_bytes", "ratio", "bops"):
-    if b[field] < 0:
-      raise invalid(f"budget.{field}", b[field], ">= 0 (0: not this budget)")
+    check_positive(f"budget.{field}", b[field], zero=True)  # 0: not this budget
   if 0 < b.ratio <= 1:
     raise invalid("budget.ratio", b.ratio, "> 1 (the float32 size over the budget) or 0 (not "
                   "this budget)")
@@ -117,14 +116,17 @@ def check_held_out(data, train_size: int) -> None:
     data: the ``data`` section.
     train_size: examples in ``data.train_split`` (before the hold-out).
   """
+  bases = [re.fullmatch(r"(\w+)(?:\[[^\]+]*\])?", s.replace(" ", "")) for s in
+           (data.train_split, data.eval_split)]
+  if all(bases) and bases[0].group(1) != bases[1].group(1):
+    return  # slices (integers, percents, negative) of two different splits never overlap
   train, test = _split_range(data.train_split), _split_range(data.eval_split)
   msg = (f"data.val_examples={data.val_examples}: the held-out slice (the last examples of "
          f"data.train_split={data.train_split!r}) overlaps data.eval_split={data.eval_split!r}; "
          "evaluate on another split, or make the two splits disjoint slices")
-  if train is not None and test is not None and train[0] != test[0]:
-    return
   if train is None or test is None:
-    raise ConfigError(msg)
+    raise ConfigError(msg.replace(") overlaps", ") may overlap") + " (integer slices of one "
+                      "split, e.g. train[:45000] and train[45000:], are checked)")
   stop = train[1] + train_size  # the held-out slice is [stop - val, stop) of the base split
   lo, hi = stop - data.val_examples, stop
   t_lo, t_hi = test[1], (math.inf if test[2] is None else test[2])

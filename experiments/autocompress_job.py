@@ -53,7 +53,7 @@ from jaxcompress import compose, datasets
 from jaxcompress import data as data_lib
 from jaxcompress.checkpoint import check_workdir, read_json, write_json
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, check_positive, invalid
 from jaxcompress.models import create_model
 from jaxcompress.rules import tree_get
 from jaxcompress.selection import trace_layers
@@ -135,6 +135,8 @@ def _point_config(config, ratio: float) -> ml_collections.ConfigDict:
 
 def _sweep(config, workdir: str) -> dict:
   """A budget point per ratio of ``budget.sweep``; ``sweep.json``, ``sweep.md``, ``pareto.png``."""
+  for i, r in enumerate(config.budget.sweep):
+    check_positive(f"budget.sweep[{i}]", r)
   ratios = tuple(float(r) for r in config.budget.sweep)
   for f in ("size_bytes", "ratio", "bops"):
     if config.budget[f]:
@@ -185,6 +187,11 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   splits = load_data(data)
   train, val = data_lib.as_split(splits["train"]), data_lib.as_split(splits["val"])
   check_held_out(config.data, len(train) + config.data.val_examples)
+  per_epoch = data_lib.steps_per_epoch(len(train), config.data.batch_size)
+  need = 2 if config.prune.schedule == "gradual" else 1  # the fine-tunings' pruning schedule
+  if int(round(config.train.epochs * per_epoch)) < need:
+    raise invalid("train.epochs", config.train.epochs, f"enough for {need} step(s) of "
+                  f"prune.schedule={config.prune.schedule} (an epoch is {per_epoch} steps)")
   norm = dict(mean=data.mean, std=data.std)
   held_out = list(data_lib.eval_batches(val, min(config.scan.batch_size, len(val)), **norm))
   n_calib = max(1, min(config.quant.calibration_examples, 512, len(train)))
@@ -414,7 +421,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
       "predicted": {"size_bytes": plan.size_bytes, "bops": plan.bops, "damage": plan.damage,
                     "optimality_gap": alloc and alloc.gap, "unit": alloc and alloc.unit,
                     "overhead_bytes": overhead, "sizing": config.budget.sizing,
-                    "sized_for": sized_for.get(chosen, int(limit))},
+                    "sized_for": sized_for.get(chosen, int(limit)) if kind == "size" else None},
       "sensitivity": {"examples": len(val), "base_loss": sens.base_loss,
                       "base_accuracy": sens.base_accuracy, "evaluations": len(sens.measured),
                       "compiles": compiles, "seconds": round(scan_seconds, 1),
@@ -434,7 +441,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     results["uniform"] = {**row(out["uniform"], uniform["bops"]),
                           "sparsity": uniform["sparsity"], "weight_bits": uniform["weight_bits"],
                           "predicted_size_bytes": uniform["size_bytes"],
-                          "sized_for": sized_for.get("uniform", int(limit)),
+                          "sized_for": (sized_for.get("uniform", int(limit)) if kind == "size"
+                                        else None),
                           "recipe": uniform["recipe"]}
   results["seconds"] = round(time.time() - started, 1)
   write_report(workdir, results, sens)

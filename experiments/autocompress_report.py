@@ -120,7 +120,10 @@ def _hessian_lines(h: dict | None) -> list[str]:
 def _bytes_text(results: dict) -> str:
   """The plan's predicted bytes and how they relate to the budget (``budget.sizing``)."""
   p, c = results["predicted"], results.get("compressed") or {}
-  if p.get("sizing") != "coded" or results["budget"]["kind"] != "size":
+  if results["budget"]["kind"] != "size":
+    return (f"{p['size_bytes']:,} bytes of weight codes at fixed widths (under a compute budget "
+            "the artifact's other bytes, its scales, biases and spec, are not planned)")
+  if p.get("sizing") != "coded":
     return (f"at most {p['size_bytes']:,} bytes (codes at fixed widths; the export Huffman-codes "
             "them where that is smaller)")
   zeroed = c.get("zeroed_to_fit")

@@ -131,11 +131,23 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
     (dict(ratio=10.0, device="gpu-sparse", sparsity="global"), "budget.sparsity.*: any, mcu"),
     (dict(ratio=10.0, device="gpu-sparse", sparsity="lamp"), "budget.sparsity.*: any, mcu"),
     (dict(ratio=10.0, device="gpu-sparse", sparsity="kernel"), "budget.sparsity.*: any, mcu"),
+    (dict(ratio=float("nan")), r"budget.ratio must be a finite number >= 0, got nan"),
+    (dict(bops=float("nan")), r"budget.bops must be a finite number >= 0, got nan"),
 ])
 def test_bad_budget_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget, match):
   with pytest.raises(ConfigError, match=match) as e:
     _run(_config(mlp_weights, **budget), tmp_path / "w")
   assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_fine_tuning_too_short_for_its_schedule_is_refused_before_the_scan(mlp_weights,
+                                                                           tmp_path):
+  config = _config(mlp_weights, ratio=10.0)
+  config.train.epochs = 0.01
+  with pytest.raises(ConfigError, match=r"^train.epochs must be enough for 2 step\(s\) of "
+                     r"prune.schedule=gradual \(an epoch is \d+ steps\), got 0.01$"):
+    _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
 
 
@@ -190,6 +202,12 @@ def test_held_out_ranges_by_hand():
     check_held_out(Data, 1000)
   Data.train_split, Data.eval_split = "train", "test"
   check_held_out(Data, 1000)
+  for train, test in (("train[:80%]", "test"), ("train", "test[:50%]"), ("train", "test[-5000:]")):
+    Data.train_split, Data.eval_split = train, test
+    check_held_out(Data, 1000)  # two different splits, whatever their slices
+  Data.train_split, Data.eval_split = "train[:80%]", "train[80%:]"
+  with pytest.raises(ConfigError, match="may overlap"):  # not resolved: refused, said so
+    check_held_out(Data, 1000)
 
 
 def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_path):
@@ -198,6 +216,7 @@ def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_pat
   results = _run(config, tmp_path)
   dense_bops = 64 * (784 * 256 + 256 * 128 + 128 * 10)
   assert results["compressed"]["bops"] <= 10_000_000 < dense_bops
+  assert results["predicted"]["sized_for"] is None  # a compute budget sizes no bytes
   plan = {l["path"]: l for l in results["plan"]}
   assert all((l["weight_bits"], l["act_bits"]) == (8, 8) for l in plan.values())
   assert plan["fc3"]["sparsity"] == 0  # the outputs stay

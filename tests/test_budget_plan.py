@@ -226,3 +226,14 @@ def test_allocate_plan_against_brute_force(kind):
     assert plan.overhead == (overhead if kind == "size" else 0)
   assert budget.allocate_plan(layers, options, costs, damage, cheapest - 1, kind=kind,
                               structure="unstructured", overhead=overhead) is None
+
+
+def test_a_global_threshold_that_empties_a_layer_is_skipped():
+  rng = np.random.default_rng(0)
+  weights = {"big": rng.normal(size=(10, 10)).astype(np.float32),
+             "small": np.full((2, 2), 0.5, np.float32)}  # |w| = 0.5: above 38 % of "big"
+  found = list(budget.threshold_plans(weights, budget=10**6, bits=(4, 8), sparsities=(0.3, 0.97),
+                                      predict=lambda path, s, b: s))
+  # 30 % of 104 weights leaves "small" whole; 97 % would take all 4 of it: that cut is no plan.
+  assert [g for g, *_ in found] == [0.3]
+  assert found[0][1]["small"] == 0.0

@@ -240,7 +240,9 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
   """Per-layer sparsity from one global threshold, per-layer bits allocated, for each threshold.
 
   For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
-  common threshold on ``score`` (:func:`global_keep`), and the multiple-choice knapsack
+  common threshold on ``score`` (:func:`global_keep`; a ``g`` that empties a layer is skipped:
+  a layer of no weights cuts the network, and training takes sparsities below 1), and the
+  multiple-choice knapsack
   (:func:`.allocate.allocate`) gives each layer the bit width of ``bits`` that minimises the
   summed predicted damage within ``budget``, exactly for that ``g``.
 
@@ -269,6 +271,8 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
   weight_ranks = global_ranks([weights[p] for p in paths], score)
   for g in sorted(sparsities):
     keeps = _cut(weight_ranks, g)
+    if not all(np.any(k) for k in keeps):
+      continue
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
