@@ -419,6 +419,9 @@ def test_finalize_rejects_inputs_that_do_not_fit(convbn):
   per_tensor = {**specs, "body": specs["body"]._replace(weight_axis=None)}
   with pytest.raises(ConfigError, match="'body/kernel' \\(for 'norm_b'\\) must be"):
     finalize(v, specs=per_tensor, fold=fold, gains_into={"norm_b": "body/kernel"})
+  with pytest.raises(ConfigError, match="export: the model has a variable collection named "
+                     "'fold', a name the artifact reserves"):
+    finalize({**v, "fold": {"t": np.ones(1, np.float32)}})
 
 
 def _one_line_error(path, match, model=None):
@@ -475,6 +478,10 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
   _one_line_error(broken, "is not valid JSON")
   (tmp_path / "json" / "spec.json.gz").write_bytes(
       gzip.compress(json.dumps(spec).encode())[:-12])  # cut short
+  _one_line_error(broken, "spec.json.gz' is not valid gzipped JSON")
+  damaged = bytearray(gzip.compress(json.dumps(spec).encode()))
+  damaged[10] ^= 0x01  # inside the deflate stream: zlib's own error
+  (tmp_path / "json" / "spec.json.gz").write_bytes(bytes(damaged))
   _one_line_error(broken, "spec.json.gz' is not valid gzipped JSON")
   version = copy()
   version["version"] = 1

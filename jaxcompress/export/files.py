@@ -90,7 +90,8 @@ def read_spec(path: str, field: str = "model.exported") -> dict:
     with open(file, "rb") as f:
       data = f.read()
     spec = json.loads(gzip.decompress(data) if file.endswith(".gz") else data)
-  except (OSError, EOFError, ValueError) as e:  # gzip.BadGzipFile and JSON errors are ValueErrors
+  # gzip.BadGzipFile and JSON errors are ValueErrors; damage inside the deflate stream, zlib.error
+  except (OSError, EOFError, ValueError, zlib.error) as e:
     raise ConfigError(f"{field}: {file!r} is not valid {'gzipped ' * file.endswith('.gz')}JSON "
                       f"({e}); the artifact is corrupted, export it again") from None
   if not isinstance(spec, dict) or spec.get("format") != FORMAT:

@@ -220,6 +220,9 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     raise unknown("export scale_dtype", scale_dtype, SCALE_DTYPES)
   half = scale_dtype == "float16"
   variables = dict(variables)
+  if FOLD in variables:
+    raise ConfigError(f"export: the model has a variable collection named {FOLD!r}, a name the "
+                      "artifact reserves for folded BatchNorms; rename the collection")
   params = bake_masks(variables["params"], masks)
   flat_params = flat_paths(params)
   mask_flat = None if masks is None else flat_paths(masks)
