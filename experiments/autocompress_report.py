@@ -202,7 +202,7 @@ def sweep_table(sweep: dict) -> str:
                  "-" if not u else f"{u['size_bytes']:,}",
                  "-" if not (a and u) else f"{a['accuracy'] - u['accuracy']:+.2f}"))
   return tables.markdown_table(("budget", "limit bytes", "auto %", "auto bytes", "uniform %",
-                                "uniform bytes", "auto - uniform"), rows, align="lrrrrrr")
+                                "uniform bytes", "auto - uniform (points)"), rows, align="lrrrrrr")
 
 
 def write_sweep_report(workdir: str, sweep: dict) -> None:

@@ -170,6 +170,10 @@ def plot_accuracy_vs_size(results: dict, path: str) -> None:
   _save(fig, path, dpi=100, bbox_inches="tight")
 
 
+def _duration(seconds: float) -> str:
+  return f"{seconds:.1f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+
+
 def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> None:
   """Writes ``report.md``, ``curves.png`` and ``accuracy_vs_size.png`` into ``workdir``."""
   plot_curves(metrics, os.path.join(workdir, "curves.png"))
@@ -181,6 +185,10 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
             f"{p.scope})" if p.method != "none" and p.sparsity > 0 else "no pruning")
   quant = (f"weights {q.weight_bits or 32}-bit, activations {q.act_bits or 32}-bit ({q.method})"
            if q.weight_bits or q.act_bits else "no quantization")
+  if q.get("layer_bits"):  # a per-layer plan: the widths its layers take
+    widths = sorted({int(w) for _, w, _ in q.layer_bits})
+    quant = (f"weights {'/'.join(map(str, widths))}-bit by layer (quant.layer_bits), "
+             f"activations {q.act_bits or 32}-bit ({q.method})")
   teach = (f"KD from {config.teacher.name} (T={d.temperature}, alpha={d.alpha})"
            if d.alpha > 0 else "no teacher")
   size = (f"Compression ratio (float32 params / artifact bytes on disk): "
@@ -188,6 +196,10 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
           f"{c['exported_accuracy']:.2f} % and agrees with the fake-quant model on "
           f"{100 * c['export_agreement']:.2f} % of the test images."
           if c.get("compression_ratio") else "Not exported (export.enabled is False).")
+  if c.get("zeroed_to_fit"):  # the artifact is not the model the table's other numbers describe
+    size += (f" To fit export.max_bytes, the export zeroed {c['zeroed_to_fit']:,} more of the "
+             "smallest kept weights: the table's accuracy and sparsity are the fine-tuned "
+             "model's, its size the artifact's.")
   trained = [f"`{p['weights']}` ({p['model']}, {p['epochs']:g} "
              f"epoch{'' if p['epochs'] == 1 else 's'} from scratch, "
              f"{p['accuracy']:.2f} % on {config.data.eval_split})"
@@ -198,7 +210,7 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
       *([f"Weights trained by this run's pretrain stage (not found in the weights folder): "
          f"{'; '.join(trained)}.", ""] if trained else []),
       f"{pruned.capitalize()}; {quant}; {teach}; {results['train']['epochs']:.2f} epochs in "
-      f"{results['train']['seconds'] / 60:.1f} min of training.",
+      f"{_duration(results['train']['seconds'])} of training.",
       "",
       markdown_table(results),
       "",

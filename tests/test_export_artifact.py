@@ -353,6 +353,8 @@ def test_size_table_has_a_row_per_tensor_then_the_totals(convbn):
                       f"{layer['density']:.3f}", f"{layer['bytes']:,}",
                       f"{layer['float32_bytes']:,}"]
   assert cells[-1][0] == "**total on disk**" and cells[-1][5] == f"**{report['total_bytes']:,}**"
+  # The rows' float32 bytes (the folded BatchNorms' scale and bias included) add up to the total.
+  assert sum(l["float32_bytes"] for l in report["layers"]) == report["float32_bytes"]
 
 
 def test_kmeans_float_and_asymmetric_layers_of_a_model_without_batchnorm(tmp_path):

@@ -98,3 +98,16 @@ def test_the_header_gives_the_sparsity_reached_not_the_one_asked_for(tmp_path):
   report.write_report(str(tmp_path), config, results, metrics=[])
   text = open(tmp_path / "report.md").read()
   assert "nm pruning to 50%" in text and "pruning to 80%" not in text
+
+
+def test_short_runs_capped_exports_and_per_layer_bits_read_right(tmp_path):
+  config = cifar_distill.get_config("quick")
+  config.quant.layer_bits = (("stem", 8, 8), ("body", 4, 8))
+  results = _results()
+  results["train"]["seconds"] = 2.33
+  results["compressed"]["zeroed_to_fit"] = 293
+  report.write_report(str(tmp_path), config, results, metrics=[])
+  text = open(tmp_path / "report.md").read()
+  assert "epochs in 2.3 s of training" in text  # not "0.0 min"
+  assert "weights 4/8-bit by layer (quant.layer_bits)" in text
+  assert "the export zeroed 293 more of the smallest kept weights" in text

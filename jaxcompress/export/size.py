@@ -18,6 +18,15 @@ from jaxcompress.export.sparse import NM_GROUP
 from jaxcompress.tables import markdown_table
 
 
+def _float32_bytes(path: str, shape) -> int:
+  """The float32 bytes of the model's parameters a stored tensor stands for: its own for a
+  parameter; for a folded BatchNorm (``fold/``: ``[gain; bias]``, or ``[bias]`` where the gain
+  went into the weight scales) the BatchNorm's scale and bias, two per channel."""
+  if path.startswith("fold/"):
+    return 4 * 2 * int(shape[-1])
+  return 4 * int(np.prod(shape)) if path.startswith("params/") else 0
+
+
 def size_report(out_dir: str) -> dict[str, Any]:
   """Per-tensor and total bytes of the artifact in ``out_dir``, against float32.
 
@@ -42,7 +51,7 @@ def size_report(out_dir: str) -> dict[str, Any]:
         "huffman": list(meta.get("huffman", [])),
         "shape": meta["shape"], "density": round(meta.get("nnz", n) / n, 4),
         "bytes": sum(meta["segments"].values()),
-        "float32_bytes": 4 * n if meta["path"].startswith("params/") else 0})
+        "float32_bytes": _float32_bytes(meta["path"], meta["shape"])})
   files = [spec_file, os.path.join(out_dir, spec["arrays"]["file"])]
   total = sum(os.path.getsize(f) for f in files if os.path.isfile(f))
   return {"layers": layers, "arrays_raw_bytes": spec["arrays"]["raw_bytes"],
