@@ -213,7 +213,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
               act_bits=config.scan.act_bits, kind=kind)
   options = {l.path: preset.options(shape=weights[l.path].shape, last=l.path == last,
-                                    reduce_axes=l.reduce_axes, **grid) for l in layers}
+                                    reduce_axes=l.reduce_axes, float_inputs=l.kind == "embed",
+                                    **grid) for l in layers}
   by_path = {l.path: l for l in layers}
   excluded = excluded_bits(config)
   plannable = {p: [o for o in opts if o.weight_bits not in excluded]

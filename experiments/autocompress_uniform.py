@@ -110,6 +110,6 @@ def uniform_bops(layers, macs, keep, bits, act) -> int:
     k = keep.get(l.path)
     dens = 1.0 if k is None else float(np.mean(k))
     wb = bits if k is not None else 8
-    total += budget_lib.option_bops(macs.get(l.path, 0),
-                                    budget_lib.Option(0.0, wb, act if k is not None else 8), dens)
+    ab = 0 if l.kind == "embed" else act if k is not None else 8  # an Embed's inputs stay float
+    total += budget_lib.option_bops(macs.get(l.path, 0), budget_lib.Option(0.0, wb, ab), dens)
   return total

@@ -72,6 +72,15 @@ def check_weight(weight: Any, labels: jax.Array) -> None:
                       "ones weigh every example alike")
 
 
+def per_label(weight: Any, labels: Any) -> Any:
+  """A per-example weight ``[B]`` spread over every label of its example (the labels' shape);
+  a per-label weight as it is. NumPy in, NumPy out."""
+  xp = np if isinstance(weight, np.ndarray) and isinstance(labels, np.ndarray) else jnp
+  weight = xp.asarray(weight)
+  extra = (1,) * (np.ndim(labels) - weight.ndim)
+  return xp.broadcast_to(weight.reshape(weight.shape + extra), np.shape(labels))
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
   ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``;

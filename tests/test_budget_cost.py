@@ -308,3 +308,34 @@ def test_coded_ratio_by_hand():
   keep = np.zeros((64, 1), bool)
   keep[::2] = True
   assert budget.coded_ratio({"w": ones}, {"w": keep}, {"w": 4}) == pytest.approx(24 / 20)
+
+
+def test_a_tied_embedding_head_is_costed_with_float_inputs_under_a_compute_budget():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):  # [B, T=6] -> [B, 6, vocab 50]
+      embed = nn.Embed(50, 16, name="emb")
+      h = nn.Dense(16, name="mid")(embed(tokens))
+      return embed.attend(h)
+
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 50, (8, 6)).astype(np.int32)
+  model = Tied()
+  variables = model.init(jax.random.key(0), x)
+  held_out = [Batch(x, rng.integers(0, 50, (8, 6)).astype(np.int32), np.ones(8, np.float32))]
+  found = budget.find_plan(model, variables, held_out, bops=1e7, sparsities=(0.5,),
+                           weight_bits=(4, 8), act_bits=(4, 8))
+  rows = {l.path: l for l in found.plan.layers}
+  # The export never quantizes an Embed's inputs: its head's one option is float inputs, 32 bits.
+  assert rows["emb"].act_bits == 0 and rows["mid"].act_bits in (4, 8)
+  density = 1 - rows["emb"].sparsity
+  assert rows["emb"].bops == (int(np.ceil(6 * 16 * 50 * density - 1e-9))
+                              * rows["emb"].weight_bits * 32)
+  # Per-example weights [B] over per-token losses [B, T]: the scan's float loss is the mean
+  # over tokens (NumPy), its accuracy a fraction of tokens.
+  logits = np.asarray(model.apply(variables, x), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  want = -np.take_along_axis(logp, held_out[0].label[..., None], -1).mean()
+  assert found.sensitivity.base_loss == pytest.approx(want, rel=1e-5)
+  assert 0 <= found.sensitivity.base_accuracy <= 1

@@ -297,8 +297,10 @@ def density(keep: np.ndarray, structure: str, out_axis: int = -1) -> float:
 
 
 def option_bops(macs: int, option: Option, dens: float) -> int:
-  """``ceil(MACs x density) x weight bits x input bits`` of one layer and example."""
-  return int(math.ceil(macs * dens - 1e-9)) * int(option.weight_bits) * int(option.act_bits)
+  """``ceil(MACs x density) x weight bits x input bits`` of one layer and example; inputs of 0
+  bits (float, never quantized) count 32."""
+  return (int(math.ceil(macs * dens - 1e-9)) * int(option.weight_bits)
+          * (int(option.act_bits) or 32))
 
 
 def option_cost(keep: np.ndarray, option: Option, macs: int, structure: str,

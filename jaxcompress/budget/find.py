@@ -104,7 +104,8 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   by_path = {l.path: l for l in traced.layers}
   options = {p: preset.options(shape=w.shape, last=p == traced.last, sparsities=sparsities,
                                weight_bits=weight_bits, act_bits=act_bits, kind=kind,
-                               reduce_axes=by_path[p].reduce_axes)
+                               reduce_axes=by_path[p].reduce_axes,
+                               float_inputs=by_path[p].kind == "embed")
              for p, w in weights.items()}
   sens = sensitivity or scan(model, variables, held_out, options,
                              calibration=calibration or [sample], structure=preset.structure,

@@ -31,7 +31,7 @@ from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
-from jaxcompress.steps import cross_entropy
+from jaxcompress.steps import cross_entropy, per_label, weighted_mean
 
 
 def hessian_traces(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
@@ -60,7 +60,7 @@ def hessian_traces(model: Any, variables: Mapping[str, Any], batches: Sequence[A
     for name, w in zip(names, ws):
       p = tree_set(p, name, w)
     logits, _ = fm.apply({**variables, "params": p}, batch.image)
-    return jnp.sum(cross_entropy(logits, batch.label) * batch.weight) / jnp.sum(batch.weight)
+    return weighted_mean(cross_entropy(logits, batch.label), batch.weight)
 
   @jax.jit
   def quadratic_forms(ws, batch, key):  # v^T H v for one +-1 vector per layer
@@ -73,7 +73,7 @@ def hessian_traces(model: Any, variables: Mapping[str, Any], batches: Sequence[A
   key = jax.random.key(seed)
   total, weight = np.zeros(len(ws)), 0.0
   for batch in batches:
-    w = float(np.sum(batch.weight))
+    w = float(np.sum(per_label(batch.weight, batch.label)))
     for _ in range(samples):
       key, sub = jax.random.split(key)
       total += w * np.asarray(quadratic_forms(ws, batch, sub), np.float64) / samples

@@ -58,7 +58,7 @@ class Preset:
 
   def options(self, *, shape: Sequence[int], last: bool, sparsities: Sequence[float],
               weight_bits: Sequence[int], act_bits: Sequence[int], kind: str = "size",
-              reduce_axes: Sequence[int] = ()) -> list[Option]:
+              reduce_axes: Sequence[int] = (), float_inputs: bool = False) -> list[Option]:
     """Every option a layer with this weight ``shape`` may take.
 
     Args:
@@ -71,6 +71,9 @@ class Preset:
       kind: the budget kind, ``size`` or ``bops``.
       reduce_axes: the axes the layer's product sums over (``Layer.reduce_axes``), where 2:4
         groups run; empty: axis ``-2``.
+      float_inputs: the layer's inputs are never quantized (an ``Embed``: token ids to look up,
+        or the float features its ``attend`` head multiplies): under a BOPs budget its one
+        option has ``act_bits=0``, costed at 32 bits.
     """
     sp = tuple(sorted({0.0, *(self.sparsities if self.sparsities is not None else sparsities)}))
     reduced = (math.prod(shape[a] for a in reduce_axes) if reduce_axes
@@ -82,16 +85,18 @@ class Preset:
     wb = self.weight_bits if self.weight_bits is not None else tuple(weight_bits)
     ab = self.act_bits if self.act_bits is not None else (
         tuple(act_bits) if kind == "bops" else (8,))
+    if float_inputs and kind == "bops":
+      ab = (0,)
     return [Option(float(s), int(w), int(a)) for s in sp for w in sorted(wb) for a in sorted(ab)]
 
   def allows(self, option: Option, *, shape: Sequence[int], last: bool,
              sparsities: Sequence[float], weight_bits: Sequence[int],
-             act_bits: Sequence[int], kind: str = "size", reduce_axes: Sequence[int] = ()
-             ) -> bool:
+             act_bits: Sequence[int], kind: str = "size", reduce_axes: Sequence[int] = (),
+             float_inputs: bool = False) -> bool:
     """Whether ``option`` lies in this preset's space for such a layer."""
     return option in self.options(shape=shape, last=last, sparsities=sparsities,
                                   weight_bits=weight_bits, act_bits=act_bits, kind=kind,
-                                  reduce_axes=reduce_axes)
+                                  reduce_axes=reduce_axes, float_inputs=float_inputs)
 
 
 PRESETS = {p.name: p for p in (

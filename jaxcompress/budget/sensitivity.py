@@ -46,7 +46,7 @@ from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
-from jaxcompress.steps import check_labels, cross_entropy
+from jaxcompress.steps import check_labels, check_weight, cross_entropy, per_label
 
 DAMAGES = ("kl", "ce")
 
@@ -221,13 +221,15 @@ class Evaluator:
       logits, _ = fm.apply({**variables, "params": params}, batch.image, hook=hook,
                            train=adapt_norms, rngs=jax.random.key(0) if adapt_norms else None)
       check_labels(logits, batch.label)
-      correct = (jnp.argmax(logits, -1) == batch.label) * batch.weight
+      check_weight(batch.weight, batch.label)
+      w = per_label(batch.weight, batch.label)
+      correct = (jnp.argmax(logits, -1) == batch.label) * w
       if damage == "kl":
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))
         loss = jnp.sum(jnp.exp(target) * (target - logp), -1)
       else:
         loss = cross_entropy(logits, batch.label)
-      return jnp.sum(loss * batch.weight), jnp.sum(correct)
+      return jnp.sum(jnp.where(w != 0, loss * w, 0.0)), jnp.sum(correct)
 
     self._run = jax.jit(run)
     float_logp = jax.jit(lambda v, x: jax.nn.log_softmax(fm.apply(v, x)[0].astype(jnp.float32)))
@@ -235,7 +237,6 @@ class Evaluator:
                      for b in self.batches]
     self._ones = tuple(jnp.ones(np.shape(tree_get(self.variables["params"], l.weight)),
                                 jnp.float32) for l in layers)
-    self._total = float(sum(np.sum(b.weight) for b in self.batches))
 
   @property
   def compiles(self) -> int:
@@ -252,6 +253,7 @@ class Evaluator:
     abits = np.asarray([act_bits.get(p, 0) for p in paths], np.int32)
     loss = correct = 0.0
     for batch, target in zip(self.batches, self._targets):
-      l, c = self._run(self.variables, keep, wbits, abits, batch, target)
+      l, c = self._run(self.variables, keep, wbits, abits, batch, target)  # checks the labels
       loss, correct = loss + float(l), correct + float(c)
-    return loss / self._total, correct / self._total
+    total = sum(float(np.sum(per_label(b.weight, b.label))) for b in self.batches)
+    return loss / total, correct / total
