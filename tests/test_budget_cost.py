@@ -59,14 +59,17 @@ def test_macs_of_a_transposed_kernel_by_hand():
   assert macs == {"plain": 4 * 4 * 3 * 3 * 8 * 6, "flipped": 4 * 4 * 3 * 3 * 8 * 6}
 
 
-def test_macs_of_a_tied_output_head_by_hand():
-  class Tied(nn.Module):
-    @nn.compact
-    def __call__(self, tokens):  # [B, T=6] -> [B, 6, vocab 50]
-      embed = nn.Embed(50, 16, name="emb")
-      h = nn.Dense(16, name="mid")(embed(tokens))
-      return embed.attend(h)
+class Tied(nn.Module):
+  """An embedding whose matrix is also the output head (``attend``)."""
 
+  @nn.compact
+  def __call__(self, tokens):  # [B, T=6] -> [B, 6, vocab 50]
+    embed = nn.Embed(50, 16, name="emb")
+    h = nn.Dense(16, name="mid")(embed(tokens))
+    return embed.attend(h)
+
+
+def test_macs_of_a_tied_output_head_by_hand():
   x = np.zeros((2, 6), np.int32)
   model = Tied()
   macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
@@ -311,13 +314,6 @@ def test_coded_ratio_by_hand():
 
 
 def test_a_tied_embedding_head_is_costed_with_float_inputs_under_a_compute_budget():
-  class Tied(nn.Module):
-    @nn.compact
-    def __call__(self, tokens):  # [B, T=6] -> [B, 6, vocab 50]
-      embed = nn.Embed(50, 16, name="emb")
-      h = nn.Dense(16, name="mid")(embed(tokens))
-      return embed.attend(h)
-
   rng = np.random.default_rng(0)
   x = rng.integers(0, 50, (8, 6)).astype(np.int32)
   model = Tied()
