@@ -54,12 +54,14 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "data.batch_size"
                   f"try {max(n, batch_size // n * n)}")
 
 
-def local_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+def local_rows(mesh: Mesh, batch_size: int, field: str = "data.batch_size") -> tuple[int, int]:
   """The rows ``[lo, hi)`` of a global batch of ``batch_size`` that this process's devices hold.
 
   With one process that is the whole batch; with P processes of equally many devices, a
-  contiguous ``batch_size / P`` of it. ``batch_size`` must split evenly over the mesh.
+  contiguous ``batch_size / P`` of it. ``batch_size`` must split evenly over the mesh: else one
+  line naming ``field`` (:func:`check_batch_size`).
   """
+  check_batch_size(batch_size, mesh, field)
   index_map = data_sharding(mesh).addressable_devices_indices_map((batch_size,))
   bounds = sorted((s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
                   for s in index_map.values())

@@ -139,9 +139,7 @@ def evaluate_split(eval_step: Callable, variables,
   if not len(split):
     raise ConfigError(f"{desc}: the split has no examples, nothing to evaluate")
   bs = data.eval_batch_size
-  if mesh is not None:
-    parallel.check_batch_size(bs, mesh, "data.eval_batch_size")
-  rows = None if mesh is None else parallel.local_rows(mesh, bs)
+  rows = None if mesh is None else parallel.local_rows(mesh, bs, "data.eval_batch_size")
   batches = data_lib.eval_batches(split, bs, mean=data.mean, std=data.std, rows=rows)
   return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc, predictions=predictions,
                   num_classes=data.num_classes, total=-(-len(split) // bs))
@@ -284,8 +282,6 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
 def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, int, Callable]:
   """``(steps per epoch, global batch size, (epoch, start) -> batches)`` of :func:`fit`'s
   ``train``; the batches hold this process's rows of each global batch (all of it with one)."""
-  if mesh is not None:
-    parallel.check_batch_size(getattr(train, "batch_size", None) or data.batch_size, mesh)
   if hasattr(train, "batches"):
     rows = None if mesh is None else parallel.local_rows(mesh, train.batch_size)
     own = lambda b: b if rows is None else jax.tree.map(lambda x: x[rows[0]:rows[1]], b)
