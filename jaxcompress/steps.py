@@ -99,8 +99,7 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   examples, examples of weight 0 left out, even where their value is ``nan`` (a padded
   example's label); 0 when every weight is 0.
   """
-  weight = jnp.broadcast_to(weight.reshape(weight.shape + (1,) * (values.ndim - weight.ndim)),
-                            values.shape)
+  weight = per_label(weight, values)
   total = jnp.sum(weight)
   weighted = jnp.where(weight != 0, values * weight, 0.0)
   return jnp.sum(weighted) / jnp.where(total > 0, total, 1.0)
