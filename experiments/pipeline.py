@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import jax
 import numpy as np
@@ -286,7 +287,6 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     ``export.max_bytes``, ``zeroed_to_fit``: how many kept weights were zeroed to fit.
   """
   from jaxcompress import export  # heavy; only the export stage needs it
-  spec = datasets.dataset_spec(config.data.name)
   folders = ["export", "serving"] if config.export.serving else ["export"]
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
   main = parallel.is_main_process()
@@ -297,11 +297,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
       for path in tmp.values():
         shutil.rmtree(path, ignore_errors=True)
 
-      def write(params):  # the artifact of these weights ({'model': ...}), in tmp["export"]
-        shutil.rmtree(tmp["export"], ignore_errors=True)
-        return comp.export(tmp["export"], state.replace(params={**state.params, **params}),
-                           input_shape=spec.image_shape, model_name=config.student.name)
-      params = {"model": jax.device_get(state.params["model"])}  # the paths prune_rules name
+      write, params = _artifact_writer(config, comp, state, tmp["export"])
       if max_bytes:
         _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
       else:
@@ -339,6 +335,20 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   return out
 
 
+def _artifact_writer(config, comp, state, out: str) -> tuple[Callable, dict]:
+  """``(write, params)``: ``write(p)`` replaces the artifact in ``out`` with that of ``state``
+  holding the weights ``p`` (``{'model': ...}``) and returns its size report; ``params`` are
+  ``state``'s own (host arrays, the paths ``comp.prune_rules`` name)."""
+  shape = datasets.dataset_spec(config.data.name).image_shape
+
+  def write(params):
+    shutil.rmtree(out, ignore_errors=True)
+    return comp.export(out, state.replace(params={**state.params, **params}),
+                       input_shape=shape, model_name=config.student.name)
+
+  return write, {"model": jax.device_get(state.params["model"])}
+
+
 def _check_max_bytes(config, comp, state) -> None:
   """Refuses, before anything is trained or written, an ``export.max_bytes`` below what this
   model's artifact takes with every prunable weight zero (:func:`export.smallest_bytes`)."""
@@ -346,15 +356,9 @@ def _check_max_bytes(config, comp, state) -> None:
   if not (config.export.enabled and max_bytes):
     return
   from jaxcompress import export  # heavy; only a capped export needs it here
-  shape = datasets.dataset_spec(config.data.name).image_shape
   with tempfile.TemporaryDirectory() as tmp:
-    out = os.path.join(tmp, "export")
-
-    def write(params):
-      shutil.rmtree(out, ignore_errors=True)
-      return comp.export(out, state.replace(params={**state.params, **params}),
-                         input_shape=shape, model_name=config.student.name)
-    floor = export.smallest_bytes(write, {"model": jax.device_get(state.params["model"])},
+    floor = export.smallest_bytes(*_artifact_writer(config, comp, state,
+                                                    os.path.join(tmp, "export")),
                                   comp.prune_rules)
   if floor > max_bytes:
     raise invalid("export.max_bytes", max_bytes, f"at least {floor:,}, what this model's artifact "
