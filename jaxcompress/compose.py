@@ -95,9 +95,9 @@ class Compression:
     The same structure (N:M along each kernel's reduction axes, per-layer sparsities) and rules
     as the train step's pruning; e.g. to evaluate the compressed model before fine-tuning.
     """
-    return pruning.compute_masks(params, self.prune.sparsity, structure=self.prune.masker(
-        self.layers.reduce_axes("model/"), self.layers.output_axes("model/")),
-        rules=self.prune_rules)
+    return pruning.compute_masks(params, self.prune.sparsity,
+                                 structure=_masker(self.prune, self.layers),
+                                 rules=self.prune_rules)
 
   # -- forward -------------------------------------------------------------------------------
   def student_apply(self, params, model_state, x, *, train: bool, rng=None, capture=False):
@@ -176,8 +176,9 @@ class Compression:
 
   def half_layers(self, model_state) -> dict[str, int]:
     """``{layer path: output channels}``: the integer weights whose scales the export stores in
-    float16 under ``half_scales`` (one scale per output channel, the kernel's last axis)."""
-    return self._channel_scaled(model_state) if self.half_scales else {}
+    float16 under ``half_scales`` (scales along axes that include the kernel's last,
+    :func:`jaxcompress.quantization.half_scaled`)."""
+    return self._scaled(model_state, quantization.half_scaled) if self.half_scales else {}
 
   def gain_layers(self, model_state) -> dict[str, str]:
     """``{layer path: BatchNorm path}``: the folded BatchNorms whose gain the weight scales take.
@@ -189,18 +190,19 @@ class Compression:
     alone, and the artifact stores one float32 per channel less. Other BatchNorms keep their
     gain.
     """
-    return {path: self.gain_norms[path] for path in self._channel_scaled(model_state)
+    return {path: self.gain_norms[path]
+            for path in self._scaled(model_state, quantization.channels_last)
             if path in self.gain_norms}
 
-  def _channel_scaled(self, model_state) -> dict[str, int]:
-    """``{layer path: output channels}`` of the integer-quantized kernels with one scale per
-    output channel along their last axis, in forward order."""
+  def _scaled(self, model_state, scaled: Callable[[Any, int], bool]) -> dict[str, int]:
+    """``{layer path: output channels (last axis)}`` of the integer-quantized kernels whose
+    scale axes pass ``scaled(weight_axis, ndim)``, in forward order."""
     if self.quantizer is None or "quant" not in model_state:
       return {}
     quantized = {q.path: q for q in model_state["quant"].layers}
     return {l.path: int(l.shape[-1]) for l in self.layers.layers
             if (q := quantized.get(l.path)) is not None and q.config.weight_bits is not None
-            and quantization.channels_last(q.weight_axis, len(l.shape))}
+            and scaled(q.weight_axis, len(l.shape))}
 
   # -- loss ----------------------------------------------------------------------------------
   def teacher_apply(self, teacher_vars, x):
@@ -450,6 +452,12 @@ def _gain_norms(fm: Functional, variables: dict, layers: ModelLayers, fold_norms
   return {p: candidates[p].norm for p in paths}
 
 
+def _masker(prune: PruneSpec, layers: ModelLayers) -> pruning.Masker:
+  """The spec's masker over the train state's paths, with the traced layers' axes."""
+  return prune.masker(layers.reduce_axes("model/"), layers.output_axes("model/"),
+                      layers.stacked("model/"))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_logits(comp: Compression, variables, x):
   return comp.student_apply(variables["params"], variables["model_state"], x, train=False)[0]
@@ -517,12 +525,6 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:
     require_layers(layers)
-    stacked = [l.path for l in layers.layers if l.stacked]
-    if stacked:
-      warnings.warn(f"compression: the weights of {shortened(stacked, 4)} are stacked by a lifted "
-                    "transform (nn.scan/nn.vmap over params): each gets one scale per output "
-                    "channel and one pruning threshold shared by all its steps "
-                    "(docs/own_models.md)", stacklevel=2)
   if prune.rules:
     rules = [tuple(r) for r in prune.rules]
   else:
@@ -549,7 +551,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       schedule = pruning.constant_schedule(prune.sparsity)
     sel = pruning.select({"model": variables["params"]}, rules)  # rules matching nothing warn
     picked = sel.pick(sel.leaves)  # none: select() has warned already
-    masker = prune.masker(layers.reduce_axes("model/"), layers.output_axes("model/"))
+    masker = _masker(prune, layers)
     if prune.structure == "nm":  # a weight whose groups do not fit fails here, not in the step
       jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0), picked)
     if prune.structure == "unstructured" and prune.scope == "layer" and picked and not any(

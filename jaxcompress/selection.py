@@ -27,10 +27,10 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from jaxcompress.errors import ConfigError, first_line
-from jaxcompress.models.functional import contraction_axes, functional, output_axis, weight_name
+from jaxcompress.models.functional import (called_shape, contraction_axes, functional, output_axis,
+                                           weight_name)
 from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
 
@@ -105,6 +105,11 @@ class ModelLayers:
     removes)."""
     return {prefix + l.weight: l.out_axis for l in self.layers}
 
+  def stacked(self, prefix: str = "") -> dict[str, int]:
+    """``{prefix + weight path: stacked leading axes}`` of every layer whose weight is stacked by
+    a lifted transform (``nn.scan``/``nn.vmap`` over ``params``: one weight per step)."""
+    return {prefix + l.weight: l.stacked for l in self.layers if l.stacked}
+
   def prune_rules(self, *, keep_edges: bool = True) -> list[Rule]:
     """Explicit pruning rules over parameter paths: every compressible weight, edges dense."""
     edges = set(self.edge_weights()) if keep_edges else set()
@@ -116,17 +121,6 @@ class ModelLayers:
 def _floating(x: Any) -> bool:
   return jnp.issubdtype(jnp.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype,
                         jnp.floating)
-
-
-def _called_shape(call: Any, name: str) -> tuple[int, ...] | None:
-  """The weight's shape as the called module holds it (inside ``nn.scan``, one step's slice of
-  the stacked parameter), or ``None`` where the module does not show it."""
-  try:
-    if isinstance(call.module, nn.Module):
-      return tuple(jnp.shape(call.module.variables["params"][name]))
-    return tuple(jnp.shape(getattr(call.module, name).value))
-  except (AttributeError, KeyError, TypeError):
-    return None
 
 
 def _normalizes_last_axis(module: Any, ndim: int) -> bool:
@@ -177,13 +171,15 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
     if name is not None:
       wpath = f"{call.path}/{name}" if call.path else name
       w = flat.get(wpath)
-      stacked = 0 if w is None else jnp.ndim(w) - len(_called_shape(call, name) or jnp.shape(w))
+      stacked = 0 if w is None else max(
+          jnp.ndim(w) - len(called_shape(call, name) or jnp.shape(w)), 0)
       if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
-        calls[call.path] = Layer(call.path, call.kind, call.type_name, wpath,
-                                 tuple(jnp.shape(w)), tuple(jnp.shape(call.x)),
-                                 reduce_axes=contraction_axes(call.module, jnp.ndim(w)),
-                                 stacked=max(stacked, 0),
-                                 out_axis=output_axis(call.module, jnp.ndim(w)))
+        ndim = jnp.ndim(w) - stacked  # one call's weight
+        calls[call.path] = Layer(
+            call.path, call.kind, call.type_name, wpath, tuple(jnp.shape(w)),
+            tuple(jnp.shape(call.x)),
+            reduce_axes=tuple(a + stacked for a in contraction_axes(call.module, ndim)),
+            stacked=stacked, out_axis=output_axis(call.module, ndim) + stacked)
       # A BatchNorm folds into a weight whose output channels are its last axis, and not into
       # one stacked by a lifted transform (nn.scan: [steps, ...], one slice per call).
       if call.kind == "linear" and (w is None or (

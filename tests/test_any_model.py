@@ -374,10 +374,9 @@ def test_a_batchnorm_stacked_by_scan_is_not_folded():
   assert traced.norms == {"stem_bn": "stem"}
   assert [(l.path, l.stacked) for l in traced.layers] == [("stem", 0), ("blocks/conv", 1),
                                                            ("Dense_0", 0)]
-  with pytest.warns(UserWarning, match=r"the weights of blocks/conv are stacked by a lifted "
-                                       "transform"):
-    compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
-                  quant=compose.QuantSpec(weight_bits=4))
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                       quant=compose.QuantSpec(weight_bits=4))
+  assert "blocks/bn" not in comp.fold_norms
 
 
 def test_a_dropout_on_its_own_rng_stream_gets_the_step_key():

@@ -145,5 +145,12 @@ def test_a_transformer_without_batchnorms_halves_its_scales_exactly(tmp_path):
 
 @pytest.mark.parametrize("axis, ndim, expected", [
     (3, 4, True), (-1, 4, True), (1, 2, True), (0, 2, False), (2, 4, False), (None, 4, False)])
-def test_float16_scales_go_to_per_output_channel_weights_only(axis, ndim, expected):
+def test_gains_go_into_per_output_channel_scales_only(axis, ndim, expected):
   assert quantization.channels_last(axis, ndim) is expected
+
+
+@pytest.mark.parametrize("axis, ndim, expected", [
+    (3, 4, True), ((1, 2), 3, True), ((0, 2), 3, True), ((0, 1), 3, False), (0, 2, False),
+    (None, 4, False)])
+def test_float16_scales_go_to_scales_along_the_last_axis(axis, ndim, expected):
+  assert quantization.half_scaled(axis, ndim) is expected

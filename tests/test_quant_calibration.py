@@ -81,7 +81,7 @@ def test_bad_percentile_raises(p):
 
 
 def test_axis_out_of_range_raises():
-  with pytest.raises(ConfigError, match=r"axis must be None or an integer in \[-2, 2\)"):
+  with pytest.raises(ConfigError, match=r"axis must be None, an integer in \[-2, 2\) or a tuple"):
     tensor_range(X, method="minmax", axis=2)
 
 

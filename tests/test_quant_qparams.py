@@ -17,7 +17,8 @@ EPS = np.finfo(np.float32).eps
 
 def np_observer(x, bits, axis, symmetric):
   """Oracle: torch.ao.quantization.MinMaxObserver._calculate_qparams, re-derived in NumPy."""
-  axes = None if axis is None else tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+  kept = () if axis is None else [a % x.ndim for a in np.atleast_1d(axis)]
+  axes = None if axis is None else tuple(i for i in range(x.ndim) if i not in kept)
   keep = axis is not None
   lo = np.minimum(x.min(axis=axes, keepdims=keep), 0)
   hi = np.maximum(x.max(axis=axes, keepdims=keep), 0)
@@ -32,7 +33,7 @@ def np_observer(x, bits, axis, symmetric):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("axis", [None, 0, 2, -1])
+@pytest.mark.parametrize("axis", [None, 0, 2, -1, (0, 2), (1, -1)])
 def test_matches_minmax_observer(bits, symmetric, axis):
   x = (np.random.default_rng(bits).standard_normal((4, 3, 5)) * 2 + 0.5).astype(np.float32)
   scale, zp, qmin, qmax = minmax_qparams(x, bits=bits, axis=axis, symmetric=symmetric)
@@ -74,10 +75,10 @@ def test_bits_outside_2_to_8_raise(bits):
     minmax_qparams(jnp.ones(3), bits=bits)
 
 
-@pytest.mark.parametrize("axis", [3, -4, 1.0])
+@pytest.mark.parametrize("axis", [3, -4, 1.0, (0, 3), (0, -3), ()])
 def test_axis_out_of_range_raises(axis):
-  with pytest.raises(ConfigError, match=r"axis must be None or an integer in \[-3, 3\) for a 3-d "
-                                        r"array, got "):
+  with pytest.raises(ConfigError, match=r"axis must be None, an integer in \[-3, 3\) or a tuple "
+                                        r"of distinct ones for a 3-d array, got "):
     minmax_qparams(jnp.ones((2, 2, 2)), bits=8, axis=axis)
 
 

@@ -62,15 +62,19 @@ def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured",
   ``kernel``: ``round(sparsity * K)`` whole kernels (L2 norm per entry, :func:`kernel_keep`).
   ``layer``, the weight's traced :class:`~jaxcompress.selection.Layer`, gives its reduction and
   output axes, as the train step's masks use them (an Einsum's or a transposed ConvTranspose's
-  are not the usual ones); without it, axis -2 and the last axis.
+  are not the usual ones; a weight stacked by ``nn.scan`` is masked step by step); without it,
+  axis -2 and the last axis.
   """
   if sparsity <= 0:
     return np.ones(np.shape(weight), bool)
-  reduce = {"weight": layer.reduce_axes} if layer is not None and layer.reduce_axes else None
-  out = {"weight": layer.out_axis} if layer is not None else None
+  stacked = layer.stacked if layer is not None else 0
+  reduce = ({"weight": tuple(a - stacked for a in layer.reduce_axes)}
+            if layer is not None and layer.reduce_axes else None)
+  out = {"weight": layer.out_axis - stacked} if layer is not None else None
   masker = {"unstructured": pruning.unstructured("layer"), "nm": pruning.n_of_m(2, 4, axes=reduce),
             "channel": pruning.channels("l1", out), "kernel": pruning.kernels("layer", KERNEL_NORM)
             }[structure]
+  masker = pruning.per_step(masker, {"weight": stacked}) if stacked else masker
   return np.asarray(masker(["weight"], [jax.numpy.abs(jax.numpy.asarray(weight))],
                            float(sparsity))[0], bool)
 

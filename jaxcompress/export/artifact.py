@@ -32,10 +32,10 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
-from jaxcompress.export.codec import ACT_KEYS, decode_layer, encode_layer
+from jaxcompress.export.codec import ACT_KEYS, channel_axes, decode_layer, encode_layer
 from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION,
                                       make_folder, read_arrays, read_spec, spec_bytes, write_files)
-from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize, stored_order
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
 from jaxcompress.models.functional import functional
@@ -131,7 +131,8 @@ def _write(out_dir: str, fin: Finalized, *, signature: dict, model_name: str,
   for t in fin.tensors.values():
     meta, segments = encode_layer(t, huffman=compress)
     if t.path in fin.axes:
-      meta["axis"] = fin.axes[t.path]
+      axes = [int(a) for a in fin.axes[t.path]]
+      meta["axis"] = axes[0] if len(axes) == 1 else axes
     if meta["kind"] == "float" and meta["bits"] == 32:
       del meta["bits"]  # the default
     if meta["encoding"] == "dense":
@@ -248,7 +249,7 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                       f"{raw.size}; the spec does not match the arrays")
   tensors, axes, offset = {}, {}, 0
   for meta in spec["layers"]:
-    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "axis", "scale_bits"):
+    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "scale_bits"):
       if key in meta and not _is_int(meta[key]):
         raise ConfigError(f"{field}: {key} of {meta['path']!r} is {meta[key]!r}, not an integer; "
                           "the spec is corrupted")
@@ -278,7 +279,7 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
       segments.setdefault(name, np.zeros(0, np.uint8))
     tensors[meta["path"]] = decode_layer(meta, segments)
     if "axis" in meta:
-      axes[meta["path"]] = int(meta["axis"])
+      axes[meta["path"]] = channel_axes(meta, f"{field}: layer {meta['path']!r}")
   return Finalized(tensors, axes, {k: dict(v) for k, v in spec["acts"].items()},
                    {k: float(v) for k, v in spec["folded"].items()}, int(spec["float32_bytes"]))
 
@@ -311,8 +312,9 @@ def _check_fits(fm, expected: dict, fin: Finalized, field: str) -> None:
           have[name] = [int(t.codes.shape[-1])]
       continue
     shape = list(t.codes.shape)
-    if key in fin.axes:
-      shape.insert(fin.axes[key], shape.pop())
+    if key in fin.axes:  # the channel axes back where they were
+      order = stored_order(len(shape), fin.axes[key])
+      shape = [shape[order.index(a)] for a in range(len(shape))]
     have[key] = shape
   for key in sorted(set(want) | set(have)):
     if key not in have:

@@ -5,7 +5,9 @@ A :class:`LayerTensor` is what the exported model stores for one Conv/Dense laye
 baked in, weights are quantized and BatchNorm is folded. The layer computes
 ``y = layer(x, kernel) * gain[c] + bias[c]`` with ``c`` the output channel (last axis), where
 
-- ``int``:    ``kernel = (q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``;
+- ``int``:    ``kernel = (q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``
+  (a weight with scales along several axes, ``meta["axis"]`` a list of them, stores those axes
+  last and holds one scale per entry of them: ``scale[..., c]``);
 - ``kmeans``: ``kernel = codebook[i]``, index ``2^bits`` marks a pruned weight (0);
 - ``float``:  the float32 kernel with BatchNorm already multiplied in (no ``gain``), stored as
   float32 or, when its values are float16 values (``bits=16``), as float16,
@@ -49,8 +51,9 @@ class LayerTensor(NamedTuple):
       folded kernel (``float``).
     bits: code width (2..8), or 32 (16) for a ``float`` tensor stored as float32 (float16).
     qmin: smallest code (``int``; 0 otherwise).
-    zero_point: int32 ``[C]`` (``int`` only; ``None`` means all zero).
-    scale: float32 weight scale, ``[C]`` per channel or ``[1]`` per tensor (``int`` only).
+    zero_point: int32 ``[C]``, or shaped as ``scale`` (``int`` only; ``None`` means all zero).
+    scale: float32 weight scale, ``[C]`` per channel, ``[1]`` per tensor, or shaped as the last
+      axes of ``codes`` its channel axes were moved to (``int`` only).
     gain: float32 ``[C]`` folded BatchNorm multiplier applied to the output, or ``None``.
     bias: float32 ``[C]``, or ``None``.
     codebook: float32 ``[2^bits]`` (``kmeans`` only).
@@ -74,10 +77,6 @@ class LayerTensor(NamedTuple):
   group_axes: tuple | None = None
   scale_bits: int = 32
 
-  @property
-  def channels(self) -> int:
-    return int(self.codes.shape[-1])
-
   def nonzero(self) -> np.ndarray:
     """Entries whose real kernel value is not exactly zero by construction."""
     if self.kind == "int":
@@ -100,17 +99,6 @@ class LayerTensor(NamedTuple):
   def folded_kernel(self) -> np.ndarray:
     """``kernel() * gain``: the kernel of a plain biased layer (equal up to float rounding)."""
     return self.kernel() if self.gain is None else (self.kernel() * self.gain).astype(np.float32)
-
-  def slice_out(self, keep: np.ndarray) -> "LayerTensor":
-    """The layer with only the output channels ``keep``."""
-    pick = lambda a: None if a is None else a[keep]
-    scale = self.scale if self.scale is None or self.scale.size == 1 else self.scale[keep]
-    return self._replace(codes=self.codes[..., keep], zero_point=pick(self.zero_point),
-                         scale=scale, gain=pick(self.gain), bias=pick(self.bias))
-
-  def slice_in(self, keep: np.ndarray) -> "LayerTensor":
-    """The layer with only the input channels ``keep`` (second-to-last kernel axis)."""
-    return self._replace(codes=self.codes[..., keep, :])
 
 
 def encode_layer(t: LayerTensor, *, huffman: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
@@ -196,14 +184,34 @@ def _unhuffman(meta: dict, segments: dict[str, np.ndarray], where: str) -> dict[
   return out
 
 
-def _expected_segments(meta: dict, channels: int) -> dict[str, tuple[int, ...] | None]:
-  """Allowed byte counts of every segment a layer may have (``None``: checked by the decoder)."""
+def channel_axes(meta: dict, where: str) -> tuple[int, ...] | None:
+  """The axes a weight's scales run along (``meta["axis"]``: an integer, or a list of them),
+  stored last and moved back on load; ``None`` where the spec gives none (the last axis).
+
+  Raises:
+    ConfigError: for anything but distinct axes of the layer's shape.
+  """
+  if "axis" not in meta:
+    return None
+  axis, ndim = meta["axis"], len(meta["shape"])
+  axes = axis if isinstance(axis, list) else [axis]
+  if (not axes or len(set(map(str, axes))) != len(axes) or any(
+      isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < ndim for a in axes)):
+    raise ConfigError(f"{where}: axis is {axis!r}, not distinct axes of its {ndim}-d shape; the "
+                      "spec is corrupted")
+  return tuple(axes)
+
+
+def _expected_segments(meta: dict, channels: int,
+                       scales: int) -> dict[str, tuple[int, ...] | None]:
+  """Allowed byte counts of every segment a layer may have (``None``: checked by the decoder):
+  ``channels`` output channels, ``scales`` entries of its channel axes."""
   bits = meta["bits"]
   out = {"positions": None, "values": None, "gain": (4 * channels,), "bias": (4 * channels,)}
   if meta["kind"] == "int":
-    out["zero_point"] = (packed_size(channels, bits),)
+    out["zero_point"] = (packed_size(scales, bits),)
     width = int(meta.get("scale_bits", 32)) // 8
-    out["scale"] = (width, width * channels)
+    out["scale"] = (width, width * scales)
   if meta["kind"] == "kmeans":
     out["codebook"] = (4 * (1 << bits),)
   return out
@@ -229,7 +237,9 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     raise ConfigError(f"{where}: scale_bits is 16 or 32, the spec says {meta['scale_bits']!r}; "
                       "the spec is corrupted")
   segments = _unhuffman(meta, segments, where)
-  expected = _expected_segments(meta, channels)
+  axes = channel_axes(meta, where)
+  scale_shape = shape[-len(axes or (1,)):]  # the channel axes, stored last
+  expected = _expected_segments(meta, channels, int(np.prod(scale_shape)))
   for name, data in segments.items():
     if name not in expected:
       raise ConfigError(f"{where}: unexpected segment {name!r} for a {meta['kind']} layer; the "
@@ -252,7 +262,8 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   qmin = int(meta.get("qmin", 0))
   zero_point = None
   if "zero_point" in segments:
-    zero_point = unpack_bits(segments["zero_point"], bits, channels).astype(np.int32) + qmin
+    zero_point = unpack_bits(segments["zero_point"], bits, int(np.prod(scale_shape))).astype(
+        np.int32).reshape(scale_shape) + qmin
   if meta["kind"] == "int":
     fill = np.broadcast_to(0 if zero_point is None else zero_point, shape).reshape(-1)
     codes = fill.astype(np.int32)
@@ -265,7 +276,10 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     codes[nonzero] = values
   act = meta.get("act")
   scale_bits = int(meta.get("scale_bits", 32))
+  scale = f32("scale", scale_bits)
+  if scale is not None and scale.size > 1:
+    scale = scale.reshape(scale_shape)
   return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
-                     f32("scale", scale_bits), f32("gain"),
+                     scale, f32("gain"),
                      f32("bias"), f32("codebook"), None if act is None else dict(act),
                      enc.group_axes or None, scale_bits)

@@ -6,7 +6,7 @@ here knows a model's names. Every leaf of every collection becomes one stored te
 
 - a weight with a quantization spec (``LayerSpec`` of its layer, from ``Quantizer.specs``) becomes
   its integer codes ``q = quantize_int(W, s, zp)``, the very integers fake quantization used, with
-  one scale per channel along the spec's axis (stored last);
+  one scale per channel along the spec's axis, or per entry of its axes (stored last, in order);
 - a weight with a k-means codebook becomes the codebook plus indices;
 - every other floating-point leaf stays float32 (stored sparse when that is smaller);
 - a weight whose reduction axes are given (``reduce_axes``, from the model's trace) carries them,
@@ -20,9 +20,10 @@ here knows a model's names. Every leaf of every collection becomes one stored te
   BatchNorm instead (``scale * gain``; the weight's codes stay those fake quantization used) and
   the BatchNorm stores its bias alone: one float32 per channel less.
 
-With ``scale_dtype="float16"`` the folded gains and biases and the per-output-channel scales of
-integer weights whose channels are their last axis (with any gain already in them) are rounded to
-float16 (:func:`jaxcompress.precision.to_half`) and stored in 2 bytes each.
+With ``scale_dtype="float16"`` the folded gains and biases and the per-channel scales of integer
+weights whose scale axes include their last (:func:`jaxcompress.quantization.half_scaled`; with
+any gain already in them) are rounded to float16 (:func:`jaxcompress.precision.to_half`) and
+stored in 2 bytes each.
 
 Masks are applied first (the fake-quant model ran on masked weights), then weights are quantized.
 
@@ -34,7 +35,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -43,7 +44,7 @@ from jaxcompress.errors import ConfigError, check_finite, unknown
 from jaxcompress.export.codec import LayerTensor
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.precision import SCALE_DTYPES, to_half
-from jaxcompress.quantization import channels_last, quantize_int
+from jaxcompress.quantization import channels_last, half_scaled, quantize_int, scale_axes
 from jaxcompress.rules import flat_paths
 
 FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path> = [gain; bias]
@@ -58,14 +59,14 @@ class Finalized(NamedTuple):
     tensors: ``{collection/leaf path: LayerTensor}`` in tree order; a folded BatchNorm is one
       ``[2, C]`` float tensor ``fold/<path>`` (row 0 the gain, row 1 the bias), or ``[1, C]``
       (the bias; gain 1) when its gain went into a weight's scales.
-    axes: ``{tensor path: axis}`` of integer weights whose channel axis was not the last (it is
-      stored last and moved back on load).
+    axes: ``{tensor path: channel axes}`` of integer weights whose scales run along other axes
+      than the last alone (those axes are stored last, in order, and moved back on load).
     acts: ``{layer path: {'bits', 'scale', 'zero_point', 'qmin', 'qmax'}}`` input quantization.
     folded: ``{norm path: epsilon}`` of the folded BatchNorms.
     float32_bytes: 4 bytes per entry of the original ``params`` (the float32 reference size).
   """
   tensors: dict[str, LayerTensor]
-  axes: dict[str, int]
+  axes: dict[str, tuple[int, ...]]
   acts: dict[str, dict]
   folded: dict[str, float]
   float32_bytes: int
@@ -100,39 +101,41 @@ def act_fields(spec: Any) -> dict | None:
           "qmax": int(spec.act_qmax)}
 
 
+def stored_order(ndim: int, axes: Sequence[int]) -> list[int]:
+  """The axis order a weight is stored in: its channel ``axes`` (those with one scale each) last,
+  in order, the others before them as they were."""
+  return [a for a in range(ndim) if a not in axes] + list(axes)
+
+
 def _int_tensor(path: str, weight: np.ndarray, spec: Any, gain: np.ndarray | None = None,
-                half: bool = False) -> tuple[LayerTensor, int | None]:
-  """Codes ``q`` (channel axis moved last), zero points and scale of a spec-quantized weight;
-  with ``gain`` (one per channel), the scale times it; ``half``: per-channel scales along the
-  last axis rounded to float16 (see the module docstring)."""
+                half: bool = False) -> tuple[LayerTensor, tuple[int, ...] | None]:
+  """Codes ``q`` (channel axes moved last), zero points and scale of a spec-quantized weight,
+  and the channel axes where they are not the last axis alone; with ``gain`` (one per channel),
+  the scale times it; ``half``: per-channel scales along the last axis rounded to float16 (see
+  the module docstring)."""
   q = np.asarray(quantize_int(weight, spec.weight_scale, spec.weight_zero_point,
                               qmin=spec.weight_qmin, qmax=spec.weight_qmax), np.int32)
-  axis = spec.weight_axis
+  axes = scale_axes(spec.weight_axis, weight.ndim)
   scale = np.asarray(spec.weight_scale, np.float32)
   zp = np.asarray(spec.weight_zero_point, np.int32)
-  moved = None
-  if axis is not None:
-    axis %= weight.ndim
-    if axis != weight.ndim - 1:
-      moved = axis
-      q = np.moveaxis(q, axis, -1)
-      scale, zp = np.moveaxis(np.broadcast_to(scale, weight.shape), axis, -1), \
-          np.moveaxis(np.broadcast_to(zp, weight.shape), axis, -1)
-    channels = q.shape[-1]
-    scale = scale.reshape(-1, channels)[0] if scale.size > 1 else scale.reshape(-1)
-    zp = np.broadcast_to(zp.reshape(-1, channels)[0] if zp.size > 1 else zp.reshape(-1),
-                         (channels,))
+  moved = None if axes in ((), (weight.ndim - 1,)) else axes
+  if axes:
+    order = stored_order(weight.ndim, axes)
+    q = np.transpose(q, order)
+    # one scale and zero point per entry of the channel axes, shaped as they are stored
+    scale, zp = (np.transpose(np.broadcast_to(a, weight.shape), order)[
+        (0,) * (weight.ndim - len(axes))] for a in (scale, zp))
   else:
     scale, zp = scale.reshape(-1), np.broadcast_to(zp.reshape(-1), (q.shape[-1],))
   if gain is not None:
     scale = np.asarray(scale * np.asarray(gain, np.float32), np.float32)
-  half = half and channels_last(spec.weight_axis, weight.ndim)
+  half = half and half_scaled(spec.weight_axis, weight.ndim)
   if half:
     scale = np.asarray(to_half(scale))
   width = int(spec.weight_qmax) - int(spec.weight_qmin) + 1
   bits = max(2, math.ceil(math.log2(width)))
   return LayerTensor(path=path, kind="int", codes=q, bits=bits, qmin=int(spec.weight_qmin),
-                     zero_point=np.array(zp, np.int32), scale=scale,
+                     zero_point=np.array(zp, np.int32), scale=np.ascontiguousarray(scale),
                      scale_bits=16 if half else 32), moved
 
 
@@ -156,12 +159,10 @@ def _float_tensor(path: str, leaf: Any) -> LayerTensor:
       a.shape or (1,)), bits=32)
 
 
-def _stored_axes(axes: Any, ndim: int, moved: int | None) -> tuple[int, ...]:
-  """Axes of a weight after its channel axis ``moved`` (if any) was moved last."""
-  axes = [int(a) % ndim for a in axes]
-  if moved is None:
-    return tuple(axes)
-  return tuple(ndim - 1 if a == moved else a - (a > moved) for a in axes)
+def _stored_axes(axes: Any, ndim: int, moved: tuple[int, ...] | None) -> tuple[int, ...]:
+  """Axes of a weight as stored, its channel axes ``moved`` (if any) last."""
+  order = stored_order(ndim, () if moved is None else moved)
+  return tuple(order.index(int(a) % ndim) for a in axes)
 
 
 def _weight_gains(gains_into: dict[str, str], folded: Mapping[str, tuple], weights: Mapping,
@@ -252,7 +253,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     tensors[f"{FOLD}/{path}"] = _float_tensor(f"{FOLD}/{path}", np.stack(rows))._replace(
         bits=16 if half else 32)
     folded_leaves |= {f"{c}/{path}/{leaf}" for c, leaf in FOLDED_LEAVES}
-  axes: dict[str, int] = {}
+  axes: dict[str, tuple[int, ...]] = {}
   for collection, value in variables.items():
     leaves = flat_params if collection == "params" else flat_paths(value)
     for leaf_path, leaf in leaves.items():

@@ -29,7 +29,7 @@ import numpy as np
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import LayerTensor
-from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, stored_order
 from jaxcompress.models.functional import Hook, chain_hooks, fold_hook, functional
 from jaxcompress.quantization import fake_quant
 
@@ -45,10 +45,11 @@ def _unflatten(flat: Mapping[str, Any]) -> dict:
   return out
 
 
-def _tensor_value(t: LayerTensor, axis: int | None) -> np.ndarray:
-  """A stored tensor's real values, its channel axis moved back where it was."""
+def _tensor_value(t: LayerTensor, axes: tuple[int, ...] | None) -> np.ndarray:
+  """A stored tensor's real values, its channel axes moved back where they were."""
   value = t.kernel()
-  return value if axis is None else np.moveaxis(value, -1, axis)
+  return value if axes is None else np.transpose(value, np.argsort(stored_order(value.ndim,
+                                                                                  axes)))
 
 
 def rebuild(fin: Finalized, expected: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict:

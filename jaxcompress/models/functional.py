@@ -161,17 +161,44 @@ def _transposed(module: Any, ndim: int) -> bool:
           and bool(getattr(module, "transpose_kernel", False)))
 
 
-def output_axis(module: Any, ndim: int) -> int:
-  """The axis of a linear-like layer's ``ndim``-D weight along its output channels: the last
-  (Conv, Dense, DenseGeneral's last feature axis, Embed's features), for an Einsum the last
-  kernel letter the output keeps (``"btd,fd->btf"``: 0), for a ConvTranspose with
-  ``transpose_kernel=True`` (``[*window, out, in]``) ``ndim - 2``."""
+def output_axes(module: Any, ndim: int) -> tuple[int, ...]:
+  """The axes of a linear-like layer's ``ndim``-D weight that its output keeps, one output
+  channel per entry of their product: the last (Conv, Dense, Embed's features), a
+  DenseGeneral's/LinearGeneral's batch and feature axes (``features=(heads, dim)``: ``[in,
+  heads, dim]`` -> ``(1, 2)``), an Einsum's kernel letters the output keeps
+  (``"btd,dhk->bthk"``: ``(1, 2)``), for a ConvTranspose with ``transpose_kernel=True``
+  (``[*window, out, in]``) ``ndim - 2``."""
+  if isinstance(module, (nn.DenseGeneral, nnx.LinearGeneral)):
+    summed = contraction_axes(module, ndim)
+    return tuple(i for i in range(ndim) if i not in summed) or (ndim - 1,)
   letters = _einsum_letters(module, ndim)
   if letters and any(letters):
-    return max(i for i, kept in enumerate(letters) if kept)
+    return tuple(i for i, kept in enumerate(letters) if kept)
   if _transposed(module, ndim):
-    return ndim - 2
-  return ndim - 1
+    return (ndim - 2,)
+  return (ndim - 1,)
+
+
+def output_axis(module: Any, ndim: int) -> int:
+  """The last of :func:`output_axes`: the axis channel pruning removes entries of."""
+  return output_axes(module, ndim)[-1]
+
+
+def called_shape(call: Any, name: str) -> tuple[int, ...] | None:
+  """The shape of the weight ``name`` as the called module holds it (inside ``nn.scan``, one
+  step's slice of the stacked parameter), or ``None`` where the module does not show it."""
+  try:
+    if isinstance(call.module, nn.Module):
+      return tuple(jax.numpy.shape(call.module.variables["params"][name]))
+    return tuple(jax.numpy.shape(getattr(call.module, name).value))
+  except (AttributeError, KeyError, TypeError):
+    return None
+
+
+def stacked_axes(axes: Sequence[int], stacked: int) -> tuple[int, ...]:
+  """Axes of one call's weight (``axes``) in the stored weight that stacks ``stacked`` leading
+  axes before it (``nn.scan``/``nn.vmap`` over ``params``), those leading axes first."""
+  return tuple(range(stacked)) + tuple(int(a) + stacked for a in axes)
 
 
 def _kind(module: Any, linear: tuple, norm: tuple) -> str | None:

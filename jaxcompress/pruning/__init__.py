@@ -10,7 +10,7 @@ fine-tune, validate) ; ``summary`` reports what came out (``sparsity``: the same
 
 from jaxcompress.pruning.iterative import IterativeResult, Round, iterative_prune
 from jaxcompress.pruning.masks import (Masker, channels, kernels, n_of_m, nm_mask, num_pruned,
-                                       topk_mask, unstructured)
+                                       per_step, topk_mask, unstructured)
 from jaxcompress.pruning.schedules import (Schedule, constant_schedule, one_shot_schedule,
                                            polynomial_schedule)
 from jaxcompress.pruning.scores import (SCORES, Score, get_score, lamp, magnitude, movement,
@@ -27,7 +27,7 @@ __all__ = [
     # scores
     "SCORES", "Score", "get_score", "lamp", "magnitude", "movement", "random", "saliency",
     # array masks and maskers
-    "Masker", "channels", "kernels", "n_of_m", "nm_mask", "num_pruned", "topk_mask",
+    "Masker", "channels", "kernels", "n_of_m", "nm_mask", "num_pruned", "per_step", "topk_mask",
     "unstructured",
     # masks over parameter trees
     "apply_masks", "apply_masks_ste", "channel_masks", "compute_masks", "magnitude_masks",

@@ -266,6 +266,31 @@ def channels(norm: str = "l1", axes: Mapping[str, int] | None = None) -> Masker:
   return masker
 
 
+def per_step(base: Masker, stacked: Mapping[str, int]) -> Masker:
+  """``base`` with each step of a stacked weight as a leaf of its own.
+
+  A weight stacked by ``nn.scan``/``nn.vmap`` over ``params`` (``[steps, *weight]``) holds one
+  weight per step; ``stacked[path]`` leading axes of leaf ``path`` index them. Each step's slice
+  is masked as a separate leaf (its own threshold at layer scope, its own kernels and channels;
+  at global scope ranked with every other leaf), then the masks are stacked back. ``base``'s
+  axes (N:M groups, output channels) are those of one step's weight.
+  """
+  def masker(paths, scores, sparsity):
+    names, slices, counts = [], [], []
+    for path, s in zip(paths, scores):
+      k = int(stacked.get(path, 0))
+      steps = s.reshape((-1,) + s.shape[k:]) if k else s[None]
+      names += [path] * steps.shape[0]
+      slices += list(steps)
+      counts.append(steps.shape[0])
+    masks = base(names, slices, sparsity)
+    ends = np.cumsum(counts)
+    return [jnp.stack(masks[end - n:end]).reshape(s.shape)
+            for s, n, end in zip(scores, counts, ends)]
+
+  return masker
+
+
 def n_of_m(n: int, m: int, axis: int | None = None,
            axes: Mapping[str, Sequence[int]] | None = None) -> Masker:
   """Masker keeping the ``n`` highest of every ``m`` consecutive entries along ``axis``.

@@ -21,7 +21,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ def check_method(method: str, field: str = "method") -> None:
     raise unknown(field, method, RANGE_METHODS)
 
 
-def tensor_range(x: Any, *, method: str = "minmax", axis: int | None = None,
+def tensor_range(x: Any, *, method: str = "minmax", axis: int | Sequence[int] | None = None,
                  percentile: float = 99.99, bits: int = 8, symmetric: bool = False,
                  num_candidates: int = 64) -> tuple[jax.Array, jax.Array]:
   """Estimates the quantization range of ``x``.
@@ -48,7 +48,8 @@ def tensor_range(x: Any, *, method: str = "minmax", axis: int | None = None,
   Args:
     x: the tensor (weights, or a batch of activations).
     method: one of :data:`RANGE_METHODS`.
-    axis: channel axis kept for per-channel ranges (keepdims shapes), ``None`` per tensor.
+    axis: channel axis (or axes) kept for per-channel ranges (keepdims shapes), ``None`` per
+      tensor.
     percentile: for ``percentile``: ``p`` in (50, 100]; the range is the ``[100 - p, p]``
       percentiles.
     bits: for ``mse``: the code width the error is measured at.

@@ -40,8 +40,9 @@ class QuantLayer(NamedTuple):
     kind: the module class name (``Conv``, ``Dense``, ``Linear``, ``Embed``, ...).
     config: the :class:`LayerConfig` its rule gave it.
     weight_axis: weight axis with one scale per channel (the output axis: ``kernel.ndim - 1``,
-      an Einsum's last output letter; the vocabulary axis 0 of an embedding), or ``None`` for
-      per-tensor.
+      an Einsum's output letter; the vocabulary axis 0 of an embedding), a tuple of axes with
+      one scale per entry of their product (a ``DenseGeneral`` to ``(heads, dim)``: ``(1, 2)``;
+      a weight stacked by ``nn.scan``: the step axis too), or ``None`` for per-tensor.
     act_signed: the input held negative values at ``init`` (decides the LSQ input grid).
     act_features: input values per example (``N_F`` of the LSQ gradient scale).
     weight: the parameter that holds the weight (``kernel``; ``embedding`` for Embed).
@@ -49,17 +50,33 @@ class QuantLayer(NamedTuple):
   path: str
   kind: str
   config: LayerConfig
-  weight_axis: int | None
+  weight_axis: int | tuple[int, ...] | None
   act_signed: bool
   act_features: int
   weight: str = "kernel"
 
 
-def channels_last(weight_axis: int | None, ndim: int) -> bool:
-  """Whether a weight of ``ndim`` axes has one scale per output channel along its last axis:
-  the scales a following BatchNorm's gain can go into, and the ones the export stores in float16
-  under ``scale_dtype='float16'`` (``weight_axis`` may count from the end)."""
-  return weight_axis is not None and ndim >= 1 and weight_axis % ndim == ndim - 1
+def scale_axes(weight_axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
+  """``weight_axis`` as a tuple of non-negative axes of a weight of ``ndim`` axes (``()``:
+  one scale for the whole weight)."""
+  if weight_axis is None:
+    return ()
+  axes = weight_axis if isinstance(weight_axis, (tuple, list)) else (weight_axis,)
+  return tuple(int(a) % ndim for a in axes)
+
+
+def channels_last(weight_axis: int | tuple[int, ...] | None, ndim: int) -> bool:
+  """Whether a weight of ``ndim`` axes has one scale per output channel along its last axis
+  alone: the scales a following BatchNorm's gain can go into (``weight_axis`` may count from the
+  end)."""
+  return ndim >= 1 and scale_axes(weight_axis, ndim) == (ndim - 1,)
+
+
+def half_scaled(weight_axis: int | tuple[int, ...] | None, ndim: int) -> bool:
+  """Whether a weight of ``ndim`` axes has its scales along axes that include its last (a Dense
+  or Conv's output channels, a ``DenseGeneral``'s ``(heads, dim)``, a stacked weight's steps and
+  channels): the scales the export stores in float16 under ``scale_dtype='float16'``."""
+  return ndim >= 1 and ndim - 1 in scale_axes(weight_axis, ndim)
 
 
 def bits_at(target: int | None, schedule: Any, step: Any) -> Any:

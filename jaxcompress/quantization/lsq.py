@@ -20,7 +20,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +31,13 @@ from jaxcompress.quantization.fake_quant import check_qparams, scaled
 from jaxcompress.quantization.qparams import EPS, reduce_axes
 
 
-def lsq_init_step(x: Any, *, qmax: Any, axis: int | None = None) -> jax.Array:
+def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None) -> jax.Array:
   """The paper's initial step ``2 * mean(|x|) / sqrt(Q_P)``, per tensor or per channel.
 
   Args:
     x: the weights (or a first batch of activations) the step will quantize.
     qmax: largest code ``Q_P`` (e.g. 7 for signed 4-bit).
-    axis: channel axis kept for per-channel steps (shape broadcastable against ``x``).
+    axis: channel axis (or axes) kept for per-channel steps (shape broadcastable against ``x``).
 
   Returns:
     A float32 step, at least :data:`~jaxcompress.quantization.qparams.EPS`.

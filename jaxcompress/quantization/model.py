@@ -59,8 +59,8 @@ from flax import struct
 from flax.core.tracers import current_trace
 
 from jaxcompress.errors import check_range
-from jaxcompress.models.functional import (Hook, chain_hooks, functional, output_axis,
-                                           weight_name)
+from jaxcompress.models.functional import (Hook, called_shape, chain_hooks, functional,
+                                           output_axes, stacked_axes, weight_name)
 from jaxcompress.precision import cast_floating
 from jaxcompress.quantization.calibration import ema_range, union_range
 from jaxcompress.quantization.config import compile_rules, default_rules
@@ -183,7 +183,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     def describe(call, x_all):
       weight = weight_name(call.kind)
       kernel = tree_get(params, f"{call.path}/{weight}")
-      return call.kind, call.type_name, weight, kernel, call.x, x_all, call.module
+      return (call.kind, call.type_name, weight, kernel, call.x, x_all, call.module,
+              called_shape(call, weight))
 
     order = []
     seen = {p: v for p, v in float_inputs(variables, args, kwargs, describe, order).items()
@@ -195,13 +196,17 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     layers, steps, ranges = [], {}, {}
     for path in paths:
       cfg = compiled.lookup(path)
-      kind, type_name, weight, kernel, x, x_all, module = seen[path]
+      kind, type_name, weight, kernel, x, x_all, module, called = seen[path]
       if cfg is not None and (kind == "embed" or not jnp.issubdtype(x.dtype, jnp.floating)):
         cfg = cfg._replace(act_bits=None)  # token ids are not quantized
       if cfg is None or (cfg.weight_bits is None and cfg.act_bits is None):
         continue
-      axis = None if not cfg.per_channel else (
-          0 if kind == "embed" else output_axis(module, kernel.ndim))
+      axis = None
+      if cfg.per_channel:  # one scale per output channel of every step of a stacked weight
+        stacked = max(kernel.ndim - len(called or kernel.shape), 0)
+        ndim = kernel.ndim - stacked
+        axis = stacked_axes((0,) if kind == "embed" else output_axes(module, ndim), stacked)
+        axis = axis[0] if len(axis) == 1 else axis
       layer = QuantLayer(path, type_name, cfg, axis, bool(jnp.min(x_all) < 0), int(x[0].size),
                          weight)
       layer_steps, act_range = init_layer_state(layer, kernel, x_all)

@@ -25,7 +25,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,18 +83,26 @@ def qrange(bits: Any, symmetric: bool) -> tuple[Any, Any]:
   return 0, (1 << bits) - 1
 
 
-def reduce_axes(ndim: int, axis: int | None, field: str = "axis") -> tuple[int, ...] | None:
-  """The axes to reduce over so that only the channel ``axis`` is kept (``None``: all of them).
+def reduce_axes(ndim: int, axis: int | Sequence[int] | None,
+                field: str = "axis") -> tuple[int, ...] | None:
+  """The axes to reduce over so that only the channel ``axis`` (or axes) is kept (``None``: all of
+  them).
 
   Raises:
-    ConfigError: if ``axis`` is not an integer in ``[-ndim, ndim)``.
+    ConfigError: if ``axis`` is not an integer in ``[-ndim, ndim)`` or a non-empty sequence of
+      distinct such axes.
   """
   if axis is None:
     return None
-  if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-    raise invalid(field, axis, f"None or an integer in [{-ndim}, {ndim}) for a {ndim}-d array")
-  axis = int(axis) % ndim
-  return tuple(i for i in range(ndim) if i != axis)
+  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  valid = f"None, an integer in [{-ndim}, {ndim}) or a tuple of distinct ones for a {ndim}-d array"
+  if not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer))
+                     or not -ndim <= a < ndim for a in axes):
+    raise invalid(field, axis, valid)
+  kept = {int(a) % ndim for a in axes}
+  if len(kept) != len(axes):
+    raise invalid(field, axis, valid)
+  return tuple(i for i in range(ndim) if i not in kept)
 
 
 def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
@@ -127,14 +135,15 @@ def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
   return scale, zero_point
 
 
-def minmax_qparams(x: Any, *, bits: Any, axis: int | None = None,
+def minmax_qparams(x: Any, *, bits: Any, axis: int | Sequence[int] | None = None,
                    symmetric: bool = False) -> tuple[jax.Array, jax.Array, Any, Any]:
   """Min-max quantization parameters of ``x``, as PyTorch's ``MinMaxObserver`` computes them.
 
   Args:
     x: the tensor to quantize.
     bits: code width, 2..8 (or a traced integer).
-    axis: channel axis kept for per-channel parameters; ``None`` for one per-tensor pair.
+    axis: channel axis kept for per-channel parameters (a tuple: one pair per entry of those
+      axes, e.g. ``(1, 2)`` for a ``[in, heads, dim]`` kernel); ``None`` for one per-tensor pair.
     symmetric: signed range with ``zero_point = 0`` (weights) or unsigned asymmetric (activations).
 
   Returns:

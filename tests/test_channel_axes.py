@@ -1,0 +1,151 @@
+"""Weights with several output axes: attention heads and steps stacked by nn.scan.
+
+Each output channel of such a weight (every (head, dim) of a query kernel ``[in, heads, dim]``,
+every channel of every step of a scanned ``[steps, in, out]`` kernel) gets its own scale, and a
+scanned weight is pruned step by step. Oracles: NumPy max-abs scales and argsort thresholds.
+"""
+
+import gzip
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress import budget, compose, export
+from jaxcompress.errors import ConfigError
+from jaxcompress.selection import trace_layers
+
+HEADS, DIM, WIDTH = 2, 4, 8
+
+
+class Attention(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(WIDTH, name="embed")(x)
+    h = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=HEADS * DIM, name="attn")(h)
+    return nn.Dense(3, name="head")(h.mean(1))
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.relu(nn.Dense(WIDTH, name="fc")(x)), None
+
+
+class Scanned(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(WIDTH, name="stem")(x)
+    h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="blocks")(h, None)
+    return nn.Dense(3, name="head")(h)
+
+
+def _assert_fake_quant(got, w, axes, bits=4):
+  """``got`` is ``w`` fake-quantized to the symmetric grid with one scale per entry of ``axes``
+  (NumPy). The most negative entry of a channel lands on a rounding tie (-qmax - 0.5 steps),
+  where either neighbouring code is right."""
+  qmax = 2 ** (bits - 1) - 1
+  summed = tuple(a for a in range(w.ndim) if a not in axes)
+  top = np.abs(w).max(summed, keepdims=True)
+  scale = top * np.float32(2 / (2 * qmax + 1))
+  want = np.clip(np.round(w / scale), -qmax - 1, qmax) * scale
+  off = ~np.isclose(got, want, rtol=1e-6, atol=1e-7)
+  tie = (w == -top) & np.isclose(np.abs(got - want), scale, rtol=1e-5)
+  assert not np.any(off & ~tie), np.argwhere(off & ~tie)
+
+
+def _build(model, variables, x, **specs):
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=2, **specs)
+  return comp, comp.init_state(variables, x, calibration=[x])
+
+
+@pytest.fixture(scope="module")
+def attention():
+  x = np.random.default_rng(0).standard_normal((4, 5, 6)).astype(np.float32)
+  model = Attention()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  query = variables["params"]["attn"]["query"]["kernel"]
+  variables["params"]["attn"]["query"]["kernel"] = query * np.array([1.0, 20.0])[:, None]
+  return model, variables, x
+
+
+def test_every_head_of_an_attention_projection_has_its_own_scales(attention, tmp_path):
+  model, variables, x = attention
+  comp, state = _build(model, variables, x, quant=compose.QuantSpec(weight_bits=4, act_bits=0,
+                                                                     first_last_bits=0))
+  out = str(tmp_path / "export")
+  comp.export(out, state)
+  loaded = export.load(out, model)
+  params = loaded.variables["params"]["attn"]
+  for name, axes in (("query", (1, 2)), ("key", (1, 2)), ("value", (1, 2)), ("out", (2,))):
+    w = np.asarray(variables["params"]["attn"][name]["kernel"], np.float32)
+    _assert_fake_quant(np.asarray(params[name]["kernel"]), w, axes)
+  metas = {m["path"]: m for m in export.read_spec(out)["layers"]}
+  assert metas["params/attn/query/kernel"]["segments"]["scale"] == 4 * HEADS * DIM
+  want = np.asarray(jax.jit(comp.logits_fn)(comp.eval_variables(state), x))
+  np.testing.assert_array_equal(np.asarray(loaded.logits(x)), want)
+
+
+def test_a_scanned_weight_is_pruned_and_scaled_step_by_step(tmp_path):
+  x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+  model = Scanned()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  kernel = variables["params"]["blocks"]["fc"]["kernel"] * np.array([1.0, 30.0, 0.1])[:, None,
+                                                                                         None]
+  variables["params"]["blocks"]["fc"]["kernel"] = kernel
+  assert trace_layers(model, variables, x).layer("blocks/fc").stacked == 1
+  comp, state = _build(model, variables, x,
+                       prune=compose.PruneSpec(sparsity=0.5, schedule="one_shot"),
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=0, first_last_bits=0))
+  mask = np.asarray(comp.final_masks(state.params)["model"]["blocks"]["fc"]["kernel"])
+  for step in range(3):  # the lowest half of each step's magnitudes, per step
+    w = np.abs(kernel[step]).reshape(-1)
+    want = np.ones(w.size, bool)
+    want[np.argsort(w, kind="stable")[:w.size // 2]] = False
+    np.testing.assert_array_equal(mask[step].reshape(-1), want, err_msg=f"step {step}")
+  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params,
+                                            comp.final_masks(state.params)))
+  out = str(tmp_path / "export")
+  comp.export(out, state)
+  loaded = export.load(out, model)
+  _assert_fake_quant(np.asarray(loaded.variables["params"]["blocks"]["fc"]["kernel"]),
+                     kernel * mask, (0, 2))
+  want = np.asarray(jax.jit(comp.logits_fn)(comp.eval_variables(state), x))
+  np.testing.assert_array_equal(np.asarray(loaded.logits(x)), want)
+
+
+def test_an_artifact_with_repeated_scale_axes_is_refused(attention, tmp_path):
+  model, variables, x = attention
+  comp, state = _build(model, variables, x, quant=compose.QuantSpec(weight_bits=4, act_bits=0))
+  out = str(tmp_path / "export")
+  comp.export(out, state)
+  path = os.path.join(out, "spec.json.gz")
+  with gzip.open(path) as f:
+    spec = json.load(f)
+  query = next(m for m in spec["layers"] if m["path"] == "params/attn/query/kernel")
+  assert query["axis"] == [1, 2]
+  query["axis"] = [2, 2]
+  with gzip.open(path, "wt") as f:
+    json.dump(spec, f)
+  with pytest.raises(ConfigError, match=r"axis is \[2, 2\], not distinct axes of its 3-d shape"):
+    export.load(out, model)
+
+
+def test_the_budget_sizes_a_scanned_weight_step_by_step():
+  x = np.zeros((2, 6), np.float32)
+  model = Scanned()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  layer = trace_layers(model, variables, x).layer("blocks/fc")
+  kernel = np.asarray(variables["params"]["blocks"]["fc"]["kernel"]) * np.array(
+      [1.0, 30.0, 0.1])[:, None, None]
+  keep = budget.keep_mask(kernel, 0.25, "unstructured", layer)
+  assert [int((~keep[s]).sum()) for s in range(3)] == [16, 16, 16]  # round(0.25 * 64) per step
+  channel = budget.keep_mask(kernel, 0.5, "channel", layer)
+  for s in range(3):  # the 4 output channels of lowest L1 norm of each step
+    dropped = np.argsort(np.abs(kernel[s]).sum(0), kind="stable")[:4]
+    np.testing.assert_array_equal(channel[s].all(0), ~np.isin(np.arange(WIDTH), dropped))
