@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxcompress import parallel
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, first_line
 
 
 def write_text(path: str, text: str) -> None:
@@ -303,24 +303,37 @@ class Checkpointer:
 
     Raises:
       ConfigError: the checkpoint holds other entries, shapes or dtypes than ``like`` (written by
-        another model or config), naming the first entry that differs.
+        another model or config), naming the first entry that differs; or it cannot be read (a
+        damaged folder), naming it and the earlier step to resume from.
     """
     step = self.latest_step() if step is None else step
+    try:
+      stored = _entries(self._manager.item_metadata(step)["state"])
+    except Exception as e:  # orbax and tensorstore raise many types for a damaged folder
+      raise self._damaged(step, e) from None
+    wanted = _entries(like)
+    for path in [*wanted, *(p for p in stored if p not in wanted)]:
+      there, here = stored.get(path, "absent"), wanted.get(path, "absent")
+      if there != here:  # checked first: orbax would cast another dtype without a word
+        raise ConfigError(f"{self.directory}: the checkpoint of step {step} was written for "
+                          f"another model or config: {path} is {there} there, {here} here; "
+                          "use a new --workdir or delete that one") from None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
       out = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    except ValueError:  # orbax's mismatch errors are many lines; find the first entry
-      stored = _entries(self._manager.item_metadata(step)["state"])
-      wanted = _entries(like)
-      for path in [*wanted, *(p for p in stored if p not in wanted)]:
-        there, here = stored.get(path, "absent"), wanted.get(path, "absent")
-        if there != here:
-          raise ConfigError(f"{self.directory}: the checkpoint of step {step} was written for "
-                            f"another model or config: {path} is {there} there, {here} here; "
-                            "use a new --workdir or delete that one") from None
-      raise
+    except Exception as e:
+      raise self._damaged(step, e) from None
     return out["state"], dict(out["meta"] or {})
+
+  def _damaged(self, step: int, error: Exception) -> ConfigError:
+    """The one line for a checkpoint folder that cannot be read."""
+    folder = os.path.join(self.directory, str(step))
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    fix = (f"delete {folder} to resume from step {max(earlier)}" if earlier else
+           "delete it or use a new --workdir")
+    return ConfigError(f"{folder}: the checkpoint of step {step} cannot be read, it is damaged "
+                       f"({first_line(error)}); {fix}")
 
   def close(self) -> None:
     """Waits for a save in flight to commit, then releases orbax's threads (again: no-op)."""
@@ -336,6 +349,8 @@ def _entries(tree: Any) -> dict[str, str]:
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # stored as its key data
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
     out["/".join(names)] = f"{tuple(leaf.shape)} {jax.numpy.dtype(leaf.dtype).name}"
   return out
 

@@ -196,6 +196,10 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     # The step of the last evaluation: a run ended (no eval at its last step, the caller's) and
     # extended to more epochs evaluates the epoch it ended on, as an uninterrupted run does.
     evaluated = meta.get("evaluated", int(state.step))
+    if int(state.step) > total:
+      raise ConfigError(f"train.epochs={loop.epochs:g} is {total} steps, and {workdir} has trained "
+                        f"{int(state.step)}: a rerun may raise train.epochs, not lower it; use a "
+                        "new --workdir for a shorter run")
   # Records after the checkpoint (or all, without one) belong to work this run redoes.
   if main:
     log.truncate_after(int(state.step))

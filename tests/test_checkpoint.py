@@ -144,3 +144,52 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_entry(tmp_path):
   with pytest.raises(ConfigError, match="params/fc3/kernel is absent there, "):
     ckpt.restore(state(8).replace(params={**state(8).params, "fc3": {"kernel": jnp.ones(2)}}))
   ckpt.close()
+
+
+def _small_state(dtype="float32"):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from jaxcompress.steps import TrainState
+  return TrainState.create({"fc": {"kernel": jnp.ones((3, 2), dtype)}, "key": jax.random.key(0)},
+                           {}, optax.sgd(0.1))
+
+
+def test_a_checkpoint_of_another_dtype_is_refused_not_cast(tmp_path):
+  from jaxcompress.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(3, _small_state())
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  restored, _ = ckpt.restore(_small_state())  # a typed PRNG key restores as itself
+  assert str(restored.params["key"].dtype) == "key<fry>"
+  with pytest.raises(ConfigError, match=r"params/fc/kernel is \(3, 2\) float32 there, \(3, 2\) "
+                                        r"bfloat16 here"):
+    ckpt.restore(_small_state("bfloat16"))
+  ckpt.close()
+
+
+@pytest.mark.parametrize("damage", ["meta", "state"])
+def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_resume_from(tmp_path, damage):
+  import shutil
+
+  from jaxcompress.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  for step in (2, 4):
+    ckpt.save(step, _small_state(), {"seconds": 1.0})
+  ckpt.close()
+  folder = tmp_path / "checkpoints" / "4"
+  if damage == "meta":
+    (folder / "meta" / "metadata").write_text("{not json")
+  else:
+    shutil.rmtree(folder / "state")
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  with pytest.raises(ConfigError) as e:
+    ckpt.restore(_small_state())
+  assert str(e.value).startswith(f"{folder}: the checkpoint of step 4 cannot be read, it is "
+                                 "damaged (")
+  assert str(e.value).endswith(f"); delete {folder} to resume from step 2")
+  shutil.rmtree(folder)  # as the message says
+  restored, meta = Checkpointer(str(tmp_path / "checkpoints")).restore(_small_state())
+  assert meta == {"seconds": 1.0}

@@ -55,6 +55,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert evals[0] == evals[1] and [s for s, _ in evals[0]] == [4]
 
 
+def test_a_rerun_with_fewer_epochs_is_refused_and_leaves_the_run_alone(tmp_path):
+  _run(_config(2), tmp_path)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  with pytest.raises(ConfigError, match=r"^train.epochs=1 is 4 steps, and .* has trained 8: a "
+                                        r"rerun may raise train.epochs, not lower it"):
+    _run(_config(1), tmp_path)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
 def test_a_workdir_of_another_config_is_refused_and_left_alone(tmp_path):
   _run(_config(1), tmp_path)
   before = sorted(os.listdir(tmp_path / "checkpoints"))
