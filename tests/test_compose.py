@@ -99,6 +99,21 @@ def test_lsq_steps_are_trained_and_pruning_leaves_them_alone():
   assert all(np.all(np.asarray(x) > 0) for x in jax.tree.leaves(after))
 
 
+def test_an_lsq_step_carried_across_zero_is_used_as_its_absolute_value(tmp_path):
+  """Adam moves a step by about its learning rate, so a small step may cross zero: the model and
+  the export then use |s|, as if it had not (the step's sign is no grid)."""
+  from jaxcompress.export import load
+  comp, state, _ = _setup(_specs(quant=True, quant__method="lsq"))
+  x = _batches(1)[0].image
+  flipped = jax.tree.map(lambda s: -s, state.params["qsteps"])
+  logits = lambda st: np.asarray(jax.jit(comp.logits_fn)(comp.eval_variables(st), x))
+  negative = state.replace(params={**state.params, "qsteps": flipped})
+  np.testing.assert_array_equal(logits(negative), logits(state))
+  comp.export(str(tmp_path), negative)
+  np.testing.assert_array_equal(np.asarray(load(str(tmp_path), comp.student).logits(x)),
+                                logits(state))
+
+
 def test_kmeans_method_shares_weights_over_the_codebook():
   comp, state, _ = _setup(_specs(prune=True, quant=True, quant__method="kmeans",
                                  quant__weight_bits=3))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.quantization import (cluster_params, codebook_grad, decode, decode_params,
+from jaxcompress.quantization import (assign, cluster_params, codebook_grad, decode, decode_params,
                                       kmeans, kmeans_fake_quant)
 
 W = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
@@ -120,3 +120,24 @@ def test_an_empty_weight_or_a_mask_of_another_shape_is_one_line():
   with pytest.raises(ConfigError, match=r"^kmeans: the mask has shape \(4, 3\), the weight "
                                         r"\(3, 4\)"):
     kmeans(np.ones((3, 4), np.float32), bits=2, mask=np.ones((4, 3), bool))
+
+
+def test_shared_weights_are_exactly_codebook_entries():
+  # w + (shared - w) in float32 is 0.01467036083..., one ulp off the entry it snaps to.
+  w = jnp.array([-0.045770355, 0.3], jnp.float32)
+  book = jnp.array([0.014670359, 1.0], jnp.float32)
+  assert float(w[0] + (book[0] - w[0])) != float(book[0])
+  shared, _ = kmeans_fake_quant(w, book, update=False)
+  np.testing.assert_array_equal(np.asarray(shared), np.asarray(book)[[0, 0]])
+  grad = jax.grad(lambda v: jnp.sum(kmeans_fake_quant(v, book, update=False)[0] * 3.0))(w)
+  np.testing.assert_array_equal(np.asarray(grad), [3.0, 3.0])  # straight through
+
+
+def test_a_codebook_in_any_order_gives_each_value_its_nearest_entry():
+  w = np.array([-1.0, -0.1, 0.2, 0.95, 0.6], np.float32)
+  book = np.array([1.0, -1.0, 0.0, 0.5], np.float32)  # unsorted, as from sklearn
+  nearest = book[np.abs(w[:, None] - book[None]).argmin(1)]
+  np.testing.assert_array_equal(np.asarray(decode(*assign(jnp.asarray(w), jnp.asarray(book)))),
+                                nearest)
+  shared, _ = kmeans_fake_quant(jnp.asarray(w), jnp.asarray(book), update=False)
+  np.testing.assert_array_equal(np.asarray(shared), nearest)

@@ -40,9 +40,12 @@ class Codebook(NamedTuple):
 
 
 def _assign(flat: jax.Array, centroids: jax.Array) -> jax.Array:
-  """Index of the nearest of the sorted ``centroids`` for each value (``O(n)`` memory)."""
-  midpoints = (centroids[1:] + centroids[:-1]) / 2
-  return jnp.searchsorted(midpoints, flat).astype(jnp.int32)
+  """Index of the nearest of the ``centroids`` (in any order) for each value (``O(n)`` memory):
+  a search among the midpoints of the sorted centroids."""
+  order = jnp.argsort(centroids, stable=True)
+  ranked = centroids[order]
+  midpoints = (ranked[1:] + ranked[:-1]) / 2
+  return order[jnp.searchsorted(midpoints, flat)].astype(jnp.int32)
 
 
 def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Codebook:
@@ -104,7 +107,7 @@ def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
 
   Args:
     w: the dense weights (trainable; their gradient passes straight through).
-    codebook: ``[2^bits]`` sorted centroids (not trainable; carried in the model state).
+    codebook: ``[2^bits]`` centroids (not trainable; carried in the model state).
     update: re-estimate the centroids before snapping (training) or not (evaluation).
 
   Returns:
@@ -116,11 +119,14 @@ def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
     codebook = _lloyd_step(flat, keep, codebook)
   shared = decode(codebook, jnp.where(keep, _assign(flat, codebook), codebook.shape[0]))
   shared = shared.reshape(w.shape).astype(w.dtype)
-  return w + jax.lax.stop_gradient(shared - w), codebook
+  # Exactly the codebook's values (``w + (shared - w)`` is not, in float), gradient to ``w``.
+  sg = jax.lax.stop_gradient
+  return sg(shared) + (w - sg(w)), codebook
 
 
 def assign(w: jax.Array, codebook: jax.Array) -> Codebook:
-  """The :class:`Codebook` of ``w`` over a given ``codebook`` (exact zeros masked out)."""
+  """The :class:`Codebook` of ``w`` over a given ``codebook`` (its entries in any order; exact
+  zeros masked out): each value's nearest entry."""
   flat = jnp.ravel(w)
   idx = jnp.where(flat != 0, _assign(flat, codebook), codebook.shape[0])
   return Codebook(codebook, idx.reshape(w.shape))

@@ -29,7 +29,7 @@ from jaxcompress.quantization.config import LayerConfig
 from jaxcompress.quantization.fake_quant import (_fake_quant, check_qparams, dequantize,
                                                    quantize_int)
 from jaxcompress.quantization.lsq import _lsq, lsq_grad_scale, lsq_init_step
-from jaxcompress.quantization.qparams import minmax_qparams, qparams_from_range, qrange
+from jaxcompress.quantization.qparams import EPS, minmax_qparams, qparams_from_range, qrange
 
 
 class QuantLayer(NamedTuple):
@@ -93,7 +93,12 @@ def act_grid(layer: QuantLayer, bits: Any) -> tuple[Any, Any]:
 
 
 def _target_step(step: jax.Array, target: int, bits: Any, signed: bool) -> jax.Array:
-  """An LSQ step learned for ``target`` bits, rescaled to ``bits`` (same clipping range)."""
+  """An LSQ step learned for ``target`` bits, rescaled to ``bits`` (same clipping range).
+
+  The step used is ``max(|step|, EPS)``: an optimizer update that carries a learned step across
+  zero (Adam moves it by about the learning rate, whatever its size) leaves a valid grid, and
+  the gradient pushes it back up."""
+  step = jnp.maximum(jnp.abs(step), EPS)
   if isinstance(bits, int) and bits == target:
     return step
   return step * (qrange(target, signed)[1] / qrange(bits, signed)[1])
