@@ -194,6 +194,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
             batchnorms.setdefault(call.path, float(call.module.epsilon))
     return out
 
+  check_nonempty(args, field)
   try:
     out, _ = jax.eval_shape(lambda v, a: fm.apply(v, *a, hook=record, **kwargs), variables, args)
   except ConfigError:
@@ -217,6 +218,15 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                     if p.rpartition("/")[0] not in owners and jnp.ndim(w) >= 2 and _floating(w))
   last = next((p for p in reversed(seen) if p in calls), None)
   return ModelLayers(layers, norms, uncovered, last, batchnorms)
+
+
+def check_nonempty(args: Any, field: str) -> None:
+  """Raises one line if an input array of ``args`` has no entries (a sequence of length 0)."""
+  empty = [tuple(jnp.shape(a)) for a in jax.tree.leaves(args) if 0 in jnp.shape(a)]
+  if empty:
+    raise ConfigError(f"{field}: the model's input of shape {empty[0]} holds no entries (a batch "
+                      "or sequence of length 0); pass inputs with at least one entry on every "
+                      "axis")
 
 
 def require_layers(layers: ModelLayers, field: str = "student.name") -> None:

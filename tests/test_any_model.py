@@ -11,6 +11,7 @@ quant, artifact, serving) compared bit for bit.
 from __future__ import annotations
 
 import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -441,6 +442,45 @@ def test_trace_finds_norms_by_forward_not_by_name():
   assert layers.norms == {"after_stem": "stem", "n2": "body", "gn": "mid", "zzz": "Dense_0"}
   assert set(layers.batchnorms) == {"after_stem", "n2", "zzz"}  # GroupNorm is not folded
   assert layers.first == "stem" and layers.last == "classifier"
+
+
+class RecurrentLM(nn.Module):
+  cell: type
+
+  @nn.compact
+  def __call__(self, ids):
+    return nn.Dense(11)(nn.RNN(self.cell(8))(nn.Embed(11, 8)(ids)))
+
+
+def test_kernels_the_library_does_not_see_called_are_named_in_a_warning():
+  """nn.OptimizedLSTMCell computes its gates' products itself (DenseParams hold the kernels):
+  they stay float, and build says so; nn.LSTMCell's Dense gates are compressed, no warning."""
+  ids = jnp.zeros((2, 5), jnp.int32)
+  for cell, warned in ((nn.OptimizedLSTMCell, True), (nn.LSTMCell, False)):
+    model = RecurrentLM(cell)
+    variables = model.init(jax.random.key(0), ids)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      compose.build(model, variables, ids, optimizer=optax.sgd(0.1), total_steps=2,
+                    quant=compose.QuantSpec(weight_bits=4))
+    found = [str(w.message) for w in caught if "stay float and dense" in str(w.message)]
+    assert bool(found) is warned, cell
+    if warned:
+      assert "OptimizedLSTMCell_0/hf/kernel" in found[0]
+
+
+def test_an_input_of_length_zero_is_one_line():
+  model = RecurrentLM(nn.LSTMCell)
+  ids = jnp.zeros((2, 5), jnp.int32)
+  variables = model.init(jax.random.key(0), ids)
+  empty = jnp.zeros((2, 0), jnp.int32)
+  with pytest.raises(ConfigError, match=r"input of shape \(2, 0\) holds no entries"):
+    compose.build(model, variables, empty, optimizer=optax.sgd(0.1), total_steps=2,
+                  quant=compose.QuantSpec(weight_bits=4))
+  comp = compose.build(model, variables, ids, optimizer=optax.sgd(0.1), total_steps=2,
+                       quant=compose.QuantSpec(weight_bits=4))
+  with pytest.raises(ConfigError, match=r"quantizer init: the model's input of shape \(2, 0\)"):
+    comp.init_state(variables, empty)
 
 
 def test_tied_embedding_is_both_first_and_last():

@@ -69,6 +69,7 @@ from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, ga
 from jaxcompress.quantization.schedule import BitSchedule
 from jaxcompress.quantization.spec import layer_specs
 from jaxcompress.rules import Rule, tree_get, tree_set
+from jaxcompress.selection import check_nonempty
 
 
 @struct.dataclass
@@ -178,6 +179,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     Raises:
       ConfigError: for NaN/Inf in a selected kernel or in the sample's layer inputs.
     """
+    check_nonempty(args, "quantizer init")
     params = variables["params"]
 
     def describe(call, x_all):
