@@ -332,8 +332,10 @@ class Checkpointer:
     earlier = [s for s in self._manager.all_steps() if s < step]
     fix = (f"delete {folder} to resume from step {max(earlier)}" if earlier else
            "delete it or use a new --workdir")
+    cause = first_line(error).split(" [tensorstore_spec=")[0]  # the spec is a page of JSON
+    cause = cause if len(cause) <= 200 else cause[:197] + "..."
     return ConfigError(f"{folder}: the checkpoint of step {step} cannot be read, it is damaged "
-                       f"({first_line(error)}); {fix}")
+                       f"({cause}); {fix}")
 
   def close(self) -> None:
     """Waits for a save in flight to commit, then releases orbax's threads (again: no-op)."""
