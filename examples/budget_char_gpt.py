@@ -88,8 +88,8 @@ def main(argv):
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight)) for l in inner}
   limit = int(sum(4 * w.size for w in weights.values()) / _RATIO.value)
   preset = budget.get_preset("any")
-  options = {l.path: preset.options(shape=l.shape, last=False, sparsities=SPARSITIES,
-                                    weight_bits=BITS, act_bits=(8,)) for l in inner}
+  options = {l.path: preset.layer_options(l, last=False, sparsities=SPARSITIES,
+                                          weight_bits=BITS, act_bits=(8,)) for l in inner}
   sens = budget.scan(module, variables, held_out, options, calibration=calibration,
                      joint=True, damage="kl")
   keep = functools.cache(lambda p, s: budget.keep_mask(weights[p], s))  # one per (layer, s)

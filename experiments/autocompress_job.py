@@ -212,9 +212,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   macs = budget_lib.layer_macs(model, variables, calib[0])
   grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
               act_bits=config.scan.act_bits, kind=kind)
-  options = {l.path: preset.options(shape=weights[l.path].shape, last=l.path == last,
-                                    reduce_axes=l.reduce_axes, float_inputs=l.kind == "embed",
-                                    **grid) for l in layers}
+  options = {l.path: preset.layer_options(l, last=l.path == last, **grid) for l in layers}
   by_path = {l.path: l for l in layers}
   excluded = excluded_bits(config)
   plannable = {p: [o for o in opts if o.weight_bits not in excluded]
@@ -230,8 +228,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     return keeps[(path, s, structure)]
 
   def cost(path, o):  # (bytes, BOPs) of one option
-    return budget_lib.option_cost(keep(path, o.sparsity), o, macs.get(path, 0), preset.structure,
-                                  by_path[path].out_axis)
+    return budget_lib.layer_costs(weights[path], by_path[path], [o], macs.get(path, 0),
+                                  preset.structure, keep=lambda s: keep(path, s))[0]
 
   costs = {l.path: [cost(l.path, o) for o in plannable[l.path]] for l in layers}
   pick = 0 if kind == "size" else 1

@@ -149,3 +149,8 @@ def test_the_budget_sizes_a_scanned_weight_step_by_step():
   for s in range(3):  # the 4 output channels of lowest L1 norm of each step
     dropped = np.argsort(np.abs(kernel[s]).sum(0), kind="stable")[:4]
     np.testing.assert_array_equal(channel[s].all(0), ~np.isin(np.arange(WIDTH), dropped))
+  assert budget.density(channel, "channel", layer.out_axis, layer.stacked) == 0.5
+  option = budget.Option(0.5, 4, 8)
+  [(size, bops)] = budget.layer_costs(kernel, layer, [option], 100, "channel")
+  assert bops == 50 * 4 * 8  # half the MACs of every step, 4-bit weights, 8-bit inputs
+  assert size == budget.weight_bytes(channel, 4)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -291,12 +291,14 @@ def _out_features(call: Any, weight: Any) -> int:
   return int(np.prod([n for a, n in enumerate(shape) if a not in summed], dtype=np.int64))
 
 
-def density(keep: np.ndarray, structure: str, out_axis: int = -1) -> float:
+def density(keep: np.ndarray, structure: str, out_axis: int = -1, stacked: int = 0) -> float:
   """Fraction of a layer's MACs left: kept entries, or kept output channels (along
-  ``out_axis``, the layer's ``Layer.out_axis``)."""
+  ``out_axis``, the layer's ``Layer.out_axis``; of each step of a weight with ``stacked``
+  leading axes, ``Layer.stacked``)."""
   if structure == "channel":
     keep = np.moveaxis(keep, out_axis, -1)
-    return float(np.mean(np.any(keep.reshape(-1, keep.shape[-1]), axis=0)))
+    steps = keep.reshape(math.prod(keep.shape[:stacked]), -1, keep.shape[-1])
+    return float(np.mean(np.any(steps, axis=1)))
   return float(np.mean(keep))
 
 
@@ -308,8 +310,19 @@ def option_bops(macs: int, option: Option, dens: float) -> int:
 
 
 def option_cost(keep: np.ndarray, option: Option, macs: int, structure: str,
-                out_axis: int = -1) -> tuple[int, int]:
+                out_axis: int = -1, stacked: int = 0) -> tuple[int, int]:
   """``(bytes, BOPs)`` of one layer's option, given the entries its sparsity keeps: the weight's
   fixed-width codes in the artifact (:func:`weight_bytes`) and its BOPs per example."""
   return (weight_bytes(keep, option.weight_bits),
-          option_bops(macs, option, density(keep, structure, out_axis)))
+          option_bops(macs, option, density(keep, structure, out_axis, stacked)))
+
+
+def layer_costs(weight: Any, layer: Any, options: Sequence[Option], macs: int, structure: str,
+                keep: Callable[[float], np.ndarray] | None = None) -> list[tuple[int, int]]:
+  """``(bytes, BOPs)`` of each option of a traced :class:`~jaxcompress.selection.Layer` whose
+  weight is ``weight``: pruned as training prunes it (:func:`keep_mask`, or ``keep(sparsity)``
+  where the caller keeps the masks), one mask per sparsity."""
+  keep = keep or (lambda s: keep_mask(weight, s, structure, layer))
+  keeps = {s: keep(s) for s in {o.sparsity for o in options}}
+  return [option_cost(keeps[o.sparsity], o, macs, structure, layer.out_axis, layer.stacked)
+          for o in options]

@@ -17,10 +17,10 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from jaxcompress.budget.allocate import Allocation
-from jaxcompress.budget.cost import keep_mask, layer_macs, option_cost
+from jaxcompress.budget.cost import layer_costs, layer_macs
 from jaxcompress.budget.plan import Plan, allocate_plan
 from jaxcompress.budget.presets import get_preset
-from jaxcompress.budget.sensitivity import Sensitivity, scan
+from jaxcompress.budget.sensitivity import Sensitivity, check_held_out_batches, scan
 from jaxcompress.errors import ConfigError, check_positive, check_range, invalid
 from jaxcompress.quantization.qparams import check_bits
 from jaxcompress.rules import tree_get
@@ -97,16 +97,15 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   for name, grid in (("weight_bits", weight_bits), ("act_bits", act_bits)):
     for i, b in enumerate(grid):
       check_bits(b, f"{name}[{i}]")
+  check_held_out_batches(held_out)
   sample = held_out[0].image
   traced = trace_layers(model, variables, sample, field="model")
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
              for l in traced.layers}
   by_path = {l.path: l for l in traced.layers}
-  options = {p: preset.options(shape=w.shape, last=p == traced.last, sparsities=sparsities,
-                               weight_bits=weight_bits, act_bits=act_bits, kind=kind,
-                               reduce_axes=by_path[p].reduce_axes,
-                               float_inputs=by_path[p].kind == "embed")
-             for p, w in weights.items()}
+  options = {l.path: preset.layer_options(l, last=l.path == traced.last, sparsities=sparsities,
+                                          weight_bits=weight_bits, act_bits=act_bits, kind=kind)
+             for l in traced.layers}
   sens = sensitivity or scan(model, variables, held_out, options,
                              calibration=calibration or [sample], structure=preset.structure,
                              per_channel=per_channel or preset.per_channel, damage=damage,
@@ -115,13 +114,8 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
     raise ConfigError(f"sensitivity: scanned other layers or options than device={device!r} "
                       "and these grids offer; give the scan of the same model and grids")
   macs = layer_macs(model, variables, sample)
-  costs = []  # per layer and option: (bytes, BOPs)
-  for path, opts in zip(sens.paths, sens.options):
-    layer = by_path[path]
-    keeps = {s: keep_mask(weights[path], s, preset.structure, layer)
-             for s in {o.sparsity for o in opts}}
-    costs.append([option_cost(keeps[o.sparsity], o, macs.get(path, 0), preset.structure,
-                              layer.out_axis) for o in opts])
+  costs = [layer_costs(weights[p], by_path[p], opts, macs.get(p, 0), preset.structure)
+           for p, opts in zip(sens.paths, sens.options)]  # per layer and option: (bytes, BOPs)
   found = allocate_plan([(p, by_path[p].weight) for p in sens.paths], sens.options, costs,
                         sens.damage, limit, kind=kind, structure=preset.structure,
                         overhead=overhead)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from jaxcompress.errors import unknown
 
@@ -88,6 +88,15 @@ class Preset:
     if float_inputs and kind == "bops":
       ab = (0,)
     return [Option(float(s), int(w), int(a)) for s in sp for w in sorted(wb) for a in sorted(ab)]
+
+  def layer_options(self, layer: Any, *, last: bool, sparsities: Sequence[float],
+                    weight_bits: Sequence[int], act_bits: Sequence[int],
+                    kind: str = "size") -> list[Option]:
+    """:meth:`options` of a traced :class:`~jaxcompress.selection.Layer`: its weight shape,
+    reduction axes, and float inputs for an ``Embed``."""
+    return self.options(shape=layer.shape, last=last, sparsities=sparsities,
+                        weight_bits=weight_bits, act_bits=act_bits, kind=kind,
+                        reduce_axes=layer.reduce_axes, float_inputs=layer.kind == "embed")
 
   def allows(self, option: Option, *, shape: Sequence[int], last: bool,
              sparsities: Sequence[float], weight_bits: Sequence[int],

@@ -168,6 +168,17 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
                      evaluate.compiles, joint, damage)
 
 
+def check_held_out_batches(batches: Sequence[Any]) -> None:
+  """Raises one line unless the held-out ``batches`` hold an example of weight > 0."""
+  if not batches:
+    raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
+                      "examples")
+  weights = [np.asarray(b.weight) for b in batches]
+  if not all(w.size for w in weights) or not sum(float(np.sum(w)) for w in weights) > 0:
+    raise ConfigError("sensitivity: the held-out batches hold no example of weight > 0 (an "
+                      "empty batch, or padding only); hold out training examples")
+
+
 class Evaluator:
   """The held-out loss and accuracy of the model with any of its layers pruned and quantized.
 
@@ -182,13 +193,7 @@ class Evaluator:
     if damage not in DAMAGES:
       raise unknown("sensitivity: damage", damage, DAMAGES)
     self.batches = list(batches)
-    if not self.batches:
-      raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
-                        "examples")
-    weights = [np.asarray(b.weight) for b in self.batches]
-    if not all(w.size for w in weights) or not sum(float(np.sum(w)) for w in weights) > 0:
-      raise ConfigError("sensitivity: the held-out batches hold no example of weight > 0 (an "
-                        "empty batch, or padding only); hold out training examples")
+    check_held_out_batches(self.batches)
     sample = self.batches[0].image
     self.variables = dict(variables)
     self.layers = layers = trace_layers(model, self.variables, sample).layers
