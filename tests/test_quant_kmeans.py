@@ -141,3 +141,10 @@ def test_a_codebook_in_any_order_gives_each_value_its_nearest_entry():
                                 nearest)
   shared, _ = kmeans_fake_quant(jnp.asarray(w), jnp.asarray(book), update=False)
   np.testing.assert_array_equal(np.asarray(shared), nearest)
+
+
+def test_non_finite_weights_or_a_codebook_of_another_rank_are_one_line():
+  with pytest.raises(ConfigError, match=r"^kmeans: the weight holds 1 NaN/Inf values"):
+    kmeans(np.array([0.1, np.nan, 0.3], np.float32), bits=2)
+  with pytest.raises(ConfigError, match=r"^kmeans_fake_quant: codebook has shape \(2, 2\)"):
+    kmeans_fake_quant(jnp.ones(4), jnp.zeros((2, 2)), update=False)

@@ -99,3 +99,13 @@ def test_non_positive_step_raises(step):
 def test_a_step_for_no_positive_code_is_refused():
   with pytest.raises(ConfigError, match=r"^qmax must be > 0 \(the largest code"):
     lsq_init_step(np.ones(3, np.float32), qmax=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(step=jnp.full((3,), 0.1)), r"step must be a scalar or an array broadcastable against "
+                                     r"x of shape \(4, 5\)"),
+    (dict(step=0.1, grad_scale=-1.0), r"grad_scale must be > 0"),
+    (dict(step=0.0), r"step must be finite and > 0 everywhere, got 0.0; lsq_init_step gives")])
+def test_a_step_or_gradient_scale_that_cannot_be_is_one_line(kwargs, match):
+  with pytest.raises(ConfigError, match=match):
+    lsq_fake_quant(jnp.ones((4, 5)), qmin=-8, qmax=7, **kwargs)

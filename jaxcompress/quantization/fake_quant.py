@@ -25,8 +25,11 @@ from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.quantization.qparams import concrete
 
 
-def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "scale") -> None:
-  """Raises :class:`ConfigError` for a non-positive or non-finite scale or ``qmin >= qmax``.
+def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "scale",
+                  hint: str = "compute it with minmax_qparams or qparams_from_range, which guard "
+                              "against 0") -> None:
+  """Raises :class:`ConfigError` for a non-positive or non-finite scale or ``qmin >= qmax``
+  (``hint``: how to get a valid scale).
 
   Only values known outside a trace are checked (``None`` skips one); under ``jit`` the arguments
   are trusted.
@@ -39,8 +42,7 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
   s = concrete(scale)
   if s is not None and not np.all(np.isfinite(s) & (s > 0)):
     bad = s[~(np.isfinite(s) & (s > 0))] if s.ndim else s
-    raise invalid(field, bad.tolist(), "finite and > 0 everywhere",
-                  "compute it with minmax_qparams or qparams_from_range, which guard against 0")
+    raise invalid(field, bad.tolist(), "finite and > 0 everywhere", hint)
 
 
 def scaled(x: Any, scale: Any) -> jax.Array:

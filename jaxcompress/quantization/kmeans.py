@@ -22,9 +22,10 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.quantization.qparams import check_bits
+from jaxcompress.quantization.qparams import check_bits, concrete
 from jaxcompress.rules import Rule, Rules, path_str
 
 
@@ -75,6 +76,10 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
   if mask is not None and jnp.shape(mask) != jnp.shape(w):
     raise ConfigError(f"kmeans: the mask has shape {tuple(jnp.shape(mask))}, the weight "
                       f"{tuple(jnp.shape(w))}; a mask has its weight's shape")
+  values = concrete(w)
+  if values is not None and not np.all(np.isfinite(values)):
+    raise ConfigError(f"kmeans: the weight holds {int(np.sum(~np.isfinite(values)))} NaN/Inf "
+                      "values; cluster finite weights (a diverged run: use an earlier checkpoint)")
   k = 1 << bits
   flat = jnp.ravel(jnp.asarray(w, jnp.float32))
   keep = jnp.ones(flat.shape, bool) if mask is None else jnp.ravel(jnp.asarray(mask, bool))
@@ -113,6 +118,9 @@ def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
   Returns:
     ``(weights shared over the codebook, codebook)``.
   """
+  if jnp.ndim(codebook) != 1:
+    raise ConfigError(f"kmeans_fake_quant: codebook has shape {tuple(jnp.shape(codebook))}; a "
+                      "codebook is one vector of 2^bits centroids")
   flat = jnp.ravel(w).astype(jnp.float32)
   keep = flat != 0
   if update:

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxcompress.errors import invalid
 from jaxcompress.quantization.fake_quant import check_qparams, scaled
-from jaxcompress.quantization.qparams import EPS, reduce_axes
+from jaxcompress.quantization.qparams import EPS, concrete, reduce_axes
 
 
 def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None) -> jax.Array:
@@ -102,9 +102,18 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
   Example:
     >>> g = jax.grad(lambda s: lsq_fake_quant(jnp.array(0.7), s, qmin=-8, qmax=7).sum())(0.5)
   """
-  check_qparams(step, qmin, qmax, field="step")
+  check_qparams(step, qmin, qmax, field="step",
+                hint="lsq_init_step gives the paper's initial step from the values")
   x = jnp.asarray(x)
   step = jnp.asarray(step, jnp.float32)
+  try:
+    np.broadcast_shapes(step.shape, x.shape)
+  except ValueError:
+    raise invalid("step", f"of shape {step.shape}", "a scalar or an array broadcastable "
+                  f"against x of shape {x.shape} (one step per channel, size 1 "
+                  "elsewhere)") from None
   if grad_scale is None:
     grad_scale = lsq_grad_scale(x.size // max(step.size, 1), qmax)
+  elif concrete(grad_scale) is not None and not np.all(concrete(grad_scale) > 0):
+    raise invalid("grad_scale", grad_scale, "> 0 (the paper's 1 / sqrt(N * Q_P))")
   return _lsq(x, step, qmin, qmax, grad_scale)
