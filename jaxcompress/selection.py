@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.models.functional import (called_shape, contraction_axes, functional, output_axis,
-                                           weight_name)
+                                           stacked_count, weight_name)
 from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
 
@@ -171,8 +171,7 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
     if name is not None:
       wpath = f"{call.path}/{name}" if call.path else name
       w = flat.get(wpath)
-      stacked = 0 if w is None else max(
-          jnp.ndim(w) - len(called_shape(call, name) or jnp.shape(w)), 0)
+      stacked = 0 if w is None else stacked_count(jnp.shape(w), called_shape(call, name), wpath)
       if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
         ndim = jnp.ndim(w) - stacked  # one call's weight
         calls[call.path] = Layer(

@@ -154,3 +154,28 @@ def test_the_budget_sizes_a_scanned_weight_step_by_step():
   [(size, bops)] = budget.layer_costs(kernel, layer, [option], 100, "channel")
   assert bops == 50 * 4 * 8  # half the MACs of every step, 4-bit weights, 8-bit inputs
   assert size == budget.weight_bytes(channel, 4)
+
+
+def test_a_scanned_layer_counts_the_macs_of_every_step_once():
+  x = np.zeros((2, 6), np.float32)
+  model = Scanned()
+  variables = model.init(jax.random.key(0), x)
+  # stem 6 x 8, three steps of 8 x 8 (Linen traces the scan body twice), head 8 x 3
+  assert budget.layer_macs(model, variables, x) == {"stem": 48, "blocks/fc": 192, "head": 24}
+
+
+def test_a_weight_stacked_behind_its_first_axis_is_one_line():
+  class SecondAxis(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h, _ = nn.scan(Block, variable_axes={"params": 1}, split_rngs={"params": True},
+                     length=3)(name="blocks")(nn.Dense(WIDTH, name="stem")(x), None)
+      return nn.Dense(3, name="head")(h)
+
+  x = np.zeros((2, 6), np.float32)
+  model = SecondAxis()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.raises(ConfigError, match=r"the weight 'blocks/fc/kernel' is stored at \[8, 3, 8\], "
+                                        r"one call uses \[8, 8\]"):
+    compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                  quant=compose.QuantSpec(weight_bits=4))

@@ -44,8 +44,8 @@ from jaxcompress.export import sparse
 from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.export.packing import packed_size
-from jaxcompress.models.functional import (contraction_axes, functional, output_axis,
-                                           weight_name)
+from jaxcompress.models.functional import (called_shape, contraction_axes, functional,
+                                           output_axis, weight_name)
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
 
@@ -254,10 +254,14 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
   a dense layer, ``T x in x heads x dim`` for a DenseGeneral projecting ``T`` tokens to
   ``(heads, dim)`` (the positions are the output's entries over the weight's output features),
   ``T x vocab x features`` for an Embed used as the output head (``attend``; a lookup is 0);
-  a layer called several times counts every call. Abstract (no FLOPs).
+  a layer called several times counts every call. A layer whose weight a lifted transform stacks
+  (``nn.scan`` over ``params``) counts one call of each step's weight per step (its body may be
+  traced more than once; a second call of it inside one step is not counted). Abstract (no
+  FLOPs).
   """
   fm = functional(model)
   macs: dict[str, int] = {}
+  stacked_seen: set[str] = set()
 
   def record(call, run):
     out = run(call.x)
@@ -265,8 +269,14 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
     if call.kind == "linear" and name is not None:
       w = tree_get(variables["params"], f"{call.path}/{name}" if call.path else name)
       if w is not None and np.ndim(w) >= 2:
-        positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // _out_features(call, w)
-        macs[call.path] = macs.get(call.path, 0) + positions * int(np.prod(np.shape(w)))
+        shape = called_shape(call, name) or tuple(np.shape(w))  # one step's weight
+        steps = int(np.prod(np.shape(w)[:np.ndim(w) - len(shape)], dtype=np.int64))
+        if len(shape) < np.ndim(w) and call.path in stacked_seen:
+          return out
+        if len(shape) < np.ndim(w):
+          stacked_seen.add(call.path)
+        positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // _out_features(call, shape)
+        macs[call.path] = macs.get(call.path, 0) + steps * positions * int(np.prod(shape))
     elif call.kind == "embed" and call.method == "attend":  # x @ embedding.T: [vocab, features]
       w = tree_get(variables["params"], f"{call.path}/embedding" if call.path else "embedding")
       positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // int(np.shape(w)[0])
@@ -280,10 +290,9 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
   return macs
 
 
-def _out_features(call: Any, weight: Any) -> int:
-  """Entries of one output position that ``weight`` makes: its output axis, or for DenseGeneral
-  and Einsum every axis the product does not sum over (``(heads, dim)`` features)."""
-  shape = np.shape(weight)
+def _out_features(call: Any, shape: Sequence[int]) -> int:
+  """Entries of one output position that a weight of ``shape`` makes: its output axis, or for
+  DenseGeneral and Einsum every axis the product does not sum over (``(heads, dim)`` features)."""
   if not isinstance(call.module, (nn.DenseGeneral, nnx.LinearGeneral, nn.Einsum, nnx.Einsum)):
     # Dense/Linear [in, out], Conv [*window, in, out], a transposed kernel [*window, out, in]
     return int(shape[output_axis(call.module, len(shape))])

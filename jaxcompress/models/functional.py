@@ -195,6 +195,23 @@ def called_shape(call: Any, name: str) -> tuple[int, ...] | None:
     return None
 
 
+def stacked_count(stored: Sequence[int], called: Sequence[int] | None, path: str) -> int:
+  """Leading axes a lifted transform stacks on a weight stored at shape ``stored`` that one call
+  holds at shape ``called`` (``None``: not shown; 0 for an ordinary weight).
+
+  Raises:
+    ConfigError: for a weight stacked along other axes than its leading ones
+      (``variable_axes={'params': 1}``), which the library cannot compress step by step.
+  """
+  k = len(stored) - len(called) if called is not None else 0
+  if k > 0 and tuple(stored[k:]) != tuple(called):
+    raise ConfigError(f"model: the weight {path!r} is stored at {list(stored)}, one call uses "
+                      f"{list(called)}: a lifted transform stacks it along other axes than its "
+                      "leading ones; stack parameters first (nn.scan/nn.vmap with "
+                      "variable_axes={'params': 0}) to compress each step")
+  return max(k, 0)
+
+
 def stacked_axes(axes: Sequence[int], stacked: int) -> tuple[int, ...]:
   """Axes of one call's weight (``axes``) in the stored weight that stacks ``stacked`` leading
   axes before it (``nn.scan``/``nn.vmap`` over ``params``), those leading axes first."""

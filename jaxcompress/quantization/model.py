@@ -60,7 +60,7 @@ from flax.core.tracers import current_trace
 
 from jaxcompress.errors import check_range
 from jaxcompress.models.functional import (Hook, called_shape, chain_hooks, functional,
-                                           output_axes, stacked_axes, weight_name)
+                                           output_axes, stacked_axes, stacked_count, weight_name)
 from jaxcompress.precision import cast_floating
 from jaxcompress.quantization.calibration import ema_range, union_range
 from jaxcompress.quantization.config import compile_rules, default_rules
@@ -205,7 +205,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
         continue
       axis = None
       if cfg.per_channel:  # one scale per output channel of every step of a stacked weight
-        stacked = max(kernel.ndim - len(called or kernel.shape), 0)
+        stacked = stacked_count(kernel.shape, called, f"{path}/{weight}")
         ndim = kernel.ndim - stacked
         axis = stacked_axes((0,) if kind == "embed" else output_axes(module, ndim), stacked)
         axis = axis[0] if len(axis) == 1 else axis
