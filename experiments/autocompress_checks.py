@@ -7,10 +7,8 @@ of ``data.train_split``, never overlaps ``data.eval_split``).
 
 from __future__ import annotations
 
-import math
-import re
-
 from jaxcompress import budget as budget_lib
+from jaxcompress import data as data_lib
 from jaxcompress.errors import ConfigError, check_positive, invalid
 
 
@@ -98,37 +96,18 @@ def excluded_bits(config) -> set[int]:
   return set(config.scan.weight_bits) - set(config.budget.weight_bits or config.scan.weight_bits)
 
 
-def _split_range(split: str) -> tuple[str, int | None, int | None] | None:
-  """``(name, start, stop)`` of ``name`` or ``name[a:b]`` (integers); ``None`` otherwise."""
-  m = re.fullmatch(r"(\w+)(?:\[(-?\d*):(-?\d*)\])?", split.replace(" ", ""))
-  if m is None:
-    return None
-  lo, hi = (int(g) if g else None for g in m.group(2, 3))
-  if (lo or 0) < 0 or (hi is not None and hi < 0):
-    return None
-  return m.group(1), lo or 0, hi
-
-
-def check_held_out(data, train_size: int) -> None:
-  """Raises one line if the held-out slice may overlap ``data.eval_split``.
-
-  Args:
-    data: the ``data`` section.
-    train_size: examples in ``data.train_split`` (before the hold-out).
-  """
-  bases = [re.fullmatch(r"(\w+)(?:\[[^\]+]*\])?", s.replace(" ", "")) for s in
-           (data.train_split, data.eval_split)]
-  if all(bases) and bases[0].group(1) != bases[1].group(1):
-    return  # slices (integers, percents, negative) of two different splits never overlap
-  train, test = _split_range(data.train_split), _split_range(data.eval_split)
-  msg = (f"data.val_examples={data.val_examples}: the held-out slice (the last examples of "
-         f"data.train_split={data.train_split!r}) overlaps data.eval_split={data.eval_split!r}; "
-         "evaluate on another split, or make the two splits disjoint slices")
-  if train is None or test is None:
-    raise ConfigError(msg.replace(") overlaps", ") may overlap") + " (integer slices of one "
-                      "split, e.g. train[:45000] and train[45000:], are checked)")
-  stop = train[1] + train_size  # the held-out slice is [stop - val, stop) of the base split
-  lo, hi = stop - data.val_examples, stop
-  t_lo, t_hi = test[1], (math.inf if test[2] is None else test[2])
-  if max(lo, t_lo) < min(hi, t_hi):
-    raise ConfigError(msg)
+def check_held_out(data) -> None:
+  """Raises one line if the held-out slice (the last ``data.val_examples`` examples of
+  ``data.train_split``, before any ``data.train_examples`` cap) shares examples with
+  ``data.eval_split``, counted from the prepared dataset's split sizes
+  (:func:`jaxcompress.data.shared_examples`)."""
+  held = data_lib.last_examples(data.name, data.train_split, data.val_examples,
+                                data_dir=data.data_dir)
+  shared = data_lib.shared_examples(data.name, held or data.train_split, data.eval_split,
+                                    data_dir=data.data_dir)
+  if shared:
+    common = f" ({held}: {shared:,} examples in common)" if held else ""
+    raise ConfigError(f"data.val_examples={data.val_examples}: the held-out slice (the last "
+                      f"examples of data.train_split={data.train_split!r}) overlaps "
+                      f"data.eval_split={data.eval_split!r}{common}; evaluate on another split, "
+                      "or make the two splits disjoint slices")

@@ -186,7 +186,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   data = DataSpec.from_mapping(config.data)
   splits = load_data(data)
   train, val = data_lib.as_split(splits["train"]), data_lib.as_split(splits["val"])
-  check_held_out(config.data, len(train) + config.data.val_examples)
+  check_held_out(config.data)
   per_epoch = data_lib.steps_per_epoch(len(train), config.data.batch_size)
   need = 2 if config.prune.schedule == "gradual" else 1  # the fine-tunings' pruning schedule
   if int(round(config.train.epochs * per_epoch)) < need:

@@ -56,12 +56,13 @@ class DataSpec:
 
   def __post_init__(self):
     dataset_spec(self.name)
+    integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     for field in ("batch_size", "eval_batch_size"):
-      if getattr(self, field) <= 0:
-        raise invalid(f"data.{field}", getattr(self, field), "> 0")
+      if not integer(getattr(self, field)) or getattr(self, field) <= 0:
+        raise invalid(f"data.{field}", getattr(self, field), "an integer > 0")
     for field in ("val_examples", "train_examples"):
-      if getattr(self, field) < 0:
-        raise invalid(f"data.{field}", getattr(self, field), ">= 0 (0: none)")
+      if not integer(getattr(self, field)) or getattr(self, field) < 0:
+        raise invalid(f"data.{field}", getattr(self, field), "an integer >= 0 (0: none)")
     object.__setattr__(self, "mean", tuple(self.mean))
     object.__setattr__(self, "std", tuple(self.std))
     check_normalization(self.mean, self.std, dataset_spec(self.name).image_shape[-1])
@@ -89,7 +90,9 @@ def _open_source(name: str, split: str, root: str, field: str = "data.split"):
   import tensorflow_datasets as tfds  # imported lazily: it is slow to import
 
   try:
-    return tfds.data_source(name, split=split, data_dir=root, download=False)
+    source = tfds.data_source(name, split=split, data_dir=root, download=False)
+    len(source)  # a slice whose end is before its start has a negative length: unreadable
+    return source
   except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
     check_prepared(name, root)
     raise ConfigError(f"{field}: cannot read split {split!r} of {name!r} from {root!r} "
@@ -220,22 +223,41 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
   return SourceSplit(_Decoded(source, spec.image_shape), 0, len(source))
 
 
+def _parts(name: str, split: str, data_dir: str | None) -> list[tuple[str, int, int]]:
+  """``[(split name, start, stop)]`` of a TFDS split spec (``train[:80%]+test``), absolute,
+  from the prepared dataset's split sizes."""
+  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
+
+  splits = tfds.builder(name, data_dir=resolve_data_dir(data_dir)).info.splits
+  return [(part.splitname, part.from_ or 0,
+           splits[part.splitname].num_examples if part.to is None else part.to)
+          for part in tfds.core.ReadInstruction.from_spec(split).to_absolute(splits)]
+
+
+def last_examples(name: str, split: str, n: int, *, data_dir: str | None = None) -> str | None:
+  """The TFDS split spec of the last ``n`` examples of ``split`` (``"train"``, 500:
+  ``"train[49500:50000]"``; several parts joined by ``+``), what a hold-out of ``n`` takes;
+  ``None`` when the split sizes cannot be read."""
+  try:
+    parts = _parts(name, split, data_dir)
+  except Exception:  # TFDS raises many types for an unreadable dataset or split
+    return None
+  out = []
+  for base, lo, hi in reversed(parts):
+    take = min(n, max(hi - lo, 0))
+    if take:
+      out.append(f"{base}[{hi - take}:{hi}]")
+    n -= take
+  return "+".join(reversed(out)) if out else None
+
+
 def shared_examples(name: str, a: str, b: str, *, data_dir: str | None = None) -> int:
   """How many examples the TFDS splits ``a`` and ``b`` of dataset ``name`` have in common
   (``"test[:5000]"`` and ``"test"``: 5,000), from the prepared dataset's split sizes; when those
   cannot be read, ``a == b`` decides (the reads that follow say what is wrong)."""
-  import tensorflow_datasets as tfds  # imported lazily: it is slow to import
-
   try:
-    splits = tfds.builder(name, data_dir=resolve_data_dir(data_dir)).info.splits
-
-    def ranges(spec):
-      for part in tfds.core.ReadInstruction.from_spec(spec).to_absolute(splits):
-        end = splits[part.splitname].num_examples if part.to is None else part.to
-        yield part.splitname, part.from_ or 0, end
-
-    return sum(max(0, min(hi, hi2) - max(lo, lo2)) for s, lo, hi in ranges(a)
-               for s2, lo2, hi2 in ranges(b) if s == s2)
+    return sum(max(0, min(hi, hi2) - max(lo, lo2)) for s, lo, hi in _parts(name, a, data_dir)
+               for s2, lo2, hi2 in _parts(name, b, data_dir) if s == s2)
   except Exception:  # TFDS raises many types for an unreadable dataset or split
     return 1 if a == b else 0
 
@@ -283,6 +305,12 @@ def check_normalization(mean: Sequence[float], std: Sequence[float], channels: i
                         field: str = "data") -> None:
   """Raises :class:`ConfigError` unless ``std`` holds finite values > 0 and ``mean`` finite
   values, one per channel (or one for all)."""
+  for name, v in (("mean", mean), ("std", std)):
+    try:
+      np.asarray(v, np.float64)
+    except (TypeError, ValueError):
+      raise invalid(f"{field}.{name}", v, "numbers, one per channel or one for all (pixel / 255 "
+                    "units)") from None
   mean, std = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
   if not (np.all(np.isfinite(std)) and np.all(std > 0)):
     raise invalid(f"{field}.std", tuple(std.tolist()), "finite values > 0 (pixel / 255 units)")

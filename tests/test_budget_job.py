@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import autocompress
+from conftest import requires_cifar10
 from experiments.autocompress_checks import check_held_out
 from experiments.autocompress_job import train_and_evaluate
 from jaxcompress.errors import ConfigError
@@ -192,22 +193,22 @@ def test_held_out_slice_must_exist_and_miss_the_evaluation_split(mlp_weights, tm
   assert not os.path.exists(tmp_path / "w")
 
 
-def test_held_out_ranges_by_hand():
-  class Data:
-    val_examples = 100
+@requires_cifar10
+def test_held_out_slices_against_the_evaluation_split_by_hand():
+  class Data:  # CIFAR-10: train 50,000 examples, test 10,000
+    name, data_dir, val_examples = "cifar10", "", 100
     train_split, eval_split = "train[:1000]", "train[1000:]"
-  check_held_out(Data, 1000)  # held out [900, 1000): disjoint
-  Data.eval_split = "train[950:2000]"
-  with pytest.raises(ConfigError):
-    check_held_out(Data, 1000)
-  Data.train_split, Data.eval_split = "train", "test"
-  check_held_out(Data, 1000)
-  for train, test in (("train[:80%]", "test"), ("train", "test[:50%]"), ("train", "test[-5000:]")):
+  check_held_out(Data)  # held out [900, 1000): disjoint
+  for train, test in (("train[:1000]", "train[950:2000]"), ("train[:80%]", "train[39950:]"),
+                      ("train", "train[49950:]"), ("train", "train[-50:]")):
     Data.train_split, Data.eval_split = train, test
-    check_held_out(Data, 1000)  # two different splits, whatever their slices
-  Data.train_split, Data.eval_split = "train[:80%]", "train[80%:]"
-  with pytest.raises(ConfigError, match="may overlap"):  # not resolved: refused, said so
-    check_held_out(Data, 1000)
+    with pytest.raises(ConfigError, match=r"overlaps data.eval_split=.* \(train\[\d+:\d+\]: "
+                                          r"50 examples in common\)"):
+      check_held_out(Data)
+  for train, test in (("train[:80%]", "test"), ("train", "test[:50%]"), ("train[:80%]",
+                      "train[80%:]"), ("train", "train[:49900]"), ("train[:90%]", "train[95%:]")):
+    Data.train_split, Data.eval_split = train, test
+    check_held_out(Data)  # nothing in common, whatever the slices
 
 
 def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_path):
