@@ -292,6 +292,9 @@ def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, i
     return (train.steps_per_epoch, train.batch_size,
             lambda epoch, start: map(own, train.batches(seed=seed, epoch=epoch, start=start)))
   split = data_lib.as_split(train)
+  if len(split) < data.batch_size:
+    raise invalid("data.batch_size", data.batch_size, f"at most the {len(split)} training "
+                  "examples given (one batch per step; the last partial batch is dropped)")
   rows = None if mesh is None else parallel.local_rows(mesh, data.batch_size)
   return (data_lib.steps_per_epoch(len(split), data.batch_size), data.batch_size,
           lambda epoch, start: data_lib.train_batches(

@@ -181,10 +181,16 @@ def test_data_spec_is_validated_when_built_and_read_from_a_section():
     data.DataSpec.from_mapping(common.data_config("mnist"))
   with pytest.raises(ConfigError, match=r"^data.std must be finite values > 0"):
     data.DataSpec(std=(0.2, 0.0, 0.3))
-  with pytest.raises(ConfigError, match=r"data.eval_batch_size must be > 0, got 0"):
+  with pytest.raises(ConfigError, match=r"data.eval_batch_size must be an integer > 0, got 0"):
     data.DataSpec(eval_batch_size=0)
-  with pytest.raises(ConfigError, match=r"data.val_examples must be >= 0"):
+  with pytest.raises(ConfigError, match=r"data.batch_size must be an integer > 0, got 12.5"):
+    data.DataSpec(batch_size=12.5)
+  with pytest.raises(ConfigError, match=r"data.val_examples must be an integer >= 0"):
     data.DataSpec(val_examples=-5)
+  with pytest.raises(ConfigError, match=r"data.val_examples must be an integer >= 0 .*got 0.1"):
+    data.DataSpec(val_examples=0.1)
+  with pytest.raises(ConfigError, match=r"^data.mean must be numbers, one per channel"):
+    data.DataSpec(mean=("a", "b", "c"))
   with pytest.raises(ConfigError, match=r"data.name must be one of .*got 'svhn'"):
     data.DataSpec(name="svhn")
 
@@ -205,6 +211,12 @@ def test_bad_batches_are_one_line():
   with pytest.raises(ConfigError, match=r"^data.mean must be one value per channel of the "
                                         r"3-channel images, or one for all, got \(0.5, 0.5\)$"):
     next(data.eval_batches((images, labels), 2, mean=(0.5, 0.5), std=(0.25,)))
+
+
+@requires_cifar10
+def test_a_slice_that_ends_before_it_starts_is_one_line():
+  with pytest.raises(ConfigError, match=r"^data.eval_split: cannot read split 'test\[6000:5000\]'"):
+    data.open_split("cifar10", "test[6000:5000]", field="data.eval_split")
 
 
 @requires_cifar10

@@ -130,6 +130,12 @@ def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(out["spec"].params["fc1"]["kernel"]),
                             np.asarray(v["params"]["fc1"]["kernel"]))
+  few = (train[0][:10], train[1][:10])  # fewer examples than one batch of 16
+  with pytest.raises(ConfigError, match=r"^data.batch_size must be at most the 10 training "
+                                        r"examples given"):
+    fit(state, step, few, DataSpec.from_mapping(c.data), LoopSpec.from_mapping(c.train),
+        str(tmp_path / "few"))
+  assert not os.path.exists(tmp_path / "few" / "checkpoints")
 
 
 def test_the_training_job_trains_an_nnx_model_named_module_factory(tmp_path, monkeypatch):
