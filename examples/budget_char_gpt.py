@@ -17,8 +17,8 @@ Writes ``WORKDIR/results.json`` (and prints it) and ``WORKDIR/report.md``: the b
 per layer and the uniform recipe, their damage on the held-out windows before fine-tuning, and
 each text-job run's test loss and artifact bytes (``WORKDIR/plan`` and ``WORKDIR/uniform`` hold
 those runs; rerunning resumes them). Measured (docs/autocompress.md): at 24x of the kernels'
-bytes the plan ends at 1.763 nats per character on the test split against the uniform recipe's
-1.785, at 40x 1.849 against 1.924 (seed 0). ``--trained`` may be any ``train_lm`` run, the
+bytes the plan ends at 1.761 nats per character on the test split against the uniform recipe's
+1.786, at 40x 1.848 against 1.917 (seed 0). ``--trained`` may be any ``train_lm`` run, the
 LSTM's too.
 """
 
