@@ -107,6 +107,9 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
     (dict(size_bytes=float("inf")), r"size_bytes must be a finite number > 0, got inf"),
     (dict(size_bytes=1000, sparsities=(80,)), r"sparsities\[0\] must be in \[0.0, 1.0\), got 80"),
     (dict(size_bytes=1000, weight_bits=(4, 16)), r"weight_bits\[1\] must be"),
+    (dict(size_bytes=1000, weight_bits=()), r"weight_bits must be a non-empty list of bit "
+     r"widths in \[2, 8\], got \(\)"),
+    (dict(bops=1e6, act_bits=()), r"act_bits must be a non-empty list"),
     (dict(size_bytes=1000, device="tpu"), r"device must be one of any, gpu-sparse, int8-npu, "
      r"mcu, got 'tpu'"),
     (dict(bops=1e6, device="mcu"), r"bops must be not given for device='mcu', which takes a "

@@ -113,6 +113,29 @@ def test_layers_slim_cannot_handle_run_at_full_width_and_are_named(tmp_path):
   np.testing.assert_allclose(out.loaded.logits(x), loaded.logits(x), rtol=1e-6)
 
 
+def test_an_attention_projection_with_removed_dims_runs_at_full_width(tmp_path):
+  """A query kernel [in, heads, dim] whose channel pruning removed dims of every head (int8-npu
+  plans do), with its [heads, dim] bias: named, run as it is, the outputs unchanged."""
+  class Attn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, name="attn")(x)
+      return nn.Dense(2, name="head")(h.mean(1))
+
+  v = jax.device_get(random_variables(Attn(), (5, 6)))
+  query = v["params"]["attn"]["query"]
+  query["kernel"][..., :6] = 0  # 6 of the 8 dims of both heads removed
+  export_model(str(tmp_path), variables=v, input_shape=(5, 6))
+  loaded = load(str(tmp_path), Attn())
+  out = slim(loaded, multiple=1)
+  assert out.full_width["attn/query"] == "DenseGeneral is not a Conv or Dense layer"
+  x = np.random.default_rng(3).standard_normal((3, 5, 6)).astype(np.float32)
+  np.testing.assert_array_equal(out.loaded.logits(x), loaded.logits(x))
+  arrays = slim_arrays({"q": query}, multiple=1)["q"]
+  np.testing.assert_array_equal(arrays["bias"], query["bias"][..., 6:])  # [heads, kept dims]
+  np.testing.assert_array_equal(arrays["const"], query["bias"][..., :6])
+
+
 def test_a_layer_whose_call_is_not_a_plain_dense_is_refused(tmp_path):
   class Doubled(nn.Dense):
     def __call__(self, x):

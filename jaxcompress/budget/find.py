@@ -95,6 +95,8 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   for i, s in enumerate(sparsities):
     check_range(f"sparsities[{i}]", s, 0.0, 1.0)
   for name, grid in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+    if not len(grid) and (name == "weight_bits" or kind == "bops"):
+      raise invalid(name, tuple(grid), "a non-empty list of bit widths in [2, 8]")
     for i, b in enumerate(grid):
       check_bits(b, f"{name}[{i}]")
   check_held_out_batches(held_out)

@@ -66,8 +66,8 @@ def slim_arrays(params: Mapping[str, Any], *, multiple: int = MULTIPLE,
   A ``.../kernel`` of ``params`` (rank 2 or more, output channels last) is slimmed when its kept
   channels, rounded up to a multiple of ``multiple`` (the first removed channels fill the
   rounding: their zero kernels compute their bias exactly), are at most ``max_kept`` of its
-  channels. For each: ``{layer path: {'kernel': kernel[..., computed], 'bias': bias[computed]
-  (or zeros), 'const': bias[removed] (or zeros), 'index': the position of each output channel
+  channels. For each: ``{layer path: {'kernel': kernel[..., computed], 'bias': bias[..., computed]
+  (or zeros), 'const': bias[..., removed] (or zeros), 'index': the position of each output channel
   in concat([computed outputs, removed constants])}}``, and ``'place'``, the one-hot
   ``[computed, channels]`` matrix that puts the computed outputs in their channels, where that
   product costs at most a quarter of the layer's (:func:`places_by_product`).
@@ -88,11 +88,12 @@ def slim_arrays(params: Mapping[str, Any], *, multiple: int = MULTIPLE,
     keep, removed = np.sort(np.concatenate([keep, removed[:width - keep.size]])), removed[
         width - keep.size:]
     bias = flat.get(f"{path}/bias" if path else "bias")
-    bias = np.zeros(channels, kernel.dtype) if bias is None else np.asarray(bias)
+    bias = np.zeros(channels, kernel.dtype) if bias is None else np.asarray(bias)  # [..., C]
     index = np.empty(channels, np.int32)
     index[keep] = np.arange(keep.size)
     index[removed] = keep.size + np.arange(removed.size)
-    out[path] = {"kernel": kernel[..., keep], "bias": bias[keep], "const": bias[removed],
+    out[path] = {"kernel": kernel[..., keep], "bias": bias[..., keep],
+                 "const": bias[..., removed],
                  "index": index}
     if places_by_product(kernel.shape):
       place = np.zeros((keep.size, channels), np.float32)
