@@ -45,9 +45,10 @@ from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.export.packing import packed_size
 from jaxcompress.models.functional import (called_shape, contraction_axes, functional,
-                                           output_axis, weight_name)
+                                           output_axis, stacked_count, weight_name)
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
+from jaxcompress.specs import PruneSpec
 
 KERNEL_NORM = "l2"  # how kernel plans rank kernels (their prune.norm)
 SPEC_MARGIN = 32  # bytes added to the pessimistic spec's gzipped size (deflate is not monotone)
@@ -67,14 +68,11 @@ def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured",
   """
   if sparsity <= 0:
     return np.ones(np.shape(weight), bool)
-  stacked = layer.stacked if layer is not None else 0
-  reduce = ({"weight": tuple(a - stacked for a in layer.reduce_axes)}
-            if layer is not None and layer.reduce_axes else None)
-  out = {"weight": layer.out_axis - stacked} if layer is not None else None
-  masker = {"unstructured": pruning.unstructured("layer"), "nm": pruning.n_of_m(2, 4, axes=reduce),
-            "channel": pruning.channels("l1", out), "kernel": pruning.kernels("layer", KERNEL_NORM)
-            }[structure]
-  masker = pruning.per_step(masker, {"weight": stacked}) if stacked else masker
+  spec = PruneSpec(structure=structure, sparsity=float(sparsity), n=2, m=4,
+                   norm=KERNEL_NORM if structure == "kernel" else "l1")
+  masker = spec.masker() if layer is None else spec.masker(
+      {"weight": layer.reduce_axes} if layer.reduce_axes else None,
+      {"weight": layer.out_axis}, {"weight": layer.stacked})
   return np.asarray(masker(["weight"], [jax.numpy.abs(jax.numpy.asarray(weight))],
                            float(sparsity))[0], bool)
 
@@ -269,12 +267,13 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
     if call.kind == "linear" and name is not None:
       w = tree_get(variables["params"], f"{call.path}/{name}" if call.path else name)
       if w is not None and np.ndim(w) >= 2:
-        shape = called_shape(call, name) or tuple(np.shape(w))  # one step's weight
-        steps = int(np.prod(np.shape(w)[:np.ndim(w) - len(shape)], dtype=np.int64))
-        if len(shape) < np.ndim(w) and call.path in stacked_seen:
+        stacked = stacked_count(np.shape(w), called_shape(call, name), call.path)
+        if stacked and call.path in stacked_seen:
           return out
-        if len(shape) < np.ndim(w):
+        if stacked:
           stacked_seen.add(call.path)
+        shape = np.shape(w)[stacked:]  # one step's weight
+        steps = int(np.prod(np.shape(w)[:stacked], dtype=np.int64))
         positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // _out_features(call, shape)
         macs[call.path] = macs.get(call.path, 0) + steps * positions * int(np.prod(shape))
     elif call.kind == "embed" and call.method == "attend":  # x @ embedding.T: [vocab, features]
