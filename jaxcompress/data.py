@@ -56,13 +56,10 @@ class DataSpec:
 
   def __post_init__(self):
     dataset_spec(self.name)
-    integer = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
     for field in ("batch_size", "eval_batch_size"):
-      if not integer(getattr(self, field)) or getattr(self, field) <= 0:
-        raise invalid(f"data.{field}", getattr(self, field), "an integer > 0")
+      _check_integer(f"data.{field}", getattr(self, field), 1, "an integer > 0")
     for field in ("val_examples", "train_examples"):
-      if not integer(getattr(self, field)) or getattr(self, field) < 0:
-        raise invalid(f"data.{field}", getattr(self, field), "an integer >= 0 (0: none)")
+      _check_integer(f"data.{field}", getattr(self, field), 0, "an integer >= 0 (0: none)")
     object.__setattr__(self, "mean", tuple(self.mean))
     object.__setattr__(self, "std", tuple(self.std))
     check_normalization(self.mean, self.std, dataset_spec(self.name).image_shape[-1])
@@ -322,10 +319,14 @@ def check_normalization(mean: Sequence[float], std: Sequence[float], channels: i
                     f"{channels}-channel images, or one for all")
 
 
+def _check_integer(field: str, value: Any, least: int, valid: str) -> None:
+  """Raises one line (``field must be {valid}``) unless ``value`` is an integer >= ``least``."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+    raise invalid(field, value, valid)
+
+
 def _check_batch_size(batch_size: int) -> None:
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or \
-      batch_size < 1:
-    raise invalid("batch_size", batch_size, "an integer >= 1")
+  _check_integer("batch_size", batch_size, 1, "an integer >= 1")
 
 
 def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
