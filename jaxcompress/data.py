@@ -371,6 +371,14 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
+def check_batch_fits(num_examples: int, batch_size: int) -> None:
+  """Raises one line (naming ``data.batch_size``) if ``num_examples`` training examples do not
+  fill one batch: an epoch of no step."""
+  if num_examples < batch_size:
+    raise invalid("data.batch_size", batch_size, f"at most the {num_examples} training examples "
+                  "given (one batch per step; the last partial batch is dropped)")
+
+
 def train_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
   """The epoch's example order: a permutation that depends only on ``(seed, epoch)``.
 

@@ -108,9 +108,7 @@ def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
     train = train.take(0, cut)
   if data.train_examples:
     train = train.take(0, min(data.train_examples, len(train)))
-  if len(train) < data.batch_size:
-    raise invalid("data.batch_size", data.batch_size,
-                  f"at most the {len(train)} training examples")
+  data_lib.check_batch_fits(len(train), data.batch_size)
   out["train"] = train
   out["eval"] = data_lib.open_split(data.name, data.eval_split, data_dir=data.data_dir,
                                     field="data.eval_split")
@@ -292,9 +290,7 @@ def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, i
     return (train.steps_per_epoch, train.batch_size,
             lambda epoch, start: map(own, train.batches(seed=seed, epoch=epoch, start=start)))
   split = data_lib.as_split(train)
-  if len(split) < data.batch_size:
-    raise invalid("data.batch_size", data.batch_size, f"at most the {len(split)} training "
-                  "examples given (one batch per step; the last partial batch is dropped)")
+  data_lib.check_batch_fits(len(split), data.batch_size)
   rows = None if mesh is None else parallel.local_rows(mesh, data.batch_size)
   return (data_lib.steps_per_epoch(len(split), data.batch_size), data.batch_size,
           lambda epoch, start: data_lib.train_batches(
