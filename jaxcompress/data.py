@@ -253,10 +253,11 @@ def shared_examples(name: str, a: str, b: str, *, data_dir: str | None = None) -
   (``"test[:5000]"`` and ``"test"``: 5,000), from the prepared dataset's split sizes; when those
   cannot be read, ``a == b`` decides (the reads that follow say what is wrong)."""
   try:
-    return sum(max(0, min(hi, hi2) - max(lo, lo2)) for s, lo, hi in _parts(name, a, data_dir)
-               for s2, lo2, hi2 in _parts(name, b, data_dir) if s == s2)
+    parts_a, parts_b = _parts(name, a, data_dir), _parts(name, b, data_dir)
   except Exception:  # TFDS raises many types for an unreadable dataset or split
     return 1 if a == b else 0
+  return sum(max(0, min(hi, hi2) - max(lo, lo2)) for s, lo, hi in parts_a
+             for s2, lo2, hi2 in parts_b if s == s2)
 
 
 def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
