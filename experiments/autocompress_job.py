@@ -204,11 +204,10 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   kind, limit = check_budget(config, float32_bytes)
   params = variables["params"]
   weights = {l.path: np.asarray(tree_get(params, l.weight)) for l in layers}
-  if config.budget.sparsity == "kernel" and not any(
-      budget_lib.has_kernels(w.shape) for w in weights.values()):
+  if config.budget.sparsity == "kernel" and not any(budget_lib.has_kernels(l) for l in layers):
     raise ConfigError(f"budget.sparsity='kernel': no layer of {config.student.name} has kernels "
-                      "to prune whole (a Conv window of more than one entry); use auto, layer, "
-                      "global or lamp")
+                      "to prune whole (a Conv window of more than one entry, not stacked by "
+                      "nn.scan); use auto, layer, global or lamp")
   macs = budget_lib.layer_macs(model, variables, calib[0])
   grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
               act_bits=config.scan.act_bits, kind=kind)
@@ -332,7 +331,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         {p: weights[p] for p in sens.paths if p not in edges},
         budget=int(lim - fixed - edge_bytes), bits=bits,
         predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
-        score=GLOBAL_SCORES[name])
+        score=GLOBAL_SCORES[name], layers=by_path)
     return found and _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead,
                                      found, name)
 
@@ -453,8 +452,8 @@ def _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead, fou
   """The :class:`budget.Plan` of one :func:`budget.threshold_plans` result (``kernel``: the
   layers with kernels share the threshold in training, sized by ``shared_kernel_bytes``)."""
   g, sparsity, layer_bits, _ = found
-  shared = [p for p in sparsity if name == "kernel" and budget_lib.has_kernels(weights[p].shape)]
-  window = budget_lib.kernel_window([weights[p] for p in shared])
+  shared = [p for p in sparsity if name == "kernel" and budget_lib.has_kernels(by_path[p])]
+  window = budget_lib.kernel_window([by_path[p] for p in shared])
   layers = []
   for p in sens.paths:
     act = plannable[p][0].act_bits  # a size budget searches no input bits

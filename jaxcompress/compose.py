@@ -455,7 +455,7 @@ def _gain_norms(fm: Functional, variables: dict, layers: ModelLayers, fold_norms
 def _masker(prune: PruneSpec, layers: ModelLayers) -> pruning.Masker:
   """The spec's masker over the train state's paths, with the traced layers' axes."""
   return prune.masker(layers.reduce_axes("model/"), layers.output_axes("model/"),
-                      layers.stacked("model/"))
+                      layers.stacked("model/"), layers.window_axes("model/"))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError, first_line
-from jaxcompress.models.functional import (called_shape, contraction_axes, functional, output_axis,
-                                           stacked_count, weight_name)
+from jaxcompress.models.functional import (called_shape, contraction_axes, functional, output_axes,
+                                           output_axis, stacked_count, weight_name)
 from jaxcompress.rules import Rule, flat_paths
 from jaxcompress.tables import markdown_table
 
@@ -54,6 +54,10 @@ class Layer:
       (:func:`~jaxcompress.models.functional.output_axis`): what channel pruning removes.
     stacked: leading axes the stored weight has beyond what one call uses (``nn.scan`` or
       ``nn.vmap`` over ``params``: one slice per step); 0 for an ordinary layer.
+    window_axes: the weight axes that are neither reduction, output nor step axes: a Conv
+      kernel's spatial window (``[*window, in, out]`` -> ``(0, ..., ndim - 3)``), ``()`` for a
+      Dense, DenseGeneral, Einsum or Embed. A whole kernel (``prune.structure=kernel``) is the
+      window of one index of every other axis.
   """
   path: str
   kind: str
@@ -65,6 +69,7 @@ class Layer:
   reduce_axes: tuple[int, ...] = ()
   stacked: int = 0
   out_axis: int = -1
+  window_axes: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +109,11 @@ class ModelLayers:
     """``{prefix + weight path: output-channel axis}`` of every layer (what channel pruning
     removes)."""
     return {prefix + l.weight: l.out_axis for l in self.layers}
+
+  def window_axes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """``{prefix + weight path: window axes}`` of every layer (``()``: no window, each entry is
+    a kernel of its own under ``prune.structure=kernel``)."""
+    return {prefix + l.weight: l.window_axes for l in self.layers}
 
   def stacked(self, prefix: str = "") -> dict[str, int]:
     """``{prefix + weight path: stacked leading axes}`` of every layer whose weight is stacked by
@@ -174,11 +184,14 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
       stacked = 0 if w is None else stacked_count(jnp.shape(w), called_shape(call, name), wpath)
       if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
         ndim = jnp.ndim(w) - stacked  # one call's weight
+        reduce = contraction_axes(call.module, ndim)
+        outputs_at = output_axes(call.module, ndim)
         calls[call.path] = Layer(
             call.path, call.kind, call.type_name, wpath, tuple(jnp.shape(w)),
-            tuple(jnp.shape(call.x)),
-            reduce_axes=tuple(a + stacked for a in contraction_axes(call.module, ndim)),
-            stacked=stacked, out_axis=output_axis(call.module, ndim) + stacked)
+            tuple(jnp.shape(call.x)), reduce_axes=tuple(a + stacked for a in reduce),
+            stacked=stacked, out_axis=outputs_at[-1] + stacked,
+            window_axes=tuple(a + stacked for a in range(ndim)
+                              if a not in reduce and a not in outputs_at))
       # A BatchNorm folds into a weight whose output channels are its last axis, and not into
       # one stacked by a lifted transform (nn.scan: [steps, ...], one slice per call).
       if call.kind == "linear" and (w is None or (

@@ -178,14 +178,16 @@ class PruneSpec:
 
   def masker(self, axes: Mapping[str, tuple[int, ...]] | None = None,
              out_axes: Mapping[str, int] | None = None,
-             stacked: Mapping[str, int] | None = None) -> pruning.Masker:
+             stacked: Mapping[str, int] | None = None,
+             windows: Mapping[str, tuple[int, ...]] | None = None) -> pruning.Masker:
     """N:M, whole channels, or unstructured or whole kernels at the spec's scope (per-layer
     targets applied).
 
     With ``layer_sparsity``, the masker reads the train state's paths (``model/<param path>``,
     as :func:`build`'s pruning rules do). N:M groups run along ``axes[path]``, each weight's
-    reduction axes (``ModelLayers.reduce_axes``), and channels along ``out_axes[path]``
-    (``ModelLayers.output_axes``), where given. A weight with ``stacked[path]`` leading axes
+    reduction axes (``ModelLayers.reduce_axes``), channels along ``out_axes[path]``
+    (``ModelLayers.output_axes``) and kernels over ``windows[path]``
+    (``ModelLayers.window_axes``), where given. A weight with ``stacked[path]`` leading axes
     (``ModelLayers.stacked``: ``nn.scan`` over ``params``) is masked step by step
     (:func:`~jaxcompress.pruning.per_step`).
     """
@@ -193,11 +195,13 @@ class PruneSpec:
     if stacked:  # the axes of one step's weight
       axes = axes and {p: tuple(a - stacked.get(p, 0) for a in ax) for p, ax in axes.items()}
       out_axes = out_axes and {p: a - stacked.get(p, 0) for p, a in out_axes.items()}
+      windows = windows and {p: tuple(a - stacked.get(p, 0) for a in ax)
+                             for p, ax in windows.items()}
     if self.structure == "nm":
       base = pruning.n_of_m(self.n, self.m, axes=axes)
       return pruning.per_step(base, stacked) if stacked else base
     base = (pruning.channels(self.norm, out_axes) if self.structure == "channel"
-            else pruning.kernels(self.scope, self.norm) if self.structure == "kernel"
+            else pruning.kernels(self.scope, self.norm, windows) if self.structure == "kernel"
             else pruning.unstructured(self.scope))
     if self.layer_sparsity:
       base = _per_layer(base, [(f"model/(?:{r})", float(t)) for r, t in self.layer_sparsity],

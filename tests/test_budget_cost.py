@@ -10,7 +10,7 @@ from jaxcompress import budget, compose, export
 from jaxcompress.budget import Option
 from jaxcompress.data import Batch
 from jaxcompress.models import create_model
-from jaxcompress.selection import trace_layers
+from jaxcompress.selection import Layer, trace_layers
 
 
 class TinyCNN(nn.Module):
@@ -140,17 +140,26 @@ def test_kernel_keeps_prune_whole_kernels_across_layers():
   rng = np.random.default_rng(4)
   weights = [rng.normal(size=(3, 3, 4, 6)), 0.5 * rng.normal(size=(5, 5, 2, 3)),
              rng.normal(size=(1, 1, 6, 6)), rng.normal(size=(12, 5))]
+  layers = [_layer(w.shape) for w in weights]
   for sparsity in (0.0, 0.3, 0.75):
-    got = budget.kernel_keep(weights, sparsity)
+    got = budget.kernel_keep(weights, sparsity, layers)
     want = _kernels_by_hand(weights, sparsity)
     for g, w in zip(got, want):
       np.testing.assert_array_equal(g, w)
   # A 1x1 conv and a Dense have no kernels to drop: they stay whole.
-  assert [budget.has_kernels(w.shape) for w in weights] == [True, True, False, False]
+  assert [budget.has_kernels(l) for l in layers] == [True, True, False, False]
+  assert [budget.kernel_size(l) for l in layers] == [9, 25, 1, 1]
   assert got[2].all() and got[3].all()
   # One layer on its own: keep_mask(..., "kernel") ranks its kernels the same way.
   np.testing.assert_array_equal(budget.keep_mask(weights[0], 0.5, "kernel"),
                                 _kernels_by_hand(weights[:1], 0.5)[0])
+
+
+def _layer(shape):
+  """A traced layer of this weight shape by hand: a conv's window is every axis but the last
+  two, a Dense has none."""
+  return Layer("w", "linear", "Conv" if len(shape) > 2 else "Dense", "w/kernel", tuple(shape),
+               (), window_axes=tuple(range(len(shape) - 2)))
 
 
 def test_shared_kernel_bytes_bound_every_split_of_the_kept_kernels():

@@ -9,6 +9,7 @@ import pytest
 from jaxcompress import budget, compose, export, pruning
 from jaxcompress.budget import LayerPlan, Plan
 from jaxcompress.models import create_model
+from jaxcompress.selection import Layer
 
 SHAPE = (8, 8, 1)
 
@@ -124,6 +125,8 @@ def test_global_bits_against_brute_force(score):
              "c": rng.normal(size=(5, 7))}
   if score == "kernel":  # a second conv: the threshold runs across both convs' kernels
     weights["c"] = 0.7 * rng.normal(size=(3, 3, 4, 2))
+  layers = {p: Layer(p, "linear", "Conv" if w.ndim == 4 else "Dense", p, w.shape, (),
+                     window_axes=(0, 1) if w.ndim == 4 else ()) for p, w in weights.items()}
   total = sum(w.size for w in weights.values())
   bits, grid = (2, 4, 8), (0.0, 0.3, 0.6, 0.9)
   sens = {p: rng.uniform(0, 1, 2) for p in weights}
@@ -148,7 +151,7 @@ def test_global_bits_against_brute_force(score):
         if size <= budget_bytes and (best is None or damage < best[0] - 1e-12):
           best = (damage, g, dict(zip(weights, combo)))
     found = budget.global_bits(weights, budget=budget_bytes, bits=bits, predict=predict,
-                               sparsities=grid, score=score)
+                               sparsities=grid, score=score, layers=layers)
     if best is None:
       assert found is None
       continue

@@ -12,9 +12,9 @@
 
 from jaxcompress.budget.allocate import Allocation, allocate, min_cost
 from jaxcompress.budget.cost import (coded_ratio, density, gap_cap, has_kernels, keep_mask,
-                                     kernel_keep, layer_costs, layer_macs, option_bops, option_cost,
-                                     overhead_bytes, pessimistic_spec, shared_kernel_bytes,
-                                     weight_bytes)
+                                     kernel_keep, kernel_size, layer_costs, layer_macs, option_bops,
+                                     option_cost, overhead_bytes, pessimistic_spec,
+                                     shared_kernel_bytes, weight_bytes)
 from jaxcompress.budget.find import Found, find_plan
 from jaxcompress.budget.hessian import hessian_traces, proxy_damage, spearman
 from jaxcompress.budget.plan import (LayerPlan, Plan, allocate_plan, global_bits, global_keep,
@@ -26,8 +26,9 @@ from jaxcompress.budget.sensitivity import DAMAGES, Evaluator, Sensitivity, scan
 
 __all__ = [
     "Allocation", "allocate", "min_cost", "coded_ratio", "density", "gap_cap", "has_kernels",
-    "keep_mask", "kernel_keep", "layer_costs", "layer_macs", "option_bops", "option_cost",
-    "overhead_bytes", "pessimistic_spec", "shared_kernel_bytes", "weight_bytes", "Found",
+    "keep_mask", "kernel_keep", "kernel_size", "layer_costs", "layer_macs", "option_bops",
+    "option_cost", "overhead_bytes", "pessimistic_spec", "shared_kernel_bytes", "weight_bytes",
+    "Found",
     "find_plan", "kernel_window", "hessian_traces", "proxy_damage", "spearman", "LayerPlan",
     "Plan", "allocate_plan", "global_bits", "global_keep", "only_rules", "scheduled",
     "threshold_plans", "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES",

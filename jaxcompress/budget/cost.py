@@ -72,19 +72,22 @@ def keep_mask(weight: Any, sparsity: float, structure: str = "unstructured",
                    norm=KERNEL_NORM if structure == "kernel" else "l1")
   masker = spec.masker() if layer is None else spec.masker(
       {"weight": layer.reduce_axes} if layer.reduce_axes else None,
-      {"weight": layer.out_axis}, {"weight": layer.stacked})
+      {"weight": layer.out_axis}, {"weight": layer.stacked}, {"weight": layer.window_axes})
   return np.asarray(masker(["weight"], [jax.numpy.abs(jax.numpy.asarray(weight))],
                            float(sparsity))[0], bool)
 
 
-def kernel_keep(weights: Sequence[Any], sparsity: float) -> list[np.ndarray]:
+def kernel_keep(weights: Sequence[Any], sparsity: float,
+                layers: Sequence[Any]) -> list[np.ndarray]:
   """Whole kernels pruned by one threshold across ``weights``: the ``round(sparsity * K)``
   kernels (of ``K`` in all) with the lowest L2 norm per entry, as ``prune.structure=kernel`` with
-  ``prune.norm=l2`` ranks them. Weights without kernels (:func:`has_kernels`) take no part."""
+  ``prune.norm=l2`` and ``prune.scope=global`` ranks them. ``layers``: each weight's traced
+  :class:`~jaxcompress.selection.Layer`. Weights without kernels (:func:`has_kernels`) take no
+  part (all kept)."""
   keeps = [np.ones(np.shape(w), bool) for w in weights]
-  grid = [i for i, w in enumerate(weights) if has_kernels(np.shape(w))]
+  grid = [i for i, l in enumerate(layers) if has_kernels(l)]
   if sparsity > 0 and grid:
-    found = pruning.kernels("global", KERNEL_NORM)(
+    found = pruning.kernels("global", KERNEL_NORM, {str(i): layers[i].window_axes for i in grid})(
         [str(i) for i in grid], [jax.numpy.abs(jax.numpy.asarray(weights[i])) for i in grid],
         float(sparsity))
     for i, k in zip(grid, found):
@@ -92,10 +95,22 @@ def kernel_keep(weights: Sequence[Any], sparsity: float) -> list[np.ndarray]:
   return keeps
 
 
-def has_kernels(shape: Sequence[int]) -> bool:
-  """Whether a weight of this shape can be pruned and stored by whole kernels (a window of more
-  than one entry: a Conv kernel with ``kh * kw > 1``)."""
-  return sparse.kernel_grid(tuple(shape)) is not None
+def kernel_size(layer: Any) -> int:
+  """Entries per kernel of a traced layer's weight (a :class:`~jaxcompress.selection.Layer`) as
+  kernel plans prune and the export's ``blocks`` encoding stores it: the product of its window
+  axes (a Conv's ``kh * kw``) where they are its leading axes, the ``blocks`` layout; 1 for a
+  layer without a window (Dense, DenseGeneral, Einsum, Embed, whatever their rank) and for a
+  conv stacked by ``nn.scan`` (its steps lead), which kernel plans keep dense."""
+  window = tuple(layer.window_axes)
+  if not window or window != tuple(range(len(layer.shape) - 2)):
+    return 1
+  return int(np.prod([layer.shape[a] for a in window]))
+
+
+def has_kernels(layer: Any) -> bool:
+  """Whether a traced layer's weight is pruned and stored by whole kernels in kernel plans (a
+  window of more than one entry: a Conv kernel with ``kh * kw > 1``, see :func:`kernel_size`)."""
+  return kernel_size(layer) > 1
 
 
 def _encodings(keep: np.ndarray, bits: int) -> dict[str, int]:

@@ -20,7 +20,7 @@ the least sparsity each bit width needs, and of those the bit width with the lea
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,10 +28,10 @@ import numpy as np
 from jaxcompress import pruning
 from jaxcompress.pruning.masks import across, num_pruned, ranks
 from jaxcompress.budget.allocate import Allocation, allocate
-from jaxcompress.budget.cost import (KERNEL_NORM, gap_cap, has_kernels, kernel_keep,
-                                     shared_kernel_bytes, weight_bytes)
+from jaxcompress.budget.cost import (KERNEL_NORM, gap_cap, has_kernels, keep_mask, kernel_keep,
+                                     kernel_size, shared_kernel_bytes, weight_bytes)
 from jaxcompress.budget.presets import Option
-from jaxcompress.export.sparse import kernel_grid
+from jaxcompress.errors import ConfigError
 
 
 class LayerPlan(NamedTuple):
@@ -236,7 +236,7 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
 
 def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
                     predict: Callable[[str, float, int], float], sparsities: Sequence[float],
-                    score: str = "magnitude"):
+                    score: str = "magnitude", layers: Mapping[str, Any] | None = None):
   """Per-layer sparsity from one global threshold, per-layer bits allocated, for each threshold.
 
   For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
@@ -250,7 +250,12 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
   (:func:`.cost.kernel_keep`; ``g`` is the fraction of their kernels pruned, and a ``g`` that
   empties a layer is skipped), and those layers share one bit width, so that training may move
   kept kernels between them within the bytes of :func:`.cost.shared_kernel_bytes`; for each
-  ``g``, the best shared width with the other layers' widths allocated exactly.
+  ``g``, the best shared width with the other layers' widths allocated exactly. The other layers
+  stay dense.
+
+  A weight stacked by ``nn.scan`` (``layers[path].stacked``) is pruned step by step in training,
+  each step at the layer's sparsity: its keep mask and bytes are those of that sparsity, not of
+  the threshold, which may keep one entry more or fewer per step.
 
   Args:
     weights: ``{layer path: weight}`` of every planned layer (all take part in the threshold).
@@ -259,21 +264,31 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
     predict: ``(path, sparsity, bits) -> damage`` (e.g. ``Sensitivity.predict``).
     sparsities: the global sparsities to try.
     score: ``magnitude``, ``lamp`` or ``kernel``.
+    layers: ``{path: traced Layer}`` (:class:`~jaxcompress.selection.Layer`), needed by
+      ``kernel`` (which weights have kernels, and their windows) and by stacked weights; without
+      it, every weight is an ordinary one without kernels.
 
   Yields:
     ``(g, {path: sparsity}, {path: bits}, predicted damage)`` for every ``g`` whose allocation
     fits, in increasing ``g``.
   """
-  paths, bits = list(weights), sorted(bits)
+  paths, bits, layers = list(weights), sorted(bits), dict(layers or {})
   if score == "kernel":
-    yield from _kernel_plans(weights, budget, bits, predict, sparsities)
+    if set(paths) - set(layers):
+      raise ConfigError("threshold_plans: score='kernel' needs the traced layer of every weight "
+                        "(layers={path: Layer}) to find their kernels")
+    yield from _kernel_plans(weights, budget, bits, predict, sparsities, layers)
     return
   weight_ranks = global_ranks([weights[p] for p in paths], score)
+  stacked = [i for i, p in enumerate(paths) if p in layers and layers[p].stacked]
   for g in sorted(sparsities):
     keeps = _cut(weight_ranks, g)
     if not all(np.any(k) for k in keeps):
       continue
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
+    for i in stacked:  # masked step by step in training, each at the layer's sparsity
+      keeps[i] = keep_mask(weights[paths[i]], layer_sparsity[paths[i]], "unstructured",
+                           layers[paths[i]])
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
     alloc = allocate(costs, damages, budget)
@@ -282,19 +297,20 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
              alloc.damage)
 
 
-def kernel_window(weights: Sequence[np.ndarray]) -> int:
-  """The largest window (entries per kernel) of the weights that have kernels."""
-  grids = (kernel_grid(tuple(np.shape(w))) for w in weights)
-  return max((grid[0] for grid in grids if grid is not None), default=1)
+def kernel_window(layers: Sequence[Any]) -> int:
+  """The largest window (entries per kernel, :func:`.cost.kernel_size`) of these traced
+  layers."""
+  return max((kernel_size(l) for l in layers), default=1)
 
 
-def _kernel_plans(weights, budget, bits, predict, sparsities):
+def _kernel_plans(weights, budget, bits, predict, sparsities, layers):
   """:func:`threshold_plans` for ``score="kernel"``."""
   paths = list(weights)
-  grid = [p for p in paths if has_kernels(np.shape(weights[p]))]
-  window = kernel_window([weights[p] for p in grid])
+  grid = [p for p in paths if has_kernels(layers[p])]
+  window = kernel_window([layers[p] for p in grid])
   for g in sorted(sparsities):
-    keeps = dict(zip(paths, kernel_keep([weights[p] for p in paths], g)))
+    keeps = dict(zip(paths, kernel_keep([weights[p] for p in paths], g,
+                                        [layers[p] for p in paths])))
     if not all(np.any(keeps[p]) for p in grid):
       continue
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in keeps.items()}
@@ -314,10 +330,10 @@ def _kernel_plans(weights, budget, bits, predict, sparsities):
 
 def global_bits(weights: Mapping[str, np.ndarray], *, budget: int, bits: Sequence[int],
                 predict: Callable[[str, float, int], float], sparsities: Sequence[float],
-                score: str = "magnitude"
+                score: str = "magnitude", layers: Mapping[str, Any] | None = None
                 ) -> tuple[float, dict[str, float], dict[str, int], float] | None:
   """Of the :func:`threshold_plans` (same arguments), the one with the least predicted damage,
   or ``None`` if none fits."""
   return min(threshold_plans(weights, budget=budget, bits=bits, predict=predict,
-                             sparsities=sparsities, score=score),
+                             sparsities=sparsities, score=score, layers=layers),
              key=lambda found: found[3], default=None)

@@ -184,22 +184,27 @@ def unstructured(scope: str = "layer") -> Masker:
   return masker
 
 
-def kernel_scores(scores: jax.Array, norm: str = "l1") -> jax.Array:
-  """One score per kernel: the entries sharing their index on the last two axes.
+def kernel_scores(scores: jax.Array, norm: str = "l1",
+                  window: Sequence[int] | None = None) -> jax.Array:
+  """One score per kernel: the entries that differ only along the ``window`` axes, which are
+  kept with size 1 (the result broadcasts back to ``scores``).
 
   For a Conv kernel ``[*window, in, out]`` a kernel is the window of one (input, output) channel
-  pair; a leaf with fewer than 3 axes has one entry per kernel. ``"l1"`` is the mean of the
-  entries' scores, ``"l2"`` the root of the mean of their squares: the L1 or L2 norm over the
-  window size, so kernels of windows of different sizes compare across leaves.
+  pair. ``window=None``: every axis but the last two (a leaf with fewer than 3 axes has one
+  entry per kernel); ``()``: each entry is a kernel of its own (a Dense, DenseGeneral or Einsum
+  weight, whatever its rank). ``"l1"`` is the mean of the entries' scores, ``"l2"`` the root of
+  the mean of their squares: the L1 or L2 norm over the window size, so kernels of windows of
+  different sizes compare across leaves.
   """
-  if scores.ndim < 3:
+  window = tuple(range(scores.ndim - 2)) if window is None else tuple(window)
+  if not window:
     return scores
-  window = tuple(range(scores.ndim - 2))
-  return (jnp.mean(scores, window) if norm == "l1"
-          else jnp.sqrt(jnp.mean(scores * scores, window)))
+  return (jnp.mean(scores, window, keepdims=True) if norm == "l1"
+          else jnp.sqrt(jnp.mean(scores * scores, window, keepdims=True)))
 
 
-def kernels(scope: str = "layer", norm: str = "l1") -> Masker:
+def kernels(scope: str = "layer", norm: str = "l1",
+            windows: Mapping[str, Sequence[int]] | None = None) -> Masker:
   """Masker zeroing whole kernels: ``round(sparsity * kernels)`` per leaf or across all leaves.
 
   The kernels (:func:`kernel_scores`) with the lowest L1 or L2 norm per entry are pruned; each
@@ -211,6 +216,9 @@ def kernels(scope: str = "layer", norm: str = "l1") -> Masker:
     scope: ``"layer"`` ranks each leaf's kernels on their own; ``"global"`` ranks all selected
       leaves' kernels together (the fraction pruned is then one of kernels, not of entries).
     norm: ``"l1"`` or ``"l2"``.
+    windows: ``{leaf path: window axes}`` from the model's trace (``ModelLayers.window_axes``:
+      a Conv's spatial axes, ``()`` for a layer without a window, such as an attention
+      projection ``[in, heads, dim]``). Leaves not listed take every axis but the last two.
 
   Raises:
     ConfigError: for an unknown scope or norm.
@@ -219,10 +227,10 @@ def kernels(scope: str = "layer", norm: str = "l1") -> Masker:
     raise unknown("prune.scope", scope, SCOPES)
   if norm not in NORMS:
     raise unknown("prune.norm", norm, NORMS)
+  windows = dict(windows or {})
 
   def masker(paths, scores, sparsity):
-    del paths
-    per_kernel = [kernel_scores(s, norm) for s in scores]
+    per_kernel = [kernel_scores(s, norm, windows.get(p)) for p, s in zip(paths, scores)]
     if scope == "layer":
       keep = [sparsity_mask(k, sparsity) for k in per_kernel]
     elif scores:

@@ -1,0 +1,134 @@
+"""Whole-kernel pruning on any model: a kernel is a conv's window, and only a conv has one.
+
+A Conv kernel ``[kh, kw, in, out]`` has one kernel per (input, output) channel pair; the same
+conv stacked by ``nn.scan`` (``[steps, kh, kw, in, out]``) has one per step and pair; an
+attention projection ``[in, heads, dim]`` has no window, so each entry is its own kernel. Oracles:
+NumPy root-mean-square over the window and stable argsort.
+"""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxcompress import budget, compose
+from jaxcompress.rules import tree_get
+from jaxcompress.selection import trace_layers
+
+C = 8
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.relu(nn.Conv(C, (3, 3), name="conv")(x)), None
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(C, (3, 3), name="stem")(x)
+    h = nn.relu(nn.Conv(C, (3, 3), name="mid")(h))
+    h, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)(name="blocks")(h, None)
+    t = h.reshape(h.shape[0], -1, C)
+    t = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=C, name="attn")(t)
+    return nn.Dense(3, name="head")(t.mean(1))
+
+
+@pytest.fixture(scope="module")
+def net():
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 3)).astype(np.float32)
+  model = Net()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  return model, variables, x, trace_layers(model, variables, x)
+
+
+def _drop_lowest(scores, fraction):
+  """Keep mask of ``scores`` (any shape) without its ``round(fraction * n)`` lowest."""
+  flat = np.asarray(scores).reshape(-1)
+  keep = np.ones(flat.size, bool)
+  keep[np.argsort(flat, kind="stable")[:round(fraction * flat.size)]] = False
+  return keep.reshape(np.shape(scores))
+
+
+def _rms(w, axes):
+  return np.sqrt(np.mean(np.square(np.asarray(w, np.float64)), axis=axes, keepdims=True))
+
+
+def test_only_a_conv_has_a_window(net):
+  *_, traced = net
+  windows = {l.path: l.window_axes for l in traced.layers}
+  assert windows == {"stem": (0, 1), "mid": (0, 1), "blocks/conv": (1, 2), "attn/query": (),
+                     "attn/key": (), "attn/value": (), "attn/out": (), "head": ()}
+  # Kernel plans prune the window where it leads the weight, as the export's blocks store it;
+  # the scanned conv's steps lead its weight.
+  assert {l.path: budget.kernel_size(l) for l in traced.layers} == {
+      "stem": 9, "mid": 9, "blocks/conv": 1, "attn/query": 1, "attn/key": 1, "attn/value": 1,
+      "attn/out": 1, "head": 1}
+
+
+def test_kernel_pruning_takes_each_weights_own_window(net):
+  model, variables, x, _ = net
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=2,
+                       prune=compose.PruneSpec(sparsity=0.5, structure="kernel", norm="l2",
+                                               scope="layer", schedule="one_shot"))
+  state = comp.init_state(variables, x)
+  masks = comp.final_masks(state.params)["model"]
+  params = variables["params"]
+  mid = params["mid"]["kernel"]  # 64 kernels of 9 entries: the 32 of lowest RMS go
+  np.testing.assert_array_equal(masks["mid"]["kernel"],
+                                np.broadcast_to(_drop_lowest(_rms(mid, (0, 1)), 0.5), mid.shape))
+  stacked = params["blocks"]["conv"]["kernel"]
+  for step in range(2):  # each step's own 64 kernels
+    want = np.broadcast_to(_drop_lowest(_rms(stacked[step], (0, 1)), 0.5), stacked[step].shape)
+    np.testing.assert_array_equal(masks["blocks"]["conv"]["kernel"][step], want)
+  for name in ("query", "out"):  # no window: the lowest half of the entries, one by one
+    w = params["attn"][name]["kernel"]
+    np.testing.assert_array_equal(masks["attn"][name]["kernel"], _drop_lowest(np.abs(w), 0.5))
+  assert np.all(masks["stem"]["kernel"]) and np.all(masks["head"]["kernel"])  # first and last
+
+
+def test_kernel_plans_prune_the_convs_and_keep_the_rest_dense(net):
+  _, variables, _, traced = net
+  layers = list(traced.layers)
+  weights = [np.asarray(tree_get(variables["params"], l.weight)) for l in layers]
+  keeps = budget.kernel_keep(weights, 0.4, layers)
+  by_path = dict(zip([l.path for l in layers], keeps))
+  rms = [_rms(weights[i], (0, 1)) for i in (0, 1)]  # stem and mid share one threshold
+  flat = np.concatenate([r.reshape(-1) for r in rms])
+  kept = _drop_lowest(flat, 0.4)
+  n = rms[0].size  # the stem's 3 x 8 kernels, then the mid conv's 8 x 8
+  np.testing.assert_array_equal(by_path["stem"],
+                                np.broadcast_to(kept[:n].reshape(rms[0].shape), (3, 3, 3, C)))
+  np.testing.assert_array_equal(by_path["mid"],
+                                np.broadcast_to(kept[n:].reshape(rms[1].shape), (3, 3, C, C)))
+  for path in ("blocks/conv", "attn/query", "attn/out", "head"):
+    assert by_path[path].all(), path
+
+
+def test_a_threshold_plan_sizes_a_scanned_weight_step_by_step(net):
+  """Training prunes each step at the layer's sparsity; the plan's bytes are those masks'."""
+  *_, traced = net
+  layer = traced.layer("blocks/conv")
+  rng = np.random.default_rng(2)
+  stacked = rng.standard_normal(layer.shape) * np.array([1.0, 0.2])[:, None, None, None, None]
+  other = rng.standard_normal((C, 5))
+  weights = {"blocks/conv": stacked, "other": other}
+  layers = {"blocks/conv": layer}
+  g = 0.5
+  flat = np.abs(np.concatenate([stacked.reshape(-1), other.reshape(-1)]))
+  cut = _drop_lowest(flat, g)
+  s = 1 - cut[:stacked.size].mean()  # the layer's sparsity under the global threshold
+  per_step = np.stack([_drop_lowest(np.abs(stacked[i]), s) for i in range(2)])
+  assert per_step.sum() != cut[:stacked.size].sum()  # the two masks differ
+  bits = 4
+  need = (budget.weight_bytes(per_step, bits)
+          + budget.weight_bytes(cut[stacked.size:].reshape(other.shape), bits))
+  plans = lambda limit: list(budget.threshold_plans(  # noqa: E731
+      weights, budget=limit, bits=(bits,), predict=lambda p, s_, b: s_, sparsities=(g,),
+      layers=layers))
+  [(_, sparsity, _, _)] = plans(need)
+  assert sparsity["blocks/conv"] == pytest.approx(s)
+  assert plans(need - 1) == []
