@@ -179,3 +179,79 @@ def test_a_weight_stacked_behind_its_first_axis_is_one_line():
                                         r"one call uses \[8, 8\]"):
     compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
                   quant=compose.QuantSpec(weight_bits=4))
+
+
+def _gap_codes_by_hand(keep, w):
+  """Gap codes of a mask walked in row-major order: one per kept entry, plus one filler for every
+  2^w - 1 zeros skipped before it (Han et al. 2016)."""
+  m, codes, run = (1 << w) - 1, 0, 0
+  for kept in np.asarray(keep).reshape(-1):
+    if kept:
+      codes += 1 + run // m
+      run = 0
+    else:
+      run += 1
+  return codes
+
+
+def _stored_codes(keep, zero_point=3):
+  """int codes of a weight [steps, in, out] stored with its channel axes (0, 2) last."""
+  codes = np.where(keep, 9, zero_point).astype(np.int32)
+  return np.transpose(codes, (1, 0, 2))
+
+
+@pytest.mark.parametrize("kind", ["int", "kmeans"])
+def test_entries_of_a_weight_stored_with_moved_axes_follow_its_own_order(kind):
+  """Gap codes are counted where training caps them and budgets size them: in the weight's own
+  order, not the stored one (a stacked [steps, in, out] weight is stored [in, steps, out])."""
+  rng = np.random.default_rng(5)
+  keep = rng.random((3, 40, 16)) < 0.06
+  stored = _stored_codes(keep)
+  if kind == "int":
+    t = export.LayerTensor("w", "int", stored, 4, qmin=0, zero_point=np.full((3, 16), 3),
+                           scale=np.ones((3, 16), np.float32))
+  else:
+    t = export.LayerTensor("w", "kmeans", np.where(np.transpose(keep, (1, 0, 2)), 5, 16), 4,
+                           codebook=np.arange(16, dtype=np.float32))
+  meta, segments = export.encode_layer(t, axes=(0, 2))
+  meta["axis"] = [0, 2]
+  assert meta["entry_order"] == "weight" and meta["encoding"] == "gaps"
+  assert meta["codes"] == _gap_codes_by_hand(keep, meta["gap_bits"])
+  # the stored order needs other codes: the weight's order is what the bytes were counted in
+  assert any(_gap_codes_by_hand(keep, w) != _gap_codes_by_hand(np.transpose(keep, (1, 0, 2)), w)
+             for w in range(2, 9))
+  back = export.decode_layer(meta, segments)
+  np.testing.assert_array_equal(back.codes, t.codes)
+  # An artifact written before (entries in the stored order, no entry_order) reads the same.
+  old, old_segments = export.encode_layer(t)
+  old["axis"] = [0, 2]
+  assert "entry_order" not in old
+  np.testing.assert_array_equal(export.decode_layer(old, old_segments).codes, t.codes)
+  bad = dict(meta, entry_order="stored")
+  with pytest.raises(ConfigError, match="entry_order is 'stored'; only 'weight', with an axis"):
+    export.decode_layer(bad, segments)
+
+
+def test_the_exported_positions_take_the_bytes_the_budget_counts(tmp_path):
+  """A scanned weight pruned and exported at fixed width: its positions and values take exactly
+  the bytes ``budget.weight_bytes`` gives its non-zero pattern in the weight's own order."""
+  x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+  model = Scanned()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  comp, state = _build(model, variables, x,
+                       prune=compose.PruneSpec(sparsity=0.9, schedule="one_shot"),
+                       quant=compose.QuantSpec(weight_bits=8, act_bits=0, first_last_bits=0))
+  masks = comp.final_masks(state.params)
+  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params, masks))
+  out, fixed = str(tmp_path / "export"), str(tmp_path / "fixed")
+  comp.export(out, state)
+  export.recode(out, fixed, compress=False)  # fixed-width codes: the sizes budgets count
+  meta = next(m for m in export.read_spec(fixed)["layers"]
+              if m["path"] == "params/blocks/fc/kernel")
+  loaded = export.load(fixed, model).variables["params"]["blocks"]["fc"]["kernel"]
+  nonzero = np.asarray(loaded) != 0
+  assert meta["encoding"] == "gaps" and meta["entry_order"] == "weight"
+  stored = meta["segments"]["positions"] + meta["segments"]["values"]
+  assert stored == budget.weight_bytes(nonzero, 8)
+  # walked in the stored order [in, steps, out], the same pattern takes other bytes
+  assert budget.weight_bytes(np.transpose(nonzero, (1, 0, 2)), 8) != stored

@@ -129,7 +129,7 @@ def _write(out_dir: str, fin: Finalized, *, signature: dict, model_name: str,
   """Encodes finalized tensors and writes the artifact's two files; returns its size report."""
   metas, chunks = [], []
   for t in fin.tensors.values():
-    meta, segments = encode_layer(t, huffman=compress)
+    meta, segments = encode_layer(t, huffman=compress, axes=fin.axes.get(t.path))
     if t.path in fin.axes:
       axes = [int(a) for a in fin.axes[t.path]]
       meta["axis"] = axes[0] if len(axes) == 1 else axes

@@ -26,7 +26,7 @@ decoder unpacks them first.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -39,6 +39,19 @@ from jaxcompress.export.packing import check_width, pack_bits, packed_size, unpa
 
 KINDS = ("int", "kmeans", "float")
 ACT_KEYS = ("bits", "scale", "zero_point", "qmin", "qmax")
+WEIGHT_ORDER = "weight"  # meta["entry_order"]: entries walked in the weight's own axis order
+
+
+def stored_order(ndim: int, axes: Sequence[int]) -> list[int]:
+  """The axis order a weight is stored in: its channel ``axes`` (those with one scale each) last,
+  in order, the others before them as they were."""
+  return [a for a in range(ndim) if a not in axes] + list(axes)
+
+
+def _weight_order(ndim: int, axes: Sequence[int] | None) -> list[int] | None:
+  """:func:`stored_order` where it moves an axis, else ``None``."""
+  order = None if axes is None else stored_order(ndim, axes)
+  return None if order is None or order == list(range(ndim)) else order
 
 
 class LayerTensor(NamedTuple):
@@ -101,13 +114,20 @@ class LayerTensor(NamedTuple):
     return self.kernel() if self.gain is None else (self.kernel() * self.gain).astype(np.float32)
 
 
-def encode_layer(t: LayerTensor, *, huffman: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+def encode_layer(t: LayerTensor, *, huffman: bool = False,
+                 axes: Sequence[int] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
   """Encodes a layer: ``(meta, segments)``.
 
   ``meta`` is JSON-able (shape, kind, bits, the chosen :mod:`.sparse` encoding and its counts, the
   input quantization); ``segments`` maps ``positions``, ``values`` and, where present,
   ``zero_point``, ``scale``, ``gain``, ``bias``, ``codebook`` to ``uint8`` arrays. ``huffman``:
   Huffman-code the code streams that get smaller so (listed in ``meta["huffman"]``).
+
+  ``axes``: the weight axes ``t.codes`` holds last (:func:`stored_order`; the caller writes them
+  as ``meta["axis"]``). The entries are then encoded in the weight's own row-major order
+  (``meta["entry_order"] = "weight"``), the order in which training caps a mask's gap codes
+  (:mod:`jaxcompress.pruning.positions`) and a budget sizes it, so the stored positions take the
+  bytes those counted.
   """
   nonzero = t.nonzero()
   if t.kind == "int":
@@ -116,10 +136,16 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False) -> tuple[dict, dict[s
     values = t.codes
   else:
     values = t.codes.astype(np.float32)
-  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans",
-                      group_axes=t.group_axes)
+  order, group = _weight_order(t.codes.ndim, axes), t.group_axes
+  if order is not None:  # stored axis i is weight axis order[i]
+    back = np.argsort(order)
+    values, nonzero = np.transpose(values, back), np.transpose(nonzero, back)
+    group = group and tuple(order[a] for a in group)
+  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans", group_axes=group)
   meta = {"path": t.path, "kind": t.kind, "shape": list(t.codes.shape), "bits": t.bits,
           "encoding": enc.encoding, "nnz": enc.nnz}
+  if order is not None:
+    meta["entry_order"] = WEIGHT_ORDER
   if t.kind == "int":
     meta["qmin"] = t.qmin
   if enc.encoding == "gaps":
@@ -239,6 +265,14 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   segments = _unhuffman(meta, segments, where)
   axes = channel_axes(meta, where)
   scale_shape = shape[-len(axes or (1,)):]  # the channel axes, stored last
+  order = None
+  if meta.get("entry_order") is not None:
+    if meta["entry_order"] != WEIGHT_ORDER or axes is None:
+      raise ConfigError(f"{where}: entry_order is {meta['entry_order']!r}; only "
+                        f"{WEIGHT_ORDER!r}, with an axis, is valid; the spec is corrupted")
+    order = _weight_order(len(shape), axes)
+  # the shape the entries were encoded in: the weight's own where they follow its order
+  walked = shape if order is None else tuple(shape[order.index(a)] for a in range(len(shape)))
   expected = _expected_segments(meta, channels, int(np.prod(scale_shape)))
   for name, data in segments.items():
     if name not in expected:
@@ -256,7 +290,7 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
                       int(meta["nnz"]), segments["positions"], segments["values"],
                       int(meta.get("group_n", 0)),
                       tuple(int(a) for a in meta.get("group_axes", ())))
-  nonzero, values = sparse.decode(enc, n, bits, where=where, shape=shape)
+  nonzero, values = sparse.decode(enc, n, bits, where=where, shape=walked)
   f32 = lambda name, width=sparse.FLOAT_BITS: (
       sparse.float_values(segments[name], width) if name in segments else None)
   qmin = int(meta.get("qmin", 0))
@@ -265,8 +299,10 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
     zero_point = unpack_bits(segments["zero_point"], bits, int(np.prod(scale_shape))).astype(
         np.int32).reshape(scale_shape) + qmin
   if meta["kind"] == "int":
-    fill = np.broadcast_to(0 if zero_point is None else zero_point, shape).reshape(-1)
-    codes = fill.astype(np.int32)
+    fill = np.broadcast_to(0 if zero_point is None else zero_point, shape)
+    if order is not None:
+      fill = np.transpose(fill, np.argsort(order))
+    codes = fill.reshape(-1).astype(np.int32)
     codes[nonzero] = values.astype(np.int32) + qmin
   elif meta["kind"] == "kmeans":
     codes = np.full(n, 1 << bits, np.int32)
@@ -279,7 +315,9 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   scale = f32("scale", scale_bits)
   if scale is not None and scale.size > 1:
     scale = scale.reshape(scale_shape)
-  return LayerTensor(path, meta["kind"], codes.reshape(shape), bits, qmin, zero_point,
-                     scale, f32("gain"),
+  codes, group = codes.reshape(walked), enc.group_axes
+  if order is not None:  # back to the stored layout
+    codes, group = np.transpose(codes, order), tuple(order.index(a) for a in group)
+  return LayerTensor(path, meta["kind"], codes, bits, qmin, zero_point, scale, f32("gain"),
                      f32("bias"), f32("codebook"), None if act is None else dict(act),
-                     enc.group_axes or None, scale_bits)
+                     group or None, scale_bits)

@@ -35,13 +35,13 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
 
 from jaxcompress.errors import ConfigError, check_finite, unknown
-from jaxcompress.export.codec import LayerTensor
+from jaxcompress.export.codec import LayerTensor, stored_order
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.precision import SCALE_DTYPES, to_half
 from jaxcompress.quantization import channels_last, half_scaled, quantize_int, scale_axes
@@ -99,12 +99,6 @@ def act_fields(spec: Any) -> dict | None:
   return {"bits": int(spec.act_bits), "scale": float(str(np.float32(spec.act_scale))),
           "zero_point": int(np.asarray(spec.act_zero_point)), "qmin": int(spec.act_qmin),
           "qmax": int(spec.act_qmax)}
-
-
-def stored_order(ndim: int, axes: Sequence[int]) -> list[int]:
-  """The axis order a weight is stored in: its channel ``axes`` (those with one scale each) last,
-  in order, the others before them as they were."""
-  return [a for a in range(ndim) if a not in axes] + list(axes)
 
 
 def _int_tensor(path: str, weight: np.ndarray, spec: Any, gain: np.ndarray | None = None,
