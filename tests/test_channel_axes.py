@@ -215,21 +215,19 @@ def test_entries_of_a_weight_stored_with_moved_axes_follow_its_own_order(kind):
                            codebook=np.arange(16, dtype=np.float32))
   meta, segments = export.encode_layer(t, axes=(0, 2))
   meta["axis"] = [0, 2]
-  assert meta["entry_order"] == "weight" and meta["encoding"] == "gaps"
+  assert meta["encoding"] == "gaps"
   assert meta["codes"] == _gap_codes_by_hand(keep, meta["gap_bits"])
   # the stored order needs other codes: the weight's order is what the bytes were counted in
   assert any(_gap_codes_by_hand(keep, w) != _gap_codes_by_hand(np.transpose(keep, (1, 0, 2)), w)
              for w in range(2, 9))
   back = export.decode_layer(meta, segments)
   np.testing.assert_array_equal(back.codes, t.codes)
-  # An artifact written before (entries in the stored order, no entry_order) reads the same.
+  # Format versions 2 and 3 walked the stored order; such a tensor reads the same.
   old, old_segments = export.encode_layer(t)
   old["axis"] = [0, 2]
-  assert "entry_order" not in old
-  np.testing.assert_array_equal(export.decode_layer(old, old_segments).codes, t.codes)
-  bad = dict(meta, entry_order="stored")
-  with pytest.raises(ConfigError, match="entry_order is 'stored'; only 'weight', with an axis"):
-    export.decode_layer(bad, segments)
+  assert old["codes"] == _gap_codes_by_hand(np.transpose(keep, (1, 0, 2)), old["gap_bits"])
+  np.testing.assert_array_equal(
+      export.decode_layer(old, old_segments, weight_order=False).codes, t.codes)
 
 
 def test_the_exported_positions_take_the_bytes_the_budget_counts(tmp_path):
@@ -250,8 +248,40 @@ def test_the_exported_positions_take_the_bytes_the_budget_counts(tmp_path):
               if m["path"] == "params/blocks/fc/kernel")
   loaded = export.load(fixed, model).variables["params"]["blocks"]["fc"]["kernel"]
   nonzero = np.asarray(loaded) != 0
-  assert meta["encoding"] == "gaps" and meta["entry_order"] == "weight"
+  assert meta["encoding"] == "gaps"
   stored = meta["segments"]["positions"] + meta["segments"]["values"]
   assert stored == budget.weight_bytes(nonzero, 8)
   # walked in the stored order [in, steps, out], the same pattern takes other bytes
   assert budget.weight_bytes(np.transpose(nonzero, (1, 0, 2)), 8) != stored
+
+
+def test_a_version_3_artifact_of_a_scanned_weight_still_loads(tmp_path, monkeypatch):
+  """Written as version 3 did (the moved weight's entries in the stored order), an artifact loads
+  to the same logits, and recode writes it as version 4."""
+  x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+  model = Scanned()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  comp, state = _build(model, variables, x,
+                       prune=compose.PruneSpec(sparsity=0.9, schedule="one_shot"),
+                       quant=compose.QuantSpec(weight_bits=8, act_bits=0, first_last_bits=0))
+  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params,
+                                            comp.final_masks(state.params)))
+  new, old, again = (str(tmp_path / name) for name in ("new", "old", "again"))
+  comp.export(new, state)
+  with monkeypatch.context() as m:  # the version 3 writer: no axes, entries in stored order
+    encode = export.encode_layer
+    m.setattr(export.artifact, "encode_layer",
+              lambda t, huffman=False, axes=None: encode(t, huffman=huffman))
+    m.setattr(export.artifact, "VERSION", 3)
+    export.recode(new, old)
+  assert export.read_spec(old)["version"] == 3
+  stacked = lambda d: next(m for m in export.read_spec(d)["layers"]  # noqa: E731
+                           if m["path"] == "params/blocks/fc/kernel")
+  assert stacked(old)["encoding"] == "gaps" and stacked(old)["axis"] == [0, 2]
+  assert stacked(old)["codes"] != stacked(new)["codes"]  # the two orders differ here
+  want = np.asarray(export.load(new, model).logits(x))
+  np.testing.assert_array_equal(np.asarray(export.load(old, model).logits(x)), want)
+  export.recode(old, again)
+  assert export.read_spec(again)["version"] == 4
+  assert stacked(again)["codes"] == stacked(new)["codes"]
+  np.testing.assert_array_equal(np.asarray(export.load(again, model).logits(x)), want)

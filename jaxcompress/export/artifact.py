@@ -34,7 +34,8 @@ from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.codec import ACT_KEYS, channel_axes, decode_layer, encode_layer
 from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION,
-                                      make_folder, read_arrays, read_spec, spec_bytes, write_files)
+                                      WEIGHT_ORDER_SINCE, make_folder, read_arrays, read_spec,
+                                      spec_bytes, write_files)
 from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize, stored_order
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
@@ -107,7 +108,8 @@ def recode(src: str, out_dir: str, *, compress: bool = True,
   """Writes the artifact at ``src`` again, in this version's format, to ``out_dir``.
 
   The stored tensors are decoded and encoded again, unchanged: an artifact of format version 2
-  (fixed-width codes) comes out Huffman-coded, the same model in fewer bytes; ``compress=False``
+  (fixed-width codes) comes out Huffman-coded, the same model in fewer bytes, and one of version 2
+  or 3 with its moved weights' entries in their own order (version 4); ``compress=False``
   writes fixed-width codes and a plain ``spec.json``. No model is needed.
 
   Returns:
@@ -277,7 +279,8 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
       meta.setdefault("nnz", int(np.prod(meta["shape"])))
     for name in ("positions", "values"):  # empty segments are not listed
       segments.setdefault(name, np.zeros(0, np.uint8))
-    tensors[meta["path"]] = decode_layer(meta, segments)
+    tensors[meta["path"]] = decode_layer(meta, segments,
+                                         weight_order=spec["version"] >= WEIGHT_ORDER_SINCE)
     if "axis" in meta:
       axes[meta["path"]] = channel_axes(meta, f"{field}: layer {meta['path']!r}")
   return Finalized(tensors, axes, {k: dict(v) for k, v in spec["acts"].items()},

@@ -39,7 +39,6 @@ from jaxcompress.export.packing import check_width, pack_bits, packed_size, unpa
 
 KINDS = ("int", "kmeans", "float")
 ACT_KEYS = ("bits", "scale", "zero_point", "qmin", "qmax")
-WEIGHT_ORDER = "weight"  # meta["entry_order"]: entries walked in the weight's own axis order
 
 
 def stored_order(ndim: int, axes: Sequence[int]) -> list[int]:
@@ -124,8 +123,8 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False,
   Huffman-code the code streams that get smaller so (listed in ``meta["huffman"]``).
 
   ``axes``: the weight axes ``t.codes`` holds last (:func:`stored_order`; the caller writes them
-  as ``meta["axis"]``). The entries are then encoded in the weight's own row-major order
-  (``meta["entry_order"] = "weight"``), the order in which training caps a mask's gap codes
+  as ``meta["axis"]``). The entries are then encoded in the weight's own row-major order (format
+  version 4), the order in which training caps a mask's gap codes
   (:mod:`jaxcompress.pruning.positions`) and a budget sizes it, so the stored positions take the
   bytes those counted.
   """
@@ -144,8 +143,6 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False,
   enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans", group_axes=group)
   meta = {"path": t.path, "kind": t.kind, "shape": list(t.codes.shape), "bits": t.bits,
           "encoding": enc.encoding, "nnz": enc.nnz}
-  if order is not None:
-    meta["entry_order"] = WEIGHT_ORDER
   if t.kind == "int":
     meta["qmin"] = t.qmin
   if enc.encoding == "gaps":
@@ -243,8 +240,13 @@ def _expected_segments(meta: dict, channels: int,
   return out
 
 
-def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
+def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
+                 weight_order: bool = True) -> LayerTensor:
   """Inverse of :func:`encode_layer`.
+
+  ``weight_order``: the entries of a weight with moved channel axes (``meta["axis"]``) follow
+  the weight's own axis order, as :func:`encode_layer` writes them; ``False`` for artifacts of
+  format versions 2 and 3, which walked them in the stored order.
 
   Raises:
     ConfigError: for an unknown kind, a missing or wrongly sized segment, or sparse data that
@@ -265,12 +267,7 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray]) -> LayerTensor:
   segments = _unhuffman(meta, segments, where)
   axes = channel_axes(meta, where)
   scale_shape = shape[-len(axes or (1,)):]  # the channel axes, stored last
-  order = None
-  if meta.get("entry_order") is not None:
-    if meta["entry_order"] != WEIGHT_ORDER or axes is None:
-      raise ConfigError(f"{where}: entry_order is {meta['entry_order']!r}; only "
-                        f"{WEIGHT_ORDER!r}, with an axis, is valid; the spec is corrupted")
-    order = _weight_order(len(shape), axes)
+  order = _weight_order(len(shape), axes) if weight_order else None
   # the shape the entries were encoded in: the weight's own where they follow its order
   walked = shape if order is None else tuple(shape[order.index(a)] for a in range(len(shape)))
   expected = _expected_segments(meta, channels, int(np.prod(scale_shape)))

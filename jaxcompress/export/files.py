@@ -15,8 +15,11 @@ import zlib
 
 from jaxcompress.errors import ConfigError
 
-FORMAT, VERSION = "jaxcompress-export", 3
-READ_VERSIONS = (2, 3)  # 3 added Huffman-coded segments; a version 2 artifact reads as before
+FORMAT, VERSION = "jaxcompress-export", 4
+# 3 added Huffman-coded segments; 4 encodes the entries of a weight whose channel axes were moved
+# last in the weight's own axis order (before: in the stored order). Older artifacts read as before.
+READ_VERSIONS = (2, 3, 4)
+WEIGHT_ORDER_SINCE = 4
 SPEC_FILE, SPEC_GZ, ARRAYS_FILE = "spec.json", "spec.json.gz", "arrays.bin"
 _SPEC_SUFFIXES = (".json", ".json.gz")  # a path with these names a spec file, not a folder
 
