@@ -132,3 +132,19 @@ def test_a_threshold_plan_sizes_a_scanned_weight_step_by_step(net):
   [(_, sparsity, _, _)] = plans(need)
   assert sparsity["blocks/conv"] == pytest.approx(s)
   assert plans(need - 1) == []
+
+
+def test_a_threshold_that_empties_every_step_of_a_scanned_weight_is_no_plan(net):
+  """The global cut keeps one entry of the scanned conv; each step pruned at that layer sparsity
+  keeps round((1 - s) * 576) = 0 of its 576 entries, so the layer would be empty."""
+  *_, traced = net
+  layer = traced.layer("blocks/conv")
+  rng = np.random.default_rng(0)
+  stacked = rng.uniform(1e-4, 1e-3, layer.shape)
+  stacked[1, 0, 0, 0, 0] = 0.5
+  other = 1 + rng.uniform(size=(10, 10))
+  g = (stacked.size - 1) / (stacked.size + other.size)
+  found = list(budget.threshold_plans({"blocks/conv": stacked, "other": other}, budget=10**9,
+                                      bits=(8,), predict=lambda p, s, b: s, sparsities=(g, 0.5),
+                                      layers={"blocks/conv": layer}))
+  assert [f[0] for f in found] == [0.5]

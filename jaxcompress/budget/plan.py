@@ -240,11 +240,11 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
   """Per-layer sparsity from one global threshold, per-layer bits allocated, for each threshold.
 
   For each global sparsity ``g`` of ``sparsities``, every layer keeps its weights above the
-  common threshold on ``score`` (:func:`global_keep`; a ``g`` that empties a layer is skipped:
-  a layer of no weights cuts the network, and training takes sparsities below 1), and the
-  multiple-choice knapsack
-  (:func:`.allocate.allocate`) gives each layer the bit width of ``bits`` that minimises the
-  summed predicted damage within ``budget``, exactly for that ``g``.
+  common threshold on ``score`` (:func:`global_keep`; a ``g`` that empties a layer, or a step of
+  a stacked one, is skipped: a layer of no weights cuts the network, and training takes
+  sparsities below 1), and the multiple-choice knapsack (:func:`.allocate.allocate`) gives each
+  layer the bit width of ``bits`` that minimises the summed predicted damage within ``budget``,
+  exactly for that ``g``.
 
   ``kernel``: the threshold keeps whole kernels of the layers that have them
   (:func:`.cost.kernel_keep`; ``g`` is the fraction of their kernels pruned, and a ``g`` that
@@ -289,6 +289,9 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
     for i in stacked:  # masked step by step in training, each at the layer's sparsity
       keeps[i] = keep_mask(weights[paths[i]], layer_sparsity[paths[i]], "unstructured",
                            layers[paths[i]])
+    if not all(keeps[i].reshape(-1, int(np.prod(keeps[i].shape[layers[paths[i]].stacked:])))
+               .any(1).all() for i in stacked):
+      continue  # a step left without weights: rounding per step emptied it
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
     alloc = allocate(costs, damages, budget)
