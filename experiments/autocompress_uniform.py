@@ -24,9 +24,10 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
   """
   inner = sorted((l.path for l in layers if l.path not in edges),
                  key=lambda p: tuple(next(l.weight for l in layers if l.path == p).split("/")))
+  by_path = {l.path: l for l in layers}
   if kind == "size":
     found = budget_lib.uniform_size(weights, inner, overhead=int(overhead), budget=int(limit),
-                                    bits=bits, predict=sens.predict)
+                                    bits=bits, predict=sens.predict, layers=by_path)
     if found is None:
       return None
     s, b, keep, size = found
@@ -37,7 +38,8 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
     best = None
     for b in bits:
       for s in np.round(np.arange(0, 0.99, 0.01), 2):
-        keep = {p: budget_lib.keep_mask(weights[p], float(s)) for p in inner}
+        keep = {p: budget_lib.keep_mask(weights[p], float(s), "unstructured", by_path[p])
+                for p in inner}
         bops = uniform_bops(layers, macs, keep, b, act_bits)
         if bops <= limit:
           damage = sum(sens.predict(p, float(s), b) for p in inner)

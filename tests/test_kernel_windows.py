@@ -148,3 +148,24 @@ def test_a_threshold_that_empties_every_step_of_a_scanned_weight_is_no_plan(net)
                                       bits=(8,), predict=lambda p, s, b: s, sparsities=(g, 0.5),
                                       layers={"blocks/conv": layer}))
   assert [f[0] for f in found] == [0.5]
+
+
+def test_the_uniform_recipe_sizes_a_scanned_weight_step_by_step(net):
+  """The uniform recipe's global sparsity gives the scanned conv one layer sparsity, at which
+  training prunes each step on its own: the recipe's mask and bytes are those."""
+  *_, traced = net
+  layer = traced.layer("blocks/conv")
+  rng = np.random.default_rng(3)
+  stacked = rng.standard_normal(layer.shape) * np.array([1.0, 0.3])[:, None, None, None, None]
+  weights = {"blocks/conv": stacked, "other": rng.standard_normal((C, 5))}
+  dense = sum(budget.weight_bytes(np.ones(w.shape, bool), 4) for w in weights.values())
+  s, bits, keep, size = budget.uniform_size(
+      weights, list(weights), overhead=0, budget=dense // 3, bits=(4,),
+      predict=lambda p, s_, b: s_, layers={"blocks/conv": layer})
+  flat = np.abs(np.concatenate([w.reshape(-1) for w in weights.values()]))
+  cut = _drop_lowest(flat, s)[:stacked.size]  # the global threshold's share of the conv
+  layer_s = 1 - cut.mean()
+  want = np.stack([_drop_lowest(np.abs(stacked[i]), layer_s) for i in range(2)])
+  np.testing.assert_array_equal(keep["blocks/conv"], want)
+  assert want.sum() != cut.sum()  # the global cut itself keeps another count
+  assert size == sum(budget.weight_bytes(k, 4) for k in keep.values()) <= dense // 3

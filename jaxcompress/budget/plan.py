@@ -180,6 +180,19 @@ def _cut(weight_ranks: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray
   return [r >= pruned for r in weight_ranks]
 
 
+def _per_step(keeps: list[np.ndarray], paths: Sequence[str], weights: Mapping[str, np.ndarray],
+              layers: Mapping[str, Any] | None) -> list[np.ndarray]:
+  """``keeps`` (one global cut), each weight stacked by ``nn.scan`` (``layers[path].stacked``)
+  replaced by the mask training gives it: each step pruned on its own at the layer's sparsity
+  under the cut (``PruneSpec.layer_sparsity`` with ``ModelLayers.stacked``)."""
+  out = list(keeps)
+  for i, p in enumerate(paths):
+    layer = (layers or {}).get(p)
+    if layer is not None and layer.stacked:
+      out[i] = keep_mask(weights[p], 1 - float(np.mean(keeps[i])), "unstructured", layer)
+  return out
+
+
 def global_keep(weights: Sequence[np.ndarray], sparsity: float, score: str = "magnitude"
                 ) -> list[np.ndarray]:
   """Global masks: the ``round(sparsity * total)`` lowest scores across all weights pruned.
@@ -191,7 +204,8 @@ def global_keep(weights: Sequence[np.ndarray], sparsity: float, score: str = "ma
 
 def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, overhead: int,
                  budget: int, bits: Sequence[int], predict: Callable[[str, float, int], float],
-                 edge_bits: int = 8, resolution: float = 1e-3
+                 edge_bits: int = 8, resolution: float = 1e-3,
+                 layers: Mapping[str, Any] | None = None
                  ) -> tuple[float, int, dict[str, np.ndarray], int] | None:
   """The uniform recipe within a byte budget.
 
@@ -204,6 +218,9 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
     predict: ``(path, sparsity, bits) -> damage`` (e.g. ``Sensitivity.predict``).
     edge_bits: bits of the layers outside ``inner``.
     resolution: step of the sparsity search.
+    layers: ``{path: traced Layer}``: a weight stacked by ``nn.scan`` is sized with the mask
+      training gives it, each step at the layer's sparsity under the threshold (as in
+      :func:`threshold_plans`).
 
   Returns:
     ``(sparsity, bits, {path: keep mask}, predicted bytes)`` or ``None`` if no bit width fits.
@@ -214,7 +231,7 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
   inner_ranks = global_ranks([weights[p] for p in inner])
   for b in sorted(bits):
     def size(s):
-      keeps = _cut(inner_ranks, s)
+      keeps = _per_step(_cut(inner_ranks, s), inner, weights, layers)
       return fixed + sum(weight_bytes(k, b) for k in keeps), keeps
     lo, hi = 0, int(round(1 / resolution)) - 1  # steps of `resolution`, sparsity < 1
     if size(hi * resolution)[0] > budget:
@@ -286,9 +303,7 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
     if not all(np.any(k) for k in keeps):
       continue
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
-    for i in stacked:  # masked step by step in training, each at the layer's sparsity
-      keeps[i] = keep_mask(weights[paths[i]], layer_sparsity[paths[i]], "unstructured",
-                           layers[paths[i]])
+    keeps = _per_step(keeps, paths, weights, layers)
     if not all(keeps[i].reshape(-1, int(np.prod(keeps[i].shape[layers[paths[i]].stacked:])))
                .any(1).all() for i in stacked):
       continue  # a step left without weights: rounding per step emptied it
