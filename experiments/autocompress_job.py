@@ -206,8 +206,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   weights = {l.path: np.asarray(tree_get(params, l.weight)) for l in layers}
   if config.budget.sparsity == "kernel" and not any(budget_lib.has_kernels(l) for l in layers):
     raise ConfigError(f"budget.sparsity='kernel': no layer of {config.student.name} has kernels "
-                      "to prune whole (a Conv window of more than one entry, not stacked by "
-                      "nn.scan); use auto, layer, global or lamp")
+                      "to prune whole (a Conv window of more than one entry); use auto, layer, "
+                      "global or lamp")
   macs = budget_lib.layer_macs(model, variables, calib[0])
   grid = dict(sparsities=config.scan.sparsities, weight_bits=config.scan.weight_bits,
               act_bits=config.scan.act_bits, kind=kind)
@@ -332,8 +332,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
         budget=int(lim - fixed - edge_bytes), bits=bits,
         predict=sens.predict, sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
         score=GLOBAL_SCORES[name], layers=by_path)
-    return found and _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead,
-                                     found, name)
+    return found and _threshold_plan(sens, by_path, weights, plannable, cost, overhead, found,
+                                     name)
 
   for name in thresholds:
     found = threshold(name, limit)
@@ -448,19 +448,22 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   return results
 
 
-def _threshold_plan(sens, by_path, weights, plannable, cost, keep, overhead, found, name):
+def _threshold_plan(sens, by_path, weights, plannable, cost, overhead, found, name):
   """The :class:`budget.Plan` of one :func:`budget.threshold_plans` result (``kernel``: the
   layers with kernels share the threshold in training, sized by ``shared_kernel_bytes``)."""
   g, sparsity, layer_bits, _ = found
   shared = [p for p in sparsity if name == "kernel" and budget_lib.has_kernels(by_path[p])]
   window = budget_lib.kernel_window([by_path[p] for p in shared])
+  # the shared threshold's kernels (a stacked conv's steps ranked with the rest, as in training)
+  kernels = dict(zip(shared, budget_lib.kernel_keep([weights[p] for p in shared], g,
+                                                    [by_path[p] for p in shared])))
   layers = []
   for p in sens.paths:
     act = plannable[p][0].act_bits  # a size budget searches no input bits
     s, b = sparsity.get(p, 0.0), layer_bits.get(p, 8)  # a layer left out: dense, 8 bits
     size, bops = cost(p, budget_lib.Option(s, b, act))
     if p in shared:
-      size = budget_lib.shared_kernel_bytes(keep(p, s, "kernel"), b, window)
+      size = budget_lib.shared_kernel_bytes(kernels[p], b, window, by_path[p].window_axes)
     layers.append(budget_lib.LayerPlan(p, by_path[p].weight, s, b, act, size, bops,
                                        sens.predict(p, s, b)))
   if not shared:

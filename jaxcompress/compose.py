@@ -353,6 +353,7 @@ class Compression:
                                codebooks=codebooks or None, fold=self.fold_norms,
                                gains_into=gains_into, model_name=model_name,
                                reduce_axes=self.layers.reduce_axes(),
+                               window_axes=self.layers.window_axes(),
                                scale_dtype="float16" if self.half_scales else "float32")
 
   # -- state ---------------------------------------------------------------------------------

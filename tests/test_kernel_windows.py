@@ -12,7 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import budget, compose
+from jaxcompress import budget, compose, export
+from jaxcompress.errors import ConfigError
 from jaxcompress.rules import tree_get
 from jaxcompress.selection import trace_layers
 
@@ -62,10 +63,8 @@ def test_only_a_conv_has_a_window(net):
   windows = {l.path: l.window_axes for l in traced.layers}
   assert windows == {"stem": (0, 1), "mid": (0, 1), "blocks/conv": (1, 2), "attn/query": (),
                      "attn/key": (), "attn/value": (), "attn/out": (), "head": ()}
-  # Kernel plans prune the window where it leads the weight, as the export's blocks store it;
-  # the scanned conv's steps lead its weight.
   assert {l.path: budget.kernel_size(l) for l in traced.layers} == {
-      "stem": 9, "mid": 9, "blocks/conv": 1, "attn/query": 1, "attn/key": 1, "attn/value": 1,
+      "stem": 9, "mid": 9, "blocks/conv": 9, "attn/query": 1, "attn/key": 1, "attn/value": 1,
       "attn/out": 1, "head": 1}
 
 
@@ -96,16 +95,48 @@ def test_kernel_plans_prune_the_convs_and_keep_the_rest_dense(net):
   weights = [np.asarray(tree_get(variables["params"], l.weight)) for l in layers]
   keeps = budget.kernel_keep(weights, 0.4, layers)
   by_path = dict(zip([l.path for l in layers], keeps))
-  rms = [_rms(weights[i], (0, 1)) for i in (0, 1)]  # stem and mid share one threshold
-  flat = np.concatenate([r.reshape(-1) for r in rms])
-  kept = _drop_lowest(flat, 0.4)
-  n = rms[0].size  # the stem's 3 x 8 kernels, then the mid conv's 8 x 8
-  np.testing.assert_array_equal(by_path["stem"],
-                                np.broadcast_to(kept[:n].reshape(rms[0].shape), (3, 3, 3, C)))
-  np.testing.assert_array_equal(by_path["mid"],
-                                np.broadcast_to(kept[n:].reshape(rms[1].shape), (3, 3, C, C)))
-  for path in ("blocks/conv", "attn/query", "attn/out", "head"):
+  # stem, mid and every step of the scanned conv share one threshold on their kernels' RMS
+  rms = [_rms(weights[0], (0, 1)), _rms(weights[1], (0, 1)), _rms(weights[2], (1, 2))]
+  kept = _drop_lowest(np.concatenate([r.reshape(-1) for r in rms]), 0.4)
+  start = 0
+  for i, path in enumerate(("stem", "mid", "blocks/conv")):
+    want = kept[start:start + rms[i].size].reshape(rms[i].shape)
+    np.testing.assert_array_equal(by_path[path], np.broadcast_to(want, weights[i].shape))
+    start += rms[i].size
+  for path in ("attn/query", "attn/out", "head"):
     assert by_path[path].all(), path
+
+
+def test_a_kernel_pruned_scanned_conv_is_stored_by_kernels(net, tmp_path):
+  """Each step's kept kernels cost one bit each and their 9 entries: the export's blocks over
+  the conv's window behind the steps, as the budget sizes it."""
+  model, variables, x, traced = net
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=2,
+                       prune=compose.PruneSpec(sparsity=0.75, structure="kernel", norm="l2",
+                                               scope="layer", schedule="one_shot"),
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=0, first_last_bits=0))
+  state = comp.init_state(variables, x, calibration=[x])
+  masks = comp.final_masks(state.params)
+  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params, masks))
+  out = str(tmp_path / "export")
+  comp.export(out, state)
+  meta = next(m for m in export.read_spec(out)["layers"]
+              if m["path"] == "params/blocks/conv/kernel")
+  loaded = np.asarray(export.load(out, model).variables["params"]["blocks"]["conv"]["kernel"])
+  kernels = np.abs(loaded).sum((1, 2)) > 0  # [steps, in, out]
+  assert meta["encoding"] == "blocks" and meta["window_axes"] == [1, 2]
+  kept = int(kernels.sum())
+  assert kept == 2 * 16  # a quarter of each step's 64 kernels
+  want = -(-kernels.size // 8) + -(-kept * 9 * 4 // 8)
+  layer = traced.layer("blocks/conv")
+  assert budget.shared_kernel_bytes(loaded != 0, 4, 9, layer.window_axes) == want + 1
+  if "huffman" not in meta:  # Huffman-coded values take fewer bytes
+    assert meta["segments"]["positions"] + meta["segments"]["values"] == want
+  else:
+    assert meta["segments"]["positions"] == -(-kernels.size // 8)
+  got = np.asarray(export.load(out, model).logits(x))
+  np.testing.assert_array_equal(got, np.asarray(jax.jit(comp.logits_fn)(
+      comp.eval_variables(state), x)))
 
 
 def test_a_threshold_plan_sizes_a_scanned_weight_step_by_step(net):
@@ -169,3 +200,23 @@ def test_the_uniform_recipe_sizes_a_scanned_weight_step_by_step(net):
   np.testing.assert_array_equal(keep["blocks/conv"], want)
   assert want.sum() != cut.sum()  # the global cut itself keeps another count
   assert size == sum(budget.weight_bytes(k, 4) for k in keep.values()) <= dense // 3
+
+
+def test_blocks_over_window_axes_by_hand():
+  rng = np.random.default_rng(7)
+  kernels = rng.random((2, 1, 1, 4, 5)) < 0.3  # [steps, 1, 1, in, out]: which kernels are kept
+  nonzero = np.broadcast_to(kernels, (2, 3, 3, 4, 5))
+  values = np.where(nonzero, rng.integers(1, 8, nonzero.shape), 0)
+  kept = int(kernels.sum())
+  sizes = export.sparse.sizes(nonzero, 3, window_axes=(1, 2))
+  assert sizes["blocks"] == -(-40 // 8) + -(-kept * 9 * 3 // 8)  # 40 kernels: 5 bytes of marks
+  enc = export.sparse.encode(values, nonzero, 3, window_axes=(1, 2))
+  assert enc.encoding == "blocks" and enc.window_axes == (1, 2)
+  mask, got = export.sparse.decode(enc, nonzero.size, 3, shape=nonzero.shape)
+  np.testing.assert_array_equal(mask, nonzero.reshape(-1))
+  np.testing.assert_array_equal(got, values.reshape(-1)[nonzero.reshape(-1)])
+  # without the window axes, blocks over the leading axes (steps x 3 x 3) cannot drop a kernel
+  assert export.sparse.sizes(nonzero, 3)["blocks"] > sizes["blocks"]
+  bad = enc._replace(window_axes=(0, 1, 2, 3, 4))
+  with pytest.raises(ConfigError, match=r"blocks encoding needs window axes \[0, 1, 2, 3, 4\]"):
+    export.sparse.decode(bad, nonzero.size, 3, shape=nonzero.shape)

@@ -98,13 +98,9 @@ def kernel_keep(weights: Sequence[Any], sparsity: float,
 def kernel_size(layer: Any) -> int:
   """Entries per kernel of a traced layer's weight (a :class:`~jaxcompress.selection.Layer`) as
   kernel plans prune and the export's ``blocks`` encoding stores it: the product of its window
-  axes (a Conv's ``kh * kw``) where they are its leading axes, the ``blocks`` layout; 1 for a
-  layer without a window (Dense, DenseGeneral, Einsum, Embed, whatever their rank) and for a
-  conv stacked by ``nn.scan`` (its steps lead), which kernel plans keep dense."""
-  window = tuple(layer.window_axes)
-  if not window or window != tuple(range(len(layer.shape) - 2)):
-    return 1
-  return int(np.prod([layer.shape[a] for a in window]))
+  axes (a Conv's ``kh * kw``, for every step of one stacked by ``nn.scan``); 1 for a layer
+  without a window (Dense, DenseGeneral, Einsum, Embed, whatever their rank)."""
+  return int(np.prod([layer.shape[a] for a in layer.window_axes]))
 
 
 def has_kernels(layer: Any) -> bool:
@@ -126,7 +122,7 @@ def weight_bytes(keep: Any, bits: int) -> int:
   return int(min(_encodings(np.asarray(keep, bool), bits).values()))
 
 
-def shared_kernel_bytes(keep: Any, bits: int, window: int) -> int:
+def shared_kernel_bytes(keep: Any, bits: int, window: int, axes: Any = None) -> int:
   """Bytes that bound a weight whose kernels share one threshold with other weights' kernels.
 
   Under one kernel threshold across weights at one bit width ``bits``, training moves kept
@@ -134,9 +130,10 @@ def shared_kernel_bytes(keep: Any, bits: int, window: int) -> int:
   ``w`` entries each, stores as ``blocks`` in ``ceil(K/8) + ceil(k w bits / 8)`` bytes; this is
   ``ceil(K/8) + ceil(k W bits / 8) + 1`` with ``W >= w`` the largest window of those weights.
   Summed over the weights it bounds their ``blocks`` bytes for any split of the same total:
-  ``sum ceil(k'_i w_i b/8) <= sum k'_i W b/8 + n <= sum (ceil(k_i W b/8) + 1)``.
+  ``sum ceil(k'_i w_i b/8) <= sum k'_i W b/8 + n <= sum (ceil(k_i W b/8) + 1)``. ``axes``: the
+  weight's window axes (``Layer.window_axes``; default: every axis but the last two).
   """
-  marked = sparse.marked_kernels(np.asarray(keep, bool))
+  marked = sparse.marked_kernels(np.asarray(keep, bool), axes)
   return (sparse.packed_size(marked.size, 1)
           + sparse.value_bytes(int(marked.sum()) * int(window), int(bits)) + 1)
 

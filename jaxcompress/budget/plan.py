@@ -180,6 +180,13 @@ def _cut(weight_ranks: Sequence[np.ndarray], sparsity: float) -> list[np.ndarray
   return [r >= pruned for r in weight_ranks]
 
 
+def _steps_kept(keep: np.ndarray, stacked: int) -> bool:
+  """Whether every step of a weight with ``stacked`` leading step axes keeps an entry (a weight
+  of no steps: whether it keeps one)."""
+  keep = np.asarray(keep)
+  return bool(keep.reshape(-1, int(np.prod(keep.shape[stacked:]))).any(1).all())
+
+
 def _per_step(keeps: list[np.ndarray], paths: Sequence[str], weights: Mapping[str, np.ndarray],
               layers: Mapping[str, Any] | None) -> list[np.ndarray]:
   """``keeps`` (one global cut), each weight stacked by ``nn.scan`` (``layers[path].stacked``)
@@ -304,8 +311,7 @@ def threshold_plans(weights: Mapping[str, np.ndarray], *, budget: int, bits: Seq
       continue
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in zip(paths, keeps)}
     keeps = _per_step(keeps, paths, weights, layers)
-    if not all(keeps[i].reshape(-1, int(np.prod(keeps[i].shape[layers[paths[i]].stacked:])))
-               .any(1).all() for i in stacked):
+    if not all(_steps_kept(keeps[i], layers[paths[i]].stacked) for i in stacked):
       continue  # a step left without weights: rounding per step emptied it
     costs = [[weight_bytes(k, b) for b in bits] for k in keeps]
     damages = [[predict(p, layer_sparsity[p], b) for b in bits] for p in paths]
@@ -329,12 +335,13 @@ def _kernel_plans(weights, budget, bits, predict, sparsities, layers):
   for g in sorted(sparsities):
     keeps = dict(zip(paths, kernel_keep([weights[p] for p in paths], g,
                                         [layers[p] for p in paths])))
-    if not all(np.any(keeps[p]) for p in grid):
+    if not all(_steps_kept(keeps[p], layers[p].stacked) for p in grid):
       continue
     layer_sparsity = {p: 1 - float(np.mean(k)) for p, k in keeps.items()}
     best = None
     for shared in bits:  # one option per kernel layer; every width for the others
-      costs = [[shared_kernel_bytes(keeps[p], shared, window)] if p in grid else
+      costs = [[shared_kernel_bytes(keeps[p], shared, window, layers[p].window_axes)]
+               if p in grid else
                [weight_bytes(keeps[p], b) for b in bits] for p in paths]
       damages = [[predict(p, layer_sparsity[p], shared)] if p in grid else
                  [predict(p, layer_sparsity[p], b) for b in bits] for p in paths]

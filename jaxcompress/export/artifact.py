@@ -51,6 +51,7 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any],
                  fold: Mapping[str, float] | None = None,
                  gains_into: Mapping[str, str] | None = None, model_name: str = "",
                  compress: bool = True, reduce_axes: Mapping[str, Any] | None = None,
+                 window_axes: Mapping[str, Any] | None = None,
                  scale_dtype: str = "float32") -> dict:
   """Finalizes a trained (pruned, quantized) model and writes the artifact to ``out_dir``.
 
@@ -81,6 +82,9 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any],
       (``spec.json.gz``; ``False``: fixed-width codes and a plain ``spec.json``).
     reduce_axes: ``{weight path: reduction axes}`` (``ModelLayers.reduce_axes()``): such a
       weight may be stored as N:M groups along them (the :mod:`.sparse` ``nm`` encoding).
+    window_axes: ``{weight path: window axes}`` (``ModelLayers.window_axes()``): such a weight
+      may be stored as whole kernels over them (``blocks``; a conv stacked by ``nn.scan`` has its
+      window behind the steps).
     scale_dtype: ``float32``, or ``float16``: the folded BatchNorms and the scales of integer
       weights with one scale per output channel (their last axis) rounded to float16 and stored
       so (``QuantSpec.scale_dtype``; the fake-quant model must be evaluated with the same
@@ -99,7 +103,8 @@ def export_model(out_dir: str, *, variables: Mapping[str, Any],
   signature = (io.of_shape(input_shape, input_dtype) if inputs is None
                else io.of_shapes(inputs))
   fin = finalize(variables, masks=masks, specs=specs, codebooks=codebooks, fold=fold,
-                 gains_into=gains_into, reduce_axes=reduce_axes, scale_dtype=scale_dtype)
+                 gains_into=gains_into, reduce_axes=reduce_axes, window_axes=window_axes,
+                 scale_dtype=scale_dtype)
   return _write(out_dir, fin, signature=signature, model_name=model_name, compress=compress)
 
 
@@ -255,10 +260,11 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
       if key in meta and not _is_int(meta[key]):
         raise ConfigError(f"{field}: {key} of {meta['path']!r} is {meta[key]!r}, not an integer; "
                           "the spec is corrupted")
-    group_axes = meta.get("group_axes", [])
-    if not isinstance(group_axes, list) or not all(_is_int(a) for a in group_axes):
-      raise ConfigError(f"{field}: group_axes of {meta['path']!r} is {group_axes!r}, not a list "
-                        "of integers; the spec is corrupted")
+    for key in ("group_axes", "window_axes"):
+      listed = meta.get(key, [])
+      if not isinstance(listed, list) or not all(_is_int(a) for a in listed):
+        raise ConfigError(f"{field}: {key} of {meta['path']!r} is {listed!r}, not a list of "
+                          "integers; the spec is corrupted")
     if meta["kind"] == "int" and "qmin" not in meta:
       raise ConfigError(f"{field}: int layer {meta['path']!r} has no qmin; the spec is corrupted")
     if not isinstance(meta["shape"], list) or not all(_is_int(d) and d > 0 for d in meta["shape"]):

@@ -73,6 +73,8 @@ class LayerTensor(NamedTuple):
     group_axes: the axes of ``codes`` the layer's product sums over (its reduction axes, in the
       stored layout), or ``None``: with them the :mod:`.sparse` ``nm`` encoding (groups of 4
       along those axes, NVIDIA's 2:4 layout) is considered.
+    window_axes: the axes of ``codes`` that hold the layer's kernel window (in the stored layout),
+      or ``None``: with them :mod:`.sparse` ``blocks`` over them is considered.
     scale_bits: 32, or 16: ``scale`` holds float16 values and is stored as float16.
   """
   path: str
@@ -88,6 +90,7 @@ class LayerTensor(NamedTuple):
   act: dict | None = None
   group_axes: tuple | None = None
   scale_bits: int = 32
+  window_axes: tuple | None = None
 
   def nonzero(self) -> np.ndarray:
     """Entries whose real kernel value is not exactly zero by construction."""
@@ -135,12 +138,14 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False,
     values = t.codes
   else:
     values = t.codes.astype(np.float32)
-  order, group = _weight_order(t.codes.ndim, axes), t.group_axes
+  order, group, window = _weight_order(t.codes.ndim, axes), t.group_axes, t.window_axes
   if order is not None:  # stored axis i is weight axis order[i]
     back = np.argsort(order)
     values, nonzero = np.transpose(values, back), np.transpose(nonzero, back)
     group = group and tuple(order[a] for a in group)
-  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans", group_axes=group)
+    window = window and tuple(order[a] for a in window)
+  enc = sparse.encode(values, nonzero, t.bits, allow_dense=t.kind != "kmeans", group_axes=group,
+                      window_axes=window)
   meta = {"path": t.path, "kind": t.kind, "shape": list(t.codes.shape), "bits": t.bits,
           "encoding": enc.encoding, "nnz": enc.nnz}
   if t.kind == "int":
@@ -149,6 +154,8 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False,
     meta.update(gap_bits=enc.gap_bits, codes=enc.codes)
   if enc.encoding == "nm":
     meta.update(group_n=enc.group_n, group_axes=list(enc.group_axes))
+  if enc.window_axes:
+    meta["window_axes"] = list(enc.window_axes)
   if t.scale_bits != 32:
     meta["scale_bits"] = t.scale_bits
   if t.act is not None:
@@ -286,7 +293,8 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
   enc = sparse.Sparse(meta["encoding"], int(meta.get("gap_bits", 0)), int(meta.get("codes", 0)),
                       int(meta["nnz"]), segments["positions"], segments["values"],
                       int(meta.get("group_n", 0)),
-                      tuple(int(a) for a in meta.get("group_axes", ())))
+                      tuple(int(a) for a in meta.get("group_axes", ())),
+                      tuple(int(a) for a in meta.get("window_axes", ())))
   nonzero, values = sparse.decode(enc, n, bits, where=where, shape=walked)
   f32 = lambda name, width=sparse.FLOAT_BITS: (
       sparse.float_values(segments[name], width) if name in segments else None)
@@ -312,9 +320,10 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
   scale = f32("scale", scale_bits)
   if scale is not None and scale.size > 1:
     scale = scale.reshape(scale_shape)
-  codes, group = codes.reshape(walked), enc.group_axes
+  codes, group, window = codes.reshape(walked), enc.group_axes, enc.window_axes
   if order is not None:  # back to the stored layout
-    codes, group = np.transpose(codes, order), tuple(order.index(a) for a in group)
+    codes = np.transpose(codes, order)
+    group, window = (tuple(order.index(a) for a in x) for x in (group, window))
   return LayerTensor(path, meta["kind"], codes, bits, qmin, zero_point, scale, f32("gain"),
                      f32("bias"), f32("codebook"), None if act is None else dict(act),
-                     group or None, scale_bits)
+                     group or None, scale_bits, window or None)

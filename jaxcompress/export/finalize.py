@@ -10,7 +10,8 @@ here knows a model's names. Every leaf of every collection becomes one stored te
 - a weight with a k-means codebook becomes the codebook plus indices;
 - every other floating-point leaf stays float32 (stored sparse when that is smaller);
 - a weight whose reduction axes are given (``reduce_axes``, from the model's trace) carries them,
-  in its stored layout, so the export can store it in N:M groups along them;
+  in its stored layout, so the export can store it in N:M groups along them, and one whose window
+  axes are given (``window_axes``) carries those, so it can store whole kernels over them;
 - a BatchNorm that directly follows a linear layer in the forward (``fold``: found by
   :func:`jaxcompress.selection.trace_layers`, never by names) is stored as its per-channel
   ``gain = rsqrt(var + eps) * scale`` and ``bias = beta - mean * gain``: two vectors instead of
@@ -185,6 +186,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
              fold: Mapping[str, float] | None = None,
              gains_into: Mapping[str, str] | None = None,
              reduce_axes: Mapping[str, Any] | None = None,
+             window_axes: Mapping[str, Any] | None = None,
              scale_dtype: str = "float32") -> Finalized:
   """Turns trained variables into finalized tensors (see the module docstring).
 
@@ -201,6 +203,8 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       per-output-channel scales of that integer weight (``Compression.gain_layers``).
     reduce_axes: ``{weight path: axes its layer's product sums over}``
       (``ModelLayers.reduce_axes()``); those weights may be stored as N:M groups.
+    window_axes: ``{weight path: window axes}`` (``ModelLayers.window_axes()``); those weights
+      may be stored as whole kernels over them (a conv stacked by ``nn.scan``).
     scale_dtype: ``float32`` or ``float16`` (see the module docstring).
 
   Returns:
@@ -223,6 +227,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
   mask_flat = None if masks is None else flat_paths(masks)
   specs, books, fold = dict(specs or {}), dict(codebooks or {}), dict(fold or {})
   group = dict(reduce_axes or {})
+  windows = {p: a for p, a in (window_axes or {}).items() if a}
   weights = {f"{p}/{getattr(s, 'weight', 'kernel')}": s for p, s in specs.items()}
   weights = {w: s for w, s in weights.items() if getattr(s, "weight_bits", None) is not None}
   for name, given in (("specs", {w.rpartition("/")[0] for w in weights}), ("codebooks", books)):
@@ -269,6 +274,9 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       if collection == "params" and leaf_path in group and leaf_path not in books:
         tensors[key] = tensors[key]._replace(
             group_axes=_stored_axes(group[leaf_path], np.ndim(leaf), moved))
+      if collection == "params" and leaf_path in windows:
+        tensors[key] = tensors[key]._replace(
+            window_axes=_stored_axes(windows[leaf_path], np.ndim(leaf), moved))
   acts = {p: a for p, a in ((p, act_fields(s)) for p, s in specs.items()) if a is not None}
   float32_bytes = 4 * sum(int(np.size(leaf)) for leaf in flat_params.values())
   return Finalized(tensors, axes, acts, fold, float32_bytes)

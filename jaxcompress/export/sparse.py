@@ -19,7 +19,10 @@ raw float32), is written in whichever of these takes the fewest bytes:
   row-major over the last two axes), then every entry of the marked kernels, zeros included (their
   stored value is the zero's code), in row-major order: ``ceil(r / 8) + ceil(k * s * bits / 8)``
   for ``k`` of ``r`` kernels marked, ``s`` entries each. Whole pruned kernels
-  (:func:`jaxcompress.pruning.kernels`) cost one bit where single entries cost one each;
+  (:func:`jaxcompress.pruning.kernels`) cost one bit where single entries cost one each. When the
+  caller names the tensor's window axes (``window_axes``: a conv stacked by ``nn.scan``,
+  ``[steps, kh, kw, in, out]``, has its window on axes 1 and 2), kernels over them are
+  considered too: one bit per index of the other axes (row-major), the smaller of the two kept;
 - ``bitmap``: one bit per entry (1 = non-zero, :mod:`.packing` order), then the non-zero values:
   ``ceil(n / 8) + ceil(nnz * bits / 8)``;
 - ``gaps`` with ``w``-bit codes, ``w`` in 2..8 (relative indices, Han et al. 2016): walking the
@@ -65,7 +68,8 @@ class Sparse(NamedTuple):
   ``codes`` is the number of gap codes (non-zero entries plus fillers) for ``gaps``, else 0;
   ``values`` holds ``nnz`` values (``n`` for ``dense``; the slots, ``groups * group_n``, for
   ``nm``) packed at ``bits``; ``group_n`` (slots per group) and ``group_axes`` (the reduction axes
-  the groups run along) are set for ``nm`` only.
+  the groups run along) are set for ``nm`` only; ``window_axes`` for ``blocks`` over other axes
+  than the leading ones (empty: every axis but the last two).
   """
   encoding: str
   gap_bits: int
@@ -75,6 +79,7 @@ class Sparse(NamedTuple):
   values: np.ndarray  # uint8
   group_n: int = 0
   group_axes: tuple = ()
+  window_axes: tuple = ()
 
   @property
   def nbytes(self) -> int:
@@ -113,22 +118,49 @@ def nm_axes(shape: tuple, group_axes: Any) -> tuple | None:
   return axes
 
 
-def kernel_grid(shape: tuple) -> tuple[int, int] | None:
-  """``(entries per kernel, kernels)`` if ``blocks`` can encode this shape, else None."""
+def kernel_grid(shape: tuple, window_axes: Any = None) -> tuple[int, int] | None:
+  """``(entries per kernel, kernels)`` if ``blocks`` can encode this shape over these window axes
+  (``None`` or empty: every axis but the last two), else None."""
+  if window_axes:
+    axes = window_axes_of(shape, window_axes)
+    if axes is None:
+      return None
+    window = int(np.prod([shape[a] for a in axes]))
+    return (window, int(np.prod(shape)) // window) if window > 1 else None
   if len(shape) < 3 or int(np.prod(shape[:-2])) < 2:
     return None
   return int(np.prod(shape[:-2])), int(np.prod(shape[-2:]))
 
 
-def marked_kernels(nonzero: np.ndarray) -> np.ndarray:
+def window_axes_of(shape: tuple, window_axes: Any) -> tuple | None:
+  """``window_axes`` as distinct non-negative axes of ``shape`` with at least one axis outside
+  them, or None."""
+  if not all(-len(shape) <= int(a) < len(shape) for a in window_axes):
+    return None
+  axes = tuple(sorted(int(a) % len(shape) for a in window_axes))
+  return axes if len(set(axes)) == len(axes) < len(shape) else None
+
+
+def marked_kernels(nonzero: np.ndarray, window_axes: Any = None) -> np.ndarray:
   """``bool[kernels]``: which kernels of a ``blocks``-encodable pattern hold a non-zero entry
-  (row-major over the last two axes, as ``blocks`` marks them)."""
+  (row-major over the axes outside the window, as ``blocks`` marks them)."""
+  if window_axes:
+    return nonzero.any(window_axes_of(nonzero.shape, window_axes)).reshape(-1)
   window, kernels = kernel_grid(nonzero.shape)
   return nonzero.reshape(window, kernels).any(0)
 
 
+def _kept_entries(marked: np.ndarray, shape: tuple, window_axes: Any) -> np.ndarray:
+  """Flat row-major mask of the entries of the marked kernels."""
+  if window_axes:
+    axes = window_axes_of(shape, window_axes)
+    kernel_shape = [1 if a in axes else d for a, d in enumerate(shape)]
+    return np.broadcast_to(marked.reshape(kernel_shape), shape).reshape(-1)
+  return np.tile(marked, kernel_grid(shape)[0])
+
+
 def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
-          group_axes: Any = None) -> dict[str, int]:
+          group_axes: Any = None, window_axes: Any = None) -> dict[str, int]:
   """Bytes of every encoding of a tensor with this non-zero pattern and value width.
 
   Args:
@@ -137,6 +169,7 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
     allow_dense: include ``dense``, ``nm`` and ``blocks`` (not possible when a zero entry has no
       value code).
     group_axes: the tensor's reduction axes: include ``nm`` if they fit (see the module docstring).
+    window_axes: the tensor's window axes: ``blocks`` also over them (the smaller of the two).
 
   Returns:
     ``{"dense": ..., "nm": ..., "blocks": ..., "bitmap": ..., "gaps2": ..., ..., "gaps8": ...}``.
@@ -150,10 +183,9 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
     if 0 < k < NM_GROUP:  # an all-zero tensor has no slots to store: a gap code stream does
       out["nm"] = packed_size(rows.shape[0] * k, NM_INDEX_BITS) + value_bytes(rows.shape[0] * k,
                                                                               bits)
-  grid = kernel_grid(nonzero.shape) if allow_dense else None
-  if grid is not None:
-    marked = marked_kernels(nonzero)
-    out["blocks"] = packed_size(marked.size, 1) + value_bytes(int(marked.sum()) * grid[0], bits)
+  found = _blocks(nonzero, bits, window_axes) if allow_dense else None
+  if found is not None:
+    out["blocks"] = found[0]
   nonzero = nonzero.reshape(-1)
   n, nnz = nonzero.size, int(nonzero.sum())
   gaps = gaps_of(nonzero)
@@ -161,6 +193,25 @@ def sizes(nonzero: Any, bits: int, *, allow_dense: bool = True,
   for w in GAP_WIDTHS:
     out[f"gaps{w}"] = packed_size(num_gap_codes(gaps, w), w) + value_bytes(nnz, bits)
   return out
+
+
+def _blocks(nonzero: np.ndarray, bits: int, window_axes: Any) -> tuple[int, tuple] | None:
+  """``(bytes, window axes)`` of the smaller ``blocks`` encoding (the leading axes as window,
+  ``()``, or ``window_axes``), or None where neither fits the shape."""
+  candidates = [()]
+  if window_axes:
+    axes = window_axes_of(nonzero.shape, window_axes)
+    if axes is not None and axes != tuple(range(nonzero.ndim - 2)):
+      candidates.append(axes)
+  best = None
+  for axes in candidates:
+    grid = kernel_grid(nonzero.shape, axes)
+    if grid is not None:
+      marked = marked_kernels(nonzero, axes)
+      size = packed_size(marked.size, 1) + value_bytes(int(marked.sum()) * grid[0], bits)
+      if best is None or size < best[0]:
+        best = (size, axes)
+  return best
 
 
 def float_bytes(values: Any, bits: int = FLOAT_BITS) -> np.ndarray:
@@ -242,7 +293,7 @@ def _nm_decode(sparse: Sparse, shape: tuple, bits: int, where: str) -> tuple[np.
 
 
 def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
-           group_axes: Any = None) -> Sparse:
+           group_axes: Any = None, window_axes: Any = None) -> Sparse:
   """Encodes a tensor in its smallest form.
 
   Args:
@@ -254,6 +305,7 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
     allow_dense: consider ``dense``, ``nm`` and ``blocks``; pass ``False`` when zero entries have
       no valid value code (k-means indices of pruned weights).
     group_axes: the tensor's reduction axes, to consider ``nm`` (groups of 4 along them).
+    window_axes: the tensor's window axes, to consider ``blocks`` over them.
 
   Returns:
     The :class:`Sparse` encoding with the fewest bytes (see :func:`sizes`).
@@ -261,15 +313,16 @@ def encode(values: Any, nonzero: Any, bits: int, *, allow_dense: bool = True,
   values = np.asarray(values)
   nonzero = np.asarray(nonzero, bool)
   size = sizes(nonzero, bits, allow_dense=allow_dense or bool(nonzero.all()),
-               group_axes=group_axes)
+               group_axes=group_axes, window_axes=window_axes)
   best = min(size, key=size.get)  # dicts keep insertion order: ties go to the earlier form
   if best == "nm":
     return _nm_encode(values, nonzero, bits, nm_axes(nonzero.shape, group_axes))
   if best == "blocks":
-    marked = marked_kernels(nonzero)
-    stored = np.tile(marked, kernel_grid(nonzero.shape)[0])
+    axes = _blocks(nonzero, bits, window_axes)[1]
+    marked = marked_kernels(nonzero, axes)
+    stored = _kept_entries(marked, nonzero.shape, axes)
     return Sparse("blocks", 0, 0, int(stored.sum()), pack_bits(marked, 1),
-                  _pack_values(values.reshape(-1)[stored], bits))
+                  _pack_values(values.reshape(-1)[stored], bits), window_axes=axes)
   values, nonzero = values.reshape(-1), nonzero.reshape(-1)
   empty = np.zeros(0, np.uint8)
   if best == "dense":
@@ -319,11 +372,13 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
       ``n`` (a corrupted or mismatched artifact).
   """
   shape = (n,) if shape is None else tuple(shape)
-  grid = kernel_grid(shape) if sparse.encoding == "blocks" else None
+  grid = kernel_grid(shape, sparse.window_axes) if sparse.encoding == "blocks" else None
   if sparse.encoding == "blocks" and (grid is None or int(np.prod(shape)) != n):
-    raise ConfigError(f"{where}: blocks encoding needs a tensor of 3 axes or more with more "
-                      f"than one entry per kernel, not shape {list(shape)}; the artifact is "
-                      "corrupted or does not match its spec")
+    need = (f"window axes {list(sparse.window_axes)} of more than one entry and an axis "
+            "outside them" if sparse.window_axes else
+            "a tensor of 3 axes or more with more than one entry per kernel")
+    raise ConfigError(f"{where}: blocks encoding needs {need}, not shape {list(shape)}; the "
+                      "artifact is corrupted or does not match its spec")
   pos_bytes, val_bytes = expected_bytes(sparse.encoding, n=n, nnz=sparse.nnz, bits=bits,
                                         gap_bits=sparse.gap_bits, codes=sparse.codes,
                                         kernels=grid[1] if grid else 0)
@@ -342,7 +397,8 @@ def decode(sparse: Sparse, n: int, bits: int, *, where: str = "tensor",
     if int(marked.sum()) * window != sparse.nnz:
       raise ConfigError(f"{where}: the positions mark {int(marked.sum())} kernels of {window} "
                         f"entries, the spec says {sparse.nnz} values; the artifact is corrupted")
-    return np.tile(marked, window), _unpack_values(sparse.values, bits, sparse.nnz)
+    return (_kept_entries(marked, shape, sparse.window_axes),
+            _unpack_values(sparse.values, bits, sparse.nnz))
   if sparse.encoding == "bitmap":
     nonzero = unpack_bits(sparse.positions, 1, n).astype(bool)
   else:
