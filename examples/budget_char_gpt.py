@@ -92,7 +92,9 @@ def main(argv):
                                           weight_bits=BITS, act_bits=(8,)) for l in inner}
   sens = budget.scan(module, variables, held_out, options, calibration=calibration,
                      joint=True, damage="kl")
-  keep = functools.cache(lambda p, s: budget.keep_mask(weights[p], s))  # one per (layer, s)
+  by_path = {l.path: l for l in inner}  # each layer's axes (and steps, where nn.scan stacks it)
+  keep = functools.cache(  # one per (layer, s)
+      lambda p, s: budget.keep_mask(weights[p], s, "unstructured", by_path[p]))
 
   def plan_of(choice: dict) -> budget.Plan:  # path -> (sparsity, bits)
     return budget.Plan(tuple(
@@ -108,12 +110,13 @@ def main(argv):
     candidates["layer"] = plan_of({p: (opts[k].sparsity, opts[k].weight_bits)
                                    for p, opts, k in zip(sens.paths, sens.options, alloc.choice)})
   found = budget.global_bits(weights, budget=limit, bits=BITS, predict=sens.predict,
-                             sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3))
+                             sparsities=np.round(np.arange(0.0, 0.995, 0.005), 3),
+                             layers=by_path)
   if found is not None:
     _, sparsity, bits, _ = found
     candidates["global"] = plan_of({p: (sparsity[p], bits[p]) for p in weights})
   uniform = budget.uniform_size(weights, list(weights), overhead=0, budget=limit, bits=BITS,
-                                predict=sens.predict)
+                                predict=sens.predict, layers=by_path)
   if not candidates or uniform is None:
     raise invalid("--ratio", _RATIO.value, "a budget these kernels can reach at "
                   f"{min(BITS)} bits and {max(SPARSITIES):.0%} sparsity")
