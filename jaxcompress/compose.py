@@ -341,7 +341,8 @@ class Compression:
       signature = dict(input_shape=shape, input_dtype=input_dtype or one[1])
     variables = self.variables(state)
     model_state = jax.device_get(state.model_state)
-    codebooks = {path: quantization.assign(tree_get(variables["params"], path), book)
+    codebooks = {path: quantization.stepwise(quantization.assign, jnp.ndim(book) - 1)(
+        tree_get(variables["params"], path), book)
                  for path, book in model_state.get("kmeans", {}).items()}
     specs = None
     if self.quantizer is not None:
@@ -382,11 +383,15 @@ class Compression:
       if qstate.steps:
         params["qsteps"] = qstate.steps
       model_state["quant"] = qstate.replace(steps={})
-    if self.kmeans_bits:
-      model_state["kmeans"] = {
-          path: quantization.kmeans(tree_get(params["model"], path), bits=self.kmeans_bits,
-                                    mask=tree_get(params["model"], path) != 0).codebook
-          for path in self.kmeans_paths}
+    if self.kmeans_bits:  # a weight stacked by nn.scan: one codebook per step
+      stacked = self.layers.stacked()
+      model_state["kmeans"] = {}
+      for path in self.kmeans_paths:
+        w = tree_get(params["model"], path)
+        quantization.kmeans(w, bits=self.kmeans_bits, iters=0)  # its checks, on the whole weight
+        cluster = lambda w, m: quantization.kmeans(w, bits=self.kmeans_bits, mask=m)  # noqa: E731
+        model_state["kmeans"][path] = quantization.stepwise(cluster, stacked.get(path, 0))(
+            w, w != 0).codebook
     if self.teacher is not None and self.distill.feature_weight:
       if teacher_vars is None:
         raise ConfigError("init_state: feature hints (distill.feature_weight > 0) size their "
@@ -468,8 +473,9 @@ def _share_weights(params, books: dict, *, update: bool):
   """Replaces each clustered weight by its k-means-shared version (straight-through)."""
   new_books = {}
   for path, book in books.items():
-    shared, new_books[path] = quantization.kmeans_fake_quant(tree_get(params, path), book,
-                                                             update=update)
+    share = lambda w, b: quantization.kmeans_fake_quant(w, b, update=update)  # noqa: E731
+    shared, new_books[path] = quantization.stepwise(share, jnp.ndim(book) - 1)(
+        tree_get(params, path), book)
     params = tree_set(params, path, shared)
   return params, new_books
 

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcompress import budget, compose, export
+from jaxcompress import budget, compose, export, quantization
 from jaxcompress.errors import ConfigError
 from jaxcompress.selection import trace_layers
 
@@ -285,3 +285,38 @@ def test_a_version_3_artifact_of_a_scanned_weight_still_loads(tmp_path, monkeypa
   assert export.read_spec(again)["version"] == 4
   assert stacked(again)["codes"] == stacked(new)["codes"]
   np.testing.assert_array_equal(np.asarray(export.load(again, model).logits(x)), want)
+
+
+def test_a_scanned_weight_has_a_codebook_per_step(tmp_path):
+  """k-means weight sharing on a scanned weight: each step clustered on its own (its own
+  linear-init Lloyd codebook, as k-means of that step alone gives), exported and loaded
+  bit-exactly, one codebook per step in the artifact."""
+  x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+  model = Scanned()
+  variables = jax.device_get(model.init(jax.random.key(0), x))
+  kernel = variables["params"]["blocks"]["fc"]["kernel"] * np.array([1.0, 30.0, 0.1])[:, None,
+                                                                                         None]
+  variables["params"]["blocks"]["fc"]["kernel"] = kernel
+  comp, state = _build(model, variables, x, quant=compose.QuantSpec(
+      weight_bits=3, act_bits=0, first_last_bits=0, method="kmeans"))
+  book = np.asarray(state.model_state["kmeans"]["blocks/fc/kernel"])
+  assert book.shape == (3, 8)
+  for step in range(3):  # its range: 8 centroids within each step's own weights
+    w = np.asarray(kernel[step], np.float32)
+    np.testing.assert_allclose(book[step], quantization.kmeans(w, bits=3).codebook, rtol=1e-6)
+    assert w.min() <= book[step].min() and book[step].max() <= w.max()
+  out = str(tmp_path / "export")
+  comp.export(out, state)
+  meta = next(m for m in export.read_spec(out)["layers"] if m["path"] == "params/blocks/fc/kernel")
+  assert meta["kind"] == "kmeans" and meta["codebook_axes"] == 1
+  assert meta["segments"]["codebook"] == 4 * 3 * 8
+  loaded = export.load(out, model)
+  shared = np.asarray(loaded.variables["params"]["blocks"]["fc"]["kernel"])
+  for step in range(3):  # every weight of a step is one of that step's centroids
+    assert np.isin(shared[step], book[step]).all()
+  want = np.asarray(jax.jit(comp.logits_fn)(comp.eval_variables(state), x))
+  np.testing.assert_array_equal(np.asarray(loaded.logits(x)), want)
+  bad = dict(meta, codebook_axes=3, encoding=meta.get("encoding", "dense"), nnz=3 * 6 * 8)
+  with pytest.raises(ConfigError, match="codebook_axes is 3, not 0 to 2 leading axes"):
+    export.decode_layer(bad, {"positions": np.zeros(0, np.uint8), "values": np.zeros(0, np.uint8),
+                              "codebook": np.zeros(4 * 3 * 8, np.uint8)})

@@ -256,7 +256,8 @@ def _decode(path: str, spec: dict, field: str) -> Finalized:
                       f"{raw.size}; the spec does not match the arrays")
   tensors, axes, offset = {}, {}, 0
   for meta in spec["layers"]:
-    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "scale_bits"):
+    for key in ("bits", "nnz", "codes", "gap_bits", "group_n", "qmin", "scale_bits",
+                "codebook_axes"):
       if key in meta and not _is_int(meta[key]):
         raise ConfigError(f"{field}: {key} of {meta['path']!r} is {meta[key]!r}, not an integer; "
                           "the spec is corrupted")

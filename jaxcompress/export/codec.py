@@ -8,7 +8,9 @@ baked in, weights are quantized and BatchNorm is folded. The layer computes
 - ``int``:    ``kernel = (q - zero_point[c]) * scale[c]``, ``q`` in ``[qmin, qmin + 2^bits)``
   (a weight with scales along several axes, ``meta["axis"]`` a list of them, stores those axes
   last and holds one scale per entry of them: ``scale[..., c]``);
-- ``kmeans``: ``kernel = codebook[i]``, index ``2^bits`` marks a pruned weight (0);
+- ``kmeans``: ``kernel = codebook[i]``, index ``2^bits`` marks a pruned weight (0); a weight
+  stacked by ``nn.scan`` may hold one codebook per step (``codebook[*steps, i]``,
+  ``meta["codebook_axes"]`` its leading axes);
 - ``float``:  the float32 kernel with BatchNorm already multiplied in (no ``gain``), stored as
   float32 or, when its values are float16 values (``bits=16``), as float16,
 
@@ -68,7 +70,8 @@ class LayerTensor(NamedTuple):
       axes of ``codes`` its channel axes were moved to (``int`` only).
     gain: float32 ``[C]`` folded BatchNorm multiplier applied to the output, or ``None``.
     bias: float32 ``[C]``, or ``None``.
-    codebook: float32 ``[2^bits]`` (``kmeans`` only).
+    codebook: float32 ``[2^bits]``, or ``[*steps, 2^bits]`` for one per index of the leading
+      axes of ``codes`` (``kmeans`` only).
     act: input fake-quantization ``{'bits', 'scale', 'zero_point', 'qmin', 'qmax'}``, or ``None``.
     group_axes: the axes of ``codes`` the layer's product sums over (its reduction axes, in the
       stored layout), or ``None``: with them the :mod:`.sparse` ``nm`` encoding (groups of 4
@@ -108,7 +111,12 @@ class LayerTensor(NamedTuple):
       zp = np.float32(0) if self.zero_point is None else self.zero_point.astype(np.float32)
       return (self.codes.astype(np.float32) - zp) * self.scale.astype(np.float32)
     if self.kind == "kmeans":
-      return np.append(np.asarray(self.codebook, np.float32), np.float32(0))[self.codes]
+      book = np.asarray(self.codebook, np.float32)
+      lead = book.shape[:-1]  # one codebook per index of these leading axes of the codes
+      book = np.concatenate([book.reshape(-1, book.shape[-1]),
+                             np.zeros((max(int(np.prod(lead)), 1), 1), np.float32)], axis=1)
+      codes = self.codes.reshape(book.shape[0], -1)
+      return np.take_along_axis(book, codes, axis=1).reshape(self.codes.shape)
     return np.asarray(self.codes, np.float32)
 
   def folded_kernel(self) -> np.ndarray:
@@ -171,6 +179,8 @@ def encode_layer(t: LayerTensor, *, huffman: bool = False,
     segments["bias"] = sparse.float_bytes(t.bias)
   if t.codebook is not None:
     segments["codebook"] = sparse.float_bytes(t.codebook)
+    if np.ndim(t.codebook) > 1:
+      meta["codebook_axes"] = int(np.ndim(t.codebook) - 1)
   if huffman:
     coded = []
     for name, (width, count) in code_streams(meta).items():
@@ -243,7 +253,8 @@ def _expected_segments(meta: dict, channels: int,
     width = int(meta.get("scale_bits", 32)) // 8
     out["scale"] = (width, width * scales)
   if meta["kind"] == "kmeans":
-    out["codebook"] = (4 * (1 << bits),)
+    books = int(np.prod(meta["shape"][:int(meta.get("codebook_axes", 0))]))
+    out["codebook"] = (4 * (1 << bits) * books,)
   return out
 
 
@@ -268,6 +279,9 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
   if meta["kind"] == "float" and bits not in sparse.FLOAT_DTYPES:
     raise ConfigError(f"{where}: a float tensor has bits 16 or 32, the spec says {bits}; the "
                       "spec is corrupted")
+  if not 0 <= int(meta.get("codebook_axes", 0)) < len(shape):
+    raise ConfigError(f"{where}: codebook_axes is {meta['codebook_axes']!r}, not 0 to "
+                      f"{len(shape) - 1} leading axes of its shape; the spec is corrupted")
   if meta.get("scale_bits", 32) not in sparse.FLOAT_DTYPES:
     raise ConfigError(f"{where}: scale_bits is 16 or 32, the spec says {meta['scale_bits']!r}; "
                       "the spec is corrupted")
@@ -324,6 +338,9 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
   if order is not None:  # back to the stored layout
     codes = np.transpose(codes, order)
     group, window = (tuple(order.index(a) for a in x) for x in (group, window))
+  codebook = f32("codebook")
+  if codebook is not None:  # one codebook per index of the leading codebook_axes
+    codebook = codebook.reshape(shape[:int(meta.get("codebook_axes", 0))] + (1 << bits,))
   return LayerTensor(path, meta["kind"], codes, bits, qmin, zero_point, scale, f32("gain"),
-                     f32("bias"), f32("codebook"), None if act is None else dict(act),
+                     f32("bias"), codebook, None if act is None else dict(act),
                      group or None, scale_bits, window or None)

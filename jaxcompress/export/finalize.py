@@ -136,10 +136,14 @@ def _int_tensor(path: str, weight: np.ndarray, spec: Any, gain: np.ndarray | Non
 
 def _kmeans_tensor(path: str, codebook: Any, mask: np.ndarray | None) -> LayerTensor:
   book = np.asarray(codebook.codebook, np.float32)
-  bits = int(round(math.log2(book.size)))
-  if book.ndim != 1 or book.size != 1 << bits:
-    raise ConfigError(f"codebooks[{path!r}] must hold 2^bits centroids, got shape {book.shape}")
   idx = np.asarray(codebook.indices, np.int32)
+  bits = int(round(math.log2(book.shape[-1]))) if book.ndim and book.shape[-1] else 0
+  # one codebook, or one per step of a weight stacked by nn.scan ([*steps, 2^bits])
+  if (book.ndim < 1 or book.shape[-1] != 1 << bits or not 2 <= bits <= 8
+      or book.shape[:-1] != idx.shape[:book.ndim - 1] or book.ndim > idx.ndim):
+    raise ConfigError(f"codebooks[{path!r}] must hold 2^bits centroids (or one such row per step "
+                      f"of the weight's leading axes), got shape {book.shape} for a weight of "
+                      f"shape {idx.shape}")
   if mask is not None:
     idx = np.where(mask != 0, idx, 1 << bits)
   return LayerTensor(path=path, kind="kmeans", codes=idx, bits=bits, codebook=book)

@@ -20,7 +20,8 @@ from jaxcompress.quantization.calibration import RANGE_METHODS, ema_range, tenso
 from jaxcompress.quantization.config import FIRST, LAST, LayerConfig, default_rules
 from jaxcompress.quantization.fake_quant import dequantize, fake_quant, quantize_int
 from jaxcompress.quantization.kmeans import (Codebook, assign, cluster_params, codebook_grad,
-                                             decode, decode_params, kmeans, kmeans_fake_quant)
+                                             decode, decode_params, kmeans, kmeans_fake_quant,
+                                             stepwise)
 from jaxcompress.quantization.layer import QuantLayer, channels_last, half_scaled, scale_axes
 from jaxcompress.quantization.lsq import lsq_fake_quant, lsq_grad_scale, lsq_init_step
 from jaxcompress.quantization.model import QuantState, Quantizer, quantize
@@ -33,7 +34,7 @@ __all__ = [
     "CALIBRATION_METHODS", "FIRST", "LAST", "RANGE_METHODS", "assign", "bit_schedule", "calibrate",
     "channels_last", "cluster_params", "Codebook", "codebook_grad", "decode", "decode_params",
     "default_rules", "dequantize", "ema_range", "fake_quant", "half_scaled", "kmeans",
-    "kmeans_fake_quant", "layer_specs", "LayerConfig", "LayerSpec", "lsq_fake_quant",
+    "kmeans_fake_quant", "stepwise", "layer_specs", "LayerConfig", "LayerSpec", "lsq_fake_quant",
     "lsq_grad_scale", "lsq_init_step", "minmax_qparams", "progressive_bits", "qparams_from_range",
     "qrange", "quantize", "quantize_int", "Quantizer", "QuantLayer", "QuantState", "scale_axes",
     "tensor_range",

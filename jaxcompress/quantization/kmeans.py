@@ -18,7 +18,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -90,6 +90,22 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
                                 jnp.linspace(lo, hi, k))
   indices = jnp.where(keep, _assign(flat, centroids), k).reshape(jnp.shape(w))
   return Codebook(centroids, indices)
+
+
+def stepwise(fn: Callable, stacked: int) -> Callable:
+  """``fn`` applied to each step of arrays whose ``stacked`` leading axes index the steps of a
+  weight stacked by ``nn.scan`` (``ModelLayers.stacked``): every array argument and result
+  carries those axes, so each step gets a codebook of its own (``[*steps, 2^bits]``).
+  ``stacked=0``: ``fn`` itself."""
+  if not stacked:
+    return fn
+
+  def run(*arrays):
+    lead = tuple(jnp.shape(arrays[0])[:stacked])
+    flat = [jnp.reshape(a, (-1,) + tuple(jnp.shape(a)[stacked:])) for a in arrays]
+    return jax.tree.map(lambda o: jnp.reshape(o, lead + o.shape[1:]), jax.vmap(fn)(*flat))
+
+  return run
 
 
 def _lloyd_step(flat: jax.Array, keep: jax.Array, centroids: jax.Array) -> jax.Array:
