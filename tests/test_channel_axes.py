@@ -91,13 +91,20 @@ def test_every_head_of_an_attention_projection_has_its_own_scales(attention, tmp
   np.testing.assert_array_equal(np.asarray(loaded.logits(x)), want)
 
 
-def test_a_scanned_weight_is_pruned_and_scaled_step_by_step(tmp_path):
+def _scanned_uneven():
+  """``(x, model, variables, kernel)``: the scanned model, its 3 steps' kernels scaled by 1, 30
+  and 0.1 (a shared threshold, scale or codebook would serve the steps unevenly)."""
   x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
   model = Scanned()
   variables = jax.device_get(model.init(jax.random.key(0), x))
   kernel = variables["params"]["blocks"]["fc"]["kernel"] * np.array([1.0, 30.0, 0.1])[:, None,
                                                                                          None]
   variables["params"]["blocks"]["fc"]["kernel"] = kernel
+  return x, model, variables, kernel
+
+
+def test_a_scanned_weight_is_pruned_and_scaled_step_by_step(tmp_path):
+  x, model, variables, kernel = _scanned_uneven()
   assert trace_layers(model, variables, x).layer("blocks/fc").stacked == 1
   comp, state = _build(model, variables, x,
                        prune=compose.PruneSpec(sparsity=0.5, schedule="one_shot"),
@@ -230,17 +237,24 @@ def test_entries_of_a_weight_stored_with_moved_axes_follow_its_own_order(kind):
       export.decode_layer(old, old_segments, weight_order=False).codes, t.codes)
 
 
-def test_the_exported_positions_take_the_bytes_the_budget_counts(tmp_path):
-  """A scanned weight pruned and exported at fixed width: its positions and values take exactly
-  the bytes ``budget.weight_bytes`` gives its non-zero pattern in the weight's own order."""
+def _scanned_pruned():
+  """``(model, x, comp, state)``: the scanned model with 90 % of each step pruned (baked into
+  the state's weights) and 8-bit weights."""
   x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
   model = Scanned()
   variables = jax.device_get(model.init(jax.random.key(0), x))
   comp, state = _build(model, variables, x,
                        prune=compose.PruneSpec(sparsity=0.9, schedule="one_shot"),
                        quant=compose.QuantSpec(weight_bits=8, act_bits=0, first_last_bits=0))
-  masks = comp.final_masks(state.params)
-  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params, masks))
+  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params,
+                                            comp.final_masks(state.params)))
+  return model, x, comp, state
+
+
+def test_the_exported_positions_take_the_bytes_the_budget_counts(tmp_path):
+  """A scanned weight pruned and exported at fixed width: its positions and values take exactly
+  the bytes ``budget.weight_bytes`` gives its non-zero pattern in the weight's own order."""
+  model, _, comp, state = _scanned_pruned()
   out, fixed = str(tmp_path / "export"), str(tmp_path / "fixed")
   comp.export(out, state)
   export.recode(out, fixed, compress=False)  # fixed-width codes: the sizes budgets count
@@ -258,14 +272,7 @@ def test_the_exported_positions_take_the_bytes_the_budget_counts(tmp_path):
 def test_a_version_3_artifact_of_a_scanned_weight_still_loads(tmp_path, monkeypatch):
   """Written as version 3 did (the moved weight's entries in the stored order), an artifact loads
   to the same logits, and recode writes it as version 4."""
-  x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
-  model = Scanned()
-  variables = jax.device_get(model.init(jax.random.key(0), x))
-  comp, state = _build(model, variables, x,
-                       prune=compose.PruneSpec(sparsity=0.9, schedule="one_shot"),
-                       quant=compose.QuantSpec(weight_bits=8, act_bits=0, first_last_bits=0))
-  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params,
-                                            comp.final_masks(state.params)))
+  model, x, comp, state = _scanned_pruned()
   new, old, again = (str(tmp_path / name) for name in ("new", "old", "again"))
   comp.export(new, state)
   with monkeypatch.context() as m:  # the version 3 writer: no axes, entries in stored order
@@ -291,12 +298,7 @@ def test_a_scanned_weight_has_a_codebook_per_step(tmp_path):
   """k-means weight sharing on a scanned weight: each step clustered on its own (its own
   linear-init Lloyd codebook, as k-means of that step alone gives), exported and loaded
   bit-exactly, one codebook per step in the artifact."""
-  x = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
-  model = Scanned()
-  variables = jax.device_get(model.init(jax.random.key(0), x))
-  kernel = variables["params"]["blocks"]["fc"]["kernel"] * np.array([1.0, 30.0, 0.1])[:, None,
-                                                                                         None]
-  variables["params"]["blocks"]["fc"]["kernel"] = kernel
+  x, model, variables, kernel = _scanned_uneven()
   comp, state = _build(model, variables, x, quant=compose.QuantSpec(
       weight_bits=3, act_bits=0, first_last_bits=0, method="kmeans"))
   book = np.asarray(state.model_state["kmeans"]["blocks/fc/kernel"])
