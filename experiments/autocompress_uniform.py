@@ -22,9 +22,9 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
   ``edges``: the first and last layer's paths (dense, 8 bits, as the main job keeps them);
   ``bits``: the weight bit widths to try; ``act_bits``: the inner layers' input bits.
   """
-  inner = sorted((l.path for l in layers if l.path not in edges),
-                 key=lambda p: tuple(next(l.weight for l in layers if l.path == p).split("/")))
   by_path = {l.path: l for l in layers}
+  inner = sorted((l.path for l in layers if l.path not in edges),
+                 key=lambda p: tuple(by_path[p].weight.split("/")))
   if kind == "size":
     found = budget_lib.uniform_size(weights, inner, overhead=int(overhead), budget=int(limit),
                                     bits=bits, predict=sens.predict, layers=by_path)

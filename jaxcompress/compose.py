@@ -385,11 +385,10 @@ class Compression:
       model_state["quant"] = qstate.replace(steps={})
     if self.kmeans_bits:  # a weight stacked by nn.scan: one codebook per step
       stacked = self.layers.stacked()
+      cluster = lambda w, m: quantization.kmeans(w, bits=self.kmeans_bits, mask=m)  # noqa: E731
       model_state["kmeans"] = {}
       for path in self.kmeans_paths:
-        w = tree_get(params["model"], path)
-        quantization.kmeans(w, bits=self.kmeans_bits, iters=0)  # its checks, on the whole weight
-        cluster = lambda w, m: quantization.kmeans(w, bits=self.kmeans_bits, mask=m)  # noqa: E731
+        w = tree_get(params["model"], path)  # finite: init_state checked student_vars
         model_state["kmeans"][path] = quantization.stepwise(cluster, stacked.get(path, 0))(
             w, w != 0).codebook
     if self.teacher is not None and self.distill.feature_weight:

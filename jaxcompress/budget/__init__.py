@@ -28,9 +28,8 @@ __all__ = [
     "Allocation", "allocate", "min_cost", "coded_ratio", "density", "gap_cap", "has_kernels",
     "keep_mask", "kernel_keep", "kernel_size", "layer_costs", "layer_macs", "option_bops",
     "option_cost", "overhead_bytes", "pessimistic_spec", "shared_kernel_bytes", "weight_bytes",
-    "Found",
-    "find_plan", "kernel_window", "hessian_traces", "proxy_damage", "spearman", "LayerPlan",
-    "Plan", "allocate_plan", "global_bits", "global_keep", "only_rules", "scheduled",
+    "Found", "find_plan", "kernel_window", "hessian_traces", "proxy_damage", "spearman",
+    "LayerPlan", "Plan", "allocate_plan", "global_bits", "global_keep", "only_rules", "scheduled",
     "threshold_plans", "uniform_size", "PRESETS", "Option", "Preset", "get_preset", "DAMAGES",
     "Evaluator", "Sensitivity", "scan", "Reference", "context_damage", "reference_of",
 ]

@@ -32,11 +32,12 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
-from jaxcompress.export.codec import ACT_KEYS, channel_axes, decode_layer, encode_layer
+from jaxcompress.export.codec import (ACT_KEYS, channel_axes, decode_layer, encode_layer,
+                                      weight_shape)
 from jaxcompress.export.files import (ARRAYS_FILE, FORMAT, SPEC_FILE, SPEC_GZ, VERSION,
                                       WEIGHT_ORDER_SINCE, make_folder, read_arrays, read_spec,
                                       spec_bytes, write_files)
-from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize, stored_order
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, finalize
 from jaxcompress.export.runtime import LoadedModel, make_apply_fn, rebuild
 from jaxcompress.export.size import size_report
 from jaxcompress.models.functional import functional
@@ -321,11 +322,7 @@ def _check_fits(fm, expected: dict, fin: Finalized, field: str) -> None:
         if name in want or (collection, leaf) == ("batch_stats", "mean"):
           have[name] = [int(t.codes.shape[-1])]
       continue
-    shape = list(t.codes.shape)
-    if key in fin.axes:  # the channel axes back where they were
-      order = stored_order(len(shape), fin.axes[key])
-      shape = [shape[order.index(a)] for a in range(len(shape))]
-    have[key] = shape
+    have[key] = list(weight_shape(t.codes.shape, fin.axes.get(key)))  # channel axes back
   for key in sorted(set(want) | set(have)):
     if key not in have:
       raise ConfigError(f"{field}: the artifact has no {key!r}, which {fm.name} needs; it was "

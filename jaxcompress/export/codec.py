@@ -55,6 +55,13 @@ def _weight_order(ndim: int, axes: Sequence[int] | None) -> list[int] | None:
   return None if order is None or order == list(range(ndim)) else order
 
 
+def weight_shape(shape: Sequence[int], axes: Sequence[int] | None) -> tuple[int, ...]:
+  """The weight's own shape of a tensor stored at ``shape`` with its channel ``axes`` last
+  (:func:`stored_order`; ``None``: stored as it is)."""
+  order = _weight_order(len(shape), axes) or list(range(len(shape)))
+  return tuple(int(shape[order.index(a)]) for a in range(len(shape)))
+
+
 class LayerTensor(NamedTuple):
   """A finalized Conv/Dense layer (NumPy arrays; see the module docstring for the formulas).
 
@@ -110,12 +117,11 @@ class LayerTensor(NamedTuple):
     if self.kind == "int":
       zp = np.float32(0) if self.zero_point is None else self.zero_point.astype(np.float32)
       return (self.codes.astype(np.float32) - zp) * self.scale.astype(np.float32)
-    if self.kind == "kmeans":
+    if self.kind == "kmeans":  # one codebook row per index of the codes' leading axes
       book = np.asarray(self.codebook, np.float32)
-      lead = book.shape[:-1]  # one codebook per index of these leading axes of the codes
-      book = np.concatenate([book.reshape(-1, book.shape[-1]),
-                             np.zeros((max(int(np.prod(lead)), 1), 1), np.float32)], axis=1)
-      codes = self.codes.reshape(book.shape[0], -1)
+      book = book.reshape(-1, book.shape[-1])
+      book = np.concatenate([book, np.zeros((len(book), 1), np.float32)], axis=1)  # index 2^bits
+      codes = self.codes.reshape(len(book), -1)
       return np.take_along_axis(book, codes, axis=1).reshape(self.codes.shape)
     return np.asarray(self.codes, np.float32)
 
@@ -290,7 +296,7 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
   scale_shape = shape[-len(axes or (1,)):]  # the channel axes, stored last
   order = _weight_order(len(shape), axes) if weight_order else None
   # the shape the entries were encoded in: the weight's own where they follow its order
-  walked = shape if order is None else tuple(shape[order.index(a)] for a in range(len(shape)))
+  walked = shape if order is None else weight_shape(shape, axes)
   expected = _expected_segments(meta, channels, int(np.prod(scale_shape)))
   for name, data in segments.items():
     if name not in expected:

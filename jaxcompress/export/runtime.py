@@ -28,8 +28,8 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
-from jaxcompress.export.codec import LayerTensor
-from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized, stored_order
+from jaxcompress.export.codec import LayerTensor, stored_order
+from jaxcompress.export.finalize import FOLD, FOLDED_LEAVES, Finalized
 from jaxcompress.models.functional import Hook, chain_hooks, fold_hook, functional
 from jaxcompress.quantization import fake_quant
 
