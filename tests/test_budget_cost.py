@@ -76,6 +76,56 @@ def test_macs_of_a_tied_output_head_by_hand():
   assert macs == {"emb": 6 * 16 * 50, "mid": 6 * 16 * 16}  # the lookup is free, the head is not
 
 
+class GRU(nn.Module):
+  @nn.compact
+  def __call__(self, x):  # [B, T=12, 16] -> [B, 5]
+    return nn.Dense(5, name="head")(nn.RNN(nn.GRUCell(24))(x)[:, -1])
+
+
+class Tower(nn.Module):
+  """Three steps of ``nn.scan`` with a weight per step, each step calling its layer twice."""
+
+  @nn.compact
+  def __call__(self, x):  # [B, 8]
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, c, _):
+        d = nn.Dense(8, name="d")
+        return d(nn.relu(d(c))), None
+
+    steps = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return steps(name="steps")(x, None)[0]
+
+
+def test_macs_count_every_step_of_a_scan_by_hand():
+  x = np.zeros((2, 12, 16), np.float32)
+  model = GRU()
+  macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
+  # a cell shared by the steps (nn.RNN): every step counts, input gates [16, 24], hidden [24, 24]
+  assert macs == {**{f"GRUCell_0/i{g}": 12 * 16 * 24 for g in "rzn"},
+                  **{f"GRUCell_0/h{g}": 12 * 24 * 24 for g in "rzn"}, "head": 24 * 5}
+  x = np.zeros((2, 8), np.float32)
+  model = Tower()
+  assert budget.layer_macs(model, model.init(jax.random.key(0), x), x) == {"steps/d": 3 * 2 * 64}
+
+
+def test_macs_of_a_while_loop_count_one_iteration_and_warn():
+  class Loop(nn.Module):
+    def setup(self):
+      self.d = nn.Dense(4)
+
+    def __call__(self, x):  # once before the loop, once per iteration
+      body = lambda mdl, c: (c[0] + 1, mdl.d(c[1]))
+      return nn.while_loop(lambda mdl, c: c[0] < 5, body, self, (0, self.d(x)),
+                           broadcast_variables="params")[1]
+
+  x = np.zeros((2, 4), np.float32)
+  model = Loop()
+  variables = model.init(jax.random.key(0), x)
+  with pytest.warns(UserWarning, match="d run inside a while loop"):
+    assert budget.layer_macs(model, variables, x) == {"d": 2 * 16}
+
+
 def test_keep_masks_prune_the_smallest_magnitudes():
   rng = np.random.default_rng(0)
   w = rng.normal(size=(3, 3, 4, 6)).astype(np.float32)

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
+import jax.extend
 import numpy as np
-from flax import nnx
 
 from jaxcompress import pruning
 from jaxcompress.budget.presets import Option
@@ -44,8 +45,7 @@ from jaxcompress.export import sparse
 from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.export.packing import packed_size
-from jaxcompress.models.functional import (called_shape, contraction_axes, functional,
-                                           output_axis, stacked_count, weight_name)
+from jaxcompress.models.functional import functional, weight_name
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
 from jaxcompress.specs import PruneSpec
@@ -258,57 +258,93 @@ def overhead_bytes(spec: Mapping[str, Any], weights: Sequence[str], *,
 
 
 def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[str, int]:
-  """Multiply-accumulates per example of every linear-like layer call, by path.
+  """Multiply-accumulates per example of every linear-like layer, by path.
 
-  ``output positions x weight entries``: ``H' W' x kh kw Cin Cout`` for a conv, ``in x out`` for
-  a dense layer, ``T x in x heads x dim`` for a DenseGeneral projecting ``T`` tokens to
-  ``(heads, dim)`` (the positions are the output's entries over the weight's output features),
-  ``T x vocab x features`` for an Embed used as the output head (``attend``; a lookup is 0);
-  a layer called several times counts every call. A layer whose weight a lifted transform stacks
-  (``nn.scan`` over ``params``) counts one call of each step's weight per step (its body may be
-  traced more than once; a second call of it inside one step is not counted). Abstract (no
-  FLOPs).
+  Counted on the model's jaxpr (one abstract trace, no FLOPs): every ``dot_general`` and
+  convolution a layer's call runs, ``output entries x summed entries`` (``H' W' x kh kw Cin Cout``
+  for a conv, ``in x out`` for a dense layer, ``T x vocab x features`` for an ``Embed`` used as
+  the output head, ``attend``; a lookup is 0), times the length of every scan around it: a layer
+  called several times counts every call, and a layer inside ``nn.scan``, ``nn.RNN`` or
+  ``jax.lax.scan`` counts every step, whether its weight is stacked per step or shared by them.
+  Of the branches of a ``cond`` the costliest counts. A while loop's trip count is unknown: its
+  body counts once, with a warning naming the layers in it.
   """
   fm = functional(model)
-  macs: dict[str, int] = {}
-  stacked_seen: set[str] = set()
+  paths: list[str] = []  # the layer path of each marked call, in call order
 
   def record(call, run):
-    out = run(call.x)
-    name = weight_name(call.kind)
-    if call.kind == "linear" and name is not None:
-      w = tree_get(variables["params"], f"{call.path}/{name}" if call.path else name)
-      if w is not None and np.ndim(w) >= 2:
-        stacked = stacked_count(np.shape(w), called_shape(call, name), call.path)
-        if stacked and call.path in stacked_seen:
-          return out
-        if stacked:
-          stacked_seen.add(call.path)
-        shape = np.shape(w)[stacked:]  # one step's weight
-        steps = int(np.prod(np.shape(w)[:stacked], dtype=np.int64))
-        positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // _out_features(call, shape)
-        macs[call.path] = macs.get(call.path, 0) + steps * positions * int(np.prod(shape))
-    elif call.kind == "embed" and call.method == "attend":  # x @ embedding.T: [vocab, features]
-      w = tree_get(variables["params"], f"{call.path}/embedding" if call.path else "embedding")
-      positions = int(np.prod(np.shape(out)[1:], dtype=np.int64)) // int(np.shape(w)[0])
-      macs[call.path] = macs.get(call.path, 0) + positions * int(np.prod(np.shape(w)))
-    elif call.kind == "embed":
-      macs.setdefault(call.path, 0)
-    return out
+    name = "embedding" if call.kind == "embed" else weight_name(call.kind)
+    if call.kind not in ("linear", "embed") or name is None:
+      return run(call.x)
+    w = tree_get(variables["params"], f"{call.path}/{name}" if call.path else name)
+    if w is None or np.ndim(w) < 2:
+      return run(call.x)
+    paths.append(call.path)
+    with jax.named_scope(f"{_MARK}{len(paths) - 1}"):
+      return run(call.x)
 
-  jax.eval_shape(lambda v, x: fm.apply(v, x, hook=record), dict(variables),
-                 jax.tree.map(lambda a: a[:1], sample))  # one example of each input
+  closed = jax.make_jaxpr(lambda v, x: fm.apply(v, x, hook=record))(
+      dict(variables), jax.tree.map(lambda a: a[:1], sample))  # one example of each input
+  looped: set[int] = set()
+  counts = _jaxpr_macs(closed.jaxpr, "", looped)
+  macs = dict.fromkeys(paths, 0)
+  for mark, n in counts.items():
+    macs[paths[mark]] += n
+  if looped:
+    names = sorted({paths[m] for m in looped})
+    warnings.warn(f"layer_macs: {', '.join(names)} run inside a while loop, whose trip count is "
+                  "unknown: their MACs count one iteration", stacklevel=2)
   return macs
 
 
-def _out_features(call: Any, shape: Sequence[int]) -> int:
-  """Entries of one output position that a weight of ``shape`` makes: its output axis, or for
-  DenseGeneral and Einsum every axis the product does not sum over (``(heads, dim)`` features)."""
-  if not isinstance(call.module, (nn.DenseGeneral, nnx.LinearGeneral, nn.Einsum, nnx.Einsum)):
-    # Dense/Linear [in, out], Conv [*window, in, out], a transposed kernel [*window, out, in]
-    return int(shape[output_axis(call.module, len(shape))])
-  summed = contraction_axes(call.module, len(shape))
-  return int(np.prod([n for a, n in enumerate(shape) if a not in summed], dtype=np.int64))
+_MARK = "jaxcompress_macs_"
+_MARK_RE = re.compile(rf"{_MARK}(\d+)")
+
+
+def _jaxpr_macs(jaxpr: Any, scope: str, looped: set[int]) -> dict[int, int]:
+  """MACs of the products in ``jaxpr`` by the marked call they run in (the innermost mark of
+  ``scope`` plus the equation's own name stack), scans multiplied by their length."""
+  out: dict[int, int] = {}
+
+  def add(counts: Mapping[int, int], times: int = 1) -> None:
+    for mark, n in counts.items():
+      out[mark] = out.get(mark, 0) + times * n
+
+  for eqn in jaxpr.eqns:
+    name = f"{scope}/{eqn.source_info.name_stack}"
+    prim = eqn.primitive.name
+    if prim in ("dot_general", "conv_general_dilated"):
+      marks = _MARK_RE.findall(name)
+      if marks:
+        add({int(marks[-1]): _product_macs(eqn)})
+    elif prim == "scan":
+      add(_jaxpr_macs(eqn.params["jaxpr"].jaxpr, name, looped), int(eqn.params["length"]))
+    elif prim == "while":
+      body = _jaxpr_macs(eqn.params["body_jaxpr"].jaxpr, name, looped)
+      looped.update(body)
+      add(body)
+    elif prim == "cond":
+      branches = [_jaxpr_macs(b.jaxpr, name, looped) for b in eqn.params["branches"]]
+      add({m: max(b.get(m, 0) for b in branches) for b in branches for m in b})
+    else:
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          if isinstance(sub, jax.extend.core.ClosedJaxpr):
+            sub = sub.jaxpr
+          if isinstance(sub, jax.extend.core.Jaxpr):
+            add(_jaxpr_macs(sub, name, looped))
+  return out
+
+
+def _product_macs(eqn: Any) -> int:
+  """``output entries x summed entries`` of one ``dot_general`` or convolution."""
+  out = math.prod(eqn.outvars[0].aval.shape)
+  if eqn.primitive.name == "dot_general":
+    (contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    return out * math.prod(lhs[a] for a in contract)
+  rhs = eqn.invars[1].aval.shape  # the kernel; rhs_spec[0] is its output-feature axis
+  return out * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
 
 
 def density(keep: np.ndarray, structure: str, out_axis: int = -1, stacked: int = 0) -> float:
