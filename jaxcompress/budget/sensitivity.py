@@ -37,8 +37,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from jaxcompress import quantization
+from jaxcompress import parallel, quantization
 from jaxcompress.budget.cost import keep_mask
 from jaxcompress.budget.presets import Option
 from jaxcompress.errors import ConfigError, unknown
@@ -141,29 +142,24 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
     measured[(None, 0.0, 0, 0)] = evaluate({}, {}, {})
   base_loss, base_acc = measured[(None, 0.0, 0, 0)]
 
-  def get(path, s, wb, ab):
-    key = (path, float(s), int(wb), int(ab))
-    if key[1:] == (0.0, 0, 0):
-      return 0.0
-    if key not in measured:
-      measured[key] = measure(*key)
-      if progress is not None:
-        progress(measured)
-    return measured[key][0] - base_loss
+  def parts(path, o, same_act):  # the measurements whose damages add up to the option's
+    keys = [(o.sparsity, o.weight_bits, 0)] if joint else [(o.sparsity, 0, 0),
+                                                           (0.0, o.weight_bits, 0)]
+    keys += [] if same_act else [(0.0, 0, o.act_bits)]
+    return [(path, float(s), int(w), int(a)) for s, w, a in keys if (s, w, a) != (0.0, 0, 0)]
 
-  paths, opts, damages = [], [], []
-  for path in sorted(options, key=index.get):
-    row = []
-    same_act = len({o.act_bits for o in options[path]}) == 1  # a constant: not measured
-    for o in options[path]:
-      if joint:
-        d = get(path, o.sparsity, o.weight_bits, 0)
-      else:
-        d = get(path, o.sparsity, 0, 0) + get(path, 0.0, o.weight_bits, 0)
-      row.append(d + (0.0 if same_act else get(path, 0.0, 0, o.act_bits)))
-    paths.append(path)
-    opts.append(tuple(options[path]))
-    damages.append(np.asarray(row, np.float64))
+  paths = sorted(options, key=index.get)
+  same = {p: len({o.act_bits for o in options[p]}) == 1 for p in paths}  # a constant: not measured
+  needed = {k: None for p in paths for o in options[p] for k in parts(p, o, same[p])}
+  todo = [k for k in needed if k not in measured]
+  for key in tqdm(todo, desc="sensitivity scan", unit="eval", leave=False,
+                  disable=not parallel.is_main_process()):
+    measured[key] = measure(*key)
+    if progress is not None:
+      progress(measured)
+  damages = [np.asarray([sum(measured[k][0] - base_loss for k in parts(p, o, same[p]))
+                         for o in options[p]], np.float64) for p in paths]
+  opts = [tuple(options[p]) for p in paths]
   return Sensitivity(tuple(paths), tuple(opts), tuple(damages), base_loss, base_acc, measured,
                      evaluate.compiles, joint, damage)
 
