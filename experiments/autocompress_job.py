@@ -145,7 +145,8 @@ def _sweep(config, workdir: str) -> dict:
   if any(not r > 1 for r in ratios) or len(set(ratios)) != len(ratios):
     raise invalid("budget.sweep", ratios, "distinct compression ratios > 1")
   # The hardest point first, checks only: a ratio out of reach stops the sweep before it starts.
-  _budget_point(_point_config(config, max(ratios)), workdir, check_only=True)
+  _budget_point(_point_config(config, max(ratios)), workdir, check_only=True,
+                field="budget.sweep")
   check_workdir(config, workdir)
   scan_path = os.path.join(workdir, "scan.json")
   points = []
@@ -162,10 +163,11 @@ def _sweep(config, workdir: str) -> dict:
 
 
 def _budget_point(config, workdir: str, *, scan_path: str | None = None,
-                  check_only: bool = False) -> dict | None:
+                  check_only: bool = False, field: str | None = None) -> dict | None:
   """One budget: checks, scan (kept in ``scan_path``), plan, both fine-tunes, results.
 
   ``check_only``: return ``None`` once every check has passed, before anything is written.
+  ``field``: the name a budget out of reach is reported under (default: the budget's own field).
   """
   started = time.time()
   check_scan(config)
@@ -236,11 +238,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   smallest = fixed + sum(min(c[pick] for c in costs[l.path]) for l in layers)
   if smallest > limit:
     unit = "bytes" if kind == "size" else "BOPs per example"
-    field = next(f for f in ("size_bytes", "ratio", "bops") if config.budget[f])
+    given = next(f for f in ("size_bytes", "ratio", "bops") if config.budget[f])
     extra = (f", ratio {float32_bytes / smallest:.1f}x" if kind == "size" else "")
-    raise invalid(f"budget.{field}", config.budget[field], f"reachable by {config.student.name} "
-                  f"under budget.device={config.budget.device}: its smallest plan takes "
-                  f"{smallest:,} {unit}{extra} (this budget allows {int(limit):,})")
+    raise invalid(field or f"budget.{given}", config.budget[given], "reachable by "
+                  f"{config.student.name} under budget.device={config.budget.device}: its "
+                  f"smallest plan takes {smallest:,} {unit}{extra} (this budget allows "
+                  f"{int(limit):,})")
 
   # Every check has passed: only now touch the workdir.
   if check_only:
@@ -256,10 +259,13 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
 
   hessian = saved.get("hessian")  # kept with the scan: a rerun or another budget reuses it
 
-  def save(points, **extra):  # after every evaluation: a rerun continues the scan
+  def save(points, compiles=None, complete=False):  # after every evaluation: a rerun resumes
+    if compiles is None:  # an evaluation has run: this run's scan has compiled, once
+      compiles = saved.get("compiles", 0) + 1
     write_json(scan_path, {"measured": [[list(k), list(v)] for k, v in points.items()],
                            "seconds": saved.get("seconds", 0.0) + time.time() - t0,
-                           **({"hessian": hessian} if hessian else {}), **extra})
+                           "compiles": compiles, **({"hessian": hessian} if hessian else {}),
+                           **({"complete": True} if complete else {})})
 
   sens = budget_lib.scan(model, variables, held_out, options, calibration=calib,
                          structure=preset.structure, per_channel=config.quant.per_channel,
@@ -269,7 +275,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   compiles = saved.get("compiles", 0) + sens.compiles  # over every run of the scan
   if config.scan.hessian_samples and (hessian or {}).get("samples") != config.scan.hessian_samples:
     hessian = _hessian_ranking(model, variables, held_out, calib[0], sens, preset, config)
-  save(sens.measured, compiles=compiles)
+  save(sens.measured, compiles=compiles, complete=True)  # scan.hessian_samples' ranking too
   if not config.scan.hessian_samples:
     hessian = None
 

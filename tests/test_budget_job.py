@@ -11,8 +11,10 @@ import tensorflow_datasets as tfds
 
 from configs import autocompress
 from conftest import requires_cifar10
+from experiments import autocompress_job
 from experiments.autocompress_checks import check_held_out
 from experiments.autocompress_job import train_and_evaluate
+from jaxcompress.checkpoint import write_json
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, register
 
@@ -57,10 +59,26 @@ def _run(config, workdir):
 FLOAT32 = 4 * ((784 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10))
 
 
-def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
+def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path, monkeypatch):
   config = _config(mlp_weights, ratio=4.0)
   config.scan.refine_rounds = 1
   config.budget.fixed_edges = True
+  written = []
+
+  def stop_at_the_second_scan_write(path, obj):  # the first run is stopped inside its scan
+    written.append(path)
+    if len(written) == 2:
+      raise KeyboardInterrupt
+    write_json(path, obj)
+
+  monkeypatch.setattr(autocompress_job, "write_json", stop_at_the_second_scan_write)
+  with pytest.raises(KeyboardInterrupt):
+    _run(config, tmp_path)
+  assert written == [str(tmp_path / "scan.json")] * 2
+  stopped = json.load(open(tmp_path / "scan.json"))
+  assert (len(stopped["measured"]), stopped["compiles"]) == (2, 1)  # the float model and one
+  assert "complete" not in stopped
+  monkeypatch.undo()
   results = _run(config, tmp_path)
   on_disk = json.load(open(tmp_path / "results.json"))
   assert on_disk == json.loads(json.dumps(results))
@@ -85,7 +103,8 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path):
   assert all(set(l) >= {"path", "sparsity", "weight_bits", "act_bits", "bytes"} for l in plan)
   assert on_disk["predicted"]["size_bytes"] <= limit
   assert on_disk["predicted"]["sized_for"] == on_disk["uniform"]["sized_for"] == limit
-  assert on_disk["sensitivity"]["compiles"] == 1
+  assert on_disk["sensitivity"]["compiles"] == 2  # once in each run of the scan
+  assert json.load(open(tmp_path / "scan.json"))["complete"] is True
   for name in ("auto", "uniform"):  # both plans measured whole before fine-tuning
     assert 0 <= on_disk["one_shot"][name]["accuracy"] <= 100
     assert np.isfinite(on_disk["one_shot"][name]["damage"])
@@ -314,7 +333,7 @@ def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
 
 
 @pytest.mark.parametrize("budget,match", [
-    (dict(sweep=(3.0, 1e4)), "smallest plan takes"),
+    (dict(sweep=(3.0, 1e4)), r"^budget.sweep must be reachable .* smallest plan takes"),
     (dict(sweep=(3.0,), ratio=4.0), "contradict"),
     (dict(sweep=(3.0, 0.5)), "budget.sweep"),
 ])
