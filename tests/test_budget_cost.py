@@ -51,12 +51,15 @@ def test_macs_of_a_transposed_kernel_by_hand():
     def __call__(self, x):  # [B, 4, 4, 8] -> [B, 4, 4, 6] both ways
       a = nn.ConvTranspose(6, (3, 3), name="plain")(x)  # kernel [3, 3, 8, 6]
       b = nn.ConvTranspose(6, (3, 3), transpose_kernel=True, name="flipped")(x)  # [3, 3, 6, 8]
-      return (a + b).mean((1, 2))
+      c = nn.ConvTranspose(6, (3, 3), strides=(2, 2), name="up")(x)  # [B, 8, 8, 6]
+      return (a + b).mean((1, 2)) + c.mean((1, 2))
 
   x = np.zeros((2, 4, 4, 8), np.float32)
   model = Up()
   macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
-  assert macs == {"plain": 4 * 4 * 3 * 3 * 8 * 6, "flipped": 4 * 4 * 3 * 3 * 8 * 6}
+  # each of the 4 x 4 input positions meets every kernel entry; strided: not the 8 x 8 outputs'
+  assert macs == {"plain": 4 * 4 * 3 * 3 * 8 * 6, "flipped": 4 * 4 * 3 * 3 * 8 * 6,
+                  "up": 4 * 4 * 3 * 3 * 8 * 6}
 
 
 class Tied(nn.Module):
@@ -112,18 +115,38 @@ def test_macs_count_every_step_of_a_scan_by_hand():
 def test_macs_of_a_while_loop_count_one_iteration_and_warn():
   class Loop(nn.Module):
     def setup(self):
-      self.d = nn.Dense(4)
+      self.d, self.halt = nn.Dense(4), nn.Dense(1)
 
-    def __call__(self, x):  # once before the loop, once per iteration
+    def __call__(self, x):  # d once before the loop; d and the halting head once per iteration
+      if self.is_initializing():
+        self.halt(x)
+      cond = lambda mdl, c: (c[0] < 5) & (mdl.halt(c[1]).sum() < 5)
       body = lambda mdl, c: (c[0] + 1, mdl.d(c[1]))
-      return nn.while_loop(lambda mdl, c: c[0] < 5, body, self, (0, self.d(x)),
-                           broadcast_variables="params")[1]
+      return nn.while_loop(cond, body, self, (0, self.d(x)), broadcast_variables="params")[1]
 
   x = np.zeros((2, 4), np.float32)
   model = Loop()
   variables = model.init(jax.random.key(0), x)
-  with pytest.warns(UserWarning, match="d run inside a while loop"):
-    assert budget.layer_macs(model, variables, x) == {"d": 2 * 16}
+  with pytest.warns(UserWarning, match="d, halt run inside a while loop"):
+    assert budget.layer_macs(model, variables, x) == {"d": 2 * 16, "halt": 4}
+
+
+def test_macs_of_a_cond_are_its_costliest_branch():
+  class Branches(nn.Module):
+    def setup(self):
+      self.small, self.big = nn.Dense(8), nn.Dense(24)
+
+    def __call__(self, x):  # [B, 8]: small twice (2 x 64 MACs) or big once (192)
+      if self.is_initializing():  # both layers' parameters before the branches
+        self.big(self.small(x))
+      twice = lambda mdl, x: mdl.small(mdl.small(x))
+      once = lambda mdl, x: mdl.big(x)[:, :8]
+      return nn.cond(x.sum() > 0, twice, once, self, x)
+
+  x = np.zeros((2, 8), np.float32)
+  model = Branches()
+  macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
+  assert macs == {"small": 0, "big": 8 * 24}
 
 
 def test_keep_masks_prune_the_smallest_magnitudes():

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.extend
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress import pruning
@@ -263,11 +264,13 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
   Counted on the model's jaxpr (one abstract trace, no FLOPs): every ``dot_general`` and
   convolution a layer's call runs, ``output entries x summed entries`` (``H' W' x kh kw Cin Cout``
   for a conv, ``in x out`` for a dense layer, ``T x vocab x features`` for an ``Embed`` used as
-  the output head, ``attend``; a lookup is 0), times the length of every scan around it: a layer
-  called several times counts every call, and a layer inside ``nn.scan``, ``nn.RNN`` or
-  ``jax.lax.scan`` counts every step, whether its weight is stacked per step or shared by them.
-  Of the branches of a ``cond`` the costliest counts. A while loop's trip count is unknown: its
-  body counts once, with a warning naming the layers in it.
+  the output head, ``attend``; a lookup is 0; a transposed conv, whose input is dilated, counts
+  its input positions, ``H W x kh kw Cin Cout``, not the zeros between them), times the length of
+  every scan around it: a layer called several times counts every call, and a layer inside
+  ``nn.scan``, ``nn.RNN`` or ``jax.lax.scan`` counts every step, whether its weight is stacked
+  per step or shared by them. Of the branches of a ``cond`` (``nn.cond``, ``nn.switch``) the
+  costliest counts. A while loop's trip count is unknown: its condition and body count once,
+  with a warning naming the layers in them.
   """
   fm = functional(model)
   paths: list[str] = []  # the layer path of each marked call, in call order
@@ -277,38 +280,34 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
     if call.kind not in ("linear", "embed") or name is None:
       return run(call.x)
     w = tree_get(variables["params"], f"{call.path}/{name}" if call.path else name)
-    if w is None or np.ndim(w) < 2:
-      return run(call.x)
+    if w is None or np.ndim(w) < 2 or not jnp.issubdtype(jnp.result_type(w), jnp.floating):
+      return run(call.x)  # not a layer the library compresses (selection.trace_layers)
     paths.append(call.path)
     with jax.named_scope(f"{_MARK}{len(paths) - 1}"):
       return run(call.x)
 
   closed = jax.make_jaxpr(lambda v, x: fm.apply(v, x, hook=record))(
       dict(variables), jax.tree.map(lambda a: a[:1], sample))  # one example of each input
-  looped: set[int] = set()
-  counts = _jaxpr_macs(closed.jaxpr, "", looped)
-  macs = dict.fromkeys(paths, 0)
-  for mark, n in counts.items():
-    macs[paths[mark]] += n
+  looped: set[str] = set()
+  counts = _jaxpr_macs(closed.jaxpr, "", paths, looped)
   if looped:
-    names = sorted({paths[m] for m in looped})
-    warnings.warn(f"layer_macs: {', '.join(names)} run inside a while loop, whose trip count is "
-                  "unknown: their MACs count one iteration", stacklevel=2)
-  return macs
+    warnings.warn(f"layer_macs: {', '.join(sorted(looped))} run inside a while loop, whose trip "
+                  "count is unknown: their MACs count one iteration", stacklevel=2)
+  return {p: counts.get(p, 0) for p in dict.fromkeys(paths)}
 
 
 _MARK = "jaxcompress_macs_"
 _MARK_RE = re.compile(rf"{_MARK}(\d+)")
 
 
-def _jaxpr_macs(jaxpr: Any, scope: str, looped: set[int]) -> dict[int, int]:
-  """MACs of the products in ``jaxpr`` by the marked call they run in (the innermost mark of
-  ``scope`` plus the equation's own name stack), scans multiplied by their length."""
-  out: dict[int, int] = {}
+def _jaxpr_macs(jaxpr: Any, scope: str, paths: Sequence[str], looped: set[str]) -> dict[str, int]:
+  """MACs of the products in ``jaxpr`` by the layer whose marked call they run in (the innermost
+  mark of ``scope`` plus the equation's own name stack), scans multiplied by their length."""
+  out: dict[str, int] = {}
 
-  def add(counts: Mapping[int, int], times: int = 1) -> None:
-    for mark, n in counts.items():
-      out[mark] = out.get(mark, 0) + times * n
+  def add(counts: Mapping[str, int], times: int = 1) -> None:
+    for path, n in counts.items():
+      out[path] = out.get(path, 0) + times * n
 
   for eqn in jaxpr.eqns:
     name = f"{scope}/{eqn.source_info.name_stack}"
@@ -316,35 +315,40 @@ def _jaxpr_macs(jaxpr: Any, scope: str, looped: set[int]) -> dict[int, int]:
     if prim in ("dot_general", "conv_general_dilated"):
       marks = _MARK_RE.findall(name)
       if marks:
-        add({int(marks[-1]): _product_macs(eqn)})
+        add({paths[int(marks[-1])]: _product_macs(eqn)})
     elif prim == "scan":
-      add(_jaxpr_macs(eqn.params["jaxpr"].jaxpr, name, looped), int(eqn.params["length"]))
+      add(_jaxpr_macs(eqn.params["jaxpr"].jaxpr, name, paths, looped), int(eqn.params["length"]))
     elif prim == "while":
-      body = _jaxpr_macs(eqn.params["body_jaxpr"].jaxpr, name, looped)
-      looped.update(body)
-      add(body)
+      for part in ("cond_jaxpr", "body_jaxpr"):
+        counts = _jaxpr_macs(eqn.params[part].jaxpr, name, paths, looped)
+        looped.update(counts)
+        add(counts)
     elif prim == "cond":
-      branches = [_jaxpr_macs(b.jaxpr, name, looped) for b in eqn.params["branches"]]
-      add({m: max(b.get(m, 0) for b in branches) for b in branches for m in b})
+      branches = [_jaxpr_macs(b.jaxpr, name, paths, looped) for b in eqn.params["branches"]]
+      add(max(branches, key=lambda b: sum(b.values())))
     else:
       for param in eqn.params.values():
         for sub in param if isinstance(param, (tuple, list)) else (param,):
           if isinstance(sub, jax.extend.core.ClosedJaxpr):
             sub = sub.jaxpr
           if isinstance(sub, jax.extend.core.Jaxpr):
-            add(_jaxpr_macs(sub, name, looped))
+            add(_jaxpr_macs(sub, name, paths, looped))
   return out
 
 
 def _product_macs(eqn: Any) -> int:
-  """``output entries x summed entries`` of one ``dot_general`` or convolution."""
-  out = math.prod(eqn.outvars[0].aval.shape)
+  """``output entries x summed entries`` of one ``dot_general`` or convolution; of a convolution
+  with a dilated input (a transposed conv), ``input entries x kernel entries``."""
   if eqn.primitive.name == "dot_general":
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
-    return out * math.prod(lhs[a] for a in contract)
-  rhs = eqn.invars[1].aval.shape  # the kernel; rhs_spec[0] is its output-feature axis
-  return out * math.prod(rhs) // rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[a] for a in contract)
+  lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  spec = eqn.params["dimension_numbers"]
+  if any(d != 1 for d in eqn.params["lhs_dilation"]):  # each input entry meets each kernel entry
+    batch = lhs[spec.lhs_spec[0]] // eqn.params["batch_group_count"]
+    return batch * math.prod(lhs[a] for a in spec.lhs_spec[2:]) * math.prod(rhs)
+  return math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // rhs[spec.rhs_spec[0]]
 
 
 def density(keep: np.ndarray, structure: str, out_axis: int = -1, stacked: int = 0) -> float:
