@@ -75,6 +75,10 @@ def _prepare(fam: Family, config, corpus: text.Corpus, specs: dict, mesh) -> Non
     field = _field(fam, "teacher.checkpoint")
     module, variables, vocab, model, context = lm_lib.load_trained(t.checkpoint, field,
                                                                    can_train=True)
+    if model.name != t.model.name:  # the family (its stages and report rows) is its model's
+      raise ConfigError(f"{field}: {t.checkpoint!r} holds a {model.name} model, not this "
+                        f"family's {_field(fam, 'teacher.model.name')}={t.model.name}; give "
+                        f"the workdir of a {t.model.name} run of experiments.train_lm")
     if vocab.chars != corpus.vocab.chars:
       raise ConfigError(f"{field}: the teacher's vocabulary ({vocab.size} characters) differs "
                         f"from the student's ({corpus.vocab.size} characters of the training "
@@ -105,6 +109,15 @@ def _prepare(fam: Family, config, corpus: text.Corpus, specs: dict, mesh) -> Non
         module, variables, sample, optimizer=optimizer, total_steps=fam.section.train.steps,
         prune=specs["prune"], quant=specs["quant"], distill=distill,
         teacher=module if distill.uses_teacher else None)
+
+
+def calibration_windows(ids: np.ndarray, n: int, batch_size: int, context: int,
+                        seed: int) -> list[np.ndarray]:
+  """``n`` random training windows (at least one) in batches of at most ``batch_size``."""
+  n = max(1, n)
+  return [text.train_batch(ids, batch_size=min(batch_size, n - start), context=context,
+                           seed=seed, step=i).image
+          for i, start in enumerate(range(0, n, batch_size))]
 
 
 def validate_config(config) -> None:
@@ -191,10 +204,8 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
   teacher = stage(f"{p}teacher", teacher_stage)
   float_bytes = teacher["size_bytes"]
 
-  calib_ids = ids["train"]
-  n_calib = max(1, -(-config.quant.calibration_examples // data.eval_batch_size))
-  calib = [text.train_batch(calib_ids, batch_size=data.eval_batch_size, context=fam.context,
-                            seed=config.seed + 1, step=i).image for i in range(n_calib)]
+  calib = calibration_windows(ids["train"], config.quant.calibration_examples,
+                              data.eval_batch_size, fam.context, config.seed + 1)
 
   def init_state(comp):
     return comp.init_state(fam.variables, calib[0], teacher_vars=fam.variables,

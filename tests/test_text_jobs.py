@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from experiments.lm_pipeline import calibration_windows
 from jaxcompress.errors import ConfigError
 
 WORDS = ("the", "king", "shall", "love", "not", "my", "lord", "and", "thou", "art")
@@ -168,6 +169,28 @@ def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):
   last = proc.stderr.splitlines()[-1]
   assert last.startswith("error: teacher.checkpoint: the teacher's vocabulary"), last
   assert not workdir.exists()
+
+
+def test_teacher_of_another_family_is_one_line(tiny, tmp_path):
+  workdir = tmp_path / "run"  # the transformer's run given as the LSTM family's teacher
+  proc = _run("experiments.shakespeare_distill", "--config=configs/shakespeare_distill.py:quick",
+              f"--config.data.path={tiny['text']}",
+              f"--config.lstm.teacher.checkpoint={tiny['lm']}",
+              f"--workdir={workdir}", *TINY_LM, *TINY_DISTILL)
+  assert proc.returncode == 2
+  last = proc.stderr.splitlines()[-1]
+  assert last.startswith(f"error: lstm.teacher.checkpoint: {tiny['lm']!r} holds a char_gpt "
+                         "model, not this family's lstm.teacher.model.name=char_lstm"), last
+  assert not workdir.exists()
+
+
+def test_calibration_takes_as_many_windows_as_asked():
+  ids = np.arange(1000, dtype=np.int32)
+  batches = calibration_windows(ids, 256, 100, 8, seed=0)
+  assert [b.shape for b in batches] == [(100, 8), (100, 8), (56, 8)]
+  for b in batches:  # consecutive characters of the text
+    assert (np.diff(b, axis=1) == 1).all()
+  assert [b.shape for b in calibration_windows(ids, 0, 100, 8, seed=0)] == [(1, 8)]
 
 
 def test_a_rerun_on_another_text_is_refused(tmp_path):
