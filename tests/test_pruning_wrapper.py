@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.pruning import (PruneState, Score, apply_masks_ste, constant_schedule,
+from jaxcompress.pruning import (PruneState, Score, apply_masks_ste, channels, constant_schedule,
                                  current_masks, n_of_m, one_shot_schedule, polynomial_schedule,
                                  prune, unstructured)
 
@@ -153,6 +153,28 @@ def test_saliency_masks_from_raw_gradients():
   expected = np.ones(w.size)
   expected[np.argsort(np.abs(w * g).ravel(), kind="stable")[:128]] = 0
   np.testing.assert_array_equal(state.masks["Dense_1"]["kernel"], expected.reshape(w.shape))
+
+
+@pytest.mark.parametrize("score,structure,grads,pruned", [
+    # movement (-sum w g): entry 0 goes first; then entry 1's sum (-6) falls below entry 0's
+    # frozen -1, which must not bring entry 0 back
+    ("movement", None, [[[1.0, 0.0], [0.0, 0.0]], [[1.0, 6.0], [0.0, 0.0]]], [[0, 1], [1, 1]]),
+    # the same by output channel (L1 of the sums): channel 0 first, then channel 1 sums to -6
+    ("movement", "channels", [[[1.0, 0.0], [1.0, 0.0]], [[0.0, 3.0], [0.0, 3.0]]],
+     [[0, 1], [0, 1]]),
+    # saliency |w g|: entry 3 goes first; then entry 0's zero gradient ties its score 0
+    ("saliency", None, [[[1.0, 1.0], [1.0, 0.5]], [[0.0, 1.0], [1.0, 1.0]]], [[1, 1], [1, 0]]),
+])
+def test_a_pruned_weight_stays_pruned_whatever_its_score(score, structure, grads, pruned):
+  opt = prune(optax.sgd(0.1), constant_schedule(0.25 if structure is None else 0.5),
+              score=score, structure=channels("l1") if structure else None)
+  params = {"k": jnp.ones((2, 2))}
+  state = opt.init(params)
+  for g in grads:
+    updates, state = opt.update({"k": jnp.asarray(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(state.masks["k"], pruned)
+  assert np.all(np.asarray(params["k"])[np.asarray(pruned) == 0] == 0)
 
 
 def test_straight_through_keeps_dense_weights():

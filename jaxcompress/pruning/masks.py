@@ -153,11 +153,14 @@ def channel_scores(scores: jax.Array, norm: str = "l1", axis: int = -1) -> jax.A
 
   ``"l1"`` sums them, ``"l2"`` takes the root of their sum of squares: with the magnitude score
   ``|w|`` these are the L1 and L2 norms of each output channel's weights. ``"l2"`` is for
-  scores that are never negative; a signed score (movement) needs ``"l1"``.
+  scores that are never negative; a signed score (movement) needs ``"l1"``. A channel with an
+  entry scored ``-inf`` (pruned already, see :func:`~jaxcompress.pruning.prune`) scores ``-inf``.
   """
   scores = jnp.moveaxis(scores, axis, -1)
   rows = scores.reshape(-1, scores.shape[-1])
-  return jnp.sum(rows, 0) if norm == "l1" else jnp.sqrt(jnp.sum(rows * rows, 0))
+  pruned, rows = jnp.any(jnp.isneginf(rows), 0), jnp.where(jnp.isneginf(rows), 0, rows)
+  return jnp.where(pruned, -jnp.inf,
+                   jnp.sum(rows, 0) if norm == "l1" else jnp.sqrt(jnp.sum(rows * rows, 0)))
 
 
 def unstructured(scope: str = "layer") -> Masker:
@@ -194,13 +197,17 @@ def kernel_scores(scores: jax.Array, norm: str = "l1",
   entry per kernel); ``()``: each entry is a kernel of its own (a Dense, DenseGeneral or Einsum
   weight, whatever its rank). ``"l1"`` is the mean of the entries' scores, ``"l2"`` the root of
   the mean of their squares: the L1 or L2 norm over the window size, so kernels of windows of
-  different sizes compare across leaves.
+  different sizes compare across leaves. A kernel with an entry scored ``-inf`` (pruned already)
+  scores ``-inf``.
   """
   window = tuple(range(scores.ndim - 2)) if window is None else tuple(window)
   if not window:
     return scores
-  return (jnp.mean(scores, window, keepdims=True) if norm == "l1"
-          else jnp.sqrt(jnp.mean(scores * scores, window, keepdims=True)))
+  pruned = jnp.any(jnp.isneginf(scores), window, keepdims=True)
+  scores = jnp.where(jnp.isneginf(scores), 0, scores)
+  return jnp.where(pruned, -jnp.inf,
+                   jnp.mean(scores, window, keepdims=True) if norm == "l1"
+                   else jnp.sqrt(jnp.mean(scores * scores, window, keepdims=True)))
 
 
 def kernels(scope: str = "layer", norm: str = "l1",
