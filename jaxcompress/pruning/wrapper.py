@@ -7,8 +7,9 @@ sparsity ``schedule(count)``, from the raw gradients it receives and the current
 * Hard masking (default): gradients are masked before ``inner``, and the emitted updates are
   ``u`` where kept and ``-params`` where pruned, so after every ``optax.apply_updates`` pruned
   weights are exactly ``0`` (``p + (-p) == 0`` in floating point). A pruned weight stays pruned:
-  at each refresh its score is ``-inf`` (the maskers rank it, its channel or its kernel lowest),
-  whatever its running score (movement) or a kept weight's (a zero gradient under saliency).
+  under a score that reads gradients (``saliency``, ``movement``), which could rank it above a
+  kept weight (its frozen running sum; a tie at 0 with a kept weight of zero gradient), each
+  refresh scores it ``-inf``, and the maskers rank it, its channel or its kernel lowest.
 * Straight-through (``straight_through=True``): the dense weights are kept and updated with the
   unmasked ``inner`` updates; the forward pass uses ``apply_masks_ste(params, current_masks(s))``.
 
@@ -125,6 +126,9 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
   if not isinstance(update_every, numbers.Integral) or update_every < 1:
     raise invalid("prune.update_every", update_every, "an integer >= 1")
 
+  # Gradient scores may rank a pruned weight (0) above a kept one; weight scores rank it lowest.
+  frozen = not straight_through and (score.needs_grads or score.accumulate)
+
   def init_fn(params):
     sel = select(params, rules)
     weights = sel.pick(sel.leaves)
@@ -148,7 +152,7 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
 
     def refresh(_):
       scores = list(sums) if score.accumulate else leaf_scores(score, weights, grads, key)
-      if not straight_through:  # a pruned weight is 0 and stays so: it ranks below every other
+      if frozen:  # a pruned weight is 0 and stays so: it ranks below every other
         scores = [jnp.where(m != 0, s, -jnp.inf)
                   for s, m in zip(scores, sel.pick(sel.flat(state.masks)))]
       keep = structure(sel.pick(sel.paths), scores, schedule(state.count))
