@@ -1,14 +1,14 @@
 """The budget job's checks of its own config sections: one line for each bad input.
 
-:func:`check_budget` (one budget, what the device preset takes), :func:`check_scan` (the scan grid
-and the held-out slice's size) and :func:`check_held_out` (the held-out slice, the last examples
-of ``data.train_split``, never overlaps ``data.eval_split``).
+:func:`check_budget` (one budget, what the device preset takes) and :func:`check_scan` (the scan
+grid and the held-out slice's size). The held-out slice, the last examples of
+``data.train_split``, never overlaps ``data.eval_split``: ``load_data`` checks it
+(:func:`jaxcompress.data.check_splits`).
 """
 
 from __future__ import annotations
 
 from jaxcompress import budget as budget_lib
-from jaxcompress import data as data_lib
 from jaxcompress.errors import ConfigError, check_positive, invalid
 
 
@@ -94,20 +94,3 @@ def check_scan(config) -> None:
 def excluded_bits(config) -> set[int]:
   """Scanned weight bit widths a plan may not use (``budget.weight_bits``; empty: none)."""
   return set(config.scan.weight_bits) - set(config.budget.weight_bits or config.scan.weight_bits)
-
-
-def check_held_out(data) -> None:
-  """Raises one line if the held-out slice (the last ``data.val_examples`` examples of
-  ``data.train_split``, before any ``data.train_examples`` cap) shares examples with
-  ``data.eval_split``, counted from the prepared dataset's split sizes
-  (:func:`jaxcompress.data.shared_examples`)."""
-  held = data_lib.last_examples(data.name, data.train_split, data.val_examples,
-                                data_dir=data.data_dir)
-  shared = data_lib.shared_examples(data.name, held or data.train_split, data.eval_split,
-                                    data_dir=data.data_dir)
-  if shared:
-    common = f" ({held}: {shared:,} examples in common)" if held else ""
-    raise ConfigError(f"data.val_examples={data.val_examples}: the held-out slice (the last "
-                      f"examples of data.train_split={data.train_split!r}) overlaps "
-                      f"data.eval_split={data.eval_split!r}{common}; evaluate on another split, "
-                      "or make the two splits disjoint slices")

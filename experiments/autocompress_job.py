@@ -44,8 +44,7 @@ import optax
 
 from experiments import pipeline
 from experiments.autocompress_checks import (AUTO_THRESHOLDS, GLOBAL_SCORES, check_budget,
-                                             check_held_out, check_scan, excluded_bits,
-                                             global_allowed)
+                                             check_scan, excluded_bits, global_allowed)
 from experiments.autocompress_report import write_report, write_sweep_report
 from experiments.autocompress_uniform import device_uniform_recipe, uniform_recipe
 from jaxcompress import budget as budget_lib
@@ -188,7 +187,6 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   data = DataSpec.from_mapping(config.data)
   splits = load_data(data)
   train, val = data_lib.as_split(splits["train"]), data_lib.as_split(splits["val"])
-  check_held_out(config.data)
   per_epoch = data_lib.steps_per_epoch(len(train), config.data.batch_size)
   need = 2 if config.prune.schedule == "gradual" else 1  # the fine-tunings' pruning schedule
   if int(round(config.train.epochs * per_epoch)) < need:

@@ -266,6 +266,15 @@ def iterative_search(config, workdir: str) -> dict:
                                         data_dir=config.data.data_dir, field="prune.val_split")
     if not len(splits["val"]):
       raise invalid("prune.val_split", config.prune.val_split, "a split with examples")
+    trained = data_lib.first_examples(data.name, data.train_split, len(splits["train"]),
+                                      data_dir=data.data_dir)
+    shared = data_lib.shared_examples(data.name, config.prune.val_split,
+                                      trained or data.train_split, data_dir=data.data_dir)
+    if shared:  # examples the rounds fine-tune on would validate them
+      common = f"{trained}; they share {shared:,} examples" if trained else data.train_split
+      raise invalid("prune.val_split", config.prune.val_split,
+                    f"a split disjoint from the examples fine-tuned on ({common})",
+                    "e.g. val_split='test[:5000]' with eval_split='test[5000:]'")
   per_epoch = data_lib.steps_per_epoch(len(splits["train"]), data.batch_size)
   steps = int(round(loop.epochs * per_epoch))
   if steps < 1:

@@ -248,6 +248,50 @@ def last_examples(name: str, split: str, n: int, *, data_dir: str | None = None)
   return "+".join(reversed(out)) if out else None
 
 
+def first_examples(name: str, split: str, n: int, *, data_dir: str | None = None) -> str | None:
+  """The TFDS split spec of the first ``n`` examples of ``split`` (``"train"``, 49,500:
+  ``"train[0:49500]"``), what training takes when the last examples are held out;
+  ``None`` when the split sizes cannot be read."""
+  try:
+    parts = _parts(name, split, data_dir)
+  except Exception:  # TFDS raises many types for an unreadable dataset or split
+    return None
+  out = []
+  for base, lo, hi in parts:
+    take = min(n, max(hi - lo, 0))
+    if take:
+      out.append(f"{base}[{lo}:{lo + take}]")
+    n -= take
+  return "+".join(out) if out else None
+
+
+def check_splits(data: Any, trained: int) -> None:
+  """Raises one line if ``data.eval_split`` shares examples with the ``trained`` examples a job
+  trains on (the first of ``data.train_split``) or with the held-out slice (its last
+  ``data.val_examples``), counted from the prepared dataset's split sizes
+  (:func:`shared_examples`): accuracy reported on them would not be a test accuracy."""
+  used = first_examples(data.name, data.train_split, trained, data_dir=data.data_dir)
+  shared = shared_examples(data.name, used or data.train_split, data.eval_split,
+                           data_dir=data.data_dir)
+  if shared:
+    common = (f"shares {shared:,} examples with the {trained:,} examples trained on ({used}, of "
+              f"data.train_split={data.train_split!r})" if used else
+              "is data.train_split, the examples trained on")
+    raise ConfigError(f"data.eval_split={data.eval_split!r} {common}; evaluate on examples the "
+                      "model does not train on (another split, or a disjoint slice)")
+  if not data.val_examples:
+    return
+  held = last_examples(data.name, data.train_split, data.val_examples, data_dir=data.data_dir)
+  shared = shared_examples(data.name, held or data.train_split, data.eval_split,
+                           data_dir=data.data_dir)
+  if shared:
+    common = f" ({held}: {shared:,} examples in common)" if held else ""
+    raise ConfigError(f"data.val_examples={data.val_examples}: the held-out slice (the last "
+                      f"examples of data.train_split={data.train_split!r}) overlaps "
+                      f"data.eval_split={data.eval_split!r}{common}; evaluate on another split, "
+                      "or make the two splits disjoint slices")
+
+
 def shared_examples(name: str, a: str, b: str, *, data_dir: str | None = None) -> int:
   """How many examples the TFDS splits ``a`` and ``b`` of dataset ``name`` have in common
   (``"test[:5000]"`` and ``"test"``: 5,000), from the prepared dataset's split sizes; when those

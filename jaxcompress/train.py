@@ -94,7 +94,9 @@ def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
     ``{'train': split, 'eval': split}`` and, when held out, ``'val': split``.
 
   Raises:
-    ConfigError: missing data, or too few training examples for the held-out set or one batch.
+    ConfigError: missing data, too few training examples for the held-out set or one batch, or
+      an eval split that shares examples with the training examples or the held-out set
+      (:func:`jaxcompress.data.check_splits`).
   """
   out = {}
   train = data_lib.open_split(data.name, data.train_split, data_dir=data.data_dir,
@@ -109,6 +111,7 @@ def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
   if data.train_examples:
     train = train.take(0, min(data.train_examples, len(train)))
   data_lib.check_batch_fits(len(train), data.batch_size)
+  data_lib.check_splits(data, len(train))
   out["train"] = train
   out["eval"] = data_lib.open_split(data.name, data.eval_split, data_dir=data.data_dir,
                                     field="data.eval_split")

@@ -1,6 +1,7 @@
 """The input pipeline on mock TFDS data: coverage, determinism, augmentation, normalisation."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -226,3 +227,32 @@ def test_a_slice_that_ends_before_it_starts_is_one_line():
     ("train[:10]", "test[:10]", 0), ("train+test[:10]", "test[5:]", 5)])
 def test_shared_examples_of_two_splits_by_hand(a, b, shared):
   assert data.shared_examples("cifar10", a, b) == shared  # CIFAR-10 test: 10,000 examples
+
+
+@requires_cifar10
+def test_eval_split_against_the_training_and_held_out_examples_by_hand():
+  class Data:  # CIFAR-10: train 50,000 examples, test 10,000
+    name, data_dir, val_examples = "cifar10", "", 100
+    train_split, eval_split = "train[:1000]", "train[1000:]"
+  data.check_splits(Data, 900)  # trained on [0, 900), held out [900, 1000): disjoint
+  for train, test in (("train[:1000]", "train[950:2000]"), ("train[:80%]", "train[39950:]"),
+                      ("train", "train[49950:]"), ("train", "train[-50:]")):
+    Data.train_split, Data.eval_split = train, test
+    with pytest.raises(ConfigError, match=r"overlaps data.eval_split=.* \(train\[\d+:\d+\]: "
+                                          r"50 examples in common\)"):
+      data.check_splits(Data, 900)  # the 900 trained on are far from the end
+  for train, test, trained, shared in (("train", "train[:49900]", 49900, 49900),
+                                       ("train", "train[500:1500]", 1000, 500),
+                                       ("train[10:]", "train[:15]", 1000, 5),
+                                       ("train[:10]+train[20:30]", "train[25:]", 20, 5)):
+    Data.train_split, Data.eval_split = train, test
+    with pytest.raises(ConfigError, match=rf"^data.eval_split='{re.escape(test)}' shares "
+                                          rf"{shared:,} examples with the {trained:,} examples "
+                                          "trained on"):
+      data.check_splits(Data, trained)
+  for train, test, trained in (("train[:80%]", "test", 100), ("train", "test[:50%]", 100),
+                               ("train[:80%]", "train[80%:]", 100),
+                               ("train[:90%]", "train[95%:]", 100),
+                               ("train", "train[1000:1100]", 1000)):
+    Data.train_split, Data.eval_split = train, test
+    data.check_splits(Data, trained)  # nothing in common

@@ -198,17 +198,17 @@ def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path)
 
 
 def test_iterative_validates_on_the_named_split(tmp_path):
-  # The mock ignores slices ("test[:32]" reads all of test) and gives every split the same
-  # examples, so this checks the mechanism: the whole named split, none of it held out of training.
-  result = _iterative(tmp_path, data=dict(val_examples=0), sparsities=(0.5,), val_split="train")
+  # The mock ignores slices ("test[:32]" reads all of test), so this checks the mechanism: the
+  # whole named split, none of it held out of training.
+  result = _iterative(tmp_path, data=dict(val_examples=0, eval_split="test[32:]"),
+                      sparsities=(0.5,), val_split="test[:32]")
   with tfds.testing.mock_data(num_examples=N):
-    train = load_split("mnist", "train", progress=False)
     test = load_split("mnist", "test", progress=False)
   params = _mlp_params()
-  assert (result["val_split"], result["val_examples"], result["eval_split"]) == ("train", N,
-                                                                                "test")
+  assert (result["val_split"], result["val_examples"], result["eval_split"]) == (
+      "test[:32]", N, "test[32:]")
   assert result["history"][0]["steps"] == 4  # no examples held out of training: 64 / 16
-  assert result["dense_val_accuracy"] == pytest.approx(_numpy_eval(params, *train)[0])
+  assert result["dense_val_accuracy"] == pytest.approx(_numpy_eval(params, *test)[0])
   assert result["dense_test_accuracy"] == pytest.approx(_numpy_eval(params, *test)[0])
 
 
@@ -219,6 +219,10 @@ def test_iterative_validates_on_the_named_split(tmp_path):
     ({}, dict(val_split="test[:32]"), "data.val_examples must be 0 when prune.val_split"),
     (dict(val_examples=0), dict(val_split="test"), "prune.val_split must be a split disjoint "
                                                    "from data.eval_split='test'"),
+    (dict(val_examples=0, eval_split="test[:32]"), dict(val_split="train"),
+     r"prune.val_split must be a split disjoint from the examples fine-tuned on \(train\)"),
+    (dict(eval_split="train"), {}, "data.eval_split='train' is data.train_split, the examples "
+                                   "trained on"),
     (dict(val_examples=0), {}, "data.val_examples must be > 0 .or set prune.val_split."),
     ({}, dict(rules=(("nomatch.*", True),)), r"prune.rules must be rules that select at least "
      r"one weight to prune \(e.g. fc1/kernel, fc2/kernel, fc3/kernel\), got \(\('nomatch.\*', "
