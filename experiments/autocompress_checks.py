@@ -15,6 +15,9 @@ from jaxcompress.errors import ConfigError, check_positive, invalid
 def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   """``(kind, limit)``: ``size`` in bytes or ``bops`` per example; one line for bad input."""
   b = config.budget
+  if not config.export.enabled:  # the artifact's bytes and accuracy are what a point reports
+    raise invalid("export.enabled", config.export.enabled, "True in the budget job (each plan's "
+                  "artifact is exported, measured against the budget and evaluated)")
   preset = budget_lib.get_preset(b.device)
   for field in ("size_bytes", "ratio", "bops"):
     check_positive(f"budget.{field}", b[field], zero=True)  # 0: not this budget

@@ -101,6 +101,9 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   max_bytes = config.export.get("max_bytes", 0)
   if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
     raise invalid("export.max_bytes", max_bytes, "an integer >= 0 (0: no cap)")
+  if max_bytes and not config.export.enabled:
+    raise ConfigError(f"export: export.max_bytes={max_bytes} caps the artifact, but "
+                      "export.enabled=False writes none; drop one of them")
   return folder, paths, to_train
 
 

@@ -323,10 +323,15 @@ def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget,
   assert not os.path.exists(tmp_path / "w")
 
 
-def test_unknown_damage_is_one_line_and_writes_nothing(mlp_weights, tmp_path):
+@pytest.mark.parametrize("section,field,value,match", [
+    ("scan", "damage", "mse", "scan.damage.*kl"),
+    ("export", "enabled", False, "^export.enabled must be True in the budget job"),
+])
+def test_unknown_damage_or_no_export_is_one_line_and_writes_nothing(mlp_weights, tmp_path,
+                                                                    section, field, value, match):
   config = _config(mlp_weights, ratio=4.0)
-  config.scan.damage = "mse"
-  with pytest.raises(ConfigError, match="scan.damage.*kl"):
+  config[section][field] = value
+  with pytest.raises(ConfigError, match=match):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
 

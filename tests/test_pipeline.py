@@ -99,6 +99,11 @@ def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_
   with pytest.raises(ConfigError, match="export.max_bytes") as e:
     _run(config, tmp_path / "bad")
   assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "bad")
+  config.export.enabled, config.export.max_bytes = False, 5000
+  with pytest.raises(ConfigError, match="export.enabled=False writes none"):
+    _run(config, tmp_path / "bad")
+  assert not os.path.exists(tmp_path / "bad")
+  config.export.enabled = True
   config.export.max_bytes = 10 ** 9  # fits as trained: nothing zeroed
   free = _run(config, tmp_path / "free")["compressed"]
   assert free["zeroed_to_fit"] == 0 and free["export_agreement"] == 1.0
