@@ -113,6 +113,31 @@ def test_layers_slim_cannot_handle_run_at_full_width_and_are_named(tmp_path):
   np.testing.assert_allclose(out.loaded.logits(x), loaded.logits(x), rtol=1e-6)
 
 
+def test_kernels_stacked_by_a_scan_run_at_full_width(tmp_path):
+  class Step(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+      return h + nn.Dense(6, name="b")(nn.relu(nn.Conv(8, (3,), name="a")(h))), None
+
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # [B, 5, 6]: two steps with a [2, 3, 6, 8] conv and a [2, 8, 6] dense
+      steps = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+      h = steps(name="blocks")(nn.Dense(6, name="inp")(x), None)[0]
+      return nn.Dense(3, name="head")(h.mean(1))
+
+  v = jax.device_get(random_variables(Scanned(), (5, 6)))
+  for name in ("a", "b"):  # half the output channels of both steps removed
+    v["params"]["blocks"][name]["kernel"][..., :4 if name == "a" else 3] = 0
+  export_model(str(tmp_path), variables=v, input_shape=(5, 6))
+  loaded = load(str(tmp_path), Scanned())
+  out = slim(loaded, multiple=1)
+  stacked = "its kernel is stacked by a lifted transform (nn.scan, nn.vmap)"
+  assert out.full_width == {"blocks/a": stacked, "blocks/b": stacked}
+  x = np.random.default_rng(4).standard_normal((3, 5, 6)).astype(np.float32)
+  np.testing.assert_array_equal(out.loaded.logits(x), loaded.logits(x))
+
+
 def test_an_attention_projection_with_removed_dims_runs_at_full_width(tmp_path):
   """A query kernel [in, heads, dim] whose channel pruning removed dims of every head (int8-npu
   plans do), with its [heads, dim] bias: named, run as it is, the outputs unchanged."""

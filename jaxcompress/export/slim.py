@@ -137,11 +137,15 @@ def why_full_width(module: Any, x: Any, kernel: Any) -> str | None:
   """Why a layer must run at full width, or None when it can be slimmed."""
   if getattr(module, "mask", None) is not None:
     return "the layer multiplies its kernel by a mask"
+  stacked = "its kernel is stacked by a lifted transform (nn.scan, nn.vmap)"
   if isinstance(module, DENSES):
-    return None
+    return None if np.ndim(kernel) == 2 else stacked
   if not isinstance(module, CONVS):
     return f"{type(module).__name__} is not a Conv or Dense layer"
   rank = np.ndim(kernel) - 2
+  size = module.kernel_size
+  if rank != (1 if isinstance(size, int) else len(size)):
+    return stacked
   if np.ndim(x) != rank + 2:
     return "the input does not have exactly one batch axis"
   if module.feature_group_count != 1:
