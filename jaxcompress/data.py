@@ -235,34 +235,29 @@ def last_examples(name: str, split: str, n: int, *, data_dir: str | None = None)
   """The TFDS split spec of the last ``n`` examples of ``split`` (``"train"``, 500:
   ``"train[49500:50000]"``; several parts joined by ``+``), what a hold-out of ``n`` takes;
   ``None`` when the split sizes cannot be read."""
-  try:
-    parts = _parts(name, split, data_dir)
-  except Exception:  # TFDS raises many types for an unreadable dataset or split
-    return None
-  out = []
-  for base, lo, hi in reversed(parts):
-    take = min(n, max(hi - lo, 0))
-    if take:
-      out.append(f"{base}[{hi - take}:{hi}]")
-    n -= take
-  return "+".join(reversed(out)) if out else None
+  return _end_examples(name, split, n, data_dir, last=True)
 
 
 def first_examples(name: str, split: str, n: int, *, data_dir: str | None = None) -> str | None:
   """The TFDS split spec of the first ``n`` examples of ``split`` (``"train"``, 49,500:
   ``"train[0:49500]"``), what training takes when the last examples are held out;
   ``None`` when the split sizes cannot be read."""
+  return _end_examples(name, split, n, data_dir, last=False)
+
+
+def _end_examples(name: str, split: str, n: int, data_dir: str | None, *,
+                  last: bool) -> str | None:
   try:
     parts = _parts(name, split, data_dir)
   except Exception:  # TFDS raises many types for an unreadable dataset or split
     return None
   out = []
-  for base, lo, hi in parts:
+  for base, lo, hi in reversed(parts) if last else parts:
     take = min(n, max(hi - lo, 0))
     if take:
-      out.append(f"{base}[{lo}:{lo + take}]")
+      out.append(f"{base}[{hi - take}:{hi}]" if last else f"{base}[{lo}:{lo + take}]")
     n -= take
-  return "+".join(out) if out else None
+  return "+".join(reversed(out) if last else out) or None
 
 
 def check_splits(data: Any, trained: int) -> None:
