@@ -30,6 +30,7 @@ import re
 import warnings
 from typing import Any, Callable, Mapping
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,9 +210,16 @@ class Compression:
     """``(teacher logits, captured teacher features)``, eval mode, no gradient."""
     feats: dict = {}
     paths = [p for _, p in self.distill.feature_pairs] if self.distill.feature_weight else []
-    logits, _ = self.teacher.apply(teacher_vars, x, train=False,
-                                   hook=capture_hook(feats, paths) if paths else None,
-                                   hook_paths=paths)
+    try:
+      logits, _ = self.teacher.apply(teacher_vars, x, train=False,
+                                     hook=capture_hook(feats, paths) if paths else None,
+                                     hook_paths=paths)
+    except (flax.errors.FlaxError, ConfigError) as e:  # another model's variables
+      first = re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0])  # flax's doc link
+      if isinstance(e, ConfigError) and not first.startswith("variables: "):
+        raise
+      raise ConfigError(f"teacher_vars: the teacher does not take these variables "
+                        f"({first.removeprefix('variables: ')}); pass the teacher's own") from None
     return jax.lax.stop_gradient(logits), jax.lax.stop_gradient(feats)
 
   def loss_fn(self, params, model_state, batch, rng, teacher_vars=None):

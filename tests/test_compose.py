@@ -353,3 +353,9 @@ def test_teacher_variables_of_the_wrong_kind_are_one_line_errors():
   state = comp.init_state(svars, batch.image, teacher_vars=tvars)
   with pytest.raises(ConfigError, match=r"^teacher_vars must be the model's variables"):
     comp.make_train_step()(state, batch, tvars["params"])
+  other = {"params": {**tvars["params"], "fc1": {"kernel": tvars["params"]["fc1"]["kernel"][:, :5],
+                                                 "bias": tvars["params"]["fc1"]["bias"][:5]}}}
+  with pytest.raises(ConfigError, match=r"^teacher_vars: the teacher does not take these "
+                                        r"variables \(.*\"/fc1\".*\(108, 5\)\.\); pass the "
+                                        r"teacher's own"):
+    comp.make_train_step()(state, batch, other)  # another width: another model's variables
