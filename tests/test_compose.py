@@ -359,3 +359,36 @@ def test_teacher_variables_of_the_wrong_kind_are_one_line_errors():
                                         r"variables \(.*\"/fc1\".*\(108, 5\)\.\); pass the "
                                         r"teacher's own"):
     comp.make_train_step()(state, batch, other)  # another width: another model's variables
+
+
+class Lifted(nn.Module):
+  """A Dense under nn.remat and a scanned block returning (carry, outputs)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.remat(nn.Dense)(8, name="mid")(x.reshape(x.shape[0], -1))
+
+    class Step(nn.Module):
+      @nn.compact
+      def __call__(self, c, _):
+        return nn.relu(nn.Dense(8, name="fc")(c)), None
+
+    steps = nn.scan(Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+    return nn.Dense(4, name="head")(steps(name="blocks")(h, None)[0])
+
+
+@pytest.mark.parametrize("path,message", [
+    ("mid", "'mid' runs inside a lifted transform"),
+    ("blocks/fc", "'blocks/fc' runs inside a lifted transform"),
+    ("blocks", "'blocks' returns a tuple, not one array"),
+])
+def test_a_hint_inside_a_lifted_transform_is_one_line(path, message):
+  batch = _batches(1)[0]
+  student = Lifted()
+  svars = student.init(jax.random.key(0), batch.image)
+  teacher, tvars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
+  comp = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=2,
+                       teacher=teacher, distill=compose.DistillSpec(
+                           feature_weight=1.0, feature_pairs=((path, "fc1"),)))
+  with pytest.raises(ConfigError, match=rf"^distill.feature_pairs: {message}"):
+    comp.init_state(svars, batch.image, teacher_vars=tvars)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 from flax import nnx
+from flax.core.tracers import current_trace
 
 from jaxcompress.errors import ConfigError
 
@@ -101,12 +102,26 @@ def fold_hook(fold: dict[str, tuple[Any, Any]]) -> Hook:
 
 
 def capture_hook(store: dict[str, Any], paths: Sequence[str]) -> Hook:
-  """Records into ``store[path]`` the output of the first call of each module in ``paths``."""
+  """Records into ``store[path]`` the output of the first call of each module in ``paths``.
+
+  Raises:
+    ConfigError: for a module called inside a lifted transform (``nn.scan``, ``nn.remat``,
+      ``nn.vmap``, ``nnx.scan``), whose values cannot leave it, or one that returns no single
+      array.
+  """
   paths = set(paths)
+  outer = current_trace()
 
   def hook(call, run):
     out = run(call.x)
     if call.path in paths and call.path not in store:
+      if not hasattr(out, "shape"):
+        raise ConfigError(f"distill.feature_pairs: {call.path!r} returns a "
+                          f"{type(out).__name__}, not one array; pair a module that returns one")
+      if current_trace() != outer:
+        raise ConfigError(f"distill.feature_pairs: {call.path!r} runs inside a lifted transform "
+                          "(nn.scan, nn.remat, nn.vmap, nnx.scan), whose values cannot leave "
+                          "it; pair a module outside it")
       store[call.path] = out
     return out
 
