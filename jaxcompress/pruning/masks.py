@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -158,10 +158,18 @@ def channel_scores(scores: jax.Array, norm: str = "l1", axis: int = -1) -> jax.A
   entry scored ``-inf`` (pruned already, see :func:`~jaxcompress.pruning.prune`) scores ``-inf``.
   """
   scores = jnp.moveaxis(scores, axis, -1)
-  rows = scores.reshape(-1, scores.shape[-1])
-  pruned, rows = jnp.any(jnp.isneginf(rows), 0), jnp.where(jnp.isneginf(rows), 0, rows)
-  return jnp.where(pruned, -jnp.inf,
-                   jnp.sum(rows, 0) if norm == "l1" else jnp.sqrt(jnp.sum(rows * rows, 0)))
+  return _group_scores(scores.reshape(-1, scores.shape[-1]), 0, norm, jnp.sum)
+
+
+def _group_scores(scores: jax.Array, axes: Any, norm: str, reduce: Callable,
+                  **kwargs: Any) -> jax.Array:
+  """``reduce`` (``jnp.sum`` or ``jnp.mean``) over ``axes`` of the scores (``l1``) or of their
+  squares, then the root (``l2``); a group holding an entry scored ``-inf`` scores ``-inf``."""
+  pruned = jnp.isneginf(scores)
+  kept = jnp.where(pruned, 0, scores)
+  value = (reduce(kept, axes, **kwargs) if norm == "l1"
+           else jnp.sqrt(reduce(kept * kept, axes, **kwargs)))
+  return jnp.where(jnp.any(pruned, axes, **kwargs), -jnp.inf, value)
 
 
 def unstructured(scope: str = "layer") -> Masker:
@@ -204,11 +212,7 @@ def kernel_scores(scores: jax.Array, norm: str = "l1",
   window = tuple(range(scores.ndim - 2)) if window is None else tuple(window)
   if not window:
     return scores
-  pruned = jnp.any(jnp.isneginf(scores), window, keepdims=True)
-  scores = jnp.where(jnp.isneginf(scores), 0, scores)
-  return jnp.where(pruned, -jnp.inf,
-                   jnp.mean(scores, window, keepdims=True) if norm == "l1"
-                   else jnp.sqrt(jnp.mean(scores * scores, window, keepdims=True)))
+  return _group_scores(scores, window, norm, jnp.mean, keepdims=True)
 
 
 def kernels(scope: str = "layer", norm: str = "l1",
