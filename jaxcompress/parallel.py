@@ -14,6 +14,7 @@ written by one process (:func:`is_main_process`), others wait for it with :func:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import socket
@@ -225,17 +226,19 @@ def initialize_distributed(spec: DistributedSpec) -> None:
   job twice, does nothing). Where the coordinator's address and this process's id are given, the
   address is checked first, within ``spec.initialization_timeout``: process 0 must be able to
   serve it on its own host, the others must reach it. Cross-process collectives of CPU devices go
-  through gloo.
+  through gloo. JAX's preemption service stays off: it would take SIGTERM from the handler a job
+  installs (``experiments/cli.py``: stop, release the workdir, rerun to resume) and go on running.
 
   Raises:
     ConfigError: one line naming the field: the coordinator cannot be reached (or served) in time,
-      or JAX cannot detect or accept the settings.
+      JAX cannot detect or accept the settings, or the processes have different numbers of devices.
   """
   if not spec.distributed or jax.distributed.is_initialized():
     return
   if spec.coordinator_address and spec.process_id >= 0:
     _check_coordinator(spec.coordinator_address, spec.process_id, spec.initialization_timeout)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.config.update("jax_enable_preemption_service", False)
   try:
     jax.distributed.initialize(
         spec.coordinator_address or None,
@@ -248,6 +251,20 @@ def initialize_distributed(spec: DistributedSpec) -> None:
     raise ConfigError(f"parallel.{field}: jax.distributed.initialize failed ({text}); set "
                       "parallel.coordinator_address, parallel.num_processes and "
                       "parallel.process_id where JAX cannot detect them") from None
+  check_devices_per_process(jax.devices())
+
+
+def check_devices_per_process(devices) -> None:
+  """Every process holds as many of ``devices`` (all of the run's) as the others.
+
+  Each process builds its equal share of every global batch (:func:`local_rows`); every process
+  sees the same device list, so every one of them stops here.
+  """
+  counts = collections.Counter(d.process_index for d in devices)
+  if len(set(counts.values())) > 1:
+    each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+    raise ConfigError(f"parallel.distributed: the processes have different numbers of devices "
+                      f"({each}); give each the same (CUDA_VISIBLE_DEVICES, XLA_FLAGS)")
 
 
 def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
@@ -268,7 +285,8 @@ def _check_coordinator(address: str, process_id: int, timeout: float) -> None:
       except OSError as e:
         raise ConfigError(f"parallel.coordinator_address: process 0 starts the coordinator at "
                           f"{address} but cannot listen there ({e.strerror}); give an address "
-                          "of process 0's host with a free port") from None
+                          "of process 0's host with a free port (is another process 0 running "
+                          "there?)") from None
     return
   deadline = time.monotonic() + timeout
   while True:

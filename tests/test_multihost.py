@@ -2,7 +2,8 @@
 
 2 processes x 2 simulated CPU devices against 1 process x 4 devices: the same global batches (the
 example ids each process reads), the same losses, the same evaluation; the jobs as 2 processes give
-the results of 1; a coordinator that does not answer, or a process id out of range, is one line.
+the results of 1; a coordinator that does not answer, a process id out of range, or processes with
+different numbers of devices, is one line; SIGTERM reaches the job's handler after joining.
 """
 
 import json
@@ -333,3 +334,39 @@ def test_bad_multiprocess_settings_are_one_line_within_bounded_time(module, flag
   lines = [l for l in err.splitlines() if l.strip()]
   assert rc == 2 and lines[-1].startswith(message.format(port=port)), err[-2000:]
   assert "Traceback" not in err
+
+
+# Joins a 2-process run with a Python SIGTERM handler installed first (as experiments/cli.py does
+# to stop, release the workdir and resume on a rerun), then sends itself SIGTERM.
+SIGTERM_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, time
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from jaxcompress import parallel
+    parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(json.loads(sys.argv[1])))
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+    print("SIGTERM ignored")
+""")
+
+
+def test_sigterm_reaches_the_jobs_handler_in_a_multiprocess_run():
+  port = _free_port()
+  outs = _launch([([sys.executable, "-c", SIGTERM_SCRIPT, json.dumps(_parallel(2, port, pid))], 1)
+                  for pid in range(2)], timeout=120)
+  for rc, out, err in outs:
+    assert rc == 143 and "SIGTERM ignored" not in out, err[-2000:]
+
+
+def test_processes_with_different_device_counts_are_one_line():
+  port = _free_port()
+  commands = []
+  for pid, devices in ((0, 1), (1, 3)):
+    flags = [f"--config.parallel.{k}={v}" for k, v in _parallel(2, port, pid).items()]
+    commands.append(([sys.executable, "-m", "experiments.train", "--config=configs/train.py",
+                      "--workdir=/nonexistent/w", *flags], devices))
+  for rc, _, err in _launch(commands, timeout=120):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and lines[-1] == (
+        "error: parallel.distributed: the processes have different numbers of devices "
+        "(process 0: 1, process 1: 3); give each the same (CUDA_VISIBLE_DEVICES, XLA_FLAGS)"), err
+    assert "Traceback" not in err
