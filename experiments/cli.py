@@ -37,6 +37,8 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # TFDS and orbax warn of nothing a user must act on
+    if len(argv) > 1:  # a flag typed without its dashes would otherwise be ignored
+      fail(f"unexpected argument {argv[1]!r}; every setting is a flag: --name=value")
     if "config" in flags.FLAGS:
       try:
         flags.FLAGS["config"].value.keys()

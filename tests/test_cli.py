@@ -10,9 +10,9 @@ import pytest
 from conftest import REPO, pretrained, requires_cifar10
 
 
-def _run(*args, env=None):
+def _run(*args, env=None, timeout=600):
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, **(env or {})})
+                        timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("override,message", [
@@ -158,3 +158,10 @@ def test_sigterm_ends_as_ctrl_c_and_releases_the_workdir(tmp_path):
                                           "to resume")
   assert "Traceback" not in err
   assert not (workdir / "lock").exists()
+
+
+def test_an_argument_without_dashes_is_one_line():
+  proc = _run("experiments.bench", "variants=plain", timeout=120)  # ignored: every variant runs
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+  assert proc.stderr.splitlines()[-1] == ("error: unexpected argument 'variants=plain'; every "
+                                          "setting is a flag: --name=value")
