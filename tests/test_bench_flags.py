@@ -1,11 +1,13 @@
 """Bad flags of the benchmark jobs (bench, bench_export, export_check): one line naming the flag,
-before anything is built, compiled or loaded."""
+before anything is built, compiled or loaded; and what bench reports from its timed rounds."""
 
 import importlib
+import json
 import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -152,3 +154,42 @@ def test_bench_export_asks_for_the_model_of_an_artifact_that_names_none(tmp_path
   assert proc.stderr.splitlines()[-1] == (
       f"error: --exported={tmp_path / 'export'} names no model (it was exported without "
       "model_name): give it with --model=MODULE:FACTORY")
+
+
+# experiments.bench on fake variants with known per-round images/s and CPU seconds (after a
+# warm-up call), in a process of its own (its flags share names with the other jobs').
+FAKE_BENCH = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from absl import flags
+    from experiments import bench, bench_lib
+    from jaxcompress.data import Batch
+    per_round = {"plain": [(100.0, 1.0), (50.0, 2.0), (200.0, 0.5)],
+                 "kd": [(40.0, 3.0), (60.0, 2.0), (10.0, 4.0)]}
+    class Fake:
+      def __init__(self, name):
+        self.rounds = iter([(1.0, 0.0)] + per_round[name])
+      def run(self, batches, steps):
+        return next(self.rounds)
+    ids = np.zeros((1, 4), np.int32)
+    bench_lib.build_variants = lambda names, *_: ({n: Fake(n) for n in names},
+                                                  lambda b: np.zeros(1))
+    bench_lib.gpt_batches = lambda: [Batch(ids, ids, np.ones(1))]
+    bench.time_pipeline = lambda *a, **k: (1000.0, 0.0)
+    flags.FLAGS(sys.argv)
+    bench.main(sys.argv[:1])
+""")
+
+
+def test_bench_reports_medians_and_cpu_over_the_rounds_wall_time():
+  """images/s is the median round, the ratio the step-time ratio of the medians, CPU per wall
+  second the sum of the rounds' CPU seconds over the sum of their wall seconds."""
+  proc = subprocess.run([sys.executable, "-c", FAKE_BENCH, "--variants=plain,kd", "--rounds=3",
+                         "--steps=2", "--batch_size=8"], cwd=REPO, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["images_per_s"] == {"plain": 100.0, "kd": 40.0}
+  assert result["ratio_to_plain"] == {"plain": 1.0, "kd": 2.5}
+  # plain: 3.5 CPU s over 16/100 + 16/50 + 16/200 = 0.56 wall s; kd: 9 over 0.4 + 0.2667 + 1.6
+  assert result["cpu_per_wall_s"] == {"plain": 6.25, "kd": 3.97}
