@@ -92,8 +92,14 @@ def _open_source(name: str, split: str, root: str, field: str = "data.split"):
     return source
   except Exception as e:  # TFDS raises many types here; all mean "cannot read this split"
     check_prepared(name, root)
+    why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    try:
+      if sum(max(hi - lo, 0) for _, lo, hi in _parts(name, split, root)) == 0:
+        why = "it selects no examples"
+    except Exception:  # a split spec TFDS cannot parse: its own message says why
+      pass
     raise ConfigError(f"{field}: cannot read split {split!r} of {name!r} from {root!r} "
-                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                      f"({why})") from None
 
 
 class Split(Protocol):

@@ -215,9 +215,12 @@ def test_bad_batches_are_one_line():
 
 
 @requires_cifar10
-def test_a_slice_that_ends_before_it_starts_is_one_line():
-  with pytest.raises(ConfigError, match=r"^data.eval_split: cannot read split 'test\[6000:5000\]'"):
-    data.open_split("cifar10", "test[6000:5000]", field="data.eval_split")
+@pytest.mark.parametrize("split", ["test[6000:5000]", "test[5:5]", "train[:0]"])
+def test_a_slice_of_no_examples_is_one_line(split):
+  message = (rf"^data.eval_split: cannot read split '{re.escape(split)}' of 'cifar10' from '.*' "
+             r"\(it selects no examples\)$")
+  with pytest.raises(ConfigError, match=message):
+    data.open_split("cifar10", split, field="data.eval_split")
 
 
 @requires_cifar10
