@@ -541,10 +541,10 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     require_layers(layers)
     kernels = [p for p in layers.uncovered if p.rpartition("/")[2] in ("kernel", "embedding")]
     if kernels:  # a layer's weight by its name, in a module the library does not see called
-      warnings.warn(f"compression: {shortened(kernels, 4)} belong to no Conv, Dense/Linear, "
-                    "DenseGeneral/LinearGeneral, Einsum or Embed the forward calls (e.g. "
-                    "nn.OptimizedLSTMCell's gates, whose products the cell computes itself): "
-                    "they stay float and dense", stacklevel=2)
+      warnings.warn(f"compression: {shortened(kernels, 4)} belong to no Conv, ConvTranspose, "
+                    "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed the forward "
+                    "calls (e.g. nn.OptimizedLSTMCell's gates, whose products the cell computes "
+                    "itself): they stay float and dense", stacklevel=2)
   if prune.rules:
     rules = [tuple(r) for r in prune.rules]
   else:
@@ -569,8 +569,12 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       schedule = pruning.one_shot_schedule(prune.sparsity, begin)
     else:
       schedule = pruning.constant_schedule(prune.sparsity)
-    sel = pruning.select({"model": variables["params"]}, rules)  # rules matching nothing warn
-    picked = sel.pick(sel.leaves)  # none: select() has warned already
+    sel = pruning.select({"model": variables["params"]}, rules, warn_unused=False)
+    picked = sel.pick(sel.leaves)
+    if prune.rules and not picked:  # the user's rules (the defaults may leave a tiny model none)
+      raise invalid("prune.rules", tuple(tuple(r) for r in prune.rules), "rules that select at "
+                    f"least one weight to prune ({shortened(weights, 4)})")
+    pruning.select({"model": variables["params"]}, rules)  # warns of rules matching nothing
     masker = _masker(prune, layers)
     if prune.structure == "nm":  # a weight whose groups do not fit fails here, not in the step
       jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0), picked)

@@ -11,6 +11,7 @@ quant, artifact, serving) compared bit for bit.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import flax.linen as nn
@@ -558,19 +559,23 @@ def test_a_model_of_several_outputs_is_one_line_at_build(wrap):
     budget.find_plan(model, variables, held_out, size_bytes=10**6)
 
 
-def test_a_sparsity_that_prunes_nothing_warns():
+def test_pruning_that_prunes_nothing_warns_or_is_one_line():
   x = np.ones((2, 3), np.float32)
   model = LinenMLP()
   with pytest.warns(UserWarning, match="prunes no weight"):
     compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
                   total_steps=4, prune=compose.PruneSpec(sparsity=0.0001))
-  # Rules that select nothing get their own warning, not the one about rounding.
-  with pytest.warns(UserWarning) as caught:
+  # The user's rules that select nothing are one line naming them; one of several that matches
+  # nothing warns.
+  with pytest.raises(ConfigError, match=re.escape(
+      "prune.rules must be rules that select at least one weight to prune (Dense_0/bias, "
+      "Dense_0/kernel, Dense_1/bias, Dense_1/kernel, ...), got (('nothing', True),)")):
     compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
                   total_steps=4, prune=compose.PruneSpec(sparsity=0.5, rules=(("nothing", True),)))
-  messages = [str(w.message) for w in caught]
-  assert any("no leaf of the tree is selected" in m for m in messages), messages
-  assert not any("prunes no weight" in m for m in messages), messages
+  with pytest.warns(UserWarning, match="these rules matched no path: .*nothing"):
+    compose.build(model, model.init(jax.random.key(0), x), x, optimizer=optax.sgd(0.1),
+                  total_steps=4, prune=compose.PruneSpec(
+                      sparsity=0.5, rules=(("nothing", True), (".*kernel", True))))
 
 
 def test_a_model_that_does_not_fit_the_artifact_is_refused(tmp_path):
