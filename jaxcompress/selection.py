@@ -244,9 +244,9 @@ def check_nonempty(args: Any, field: str) -> None:
 def require_layers(layers: ModelLayers, field: str = "student.name") -> None:
   """Raises one line if the model has no layer to compress."""
   if not layers.layers:
-    raise ConfigError(f"{field}: the model has no layer to compress (no Conv, Dense/Linear, "
-                      "DenseGeneral/LinearGeneral, Einsum or Embed with a floating-point weight "
-                      "of rank >= 2)")
+    raise ConfigError(f"{field}: the model has no layer to compress (no Conv, ConvTranspose, "
+                      "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed with a "
+                      "floating-point weight of rank >= 2)")
 
 
 def table(layers: ModelLayers, decisions: dict[str, str] | None = None) -> str:
