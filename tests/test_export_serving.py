@@ -36,6 +36,7 @@ def test_serving_functions_run_without_jaxcompress_and_equal_the_artifact(tmp_pa
                                 "normalised_inside": True}
   assert signature["output"] == {"shape": ["batch", 10], "dtype": "float32"}
   assert signature["model"] == "mlp"
+  assert signature["usage"].endswith(".call(images)")
   assert sorted(os.listdir(tmp_path / "uint8")) == ["model.jaxexport", "signature.json"]
   assert sorted(os.listdir(tmp_path / "export")) == ["arrays.bin", "spec.json.gz"]  # kept apart
   float_sig = save_serving(str(tmp_path / "float"), loaded)
@@ -100,6 +101,7 @@ def test_the_signature_names_the_dtype_the_function_returns(tmp_path):
                            export.load(str(tmp_path / "export"), model))
   served = load_serving(str(tmp_path / "serving"))(x)
   assert signature["output"] == {"shape": ["batch", 4], "dtype": "bfloat16"}
+  assert signature["usage"].endswith(".call(inputs)")  # the model's own inputs, as exported
   assert jnp.dtype(served.dtype).name == "bfloat16"
 
 

@@ -87,7 +87,8 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
                "output": {"shape": ["batch", *logits.shape[1:]],
                           "dtype": jnp.dtype(logits.dtype).name},
                "platforms": list(platforms), "model": spec["model"],
-               "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call(images)"}
+               "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call("
+                        f"{'images' if mean is not None else 'inputs'})"}
   make_folder(out_dir)
   write_files({os.path.join(out_dir, SERVING_FILE): bytes(exported.serialize()),
                os.path.join(out_dir, SIGNATURE_FILE): json.dumps(signature, indent=1).encode()})
