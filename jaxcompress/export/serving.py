@@ -63,19 +63,23 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     raise ConfigError("save_serving: mean and std normalise one image input; this model takes "
                       f"{io.describe(spec['input'])}: give neither")
 
+  # The arrays are compiled in as constants; behind a barrier XLA computes with them as with the
+  # loaded model's arguments (it would otherwise fold a transposed embedding into another layout,
+  # and sum a tied head's products in another order).
+  opaque = lambda: jax.lax.optimization_barrier(arrays)
   if mean is not None:
     check_normalization(mean, std, io.single(spec["input"])[0][-1], field="save_serving")
     m = np.asarray(mean, np.float32) * 255
     s = np.asarray(std, np.float32) * 255
 
     def serve(images):
-      return apply_fn(arrays, (images.astype(jnp.float32) - m) / s)
+      return apply_fn(opaque(), (images.astype(jnp.float32) - m) / s)
 
     dtype = jnp.uint8
   else:
 
     def serve(inputs):
-      return apply_fn(arrays, inputs)
+      return apply_fn(opaque(), inputs)
 
     dtype = None  # the artifact's own
   (batch,) = jax.export.symbolic_shape("batch")
