@@ -228,9 +228,15 @@ class Compression:
       raise ConfigError(f"train step: the batch must be a jaxcompress.data.Batch(image, label, "
                         f"weight), got a {type(batch).__name__}")
     d = self.distill
-    logits, new_state, s_feats = self.student_apply(
-        params, model_state, batch.image, train=True, rng=rng,
-        capture=bool(d.feature_weight and self.teacher is not None))
+    try:
+      logits, new_state, s_feats = self.student_apply(
+          params, model_state, batch.image, train=True, rng=rng,
+          capture=bool(d.feature_weight and self.teacher is not None))
+    except flax.errors.FlaxError as e:  # inputs of another shape than the model was built for
+      first = re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0])  # flax's doc link
+      shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), batch.image)
+      raise ConfigError(f"train step: the model fails on batch.image of shape {shapes} "
+                        f"({first})") from None
     task = cross_entropy(logits, batch.label)
     w = batch.weight
     check_weight(w, batch.label)

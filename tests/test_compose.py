@@ -239,6 +239,10 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"the batch must be a jaxcompress.data.Batch\(image, "
                      r"label, weight\), got a tuple"):
     comp.make_train_step()(state, (batch.image, batch.label), svars)
+  with pytest.raises(ConfigError, match=r"^train step: the model fails on batch.image of shape "
+                     r"\(8, 5, 6, 3\) \(For parameter \"kernel\" in \"/fc1\", .* received has "
+                     r"shape \(108, \d+\)\.\)"):
+    comp.make_train_step()(state, batch._replace(image=batch.image[:, :5]), svars)
   with pytest.raises(ConfigError, match=r"quant.layer_bits\[0\] must be a regex that fully "
                      r"matches a layer path \(fc1, fc2, fc3\), got 'fc9'"):
     compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
