@@ -59,6 +59,11 @@ def decay_mask(params: dict) -> dict:
   return {k: jax.tree.map(lambda _: k == "model", v) for k, v in params.items()}
 
 
+def _first_line(e: Exception) -> str:
+  """The first line of a Flax error (or one of ours), without Flax's documentation link."""
+  return re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Compression:
   """The compressed student's forward, loss and optimizer.
@@ -215,7 +220,7 @@ class Compression:
                                      hook=capture_hook(feats, paths) if paths else None,
                                      hook_paths=paths)
     except (flax.errors.FlaxError, ConfigError) as e:  # another model's variables
-      first = re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0])  # flax's doc link
+      first = _first_line(e)
       if isinstance(e, ConfigError) and not first.startswith("variables: "):
         raise
       raise ConfigError(f"teacher_vars: the teacher does not take these variables "
@@ -233,10 +238,9 @@ class Compression:
           params, model_state, batch.image, train=True, rng=rng,
           capture=bool(d.feature_weight and self.teacher is not None))
     except flax.errors.FlaxError as e:  # inputs of another shape than the model was built for
-      first = re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0])  # flax's doc link
       shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), batch.image)
       raise ConfigError(f"train step: the model fails on batch.image of shape {shapes} "
-                        f"({first})") from None
+                        f"({_first_line(e)})") from None
     task = cross_entropy(logits, batch.label)
     w = batch.weight
     check_weight(w, batch.label)
