@@ -427,8 +427,8 @@ class Compression:
 
 
 def _example(sample_input: Any) -> Any:
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)),
-                      sample_input)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a)), sample_input)
 
 
 def _require_params(variables: Any, field: str) -> None:

@@ -158,7 +158,7 @@ def test_a_gradual_schedule_needs_two_steps():
     ("distill__alpha", 1.5, r"distill.alpha must be in \[0.0, 1.0\], got 1.5"),
     ("distill__feature_weight", -1.0, "distill.feature_weight must be >= 0"),
     ("distill__feature_weight", 1.0, r"distill.feature_pairs must be at least one .* with "
-     "distill.feature_weight > 0, got \(\); add pairs"),
+     r"distill.feature_weight > 0, got \(\); add pairs"),
     ("prune__sparsity_", 0.5, "prune field must be one of"),
     ("prune__rules", ("hidden", True), r"prune.rules\[0\] must be a \(regex, True/False\) pair, "
      "got 'hidden'"),

@@ -146,7 +146,7 @@ class LoadedModel:
         given = None
       if given == self.spec["input"]:
         raise
-      shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), np.result_type(a).name), x)
+      shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), np.asarray(a).dtype.name), x)
       raise ConfigError(f"exported model: its forward fails on inputs {shapes} "
                         f"({first_line(e)}); it "
                         f"was exported for a batch of {io.describe(self.spec['input'])}") from None

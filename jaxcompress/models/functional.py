@@ -205,7 +205,7 @@ def called_shape(call: Any, name: str) -> tuple[int, ...] | None:
   try:
     if isinstance(call.module, nn.Module):
       return tuple(jax.numpy.shape(call.module.variables["params"][name]))
-    return tuple(jax.numpy.shape(getattr(call.module, name).value))
+    return tuple(getattr(call.module, name).shape)
   except (AttributeError, KeyError, TypeError):
     return None
 
