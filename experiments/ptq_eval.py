@@ -96,22 +96,26 @@ def parse_scheme(text: str, field: str = "ptq.schemes") -> Scheme:
   return Scheme(text, int(w), act_bits, False, (calibration or "minmax") if act_bits else None)
 
 
-def quant_rules(scheme: Scheme, first_last_bits: int, per_channel: bool) -> list | None:
+def quant_rules(scheme: Scheme, first_last_bits: int, per_channel: bool,
+                inner: bool = True) -> list | None:
   """The :func:`~jaxcompress.quantization.quantize` rules of a scheme, ``None`` if all float.
 
   k-means kernels are not uniform-quantized (their layers get no rule of their own); only the
-  first and last layer's uniform kernels are, when ``first_last_bits`` is set.
+  first and last layer's uniform kernels are, when ``first_last_bits`` is set. ``inner``: the
+  model has layers between its first and last (without, no rule for them, which would match
+  nothing).
   """
   edge = first_last_bits or None
   act = scheme.act_bits
   edge_cfg = None if edge is None else dict(weight_bits=edge, act_bits=edge if act else None,
                                             per_channel=per_channel)
   weight = None if scheme.kmeans else scheme.weight_bits
-  middle = None if weight is None and act is None else dict(weight_bits=weight, act_bits=act,
-                                                            per_channel=per_channel)
+  middle = None if not inner or weight is None and act is None else dict(
+      weight_bits=weight, act_bits=act, per_channel=per_channel)
   if edge_cfg is None and middle is None:
     return None
-  return [(quantization.FIRST, edge_cfg), (quantization.LAST, edge_cfg), (".*", middle)]
+  edges = [(quantization.FIRST, edge_cfg), (quantization.LAST, edge_cfg)]
+  return edges + [(".*", middle)] if inner else edges
 
 
 def describe(scheme: Scheme | None, first_last_bits: int, per_channel: bool) -> str:
@@ -182,6 +186,7 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
   fm = functional(model)
   float_fn = lambda v, x: fm.apply(v, x)[0]
   quantizers, codebooks = {}, {}
+  inner = layer_paths(model, variables, sample)[1:-1] if schemes else []
 
   def row(scheme, evaluated, t0, reference=None):
     preds = np.asarray(evaluated["predictions"])
@@ -206,13 +211,12 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
     scheme_vars = variables
     if scheme.kmeans:
       if scheme.weight_bits not in codebooks:
-        middle = layer_paths(model, variables, sample)[1:-1]
         codebooks[scheme.weight_bits] = quantization.cluster_params(
-            variables["params"], [(re.escape(p) + "/kernel", scheme.weight_bits) for p in middle]
+            variables["params"], [(re.escape(p) + "/kernel", scheme.weight_bits) for p in inner]
             + [(".*", None)], iters=kmeans_iters)
       scheme_vars = {**variables, "params": quantization.decode_params(
           variables["params"], codebooks[scheme.weight_bits])}
-    rules = quant_rules(scheme, first_last_bits, per_channel)
+    rules = quant_rules(scheme, first_last_bits, per_channel, bool(inner))
     if rules is None:
       evaluated = evaluate(float_fn, scheme_vars, desc=scheme.name)
     else:
