@@ -177,6 +177,19 @@ def test_a_pruned_weight_stays_pruned_whatever_its_score(score, structure, grads
   assert np.all(np.asarray(params["k"])[np.asarray(pruned) == 0] == 0)
 
 
+def test_a_pruned_weight_stays_pruned_when_a_kept_one_reaches_zero():
+  # Magnitude: entry 1 (0) is pruned at the first refresh; that step's update moves entry 0 from
+  # 0.1 to exactly 0, a tie at |w| = 0 that its lower flat index would win and so free entry 1.
+  opt = prune(optax.sgd(1.0), constant_schedule(0.25))
+  params = {"k": jnp.asarray([[0.1, 0.0, 0.5, 0.6]])}
+  state = opt.init(params)
+  for g in ([[0.1, 0.3, 0.0, 0.0]], [[0.0, 0.3, 0.0, 0.0]], [[0.0, 0.3, 0.0, 0.0]]):
+    updates, state = opt.update({"k": jnp.asarray(g)}, state, params)
+    params = optax.apply_updates(params, updates)
+    np.testing.assert_array_equal(state.masks["k"], [[1, 0, 1, 1]])
+  np.testing.assert_array_equal(params["k"], np.float32([[0.0, 0.0, 0.5, 0.6]]))
+
+
 def test_straight_through_keeps_dense_weights():
   opt = prune(optax.sgd(0.05), constant_schedule(0.5), straight_through=True)
   ste_loss = lambda p, s: loss(apply_masks_ste(p, current_masks(s)))

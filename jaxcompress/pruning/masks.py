@@ -12,8 +12,9 @@ count.
 A *masker* turns the scores of the selected leaves into their masks:
 ``masker(paths, scores, sparsity) -> list of bool arrays``. :func:`unstructured`,
 :func:`kernels`, :func:`channels` and :func:`n_of_m` build one; the paths only serve error
-messages. Under a gradient score, :func:`~jaxcompress.pruning.prune` scores the entries it has
-pruned already ``-inf``: a masker of your own should rank them lowest, as these do.
+messages. Whatever the score, :func:`~jaxcompress.pruning.prune` scores the entries it has
+pruned already ``-inf`` (hard masking): a masker of your own should rank them lowest, as these
+do.
 
 References:
   Mishra, Latorre, Pool, Stosic, Stosic, Venkatesh, Yu, Micikevicius. Accelerating Sparse Deep

@@ -7,9 +7,9 @@ sparsity ``schedule(count)``, from the raw gradients it receives and the current
 * Hard masking (default): gradients are masked before ``inner``, and the emitted updates are
   ``u`` where kept and ``-params`` where pruned, so after every ``optax.apply_updates`` pruned
   weights are exactly ``0`` (``p + (-p) == 0`` in floating point). A pruned weight stays pruned:
-  under a score that reads gradients (``saliency``, ``movement``), which could rank it above a
-  kept weight (its frozen running sum; a tie at 0 with a kept weight of zero gradient), each
-  refresh scores it ``-inf``, and the maskers rank it, its channel or its kernel lowest.
+  whatever the score, which could rank it above a kept weight (a movement score's frozen running
+  sum; a tie at 0 with a kept weight of zero gradient, or one that training moved to exactly 0),
+  each refresh scores it ``-inf``, and the maskers rank it, its channel or its kernel lowest.
 * Straight-through (``straight_through=True``): the dense weights are kept and updated with the
   unmasked ``inner`` updates; the forward pass uses ``apply_masks_ste(params, current_masks(s))``.
 
@@ -126,8 +126,9 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
   if not isinstance(update_every, numbers.Integral) or update_every < 1:
     raise invalid("prune.update_every", update_every, "an integer >= 1")
 
-  # Gradient scores may rank a pruned weight (0) above a kept one; weight scores rank it lowest.
-  frozen = not straight_through and (score.needs_grads or score.accumulate)
+  # Any score may rank a pruned weight (0) above or level with a kept one: a gradient score
+  # above it, a magnitude tied with a kept weight that training moved to exactly 0.
+  frozen = not straight_through
 
   def init_fn(params):
     sel = select(params, rules)
