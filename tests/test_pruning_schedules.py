@@ -31,6 +31,15 @@ def test_polynomial_matches_the_formula(kwargs):
   assert float(schedule(600)) == pytest.approx(0.9 + (s_i - 0.9) * 0.5 ** power)
 
 
+def test_polynomial_past_the_steps_float32_holds():
+  # Past 2^24 a float32 step rounds to even: the ramp must count the steps apart in integers.
+  t0 = 2**24 + 1
+  schedule = jax.jit(polynomial_schedule(0.5, t0, t0 + 10))
+  for t in (t0, t0 + 2, t0 + 5, t0 + 9):
+    assert float(schedule(jnp.int32(t))) == pytest.approx(zhu_gupta(t, 0.5, t0, t0 + 10),
+                                                           rel=1e-6), t
+
+
 def test_polynomial_hand_values():
   schedule = polynomial_schedule(0.8, 0, 4)
   # t = 0..4: 0.8 * (1 - (1 - t/4)^3) = 0, 0.4625, 0.7, 0.7875, 0.8

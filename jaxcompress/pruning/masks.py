@@ -67,7 +67,8 @@ def check_sparsities(values: Sequence[float], field: str = "sparsities", *,
 
 
 def num_pruned(sparsity: Sparsity, n: int) -> int | jax.Array:
-  """``round(sparsity * n)``: exact in Python for Python numbers, float32 when traced."""
+  """``round(sparsity * n)``: exact in Python for Python numbers, float32 when traced (which may
+  miss it by one per ``2**24`` entries)."""
   if isinstance(sparsity, numbers.Real):
     return round(float(sparsity) * n)
   return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)

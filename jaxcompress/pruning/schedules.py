@@ -85,8 +85,9 @@ def polynomial_schedule(final_sparsity: float, begin_step: int, end_step: int, *
     raise invalid("schedule.power", power, "a number > 0", "Zhu & Gupta use 3")
 
   def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    progress = jnp.clip((step - begin_step) / (end_step - begin_step), 0.0, 1.0)
+    step = jnp.asarray(step)  # steps apart in integers: float32 holds steps exactly to 2^24
+    progress = jnp.clip((step - begin_step).astype(jnp.float32) / (end_step - begin_step),
+                        0.0, 1.0)
     s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
     return jnp.where(step < begin_step, 0.0, s).astype(jnp.float32)
 
