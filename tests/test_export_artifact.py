@@ -262,6 +262,14 @@ def test_batchnorms_without_scale_or_bias_fold_and_reload(tmp_path, use_scale, u
   bias = p.get("bias", 0.0) - st["mean"] * gain
   np.testing.assert_allclose(loaded.finalized.tensors["fold/norm_b"].kernel(),
                              np.stack([gain, bias]), rtol=1e-6, atol=1e-7)
+  # A plain apply on loaded.variables runs that BatchNorm as y * gain + bias, whatever it lacks.
+  lv = loaded.variables
+  y = RNG.standard_normal((5, 10)).astype(np.float32)
+  out = nn.BatchNorm(use_running_average=True, epsilon=EPS, use_scale=use_scale,
+                     use_bias=use_bias).apply({"params": lv["params"].get("norm_b", {}),
+                                               "batch_stats": lv["batch_stats"]["norm_b"]}, y)
+  np.testing.assert_allclose(out, y * gain + bias, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.apply(lv, X8), got, atol=0.05 * np.abs(got).max())
   want = np.asarray(model.apply(variables, X8))
   np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max())
 

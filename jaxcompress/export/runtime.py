@@ -7,7 +7,9 @@ Loading rebuilds two things from the stored tensors:
   exactly 0. A folded BatchNorm gets ``scale = gain`` (1 where the gain is in the weight scales
   before it), ``bias = folded bias``, ``mean = 0`` and ``var = 1 - eps``, so a plain
   ``module.apply(variables, x)`` computes (up to float rounding) the exported model without its
-  input quantization.
+  input quantization. A BatchNorm without a scale takes its gain in ``var = 1 / gain**2 - eps``
+  (its gain, ``1 / sqrt(var + eps)``, is positive); one without a bias takes the bias in
+  ``mean = -bias / gain``.
 - ``arrays``: the input of ``apply_fn(arrays, x)``, **the exported model**: ``variables`` plus the
   folded BatchNorms' ``(gain, bias)`` and each quantized layer's input ``(scale, zero_point)``.
   ``apply_fn`` runs the module through :mod:`jaxcompress.models.functional` with two hooks: each
@@ -66,8 +68,12 @@ def rebuild(fin: Finalized, expected: Mapping[str, tuple[tuple[int, ...], Any]])
     # [gain; bias], or [bias] when the gain went into the weight scales before it.
     gain, bias = rows if len(rows) == 2 else (np.ones_like(rows[0]), rows[0])
     fold[path] = (gain, bias)
-    for (collection, leaf), value in zip(FOLDED_LEAVES, (gain, bias, np.zeros_like(gain),
-                                                         np.full_like(gain, 1 - eps))):
+    mean, var = np.zeros_like(gain), np.full_like(gain, 1 - eps)
+    if f"params/{path}/scale" not in expected:
+      var = 1 / np.square(gain.astype(np.float64)) - eps
+    if f"params/{path}/bias" not in expected:  # a zero gain has a zero bias: no scale or shift
+      mean = -np.divide(bias, gain, out=np.zeros_like(bias), where=gain != 0)
+    for (collection, leaf), value in zip(FOLDED_LEAVES, (gain, bias, mean, var)):
       flat[f"{collection}/{path}/{leaf}"] = value
   for key, t in fin.tensors.items():
     if not key.startswith(f"{FOLD}/"):
