@@ -9,8 +9,10 @@ import os
 import re
 import signal
 import sys
+import traceback
 from typing import Callable
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -41,9 +43,13 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail(f"unexpected argument {argv[1]!r}; every setting is a flag: --name=value")
     if "config" in flags.FLAGS:
       try:
-        flags.FLAGS["config"].value.keys()
+        config = flags.FLAGS["config"].value
+        config.keys()
       except (OSError, ValueError) as e:  # config_flags loads the file lazily
         fail(f"--config={flags.FLAGS['config'].config_filename}: " + " ".join(str(e).split()))
+      if not isinstance(config, ml_collections.ConfigDict):
+        fail(f"--config={flags.FLAGS['config'].config_filename}: get_config() returns "
+             f"{type(config).__name__}, not an ml_collections.ConfigDict")
       seed = flags.FLAGS["config"].value.get("seed", 0)
       if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         fail(f"seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got {seed!r}")
@@ -109,6 +115,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if isinstance(e, (KeyError, AttributeError)) and unknown_field:
       text = _unknown_field(argv, *unknown_field.groups()) or text
     fail("bad flag: " + text)
+  except Exception as e:  # noqa: BLE001 (the config file's own code failed: a user's file)
+    given = [a[len("--config="):] for a in argv if a.startswith("--config=")]
+    path = given[-1] if given else flags.FLAGS["config"].default
+    fail(f"--config={path}: the config file fails: {_where(e, path.split(':')[0])}"
+         f"{type(e).__name__}: " + " ".join(str(e).split()))
+
+
+def _where(e: Exception, config_file: str) -> str:
+  """``line N: `` (``FILE, line N: `` outside the config file) of the innermost frame of ``e``
+  outside the installed packages, or nothing (a SyntaxError names its line itself)."""
+  frames = [f for f in traceback.extract_tb(e.__traceback__)
+            if "site-packages" not in f.filename and not f.filename.startswith("<")]
+  if isinstance(e, SyntaxError) or not frames:
+    return ""
+  same = os.path.abspath(frames[-1].filename) == os.path.abspath(config_file)
+  return f"{'' if same else frames[-1].filename + ', '}line {frames[-1].lineno}: "
 
 
 def _unknown_field(argv: list[str], name: str, hint: str) -> str | None:

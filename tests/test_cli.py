@@ -165,3 +165,19 @@ def test_an_argument_without_dashes_is_one_line():
   assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
   assert proc.stderr.splitlines()[-1] == ("error: unexpected argument 'variants=plain'; every "
                                           "setting is a flag: --name=value")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("hi\n", "the config file fails: line 1: NameError: name 'hi' is not defined"),
+    ("def get_config(:\n", "the config file fails: SyntaxError: "),
+    ("def get_config():\n  return 1 / 0\n",
+     "the config file fails: line 2: ZeroDivisionError: division by zero"),
+    ("def get_config():\n  return {'seed': 0}\n",
+     "get_config() returns dict, not an ml_collections.ConfigDict"),
+])
+def test_a_config_file_that_fails_is_one_line(tmp_path, text, message):
+  config = tmp_path / "mine.py"
+  config.write_text(text)
+  proc = _run("experiments.evaluate", f"--config={config}", timeout=120)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1].startswith(f"error: --config={config}: {message}")
