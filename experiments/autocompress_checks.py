@@ -84,6 +84,10 @@ def check_scan(config) -> None:
       raise invalid(f"scan.{field}", s[field], "a non-empty list of bit widths in [2, 8]")
   if s.batch_size < 1:
     raise invalid("scan.batch_size", s.batch_size, ">= 1")
+  for field, what in (("hessian_samples", "Hutchinson vectors per batch; 0 skips the proxy"),
+                      ("refine_rounds", "rounds of refinement; 0 plans from the scan alone")):
+    if s[field] < 0:
+      raise invalid(f"scan.{field}", s[field], ">= 0", what)
   if s.damage not in budget_lib.DAMAGES:
     raise invalid("scan.damage", s.damage, "one of " + ", ".join(budget_lib.DAMAGES))
   if not set(config.budget.weight_bits) <= set(s.weight_bits):

@@ -229,8 +229,8 @@ def iterative_search(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   check_sparsities(config.prune.sparsities, "prune.sparsities", increasing=True)
   _check_scope("prune.scope", config.prune.scope)
-  if config.prune.tolerance < 0:
-    raise invalid("prune.tolerance", config.prune.tolerance, ">= 0 (accuracy points)")
+  if not 0 <= config.prune.tolerance < float("inf"):  # a NaN fails every round
+    raise invalid("prune.tolerance", config.prune.tolerance, "a number >= 0 (accuracy points)")
   if config.prune.val_split:
     if config.data.val_examples:
       raise invalid("data.val_examples", config.data.val_examples,

@@ -326,9 +326,11 @@ def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget,
 @pytest.mark.parametrize("section,field,value,match", [
     ("scan", "damage", "mse", "scan.damage.*kl"),
     ("export", "enabled", False, "^export.enabled must be True in the budget job"),
+    ("scan", "hessian_samples", -1, r"^scan.hessian_samples must be >= 0, got -1; "),
+    ("scan", "refine_rounds", -1, r"^scan.refine_rounds must be >= 0, got -1; "),
 ])
-def test_unknown_damage_or_no_export_is_one_line_and_writes_nothing(mlp_weights, tmp_path,
-                                                                    section, field, value, match):
+def test_bad_scan_or_export_field_is_one_line_and_writes_nothing(mlp_weights, tmp_path,
+                                                                section, field, value, match):
   config = _config(mlp_weights, ratio=4.0)
   config[section][field] = value
   with pytest.raises(ConfigError, match=match):

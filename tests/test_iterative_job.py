@@ -36,6 +36,8 @@ def _tiny(**overrides):
     ({"data.val_examples": 60000},
      r"^data.val_examples must be in \[0, 64\) for mnist/train, got 60000$"),
     ({"train.epochs": 0.01}, r"^train.epochs must be at least one step per round"),
+    ({"prune.tolerance": float("nan")}, r"^prune.tolerance must be a number >= 0 \(accuracy "
+                                        r"points\), got nan$"),
     ({"data.batch_size": 100}, r"^data.batch_size must be at most the 48 training examples"),
     ({"train.compute_dtype": "float16"}, r"^train.compute_dtype must be one of bfloat16, "
                                          r"float32, got 'float16'"),

@@ -215,7 +215,7 @@ def test_iterative_validates_on_the_named_split(tmp_path):
 @pytest.mark.parametrize("data,prune,message", [
     ({}, dict(scope="regional"), "prune.scope must be one of global, layer, got 'regional'"),
     ({}, dict(sparsities=(0.5, 1.0)), r"prune.sparsities\[1\] must be in \[0.0, 1.0\), got 1.0"),
-    ({}, dict(tolerance=-1.0), "prune.tolerance must be >= 0"),
+    ({}, dict(tolerance=-1.0), "prune.tolerance must be a number >= 0"),
     ({}, dict(val_split="test[:32]"), "data.val_examples must be 0 when prune.val_split"),
     (dict(val_examples=0), dict(val_split="test"), "prune.val_split must be a split disjoint "
                                                    "from data.eval_split='test'"),
