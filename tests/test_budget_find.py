@@ -118,6 +118,8 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
      r"smallest plan takes [\d,]+ bytes \(10 of them overhead\), got 50"),
     (dict(size_bytes=1000, device="gpu-sparse"), r"sensitivity: scanned other layers or options "
      r"than device='gpu-sparse' and these grids offer"),
+    (dict(size_bytes=1000, device="mcu", per_channel=False), r"^per_channel must be True for "
+     r"device='mcu', which quantizes weights per output channel, got False$"),
 ])
 def test_bad_budgets_are_one_line_errors(setup, scanned, kwargs, match):
   model, variables, held_out = setup
@@ -139,6 +141,10 @@ def test_numpy_numbers_are_budgets_and_an_empty_held_out_slice_is_one_line(setup
                        r"of weight > 0"):
       budget.find_plan(model, variables, batches, size_bytes=10**6, sparsities=SPARSITIES,
                        weight_bits=BITS)
+  with pytest.raises(ConfigError, match=r"^sensitivity: the held-out batches must be "
+                     r"jaxcompress.data.Batch \(image, label, weight\), got a ndarray$"):
+    budget.find_plan(model, variables, [b.image for b in held_out], size_bytes=10**6,
+                     sparsities=SPARSITIES, weight_bits=BITS)
 
 
 def test_labels_of_another_shape_than_the_outputs_are_one_line(setup):

@@ -84,6 +84,9 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   kind = "size" if field == "size_bytes" else "bops"
   check_positive(field, limit)
   preset = get_preset(device, "device")
+  if preset.per_channel and not per_channel:
+    raise invalid("per_channel", per_channel, f"True for device={device!r}, which quantizes "
+                  "weights per output channel")
   if kind not in preset.budgets:
     raise invalid(field, limit, f"not given for device={device!r}, which takes a "
                   f"{' or '.join(preset.budgets)} budget")
@@ -110,7 +113,7 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
              for l in traced.layers}
   sens = sensitivity or scan(model, variables, held_out, options,
                              calibration=calibration or [sample], structure=preset.structure,
-                             per_channel=per_channel or preset.per_channel, damage=damage,
+                             per_channel=per_channel, damage=damage,
                              adapt_norms=adapt_norms)
   if {p: list(o) for p, o in zip(sens.paths, sens.options)} != options:
     raise ConfigError(f"sensitivity: scanned other layers or options than device={device!r} "

@@ -72,20 +72,21 @@ class Preset:
       reduce_axes: the axes the layer's product sums over (``Layer.reduce_axes``), where 2:4
         groups run; empty: axis ``-2``.
       float_inputs: the layer's inputs are never quantized (an ``Embed``: token ids to look up,
-        or the float features its ``attend`` head multiplies): under a BOPs budget its one
-        option has ``act_bits=0``, costed at 32 bits.
+        or the float features its ``attend`` head multiplies): its options have
+        ``act_bits=0``, costed at 32 bits, and it stays dense under 2:4 (a lookup sums over
+        nothing; ``attend`` sums over the features, not the axis the table's groups run along).
     """
     sp = tuple(sorted({0.0, *(self.sparsities if self.sparsities is not None else sparsities)}))
     reduced = (math.prod(shape[a] for a in reduce_axes) if reduce_axes
                else shape[-2] if len(shape) >= 2 else 0)
-    if self.structure == "nm" and (len(shape) < 2 or reduced % 4):
+    if self.structure == "nm" and (float_inputs or len(shape) < 2 or reduced % 4):
       sp = (0.0,)
     if self.structure == "channel" and last:
       sp = (0.0,)
     wb = self.weight_bits if self.weight_bits is not None else tuple(weight_bits)
     ab = self.act_bits if self.act_bits is not None else (
         tuple(act_bits) if kind == "bops" else (8,))
-    if float_inputs and kind == "bops":
+    if float_inputs:
       ab = (0,)
     return [Option(float(s), int(w), int(a)) for s in sp for w in sorted(wb) for a in sorted(ab)]
 
@@ -93,10 +94,16 @@ class Preset:
                     weight_bits: Sequence[int], act_bits: Sequence[int],
                     kind: str = "size") -> list[Option]:
     """:meth:`options` of a traced :class:`~jaxcompress.selection.Layer`: its weight shape,
-    reduction axes, and float inputs for an ``Embed``."""
-    return self.options(shape=layer.shape, last=last, sparsities=sparsities,
-                        weight_bits=weight_bits, act_bits=act_bits, kind=kind,
-                        reduce_axes=layer.reduce_axes, float_inputs=layer.kind == "embed")
+    reduction axes, and float inputs for an ``Embed``. Unstructured sparsities that would prune
+    every weight of the layer (of each step of one stacked by ``nn.scan``: ``round(s * n) = n``)
+    are left out: a layer without weights cuts the network."""
+    options = self.options(shape=layer.shape, last=last, sparsities=sparsities,
+                           weight_bits=weight_bits, act_bits=act_bits, kind=kind,
+                           reduce_axes=layer.reduce_axes, float_inputs=layer.kind == "embed")
+    n = math.prod(layer.shape[layer.stacked:])
+    if self.structure == "unstructured":
+      options = [o for o in options if round(o.sparsity * n) < n]
+    return options
 
   def allows(self, option: Option, *, shape: Sequence[int], last: bool,
              sparsities: Sequence[float], weight_bits: Sequence[int],

@@ -169,6 +169,11 @@ def check_held_out_batches(batches: Sequence[Any]) -> None:
   if not batches:
     raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
                       "examples")
+  fields = ("image", "label", "weight")
+  bad = [b for b in batches if not all(hasattr(b, f) for f in fields)]
+  if bad:
+    raise ConfigError(f"sensitivity: the held-out batches must be jaxcompress.data.Batch "
+                      f"(image, label, weight), got a {type(bad[0]).__name__}")
   weights = [np.asarray(b.weight) for b in batches]
   if not all(w.size for w in weights) or not sum(float(np.sum(w)) for w in weights) > 0:
     raise ConfigError("sensitivity: the held-out batches hold no example of weight > 0 (an "
