@@ -133,7 +133,8 @@ def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length:
 
   The model sees the last ``context`` characters, right-padded to ``context`` (a causal model's
   output at the last real position does not depend on the padding), so one compiled forward
-  serves every step.
+  serves every step. An empty prompt starts from the vocabulary's first character, which is not
+  returned.
   """
   check_temperature(temperature)
 
@@ -142,14 +143,15 @@ def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length:
     logits = logits_fn(v, window)[0, pos]
     return jax.random.categorical(key, logits.astype(np.float32) / temperature)
 
-  ids = list(vocab.encode(prompt, what="sample.prompt")) or [0]
+  given = list(vocab.encode(prompt, what="sample.prompt"))
+  ids = given or [0]
   key = jax.random.key(seed)
   for i in range(length):
     window = ids[-context:]
     x = np.zeros((1, context), np.int32)
     x[0, :len(window)] = window
     ids.append(int(draw(variables, x, len(window) - 1, jax.random.fold_in(key, i))))
-  return vocab.decode(ids)
+  return vocab.decode(ids if given else ids[1:])
 
 
 def run_record(config, corpus: text.Corpus) -> dict:

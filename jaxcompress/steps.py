@@ -214,8 +214,9 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
 
   Returns:
     ``{'accuracy': percent, 'loss': mean cross-entropy, 'examples': n, 'precision': [...],
-    'recall': [...]}`` over the examples with non-zero weight, plus ``'predictions'`` (a list of
-    class ids, in example order) when ``predictions`` is set.
+    'recall': [...]}`` over the examples with non-zero weight, each counted once (here a weight
+    marks padding; it does not scale an example as the train step's loss does), plus
+    ``'predictions'`` (a list of class ids, in example order) when ``predictions`` is set.
   """
   labels, preds, losses = [], [], []
   for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,

@@ -116,11 +116,12 @@ class Vocabulary:
     return np.fromiter((table[c] for c in text), np.int32, len(text))
 
   def decode(self, ids) -> str:
-    """The text of ids in ``[0, size)``; any other id (a padding label of -1) is refused."""
+    """The text of integer ids in ``[0, size)``; any other id (a padding label of -1, 1.5) is
+    refused."""
     ids = np.asarray(ids).reshape(-1)
-    bad = ids[(ids < 0) | (ids >= self.size)]
+    bad = ids[(ids < 0) | (ids >= self.size) | (ids != np.floor(ids))]
     if bad.size:
-      raise invalid("ids", int(bad[0]), f"in [0, {self.size}), ids of this vocabulary",
+      raise invalid("ids", bad[0].item(), f"integers in [0, {self.size}), ids of this vocabulary",
                     "drop padding positions before decoding")
     return "".join(self.chars[int(i)] for i in ids)
 

@@ -108,9 +108,10 @@ def test_helpers_refuse_what_they_cannot_cut_in_one_line():
     with pytest.raises(ConfigError, match=r"^data.batch_size must be >= 1, got 0$"):
       call()
   vocab = text.Vocabulary("abc")
-  for bad in (-1, 3):
-    with pytest.raises(ConfigError, match=rf"^ids must be in \[0, 3\), .* got {bad}"):
+  for bad in (-1, 3, 1.5):
+    with pytest.raises(ConfigError, match=rf"^ids must be integers in \[0, 3\), .* got {bad}"):
       vocab.decode([0, bad])
+  assert vocab.decode(np.float32([2.0, 0.0])) == "ca"
 
 
 def test_text_path_prefers_config_then_environment(monkeypatch):

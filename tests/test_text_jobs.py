@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import REPO
+from experiments import lm_lib
 from experiments.lm_pipeline import calibration_windows
+from jaxcompress import text
 from jaxcompress.errors import ConfigError
 
 WORDS = ("the", "king", "shall", "love", "not", "my", "lord", "and", "thou", "art")
@@ -320,3 +323,12 @@ def test_default_text_configs_pass_validation():
     lm_train_job.validate_config(shakespeare.get_config(variant))
   for variant in (None, "quick"):
     lm_pipeline.validate_config(shakespeare_distill.get_config(variant))
+
+
+def test_sample_is_the_prompt_and_length_characters():
+  vocab = text.Vocabulary("abc")
+  always_c = lambda v, x: jnp.broadcast_to(jnp.float32([0, 0, 50]), x.shape + (3,))
+  for prompt in ("", "ab"):
+    got = lm_lib.sample(always_c, None, vocab, prompt=prompt, length=5, context=4, seed=0,
+                        temperature=1.0)
+    assert got == prompt + "ccccc"
