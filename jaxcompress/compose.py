@@ -358,6 +358,7 @@ class Compression:
                       f"batch axis (build's sample: {one[0]})")
       signature = dict(input_shape=shape, input_dtype=input_dtype or one[1])
     variables = self.variables(state)
+    self._warn_undeclared_dtypes(variables["params"])
     model_state = jax.device_get(state.model_state)
     codebooks = {path: quantization.stepwise(quantization.assign, jnp.ndim(book) - 1)(
         tree_get(variables["params"], path), book)
@@ -374,6 +375,21 @@ class Compression:
                                reduce_axes=self.layers.reduce_axes(),
                                window_axes=self.layers.window_axes(),
                                scale_dtype="float16" if self.half_scales else "float32")
+
+  def _warn_undeclared_dtypes(self, params) -> None:
+    """Warns when ``params`` are not of the dtypes the student declares: ``export.load`` rebuilds
+    the weights in the declared ones, which round the dequantized values differently."""
+    declared = flat_paths(jax.eval_shape(
+        lambda x: self.student.init(jax.random.key(0), x), self.example)["params"])
+    for path, value in flat_paths(params).items():
+      want = declared.get(path)
+      if want is not None and np.dtype(want.dtype) != np.dtype(value.dtype):
+        warnings.warn(f"export: params {path!r} are {np.dtype(value.dtype).name} where "
+                      f"{self.student.name} declares {np.dtype(want.dtype).name}; export.load "
+                      "rebuilds them as declared, so its outputs may differ from the fake-quant "
+                      "model's in the last bits: declare that dtype in the module (param_dtype) "
+                      "instead of casting the variables", stacklevel=3)
+        return
 
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),

@@ -2,6 +2,8 @@
 loss falls, it stays close to float32 training, and state, ranges and exported codes stay
 float32."""
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,31 @@ def test_an_unknown_compute_dtype_is_one_line():
     supervised_loss(_ConvNet(), "float16")
   with pytest.raises(ConfigError, match="train.compute_dtype"):
     _compose("half")
+
+
+class _MLP(nn.Module):
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    dense = lambda n: nn.Dense(n, param_dtype=self.param_dtype)
+    return dense(4)(nn.relu(dense(8)(nn.relu(dense(8)(x)))))
+
+
+def test_exporting_variables_cast_away_from_the_declared_dtype_warns(tmp_path):
+  x = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32)
+  for model, cast, warns in ((_MLP(), True, True), (_MLP(jnp.bfloat16), False, False)):
+    variables = model.init(jax.random.key(0), x)
+    if cast:
+      variables = jax.tree.map(lambda a: a.astype(jnp.bfloat16), variables)
+    comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=1,
+                         quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+    state = comp.init_state(variables, x, calibration=[x])
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      comp.export(str(tmp_path / str(cast)), state)
+    said = [str(w.message) for w in caught if str(w.message).startswith("export: params")]
+    assert said == (["export: params 'Dense_0/bias' are bfloat16 where _MLP declares "
+                     "float32; export.load rebuilds them as declared, so its outputs may differ "
+                     "from the fake-quant model's in the last bits: declare that dtype in the "
+                     "module (param_dtype) instead of casting the variables"] if warns else [])
