@@ -85,9 +85,10 @@ def results_table(results: dict) -> str:
     if not r:
       continue
     size = r.get("size_bytes")
-    ratio = r.get("compression_ratio") or 1.0
+    ratio = r.get("compression_ratio") or (1.0 if key == "original" else None)
     rows.append((label, f"{r['accuracy']:.2f}", "-" if size is None else f"{size:,}",
-                 f"{ratio:.1f}x", f"{r['bops']:,}" if r.get("bops") else "-"))
+                 "-" if ratio is None else f"{ratio:.1f}x",
+                 f"{r['bops']:,}" if r.get("bops") else "-"))
   return tables.markdown_table(("model", "accuracy %", "bytes on disk", "ratio", "BOPs"), rows,
                                align="lrrrr")
 

@@ -3,6 +3,7 @@ temporary name and renamed (a crash never leaves half a file)."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Sequence
 
@@ -34,7 +35,8 @@ def _rows(results: dict) -> list[tuple[str, str, dict]]:
 
 def _ratio(r: float) -> str:
   """``16.8x``; two significant digits below 1 (a teacher many times the student: ``0.034x``)."""
-  return f"{r:.1f}x" if r >= 0.95 else f"{r:.2g}x"
+  one = f"{r:.1f}"  # decided on the rounded text: 0.95 is 0.9499... in binary
+  return f"{one}x" if float(one) >= 1.0 else f"{r:.2g}x"
 
 
 def markdown_table(results: dict) -> str:
@@ -155,7 +157,7 @@ def plot_accuracy_vs_size(results: dict, path: str) -> None:
             color="0.4", transform=ax.transAxes)
   if points:
     xs = [x for x, _ in points.values()]
-    ys = [y for _, y in points.values()]
+    ys = [y for _, y in points.values() if math.isfinite(y)] or [0.0]
     ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
     pad = max(1.0, 0.15 * (max(ys) - min(ys)))
     ax.set_ylim(min(ys) - pad, max(ys) + pad)

@@ -3,7 +3,7 @@
 import os
 
 from configs import cifar_distill
-from experiments import report
+from experiments import autocompress_report, report
 from jaxcompress.datasets import dataset_spec
 
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -111,3 +111,19 @@ def test_short_runs_capped_exports_and_per_layer_bits_read_right(tmp_path):
   assert "epochs in 2.3 s of training" in text  # not "0.0 min"
   assert "weights 4/8-bit by layer (quant.layer_bits)" in text
   assert "the export zeroed 293 more of the smallest kept weights" in text
+
+
+def test_ratios_are_rounded_once_and_in_order():
+  got = [report._ratio(r) for r in (0.034, 0.949, 0.95, 0.951, 1.0, 16.84)]
+  assert got == ["0.034x", "0.95x", "0.95x", "1.0x", "1.0x", "16.8x"]
+
+
+def test_a_model_without_a_finite_accuracy_or_a_size_still_reports(tmp_path):
+  results = {"teacher": {"model": "t", "accuracy": float("nan"), "size_bytes": 4000},
+             "original": {"model": "o", "accuracy": 91.0, "size_bytes": 1000}}
+  report.plot_accuracy_vs_size(results, str(tmp_path / "plot.png"))
+  assert (tmp_path / "plot.png").stat().st_size > 0
+  table = autocompress_report.results_table(
+      {"original": {"accuracy": 91.0, "size_bytes": 1000, "compression_ratio": None},
+       "compressed": {"accuracy": 90.0, "size_bytes": None, "compression_ratio": None}})
+  assert [line.split("|")[4].strip() for line in table.splitlines()[2:]] == ["1.0x", "-"]
