@@ -50,7 +50,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       if not isinstance(config, ml_collections.ConfigDict):
         fail(f"--config={flags.FLAGS['config'].config_filename}: get_config() returns "
              f"{type(config).__name__}, not an ml_collections.ConfigDict")
-      seed = flags.FLAGS["config"].value.get("seed", 0)
+      seed = config.get("seed", 0)
       if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         fail(f"seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got {seed!r}")
     workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None

@@ -24,6 +24,7 @@ import math
 from typing import Any, NamedTuple, Sequence
 
 from jaxcompress.errors import unknown
+from jaxcompress.pruning.masks import num_pruned
 
 
 class Option(NamedTuple):
@@ -100,9 +101,9 @@ class Preset:
     options = self.options(shape=layer.shape, last=last, sparsities=sparsities,
                            weight_bits=weight_bits, act_bits=act_bits, kind=kind,
                            reduce_axes=layer.reduce_axes, float_inputs=layer.kind == "embed")
-    n = math.prod(layer.shape[layer.stacked:])
     if self.structure == "unstructured":
-      options = [o for o in options if round(o.sparsity * n) < n]
+      n = math.prod(layer.shape[layer.stacked:])
+      options = [o for o in options if num_pruned(o.sparsity, n) < n]
     return options
 
   def allows(self, option: Option, *, shape: Sequence[int], last: bool,
