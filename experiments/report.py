@@ -85,29 +85,41 @@ def per_class_table(results: dict, label_names: Sequence[str] | None = None) -> 
                                align="l" + "r" * len(rows))
 
 
+def _series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list, list]:
+  """Epochs and values of ``key`` over the records that have both (a resumed run may add keys)."""
+  have = [m for m in records if key in m and "epoch" in m]
+  return [m["epoch"] for m in have], [scale * m[key] for m in have]
+
+
 def plot_curves(metrics: list[dict], path: str) -> None:
-  """Training curves: loss terms, train accuracy and sparsity against epochs."""
+  """Training curves: loss terms, train accuracy and sparsity against epochs.
+
+  Each curve is drawn over the records that hold its key, so a log whose records differ in keys
+  (a run resumed with another recipe) still plots.
+  """
   train = [m for m in metrics if "loss" in m]
   if not train:
     return
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-  epochs = [m["epoch"] for m in train]
   for key in ("loss", "task_loss", "kd_loss", "feature_loss"):
-    if key in train[0]:
-      axes[0].plot(epochs, [m[key] for m in train], label=key)
+    epochs, values = _series(train, key)
+    if values:
+      axes[0].plot(epochs, values, label=key)
   axes[0].set(xlabel="epoch", ylabel="loss", title="losses")
   axes[0].legend()
-  axes[1].plot(epochs, [100 * m["accuracy"] for m in train], label="train batch accuracy")
-  if "teacher_agreement" in train[0]:
-    axes[1].plot(epochs, [100 * m["teacher_agreement"] for m in train], label="agrees w/ teacher")
-  evals = [m for m in metrics if "eval_accuracy" in m]
-  if evals:
-    axes[1].plot([m["epoch"] for m in evals if "epoch" in m],
-                 [m["eval_accuracy"] for m in evals if "epoch" in m], "o-", label="test accuracy")
+  for key, label in (("accuracy", "train batch accuracy"),
+                     ("teacher_agreement", "agrees w/ teacher")):
+    epochs, values = _series(train, key, 100)
+    if values:
+      axes[1].plot(epochs, values, label=label)
+  epochs, values = _series(metrics, "eval_accuracy")
+  if values:
+    axes[1].plot(epochs, values, "o-", label="test accuracy")
   axes[1].set(xlabel="epoch", ylabel="%", title="accuracy")
   axes[1].legend()
-  if "sparsity" in train[0]:
-    axes[2].plot(epochs, [m["sparsity"] for m in train])
+  epochs, values = _series(train, "sparsity")
+  if values:
+    axes[2].plot(epochs, values)
   axes[2].set(xlabel="epoch", ylabel="fraction of pruned weights", title="sparsity")
   fig.tight_layout()
   _save(fig, path, dpi=100)

@@ -127,3 +127,19 @@ def test_a_model_without_a_finite_accuracy_or_a_size_still_reports(tmp_path):
       {"original": {"accuracy": 91.0, "size_bytes": 1000, "compression_ratio": None},
        "compressed": {"accuracy": 90.0, "size_bytes": None, "compression_ratio": None}})
   assert [line.split("|")[4].strip() for line in table.splitlines()[2:]] == ["1.0x", "-"]
+
+
+def test_training_curves_follow_each_key_over_the_records_that_have_it(tmp_path, monkeypatch):
+  figures = []
+  monkeypatch.setattr(report, "_save", lambda fig, path, **kw: figures.append(fig))
+  metrics = [{"epoch": 1, "loss": 2.0, "kd_loss": 1.5, "accuracy": 0.4, "teacher_agreement": 0.5},
+             {"epoch": 2, "eval_accuracy": 70.0},
+             {"epoch": 3, "loss": 1.0, "accuracy": 0.6, "sparsity": 0.5}]  # resumed without KD
+  report.plot_curves(metrics, str(tmp_path / "curves.png"))
+  losses, accuracy, sparsity = figures[0].axes
+  lines = {ax_line.get_label(): (list(ax_line.get_xdata()), list(ax_line.get_ydata()))
+           for ax in (losses, accuracy) for ax_line in ax.get_lines()}
+  assert lines == {"loss": ([1, 3], [2.0, 1.0]), "kd_loss": ([1], [1.5]),
+                   "train batch accuracy": ([1, 3], [40.0, 60.0]),
+                   "agrees w/ teacher": ([1], [50.0]), "test accuracy": ([2], [70.0])}
+  assert [list(line.get_ydata()) for line in sparsity.get_lines()] == [[0.5]]
