@@ -195,6 +195,12 @@ class DistributedSpec:
       raise invalid("parallel.process_id", self.process_id,
                     f"in [0, {self.num_processes}) (parallel.num_processes is "
                     f"{self.num_processes}), or -1 to detect it")
+    if not self.distributed:  # each process would run alone, all writing the same workdir
+      for name, value, alone in (("num_processes", self.num_processes, 1),
+                                 ("process_id", self.process_id, 0)):
+        if value > alone:
+          raise invalid(f"parallel.{name}", value, f"-1 or {alone} while parallel.distributed is "
+                        "False", "set parallel.distributed=True to join a multi-process run")
     if self.initialization_timeout <= 0:
       raise invalid("parallel.initialization_timeout", self.initialization_timeout, "> 0 seconds")
     if self.coordinator_address:

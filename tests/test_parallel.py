@@ -104,6 +104,15 @@ def test_distributed_spec_names_the_bad_field(fields, match):
     parallel.DistributedSpec(distributed=True, **fields)
 
 
+@pytest.mark.parametrize("fields,alone", [(dict(num_processes=2), 1), (dict(process_id=1), 0)])
+def test_a_multi_process_field_without_distributed_is_refused(fields, alone):
+  (name, value), = fields.items()
+  with pytest.raises(ConfigError, match=rf"parallel.{name} must be -1 or {alone} while "
+                     rf"parallel.distributed is False, got {value}; set parallel.distributed=True"):
+    parallel.DistributedSpec(**fields)
+  parallel.DistributedSpec(num_processes=1, process_id=0)  # one process, said outright
+
+
 def test_distributed_spec_reads_the_parallel_section():
   from configs import common
   spec = parallel.DistributedSpec.from_mapping(common.parallel_config())
