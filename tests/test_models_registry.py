@@ -160,6 +160,9 @@ def test_register_adds_a_name_and_refuses_a_taken_one(user_module, clean_registr
     register("resnet20", mod.linen_net)
   with pytest.raises(ConfigError, match="without ':'"):
     register("a:b", mod.linen_net)
+  for blank in (" ", "my net", "net\n"):
+    with pytest.raises(ConfigError, match="without ':' or whitespace"):
+      register(blank, mod.linen_net)
 
 
 @pytest.mark.parametrize("field", ["student", "teacher", "model"])

@@ -452,6 +452,19 @@ def variables_of(module: nnx.Module) -> dict:
   return out
 
 
+def set_variables(module: nnx.Module, variables: dict) -> None:
+  """Writes a variables dict (string keys, as :func:`variables_of` gives) into an NNX module."""
+  for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+    if collection in variables:
+      state = nnx.state(module, kind)
+      replace = getattr(nnx, "replace_by_pure_dict", None)
+      if replace is not None:
+        replace(state, variables[collection])
+      else:  # older flax
+        state.replace_by_pure_dict(variables[collection])
+      nnx.update(module, state)
+
+
 def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
   """Wraps a Flax Linen or NNX module (see the module docstring).
 

@@ -32,7 +32,7 @@ from flax import nnx
 
 from jaxcompress.errors import ConfigError, first_line, invalid
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
-from jaxcompress.models.functional import functional, variables_of
+from jaxcompress.models.functional import functional, set_variables, variables_of
 from jaxcompress.models.gpt import CharGPT
 from jaxcompress.models.lstm import CharLSTM
 from jaxcompress.models.resnet import CifarResNet
@@ -60,7 +60,7 @@ def register(name: str, factory: Callable[..., Model], *, overwrite: bool = Fals
   """Adds ``name`` to the registry, so configs can say ``model.name=NAME``.
 
   Args:
-    name: a non-empty name without ``:`` (a ``:`` means ``MODULE:FACTORY``).
+    name: a non-empty name without ``:`` (a ``:`` means ``MODULE:FACTORY``) or whitespace.
     factory: ``factory(num_classes=N, **kwargs)`` returning a Linen module, or, when it has an
       ``rngs`` parameter, ``factory(num_classes=N, rngs=nnx.Rngs(seed))`` returning an NNX module.
     overwrite: replace a name that is already registered.
@@ -69,8 +69,8 @@ def register(name: str, factory: Callable[..., Model], *, overwrite: bool = Fals
     ConfigError: for a bad name, a factory that is not callable, or a name already taken
       (unless ``overwrite``).
   """
-  if not isinstance(name, str) or not name or ":" in name:
-    raise invalid("register name", name, "a non-empty string without ':'",
+  if not isinstance(name, str) or not name or ":" in name or any(c.isspace() for c in name):
+    raise invalid("register name", name, "a non-empty string without ':' or whitespace",
                   "':' is reserved for MODULE:FACTORY")
   if not callable(factory):
     raise invalid(f"register({name!r}) factory", factory, "callable",
@@ -244,18 +244,5 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
   variables = jax.tree.map(jnp.asarray, load_weights(weights, reference,
                                                      field=weights_field))
   if fn.kind == "nnx":
-    _set_nnx(model, variables)
+    set_variables(model, variables)
   return model, variables
-
-
-def _set_nnx(model: nnx.Module, variables: dict) -> None:
-  """Writes ``variables`` (string keys) into the NNX module's own state."""
-  for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
-    if collection in variables:
-      state = nnx.state(model, kind)
-      replace = getattr(nnx, "replace_by_pure_dict", None)
-      if replace is not None:
-        replace(state, variables[collection])
-      else:  # older flax
-        state.replace_by_pure_dict(variables[collection])
-      nnx.update(model, state)

@@ -83,7 +83,7 @@ def locate(spec: str, *, folder: str = "", field: str = "model.weights") -> str:
     ConfigError: a name with no file in the weights folder.
   """
   if not is_name(spec):
-    return spec
+    return os.path.expanduser(spec)
   folder = weights_dir(folder)
   path = find_weights(spec, folder)
   if path is None:
