@@ -14,9 +14,11 @@ written by one process (:func:`is_main_process`), others wait for it with :func:
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import json
+import os
 import socket
 import time
 from typing import Any, Callable, Mapping
@@ -143,26 +145,46 @@ def broadcast_json(obj: Any) -> Any:
 
 
 def on_main_process(fn: Callable[[], Any]) -> Any:
-  """Runs ``fn`` on process 0 only; a :class:`ConfigError` it raises is raised on every process.
+  """Runs ``fn`` on process 0 only; an exception it raises is raised on every process.
 
   For work that must happen once (claiming a workdir, writing a file) and that may refuse: every
-  process then stops with the same one-line error instead of waiting for process 0 forever.
+  process then stops with the same error instead of waiting for process 0 forever. A
+  :class:`ConfigError` or a built-in ``OSError`` (a workdir that cannot be made) reaches the
+  other processes as the same kind with the same message, so each prints the same one line;
+  anything else as a ``RuntimeError`` naming it.
 
   Returns:
     ``fn()``'s value on process 0, ``None`` on the others.
   """
   if jax.process_count() == 1:
     return fn()
-  result, message = None, b""
+  result, error, failure = None, None, {}
   if is_main_process():
     try:
       result = fn()
-    except ConfigError as e:
-      message = str(e).encode()
-  message = _broadcast_bytes(message)
-  if message:
-    raise ConfigError(message.decode(errors="replace"))
+    except Exception as e:  # noqa: BLE001 (re-raised below, on every process)
+      error, failure = e, {"type": type(e).__name__, "message": str(e)}
+      if isinstance(e, OSError):
+        failure.update(errno=e.errno, strerror=e.strerror,
+                       filename=None if e.filename is None else os.fsdecode(e.filename))
+  failure = broadcast_json(failure)
+  if error is not None:
+    raise error
+  if failure:
+    raise _same_failure(failure)
   return result
+
+
+def _same_failure(failure: dict) -> Exception:
+  """The exception another process raises for process 0's ``failure`` (:func:`on_main_process`)."""
+  if failure["type"] == "ConfigError":
+    return ConfigError(failure["message"])
+  kind = getattr(builtins, failure["type"], None)
+  if isinstance(kind, type) and issubclass(kind, OSError) and "errno" in failure:
+    if failure["errno"] is None:
+      return kind(failure["message"])
+    return kind(failure["errno"], failure["strerror"], failure["filename"])
+  return RuntimeError(f"process 0 failed: {failure['type']}: {failure['message']}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -357,6 +357,41 @@ def test_sigterm_reaches_the_jobs_handler_in_a_multiprocess_run():
     assert rc == 143 and "SIGTERM ignored" not in out, err[-2000:]
 
 
+# Process 0's failures inside on_main_process, as each process sees them.
+ON_MAIN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from jaxcompress import parallel
+    from jaxcompress.errors import ConfigError
+    parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(json.loads(sys.argv[1])))
+
+    def raises(e):
+      def fn():
+        raise e
+      return fn
+
+    caught = []
+    for e in (NotADirectoryError(20, "Not a directory", "/w/file/run"), ConfigError(""),
+              KeyError("k")):
+      try:
+        parallel.on_main_process(raises(e))
+        caught.append(None)
+      except Exception as got:
+        caught.append([type(got).__name__, str(got)])
+    print(json.dumps({"caught": caught, "value": parallel.on_main_process(lambda: 5)}))
+""")
+
+
+def test_a_failure_on_process_0_stops_every_process_with_the_same_error():
+  port = _free_port()
+  outs = _launch([([sys.executable, "-c", ON_MAIN_SCRIPT, json.dumps(_parallel(2, port, pid))], 1)
+                  for pid in range(2)], timeout=120)
+  main, other = (_last_json(o) for o in outs)
+  same = [["NotADirectoryError", "[Errno 20] Not a directory: '/w/file/run'"], ["ConfigError", ""]]
+  assert main == {"caught": [*same, ["KeyError", "'k'"]], "value": 5}
+  assert other == {"caught": [*same, ["RuntimeError", "process 0 failed: KeyError: 'k'"]],
+                   "value": None}
+
+
 def test_processes_with_different_device_counts_are_one_line():
   port = _free_port()
   commands = []
