@@ -121,6 +121,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   With ``budget.sweep`` (ratios), runs one budget point per ratio in ``WORKDIR/ratio<r>``, all
   planned from one scan (``WORKDIR/scan.json``), and returns the ``sweep.json`` dict.
   """
+  if config.parallel.distributed:  # the scan and the plan are one process's work
+    raise invalid("parallel.distributed", True, "False for the budget job",
+                  "it runs in one process on all of its host's devices; give each host its own "
+                  "budget point (--config.budget.ratio) and workdir")
   if config.budget.sweep:
     return _sweep(config, workdir)
   return _budget_point(config, workdir)

@@ -328,6 +328,8 @@ def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget,
     ("export", "enabled", False, "^export.enabled must be True in the budget job"),
     ("scan", "hessian_samples", -1, r"^scan.hessian_samples must be >= 0, got -1; "),
     ("scan", "refine_rounds", -1, r"^scan.refine_rounds must be >= 0, got -1; "),
+    ("parallel", "distributed", True, r"^parallel.distributed must be False for the budget job, "
+                                      r"got True; it runs in one process"),
 ])
 def test_bad_scan_or_export_field_is_one_line_and_writes_nothing(mlp_weights, tmp_path,
                                                                 section, field, value, match):
