@@ -209,6 +209,15 @@ class DistributedSpec:
   initialization_timeout: int = 300
 
   def __post_init__(self):
+    if not isinstance(self.distributed, (bool, np.bool_)):
+      raise invalid("parallel.distributed", self.distributed, "True or False")
+    if not isinstance(self.coordinator_address, str):
+      raise invalid("parallel.coordinator_address", self.coordinator_address,
+                    "a string HOST:PORT, or '' to detect it")
+    for name in ("num_processes", "process_id", "initialization_timeout"):
+      value = getattr(self, name)
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise invalid(f"parallel.{name}", value, "an integer")
     if self.num_processes == 0 or self.num_processes < -1:
       raise invalid("parallel.num_processes", self.num_processes, ">= 1, or -1 to detect it")
     if self.num_processes == -1 and self.process_id < -1:
@@ -236,7 +245,8 @@ class DistributedSpec:
 
 def _host_port(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(":")
-  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+  if (not host or any(c.isspace() or c == "/" for c in host) or not port.isascii()
+      or not port.isdigit() or not 0 < int(port) < 65536):
     raise invalid("parallel.coordinator_address", address, "HOST:PORT, e.g. 10.0.0.1:1234")
   return host.strip("[]"), int(port)
 
@@ -251,10 +261,10 @@ def initialize_distributed(spec: DistributedSpec) -> None:
   """Joins the multi-process run ``spec`` describes (nothing unless ``spec.distributed``).
 
   Call it first, before anything else uses JAX (a second call, say from a job that runs the main
-  job twice, does nothing). Where the coordinator's address and this process's id are given, the
-  address is checked first, within ``spec.initialization_timeout``: process 0 must be able to
-  serve it on its own host, the others must reach it. Cross-process collectives of CPU devices go
-  through gloo. JAX's preemption service stays off: it would take SIGTERM from the handler a job
+  job twice, does nothing). Where the coordinator's address, the number of processes and this
+  process's id are given, the address is checked first, within ``spec.initialization_timeout``:
+  process 0 must be able to serve it on its own host, the others must reach it. Cross-process
+  collectives of CPU devices go through gloo. JAX's preemption service stays off: it would take SIGTERM from the handler a job
   installs (``experiments/cli.py``: stop, release the workdir, rerun to resume) and go on running.
 
   Raises:
@@ -263,7 +273,7 @@ def initialize_distributed(spec: DistributedSpec) -> None:
   """
   if not spec.distributed or jax.distributed.is_initialized():
     return
-  if spec.coordinator_address and spec.process_id >= 0:
+  if spec.coordinator_address and spec.process_id >= 0 and spec.num_processes > 0:
     _check_coordinator(spec.coordinator_address, spec.process_id, spec.initialization_timeout)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.config.update("jax_enable_preemption_service", False)

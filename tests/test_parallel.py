@@ -98,6 +98,12 @@ def test_batch_size_must_divide_over_devices():
     (dict(process_id=-3), r"parallel.process_id must be >= 0, or -1"),
     (dict(coordinator_address="localhost"), r"parallel.coordinator_address must be HOST:PORT"),
     (dict(initialization_timeout=0), r"parallel.initialization_timeout must be > 0"),
+    (dict(initialization_timeout=0.5), r"parallel.initialization_timeout must be an integer"),
+    (dict(num_processes="2"), r"parallel.num_processes must be an integer, got '2'"),
+    (dict(process_id=None), r"parallel.process_id must be an integer, got None"),
+    (dict(coordinator_address="http://host:1234"), r"parallel.coordinator_address must be HOST"),
+    (dict(coordinator_address="host :1234"), r"parallel.coordinator_address must be HOST"),
+    (dict(coordinator_address="host:\u0661\u0662"), r"parallel.coordinator_address must be HOST"),
 ])
 def test_distributed_spec_names_the_bad_field(fields, match):
   with pytest.raises(ConfigError, match=match):
@@ -111,6 +117,11 @@ def test_a_multi_process_field_without_distributed_is_refused(fields, alone):
                      rf"parallel.distributed is False, got {value}; set parallel.distributed=True"):
     parallel.DistributedSpec(**fields)
   parallel.DistributedSpec(num_processes=1, process_id=0)  # one process, said outright
+
+
+def test_distributed_must_be_a_bool():
+  with pytest.raises(ConfigError, match=r"^parallel.distributed must be True or False, got 'no'$"):
+    parallel.DistributedSpec(distributed="no")
 
 
 def test_distributed_spec_reads_the_parallel_section():
