@@ -628,6 +628,57 @@ def test_an_nnx_models_own_train_flag_is_passed_in_every_call():
                              0.01 * _bn_input_mean(x, p), rtol=1e-4, atol=1e-6)
 
 
+class DropBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(16, 16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.drop(nnx.relu(self.lin(x)))
+
+
+class DropStack(nnx.Module):
+  """Three blocks with Dropout, stacked by nnx.vmap over split rngs and run by nnx.scan."""
+
+  def __init__(self, *, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def blocks(rngs):
+      return DropBlock(rngs)
+
+    self.blocks = blocks(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(h, block):
+      return block(h)
+
+    return run(x, self.blocks)
+
+
+def test_scanned_nnx_blocks_draw_their_own_dropout_masks_and_need_a_key():
+  model = DropStack(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  lin = variables["params"]["blocks"]["lin"]
+  lin["kernel"], lin["bias"] = np.stack([np.eye(16, dtype=np.float32)] * 3), np.zeros((3, 16))
+  x = np.ones((256, 16), np.float32)
+  fm = functional(model)
+  out, _ = fm.apply(variables, x, train=True, rngs=jax.random.key(1))
+  # Identity blocks: each entry is 2^3 = 8 if all three blocks kept it, else 0. Three
+  # independent masks keep 1/8 of the entries (one mask shared by the blocks would keep 1/2).
+  out = np.asarray(out)
+  assert set(np.unique(out)) <= {0.0, 8.0}
+  assert abs((out == 8).mean() - 0.125) < 0.03
+  again, _ = fm.apply(variables, x, train=True, rngs=jax.random.key(1))
+  other, _ = fm.apply(variables, x, train=True, rngs=jax.random.key(2))
+  np.testing.assert_array_equal(np.asarray(again), out)
+  assert not np.array_equal(np.asarray(other), out)
+  with pytest.raises(ConfigError, match=r"^rngs: the NNX model draws random numbers in training "
+                                        r"\(its streams: default\); pass rngs="):
+    fm.apply(variables, x, train=True)
+  np.testing.assert_array_equal(np.asarray(fm.apply(variables, x)[0]), x)  # eval: no dropout
+
+
 def _bn_input_mean(x, p):
   """The batch mean of the BatchNorm's input (nnx.BatchNorm's momentum is 0.99)."""
   return (x @ np.asarray(p["inp"]["kernel"]) + np.asarray(p["inp"]["bias"])).mean(0)

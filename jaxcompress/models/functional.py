@@ -370,11 +370,14 @@ class Functional:
     model.set_attributes(deterministic=not train, use_running_average=not train,
                          raise_if_not_found=False)
     kwargs = self._flag_kwargs(kwargs, train)  # a flag of __call__ overrides the attributes
-    if train and rngs is not None:
-      streams = sorted({node.tag for _, node in nnx.iter_graph(model)
-                        if isinstance(node, nnx.RngStream)})
-      if streams:
-        nnx.reseed(model, **{s: jax.random.fold_in(rngs, i) for i, s in enumerate(streams)})
+    streams = sorted({node.tag for _, node in nnx.iter_graph(model)
+                      if isinstance(node, nnx.RngStream)}) if train else []
+    if streams and rngs is None:  # the module's own keys would give the same draws every call
+      raise ConfigError(f"rngs: the NNX model draws random numbers in training (its streams: "
+                        f"{', '.join(streams)}); pass rngs=, a new PRNG key at every step")
+    if streams:  # match_shape: streams split by nnx.split_rngs (stacked blocks) keep their shape
+      nnx.reseed(model, policy="match_shape",
+                 **{s: jax.random.fold_in(rngs, i) for i, s in enumerate(streams)})
     swapped = []
     if hook is not None:
       for path, module in nnx.iter_modules(model):
