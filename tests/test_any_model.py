@@ -716,3 +716,43 @@ def test_nnx_variables_of_another_module_are_one_line():
       compose.build(model, bad, x, optimizer=optax.sgd(0.1), total_steps=2)
   with pytest.raises(ConfigError, match=r"^variables_of: module must be an NNX module"):
     variables_of(LinenMLP())
+
+
+class NNXCounted(nnx.Module):
+  """Counts its calls in an integer nnx.BatchStat, as docs/own_models.md suggests for a counter."""
+
+  def __init__(self, *, rngs):
+    self.a = nnx.Linear(8, 16, rngs=rngs)
+    self.b = nnx.Linear(16, 16, rngs=rngs)
+    self.c = nnx.Linear(16, CLASSES, rngs=rngs)
+    self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+  def __call__(self, x):
+    self.count.value = self.count.value + 1
+    return self.c(nnx.relu(self.b(nnx.relu(self.a(x)))))
+
+
+def test_an_integer_counter_trains_exports_and_loads_as_an_integer(tmp_path):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 8)).astype(np.float32)
+  y = rng.integers(0, CLASSES, 16).astype(np.int32)
+  model = NNXCounted(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=3,
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  state = comp.init_state(variables, x, calibration=[x])
+  step = comp.make_train_step()
+  for _ in range(3):
+    state, _ = step(state, Batch(x, y, np.ones(16, np.float32)))
+  assert int(state.model_state["batch_stats"]["count"]) == 3  # one forward per step
+  comp.export(str(tmp_path / "a"), state)
+  loaded = export.load(str(tmp_path / "a"), NNXCounted(rngs=nnx.Rngs(1)))
+  count = loaded.variables["batch_stats"]["count"]
+  assert count.dtype == np.int32 and int(count) == 3
+  np.testing.assert_array_equal(np.asarray(loaded.logits(x)),
+                                np.asarray(comp.logits_fn(comp.eval_variables(state), x)))
+  big = state.replace(model_state={**state.model_state, "batch_stats": {"count": jnp.int32(2**25)}})
+  with pytest.raises(ConfigError, match=r"^export: variable .*count' has dtype int32 and values "
+                                        r"beyond \+-2\^24; only floating-point variables, or "):
+    comp.export(str(tmp_path / "b"), big)
+  assert not os.path.exists(tmp_path / "b")

@@ -150,10 +150,19 @@ def _kmeans_tensor(path: str, codebook: Any, mask: np.ndarray | None) -> LayerTe
 
 
 def _float_tensor(path: str, leaf: Any) -> LayerTensor:
+  """A variable stored as float32: a float, or integers float32 holds exactly (a step counter).
+
+  ``export.load`` casts it back to the dtype the module declares.
+  """
   a = np.asarray(leaf)
-  if not np.issubdtype(a.dtype, np.floating):
-    raise ConfigError(f"export: variable {path!r} has dtype {a.dtype}; only floating-point "
-                      "variables can be exported")
+  exact = np.issubdtype(a.dtype, np.floating) or (
+      (np.issubdtype(a.dtype, np.integer) or a.dtype == bool)
+      and np.all(np.abs(a.astype(np.int64)) <= 1 << 24))
+  if not exact:
+    raise ConfigError(f"export: variable {path!r} has dtype {a.dtype}"
+                      + (" and values beyond +-2^24" if np.issubdtype(a.dtype, np.integer) else "")
+                      + "; only floating-point variables, or integers of at most 2^24 in size, "
+                      "can be exported")
   return LayerTensor(path=path, kind="float", codes=np.asarray(a, np.float32).reshape(
       a.shape or (1,)), bits=32)
 
