@@ -43,6 +43,14 @@ class TrainState(flax.struct.PyTreeNode):
 
   @classmethod
   def create(cls, params, model_state, optimizer: optax.GradientTransformation) -> "TrainState":
+    """The state at step 0. Raises one line for an integer or boolean parameter."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+      dtype = jnp.result_type(leaf)
+      if jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.bool_):
+        raise ConfigError(f"params{jax.tree_util.keystr(path)} has dtype "
+                          f"{jnp.result_type(leaf)}; trained parameters must be floating-point "
+                          "(gradients need it): keep integer state out of the parameters, e.g. "
+                          "in nnx.BatchStat or a Linen collection other than 'params'")
     return cls(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                opt_state=optimizer.init(params))
 

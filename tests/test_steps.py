@@ -200,3 +200,29 @@ def test_evaluating_nothing_is_a_one_line_error():
                   np.zeros(2, np.float32))
   with pytest.raises(ConfigError, match=r"^eval: no example of weight > 0 to evaluate$"):
     evaluate(step, 1.0, [padding], num_classes=3)
+
+
+def test_an_integer_parameter_is_refused_in_one_line():
+  from flax import nnx
+
+  from jaxcompress import compose
+  from jaxcompress.models.functional import variables_of
+
+  class Counted(nnx.Module):
+    def __init__(self, *, rngs):
+      self.a = nnx.Linear(4, 8, rngs=rngs)
+      self.b = nnx.Linear(8, 3, rngs=rngs)
+      self.calls = nnx.Param(jnp.zeros((), jnp.int32))  # an integer in params
+
+    def __call__(self, x):
+      return self.b(nnx.relu(self.a(x)))
+
+  x = np.ones((2, 4), np.float32)
+  model = Counted(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2)
+  match = r"^params\['model'\]\['calls'\] has dtype int32; trained parameters must be floating"
+  with pytest.raises(ConfigError, match=match):
+    comp.init_state(variables, x)
+  with pytest.raises(ConfigError, match=r"^params\['calls'\] has dtype int32"):
+    TrainState.create(variables["params"], {}, optax.sgd(0.1))
