@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -168,6 +169,11 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
   norms: dict[str, str] = {}
   batchnorms: dict[str, float] = {}
   seen: list[str] = []  # every layer called, in call order
+  # An NNX variable held by two modules (b.kernel = a.kernel) is in the state once, under the
+  # first module's path: {id(variable): weight path} of the layers found, and the calls of a
+  # module whose weight is not under its own path.
+  held: dict[int, str] = {}
+  aliased: list[tuple[str, Any]] = []
 
   def record(call, run):
     if call.kind == "norm" and getattr(call.module, "axis_name", None) is not None:
@@ -181,6 +187,11 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
     if name is not None:
       wpath = f"{call.path}/{name}" if call.path else name
       w = flat.get(wpath)
+      var = getattr(call.module, name, None) if fm.kind == "nnx" else None
+      if w is not None and var is not None:
+        held.setdefault(id(var), wpath)
+      elif w is None and var is not None:
+        aliased.append((call.path, var))
       stacked = 0 if w is None else stacked_count(jnp.shape(w), called_shape(call, name), wpath)
       if (call.path not in calls and w is not None and jnp.ndim(w) >= 2 and _floating(w)):
         ndim = jnp.ndim(w) - stacked  # one call's weight
@@ -223,6 +234,14 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                       "the library trains and exports a model of one output (logits, classes "
                       "last): wrap the model in a module that returns the logits alone")
   outputs.clear()
+  for path, var in dict(aliased).items():
+    owner = held.get(id(var))
+    warnings.warn(f"layer {path!r} shares its weight with {owner!r} (one variable in two "
+                  f"modules): the weight is compressed once, under {owner!r}, and the inputs of "
+                  f"layer {path!r} are not quantized" if owner else
+                  f"layer {path!r}: its weight is not in the parameters under its own path; the "
+                  "layer is left out of compression", stacklevel=2)
+  aliased.clear()
   owners = set(seen)
   layers = tuple(dataclasses.replace(l, norm=next((n for n, p in norms.items() if p == l.path),
                                                   None)) for l in calls.values())

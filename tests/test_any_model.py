@@ -756,3 +756,28 @@ def test_an_integer_counter_trains_exports_and_loads_as_an_integer(tmp_path):
                                         r"beyond \+-2\^24; only floating-point variables, or "):
     comp.export(str(tmp_path / "b"), big)
   assert not os.path.exists(tmp_path / "b")
+
+
+class NNXTied(nnx.Module):
+  """Two modules holding one kernel variable (``b.kernel = a.kernel``)."""
+
+  def __init__(self, *, rngs):
+    self.inp = nnx.Linear(4, 8, rngs=rngs)
+    self.a = nnx.Linear(8, 8, rngs=rngs)
+    self.b = nnx.Linear(8, 8, rngs=rngs)
+    self.b.kernel = self.a.kernel
+    self.out = nnx.Linear(8, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.b(nnx.relu(self.a(self.inp(x))))))
+
+
+def test_a_kernel_shared_by_two_nnx_modules_is_named_not_skipped_silently():
+  model = NNXTied(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  assert "kernel" not in variables["params"]["b"]  # NNX keeps the shared variable once
+  with pytest.warns(UserWarning, match=r"^layer 'b' shares its weight with 'a/kernel' \(one "
+                    r"variable in two modules\): the weight is compressed once, under 'a/kernel', "
+                    r"and the inputs of layer 'b' are not quantized$"):
+    traced = trace_layers(model, variables, np.ones((2, 4), np.float32))
+  assert [l.path for l in traced.layers] == ["inp", "a", "out"]
