@@ -219,6 +219,10 @@ class Compression:
       logits, _ = self.teacher.apply(teacher_vars, x, train=False,
                                      hook=capture_hook(feats, paths) if paths else None,
                                      hook_paths=paths)
+    except flax.errors.InvalidRngError as e:  # dropout on with train=False: its own switch
+      raise ConfigError(f"teacher: its forward draws random numbers in eval mode "
+                        f"({_first_line(e)}); the teacher runs without a key: give its __call__ "
+                        "a train or deterministic flag, or build it in eval mode") from None
     except (flax.errors.FlaxError, ConfigError) as e:  # another model's variables
       first = _first_line(e)
       if isinstance(e, ConfigError) and not first.startswith("variables: "):

@@ -396,3 +396,25 @@ def test_a_hint_inside_a_lifted_transform_is_one_line(path, message):
                            feature_weight=1.0, feature_pairs=((path, "fc1"),)))
   with pytest.raises(ConfigError, match=rf"^distill.feature_pairs: {message}"):
     comp.init_state(svars, batch.image, teacher_vars=tvars)
+
+
+class AlwaysDropping(nn.Module):
+  """A teacher whose dropout is switched by a module attribute, not by a flag of __call__."""
+  train: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dropout(0.5, deterministic=not self.train)(nn.relu(nn.Dense(16)(x)))
+    return nn.Dense(10)(h)
+
+
+def test_a_teacher_that_drops_out_in_eval_mode_is_named_for_what_it_is():
+  x = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+  teacher = AlwaysDropping()
+  tvars = teacher.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
+  comp = compose.build(AlwaysDropping(train=False), tvars, x, optimizer=optax.sgd(0.1),
+                       total_steps=2, distill=compose.DistillSpec(alpha=0.5), teacher=teacher)
+  with pytest.raises(ConfigError, match=r"^teacher: its forward draws random numbers in eval mode "
+                     r"\(Dropout_0 needs PRNG for \"dropout\"\); the teacher runs without a key: "
+                     r"give its __call__ a train or deterministic flag"):
+    comp.teacher_apply(tvars, x)
