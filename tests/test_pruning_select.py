@@ -55,6 +55,14 @@ def test_default_rules_need_ndim_above_1():
   assert chosen(sel) == {"dense/kernel"}
 
 
+def test_default_rules_leave_a_bias_or_scale_of_any_rank_dense():
+  attention = nnx.MultiHeadAttention(2, 8, qkv_features=8, rngs=nnx.Rngs(0), decode=False)
+  sel = select(nnx.state(attention, nnx.Param))
+  assert nnx.state(attention, nnx.Param)["query"]["bias"].value.shape == (2, 4)  # (heads, dim)
+  assert chosen(sel) == {f"{p}/kernel" for p in ("query", "key", "value", "out")}
+  assert chosen(select({"norm": {"scale": np.ones((4, 4))}, "w": np.ones((4, 4))})) == {"w"}
+
+
 def test_nnx_paths_drop_the_value_attribute():
   sel = select(nnx.state(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Param))
   assert sel.paths == ("bias", "kernel") and chosen(sel) == {"kernel"}

@@ -3,7 +3,8 @@
 A rule list is ``[(regex, prune), ...]`` with ``prune`` one of ``True``, ``False`` or ``None``
 (``None`` reads as ``False``); the first rule whose regex fully matches a leaf's path decides
 (see :mod:`jaxcompress.rules`). A leaf matched by no rule is left dense. Without rules, every
-floating-point leaf of rank >= 2 is pruned: a bare tree has no layers to tell weights from; with a
+floating-point leaf of rank >= 2 is pruned but a ``bias`` or ``scale`` (an attention projection's
+``(heads, dim)`` bias): a bare tree has no layers to tell weights from; with a
 model, :meth:`jaxcompress.selection.ModelLayers.prune_rules` gives the library's policy (the
 weights of linear-like layers, first and last layer in forward order kept dense).
 
@@ -29,8 +30,8 @@ from jaxcompress.errors import invalid
 from jaxcompress.rules import Rule, Rules, path_str
 
 # Every leaf, restricted by ``select`` to floating-point leaves of rank >= 2 (weights, not
-# biases or normalization scales).
-DEFAULT_RULES: tuple[Rule, ...] = ((".*", True),)
+# vector biases or normalization scales) but those named bias or scale, whatever their rank.
+DEFAULT_RULES: tuple[Rule, ...] = ((r"(.*/)?(bias|scale)", False), (".*", True))
 
 
 class Selection(NamedTuple):
@@ -79,7 +80,8 @@ def select(params: Any, rules: Sequence[Rule] | None = None, *, warn_unused: boo
 
   Args:
     params: any pytree of arrays (a Linen ``variables['params']`` dict, an ``nnx.State``, ...).
-    rules: ordered ``(regex, prune)`` rules; ``None``: every floating-point leaf of rank >= 2.
+    rules: ordered ``(regex, prune)`` rules; ``None``: every floating-point leaf of rank >= 2
+      but a ``bias`` or ``scale``.
     warn_unused: warn about user rules that matched no path (never about the default rules,
       which name layers a model may not have).
 
