@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
@@ -363,6 +364,7 @@ class Compression:
       signature = dict(input_shape=shape, input_dtype=input_dtype or one[1])
     variables = self.variables(state)
     self._warn_undeclared_dtypes(variables["params"])
+    self._warn_unexported_state()
     model_state = jax.device_get(state.model_state)
     codebooks = {path: quantization.stepwise(quantization.assign, jnp.ndim(book) - 1)(
         tree_get(variables["params"], path), book)
@@ -394,6 +396,20 @@ class Compression:
                       "model's in the last bits: declare that dtype in the module (param_dtype) "
                       "instead of casting the variables", stacklevel=3)
         return
+
+  def _warn_unexported_state(self) -> None:
+    """Warns when the NNX student holds state other than parameters, batch statistics and RNG
+    streams (a custom ``nnx.Variable``): the artifact lacks it, so ``export.load`` takes it from
+    the module it is given."""
+    if self.student.kind != "nnx":
+      return
+    other = [repr("/".join(map(str, path))) for path, v in nnx.to_flat_state(self.student.rest)
+             if not isinstance(v, nnx.RngState)]
+    if other:
+      warnings.warn(f"export: the NNX module's state {shortened(other, 3)} is neither an "
+                    "nnx.Param nor an nnx.BatchStat and is not exported; export.load takes it "
+                    "from the module it is given (keep state that must travel in nnx.BatchStat)",
+                    stacklevel=3)
 
   # -- state ---------------------------------------------------------------------------------
   def init_state(self, student_vars: dict, sample_x, *, teacher_vars=None, calibration=(),

@@ -728,7 +728,7 @@ class NNXCounted(nnx.Module):
     self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
 
   def __call__(self, x):
-    self.count.value = self.count.value + 1
+    self.count[...] = self.count[...] + 1
     return self.c(nnx.relu(self.b(nnx.relu(self.a(x)))))
 
 
@@ -781,3 +781,33 @@ def test_a_kernel_shared_by_two_nnx_modules_is_named_not_skipped_silently():
                     r"and the inputs of layer 'b' are not quantized$"):
     traced = trace_layers(model, variables, np.ones((2, 4), np.float32))
   assert [l.path for l in traced.layers] == ["inp", "a", "out"]
+
+
+class NNXTempered(nnx.Module):
+  """Scales its logits by a custom nnx.Variable (neither Param nor BatchStat)."""
+
+  def __init__(self, *, rngs):
+    self.a = nnx.Linear(8, 16, rngs=rngs)
+    self.b = nnx.Linear(16, CLASSES, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)  # RNG state: not a reason to warn
+    self.temperature = nnx.Variable(jnp.array(2.0))
+
+  def __call__(self, x):
+    return self.b(self.drop(nnx.relu(self.a(x)))) / self.temperature[...]
+
+
+def test_exporting_nnx_state_the_artifact_lacks_warns(tmp_path):
+  x = np.ones((4, 8), np.float32)
+  model = NNXTempered(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=1)
+  state = comp.init_state(variables, x)
+  with pytest.warns(UserWarning, match=r"^export: the NNX module's state 'temperature' is "
+                    r"neither an nnx.Param nor an nnx.BatchStat and is not exported"):
+    comp.export(str(tmp_path / "a"), state)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message="export: the NNX module's state")
+    _, plain = _nnx(NNXCounted)(0, x)
+    comp = compose.build(NNXCounted(rngs=nnx.Rngs(0)), plain, x, optimizer=optax.sgd(0.1),
+                         total_steps=1)
+    comp.export(str(tmp_path / "b"), comp.init_state(plain, x))
