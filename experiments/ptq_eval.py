@@ -276,10 +276,16 @@ def post_training_quantization(config) -> dict:
   if isinstance(p.schemes, str) or not p.schemes:
     raise invalid("ptq.schemes", p.schemes, "a non-empty tuple of schemes",
                   "e.g. ('w8a8', 'w4', 'k4')")
-  repeated = sorted({s for s in p.schemes if list(p.schemes).count(s) > 1})
-  if repeated:
-    raise invalid("ptq.schemes", tuple(p.schemes), f"distinct schemes ({repeated} repeated)")
   schemes = [parse_scheme(s) for s in p.schemes]
+  first, same = {}, []  # quantizer -> the first scheme naming it; (that one, a later one)
+  for scheme in schemes:  # compared parsed: 'w8a8' and 'w8a8/minmax' are one quantizer
+    if scheme[1:] in first:
+      same.append((first[scheme[1:]], scheme.name))
+    first.setdefault(scheme[1:], scheme.name)
+  if same:
+    aliases = "; ".join(f"{b!r} is the same quantizer as {a!r}" for a, b in same if a != b)
+    raise invalid("ptq.schemes", tuple(p.schemes),
+                  f"distinct schemes ({sorted({a for a, _ in same})} repeated)", aliases or None)
   check_settings(p.first_last_bits, p.percentile)
   for field in ("calibration_examples", "calibration_batch_size", "kmeans_iters"):
     if p[field] <= 0:

@@ -175,10 +175,18 @@ def test_schemes_parse_to_their_bits():
     ("--config.ptq.schemes=()", "error: ptq.schemes must be a non-empty tuple of schemes"),
     ("--config.ptq.schemes=('w8a8', 'w4', 'w8a8')", "error: ptq.schemes must be distinct schemes "
                                                    "(['w8a8'] repeated)"),
+    # min-max is the default calibration: the same quantizer under two names, evaluated twice
+    ("--config.ptq.schemes=('w8a8', 'w8a8/minmax')",
+     "error: ptq.schemes must be distinct schemes (['w8a8'] repeated), got ('w8a8', "
+     "'w8a8/minmax'); 'w8a8/minmax' is the same quantizer as 'w8a8'"),
+    ("--config.ptq.schemes=('w4', 'k4', 'w4a8/mse', 'w4a8')", None),  # all distinct: runs on
 ])
 def test_cli_bad_input_is_one_line_before_any_data(override, message, tmp_path):
   proc = _run("experiments.ptq", "--config=configs/ptq.py", override,
               env={"TFDS_DATA_DIR": str(tmp_path)})  # no data there: the error must come first
+  if message is None:  # a good value: the first error is the missing data's
+    assert "ptq.schemes" not in proc.stderr and "cifar10" in proc.stderr.splitlines()[-1]
+    return
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
 
