@@ -7,7 +7,8 @@ once in float and once per scheme (one compiled eval step per quantizer configur
 here (16 minutes on 2 CPU cores shared with other jobs; percentile calibration is the slowest part):
 float 91.73; W8A8 91.78 (min-max) and 91.74 (percentile), within 0.3 points of float; W4A8 88.06
 (min-max) and 87.97 (percentile); 4-bit weights only 88.03; 4-bit k-means weights 90.61; W4A4
-86.68; 3-bit k-means 82.87. Prints a markdown table, then one JSON line; README.md has the table.
+86.68; 3-bit k-means 82.87. Prints a markdown table, then one JSON line; docs/quantization.md has
+the table.
 
 Schemes (``ptq.schemes``): ``w<b>a<c>[/<calibration>]`` uniform b-bit weights and c-bit inputs;
 ``w<b>`` weights only; ``k<b>`` k-means weights (2^b centroids per kernel). The first conv and last
