@@ -6,11 +6,9 @@ from __future__ import annotations
 from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import invalid
 from jaxcompress.export import load as load_artifact
 from jaxcompress.export import read_spec
-from jaxcompress.export.inputs import describe as describe_input
-from jaxcompress.export.inputs import single as single_input
+from jaxcompress.export.inputs import image_shape
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.steps import make_eval_step
@@ -38,10 +36,8 @@ def evaluate_config(config) -> dict:
     name = read_spec(exported).get("model") or name
     model = get_model(name, spec.num_classes, field="model.exported model")
     loaded = load_artifact(exported, model)
-    one = single_input(loaded.spec["input"])
-    if one is None or one[0] != tuple(spec.image_shape):
-      raise invalid("model.exported input", describe_input(loaded.spec["input"]),
-                    f"one image of shape {tuple(spec.image_shape)} for {config.data.name}")
+    image_shape(loaded.spec["input"], spec.image_shape, dataset=config.data.name,
+                field="model.exported")
     variables, logits_fn = loaded.arrays, loaded.apply_fn
   else:
     model, variables = create_model(config.model.name, num_classes=spec.num_classes,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, invalid
 
 
 def of_example(example: Any) -> dict:
@@ -55,6 +55,23 @@ def single(signature: Mapping[str, Any]) -> tuple[tuple[int, ...], np.dtype] | N
   if "shape" in signature:
     return tuple(signature["shape"]), np.dtype(signature["dtype"])
   return None
+
+
+def image_shape(signature: Mapping[str, Any], expected: tuple[int, ...] | None = None, *,
+                dataset: str = "", field: str = "exported") -> tuple[int, ...]:
+  """The shape of the one image a signature takes, checked against ``expected`` (a dataset's
+  image shape; None: any shape).
+
+  Raises:
+    ConfigError: ``{field} input must be one image of shape ... for {dataset}``, naming the
+      signature, for a pytree of inputs or (with ``expected``) an image of another shape.
+  """
+  one = single(signature)
+  if one is None or (expected is not None and one[0] != tuple(expected)):
+    valid = ("one image" if expected is None else
+             f"one image of shape {tuple(expected)} for {dataset}")
+    raise invalid(f"{field} input", describe(signature), valid)
+  return one[0]
 
 
 def check(signature: Any) -> str | None:
