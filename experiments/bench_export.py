@@ -128,19 +128,21 @@ def timed(fn, variables, batches, steps: int) -> tuple[float, float]:
 
 def interleaved(variants: dict, batches: list) -> tuple[dict, dict]:
   """Median images/s and CPU s per wall s of each ``name: (jitted fn, variables)``, timed
-  round-robin (``--rounds`` x ``--steps`` batches) after a compile-and-warm-up call."""
+  round-robin (``--rounds`` x ``--steps`` batches) after a compile-and-warm-up call. CPU s per
+  wall s is the rounds' CPU seconds over the same rounds' wall seconds."""
   for fn, v in variants.values():
     timed(fn, v, batches, 2)
   samples = {k: [] for k in variants}
-  cpu = {k: 0.0 for k in variants}
+  cpu, wall = {k: 0.0 for k in variants}, {k: 0.0 for k in variants}
+  images = _STEPS.value * batches[0].shape[0]  # per round
   for _ in range(_ROUNDS.value):
     for name, (fn, v) in variants.items():
       ips, cpu_s = timed(fn, v, batches, _STEPS.value)
       samples[name].append(ips)
       cpu[name] += cpu_s
+      wall[name] += images / ips  # this round's measured wall seconds
   med = {k: float(np.median(s)) for k, s in samples.items()}
-  images = _ROUNDS.value * _STEPS.value * batches[0].shape[0]
-  return med, {k: cpu[k] / (images / med[k]) for k in med}
+  return med, {k: cpu[k] / wall[k] for k in med}
 
 
 def main(argv):

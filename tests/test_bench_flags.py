@@ -193,3 +193,44 @@ def test_bench_reports_medians_and_cpu_over_the_rounds_wall_time():
   assert result["ratio_to_plain"] == {"plain": 1.0, "kd": 2.5}
   # plain: 3.5 CPU s over 16/100 + 16/50 + 16/200 = 0.56 wall s; kd: 9 over 0.4 + 0.2667 + 1.6
   assert result["cpu_per_wall_s"] == {"plain": 6.25, "kd": 3.97}
+
+
+# bench_export's interleaved timing of a fake step that burns CPU, except in the second round,
+# where it sleeps; prints the CPU s per wall s reported, the CPU seconds the process used while
+# timing and the seconds slept.
+FAKE_STEP = textwrap.dedent("""
+    import json, sys, time
+    import numpy as np
+    from absl import flags
+    from experiments import bench_export
+    flags.FLAGS(sys.argv)
+    class Done:
+      def block_until_ready(self):
+        return self
+    calls, slept = [], [0.0]
+    def step(variables, batch):  # 2 warm-up calls, then --rounds rounds of --steps calls
+      calls.append(batch)
+      if (len(calls) - 3) // flags.FLAGS.steps == 1:
+        time.sleep(0.5)
+        slept[0] += 0.5
+      else:
+        c0 = time.process_time()
+        while time.process_time() - c0 < 0.02:
+          pass
+      return Done()
+    c0 = time.process_time()
+    _, cpu = bench_export.interleaved({"fake": (step, None)}, [np.zeros((4, 1), np.float32)])
+    print(json.dumps([cpu["fake"], time.process_time() - c0, slept[0]]))
+""")
+
+
+def test_bench_export_cpu_per_wall_second_is_over_the_rounds_measured_wall_time():
+  """A round that sleeps adds wall time, no CPU time: CPU s per wall s is at most the CPU
+  seconds used over the seconds slept (a wall time estimated from the median round would leave
+  the sleep out and report about 2 / 3)."""
+  proc = subprocess.run([sys.executable, "-c", FAKE_STEP, "--rounds=3", "--steps=2"], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  reported, cpu_used, slept = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert slept == 1.0 and 0 < reported <= cpu_used / slept < 0.5
