@@ -14,7 +14,8 @@ and their prediction agreement.
 
 The inner channels of every basic block (``conv1`` outputs, ``conv2`` inputs) with the lowest
 L1 norm are pruned one-shot (no fine-tuning), then removed physically
-(:func:`jaxcompress.export.shrink_channels`). Variants, each a jitted eval-mode forward pass:
+(:func:`experiments.resnet_surgery.shrink_channels`). Variants, each a jitted eval-mode forward
+pass:
 
 - ``dense``: the original model;
 - ``shrunk``: ``get_model(name, inner_widths=...)`` with the surviving channels;
