@@ -7,6 +7,16 @@ import ml_collections
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the pretrained CIFAR ResNets were trained with
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# (mean, std) of pixel/255 per dataset where the ImageNet values above do not fit: the grey
+# datasets' one channel, normalised with the dataset's own statistics.
+GREY_NORMALIZATION = {"mnist": ((0.1307,), (0.3081,)), "fashion_mnist": ((0.2860,), (0.3530,))}
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """``(mean, std)`` the images of dataset ``name`` are normalised with when none are given: the
+  ImageNet values (``data_config``'s default) for the colour datasets, the dataset's own for
+  mnist and fashion_mnist."""
+  return GREY_NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
 
 
 def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:

@@ -10,7 +10,9 @@ With ``--exported`` the artifact in that folder (any model of the registry, name
 timed instead, full width against :func:`jaxcompress.export.slim` (every Conv/Dense multiplying
 by the output channels it keeps; ``--multiple`` and ``--max_kept`` as there), with the
 multiply-accumulates per example of each; ``--eval`` adds both test accuracies on ``--dataset``
-and their prediction agreement.
+(normalised with :func:`configs.common.normalization`; the artifact must take its images) and
+their prediction agreement. A flag that the chosen mode does not use, given a value other than its
+default, is refused.
 
 The inner channels of every basic block (``conv1`` outputs, ``conv2`` inputs) with the lowest
 L1 norm are pruned one-shot (no fine-tuning), then removed physically
@@ -39,41 +41,53 @@ from absl import flags
 from experiments import cli
 from jaxcompress.errors import ConfigError, check_counts, check_range, invalid
 
-_WEIGHTS = flags.DEFINE_string("weights", "resnet20_cifar10",
+# The defaults of the flags that only one mode uses (check_flags refuses others in the other mode).
+DEFAULTS = dict(weights="resnet20_cifar10", fraction=0.5, norm="l1", finetune_epochs=0.0,
+                finetune_lr=0.02, dataset="cifar10", multiple=8, max_kept=0.75)
+
+_WEIGHTS = flags.DEFINE_string("weights", DEFAULTS["weights"],
                                "Weights name or path of the model ('' = random init).")
 _MODEL = flags.DEFINE_string("model", "resnet20", "CIFAR ResNet name; with --exported, the model "
                              "of an artifact that names none (a name or MODULE:FACTORY).")
-_FRACTION = flags.DEFINE_float("fraction", 0.5, "Fraction of each block's inner channels pruned.")
-_NORM = flags.DEFINE_enum("norm", "l1", ["l1", "l2"], "Channel norm ranked for pruning.")
+_FRACTION = flags.DEFINE_float("fraction", DEFAULTS["fraction"],
+                               "Fraction of each block's inner channels pruned.")
+_NORM = flags.DEFINE_enum("norm", DEFAULTS["norm"], ["l1", "l2"],
+                          "Channel norm ranked for pruning.")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Images per forward pass.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed batches per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 7, "Interleaved rounds; the median is reported.")
-_EVAL = flags.DEFINE_bool("eval", False, "Also evaluate accuracy on the CIFAR-10 test split.")
-_FT_EPOCHS = flags.DEFINE_float("finetune_epochs", 0.0, "With --eval: fine-tune the shrunk model "
-                                "this many epochs, then evaluate it again.")
-_FT_LR = flags.DEFINE_float("finetune_lr", 0.02, "Peak learning rate of the fine-tuning.")
+_EVAL = flags.DEFINE_bool("eval", False, "Also evaluate accuracy on the CIFAR-10 test split "
+                          "(with --exported: on --dataset's).")
+_FT_EPOCHS = flags.DEFINE_float("finetune_epochs", DEFAULTS["finetune_epochs"],
+                                "With --eval: fine-tune the shrunk model this many epochs, then "
+                                "evaluate it again.")
+_FT_LR = flags.DEFINE_float("finetune_lr", DEFAULTS["finetune_lr"],
+                            "Peak learning rate of the fine-tuning.")
 _EXPORTED = flags.DEFINE_string("exported", "", "Artifact folder (WORKDIR/export) to time full "
                                 "width against slimmed, instead of the ResNet surgery.")
-_DATASET = flags.DEFINE_string("dataset", "cifar10", "With --exported: the dataset of --eval.")
-_MULTIPLE = flags.DEFINE_integer("multiple", 8, "With --exported: computed channels rounded up "
-                                 "to a multiple of this.")
-_MAX_KEPT = flags.DEFINE_float("max_kept", 0.75, "With --exported: slim a layer only when it "
-                               "computes at most this fraction of its outputs.")
+_DATASET = flags.DEFINE_string("dataset", DEFAULTS["dataset"], "With --exported: the dataset of "
+                               "--eval and the class count of the artifact's model.")
+_MULTIPLE = flags.DEFINE_integer("multiple", DEFAULTS["multiple"], "With --exported: computed "
+                                 "channels rounded up to a multiple of this.")
+_MAX_KEPT = flags.DEFINE_float("max_kept", DEFAULTS["max_kept"], "With --exported: slim a layer "
+                               "only when it computes at most this fraction of its outputs.")
 
 
 def check_flags(*, model: str, fraction: float, batch_size: int, steps: int, rounds: int,
                 finetune_epochs: float, finetune_lr: float, exported: str, multiple: int,
-                max_kept: float) -> None:
+                max_kept: float, weights: str = DEFAULTS["weights"], norm: str = DEFAULTS["norm"],
+                eval: bool = False, dataset: str = DEFAULTS["dataset"]) -> None:
   """Refuses flag values the benchmark cannot run with, before any weights or data are loaded.
 
   Args:
     model, fraction, batch_size, steps, rounds, finetune_epochs, finetune_lr, exported, multiple,
-      max_kept: the values of the flags of the same names.
+      max_kept, weights, norm, eval, dataset: the values of the flags of the same names.
 
   Raises:
     ConfigError: naming the flag, for a count below 1, a fraction out of its range, a negative
-      fine-tuning length, a learning rate <= 0 or (without ``--exported``) a model that is not a
-      CIFAR ResNet.
+      fine-tuning length, a learning rate <= 0, an unknown dataset, (without ``--exported``) a
+      model that is not a CIFAR ResNet, or a flag the chosen mode does not use given a value other
+      than its default (:func:`check_mode`).
   """
   check_counts({"--batch_size": batch_size, "--steps": steps, "--rounds": rounds,
                 "--multiple": multiple})
@@ -83,11 +97,40 @@ def check_flags(*, model: str, fraction: float, batch_size: int, steps: int, rou
   if not finetune_lr > 0:
     raise invalid("--finetune_lr", finetune_lr, "> 0")
   check_range("--max_kept", max_kept, 0.0, 1.0, lo_closed=False, hi_closed=True)
-  if not exported:
+  check_mode(dict(weights=weights, fraction=fraction, norm=norm, finetune_epochs=finetune_epochs,
+                  finetune_lr=finetune_lr, dataset=dataset, multiple=multiple,
+                  max_kept=max_kept), exported=exported, eval=eval)
+  if exported:
+    from jaxcompress import datasets
+    datasets.dataset_spec(dataset, field="--dataset")
+  else:
     from jaxcompress.models import CifarResNet, get_model
     if not isinstance(get_model(model, field="--model"), CifarResNet):
       raise invalid("--model", model, "a CIFAR ResNet (resnet20 ... resnet110)",
                     "channel surgery needs one; time any other model's artifact with --exported")
+
+
+def check_mode(values: dict, *, exported: str, eval: bool) -> None:
+  """Refuses a flag of ``{name: value}`` (names of :data:`DEFAULTS`) that the mode chosen by
+  ``exported`` and ``eval`` does not use, given a value other than its default."""
+  slimmed = "the artifact is slimmed (--multiple, --max_kept), not pruned"
+  if exported:
+    unused = {"weights": "the artifact holds its weights", "fraction": slimmed, "norm": slimmed,
+              "finetune_epochs": "only the ResNet surgery's shrunk model is fine-tuned",
+              "finetune_lr": "only the ResNet surgery's shrunk model is fine-tuned"}
+    unused = {name: ("with --exported", why) for name, why in unused.items()}
+  else:
+    unused = {name: ("without --exported", "only an artifact's benchmark uses it")
+              for name in ("dataset", "multiple", "max_kept")}
+    if not eval:
+      why = "the fine-tuned model is only evaluated with --eval"
+      unused.update({name: ("without --eval", why) for name in ("finetune_epochs", "finetune_lr")})
+    elif not values["finetune_epochs"] > 0:
+      unused["finetune_lr"] = ("with --finetune_epochs=0", "that skips the fine-tuning")
+  for name, (when, why) in unused.items():
+    if values[name] != DEFAULTS[name]:
+      raise invalid(f"--{name}", values[name], f"left at its default {DEFAULTS[name]!r} {when}",
+                    why)
 
 
 def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
@@ -151,7 +194,8 @@ def main(argv):
   check_flags(model=_MODEL.value, fraction=_FRACTION.value, batch_size=_BATCH.value,
               steps=_STEPS.value, rounds=_ROUNDS.value, finetune_epochs=_FT_EPOCHS.value,
               finetune_lr=_FT_LR.value, exported=_EXPORTED.value, multiple=_MULTIPLE.value,
-              max_kept=_MAX_KEPT.value)
+              max_kept=_MAX_KEPT.value, weights=_WEIGHTS.value, norm=_NORM.value,
+              eval=_EVAL.value, dataset=_DATASET.value)
   if _EXPORTED.value:
     return bench_artifact()
   import jax
@@ -192,8 +236,8 @@ def main(argv):
 
   if _EVAL.value:
     test = data_lib.load_split("cifar10", "test")
-    data = DataSpec(name="cifar10", eval_batch_size=500, mean=common.IMAGENET_MEAN,
-                    std=common.IMAGENET_STD)
+    mean, std = common.normalization("cifar10")
+    data = DataSpec(name="cifar10", eval_batch_size=500, mean=mean, std=std)
     evaluated = {**variants, "masked": (forward(model), masked_vars)}
     steps = {name: make_eval_step(fn) for name, (fn, _) in evaluated.items()}
     evaluate = lambda name, v: evaluate_split(steps[name], v, test, data, desc=name,
@@ -237,29 +281,26 @@ def bench_artifact():
   from jaxcompress.budget import layer_macs
   from jaxcompress.data import DataSpec
   from jaxcompress.export import load, read_spec
-  from jaxcompress.export.inputs import describe as describe_input
-  from jaxcompress.export.inputs import single as single_input
+  from jaxcompress.export.inputs import image_shape
   from jaxcompress.export.slim import slim
   from jaxcompress.models import get_model
   from jaxcompress.steps import make_eval_step
   from jaxcompress.tables import markdown_table
   from jaxcompress.train import evaluate_split
 
-  spec = datasets.dataset_spec(_DATASET.value)
-  name = read_spec(_EXPORTED.value, "exported")["model"]
+  spec = datasets.dataset_spec(_DATASET.value, field="--dataset")
+  name = read_spec(_EXPORTED.value, "--exported")["model"]
   if not name:  # exported without model_name, as compose's export of a user's model may be
     if not flags.FLAGS["model"].present:
       raise ConfigError(f"--exported={_EXPORTED.value} names no model (it was exported without "
                         "model_name): give it with --model=MODULE:FACTORY")
     name = _MODEL.value
-  model = get_model(name, spec.num_classes, field="exported model")
-  loaded = load(_EXPORTED.value, model, field="exported")
+  model = get_model(name, spec.num_classes, field="--exported model")
+  loaded = load(_EXPORTED.value, model, field="--exported")
+  # --eval feeds it --dataset's test images: refused here, before any timing, unless it takes them
+  shape = image_shape(loaded.spec["input"], spec.image_shape if _EVAL.value else None,
+                      dataset=_DATASET.value, field="--exported")
   slimmed = slim(loaded, multiple=_MULTIPLE.value, max_kept=_MAX_KEPT.value)
-  one = single_input(loaded.spec["input"])
-  if one is None:
-    raise invalid("exported", describe_input(loaded.spec["input"]), "an artifact of one image "
-                  "input")
-  shape = one[0]
   macs = layer_macs(model, loaded.variables, np.zeros((1, *shape), np.float32))
   kept = {p: macs[p] * k // n for p, (k, n) in slimmed.channels.items()}
   total = {"full": sum(macs.values()), "slim": sum(macs.values()) - sum(macs[p] for p in kept)
@@ -281,8 +322,8 @@ def bench_artifact():
 
   if _EVAL.value:
     test = data_lib.load_split(_DATASET.value, "test")
-    data = DataSpec(name=_DATASET.value, eval_batch_size=500, mean=common.IMAGENET_MEAN,
-                    std=common.IMAGENET_STD)
+    mean, std = common.normalization(_DATASET.value)
+    data = DataSpec(name=_DATASET.value, eval_batch_size=500, mean=mean, std=std)
     preds, acc = {}, {}
     for k, (fn, arrays) in variants.items():
       metrics = evaluate_split(make_eval_step(fn), arrays, test, data, desc=k, predictions=True)

@@ -74,10 +74,11 @@ DATASETS = {
 }
 
 
-def dataset_spec(name: str) -> DatasetSpec:
-  """Returns the :class:`DatasetSpec` of ``name`` or raises a one-line :class:`ConfigError`."""
+def dataset_spec(name: str, field: str = "data.name") -> DatasetSpec:
+  """Returns the :class:`DatasetSpec` of ``name`` or raises a one-line :class:`ConfigError` that
+  names ``field``."""
   if name not in DATASETS:
-    raise unknown("data.name", name, DATASETS)
+    raise unknown(field, name, DATASETS)
   return DATASETS[name]
 
 

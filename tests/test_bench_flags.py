@@ -64,8 +64,11 @@ def test_bench_refuses_bad_flags(override, message):
 
 
 @pytest.mark.parametrize("override", [
-    {}, {"fraction": 0.0, "max_kept": 1.0, "finetune_epochs": 1.5},
+    {}, {"fraction": 0.0, "norm": "l2", "weights": "", "eval": True, "finetune_epochs": 1.5,
+         "finetune_lr": 0.1},
     {"exported": "runs/x/export", "model": "mlp"},  # with --exported: an artifact's model
+    {"exported": "runs/x/export", "max_kept": 1.0, "multiple": 16, "dataset": "mnist"},
+    {"exported": "runs/x/export", "eval": True, "dataset": "cifar100", "fraction": 0.5},
 ])
 def test_bench_export_accepts_good_flags(override):
   _job("bench_export").check_flags(**{**BENCH_EXPORT, **override})
@@ -89,6 +92,32 @@ def test_bench_export_accepts_good_flags(override):
                        "channel surgery needs one; time any other model's artifact with "
                        "--exported"),
     ({"model": "resnet21"}, "--model must be one of char_gpt, "),
+    ({"exported": "x", "dataset": "imagenet"}, "--dataset must be one of cifar10, cifar100, "
+                                               "fashion_mnist, mnist, got 'imagenet'"),
+    # a flag the chosen mode does not use, given a value other than its default
+    ({"finetune_epochs": 1.0}, "--finetune_epochs must be left at its default 0.0 without --eval, "
+                               "got 1.0; the fine-tuned model is only evaluated with --eval"),
+    ({"finetune_lr": 0.1}, "--finetune_lr must be left at its default 0.02 without --eval, got "
+                           "0.1; the fine-tuned model is only evaluated with --eval"),
+    ({"eval": True, "finetune_lr": 0.1}, "--finetune_lr must be left at its default 0.02 with "
+                                         "--finetune_epochs=0, got 0.1; that skips the "
+                                         "fine-tuning"),
+    ({"dataset": "mnist", "eval": True}, "--dataset must be left at its default 'cifar10' "
+                                         "without --exported, got 'mnist'; only an artifact's "
+                                         "benchmark uses it"),
+    ({"multiple": 16}, "--multiple must be left at its default 8 without --exported, got 16"),
+    ({"max_kept": 0.5}, "--max_kept must be left at its default 0.75 without --exported, got 0.5"),
+    ({"exported": "x", "fraction": 0.9}, "--fraction must be left at its default 0.5 with "
+                                         "--exported, got 0.9; the artifact is slimmed "
+                                         "(--multiple, --max_kept), not pruned"),
+    ({"exported": "x", "norm": "l2"}, "--norm must be left at its default 'l1' with --exported"),
+    ({"exported": "x", "weights": ""}, "--weights must be left at its default 'resnet20_cifar10' "
+                                       "with --exported, got ''; the artifact holds its weights"),
+    ({"exported": "x", "eval": True, "finetune_epochs": 1.0},
+     "--finetune_epochs must be left at its default 0.0 with --exported, got 1.0; only the ResNet "
+     "surgery's shrunk model is fine-tuned"),
+    ({"exported": "x", "finetune_lr": 0.1}, "--finetune_lr must be left at its default 0.02 with "
+                                            "--exported, got 0.1"),
 ])
 def test_bench_export_refuses_bad_flags(override, message):
   with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
@@ -121,6 +150,10 @@ def test_export_check_refuses_bad_flags(override, message):
     (("experiments.bench", "--variants=plain", "--steps=-1"), "--steps must be >= 1, got -1"),
     (("experiments.bench_export", "--model=mlp", "--weights="),
      "--model must be a CIFAR ResNet (resnet20 ... resnet110), got 'mlp'"),
+    (("experiments.bench_export", "--exported=runs/missing/export", "--fraction=0.9"),
+     "--fraction must be left at its default 0.5 with --exported, got 0.9"),
+    (("experiments.bench_export", "--exported=runs/missing/export", "--dataset=imagenet"),
+     "--dataset must be one of cifar10, cifar100, fashion_mnist, mnist, got 'imagenet'"),
 ])
 def test_bad_flag_is_one_line_before_any_work(args, message):
   proc = _run(*args)
@@ -193,6 +226,62 @@ def test_bench_reports_medians_and_cpu_over_the_rounds_wall_time():
   assert result["ratio_to_plain"] == {"plain": 1.0, "kd": 2.5}
   # plain: 3.5 CPU s over 16/100 + 16/50 + 16/200 = 0.56 wall s; kd: 9 over 0.4 + 0.2667 + 1.6
   assert result["cpu_per_wall_s"] == {"plain": 6.25, "kd": 3.97}
+
+
+def test_bench_export_refuses_an_artifact_for_other_images_before_timing(tmp_path):
+  """--eval feeds the artifact --dataset's test images: one of another shape is refused as
+  evaluate does (model.exported there), before any timing or data (there is none here)."""
+  from test_export_runtime import mlp_artifact
+  mlp_artifact(str(tmp_path / "export"), input_shape=(8, 8, 3))
+  proc = subprocess.run([sys.executable, "-m", "experiments.bench_export",
+                         f"--exported={tmp_path / 'export'}", "--eval", "--rounds=1",
+                         "--steps=1", "--batch_size=2"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                              TFDS_DATA_DIR=str(tmp_path / "no_data")))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert lines == ["error: --exported input must be one image of shape (32, 32, 3) for cifar10, "
+                   "got '(8, 8, 3) float32'"], proc.stderr[-2000:]
+  assert proc.stdout == ""
+
+
+# bench_export --exported --eval on the mock test split of --dataset; the last line printed is
+# the images' own predictions, normalised with the dataset's usual statistics given here.
+MOCK_EVAL = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow_datasets as tfds
+    from absl import flags
+    from experiments import bench_export
+    from jaxcompress.data import load_split
+    from jaxcompress.export import load
+    from jaxcompress.models import get_model
+    flags.FLAGS(sys.argv)
+    mean, std = json.loads(sys.argv[-1])
+    with tfds.testing.mock_data(num_examples=40):
+      bench_export.main(sys.argv[:1])
+      images, labels = load_split(flags.FLAGS.dataset, "test", progress=False)
+    logits = load(flags.FLAGS.exported, get_model("mlp")).logits(
+        ((images / 255.0 - np.array(mean)) / np.array(std)).astype(np.float32))
+    print(json.dumps(100 * float(np.mean(np.argmax(logits, -1) == labels))))
+""")
+
+
+@pytest.mark.parametrize("dataset,mean,std", [("mnist", [0.1307], [0.3081]),
+                                              ("fashion_mnist", [0.2860], [0.3530])])
+def test_bench_export_evaluates_grey_images_with_their_own_normalisation(tmp_path, dataset,
+                                                                         mean, std):
+  from test_export_runtime import mlp_artifact
+  mlp_artifact(str(tmp_path / "export"), input_shape=(28, 28, 1))
+  proc = subprocess.run([sys.executable, "-c", MOCK_EVAL, f"--exported={tmp_path / 'export'}",
+                         "--eval", f"--dataset={dataset}", "--rounds=1", "--steps=1",
+                         "--batch_size=2", json.dumps([mean, std])], cwd=REPO,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  *_, result, expected = proc.stdout.strip().splitlines()
+  result = json.loads(result)
+  assert result["accuracy"]["full"] == pytest.approx(json.loads(expected), abs=0.01)
 
 
 # bench_export's interleaved timing of a fake step that burns CPU, except in the second round,
