@@ -39,7 +39,8 @@ from flax import nnx
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
-from jaxcompress.errors import ConfigError, check_counts, check_finite, invalid, shortened
+from jaxcompress.errors import (ConfigError, check_counts, check_finite, invalid, message_line,
+                                shortened)
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
@@ -58,11 +59,6 @@ STATE_ENTRIES = ("quant", "kmeans", "fold", "gains")
 def decay_mask(params: dict) -> dict:
   """Weight decay only on the student's own parameters (``params['model']``)."""
   return {k: jax.tree.map(lambda _: k == "model", v) for k, v in params.items()}
-
-
-def _first_line(e: Exception) -> str:
-  """The first line of a Flax error (or one of ours), without Flax's documentation link."""
-  return re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -222,10 +218,10 @@ class Compression:
                                      hook_paths=paths)
     except flax.errors.InvalidRngError as e:  # dropout on with train=False: its own switch
       raise ConfigError(f"teacher: its forward draws random numbers in eval mode "
-                        f"({_first_line(e)}); the teacher runs without a key: give its __call__ "
+                        f"({message_line(e)}); the teacher runs without a key: give its __call__ "
                         "a train or deterministic flag, or build it in eval mode") from None
     except (flax.errors.FlaxError, ConfigError) as e:  # another model's variables
-      first = _first_line(e)
+      first = message_line(e)
       if isinstance(e, ConfigError) and not first.startswith("variables: "):
         raise
       raise ConfigError(f"teacher_vars: the teacher does not take these variables "
@@ -245,7 +241,7 @@ class Compression:
     except flax.errors.FlaxError as e:  # inputs of another shape than the model was built for
       shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), batch.image)
       raise ConfigError(f"train step: the model fails on batch.image of shape {shapes} "
-                        f"({_first_line(e)})") from None
+                        f"({message_line(e)})") from None
     task = cross_entropy(logits, batch.label)
     w = batch.weight
     check_weight(w, batch.label)

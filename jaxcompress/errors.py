@@ -8,6 +8,7 @@ exit non-zero, so a user never sees a traceback for their own mistake.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -93,6 +94,11 @@ def check_finite(field: str, tree: Any, consequence: str) -> None:
     if np.issubdtype(a.dtype, np.floating) and not np.all(np.isfinite(a)):
       raise ConfigError(f"{field}{jax.tree_util.keystr(path)} holds "
                         f"{int(np.sum(~np.isfinite(a)))} NaN/Inf value(s); {consequence}")
+
+
+def message_line(e: BaseException) -> str:
+  """The first line of an error's message without a documentation link (Flax's errors)."""
+  return re.sub(r" \(https?://\S+\)", "", str(e).splitlines()[0]) if str(e) else ""
 
 
 def first_line(e: BaseException) -> str:

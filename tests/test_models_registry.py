@@ -83,6 +83,16 @@ SOURCE = textwrap.dedent('''
 
     def five_classes(num_classes):
       return Net(5)
+
+    class AlwaysDrops(nn.Module):
+      num_classes: int
+
+      @nn.compact
+      def __call__(self, x):  # dropout with no switch of __call__
+        return nn.Dense(self.num_classes)(nn.Dropout(0.5, deterministic=False)(x.mean((1, 2))))
+
+    def always_drops(num_classes):
+      return AlwaysDrops(num_classes)
 ''')
 SHAPE = (2, 2, 3)  # 12 inputs
 
@@ -189,6 +199,14 @@ def test_bad_module_factory_names_the_field_and_value(user_module, field, factor
   assert repr(name) in text or repr(name.split(":")[0]) in text, text
   assert "\n" not in text
   assert re.search(message.format(mod=re.escape(user_module)), text), text
+
+
+def test_a_model_that_drops_out_in_eval_mode_is_named_for_what_it_is(user_module):
+  name = f"{user_module}:always_drops"
+  with pytest.raises(ConfigError, match=re.escape(
+      f"model.name: {name}'s forward draws random numbers in eval mode (Dropout_0 needs PRNG for "
+      '"dropout"); give its __call__ a train or deterministic flag')):
+    create_model(name, num_classes=10, image_shape=SHAPE)
 
 
 def test_an_nnx_model_whose_forward_fails_is_one_line(user_module):

@@ -24,13 +24,14 @@ import os
 import sys
 from typing import Any, Callable
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxcompress.errors import ConfigError, first_line, invalid
+from jaxcompress.errors import ConfigError, first_line, invalid, message_line
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
 from jaxcompress.models.functional import functional, set_variables, variables_of
 from jaxcompress.models.gpt import CharGPT
@@ -218,6 +219,10 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
   sample = np.zeros((1, *image_shape), np.float32)
 
   def fails(e: Exception) -> ConfigError:  # a model not taking the dataset's input: user mistake
+    if isinstance(e, flax.errors.InvalidRngError):
+      return ConfigError(f"{name_field}: {name}'s forward draws random numbers in eval mode "
+                         f"({message_line(e)}); give its __call__ a train or deterministic flag "
+                         "(or build it in eval mode), so evaluation is deterministic")
     return ConfigError(f"{name_field}: {name}'s forward fails on one input of shape "
                        f"{list(image_shape)} ({first_line(e)}); the model must accept the "
                        "dataset's images")
