@@ -811,3 +811,33 @@ def test_exporting_nnx_state_the_artifact_lacks_warns(tmp_path):
     comp = compose.build(NNXCounted(rngs=nnx.Rngs(0)), plain, x, optimizer=optax.sgd(0.1),
                          total_steps=1)
     comp.export(str(tmp_path / "b"), comp.init_state(plain, x))
+
+
+class NNXCallRngs(nnx.Module):
+  """Dropout without its own Rngs: __call__ hands it the caller's."""
+
+  def __init__(self, *, rngs):
+    self.lin = nnx.Linear(16, 16, rngs=rngs)
+    self.drop = nnx.Dropout(0.5)
+
+  def __call__(self, x, rngs: nnx.Rngs | None = None):
+    return self.drop(self.lin(x), rngs=rngs)
+
+
+def test_an_nnx_call_taking_rngs_gets_them_from_the_step_key():
+  model = NNXCallRngs(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  variables["params"]["lin"]["kernel"] = np.eye(16, dtype=np.float32)
+  variables["params"]["lin"]["bias"] = np.zeros(16, np.float32)
+  x = np.ones((64, 16), np.float32)
+  fm = functional(model)
+  out = np.asarray(fm.apply(variables, x, train=True, rngs=jax.random.key(1))[0])
+  assert set(np.unique(out)) <= {0.0, 2.0} and abs((out == 2).mean() - 0.5) < 0.06  # 1024 draws
+  np.testing.assert_array_equal(
+      np.asarray(fm.apply(variables, x, train=True, rngs=jax.random.key(1))[0]), out)
+  assert not np.array_equal(
+      np.asarray(fm.apply(variables, x, train=True, rngs=jax.random.key(2))[0]), out)
+  np.testing.assert_array_equal(np.asarray(fm.apply(variables, x)[0]), x)  # eval: no dropout
+  with pytest.raises(ConfigError, match=r"^rngs: the NNX model draws random numbers in training "
+                                        r"\(its __call__ takes rngs\); pass rngs="):
+    fm.apply(variables, x, train=True)

@@ -372,12 +372,17 @@ class Functional:
     kwargs = self._flag_kwargs(kwargs, train)  # a flag of __call__ overrides the attributes
     streams = sorted({node.tag for _, node in nnx.iter_graph(model)
                       if isinstance(node, nnx.RngStream)}) if train else []
-    if streams and rngs is None:  # the module's own keys would give the same draws every call
-      raise ConfigError(f"rngs: the NNX model draws random numbers in training (its streams: "
-                        f"{', '.join(streams)}); pass rngs=, a new PRNG key at every step")
+    # A __call__(x, rngs=None) that hands its Rngs to the layers gets them from the step's key.
+    call_rngs = train and "rngs" not in kwargs and "rngs" in _call_parameters(model)
+    if (streams or call_rngs) and rngs is None:  # the module's own keys: the same draws each call
+      drawn = f"its streams: {', '.join(streams)}" if streams else "its __call__ takes rngs"
+      raise ConfigError(f"rngs: the NNX model draws random numbers in training ({drawn}); pass "
+                        "rngs=, a new PRNG key at every step")
     if streams:  # match_shape: streams split by nnx.split_rngs (stacked blocks) keep their shape
       nnx.reseed(model, policy="match_shape",
                  **{s: jax.random.fold_in(rngs, i) for i, s in enumerate(streams)})
+    if call_rngs:
+      kwargs = {**kwargs, "rngs": nnx.Rngs(jax.random.fold_in(rngs, len(streams)))}
     swapped = []
     if hook is not None:
       for path, module in nnx.iter_modules(model):
@@ -397,6 +402,14 @@ class Functional:
     if train and "batch_stats" in variables:
       new_state["batch_stats"] = _str_keys(_pure(nnx.state(model, nnx.BatchStat)))
     return out, new_state
+
+
+def _call_parameters(module: Any) -> Mapping[str, inspect.Parameter]:
+  """The parameters of a module's ``__call__`` (none where Python cannot tell)."""
+  try:
+    return inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return {}
 
 
 def _linen_interceptor(hook: Hook, hook_paths: set[str]):
