@@ -332,7 +332,10 @@ def iterative_search(config, workdir: str) -> dict:
   current[0] = -1
   dense_test = evaluate(dense_params, "eval", "test (dense)")
   pruned, prunable = zero_count(result.params, rules)
-  val_split = config.prune.val_split or f"{config.data.train_split}[-{len(splits['val'])}:]"
+  # The held-out examples as a split spec TFDS reads back (absolute, whatever train_split is)
+  val_split = config.prune.val_split or data_lib.last_examples(
+      data.name, data.train_split, len(splits["val"]), data_dir=data.data_dir) or (
+          f"{data.train_split}[-{len(splits['val'])}:]")
   out = {"model": config.model.name, "dataset": config.data.name, "scope": config.prune.scope,
          "tolerance": config.prune.tolerance, "val_split": val_split,
          "val_examples": len(splits["val"]), "eval_split": config.data.eval_split,

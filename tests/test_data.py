@@ -171,6 +171,17 @@ def test_cifar10_label_names_match_the_prepared_dataset():
   assert list(datasets.dataset_spec("cifar10").label_names) == info.features["label"].names
 
 
+@requires_cifar10
+def test_held_out_examples_of_a_sliced_split_are_a_spec_tfds_reads():
+  folder = os.environ["TFDS_DATA_DIR"]
+  assert data.last_examples("cifar10", "train[:2000]", 256, data_dir=folder) == "train[1744:2000]"
+  assert data.first_examples("cifar10", "train[:2000]", 1744, data_dir=folder) == "train[0:1744]"
+  assert data.last_examples("cifar10", "train[:10]+test[:10]", 15,
+                            data_dir=folder) == "train[5:10]+test[0:10]"
+  ids = tfds.data_source("cifar10", split="train[1744:2000]", data_dir=folder)
+  assert len(ids) == 256
+
+
 def test_data_spec_is_validated_when_built_and_read_from_a_section():
   from configs import common
   spec = data.DataSpec.from_mapping(common.data_config("cifar10"))

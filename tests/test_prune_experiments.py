@@ -16,6 +16,7 @@ import tensorflow_datasets as tfds
 
 from configs import iterative_prune as iterative_config
 from configs import prune_sensitivity as sensitivity_config
+from experiments import sensitivity
 from experiments.sensitivity import (iterative_search, iterative_table, keep_nonzero,
                                      one_shot_sensitivity, one_shot_table)
 from jaxcompress import pruning
@@ -153,8 +154,13 @@ def _iterative(workdir, data=None, **prune):
     return iterative_search(config, str(workdir))
 
 
-def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path):
+def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path, monkeypatch):
+  # The mock has no split sizes: the held-out spec comes from data.last_examples (tested on the
+  # real CIFAR-10 in test_data.py), here a stand-in that shows what it was asked.
+  monkeypatch.setattr(sensitivity.data_lib, "last_examples",
+                      lambda name, split, n, data_dir=None: f"{name}:{split}:last{n}")
   result = _iterative(tmp_path)
+  assert result["val_split"] == "mnist:train:last16"
   params = _mlp_params()
   sizes = _kernel_sizes(params)
 
