@@ -43,8 +43,8 @@ def block_names(params: Mapping[str, Any]) -> list[str]:
 def inner_channel_masks(params: Mapping[str, Any], fraction: float, *, norm: str = "l1") -> Any:
   """Channel masks for every block's ``conv1`` (and its ``bn1``), lowest L1/L2 norms pruned.
 
-  In each block ``round(fraction * width)`` output channels of ``conv1`` with the smallest kernel
-  norm are zeroed (the pruning package's :func:`~jaxcompress.pruning.channel_masks`), and so are
+  In each block ``round(fraction * width)`` output channels of ``conv1`` (at most ``width - 1``:
+  one is always kept) with the smallest kernel norm are zeroed (the pruning package's :func:`~jaxcompress.pruning.channel_masks`), and so are
   their ``bn1`` scale and bias, so the channel's output is exactly 0 and
   :func:`shrink_channels` can remove it. Every other leaf is all ones.
 
@@ -113,10 +113,14 @@ def shrink_channels(model_name: str, variables: Mapping[str, Any], masks: Any, *
     variables; its predictions equal those of the masked full model.
 
   Raises:
-    ConfigError: for a non-ResNet, masks that are not whole channels, or (``strict``) a channel
-      whose BatchNorm output is not zero.
+    ConfigError: for a non-ResNet, variables of another depth, masks that are not whole channels,
+      or (``strict``) a channel whose BatchNorm output is not zero.
   """
-  _check_resnet(model_name)
+  depth = _check_resnet(model_name).depth
+  blocks = block_names(variables["params"])
+  if len(blocks) != (depth - 2) // 2:  # three stages of (depth - 2) / 6 blocks
+    raise ConfigError(f"variables: {len(blocks)} basic blocks, {model_name} has "
+                      f"{(depth - 2) // 2}; give the model name the variables were built for")
   params = flax.core.unfreeze(bake_masks(variables["params"], masks))
   stats = jax.tree.map(np.asarray, flax.core.unfreeze(variables["batch_stats"]))
   mask_params = flax.core.unfreeze(masks)

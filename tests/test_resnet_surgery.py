@@ -92,6 +92,9 @@ def test_unstructured_masks_and_other_models_are_refused():
     shrink_channels("resnet20", VARS, magnitude_masks(VARS["params"], 0.5))
   with pytest.raises(ConfigError, match="must be a CIFAR ResNet .* got 'cnn_cifar'"):
     shrink_channels("cnn_cifar", VARS, MASKS)
+  with pytest.raises(ConfigError, match=r"^variables: 9 basic blocks, resnet32 has 15; give the "
+                                        r"model name the variables were built for$"):
+    shrink_channels("resnet32", VARS, MASKS)  # ResNet-20's variables
 
 
 def test_folded_resnet_equals_the_batchnorm_resnet():
