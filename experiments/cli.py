@@ -95,7 +95,8 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(signum, frame):
-  del signum, frame
+  del frame
+  signal.signal(signum, signal.SIG_IGN)  # a scheduler's repeated SIGTERMs: clean up once
   raise Terminated()
 
 

@@ -160,6 +160,31 @@ def test_sigterm_ends_as_ctrl_c_and_releases_the_workdir(tmp_path):
   assert not (workdir / "lock").exists()
 
 
+SLOW_CLEANUP = SLEEPER.replace("def main(argv):", """import atexit
+
+def cleanup():
+  print("cleaning", flush=True)
+  time.sleep(2)
+
+atexit.register(cleanup)
+
+def main(argv):""")
+
+
+def test_a_second_sigterm_during_the_cleanup_is_ignored(tmp_path):
+  proc = subprocess.Popen([sys.executable, "-c", SLOW_CLEANUP, f"--workdir={tmp_path / 'run'}"],
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.stdout.readline().strip() == "claimed"
+  proc.terminate()
+  assert proc.stdout.readline().strip() == "cleaning"
+  proc.terminate()  # as a scheduler may repeat it
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 143 and "Traceback" not in err and "Exception" not in err, err
+  assert err.strip().splitlines()[-1] == ("error: terminated (SIGTERM); rerun the same command "
+                                          "to resume")
+
+
 def test_an_argument_without_dashes_is_one_line():
   proc = _run("experiments.bench", "variants=plain", timeout=120)  # ignored: every variant runs
   assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
