@@ -26,7 +26,7 @@ from experiments.train_job import train_model
 from jaxcompress import compose, datasets, parallel, precision, pruning, quantization
 from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
-from jaxcompress.checkpoint import (MetricsLog, Stages, check_workdir, write_json,
+from jaxcompress.checkpoint import (RESUMABLE, MetricsLog, Stages, check_workdir, write_json,
                                     write_text)
 from jaxcompress.errors import ConfigError, invalid, unknown
 from jaxcompress.models import create_model, get_model
@@ -136,9 +136,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   main = parallel.is_main_process()
   stages = Stages(workdir)
   parallel.sync("stages read")  # process 0 writes it only once every process has read it
-  # WORKDIR/config.json records all but `parallel` (check_workdir's default): a run may resume
-  # on another number of processes. Process 0 claims the workdir.
-  claim_workdir = lambda: check_workdir(config, workdir)
+  # WORKDIR/config.json records all but `parallel` (a run may resume on another number of
+  # processes) and `export.max_bytes` (a rerun with another cap exports the trained model again).
+  # Process 0 claims the workdir.
+  claim_workdir = lambda: check_workdir(config, workdir,
+                                        ignore=(*RESUMABLE, "export.max_bytes"))
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
@@ -241,6 +243,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
                 "act_bits": config.quant.act_bits or 32}
   if config.export.enabled:
+    if stages.get("export", {}).get("max_bytes", 0) != config.export.get("max_bytes", 0):
+      stages.pop("export", None)  # exported under another cap: export again
     compressed.update(stages("export", lambda: _export(
         config, workdir, comp, state, original_bytes, after["predictions"], evaluate_vars)))
   dense = {"sparsity": 0.0, "weight_bits": 32, "act_bits": 32}
@@ -287,7 +291,8 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     ``size_bytes`` (artifact bytes on disk), ``compression_ratio``, the artifact's ``accuracy``
     as ``exported_accuracy`` and its prediction agreement with the fake-quant model; with
     ``export.slim``, ``serving_slimmed``: ``{layer: [computed, all] output channels}``; with
-    ``export.max_bytes``, ``zeroed_to_fit``: how many kept weights were zeroed to fit.
+    ``export.max_bytes``, that cap as ``max_bytes`` and ``zeroed_to_fit``: how many kept weights
+    were zeroed to fit.
   """
   from jaxcompress import export  # heavy; only the export stage needs it
   folders = ["export", "serving"] if config.export.serving else ["export"]
@@ -302,7 +307,11 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
 
       write, params = _artifact_writer(config, comp, state, tmp["export"])
       if max_bytes:
-        _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
+        try:
+          _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
+        except ConfigError as e:  # the trained values take more than the starting ones did
+          raise ConfigError(f"export.{e}; rerun with a larger --config.export.max_bytes: the "
+                            "trained model is kept, only the export runs again") from None
       else:
         report = write(params)
     parallel.sync("artifact written")
@@ -332,7 +341,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
          "compression_ratio": round(original_bytes / report["total_bytes"], 3),
          "exported_accuracy": result["accuracy"], "export_agreement": agree}
   if max_bytes:
-    out["zeroed_to_fit"] = zeroed
+    out.update(max_bytes=max_bytes, zeroed_to_fit=zeroed)
   if config.export.serving and config.export.slim:
     out["serving_slimmed"] = slimmed
   return out
@@ -365,7 +374,8 @@ def _check_max_bytes(config, comp, state) -> None:
                                   comp.prune_rules)
   if floor > max_bytes:
     raise invalid("export.max_bytes", max_bytes, f"at least {floor:,}, what this model's artifact "
-                  "takes with every prunable weight zero", "raise it, or compress more layers")
+                  "takes with every prunable weight zero (with the starting weights; the trained "
+                  "ones may take more)", "raise it, or compress more layers")
 
 
 def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, splits: dict,

@@ -111,7 +111,8 @@ def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_
   # each): refused before training, nothing written.
   config.export.max_bytes = 10
   with pytest.raises(ConfigError, match=r"^export.max_bytes must be at least ([\d,]+), what this "
-                     r"model's artifact takes with every prunable weight zero, got 10") as e:
+                     r"model's artifact takes with every prunable weight zero \(with the "
+                     r"starting weights; the trained ones may take more\), got 10") as e:
     _run(config, tmp_path / "small")
   floor = int(str(e.value).split("at least ")[1].split(", what")[0].replace(",", ""))
   assert 784 * 256 // 8 < floor < free["size_bytes"] and not os.path.exists(tmp_path / "small")
@@ -129,6 +130,12 @@ def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_
                    for run in ("capped", "free"))
   assert free_nnz["params/fc2/kernel"] - nnz["params/fc2/kernel"] == capped["zeroed_to_fit"]
   assert nnz["params/fc1/kernel"] == free_nnz["params/fc1/kernel"]
+  assert (capped["max_bytes"], free["max_bytes"]) == (cap, 10 ** 9)
+  # Another cap in a finished run's workdir: the trained model is kept, only the export runs again
+  # (the run capped from the start is the oracle).
+  recapped = _run(config, tmp_path / "free")["compressed"]
+  assert recapped == capped
+  assert json.load(open(tmp_path / "free" / "results.json"))["compressed"] == capped
 
 
 def test_sft_ablation_runs_without_a_teacher(mlp_weights, tmp_path):
