@@ -470,6 +470,10 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
                   r"shape \[3, 3, 8, 24\] needs 4 or 96; the spec does not match the arrays")
   bad_shape["layers"][index]["shape"] = [3, 3, 16, 16]
   _one_line_error(write("shape2", spec_obj=bad_shape), "params/body/kernel")
+  bad_encoding = copy()
+  bad_encoding["layers"][index]["encoding"] = "zzz"
+  _one_line_error(write("encoding", spec_obj=bad_encoding),
+                  r"^artifact layer 'params/body/kernel' encoding must be one of .*, got 'zzz'")
   moved = copy()
   moved["layers"][index]["segments"]["scale"] += 4
   following = moved["layers"][index + 1]["segments"]

@@ -280,6 +280,8 @@ def decode_layer(meta: dict, segments: dict[str, np.ndarray], *,
   where = f"artifact layer {path!r}"
   if meta["kind"] not in KINDS:
     raise unknown(f"{where} kind", meta["kind"], KINDS)
+  if meta.get("encoding") not in sparse.ENCODINGS:
+    raise unknown(f"{where} encoding", meta.get("encoding"), sparse.ENCODINGS)
   shape = tuple(int(d) for d in meta["shape"])
   n, channels, bits = int(np.prod(shape)), shape[-1], int(meta["bits"])
   if meta["kind"] == "float" and bits not in sparse.FLOAT_DTYPES:
