@@ -271,9 +271,11 @@ class QuantSpec:
   """Fake quantization of weights and layer inputs (0 bits: that part stays float).
 
   Attributes:
-    weight_bits: bits of the selected weights.
-    act_bits: bits of each quantized layer's input.
-    first_last_bits: bits of the first and last layer in forward order (0: leave them float).
+    weight_bits: bits of the selected weights (the layers between the first and the last).
+    act_bits: bits of each of those layers' input.
+    first_last_bits: bits of the first and last layer in forward order, weights and input,
+      whatever ``weight_bits`` and ``act_bits`` say once either is set (0: leave them float):
+      ``weight_bits=0, act_bits=8`` keeps the inner kernels float, not the first and last.
     per_channel: one weight scale per output channel.
     method: ``minmax`` (ranges from data), ``lsq`` (learned step sizes) or ``kmeans`` (weight
       sharing; inputs stay ``minmax``).
