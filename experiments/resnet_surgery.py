@@ -44,9 +44,10 @@ def inner_channel_masks(params: Mapping[str, Any], fraction: float, *, norm: str
   """Channel masks for every block's ``conv1`` (and its ``bn1``), lowest L1/L2 norms pruned.
 
   In each block ``round(fraction * width)`` output channels of ``conv1`` (at most ``width - 1``:
-  one is always kept) with the smallest kernel norm are zeroed (the pruning package's :func:`~jaxcompress.pruning.channel_masks`), and so are
-  their ``bn1`` scale and bias, so the channel's output is exactly 0 and
-  :func:`shrink_channels` can remove it. Every other leaf is all ones.
+  one is always kept) with the smallest kernel norm are zeroed (the pruning package's
+  :func:`~jaxcompress.pruning.channel_masks`), and so are their ``bn1`` scale and bias, so the
+  channel's output is exactly 0 and :func:`shrink_channels` can remove it. Every other leaf is
+  all ones.
 
   Args:
     params: ``variables['params']`` of a CIFAR ResNet.

@@ -264,8 +264,9 @@ def initialize_distributed(spec: DistributedSpec) -> None:
   job twice, does nothing). Where the coordinator's address, the number of processes and this
   process's id are given, the address is checked first, within ``spec.initialization_timeout``:
   process 0 must be able to serve it on its own host, the others must reach it. Cross-process
-  collectives of CPU devices go through gloo. JAX's preemption service stays off: it would take SIGTERM from the handler a job
-  installs (``experiments/cli.py``: stop, release the workdir, rerun to resume) and go on running.
+  collectives of CPU devices go through gloo. JAX's preemption service stays off: it would take
+  SIGTERM from the handler a job installs (``experiments/cli.py``: stop, release the workdir,
+  rerun to resume) and go on running.
 
   Raises:
     ConfigError: one line naming the field: the coordinator cannot be reached (or served) in time,

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import flax
 import jax
-from flax import nnx
 import numpy as np
+from flax import nnx
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import set_variables, variables_of
