@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import optax
 
 from jaxcompress.errors import check_positive, check_range, invalid, unknown
@@ -52,6 +54,11 @@ class OptimizerSpec:
     check_positive("train.learning_rate", self.learning_rate)
     check_positive("train.weight_decay", self.weight_decay, zero=True)
     check_range("train.momentum", self.momentum, 0.0, 1.0)
+    if not isinstance(self.nesterov, (bool, np.bool_)):
+      raise invalid("train.nesterov", self.nesterov, "True or False")
+    if self.nesterov and not self.momentum:
+      raise invalid("train.nesterov", True, "False with train.momentum=0",
+                    "Nesterov momentum needs momentum > 0")
     check_range("train.warmup_epochs", self.warmup_epochs, 0.0, max(self.epochs, 0) + 1e-9,
                 hi_closed=True)
     if isinstance(self.decay_at, (str, bytes)) or not isinstance(self.decay_at, Sequence):
@@ -73,20 +80,26 @@ class OptimizerSpec:
 def learning_rate_schedule(spec: OptimizerSpec, steps_per_epoch: int) -> optax.Schedule:
   """``step -> learning rate``: optional linear warmup, then cosine, step or constant.
 
-  ``step`` decays by ``spec.decay_factor`` at each fraction of training in ``spec.decay_at``
-  (e.g. ``(0.5, 0.75)``), the usual CIFAR ResNet recipe.
+  ``step`` multiplies the rate by ``spec.decay_factor`` at each fraction ``f`` of training in
+  ``spec.decay_at`` (e.g. ``(0.5, 0.75)``, the usual CIFAR ResNet recipe), from the first step
+  ``>= f * total`` on; fractions that reach the same step each apply their factor.
 
   Args:
     spec: the optimizer spec (a mapping with its fields is converted).
     steps_per_epoch: optimizer steps per epoch.
   """
+  if isinstance(spec, Mapping):
+    spec = OptimizerSpec.from_mapping(spec)
   total = max(1, int(round(spec.epochs * steps_per_epoch)))
   warmup = int(round(spec.warmup_epochs * steps_per_epoch))
   lr = spec.learning_rate
   if spec.schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
   elif spec.schedule == "step":
-    bounds = {int(f * total) - warmup: spec.decay_factor for f in spec.decay_at}
+    bounds: dict[int, float] = {}  # steps of `main`, which starts after the warmup
+    for f in spec.decay_at:
+      at = math.ceil(round(f * total, 9)) - warmup  # rounded first: 0.7 * 10 is 7.000000000000001
+      bounds[at] = bounds.get(at, 1.0) * spec.decay_factor
     main = optax.piecewise_constant_schedule(lr, bounds)
   else:
     main = optax.constant_schedule(lr)

@@ -23,6 +23,7 @@ from jaxcompress.optim import OptimizerSpec, make_optimizer
     ("decay_at", "0.5", r"train.decay_at must be a sequence of fractions"),
     ("decay_at", 0.5, r"train.decay_at must be a sequence of fractions"),
     ("decay_factor", -1.0, r"train.decay_factor must be > 0, got -1.0"),
+    ("nesterov", "False", r"train.nesterov must be True or False, got 'False'"),
 ])
 def test_a_bad_field_is_rejected_when_the_spec_is_built(field, value, message):
   with pytest.raises(ConfigError, match=message):
@@ -46,3 +47,44 @@ def test_sgd_update_matches_the_pytorch_rule_by_hand():
   updates, _ = tx.update(g, tx.init(w), w)
   np.testing.assert_allclose(np.asarray(w + updates), [1.0 - 0.5 * 0.6, -2.0 - 0.5 * 0.05],
                              rtol=1e-6)
+
+
+def test_nesterov_needs_momentum():
+  with pytest.raises(ConfigError, match=r"^train.nesterov must be False with train.momentum=0"):
+    OptimizerSpec(epochs=2.0, momentum=0.0, nesterov=True)
+
+
+def _step_rates(spec, steps_per_epoch):
+  """The learning rate of every step, by hand: warmup from 0, then the peak times the factor
+  of every decay fraction f with step >= f * total (the steps counted from the start)."""
+  total = round(spec.epochs * steps_per_epoch)
+  warmup = round(spec.warmup_epochs * steps_per_epoch)
+  rates = []
+  for step in range(total):
+    if step < warmup:
+      rates.append(spec.learning_rate * step / warmup)
+    else:
+      decays = sum(step >= f * total for f in spec.decay_at)
+      rates.append(spec.learning_rate * spec.decay_factor ** decays)
+  return rates
+
+
+@pytest.mark.parametrize("epochs,per_epoch,decay_at,warmup", [
+    (1, 2, (0.5, 0.75), 0.0),   # both fractions land on step 1: two decays there
+    (1, 10, (0.5, 0.5), 0.0),   # the same fraction twice
+    (1, 10, (0.75,), 0.0),      # 7.5: from step 8, not 7
+    (1, 3, (0.5,), 0.0),        # 1.5: from step 2, not 1
+    (1, 10, (0.7,), 0.0),       # 0.7 * 10 is 7.000000000000001 in floats: from step 7
+    (2, 10, (0.5, 0.75), 0.5),  # after a warmup
+])
+def test_step_schedule_decays_once_per_fraction_from_its_first_step(epochs, per_epoch, decay_at,
+                                                                   warmup):
+  from jaxcompress.optim import learning_rate_schedule
+  spec = OptimizerSpec(epochs=epochs, schedule="step", learning_rate=0.1, decay_at=decay_at,
+                       warmup_epochs=warmup)
+  sched = learning_rate_schedule(spec, per_epoch)
+  got = [float(sched(s)) for s in range(round(epochs * per_epoch))]
+  np.testing.assert_allclose(got, _step_rates(spec, per_epoch), rtol=1e-6)
+  as_mapping = learning_rate_schedule({"epochs": epochs, "schedule": "step", "learning_rate": 0.1,
+                                       "decay_at": decay_at, "warmup_epochs": warmup}, per_epoch)
+  np.testing.assert_allclose([float(as_mapping(s)) for s in range(len(got))], got)
