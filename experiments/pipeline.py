@@ -192,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   total = int(round(config.train.epochs * per_epoch))
   if total < 1:
     raise invalid("train.epochs", config.train.epochs, f"enough for one step (an epoch is "
-                  f"{per_epoch} steps: at least {0.5 / per_epoch:.3g})")
+                  f"{per_epoch} steps: at least {1 / per_epoch:.3g})")
   calib_x, _ = splits["train"].read(
       np.arange(min(config.quant.calibration_examples, len(splits["train"]))))
   calib = [b.image for b in data_lib.eval_batches((calib_x, np.zeros(len(calib_x), np.int32)),

@@ -49,10 +49,13 @@ def shortened(items: Sequence[str], n: int, sep: str = ", ") -> str:
 
 
 def check_counts(fields: Mapping[str, Any]) -> None:
-  """Raises :class:`ConfigError` for the first of ``{field name: value}`` below 1."""
+  """Raises :class:`ConfigError` for the first of ``{field name: value}`` below 1 or not a whole
+  number (an interval of 1.5 steps is not one)."""
   for field, value in fields.items():
     if not _is_number(value) or not value >= 1:
       raise invalid(field, value, ">= 1")
+    if not np.isfinite(value) or value != int(value):
+      raise invalid(field, value, "an integer >= 1")
 
 
 def check_range(field: str, value: float, lo: float, hi: float, *,

@@ -34,7 +34,7 @@ from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import ConfigError, check_counts, invalid
+from jaxcompress.errors import ConfigError, check_counts, check_positive, invalid
 from jaxcompress.steps import TrainState, evaluate
 
 
@@ -65,8 +65,7 @@ class LoopSpec:
   eval_every_epochs: int = 1
 
   def __post_init__(self):
-    if self.epochs < 0:
-      raise invalid("train.epochs", self.epochs, ">= 0")
+    check_positive("train.epochs", self.epochs, zero=True)
     check_counts({f"train.{field}": getattr(self, field)
                   for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs")})
 

@@ -154,6 +154,15 @@ def test_a_different_config_in_the_same_workdir_is_refused(mlp_weights, tmp_path
     _run(other, tmp_path)
 
 
+def test_the_shortest_training_the_refusal_names_is_accepted(mlp_weights, tmp_path):
+  config = _config(mlp_weights)
+  config.train.epochs, config.prune.schedule = 0.001, "one_shot"  # gradual needs 2 steps
+  with pytest.raises(ConfigError, match=r"at least ([\d.e-]+)\)") as e:
+    _run(config, tmp_path / "short")
+  config.train.epochs = float(re.search(r"at least ([\d.e-]+)\)", str(e.value)).group(1))
+  assert _run(config, tmp_path / "hint")["train"]["steps"] == 1
+
+
 @pytest.mark.parametrize("key,value,match", [
     ("distill.alpha", 1.5, r"distill.alpha must be in \[0.0, 1.0\]"),
     ("prune.method", "obd", "prune.method must be one of"),

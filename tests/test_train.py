@@ -100,6 +100,13 @@ def test_loop_spec_rejects_bad_intervals_and_reads_only_its_fields():
     LoopSpec(checkpoint_every_steps=0)
   with pytest.raises(ConfigError, match=r"train.epochs must be >= 0, got -1"):
     LoopSpec(epochs=-1)
+  for epochs in (float("nan"), float("inf"), "1", None):
+    with pytest.raises(ConfigError, match=r"^train.epochs must be a finite number >= 0, got "):
+      LoopSpec(epochs=epochs)
+  for field in ("log_every_steps", "eval_every_epochs"):
+    with pytest.raises(ConfigError, match=rf"^train.{field} must be an integer >= 1, got 1.5$"):
+      LoopSpec(**{field: 1.5})
+  assert LoopSpec(log_every_steps=2.0).log_every_steps == 2.0  # a whole number, as a float
 
 
 def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
