@@ -231,9 +231,10 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
                     disable=not parallel.is_main_process()):
     if mesh is not None:
       batch = parallel.shard_batch(mesh, batch)
+    check_weight(batch.weight, batch.label)
     loss, pred = eval_step(variables, batch)
     loss, pred, label, weight = parallel.to_host((loss, pred, batch.label, batch.weight))
-    keep = np.asarray(weight) > 0
+    keep = per_label(np.asarray(weight), np.asarray(label)) > 0  # [B] weights: every label
     labels.append(np.asarray(label)[keep])
     preds.append(np.asarray(pred)[keep])
     losses.append(np.asarray(loss)[keep])

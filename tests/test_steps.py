@@ -157,6 +157,21 @@ def test_evaluate_counts_per_class_precision_and_recall():
   assert out["recall"] == pytest.approx([0.5, 0.5, 1.0])
 
 
+def test_evaluate_spreads_an_example_weight_over_its_sequence_labels():
+  # Sequences of 3 labels, the model predicting the argmax of each position's input; the second
+  # example is padding (weight 0): counted by hand over the first example's 3 positions.
+  x = np.eye(2, dtype=np.float32)[[[0, 1, 1], [1, 1, 1]]]  # [2, 3, 2]
+  y = np.array([[0, 1, 0], [0, 0, 0]], np.int32)
+  step = make_eval_step(lambda v, img: img * v)
+  out = evaluate(step, 1.0, [Batch(x, y, np.array([1, 0], np.float32))], num_classes=2)
+  assert out["examples"] == 3 and out["accuracy"] == pytest.approx(200 / 3)
+  assert out["precision"] == pytest.approx([1.0, 0.5]) and out["recall"] == pytest.approx(
+      [0.5, 1.0])
+  with pytest.raises(ConfigError, match=r"^batch.weight must have shape \(2,\) \(one per "
+                                        r"example\) or \(2, 3\)"):
+    evaluate(step, 1.0, [Batch(x, y, None)], num_classes=2)
+
+
 @pytest.mark.parametrize("use_mesh", [False, True])
 def test_train_step_leaves_the_callers_arrays_alive(use_mesh):
   # The state is built from the caller's own arrays; a donating step used to delete them
