@@ -13,6 +13,7 @@ import warnings
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcompress import parallel
@@ -295,6 +296,18 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict | None = None) -> None:
+    """Saves ``state`` and ``meta`` as ``step``, which must come after every step saved.
+
+    Raises:
+      ConfigError: for a step at or before the latest one (orbax would skip it without a word,
+        and a resume would go back to that later step).
+    """
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      later = [s for s in self._manager.all_steps() if s >= step]
+      raise ConfigError(f"{self.directory}: step {step} cannot be saved, the folder holds step "
+                        f"{latest} already (checkpoints go forward); delete the steps "
+                        f"{later} to go on from an earlier one, or save into another folder")
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
 
@@ -307,6 +320,10 @@ class Checkpointer:
         damaged folder), naming it and the earlier step to resume from.
     """
     step = self.latest_step() if step is None else step
+    steps = list(self._manager.all_steps())
+    if step not in steps:
+      raise ConfigError(f"{self.directory}: no checkpoint of step {step} to restore (steps "
+                        f"saved: {sorted(steps) or 'none'})")
     try:
       stored = _entries(self._manager.item_metadata(step)["state"])
     except Exception as e:  # orbax and tensorstore raise many types for a damaged folder
@@ -351,6 +368,8 @@ def _entries(tree: Any) -> dict[str, str]:
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    if not hasattr(leaf, "dtype"):  # a Python scalar (flax's TrainState starts at step=0)
+      leaf = np.asarray(leaf)
     if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # stored as its key data
       leaf = jax.eval_shape(jax.random.key_data, leaf)
     out["/".join(names)] = f"{tuple(leaf.shape)} {jax.numpy.dtype(leaf.dtype).name}"
@@ -364,8 +383,20 @@ class MetricsLog:
     self.path = path
 
   def write(self, record: dict) -> None:
+    """Appends ``record``, first dropping a last line a crash cut short (which :meth:`read`
+    skips; a record appended to it would make both unreadable)."""
+    self._drop_cut_line()
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+
+  def _drop_cut_line(self) -> None:
+    if not os.path.exists(self.path) or not os.path.getsize(self.path):
+      return
+    with open(self.path, "rb+") as f:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":
+        f.seek(0)
+        f.truncate(f.read().rfind(b"\n") + 1)
 
   def read(self) -> list[dict]:
     """The records; a last line cut short by a crash (no newline yet) is not one."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import common
@@ -193,3 +194,48 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_resume_from(tmp_pat
   shutil.rmtree(folder)  # as the message says
   restored, meta = Checkpointer(str(tmp_path / "checkpoints")).restore(_small_state())
   assert meta == {"seconds": 1.0}
+
+
+def test_a_step_not_after_the_latest_is_refused_not_skipped(tmp_path):
+  from jaxcompress.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  for step in (10, 20):
+    ckpt.save(step, _small_state())
+  ckpt.restore(_small_state(), step=10)
+  for step in (15, 20):  # going on from step 10, or saving step 20 again
+    with pytest.raises(ConfigError, match=rf"step {step} cannot be saved, the folder holds step 20 "
+                                          rf"already .*delete the steps \[20\]"):
+      ckpt.save(step, _small_state())
+  with pytest.raises(ConfigError, match=r"no checkpoint of step 15 to restore \(steps saved: "
+                                        r"\[10, 20\]\)$"):
+    ckpt.restore(_small_state(), step=15)
+  ckpt.close()
+  empty = Checkpointer(str(tmp_path / "empty"))
+  with pytest.raises(ConfigError, match=r"no checkpoint of step None to restore \(steps saved: "
+                                        r"none\)$"):
+    empty.restore(_small_state())
+  empty.close()
+
+
+def test_a_python_scalar_in_the_state_restores(tmp_path):
+  from jaxcompress.checkpoint import Checkpointer
+  state = {"step": 3, "w": np.arange(4, dtype=np.float32)}  # as flax's TrainState starts: step=0
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(1, state)
+  ckpt.close()
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  restored, _ = ckpt.restore({"step": 0, "w": np.zeros(4, np.float32)})
+  ckpt.close()
+  assert int(restored["step"]) == 3
+  np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_a_record_after_a_cut_line_drops_that_line(tmp_path):
+  from jaxcompress.checkpoint import MetricsLog
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # a crash mid-write
+  log = MetricsLog(str(path))
+  log.write({"step": 2, "loss": 1.5})
+  log.write_final(2, {"accuracy": 0.5})
+  assert log.read() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
+                        {"step": 2, "final": True, "accuracy": 0.5}]
