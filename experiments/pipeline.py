@@ -240,8 +240,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   original_bytes = param_count(student_vars["params"]) * FLOAT32_BYTES
   compressed = {"model": config.student.name, "accuracy": after["accuracy"], "loss": after["loss"],
                 "precision": after["precision"], "recall": after["recall"],
-                "sparsity": sparsity, "weight_bits": config.quant.weight_bits or 32,
-                "act_bits": config.quant.act_bits or 32}
+                "sparsity": sparsity, "weight_bits": _bits(config.quant, 1),
+                "act_bits": _bits(config.quant, 2)}
   if config.export.enabled:
     if stages.get("export", {}).get("max_bytes", 0) != config.export.get("max_bytes", 0):
       stages.pop("export", None)  # exported under another cap: export again
@@ -271,6 +271,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                             MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
     write_json(os.path.join(workdir, "results.json"), results)  # last: its presence means done
   return results
+
+
+def _bits(quant, column: int) -> int | str:
+  """The weight (``column`` 1) or input (2) bits of the results: ``quant.weight_bits`` or
+  ``act_bits`` (32 for 0, float), or, for a per-layer plan (``quant.layer_bits``, one rule per
+  layer), the widths its layers take, ``'2/3/8'`` (one width: that number)."""
+  if not quant.get("layer_bits"):
+    return (quant.weight_bits, quant.act_bits)[column - 1] or 32
+  widths = sorted({int(rule[column]) or 32 for rule in quant.layer_bits})
+  return widths[0] if len(widths) == 1 else "/".join(map(str, widths))
 
 
 def _export(config, workdir: str, comp, state, original_bytes: int, predictions: list,

@@ -415,3 +415,14 @@ def test_no_config_or_job_names_the_shared_folder():
       if name.endswith(".py"):
         with open(os.path.join(root, folder, name)) as f:
           assert "../shared" not in f.read(), f"{folder}/{name}"
+
+
+def test_a_per_layer_plan_reports_the_widths_its_layers_take():
+  from experiments.pipeline import _bits
+  quant = cifar_distill.get_config("quick").quant
+  quant.weight_bits, quant.act_bits = 4, 8
+  assert (_bits(quant, 1), _bits(quant, 2)) == (4, 8)
+  quant.layer_bits = (("fc1", 8, 8), ("fc2", 2, 8), ("fc3", 3, 0))  # as a budget plan sets them
+  assert (_bits(quant, 1), _bits(quant, 2)) == ("2/3/8", "8/32")
+  quant.layer_bits = (("fc1", 4, 8), ("fc2", 4, 8))
+  assert (_bits(quant, 1), _bits(quant, 2)) == (4, 8)
