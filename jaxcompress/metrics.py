@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, invalid
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
   """``cm[i, j]`` = number of examples of true class ``i`` predicted as class ``j``.
 
   Raises:
-    ConfigError: ``labels`` and ``preds`` are not integer arrays of one length with values in
-      ``[0, num_classes)``.
+    ConfigError: ``num_classes`` is not an integer >= 1, or ``labels`` and ``preds`` are not
+      integer arrays of one length with values in ``[0, num_classes)``.
   """
+  if isinstance(num_classes, (bool, np.bool_)) or not isinstance(num_classes, (int, np.integer)) \
+      or num_classes < 1:
+    raise invalid("confusion matrix num_classes", num_classes, "an integer >= 1")
   labels, preds = np.asarray(labels), np.asarray(preds)
   for name, ids in (("labels", labels), ("predictions", preds)):
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1:

@@ -241,3 +241,13 @@ def test_an_integer_parameter_is_refused_in_one_line():
     comp.init_state(variables, x)
   with pytest.raises(ConfigError, match=r"^params\['calls'\] has dtype int32"):
     TrainState.create(variables["params"], {}, optax.sgd(0.1))
+
+
+def test_confusion_matrix_counts_by_hand_and_refuses_a_bad_class_count():
+  from jaxcompress.metrics import confusion_matrix
+  cm = confusion_matrix(np.array([0, 1, 1, 2]), np.array([0, 2, 1, 2]), 3)
+  np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+  for bad in (2.0, -1, 0, None, True):
+    with pytest.raises(ConfigError, match=r"^confusion matrix num_classes must be an integer "
+                                          r">= 1, got "):
+      confusion_matrix(np.zeros(0, np.int32), np.zeros(0, np.int32), bad)
