@@ -160,7 +160,8 @@ def plot_accuracy_vs_size(results: dict, path: str) -> None:
     ax.scatter(x, y, s=90 if key == "compressed" else 55, marker=MARKERS.get(key, "o"),
                color=f"C{i}", zorder=3,
                label=f"{label} ({row.get('model', '')}): {x:,.1f} KiB, {y:.2f} %")
-  if "before_finetune" in points and "compressed" in points:
+  if "before_finetune" in points and "compressed" in points and all(
+      math.isfinite(points[k][1]) for k in ("before_finetune", "compressed")):
     ax.annotate("", xy=points["compressed"], xytext=points["before_finetune"],
                 arrowprops=dict(arrowstyle="->", color="0.5", shrinkA=6, shrinkB=8), zorder=2)
   missing = [label for key, label, _ in _rows(results) if key not in sizes]

@@ -123,6 +123,10 @@ def test_a_model_without_a_finite_accuracy_or_a_size_still_reports(tmp_path):
              "original": {"model": "o", "accuracy": 91.0, "size_bytes": 1000}}
   report.plot_accuracy_vs_size(results, str(tmp_path / "plot.png"))
   assert (tmp_path / "plot.png").stat().st_size > 0
+  nan_before = _results()
+  nan_before["before_finetune"]["accuracy"] = float("nan")  # no arrow from a NaN point
+  report.plot_accuracy_vs_size(nan_before, str(tmp_path / "before.png"))
+  assert (tmp_path / "before.png").stat().st_size > 0
   table = autocompress_report.results_table(
       {"original": {"accuracy": 91.0, "size_bytes": 1000, "compression_ratio": None},
        "compressed": {"accuracy": 90.0, "size_bytes": None, "compression_ratio": None}})
