@@ -43,14 +43,17 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 BITS = (3, 4, 8)
 
 
-def text_config(fields: dict, context: int):
-  """``shakespeare_distill``'s quick config for one plan: KD only, no LSTM, no samples."""
+def text_config(fields: dict, context: int, model):
+  """``shakespeare_distill``'s quick config for one plan: KD only, no second family, no samples;
+  the teacher is the ``--trained`` run, whose ``model`` section (a transformer's or an LSTM's)
+  the job's family takes."""
   import ml_collections
 
   from configs import shakespeare_distill
   c = shakespeare_distill.get_config("quick").to_dict()
   c["seed"] = _SEED.value
   c["teacher"]["checkpoint"] = _TRAINED.value
+  c["teacher"]["model"] = model.to_dict()
   c["data"].update(path=_TEXT.value, context=context, batch_size=_BATCH.value,
                    eval_batch_size=2 * _BATCH.value)
   c["train"]["steps"] = _STEPS.value
@@ -74,7 +77,7 @@ def main(argv):
   for flag in (_STEPS, _BATCH, _HELD_OUT):
     if flag.value < 1:
       raise invalid(f"--{flag.name}", flag.value, ">= 1")
-  module, variables, vocab, _, context = lm_lib.load_trained(_TRAINED.value, "--trained")
+  module, variables, vocab, model, context = lm_lib.load_trained(_TRAINED.value, "--trained")
   corpus = text.load_corpus(text.text_path(_TEXT.value), context, vocab=vocab, field="--text")
   windows = (len(corpus.ids["validation"]) - 1) // context
   if _HELD_OUT.value > windows:
@@ -139,7 +142,7 @@ def main(argv):
       "quant": {"weight_bits": int(b), "act_bits": 8, "first_last_bits": 8, "layer_bits": ()}}
   runs = {"plan": {"prune": plan.prune_fields(), "quant": plan.quant_fields()},
           "uniform": uniform_fields}
-  out = {name: lm_pipeline.train_and_evaluate(text_config(fields, context),
+  out = {name: lm_pipeline.train_and_evaluate(text_config(fields, context, model),
                                               os.path.join(_WORKDIR.value, name))
          for name, fields in runs.items()}
   row = lambda r: {k: r["compressed"][k] for k in (  # noqa: E731

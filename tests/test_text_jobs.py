@@ -254,6 +254,26 @@ def test_budget_example_plans_a_char_transformer(tiny, tmp_path):
   assert f"{r['plan']['loss_test']:.4f} |" in report and "`block0/fc`" in report
 
 
+def test_budget_example_takes_a_trained_lstm(tiny, tmp_path):
+  """The example's --trained may be an LSTM run: its two kernels are planned and the text job
+  fine-tunes and exports it (the family follows the trained model)."""
+  lstm = tmp_path / "lstm"
+  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:lstm,quick",
+              f"--config.data.path={tiny['text']}", f"--workdir={lstm}", *TINY_LM,
+              "--config.model.width=8", "--config.train.steps=2",
+              "--config.train.warmup_steps=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  workdir = tmp_path / "budget"
+  proc = _run("examples.budget_char_gpt", f"--trained={lstm}", f"--text={tiny['text']}",
+              "--ratio=4", "--steps=2", "--batch_size=4", "--held_out=4", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.load(open(workdir / "results.json"))
+  assert [l["path"] for l in r["plan"]["layers"]] == ["lstm0/input", "lstm0/cell/recurrent"]
+  for name in ("plan", "uniform"):
+    assert r[name]["kernel_bytes"] <= r["budget"]["kernel_bytes"]
+    assert r[name]["export_agreement"] == 1.0
+
+
 def _override(config, overrides: dict):
   for key, value in overrides.items():
     *path, field = key.split(".")
