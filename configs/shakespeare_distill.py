@@ -12,10 +12,10 @@ Quick run (2-core CPU; trains both teachers first unless given, see docs/text.md
 
 A teacher already trained by ``experiments.train_lm`` is reused with
 ``--config.teacher.checkpoint=runs/lm_quick`` (its vocabulary must equal the text's). Measured
-with that teacher (docs/text.md): the KD transformer 1.7228 nats/char on test (teacher 1.7277,
-plain fine-tuning 1.7291) at 8.8x fewer bytes than the float32 teacher, the KD LSTM 1.9343
-(teacher 1.9292) at 9.9x; both artifacts agree with their fake-quant models on every test
-position. Full run (GPU):
+with that teacher (docs/text.md, with the command): the KD transformer 1.7213 nats/char on test
+(teacher 1.7277, plain fine-tuning 1.7286) at 9.1x fewer bytes than the float32 teacher, the KD
+LSTM 1.9347 (teacher 1.9292) at 10.0x; both artifacts agree with their fake-quant models on
+every test position. Full run (GPU):
 ``--config=configs/shakespeare_distill.py``.
 """
 
