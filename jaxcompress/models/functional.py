@@ -274,12 +274,17 @@ def _like(tree: Any, ref: Any, path: str) -> Any:
   return {k: _like(tree[str(k)], v, f"{path}/{k}") for k, v in ref.items()}
 
 
+def _call_parameters(module: Any) -> Mapping[str, inspect.Parameter]:
+  """The parameters of a module's ``__call__`` (none where Python cannot tell)."""
+  try:
+    return inspect.signature(type(module).__call__).parameters
+  except (TypeError, ValueError):
+    return {}
+
+
 def _flag_names(module: Any) -> tuple[str | None, bool]:
   """``(name, inverted)`` of a Linen or NNX module's train/eval keyword argument."""
-  try:
-    names = inspect.signature(type(module).__call__).parameters
-  except (TypeError, ValueError):
-    return None, False
+  names = _call_parameters(module)
   for name in TRAIN_FLAGS:
     if name in names:
       return name, False
@@ -304,6 +309,7 @@ class Functional:
   graphdef: Any = None
   rest: Any = None
   reference: Any = None
+  takes_rngs: bool = False  # NNX: __call__ has an ``rngs`` argument (given one in training)
 
   @property
   def name(self) -> str:
@@ -373,7 +379,7 @@ class Functional:
     streams = sorted({node.tag for _, node in nnx.iter_graph(model)
                       if isinstance(node, nnx.RngStream)}) if train else []
     # A __call__(x, rngs=None) that hands its Rngs to the layers gets them from the step's key.
-    call_rngs = train and "rngs" not in kwargs and "rngs" in _call_parameters(model)
+    call_rngs = train and "rngs" not in kwargs and self.takes_rngs
     if (streams or call_rngs) and rngs is None:  # the module's own keys: the same draws each call
       drawn = f"its streams: {', '.join(streams)}" if streams else "its __call__ takes rngs"
       raise ConfigError(f"rngs: the NNX model draws random numbers in training ({drawn}); pass "
@@ -402,14 +408,6 @@ class Functional:
     if train and "batch_stats" in variables:
       new_state["batch_stats"] = _str_keys(_pure(nnx.state(model, nnx.BatchStat)))
     return out, new_state
-
-
-def _call_parameters(module: Any) -> Mapping[str, inspect.Parameter]:
-  """The parameters of a module's ``__call__`` (none where Python cannot tell)."""
-  try:
-    return inspect.signature(type(module).__call__).parameters
-  except (TypeError, ValueError):
-    return {}
 
 
 def _linen_interceptor(hook: Hook, hook_paths: set[str]):
@@ -512,5 +510,6 @@ def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
     if _pure(stats):
       reference["batch_stats"] = _pure(stats)
     return Functional(model, "nnx", flag=flag, flag_inverted=inverted, graphdef=graphdef,
-                      rest=rest, reference=reference)
+                      rest=rest, reference=reference,
+                      takes_rngs="rngs" in _call_parameters(model))
   return Functional(model, "linen", flag=flag, flag_inverted=inverted)
