@@ -48,7 +48,7 @@ from jaxcompress.rules import flat_paths, tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.specs import DistillSpec, PruneSpec, QuantSpec
-from jaxcompress.steps import (TrainState, check_weight, cross_entropy, make_train_step,
+from jaxcompress.steps import (TrainState, check_batch, check_weight, cross_entropy, make_train_step,
                                weighted_mean)
 
 # model_state entries that are not model collections: the quantizer's state, k-means codebooks and
@@ -230,9 +230,7 @@ class Compression:
 
   def loss_fn(self, params, model_state, batch, rng, teacher_vars=None):
     """Per-step loss: ``(1 - alpha) * CE + alpha * KD + feature_weight * hints``."""
-    if not all(hasattr(batch, f) for f in ("image", "label", "weight")):
-      raise ConfigError(f"train step: the batch must be a jaxcompress.data.Batch(image, label, "
-                        f"weight), got a {type(batch).__name__}")
+    check_batch(batch, "train step: the batch")
     d = self.distill
     try:
       logits, new_state, s_feats = self.student_apply(

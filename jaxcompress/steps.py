@@ -69,6 +69,14 @@ def check_labels(logits: jax.Array, labels: jax.Array) -> None:
                       f"{tuple(jnp.shape(labels))}")
 
 
+def check_batch(batch: Any, where: str) -> None:
+  """Raises :class:`ConfigError` (one line, starting with ``where``) unless ``batch`` has the
+  fields of a :class:`jaxcompress.data.Batch`: ``image``, ``label`` and ``weight``."""
+  if not all(hasattr(batch, f) for f in ("image", "label", "weight")):
+    raise ConfigError(f"{where} must be jaxcompress.data.Batch (image, label, weight), got a "
+                      f"{type(batch).__name__}")
+
+
 def check_weight(weight: Any, labels: jax.Array) -> None:
   """Raises :class:`ConfigError` (one line) unless ``weight`` is one number per example (``[B]``)
   or per label (the labels' shape)."""

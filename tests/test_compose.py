@@ -236,8 +236,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
                      r"got float32 of shape \(8, 4\); one-hot labels: pass their argmax"):
     comp.make_train_step()(state, batch._replace(label=np.eye(4, dtype=np.float32)[batch.label]),
                            svars)
-  with pytest.raises(ConfigError, match=r"the batch must be a jaxcompress.data.Batch\(image, "
-                     r"label, weight\), got a tuple"):
+  with pytest.raises(ConfigError, match=r"^train step: the batch must be jaxcompress.data.Batch "
+                     r"\(image, label, weight\), got a tuple"):
     comp.make_train_step()(state, (batch.image, batch.label), svars)
   with pytest.raises(ConfigError, match=r"^train step: the model fails on batch.image of shape "
                      r"\(8, 5, 6, 3\) \(For parameter \"kernel\" in \"/fc1\", .* received has "

@@ -47,7 +47,7 @@ from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
-from jaxcompress.steps import check_labels, check_weight, cross_entropy, per_label
+from jaxcompress.steps import check_batch, check_labels, check_weight, cross_entropy, per_label
 
 DAMAGES = ("kl", "ce")
 
@@ -169,11 +169,8 @@ def check_held_out_batches(batches: Sequence[Any]) -> None:
   if not batches:
     raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
                       "examples")
-  fields = ("image", "label", "weight")
-  bad = [b for b in batches if not all(hasattr(b, f) for f in fields)]
-  if bad:
-    raise ConfigError(f"sensitivity: the held-out batches must be jaxcompress.data.Batch "
-                      f"(image, label, weight), got a {type(bad[0]).__name__}")
+  for b in batches:
+    check_batch(b, "sensitivity: the held-out batches")
   weights = [np.asarray(b.weight) for b in batches]
   if not all(w.size for w in weights) or not sum(float(np.sum(w)) for w in weights) > 0:
     raise ConfigError("sensitivity: the held-out batches hold no example of weight > 0 (an "
