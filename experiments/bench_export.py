@@ -10,8 +10,9 @@ With ``--exported`` the artifact in that folder (any model of the registry, name
 timed instead, full width against :func:`jaxcompress.export.slim` (every Conv/Dense multiplying
 by the output channels it keeps; ``--multiple`` and ``--max_kept`` as there), with the
 multiply-accumulates per example of each; ``--eval`` adds both test accuracies on ``--dataset``
-(normalised with :func:`configs.common.normalization`; the artifact must take its images) and
-their prediction agreement. A flag that the chosen mode does not use, given a value other than its
+(normalised with ``--mean`` and ``--std``, by default :func:`configs.common.normalization`'s
+values for the dataset, as the jobs train with; the artifact must take its images) and their
+prediction agreement. A flag that the chosen mode does not use, given a value other than its
 default, is refused.
 
 The inner channels of every basic block (``conv1`` outputs, ``conv2`` inputs) with the lowest
@@ -43,7 +44,7 @@ from jaxcompress.errors import ConfigError, check_counts, check_range, invalid
 
 # The defaults of the flags that only one mode uses (check_flags refuses others in the other mode).
 DEFAULTS = dict(weights="resnet20_cifar10", fraction=0.5, norm="l1", finetune_epochs=0.0,
-                finetune_lr=0.02, dataset="cifar10", multiple=8, max_kept=0.75)
+                finetune_lr=0.02, dataset="cifar10", multiple=8, max_kept=0.75, mean="", std="")
 
 _WEIGHTS = flags.DEFINE_string("weights", DEFAULTS["weights"],
                                "Weights name or path of the model ('' = random init).")
@@ -69,6 +70,11 @@ _DATASET = flags.DEFINE_string("dataset", DEFAULTS["dataset"], "With --exported:
                                "--eval and the class count of the artifact's model.")
 _MULTIPLE = flags.DEFINE_integer("multiple", DEFAULTS["multiple"], "With --exported: computed "
                                  "channels rounded up to a multiple of this.")
+_MEAN = flags.DEFINE_string("mean", DEFAULTS["mean"], "With --exported --eval: the per-channel "
+                            "mean of pixel/255 the model was trained with, comma-separated (one "
+                            "for all channels or one each; default: the dataset's).")
+_STD = flags.DEFINE_string("std", DEFAULTS["std"], "With --exported --eval: the per-channel std, "
+                           "as --mean.")
 _MAX_KEPT = flags.DEFINE_float("max_kept", DEFAULTS["max_kept"], "With --exported: slim a layer "
                                "only when it computes at most this fraction of its outputs.")
 
@@ -76,18 +82,21 @@ _MAX_KEPT = flags.DEFINE_float("max_kept", DEFAULTS["max_kept"], "With --exporte
 def check_flags(*, model: str, fraction: float, batch_size: int, steps: int, rounds: int,
                 finetune_epochs: float, finetune_lr: float, exported: str, multiple: int,
                 max_kept: float, weights: str = DEFAULTS["weights"], norm: str = DEFAULTS["norm"],
-                eval: bool = False, dataset: str = DEFAULTS["dataset"]) -> None:
+                eval: bool = False, dataset: str = DEFAULTS["dataset"], mean: str = "",
+                std: str = "") -> None:
   """Refuses flag values the benchmark cannot run with, before any weights or data are loaded.
 
   Args:
     model, fraction, batch_size, steps, rounds, finetune_epochs, finetune_lr, exported, multiple,
-      max_kept, weights, norm, eval, dataset: the values of the flags of the same names.
+      max_kept, weights, norm, eval, dataset, mean, std: the values of the flags of the same
+      names.
 
   Raises:
     ConfigError: naming the flag, for a count below 1, a fraction out of its range, a negative
       fine-tuning length, a learning rate <= 0, an unknown dataset, (without ``--exported``) a
       model that is not a CIFAR ResNet, or a flag the chosen mode does not use given a value other
-      than its default (:func:`check_mode`).
+      than its default (:func:`check_mode`), a normalisation that is not finite numbers (std
+      > 0) or that gives one of ``--mean`` and ``--std`` without the other.
   """
   check_counts({"--batch_size": batch_size, "--steps": steps, "--rounds": rounds,
                 "--multiple": multiple})
@@ -99,10 +108,11 @@ def check_flags(*, model: str, fraction: float, batch_size: int, steps: int, rou
   check_range("--max_kept", max_kept, 0.0, 1.0, lo_closed=False, hi_closed=True)
   check_mode(dict(weights=weights, fraction=fraction, norm=norm, finetune_epochs=finetune_epochs,
                   finetune_lr=finetune_lr, dataset=dataset, multiple=multiple,
-                  max_kept=max_kept), exported=exported, eval=eval)
+                  max_kept=max_kept, mean=mean, std=std), exported=exported, eval=eval)
   if exported:
     from jaxcompress import datasets
-    datasets.dataset_spec(dataset, field="--dataset")
+    channels = datasets.dataset_spec(dataset, field="--dataset").image_shape[-1]
+    normalization(mean, std, dataset, channels)
   else:
     from jaxcompress.models import CifarResNet, get_model
     if not isinstance(get_model(model, field="--model"), CifarResNet):
@@ -119,9 +129,12 @@ def check_mode(values: dict, *, exported: str, eval: bool) -> None:
               "finetune_epochs": "only the ResNet surgery's shrunk model is fine-tuned",
               "finetune_lr": "only the ResNet surgery's shrunk model is fine-tuned"}
     unused = {name: ("with --exported", why) for name, why in unused.items()}
+    if not eval:
+      unused.update({name: ("without --eval", "only the test images of --eval are normalised")
+                     for name in ("mean", "std")})
   else:
     unused = {name: ("without --exported", "only an artifact's benchmark uses it")
-              for name in ("dataset", "multiple", "max_kept")}
+              for name in ("dataset", "multiple", "max_kept", "mean", "std")}
     if not eval:
       why = "the fine-tuned model is only evaluated with --eval"
       unused.update({name: ("without --eval", why) for name in ("finetune_epochs", "finetune_lr")})
@@ -131,6 +144,29 @@ def check_mode(values: dict, *, exported: str, eval: bool) -> None:
     if values[name] != DEFAULTS[name]:
       raise invalid(f"--{name}", values[name], f"left at its default {DEFAULTS[name]!r} {when}",
                     why)
+
+
+def normalization(mean: str, std: str, dataset: str, channels: int
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """``(mean, std)`` of the comma-separated ``--mean`` and ``--std``, both given or neither (then
+  the dataset's defaults); one line naming the flag for anything else."""
+  from configs import common
+  from jaxcompress.data import check_normalization
+  if bool(mean) != bool(std):
+    given, other = ("--mean", "--std") if mean else ("--std", "--mean")
+    raise ConfigError(f"{given} is given without {other}: give both, or neither for the "
+                      f"dataset's default normalisation")
+  if not mean:
+    return common.normalization(dataset)
+  values = {}
+  for flag, text in (("--mean", mean), ("--std", std)):
+    try:
+      values[flag] = tuple(float(v) for v in text.split(","))
+    except ValueError:
+      raise invalid(flag, text, "comma-separated numbers (pixel / 255 units), e.g. "
+                    "0.4914,0.4822,0.4465") from None
+  check_normalization(values["--mean"], values["--std"], channels, field="--{}")
+  return values["--mean"], values["--std"]
 
 
 def finetune(model, variables, epochs: float, lr: float) -> tuple[dict, float]:
@@ -195,7 +231,7 @@ def main(argv):
               steps=_STEPS.value, rounds=_ROUNDS.value, finetune_epochs=_FT_EPOCHS.value,
               finetune_lr=_FT_LR.value, exported=_EXPORTED.value, multiple=_MULTIPLE.value,
               max_kept=_MAX_KEPT.value, weights=_WEIGHTS.value, norm=_NORM.value,
-              eval=_EVAL.value, dataset=_DATASET.value)
+              eval=_EVAL.value, dataset=_DATASET.value, mean=_MEAN.value, std=_STD.value)
   if _EXPORTED.value:
     return bench_artifact()
   import jax
@@ -275,7 +311,6 @@ def main(argv):
 def bench_artifact():
   """``--exported``: the artifact at full width against slimmed (module docstring)."""
   import jax
-  from configs import common
   from jaxcompress import data as data_lib
   from jaxcompress import datasets
   from jaxcompress.budget import layer_macs
@@ -322,7 +357,7 @@ def bench_artifact():
 
   if _EVAL.value:
     test = data_lib.load_split(_DATASET.value, "test")
-    mean, std = common.normalization(_DATASET.value)
+    mean, std = normalization(_MEAN.value, _STD.value, _DATASET.value, shape[-1])
     data = DataSpec(name=_DATASET.value, eval_batch_size=500, mean=mean, std=std)
     preds, acc = {}, {}
     for k, (fn, arrays) in variants.items():

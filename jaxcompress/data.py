@@ -347,21 +347,24 @@ def _read(source, keys: list[int]) -> list[dict]:
 def check_normalization(mean: Sequence[float], std: Sequence[float], channels: int | None = None,
                         field: str = "data") -> None:
   """Raises :class:`ConfigError` unless ``std`` holds finite values > 0 and ``mean`` finite
-  values, one per channel (or one for all)."""
+  values, one per channel (or one for all); the error names ``{field}.mean`` (or ``.std``), or
+  ``field`` formatted with ``mean`` (``std``) where it holds ``{}``."""
+  def name_of(name: str) -> str:
+    return field.format(name) if "{}" in field else f"{field}.{name}"
   for name, v in (("mean", mean), ("std", std)):
     try:
       np.asarray(v, np.float64)
     except (TypeError, ValueError):
-      raise invalid(f"{field}.{name}", v, "numbers, one per channel or one for all (pixel / 255 "
+      raise invalid(name_of(name), v, "numbers, one per channel or one for all (pixel / 255 "
                     "units)") from None
   mean, std = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
   if not (np.all(np.isfinite(std)) and np.all(std > 0)):
-    raise invalid(f"{field}.std", tuple(std.tolist()), "finite values > 0 (pixel / 255 units)")
+    raise invalid(name_of("std"), tuple(std.tolist()), "finite values > 0 (pixel / 255 units)")
   if not np.all(np.isfinite(mean)):
-    raise invalid(f"{field}.mean", tuple(mean.tolist()), "finite values")
+    raise invalid(name_of("mean"), tuple(mean.tolist()), "finite values")
   for name, v in (("mean", mean), ("std", std)):
     if channels is not None and v.size not in (1, channels):
-      raise invalid(f"{field}.{name}", tuple(v.tolist()), "one value per channel of the "
+      raise invalid(name_of(name), tuple(v.tolist()), "one value per channel of the "
                     f"{channels}-channel images, or one for all")
 
 

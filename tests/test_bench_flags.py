@@ -69,6 +69,7 @@ def test_bench_refuses_bad_flags(override, message):
     {"exported": "runs/x/export", "model": "mlp"},  # with --exported: an artifact's model
     {"exported": "runs/x/export", "max_kept": 1.0, "multiple": 16, "dataset": "mnist"},
     {"exported": "runs/x/export", "eval": True, "dataset": "cifar100", "fraction": 0.5},
+    {"exported": "runs/x/export", "eval": True, "mean": "0.5", "std": "0.2,0.25, 0.3"},
 ])
 def test_bench_export_accepts_good_flags(override):
   _job("bench_export").check_flags(**{**BENCH_EXPORT, **override})
@@ -118,10 +119,32 @@ def test_bench_export_accepts_good_flags(override):
      "surgery's shrunk model is fine-tuned"),
     ({"exported": "x", "finetune_lr": 0.1}, "--finetune_lr must be left at its default 0.02 with "
                                             "--exported, got 0.1"),
+    ({"mean": "0.5", "std": "0.25"}, "--mean must be left at its default '' without --exported"),
+    ({"exported": "x", "mean": "0.5", "std": "0.25"}, "--mean must be left at its default '' "
+                                                      "without --eval, got '0.5'; only the test "
+                                                      "images of --eval are normalised"),
+    ({"exported": "x", "eval": True, "std": "0.25"}, "--std is given without --mean: give both, "
+                                                     "or neither for the dataset's default "
+                                                     "normalisation"),
+    ({"exported": "x", "eval": True, "mean": "a,b,c", "std": "1"},
+     "--mean must be comma-separated numbers (pixel / 255 units), e.g. 0.4914,0.4822,0.4465, "
+     "got 'a,b,c'"),
+    ({"exported": "x", "eval": True, "mean": "0.5", "std": "0.2,0"},
+     "--std must be finite values > 0 (pixel / 255 units), got (0.2, 0.0)"),
+    ({"exported": "x", "eval": True, "mean": "0.1,0.2", "std": "1"},
+     "--mean must be one value per channel of the 3-channel images, or one for all, got "
+     "(0.1, 0.2)"),
 ])
 def test_bench_export_refuses_bad_flags(override, message):
   with pytest.raises(ConfigError, match=f"^{re.escape(message)}"):
     _job("bench_export").check_flags(**{**BENCH_EXPORT, **override})
+
+
+def test_bench_export_normalises_with_the_flags_or_the_datasets_defaults():
+  normalization = _job("bench_export").normalization
+  assert normalization("0.5", "0.2, 0.25,0.3", "cifar10", 3) == ((0.5,), (0.2, 0.25, 0.3))
+  assert normalization("", "", "cifar10", 3) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  assert normalization("", "", "mnist", 1) == ((0.1307,), (0.3081,))
 
 
 def test_export_check_accepts_good_flags():
