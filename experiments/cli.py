@@ -101,6 +101,13 @@ def _terminated(signum, frame):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  # ml_collections joins the values of a tuple field given twice ((15,) then (25,) is (15, 25)):
+  # an override given twice is refused, whatever its type.
+  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  twice = sorted({name for name in overrides if overrides.count(name) > 1})
+  if twice:
+    fail(f"bad flag: {twice[0]} is given more than once; give each override once (a tuple's "
+         "values together, e.g. --config.budget.sweep=\"(15, 25)\")")
   try:
     return flags.FLAGS(argv)
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:

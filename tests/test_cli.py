@@ -84,6 +84,19 @@ def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
   assert not workdir.exists()
 
 
+def test_an_override_given_twice_is_refused(tmp_path):
+  # ml_collections would decay at the joined tuple (0.5, 0.5) for a tuple field given twice
+  workdir = tmp_path / "run"
+  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+              f"--workdir={workdir}", "--config.train.decay_at=(0.5,)", "--config.seed=1",
+              "--config.train.decay_at=(0.5,)")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert proc.stderr.splitlines()[-1] == (
+      "error: bad flag: --config.train.decay_at is given more than once; give each override "
+      "once (a tuple's values together, e.g. --config.budget.sweep=\"(15, 25)\")")
+  assert not workdir.exists()
+
+
 def test_main_job_wrong_depth_teacher_weights(tmp_path):
   workdir = tmp_path / "run"
   proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
