@@ -48,8 +48,8 @@ from jaxcompress.rules import flat_paths, tree_get, tree_set
 from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.specs import DistillSpec, PruneSpec, QuantSpec
-from jaxcompress.steps import (TrainState, check_batch, check_weight, cross_entropy, make_train_step,
-                               weighted_mean)
+from jaxcompress.steps import (TrainState, check_batch, check_weight, cross_entropy,
+                               make_train_step, per_label, weighted_mean)
 
 # model_state entries that are not model collections: the quantizer's state, k-means codebooks and
 # (evaluation only) the folded BatchNorms and the gains folded into weight scales.
@@ -262,18 +262,28 @@ class Compression:
       metrics["kd_loss"] = weighted_mean(kd_term, w)
       metrics["teacher_agreement"] = weighted_mean(kd.agreement(logits, t_logits), w)
       if d.feature_weight:
-        hint = self._hint_loss(params.get("adapters", {}), s_feats, t_feats)
+        hint = self._hint_loss(params.get("adapters", {}), s_feats, t_feats, task.shape)
         per_example = per_example + d.feature_weight * hint
         metrics["feature_loss"] = weighted_mean(hint, w)
     if self.prune_enabled:
       metrics["sparsity"] = self.sparsity(params)
     return weighted_mean(per_example, w), (new_state, metrics)
 
-  def _hint_loss(self, adapters, s_feats, t_feats):
-    total = 0.0
+  def _hint_loss(self, adapters, s_feats, t_feats, positions: tuple[int, ...]):
+    """The summed hint losses, of the task losses' shape ``positions`` (``[B]``, or ``[B, T]``
+    for a sequence): per position where a feature has one (``[B, T, ..., D]``), else one per
+    example counted at each of its positions (a ``[B]`` added to ``[B, T]`` as it is would line
+    it up with the positions instead)."""
+    total = jnp.zeros(positions, jnp.float32)
     for s_path, t_path in self.distill.feature_pairs:
       s, t = _feature(s_feats, s_path, 0), _feature(t_feats, t_path, 1)
-      total = total + kd.feature_loss(kd.adapt(adapters, (s_path, t_path), s, t.shape[-1]), t)
+      s = kd.adapt(adapters, (s_path, t_path), s, t.shape[-1])
+      if len(positions) > 1 and s.shape[:len(positions)] == positions == t.shape[:len(positions)]:
+        flat = lambda f: f.reshape((-1,) + f.shape[len(positions):])  # noqa: E731
+        hint = kd.feature_loss(flat(s), flat(t)).reshape(positions)
+      else:
+        hint = per_label(kd.feature_loss(s, t), total)
+      total = total + hint
     return total
 
   def sparsity(self, params) -> jax.Array:

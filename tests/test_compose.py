@@ -418,3 +418,50 @@ def test_a_teacher_that_drops_out_in_eval_mode_is_named_for_what_it_is():
                      r"\(Dropout_0 needs PRNG for \"dropout\"\); the teacher runs without a key: "
                      r"give its __call__ a train or deterministic flag"):
     comp.teacher_apply(tvars, x)
+
+
+class _TinyLM(nn.Module):
+  """Tokens [B, T] -> logits [B, T, 5], with a hidden layer 'mid' of features [B, T, 8]."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    h = nn.Dense(8, name="mid")(nn.Embed(5, 8, name="emb")(x))
+    return nn.Dense(5, name="head")(jax.nn.relu(h))
+
+
+@pytest.mark.parametrize("batch,length,per_token", [(3, 4, True), (4, 4, False), (4, 4, True)])
+def test_sequence_hints_are_per_position_against_numpy(batch, length, per_token):
+  # A [B] hint added to [B, T] losses raised (B != T) or lined up with the positions (B == T).
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 5, (batch, length)).astype(np.int32)
+  y = rng.integers(0, 5, (batch, length)).astype(np.int32)
+  w = (rng.integers(0, 3, (batch, length)) if per_token else np.arange(batch) % 3)
+  w = w.astype(np.float32)
+  student, teacher = _TinyLM(), _TinyLM()
+  svars, tvars = student.init(jax.random.key(1), x), teacher.init(jax.random.key(2), x)
+  distill = compose.DistillSpec(alpha=0.5, temperature=2.0, feature_weight=0.7,
+                                feature_pairs=(("mid", "mid"),))
+  comp = compose.build(student, svars, x, optimizer=OPT, total_steps=4, teacher=teacher,
+                       distill=distill)
+  state = comp.init_state(svars, x, teacher_vars=tvars)
+  loss, (_, metrics) = comp.loss_fn(state.params, state.model_state, Batch(x, y, w),
+                                    jax.random.key(0), tvars)
+
+  def run(model, variables):
+    out, inter = model.apply(variables, x, capture_intermediates=lambda m, _: m.name == "mid",
+                             mutable=["intermediates"])
+    return np.asarray(out, np.float64), np.asarray(inter["intermediates"]["mid"]["__call__"][0])
+
+  def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  (s, s_mid), (t, t_mid) = run(student, svars), run(teacher, tvars)
+  ce = -np.log(np.take_along_axis(softmax(s), y[..., None], -1)[..., 0])
+  p_t, p_s = softmax(t / 2), softmax(s / 2)
+  kd_tok = 4 * np.sum(p_t * (np.log(p_t) - np.log(p_s)), -1)
+  hint = np.mean((s_mid - t_mid) ** 2, -1)  # per token: the mean over the features
+  w_tok = np.broadcast_to(w if per_token else w[:, None], (batch, length))
+  mean = lambda v: np.sum(v * w_tok) / np.sum(w_tok)  # noqa: E731
+  np.testing.assert_allclose(float(loss), mean(0.5 * ce + 0.5 * kd_tok + 0.7 * hint), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["feature_loss"]), mean(hint), rtol=1e-5)
