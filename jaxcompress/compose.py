@@ -243,8 +243,12 @@ class Compression:
     task = cross_entropy(logits, batch.label)
     w = batch.weight
     check_weight(w, batch.label)
-    metrics = {"task_loss": weighted_mean(task, w),
-               "accuracy": weighted_mean((jnp.argmax(logits, -1) == batch.label) * 1.0, w)}
+    w_task = w  # alpha = 1: the labels only measure; an example without one (-1) is not counted
+    if self.teacher is not None and d.alpha == 1:
+      labelled = (batch.label >= 0) & (batch.label < logits.shape[-1])
+      w_task = jnp.where(labelled, per_label(w, batch.label), 0.0)
+    metrics = {"task_loss": weighted_mean(task, w_task),
+               "accuracy": weighted_mean((jnp.argmax(logits, -1) == batch.label) * 1.0, w_task)}
     per_example = task
     if self.teacher is not None:
       if teacher_vars is None:

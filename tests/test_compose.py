@@ -342,6 +342,27 @@ def test_alpha_one_distils_examples_without_labels():
   np.testing.assert_allclose(float(labelled), float(loss), rtol=1e-6)
 
 
+def test_alpha_one_measures_task_loss_and_accuracy_on_the_labelled_examples_only():
+  # The unlabelled examples (-1) made task_loss nan and counted as wrong in the accuracy.
+  comp, state, tvars = _setup(_specs(distill=True, distill__alpha=1.0))
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  batch = _batches(1)[0]
+  labels = batch.label.copy()
+  labels[[1, 4, 6]] = -1
+  weight = np.array([1, 2, 1, 1, 1, 0.5, 1, 3], np.float32)
+  _, (_, metrics) = comp.loss_fn(state.params, state.model_state,
+                                 Batch(batch.image, labels, weight), jax.random.key(0), tvars)
+  logits = np.asarray(student.apply(svars, batch.image), np.float64)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  mask = labels >= 0
+  w = weight[mask]
+  ce = -log_p[mask, labels[mask]]
+  hit = np.argmax(logits[mask], -1) == labels[mask]
+  np.testing.assert_allclose(float(metrics["task_loss"]), np.sum(w * ce) / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["accuracy"]), np.sum(w * hit) / w.sum(), rtol=1e-6)
+
+
 def test_teacher_variables_of_the_wrong_kind_are_one_line_errors():
   student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
   teacher, tvars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
