@@ -107,6 +107,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.where((labels >= 0) & (labels < logits.shape[-1]), losses, jnp.nan)
 
 
+def label_errors(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
+  """How many ``labels`` of non-zero weight are outside ``[0, C)`` (float32): their loss is nan,
+  and :func:`jaxcompress.train.fit` stops on them with one line, ``skip_nonfinite`` or not."""
+  bad = (labels < 0) | (labels >= logits.shape[-1])
+  return jnp.sum(bad & (per_label(weight, labels) != 0)).astype(jnp.float32)
+
+
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   """Weighted mean of per-example (``[B]``) or per-position (``[B, T, ...]``) ``values``.
 
@@ -143,7 +150,8 @@ def supervised_loss(model: Any, compute_dtype: str = "float32") -> Callable:
     loss = weighted_mean(cross_entropy(logits, batch.label), batch.weight)
     acc = weighted_mean((jnp.argmax(logits, -1) == batch.label).astype(jnp.float32),
                         batch.weight)
-    return loss, (new_state, {"task_loss": loss, "accuracy": acc})
+    return loss, (new_state, {"task_loss": loss, "accuracy": acc,
+                              "label_errors": label_errors(logits, batch.label, batch.weight)})
 
   return loss_fn
 
@@ -169,7 +177,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   :func:`jaxcompress.train.fit` checks to stop on a diverged run. With ``skip_nonfinite``
   (``train.skip_nonfinite``) a step that is not finite changes nothing but ``state.step`` (as
   ``optax.apply_if_finite`` does: parameters, optimizer and model state are kept) and reports
-  ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping.
+  ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A ``label_errors`` metric
+  (:func:`label_errors`, reported by :func:`supervised_loss` and the composed loss) makes ``fit``
+  stop on a step whose labels are outside the classes even then: skipping would silently drop
+  every batch that holds one, in every epoch.
   """
   base_key = jax.random.key(seed)
 

@@ -35,7 +35,7 @@ from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_counts, check_positive, invalid
-from jaxcompress.steps import TrainState, evaluate
+from jaxcompress.steps import TrainState, evaluate, per_label
 
 
 class NonFiniteError(ConfigError):
@@ -207,14 +207,20 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
              disable=not main)
   pending, t_log, n_log = [], time.perf_counter(), 0
-  unchecked = collections.deque()  # (step, metrics) whose ``finite`` flag is not yet read
+  # (step, metrics, (labels, weight)) whose ``finite`` flag is not yet read
+  unchecked = collections.deque()
 
   def check(keep: int = 0) -> None:
-    """Reads the ``finite`` flag of all but the ``keep`` newest unchecked steps; raises on one."""
+    """Reads the ``finite`` flag of all but the ``keep`` newest unchecked steps; raises on one
+    (on one whose labels are outside the classes even when non-finite steps are skipped)."""
     while len(unchecked) > keep:
-      n, m = unchecked.popleft()
-      if "finite" in m and "skipped" not in m and not float(jax.device_get(m["finite"])):
-        raise _non_finite(n, m, ckpt.latest_step())
+      n, m, labelled = unchecked.popleft()
+      if "finite" in m and ("skipped" not in m or "label_errors" in m) \
+          and not float(jax.device_get(m["finite"])):
+        if float(jax.device_get(m.get("label_errors", 0.0))):
+          raise _bad_labels(n, *labelled)
+        if "skipped" not in m:
+          raise _non_finite(n, m, ckpt.latest_step())
 
   def eval_due(step: int) -> bool:
     return (eval_fn is not None and 0 < step < total and step % per_epoch == 0
@@ -239,11 +245,13 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       for batch in epoch_batches(epoch, start):
         if step >= total:
           break
+        # This process's rows of the labels, on the host: named if they are outside the classes.
+        labelled = (getattr(batch, "label", None), getattr(batch, "weight", None))
         if mesh is not None:
           batch = parallel.shard_batch(mesh, batch)
         state, metrics = train_step(state, batch, *step_args)
         step += 1
-        unchecked.append((step, metrics))
+        unchecked.append((step, metrics, labelled))
         # The previous step's flag: reading it waits for that step only, while this one runs.
         check(keep=1)
         pending.append(metrics)
@@ -255,7 +263,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
           check()
           kept = [m for m in pending if not float(jax.device_get(m.get("skipped", 0.0)))]
           host = {k: float(np.mean([jax.device_get(m[k]) for m in kept or pending]))
-                  for k in pending[0]}
+                  for k in pending[0] if k != "label_errors"}  # 0: fit stops on others
           if "skipped" in host:
             host["skipped"] = len(pending) - len(kept)
             skipped += host["skipped"]
@@ -298,6 +306,19 @@ def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, i
           lambda epoch, start: data_lib.train_batches(
               split, data.batch_size, seed=seed, epoch=epoch, mean=data.mean, std=data.std,
               augment_images=data.augment, start=start, rows=rows))
+
+
+def _bad_labels(step: int, labels: Any, weight: Any) -> ConfigError:
+  """The one-line error for a ``step`` whose batch holds labels outside the model's classes."""
+  labels = np.asarray(labels)
+  used = labels[per_label(np.asarray(weight), labels) != 0]
+  # Of the ids the loss used, the lowest if negative, else the highest (>= the class count);
+  # with several processes the bad ids may be in another one's rows.
+  bad = (f", e.g. {used.min() if used.min() < 0 else used.max()}"
+         if used.size and jax.process_count() == 1 else "")
+  return ConfigError(f"training stopped at step {step}: batch.label holds class ids outside the "
+                     f"model's classes{bad}; labels must be in [0, num_classes): fix them, or "
+                     "give an example without a label weight 0")
 
 
 def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> NonFiniteError:

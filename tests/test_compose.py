@@ -486,3 +486,16 @@ def test_sequence_hints_are_per_position_against_numpy(batch, length, per_token)
   mean = lambda v: np.sum(v * w_tok) / np.sum(w_tok)  # noqa: E731
   np.testing.assert_allclose(float(loss), mean(0.5 * ce + 0.5 * kd_tok + 0.7 * hint), rtol=1e-5)
   np.testing.assert_allclose(float(metrics["feature_loss"]), mean(hint), rtol=1e-5)
+
+
+def test_the_composed_loss_counts_labels_outside_the_classes_unless_alpha_is_one():
+  batch = _batches(1)[0]
+  labels = batch.label.copy()
+  labels[[0, 3]], labels[5] = (-1, 4), 9  # 4 classes: three ids outside, one of weight 0
+  weight = np.ones(8, np.float32)
+  weight[5] = 0.0
+  for alpha, want in ((0.0, 2.0), (0.5, 2.0), (1.0, None)):
+    comp, state, tvars = _setup(_specs(distill=bool(alpha), distill__alpha=alpha))
+    _, (_, metrics) = comp.loss_fn(state.params, state.model_state,
+                                   Batch(batch.image, labels, weight), jax.random.key(0), tvars)
+    assert metrics.get("label_errors") == want  # alpha = 1: the labels are not the loss's

@@ -144,3 +144,41 @@ def test_a_stop_in_the_middle_of_training_finishes_the_save_in_flight(tmp_path, 
   assert closed == [1]
   assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
   assert Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 4
+
+
+class _Batches:
+  """Three hand-made batches an epoch: batch 1 has a label 10 of weight 0 (padding, no error),
+  batch 2 a label ``bad`` of weight 1 (10 classes: ids 0..9)."""
+  batch_size, steps_per_epoch = 4, 3
+
+  def __init__(self, bad):
+    self.bad = bad
+
+  def batches(self, seed, epoch, start):
+    del seed, epoch
+    for i in range(start, 3):
+      labels, weight = np.arange(i, i + 4, dtype=np.int32), np.ones(4, np.float32)
+      if i == 1:
+        labels[3], weight[3] = 10, 0.0
+      if i == 2:
+        labels[1] = self.bad
+      yield data_lib.Batch(np.full((4, 28, 28, 1), 0.1 * i, np.float32), labels, weight)
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("bad", [-1, 10, 12])
+def test_a_label_outside_the_classes_stops_with_one_line_even_when_skipping(tmp_path, skip, bad):
+  # With skip_nonfinite the batch (every epoch) was dropped silently; without, the error blamed
+  # the learning rate. Its loss is nan: fit names the label and stops at its step (3, by hand).
+  _, _, model, v = _setup()
+  tx = optax.sgd(0.01)
+  step = make_train_step(supervised_loss(model), tx, skip_nonfinite=skip)
+  state = TrainState.create(v["params"], {}, tx)
+  with pytest.raises(ConfigError) as e:
+    fit(state, step, _Batches(bad), None, LoopSpec(epochs=2), str(tmp_path))
+  assert str(e.value) == (f"training stopped at step 3: batch.label holds class ids outside "
+                          f"the model's classes, e.g. {bad}; labels must be in [0, num_classes): "
+                          "fix them, or give an example without a label weight 0")
+  assert not isinstance(e.value, NonFiniteError)
+  _, info = fit(state, step, _Batches(5), None, LoopSpec(epochs=2), str(tmp_path / "good"))
+  assert info["steps"] == 6 and info["skipped"] == 0  # the weight-0 label 10 stops nothing

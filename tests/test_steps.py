@@ -251,3 +251,13 @@ def test_confusion_matrix_counts_by_hand_and_refuses_a_bad_class_count():
     with pytest.raises(ConfigError, match=r"^confusion matrix num_classes must be an integer "
                                           r">= 1, got "):
       confusion_matrix(np.zeros(0, np.int32), np.zeros(0, np.int32), bad)
+
+
+def test_label_errors_counts_the_labels_of_non_zero_weight_outside_the_classes():
+  from jaxcompress.steps import label_errors
+  logits = np.zeros((3, 4, 5), np.float32)  # [B, T, C]: ids 0..4
+  labels = np.array([[0, 5, -1, 4], [7, 1, 2, 3], [9, 9, 0, -2]], np.int32)
+  per_token = np.array([[1, 1, 0, 1], [0, 1, 1, 1], [2, 0, 1, 1]], np.float32)
+  # By hand: row 0 counts 5 (not -1, weight 0); row 1 nothing (7 has weight 0); row 2 9 and -2.
+  assert float(label_errors(logits, labels, per_token)) == 3.0
+  assert float(label_errors(logits, labels, np.array([1, 0, 1], np.float32))) == 2 + 3
