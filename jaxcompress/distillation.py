@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
 
@@ -32,19 +33,28 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     student_logits: ``[B, C]``, or ``[B, ..., C]`` (one distribution per position).
     teacher_logits: the same shape (treated as constants: wrap in ``stop_gradient`` upstream or
       not).
-    temperature: ``T > 0``. A Python or NumPy number is checked here, at call (or trace) time;
-      a traced ``T`` (a jitted argument) has no value to check, and ``T <= 0`` then gives NaN
-      (``T = 0``) or a meaningless number, so validate it before tracing.
+    temperature: finite ``T > 0``. A Python, NumPy or JAX scalar is checked here, at call (or
+      trace) time; a traced ``T`` (a jitted argument) has no value to check, and ``T <= 0`` or
+      ``T = inf`` then gives NaN or a meaningless number, so validate it before tracing.
 
   Returns:
     float32 losses of the logits' shape without the class axis (``[B]``, ``[B, T]``).
 
   Raises:
-    ConfigError: if ``temperature`` is a number that is not ``> 0`` (NaN included), or the two
-      logits differ in shape (another number of classes, or a batch that would broadcast).
+    ConfigError: if ``temperature`` is a number that is not ``> 0`` (NaN included) or is
+      infinite, or the two logits differ in shape (another number of classes, or a batch that
+      would broadcast).
   """
-  if isinstance(temperature, numbers.Real) and not temperature > 0:
-    raise invalid("distill.temperature", float(temperature), "> 0")
+  # A concrete 0-d array (np.array(0.0), jnp.float32(-2.0)) has a value to check as a number has.
+  if isinstance(temperature, numbers.Real) or (
+      hasattr(temperature, "dtype") and jnp.ndim(temperature) == 0
+      and not isinstance(temperature, jax.core.Tracer)):
+    value = float(temperature)
+    if not value > 0:
+      raise invalid("distill.temperature", value, "> 0")
+    if value == math.inf:
+      raise invalid("distill.temperature", value, "a finite number > 0",
+                    "an infinite T makes the loss inf * 0 = nan")
   if jnp.shape(student_logits) != jnp.shape(teacher_logits):
     raise invalid("teacher_logits", f"shape {tuple(jnp.shape(teacher_logits))}",
                   f"the student logits' shape {tuple(jnp.shape(student_logits))}",

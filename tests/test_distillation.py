@@ -98,6 +98,21 @@ def test_kd_loss_rejects_non_positive_temperature(temperature, shown):
   assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("temperature, valid, shown", [
+    (np.array(0.0), "> 0", "0.0"), (jnp.float32(-2.0), "> 0", "-2.0"),
+    (float("inf"), "a finite number > 0", "inf"), (np.float32("inf"), "a finite number > 0", "inf"),
+    (jnp.array(np.inf), "a finite number > 0", "inf")])
+def test_kd_loss_checks_concrete_arrays_and_refuses_an_infinite_temperature(temperature, valid,
+                                                                            shown):
+  # 0-d arrays went unchecked (T = 0 gave 0 for logits that differ, T = -2 a plausible 0.35),
+  # and T = inf gave nan: T^2 * KL = inf * 0.
+  s, t = jnp.array([[1.0, 2.0, 0.5]]), jnp.array([[0.0, 3.0, 1.0]])
+  with pytest.raises(ConfigError) as err:
+    kd.kd_loss(s, t, temperature)
+  assert str(err.value).startswith(f"distill.temperature must be {valid}, got {shown}")
+  assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("teacher_shape", [(4, 7), (1, 5)])
 def test_kd_loss_refuses_logits_of_another_shape(teacher_shape):
   with pytest.raises(ConfigError, match=r"teacher_logits must be the student logits' shape "
