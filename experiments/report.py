@@ -204,8 +204,14 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
     widths = sorted({int(w) for _, w, _ in q.layer_bits})
     quant = (f"weights {'/'.join(map(str, widths))}-bit by layer (quant.layer_bits), "
              f"activations {q.act_bits or 32}-bit ({q.method})")
-  teach = (f"KD from {config.teacher.name} (T={d.temperature}, alpha={d.alpha})"
-           if d.alpha > 0 else "no teacher")
+  # The teacher teaches through the KD term, the hints, or both (distill.uses_teacher).
+  hints = (f"hints at {len(d.feature_pairs)} layer pair(s), weight {d.feature_weight}"
+           if d.feature_weight > 0 else "")
+  if d.alpha > 0:
+    teach = (f"KD from {config.teacher.name} (T={d.temperature}, alpha={d.alpha}"
+             f"{'; ' + hints if hints else ''})")
+  else:
+    teach = f"feature distillation from {config.teacher.name} ({hints})" if hints else "no teacher"
   size = (f"Compression ratio (float32 params / artifact bytes on disk): "
           f"{c['compression_ratio']:.1f}x; the exported artifact scores "
           f"{c['exported_accuracy']:.2f} % and agrees with the fake-quant model on "

@@ -147,3 +147,17 @@ def test_training_curves_follow_each_key_over_the_records_that_have_it(tmp_path,
                    "train batch accuracy": ([1, 3], [40.0, 60.0]),
                    "agrees w/ teacher": ([1], [50.0]), "test accuracy": ([2], [70.0])}
   assert [list(line.get_ydata()) for line in sparsity.get_lines()] == [[0.5]]
+
+
+def test_the_header_names_the_teacher_whenever_it_teaches(tmp_path):
+  # With alpha = 0 the teacher still teaches through the hints: the header said "no teacher".
+  config = cifar_distill.get_config("quick")  # alpha 0.9, hints at the 9 blocks, weight 1.0
+  expected = {
+      (0.9, 1.0): "KD from resnet20 (T=4.0, alpha=0.9; hints at 9 layer pair(s), weight 1.0);",
+      (0.9, 0.0): "KD from resnet20 (T=4.0, alpha=0.9);",
+      (0.0, 1.0): "feature distillation from resnet20 (hints at 9 layer pair(s), weight 1.0);",
+      (0.0, 0.0): "no teacher;"}
+  for (alpha, feature_weight), header in expected.items():
+    config.distill.alpha, config.distill.feature_weight = alpha, feature_weight
+    report.write_report(str(tmp_path), config, _results(), metrics=[])
+    assert header in open(tmp_path / "report.md").read()
