@@ -91,6 +91,25 @@ def test_cluster_params_by_rules_and_decode_params():
   assert float(grads["conv1/kernel"].sum()) == W.size
 
 
+def test_cluster_params_masks_go_by_path_with_none_leaves():
+  # Masks "like params" with None where nothing is pruned (the biases): each kernel gets its own
+  # mask, not its neighbour's (a None is no leaf of the flattened tree).
+  params = {"a": {"bias": np.zeros(8, np.float32), "kernel": W[:8]},
+            "b": {"bias": np.zeros(8, np.float32), "kernel": W[8:]}}
+  keep_a = np.ones((8, 8), bool)
+  keep_a[0] = False
+  keep_b = np.ones((8, 8), bool)
+  keep_b[:, 3] = False
+  masks = {"a": {"bias": None, "kernel": keep_a}, "b": {"bias": None, "kernel": keep_b}}
+  books = cluster_params(params, [(".*/kernel", 2), (".*", None)], masks=masks)
+  assert sorted(books) == ["a/kernel", "b/kernel"]
+  for path, keep in (("a/kernel", keep_a), ("b/kernel", keep_b)):
+    indices = np.asarray(books[path].indices)
+    np.testing.assert_array_equal(indices == 4, ~keep)  # index 2^bits marks exactly the pruned
+  with pytest.raises(ConfigError, match=r"masks has no entry 'b/kernel'"):
+    cluster_params(params, [(".*/kernel", 2), (".*", None)], masks={"a": {"kernel": keep_a}})
+
+
 @pytest.mark.parametrize("bits", [1, 9])
 def test_bad_bits_raise(bits):
   with pytest.raises(ConfigError, match=rf"bits must be an integer in \[2, 8\], got {bits}"):

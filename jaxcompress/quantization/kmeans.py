@@ -188,24 +188,31 @@ def cluster_params(params: Any, rules: Sequence[Rule] | Rules, *, iters: int = 3
       ``[("conv1/kernel", 8), (".*/kernel", 4), (".*", None)]``; first full match wins, ``None``
       leaves a leaf alone; rules that matched nothing are reported with a warning.
     iters: Lloyd iterations per leaf.
-    masks: optional pytree like ``params`` of boolean keep-masks (pruning), or ``None``.
+    masks: optional pytree like ``params`` of boolean keep-masks (pruning; a ``None`` leaf keeps
+      every weight of its leaf), or ``None``.
 
   Returns:
     ``{leaf path: Codebook}`` for every selected leaf.
 
   Raises:
-    ConfigError: for a malformed rule or bits outside 2..8.
+    ConfigError: for a malformed rule, bits outside 2..8 or ``masks`` without a selected leaf.
   """
   compiled = rules if isinstance(rules, Rules) else Rules(rules, field="kmeans.rules")
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  mask_leaves = [None] * len(leaves) if masks is None else jax.tree_util.tree_leaves(masks)
+  # Masks by path, not by position: a None mask (no pruning there) is no leaf of the flattened
+  # tree, so zipping leaves would hand each weight after it the next weight's mask.
+  flat_masks = [] if masks is None else jax.tree_util.tree_flatten_with_path(
+      masks, is_leaf=lambda m: m is None)[0]
+  by_path = {path_str(kp): m for kp, m in flat_masks}
   out = {}
-  for (keypath, leaf), mask in zip(leaves, mask_leaves):
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     path = path_str(keypath)
     bits = compiled.lookup(path)
     if bits is not None:
       check_bits(bits, f"kmeans bits for {path}")
-      out[path] = kmeans(leaf, bits=bits, iters=iters, mask=mask)
+      if masks is not None and path not in by_path:
+        raise ConfigError(f"kmeans masks has no entry {path!r}; give a pytree like params "
+                          "(None where every weight is kept)")
+      out[path] = kmeans(leaf, bits=bits, iters=iters, mask=by_path.get(path))
   compiled.report_unused()
   return out
 
