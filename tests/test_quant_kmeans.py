@@ -110,6 +110,15 @@ def test_cluster_params_masks_go_by_path_with_none_leaves():
     cluster_params(params, [(".*/kernel", 2), (".*", None)], masks={"a": {"kernel": keep_a}})
 
 
+def test_decode_params_without_indices_is_one_line():
+  params = {"fc": {"kernel": W}}
+  books = cluster_params(params, [(".*", 2)])
+  bare = {p: b.codebook for p, b in books.items()}
+  for indices in (None, {}):
+    with pytest.raises(ConfigError, match=r"indices has no entry 'fc/kernel'"):
+      decode_params(params, bare, indices)
+
+
 @pytest.mark.parametrize("bits", [1, 9])
 def test_bad_bits_raise(bits):
   with pytest.raises(ConfigError, match=rf"bits must be an integer in \[2, 8\], got {bits}"):

@@ -230,6 +230,9 @@ def decode_params(params: Any, codebooks: dict[str, Codebook | jax.Array],
   Returns:
     A pytree like ``params``; differentiable w.r.t. the codebook arrays.
 
+  Raises:
+    ConfigError: for a bare codebook array whose indices ``indices`` does not hold.
+
   Example:
     >>> cbs = cluster_params(params, [(".*/kernel", 4), (".*", None)])
     >>> idx = {p: c.indices for p, c in cbs.items()}
@@ -244,6 +247,9 @@ def decode_params(params: Any, codebooks: dict[str, Codebook | jax.Array],
     entry = codebooks[path]
     if isinstance(entry, Codebook):
       return decode(entry.codebook, entry.indices).astype(leaf.dtype)
+    if indices is None or path not in indices:
+      raise ConfigError(f"decode_params: indices has no entry {path!r} for its bare codebook "
+                        "array; pass indices={path: Codebook.indices} or the Codebooks themselves")
     return decode(entry, indices[path]).astype(leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(replace, params)
