@@ -645,7 +645,9 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
                         check_updates=False)
   quantizer = None
   kmeans_bits = quant.weight_bits if quant.method == "kmeans" else 0
-  edges = set(layers.edge_weights()) if quant.first_last_bits else set()
+  # The first and last layers are never weight-shared: uniform at first_last_bits, or float
+  # with first_last_bits=0, as QuantSpec promises (and the PTQ study's k<b> rows do).
+  edges = set(layers.edge_weights())
   if quant.enabled:
     # k-means layers are weight-shared here; the quantizer only does their inputs, and the
     # first/last layers stay uniform.

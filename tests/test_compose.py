@@ -131,6 +131,20 @@ def test_kmeans_method_shares_weights_over_the_codebook():
   assert np.all(np.asarray(shared["fc2"]["kernel"])[zeros] == 0)
 
 
+def test_kmeans_with_first_last_bits_0_leaves_the_first_and_last_layers_float():
+  """QuantSpec: first_last_bits=0 leaves the first and last layers float, k-means or not."""
+  comp, state, _ = _setup(_specs(quant=True, quant__method="kmeans", quant__weight_bits=2,
+                                 quant__act_bits=0, quant__first_last_bits=0))
+  books = state.model_state["kmeans"]
+  assert set(books) == {"fc2/kernel"}
+  assert all(l.config.weight_bits is None for l in state.model_state["quant"].layers)
+  _, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
+  used, _ = compose._share_weights(state.params["model"], books, update=False)
+  for name in ("fc1", "fc3"):  # the float weights, bit for bit
+    np.testing.assert_array_equal(used[name]["kernel"], svars["params"][name]["kernel"])
+  assert len(np.unique(np.asarray(used["fc2"]["kernel"]))) <= 4
+
+
 @pytest.mark.parametrize("total", [3, 10, 100, 1000, 11700])
 def test_prune_schedule_reaches_the_target_inside_the_run(total):
   every, begin, end = _specs(prune=True)["prune"].steps(total)
