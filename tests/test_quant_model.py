@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.quantization import (LayerConfig, bit_schedule, dequantize, lsq_init_step,
-                                      quantize, quantize_int)
+from jaxcompress.quantization import (LayerConfig, bit_schedule, calibrate, dequantize,
+                                      lsq_init_step, quantize, quantize_int)
 
 
 class Block(nn.Module):
@@ -281,6 +281,17 @@ def test_nan_in_sample_or_range_raises():
 def test_bad_rules_raise_when_built(rules, match):
   with pytest.raises(ConfigError, match=match):
     quantize(NET, rules)
+
+
+def test_params_alone_instead_of_variables_is_one_line():
+  qz = quantize(NET, [(".*", dict(weight_bits=8, act_bits=8))])
+  qstate = qz.init(VARS, X)
+  match = r"variables must be the model's variables, a dict with a 'params' entry"
+  for call in (lambda: qz.init(VARS["params"], X), lambda: qz.apply(VARS["params"], qstate, X),
+               lambda: qz.specs(VARS["params"], qstate),
+               lambda: calibrate(qz, VARS["params"], qstate, [X])):
+    with pytest.raises(ConfigError, match=match):
+      call()
 
 
 def test_bad_momentum_raises():

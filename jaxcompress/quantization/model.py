@@ -67,7 +67,7 @@ from jaxcompress.quantization.config import compile_rules, default_rules
 from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, gained_kernel,
                                             init_layer_state, quantize_input, quantize_kernel)
 from jaxcompress.quantization.schedule import BitSchedule
-from jaxcompress.quantization.spec import layer_specs
+from jaxcompress.quantization.spec import check_variables, layer_specs
 from jaxcompress.rules import Rule, tree_get, tree_set
 from jaxcompress.selection import check_nonempty
 
@@ -177,9 +177,11 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       The :class:`QuantState`.
 
     Raises:
-      ConfigError: for NaN/Inf in a selected kernel or in the sample's layer inputs.
+      ConfigError: for variables without a 'params' entry (the params alone), or NaN/Inf in a
+        selected kernel or in the sample's layer inputs.
     """
     check_nonempty(args, "quantizer init")
+    check_variables(variables)
     params = variables["params"]
 
     def describe(call, x_all):
@@ -255,6 +257,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       ``(output, model_state, new_qstate)``; ``model_state`` holds every non-``params``
       collection of ``variables``, updated where the model mutated it.
     """
+    check_variables(variables)
     layers = {layer.path: layer for layer in qstate.layers}
     ranges = dict(qstate.ranges)
     params = variables["params"]
@@ -312,6 +315,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
 
     Used by :func:`~jaxcompress.quantization.ptq.calibrate`; ``jit``-able.
     """
+    check_variables(variables)
     with_range = {layer.path: layer for layer in qstate.layers if layer.path in qstate.ranges}
     stats = float_inputs(variables, args, kwargs, lambda call, x: (
         stat(with_range[call.path], x) if call.path in with_range else None))

@@ -9,12 +9,12 @@ uses them reproduces the fake-quant model bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.quantization.calibration import check_finite_range
 from jaxcompress.quantization.fake_quant import check_qparams
 from jaxcompress.quantization.layer import act_qparams, bits_at, weight_qparams
@@ -72,6 +72,15 @@ class LayerSpec(NamedTuple):
   weight: str = "kernel"
 
 
+def check_variables(variables: Any, field: str = "variables") -> None:
+  """One line when ``variables`` is not a model's variables dict (e.g. its ``params`` alone)."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    keys = sorted(map(str, variables))[:4] if isinstance(variables, Mapping) else []
+    raise invalid(field, f"a {type(variables).__name__} with keys {keys}",
+                  "the model's variables, a dict with a 'params' entry (what init returns)",
+                  "pass {'params': params, ...}, not the params alone")
+
+
 def _kernel(params: Any, path: str, weight: str = "kernel") -> Any:
   node = params
   for name in path.split("/") + [weight]:
@@ -99,6 +108,7 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
     ConfigError: if a range or step is NaN/Inf or not positive (a silently NaN model otherwise),
       or a kernel is missing.
   """
+  check_variables(variables)
   params = variables["params"]
   specs = {}
   for layer in qstate.layers:
