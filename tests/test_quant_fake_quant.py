@@ -135,3 +135,17 @@ def test_bad_scale_raises(scale, match):
 def test_qmin_not_below_qmax_raises(qmin, qmax):
   with pytest.raises(ConfigError, match=rf"qmin must be < qmax, got qmin={qmin}, qmax={qmax}"):
     fake_quant(jnp.ones(2), 0.1, 0, qmin=qmin, qmax=qmax)
+
+
+@pytest.mark.parametrize("kwargs,field,shape", [
+    (dict(scale=np.full(5, 0.1), zero_point=0), "scale", r"\(5,\)"),
+    (dict(scale=0.1, zero_point=np.zeros(4, np.int32)), "zero_point", r"\(4,\)"),
+    # broadcasts, but to another shape than x's: the output would silently grow
+    (dict(scale=np.full((2, 1, 1), 0.1), zero_point=0), "scale", r"\(2, 1, 1\)")])
+def test_a_scale_or_zero_point_of_another_shape_is_one_line(kwargs, field, shape):
+  x = jnp.ones((3, 2))
+  match = (rf"^{field} must be a scalar or an array broadcastable against x of shape \(3, 2\) "
+           rf".*got 'of shape {shape}'$")
+  for fn in (fake_quant, quantize_int):
+    with pytest.raises(ConfigError, match=match):
+      fn(x, qmin=-8, qmax=7, **kwargs)

@@ -45,6 +45,20 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
     raise invalid(field, bad.tolist(), "finite and > 0 everywhere", hint)
 
 
+def check_shape(x: Any, value: Any, field: str) -> None:
+  """Raises :class:`ConfigError` unless ``value`` (a scale, zero point or step) broadcasts against
+  ``x`` without changing ``x``'s shape: a scalar, or one value per channel, size 1 elsewhere."""
+  shape = tuple(np.shape(x))
+  try:
+    fits = np.broadcast_shapes(tuple(np.shape(value)), shape) == shape
+  except ValueError:
+    fits = False
+  if not fits:
+    raise invalid(field, f"of shape {tuple(np.shape(value))}", "a scalar or an array "
+                  f"broadcastable against x of shape {shape} (one value per channel, size 1 "
+                  "elsewhere)")
+
+
 def scaled(x: Any, scale: Any) -> jax.Array:
   """``x / scale`` as ``x * (1 / scale)`` (float32): the same number eagerly, in any compiled
   graph and in NumPy. XLA turns a division by a broadcast scalar into this product inside ``jit``
@@ -92,13 +106,16 @@ def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> 
 
   Raises:
     ConfigError: (outside ``jit`` only) if ``scale`` is zero, negative or not finite, or if
-      ``qmin >= qmax``.
+      ``qmin >= qmax``; if ``scale`` or ``zero_point`` does not broadcast against ``x`` (to
+      ``x``'s shape).
 
   Example:
     >>> fake_quant(jnp.array([0.26, -3.0]), 0.1, 0, qmin=-8, qmax=7)
     Array([ 0.3, -0.8], dtype=float32)
   """
   check_qparams(scale, qmin, qmax)
+  for field, value in (("scale", scale), ("zero_point", zero_point)):
+    check_shape(x, value, field)
   return _fake_quant(jnp.asarray(x), scale, zero_point, qmin, qmax)
 
 
@@ -109,9 +126,12 @@ def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -
   exporter stores these codes.
 
   Raises:
-    ConfigError: (outside ``jit`` only) for a bad ``scale`` or ``qmin >= qmax``.
+    ConfigError: (outside ``jit`` only) for a bad ``scale`` or ``qmin >= qmax``; for a
+      ``scale`` or ``zero_point`` that does not broadcast against ``x``.
   """
   check_qparams(scale, qmin, qmax)
+  for field, value in (("scale", scale), ("zero_point", zero_point)):
+    check_shape(x, value, field)
   q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
   return q.astype(jnp.int32)
 

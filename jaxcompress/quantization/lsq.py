@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import invalid
-from jaxcompress.quantization.fake_quant import check_qparams, scaled
+from jaxcompress.quantization.fake_quant import check_qparams, check_shape, scaled
 from jaxcompress.quantization.qparams import EPS, concrete, reduce_axes
 
 
@@ -106,12 +106,7 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
                 hint="lsq_init_step gives the paper's initial step from the values")
   x = jnp.asarray(x)
   step = jnp.asarray(step, jnp.float32)
-  try:
-    np.broadcast_shapes(step.shape, x.shape)
-  except ValueError:
-    raise invalid("step", f"of shape {step.shape}", "a scalar or an array broadcastable "
-                  f"against x of shape {x.shape} (one step per channel, size 1 "
-                  "elsewhere)") from None
+  check_shape(x, step, "step")
   if grad_scale is None:
     grad_scale = lsq_grad_scale(x.size // max(step.size, 1), qmax)
   elif concrete(grad_scale) is not None and not np.all(concrete(grad_scale) > 0):
