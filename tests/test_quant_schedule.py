@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
@@ -51,3 +52,13 @@ def test_bad_progressive_raises():
     progressive_bits(4, 3)
   with pytest.raises(ConfigError, match=r"target must be an integer in \[2, 8\], got 1"):
     progressive_bits(1, 100)
+
+
+def test_numpy_integer_steps_are_integers():
+  """Boundaries from np.arange or a config's NumPy ints: the same schedule as Python ints."""
+  sched = bit_schedule((8, 6, 4), np.array([10, 20]))
+  assert [int(sched(s)) for s in (0, 9, 10, 19, 20, 99)] == [8, 8, 6, 6, 4, 4]
+  sched = progressive_bits(4, np.int64(50))  # 5 phases of 10 steps
+  assert [int(sched(s)) for s in (0, 10, 20, 30, 40, 49)] == [8, 7, 6, 5, 4, 4]
+  with pytest.raises(ConfigError, match=r"boundaries must be strictly increasing"):
+    bit_schedule((8, 4), (True,))

@@ -21,11 +21,17 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.quantization.qparams import MAX_BITS, check_bits
 
 BitSchedule = Callable[[Any], jax.Array]
+
+
+def _is_int(value: Any) -> bool:
+  """A Python or NumPy integer (a step count from ``np.arange`` or a config), not a bool."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def bit_schedule(bits: Sequence[int], boundaries: Sequence[int]) -> BitSchedule:
@@ -55,9 +61,10 @@ def bit_schedule(bits: Sequence[int], boundaries: Sequence[int]) -> BitSchedule:
     raise invalid("bits", bits, "non-increasing (precision only goes down)")
   if len(boundaries) != len(bits) - 1:
     raise invalid("boundaries", boundaries, f"{len(bits) - 1} steps, one per phase change")
-  if any(not isinstance(s, int) or s < 0 for s in boundaries) or list(boundaries) != sorted(
+  if any(not _is_int(s) or s < 0 for s in boundaries) or list(boundaries) != sorted(
       set(boundaries)):
     raise invalid("boundaries", boundaries, "strictly increasing non-negative integers")
+  boundaries = tuple(int(s) for s in boundaries)
   bits_arr = jnp.asarray(bits, jnp.int32)
   bounds_arr = jnp.asarray(boundaries, jnp.int32)
 
@@ -95,7 +102,8 @@ def progressive_bits(target: int, num_steps: int, *, start: int = MAX_BITS) -> B
   if start < target:
     raise invalid("start", start, f">= target ({target})")
   phases = start - target + 1
-  if not isinstance(num_steps, int) or num_steps < phases:
+  if not _is_int(num_steps) or num_steps < phases:
     raise invalid("num_steps", num_steps, f"an integer >= {phases} (one step per phase at least)")
+  num_steps = int(num_steps)
   boundaries = tuple(round(num_steps * i / phases) for i in range(1, phases))
   return bit_schedule(tuple(range(start, target - 1, -1)), boundaries)
