@@ -176,3 +176,6 @@ def test_non_finite_weights_or_a_codebook_of_another_rank_are_one_line():
     kmeans(np.array([0.1, np.nan, 0.3], np.float32), bits=2)
   with pytest.raises(ConfigError, match=r"^kmeans_fake_quant: codebook has shape \(2, 2\)"):
     kmeans_fake_quant(jnp.ones(4), jnp.zeros((2, 2)), update=False)
+  for book in (jnp.zeros((2, 2)), jnp.zeros(0)):
+    with pytest.raises(ConfigError, match=r"^assign: codebook has shape \("):
+      assign(jnp.ones(4), book)

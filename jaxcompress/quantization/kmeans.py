@@ -117,6 +117,12 @@ def _lloyd_step(flat: jax.Array, keep: jax.Array, centroids: jax.Array) -> jax.A
   return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centroids))
 
 
+def _check_codebook(codebook: Any, field: str) -> None:
+  if jnp.ndim(codebook) != 1 or not jnp.size(codebook):
+    raise ConfigError(f"{field}: codebook has shape {tuple(jnp.shape(codebook))}; a "
+                      "codebook is one non-empty vector of 2^bits centroids")
+
+
 def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
                       update: bool) -> tuple[jax.Array, jax.Array]:
   """Weight sharing inside a train step: snap ``w`` to its nearest centroid, straight-through.
@@ -134,9 +140,7 @@ def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
   Returns:
     ``(weights shared over the codebook, codebook)``.
   """
-  if jnp.ndim(codebook) != 1:
-    raise ConfigError(f"kmeans_fake_quant: codebook has shape {tuple(jnp.shape(codebook))}; a "
-                      "codebook is one vector of 2^bits centroids")
+  _check_codebook(codebook, "kmeans_fake_quant")
   flat = jnp.ravel(w).astype(jnp.float32)
   keep = flat != 0
   if update:
@@ -150,7 +154,12 @@ def kmeans_fake_quant(w: jax.Array, codebook: jax.Array, *,
 
 def assign(w: jax.Array, codebook: jax.Array) -> Codebook:
   """The :class:`Codebook` of ``w`` over a given ``codebook`` (its entries in any order; exact
-  zeros masked out): each value's nearest entry."""
+  zeros masked out): each value's nearest entry.
+
+  Raises:
+    ConfigError: for a codebook that is not one non-empty vector.
+  """
+  _check_codebook(codebook, "assign")
   flat = jnp.ravel(w)
   idx = jnp.where(flat != 0, _assign(flat, codebook), codebook.shape[0])
   return Codebook(codebook, idx.reshape(w.shape))
