@@ -294,6 +294,13 @@ def test_params_alone_instead_of_variables_is_one_line():
       call()
 
 
+def test_a_sample_the_model_cannot_take_is_one_line():
+  qz = quantize(NET, [(".*", dict(weight_bits=8, act_bits=8))])
+  with pytest.raises(ConfigError, match=r"^quantizer init: Net's forward fails on inputs of "
+                                        r"shape \(4, 6, 6, 5\) \(ScopeParamShapeError: "):
+    qz.init(VARS, jnp.ones((4, 6, 6, 5)))
+
+
 def test_bad_momentum_raises():
   with pytest.raises(ConfigError, match=r"act_momentum must be in \[0.0, 1.0\), got 1.0"):
     quantize(NET, act_momentum=1.0)

@@ -58,7 +58,7 @@ import numpy as np
 from flax import struct
 from flax.core.tracers import current_trace
 
-from jaxcompress.errors import check_range
+from jaxcompress.errors import ConfigError, check_range, first_line
 from jaxcompress.models.functional import (Hook, called_shape, chain_hooks, functional,
                                            output_axes, stacked_axes, stacked_count, weight_name)
 from jaxcompress.precision import cast_floating
@@ -177,8 +177,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       The :class:`QuantState`.
 
     Raises:
-      ConfigError: for variables without a 'params' entry (the params alone), or NaN/Inf in a
-        selected kernel or in the sample's layer inputs.
+      ConfigError: for variables without a 'params' entry (the params alone), a sample the
+        model's forward fails on, or NaN/Inf in a selected kernel or in the sample's layer inputs.
     """
     check_nonempty(args, "quantizer init")
     check_variables(variables)
@@ -191,7 +191,16 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
               called_shape(call, weight))
 
     order = []
-    seen = {p: v for p, v in float_inputs(variables, args, kwargs, describe, order).items()
+    try:
+      found = float_inputs(variables, args, kwargs, describe, order)
+    except ConfigError:
+      raise
+    except Exception as e:  # a sample the model cannot take is a user mistake: one line
+      shapes = jax.tree.map(lambda a: tuple(jnp.shape(a)), args[0] if len(args) == 1 else args)
+      raise ConfigError(f"quantizer init: {fm.name}'s forward fails on inputs of shape {shapes} "
+                        f"({first_line(e)}); give a sample batch shaped like the model's "
+                        "inputs") from None
+    seen = {p: v for p, v in found.items()
             if v[3] is not None and jnp.ndim(v[3]) >= 2
             and jnp.issubdtype(jnp.asarray(v[3]).dtype, jnp.floating)}
     paths = list(seen)
