@@ -39,8 +39,8 @@ from flax import nnx
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
-from jaxcompress.errors import (ConfigError, check_counts, check_finite, invalid, message_line,
-                                shortened)
+from jaxcompress.errors import (ConfigError, check_counts, check_finite, check_variables, invalid,
+                                message_line, shortened)
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
@@ -256,7 +256,7 @@ class Compression:
       if teacher_vars is None:
         raise ConfigError("train step: distillation needs the teacher's variables, the step's "
                           "third argument: train_step(state, batch, teacher_vars)")
-      _require_params(teacher_vars, "teacher_vars")
+      check_variables(teacher_vars, "teacher_vars")
       t_logits, t_feats = self.teacher_apply(teacher_vars, batch.image)
       if t_logits.shape != logits.shape:
         raise ConfigError(f"teacher: its outputs have shape {tuple(t_logits.shape)}, the "
@@ -428,7 +428,7 @@ class Compression:
 
     The caller's arrays are copied, so a train step never deletes arrays the caller still holds.
     """
-    _require_params(student_vars, "student_vars")
+    check_variables(student_vars, "student_vars")
     if isinstance(calibration, (np.ndarray, jax.Array)):
       raise invalid("calibration", f"one array of shape {tuple(calibration.shape)}",
                     "a sequence of input batches", "pass [x]")
@@ -459,7 +459,7 @@ class Compression:
       if teacher_vars is None:
         raise ConfigError("init_state: feature hints (distill.feature_weight > 0) size their "
                           "adapters on the teacher's features: pass teacher_vars=")
-      _require_params(teacher_vars, "teacher_vars")
+      check_variables(teacher_vars, "teacher_vars")
       _, _, s_feats = self.student_apply(params, model_state, sample_x, train=False,
                                          capture=True)
       _, t_feats = self.teacher_apply(teacher_vars, sample_x)
@@ -475,15 +475,6 @@ class Compression:
 def _example(sample_input: Any) -> Any:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
       np.shape(a), a.dtype if hasattr(a, "dtype") else np.result_type(a)), sample_input)
-
-
-def _require_params(variables: Any, field: str) -> None:
-  """One line when ``variables`` is not a model's variables dict (e.g. its ``params`` alone)."""
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    keys = sorted(map(str, variables))[:4] if isinstance(variables, Mapping) else []
-    raise invalid(field, f"a {type(variables).__name__} with keys {keys}",
-                  "the model's variables, a dict with a 'params' entry (what init returns)",
-                  "pass {'params': params, ...}, not the params alone")
 
 
 def _gain_norms(fm: Functional, variables: dict, layers: ModelLayers, fold_norms: dict,
@@ -582,7 +573,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
       unknown compute dtype.
   """
   precision.compute_dtype(compute_dtype)
-  _require_params(variables, "variables")
+  check_variables(variables, "variables")
   for name, spec, cls in (("prune", prune, PruneSpec), ("quant", quant, QuantSpec),
                           ("distill", distill, DistillSpec)):
     if not isinstance(spec, cls):

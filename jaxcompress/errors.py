@@ -89,6 +89,15 @@ def check_positive(field: str, value: float, *, zero: bool = False) -> None:
     raise invalid(field, value, bound)
 
 
+def check_variables(variables: Any, field: str = "variables") -> None:
+  """One line when ``variables`` is not a model's variables dict (e.g. its ``params`` alone)."""
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    keys = sorted(map(str, variables))[:4] if isinstance(variables, Mapping) else []
+    raise invalid(field, f"a {type(variables).__name__} with keys {keys}",
+                  "the model's variables, a dict with a 'params' entry (what init returns)",
+                  "pass {'params': params, ...}, not the params alone")
+
+
 def check_finite(field: str, tree: Any, consequence: str) -> None:
   """Raises :class:`ConfigError` naming the first floating leaf of ``tree`` (an array or any
   pytree) that holds NaN/Inf: ``{field}{path} holds n NaN/Inf value(s); {consequence}``."""

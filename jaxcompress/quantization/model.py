@@ -58,7 +58,7 @@ import numpy as np
 from flax import struct
 from flax.core.tracers import current_trace
 
-from jaxcompress.errors import ConfigError, check_range, first_line
+from jaxcompress.errors import ConfigError, check_range, check_variables, first_line
 from jaxcompress.models.functional import (Hook, called_shape, chain_hooks, functional,
                                            output_axes, stacked_axes, stacked_count, weight_name)
 from jaxcompress.precision import cast_floating
@@ -67,7 +67,7 @@ from jaxcompress.quantization.config import compile_rules, default_rules
 from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, gained_kernel,
                                             init_layer_state, quantize_input, quantize_kernel)
 from jaxcompress.quantization.schedule import BitSchedule
-from jaxcompress.quantization.spec import check_variables, layer_specs
+from jaxcompress.quantization.spec import layer_specs
 from jaxcompress.rules import Rule, tree_get, tree_set
 from jaxcompress.selection import check_nonempty
 

@@ -9,12 +9,12 @@ uses them reproduces the fake-quant model bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, check_variables
 from jaxcompress.quantization.calibration import check_finite_range
 from jaxcompress.quantization.fake_quant import check_qparams
 from jaxcompress.quantization.layer import act_qparams, bits_at, weight_qparams
@@ -70,15 +70,6 @@ class LayerSpec(NamedTuple):
   act_qmax: int | None = None
   act_range: tuple[float, float] | None = None
   weight: str = "kernel"
-
-
-def check_variables(variables: Any, field: str = "variables") -> None:
-  """One line when ``variables`` is not a model's variables dict (e.g. its ``params`` alone)."""
-  if not isinstance(variables, Mapping) or "params" not in variables:
-    keys = sorted(map(str, variables))[:4] if isinstance(variables, Mapping) else []
-    raise invalid(field, f"a {type(variables).__name__} with keys {keys}",
-                  "the model's variables, a dict with a 'params' entry (what init returns)",
-                  "pass {'params': params, ...}, not the params alone")
 
 
 def _kernel(params: Any, path: str, weight: str = "kernel") -> Any:
