@@ -74,7 +74,8 @@ class PruneSpec:
       ``kernel``), in ``[0, 1)``; ``nm`` always prunes ``1 - n/m`` and needs it ``> 0``.
     scope: unstructured and kernel only: ``layer`` (per weight) or ``global`` (across weights).
     schedule: ``gradual`` (Zhu & Gupta cubic), ``one_shot``, ``constant``.
-    begin: fraction of training where pruning starts.
+    begin: fraction of training where pruning starts, in ``[0, 1)`` (a ``constant`` schedule,
+      which prunes from the first step, ignores it).
     end: fraction of training where the final sparsity is reached (``gradual``).
     update_every: steps between mask refreshes.
     n: N:M: keep ``n`` ...
@@ -121,6 +122,9 @@ class PruneSpec:
       raise unknown("prune.scope", self.scope, ("layer", "global"))
     check_range("prune.sparsity", self.sparsity, 0.0, 1.0)
     check_range("prune.begin", self.begin, 0.0, 1.0, hi_closed=True)
+    if self.schedule != "constant" and self.begin == 1:  # its first pruning step is past the run
+      raise invalid("prune.begin", self.begin, f"< 1 with prune.schedule={self.schedule}",
+                    "pruning that begins at the end of the run prunes nothing in it")
     # Only a gradual schedule ends: a one-shot or constant one does not read prune.end.
     check_range("prune.end", self.end, self.begin if self.schedule == "gradual" else 0.0, 1.0,
                 hi_closed=True)

@@ -207,6 +207,26 @@ def test_a_one_shot_schedule_may_begin_after_the_unused_end():
   assert spec.begin == 0.7 and spec.end == 0.5
 
 
+@pytest.mark.parametrize("schedule", ["one_shot", "gradual"])
+def test_a_schedule_that_begins_at_the_end_of_the_run_is_refused(schedule):
+  # begin=1.0 puts the first pruning step at total_steps, one past the last step of the run:
+  # the run would end dense while asked for a sparsity.
+  with pytest.raises(ConfigError, match=rf"prune.begin must be < 1 with prune.schedule={schedule}"
+                     r", got 1.0; pruning that begins at the end of the run prunes nothing"):
+    compose.PruneSpec(sparsity=0.5, schedule=schedule, begin=1.0, end=1.0)
+  compose.PruneSpec(sparsity=0.5, schedule="constant", begin=1.0)  # constant ignores begin
+
+
+def test_a_one_shot_schedule_late_in_the_run_prunes_inside_it():
+  comp, state, _ = _setup(_specs(prune=True, prune__schedule="one_shot", prune__begin=0.95),
+                          total_steps=10)
+  step = comp.make_train_step()
+  for i in range(10):
+    state, _ = step(state, _batches(3)[i % 3])
+  k = np.asarray(state.params["model"]["fc2"]["kernel"])
+  assert np.sum(k == 0) == round(0.75 * k.size)
+
+
 def test_nm_without_sparsity_or_on_ungroupable_weights_fails_when_built():
   with pytest.raises(ConfigError, match=r"prune.sparsity must be > 0 with prune.structure=nm .*"
                      r"got 0.0; N:M prunes 1 - n/m = 0.5"):
