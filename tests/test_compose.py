@@ -227,6 +227,33 @@ def test_a_one_shot_schedule_late_in_the_run_prunes_inside_it():
   assert np.sum(k == 0) == round(0.75 * k.size)
 
 
+class _Narrow(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    x = nn.relu(nn.Dense(9)(x))
+    return nn.Dense(3)(nn.relu(nn.Dense(5, name="mid")(x)))  # mid: 9 x 5 = 45 entries
+
+
+@pytest.mark.parametrize("prune", [dict(sparsity=0.7, schedule="gradual"),
+                                   dict(sparsity=0.7, schedule="constant"),
+                                   dict(sparsity=0.9, layer_sparsity=(("mid/kernel", 0.7),))])
+def test_a_run_ends_at_the_count_final_masks_gives(prune):
+  # round(0.7 * 45) = round(31.499999999999996) = 31 (by hand); float32's 0.69999999 * 45
+  # rounds to 31.5 and half to even to 32, which the run pruned before.
+  model, rng = _Narrow(), np.random.default_rng(0)
+  batch = Batch(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32),
+                np.ones(8, np.float32))
+  variables = model.init(jax.random.PRNGKey(0), batch.image)
+  comp = compose.build(model, variables, batch.image, optimizer=optax.sgd(0.01), total_steps=12,
+                       prune=compose.PruneSpec(method="magnitude", **prune))
+  state, step = comp.init_state(variables, batch.image), comp.make_train_step()
+  for _ in range(12):
+    state, _ = step(state, batch)
+  final = comp.final_masks({"model": variables["params"]})["model"]["mid"]["kernel"]
+  assert np.sum(np.asarray(final) == 0) == 31
+  assert np.sum(np.asarray(state.params["model"]["mid"]["kernel"]) == 0) == 31
+
+
 def test_nm_without_sparsity_or_on_ungroupable_weights_fails_when_built():
   with pytest.raises(ConfigError, match=r"prune.sparsity must be > 0 with prune.structure=nm .*"
                      r"got 0.0; N:M prunes 1 - n/m = 0.5"):

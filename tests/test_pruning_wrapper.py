@@ -82,6 +82,23 @@ def test_pruned_weights_stay_exactly_zero_for_100_steps_and_no_recompile():
   assert float(loss(params)) < float(loss(PARAMS))  # it still trains
 
 
+@pytest.mark.parametrize("make", [
+    lambda s: constant_schedule(s), lambda s: one_shot_schedule(s, 2),
+    lambda s: polynomial_schedule(s, 0, 6, power=1)])
+@pytest.mark.parametrize("sparsity, n, pruned", [(0.7, 45, 31), (0.3, 95, 28)])
+def test_a_run_ends_at_round_sparsity_times_n_where_float32_rounds_across_a_half(
+    make, sparsity, n, pruned):
+  # By hand: 0.7 * 45 is 31.499999999999996 in Python (round: 31), 31.5 from float32's
+  # 0.69999999 (round half to even: 32); 0.3 * 95 is 28.499999999999996 (28), 28.500001 (29).
+  assert round(sparsity * n) == pruned
+  w = np.random.default_rng(3).permutation(np.arange(1, n + 1)).astype(np.float32)
+  params = {"w": {"kernel": jnp.asarray(w.reshape(1, n))}}
+  opt = prune(optax.sgd(0.0), make(sparsity), rules=[(".*", True)])
+  params, _, _ = run(opt, 8, params, loss_fn=lambda p, s: jnp.sum(p["w"]["kernel"]))
+  kept = np.asarray(params["w"]["kernel"]).ravel() != 0
+  np.testing.assert_array_equal(kept, w > pruned)  # the `pruned` smallest |w| are 0
+
+
 def test_masks_refresh_only_every_update_every_steps():
   # Sparsity rises every step, but masks follow it only on steps 0, 5, 10, ...
   opt = prune(optax.sgd(0.01), polynomial_schedule(0.5, 0, 10, power=1), update_every=5)

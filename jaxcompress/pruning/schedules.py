@@ -24,6 +24,17 @@ from jaxcompress.pruning.masks import check_sparsity
 Schedule = Callable[["int | jax.Array"], jax.Array]
 
 
+def _ending_at(schedule: Schedule, final: float) -> Schedule:
+  """``schedule`` with its final sparsity, the Python number, as ``schedule.final``.
+
+  The values are float32 (0.7 is 0.69999999): :func:`~jaxcompress.pruning.prune` masks at the
+  final sparsity with this number instead, so a run ends with ``round(final * n)`` pruned, the
+  count of :func:`~jaxcompress.pruning.compute_masks` (0.7 of 45 entries: 31, not 32).
+  """
+  schedule.final = float(final)
+  return schedule
+
+
 def _check_step(field: str, step: int) -> None:
   if not isinstance(step, numbers.Integral) or step < 0:
     raise invalid(field, step, "an integer >= 0")
@@ -36,7 +47,7 @@ def constant_schedule(sparsity: float) -> Schedule:
     ConfigError: unless ``sparsity`` is in [0, 1).
   """
   check_sparsity(sparsity, "schedule.sparsity")
-  return lambda step: jnp.full(jnp.shape(step), sparsity, jnp.float32)
+  return _ending_at(lambda step: jnp.full(jnp.shape(step), sparsity, jnp.float32), sparsity)
 
 
 def one_shot_schedule(sparsity: float, step: int) -> Schedule:
@@ -47,7 +58,8 @@ def one_shot_schedule(sparsity: float, step: int) -> Schedule:
   """
   check_sparsity(sparsity, "schedule.sparsity")
   _check_step("schedule.step", step)
-  return lambda t: jnp.where(jnp.asarray(t) >= step, sparsity, 0.0).astype(jnp.float32)
+  return _ending_at(
+      lambda t: jnp.where(jnp.asarray(t) >= step, sparsity, 0.0).astype(jnp.float32), sparsity)
 
 
 def polynomial_schedule(final_sparsity: float, begin_step: int, end_step: int, *,
@@ -91,4 +103,4 @@ def polynomial_schedule(final_sparsity: float, begin_step: int, end_step: int, *
     s = final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** power
     return jnp.where(step < begin_step, 0.0, s).astype(jnp.float32)
 
-  return schedule
+  return _ending_at(schedule, final_sparsity)

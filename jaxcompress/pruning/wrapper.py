@@ -129,6 +129,7 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
   # Any score may rank a pruned weight (0) above or level with a kept one: a gradient score
   # above it, a magnitude tied with a kept weight that training moved to exactly 0.
   frozen = not straight_through
+  final = getattr(schedule, "final", None)  # the library's schedules: their final sparsity
 
   def init_fn(params):
     sel = select(params, rules)
@@ -156,7 +157,12 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
       if frozen:  # a pruned weight is 0 and stays so: it ranks below every other
         scores = [jnp.where(m != 0, s, -jnp.inf)
                   for s, m in zip(scores, sel.pick(sel.flat(state.masks)))]
-      keep = structure(sel.pick(sel.paths), scores, schedule(state.count))
+      paths, sparsity = sel.pick(sel.paths), schedule(state.count)
+      if final is None:
+        keep = structure(paths, scores, sparsity)
+      else:  # at the end, the Python number: float32 may round sparsity * n across a half
+        keep = jax.lax.cond(sparsity >= final, lambda: structure(paths, scores, final),
+                            lambda: structure(paths, scores, sparsity))
       return sel.masks_tree(keep)
 
     masks = jax.lax.cond(state.count % update_every == 0, refresh, lambda _: state.masks, None)
