@@ -216,6 +216,14 @@ def test_gradient_score_reads_grads():
     (lambda p: magnitude_masks(p, 0.5, rules=[("(.*/kernel", True)]), "does not compile"),
     (lambda p: compute_masks(p, 0.5, score="saliency"), "grads must be given"),
     (lambda p: compute_masks(p, 0.5, score="random"), "key must be a jax.random key"),
+    # the gradient of a whole variables dict, one leaf missing, one transposed
+    (lambda p: compute_masks(p, 0.5, score="saliency", grads={"params": p}),
+     "grads must be a tree like params (jax.grad of the loss with respect to params), got "
+     "another: ValueError: Dict key mismatch"),
+    (lambda p: compute_masks(p, 0.5, score="saliency", grads={"w": {}}),
+     "grads must be a tree like params"),
+    (lambda p: compute_masks(p, 0.5, score="saliency", grads={"w": {"kernel": W[:2]}}),
+     "grads['w/kernel'] has shape (2, 4), its parameter (4, 4); grads must be a tree like params"),
 ])
 def test_bad_input_one_clear_line(call, needle):
   with pytest.raises(ConfigError) as err:

@@ -288,6 +288,13 @@ def test_update_without_params():
     opt.update(PARAMS, opt.init(PARAMS))
 
 
+def test_updates_not_like_params_are_one_line():
+  opt = prune(optax.sgd(0.1), constant_schedule(0.5), score="saliency")
+  with pytest.raises(ConfigError, match=r"^updates must be a tree like params \(jax.grad of the "
+                     r"loss with respect to params\), got another: ValueError: Dict key mismatch"):
+    opt.update({"params": PARAMS}, opt.init(PARAMS), PARAMS)  # grads of the whole variables
+
+
 def _updates_warnings(opt, steps=3):
   """Runs ``steps`` jitted updates; returns the params and the pruning-order warnings raised."""
   with warnings.catch_warnings(record=True) as caught:

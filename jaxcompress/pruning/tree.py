@@ -17,12 +17,31 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.pruning.masks import (Masker, Sparsity, channels, check_sparsity, n_of_m,
                                        unstructured)
 from jaxcompress.pruning.scores import Score, get_score, leaf_scores
-from jaxcompress.pruning.select import select
+from jaxcompress.pruning.select import Selection, select
 from jaxcompress.rules import Rule
+
+
+def grads_like(sel: Selection, grads: Any, field: str = "grads") -> list[Any]:
+  """The leaves of ``grads`` in ``sel``'s order, checked to be a tree of ``sel``'s shapes.
+
+  Raises:
+    ConfigError: ``grads`` is not a tree like the parameters (e.g. the gradient of a whole
+      ``variables`` dict, ``{'params': ...}``), or a leaf's shape is not its parameter's.
+  """
+  try:
+    leaves = sel.flat(grads)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{field} must be a tree like params (jax.grad of the loss with respect "
+                      f"to params), got another: {first_line(e)}") from None
+  for path, w, g in zip(sel.paths, sel.leaves, leaves):
+    if jnp.shape(g) != jnp.shape(w):
+      raise ConfigError(f"{field}[{path!r}] has shape {jnp.shape(g)}, its parameter "
+                        f"{jnp.shape(w)}; {field} must be a tree like params")
+  return leaves
 
 
 def compute_masks(params: Any, sparsity: Sparsity, *, score: str | Score = "magnitude",
@@ -45,12 +64,13 @@ def compute_masks(params: Any, sparsity: Sparsity, *, score: str | Score = "magn
     The mask tree.
 
   Raises:
-    ConfigError: for a sparsity outside [0, 1), an unknown score, a bad rule, missing grads or key.
+    ConfigError: for a sparsity outside [0, 1), an unknown score, a bad rule, missing grads or key,
+      or grads that are not a tree like params.
   """
   check_sparsity(sparsity)
   score = get_score(score)
   sel = select(params, rules)
-  grad_leaves = None if grads is None else sel.pick(sel.flat(grads))
+  grad_leaves = None if grads is None else sel.pick(grads_like(sel, grads))
   scores = leaf_scores(score, sel.pick(sel.leaves), grad_leaves, key)
   keep = (structure or unstructured())(sel.pick(sel.paths), scores, sparsity)
   return sel.masks_tree(keep)

@@ -55,7 +55,7 @@ from jaxcompress.pruning.masks import Masker, unstructured
 from jaxcompress.pruning.schedules import Schedule
 from jaxcompress.pruning.scores import Score, get_score, leaf_scores
 from jaxcompress.pruning.select import compile_rules, select
-from jaxcompress.pruning.tree import apply_masks
+from jaxcompress.pruning.tree import apply_masks, grads_like
 from jaxcompress.rules import Rule
 
 
@@ -144,7 +144,7 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
                         "opt.update(grads, opt_state, params)")
     sel = select(params, rules, warn_unused=False)
     weights = sel.pick(sel.leaves)
-    grads = sel.pick(sel.flat(updates))
+    grads = sel.pick(grads_like(sel, updates, "updates"))
     # One draw for the whole run: a weight pruned stays pruned (hard masks zeroed it), and a
     # growing sparsity prunes the next-lowest scores, as with every other score.
     key = jax.random.PRNGKey(seed)
