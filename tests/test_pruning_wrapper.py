@@ -274,6 +274,8 @@ def test_nnx_state_params():
     (dict(update_every=0), "prune.update_every must be an integer >= 1, got 0"),
     (dict(score="l0"), "prune.score must be one of lamp, magnitude, movement, random, saliency"),
     (dict(rules=[("[", True)]), "prune.rules[0] regex '[' does not compile"),
+    (dict(structure="nm"), "prune.structure must be a masker: unstructured(scope), kernels(scope, "
+     "norm), channels(norm) or n_of_m(n, m) from jaxcompress.pruning, got 'nm'"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, needle):
   kwargs = {"schedule": constant_schedule(0.5), **kwargs}

@@ -175,6 +175,20 @@ def _group_scores(scores: jax.Array, axes: Any, norm: str, reduce: Callable,
   return jnp.where(jnp.any(pruned, axes, **kwargs), -jnp.inf, value)
 
 
+def check_masker(structure: Any) -> Masker:
+  """``structure`` itself when it is a masker (``None``: ``unstructured("layer")``).
+
+  Raises:
+    ConfigError: for anything not callable, e.g. a name (``"nm"``) where a masker belongs.
+  """
+  if structure is None:
+    return unstructured()
+  if not callable(structure):
+    raise invalid("prune.structure", structure, "a masker: unstructured(scope), kernels(scope, "
+                  "norm), channels(norm) or n_of_m(n, m) from jaxcompress.pruning")
+  return structure
+
+
 def unstructured(scope: str = "layer") -> Masker:
   """Masker pruning single entries: ``round(sparsity * n)`` per leaf or across all leaves.
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxcompress.errors import ConfigError, first_line
-from jaxcompress.pruning.masks import (Masker, Sparsity, channels, check_sparsity, n_of_m,
-                                       unstructured)
+from jaxcompress.pruning.masks import (Masker, Sparsity, channels, check_masker, check_sparsity,
+                                       n_of_m, unstructured)
 from jaxcompress.pruning.scores import Score, get_score, leaf_scores
 from jaxcompress.pruning.select import Selection, select
 from jaxcompress.rules import Rule
@@ -72,7 +72,7 @@ def compute_masks(params: Any, sparsity: Sparsity, *, score: str | Score = "magn
   sel = select(params, rules)
   grad_leaves = None if grads is None else sel.pick(grads_like(sel, grads))
   scores = leaf_scores(score, sel.pick(sel.leaves), grad_leaves, key)
-  keep = (structure or unstructured())(sel.pick(sel.paths), scores, sparsity)
+  keep = check_masker(structure)(sel.pick(sel.paths), scores, sparsity)
   return sel.masks_tree(keep)
 
 

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcompress.errors import ConfigError, invalid
-from jaxcompress.pruning.masks import Masker, unstructured
+from jaxcompress.pruning.masks import Masker, check_masker
 from jaxcompress.pruning.schedules import Schedule
 from jaxcompress.pruning.scores import Score, get_score, leaf_scores
 from jaxcompress.pruning.select import compile_rules, select
@@ -119,7 +119,7 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule, *,
   """
   score = get_score(score)
   compile_rules(rules)
-  structure = structure or unstructured()
+  structure = check_masker(structure)
   if not callable(schedule):
     raise invalid("prune.schedule", schedule, "a step -> sparsity function",
                   "e.g. polynomial_schedule(0.9, 0, 1000)")
