@@ -74,12 +74,18 @@ class Rules:
 
   def __init__(self, rules: Sequence[Rule], *, field: str = "rules"):
     self.field = field
+    if isinstance(rules, (str, bytes)) or not hasattr(rules, "__iter__"):  # not a list of rules
+      example = repr(rules) if isinstance(rules, str) else "'.*/kernel'"
+      raise ConfigError(f"{field} must be a list of (regex, value) pairs, got {rules!r}; e.g. "
+                        f"[({example}, True)]")
+    rules = list(rules)
+    for i, rule in enumerate(rules):  # one pair, not a list of them, shows as rule 0 a string
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str):
+        raise ConfigError(f"{field}[{i}] must be a (regex, value) pair, got {rule!r}; rules is "
+                          "a list of pairs, e.g. [('head/.*', False), ('.*', True)]")
     self.rules = [tuple(r) for r in rules]
     self._compiled = []
     for i, rule in enumerate(self.rules):
-      if len(rule) != 2 or not isinstance(rule[0], str):
-        raise ConfigError(
-            f"{field}[{i}] must be a (regex, value) pair, got {rule!r}")
       try:
         self._compiled.append(re.compile(rule[0]))
       except re.error as e:

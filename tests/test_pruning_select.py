@@ -97,6 +97,12 @@ def test_masks_tree_keeps_structure_and_dtype():
     ([(".*", "yes")], "prune.rules[0] value must be True (prune), False or None (keep dense), "
                       "got 'yes'"),
     ([(".*",)], "prune.rules[0] must be a (regex, value) pair"),
+    # one pair where a list of pairs belongs, and one regex
+    ((".*/kernel", True), "prune.rules[0] must be a (regex, value) pair, got '.*/kernel'; rules "
+                          "is a list of pairs, e.g. [('head/.*', False), ('.*', True)]"),
+    (".*/kernel", "prune.rules must be a list of (regex, value) pairs, got '.*/kernel'; e.g. "
+                  "[('.*/kernel', True)]"),
+    (True, "prune.rules must be a list of (regex, value) pairs, got True"),
 ])
 def test_bad_rules(rules, needle):
   with pytest.raises(ConfigError) as err:
