@@ -77,8 +77,12 @@ def iterative_prune(params: Any, sparsities: Sequence[float],
     ConfigError: for an empty or non-increasing ``sparsities``, a value outside [0, 1), or a
       negative ``tolerance``.
   """
-  sparsities = [float(s) for s in sparsities]
+  if isinstance(sparsities, str) or not hasattr(sparsities, "__iter__"):  # e.g. one number
+    raise invalid("iterative.sparsities", sparsities, "a non-empty list of sparsities in [0, 1)",
+                  f"one round: [{sparsities!r}]")
+  sparsities = list(sparsities)
   check_sparsities(sparsities, "iterative.sparsities", increasing=True)
+  sparsities = [float(s) for s in sparsities]
   if not isinstance(tolerance, numbers.Real) or tolerance < 0:
     raise invalid("iterative.tolerance", tolerance, "a number >= 0")
 
