@@ -128,6 +128,10 @@ class PruneSpec:
     # Only a gradual schedule ends: a one-shot or constant one does not read prune.end.
     check_range("prune.end", self.end, self.begin if self.schedule == "gradual" else 0.0, 1.0,
                 hi_closed=True)
+    for name in ("n", "m") if self.structure == "nm" else ():
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise invalid(f"prune.{name}", value, "an integer", "N:M keeps n of every m weights")
     if self.structure == "nm" and not 0 < self.n < self.m:
       raise invalid("prune.n", self.n, f"in [1, prune.m={self.m})")
     if self.structure == "nm" and self.method != "none" and not self.sparsity > 0:

@@ -178,6 +178,9 @@ def test_a_gradual_schedule_needs_two_steps():
      "got 'hidden'"),
     ("prune__rules", (("[", True),), r"prune.rules\[0\] regex must be a valid regex"),
     ("prune__seed", "a", "prune.seed must be an integer, got 'a'"),
+    ("prune__m", "4", "prune.m must be an integer, got '4'; N:M keeps n of every m weights"),
+    ("prune__n", True, "prune.n must be an integer, got True"),
+    ("prune__n", 2.0, "prune.n must be an integer, got 2.0"),
     ("prune__update_every", 2.5, "prune.update_every must be an integer >= 1, got 2.5"),
     ("prune__structure", "channel", "prune.scope must be layer with prune.structure=channel"),
     ("prune__norm", "l2", r"prune.norm must be l1 with prune.method=movement \(its scores are "
@@ -193,8 +196,10 @@ def test_a_gradual_schedule_needs_two_steps():
 ])
 def test_bad_specs_fail_when_built(key, value, match):
   extra = {"prune__structure": {"prune__scope": "global"},  # scope only matters with them
+           "prune__m": {"prune__structure": "nm", "prune__sparsity": 0.5},
+           "prune__n": {"prune__structure": "nm", "prune__sparsity": 0.5},
            "prune__norm": {"prune__method": "movement", "prune__structure": "kernel"}}
-  if key in extra and value in ("channel", "l2"):
+  if key in extra and (value in ("channel", "l2") or key in ("prune__m", "prune__n")):
     key_values = {**extra[key], key: value}
   else:
     key_values = {key: value}
