@@ -203,6 +203,11 @@ def test_global_masker_with_nothing_selected():
      "prune.m (leaf 'x/kernel', axis -2 of length 6) must be a divisor of 6, got 4"),
     (lambda: n_of_m(2, 4, axis=-1)(["x/kernel"], [jnp.zeros((4, 6))], 0.5),
      "prune.m (leaf 'x/kernel', axis -1 of length 6) must be a divisor of 6, got 4"),
+    (lambda: channels("l1", {"x/kernel": 2})(["x/kernel"], [jnp.zeros((4, 6))], 0.5),
+     "prune.axes (leaf 'x/kernel', shape (4, 6)) must be an axis in [-2, 2), got 2"),
+    (lambda: kernels("layer", "l1", {"x/kernel": (0, 3)})(["x/kernel"], [jnp.zeros((3, 4, 6))],
+                                                         0.5),
+     "prune.windows (leaf 'x/kernel', shape (3, 4, 6)) must be an axis in [-3, 3), got 3"),
 ])
 def test_bad_input(call, needle):
   with pytest.raises(ConfigError) as err:

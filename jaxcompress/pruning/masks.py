@@ -175,6 +175,15 @@ def _group_scores(scores: jax.Array, axes: Any, norm: str, reduce: Callable,
   return jnp.where(jnp.any(pruned, axes, **kwargs), -jnp.inf, value)
 
 
+def _check_axes(field: str, path: str, shape: Sequence[int], axes: Sequence[Any]) -> None:
+  """Raises ConfigError unless every one of ``axes`` is an integer axis of ``shape``."""
+  ndim = len(shape)
+  for a in axes:
+    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+      raise invalid(f"{field} (leaf {path!r}, shape {tuple(shape)})", a,
+                    f"an axis in [{-ndim}, {ndim})")
+
+
 def check_masker(structure: Any) -> Masker:
   """``structure`` itself when it is a masker (``None``: ``unstructured("layer")``).
 
@@ -259,6 +268,8 @@ def kernels(scope: str = "layer", norm: str = "l1",
   windows = dict(windows or {})
 
   def masker(paths, scores, sparsity):
+    for p, s in zip(paths, scores):
+      _check_axes("prune.windows", p, s.shape, windows.get(p, ()))
     per_kernel = [kernel_scores(s, norm, windows.get(p)) for p, s in zip(paths, scores)]
     if scope == "layer":
       keep = [sparsity_mask(k, sparsity) for k in per_kernel]
@@ -294,6 +305,7 @@ def channels(norm: str = "l1", axes: Mapping[str, int] | None = None) -> Masker:
     out = []
     for path, s in zip(paths, scores):
       axis = (axes or {}).get(path, -1)
+      _check_axes("prune.axes", path, s.shape, (axis,))
       c = channel_scores(s, norm, axis)
       keep = jnp.maximum(c.size - num_pruned(sparsity, c.size), 1)
       moved = jnp.moveaxis(s, axis, -1).shape
