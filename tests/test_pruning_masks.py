@@ -208,6 +208,10 @@ def test_global_masker_with_nothing_selected():
     (lambda: kernels("layer", "l1", {"x/kernel": (0, 3)})(["x/kernel"], [jnp.zeros((3, 4, 6))],
                                                          0.5),
      "prune.windows (leaf 'x/kernel', shape (3, 4, 6)) must be an axis in [-3, 3), got 3"),
+    (lambda: n_of_m(2, 4, axis="0")(["x/kernel"], [jnp.zeros((4, 4))], 0.5),
+     "prune.axis (leaf 'x/kernel', shape (4, 4)) must be in [-2, 2), got '0'"),
+    (lambda: n_of_m(2, 4, axes={"x/kernel": (0, -2)})(["x/kernel"], [jnp.zeros((4, 4))], 0.5),
+     "prune.axis (leaf 'x/kernel', shape (4, 4)) must be distinct axes, got (0, -2)"),
 ])
 def test_bad_input(call, needle):
   with pytest.raises(ConfigError) as err:

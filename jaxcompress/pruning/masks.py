@@ -376,9 +376,12 @@ def n_of_m(n: int, m: int, axis: int | None = None,
       ax = axes.get(path, reduction_axis(s.ndim) if axis is None else axis)
       ax = tuple(ax) if isinstance(ax, (tuple, list)) else (ax,)
       name = f"axis {ax[0]}" if len(ax) == 1 else f"axes {list(ax)}"
-      if not ax or not all(-s.ndim <= a < s.ndim for a in ax):
+      if not ax or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+                           and -s.ndim <= a < s.ndim for a in ax):
         raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})",
                       ax[0] if len(ax) == 1 else ax, f"in [{-s.ndim}, {s.ndim})")
+      if len({a % s.ndim for a in ax}) < len(ax):
+        raise invalid(f"prune.axis (leaf {path!r}, shape {s.shape})", ax, "distinct axes")
       length = math.prod(s.shape[a] for a in ax)
       if length % m:
         raise invalid(f"prune.m (leaf {path!r}, {name} of length {length})", m,
