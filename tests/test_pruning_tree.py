@@ -224,6 +224,8 @@ def test_gradient_score_reads_grads():
      "grads must be a tree like params"),
     (lambda p: compute_masks(p, 0.5, score="saliency", grads={"w": {"kernel": W[:2]}}),
      "grads['w/kernel'] has shape (2, 4), its parameter (4, 4); grads must be a tree like params"),
+    (lambda p: compute_masks(p, 0.5, score="random", key=0),
+     "key must be a jax.random key for a random score, got 0; e.g. jax.random.key(0)"),
     (lambda p: compute_masks(p, 0.5, structure="channel"),
      "prune.structure must be a masker: unstructured(scope), kernels(scope, norm), channels(norm) "
      "or n_of_m(n, m) from jaxcompress.pruning, got 'channel'"),

@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress.errors import ConfigError, unknown
 
@@ -130,6 +131,9 @@ def leaf_scores(score: Score, weights: Sequence[jax.Array],
                       "got None; pass grads=jax.grad(loss)(params)")
   if score.needs_key and key is None:
     raise ConfigError("key must be a jax.random key for a random score, got None")
+  if key is not None and not isinstance(key, (jax.Array, np.ndarray)):  # e.g. a seed
+    raise ConfigError(f"key must be a jax.random key for a random score, got {key!r}; e.g. "
+                      "jax.random.key(0)")
   keys = [None] * len(weights) if key is None else list(jax.random.split(key, len(weights)))
   grads = [None] * len(weights) if grads is None else grads
   return [score.fn(w, g, k) for w, g, k in zip(weights, grads, keys)]
