@@ -49,6 +49,8 @@ def check_shape(x: Any, value: Any, field: str) -> None:
   """Raises :class:`ConfigError` unless ``value`` (a scale, zero point or step) broadcasts against
   ``x`` without changing ``x``'s shape: a scalar, or one value per channel, size 1 elsewhere."""
   shape = tuple(np.shape(x))
+  if not all(isinstance(d, int) for d in shape + tuple(np.shape(value))):
+    return  # a symbolic dimension (jax.export's batch): no numbers to check
   try:
     fits = np.broadcast_shapes(tuple(np.shape(value)), shape) == shape
   except ValueError:
