@@ -101,15 +101,10 @@ def _terminated(signum, frame):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  # ml_collections joins the values of a tuple field given twice ((15,) then (25,) is (15, 25)):
-  # an override given twice is refused, whatever its type.
-  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-  twice = sorted({name for name in overrides if overrides.count(name) > 1})
-  if twice:
-    fail(f"bad flag: {twice[0]} is given more than once; give each override once (a tuple's "
-         "values together, e.g. --config.budget.sweep=\"(15, 25)\")")
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    _refuse_joined_tuples(argv)
+    return rest
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections reports a misspelled ``--config.a.b`` as a KeyError/AttributeError whose text
     # is a quoted, multi-line "'x' Did you mean 'y'?"; fold it into one line.
@@ -128,6 +123,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
     path = given[-1] if given else flags.FLAGS["config"].default
     fail(f"--config={path}: the config file fails: {_where(e, path.split(':')[0])}"
          f"{type(e).__name__}: " + " ".join(str(e).split()))
+
+
+def _refuse_joined_tuples(argv: list[str]) -> None:
+  """One line for a tuple field overridden more than once: ml_collections joins the values
+  ((15,) then (25,) runs (15, 25)) where every other flag keeps the last one given."""
+  overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  for name in sorted({n for n in overrides if overrides.count(n) > 1}):
+    value = flags.FLAGS["config"].value
+    for part in name[len("--config."):].split("."):
+      value = value[part]
+    if isinstance(value, (tuple, list)):
+      fail(f"bad flag: {name} is given more than once; the overrides of a tuple are joined, "
+           "not replaced by the last: give all its values in one")
 
 
 def _where(e: Exception, config_file: str) -> str:

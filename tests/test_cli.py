@@ -92,8 +92,14 @@ def test_an_override_given_twice_is_refused(tmp_path):
               "--config.train.decay_at=(0.5,)")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1] == (
-      "error: bad flag: --config.train.decay_at is given more than once; give each override "
-      "once (a tuple's values together, e.g. --config.budget.sweep=\"(15, 25)\")")
+      "error: bad flag: --config.train.decay_at is given more than once; the overrides of a "
+      "tuple are joined, not replaced by the last: give all its values in one")
+  assert not workdir.exists()
+  # any other field given twice keeps the last value, as absl flags do
+  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+              f"--workdir={workdir}", "--config.seed=1", "--config.seed=-3")
+  assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
+      "error: seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got -3")
   assert not workdir.exists()
 
 
