@@ -80,3 +80,17 @@ def test_the_cheapest_plan_fits_a_budget_of_exactly_its_cost():
   assert allocate(costs, [[1.0, 0.0], [1.0, 0.0]], 212_270) is None
   unbounded = allocate(costs, [[1.0, 0.0], [1.0, 0.0]], float("inf"))
   assert unbounded.choice == (1, 1) and unbounded.damage == 0.0
+
+
+@pytest.mark.parametrize("extra", [0.0, 1e-7, 0.3])
+def test_a_slack_near_zero_with_large_costs_is_no_crash(extra):
+  # Float costs of tens of millions (BOPs) and a budget at or just above the cheapest plan: the
+  # unit of the slack is tiny, and no cost above the cheapest may overflow the table's integers.
+  # By hand: (0, 0) costs 30,000,000.5, (0, 1) 30,000,000.6 (within the last budget), (1, _) 5e7.
+  costs = [[20_000_000.5, 40_000_000.0], [10_000_000.0, 10_000_000.1]]
+  damages = [[1.0, 0.0], [1.0, 0.5]]
+  budget = 30_000_000.5 + extra
+  got = allocate(costs, damages, budget)
+  want = _brute(costs, damages, budget)
+  assert got.damage == pytest.approx(want) and got.cost <= budget
+  assert got.lower_bound - 1e-12 <= want

@@ -94,9 +94,13 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
   else:
     unit = max(slack / max_units, 1e-12)
   capacity = int(math.floor(slack / unit + 1e-9))
-  up = [np.ceil(c / unit - 1e-9).astype(np.int64) for c in extra]
-  choice, damage = _solve(up, damages, capacity)  # the cheapest plan (all 0) always fits
-  down = [np.floor(c / unit + 1e-9).astype(np.int64) for c in extra]
+
+  def units(c, up):  # capped at capacity + 1 (never fits): a fine unit cannot overflow int64
+    u = np.ceil(c / unit - 1e-9) if up else np.floor(c / unit + 1e-9)
+    return np.minimum(u, capacity + 1).astype(np.int64)
+
+  choice, damage = _solve([units(c, True) for c in extra], damages, capacity)  # cheapest fits
+  down = [units(c, False) for c in extra]
   lower = damage if unit == 1.0 and integral else _solve(down, damages, capacity)[1]
   cost = float(sum(c[k] for c, k in zip(costs, choice)))
   return Allocation(choice, damage, cost, min(lower, damage), unit)
