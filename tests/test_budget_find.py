@@ -154,3 +154,16 @@ def test_labels_of_another_shape_than_the_outputs_are_one_line(setup):
                      r"\(32,\) for the model's outputs \(32, 4\), got shape \(16,\)"):
     budget.find_plan(model, variables, wrong, size_bytes=10**6, sparsities=SPARSITIES,
                      weight_bits=BITS)
+
+
+def test_params_alone_instead_of_variables_are_one_line(setup):
+  model, variables, held_out = setup
+  want = (r"^variables must be the model's variables, a dict with a 'params' entry \(what init "
+          r"returns\), got .a dict with keys \['Conv_0', 'Conv_1', 'Dense_0', 'Dense_1'\].; pass "
+          r"\{'params': params, ...\}, not the params alone$")
+  with pytest.raises(ConfigError, match=want):
+    budget.find_plan(model, variables["params"], held_out, size_bytes=10**6,
+                     sparsities=SPARSITIES, weight_bits=BITS)
+  with pytest.raises(ConfigError, match=want):
+    budget.scan(model, variables["params"], held_out, {"Conv_0": [budget.Option(0.5, 4, 8)]},
+                calibration=[held_out[0].image])

@@ -21,7 +21,8 @@ from jaxcompress.budget.cost import layer_costs, layer_macs
 from jaxcompress.budget.plan import Plan, allocate_plan
 from jaxcompress.budget.presets import get_preset
 from jaxcompress.budget.sensitivity import Sensitivity, check_held_out_batches, scan
-from jaxcompress.errors import ConfigError, check_positive, check_range, invalid
+from jaxcompress.errors import (ConfigError, check_positive, check_range, check_variables,
+                               invalid)
 from jaxcompress.quantization.qparams import check_bits
 from jaxcompress.rules import tree_get
 from jaxcompress.selection import trace_layers
@@ -74,8 +75,8 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
 
   Raises:
     ConfigError: for not exactly one budget, a budget kind the device does not take, an unknown
-      device, empty ``held_out``, a budget below the model's smallest plan (naming it), or a
-      ``sensitivity`` of other options.
+      device, ``variables`` without ``params`` (the params alone), empty ``held_out``, a budget
+      below the model's smallest plan (naming it), or a ``sensitivity`` of other options.
   """
   given = {k: v for k, v in (("size_bytes", size_bytes), ("bops", bops)) if v is not None}
   if len(given) != 1:
@@ -90,6 +91,7 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   if kind not in preset.budgets:
     raise invalid(field, limit, f"not given for device={device!r}, which takes a "
                   f"{' or '.join(preset.budgets)} budget")
+  check_variables(variables)
   if not held_out:
     raise ConfigError("held_out: no batch; give held-out training batches to measure on")
   if isinstance(overhead, bool) or not isinstance(overhead, numbers.Integral) or overhead < 0:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from jaxcompress import parallel, quantization
 from jaxcompress.budget.cost import keep_mask
 from jaxcompress.budget.presets import Option
-from jaxcompress.errors import ConfigError, unknown
+from jaxcompress.errors import ConfigError, check_variables, unknown
 from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
@@ -190,6 +190,7 @@ class Evaluator:
                adapt_norms: bool = False):
     if damage not in DAMAGES:
       raise unknown("sensitivity: damage", damage, DAMAGES)
+    check_variables(variables)
     self.batches = list(batches)
     check_held_out_batches(self.batches)
     sample = self.batches[0].image
