@@ -110,6 +110,11 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
     (dict(size_bytes=1000, weight_bits=()), r"weight_bits must be a non-empty list of bit "
      r"widths in \[2, 8\], got \(\)"),
     (dict(bops=1e6, act_bits=()), r"act_bits must be a non-empty list"),
+    (dict(size_bytes=1000, sparsities=0.5), r"^sparsities must be a list of sparsities in "
+     r"\[0, 1\), got 0.5; pass \(0.5,\)$"),
+    (dict(size_bytes=1000, weight_bits=4), r"^weight_bits must be a list of bit widths in "
+     r"\[2, 8\], got 4; pass \(4,\)$"),
+    (dict(bops=1e6, act_bits=8), r"^act_bits must be a list of bit widths in \[2, 8\], got 8"),
     (dict(size_bytes=1000, device="tpu"), r"device must be one of any, gpu-sparse, int8-npu, "
      r"mcu, got 'tpu'"),
     (dict(bops=1e6, device="mcu"), r"bops must be not given for device='mcu', which takes a "

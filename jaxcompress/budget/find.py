@@ -97,6 +97,11 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   if isinstance(overhead, bool) or not isinstance(overhead, numbers.Integral) or overhead < 0:
     raise invalid("overhead", overhead, "an integer >= 0 (bytes)")
   overhead = int(overhead)
+  for name, grid in (("sparsities", sparsities), ("weight_bits", weight_bits),
+                     ("act_bits", act_bits)):
+    if np.ndim(grid) != 1:  # one number where a grid was meant
+      raise invalid(name, grid, "a list of " + ("sparsities in [0, 1)" if name == "sparsities"
+                                                else "bit widths in [2, 8]"), f"pass ({grid!r},)")
   for i, s in enumerate(sparsities):
     check_range(f"sparsities[{i}]", s, 0.0, 1.0)
   for name, grid in (("weight_bits", weight_bits), ("act_bits", act_bits)):
