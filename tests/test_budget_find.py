@@ -172,3 +172,11 @@ def test_params_alone_instead_of_variables_are_one_line(setup):
   with pytest.raises(ConfigError, match=want):
     budget.scan(model, variables["params"], held_out, {"Conv_0": [budget.Option(0.5, 4, 8)]},
                 calibration=[held_out[0].image])
+
+
+def test_one_calibration_array_is_one_line(setup):
+  model, variables, held_out = setup
+  with pytest.raises(ConfigError, match=r"^calibration must be a sequence of input batches, got "
+                     r"'one array of shape \(32, 8, 8, 3\)'; pass \[x\]$"):
+    budget.find_plan(model, variables, held_out, size_bytes=10**6, sparsities=SPARSITIES,
+                     weight_bits=BITS, calibration=held_out[0].image)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import jax
 import numpy as np
 
 from jaxcompress.budget.allocate import Allocation
@@ -110,6 +111,9 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
     for i, b in enumerate(grid):
       check_bits(b, f"{name}[{i}]")
   check_held_out_batches(held_out)
+  if isinstance(calibration, (np.ndarray, jax.Array)):  # `calibration or ...` cannot take one
+    raise invalid("calibration", f"one array of shape {tuple(calibration.shape)}",
+                  "a sequence of input batches", "pass [x]")
   sample = held_out[0].image
   traced = trace_layers(model, variables, sample, field="model")
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
