@@ -180,3 +180,21 @@ def test_one_calibration_array_is_one_line(setup):
                      r"'one array of shape \(32, 8, 8, 3\)'; pass \[x\]$"):
     budget.find_plan(model, variables, held_out, size_bytes=10**6, sparsities=SPARSITIES,
                      weight_bits=BITS, calibration=held_out[0].image)
+
+
+def test_class_ids_outside_the_outputs_are_one_line(setup):
+  # The model has 4 outputs: id 9 has no logit (its cross-entropy would be nan); id 7 on an
+  # example of weight 0 (padding) is never used, so it stays allowed.
+  model, variables, held_out = setup
+  b = held_out[0]
+  padded = b._replace(label=b.label.copy(), weight=b.weight.copy())
+  padded.label[0], padded.weight[0] = 7, 0.0
+  found = budget.find_plan(model, variables, [padded], size_bytes=10**6, sparsities=SPARSITIES,
+                           weight_bits=BITS)
+  assert np.isfinite(found.sensitivity.base_loss)
+  wrong = padded._replace(label=padded.label.copy())
+  wrong.label[1] = 9
+  with pytest.raises(ConfigError, match=r"^sensitivity: batch.label holds class ids outside the "
+                     r"model's classes, e.g. 9; labels must be in \[0, num_classes\)"):
+    budget.find_plan(model, variables, [wrong], size_bytes=10**6, sparsities=SPARSITIES,
+                     weight_bits=BITS)

@@ -47,7 +47,8 @@ from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
-from jaxcompress.steps import check_batch, check_labels, check_weight, cross_entropy, per_label
+from jaxcompress.steps import (check_batch, check_labels, check_weight, cross_entropy,
+                               label_errors, per_label)
 
 DAMAGES = ("kl", "ce")
 
@@ -233,7 +234,8 @@ class Evaluator:
         loss = jnp.sum(jnp.exp(target) * (target - logp), -1)
       else:
         loss = cross_entropy(logits, batch.label)
-      return jnp.sum(jnp.where(w != 0, loss * w, 0.0)), jnp.sum(correct)
+      return (jnp.sum(jnp.where(w != 0, loss * w, 0.0)), jnp.sum(correct),
+              label_errors(logits, batch.label, batch.weight))
 
     self._run = jax.jit(run)
     float_logp = jax.jit(lambda v, x: jax.nn.log_softmax(fm.apply(v, x)[0].astype(jnp.float32)))
@@ -257,7 +259,14 @@ class Evaluator:
     abits = np.asarray([act_bits.get(p, 0) for p in paths], np.int32)
     loss = correct = 0.0
     for batch, target in zip(self.batches, self._targets):
-      l, c = self._run(self.variables, keep, wbits, abits, batch, target)  # checks the labels
+      l, c, bad = self._run(self.variables, keep, wbits, abits, batch, target)  # checks labels
+      if float(bad):  # their cross-entropy is nan, and no prediction can match them
+        labels = np.asarray(batch.label)
+        used = labels[per_label(np.asarray(batch.weight), labels) != 0]
+        raise ConfigError("sensitivity: batch.label holds class ids outside the model's classes, "
+                          f"e.g. {used.min() if used.min() < 0 else used.max()}; labels must be "
+                          "in [0, num_classes): fix them, or give an example without a label "
+                          "weight 0")
       loss, correct = loss + float(l), correct + float(c)
     total = sum(float(np.sum(per_label(b.weight, b.label))) for b in self.batches)
     return loss / total, correct / total
