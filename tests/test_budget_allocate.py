@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.budget import allocate, min_cost
+from jaxcompress.errors import ConfigError
 
 
 def _brute(costs, damages, budget):
@@ -94,3 +95,18 @@ def test_a_slack_near_zero_with_large_costs_is_no_crash(extra):
   want = _brute(costs, damages, budget)
   assert got.damage == pytest.approx(want) and got.cost <= budget
   assert got.lower_bound - 1e-12 <= want
+
+
+def test_infinite_damage_forbids_an_option_and_nan_or_missing_damages_are_one_line():
+  # By hand: option 0 of layer 0 is forbidden (inf). Within 2 only (0, 0) fits: no plan; within
+  # 3, (1, 0) at damage 0.
+  costs, damages = [[1, 2], [1, 2]], [[np.inf, 0.0], [0.0, 1.0]]
+  assert allocate(costs, damages, 2) is None
+  got = allocate(costs, damages, 3)
+  assert got.choice == (1, 0) and got.damage == _brute(costs, damages, 3) == 0.0
+  with pytest.raises(ConfigError, match=r"^allocate: damages\[1\]\[0\] must be a number \(inf: "
+                     r"never this option\), got nan$"):
+    allocate(costs, [[1.0, 0.0], [np.nan, 1.0]], 3)
+  with pytest.raises(ConfigError, match=r"^allocate: damages must give one number per option of "
+                     r"every layer, as costs do \(\[2, 2\]\), got \[2, 1\]$"):
+    allocate(costs, [[1.0, 0.0], [1.0]], 3)

@@ -24,6 +24,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from jaxcompress.errors import ConfigError, invalid
+
 
 class Allocation(NamedTuple):
   """The chosen plan.
@@ -79,10 +81,21 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
     max_units: the largest DP table (units of the budget).
 
   Returns:
-    The :class:`Allocation`, or ``None`` if even the cheapest plan exceeds ``budget``.
+    The :class:`Allocation`, or ``None`` if even the cheapest plan exceeds ``budget`` (or every
+    plan within it takes an option of infinite damage).
+
+  Raises:
+    ConfigError: for damages of another shape than the costs, or a nan damage.
   """
   costs = [np.asarray(c, np.float64) for c in costs]
   damages = [np.asarray(d, np.float64) for d in damages]
+  if [np.shape(c) for c in costs] != [np.shape(d) for d in damages]:
+    raise ConfigError(f"allocate: damages must give one number per option of every layer, as "
+                      f"costs do ({[len(c) for c in costs]}), got {[np.size(d) for d in damages]}")
+  for i, d in enumerate(damages):
+    if np.any(np.isnan(d)):
+      raise invalid(f"allocate: damages[{i}][{int(np.argmax(np.isnan(d)))}]", float("nan"),
+                    "a number (inf: never this option)")
   if min_cost(costs) > budget:
     return None
   base = [float(np.min(c)) for c in costs]
@@ -99,7 +112,10 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
     u = np.ceil(c / unit - 1e-9) if up else np.floor(c / unit + 1e-9)
     return np.minimum(u, capacity + 1).astype(np.int64)
 
-  choice, damage = _solve([units(c, True) for c in extra], damages, capacity)  # cheapest fits
+  found = _solve([units(c, True) for c in extra], damages, capacity)  # the cheapest plan fits
+  if found is None:  # every plan within the budget takes an option of infinite damage
+    return None
+  choice, damage = found
   down = [units(c, False) for c in extra]
   lower = damage if unit == 1.0 and integral else _solve(down, damages, capacity)[1]
   cost = float(sum(c[k] for c, k in zip(costs, choice)))
