@@ -198,3 +198,30 @@ def test_class_ids_outside_the_outputs_are_one_line(setup):
                      r"model's classes, e.g. 9; labels must be in \[0, num_classes\)"):
     budget.find_plan(model, variables, [wrong], size_bytes=10**6, sparsities=SPARSITIES,
                      weight_bits=BITS)
+
+
+class _OptimizedLSTM(nn.Module):
+  @nn.compact
+  def __call__(self, ids):
+    return nn.Dense(6)(nn.RNN(nn.OptimizedLSTMCell(5))(nn.Embed(6, 4)(ids)))
+
+
+def test_weights_outside_every_traced_layer_are_warned_about():
+  # nn.OptimizedLSTMCell computes its gates' products itself: the planner cannot see them. By
+  # hand, per example of 3 steps: the gates run 3 x (4 x 4 x 5 + 4 x 5 x 5) = 540 MACs, which the
+  # plan leaves out; its BOPs are the head's 3 steps x its kept weights of 5 x 6 at its bits (the
+  # lookup is 0).
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 6, (4, 3)).astype(np.int32)
+  model = _OptimizedLSTM()
+  variables = model.init(jax.random.key(0), ids)
+  held_out = [Batch(ids, rng.integers(0, 6, (4, 3)).astype(np.int32), np.ones(4, np.float32))]
+  with pytest.warns(UserWarning, match=r"^find_plan: OptimizedLSTMCell_0/hf/kernel, .* belong "
+                    r"to no Conv.*they stay float and dense, and the plan's BOPs leave out their "
+                    r"products$"):
+    found = budget.find_plan(model, variables, held_out, bops=10**9, sparsities=SPARSITIES,
+                             weight_bits=BITS)
+  head, = [l for l in found.plan.layers if l.path == "Dense_0"]
+  assert [l.path for l in found.plan.layers] == ["Embed_0", "Dense_0"]
+  kept = 30 - round(head.sparsity * 30)
+  assert found.plan.bops == head.bops == 3 * kept * head.weight_bits * head.act_bits
