@@ -586,12 +586,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
   layers = trace_layers(s, dict(variables), sample_input, field="student.name")
   if prune.enabled or quant.enabled:
     require_layers(layers)
-    kernels = [p for p in layers.uncovered if p.rpartition("/")[2] in ("kernel", "embedding")]
-    if kernels:  # a layer's weight by its name, in a module the library does not see called
-      warnings.warn(f"compression: {shortened(kernels, 4)} belong to no Conv, ConvTranspose, "
-                    "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed the forward "
-                    "calls (e.g. nn.OptimizedLSTMCell's gates, whose products the cell computes "
-                    "itself): they stay float and dense", stacklevel=2)
+    layers.warn_uncovered("compression")
   if prune.rules:
     rules = [tuple(r) for r in prune.rules]
   else:

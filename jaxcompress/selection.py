@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxcompress.errors import ConfigError, first_line
+from jaxcompress.errors import ConfigError, first_line, shortened
 from jaxcompress.models.functional import (called_shape, contraction_axes, functional, output_axes,
                                            output_axis, stacked_count, weight_name)
 from jaxcompress.rules import Rule, flat_paths
@@ -120,6 +120,17 @@ class ModelLayers:
     """``{prefix + weight path: stacked leading axes}`` of every layer whose weight is stacked by
     a lifted transform (``nn.scan``/``nn.vmap`` over ``params``: one weight per step)."""
     return {prefix + l.weight: l.stacked for l in self.layers if l.stacked}
+
+  def warn_uncovered(self, where: str, consequence: str = "") -> None:
+    """Warns (naming ``where``) of the layer weights (``kernel``, ``embedding``) that no traced
+    layer holds: a module the library does not see called computes their products itself, so
+    they stay float and dense (``consequence`` adds what else that means to the caller)."""
+    kernels = [p for p in self.uncovered if p.rpartition("/")[2] in ("kernel", "embedding")]
+    if kernels:
+      warnings.warn(f"{where}: {shortened(kernels, 4)} belong to no Conv, ConvTranspose, "
+                    "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed the forward calls "
+                    "(e.g. nn.OptimizedLSTMCell's gates, whose products the cell computes "
+                    f"itself): they stay float and dense{consequence}", stacklevel=3)
 
   def prune_rules(self, *, keep_edges: bool = True) -> list[Rule]:
     """Explicit pruning rules over parameter paths: every compressible weight, edges dense."""

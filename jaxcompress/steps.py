@@ -114,6 +114,19 @@ def label_errors(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax
   return jnp.sum(bad & (per_label(weight, labels) != 0)).astype(jnp.float32)
 
 
+def bad_labels_error(where: str, labels: Any, weight: Any, *, example: bool = True
+                     ) -> ConfigError:
+  """The one line (starting with ``where``) for host ``labels`` that hold class ids outside the
+  model's classes among those of non-zero ``weight``: of those ids the lowest if negative, else
+  the highest, unless ``example`` is False (the bad ids may be in another process's rows)."""
+  labels = np.asarray(labels)
+  used = labels[per_label(np.asarray(weight), labels) != 0]
+  bad = f", e.g. {used.min() if used.min() < 0 else used.max()}" if used.size and example else ""
+  return ConfigError(f"{where}batch.label holds class ids outside the model's classes{bad}; "
+                     "labels must be in [0, num_classes): fix them, or give an example without "
+                     "a label weight 0")
+
+
 def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   """Weighted mean of per-example (``[B]``) or per-position (``[B, T, ...]``) ``values``.
 

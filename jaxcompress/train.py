@@ -35,7 +35,7 @@ from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_counts, check_positive, invalid
-from jaxcompress.steps import TrainState, evaluate, per_label
+from jaxcompress.steps import TrainState, bad_labels_error, evaluate
 
 
 class NonFiniteError(ConfigError):
@@ -218,7 +218,9 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       if "finite" in m and ("skipped" not in m or "label_errors" in m) \
           and not float(jax.device_get(m["finite"])):
         if float(jax.device_get(m.get("label_errors", 0.0))):
-          raise _bad_labels(n, *labelled)
+          # with several processes the bad ids may be in another one's rows
+          raise bad_labels_error(f"training stopped at step {n}: ", *labelled,
+                                 example=jax.process_count() == 1)
         if "skipped" not in m:
           raise _non_finite(n, m, ckpt.latest_step())
 
@@ -306,19 +308,6 @@ def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, i
           lambda epoch, start: data_lib.train_batches(
               split, data.batch_size, seed=seed, epoch=epoch, mean=data.mean, std=data.std,
               augment_images=data.augment, start=start, rows=rows))
-
-
-def _bad_labels(step: int, labels: Any, weight: Any) -> ConfigError:
-  """The one-line error for a ``step`` whose batch holds labels outside the model's classes."""
-  labels = np.asarray(labels)
-  used = labels[per_label(np.asarray(weight), labels) != 0]
-  # Of the ids the loss used, the lowest if negative, else the highest (>= the class count);
-  # with several processes the bad ids may be in another one's rows.
-  bad = (f", e.g. {used.min() if used.min() < 0 else used.max()}"
-         if used.size and jax.process_count() == 1 else "")
-  return ConfigError(f"training stopped at step {step}: batch.label holds class ids outside the "
-                     f"model's classes{bad}; labels must be in [0, num_classes): fix them, or "
-                     "give an example without a label weight 0")
 
 
 def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> NonFiniteError:

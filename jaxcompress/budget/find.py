@@ -12,7 +12,6 @@ Huffman-coded sizing, the uniform recipe beside the plan).
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -24,7 +23,7 @@ from jaxcompress.budget.plan import Plan, allocate_plan
 from jaxcompress.budget.presets import get_preset
 from jaxcompress.budget.sensitivity import Sensitivity, check_held_out_batches, scan
 from jaxcompress.errors import (ConfigError, check_positive, check_range, check_variables,
-                               invalid, shortened)
+                               invalid)
 from jaxcompress.quantization.qparams import check_bits
 from jaxcompress.rules import tree_get
 from jaxcompress.selection import trace_layers
@@ -117,13 +116,7 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
                   "a sequence of input batches", "pass [x]")
   sample = held_out[0].image
   traced = trace_layers(model, variables, sample, field="model")
-  kernels = [p for p in traced.uncovered if p.rpartition("/")[2] in ("kernel", "embedding")]
-  if kernels:  # as compose.build warns: a weight the planner cannot see is outside the plan
-    warnings.warn(f"find_plan: {shortened(kernels, 4)} belong to no Conv, ConvTranspose, "
-                  "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed the forward calls "
-                  "(e.g. nn.OptimizedLSTMCell's gates, whose products the cell computes itself): "
-                  "they stay float and dense, and the plan's BOPs leave out their products",
-                  stacklevel=2)
+  traced.warn_uncovered("find_plan", ", and the plan's BOPs leave out their products")
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
              for l in traced.layers}
   by_path = {l.path: l for l in traced.layers}

@@ -47,8 +47,8 @@ from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
-from jaxcompress.steps import (check_batch, check_labels, check_weight, cross_entropy,
-                               label_errors, per_label)
+from jaxcompress.steps import (bad_labels_error, check_batch, check_labels, check_weight,
+                               cross_entropy, label_errors, per_label)
 
 DAMAGES = ("kl", "ce")
 
@@ -261,12 +261,7 @@ class Evaluator:
     for batch, target in zip(self.batches, self._targets):
       l, c, bad = self._run(self.variables, keep, wbits, abits, batch, target)  # checks labels
       if float(bad):  # their cross-entropy is nan, and no prediction can match them
-        labels = np.asarray(batch.label)
-        used = labels[per_label(np.asarray(batch.weight), labels) != 0]
-        raise ConfigError("sensitivity: batch.label holds class ids outside the model's classes, "
-                          f"e.g. {used.min() if used.min() < 0 else used.max()}; labels must be "
-                          "in [0, num_classes): fix them, or give an example without a label "
-                          "weight 0")
+        raise bad_labels_error("sensitivity: ", batch.label, batch.weight)
       loss, correct = loss + float(l), correct + float(c)
     total = sum(float(np.sum(per_label(b.weight, b.label))) for b in self.batches)
     return loss / total, correct / total
