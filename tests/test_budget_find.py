@@ -133,6 +133,22 @@ def test_bad_budgets_are_one_line_errors(setup, scanned, kwargs, match):
                      **{"sparsities": SPARSITIES, "weight_bits": BITS, **kwargs})
 
 
+def test_a_device_list_a_scan_of_another_type_and_a_generator_are_one_line(setup, scanned):
+  model, variables, held_out = setup
+  with pytest.raises(ConfigError, match=r"^device must be one of any, gpu-sparse, int8-npu, mcu, "
+                     r"got \['any'\]$"):
+    budget.find_plan(model, variables, held_out, size_bytes=10**6, device=["any"],
+                     sparsities=SPARSITIES, weight_bits=BITS)
+  with pytest.raises(ConfigError, match=r"^sensitivity must be the Sensitivity of an earlier call "
+                     r"\(found.sensitivity\), or None to scan, got 'a dict'$"):
+    budget.find_plan(model, variables, held_out, size_bytes=10**6, sensitivity={"a": 1},
+                     sparsities=SPARSITIES, weight_bits=BITS)
+  with pytest.raises(ConfigError, match=r"^held_out must be a list of held-out batches, got "
+                     r"'a generator'; pass list\(...\)$"):
+    budget.find_plan(model, variables, (b for b in held_out), size_bytes=10**6,
+                     sparsities=SPARSITIES, weight_bits=BITS)
+
+
 def test_numpy_numbers_are_budgets_and_an_empty_held_out_slice_is_one_line(setup, scanned):
   model, variables, held_out = setup
   found = budget.find_plan(model, variables, held_out, size_bytes=np.int64(10**6),

@@ -93,6 +93,9 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
     raise invalid(field, limit, f"not given for device={device!r}, which takes a "
                   f"{' or '.join(preset.budgets)} budget")
   check_variables(variables)
+  if not isinstance(held_out, Sequence):  # a generator would be spent by the first check
+    raise invalid("held_out", f"a {type(held_out).__name__}", "a list of held-out batches",
+                  "pass list(...)")
   if not held_out:
     raise ConfigError("held_out: no batch; give held-out training batches to measure on")
   if isinstance(overhead, bool) or not isinstance(overhead, numbers.Integral) or overhead < 0:
@@ -123,6 +126,9 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
   options = {l.path: preset.layer_options(l, last=l.path == traced.last, sparsities=sparsities,
                                           weight_bits=weight_bits, act_bits=act_bits, kind=kind)
              for l in traced.layers}
+  if sensitivity is not None and not isinstance(sensitivity, Sensitivity):
+    raise invalid("sensitivity", f"a {type(sensitivity).__name__}", "the Sensitivity of an "
+                  "earlier call (found.sensitivity), or None to scan")
   sens = sensitivity or scan(model, variables, held_out, options,
                              calibration=calibration or [sample], structure=preset.structure,
                              per_channel=per_channel, damage=damage,

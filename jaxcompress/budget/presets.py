@@ -133,6 +133,6 @@ PRESETS = {p.name: p for p in (
 
 def get_preset(name: str, field: str = "budget.device") -> Preset:
   """The preset called ``name``; one-line error for an unknown one."""
-  if name not in PRESETS:
+  if not isinstance(name, str) or name not in PRESETS:
     raise unknown(field, name, PRESETS)
   return PRESETS[name]
