@@ -189,8 +189,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   gradients) and ``finite`` (1.0 when both the loss and ``grad_norm`` are finite, else 0.0), which
   :func:`jaxcompress.train.fit` checks to stop on a diverged run. With ``skip_nonfinite``
   (``train.skip_nonfinite``) a step that is not finite changes nothing but ``state.step`` (as
-  ``optax.apply_if_finite`` does: parameters, optimizer and model state are kept) and reports
-  ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A ``label_errors`` metric
+  ``optax.apply_if_finite`` does: parameters, optimizer and model state are kept, so the
+  learning-rate and pruning schedules, which count in the optimizer state, end that many steps
+  later; a pruning ramp that ends at the last step then stops short of its final sparsity) and
+  reports ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A ``label_errors`` metric
   (:func:`label_errors`, reported by :func:`supervised_loss` and the composed loss) makes ``fit``
   stop on a step whose labels are outside the classes even then: skipping would silently drop
   every batch that holds one, in every epoch.
