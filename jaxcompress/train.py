@@ -76,6 +76,14 @@ class LoopSpec:
     return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
+def _as_spec(cls, value):
+  """``value`` as a ``cls`` spec: converted with ``cls.from_mapping`` where it is a mapping (a
+  dict or an ``ml_collections.ConfigDict``: anything with ``keys``), else as given."""
+  if value is not None and not isinstance(value, cls) and hasattr(value, "keys"):
+    return cls.from_mapping(value)
+  return value
+
+
 def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
   """Opens the train and eval splits of ``data`` for random access (nothing is decoded yet).
 
@@ -97,6 +105,7 @@ def load_data(data: DataSpec) -> dict[str, data_lib.SourceSplit]:
       an eval split that shares examples with the training examples or the held-out set
       (:func:`jaxcompress.data.check_splits`).
   """
+  data = _as_spec(DataSpec, data)
   out = {}
   train = data_lib.open_split(data.name, data.train_split, data_dir=data.data_dir,
                               field="data.train_split")
@@ -135,6 +144,7 @@ def evaluate_split(eval_step: Callable, variables,
     desc: progress-bar label.
     predictions: also return every example's predicted class.
   """
+  data = _as_spec(DataSpec, data)
   split = data_lib.as_split(split)
   if not len(split):
     raise ConfigError(f"{desc}: the split has no examples, nothing to evaluate")
@@ -181,6 +191,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       steps are counted (``skipped`` in each log record and in ``info``), their metrics left out
       of the log's means.
   """
+  data, loop = _as_spec(DataSpec, data), _as_spec(LoopSpec, loop)
   per_epoch, batch_size, epoch_batches = _batch_source(train, data, seed, mesh)
   os.makedirs(workdir, exist_ok=True)
   total = int(round(loop.epochs * per_epoch))

@@ -127,14 +127,16 @@ def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
   for name, (data, opt, loop) in {
       "spec": (DataSpec.from_mapping(c.data), OptimizerSpec.from_mapping(c.train),
                LoopSpec.from_mapping(c.train)),
-      "config": (c.data, c.train, c.train)}.items():
+      "config": (c.data, c.train, c.train),
+      "dict": (c.data.to_dict(), c.train, c.train.to_dict())}.items():
     tx = make_optimizer(opt, 3)
     state = TrainState.create(v["params"], {}, tx)
     step = make_train_step(supervised_loss(model), tx)
     out[name], info = fit(state, step, train, data, loop, str(tmp_path / name))
     assert info["steps"] == 3  # 48 // 16 steps, 1 epoch
-  for a, b in zip(jax.tree.leaves(out["spec"].params), jax.tree.leaves(out["config"].params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for other in ("config", "dict"):
+    for a, b in zip(jax.tree.leaves(out["spec"].params), jax.tree.leaves(out[other].params)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(out["spec"].params["fc1"]["kernel"]),
                             np.asarray(v["params"]["fc1"]["kernel"]))
   few = (train[0][:10], train[1][:10])  # fewer examples than one batch of 16
@@ -143,6 +145,31 @@ def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
     fit(state, step, few, DataSpec.from_mapping(c.data), LoopSpec.from_mapping(c.train),
         str(tmp_path / "few"))
   assert not os.path.exists(tmp_path / "few" / "checkpoints")
+  # A plain dict is checked as the spec it becomes: one line naming the field.
+  with pytest.raises(ConfigError, match=r"^data.batch_size must be an integer > 0, got 0"):
+    fit(state, step, train, {**c.data.to_dict(), "batch_size": 0}, c.train.to_dict(),
+        str(tmp_path / "zero"))
+
+
+def test_evaluate_split_and_load_data_take_a_dict_data_section():
+  import numpy as np
+
+  from jaxcompress.steps import make_eval_step
+  from jaxcompress.train import evaluate_split, load_data
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 256, (10, 2, 2, 1), dtype=np.uint8)
+  y = rng.integers(0, 3, 10).astype(np.int32)
+  step = make_eval_step(lambda v, img: img.reshape(img.shape[0], -1)[:, :3])
+  data = {"name": "mnist", "eval_batch_size": 4, "mean": (0.5,), "std": (0.25,)}
+  got = evaluate_split(step, None, (x, y), data)
+  # NumPy oracle: the class of the largest of the first 3 normalised pixels.
+  logits = (x.reshape(10, -1)[:, :3] / 255.0 - 0.5) / 0.25
+  assert got["examples"] == 10
+  assert got["accuracy"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == y))
+  with tfds.testing.mock_data(num_examples=40):
+    splits = load_data({"name": "mnist", "train_split": "train", "val_examples": 8,
+                        "batch_size": 8, "mean": (0.5,), "std": (0.5,)})
+  assert (len(splits["train"]), len(splits["val"])) == (32, 8)
 
 
 def test_the_training_job_trains_an_nnx_model_named_module_factory(tmp_path, monkeypatch):
