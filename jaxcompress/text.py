@@ -142,16 +142,22 @@ class Corpus:
     return "sha256:" + h.hexdigest()[:16]
 
 
+def _check_count(field: str, value) -> None:
+  """One line unless ``value`` is an integer >= 1 (a window or batch of 2.5 is none)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise invalid(field, value, "an integer >= 1")
+  if value < 1:
+    raise invalid(field, value, ">= 1")
+
+
 def _check_context(context: int) -> None:
-  if context < 1:
-    raise invalid("data.context", context, ">= 1")
+  _check_count("data.context", context)
 
 
 def _check_windows(n: int, batch_size: int, context: int) -> None:
   """One line unless ``batch_size >= 1`` windows of ``context`` characters and their targets
   fit in a split of ``n`` characters."""
-  if batch_size < 1:
-    raise invalid("data.batch_size", batch_size, ">= 1")
+  _check_count("data.batch_size", batch_size)
   _check_context(context)
   if n < context + 1:
     raise invalid("data.context", context, f"at most {n - 1} (the split holds {n} characters "

@@ -92,6 +92,23 @@ def test_windows_of_no_characters_are_one_line(context):
     next(text.eval_batches(ids, batch_size=8, context=context))
 
 
+@pytest.mark.parametrize("field,value", [("context", 2.5), ("context", "3"), ("context", True),
+                                         ("batch_size", 1.5), ("batch_size", 2.0)])
+def test_a_window_or_batch_of_no_whole_size_is_one_line(field, value):
+  ids = np.arange(40, dtype=np.int32) % 5
+  sizes = {"batch_size": 2, "context": 3, field: value}
+  match = rf"^data.{field} must be an integer >= 1, got {value!r}$"
+  for call in (lambda: text.TrainWindows(ids, sizes["batch_size"], sizes["context"]),
+               lambda: text.train_batch(ids, **sizes, seed=0, step=0),
+               lambda: next(text.eval_batches(ids, **sizes))):
+    with pytest.raises(ConfigError, match=match):
+      call()
+  # Whole sizes cut what a hand slicing does: window w of eval reads ids[3 w : 3 w + 3].
+  first = next(text.eval_batches(ids, batch_size=2, context=np.int64(3)))
+  np.testing.assert_array_equal(first.image, [ids[0:3], ids[3:6]])
+  np.testing.assert_array_equal(first.label, [ids[1:4], ids[4:7]])
+
+
 def test_a_text_too_short_for_its_splits_is_one_line(tmp_path):
   path = _write(tmp_path, "abcdefghij")  # 10 chars: int(9) train, validation 0, test 1
   with pytest.raises(ConfigError, match=r"^data.path must be a longer text, got '.*input.txt'; "
