@@ -139,6 +139,9 @@ def as_split(split: Split | tuple[np.ndarray, np.ndarray]) -> Split:
     if np.asarray(split[0]).dtype != np.uint8:
       raise invalid("split images", np.asarray(split[0]).dtype, "uint8 pixels (0..255); "
                     "normalisation divides by 255")
+    if np.ndim(split[0]) != 4:
+      raise invalid("split images", f"shape {np.shape(split[0])}", "[N, H, W, C] (grey images "
+                    "too have a channel axis: images[..., None])")
     return ArraySplit(*split)
   return split
 

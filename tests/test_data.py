@@ -220,6 +220,14 @@ def test_bad_batches_are_one_line():
     next(data.eval_batches((images.astype(np.float32), labels), 2, **norm))
   with pytest.raises(ConfigError, match=r"^data.std must be finite values > 0"):
     next(data.eval_batches((images, labels), 2, mean=(0.5,), std=(0.0,)))
+  grey = np.zeros((6, 4, 4), np.uint8)  # no channel axis: train crops, eval passes [B, H, W] on
+  for batches in (data.train_batches((grey, labels), 2, seed=0, epoch=0, **norm),
+                  data.eval_batches((grey, labels), 2, **norm)):
+    with pytest.raises(ConfigError, match=r"^split images must be \[N, H, W, C\] \(grey images "
+                                          r"too have a channel axis: images\[\.\.\., None\]\), "
+                                          r"got 'shape \(6, 4, 4\)'$"):
+      next(batches)
+  assert next(data.eval_batches((grey[..., None], labels), 2, **norm)).image.shape == (2, 4, 4, 1)
   with pytest.raises(ConfigError, match=r"^data.mean must be one value per channel of the "
                                         r"3-channel images, or one for all, got \(0.5, 0.5\)$"):
     next(data.eval_batches((images, labels), 2, mean=(0.5, 0.5), std=(0.25,)))
