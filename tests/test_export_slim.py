@@ -218,6 +218,18 @@ def test_computed_channels_are_rounded_up_and_slimming_must_pay():
   assert list(slim_arrays({"d": {"kernel": kernel}}, multiple=8, max_kept=0.7)) == ["d"]
 
 
+@pytest.mark.parametrize("kwargs", [dict(multiple=0), dict(multiple=-8), dict(multiple=2.5),
+                                    dict(multiple=True), dict(max_kept=float("nan")),
+                                    dict(max_kept=-0.5)])
+def test_a_wrong_rounding_or_threshold_is_one_line(kwargs):
+  kernel = np.ones((3, 24), np.float32)
+  kernel[:, 12:] = 0
+  # multiple=0 divided by zero; a fractional multiple cut a float number of channels.
+  name = "multiple" if "multiple" in kwargs else "max_kept"
+  with pytest.raises(ConfigError, match=f"^slim {name} must be"):
+    slim_arrays({"d": {"kernel": kernel}}, **kwargs)
+
+
 def test_outputs_are_placed_by_slices_or_a_one_hot_product():
   assert segments(np.array([0, 1, 4, 2, 3, 5])) == [(0, 2), (4, 5), (2, 4), (5, 6)]
   assert places_by_product((3, 3, 16, 16)) and places_by_product((1, 1, 64, 16))

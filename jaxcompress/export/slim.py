@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from flax.linen.linear import canonicalize_padding
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, check_positive, invalid
 from jaxcompress.export import inputs as io
 from jaxcompress.rules import flat_paths
 
@@ -71,7 +71,14 @@ def slim_arrays(params: Mapping[str, Any], *, multiple: int = MULTIPLE,
   in concat([computed outputs, removed constants])}}``, and ``'place'``, the one-hot
   ``[computed, channels]`` matrix that puts the computed outputs in their channels, where that
   product costs at most a quarter of the layer's (:func:`places_by_product`).
+
+  Raises:
+    ConfigError: for a ``multiple`` that is not an integer >= 1 or a ``max_kept`` that is not a
+      finite number >= 0.
   """
+  if isinstance(multiple, bool) or not isinstance(multiple, (int, np.integer)) or multiple < 1:
+    raise invalid("slim multiple", multiple, "an integer >= 1 (1: no rounding)")
+  check_positive("slim max_kept", max_kept, zero=True)
   flat = flat_paths(params)
   out = {}
   for key, kernel in flat.items():
