@@ -15,7 +15,8 @@ import pytest
 
 from jaxcompress import compose
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import export_model, finalize, format_report, load, read_spec
+from jaxcompress.export import (export_model, finalize, format_report, load, read_spec,
+                                recode)
 from jaxcompress.models import get_model
 from jaxcompress.quantization import Codebook, LayerSpec, cluster_params, decode_params, quantize
 from test_export_runtime import random_variables
@@ -432,6 +433,24 @@ def test_finalize_rejects_inputs_that_do_not_fit(convbn):
   with pytest.raises(ConfigError, match="export: the model has a variable collection named "
                      "'fold', a name the artifact reserves"):
     finalize({**v, "fold": {"t": np.ones(1, np.float32)}})
+
+
+def test_an_artifact_folder_given_as_a_pathlib_path(convbn, tmp_path):
+  # Written, reported, recoded and loaded from a pathlib.Path as from its str; the path used to
+  # reach str.endswith and end in an AttributeError after the files were written.
+  out = tmp_path / "export"
+  report = export_model(out, variables=convbn["variables"], input_shape=(8, 8, 3),
+                        masks=convbn["masks"], specs=convbn["specs"],
+                        fold=convbn["comp"].fold_norms)
+  on_disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+  assert report["total_bytes"] == on_disk
+  assert read_spec(out) == read_spec(str(out)) and read_spec(out / "spec.json.gz")["version"] == 4
+  recode(out, tmp_path / "recoded")
+  want = np.asarray(load(str(out), convbn["model"]).logits(X8[:4]))
+  for path in (out, tmp_path / "recoded"):
+    np.testing.assert_array_equal(np.asarray(load(path, convbn["model"]).logits(X8[:4])), want)
+  with pytest.raises(ConfigError, match="^model.exported: the artifact folder must be a path"):
+    load(None, convbn["model"])
 
 
 def _one_line_error(path, match, model=None):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import zlib
+from typing import Any
 
 from jaxcompress.errors import ConfigError
 
@@ -22,6 +23,15 @@ READ_VERSIONS = (2, 3, 4)
 WEIGHT_ORDER_SINCE = 4
 SPEC_FILE, SPEC_GZ, ARRAYS_FILE = "spec.json", "spec.json.gz", "arrays.bin"
 _SPEC_SUFFIXES = (".json", ".json.gz")  # a path with these names a spec file, not a folder
+
+
+def _path(path: Any, field: str) -> str:
+  """``path`` (a ``str``, ``bytes`` or ``os.PathLike`` such as ``pathlib.Path``) as a ``str``."""
+  try:
+    return os.fsdecode(path)
+  except TypeError:
+    raise ConfigError(f"{field}: the artifact folder must be a path (str or pathlib.Path), got "
+                      f"{type(path).__name__}") from None
 
 
 def _folder(path: str) -> str:
@@ -85,6 +95,7 @@ def write_files(files: dict[str, bytes], field: str = "out_dir") -> None:
 
 def read_spec(path: str, field: str = "model.exported") -> dict:
   """Reads and checks the spec of an artifact folder (or its ``spec.json[.gz]`` file)."""
+  path = _path(path, field)
   file = path if path.endswith(_SPEC_SUFFIXES) else spec_path(path)
   if not os.path.isfile(file):
     raise ConfigError(f"{field}: no {SPEC_GZ} or {SPEC_FILE} in {path!r}; point it at the folder "
@@ -112,7 +123,7 @@ def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
       info["file"] in ("", ".", "..")):
     raise ConfigError(f"{field}: the spec's arrays file must be a file name in the artifact "
                       f"folder, got {info.get('file')!r}; the spec is corrupted")
-  file = os.path.join(_folder(path), info["file"])
+  file = os.path.join(_folder(_path(path, field)), info["file"])
   if not os.path.isfile(file):
     raise ConfigError(f"{field}: {file!r} is missing; copy the whole artifact folder")
   with open(file, "rb") as f:
