@@ -406,6 +406,10 @@ def test_kmeans_float_and_asymmetric_layers_of_a_model_without_batchnorm(tmp_pat
 
 def test_finalize_rejects_inputs_that_do_not_fit(convbn):
   v = convbn["variables"]
+  for wrong in (v["params"], None):  # the params alone (a bare KeyError 'params' before)
+    with pytest.raises(ConfigError, match=r"^export variables must be the model's variables, a "
+                                          r"dict with a 'params' entry .*params alone$"):
+      export_model("unused", variables=wrong, input_shape=(8, 8, 3))
   spec = LayerSpec(path="nowhere", kind="Conv", method="minmax", weight_bits=4)
   with pytest.raises(ConfigError, match="export specs: 'nowhere' names no weight of the model"):
     finalize(v, specs={"nowhere": spec})

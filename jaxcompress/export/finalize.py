@@ -41,7 +41,7 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import numpy as np
 
-from jaxcompress.errors import ConfigError, check_finite, unknown
+from jaxcompress.errors import ConfigError, check_finite, check_variables, unknown
 from jaxcompress.export.codec import LayerTensor, stored_order
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.precision import SCALE_DTYPES, to_half
@@ -224,10 +224,11 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
     The :class:`Finalized` model.
 
   Raises:
-    ConfigError: for a spec or codebook naming no weight, a weight with both, a BatchNorm to fold
-      without running statistics, a gain given to a weight without per-output-channel integer
-      scales, or a non-floating-point variable.
+    ConfigError: for variables without ``params`` (the params alone), a spec or codebook naming
+      no weight, a weight with both, a BatchNorm to fold without running statistics, a gain given
+      to a weight without per-output-channel integer scales, or a non-floating-point variable.
   """
+  check_variables(variables, "export variables")
   if scale_dtype not in SCALE_DTYPES:
     raise unknown("export scale_dtype", scale_dtype, SCALE_DTYPES)
   half = scale_dtype == "float16"
