@@ -186,6 +186,17 @@ def test_the_serving_function_of_a_slimmed_artifact(tmp_path):
   x = np.random.default_rng(4).standard_normal((3, 8, 8, 3)).astype(np.float32)
   np.testing.assert_allclose(load_serving(str(tmp_path / "serving"))(x), loaded.logits(x),
                              rtol=1e-5, atol=1e-5)
+  # The slim result, the module or the artifact's folder where the LoadedModel belongs: one line
+  # each (an AttributeError on .spec or .arrays before), and nothing written.
+  slimmed = slim(loaded, multiple=2)
+  for wrong, fix in ((slimmed, "pass its .loaded"), (model, "load the artifact first"),
+                     (str(tmp_path / "export"), "load the artifact first")):
+    with pytest.raises(ConfigError, match=f"^save_serving: loaded must be the LoadedModel that "
+                                          f"export.load returns, got a .*; {fix}"):
+      save_serving(str(tmp_path / "wrong"), wrong)
+    with pytest.raises(ConfigError, match=f"^slim: loaded must be .*; {fix}"):
+      slim(wrong)
+  assert not (tmp_path / "wrong").exists()
 
 
 def test_slim_arrays_order_and_constants():

@@ -160,3 +160,14 @@ class LoadedModel:
   def __iter__(self):  # (model, arrays, apply_fn) = load(...)
     return iter((self.model, self.arrays, self.apply_fn))
 
+
+def check_loaded(loaded: Any, field: str) -> None:
+  """One line unless ``loaded`` is a :class:`LoadedModel` (what ``load`` returns), not the module,
+  the artifact's folder or a ``slim`` result."""
+  if isinstance(loaded, LoadedModel):
+    return
+  fix = ("pass its .loaded" if isinstance(getattr(loaded, "loaded", None), LoadedModel) else
+         "load the artifact first: export.load(DIR/export, model)")
+  raise ConfigError(f"{field}: loaded must be the LoadedModel that export.load returns, got a "
+                    f"{type(loaded).__name__}; {fix}")
+

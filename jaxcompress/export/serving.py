@@ -25,6 +25,7 @@ from jaxcompress.data import check_normalization
 from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.export import inputs as io
 from jaxcompress.export.files import make_folder, write_files
+from jaxcompress.export.runtime import check_loaded
 
 SERVING_FILE, SIGNATURE_FILE = "model.jaxexport", "signature.json"
 
@@ -47,13 +48,15 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     The signature written to ``signature.json``.
 
   Raises:
-    ConfigError: if only one of ``mean``/``std`` is given, or ``flatbuffers`` is not installed.
+    ConfigError: if ``loaded`` is not a ``LoadedModel``, only one of ``mean``/``std`` is given,
+      or ``flatbuffers`` is not installed.
   """
   try:
     import flatbuffers  # noqa: F401  (jax.export serialization imports it lazily)
   except ImportError:
     raise ConfigError("save_serving needs the flatbuffers package, which jax.export uses to "
                       "serialize; pip install flatbuffers") from None
+  check_loaded(loaded, "save_serving")
   if (mean is None) != (std is None):
     raise ConfigError("save_serving: give both mean and std (uint8 input) or neither "
                       f"(normalised float32 input), got mean={mean!r}, std={std!r}")

@@ -225,11 +225,13 @@ def slim(loaded: Any, *, multiple: int = MULTIPLE, max_kept: float = MAX_KEPT,
     ``arrays``, which hold the kept kernels under ``slim``), ready for ``save_serving``.
 
   Raises:
-    ConfigError: if the slimmed model's outputs on the check batch differ from the full model's
-      by more than float rounding (a layer whose call this module misreads).
+    ConfigError: if ``loaded`` is not a ``LoadedModel``, or the slimmed model's outputs on the
+      check batch differ from the full model's by more than float rounding (a layer whose call
+      this module misreads).
   """
-  from jaxcompress.export.runtime import LoadedModel, make_apply_fn
+  from jaxcompress.export.runtime import LoadedModel, check_loaded, make_apply_fn
 
+  check_loaded(loaded, "slim")
   skip: dict[str, str] = {}
   layers = slim_arrays(loaded.arrays["variables"]["params"], multiple=multiple,
                        max_kept=max_kept)
