@@ -73,3 +73,13 @@ def test_a_budget_that_is_not_a_positive_number_is_one_line(max_bytes):
   with pytest.raises(ConfigError, match=r"^max_bytes must be "):
     fit_to_bytes(write, _params(), None, max_bytes)
   assert not calls  # nothing written
+
+
+@pytest.mark.parametrize("resolution", [float("nan"), float("inf"), -0.1, "0.01"])
+def test_a_resolution_that_is_not_a_finite_fraction_is_one_line(resolution):
+  # nan and inf reached int(np.ceil(kept * resolution)): a bare ValueError or OverflowError
+  # after the untrimmed artifact was written.
+  write, calls = _nonzero_writer()
+  with pytest.raises(ConfigError, match=r"^fit_to_bytes resolution must be "):
+    fit_to_bytes(write, _params(), None, 10 + 3 * 40, resolution=resolution)
+  assert not calls  # nothing written

@@ -59,11 +59,13 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
     report, and how many kept entries were zeroed (0: ``params`` fit as they are).
 
   Raises:
-    ConfigError: for a ``max_bytes`` that is not a number > 0, or if the artifact does not fit
-      even with every selected weight zero (``write`` then writes ``params`` again, so the
-      folder holds their artifact, not a trimmed one).
+    ConfigError: for a ``max_bytes`` that is not a number > 0 or a ``resolution`` that is not a
+      finite number >= 0, or if the artifact does not fit even with every selected weight zero
+      (``write`` then writes ``params`` again, so the folder holds their artifact, not a trimmed
+      one).
   """
   check_positive("max_bytes", max_bytes)
+  check_positive("fit_to_bytes resolution", resolution, zero=True)
   report = write(params)
   if report["total_bytes"] <= max_bytes:
     return params, report, 0
