@@ -71,6 +71,12 @@ def test_bad_serving_arguments_raise_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r"^save_serving.std must be finite values > 0 \(pixel / "
                                         r"255 units\), got \(0.2, 0.0, 0.3\)$"):
     save_serving(str(tmp_path / "other"), loaded, mean=MEAN, std=(0.2, 0.0, 0.3))
+  # platforms='cpu' was lowered for the platforms 'c', 'p', 'u' (the function then refused to run
+  # on the CPU), () recorded no platform, 'gpu' was a bare RuntimeError from JAX.
+  for platforms in ("cpu", (), ("gpu",), ("cpu", None)):
+    with pytest.raises(ConfigError, match=r"^save_serving platforms must be a non-empty tuple of "
+                                          r"cpu, cuda, rocm, tpu, got .*'cuda' or 'rocm'$"):
+      save_serving(str(tmp_path / "other"), loaded, platforms=platforms)
   assert not (tmp_path / "other").exists()
   with pytest.raises(ConfigError, match="serving: no model.jaxexport in"):
     load_serving(str(tmp_path / "absent"))

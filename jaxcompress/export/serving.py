@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.data import check_normalization
-from jaxcompress.errors import ConfigError, first_line
+from jaxcompress.errors import ConfigError, first_line, invalid
 from jaxcompress.export import inputs as io
 from jaxcompress.export.files import make_folder, write_files
 from jaxcompress.export.runtime import check_loaded
 
 SERVING_FILE, SIGNATURE_FILE = "model.jaxexport", "signature.json"
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")  # what jax.export lowers for
 
 
 def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = None,
@@ -48,8 +49,9 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     The signature written to ``signature.json``.
 
   Raises:
-    ConfigError: if ``loaded`` is not a ``LoadedModel``, only one of ``mean``/``std`` is given,
-      or ``flatbuffers`` is not installed.
+    ConfigError: if ``loaded`` is not a ``LoadedModel``, ``platforms`` is not a non-empty tuple
+      of platform names, only one of ``mean``/``std`` is given, or ``flatbuffers`` is not
+      installed.
   """
   try:
     import flatbuffers  # noqa: F401  (jax.export serialization imports it lazily)
@@ -57,6 +59,12 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
     raise ConfigError("save_serving needs the flatbuffers package, which jax.export uses to "
                       "serialize; pip install flatbuffers") from None
   check_loaded(loaded, "save_serving")
+  # A bare string was taken letter by letter: 'cpu' lowered for platforms c, p, u.
+  if (isinstance(platforms, str) or not isinstance(platforms, (tuple, list)) or not platforms
+      or not all(isinstance(p, str) and p in PLATFORMS for p in platforms)):
+    raise invalid("save_serving platforms", platforms,
+                  f"a non-empty tuple of {', '.join(PLATFORMS)}", "e.g. ('cpu',) or ('cpu', "
+                  "'cuda'); a GPU is 'cuda' or 'rocm'")
   if (mean is None) != (std is None):
     raise ConfigError("save_serving: give both mean and std (uint8 input) or neither "
                       f"(normalised float32 input), got mean={mean!r}, std={std!r}")
