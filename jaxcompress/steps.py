@@ -192,10 +192,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   ``optax.apply_if_finite`` does: parameters, optimizer and model state are kept, so the
   learning-rate and pruning schedules, which count in the optimizer state, end that many steps
   later; a pruning ramp that ends at the last step then stops short of its final sparsity) and
-  reports ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A ``label_errors`` metric
-  (:func:`label_errors`, reported by :func:`supervised_loss` and the composed loss) makes ``fit``
-  stop on a step whose labels are outside the classes even then: skipping would silently drop
-  every batch that holds one, in every epoch.
+  reports ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A
+  ``label_errors`` metric (:func:`label_errors`, reported by :func:`supervised_loss` and the
+  composed loss) makes ``fit`` stop on a step whose labels are outside the classes even then:
+  skipping would silently drop every batch that holds one, in every epoch.
   """
   base_key = jax.random.key(seed)
 
