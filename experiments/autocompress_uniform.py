@@ -40,6 +40,8 @@ def uniform_recipe(layers, edges, weights, macs, sens, kind: str, limit: float, 
       for s in np.round(np.arange(0, 0.99, 0.01), 2):
         keep = {p: budget_lib.keep_mask(weights[p], float(s), "unstructured", by_path[p])
                 for p in inner}
+        if not all(np.any(k) for k in keep.values()):  # a layer pruned whole cuts the network
+          break
         bops = uniform_bops(layers, macs, keep, b, act_bits)
         if bops <= limit:
           damage = sum(sens.predict(p, float(s), b) for p in inner)

@@ -74,6 +74,21 @@ def test_uniform_search_finds_the_least_sparsity_within_the_budget():
                              predict=lambda *a: 0.0) is None  # the dense edges alone exceed it
 
 
+def test_uniform_search_never_prunes_a_layer_whole():
+  # b's four weights are the smallest of all 68: any global sparsity of 4/68 or more prunes all
+  # of b, which would cut the network. A budget that needs about half the weights pruned has no
+  # uniform recipe; one that fits dense keeps b whole.
+  rng = np.random.default_rng(0)
+  weights = {"a": 10 + rng.random((8, 8)), "b": 1e-3 * rng.random((2, 2))}
+  dense = budget.weight_bytes(np.ones((8, 8), bool), 4) + budget.weight_bytes(
+      np.ones((2, 2), bool), 4)
+  fits = budget.uniform_size(weights, ["a", "b"], overhead=0, budget=dense, bits=(4,),
+                             predict=lambda *a: 0.0, resolution=0.01)
+  assert fits is not None and fits[0] == 0 and fits[2]["b"].all()
+  assert budget.uniform_size(weights, ["a", "b"], overhead=0, budget=dense // 2, bits=(4,),
+                             predict=lambda *a: 0.0, resolution=0.01) is None
+
+
 def test_global_lamp_keeps_every_layer():
   """Two of six weights pruned: by magnitude both of ``b``'s go; by LAMP (scores by hand:
   ``a``: 49/294, 64/245, 81/181, 1; ``b``: 0.01/0.05, 1) ``a``'s 7 and ``b``'s 0.1 go."""

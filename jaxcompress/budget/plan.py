@@ -230,7 +230,8 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
       :func:`threshold_plans`).
 
   Returns:
-    ``(sparsity, bits, {path: keep mask}, predicted bytes)`` or ``None`` if no bit width fits.
+    ``(sparsity, bits, {path: keep mask}, predicted bytes)`` or ``None`` if no bit width fits
+    without pruning a layer whole (which would cut the network).
   """
   edges = [p for p in weights if p not in inner]
   fixed = overhead + sum(weight_bytes(np.ones(weights[p].shape, bool), edge_bits) for p in edges)
@@ -251,6 +252,8 @@ def uniform_size(weights: Mapping[str, np.ndarray], inner: Sequence[str], *, ove
         lo = mid + 1
     s = lo * resolution
     total, keeps = size(s)
+    if not all(np.any(k) for k in keeps):  # a layer pruned whole cuts the network; more
+      continue  #                             sparsity (nested masks) only prunes more
     keep = dict(zip(inner, keeps))
     damage = sum(predict(p, 1 - float(np.mean(keep[p])), b) for p in inner)
     if best is None or damage < best[0]:
