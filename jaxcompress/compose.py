@@ -49,7 +49,8 @@ from jaxcompress.selection import ModelLayers, require_layers, trace_layers
 from jaxcompress.selection import table as selection_table
 from jaxcompress.specs import DistillSpec, PruneSpec, QuantSpec
 from jaxcompress.steps import (TrainState, check_batch, check_weight, cross_entropy,
-                               label_errors, make_train_step, per_label, weighted_mean)
+                               in_classes, label_errors, make_train_step, per_label,
+                               weighted_mean)
 
 # model_state entries that are not model collections: the quantizer's state, k-means codebooks and
 # (evaluation only) the folded BatchNorms and the gains folded into weight scales.
@@ -245,8 +246,7 @@ class Compression:
     check_weight(w, batch.label)
     w_task = w  # alpha = 1: the labels only measure; an example without one (-1) is not counted
     if self.teacher is not None and d.alpha == 1:
-      labelled = (batch.label >= 0) & (batch.label < logits.shape[-1])
-      w_task = jnp.where(labelled, per_label(w, batch.label), 0.0)
+      w_task = jnp.where(in_classes(logits, batch.label), per_label(w, batch.label), 0.0)
     metrics = {"task_loss": weighted_mean(task, w_task),
                "accuracy": weighted_mean((jnp.argmax(logits, -1) == batch.label) * 1.0, w_task)}
     if self.teacher is None or d.alpha < 1:  # labels the loss uses: fit stops on bad ones

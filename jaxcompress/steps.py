@@ -97,6 +97,11 @@ def per_label(weight: Any, labels: Any) -> Any:
   return xp.broadcast_to(weight.reshape(weight.shape + extra), np.shape(labels))
 
 
+def in_classes(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Where ``labels`` are class ids of ``logits`` (``[..., C]``): in ``[0, C)``."""
+  return (labels >= 0) & (labels < logits.shape[-1])
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Softmax cross-entropy with integer labels at every position: logits ``[..., C]``, labels
   ``[...]`` (``[B]`` for a classifier, ``[B, T]`` for a language model) -> losses ``[...]``;
@@ -104,13 +109,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   check_labels(logits, labels)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   # An id outside the classes indexes nothing: its loss is nan, never a plausible number.
-  return jnp.where((labels >= 0) & (labels < logits.shape[-1]), losses, jnp.nan)
+  return jnp.where(in_classes(logits, labels), losses, jnp.nan)
 
 
 def label_errors(logits: jax.Array, labels: jax.Array, weight: jax.Array) -> jax.Array:
   """How many ``labels`` of non-zero weight are outside ``[0, C)`` (float32): their loss is nan,
   and :func:`jaxcompress.train.fit` stops on them with one line, ``skip_nonfinite`` or not."""
-  bad = (labels < 0) | (labels >= logits.shape[-1])
+  bad = ~in_classes(logits, labels)
   return jnp.sum(bad & (per_label(weight, labels) != 0)).astype(jnp.float32)
 
 
