@@ -352,7 +352,8 @@ class DistillSpec:
     check_range("distill.alpha", self.alpha, 0.0, 1.0, hi_closed=True)
     check_positive("distill.feature_weight", self.feature_weight, zero=True)
     for pair in self.feature_pairs:
-      if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+      if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+          or not all(isinstance(p, str) for p in pair)):
         raise invalid("distill.feature_pairs", pair, "(student path, teacher path) pairs")
     if self.feature_weight and not self.feature_pairs:
       raise invalid("distill.feature_pairs", self.feature_pairs, "at least one (student path, "

@@ -193,6 +193,10 @@ def test_a_gradual_schedule_needs_two_steps():
     ("distill__temperature", float("inf"), "distill.temperature must be a finite number > 0"),
     ("distill__temperature", float("nan"), "distill.temperature must be a finite number > 0"),
     ("distill__feature_weight", float("nan"), "distill.feature_weight must be a finite number"),
+    ("distill__feature_pairs", (1.5,), r"distill.feature_pairs must be \(student path, teacher "
+     r"path\) pairs, got 1.5"),
+    ("distill__feature_pairs", ("ab",), r"distill.feature_pairs must be \(student path, teacher "
+     r"path\) pairs, got 'ab'"),
 ])
 def test_bad_specs_fail_when_built(key, value, match):
   extra = {"prune__structure": {"prune__scope": "global"},  # scope only matters with them
