@@ -408,6 +408,16 @@ def test_bad_weights_setups_are_one_line_and_write_nothing(case, needle, tmp_pat
   assert not (tmp_path / "run").exists()
 
 
+def test_a_refused_run_creates_no_weights_folder(tmp_path):
+  # Weights to pretrain make the job check that their folder can be written; a later check's
+  # refusal must not leave that folder created.
+  config = _named_weights_config(tmp_path / "new" / "weights")
+  config.prune.sparsity = 1.5
+  with pytest.raises(ConfigError, match=r"^prune.sparsity must be in \[0.0, 1.0\), got 1.5"):
+    _run(config, tmp_path / "run")
+  assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_no_config_or_job_names_the_shared_folder():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for folder in ("configs", "experiments"):

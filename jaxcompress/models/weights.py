@@ -95,15 +95,17 @@ def locate(spec: str, *, folder: str = "", field: str = "model.weights") -> str:
 
 
 def check_writable(folder: str, *, field: str = "weights_dir") -> None:
-  """Raises one line unless ``folder`` exists (or can be created) and is writable."""
-  try:
-    os.makedirs(folder, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"{field}: cannot create the weights folder {folder!r} ({e.strerror}); set "
-                      f"--config.{field} or ${WEIGHTS_ENV} to a writable folder") from None
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise ConfigError(f"{field}: the weights folder {folder!r} is not writable; set "
-                      f"--config.{field} or ${WEIGHTS_ENV} to a writable folder")
+  """Raises one line unless ``folder`` is a writable folder or can be created; creates nothing
+  (a run refused by a later check leaves no folder behind)."""
+  fix = f"set --config.{field} or ${WEIGHTS_ENV} to a writable folder"
+  existing = os.path.abspath(folder)
+  while not os.path.exists(existing):  # the folder, or the nearest parent that exists
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ConfigError(f"{field}: cannot create the weights folder {folder!r} ({existing!r} is a "
+                      f"file); {fix}")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise ConfigError(f"{field}: the weights folder {folder!r} is not writable; {fix}")
 
 
 def save_weights(variables: Any, name: str, folder: str, *, field: str = "weights_dir") -> str:
@@ -114,6 +116,7 @@ def save_weights(variables: Any, name: str, folder: str, *, field: str = "weight
   """
   import flax.serialization  # pylint: disable=g-import-not-at-top
   check_writable(folder, field=field)
+  os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{name}.msgpack")
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
