@@ -72,10 +72,11 @@ def sub_config(config, prune: dict, quant: dict, *, teacher: bool,
   d["prune"].update(prune)
   d["quant"].update(quant)
   d["eval"]["teacher"] = bool(teacher and d["eval"]["teacher"])
-  # A channel-pruned plan is served with its removed channels skipped: the compute it was
-  # planned for.
+  # A channel-pruned plan is served (where a serving function is written) with its removed
+  # channels skipped: the compute it was planned for.
   structure = budget_lib.get_preset(config.budget.device).structure
-  d["export"]["slim"] = bool(d["export"]["slim"] or structure == "channel")
+  d["export"]["slim"] = bool(d["export"]["slim"]
+                             or (structure == "channel" and d["export"]["serving"]))
   d["export"]["max_bytes"] = int(max_bytes)
   return ml_collections.ConfigDict(d)
 

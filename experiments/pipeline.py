@@ -104,6 +104,10 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   if max_bytes and not config.export.enabled:
     raise ConfigError(f"export: export.max_bytes={max_bytes} caps the artifact, but "
                       "export.enabled=False writes none; drop one of them")
+  if config.export.slim and not (config.export.enabled and config.export.serving):
+    off = "serving" if config.export.enabled else "enabled"
+    raise ConfigError(f"export: export.slim=True slims the serving function, but "
+                      f"export.{off}=False writes none; drop one of them")
   return folder, paths, to_train
 
 

@@ -210,6 +210,14 @@ def test_held_out_slice_must_exist_and_miss_the_evaluation_split(mlp_weights, tm
   assert not os.path.exists(tmp_path / "w")
 
 
+def test_a_channel_plan_is_served_slimmed_only_where_a_serving_function_is_written(mlp_weights):
+  # export.slim without a serving function is refused by the main job's checks
+  config = _config(mlp_weights, bops=10_000_000.0, device="int8-npu")
+  assert not autocompress_job.sub_config(config, {}, {}, teacher=True).export.slim
+  config.export.serving = True
+  assert autocompress_job.sub_config(config, {}, {}, teacher=True).export.slim
+
+
 def test_int8_npu_plan_prunes_channels_within_a_bops_budget(mlp_weights, tmp_path):
   config = _config(mlp_weights, bops=10_000_000.0, device="int8-npu")
   config.export.serving = True  # served with the removed channels skipped

@@ -184,6 +184,16 @@ def test_bad_config_writes_nothing(mlp_weights, tmp_path, key, value, match):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.parametrize("off", ["enabled", "serving"])
+def test_slim_without_a_serving_function_is_refused(mlp_weights, tmp_path, off):
+  config = _config(mlp_weights)
+  config.export.enabled, config.export.slim, config.export[off] = True, True, False
+  with pytest.raises(ConfigError, match=rf"^export: export.slim=True slims the serving function, "
+                     rf"but export.{off}=False writes none; drop one of them$"):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_kmeans_weights_export_as_a_codebook_and_predict_alike(mlp_weights, tmp_path):
   config = _config(mlp_weights)
   config.quant.method, config.quant.weight_bits = "kmeans", 3
