@@ -56,6 +56,9 @@ class OptimizerSpec:
     check_range("train.momentum", self.momentum, 0.0, 1.0)
     if not isinstance(self.nesterov, (bool, np.bool_)):
       raise invalid("train.nesterov", self.nesterov, "True or False")
+    if self.nesterov and self.optimizer != "sgd":
+      raise invalid("train.nesterov", True, f"False with train.optimizer={self.optimizer}",
+                    "Nesterov momentum is sgd's; adamw has none")
     if self.nesterov and not self.momentum:
       raise invalid("train.nesterov", True, "False with train.momentum=0",
                     "Nesterov momentum needs momentum > 0")

@@ -54,6 +54,13 @@ def test_nesterov_needs_momentum():
     OptimizerSpec(epochs=2.0, momentum=0.0, nesterov=True)
 
 
+def test_nesterov_needs_sgd():
+  # adamw has no Nesterov momentum: the flag would be ignored
+  with pytest.raises(ConfigError, match=r"^train.nesterov must be False with "
+                     r"train.optimizer=adamw, got True; Nesterov momentum is sgd's"):
+    OptimizerSpec(epochs=2.0, optimizer="adamw", nesterov=True)
+
+
 def _step_rates(spec, steps_per_epoch):
   """The learning rate of every step, by hand: warmup from 0, then the peak times the factor
   of every decay fraction f with step >= f * total (the steps counted from the start)."""
