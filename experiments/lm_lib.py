@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxcompress import text
 from jaxcompress.checkpoint import read_json, write_json
-from jaxcompress.errors import ConfigError, check_range, invalid, unknown
+from jaxcompress.errors import ConfigError, check_range, invalid, renamed, unknown
 from jaxcompress.models import get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import load_weights, save_weights
@@ -81,25 +81,32 @@ def build_model(model, vocab_size: int, context: int, seed: int, field: str = "m
 
 
 def check_train(train, field: str = "train") -> None:
-  """Raises one line for negative ``steps``/``warmup_steps`` or a warmup longer than training."""
+  """Raises one line, naming the field under ``field``, for negative ``steps``/``warmup_steps``,
+  a warmup longer than training or a bad optimizer or loop field (before the text is read)."""
   for name in ("steps", "warmup_steps"):
     if train[name] < 0:
       raise invalid(f"{field}.{name}", train[name], ">= 0")
   if train.warmup_steps > train.steps:
     raise invalid(f"{field}.warmup_steps", train.warmup_steps, f"<= {field}.steps={train.steps}")
+  _specs(train, 1, field)  # the checks do not depend on the length of an epoch
 
 
 def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
                                                                           LoopSpec]:
   """The optimizer and loop specs of a ``train`` section whose lengths are in steps."""
   check_train(train, field)
+  return _specs(train, steps_per_epoch, field)
+
+
+def _specs(train, steps_per_epoch: int, field: str) -> tuple[OptimizerSpec, LoopSpec]:
   epochs = train.steps / steps_per_epoch
-  opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer, learning_rate=train.learning_rate,
-                      weight_decay=train.weight_decay, schedule=train.schedule,
-                      warmup_epochs=train.warmup_steps / steps_per_epoch)
-  loop = LoopSpec(epochs=epochs, log_every_steps=train.log_every_steps,
-                  checkpoint_every_steps=train.checkpoint_every_steps,
-                  eval_every_epochs=train.eval_every_epochs)
+  with renamed(field):
+    opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer,
+                        learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+                        schedule=train.schedule, warmup_epochs=train.warmup_steps / steps_per_epoch)
+    loop = LoopSpec(epochs=epochs, log_every_steps=train.log_every_steps,
+                    checkpoint_every_steps=train.checkpoint_every_steps,
+                    eval_every_epochs=train.eval_every_epochs)
   return opt, loop
 
 

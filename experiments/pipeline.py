@@ -28,7 +28,7 @@ from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import (RESUMABLE, MetricsLog, Stages, check_workdir, write_json,
                                     write_text)
-from jaxcompress.errors import ConfigError, invalid, unknown
+from jaxcompress.errors import ConfigError, invalid, renamed, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, resolve_weights,
@@ -92,7 +92,8 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
           f"pretrain.epochs is {config.pretrain.epochs}; set pretrain.epochs > 0 to train them "
           f"here, or point weights_dir (or ${WEIGHTS_ENV}) at the folder that holds them")
     check_writable(folder)
-    OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
+    with renamed("pretrain"):
+      OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
   OptimizerSpec.from_mapping(config.train)
   LoopSpec.from_mapping(config.train)
   precision.compute_dtype(config.train.compute_dtype)

@@ -394,6 +394,7 @@ def test_missing_weights_are_pretrained_saved_by_name_and_found_next_time(tmp_pa
     ("read_only", r"weights_dir: .* set --config.weights_dir or \$JAXCOMPRESS_WEIGHTS_DIR to a "
                   r"writable folder"),
     ("wrong_shapes", r"student.weights: .*mlp_student.msgpack' does not fit the model"),
+    ("pretrain_lr", r"^pretrain.learning_rate must be > 0, got -1.0$"),
 ])
 def test_bad_weights_setups_are_one_line_and_write_nothing(case, needle, tmp_path):
   folder = tmp_path / "weights"
@@ -401,6 +402,8 @@ def test_bad_weights_setups_are_one_line_and_write_nothing(case, needle, tmp_pat
   config = _named_weights_config(folder)
   if case == "no_pretrain":
     config.pretrain.epochs = 0.0
+  elif case == "pretrain_lr":
+    config.pretrain.learning_rate = -1.0
   elif case == "read_only":
     if os.geteuid() == 0:
       folder = tmp_path / "file_not_folder"

@@ -296,6 +296,7 @@ def _override(config, overrides: dict):
     ("lstm,quick", {"model.width": -4}, "^model.width must be an integer >= 1, got -4$"),
     ("quick", {"data.batch_size": 0}, "^data.batch_size must be >= 1, got 0$"),
     ("quick", {"train.warmup_steps": 5000}, "^train.warmup_steps must be <= train.steps=2000"),
+    ("quick", {"train.log_every_steps": 0}, "^train.log_every_steps must be >= 1, got 0$"),
 ])
 def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, overrides,
                                                            message):
@@ -321,6 +322,11 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
     ({"teacher.train.warmup_steps": 3000},
      "^teacher.train.warmup_steps must be <= teacher.train.steps=2000"),
     ({"quant.calibration_examples": 0}, "^quant.calibration_examples must be an integer >= 1"),
+    ({"teacher.train.learning_rate": -1.0},
+     "^teacher.train.learning_rate must be > 0, got -1.0$"),
+    ({"lstm.teacher.train.schedule": "linear"},
+     "^lstm.teacher.train.schedule must be one of constant, cosine, step, got 'linear'$"),
+    ({"lstm.train.eval_every_epochs": 0}, "^lstm.train.eval_every_epochs must be >= 1, got 0$"),
 ])
 def test_distill_bad_config_fails_before_any_training(tmp_path, overrides, message):
   from configs import shakespeare_distill
