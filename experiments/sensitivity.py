@@ -88,9 +88,9 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
 
 def _rules(prune_cfg) -> list | None:
   """The config's rule list (``None`` for ``()``: the model's policy), compiled to validate it."""
-  rules = [tuple(r) for r in prune_cfg.rules] or None
-  compile_rules(rules)
-  return rules
+  rules = list(prune_cfg.rules) or None
+  compile_rules(rules)  # before tuple(): a number is no pair, a string not its characters
+  return rules and [tuple(r) for r in rules]
 
 
 def _policy(rules, model, variables, image_shape) -> list:

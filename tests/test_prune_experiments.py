@@ -233,6 +233,8 @@ def test_iterative_validates_on_the_named_split(tmp_path):
     ({}, dict(rules=(("nomatch.*", True),)), r"prune.rules must be rules that select at least "
      r"one weight to prune \(e.g. fc1/kernel, fc2/kernel, fc3/kernel\), got \(\('nomatch.\*', "
      r"True\),\)"),
+    ({}, dict(rules=(0.5,)), r"^prune.rules\[0\] must be a \(regex, value\) pair, got 0.5;"),
+    ({}, dict(rules=("fc1",)), r"^prune.rules\[0\] must be a \(regex, value\) pair, got 'fc1';"),
 ])
 def test_iterative_bad_config_is_one_clear_error(tmp_path, data, prune, message):
   with pytest.raises(ConfigError, match=message):
