@@ -22,6 +22,7 @@ from jaxcompress import precision, pruning
 from jaxcompress.errors import check_positive, check_range, invalid, unknown
 from jaxcompress.export.sparse import GAP_WIDTHS
 from jaxcompress.pruning import positions
+from jaxcompress.pruning.masks import NORMS
 from jaxcompress.rules import Rules
 
 PRUNE_METHODS = ("none", "magnitude", "random", "saliency", "movement", "lamp")
@@ -141,6 +142,8 @@ class PruneSpec:
     if (isinstance(self.update_every, bool) or not isinstance(self.update_every, (int, np.integer))
         or self.update_every < 1):
       raise invalid("prune.update_every", self.update_every, "an integer >= 1")
+    if self.structure in ("channel", "kernel") and self.norm not in NORMS:
+      raise unknown("prune.norm", self.norm, NORMS)
     if self.structure == "channel" and self.scope != "layer":
       raise invalid("prune.scope", self.scope, "layer with prune.structure=channel (each weight "
                     "loses its own fraction of channels)")

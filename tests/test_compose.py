@@ -185,6 +185,7 @@ def test_a_gradual_schedule_needs_two_steps():
     ("prune__structure", "channel", "prune.scope must be layer with prune.structure=channel"),
     ("prune__norm", "l2", r"prune.norm must be l1 with prune.method=movement \(its scores are "
      "signed"),
+    ("prune__norm", "l3", r"prune.norm must be one of l1, l2, got 'l3'"),
     ("quant__weight_bits", 4.5, r"quant.weight_bits must be 0 \(float\) or an integer in \[2, 8\], "
      "got 4.5"),
     ("quant__per_channel", "no", "quant.per_channel must be True or False, got 'no'"),
@@ -203,7 +204,7 @@ def test_bad_specs_fail_when_built(key, value, match):
            "prune__m": {"prune__structure": "nm", "prune__sparsity": 0.5},
            "prune__n": {"prune__structure": "nm", "prune__sparsity": 0.5},
            "prune__norm": {"prune__method": "movement", "prune__structure": "kernel"}}
-  if key in extra and (value in ("channel", "l2") or key in ("prune__m", "prune__n")):
+  if key in extra and (value in ("channel", "l2", "l3") or key in ("prune__m", "prune__n")):
     key_values = {**extra[key], key: value}
   else:
     key_values = {key: value}
