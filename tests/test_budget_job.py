@@ -336,6 +336,12 @@ def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget,
     ("export", "enabled", False, "^export.enabled must be True in the budget job"),
     ("scan", "hessian_samples", -1, r"^scan.hessian_samples must be >= 0, got -1; "),
     ("scan", "refine_rounds", -1, r"^scan.refine_rounds must be >= 0, got -1; "),
+    ("scan", "sparsities", ("x",), r"^scan.sparsities must be a non-empty list of fractions in "
+                                   r"\(0, 1\), got \('x',\)$"),
+    ("scan", "weight_bits", (2.5, 4), r"^scan.weight_bits must be a non-empty list of integer bit "
+                                      r"widths in \[2, 8\], got \(2.5, 4\)$"),
+    ("scan", "act_bits", ((1, 2),), r"^scan.act_bits must be a non-empty list of integer bit "
+                                    r"widths in \[2, 8\], got \(\(1, 2\),\)$"),
     ("parallel", "distributed", True, r"^parallel.distributed must be False for the budget job, "
                                       r"got True; it runs in one process"),
 ])
