@@ -20,6 +20,9 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if not config.export.enabled:  # the artifact's bytes and accuracy are what a point reports
     raise invalid("export.enabled", config.export.enabled, "True in the budget job (each plan's "
                   "artifact is exported, measured against the budget and evaluated)")
+  if config.export.get("max_bytes", 0):  # sub_config sets it to each plan's own size budget
+    raise invalid("export.max_bytes", config.export.max_bytes, "0 in the budget job (each plan's "
+                  "artifact is capped at the budget itself)", "give the cap as budget.size_bytes")
   preset = budget_lib.get_preset(b.device)
   for field in ("size_bytes", "ratio", "bops"):
     check_positive(f"budget.{field}", b[field], zero=True)  # 0: not this budget
