@@ -166,6 +166,8 @@ def test_evaluate_split_and_load_data_take_a_dict_data_section():
   logits = (x.reshape(10, -1)[:, :3] / 255.0 - 0.5) / 0.25
   assert got["examples"] == 10
   assert got["accuracy"] == pytest.approx(100.0 * np.mean(logits.argmax(-1) == y))
+  # A batch larger than the split evaluates it in one batch of its size, not padded to 10**12.
+  assert evaluate_split(step, None, (x, y), {**data, "eval_batch_size": 10**12}) == got
   with tfds.testing.mock_data(num_examples=40):
     splits = load_data({"name": "mnist", "train_split": "train", "val_examples": 8,
                         "batch_size": 8, "mean": (0.5,), "std": (0.5,)})
