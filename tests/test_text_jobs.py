@@ -351,6 +351,15 @@ def test_default_text_configs_pass_validation():
     lm_pipeline.validate_config(shakespeare_distill.get_config(variant))
 
 
+def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch():
+  from jaxcompress.steps import make_eval_step
+  step = make_eval_step(lambda v, x: 10.0 * jnp.eye(5)[(x + 1) % 5])  # predicts id + 1
+  ids = np.arange(11) % 5
+  got = lm_lib.evaluate_lm(step, None, ids, batch_size=10**12, context=4, vocab_size=5)
+  assert got == lm_lib.evaluate_lm(step, None, ids, batch_size=2, context=4, vocab_size=5)
+  assert got["chars"] == 10 and got["accuracy"] == 100.0
+
+
 def test_sample_is_the_prompt_and_length_characters():
   vocab = text.Vocabulary("abc")
   always_c = lambda v, x: jnp.broadcast_to(jnp.float32([0, 0, 50]), x.shape + (3,))
