@@ -82,6 +82,8 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   for section, path in paths.items():  # .npz, .msgpack or orbax folder; empty: random init
     if path:
       weights_format(path, field=f"{section}.weights")
+  with renamed("pretrain"):  # checked whether or not weights are to be trained now
+    OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
   if to_train:
     name = next(iter(to_train))
     section = next(s for s in paths if config[s].weights == name)
@@ -92,8 +94,6 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
           f"pretrain.epochs is {config.pretrain.epochs}; set pretrain.epochs > 0 to train them "
           f"here, or point weights_dir (or ${WEIGHTS_ENV}) at the folder that holds them")
     check_writable(folder)
-    with renamed("pretrain"):
-      OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
   OptimizerSpec.from_mapping(config.train)
   LoopSpec.from_mapping(config.train)
   precision.compute_dtype(config.train.compute_dtype)

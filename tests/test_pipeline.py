@@ -174,6 +174,9 @@ def test_the_shortest_training_the_refusal_names_is_accepted(mlp_weights, tmp_pa
      "got 0"),
     ("train.epochs", 0.01, r"train.epochs must be enough for one step \(an epoch is \d+ steps: at "
      r"least 0.\d+\), got 0.01"),
+    ("pretrain.learning_rate", float("nan"), r"^pretrain.learning_rate must be a finite number > "
+     r"0, got nan$"),
+    ("pretrain.epochs", -1.0, r"^pretrain.epochs must be >= 0, got -1.0$"),
 ])
 def test_bad_config_writes_nothing(mlp_weights, tmp_path, key, value, match):
   config = _config(mlp_weights)
