@@ -219,6 +219,32 @@ class LinenRowNorm(nn.Module):
     return nn.Dense(CLASSES)(nn.relu(nn.Conv(8, (3, 3))(h)).mean((1, 2)))
 
 
+class LinenKeywordInputs(nn.Module):
+  """Layers and a BatchNorm given their input by name (``layer(inputs=h)``)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    h = nn.relu(nn.Dense(16)(inputs=x))
+    h = nn.Dense(16, use_bias=False, name="mid")(inputs=h)
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, name="bn")(x=h))
+    return nn.Dense(CLASSES)(inputs=h.mean(1))
+
+
+class NNXKeywordInputs(nnx.Module):
+  """The NNX counterpart of :class:`LinenKeywordInputs`."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(6, 16, rngs=rngs)
+    self.mid = nnx.Linear(16, 16, use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(16, rngs=rngs)
+    self.out = nnx.Linear(16, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    h = nnx.relu(self.inp(inputs=x))
+    h = nnx.relu(self.bn(x=self.mid(inputs=h)))
+    return self.out(inputs=h.mean(1))
+
+
 def _image(rng):
   return rng.normal(size=(8, 8, 8, 3)).astype(np.float32)
 
@@ -505,6 +531,30 @@ def test_attention_kernels_group_along_their_input_axes_in_linen_and_nnx():
   assert {k: nnx_axes[f"blocks/0/{k}/kernel"] for k in ("query", "key", "value", "out")} == {
       "query": (0,), "key": (0,), "value": (0,), "out": (0, 1)}
   assert nnx_axes["mlp/kernel"] == (0,)  # LinearGeneral(16, (2, 8)): [16, 2, 8]
+
+
+@pytest.mark.parametrize("make,paths", [
+    (_linen(LinenKeywordInputs), ["Dense_0", "mid", "Dense_1"]),
+    (_nnx(NNXKeywordInputs), ["inp", "mid", "out"])])
+def test_layers_given_their_input_by_name_are_compressed(make, paths, tmp_path):
+  x = _sequence(np.random.default_rng(0))
+  model, variables = make(0, x)
+  layers = trace_layers(model, variables, x)
+  assert [l.path for l in layers.layers] == paths and layers.uncovered == ()
+  assert layers.norms == {"bn": "mid"}
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.0), total_steps=2,
+                       prune=compose.PruneSpec(sparsity=0.5, schedule="one_shot"),
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  state = comp.init_state(variables, x, calibration=[x])
+  assert [l.path for l in state.model_state["quant"].layers] == paths
+  masks = comp.final_masks(state.params)["model"]
+  assert int(np.sum(np.asarray(masks["mid"]["kernel"]) == 0)) == 128  # round(0.5 * 16 * 16)
+  state = state.replace(params=jax.tree.map(lambda p, m: p * m, state.params,
+                                            comp.final_masks(state.params)))
+  comp.export(str(tmp_path / "export"), state)
+  want = np.asarray(jax.jit(comp.logits_fn)(comp.eval_variables(state), x))
+  got = np.asarray(export.load(str(tmp_path / "export"), model).logits(x))
+  np.testing.assert_array_equal(got, want)
 
 
 def test_weights_outside_layers_are_listed_not_compressed():

@@ -30,6 +30,7 @@ fake-quantized kernels and shared weights are pure functions of parameter pytree
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -57,7 +58,7 @@ class Call(NamedTuple):
       ``norm``, or ``module`` (a module hooked by its path).
     type_name: the module's class name (``Conv``, ``Linear``, ``BatchNorm``, ...).
     method: ``__call__``, or ``attend`` for an Embed used as the output head.
-    x: the call's first positional argument.
+    x: the call's input: its first argument, by position or by name (``layer(inputs=x)``).
     module: the module object (its attributes, e.g. ``epsilon``, can be read).
   """
   path: str
@@ -420,12 +421,37 @@ def _linen_interceptor(hook: Hook, hook_paths: set[str]):
       wanted = method == "__call__" or (kind == "embed" and method == "attend")
     else:
       kind, wanted = "module", method == "__call__" and path in hook_paths
-    if not wanted or not args:
+    found = _layer_input(next_fun, type(module), method, args, kwargs) if wanted else None
+    if found is None:
       return next_fun(*args, **kwargs)
-    run = lambda x: next_fun(x, *args[1:], **kwargs)
-    return hook(Call(path, kind, type(module).__name__, method, args[0], module), run)
+    return hook(Call(path, kind, type(module).__name__, method, found[0], module), found[1])
 
   return interceptor
+
+
+def _layer_input(call: Callable[..., Any], cls: type, method: str, args: tuple,
+                 kwargs: dict) -> tuple[Any, Callable[[Any], Any]] | None:
+  """``(x, run)`` of one call of a hooked method: its input, the first argument whether given by
+  position or by name (``layer(inputs=x)``), and ``run(y)``, the call with ``y`` in its place;
+  ``None`` for a call without one."""
+  if args:
+    return args[0], lambda y: call(y, *args[1:], **kwargs)
+  name = _input_name(cls, method)
+  if name not in kwargs:
+    return None
+  rest = {k: v for k, v in kwargs.items() if k != name}
+  return kwargs[name], lambda y: call(**{name: y}, **rest)
+
+
+@functools.lru_cache(maxsize=None)
+def _input_name(cls: type, method: str) -> str | None:
+  """The name of the first parameter of ``cls.method`` after ``self`` (a layer's input)."""
+  try:
+    params = list(inspect.signature(getattr(cls, method)).parameters.values())[1:]
+  except (TypeError, ValueError):
+    return None
+  return params[0].name if params and params[0].kind in (
+      inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY) else None
 
 
 _HOOKED: dict[type, type] = {}  # a memo of the hooked subclasses, one per class; holds no state
@@ -441,10 +467,13 @@ def _hooked_class(cls: type) -> type:
   sub = _HOOKED.get(cls)
   if sub is None:
     def make(method):
-      def wrapped(self, x, *args, **kwargs):
+      def wrapped(self, *args, **kwargs):
         path, kind, hook = getattr(self, _CALL)
-        run = lambda y: getattr(super(sub, self), method)(y, *args, **kwargs)
-        return hook(Call(path, kind, cls.__name__, method, x, self), run)
+        call = getattr(super(sub, self), method)
+        found = _layer_input(call, cls, method, args, kwargs)
+        if found is None:
+          return call(*args, **kwargs)
+        return hook(Call(path, kind, cls.__name__, method, found[0], self), found[1])
       return wrapped
 
     body = {"__call__": make("__call__")}
