@@ -375,6 +375,37 @@ def test_an_einsum_with_output_first_scales_its_rows_and_keeps_its_batchnorm():
   assert "bn" not in trace_layers(model, variables, x).norms  # folds need channels last
 
 
+class LinenEinsumEquationAtCall(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(12)(x))
+    h = nn.relu(nn.Einsum((10, 12), use_bias=False, name="mix")(h, "btd,fd->btf"))
+    return nn.Dense(CLASSES)(h.mean(1))
+
+
+class NNXEinsumEquationAtCall(nnx.Module):
+  """Built as ``[out, in]`` (``btd,fd->btf``), called as ``[in, out]``: sums over axis 0."""
+
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.inp = nnx.Linear(6, 10, rngs=rngs)
+    self.mix = nnx.Einsum("btd,fd->btf", (10, 12), rngs=rngs)
+    self.out = nnx.Linear(12, CLASSES, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.mix(nnx.relu(self.inp(x)), "btf,fd->btd")).mean(1))
+
+
+@pytest.mark.parametrize("make", [_linen(LinenEinsumEquationAtCall),
+                                  _nnx(NNXEinsumEquationAtCall)])
+def test_an_einsum_given_its_equation_at_the_call_is_one_line(make):
+  x = _sequence(np.random.default_rng(0))
+  model, variables = make(0, x)
+  with pytest.raises(ConfigError, match=r"^model: the Einsum 'mix' is called with the equation "
+                     r"'bt.,fd->bt.', not its einsum_str .*give 'bt.,fd->bt.' when the Einsum is "
+                     r"built"):
+    trace_layers(model, variables, x)
+
+
 @pytest.mark.parametrize("name,path,axis", [("linen_einsum_out_first", "mix", 0),
                                              ("linen_transposed_kernel", "up", 2)])
 def test_channel_pruning_removes_output_channels_where_the_kernel_keeps_them(name, path, axis):

@@ -424,6 +424,7 @@ def _linen_interceptor(hook: Hook, hook_paths: set[str]):
     found = _layer_input(next_fun, type(module), method, args, kwargs) if wanted else None
     if found is None:
       return next_fun(*args, **kwargs)
+    _check_equation(module, path, args, kwargs)
     return hook(Call(path, kind, type(module).__name__, method, found[0], module), found[1])
 
   return interceptor
@@ -441,6 +442,21 @@ def _layer_input(call: Callable[..., Any], cls: type, method: str, args: tuple,
     return None
   rest = {k: v for k, v in kwargs.items() if k != name}
   return kwargs[name], lambda y: call(**{name: y}, **rest)
+
+
+def _check_equation(module: Any, path: str, args: tuple, kwargs: dict) -> None:
+  """Refuses an Einsum call that gives its own equation (``layer(x, "btd,fd->btf")``) where it
+  is not the module's ``einsum_str``, from which the layer's axes are read."""
+  if not isinstance(module, (nn.Einsum, nnx.Einsum)):
+    return
+  given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+  own = module.einsum_str
+  if given is None or (own is not None and given.replace(" ", "") == own.replace(" ", "")):
+    return
+  raise ConfigError(f"model: the Einsum {path!r} is called with the equation {given!r}, not its "
+                    f"einsum_str {own!r}; the library reads the layer's reduction and output "
+                    f"axes from einsum_str: give {given!r} when the Einsum is built and call it "
+                    "with its input alone")
 
 
 @functools.lru_cache(maxsize=None)
@@ -473,6 +489,7 @@ def _hooked_class(cls: type) -> type:
         found = _layer_input(call, cls, method, args, kwargs)
         if found is None:
           return call(*args, **kwargs)
+        _check_equation(self, path, args, kwargs)
         return hook(Call(path, kind, cls.__name__, method, found[0], self), found[1])
       return wrapped
 
