@@ -33,6 +33,26 @@ def test_topk_mask_traced_k_under_jit():
     np.testing.assert_array_equal(fn(scores, jnp.int32(k)), keep_oracle(scores, k))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_topk_mask_without_a_sort_keeps_numpys_order(dtype):
+  # A global threshold over 10M+ weights: an XLA sort of them takes seconds per mask refresh on
+  # a CPU, so floating scores are cut by bisection instead; the order is still NumPy's stable
+  # one, with -inf (pruned weights), -0 tied with +0, and NaN ranked above everything.
+  scores = np.random.default_rng(3).integers(-3, 4, size=(6, 50)).astype(np.float32)
+  scores[0] = -np.inf
+  scores[1, ::2], scores[2, ::3], scores[3, ::5] = -0.0, np.nan, np.inf
+  # The order as numbers: +inf below NaN, and a stable sort keeps ties in flat order.
+  wide = scores.astype(np.float64)
+  oracle_scores = np.where(np.isnan(wide), 2e300, np.where(wide == np.inf, 1e300, wide))
+  fn = jax.jit(topk_mask)
+  for k in (0, 1, 37, 100, 180, 250, 300):
+    want = keep_oracle(oracle_scores, k)
+    np.testing.assert_array_equal(topk_mask(jnp.asarray(scores, dtype), k), want)
+    np.testing.assert_array_equal(fn(jnp.asarray(scores, dtype), jnp.int32(k)), want)
+  assert "sort" not in str(jax.make_jaxpr(topk_mask, static_argnums=1)(scores, 37))
+  assert topk_mask(jnp.zeros((0, 3), dtype), 0).shape == (0, 3)
+
+
 def test_num_pruned_python_and_traced():
   assert [num_pruned(s, 16) for s in (0.0, 0.40625, 0.46875, 0.999)] == [0, 6, 8, 16]
   traced = jax.jit(lambda s: num_pruned(s, 16))

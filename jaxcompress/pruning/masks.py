@@ -103,7 +103,42 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
     A bool array of ``scores``' shape with exactly ``k`` ``True`` entries.
   """
   flat = scores.reshape(-1)
-  return (ranks(flat) >= flat.size - k).reshape(scores.shape)
+  if not flat.size or not jnp.issubdtype(flat.dtype, jnp.floating):
+    return (ranks(flat) >= flat.size - k).reshape(scores.shape)
+  return _keep_highest(flat, jnp.asarray(k, jnp.int32)).reshape(scores.shape)
+
+
+@jax.jit  # called eagerly too (budget costing): one compilation per shape, not per call
+def _keep_highest(flat: jax.Array, k: jax.Array) -> jax.Array:
+  """:func:`topk_mask` of floating ``flat`` without a sort (an XLA sort of 10M entries takes
+  seconds on a CPU): bisects for the key of the lowest kept entry, then keeps every higher key
+  and the last of the entries that tie it."""
+  key = _sort_keys(flat)
+  pruned = flat.size - k
+
+  def bisect(_, bounds):  # invariant: the pruned + 1 lowest keys lie in [lo, hi]
+    lo, hi = bounds
+    mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+    ok = jnp.sum(key <= mid) > pruned
+    return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+  bits = 8 * key.dtype.itemsize
+  _, cut = jax.lax.fori_loop(0, bits, bisect, (jnp.min(key), jnp.max(key)))
+  ties = key == cut
+  later_ties = jnp.cumsum(ties[::-1])[::-1]  # ties at this flat index or after it
+  return ((key > cut) | (ties & (later_ties <= k - jnp.sum(key > cut)))) & (k > 0)
+
+
+def _sort_keys(x: jax.Array) -> jax.Array:
+  """Integers in the order :func:`jnp.sort` gives floating ``x``: -0 ties +0, NaNs last.
+
+  Float16 and bfloat16 map through float32 (exactly), float64 to int64.
+  """
+  x = x.astype(jnp.float64 if x.dtype.itemsize > 4 else jnp.float32)
+  x = jnp.where(jnp.isnan(x), jnp.nan, jnp.where(x == 0, 0, x))
+  signed = jax.lax.bitcast_convert_type(x, jnp.int64 if x.dtype.itemsize > 4 else jnp.int32)
+  # A negative float's bits grow with its magnitude: flip them below the positives.
+  return jnp.where(signed < 0, jnp.iinfo(signed.dtype).min - signed - 1, signed)
 
 
 def sparsity_mask(scores: jax.Array, sparsity: Sparsity) -> jax.Array:
