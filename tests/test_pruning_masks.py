@@ -10,7 +10,7 @@ import pytest
 from jaxcompress.errors import ConfigError
 from jaxcompress.pruning import (channels, kernels, n_of_m, nm_mask, num_pruned, topk_mask,
                                  unstructured)
-from jaxcompress.pruning.masks import channel_scores
+from jaxcompress.pruning.masks import channel_scores, ranks
 
 
 def keep_oracle(scores: np.ndarray, k: int) -> np.ndarray:
@@ -51,6 +51,18 @@ def test_topk_mask_without_a_sort_keeps_numpys_order(dtype):
     np.testing.assert_array_equal(fn(jnp.asarray(scores, dtype), jnp.int32(k)), want)
   assert "sort" not in str(jax.make_jaxpr(topk_mask, static_argnums=1)(scores, 37))
   assert topk_mask(jnp.zeros((0, 3), dtype), 0).shape == (0, 3)
+
+
+@pytest.mark.parametrize("shape, axis", [((40,), -1), ((6, 8), 0), ((3, 4, 8), 1), ((5, 4), -1)])
+def test_ranks_match_numpy_with_one_sort(shape, axis):
+  # The inverse of the stable order is a scatter: a second sort of 10M entries takes seconds.
+  scores = np.random.default_rng(4).integers(0, 3, size=shape).astype(np.float32)
+  order = np.argsort(scores, axis=axis, kind="stable")
+  want = np.zeros_like(order)
+  np.put_along_axis(want, order, np.arange(shape[axis]).reshape(
+      [-1 if a == axis % len(shape) else 1 for a in range(len(shape))]), axis)
+  np.testing.assert_array_equal(ranks(jnp.asarray(scores), axis), want)
+  assert str(jax.make_jaxpr(ranks, static_argnums=1)(scores, axis)).count(" sort[") == 1
 
 
 def test_num_pruned_python_and_traced():

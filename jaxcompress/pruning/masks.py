@@ -78,7 +78,9 @@ def num_pruned(sparsity: Sparsity, n: int) -> int | jax.Array:
 def ranks(scores: jax.Array, axis: int = -1) -> jax.Array:
   """Position of every entry in the stable ascending sort of ``scores`` along ``axis``."""
   order = jnp.argsort(scores, axis=axis, stable=True)
-  return jnp.argsort(order, axis=axis)
+  # The inverse permutation by a scatter, not a second sort (seconds for 10M entries on a CPU).
+  iota = jax.lax.broadcasted_iota(order.dtype, order.shape, axis % order.ndim)
+  return jnp.put_along_axis(jnp.zeros_like(order), order, iota, axis, inplace=False)
 
 
 def across(fn: Callable[[jax.Array], jax.Array], leaves: Sequence[jax.Array]) -> list[jax.Array]:
