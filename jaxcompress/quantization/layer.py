@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxcompress.precision import to_half
 from jaxcompress.quantization.calibration import check_finite_range
@@ -167,9 +168,21 @@ def quantize_input(layer: QuantLayer, x: Any, act_range: Any, steps: dict | None
 
 
 def batch_range(x: Any) -> jax.Array:
-  """``[min, max]`` of a batch, without gradient."""
+  """``[min, max]`` of a batch, without gradient.
+
+  Both in one reduction (one pass over the batch where ``jnp.min`` and ``jnp.max`` take two):
+  the same minimum and maximum, NaN included.
+  """
   x = jax.lax.stop_gradient(jnp.asarray(x, jnp.float32))
-  return jnp.stack([jnp.min(x), jnp.max(x)])
+  if x.size == 0:  # no identity to return: jnp.min's error
+    return jnp.stack([jnp.min(x), jnp.max(x)])
+  lo, hi = jax.lax.reduce((x, x), (np.float32(np.inf), np.float32(-np.inf)), _min_max,
+                          tuple(range(x.ndim)))
+  return jnp.stack([lo, hi])
+
+
+def _min_max(a, b):
+  return jax.lax.min(a[0], b[0]), jax.lax.max(a[1], b[1])
 
 
 def init_layer_state(layer: QuantLayer, kernel: Any,

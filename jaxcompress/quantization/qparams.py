@@ -162,7 +162,14 @@ def minmax_qparams(x: Any, *, bits: Any, axis: int | Sequence[int] | None = None
   qmin, qmax = qrange(bits, symmetric)
   axes = reduce_axes(x.ndim, axis)
   keep = axes is not None
-  lo = jnp.min(x, axis=axes, keepdims=keep)
-  hi = jnp.max(x, axis=axes, keepdims=keep)
+  if symmetric and jnp.issubdtype(x.dtype, jnp.floating):
+    # The symmetric scale reads max(-min(lo, 0), max(hi, 0)), which is max|x|: one reduction
+    # instead of two, and the same scale (NaN and inf included; an integer x keeps min and max,
+    # as |x| of its most negative value overflows).
+    hi = jnp.max(jnp.abs(x), axis=axes, keepdims=keep)
+    lo = -hi
+  else:
+    lo = jnp.min(x, axis=axes, keepdims=keep)
+    hi = jnp.max(x, axis=axes, keepdims=keep)
   scale, zero_point = qparams_from_range(lo, hi, qmin=qmin, qmax=qmax, symmetric=symmetric)
   return scale, zero_point, qmin, qmax
