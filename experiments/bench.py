@@ -3,6 +3,7 @@
   python -m experiments.bench                 # all variants, CIFAR-10 shaped random data
   python -m experiments.bench --rounds=5 --steps=10 --variants=plain
   python -m experiments.bench --variants=gpt_plain,gpt_all   # the char GPT pair only
+  python -m experiments.bench --variants=plain,kd,all --ops  # count compiled ops, no timing
 
 The ResNet-20 variants (``plain``, ``prune``, ``wquant``, ``waquant``, ``kd``, ``all``) and the
 char GPT pair (``gpt_plain``, ``gpt_all``: 2:4 + 4-bit weights + 8-bit inputs + KD) are described
@@ -28,6 +29,8 @@ N_IMAGES = 50_000  # a CIFAR-10-sized training set of random pixels
 _VARIANTS = flags.DEFINE_list("variants", None, "Variants to time (default: every variant).")
 _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
+_OPS = flags.DEFINE_bool("ops", False, "Instead of timing, count what each variant's compiled step "
+                         "runs (top-level ops, copies, sorts, conditionals, XLA's bytes).")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size of the ResNet-20 variants "
                               "(the GPT pair's is 32).")
 
@@ -86,6 +89,14 @@ def main(argv):
   variants, teacher_fwd = bench_lib.build_variants(_VARIANTS.value, batches[0].image,
                                                    gpt_batches[0].image)
   data = {k: gpt_batches if k in bench_lib.GPT_VARIANTS else batches for k in variants}
+  if _OPS.value:
+    ops = {k: bench_lib.step_ops(v, data[k][0]) for k, v in variants.items()}
+    columns = list(next(iter(ops.values())))
+    print(f"{jax.devices()[0].device_kind}: the compiled step of each variant")
+    print(markdown_table(("variant", *columns), [(k, *row.values()) for k, row in ops.items()],
+                         align="l" + "r" * len(columns)))
+    cli.print_json({"ops": ops})
+    return
   for k, v in variants.items():  # compile and warm up outside the timed rounds
     v.run(data[k], 2)
   if teacher_fwd is not None:

@@ -16,6 +16,8 @@ every attention/MLP kernel's reduction axis, 4-bit weights and 8-bit inputs (emb
 
 from __future__ import annotations
 
+import collections
+import re
 import time
 from typing import Callable, NamedTuple
 
@@ -143,3 +145,80 @@ def build_variants(names: list[str] | None, sample_x: np.ndarray,
   teacher = create_model("resnet56", num_classes=10, image_shape=(32, 32, 3))
   cifar = {n: build_variant(n, sample_x, teacher) for n in names if n in VARIANTS}
   return {**cifar, **gpt}, teacher_forward(teacher)
+
+
+# Instructions that launch no work of their own in a compiled XLA program.
+_FREE_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast"})
+_CALLEES = re.compile(r"(?:calls|to_apply|true_computation|false_computation|branch_computations"
+                      r"|body|condition)=\{?([%\w.\-, ]+)\}?")
+
+
+def _opcode(rest: str) -> str | None:
+  """The opcode of one HLO instruction, from the text after its ``=``: shape, then opcode."""
+  if rest.startswith("("):  # a tuple shape
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        rest = rest[i + 1:]
+        break
+  else:
+    rest = rest[rest.find(" "):]
+  match = re.match(r"\s*([a-z][a-z0-9\-]*)\(", rest)
+  return match.group(1) if match else None
+
+
+def hlo_op_counts(text: str) -> tuple[collections.Counter, collections.Counter]:
+  """``(every step, inside conditionals and loops)``: opcode counts of the top-level
+  instructions of a compiled program's text (``jax.jit(f).lower(...).compile().as_text()``).
+
+  Top level means the entry computation and what it calls directly, not the inside of a fusion:
+  on a GPU each counted instruction but a conditional or a loop is about one kernel launch or
+  copy. Instructions in the branches of a conditional (and bodies of a loop) are counted apart,
+  as they run only when taken.
+  """
+  computations, current, entry = {}, None, None
+  for line in text.splitlines():
+    header = re.match(r"^(ENTRY )?%?([\w.\-]+) .*\{$", line)
+    if header:
+      current = header.group(2)
+      computations[current] = []
+      entry = current if header.group(1) else entry
+    elif line == "}":
+      current = None
+    elif current is not None:
+      match = re.match(r"\s*(?:ROOT )?%?[\w.\-]+ = (.*)$", line)
+      if match:
+        callees = [c.strip().lstrip("%") for group in _CALLEES.findall(match.group(1))
+                   for c in group.split(",") if c.strip()]
+        computations[current].append((_opcode(match.group(1)), callees))
+  every, branches = collections.Counter(), collections.Counter()
+
+  def visit(name, counts):
+    for op, callees in computations.get(name, ()):
+      if op in _FREE_OPS or op is None:
+        continue
+      counts[op] += 1
+      if op in ("conditional", "while", "call"):
+        for callee in callees:
+          visit(callee, counts if op == "call" else branches)
+
+  if entry is not None:
+    visit(entry, every)
+  return every, branches
+
+
+def step_ops(variant: Variant, batch) -> dict:
+  """What one call of ``variant``'s step runs, compiled for this process's backend: top-level
+  ops per step and in conditionals (:func:`hlo_op_counts`), and XLA's cost analysis."""
+  compiled = variant.step.lower(variant.state[0], batch, *variant.args).compile()
+  every, branches = hlo_op_counts(compiled.as_text())
+  cost = compiled.cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  return {"ops_per_step": sum(every.values()), "fusions": every["fusion"],
+          "copies": every["copy"], "custom_calls": every["custom-call"],
+          "conditionals": every["conditional"], "loops": every["while"],
+          "sorts": every["sort"], "ops_in_conditionals": sum(branches.values()),
+          "sorts_in_conditionals": branches["sort"],
+          "gflops": round(float(cost.get("flops", 0.0)) / 1e9, 3),
+          "mb_accessed": round(float(cost.get("bytes accessed", 0.0)) / 1e6, 1)}

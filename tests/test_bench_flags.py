@@ -251,6 +251,38 @@ def test_bench_reports_medians_and_cpu_over_the_rounds_wall_time():
   assert result["cpu_per_wall_s"] == {"plain": 6.25, "kd": 3.97}
 
 
+# experiments.bench --ops on one fake variant: a step that sorts in a conditional only.
+FAKE_OPS = textwrap.dedent("""
+    import sys
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from absl import flags
+    from experiments import bench, bench_lib
+    from jaxcompress.data import Batch
+    def step(state, batch):
+      state = jax.lax.cond(state[0] > 0, lambda: jnp.sort(state), lambda: state)
+      return state + jnp.sum(batch.image), {}
+    ids = np.zeros((1, 4), np.int32)
+    variant = bench_lib.Variant(jax.jit(step), [jnp.arange(5.0)], ())
+    bench_lib.build_variants = lambda names, *_: ({n: variant for n in names}, None)
+    bench_lib.gpt_batches = lambda: [Batch(ids, ids, np.ones(1))]
+    flags.FLAGS(sys.argv)
+    bench.main(sys.argv[:1])
+""")
+
+
+def test_bench_ops_counts_the_compiled_step_without_timing():
+  proc = subprocess.run([sys.executable, "-c", FAKE_OPS, "--variants=plain", "--ops",
+                         "--batch_size=8"], cwd=REPO, capture_output=True, text=True,
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  ops = json.loads(proc.stdout.strip().splitlines()[-1])["ops"]["plain"]
+  assert ops["conditionals"] == 1 and ops["sorts"] == 0 and ops["sorts_in_conditionals"] == 1
+  assert ops["ops_per_step"] >= 2 and ops["mb_accessed"] >= 0
+  assert "| plain " in proc.stdout
+
+
 def test_bench_export_refuses_an_artifact_for_other_images_before_timing(tmp_path):
   """--eval feeds the artifact --dataset's test images: one of another shape is refused as
   evaluate does (model.exported there), before any timing or data (there is none here)."""
