@@ -10,6 +10,7 @@ import pytest
 from jaxcompress.errors import ConfigError
 from jaxcompress.pruning import (channels, kernels, n_of_m, nm_mask, num_pruned, topk_mask,
                                  unstructured)
+from jaxcompress.pruning import masks
 from jaxcompress.pruning.masks import channel_scores, ranks
 
 
@@ -34,7 +35,7 @@ def test_topk_mask_traced_k_under_jit():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_topk_mask_without_a_sort_keeps_numpys_order(dtype):
+def test_topk_mask_without_a_sort_keeps_numpys_order(dtype, monkeypatch):
   # A global threshold over 10M+ weights: an XLA sort of them takes seconds per mask refresh on
   # a CPU, so floating scores are cut by bisection instead; the order is still NumPy's stable
   # one, with -inf (pruned weights), -0 tied with +0, and NaN ranked above everything.
@@ -44,6 +45,7 @@ def test_topk_mask_without_a_sort_keeps_numpys_order(dtype):
   # The order as numbers: +inf below NaN, and a stable sort keeps ties in flat order.
   wide = scores.astype(np.float64)
   oracle_scores = np.where(np.isnan(wide), 2e300, np.where(wide == np.inf, 1e300, wide))
+  monkeypatch.setattr(masks, "BISECT_FROM", 1)  # 300 entries by bisection, as 10M+ are
   fn = jax.jit(topk_mask)
   for k in (0, 1, 37, 100, 180, 250, 300):
     want = keep_oracle(oracle_scores, k)

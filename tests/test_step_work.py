@@ -107,9 +107,9 @@ def test_ranks_are_the_double_argsort_of_one_sort(shape, axis, kind):
 
 
 def test_sorts_per_mask():
-  # ranks and N:M groups sort once; a floating top-k mask is cut by bisection, without a sort
+  # ranks, N:M groups and a top-k mask under masks.BISECT_FROM entries sort once
   s = jnp.asarray(_scores((3, 3, 8, 16), "normal"))
-  for fn, sorts in ((lambda s: masks_mod.topk_mask(s, 100), 0),
+  for fn, sorts in ((lambda s: masks_mod.topk_mask(s, 100), 1),
                     (lambda s: masks_mod.nm_mask(s, 2, 4), 1), (lambda s: masks_mod.ranks(s), 1)):
     counts = _count(jax.make_jaxpr(fn)(s).jaxpr)
     assert counts[(False, "sort")] == sorts, counts
@@ -201,7 +201,8 @@ def test_composed_step_equals_the_straightforward_formulas(monkeypatch):
     assert _same_tree(s, t)
     assert _same_tree(mt, nt)
   assert float(new[-1][1]["sparsity"]) > 0.5
-  # no sort at all: the refresh cuts each pruned weight's magnitudes by bisection
+  # no sort outside the mask refresh's conditional; one per pruned weight in each of its
+  # two branches (the schedule's value, and its final sparsity), where there were two each
   counts = _count(step.trace(new[0][0], batch).jaxpr.jaxpr)
-  assert counts[(False, "sort")] == 0 and counts[(True, "sort")] == 0
+  assert counts[(False, "sort")] == 0 and counts[(True, "sort")] == 2 * 2
   assert counts[(False, "reduce_min")] == 0  # symmetric weight scales: max|w| alone

@@ -94,6 +94,12 @@ def across(fn: Callable[[jax.Array], jax.Array], leaves: Sequence[jax.Array]) ->
   return [p.reshape(np.shape(l)) for p, l in zip(parts, leaves)]
 
 
+# Floating scores of at least this many entries are cut by bisection (:func:`_keep_highest`):
+# an XLA sort of 10M entries takes seconds on a CPU. Smaller ones keep the one-sort ranks, the
+# program the GPU timings in docs/benchmarks.md measured.
+BISECT_FROM = 1 << 20
+
+
 def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
   """Keeps the ``k`` highest scores of the whole array (ties: higher flat index kept).
 
@@ -105,7 +111,7 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
     A bool array of ``scores``' shape with exactly ``k`` ``True`` entries.
   """
   flat = scores.reshape(-1)
-  if not flat.size or not jnp.issubdtype(flat.dtype, jnp.floating):
+  if flat.size < BISECT_FROM or not jnp.issubdtype(flat.dtype, jnp.floating):
     return (ranks(flat) >= flat.size - k).reshape(scores.shape)
   return _keep_highest(flat, jnp.asarray(k, jnp.int32)).reshape(scores.shape)
 
