@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcompress import text
+from jaxcompress import parallel, text
 from jaxcompress.checkpoint import read_json, write_json
 from jaxcompress.errors import ConfigError, check_range, invalid, renamed, unknown
 from jaxcompress.models import get_model
@@ -123,11 +123,8 @@ def evaluate_lm(eval_step, variables, ids: np.ndarray, *, batch_size: int, conte
     ``{'loss': nats/char, 'bits': bits/char, 'accuracy': % of next characters predicted,
     'chars': positions counted}`` and, with ``predictions``, every position's argmax.
   """
-  # No batch holds more than the split's windows, padded to a multiple of the devices: a batch
-  # size beyond that would only allocate padding (10**12 is no array of 10**12 windows).
-  devices = 1 if mesh is None else mesh.devices.size
   windows = text.num_eval_windows(len(ids), context)
-  batch_size = min(batch_size, -(-windows // devices) * devices)
+  batch_size = parallel.eval_batch_size(batch_size, windows, mesh)
   batches = text.eval_batches(ids, batch_size=batch_size, context=context)
   total = -(-windows // batch_size)
   r = evaluate(eval_step, variables, batches, num_classes=vocab_size, mesh=mesh, total=total,

@@ -57,6 +57,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, field: str = "data.batch_size"
                   f"try {max(n, batch_size // n * n)}")
 
 
+def eval_batch_size(batch_size: int, examples: int, mesh: Mesh | None = None) -> int:
+  """``batch_size``, at most ``examples`` rounded up to a multiple of the mesh's devices: a
+  larger evaluation batch would only allocate padding (10**12 is no array of 10**12 images)."""
+  devices = 1 if mesh is None else mesh.devices.size
+  return min(batch_size, -(-examples // devices) * devices)
+
+
 def local_rows(mesh: Mesh, batch_size: int, field: str = "data.batch_size") -> tuple[int, int]:
   """The rows ``[lo, hi)`` of a global batch of ``batch_size`` that this process's devices hold.
 

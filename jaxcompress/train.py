@@ -148,10 +148,7 @@ def evaluate_split(eval_step: Callable, variables,
   split = data_lib.as_split(split)
   if not len(split):
     raise ConfigError(f"{desc}: the split has no examples, nothing to evaluate")
-  # No batch holds more than the split, padded to a multiple of the devices: a batch size
-  # beyond that would only allocate padding (10**12 is no array of 10**12 images).
-  devices = 1 if mesh is None else mesh.devices.size
-  bs = min(data.eval_batch_size, -(-len(split) // devices) * devices)
+  bs = parallel.eval_batch_size(data.eval_batch_size, len(split), mesh)
   rows = None if mesh is None else parallel.local_rows(mesh, bs, "data.eval_batch_size")
   batches = data_lib.eval_batches(split, bs, mean=data.mean, std=data.std, rows=rows)
   return evaluate(eval_step, variables, batches, mesh=mesh, desc=desc, predictions=predictions,
