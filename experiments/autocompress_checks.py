@@ -23,6 +23,9 @@ def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
   if config.export.get("max_bytes", 0):  # sub_config sets it to each plan's own size budget
     raise invalid("export.max_bytes", config.export.max_bytes, "0 in the budget job (each plan's "
                   "artifact is capped at the budget itself)", "give the cap as budget.size_bytes")
+  if config.quant.method == "kmeans":  # the scan, the costs and the caps are uniform codes
+    raise invalid("quant.method", config.quant.method, "minmax or lsq in the budget job (plans "
+                  "are scanned, sized and capped as uniform integer codes)")
   preset = budget_lib.get_preset(b.device)
   for field in ("size_bytes", "ratio", "bops"):
     check_positive(f"budget.{field}", b[field], zero=True)  # 0: not this budget

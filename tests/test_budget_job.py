@@ -336,6 +336,9 @@ def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget,
     ("export", "enabled", False, "^export.enabled must be True in the budget job"),
     ("export", "max_bytes", 1000, r"^export.max_bytes must be 0 in the budget job \(each plan's "
                                   r"artifact is capped at the budget itself\), got 1000"),
+    ("quant", "method", "kmeans", r"^quant.method must be minmax or lsq in the budget job "
+                                  r"\(plans are scanned, sized and capped as uniform integer "
+                                  r"codes\), got 'kmeans'$"),
     ("scan", "hessian_samples", -1, r"^scan.hessian_samples must be >= 0, got -1; "),
     ("scan", "refine_rounds", -1, r"^scan.refine_rounds must be >= 0, got -1; "),
     ("scan", "sparsities", ("x",), r"^scan.sparsities must be a non-empty list of fractions in "
