@@ -15,8 +15,9 @@ with logits KD plus a hint at every block's output):
 Why that teacher: ResNet-20's forward costs about a third of ResNet-56's, so the same CPU time buys
 2 epochs instead of 1.5, and, having the same architecture, it gives feature hints at all 9 blocks
 without adapters. Measured (docs/results.md has the commands, docs/distillation.md the
-ablations): 90.83 % after fine-tuning at 20.3x (53,233 bytes on disk; 2-core AMD EPYC VM, 11 min
-25 s), where the ResNet-56 teacher for 1.5 epochs gave 89.71 % in slightly more time.
+ablations): 90.72 % after fine-tuning at 20.3x (53,228 bytes on disk; 2-core AMD EPYC VM, Zen 5,
+6 min 32 s; an earlier version gave 90.83 % in 53,233 bytes), where the ResNet-56 teacher for 1.5
+epochs gave 89.71 % in about the same time (6 min 23 s).
 
 Override any field from the command line, e.g. ``--config.prune.sparsity=0.9``.
 """
