@@ -61,7 +61,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   #                            codes still take more, export.max_bytes); fixed: with fixed-width
   #                            codes, a bound the export never exceeds (7-9 % of a ResNet-20
   #                            budget left unused; docs/autocompress.md)
-  c.budget.coded_margin = 0.02  # budget.sizing=coded: the fraction of the budget left spare
+  c.budget.coded_margin = 0.02  # budget.sizing=coded: the fraction left spare of the budget's
+  #                               share for the planned weights (all but the fixed part)
   c.budget.sparsity = "auto"  # layer: each layer's sparsity from scan.sparsities, allocated with
   #                             its bits; global: one magnitude threshold for all layers, each
   #                             layer's bits allocated (size budgets, unstructured devices; it
