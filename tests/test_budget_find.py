@@ -117,8 +117,8 @@ def test_a_compute_budget_on_a_device_stays_in_its_space(setup):
     (dict(bops=1e6, act_bits=8), r"^act_bits must be a list of bit widths in \[2, 8\], got 8"),
     (dict(size_bytes=1000, device="tpu"), r"device must be one of any, gpu-sparse, int8-npu, "
      r"mcu, got 'tpu'"),
-    (dict(bops=1e6, device="mcu"), r"bops must be not given for device='mcu', which takes a "
-     r"size budget"),
+    (dict(bops=1e6, device="mcu"), r"^bops: device='mcu' takes a size budget, not "
+     r"bops=1000000.0; give size_bytes=$"),
     (dict(size_bytes=50, overhead=10), r"size_bytes must be reachable under device='any': the "
      r"smallest plan takes [\d,]+ bytes \(10 of them overhead\), got 50"),
     (dict(size_bytes=1000, device="gpu-sparse"), r"sensitivity: scanned other layers or options "

@@ -90,8 +90,9 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
     raise invalid("per_channel", per_channel, f"True for device={device!r}, which quantizes "
                   "weights per output channel")
   if kind not in preset.budgets:
-    raise invalid(field, limit, f"not given for device={device!r}, which takes a "
-                  f"{' or '.join(preset.budgets)} budget")
+    takes = " or ".join({"size": "size_bytes=", "bops": "bops="}[k] for k in preset.budgets)
+    raise ConfigError(f"{field}: device={device!r} takes a {' or '.join(preset.budgets)} "
+                      f"budget, not {field}={limit!r}; give {takes}")
   check_variables(variables)
   if not isinstance(held_out, Sequence):  # a generator would be spent by the first check
     raise invalid("held_out", f"a {type(held_out).__name__}", "a list of held-out batches",
