@@ -75,6 +75,16 @@ def test_gradient_is_one_inside_zero_outside_the_range():
   np.testing.assert_array_equal(grad, [0, 1, 1, 1, 0, 0])
 
 
+def test_second_derivatives_are_straight_through():
+  # d/dx sum(fq(x)^2) = 2 fq(x) * inside, so the Hessian is diag(2 * inside), not 0 (the
+  # derivative of jnp.round): HVPs and jax.hessian through a fake-quant model see curvature.
+  x = jnp.array([-4.4, -4.0, 0.3, 3.5, 3.76, 100.0])
+  f = lambda v: fake_quant(v, 0.5, 0, qmin=-8, qmax=7)  # noqa: E731
+  np.testing.assert_array_equal(jax.hessian(lambda v: jnp.sum(f(v) ** 2))(x),
+                                np.diag([0.0, 2, 2, 2, 0, 0]))
+  np.testing.assert_array_equal(jax.jacfwd(f)(x), np.diag([0.0, 1, 1, 1, 0, 0]))
+
+
 def test_int_codes_dequantize_to_fake_quant():
   x, scale, zp, qmin, qmax = make_case(4, False, 1, seed=3)
   codes = quantize_int(x, scale, zp, qmin=qmin, qmax=qmax)

@@ -65,6 +65,14 @@ def test_gradients_on_the_bounds_are_the_papers():
   np.testing.assert_allclose((f(0.5 + h) - f(0.5 - h)) / (2 * h), 7.0, rtol=1e-3)
 
 
+def test_second_derivative_in_x_is_straight_through():
+  # s = 0.5: v = -9.2 (below), 0.6, 7.2 (above): d/dx sum(q^2) = 2 q * inside, Hessian
+  # diag(2 * inside), not the 0 of jnp.round.
+  x = jnp.array([-4.6, 0.3, 3.6])
+  h = jax.hessian(lambda v: jnp.sum(lsq_fake_quant(v, 0.5, qmin=-8, qmax=7) ** 2))(x)
+  np.testing.assert_array_equal(h, np.diag([0.0, 2.0, 0.0]))
+
+
 def test_forward_equals_fake_quant_with_zero_point_zero():
   x = jnp.linspace(-3, 3, 41)
   np.testing.assert_array_equal(lsq_fake_quant(x, 0.3, qmin=-4, qmax=3),

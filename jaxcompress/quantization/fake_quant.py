@@ -79,10 +79,12 @@ def _fake_quant(x, scale, zero_point, qmin, qmax):
 def _fake_quant_jvp(primals, tangents):
   x, scale, zero_point, qmin, qmax = primals
   q = jnp.round(scaled(x, scale)) + zero_point
-  out = ((jnp.clip(q, qmin, qmax) - zero_point) * scale).astype(x.dtype)
   inside = (q >= qmin) & (q <= qmax)
   # Straight-through: d out / d x = 1 where representable, 0 where clipped; no gradient flows
-  # to scale or zero_point (PyTorch's observers compute them outside autograd as well).
+  # to scale or zero_point (PyTorch's observers compute them outside autograd as well). The
+  # primal is the function itself, so a second derivative (jax.hessian, a Hessian-vector
+  # product) is straight-through too, not the zero derivative of jnp.round.
+  out = _fake_quant(x, scale, zero_point, qmin, qmax)
   return out, jnp.where(inside, tangents[0], jnp.zeros_like(tangents[0]))
 
 

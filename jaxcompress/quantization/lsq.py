@@ -68,7 +68,7 @@ def _lsq_jvp(primals, tangents):
   x, step, qmin, qmax, grad_scale = primals
   dx, dstep = tangents[0], tangents[1]
   v = scaled(x, step)
-  out = (jnp.clip(jnp.round(v), qmin, qmax) * step).astype(x.dtype)
+  out = _lsq(x, step, qmin, qmax, grad_scale)  # itself: second derivatives stay straight-through
   inside = (v > qmin) & (v < qmax)
   dout_dstep = jnp.where(inside, jnp.round(v) - v, jnp.where(v <= qmin, qmin, qmax)) * grad_scale
   tangent = jnp.where(inside, dx, jnp.zeros_like(dx)) + (dout_dstep * dstep).astype(x.dtype)
