@@ -14,9 +14,9 @@ import pytest
 from flax import nnx
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.pruning import (PruneState, Score, apply_masks_ste, channels, constant_schedule,
-                                 current_masks, n_of_m, one_shot_schedule, polynomial_schedule,
-                                 prune, unstructured)
+from jaxcompress.pruning import (PruneState, Score, apply_masks, apply_masks_ste, channels,
+                                 constant_schedule, current_masks, n_of_m, one_shot_schedule,
+                                 polynomial_schedule, prune, unstructured)
 
 X = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
 Y = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
@@ -351,3 +351,15 @@ def test_outermost_wrapper_composes_with_chain_masked_multi_transform(make):
   assert zeros(params) == {k: n // 2 for k, n in sizes.items()}  # exactly 0, exact count
   moved = np.asarray(params["Dense_1"]["kernel"]) != np.asarray(PARAMS["Dense_1"]["kernel"])
   assert moved.sum() == sizes["Dense_1"]  # kept weights trained, pruned ones set to 0
+
+
+def test_schedule_free_eval_params_need_the_masks_as_documented():
+  # The wrapper zeroes the iterate it updates (y); the evaluation point mixes in the inner
+  # optimizer's own z, which it does not mask (docs/pruning.md gives the recipe).
+  params, state, _ = run(prune(optax.contrib.schedule_free_adamw(1e-2, weight_decay=0.1),
+                               constant_schedule(0.5)), 4)
+  assert zeros(params) == {k: PARAMS[k]["kernel"].size // 2 for k in KERNELS}
+  raw = optax.contrib.schedule_free_eval_params(state.inner_state, params)
+  assert all(v == 0 for v in zeros(raw).values())
+  masked = apply_masks(raw, current_masks(state))
+  assert zeros(masked) == zeros(params)
