@@ -363,3 +363,22 @@ def test_schedule_free_eval_params_need_the_masks_as_documented():
   assert all(v == 0 for v in zeros(raw).values())
   masked = apply_masks(raw, current_masks(state))
   assert zeros(masked) == zeros(params)
+
+
+def test_multisteps_and_apply_if_finite_around_it_count_applied_updates():
+  # 3 micro-steps per update; the non-finite one is skipped whole, so MultiSteps sees 8 of the 9
+  # and applies 2 updates: the schedule and the movement score's sums count those 2, not 9.
+  opt = optax.apply_if_finite(optax.MultiSteps(
+      prune(optax.adam(1e-2), polynomial_schedule(0.5, 0, 4), score="movement"), 3), 5)
+  state, params = opt.init(PARAMS), PARAMS
+  for i in range(9):
+    grads = jax.grad(loss)(params)
+    if i == 3:
+      grads = jax.tree.map(lambda g: g * jnp.nan, grads)
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  inner = state.inner_state.inner_opt_state
+  assert int(inner.count) == 2
+  assert all(np.isfinite(np.asarray(s)).all() for s in inner.score_sums)
+  # Zhu & Gupta at count 1 (the last refresh): 0.5 - 0.5 * (1 - 1/4)^3 = 0.2890625 of each layer.
+  assert zeros(params) == {k: round(0.2890625 * PARAMS[k]["kernel"].size) for k in KERNELS}
