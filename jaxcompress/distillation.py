@@ -78,10 +78,13 @@ def feature_loss(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
 
   Returns:
     ``[B]`` float32 losses (mean over all non-batch axes).
+
+  Raises:
+    ConfigError: if the two features differ in shape.
   """
   if student_feat.shape != teacher_feat.shape:
-    raise ValueError(f"feature shapes differ: student {student_feat.shape}, teacher "
-                     f"{teacher_feat.shape}; add an adapter or pick matching layers")
+    raise invalid("teacher_feat", f"shape {tuple(teacher_feat.shape)}", "the student feature's "
+                  f"shape {tuple(student_feat.shape)}", "add an adapter or pick matching layers")
   diff = student_feat.astype(jnp.float32) - jax.lax.stop_gradient(teacher_feat.astype(jnp.float32))
   return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
 

@@ -60,7 +60,8 @@ def test_feature_loss_is_per_example_mse():
   b = np.zeros_like(a)
   np.testing.assert_allclose(kd.feature_loss(a, b), [np.mean(a[0] ** 2), np.mean(a[1] ** 2)],
                              rtol=1e-6)
-  with pytest.raises(ValueError, match="feature shapes differ"):
+  with pytest.raises(ConfigError, match=r"teacher_feat must be the student feature's shape "
+                                        r"\(2, 4\), got 'shape \(2, 5\)'"):
     kd.feature_loss(jnp.zeros((2, 4)), jnp.zeros((2, 5)))
 
 
