@@ -234,7 +234,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
 
 def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
-  """Builds ``eval_step(variables, batch) -> (per-example loss, predictions)``, jitted once.
+  """Builds ``eval_step(variables, batch) -> (per-example loss, predictions, classes)``, jitted
+  once; ``classes`` is the width of the logits, which :func:`evaluate` checks.
 
   ``logits_fn(variables, images)`` is any inference function: a Flax ``apply`` in eval mode, a
   quantized model, or an exported one.
@@ -242,18 +243,20 @@ def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
 
   def eval_step(variables, batch: Batch):
     logits = logits_fn(variables, batch.image)
-    return cross_entropy(logits, batch.label), jnp.argmax(logits, -1)
+    return (cross_entropy(logits, batch.label), jnp.argmax(logits, -1),
+            jnp.int32(logits.shape[-1]))
 
   if mesh is None:
     return jax.jit(eval_step)
   rep, dat = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  return jax.jit(eval_step, in_shardings=(rep, dat), out_shardings=(dat, dat))
+  return jax.jit(eval_step, in_shardings=(rep, dat), out_shardings=(dat, dat, rep))
 
 
 def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_classes: int,
              mesh=None, total: int | None = None, desc: str = "eval",
              predictions: bool = False) -> dict:
-  """Runs ``eval_step`` over every batch; returns loss, accuracy and per-class precision/recall.
+  """Runs ``eval_step`` (:func:`make_eval_step`) over every batch; returns loss, accuracy and
+  per-class precision/recall.
 
   With several processes each one passes its rows of every global batch (see
   :func:`jaxcompress.parallel.local_rows`); the per-example results of the whole batch are
@@ -264,6 +267,11 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
     'recall': [...]}`` over the examples with non-zero weight, each counted once (here a weight
     marks padding; it does not scale an example as the train step's loss does), plus
     ``'predictions'`` (a list of class ids, in example order) when ``predictions`` is set.
+
+  Raises:
+    ConfigError: a label has no class in the model's logits, which are narrower than
+      ``num_classes`` (its loss would be nan), a label is outside ``[0, num_classes)``, or no
+      example has a weight > 0.
   """
   labels, preds, losses = [], [], []
   for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
@@ -271,10 +279,15 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
     if mesh is not None:
       batch = parallel.shard_batch(mesh, batch)
     check_weight(batch.weight, batch.label)
-    loss, pred = eval_step(variables, batch)
-    loss, pred, label, weight = parallel.to_host((loss, pred, batch.label, batch.weight))
+    loss, pred, classes, label, weight = parallel.to_host(
+        (*eval_step(variables, batch), batch.label, batch.weight))
     keep = per_label(np.asarray(weight), np.asarray(label)) > 0  # [B] weights: every label
-    labels.append(np.asarray(label)[keep])
+    label = np.asarray(label)[keep]
+    if classes < num_classes and label.size and label.max() >= classes:
+      raise ConfigError(f"{desc}: the model's logits have {classes} classes, fewer than "
+                        f"num_classes={num_classes}, and label {label.max()} has no class in "
+                        f"them (its loss would be nan); give a model with {num_classes} outputs")
+    labels.append(label)
     preds.append(np.asarray(pred)[keep])
     losses.append(np.asarray(loss)[keep])
   if not sum(len(p) for p in preds):

@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
         state, m = step(state, parallel.shard_batch(mesh, b))
         losses.append(float(m["loss"]))
       ev = make_eval_step(lambda var, x: model.apply(var, x), mesh=mesh)
-      loss, _ = ev({"params": state.params, **state.model_state}, parallel.shard_batch(mesh, batches[0]))
+      loss, _, _ = ev({"params": state.params, **state.model_state}, parallel.shard_batch(mesh, batches[0]))
       out[n] = {"losses": losses, "eval": float(np.mean(loss)),
                 "sharded": len(state.params["conv1"]["kernel"].sharding.device_set)}
     out["rows"] = parallel.local_rows(parallel.make_mesh(), 16)  # one process holds them all

@@ -53,6 +53,19 @@ def test_labels_outside_the_classes_are_nan_in_training_and_refused_in_evaluatio
     classification_report(np.ones((2, 3), np.int64))
 
 
+def test_a_label_the_model_has_no_class_for_is_refused_in_evaluation():
+  # Logits of 3 equal classes for 5-class data: a label below 3 has loss log(3), label 4 none.
+  step = make_eval_step(lambda v, img: img @ v)
+  x, w = np.ones((4, 2), np.float32), np.ones((2, 3), np.float32)
+  ok = Batch(x, np.array([0, 1, 2, 1], np.int32), np.ones(4, np.float32))
+  assert evaluate(step, w, [ok], num_classes=5)["loss"] == pytest.approx(np.log(3), rel=1e-6)
+  padded = Batch(x, np.array([0, 1, 4, 3], np.int32), np.array([1, 1, 1, 0], np.float32))
+  with pytest.raises(ConfigError, match=r"^eval: the model's logits have 3 classes, fewer than "
+                                        r"num_classes=5, and label 4 has no class in them \(its "
+                                        r"loss would be nan\); give a model with 5 outputs$"):
+    evaluate(step, w, [ok, padded], num_classes=5)
+
+
 def test_weighted_mean_by_hand():
   values = jnp.array([1.0, 2.0, 3.0, 4.0])
   # Weights need not sum to 1 or more: 0.1 each is the plain mean.
