@@ -79,13 +79,17 @@ def check_batch(batch: Any, where: str) -> None:
 
 def check_weight(weight: Any, labels: jax.Array) -> None:
   """Raises :class:`ConfigError` (one line) unless ``weight`` is one number per example (``[B]``)
-  or per label (the labels' shape)."""
+  or per label (the labels' shape), and, where it is a NumPy array (on the host: read without
+  waiting on a device), >= 0."""
   want = tuple(jnp.shape(labels))
   got = None if weight is None else tuple(jnp.shape(weight))
   if got not in (want[:1], want):
     raise ConfigError(f"batch.weight must have shape {want[:1]} (one per example) or {want} (one "
                       f"per label), got {'None' if got is None else f'shape {got}'}; "
                       "ones weigh every example alike")
+  if isinstance(weight, np.ndarray) and np.any(weight < 0):
+    raise ConfigError(f"batch.weight must be >= 0, got {weight.min()} (a negative weight turns "
+                      "its example's gradient around); 0 leaves an example out")
 
 
 def per_label(weight: Any, labels: Any) -> Any:
@@ -276,9 +280,9 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
   labels, preds, losses = [], [], []
   for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
                     disable=not parallel.is_main_process()):
+    check_weight(batch.weight, batch.label)
     if mesh is not None:
       batch = parallel.shard_batch(mesh, batch)
-    check_weight(batch.weight, batch.label)
     loss, pred, classes, label, weight = parallel.to_host(
         (*eval_step(variables, batch), batch.label, batch.weight))
     keep = per_label(np.asarray(weight), np.asarray(label)) > 0  # [B] weights: every label

@@ -35,7 +35,7 @@ from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_counts, check_positive, invalid
-from jaxcompress.steps import TrainState, bad_labels_error, evaluate
+from jaxcompress.steps import TrainState, bad_labels_error, check_weight, evaluate
 
 
 class NonFiniteError(ConfigError):
@@ -260,6 +260,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
           break
         # This process's rows of the labels, on the host: named if they are outside the classes.
         labelled = (getattr(batch, "label", None), getattr(batch, "weight", None))
+        if isinstance(labelled[1], np.ndarray) and labelled[0] is not None:
+          check_weight(labelled[1], labelled[0])  # on the host: >= 0
         if mesh is not None:
           batch = parallel.shard_batch(mesh, batch)
         state, metrics = train_step(state, batch, *step_args)

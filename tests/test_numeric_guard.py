@@ -182,3 +182,23 @@ def test_a_label_outside_the_classes_stops_with_one_line_even_when_skipping(tmp_
   assert not isinstance(e.value, NonFiniteError)
   _, info = fit(state, step, _Batches(5), None, LoopSpec(epochs=2), str(tmp_path / "good"))
   assert info["steps"] == 6 and info["skipped"] == 0  # the weight-0 label 10 stops nothing
+
+
+def test_a_negative_weight_is_refused_before_its_step(tmp_path):
+  # A weight of -1 turned its example's gradient around: fit trained on it without a word.
+  _, _, model, v = _setup()
+  tx = optax.sgd(0.01)
+  calls = []
+  step = make_train_step(supervised_loss(model), tx)
+
+  class Negative(_Batches):
+    def batches(self, seed, epoch, start):
+      for b in super().batches(seed, epoch, start):
+        yield b._replace(weight=np.array([1, 1, -0.5, 1], np.float32))
+
+  with pytest.raises(ConfigError, match=r"^batch.weight must be >= 0, got -0.5 \(a negative "
+                                        r"weight turns its example's gradient around\); 0 leaves "
+                                        r"an example out$"):
+    fit(TrainState.create(v["params"], {}, tx), lambda s, b: (calls.append(1), step(s, b))[1],
+        Negative(5), None, LoopSpec(epochs=1), str(tmp_path))
+  assert not calls

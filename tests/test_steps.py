@@ -183,6 +183,9 @@ def test_evaluate_spreads_an_example_weight_over_its_sequence_labels():
   with pytest.raises(ConfigError, match=r"^batch.weight must have shape \(2,\) \(one per "
                                         r"example\) or \(2, 3\)"):
     evaluate(step, 1.0, [Batch(x, y, None)], num_classes=2)
+  # A negative weight was read as padding and its example silently left out.
+  with pytest.raises(ConfigError, match=r"^batch.weight must be >= 0, got -1.0 "):
+    evaluate(step, 1.0, [Batch(x, y, np.array([1, -1], np.float32))], num_classes=2)
 
 
 @pytest.mark.parametrize("use_mesh", [False, True])
