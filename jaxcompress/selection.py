@@ -123,14 +123,17 @@ class ModelLayers:
 
   def warn_uncovered(self, where: str, consequence: str = "") -> None:
     """Warns (naming ``where``) of the layer weights (``kernel``, ``embedding``) that no traced
-    layer holds: a module the library does not see called computes their products itself, so
-    they stay float and dense (``consequence`` adds what else that means to the caller)."""
+    layer holds: they belong to a layer of a type the library does not compress (``nn.ConvLocal``,
+    ``nn.OptimizedLSTMCell``, which computes its gates' products itself), or to one the forward
+    does not call, so they stay float and dense (``consequence`` adds what else that means to
+    the caller)."""
     kernels = [p for p in self.uncovered if p.rpartition("/")[2] in ("kernel", "embedding")]
     if kernels:
       warnings.warn(f"{where}: {shortened(kernels, 4)} belong to no Conv, ConvTranspose, "
-                    "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed the forward calls "
-                    "(e.g. nn.OptimizedLSTMCell's gates, whose products the cell computes "
-                    f"itself): they stay float and dense{consequence}", stacklevel=3)
+                    "Dense/Linear, DenseGeneral/LinearGeneral, Einsum or Embed the forward calls, "
+                    "the layer types the library compresses (others, e.g. nn.ConvLocal or "
+                    "nn.OptimizedLSTMCell, which computes its gates' products itself, are not): "
+                    f"they stay float and dense{consequence}", stacklevel=3)
 
   def prune_rules(self, *, keep_edges: bool = True) -> list[Rule]:
     """Explicit pruning rules over parameter paths: every compressible weight, edges dense."""

@@ -527,6 +527,26 @@ def test_kernels_the_library_does_not_see_called_are_named_in_a_warning():
       assert "OptimizedLSTMCell_0/hf/kernel" in found[0]
 
 
+class LocallyConnected(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.ConvLocal(4, (3, 3))(nn.Conv(4, (3, 3))(x))
+    return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+
+def test_a_conv_local_kernel_is_named_a_layer_type_the_library_does_not_compress():
+  # nn.ConvLocal is a convolution the forward calls; the warning said its kernel belonged to no
+  # Conv the forward calls, giving an LSTM cell's gates as the example.
+  x = jnp.ones((1, 6, 6, 2))
+  model = LocallyConnected()
+  layers = trace_layers(model, model.init(jax.random.key(0), x), x)
+  assert [l.weight for l in layers.layers] == ["Conv_0/kernel", "Dense_0/kernel"]
+  with pytest.warns(UserWarning, match=r"^compression: ConvLocal_0/kernel belong to no Conv, .* "
+                    r"the layer types the library compresses \(others, e\.g\. nn\.ConvLocal "
+                    r"or nn\.OptimizedLSTMCell, .*\): they stay float and dense$"):
+    layers.warn_uncovered("compression")
+
+
 def test_an_input_of_length_zero_is_one_line():
   model = RecurrentLM(nn.LSTMCell)
   ids = jnp.zeros((2, 5), jnp.int32)
