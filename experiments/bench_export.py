@@ -335,6 +335,9 @@ def bench_artifact():
   # --eval feeds it --dataset's test images: refused here, before any timing, unless it takes them
   shape = image_shape(loaded.spec["input"], spec.image_shape if _EVAL.value else None,
                       dataset=_DATASET.value, field="--exported")
+  # and --dataset's test split is read before the timing too: a missing one is one line, at once
+  test = data_lib.load_split(_DATASET.value, "test", name_field="--dataset") if _EVAL.value \
+      else None
   slimmed = slim(loaded, multiple=_MULTIPLE.value, max_kept=_MAX_KEPT.value)
   macs = layer_macs(model, loaded.variables, np.zeros((1, *shape), np.float32))
   kept = {p: macs[p] * k // n for p, (k, n) in slimmed.channels.items()}
@@ -356,7 +359,6 @@ def bench_artifact():
             "cpu_per_wall_s": {k: round(v, 2) for k, v in cpu_per_wall.items()}}
 
   if _EVAL.value:
-    test = data_lib.load_split(_DATASET.value, "test")
     mean, std = normalization(_MEAN.value, _STD.value, _DATASET.value, shape[-1])
     data = DataSpec(name=_DATASET.value, eval_batch_size=500, mean=mean, std=std)
     preds, acc = {}, {}

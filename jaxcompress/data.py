@@ -195,7 +195,8 @@ class SourceSplit:
 
 
 def open_split(name: str, split: str, *, data_dir: str | None = None,
-               prepare_missing: bool = True, field: str = "data.split") -> SourceSplit:
+               prepare_missing: bool = True, field: str = "data.split",
+               name_field: str = "data.name") -> SourceSplit:
   """Opens a TFDS split for random access, without TensorFlow and without decoding it yet.
 
   Args:
@@ -207,6 +208,8 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
       there with :func:`jaxcompress.datasets.prepare` (needs TensorFlow and internet); ``False``:
       raise instead (for tests and offline runs).
     field: the config field that gave ``split``, for the error of an unreadable split.
+    name_field: the config field or flag that gave ``name``, for the error of an unknown or
+      unprepared dataset.
 
   Returns:
     A :class:`SourceSplit` of the whole split, in its record order.
@@ -215,7 +218,7 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
     ConfigError: unknown dataset name, data not prepared (and not preparable: no TensorFlow,
       no internet, ``prepare_missing=False``), or unknown split.
   """
-  spec = dataset_spec(name)
+  spec = dataset_spec(name, name_field)
   root = resolve_data_dir(data_dir)
   try:
     source = _open_source(name, split, root, field)
@@ -223,8 +226,8 @@ def open_split(name: str, split: str, *, data_dir: str | None = None,
     if is_prepared(name, root):
       raise
     if not prepare_missing:
-      raise not_prepared_error(name, root, " and prepare_missing=False") from None
-    prepare(name, root)
+      raise not_prepared_error(name, root, " and prepare_missing=False", name_field) from None
+    prepare(name, root, name_field)
     source = _open_source(name, split, root, field)
   return SourceSplit(_Decoded(source, spec.image_shape), 0, len(source))
 
@@ -309,12 +312,12 @@ def shared_examples(name: str, a: str, b: str, *, data_dir: str | None = None) -
 
 
 def load_split(name: str, split: str, *, data_dir: str | None = None, progress: bool = True,
-               prepare_missing: bool = True, field: str = "data.split"
-               ) -> tuple[np.ndarray, np.ndarray]:
+               prepare_missing: bool = True, field: str = "data.split",
+               name_field: str = "data.name") -> tuple[np.ndarray, np.ndarray]:
   """Decodes a whole TFDS split into memory, without TensorFlow.
 
   Args:
-    name, split, data_dir, prepare_missing, field: as for :func:`open_split`.
+    name, split, data_dir, prepare_missing, field, name_field: as for :func:`open_split`.
     progress: show a progress bar while decoding.
 
   Returns:
@@ -324,7 +327,7 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, progress: 
     ConfigError: as :func:`open_split`.
   """
   source = open_split(name, split, data_dir=data_dir, prepare_missing=prepare_missing,
-                      field=field)
+                      field=field, name_field=name_field)
   n, chunk = len(source), 1000
   parts = []
   with tqdm(total=n, desc=f"decode {name}/{split}", unit="img", disable=not progress,

@@ -20,7 +20,7 @@ from jaxcompress.errors import ConfigError, first_line, unknown
 
 _PREPARE_EXTRA = "pip install -e '.[prepare]'"
 _DATA_HELP = (
-    "set TFDS_DATA_DIR (or data.data_dir) to a folder holding the prepared dataset, e.g. "
+    "set TFDS_DATA_DIR{data_dir} to a folder holding the prepared dataset, e.g. "
     "TFDS_DATA_DIR=../shared/tensorflow_datasets; or, on a machine with internet, install "
     f"TensorFlow with `{_PREPARE_EXTRA}` and load again (the dataset is then downloaded and "
     "prepared there once, automatically; or run `tfds build {name} --file_format=array_record`)")
@@ -100,11 +100,20 @@ def is_prepared(name: str, data_dir: str) -> bool:
   return False
 
 
-def not_prepared_error(name: str, data_dir: str, why: str = "") -> ConfigError:
-  """The one-line error for a dataset missing from ``data_dir``; ``why`` ends its cause."""
-  return ConfigError(f"data.name: dataset {name!r} is not prepared under {data_dir!r} "
+def not_prepared_error(name: str, data_dir: str, why: str = "", field: str = "data.name"
+                       ) -> ConfigError:
+  """The one-line error for a dataset missing from ``data_dir``; ``why`` ends its cause, and
+  ``field`` is what gave ``name``."""
+  return ConfigError(f"{field}: dataset {name!r} is not prepared under {data_dir!r} "
                      f"(looked for {name}/<version>/dataset_info.json){why}; "
-                     + _DATA_HELP.format(name=name))
+                     + _data_help(name, field))
+
+
+def _data_help(name: str, field: str) -> str:
+  """How to make dataset ``name`` readable; the config's ``data.data_dir`` only where the config
+  gave the name (a flag such as ``--dataset`` comes with no such field)."""
+  return _DATA_HELP.format(name=name, data_dir=" (or data.data_dir)" if field == "data.name"
+                           else "")
 
 
 def check_prepared(name: str, data_dir: str) -> None:
@@ -121,7 +130,7 @@ def _tensorflow_available() -> bool:
     return False
 
 
-def prepare(name: str, data_dir: str | None = None) -> str:
+def prepare(name: str, data_dir: str | None = None, field: str = "data.name") -> str:
   """Downloads and prepares dataset ``name`` once, as array_record files TFDS reads without TF.
 
   Needs TensorFlow (the ``prepare`` extra: ``pip install -e '.[prepare]'``) and internet; only
@@ -132,6 +141,7 @@ def prepare(name: str, data_dir: str | None = None) -> str:
   Args:
     name: a key of :data:`DATASETS`.
     data_dir: folder of prepared TFDS datasets (default: see :func:`resolve_data_dir`).
+    field: the config field or flag that gave ``name``, for messages.
 
   Returns:
     The resolved data folder, which now holds the prepared dataset.
@@ -140,12 +150,13 @@ def prepare(name: str, data_dir: str | None = None) -> str:
     ConfigError: unknown dataset name, TensorFlow not installed, or preparation failed (no
       internet, disk full, ...) or left no finished dataset behind.
   """
-  dataset_spec(name)
+  dataset_spec(name, field)
   root = resolve_data_dir(data_dir)
   if is_prepared(name, root):
     return root
   if not _tensorflow_available():
-    raise not_prepared_error(name, root, " and TensorFlow, which prepares it, is not installed")
+    raise not_prepared_error(name, root, " and TensorFlow, which prepares it, is not installed",
+                             field)
   import tensorflow_datasets as tfds  # imported lazily: it is slow to import
 
   size = f"about {_DOWNLOAD_MB[name]} MB" if name in _DOWNLOAD_MB else "it"
@@ -155,12 +166,12 @@ def prepare(name: str, data_dir: str | None = None) -> str:
   try:
     tfds.builder(name, data_dir=root).download_and_prepare(file_format="array_record")
   except Exception as e:  # no internet, disk full, a TFDS or TensorFlow error: all user-fixable
-    raise ConfigError(f"data.name: preparing dataset {name!r} into {root!r} failed "
+    raise ConfigError(f"{field}: preparing dataset {name!r} into {root!r} failed "
                       f"({first_line(e)}); check the internet connection and free disk space "
-                      "and retry, or " + _DATA_HELP.format(name=name)) from None
+                      "and retry, or " + _data_help(name, field)) from None
   if not is_prepared(name, root):
     raise not_prepared_error(name, root, " even after TFDS download_and_prepare returned; "
-                             f"delete {os.path.join(root, name)!r} and retry")
+                             f"delete {os.path.join(root, name)!r} and retry", field)
   print(f"prepared {name} into {root} in {time.monotonic() - start:.0f} s", file=sys.stderr,
         flush=True)
   return root

@@ -31,9 +31,9 @@ def _job(name: str):
   return importlib.import_module(module)
 
 
-def _run(*args):
+def _run(*args, **env):
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu", **env))
 
 
 BENCH = dict(variants=None, steps=8, rounds=5, batch_size=128)
@@ -210,6 +210,26 @@ def test_bench_export_asks_for_the_model_of_an_artifact_that_names_none(tmp_path
   assert proc.stderr.splitlines()[-1] == (
       f"error: --exported={tmp_path / 'export'} names no model (it was exported without "
       "model_name): give it with --model=MODULE:FACTORY")
+
+
+def test_bench_export_names_the_dataset_flag_of_an_unprepared_dataset(tmp_path):
+  # The error named data.name, a config field bench_export has no flag for, and came after the
+  # timing; the user typed --dataset.
+  import optax
+  from jaxcompress import compose
+  from jaxcompress.models import create_model
+  model, variables = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+  x = np.zeros((2, 28, 28, 1), np.float32)
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                       quant=compose.QuantSpec(weight_bits=8))
+  comp.export(str(tmp_path / "export"), comp.init_state(variables, x), model_name="mlp")
+  proc = _run("experiments.bench_export", f"--exported={tmp_path / 'export'}", "--eval",
+              "--dataset=mnist", "--steps=1", "--rounds=1", "--batch_size=2",
+              TFDS_DATA_DIR=str(tmp_path / "empty"))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  last = proc.stderr.splitlines()[-1]
+  assert last.startswith("error: --dataset: "), last
+  assert "data.name" not in last and "data.data_dir" not in last and proc.stdout == ""
 
 
 # experiments.bench on fake variants with known per-round images/s and CPU seconds (after a
