@@ -213,7 +213,8 @@ class TrainWindows:
   """Random training windows of a split as a batch source for :func:`jaxcompress.train.fit`.
 
   An "epoch" is ``steps_per_epoch`` steps (as many windows as the split holds characters, by
-  default); step ``k`` of the run is :func:`train_batch` at ``step=k``, whatever the epoch.
+  default); step ``k`` of the run is :func:`train_batch` at ``step=k``, whatever the epoch. A
+  batch holds at most as many windows as the split has offsets to start one at.
   """
   ids: np.ndarray
   batch_size: int
@@ -221,6 +222,10 @@ class TrainWindows:
 
   def __post_init__(self):
     _check_windows(len(self.ids), self.batch_size, self.context)
+    windows = len(self.ids) - self.context  # the offsets a window starts at
+    if self.batch_size > windows:
+      raise invalid("data.batch_size", self.batch_size, f"at most {windows}, the windows of "
+                    f"data.context={self.context} characters the train split holds")
 
   @property
   def steps_per_epoch(self) -> int:

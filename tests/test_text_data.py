@@ -109,6 +109,18 @@ def test_a_window_or_batch_of_no_whole_size_is_one_line(field, value):
   np.testing.assert_array_equal(first.label, [ids[1:4], ids[4:7]])
 
 
+@pytest.mark.parametrize("batch_size", [38, 10**12])
+def test_a_batch_of_more_windows_than_the_split_holds_is_one_line(batch_size):
+  # 40 characters hold windows of 3 (and their targets) at the 37 offsets 0..36, by hand; a batch
+  # of 10**12 was accepted, to fail drawing its offsets once the run had started.
+  ids = np.arange(40, dtype=np.int32) % 5
+  assert text.TrainWindows(ids, 37, 3).steps_per_epoch == 1
+  with pytest.raises(ConfigError, match=rf"^data.batch_size must be at most 37, the windows of "
+                                        rf"data.context=3 characters the train split holds, got "
+                                        rf"{batch_size}$"):
+    text.TrainWindows(ids, batch_size, 3)
+
+
 def test_a_text_too_short_for_its_splits_is_one_line(tmp_path):
   path = _write(tmp_path, "abcdefghij")  # 10 chars: int(9) train, validation 0, test 1
   with pytest.raises(ConfigError, match=r"^data.path must be a longer text, got '.*input.txt'; "
