@@ -37,7 +37,8 @@ def check_model(model, field: str = "model") -> None:
   """Raises one line for an unknown model name or a bad value of a field the model reads.
 
   ``width``, ``depth``, ``heads``, ``mlp_ratio`` and ``layers`` (those the model takes) must be
-  integers >= 1, ``dropout`` in [0, 1), and a transformer's ``width`` a multiple of ``heads``.
+  integers >= 1, ``dropout`` in [0, 1), a transformer's ``width`` a multiple of ``heads``, and
+  the parameters (:func:`min_params`) must fit this machine's memory in float32.
   """
   if model.name not in MODEL_FIELDS:
     raise unknown(f"{field}.name", model.name, MODEL_FIELDS)
@@ -51,13 +52,40 @@ def check_model(model, field: str = "model") -> None:
       raise invalid(f"{field}.{name}", value, "an integer >= 1")
   if model.name == "char_gpt" and model.width % model.heads:
     raise invalid(f"{field}.width", model.width, f"a multiple of {field}.heads={model.heads}")
+  n, memory = min_params(model), host_memory()
+  if n * 4 > memory:  # Python ints: no overflow, however large the fields
+    grow = [k for k in MODEL_FIELDS[model.name] if k not in ("heads", "dropout")]
+    raise ConfigError(f"{field}: a {model.name} of {', '.join(f'{k}={model[k]}' for k in grow)} "
+                      f"has at least {n:.3g} parameters, {n * 4 / 2**30:.3g} GiB in float32, more "
+                      f"than this machine's {memory / 2**30:.3g} GiB of memory; lower "
+                      + " or ".join(f"{field}.{k}" for k in grow))
+
+
+def min_params(model) -> int:
+  """Parameters of the ``model`` section's model but those of its vocabulary and context (the
+  embedding, the position table and the head): a lower bound, exact as a Python int."""
+  w = int(model.width)  # a NumPy integer would overflow
+  if model.name == "char_gpt":  # a block: attention 4 (w^2 + w), 2 LayerNorms, the MLP
+    r = int(model.mlp_ratio)
+    return int(model.depth) * ((4 + 2 * r) * w * w + (9 + r) * w) + 2 * w
+  return int(model.layers) * (8 * w * w + 4 * w)  # input and recurrent kernels, recurrent bias
+
+
+def host_memory() -> int:
+  """Bytes of this machine's physical memory."""
+  return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def check_sample(sample, field: str = "sample") -> None:
-  """Raises one line for a negative ``length`` or a ``temperature`` that is not > 0."""
+  """Raises one line for a negative ``length``, one longer than memory holds (an 8-byte id per
+  character) or a ``temperature`` that is not > 0."""
   if isinstance(sample.length, bool) or not isinstance(sample.length, numbers.Integral) or (
       sample.length < 0):
     raise invalid(f"{field}.length", sample.length, "an integer >= 0")
+  memory = host_memory()
+  if sample.length * 8 > memory:
+    raise invalid(f"{field}.length", sample.length, f"at most {memory // 8}, the characters this "
+                  f"machine's {memory / 2**30:.3g} GiB of memory holds (one 8-byte id each)")
   check_temperature(sample.temperature, f"{field}.temperature")
 
 

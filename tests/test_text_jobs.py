@@ -295,6 +295,15 @@ def _override(config, overrides: dict):
     ("lstm,quick", {"model.layers": 0}, "^model.layers must be an integer >= 1, got 0$"),
     ("lstm,quick", {"model.width": -4}, "^model.width must be an integer >= 1, got -4$"),
     ("quick", {"data.batch_size": 0}, "^data.batch_size must be >= 1, got 0$"),
+    # Counted by hand: a block holds (4 + 2 mlp_ratio) width^2 + (9 + mlp_ratio) width parameters,
+    # an LSTM layer 8 width^2 + 4 width; width=10**12 died with OverflowError, depth hung.
+    ("quick", {"model.width": 10**12}, r"^model: a char_gpt of width=1000000000000, depth=4, "
+     r"mlp_ratio=4 has at least 4.8e\+25 parameters, 1.79e\+17 GiB in float32, more than this "
+     r"machine's .* GiB of memory; lower model.width or model.depth or model.mlp_ratio$"),
+    ("quick", {"model.depth": 10**12}, r"^model: a char_gpt of width=128, depth=1000000000000, "
+     r"mlp_ratio=4 has at least 1.98e\+17 parameters"),
+    ("lstm,quick", {"model.layers": 10**12}, r"^model: a char_lstm of width=256, "
+     r"layers=1000000000000 has at least 5.25e\+17 parameters"),
     ("quick", {"train.warmup_steps": 5000}, "^train.warmup_steps must be <= train.steps=2000"),
     ("quick", {"train.log_every_steps": 0}, "^train.log_every_steps must be >= 1, got 0$"),
 ])
@@ -315,6 +324,8 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
     ({"sample.temperature": 0.0}, r"^sample.temperature must be a finite number > 0, got 0.0$"),
     ({"sample.temperature": -1.0}, r"^sample.temperature must be a finite number > 0"),
     ({"sample.length": -1}, "^sample.length must be an integer >= 0, got -1$"),
+    ({"sample.length": 10**12}, r"^sample.length must be at most \d+, the characters this "
+     r"machine's .* GiB of memory holds \(one 8-byte id each\), got 1000000000000$"),
     ({"teacher.model.heads": 0}, "^teacher.model.heads must be an integer >= 1, got 0$"),
     ({"lstm.teacher.model.dropout": 1.0},
      r"^lstm.teacher.model.dropout must be in \[0.0, 1.0\), got 1.0$"),
