@@ -290,6 +290,9 @@ def post_training_quantization(config) -> dict:
   for field in ("calibration_examples", "calibration_batch_size", "kmeans_iters"):
     if p[field] <= 0:
       raise invalid(f"ptq.{field}", p[field], "> 0")
+  if p.kmeans_iters >= 2**31:
+    raise invalid("ptq.kmeans_iters", p.kmeans_iters, f"at most {2**31 - 1} (the Lloyd loop "
+                  "counts in int32)", "a few dozen iterations converge")
   data = DataSpec.from_mapping(config.data)  # checked before anything is read
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")

@@ -179,6 +179,10 @@ def test_schemes_parse_to_their_bits():
     ("--config.ptq.schemes=('w8a8', 'w8a8/minmax')",
      "error: ptq.schemes must be distinct schemes (['w8a8'] repeated), got ('w8a8', "
      "'w8a8/minmax'); 'w8a8/minmax' is the same quantizer as 'w8a8'"),
+    # 10**12 died with an OverflowError traceback in the k-means loop, after the other schemes
+    ("--config.ptq.kmeans_iters=1000000000000", "error: ptq.kmeans_iters must be at most "
+                                                "2147483647 (the Lloyd loop counts in int32), got "
+                                                "1000000000000; a few dozen iterations converge"),
     ("--config.ptq.schemes=('w4', 'k4', 'w4a8/mse', 'w4a8')", None),  # all distinct: runs on
 ])
 def test_cli_bad_input_is_one_line_before_any_data(override, message, tmp_path):

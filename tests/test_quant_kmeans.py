@@ -142,6 +142,14 @@ def test_kmeans_fake_quant_by_hand():
   np.testing.assert_allclose(g, c)
 
 
+@pytest.mark.parametrize("iters", [-1, 2**31, 10**12])
+def test_iterations_an_int32_loop_cannot_count_are_one_line(iters):
+  # 10**12 died with an OverflowError traceback from the jitted loop.
+  with pytest.raises(ConfigError, match=rf"^iters must be a non-negative integer below 2\*\*31 "
+                                        rf"\(the loop counts in int32\), got {iters}$"):
+    kmeans(np.ones((3, 4), np.float32), bits=2, iters=iters)
+
+
 def test_an_empty_weight_or_a_mask_of_another_shape_is_one_line():
   with pytest.raises(ConfigError, match=r"^kmeans: the weight is empty"):
     kmeans(np.ones((0, 4), np.float32), bits=2)

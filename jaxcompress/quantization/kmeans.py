@@ -65,12 +65,13 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
     The :class:`Codebook`.
 
   Raises:
-    ConfigError: for ``bits`` outside 2..8, a negative ``iters``, an empty weight or a mask of
-      another shape.
+    ConfigError: for ``bits`` outside 2..8, ``iters`` outside [0, 2**31), an empty weight or a
+      mask of another shape.
   """
   check_bits(bits)
-  if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
-    raise ConfigError(f"iters must be a non-negative integer, got {iters!r}")
+  if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters < 2**31:
+    raise ConfigError(f"iters must be a non-negative integer below 2**31 (the loop counts in "
+                      f"int32), got {iters!r}")
   if not jnp.size(w):
     raise ConfigError(f"kmeans: the weight is empty (shape {tuple(jnp.shape(w))})")
   if mask is not None and jnp.shape(mask) != jnp.shape(w):
