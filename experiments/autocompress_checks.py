@@ -8,10 +8,8 @@ grid and the held-out slice's size). The held-out slice, the last examples of
 
 from __future__ import annotations
 
-import numbers
-
 from jaxcompress import budget as budget_lib
-from jaxcompress.errors import ConfigError, check_positive, invalid
+from jaxcompress.errors import ConfigError, check_positive, invalid, is_number
 
 
 def check_budget(config, float32_bytes: int | None = None) -> tuple[str, float]:
@@ -85,11 +83,10 @@ def check_scan(config) -> None:
     raise invalid("data.val_examples", config.data.val_examples, "> 0: the sensitivity scan "
                   "measures on the last data.val_examples examples of data.train_split, held out "
                   "from fine-tuning; the held-out slice is empty")
-  number = lambda x, kind: isinstance(x, kind) and not isinstance(x, bool)
-  if not s.sparsities or any(not (number(x, numbers.Real) and 0 < x < 1) for x in s.sparsities):
+  if not s.sparsities or any(not (is_number(x) and 0 < x < 1) for x in s.sparsities):
     raise invalid("scan.sparsities", s.sparsities, "a non-empty list of fractions in (0, 1)")
   for field in ("weight_bits", "act_bits"):
-    if not s[field] or any(not (number(x, numbers.Integral) and 2 <= x <= 8) for x in s[field]):
+    if not s[field] or any(not (is_number(x, integer=True) and 2 <= x <= 8) for x in s[field]):
       raise invalid(f"scan.{field}", s[field], "a non-empty list of integer bit widths in [2, 8]")
   if s.batch_size < 1:
     raise invalid("scan.batch_size", s.batch_size, ">= 1")

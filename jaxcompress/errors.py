@@ -67,7 +67,7 @@ def check_counts(fields: Mapping[str, Any]) -> None:
   """Raises :class:`ConfigError` for the first of ``{field name: value}`` below 1 or not a whole
   number (an interval of 1.5 steps is not one)."""
   for field, value in fields.items():
-    if not _is_number(value) or not value >= 1:
+    if not is_number(value) or not value >= 1:
       raise invalid(field, value, ">= 1")
     if not np.isfinite(value) or value != int(value):
       raise invalid(field, value, "an integer >= 1")
@@ -86,7 +86,7 @@ def check_range(field: str, value: float, lo: float, hi: float, *,
     hi_closed: whether ``hi`` itself is allowed.
   """
   interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
-  if not _is_number(value):
+  if not is_number(value):
     raise invalid(field, value, f"a number in {interval}")
   ok_lo = value >= lo if lo_closed else value > lo
   ok_hi = value <= hi if hi_closed else value < hi
@@ -98,7 +98,7 @@ def check_positive(field: str, value: float, *, zero: bool = False) -> None:
   """Raises :class:`ConfigError` unless ``value`` is a finite number > 0 (>= 0 with ``zero``);
   NaN and infinity are refused, not passed on to a training run."""
   bound = ">= 0" if zero else "> 0"
-  if not _is_number(value) or not np.isfinite(value):
+  if not is_number(value) or not np.isfinite(value):
     raise invalid(field, value, f"a finite number {bound}")
   if not (value >= 0 if zero else value > 0):
     raise invalid(field, value, bound)
@@ -135,11 +135,13 @@ def first_line(e: BaseException) -> str:
   return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
-def _is_number(value: Any) -> bool:
-  """A real scalar (Python, NumPy or a 0-d array), not a bool or a string."""
+def is_number(value: Any, *, integer: bool = False) -> bool:
+  """A real scalar (Python, NumPy or a 0-d array), not a bool or a string; with ``integer``, of
+  an integer type."""
   if isinstance(value, (bool, str, bytes)):
     return False
   try:
-    return np.ndim(value) == 0 and np.isrealobj(value) and np.asarray(value).dtype.kind in "iuf"
+    return (np.ndim(value) == 0 and np.isrealobj(value)
+            and np.asarray(value).dtype.kind in ("iu" if integer else "iuf"))
   except TypeError:
     return False
