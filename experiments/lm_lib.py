@@ -111,22 +111,18 @@ def build_model(model, vocab_size: int, context: int, seed: int, field: str = "m
 def check_train(train, field: str = "train") -> None:
   """Raises one line, naming the field under ``field``, for negative ``steps``/``warmup_steps``,
   a warmup longer than training or a bad optimizer or loop field (before the text is read)."""
+  train_specs(train, 1, field)  # the checks do not depend on the length of an epoch
+
+
+def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
+                                                                          LoopSpec]:
+  """The optimizer and loop specs of a ``train`` section whose lengths are in steps; one line
+  for a bad field, as :func:`check_train`."""
   for name in ("steps", "warmup_steps"):
     if train[name] < 0:
       raise invalid(f"{field}.{name}", train[name], ">= 0")
   if train.warmup_steps > train.steps:
     raise invalid(f"{field}.warmup_steps", train.warmup_steps, f"<= {field}.steps={train.steps}")
-  _specs(train, 1, field)  # the checks do not depend on the length of an epoch
-
-
-def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[OptimizerSpec,
-                                                                          LoopSpec]:
-  """The optimizer and loop specs of a ``train`` section whose lengths are in steps."""
-  check_train(train, field)
-  return _specs(train, steps_per_epoch, field)
-
-
-def _specs(train, steps_per_epoch: int, field: str) -> tuple[OptimizerSpec, LoopSpec]:
   epochs = train.steps / steps_per_epoch
   with renamed(field):
     opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer,
