@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxcompress import parallel, text
 from jaxcompress.checkpoint import read_json, write_json
-from jaxcompress.errors import ConfigError, check_range, invalid, renamed, unknown
+from jaxcompress.errors import ConfigError, check_range, invalid, unknown
 from jaxcompress.models import get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import load_weights, save_weights
@@ -124,13 +124,13 @@ def train_specs(train, steps_per_epoch: int, field: str = "train") -> tuple[Opti
   if train.warmup_steps > train.steps:
     raise invalid(f"{field}.warmup_steps", train.warmup_steps, f"<= {field}.steps={train.steps}")
   epochs = train.steps / steps_per_epoch
-  with renamed(field):
-    opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer,
-                        learning_rate=train.learning_rate, weight_decay=train.weight_decay,
-                        schedule=train.schedule, warmup_epochs=train.warmup_steps / steps_per_epoch)
-    loop = LoopSpec(epochs=epochs, log_every_steps=train.log_every_steps,
-                    checkpoint_every_steps=train.checkpoint_every_steps,
-                    eval_every_epochs=train.eval_every_epochs)
+  opt = OptimizerSpec(epochs=epochs, optimizer=train.optimizer,
+                      learning_rate=train.learning_rate, weight_decay=train.weight_decay,
+                      schedule=train.schedule, warmup_epochs=train.warmup_steps / steps_per_epoch,
+                      section=field)
+  loop = LoopSpec(epochs=epochs, log_every_steps=train.log_every_steps,
+                  checkpoint_every_steps=train.checkpoint_every_steps,
+                  eval_every_epochs=train.eval_every_epochs, section=field)
   return opt, loop
 
 

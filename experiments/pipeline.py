@@ -28,7 +28,7 @@ from jaxcompress import data as data_lib
 from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import (RESUMABLE, MetricsLog, Stages, check_workdir, write_json,
                                     write_text)
-from jaxcompress.errors import ConfigError, invalid, renamed, unknown
+from jaxcompress.errors import ConfigError, invalid, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, resolve_weights,
@@ -82,8 +82,9 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
   for section, path in paths.items():  # .npz, .msgpack or orbax folder; empty: random init
     if path:
       weights_format(path, field=f"{section}.weights")
-  with renamed("pretrain"):  # checked whether or not weights are to be trained now
-    OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate)
+  # checked whether or not weights are to be trained now
+  OptimizerSpec(epochs=config.pretrain.epochs, learning_rate=config.pretrain.learning_rate,
+                section="pretrain")
   if to_train:
     name = next(iter(to_train))
     section = next(s for s in paths if config[s].weights == name)

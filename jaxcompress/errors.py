@@ -8,7 +8,6 @@ exit non-zero, so a user never sees a traceback for their own mistake.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,20 +40,6 @@ def invalid(field: str, value: Any, valid: str, fix: str | None = None) -> Confi
 def unknown(field: str, value: Any, choices: Iterable[str]) -> ConfigError:
   """Error for a name that is not one of ``choices``."""
   return invalid(field, value, "one of " + ", ".join(sorted(choices)))
-
-
-@contextlib.contextmanager
-def renamed(section: str, default: str = "train"):
-  """Re-raises a :class:`ConfigError` that names fields ``default.FIELD`` (the section a spec's
-  messages name, e.g. :class:`~jaxcompress.optim.OptimizerSpec`'s ``train``) with them named
-  ``section.FIELD``: the spec was built from another config section (``pretrain``,
-  ``teacher.train``)."""
-  try:
-    yield
-  except ConfigError as e:
-    if section == default:
-      raise
-    raise ConfigError(re.sub(rf"(?<![\w.]){re.escape(default)}\.", f"{section}.", str(e))) from None
 
 
 def shortened(items: Sequence[str], n: int, sep: str = ", ") -> str:

@@ -20,7 +20,8 @@ class OptimizerSpec:
   """The base optimizer and its learning-rate schedule (the CIFAR ResNet recipe by default).
 
   Validated when built: every field is in range, or :class:`~jaxcompress.errors.ConfigError`
-  names it (as ``train.<field>``, the config section jobs build it from).
+  names it as ``SECTION.<field>``, ``section`` (not a field: ``train`` by default) being the
+  config section the spec is built from.
 
   Attributes:
     epochs: length of the schedule in epochs (>= 0; may be fractional).
@@ -44,39 +45,41 @@ class OptimizerSpec:
   warmup_epochs: float = 0.0
   decay_at: tuple = (0.5, 0.75)
   decay_factor: float = 0.1
+  section: dataclasses.InitVar[str] = "train"
 
-  def __post_init__(self):
-    check_positive("train.epochs", self.epochs, zero=True)
+  def __post_init__(self, section: str):
+    check_positive(f"{section}.epochs", self.epochs, zero=True)
     if self.optimizer not in OPTIMIZERS:
-      raise unknown("train.optimizer", self.optimizer, OPTIMIZERS)
+      raise unknown(f"{section}.optimizer", self.optimizer, OPTIMIZERS)
     if self.schedule not in SCHEDULES:
-      raise unknown("train.schedule", self.schedule, SCHEDULES)
-    check_positive("train.learning_rate", self.learning_rate)
-    check_positive("train.weight_decay", self.weight_decay, zero=True)
-    check_range("train.momentum", self.momentum, 0.0, 1.0)
+      raise unknown(f"{section}.schedule", self.schedule, SCHEDULES)
+    check_positive(f"{section}.learning_rate", self.learning_rate)
+    check_positive(f"{section}.weight_decay", self.weight_decay, zero=True)
+    check_range(f"{section}.momentum", self.momentum, 0.0, 1.0)
     if not isinstance(self.nesterov, (bool, np.bool_)):
-      raise invalid("train.nesterov", self.nesterov, "True or False")
+      raise invalid(f"{section}.nesterov", self.nesterov, "True or False")
     if self.nesterov and self.optimizer != "sgd":
-      raise invalid("train.nesterov", True, f"False with train.optimizer={self.optimizer}",
+      raise invalid(f"{section}.nesterov", True, f"False with {section}.optimizer={self.optimizer}",
                     "Nesterov momentum is sgd's; adamw has none")
     if self.nesterov and not self.momentum:
-      raise invalid("train.nesterov", True, "False with train.momentum=0",
+      raise invalid(f"{section}.nesterov", True, f"False with {section}.momentum=0",
                     "Nesterov momentum needs momentum > 0")
-    check_range("train.warmup_epochs", self.warmup_epochs, 0.0, max(self.epochs, 0) + 1e-9,
+    check_range(f"{section}.warmup_epochs", self.warmup_epochs, 0.0, max(self.epochs, 0) + 1e-9,
                 hi_closed=True)
     if isinstance(self.decay_at, (str, bytes)) or not isinstance(self.decay_at, Sequence):
-      raise invalid("train.decay_at", self.decay_at, "a sequence of fractions of training in "
+      raise invalid(f"{section}.decay_at", self.decay_at, "a sequence of fractions of training in "
                     "(0, 1), e.g. (0.5, 0.75)")
     for i, f in enumerate(self.decay_at):
-      check_range(f"train.decay_at[{i}]", f, 0.0, 1.0, lo_closed=False)
-    check_positive("train.decay_factor", self.decay_factor)
+      check_range(f"{section}.decay_at[{i}]", f, 0.0, 1.0, lo_closed=False)
+    check_positive(f"{section}.decay_factor", self.decay_factor)
     object.__setattr__(self, "decay_at", tuple(self.decay_at))
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "OptimizerSpec":
+  def from_mapping(cls, values: Mapping[str, Any], section: str = "train") -> "OptimizerSpec":
     """The spec from the fields of ``values`` it names (a job's ``train`` config section holds
-    loop settings too; they are not read here)."""
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    loop settings too; they are not read here); messages name them under ``section``."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values},
+               section=section)
 
 
 

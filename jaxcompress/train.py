@@ -50,8 +50,8 @@ class NonFiniteError(ConfigError):
 class LoopSpec:
   """How long :func:`fit` trains and how often it logs, checkpoints and evaluates.
 
-  Validated when built; errors name the field as ``train.<field>``, the config section jobs
-  build it from.
+  Validated when built; errors name the field as ``SECTION.<field>``, ``section`` (not a field:
+  ``train`` by default) being the config section the spec is built from.
 
   Attributes:
     epochs: epochs to train (>= 0; may be fractional).
@@ -63,17 +63,19 @@ class LoopSpec:
   log_every_steps: int = 50
   checkpoint_every_steps: int = 500
   eval_every_epochs: int = 1
+  section: dataclasses.InitVar[str] = "train"
 
-  def __post_init__(self):
-    check_positive("train.epochs", self.epochs, zero=True)
-    check_counts({f"train.{field}": getattr(self, field)
+  def __post_init__(self, section: str):
+    check_positive(f"{section}.epochs", self.epochs, zero=True)
+    check_counts({f"{section}.{field}": getattr(self, field)
                   for field in ("log_every_steps", "checkpoint_every_steps", "eval_every_epochs")})
 
   @classmethod
-  def from_mapping(cls, values: Mapping[str, Any]) -> "LoopSpec":
+  def from_mapping(cls, values: Mapping[str, Any], section: str = "train") -> "LoopSpec":
     """The spec from the fields of ``values`` it names (a job's ``train`` config section holds
-    optimizer settings too; they are not read here)."""
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    optimizer settings too; they are not read here); messages name them under ``section``."""
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values},
+               section=section)
 
 
 def _as_spec(cls, value):

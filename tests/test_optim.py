@@ -38,6 +38,18 @@ def test_from_mapping_reads_the_optimizer_fields_of_a_train_section():
                                warmup_epochs=0.0, decay_at=(0.5, 0.75), decay_factor=0.1)
 
 
+def test_a_spec_of_another_section_names_its_fields_there():
+  # A spec built from teacher.train named its fields train.* (a job rewrote the message).
+  section = {**common.train_config(), "momentum": 0.0, "nesterov": True}
+  with pytest.raises(ConfigError, match=r"^teacher.train.nesterov must be False with "
+                                        r"teacher.train.momentum=0, got True; "):
+    OptimizerSpec.from_mapping(section, "teacher.train")
+  with pytest.raises(ConfigError, match=r"^pretrain.decay_at\[1\] must be in \(0.0, 1.0\), "
+                                        r"got 2.0$"):
+    OptimizerSpec(epochs=2.0, decay_at=(0.5, 2.0), section="pretrain")
+  assert OptimizerSpec(epochs=2.0, section="pretrain") == OptimizerSpec(epochs=2.0)
+
+
 def test_sgd_update_matches_the_pytorch_rule_by_hand():
   # PyTorch SGD: g' = g + wd * w; buf = g' (first step); w -= lr * buf.
   spec = OptimizerSpec(epochs=1.0, learning_rate=0.5, momentum=0.9, weight_decay=0.1,

@@ -107,6 +107,9 @@ def test_loop_spec_rejects_bad_intervals_and_reads_only_its_fields():
     with pytest.raises(ConfigError, match=rf"^train.{field} must be an integer >= 1, got 1.5$"):
       LoopSpec(**{field: 1.5})
   assert LoopSpec(log_every_steps=2.0).log_every_steps == 2.0  # a whole number, as a float
+  # A spec built from another config section names its fields there.
+  with pytest.raises(ConfigError, match=r"^lstm.train.eval_every_epochs must be >= 1, got 0$"):
+    LoopSpec.from_mapping({"eval_every_epochs": 0}, "lstm.train")
 
 
 def test_fit_with_typed_specs_equals_fit_with_config_sections(tmp_path):
