@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -32,8 +33,14 @@ TINY_DISTILL = ("--config.train.steps=4", "--config.train.log_every_steps=2",
 
 
 def _run(*args, env=None):
+  """Runs ``python -m ARGS``; the jobs share this session's compilation cache (conftest), so a
+  step compiled by one run (the same tiny model and shapes) is read back by the next."""
+  cache = {"JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=1200, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+                        timeout=1200,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu", **cache, **(env or {})})
 
 
 def _words(n: int, seed: int = 0, extra: str = "") -> str:
