@@ -26,7 +26,7 @@ def test_resnet_parameter_counts_match_the_paper(name, expected):
                                         ("cnn_cifar", (32, 32, 3)), ("mlp", (28, 28, 1))])
 def test_models_produce_logits(name, shape):
   model, variables = create_model(name, num_classes=7, image_shape=shape)
-  out = model.apply(variables, jnp.ones((2, *shape)))
+  out = jax.jit(model.apply)(variables, jnp.ones((2, *shape)))  # one program, not op by op
   assert out.shape == (2, 7)
   assert np.all(np.isfinite(out))
 
@@ -56,10 +56,10 @@ def test_option_a_shortcut_on_a_hand_built_example():
 def test_stride_two_uses_pytorch_padding():
   # A stride-2 3x3 conv with PyTorch padding 1 on 4x4 reads pixels around rows/cols 0 and 2:
   # with an all-ones kernel the output at (0, 0) sums the 2x2 corner only (4 pixels of 1).
-  model = get_model("resnet20")
-  v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  model = get_model("resnet20")  # the shapes of its variables, nothing computed
+  v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   k = v["params"]["layer2_0"]["conv1"]["kernel"]
-  conv = jax.lax.conv_general_dilated(jnp.ones((1, 4, 4, 16)), jnp.ones_like(k), (2, 2),
+  conv = jax.lax.conv_general_dilated(jnp.ones((1, 4, 4, 16)), jnp.ones(k.shape, k.dtype), (2, 2),
                                       ((1, 1), (1, 1)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert conv[0, 0, 0, 0] == 4 * 16 and conv[0, 1, 1, 0] == 9 * 16
@@ -73,9 +73,10 @@ def test_unknown_model_name_lists_valid_ones():
 
 def test_inner_widths_shrink_only_the_first_conv_of_each_block():
   widths = [8, 16, 8, 16, 32, 16, 32, 64, 32]
-  _, v = create_model("resnet20", num_classes=10, image_shape=(32, 32, 3))
+  x = jnp.zeros((1, 32, 32, 3))  # the shapes of the variables, nothing computed
+  v = jax.eval_shape(get_model("resnet20").init, jax.random.key(0), x)
   model = get_model("resnet20", inner_widths=widths)
-  small = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  small = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
   assert small["layer1_0"]["conv1"]["kernel"].shape == (3, 3, 16, 8)
   assert small["layer1_0"]["conv2"]["kernel"].shape == (3, 3, 8, 16)
   assert small["layer3_2"]["conv1"]["kernel"].shape == (3, 3, 64, 32)
