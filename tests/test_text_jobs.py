@@ -185,7 +185,8 @@ def test_teacher_of_another_family_is_one_line(tiny, tmp_path):
   workdir = tmp_path / "run"  # the transformer's run given as the LSTM family's teacher
   proc = _run("experiments.shakespeare_distill", "--config=configs/shakespeare_distill.py:quick",
               f"--config.data.path={tiny['text']}",
-              f"--config.lstm.teacher.checkpoint={tiny['lm']}",
+              f"--config.lstm.teacher.checkpoint={tiny['lm']}", "--config.teacher.model.width=8",
+              "--config.teacher.model.depth=1", "--config.teacher.model.heads=2",
               f"--workdir={workdir}", *TINY_LM, *TINY_DISTILL)
   assert proc.returncode == 2
   last = proc.stderr.splitlines()[-1]
@@ -211,7 +212,7 @@ def test_a_rerun_on_another_text_is_refused(tmp_path):
     (tmp_path / name / "tiny_shakespeare" / "input.txt").write_text(_words(600, seed=seed))
   workdir = tmp_path / "run"
   command = ("experiments.train_lm", "--config=configs/shakespeare.py:quick",
-             f"--workdir={workdir}", *TINY_LM, *TINY_GPT, "--config.train.steps=2")
+             f"--workdir={workdir}", *TINY_LM, *TINY_GPT)
   proc = _run(*command, env={"JAXCOMPRESS_TEXT_DIR": str(tmp_path / "a")})
   assert proc.returncode == 0, proc.stderr[-3000:]
   before = (workdir / "results.json").read_bytes()
