@@ -187,3 +187,30 @@ def test_non_finite_weights_or_a_codebook_of_another_rank_are_one_line():
   for book in (jnp.zeros((2, 2)), jnp.zeros(0)):
     with pytest.raises(ConfigError, match=r"^assign: codebook has shape \("):
       assign(jnp.ones(4), book)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5, 16, 100, 256])
+def test_assign_is_numpys_search_among_midpoints_ties_going_to_the_lower_entry(k):
+  rng = np.random.default_rng(k)
+  book = (np.round(rng.standard_normal(k) * 4) / 4).astype(np.float32)  # unsorted, repeats
+  book[: k // 4] = book[k // 2]  # more equal entries
+  order = np.argsort(book, kind="stable")
+  ranked = book[order]
+  mid = (ranked[1:] + ranked[:-1]) / np.float32(2)
+  above = np.nextafter(mid[mid != 0], np.float32(np.inf))  # no denormals: CPUs flush them
+  w = np.concatenate([rng.standard_normal(5000).astype(np.float32) * 2, mid, book, above,
+                      [-0.0, 0.0, 1e30, -1e30, np.inf, -np.inf, np.nan]]).astype(np.float32)
+  # NumPy ranks NaN above every midpoint; exact zeros (pruned) get the index k.
+  want = np.where(w != 0, order[np.searchsorted(mid, w, side="left")], k)
+  got = np.asarray(assign(jnp.asarray(w), jnp.asarray(book)).indices)
+  np.testing.assert_array_equal(got, want)
+  # Away from ties (the random values) that is the nearest entry.
+  np.testing.assert_array_equal(book[got[:5000]],
+                                book[np.abs(w[:5000, None] - book[None]).argmin(1)])
+
+
+def test_assign_by_hand_a_value_on_a_midpoint_goes_to_the_lower_entry():
+  # Sorted: -2 (4), -1 (2), 0 (1), 0 (5), 1 (0), 2 (3); midpoints -1.5, -0.5, 0, 0.5, 1.5.
+  got = assign(jnp.array([0.5, 0.50000006, -0.5, -0.0, 1e-30, -1e-30, 9.0]),
+               jnp.array([1.0, 0.0, -1.0, 2.0, -2.0, 0.0]))
+  np.testing.assert_array_equal(np.asarray(got.indices), [5, 0, 2, 6, 5, 1, 3])

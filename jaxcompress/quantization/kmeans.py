@@ -40,13 +40,25 @@ class Codebook(NamedTuple):
   indices: jax.Array
 
 
+@jax.jit
 def _assign(flat: jax.Array, centroids: jax.Array) -> jax.Array:
   """Index of the nearest of the ``centroids`` (in any order) for each value (``O(n)`` memory):
-  a search among the midpoints of the sorted centroids."""
+  the number of midpoints of the sorted centroids below it (``jnp.searchsorted``'s left side),
+  found by a branch-free binary search, one gather per bit of the index (under half the time
+  of ``searchsorted``'s loop on CPU). Jitted: called eagerly (the export's ``assign``), it is
+  one compiled program per shape, not one per operation."""
   order = jnp.argsort(centroids, stable=True)
   ranked = centroids[order]
-  midpoints = (ranked[1:] + ranked[:-1]) / 2
-  return order[jnp.searchsorted(midpoints, flat)].astype(jnp.int32)
+  k = ranked.shape[0]
+  steps = (k - 1).bit_length()  # the k - 1 midpoints padded with +inf to 2^steps - 1
+  midpoints = jnp.concatenate([(ranked[1:] + ranked[:-1]) / 2,
+                               jnp.full((2**steps - k,), jnp.inf, ranked.dtype)])
+  below = jnp.zeros(jnp.shape(flat), jnp.int32)
+  for step in reversed(range(steps)):
+    half = 1 << step
+    below = jnp.where(midpoints[below + half - 1] < flat, below + half, below)
+  below = jnp.where(jnp.isnan(flat), k - 1, below)  # NaN sorts above every midpoint
+  return order[below].astype(jnp.int32)
 
 
 def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Codebook:
