@@ -92,6 +92,36 @@ def test_round_trip_and_the_entropy_bound(seed):
   assert n * entropy - 1e-9 <= payload < n * (entropy + 1) + 8
 
 
+def _decode_bit_by_bit(data, count):
+  """Reference decoder: the canonical codes from the table, read one bit at a time."""
+  k = int(data[0]) + 1
+  lengths = [(int(data[1 + s // 2]) >> 4 * (s % 2)) & 15 for s in range(k)]
+  symbol_of, code, previous = {}, 0, 0
+  for s in sorted((s for s in range(k) if lengths[s]), key=lambda s: (lengths[s], s)):
+    code <<= lengths[s] - previous
+    symbol_of[lengths[s], code], previous = s, lengths[s]
+    code += 1
+  bits = [int(b) >> (7 - i) & 1 for b in data[1 + (k + 1) // 2:] for i in range(8)]
+  out, at = [], 0
+  while len(out) < count:
+    length = value = 0
+    while (length, value) not in symbol_of:
+      value, length, at = 2 * value + bits[at], length + 1, at + 1
+    out.append(symbol_of[length, value])
+  return out
+
+
+@pytest.mark.parametrize("count", [1, 2, 31, 32, 33, 63, 64, 65, 1023, 1024, 1025, 40000])
+def test_decode_reads_the_codes_one_after_another(count):
+  # Codes of 1 to 12 bits; counts around the decoder's blocks of 32 codes.
+  rng = np.random.default_rng(count)
+  p = 0.5 ** np.arange(1, 14)
+  symbols = rng.choice(13, count, p=p / p.sum())
+  data = huffman.encode(symbols, 16)
+  np.testing.assert_array_equal(huffman.decode(data, count, 16), symbols)
+  np.testing.assert_array_equal(_decode_bit_by_bit(data, count), symbols)
+
+
 def test_lengths_stay_within_fifteen_bits():
   counts = np.array([1, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 377, 610, 987, 1597, 2584,
                      4181, 6765, 10946])  # Fibonacci: an unlimited Huffman code is 20 bits deep

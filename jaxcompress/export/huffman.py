@@ -21,9 +21,10 @@ the length grows; the lengths alone define them. A stream of one distinct symbol
 single bit. Lengths above 15 are avoided by halving the counts (keeping each at least 1) and
 building again.
 
-Decoding is vectorized: the symbol starting at every bit position is looked up at once, and the
-chain of code starts from bit 0 is followed by pointer doubling (``log2(count)`` gathers), so the
-work is ``O(bits * log(count))`` array operations and no Python loop over symbols.
+Decoding is vectorized: the symbol starting at every bit position is looked up at once; five
+pointer doublings give the jump over 32 codes from every position, a walk along those from bit 0
+finds every 32nd code start and 31 array steps fill in the starts between, so the work is
+``O(bits + count)`` array operations and a Python loop over ``count / 32`` steps.
 
 References:
   Huffman. A Method for the Construction of Minimum-Redundancy Codes. Proc. IRE 1952.
@@ -176,8 +177,8 @@ def decode(data: Any, count: int, alphabet: int | None = None, *,
   longest = int(lengths.max())
   codes = canonical_codes(lengths)
   # table[w]: the symbol whose code starts the `longest`-bit window w, and its length (0: none).
-  symbol_of = np.zeros(1 << longest, np.int64)
-  length_of = np.zeros(1 << longest, np.int64)
+  symbol_of = np.zeros(1 << longest, np.uint8)
+  length_of = np.zeros(1 << longest, np.uint8)
   for s in np.flatnonzero(lengths):
     lo = int(codes[s]) << (longest - int(lengths[s]))
     hi = lo + (1 << (longest - int(lengths[s])))
@@ -190,17 +191,30 @@ def decode(data: Any, count: int, alphabet: int | None = None, *,
   padded = np.concatenate([bits, np.zeros(longest, np.uint8)])
   window = np.zeros(n, np.int32)
   for j in range(longest):
-    window = (window << 1) | padded[j:j + n]
-  length = length_of[window].astype(index)
+    window <<= 1
+    window |= padded[j:j + n]
+  length = length_of[window]
   # jump[p]: where the next code starts if one starts at p (n: past the end or no code at p).
-  after = np.arange(n, dtype=index) + length
-  jump = np.append(np.where((length > 0) & (after <= n), after, n), n).astype(index)
-  del after
-  starts = np.zeros(1, index)
-  while starts.size < count:  # starts[i] = jump^i(0): append jump^(2^r) of what is known
-    starts = np.concatenate([starts, jump[starts]])
-    jump = jump[jump]
-  starts = starts[:count]
+  jump = np.arange(n + 1, dtype=index)
+  jump[:n] += length
+  np.minimum(jump, n, out=jump)
+  jump[:n][length == 0] = n
+  # starts[i] = jump^i(0): every L-th (L = 2^doublings) by walking jump^L from 0, then L - 1
+  # single jumps from each of them (doubling until all of them are known costs log2(count)
+  # passes over every bit position, more than the walk).
+  doublings = 5
+  far = jump
+  for _ in range(doublings):
+    far = far[far]
+  anchors = np.zeros(-(-count >> doublings), index)
+  for i in range(1, anchors.size):
+    anchors[i] = far[anchors[i - 1]]
+  del far
+  starts = np.empty((1 << doublings, anchors.size), index)
+  starts[0] = anchors
+  for j in range(1, 1 << doublings):
+    starts[j] = jump[starts[j - 1]]
+  starts = starts.T.reshape(-1)[:count]
   if np.any(starts >= n):
     raise bad(f"the Huffman codes of {count} symbols run past the stream's {n} bits")
   if np.any(length[starts] == 0):
