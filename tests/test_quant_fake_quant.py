@@ -9,6 +9,7 @@ import pytest
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.quantization import dequantize, fake_quant, quantize_int
+from jaxcompress.quantization.fake_quant import quantize_int_numpy
 
 
 def np_fake_quant(x, scale, zero_point, qmin, qmax):
@@ -68,6 +69,29 @@ def test_hand_computed_values_round_half_to_even():
   np.testing.assert_array_equal(got, [-1.5, 0.0, 2.0])
 
 
+def test_numpy_codes_by_hand_and_as_quantize_int_gives_them():
+  # 0.25 / 0.5 = 0.5 -> 0; 0.75 / 0.5 = 1.5 -> 2; -1.25 / 0.5 = -2.5 -> -2; -0.0 -> 0; +3; clip.
+  x = np.array([[0.25, 0.75, -1.25, -0.0, 9.0, -9.0]], np.float32)
+  got = quantize_int_numpy(x, np.float32(0.5), np.int32(3), qmin=0, qmax=15)
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, [[3, 5, 1, 3, 15, 0]])
+  with pytest.raises(ConfigError, match=r"^scale must be finite and > 0 everywhere, got 0\.0"):
+    quantize_int_numpy(x, 0.0, 0, qmin=0, qmax=15)
+  # Per channel (columns), with zero points, exact ties among the values; NumPy and JAX alike.
+  rng = np.random.default_rng(0)
+  for bits in (2, 4, 8):
+    w = (rng.standard_normal((64, 6)) * rng.uniform(0.01, 3, 6)).astype(np.float32)
+    w[:8] = np.round(w[:8] * 4) / 4  # exact ties on a grid of quarters
+    scale = rng.choice([0.5, 0.25, 0.1, 0.3, 1 / 3, 0.07], 6).astype(np.float32)
+    zp = rng.integers(0, 1 << bits, 6).astype(np.int32)
+    qmin, qmax = 0, (1 << bits) - 1
+    want = np.clip(np.round(w * (np.float32(1) / scale)) + zp.astype(np.float32), qmin, qmax)
+    got = quantize_int_numpy(w, scale, zp, qmin=qmin, qmax=qmax)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, np.asarray(quantize_int(w, scale, zp, qmin=qmin,
+                                                               qmax=qmax)))
+
+
 def test_gradient_is_one_inside_zero_outside_the_range():
   x = jnp.array([-4.4, -4.0, 0.3, 3.5, 3.76, 100.0])
   grad = jax.grad(lambda v: fake_quant(v, 0.5, 0, qmin=-8, qmax=7).sum())(x)
@@ -114,6 +138,9 @@ def test_codes_are_the_same_eagerly_and_in_a_compiled_step(axis):
                                   np.asarray(dequantize(codes, scale, zero_point)))
     oracle = np.clip(np.round(w * (np.float32(1) / np.asarray(scale, np.float32))), qmin, qmax)
     np.testing.assert_array_equal(codes, oracle)  # NumPy, the same product
+    # The export's NumPy codes: the same integers.
+    np.testing.assert_array_equal(quantize_int_numpy(w, np.asarray(scale), np.asarray(zero_point),
+                                                     qmin=qmin, qmax=qmax), codes)
 
 
 def test_traced_qmin_qmax_under_jit():
@@ -156,6 +183,6 @@ def test_a_scale_or_zero_point_of_another_shape_is_one_line(kwargs, field, shape
   x = jnp.ones((3, 2))
   match = (rf"^{field} must be a scalar or an array broadcastable against x of shape \(3, 2\) "
            rf".*got 'of shape {shape}'$")
-  for fn in (fake_quant, quantize_int):
+  for fn in (fake_quant, quantize_int, quantize_int_numpy):
     with pytest.raises(ConfigError, match=match):
       fn(x, qmin=-8, qmax=7, **kwargs)

@@ -45,7 +45,8 @@ from jaxcompress.errors import ConfigError, check_finite, check_variables, unkno
 from jaxcompress.export.codec import LayerTensor, stored_order
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.precision import SCALE_DTYPES, to_half
-from jaxcompress.quantization import channels_last, half_scaled, quantize_int, scale_axes
+from jaxcompress.quantization import channels_last, half_scaled, scale_axes
+from jaxcompress.quantization.fake_quant import quantize_int_numpy
 from jaxcompress.rules import flat_paths
 
 FOLD = "fold"  # pseudo-collection of folded BatchNorms: fold/<norm path> = [gain; bias]
@@ -108,8 +109,8 @@ def _int_tensor(path: str, weight: np.ndarray, spec: Any, gain: np.ndarray | Non
   and the channel axes where they are not the last axis alone; with ``gain`` (one per channel),
   the scale times it; ``half``: per-channel scales along the last axis rounded to float16 (see
   the module docstring)."""
-  q = np.asarray(quantize_int(weight, spec.weight_scale, spec.weight_zero_point,
-                              qmin=spec.weight_qmin, qmax=spec.weight_qmax), np.int32)
+  q = quantize_int_numpy(weight, spec.weight_scale, spec.weight_zero_point,
+                         qmin=spec.weight_qmin, qmax=spec.weight_qmax)
   axes = scale_axes(spec.weight_axis, weight.ndim)
   scale = np.asarray(spec.weight_scale, np.float32)
   zp = np.asarray(spec.weight_zero_point, np.int32)

@@ -140,6 +140,22 @@ def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -
   return q.astype(jnp.int32)
 
 
+def quantize_int_numpy(x: Any, scale: Any, zero_point: Any, *, qmin: Any,
+                       qmax: Any) -> np.ndarray:
+  """:func:`quantize_int` of float32 values, computed by NumPy: the same float32 operations, so
+  the same integers, without compiling a JAX program for each shape (the export's weights).
+
+  Raises:
+    ConfigError: as :func:`quantize_int`.
+  """
+  check_qparams(scale, qmin, qmax)
+  for field, value in (("scale", scale), ("zero_point", zero_point)):
+    check_shape(x, value, field)
+  x = np.asarray(x, np.float32) * (np.float32(1) / np.asarray(scale, np.float32))
+  q = np.clip(np.round(x) + np.asarray(zero_point).astype(np.float32), qmin, qmax)
+  return q.astype(np.int32)
+
+
 def dequantize(q: Any, scale: Any, zero_point: Any) -> jax.Array:
   """Real values ``(q - zero_point) * scale`` of integer codes ``q`` (float32)."""
   return (jnp.asarray(q, jnp.float32) - zero_point) * scale
