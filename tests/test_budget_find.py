@@ -166,6 +166,12 @@ def test_numpy_numbers_are_budgets_and_an_empty_held_out_slice_is_one_line(setup
                      r"jaxcompress.data.Batch \(image, label, weight\), got a ndarray$"):
     budget.find_plan(model, variables, [b.image for b in held_out], size_bytes=10**6,
                      sparsities=SPARSITIES, weight_bits=BITS)
+  negative = [b._replace(weight=np.where(np.arange(len(b.weight)) == 1, -0.5, 1.0))
+              for b in held_out]
+  with pytest.raises(ConfigError, match=r"^sensitivity: the held-out batches hold a weight of "
+                     r"-0.5; weights are >= 0 \(0 marks padding\)$"):
+    budget.find_plan(model, variables, negative, size_bytes=10**6, sparsities=SPARSITIES,
+                     weight_bits=BITS)
 
 
 def test_labels_of_another_shape_than_the_outputs_are_one_line(setup):

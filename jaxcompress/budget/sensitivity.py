@@ -166,13 +166,18 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
 
 
 def check_held_out_batches(batches: Sequence[Any]) -> None:
-  """Raises one line unless the held-out ``batches`` hold an example of weight > 0."""
+  """Raises one line unless the held-out ``batches`` hold an example of weight > 0 and no
+  negative weight."""
   if not batches:
     raise ConfigError("sensitivity: the held-out batches are empty; hold out training "
                       "examples")
   for b in batches:
     check_batch(b, "sensitivity: the held-out batches")
   weights = [np.asarray(b.weight) for b in batches]
+  lowest = min((float(w.min()) for w in weights if w.size), default=0.0)
+  if lowest < 0:  # a negative weight would count an example's damage against the others
+    raise ConfigError(f"sensitivity: the held-out batches hold a weight of {lowest:g}; weights "
+                      "are >= 0 (0 marks padding)")
   if not all(w.size for w in weights) or not sum(float(np.sum(w)) for w in weights) > 0:
     raise ConfigError("sensitivity: the held-out batches hold no example of weight > 0 (an "
                       "empty batch, or padding only); hold out training examples")
