@@ -22,7 +22,7 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxcompress import budget, compose, export
+from jaxcompress import budget, compose, export, selection
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import functional, variables_of
@@ -545,6 +545,8 @@ def test_a_conv_local_kernel_is_named_a_layer_type_the_library_does_not_compress
                     r"the layer types the library compresses \(others, e\.g\. nn\.ConvLocal "
                     r"or nn\.OptimizedLSTMCell, .*\): they stay float and dense$"):
     layers.warn_uncovered("compression")
+  row = [r for r in selection.table(layers).splitlines() if "ConvLocal_0/kernel" in r]
+  assert len(row) == 1 and row[0].split("|")[3].strip() == "(type not compressed)"
 
 
 def test_an_input_of_length_zero_is_one_line():
