@@ -41,6 +41,7 @@ from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_range, invalid
 from jaxcompress.models import create_model
 from jaxcompress.models.functional import functional
+from jaxcompress.quantization.kmeans import MAX_ITERS
 from jaxcompress.quantization.qparams import BITS_VALID, MAX_BITS, MIN_BITS
 from jaxcompress.steps import make_eval_step
 from jaxcompress.tables import markdown_table
@@ -290,8 +291,8 @@ def post_training_quantization(config) -> dict:
   for field in ("calibration_examples", "calibration_batch_size", "kmeans_iters"):
     if p[field] <= 0:
       raise invalid(f"ptq.{field}", p[field], "> 0")
-  if p.kmeans_iters >= 2**31:
-    raise invalid("ptq.kmeans_iters", p.kmeans_iters, f"at most {2**31 - 1} (the Lloyd loop "
+  if p.kmeans_iters > MAX_ITERS:
+    raise invalid("ptq.kmeans_iters", p.kmeans_iters, f"at most {MAX_ITERS} (the Lloyd loop "
                   "counts in int32)", "a few dozen iterations converge")
   data = DataSpec.from_mapping(config.data)  # checked before anything is read
   mesh = parallel.make_mesh()

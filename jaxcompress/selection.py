@@ -287,7 +287,8 @@ def table(layers: ModelLayers, decisions: dict[str, str] | None = None) -> str:
   decisions = decisions or {}
   rows = [(i, f"`{l.path}`", l.type_name, list(l.shape), list(l.input_shape),
            decisions.get(l.path, "")) for i, l in enumerate(layers.layers)]
-  rows += [("", f"`{p}`", "(type not compressed)", "", "", "not compressed") for p in layers.uncovered]
+  rows += [("", f"`{p}`", "(type not compressed)", "", "", "not compressed")
+           for p in layers.uncovered]
   return markdown_table(("#", "layer", "type", "weight shape", "input shape", "decision"), rows)
 
 

@@ -29,6 +29,9 @@ from jaxcompress.quantization.qparams import check_bits, concrete
 from jaxcompress.rules import Rule, Rules, path_str
 
 
+MAX_ITERS = 2**31 - 1  # Lloyd iterations the loop's int32 counter reaches
+
+
 class Codebook(NamedTuple):
   """A weight-shared tensor: ``weights == decode(codebook, indices)``.
 
@@ -81,7 +84,7 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
       mask of another shape.
   """
   check_bits(bits)
-  if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters < 2**31:
+  if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
     raise ConfigError(f"iters must be a non-negative integer below 2**31 (the loop counts in "
                       f"int32), got {iters!r}")
   if not jnp.size(w):
