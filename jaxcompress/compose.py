@@ -39,8 +39,8 @@ from flax import nnx
 
 from jaxcompress import distillation as kd
 from jaxcompress import precision, pruning, quantization
-from jaxcompress.errors import (ConfigError, check_counts, check_finite, check_variables, invalid,
-                                message_line, shortened)
+from jaxcompress.errors import (ConfigError, check_counts, check_finite, check_variables,
+                                first_line, invalid, message_line, shortened)
 from jaxcompress.models.batchnorm import fold_arrays
 from jaxcompress.models.functional import (Functional, capture_hook, chain_hooks, fold_hook,
                                            functional)
@@ -373,6 +373,9 @@ class Compression:
                       f"batch axis (build's sample: {one[0]})")
       signature = dict(input_shape=shape, input_dtype=input_dtype or one[1])
     variables = self.variables(state)
+    if one is not None and input_shape is not None:
+      self._check_input_shape(io.of_shape(shape, signature["input_dtype"], "export input_shape"),
+                              one[0], variables)
     self._warn_undeclared_dtypes(variables["params"])
     self._warn_unexported_state()
     model_state = jax.device_get(state.model_state)
@@ -391,6 +394,26 @@ class Compression:
                                reduce_axes=self.layers.reduce_axes(),
                                window_axes=self.layers.window_axes(),
                                scale_dtype="float16" if self.half_scales else "float32")
+
+  def _check_input_shape(self, given: dict, built: tuple[int, ...], variables: Mapping) -> None:
+    """The student traced on ``given`` (an input signature) has the shapes of ``variables``: an
+    input shape other than ``build``'s sample's is refused unless the model takes it with the
+    same weights (a fully convolutional model exported for another resolution)."""
+    shape = tuple(given["shape"])
+    if shape == built:
+      return
+    x = jax.ShapeDtypeStruct((1, *shape), np.dtype(given["dtype"]))
+    try:
+      want = flat_paths(jax.eval_shape(lambda x: self.student.init(jax.random.key(0), x), x))
+    except Exception as e:  # the forward does not take that shape at all
+      raise ConfigError(f"export input_shape: {self.student.name}'s forward fails on {shape} "
+                        f"({first_line(e)}); build's sample has {built}") from None
+    have = flat_paths(variables)
+    for path, v in want.items():
+      if path in have and tuple(v.shape) != np.shape(have[path]):
+        raise ConfigError(f"export input_shape {shape} differs from build's sample's {built}, "
+                          f"and on it {path} would have shape {tuple(v.shape)}, not the trained "
+                          f"{np.shape(have[path])}; give input_shape={built} (or None)")
 
   def _warn_undeclared_dtypes(self, params) -> None:
     """Warns when ``params`` are not of the dtypes the student declares: ``export.load`` rebuilds

@@ -330,6 +330,11 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"export input_shape must be one example's shape, without "
                      r"the batch axis \(build's sample: \(6, 6, 3\)\), got \(8, 6, 6, 3\)"):
     comp.export(str(tmp_path / "export"), state, input_shape=batch.image.shape)
+  # Of the right rank but another size: the MLP's first kernel would take 5 * 6 * 3 inputs.
+  with pytest.raises(ConfigError, match=r"^export input_shape \(5, 6, 3\) differs from build's "
+                     r"sample's \(6, 6, 3\), and on it params/fc1/kernel would have shape "
+                     r"\(90, (\d+)\), not the trained \(108, \1\); give input_shape=\(6, 6, 3\)"):
+    comp.export(str(tmp_path / "export"), state, input_shape=(5, 6, 3))
   assert not os.path.exists(tmp_path / "export")
 
 

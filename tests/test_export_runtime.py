@@ -72,7 +72,8 @@ def test_a_module_that_does_not_fit_the_artifact_is_named_with_both_shapes(tmp_p
   with pytest.raises(ConfigError) as info:
     load(str(tmp_path), TwoDense(out=2))
   assert str(info.value) == ("model.exported: params/fc2/bias has shape [3] in the artifact, "
-                             "TwoDense needs [2]; it was exported from another model")
+                             "TwoDense needs [2] on the artifact's input (5,) float32; it was "
+                             "exported from another model, or with another input shape")
   with pytest.raises(ConfigError, match="model.exported: the artifact holds 'params/fc2/bias', "
                                         "which Renamed does not have") as info:
     load(str(tmp_path), Renamed())

@@ -189,7 +189,7 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
     _check_header(spec, fin, field)
     fm = functional(model)
     expected = _expected(fm, spec, field)
-    _check_fits(fm, expected, fin, field)
+    _check_fits(fm, expected, fin, io.describe(spec["input"]), field)
     arrays = rebuild(fin, expected)
     apply_fn = make_apply_fn(fm, fin.acts)
   return LoadedModel(model, arrays, apply_fn, spec, fin)
@@ -309,8 +309,9 @@ def _expected(fm, spec: dict, field: str) -> dict[str, tuple[tuple[int, ...], An
           for p, v in flat_paths(tree).items()}
 
 
-def _check_fits(fm, expected: dict, fin: Finalized, field: str) -> None:
-  """The artifact's variables have exactly the paths and shapes ``fm``'s module needs."""
+def _check_fits(fm, expected: dict, fin: Finalized, given: str, field: str) -> None:
+  """The artifact's variables have exactly the paths and shapes ``fm``'s module needs on the
+  artifact's input (``given``, described)."""
   want = {k: list(v[0]) for k, v in expected.items()}
   have = {}
   for key, t in fin.tensors.items():
@@ -332,4 +333,5 @@ def _check_fits(fm, expected: dict, fin: Finalized, field: str) -> None:
                         "was exported from another model")
     if want[key] != have[key] and not (want[key] == [] and have[key] == [1]):  # scalar: [1]
       raise ConfigError(f"{field}: {key} has shape {have[key]} in the artifact, {fm.name} needs "
-                        f"{want[key]}; it was exported from another model")
+                        f"{want[key]} on the artifact's input {given}; it was exported from "
+                        "another model, or with another input shape")
