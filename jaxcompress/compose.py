@@ -569,6 +569,22 @@ def _feature(feats: dict, path: str, which: int, layers: ModelLayers | None = No
   return feats[path]
 
 
+def _check_teacher_classes(student: Functional, variables: dict, teacher: Functional,
+                           sample_input: Any) -> None:
+  """Refuses a teacher whose outputs on ``sample_input`` are not shaped as the student's (another
+  number of classes), both traced abstractly (``jax.eval_shape``: nothing compiles)."""
+  try:
+    t_out = jax.eval_shape(lambda x: teacher.apply(teacher.init(jax.random.key(0), x), x)[0],
+                           sample_input)
+  except Exception:  # a forward that needs its variables or a key: the train step names that
+    return
+  s_out = jax.eval_shape(lambda x: student.apply(variables, x)[0], sample_input)
+  if t_out.shape != s_out.shape:
+    raise ConfigError(f"teacher: its outputs have {t_out.shape[-1]} classes (shape "
+                      f"{tuple(t_out.shape)}), the student's {s_out.shape[-1]} (shape "
+                      f"{tuple(s_out.shape)}); distillation needs a teacher of the same classes")
+
+
 def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
           optimizer: optax.GradientTransformation, total_steps: int,
           prune: PruneSpec = PruneSpec(method="none"), quant: QuantSpec = QuantSpec(),
@@ -592,8 +608,8 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
 
   Raises:
     ConfigError: for a model with no layer to compress when compressing, a forward that fails on
-      ``sample_input``, a teacher missing while the distill spec needs one, bad rules, or an
-      unknown compute dtype.
+      ``sample_input``, a teacher missing while the distill spec needs one, a teacher of other
+      classes than the student's, bad rules, or an unknown compute dtype.
   """
   precision.compute_dtype(compute_dtype)
   check_variables(variables, "variables")
@@ -685,6 +701,8 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     raise ConfigError("teacher: distillation (distill.alpha > 0 or distill.feature_weight > 0) "
                       "needs a teacher model; give one or set distill.alpha=0 and "
                       "distill.feature_weight=0")
+  if distill.uses_teacher:
+    _check_teacher_classes(s, dict(variables), functional(teacher), sample_input)
   stats = variables.get("batch_stats", {})
   fold_norms = {path: eps for path, eps in layers.batchnorms.items()
                 if isinstance(tree_get(stats, path), dict)}

@@ -369,15 +369,21 @@ def test_a_string_where_a_number_belongs_is_a_one_line_error():
 
 def test_a_teacher_of_other_classes_or_no_teacher_variables_is_a_one_line_error():
   student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=1)
-  teacher, tvars = create_model("mlp", num_classes=5, image_shape=SHAPE, seed=2)
   batch = _batches(1)[0]
+  # Refused when built, before any variables or compilation: both traced by jax.eval_shape.
+  for distill in (dict(alpha=0.5), dict(alpha=0.0, feature_weight=1.0,
+                                        feature_pairs=(("fc1", "fc1"),))):
+    with pytest.raises(ConfigError, match=r"^teacher: its outputs have 5 classes \(shape "
+                       r"\(8, 5\)\), the student's 4 \(shape \(8, 4\)\); distillation needs a "
+                       r"teacher of the same classes$"):
+      compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
+                    teacher=create_model("mlp", num_classes=5, image_shape=SHAPE)[0],
+                    distill=compose.DistillSpec(**distill))
+  teacher, tvars = create_model("mlp", num_classes=4, image_shape=SHAPE, seed=2)
   comp = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4,
                        teacher=teacher, **_specs(distill=True))
   state = comp.init_state(svars, batch.image, teacher_vars=tvars)
   step = comp.make_train_step()
-  with pytest.raises(ConfigError, match=r"teacher: its outputs have shape \(8, 5\), the "
-                     r"student's \(8, 4\); distillation needs a teacher of the same classes"):
-    step(state, batch, tvars)
   with pytest.raises(ConfigError, match=r"train step: distillation needs the teacher's variables, "
                      r"the step's third argument"):
     step(state, batch, None)
