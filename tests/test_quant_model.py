@@ -3,6 +3,8 @@ range updates, gradients, no recompiles, export spec, bad input."""
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -157,6 +159,22 @@ def test_activation_quantization_matches_numpy_forward():
   spec = qz.specs(variables, qstate)["fc2"]
   assert (spec.act_qmin, spec.act_qmax, spec.act_bits) == (0, 31, 5)
   np.testing.assert_allclose(spec.act_range, r, rtol=1e-6)
+
+
+def test_specs_compile_one_function_for_the_whole_model(caplog):
+  # Shapes no other test uses (a 6-input MLP), so that nothing compiled before is reused.
+  mlp = MLP()
+  x = jnp.asarray(RNG.standard_normal((4, 6)), jnp.float32)
+  variables = jax.device_get({"params": untied(mlp.init(jax.random.key(2), x)["params"])})
+  qz = quantize(mlp, [(".*", dict(weight_bits=3, act_bits=6))], train_kwarg=None)
+  qstate = qz.init(variables, x)
+  compiled = lambda: [r for r in caplog.records if r.getMessage().startswith("Compiling ")]
+  with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    qz.specs(variables, qstate)
+    assert len(compiled()) == 1  # not one function for each weight and input of each layer
+    caplog.clear()
+    qz.specs(variables, qstate)
+    assert not compiled()
 
 
 def test_train_mode_updates_ranges_and_batch_stats_eval_freezes_them():

@@ -9,6 +9,7 @@ uses them reproduces the fake-quant model bit for bit.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -21,12 +22,21 @@ from jaxcompress.quantization.layer import act_qparams, bits_at, weight_qparams
 from jaxcompress.quantization.schedule import BitSchedule
 
 
-# The quantization parameters compiled, as the model computes them inside its jitted step: XLA
-# rewrites some float arithmetic (a division by a constant becomes a multiplication by its
-# reciprocal), so op-by-op evaluation can give a scale one ulp away from the model's, and that ulp
-# moves inputs that sit on a rounding boundary to the neighbouring integer code.
-_weight_qparams = jax.jit(weight_qparams, static_argnums=(0, 3))
-_act_qparams = jax.jit(act_qparams, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _qparams(layers: tuple, weight_bits: tuple, act_bits: tuple, kernels: list, ranges: list,
+             steps: list) -> list:
+  """``(weight qparams or None, input qparams or None)`` of each layer, all in one compiled
+  function (one compilation for a model, not two a layer).
+
+  Compiled, as the model computes them inside its jitted step: XLA rewrites some float arithmetic
+  (a division by a constant becomes a multiplication by its reciprocal), so op-by-op evaluation
+  can give a scale one ulp away from the model's, and that ulp moves inputs that sit on a rounding
+  boundary to the neighbouring integer code.
+  """
+  return [(None if wb is None else weight_qparams(layer, kernel, step, wb),
+           None if ab is None else act_qparams(layer, act_range, step, ab))
+          for layer, wb, ab, kernel, act_range, step in zip(layers, weight_bits, act_bits, kernels,
+                                                            ranges, steps)]
 
 
 class LayerSpec(NamedTuple):
@@ -101,28 +111,36 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
   """
   check_variables(variables)
   params = variables["params"]
+  layers = tuple(qstate.layers)
+  bits_of = lambda target: None if target is None else int(bits_at(target, bit_schedule, step))
+  weight_bits = tuple(bits_of(layer.config.weight_bits) for layer in layers)
+  act_bits = tuple(bits_of(layer.config.act_bits) for layer in layers)
+  kernels = [None if wb is None else _kernel(params, layer.path, layer.weight)
+             for layer, wb in zip(layers, weight_bits)]
+  ranges = [None if ab is None else qstate.ranges.get(layer.path)
+            for layer, ab in zip(layers, act_bits)]
+  for layer, act_range in zip(layers, ranges):
+    if act_range is not None:
+      check_finite_range(f"activation range of {layer.path}", act_range[0], act_range[1])
+  qparams = jax.device_get(_qparams(layers, weight_bits, act_bits, kernels, ranges,
+                                    [qstate.steps.get(layer.path) for layer in layers]))
   specs = {}
-  for layer in qstate.layers:
-    cfg, steps = layer.config, qstate.steps.get(layer.path)
-    fields = dict(path=layer.path, kind=layer.kind, method=cfg.method, weight=layer.weight)
-    if cfg.weight_bits is not None:
-      bits = int(bits_at(cfg.weight_bits, bit_schedule, step))
-      kernel = _kernel(params, layer.path, layer.weight)
-      scale, zero_point, qmin, qmax = _weight_qparams(layer, kernel, steps, bits)
+  for layer, wb, ab, act_range, (weight, act) in zip(layers, weight_bits, act_bits, ranges,
+                                                      qparams):
+    fields = dict(path=layer.path, kind=layer.kind, method=layer.config.method,
+                  weight=layer.weight)
+    if weight is not None:
+      scale, zero_point, qmin, qmax = weight
       check_qparams(scale, qmin, qmax, field=f"weight scale of {layer.path}")
-      fields.update(weight_bits=bits, weight_axis=layer.weight_axis, weight_scale=np.asarray(scale),
+      fields.update(weight_bits=wb, weight_axis=layer.weight_axis, weight_scale=np.asarray(scale),
                     weight_zero_point=np.asarray(zero_point), weight_qmin=int(qmin),
                     weight_qmax=int(qmax))
-    if cfg.act_bits is not None:
-      bits = int(bits_at(cfg.act_bits, bit_schedule, step))
-      act_range = qstate.ranges.get(layer.path)
-      if act_range is not None:
-        check_finite_range(f"activation range of {layer.path}", act_range[0], act_range[1])
-      scale, zero_point, qmin, qmax = _act_qparams(layer, act_range, steps, bits)
+    if act is not None:
+      scale, zero_point, qmin, qmax = act
       check_qparams(scale, qmin, qmax, field=f"activation scale of {layer.path}")
-      if act_range is None:
-        act_range = (qmin * scale, qmax * scale)
-      fields.update(act_bits=bits, act_scale=np.asarray(scale),
+      if act_range is None:  # in float32, as the model's step has it
+        act_range = (np.float32(qmin) * scale, np.float32(qmax) * scale)
+      fields.update(act_bits=ab, act_scale=np.asarray(scale),
                     act_zero_point=np.asarray(zero_point), act_qmin=int(qmin), act_qmax=int(qmax),
                     act_range=(float(act_range[0]), float(act_range[1])))
     specs[layer.path] = LayerSpec(**fields)
