@@ -50,7 +50,7 @@ from experiments.autocompress_uniform import device_uniform_recipe, uniform_reci
 from jaxcompress import budget as budget_lib
 from jaxcompress import compose, datasets
 from jaxcompress import data as data_lib
-from jaxcompress.checkpoint import check_workdir, read_json, write_json
+from jaxcompress.checkpoint import check_workdir, read_json, release_workdir, write_json
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_positive, invalid
 from jaxcompress.models import create_model
@@ -408,6 +408,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     sub = sub_config(config, prune, quant, teacher=i == 0,
                      max_bytes=int(limit) if kind == "size" else 0)
     out[name] = pipeline.train_and_evaluate(sub, os.path.join(workdir, name))
+    # done with it: a kill later in this process (a sweep's next point) leaves no lock there,
+    # where a rerun, returning the finished point, would never take it over
+    release_workdir(os.path.join(workdir, name))
 
   def row(res, bops):
     c = res["compressed"]  # the accuracy of what meets the budget: the artifact

@@ -301,6 +301,9 @@ def test_sweep_plans_every_budget_from_one_scan(mlp_weights, tmp_path):
     assert p["compressed"]["size_bytes"] <= p["limit"]
     assert os.path.exists(tmp_path / f"ratio{p['ratio']:g}" / "results.json")
     assert not os.path.exists(tmp_path / f"ratio{p['ratio']:g}" / "scan.json")
+    # A finished fine-tuning's lock is given back: a kill at a later point would leave it behind
+    # for good, as a rerun returns a finished point without opening its runs.
+    assert not os.path.exists(tmp_path / f"ratio{p['ratio']:g}" / "auto" / "lock")
   scan = json.load(open(tmp_path / "scan.json"))
   assert scan["compiles"] == 1  # the second budget evaluated nothing new
   for name in ("sweep.md", "pareto.png"):
