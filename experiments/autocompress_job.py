@@ -32,6 +32,7 @@ that holds it returns it. Nothing is written before every check has passed.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import tempfile
@@ -50,7 +51,8 @@ from experiments.autocompress_uniform import device_uniform_recipe, uniform_reci
 from jaxcompress import budget as budget_lib
 from jaxcompress import compose, datasets
 from jaxcompress import data as data_lib
-from jaxcompress.checkpoint import check_workdir, read_json, release_workdir, write_json
+from jaxcompress.checkpoint import (check_workdir, config_diff, read_json, release_workdir,
+                                    write_json)
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_positive, invalid
 from jaxcompress.models import create_model
@@ -60,6 +62,13 @@ from jaxcompress.train import load_data
 
 JOB_SECTIONS = ("budget", "scan", "uniform")
 CODED_ROUNDS = 2  # budget.sizing=coded: plans sized, their Huffman coding estimated, this often
+# What a scan's measurements depend on besides its grid (each measurement is keyed by its layer
+# and option): the model, the held-out slice and its batches, the calibration, the damage. A
+# scan.json measured with other values is refused; another grid or budget reuses it.
+SCAN_SETTINGS = ("student.name", "student.weights", "data.name", "data.train_split",
+                 "data.val_examples", "data.train_examples", "data.mean", "data.std",
+                 "quant.per_channel", "quant.calibration_examples", "scan.batch_size",
+                 "scan.damage", "scan.adapt_norms", "budget.device")
 
 
 def sub_config(config, prune: dict, quant: dict, *, teacher: bool,
@@ -248,6 +257,19 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                   f"smallest plan takes {smallest:,} {unit}{extra} (this budget allows "
                   f"{int(limit):,})")
 
+  scan_path = scan_path or os.path.join(workdir, "scan.json")
+  saved = read_json(scan_path)
+  fields = config.to_dict()
+  settings = json.loads(json.dumps({f: tree_get(fields, f.replace(".", "/"))
+                                    for f in SCAN_SETTINGS}))
+  diff = config_diff(saved.get("settings", settings), settings)  # older scans recorded none
+  if diff:
+    field, there, here = diff[0]
+    raise ConfigError(f"{scan_path} holds a scan measured with {field}={there}, this run has "
+                      f"{here}; its measurements hold only for the same model, held-out slice and "
+                      "damage (the grid and the budget may differ): use a new --workdir or "
+                      "delete that scan.json")
+
   # Every check has passed: only now touch the workdir.
   if check_only:
     return None
@@ -255,8 +277,6 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   done = read_json(os.path.join(workdir, "results.json"))
   if done:  # a finished point: nothing to redo
     return done
-  scan_path = scan_path or os.path.join(workdir, "scan.json")
-  saved = read_json(scan_path)
   measured = {tuple(k): tuple(v) for k, v in saved.get("measured", [])}
   t0 = time.time()
 
@@ -265,7 +285,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   def save(points, compiles=None, complete=False):  # after every evaluation: a rerun resumes
     if compiles is None:  # an evaluation has run: this run's scan has compiled, once
       compiles = saved.get("compiles", 0) + 1
-    write_json(scan_path, {"measured": [[list(k), list(v)] for k, v in points.items()],
+    write_json(scan_path, {"settings": settings,
+                           "measured": [[list(k), list(v)] for k, v in points.items()],
                            "seconds": saved.get("seconds", 0.0) + time.time() - t0,
                            "compiles": compiles, **({"hessian": hessian} if hessian else {}),
                            **({"complete": True} if complete else {})})

@@ -135,6 +135,33 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path, mon
   assert {n: (tmp_path / n).read_bytes() for n in before} == before
 
 
+def test_a_scan_measured_with_other_settings_is_refused(mlp_weights, tmp_path, monkeypatch):
+  """A scan.json copied into another run's workdir (its budget and grid may differ) must have
+  been measured on the same model, held-out slice and damage: mixed in, its float model's loss
+  would be taken for this run's."""
+  def stop_after_the_first_scan_write(path, obj):
+    write_json(path, obj)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(autocompress_job, "write_json", stop_after_the_first_scan_write)
+  with pytest.raises(KeyboardInterrupt):
+    _run(_config(mlp_weights, ratio=4.0), tmp_path / "kl")
+  (tmp_path / "ce").mkdir()
+  (tmp_path / "ce" / "scan.json").write_bytes((tmp_path / "kl" / "scan.json").read_bytes())
+
+  def mixed(path, obj):
+    raise AssertionError(f"measured into another scan's {path}")
+
+  monkeypatch.setattr(autocompress_job, "write_json", mixed)
+  config = _config(mlp_weights, ratio=8.0)
+  config.scan.damage = "ce"
+  with pytest.raises(ConfigError, match=r"^.*ce/scan.json holds a scan measured with "
+                     r'scan.damage="kl", this run has "ce"; .* use a new --workdir') as e:
+    _run(config, tmp_path / "ce")
+  assert "\n" not in str(e.value)
+  assert os.listdir(tmp_path / "ce") == ["scan.json"]
+
+
 @pytest.mark.parametrize("budget,match", [
     (dict(ratio=10.0, size_bytes=1000), "contradict"),
     (dict(ratio=0.5), r"budget.ratio must be > 1 \(the float32 size over the budget\)"),
