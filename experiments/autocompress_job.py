@@ -297,8 +297,12 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                          adapt_norms=config.scan.adapt_norms, measured=measured, progress=save)
   scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
   compiles = saved.get("compiles", 0) + sens.compiles  # over every run of the scan
-  if config.scan.hessian_samples and (hessian or {}).get("samples") != config.scan.hessian_samples:
-    hessian = _hessian_ranking(model, variables, held_out, calib[0], sens, preset, config)
+  # the ranking is over this grid's options: another grid's (a copied scan.json) is made again
+  ranked = json.loads(json.dumps({**grid, "joint": bool(config.scan.joint)}))
+  if config.scan.hessian_samples and ((hessian or {}).get("samples"), (hessian or {}).get(
+      "grid")) != (config.scan.hessian_samples, ranked):
+    hessian = {**_hessian_ranking(model, variables, held_out, calib[0], sens, preset, config),
+               "grid": ranked}
   save(sens.measured, compiles=compiles, complete=True)  # scan.hessian_samples' ranking too
   if not config.scan.hessian_samples:
     hessian = None

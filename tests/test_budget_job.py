@@ -162,6 +162,29 @@ def test_a_scan_measured_with_other_settings_is_refused(mlp_weights, tmp_path, m
   assert os.listdir(tmp_path / "ce") == ["scan.json"]
 
 
+def test_a_copied_scan_of_another_grid_ranks_the_hessian_proxy_on_this_grid(
+    mlp_weights, tmp_path, monkeypatch):
+  """The Hessian-trace proxy's ranking kept with a scan.json is over that scan's options."""
+  def stop_once_complete(path, obj):
+    write_json(path, obj)
+    if obj.get("complete"):
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(autocompress_job, "write_json", stop_once_complete)
+  with pytest.raises(KeyboardInterrupt):
+    _run(_config(mlp_weights, ratio=4.0), tmp_path / "a")
+  # a column per (sparsity or none, weight bits) every layer offers: (1 + 2) x 3
+  assert json.load(open(tmp_path / "a" / "scan.json"))["hessian"]["columns"] == 9
+  (tmp_path / "b").mkdir()
+  (tmp_path / "b" / "scan.json").write_bytes((tmp_path / "a" / "scan.json").read_bytes())
+  config = _config(mlp_weights, ratio=4.0)
+  config.scan.sparsities = (0.5, 0.8, 0.9)
+  with pytest.raises(KeyboardInterrupt):
+    _run(config, tmp_path / "b")
+  hessian = json.load(open(tmp_path / "b" / "scan.json"))["hessian"]
+  assert hessian["columns"] == (1 + 3) * 3 and hessian["grid"]["sparsities"] == [0.5, 0.8, 0.9]
+
+
 @pytest.mark.parametrize("budget,match", [
     (dict(ratio=10.0, size_bytes=1000), "contradict"),
     (dict(ratio=0.5), r"budget.ratio must be > 1 \(the float32 size over the budget\)"),
