@@ -11,8 +11,9 @@ from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel, precision
 from jaxcompress.checkpoint import RESUMABLE, MetricsLog, check_workdir
 from jaxcompress.data import DataSpec
-from jaxcompress.models import create_model
+from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
+from jaxcompress.models.weights import weights_format
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
 from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
@@ -65,11 +66,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(getattr(data, field), mesh, f"data.{field}")
+  get_model(config.model.name)
+  if config.model.weights:
+    weights_format(config.model.weights, field="model.weights")
+  splits = load_data(data)  # a bad split or data folder is refused before the model's compile
   spec = datasets.dataset_spec(data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights,
                                   seed=config.seed)
-  splits = load_data(data)
   # Every check passed: only now write. A rerun may extend train.epochs (or change parallel).
   check_workdir(config, workdir, ignore=(*RESUMABLE, "train.epochs"))
   _, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,

@@ -7,6 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import train as train_config
+from experiments import train_job
 from experiments.train_job import train_and_evaluate
 from jaxcompress.errors import ConfigError
 
@@ -80,6 +81,23 @@ def test_an_unknown_compute_dtype_writes_nothing(tmp_path):
   c.train.compute_dtype = "float8"
   with pytest.raises(ConfigError, match="train.compute_dtype must be one of bfloat16, float32"):
     _run(c, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_bad_split_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+  # building a randomly initialised model compiles its init: seconds a refusal must not wait for
+  def build(*args, **kwargs):
+    raise AssertionError("the model was built before the data was opened")
+
+  def load_data(data):
+    raise ConfigError(f"data.eval_split: cannot read split {data.eval_split!r}")
+
+  monkeypatch.setattr(train_job, "create_model", build)
+  monkeypatch.setattr(train_job, "load_data", load_data)
+  c = _config(1)
+  c.data.eval_split = "tset"
+  with pytest.raises(ConfigError, match=r"^data.eval_split: cannot read split 'tset'$"):
+    train_and_evaluate(c, str(tmp_path / "w"))
   assert not (tmp_path / "w").exists()
 
 
