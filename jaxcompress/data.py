@@ -352,8 +352,8 @@ def _read(source, keys: list[int]) -> list[dict]:
 
 def check_normalization(mean: Sequence[float], std: Sequence[float], channels: int | None = None,
                         field: str = "data") -> None:
-  """Raises :class:`ConfigError` unless ``std`` holds finite values > 0 and ``mean`` finite
-  values, one per channel (or one for all); the error names ``{field}.mean`` (or ``.std``), or
+  """Raises :class:`ConfigError` unless ``std`` holds finite values > 0 and ``mean`` values in
+  [0, 1], one per channel (or one for all); the error names ``{field}.mean`` (or ``.std``), or
   ``field`` formatted with ``mean`` (``std``) where it holds ``{}``."""
   def name_of(name: str) -> str:
     return field.format(name) if "{}" in field else f"{field}.{name}"
@@ -366,8 +366,9 @@ def check_normalization(mean: Sequence[float], std: Sequence[float], channels: i
   mean, std = np.asarray(mean, np.float64).reshape(-1), np.asarray(std, np.float64).reshape(-1)
   if not (np.all(np.isfinite(std)) and np.all(std > 0)):
     raise invalid(name_of("std"), tuple(std.tolist()), "finite values > 0 (pixel / 255 units)")
-  if not np.all(np.isfinite(mean)):
-    raise invalid(name_of("mean"), tuple(mean.tolist()), "finite values")
+  if not np.all((mean >= 0) & (mean <= 1)):  # NaN too: the mean of pixels in [0, 1]
+    raise invalid(name_of("mean"), tuple(mean.tolist()), "values in [0, 1] (pixel / 255 units)",
+                  "a mean of 0-255 pixels is that / 255")
   for name, v in (("mean", mean), ("std", std)):
     if channels is not None and v.size not in (1, channels):
       raise invalid(name_of(name), tuple(v.tolist()), "one value per channel of the "

@@ -203,6 +203,11 @@ def test_data_spec_is_validated_when_built_and_read_from_a_section():
     data.DataSpec(val_examples=0.1)
   with pytest.raises(ConfigError, match=r"^data.mean must be numbers, one per channel"):
     data.DataSpec(mean=("a", "b", "c"))
+  # a mean in 0-255 pixel units would shift every input far off what the model was trained on
+  for mean in ((125.3, 123.0, 113.9), (-0.5,), (float("nan"),)):
+    with pytest.raises(ConfigError, match=r"^data.mean must be values in \[0, 1\] \(pixel / 255 "
+                       rf"units\), got \({re.escape(str(mean[0]))},.*; a mean of 0-255 pixels"):
+      data.DataSpec(mean=mean)
   with pytest.raises(ConfigError, match=r"data.name must be one of .*got 'svhn'"):
     data.DataSpec(name="svhn")
 
