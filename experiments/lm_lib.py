@@ -34,15 +34,18 @@ WEIGHTS, VOCAB, CONFIG = "weights.msgpack", "vocab.json", "config.json"
 
 
 def check_model(model, field: str = "model") -> None:
-  """Raises one line for an unknown model name or a bad value of a field the model reads.
+  """Raises one line for an unknown model name or a bad value of a model field.
 
-  ``width``, ``depth``, ``heads``, ``mlp_ratio`` and ``layers`` (those the model takes) must be
-  integers >= 1, ``dropout`` in [0, 1), a transformer's ``width`` a multiple of ``heads``, and
-  the parameters (:func:`min_params`) must fit this machine's memory in float32.
+  ``width``, ``depth``, ``heads``, ``mlp_ratio`` and ``layers`` must be integers >= 1 and
+  ``dropout`` in [0, 1), also those of the other model that the section holds (a config holds
+  them all: ``layers=0`` beside a transformer is a mistake, not ignored), a transformer's
+  ``width`` a multiple of ``heads``, and the parameters (:func:`min_params`) must fit this
+  machine's memory in float32.
   """
   if model.name not in MODEL_FIELDS:
     raise unknown(f"{field}.name", model.name, MODEL_FIELDS)
-  for name in MODEL_FIELDS[model.name]:
+  others = tuple(name for names in MODEL_FIELDS.values() for name in names if name in model)
+  for name in dict.fromkeys(MODEL_FIELDS[model.name] + others):
     value = model[name]
     if name == "dropout":
       if isinstance(value, bool) or not isinstance(value, numbers.Real):

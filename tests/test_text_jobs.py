@@ -301,6 +301,9 @@ def _override(config, overrides: dict):
     ("quick", {"model.mlp_ratio": 0}, "^model.mlp_ratio must be an integer >= 1, got 0$"),
     ("quick", {"model.heads": 3}, "^model.width must be a multiple of model.heads=3, got 128$"),
     ("lstm,quick", {"model.layers": 0}, "^model.layers must be an integer >= 1, got 0$"),
+    # a field the transformer does not take is refused too, not ignored
+    ("quick", {"model.layers": -3}, "^model.layers must be an integer >= 1, got -3$"),
+    ("lstm,quick", {"model.depth": 0}, "^model.depth must be an integer >= 1, got 0$"),
     ("lstm,quick", {"model.width": -4}, "^model.width must be an integer >= 1, got -4$"),
     ("quick", {"data.batch_size": 0}, "^data.batch_size must be >= 1, got 0$"),
     # Counted by hand: a block holds (4 + 2 mlp_ratio) width^2 + (9 + mlp_ratio) width parameters,
