@@ -129,11 +129,15 @@ class PruneSpec:
     # Only a gradual schedule ends: a one-shot or constant one does not read prune.end.
     check_range("prune.end", self.end, self.begin if self.schedule == "gradual" else 0.0, 1.0,
                 hi_closed=True)
-    for name in ("n", "m") if self.structure == "nm" else ():
+    # n, m and norm are checked whatever the structure: a config section holds them all, and a
+    # bad value beside another structure is a mistake, not a setting to ignore
+    for name in ("n", "m"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise invalid(f"prune.{name}", value, "an integer", "N:M keeps n of every m weights")
-    if self.structure == "nm" and not 0 < self.n < self.m:
+    if self.m < 2:
+      raise invalid("prune.m", self.m, "an integer >= 2", "N:M keeps n of every m weights")
+    if not 0 < self.n < self.m:
       raise invalid("prune.n", self.n, f"in [1, prune.m={self.m})")
     if self.structure == "nm" and self.method != "none" and not self.sparsity > 0:
       raise invalid("prune.sparsity", self.sparsity, "> 0 with prune.structure=nm (0 prunes "
@@ -142,7 +146,7 @@ class PruneSpec:
     if (isinstance(self.update_every, bool) or not isinstance(self.update_every, (int, np.integer))
         or self.update_every < 1):
       raise invalid("prune.update_every", self.update_every, "an integer >= 1")
-    if self.structure in ("channel", "kernel") and self.norm not in NORMS:
+    if self.norm not in NORMS:
       raise unknown("prune.norm", self.norm, NORMS)
     if self.structure == "channel" and self.scope != "layer":
       raise invalid("prune.scope", self.scope, "layer with prune.structure=channel (each weight "

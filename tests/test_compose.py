@@ -212,6 +212,19 @@ def test_bad_specs_fail_when_built(key, value, match):
     _specs(prune=True, quant=True, distill=True, **key_values)
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("n", 0, r"^prune.n must be in \[1, prune.m=4\), got 0$"),
+    ("n", -3, r"^prune.n must be in \[1, prune.m=4\), got -3$"),
+    ("m", 0, r"^prune.m must be an integer >= 2, got 0; N:M keeps n of every m weights$"),
+    ("n", 2.5, r"^prune.n must be an integer, got 2.5"),
+    ("norm", "l3", r"^prune.norm must be one of l1, l2, got 'l3'$"),
+])
+def test_n_m_and_norm_are_checked_beside_any_structure(field, value, match):
+  # a config section holds them all: a bad value beside unstructured pruning is a mistake too
+  with pytest.raises(ConfigError, match=match):
+    compose.PruneSpec(sparsity=0.5, **{field: value})
+
+
 def test_a_one_shot_schedule_may_begin_after_the_unused_end():
   spec = compose.PruneSpec(sparsity=0.5, schedule="one_shot", begin=0.7)
   assert spec.begin == 0.7 and spec.end == 0.5
