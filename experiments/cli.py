@@ -51,8 +51,11 @@ def run(main: Callable[[list[str]], None]) -> None:
         fail(f"--config={flags.FLAGS['config'].config_filename}: get_config() returns "
              f"{type(config).__name__}, not an ml_collections.ConfigDict")
       seed = config.get("seed", 0)
-      if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        fail(f"seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got {seed!r}")
+      # NumPy's usual seed range; JAX takes 63 bits at most (2**63 failed inside the model's
+      # init, blamed on model.name) and jobs add small offsets (rounds) to the seed
+      if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        fail(f"seed must be an integer in [0, 2**32) (it seeds NumPy's and JAX's generators), "
+             f"got {seed!r}")
     workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
     if workdir is not None and not workdir.strip():
       fail("--workdir must name a folder (new, or a run's to resume), got ''")

@@ -71,8 +71,10 @@ def test_pretrained_resnet20_reproduces_published_accuracy():
     ("--config.train.zzz=5", "error: bad flag: --config.train.zzz: train has no field 'zzz'"),
     ("--config.train.epochs=-1", "error: train.epochs must be >= 0, got -1"),
     ("--config.quant.method=apot", "error: quant.method must be one of kmeans, lsq, minmax"),
-    ("--config.seed=-3", "error: seed must be an integer >= 0 (it seeds NumPy's and JAX's "
-                         "generators), got -3"),
+    ("--config.seed=-3", "error: seed must be an integer in [0, 2**32) (it seeds NumPy's and "
+                         "JAX's generators), got -3"),
+    ("--config.seed=9223372036854775808", "error: seed must be an integer in [0, 2**32) (it seeds "
+                                          "NumPy's and JAX's generators), got 9223372036854775808"),
 ])
 def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
   workdir = tmp_path / "run"
@@ -99,7 +101,8 @@ def test_an_override_given_twice_is_refused(tmp_path):
   proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
               f"--workdir={workdir}", "--config.seed=1", "--config.seed=-3")
   assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
-      "error: seed must be an integer >= 0 (it seeds NumPy's and JAX's generators), got -3")
+      "error: seed must be an integer in [0, 2**32) (it seeds NumPy's and JAX's generators), "
+      "got -3")
   assert not workdir.exists()
 
 
