@@ -257,10 +257,7 @@ def iterative_search(config, workdir: str) -> dict:
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(config.data[field], mesh, f"data.{field}")
 
-  model, variables, eval_step = _build(config, mesh)
-  rules = _policy(rules, model, variables, datasets.dataset_spec(config.data.name).image_shape)
-  dense_params = variables.pop("params")
-  splits = load_data(data)
+  splits = load_data(data)  # a bad split or data folder is refused before the model's compile
   if config.prune.val_split:
     splits["val"] = data_lib.open_split(config.data.name, config.prune.val_split,
                                         data_dir=config.data.data_dir, field="prune.val_split")
@@ -280,6 +277,9 @@ def iterative_search(config, workdir: str) -> dict:
   if steps < 1:
     raise invalid("train.epochs", loop.epochs,
                   f"at least one step per round (>= 1/{per_epoch} epoch)")
+  model, variables, eval_step = _build(config, mesh)
+  rules = _policy(rules, model, variables, datasets.dataset_spec(config.data.name).image_shape)
+  dense_params = variables.pop("params")
   # Weights, data and splits checked: only now write.
   check_workdir(config, workdir)
   done = read_json(os.path.join(workdir, "results.json"))

@@ -6,6 +6,7 @@ import tensorflow_datasets as tfds
 
 from configs import iterative_prune as iterative_config
 from conftest import pretrained, requires_cifar10
+from experiments import sensitivity
 from experiments.sensitivity import iterative_search
 from jaxcompress.errors import ConfigError
 
@@ -73,3 +74,19 @@ def test_unknown_val_split_names_the_field_and_writes_nothing(tmp_path):
     iterative_search(config, str(workdir))
   assert not workdir.exists()
 
+
+
+@requires_cifar10
+def test_a_bad_split_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+  # building a randomly initialised model compiles its init: seconds a refusal must not wait for
+  def build(*args, **kwargs):
+    raise AssertionError("the model was built before the data was opened")
+
+  monkeypatch.setattr(sensitivity, "create_model", build)
+  config = _tiny(**{"data.name": "cifar10", "data.eval_split": "tset"})
+  config.data.mean, config.data.std = (0.5,) * 3, (0.5,) * 3
+  workdir = tmp_path / "run"
+  with pytest.raises(ConfigError, match=r"^data.eval_split: cannot read split 'tset' of "
+                                        r"'cifar10' .*Unknown split 'tset'"):
+    iterative_search(config, str(workdir))
+  assert not workdir.exists()
