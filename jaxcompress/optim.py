@@ -33,7 +33,7 @@ class OptimizerSpec:
     schedule: ``cosine``, ``step`` or ``constant``.
     warmup_epochs: linear warmup from 0, in ``[0, epochs]``.
     decay_at: ``step`` schedule: fractions of training where the rate is multiplied...
-    decay_factor: ... by this factor.
+    decay_factor: ... by this factor, in ``(0, 1]``.
   """
   epochs: float = 200.0
   optimizer: str = "sgd"
@@ -71,7 +71,9 @@ class OptimizerSpec:
                     "(0, 1), e.g. (0.5, 0.75)")
     for i, f in enumerate(self.decay_at):
       check_range(f"{section}.decay_at[{i}]", f, 0.0, 1.0, lo_closed=False)
-    check_positive(f"{section}.decay_factor", self.decay_factor)
+    # a decay: a factor > 1 would raise the rate at each fraction of decay_at
+    check_range(f"{section}.decay_factor", self.decay_factor, 0.0, 1.0, lo_closed=False,
+                hi_closed=True)
     object.__setattr__(self, "decay_at", tuple(self.decay_at))
 
   @classmethod

@@ -22,7 +22,8 @@ from jaxcompress.optim import OptimizerSpec, make_optimizer
     ("decay_at", (1.5, -0.2), r"train.decay_at\[0\] must be in \(0.0, 1.0\), got 1.5"),
     ("decay_at", "0.5", r"train.decay_at must be a sequence of fractions"),
     ("decay_at", 0.5, r"train.decay_at must be a sequence of fractions"),
-    ("decay_factor", -1.0, r"train.decay_factor must be > 0, got -1.0"),
+    ("decay_factor", -1.0, r"train.decay_factor must be in \(0.0, 1.0\], got -1.0"),
+    ("decay_factor", 1.5, r"train.decay_factor must be in \(0.0, 1.0\], got 1.5"),
     ("nesterov", "False", r"train.nesterov must be True or False, got 'False'"),
 ])
 def test_a_bad_field_is_rejected_when_the_spec_is_built(field, value, message):
