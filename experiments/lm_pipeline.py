@@ -63,14 +63,19 @@ def _field(fam: Family, name: str) -> str:
   return ("lstm." if fam.name == "lstm" else "") + name
 
 
+def _context(section, config, field: str) -> int:
+  """A family's window length: ``section.context`` (0 or none: ``data.context``), checked."""
+  context = section.get("context") or config.data.context
+  if not 1 <= context <= config.data.context:
+    raise invalid(field, context, f"in [1, data.context={config.data.context}] (0: data.context)")
+  return context
+
+
 def _prepare(fam: Family, config, corpus: text.Corpus, specs: dict, mesh) -> None:
   """Loads a given teacher (checking its vocabulary and context) or builds an untrained one, and
   builds the plain and KD compressions; every user mistake surfaces here, before any write."""
   t = fam.section.teacher
-  fam.context = (fam.section.get("context") or config.data.context)
-  if not 1 <= fam.context <= config.data.context:
-    raise invalid(_field(fam, "context"), fam.context, f"in [1, data.context="
-                  f"{config.data.context}] (0: data.context)")
+  fam.context = _context(fam.section, config, _field(fam, "context"))
   if t.checkpoint:
     field = _field(fam, "teacher.checkpoint")
     module, variables, vocab, model, context = lm_lib.load_trained(t.checkpoint, field,
@@ -126,6 +131,7 @@ def validate_config(config) -> None:
   check_data(config.data)
   families = [("", config)] + ([("lstm.", config.lstm)] if config.lstm.enabled else [])
   for prefix, fam in families:
+    _context(fam, config, f"{prefix}context")
     if not fam.teacher.checkpoint:
       lm_lib.check_model(fam.teacher.model, f"{prefix}teacher.model")
       lm_lib.check_train(fam.teacher.train, f"{prefix}teacher.train")
