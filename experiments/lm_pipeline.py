@@ -136,6 +136,8 @@ def validate_config(config) -> None:
       lm_lib.check_model(fam.teacher.model, f"{prefix}teacher.model")
       lm_lib.check_train(fam.teacher.train, f"{prefix}teacher.train")
     lm_lib.check_train(fam.train, f"{prefix}train")
+    if fam.train.steps < 1:  # the compressed student is fine-tuned, for one step at least
+      raise invalid(f"{prefix}train.steps", fam.train.steps, ">= 1 (the student's fine-tuning)")
   lm_lib.check_sample(config.sample)
 
 

@@ -341,6 +341,9 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
     ({"lstm.teacher.model.dropout": 1.0},
      r"^lstm.teacher.model.dropout must be in \[0.0, 1.0\), got 1.0$"),
     ({"lstm.train.steps": -1}, "^lstm.train.steps must be >= 0, got -1$"),
+    ({"train.steps": 0}, r"^train.steps must be >= 1 \(the student's fine-tuning\), got 0$"),
+    ({"lstm.train.steps": 0}, r"^lstm.train.steps must be >= 1 \(the student's fine-tuning\), "
+     "got 0$"),
     # checked before the text is read and the transformer family is built
     ({"lstm.context": -3}, r"^lstm.context must be in \[1, data.context=64\] \(0: data.context\), "
      "got -3$"),
