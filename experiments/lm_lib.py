@@ -206,13 +206,9 @@ def save_trained(workdir: str, variables, vocab: text.Vocabulary) -> None:
   write_json(os.path.join(workdir, VOCAB), {"chars": vocab.chars})
 
 
-def load_trained(folder: str, field: str, *, can_train: bool = False):
-  """``(module, variables, vocab, model section, context)`` of a model trained by ``train_lm``;
-  ``can_train``: the caller trains one when ``field`` is left empty (said in the message).
-
-  Raises:
-    ConfigError: ``folder`` does not hold a finished ``train_lm`` run.
-  """
+def check_trained(folder: str, field: str, *, can_train: bool = False) -> list[str]:
+  """The weights, vocabulary and config paths of a finished ``train_lm`` run in ``folder``;
+  one line where one is missing (``can_train`` as for :func:`load_trained`)."""
   paths = [os.path.join(folder, name) for name in (WEIGHTS, VOCAB, CONFIG)]
   missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
   if missing:
@@ -220,6 +216,17 @@ def load_trained(folder: str, field: str, *, can_train: bool = False):
                       f"{', '.join(missing)}); give the --workdir of a finished "
                       "`python -m experiments.train_lm` run"
                       + (", or leave it empty to train one" if can_train else ""))
+  return paths
+
+
+def load_trained(folder: str, field: str, *, can_train: bool = False):
+  """``(module, variables, vocab, model section, context)`` of a model trained by ``train_lm``;
+  ``can_train``: the caller trains one when ``field`` is left empty (said in the message).
+
+  Raises:
+    ConfigError: ``folder`` does not hold a finished ``train_lm`` run.
+  """
+  paths = check_trained(folder, field, can_train=can_train)
   config = read_json(paths[2])
   try:
     model, context = config["model"], int(config["data"]["context"])

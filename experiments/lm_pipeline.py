@@ -132,7 +132,9 @@ def validate_config(config) -> None:
   families = [("", config)] + ([("lstm.", config.lstm)] if config.lstm.enabled else [])
   for prefix, fam in families:
     _context(fam, config, f"{prefix}context")
-    if not fam.teacher.checkpoint:
+    if fam.teacher.checkpoint:
+      lm_lib.check_trained(fam.teacher.checkpoint, f"{prefix}teacher.checkpoint", can_train=True)
+    else:
       lm_lib.check_model(fam.teacher.model, f"{prefix}teacher.model")
       lm_lib.check_train(fam.teacher.train, f"{prefix}teacher.train")
     lm_lib.check_train(fam.train, f"{prefix}train")

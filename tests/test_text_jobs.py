@@ -342,6 +342,8 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
      r"^lstm.teacher.model.dropout must be in \[0.0, 1.0\), got 1.0$"),
     ({"lstm.train.steps": -1}, "^lstm.train.steps must be >= 0, got -1$"),
     ({"train.steps": 0}, r"^train.steps must be >= 1 \(the student's fine-tuning\), got 0$"),
+    ({"lstm.teacher.checkpoint": "no_such_run"}, r"^lstm.teacher.checkpoint: 'no_such_run' "
+     r"holds no trained model \(missing weights.msgpack, vocab.json, config.json\)"),
     ({"lstm.train.steps": 0}, r"^lstm.train.steps must be >= 1 \(the student's fine-tuning\), "
      "got 0$"),
     # checked before the text is read and the transformer family is built
