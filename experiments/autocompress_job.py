@@ -259,9 +259,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
 
   scan_path = scan_path or os.path.join(workdir, "scan.json")
   saved = read_json(scan_path)
-  fields = config.to_dict()
-  settings = json.loads(json.dumps({f: tree_get(fields, f.replace(".", "/"))
-                                    for f in SCAN_SETTINGS}))
+  fields = json.loads(config.to_json())  # as recorded: tuples as lists
+  settings = {f: tree_get(fields, f.replace(".", "/")) for f in SCAN_SETTINGS}
   diff = config_diff(saved.get("settings", settings), settings)  # older scans recorded none
   if diff:
     field, there, here = diff[0]
