@@ -75,9 +75,9 @@ def validate_config(config) -> tuple[str, dict[str, str | None], dict[str, str]]
     The :func:`weights_plan`.
   """
   datasets.dataset_spec(config.data.name)
-  get_model(config.student.name, field="student.name")
+  get_model(config.student.name, field="student.name", inputs="images")
   if config.teacher.name:
-    get_model(config.teacher.name, field="teacher.name")
+    get_model(config.teacher.name, field="teacher.name", inputs="images")
   folder, paths, to_train = weights_plan(config)
   for section, path in paths.items():  # .npz, .msgpack or orbax folder; empty: random init
     if path:

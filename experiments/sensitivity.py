@@ -145,7 +145,7 @@ def one_shot_sensitivity(config) -> dict:
     _check_scope(f"prune.scopes[{i}]", scope)
   rules = _rules(config.prune)
   data = DataSpec.from_mapping(config.data)  # the edge: the config section becomes a typed spec
-  get_model(config.model.name)
+  get_model(config.model.name, inputs="images")
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
   mesh = parallel.make_mesh()
@@ -250,7 +250,7 @@ def iterative_search(config, workdir: str) -> dict:
   data = DataSpec.from_mapping(config.data)  # the edge: config sections become typed specs
   opt_spec, loop = OptimizerSpec.from_mapping(config.train), LoopSpec.from_mapping(config.train)
   precision.compute_dtype(config.train.compute_dtype)
-  get_model(config.model.name)
+  get_model(config.model.name, inputs="images")
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
   mesh = parallel.make_mesh()

@@ -66,7 +66,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(getattr(data, field), mesh, f"data.{field}")
-  get_model(config.model.name)
+  get_model(config.model.name, inputs="images")
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
   splits = load_data(data)  # a bad split or data folder is refused before the model's compile

@@ -16,9 +16,9 @@ def _run(*args, env=None, timeout=600):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("--config.model.name=resnet21", "error: model.name must be one of char_gpt, char_lstm, "
-                                     "cnn_cifar, cnn_mnist, mlp, resnet110, resnet20, resnet32, "
-                                     "resnet44, resnet56, got 'resnet21'"),
+    ("--config.model.name=resnet21", "error: model.name must be one of cnn_cifar, cnn_mnist, "
+                                     "mlp, resnet110, resnet20, resnet32, resnet44, resnet56, "
+                                     "got 'resnet21'"),
     ("--config.model.nme=resnet20", "error: bad flag: --config.model.nme: model has no field "
                                     "'nme'; did you mean \"name\""),
     ("--config.trian.epochs=1", "error: bad flag: --config.trian.epochs: the config has no "

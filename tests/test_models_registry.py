@@ -230,6 +230,18 @@ def test_unknown_registry_name_lists_the_names_and_the_module_form():
     get_model("resnet21", field="teacher.name")
 
 
+def test_image_jobs_list_and_take_only_image_models():
+  with pytest.raises(ConfigError) as e:
+    get_model("resnet21", field="student.name", inputs="images")
+  listed = str(e.value).split("one of ")[1].split(", got")[0].split(", ")
+  assert "resnet20" in listed and "mlp" in listed
+  assert "char_gpt" not in listed and "char_lstm" not in listed
+  with pytest.raises(ConfigError, match=r"^student.name must be an image model: one of .*resnet20"
+                                        r".*got 'char_lstm'.*experiments.train_lm$"):
+    create_model("char_lstm", num_classes=10, image_shape=(8, 8, 3), field="student")
+  assert {"char_gpt", "char_lstm"} <= set(model_names())
+
+
 def _save_msgpack(path, variables):
   path.write_bytes(flax.serialization.to_bytes(jax.device_get(variables)))
   return str(path)

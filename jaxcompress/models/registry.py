@@ -49,12 +49,19 @@ _REGISTRY: dict[str, Callable[..., Model]] = {
     "char_gpt": lambda num_classes, **kw: CharGPT(vocab_size=num_classes, **kw),
     "char_lstm": lambda num_classes, **kw: CharLSTM(vocab_size=num_classes, **kw),
 }
+_TOKEN_MODELS = frozenset({"char_gpt", "char_lstm"})  # built-ins reading token ids, not images
 _OWN_MODEL = "for your own model use MODULE:FACTORY, e.g. my_models:make_model"
 
 
-def model_names() -> list[str]:
-  """Registry names accepted by :func:`get_model` (besides ``MODULE:FACTORY``)."""
-  return sorted(_REGISTRY)
+def model_names(inputs: str | None = None) -> list[str]:
+  """Registry names accepted by :func:`get_model` (besides ``MODULE:FACTORY``).
+
+  ``inputs="images"`` leaves out the built-in character models (they read token ids); names
+  added with :func:`register` are always listed.
+  """
+  if inputs not in (None, "images"):
+    raise ValueError(f"model_names: inputs must be None or 'images', got {inputs!r}")
+  return sorted(n for n in _REGISTRY if inputs is None or n not in _TOKEN_MODELS)
 
 
 def register(name: str, factory: Callable[..., Model], *, overwrite: bool = False) -> None:
@@ -134,7 +141,7 @@ def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
 
 
 def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", seed: int = 0,
-              **kwargs: Any) -> Model:
+              inputs: str | None = None, **kwargs: Any) -> Model:
   """Builds a model by registry name or ``MODULE:FACTORY``.
 
   Args:
@@ -142,6 +149,8 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
     num_classes: size of the classifier output.
     field: config field name used in error messages (``student.name``, ...).
     seed: the seed of ``nnx.Rngs`` for an NNX factory (one with an ``rngs`` parameter).
+    inputs: ``"images"`` for a job that feeds images: the built-in character models are
+      refused (see :func:`model_names`).
     **kwargs: extra factory arguments (e.g. ``inner_widths`` for a channel-pruned ResNet).
 
   Returns:
@@ -152,15 +161,19 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
       non-callable attribute, a factory that does not take ``num_classes``, one that raises,
       or one that returns something other than a Flax module.
   """
+  names = model_names(inputs)
   if not isinstance(name, str) or not name:
-    raise invalid(field, name, "a registry name (one of " + ", ".join(model_names())
+    raise invalid(field, name, "a registry name (one of " + ", ".join(names)
                   + ") or MODULE:FACTORY")
   if ":" in name:
     factory = _import_factory(name, field)
-  elif name in _REGISTRY:
+  elif name in names:
     factory = _REGISTRY[name]
+  elif name in _REGISTRY:
+    raise invalid(field, name, "an image model: one of " + ", ".join(names),
+                  f"{name} reads characters: train it with python -m experiments.train_lm")
   else:
-    raise invalid(field, name, "one of " + ", ".join(model_names()), _OWN_MODEL)
+    raise invalid(field, name, "one of " + ", ".join(names), _OWN_MODEL)
   sig = _signature(factory)
   if sig is not None and "rngs" in sig.parameters:
     kwargs["rngs"] = nnx.Rngs(seed)
@@ -214,7 +227,7 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
       path and both shapes).
   """
   name_field, weights_field = name_field or f"{field}.name", weights_field or f"{field}.weights"
-  model = get_model(name, num_classes, field=name_field, seed=seed)
+  model = get_model(name, num_classes, field=name_field, seed=seed, inputs="images")
   fn = functional(model)
   sample = np.zeros((1, *image_shape), np.float32)
 
