@@ -31,10 +31,10 @@ the pruning and PTQ studies (``sensitivity``, ``ptq_eval``), ResNet channel surg
 from jaxcompress import (compose, data, datasets, distillation, models, pruning, quantization,
                          rules, selection, specs)
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.functional import Functional, functional, variables_of
+from jaxcompress.models.functional import Functional, functional, set_variables, variables_of
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "Functional", "compose", "data", "datasets", "distillation",
-           "functional", "models", "pruning", "quantization", "rules", "selection", "specs",
-           "variables_of"]
+           "functional", "models", "pruning", "quantization", "rules", "selection",
+           "set_variables", "specs", "variables_of"]

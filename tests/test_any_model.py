@@ -22,10 +22,12 @@ import optax
 import pytest
 from flax import nnx
 
+import jaxcompress
 from jaxcompress import budget, compose, export, selection
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
-from jaxcompress.models.functional import functional, variables_of
+from jaxcompress.models.functional import functional, set_variables, variables_of
+from jaxcompress.rules import flat_paths
 from jaxcompress.selection import trace_layers
 
 CLASSES = 4
@@ -819,6 +821,50 @@ def test_nnx_variables_of_another_module_are_one_line():
       compose.build(model, bad, x, optimizer=optax.sgd(0.1), total_steps=2)
   with pytest.raises(ConfigError, match=r"^variables_of: module must be an NNX module"):
     variables_of(LinenMLP())
+
+
+class NNXContainers(nnx.Module):
+  """Layers in an nnx.List, an nnx.Dict and an nnx.Sequential: list indices in the paths."""
+
+  def __init__(self, *, rngs: nnx.Rngs, width: int = 8):
+    self.convs = nnx.List([nnx.Conv(3, width, (3, 3), rngs=rngs)])
+    self.norms = nnx.Dict({"a": nnx.BatchNorm(width, rngs=rngs)})
+    self.head = nnx.Sequential(nnx.Linear(width, 16, rngs=rngs), nnx.relu,
+                               nnx.Linear(16, 16, rngs=rngs), nnx.relu,
+                               nnx.Linear(16, CLASSES, rngs=rngs))
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.norms["a"](self.convs[0](x))).mean((1, 2)))
+
+
+def test_nnx_trained_variables_go_back_into_the_module():
+  rng = np.random.default_rng(0)
+  x, y = _image(rng), rng.integers(0, CLASSES, 8).astype(np.int32)
+  model = NNXContainers(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  comp = compose.build(model, variables, x, optimizer=optax.adam(1e-2), total_steps=2,
+                       prune=compose.PruneSpec(sparsity=0.5),
+                       quant=compose.QuantSpec(weight_bits=0, act_bits=0))
+  state, step = comp.init_state(variables, x), comp.make_train_step()
+  for _ in range(2):
+    state, _ = step(state, Batch(x, y, np.ones(8, np.float32)))
+  trained = comp.variables(state)
+  assert jaxcompress.set_variables is set_variables
+  fresh = NNXContainers(rngs=nnx.Rngs(1))
+  set_variables(fresh, trained)
+  for path, value in flat_paths(trained).items():  # "params/head/layers/2/kernel"
+    node = fresh
+    for key in path.split("/")[1:]:
+      node = node[int(key)] if key.isdigit() else getattr(node, key)
+    np.testing.assert_array_equal(np.asarray(node[...]), value)
+  assert int(np.sum(np.asarray(fresh.head.layers[2].kernel[...]) == 0)) == 128  # 0.5 of 16x16
+  with pytest.raises(ConfigError, match=r"^variables: params/\S+ has shape \(16,?\), the NNX "
+                     r"module's has \(8,?\)"):
+    set_variables(fresh, variables_of(NNXContainers(rngs=nnx.Rngs(2), width=16)))
+  np.testing.assert_array_equal(np.asarray(fresh.convs[0].bias[...]),
+                                trained["params"]["convs"]["0"]["bias"])  # nothing written
+  set_variables(fresh, {"batch_stats": jax.tree.map(np.zeros_like, trained["batch_stats"])})
+  assert not np.any(np.asarray(fresh.norms["a"].var[...]))  # what a training forward returns
 
 
 class NNXCounted(nnx.Module):

@@ -4,7 +4,7 @@ built-in test bench: CIFAR ResNets, small CNNs, an MLP, and character-level lang
 GPT and an LSTM)."""
 
 from jaxcompress.models.cnn import MLP, CifarCNN, MnistCNN
-from jaxcompress.models.functional import Functional, functional, variables_of
+from jaxcompress.models.functional import Functional, functional, set_variables, variables_of
 from jaxcompress.models.gpt import CharGPT
 from jaxcompress.models.lstm import CharLSTM
 from jaxcompress.models.registry import create_model, get_model, model_names, register
@@ -12,6 +12,6 @@ from jaxcompress.models.resnet import CifarResNet
 from jaxcompress.models.torch_import import load_pytorch_npz, torch_to_flax
 from jaxcompress.models.weights import load_weights
 
-__all__ = ["Functional", "functional", "variables_of", "CifarResNet", "MnistCNN", "CifarCNN",
-           "MLP", "CharGPT", "CharLSTM", "get_model", "model_names", "register", "create_model",
-           "load_weights", "load_pytorch_npz", "torch_to_flax"]
+__all__ = ["Functional", "functional", "set_variables", "variables_of", "CifarResNet", "MnistCNN",
+           "CifarCNN", "MLP", "CharGPT", "CharLSTM", "get_model", "model_names", "register",
+           "create_model", "load_weights", "load_pytorch_npz", "torch_to_flax"]

@@ -39,7 +39,7 @@ import jax
 from flax import nnx
 from flax.core.tracers import current_trace
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, invalid
 
 LINEN_LINEAR = (nn.Conv, nn.ConvTranspose, nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
 LINEN_NORM = (nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -512,17 +512,40 @@ def variables_of(module: nnx.Module) -> dict:
   return out
 
 
-def set_variables(module: nnx.Module, variables: dict) -> None:
-  """Writes a variables dict (string keys, as :func:`variables_of` gives) into an NNX module."""
+def set_variables(module: nnx.Module, variables: Mapping[str, Any]) -> None:
+  """Writes a variables dict into an NNX module, in place: the way back from :func:`variables_of`.
+
+  ``variables`` has string keys, as :func:`variables_of` gives them (``nnx.update`` does not take
+  ``"0"`` for a list index), e.g. ``Compression.variables(state)`` after training, or the
+  ``batch_stats`` alone that a training forward returns. It is checked against the module
+  before anything is written.
+
+  Raises:
+    ConfigError: ``module`` is not an NNX module, or ``variables`` are not its variables (neither
+      ``params`` nor ``batch_stats``, an entry missing, another shape, or a collection the module
+      does not hold).
+  """
+  reference = variables_of(module)
+  if not isinstance(variables, Mapping) or not {"params", "batch_stats"} & set(variables):
+    keys = sorted(map(str, variables))[:4] if isinstance(variables, Mapping) else []
+    raise invalid("variables", f"a {type(variables).__name__} with keys {keys}",
+                  "a dict with 'params' and/or 'batch_stats', as variables_of(module) gives")
+  states = []
   for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
-    if collection in variables:
-      state = nnx.state(module, kind)
-      replace = getattr(nnx, "replace_by_pure_dict", None)
-      if replace is not None:
-        replace(state, variables[collection])
-      else:  # older flax
-        state.replace_by_pure_dict(variables[collection])
-      nnx.update(module, state)
+    if collection not in variables:
+      continue
+    if collection not in reference:
+      raise ConfigError(f"variables: {collection!r} given, the NNX module holds no "
+                        f"{kind.__name__}; pass variables_of(module)")
+    state = nnx.state(module, kind)
+    states.append((state, _like(variables[collection], _pure(state), collection)))
+  for state, values in states:
+    replace = getattr(nnx, "replace_by_pure_dict", None)
+    if replace is not None:
+      replace(state, values)
+    else:  # older flax
+      state.replace_by_pure_dict(values)
+    nnx.update(module, state)
 
 
 def functional(model: Any, *, train_kwarg: str | None = "auto") -> Functional:
