@@ -10,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.models.functional import variables_of
 from jaxcompress.quantization import (LayerConfig, bit_schedule, calibrate, dequantize,
                                       lsq_init_step, quantize, quantize_int)
 
@@ -31,6 +33,14 @@ class Net(nn.Module):
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn")(x))
     x = Block(name="block")(x)
     return nn.Dense(3, name="head")(x.mean(axis=(1, 2)))
+
+
+class NNXBlocks(nnx.Module):
+  def __init__(self, *, rngs):
+    self.layers = nnx.List([nnx.Linear(4, 5, rngs=rngs), nnx.Linear(5, 2, rngs=rngs)])
+
+  def __call__(self, x):
+    return self.layers[1](nnx.relu(self.layers[0](x)))
 
 
 class MLP(nn.Module):
@@ -310,6 +320,17 @@ def test_params_alone_instead_of_variables_is_one_line():
                lambda: calibrate(qz, VARS["params"], qstate, [X])):
     with pytest.raises(ConfigError, match=match):
       call()
+
+
+def test_nnx_state_instead_of_variables_of_is_one_line():
+  model = NNXBlocks(rngs=nnx.Rngs(0))
+  qz = quantize(model, [(".*", dict(weight_bits=8, act_bits=8))])
+  x = jnp.ones((2, 4))
+  qstate = qz.init(variables_of(model), x)
+  # nnx.state keeps the list index 0 an int; the quantizer reads variables_of's string keys
+  with pytest.raises(ConfigError, match=r"^variables\['params'\] has no layers/0/kernel for the "
+                     r"quantized layer 'layers/0'; .* variables_of\(module\)\)$"):
+    qz.apply({"params": nnx.state(model, nnx.Param)}, qstate, x)
 
 
 def test_a_sample_the_model_cannot_take_is_one_line():

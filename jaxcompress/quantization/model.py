@@ -67,7 +67,7 @@ from jaxcompress.quantization.config import compile_rules, default_rules
 from jaxcompress.quantization.layer import (QuantLayer, batch_range, bits_at, gained_kernel,
                                             init_layer_state, quantize_input, quantize_kernel)
 from jaxcompress.quantization.schedule import BitSchedule
-from jaxcompress.quantization.spec import layer_specs
+from jaxcompress.quantization.spec import layer_specs, weight_of
 from jaxcompress.rules import Rule, tree_get, tree_set
 from jaxcompress.selection import check_nonempty
 
@@ -274,12 +274,12 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
       if layer.config.weight_bits is not None:
         wpath = f"{layer.path}/{layer.weight}"
         bits = bits_at(layer.config.weight_bits, bit_schedule, step)
+        kernel = weight_of(params, layer.path, layer.weight)
         if weight_gains and layer.path in weight_gains:
-          kernel = gained_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
-                                 bits, weight_gains[layer.path])
+          kernel = gained_kernel(layer, kernel, qstate.steps.get(layer.path), bits,
+                                 weight_gains[layer.path])
         else:
-          kernel = quantize_kernel(layer, tree_get(params, wpath), qstate.steps.get(layer.path),
-                                   bits)
+          kernel = quantize_kernel(layer, kernel, qstate.steps.get(layer.path), bits)
         params = tree_set(params, wpath, kernel)
     params = cast_floating(params, compute_dtype)
 

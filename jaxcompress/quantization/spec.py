@@ -82,12 +82,19 @@ class LayerSpec(NamedTuple):
   weight: str = "kernel"
 
 
-def _kernel(params: Any, path: str, weight: str = "kernel") -> Any:
+def weight_of(params: Any, path: str, weight: str = "kernel") -> Any:
+  """The weight of the quantized layer at ``path`` in nested dicts ``params``.
+
+  Raises:
+    ConfigError: ``params`` does not hold it (another model's, or not nested dicts with string
+      keys: an ``nnx.State``).
+  """
   node = params
   for name in path.split("/") + [weight]:
     if not isinstance(node, dict) or name not in node:
       raise ConfigError(f"variables['params'] has no {path}/{weight} for the quantized layer "
-                        f"{path!r}; pass the variables of the model qz.init saw")
+                        f"{path!r}; pass the variables of the model qz.init saw (an NNX "
+                        "module's: variables_of(module))")
     node = node[name]
   return node
 
@@ -115,7 +122,7 @@ def layer_specs(variables: Any, qstate: Any, *, step: Any = None,
   bits_of = lambda target: None if target is None else int(bits_at(target, bit_schedule, step))
   weight_bits = tuple(bits_of(layer.config.weight_bits) for layer in layers)
   act_bits = tuple(bits_of(layer.config.act_bits) for layer in layers)
-  kernels = [None if wb is None else _kernel(params, layer.path, layer.weight)
+  kernels = [None if wb is None else weight_of(params, layer.path, layer.weight)
              for layer, wb in zip(layers, weight_bits)]
   ranges = [None if ab is None else qstate.ranges.get(layer.path)
             for layer, ab in zip(layers, act_bits)]
