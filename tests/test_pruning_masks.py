@@ -280,7 +280,7 @@ def test_nm_mask_and_apply_masks_refuse_what_they_cannot_do():
   with pytest.raises(ConfigError, match=r"^m must be an integer >= 1, got 0$"):
     nm_mask(jnp.ones((8, 4)), 1, 0)
   params = {"fc": {"kernel": jnp.ones((3, 4))}}
-  with pytest.raises(ConfigError, match=r"^masks\['fc'\]\['kernel'\] has shape \(3, 1\), its "
+  with pytest.raises(ConfigError, match=r"^masks\['fc/kernel'\] has shape \(3, 1\), its "
                                         r"parameter \(3, 4\)"):
     apply_masks(params, {"fc": {"kernel": jnp.zeros((3, 1))}})
   with pytest.raises(ConfigError, match=r"^masks must be a tree like params"):

@@ -269,6 +269,33 @@ def test_nnx_state_params():
   assert np.all(np.asarray(params["bias"][...]) != 0)  # biases are not pruned
 
 
+def test_nnx_optimizer_straight_through_masks_apply_to_its_params():
+  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  tx = prune(optax.sgd(0.1, momentum=0.9), constant_schedule(0.5), straight_through=True)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt):
+    def loss_fn(m):  # the forward on masked weights, the gradient to the dense ones
+      graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+      masked = apply_masks_ste(params, current_masks(opt.opt_state))  # nnx's OptVariables
+      return jnp.mean((nnx.merge(graphdef, masked, rest)(X) - Y) ** 2)
+    opt.update(model, nnx.grad(loss_fn)(model))
+
+  step(model, opt)
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  step(model, opt)  # masks from the weights it was given
+  params = nnx.state(model, nnx.Param)
+  pruned = apply_masks(params, current_masks(opt.opt_state))
+  for i, n in ((0, 128), (2, 64)):
+    kernel = before["layers"][i]["kernel"]
+    oracle = np.argsort(np.abs(kernel).ravel(), kind="stable")[:n // 2]
+    assert np.all(np.asarray(params["layers"][i]["kernel"][...]) != 0)  # dense weights train on
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(
+        pruned["layers"][i]["kernel"][...]).ravel() == 0), np.sort(oracle))
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(schedule=0.5), "prune.schedule must be a step -> sparsity function, got 0.5"),
     (dict(update_every=0), "prune.update_every must be an integer >= 1, got 0"),

@@ -22,7 +22,7 @@ from jaxcompress.pruning.masks import (Masker, Sparsity, channels, check_masker,
                                        n_of_m, unstructured)
 from jaxcompress.pruning.scores import Score, get_score, leaf_scores
 from jaxcompress.pruning.select import Selection, select
-from jaxcompress.rules import Rule
+from jaxcompress.rules import Rule, path_str
 
 
 def grads_like(sel: Selection, grads: Any, field: str = "grads") -> list[Any]:
@@ -153,24 +153,31 @@ def channel_masks(params: Any, sparsity: Sparsity, *, norm: str = "l1",
 def apply_masks(params: Any, masks: Any) -> Any:
   """Zeroes the pruned entries: ``params`` where ``masks != 0``, exactly ``0`` elsewhere.
 
-  Works with float (0/1) or boolean masks and any matching pytree (dict, ``nnx.State``).
+  Works with float (0/1) or boolean masks and any pytree whose leaves have the paths of
+  ``params`` (dict, ``nnx.State``): the masks ``nnx.Optimizer`` keeps in its state,
+  ``current_masks(opt.opt_state)``, are ``OptVariable`` nodes where the parameters are
+  ``nnx.Param``.
 
   Raises:
     ConfigError: ``masks`` is not a tree like ``params``, or a mask's shape is not its leaf's.
   """
-  def apply(path, p, m):
-    if jnp.shape(m) != jnp.shape(p):  # a broadcast mask would prune what it does not say
-      raise ConfigError(f"masks{jax.tree_util.keystr(path)} has shape {jnp.shape(m)}, its "
-                        f"parameter {jnp.shape(p)}; a mask has its parameter's shape")
-    return jnp.where(m != 0, p, jnp.zeros_like(p))
-
-  try:
-    return jax.tree_util.tree_map_with_path(apply, params, masks)
-  except ConfigError:
-    raise
-  except ValueError as e:
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path_str(kp) for kp, _ in flat]
+  mask_flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+  mask_paths = [path_str(kp) for kp, _ in mask_flat]
+  if mask_paths != paths:
+    i = next((i for i, (a, b) in enumerate(zip(paths, mask_paths)) if a != b),
+             min(len(paths), len(mask_paths)))
+    leaf = lambda names: repr(names[i]) if i < len(names) else "no leaf"
     raise ConfigError("masks must be a tree like params (from compute_masks), got another: "
-                      f"{str(e).splitlines()[0]}") from None
+                      f"leaf {i} is {leaf(paths)} in params, {leaf(mask_paths)} in masks")
+  out = []
+  for path, (_, p), (_, m) in zip(paths, flat, mask_flat):
+    if jnp.shape(m) != jnp.shape(p):  # a broadcast mask would prune what it does not say
+      raise ConfigError(f"masks[{path!r}] has shape {jnp.shape(m)}, its parameter "
+                        f"{jnp.shape(p)}; a mask has its parameter's shape")
+    out.append(jnp.where(m != 0, p, jnp.zeros_like(p)))
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def apply_masks_ste(params: Any, masks: Any) -> Any:
