@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
@@ -50,17 +50,18 @@ def flat_paths(tree: Any) -> dict[str, Any]:
 
 
 def tree_get(tree: Any, path: str) -> Any:
-  """The node at a ``/``-joined path of nested dicts, or ``None``."""
+  """The node at a ``/``-joined path of nested dicts (or ``FrozenDict``\ s), or ``None``."""
   node = tree
   for name in path.split("/"):
-    if not isinstance(node, dict) or name not in node:
+    if not isinstance(node, Mapping) or name not in node:
       return None
     node = node[name]
   return node
 
 
-def tree_set(tree: dict, path: str, value: Any) -> dict:
-  """A copy of nested dicts ``tree`` with ``value`` at ``path`` (only the path is copied)."""
+def tree_set(tree: Mapping, path: str, value: Any) -> dict:
+  """A copy of nested dicts ``tree`` with ``value`` at ``path`` (only the path is copied, as
+  dicts)."""
   head, _, rest = path.partition("/")
   return {**tree, head: tree_set(tree[head], rest, value) if rest else value}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -331,6 +332,18 @@ def test_nnx_state_instead_of_variables_of_is_one_line():
   with pytest.raises(ConfigError, match=r"^variables\['params'\] has no layers/0/kernel for the "
                      r"quantized layer 'layers/0'; .* variables_of\(module\)\)$"):
     qz.apply({"params": nnx.state(model, nnx.Param)}, qstate, x)
+
+
+def test_frozen_variables_are_quantized_as_plain_dicts():
+  # A FrozenDict (flax.core.freeze, older flax's model.init) used to select no layer at all
+  qz = quantize(NET, [(".*", dict(weight_bits=4, act_bits=8))])
+  frozen = flax.core.freeze(VARS)
+  qstate = qz.init(frozen, X)
+  assert [layer.path for layer in qstate.layers] == ["stem", "block/conv", "head"]
+  got, _, _ = qz.apply(frozen, qstate, X)
+  want, _, _ = qz.apply(VARS, qz.init(VARS, X), X)  # plain dicts: the NumPy-checked path
+  np.testing.assert_array_equal(got, want)
+  assert not np.allclose(got, NET.apply(VARS, X), atol=1e-3)
 
 
 def test_a_sample_the_model_cannot_take_is_one_line():

@@ -10,7 +10,7 @@ uses them reproduces the fake-quant model bit for bit.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -91,7 +91,7 @@ def weight_of(params: Any, path: str, weight: str = "kernel") -> Any:
   """
   node = params
   for name in path.split("/") + [weight]:
-    if not isinstance(node, dict) or name not in node:
+    if not isinstance(node, Mapping) or name not in node:
       raise ConfigError(f"variables['params'] has no {path}/{weight} for the quantized layer "
                         f"{path!r}; pass the variables of the model qz.init saw (an NNX "
                         "module's: variables_of(module))")
