@@ -176,7 +176,9 @@ def load(path: str, model: Any, *, field: str = "model.exported") -> LoadedModel
 
   Returns:
     A :class:`~jaxcompress.export.runtime.LoadedModel`: ``.logits(x)``, ``.variables`` for
-    ``model.apply``, or unpack it as ``model, arrays, apply_fn = load(path, model)``.
+    ``model.apply`` (an NNX module: ``set_variables(model, loaded.variables)``; either then runs
+    without the input quantization), or unpack it as ``model, arrays, apply_fn = load(path,
+    model)``.
 
   Raises:
     ConfigError: one line for a missing or unreadable file, a checksum or size mismatch, a spec
