@@ -248,6 +248,11 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                       "the library trains and exports a model of one output (logits, classes "
                       "last): wrap the model in a module that returns the logits alone")
   outputs.clear()
+  # A call on another layer's weight (one NNX variable in two modules) is a call of that layer:
+  # its weight is the one the product runs on, for the first and last layer as for the rest.
+  by_weight = {l.weight: p for p, l in calls.items()}
+  resolved = {path: by_weight.get(held.get(id(var)), path) for path, var in aliased}
+  order = [resolved.get(p, p) for p in seen]
   for path, var in dict(aliased).items():
     owner = held.get(id(var))
     warnings.warn(f"layer {path!r} shares its weight with {owner!r} (one variable in two "
@@ -257,11 +262,12 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
                   "layer is left out of compression", stacklevel=2)
   aliased.clear()
   owners = set(seen)
-  layers = tuple(dataclasses.replace(l, norm=next((n for n, p in norms.items() if p == l.path),
-                                                  None)) for l in calls.values())
+  layers = tuple(dataclasses.replace(calls[path], norm=next(
+      (n for n, p in norms.items() if p == path), None)) for path in dict.fromkeys(order)
+                 if path in calls)
   uncovered = tuple(p for p, w in flat.items()
                     if p.rpartition("/")[0] not in owners and jnp.ndim(w) >= 2 and _floating(w))
-  last = next((p for p in reversed(seen) if p in calls), None)
+  last = next((p for p in reversed(order) if p in calls), None)
   return ModelLayers(layers, norms, uncovered, last, batchnorms)
 
 

@@ -23,7 +23,7 @@ import pytest
 from flax import nnx
 
 import jaxcompress
-from jaxcompress import budget, compose, export, selection
+from jaxcompress import budget, compose, export, quantization, selection
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import functional, set_variables, variables_of
@@ -930,6 +930,40 @@ def test_a_kernel_shared_by_two_nnx_modules_is_named_not_skipped_silently():
                     r"and the inputs of layer 'b' are not quantized$"):
     traced = trace_layers(model, variables, np.ones((2, 4), np.float32))
   assert [l.path for l in traced.layers] == ["inp", "a", "out"]
+
+
+class NNXTiedLast(nnx.Module):
+  """The output layer holds the kernel of a middle layer (``out.kernel = a.kernel``)."""
+
+  def __init__(self, *, rngs):
+    self.inp = nnx.Linear(4, 8, rngs=rngs)
+    self.a = nnx.Linear(8, 8, rngs=rngs)
+    self.mid = nnx.Linear(8, 8, rngs=rngs)
+    self.out = nnx.Linear(8, 8, rngs=rngs)
+    self.out.kernel = self.a.kernel
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.mid(nnx.relu(self.a(self.inp(x))))))
+
+
+def test_a_kernel_the_last_call_shares_is_the_last_layers():
+  # The forward's last product runs on a/kernel (through 'out'): that weight is the last layer's,
+  # kept dense and at 8 bits; 'mid', called before it, is an inner layer.
+  model = NNXTiedLast(rngs=nnx.Rngs(0))
+  variables = variables_of(model)
+  x = np.ones((2, 4), np.float32)
+  with pytest.warns(UserWarning, match="shares its weight"):
+    comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
+                         prune=compose.PruneSpec(sparsity=0.5),
+                         quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  assert comp.layers.last == "a"
+  assert comp.layers.prune_rules()[:3] == [("a/kernel", False), ("inp/kernel", False),
+                                           ("mid/kernel", True)]
+  state = comp.init_state(variables, x)
+  bits = {l.path: l.config.weight_bits for l in state.model_state["quant"].layers}
+  assert bits == {"inp": 8, "a": 8, "mid": 4}
+  qstate = quantization.quantize(model).init(variables, x)
+  assert {l.path: l.config.weight_bits for l in qstate.layers} == {"inp": 8, "a": 8, "mid": 4}
 
 
 class NNXTempered(nnx.Module):

@@ -137,7 +137,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     (a recurrent cell's gates at every time step, a shared layer), the inputs of all its calls
     flattened and concatenated, so ranges cover every input the layer quantizes, not the first
     one (an LSTM's recurrent gates first see the all-zero initial state). ``order``, if given,
-    receives the path of every weighted layer call, in call order.
+    receives ``(path, weight)`` of every weighted layer call, in call order: ``weight`` is an NNX
+    layer's weight variable (None for Linen), which another module may hold too.
     """
     calls = {}
     outer = current_trace()
@@ -146,7 +147,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     def note(call):
       calls.setdefault(call.path, []).append(call)
       if order is not None:
-        order.append(call.path)
+        held = getattr(call.module, weight_name(call.kind), None) if fm.kind == "nnx" else None
+        order.append((call.path, held))
 
     def record(call, run):
       if call.kind in ("linear", "embed"):
@@ -203,7 +205,10 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     seen = {p: v for p, v in found.items()
             if v[3] is not None and jnp.ndim(v[3]) >= 2
             and jnp.issubdtype(jnp.asarray(v[3]).dtype, jnp.floating)}
-    paths = list(seen)
+    # A call on another layer's weight (one NNX variable in two modules) counts as that layer's.
+    owners = {id(var): path for path, var in order if path in seen and var is not None}
+    order = [path if path in seen else owners.get(id(var)) for path, var in order]
+    paths = [path for path in dict.fromkeys(order) if path in seen]
     last = next((p for p in reversed(order) if p in seen), None)  # the layer called last
     compiled = compile_rules(rules, paths[0] if paths else None, last)
     layers, steps, ranges = [], {}, {}
