@@ -412,3 +412,44 @@ def test_scanned_layers_say_their_ranges_stay_calibrated_in_training():
                                                                        3 * x)
   np.testing.assert_array_equal(new_q.ranges["block/a"], qstate.ranges["block/a"])
   assert not np.allclose(new_q.ranges["in"], qstate.ranges["in"])  # outside the scan: updated
+
+
+class _ScaledCell(nn.RNNCellBase):
+  """A recurrent cell applying a Dense it is given to 10 x at every step."""
+  proj: nn.Module
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h = jnp.tanh(self.proj(10.0 * x) + carry)
+    return h, h
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+class SharedInAndOutOfScan(nn.Module):
+  """One Dense called on x, and again inside the scan of an nn.RNN on ten times its output."""
+
+  def setup(self):
+    self.proj = nn.Dense(5)
+    self.rnn = nn.RNN(_ScaledCell(self.proj))
+
+  def __call__(self, x):
+    return self.rnn(self.proj(x))
+
+
+def test_a_layer_also_called_inside_a_scan_keeps_its_calibrated_range_in_training():
+  # Only the call outside the scan reaches the training update: a moving average of its range
+  # alone would shrink the range towards it and clip the larger inputs of the calls inside.
+  x = np.random.default_rng(0).normal(size=(4, 3, 5)).astype(np.float32)
+  model = SharedInAndOutOfScan()
+  variables = model.init(jax.random.key(0), x)
+  qz = quantize(model, [(".*", dict(weight_bits=8, act_bits=8))])
+  qstate = qz.init(variables, x)
+  with pytest.warns(UserWarning, match=r"input ranges of \['proj'\] stay as calibrated"):
+    _, _, new_q = jax.jit(lambda v, q, x: qz.apply(v, q, x, train=True))(variables, qstate, x)
+  np.testing.assert_array_equal(new_q.ranges["proj"], qstate.ranges["proj"])

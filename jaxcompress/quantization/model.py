@@ -313,6 +313,8 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     out, updated = fm.apply({**variables, "params": params}, *args, train=train, rngs=rngs,
                             hook=chain_hooks(hook, quantize_inputs), hook_paths=hook_paths,
                             **kwargs)
+    for path in frozen:  # a call outside the transform saw only part of the layer's inputs
+      ranges[path] = qstate.ranges[path]
     if frozen:  # once per compilation of a jitted step
       warnings.warn(f"quantization: the input ranges of {frozen} stay as calibrated in "
                     "training: these layers run inside a lifted transform (nn.scan, nn.remat, "
