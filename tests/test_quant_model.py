@@ -400,6 +400,37 @@ def test_layers_inside_remat_are_quantized_from_their_own_inputs():
     np.testing.assert_allclose(qstate.ranges[path], [inputs.min(), inputs.max()], rtol=1e-6)
 
 
+class _Tenfold(nn.Module):
+  proj: nn.Module
+
+  def __call__(self, h):
+    return self.proj(10.0 * h)
+
+
+class SharedInAndOutOfRemat(nn.Module):
+  """One Dense called on x, and again under nn.remat on ten times its output."""
+
+  def setup(self):
+    self.proj = nn.Dense(5)
+    self.block = nn.remat(_Tenfold)(self.proj)
+
+  def __call__(self, x):
+    return self.block(self.proj(x))
+
+
+def test_calibration_covers_the_calls_of_a_layer_inside_and_outside_remat():
+  # The jitted calibration cannot see the call under nn.remat; its range was the direct call's
+  # alone ([-2.33, 1.30] where both calls' inputs span [-19.28, 16.56]).
+  x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+  model = SharedInAndOutOfRemat()
+  variables = model.init(jax.random.key(0), x)
+  p = jax.tree.map(np.asarray, variables["params"]["proj"])
+  both = np.concatenate([x.ravel(), 10.0 * (x @ p["kernel"] + p["bias"]).ravel()])
+  qz = quantize(model, [(".*", dict(weight_bits=8, act_bits=8))])
+  qstate = calibrate(qz, variables, qz.init(variables, x), [x])
+  np.testing.assert_allclose(qstate.ranges["proj"], [both.min(), both.max()], rtol=1e-6)
+
+
 def test_scanned_layers_say_their_ranges_stay_calibrated_in_training():
   x = np.random.default_rng(0).normal(size=(8, 5)).astype(np.float32)
   model = Scanned()

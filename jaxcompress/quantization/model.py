@@ -141,6 +141,7 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     layer's weight variable (None for Linen), which another module may hold too.
     """
     calls = {}
+    missed = set()  # layers with a call whose input could not be seen: no statistic
     outer = current_trace()
     eager = not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((variables, args)))
 
@@ -156,13 +157,14 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
           note(call)
         elif eager:  # inside a lifted transform (nn.remat): its inputs arrive as it runs
           jax.debug.callback(lambda x, call=call: note(call._replace(x=np.asarray(x))), call.x)
-        # else (under jit): an inner trace's values cannot leave it; the layer keeps init's range
+        else:  # under jit, an inner trace's values cannot leave it: the layer keeps init's range
+          missed.add(call.path)
       return run(call.x)
 
     with jax.disable_jit():  # a lax.scan over layers (nn.scan, nn.RNN) runs as a Python loop
       fm.apply(variables, *args, hook=record, **kwargs)
     return {path: fn(seen[0], seen[0].x if len(seen) == 1 else jnp.concatenate(
-        [jnp.ravel(c.x) for c in seen])) for path, seen in calls.items()}
+        [jnp.ravel(c.x) for c in seen])) for path, seen in calls.items() if path not in missed}
 
   def init(variables: Any, *args: Any, **kwargs: Any) -> QuantState:
     """Decides which layers are quantized and initializes their state from a sample batch.
@@ -329,7 +331,9 @@ def quantize(model: Any, rules: Sequence[Rule] | None = None, *,
     """``{path: stat(layer, inputs)}`` for every layer with a range, running the float model
     (``inputs``: those of all its calls, see ``float_inputs``).
 
-    Used by :func:`~jaxcompress.quantization.ptq.calibrate`; ``jit``-able.
+    Used by :func:`~jaxcompress.quantization.ptq.calibrate`; ``jit``-able, but under ``jit`` a
+    layer with a call inside a lifted transform that is not run as a loop (``nn.remat``) is left
+    out: that call's inputs cannot leave its trace.
     """
     check_variables(variables)
     with_range = {layer.path: layer for layer in qstate.layers if layer.path in qstate.ranges}
