@@ -705,7 +705,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     _check_teacher_classes(s, dict(variables), functional(teacher), sample_input)
   stats = variables.get("batch_stats", {})
   fold_norms = {path: eps for path, eps in layers.batchnorms.items()
-                if isinstance(tree_get(stats, path), dict)}
+                if isinstance(tree_get(stats, path), Mapping)}
   gain_norms = (_gain_norms(s, dict(variables), layers, fold_norms, sample_input)
                 if quantizer is not None and fold_norms else {})
   return Compression(

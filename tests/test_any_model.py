@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -502,6 +503,15 @@ def test_trace_finds_norms_by_forward_not_by_name():
   assert layers.norms == {"after_stem": "stem", "n2": "body", "gn": "mid", "zzz": "Dense_0"}
   assert set(layers.batchnorms) == {"after_stem", "n2", "zzz"}  # GroupNorm is not folded
   assert layers.first == "stem" and layers.last == "classifier"
+
+
+def test_batchnorms_of_frozen_variables_are_folded_as_of_plain_dicts():
+  x = _image(np.random.default_rng(0))
+  model, variables = _linen(LinenRenamedNorms)(0, x)
+  for given in (variables, flax.core.freeze(variables)):
+    comp = compose.build(model, given, x, optimizer=optax.sgd(0.1), total_steps=2,
+                         quant=compose.QuantSpec(weight_bits=4))
+    assert set(comp.fold_norms) == {"after_stem", "n2", "zzz"}
 
 
 class RecurrentLM(nn.Module):
