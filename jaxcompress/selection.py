@@ -272,7 +272,13 @@ def trace_layers(model: Any, variables: dict, *args: Any, field: str = "model",
 
 
 def check_nonempty(args: Any, field: str) -> None:
-  """Raises one line if an input array of ``args`` has no entries (a sequence of length 0)."""
+  """Raises one line if an input of ``args`` is a list of Python numbers, not an array, or an
+  input array has no entries (a sequence of length 0)."""
+  for keypath, leaf in jax.tree_util.tree_flatten_with_path(args)[0]:
+    if len(keypath) > 1 and not hasattr(leaf, "shape"):  # in a list: tree_map splits it up
+      raise ConfigError(f"{field}: the model's inputs must be arrays (or a dict or tuple of "
+                        f"arrays), got a {type(leaf).__name__} at inputs"
+                        f"{jax.tree_util.keystr(keypath[1:])}; pass np.asarray(...) of a list")
   empty = [tuple(jnp.shape(a)) for a in jax.tree.leaves(args) if 0 in jnp.shape(a)]
   if empty:
     raise ConfigError(f"{field}: the model's input of shape {empty[0]} holds no entries (a batch "

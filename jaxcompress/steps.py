@@ -71,10 +71,15 @@ def check_labels(logits: jax.Array, labels: jax.Array) -> None:
 
 def check_batch(batch: Any, where: str) -> None:
   """Raises :class:`ConfigError` (one line, starting with ``where``) unless ``batch`` has the
-  fields of a :class:`jaxcompress.data.Batch`: ``image``, ``label`` and ``weight``."""
+  fields of a :class:`jaxcompress.data.Batch`: ``image``, ``label`` and ``weight``, and its
+  ``image`` is arrays with a batch axis (not a Python list of numbers)."""
   if not all(hasattr(batch, f) for f in ("image", "label", "weight")):
     raise ConfigError(f"{where} must be jaxcompress.data.Batch (image, label, weight), got a "
                       f"{type(batch).__name__}")
+  if any(jnp.ndim(a) == 0 for a in jax.tree.leaves(batch.image)):  # a list of numbers
+    raise ConfigError(f"{where}'s image must be an array with a batch axis (or a dict or tuple "
+                      f"of them), got a {type(batch.image).__name__} holding scalars; pass "
+                      "np.asarray(...) of a list")
 
 
 def check_weight(weight: Any, labels: jax.Array) -> None:

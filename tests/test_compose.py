@@ -374,6 +374,18 @@ def test_build_arguments_of_the_wrong_kind_are_one_line_errors(kwargs, match):
                                                            **kwargs})
 
 
+def test_inputs_given_as_python_lists_are_one_line_errors():
+  student, svars = create_model("mlp", num_classes=4, image_shape=SHAPE)
+  batch = _batches(1)[0]
+  with pytest.raises(ConfigError, match=r"inputs must be arrays .* got a float at "
+                     r"inputs\[0\]\[0\]\[0\]\[0\]; pass np.asarray"):
+    compose.build(student, svars, batch.image.tolist(), optimizer=OPT, total_steps=4)
+  comp = compose.build(student, svars, batch.image, optimizer=OPT, total_steps=4)
+  state = comp.init_state(svars, batch.image)
+  with pytest.raises(ConfigError, match="the batch's image must be an array with a batch axis"):
+    comp.make_train_step()(state, batch._replace(image=batch.image.tolist()))
+
+
 def test_a_string_where_a_number_belongs_is_a_one_line_error():
   with pytest.raises(ConfigError, match=r"prune.sparsity must be a number in \[0.0, 1.0\), got "
                      r"'0.8'"):
