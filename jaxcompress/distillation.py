@@ -59,8 +59,8 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     raise invalid("teacher_logits", f"shape {tuple(jnp.shape(teacher_logits))}",
                   f"the student logits' shape {tuple(jnp.shape(student_logits))}",
                   "distillation compares the two distributions position by position")
-  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature
-  s = student_logits.astype(jnp.float32) / temperature
+  t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32)) / temperature
+  s = jnp.asarray(student_logits, jnp.float32) / temperature
   log_p_t = jax.nn.log_softmax(t, axis=-1)
   log_p_s = jax.nn.log_softmax(s, axis=-1)
   p_t = jnp.exp(log_p_t)
@@ -82,10 +82,11 @@ def feature_loss(student_feat: jax.Array, teacher_feat: jax.Array) -> jax.Array:
   Raises:
     ConfigError: if the two features differ in shape.
   """
-  if student_feat.shape != teacher_feat.shape:
-    raise invalid("teacher_feat", f"shape {tuple(teacher_feat.shape)}", "the student feature's "
-                  f"shape {tuple(student_feat.shape)}", "add an adapter or pick matching layers")
-  diff = student_feat.astype(jnp.float32) - jax.lax.stop_gradient(teacher_feat.astype(jnp.float32))
+  if jnp.shape(student_feat) != jnp.shape(teacher_feat):
+    raise invalid("teacher_feat", f"shape {jnp.shape(teacher_feat)}", "the student feature's "
+                  f"shape {jnp.shape(student_feat)}", "add an adapter or pick matching layers")
+  diff = (jnp.asarray(student_feat, jnp.float32)
+          - jax.lax.stop_gradient(jnp.asarray(teacher_feat, jnp.float32)))
   return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
 
 

@@ -24,6 +24,17 @@ def test_kd_loss_matches_numpy_kl_times_t_squared(temperature):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_losses_take_python_lists_as_arrays():
+  rng = np.random.default_rng(0)
+  s, t = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+  p_t, p_s = _softmax(t / 2.0), _softmax(s / 2.0)
+  expected = 4.0 * np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=-1)
+  np.testing.assert_allclose(kd.kd_loss(s.tolist(), t.tolist(), 2.0), expected, rtol=1e-4,
+                             atol=1e-6)
+  np.testing.assert_allclose(kd.feature_loss(s.tolist(), t.tolist()),
+                             np.mean((s - t) ** 2, axis=-1), rtol=1e-5)
+
+
 def test_a_class_the_teacher_rules_out_adds_nothing():
   # A masked vocabulary: teacher logit -inf, probability 0, and 0 * log 0 = 0 in the KL.
   s = np.array([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
