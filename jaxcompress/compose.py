@@ -376,6 +376,7 @@ class Compression:
     if one is not None and input_shape is not None:
       self._check_input_shape(io.of_shape(shape, signature["input_dtype"], "export input_shape"),
                               one[0], variables)
+    export.check_finite_variables(variables)  # before the input ranges a NaN would reach
     self._warn_undeclared_dtypes(variables["params"])
     self._warn_unexported_state()
     model_state = jax.device_get(state.model_state)

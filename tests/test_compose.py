@@ -434,6 +434,15 @@ def test_nan_weights_or_inputs_are_refused_at_init_and_export(tmp_path):
   with pytest.raises(ConfigError, match=r"^export: params/fc1/bias holds \d+ NaN/Inf"):
     comp.export(str(tmp_path / "export"), diverged)
   assert not (tmp_path / "export").exists()
+  # quantized: named as the weights, not as the input ranges training drove to NaN
+  comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=4,
+                       quant=compose.QuantSpec(weight_bits=4, act_bits=8))
+  state = comp.init_state(variables, x, calibration=[x])
+  params = jax.tree.map(lambda a: a * np.nan, state.params["model"])
+  diverged = state.replace(params={**state.params, "model": params})
+  with pytest.raises(ConfigError, match=r"^export: params/fc1/bias holds \d+ NaN/Inf.*diverged"):
+    comp.export(str(tmp_path / "export"), diverged)
+  assert not (tmp_path / "export").exists()
 
 
 def test_alpha_one_distils_examples_without_labels():

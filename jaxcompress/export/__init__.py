@@ -20,7 +20,7 @@ Example:
 
 from jaxcompress.export.artifact import export_model, load, read_spec, recode
 from jaxcompress.export.codec import LayerTensor, decode_layer, encode_layer
-from jaxcompress.export.finalize import Finalized, finalize
+from jaxcompress.export.finalize import Finalized, check_finite_variables, finalize
 from jaxcompress.export.fit import fit_to_bytes, smallest_bytes
 from jaxcompress.export.packing import pack_bits, packed_size, unpack_bits
 from jaxcompress.export.runtime import LoadedModel
@@ -37,6 +37,7 @@ __all__ = [
     # serving
     "save_serving", "load_serving", "slim", "Slimmed",
     # building blocks
-    "finalize", "Finalized", "LayerTensor", "encode_layer", "decode_layer",
+    "finalize", "Finalized", "check_finite_variables", "LayerTensor", "encode_layer",
+    "decode_layer",
     "pack_bits", "unpack_bits", "packed_size", "Sparse",
 ]

@@ -74,6 +74,18 @@ class Finalized(NamedTuple):
   float32_bytes: int
 
 
+_NOT_FINITE = ("an artifact of them would give NaN logits (a diverged run: export an earlier "
+               "checkpoint)")
+
+
+def check_finite_variables(variables: Mapping[str, Any]) -> None:
+  """Raises one :class:`ConfigError` line naming the first variable (``export: params/...``)
+  that holds NaN/Inf: checked before anything is derived from them (input ranges, scales)."""
+  for collection, value in variables.items():
+    for leaf_path, leaf in flat_paths(value).items():
+      check_finite(f"export: {collection}/{leaf_path}", leaf, _NOT_FINITE)
+
+
 def bake_masks(params: Any, masks: Any | None) -> Any:
   """``params`` with exactly 0 where ``masks`` is 0 (NumPy float32 leaves)."""
   if masks is None:
@@ -274,8 +286,7 @@ def finalize(variables: Mapping[str, Any], *, masks: Any = None,
       key = f"{collection}/{leaf_path}"
       if key in folded_leaves:
         continue
-      check_finite(f"export: {key}", leaf, "an artifact of them would give NaN logits (a "
-                   "diverged run: export an earlier checkpoint)")
+      check_finite(f"export: {key}", leaf, _NOT_FINITE)
       if collection == "params" and leaf_path in books:
         mask = None if mask_flat is None else np.asarray(mask_flat[leaf_path])
         tensors[key] = _kmeans_tensor(key, books[leaf_path], mask)
