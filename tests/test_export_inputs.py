@@ -56,6 +56,10 @@ def test_signatures_of_arrays_and_containers():
   assert io.describe(sig) == "{'image': (4, 4, 3) float32, 'meta': (2,) int32}"
   assert io.with_batch({"tuple": [META]}) == {
       "tuple": [{"shape": ["batch", 2], "dtype": "int32"}]}
+  # NumPy's default float64 and int64 are what JAX runs them as (x64 off): float32 and int32
+  assert io.of_example({"image": x["image"].astype(np.float64),
+                        "meta": x["meta"].astype(np.int64)}) == {
+      "dict": {"image": IMAGE, "meta": META}}
 
 
 @pytest.mark.parametrize("signature,wrong", [

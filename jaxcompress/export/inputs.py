@@ -154,7 +154,9 @@ def _encode(tree: Any, field: str, shape_of: Callable[[Any], tuple], *, batch: b
                       f"{type(tree).__name__} {tree!r:.60}")
   if batch and not np.ndim(tree):
     raise ConfigError(f"{field} must have a leading batch axis, got a scalar")
-  return {"shape": list(shape_of(tree)), "dtype": _dtype_name(tree.dtype, field)}
+  # the dtype the model runs on: a float64 NumPy sample is float32 in JAX unless x64 is on
+  dtype = jax.dtypes.canonicalize_dtype(tree.dtype)
+  return {"shape": list(shape_of(tree)), "dtype": _dtype_name(dtype, field)}
 
 
 def _dtype_name(dtype: Any, field: str) -> str:
