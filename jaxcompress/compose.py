@@ -656,7 +656,13 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     if prune.rules and not picked:  # the user's rules (the defaults may leave a tiny model none)
       raise invalid("prune.rules", tuple(tuple(r) for r in prune.rules), "rules that select at "
                     f"least one weight to prune ({shortened(weights, 4)})")
-    pruning.select({"model": variables["params"]}, rules)  # warns of rules matching nothing
+    if picked:
+      pruning.select({"model": variables["params"]}, rules)  # warns of rules matching nothing
+    else:
+      warnings.warn(f"prune: the default rules keep the first and last layer ({layers.first!r}, "
+                    f"{layers.last!r}) dense and the model has no other compressible weight: "
+                    "nothing will be pruned; PruneSpec(rules=...) selects weights to prune",
+                    stacklevel=2)
     masker = _masker(prune, layers)
     if prune.structure == "nm":  # a weight whose groups do not fit fails here, not in the step
       jax.eval_shape(lambda leaves: masker(sel.pick(sel.paths), leaves, 1.0), picked)

@@ -615,3 +615,18 @@ def test_the_composed_loss_counts_labels_outside_the_classes_unless_alpha_is_one
     _, (_, metrics) = comp.loss_fn(state.params, state.model_state,
                                    Batch(batch.image, labels, weight), jax.random.key(0), tvars)
     assert metrics.get("label_errors") == want  # alpha = 1: the labels are not the loss's
+
+
+class TwoDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3, name="out")(nn.relu(nn.Dense(8, name="inner")(x)))
+
+
+def test_a_model_of_only_a_first_and_last_layer_says_why_nothing_is_pruned():
+  model, x = TwoDense(), np.ones((4, 5), np.float32)
+  variables = model.init(jax.random.key(0), x)
+  with pytest.warns(UserWarning, match=r"^prune: the default rules keep the first and last layer "
+                                       r"\('inner', 'out'\) dense .* PruneSpec\(rules=\.\.\.\)"):
+    compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=4,
+                  prune=compose.PruneSpec(sparsity=0.5))
