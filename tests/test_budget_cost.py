@@ -62,6 +62,22 @@ def test_macs_of_a_transposed_kernel_by_hand():
                   "up": 4 * 4 * 3 * 3 * 8 * 6}
 
 
+def test_macs_of_a_strided_conv_on_a_dilated_input_by_hand():
+  class Strided(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # [B, 4, 4, 2] dilated to 7 x 7, padded, 3x3 windows at stride 2
+      y = nn.Conv(3, (3, 3), input_dilation=2, strides=2, padding=((1, 2), (2, 2)), name="c")(x)
+      return y.mean((1, 2))  # [B, 4, 5, 3]
+
+  x = np.zeros((2, 4, 4, 2), np.float32)
+  model = Strided()
+  macs = budget.layer_macs(model, model.init(jax.random.key(0), x), x)
+  # Rows: the inputs sit at padded rows 1, 3, 5, 7 and windows start at 0, 2, 4, 6: each input
+  # meets 1 of the 3 kernel rows. Columns: inputs at 2, 4, 6, 8, windows at 0, 2, 4, 6, 8: each
+  # input meets 2 kernel columns. 4 x 1 rows times 4 x 2 columns, times 2 inputs x 3 outputs.
+  assert macs == {"c": (4 * 1) * (4 * 2) * 2 * 3}
+
+
 class Tied(nn.Module):
   """An embedding whose matrix is also the output head (``attend``)."""
 

@@ -265,7 +265,9 @@ def layer_macs(model: Any, variables: Mapping[str, Any], sample: Any) -> dict[st
   convolution a layer's call runs, ``output entries x summed entries`` (``H' W' x kh kw Cin Cout``
   for a conv, ``in x out`` for a dense layer, ``T x vocab x features`` for an ``Embed`` used as
   the output head, ``attend``; a lookup is 0; a transposed conv, whose input is dilated, counts
-  its input positions, ``H W x kh kw Cin Cout``, not the zeros between them), times the length of
+  its input positions, ``H W x kh kw Cin Cout``, not the zeros between them; a Conv with an
+  ``input_dilation`` and strides, each input entry times the kernel entries the stride lines up
+  with it), times the length of
   every scan around it: a layer called several times counts every call, and a layer inside
   ``nn.scan``, ``nn.RNN`` or ``jax.lax.scan`` counts every step, whether its weight is stacked
   per step or shared by them. Of the branches of a ``cond`` (``nn.cond``, ``nn.switch``) the
@@ -338,16 +340,26 @@ def _jaxpr_macs(jaxpr: Any, scope: str, paths: Sequence[str], looped: set[str]) 
 
 def _product_macs(eqn: Any) -> int:
   """``output entries x summed entries`` of one ``dot_general`` or convolution; of a convolution
-  with a dilated input (a transposed conv), ``input entries x kernel entries``."""
+  with a dilated input (a transposed conv), ``input entries x kernel entries`` each meets (all of
+  them at stride 1, a transposed conv's windows)."""
   if eqn.primitive.name == "dot_general":
     (contract, _), _ = eqn.params["dimension_numbers"]
     lhs = eqn.invars[0].aval.shape
     return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[a] for a in contract)
   lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
   spec = eqn.params["dimension_numbers"]
-  if any(d != 1 for d in eqn.params["lhs_dilation"]):  # each input entry meets each kernel entry
-    batch = lhs[spec.lhs_spec[0]] // eqn.params["batch_group_count"]
-    return batch * math.prod(lhs[a] for a in spec.lhs_spec[2:]) * math.prod(rhs)
+  params = eqn.params
+  if any(d != 1 for d in params["lhs_dilation"]):
+    # Each input entry meets the kernel entries that the windows' stride lines up with it: all
+    # of them for a transposed conv (windows at every position), some for strided windows.
+    taps = 1
+    for a, k, dil, rdil, stride, (lo, _) in zip(
+        spec.lhs_spec[2:], spec.rhs_spec[2:], params["lhs_dilation"], params["rhs_dilation"],
+        params["window_strides"], params["padding"]):
+      taps *= sum((i * dil + lo - t * rdil) % stride == 0 for i in range(lhs[a])
+                  for t in range(rhs[k]))
+    batch = lhs[spec.lhs_spec[0]] // params["batch_group_count"]
+    return batch * taps * rhs[spec.rhs_spec[0]] * rhs[spec.rhs_spec[1]]
   return math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) // rhs[spec.rhs_spec[0]]
 
 
