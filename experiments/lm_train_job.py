@@ -13,7 +13,7 @@ import os
 from experiments import lm_lib
 from experiments.pipeline import FLOAT32_BYTES, param_count
 from jaxcompress import parallel, text
-from jaxcompress.checkpoint import MetricsLog, check_workdir, write_json
+from jaxcompress.checkpoint import MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.errors import check_counts
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import make_optimizer
@@ -54,7 +54,8 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
     desc: progress-bar label.
 
   Returns:
-    ``(module, variables, results)``; ``results`` is what ``results.json`` holds.
+    ``(module, variables, results)``; ``results`` is what ``results.json`` holds (a finished
+    run's, read back with its weights: nothing is trained or evaluated again).
   """
   data = config.data
   module, variables = lm_lib.build_model(config.model, corpus.vocab.size, data.context,
@@ -64,6 +65,9 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(data[field], mesh, f"data.{field}")
   check_workdir(lm_lib.run_record(config, corpus), workdir)
+  done = read_json(os.path.join(workdir, "results.json"))
+  if done:  # a finished run: its weights and results, nothing trained or evaluated again
+    return module, lm_lib.load_trained(workdir, "--workdir")[1], done
   optimizer = make_optimizer(opt_spec, source.steps_per_epoch, decay_mask=lm_lib.matrices_only)
   variables = dict(variables)
   state = TrainState.create(variables.pop("params"), variables, optimizer)

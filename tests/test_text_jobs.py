@@ -77,8 +77,13 @@ def test_train_lm_reports_losses_in_nats_and_bits(tiny):
     assert os.path.isfile(os.path.join(tiny["lm"], name))
   logged = [json.loads(l) for l in open(os.path.join(tiny["lm"], "metrics.jsonl"))]
   assert [r["step"] for r in logged if "loss" in r] == [2, 4, 6]
-  # The same command again: the finished run is read back, its log and results unchanged.
+  # The same command again: the finished run is read back, its log and results unchanged,
+  # nothing evaluated or written again.
+  written = {n: os.stat(os.path.join(tiny["lm"], n)).st_mtime_ns
+             for n in ("weights.msgpack", "results.json")}
   proc = _run(*tiny["command"])
+  assert "eval" not in proc.stderr
+  assert {n: os.stat(os.path.join(tiny["lm"], n)).st_mtime_ns for n in written} == written
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads(proc.stdout.strip().splitlines()[-1])["loss_test"] == result["loss_test"]
   again = [json.loads(l) for l in open(os.path.join(tiny["lm"], "metrics.jsonl"))]
