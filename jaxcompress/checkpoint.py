@@ -291,6 +291,10 @@ class Checkpointer:
                                              cleanup_tmp_directories=True),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
+    # Orbax removes the steps a save outdates after committing it, and those a kill in between
+    # left only at the next save, which a resumed run that has finished never makes.
+    for step in sorted(self._manager.all_steps())[:-max_to_keep]:
+      self._manager.delete(step)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

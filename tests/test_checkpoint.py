@@ -217,6 +217,21 @@ def test_a_step_not_after_the_latest_is_refused_not_skipped(tmp_path):
   empty.close()
 
 
+def test_steps_a_kill_left_beyond_max_to_keep_are_removed_on_reopening(tmp_path):
+  from jaxcompress.checkpoint import Checkpointer
+  folder = str(tmp_path / "checkpoints")
+  # What a kill leaves between the commit of step 3 and orbax's removal of step 1 (which orbax
+  # does only at a later save, and a finished run, resumed, saves nothing).
+  ckpt = Checkpointer(folder, max_to_keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, _small_state())
+  ckpt.close()
+  ckpt = Checkpointer(folder)
+  ckpt.restore(_small_state())
+  ckpt.close()
+  assert sorted(os.listdir(folder)) == ["2", "3"]  # as the uninterrupted run keeps
+
+
 def test_a_python_scalar_in_the_state_restores(tmp_path):
   from jaxcompress.checkpoint import Checkpointer
   state = {"step": 3, "w": np.arange(4, dtype=np.float32)}  # as flax's TrainState starts: step=0
