@@ -27,7 +27,8 @@ from experiments import lm_lib
 from experiments.lm_train_job import check_data, load_corpus, train_lm
 from experiments.pipeline import FLOAT32_BYTES, compression_specs, param_count
 from jaxcompress import compose, parallel, pruning, text
-from jaxcompress.checkpoint import Stages, check_workdir, read_json, write_json, write_text
+from jaxcompress.checkpoint import (Stages, check_workdir, read_json, release_workdir, write_json,
+                                   write_text)
 from jaxcompress.errors import ConfigError, invalid
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import make_optimizer
@@ -192,12 +193,12 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
   t = fam.section.teacher
   if not t.checkpoint:
     teacher_dir = os.path.join(fam.folder, "teacher")
-    if not os.path.isfile(os.path.join(teacher_dir, "results.json")):
-      tconfig = ml_collections.ConfigDict({"seed": config.seed,
-                                           "data": {**data.to_dict(), "context": fam.context},
-                                           "model": t.model.to_dict(),
-                                           "train": t.train.to_dict()})
-      train_lm(tconfig, corpus, teacher_dir, mesh=mesh, desc=f"train {fam.name} teacher")
+    tconfig = ml_collections.ConfigDict({"seed": config.seed,
+                                         "data": {**data.to_dict(), "context": fam.context},
+                                         "model": t.model.to_dict(), "train": t.train.to_dict()})
+    # A finished teacher is read back, its folder's lock taken over if a kill left it there.
+    train_lm(tconfig, corpus, teacher_dir, mesh=mesh, desc=f"train {fam.name} teacher")
+    release_workdir(teacher_dir)  # done with it: a kill later in this process leaves no lock
     fam.module, fam.variables, *_ = lm_lib.load_trained(teacher_dir, _field(fam, "teacher"))
 
   def teacher_stage():

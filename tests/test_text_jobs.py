@@ -4,8 +4,11 @@ synthetic text with tiny models, and one-line errors for bad input."""
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -145,6 +148,40 @@ def test_distill_end_to_end_contract(tiny):
     if path != "head/kernel":
       assert _is_2_of_4(kernel, 2 if path.endswith("out/kernel") else 1), path
   assert (kernels["head/kernel"] != 0).mean() > 0.9  # the head stays dense
+
+
+def test_a_kill_after_the_teacher_leaves_no_lock_in_its_folder(tiny):
+  """The distillation job trains its teacher in WORKDIR/teacher; killed (SIGKILL) in a later
+  stage, it must not leave that folder's lock behind, and a rerun takes over and gives back one
+  that a kill right after the teacher's results.json left (nothing else ever would)."""
+  workdir = tiny["root"] / "killed"
+  args = ("experiments.shakespeare_distill", "--config=configs/shakespeare_distill.py:quick",
+          f"--config.data.path={tiny['text']}", f"--workdir={workdir}", "--config.sft=False",
+          "--config.lstm.enabled=False", "--config.teacher.model.width=8",
+          "--config.teacher.model.depth=1", "--config.teacher.model.heads=2",
+          "--config.teacher.train.steps=2", "--config.teacher.train.warmup_steps=1",
+          *TINY_LM, *TINY_DISTILL)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  err = tiny["root"] / "killed.err"
+  with open(err, "w") as log:
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log)
+  while not (workdir / "ptq" / "export").exists():  # the teacher is trained and evaluated
+    if proc.poll() is not None:
+      pytest.fail(f"the job ended before its export: {err.read_text()[-3000:]}")
+    time.sleep(0.001)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert (workdir / "teacher" / "results.json").exists() and (workdir / "lock").exists()
+  assert not (workdir / "teacher" / "lock").exists()
+  dead = {"pid": proc.pid, "host": socket.gethostname(), "time": time.time()}
+  (workdir / "teacher" / "lock").write_text(json.dumps(dead))
+  proc = _run(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not (workdir / "teacher" / "lock").exists()
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "context", "unknown_char"])
