@@ -8,6 +8,7 @@ import pytest
 from jaxcompress import budget, compose
 from jaxcompress.budget import Option
 from jaxcompress.data import Batch
+from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
 
 SHAPE = (6, 6, 3)
@@ -95,6 +96,15 @@ def test_predict_interpolates_between_measured_sparsities(scanned):
   d5 = sens.predict("fc2", 0.5, 0)
   d9 = sens.predict("fc2", 0.9, 0)
   assert sens.predict("fc2", 0.7, 0) == pytest.approx((d5 + d9) / 2)
+
+
+def test_predict_refuses_what_the_scan_did_not_measure(scanned):
+  *_, sens = scanned
+  with pytest.raises(ConfigError, match=r"weight_bits \(layer 'fc1'\) must be a width the scan "
+                     r"measured, one of \[2, 4, 8\], got 3"):
+    sens.predict("fc1", 0.5, 3)
+  with pytest.raises(ConfigError, match="path must be a scanned layer .*got 'fc9'"):
+    sens.predict("fc9", 0.5, 4)
 
 
 def test_a_resumed_scan_evaluates_only_what_is_missing(scanned):

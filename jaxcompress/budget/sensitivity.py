@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from jaxcompress import parallel, quantization
 from jaxcompress.budget.cost import keep_mask
 from jaxcompress.budget.presets import Option
-from jaxcompress.errors import ConfigError, check_variables, unknown
+from jaxcompress.errors import ConfigError, check_variables, invalid, shortened, unknown
 from jaxcompress.models.functional import functional
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
@@ -72,7 +72,19 @@ class Sensitivity(NamedTuple):
   loss: str = "ce"
 
   def predict(self, path: str, sparsity: float, weight_bits: int, act_bits: int = 0) -> float:
-    """Damage of any sparsity (linear between the measured ones; clamped at the largest)."""
+    """Damage of any sparsity (linear between the measured ones; clamped at the largest).
+
+    Raises:
+      ConfigError: if ``path`` is not a scanned layer or ``weight_bits`` a width the scan did not
+        measure for it.
+    """
+    if path not in self.paths:
+      raise invalid("path", path, f"a scanned layer ({shortened(list(self.paths), 3)})")
+    scanned = sorted({k[2] for k in self.measured if k[0] == path and k[2]})
+    if weight_bits and weight_bits not in scanned:
+      raise invalid(f"weight_bits (layer {path!r})", weight_bits,
+                    f"a width the scan measured, one of {scanned}", "scan that width too")
+
     def loss(s, wb, ab):
       return self.measured[(path, s, wb, ab)][0] if (s, wb, ab) != (0.0, 0, 0) else (
           self.base_loss)
