@@ -209,8 +209,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   norm = dict(mean=data.mean, std=data.std)
   held_out = list(data_lib.eval_batches(val, min(config.scan.batch_size, len(val)), **norm))
   n_calib = max(1, min(config.quant.calibration_examples, 512, len(train)))
-  head = train.read(np.arange(n_calib))  # the first examples of the training split
-  calib = [b.image for b in data_lib.eval_batches(head, 256, **norm)]
+  head, _ = train.read(np.arange(n_calib))  # the first examples of the training split
+  calib = [data_lib.normalize(head[i:i + 256], **norm) for i in range(0, n_calib, 256)]
   traced = trace_layers(model, variables, calib[0], field="student.name")
   _check_distillation(main_config, paths, spec, model, variables, calib[0][:8])
   layers, last = traced.layers, traced.last

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # before jax reads its flags
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +41,32 @@ def pretrained(name: str) -> str:
   if not os.path.isfile(path):
     pytest.skip(f"{path} not present")
   return path
+
+
+class _Calibrated(Exception):
+  """Raised by the stand-in calibration of :func:`check_calibration_images`: the run stops."""
+
+
+def check_calibration_images(run, monkeypatch, examples: int) -> None:
+  """Checks that a job's ``run()`` on mock MNIST of ``examples + 20`` training images
+  calibrates its input ranges on exactly the first ``examples`` of them, normalised
+  (``quantization.calibrate`` is replaced by one that records its batches and stops the run)."""
+  import tensorflow_datasets as tfds
+
+  from jaxcompress import data, quantization
+  seen = []
+
+  def calibrate(qz, variables, qstate, batches, **kwargs):
+    seen.extend(np.asarray(b) for b in batches)
+    raise _Calibrated
+
+  monkeypatch.setattr(quantization, "calibrate", calibrate)
+  with tfds.testing.mock_data(num_examples=examples + 20):
+    x, _ = data.load_split("mnist", "train", progress=False)
+    with pytest.raises(_Calibrated):
+      run()
+  want = (x[:examples].astype(np.float64) / 255 - 0.5) / 0.5  # no zero-padded images among them
+  np.testing.assert_allclose(np.concatenate(seen), want, atol=1e-6)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import autocompress
+from conftest import check_calibration_images
 from experiments import autocompress_job
 from experiments.autocompress_job import train_and_evaluate
 from jaxcompress.checkpoint import write_json
@@ -502,3 +503,9 @@ def test_coded_sizing_plans_above_the_budget_and_exports_within_it(mlp_weights, 
   assert coded["uniform"]["size_bytes"] <= limit and coded["uniform"]["zeroed_to_fit"] >= 0
   report = open(tmp_path / "coded" / "report.md").read()
   assert f"sized for {coded['predicted']['sized_for']:,} so that" in report
+
+
+def test_calibration_reads_exactly_the_first_training_images(mlp_weights, tmp_path, monkeypatch):
+  config = _config(mlp_weights, ratio=8.0)
+  config.quant.calibration_examples = 300  # a full batch of 256, then 44
+  check_calibration_images(lambda: train_and_evaluate(config, str(tmp_path)), monkeypatch, 300)

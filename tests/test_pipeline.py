@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar_distill, cifar_sft
+from conftest import check_calibration_images
 from experiments.pipeline import train_and_evaluate
 from jaxcompress.errors import ConfigError
 from jaxcompress import export as export_lib
@@ -161,6 +162,12 @@ def test_the_shortest_training_the_refusal_names_is_accepted(mlp_weights, tmp_pa
     _run(config, tmp_path / "short")
   config.train.epochs = float(re.search(r"at least ([\d.e-]+)\)", str(e.value)).group(1))
   assert _run(config, tmp_path / "hint")["train"]["steps"] == 1
+
+
+def test_calibration_reads_exactly_the_first_training_images(mlp_weights, tmp_path, monkeypatch):
+  config = _config(mlp_weights)
+  config.quant.calibration_examples = 300  # a full batch of 256, then 44
+  check_calibration_images(lambda: train_and_evaluate(config, str(tmp_path)), monkeypatch, 300)
 
 
 @pytest.mark.parametrize("key,value,match", [
