@@ -590,7 +590,7 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
           optimizer: optax.GradientTransformation, total_steps: int,
           prune: PruneSpec = PruneSpec(method="none"), quant: QuantSpec = QuantSpec(),
           distill: DistillSpec = DistillSpec(), teacher: Any = None,
-          compute_dtype: str = "float32") -> Compression:
+          compute_dtype: Any = "float32") -> Compression:
   """Builds the :class:`Compression` of a student.
 
   Args:
@@ -604,15 +604,16 @@ def build(student: Any, variables: Mapping[str, Any], sample_input: Any, *,
     quant: the :class:`QuantSpec`.
     distill: the :class:`DistillSpec`.
     teacher: the distillation teacher (Linen or NNX), or None.
-    compute_dtype: ``float32`` or ``bfloat16``, the dtype of the student's training forward and
-      backward (:mod:`jaxcompress.precision`; ``train.compute_dtype``).
+    compute_dtype: ``float32`` or ``bfloat16`` (a name or a dtype: ``jnp.bfloat16``), the dtype
+      of the student's training forward and backward (:mod:`jaxcompress.precision`;
+      ``train.compute_dtype``).
 
   Raises:
     ConfigError: for a model with no layer to compress when compressing, a forward that fails on
       ``sample_input``, a teacher missing while the distill spec needs one, a teacher of other
       classes than the student's, bad rules, or an unknown compute dtype.
   """
-  precision.compute_dtype(compute_dtype)
+  compute_dtype = precision.compute_dtype(compute_dtype).name
   check_variables(variables, "variables")
   for name, spec, cls in (("prune", prune, PruneSpec), ("quant", quant, QuantSpec),
                           ("distill", distill, DistillSpec)):

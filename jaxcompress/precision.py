@@ -30,11 +30,16 @@ SCALE_DTYPES = ("float32", "float16")
 HALF_MAX = float(jnp.finfo(jnp.float16).max)  # 65504
 
 
-def compute_dtype(name: str, field: str = "train.compute_dtype") -> jnp.dtype:
-  """The dtype named ``name`` (one of :data:`COMPUTE_DTYPES`); a one-line error otherwise."""
-  if name not in COMPUTE_DTYPES:
+def compute_dtype(name: Any, field: str = "train.compute_dtype") -> jnp.dtype:
+  """The dtype ``name`` gives: one of :data:`COMPUTE_DTYPES`, by name or as a dtype
+  (``jnp.bfloat16``); a one-line error otherwise."""
+  try:
+    key = name if isinstance(name, str) or name is None else jnp.dtype(name).name
+  except (TypeError, ValueError):
+    key = None
+  if key not in COMPUTE_DTYPES:
     raise unknown(field, name, COMPUTE_DTYPES)
-  return jnp.dtype(name)
+  return jnp.dtype(key)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:

@@ -155,7 +155,7 @@ def weighted_mean(values: jax.Array, weight: jax.Array) -> jax.Array:
   return jnp.sum(weighted) / jnp.where(total > 0, total, 1.0)
 
 
-def supervised_loss(model: Any, compute_dtype: str = "float32") -> Callable:
+def supervised_loss(model: Any, compute_dtype: Any = "float32") -> Callable:
   """The plain task loss of any Linen or NNX model: cross-entropy of its logits against the labels.
 
   The model runs in training mode through :func:`jaxcompress.models.functional.functional`

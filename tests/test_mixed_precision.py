@@ -131,6 +131,20 @@ def test_an_unknown_compute_dtype_is_one_line():
     _compose("half")
 
 
+def test_the_compute_dtype_may_be_given_as_a_dtype():
+  # jnp.bfloat16, as Quantizer.apply takes it, names the same dtype as "bfloat16".
+  comp = _compose(jnp.bfloat16)[0]
+  assert comp.compute_dtype == "bfloat16"
+  variables = _ConvNet().init(jax.random.key(0), _data()[0].image)
+  jaxpr = str(jax.make_jaxpr(supervised_loss(_ConvNet(), jnp.bfloat16))(
+      variables["params"], {"batch_stats": variables["batch_stats"]}, _data()[0],
+      jax.random.key(0)))
+  assert "bf16[32,6,6,8]" in jaxpr
+  with pytest.raises(ConfigError, match="^train.compute_dtype must be one of bfloat16, float32, "
+                     "got <class 'jax.numpy.float16'>$"):
+    supervised_loss(_ConvNet(), jnp.float16)
+
+
 class _MLP(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
