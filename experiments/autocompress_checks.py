@@ -90,6 +90,11 @@ def check_scan(config) -> None:
       raise invalid(f"scan.{field}", s[field], "a non-empty list of integer bit widths in [2, 8]")
   if s.batch_size < 1:
     raise invalid("scan.batch_size", s.batch_size, ">= 1")
+  n = config.data.val_examples
+  if s.adapt_norms and n > s.batch_size and n % s.batch_size:
+    raise invalid("scan.batch_size", s.batch_size, f"a divisor of data.val_examples={n} with "
+                  "scan.adapt_norms=True", "each held-out batch is normalised with its own "
+                  "BatchNorm statistics, and a padded last batch would mix in zero images")
   for field, what in (("hessian_samples", "Hutchinson vectors per batch; 0 skips the proxy"),
                       ("refine_rounds", "rounds of refinement; 0 plans from the scan alone")):
     if s[field] < 0:

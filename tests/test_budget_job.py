@@ -393,6 +393,8 @@ def test_bad_sweep_is_one_line_and_writes_nothing(mlp_weights, tmp_path, budget,
     ("quant", "method", "kmeans", r"^quant.method must be minmax or lsq in the budget job "
                                   r"\(plans are scanned, sized and capped as uniform integer "
                                   r"codes\), got 'kmeans'$"),
+    ("scan", "batch_size", 10, r"^scan.batch_size must be a divisor of data.val_examples=16 "
+                               r"with scan.adapt_norms=True, got 10; each held-out batch"),
     ("scan", "hessian_samples", -1, r"^scan.hessian_samples must be >= 0, got -1; "),
     ("scan", "refine_rounds", -1, r"^scan.refine_rounds must be >= 0, got -1; "),
     ("scan", "sparsities", ("x",), r"^scan.sparsities must be a non-empty list of fractions in "
