@@ -276,7 +276,9 @@ def check_splits(data: Any, trained: int) -> None:
   """Raises one line if ``data.eval_split`` shares examples with the ``trained`` examples a job
   trains on (the first of ``data.train_split``) or with the held-out slice (its last
   ``data.val_examples``), counted from the prepared dataset's split sizes
-  (:func:`shared_examples`): accuracy reported on them would not be a test accuracy."""
+  (:func:`shared_examples`): accuracy reported on them would not be a test accuracy; or if
+  the held-out slice shares examples with those trained on (a ``data.train_split`` of
+  overlapping parts)."""
   used = first_examples(data.name, data.train_split, trained, data_dir=data.data_dir)
   shared = shared_examples(data.name, used or data.train_split, data.eval_split,
                            data_dir=data.data_dir)
@@ -297,6 +299,12 @@ def check_splits(data: Any, trained: int) -> None:
                       f"examples of data.train_split={data.train_split!r}) overlaps "
                       f"data.eval_split={data.eval_split!r}{common}; evaluate on another split, "
                       "or make the two splits disjoint slices")
+  both = shared_examples(data.name, used, held, data_dir=data.data_dir) if used and held else 0
+  if both:  # parts of the training split that overlap: the slice held out is trained on too
+    raise ConfigError(f"data.train_split={data.train_split!r}: its parts overlap, so the held-out "
+                      f"slice ({held}, the last data.val_examples={data.val_examples}) shares "
+                      f"{both:,} examples with the {trained:,} trained on ({used}); give parts "
+                      "that do not overlap")
 
 
 def shared_examples(name: str, a: str, b: str, *, data_dir: str | None = None) -> int:

@@ -283,3 +283,11 @@ def test_eval_split_against_the_training_and_held_out_examples_by_hand():
                                ("train", "train[1000:1100]", 1000)):
     Data.train_split, Data.eval_split = train, test
     data.check_splits(Data, trained)  # nothing in common
+  Data.train_split, Data.eval_split = "train[:1000]+train[900:1000]", "test"
+  with pytest.raises(ConfigError, match=r"^data.train_split='train\[:1000\]\+train\[900:1000\]': "
+                                        r"its parts overlap, so the held-out slice "
+                                        r"\(train\[900:1000\], the last data.val_examples=100\) "
+                                        r"shares 100 examples with the 1,000 trained on"):
+    data.check_splits(Data, 1000)  # trained on [0, 1000), held out the second [900, 1000)
+  Data.train_split = "train[:1000]+train[2000:2100]"
+  data.check_splits(Data, 1000)  # held out [2000, 2100): disjoint parts
