@@ -80,7 +80,8 @@ class Sensitivity(NamedTuple):
     """
     if path not in self.paths:
       raise invalid("path", path, f"a scanned layer ({shortened(list(self.paths), 3)})")
-    scanned = sorted({k[2] for k in self.measured if k[0] == path and k[2]})
+    keys = [k for k in self.measured if k[0] == path]  # (path, sparsity, bits, input bits)
+    scanned = sorted({k[2] for k in keys if k[2]})
     if weight_bits and weight_bits not in scanned:
       raise invalid(f"weight_bits (layer {path!r})", weight_bits,
                     f"a width the scan measured, one of {scanned}", "scan that width too")
@@ -89,8 +90,7 @@ class Sensitivity(NamedTuple):
       return self.measured[(path, s, wb, ab)][0] if (s, wb, ab) != (0.0, 0, 0) else (
           self.base_loss)
     wb = weight_bits if self.joint else 0
-    grid = sorted({k[1] for k in self.measured if k[0] == path and k[2] == wb and k[3] == 0}
-                  | {0.0})
+    grid = sorted({k[1] for k in keys if k[2] == wb and k[3] == 0} | {0.0})
     curve = [loss(s, wb, 0) - self.base_loss for s in grid]
     d = float(np.interp(sparsity, grid, curve))
     if not self.joint and weight_bits:
