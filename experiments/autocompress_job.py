@@ -210,7 +210,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   held_out = list(data_lib.eval_batches(val, min(config.scan.batch_size, len(val)), **norm))
   n_calib = max(1, min(config.quant.calibration_examples, 512, len(train)))
   head, _ = train.read(np.arange(n_calib))  # the first examples of the training split
-  calib = [data_lib.normalize(head[i:i + 256], **norm) for i in range(0, n_calib, 256)]
+  calib = data_lib.calibration_batches(head, **norm)
   traced = trace_layers(model, variables, calib[0], field="student.name")
   _check_distillation(main_config, paths, spec, model, variables, calib[0][:8])
   layers, last = traced.layers, traced.last

@@ -201,9 +201,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   f"{per_epoch} steps: at least {1 / per_epoch:.3g})")
   calib_x, _ = splits["train"].read(
       np.arange(min(config.quant.calibration_examples, len(splits["train"]))))
-  # Only the examples asked for: a padded last batch would calibrate on black images too.
-  calib = [data_lib.normalize(calib_x[i:i + 256], config.data.mean, config.data.std)
-           for i in range(0, len(calib_x), 256)]
+  calib = data_lib.calibration_batches(calib_x, config.data.mean, config.data.std)
   optimizer = make_optimizer(OptimizerSpec.from_mapping(config.train), per_epoch,
                              decay_mask=compose.decay_mask)
   comp = compose.build(student, student_vars, calib[0][:8], optimizer=optimizer,

@@ -401,6 +401,14 @@ def normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
   return images.astype(np.float32) * scale - shift
 
 
+def calibration_batches(images: np.ndarray, mean: Sequence[float], std: Sequence[float], *,
+                        batch_size: int = 256) -> list[np.ndarray]:
+  """``images`` normalised, in batches of at most ``batch_size``: calibration reads no weights,
+  so the last batch is shorter rather than padded (padding would add black images)."""
+  return [normalize(images[i:i + batch_size], mean, std)
+          for i in range(0, len(images), batch_size)]
+
+
 def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
             rows: tuple[int, int] | None = None, batch_size: int | None = None) -> np.ndarray:
   """Random ``pad``-pixel zero-pad crop and random horizontal flip, per image.
