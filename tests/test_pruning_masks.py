@@ -73,6 +73,15 @@ def test_num_pruned_python_and_traced():
   assert [int(traced(jnp.float32(s))) for s in (0.40625, 0.46875, 0.5)] == [6, 8, 8]
 
 
+def test_num_pruned_concrete_array_is_exact():
+  # Python: round(0.7 * 45) = round(31.4999...) = 31, for 0.7 and for float32(0.7) alike; a
+  # concrete array is no trace (float32 arithmetic rounds the product to 31.5 -> 32).
+  p = {"w": jnp.arange(1.0, 46.0).reshape(5, 9)}
+  for s in (np.array(0.7), jnp.float32(0.7)):
+    assert num_pruned(s, 45) == round(float(s) * 45) == 31
+    assert int(np.sum(np.asarray(unstructured()(["w"], [p["w"]], s)[0]) == 0)) == 31
+
+
 @pytest.mark.parametrize("n, m, axis", [(2, 4, -1), (1, 4, 0), (4, 8, 1), (4, 4, 1), (1, 1, 0)])
 def test_nm_mask_matches_numpy_groups(n, m, axis):
   scores = np.random.default_rng(2).integers(0, 3, size=(8, 16, 8)).astype(np.float32)
