@@ -288,6 +288,11 @@ def test_nm_mask_and_apply_masks_refuse_what_they_cannot_do():
     nm_mask(jnp.ones((8, 4)), 5, 4)
   with pytest.raises(ConfigError, match=r"^m must be an integer >= 1, got 0$"):
     nm_mask(jnp.ones((8, 4)), 1, 0)
+  # Axis 5 or -3 of a 2-D array does not exist (np.moveaxis raises): no silent wrap to axis 1.
+  for axis in (5, -3, (1, -1), True):
+    with pytest.raises(ConfigError, match=r"^axis must be an axis in \[-2, 2\) or a tuple of "
+                                          r"distinct ones for scores of shape \(4, 8\), got "):
+      nm_mask(jnp.ones((4, 8)), 2, 4, axis)
   params = {"fc": {"kernel": jnp.ones((3, 4))}}
   with pytest.raises(ConfigError, match=r"^masks\['fc/kernel'\] has shape \(3, 1\), its "
                                         r"parameter \(3, 4\)"):

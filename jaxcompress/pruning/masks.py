@@ -173,12 +173,22 @@ def nm_mask(scores: jax.Array, n: int, m: int,
   of every ``m`` consecutive input channels. A tuple of axes groups along those axes flattened in
   row-major order (a DenseGeneral ``[heads, dim, out]`` kernel contracts ``heads * dim`` inputs:
   ``axis=(0, 1)``). Ties within a group: the entry nearer the end of the group is kept (see the
-  module docstring). The (flattened) length must be a multiple of ``m`` (checked by
-  :func:`n_of_m`).
+  module docstring). The (flattened) length must be a multiple of ``m``.
+
+  Raises:
+    ConfigError: for an axis out of range or given twice, ``m < 1``, ``n`` outside ``[1, m]``
+      or a group length that ``m`` does not divide.
   """
   if axis is None:
     axis = reduction_axis(scores.ndim)
-  axes = tuple(a % scores.ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,)))
+  axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  ndim = scores.ndim
+  in_range = all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+                 and -ndim <= a < ndim for a in axes)
+  if not axes or not in_range or len({a % ndim for a in axes}) < len(axes):
+    raise invalid("axis", axis, f"an axis in [{-ndim}, {ndim}) or a tuple of distinct ones for "
+                  f"scores of shape {tuple(scores.shape)}")
+  axes = tuple(int(a) % ndim for a in axes)
   if not isinstance(m, int) or m < 1:
     raise invalid("m", m, "an integer >= 1")
   if not isinstance(n, int) or not 1 <= n <= m:
