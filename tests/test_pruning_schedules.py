@@ -62,6 +62,8 @@ def test_one_shot_and_constant():
     (lambda: polynomial_schedule(0.5, 10, 10), "schedule.end_step must be > begin_step=10"),
     (lambda: polynomial_schedule(0.5, -1, 10), "schedule.begin_step must be an integer >= 0"),
     (lambda: polynomial_schedule(0.5, 0, 10, power=0), "schedule.power must be a number > 0"),
+    (lambda: polynomial_schedule(0.5, 0, 10, power=float("nan")),
+     "schedule.power must be a number > 0, got nan"),
     (lambda: one_shot_schedule(0.5, 2.5), "schedule.step must be an integer >= 0, got 2.5"),
     (lambda: constant_schedule(1.5), "schedule.sparsity must be in [0.0, 1.0), got 1.5"),
 ])

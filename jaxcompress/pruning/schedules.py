@@ -82,7 +82,7 @@ def polynomial_schedule(final_sparsity: float, begin_step: int, end_step: int, *
 
   Raises:
     ConfigError: for sparsities outside [0, 1), ``initial_sparsity > final_sparsity``,
-      negative or non-integer steps, ``end_step <= begin_step`` or ``power <= 0``.
+      negative or non-integer steps, ``end_step <= begin_step`` or ``power`` not > 0 (NaN included).
   """
   check_sparsity(final_sparsity, "schedule.final_sparsity")
   check_sparsity(initial_sparsity, "schedule.initial_sparsity")
@@ -93,7 +93,7 @@ def polynomial_schedule(final_sparsity: float, begin_step: int, end_step: int, *
   _check_step("schedule.end_step", end_step)
   if end_step <= begin_step:
     raise invalid("schedule.end_step", end_step, f"> begin_step={begin_step}")
-  if not isinstance(power, numbers.Real) or power <= 0:
+  if not isinstance(power, numbers.Real) or not power > 0:  # NaN: every sparsity NaN
     raise invalid("schedule.power", power, "a number > 0", "Zhu & Gupta use 3")
 
   def schedule(step):
