@@ -60,6 +60,7 @@ def test_first_round_failing_returns_the_dense_model():
                         "0.5; list the targets in increasing order"),
     ([0.5, 1.0], 0.01, "iterative.sparsities[1] must be in [0.0, 1.0), got 1.0"),
     ([0.5], -0.1, "iterative.tolerance must be a number >= 0, got -0.1"),
+    ([0.5], float("nan"), "iterative.tolerance must be a number >= 0, got nan"),
     (0.5, 0.01, "iterative.sparsities must be a non-empty list of sparsities in [0, 1), got 0.5; "
                 "one round: [0.5]"),
     ([0.5, "0.7"], 0.01, "iterative.sparsities[1] must be a number in [0.0, 1.0), got '0.7'"),

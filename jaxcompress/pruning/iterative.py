@@ -75,7 +75,7 @@ def iterative_prune(params: Any, sparsities: Sequence[float],
 
   Raises:
     ConfigError: for an empty or non-increasing ``sparsities``, a value outside [0, 1), or a
-      negative ``tolerance``.
+      negative or NaN ``tolerance``.
   """
   if isinstance(sparsities, str) or not hasattr(sparsities, "__iter__"):  # e.g. one number
     raise invalid("iterative.sparsities", sparsities, "a non-empty list of sparsities in [0, 1)",
@@ -83,7 +83,7 @@ def iterative_prune(params: Any, sparsities: Sequence[float],
   sparsities = list(sparsities)
   check_sparsities(sparsities, "iterative.sparsities", increasing=True)
   sparsities = [float(s) for s in sparsities]
-  if not isinstance(tolerance, numbers.Real) or tolerance < 0:
+  if not isinstance(tolerance, numbers.Real) or not tolerance >= 0:  # NaN: no round passes
     raise invalid("iterative.tolerance", tolerance, "a number >= 0")
 
   dense_accuracy = float(validate(params))
