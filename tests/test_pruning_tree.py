@@ -144,6 +144,11 @@ def test_nm_masks_along_axis_0_hand_built():
   np.testing.assert_array_equal(mask, [[0, 0, 1, 0], [1, 0, 1, 1], [1, 1, 0, 1], [0, 1, 0, 0]])
 
 
+def test_nm_masks_refuses_m_0_in_one_line():
+  with pytest.raises(ConfigError, match=r"^prune.m must be an integer >= 1, got 0$"):
+    nm_masks({"k": {"kernel": W}}, 2, 0)  # not 1 - n / m's ZeroDivisionError
+
+
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_channel_masks_zero_whole_output_channels(norm):
   w = np.random.default_rng(4).normal(size=(3, 3, 4, 8)).astype(np.float32)

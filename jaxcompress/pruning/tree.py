@@ -122,7 +122,8 @@ def nm_masks(params: Any, n: int, m: int, *, axis: int | None = None,
     ConfigError: if not ``1 <= n <= m``, ``axis`` is out of range for a selected leaf, or ``m``
       does not divide its length along ``axis``.
   """
-  return compute_masks(params, 1 - n / m, structure=n_of_m(n, m, axis), rules=rules)
+  structure = n_of_m(n, m, axis)  # checks n and m first: 1 - n / m divides by m
+  return compute_masks(params, 1 - n / m, structure=structure, rules=rules)
 
 
 def channel_masks(params: Any, sparsity: Sparsity, *, norm: str = "l1",
