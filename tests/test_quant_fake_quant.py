@@ -186,3 +186,14 @@ def test_a_scale_or_zero_point_of_another_shape_is_one_line(kwargs, field, shape
   for fn in (fake_quant, quantize_int, quantize_int_numpy):
     with pytest.raises(ConfigError, match=match):
       fn(x, qmin=-8, qmax=7, **kwargs)
+
+
+@pytest.mark.parametrize("zero_point, bad", [(300, "300"),
+                                             (np.array([4, -1], np.int32), r"\[-1\]")])
+def test_a_zero_point_off_the_grid_is_one_line(zero_point, bad):
+  # Real 0 has the code zero_point, which the grid [0, 255] must hold (PyTorch refuses another);
+  # 300 dequantized 0.5 to (255 - 300) * 0.1 = -4.5 and 0.0 to -4.5 too.
+  match = rf"^zero_point must be in \[qmin, qmax\] = \[0, 255\] .*, got {bad};"
+  for fn in (fake_quant, quantize_int, quantize_int_numpy):
+    with pytest.raises(ConfigError, match=match):
+      fn(jnp.array([0.5, 0.0]), 0.1, zero_point, qmin=0, qmax=255)

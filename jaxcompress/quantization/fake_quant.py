@@ -45,6 +45,20 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
     raise invalid(field, bad.tolist(), "finite and > 0 everywhere", hint)
 
 
+def check_zero_point(zero_point: Any, qmin: Any, qmax: Any) -> None:
+  """Raises :class:`ConfigError` unless a concrete ``zero_point`` lies in ``[qmin, qmax]``: it
+  is the code of the real value 0, which the grid holds (PyTorch's ``fake_quantize_*`` refuses
+  another too). Only values known outside a trace are checked."""
+  zp, lo, hi = concrete(zero_point), concrete(qmin), concrete(qmax)
+  if zp is None or lo is None or hi is None:
+    return
+  outside = (zp < lo) | (zp > hi)
+  if np.any(outside):
+    bad = np.broadcast_to(zp, outside.shape)[outside].tolist() if zp.ndim else zp.item()
+    raise invalid("zero_point", bad, f"in [qmin, qmax] = [{lo}, {hi}] (the code of the real "
+                  "value 0)", "qparams_from_range and minmax_qparams give one")
+
+
 def check_shape(x: Any, value: Any, field: str) -> None:
   """Raises :class:`ConfigError` unless ``value`` (a scale, zero point or step) broadcasts against
   ``x`` without changing ``x``'s shape: a scalar, or one value per channel, size 1 elsewhere."""
@@ -111,7 +125,7 @@ def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> 
   Raises:
     ConfigError: (outside ``jit`` only) if ``scale`` is zero, negative or not finite, or if
       ``qmin >= qmax``; if ``scale`` or ``zero_point`` does not broadcast against ``x`` (to
-      ``x``'s shape).
+      ``x``'s shape); if ``zero_point`` lies outside ``[qmin, qmax]``.
 
   Example:
     >>> fake_quant(jnp.array([0.26, -3.0]), 0.1, 0, qmin=-8, qmax=7)
@@ -120,6 +134,7 @@ def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> 
   check_qparams(scale, qmin, qmax)
   for field, value in (("scale", scale), ("zero_point", zero_point)):
     check_shape(x, value, field)
+  check_zero_point(zero_point, qmin, qmax)
   return _fake_quant(jnp.asarray(x), scale, zero_point, qmin, qmax)
 
 
@@ -131,11 +146,13 @@ def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -
 
   Raises:
     ConfigError: (outside ``jit`` only) for a bad ``scale`` or ``qmin >= qmax``; for a
-      ``scale`` or ``zero_point`` that does not broadcast against ``x``.
+      ``scale`` or ``zero_point`` that does not broadcast against ``x``; for a ``zero_point``
+      outside ``[qmin, qmax]``.
   """
   check_qparams(scale, qmin, qmax)
   for field, value in (("scale", scale), ("zero_point", zero_point)):
     check_shape(x, value, field)
+  check_zero_point(zero_point, qmin, qmax)
   q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
   return q.astype(jnp.int32)
 
@@ -151,6 +168,7 @@ def quantize_int_numpy(x: Any, scale: Any, zero_point: Any, *, qmin: Any,
   check_qparams(scale, qmin, qmax)
   for field, value in (("scale", scale), ("zero_point", zero_point)):
     check_shape(x, value, field)
+  check_zero_point(zero_point, qmin, qmax)
   x = np.asarray(x, np.float32) * (np.float32(1) / np.asarray(scale, np.float32))
   q = np.clip(np.round(x) + np.asarray(zero_point).astype(np.float32), qmin, qmax)
   return q.astype(np.int32)
