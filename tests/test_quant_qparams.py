@@ -96,6 +96,14 @@ def test_qparams_from_range_per_channel_broadcasts():
   np.testing.assert_array_equal(zp, [[64, 0]])
 
 
+def test_qparams_from_range_refuses_an_inverted_range():
+  # Channel 1, [1, -1], holds no value: widened to [0, 0] it gave scale = eps, every x clipped.
+  with pytest.raises(ConfigError, match=r"^qparams_from_range needs lo <= hi, got lo=\[0.0, 1.0\], "
+                                        r"hi=\[2.0, -1.0\]; "):
+    qparams_from_range(np.array([0.0, 1.0]), np.array([2.0, -1.0]), qmin=0, qmax=255,
+                       symmetric=False)
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_scale_is_the_same_for_static_and_traced_bits(symmetric):
   # A bit schedule traces ``bits``; an export computes the scale with a static ``bits``. Both

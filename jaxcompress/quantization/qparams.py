@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import invalid
+from jaxcompress.errors import ConfigError, invalid
 
 MIN_BITS, MAX_BITS = 2, 8
 # PyTorch's observers clamp the scale to float32 eps so an all-zero tensor does not divide by 0.
@@ -121,7 +121,14 @@ def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
 
   Returns:
     ``(scale, zero_point)``: float32 scale (at least :data:`EPS`) and int32 zero point.
+
+  Raises:
+    ConfigError: (outside ``jit`` only) if ``lo > hi`` anywhere: no real range.
   """
+  lo_c, hi_c = concrete(lo), concrete(hi)
+  if lo_c is not None and hi_c is not None and np.any(lo_c > hi_c):
+    raise ConfigError(f"qparams_from_range needs lo <= hi, got lo={lo_c.tolist()}, "
+                      f"hi={hi_c.tolist()}; pass the range's minimum first")
   lo = jnp.minimum(jnp.asarray(lo, jnp.float32), 0.0)
   hi = jnp.maximum(jnp.asarray(hi, jnp.float32), 0.0)
   # Times the reciprocal of the grid's width, not divided by it: XLA turns a division by a
