@@ -66,6 +66,13 @@ def test_bad_input(call, needle):
   assert needle in str(err.value)
 
 
+def test_lamp_scores_equal_weights_apart_as_the_paper_sorts_them():
+  # Lee et al.: sort |w| ascending, score(u) = w_u^2 / sum_{v >= u} w_v^2. [1, -1, 2] sorted
+  # (index order among the tie): 1 / (1 + 1 + 4), 1 / (1 + 4), 4 / 4; not 1/6 for both ones.
+  np.testing.assert_allclose(SCORES["lamp"].fn(jnp.array([1.0, -1.0, 2.0]), None, None),
+                             [1 / 6, 1 / 5, 1.0], rtol=1e-6)
+
+
 def test_lamp_under_a_jitted_global_threshold_keeps_every_layer():
   """LAMP by hand (a: 49/294, 64/245, 81/181, 1; b: 0.01/0.05, 1): a's 7 and b's 0.1 go."""
   params = {"a": {"kernel": jnp.array([[7.0, -8.0], [9.0, 10.0]])},

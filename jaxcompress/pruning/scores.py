@@ -57,17 +57,18 @@ def movement(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Ar
 
 
 def lamp(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
-  """LAMP: ``w_u**2 / sum(w_v**2 for every v with |w_v| >= |w_u|)`` within the leaf.
+  """LAMP: ``w_u**2 / sum(w_v**2 for v >= u)`` within the leaf, its entries sorted by ``|w|``
+  ascending (ties in index order), as Lee et al. sort them: two equal weights score apart
+  (``[1, -1, 2]`` scores ``1/6, 1/5, 1``).
 
   Within one leaf it ranks like ``|w|``; across leaves (global scope) it sets each layer's
-  sparsity so that no layer is emptied: every leaf's largest weight scores 1. Ties in ``|w|``
-  are ranked in index order.
+  sparsity so that no layer is emptied: every leaf's largest weight scores 1.
   """
   del g, key
   sq = jnp.square(w).ravel()
   order = jnp.argsort(sq)
   ranked = sq[order]
-  tail = jnp.cumsum(ranked[::-1])[::-1]  # sum over this weight and every larger one
+  tail = jnp.cumsum(ranked[::-1])[::-1]  # sum over this weight and every one sorted after it
   ranked = jnp.where(tail > 0, ranked / jnp.where(tail > 0, tail, 1), 0)
   return jnp.zeros_like(sq).at[order].set(ranked).reshape(w.shape)
 
