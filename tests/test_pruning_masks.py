@@ -27,6 +27,13 @@ def test_topk_mask_matches_numpy_with_many_ties(k):
   np.testing.assert_array_equal(topk_mask(jnp.asarray(scores), k), keep_oracle(scores, k))
 
 
+@pytest.mark.parametrize("k", [-1, 7])
+def test_topk_mask_refuses_a_k_it_cannot_keep(k):
+  # 6 entries: keeping -1 or 7 of them is impossible (the old masks kept 0 and 6, silently).
+  with pytest.raises(ConfigError, match=rf"^k must be an integer in \[0, 6\] .*, got {k}$"):
+    topk_mask(jnp.arange(6.0), k)
+
+
 def test_topk_mask_traced_k_under_jit():
   scores = np.random.default_rng(1).normal(size=(5, 7)).astype(np.float32)
   fn = jax.jit(topk_mask)

@@ -109,7 +109,12 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
 
   Returns:
     A bool array of ``scores``' shape with exactly ``k`` ``True`` entries.
+
+  Raises:
+    ConfigError: for a ``k`` known now (not traced) outside ``[0, scores.size]``.
   """
+  if not isinstance(k, jax.core.Tracer) and not 0 <= k <= np.size(scores):
+    raise invalid("k", k, f"an integer in [0, {np.size(scores)}] (entries of scores to keep)")
   flat = scores.reshape(-1)
   if flat.size < BISECT_FROM or not jnp.issubdtype(flat.dtype, jnp.floating):
     return (ranks(flat) >= flat.size - k).reshape(scores.shape)
