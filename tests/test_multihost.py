@@ -1,7 +1,8 @@
 """Several processes on 127.0.0.1 (gloo CPU collectives) compute what one process does.
 
 2 processes x 2 simulated CPU devices against 1 process x 4 devices: the same global batches (the
-example ids each process reads), the same losses, the same evaluation; the jobs as 2 processes give
+example ids each process reads), the same losses, an evaluation equal to an unsharded one of the
+same parameters; the jobs as 2 processes give
 the results of 1; a coordinator that does not answer, a process id out of range, or processes with
 different numbers of devices, is one line; SIGTERM reaches the job's handler after joining.
 """
@@ -48,8 +49,9 @@ STEP_SCRIPT = textwrap.dedent(f"""
     rng = np.random.default_rng(0)
     train = Recorded(rng.integers(0, 256, ({N_TRAIN}, *shape), dtype=np.uint8),
                      rng.integers(0, 10, {N_TRAIN}).astype(np.int32))
-    test = Recorded(rng.integers(0, 256, ({N_EVAL}, *shape), dtype=np.uint8),
-                    rng.integers(0, 10, {N_EVAL}).astype(np.int32))
+    test_images = rng.integers(0, 256, ({N_EVAL}, *shape), dtype=np.uint8)
+    test_labels = rng.integers(0, 10, {N_EVAL}).astype(np.int32)
+    test = Recorded(test_images, test_labels)
     data = DataSpec(name="cifar10", batch_size={BATCH}, eval_batch_size={EVAL_BATCH},
                     mean=(0.5,) * 3, std=(0.25,) * 3)
     student, svars = create_model("mlp", num_classes=10, image_shape=shape, seed=1)
@@ -75,7 +77,13 @@ STEP_SCRIPT = textwrap.dedent(f"""
     ev = make_eval_step(comp.logits_fn, mesh=mesh)
     result = evaluate_split(ev, parallel.replicate(mesh, comp.eval_variables(state)), test, data,
                             mesh=mesh, predictions=True)
+    # The oracle for the sharded evaluation: one unsharded call on this process's device.
+    from jaxcompress.data import normalize
+    logits = comp.logits_fn(parallel.to_host(comp.eval_variables(state)),
+                            normalize(test_images, data.mean, data.std))
     print(json.dumps({{"train_reads": train_reads, "eval_reads": test.reads, "eval": result,
+                      "logits": np.asarray(logits, np.float64).tolist(),
+                      "labels": test_labels.tolist(),
                       "steps": info["steps"], "devices": jax.device_count(),
                       "local_devices": jax.local_device_count()}}))
 """)
@@ -168,15 +176,26 @@ def test_two_processes_train_and_evaluate_like_one(step_runs):
     assert [r["step"] for r in records] == list(range(1, EPOCHS * N_TRAIN // BATCH + 1))
     losses[name] = [r["loss"] for r in records]
     assert sorted(os.listdir(step_runs["root"] / name / "checkpoints")) == ["10", "5"]
-  np.testing.assert_allclose(losses["two"], losses["one"], rtol=2e-5)
+  # The gradients of 2 processes are summed in another order than 4 devices of one process: the
+  # first steps agree to float32 rounding; later, 4-bit weights and mask refreshes magnify the
+  # last bits (1 vs 2 vs 4 devices of one process agree to 1e-7 for 7 steps, 2 processes drift
+  # 6e-5 at step 3 and 4e-3 by step 7), as reordering one batch's rows does on one device. A
+  # shard read twice or dropped moves a step's loss by 10-30 %.
+  np.testing.assert_allclose(losses["two"][:2], losses["one"][:2], rtol=2e-5)
+  np.testing.assert_allclose(losses["two"], losses["one"], rtol=2e-2)
   assert losses["one"][-1] != losses["one"][0]
-  for run in two:
-    assert run["steps"] == one["steps"] == EPOCHS * N_TRAIN // BATCH
-    # Every process reports the whole split, each example counted once.
-    assert run["eval"]["examples"] == one["eval"]["examples"] == N_EVAL
-    assert run["eval"]["predictions"] == one["eval"]["predictions"]
-    np.testing.assert_allclose(run["eval"]["loss"], one["eval"]["loss"], rtol=2e-5)
-    assert run["eval"]["accuracy"] == one["eval"]["accuracy"]
+  for run in (one, *two):
+    assert run["steps"] == EPOCHS * N_TRAIN // BATCH
+    # Every process reports the whole split, each example counted once, as one unsharded call
+    # on the same parameters computes it (NumPy's cross-entropy in float64).
+    logits, labels = np.asarray(run["logits"]), np.asarray(run["labels"])
+    assert run["eval"]["examples"] == N_EVAL == len(logits)
+    assert run["eval"]["predictions"] == logits.argmax(-1).tolist()
+    shifted = logits - logits.max(-1, keepdims=True)
+    nll = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(N_EVAL), labels]
+    np.testing.assert_allclose(run["eval"]["loss"], nll.mean(), rtol=1e-5)
+    assert run["eval"]["accuracy"] == pytest.approx(100 * np.mean(logits.argmax(-1) == labels))
+  assert two[0]["eval"] == two[1]["eval"]
   # Evaluation reads: process p reads its rows of each padded batch, together each example once.
   batches = -(-N_EVAL // EVAL_BATCH)
   for p, run in enumerate(two):
