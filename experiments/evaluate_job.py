@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import jax
+import numpy as np
+
 from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel
 from jaxcompress.data import DataSpec
@@ -11,6 +14,7 @@ from jaxcompress.export import read_spec
 from jaxcompress.export.inputs import image_shape
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
+from jaxcompress.models.registry import check_logits
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split
 
@@ -21,7 +25,7 @@ def evaluate_config(config) -> dict:
   With ``config.model.exported`` set, the artifact in that folder is evaluated instead of
   ``config.model.weights``: its module is the model named in the artifact's spec (the
   ``model_name`` it was exported with; ``config.model.name`` when that is empty), and the
-  artifact's variables must fit it.
+  artifact's variables must fit it and its output be one logit per class of the dataset.
 
   Returns:
     ``{'accuracy', 'loss', 'examples', 'precision', 'recall', 'model', 'dataset', 'split'}``.
@@ -36,8 +40,10 @@ def evaluate_config(config) -> dict:
     name = read_spec(exported).get("model") or name
     model = get_model(name, spec.num_classes, field="model.exported model")
     loaded = load_artifact(exported, model)
-    image_shape(loaded.spec["input"], spec.image_shape, dataset=config.data.name,
-                field="model.exported")
+    shape = image_shape(loaded.spec["input"], spec.image_shape, dataset=config.data.name,
+                        field="model.exported")
+    out = jax.eval_shape(loaded.apply_fn, loaded.arrays, np.zeros((1, *shape), np.float32))
+    check_logits(out, name, spec.num_classes, shape, "model.exported")
     variables, logits_fn = loaded.arrays, loaded.apply_fn
   else:
     model, variables = create_model(config.model.name, num_classes=spec.num_classes,

@@ -57,3 +57,18 @@ def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="model.exported: the artifact has no "
                                         "'batch_stats/bn1/mean', which CifarResNet needs"):
     evaluate_config(_config(str(tmp_path / "unnamed")))
+
+
+def wider_mlp(num_classes):  # MODULE:FACTORY of an own model whose head ignores num_classes
+  return get_model("mlp", num_classes + 2)
+
+
+def test_artifact_whose_output_is_not_the_datasets_classes_is_refused(tmp_path):
+  variables = random_variables(wider_mlp(10), (32, 32, 3))
+  export_model(str(tmp_path / "wide"), variables=variables, input_shape=(32, 32, 3),
+               model_name="test_export_evaluate:wider_mlp")
+  with tfds.testing.mock_data(num_examples=40):
+    with pytest.raises(ConfigError, match=r"^model.exported: 'test_export_evaluate:wider_mlp' "
+                                          r"returns \(1, 12\) for one input of shape \[32, 32, "
+                                          r"3\]; a classifier of 10 classes must return"):
+      evaluate_config(_config(str(tmp_path / "wide")))

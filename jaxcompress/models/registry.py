@@ -197,6 +197,17 @@ def get_model(name: str, num_classes: int = 10, *, field: str = "model.name", se
   return model
 
 
+def check_logits(out: Any, name: str, num_classes: int, image_shape: tuple[int, ...],
+                 field: str) -> None:
+  """One line naming ``field`` unless ``out`` (the shapes a model returns for one input of
+  ``image_shape``, from ``jax.eval_shape``) is one ``(1, num_classes)`` array of logits."""
+  if not isinstance(out, jax.ShapeDtypeStruct) or tuple(out.shape) != (1, num_classes):
+    shown = jax.tree.map(lambda a: tuple(a.shape), out)
+    raise ConfigError(f"{field}: {name!r} returns {shown} for one input of shape "
+                      f"{list(image_shape)}; a classifier of {num_classes} classes must return "
+                      f"one array of logits of shape (1, {num_classes}) ([batch, classes])")
+
+
 def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
                  weights: str | None = None, seed: int = 0, field: str = "model",
                  name_field: str = "", weights_field: str = "") -> tuple[Model, dict]:
@@ -252,11 +263,7 @@ def create_model(name: str, *, num_classes: int, image_shape: tuple[int, ...],
     out = jax.eval_shape(lambda v: fn.apply(v, sample)[0], reference)
   except Exception as e:
     raise fails(e) from None
-  if not isinstance(out, jax.ShapeDtypeStruct) or tuple(out.shape) != (1, num_classes):
-    shown = jax.tree.map(lambda a: tuple(a.shape), out)
-    raise ConfigError(f"{name_field}: {name!r} returns {shown} for one input of shape "
-                      f"{list(image_shape)}; a classifier of {num_classes} classes must return "
-                      f"one array of logits of shape (1, {num_classes}) ([batch, classes])")
+  check_logits(out, name, num_classes, image_shape, name_field)
   if not weights:
     return model, dict(reference)
   variables = jax.tree.map(jnp.asarray, load_weights(weights, reference,
