@@ -324,7 +324,7 @@ def bench_artifact():
   from jaxcompress.train import evaluate_split
 
   spec = datasets.dataset_spec(_DATASET.value, field="--dataset")
-  name = read_spec(_EXPORTED.value, "--exported")["model"]
+  name = read_spec(_EXPORTED.value, "--exported").get("model", "")
   if not name:  # exported without model_name, as compose's export of a user's model may be
     if not flags.FLAGS["model"].present:
       raise ConfigError(f"--exported={_EXPORTED.value} names no model (it was exported without "

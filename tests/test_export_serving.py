@@ -3,6 +3,8 @@ artifact bit for bit."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 
 from jaxcompress.errors import ConfigError
 from jaxcompress.export import load, load_serving, save_serving
+from jaxcompress.models import get_model
 from test_export_runtime import mlp_artifact
 
 pytest.importorskip("flatbuffers", reason="jax.export serialization needs flatbuffers")
@@ -156,3 +159,13 @@ def test_a_truncated_serving_file_is_one_line(tmp_path):
   with pytest.raises(ConfigError, match=r"^serving: '.*model.jaxexport' is not a serialized "
                                         r"jax.export function \(.*\); it is corrupted"):
     load_serving(str(tmp_path))
+
+
+def test_an_artifact_without_a_model_name_is_served(tmp_path):
+  out = tmp_path / "export"
+  mlp_artifact(str(out))
+  spec = json.loads(gzip.decompress((out / "spec.json.gz").read_bytes()))
+  del spec["model"]  # informational: load reads such a spec, and so does save_serving
+  (out / "spec.json.gz").write_bytes(gzip.compress(json.dumps(spec).encode()))
+  signature = save_serving(str(tmp_path / "serving"), load(str(out), get_model("mlp")))
+  assert signature["model"] == ""

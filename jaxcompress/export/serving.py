@@ -101,7 +101,7 @@ def save_serving(out_dir: str, loaded: Any, *, mean: Sequence[float] | None = No
                                                 "normalised_inside": mean is not None},
                "output": {"shape": ["batch", *logits.shape[1:]],
                           "dtype": jnp.dtype(logits.dtype).name},
-               "platforms": list(platforms), "model": spec["model"],
+               "platforms": list(platforms), "model": spec.get("model", ""),
                "usage": "jax.export.deserialize(bytearray(open(file, 'rb').read())).call("
                         f"{'images' if mean is not None else 'inputs'})"}
   make_folder(out_dir)
