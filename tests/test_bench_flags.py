@@ -315,8 +315,9 @@ def test_bench_export_refuses_an_artifact_for_other_images_before_timing(tmp_pat
                                               TFDS_DATA_DIR=str(tmp_path / "no_data")))
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert lines == ["error: --exported input must be one image of shape (32, 32, 3) for cifar10, "
-                   "got '(8, 8, 3) float32'"], proc.stderr[-2000:]
+  assert lines == ["error: --exported input must be one float image of shape (32, 32, 3) for "
+                   "cifar10, got '(8, 8, 3) float32'; its images are fed normalised, as float32"
+                   ], proc.stderr[-2000:]
   assert proc.stdout == ""
 
 

@@ -41,11 +41,18 @@ def test_evaluate_reports_the_artifacts_accuracy(tmp_path):
 
 def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):
   mlp_artifact(str(tmp_path / "small"), input_shape=(8, 8, 3))
-  with pytest.raises(ConfigError, match=r"model.exported input must be one image of shape "
+  with pytest.raises(ConfigError, match=r"model.exported input must be one float image of shape "
                                         r"\(32, 32, 3\) for cifar10, got '\(8, 8, 3\) float32'"):
     evaluate_config(_config(str(tmp_path / "small")))
-  # No model name in the spec: config.model.name's module, which the variables do not fit.
+  # A model taking uint8 pixels would be fed normalised floats: its accuracy would be wrong.
   variables = random_variables(get_model("mlp"), (32, 32, 3))
+  export_model(str(tmp_path / "uint8"), variables=variables, input_shape=(32, 32, 3),
+               input_dtype="uint8", model_name="mlp")
+  with pytest.raises(ConfigError, match=r"^model.exported input must be one float image of shape "
+                                        r"\(32, 32, 3\) for cifar10, got '\(32, 32, 3\) uint8'; "
+                                        r"its images are fed normalised, as float32$"):
+    evaluate_config(_config(str(tmp_path / "uint8")))
+  # No model name in the spec: config.model.name's module, which the variables do not fit.
   export_model(str(tmp_path / "unnamed"), variables=variables, input_shape=(32, 32, 3))
   with pytest.raises(ConfigError, match="model.exported: the artifact has no "
                                         "'batch_stats/bn1/mean', which CifarResNet needs"):

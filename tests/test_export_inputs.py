@@ -146,3 +146,15 @@ def test_loading_with_a_module_that_cannot_take_the_input_names_the_input(tmp_pa
                      r"artifact's input \{'image': \(4, 4, 3\) float32, 'meta': \(2,\) int32\} "
                      r"\(.*\); load it with the module it was exported from"):
     export.load(str(tmp_path), ImageOnly())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_dataset_takes_an_image_of_any_float_dtype(dtype):
+  assert io.image_shape({"shape": [4, 4, 3], "dtype": dtype}, (4, 4, 3)) == (4, 4, 3)
+
+
+def test_a_dataset_refuses_an_image_of_integers():
+  with pytest.raises(ConfigError, match=r"^m input must be one float image of shape \(4, 4, 3\) "
+                                        r"for d, got '\(4, 4, 3\) uint8'; its images are fed "):
+    io.image_shape({"shape": [4, 4, 3], "dtype": "uint8"}, (4, 4, 3), dataset="d", field="m")
+  assert io.image_shape({"shape": [4, 4, 3], "dtype": "uint8"}) == (4, 4, 3)  # no dataset

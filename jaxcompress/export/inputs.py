@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxcompress.errors import ConfigError, invalid
@@ -60,17 +61,20 @@ def single(signature: Mapping[str, Any]) -> tuple[tuple[int, ...], np.dtype] | N
 def image_shape(signature: Mapping[str, Any], expected: tuple[int, ...] | None = None, *,
                 dataset: str = "", field: str = "exported") -> tuple[int, ...]:
   """The shape of the one image a signature takes, checked against ``expected`` (a dataset's
-  image shape; None: any shape).
+  image shape; None: any shape and dtype).
 
   Raises:
-    ConfigError: ``{field} input must be one image of shape ... for {dataset}``, naming the
-      signature, for a pytree of inputs or (with ``expected``) an image of another shape.
+    ConfigError: ``{field} input must be one float image of shape ... for {dataset}``, naming
+      the signature, for a pytree of inputs or (with ``expected``) an image of another shape or
+      of integers (the dataset's images are fed normalised, as float32).
   """
   one = single(signature)
-  if one is None or (expected is not None and one[0] != tuple(expected)):
+  if one is None or (expected is not None and (
+      one[0] != tuple(expected) or not jnp.issubdtype(one[1], jnp.floating))):
     valid = ("one image" if expected is None else
-             f"one image of shape {tuple(expected)} for {dataset}")
-    raise invalid(f"{field} input", describe(signature), valid)
+             f"one float image of shape {tuple(expected)} for {dataset}")
+    fix = None if expected is None else "its images are fed normalised, as float32"
+    raise invalid(f"{field} input", describe(signature), valid, fix)
   return one[0]
 
 
