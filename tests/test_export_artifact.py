@@ -481,6 +481,10 @@ def test_tampered_truncated_mismatched_or_foreign_artifacts_raise_one_line(convb
   _one_line_error(write("tampered", bytes(flipped)), "does not match the SHA-256 in its spec")
   _one_line_error(write("truncated", data[:-10]),
                   f"has {len(data) - 10} bytes, the spec says {len(data)}; the file is truncated")
+  text = copy()
+  text["arrays"]["bytes"] = str(len(data))  # the right size, as text
+  _one_line_error(write("text", spec_obj=text), rf"the spec's arrays bytes is '{len(data)}', not "
+                  "an integer; the spec is corrupted")
   outside = copy()
   outside["arrays"]["file"] = "../tampered/arrays.bin"  # another artifact's arrays
   _one_line_error(write("outside", spec_obj=outside), r"the spec's arrays file must be a file "

@@ -123,6 +123,10 @@ def read_arrays(path: str, spec: dict, field: str = "model.exported") -> bytes:
       info["file"] in ("", ".", "..")):
     raise ConfigError(f"{field}: the spec's arrays file must be a file name in the artifact "
                       f"folder, got {info.get('file')!r}; the spec is corrupted")
+  for key in ("bytes", "raw_bytes"):  # a size given as text would read as a size mismatch
+    if isinstance(info.get(key), bool) or not isinstance(info.get(key), int):
+      raise ConfigError(f"{field}: the spec's arrays {key} is {info.get(key)!r}, not an integer; "
+                        "the spec is corrupted, export it again")
   file = os.path.join(_folder(_path(path, field)), info["file"])
   if not os.path.isfile(file):
     raise ConfigError(f"{field}: {file!r} is missing; copy the whole artifact folder")
