@@ -49,7 +49,7 @@ from experiments.autocompress_checks import (AUTO_THRESHOLDS, GLOBAL_SCORES, che
 from experiments.autocompress_report import write_report, write_sweep_report
 from experiments.autocompress_uniform import device_uniform_recipe, uniform_recipe
 from jaxcompress import budget as budget_lib
-from jaxcompress import compose, datasets
+from jaxcompress import compose, datasets, parallel
 from jaxcompress import data as data_lib
 from jaxcompress.checkpoint import (check_workdir, config_diff, read_json, release_workdir,
                                     write_json)
@@ -194,6 +194,9 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                       f"{folder!r}; "
                       "a budget plan starts from trained weights (run the main job once to "
                       "pretrain them, or point weights_dir at them)")
+  mesh = parallel.make_mesh()  # the fine-tunings split their batches over every device
+  for f in ("batch_size", "eval_batch_size"):
+    parallel.check_batch_size(config.data[f], mesh, f"data.{f}")
   spec = datasets.dataset_spec(config.data.name)
   model, variables = create_model(config.student.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=paths["student"],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import types
 
 import flax
 import flax.linen as nn
@@ -13,6 +14,7 @@ from configs import autocompress
 from conftest import check_calibration_images
 from experiments import autocompress_job
 from experiments.autocompress_job import train_and_evaluate
+from jaxcompress import parallel
 from jaxcompress.checkpoint import write_json
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model, register
@@ -216,6 +218,18 @@ def test_a_fine_tuning_too_short_for_its_schedule_is_refused_before_the_scan(mlp
   config.train.epochs = 0.01
   with pytest.raises(ConfigError, match=r"^train.epochs must be enough for 2 step\(s\) of "
                      r"prune.schedule=gradual \(an epoch is \d+ steps\), got 0.01$"):
+    _run(config, tmp_path / "w")
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_refused_before_the_scan(
+    mlp_weights, tmp_path, monkeypatch):
+  two = types.SimpleNamespace(devices=np.empty(2))  # the check reads only the device count
+  monkeypatch.setattr(parallel, "make_mesh", lambda: two)
+  config = _config(mlp_weights, ratio=10.0)
+  config.data.batch_size = 15
+  with pytest.raises(ConfigError, match=r"^data.batch_size must be a positive multiple of the 2 "
+                     r"devices, got 15; try 14$"):
     _run(config, tmp_path / "w")
   assert not os.path.exists(tmp_path / "w")
 
