@@ -313,21 +313,23 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
   tmp = {name: os.path.join(workdir, f"{name}.tmp") for name in folders}
   main = parallel.is_main_process()
   max_bytes = config.export.get("max_bytes", 0)
-  try:
-    zeroed = 0
-    if main:
-      for path in tmp.values():
-        shutil.rmtree(path, ignore_errors=True)
 
-      write, params = _artifact_writer(config, comp, state, tmp["export"])
-      if max_bytes:
-        try:
-          _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
-        except ConfigError as e:  # the trained values take more than the starting ones did
-          raise ConfigError(f"export.{e}; rerun with a larger --config.export.max_bytes: the "
-                            "trained model is kept, only the export runs again") from None
-      else:
-        report = write(params)
+  def write_artifact() -> tuple[dict, int]:  # (size report, weights zeroed to fit)
+    for path in tmp.values():
+      shutil.rmtree(path, ignore_errors=True)
+    write, params = _artifact_writer(config, comp, state, tmp["export"])
+    if not max_bytes:
+      return write(params), 0
+    try:
+      _, report, zeroed = export.fit_to_bytes(write, params, comp.prune_rules, max_bytes)
+    except ConfigError as e:  # the trained values take more than the starting ones did
+      raise ConfigError(f"export.{e}; rerun with a larger --config.export.max_bytes: the "
+                        "trained model is kept, only the export runs again") from None
+    return report, zeroed
+
+  try:
+    # Process 0 writes; its refusal stops every process (the others would wait for the artifact).
+    report, zeroed = parallel.on_main_process(write_artifact) or (None, 0)
     parallel.sync("artifact written")
     loaded = export.load(tmp["export"], comp.student)
     slimmed = {}

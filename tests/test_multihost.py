@@ -399,19 +399,41 @@ ON_MAIN_SCRIPT = textwrap.dedent("""
         caught.append(None)
       except Exception as got:
         caught.append([type(got).__name__, str(got)])
+
+    # The main job's export stage, which process 0 alone writes: here over export.max_bytes.
+    import numpy as np, optax
+    from configs import cifar_distill
+    from experiments import pipeline
+    from jaxcompress import compose
+    from jaxcompress.models import create_model
+    config = cifar_distill.get_config("quick")
+    config.data.name, config.student.name = "mnist", "mlp"
+    config.export.serving, config.export.max_bytes = False, 100
+    model, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+    x = np.zeros((2, 28, 28, 1), np.float32)
+    prune = compose.PruneSpec.from_dict(dict(method="magnitude", sparsity=0.5, schedule="one_shot"))
+    comp = compose.build(model, v, x, optimizer=optax.sgd(0.1), total_steps=1, prune=prune)
+    try:
+      pipeline._export(config, sys.argv[2], comp, comp.init_state(v, x), 1, [], None)
+    except Exception as got:
+      caught.append([type(got).__name__, str(got)])
     print(json.dumps({"caught": caught, "value": parallel.on_main_process(lambda: 5)}))
 """)
 
 
-def test_a_failure_on_process_0_stops_every_process_with_the_same_error():
+def test_a_failure_on_process_0_stops_every_process_with_the_same_error(tmp_path):
   port = _free_port()
-  outs = _launch([([sys.executable, "-c", ON_MAIN_SCRIPT, json.dumps(_parallel(2, port, pid))], 1)
-                  for pid in range(2)], timeout=120)
+  outs = _launch([([sys.executable, "-c", ON_MAIN_SCRIPT, json.dumps(_parallel(2, port, pid)),
+                    str(tmp_path)], 1) for pid in range(2)], timeout=120)
   main, other = (_last_json(o) for o in outs)
   same = [["NotADirectoryError", "[Errno 20] Not a directory: '/w/file/run'"], ["ConfigError", ""]]
+  export = main["caught"].pop()  # the artifact over its cap: one line on every process
+  assert export[0] == "ConfigError" and export[1].startswith("export.max_bytes: the artifact")
+  assert other["caught"].pop() == export
   assert main == {"caught": [*same, ["KeyError", "'k'"]], "value": 5}
   assert other == {"caught": [*same, ["RuntimeError", "process 0 failed: KeyError: 'k'"]],
                    "value": None}
+  assert os.listdir(tmp_path) == []  # no export.tmp left behind
 
 
 def test_processes_with_different_device_counts_are_one_line():
