@@ -6,6 +6,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 import optax
 
@@ -136,7 +137,23 @@ def make_optimizer(spec: OptimizerSpec, steps_per_epoch: int, *,
   """
   schedule = learning_rate_schedule(spec, steps_per_epoch)
   if spec.optimizer == "sgd":
-    return optax.chain(optax.add_decayed_weights(spec.weight_decay, mask=decay_mask),
-                       optax.sgd(schedule, momentum=spec.momentum or None,
-                                 nesterov=bool(spec.nesterov)))
-  return optax.adamw(schedule, weight_decay=spec.weight_decay, mask=decay_mask)
+    return _same_under_x64(optax.chain(
+        optax.add_decayed_weights(spec.weight_decay, mask=decay_mask),
+        optax.sgd(schedule, momentum=spec.momentum or None, nesterov=bool(spec.nesterov))))
+  return _same_under_x64(optax.adamw(schedule, weight_decay=spec.weight_decay, mask=decay_mask))
+
+
+def _same_under_x64(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """``tx`` whose update runs with ``jax_enable_x64`` off when no array it reads is wider than 32
+  bits: optax computes the learning-rate schedule and Adam's bias corrections from the int32 step
+  count and Python floats, which x64 promotes to float64, so a float32 model would otherwise take
+  other steps (by float32 rounding) with x64 on than off. A float64 model keeps x64."""
+  def update(updates, state, params=None, **extra_args):
+    narrow = all(np.dtype(x.dtype).itemsize <= 4 for x in jax.tree.leaves((updates, state, params))
+                 if hasattr(x, "dtype"))
+    if not (narrow and jax.config.jax_enable_x64):
+      return tx.update(updates, state, params, **extra_args)
+    with jax.enable_x64(False):
+      return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update)

@@ -108,3 +108,33 @@ def test_step_schedule_decays_once_per_fraction_from_its_first_step(epochs, per_
   as_mapping = learning_rate_schedule({"epochs": epochs, "schedule": "step", "learning_rate": 0.1,
                                        "decay_at": decay_at, "warmup_epochs": warmup}, per_epoch)
   np.testing.assert_allclose([float(as_mapping(s)) for s in range(len(got))], got)
+
+
+@pytest.mark.parametrize("optimizer,schedule", [("sgd", "cosine"), ("sgd", "step"),
+                                                ("adamw", "constant")])
+def test_a_float32_update_is_the_same_with_x64_on(optimizer, schedule):
+  # optax's schedules and Adam's bias corrections are float64 under x64 (1 - 0.9 ** 1 is
+  # 0.1 there, 0.100000024 in float32): the float32 steps differed in the last bits.
+  import jax
+  spec = OptimizerSpec(epochs=1.0, optimizer=optimizer, schedule=schedule, learning_rate=0.1,
+                       warmup_epochs=0.2)
+  w0 = jnp.asarray(np.random.default_rng(0).normal(size=64), jnp.float32)
+
+  def run():
+    tx = make_optimizer(spec, 20)
+    w, state, text = w0, tx.init(w0), ""
+    for i in range(20):
+      g = jnp.sin(w * (i + 1)).astype(jnp.float32)
+      text += str(jax.make_jaxpr(tx.update)(g, state, w))
+      updates, state = tx.update(g, state, w)
+      w = w + updates
+    return np.asarray(w), text
+
+  want, _ = run()
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got, text = run()
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  np.testing.assert_array_equal(got, want)
+  assert "f64" not in text
