@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,28 @@ def test_mse_per_channel_shapes_and_ratio_at_most_one():
   lo, hi = tensor_range(X, method="mse", axis=1, bits=3, num_candidates=16)
   assert lo.shape == hi.shape == (1, 3)
   assert np.all(hi <= X.max(axis=0) + 1e-6) and np.all(lo >= X.min(axis=0) - 1e-6)
+
+
+
+def with_x64(fn):
+  """``fn()`` with ``jax_enable_x64`` on (restored after)."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    return fn()
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_mse_range_is_float32_and_the_same_with_x64_on():
+  # The search's carry started as float64 under x64: the range came back float64, lo * ratio
+  # unrounded. Oracle: the min-max range times a candidate ratio k / 64, rounded to float32.
+  x = np.append(np.random.default_rng(1).standard_normal(1000), 12.0).astype(np.float32)
+  want = tensor_range(x, method="mse", bits=4, symmetric=True)
+  got = with_x64(lambda: tensor_range(x, method="mse", bits=4, symmetric=True))
+  assert [v.dtype for v in got] == [jnp.float32] * 2
+  np.testing.assert_array_equal(got, want)
+  k = round(float(got[1]) / float(x.max()) * 64)
+  assert float(got[1]) == np.float32(x.max()) * np.float32(k / 64)
 
 
 def test_ema_range_formula():

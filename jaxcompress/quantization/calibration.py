@@ -100,7 +100,7 @@ def _mse_ratio(x, lo, hi, axes, q, symmetric, num_candidates):
     better = err < best_err
     return (jnp.where(better, err, best_err), jnp.where(better, ratio, best_ratio)), None
 
-  init = (jnp.full(lo.shape, jnp.inf), jnp.ones(lo.shape))
+  init = (jnp.full(lo.shape, jnp.inf, lo.dtype), jnp.ones(lo.shape, lo.dtype))  # not float64
   candidates = jnp.arange(1, num_candidates + 1, dtype=jnp.float32)
   (_, ratio), _ = jax.lax.scan(try_ratio, init, candidates)
   return ratio
