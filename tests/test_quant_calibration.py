@@ -78,6 +78,16 @@ def test_mse_range_is_float32_and_the_same_with_x64_on():
   assert float(got[1]) == np.float32(x.max()) * np.float32(k / 64)
 
 
+
+def test_percentile_range_is_the_same_with_x64_on():
+  # The percentiles were asked for in float64 under x64: another interpolation than with x64 off.
+  x = np.random.default_rng(2).standard_normal(1152).astype(np.float32)
+  want = tensor_range(x, method="percentile")
+  got = with_x64(lambda: tensor_range(x, method="percentile"))
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_allclose(got, np.percentile(x, [0.01, 99.99]), rtol=1e-5)
+
+
 def test_ema_range_formula():
   np.testing.assert_allclose(ema_range(jnp.array([-1.0, 1.0]), jnp.array([-3.0, 5.0]), 0.9),
                              [-1.2, 1.4], rtol=1e-6)

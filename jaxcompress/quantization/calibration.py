@@ -69,8 +69,8 @@ def tensor_range(x: Any, *, method: str = "minmax", axis: int | Sequence[int] | 
   keep = axes is not None
   if method == "percentile":
     check_range("percentile", percentile, 50, 100, lo_closed=False, hi_closed=True)
-    lo, hi = jnp.percentile(x, jnp.array([100.0 - percentile, percentile]), axis=axes,
-                            keepdims=keep)
+    q = jnp.array([100.0 - percentile, percentile], x.dtype)  # float32 under x64 too
+    lo, hi = jnp.percentile(x, q, axis=axes, keepdims=keep)
     return lo, hi
   lo = jnp.min(x, axis=axes, keepdims=keep)
   hi = jnp.max(x, axis=axes, keepdims=keep)
