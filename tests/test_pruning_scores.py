@@ -48,6 +48,20 @@ def test_leaf_scores_splits_the_key_per_leaf():
   np.testing.assert_array_equal(a, again)
 
 
+
+def test_a_random_mask_is_the_same_with_x64_on():
+  # The noise was drawn in the default float, float64 under x64: another mask for the same key.
+  w = jnp.ones((16, 16), jnp.float32)
+  want = compute_masks({"k": w}, 0.5, score="random", key=jax.random.key(3))["k"]
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got = compute_masks({"k": w}, 0.5, score="random", key=jax.random.key(3))["k"]
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  assert got.dtype == jnp.float32 and int(np.sum(np.asarray(got) == 0)) == 128
+  np.testing.assert_array_equal(got, want)
+
+
 def test_custom_score_passes_through():
   custom = Score(lambda w, g, key: w * w)
   assert get_score(custom) is custom

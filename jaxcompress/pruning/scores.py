@@ -39,9 +39,10 @@ def magnitude(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.A
 
 
 def random(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
-  """Uniform noise: a random mask with the requested sparsity (a baseline)."""
+  """Uniform noise: a random mask with the requested sparsity (a baseline). Float32 draws, so a
+  key gives the same mask with ``jax_enable_x64`` on or off."""
   del g
-  return jax.random.uniform(key, w.shape)
+  return jax.random.uniform(key, w.shape, jnp.float32)
 
 
 def saliency(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
