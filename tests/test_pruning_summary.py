@@ -87,6 +87,18 @@ def test_sparsity_is_jittable_and_counts_traced_zeros():
   assert float(pruning.sparsity(third)) == float(np.float32(summary(third).sparsity))
 
 
+
+def test_sparsity_is_float32_with_x64_on():
+  # Under x64 the counts were int64 and the fraction float64, not the float32 documented.
+  third = {"w": np.array([[0.0, 1.0, 2.0]], np.float32)}
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got = pruning.sparsity(third)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  assert got.dtype == jnp.float32 and float(got) == float(np.float32(1 / 3))
+
+
 def test_nnx_state_and_empty_leaf():
   state = nnx.state(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.Param)
   s = summary(state)

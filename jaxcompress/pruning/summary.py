@@ -60,7 +60,8 @@ def sparsity(tree: Any, rules: Sequence[Rule] | None = None) -> jax.Array:
   sel = select(tree, rules, warn_unused=False)
   leaves = sel.pick(sel.leaves)
   zeros = sum((_zeros(x) for x in leaves), jnp.zeros((), jnp.int32))
-  return zeros / max(1, sum(int(np.size(x)) for x in leaves))
+  # float32 under x64 too (int64 counts would divide in float64)
+  return jnp.asarray(zeros, jnp.float32) / max(1, sum(int(np.size(x)) for x in leaves))
 
 
 class LeafSummary(NamedTuple):
@@ -96,7 +97,8 @@ class Summary(NamedTuple):
     """Fraction of the selected leaves' entries that are exactly zero (0 if none selected).
 
     The zeros and entries :func:`sparsity` counts, divided in float64: ``float(sparsity(tree,
-    rules))`` is this value rounded to float32.
+    rules))`` is this value rounded to float32 (up to ``2**24`` entries, which float32 counts
+    exactly).
     """
     return (self.size - self.nonzero) / self.size if self.size else 0.0
 
