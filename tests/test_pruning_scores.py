@@ -28,6 +28,19 @@ def test_hand_computed_values():
   assert r.shape == W.shape and float(r.min()) >= 0 and float(r.max()) < 1
 
 
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_lamp_of_half_precision_weights_matches_numpy(dtype):
+  # In float16 the running sum of 20000 squares stopped growing and the smallest scores
+  # underflowed to 0 (relative error 1); bfloat16 kept 8 bits of the sums.
+  w = jnp.asarray(np.random.default_rng(0).normal(scale=0.05, size=20000), dtype)
+  sq = np.asarray(w, np.float64) ** 2
+  order = np.argsort(sq, kind="stable")
+  want = np.empty_like(sq)
+  want[order] = sq[order] / np.cumsum(sq[order][::-1])[::-1]
+  np.testing.assert_allclose(SCORES["lamp"].fn(w, None, None), want, rtol=1e-4)
+
+
 def test_every_score_shares_one_signature():
   key = jax.random.PRNGKey(0)
   for name, score in SCORES.items():

@@ -63,10 +63,12 @@ def lamp(w: jax.Array, g: jax.Array | None, key: jax.Array | None) -> jax.Array:
   (``[1, -1, 2]`` scores ``1/6, 1/5, 1``).
 
   Within one leaf it ranks like ``|w|``; across leaves (global scope) it sets each layer's
-  sparsity so that no layer is emptied: every leaf's largest weight scores 1.
+  sparsity so that no layer is emptied: every leaf's largest weight scores 1. Computed in
+  float32 at least: float16 and bfloat16 weights get float32 scores (in float16 the running sums
+  drop the small squares, and the ratios underflow).
   """
   del g, key
-  sq = jnp.square(w).ravel()
+  sq = jnp.square(jnp.asarray(w, jnp.promote_types(w.dtype, jnp.float32))).ravel()
   order = jnp.argsort(sq)
   ranked = sq[order]
   tail = jnp.cumsum(ranked[::-1])[::-1]  # sum over this weight and every one sorted after it
