@@ -148,6 +148,15 @@ def test_channel_scores_l1_l2():
   np.testing.assert_allclose(channel_scores(jnp.asarray(s), "l2"), [3, 5])
 
 
+
+def test_channels_of_float16_scores_compare_their_norms_past_float16_range():
+  # Sums of 70000 and 69300 were both inf in float16: a tie, so the larger channel 0 was pruned.
+  s = jnp.asarray(np.ones((70000, 2)) * [1.0, 0.99], jnp.float16)
+  np.testing.assert_allclose(channel_scores(s, "l1"), np.asarray(s, np.float64).sum(0),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(channels("l1")(["w"], [s], 0.5)[0][0], [True, False])
+
+
 def test_channels_along_a_given_output_axis():
   # An Einsum "bd,fd->bf" kernel [f, d]: its output channels are rows (axis 0), not columns.
   w = np.array([[1.0, 9.0, 1.0], [5.0, 5.0, 5.0], [0.1, 0.2, 0.3], [4.0, 0.0, 4.0]])

@@ -225,7 +225,9 @@ def channel_scores(scores: jax.Array, norm: str = "l1", axis: int = -1) -> jax.A
 def _group_scores(scores: jax.Array, axes: Any, norm: str, reduce: Callable,
                   **kwargs: Any) -> jax.Array:
   """``reduce`` (``jnp.sum`` or ``jnp.mean``) over ``axes`` of the scores (``l1``) or of their
-  squares, then the root (``l2``); a group holding an entry scored ``-inf`` scores ``-inf``."""
+  squares, then the root (``l2``); a group holding an entry scored ``-inf`` scores ``-inf``.
+  Float32 at least: a float16 group's sum overflows past 65504."""
+  scores = jnp.asarray(scores, jnp.promote_types(scores.dtype, jnp.float32))
   pruned = jnp.isneginf(scores)
   kept = jnp.where(pruned, 0, scores)
   value = (reduce(kept, axes, **kwargs) if norm == "l1"
