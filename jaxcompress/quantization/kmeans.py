@@ -30,6 +30,9 @@ from jaxcompress.rules import Rule, Rules, path_str
 
 
 MAX_ITERS = 2**31 - 1  # Lloyd iterations the loop's int32 counter reaches
+# A cluster's members are summed in blocks of this many, then the blocks' sums: one float32 sum
+# over millions of members drops most of each addend once the total is large.
+SUM_BLOCK = 4096
 
 
 class Codebook(NamedTuple):
@@ -128,8 +131,11 @@ def _lloyd_step(flat: jax.Array, keep: jax.Array, centroids: jax.Array) -> jax.A
   """One Lloyd iteration: assign to the nearest centroid, move each to its members' mean."""
   k = centroids.shape[0]
   idx = jnp.where(keep, _assign(flat, centroids), k)
-  sums = jax.ops.segment_sum(flat, idx, num_segments=k)
-  counts = jax.ops.segment_sum(jnp.ones_like(flat), idx, num_segments=k)
+  blocks = -(-flat.size // SUM_BLOCK)
+  block = jnp.arange(flat.size, dtype=jnp.int32) // SUM_BLOCK
+  sums = jax.ops.segment_sum(flat, block * (k + 1) + idx, num_segments=blocks * (k + 1))
+  sums = sums.reshape(blocks, k + 1)[:, :k].sum(0)
+  counts = jax.ops.segment_sum(jnp.ones(flat.shape, jnp.int32), idx, num_segments=k)
   return jnp.sort(jnp.where(counts > 0, sums / jnp.maximum(counts, 1), centroids))
 
 
