@@ -59,6 +59,8 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     raise invalid("teacher_logits", f"shape {tuple(jnp.shape(teacher_logits))}",
                   f"the student logits' shape {tuple(jnp.shape(student_logits))}",
                   "distillation compares the two distributions position by position")
+  if hasattr(temperature, "dtype"):  # a NumPy or JAX T: float32 (a float64 T made float64 losses)
+    temperature = jnp.asarray(temperature, jnp.float32)
   t = jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32)) / temperature
   s = jnp.asarray(student_logits, jnp.float32) / temperature
   log_p_t = jax.nn.log_softmax(t, axis=-1)

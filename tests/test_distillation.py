@@ -24,6 +24,23 @@ def test_kd_loss_matches_numpy_kl_times_t_squared(temperature):
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
+
+def test_a_float64_temperature_gives_float32_losses_with_x64_on():
+  # Under x64 a NumPy float64 T promoted the whole loss to float64 (0.56415928, not 0.5641602).
+  rng = np.random.default_rng(0)
+  s, t = (rng.normal(size=(5, 7)).astype(np.float32) * 3 for _ in range(2))
+  want = kd.kd_loss(s, t, np.float64(0.3))
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got = kd.kd_loss(s, t, np.float64(0.3))
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got, want)
+  p_t, p_s = _softmax(t / 0.3), _softmax(s / 0.3)
+  np.testing.assert_allclose(got, 0.09 * np.sum(p_t * np.log(p_t / p_s), -1), rtol=1e-4)
+
+
 def test_losses_take_python_lists_as_arrays():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
