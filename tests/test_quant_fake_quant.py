@@ -197,3 +197,21 @@ def test_a_zero_point_off_the_grid_is_one_line(zero_point, bad):
   for fn in (fake_quant, quantize_int, quantize_int_numpy):
     with pytest.raises(ConfigError, match=match):
       fn(jnp.array([0.5, 0.0]), 0.1, zero_point, qmin=0, qmax=255)
+
+
+def test_a_float64_scale_gives_the_float32_grid_with_x64_on():
+  # Under x64 a NumPy float64 scale multiplied the codes in float64: 184 of these 1001 values
+  # rounded off the float32 grid k * float32(0.1) (the export's), and dequantize was float64.
+  x = np.linspace(-13, 13, 1001).astype(np.float32)
+  scale = np.float32(0.1)
+  codes = np.clip(np.round(x * (np.float32(1) / scale)), -128, 127)
+  jax.config.update("jax_enable_x64", True)
+  try:
+    got = fake_quant(x, np.float64(0.1), np.int64(0), qmin=-128, qmax=127)
+    back = dequantize(quantize_int(x, np.float64(0.1), 0, qmin=-128, qmax=127), np.float64(0.1),
+                      np.int64(0))
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  assert got.dtype == back.dtype == jnp.float32
+  np.testing.assert_array_equal(got, codes * scale)
+  np.testing.assert_array_equal(back, codes * scale)

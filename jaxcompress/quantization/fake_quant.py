@@ -85,6 +85,9 @@ def scaled(x: Any, scale: Any) -> jax.Array:
 
 @jax.custom_jvp
 def _fake_quant(x, scale, zero_point, qmin, qmax):
+  # float32 grid values whatever the dtypes of scale and zero point (a float64 NumPy scale is
+  # float64 under x64: the product would round to other values than the export's)
+  scale, zero_point = jnp.asarray(scale, jnp.float32), jnp.asarray(zero_point, jnp.float32)
   q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
   return ((q - zero_point) * scale).astype(x.dtype)
 
@@ -176,4 +179,5 @@ def quantize_int_numpy(x: Any, scale: Any, zero_point: Any, *, qmin: Any,
 
 def dequantize(q: Any, scale: Any, zero_point: Any) -> jax.Array:
   """Real values ``(q - zero_point) * scale`` of integer codes ``q`` (float32)."""
-  return (jnp.asarray(q, jnp.float32) - zero_point) * scale
+  return ((jnp.asarray(q, jnp.float32) - jnp.asarray(zero_point, jnp.float32))
+          * jnp.asarray(scale, jnp.float32))
