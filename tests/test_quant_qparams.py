@@ -129,3 +129,17 @@ def test_scale_is_the_same_for_static_and_traced_bits(symmetric):
     width = np.float32((2 ** bits - 1) / (2 if symmetric else 1))
     top = np.maximum(-lo, hi) if symmetric else hi - lo
     np.testing.assert_array_equal(static, top * (np.float32(1) / width))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_numpy_int64_bounds_give_a_float32_scale_with_x64_on(symmetric):
+  # Under x64, 1 / (qmax - qmin) of NumPy int64s was a float64 that made the scale float64.
+  qmin, qmax = (np.int64(-128), np.int64(127)) if symmetric else (np.int64(0), np.int64(255))
+  jax.config.update("jax_enable_x64", True)
+  try:
+    scale, zero_point = qparams_from_range(-1.0, 3.0, qmin=qmin, qmax=qmax, symmetric=symmetric)
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  width = np.float32(6.0 if symmetric else 4.0)  # 2 * max|x| on the signed grid, else max - min
+  assert scale.dtype == jnp.float32 and zero_point.dtype == jnp.int32
+  assert float(scale) == width * np.float32(1 / 255)

@@ -134,10 +134,11 @@ def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
   # Times the reciprocal of the grid's width, not divided by it: XLA turns a division by a
   # constant (static bits) into that product, and a traced ``bits`` (a schedule) keeps the
   # division, which may differ in the last bit; the product is the same everywhere.
+  # (float32 whatever qmin and qmax are: NumPy int64s made a float64 scale under x64)
   if symmetric:
-    scale = jnp.maximum(-lo, hi) * (2.0 / (qmax - qmin))
+    scale = jnp.maximum(-lo, hi) * jnp.asarray(2.0 / (qmax - qmin), jnp.float32)
     return jnp.maximum(scale, EPS), jnp.zeros(scale.shape, jnp.int32)
-  scale = jnp.maximum((hi - lo) * (1.0 / (qmax - qmin)), EPS)
+  scale = jnp.maximum((hi - lo) * jnp.asarray(1.0 / (qmax - qmin), jnp.float32), EPS)
   zero_point = jnp.clip(jnp.round(qmin - lo / scale), qmin, qmax).astype(jnp.int32)
   return scale, zero_point
 
