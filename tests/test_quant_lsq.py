@@ -87,6 +87,19 @@ def test_paper_init_and_grad_scale():
   np.testing.assert_allclose(lsq_grad_scale(100, 7), 1 / np.sqrt(700), rtol=1e-6)
 
 
+
+def test_init_step_is_float32_for_a_numpy_qmax_with_x64_on():
+  # sqrt of a NumPy int64 Q_P is float64 under x64: the step came back float64.
+  w = np.array([[1.0, -2.0], [3.0, 0.0]], np.float32)
+  jax.config.update("jax_enable_x64", True)
+  try:
+    step = lsq_init_step(w, qmax=np.int64(7))
+  finally:
+    jax.config.update("jax_enable_x64", False)
+  assert step.dtype == jnp.float32
+  assert float(step) == np.float32(2.0) * np.float32(1.5) / np.sqrt(np.float32(7))
+
+
 def test_learning_the_step_reduces_quantization_error():
   x = jnp.asarray(np.random.default_rng(0).standard_normal(512), jnp.float32)
   err = jax.jit(lambda s: jnp.mean((lsq_fake_quant(x, s, qmin=-2, qmax=1) - x) ** 2))

@@ -50,7 +50,7 @@ def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None)
   x = jnp.asarray(x, jnp.float32)
   axes = reduce_axes(x.ndim, axis)
   mean_abs = jnp.mean(jnp.abs(x), axis=axes, keepdims=axes is not None)
-  return jnp.maximum(2.0 * mean_abs / jnp.sqrt(qmax), EPS)
+  return jnp.maximum(2.0 * mean_abs / jnp.sqrt(jnp.asarray(qmax, jnp.float32)), EPS)
 
 
 def lsq_grad_scale(n: Any, qmax: Any) -> jax.Array:
