@@ -74,6 +74,18 @@ def test_uniform_search_finds_the_least_sparsity_within_the_budget():
                              predict=lambda *a: 0.0) is None  # the dense edges alone exceed it
 
 
+def test_uniform_search_of_a_model_with_no_inner_layer():
+  # Two layers, both edges: the recipe is the edges dense at 8 bits, nothing pruned, which fits
+  # exactly when the overhead and their 16 * 8 + 8 * 4 bytes do.
+  rng = np.random.default_rng(0)
+  weights = {"a": rng.normal(size=(16, 8)), "b": rng.normal(size=(8, 4))}
+  found = budget.uniform_size(weights, [], overhead=100, budget=260, bits=(2, 4),
+                              predict=lambda *a: 1.0)
+  assert found is not None and found[0] == 0.0 and found[2] == {} and found[3] == 260
+  assert budget.uniform_size(weights, [], overhead=100, budget=259, bits=(2, 4),
+                             predict=lambda *a: 1.0) is None
+
+
 def test_uniform_search_never_prunes_a_layer_whole():
   # b's four weights are the smallest of all 68: any global sparsity of 4/68 or more prunes all
   # of b, which would cut the network. A budget that needs about half the weights pruned has no

@@ -169,8 +169,11 @@ def global_ranks(weights: Sequence[np.ndarray], score: str = "magnitude") -> lis
   """Every weight's position in the stable ascending order of ``score`` across all weights.
 
   The order of ``pruning.unstructured("global")``: its mask at sparsity ``s`` keeps the ranks
-  ``>= round(s * total)``, so one sort serves every sparsity.
+  ``>= round(s * total)``, so one sort serves every sparsity. No weights (a model whose only
+  layers are its first and last, which the uniform recipe leaves dense): no ranks.
   """
+  if not weights:
+    return []
   fn = pruning.get_score(score).fn
   return [np.asarray(r) for r in across(ranks, [fn(jnp.asarray(w), None, None) for w in weights])]
 
