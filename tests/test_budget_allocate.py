@@ -110,3 +110,13 @@ def test_infinite_damage_forbids_an_option_and_nan_or_missing_damages_are_one_li
   with pytest.raises(ConfigError, match=r"^allocate: damages must give one number per option of "
                      r"every layer, as costs do \(\[2, 2\]\), got \[2, 1\]$"):
     allocate(costs, [[1.0, 0.0], [1.0]], 3)
+
+
+@pytest.mark.parametrize("costs,budget,match", [
+    ([[1, np.nan], [1, 2]], 3, r"^allocate: costs\[0\]\[1\] must be a number, got nan$"),
+    ([[1, 2], [1, 2]], np.nan, r"^allocate: budget must be a number \(inf: no limit\), got nan$"),
+    ([[1, 2], [1, 2]], "3", r"^allocate: budget must be a number \(inf: no limit\), got '3'$"),
+])
+def test_a_nan_cost_or_a_budget_that_is_no_number_is_one_line(costs, budget, match):
+  with pytest.raises(ConfigError, match=match):
+    allocate(costs, [[0.0, 1.0], [0.0, 1.0]], budget)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, invalid, is_number
 
 
 class Allocation(NamedTuple):
@@ -85,17 +85,21 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
     plan within it takes an option of infinite damage).
 
   Raises:
-    ConfigError: for damages of another shape than the costs, or a nan damage.
+    ConfigError: for damages of another shape than the costs, a nan cost or damage, or a budget
+      that is not a number (nan).
   """
   costs = [np.asarray(c, np.float64) for c in costs]
   damages = [np.asarray(d, np.float64) for d in damages]
   if [np.shape(c) for c in costs] != [np.shape(d) for d in damages]:
     raise ConfigError(f"allocate: damages must give one number per option of every layer, as "
                       f"costs do ({[len(c) for c in costs]}), got {[np.size(d) for d in damages]}")
-  for i, d in enumerate(damages):
-    if np.any(np.isnan(d)):
-      raise invalid(f"allocate: damages[{i}][{int(np.argmax(np.isnan(d)))}]", float("nan"),
-                    "a number (inf: never this option)")
+  for name, values, valid in (("costs", costs, "a number"),
+                              ("damages", damages, "a number (inf: never this option)")):
+    for i, v in enumerate(values):
+      if np.any(np.isnan(v)):
+        raise invalid(f"allocate: {name}[{i}][{int(np.argmax(np.isnan(v)))}]", float("nan"), valid)
+  if not is_number(budget) or np.isnan(budget):
+    raise invalid("allocate: budget", budget, "a number (inf: no limit)")
   if min_cost(costs) > budget:
     return None
   base = [float(np.min(c)) for c in costs]
