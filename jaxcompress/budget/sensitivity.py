@@ -19,7 +19,8 @@ inputs (0 bits: float), so no grid point recompiles (:attr:`Sensitivity.compiles
 traces). With ``joint=False`` pruning and quantization
 are measured apart (sparsities at float weights, bit widths at dense weights, input bits at float
 weights) and an option's damage is their sum: ``|S| + |W| + |A|`` evaluations per layer instead
-of ``|S| x |W| + |A|``. Input bits are measured only for layers whose options differ in them (a
+of ``(|S| + 1) x |W| + |A|`` (``S``: the sparsities but 0, whose quantization alone is one
+(sparsity, bits) pair too). Input bits are measured only for layers whose options differ in them (a
 damage common to every option of a layer changes no choice).
 
 Evaluate on held-out TRAINING examples, never on the split accuracy is reported on: the plan is
