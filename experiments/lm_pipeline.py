@@ -29,7 +29,7 @@ from experiments.pipeline import FLOAT32_BYTES, compression_specs, param_count
 from jaxcompress import compose, parallel, pruning, text
 from jaxcompress.checkpoint import (Stages, check_workdir, read_json, release_workdir, write_json,
                                    write_text)
-from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.errors import ConfigError, check_counts, invalid
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import make_optimizer
 from jaxcompress.steps import make_eval_step
@@ -66,6 +66,7 @@ def _field(fam: Family, name: str) -> str:
 
 def _context(section, config, field: str) -> int:
   """A family's window length: ``section.context`` (0 or none: ``data.context``), checked."""
+  check_counts({"data.context": config.data.context})  # the bound below, and the default
   context = section.get("context") or config.data.context
   if not 1 <= context <= config.data.context:
     raise invalid(field, context, f"in [1, data.context={config.data.context}] (0: data.context)")

@@ -389,6 +389,7 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
     ({"lstm.train.steps": 0}, r"^lstm.train.steps must be >= 1 \(the student's fine-tuning\), "
      "got 0$"),
     # checked before the text is read and the transformer family is built
+    ({"data.context": 0}, "^data.context must be >= 1, got 0$"),
     ({"lstm.context": -3}, r"^lstm.context must be in \[1, data.context=64\] \(0: data.context\), "
      "got -3$"),
     ({"teacher.train.warmup_steps": 3000},
