@@ -295,6 +295,11 @@ def _evaluate_export(comp, state, out_dir: str, float_bytes: int, fam: Family, e
           "export_agreement": agree}
 
 
+def _model_label(family_results: dict) -> str:
+  """What the report calls a family's model: each family trains the model its config names."""
+  return "transformer" if family_results["teacher"]["model"] == "char_gpt" else "LSTM"
+
+
 def format_report(results: dict, config) -> str:
   """``report.md``: the size/loss table and the samples."""
   rows = []
@@ -311,23 +316,19 @@ def format_report(results: dict, config) -> str:
   pruned = ("dense" if p.method == "none" or not p.sparsity
             else f"{p.n}:{p.m}" if p.structure == "nm" else f"{p.sparsity:.0%} {p.structure}")
   w = f"{pruned}, {q.weight_bits or 32}/{q.act_bits or 32}"
-  add("transformer teacher (float32)", results["teacher"], "32/32")
-  add("transformer PTQ (no training)", results["ptq"], w)
-  add("transformer compressed + plain fine-tuning", results.get("sft"), w)
-  add("**transformer compressed + KD**", results["compressed"], w)
-  if "lstm" in results:
-    add("LSTM teacher (float32)", results["lstm"]["teacher"], "32/32")
-    add("LSTM PTQ (no training)", results["lstm"]["ptq"], w)
-    add("**LSTM compressed + KD**", results["lstm"]["compressed"], w)
+  families = [(_model_label(res), res) for res in (results, results.get("lstm")) if res]
+  for name, res in families:
+    add(f"{name} teacher (float32)", res["teacher"], "32/32")
+    add(f"{name} PTQ (no training)", res["ptq"], w)
+    add(f"{name} compressed + plain fine-tuning", res.get("sft"), w)
+    add(f"**{name} compressed + KD**", res["compressed"], w)
   table = markdown_table(("model", "test loss (nats/char)", "bits/char", "bytes", "ratio",
                           "sparsity, weight/input bits", "export agreement"), rows)
   lines = ["# Tiny Shakespeare: compressed character-level models", "",
-           "Losses on the test split; the transformer teacher's loss on val111k (validation "
+           f"Losses on the test split; the {families[0][0]} teacher's loss on val111k (validation "
            "and test together, the last 10 % of the text: nanoGPT's split) is "
            f"{results['teacher']['loss_val111k']:.4f} nats/char.", "", table, ""]
-  for name, res in (("transformer", results), ("LSTM", results.get("lstm"))):
-    if res is None:
-      continue
+  for name, res in families:
     for who in ("teacher", "compressed"):
       lines += [f"## Sampled from the {name} {who} (seed {config.seed}, temperature "
                 f"{config.sample.temperature})", "", "```", res["samples"][who], "```", ""]

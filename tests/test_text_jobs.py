@@ -440,3 +440,24 @@ def test_sample_is_the_prompt_and_length_characters():
     got = lm_lib.sample(always_c, None, vocab, prompt=prompt, length=5, context=4, seed=0,
                         temperature=1.0)
     assert got == prompt + "ccccc"
+
+
+def test_report_names_each_family_by_its_model():
+  """A family trains the model its config names: an LSTM in the first family (the budget
+  example's --trained LSTM) is reported as an LSTM, and a transformer in the second as one."""
+  from configs import shakespeare_distill
+  from experiments.lm_pipeline import format_report
+  row = {"loss_test": 1.0, "bits_test": 1.0 / math.log(2), "size_bytes": 10, "loss_val111k": 1.0}
+  family = lambda model: {"teacher": {**row, "model": model}, "ptq": row, "compressed": row,
+                          "samples": {"teacher": "ab", "compressed": "ba"}}
+  report = format_report({**family("char_lstm"), "lstm": family("char_gpt")},
+                         shakespeare_distill.get_config("quick"))
+  lines = report.splitlines()
+  assert [l.split("|")[1].strip() for l in lines if l.startswith("|")][2:] == [
+      "LSTM teacher (float32)", "LSTM PTQ (no training)", "**LSTM compressed + KD**",
+      "transformer teacher (float32)", "transformer PTQ (no training)",
+      "**transformer compressed + KD**"]
+  assert "the LSTM teacher's loss on val111k" in report
+  assert [l.split(" (")[0] for l in lines if l.startswith("## ")] == [
+      "## Sampled from the LSTM teacher", "## Sampled from the LSTM compressed",
+      "## Sampled from the transformer teacher", "## Sampled from the transformer compressed"]
