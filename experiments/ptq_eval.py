@@ -259,6 +259,14 @@ def split_evaluator(split: tuple[np.ndarray, np.ndarray], data: DataSpec, *,
   return evaluate
 
 
+def calibration_split(name: str, split: str, n: int, *, data_dir: str | None = None) -> str:
+  """The TFDS split spec of the first ``n`` examples of ``split`` (``train``, 512:
+  ``train[0:512]``; ``test+train``: ``test[0:512]``), or, where the split sizes cannot be read,
+  ``split`` with a note of how many of its first examples were taken."""
+  return (data_lib.first_examples(name, split, n, data_dir=data_dir)
+          or f"{split}, first {n}")
+
+
 def post_training_quantization(config) -> dict:
   """Runs the study of a ``configs/ptq.py`` config on ``data.eval_split``.
 
@@ -304,8 +312,8 @@ def post_training_quantization(config) -> dict:
   source = data_lib.open_split(config.data.name, config.data.train_split,
                                data_dir=config.data.data_dir, field="data.train_split")
   calib_x, _ = source.read(np.arange(min(p.calibration_examples, len(source))))
-  calib_split = (f"{config.data.train_split}[:{len(calib_x)}]" if "[" not in config.data.train_split
-                 else f"{config.data.train_split}, first {len(calib_x)}")
+  calib_split = calibration_split(config.data.name, config.data.train_split, len(calib_x),
+                                  data_dir=config.data.data_dir)
   test = data_lib.load_split(config.data.name, config.data.eval_split,
                              data_dir=config.data.data_dir, field="data.eval_split")
   bs = p.calibration_batch_size

@@ -10,11 +10,13 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
+from configs import common
 from configs import evaluate as evaluate_config_file
 from configs import ptq as ptq_config
 from conftest import pretrained, requires_cifar10
 from experiments.evaluate_job import evaluate_config
 from experiments.ptq_eval import parse_scheme, post_training_quantization, ptq_sweep, ptq_table
+from jaxcompress.data import open_split
 from jaxcompress.errors import ConfigError
 from jaxcompress.models.functional import variables_of
 from test_cli import _run
@@ -206,3 +208,18 @@ def test_pretrained_resnet20_w8a8_ptq_within_0_3_points():
   float_row, w8a8 = result["rows"]
   assert abs(float_row["accuracy"] - 91.73) <= 0.02
   assert abs(w8a8["delta"]) <= 0.3 and result["examples"] == 10000
+
+
+@requires_cifar10
+@pytest.mark.parametrize("train_split", ["test+train", "train[100:]"])
+def test_the_reported_calibration_split_reads_back_the_calibration_images(train_split):
+  # "test+train[:8]" is all of test and 8 train images to TFDS, not the first 8 of test+train.
+  c = _mock_config(schemes=("w8",), calibration_examples=8, calibration_batch_size=8)
+  c.data = common.data_config("cifar10")
+  c.data.train_split, c.data.eval_split, c.data.eval_batch_size = train_split, "test[:16]", 16
+  result = post_training_quantization(c)
+  first = open_split("cifar10", train_split).read(np.arange(8))[0]  # TFDS reads both specs
+  reported = open_split("cifar10", result["calibration_split"])
+  assert len(reported) == 8
+  assert result["calibration_examples"] == 8
+  np.testing.assert_array_equal(reported.read(np.arange(8))[0], first)
