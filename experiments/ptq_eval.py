@@ -175,8 +175,8 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
     ``calibration``, ``method``, ``seconds``.
 
   Raises:
-    ConfigError: for a bad scheme, ``first_last_bits`` or ``percentile``, or no calibration
-      batch.
+    ConfigError: for a bad scheme, ``first_last_bits`` or ``percentile``, no calibration
+      batch, or ``first_last_bits=0`` on a model with no layer between its first and last.
   """
   schemes = [s if isinstance(s, Scheme) else parse_scheme(s) for s in schemes]
   check_settings(first_last_bits, percentile)
@@ -188,6 +188,9 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
   float_fn = lambda v, x: fm.apply(v, x)[0]
   quantizers, codebooks = {}, {}
   inner = layer_paths(model, variables, sample)[1:-1] if schemes else []
+  if schemes and not inner and not first_last_bits:  # every row would be the float model
+    raise invalid("ptq.first_last_bits", first_last_bits, f"{BITS_VALID} for a model with no "
+                  "layer between its first and last", "0 keeps both float: nothing to quantize")
 
   def row(scheme, evaluated, t0, reference=None):
     preds = np.asarray(evaluated["predictions"])

@@ -158,6 +158,19 @@ def test_sweep_takes_any_flax_model(kind):
                                                                            "k3"]
 
 
+def test_first_last_float_on_a_model_of_two_layers_is_refused_not_reported_as_quantized():
+  # Without a layer between the first and last, first_last_bits=0 leaves every row the float
+  # model: the "w8a8" row was the NumPy float forward pass exactly, labelled 8-bit.
+  x = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+  model = NoFlag()
+  variables = model.init(jax.random.key(0), x)
+  evaluate = lambda fn, v, desc: {"accuracy": 0.0, "loss": 0.0,
+                                  "predictions": np.asarray(fn(v, x)).argmax(-1)}
+  with pytest.raises(ConfigError, match=r"^ptq.first_last_bits must be an integer in \[2, 8\] "
+                     r"for a model with no layer between its first and last, got 0"):
+    ptq_sweep(model, variables, ["w8a8"], [x], evaluate, first_last_bits=0)
+
+
 @pytest.mark.parametrize("text", ["w9a8", "w4/percentile", "w8a8/median", "x4", "k1", "w8a1", 8])
 def test_bad_scheme_is_one_clear_error(text):
   with pytest.raises(ConfigError, match=r"^ptq.schemes must be "):
