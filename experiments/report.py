@@ -213,7 +213,7 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
   else:
     teach = f"feature distillation from {config.teacher.name} ({hints})" if hints else "no teacher"
   size = (f"Compression ratio (float32 params / artifact bytes on disk): "
-          f"{c['compression_ratio']:.1f}x; the exported artifact scores "
+          f"{_ratio(c['compression_ratio'])}; the exported artifact scores "
           f"{c['exported_accuracy']:.2f} % and agrees with the fake-quant model on "
           f"{100 * c['export_agreement']:.2f} % of the test images."
           if c.get("compression_ratio") else "Not exported (export.enabled is False).")

@@ -118,6 +118,18 @@ def test_ratios_are_rounded_once_and_in_order():
   assert got == ["0.034x", "0.95x", "0.95x", "1.0x", "1.0x", "16.8x"]
 
 
+def test_the_header_gives_the_ratio_the_table_gives(tmp_path):
+  # A tiny model whose artifact outweighs its float32 parameters: 1,000 / 29,400 = 0.034x.
+  results = _results()
+  results["original"]["size_bytes"] = 1_000
+  results["compressed"].update(size_bytes=29_400, compression_ratio=round(1_000 / 29_400, 3))
+  report.write_report(str(tmp_path), cifar_distill.get_config("quick"), results, metrics=[])
+  text = open(tmp_path / "report.md").read()
+  assert ["compressed, fine-tuned (resnet20)", "91.07", "29,400", "0.034x"] in [
+      row[:4] for row in _cells(text[text.index("| model "):])]
+  assert "artifact bytes on disk): 0.034x;" in text  # not 0.0x
+
+
 def test_a_model_without_a_finite_accuracy_or_a_size_still_reports(tmp_path):
   results = {"teacher": {"model": "t", "accuracy": float("nan"), "size_bytes": 4000},
              "original": {"model": "o", "accuracy": 91.0, "size_bytes": 1000}}
