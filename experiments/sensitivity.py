@@ -69,21 +69,29 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
 
   Returns:
     One row per scope and sparsity, in that order: ``{'scope', 'sparsity', 'pruned',
-    'prunable', 'achieved', 'model_sparsity', 'accuracy', 'loss'}``; ``pruned`` counts zeroed
-    entries among the ``prunable`` (selected) ones, ``model_sparsity`` is over all parameters.
+    'prunable', 'achieved', 'model_sparsity', 'accuracy', 'loss'}``; the counts of
+    :func:`sparsity_counts` over the evaluated (pruned) parameters.
   """
-  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   rows = []
   for scope in scopes:
     for sparsity in sparsities:
       masks = pruning.magnitude_masks(params, sparsity, scope=scope, rules=rules)
-      pruned, prunable = zero_count(masks, rules)
-      metrics = evaluate(pruning.apply_masks(params, masks))
-      rows.append({"scope": scope, "sparsity": float(sparsity), "pruned": pruned,
-                   "prunable": prunable, "achieved": pruned / prunable,
-                   "model_sparsity": pruned / total, "accuracy": metrics["accuracy"],
-                   "loss": metrics["loss"]})
+      pruned = pruning.apply_masks(params, masks)
+      metrics = evaluate(pruned)
+      rows.append({"scope": scope, "sparsity": float(sparsity), **sparsity_counts(pruned, rules),
+                   "accuracy": metrics["accuracy"], "loss": metrics["loss"]})
   return rows
+
+
+def sparsity_counts(params: Any, rules: Sequence[Rule] | None = None) -> dict:
+  """``{'pruned', 'prunable', 'achieved', 'model_sparsity'}`` of a parameter tree: ``pruned``
+  counts the zero entries among the ``prunable`` ones (those ``rules`` select), whether a mask
+  zeroed them or the weights held them already; ``achieved`` is their fraction,
+  ``model_sparsity`` their fraction of all parameters."""
+  pruned, prunable = zero_count(params, rules)
+  total = sum(int(np.size(x)) for x in jax.tree.leaves(params))
+  return {"pruned": pruned, "prunable": prunable, "achieved": pruned / prunable,
+          "model_sparsity": pruned / total}
 
 
 def _rules(prune_cfg) -> list | None:
@@ -129,8 +137,9 @@ def one_shot_sensitivity(config) -> dict:
   """One-shot magnitude pruning of a trained model, no fine-tuning (``configs/prune_sensitivity``).
 
   Returns:
-    ``{'model', 'weights', 'dataset', 'split', 'examples', 'dense': {'accuracy', 'loss'},
-    'results': [row of :func:`sweep`, ...], 'eval_compiles', 'seconds'}``. ``eval_compiles``
+    ``{'model', 'weights', 'dataset', 'split', 'examples', 'dense': {'accuracy', 'loss',
+    'pruned', 'prunable', 'achieved', 'model_sparsity'}, 'results': [row of :func:`sweep`, ...],
+    'eval_compiles', 'seconds'}``; ``dense`` counts the zeros the weights hold. ``eval_compiles``
     counts the compilations of the eval step (1: every evaluation reused the first one).
 
   Raises:
@@ -167,15 +176,18 @@ def one_shot_sensitivity(config) -> dict:
   return {"model": config.model.name, "weights": config.model.weights,
           "dataset": config.data.name, "split": config.data.eval_split,
           "examples": dense["examples"],
-          "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"]}, "results": rows,
+          "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"],
+                    **sparsity_counts(params, rules)}, "results": rows,
           "eval_compiles": eval_step._cache_size(),  # pylint: disable=protected-access
           "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def one_shot_table(result: dict) -> str:
   """A markdown table of :func:`one_shot_sensitivity`'s result: dense row, then each point."""
-  dense = result["dense"]["accuracy"]
-  rows = [("dense", 0, 0, 0, f"{dense:.2f}", "")]
+  d = result["dense"]
+  dense = d["accuracy"]
+  rows = [("dense", "0.00", f"{d['achieved']:.4f}", f"{d['model_sparsity']:.4f}", f"{dense:.2f}",
+           "")]
   rows += [(r["scope"], f"{r['sparsity']:.2f}", f"{r['achieved']:.4f}",
             f"{r['model_sparsity']:.4f}", f"{r['accuracy']:.2f}", f"{r['accuracy'] - dense:+.2f}")
            for r in result["results"]]

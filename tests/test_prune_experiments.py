@@ -122,10 +122,29 @@ def test_one_shot_matches_numpy_pruning_and_compiles_eval_once():
   json.loads(json.dumps(result))  # the printed JSON line round-trips
   table = [[c.strip() for c in line.strip("|").split("|")]
            for line in one_shot_table(result).splitlines()]
-  assert len(table) == 2 + 1 + 8 and table[2][0] == "dense"
+  assert len(table) == 2 + 1 + 8 and table[2][:4] == ["dense", "0.00", "0.0000", "0.0000"]
+  assert (result["dense"]["pruned"], result["dense"]["prunable"]) == (0, sum(sizes))
   assert table[3] == ["layer", "0.30", "0.3000", f"{result['results'][0]['model_sparsity']:.4f}",
                       f"{result['results'][0]['accuracy']:.2f}",
                       f"{result['results'][0]['accuracy'] - result['dense']['accuracy']:+.2f}"]
+
+
+def test_one_shot_counts_the_zeros_of_the_model_it_evaluates():
+  # Weights already half zero (a pruned checkpoint): 30 % masks change nothing, so the model
+  # evaluated at "0.3" is 50 % sparse, as its dense row is; the masks alone counted 30 %.
+  kernel = np.arange(1.0, 101.0, dtype=np.float32).reshape(10, 10)
+  kernel[::2] = 0.0
+  params = {"fc": {"kernel": jnp.asarray(kernel), "bias": jnp.ones((10,), jnp.float32)}}
+  seen = []
+  rows = sensitivity.sweep(params, lambda p: seen.append(p) or {"accuracy": 0.0, "loss": 0.0},
+                           [0.3, 0.7], ["layer"], rules=((".*/kernel", True), (".*", False)))
+  zeros = [int(np.sum(np.asarray(p["fc"]["kernel"]) == 0)) for p in seen]  # NumPy recount
+  assert zeros == [50, 70]
+  assert [(r["pruned"], r["prunable"], r["achieved"]) for r in rows] == [(50, 100, 0.5),
+                                                                         (70, 100, 0.7)]
+  assert [r["model_sparsity"] for r in rows] == [50 / 110, 70 / 110]
+  assert sensitivity.sparsity_counts(params, ((".*/kernel", True), (".*", False)))[
+      "achieved"] == 0.5
 
 
 def test_keep_nonzero_holds_exactly_the_existing_zeros():
