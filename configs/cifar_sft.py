@@ -13,7 +13,9 @@ from configs import cifar_distill
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Same variants as ``cifar_distill``."""
+  """Same variants as ``cifar_distill``: None for the full run, ``quick`` for the CPU-sized one."""
+  if arg not in (None, "quick"):
+    raise ValueError(f"configs/cifar_sft.py: unknown variant {arg!r}; valid: quick")
   c = cifar_distill.get_config(arg)
   c.distill.alpha = 0.0  # no KD term ...
   c.distill.feature_weight = 0.0  # ... and no hints: the teacher is not used

@@ -146,6 +146,12 @@ def test_sft_ablation_runs_without_a_teacher(mlp_weights, tmp_path):
   assert metrics and "kd_loss" not in metrics[0]
 
 
+def test_an_unknown_sft_variant_names_the_file_the_user_gave():
+  with pytest.raises(ValueError, match=r"^configs/cifar_sft.py: unknown variant 'fast'; valid: "
+                                       r"quick$"):  # not configs/cifar_distill.py
+    cifar_sft.get_config("fast")
+
+
 def test_a_different_config_in_the_same_workdir_is_refused(mlp_weights, tmp_path):
   _run(_config(mlp_weights), tmp_path)
   other = _config(mlp_weights)
