@@ -79,7 +79,8 @@ def plan_table(plan: list[dict]) -> str:
 def results_table(results: dict) -> str:
   """Auto against uniform at the same budget (and the original)."""
   rows = []
-  for key, label in (("original", "original (float32)"), ("compressed", "auto plan"),
+  for key, label in (("original", "original (float32 parameters, not a file)"),
+                     ("compressed", "auto plan"),
                      ("uniform", "uniform recipe")):
     r = results.get(key)
     if not r:

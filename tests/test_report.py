@@ -143,6 +143,8 @@ def test_a_model_without_a_finite_accuracy_or_a_size_still_reports(tmp_path):
       {"original": {"accuracy": 91.0, "size_bytes": 1000, "compression_ratio": None},
        "compressed": {"accuracy": 90.0, "size_bytes": None, "compression_ratio": None}})
   assert [line.split("|")[4].strip() for line in table.splitlines()[2:]] == ["1.0x", "-"]
+  # The column is the artifacts' bytes on disk; the original's bytes are its float32 parameters.
+  assert "float32 parameters, not a file" in table.splitlines()[2].split("|")[1]
 
 
 def test_training_curves_follow_each_key_over_the_records_that_have_it(tmp_path, monkeypatch):
