@@ -1,11 +1,15 @@
-"""The docstring examples that show their output print it, as a user who copies them sees it."""
+"""The docstring examples are Python, and those that show their output print it, as a user who
+copies them sees it."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import pkgutil
 
 import pytest
+
+import jaxcompress
 
 # The modules whose docstring examples run on their own (the others use the reader's model).
 RUNNABLE = ("jaxcompress.export.packing", "jaxcompress.optim", "jaxcompress.pruning.schedules",
@@ -20,3 +24,17 @@ def test_docstring_examples_print_what_they_show(name):
   result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0
   assert result.failed == 0
+
+
+def test_every_docstring_example_is_python():
+  finder = doctest.DocTestFinder()
+  names = [m.name for m in pkgutil.walk_packages(jaxcompress.__path__, "jaxcompress.")]
+  bad = []
+  for name in names:
+    for test in finder.find(importlib.import_module(name), name):
+      for example in test.examples:
+        try:
+          compile(example.source, test.name, "single")
+        except SyntaxError as e:
+          bad.append(f"{test.name}: {e.msg}")
+  assert len(names) > 50 and bad == []

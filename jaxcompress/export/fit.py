@@ -11,7 +11,7 @@ fits, at most ``resolution`` of the kept entries above the fewest that fit on th
 
 Example:
   >>> def write(params):  # writes the artifact of these parameters, returns its size report
-  ...   return export_model(out_dir, variables={**variables, "params": params}, ...)
+  ...   return export_model(out_dir, variables={**variables, "params": params}, **kwargs)
   >>> params, report, zeroed = fit_to_bytes(write, variables["params"], None, max_bytes=43_155)
 """
 
