@@ -13,10 +13,10 @@ import jaxcompress
 
 # The modules whose docstring examples run on their own (the others use the reader's model).
 RUNNABLE = ("jaxcompress.export.packing", "jaxcompress.optim", "jaxcompress.pruning.schedules",
-            "jaxcompress.pruning.summary", "jaxcompress.quantization.config",
-            "jaxcompress.quantization.fake_quant", "jaxcompress.quantization.lsq",
-            "jaxcompress.quantization.qparams", "jaxcompress.quantization.schedule",
-            "jaxcompress.rules", "jaxcompress.tables")
+            "jaxcompress.pruning.select", "jaxcompress.pruning.summary",
+            "jaxcompress.quantization.config", "jaxcompress.quantization.fake_quant",
+            "jaxcompress.quantization.lsq", "jaxcompress.quantization.qparams",
+            "jaxcompress.quantization.schedule", "jaxcompress.rules", "jaxcompress.tables")
 
 
 @pytest.mark.parametrize("name", RUNNABLE)

@@ -13,6 +13,7 @@ Paths are the tree's keys joined by ``/``: ``layer1_0/conv1/kernel`` for a Flax 
 trailing ``value`` attribute of an ``nnx.Variable`` is not part of the path).
 
 Example:
+  >>> w0, b0, w1 = jnp.ones((3, 3, 3, 8)), jnp.zeros(8), jnp.ones((8, 10))
   >>> sel = select({"conv1": {"kernel": w0, "bias": b0}, "head": {"w": w1}})
   >>> sel.paths, sel.selected
   (('conv1/bias', 'conv1/kernel', 'head/w'), (False, True, True))
