@@ -65,7 +65,8 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
     evaluate: ``params -> {'accuracy': ..., 'loss': ..., ...}``.
     sparsities: targets in [0, 1).
     scopes: ``"layer"`` and/or ``"global"`` (see :func:`jaxcompress.pruning.magnitude_masks`).
-    rules: leaf selection; ``None``: every floating-point leaf of rank >= 2.
+    rules: leaf selection; ``None``: every floating-point leaf of rank >= 2 but a
+      ``bias`` or ``scale``.
 
   Returns:
     One row per scope and sparsity, in that order: ``{'scope', 'sparsity', 'pruned',

@@ -58,6 +58,16 @@ def test_a_fitting_artifact_is_left_alone_and_rules_limit_what_is_zeroed():
   np.testing.assert_array_equal(out["dense"]["kernel"], params["dense"]["kernel"])
 
 
+def test_without_rules_a_rank_2_bias_is_never_zeroed():
+  """``None`` selects as ``select`` does: an attention projection's ``(heads, dim)`` bias stays."""
+  params = _params()
+  params["head"]["bias"] = np.full((2, 3), 1e-3, np.float32)  # smaller than every kernel entry
+  write, _ = _nonzero_writer()
+  out, _, zeroed = fit_to_bytes(write, params, None, 10 + 3 * (53 - 6))
+  assert zeroed == 6  # the 6 smallest of the 42 kernel entries, none of the bias
+  np.testing.assert_array_equal(out["head"]["bias"], params["head"]["bias"])
+
+
 def test_a_budget_below_the_empty_model_is_one_line_and_leaves_the_untrimmed_artifact():
   write, calls = _nonzero_writer()
   params = _params()

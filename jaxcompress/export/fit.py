@@ -49,7 +49,7 @@ def fit_to_bytes(write: Callable[[Any], dict], params: Any, rules: Sequence | No
       ``total_bytes``); it is called with ``params`` first, then with trimmed copies.
     params: the parameter tree (host arrays).
     rules: the pruning rules that select the weights that may be zeroed (``prune.rules``;
-      ``None``: every floating-point leaf of rank >= 2).
+      ``None``: every floating-point leaf of rank >= 2 but a ``bias`` or ``scale``).
     max_bytes: the budget for ``total_bytes``.
     resolution: the search stops once the fitting and the failing count differ by at most this
       fraction of the kept entries (and by at least 1).

@@ -49,7 +49,7 @@ def sparsity(tree: Any, rules: Sequence[Rule] | None = None) -> jax.Array:
   Args:
     tree: any pytree of arrays (parameters or masks).
     rules: the leaf selection, as for :func:`~jaxcompress.pruning.select.select` (``None``:
-      every floating-point leaf of rank >= 2).
+      every floating-point leaf of rank >= 2 but a ``bias`` or ``scale``).
 
   Returns:
     A float32 scalar in ``[0, 1]``; 0 when no leaf (or only empty leaves) is selected.
