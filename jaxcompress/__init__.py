@@ -1,11 +1,12 @@
 """jaxcompress: model compression as pure JAX/Flax transforms composed into jitted optax steps.
 
-Data flow, one module each (``import jaxcompress.<name>``):
+Data flow, one module each (``import jaxcompress.<name>``); the configs (``configs/*.py``,
+ml_collections) are validated by these modules:
 
-  config        configs/*.py (ml_collections), validated by the modules below
   datasets      the image datasets known (shapes, label names) and their one-time preparation
   data          TF-free TFDS input pipeline (DataSpec): decode once, crop/flip, deterministic
                 batches
+  text          character-level text: splits, vocabulary, training and evaluation windows
   models        any Linen/NNX module as pure functions; registry, MODULE:FACTORY names;
                 weights from .npz, .msgpack, orbax; CIFAR ResNets, CNNs, MLP
   selection     which layers a model has, from its traced forward; first/last; folded norms
@@ -15,6 +16,7 @@ Data flow, one module each (``import jaxcompress.<name>``):
   specs         the typed specs of what to prune, quantize and distill (checked when built)
   compose       one jitted train step for any subset of prune / quantize / distill, for any
                 Linen or NNX model; its export
+  budget        compress to a byte or BOPs budget: per-layer sensitivity, exact allocation
   steps, optim, parallel, train, checkpoint
                 train/eval steps, optimizers (OptimizerSpec), data parallelism, the resumable
                 loop (fit with DataSpec and LoopSpec, evaluate_split, load_data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import re
 
 import pytest
 
@@ -38,3 +39,11 @@ def test_every_docstring_example_is_python():
         except SyntaxError as e:
           bad.append(f"{test.name}: {e.msg}")
   assert len(names) > 50 and bad == []
+
+
+def test_the_package_docstring_names_modules_that_import():
+  names = [n for line in re.findall(r"^  (\w+(?:, \w+)*)(?: {2,}|$)", jaxcompress.__doc__, re.M)
+           for n in line.split(", ")]
+  assert len(names) > 15
+  for name in names:
+    importlib.import_module(f"jaxcompress.{name}")
