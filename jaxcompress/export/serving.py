@@ -3,12 +3,14 @@
 :func:`save_serving` serializes ``inputs -> outputs`` of a loaded artifact, weights embedded as
 constants, with a symbolic batch size, into ``DIR/serving/model.jaxexport``, and describes its
 signature in ``DIR/serving/signature.json``. It lives beside the artifact (``DIR/export``), not in
-it, so the artifact's bytes stay the model's bytes. Running it needs only JAX:
+it, so the artifact's bytes stay the model's bytes. Running it needs only JAX; it takes uint8
+images where saved with ``mean`` and ``std`` (as the jobs save it), else the model's own input
+(``signature.json`` says which):
 
   >>> import jax, numpy as np
   >>> with open("DIR/serving/model.jaxexport", "rb") as f:
   ...   exported = jax.export.deserialize(bytearray(f.read()))
-  >>> logits = exported.call(np.zeros((8, 32, 32, 3), np.uint8))
+  >>> logits = exported.call(np.zeros((8, 32, 32, 3), np.uint8))   # a job's CIFAR-10 model
 """
 
 from __future__ import annotations
