@@ -417,8 +417,18 @@ class MetricsLog:
                                                for r in self.read()):
       self.write({"step": step, "final": True, **metrics})
 
-  def truncate_after(self, step: int) -> None:
-    """Drops records logged after ``step`` (they belong to work a resume will redo)."""
+  def truncate_after(self, step: int, *, redo_eval: bool = False) -> None:
+    """Drops records logged after ``step`` (they belong to work a resume will redo) and, with
+    ``redo_eval``, ``step``'s own evaluation record (a checkpoint that did not evaluate its step
+    is evaluated by each resume from it).
+
+    An evaluation record is one that is neither a training record (those hold
+    ``images_per_s``) nor a final one (``final``: written by the caller after training).
+    """
+    def keep(r: dict) -> bool:
+      n, evaluation = r.get("step", 0), "images_per_s" not in r and not r.get("final")
+      return n < step or n == step and not (redo_eval and evaluation)
+
     if os.path.exists(self.path):
-      kept = [r for r in self.read() if r.get("step", 0) <= step]
+      kept = [r for r in self.read() if keep(r)]
       write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -213,9 +213,10 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
       raise ConfigError(f"train.epochs={loop.epochs:g} is {total} steps, and {workdir} has trained "
                         f"{int(state.step)}: a rerun may raise train.epochs, not lower it; use a "
                         "new --workdir for a shorter run")
-  # Records after the checkpoint (or all, without one) belong to work this run redoes.
+  # Records after the checkpoint (or all, without one) belong to work this run redoes, and so
+  # does an evaluation of its step that it did not record (one logged by a run resumed from it).
   if main:
-    log.truncate_after(int(state.step))
+    log.truncate_after(int(state.step), redo_eval=evaluated != int(state.step))
   step = int(state.step)
   bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
              disable=not main)

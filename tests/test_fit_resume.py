@@ -1,0 +1,55 @@
+"""fit stopped at any point and resumed logs each record once, as an uninterrupted run does."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxcompress.data import DataSpec
+from jaxcompress.models import create_model
+from jaxcompress.steps import TrainState, make_train_step, supervised_loss
+from jaxcompress.train import LoopSpec, fit
+
+RNG = np.random.default_rng(0)
+TRAIN = (RNG.integers(0, 256, (64, 8, 8, 1), dtype=np.uint8),
+         RNG.integers(0, 10, 64).astype(np.int32))  # batch 16: 4 steps an epoch
+DATA = DataSpec.from_mapping({"name": "mnist", "batch_size": 16, "mean": (0.5,), "std": (0.5,)})
+MODEL, VARIABLES = create_model("mlp", num_classes=10, image_shape=(8, 8, 1))
+TX = optax.adam(1e-2)
+STEP = make_train_step(supervised_loss(MODEL), TX)
+
+
+class Stop(Exception):
+  pass
+
+
+def _stop_at_once(state, batch):
+  raise Stop
+
+
+def _fit(workdir, epochs, step=STEP):
+  loop = LoopSpec(epochs=epochs, log_every_steps=3, checkpoint_every_steps=5)
+  state = TrainState.create(VARIABLES["params"], {}, TX)
+  eval_fn = lambda s: {"norm": float(jnp.sum(s.params["fc1"]["kernel"] ** 2))}
+  return fit(state, step, TRAIN, DATA, loop, str(workdir), eval_fn=eval_fn)
+
+
+def _log(workdir):
+  with open(workdir / "metrics.jsonl") as f:
+    return [(r["step"], "eval" if "eval_norm" in r else "train") for r in map(json.loads, f)]
+
+
+def test_a_run_extended_and_stopped_before_its_next_checkpoint_evaluates_once(tmp_path):
+  # 1 epoch (checkpoint at step 4, not evaluated: its caller does), then extended to 2: the
+  # extension evaluates step 4 and is stopped before step 5's checkpoint, then rerun.
+  _fit(tmp_path, 1)
+  try:
+    _fit(tmp_path, 2, _stop_at_once)
+  except Stop:
+    pass
+  _fit(tmp_path, 2)
+  # An uninterrupted extension logs every 3 steps and at each checkpoint (4, 5, 8), and step 4's
+  # evaluation once, after its training record.
+  assert _log(tmp_path) == [(3, "train"), (4, "train"), (4, "eval"), (5, "train"), (6, "train"),
+                            (8, "train")]
