@@ -292,9 +292,20 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
     # Orbax removes the steps a save outdates after committing it, and those a kill in between
-    # left only at the next save, which a resumed run that has finished never makes.
-    for step in sorted(self._manager.all_steps())[:-max_to_keep]:
-      self._manager.delete(step)
+    # left only at the next save, which a resumed run that has finished never makes. A step
+    # folder with no train state in it (empty, or cut short by a copy) outdates none.
+    steps = sorted(self._manager.all_steps())
+    if len(steps) > max_to_keep:
+      for step in [s for s in steps if self._holds_state(s)][:-max_to_keep]:
+        self._manager.delete(step)
+
+  def _holds_state(self, step: int) -> bool:
+    """Whether the folder of ``step`` holds the metadata of a saved train state."""
+    try:
+      self._manager.item_metadata(step)["state"]
+    except Exception:  # orbax and tensorstore raise many types for a damaged folder
+      return False
+    return True
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -254,3 +254,25 @@ def test_a_record_after_a_cut_line_drops_that_line(tmp_path):
   log.write_final(2, {"accuracy": 0.5})
   assert log.read() == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
                         {"step": 2, "final": True, "accuracy": 0.5}]
+
+
+def test_empty_step_folders_never_make_a_saved_step_removed(tmp_path):
+  from jaxcompress.checkpoint import Checkpointer
+  folder = tmp_path / "checkpoints"
+  ckpt = Checkpointer(str(folder))
+  for step in (1, 2):
+    ckpt.save(step, _small_state())
+  ckpt.close()
+  for step in (3, 4):  # what an interrupted copy of the folder may leave
+    (folder / str(step)).mkdir()
+  ckpt = Checkpointer(str(folder))
+  assert sorted(os.listdir(folder)) == ["1", "2", "3", "4"]
+  with pytest.raises(ConfigError, match="checkpoint of step 4 cannot be read"):
+    ckpt.restore(_small_state())
+  ckpt.close()
+  for step in (3, 4):  # as the refusals say
+    (folder / str(step)).rmdir()
+  ckpt = Checkpointer(str(folder))
+  assert ckpt.latest_step() == 2
+  ckpt.restore(_small_state())
+  ckpt.close()
