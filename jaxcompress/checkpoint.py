@@ -361,8 +361,11 @@ class Checkpointer:
   def _damaged(self, step: int, error: Exception) -> ConfigError:
     """The one line for a checkpoint folder that cannot be read."""
     folder = os.path.join(self.directory, str(step))
-    earlier = [s for s in self._manager.all_steps() if s < step]
-    fix = (f"delete {folder} to resume from step {max(earlier)}" if earlier else
+    steps = sorted(self._manager.all_steps())
+    earlier = [s for s in steps if s < step and self._holds_state(s)]
+    # Resuming takes the latest step folder: every one after the step to resume from must go.
+    later = [os.path.join(self.directory, str(s)) for s in steps if earlier and s > earlier[-1]]
+    fix = (f"delete {' and '.join(later)} to resume from step {earlier[-1]}" if earlier else
            "delete it or use a new --workdir")
     cause = first_line(error).split(" [tensorstore_spec=")[0]  # the spec is a page of JSON
     cause = cause if len(cause) <= 200 else cause[:197] + "..."
