@@ -71,14 +71,19 @@ _held: set[str] = set()  # real paths of the lock files this process holds
 
 
 def _pid_alive(pid: int) -> bool:
-  """Whether process ``pid`` exists on this host (one of another user's counts as alive)."""
+  """Whether process ``pid`` runs on this host (one of another user's counts as alive; a zombie,
+  killed but not yet reaped by its parent, does not)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:  # Linux: the state follows the command name, which is in parentheses
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):  # no /proc (macOS), or the process is gone meanwhile
+    return True
 
 
 def _read_lock(path: str) -> dict | None:

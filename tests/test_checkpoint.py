@@ -96,6 +96,20 @@ def test_one_writer_per_workdir_and_a_crashed_writers_lock_is_taken_over(tmp_pat
   assert not os.path.exists(os.path.join(workdir, "lock"))
 
 
+def test_a_lock_of_a_killed_process_its_parent_has_not_reaped_is_taken_over(tmp_path):
+  child = subprocess.Popen(["sleep", "60"])
+  write_json(str(tmp_path / "lock"), {"pid": child.pid, "host": socket.gethostname(),
+                                      "time": time.time()})
+  child.kill()
+  os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, but a zombie until reaped
+  try:
+    with pytest.warns(UserWarning, match=rf"taking over the lock left by process {child.pid}"):
+      check_workdir({}, str(tmp_path))
+  finally:
+    child.wait()
+  release_workdir(str(tmp_path))
+
+
 def test_a_lock_from_another_host_refuses_and_says_how_to_remove_it(tmp_path):
   write_json(str(tmp_path / "lock"), {"pid": 1234, "host": "elsewhere", "time": time.time()})
   with pytest.raises(ConfigError, match=r"is in use by process 1234 \(started .* on host "
