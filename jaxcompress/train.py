@@ -177,7 +177,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     workdir: folder for ``checkpoints/`` and ``metrics.jsonl``.
     seed: data order and augmentation seed.
     mesh: data-parallel mesh; batches are sharded over it.
-    eval_fn: optional ``state -> metrics`` run every ``loop.eval_every_epochs`` epochs.
+    eval_fn: optional ``state -> metrics`` run every ``loop.eval_every_epochs`` epochs; the
+      metrics that are numbers (Python, NumPy or JAX scalars) are logged as ``eval_<name>``.
     desc: progress-bar label.
     step_args: extra inputs passed to every ``train_step`` call (e.g. teacher variables).
 
@@ -246,8 +247,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     nonlocal evaluated
     check()
     record = {"step": step, "epoch": step / per_epoch,
-              **{f"eval_{k}": v for k, v in eval_fn(state).items()
-                 if isinstance(v, (int, float))}}
+              **{f"eval_{k}": v for k, v in _numbers(eval_fn(state)).items()}}
     if main:
       log.write(record)
     evaluated = step
@@ -324,6 +324,18 @@ def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, i
           lambda epoch, start: data_lib.train_batches(
               split, data.batch_size, seed=seed, epoch=epoch, mean=data.mean, std=data.std,
               augment_images=data.augment, start=start, rows=rows))
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict:
+  """The numbers of ``metrics`` (Python, NumPy or JAX scalars), as Python numbers; the rest
+  (per-class lists, text) is left out."""
+  out = {}
+  for k, v in metrics.items():
+    if isinstance(v, (int, float)):
+      out[k] = v
+    elif np.ndim(v) == 0 and np.issubdtype(getattr(v, "dtype", object), np.number):
+      out[k] = np.asarray(jax.device_get(v)).item()
+  return out
 
 
 def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> NonFiniteError:

@@ -1,4 +1,4 @@
-"""fit stopped at any point and resumed logs each record once, as an uninterrupted run does."""
+"""fit's metrics.jsonl: each record once across resumes, each number an evaluation returns."""
 
 import json
 
@@ -28,10 +28,13 @@ def _stop_at_once(state, batch):
   raise Stop
 
 
-def _fit(workdir, epochs, step=STEP):
+def _norm(state):
+  return {"norm": float(jnp.sum(state.params["fc1"]["kernel"] ** 2))}
+
+
+def _fit(workdir, epochs, step=STEP, eval_fn=_norm):
   loop = LoopSpec(epochs=epochs, log_every_steps=3, checkpoint_every_steps=5)
   state = TrainState.create(VARIABLES["params"], {}, TX)
-  eval_fn = lambda s: {"norm": float(jnp.sum(s.params["fc1"]["kernel"] ** 2))}
   return fit(state, step, TRAIN, DATA, loop, str(workdir), eval_fn=eval_fn)
 
 
@@ -53,3 +56,13 @@ def test_a_run_extended_and_stopped_before_its_next_checkpoint_evaluates_once(tm
   # evaluation once, after its training record.
   assert _log(tmp_path) == [(3, "train"), (4, "train"), (4, "eval"), (5, "train"), (6, "train"),
                             (8, "train")]
+
+
+def test_an_evaluations_numpy_and_jax_scalars_are_logged_and_its_lists_left_out(tmp_path):
+  metrics = {"jax": jnp.float32(0.25), "numpy": np.float32(0.5), "count": np.int64(3),
+             "python": 0.75, "recall": [0.5, 1.0], "name": "x"}
+  _fit(tmp_path, 2, eval_fn=lambda s: metrics)  # 8 steps: epoch 1 is evaluated at step 4
+  with open(tmp_path / "metrics.jsonl") as f:
+    evals = [r for r in map(json.loads, f) if "loss" not in r]
+  assert evals == [{"step": 4, "epoch": 1.0, "eval_jax": 0.25, "eval_numpy": 0.5,
+                    "eval_count": 3, "eval_python": 0.75}]
