@@ -165,7 +165,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
 
   Args:
     state: the initial train state (ignored in favour of the latest checkpoint when one exists).
-    train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`.
+    train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`, or
+      any step whose metrics are a dict of scalars (all logged; ``loss`` also shown).
     train: the training examples (a :class:`jaxcompress.data.Split` or ``(uint8 images, int
       labels)``; each process reads only its rows of every batch), or a batch source: an object
       with ``batch_size``, ``steps_per_epoch`` and ``batches(seed=, epoch=, start=)`` yielding the
@@ -289,7 +290,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
           host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
           if main:
             log.write(host)
-          bar.set_postfix(loss=f"{host['loss']:.4f}", img_s=f"{host['images_per_s']:.0f}")
+          shown = {"loss": f"{host['loss']:.4f}"} if "loss" in host else {}
+          bar.set_postfix(**shown, img_s=f"{host['images_per_s']:.0f}")
           pending, t_log, n_log = [], now, 0
         bar.update(1)
         # Evaluate before the checkpoint of the same step: a resume from it never skips an eval.

@@ -66,3 +66,15 @@ def test_an_evaluations_numpy_and_jax_scalars_are_logged_and_its_lists_left_out(
     evals = [r for r in map(json.loads, f) if "loss" not in r]
   assert evals == [{"step": 4, "epoch": 1.0, "eval_jax": 0.25, "eval_numpy": 0.5,
                     "eval_count": 3, "eval_python": 0.75}]
+
+
+def test_the_metrics_of_a_train_step_without_a_loss_are_logged(tmp_path):
+  def step(state, batch):
+    state, metrics = STEP(state, batch)
+    return state, {"xent": metrics["loss"]}
+
+  _fit(tmp_path, 1, step)  # 4 steps: logged at step 3 and at the checkpoint that ends the run
+  with open(tmp_path / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [(r["step"], sorted(r)) for r in records] == [
+      (n, ["epoch", "images_per_s", "step", "xent"]) for n in (3, 4)]
