@@ -57,7 +57,8 @@ class LoopSpec:
     epochs: epochs to train (>= 0; may be fractional).
     log_every_steps: ``metrics.jsonl`` and progress-bar interval (>= 1).
     checkpoint_every_steps: orbax checkpoint interval, and always at the end (>= 1).
-    eval_every_epochs: run ``eval_fn`` every this many epochs (>= 1).
+    eval_every_epochs: run ``eval_fn`` every this many epochs (>= 1), but not at the last step
+      (the caller evaluates the state :func:`fit` returns).
   """
   epochs: float = 1.0
   log_every_steps: int = 50
@@ -178,8 +179,10 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     workdir: folder for ``checkpoints/`` and ``metrics.jsonl``.
     seed: data order and augmentation seed.
     mesh: data-parallel mesh; batches are sharded over it.
-    eval_fn: optional ``state -> metrics`` run every ``loop.eval_every_epochs`` epochs; the
-      metrics that are numbers (Python, NumPy or JAX scalars) are logged as ``eval_<name>``.
+    eval_fn: optional ``state -> metrics`` run every ``loop.eval_every_epochs`` epochs, not
+      at the last step (evaluate the returned state: the jobs log it with
+      :meth:`MetricsLog.write_final`); the metrics that are numbers (Python, NumPy or JAX
+      scalars) are logged as ``eval_<name>``.
     desc: progress-bar label.
     step_args: extra inputs passed to every ``train_step`` call (e.g. teacher variables).
 
