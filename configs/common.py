@@ -76,8 +76,8 @@ def train_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1  # evaluate on data.eval_split every this many epochs
   c.compute_dtype = "float32"  # float32 or bfloat16: dtype of the training forward/backward;
   #                              params, optimizer state and the loss stay float32
-  c.skip_nonfinite = False  # skip (and count) steps whose loss or gradient is not finite
-  #                           instead of stopping the run
+  c.skip_nonfinite = False  # skip (and count) steps whose loss, gradient or updated
+  #                           parameters are not finite instead of stopping the run
   return c
 
 

@@ -200,13 +200,14 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   step (twice the parameter and optimizer-state memory, small for the models here).
 
   Besides ``loss_fn``'s own metrics the step reports ``grad_norm`` (the global L2 norm of the
-  gradients) and ``finite`` (1.0 when both the loss and ``grad_norm`` are finite, else 0.0), which
-  :func:`jaxcompress.train.fit` checks to stop on a diverged run. With ``skip_nonfinite``
-  (``train.skip_nonfinite``) a step that is not finite changes nothing but ``state.step`` (as
-  ``optax.apply_if_finite`` does: parameters, optimizer and model state are kept, so the
-  learning-rate and pruning schedules, which count in the optimizer state, end that many steps
-  later; a pruning ramp that ends at the last step then stops short of its final sparsity) and
-  reports ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A
+  gradients) and ``finite`` (1.0 when the loss, ``grad_norm`` and every updated parameter are
+  finite, else 0.0: a learning rate that blows up turns finite gradients into Inf/NaN
+  parameters), which :func:`jaxcompress.train.fit` checks to stop on a diverged run. With
+  ``skip_nonfinite`` (``train.skip_nonfinite``) a step that is not finite changes nothing but
+  ``state.step`` (as ``optax.apply_if_finite`` does: parameters, optimizer and model state are
+  kept, so the learning-rate and pruning schedules, which count in the optimizer state, end that
+  many steps later; a pruning ramp that ends at the last step then stops short of its final
+  sparsity) and reports ``skipped`` (1.0 or 0.0), which ``fit`` counts instead of stopping. A
   ``label_errors`` metric (:func:`label_errors`, reported by :func:`supervised_loss` and the
   composed loss) makes ``fit`` stop on a step whose labels are outside the classes even then:
   skipping would silently drop every batch that holds one, in every epoch.
@@ -222,9 +223,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, rng,
                                                     *aux)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(
+        jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)], bool))
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                               opt_state=opt_state)
     out = {"loss": loss, **metrics, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32)}

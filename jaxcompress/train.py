@@ -12,9 +12,9 @@ epoch and step), the same random keys (folded from the step) and the same schedu
 live in the optimizer state), so it ends with the parameters of an uninterrupted run, bit for bit
 on CPU; the log records written after that checkpoint are dropped and written again.
 
-A diverged run (a non-finite loss or gradient norm) stops with :class:`NonFiniteError`, one line
-naming the step, before anything of it is logged or checkpointed: the workdir keeps the last good
-checkpoint and resumes from it.
+A diverged run (a non-finite loss, gradient norm or updated parameter) stops with
+:class:`NonFiniteError`, one line naming the step, before anything of it is logged or
+checkpointed: the workdir keeps the last good checkpoint and resumes from it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from jaxcompress.steps import TrainState, bad_labels_error, check_weight, evalua
 
 
 class NonFiniteError(ConfigError):
-  """Training diverged: a step's loss or gradient norm is not finite (``nan`` or ``inf``).
+  """Training diverged: a step's loss, gradient norm or updated parameters are not finite
+  (``nan`` or ``inf``).
 
   A :class:`ConfigError` (the usual cause is too high a learning rate), so entry points print its
   one line and exit non-zero.
@@ -191,12 +192,12 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     'epochs': epochs trained, 'steps': steps taken, 'skipped': non-finite steps skipped}``.
 
   Raises:
-    NonFiniteError: a step's loss or gradient norm (``train_step``'s ``finite`` metric, see
-      :func:`jaxcompress.steps.make_train_step`) is not finite. Training stops at once; the
-      diverged state is neither logged nor saved, so ``workdir`` keeps its last good checkpoint
-      and resumes from it. A step built with ``skip_nonfinite`` reports ``skipped`` instead: such
-      steps are counted (``skipped`` in each log record and in ``info``), their metrics left out
-      of the log's means.
+    NonFiniteError: a step's loss, gradient norm or updated parameters (``train_step``'s
+      ``finite`` metric, see :func:`jaxcompress.steps.make_train_step`) are not finite. Training
+      stops at once; the diverged state is neither logged nor saved, so ``workdir`` keeps its
+      last good checkpoint and resumes from it. A step built with ``skip_nonfinite`` reports
+      ``skipped`` instead: such steps are counted (``skipped`` in each log record and in
+      ``info``), their metrics left out of the log's means.
   """
   data, loop = _as_spec(DataSpec, data), _as_spec(LoopSpec, loop)
   per_epoch, batch_size, epoch_batches = _batch_source(train, data, seed, mesh)
@@ -349,8 +350,10 @@ def _non_finite(step: int, metrics: Mapping[str, Any], latest: int | None) -> No
   if not math.isfinite(loss):
     what = f"the loss is {loss}" + (" (or a label is outside the model's classes)"
                                     if math.isnan(loss) else "")
+  elif not math.isfinite(norm := float(jax.device_get(metrics.get("grad_norm", 0.0)))):
+    what = f"the gradient norm is {norm}"
   else:
-    what = f"the gradient norm is {float(jax.device_get(metrics.get('grad_norm', math.nan)))}"
+    what = "its update turned a parameter into nan or inf"
   # A job's workdir records its config, so a lower learning rate is a new workdir there.
   if latest is None:
     where = "the workdir has no checkpoint yet; lower the learning rate and start again"

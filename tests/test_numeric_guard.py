@@ -88,6 +88,28 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught_before_any_checkpoin
   assert info["steps"] == 3 and _finite(state.params)
 
 
+def test_an_update_that_makes_a_parameter_inf_is_caught_at_its_step(tmp_path):
+  """Step 5's loss and gradients are finite, but its learning rate (inf) makes the parameters
+  inf/nan: that step stops the run (its checkpoint would hold them), or is skipped."""
+  train, data, model, v = _setup()
+  tx = optax.sgd(lambda count: jnp.where(count >= 4, jnp.inf, 0.01))
+  loop = LoopSpec(epochs=2, log_every_steps=1, checkpoint_every_steps=5)  # 6 steps
+  with pytest.raises(NonFiniteError, match=(
+      r"^training stopped at step 5: its update turned a parameter into nan or inf; the workdir "
+      r"has no checkpoint yet")):
+    fit(TrainState.create(v["params"], {}, tx), make_train_step(supervised_loss(model), tx),
+        train, data, loop, str(tmp_path / "stop"))
+  assert not os.listdir(tmp_path / "stop" / "checkpoints")
+  step = make_train_step(supervised_loss(model), tx, skip_nonfinite=True)
+  before, _ = fit(TrainState.create(v["params"], {}, tx), step, train, data,
+                  LoopSpec(epochs=4 / 3), str(tmp_path / "skip"))
+  after, info = fit(before, step, train, data, loop, str(tmp_path / "skip"))
+  assert info["skipped"] == 2 and int(after.step) == 6  # steps 5 and 6, as lr stays inf
+  for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):  # the step-4 state
+    if a.ndim:
+      np.testing.assert_array_equal(a, b)
+
+
 def test_skip_nonfinite_keeps_the_state_counts_the_steps_and_trains_on(tmp_path):
   train, data, model, v = _setup()
   train[0][0] = 255  # the one example whose batch gets a nan loss, once an epoch
