@@ -28,7 +28,8 @@ def evaluate_config(config) -> dict:
   artifact's variables must fit it and its output be one logit per class of the dataset.
 
   Returns:
-    ``{'accuracy', 'loss', 'examples', 'precision', 'recall', 'model', 'dataset', 'split'}``,
+    ``{'accuracy', 'loss', 'examples', 'nonfinite', 'precision', 'recall', 'model', 'dataset',
+    'split'}``,
     and ``'exported'`` (the artifact's folder) where one is evaluated.
   """
   data = DataSpec.from_mapping(config.data)  # checked before anything is read

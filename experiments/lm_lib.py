@@ -148,7 +148,8 @@ def evaluate_lm(eval_step, variables, ids: np.ndarray, *, batch_size: int, conte
 
   Returns:
     ``{'loss': nats/char, 'bits': bits/char, 'accuracy': % of next characters predicted,
-    'chars': positions counted}`` and, with ``predictions``, every position's argmax.
+    'chars': positions counted}`` and, with ``predictions``, every position's argmax (-1 where
+    its logits are not finite, counted wrong).
   """
   windows = text.num_eval_windows(len(ids), context)
   batch_size = parallel.eval_batch_size(batch_size, windows, mesh)

@@ -35,10 +35,13 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, num_classes: int) ->
   return cm
 
 
-def classification_report(cm: np.ndarray) -> dict:
+def classification_report(cm: np.ndarray, missed: np.ndarray | None = None) -> dict:
   """Accuracy (percent) and per-class precision and recall (fractions) from a confusion matrix.
 
-  A class never predicted has precision 0; a class with no examples has recall 0.
+  A class never predicted has precision 0; a class with no examples has recall 0. ``missed[i]``
+  (optional) counts examples of class ``i`` with no prediction (NaN/Inf logits): they are
+  examples, counted wrong (in ``accuracy`` and their class's recall), and ``nonfinite`` in the
+  result.
 
   Raises:
     ConfigError: ``cm`` is not a square matrix (:func:`confusion_matrix`).
@@ -48,14 +51,16 @@ def classification_report(cm: np.ndarray) -> dict:
     raise ConfigError(f"classification report: the confusion matrix must be square "
                       f"(classes x classes), got shape {cm.shape}")
   tp = np.diag(cm).astype(np.float64)
+  missed = np.zeros(len(cm), np.int64) if missed is None else np.asarray(missed)
   predicted = cm.sum(axis=0)
-  actual = cm.sum(axis=1)
+  actual = cm.sum(axis=1) + missed
   precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
   recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-  total = cm.sum()
+  total = actual.sum()
   return {
       "accuracy": float(100.0 * tp.sum() / total) if total else 0.0,
       "examples": int(total),
+      "nonfinite": int(missed.sum()),
       "precision": [round(float(p), 6) for p in precision],
       "recall": [round(float(r), 6) for r in recall],
   }

@@ -244,9 +244,17 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   return jax.jit(step, in_shardings=(rep, dat) + (rep,) * num_aux, out_shardings=(rep, rep))
 
 
+def predict(logits: jax.Array) -> jax.Array:
+  """The predicted class at every position of ``logits`` ``[..., C]``: the argmax, or -1 where a
+  logit is NaN or Inf (no prediction: argmax would name the first NaN's class, which may be the
+  label)."""
+  return jnp.where(jnp.all(jnp.isfinite(logits), -1), jnp.argmax(logits, -1), -1)
+
+
 def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
   """Builds ``eval_step(variables, batch) -> (per-example loss, predictions, classes)``, jitted
-  once; ``classes`` is the width of the logits, which :func:`evaluate` checks.
+  once; ``classes`` is the width of the logits, which :func:`evaluate` checks, and a prediction
+  is -1 where the logits are not finite (:func:`predict`).
 
   ``logits_fn(variables, images)`` is any inference function: a Flax ``apply`` in eval mode, a
   quantized model, or an exported one.
@@ -254,8 +262,7 @@ def make_eval_step(logits_fn: Callable, *, mesh=None) -> Callable:
 
   def eval_step(variables, batch: Batch):
     logits = logits_fn(variables, batch.image)
-    return (cross_entropy(logits, batch.label), jnp.argmax(logits, -1),
-            jnp.int32(logits.shape[-1]))
+    return (cross_entropy(logits, batch.label), predict(logits), jnp.int32(logits.shape[-1]))
 
   if mesh is None:
     return jax.jit(eval_step)
@@ -274,10 +281,12 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
   gathered on every process, so each counts every example exactly once and returns the same.
 
   Returns:
-    ``{'accuracy': percent, 'loss': mean cross-entropy, 'examples': n, 'precision': [...],
-    'recall': [...]}`` over the examples with non-zero weight, each counted once (here a weight
-    marks padding; it does not scale an example as the train step's loss does), plus
-    ``'predictions'`` (a list of class ids, in example order) when ``predictions`` is set.
+    ``{'accuracy': percent, 'loss': mean cross-entropy, 'examples': n, 'nonfinite': n,
+    'precision': [...], 'recall': [...]}`` over the examples with non-zero weight, each counted
+    once (here a weight marks padding; it does not scale an example as the train step's loss
+    does), plus ``'predictions'`` (a list of class ids, in example order) when ``predictions``
+    is set. An example whose logits hold NaN or Inf has no prediction (-1 in ``predictions``):
+    it counts as wrong and in ``nonfinite`` (and the loss is then nan).
 
   Raises:
     ConfigError: a label has no class in the model's logits, which are narrower than
@@ -303,8 +312,11 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
     losses.append(np.asarray(loss)[keep])
   if not sum(len(p) for p in preds):
     raise ConfigError(f"{desc}: no example of weight > 0 to evaluate")
-  preds = np.concatenate(preds)
-  report = classification_report(confusion_matrix(np.concatenate(labels), preds, num_classes))
+  preds, labels = np.concatenate(preds), np.concatenate(labels)
+  none = preds < 0  # non-finite logits: counted per class (labels checked), as wrong
+  missed = confusion_matrix(labels[none], np.zeros(none.sum(), np.int64), num_classes)[:, 0]
+  report = classification_report(
+      confusion_matrix(labels[~none], preds[~none], num_classes), missed)
   out = {"accuracy": report["accuracy"], "loss": float(np.mean(np.concatenate(losses))),
          **{k: v for k, v in report.items() if k != "accuracy"}}
   if predictions:

@@ -269,6 +269,17 @@ def test_confusion_matrix_counts_by_hand_and_refuses_a_bad_class_count():
       confusion_matrix(np.zeros(0, np.int32), np.zeros(0, np.int32), bad)
 
 
+def test_an_example_with_nan_or_inf_logits_counts_as_wrong_and_as_nonfinite():
+  """By hand: only row 2 is right; the all-NaN row (label 0: argmax would say 0) and the row
+  with an inf logit (its label's) have no prediction."""
+  logits = np.array([[np.nan] * 3, [0, np.inf, 0], [0, 0, 5], [5, 0, 0]], np.float32)
+  batch = Batch(logits, np.array([0, 1, 2, 1], np.int32), np.ones(4, np.float32))
+  got = evaluate(make_eval_step(lambda v, x: x), None, [batch], num_classes=3, predictions=True)
+  assert got["predictions"] == [-1, -1, 2, 0]
+  assert (got["accuracy"], got["examples"], got["nonfinite"]) == (25.0, 4, 2)
+  assert got["precision"] == [0.0, 0.0, 1.0] and got["recall"] == [0.0, 0.0, 1.0]
+
+
 def test_label_errors_counts_the_labels_of_non_zero_weight_outside_the_classes():
   from jaxcompress.steps import label_errors
   logits = np.zeros((3, 4, 5), np.float32)  # [B, T, C]: ids 0..4

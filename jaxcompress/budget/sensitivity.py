@@ -49,7 +49,7 @@ from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
 from jaxcompress.steps import (bad_labels_error, check_batch, check_labels, check_weight,
-                               cross_entropy, label_errors, per_label)
+                               cross_entropy, label_errors, per_label, predict)
 
 DAMAGES = ("kl", "ce")
 
@@ -246,7 +246,7 @@ class Evaluator:
       check_labels(logits, batch.label)
       check_weight(batch.weight, batch.label)
       w = per_label(batch.weight, batch.label)
-      correct = (jnp.argmax(logits, -1) == batch.label) * w
+      correct = (predict(logits) == batch.label) * w  # NaN/Inf logits: wrong
       if damage == "kl":
         logp = jax.nn.log_softmax(logits.astype(jnp.float32))
         loss = jnp.sum(jnp.exp(target) * (target - logp), -1)
