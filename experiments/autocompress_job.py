@@ -291,7 +291,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                            "measured": [[list(k), list(v)] for k, v in points.items()],
                            "seconds": saved.get("seconds", 0.0) + time.time() - t0,
                            "compiles": compiles, **({"hessian": hessian} if hessian else {}),
-                           **({"complete": True} if complete else {})})
+                           **({"complete": True} if complete else {})}, strict=False)
 
   sens = budget_lib.scan(model, variables, held_out, options, calibration=calib,
                          structure=preset.structure, per_channel=config.quant.per_channel,
@@ -404,8 +404,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
     saved_ctx = {tuple(k): v for k, v in read_json(path).get("measured", [])}
     _, opts, damage, _ = budget_lib.context_damage(
         evaluate, reference, plannable, keep, measured=saved_ctx,
-        progress=lambda m, path=path: write_json(path, {"measured": [[list(k), v]
-                                                                     for k, v in m.items()]}))
+        progress=lambda m, path=path: write_json(
+            path, {"measured": [[list(k), v] for k, v in m.items()]}, strict=False))
     lim = sized(f"context{r + 1}",
                 lambda lim, opts=opts, damage=damage: whole(make_plan(opts, damage, lim)[1]))
     candidates[f"context{r + 1}"] = make_plan(opts, damage, lim)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import atexit
-import json
 import os
 import re
 import signal
@@ -17,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxcompress.errors import ConfigError
+from jaxcompress.jsonio import dumps
 
 
 def define_flags(default_config: str, *, workdir: bool = True) -> config_flags.ConfigFlag:
@@ -166,5 +166,6 @@ def _unknown_field(argv: list[str], name: str, hint: str) -> str | None:
 
 
 def print_json(result: dict) -> None:
-  """Prints ``result`` as one JSON line (the last line of a job's output, read by tools)."""
-  print(json.dumps(result), flush=True)
+  """Prints ``result`` as one line of strict JSON, a value that is not finite as ``null`` (the last
+  line of a job's output, read by tools)."""
+  print(dumps(result), flush=True)

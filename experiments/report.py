@@ -86,9 +86,11 @@ def per_class_table(results: dict, label_names: Sequence[str] | None = None) -> 
 
 
 def _series(records: list[dict], key: str, scale: float = 1.0) -> tuple[list, list]:
-  """Epochs and values of ``key`` over the records that have both (a resumed run may add keys)."""
+  """Epochs and values of ``key`` over the records that have both (a resumed run may add keys);
+  a value logged as ``null`` (not finite, e.g. the loss of skipped steps) is a gap (nan)."""
   have = [m for m in records if key in m and "epoch" in m]
-  return [m["epoch"] for m in have], [scale * m[key] for m in have]
+  return [m["epoch"] for m in have], [math.nan if m[key] is None else scale * m[key]
+                                      for m in have]
 
 
 def plot_curves(metrics: list[dict], path: str) -> None:

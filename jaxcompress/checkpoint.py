@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from jaxcompress import parallel
 from jaxcompress.errors import ConfigError, first_line
+from jaxcompress.jsonio import dumps
 
 
 def write_text(path: str, text: str) -> None:
@@ -28,9 +29,11 @@ def write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes JSON atomically (:func:`write_text`)."""
-  write_text(path, json.dumps(obj, indent=2))
+def write_json(path: str, obj: Any, *, strict: bool = True) -> None:
+  """Writes JSON atomically (:func:`write_text`): strict, a number that is not finite written as
+  ``null`` (:func:`dumps`), or with ``strict=False`` as Python's ``NaN``/``Infinity``, which
+  :func:`read_json` reads back as they were (a job's own state that a rerun resumes from)."""
+  write_text(path, dumps(obj, indent=2) if strict else json.dumps(obj, indent=2))
 
 
 def read_json(path: str) -> dict:
@@ -58,7 +61,7 @@ class Stages(dict):
     """Records ``result`` as stage ``name``'s and returns process 0's."""
     self[name] = parallel.broadcast_json(result)
     if parallel.is_main_process():
-      write_json(self.path, dict(self))
+      write_json(self.path, dict(self), strict=False)  # a rerun reads a nan loss back as nan
     return self[name]
 
   def __call__(self, name: str, fn) -> Any:
@@ -400,7 +403,8 @@ def _entries(tree: Any) -> dict[str, str]:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to ``path`` (``metrics.jsonl``); reads them back."""
+  """Appends one JSON object per line to ``path`` (``metrics.jsonl``; strict JSON, a value that is
+  not finite written as ``null``: :func:`dumps`); reads them back."""
 
   def __init__(self, path: str):
     self.path = path
@@ -410,7 +414,7 @@ class MetricsLog:
     skips; a record appended to it would make both unreadable)."""
     self._drop_cut_line()
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(dumps(record) + "\n")
 
   def _drop_cut_line(self) -> None:
     if not os.path.exists(self.path) or not os.path.getsize(self.path):
@@ -450,4 +454,4 @@ class MetricsLog:
 
     if os.path.exists(self.path):
       kept = [r for r in self.read() if keep(r)]
-      write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+      write_text(self.path, "".join(dumps(r) + "\n" for r in kept))

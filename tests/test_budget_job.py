@@ -66,11 +66,11 @@ def test_job_meets_the_budget_and_writes_the_contract(mlp_weights, tmp_path, mon
   config.budget.fixed_edges = True
   written = []
 
-  def stop_at_the_second_scan_write(path, obj):  # the first run is stopped inside its scan
+  def stop_at_the_second_scan_write(path, obj, **kwargs):  # stopped inside its scan
     written.append(path)
     if len(written) == 2:
       raise KeyboardInterrupt
-    write_json(path, obj)
+    write_json(path, obj, **kwargs)
 
   monkeypatch.setattr(autocompress_job, "write_json", stop_at_the_second_scan_write)
   with pytest.raises(KeyboardInterrupt):
@@ -142,8 +142,8 @@ def test_a_scan_measured_with_other_settings_is_refused(mlp_weights, tmp_path, m
   """A scan.json copied into another run's workdir (its budget and grid may differ) must have
   been measured on the same model, held-out slice and damage: mixed in, its float model's loss
   would be taken for this run's."""
-  def stop_after_the_first_scan_write(path, obj):
-    write_json(path, obj)
+  def stop_after_the_first_scan_write(path, obj, **kwargs):
+    write_json(path, obj, **kwargs)
     raise KeyboardInterrupt
 
   monkeypatch.setattr(autocompress_job, "write_json", stop_after_the_first_scan_write)
@@ -152,7 +152,7 @@ def test_a_scan_measured_with_other_settings_is_refused(mlp_weights, tmp_path, m
   (tmp_path / "ce").mkdir()
   (tmp_path / "ce" / "scan.json").write_bytes((tmp_path / "kl" / "scan.json").read_bytes())
 
-  def mixed(path, obj):
+  def mixed(path, obj, **kwargs):
     raise AssertionError(f"measured into another scan's {path}")
 
   monkeypatch.setattr(autocompress_job, "write_json", mixed)
@@ -168,8 +168,8 @@ def test_a_scan_measured_with_other_settings_is_refused(mlp_weights, tmp_path, m
 def test_a_copied_scan_of_another_grid_ranks_the_hessian_proxy_on_this_grid(
     mlp_weights, tmp_path, monkeypatch):
   """The Hessian-trace proxy's ranking kept with a scan.json is over that scan's options."""
-  def stop_once_complete(path, obj):
-    write_json(path, obj)
+  def stop_once_complete(path, obj, **kwargs):
+    write_json(path, obj, **kwargs)
     if obj.get("complete"):
       raise KeyboardInterrupt
 

@@ -292,3 +292,28 @@ def test_empty_step_folders_never_make_a_saved_step_removed(tmp_path):
   assert ckpt.latest_step() == 2
   ckpt.restore(_small_state())
   ckpt.close()
+
+
+def test_results_records_and_the_printed_line_are_strict_json_with_null_for_nan(tmp_path,
+                                                                                capsys):
+  from experiments.cli import print_json
+  from jaxcompress.checkpoint import MetricsLog, Stages
+
+  def strict(text):  # what JavaScript, jq and strict parsers accept: no NaN, Infinity
+    return json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} is not JSON"))
+
+  got = {"loss": float("nan"), "eval": {"grad_norm": np.float64(np.inf), "bits": [1.5, -np.inf]},
+         "accuracy": 25.0, "teacher": None}
+  want = {"loss": None, "eval": {"grad_norm": None, "bits": [1.5, None]}, "accuracy": 25.0,
+          "teacher": None}
+  write_json(str(tmp_path / "results.json"), got)
+  assert strict((tmp_path / "results.json").read_text()) == want
+  log = MetricsLog(str(tmp_path / "metrics.jsonl"))
+  log.write({"step": 1, **got})
+  log.truncate_after(1)
+  assert [strict(line) for line in open(tmp_path / "metrics.jsonl")] == [{"step": 1, **want}]
+  print_json(got)
+  assert strict(capsys.readouterr().out) == want
+  # A job's own state keeps the numbers a rerun resumes from: a nan loss comes back nan.
+  Stages(str(tmp_path)).record("after", {"loss": float("nan")})
+  assert np.isnan(Stages(str(tmp_path))["after"]["loss"])

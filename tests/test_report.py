@@ -1,5 +1,6 @@
 """The main job's report: tables named by the dataset's labels, each model at its own size."""
 
+import math
 import os
 
 from configs import cifar_distill
@@ -161,6 +162,9 @@ def test_training_curves_follow_each_key_over_the_records_that_have_it(tmp_path,
                    "train batch accuracy": ([1, 3], [40.0, 60.0]),
                    "agrees w/ teacher": ([1], [50.0]), "test accuracy": ([2], [70.0])}
   assert [list(line.get_ydata()) for line in sparsity.get_lines()] == [[0.5]]
+  # A window of skipped steps logs its nan loss as null: a gap in the curve.
+  report.plot_curves([*metrics, {"epoch": 4, "loss": None, "accuracy": None}], "unused")
+  assert math.isnan(figures[1].axes[0].get_lines()[0].get_ydata()[-1])
 
 
 def test_the_header_names_the_teacher_whenever_it_teaches(tmp_path):
