@@ -456,7 +456,8 @@ class Compression:
     if isinstance(calibration, (np.ndarray, jax.Array)):
       raise invalid("calibration", f"one array of shape {tuple(calibration.shape)}",
                     "a sequence of input batches", "pass [x]")
-    for name, tree in (("student_vars", student_vars), ("sample_x", sample_x)):
+    for name, tree in (("student_vars", student_vars), ("sample_x", sample_x),
+                       ("teacher_vars", teacher_vars)):
       check_finite(name, tree, "a model trained from it would be NaN: check the weights or the "
                    "inputs")
     student_vars = jax.tree.map(jnp.array, dict(student_vars))

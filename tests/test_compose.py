@@ -429,6 +429,9 @@ def test_nan_weights_or_inputs_are_refused_at_init_and_export(tmp_path):
     comp.init_state(bad, x)
   with pytest.raises(ConfigError, match=r"^sample_x holds 32 NaN/Inf value\(s\)"):
     comp.init_state(variables, x + np.inf)
+  with pytest.raises(ConfigError, match=r"^teacher_vars\['params'\]\['fc2'\]\['kernel'\] holds "
+                                        r"3 NaN/Inf value\(s\)"):  # its logits: a nan KD loss
+    comp.init_state(variables, x, teacher_vars=bad)
   state = comp.init_state(variables, x)
   diverged = state.replace(params=jax.tree.map(lambda a: a * np.nan, state.params))
   with pytest.raises(ConfigError, match=r"^export: params/fc1/bias holds \d+ NaN/Inf"):

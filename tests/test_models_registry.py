@@ -327,6 +327,21 @@ def test_missing_and_extra_paths_are_named(user_module, tmp_path):
     create_model(f"{user_module}:linen_net", num_classes=3, image_shape=SHAPE, weights=path)
 
 
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_weights_holding_nan_are_one_line_naming_the_entry(tmp_path, fmt):
+  _, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+  v = jax.tree.map(np.array, v)
+  v["params"]["fc1"]["kernel"][3, 4] = np.nan  # a diverged run's weights
+  path = (_save_msgpack(tmp_path / "w.msgpack", v) if fmt == "msgpack"
+          else _save_orbax(tmp_path / "w", v))
+  with pytest.raises(ConfigError) as e:
+    create_model("mlp", num_classes=10, image_shape=(28, 28, 1), weights=path, field="teacher")
+  assert str(e.value) == (
+      f"teacher.weights: {path!r} entry ['params']['fc1']['kernel'] holds 1 NaN/Inf value(s); "
+      "weights must be finite (a model evaluated, distilled from or fine-tuned with them "
+      "computes NaN): use weights saved before the run diverged")
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda d: str(d / "absent.msgpack"), r"model.weights: no such file '.*absent.msgpack'"),
     (lambda d: (d / "junk.msgpack").write_bytes(b"\xc1\xc1 not msgpack") and

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, check_finite
 from jaxcompress.models.torch_import import load_npz, torch_to_flax
 
 FORMATS = ("a PyTorch-layout .npz, a flax.serialization .msgpack file of the variables dict or an "
@@ -280,9 +280,14 @@ def load_weights(path: str, reference: dict, *, field: str = "model.weights") ->
     The variables dict of NumPy arrays.
 
   Raises:
-    ConfigError: one line for a missing, unreadable or mismatching file.
+    ConfigError: one line for a missing, unreadable or mismatching file, or one holding NaN/Inf.
   """
   path = locate(path, field=field)
   if weights_format(path, field=field) == "npz":
-    return torch_to_flax(load_npz(path, field=field), reference, source=f"{field}={path}")
-  return fit_to(read_tree(path, field=field), reference, field=field, path=path)
+    variables = torch_to_flax(load_npz(path, field=field), reference, source=f"{field}={path}")
+  else:
+    variables = fit_to(read_tree(path, field=field), reference, field=field, path=path)
+  check_finite(f"{field}: {path!r} entry ", variables, "weights must be finite (a model "
+               "evaluated, distilled from or fine-tuned with them computes NaN): use weights "
+               "saved before the run diverged")
+  return variables
