@@ -34,7 +34,8 @@ from jaxcompress import data as data_lib
 from jaxcompress import parallel
 from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
-from jaxcompress.errors import ConfigError, check_counts, check_positive, invalid
+from jaxcompress.errors import (ConfigError, check_counts, check_finite, check_positive,
+                                invalid)
 from jaxcompress.steps import TrainState, bad_labels_error, check_weight, evaluate
 
 
@@ -211,6 +212,10 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     state = parallel.replicate(mesh, state)
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state)
+    # Saved by a run that diverged unnoticed (fit saves none such): resuming would compute NaN.
+    check_finite(f"{ckpt.directory}: the checkpoint of step {int(state.step)}: params",
+                 state.params, "a run resumed from it computes NaN: delete that step's folder to "
+                 "resume from an earlier checkpoint, or start a new --workdir")
     seconds, skipped = float(meta.get("seconds", 0.0)), int(meta.get("skipped", 0))
     # The step of the last evaluation: a run ended (no eval at its last step, the caller's) and
     # extended to more epochs evaluates the epoch it ended on, as an uninterrupted run does.

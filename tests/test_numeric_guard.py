@@ -110,6 +110,21 @@ def test_an_update_that_makes_a_parameter_inf_is_caught_at_its_step(tmp_path):
       np.testing.assert_array_equal(a, b)
 
 
+def test_a_checkpoint_holding_nan_is_refused_on_resume_naming_it(tmp_path):
+  """One saved by a run that diverged unnoticed: resuming from it could only compute NaN."""
+  train, data, model, v = _setup()
+  tx = optax.sgd(0.01)
+  state = TrainState.create(v["params"], {}, tx)
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt.save(3, state.replace(step=jnp.int32(3), params=jax.tree.map(
+      lambda p: p.at[0].set(jnp.nan), state.params)))
+  ckpt.close()
+  with pytest.raises(ConfigError, match=(
+      r"^.*checkpoints: the checkpoint of step 3: params\['fc1'\]\['bias'\] holds 1 NaN/Inf "
+      r"value\(s\); a run resumed from it computes NaN: delete that step's folder")):
+    _fit(tx, supervised_loss(model), v, train, data, tmp_path, epochs=2)
+
+
 def test_skip_nonfinite_keeps_the_state_counts_the_steps_and_trains_on(tmp_path):
   train, data, model, v = _setup()
   train[0][0] = 255  # the one example whose batch gets a nan loss, once an epoch
