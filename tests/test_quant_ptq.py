@@ -85,11 +85,23 @@ def test_no_batches_raises():
     calibrate(QZ, VARS, QSTATE, [])
 
 
-def test_nan_in_batches_raises_naming_the_layer():
+def test_nan_in_batches_raises_naming_the_batch():
+  """The NaN sits in batch 1 (one value): named so even when the first layer stays float and
+  the NaN shows first in a later layer's range."""
   bad = BATCHES[0].copy()
   bad[3, 1] = np.nan
-  with pytest.raises(ConfigError, match=r"calibrated activation range of fc1 must be finite"):
+  with pytest.raises(ConfigError, match=r"^calibration batch 1 holds 1 NaN/Inf value\(s\); "):
     calibrate(QZ, VARS, QSTATE, [BATCHES[1], bad])
+  qz = quantize(MODEL, [("fc2", dict(weight_bits=8, act_bits=8))], train_kwarg=None)
+  with pytest.raises(ConfigError, match=r"^calibration batch 0 holds 1 NaN/Inf value\(s\); "):
+    calibrate(qz, VARS, qz.init(VARS, BATCHES[0]), [bad])
+
+
+def test_nan_weights_raise_naming_the_layer_whose_input_is_nan():
+  variables = jax.tree.map(np.array, VARS)
+  variables["params"]["fc1"]["kernel"][0, 0] = np.nan  # fc1's output, fc2's input
+  with pytest.raises(ConfigError, match=r"^calibrated activation range of fc2 must be finite"):
+    calibrate(QZ, variables, QSTATE, BATCHES)
 
 
 @pytest.mark.parametrize("kwargs,match", [

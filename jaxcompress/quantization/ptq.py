@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError, check_range, first_line, invalid, unknown
+from jaxcompress.errors import (ConfigError, check_finite, check_range, first_line, invalid,
+                                unknown)
 from jaxcompress.quantization.calibration import (check_finite_range, ema_range, tensor_range,
                                                   union_range)
 
@@ -52,8 +53,9 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
     ``qstate`` with the calibrated ranges (LSQ steps and layers unchanged).
 
   Raises:
-    ConfigError: for an unknown method, a bad ``percentile``/``momentum``, no batches, or a
-      calibrated range that is NaN/Inf (e.g. NaN in the images).
+    ConfigError: for an unknown method, a bad ``percentile``/``momentum``, no batches, a batch
+      holding NaN/Inf (named by its index), or a calibrated range that is NaN/Inf (e.g. NaN
+      weights upstream of the layer named).
 
   Example:
     >>> qstate = calibrate(qz, variables, qz.init(variables, x[:64]), [x[i:i + 128] for i in
@@ -77,6 +79,8 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
   observe = jax.jit(lambda v, x: qz.observe(v, qstate, x, stat=stat, **model_kwargs))
   acc, count = None, 0
   for batch in batches:
+    check_finite(f"calibration batch {count}", batch,
+                 "the calibrated input ranges would be NaN: clean or drop those examples")
     try:
       ranges = observe(variables, batch)
     except ConfigError:
