@@ -41,6 +41,7 @@ from absl import flags
 
 from experiments import cli
 from jaxcompress.errors import ConfigError, check_counts, check_range, invalid
+from jaxcompress.metrics import prediction_agreement
 
 # The defaults of the flags that only one mode uses (check_flags refuses others in the other mode).
 DEFAULTS = dict(weights="resnet20_cifar10", fraction=0.5, norm="l1", finetune_epochs=0.0,
@@ -284,7 +285,7 @@ def main(argv):
       preds[name] = np.asarray(metrics["predictions"])
       acc[name] = round(metrics["accuracy"], 2)
     result["accuracy"] = acc
-    result["agreement_shrunk_vs_masked"] = float(np.mean(preds["shrunk"] == preds["masked"]))
+    result["agreement_shrunk_vs_masked"] = prediction_agreement(preds["shrunk"], preds["masked"])
     if _FT_EPOCHS.value > 0:
       tuned, seconds = finetune(small, small_vars, _FT_EPOCHS.value, _FT_LR.value)
       acc["shrunk_finetuned"] = round(evaluate("shrunk", tuned)["accuracy"], 2)
@@ -366,7 +367,7 @@ def bench_artifact():
       metrics = evaluate_split(make_eval_step(fn), arrays, test, data, desc=k, predictions=True)
       preds[k], acc[k] = np.asarray(metrics["predictions"]), round(metrics["accuracy"], 2)
     result["accuracy"] = acc
-    result["agreement"] = float(np.mean(preds["slim"] == preds["full"]))
+    result["agreement"] = prediction_agreement(preds["slim"], preds["full"])
 
   print(f"{jax.devices()[0].device_kind}, batch {_BATCH.value}, {_ROUNDS.value} rounds x "
         f"{_STEPS.value} batches, median; {name}: {len(slimmed.channels)} layers slimmed, "

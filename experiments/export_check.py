@@ -24,6 +24,7 @@ from absl import flags
 
 from experiments import cli
 from jaxcompress.errors import check_range, invalid
+from jaxcompress.metrics import prediction_agreement
 
 CIFAR10_TRAIN = 50_000  # images in the CIFAR-10 training split, the calibration source
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for export/ and serving/.", required=True)
@@ -130,8 +131,9 @@ def main(argv):
       "float32_bytes": report["float32_bytes"], "ratio": report["ratio"],
       "spec_bytes": report["spec_bytes"], "arrays_bytes": report["arrays_bytes"],
       "accuracy": acc,
-      "agreement_artifact_vs_fake_quant": float(np.mean(preds["artifact"] == preds["fake_quant"])),
-      "agreement_serving_vs_artifact": float(np.mean(preds["serving"] == preds["artifact"])),
+      "agreement_artifact_vs_fake_quant": prediction_agreement(preds["artifact"],
+                                                               preds["fake_quant"]),
+      "agreement_serving_vs_artifact": prediction_agreement(preds["serving"], preds["artifact"]),
       "export_seconds": round(export_s, 2)})
 
 

@@ -30,6 +30,7 @@ from jaxcompress import compose, parallel, pruning, text
 from jaxcompress.checkpoint import (Stages, check_workdir, read_json, release_workdir, write_json,
                                    write_text)
 from jaxcompress.errors import ConfigError, check_counts, invalid
+from jaxcompress.metrics import prediction_agreement
 from jaxcompress.models.functional import functional
 from jaxcompress.optim import make_optimizer
 from jaxcompress.steps import make_eval_step
@@ -288,7 +289,7 @@ def _evaluate_export(comp, state, out_dir: str, float_bytes: int, fam: Family, e
   loaded = export.load(out_dir, comp.student)
   fq = evaluate(comp.logits_fn, comp.eval_variables(state), "test", "eval fake-quant", True)
   ex = evaluate(loaded.apply_fn, loaded.arrays, "test", "eval exported artifact", True)
-  agree = float(np.mean(np.asarray(fq["predictions"]) == np.asarray(ex["predictions"])))
+  agree = prediction_agreement(fq["predictions"], ex["predictions"])
   size = int(report["total_bytes"])
   return {"loss_test": fq["loss"], "bits_test": fq["bits"], "size_bytes": size,
           "compression_ratio": round(float_bytes / size, 3), "exported_loss_test": ex["loss"],

@@ -29,6 +29,7 @@ from jaxcompress.data import DataSpec
 from jaxcompress.checkpoint import (RESUMABLE, MetricsLog, Stages, check_workdir, write_json,
                                     write_text)
 from jaxcompress.errors import ConfigError, invalid, unknown
+from jaxcompress.metrics import prediction_agreement
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, resolve_weights,
@@ -342,7 +343,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
     if not main:
       return {}
-    agree = float(np.mean(np.asarray(result["predictions"]) == np.asarray(predictions)))
+    agree = prediction_agreement(result["predictions"], predictions)
     for name, path in tmp.items():
       final = os.path.join(workdir, name)
       shutil.rmtree(final, ignore_errors=True)

@@ -39,6 +39,7 @@ from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel, quantization
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import ConfigError, check_range, invalid
+from jaxcompress.metrics import prediction_agreement
 from jaxcompress.models import create_model
 from jaxcompress.models.functional import functional
 from jaxcompress.quantization.kmeans import MAX_ITERS
@@ -194,7 +195,8 @@ def ptq_sweep(model: Any, variables: Any, schemes: Sequence[str | Scheme],
 
   def row(scheme, evaluated, t0, reference=None):
     preds = np.asarray(evaluated["predictions"])
-    agreement = 100.0 if reference is None else round(float(np.mean(preds == reference)) * 100, 2)
+    agreement = (100.0 if reference is None
+                 else round(prediction_agreement(preds, reference) * 100, 2))
     return {"scheme": "float" if scheme is None else scheme.name,
             "accuracy": evaluated["accuracy"], "loss": evaluated["loss"],
             "agreement": agreement,

@@ -64,3 +64,18 @@ def classification_report(cm: np.ndarray, missed: np.ndarray | None = None) -> d
       "precision": [round(float(p), 6) for p in precision],
       "recall": [round(float(r), 6) for r in recall],
   }
+
+
+def prediction_agreement(preds: np.ndarray, other: np.ndarray) -> float:
+  """The fraction of positions where two models predict the same class; a position where
+  either has no prediction (-1: NaN/Inf logits, :func:`jaxcompress.steps.predict`) never
+  agrees, whatever the other predicts.
+
+  Raises:
+    ConfigError: the two do not hold one prediction per position each (same shape).
+  """
+  preds, other = np.asarray(preds), np.asarray(other)
+  if preds.shape != other.shape:
+    raise ConfigError(f"prediction agreement: predictions of shape {preds.shape} against "
+                      f"{other.shape}; give one prediction per example to each")
+  return float(np.mean((preds == other) & (preds >= 0))) if preds.size else 0.0

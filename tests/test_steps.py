@@ -280,6 +280,17 @@ def test_an_example_with_nan_or_inf_logits_counts_as_wrong_and_as_nonfinite():
   assert got["precision"] == [0.0, 0.0, 1.0] and got["recall"] == [0.0, 0.0, 1.0]
 
 
+def test_two_missing_predictions_never_agree():
+  """By hand: positions 0 and 3 agree on a class; 1 (both -1, NaN logits twice) and 2 (-1
+  against 2) have no prediction to agree on; 4 differs: 2 of 5."""
+  from jaxcompress.metrics import prediction_agreement
+  assert prediction_agreement([0, -1, -1, 3, 1], [0, -1, 2, 3, 2]) == 0.4
+  assert prediction_agreement([-1, -1], [-1, -1]) == 0.0
+  with pytest.raises(ConfigError, match=r"^prediction agreement: predictions of shape \(2,\) "
+                                        r"against \(3,\); give one prediction per example"):
+    prediction_agreement([0, 1], [0, 1, 2])
+
+
 def test_label_errors_counts_the_labels_of_non_zero_weight_outside_the_classes():
   from jaxcompress.steps import label_errors
   logits = np.zeros((3, 4, 5), np.float32)  # [B, T, C]: ids 0..4
