@@ -37,11 +37,22 @@ def write_json(path: str, obj: Any, *, strict: bool = True) -> None:
 
 
 def read_json(path: str) -> dict:
-  """The JSON object in ``path``, or ``{}`` when there is no such file."""
+  """The JSON object in ``path``, or ``{}`` when there is no such file.
+
+  Raises:
+    ConfigError: the file is not a JSON object (e.g. edited by hand): one line naming it.
+  """
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    return json.load(f)
+    try:
+      obj = json.load(f)
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+      raise ConfigError(f"{path} is not valid JSON ({first_line(e)}); fix or delete it") from None
+  if not isinstance(obj, dict):
+    raise ConfigError(f"{path} holds a JSON {type(obj).__name__}, not an object; fix or delete "
+                      "it")
+  return obj
 
 
 
@@ -221,11 +232,11 @@ def check_workdir(config: dict, workdir: str, *, ignore: Sequence[str] = RESUMAB
 
 def _check_workdir(config, workdir: str, ignore: tuple[str, ...]) -> None:
   os.makedirs(workdir, exist_ok=True)
-  claimed = claim_workdir(workdir)
   path = os.path.join(workdir, "config.json")
+  saved = read_json(path)  # a broken record is refused before the lock is taken
+  claimed = claim_workdir(workdir)
   to_json = getattr(config, "to_json", None)
   current = _without(json.loads(to_json() if to_json is not None else json.dumps(config)), ignore)
-  saved = read_json(path)
   saved = saved and _without(saved, ignore)  # ignored even where an older run recorded them
   if saved and saved != current:
     if claimed:  # this call took the lock only to refuse: leave the workdir as it was

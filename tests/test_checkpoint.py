@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from jaxcompress.checkpoint import check_workdir, release_workdir, write_json
+from jaxcompress.checkpoint import Stages, check_workdir, release_workdir, write_json
 from jaxcompress.errors import ConfigError
 
 
@@ -123,6 +123,19 @@ def test_a_refused_config_leaves_no_lock_behind(tmp_path):
   with pytest.raises(ConfigError, match="different config"):
     check_workdir({"data": {"name": "mnist"}}, str(tmp_path))
   assert not (tmp_path / "lock").exists()
+
+
+def test_a_hand_broken_record_is_one_line_naming_the_file(tmp_path):
+  """'{' alone is not JSON, nor is a list a config: each names its file and leaves no lock."""
+  (tmp_path / "config.json").write_text("{")
+  with pytest.raises(ConfigError, match=r"^\S+config.json is not valid JSON \(JSONDecodeError: "
+                                        r"Expecting property name .*\); fix or delete it$"):
+    check_workdir({"data": {}}, str(tmp_path))
+  assert not (tmp_path / "lock").exists()
+  (tmp_path / "stages.json").write_text("[1]")
+  with pytest.raises(ConfigError, match=r"^\S+stages.json holds a JSON list, not an object; fix "
+                                        r"or delete it$"):
+    Stages(str(tmp_path))
 
 
 def test_the_lock_is_removed_when_the_process_exits(tmp_path):
