@@ -245,7 +245,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   original_bytes = param_count(student_vars["params"]) * FLOAT32_BYTES
   compressed = {"model": config.student.name, "accuracy": after["accuracy"], "loss": after["loss"],
                 "precision": after["precision"], "recall": after["recall"],
-                "sparsity": sparsity, "weight_bits": _bits(config.quant, 1),
+                "nonfinite": after.get("nonfinite"), "sparsity": sparsity,
+                "weight_bits": _bits(config.quant, 1),
                 "act_bits": _bits(config.quant, 2)}
   if config.export.enabled:
     if stages.get("export", {}).get("max_bytes", 0) != config.export.get("max_bytes", 0):
@@ -430,4 +431,5 @@ def _pretrain(config, workdir: str, folder: str, name: str, model_name: str, spl
 def _row(result: dict | None, name: str) -> dict:
   if result is None:
     return {"model": name, "accuracy": None}
-  return {"model": name, **{k: result[k] for k in ("accuracy", "loss", "precision", "recall")}}
+  row = {"model": name, **{k: result[k] for k in ("accuracy", "loss", "precision", "recall")}}
+  return {**row, "nonfinite": result.get("nonfinite")}  # None: recorded before it was counted

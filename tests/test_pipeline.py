@@ -65,6 +65,8 @@ def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path)
   n_params = (784 * 256 + 256) + (256 * 128 + 128) + (128 * 10 + 10)
   assert on_disk["original"]["size_bytes"] == 4 * n_params
   assert on_disk["train"]["epochs"] == 2.0
+  for row in ("original", "before_finetune", "compressed"):  # MNIST-like images: finite logits
+    assert on_disk[row]["nonfinite"] == 0, row
   assert on_disk["compressed"]["weight_bits"] == 4 and on_disk["compressed"]["act_bits"] == 8
   # 80 % of fc2 (the only pruned kernel) is zero.
   assert on_disk["compressed"]["sparsity"] == pytest.approx(0.8, abs=1e-4)
