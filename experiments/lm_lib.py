@@ -8,7 +8,6 @@ every position of a split, seeded sampling, and the trained model a workdir keep
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 
@@ -81,7 +80,7 @@ def host_memory() -> int:
 
 def check_sample(sample, field: str = "sample") -> None:
   """Raises one line for a negative ``length``, one longer than memory holds (an 8-byte id per
-  character) or a ``temperature`` that is not > 0."""
+  character) or a ``temperature`` that is not a positive normal float32."""
   if isinstance(sample.length, bool) or not isinstance(sample.length, numbers.Integral) or (
       sample.length < 0):
     raise invalid(f"{field}.length", sample.length, "an integer >= 0")
@@ -93,10 +92,13 @@ def check_sample(sample, field: str = "sample") -> None:
 
 
 def check_temperature(temperature, field: str = "sample.temperature") -> None:
-  """Raises one line unless the sampling ``temperature`` is a finite number > 0."""
+  """Raises one line unless the sampling ``temperature`` is a positive normal float32 (the
+  logits are divided by it in float32: a subnormal one may be flushed to 0, a larger one is
+  inf)."""
+  lo, hi = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
   if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-      or not 0 < temperature < math.inf):
-    raise invalid(field, temperature, "a finite number > 0")
+      or not lo <= temperature <= hi):
+    raise invalid(field, temperature, f"a positive normal float32, in [{lo}, {hi}]")
 
 
 def build_model(model, vocab_size: int, context: int, seed: int, field: str = "model"):
@@ -171,14 +173,15 @@ def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length:
   The model sees the last ``context`` characters, right-padded to ``context`` (a causal model's
   output at the last real position does not depend on the padding), so one compiled forward
   serves every step. An empty prompt starts from the vocabulary's first character, which is not
-  returned.
+  returned. The logits are shifted so that their largest is 0 before they are divided by
+  ``temperature``: a small one then sends the others to -inf, not the largest to inf (a tie).
   """
   check_temperature(temperature)
 
   @jax.jit
   def draw(v, window, pos, key):
-    logits = logits_fn(v, window)[0, pos]
-    return jax.random.categorical(key, logits.astype(np.float32) / temperature)
+    logits = logits_fn(v, window)[0, pos].astype(np.float32)
+    return jax.random.categorical(key, (logits - logits.max()) / temperature)
 
   given = list(vocab.encode(prompt, what="sample.prompt"))
   ids = given or [0]

@@ -4,6 +4,7 @@ synthetic text with tiny models, and one-line errors for bad input."""
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -374,8 +375,9 @@ def test_train_lm_bad_model_is_one_line_and_writes_nothing(tmp_path, variant, ov
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"sample.temperature": 0.0}, r"^sample.temperature must be a finite number > 0, got 0.0$"),
-    ({"sample.temperature": -1.0}, r"^sample.temperature must be a finite number > 0"),
+    ({"sample.temperature": 0.0}, r"^sample.temperature must be a positive normal float32, in "
+     r"\[1.1754943508222875e-38, 3.4028234663852886e\+38\], got 0.0$"),
+    ({"sample.temperature": -1.0}, r"^sample.temperature must be a positive normal float32"),
     ({"sample.length": -1}, "^sample.length must be an integer >= 0, got -1$"),
     ({"sample.length": 10**12}, r"^sample.length must be at most \d+, the characters this "
      r"machine's .* GiB of memory holds \(one 8-byte id each\), got 1000000000000$"),
@@ -440,6 +442,26 @@ def test_sample_is_the_prompt_and_length_characters():
     got = lm_lib.sample(always_c, None, vocab, prompt=prompt, length=5, context=4, seed=0,
                         temperature=1.0)
     assert got == prompt + "ccccc"
+
+
+def test_sample_at_a_tiny_temperature_is_greedy():
+  """At T = 1e-37, 50 / T and 100 / T both overflow float32 to inf, a tie; the limit T -> 0 is
+  greedy, the largest logit: 'c' (np.argmax([0, 50, 100]) == 2)."""
+  vocab = text.Vocabulary("abc")
+  logits = np.float32([0, 50, 100])
+  fixed = lambda v, x: jnp.broadcast_to(jnp.asarray(logits), x.shape + (3,))
+  got = lm_lib.sample(fixed, None, vocab, prompt="", length=5, context=4, seed=0,
+                      temperature=1e-37)
+  assert got == vocab.chars[np.argmax(logits)] * 5
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e39, math.inf, math.nan, 0])
+def test_sample_refuses_a_temperature_float32_cannot_divide_by(temperature):
+  valid = "a positive normal float32, in [1.1754943508222875e-38, 3.4028234663852886e+38]"
+  message = f"sample.temperature must be {valid}, got {temperature!r}"
+  with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+    lm_lib.sample(None, None, text.Vocabulary("abc"), prompt="", length=1, context=4, seed=0,
+                  temperature=temperature)
 
 
 def test_report_names_each_family_by_its_model():
