@@ -85,7 +85,7 @@ def main(argv):
                   f"windows of {context} characters")
   val = corpus.ids["validation"][:_HELD_OUT.value * context + 1]
   held_out = list(text.eval_batches(val, batch_size=_BATCH.value, context=context))
-  calibration = [b.image for b in held_out]
+  calibration = lm_lib.real_windows(held_out)
   layers = trace_layers(module, variables, calibration[0]).layers
   inner = [l for l in layers[1:-1] if l.kind == "linear"]  # the text job's edges stay 8-bit
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight)) for l in inner}

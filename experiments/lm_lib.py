@@ -166,6 +166,13 @@ def evaluate_lm(eval_step, variables, ids: np.ndarray, *, batch_size: int, conte
   return out
 
 
+def real_windows(batches) -> list[np.ndarray]:
+  """The input windows of ``text.eval_batches`` batches that predict a character, one array per
+  batch: the all-zero windows padding the last batch (weight 0 everywhere) are left out, so that
+  calibration measures the text only."""
+  return [b.image[b.weight.any(axis=1)] for b in batches]
+
+
 def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length: int,
            context: int, seed: int, temperature: float) -> str:
   """``prompt`` and ``length`` characters drawn one at a time from ``logits_fn``, seeded.

@@ -435,6 +435,15 @@ def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch():
   assert got["chars"] == 10 and got["accuracy"] == 100.0
 
 
+def test_real_windows_leave_out_the_padding_of_the_last_batch():
+  """3 windows of 4 in batches of 2: the second batch pads one all-zero window (weight 0)."""
+  held_out = list(text.eval_batches(np.arange(1, 14), batch_size=2, context=4))
+  assert [b.image.shape for b in held_out] == [(2, 4), (2, 4)]
+  got = lm_lib.real_windows(held_out)
+  expected = [[[1, 2, 3, 4], [5, 6, 7, 8]], [[9, 10, 11, 12]]]
+  assert [w.tolist() for w in got] == expected
+
+
 def test_sample_is_the_prompt_and_length_characters():
   vocab = text.Vocabulary("abc")
   always_c = lambda v, x: jnp.broadcast_to(jnp.float32([0, 0, 50]), x.shape + (3,))
