@@ -53,6 +53,11 @@ class Family:
   context: int = 0  # the length of its training and evaluation windows
   comps: dict = dataclasses.field(default_factory=dict)
 
+  @property
+  def label(self) -> str:
+    """Its model as the report and the progress bars call it."""
+    return _model_label(self.model_name)
+
 
 def _families(config, workdir: str) -> list[Family]:
   out = [Family("gpt", config, workdir, "", bool(config.sft))]
@@ -199,7 +204,7 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
                                          "data": {**data.to_dict(), "context": fam.context},
                                          "model": t.model.to_dict(), "train": t.train.to_dict()})
     # A finished teacher is read back, its folder's lock taken over if a kill left it there.
-    train_lm(tconfig, corpus, teacher_dir, mesh=mesh, desc=f"train {fam.name} teacher")
+    train_lm(tconfig, corpus, teacher_dir, mesh=mesh, desc=f"train {fam.label} teacher")
     release_workdir(teacher_dir)  # done with it: a kill later in this process leaves no lock
     fam.module, fam.variables, *_ = lm_lib.load_trained(teacher_dir, _field(fam, "teacher"))
 
@@ -208,7 +213,7 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
            "params": param_count(fam.variables["params"]),
            "size_bytes": param_count(fam.variables["params"]) * FLOAT32_BYTES}
     for split in ("validation", "test", "val111k"):
-      r = evaluate(teacher_apply, fam.variables, split, f"eval {fam.name} teacher {split}")
+      r = evaluate(teacher_apply, fam.variables, split, f"eval {fam.label} teacher {split}")
       row.update({f"loss_{split}": r["loss"], f"bits_{split}": r["bits"]})
     if not t.checkpoint:
       row["train_seconds"] = read_json(os.path.join(fam.folder, "teacher",
@@ -242,7 +247,7 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
     run_dir = os.path.join(fam.folder, kind)
     state, info = fit(state, comp.make_train_step(mesh=mesh, seed=config.seed), source, None,
                       loop, run_dir, seed=config.seed, mesh=mesh, step_args=step_args,
-                      desc=f"{fam.name} {kind}",
+                      desc=f"{fam.label} {kind}",
                       eval_fn=lambda s, c=comp: evaluate(c.logits_fn, c.eval_variables(s),
                                                          "validation", "eval validation"))
     row = stage(f"{p}{kind}", lambda: {
@@ -296,9 +301,9 @@ def _evaluate_export(comp, state, out_dir: str, float_bytes: int, fam: Family, e
           "export_agreement": agree}
 
 
-def _model_label(family_results: dict) -> str:
+def _model_label(model_name: str) -> str:
   """What the report calls a family's model: each family trains the model its config names."""
-  return "transformer" if family_results["teacher"]["model"] == "char_gpt" else "LSTM"
+  return "transformer" if model_name == "char_gpt" else "LSTM"
 
 
 def format_report(results: dict, config) -> str:
@@ -317,7 +322,8 @@ def format_report(results: dict, config) -> str:
   pruned = ("dense" if p.method == "none" or not p.sparsity
             else f"{p.n}:{p.m}" if p.structure == "nm" else f"{p.sparsity:.0%} {p.structure}")
   w = f"{pruned}, {q.weight_bits or 32}/{q.act_bits or 32}"
-  families = [(_model_label(res), res) for res in (results, results.get("lstm")) if res]
+  families = [(_model_label(res["teacher"]["model"]), res)
+              for res in (results, results.get("lstm")) if res]
   for name, res in families:
     add(f"{name} teacher (float32)", res["teacher"], "32/32")
     add(f"{name} PTQ (no training)", res["ptq"], w)

@@ -473,6 +473,26 @@ def test_sample_refuses_a_temperature_float32_cannot_divide_by(temperature):
                   temperature=temperature)
 
 
+def test_progress_bars_name_the_first_family_by_its_model(tmp_path, monkeypatch):
+  """An LSTM teacher trained in the first family is shown as the LSTM's, as the report does."""
+  from configs import shakespeare_distill
+  from experiments import lm_pipeline
+  from jaxcompress.models import get_model
+
+  class Shown(Exception):
+    pass
+
+  def train_lm(*args, desc, **kwargs):
+    raise Shown(desc)
+  monkeypatch.setattr(lm_pipeline, "train_lm", train_lm)
+  config = shakespeare_distill.get_config("quick")
+  fam = lm_pipeline.Family("gpt", config, str(tmp_path), "", False, model_name="char_lstm",
+                           module=get_model("char_lstm", 3, width=4, layers=1, dropout=0.0))
+  with pytest.raises(Shown, match="^train LSTM teacher$"):
+    lm_pipeline._run_family(fam, config, text.Corpus(text.Vocabulary("abc"), {}),
+                              None, None)
+
+
 def test_report_names_each_family_by_its_model():
   """A family trains the model its config names: an LSTM in the first family (the budget
   example's --trained LSTM) is reported as an LSTM, and a transformer in the second as one."""
