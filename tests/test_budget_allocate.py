@@ -120,3 +120,29 @@ def test_infinite_damage_forbids_an_option_and_nan_or_missing_damages_are_one_li
 def test_a_nan_cost_or_a_budget_that_is_no_number_is_one_line(costs, budget, match):
   with pytest.raises(ConfigError, match=match):
     allocate(costs, [[0.0, 1.0], [0.0, 1.0]], budget)
+
+
+def test_a_coarse_unit_still_finds_the_plan_of_finite_damage():
+  # By hand: option 0 of each layer is forbidden (inf), so the plans of finite damage are
+  # (1, 1) at cost 2, damage 3 and (1, 2) at cost 2.5, damage 1.5: the optimum within 2.5 is
+  # (1, 2). Units taken above the cheapest plan (cost 0) would be 2.5 wide and round both
+  # options up to one unit each, more than the one unit of the table: no plan at all.
+  costs, damages = [[0, 1], [0, 1, 1.5]], [[np.inf, 1.0], [np.inf, 2.0, 0.5]]
+  got = allocate(costs, damages, 2.5, max_units=1)
+  assert got.choice == (1, 2) and got.damage == _brute(costs, damages, 2.5) == 1.5
+  assert got.cost == 2.5 and got.gap == 0
+
+
+def test_forbidden_options_with_coarse_units_stay_within_the_stated_gap():
+  rng = np.random.default_rng(59)
+  for _ in range(300):
+    costs = [rng.uniform(0, 10, 3).round(1) for _ in range(rng.integers(1, 5))]
+    damages = [np.where(rng.random(3) < 0.5, np.inf, rng.uniform(0, 5, 3)) for _ in costs]
+    budget = float(rng.uniform(0, 10 * len(costs)))
+    got = allocate(costs, damages, budget, max_units=int(rng.integers(1, 31)))
+    want = _brute(costs, damages, budget)
+    if not np.isfinite(want):
+      assert got is None
+      continue
+    assert got is not None and got.cost <= budget
+    assert got.lower_bound - 1e-9 <= want <= got.damage + 1e-9

@@ -1,10 +1,10 @@
 """Allocation: one option per layer, least summed damage, total cost within the budget.
 
 This is the multiple-choice knapsack problem; :func:`allocate` solves it exactly by dynamic
-programming over the budget's slack: what it leaves above the cheapest plan (each layer's costs
-are taken relative to its cheapest option, so the table spans the slack, not the budget). Costs
-are integers (bytes) or are discretised to at most ``max_units`` units of
-``unit = slack / max_units``:
+programming over the budget's slack: what it leaves above the cheapest plan of finite damage
+(each layer's costs are taken relative to its cheapest option of finite damage, so the table
+spans the slack, not the budget). Costs are integers (bytes) or are discretised to at most
+``max_units`` units of ``unit = slack / max_units``:
 
 - each cost is rounded **up** to whole units, so every plan the program accepts meets the true
   budget;
@@ -13,8 +13,8 @@ are integers (bytes) or are discretised to at most ``max_units`` units of
 
 :attr:`Allocation.gap` is the difference of the two: 0 when costs are whole units (bytes with a
 slack of at most ``max_units`` bytes), and otherwise the most the returned plan can lose to the
-true optimum. The cheapest plan always fits its own cost. Time and memory are
-``O(layers x options x units)``.
+true optimum. The cheapest plan of finite damage always fits its own cost, however coarse the
+unit. Time and memory are ``O(layers x options x units)``.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
     max_units: the largest DP table (units of the budget).
 
   Returns:
-    The :class:`Allocation`, or ``None`` if even the cheapest plan exceeds ``budget`` (or every
-    plan within it takes an option of infinite damage).
+    The :class:`Allocation`, or ``None`` if every plan within ``budget`` takes an option of
+    infinite damage (or even the cheapest plan exceeds it).
 
   Raises:
     ConfigError: for damages of another shape than the costs, a nan cost or damage, or a budget
@@ -100,10 +100,14 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
         raise invalid(f"allocate: {name}[{i}][{int(np.argmax(np.isnan(v)))}]", float("nan"), valid)
   if not is_number(budget) or np.isnan(budget):
     raise invalid("allocate: budget", budget, "a number (inf: no limit)")
-  if min_cost(costs) > budget:
+  allowed = [d < np.inf for d in damages]  # an option of infinite damage is never taken
+  if not all(np.any(a) for a in allowed):
     return None
-  base = [float(np.min(c)) for c in costs]
-  extra = [c - b for c, b in zip(costs, base)]  # each option's cost above the layer's cheapest
+  base = [float(np.min(c[a])) for c, a in zip(costs, allowed)]
+  if sum(base) > budget:  # even the cheapest plan of finite damage exceeds the budget
+    return None
+  # Each allowed option's cost above the layer's cheapest allowed one; the others never fit.
+  extra = [np.where(a, c - b, np.inf) for c, a, b in zip(costs, allowed, base)]
   slack = min(float(budget) - sum(base), 1e300)  # an unbounded budget leaves every option open
   integral = all(np.all(c == np.round(c)) for c in costs)
   if integral and slack <= max_units:
@@ -116,10 +120,7 @@ def allocate(costs: Sequence[Sequence[float]], damages: Sequence[Sequence[float]
     u = np.ceil(c / unit - 1e-9) if up else np.floor(c / unit + 1e-9)
     return np.minimum(u, capacity + 1).astype(np.int64)
 
-  found = _solve([units(c, True) for c in extra], damages, capacity)  # the cheapest plan fits
-  if found is None:  # every plan within the budget takes an option of infinite damage
-    return None
-  choice, damage = found
+  choice, damage = _solve([units(c, True) for c in extra], damages, capacity)  # base plan fits
   down = [units(c, False) for c in extra]
   lower = damage if unit == 1.0 and integral else _solve(down, damages, capacity)[1]
   cost = float(sum(c[k] for c, k in zip(costs, choice)))
