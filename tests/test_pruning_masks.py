@@ -315,3 +315,31 @@ def test_nm_mask_and_apply_masks_refuse_what_they_cannot_do():
     apply_masks(params, {"fc": {"kernel": jnp.zeros((3, 1))}})
   with pytest.raises(ConfigError, match=r"^masks must be a tree like params"):
     apply_masks(params, {"fc": {}})
+
+
+def test_the_array_helpers_take_plain_lists():
+  # By hand: columns [1, 3] and [2, 4] keep their larger entry (1 of 2 down each column); the L1
+  # channel scores are the column sums 4 and 6; the one-entry window is the entries themselves.
+  scores = [[1.0, 2.0], [3.0, 4.0]]
+  np.testing.assert_array_equal(nm_mask(scores, 1, 2), [[False, False], [True, True]])
+  np.testing.assert_array_equal(topk_mask(scores, 1), [[False, False], [False, True]])
+  np.testing.assert_allclose(channel_scores(scores), [4.0, 6.0])
+  np.testing.assert_allclose(masks.kernel_scores([scores], window=(0,)), [scores])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: channel_scores(jnp.ones((2, 3, 4)), axis=5),
+     "axis must be an axis in [-3, 3) for scores of shape (2, 3, 4), got 5"),
+    (lambda: channel_scores(jnp.ones((2, 3)), "max"), "norm must be one of l1, l2, got 'max'"),
+    (lambda: masks.kernel_scores(jnp.ones((2, 3, 4)), window=(5,)),
+     "window must be a tuple of distinct axes in [-3, 3) for scores of shape (2, 3, 4), got (5,)"),
+    (lambda: masks.kernel_scores(jnp.ones((2, 3, 4)), window=(0, -3)),
+     "window must be a tuple of distinct axes in [-3, 3) for scores of shape (2, 3, 4), "
+     "got (0, -3)"),
+    (lambda: masks.kernel_scores(jnp.ones((2, 3, 4)), window=0),
+     "window must be a tuple of distinct axes in [-3, 3) for scores of shape (2, 3, 4), got 0"),
+])
+def test_the_array_helpers_refuse_bad_axes_in_one_line(call, message):
+  with pytest.raises(ConfigError) as err:
+    call()
+  assert str(err.value) == message

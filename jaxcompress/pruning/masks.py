@@ -113,6 +113,7 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
   Raises:
     ConfigError: for a ``k`` known now (not traced) outside ``[0, scores.size]``.
   """
+  scores = jnp.asarray(scores)
   if not isinstance(k, jax.core.Tracer) and not 0 <= k <= np.size(scores):
     raise invalid("k", k, f"an integer in [0, {np.size(scores)}] (entries of scores to keep)")
   flat = scores.reshape(-1)
@@ -169,6 +170,16 @@ def reduction_axis(ndim: int) -> int:
   return -2 if ndim >= 2 else -1
 
 
+def _is_axis(a: Any, ndim: int) -> bool:
+  """Whether ``a`` is an integer axis of an array of ``ndim`` axes (a bool is no axis)."""
+  return isinstance(a, (int, np.integer)) and not isinstance(a, bool) and -ndim <= a < ndim
+
+
+def _distinct(axes: Sequence[int], ndim: int) -> bool:
+  """Whether no two of ``axes`` (axes of an array of ``ndim`` axes) name the same axis."""
+  return len({int(a) % ndim for a in axes}) == len(axes)
+
+
 def nm_mask(scores: jax.Array, n: int, m: int,
             axis: int | Sequence[int] | None = None) -> jax.Array:
   """In every group of ``m`` consecutive entries along ``axis``, keeps the ``n`` highest scores.
@@ -184,13 +195,12 @@ def nm_mask(scores: jax.Array, n: int, m: int,
     ConfigError: for an axis out of range or given twice, ``m < 1``, ``n`` outside ``[1, m]``
       or a group length that ``m`` does not divide.
   """
+  scores = jnp.asarray(scores)
   if axis is None:
     axis = reduction_axis(scores.ndim)
   axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
   ndim = scores.ndim
-  in_range = all(isinstance(a, (int, np.integer)) and not isinstance(a, bool)
-                 and -ndim <= a < ndim for a in axes)
-  if not axes or not in_range or len({a % ndim for a in axes}) < len(axes):
+  if not axes or not all(_is_axis(a, ndim) for a in axes) or not _distinct(axes, ndim):
     raise invalid("axis", axis, f"an axis in [{-ndim}, {ndim}) or a tuple of distinct ones for "
                   f"scores of shape {tuple(scores.shape)}")
   axes = tuple(int(a) % ndim for a in axes)
@@ -217,7 +227,16 @@ def channel_scores(scores: jax.Array, norm: str = "l1", axis: int = -1) -> jax.A
   ``|w|`` these are the L1 and L2 norms of each output channel's weights. ``"l2"`` is for
   scores that are never negative; a signed score (movement) needs ``"l1"``. A channel with an
   entry scored ``-inf`` (pruned already, see :func:`~jaxcompress.pruning.prune`) scores ``-inf``.
+
+  Raises:
+    ConfigError: for a norm other than ``"l1"`` and ``"l2"`` or an axis out of range.
   """
+  scores = jnp.asarray(scores)
+  if norm not in NORMS:
+    raise unknown("norm", norm, NORMS)
+  if not _is_axis(axis, scores.ndim):
+    raise invalid("axis", axis, f"an axis in [{-scores.ndim}, {scores.ndim}) for scores of shape "
+                  f"{tuple(scores.shape)}")
   scores = jnp.moveaxis(scores, axis, -1)
   return _group_scores(scores.reshape(-1, scores.shape[-1]), 0, norm, jnp.sum)
 
@@ -239,7 +258,7 @@ def _check_axes(field: str, path: str, shape: Sequence[int], axes: Sequence[Any]
   """Raises ConfigError unless every one of ``axes`` is an integer axis of ``shape``."""
   ndim = len(shape)
   for a in axes:
-    if isinstance(a, bool) or not isinstance(a, (int, np.integer)) or not -ndim <= a < ndim:
+    if not _is_axis(a, ndim):
       raise invalid(f"{field} (leaf {path!r}, shape {tuple(shape)})", a,
                     f"an axis in [{-ndim}, {ndim})")
 
@@ -294,8 +313,22 @@ def kernel_scores(scores: jax.Array, norm: str = "l1",
   the mean of their squares: the L1 or L2 norm over the window size, so kernels of windows of
   different sizes compare across leaves. A kernel with an entry scored ``-inf`` (pruned already)
   scores ``-inf``.
+
+  Raises:
+    ConfigError: for a norm other than ``"l1"`` and ``"l2"`` or a window that is not a tuple of
+      distinct axes of ``scores``.
   """
-  window = tuple(range(scores.ndim - 2)) if window is None else tuple(window)
+  scores = jnp.asarray(scores)
+  if norm not in NORMS:
+    raise unknown("norm", norm, NORMS)
+  ndim = scores.ndim
+  if window is None:
+    window = tuple(range(ndim - 2))
+  elif (not isinstance(window, (tuple, list)) or not all(_is_axis(a, ndim) for a in window)
+        or not _distinct(window, ndim)):
+    raise invalid("window", window, f"a tuple of distinct axes in [{-ndim}, {ndim}) for scores "
+                  f"of shape {tuple(scores.shape)}")
+  window = tuple(window)
   if not window:
     return scores
   return _group_scores(scores, window, norm, jnp.mean, keepdims=True)
