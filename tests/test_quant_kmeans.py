@@ -226,3 +226,15 @@ def test_assign_by_hand_a_value_on_a_midpoint_goes_to_the_lower_entry():
   got = assign(jnp.array([0.5, 0.50000006, -0.5, -0.0, 1e-30, -1e-30, 9.0]),
                jnp.array([1.0, 0.0, -1.0, 2.0, -2.0, 0.0]))
   np.testing.assert_array_equal(np.asarray(got.indices), [5, 0, 2, 6, 5, 1, 3])
+
+
+def test_assign_and_decode_take_lists_and_refuse_indices_that_are_no_integers():
+  # By hand: midpoint 1.5; 0.9 -> entry 0 (1.0), 2.2 -> entry 1 (2.0), the zero is masked (2).
+  got = assign([0.0, 0.9, 2.2], [1.0, 2.0])
+  np.testing.assert_array_equal(np.asarray(got.indices), [2, 0, 1])
+  np.testing.assert_array_equal(decode([1.0, 2.0], [0, 1, 2]), [1.0, 2.0, 0.0])
+  with pytest.raises(ConfigError, match=r"^decode: indices must be integers \(positions in the "
+                                        r"codebook\), got dtype float32$"):
+    decode(jnp.array([1.0, 2.0]), jnp.array([0.5]))
+  with pytest.raises(ConfigError, match=r"^decode: codebook has shape \(2, 2\)"):
+    decode(jnp.zeros((2, 2)), jnp.array([0]))

@@ -182,6 +182,7 @@ def assign(w: jax.Array, codebook: jax.Array) -> Codebook:
     ConfigError: for a codebook that is not one non-empty vector.
   """
   _check_codebook(codebook, "assign")
+  w, codebook = jnp.asarray(w), jnp.asarray(codebook)
   flat = jnp.ravel(w)
   idx = jnp.where(flat != 0, _assign(flat, codebook), codebook.shape[0])
   return Codebook(codebook, idx.reshape(w.shape))
@@ -191,7 +192,16 @@ def decode(codebook: Any, indices: Any) -> jax.Array:
   """Rebuilds the weights ``codebook[indices]`` (out-of-range indices, i.e. masked, give 0).
 
   Differentiable in ``codebook``: its gradient is the per-centroid sum of the weight gradients.
+
+  Raises:
+    ConfigError: for a codebook that is not one non-empty vector or indices that are not
+      integers.
   """
+  _check_codebook(codebook, "decode")
+  indices = jnp.asarray(indices)
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise ConfigError(f"decode: indices must be integers (positions in the codebook), got dtype "
+                      f"{indices.dtype}")
   return jnp.take(jnp.asarray(codebook), indices, mode="fill", fill_value=0)
 
 
