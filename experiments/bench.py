@@ -9,9 +9,10 @@ The ResNet-20 variants (``plain``, ``prune``, ``wquant``, ``waquant``, ``kd``, `
 char GPT pair (``gpt_plain``, ``gpt_all``: 2:4 + 4-bit weights + 8-bit inputs + KD) are described
 in :mod:`experiments.bench_lib`.
 
-Variants are timed interleaved (round-robin, ``--rounds`` times ``--steps`` steps each, after a
-compile-and-warm-up call) so machine noise hits them alike; the table reports the median
-images/s with process CPU time beside wall time. The last line is one JSON object:
+Every step runs on one device (the first), however many the host has. Variants are timed
+interleaved (round-robin, ``--rounds`` times ``--steps`` steps each, after a compile-and-warm-up
+call) so machine noise hits them alike; the table reports the median images/s with process CPU
+time beside wall time. The last line is one JSON object:
 ``{"images_per_s": {variant: ...}, "ratio_to_plain": {variant: ...}, ...}`` where the ratio is
 the step-time ratio to ``plain`` (``gpt_plain`` for the GPT pair; >1 is slower).
 """
@@ -31,8 +32,8 @@ _STEPS = flags.DEFINE_integer("steps", 8, "Timed steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds; the median is reported.")
 _OPS = flags.DEFINE_bool("ops", False, "Instead of timing, count what each variant's compiled step "
                          "runs (top-level ops, copies, sorts, conditionals, XLA's bytes).")
-_BATCH = flags.DEFINE_integer("batch_size", 128, "Global batch size of the ResNet-20 variants "
-                              "(the GPT pair's is 32).")
+_BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size of the ResNet-20 variants, all on "
+                              "one device (the GPT pair's is 32).")
 
 
 def time_pipeline(images, labels, batch_size, steps):
@@ -55,7 +56,7 @@ def check_flags(*, variants: list[str] | None, steps: int, rounds: int, batch_si
     variants: ``--variants`` (None or empty: all).
     steps: ``--steps``, timed steps per variant per round.
     rounds: ``--rounds``, interleaved rounds.
-    batch_size: ``--batch_size``, the global batch of the ResNet-20 variants.
+    batch_size: ``--batch_size``, the batch of the ResNet-20 variants (on one device).
 
   Raises:
     ConfigError: naming the flag, for a count below 1, a batch larger than the random training
@@ -122,8 +123,9 @@ def main(argv):
   base_of = lambda k: "gpt_plain" if k in bench_lib.GPT_VARIANTS else "plain"
   ratio = {k: (med[base_of(k)] / v if base_of(k) in med else None) for k, v in med.items()}
   cpu_per_wall = {k: cpu[k] / wall[k] for k in med}
-  print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, {_ROUNDS.value} rounds x "
-        f"{_STEPS.value} steps, median")
+  # The steps are jitted without a mesh: they run on the first device, whatever the count.
+  print(f"one {jax.devices()[0].device_kind} device (of {jax.device_count()}), {_ROUNDS.value} "
+        f"rounds x {_STEPS.value} steps, median")
   result = {"ratio_to_plain": {k: (round(v, 4) if v else None) for k, v in ratio.items()},
             "cpu_per_wall_s": {k: round(v, 2) for k, v in cpu_per_wall.items()}}
   if teacher_fwd is not None:

@@ -259,11 +259,15 @@ FAKE_BENCH = textwrap.dedent("""
 
 def test_bench_reports_medians_and_cpu_over_the_rounds_wall_time():
   """images/s is the median round, the ratio the step-time ratio of the medians, CPU per wall
-  second the sum of the rounds' CPU seconds over the sum of their wall seconds."""
+  second the sum of the rounds' CPU seconds over the sum of their wall seconds; the header names
+  the one device the steps run on, not every device of the host."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
   proc = subprocess.run([sys.executable, "-c", FAKE_BENCH, "--variants=plain,kd", "--rounds=3",
                          "--steps=2", "--batch_size=8"], cwd=REPO, capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+                        text=True, timeout=300, env=env)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.splitlines()[0] == "one cpu device (of 2), 3 rounds x 2 steps, median"
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["images_per_s"] == {"plain": 100.0, "kd": 40.0}
   assert result["ratio_to_plain"] == {"plain": 1.0, "kd": 2.5}
