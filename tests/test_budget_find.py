@@ -247,3 +247,18 @@ def test_weights_outside_every_traced_layer_are_warned_about():
   assert [l.path for l in found.plan.layers] == ["Embed_0", "Dense_0"]
   kept = 30 - round(head.sparsity * 30)
   assert found.plan.bops == head.bops == 3 * kept * head.weight_bits * head.act_bits
+
+
+class NormOnly(nn.Module):  # no weight of rank >= 2: nothing a plan could compress
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm()(x.reshape(len(x), -1))[:, :4]
+
+
+def test_a_model_with_no_layer_to_compress_is_one_line(setup):
+  _, _, held_out = setup
+  model = NormOnly()
+  variables = model.init(jax.random.key(0), held_out[0].image)
+  with pytest.raises(ConfigError, match=r"^model: the model has no layer to compress \(no Conv, "):
+    budget.find_plan(model, variables, held_out, size_bytes=10**6, sparsities=SPARSITIES,
+                     weight_bits=BITS)

@@ -26,7 +26,7 @@ from jaxcompress.errors import (ConfigError, check_positive, check_range, check_
                                invalid)
 from jaxcompress.quantization.qparams import check_bits
 from jaxcompress.rules import tree_get
-from jaxcompress.selection import trace_layers
+from jaxcompress.selection import require_layers, trace_layers
 
 
 class Found(NamedTuple):
@@ -76,8 +76,9 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
 
   Raises:
     ConfigError: for not exactly one budget, a budget kind the device does not take, an unknown
-      device, ``variables`` without ``params`` (the params alone), empty ``held_out``, a budget
-      below the model's smallest plan (naming it), or a ``sensitivity`` of other options.
+      device, ``variables`` without ``params`` (the params alone), empty ``held_out``, a model
+      with no layer to compress, a budget below the model's smallest plan (naming it), or a
+      ``sensitivity`` of other options.
   """
   given = {k: v for k, v in (("size_bytes", size_bytes), ("bops", bops)) if v is not None}
   if len(given) != 1:
@@ -120,6 +121,7 @@ def find_plan(model: Any, variables: Mapping[str, Any], held_out: Sequence[Any],
                   "a sequence of input batches", "pass [x]")
   sample = held_out[0].image
   traced = trace_layers(model, variables, sample, field="model")
+  require_layers(traced, "model")  # an empty plan would meet any budget, compressing nothing
   traced.warn_uncovered("find_plan", ", and the plan's BOPs leave out their products")
   weights = {l.path: np.asarray(tree_get(variables["params"], l.weight))
              for l in traced.layers}
