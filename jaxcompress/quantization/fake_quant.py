@@ -83,6 +83,16 @@ def scaled(x: Any, scale: Any) -> jax.Array:
   return jnp.asarray(x) * (1.0 / jnp.asarray(scale, jnp.float32))
 
 
+
+def _check_args(x: Any, scale: Any, zero_point: Any, qmin: Any, qmax: Any) -> None:
+  """The checks of :func:`fake_quant`, :func:`quantize_int` and :func:`quantize_int_numpy`: the
+  grid (:func:`check_qparams`), the shapes of ``scale`` and ``zero_point`` against ``x``
+  (:func:`check_shape`) and the zero point on the grid (:func:`check_zero_point`)."""
+  check_qparams(scale, qmin, qmax)
+  for field, value in (("scale", scale), ("zero_point", zero_point)):
+    check_shape(x, value, field)
+  check_zero_point(zero_point, qmin, qmax)
+
 @jax.custom_jvp
 def _fake_quant(x, scale, zero_point, qmin, qmax):
   # float32 grid values whatever the dtypes of scale and zero point (a float64 NumPy scale is
@@ -134,10 +144,7 @@ def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> 
     >>> fake_quant(jnp.array([0.26, -3.0]), 0.1, 0, qmin=-8, qmax=7)
     Array([ 0.3, -0.8], dtype=float32)
   """
-  check_qparams(scale, qmin, qmax)
-  for field, value in (("scale", scale), ("zero_point", zero_point)):
-    check_shape(x, value, field)
-  check_zero_point(zero_point, qmin, qmax)
+  _check_args(x, scale, zero_point, qmin, qmax)
   return _fake_quant(jnp.asarray(x), scale, zero_point, qmin, qmax)
 
 
@@ -152,10 +159,7 @@ def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -
       ``scale`` or ``zero_point`` that does not broadcast against ``x``; for a ``zero_point``
       outside ``[qmin, qmax]``.
   """
-  check_qparams(scale, qmin, qmax)
-  for field, value in (("scale", scale), ("zero_point", zero_point)):
-    check_shape(x, value, field)
-  check_zero_point(zero_point, qmin, qmax)
+  _check_args(x, scale, zero_point, qmin, qmax)
   q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
   return q.astype(jnp.int32)
 
@@ -168,10 +172,7 @@ def quantize_int_numpy(x: Any, scale: Any, zero_point: Any, *, qmin: Any,
   Raises:
     ConfigError: as :func:`quantize_int`.
   """
-  check_qparams(scale, qmin, qmax)
-  for field, value in (("scale", scale), ("zero_point", zero_point)):
-    check_shape(x, value, field)
-  check_zero_point(zero_point, qmin, qmax)
+  _check_args(x, scale, zero_point, qmin, qmax)
   x = np.asarray(x, np.float32) * (np.float32(1) / np.asarray(scale, np.float32))
   q = np.clip(np.round(x) + np.asarray(zero_point).astype(np.float32), qmin, qmax)
   return q.astype(np.int32)
