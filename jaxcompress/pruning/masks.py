@@ -175,9 +175,10 @@ def _is_axis(a: Any, ndim: int) -> bool:
   return isinstance(a, (int, np.integer)) and not isinstance(a, bool) and -ndim <= a < ndim
 
 
-def _distinct(axes: Sequence[int], ndim: int) -> bool:
-  """Whether no two of ``axes`` (axes of an array of ``ndim`` axes) name the same axis."""
-  return len({int(a) % ndim for a in axes}) == len(axes)
+def _distinct_axes(axes: Sequence[Any], ndim: int) -> bool:
+  """Whether ``axes`` are integer axes of an array of ``ndim`` axes, no two naming the same."""
+  return (all(_is_axis(a, ndim) for a in axes)
+          and len({int(a) % ndim for a in axes}) == len(axes))
 
 
 def nm_mask(scores: jax.Array, n: int, m: int,
@@ -200,7 +201,7 @@ def nm_mask(scores: jax.Array, n: int, m: int,
     axis = reduction_axis(scores.ndim)
   axes = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
   ndim = scores.ndim
-  if not axes or not all(_is_axis(a, ndim) for a in axes) or not _distinct(axes, ndim):
+  if not axes or not _distinct_axes(axes, ndim):
     raise invalid("axis", axis, f"an axis in [{-ndim}, {ndim}) or a tuple of distinct ones for "
                   f"scores of shape {tuple(scores.shape)}")
   axes = tuple(int(a) % ndim for a in axes)
@@ -324,8 +325,7 @@ def kernel_scores(scores: jax.Array, norm: str = "l1",
   ndim = scores.ndim
   if window is None:
     window = tuple(range(ndim - 2))
-  elif (not isinstance(window, (tuple, list)) or not all(_is_axis(a, ndim) for a in window)
-        or not _distinct(window, ndim)):
+  elif not isinstance(window, (tuple, list)) or not _distinct_axes(window, ndim):
     raise invalid("window", window, f"a tuple of distinct axes in [{-ndim}, {ndim}) for scores "
                   f"of shape {tuple(scores.shape)}")
   window = tuple(window)
