@@ -16,6 +16,7 @@ Explicit regex rules override the defaults (see :mod:`jaxcompress.rules`).
 Example:
   >>> layers = trace_layers(model, variables, x)
   >>> layers.first, layers.last          # module paths
+  ('conv1', 'linear')
   >>> pruning_rules = layers.prune_rules()
 """
 

@@ -17,7 +17,8 @@ last batch carry weight 0 where they hold no character).
 Example:
   >>> corpus = load_corpus(text_path(""), context=64)
   >>> batch = train_batch(corpus.ids["train"], batch_size=12, context=64, seed=0, step=0)
-  >>> batch.image.shape, batch.label.shape  # ((12, 64), (12, 64))
+  >>> batch.image.shape, batch.label.shape
+  ((12, 64), (12, 64))
 """
 
 from __future__ import annotations

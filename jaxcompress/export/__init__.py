@@ -11,11 +11,21 @@ weights until an artifact fits a byte budget, ``serving`` writes a
 output channels skipped.
 
 Example:
+  >>> from jaxcompress import pruning, quantization
+  >>> masks = pruning.magnitude_masks(variables["params"], 0.5)
+  >>> masked_variables = {**variables, "params": pruning.apply_masks(variables["params"], masks)}
+  >>> qz = quantization.quantize(model, [(".*", dict(weight_bits=8, act_bits=8))])
+  >>> qstate = qz.init(masked_variables, x[:8])
   >>> report = export_model("run/export", variables=variables, input_shape=(32, 32, 3),
   ...                       masks=masks, specs=qz.specs(masked_variables, qstate))
   >>> loaded = load("run/export", model)      # the user's own Linen or NNX module
-  >>> logits = loaded.logits(x)
-  >>> save_serving("run/serving", slim(loaded).loaded)   # pruned channels not computed
+  >>> logits = loaded.logits(x[:8])
+  >>> fake_quant, _, _ = jax.jit(qz.apply)(masked_variables, qstate, x[:8])
+  >>> bool(jnp.abs(logits - fake_quant).max() < 1e-4)    # the integers compute the same logits
+  True
+  >>> signature = save_serving("run/serving", slim(loaded).loaded)   # pruned channels not computed
+  >>> signature["input"]["shape"]
+  ['batch', 32, 32, 3]
 """
 
 from jaxcompress.export.artifact import export_model, load, read_spec, recode

@@ -5,12 +5,17 @@ constants, with a symbolic batch size, into ``DIR/serving/model.jaxexport``, and
 signature in ``DIR/serving/signature.json``. It lives beside the artifact (``DIR/export``), not in
 it, so the artifact's bytes stay the model's bytes. Running it needs only JAX; it takes uint8
 images where saved with ``mean`` and ``std`` (as the jobs save it), else the model's own input
-(``signature.json`` says which):
+(``signature.json`` says which). A CIFAR-10 model, saved as the jobs save it, with ``DIR=run``:
 
-  >>> import jax, numpy as np
-  >>> with open("DIR/serving/model.jaxexport", "rb") as f:
+  >>> from jaxcompress.export import export_model, load
+  >>> _ = export_model("run/export", variables=variables, input_shape=(32, 32, 3))
+  >>> _ = save_serving("run/serving", load("run/export", model), mean=(0.49, 0.48, 0.45),
+  ...                  std=(0.25, 0.24, 0.26))
+  >>> import jax, numpy as np   # all that running it needs
+  >>> with open("run/serving/model.jaxexport", "rb") as f:
   ...   exported = jax.export.deserialize(bytearray(f.read()))
-  >>> logits = exported.call(np.zeros((8, 32, 32, 3), np.uint8))   # a job's CIFAR-10 model
+  >>> exported.call(np.zeros((8, 32, 32, 3), np.uint8)).shape
+  (8, 10)
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ or not, goes through the same path.
 
 Example:
   >>> # my_models.py, in the working directory:
-  >>> # def small_cnn(num_classes): return nn.Sequential([...])
+  >>> # def small_cnn(num_classes): return SmallCNN(num_classes)   # a flax.linen.Module
   >>> model, variables = create_model("my_models:small_cnn", num_classes=10,
   ...                                 image_shape=(32, 32, 3))
+  >>> sorted(variables)
+  ['batch_stats', 'params']
 """
 
 from __future__ import annotations

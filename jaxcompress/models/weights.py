@@ -21,10 +21,12 @@ else ``~/.cache/jaxcompress/weights``), and :func:`save_weights` stores trained 
 under their name, so the next run finds them.
 
 Example:
+  >>> import flax.serialization
+  >>> from jaxcompress.models import create_model
   >>> with open("w.msgpack", "wb") as f:
-  ...   f.write(flax.serialization.to_bytes(variables))
-  >>> model, variables = create_model("my_models:net", num_classes=10, image_shape=(32, 32, 3),
-  ...                                 weights="w.msgpack")
+  ...   _ = f.write(flax.serialization.to_bytes(variables))
+  >>> model, variables = create_model("my_models:small_cnn", num_classes=10,
+  ...                                 image_shape=(32, 32, 3), weights="w.msgpack")
 """
 
 from __future__ import annotations

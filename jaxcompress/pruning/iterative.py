@@ -4,9 +4,13 @@ Pure orchestration: the caller brings the training and the evaluation as callabl
 loop serves a toy test and a CIFAR run. Validate on a held-out slice of the *training* split; the
 test split is for the final report only.
 
-Example:
-  >>> result = iterative_prune(params, [0.5, 0.7, 0.8, 0.9], finetune, validate, tolerance=0.01)
-  >>> result.sparsity, result.accuracy, [r.accuracy for r in result.history]
+Example (a toy: no training, and the share of the weight mass kept stands in for accuracy):
+  >>> params = {"dense": {"kernel": jnp.arange(1.0, 11.0).reshape(2, 5)}}   # sum 55
+  >>> finetune = lambda params, masks, r: params        # your training, masks kept
+  >>> validate = lambda params: round(float(params["dense"]["kernel"].sum()) / 55, 3)
+  >>> result = iterative_prune(params, [0.5, 0.7, 0.8, 0.9], finetune, validate, tolerance=0.3)
+  >>> result.sparsity, result.accuracy, [r.accuracy for r in result.history]  # 40/55, 27/55
+  (0.5, 0.727, [0.727, 0.491])
 
 References:
   Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural Networks.

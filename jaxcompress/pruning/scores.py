@@ -5,8 +5,11 @@ one leaf, their gradient (``None`` where the caller has none) and a PRNG key (``
 score needs none), returning an array of ``w``'s shape. A :class:`Score` wraps the function with
 what it needs, so adding a criterion is one line:
 
+  >>> from jaxcompress.pruning import compute_masks
   >>> taylor2 = Score(lambda w, g, key: (w * g) ** 2, needs_grads=True)
-  >>> masks = compute_masks(params, 0.5, score=taylor2, grads=grads)
+  >>> masks = compute_masks(params, 0.5, score=taylor2, grads=jax.grad(loss)(params, batch))
+  >>> float(masks["conv2"]["kernel"].mean())   # half of each layer's entries kept
+  0.5
 
 References:
   Han, Pool, Tran, Dally. Learning both Weights and Connections for Efficient Neural Networks.

@@ -8,6 +8,8 @@ here is jnp and runs under ``jax.jit`` (a traced ``sparsity`` included).
 Example:
   >>> masks = magnitude_masks(variables["params"], 0.7, scope="global")
   >>> pruned = apply_masks(variables["params"], masks)
+  >>> sum(int((m == 0).sum()) for m in jax.tree.leaves(masks))   # round(0.7 * 1528 kernel entries)
+  1070
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ sparsity ``schedule(count)``, from the raw gradients it receives and the current
   unmasked ``inner`` updates; the forward pass uses ``apply_masks_ste(params, current_masks(s))``.
 
 Example:
+  >>> from jaxcompress.pruning import polynomial_schedule
   >>> opt = prune(optax.sgd(0.1, momentum=0.9), polynomial_schedule(0.9, 0, 1000),
   ...             update_every=100)
   >>> opt_state = opt.init(params)

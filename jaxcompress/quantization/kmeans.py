@@ -277,8 +277,10 @@ def decode_params(params: Any, codebooks: dict[str, Codebook | jax.Array],
   Example:
     >>> cbs = cluster_params(params, [(".*/kernel", 4), (".*", None)])
     >>> idx = {p: c.indices for p, c in cbs.items()}
-    >>> loss = lambda books: loss_fn(decode_params(params, books, idx))
-    >>> grads = jax.grad(loss)({p: c.codebook for p, c in cbs.items()})
+    >>> books_loss = lambda books: loss(decode_params(params, books, idx), batch)
+    >>> grads = jax.grad(books_loss)({p: c.codebook for p, c in cbs.items()})
+    >>> grads["conv2/kernel"].shape   # one gradient per centroid (4 bits: 16)
+    (16,)
   """
 
   def replace(keypath, leaf):

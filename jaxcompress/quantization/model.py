@@ -18,7 +18,8 @@ Example (one jitted QAT step; gradients reach params through the STE and the LSQ
 
   >>> qz = quantize(model, [("conv1|linear", dict(weight_bits=8, act_bits=8)),
   ...                       (".*", dict(weight_bits=4, act_bits=4, method="lsq"))])
-  >>> qstate = qz.init(variables, x0)
+  >>> qstate = qz.init(variables, x[:8])
+  >>> cross_entropy, tx = optax.softmax_cross_entropy_with_integer_labels, optax.adam(1e-3)
   >>> @jax.jit
   ... def train_step(params, batch_stats, qstate, opt_state, x, y):
   ...   def loss_fn(trainable):
@@ -32,6 +33,11 @@ Example (one jitted QAT step; gradients reach params through the STE and the LSQ
   ...   trainable = optax.apply_updates(trainable, updates)
   ...   return (trainable["params"], new_state["batch_stats"],
   ...           new_q.replace(steps=trainable["qsteps"]), opt_state)
+  >>> opt_state = tx.init({"params": variables["params"], "qsteps": qstate.steps})
+  >>> params, batch_stats, qstate, opt_state = train_step(
+  ...     variables["params"], variables["batch_stats"], qstate, opt_state, *batch)
+  >>> sorted(qstate.steps)   # the LSQ layers
+  ['conv2']
 
 A layer called several times (a recurrent cell's gate kernel at every time step) has one input
 range covering all its calls. A layer called inside a lifted transform (``nn.scan``, ``nn.RNN``,

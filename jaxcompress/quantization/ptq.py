@@ -58,8 +58,12 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
       weights upstream of the layer named).
 
   Example:
-    >>> qstate = calibrate(qz, variables, qz.init(variables, x[:64]), [x[i:i + 128] for i in
-    ...                    range(0, 512, 128)], method="percentile")
+    >>> from jaxcompress.quantization import quantize
+    >>> qz = quantize(model, [(".*", dict(weight_bits=8, act_bits=8))])
+    >>> qstate = calibrate(qz, variables, qz.init(variables, x[:8]), [x[i:i + 32] for i in
+    ...                    range(0, 128, 32)], method="percentile")
+    >>> sorted(qstate.ranges)   # the [lo, hi] input range of each layer
+    ['conv1', 'conv2', 'linear']
   """
   if method not in CALIBRATION_METHODS:
     raise unknown("calibration.method", method, CALIBRATION_METHODS)
