@@ -116,6 +116,7 @@ class Preset:
                                   reduce_axes=reduce_axes, float_inputs=float_inputs)
 
 
+# The presets by name (``budget.device``): which options each kind of device runs.
 PRESETS = {p.name: p for p in (
     Preset("any", "no particular device: the smallest file, every option allowed",
            ("size", "bops"), "unstructured", act_bits=None),

@@ -51,6 +51,8 @@ from jaxcompress.selection import trace_layers
 from jaxcompress.steps import (bad_labels_error, check_batch, check_labels, check_weight,
                                cross_entropy, label_errors, per_label, predict)
 
+# The ``damage`` values of :func:`scan` and :class:`Evaluator` (module docstring): the KL
+# divergence from the float model's predictions, or the cross-entropy with the labels.
 DAMAGES = ("kl", "ce")
 
 

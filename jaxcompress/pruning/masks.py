@@ -38,6 +38,7 @@ import numpy as np
 from jaxcompress.errors import check_range, invalid, unknown
 
 Sparsity = Union[float, jax.Array]
+# ``masker(paths, scores, sparsity) -> list of bool arrays`` (module docstring).
 Masker = Callable[[Sequence[str], Sequence[jax.Array], Sparsity], list[jax.Array]]
 SCOPES = ("layer", "global")
 NORMS = ("l1", "l2")

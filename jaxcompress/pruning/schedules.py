@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jaxcompress.errors import invalid
 from jaxcompress.pruning.masks import check_sparsity
 
+# ``schedule(step) -> sparsity``: a jnp scalar, ``step`` a Python int or a traced one.
 Schedule = Callable[["int | jax.Array"], jax.Array]
 
 

@@ -95,6 +95,7 @@ class Score(NamedTuple):
   accumulate: bool = False
 
 
+# The built-in scores by name, as ``prune.score`` and :func:`get_score` take them.
 SCORES: dict[str, Score] = {
     "magnitude": Score(magnitude),
     "random": Score(random, needs_key=True),

@@ -31,6 +31,7 @@ from jaxcompress.errors import ConfigError, check_range, unknown
 from jaxcompress.quantization.fake_quant import _fake_quant
 from jaxcompress.quantization.qparams import concrete, qparams_from_range, qrange, reduce_axes
 
+# The range estimators of :func:`tensor_range` (module docstring).
 RANGE_METHODS = ("minmax", "absmax", "percentile", "mse")
 
 

@@ -17,6 +17,7 @@ from jaxcompress.errors import ConfigError, invalid, unknown
 from jaxcompress.quantization.qparams import check_bits
 from jaxcompress.rules import Rule, Rules
 
+# The pseudo-regexes matching the first and the last quantizable layer called (module docstring).
 FIRST, LAST = "<first>", "<last>"
 WEIGHT_METHODS = ("minmax", "lsq")
 

@@ -30,6 +30,7 @@ from jaxcompress.errors import (ConfigError, check_finite, check_range, first_li
 from jaxcompress.quantization.calibration import (check_finite_range, ema_range, tensor_range,
                                                   union_range)
 
+# The ``method`` values of :func:`calibrate` (``calibration.method``).
 CALIBRATION_METHODS = ("minmax", "ema", "percentile", "mse")
 
 
