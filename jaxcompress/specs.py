@@ -63,7 +63,8 @@ def _spec_from(cls, values: Mapping[str, Any], section: str):
 
 @dataclasses.dataclass(frozen=True)
 class PruneSpec:
-  """What to prune and when. Fractions of training refer to ``total_steps`` of :func:`build`.
+  """What to prune and when. Fractions of training refer to ``total_steps`` of
+  :func:`~jaxcompress.compose.build`.
 
   Attributes:
     method: ``none``, ``magnitude``, ``random``, ``saliency`` (|w g|), ``movement`` (-sum w g),
@@ -199,9 +200,9 @@ class PruneSpec:
     targets applied).
 
     With ``layer_sparsity``, the masker reads the train state's paths (``model/<param path>``,
-    as :func:`build`'s pruning rules do). N:M groups run along ``axes[path]``, each weight's
-    reduction axes (``ModelLayers.reduce_axes``), channels along ``out_axes[path]``
-    (``ModelLayers.output_axes``) and kernels over ``windows[path]``
+    as :func:`~jaxcompress.compose.build`'s pruning rules do). N:M groups run along
+    ``axes[path]``, each weight's reduction axes (``ModelLayers.reduce_axes``), channels along
+    ``out_axes[path]`` (``ModelLayers.output_axes``) and kernels over ``windows[path]``
     (``ModelLayers.window_axes``), where given. A weight with ``stacked[path]`` leading axes
     (``ModelLayers.stacked``: ``nn.scan`` over ``params``) is masked step by step
     (:func:`~jaxcompress.pruning.per_step`).

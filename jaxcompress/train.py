@@ -168,8 +168,9 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
 
   Args:
     state: the initial train state (ignored in favour of the latest checkpoint when one exists).
-    train_step: ``step(state, batch) -> (state, metrics)`` from :func:`make_train_step`, or
-      any step whose metrics are a dict of scalars (all logged; ``loss`` also shown).
+    train_step: ``step(state, batch) -> (state, metrics)`` from
+      :func:`~jaxcompress.steps.make_train_step`, or any step whose metrics are a dict of
+      scalars (all logged; ``loss`` also shown).
     train: the training examples (a :class:`jaxcompress.data.Split` or ``(uint8 images, int
       labels)``; each process reads only its rows of every batch), or a batch source: an object
       with ``batch_size``, ``steps_per_epoch`` and ``batches(seed=, epoch=, start=)`` yielding the

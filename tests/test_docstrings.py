@@ -25,6 +25,7 @@ import pytest
 import jaxcompress
 from jaxcompress.models import create_model
 from jaxcompress.text import TEXT_ENV
+from test_public_api import resolve
 
 MODULES = [m.name for m in pkgutil.walk_packages(jaxcompress.__path__, "jaxcompress.")]
 
@@ -102,3 +103,29 @@ def test_the_package_docstring_names_modules_that_import():
   assert len(names) > 15
   for name in names:
     importlib.import_module(f"jaxcompress.{name}")
+
+
+def _resolves(dotted: str) -> bool:
+  try:
+    resolve(dotted)
+  except (ImportError, AttributeError):
+    return False
+  return True
+
+
+def test_the_cross_references_of_the_docstrings_resolve():
+  # :meth: and :attr: name members of the class they are written in, so they are left out.
+  role = re.compile(r":(?:func|class|mod|data|exc):`~?([\w.]+)`")
+  bad, count = [], 0
+  for name in ["jaxcompress"] + MODULES:
+    module = importlib.import_module(name)
+    package = name if module.__file__.endswith("__init__.py") else name.rpartition(".")[0]
+    with open(module.__file__) as f:
+      refs = role.findall(f.read())
+    count += len(refs)
+    for ref in refs:  # relative (.finalize.finalize), absolute, or from the module or package
+      where = [package + ref] if ref.startswith(".") else [f"{name}.{ref}",
+                                                            f"{package}.{ref}", ref]
+      if not any(_resolves(w) for w in where):
+        bad.append(f"{name}: {ref}")
+  assert count > 300 and bad == []
