@@ -1,6 +1,6 @@
-"""The public API: every name a package's ``__all__`` exports exists and is documented, and
-every ``jaxcompress`` name README.md and docs/*.md use resolves, so the docs cannot drift from
-the code.
+"""The public API: every name a package's ``__all__`` exports exists and is documented, every
+name its ``__init__`` imports (submodules aside) is in ``__all__``, and every ``jaxcompress``
+name README.md and docs/*.md use resolves, so the docs cannot drift from the code.
 
 A function or class is documented by its own docstring; a constant or a type alias by a comment
 on the lines just above its definition. The docs' names are their dotted ``jaxcompress.x.y``
@@ -68,10 +68,13 @@ def documented(package: str, name: str) -> bool:
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_every_exported_name_exists_and_is_documented(package):
-  names = importlib.import_module(package).__all__
+  module = importlib.import_module(package)
+  names = module.__all__
   assert len(names) == len(set(names))
-  assert [n for n in names if not hasattr(importlib.import_module(package), n)] == []
+  assert [n for n in names if not hasattr(module, n)] == []
   assert [n for n in names if not documented(package, n)] == []
+  public = [n for n, v in vars(module).items() if not n.startswith("_") and not inspect.ismodule(v)]
+  assert sorted(set(public) - set(names)) == []  # a name imported for users is exported
 
 
 def doc_names(text: str) -> list[str]:
