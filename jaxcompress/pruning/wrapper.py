@@ -15,12 +15,14 @@ sparsity ``schedule(count)``, from the raw gradients it receives and the current
 
 Example:
   >>> from jaxcompress.pruning import polynomial_schedule
-  >>> opt = prune(optax.sgd(0.1, momentum=0.9), polynomial_schedule(0.9, 0, 1000),
-  ...             update_every=100)
+  >>> schedule = polynomial_schedule(0.9, 0, 1000, initial_sparsity=0.5)
+  >>> opt = prune(optax.sgd(0.1, momentum=0.9), schedule, update_every=100)
   >>> opt_state = opt.init(params)
   >>> grads = jax.grad(loss)(params, batch)
   >>> updates, opt_state = opt.update(grads, opt_state, params)
   >>> params = optax.apply_updates(params, updates)   # pruned entries exactly 0
+  >>> int((params["conv2"]["kernel"] == 0).sum())      # round(0.5 * 3 * 3 * 8 * 16)
+  576
 
 Contract (hard masking): the guarantee is about the *final* update. Pruned weights are exactly 0
 only if the updates the wrapper emits reach ``optax.apply_updates`` unchanged, so the wrapper must
