@@ -472,6 +472,11 @@ def train_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int,
   Args:
     split: a :class:`Split` or ``(uint8 images, int labels)``.
     batch_size: the global batch size.
+    seed, epoch: decide the order and the augmentation.
+    mean, std: per channel, of pixel / 255; the images become ``(pixel / 255 - mean) / std``
+      (:func:`normalize`).
+    augment_images: random crop and flip (:func:`augment`); ``False``: the images as stored.
+    start: the first batch yielded (the ones before it are skipped, not read).
     rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples (this
       process's part, :func:`jaxcompress.parallel.local_rows`); default: whole batches.
   """
@@ -496,6 +501,7 @@ def eval_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int, 
   Args:
     split: a :class:`Split` or ``(uint8 images, int labels)``.
     batch_size: the global batch size; global batch ``i`` holds examples ``[i * B, (i + 1) * B)``.
+    mean, std: per channel, of pixel / 255, as for :func:`train_batches`.
     rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples; every
       process yields the same number of batches (rows past the end are padding of weight 0).
   """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
 import pkgutil
 import re
 import sys
@@ -129,3 +130,38 @@ def test_the_cross_references_of_the_docstrings_resolve():
       if not any(_resolves(w) for w in where):
         bad.append(f"{name}: {ref}")
   assert count > 300 and bad == []
+
+
+def _functions(module):
+  """The functions and methods ``module`` defines."""
+  for obj in vars(module).values():
+    if getattr(obj, "__module__", None) != module.__name__:
+      continue
+    if inspect.isfunction(obj):
+      yield obj
+    elif inspect.isclass(obj):
+      for member in vars(obj).values():
+        member = getattr(member, "__func__", member)  # a staticmethod's or classmethod's
+        if inspect.isfunction(member):
+          yield member
+
+
+ARG = r"^  (\*{0,2}\w+(?:, \*{0,2}\w+)*)(?: \([^)\n]*\))?:"  # an Args entry: 'name (type):'
+
+
+def test_the_args_sections_name_the_parameters():
+  # Names documented together ("seed, epoch: ...") count each; *args and **kwargs as args, kwargs.
+  bad, count = [], 0
+  for name in MODULES:
+    for fn in _functions(importlib.import_module(name)):
+      section = re.search(r"^Args:\n((?:  .*\n?|\n)+)", inspect.getdoc(fn) or "", re.M)
+      if not section:
+        continue
+      count += 1
+      listed = [n.strip(" *") for names in re.findall(ARG, section.group(1), re.M)
+                for n in names.split(",")]
+      params = [p for p in inspect.signature(fn).parameters if p not in ("self", "cls")]
+      if sorted(listed) != sorted(params):
+        bad.append(f"{fn.__module__}.{fn.__qualname__}: documents {sorted(set(listed))}, "
+                   f"takes {sorted(params)}")
+  assert count > 80 and bad == []
