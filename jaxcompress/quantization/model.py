@@ -5,8 +5,8 @@ weights (the ``kernel`` of Conv/Dense/DenseGeneral/Einsum layers, Linen or NNX, 
 ``embedding`` of Embed layers) are fake-quantized on the parameter tree before the forward, and the
 inputs of selected layers at each of their calls; the model's code stays untouched. Layers are
 found, and ``"<first>"``/``"<last>"`` resolved, by running the model once (``init``): the order is
-the forward's call order, whatever the names. State is explicit (a :class:`QuantState` threaded through
-the step, never globals):
+the forward's call order, whatever the names. State is explicit (a :class:`QuantState` threaded
+through the step, never globals):
 
 - ``steps[path]['weight' | 'act']``: LSQ step sizes, the only **trainable** leaves;
 - ``ranges[path]``: ``[lo, hi]`` moving-average input ranges (``minmax`` layers), updated by
