@@ -73,8 +73,8 @@ def reader(tmp_path_factory):
     logits = model.apply({**variables, "params": params}, batch[0])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
 
-  yield folder, dict(model=model, variables=variables, params=variables["params"], x=x, y=y,
-                     batch=(x[:32], y[:32]), loss=loss, jax=jax, jnp=jnp, np=np, optax=optax)
+  return folder, dict(model=model, variables=variables, params=variables["params"], x=x, y=y,
+                      batch=(x[:32], y[:32]), loss=loss, jax=jax, jnp=jnp, np=np, optax=optax)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -82,6 +82,7 @@ def test_docstring_examples_print_what_they_show(name, reader, monkeypatch):
   folder, globs = reader
   monkeypatch.chdir(folder)
   monkeypatch.setenv(TEXT_ENV, str(folder / "text"))
+  # Fresh dicts: an example that assigns into ``variables`` leaves the other modules' alone.
   globs = {**globs, "variables": jax.tree.map(lambda a: a, globs["variables"])}
   try:
     result = doctest.testmod(importlib.import_module(name), extraglobs=globs,
