@@ -96,12 +96,19 @@ class Compression:
   def final_masks(self, params) -> Any:
     """The masks the pruning schedule ends at, computed now from ``params`` (one-shot).
 
-    The same structure (N:M along each kernel's reduction axes, per-layer sparsities) and rules
-    as the train step's pruning; e.g. to evaluate the compressed model before fine-tuning.
+    The same structure (N:M along each kernel's reduction axes, per-layer sparsities), rules and
+    score as the train step's pruning (``random`` drawn from the same ``prune.seed``, so a run
+    ends at these very masks); e.g. to evaluate the compressed model before fine-tuning. The
+    gradient-based scores (``saliency``, ``movement``) have no gradients here: magnitude ranks.
     """
-    return pruning.compute_masks(params, self.prune.sparsity,
+    score = pruning.SCORES.get(self.prune.method)
+    if score is None or score.needs_grads:  # method 'none', or no gradients to score with
+      score = pruning.SCORES["magnitude"]
+    return pruning.compute_masks(params, self.prune.sparsity, score=score,
                                  structure=_masker(self.prune, self.layers),
-                                 rules=self.prune_rules)
+                                 rules=self.prune_rules,
+                                 key=jax.random.PRNGKey(self.prune.seed) if score.needs_key
+                                 else None)
 
   # -- forward -------------------------------------------------------------------------------
   def student_apply(self, params, model_state, x, *, train: bool, rng=None, capture=False):

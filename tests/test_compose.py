@@ -277,6 +277,55 @@ def test_a_run_ends_at_the_count_final_masks_gives(prune):
   assert np.sum(np.asarray(state.params["model"]["mid"]["kernel"]) == 0) == 31
 
 
+class _Deep(nn.Module):
+  @nn.compact
+  def __call__(self, x, train=False):
+    for i, width in enumerate((9, 7, 5)):  # d1: 9 x 7 = 63 entries, d2: 7 x 5 = 35
+      x = nn.relu(nn.Dense(width, name=f"d{i}")(x))
+    return nn.Dense(3, name="out")(x)
+
+
+def _lamp_masks_by_hand(kernels, sparsity):
+  """LAMP (Lee et al. 2021): ``w_u^2 / sum_{v >= u} w_v^2`` over each layer's ascending ``w^2``;
+  the lowest ``round(sparsity * n)`` of all layers pruned."""
+  scores = []
+  for k in kernels:
+    sq = np.sort(np.square(np.asarray(k, np.float64)).ravel())
+    lamp = sq / np.cumsum(sq[::-1])[::-1]
+    scores.append(lamp[np.argsort(np.argsort(np.square(np.asarray(k, np.float64)).ravel(),
+                                             kind="stable"), kind="stable")].reshape(k.shape))
+  cut = np.sort(np.concatenate([s.ravel() for s in scores]))[
+      round(sparsity * sum(s.size for s in scores)) - 1]
+  return [s > cut for s in scores]
+
+
+@pytest.mark.parametrize("method,scope", [("random", "layer"), ("lamp", "global")])
+def test_final_masks_score_as_the_run_does(method, scope):
+  # They ranked by magnitude whatever prune.method: a random or LAMP run was evaluated "before
+  # fine-tuning" with magnitude masks it never trains with.
+  model, rng = _Deep(), np.random.default_rng(0)
+  batch = Batch(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8).astype(np.int32),
+                np.ones(8, np.float32))
+  variables = model.init(jax.random.PRNGKey(0), batch.image)
+  # d2 ten times larger: a global magnitude threshold prunes d1 alone, LAMP both
+  variables["params"]["d2"]["kernel"] = 10 * variables["params"]["d2"]["kernel"]
+  comp = compose.build(model, variables, batch.image, optimizer=optax.sgd(0.01), total_steps=6,
+                       prune=compose.PruneSpec(method=method, scope=scope, sparsity=0.5,
+                                               schedule="constant", seed=3))
+  state, step = comp.init_state(variables, batch.image), comp.make_train_step()
+  for _ in range(6):
+    state, _ = step(state, batch)
+  final = comp.final_masks({"model": variables["params"]})["model"]
+  kept = [np.asarray(final[p]["kernel"]) != 0 for p in ("d1", "d2")]
+  ran = [np.asarray(state.params["model"][p]["kernel"]) != 0 for p in ("d1", "d2")]
+  for k, r in zip(kept, ran):
+    np.testing.assert_array_equal(k, r)
+  if method == "lamp":
+    by_hand = _lamp_masks_by_hand([variables["params"][p]["kernel"] for p in ("d1", "d2")], 0.5)
+    for k, h in zip(kept, by_hand):
+      np.testing.assert_array_equal(k, h)
+
+
 def test_nm_without_sparsity_or_on_ungroupable_weights_fails_when_built():
   with pytest.raises(ConfigError, match=r"prune.sparsity must be > 0 with prune.structure=nm .*"
                      r"got 0.0; N:M prunes 1 - n/m = 0.5"):
