@@ -299,12 +299,13 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
                          adapt_norms=config.scan.adapt_norms, measured=measured, progress=save)
   scan_seconds = saved.get("seconds", 0.0) + time.time() - t0
   compiles = saved.get("compiles", 0) + sens.compiles  # over every run of the scan
-  # the ranking is over this grid's options: another grid's (a copied scan.json) is made again
+  # the ranking is over this grid's options and from this seed's random vectors: another grid's
+  # or seed's (a copied scan.json) is made again
   ranked = json.loads(json.dumps({**grid, "joint": bool(config.scan.joint)}))
-  if config.scan.hessian_samples and ((hessian or {}).get("samples"), (hessian or {}).get(
-      "grid")) != (config.scan.hessian_samples, ranked):
+  if config.scan.hessian_samples and tuple((hessian or {}).get(k) for k in (
+      "samples", "grid", "seed")) != (config.scan.hessian_samples, ranked, config.seed):
     hessian = {**_hessian_ranking(model, variables, held_out, calib[0], sens, preset, config),
-               "grid": ranked}
+               "grid": ranked, "seed": config.seed}
   save(sens.measured, compiles=compiles, complete=True)  # scan.hessian_samples' ranking too
   if not config.scan.hessian_samples:
     hessian = None

@@ -188,6 +188,29 @@ def test_a_copied_scan_of_another_grid_ranks_the_hessian_proxy_on_this_grid(
   assert hessian["columns"] == (1 + 3) * 3 and hessian["grid"]["sparsities"] == [0.5, 0.8, 0.9]
 
 
+def test_a_copied_scan_of_another_seed_ranks_the_hessian_proxy_from_this_seed(
+    mlp_weights, tmp_path, monkeypatch):
+  """A seed-1 run on a seed-0 scan.json ends as a seed-1 run on a fresh workdir: its Hessian
+  traces are drawn from seed 1's random vectors (they were seed 0's, kept with the scan)."""
+  def stop_once_complete(path, obj, **kwargs):
+    write_json(path, obj, **kwargs)
+    if obj.get("complete"):
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(autocompress_job, "write_json", stop_once_complete)
+  traces = {}
+  for folder, seed in (("seed0", 0), ("fresh1", 1), ("copied1", 1)):
+    if folder == "copied1":
+      (tmp_path / folder).mkdir()
+      (tmp_path / folder / "scan.json").write_bytes((tmp_path / "seed0" / "scan.json").read_bytes())
+    config = _config(mlp_weights, ratio=4.0)
+    config.seed = seed
+    with pytest.raises(KeyboardInterrupt):
+      _run(config, tmp_path / folder)
+    traces[folder] = json.load(open(tmp_path / folder / "scan.json"))["hessian"]["traces"]
+  assert traces["copied1"] == traces["fresh1"] != traces["seed0"]
+
+
 @pytest.mark.parametrize("budget,match", [
     (dict(ratio=10.0, size_bytes=1000), "contradict"),
     (dict(ratio=0.5), r"budget.ratio must be > 1 \(the float32 size over the budget\)"),
