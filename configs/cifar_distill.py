@@ -30,7 +30,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None for the full run, ``quick`` for the CPU-sized one."""
   c = ml_collections.ConfigDict()
-  c.seed = 0  # data order, augmentation and random pruning scores
+  c.seed = 0  # data order, augmentation, random pruning scores and feature adapters' init
 
   c.data = common.data_config("cifar10")
 

@@ -209,7 +209,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                        total_steps=total, teacher=teacher if uses_teacher else None,
                        compute_dtype=config.train.compute_dtype, **compression_specs(config))
   state = comp.init_state(student_vars, calib[0][:8], teacher_vars=teacher_vars,
-                          calibration=calib, calibration_method=config.quant.calibration)
+                          calibration=calib, calibration_method=config.quant.calibration,
+                          key=jax.random.key(config.seed))  # the feature hints' adapters
 
   _check_max_bytes(config, comp, state)
   eval_apply = lambda model: (lambda v, x, fm=functional(model): fm.apply(v, x)[0])

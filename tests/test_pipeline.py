@@ -4,12 +4,14 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import cifar_distill, cifar_sft
 from conftest import check_calibration_images
+from experiments import pipeline
 from experiments.pipeline import train_and_evaluate
 from jaxcompress.errors import ConfigError
 from jaxcompress import export as export_lib
@@ -139,6 +141,32 @@ def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_
   recapped = _run(config, tmp_path / "free")["compressed"]
   assert recapped == capped
   assert json.load(open(tmp_path / "free" / "results.json"))["compressed"] == capped
+
+
+def test_feature_adapters_start_from_the_seed(mlp_weights, tmp_path, monkeypatch):
+  """The 1x1 adapter of a hint between layers of other widths (student fc1: 256, teacher fc2:
+  128) is initialised from config.seed, like the run's other random draws: it started from
+  key 0 whatever the seed, so a seed study never varied it."""
+  class Stop(Exception):
+    pass
+
+  adapters = []
+
+  def stop(state, *args, **kwargs):
+    adapters.append(jax.tree.leaves(jax.device_get(state.params["adapters"])))
+    raise Stop
+
+  monkeypatch.setattr(pipeline, "fit", stop)
+  for seed in (0, 1, 1):
+    config = _config(mlp_weights)
+    config.seed = seed
+    config.distill.feature_pairs = (("fc1", "fc2"),)
+    with pytest.raises(Stop):
+      _run(config, tmp_path / str(len(adapters)))
+  (zero,), (one,), (again,) = adapters  # one kernel
+  assert zero.size == 256 * 128
+  np.testing.assert_array_equal(one, again)
+  assert np.mean(zero == one) < 0.01
 
 
 def test_sft_ablation_runs_without_a_teacher(mlp_weights, tmp_path):
