@@ -39,7 +39,7 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """``arg``: None for the full run, ``quick`` for the CPU-sized one."""
   c = ml_collections.ConfigDict()
-  c.seed = 0  # data order and augmentation (round r uses seed + r)
+  c.seed = 0  # data order and augmentation (round r uses seed + r), step keys (folded with r)
   c.model = common.model_config("resnet20", "resnet20_cifar10")
   c.data = common.data_config("cifar10")
   c.data.val_examples = 5000  # last training images held out to validate each round

@@ -302,9 +302,15 @@ def iterative_search(config, workdir: str) -> dict:
   optimizer = pruning.prune(make_optimizer(opt_spec, per_epoch),
                             pruning.constant_schedule(0.0), structure=keep_nonzero,
                             rules=rules, update_every=steps, check_updates=False)
-  train_step = make_train_step(supervised_loss(model, config.train.compute_dtype), optimizer,
-                               mesh=mesh, seed=config.seed,
-                               skip_nonfinite=config.train.skip_nonfinite)
+  # Every round's fine-tuning starts at step 0, and the step's key is folded from the step: the
+  # round is folded in too (an input of the one compiled step), or each round would draw round
+  # 0's keys (dropout masks) step for step.
+  loss = supervised_loss(model, config.train.compute_dtype)
+  train_step = make_train_step(
+      lambda params, model_state, batch, rng, r: loss(params, model_state, batch,
+                                                      jax.random.fold_in(rng, r)),
+      optimizer, mesh=mesh, seed=config.seed, num_aux=1,
+      skip_nonfinite=config.train.skip_nonfinite)
   # Non-trainable state (BatchNorm statistics) after each round, on the host; -1 is dense.
   model_states = {-1: jax.device_get(variables)}
   current = [-1]  # the round whose model state goes with the parameters being evaluated
@@ -316,7 +322,8 @@ def iterative_search(config, workdir: str) -> dict:
                               optimizer)
     state, info = fit(state, train_step, splits["train"], data, loop,
                       os.path.join(workdir, f"round_{r}"), seed=config.seed + r, mesh=mesh,
-                      desc=f"round {r}: {config.prune.sparsities[r]:.0%}")
+                      desc=f"round {r}: {config.prune.sparsities[r]:.0%}",
+                      step_args=(parallel.replicate(mesh, np.int32(r)),))
     model_states[r] = jax.device_get(state.model_state)
     current[0] = r
     rounds.append({"steps": info["steps"], "seconds": round(info["seconds"], 2)})

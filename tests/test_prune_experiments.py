@@ -8,6 +8,7 @@ import functools
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -23,6 +24,7 @@ from jaxcompress import pruning
 from jaxcompress.data import load_split
 from jaxcompress.errors import ConfigError
 from jaxcompress.models import create_model
+from jaxcompress.steps import supervised_loss
 
 N = 64  # mock examples per split
 
@@ -220,6 +222,27 @@ def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path,
   with pytest.raises(ConfigError, match="a different config: prune.tolerance is 100.0 there, "
                                         "0.5 here;"):
     _iterative(tmp_path, tolerance=0.5)
+
+
+def test_each_round_draws_its_own_step_keys(tmp_path, monkeypatch):
+  """Every round's fine-tuning starts at step 0, and the step's key (dropout's) is folded from the
+  step: each round drew round 0's keys, step for step, so a model with dropout saw the same masks
+  in every round."""
+  keys = []
+
+  def recording(model, compute_dtype="float32"):
+    loss = supervised_loss(model, compute_dtype)
+
+    def loss_fn(params, model_state, batch, rng):
+      jax.debug.callback(lambda k: keys.append(np.asarray(k).tobytes()),
+                         jax.random.key_data(rng))
+      return loss(params, model_state, batch, rng)
+    return loss_fn
+
+  monkeypatch.setattr(sensitivity, "supervised_loss", recording)
+  result = _iterative(tmp_path)
+  assert [h["steps"] for h in result["history"]] == [3, 3]
+  assert len(keys) == 6 and len(set(keys)) == 6
 
 
 def test_iterative_validates_on_the_named_split(tmp_path):
