@@ -50,7 +50,7 @@ def flat_paths(tree: Any) -> dict[str, Any]:
 
 
 def tree_get(tree: Any, path: str) -> Any:
-  """The node at a ``/``-joined path of nested dicts (or ``FrozenDict``\ s), or ``None``."""
+  """The node at a ``/``-joined path of nested dicts (plain or ``FrozenDict``), or ``None``."""
   node = tree
   for name in path.split("/"):
     if not isinstance(node, Mapping) or name not in node:
