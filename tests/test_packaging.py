@@ -3,6 +3,8 @@
 
 import glob
 import os
+import re
+import tomllib
 import warnings
 
 from conftest import REPO
@@ -30,3 +32,28 @@ def test_sources_compile_without_warnings():
       except (SyntaxError, Warning) as e:
         bad.append(f"{os.path.relpath(path, REPO)}:{getattr(e, 'lineno', '')}: {e}")
   assert bad == []
+
+
+def _lower_bounds() -> dict[str, tuple[int, ...]]:
+  """``{name: version}`` of every ``name>=version`` dependency in ``pyproject.toml``."""
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    dependencies = tomllib.load(f)["project"]["dependencies"]
+  found = [re.fullmatch(r"([\w.-]+)>=([\d.]+)", d.replace(" ", "")) for d in dependencies]
+  return {m[1]: tuple(int(v) for v in m[2].split(".")) for m in found if m}
+
+
+def test_the_oldest_flax_allowed_runs_on_the_oldest_jax_allowed():
+  # jax 0.8.2 removed jax.jit's abstracted_axes argument; flax 0.12.1's nnx.jit still passes it
+  # (TypeError at the first call of an nnx.jit function), flax 0.12.2's no longer does (both
+  # releases' sources): the test suite failed on that pair, which the bounds allowed.
+  bounds = _lower_bounds()
+  if bounds["jax"] >= (0, 8, 2):
+    assert bounds["flax"] >= (0, 12, 2)
+
+
+def test_the_readme_gives_the_bounds_of_pyproject():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  bounds = _lower_bounds()
+  for name, shown in (("jax", "JAX"), ("flax", "Flax")):
+    assert f"{shown} ≥ {'.'.join(map(str, bounds[name]))}" in readme
