@@ -7,6 +7,9 @@ import re
 import tomllib
 import warnings
 
+import pytest
+from packaging.requirements import Requirement
+
 from conftest import REPO
 
 
@@ -57,3 +60,21 @@ def test_the_readme_gives_the_bounds_of_pyproject():
   bounds = _lower_bounds()
   for name, shown in (("jax", "JAX"), ("flax", "Flax")):
     assert f"{shown} ≥ {'.'.join(map(str, bounds[name]))}" in readme
+
+
+# The machines each build of TensorFlow ships wheels for (platform_machine values), from PyPI's
+# file lists of the 2.16 to 2.21 releases: tensorflow-cpu has manylinux x86_64, win_amd64 and
+# (to 2.16) macosx x86_64 wheels and none for arm64 (Apple silicon) or aarch64 (Linux ARM),
+# where tensorflow has them.
+TENSORFLOW_WHEELS = {"tensorflow-cpu": {"x86_64", "AMD64"},
+                     "tensorflow": {"x86_64", "AMD64", "arm64", "aarch64"}}
+
+
+@pytest.mark.parametrize("machine", ["x86_64", "AMD64", "arm64", "aarch64"])
+def test_the_prepare_extra_installs_on_every_common_machine(machine):
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    prepare = tomllib.load(f)["project"]["optional-dependencies"]["prepare"]
+  chosen = [r for r in map(Requirement, prepare)
+            if r.marker is None or r.marker.evaluate({"platform_machine": machine, "extra": ""})]
+  assert [r.name for r in chosen if r.name.startswith("tensorflow")] != []
+  assert [r.name for r in chosen if machine not in TENSORFLOW_WHEELS.get(r.name, {machine})] == []
