@@ -18,14 +18,20 @@ from ml_collections import config_flags
 from jaxcompress.errors import ConfigError
 from jaxcompress.jsonio import dumps
 
+# The flags defined here are the calling job's key flags, which its --help lists.
+flags.disclaim_key_flags()
+
 
 def define_flags(default_config: str, *, workdir: bool = True) -> config_flags.ConfigFlag:
-  """Defines ``--config`` (with ``--config.a.b=v`` overrides) and optionally ``--workdir``."""
+  """Defines ``--config`` (with ``--config.a.b=v`` overrides) and optionally ``--workdir``, as
+  key flags of the calling job."""
   if workdir:
     flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and results; a rerun "
                         "with the same folder resumes.", required=True)
-  return config_flags.DEFINE_config_file("config", default_config, "Config file (path[:variant]).",
-                                         lock_config=True)
+  config = config_flags.DEFINE_config_file("config", default_config,
+                                           "Config file (path[:variant]).", lock_config=True)
+  flags.declare_key_flag("config")
+  return config
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,14 @@ from conftest import REPO, pretrained, requires_cifar10
 def _run(*args, env=None, timeout=600):
   return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("job,listed", [("experiments.cifar_distill", ["--config", "--workdir"]),
+                                        ("experiments.evaluate", ["--config"])])
+def test_help_lists_the_flags_the_job_takes(job, listed):
+  # the flags its docstring's command gives; absl's --help lists the main module's key flags
+  proc = _run(job, "--help", timeout=120)
+  assert re.findall(r"^  (--\w+):", proc.stdout, re.M) == listed
 
 
 @pytest.mark.parametrize("override,message", [
