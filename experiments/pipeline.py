@@ -32,8 +32,8 @@ from jaxcompress.errors import ConfigError, invalid, unknown
 from jaxcompress.metrics import prediction_agreement
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
-from jaxcompress.models.weights import (WEIGHTS_ENV, check_writable, resolve_weights,
-                                        save_weights, weights_dir,
+from jaxcompress.models.weights import (WEIGHTS_ENV, check_dataset, check_writable,
+                                        resolve_weights, save_weights, weights_dir,
                                         weights_format)
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import make_eval_step
@@ -56,11 +56,17 @@ def weights_plan(config) -> tuple[str, dict[str, str | None], dict[str, str]]:
     ``(folder, paths, to_train)``: the weights folder; ``{section: weights path, or None for a
     random initialisation or weights still to be trained}``; ``{weights name: model name}`` of the
     weights named in the config that the folder does not hold (the pretrain stage trains them).
+
+  Raises:
+    ConfigError: a name for another dataset than ``data.name`` (``resnet20_cifar10`` on
+      cifar100: :func:`~jaxcompress.models.weights.check_dataset`), found or to be trained and
+      saved under it; or one name for two models.
   """
   folder = weights_dir(config.weights_dir)
   paths, to_train = {}, {}
   for section in _sections(config):
     spec, name = config[section].weights, config[section].name
+    check_dataset(spec, config.data.name, field=f"{section}.weights")
     paths[section] = resolve_weights(spec, folder)
     if spec and paths[section] is None:
       if to_train.setdefault(spec, name) != name:

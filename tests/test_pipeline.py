@@ -467,6 +467,28 @@ def test_bad_weights_setups_are_one_line_and_write_nothing(case, needle, tmp_pat
   assert not (tmp_path / "run").exists()
 
 
+def test_weights_named_for_another_dataset_are_refused_not_trained_under_that_name(tmp_path):
+  # Missing weights are trained on the run's data and saved under their name: weights named
+  # for CIFAR-10 trained on MNIST would be found, by that name, by the next CIFAR-10 run.
+  folder = tmp_path / "weights"
+  config = _named_weights_config(folder)  # data.name is mnist
+  for name, named in (("mlp_cifar10", "cifar10"), ("mlp_fashion_mnist", "fashion_mnist")):
+    config.student.weights = name
+    with pytest.raises(ConfigError, match=rf"^student.weights: '{name}' names weights for "
+                       rf"{named}, but data.name is 'mnist'; give weights for mnist \(a name "
+                       r"such as 'mlp_mnist', or a path\)$"):
+      _run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not folder.exists()
+  # Found in the folder, they are refused alike: their classes or images are another dataset's.
+  folder.mkdir()
+  (folder / "mlp_teacher_cifar10.msgpack").write_bytes(b"")
+  config.student.weights, config.teacher.weights = "mlp_mnist", "mlp_teacher_cifar10"
+  with pytest.raises(ConfigError, match=r"^teacher.weights: 'mlp_teacher_cifar10' names weights "
+                     r"for cifar10, but data.name is 'mnist'"):
+    _run(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_refused_run_creates_no_weights_folder(tmp_path):
   # Weights to pretrain make the job check that their folder can be written; a later check's
   # refusal must not leave that folder created.

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxcompress.datasets import DATASETS
 from jaxcompress.errors import ConfigError, check_finite
 from jaxcompress.models.torch_import import load_npz, torch_to_flax
 
@@ -56,6 +57,25 @@ def is_name(spec: str) -> bool:
   """``spec`` names weights (``resnet20_cifar10``) rather than giving a path to them."""
   return bool(spec) and os.sep not in spec and "/" not in spec and not spec.startswith(".") \
       and os.path.splitext(spec)[1].lower() not in SUFFIXES
+
+
+def named_dataset(spec: str) -> str | None:
+  """The dataset a weights name says it is for, by its ``_<dataset>`` suffix
+  (``resnet20_cifar10``: ``cifar10``; the longest that fits: ``_fashion_mnist`` is not
+  ``_mnist``); ``None`` for a path, or a name without such a suffix."""
+  found = [d for d in DATASETS if is_name(spec) and spec.endswith(f"_{d}")]
+  return max(found, key=len) if found else None
+
+
+def check_dataset(spec: str, dataset: str, *, field: str = "model.weights") -> None:
+  """Raises one line if ``spec`` names weights for another dataset than ``dataset``
+  (:func:`named_dataset`): trained on other images or classes, and a job that trains weights it
+  does not find would save them under a name that says otherwise."""
+  named = named_dataset(spec)
+  if named not in (None, dataset):
+    raise ConfigError(f"{field}: {spec!r} names weights for {named}, but data.name is "
+                      f"{dataset!r}; give weights for {dataset} (a name such as "
+                      f"{spec[:-len(named)] + dataset!r}, or a path)")
 
 
 def find_weights(name: str, folder: str) -> str | None:
