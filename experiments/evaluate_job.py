@@ -15,6 +15,7 @@ from jaxcompress.export.inputs import image_shape
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
 from jaxcompress.models.registry import check_logits
+from jaxcompress.models.weights import check_dataset
 from jaxcompress.steps import make_eval_step
 from jaxcompress.train import evaluate_split
 
@@ -48,6 +49,7 @@ def evaluate_config(config) -> dict:
     check_logits(out, name, spec.num_classes, shape, "model.exported")
     variables, logits_fn = loaded.arrays, loaded.apply_fn
   else:
+    check_dataset(config.model.weights, data.name)
     model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                     image_shape=spec.image_shape, weights=config.model.weights)
     logits_fn = lambda v, x, fm=functional(model): fm.apply(v, x)[0]

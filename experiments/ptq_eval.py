@@ -42,6 +42,7 @@ from jaxcompress.errors import ConfigError, check_range, invalid
 from jaxcompress.metrics import prediction_agreement
 from jaxcompress.models import create_model
 from jaxcompress.models.functional import functional
+from jaxcompress.models.weights import check_dataset
 from jaxcompress.quantization.kmeans import MAX_ITERS
 from jaxcompress.quantization.qparams import BITS_VALID, MAX_BITS, MIN_BITS
 from jaxcompress.steps import make_eval_step
@@ -311,6 +312,7 @@ def post_training_quantization(config) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.data.eval_batch_size, mesh, "data.eval_batch_size")
   spec = datasets.dataset_spec(config.data.name)
+  check_dataset(config.model.weights, data.name)
   model, variables = create_model(config.model.name, num_classes=spec.num_classes,
                                   image_shape=spec.image_shape, weights=config.model.weights)
   # The first examples of the split as given (a slice of it is a split too: train[40000:]).

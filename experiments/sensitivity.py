@@ -35,7 +35,7 @@ from jaxcompress.data import DataSpec
 from jaxcompress.errors import invalid, shortened, unknown
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
-from jaxcompress.models.weights import weights_format
+from jaxcompress.models.weights import check_dataset, weights_format
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.pruning.masks import SCOPES, check_sparsities
 from jaxcompress.pruning.select import compile_rules
@@ -156,6 +156,7 @@ def one_shot_sensitivity(config) -> dict:
   rules = _rules(config.prune)
   data = DataSpec.from_mapping(config.data)  # the edge: the config section becomes a typed spec
   get_model(config.model.name, inputs="images")
+  check_dataset(config.model.weights, data.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
   mesh = parallel.make_mesh()
@@ -264,6 +265,7 @@ def iterative_search(config, workdir: str) -> dict:
   opt_spec, loop = OptimizerSpec.from_mapping(config.train), LoopSpec.from_mapping(config.train)
   precision.compute_dtype(config.train.compute_dtype)
   get_model(config.model.name, inputs="images")
+  check_dataset(config.model.weights, data.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
   mesh = parallel.make_mesh()

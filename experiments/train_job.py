@@ -13,7 +13,7 @@ from jaxcompress.checkpoint import RESUMABLE, MetricsLog, check_workdir
 from jaxcompress.data import DataSpec
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
-from jaxcompress.models.weights import weights_format
+from jaxcompress.models.weights import check_dataset, weights_format
 from jaxcompress.optim import OptimizerSpec, make_optimizer
 from jaxcompress.steps import TrainState, make_eval_step, make_train_step, supervised_loss
 from jaxcompress.train import LoopSpec, evaluate_split, fit, load_data
@@ -67,6 +67,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for field in ("batch_size", "eval_batch_size"):
     parallel.check_batch_size(getattr(data, field), mesh, f"data.{field}")
   get_model(config.model.name, inputs="images")
+  check_dataset(config.model.weights, data.name)
   if config.model.weights:
     weights_format(config.model.weights, field="model.weights")
   splits = load_data(data)  # a bad split or data folder is refused before the model's compile
