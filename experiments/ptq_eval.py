@@ -18,8 +18,17 @@ One eval step is compiled per quantizer configuration (schemes that differ only 
 only in k-means bits, reuse it: only values change).
 
 Example:
-  >>> rows = ptq_sweep(model, variables, ["w8a8/minmax", "k4"], calib_batches, evaluate)
-  >>> [(r["scheme"], r["accuracy"], r["delta"]) for r in rows]
+  >>> def evaluate(logits_fn, v, desc):  # on 64 images; compiled once per logits_fn
+  ...   predicted = jax.jit(logits_fn)(v, x[:64]).argmax(-1)
+  ...   return {"accuracy": float((predicted == y[:64]).mean() * 100), "loss": 0.0,
+  ...           "predictions": predicted}
+  >>> rows = ptq_sweep(model, variables, ["w8a8/minmax", "k4"], [x[:32]], evaluate)
+  >>> for r in rows:  # bits of the inner kernels, inputs, first/last layer (32: float)
+  ...   print(r["scheme"], r["weight_bits"], r["act_bits"], r["first_last_bits"],
+  ...         r["agreement"] >= 90)
+  float 32 32 32 True
+  w8a8/minmax 8 8 8 True
+  k4 4 32 8 True
 
 References:
   Krishnamoorthi. Quantizing deep convolutional networks for efficient inference: A whitepaper.

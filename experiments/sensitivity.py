@@ -13,8 +13,16 @@ Two studies of a trained model, each driven by a config and returning a JSON-rea
   round's checkpoints go to ``WORKDIR/round_<r>``, so a rerun with the same command resumes.
 
 Example:
-  >>> rows = sweep(params, lambda p: evaluate(p), [0.5, 0.9], ["layer", "global"])
-  >>> [(r["scope"], r["sparsity"], r["accuracy"]) for r in rows]
+  >>> def evaluate(p):
+  ...   predicted = model.apply({**variables, "params": p}, x[:64]).argmax(-1)
+  ...   return {"accuracy": float((predicted == y[:64]).mean() * 100), "loss": loss(p, batch)}
+  >>> rows = sweep(params, evaluate, [0.5, 0.9], ["layer", "global"])
+  >>> for r in rows:  # of the 3*3*3*8 + 3*3*8*16 + 16*10 = 1528 kernel entries
+  ...   print(r["scope"], r["sparsity"], r["pruned"], r["prunable"], 0 <= r["accuracy"] <= 100)
+  layer 0.5 764 1528 True
+  layer 0.9 1375 1528 True
+  global 0.5 764 1528 True
+  global 0.9 1375 1528 True
 """
 
 from __future__ import annotations

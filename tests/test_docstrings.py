@@ -13,6 +13,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import pathlib
 import pkgutil
 import re
 import sys
@@ -23,12 +24,19 @@ import numpy as np
 import optax
 import pytest
 
+import experiments
 import jaxcompress
 from jaxcompress.models import create_model
 from jaxcompress.text import TEXT_ENV
 from test_public_api import resolve
 
 MODULES = [m.name for m in pkgutil.walk_packages(jaxcompress.__path__, "jaxcompress.")]
+# The jobs' entry points define the process's --config flag when imported (a second one in the
+# same process is refused), so only the experiments' library modules are imported here.
+JOB_FILES = {f"experiments.{p.stem}": p.read_text()
+             for p in sorted(pathlib.Path(experiments.__file__).parent.glob("[!_]*.py"))}
+ENTRY_POINTS = [name for name, text in JOB_FILES.items() if "cli.run(main)" in text]
+JOB_MODULES = [name for name in JOB_FILES if name not in ENTRY_POINTS]
 
 MY_MODELS = '''import flax.linen as nn
 
@@ -77,7 +85,7 @@ def reader(tmp_path_factory):
                       batch=(x[:32], y[:32]), loss=loss, jax=jax, jnp=jnp, np=np, optax=optax)
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", MODULES + JOB_MODULES)
 def test_docstring_examples_print_what_they_show(name, reader, monkeypatch):
   folder, globs = reader
   monkeypatch.chdir(folder)
@@ -90,6 +98,11 @@ def test_docstring_examples_print_what_they_show(name, reader, monkeypatch):
   finally:
     sys.modules.pop("my_models", None)
   assert result.failed == 0
+
+
+def test_the_entry_points_hold_no_examples():
+  # They are not imported above, so an example there would never run.
+  assert len(ENTRY_POINTS) > 5 and [n for n in ENTRY_POINTS if ">>>" in JOB_FILES[n]] == []
 
 
 def test_the_examples_are_found():
