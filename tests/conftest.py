@@ -1,5 +1,5 @@
-"""Shared fixtures: paths to the shared data and weights, the real-data skip marker, and a
-compilation cache for the session.
+"""Shared fixtures: paths to the shared data and weights, the real-data skip marker, a
+compilation cache for the session, and a job's entry point run in this process.
 
 The suite's time is mostly XLA compiling small programs, so it compiles them unoptimised
 (``JAX_DISABLE_MOST_OPTIMIZATIONS``, inherited by the jobs the tests start: a third less time
@@ -14,6 +14,7 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # before jax reads
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
@@ -90,3 +91,63 @@ def optimised_for_real_data(request, monkeypatch):
   jax.config.update("jax_disable_most_optimizations", False)
   yield
   jax.config.update("jax_disable_most_optimizations", before)
+
+
+
+def _job_flags() -> dict:
+  """``{name: (module, flag)}`` of the flags that jobs defined in this process: their own,
+  ``cli``'s (``--config``, ``--workdir``) and ml_collections' ``--config.a.b`` overrides; not the
+  libraries' (orbax defines flags when first imported, once)."""
+  return {flag.name: (module, flag)
+          for module, defined in flags.FLAGS.flags_by_module_dict().items() for flag in defined
+          if module.startswith(("experiments.", REPO))  # REPO: a job run as __main__
+          or flag.name.startswith("config.")}
+
+
+@pytest.fixture
+def run_job(monkeypatch, capfd):
+  """Runs a job's entry point in this process as ``python -m JOB ARGS...`` runs it (the same
+  ``cli.run``, flag parsing and exit, in the repository), for refusals, which end before any
+  work: a subprocess's interpreter and JAX start-up cost more than the check.
+
+  ``run_job(job, *args, env=None)`` returns ``(exit code, stdout, stderr)``, all the process
+  wrote to file descriptors 1 and 2, as a subprocess's pipes hold it. absl's one-time set-up of
+  a process (its log handler, faulthandler) is left to pytest's. The job defines its flags
+  afresh, as in its own process: the flags of jobs that tests imported are set aside for the run
+  and put back after, and the job's own are removed.
+  """
+  import runpy
+  import signal
+  import sys
+  import warnings
+
+  monkeypatch.setattr(app._run_init, "done", True)  # pylint: disable=protected-access
+  handler, verbosity = signal.getsignal(signal.SIGTERM), logging.get_verbosity()
+
+  def run(job, *args, env=None):
+    for name, value in (env or {}).items():
+      monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", [job, *args])
+    monkeypatch.chdir(REPO)
+    capfd.readouterr()  # what the test wrote before is not the job's
+    others = _job_flags()
+    for name in others:
+      delattr(flags.FLAGS, name)
+    try:
+      with pytest.raises(SystemExit) as stop, warnings.catch_warnings():
+        # a job a test imported: run afresh as __main__, as python -m runs it
+        warnings.filterwarnings("ignore", ".* found in sys.modules", RuntimeWarning)
+        runpy.run_module(job, run_name="__main__", alter_sys=True)
+    finally:
+      for name in _job_flags():
+        delattr(flags.FLAGS, name)
+      for name, (module, flag) in others.items():
+        flags.FLAGS[name] = flag
+        flags.FLAGS.register_flag_by_module(module, flag)
+      flags.FLAGS.unparse_flags()
+      signal.signal(signal.SIGTERM, handler)
+      logging.set_verbosity(verbosity)
+    out, err = capfd.readouterr()
+    return stop.value.code, out, err
+
+  return run

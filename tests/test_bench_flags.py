@@ -1,5 +1,6 @@
 """Bad flags of the benchmark jobs (bench, bench_export, export_check): one line naming the flag,
-before anything is built, compiled or loaded; and what bench reports from its timed rounds."""
+before anything is built, compiled or loaded; and what bench reports from its timed rounds.
+Refusals run the job in this process (``run_job``), but one per job as ``python -m``."""
 
 import importlib
 import json
@@ -178,15 +179,15 @@ def test_export_check_refuses_bad_flags(override, message):
     (("experiments.bench_export", "--exported=runs/missing/export", "--dataset=imagenet"),
      "--dataset must be one of cifar10, cifar100, fashion_mnist, mnist, got 'imagenet'"),
 ])
-def test_bad_flag_is_one_line_before_any_work(args, message):
-  proc = _run(*args)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert lines == [lines[-1]] and lines[-1].startswith(f"error: {message}"), proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr and proc.stdout == ""
+def test_bad_flag_is_one_line_before_any_work(run_job, args, message):
+  code, out, err = run_job(*args)
+  assert code == 2, err[-2000:]
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines == [lines[-1]] and lines[-1].startswith(f"error: {message}"), err[-2000:]
+  assert "Traceback" not in err and out == ""
 
 
-def test_export_check_names_the_weights_flag(tmp_path):
+def test_export_check_names_the_weights_flag(tmp_path):  # export_check's python -m refusal
   missing = tmp_path / "missing.npz"
   proc = _run("experiments.export_check", f"--workdir={tmp_path / 'run'}", f"--weights={missing}")
   assert proc.returncode == 2, proc.stderr[-2000:]
@@ -196,7 +197,7 @@ def test_export_check_names_the_weights_flag(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_bench_export_asks_for_the_model_of_an_artifact_that_names_none(tmp_path):
+def test_bench_export_asks_for_the_model_of_an_artifact_that_names_none(tmp_path):  # python -m
   import optax
   from jaxcompress import compose
   from jaxcompress.models import create_model
@@ -212,7 +213,7 @@ def test_bench_export_asks_for_the_model_of_an_artifact_that_names_none(tmp_path
       "model_name): give it with --model=MODULE:FACTORY")
 
 
-def test_bench_export_names_the_dataset_flag_of_an_unprepared_dataset(tmp_path):
+def test_bench_export_names_the_dataset_flag_of_an_unprepared_dataset(run_job, tmp_path):
   # The error named data.name, a config field bench_export has no flag for, and came after the
   # timing; the user typed --dataset.
   import optax
@@ -223,13 +224,13 @@ def test_bench_export_names_the_dataset_flag_of_an_unprepared_dataset(tmp_path):
   comp = compose.build(model, variables, x, optimizer=optax.sgd(0.1), total_steps=2,
                        quant=compose.QuantSpec(weight_bits=8))
   comp.export(str(tmp_path / "export"), comp.init_state(variables, x), model_name="mlp")
-  proc = _run("experiments.bench_export", f"--exported={tmp_path / 'export'}", "--eval",
-              "--dataset=mnist", "--steps=1", "--rounds=1", "--batch_size=2",
-              TFDS_DATA_DIR=str(tmp_path / "empty"))
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  last = proc.stderr.splitlines()[-1]
+  code, out, err = run_job("experiments.bench_export", f"--exported={tmp_path / 'export'}",
+                           "--eval", "--dataset=mnist", "--steps=1", "--rounds=1",
+                           "--batch_size=2", env={"TFDS_DATA_DIR": str(tmp_path / "empty")})
+  assert code == 2, err[-2000:]
+  last = err.splitlines()[-1]
   assert last.startswith("error: --dataset: "), last
-  assert "data.name" not in last and "data.data_dir" not in last and proc.stdout == ""
+  assert "data.name" not in last and "data.data_dir" not in last and out == ""
 
 
 # experiments.bench on fake variants with known per-round images/s and CPU seconds (after a
@@ -307,22 +308,20 @@ def test_bench_ops_counts_the_compiled_step_without_timing():
   assert "| plain " in proc.stdout
 
 
-def test_bench_export_refuses_an_artifact_for_other_images_before_timing(tmp_path):
+def test_bench_export_refuses_an_artifact_for_other_images_before_timing(run_job, tmp_path):
   """--eval feeds the artifact --dataset's test images: one of another shape is refused as
   evaluate does (model.exported there), before any timing or data (there is none here)."""
   from test_export_runtime import mlp_artifact
   mlp_artifact(str(tmp_path / "export"), input_shape=(8, 8, 3))
-  proc = subprocess.run([sys.executable, "-m", "experiments.bench_export",
-                         f"--exported={tmp_path / 'export'}", "--eval", "--rounds=1",
-                         "--steps=1", "--batch_size=2"], cwd=REPO, capture_output=True, text=True,
-                        timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu",
-                                              TFDS_DATA_DIR=str(tmp_path / "no_data")))
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  code, out, err = run_job("experiments.bench_export", f"--exported={tmp_path / 'export'}",
+                           "--eval", "--rounds=1", "--steps=1", "--batch_size=2",
+                           env={"TFDS_DATA_DIR": str(tmp_path / "no_data")})
+  assert code == 2, err[-2000:]
+  lines = [l for l in err.splitlines() if l.strip()]
   assert lines == ["error: --exported input must be one float image of shape (32, 32, 3) for "
                    "cifar10, got '(8, 8, 3) float32'; its images are fed normalised, as float32"
-                   ], proc.stderr[-2000:]
-  assert proc.stdout == ""
+                   ], err[-2000:]
+  assert out == ""
 
 
 # bench_export --exported --eval on the mock test split of --dataset; the last line printed is

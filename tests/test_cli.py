@@ -1,4 +1,7 @@
-"""Entry points as a user runs them: the JSON contract, and one-line errors for bad input."""
+"""Entry points as a user runs them: the JSON contract, and one-line errors for bad input.
+
+Refusals run the job in this process (``run_job``: the same ``cli.run``, without a subprocess's
+start-up); one refusal per job runs as ``python -m``, for the real exit of the process."""
 
 import json
 import os
@@ -35,23 +38,23 @@ def test_help_lists_the_flags_the_job_takes(job, listed):
     ("--config.model.weights=/absent.npz", "error: model.weights: no such file '/absent.npz'"),
     ("--config.data.name=svhn", "error: data.name must be one of"),
 ])
-def test_bad_input_is_one_line_and_nonzero(override, message):
-  proc = _run("experiments.evaluate", "--config=configs/evaluate.py", override)
-  assert proc.returncode == 2
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert lines[-1].startswith(message), proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
+def test_bad_input_is_one_line_and_nonzero(run_job, override, message):
+  code, _, err = run_job("experiments.evaluate", "--config=configs/evaluate.py", override)
+  assert code == 2
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines[-1].startswith(message), err[-2000:]
+  assert "Traceback" not in err
 
 
-def test_wrong_depth_weights_name_the_problem():
-  proc = _run("experiments.evaluate", "--config=configs/evaluate.py",
-              "--config.model.name=resnet32",
-              f"--config.model.weights={pretrained('resnet20')}")
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert "missing 60 tensors" in proc.stderr.splitlines()[-1]
+def test_wrong_depth_weights_name_the_problem(run_job):
+  code, _, err = run_job("experiments.evaluate", "--config=configs/evaluate.py",
+                         "--config.model.name=resnet32",
+                         f"--config.model.weights={pretrained('resnet20')}")
+  assert code == 2 and "Traceback" not in err
+  assert "missing 60 tensors" in err.splitlines()[-1]
 
 
-def test_missing_data_says_how_to_get_it(tmp_path):
+def test_missing_data_says_how_to_get_it(tmp_path):  # the evaluate job's python -m refusal
   proc = _run("experiments.evaluate", "--config=configs/evaluate.py",
               f"--config.model.weights={pretrained('resnet20')}",
               env={"TFDS_DATA_DIR": str(tmp_path)})
@@ -85,37 +88,38 @@ def test_pretrained_resnet20_reproduces_published_accuracy():
     ("--config.seed=9223372036854775808", "error: seed must be an integer in [0, 2**32) (it seeds "
                                           "NumPy's and JAX's generators), got 9223372036854775808"),
 ])
-def test_main_job_bad_input_writes_nothing(tmp_path, override, message):
+def test_main_job_bad_input_writes_nothing(run_job, tmp_path, override, message):
   workdir = tmp_path / "run"
-  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
-              f"--workdir={workdir}", f"--config.student.weights={pretrained('resnet20')}",
-              f"--config.teacher.weights={pretrained('resnet20')}", override)
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
+  code, _, err = run_job("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+                         f"--workdir={workdir}",
+                         f"--config.student.weights={pretrained('resnet20')}",
+                         f"--config.teacher.weights={pretrained('resnet20')}", override)
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1].startswith(message), err[-2000:]
   assert not workdir.exists()
 
 
-def test_an_override_given_twice_is_refused(tmp_path):
+def test_an_override_given_twice_is_refused(run_job, tmp_path):
   # ml_collections would decay at the joined tuple (0.5, 0.5) for a tuple field given twice
   workdir = tmp_path / "run"
-  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
-              f"--workdir={workdir}", "--config.train.decay_at=(0.5,)", "--config.seed=1",
-              "--config.train.decay_at=(0.5,)")
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert proc.stderr.splitlines()[-1] == (
+  code, _, err = run_job("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+                         f"--workdir={workdir}", "--config.train.decay_at=(0.5,)",
+                         "--config.seed=1", "--config.train.decay_at=(0.5,)")
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1] == (
       "error: bad flag: --config.train.decay_at is given more than once; the overrides of a "
       "tuple are joined, not replaced by the last: give all its values in one")
   assert not workdir.exists()
   # any other field given twice keeps the last value, as absl flags do
-  proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
-              f"--workdir={workdir}", "--config.seed=1", "--config.seed=-3")
-  assert proc.returncode == 2 and proc.stderr.splitlines()[-1].startswith(
+  code, _, err = run_job("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
+                         f"--workdir={workdir}", "--config.seed=1", "--config.seed=-3")
+  assert code == 2 and err.splitlines()[-1].startswith(
       "error: seed must be an integer in [0, 2**32) (it seeds NumPy's and JAX's generators), "
       "got -3")
   assert not workdir.exists()
 
 
-def test_main_job_wrong_depth_teacher_weights(tmp_path):
+def test_main_job_wrong_depth_teacher_weights(tmp_path):  # cifar_distill's python -m refusal
   workdir = tmp_path / "run"
   proc = _run("experiments.cifar_distill", "--config=configs/cifar_distill.py:quick",
               f"--workdir={workdir}", "--config.teacher.name=resnet56",
@@ -128,32 +132,33 @@ def test_main_job_wrong_depth_teacher_weights(tmp_path):
 
 @pytest.mark.parametrize("job,config", [("experiments.cifar_distill", "cifar_distill.py:quick"),
                                         ("experiments.train_lm", "shakespeare.py:quick")])
-def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(tmp_path, job, config):
+def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(run_job, tmp_path, job, config):
   path = tmp_path / "notes.txt"
   path.write_text("mine")
-  proc = _run(job, f"--config=configs/{config}", f"--workdir={path}")
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert proc.stderr.splitlines()[-1] == (f"error: --workdir={path} is a file; give a folder (new "
-                                          "or a run's, to resume)")
+  code, _, err = run_job(job, f"--config=configs/{config}", f"--workdir={path}")
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1] == (f"error: --workdir={path} is a file; give a folder (new "
+                                  "or a run's, to resume)")
   assert path.read_text() == "mine"
 
 
-def test_an_empty_workdir_is_one_line():
+def test_an_empty_workdir_is_one_line():  # train_lm's python -m refusal
   proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick", "--workdir=")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   assert proc.stderr.splitlines()[-1] == ("error: --workdir must name a folder (new, or a run's "
                                           "to resume), got ''")
 
 
-def test_a_workdir_that_cannot_be_made_names_the_flag(tmp_path):
+def test_a_workdir_that_cannot_be_made_names_the_flag(run_job, tmp_path):
   (tmp_path / "notes.txt").write_text("mine")
   text = tmp_path / "text.txt"
   text.write_text("to be, or not to be: that is the question. " * 400)
   workdir = tmp_path / "notes.txt" / "run"
-  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick",
-              f"--workdir={workdir}", f"--config.data.path={text}", "--config.data.context=16")
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert proc.stderr.splitlines()[-1] == f"error: --workdir={workdir}: Not a directory: {workdir}"
+  code, _, err = run_job("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+                         f"--workdir={workdir}", f"--config.data.path={text}",
+                         "--config.data.context=16")
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1] == f"error: --workdir={workdir}: Not a directory: {workdir}"
 
 
 SLEEPER = """
@@ -216,7 +221,7 @@ def test_a_second_sigterm_during_the_cleanup_is_ignored(tmp_path):
                                           "to resume")
 
 
-def test_an_argument_without_dashes_is_one_line():
+def test_an_argument_without_dashes_is_one_line():  # bench's python -m refusal
   proc = _run("experiments.bench", "variants=plain", timeout=120)  # ignored: every variant runs
   assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
   assert proc.stderr.splitlines()[-1] == ("error: unexpected argument 'variants=plain'; every "
@@ -231,9 +236,9 @@ def test_an_argument_without_dashes_is_one_line():
     ("def get_config():\n  return {'seed': 0}\n",
      "get_config() returns dict, not an ml_collections.ConfigDict"),
 ])
-def test_a_config_file_that_fails_is_one_line(tmp_path, text, message):
+def test_a_config_file_that_fails_is_one_line(run_job, tmp_path, text, message):
   config = tmp_path / "mine.py"
   config.write_text(text)
-  proc = _run("experiments.evaluate", f"--config={config}", timeout=120)
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert proc.stderr.splitlines()[-1].startswith(f"error: --config={config}: {message}")
+  code, _, err = run_job("experiments.evaluate", f"--config={config}")
+  assert code == 2 and "Traceback" not in err, err[-2000:]
+  assert err.splitlines()[-1].startswith(f"error: --config={config}: {message}")

@@ -1,5 +1,6 @@
 """The text jobs as a user runs them: train_lm and shakespeare_distill end to end on a tiny
-synthetic text with tiny models, and one-line errors for bad input."""
+synthetic text with tiny models, and one-line errors for bad input (most run in this process,
+``run_job``; one per job as ``python -m``)."""
 
 import json
 import math
@@ -186,7 +187,7 @@ def test_a_kill_after_the_teacher_leaves_no_lock_in_its_folder(tiny):
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "context", "unknown_char"])
-def test_bad_text_is_one_line_and_writes_nothing(tmp_path, case):
+def test_bad_text_is_one_line_and_writes_nothing(run_job, tmp_path, case):
   path = tmp_path / "input.txt"
   args = list(TINY_LM)
   if case == "empty":
@@ -200,18 +201,18 @@ def test_bad_text_is_one_line_and_writes_nothing(tmp_path, case):
              "context": "data.context must be at most", "unknown_char":
              "data.path: the test split of"}[case]
   workdir = tmp_path / "run"
-  proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick",
-              f"--config.data.path={path}", f"--workdir={workdir}", *args, *TINY_GPT)
-  assert proc.returncode == 2
-  lines = [l for l in proc.stderr.splitlines() if l.strip()]
-  assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr[-2000:]
+  code, _, err = run_job("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+                         f"--config.data.path={path}", f"--workdir={workdir}", *args, *TINY_GPT)
+  assert code == 2
+  lines = [l for l in err.splitlines() if l.strip()]
+  assert lines[-1].startswith("error: ") and message in lines[-1], err[-2000:]
   if case == "unknown_char":
     assert "holds 1 character(s) outside the training vocabulary" in lines[-1]
-  assert "Traceback" not in proc.stderr
+  assert "Traceback" not in err
   assert not workdir.exists()
 
 
-def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):
+def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):  # run as python -m
   other = tmp_path / "other.txt"
   other.write_text(_words(600).upper())
   workdir = tmp_path / "run"
@@ -224,15 +225,17 @@ def test_teacher_with_another_vocabulary_is_one_line(tiny, tmp_path):
   assert not workdir.exists()
 
 
-def test_teacher_of_another_family_is_one_line(tiny, tmp_path):
+def test_teacher_of_another_family_is_one_line(run_job, tiny, tmp_path):
   workdir = tmp_path / "run"  # the transformer's run given as the LSTM family's teacher
-  proc = _run("experiments.shakespeare_distill", "--config=configs/shakespeare_distill.py:quick",
-              f"--config.data.path={tiny['text']}",
-              f"--config.lstm.teacher.checkpoint={tiny['lm']}", "--config.teacher.model.width=8",
-              "--config.teacher.model.depth=1", "--config.teacher.model.heads=2",
-              f"--workdir={workdir}", *TINY_LM, *TINY_DISTILL)
-  assert proc.returncode == 2
-  last = proc.stderr.splitlines()[-1]
+  code, _, err = run_job("experiments.shakespeare_distill",
+                         "--config=configs/shakespeare_distill.py:quick",
+                         f"--config.data.path={tiny['text']}",
+                         f"--config.lstm.teacher.checkpoint={tiny['lm']}",
+                         "--config.teacher.model.width=8", "--config.teacher.model.depth=1",
+                         "--config.teacher.model.heads=2", f"--workdir={workdir}", *TINY_LM,
+                         *TINY_DISTILL)
+  assert code == 2
+  last = err.splitlines()[-1]
   assert last.startswith(f"error: lstm.teacher.checkpoint: {tiny['lm']!r} holds a char_gpt "
                          "model, not this family's lstm.teacher.model.name=char_lstm"), last
   assert not workdir.exists()
