@@ -184,8 +184,15 @@ def test_schemes_parse_to_their_bits():
   assert parse_scheme("k4")[1:] == (4, None, True, None)
 
 
+def test_cli_bad_scheme_ends_the_process_with_one_line(tmp_path):  # ptq's python -m refusal
+  proc = _run("experiments.ptq", "--config=configs/ptq.py", "--config.ptq.schemes=('w8a8', 'w4a9')",
+              env={"TFDS_DATA_DIR": str(tmp_path)})  # no data there: the error must come first
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  last = proc.stderr.splitlines()[-1]
+  assert last.startswith("error: ptq.schemes must be a scheme whose bits"), proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("override,message", [
-    ("--config.ptq.schemes=('w8a8', 'w4a9')", "error: ptq.schemes must be a scheme whose bits"),
     ("--config.ptq.first_last_bits=1", "error: ptq.first_last_bits must be 0 (float) or"),
     ("--config.ptq.schemes=()", "error: ptq.schemes must be a non-empty tuple of schemes"),
     ("--config.ptq.schemes=('w8a8', 'w4', 'w8a8')", "error: ptq.schemes must be distinct schemes "
@@ -200,14 +207,14 @@ def test_schemes_parse_to_their_bits():
                                                 "1000000000000; a few dozen iterations converge"),
     ("--config.ptq.schemes=('w4', 'k4', 'w4a8/mse', 'w4a8')", None),  # all distinct: runs on
 ])
-def test_cli_bad_input_is_one_line_before_any_data(override, message, tmp_path):
-  proc = _run("experiments.ptq", "--config=configs/ptq.py", override,
-              env={"TFDS_DATA_DIR": str(tmp_path)})  # no data there: the error must come first
+def test_cli_bad_input_is_one_line_before_any_data(run_job, override, message, tmp_path):
+  code, _, err = run_job("experiments.ptq", "--config=configs/ptq.py", override,
+                         env={"TFDS_DATA_DIR": str(tmp_path)})  # no data: the error comes first
   if message is None:  # a good value: the first error is the missing data's
-    assert "ptq.schemes" not in proc.stderr and "cifar10" in proc.stderr.splitlines()[-1]
+    assert "ptq.schemes" not in err and "cifar10" in err.splitlines()[-1]
     return
-  assert proc.returncode == 2 and "Traceback" not in proc.stderr
-  assert proc.stderr.splitlines()[-1].startswith(message), proc.stderr[-2000:]
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1].startswith(message), err[-2000:]
 
 
 @requires_cifar10
