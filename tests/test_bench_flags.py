@@ -40,7 +40,8 @@ def _run(*args, **env):
 BENCH = dict(variants=None, steps=8, rounds=5, batch_size=128)
 BENCH_EXPORT = dict(model="resnet20", fraction=0.5, batch_size=128, steps=5, rounds=7,
                     finetune_epochs=0.0, finetune_lr=0.02, exported="", multiple=8, max_kept=0.75)
-EXPORT_CHECK = dict(model="resnet20", sparsity=0.8, weight_bits=4, act_bits=8, calibration_images=512)
+EXPORT_CHECK = dict(model="resnet20", sparsity=0.8, weight_bits=4, act_bits=8,
+                    calibration_images=512)
 
 
 @pytest.mark.parametrize("override", [{}, {"variants": []}, {"variants": ["plain", "gpt_all"]},
