@@ -1,4 +1,6 @@
-"""Supervised training; prints the final evaluation as one JSON line.
+"""Supervised training; writes WORKDIR/results.json (the final evaluation, and the held-out
+slice's with data.val_examples > 0) and prints it as one JSON line; a rerun of a finished run
+prints it again without training (docs/training.md).
 
   python -m experiments.train --config=configs/train.py:quick --workdir=runs/train_quick
 """

@@ -9,7 +9,7 @@ import jax
 
 from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel, precision
-from jaxcompress.checkpoint import RESUMABLE, MetricsLog, check_workdir
+from jaxcompress.checkpoint import RESUMABLE, MetricsLog, check_workdir, read_json, write_json
 from jaxcompress.data import DataSpec
 from jaxcompress.models import create_model, get_model
 from jaxcompress.models.functional import functional
@@ -50,12 +50,17 @@ def train_model(model, variables: dict, splits: dict, data: DataSpec, opt_spec: 
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-  """Supervised training from a ``configs/train.py`` config; returns the final eval metrics.
+  """Supervised training from a ``configs/train.py`` config; returns the ``results.json`` dict.
 
   Starts from ``config.model.weights`` (``.npz``, ``.msgpack`` or orbax folder) or from scratch,
-  trains, evaluates on ``config.data.eval_split`` and returns ``{'accuracy', 'loss', 'examples',
-  'precision', 'recall', 'train_seconds', 'epochs', 'skipped'}`` (``skipped``: non-finite steps
-  skipped, with ``train.skip_nonfinite``).
+  trains, evaluates on ``config.data.eval_split`` and, with ``data.val_examples > 0``, on the
+  held-out training examples; writes ``WORKDIR/results.json`` (atomically, last) and returns it:
+  ``{'accuracy', 'loss', 'examples', 'nonfinite', 'precision', 'recall'}`` of the eval split,
+  ``'val'`` (the same fields on the held-out slice, only when there is one), ``'train_seconds'``,
+  ``'epochs'``, ``'steps'`` and ``'skipped'`` (non-finite steps skipped, with
+  ``train.skip_nonfinite``). A rerun of a finished run of the same length returns its
+  ``results.json`` without training or evaluating again; one with a larger ``train.epochs`` goes
+  on training.
   """
   # The edge: config sections become the library's typed specs, validated here.
   data = DataSpec.from_mapping(config.data)
@@ -77,9 +82,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   seed=config.seed)
   # Every check passed: only now write. A rerun may extend train.epochs (or change parallel).
   check_workdir(config, workdir, ignore=(*RESUMABLE, "train.epochs"))
-  _, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,
-                                seed=config.seed, mesh=mesh,
-                                compute_dtype=config.train.compute_dtype,
-                                skip_nonfinite=config.train.skip_nonfinite)
-  return {**result, "train_seconds": info["seconds"], "epochs": info["epochs"],
-          "skipped": info["skipped"]}
+  path = os.path.join(workdir, "results.json")
+  per_epoch = data_lib.steps_per_epoch(len(splits["train"]), data.batch_size)
+  done = read_json(path)
+  if done.get("steps") == int(round(loop.epochs * per_epoch)):  # fit's count of steps
+    return done  # a finished run of this length: nothing trained or evaluated again
+  variables, result, info = train_model(model, variables, splits, data, opt_spec, loop, workdir,
+                                        seed=config.seed, mesh=mesh,
+                                        compute_dtype=config.train.compute_dtype,
+                                        skip_nonfinite=config.train.skip_nonfinite)
+  results = dict(result)
+  if "val" in splits:  # the last data.val_examples training examples, held out of training
+    eval_step = make_eval_step(lambda v, x, fm=functional(model): fm.apply(v, x)[0], mesh=mesh)
+    results["val"] = evaluate_split(eval_step, parallel.replicate(mesh, variables),
+                                    splits["val"], data, mesh=mesh, desc="eval val")
+  results.update(train_seconds=info["seconds"], epochs=info["epochs"], steps=info["steps"],
+                 skipped=info["skipped"])
+  # Process 0 writes; its failure (a full disk) stops every process with the same line.
+  parallel.on_main_process(lambda: write_json(path, results))  # last: its presence means done
+  return results

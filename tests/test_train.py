@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -211,3 +212,47 @@ def test_the_training_job_trains_an_nnx_model_named_module_factory(tmp_path, mon
   result = _run(c, tmp_path / "w")
   assert result["examples"] == 64 and 0 <= result["accuracy"] <= 100
   assert result["epochs"] == 1.0
+
+
+def test_results_hold_the_held_out_slice_as_numpy_evaluates_it(tmp_path):
+  # No step (0 epochs): the evaluated model is the seeded initial MLP, which NumPy runs too.
+  c = _config(0)
+  c.data.val_examples = 16
+  result = _run(c, tmp_path)
+  assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(result))
+  from jaxcompress.models import create_model
+  _, v = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=c.seed)
+  with tfds.testing.mock_data(num_examples=64):
+    source = tfds.data_source("mnist", split="train")
+    held = [source[i] for i in range(48, 64)]  # the last 16 of the 64 training examples
+  x = np.stack([e["image"] for e in held]).reshape(16, -1) / 255.0 / 0.5 - 1.0
+  y = np.array([e["label"] for e in held])
+  p = {k: {n: np.asarray(a, np.float64) for n, a in layer.items()}
+       for k, layer in v["params"].items()}
+  h = np.maximum(x @ p["fc1"]["kernel"] + p["fc1"]["bias"], 0)
+  h = np.maximum(h @ p["fc2"]["kernel"] + p["fc2"]["bias"], 0)
+  logits = h @ p["fc3"]["kernel"] + p["fc3"]["bias"]
+  shifted = logits - logits.max(-1, keepdims=True)
+  nll = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(16), y]
+  val = result["val"]
+  assert val["examples"] == 16 and result["examples"] == 64  # the eval split: mock test
+  assert val["loss"] == pytest.approx(nll.mean(), rel=1e-5)
+  assert val["accuracy"] == pytest.approx(100 * np.mean(logits.argmax(-1) == y))
+
+
+def test_a_rerun_of_a_finished_run_returns_its_results_without_training_or_evaluating(
+    tmp_path, monkeypatch):
+  c = _config(1)
+  c.data.val_examples = 16
+  first = _run(c, tmp_path)
+  assert first["steps"] == 3 and first["val"]["examples"] == 16  # 48 examples, batch 16
+  log = (tmp_path / "metrics.jsonl").read_text()
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished run was trained or evaluated again")
+
+  monkeypatch.setattr(train_job, "fit", refuse)
+  monkeypatch.setattr(train_job, "evaluate_split", refuse)
+  assert _run(c, tmp_path) == json.load(open(tmp_path / "results.json"))
+  assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(first))
+  assert (tmp_path / "metrics.jsonl").read_text() == log
