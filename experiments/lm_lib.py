@@ -8,6 +8,7 @@ every position of a split, seeded sampling, and the trained model a workdir keep
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import os
 
@@ -208,6 +209,16 @@ def run_record(config, corpus: text.Corpus) -> dict:
   record = config.to_dict()
   record["data"]["text"] = corpus.fingerprint()
   return record
+
+
+def weights_fingerprint(folder: str) -> str:
+  """``sha256:`` and the first 16 hex digits of the SHA-256 of the ``weights.msgpack`` that the
+  ``train_lm`` run in ``folder`` keeps: another one once a teacher is retrained there."""
+  h = hashlib.sha256()
+  with open(os.path.join(folder, WEIGHTS), "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return "sha256:" + h.hexdigest()[:16]
 
 
 def save_trained(workdir: str, variables, vocab: text.Vocabulary) -> None:

@@ -165,7 +165,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for fam in families:
     _prepare(fam, config, corpus, specs, mesh)
   # Every user mistake has surfaced: only now write.
-  check_workdir(lm_lib.run_record(config, corpus), workdir)
+  check_workdir(_run_record(config, corpus, families), workdir)
   stages = Stages(workdir)
 
   results = {}
@@ -179,6 +179,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   write_text(os.path.join(workdir, "report.md"), format_report(results, config))
   write_json(os.path.join(workdir, "results.json"), results)  # last: the run is complete
   return results
+
+
+def _run_record(config, corpus: text.Corpus, families: list[Family]) -> dict:
+  """What ``check_workdir`` records: :func:`lm_lib.run_record`, and the fingerprint of each given
+  teacher's weights as ``teacher.weights`` (``lstm.teacher.weights``), so a rerun after that
+  teacher was retrained is refused, not resumed with another teacher."""
+  record = lm_lib.run_record(config, corpus)
+  for fam in families:
+    checkpoint = fam.section.teacher.checkpoint
+    if checkpoint:
+      section = record["lstm"] if fam.name == "lstm" else record
+      section["teacher"]["weights"] = lm_lib.weights_fingerprint(checkpoint)
+  return record
 
 
 def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:

@@ -515,3 +515,53 @@ def test_report_names_each_family_by_its_model():
   assert [l.split(" (")[0] for l in lines if l.startswith("## ")] == [
       "## Sampled from the LSTM teacher", "## Sampled from the LSTM compressed",
       "## Sampled from the transformer teacher", "## Sampled from the transformer compressed"]
+
+
+def test_a_resume_whose_given_teacher_was_retrained_is_refused(tmp_path, monkeypatch):
+  """The run is stopped once it has claimed its workdir; the teacher folder it was given then
+  holds other weights: the rerun must refuse, not go on distilling from another teacher."""
+  import hashlib
+  import ml_collections
+  from configs import shakespeare_distill
+  from experiments import lm_pipeline
+  from jaxcompress.checkpoint import release_workdir
+
+  class Stopped(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stopped()
+  monkeypatch.setattr(lm_pipeline, "_run_family", stop)
+  path, teacher, workdir = tmp_path / "input.txt", tmp_path / "teacher", tmp_path / "run"
+  path.write_text(_words(600))
+  config = shakespeare_distill.get_config("quick")
+  config.data.path, config.teacher.checkpoint = str(path), str(teacher)
+  config.data.context, config.data.batch_size, config.data.eval_batch_size = 8, 4, 8
+  config.teacher.model.update(width=8, depth=1, heads=2)
+  config.lstm.enabled, config.sft, config.train.steps = False, False, 4
+  model = ml_collections.ConfigDict(config.teacher.model.to_dict())
+  vocab = text.load_corpus(str(path), 8).vocab
+
+  def train_teacher(seed):  # a finished train_lm run's files, with the weights of ``seed``
+    lm_lib.save_trained(str(teacher), lm_lib.build_model(model, vocab.size, 8, seed)[1], vocab)
+    (teacher / "config.json").write_text(json.dumps({"model": model.to_dict(),
+                                                     "data": {"context": 8}}))
+    return "sha256:" + hashlib.sha256((teacher / "weights.msgpack").read_bytes()).hexdigest()[:16]
+
+  def run():
+    try:
+      lm_pipeline.train_and_evaluate(config, str(workdir))
+    finally:
+      release_workdir(str(workdir))
+
+  first = train_teacher(0)
+  with pytest.raises(Stopped):
+    run()
+  with pytest.raises(Stopped):  # the same teacher: the run resumes
+    run()
+  second = train_teacher(1)
+  assert second != first
+  with pytest.raises(ConfigError, match=re.escape(
+      f"--workdir={workdir} holds a run with a different config: teacher.weights is "
+      f"\"{first}\" there, \"{second}\" here; use a new --workdir or delete that one")):
+    run()
