@@ -192,9 +192,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       variables, result = _pretrain(config, workdir, folder, name, model_name, splits, data,
                                     mesh)
       stages.record(f"pretrain {name}", result)
-      if main:
-        save_weights(variables, name, folder)
-    parallel.sync("pretrained weights saved")
+      # Process 0 saves them while the others wait; its failure (a folder turned read-only, a
+      # full disk) stops every process with the same line, instead of leaving them waiting.
+      parallel.on_main_process(lambda: save_weights(variables, name, folder))
     paths = {s: resolve_weights(config[s].weights, folder) for s in paths}
     student, student_vars = build("student")
     if teacher is not None:
