@@ -71,10 +71,13 @@ def run(main: Callable[[list[str]], None]) -> None:
       main(argv)
     except ConfigError as e:
       fail(str(e))
-    except (FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as e:
-      inside = workdir and os.path.abspath(str(e.filename)).startswith(os.path.abspath(workdir))
-      fail(f"--workdir={workdir}: {e.strerror}: {e.filename}" if inside
-           else f"{e.strerror}: {e.filename}")
+    except OSError as e:  # the system refused (missing file, read-only folder, full disk)
+      if e.strerror is None:  # raised without an errno: a program's error, kept whole
+        raise
+      where = "" if e.filename is None else f": {e.filename}"
+      inside = workdir and e.filename is not None and os.path.abspath(
+          str(e.filename)).startswith(os.path.abspath(workdir))
+      fail(f"--workdir={workdir}: {e.strerror}{where}" if inside else f"{e.strerror}{where}")
 
   # A scheduler preempts with SIGTERM: unwind as for Ctrl-C, so the workdir's lock is released
   # and half-written outputs are cleaned up; a rerun on any host resumes.

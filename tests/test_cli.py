@@ -242,3 +242,36 @@ def test_a_config_file_that_fails_is_one_line(run_job, tmp_path, text, message):
   code, _, err = run_job("experiments.evaluate", f"--config={config}")
   assert code == 2 and "Traceback" not in err, err[-2000:]
   assert err.splitlines()[-1].startswith(f"error: --config={config}: {message}")
+
+
+RAISER = """
+import errno, os
+from absl import flags
+from experiments import cli
+
+flags.DEFINE_string("workdir", None, "")
+
+def main(argv):
+  code, text, name = os.environ["OS_ERROR"].split(",")
+  raise OSError(getattr(errno, code), text, name.format(workdir=flags.FLAGS.workdir) or None)
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("error,message", [
+    ("ENOSPC,No space left on device,{workdir}/results.json",
+     "error: --workdir={workdir}: No space left on device: {workdir}/results.json"),
+    ("EROFS,Read-only file system,/weights/mlp.msgpack",
+     "error: Read-only file system: /weights/mlp.msgpack"),
+    ("ENOSPC,No space left on device,", "error: No space left on device"),
+])
+def test_a_refusal_of_the_system_is_one_line(tmp_path, error, message):
+  """A full disk or a read-only mount (a plain OSError, not one of its named subclasses) ends a
+  job with the system's one line, naming the file where it has one."""
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, "-c", RAISER, f"--workdir={workdir}"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "OS_ERROR": error})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == message.format(workdir=workdir)
