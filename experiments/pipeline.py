@@ -341,13 +341,20 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     report, zeroed = parallel.on_main_process(write_artifact) or (None, 0)
     parallel.sync("artifact written")
     loaded = export.load(tmp["export"], comp.student)
-    slimmed = {}
-    if main and config.export.serving:
-      served = loaded
+
+    def serve() -> dict:  # writes the serving function; returns what export.slim computes
+      if not config.export.serving:
+        return {}
+      served, slimmed = loaded, {}
       if config.export.slim:
         skipped = export.slim(loaded)
         served, slimmed = skipped.loaded, {p: list(c) for p, c in skipped.channels.items()}
       export.save_serving(tmp["serving"], served, mean=config.data.mean, std=config.data.std)
+      return slimmed
+
+    # Process 0 writes it; its failure (a full disk) stops every process (the others would wait
+    # for it in the evaluation below).
+    slimmed = parallel.on_main_process(serve)
     result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
     if not main:
       return {}

@@ -5,7 +5,8 @@ example ids each process reads), the same losses, an evaluation equal to an unsh
 same parameters; the jobs as 2 processes give
 the results of 1; a coordinator that does not answer, a process id out of range, or processes with
 different numbers of devices, is one line; SIGTERM reaches the job's handler after joining; a
-write that fails on process 0 (the pretrained weights) stops every process with its line.
+write that fails on process 0 (the pretrained weights, the serving function) stops every process
+with its line.
 """
 
 import json
@@ -452,22 +453,21 @@ def test_processes_with_different_device_counts_are_one_line():
     assert "Traceback" not in err
 
 
-# The main job with weights to pretrain, whose save fails on process 0 (its folder turned
-# read-only after the job checked it): every process must stop with that line.
-SAVE_FAILS_JOB = textwrap.dedent("""
-    import errno, runpy, sys
+# The main job (its weights pretrained first) with one write of process 0 failing (its folder
+# turned read-only after the job checked it): every process must stop with that line.
+WRITE_FAILS_JOB = textwrap.dedent("""
+    import errno, importlib, runpy, sys
     import tensorflow_datasets as tfds
-    from experiments import pipeline
-    def read_only(variables, name, folder, **kwargs):
-      raise PermissionError(errno.EACCES, "Permission denied", f"{folder}/{name}.msgpack")
-    pipeline.save_weights = read_only
+    def read_only(*args, **kwargs):
+      raise PermissionError(errno.EACCES, "Permission denied", "/read-only")
+    module, name = sys.argv.pop(1).split(":")
+    setattr(importlib.import_module(module), name, read_only)
     module, sys.argv = sys.argv[1], sys.argv[1:]
     with tfds.testing.mock_data(num_examples=64):
       runpy.run_module(module, run_name="__main__", alter_sys=True)
 """)
 
-
-SAVE_FAILS_CONFIG = textwrap.dedent("""
+WRITE_FAILS_CONFIG = textwrap.dedent("""
     from configs import cifar_distill
     def get_config():
       c = cifar_distill.get_config("quick")
@@ -476,20 +476,22 @@ SAVE_FAILS_CONFIG = textwrap.dedent("""
       c.student.name, c.student.weights, c.teacher.name = "mlp", "mlp_pre", ""
       c.distill.alpha, c.distill.feature_weight, c.distill.feature_pairs = 0.0, 0.0, ()
       c.prune.rules = (("fc1/kernel", False), ("fc3/kernel", False), (".*/kernel", True))
-      c.weights_dir, c.pretrain.epochs = {weights!r}, 0.25
+      c.quant.calibration_examples = 16
+      c.weights_dir, c.pretrain.epochs, c.train.epochs = {weights!r}, 0.25, 0.5
       return c
 """)
 
 
-def test_a_failed_save_of_pretrained_weights_stops_every_process(tmp_path):
-  port, weights = _free_port(), tmp_path / "weights"
-  (tmp_path / "cfg.py").write_text(SAVE_FAILS_CONFIG.format(weights=str(weights)))
-  commands = [([sys.executable, "-c", SAVE_FAILS_JOB, "experiments.cifar_distill",
+@pytest.mark.parametrize("fails", ["experiments.pipeline:save_weights",  # pretrained weights
+                                   "jaxcompress.export:save_serving"])  # the serving function
+def test_a_failed_write_of_process_0_stops_every_process(tmp_path, fails):
+  port = _free_port()
+  (tmp_path / "cfg.py").write_text(WRITE_FAILS_CONFIG.format(weights=str(tmp_path / "weights")))
+  commands = [([sys.executable, "-c", WRITE_FAILS_JOB, fails, "experiments.cifar_distill",
                 f"--config={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'run'}",
                 *[f"--config.parallel.{k}={v}" for k, v in _parallel(2, port, pid).items()]], 1)
               for pid in range(2)]
   for rc, _, err in _launch(commands, timeout=150):
     lines = [l for l in err.splitlines() if l.strip()]
-    assert rc == 2 and lines[-1] == (
-        f"error: Permission denied: {weights}/mlp_pre.msgpack"), err[-2000:]
+    assert rc == 2 and lines[-1] == "error: Permission denied: /read-only", err[-2000:]
     assert "Traceback" not in err
