@@ -71,8 +71,9 @@ class Stages(dict):
   def record(self, name: str, result: Any) -> Any:
     """Records ``result`` as stage ``name``'s and returns process 0's."""
     self[name] = parallel.broadcast_json(result)
-    if parallel.is_main_process():
-      write_json(self.path, dict(self), strict=False)  # a rerun reads a nan loss back as nan
+    # Process 0 writes; its failure (a full disk) stops every process, where the others would
+    # wait for it at their next collective. A rerun reads a nan loss back as nan.
+    parallel.on_main_process(lambda: write_json(self.path, dict(self), strict=False))
     return self[name]
 
   def __call__(self, name: str, fn) -> Any:

@@ -5,8 +5,8 @@ example ids each process reads), the same losses, an evaluation equal to an unsh
 same parameters; the jobs as 2 processes give
 the results of 1; a coordinator that does not answer, a process id out of range, or processes with
 different numbers of devices, is one line; SIGTERM reaches the job's handler after joining; a
-write that fails on process 0 (the pretrained weights, the serving function) stops every process
-with its line.
+write that fails on process 0 (the pretrained weights, the serving function, stages.json) stops
+every process with its line.
 """
 
 import json
@@ -458,9 +458,12 @@ def test_processes_with_different_device_counts_are_one_line():
 WRITE_FAILS_JOB = textwrap.dedent("""
     import errno, importlib, runpy, sys
     import tensorflow_datasets as tfds
-    def read_only(*args, **kwargs):
+    module, name, *only = sys.argv.pop(1).split(":")  # only: the path the write fails for
+    original = getattr(importlib.import_module(module), name)
+    def read_only(first, *args, **kwargs):
+      if only and not str(first).endswith(only[0]):
+        return original(first, *args, **kwargs)
       raise PermissionError(errno.EACCES, "Permission denied", "/read-only")
-    module, name = sys.argv.pop(1).split(":")
     setattr(importlib.import_module(module), name, read_only)
     module, sys.argv = sys.argv[1], sys.argv[1:]
     with tfds.testing.mock_data(num_examples=64):
@@ -483,7 +486,8 @@ WRITE_FAILS_CONFIG = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fails", ["experiments.pipeline:save_weights",  # pretrained weights
-                                   "jaxcompress.export:save_serving"])  # the serving function
+                                   "jaxcompress.export:save_serving",  # the serving function
+                                   "jaxcompress.checkpoint:write_json:stages.json"])
 def test_a_failed_write_of_process_0_stops_every_process(tmp_path, fails):
   port = _free_port()
   (tmp_path / "cfg.py").write_text(WRITE_FAILS_CONFIG.format(weights=str(tmp_path / "weights")))
