@@ -146,7 +146,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   folder, paths, to_train = validate_config(config)
   parallel.initialize_distributed(parallel.DistributedSpec.from_mapping(config.parallel))
   # With several processes (docs/training.md) all compute every stage; process 0 writes the files.
-  main = parallel.is_main_process()
   stages = Stages(workdir)
   parallel.sync("stages read")  # process 0 writes it only once every process has read it
   # WORKDIR/config.json records all but `parallel` (a run may resume on another number of
@@ -278,11 +277,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "skipped": after.get("skipped", 0)},
   }
   layers = comp.describe(state)
-  if main:
+
+  def write_outputs() -> None:
     write_text(os.path.join(workdir, "layers.md"), layers + "\n")
     report_lib.write_report(workdir, config, results,
                             MetricsLog(os.path.join(workdir, "metrics.jsonl")).read())
     write_json(os.path.join(workdir, "results.json"), results)  # last: its presence means done
+
+  # Process 0 writes them; its failure (a full disk) fails every process, not only the one.
+  parallel.on_main_process(write_outputs)
   return results
 
 

@@ -5,8 +5,8 @@ example ids each process reads), the same losses, an evaluation equal to an unsh
 same parameters; the jobs as 2 processes give
 the results of 1; a coordinator that does not answer, a process id out of range, or processes with
 different numbers of devices, is one line; SIGTERM reaches the job's handler after joining; a
-write that fails on process 0 (the pretrained weights, the serving function, stages.json) stops
-every process with its line.
+write that fails on process 0 (the pretrained weights, the serving function, stages.json, the
+report) stops every process with its line.
 """
 
 import json
@@ -487,7 +487,8 @@ WRITE_FAILS_CONFIG = textwrap.dedent("""
 
 @pytest.mark.parametrize("fails", ["experiments.pipeline:save_weights",  # pretrained weights
                                    "jaxcompress.export:save_serving",  # the serving function
-                                   "jaxcompress.checkpoint:write_json:stages.json"])
+                                   "jaxcompress.checkpoint:write_json:stages.json",
+                                   "experiments.report:write_report"])
 def test_a_failed_write_of_process_0_stops_every_process(tmp_path, fails):
   port = _free_port()
   (tmp_path / "cfg.py").write_text(WRITE_FAILS_CONFIG.format(weights=str(tmp_path / "weights")))
