@@ -359,19 +359,24 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
     # for it in the evaluation below).
     slimmed = parallel.on_main_process(serve)
     result = evaluate_vars(loaded.apply_fn, loaded.arrays, "eval exported artifact", True)
-    if not main:
-      return {}
-    agree = prediction_agreement(result["predictions"], predictions)
-    for name, path in tmp.items():
-      final = os.path.join(workdir, name)
-      shutil.rmtree(final, ignore_errors=True)
-      os.rename(path, final)
+
+    def finish() -> None:  # the complete folders under their names, and the size report
+      for name, path in tmp.items():
+        final = os.path.join(workdir, name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(path, final)
+      write_text(os.path.join(workdir, "export_size.md"), export.format_report(report) + "\n")
+
+    # Process 0 writes; its failure stops every process (the others would wait for its result).
+    parallel.on_main_process(finish)
   except BaseException:  # nothing half-written stays behind
     if main:
       for path in tmp.values():
         shutil.rmtree(path, ignore_errors=True)
     raise
-  write_text(os.path.join(workdir, "export_size.md"), export.format_report(report) + "\n")
+  if not main:
+    return {}
+  agree = prediction_agreement(result["predictions"], predictions)
   out = {"size_bytes": int(report["total_bytes"]),
          "compression_ratio": round(original_bytes / report["total_bytes"], 3),
          "exported_accuracy": result["accuracy"], "export_agreement": agree}

@@ -6,7 +6,7 @@ same parameters; the jobs as 2 processes give
 the results of 1; a coordinator that does not answer, a process id out of range, or processes with
 different numbers of devices, is one line; SIGTERM reaches the job's handler after joining; a
 write that fails on process 0 (the pretrained weights, the serving function, stages.json, the
-report) stops every process with its line.
+export's size report, the report) stops every process with its line.
 """
 
 import json
@@ -488,6 +488,7 @@ WRITE_FAILS_CONFIG = textwrap.dedent("""
 @pytest.mark.parametrize("fails", ["experiments.pipeline:save_weights",  # pretrained weights
                                    "jaxcompress.export:save_serving",  # the serving function
                                    "jaxcompress.checkpoint:write_json:stages.json",
+                                   "experiments.pipeline:write_text:export_size.md",
                                    "experiments.report:write_report"])
 def test_a_failed_write_of_process_0_stops_every_process(tmp_path, fails):
   port = _free_port()
