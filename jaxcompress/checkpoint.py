@@ -447,10 +447,13 @@ class MetricsLog:
   def write_final(self, step: int, metrics: dict) -> None:
     """Appends ``{step, final: True, **metrics}`` on process 0, unless a final record of this
     ``step`` is there already (a rerun of a finished run; a run extended to more steps gets its
-    own)."""
-    if parallel.is_main_process() and not any(r.get("final") and r.get("step") == step
-                                               for r in self.read()):
-      self.write({"step": step, "final": True, **metrics})
+    own). Every process calls it: a failure to write is raised on each
+    (:func:`parallel.on_main_process`)."""
+    def write() -> None:
+      if not any(r.get("final") and r.get("step") == step for r in self.read()):
+        self.write({"step": step, "final": True, **metrics})
+
+    parallel.on_main_process(write)
 
   def truncate_after(self, step: int, *, redo_eval: bool = False) -> None:
     """Drops records logged after ``step`` (they belong to work a resume will redo) and, with

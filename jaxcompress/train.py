@@ -206,7 +206,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   os.makedirs(workdir, exist_ok=True)
   total = int(round(loop.epochs * per_epoch))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-  main = parallel.is_main_process()  # every process saves checkpoints; process 0 logs
+  # Every process saves checkpoints; process 0 logs, and a failure of its (a full disk) stops
+  # every process (on_main_process), where the others would wait for it at the next step.
   log = MetricsLog(os.path.join(workdir, "metrics.jsonl"))
   seconds, skipped, evaluated = 0.0, 0, 0
   if mesh is not None:  # restored as it is placed: replicated over every process's devices
@@ -227,11 +228,11 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
                         "new --workdir for a shorter run")
   # Records after the checkpoint (or all, without one) belong to work this run redoes, and so
   # does an evaluation of its step that it did not record (one logged by a run resumed from it).
-  if main:
-    log.truncate_after(int(state.step), redo_eval=evaluated != int(state.step))
+  parallel.on_main_process(lambda: log.truncate_after(
+      int(state.step), redo_eval=evaluated != int(state.step)))
   step = int(state.step)
   bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
-             disable=not main)
+             disable=not parallel.is_main_process())
   pending, t_log, n_log = [], time.perf_counter(), 0
   # (step, metrics, (labels, weight)) whose ``finite`` flag is not yet read
   unchecked = collections.deque()
@@ -259,8 +260,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
     check()
     record = {"step": step, "epoch": step / per_epoch,
               **{f"eval_{k}": v for k, v in _numbers(eval_fn(state)).items()}}
-    if main:
-      log.write(record)
+    parallel.on_main_process(lambda: log.write(record))
     evaluated = step
 
   t_start = time.perf_counter()
@@ -298,8 +298,7 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
             skipped += host["skipped"]
           now = time.perf_counter()
           host.update(step=step, epoch=step / per_epoch, images_per_s=n_log / (now - t_log))
-          if main:
-            log.write(host)
+          parallel.on_main_process(lambda: log.write(host))
           shown = {"loss": f"{host['loss']:.4f}"} if "loss" in host else {}
           bar.set_postfix(**shown, img_s=f"{host['images_per_s']:.0f}")
           pending, t_log, n_log = [], now, 0

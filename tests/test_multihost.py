@@ -6,7 +6,7 @@ same parameters; the jobs as 2 processes give
 the results of 1; a coordinator that does not answer, a process id out of range, or processes with
 different numbers of devices, is one line; SIGTERM reaches the job's handler after joining; a
 write that fails on process 0 (the pretrained weights, the serving function, stages.json, the
-export's size report, the report) stops every process with its line.
+export's size report, the report, metrics.jsonl) stops every process with its line.
 """
 
 import json
@@ -459,12 +459,16 @@ WRITE_FAILS_JOB = textwrap.dedent("""
     import errno, importlib, runpy, sys
     import tensorflow_datasets as tfds
     module, name, *only = sys.argv.pop(1).split(":")  # only: the path the write fails for
-    original = getattr(importlib.import_module(module), name)
+    owner = importlib.import_module(module)
+    *classes, name = name.split(".")
+    for cls in classes:
+      owner = getattr(owner, cls)
+    original = getattr(owner, name)
     def read_only(first, *args, **kwargs):
       if only and not str(first).endswith(only[0]):
         return original(first, *args, **kwargs)
       raise PermissionError(errno.EACCES, "Permission denied", "/read-only")
-    setattr(importlib.import_module(module), name, read_only)
+    setattr(owner, name, read_only)
     module, sys.argv = sys.argv[1], sys.argv[1:]
     with tfds.testing.mock_data(num_examples=64):
       runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -489,7 +493,8 @@ WRITE_FAILS_CONFIG = textwrap.dedent("""
                                    "jaxcompress.export:save_serving",  # the serving function
                                    "jaxcompress.checkpoint:write_json:stages.json",
                                    "experiments.pipeline:write_text:export_size.md",
-                                   "experiments.report:write_report"])
+                                   "experiments.report:write_report",
+                                   "jaxcompress.checkpoint:MetricsLog.write"])
 def test_a_failed_write_of_process_0_stops_every_process(tmp_path, fails):
   port = _free_port()
   (tmp_path / "cfg.py").write_text(WRITE_FAILS_CONFIG.format(weights=str(tmp_path / "weights")))
