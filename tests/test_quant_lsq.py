@@ -130,3 +130,31 @@ def test_a_step_for_no_positive_code_is_refused():
 def test_a_step_or_gradient_scale_that_cannot_be_is_one_line(kwargs, match):
   with pytest.raises(ConfigError, match=match):
     lsq_fake_quant(jnp.ones((4, 5)), qmin=-8, qmax=7, **kwargs)
+
+
+@pytest.mark.parametrize("n, qmax, match", [
+    (0, 7, r"^n must be >= 1, got 0$"), (-3, 7, r"^n must be >= 1, got -3$"),
+    (10, 0, r"^qmax must be > 0 \(the largest code"),
+    (10, -1, r"^qmax must be > 0 \(the largest code")])
+def test_a_gradient_scale_of_no_values_or_no_positive_code_is_one_line(n, qmax, match):
+  # 1 / sqrt(0 * 7) = inf and 1 / sqrt(10 * -1) = NaN (NumPy says so too): it came back as the
+  # scale of the step's gradient.
+  with np.errstate(divide="ignore", invalid="ignore"):
+    assert not np.isfinite(1 / np.sqrt(np.float32(n) * qmax))
+  with pytest.raises(ConfigError, match=match):
+    lsq_grad_scale(n, qmax)
+
+
+def test_a_gradient_scale_of_a_fraction_of_a_value_is_one_line():
+  with pytest.raises(ConfigError, match=r"^n must be an integer >= 1, got 2.5$"):
+    lsq_grad_scale(2.5, 7)
+
+
+def test_a_traced_gradient_scale_is_computed_inside_jit():
+  g = jax.jit(lsq_grad_scale)(jnp.int32(100), jnp.int32(7))
+  np.testing.assert_allclose(g, 1 / np.sqrt(700), rtol=1e-6)
+
+
+def test_an_empty_input_has_a_finite_step_gradient():
+  ds = jax.grad(lambda s: lsq_fake_quant(jnp.zeros((0,)), s, qmin=-8, qmax=7).sum())(0.5)
+  assert float(ds) == 0.0

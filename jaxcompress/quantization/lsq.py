@@ -26,9 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import invalid
+from jaxcompress.errors import check_counts, invalid
 from jaxcompress.quantization.fake_quant import check_qparams, check_shape, scaled
 from jaxcompress.quantization.qparams import EPS, concrete, reduce_axes
+
+
+def check_qmax(qmax: Any) -> None:
+  """Raises :class:`ConfigError` unless a concrete ``qmax`` (``Q_P``) is positive everywhere; a
+  traced one passes."""
+  if not isinstance(qmax, jax.core.Tracer) and not np.all(np.asarray(qmax) > 0):
+    raise invalid("qmax", qmax, "> 0 (the largest code, e.g. 7 for signed 4 bits)")
 
 
 def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None) -> jax.Array:
@@ -45,8 +52,7 @@ def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None)
   Raises:
     ConfigError: if ``axis`` is out of range or ``qmax`` is not positive.
   """
-  if not isinstance(qmax, jax.core.Tracer) and not np.all(np.asarray(qmax) > 0):
-    raise invalid("qmax", qmax, "> 0 (the largest code, e.g. 7 for signed 4 bits)")
+  check_qmax(qmax)
   x = jnp.asarray(x, jnp.float32)
   axes = reduce_axes(x.ndim, axis)
   mean_abs = jnp.mean(jnp.abs(x), axis=axes, keepdims=axes is not None)
@@ -54,7 +60,19 @@ def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None)
 
 
 def lsq_grad_scale(n: Any, qmax: Any) -> jax.Array:
-  """The paper's step-gradient scale ``g = 1 / sqrt(n * Q_P)``."""
+  """The paper's step-gradient scale ``g = 1 / sqrt(n * Q_P)``.
+
+  Args:
+    n: ``N``, how many values share the step (an integer >= 1).
+    qmax: largest code ``Q_P`` (> 0).
+
+  Raises:
+    ConfigError: (outside ``jit`` only) if ``n`` is not an integer >= 1 or ``qmax`` is not
+      positive: the scale would be infinite or NaN.
+  """
+  if not isinstance(n, jax.core.Tracer):
+    check_counts({"n": n})
+  check_qmax(qmax)
   return 1.0 / jnp.sqrt(jnp.asarray(n, jnp.float32) * qmax)
 
 
@@ -96,8 +114,8 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
     Quantized values with ``x``'s shape and dtype.
 
   Raises:
-    ConfigError: (outside ``jit`` only) if ``step`` is not positive and finite or
-      ``qmin >= qmax``.
+    ConfigError: (outside ``jit`` only) if ``step`` is not positive and finite,
+      ``qmin >= qmax`` or ``qmax`` is not positive.
 
   Example:
     >>> g = jax.grad(lambda s: lsq_fake_quant(jnp.array(0.7), s, qmin=-8, qmax=7).sum())(0.5)
@@ -108,7 +126,8 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
   step = jnp.asarray(step, jnp.float32)
   check_shape(x, step, "step")
   if grad_scale is None:
-    grad_scale = lsq_grad_scale(x.size // max(step.size, 1), qmax)
+    # an empty x has no value the scale applies to: N = 1 keeps it finite
+    grad_scale = lsq_grad_scale(max(x.size // max(step.size, 1), 1), qmax)
   elif concrete(grad_scale) is not None and not np.all(concrete(grad_scale) > 0):
     raise invalid("grad_scale", grad_scale, "> 0 (the paper's 1 / sqrt(N * Q_P))")
   return _lsq(x, step, qmin, qmax, grad_scale)
