@@ -93,6 +93,23 @@ def test_ema_range_formula():
                              [-1.2, 1.4], rtol=1e-6)
 
 
+@pytest.mark.parametrize("momentum, match", [
+    (1.5, r"^momentum must be in \[0.0, 1.0\), got 1.5$"),
+    (-0.1, r"^momentum must be in \[0.0, 1.0\), got -0.1$"),
+    (1.0, r"^momentum must be in \[0.0, 1.0\), got 1.0$"),
+    (np.nan, r"^momentum must be in \[0.0, 1.0\), got nan$"),
+    ("0.9", r"^momentum must be a number in \[0.0, 1.0\), got '0.9'$")])
+def test_a_momentum_outside_0_1_is_one_line(momentum, match):
+  # 1.5 * -1 + (1 - 1.5) * -3 = 0: the "average" of two negative minima is 0, outside both.
+  with pytest.raises(ConfigError, match=match):
+    ema_range(jnp.array([-1.0, 1.0]), jnp.array([-3.0, 5.0]), momentum)
+
+
+def test_a_traced_momentum_averages_inside_jit():
+  got = jax.jit(ema_range)(jnp.array([-1.0, 1.0]), jnp.array([-3.0, 5.0]), jnp.float32(0.9))
+  np.testing.assert_allclose(got, [0.9 * -1 + 0.1 * -3, 0.9 * 1 + 0.1 * 5], rtol=1e-6)
+
+
 def test_calibrated_range_feeds_qparams():
   lo, hi = tensor_range(X, method="minmax")
   want = minmax_qparams(X, bits=8)

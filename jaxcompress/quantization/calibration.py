@@ -116,7 +116,13 @@ def ema_range(old: Any, new: Any, momentum: Any) -> jax.Array:
   """Moving average ``momentum * old + (1 - momentum) * new`` of ``[lo, hi]`` ranges.
 
   ``momentum = 0.99`` matches PyTorch's ``MovingAverageMinMaxObserver`` (averaging constant 0.01).
+
+  Raises:
+    ConfigError: (outside ``jit`` only) if ``momentum`` is not a number in ``[0, 1)``: outside
+      it the average is no average (1.5 moves the range away from the batches').
   """
+  if not isinstance(momentum, jax.core.Tracer):
+    check_range("momentum", momentum, 0.0, 1.0)
   return momentum * old + (1.0 - momentum) * new
 
 
