@@ -110,6 +110,17 @@ def test_a_traced_momentum_averages_inside_jit():
   np.testing.assert_allclose(got, [0.9 * -1 + 0.1 * -3, 0.9 * 1 + 0.1 * 5], rtol=1e-6)
 
 
+def test_ema_range_keeps_float32_ranges_float32_with_x64_on():
+  # A NumPy float64 momentum is no weak type: under x64 the product was float64, and the range
+  # came back float64, unrounded. Oracle: the same average in float32 NumPy arithmetic.
+  old = np.array([-1.1, 1.3], np.float32)
+  new = np.array([-3.7, 5.9], np.float32)
+  got = with_x64(lambda: ema_range(jnp.asarray(old), jnp.asarray(new), np.float64(0.9)))
+  assert got.dtype == jnp.float32
+  m = np.float32(0.9)
+  np.testing.assert_array_equal(got, m * old + (np.float32(1) - m) * new)
+
+
 def test_calibrated_range_feeds_qparams():
   lo, hi = tensor_range(X, method="minmax")
   want = minmax_qparams(X, bits=8)

@@ -116,6 +116,7 @@ def ema_range(old: Any, new: Any, momentum: Any) -> jax.Array:
   """Moving average ``momentum * old + (1 - momentum) * new`` of ``[lo, hi]`` ranges.
 
   ``momentum = 0.99`` matches PyTorch's ``MovingAverageMinMaxObserver`` (averaging constant 0.01).
+  The average has the ranges' dtype, whatever the momentum's (a NumPy float64 one included).
 
   Raises:
     ConfigError: (outside ``jit`` only) if ``momentum`` is not a number in ``[0, 1)``: outside
@@ -123,6 +124,8 @@ def ema_range(old: Any, new: Any, momentum: Any) -> jax.Array:
   """
   if not isinstance(momentum, jax.core.Tracer):
     check_range("momentum", momentum, 0.0, 1.0)
+  old, new = jnp.asarray(old), jnp.asarray(new)
+  momentum = jnp.asarray(momentum, jnp.result_type(old, new))
   return momentum * old + (1.0 - momentum) * new
 
 
