@@ -340,7 +340,7 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
       view = view_at(lim)
       if view is None:
         break
-      ratio = budget_lib.coded_ratio(weights, view[0], view[1])
+      ratio = budget_lib.coded_ratio(weights, view[0], view[1], by_path)
       # never below the budget: fixed-width sizing meets it whatever the codes
       lim = max(limit, fixed + (limit - fixed) * ratio * (1 - config.budget.coded_margin))
     sized_for[name] = int(lim)

@@ -411,6 +411,29 @@ def test_coded_ratio_by_hand():
   assert budget.coded_ratio({"w": ones}, {"w": keep}, {"w": 4}) == pytest.approx(24 / 20)
 
 
+def test_coded_ratio_of_an_einsum_follows_its_own_axes_by_hand():
+  # 'btd,fd->btf': kernel [out 5, in 12], one scale per row, 2:4 groups along the rows. With
+  # the output channels taken as the last axis, row 3 (0.01 against a column maximum of 2)
+  # quantized to 0 and the groups ran down the 5 rows, where none fit.
+  model = Attention()
+  x = np.zeros((2, 6, 16), np.float32)
+  layers = {l.path: l for l in trace_layers(model, model.init(jax.random.key(0), x), x).layers}
+  rows = np.repeat(np.array([1.0, 0.5, 0.25, 0.01, 2.0], np.float32)[:, None], 12, axis=1)
+  scale = np.abs(rows).max(axis=1, keepdims=True) / 7  # the export's per-row scales
+  assert np.all(np.round(rows / scale) == 7)  # NumPy: every code is 7
+  # 60 equal 4-bit codes, dense: 30 bytes fixed-width; Huffman-coded a 1 + 8 byte table (16
+  # symbols) and one bit each (8 bytes): 30 / 17.
+  assert budget.coded_ratio({"mix": rows}, {}, {"mix": 4}, layers) == pytest.approx(30 / 17)
+  # Every other input kept: 2 of every 4 along each row, stored as 2:4 groups: 30 2-bit
+  # positions (8 bytes; Huffman-coded, only 0 and 2 occur: a 1 + 2 byte table and one bit each,
+  # 7 bytes) and 30 values (15 bytes, or 9 + 4 coded): 23 / 20.
+  keep = np.zeros((5, 12), bool)
+  keep[:, ::2] = True
+  ones = np.ones((5, 12), np.float32)
+  assert budget.coded_ratio({"mix": ones}, {"mix": keep}, {"mix": 4}, layers) == pytest.approx(
+      23 / 20)
+
+
 def test_a_tied_embedding_head_is_costed_with_float_inputs_under_a_compute_budget():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 50, (8, 6)).astype(np.int32)

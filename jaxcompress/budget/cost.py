@@ -46,7 +46,7 @@ from jaxcompress.export import sparse
 from jaxcompress.export.codec import LayerTensor, code_streams, encode_layer
 from jaxcompress.export.files import spec_bytes
 from jaxcompress.export.packing import packed_size
-from jaxcompress.models.functional import functional, weight_name
+from jaxcompress.models.functional import functional, stacked_axes, weight_name
 from jaxcompress.quantization import qrange, quantize_int
 from jaxcompress.rules import tree_get
 from jaxcompress.specs import PruneSpec
@@ -155,18 +155,33 @@ def gap_cap(keep: Any, bits: int) -> tuple[int, int] | None:
   return width, sparse.num_gap_codes(sparse.gaps_of(keep.reshape(-1)), width)
 
 
-def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
-                bits: Mapping[str, int]) -> float:
+def per_channel_axes(layer: Any) -> tuple[int, ...]:
+  """The axes of a traced :class:`~jaxcompress.selection.Layer`'s weight with one scale each when
+  quantized per channel, as the quantized model gives them (``quantization.model``): its output
+  axes (the last of a Dense or Conv, an Einsum's kernel letters its output keeps, a
+  DenseGeneral's features), an Embed's vocabulary axis 0, and the steps of a stacked weight."""
+  steps = layer.stacked
+  own = (0,) if layer.kind == "embed" else tuple(
+      a - steps for a in range(steps, len(layer.shape))
+      if a not in layer.reduce_axes and a not in layer.window_axes)
+  return stacked_axes(own, steps)
+
+
+def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any], bits: Mapping[str, int],
+                layers: Mapping[str, Any] | None = None) -> float:
   """Fixed-width over Huffman-coded bytes of these weights' positions and values, estimated.
 
-  Each weight (``{path: array}``, output channels last, the other axes reduced over) is pruned
-  to its ``keeps`` entry (none: dense) and quantized at its ``bits`` to the symmetric grid with
-  one max-abs scale per output channel, then encoded as the export does (2:4 groups along the
-  reduction axes included), each code stream Huffman-coded where smaller
+  Each weight (``{path: array}``) is pruned to its ``keeps`` entry (none: dense) and quantized at
+  its ``bits`` to the symmetric grid with one max-abs scale per output channel
+  (:func:`per_channel_axes`), then encoded as the export does (2:4 groups along the reduction axes
+  included), each code stream Huffman-coded where smaller
   (:func:`jaxcompress.export.encode_layer`); a coded stream counts at its fixed-width packing on
-  the first side of the ratio (:func:`jaxcompress.export.packing.packed_size`). Fine-tuning moves
-  the codes, so the ratio of the trained artifact differs a little: a plan sized with it is
-  checked on its export (``export.max_bytes``).
+  the first side of the ratio (:func:`jaxcompress.export.packing.packed_size`). ``layers``:
+  each weight's traced :class:`~jaxcompress.selection.Layer` by the same path, which gives its
+  output and reduction axes (an Einsum's are not the usual ones); a weight without one has its
+  output channels last and is reduced over the other axes. Fine-tuning moves the codes, so the
+  ratio of the trained artifact differs a little: a plan sized with it is checked on its export
+  (``export.max_bytes``).
   """
   sizes = np.zeros(2, np.int64)  # fixed-width, Huffman-coded
   for path, weight in weights.items():
@@ -175,11 +190,14 @@ def coded_ratio(weights: Mapping[str, Any], keeps: Mapping[str, Any],
       w = np.where(np.asarray(keeps[path], bool), w, 0.0)
     b = int(bits[path])
     qmin, qmax = qrange(b, symmetric=True)
-    top = np.abs(w).reshape(-1, w.shape[-1]).max(axis=0)
+    layer = (layers or {}).get(path)
+    channels = (w.ndim - 1,) if layer is None else per_channel_axes(layer)
+    reduce = tuple(range(w.ndim - 1)) if layer is None else layer.reduce_axes
+    top = np.abs(w).max(axis=tuple(a for a in range(w.ndim) if a not in channels),
+                        keepdims=True)
     scale = np.where(top > 0, top / qmax, 1.0).astype(np.float32)
     codes = np.asarray(quantize_int(w, scale, 0, qmin=qmin, qmax=qmax))
-    tensor = LayerTensor(path, "int", codes, b, qmin=qmin, scale=scale,
-                         group_axes=tuple(range(w.ndim - 1)))  # reduction axes, as usual
+    tensor = LayerTensor(path, "int", codes, b, qmin=qmin, scale=scale, group_axes=reduce)
     meta, segments = encode_layer(tensor, huffman=True)
     streams = code_streams(meta)
     for name in ("positions", "values"):
