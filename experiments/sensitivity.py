@@ -70,7 +70,8 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
 
   Args:
     params: trained parameters.
-    evaluate: ``params -> {'accuracy': ..., 'loss': ..., ...}``.
+    evaluate: ``params -> {'accuracy': ..., 'loss': ..., 'nonfinite': ..., ...}``
+      (:func:`jaxcompress.steps.evaluate`'s fields).
     sparsities: targets in [0, 1).
     scopes: ``"layer"`` and/or ``"global"`` (see :func:`jaxcompress.pruning.magnitude_masks`).
     rules: leaf selection; ``None``: every floating-point leaf of rank >= 2 but a
@@ -78,8 +79,10 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
 
   Returns:
     One row per scope and sparsity, in that order: ``{'scope', 'sparsity', 'pruned',
-    'prunable', 'achieved', 'model_sparsity', 'accuracy', 'loss'}``; the counts of
-    :func:`sparsity_counts` over the evaluated (pruned) parameters.
+    'prunable', 'achieved', 'model_sparsity', 'accuracy', 'loss', 'nonfinite'}``; the counts of
+    :func:`sparsity_counts` over the evaluated (pruned) parameters; ``nonfinite``, the examples
+    whose logits hold NaN or Inf (counted wrong), ``None`` where ``evaluate`` does not count
+    them.
   """
   rows = []
   for scope in scopes:
@@ -88,7 +91,8 @@ def sweep(params: Any, evaluate: Callable[[Any], dict], sparsities: Sequence[flo
       pruned = pruning.apply_masks(params, masks)
       metrics = evaluate(pruned)
       rows.append({"scope": scope, "sparsity": float(sparsity), **sparsity_counts(pruned, rules),
-                   "accuracy": metrics["accuracy"], "loss": metrics["loss"]})
+                   "accuracy": metrics["accuracy"], "loss": metrics["loss"],
+                   "nonfinite": metrics.get("nonfinite")})
   return rows
 
 
@@ -147,9 +151,10 @@ def one_shot_sensitivity(config) -> dict:
 
   Returns:
     ``{'model', 'weights', 'dataset', 'split', 'examples', 'dense': {'accuracy', 'loss',
-    'pruned', 'prunable', 'achieved', 'model_sparsity'}, 'results': [row of :func:`sweep`, ...],
-    'eval_compiles', 'seconds'}``; ``dense`` counts the zeros the weights hold. ``eval_compiles``
-    counts the compilations of the eval step (1: every evaluation reused the first one).
+    'nonfinite', 'pruned', 'prunable', 'achieved', 'model_sparsity'}, 'results': [row of
+    :func:`sweep`, ...], 'eval_compiles', 'seconds'}``; ``dense`` counts the zeros the weights
+    hold. ``eval_compiles`` counts the compilations of the eval step (1: every evaluation reused
+    the first one).
 
   Raises:
     ConfigError: for a bad sparsity, scope, rule, model, dataset, weights file or missing data,
@@ -187,7 +192,8 @@ def one_shot_sensitivity(config) -> dict:
           "dataset": config.data.name, "split": config.data.eval_split,
           "examples": dense["examples"],
           "dense": {"accuracy": dense["accuracy"], "loss": dense["loss"],
-                    **sparsity_counts(params, rules)}, "results": rows,
+                    "nonfinite": dense["nonfinite"], **sparsity_counts(params, rules)},
+          "results": rows,
           "eval_compiles": eval_step._cache_size(),  # pylint: disable=protected-access
           "seconds": round(time.perf_counter() - t0, 2)}
 

@@ -79,7 +79,8 @@ def _numpy_masks(params, sparsity, scope):
 
 
 def _numpy_eval(params, images, labels, masks=None):
-  """Accuracy (percent) and mean cross-entropy of the MLP, in NumPy."""
+  """Accuracy (percent), mean cross-entropy and the count of examples with a non-finite logit of
+  the MLP, in NumPy."""
   x = (images.astype(np.float64) / 255 - 0.5) / 0.5
   x = x.reshape(len(x), -1)
   names = sorted(params, key=lambda k: int(k[2:]))  # fc1, fc2, fc3
@@ -90,7 +91,8 @@ def _numpy_eval(params, images, labels, masks=None):
       x = np.maximum(x, 0)
   logz = np.log(np.sum(np.exp(x - x.max(1, keepdims=True)), 1)) + x.max(1)
   loss = np.mean(logz - x[np.arange(len(x)), labels])
-  return 100 * np.mean(np.argmax(x, 1) == labels), loss
+  finite = np.isfinite(x).all(1)
+  return 100 * np.mean(finite & (np.argmax(x, 1) == labels)), loss, int(np.sum(~finite))
 
 
 def _kernel_sizes(params):
@@ -107,9 +109,10 @@ def test_one_shot_matches_numpy_pruning_and_compiles_eval_once():
 
   assert result["eval_compiles"] == 1  # dense + 8 points, one compiled eval step
   assert result["examples"] == N
-  acc, loss = _numpy_eval(params, images, labels)
+  acc, loss, nonfinite = _numpy_eval(params, images, labels)
   assert result["dense"]["accuracy"] == pytest.approx(acc)
   assert result["dense"]["loss"] == pytest.approx(loss, rel=1e-4)
+  assert result["dense"]["nonfinite"] == nonfinite == 0
   points = [(r["scope"], r["sparsity"]) for r in result["results"]]
   assert points == [(s, p) for s in ("layer", "global") for p in (0.3, 0.5, 0.7, 0.9)]
   for r in result["results"]:
@@ -117,9 +120,10 @@ def test_one_shot_matches_numpy_pruning_and_compiles_eval_once():
                 else round(r["sparsity"] * sum(sizes)))
     assert (r["pruned"], r["prunable"]) == (expected, sum(sizes))
     masks = _numpy_masks(params, r["sparsity"], r["scope"])
-    acc, loss = _numpy_eval(params, images, labels, masks)
+    acc, loss, nonfinite = _numpy_eval(params, images, labels, masks)
     assert r["accuracy"] == pytest.approx(acc), r
     assert r["loss"] == pytest.approx(loss, rel=1e-4), r
+    assert r["nonfinite"] == nonfinite, r
 
   json.loads(json.dumps(result))  # the printed JSON line round-trips
   table = [[c.strip() for c in line.strip("|").split("|")]
@@ -129,6 +133,31 @@ def test_one_shot_matches_numpy_pruning_and_compiles_eval_once():
   assert table[3] == ["layer", "0.30", "0.3000", f"{result['results'][0]['model_sparsity']:.4f}",
                       f"{result['results'][0]['accuracy']:.2f}",
                       f"{result['results'][0]['accuracy'] - result['dense']['accuracy']:+.2f}"]
+
+
+def test_one_shot_counts_the_examples_with_non_finite_logits(monkeypatch):
+  # fc3's bias of class 3 is NaN: every example's logits hold a NaN, each counted wrong and in
+  # nonfinite, at every point (the bias is not pruned); the rows lacked the count.
+  def nan_bias(*args, **kwargs):
+    model, variables = create_model(*args, **kwargs)
+    bias = np.asarray(variables["params"]["fc3"]["bias"]).copy()
+    bias[3] = np.nan
+    variables["params"]["fc3"]["bias"] = jnp.asarray(bias)
+    return model, variables
+
+  monkeypatch.setattr(sensitivity, "create_model", nan_bias)
+  config = _tiny(sensitivity_config.get_config())
+  config.prune.sparsities, config.prune.scopes = (0.5,), ("layer",)
+  with tfds.testing.mock_data(num_examples=N):
+    result = one_shot_sensitivity(config)
+    images, labels = load_split("mnist", "test", progress=False)
+  params = _mlp_params()
+  params = {**params, "fc3": {**params["fc3"], "bias": np.where(np.arange(10) == 3, np.nan,
+                                                                params["fc3"]["bias"])}}
+  acc, _, nonfinite = _numpy_eval(params, images, labels)
+  assert (acc, nonfinite) == (0.0, N)
+  for row in (result["dense"], *result["results"]):
+    assert (row["accuracy"], row["nonfinite"]) == (acc, nonfinite)
 
 
 def test_one_shot_counts_the_zeros_of_the_model_it_evaluates():
