@@ -243,12 +243,14 @@ def iterative_search(config, workdir: str) -> dict:
 
   Returns:
     ``{'model', 'dataset', 'scope', 'tolerance', 'val_split', 'val_examples', 'eval_split',
-    'dense_val_accuracy',
-    'history': [{'round', 'sparsity', 'val_accuracy', 'within_tolerance', 'pruned',
-    'prunable', 'achieved', 'steps', 'seconds'}, ...], 'sparsity', 'pruned', 'prunable',
-    'val_accuracy', 'test_accuracy', 'test_loss', 'dense_test_accuracy', 'test_examples',
-    'train_compiles', 'seconds'}``. ``sparsity`` is the chosen round's target (0 when even the
-    first round fails); ``pruned``/``prunable`` count its zeroed entries among the selected ones.
+    'dense_val_accuracy', 'dense_val_nonfinite',
+    'history': [{'round', 'sparsity', 'val_accuracy', 'val_nonfinite', 'within_tolerance',
+    'pruned', 'prunable', 'achieved', 'steps', 'seconds'}, ...], 'sparsity', 'pruned',
+    'prunable', 'val_accuracy', 'test_accuracy', 'test_loss', 'test_nonfinite',
+    'dense_test_accuracy', 'dense_test_nonfinite', 'test_examples', 'train_compiles',
+    'seconds'}``. ``sparsity`` is the chosen round's target (0 when even the first round fails);
+    ``pruned``/``prunable`` count its zeroed entries among the selected ones; each ``nonfinite``
+    counts the examples of that evaluation whose logits hold NaN or Inf (counted wrong).
 
   Raises:
     ConfigError: for a bad config (checked before any data is decoded) or a workdir holding
@@ -330,7 +332,7 @@ def iterative_search(config, workdir: str) -> dict:
   # Non-trainable state (BatchNorm statistics) after each round, on the host; -1 is dense.
   model_states = {-1: jax.device_get(variables)}
   current = [-1]  # the round whose model state goes with the parameters being evaluated
-  rounds, counts = [], []
+  rounds, counts, nonfinite = [], [], []  # nonfinite: of each validation, the dense one first
 
   def finetune(params, masks, r):
     del masks  # ``params`` arrive pruned; keep_nonzero keeps exactly their zeros at zero
@@ -352,17 +354,21 @@ def iterative_search(config, workdir: str) -> dict:
 
   def validate(params):
     counts.append(zero_count(params, rules))
-    return evaluate(params, "val", "validate")["accuracy"]
+    metrics = evaluate(params, "val", "validate")
+    nonfinite.append(metrics["nonfinite"])
+    return metrics["accuracy"]
 
   result = pruning.iterative_prune(
       dense_params, config.prune.sparsities, finetune, validate, tolerance=config.prune.tolerance,
       mask_fn=lambda p, s: pruning.magnitude_masks(p, s, scope=config.prune.scope, rules=rules))
 
   history = []
-  for rnd, extra, (pruned, prunable) in zip(result.history, rounds, counts[1:]):
+  for rnd, extra, (pruned, prunable), bad in zip(result.history, rounds, counts[1:],
+                                                 nonfinite[1:]):
     history.append({"round": rnd.index, "sparsity": rnd.sparsity, "val_accuracy": rnd.accuracy,
-                    "within_tolerance": rnd.within_tolerance, "pruned": pruned,
-                    "prunable": prunable, "achieved": pruned / prunable, **extra})
+                    "val_nonfinite": bad, "within_tolerance": rnd.within_tolerance,
+                    "pruned": pruned, "prunable": prunable, "achieved": pruned / prunable,
+                    **extra})
   current[0] = max([h["round"] for h in history if h["within_tolerance"]], default=-1)
   test = evaluate(result.params, "eval", "test")
   current[0] = -1
@@ -375,11 +381,12 @@ def iterative_search(config, workdir: str) -> dict:
   out = {"model": config.model.name, "dataset": config.data.name, "scope": config.prune.scope,
          "tolerance": config.prune.tolerance, "val_split": val_split,
          "val_examples": len(splits["val"]), "eval_split": config.data.eval_split,
-         "dense_val_accuracy": result.dense_accuracy, "history": history,
-         "sparsity": result.sparsity, "pruned": pruned, "prunable": prunable,
+         "dense_val_accuracy": result.dense_accuracy, "dense_val_nonfinite": nonfinite[0],
+         "history": history, "sparsity": result.sparsity, "pruned": pruned, "prunable": prunable,
          "val_accuracy": result.accuracy, "test_accuracy": test["accuracy"],
-         "test_loss": test["loss"], "dense_test_accuracy": dense_test["accuracy"],
-         "test_examples": test["examples"],
+         "test_loss": test["loss"], "test_nonfinite": test["nonfinite"],
+         "dense_test_accuracy": dense_test["accuracy"],
+         "dense_test_nonfinite": dense_test["nonfinite"], "test_examples": test["examples"],
          "train_compiles": train_step._cache_size(),  # pylint: disable=protected-access
          "seconds": round(time.perf_counter() - t0, 2)}
   write_json(os.path.join(workdir, "results.json"), out)

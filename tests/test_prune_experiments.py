@@ -230,9 +230,14 @@ def test_iterative_exact_sparsity_validation_on_train_split_and_resume(tmp_path,
   with tfds.testing.mock_data(num_examples=N):
     train = load_split("mnist", "train", progress=False)
     test = load_split("mnist", "test", progress=False)
-  assert result["dense_val_accuracy"] == pytest.approx(
-      _numpy_eval(params, train[0][-16:], train[1][-16:])[0])
+  dense_val = _numpy_eval(params, train[0][-16:], train[1][-16:])
+  assert result["dense_val_accuracy"] == pytest.approx(dense_val[0])
   assert result["dense_test_accuracy"] == pytest.approx(_numpy_eval(params, *test)[0])
+  # No logit of the dense model is NaN or Inf (NumPy), nor of the rounds' and chosen model's.
+  assert (result["dense_val_nonfinite"], result["dense_test_nonfinite"]) == (
+      dense_val[2], _numpy_eval(params, *test)[2]) == (0, 0)
+  assert [h["val_nonfinite"] for h in result["history"]] == [0, 0]
+  assert result["test_nonfinite"] == 0
 
   table = iterative_table(result).splitlines()
   assert len(table) == 3 + 2 + 2 and table[-1].startswith("chosen sparsity 0.80")
