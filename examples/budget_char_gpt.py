@@ -146,10 +146,12 @@ def main(argv):
                                               os.path.join(_WORKDIR.value, name))
          for name, fields in runs.items()}
   row = lambda r: {k: r["compressed"][k] for k in (  # noqa: E731
-      "loss_test", "bits_test", "size_bytes", "compression_ratio", "export_agreement")}
+      "loss_test", "bits_test", "nonfinite_test", "size_bytes", "compression_ratio",
+      "export_agreement")}
   results = {
       "budget": {"ratio": _RATIO.value, "kernel_bytes": limit},
-      "teacher": {k: out["plan"]["teacher"][k] for k in ("loss_test", "bits_test", "size_bytes")},
+      "teacher": {k: out["plan"]["teacher"][k] for k in ("loss_test", "bits_test",
+                                                          "nonfinite_test", "size_bytes")},
       "plan": {"chosen": chosen, "layers": plan.to_list(), "kernel_bytes": plan.size_bytes,
                "one_shot_damage": one_shot[chosen], **row(out["plan"])},
       "uniform": {"sparsity": s, "weight_bits": int(b), "kernel_bytes": int(uniform_bytes),

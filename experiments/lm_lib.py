@@ -151,8 +151,10 @@ def evaluate_lm(eval_step, variables, ids: np.ndarray, *, batch_size: int, conte
 
   Returns:
     ``{'loss': nats/char, 'bits': bits/char, 'accuracy': % of next characters predicted,
-    'chars': positions counted}`` and, with ``predictions``, every position's argmax (-1 where
-    its logits are not finite, counted wrong).
+    'chars': positions counted, 'nonfinite': positions whose logits hold NaN or Inf}`` and, with
+    ``predictions``, every position's argmax. A position with a non-finite logit predicts no
+    character (-1 in ``predictions``): it counts as wrong and in ``nonfinite``, and the loss is
+    then nan.
   """
   windows = text.num_eval_windows(len(ids), context)
   batch_size = parallel.eval_batch_size(batch_size, windows, mesh)
@@ -161,7 +163,7 @@ def evaluate_lm(eval_step, variables, ids: np.ndarray, *, batch_size: int, conte
   r = evaluate(eval_step, variables, batches, num_classes=vocab_size, mesh=mesh, total=total,
                desc=desc, predictions=predictions)
   out = {"loss": r["loss"], "bits": text.bits(r["loss"]), "accuracy": r["accuracy"],
-         "chars": r["examples"]}
+         "chars": r["examples"], "nonfinite": r["nonfinite"]}
   if predictions:
     out["predictions"] = r["predictions"]
   return out

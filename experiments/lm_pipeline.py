@@ -227,7 +227,8 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
            "size_bytes": param_count(fam.variables["params"]) * FLOAT32_BYTES}
     for split in ("validation", "test", "val111k"):
       r = evaluate(teacher_apply, fam.variables, split, f"eval {fam.label} teacher {split}")
-      row.update({f"loss_{split}": r["loss"], f"bits_{split}": r["bits"]})
+      row.update({f"loss_{split}": r["loss"], f"bits_{split}": r["bits"],
+                  f"nonfinite_{split}": r["nonfinite"]})
     if not t.checkpoint:
       row["train_seconds"] = read_json(os.path.join(fam.folder, "teacher",
                                                     "results.json"))["train_seconds"]
@@ -266,8 +267,9 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
     row = stage(f"{p}{kind}", lambda: {
         **_evaluate_export(comp, state, os.path.join(run_dir, "export"), float_bytes, fam,
                            evaluate),
-        "loss_val111k": evaluate(comp.logits_fn, comp.eval_variables(state), "val111k",
-                                 "eval val111k")["loss"],
+        **{f"{k}_val111k": v for k, v in evaluate(comp.logits_fn, comp.eval_variables(state),
+                                                   "val111k", "eval val111k").items()
+           if k in ("loss", "nonfinite")},
         "train_seconds": info["seconds"], "steps": info["steps"],
         "sparsity": float(comp.sparsity({"model": jax.device_get(state.params["model"])}))})
     runs[kind] = (comp, state, row)
@@ -294,10 +296,11 @@ def _evaluate_export(comp, state, out_dir: str, float_bytes: int, fam: Family, e
   """Exports ``state``'s student, reloads it and evaluates both on the test split.
 
   Returns:
-    The fake-quant model's ``loss_test`` and ``bits_test``, the artifact's ``size_bytes`` (on
-    disk), ``compression_ratio`` (float32 teacher bytes / artifact bytes), its own
-    ``exported_loss_test`` and ``export_agreement`` (fraction of test positions whose argmax
-    equals the fake-quant model's).
+    The fake-quant model's ``loss_test``, ``bits_test`` and ``nonfinite_test`` (test positions
+    whose logits hold NaN or Inf), the artifact's ``size_bytes`` (on disk),
+    ``compression_ratio`` (float32 teacher bytes / artifact bytes), its own
+    ``exported_loss_test`` and ``exported_nonfinite_test``, and ``export_agreement`` (fraction
+    of test positions whose argmax equals the fake-quant model's).
   """
   from jaxcompress import export  # heavy; only the export stages need it
   report = comp.export(out_dir, state, input_shape=(fam.context,), input_dtype="int32",
@@ -309,8 +312,9 @@ def _evaluate_export(comp, state, out_dir: str, float_bytes: int, fam: Family, e
   ex = evaluate(loaded.apply_fn, loaded.arrays, "test", "eval exported artifact", True)
   agree = prediction_agreement(fq["predictions"], ex["predictions"])
   size = int(report["total_bytes"])
-  return {"loss_test": fq["loss"], "bits_test": fq["bits"], "size_bytes": size,
-          "compression_ratio": round(float_bytes / size, 3), "exported_loss_test": ex["loss"],
+  return {"loss_test": fq["loss"], "bits_test": fq["bits"], "nonfinite_test": fq["nonfinite"],
+          "size_bytes": size, "compression_ratio": round(float_bytes / size, 3),
+          "exported_loss_test": ex["loss"], "exported_nonfinite_test": ex["nonfinite"],
           "export_agreement": agree}
 
 

@@ -87,7 +87,7 @@ def train_lm(config, corpus: text.Corpus, workdir: str, *, mesh, desc: str = "tr
   for split in EVAL_SPLITS:
     r = evaluate(state, split)
     results.update({f"loss_{split}": r["loss"], f"bits_{split}": r["bits"],
-                    f"accuracy_{split}": r["accuracy"]})
+                    f"accuracy_{split}": r["accuracy"], f"nonfinite_{split}": r["nonfinite"]})
   MetricsLog(os.path.join(workdir, "metrics.jsonl")).write_final(
       info["steps"], {k: v for k, v in results.items() if k.startswith(("loss_", "bits_"))})
   lm_lib.save_trained(workdir, trained, corpus.vocab)

@@ -77,6 +77,7 @@ def test_train_lm_reports_losses_in_nats_and_bits(tiny):
   for split in ("validation", "test", "val111k"):
     assert result[f"bits_{split}"] == pytest.approx(result[f"loss_{split}"] / math.log(2))
     assert 0 < result[f"loss_{split}"] < 2 * math.log(result["vocab_size"])
+    assert result[f"nonfinite_{split}"] == 0  # a finite loss: no position's logits were NaN
   assert result["size_bytes"] == 4 * result["params"]
   for name in ("weights.msgpack", "vocab.json", "config.json", "metrics.jsonl"):
     assert os.path.isfile(os.path.join(tiny["lm"], name))
@@ -122,7 +123,13 @@ def test_distill_end_to_end_contract(tiny):
   r = json.load(open(workdir / "results.json"))
   assert r["teacher"]["loss_test"] == pytest.approx(tiny["printed"]["loss_test"], rel=1e-5)
   assert r["teacher"]["loss_val111k"] == pytest.approx(tiny["printed"]["loss_val111k"], rel=1e-5)
+  for split in ("validation", "test", "val111k"):
+    assert r["teacher"][f"nonfinite_{split}"] == 0
+  for row in (r["ptq"], r["compressed"], r["sft"], r["lstm"]["compressed"]):
+    assert row["nonfinite_test"] == row["exported_nonfinite_test"] == 0
+    assert math.isfinite(row["loss_test"])
   for row in (r["compressed"], r["sft"], r["lstm"]["compressed"]):
+    assert row["nonfinite_val111k"] == 0 and math.isfinite(row["loss_val111k"])
     assert row["export_agreement"] == 1.0
     assert row["exported_loss_test"] == row["loss_test"]
     assert row["sparsity"] == pytest.approx(0.5)
@@ -291,13 +298,13 @@ def test_budget_example_plans_a_char_transformer(tiny, tmp_path):
            "block0/attn/out": 64, "block0/fc": 256, "block0/proj": 256}
   assert r["budget"]["kernel_bytes"] == 4 * sum(sizes.values()) // 12
   assert [l["path"] for l in r["plan"]["layers"]] == list(sizes)
-  assert r["scan"]["compiles"] == 1
+  assert r["scan"]["compiles"] == 1 and r["teacher"]["nonfinite_test"] == 0
   model = get_model("char_gpt", tiny["printed"]["vocab_size"],
                     context=8, width=8, depth=1, heads=2, mlp_ratio=4, dropout=0.0)
   zeros = {}
   for name in ("plan", "uniform"):
     assert r[name]["kernel_bytes"] <= r["budget"]["kernel_bytes"]
-    assert r[name]["export_agreement"] == 1.0
+    assert r[name]["export_agreement"] == 1.0 and r[name]["nonfinite_test"] == 0
     params = export.load(str(workdir / name / "kd" / "export"), model).variables["params"]
     zeros[name] = {p: int(np.sum(np.asarray(tree_get(params, f"{p}/kernel")) == 0))
                    for p in sizes}
@@ -436,6 +443,22 @@ def test_an_eval_batch_larger_than_the_split_evaluates_it_in_one_batch():
   got = lm_lib.evaluate_lm(step, None, ids, batch_size=10**12, context=4, vocab_size=5)
   assert got == lm_lib.evaluate_lm(step, None, ids, batch_size=2, context=4, vocab_size=5)
   assert got["chars"] == 10 and got["accuracy"] == 100.0
+
+
+def test_positions_with_non_finite_logits_predict_nothing_and_are_counted():
+  # Logits NaN wherever the input character is 3, else predicting id + 1: of the 10 predicted
+  # positions the 2 whose input is 3 (NumPy count) are wrong and non-finite, the rest right.
+  from jaxcompress.steps import make_eval_step
+  step = make_eval_step(lambda v, x: jnp.where((x == 3)[..., None], jnp.nan,
+                                               10.0 * jnp.eye(5)[(x + 1) % 5]))
+  ids = np.arange(11) % 5
+  bad = int(np.sum(ids[:-1] == 3))
+  got = lm_lib.evaluate_lm(step, None, ids, batch_size=2, context=4, vocab_size=5,
+                           predictions=True)
+  assert (got["chars"], got["nonfinite"], bad) == (10, 2, 2)
+  assert got["accuracy"] == 100.0 * (10 - bad) / 10
+  assert math.isnan(got["loss"]) and math.isnan(got["bits"])
+  assert sorted(got["predictions"]) == sorted(np.where(ids[:-1] == 3, -1, (ids[:-1] + 1) % 5))
 
 
 def test_real_windows_leave_out_the_padding_of_the_last_batch():
