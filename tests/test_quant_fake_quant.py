@@ -168,7 +168,7 @@ def test_bad_scale_raises(scale, match):
     fake_quant(jnp.ones(2), scale, 0, qmin=0, qmax=15)
 
 
-@pytest.mark.parametrize("qmin,qmax", [(0, 0), (7, -8)])
+@pytest.mark.parametrize("qmin,qmax", [(0, 0), (7, -8), (np.nan, 7)])
 def test_qmin_not_below_qmax_raises(qmin, qmax):
   with pytest.raises(ConfigError, match=rf"qmin must be < qmax, got qmin={qmin}, qmax={qmax}"):
     fake_quant(jnp.ones(2), 0.1, 0, qmin=qmin, qmax=qmax)

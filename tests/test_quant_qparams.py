@@ -96,6 +96,17 @@ def test_qparams_from_range_per_channel_broadcasts():
   np.testing.assert_array_equal(zp, [[64, 0]])
 
 
+@pytest.mark.parametrize("qmin, qmax", [(5, 5), (5, 0), (0, np.nan)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_qparams_from_range_refuses_a_grid_without_codes(qmin, qmax, symmetric):
+  # (hi - lo) / (qmax - qmin) = 2 / 0 raised ZeroDivisionError, 2 / -5 < 0 came back as the
+  # floor EPS (a scale for no grid), and a NaN code gave a NaN scale: no positive scale maps
+  # [-1, 1] onto codes qmin..qmax unless qmin < qmax.
+  with pytest.raises(ConfigError, match=rf"^qmin must be < qmax, got qmin={qmin}, "
+                                        rf"qmax={qmax}; use qparams.qrange"):
+    qparams_from_range(-1.0, 1.0, qmin=qmin, qmax=qmax, symmetric=symmetric)
+
+
 def test_qparams_from_range_refuses_an_inverted_range():
   # Channel 1, [1, -1], holds no value: widened to [0, 0] it gave scale = eps, every x clipped.
   with pytest.raises(ConfigError, match=r"^qparams_from_range needs lo <= hi, got lo=\[0.0, 1.0\], "

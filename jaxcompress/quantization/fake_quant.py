@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError, invalid
-from jaxcompress.quantization.qparams import concrete
+from jaxcompress.errors import invalid
+from jaxcompress.quantization.qparams import check_grid, concrete
 
 
 def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "scale",
@@ -34,11 +34,8 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
   Only values known outside a trace are checked (``None`` skips one); under ``jit`` the arguments
   are trusted.
   """
-  lo = None if qmin is None else concrete(qmin)
-  hi = None if qmax is None else concrete(qmax)
-  if lo is not None and hi is not None and np.any(lo >= hi):
-    raise ConfigError(f"qmin must be < qmax, got qmin={qmin!r}, qmax={qmax!r}; "
-                      "use qparams.qrange(bits, symmetric) to get a valid pair")
+  if qmin is not None and qmax is not None:
+    check_grid(qmin, qmax)
   s = concrete(scale)
   if s is not None and not np.all(np.isfinite(s) & (s > 0)):
     bad = s[~(np.isfinite(s) & (s > 0))] if s.ndim else s

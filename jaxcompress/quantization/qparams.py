@@ -105,6 +105,15 @@ def reduce_axes(ndim: int, axis: int | Sequence[int] | None,
   return tuple(i for i in range(ndim) if i not in kept)
 
 
+def check_grid(qmin: Any, qmax: Any) -> None:
+  """Raises :class:`ConfigError` unless concrete codes ``qmin < qmax`` (NaN fails); traced ones
+  pass."""
+  lo, hi = concrete(qmin), concrete(qmax)
+  if lo is not None and hi is not None and not np.all(lo < hi):
+    raise ConfigError(f"qmin must be < qmax, got qmin={qmin!r}, qmax={qmax!r}; "
+                      "use qparams.qrange(bits, symmetric) to get a valid pair")
+
+
 def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
                        symmetric: bool) -> tuple[jax.Array, jax.Array]:
   """``(scale, zero_point)`` that map the real range ``[lo, hi]`` onto ``[qmin, qmax]``.
@@ -123,8 +132,10 @@ def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
     ``(scale, zero_point)``: float32 scale (at least :data:`EPS`) and int32 zero point.
 
   Raises:
-    ConfigError: (outside ``jit`` only) if ``lo > hi`` anywhere: no real range.
+    ConfigError: (outside ``jit`` only) if ``lo > hi`` anywhere: no real range; if
+      ``qmin >= qmax``: no grid.
   """
+  check_grid(qmin, qmax)
   lo_c, hi_c = concrete(lo), concrete(hi)
   if lo_c is not None and hi_c is not None and np.any(lo_c > hi_c):
     raise ConfigError(f"qparams_from_range needs lo <= hi, got lo={lo_c.tolist()}, "
