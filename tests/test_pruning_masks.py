@@ -27,11 +27,19 @@ def test_topk_mask_matches_numpy_with_many_ties(k):
   np.testing.assert_array_equal(topk_mask(jnp.asarray(scores), k), keep_oracle(scores, k))
 
 
-@pytest.mark.parametrize("k", [-1, 7])
+@pytest.mark.parametrize("k", [-1, 7, 2.5, float("nan")])
 def test_topk_mask_refuses_a_k_it_cannot_keep(k):
-  # 6 entries: keeping -1 or 7 of them is impossible (the old masks kept 0 and 6, silently).
+  # 6 entries: keeping -1 or 7 of them is impossible (the old masks kept 0 and 6, silently),
+  # and so is keeping 2.5: it kept the 2 of ranks >= 6 - 2.5 = 3.5, not the "exactly k"
+  # promised.
   with pytest.raises(ConfigError, match=rf"^k must be an integer in \[0, 6\] .*, got {k}$"):
     topk_mask(jnp.arange(6.0), k)
+
+
+def test_topk_mask_takes_numpy_and_jax_integers():
+  scores = np.random.default_rng(2).normal(size=(3, 4)).astype(np.float32)
+  for k in (np.int64(5), jnp.int32(5), 5.0):  # a whole number, as check_counts takes it
+    np.testing.assert_array_equal(topk_mask(jnp.asarray(scores), k), keep_oracle(scores, 5))
 
 
 def test_topk_mask_traced_k_under_jit():

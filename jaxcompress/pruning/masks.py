@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import check_range, invalid, unknown
+from jaxcompress.errors import check_range, invalid, is_number, unknown
 
 Sparsity = Union[float, jax.Array]
 # ``masker(paths, scores, sparsity) -> list of bool arrays`` (module docstring).
@@ -112,10 +112,11 @@ def topk_mask(scores: jax.Array, k: int | jax.Array) -> jax.Array:
     A bool array of ``scores``' shape with exactly ``k`` ``True`` entries.
 
   Raises:
-    ConfigError: for a ``k`` known now (not traced) outside ``[0, scores.size]``.
+    ConfigError: for a ``k`` known now (not traced) that is no integer in ``[0, scores.size]``.
   """
   scores = jnp.asarray(scores)
-  if not isinstance(k, jax.core.Tracer) and not 0 <= k <= np.size(scores):
+  if not isinstance(k, jax.core.Tracer) and not (is_number(k) and float(k).is_integer()
+                                                 and 0 <= k <= np.size(scores)):
     raise invalid("k", k, f"an integer in [0, {np.size(scores)}] (entries of scores to keep)")
   flat = scores.reshape(-1)
   if flat.size < BISECT_FROM or not jnp.issubdtype(flat.dtype, jnp.floating):
