@@ -88,6 +88,14 @@ def test_num_pruned_python_and_traced():
   assert [int(traced(jnp.float32(s))) for s in (0.40625, 0.46875, 0.5)] == [6, 8, 8]
 
 
+@pytest.mark.parametrize("sparsity", [1.5, -0.5, 1.0, float("nan"), np.float32(2.0)])
+def test_num_pruned_refuses_a_sparsity_outside_0_1(sparsity):
+  # round(1.5 * 10) = 15 of 10 entries and round(-0.5 * 10) = -5 came back as counts; NaN
+  # raised a ValueError from round().
+  with pytest.raises(ConfigError, match=r"^sparsity must be in \[0.0, 1.0\), got "):
+    num_pruned(sparsity, 10)
+
+
 def test_num_pruned_concrete_array_is_exact():
   # Python: round(0.7 * 45) = round(31.4999...) = 31, for 0.7 and for float32(0.7) alike; a
   # concrete array is no trace (float32 arithmetic rounds the product to 31.5 -> 32).

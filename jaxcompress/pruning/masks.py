@@ -70,8 +70,13 @@ def check_sparsities(values: Sequence[float], field: str = "sparsities", *,
 def num_pruned(sparsity: Sparsity, n: int) -> int | jax.Array:
   """``round(sparsity * n)``: exact in Python for a number or a concrete 0-d array, float32 when
   traced (which may miss it by one where ``sparsity * n`` is within float32 rounding of a half,
-  0.7 * 45 -> 32 where Python gives 31, and by one per ``2**24`` entries)."""
+  0.7 * 45 -> 32 where Python gives 31, and by one per ``2**24`` entries).
+
+  Raises:
+    ConfigError: for a concrete ``sparsity`` outside ``[0, 1)`` (:func:`check_sparsity`).
+  """
   if not isinstance(sparsity, jax.core.Tracer) and np.ndim(sparsity) == 0:
+    check_sparsity(sparsity)
     return round(float(sparsity) * n)
   return jnp.round(jnp.asarray(sparsity, jnp.float32) * n).astype(jnp.int32)
 
