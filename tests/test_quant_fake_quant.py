@@ -199,6 +199,18 @@ def test_a_zero_point_off_the_grid_is_one_line(zero_point, bad):
       fn(jnp.array([0.5, 0.0]), 0.1, zero_point, qmin=0, qmax=255)
 
 
+@pytest.mark.parametrize("zero_point, bad", [(0.5, "0.5"), (np.nan, "nan"),
+                                             (np.array([4.0, 2.25]), r"\[2.25\]")])
+def test_a_zero_point_that_is_no_integer_is_one_line(zero_point, bad):
+  # zero_point 0.5: fake_quant gave 0.26 -> (round(2.6) + 0.5 - 0.5) * 0.1 = 0.3, while
+  # quantize_int stored the code int32(3.5) = 3, read back as (3 - 0.5) * 0.1 = 0.25; -1.0
+  # clipped to code 0 gave (0 - 0.5) * 0.1 = -0.05, on no grid of step 0.1 (by hand).
+  match = rf"^zero_point must be integer codes \(the code of the real value 0\), got {bad};"
+  for fn in (fake_quant, quantize_int, quantize_int_numpy):
+    with pytest.raises(ConfigError, match=match):
+      fn(jnp.array([0.26, -1.0]), 0.1, zero_point, qmin=0, qmax=255)
+
+
 def test_a_float64_scale_gives_the_float32_grid_with_x64_on():
   # Under x64 a NumPy float64 scale multiplied the codes in float64: 184 of these 1001 values
   # rounded off the float32 grid k * float32(0.1) (the export's), and dequantize was float64.

@@ -43,11 +43,18 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
 
 
 def check_zero_point(zero_point: Any, qmin: Any, qmax: Any) -> None:
-  """Raises :class:`ConfigError` unless a concrete ``zero_point`` lies in ``[qmin, qmax]``: it
-  is the code of the real value 0, which the grid holds (PyTorch's ``fake_quantize_*`` refuses
-  another too). Only values known outside a trace are checked."""
+  """Raises :class:`ConfigError` unless a concrete ``zero_point`` holds integers in
+  ``[qmin, qmax]``: it is the code of the real value 0, which the grid holds (PyTorch's
+  ``fake_quantize_*`` refuses another too). Only values known outside a trace are checked."""
   zp, lo, hi = concrete(zero_point), concrete(qmin), concrete(qmax)
-  if zp is None or lo is None or hi is None:
+  if zp is None:
+    return
+  fractional = zp != np.round(zp)  # NaN included
+  if np.any(fractional):
+    bad = zp[fractional].tolist() if zp.ndim else zp.item()
+    raise invalid("zero_point", bad, "integer codes (the code of the real value 0)",
+                  "qparams_from_range and minmax_qparams give one")
+  if lo is None or hi is None:
     return
   outside = (zp < lo) | (zp > hi)
   if np.any(outside):
@@ -135,7 +142,7 @@ def fake_quant(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -> 
   Raises:
     ConfigError: (outside ``jit`` only) if ``scale`` is zero, negative or not finite, or if
       ``qmin >= qmax``; if ``scale`` or ``zero_point`` does not broadcast against ``x`` (to
-      ``x``'s shape); if ``zero_point`` lies outside ``[qmin, qmax]``.
+      ``x``'s shape); if ``zero_point`` is not an integer in ``[qmin, qmax]``.
 
   Example:
     >>> fake_quant(jnp.array([0.26, -3.0]), 0.1, 0, qmin=-8, qmax=7)
@@ -154,7 +161,7 @@ def quantize_int(x: Any, scale: Any, zero_point: Any, *, qmin: Any, qmax: Any) -
   Raises:
     ConfigError: (outside ``jit`` only) for a bad ``scale`` or ``qmin >= qmax``; for a
       ``scale`` or ``zero_point`` that does not broadcast against ``x``; for a ``zero_point``
-      outside ``[qmin, qmax]``.
+      that is not an integer in ``[qmin, qmax]``.
   """
   _check_args(x, scale, zero_point, qmin, qmax)
   q = jnp.clip(jnp.round(scaled(x, scale)) + zero_point, qmin, qmax)
