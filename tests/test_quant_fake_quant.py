@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.quantization import dequantize, fake_quant, quantize_int
+from jaxcompress.quantization import dequantize, fake_quant, qparams_from_range, quantize_int
 from jaxcompress.quantization.fake_quant import quantize_int_numpy
 
 
@@ -172,6 +172,19 @@ def test_bad_scale_raises(scale, match):
 def test_qmin_not_below_qmax_raises(qmin, qmax):
   with pytest.raises(ConfigError, match=rf"qmin must be < qmax, got qmin={qmin}, qmax={qmax}"):
     fake_quant(jnp.ones(2), 0.1, 0, qmin=qmin, qmax=qmax)
+
+
+@pytest.mark.parametrize("qmin, qmax, field", [(-8.5, 7, "qmin"), (-8, 6.5, "qmax"),
+                                               (-8, np.inf, "qmax")])
+def test_a_code_bound_that_is_no_integer_is_one_line(qmin, qmax, field):
+  # qmin -8.5 with scale 0.1: fake_quant clipped -1.0 to -0.85, on no grid of step 0.1, while
+  # quantize_int stored int32(-8.5) = -8, read back as -0.8 (by hand); qmax inf clipped nothing.
+  match = rf"^{field} must be an integer code \(every value on the grid is one\), got "
+  for fn in (fake_quant, quantize_int, quantize_int_numpy):
+    with pytest.raises(ConfigError, match=match):
+      fn(jnp.array([-1.0, 2.0]), 0.1, 0, qmin=qmin, qmax=qmax)
+  with pytest.raises(ConfigError, match=match):
+    qparams_from_range(-1.0, 1.0, qmin=qmin, qmax=qmax, symmetric=False)
 
 
 @pytest.mark.parametrize("kwargs,field,shape", [

@@ -106,12 +106,16 @@ def reduce_axes(ndim: int, axis: int | Sequence[int] | None,
 
 
 def check_grid(qmin: Any, qmax: Any) -> None:
-  """Raises :class:`ConfigError` unless concrete codes ``qmin < qmax`` (NaN fails); traced ones
-  pass."""
+  """Raises :class:`ConfigError` unless concrete codes ``qmin < qmax`` (NaN fails) are finite
+  integers; traced ones pass."""
   lo, hi = concrete(qmin), concrete(qmax)
   if lo is not None and hi is not None and not np.all(lo < hi):
     raise ConfigError(f"qmin must be < qmax, got qmin={qmin!r}, qmax={qmax!r}; "
                       "use qparams.qrange(bits, symmetric) to get a valid pair")
+  for field, value, code in (("qmin", qmin, lo), ("qmax", qmax, hi)):
+    if code is not None and not np.all(np.isfinite(code) & (code == np.round(code))):
+      raise invalid(field, value, "an integer code (every value on the grid is one)",
+                    "use qparams.qrange(bits, symmetric) to get a valid pair")
 
 
 def qparams_from_range(lo: Any, hi: Any, *, qmin: Any, qmax: Any,
