@@ -118,7 +118,7 @@ def test_non_positive_step_raises(step):
 
 
 def test_a_step_for_no_positive_code_is_refused():
-  with pytest.raises(ConfigError, match=r"^qmax must be > 0 \(the largest code"):
+  with pytest.raises(ConfigError, match=r"^qmax must be an integer > 0 \(the largest code"):
     lsq_init_step(np.ones(3, np.float32), qmax=0)
 
 
@@ -134,8 +134,8 @@ def test_a_step_or_gradient_scale_that_cannot_be_is_one_line(kwargs, match):
 
 @pytest.mark.parametrize("n, qmax, match", [
     (0, 7, r"^n must be >= 1, got 0$"), (-3, 7, r"^n must be >= 1, got -3$"),
-    (10, 0, r"^qmax must be > 0 \(the largest code"),
-    (10, -1, r"^qmax must be > 0 \(the largest code")])
+    (10, 0, r"^qmax must be an integer > 0 \(the largest code"),
+    (10, -1, r"^qmax must be an integer > 0 \(the largest code")])
 def test_a_gradient_scale_of_no_values_or_no_positive_code_is_one_line(n, qmax, match):
   # 1 / sqrt(0 * 7) = inf and 1 / sqrt(10 * -1) = NaN (NumPy says so too): it came back as the
   # scale of the step's gradient.
@@ -148,6 +148,16 @@ def test_a_gradient_scale_of_no_values_or_no_positive_code_is_one_line(n, qmax, 
 def test_a_gradient_scale_of_a_fraction_of_a_value_is_one_line():
   with pytest.raises(ConfigError, match=r"^n must be an integer >= 1, got 2.5$"):
     lsq_grad_scale(2.5, 7)
+
+
+@pytest.mark.parametrize("qmax", [np.inf, 7.5])
+def test_a_largest_code_that_is_no_integer_is_one_line(qmax):
+  # Q_P = inf: g = 1 / sqrt(10 * inf) = 0 froze the step and the initial step
+  # 2 mean|x| / sqrt(inf) = 0 came back as EPS; 7.5 is no code of any grid.
+  with pytest.raises(ConfigError, match=r"^qmax must be an integer > 0 \(the largest code"):
+    lsq_grad_scale(10, qmax)
+  with pytest.raises(ConfigError, match=r"^qmax must be an integer > 0 \(the largest code"):
+    lsq_init_step(np.ones(3, np.float32), qmax=qmax)
 
 
 def test_a_traced_gradient_scale_is_computed_inside_jit():

@@ -32,10 +32,11 @@ from jaxcompress.quantization.qparams import EPS, concrete, reduce_axes
 
 
 def check_qmax(qmax: Any) -> None:
-  """Raises :class:`ConfigError` unless a concrete ``qmax`` (``Q_P``) is positive everywhere; a
-  traced one passes."""
-  if not isinstance(qmax, jax.core.Tracer) and not np.all(np.asarray(qmax) > 0):
-    raise invalid("qmax", qmax, "> 0 (the largest code, e.g. 7 for signed 4 bits)")
+  """Raises :class:`ConfigError` unless a concrete ``qmax`` (``Q_P``) is a positive integer code
+  everywhere (NaN and infinity fail); a traced one passes."""
+  q = concrete(qmax)
+  if q is not None and not np.all(np.isfinite(q) & (q > 0) & (q == np.round(q))):
+    raise invalid("qmax", qmax, "an integer > 0 (the largest code, e.g. 7 for signed 4 bits)")
 
 
 def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None) -> jax.Array:
@@ -50,7 +51,7 @@ def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None)
     A float32 step, at least :data:`~jaxcompress.quantization.qparams.EPS`.
 
   Raises:
-    ConfigError: if ``axis`` is out of range or ``qmax`` is not positive.
+    ConfigError: if ``axis`` is out of range or ``qmax`` is not a positive integer.
   """
   check_qmax(qmax)
   x = jnp.asarray(x, jnp.float32)
@@ -67,8 +68,8 @@ def lsq_grad_scale(n: Any, qmax: Any) -> jax.Array:
     qmax: largest code ``Q_P`` (> 0).
 
   Raises:
-    ConfigError: (outside ``jit`` only) if ``n`` is not an integer >= 1 or ``qmax`` is not
-      positive: the scale would be infinite or NaN.
+    ConfigError: (outside ``jit`` only) if ``n`` is not an integer >= 1 or ``qmax`` not a
+      positive integer: the scale would be infinite, NaN or 0.
   """
   if not isinstance(n, jax.core.Tracer):
     check_counts({"n": n})
@@ -115,7 +116,7 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
 
   Raises:
     ConfigError: (outside ``jit`` only) if ``step`` is not positive and finite,
-      ``qmin >= qmax`` or ``qmax`` is not positive.
+      ``qmin >= qmax`` or ``qmax`` is not a positive integer.
 
   Example:
     >>> g = jax.grad(lambda s: lsq_fake_quant(jnp.array(0.7), s, qmin=-8, qmax=7).sum())(0.5)
