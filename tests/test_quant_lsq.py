@@ -125,7 +125,9 @@ def test_a_step_for_no_positive_code_is_refused():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(step=jnp.full((3,), 0.1)), r"step must be a scalar or an array broadcastable against "
                                      r"x of shape \(4, 5\)"),
-    (dict(step=0.1, grad_scale=-1.0), r"grad_scale must be > 0"),
+    (dict(step=0.1, grad_scale=-1.0), r"grad_scale must be finite and > 0"),
+    # an infinite scale made the step's gradient inf (and NaN where its slope is 0)
+    (dict(step=0.1, grad_scale=np.inf), r"grad_scale must be finite and > 0 .*, got inf$"),
     (dict(step=0.0), r"step must be finite and > 0 everywhere, got 0.0; lsq_init_step gives")])
 def test_a_step_or_gradient_scale_that_cannot_be_is_one_line(kwargs, match):
   with pytest.raises(ConfigError, match=match):

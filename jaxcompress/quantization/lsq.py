@@ -115,8 +115,8 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
     Quantized values with ``x``'s shape and dtype.
 
   Raises:
-    ConfigError: (outside ``jit`` only) if ``step`` is not positive and finite,
-      ``qmin >= qmax`` or ``qmax`` is not a positive integer.
+    ConfigError: (outside ``jit`` only) if ``step`` or ``grad_scale`` is not positive and
+      finite, ``qmin >= qmax`` or ``qmax`` is not a positive integer.
 
   Example:
     >>> g = jax.grad(lambda s: lsq_fake_quant(jnp.array(0.7), s, qmin=-8, qmax=7).sum())(0.5)
@@ -129,6 +129,7 @@ def lsq_fake_quant(x: Any, step: Any, *, qmin: Any, qmax: Any,
   if grad_scale is None:
     # an empty x has no value the scale applies to: N = 1 keeps it finite
     grad_scale = lsq_grad_scale(max(x.size // max(step.size, 1), 1), qmax)
-  elif concrete(grad_scale) is not None and not np.all(concrete(grad_scale) > 0):
-    raise invalid("grad_scale", grad_scale, "> 0 (the paper's 1 / sqrt(N * Q_P))")
+  elif concrete(grad_scale) is not None and not np.all(np.isfinite(concrete(grad_scale))
+                                                      & (concrete(grad_scale) > 0)):
+    raise invalid("grad_scale", grad_scale, "finite and > 0 (the paper's 1 / sqrt(N * Q_P))")
   return _lsq(x, step, qmin, qmax, grad_scale)
