@@ -129,6 +129,21 @@ def test_calibrated_range_feeds_qparams():
   np.testing.assert_array_equal(got[1], want[1])
 
 
+def test_mse_takes_a_numpy_integer_count_of_candidates():
+  # np.int64(16) (a count from NumPy or a config) was refused as "no positive integer".
+  # Oracle: the same search with the Python int.
+  want = tensor_range(X, method="mse", bits=3, num_candidates=16)
+  got = tensor_range(X, method="mse", bits=3, num_candidates=np.int64(16))
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("n, match", [(0, r">= 1, got 0$"), (2.5, r"an integer >= 1, got 2.5$"),
+                                      (True, r">= 1, got True$")])
+def test_a_count_of_candidates_below_one_or_fractional_is_one_line(n, match):
+  with pytest.raises(ConfigError, match=r"^num_candidates must be " + match):
+    tensor_range(X, method="mse", num_candidates=n)
+
+
 def test_unknown_method_raises():
   with pytest.raises(ConfigError, match=r"method must be one of absmax, minmax, mse, percentile, "
                                         r"got 'kl'"):

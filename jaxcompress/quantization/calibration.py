@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError, check_range, unknown
+from jaxcompress.errors import ConfigError, check_counts, check_range, unknown
 from jaxcompress.quantization.fake_quant import _fake_quant
 from jaxcompress.quantization.qparams import concrete, qparams_from_range, qrange, reduce_axes
 
@@ -62,7 +62,7 @@ def tensor_range(x: Any, *, method: str = "minmax", axis: int | Sequence[int] | 
 
   Raises:
     ConfigError: for an unknown method, ``axis`` out of range, ``percentile`` outside (50, 100],
-      ``bits`` outside 2..8 or ``num_candidates < 1``.
+      ``bits`` outside 2..8 or a ``num_candidates`` that is not an integer >= 1.
   """
   check_method(method)
   x = jnp.asarray(x, jnp.float32)
@@ -80,9 +80,8 @@ def tensor_range(x: Any, *, method: str = "minmax", axis: int | Sequence[int] | 
     return -m, m
   if method == "minmax":
     return lo, hi
-  if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-    raise ConfigError(f"num_candidates must be a positive integer, got {num_candidates!r}")
-  ratio = _mse_ratio(x, lo, hi, axes, qrange(bits, symmetric), symmetric, num_candidates)
+  check_counts({"num_candidates": num_candidates})
+  ratio = _mse_ratio(x, lo, hi, axes, qrange(bits, symmetric), symmetric, int(num_candidates))
   return lo * ratio, hi * ratio
 
 
