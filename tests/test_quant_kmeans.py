@@ -238,3 +238,17 @@ def test_assign_and_decode_take_lists_and_refuse_indices_that_are_no_integers():
     decode(jnp.array([1.0, 2.0]), jnp.array([0.5]))
   with pytest.raises(ConfigError, match=r"^decode: codebook has shape \(2, 2\)"):
     decode(jnp.zeros((2, 2)), jnp.array([0]))
+
+
+@pytest.mark.parametrize("indices, bad", [([0, -1], r"\[-1\]"), ([3, 0, 9, 3], r"\[3, 9\]")])
+def test_decode_refuses_indices_of_no_centroid(indices, bad):
+  # Two centroids: 2 is a masked weight (0), -1 decoded to the last centroid 2.0 (jnp.take
+  # wraps negative indices) and 3 or 9 to 0, as if masked: no index of assign or kmeans.
+  with pytest.raises(ConfigError, match=rf"^decode: indices must be in \[0, 2\] \(a centroid, "
+                                        rf"or 2 for a masked weight\), got {bad}$"):
+    decode(jnp.array([1.0, 2.0]), jnp.array(indices))
+
+
+def test_decode_with_traced_indices_inside_jit():
+  got = jax.jit(decode)(jnp.array([1.0, 2.0]), jnp.array([1, 2, 0]))
+  np.testing.assert_array_equal(got, [2.0, 0.0, 1.0])

@@ -189,19 +189,25 @@ def assign(w: jax.Array, codebook: jax.Array) -> Codebook:
 
 
 def decode(codebook: Any, indices: Any) -> jax.Array:
-  """Rebuilds the weights ``codebook[indices]`` (out-of-range indices, i.e. masked, give 0).
+  """Rebuilds the weights ``codebook[indices]`` (the index ``len(codebook)``, a masked weight,
+  gives 0).
 
   Differentiable in ``codebook``: its gradient is the per-centroid sum of the weight gradients.
 
   Raises:
-    ConfigError: for a codebook that is not one non-empty vector or indices that are not
-      integers.
+    ConfigError: for a codebook that is not one non-empty vector, indices that are not integers
+      or (outside ``jit`` only) indices outside ``[0, len(codebook)]``.
   """
   _check_codebook(codebook, "decode")
   indices = jnp.asarray(indices)
   if not jnp.issubdtype(indices.dtype, jnp.integer):
     raise ConfigError(f"decode: indices must be integers (positions in the codebook), got dtype "
                       f"{indices.dtype}")
+  idx, n = concrete(indices), jnp.shape(codebook)[0]
+  if idx is not None and np.any((idx < 0) | (idx > n)):
+    bad = np.unique(idx[(idx < 0) | (idx > n)])
+    raise ConfigError(f"decode: indices must be in [0, {n}] (a centroid, or {n} for a masked "
+                      f"weight), got {bad[:4].tolist()}{' ...' if bad.size > 4 else ''}")
   return jnp.take(jnp.asarray(codebook), indices, mode="fill", fill_value=0)
 
 
