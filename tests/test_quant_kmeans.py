@@ -85,6 +85,13 @@ def test_masked_weights_stay_zero_and_are_not_clustered():
   assert float(grad.sum()) == mask.sum()  # masked weights contribute nothing
 
 
+@pytest.mark.parametrize("num, match", [(2.5, r"an integer >= 1, got 2.5$"), (0, r">= 1, got 0$")])
+def test_codebook_grad_refuses_a_count_of_centroids_that_cannot_be(num, match):
+  # 2.5 raised a TypeError from segment_sum; 0 returned the empty gradient of no codebook.
+  with pytest.raises(ConfigError, match=r"^num_centroids must be " + match):
+    codebook_grad(jnp.ones(4), jnp.array([0, 1, 1, 0]), num)
+
+
 def test_cluster_params_by_rules_and_decode_params():
   params = {"conv1": {"kernel": W, "bias": np.zeros(8, np.float32)},
             "fc": {"kernel": W[:4]}}

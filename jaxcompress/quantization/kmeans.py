@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcompress.errors import ConfigError
+from jaxcompress.errors import ConfigError, check_counts
 from jaxcompress.quantization.qparams import check_bits, concrete
 from jaxcompress.rules import Rule, Rules, path_str
 
@@ -221,7 +221,11 @@ def codebook_grad(grad: Any, indices: Any, num_centroids: int) -> jax.Array:
 
   Returns:
     ``[num_centroids]`` gradient; masked-out weights (index ``num_centroids``) contribute nothing.
+
+  Raises:
+    ConfigError: for a ``num_centroids`` that is not an integer >= 1.
   """
+  check_counts({"num_centroids": num_centroids})
   return jax.ops.segment_sum(jnp.ravel(grad), jnp.ravel(indices), num_segments=num_centroids)
 
 
