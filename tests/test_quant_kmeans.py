@@ -36,6 +36,15 @@ def test_linear_initialization_over_min_max():
   np.testing.assert_allclose(codebook, np.linspace(W.min(), W.max(), 4), rtol=1e-6)
 
 
+def test_a_numpy_integer_count_of_iterations_is_taken():
+  # np.int64(0) (a count from NumPy or a config) was refused as no integer; 0 iterations leave
+  # the linear initialization, NumPy's linspace over [min, max].
+  codebook, _ = kmeans(W, bits=2, iters=np.int64(0))
+  np.testing.assert_allclose(codebook, np.linspace(W.min(), W.max(), 4), rtol=1e-6)
+  with pytest.raises(ConfigError, match=r"^iters must be a non-negative integer .*, got np.True_$"):
+    kmeans(W, bits=2, iters=np.True_)
+
+
 def test_two_obvious_clusters():
   w = jnp.array([0.0, 0.1, 0.2, 5.0, 5.1, 5.2])
   codebook, indices = kmeans(w, bits=2, iters=10)

@@ -87,9 +87,11 @@ def kmeans(w: Any, *, bits: int, iters: int = 30, mask: Any | None = None) -> Co
       mask of another shape.
   """
   check_bits(bits)
-  if isinstance(iters, bool) or not isinstance(iters, int) or not 0 <= iters <= MAX_ITERS:
+  if (isinstance(iters, (bool, np.bool_)) or not isinstance(iters, (int, np.integer))
+      or not 0 <= iters <= MAX_ITERS):
     raise ConfigError(f"iters must be a non-negative integer below 2**31 (the loop counts in "
                       f"int32), got {iters!r}")
+  iters = int(iters)  # a NumPy integer (a config's, np.arange's) counts the same
   if not jnp.size(w):
     raise ConfigError(f"kmeans: the weight is empty (shape {tuple(jnp.shape(w))})")
   if mask is not None and jnp.shape(mask) != jnp.shape(w):
