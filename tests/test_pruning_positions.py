@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxcompress.errors import ConfigError
 from jaxcompress.export import sparse
 from jaxcompress.pruning import positions
 
@@ -31,6 +32,24 @@ def test_count_matches_the_export(w):
   for density in (0.02, 0.2, 0.7):
     keep = rng.uniform(size=(3, 3, 5, 7)) < density
     assert int(count(keep, w)) == _numpy_codes(keep, w)
+
+
+@pytest.mark.parametrize("gap_bits", [0, 1, 9, 40, 2.5, True])
+def test_a_code_width_the_export_never_writes_is_one_line(gap_bits):
+  # 8 kept entries need at least 8 codes, but width 0 counted 0 (a division by 2^0 - 1 = 0);
+  # 40 overflowed int32 (a traceback) and 2.5 could not shift (another).
+  with pytest.raises(ConfigError, match=r"^gap_bits must be an integer in \[2, 8\] \(the "
+                                        r"export's gap code widths\), got "):
+    positions.gap_code_count(np.ones(8, bool), gap_bits)
+  with pytest.raises(ConfigError, match=r"^gap_bits must be an integer in \[2, 8\]"):
+    positions.cap_codes(np.ones(8, bool), np.ones(8), gap_bits, 4)
+
+
+def test_a_negative_cap_is_one_line():
+  # No pattern has fewer than 0 codes: the cap pruned every entry, silently.
+  with pytest.raises(ConfigError, match=r"^max_codes must be >= 0 \(no pattern needs fewer "
+                                        r"codes\), got -1$"):
+    positions.cap_codes(np.ones(8, bool), np.ones(8), 2, -1)
 
 
 def test_cap_is_the_least_pruning_that_fits():

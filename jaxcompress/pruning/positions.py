@@ -16,8 +16,20 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxcompress.errors import invalid
 from jaxcompress.pruning.masks import ranks
+
+GAP_BITS = (2, 8)  # the export's gap code widths (export.sparse.GAP_WIDTHS), first and last
+
+
+def check_gap_bits(gap_bits: int) -> None:
+  """Raises :class:`ConfigError` unless ``gap_bits`` is an integer width the export writes."""
+  if (isinstance(gap_bits, (bool, np.bool_)) or not isinstance(gap_bits, (int, np.integer))
+      or not GAP_BITS[0] <= gap_bits <= GAP_BITS[1]):
+    raise invalid("gap_bits", gap_bits, f"an integer in [{GAP_BITS[0]}, {GAP_BITS[1]}] (the "
+                  "export's gap code widths)")
 
 
 def gap_code_count(keep: jax.Array, gap_bits: int) -> jax.Array:
@@ -25,7 +37,11 @@ def gap_code_count(keep: jax.Array, gap_bits: int) -> jax.Array:
 
   ``nnz + sum(g // (2^w - 1))`` over the zeros ``g`` skipped before each kept entry of the
   row-major flattened ``keep`` (bool, any shape).
+
+  Raises:
+    ConfigError: for ``gap_bits`` outside 2..8.
   """
+  check_gap_bits(gap_bits)
   flat = jnp.reshape(keep, -1).astype(bool)
   index = jnp.arange(flat.size, dtype=jnp.int32)
   last = jax.lax.cummax(jnp.where(flat, index, -1))  # latest kept index at or before each entry
@@ -48,7 +64,13 @@ def cap_codes(keep: jax.Array, scores: jax.Array, gap_bits: int,
   Returns:
     ``keep & (rank >= k)`` for the least ``k`` whose :func:`gap_code_count` is at most
     ``max_codes``: ``keep`` itself when it already fits.
+
+  Raises:
+    ConfigError: for ``gap_bits`` outside 2..8 or (outside ``jit`` only) ``max_codes < 0``.
   """
+  check_gap_bits(gap_bits)
+  if not isinstance(max_codes, jax.core.Tracer) and not np.all(np.asarray(max_codes) >= 0):
+    raise invalid("max_codes", max_codes, ">= 0 (no pattern needs fewer codes)")
   if keep.size == 0:
     return keep
   rank = ranks(jnp.reshape(scores, -1)).reshape(keep.shape)
