@@ -154,3 +154,16 @@ def test_gains_go_into_per_output_channel_scales_only(axis, ndim, expected):
     (None, 4, False)])
 def test_float16_scales_go_to_scales_along_the_last_axis(axis, ndim, expected):
   assert quantization.half_scaled(axis, ndim) is expected
+
+
+@pytest.mark.parametrize("axis", [5, -3, (0, 2), (1, -1), 1.0, True])
+def test_a_scale_axis_the_weight_does_not_have_is_one_line(axis):
+  # A 2-d weight has axes 0 and 1 (NumPy: np.moveaxis(w, 5, -1) raises); 5 % 2 = 1 and
+  # -3 % 2 = 1 passed as the last axis, and (1, -1) as the last axis twice.
+  with pytest.raises(np.exceptions.AxisError):
+    np.moveaxis(np.zeros((3, 4)), 5, -1)
+  with pytest.raises(ConfigError, match=r"^weight_axis must be None, an axis in \[-2, 2\) or a "
+                                        r"tuple of distinct ones for a 2-d weight, got "):
+    quantization.scale_axes(axis, 2)
+  with pytest.raises(ConfigError, match=r"^weight_axis must be "):
+    quantization.channels_last(axis, 2)

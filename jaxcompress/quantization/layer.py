@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress.errors import invalid
 from jaxcompress.precision import to_half
 from jaxcompress.quantization.calibration import check_finite_range
 from jaxcompress.quantization.config import LayerConfig
@@ -59,10 +60,19 @@ class QuantLayer(NamedTuple):
 
 def scale_axes(weight_axis: int | tuple[int, ...] | None, ndim: int) -> tuple[int, ...]:
   """``weight_axis`` as a tuple of non-negative axes of a weight of ``ndim`` axes (``()``:
-  one scale for the whole weight)."""
+  one scale for the whole weight).
+
+  Raises:
+    ConfigError: for an axis that is no integer in ``[-ndim, ndim)``, or a repeated one.
+  """
   if weight_axis is None:
     return ()
   axes = weight_axis if isinstance(weight_axis, (tuple, list)) else (weight_axis,)
+  if (any(isinstance(a, (bool, np.bool_)) or not isinstance(a, (int, np.integer))
+          or not -ndim <= a < ndim for a in axes)
+      or len({int(a) % ndim for a in axes}) != len(axes)):
+    raise invalid("weight_axis", weight_axis, f"None, an axis in [{-ndim}, {ndim}) or a tuple "
+                  f"of distinct ones for a {ndim}-d weight")
   return tuple(int(a) % ndim for a in axes)
 
 
