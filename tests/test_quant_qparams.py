@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.quantization import minmax_qparams, qparams_from_range, qrange
+from jaxcompress.quantization import (lsq_init_step, minmax_qparams, qparams_from_range, qrange,
+                                      tensor_range)
 
 EPS = np.finfo(np.float32).eps
 
@@ -105,6 +107,24 @@ def test_qparams_from_range_refuses_a_grid_without_codes(qmin, qmax, symmetric):
   with pytest.raises(ConfigError, match=rf"^qmin must be < qmax, got qmin={qmin}, "
                                         rf"qmax={qmax}; use qparams.qrange"):
     qparams_from_range(-1.0, 1.0, qmin=qmin, qmax=qmax, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("shape, axis", [((0,), None), ((0, 3), 1), ((3, 0), 0)])
+def test_an_empty_tensor_has_no_range_or_step(shape, axis):
+  # NumPy has no minimum of no values (ValueError) and their mean is NaN: minmax_qparams and
+  # tensor_range died with tracebacks, lsq_init_step returned a NaN step.
+  x = np.zeros(shape, np.float32)
+  with pytest.raises(ValueError, match="zero-size array"):
+    np.min(x)
+  with pytest.warns(RuntimeWarning, match="Mean of empty slice"), np.errstate(invalid="ignore"):
+    assert np.isnan(np.mean(np.abs(x)))
+  for name, fn in (("minmax_qparams", lambda: minmax_qparams(x, bits=8, axis=axis)),
+                   ("tensor_range", lambda: tensor_range(x, axis=axis)),
+                   ("tensor_range", lambda: tensor_range(x, method="percentile", axis=axis)),
+                   ("lsq_init_step", lambda: lsq_init_step(x, qmax=7, axis=axis))):
+    with pytest.raises(ConfigError, match=rf"^{name}: the tensor is empty \(shape "
+                                          rf"{re.escape(str(shape))}\); a range or a step"):
+      fn()
 
 
 def test_qparams_from_range_refuses_an_inverted_range():

@@ -29,7 +29,8 @@ import numpy as np
 
 from jaxcompress.errors import ConfigError, check_counts, check_range, unknown
 from jaxcompress.quantization.fake_quant import _fake_quant
-from jaxcompress.quantization.qparams import concrete, qparams_from_range, qrange, reduce_axes
+from jaxcompress.quantization.qparams import (check_values, concrete, qparams_from_range, qrange,
+                                              reduce_axes)
 
 # The range estimators of :func:`tensor_range` (module docstring).
 RANGE_METHODS = ("minmax", "absmax", "percentile", "mse")
@@ -62,10 +63,12 @@ def tensor_range(x: Any, *, method: str = "minmax", axis: int | Sequence[int] | 
 
   Raises:
     ConfigError: for an unknown method, ``axis`` out of range, ``percentile`` outside (50, 100],
-      ``bits`` outside 2..8 or a ``num_candidates`` that is not an integer >= 1.
+      ``bits`` outside 2..8, a ``num_candidates`` that is not an integer >= 1 or an empty
+      ``x``.
   """
   check_method(method)
   x = jnp.asarray(x, jnp.float32)
+  check_values(x, "tensor_range")
   axes = reduce_axes(x.ndim, axis)
   keep = axes is not None
   if method == "percentile":

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxcompress.errors import check_counts, invalid
 from jaxcompress.quantization.fake_quant import check_qparams, check_shape, scaled
-from jaxcompress.quantization.qparams import EPS, concrete, reduce_axes
+from jaxcompress.quantization.qparams import EPS, check_values, concrete, reduce_axes
 
 
 def check_qmax(qmax: Any) -> None:
@@ -51,10 +51,12 @@ def lsq_init_step(x: Any, *, qmax: Any, axis: int | Sequence[int] | None = None)
     A float32 step, at least :data:`~jaxcompress.quantization.qparams.EPS`.
 
   Raises:
-    ConfigError: if ``axis`` is out of range or ``qmax`` is not a positive integer.
+    ConfigError: if ``axis`` is out of range, ``qmax`` is not a positive integer or ``x`` is
+      empty (its mean is NaN).
   """
   check_qmax(qmax)
   x = jnp.asarray(x, jnp.float32)
+  check_values(x, "lsq_init_step")
   axes = reduce_axes(x.ndim, axis)
   mean_abs = jnp.mean(jnp.abs(x), axis=axes, keepdims=axes is not None)
   return jnp.maximum(2.0 * mean_abs / jnp.sqrt(jnp.asarray(qmax, jnp.float32)), EPS)

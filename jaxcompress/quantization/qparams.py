@@ -105,6 +105,14 @@ def reduce_axes(ndim: int, axis: int | Sequence[int] | None,
   return tuple(i for i in range(ndim) if i not in kept)
 
 
+def check_values(x: Any, field: str) -> None:
+  """Raises :class:`ConfigError` for an empty ``x``: it has no range to quantize over (its
+  minimum and maximum do not exist, its mean is NaN)."""
+  if not np.size(x):
+    raise ConfigError(f"{field}: the tensor is empty (shape {tuple(np.shape(x))}); a range or "
+                      "a step is measured on values")
+
+
 def check_grid(qmin: Any, qmax: Any) -> None:
   """Raises :class:`ConfigError` unless concrete codes ``qmin < qmax`` (NaN fails) are finite
   integers; traced ones pass."""
@@ -174,7 +182,7 @@ def minmax_qparams(x: Any, *, bits: Any, axis: int | Sequence[int] | None = None
     ``x.ndim`` dims, size 1 everywhere but ``axis``, so they broadcast against ``x``.
 
   Raises:
-    ConfigError: for ``bits`` outside 2..8 or ``axis`` out of range.
+    ConfigError: for ``bits`` outside 2..8, ``axis`` out of range or an empty ``x``.
 
   Example:
     >>> scale, zp, qmin, qmax = minmax_qparams(jnp.array([-1.0, 3.0]), bits=8)
@@ -182,6 +190,7 @@ def minmax_qparams(x: Any, *, bits: Any, axis: int | Sequence[int] | None = None
     (0, 255, 64)
   """
   x = jnp.asarray(x)
+  check_values(x, "minmax_qparams")
   qmin, qmax = qrange(bits, symmetric)
   axes = reduce_axes(x.ndim, axis)
   keep = axes is not None
