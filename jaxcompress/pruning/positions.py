@@ -25,7 +25,8 @@ GAP_BITS = (2, 8)  # the export's gap code widths (export.sparse.GAP_WIDTHS), fi
 
 
 def check_gap_bits(gap_bits: int) -> None:
-  """Raises :class:`ConfigError` unless ``gap_bits`` is an integer width the export writes."""
+  """Raises :class:`~jaxcompress.errors.ConfigError` unless ``gap_bits`` is an integer width
+  the export writes."""
   if (isinstance(gap_bits, (bool, np.bool_)) or not isinstance(gap_bits, (int, np.integer))
       or not GAP_BITS[0] <= gap_bits <= GAP_BITS[1]):
     raise invalid("gap_bits", gap_bits, f"an integer in [{GAP_BITS[0]}, {GAP_BITS[1]}] (the "

@@ -28,8 +28,8 @@ from jaxcompress.quantization.qparams import check_grid, concrete
 def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "scale",
                   hint: str = "compute it with minmax_qparams or qparams_from_range, which guard "
                               "against 0") -> None:
-  """Raises :class:`ConfigError` for a non-positive or non-finite scale or ``qmin >= qmax``
-  (``hint``: how to get a valid scale).
+  """Raises :class:`~jaxcompress.errors.ConfigError` for a non-positive or non-finite scale or
+  ``qmin >= qmax`` (``hint``: how to get a valid scale).
 
   Only values known outside a trace are checked (``None`` skips one); under ``jit`` the arguments
   are trusted.
@@ -43,8 +43,8 @@ def check_qparams(scale: Any, qmin: Any = None, qmax: Any = None, field: str = "
 
 
 def check_zero_point(zero_point: Any, qmin: Any, qmax: Any) -> None:
-  """Raises :class:`ConfigError` unless a concrete ``zero_point`` holds integers in
-  ``[qmin, qmax]``: it is the code of the real value 0, which the grid holds (PyTorch's
+  """Raises :class:`~jaxcompress.errors.ConfigError` unless a concrete ``zero_point`` holds integers
+  in ``[qmin, qmax]``: it is the code of the real value 0, which the grid holds (PyTorch's
   ``fake_quantize_*`` refuses another too). Only values known outside a trace are checked."""
   zp, lo, hi = concrete(zero_point), concrete(qmin), concrete(qmax)
   if zp is None:
@@ -64,8 +64,9 @@ def check_zero_point(zero_point: Any, qmin: Any, qmax: Any) -> None:
 
 
 def check_shape(x: Any, value: Any, field: str) -> None:
-  """Raises :class:`ConfigError` unless ``value`` (a scale, zero point or step) broadcasts against
-  ``x`` without changing ``x``'s shape: a scalar, or one value per channel, size 1 elsewhere."""
+  """Raises :class:`~jaxcompress.errors.ConfigError` unless ``value`` (a scale, zero point or step)
+  broadcasts against ``x`` without changing ``x``'s shape: a scalar, or one value per channel,
+  size 1 elsewhere."""
   shape = tuple(np.shape(x))
   if not all(isinstance(d, int) for d in shape + tuple(np.shape(value))):
     return  # a symbolic dimension (jax.export's batch): no numbers to check

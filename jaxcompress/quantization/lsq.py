@@ -32,8 +32,8 @@ from jaxcompress.quantization.qparams import EPS, check_values, concrete, reduce
 
 
 def check_qmax(qmax: Any) -> None:
-  """Raises :class:`ConfigError` unless a concrete ``qmax`` (``Q_P``) is a positive integer code
-  everywhere (NaN and infinity fail); a traced one passes."""
+  """Raises :class:`~jaxcompress.errors.ConfigError` unless a concrete ``qmax`` (``Q_P``) is a
+  positive integer code everywhere (NaN and infinity fail); a traced one passes."""
   q = concrete(qmax)
   if q is not None and not np.all(np.isfinite(q) & (q > 0) & (q == np.round(q))):
     raise invalid("qmax", qmax, "an integer > 0 (the largest code, e.g. 7 for signed 4 bits)")
