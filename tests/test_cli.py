@@ -161,6 +161,35 @@ def test_a_workdir_that_cannot_be_made_names_the_flag(run_job, tmp_path):
   assert err.splitlines()[-1] == f"error: --workdir={workdir}: Not a directory: {workdir}"
 
 
+FAILING_FS = """
+import errno, os
+from absl import flags
+from experiments import cli
+
+flags.DEFINE_string("workdir", None, "")
+flags.DEFINE_integer("errno", None, "")
+
+def main(argv):
+  path = os.path.join(flags.FLAGS.workdir, "results.json")
+  raise OSError(flags.FLAGS.errno, os.strerror(flags.FLAGS.errno), path)
+
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("code,reason", [(30, "Read-only file system"),
+                                         (28, "No space left on device"),
+                                         (122, "Disk quota exceeded")])
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, code, reason):
+  """A read-only file system, a full disk, a quota: the file and the reason, no traceback."""
+  proc = subprocess.run([sys.executable, "-c", FAILING_FS, f"--workdir={tmp_path}",
+                         f"--errno={code}"], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == (f"error: --workdir={tmp_path}: {reason}: "
+                                          f"{tmp_path / 'results.json'}")
+
+
 SLEEPER = """
 import os, sys, time
 from absl import flags
