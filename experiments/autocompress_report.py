@@ -12,23 +12,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxcompress import tables  # noqa: E402
+from jaxcompress.checkpoint import write_file, write_text  # noqa: E402
 
 THRESHOLDS = {"global": "magnitude", "lamp": "LAMP scores",
               "kernel": "whole kernels' L2 norms"}  # what a global plan thresholds
 
 
-def _write_text(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _save(fig, path: str) -> None:
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110, bbox_inches="tight")
-  plt.close(fig)
-  os.replace(tmp, path)
+  """Saves ``fig`` as a PNG at ``path`` atomically (:func:`write_file`) and closes it."""
+  try:
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+  finally:
+    plt.close(fig)
 
 
 def plot_sensitivity(sens, path: str) -> None:
@@ -171,7 +166,7 @@ def write_report(workdir: str, results: dict, sens) -> None:
       "plan).", "", candidates_table(results), "",
       "## Plan", "", plan_table(results["plan"]), "",
       "![sensitivity](sensitivity.png)", "", "![accuracy vs size](accuracy_vs_size.png)", ""]
-  _write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
+  write_text(os.path.join(workdir, "report.md"), "\n".join(lines))
 
 
 def plot_pareto(sweep: dict, path: str) -> None:
@@ -212,4 +207,4 @@ def write_sweep_report(workdir: str, sweep: dict) -> None:
   plot_pareto(sweep, os.path.join(workdir, "pareto.png"))
   links = [f"- [{p['ratio']:g}x](ratio{p['ratio']:g}/report.md)" for p in sweep["points"]]
   lines = ["# Budget sweep", "", sweep_table(sweep), "", *links, "", "![pareto](pareto.png)", ""]
-  _write_text(os.path.join(workdir, "sweep.md"), "\n".join(lines))
+  write_text(os.path.join(workdir, "sweep.md"), "\n".join(lines))

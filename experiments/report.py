@@ -15,7 +15,7 @@ from matplotlib import ticker  # noqa: E402
 
 from jaxcompress import datasets  # noqa: E402
 from jaxcompress import tables  # noqa: E402
-from jaxcompress.checkpoint import write_text  # noqa: E402
+from jaxcompress.checkpoint import write_file, write_text  # noqa: E402
 
 ROWS = (("teacher", "teacher"), ("original", "original student"),
         ("before_finetune", "compressed, before fine-tuning"),
@@ -129,10 +129,10 @@ def plot_curves(metrics: list[dict], path: str) -> None:
 
 def _save(fig, path: str, **kwargs) -> None:
   """Saves ``fig`` as a PNG at ``path`` (temporary name, then renamed) and closes it."""
-  tmp = path + ".tmp"
-  fig.savefig(tmp, format="png", **kwargs)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    write_file(path, lambda tmp: fig.savefig(tmp, format="png", **kwargs))
+  finally:
+    plt.close(fig)
 
 
 def model_sizes(results: dict) -> dict[str, float]:

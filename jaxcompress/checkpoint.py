@@ -10,7 +10,7 @@ import os
 import socket
 import time
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -21,12 +21,35 @@ from jaxcompress.errors import ConfigError, first_line
 from jaxcompress.jsonio import dumps
 
 
+def write_file(path: str, write: Callable[[str], Any]) -> None:
+  """Writes ``path`` atomically: ``write(tmp)`` writes a temporary name (``PATH.PID.tmp``, this
+  process's own), which is then renamed to ``path``, so a kill at any moment leaves the old file
+  or the new one, never part of one.
+
+  Raises:
+    OSError: the write failed (a full disk, a read-only folder), naming ``path``; the temporary
+      file is removed and ``path`` left as it was.
+  """
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise OSError(e.errno, e.strerror, path) from e  # a failed write() or close() names no file
+
+
 def write_text(path: str, text: str) -> None:
-  """Writes ``text`` atomically (temp file + rename): a crash never leaves half a file."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes ``text`` atomically (:func:`write_file`)."""
+
+  def write(tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+
+  write_file(path, write)
 
 
 def write_json(path: str, obj: Any, *, strict: bool = True) -> None:
@@ -114,15 +137,18 @@ def _read_lock(path: str) -> dict | None:
 def _create_lock(path: str, lock: dict) -> bool:
   """Creates ``path`` holding ``lock`` atomically; False when it already exists."""
   tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(lock, f)
   try:
+    with open(tmp, "w") as f:
+      json.dump(lock, f)
     os.link(tmp, path)  # atomic, and never shows a half-written lock
     return True
   except FileExistsError:
     return False
+  except OSError as e:  # a full disk, a read-only folder: the error names the lock
+    raise OSError(e.errno, e.strerror, path) from e
   finally:
-    os.unlink(tmp)
+    if os.path.exists(tmp):  # a failed write leaves none behind either
+      os.unlink(tmp)
 
 
 def _release_locks() -> None:

@@ -70,6 +70,24 @@ def check_calibration_images(run, monkeypatch, examples: int) -> None:
   np.testing.assert_allclose(np.concatenate(seen), want, atol=1e-6)
 
 
+def disk_full(monkeypatch, path) -> None:
+  """Makes every file opened for writing whose name starts with ``path`` (the file itself or a
+  temporary name beside it) the Linux ``/dev/full``, on which a write fails as on a full disk
+  (``ENOSPC``, raised by the kernel)."""
+  import builtins
+  if not os.path.exists("/dev/full"):
+    pytest.skip("no /dev/full")
+  real_open = builtins.open
+
+  def fake_open(file, mode="r", *args, **kwargs):
+    if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(path)) and (
+        set(mode) & set("wax+")):
+      file = "/dev/full"
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", fake_open)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
   """Compiled programs kept on disk for the session: the many tests that build the same jitted

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from conftest import disk_full
 from jaxcompress.checkpoint import Stages, check_workdir, release_workdir, write_json
 from jaxcompress.errors import ConfigError
 
@@ -330,3 +331,23 @@ def test_results_records_and_the_printed_line_are_strict_json_with_null_for_nan(
   # A job's own state keeps the numbers a rerun resumes from: a nan loss comes back nan.
   Stages(str(tmp_path)).record("after", {"loss": float("nan")})
   assert np.isnan(Stages(str(tmp_path))["after"]["loss"])
+
+
+def test_a_full_disk_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+  path = tmp_path / "results.json"
+  path.write_text('{"accuracy": 1.0}')
+  disk_full(monkeypatch, path)
+  with pytest.raises(OSError) as e:
+    write_json(str(path), {"accuracy": 2.0})
+  assert e.value.errno == 28 and e.value.filename == str(path)  # ENOSPC, naming the file
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["results.json"]
+  assert path.read_text() == '{"accuracy": 1.0}'
+
+
+def test_a_full_disk_leaves_no_lock_and_no_temporary_one(tmp_path, monkeypatch):
+  disk_full(monkeypatch, tmp_path / "lock")
+  with pytest.raises(OSError) as e:
+    check_workdir({"a": 1}, str(tmp_path))
+  assert e.value.errno == 28 and e.value.filename == str(tmp_path / "lock")  # ENOSPC
+  assert os.listdir(tmp_path) == []

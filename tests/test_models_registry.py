@@ -1,5 +1,6 @@
 """Models by registry name or MODULE:FACTORY (Linen and NNX), register(), msgpack/orbax weights."""
 
+import os
 import re
 import textwrap
 import uuid
@@ -356,6 +357,21 @@ def test_unreadable_weights_are_one_line(tmp_path, make, message):
   with pytest.raises(ConfigError, match=message) as e:
     create_model("mlp", num_classes=10, image_shape=(28, 28, 1), weights=path)
   assert "\n" not in str(e.value)
+
+
+def test_weights_saved_on_a_full_disk_leave_the_old_file_and_no_temporary_one(tmp_path,
+                                                                               monkeypatch):
+  from conftest import disk_full
+  from jaxcompress.models import weights as w
+  path = tmp_path / "my_mlp.msgpack"
+  path.write_bytes(b"old weights")
+  _, variables = create_model("mlp", num_classes=10, image_shape=(28, 28, 1), seed=5)
+  disk_full(monkeypatch, path)
+  with pytest.raises(OSError) as e:
+    w.save_weights(variables, "my_mlp", str(tmp_path))
+  assert e.value.errno == 28 and e.value.filename == str(path)  # ENOSPC, naming the file
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["my_mlp.msgpack"] and path.read_bytes() == b"old weights"
 
 
 def test_weights_by_name_are_found_in_the_weights_folder_and_saved_there(tmp_path, monkeypatch):

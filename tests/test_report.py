@@ -3,7 +3,10 @@
 import math
 import os
 
+import pytest
+
 from configs import cifar_distill
+from conftest import disk_full
 from experiments import autocompress_report, report
 from jaxcompress.datasets import dataset_spec
 
@@ -146,6 +149,21 @@ def test_a_model_without_a_finite_accuracy_or_a_size_still_reports(tmp_path):
   assert [line.split("|")[4].strip() for line in table.splitlines()[2:]] == ["1.0x", "-"]
   # The column is the artifacts' bytes on disk; the original's bytes are its float32 parameters.
   assert "float32 parameters, not a file" in table.splitlines()[2].split("|")[1]
+
+
+@pytest.mark.parametrize("plot,extra", [(report.plot_accuracy_vs_size, {}),
+                                        (autocompress_report.plot_accuracy_vs_size,
+                                         {"budget": {"kind": "ratio"}})])
+def test_a_plot_on_a_full_disk_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch,
+                                                                        plot, extra):
+  path = tmp_path / "accuracy_vs_size.png"
+  path.write_bytes(b"old plot")
+  disk_full(monkeypatch, path)
+  with pytest.raises(OSError) as e:
+    plot({**_results(), **extra}, str(path))
+  assert e.value.errno == 28 and e.value.filename == str(path)  # ENOSPC, naming the file
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["accuracy_vs_size.png"] and path.read_bytes() == b"old plot"
 
 
 def test_training_curves_follow_each_key_over_the_records_that_have_it(tmp_path, monkeypatch):

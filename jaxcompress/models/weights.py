@@ -131,19 +131,24 @@ def check_writable(folder: str, *, field: str = "weights_dir") -> None:
 
 
 def save_weights(variables: Any, name: str, folder: str, *, field: str = "weights_dir") -> str:
-  """Writes ``variables`` as ``{folder}/{name}.msgpack`` (temporary name, then renamed).
+  """Writes ``variables`` as ``{folder}/{name}.msgpack`` atomically
+  (:func:`jaxcompress.checkpoint.write_file`).
 
   Returns:
     The path written.
   """
   import flax.serialization  # pylint: disable=g-import-not-at-top
+  from jaxcompress.checkpoint import write_file  # pylint: disable=g-import-not-at-top
   check_writable(folder, field=field)
   os.makedirs(folder, exist_ok=True)
   path = os.path.join(folder, f"{name}.msgpack")
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(flax.serialization.to_bytes(_to_numpy(variables)))
-  os.replace(tmp, path)
+  data = flax.serialization.to_bytes(_to_numpy(variables))
+
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      f.write(data)
+
+  write_file(path, write)
   return path
 
 
