@@ -65,6 +65,8 @@ def run(main: Callable[[list[str]], None]) -> None:
     workdir = flags.FLAGS["workdir"].value if "workdir" in flags.FLAGS else None
     if workdir is not None and not workdir.strip():
       fail("--workdir must name a folder (new, or a run's to resume), got ''")
+    if workdir:  # ~ is the home folder, as in the data, weights and text paths (the shell leaves
+      workdir = flags.FLAGS.workdir = os.path.expanduser(workdir)  # it in --workdir=~/x as is)
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
       fail(f"--workdir={workdir} is a file; give a folder (new or a run's, to resume)")
     try:

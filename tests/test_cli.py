@@ -190,6 +190,29 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, code, reason):
                                           f"{tmp_path / 'results.json'}")
 
 
+CLAIMER = """
+from absl import flags
+from experiments import cli
+from jaxcompress.checkpoint import check_workdir
+
+flags.DEFINE_string("workdir", None, "")
+
+cli.run(lambda argv: check_workdir({"seed": 0}, flags.FLAGS.workdir))
+"""
+
+
+def test_a_workdir_under_the_home_folder_is_made_there(tmp_path):
+  """``--workdir=~/run`` (the shell expands no ``~`` after ``=``) is HOME/run, not ./~/run."""
+  home, here = tmp_path / "home", tmp_path / "here"
+  here.mkdir()
+  proc = subprocess.run([sys.executable, "-c", CLAIMER, "--workdir=~/run"], cwd=here,
+                        capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": REPO, "HOME": str(home)})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads((home / "run" / "config.json").read_text()) == {"seed": 0}
+  assert os.listdir(here) == []
+
+
 SLEEPER = """
 import os, sys, time
 from absl import flags
