@@ -15,6 +15,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxcompress.checkpoint import write_error_code
 from jaxcompress.errors import ConfigError
 from jaxcompress.jsonio import dumps
 
@@ -45,6 +46,7 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   def guarded(argv):
     logging.set_verbosity(logging.ERROR)  # TFDS and orbax warn of nothing a user must act on
+    logging.get_absl_handler().addFilter(_quiet_failed_writes)
     if len(argv) > 1:  # a flag typed without its dashes would otherwise be ignored
       fail(f"unexpected argument {argv[1]!r}; every setting is a flag: --name=value")
     if "config" in flags.FLAGS:
@@ -90,6 +92,15 @@ def run(main: Callable[[list[str]], None]) -> None:
     _stop("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
   except KeyboardInterrupt:
     _stop("interrupted; rerun the same command to resume", 130)
+
+
+def _quiet_failed_writes(record) -> bool:
+  """Drops the log records, each with a traceback, that orbax's threads (and asyncio, for their
+  tasks) write for a checkpoint save that could not write (a full disk): the save raises that
+  failure in the job, which reports it in one line."""
+  error = record.exc_info[1] if record.exc_info else None
+  return write_error_code(record.getMessage()) is None and (
+      error is None or write_error_code(error) is None)
 
 
 def _stop(message: str, code: int) -> None:

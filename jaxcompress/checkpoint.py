@@ -5,8 +5,11 @@ writer per workdir through a lock file)."""
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -320,6 +323,21 @@ def release_workdir(workdir: str) -> None:
   _held.discard(key)
 
 
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)  # disk, quota, size, ro
+
+
+def write_error_code(error: BaseException | str) -> int | None:
+  """The ``errno`` of a write the file system refused (:data:`WRITE_FAILURES`), raised as an
+  ``OSError`` or, by tensorstore, as an error whose text holds ``os_error_code='28'``; or
+  ``None``."""
+  if isinstance(error, OSError):
+    code = error.errno
+  else:
+    found = re.search(r"os_error_code='?(\d+)", str(error))
+    code = int(found[1]) if found else None
+  return code if code in WRITE_FAILURES else None
+
+
 class Checkpointer:
   """Saves and restores a train-state pytree (plus a small JSON of host-side progress).
 
@@ -369,8 +387,22 @@ class Checkpointer:
       raise ConfigError(f"{self.directory}: step {step} cannot be saved, the folder holds step "
                         f"{latest} already (checkpoints go forward); delete the steps "
                         f"{later} to go on from an earlier one, or save into another folder")
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
+    with self._disk_errors():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta or {})))
+
+  @contextlib.contextmanager
+  def _disk_errors(self):
+    """Raises a write the file system refused (a full disk: :func:`write_error_code`), which
+    tensorstore raises as a ``ValueError`` and Python's writes without a file name, as the
+    ``OSError`` it is, naming the checkpoint folder."""
+    try:
+      yield
+    except Exception as e:  # orbax and tensorstore raise many types
+      code = write_error_code(e)
+      if code is None or isinstance(e, OSError) and e.filename is not None:
+        raise
+      raise OSError(code, os.strerror(code), self.directory) from None
 
   def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores ``(state, meta)`` shaped like ``like`` from ``step`` (default: the latest).
@@ -422,7 +454,8 @@ class Checkpointer:
     """Waits for a save in flight to commit, then releases orbax's threads (again: no-op)."""
     if not self._closed:
       self._closed = True
-      self._manager.wait_until_finished()
+      with self._disk_errors():
+        self._manager.wait_until_finished()
       self._manager.close()
 
 

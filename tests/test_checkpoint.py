@@ -351,3 +351,39 @@ def test_a_full_disk_leaves_no_lock_and_no_temporary_one(tmp_path, monkeypatch):
     check_workdir({"a": 1}, str(tmp_path))
   assert e.value.errno == 28 and e.value.filename == str(tmp_path / "lock")  # ENOSPC
   assert os.listdir(tmp_path) == []
+
+
+CUT_SHORT_SAVE = """
+import resource, signal
+import numpy as np
+from absl import flags
+from experiments import cli
+from jaxcompress.checkpoint import Checkpointer
+
+flags.DEFINE_string("workdir", None, "")
+
+def main(argv):
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+  resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+  ckpt = Checkpointer(flags.FLAGS.workdir + "/checkpoints")
+  try:
+    ckpt.save(1, {"w": np.random.default_rng(0).random(100_000, np.float32)})
+  finally:
+    ckpt.close()
+
+cli.run(main)
+"""
+
+
+def test_a_save_the_file_system_refuses_is_one_line(tmp_path):
+  """tensorstore raises a failed write (here the kernel's EFBIG: the file-size limit, as a full
+  disk's ENOSPC) as a ValueError and orbax logs it from each of its threads with a traceback:
+  the job says it in one line, naming the folder."""
+  pytest.importorskip("resource")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", CUT_SHORT_SAVE, f"--workdir={tmp_path}"],
+                        cwd=repo, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": repo})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.splitlines() == [f"error: --workdir={tmp_path}: File too large: "
+                                      f"{tmp_path / 'checkpoints'}"]
