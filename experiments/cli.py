@@ -79,8 +79,9 @@ def run(main: Callable[[list[str]], None]) -> None:
       if e.strerror is None:  # raised without an errno: a program's error, kept whole
         raise
       where = "" if e.filename is None else f": {e.filename}"
-      inside = workdir and e.filename is not None and os.path.abspath(
-          str(e.filename)).startswith(os.path.abspath(workdir))
+      folder = workdir and os.path.abspath(workdir)
+      inside = folder and e.filename is not None and os.path.commonpath(
+          [folder, os.path.abspath(str(e.filename))]) == folder
       fail(f"--workdir={workdir}: {e.strerror}{where}" if inside else f"{e.strerror}{where}")
 
   # A scheduler preempts with SIGTERM: unwind as for Ctrl-C, so the workdir's lock is released

@@ -168,9 +168,10 @@ from experiments import cli
 
 flags.DEFINE_string("workdir", None, "")
 flags.DEFINE_integer("errno", None, "")
+flags.DEFINE_string("file", None, "")
 
 def main(argv):
-  path = os.path.join(flags.FLAGS.workdir, "results.json")
+  path = flags.FLAGS.file or os.path.join(flags.FLAGS.workdir, "results.json")
   raise OSError(flags.FLAGS.errno, os.strerror(flags.FLAGS.errno), path)
 
 cli.run(main)
@@ -188,6 +189,16 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path, code, reason):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
   assert proc.stderr.splitlines()[-1] == (f"error: --workdir={tmp_path}: {reason}: "
                                           f"{tmp_path / 'results.json'}")
+
+
+def test_a_file_beside_the_workdir_is_not_said_to_lie_in_it(tmp_path):
+  """``run_weights/`` shares its first characters with ``--workdir=run`` and no more."""
+  path = tmp_path / "run_weights" / "w.msgpack"
+  proc = subprocess.run([sys.executable, "-c", FAILING_FS, f"--workdir={tmp_path / 'run'}",
+                         "--errno=28", f"--file={path}"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1] == f"error: No space left on device: {path}"
 
 
 CLAIMER = """
