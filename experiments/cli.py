@@ -127,6 +127,10 @@ def _terminated(signum, frame):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+  if "workdir" not in flags.FLAGS and any(a.split("=", 1)[0] in ("--workdir", "-workdir")
+                                          for a in argv[1:]):  # absl would suggest --log_dir
+    fail("bad flag: --workdir: this job writes no files (it prints its results), so it takes "
+         "no --workdir")
   try:
     rest = flags.FLAGS(argv)
     _refuse_joined_tuples(argv)

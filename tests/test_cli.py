@@ -284,6 +284,15 @@ def test_a_second_sigterm_during_the_cleanup_is_ignored(tmp_path):
                                           "to resume")
 
 
+@pytest.mark.parametrize("job", ["evaluate", "ptq", "prune_sensitivity"])
+def test_a_workdir_given_to_a_job_that_writes_nothing_is_one_line(run_job, tmp_path, job):
+  code, out, err = run_job(f"experiments.{job}", f"--workdir={tmp_path / 'run'}")
+  assert code == 2 and "Traceback" not in err and out == ""
+  assert err.splitlines()[-1] == ("error: bad flag: --workdir: this job writes no files "
+                                  "(it prints its results), so it takes no --workdir")
+  assert not (tmp_path / "run").exists()
+
+
 def test_an_argument_without_dashes_is_one_line():  # bench's python -m refusal
   proc = _run("experiments.bench", "variants=plain", timeout=120)  # ignored: every variant runs
   assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
