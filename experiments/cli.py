@@ -71,6 +71,9 @@ def run(main: Callable[[list[str]], None]) -> None:
       workdir = flags.FLAGS.workdir = os.path.expanduser(workdir)  # it in --workdir=~/x as is)
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
       fail(f"--workdir={workdir} is a file; give a folder (new or a run's, to resume)")
+    if workdir and os.path.islink(workdir) and not os.path.exists(workdir):  # makedirs: EEXIST
+      fail(f"--workdir={workdir} is a symbolic link to {os.readlink(workdir)}, which does not "
+           "exist; make that folder or give another")
     try:
       main(argv)
     except ConfigError as e:

@@ -142,6 +142,18 @@ def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(run_job, tmp_path, 
   assert path.read_text() == "mine"
 
 
+def test_a_workdir_that_links_to_nothing_is_one_line(run_job, tmp_path):
+  link = tmp_path / "run"
+  link.symlink_to(tmp_path / "gone")
+  code, _, err = run_job("experiments.train_lm", "--config=configs/shakespeare.py:quick",
+                         f"--workdir={link}")
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1] == (f"error: --workdir={link} is a symbolic link to "
+                                  f"{tmp_path / 'gone'}, which does not exist; make "
+                                  "that folder or give another")
+  assert os.listdir(tmp_path) == ["run"]
+
+
 def test_an_empty_workdir_is_one_line():  # train_lm's python -m refusal
   proc = _run("experiments.train_lm", "--config=configs/shakespeare.py:quick", "--workdir=")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
