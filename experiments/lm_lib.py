@@ -232,8 +232,9 @@ def save_trained(workdir: str, variables, vocab: text.Vocabulary) -> None:
 
 def check_trained(folder: str, field: str, *, can_train: bool = False) -> list[str]:
   """The weights, vocabulary and config paths of a finished ``train_lm`` run in ``folder``;
-  one line where one is missing (``can_train`` as for :func:`load_trained`)."""
-  paths = [os.path.join(folder, name) for name in (WEIGHTS, VOCAB, CONFIG)]
+  one line where one is missing (``can_train`` as for :func:`load_trained`). ``~`` in ``folder`` is
+  the home folder, as in the ``--workdir`` that wrote it."""
+  paths = [os.path.join(os.path.expanduser(folder), name) for name in (WEIGHTS, VOCAB, CONFIG)]
   missing = [os.path.basename(p) for p in paths if not os.path.isfile(p)]
   if missing:
     raise ConfigError(f"{field}: {folder!r} holds no trained model (missing "

@@ -248,6 +248,18 @@ def test_teacher_of_another_family_is_one_line(run_job, tiny, tmp_path):
   assert not workdir.exists()
 
 
+def test_a_trained_model_under_the_home_folder_is_found_as_its_workdir_was_given(tmp_path,
+                                                                                monkeypatch):
+  """``--workdir=~/lm`` wrote HOME/lm; ``teacher.checkpoint=~/lm`` reads the same folder."""
+  (tmp_path / "lm").mkdir()
+  for name in ("weights.msgpack", "vocab.json", "config.json"):
+    (tmp_path / "lm" / name).write_text("{}")
+  monkeypatch.setenv("HOME", str(tmp_path))
+  assert lm_lib.check_trained("~/lm", "teacher.checkpoint") == [
+      str(tmp_path / "lm" / "weights.msgpack"), str(tmp_path / "lm" / "vocab.json"),
+      str(tmp_path / "lm" / "config.json")]
+
+
 def test_calibration_takes_as_many_windows_as_asked():
   ids = np.arange(1000, dtype=np.int32)
   batches = calibration_windows(ids, 256, 100, 8, seed=0)
