@@ -481,11 +481,18 @@ class MetricsLog:
     self.path = path
 
   def write(self, record: dict) -> None:
-    """Appends ``record``, first dropping a last line a crash cut short (which :meth:`read`
-    skips; a record appended to it would make both unreadable)."""
+    """Appends ``record``, first dropping a last line a crash or a full disk cut short (which
+    :meth:`read` skips; a record appended to it would make both unreadable).
+
+    Raises:
+      OSError: the append failed (a full disk), naming the file.
+    """
     self._drop_cut_line()
-    with open(self.path, "a") as f:
-      f.write(dumps(record) + "\n")
+    try:
+      with open(self.path, "a") as f:
+        f.write(dumps(record) + "\n")
+    except OSError as e:  # a full disk: write() and close() name no file
+      raise OSError(e.errno, e.strerror, self.path) from e
 
   def _drop_cut_line(self) -> None:
     if not os.path.exists(self.path) or not os.path.getsize(self.path):

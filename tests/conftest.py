@@ -71,9 +71,9 @@ def check_calibration_images(run, monkeypatch, examples: int) -> None:
 
 
 def disk_full(monkeypatch, path) -> None:
-  """Makes every file opened for writing whose name starts with ``path`` (the file itself or a
-  temporary name beside it) the Linux ``/dev/full``, on which a write fails as on a full disk
-  (``ENOSPC``, raised by the kernel)."""
+  """Makes every file opened to write (mode ``w``, ``a`` or ``x``) whose name starts with ``path``
+  (the file itself or a temporary name beside it) the Linux ``/dev/full``, on which a write fails
+  as on a full disk (``ENOSPC``, raised by the kernel)."""
   import builtins
   if not os.path.exists("/dev/full"):
     pytest.skip("no /dev/full")
@@ -81,7 +81,7 @@ def disk_full(monkeypatch, path) -> None:
 
   def fake_open(file, mode="r", *args, **kwargs):
     if isinstance(file, (str, os.PathLike)) and str(file).startswith(str(path)) and (
-        set(mode) & set("wax+")):
+        set(mode) & set("wax")):
       file = "/dev/full"
     return real_open(file, mode, *args, **kwargs)
 

@@ -284,6 +284,19 @@ def test_a_record_after_a_cut_line_drops_that_line(tmp_path):
                         {"step": 2, "final": True, "accuracy": 0.5}]
 
 
+def test_a_record_on_a_full_disk_names_the_log_and_leaves_its_records(tmp_path, monkeypatch):
+  from jaxcompress.checkpoint import MetricsLog
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n')
+  log = MetricsLog(str(path))
+  disk_full(monkeypatch, path)
+  with pytest.raises(OSError) as e:
+    log.write({"step": 2, "loss": 1.5})
+  assert e.value.errno == 28 and e.value.filename == str(path)  # ENOSPC, naming the file
+  monkeypatch.undo()
+  assert log.read() == [{"step": 1, "loss": 2.0}]
+
+
 def test_empty_step_folders_never_make_a_saved_step_removed(tmp_path):
   from jaxcompress.checkpoint import Checkpointer
   folder = tmp_path / "checkpoints"
