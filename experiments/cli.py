@@ -69,10 +69,11 @@ def run(main: Callable[[list[str]], None]) -> None:
       fail("--workdir must name a folder (new, or a run's to resume), got ''")
     if workdir:  # ~ is the home folder, as in the data, weights and text paths (the shell leaves
       workdir = flags.FLAGS.workdir = os.path.expanduser(workdir)  # it in --workdir=~/x as is)
-    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+    plain = workdir and os.path.normpath(workdir)  # a trailing / would hide a file or a link
+    if plain and os.path.exists(plain) and not os.path.isdir(plain):
       fail(f"--workdir={workdir} is a file; give a folder (new or a run's, to resume)")
-    if workdir and os.path.islink(workdir) and not os.path.exists(workdir):  # makedirs: EEXIST
-      fail(f"--workdir={workdir} is a symbolic link to {os.readlink(workdir)}, which does not "
+    if plain and os.path.islink(plain) and not os.path.exists(plain):  # makedirs: EEXIST
+      fail(f"--workdir={workdir} is a symbolic link to {os.readlink(plain)}, which does not "
            "exist; make that folder or give another")
     try:
       main(argv)

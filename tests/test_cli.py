@@ -130,25 +130,29 @@ def test_main_job_wrong_depth_teacher_weights(tmp_path):  # cifar_distill's pyth
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("job,config", [("experiments.cifar_distill", "cifar_distill.py:quick"),
-                                        ("experiments.train_lm", "shakespeare.py:quick")])
-def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(run_job, tmp_path, job, config):
+@pytest.mark.parametrize("job,config,slash", [
+    ("experiments.cifar_distill", "cifar_distill.py:quick", ""),
+    ("experiments.train_lm", "shakespeare.py:quick", ""),
+    ("experiments.train_lm", "shakespeare.py:quick", "/")])  # as a shell completes a folder
+def test_a_workdir_that_is_a_file_is_one_line_and_left_alone(run_job, tmp_path, job, config,
+                                                              slash):
   path = tmp_path / "notes.txt"
   path.write_text("mine")
-  code, _, err = run_job(job, f"--config=configs/{config}", f"--workdir={path}")
+  code, _, err = run_job(job, f"--config=configs/{config}", f"--workdir={path}{slash}")
   assert code == 2 and "Traceback" not in err
-  assert err.splitlines()[-1] == (f"error: --workdir={path} is a file; give a folder (new "
-                                  "or a run's, to resume)")
+  assert err.splitlines()[-1] == (f"error: --workdir={path}{slash} is a file; give a folder "
+                                  "(new or a run's, to resume)")
   assert path.read_text() == "mine"
 
 
-def test_a_workdir_that_links_to_nothing_is_one_line(run_job, tmp_path):
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_workdir_that_links_to_nothing_is_one_line(run_job, tmp_path, slash):
   link = tmp_path / "run"
   link.symlink_to(tmp_path / "gone")
   code, _, err = run_job("experiments.train_lm", "--config=configs/shakespeare.py:quick",
-                         f"--workdir={link}")
+                         f"--workdir={link}{slash}")
   assert code == 2 and "Traceback" not in err
-  assert err.splitlines()[-1] == (f"error: --workdir={link} is a symbolic link to "
+  assert err.splitlines()[-1] == (f"error: --workdir={link}{slash} is a symbolic link to "
                                   f"{tmp_path / 'gone'}, which does not exist; make "
                                   "that folder or give another")
   assert os.listdir(tmp_path) == ["run"]
