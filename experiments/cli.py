@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import importlib
 import os
 import re
 import signal
@@ -58,6 +59,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       if not isinstance(config, ml_collections.ConfigDict):
         fail(f"--config={flags.FLAGS['config'].config_filename}: get_config() returns "
              f"{type(config).__name__}, not an ml_collections.ConfigDict")
+      _check_sections(config)
       seed = config.get("seed", 0)
       # NumPy's usual seed range; JAX takes 63 bits at most (2**63 failed inside the model's
       # init, blamed on model.name) and jobs add small offsets (rounds) to the seed
@@ -97,6 +99,21 @@ def run(main: Callable[[list[str]], None]) -> None:
     _stop("terminated (SIGTERM); rerun the same command to resume", 128 + signal.SIGTERM)
   except KeyboardInterrupt:
     _stop("interrupted; rerun the same command to resume", 130)
+
+
+def _check_sections(config: ml_collections.ConfigDict) -> None:
+  """One line for a config written for another job (``configs/autocompress.py`` given to
+  ``experiments.cifar_distill``): its top-level fields differ from the job's own config's. Run,
+  it failed on a missing section with a traceback, or ignored the extra ones and ran into that
+  job's workdir, whose recorded config it matches."""
+  default = flags.FLAGS["config"].default
+  own = set(importlib.import_module(os.path.splitext(default)[0].replace("/", ".")).get_config())
+  lacks, extra = sorted(own - set(config)), sorted(set(config) - own)
+  if lacks or extra:
+    fail(f"--config={flags.FLAGS['config'].config_filename} is no config of this job ({default} "
+         "is one): it " + " and ".join(
+             [f"lacks {', '.join(lacks)}"] * bool(lacks)
+             + [f"has {', '.join(extra)}, which this job does not read"] * bool(extra)))
 
 
 def _quiet_failed_writes(record) -> bool:

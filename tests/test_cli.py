@@ -99,6 +99,28 @@ def test_main_job_bad_input_writes_nothing(run_job, tmp_path, override, message)
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("job,config,message", [
+    ("cifar_distill", "autocompress.py:quick", "(configs/cifar_distill.py is one): it has budget, "
+                                               "scan, uniform, which this job does not read"),
+    ("autocompress", "cifar_distill.py:quick", "(configs/autocompress.py is one): it lacks "
+                                               "budget, scan, uniform"),
+    ("train", "iterative_prune.py:quick", "(configs/train.py is one): it lacks parallel and has "
+                                          "prune, which this job does not read"),
+])
+def test_a_config_of_another_job_is_one_line_and_writes_nothing(run_job, tmp_path, job, config,
+                                                                 message):
+  """Run, cifar_distill ignored autocompress's sections and ran into an autocompress workdir as
+  its own; the others failed on a missing section with a traceback. (The bad seed, refused just
+  after, keeps a run that gets past this check from training.)"""
+  workdir = tmp_path / "run"
+  code, _, err = run_job(f"experiments.{job}", f"--config=configs/{config}",
+                         f"--workdir={workdir}", "--config.seed=-1")
+  assert code == 2 and "Traceback" not in err
+  assert err.splitlines()[-1] == (f"error: --config=configs/{config} is no config of "
+                                  f"this job {message}")
+  assert not workdir.exists()
+
+
 def test_an_override_given_twice_is_refused(run_job, tmp_path):
   # ml_collections would decay at the joined tuple (0.5, 0.5) for a tuple field given twice
   workdir = tmp_path / "run"
