@@ -31,18 +31,20 @@ def write_file(path: str, write: Callable[[str], Any]) -> None:
 
   Raises:
     OSError: the write failed (a full disk, a read-only folder), naming ``path``; the temporary
-      file is removed and ``path`` left as it was.
+      file is removed and ``path`` left as it was (as when Ctrl-C or SIGTERM stops the write).
   """
   tmp = f"{path}.{os.getpid()}.tmp"
   try:
     write(tmp)
     os.replace(tmp, path)
-  except OSError as e:
+  except BaseException as e:  # a failed write, or Ctrl-C or SIGTERM during it
     try:
       os.remove(tmp)
     except OSError:
       pass
-    raise OSError(e.errno, e.strerror, path) from e  # a failed write() or close() names no file
+    if isinstance(e, OSError):  # a failed write() or close() names no file
+      raise OSError(e.errno, e.strerror, path) from e
+    raise
 
 
 def write_text(path: str, text: str) -> None:

@@ -400,3 +400,20 @@ def test_a_save_the_file_system_refuses_is_one_line(tmp_path):
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert proc.stderr.splitlines() == [f"error: --workdir={tmp_path}: File too large: "
                                       f"{tmp_path / 'checkpoints'}"]
+
+
+def test_a_write_stopped_by_ctrl_c_leaves_the_old_file_and_no_temporary_one(tmp_path):
+  """SIGTERM unwinds as Ctrl-C (experiments/cli.py): the job's cleanup must not leave half a
+  file under the temporary name."""
+  from jaxcompress.checkpoint import write_file
+  path = tmp_path / "report.md"
+  path.write_text("old")
+
+  def write(tmp):
+    with open(tmp, "w") as f:
+      f.write("half of the new")
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    write_file(str(path), write)
+  assert os.listdir(tmp_path) == ["report.md"] and path.read_text() == "old"
