@@ -4,19 +4,20 @@ Not a config file itself: ``train.py``, ``evaluate.py``, ``cifar_distill.py`` bu
 """
 
 import ml_collections
+from ml_collections import config_dict
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the pretrained CIFAR ResNets were trained with
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# (mean, std) of pixel/255 per dataset where the ImageNet values above do not fit: the grey
-# datasets' one channel, normalised with the dataset's own statistics.
-GREY_NORMALIZATION = {"mnist": ((0.1307,), (0.3081,)), "fashion_mnist": ((0.2860,), (0.3530,))}
+from jaxcompress import datasets
+
+# what the pretrained CIFAR ResNets were trained with, and the CIFARs' default normalisation
+IMAGENET_MEAN, IMAGENET_STD = datasets.IMAGENET_MEAN, datasets.IMAGENET_STD
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  """``(mean, std)`` the images of dataset ``name`` are normalised with when none are given: the
-  ImageNet values (``data_config``'s default) for the colour datasets, the dataset's own for
-  mnist and fashion_mnist."""
-  return GREY_NORMALIZATION.get(name, (IMAGENET_MEAN, IMAGENET_STD))
+  """``(mean, std)`` the images of dataset ``name`` are normalised with when none are given
+  (``data.mean``/``data.std`` left at None): the ImageNet values for the CIFARs, the dataset's own
+  for mnist and fashion_mnist (:class:`jaxcompress.datasets.DatasetSpec`)."""
+  spec = datasets.dataset_spec(name)
+  return spec.mean, spec.std
 
 
 def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:
@@ -31,9 +32,11 @@ def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   c.batch_size = 128  # global training batch, split over all devices
   c.eval_batch_size = 500  # global eval batch; the last batch is padded, never dropped
   c.augment = True  # 4-pixel zero-pad random crop + horizontal flip
-  c.mean = IMAGENET_MEAN  # per-channel mean of pixel/255 (mnist, fashion_mnist: one value,
-  #                         e.g. --config.data.mean="(0.1307,)" --config.data.std="(0.3081,)")
-  c.std = IMAGENET_STD  # per-channel std of pixel/255
+  # per-channel mean and std of pixel/255, e.g. --config.data.mean="(0.4914, 0.4822, 0.4465)"
+  # (mnist, fashion_mnist: one value, "(0.5,)"); None: the dataset's own (normalization(name)):
+  # the ImageNet values for the CIFARs, (0.1307,)/(0.3081,) mnist, (0.2860,)/(0.3530,) fashion
+  c.mean = config_dict.placeholder(tuple)
+  c.std = config_dict.placeholder(tuple)
   return c
 
 

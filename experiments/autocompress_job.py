@@ -263,6 +263,8 @@ def _budget_point(config, workdir: str, *, scan_path: str | None = None,
   scan_path = scan_path or os.path.join(workdir, "scan.json")
   saved = read_json(scan_path)
   fields = json.loads(config.to_json())  # as recorded: tuples as lists
+  # the normalisation used (None: the dataset's), so a scan holds whether it was named or not
+  fields["data"].update(mean=list(data.mean), std=list(data.std))
   settings = {f: tree_get(fields, f.replace(".", "/")) for f in SCAN_SETTINGS}
   diff = config_diff(saved.get("settings", settings), settings)  # older scans recorded none
   if diff:

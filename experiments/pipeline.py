@@ -207,7 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   f"{per_epoch} steps: at least {1 / per_epoch:.3g})")
   calib_x, _ = splits["train"].read(
       np.arange(min(config.quant.calibration_examples, len(splits["train"]))))
-  calib = data_lib.calibration_batches(calib_x, config.data.mean, config.data.std)
+  calib = data_lib.calibration_batches(calib_x, data.mean, data.std)
   optimizer = make_optimizer(OptimizerSpec.from_mapping(config.train), per_epoch,
                              decay_mask=compose.decay_mask)
   comp = compose.build(student, student_vars, calib[0][:8], optimizer=optimizer,
@@ -258,7 +258,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if stages.get("export", {}).get("max_bytes", 0) != config.export.get("max_bytes", 0):
       stages.pop("export", None)  # exported under another cap: export again
     compressed.update(stages("export", lambda: _export(
-        config, workdir, comp, state, original_bytes, after["predictions"], evaluate_vars)))
+        config, data, workdir, comp, state, original_bytes, after["predictions"],
+        evaluate_vars)))
   dense = {"sparsity": 0.0, "weight_bits": 32, "act_bits": 32}
   teacher_row = _row(stages.get("teacher"), config.teacher.name)
   if teacher_vars is not None and teacher_row["accuracy"] is not None:
@@ -299,9 +300,10 @@ def _bits(quant, column: int) -> int | str:
   return widths[0] if len(widths) == 1 else "/".join(map(str, widths))
 
 
-def _export(config, workdir: str, comp, state, original_bytes: int, predictions: list,
-            evaluate_vars) -> dict:
-  """Writes ``WORKDIR/export`` (and ``WORKDIR/serving``), reloads the artifact, evaluates it.
+def _export(config, data: DataSpec, workdir: str, comp, state, original_bytes: int,
+            predictions: list, evaluate_vars) -> dict:
+  """Writes ``WORKDIR/export`` (and ``WORKDIR/serving``, normalising uint8 images with
+  ``data``'s mean and std), reloads the artifact, evaluates it.
 
   Both folders are written under temporary names (``export.tmp``, ``serving.tmp``) and renamed
   once complete, replacing what an interrupted earlier attempt left. Process 0 writes them; every
@@ -352,7 +354,7 @@ def _export(config, workdir: str, comp, state, original_bytes: int, predictions:
       if config.export.slim:
         skipped = export.slim(loaded)
         served, slimmed = skipped.loaded, {p: list(c) for p, c in skipped.channels.items()}
-      export.save_serving(tmp["serving"], served, mean=config.data.mean, std=config.data.std)
+      export.save_serving(tmp["serving"], served, mean=data.mean, std=data.std)
       return slimmed
 
     # Process 0 writes it; its failure (a full disk) stops every process (the others would wait

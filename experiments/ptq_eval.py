@@ -333,7 +333,7 @@ def post_training_quantization(config) -> dict:
   test = data_lib.load_split(config.data.name, config.data.eval_split,
                              data_dir=config.data.data_dir, field="data.eval_split")
   bs = p.calibration_batch_size
-  calibration = [data_lib.normalize(calib_x[i:i + bs], config.data.mean, config.data.std)
+  calibration = [data_lib.normalize(calib_x[i:i + bs], data.mean, data.std)
                  for i in range(0, len(calib_x), bs)]
   rows = ptq_sweep(model, variables, schemes, calibration,
                    split_evaluator(test, data, mesh=mesh),

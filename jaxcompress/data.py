@@ -39,8 +39,9 @@ class DataSpec:
     batch_size: global training batch.
     eval_batch_size: global eval batch; the last batch is padded, never dropped.
     augment: 4-pixel zero-pad random crop and horizontal flip in training.
-    mean: per-channel mean of ``pixel / 255``.
-    std: per-channel std of ``pixel / 255``.
+    mean: per-channel mean of ``pixel / 255``; None: the dataset's own
+      (:class:`jaxcompress.datasets.DatasetSpec`: ImageNet's for the CIFARs, MNIST's for mnist).
+    std: per-channel std of ``pixel / 255``; None: the dataset's own, likewise.
   """
   name: str = "cifar10"
   data_dir: str = ""
@@ -51,18 +52,19 @@ class DataSpec:
   batch_size: int = 128
   eval_batch_size: int = 500
   augment: bool = True
-  mean: tuple = (0.0,)
-  std: tuple = (1.0,)
+  mean: tuple | None = (0.0,)
+  std: tuple | None = (1.0,)
 
   def __post_init__(self):
-    dataset_spec(self.name)
+    spec = dataset_spec(self.name)
     for field in ("batch_size", "eval_batch_size"):
       _check_integer(f"data.{field}", getattr(self, field), 1, "an integer > 0")
     for field in ("val_examples", "train_examples"):
       _check_integer(f"data.{field}", getattr(self, field), 0, "an integer >= 0 (0: none)")
-    object.__setattr__(self, "mean", tuple(self.mean))
-    object.__setattr__(self, "std", tuple(self.std))
-    check_normalization(self.mean, self.std, dataset_spec(self.name).image_shape[-1])
+    for field in ("mean", "std"):
+      value = getattr(self, field)
+      object.__setattr__(self, field, getattr(spec, field) if value is None else tuple(value))
+    check_normalization(self.mean, self.std, spec.image_shape[-1])
 
   @property
   def num_classes(self) -> int:

@@ -1,10 +1,10 @@
 """The image datasets the pipeline reads, and their one-time preparation.
 
-:data:`DATASETS` holds each supported dataset's image shape, class count and label names
-(:func:`dataset_spec`). The pipeline (:mod:`jaxcompress.data`) reads datasets prepared as TFDS
-``array_record`` files under one folder (:func:`resolve_data_dir`); :func:`prepare` downloads and
-prepares a missing one there once, with TensorFlow (the ``prepare`` extra), which reading never
-needs.
+:data:`DATASETS` holds each supported dataset's image shape, class count, label names and default
+normalisation (:func:`dataset_spec`). The pipeline (:mod:`jaxcompress.data`) reads datasets
+prepared as TFDS ``array_record`` files under one folder (:func:`resolve_data_dir`);
+:func:`prepare` downloads and prepares a missing one there once, with TensorFlow (the ``prepare``
+extra), which reading never needs.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ class DatasetSpec:
     num_classes: number of labels.
     label_names: the TFDS label names, ``label_names[i]`` for label ``i`` (``num_classes`` of
       them).
+    mean: per-channel mean of ``pixel / 255`` the images are normalised with where none is given.
+    std: per-channel std of ``pixel / 255``, likewise.
   """
   image_shape: tuple[int, int, int]
   num_classes: int
   label_names: tuple[str, ...] = ()
+  mean: tuple[float, ...] = (0.0,)
+  std: tuple[float, ...] = (1.0,)
 
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -66,11 +70,16 @@ MNIST_LABELS = tuple(str(i) for i in range(10))
 FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                         "Sneaker", "Bag", "Ankle boot")
 
+# The CIFARs are normalised with the ImageNet statistics, as the pretrained CIFAR ResNets were
+# trained; the grey datasets with their own (pixel / 255 over the training split).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 DATASETS = {
-    "cifar10": DatasetSpec((32, 32, 3), 10, CIFAR10_LABELS),
-    "cifar100": DatasetSpec((32, 32, 3), 100, CIFAR100_LABELS),
-    "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS),
-    "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS),
+    "cifar10": DatasetSpec((32, 32, 3), 10, CIFAR10_LABELS, IMAGENET_MEAN, IMAGENET_STD),
+    "cifar100": DatasetSpec((32, 32, 3), 100, CIFAR100_LABELS, IMAGENET_MEAN, IMAGENET_STD),
+    "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS, (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS, (0.2860,), (0.3530,)),
 }
 
 

@@ -190,7 +190,7 @@ def test_data_spec_is_validated_when_built_and_read_from_a_section():
   # MNIST's one channel: three means would broadcast every image to three channels.
   with pytest.raises(ConfigError, match=r"^data.mean must be one value per channel of the "
                      r"1-channel images, or one for all, got \(0.485, 0.456, 0.406\)$"):
-    data.DataSpec.from_mapping(common.data_config("mnist"))
+    data.DataSpec(name="mnist", mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD)
   with pytest.raises(ConfigError, match=r"^data.std must be finite values > 0"):
     data.DataSpec(std=(0.2, 0.0, 0.3))
   with pytest.raises(ConfigError, match=r"data.eval_batch_size must be an integer > 0, got 0"):
@@ -210,6 +210,31 @@ def test_data_spec_is_validated_when_built_and_read_from_a_section():
       data.DataSpec(mean=mean)
   with pytest.raises(ConfigError, match=r"data.name must be one of .*got 'svhn'"):
     data.DataSpec(name="svhn")
+
+
+def test_a_section_without_mean_or_std_normalises_with_the_dataset_s_own():
+  from configs import common
+  section = common.data_config()
+  assert section.mean is None and section.std is None  # the user gave none
+  # The CIFARs: the ImageNet statistics the pretrained CIFAR ResNets were trained with (torchvision
+  # docs), exactly the values the jobs used before None meant "the dataset's".
+  imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  # MNIST: mean 0.1307, std 0.3081 of pixel / 255 (PyTorch's MNIST example); Fashion-MNIST:
+  # 0.2860, 0.3530 (its training split's published statistics).
+  published = {"cifar10": imagenet, "cifar100": imagenet, "mnist": ((0.1307,), (0.3081,)),
+               "fashion_mnist": ((0.2860,), (0.3530,))}
+  for name, (mean, std) in published.items():
+    section.name = name
+    spec = data.DataSpec.from_mapping(section)
+    assert (spec.mean, spec.std) == (mean, std), name
+    assert common.normalization(name) == (mean, std), name
+  spec = data.DataSpec(name="mnist", mean=None, std=None)
+  images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 1), np.uint8)
+  want = (images.astype(np.float64) / 255 - 0.1307) / 0.3081  # by hand, in float64
+  np.testing.assert_allclose(data.normalize(images, spec.mean, spec.std), want, atol=1e-5)
+  section.name, section.mean, section.std = "mnist", (0.5,), (0.25,)  # a given pair is kept
+  assert data.DataSpec.from_mapping(section).mean == (0.5,)
+  assert data.DataSpec.from_mapping(section).std == (0.25,)
 
 
 def test_bad_batches_are_one_line():

@@ -96,6 +96,23 @@ def test_main_job_writes_the_results_contract_and_resumes(mlp_weights, tmp_path)
   assert json.loads(json.dumps(_run(config, tmp_path))) == on_disk
 
 
+def test_mnist_given_no_mean_or_std_is_normalised_with_its_own_statistics(mlp_weights, tmp_path):
+  """The config's defaults name no normalisation: MNIST's own (mean 0.1307, std 0.3081 of
+  pixel / 255, PyTorch's MNIST example) apply, and the serving function takes uint8 digits."""
+  config = _config(mlp_weights)
+  given = cifar_distill.get_config("quick").data
+  config.data.mean, config.data.std = given.mean, given.std  # what a user who names none has
+  config.export.enabled, config.train.epochs = True, 1.0
+  _run(config, tmp_path)
+  images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), np.uint8)
+  loaded = export_lib.load(str(tmp_path / "export"),
+                           create_model("mlp", num_classes=10, image_shape=(28, 28, 1))[0])
+  by_hand = (images.astype(np.float32) / 255 - 0.1307) / 0.3081  # NumPy, published statistics
+  served = export_lib.load_serving(str(tmp_path / "serving"))(images)
+  np.testing.assert_allclose(np.asarray(served), np.asarray(loaded.logits(by_hand)), rtol=1e-4,
+                             atol=1e-4)
+
+
 def test_export_max_bytes_zeroes_the_smallest_pruned_weights_until_the_artifact_fits(
     mlp_weights, tmp_path):
   config = _config(mlp_weights)
