@@ -31,7 +31,10 @@ def data_config(name: str = "cifar10") -> ml_collections.ConfigDict:
   c.train_examples = 0  # cap on training examples, for quick runs (0: all)
   c.batch_size = 128  # global training batch, split over all devices
   c.eval_batch_size = 500  # global eval batch; the last batch is padded, never dropped
-  c.augment = True  # 4-pixel zero-pad random crop + horizontal flip
+  c.augment = True  # 4-pixel zero-pad random crop + horizontal flip (see flip)
+  # flip training images horizontally in augment; None: the dataset's choice (the CIFARs yes,
+  # mnist and fashion_mnist no: a mirrored digit or garment is another symbol, or none)
+  c.flip = config_dict.placeholder(bool)
   # per-channel mean and std of pixel/255, e.g. --config.data.mean="(0.4914, 0.4822, 0.4465)"
   # (mnist, fashion_mnist: one value, "(0.5,)"); None: the dataset's own (normalization(name)):
   # the ImageNet values for the CIFARs, (0.1307,)/(0.3081,) mnist, (0.2860,)/(0.3530,) fashion

@@ -4,9 +4,10 @@ A split is read by random access (:func:`open_split`): an example is decoded the
 needs it and kept as uint8, so a process decodes only the examples of its own rows of each batch.
 Batches are cut with NumPy: a permutation drawn from ``(seed, epoch)`` for training (so a resumed
 run sees exactly the batches it would have seen, and the global batches do not depend on how many
-processes share them), 4-pixel zero-pad random crops and horizontal flips, and normalisation by
-the configured mean/std. Evaluation batches cover every example exactly once: the last batch is
-padded to full size and carries a 0/1 ``weight`` so padded rows count for nothing.
+processes share them), 4-pixel zero-pad random crops and horizontal flips (none for the digit
+datasets), and normalisation by the configured mean/std. Evaluation batches cover every example
+exactly once: the last batch is padded to full size and carries a 0/1 ``weight`` so padded rows
+count for nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class DataSpec:
     train_examples: cap on training examples (0: all).
     batch_size: global training batch.
     eval_batch_size: global eval batch; the last batch is padded, never dropped.
-    augment: 4-pixel zero-pad random crop and horizontal flip in training.
+    augment: 4-pixel zero-pad random crop (and horizontal flip, see ``flip``) in training.
+    flip: whether ``augment`` flips images horizontally; None: the dataset's choice
+      (:class:`jaxcompress.datasets.DatasetSpec`: the CIFARs yes, mnist and fashion_mnist no).
     mean: per-channel mean of ``pixel / 255``; None: the dataset's own
       (:class:`jaxcompress.datasets.DatasetSpec`: ImageNet's for the CIFARs, MNIST's for mnist).
     std: per-channel std of ``pixel / 255``; None: the dataset's own, likewise.
@@ -52,6 +55,7 @@ class DataSpec:
   batch_size: int = 128
   eval_batch_size: int = 500
   augment: bool = True
+  flip: bool | None = None
   mean: tuple | None = (0.0,)
   std: tuple | None = (1.0,)
 
@@ -61,6 +65,10 @@ class DataSpec:
       _check_integer(f"data.{field}", getattr(self, field), 1, "an integer > 0")
     for field in ("val_examples", "train_examples"):
       _check_integer(f"data.{field}", getattr(self, field), 0, "an integer >= 0 (0: none)")
+    if self.flip is None:
+      object.__setattr__(self, "flip", spec.flip)
+    if not isinstance(self.flip, (bool, np.bool_)):
+      raise invalid("data.flip", self.flip, "True, False or None (the dataset's choice)")
     for field in ("mean", "std"):
       value = getattr(self, field)
       object.__setattr__(self, field, getattr(spec, field) if value is None else tuple(value))
@@ -412,7 +420,8 @@ def calibration_batches(images: np.ndarray, mean: Sequence[float], std: Sequence
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
-            rows: tuple[int, int] | None = None, batch_size: int | None = None) -> np.ndarray:
+            rows: tuple[int, int] | None = None, batch_size: int | None = None,
+            flip: bool = True) -> np.ndarray:
   """Random ``pad``-pixel zero-pad crop and random horizontal flip, per image.
 
   Args:
@@ -423,6 +432,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
       batch). The draws are made for the whole batch, so an image's crop and flip do not depend on
       how its batch is split over processes.
     batch_size: size of that whole batch (default ``len(images)``).
+    flip: ``False``: no image is flipped (the crops are those of ``True``).
 
   Returns:
     Augmented uint8 images of the same shape.
@@ -433,10 +443,11 @@ def augment(images: np.ndarray, rng: np.random.Generator, *, pad: int = 4,
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   dy = rng.integers(0, 2 * pad + 1, size=total)[lo:hi]
   dx = rng.integers(0, 2 * pad + 1, size=total)[lo:hi]
-  flip = (rng.random(total) < 0.5)[lo:hi]
   rows_ = dy[:, None] + np.arange(h)[None, :]  # [B, H]
   cols = dx[:, None] + np.arange(w)[None, :]  # [B, W]
-  cols = np.where(flip[:, None], cols[:, ::-1], cols)
+  if flip:
+    flips = (rng.random(total) < 0.5)[lo:hi]
+    cols = np.where(flips[:, None], cols[:, ::-1], cols)
   return padded[np.arange(b)[:, None, None], rows_[:, :, None], cols[:, None, :]]
 
 
@@ -463,7 +474,7 @@ def train_order(num_examples: int, *, seed: int, epoch: int) -> np.ndarray:
 
 def train_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int, *, seed: int,
                   epoch: int, mean: Sequence[float], std: Sequence[float],
-                  augment_images: bool = True, start: int = 0,
+                  augment_images: bool = True, flip: bool = True, start: int = 0,
                   rows: tuple[int, int] | None = None) -> Iterator[Batch]:
   """Yields one epoch of shuffled, augmented, normalised training batches.
 
@@ -478,6 +489,7 @@ def train_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int,
     mean, std: per channel, of pixel / 255; the images become ``(pixel / 255 - mean) / std``
       (:func:`normalize`).
     augment_images: random crop and flip (:func:`augment`); ``False``: the images as stored.
+    flip: with ``augment_images``, flip images horizontally too (``False``: crops only).
     start: the first batch yielded (the ones before it are skipped, not read).
     rows: yield only rows ``[lo, hi)`` of every global batch, and read only their examples (this
       process's part, :func:`jaxcompress.parallel.local_rows`); default: whole batches.
@@ -491,7 +503,7 @@ def train_batches(split: Split | tuple[np.ndarray, np.ndarray], batch_size: int,
     x, y = split.read(order[step * batch_size:(step + 1) * batch_size][lo:hi])
     if augment_images:
       x = augment(x, np.random.default_rng([seed, epoch, step]), rows=(lo, hi),
-                  batch_size=batch_size)
+                  batch_size=batch_size, flip=flip)
     yield Batch(normalize(x, mean, std), y, ones)
 
 

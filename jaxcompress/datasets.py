@@ -1,10 +1,10 @@
 """The image datasets the pipeline reads, and their one-time preparation.
 
-:data:`DATASETS` holds each supported dataset's image shape, class count, label names and default
-normalisation (:func:`dataset_spec`). The pipeline (:mod:`jaxcompress.data`) reads datasets
-prepared as TFDS ``array_record`` files under one folder (:func:`resolve_data_dir`);
-:func:`prepare` downloads and prepares a missing one there once, with TensorFlow (the ``prepare``
-extra), which reading never needs.
+:data:`DATASETS` holds each supported dataset's image shape, class count, label names, default
+normalisation and whether its training images are flipped (:func:`dataset_spec`). The pipeline
+(:mod:`jaxcompress.data`) reads datasets prepared as TFDS ``array_record`` files under one folder
+(:func:`resolve_data_dir`); :func:`prepare` downloads and prepares a missing one there once, with
+TensorFlow (the ``prepare`` extra), which reading never needs.
 """
 
 from __future__ import annotations
@@ -43,12 +43,15 @@ class DatasetSpec:
       them).
     mean: per-channel mean of ``pixel / 255`` the images are normalised with where none is given.
     std: per-channel std of ``pixel / 255``, likewise.
+    flip: whether training augmentation flips the images horizontally where not told: a mirrored
+      photo shows the same class, a mirrored digit or garment another symbol (or none).
   """
   image_shape: tuple[int, int, int]
   num_classes: int
   label_names: tuple[str, ...] = ()
   mean: tuple[float, ...] = (0.0,)
   std: tuple[float, ...] = (1.0,)
+  flip: bool = True
 
 
 CIFAR10_LABELS = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -78,8 +81,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATASETS = {
     "cifar10": DatasetSpec((32, 32, 3), 10, CIFAR10_LABELS, IMAGENET_MEAN, IMAGENET_STD),
     "cifar100": DatasetSpec((32, 32, 3), 100, CIFAR100_LABELS, IMAGENET_MEAN, IMAGENET_STD),
-    "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS, (0.1307,), (0.3081,)),
-    "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS, (0.2860,), (0.3530,)),
+    "mnist": DatasetSpec((28, 28, 1), 10, MNIST_LABELS, (0.1307,), (0.3081,), flip=False),
+    "fashion_mnist": DatasetSpec((28, 28, 1), 10, FASHION_MNIST_LABELS, (0.2860,), (0.3530,),
+                                 flip=False),
 }
 
 

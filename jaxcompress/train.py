@@ -334,7 +334,7 @@ def _batch_source(train, data: DataSpec | None, seed: int, mesh) -> tuple[int, i
   return (data_lib.steps_per_epoch(len(split), data.batch_size), data.batch_size,
           lambda epoch, start: data_lib.train_batches(
               split, data.batch_size, seed=seed, epoch=epoch, mean=data.mean, std=data.std,
-              augment_images=data.augment, start=start, rows=rows))
+              augment_images=data.augment, flip=data.flip, start=start, rows=rows))
 
 
 def _numbers(metrics: Mapping[str, Any]) -> dict:

@@ -182,6 +182,35 @@ def test_held_out_examples_of_a_sliced_split_are_a_spec_tfds_reads():
   assert len(ids) == 256
 
 
+@pytest.mark.parametrize("name, flips", [("mnist", False), ("fashion_mnist", False),
+                                         ("cifar10", True)])
+def test_training_batches_flip_only_images_whose_mirror_keeps_their_label(name, flips):
+  """A mirrored digit or garment is another symbol: the digit datasets are cropped, never
+  flipped; the CIFARs flip exactly the images the generator picked before flips had a setting."""
+  from jaxcompress import train as train_lib
+  spec = data.DataSpec(name=name, batch_size=16, mean=(0.0,), std=(1 / 255,))  # pixels, as float
+  assert spec.flip is flips
+  with tfds.testing.mock_data(num_examples=48):
+    split = train_lib.load_data(spec)["train"]
+    steps, _, batches = train_lib._batch_source(split, spec, 7, None)  # what fit trains on
+    out = [np.rint(b.image).astype(np.uint8) for b in batches(2, 0)]
+    order = data.train_order(len(split), seed=7, epoch=2)
+    sources = [split.read(order[i * 16:(i + 1) * 16])[0] for i in range(steps)]
+  assert steps == 3
+  flipped, picked = [], []
+  for step, (source, images) in enumerate(zip(sources, out)):
+    for src, aug in zip(source, images):
+      match = [i for i, c in enumerate(_crops(src, 4)) if np.array_equal(c, aug)]
+      assert match, "a training image is not a crop (or flipped crop) of its example"
+      flipped.append(match[0] % 2)
+    # The stream as drawn before: 16 row offsets, 16 column offsets, then 16 uniforms (< 0.5 flips).
+    rng = np.random.default_rng([7, 2, step])
+    rng.integers(0, 9, 16), rng.integers(0, 9, 16)
+    picked += (rng.random(16) < 0.5).astype(int).tolist()
+  assert sum(flipped) == (sum(picked) if flips else 0) and 0 < sum(picked) < 48
+  assert flipped == (picked if flips else [0] * 48)
+
+
 def test_data_spec_is_validated_when_built_and_read_from_a_section():
   from configs import common
   spec = data.DataSpec.from_mapping(common.data_config("cifar10"))
@@ -210,6 +239,9 @@ def test_data_spec_is_validated_when_built_and_read_from_a_section():
       data.DataSpec(mean=mean)
   with pytest.raises(ConfigError, match=r"data.name must be one of .*got 'svhn'"):
     data.DataSpec(name="svhn")
+  with pytest.raises(ConfigError, match=r"^data.flip must be True, False or None \(the dataset's "
+                     r"choice\), got 'no'$"):
+    data.DataSpec(flip="no")
 
 
 def test_a_section_without_mean_or_std_normalises_with_the_dataset_s_own():
