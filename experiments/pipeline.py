@@ -8,7 +8,8 @@ recorded only once its outputs are complete, and training resumes from its lates
 exact step (:func:`jaxcompress.train.fit`). Stages: evaluate the teacher and the original student;
 compress the student one-shot (final-sparsity masks + calibrated fake quantization) and evaluate
 it "before fine-tuning"; fine-tune with the composed step; evaluate "after"; export; write
-``results.json``, ``report.md`` and PNG plots.
+``results.json``, ``report.md`` and PNG plots. With ``data.val_examples > 0`` the original and the
+fine-tuned student are evaluated on that held-out slice of the training examples too (``val``).
 """
 
 from __future__ import annotations
@@ -177,9 +178,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   "distill.feature_weight > 0")
   data = DataSpec.from_mapping(config.data)
   splits = load_data(data)
-  evaluate_vars = lambda fn, v, desc, preds=False: evaluate_split(
-      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits["eval"], data,
+  evaluate_vars = lambda fn, v, desc, preds=False, split="eval": evaluate_split(
+      make_eval_step(fn, mesh=mesh), parallel.replicate(mesh, v), splits[split], data,
       mesh=mesh, desc=desc, predictions=preds)
+  # {'val': metrics} on the last data.val_examples training examples, held out of training; {}
+  # without them.
+  held_out = lambda fn, v, desc: ({"val": evaluate_vars(fn, v, f"{desc} val", split="val")}
+                                  if "val" in splits else {})
 
   # Pretrain stage: weights named in the config but not in the weights folder are trained here
   # with the family's recipe, saved under their name, and the models rebuilt from them. The stage
@@ -224,7 +229,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   if teacher is not None and config.eval.teacher:
     stages("teacher", lambda: evaluate_vars(eval_apply(teacher), teacher_vars, "eval teacher"))
-  stages("original", lambda: evaluate_vars(eval_apply(student), student_vars, "eval original"))
+  stages("original", lambda: {
+      **evaluate_vars(eval_apply(student), student_vars, "eval original"),
+      **held_out(eval_apply(student), student_vars, "eval original")})
 
   def before():
     params = state.params
@@ -245,7 +252,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     eval_fn=lambda s: evaluate_vars(comp.logits_fn, comp.eval_variables(s),
                                                     "eval"))
   after = stages("after", lambda: {**evaluate_vars(comp.logits_fn, comp.eval_variables(state),
-                                                  "eval compressed", True), **info})
+                                                  "eval compressed", True),
+                                    **held_out(comp.logits_fn, comp.eval_variables(state),
+                                               "eval compressed"), **info})
   final_params = jax.device_get(state.params["model"])
   sparsity = float(comp.sparsity({"model": final_params}))
   original_bytes = param_count(student_vars["params"]) * FLOAT32_BYTES
@@ -254,6 +263,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 "nonfinite": after.get("nonfinite"), "sparsity": sparsity,
                 "weight_bits": _bits(config.quant, 1),
                 "act_bits": _bits(config.quant, 2)}
+  if "val" in after:  # the held-out slice (data.val_examples)
+    compressed["val"] = after["val"]
   if config.export.enabled:
     if stages.get("export", {}).get("max_bytes", 0) != config.export.get("max_bytes", 0):
       stages.pop("export", None)  # exported under another cap: export again
@@ -456,4 +467,5 @@ def _row(result: dict | None, name: str) -> dict:
   if result is None:
     return {"model": name, "accuracy": None}
   row = {"model": name, **{k: result[k] for k in ("accuracy", "loss", "precision", "recall")}}
-  return {**row, "nonfinite": result.get("nonfinite")}  # None: recorded before it was counted
+  row["nonfinite"] = result.get("nonfinite")  # None: recorded before it was counted
+  return {**row, "val": result["val"]} if "val" in result else row

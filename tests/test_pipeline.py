@@ -193,6 +193,49 @@ def test_sft_ablation_runs_without_a_teacher(mlp_weights, tmp_path):
   assert metrics and "kd_loss" not in metrics[0]
 
 
+def _mlp_forward(layers: dict, x: np.ndarray) -> np.ndarray:
+  """NumPy logits of the MLP whose ``{fcN: (kernel [in, out], bias)}`` are ``layers``."""
+  h = x.reshape(len(x), -1).astype(np.float64)
+  for name in ("fc1", "fc2", "fc3"):
+    kernel, bias = (np.asarray(a, np.float64) for a in layers[name])
+    h = h @ kernel + bias
+    h = np.maximum(h, 0) if name != "fc3" else h
+  return h
+
+
+def test_the_held_out_slice_is_evaluated_as_numpy_evaluates_the_saved_models(mlp_weights,
+                                                                             tmp_path):
+  """With data.val_examples, results.json holds the original's and the compressed model's
+  metrics on the last that many training examples (they were trained on nothing else)."""
+  config = _config(mlp_weights, cifar_sft)  # no teacher: the cheapest run
+  config.data.val_examples = 16
+  config.quant.act_bits = config.quant.first_last_bits = 0  # the artifact's weights are its model
+  config.export.enabled, config.export.serving = True, False
+  results = _run(config, tmp_path)
+  assert json.load(open(tmp_path / "results.json")) == json.loads(json.dumps(results))
+  with tfds.testing.mock_data(num_examples=64):
+    source = tfds.data_source("mnist", split="train")
+    held = [source[i] for i in range(48, 64)]  # the last 16 of the 64 training examples
+  x = (np.stack([e["image"] for e in held]) / 255.0 - 0.5) / 0.5
+  y = np.array([e["label"] for e in held])
+  sd = np.load(mlp_weights)  # PyTorch layout: fcN.weight is [out, in]
+  original = {n: (sd[f"{n}.weight"].T, sd[f"{n}.bias"]) for n in ("fc1", "fc2", "fc3")}
+  student, _ = create_model("mlp", num_classes=10, image_shape=(28, 28, 1))
+  params = export_lib.load(str(tmp_path / "export"), student).variables["params"]
+  exported = {n: (params[n]["kernel"], params[n]["bias"]) for n in ("fc1", "fc2", "fc3")}
+  for row, layers in (("original", original), ("compressed", exported)):
+    logits = _mlp_forward(layers, x)
+    shifted = logits - logits.max(-1, keepdims=True)
+    nll = np.log(np.exp(shifted).sum(-1)) - shifted[np.arange(16), y]
+    val = results[row]["val"]
+    assert val["examples"] == 16 and results[row]["accuracy"] is not None, row
+    assert val["loss"] == pytest.approx(nll.mean(), rel=1e-5), row
+    assert val["accuracy"] == pytest.approx(100 * np.mean(logits.argmax(-1) == y)), row
+    assert val["nonfinite"] == 0, row
+  assert results["compressed"]["export_agreement"] == 1.0
+  assert "val" not in results["before_finetune"]
+
+
 def test_an_unknown_sft_variant_names_the_file_the_user_gave():
   with pytest.raises(ValueError, match=r"^configs/cifar_sft.py: unknown variant 'fast'; valid: "
                                        r"quick$"):  # not configs/cifar_distill.py
