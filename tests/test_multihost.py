@@ -407,6 +407,7 @@ ON_MAIN_SCRIPT = textwrap.dedent("""
     from configs import cifar_distill
     from experiments import pipeline
     from jaxcompress import compose
+    from jaxcompress.data import DataSpec
     from jaxcompress.models import create_model
     config = cifar_distill.get_config("quick")
     config.data.name, config.student.name = "mnist", "mlp"
@@ -416,7 +417,8 @@ ON_MAIN_SCRIPT = textwrap.dedent("""
     prune = compose.PruneSpec.from_dict(dict(method="magnitude", sparsity=0.5, schedule="one_shot"))
     comp = compose.build(model, v, x, optimizer=optax.sgd(0.1), total_steps=1, prune=prune)
     try:
-      pipeline._export(config, sys.argv[2], comp, comp.init_state(v, x), 1, [], None)
+      pipeline._export(config, DataSpec.from_mapping(config.data), sys.argv[2], comp,
+                       comp.init_state(v, x), 1, [], None)
     except Exception as got:
       caught.append([type(got).__name__, str(got)])
     print(json.dumps({"caught": caught, "value": parallel.on_main_process(lambda: 5)}))
