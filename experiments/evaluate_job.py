@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 import numpy as np
 
 from jaxcompress import data as data_lib
 from jaxcompress import datasets, parallel
+from jaxcompress.checkpoint import read_json
 from jaxcompress.data import DataSpec
+from jaxcompress.errors import ConfigError
 from jaxcompress.export import load as load_artifact
 from jaxcompress.export import read_spec
 from jaxcompress.export.inputs import image_shape
@@ -26,7 +30,9 @@ def evaluate_config(config) -> dict:
   With ``config.model.exported`` set, the artifact in that folder is evaluated instead of
   ``config.model.weights``: its module is the model named in the artifact's spec (the
   ``model_name`` it was exported with; ``config.model.name`` when that is empty), and the
-  artifact's variables must fit it and its output be one logit per class of the dataset.
+  artifact's variables must fit it and its output be one logit per class of the dataset. The spec
+  does not record the dataset: an artifact inside a run's workdir (``WORKDIR/export``) must be of
+  the dataset that run's ``config.json`` names; a copied artifact is not checked.
 
   Returns:
     ``{'accuracy', 'loss', 'examples', 'nonfinite', 'precision', 'recall', 'model', 'dataset',
@@ -40,6 +46,7 @@ def evaluate_config(config) -> dict:
   exported = config.model.get("exported", "")
   name = config.model.name
   if exported:  # an artifact from jaxcompress.export: packed weights, folded BN, input fake-quant
+    check_run_dataset(exported, config.data.name)
     name = read_spec(exported).get("model") or name
     model = get_model(name, spec.num_classes, field="model.exported model")
     loaded = load_artifact(exported, model)
@@ -63,3 +70,18 @@ def evaluate_config(config) -> dict:
   if exported:
     out["exported"] = exported
   return out
+
+
+def check_run_dataset(exported: str, dataset: str) -> None:
+  """Refuses an artifact whose run (the ``config.json`` beside it) trained on another dataset.
+
+  Raises:
+    ConfigError: that run's ``data.name`` is not ``dataset``, naming both.
+  """
+  run = os.path.dirname(os.path.abspath(exported))
+  data = read_json(os.path.join(run, "config.json")).get("data")
+  trained = data.get("name") if isinstance(data, dict) else None
+  if isinstance(trained, str) and trained != dataset:
+    raise ConfigError(f"model.exported={exported} was exported by a run on {trained} "
+                      f"({os.path.join(run, 'config.json')}), but data.name={dataset}; evaluate "
+                      f"it with --config.data.name={trained}")

@@ -79,3 +79,22 @@ def test_artifact_whose_output_is_not_the_datasets_classes_is_refused(tmp_path):
                                           r"returns \(1, 12\) for one input of shape \[32, 32, "
                                           r"3\]; a classifier of 10 classes must return"):
       evaluate_config(_config(str(tmp_path / "wide")))
+
+
+def test_artifact_of_a_run_on_another_dataset_is_refused(tmp_path):
+  # An MNIST run's artifact: the spec records (28, 28, 1) and 10 classes, as Fashion-MNIST's.
+  mlp_artifact(str(tmp_path / "run" / "export"), input_shape=(28, 28, 1))
+  (tmp_path / "run" / "config.json").write_text(json.dumps({"data": {"name": "mnist"}}))
+  c = _config(str(tmp_path / "run" / "export"))
+  c.data.name = "fashion_mnist"
+  with tfds.testing.mock_data(num_examples=16):  # without the check, it ran without a word
+    with pytest.raises(ConfigError, match=r"^model.exported=.*run/export was exported by a run "
+                                          r"on mnist \(.*config.json\), but "
+                                          r"data.name=fashion_mnist; evaluate it with "
+                                          r"--config.data.name=mnist$"):
+      evaluate_config(c)
+    # The same artifact copied out of its run is not checked: it is evaluated on fashion_mnist.
+    mlp_artifact(str(tmp_path / "copy"), input_shape=(28, 28, 1))
+    c.model.exported = str(tmp_path / "copy")
+    result = evaluate_config(c)
+  assert result["dataset"] == "fashion_mnist" and result["examples"] == 16
