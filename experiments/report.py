@@ -41,18 +41,22 @@ def _ratio(r: float) -> str:
 
 def markdown_table(results: dict) -> str:
   """One row per model: accuracy, size (:func:`model_sizes`), ratio to the original, sparsity,
-  bits."""
+  bits; where a row holds ``val`` (``data.val_examples > 0``), a column of the held-out slice's
+  accuracy follows the test accuracy."""
   size0 = results["original"].get("size_bytes")
   sizes = model_sizes(results)
+  val = any("val" in row for _, _, row in _rows(results))
   rows = []
   for key, label, row in _rows(results):
     size = sizes.get(key)
-    rows.append((f"{label} ({row.get('model', '')})", f"{row['accuracy']:.2f}",
+    held_out = (_fmt((row.get("val") or {}).get("accuracy"), ".2f"),) if val else ()
+    rows.append((f"{label} ({row.get('model', '')})", f"{row['accuracy']:.2f}", *held_out,
                  _fmt(size, ","), _ratio(size0 / size) if size and size0 else "-",
                  _fmt(row.get("sparsity"), ".3f"), _fmt(row.get("weight_bits")),
                  _fmt(row.get("act_bits"))))
-  return tables.markdown_table(("model", "accuracy %", "size (bytes)", "ratio", "sparsity",
-                                "weight bits", "act bits"), rows, align="lrrrrrr")
+  header = ("model", "accuracy %", *(("val accuracy %",) if val else ()), "size (bytes)", "ratio",
+            "sparsity", "weight bits", "act bits")
+  return tables.markdown_table(header, rows, align="l" + "r" * (len(header) - 1))
 
 
 def per_class_table(results: dict, label_names: Sequence[str] | None = None) -> str:
@@ -237,6 +241,10 @@ def write_report(workdir: str, config, results: dict, metrics: list[dict]) -> No
       "",
       markdown_table(results),
       "",
+      *([f"Val accuracy: on the last {config.data.val_examples:,} training examples, held out "
+         "of training (data.val_examples); the other accuracies are on "
+         f"{config.data.eval_split}.", ""] if any("val" in row for _, _, row in _rows(results))
+        else []),
       size,
       "",
       f"Per-class precision / recall on {config.data.name} {config.data.eval_split}:",

@@ -197,3 +197,30 @@ def test_the_header_names_the_teacher_whenever_it_teaches(tmp_path):
     config.distill.alpha, config.distill.feature_weight = alpha, feature_weight
     report.write_report(str(tmp_path), config, _results(), metrics=[])
     assert header in open(tmp_path / "report.md").read()
+
+
+def test_the_held_out_slices_accuracy_is_shown_beside_the_test_accuracy(tmp_path):
+  # results.json with data.val_examples > 0: original.val and compressed.val hold the held-out
+  # slice's metrics (the teacher and the one-shot model are not evaluated on it).
+  config = cifar_distill.get_config("quick")
+  config.data.val_examples = 5000
+  results = _results()
+  results["original"]["val"] = {**_row("resnet20", 92.4567, 0.7), "examples": 5000}
+  results["compressed"]["val"] = {**_row("resnet20", 89.9951, 0.7), "examples": 5000}
+  report.write_report(str(tmp_path), config, results, metrics=[])
+  text = open(tmp_path / "report.md").read()
+  cells = _cells(text[text.index("| model "):text.index("\n\n", text.index("| model "))])
+  assert cells[0] == ["model", "accuracy %", "val accuracy %", "size (bytes)", "ratio",
+                      "sparsity", "weight bits", "act bits"]
+  # 92.4567 and 89.9951 to two decimals, by hand: 92.46 and 90.00; no val for the teacher and
+  # the one-shot model.
+  assert [row[:3] for row in cells[2:]] == [
+      ["teacher (resnet56)", "93.39", "-"], ["original student (resnet20)", "91.73", "92.46"],
+      ["compressed, before fine-tuning (resnet20)", "60.12", "-"],
+      ["compressed, fine-tuned (resnet20)", "91.07", "90.00"]]
+  assert ("Val accuracy: on the last 5,000 training examples, held out of training "
+          "(data.val_examples); the other accuracies are on test.") in text
+  # Without val (data.val_examples=0) neither the column nor the sentence appears.
+  report.write_report(str(tmp_path), config, _results(), metrics=[])
+  text = open(tmp_path / "report.md").read()
+  assert "val accuracy" not in text.lower()
