@@ -3,6 +3,8 @@ artifact bit for bit."""
 
 from __future__ import annotations
 
+import builtins
+import errno
 import gzip
 import json
 import os
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import load, load_serving, save_serving
+from jaxcompress.export import files, load, load_serving, save_serving
 from jaxcompress.models import get_model
 from test_export_runtime import mlp_artifact
 
@@ -150,6 +152,27 @@ def test_a_failed_write_keeps_the_earlier_files_and_leaves_no_temporary_one(tmp_
     save_serving(str(serving), first)
   assert sorted(os.listdir(serving)) == ["model.jaxexport", "signature.json",
                                          "signature.json.tmp"]
+
+
+def test_a_full_disk_names_the_file_for_the_job_to_report_against_its_workdir(tmp_path,
+                                                                             monkeypatch):
+  """A full disk while writing is the system's refusal, an OSError naming the file, which a job
+  reports as ``--workdir=W: No space left on device: FILE`` (as every other full-disk write);
+  it was a ConfigError blaming ``out_dir``, a library argument the job's user never gave."""
+  loaded = mlp_artifact(str(tmp_path / "export"))
+
+  def full_disk(path, mode):  # the temporary file is made, then the disk is full
+    builtins.open(path, mode).close()
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(files, "open", full_disk, raising=False)
+  serving = tmp_path / "serving.tmp"
+  with pytest.raises(OSError) as raised:
+    save_serving(str(serving), loaded)
+  assert not isinstance(raised.value, ConfigError)
+  assert (raised.value.errno, raised.value.strerror, raised.value.filename) == (
+      errno.ENOSPC, "No space left on device", str(serving / "model.jaxexport"))
+  assert os.listdir(serving) == []  # no temporary file left
 
 
 def test_a_truncated_serving_file_is_one_line(tmp_path):

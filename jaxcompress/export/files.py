@@ -14,6 +14,7 @@ import os
 import zlib
 from typing import Any
 
+from jaxcompress.checkpoint import WRITE_FAILURES
 from jaxcompress.errors import ConfigError
 
 FORMAT, VERSION = "jaxcompress-export", 4
@@ -75,7 +76,11 @@ def write_files(files: dict[str, bytes], field: str = "out_dir") -> None:
   leaves the files that were there as they were, and no temporary file behind.
 
   Raises:
-    ConfigError: a file cannot be written (one line, naming it and the reason).
+    OSError: the file system refused the write (:data:`~jaxcompress.checkpoint.WRITE_FAILURES`:
+      a full disk, a read-only folder), naming the file: a job reports it against its workdir,
+      as it does every other full-disk write.
+    ConfigError: a file cannot be written for another reason (one line, naming it and the
+      reason).
   """
   written = []
   try:
@@ -87,6 +92,8 @@ def write_files(files: dict[str, bytes], field: str = "out_dir") -> None:
     for tmp in written:
       if os.path.isfile(tmp):
         os.remove(tmp)
+    if e.errno in WRITE_FAILURES:  # a failed write() or close() names no file
+      raise OSError(e.errno, e.strerror, path) from None
     raise ConfigError(f"{field}: cannot write {path!r} ({e.strerror or e}); nothing was "
                       "replaced") from None
   for path in files:
