@@ -13,7 +13,7 @@ from configs import evaluate as evaluate_config_file
 from experiments.evaluate_job import evaluate_config
 from jaxcompress.data import load_split
 from jaxcompress.errors import ConfigError
-from jaxcompress.export import export_model
+from jaxcompress.export import export_model, load, read_spec
 from jaxcompress.models import get_model
 from test_export_runtime import mlp_artifact, random_variables
 
@@ -37,6 +37,17 @@ def test_evaluate_reports_the_artifacts_accuracy(tmp_path):
   assert result["accuracy"] == pytest.approx(100 * np.mean(preds == labels))
   assert {"loss", "precision", "recall", "model", "dataset", "split"} <= set(result)
   assert result["model"] == "mlp" and result["exported"] == str(tmp_path / "export")
+
+
+def test_a_home_relative_artifact_folder_is_read(tmp_path, monkeypatch):
+  """``~`` in model.exported is the home folder, as in the data, weights and text paths: it was
+  taken as a folder named ``~`` ("no spec.json.gz or spec.json in '~/export'")."""
+  loaded = mlp_artifact(str(tmp_path / "export"))
+  monkeypatch.setenv("HOME", str(tmp_path))
+  with gzip.open(tmp_path / "export" / "spec.json.gz") as f:
+    assert read_spec("~/export") == json.load(f)
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_array_equal(load("~/export", get_model("mlp")).logits(x), loaded.logits(x))
 
 
 def test_artifact_of_another_model_or_input_shape_is_refused(tmp_path):

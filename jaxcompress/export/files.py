@@ -27,9 +27,10 @@ _SPEC_SUFFIXES = (".json", ".json.gz")  # a path with these names a spec file, n
 
 
 def _path(path: Any, field: str) -> str:
-  """``path`` (a ``str``, ``bytes`` or ``os.PathLike`` such as ``pathlib.Path``) as a ``str``."""
+  """``path`` (a ``str``, ``bytes`` or ``os.PathLike`` such as ``pathlib.Path``) as a ``str``;
+  ``~`` is the home folder, as in the data, weights and text paths and ``--workdir``."""
   try:
-    return os.fsdecode(path)
+    return os.path.expanduser(os.fsdecode(path))
   except TypeError:
     raise ConfigError(f"{field}: the artifact folder must be a path (str or pathlib.Path), got "
                       f"{type(path).__name__}") from None
