@@ -215,9 +215,10 @@ def run_record(config, corpus: text.Corpus) -> dict:
 
 def weights_fingerprint(folder: str) -> str:
   """``sha256:`` and the first 16 hex digits of the SHA-256 of the ``weights.msgpack`` that the
-  ``train_lm`` run in ``folder`` keeps: another one once a teacher is retrained there."""
+  ``train_lm`` run in ``folder`` keeps: another one once a teacher is retrained there. ``~`` in
+  ``folder`` is the home folder, as for :func:`check_trained`."""
   h = hashlib.sha256()
-  with open(os.path.join(folder, WEIGHTS), "rb") as f:
+  with open(os.path.join(os.path.expanduser(folder), WEIGHTS), "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return "sha256:" + h.hexdigest()[:16]

@@ -2,6 +2,7 @@
 synthetic text with tiny models, and one-line errors for bad input (most run in this process,
 ``run_job``; one per job as ``python -m``)."""
 
+import hashlib
 import json
 import math
 import os
@@ -250,7 +251,8 @@ def test_teacher_of_another_family_is_one_line(run_job, tiny, tmp_path):
 
 def test_a_trained_model_under_the_home_folder_is_found_as_its_workdir_was_given(tmp_path,
                                                                                 monkeypatch):
-  """``--workdir=~/lm`` wrote HOME/lm; ``teacher.checkpoint=~/lm`` reads the same folder."""
+  """``--workdir=~/lm`` wrote HOME/lm; ``teacher.checkpoint=~/lm`` reads the same folder, its
+  weights' fingerprint (which the workdir records) included: that one opened '~/lm' as given."""
   (tmp_path / "lm").mkdir()
   for name in ("weights.msgpack", "vocab.json", "config.json"):
     (tmp_path / "lm" / name).write_text("{}")
@@ -258,6 +260,7 @@ def test_a_trained_model_under_the_home_folder_is_found_as_its_workdir_was_given
   assert lm_lib.check_trained("~/lm", "teacher.checkpoint") == [
       str(tmp_path / "lm" / "weights.msgpack"), str(tmp_path / "lm" / "vocab.json"),
       str(tmp_path / "lm" / "config.json")]
+  assert lm_lib.weights_fingerprint("~/lm") == "sha256:" + hashlib.sha256(b"{}").hexdigest()[:16]
 
 
 def test_calibration_takes_as_many_windows_as_asked():
