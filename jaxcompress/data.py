@@ -16,11 +16,11 @@ import dataclasses
 from typing import Any, Iterator, Mapping, NamedTuple, Protocol, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxcompress.datasets import (check_prepared, dataset_spec, is_prepared,
                                   not_prepared_error, prepare, resolve_data_dir)
 from jaxcompress.errors import ConfigError, invalid
+from jaxcompress.progress import bar as progress_bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,8 +348,8 @@ def load_split(name: str, split: str, *, data_dir: str | None = None, progress: 
                       field=field, name_field=name_field)
   n, chunk = len(source), 1000
   parts = []
-  with tqdm(total=n, desc=f"decode {name}/{split}", unit="img", disable=not progress,
-            leave=False) as bar:
+  with progress_bar(total=n, desc=f"decode {name}/{split}", unit="img", disable=not progress,
+                    leave=False) as bar:
     for start in range(0, n, chunk):
       parts.append(source.read(np.arange(start, min(start + chunk, n))))
       bar.update(len(parts[-1][1]))

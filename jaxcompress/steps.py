@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from jaxcompress import parallel, precision
 from jaxcompress.data import Batch
 from jaxcompress.errors import ConfigError
 from jaxcompress.metrics import classification_report, confusion_matrix
 from jaxcompress.models.functional import functional
+from jaxcompress.progress import bar as progress_bar
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -294,8 +294,8 @@ def evaluate(eval_step: Callable, variables, batches: Iterable[Batch], *, num_cl
       example has a weight > 0.
   """
   labels, preds, losses = [], [], []
-  for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
-                    disable=not parallel.is_main_process()):
+  for batch in progress_bar(batches, total=total, desc=desc, unit="batch", leave=False,
+                           disable=not parallel.is_main_process()):
     check_weight(batch.weight, batch.label)
     if mesh is not None:
       batch = parallel.shard_batch(mesh, batch)

@@ -28,7 +28,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxcompress import data as data_lib
 from jaxcompress import parallel
@@ -36,6 +35,7 @@ from jaxcompress.checkpoint import Checkpointer, MetricsLog
 from jaxcompress.data import DataSpec
 from jaxcompress.errors import (ConfigError, check_counts, check_finite, check_positive,
                                 invalid)
+from jaxcompress.progress import bar as progress_bar
 from jaxcompress.steps import TrainState, bad_labels_error, check_weight, evaluate
 
 
@@ -231,8 +231,8 @@ def fit(state: TrainState, train_step: Callable, train: tuple[np.ndarray, np.nda
   parallel.on_main_process(lambda: log.truncate_after(
       int(state.step), redo_eval=evaluated != int(state.step)))
   step = int(state.step)
-  bar = tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
-             disable=not parallel.is_main_process())
+  bar = progress_bar(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
+                     disable=not parallel.is_main_process())
   pending, t_log, n_log = [], time.perf_counter(), 0
   # (step, metrics, (labels, weight)) whose ``finite`` flag is not yet read
   unchecked = collections.deque()

@@ -38,13 +38,13 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from jaxcompress import parallel, quantization
 from jaxcompress.budget.cost import keep_mask
 from jaxcompress.budget.presets import Option
 from jaxcompress.errors import ConfigError, check_variables, invalid, shortened, unknown
 from jaxcompress.models.functional import functional
+from jaxcompress.progress import bar as progress_bar
 from jaxcompress.quantization.layer import quantize_input, quantize_kernel
 from jaxcompress.rules import tree_get, tree_set
 from jaxcompress.selection import trace_layers
@@ -168,8 +168,8 @@ def scan(model: Any, variables: Mapping[str, Any], batches: Sequence[Any],
   same = {p: len({o.act_bits for o in options[p]}) == 1 for p in paths}  # a constant: not measured
   needed = {k: None for p in paths for o in options[p] for k in parts(p, o, same[p])}
   todo = [k for k in needed if k not in measured]
-  for key in tqdm(todo, desc="sensitivity scan", unit="eval", leave=False,
-                  disable=not parallel.is_main_process()):
+  for key in progress_bar(todo, desc="sensitivity scan", unit="eval", leave=False,
+                          disable=not parallel.is_main_process()):
     measured[key] = measure(*key)
     if progress is not None:
       progress(measured)
