@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcompress import parallel, text
+from jaxcompress import parallel, progress, text
 from jaxcompress.checkpoint import read_json, write_json
 from jaxcompress.errors import ConfigError, check_range, invalid, unknown
 from jaxcompress.models import get_model
@@ -177,8 +177,9 @@ def real_windows(batches) -> list[np.ndarray]:
 
 
 def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length: int,
-           context: int, seed: int, temperature: float) -> str:
-  """``prompt`` and ``length`` characters drawn one at a time from ``logits_fn``, seeded.
+           context: int, seed: int, temperature: float, desc: str = "sample") -> str:
+  """``prompt`` and ``length`` characters drawn one at a time from ``logits_fn``, seeded, under
+  a progress bar labelled ``desc`` (characters drawn, characters/s).
 
   The model sees the last ``context`` characters, right-padded to ``context`` (a causal model's
   output at the last real position does not depend on the padding), so one compiled forward
@@ -196,7 +197,8 @@ def sample(logits_fn, variables, vocab: text.Vocabulary, *, prompt: str, length:
   given = list(vocab.encode(prompt, what="sample.prompt"))
   ids = given or [0]
   key = jax.random.key(seed)
-  for i in range(length):
+  for i in progress.bar(range(length), desc=desc, unit="char", leave=False,
+                        disable=not parallel.is_main_process()):
     window = ids[-context:]
     x = np.zeros((1, context), np.int32)
     x[0, :len(window)] = window

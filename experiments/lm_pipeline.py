@@ -279,8 +279,10 @@ def _run_family(fam: Family, config, corpus: text.Corpus, mesh, stage) -> dict:
     kw = dict(prompt=config.sample.prompt, length=config.sample.length, context=fam.context,
               seed=config.seed, temperature=config.sample.temperature)
     loaded = export.load(os.path.join(fam.folder, "kd", "export"), fam.comps["kd"].student)
-    return {"teacher": lm_lib.sample(teacher_apply, fam.variables, fam.vocab, **kw),
-            "compressed": lm_lib.sample(loaded.apply_fn, loaded.arrays, fam.vocab, **kw)}
+    return {"teacher": lm_lib.sample(teacher_apply, fam.variables, fam.vocab,
+                                     desc=f"{p}sample teacher", **kw),
+            "compressed": lm_lib.sample(loaded.apply_fn, loaded.arrays, fam.vocab,
+                                        desc=f"{p}sample compressed", **kw)}
   out = {"teacher": teacher, "ptq": ptq, "compressed": runs["kd"][2],
          "samples": stage(f"{p}samples", samples)}
   if "sft" in runs:

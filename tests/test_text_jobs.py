@@ -494,6 +494,17 @@ def test_sample_is_the_prompt_and_length_characters():
     assert got == prompt + "ccccc"
 
 
+def test_sample_shows_a_bar_of_the_characters_drawn(capsys):
+  # 7 characters to draw: a bar of 7, in characters, under the label given (on a stream that is
+  # not a terminal it draws at the start, then every 10 s, and is cleared at the end).
+  vocab = text.Vocabulary("abc")
+  always_c = lambda v, x: jnp.broadcast_to(jnp.float32([0, 0, 50]), x.shape + (3,))
+  lm_lib.sample(always_c, None, vocab, prompt="a", length=7, context=4, seed=0, temperature=1.0,
+                desc="sample teacher")
+  drawn = re.findall(r"sample teacher: .*?(\d+)/(\d+) .*?char/s", capsys.readouterr().err)
+  assert drawn[0] == ("0", "7")
+
+
 def test_sample_at_a_tiny_temperature_is_greedy():
   """At T = 1e-37, 50 / T and 100 / T both overflow float32 to inf, a tie; the limit T -> 0 is
   greedy, the largest logit: 'c' (np.argmax([0, 50, 100]) == 2)."""
