@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,6 +40,14 @@ def test_minmax_is_the_overall_range_of_each_layer_input():
   np.testing.assert_allclose(qstate.ranges["fc1"], [xs.min(), xs.max()], rtol=1e-6)
   np.testing.assert_allclose(qstate.ranges["fc2"], [hidden(xs).min(), hidden(xs).max()], rtol=1e-5)
   assert qstate.layers == QSTATE.layers
+
+
+def test_calibration_shows_a_bar_of_its_batches(capsys):
+  # 3 batches of a list: a bar of 3, in batches (drawn at the start where stderr is not a
+  # terminal, cleared at the end).
+  calibrate(QZ, VARS, QSTATE, BATCHES, method="minmax")
+  drawn = re.findall(r"calibrate: .*?(\d+)/(\d+) .*?batch/s", capsys.readouterr().err)
+  assert drawn[0] == ("0", "3")
 
 
 def test_percentile_is_the_mean_of_batch_percentiles():

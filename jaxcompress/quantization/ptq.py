@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxcompress import parallel, progress
 from jaxcompress.errors import (ConfigError, check_finite, check_range, first_line, invalid,
                                 unknown)
 from jaxcompress.quantization.calibration import (check_finite_range, ema_range, tensor_range,
@@ -83,7 +84,8 @@ def calibrate(qz: Any, variables: Any, qstate: Any, batches: Iterable[Any], *,
                   "a sequence of input batches", "pass [x]")
   observe = jax.jit(lambda v, x: qz.observe(v, qstate, x, stat=stat, **model_kwargs))
   acc, count = None, 0
-  for batch in batches:
+  for batch in progress.bar(batches, desc="calibrate", unit="batch", leave=False,
+                            disable=not parallel.is_main_process()):
     check_finite(f"calibration batch {count}", batch,
                  "the calibrated input ranges would be NaN: clean or drop those examples")
     try:
