@@ -41,6 +41,13 @@ def test_terminal_keeps_the_fast_redraws(monkeypatch):
   assert _redraws(_Terminal(), monkeypatch) > 20
 
 
+def test_a_notebook_keeps_the_fast_redraws(monkeypatch):
+  # tqdm.auto draws a widget there; its stream (the kernel's) is no terminal, but the widget
+  # redraws in place, so the log interval must not slow it down
+  monkeypatch.setattr(progress, "_NOTEBOOK", True)
+  assert _redraws(io.StringIO(), monkeypatch) > 20
+
+
 def test_evaluation_piped_to_a_log_writes_a_few_redraws(capsys, monkeypatch):
   # The evaluation loop's bar on a captured (not a terminal) stderr: 200 batches, 0.05 s each
   # on a simulated clock, are 10 s of work; drawn first, once at 10 s and cleared at close
