@@ -78,7 +78,7 @@ def check_run_dataset(exported: str, dataset: str) -> None:
   Raises:
     ConfigError: that run's ``data.name`` is not ``dataset``, naming both.
   """
-  run = os.path.dirname(os.path.abspath(exported))
+  run = os.path.dirname(os.path.abspath(os.path.expanduser(exported)))  # as the reader does
   data = read_json(os.path.join(run, "config.json")).get("data")
   trained = data.get("name") if isinstance(data, dict) else None
   if isinstance(trained, str) and trained != dataset:

@@ -109,3 +109,13 @@ def test_artifact_of_a_run_on_another_dataset_is_refused(tmp_path):
     c.model.exported = str(tmp_path / "copy")
     result = evaluate_config(c)
   assert result["dataset"] == "fashion_mnist" and result["examples"] == 16
+
+
+def test_a_home_relative_artifact_is_checked_against_its_run_dataset(tmp_path, monkeypatch):
+  # the artifact reader expands ~; the dataset check read '<cwd>/~/run/config.json' (nothing)
+  from experiments.evaluate_job import check_run_dataset
+  monkeypatch.setenv("HOME", str(tmp_path))
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text('{"data": {"name": "mnist"}}')
+  with pytest.raises(ConfigError, match=r"exported by a run on mnist .* data.name=fashion_mnist"):
+    check_run_dataset("~/run/export", "fashion_mnist")
