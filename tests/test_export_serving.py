@@ -192,3 +192,21 @@ def test_an_artifact_without_a_model_name_is_served(tmp_path):
   (out / "spec.json.gz").write_bytes(gzip.compress(json.dumps(spec).encode()))
   signature = save_serving(str(tmp_path / "serving"), load(str(out), get_model("mlp")))
   assert signature["model"] == ""
+
+
+def test_ctrl_c_while_the_artifact_files_are_written_leaves_no_temporary_file(tmp_path,
+                                                                              monkeypatch):
+  # the second file's write is interrupted: the first one's temporary copy must go too, as
+  # checkpoint.write_file's does
+  from jaxcompress.export.files import write_files
+  opened = builtins.open
+
+  def interrupted(path, *args, **kwargs):
+    if str(path).endswith("b.bin.tmp"):
+      raise KeyboardInterrupt
+    return opened(path, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    write_files({str(tmp_path / "a.bin"): b"1", str(tmp_path / "b.bin"): b"2"})
+  assert os.listdir(tmp_path) == []

@@ -89,10 +89,12 @@ def write_files(files: dict[str, bytes], field: str = "out_dir") -> None:
       written.append(path + ".tmp")
       with open(written[-1], "wb") as f:
         f.write(data)
-  except OSError as e:
+  except BaseException as e:  # a failed write, or Ctrl-C or SIGTERM during it
     for tmp in written:
       if os.path.isfile(tmp):
         os.remove(tmp)
+    if not isinstance(e, OSError):
+      raise
     if e.errno in WRITE_FAILURES:  # a failed write() or close() names no file
       raise OSError(e.errno, e.strerror, path) from None
     raise ConfigError(f"{field}: cannot write {path!r} ({e.strerror or e}); nothing was "
